@@ -1,0 +1,59 @@
+"""autolm: load, run, adapt and serve open decoder language models.
+
+Names mirror transformers and peft. Heavy modules (torch, the model code) are imported on first
+use, so `import autolm` costs almost nothing beyond Python itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AutoConfig": "autolm.config",
+    "LlamaConfig": "autolm.config",
+    "MistralConfig": "autolm.config",
+    "Qwen2Config": "autolm.config",
+    "Qwen3Config": "autolm.config",
+    "AutoModelForCausalLM": "autolm.loading",
+    "from_pretrained": "autolm.loading",
+    "LoadReport": "autolm.loading",
+    "AutoTokenizer": "autolm.tokenizer",
+    "Tokenizer": "autolm.tokenizer",
+    "GenerationConfig": "autolm.generation",
+    "TextStreamer": "autolm.generation",
+    "TextIteratorStreamer": "autolm.generation",
+    "stream_generate": "autolm.generation",
+    "generate_text": "autolm.generation",
+    "KVCache": "autolm.cache",
+    "register": "autolm.registry",
+    "save_pretrained": "autolm.saving",
+    "LoraConfig": "autolm.lora",
+    "get_peft_model": "autolm.lora",
+    "PeftModel": "autolm.lora",
+    "AutolmError": "autolm.errors",
+    "ConfigError": "autolm.errors",
+    "CheckpointError": "autolm.errors",
+    "ResolveError": "autolm.errors",
+    "TokenizerError": "autolm.errors",
+    "GenerationError": "autolm.errors",
+    "AdapterError": "autolm.errors",
+    "GGUFError": "autolm.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autolm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,71 @@
+"""KV cache: preallocated buffers written in place, one pair per layer, growing only when full."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, n_kv, capacity, hd) written at the current length.
+
+    Buffers are allocated once for `capacity` tokens (static shapes for a compiled decode step);
+    a write past the end doubles the capacity, so the cache also works as a growing cache.
+    Sliding-window layers keep every position and rely on the attention mask for the window.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 capacity: int = 256, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, max(capacity, 1), head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0  # tokens stored (the same for every layer once a forward pass completes)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int) -> "KVCache":
+        """A cache sized for `model` (its config, dtype and device)."""
+        cfg = model.config
+        p = model.model.embed_tokens.weight
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype, p.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) after the cached tokens; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more tokens as stored (called once per forward pass, after every layer wrote)."""
+        self.length += n
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, buf in enumerate(buffers):
+                bigger = buf.new_zeros(buf.shape[0], buf.shape[1], new_cap, buf.shape[3])
+                bigger[:, :, : buf.shape[2]] = buf
+                buffers[i] = bigger
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search): row i becomes old row index[i]."""
+        for buffers in (self.keys, self.values):
+            for i, buf in enumerate(buffers):
+                buffers[i] = buf.index_select(0, index.to(buf.device))
+
+    def crop(self, length: int) -> None:
+        """Forget every token from `length` on."""
+        self.length = min(self.length, length)

@@ -1,0 +1,228 @@
+"""Checkpoint reading: safetensors (single or sharded, memory-mapped, validated) and .bin (weights_only).
+
+Every file is checked before it is trusted: header size and JSON, dtypes, shapes, offsets in bounds,
+contiguous and non-overlapping, index entries inside the model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: returns {name: TensorInfo} and the metadata dict."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    data_start, data_len = 8 + n, size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        infos[name] = _tensor_info(path, name, entry, data_start, data_len)
+    # Tensors must tile the data area exactly: sorted by offset, each starts where the last ended.
+    pos = data_start
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != pos:
+            what = "overlaps the previous tensor" if info.start < pos else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} at offset {info.start - data_start} {what}")
+        pos = info.end
+    if pos != data_start + data_len:
+        raise CheckpointError(f"{path}: tensors cover {pos - data_start} bytes but the data area holds {data_len}")
+    return infos, metadata
+
+
+def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: entry for tensor {name!r} is not an object")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} (expected one of {sorted(DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} offsets [{start}, {end}] fall outside the {data_len}-byte data area"
+        )
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if end - start != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - start} bytes but shape {shape} x {dtype_name} needs {expected}"
+        )
+    return TensorInfo(dtype, tuple(shape), data_start + start, data_start + end)
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file; `get` returns tensors that share the file's pages."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.infos, self.metadata = read_safetensors_header(path)
+        self._map: mmap.mmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY maps pages privately: shared with the page cache until written, never written back.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        count = math.prod(info.shape)
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.start % info.dtype.itemsize:
+            # Unaligned data cannot be viewed in place; copy this one tensor.
+            buf = bytearray(self._mapped()[info.start: info.end])
+            return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+
+
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    """Read a PyTorch .bin checkpoint with weights_only=True: tensors only, no code runs."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            AttributeError, ImportError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable weights-only PyTorch checkpoint ({first}); autolm never unpickles "
+            "arbitrary objects — convert it to safetensors if you trust its source"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors")
+    return sd
+
+
+@dataclass
+class WeightFiles:
+    """The weight files of a checkpoint directory and which tensor lives in which file."""
+
+    format: str  # "safetensors" | "bin"
+    files: list[str]
+    index: str | None = None
+
+
+def _inside(directory: str, rel: str, source: str) -> str:
+    """Resolve rel inside directory, refusing absolute paths, '..' and symlinks that escape."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+        raise CheckpointError(f"{source}: shard path {rel!r} must be a relative file name inside the model directory")
+    root = os.path.realpath(directory)
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, full]) != root:
+        raise CheckpointError(f"{source}: shard path {rel!r} points outside the model directory {directory}")
+    return full
+
+
+def _read_index(directory: str, index_name: str) -> list[str]:
+    path = os.path.join(directory, index_name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file")
+    shards: list[str] = []
+    for name, rel in weight_map.items():
+        full = _inside(directory, rel, path)
+        if full not in shards:
+            if not os.path.isfile(full):
+                raise CheckpointError(f"{path}: tensor {name!r} maps to shard {rel!r}, which does not exist")
+            shards.append(full)
+    return shards
+
+
+def find_weight_files(directory: str) -> WeightFiles:
+    """Find the checkpoint's weights: safetensors (preferred) or .bin, single or sharded."""
+    for fmt, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                               ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(directory, index)):
+            return WeightFiles(fmt, _read_index(directory, index), os.path.join(directory, index))
+        if os.path.isfile(os.path.join(directory, single)):
+            return WeightFiles(fmt, [_inside(directory, single, directory)])
+    raise CheckpointError(
+        f"{directory}: no weights found (expected model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json)"
+    )
+
+
+def iter_checkpoint(wf: WeightFiles) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
+    seen: dict[str, str] = {}
+    for path in wf.files:
+        if wf.format == "safetensors":
+            st = SafetensorsFile(path)
+            items = ((name, lambda n=name: st.get(n)) for name in st.keys())
+        else:
+            sd = load_bin(path)
+            items = ((name, lambda n=name: sd[n]) for name in list(sd))
+        for name, get in items:
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
+            seen[name] = path
+            yield path, name, get()

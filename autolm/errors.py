@@ -1,0 +1,35 @@
+"""autolm's exceptions: every error a user can cause is one of these, naming the file, key or tensor."""
+
+from __future__ import annotations
+
+
+class AutolmError(Exception):
+    """Base class of every error autolm raises on purpose."""
+
+
+class ConfigError(AutolmError, ValueError):
+    """config.json (or GGUF metadata) is missing, malformed or inconsistent."""
+
+
+class CheckpointError(AutolmError):
+    """A weight file is missing, corrupt, hostile, or does not fit the model."""
+
+
+class ResolveError(AutolmError, FileNotFoundError):
+    """A model path or repo id could not be turned into local files."""
+
+
+class TokenizerError(AutolmError):
+    """Tokenizer files are missing or corrupt, or a chat template fails."""
+
+
+class GenerationError(AutolmError, ValueError):
+    """Bad arguments to generate()."""
+
+
+class AdapterError(AutolmError):
+    """A LoRA adapter does not fit its base model or its files are malformed."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file is truncated, corrupt or of an unsupported architecture."""

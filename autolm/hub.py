@@ -1,0 +1,79 @@
+"""Resolution: a local directory, or a repo id found in the HF cache, or (with a network) downloaded."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import ResolveError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# What a model needs; weights in .bin are fetched only when no safetensors exist.
+_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+def hub_cache_dir() -> str:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """The snapshot directory of repo_id in the HF cache layout, or None when it is not cached."""
+    repo_dir = os.path.join(cache_dir or hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
+    revision = revision or "main"
+    commit = revision if _COMMIT.match(revision) else None
+    if commit is None:
+        ref = os.path.join(repo_dir, "refs", revision)
+        if os.path.isfile(ref):
+            with open(ref, encoding="utf-8") as f:
+                commit = f.read().strip()
+    if commit is None:
+        return None
+    snapshot = os.path.join(repo_dir, "snapshots", commit)
+    return snapshot if os.path.isdir(snapshot) else None
+
+
+def _offline(local_files_only: bool) -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return local_files_only or flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                      cache_dir: str | None = None, local_files_only: bool = False,
+                      token: str | None = None, **_: object) -> str:
+    """Turn a directory or repo id into a local directory holding the model's files."""
+    name = os.fspath(path_or_repo_id)
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if os.path.exists(name):
+        raise ResolveError(f"{name}: expected a model directory, found a file")
+    if not _REPO_ID.match(name) or name.count("/") > 1:
+        raise ResolveError(f"{name}: no such directory, and not a valid Hugging Face repo id ('org/name')")
+    snapshot = cached_snapshot(name, revision, cache_dir)
+    if snapshot is not None:
+        return snapshot
+    if _offline(local_files_only):
+        raise ResolveError(
+            f"{name}: not found in the Hugging Face cache at {cache_dir or hub_cache_dir()} "
+            "and downloads are disabled (offline)"
+        )
+    return _download(name, revision, cache_dir, token)
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: str | None, token: str | None) -> str:
+    """Fetch only the files a model needs with huggingface_hub."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                 allow_patterns=_PATTERNS)
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                     allow_patterns=_PATTERNS + ["*.bin"])
+        return path
+    except Exception as e:  # network, auth and missing-repo errors all mean: could not resolve
+        raise ResolveError(f"{repo_id}: not a local directory, not in the HF cache, and download failed ({e})") from None

@@ -1,0 +1,215 @@
+"""from_pretrained: resolve -> config -> build on meta -> stream weights -> tie / finalize, with a report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger("autolm")
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+# Tensors some checkpoints carry that the model computes itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadReport:
+    """What one from_pretrained call did: files, dtype decisions, placement and seconds per stage."""
+
+    source: str = ""
+    directory: str = ""
+    files: list[str] = field(default_factory=list)
+    format: str = ""
+    dtype: str = ""
+    dtype_decision: str = ""
+    cast_tensors: int = 0
+    zero_copy_tensors: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        total = sum(self.seconds.values())
+        out = [
+            f"source:     {self.source}",
+            f"directory:  {self.directory}",
+            f"format:     {self.format} ({len(self.files)} file{'s' if len(self.files) != 1 else ''})",
+            f"dtype:      {self.dtype} ({self.dtype_decision})",
+            f"tensors:    {self.tensors} ({self.bytes / 1e6:.1f} MB), {self.zero_copy_tensors} zero-copy, "
+            f"{self.cast_tensors} cast",
+            f"device:     {self.device}",
+            "seconds:    " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()) + f" (total {total:.3f})",
+        ]
+        out += [f"note:       {n}" for n in self.notes]
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | str:
+    """'auto', a torch.dtype, or a name such as 'bfloat16' / 'bf16'."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"dtype {dtype!r} is not supported (expected 'auto', a torch dtype or one of {sorted(_DTYPE_NAMES)})")
+
+
+class _Timer:
+    def __init__(self, report: LoadReport):
+        self.report, self.t = report, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.report.seconds[stage] = self.report.seconds.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None,
+                    gguf_file: str | None = None, strict: bool = True, check_finite: bool = False,
+                    revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                    token: str | None = None, torch_dtype: Any = None, config=None, **kwargs: Any):
+    """Load a causal LM from a directory, a repo id, or a GGUF file; see AutoModelForCausalLM."""
+    from .config import config_from_file
+    from .generation import GenerationConfig
+    from .hub import resolve_model_dir
+    from .registry import model_class
+
+    if kwargs:
+        raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
+    if torch_dtype is not None:
+        dtype = torch_dtype
+    want = parse_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    report = LoadReport(source=os.fspath(path_or_repo_id), device=str(device))
+    timer = _Timer(report)
+
+    # 1. resolve
+    directory = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only, token=token)
+    report.directory = directory
+    timer.lap("resolve")
+
+    if gguf_file is not None:
+        from .gguf import load_gguf_model
+
+        return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer)
+
+    # 2. config
+    if config is None:
+        config = config_from_file(os.path.join(directory, "config.json"))
+    timer.lap("config")
+
+    # 3. weights: find the files and decide the dtype
+    from .checkpoint import find_weight_files, iter_checkpoint
+
+    wf = find_weight_files(directory)
+    report.files, report.format = [os.path.basename(f) for f in wf.files], wf.format
+    model = build_on_meta(model_class(config.model_type), config)
+    timer.lap("build")
+    load_weights(model, iter_checkpoint(wf), want, device, report, strict=strict, check_finite=check_finite)
+    timer.lap("weights")
+
+    model.generation_config = GenerationConfig.from_model_dir(directory, config)
+    model.load_report = report
+    logger.info("loaded %s\n%s", report.source, report)
+    return model
+
+
+def build_on_meta(cls: type, config) -> torch.nn.Module:
+    """Instantiate the model on the meta device: shapes only, no memory, no random init."""
+    with torch.device("meta"):
+        return cls(config)
+
+
+def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, device: torch.device,
+                 report: LoadReport, strict: bool = True, check_finite: bool = False) -> None:
+    """Stream (file, name, tensor) into the meta model with assign=True; check names and shapes."""
+    config = model.config
+    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)
+    target = want if isinstance(want, torch.dtype) else _auto_dtype(config)
+    report.dtype = str(target).removeprefix("torch.")
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for path, name, t in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        ref = expected.get(name)
+        if ref is None:
+            unexpected.append(name)
+            continue
+        if tuple(t.shape) != tuple(ref.shape):
+            mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(ref.shape)} ({os.path.basename(path)})")
+            continue
+        if target == "auto-from-weights":
+            target = t.dtype if t.dtype.is_floating_point else torch.float32
+            report.dtype = str(target).removeprefix("torch.")
+        if t.dtype.is_floating_point and t.dtype != target:
+            t = t.to(target)
+            report.cast_tensors += 1
+        else:
+            report.zero_copy_tensors += 1
+        if t.device != device:
+            t = t.to(device)
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
+        report.bytes += t.numel() * t.element_size()
+        loaded[name] = t
+    missing = sorted(set(expected) - set(loaded))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected and strict:
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:20])}")
+    if mismatched:
+        problems.append("wrongly shaped tensors: " + "; ".join(mismatched[:20]))
+    if problems:
+        raise CheckpointError(f"{report.directory or report.source}: checkpoint does not fit the model — " + "; ".join(problems))
+    if unexpected:
+        report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
+    report.tensors = len(loaded)
+    report.dtype_decision = report.dtype_decision or (
+        "requested" if isinstance(want, torch.dtype) else "auto: config dtype / checkpoint dtype")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+
+
+def _auto_dtype(config) -> torch.dtype | str:
+    """dtype='auto': the config's dtype when it names one, else the first floating tensor's dtype."""
+    name = getattr(config, "dtype", None)
+    if isinstance(name, str) and name.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[name.removeprefix("torch.")]
+    return "auto-from-weights"
+
+
+class AutoModelForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained(...)` and `from_config(...)`, as in transformers."""
+
+    from_pretrained = staticmethod(from_pretrained)
+
+    @staticmethod
+    def from_config(config, dtype: torch.dtype | None = None):
+        """A randomly initialised model (for training from scratch or tests)."""
+        from .registry import model_class
+
+        model = model_class(config.model_type)(config)
+        model.tie_weights()
+        return model.to(dtype) if dtype is not None else model

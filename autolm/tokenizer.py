@@ -1,0 +1,325 @@
+"""Tokenizer: tokenizer.json through `tokenizers`, special tokens and settings from the HF config files,
+and chat templates rendered by jinja2 with transformers' semantics."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from .errors import TokenizerError
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class BatchEncoding(dict):
+    """A dict of input_ids / attention_mask that also allows attribute access, as transformers' does."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):  # serialized AddedToken
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return d
+
+
+class Tokenizer:
+    """Wraps a `tokenizers.Tokenizer` with transformers' calling conventions."""
+
+    def __init__(self, backend, special_tokens: dict[str, str | None] | None = None,
+                 chat_template: str | dict[str, str] | None = None, padding_side: str = "right",
+                 model_max_length: int | None = None, clean_up_tokenization_spaces: bool = False,
+                 name_or_path: str = "", init_kwargs: dict[str, Any] | None = None):
+        self.backend = backend
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template = chat_template
+        self.padding_side = padding_side
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.name_or_path = name_or_path
+        self.init_kwargs = init_kwargs or {}
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, gguf_file: str | None = None, **kwargs: Any) -> "Tokenizer":
+        from .hub import resolve_model_dir
+
+        directory = resolve_model_dir(path_or_repo_id, **{k: kwargs.pop(k) for k in
+                                                           ("revision", "cache_dir", "local_files_only", "token")
+                                                           if k in kwargs})
+        if gguf_file is not None:
+            from .gguf import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(os.path.join(directory, gguf_file))
+        return cls.from_dir(directory, **kwargs)
+
+    @classmethod
+    def from_dir(cls, directory: str, padding_side: str | None = None) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise TokenizerError(f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)")
+        try:
+            backend = Backend.from_file(path)
+        except Exception as e:  # the Rust library raises plain Exceptions for every parse error
+            raise TokenizerError(f"{path}: cannot be parsed as a tokenizer ({e})") from None
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        special_map = _read_json(os.path.join(directory, "special_tokens_map.json"))
+        special = {k: _token_content(config.get(k, special_map.get(k))) for k in _SPECIAL}
+        template: Any = config.get("chat_template")
+        jinja_path = os.path.join(directory, "chat_template.jinja")
+        if os.path.isfile(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}
+        max_len = config.get("model_max_length")
+        return cls(backend, special, template, padding_side or config.get("padding_side", "right"),
+                   int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
+                   bool(config.get("clean_up_tokenization_spaces", False)), directory, config)
+
+    # ---- special tokens -----------------------------------------------------------------------
+
+    def _special_id(self, key: str) -> int | None:
+        tok = self.special_tokens.get(key)
+        return None if tok is None else self.backend.token_to_id(tok)
+
+    bos_token = property(lambda self: self.special_tokens.get("bos_token"))
+    eos_token = property(lambda self: self.special_tokens.get("eos_token"))
+    pad_token = property(lambda self: self.special_tokens.get("pad_token"))
+    unk_token = property(lambda self: self.special_tokens.get("unk_token"))
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @pad_token.setter
+    def pad_token(self, value: str | None) -> None:
+        self.special_tokens["pad_token"] = value
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = {self.backend.token_to_id(t) for t in self.special_tokens.values()}
+        ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]):
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]):
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(i) for i in ids]
+
+    # ---- encoding / decoding ------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False,
+                 truncation: bool = False, max_length: int | None = None, return_tensors: str | None = None,
+                 padding_side: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
+        """Encode one text or a batch; pad (left or right), truncate, and return lists or tensors."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        ids = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if truncation:
+            limit = max_length or self.model_max_length
+            if limit is None:
+                raise TokenizerError("truncation=True needs max_length (the tokenizer has no model_max_length)")
+            ids = [x[:limit] for x in ids]
+        if padding:
+            ids, mask = self._pad(ids, padding, max_length, padding_side or self.padding_side)
+        else:
+            mask = [[1] * len(x) for x in ids]
+        if return_tensors == "pt":
+            import torch
+
+            if len({len(x) for x in ids}) > 1:
+                raise TokenizerError("sequences have different lengths: pass padding=True to return tensors")
+            out = BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long))
+            if return_attention_mask:
+                out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+            return out
+        if return_tensors is not None:
+            raise TokenizerError(f"return_tensors={return_tensors!r} is not supported (use 'pt' or None)")
+        out = BatchEncoding(input_ids=ids[0] if single else ids)
+        if return_attention_mask:
+            out["attention_mask"] = mask[0] if single else mask
+        return out
+
+    def _pad(self, ids: list[list[int]], padding: bool | str, max_length: int | None, side: str):
+        if self.pad_token_id is None:
+            raise TokenizerError("padding needs a pad token: set tokenizer.pad_token (e.g. to the eos token)")
+        if side not in ("left", "right"):
+            raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
+        target = max_length if padding == "max_length" and max_length else max(len(x) for x in ids)
+        out_ids, out_mask = [], []
+        for x in ids:
+            n = max(target - len(x), 0)
+            pad, ones = [self.pad_token_id] * n, [1] * len(x)
+            out_ids.append(pad + x if side == "left" else x + pad)
+            out_mask.append([0] * n + ones if side == "left" else ones + [0] * n)
+        return out_ids, out_mask
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return _clean_up(text) if clean else text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens=skip_special_tokens, **kwargs) for s in sequences]
+
+    # ---- chat templates -----------------------------------------------------------------------
+
+    def apply_chat_template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = True,
+                            chat_template: str | None = None, tools: list | None = None,
+                            documents: list | None = None, continue_final_message: bool = False,
+                            **template_kwargs: Any):
+        """Render messages with the model's chat template; token ids (in a BatchEncoding) when tokenize."""
+        template = self._pick_template(chat_template, tools)
+        text = render_chat_template(template, conversation, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, documents=documents, **self.special_tokens, **template_kwargs)
+        if continue_final_message:
+            final = conversation[-1]["content"]
+            if isinstance(final, str) and final.strip() in text:
+                text = text[: text.rindex(final.strip()) + len(final.strip())]
+        if not tokenize:
+            return text
+        enc = self(text, add_special_tokens=False, return_tensors=return_tensors)
+        return enc if return_dict else enc["input_ids"]
+
+    def _pick_template(self, chat_template: str | None, tools: list | None) -> str:
+        template = chat_template if chat_template is not None else self.chat_template
+        if isinstance(template, dict):
+            name = chat_template if isinstance(chat_template, str) and chat_template in template else (
+                "tool_use" if tools and "tool_use" in template else "default")
+            template = template.get(name)
+        if not template:
+            raise TokenizerError(f"{self.name_or_path or 'tokenizer'}: no chat template (tokenizer_config.json "
+                                 "'chat_template' or chat_template.jinja)")
+        return template
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template), atomically."""
+        from .saving import atomic_write_text
+
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
+        cfg = {k: v for k, v in self.init_kwargs.items() if k not in _SPECIAL and k != "chat_template"}
+        cfg.update(self.special_tokens)
+        cfg["padding_side"] = self.padding_side
+        cfg["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if self.model_max_length:
+            cfg["model_max_length"] = self.model_max_length
+        if self.chat_template:
+            cfg["chat_template"] = (self.chat_template if isinstance(self.chat_template, str) else
+                                    [{"name": k, "template": v} for k, v in self.chat_template.items()])
+        atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _clean_up(text: str) -> str:
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+_ENV = None
+
+
+def _jinja_env():
+    """A sandboxed jinja2 environment configured as transformers configures it."""
+    global _ENV
+    if _ENV is None:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class GenerationBlock(Extension):
+            """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.Scope(body, lineno=lineno)
+
+        def raise_exception(message: str):
+            raise TokenizerError(f"chat template error: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[GenerationBlock, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _ENV = env
+    return _ENV
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
+    """Render a chat template; template syntax errors become TokenizerError."""
+    import jinja2
+
+    try:
+        return _jinja_env().from_string(template).render(messages=messages, **context)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template failed to render: {e}") from None
+
+
+class AutoTokenizer:
+    """`AutoTokenizer.from_pretrained(dir_or_repo_id, gguf_file=None)`."""
+
+    from_pretrained = staticmethod(Tokenizer.from_pretrained)

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (test-only oracle)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 160
+
+# name -> (transformers config class name, config kwargs, save kwargs)
+SPECS = {
+    "llama_gqa_llama3_sharded": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, max_position_embeddings=64,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        dict(max_shard_size="40KB")),
+    "qwen2_tied_bias": ("Qwen2Config", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, max_position_embeddings=64), {}),
+    "qwen2_sliding": ("Qwen2Config", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1, max_position_embeddings=64), {}),
+    "mistral_sliding": ("MistralConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        sliding_window=6, max_position_embeddings=64), {}),
+    "qwen3": ("Qwen3Config", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=64), {}),
+    "llama_bf16": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        attention_bias=True, mlp_bias=True, dtype="bfloat16"), {}),
+    "llama_yarn": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16}), {}),
+    "llama_dynamic": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), {}),
+    "llama_linear": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), {}),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Re-draw every parameter (biases and norms too) so a missing piece changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(noise * (0.15 if p.dim() > 1 else 0.1))
+
+
+def make_hf_model(name: str):
+    import transformers
+
+    cls_name, kwargs, _ = SPECS[name]
+    cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    randomize(model)
+    if kwargs.get("dtype") == "bfloat16":
+        model = model.to(torch.bfloat16)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> (directory, transformers model loaded back from it)."""
+    import transformers
+
+    cache: dict[str, tuple[str, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            d = str(tmp_path_factory.mktemp(name))
+            model = make_hf_model(name)
+            model.save_pretrained(d, **SPECS[name][2])
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype="auto").eval()
+            cache[name] = (d, ref)
+        return cache[name]
+
+    return get
+
+
+def to_v4_spelling(directory: str) -> None:
+    """Rewrite config.json with transformers 4's RoPE spelling: rope_theta + rope_scaling."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type") != "default":
+        rope["type"] = rope.pop("rope_type")
+        d["rope_scaling"] = rope
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def padded_batch(seed: int = 0, lengths=(13, 9, 4), vocab: int = VOCAB):
+    """Left-padded input_ids / attention_mask for prompts of these lengths."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = 1
+        ids[i, : T - n] = 0
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)

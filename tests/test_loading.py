@@ -1,0 +1,151 @@
+"""from_pretrained: resolution, formats, dtype, no random init, strictness, the load report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import VOCAB
+
+import autolm
+from autolm.errors import CheckpointError, ConfigError, ResolveError
+
+
+def _ids():
+    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_no_parameter_is_randomly_initialised(checkpoint, monkeypatch):
+    directory, _ = checkpoint("qwen2_tied_bias")
+    calls = []
+    for fn in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "trunc_normal_",
+               "zeros_", "ones_"):
+        monkeypatch.setattr(torch.nn.init, fn, lambda t, *a, _fn=fn, **k: calls.append((_fn, t.device.type)))
+    for fn in ("normal_", "uniform_", "random_", "bernoulli_"):
+        monkeypatch.setattr(torch.Tensor, fn, lambda t, *a, _fn=fn, **k: calls.append((_fn, t.device.type)))
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    # Modules are built on the meta device: init calls there touch no memory and draw no numbers.
+    assert [c for c in calls if c[1] != "meta"] == []
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_repo_id_resolves_from_hf_cache_layout(checkpoint, tmp_path, monkeypatch):
+    directory, ref = checkpoint("qwen2_tied_bias")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-qwen"
+    shutil.copytree(directory, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = autolm.AutoModelForCausalLM.from_pretrained("acme/tiny-qwen")
+    assert model.load_report.directory == str(repo / "snapshots" / commit)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, ref(_ids()).logits, atol=1e-5, rtol=1e-5)
+    # HF_HOME/hub is the fallback when HF_HUB_CACHE is unset.
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert autolm.AutoConfig.from_pretrained("acme/tiny-qwen").hidden_size == 48
+    with pytest.raises(ResolveError, match="not found in the Hugging Face cache"):
+        autolm.AutoModelForCausalLM.from_pretrained("acme/missing")
+
+
+def test_pytorch_bin_checkpoint(checkpoint, tmp_path):
+    directory, ref = checkpoint("llama_gqa_llama3_sharded")
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    shutil.copy(os.path.join(directory, "config.json"), tmp_path)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.load_report.format == "bin"
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, ref(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_choices(checkpoint):
+    directory, _ = checkpoint("llama_bf16")
+    auto = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    assert auto.dtype == torch.bfloat16 and auto.load_report.cast_tensors == 0
+    fp32 = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert fp32.dtype == torch.float32 and fp32.load_report.cast_tensors > 0
+    assert autolm.AutoModelForCausalLM.from_pretrained(directory, dtype="float16").dtype == torch.float16
+    with pytest.raises(ConfigError, match="dtype"):
+        autolm.AutoModelForCausalLM.from_pretrained(directory, dtype="int3")
+
+
+def test_zero_copy_when_dtype_matches(checkpoint):
+    directory, _ = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    from autolm.checkpoint import SafetensorsFile
+
+    import ctypes
+
+    st = SafetensorsFile(os.path.join(directory, "model.safetensors"))
+    t = st.get("model.norm.weight")
+    base = ctypes.addressof(ctypes.c_char.from_buffer(st._mapped()))
+    assert t.data_ptr() - base == st.infos["model.norm.weight"].start  # a view of the mapped file, no copy
+    assert model.load_report.zero_copy_tensors == model.load_report.tensors
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_clear_errors(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = checkpoint("qwen2_tied_bias")
+    sd = load_file(os.path.join(directory, "model.safetensors"))
+    shutil.copy(os.path.join(directory, "config.json"), tmp_path)
+    broken = dict(sd)
+    del broken["model.layers.1.mlp.up_proj.weight"]
+    broken["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    broken["model.extra.weight"] = torch.zeros(2)
+    save_file(broken, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight" in msg and "model.extra.weight" in msg
+    assert "model.layers.0.self_attn.q_proj.weight: checkpoint (3, 3)" in msg
+
+
+def test_unknown_model_type_names_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="llama, mistral, qwen2"):
+        autolm.AutoConfig.from_pretrained(tmp_path)
+
+
+def test_config_round_trip_keeps_unknown_keys(checkpoint, tmp_path):
+    directory, _ = checkpoint("mistral_sliding")
+    with open(os.path.join(directory, "config.json")) as f:
+        original = json.load(f)
+    original["my_custom_key"] = {"a": 1}
+    cfg = autolm.MistralConfig.from_dict(original)
+    out = cfg.to_dict()
+    for k, v in original.items():
+        if k in ("torch_dtype",):
+            continue
+        assert out[k] == v, k
+
+
+def test_register_a_new_family(checkpoint, tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from autolm.models.llama import LlamaForCausalLM
+    from autolm.registry import register
+
+    @dataclass
+    class MyConfig(autolm.LlamaConfig):
+        model_type: ClassVar[str] = "my-llama"
+
+    class MyModel(LlamaForCausalLM):
+        pass
+
+    register("my-llama", MyConfig, MyModel)
+    directory, ref = checkpoint("llama_gqa_llama3_sharded")
+    shutil.copytree(directory, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    d = json.loads(cfg_path.read_text())
+    d["model_type"] = "my-llama"
+    cfg_path.write_text(json.dumps(d))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert type(model) is MyModel

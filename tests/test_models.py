@@ -1,0 +1,108 @@
+"""Logit parity with transformers on tiny random checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SPECS, VOCAB, padded_batch, positions, to_v4_spelling
+
+import autolm
+
+
+def assert_real_tokens_close(out, ref, mask, atol):
+    for b in range(mask.shape[0]):
+        real = mask[b].bool()
+        torch.testing.assert_close(out[b][real].float(), ref[b][real].float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_logits_match_transformers_left_padded(checkpoint, name):
+    directory, ref_model = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(lengths=(14, 9, 4))
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        out = model(ids, attention_mask=mask).logits
+    assert out.dtype == ref.dtype
+    atol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    assert_real_tokens_close(out, ref, mask, atol)
+
+
+def test_dynamic_rope_beyond_max_positions(checkpoint):
+    directory, ref_model = checkpoint("llama_dynamic")  # max_position_embeddings=8
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_shorter_than_sequence(checkpoint):
+    directory, ref_model = checkpoint("mistral_sliding")  # window 6
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, ref = model(ids).logits, ref_model(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # The window really matters: full attention gives different logits late in the sequence.
+    model.config.sliding_window = None
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[:, -1], ref[:, -1], atol=1e-3)
+
+
+def test_v4_config_spelling(checkpoint, tmp_path):
+    import shutil
+
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    v4 = str(tmp_path / "v4")
+    shutil.copytree(directory, v4)
+    to_v4_spelling(v4)
+    cfg = autolm.AutoConfig.from_pretrained(v4)
+    assert cfg.rope_spelling == "v4" and cfg.rope_parameters["rope_type"] == "llama3"
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(v4).eval()
+    model = autolm.AutoModelForCausalLM.from_pretrained(v4)
+    ids, mask = padded_batch(seed=3)
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        assert_real_tokens_close(model(ids, attention_mask=mask).logits, ref, mask, 1e-5)
+
+
+def test_left_and_right_padding_equal_unpadded(checkpoint):
+    directory, _ = checkpoint("qwen2_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        alone = model(ids).logits[0]
+        left = model(torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1),
+                     attention_mask=torch.tensor([[0] * 4 + [1] * 9])).logits[0, 4:]
+        right = model(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+                      attention_mask=torch.tensor([[1] * 9 + [0] * 4])).logits[0, :9]
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_matches_transformers(checkpoint):
+    directory, ref_model = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, labels=labels).loss, ref_model(ids, labels=labels).loss)
+
+
+def test_incremental_decode_equals_full_forward(checkpoint):
+    directory, _ = checkpoint("mistral_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=6, lengths=(12, 7))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = autolm.KVCache.for_model(model, 2, capacity=4)  # small: forces the buffers to grow
+        out = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
+        steps = [out.logits]
+        for t in range(5, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+    assert_real_tokens_close(torch.cat(steps, 1), full, mask, 1e-5)
