@@ -1,0 +1,158 @@
+"""LoRA adapters in peft's format: peft -> autolm, autolm -> peft, merge/unmerge, adapters, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, padded_batch, positions
+
+import autolm
+from autolm.errors import AdapterError
+from autolm.lora import LoraConfig, PeftModel, get_peft_model
+
+NAME = "llama_gqa_llama3_sharded"
+
+
+def _randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _peft_adapter(checkpoint, tmp_path, **lora_kwargs):
+    """An adapter made and saved by peft itself, and the logits peft gives with it."""
+    import peft
+    import transformers
+
+    directory, _ = checkpoint(NAME)
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs))
+    _randomize_lora(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    ids, mask = padded_batch(seed=11)
+    with torch.no_grad():
+        logits = pm(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return directory, str(tmp_path / "adapter"), ids, mask, logits
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    dict(r=3, lora_alpha=5, target_modules="all-linear", use_rslora=True),
+    dict(r=2, lora_alpha=4, target_modules=r".*\.layers\.1\.self_attn\.(k|o)_proj", modules_to_save=["lm_head"]),
+])
+def test_peft_adapter_loads_with_peft_logits(checkpoint, tmp_path, kwargs):
+    directory, adapter, ids, mask, expected = _peft_adapter(checkpoint, tmp_path, **kwargs)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    pm = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        out = pm(ids, attention_mask=mask).logits
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        torch.testing.assert_close(out[b][real], expected[b][real], atol=1e-5, rtol=1e-5)
+
+
+def test_autolm_adapter_loads_in_peft_with_equal_logits(checkpoint, tmp_path):
+    import peft
+    import transformers
+
+    directory, _ = checkpoint(NAME)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"], lora_dropout=0.1))
+    _randomize_lora(pm, seed=3)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "ours")
+    with open(tmp_path / "ours" / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == "LORA"
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours")
+    ids, mask = padded_batch(seed=12)
+    with torch.no_grad():
+        a = pm(ids, attention_mask=mask).logits
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unmerge_and_merge_and_unload(checkpoint):
+    directory, _ = checkpoint(NAME)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    _randomize_lora(pm, seed=5)
+    with torch.no_grad():
+        unmerged = pm(ids).logits
+        assert not torch.allclose(unmerged, base_logits, atol=1e-3)
+        with pm.disable_adapter():
+            torch.testing.assert_close(pm(ids).logits, base_logits)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+        for name, layer in pm.base_model.named_modules():
+            if hasattr(layer, "base_layer"):
+                torch.testing.assert_close(layer.base_layer.weight, before[f"{name}.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pm(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        merged = pm.merge_and_unload()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_several_named_adapters(checkpoint, tmp_path):
+    directory, _ = checkpoint(NAME)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    _randomize_lora(pm, seed=1)
+    pm.save_pretrained(tmp_path / "a")  # a non-default adapter goes in a subfolder, as peft does
+    assert os.path.isfile(tmp_path / "a" / "a" / "adapter_model.safetensors")
+    with torch.no_grad():
+        out_a = pm(ids).logits
+    pm2 = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory),
+                         LoraConfig(r=2, target_modules=["v_proj"]))
+    _randomize_lora(pm2, seed=2)
+    pm2.save_pretrained(tmp_path / "b")
+    with torch.no_grad():
+        out_b = pm2(ids).logits
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, out_a)
+        pm.set_adapter("b")
+        torch.testing.assert_close(pm(ids).logits, out_b)
+    pm.delete_adapter("b")
+    assert list(pm.peft_config) == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, out_a)
+    with pytest.raises(AdapterError, match="no adapter named"):
+        pm.set_adapter("b")
+
+
+def test_trainable_parameters_are_lora_only(checkpoint):
+    directory, _ = checkpoint(NAME)
+    pm = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(r=4))
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(("q_proj" in n or "v_proj" in n) for n in trainable)  # peft's default targets
+    t, total = pm.get_nb_trainable_parameters()
+    assert t == sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad) and total > t
+
+
+def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
+    directory, adapter, *_ = _peft_adapter(checkpoint, tmp_path, r=4, target_modules=["q_proj"])
+    other, _ = checkpoint("qwen2_tied_bias")  # different hidden size
+    with pytest.raises(AdapterError, match="shape"):
+        PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(other), adapter)
+    with pytest.raises(AdapterError, match="match no Linear layer"):
+        get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules=["wq"]))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["k_proj"]  # the weights are for q_proj
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="do not match"):
+        PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
