@@ -159,6 +159,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .lora import LoraConfig, get_peft_model
+    from .train import TrainConfig, finetune
+
+    model, tok = load(args.model, args.dtype if args.dtype != "auto" else "float32", args.device)
+    targets = args.lora_targets
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    pm = get_peft_model(model, lora)
+    pm.print_trainable_parameters()
+    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, max_length=args.max_length,
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed)
+    losses = finetune(pm, tok, args.data, args.out, cfg)
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt and serve decoder LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture, parameters, dtype, memory and the load report")
     _add_model(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")
+    p.add_argument("model", help="model directory, HF repo id or .gguf file")
+    p.add_argument("data", help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
+    p.add_argument("--out", required=True, help="directory for the adapter (peft format)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated names, or all-linear")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
     p.add_argument("source", help="FILE.gguf")

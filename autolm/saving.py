@@ -67,8 +67,10 @@ def atomic_directory(target: str) -> Iterator[str]:
             stale_weights = name.startswith(("model-", "model.safetensors", "pytorch_model"))
             if not os.path.exists(os.path.join(tmp, name)) and not stale_weights:
                 src = os.path.join(target, name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, name))
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, os.path.join(tmp, name), symlinks=True)
+                else:
+                    shutil.copy2(src, os.path.join(tmp, name), follow_symlinks=False)
         old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.old-")
         os.rmdir(old)
         os.replace(target, old)

