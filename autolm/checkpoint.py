@@ -168,7 +168,7 @@ class WeightFiles:
 
 def _inside(directory: str, rel: str, source: str) -> str:
     """Resolve rel inside directory, refusing absolute paths, '..' and symlinks that escape."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
         raise CheckpointError(f"{source}: shard path {rel!r} must be a relative file name inside the model directory")
     root = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(root, rel))
