@@ -270,17 +270,17 @@ def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any
     return rope, spelling
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a JSON file into a dict, raising ConfigError naming the file on any problem."""
+def load_config_file(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Read a JSON object from a file, raising `error` naming the file on any problem."""
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(d).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(d).__name__}")
     return d
 
 

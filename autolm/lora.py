@@ -72,16 +72,12 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "LoraConfig":
+        from .config import load_config_file
+
         path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise AdapterError(f"{path}: expected a JSON object")
+        if not os.path.isfile(path):
+            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
+        d = load_config_file(path, AdapterError)
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

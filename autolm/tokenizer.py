@@ -34,16 +34,10 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return d
+    """An optional JSON config file: {} when absent."""
+    from .config import load_config_file
+
+    return load_config_file(path, TokenizerError) if os.path.isfile(path) else {}
 
 
 class Tokenizer:
