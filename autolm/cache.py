@@ -65,7 +65,3 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for i, buf in enumerate(buffers):
                 buffers[i] = buf.index_select(0, index.to(buf.device))
-
-    def crop(self, length: int) -> None:
-        """Forget every token from `length` on."""
-        self.length = min(self.length, length)
