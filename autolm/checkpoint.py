@@ -163,7 +163,6 @@ class WeightFiles:
 
     format: str  # "safetensors" | "bin"
     files: list[str]
-    index: str | None = None
 
 
 def _inside(directory: str, rel: str, source: str) -> str:
@@ -202,7 +201,7 @@ def find_weight_files(directory: str) -> WeightFiles:
     for fmt, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
                                ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
         if os.path.isfile(os.path.join(directory, index)):
-            return WeightFiles(fmt, _read_index(directory, index), os.path.join(directory, index))
+            return WeightFiles(fmt, _read_index(directory, index))
         if os.path.isfile(os.path.join(directory, single)):
             return WeightFiles(fmt, [_inside(directory, single, directory)])
     raise CheckpointError(
