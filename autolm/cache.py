@@ -14,19 +14,28 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
-                 capacity: int = 256, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 capacity: int = 256, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | list = "cpu"):
         shape = (batch_size, num_kv_heads, max(capacity, 1), head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = device if isinstance(device, list) else [device] * num_layers  # one per layer under a device_map
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0  # tokens stored (the same for every layer once a forward pass completes)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int) -> "KVCache":
-        """A cache sized for `model` (its config, dtype and device)."""
+        """A cache sized for `model` (its config, dtype, and each layer's device)."""
         cfg = model.config
         p = model.model.embed_tokens.weight
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype, p.device)
+        device_map = getattr(model, "hf_device_map", None)
+        if device_map:
+            from .placement import execution_device
+
+            device = [execution_device(device_map[f"model.layers.{i}"]) for i in range(cfg.num_hidden_layers)]
+        else:
+            device = p.device
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype, device)
 
     @property
     def capacity(self) -> int:

@@ -143,7 +143,7 @@ def gguf_tensors(g: GGUFFile, config) -> Iterator[tuple[str, str, torch.Tensor]]
         yield g.path, name, torch.from_numpy(w)
 
 
-def load_gguf_model(path: str, want, device: torch.device, report, timer):
+def load_gguf_model(path: str, want, device: torch.device, report, timer, placement=None):
     """from_pretrained(..., gguf_file=...): config from metadata, weights dequantized."""
     from .generation import GenerationConfig
     from .loading import build_on_meta, load_weights
@@ -155,7 +155,7 @@ def load_gguf_model(path: str, want, device: torch.device, report, timer):
     timer.lap("config")
     model = build_on_meta(model_class(config.model_type), config)
     timer.lap("build")
-    load_weights(model, gguf_tensors(g, config), want, device, report)
+    load_weights(model, gguf_tensors(g, config), want, device, report, placement=placement)
     report.dtype_decision = "requested" if isinstance(want, torch.dtype) else "auto: GGUF dequantizes to float32"
     timer.lap("weights")
     model.generation_config = GenerationConfig.from_model_config(config)

@@ -82,8 +82,13 @@ class _Timer:
 def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None,
                     gguf_file: str | None = None, strict: bool = True, check_finite: bool = False,
                     revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                    token: str | None = None, torch_dtype: Any = None, config=None, **kwargs: Any):
-    """Load a causal LM from a directory, a repo id, or a GGUF file; see AutoModelForCausalLM."""
+                    token: str | None = None, torch_dtype: Any = None, config=None, device_map: Any = None,
+                 max_memory: dict | None = None, offload_folder: str | None = None, **kwargs: Any):
+    """Load a causal LM from a directory, a repo id, or a GGUF file; see AutoModelForCausalLM.
+
+    device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
+    max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included; see placement.py.
+    """
     from .config import config_from_file
     from .generation import GenerationConfig
     from .hub import resolve_model_dir
@@ -95,7 +100,10 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
         dtype = torch_dtype
     want = parse_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    report = LoadReport(source=os.fspath(path_or_repo_id), device=str(device))
+    if device_map is None and max_memory is not None:
+        device_map = "auto"
+    placement = Placement(device_map, max_memory, offload_folder) if device_map is not None else None
+    report = LoadReport(source=os.fspath(path_or_repo_id), device=str(device) if placement is None else "device_map")
     timer = _Timer(report)
 
     # 1. resolve
@@ -107,7 +115,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     if gguf_file is not None:
         from .gguf import load_gguf_model
 
-        return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer)
+        return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer, placement)
 
     # 2. config
     if config is None:
@@ -121,7 +129,8 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     report.files, report.format = [os.path.basename(f) for f in wf.files], wf.format
     model = build_on_meta(model_class(config.model_type), config)
     timer.lap("build")
-    load_weights(model, iter_checkpoint(wf), want, device, report, strict=strict, check_finite=check_finite)
+    load_weights(model, iter_checkpoint(wf), want, device, report, strict=strict, check_finite=check_finite,
+                 placement=placement)
     timer.lap("weights")
 
     model.generation_config = GenerationConfig.from_model_dir(directory, config)
@@ -136,8 +145,43 @@ def build_on_meta(cls: type, config) -> torch.nn.Module:
         return cls(config)
 
 
+class Placement:
+    """A device_map request; planned once the target dtype is known (sizes depend on it)."""
+
+    def __init__(self, device_map: Any, max_memory: dict | None, offload_folder: str | None):
+        from .placement import OffloadStore
+
+        self.request, self.max_memory = device_map, max_memory
+        self.store = OffloadStore(os.fspath(offload_folder) if offload_folder is not None else None)
+        self.map: dict[str, str] = {}
+        self._headers: dict[str, dict] = {}
+
+    def plan(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        from .placement import resolve_device_map
+
+        self.map = resolve_device_map(model.to(dtype), self.request, self.max_memory)  # .to on meta is free
+
+    def device_of(self, name: str) -> str:
+        from .placement import block_of
+
+        return self.map[block_of(name)]
+
+    def offload(self, path: str, name: str, t: torch.Tensor, zero_copy: bool) -> torch.Tensor:
+        """Record a disk-placed tensor (a reference into a safetensors checkpoint when possible); return meta."""
+        from .checkpoint import read_safetensors_header
+
+        source = None
+        if zero_copy and path.endswith(".safetensors"):
+            if path not in self._headers:
+                self._headers[path] = read_safetensors_header(path)[0]
+            source = (path, self._headers[path][name].start)
+        self.store.add(name, t, source)
+        return torch.empty_like(t, device="meta")
+
+
 def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, device: torch.device,
-                 report: LoadReport, strict: bool = True, check_finite: bool = False) -> None:
+                 report: LoadReport, strict: bool = True, check_finite: bool = False,
+                 placement: Placement | None = None) -> None:
     """Stream (file, name, tensor) into the meta model with assign=True; check names and shapes."""
     config = model.config
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
@@ -161,16 +205,22 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
         if target == "auto-from-weights":
             target = t.dtype if t.dtype.is_floating_point else torch.float32
             report.dtype = str(target).removeprefix("torch.")
-        if t.dtype.is_floating_point and t.dtype != target:
+        if placement is not None and not placement.map:
+            placement.plan(model, target)
+        zero_copy = not (t.dtype.is_floating_point and t.dtype != target)
+        if zero_copy:
+            report.zero_copy_tensors += 1
+        else:
             t = t.to(target)
             report.cast_tensors += 1
-        else:
-            report.zero_copy_tensors += 1
-        if t.device != device:
-            t = t.to(device)
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
         report.bytes += t.numel() * t.element_size()
+        where = placement.device_of(name) if placement is not None else device
+        if where == "disk":
+            t = placement.offload(path, name, t, zero_copy)
+        elif t.device != torch.device(where):
+            t = t.to(where)
         loaded[name] = t
     missing = sorted(set(expected) - set(loaded))
     problems = []
@@ -190,6 +240,12 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     model.eval()
+    if placement is not None:
+        from .placement import dispatch
+
+        dispatch(model, placement.map, placement.store)
+        on_disk = sum(d == "disk" for d in placement.map.values())
+        report.notes.append(f"device_map: {len(placement.map)} blocks, {on_disk} on disk")
 
 
 def _auto_dtype(config) -> torch.dtype | str:

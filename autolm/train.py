@@ -109,7 +109,7 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
                 batch = {k: v.to(base.device) for k, v in batch.items()}
                 loss = peft_model(**batch).loss
                 (loss / cfg.grad_accum).backward()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue

@@ -209,6 +209,12 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
+        device_map = getattr(self, "hf_device_map", None)
+        if device_map:
+            from ..placement import execution_device
+
+            return execution_device(device_map["model.embed_tokens"])
         return self.model.embed_tokens.weight.device
 
     @property
