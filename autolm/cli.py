@@ -16,6 +16,8 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
                    help="model directory, HF repo id or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the decoder's linear layers, done while loading")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -39,7 +41,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def load(model: str | None, dtype: str = "auto", device: str | None = None):
+def load(model: str | None, dtype: str = "auto", device: str | None = None, quantize: str | None = None):
     """(model, tokenizer) for a directory, repo id, .gguf file, or the default model when None."""
     from .loading import from_pretrained
     from .tokenizer import AutoTokenizer
@@ -54,8 +56,9 @@ def load(model: str | None, dtype: str = "auto", device: str | None = None):
 
             raise ResolveError(f"{model}: GGUF file not found")
         d, f = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
-        return from_pretrained(d, gguf_file=f, dtype=dtype, device=device), AutoTokenizer.from_pretrained(d, gguf_file=f)
-    m = from_pretrained(model, dtype=dtype, device=device)
+        return (from_pretrained(d, gguf_file=f, dtype=dtype, device=device, quantization=quantize),
+                AutoTokenizer.from_pretrained(d, gguf_file=f))
+    m = from_pretrained(model, dtype=dtype, device=device, quantization=quantize)
     return m, AutoTokenizer.from_pretrained(m.load_report.directory)
 
 
@@ -84,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_name, prompt = (args.model, args.prompt) if args.prompt is not None else (None, args.model)
     if prompt is None:
         raise SystemExit("autolm generate: a prompt is required: autolm generate [MODEL] PROMPT")
-    model, tok = load(model_name, args.dtype, args.device)
+    model, tok = load(model_name, args.dtype, args.device, args.quantize)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_dict=False)
@@ -95,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model, tok = load(args.model, args.dtype, args.device)
+    model, tok = load(args.model, args.dtype, args.device, args.quantize)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
     def turn(user: str) -> None:
@@ -128,10 +131,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    model, _ = load(args.model, args.dtype, args.device)
+    model, _ = load(args.model, args.dtype, args.device, args.quantize)
     cfg = model.config
+    from .quant import memory_report
+
     params = model.num_parameters()
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    weight_bytes, unquantized = memory_report(model)
     print(f"architecture: {type(model).__name__} ({cfg.model_type})")
     print(f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
           f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
@@ -142,6 +147,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
     print(f"dtype:        {str(model.dtype).removeprefix('torch.')}")
     print(f"memory:       {weight_bytes / 2**20:.1f} MiB of weights")
+    if "quantization_config" in cfg.extra:
+        print(f"quantization: {cfg.extra['quantization_config']}: saves {(unquantized - weight_bytes) / 2**20:.1f} MiB "
+              f"of {unquantized / 2**20:.1f} MiB ({unquantized / weight_bytes:.2f}x smaller)")
     print("load report:")
     for line in model.load_report.lines():
         print("  " + line)
@@ -154,7 +162,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if not args.source.endswith(".gguf"):
         raise SystemExit("autolm convert: SOURCE must be a .gguf file")
-    convert_gguf(args.source, args.out, dtype=args.dtype)
+    convert_gguf(args.source, args.out, dtype=args.dtype, quantization=args.quantize)
     print(f"wrote {args.out}")
     return 0
 
@@ -224,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="FILE.gguf")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="save weight-only quantized")
     p.set_defaults(func=cmd_convert)
     return parser
 

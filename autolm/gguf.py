@@ -143,10 +143,10 @@ def gguf_tensors(g: GGUFFile, config) -> Iterator[tuple[str, str, torch.Tensor]]
         yield g.path, name, torch.from_numpy(w)
 
 
-def load_gguf_model(path: str, want, device: torch.device, report, timer, placement=None):
+def load_gguf_model(path: str, want, device: torch.device, report, timer, placement=None, quantization=None):
     """from_pretrained(..., gguf_file=...): config from metadata, weights dequantized."""
     from .generation import GenerationConfig
-    from .loading import build_on_meta, load_weights
+    from .loading import Quantizer, build_on_meta, load_weights
     from .registry import model_class
 
     g = GGUFFile(path)
@@ -155,7 +155,8 @@ def load_gguf_model(path: str, want, device: torch.device, report, timer, placem
     timer.lap("config")
     model = build_on_meta(model_class(config.model_type), config)
     timer.lap("build")
-    load_weights(model, gguf_tensors(g, config), want, device, report, placement=placement)
+    load_weights(model, gguf_tensors(g, config), want, device, report, placement=placement,
+                 quantizer=Quantizer.for_model(model, quantization))
     report.dtype_decision = "requested" if isinstance(want, torch.dtype) else "auto: GGUF dequantizes to float32"
     timer.lap("weights")
     model.generation_config = GenerationConfig.from_model_config(config)
@@ -263,12 +264,13 @@ _PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "ll
 # ---- conversion and the default model ------------------------------------------------------------------
 
 
-def convert_gguf(path: str, out_dir: str, dtype: Any = "auto") -> str:
+def convert_gguf(path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None) -> str:
     """Write a standard HF directory (weights, configs, tokenizer) from a GGUF file, atomically."""
     from .loading import from_pretrained
     from .saving import atomic_directory
 
-    model = from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=dtype)
+    model = from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=dtype,
+                            quantization=quantization)
     tokenizer = tokenizer_from_gguf(path)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)

@@ -83,11 +83,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
                     gguf_file: str | None = None, strict: bool = True, check_finite: bool = False,
                     revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
                     token: str | None = None, torch_dtype: Any = None, config=None, device_map: Any = None,
-                 max_memory: dict | None = None, offload_folder: str | None = None, **kwargs: Any):
+                 max_memory: dict | None = None, offload_folder: str | None = None, quantization: Any = None,
+                 **kwargs: Any):
     """Load a causal LM from a directory, a repo id, or a GGUF file; see AutoModelForCausalLM.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
     max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included; see placement.py.
+    quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in.
     """
     from .config import config_from_file
     from .generation import GenerationConfig
@@ -99,6 +101,8 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     if torch_dtype is not None:
         dtype = torch_dtype
     want = parse_dtype(dtype)
+    if quantization is not None and want == "auto":
+        want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device_map is None and max_memory is not None:
         device_map = "auto"
@@ -115,7 +119,8 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     if gguf_file is not None:
         from .gguf import load_gguf_model
 
-        return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer, placement)
+        return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer, placement,
+                               quantization)
 
     # 2. config
     if config is None:
@@ -128,9 +133,10 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     wf = find_weight_files(directory)
     report.files, report.format = [os.path.basename(f) for f in wf.files], wf.format
     model = build_on_meta(model_class(config.model_type), config)
+    quantizer = Quantizer.for_model(model, quantization)
     timer.lap("build")
     load_weights(model, iter_checkpoint(wf), want, device, report, strict=strict, check_finite=check_finite,
-                 placement=placement)
+                 placement=placement, quantizer=quantizer)
     timer.lap("weights")
 
     model.generation_config = GenerationConfig.from_model_dir(directory, config)
@@ -179,21 +185,66 @@ class Placement:
         return torch.empty_like(t, device="meta")
 
 
+class Quantizer:
+    """Which Linear layers of a meta model are quantized, and quantizing their weights as they arrive."""
+
+    def __init__(self, cfg, shapes: dict[str, tuple[int, int]], saved: bool):
+        self.cfg, self.shapes, self.saved = cfg, shapes, saved  # saved: the checkpoint holds quantized weights
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, quantization: Any) -> Quantizer | None:
+        """Swap in quantized layers when asked to, or when the checkpoint was saved quantized."""
+        saved = model.config.extra.get("quantization_config")
+        if quantization is None and saved is None:
+            return None
+        from .quant import QuantConfig, replace_linears
+
+        cfg = QuantConfig.parse(quantization if quantization is not None else saved)
+        if saved is not None and QuantConfig.parse(saved) != cfg:
+            raise ConfigError(f"checkpoint is already quantized as {saved}; cannot load it as {cfg.to_dict()}")
+        return cls(cfg, replace_linears(model, cfg, torch.float32), saved is not None)
+
+    def split(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """A float weight of a quantized layer -> its quantized entries; None for every other tensor."""
+        module = name.removesuffix(".weight")
+        if module not in self.shapes or module == name or not t.is_floating_point():
+            return None
+        if tuple(t.shape) != self.shapes[module]:
+            raise CheckpointError(f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}")
+        from .quant import quantize_weight
+
+        return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, t, dtype).items()}
+
+
 def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, device: torch.device,
                  report: LoadReport, strict: bool = True, check_finite: bool = False,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, quantizer: Quantizer | None = None) -> None:
     """Stream (file, name, tensor) into the meta model with assign=True; check names and shapes."""
     config = model.config
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     tied = getattr(config, "tie_word_embeddings", False)
-    if tied:
+    # A quantized LM head of a tied model is a quantized copy of the embeddings, made here unless saved so.
+    head_copy = tied and quantizer is not None and "lm_head" in quantizer.shapes and not quantizer.saved
+    if tied and not (quantizer is not None and "lm_head" in quantizer.shapes):
         expected.pop("lm_head.weight", None)
     target = want if isinstance(want, torch.dtype) else _auto_dtype(config)
     report.dtype = str(target).removeprefix("torch.")
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     for path, name, t in tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
+            continue
+        if target == "auto-from-weights" and t.is_floating_point():
+            target = t.dtype
+            report.dtype = str(target).removeprefix("torch.")
+        if placement is not None and not placement.map:
+            placement.plan(model, target if isinstance(target, torch.dtype) else torch.float32)
+        parts = quantizer.split(name, t, target) if quantizer is not None else None
+        if head_copy and name == "model.embed_tokens.weight":
+            parts = {name: t, **quantizer.split("lm_head.weight", t, target)}
+        if parts is not None:
+            for part, q in parts.items():
+                loaded[part] = _place(part, q, path, target, device, placement, report, check_finite)
             continue
         ref = expected.get(name)
         if ref is None:
@@ -202,26 +253,7 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
         if tuple(t.shape) != tuple(ref.shape):
             mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(ref.shape)} ({os.path.basename(path)})")
             continue
-        if target == "auto-from-weights":
-            target = t.dtype if t.dtype.is_floating_point else torch.float32
-            report.dtype = str(target).removeprefix("torch.")
-        if placement is not None and not placement.map:
-            placement.plan(model, target)
-        zero_copy = not (t.dtype.is_floating_point and t.dtype != target)
-        if zero_copy:
-            report.zero_copy_tensors += 1
-        else:
-            t = t.to(target)
-            report.cast_tensors += 1
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
-        report.bytes += t.numel() * t.element_size()
-        where = placement.device_of(name) if placement is not None else device
-        if where == "disk":
-            t = placement.offload(path, name, t, zero_copy)
-        elif t.device != torch.device(where):
-            t = t.to(where)
-        loaded[name] = t
+        loaded[name] = _place(name, t, path, target, device, placement, report, check_finite)
     missing = sorted(set(expected) - set(loaded))
     problems = []
     if missing:
@@ -246,6 +278,24 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
         dispatch(model, placement.map, placement.store)
         on_disk = sum(d == "disk" for d in placement.map.values())
         report.notes.append(f"device_map: {len(placement.map)} blocks, {on_disk} on disk")
+
+
+def _place(name: str, t: torch.Tensor, path: str, target, device: torch.device, placement: Placement | None,
+           report: LoadReport, check_finite: bool) -> torch.Tensor:
+    """Cast one tensor to the target dtype and put it where the plan says (a device, or disk)."""
+    zero_copy = not (t.is_floating_point() and isinstance(target, torch.dtype) and t.dtype != target)
+    if zero_copy:
+        report.zero_copy_tensors += 1
+    else:
+        t = t.to(target)
+        report.cast_tensors += 1
+    if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
+    report.bytes += t.numel() * t.element_size()
+    where = placement.device_of(name) if placement is not None else device
+    if where == "disk":
+        return placement.offload(path, name, t, zero_copy)
+    return t if t.device == torch.device(where) else t.to(where)
 
 
 def _auto_dtype(config) -> torch.dtype | str:

@@ -31,12 +31,13 @@ def blocks(model: nn.Module) -> list[tuple[str, int]]:
     out += [(f"model.layers.{i}", _bytes(layer)) for i, layer in enumerate(model.model.layers)]
     out.append(("model.norm", _bytes(model.model.norm)))
     tied = model.config.tie_word_embeddings
-    out.append(("lm_head", 0 if tied else _bytes(model.lm_head)))
+    out.append(("lm_head", 0 if tied and model.lm_head.weight is model.model.embed_tokens.weight
+                else _bytes(model.lm_head)))
     return out
 
 
 def _bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _device_order(device: str) -> tuple[int, int]:

@@ -105,17 +105,19 @@ _PEAK = textwrap.dedent("""
         return int(line.split()[1]) * 1024
     torch.set_num_threads(1)
     before = status("VmRSS")
-    model = autolm.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[2])
+    model = autolm.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[2],
+                                                        quantization=sys.argv[3] if len(sys.argv) > 3 else None)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # touch every weight
     peak = status("VmHWM")
-    print(json.dumps({"before": before, "peak": peak}))
+    from autolm.quant import memory_report
+    print(json.dumps({"before": before, "peak": peak, "weights": memory_report(model)[0]}))
 """)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
 def test_peak_rss_of_loading(tmp_path):
-    """Own dtype: about the weight bytes (zero-copy). Converting: below converted size + largest shard."""
+    """Own dtype: about the weight bytes (zero-copy). Converting or quantizing: below the result + largest shard."""
     cfg = autolm.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=4)
     model = autolm.AutoModelForCausalLM.from_config(cfg)
@@ -127,14 +129,17 @@ def test_peak_rss_of_loading(tmp_path):
     assert len(shards) > 2
     del model
 
-    def peak(dtype: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _PEAK, str(directory), dtype], capture_output=True, text=True,
+    def peak(*args: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(directory), *args], capture_output=True, text=True,
                              check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        return r["peak"] - r["before"]
+        return r["peak"] - r["before"], r["weights"]
 
     slack = 16e6  # activations, allocator and interpreter noise
-    own = peak("float32")
+    own, _ = peak("float32")
     assert own <= weights + slack, (own, weights)
-    converted = peak("bfloat16")
+    converted, _ = peak("bfloat16")
     assert converted <= weights // 2 + largest + slack, (converted, weights // 2, largest)
+    quantized, result = peak("bfloat16", "int8")  # quantized layer by layer: never the whole float model
+    assert result < weights // 3
+    assert quantized <= result + largest + slack, (quantized, result, largest)

@@ -201,7 +201,7 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         self.load_report = None
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -1,0 +1,245 @@
+"""Weight-only int8 / int4 quantization of the decoder's Linear layers.
+
+int8: per output channel, a scale and an offset (value = q * scale + offset, q in -127..127; the
+offset centres each row's range, which measured clearly better than symmetric scales). int4: groups of `group_size` input columns, each
+with a scale and a zero point (dequantized value = (q - 8) * scale + zero, q in 0..15), the
+convention of PyTorch's int4 kernels. On the CPU the matmuls run in PyTorch's own kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, which is where
+they pay; elsewhere a dequantize-then-matmul fallback gives the same numbers.
+
+On disk (safetensors + `quantization_config` in config.json) int4 weights are stored portably:
+two values per byte, the even input column in the low nibble.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+_COMPUTE = torch.bfloat16  # activation dtype of the CPU kernels
+
+
+@dataclass
+class QuantConfig:
+    """bits 8 or 4; group_size for int4; lm_head=True also quantizes the LM head (a copy when tied)."""
+
+    bits: int = 8
+    group_size: int = 32
+    lm_head: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quantization bits must be 8 or 4, got {self.bits!r}")
+        if self.bits == 4 and self.group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"int4 group_size must be 32, 64, 128 or 256, got {self.group_size!r}")
+
+    @classmethod
+    def parse(cls, value) -> "QuantConfig":
+        """'int8' | 'int4' | a QuantConfig | a quantization_config dict from config.json."""
+        if isinstance(value, QuantConfig):
+            return value
+        if value in ("int8", "int4"):
+            return cls(bits=int(value[3:]))
+        if isinstance(value, dict) and value.get("quant_method") == "autolm":
+            return cls(bits=value.get("bits", 8), group_size=value.get("group_size", 32),
+                       lm_head=value.get("lm_head", False))
+        raise ConfigError(f"quantization {value!r} is not supported (expected 'int8', 'int4', a QuantConfig, "
+                          "or a quantization_config with quant_method 'autolm')")
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "autolm", "bits": self.bits, "group_size": self.group_size, "lm_head": self.lm_head}
+
+
+_ROWS = 64  # rows quantized at a time: small float temporaries keep the peak near the quantized size
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K), per-row scales (N,) and offsets (N,): w ~ q * scale + offset."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    scales, offsets = torch.empty(N), torch.empty(N)
+    for i in range(0, N, _ROWS):
+        rows = w[i: i + _ROWS].float()
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        o, s = (hi + lo) / 2, ((hi - lo) / 254).clamp(min=1e-10)
+        q[i: i + _ROWS] = rows.sub(o[:, None]).div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[i: i + _ROWS], offsets[i: i + _ROWS] = s, o
+    return q, scales, offsets
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q in 0..15 as uint8 (N, K) and scales_and_zeros (K / group, N, 2)."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.uint8)
+    sz = torch.empty(K // group_size, N, 2)
+    for i in range(0, N, _ROWS):
+        g = w[i: i + _ROWS].float().reshape(-1, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)  # (rows, G)
+        scales = ((hi - lo) / 15).clamp(min=1e-6)
+        q[i: i + _ROWS] = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).reshape(-1, K)
+        sz[:, i: i + _ROWS] = torch.stack([scales, lo + 8 * scales], -1).transpose(0, 1)
+    return q, sz
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K) in 0..15 -> (N, K / 2): even column in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 0xF, p >> 4], -1).reshape(p.shape[0], -1)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
+        self.register_buffer("offsets", torch.empty(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @staticmethod
+    def quantize(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        q, s, o = quantize_int8(w)
+        return {"weight": q, "scales": s.to(dtype), "offsets": o.to(dtype)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].data_ptr() % 64:
+            # The CPU kernel reads with aligned vector loads; weights memory-mapped at odd offsets would crash it.
+            state_dict[key] = state_dict[key].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight these values stand for."""
+        return self.weight.float() * self.scales.float()[:, None] + self.offsets.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
+            x2 = x.reshape(-1, self.in_features).to(_COMPUTE)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(_COMPUTE))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = y + x.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype) * self.offsets.to(x.dtype)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """Holds `weight` in the kernel's packed layout on the CPU, the portable nibble layout elsewhere."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=_COMPUTE))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @staticmethod
+    def quantize(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+        q, sz = quantize_int4(w, group_size)
+        return {"weight": pack_nibbles(q), "scales_and_zeros": sz.to(_COMPUTE)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key, sz = prefix + "weight", prefix + "scales_and_zeros"
+        if sz in state_dict:
+            state_dict[sz] = state_dict[sz].to(_COMPUTE)  # whatever dtype the rest of the model loads in
+        if key in state_dict and state_dict[key].device.type == "cpu":
+            q = unpack_nibbles(state_dict[key]).to(torch.int32)
+            state_dict[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.device.type == "cpu":
+            destination[prefix + "weight"] = pack_nibbles(self._unpack_cpu())
+
+    def _unpack_cpu(self) -> torch.Tensor:
+        """Recover q (N, K) from the CPU kernel layout by running the kernel on the identity."""
+        ones = torch.zeros_like(self.scales_and_zeros)
+        ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
+        eye = torch.eye(self.in_features, dtype=_COMPUTE)
+        qt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, ones)  # (K, N)
+        return (qt.t().float() + 8).round().to(torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight these values stand for."""
+        q = self._unpack_cpu() if self.weight.device.type == "cpu" else unpack_nibbles(self.weight)
+        q = q.float().reshape(self.out_features, -1, self.group_size)  # (N, G, group)
+        sz = self.scales_and_zeros.transpose(0, 1).float()  # (N, G, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            x2 = x.reshape(-1, self.in_features).to(_COMPUTE)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+def targets(model: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
+    """The Linear layers to quantize: every one inside the decoder layers (+ lm_head if asked) that fits."""
+    out = {}
+    for name, module in model.named_modules():
+        inside = name.startswith("model.layers.") or (cfg.lm_head and name == "lm_head")
+        if inside and isinstance(module, nn.Linear):
+            if cfg.bits == 4 and module.in_features % cfg.group_size:
+                continue  # the grouping needs whole groups; such a layer stays in floating point
+            out[name] = module
+    return out
+
+
+def replace_linears(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """Swap target Linear modules for empty quantized ones (on their device); returns {name: float weight shape}."""
+    names = targets(model, cfg)
+    shapes = {name: tuple(lin.weight.shape) for name, lin in names.items()}
+    for name, lin in names.items():
+        bias = lin.bias is not None
+        with torch.device(lin.weight.device):
+            new = (Int8Linear(lin.in_features, lin.out_features, bias, dtype) if cfg.bits == 8 else
+                   Int4Linear(lin.in_features, lin.out_features, bias, dtype, cfg.group_size))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    model.config.extra["quantization_config"] = cfg.to_dict()
+    return shapes
+
+
+def quantize_weight(cfg: QuantConfig, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A float (N, K) weight -> the state-dict entries (suffix -> tensor) of its quantized module."""
+    return Int8Linear.quantize(w, dtype) if cfg.bits == 8 else Int4Linear.quantize(w, cfg.group_size)
+
+
+def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
+    """Quantize an already loaded model in place, one Linear at a time."""
+    cfg = QuantConfig.parse(cfg)
+    dtype = model.dtype
+    originals = {name: lin for name, lin in targets(model, cfg).items()}
+    replace_linears(model, cfg, dtype)
+    for name, lin in originals.items():
+        state = {f"{name}.{k}": v for k, v in quantize_weight(cfg, lin.weight.detach(), dtype).items()}
+        if lin.bias is not None:
+            state[f"{name}.bias"] = lin.bias.detach()
+        model.get_submodule(name).load_state_dict({k.removeprefix(name + "."): v for k, v in state.items()})
+    return model
+
+
+def memory_report(model: nn.Module) -> tuple[int, int]:
+    """(weight bytes now, weight bytes the model would take unquantized in its float dtype)."""
+    now = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    item = model.dtype.itemsize
+    saved = 0
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            q = sum(t.numel() * t.element_size() for n, t in m.named_buffers())
+            saved += m.in_features * m.out_features * item - q
+    return now, now + saved
