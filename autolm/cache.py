@@ -74,3 +74,23 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for i, buf in enumerate(buffers):
                 buffers[i] = buf.index_select(0, index.to(buf.device))
+
+    @classmethod
+    def gather(cls, rows: list[tuple["KVCache", int, int]], capacity: int) -> "KVCache":
+        """A new cache of rows (cache, row, n): each row's last n tokens, right-aligned to the longest n.
+
+        This is how a serving loop lets requests join and leave a running batch: the slots to the
+        left of a shorter row are padding, hidden by its attention mask.
+        """
+        first = rows[0][0]
+        L = max(n for _, _, n in rows)
+        _, n_kv, _, hd = first.keys[0].shape
+        new = cls(len(first.keys), len(rows), n_kv, hd, max(capacity, L), first.keys[0].dtype,
+                  [k.device for k in first.keys])
+        for layer in range(len(first.keys)):
+            for i, (c, r, n) in enumerate(rows):
+                if n:
+                    new.keys[layer][i, :, L - n: L] = c.keys[layer][r, :, c.length - n: c.length]
+                    new.values[layer][i, :, L - n: L] = c.values[layer][r, :, c.length - n: c.length]
+        new.length = L
+        return new

@@ -185,6 +185,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise SystemExit(f"autolm serve needs the server extras: pip install 'autolm[serve]' ({e})") from None
+    model, tok = load(args.model, args.dtype, args.device, args.quantize)
+    name = args.model_name or os.path.basename(os.path.normpath(model.load_report.directory or "autolm"))
+    print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(model, tok, name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt and serve decoder LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture, parameters, dtype, memory and the load report")
     _add_model(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")
     p.add_argument("model", help="model directory, HF repo id or .gguf file")

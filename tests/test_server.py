@@ -1,0 +1,196 @@
+"""The OpenAI-compatible server, started for real on a loopback port and driven by the official client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import autolm
+
+KEY = "sk-test-key"
+NAME = "smollm2"
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish."]
+
+
+@pytest.fixture(scope="module")
+def served(smol_dir):
+    """(base_url, model, tokenizer): `autolm serve` running in its own process, and the same model here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", smol_dir, "--port", str(port),
+                             "--api-key", KEY, "--model-name", NAME, "--max-batch", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"autolm serve exited: {proc.stderr.read()}")
+            time.sleep(0.1)
+        yield base + "/v1", autolm.AutoModelForCausalLM.from_pretrained(smol_dir), \
+            autolm.AutoTokenizer.from_pretrained(smol_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _health(base: str) -> dict:
+    return httpx.get(base.removesuffix("/v1") + "/health").json()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0], api_key=KEY, max_retries=0, timeout=120)
+
+
+def _reference(model, tok, question: str, max_new_tokens: int) -> str:
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     tokenize=False)
+    return autolm.generate_text(model, tok, prompt, max_new_tokens=max_new_tokens)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert _health(served[0])["status"] == "ok"
+
+
+def test_chat_completion_matches_generate(served, client):
+    _, model, tok = served
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                       max_tokens=16, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.created > 0
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == _reference(model, tok, QUESTIONS[0], 16)
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_with_usage(served, client):
+    _, model, tok = served
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=12, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _reference(model, tok, QUESTIONS[0], 12)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"] or finals == ["stop"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and 0 < usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert (usage.completion_tokens == 12) == (finals == ["length"])
+
+
+def test_completions_stop_sequences_and_n(served, client):
+    _, model, tok = served
+    full = client.completions.create(model=NAME, prompt="The days of the week are Monday, Tuesday,",
+                                     max_tokens=20, temperature=0)
+    assert full.object == "text_completion" and "Thursday" in full.choices[0].text
+    cut = client.completions.create(model=NAME, prompt="The days of the week are Monday, Tuesday,",
+                                    max_tokens=20, temperature=0, stop=["Thursday"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full.choices[0].text.split("Thursday")[0]
+    two = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a word."}],
+                                         max_tokens=8, n=2, temperature=1.0, seed=3)
+    assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
+    again = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a word."}],
+                                           max_tokens=8, n=2, temperature=1.0, seed=3)
+    assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]  # seeded
+
+
+def test_errors_are_openai_error_bodies(served, client):
+    base = served[0]
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(base + "/chat/completions", json={"messages": msgs})  # no key at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=msgs)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=msgs, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "word " * 9000}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[])
+    r = httpx.post(base + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_32_concurrent_streams_and_batched_throughput(served, client):
+    _, model, tok = served
+    n_tokens = 16
+    want = {q: _reference(model, tok, q, n_tokens) for q in QUESTIONS}
+
+    def stream(q: str) -> tuple[str, str]:
+        parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}],
+                                               max_tokens=n_tokens, temperature=0, stream=True)
+        return q, "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, [QUESTIONS[i % 4] for i in range(32)]))
+    assert all(text == want[q] for q, text in results)
+
+    def timed(clients: int, per_client: int) -> float:
+        def run(i):
+            total = 0
+            for _ in range(per_client):
+                r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Write a poem."}],
+                                                   max_tokens=24, temperature=0)
+                total += r.usage.completion_tokens
+            return total
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            tokens = sum(pool.map(run, range(clients)))
+        return tokens / (time.perf_counter() - t)
+
+    single = timed(1, 2)
+    eight = timed(8, 2)
+    print(f"throughput: 1 client {single:.1f} tok/s, 8 clients {eight:.1f} tok/s ({eight / single:.1f}x)")
+    assert eight >= 3 * single, (single, eight)
+
+
+def test_a_client_that_disconnects_does_not_disturb_the_others(served, client):
+    base, model, tok = served
+    want = _reference(model, tok, QUESTIONS[1], 24)
+    result = {}
+
+    def steady():
+        parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                               max_tokens=24, temperature=0, stream=True)
+        result["text"] = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+    other = threading.Thread(target=steady)
+    other.start()
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200,
+            "stream": True}
+    with httpx.stream("POST", base + "/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # hang up mid-stream
+    other.join(timeout=120)
+    assert result["text"] == want
+    for _ in range(100):  # the abandoned row leaves the batch within a step or two
+        if _health(base)["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert _health(base)["running"] == 0
