@@ -35,7 +35,8 @@ class KVCache:
             device = [execution_device(device_map[f"model.layers.{i}"]) for i in range(cfg.num_hidden_layers)]
         else:
             device = p.device
-        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype, device)
+        kv_heads = model.model.layers[0].self_attn.num_kv_heads  # under tensor parallelism, this rank's heads
+        return cls(cfg.num_hidden_layers, batch_size, kv_heads, cfg.head_dim, capacity, dtype, device)
 
     @property
     def capacity(self) -> int:

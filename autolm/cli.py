@@ -200,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt and serve decoder LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="autolm vs transformers side by side (see autolm bench --help)", add_help=False)
 
     p = sub.add_parser("generate", help="stream a completion of a prompt")
     _add_model(p)
@@ -259,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: see autolm/bench.py
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

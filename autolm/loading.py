@@ -84,12 +84,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
                     revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
                     token: str | None = None, torch_dtype: Any = None, config=None, device_map: Any = None,
                  max_memory: dict | None = None, offload_folder: str | None = None, quantization: Any = None,
-                 **kwargs: Any):
+                 tp_plan: str | None = None, **kwargs: Any):
     """Load a causal LM from a directory, a repo id, or a GGUF file; see AutoModelForCausalLM.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
     max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included; see placement.py.
     quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in.
+    tp_plan="auto" (under torchrun) shards the decoder layers across ranks; see distributed.py.
     """
     from .config import config_from_file
     from .generation import GenerationConfig
@@ -134,9 +135,10 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     report.files, report.format = [os.path.basename(f) for f in wf.files], wf.format
     model = build_on_meta(model_class(config.model_type), config)
     quantizer = Quantizer.for_model(model, quantization)
+    tp = TensorParallel.for_model(model, tp_plan, placement is not None or quantizer is not None)
     timer.lap("build")
     load_weights(model, iter_checkpoint(wf), want, device, report, strict=strict, check_finite=check_finite,
-                 placement=placement, quantizer=quantizer)
+                 placement=placement, quantizer=quantizer, tp=tp)
     timer.lap("weights")
 
     model.generation_config = GenerationConfig.from_model_dir(directory, config)
@@ -216,9 +218,45 @@ class Quantizer:
         return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, t, dtype).items()}
 
 
+class TensorParallel:
+    """tp_plan='auto': the device mesh and which parameters are sharded along which dimension."""
+
+    def __init__(self, mesh, shards: dict[str, tuple[int, int, int]]):
+        self.mesh, self.shards = mesh, shards
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, tp_plan: str | None, other: bool) -> TensorParallel | None:
+        if tp_plan is None:
+            return None
+        if tp_plan != "auto":
+            raise ConfigError(f"tp_plan {tp_plan!r} is not supported (expected 'auto')")
+        if other:
+            raise ConfigError("tp_plan cannot be combined with device_map or quantization")
+        from .distributed import init_from_env, parallelize
+
+        mesh = init_from_env()
+        return cls(mesh, parallelize(model, mesh))
+
+    def local(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a sharded weight (read from the memory map), else the tensor itself."""
+        if name not in self.shards:
+            return t
+        from .distributed import local_slice
+
+        return local_slice(t, *self.shards[name])
+
+    def wrap(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in self.shards:
+            return t
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(t, self.mesh, [Shard(self.shards[name][0])], run_check=False)
+
+
 def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, device: torch.device,
                  report: LoadReport, strict: bool = True, check_finite: bool = False,
-                 placement: Placement | None = None, quantizer: Quantizer | None = None) -> None:
+                 placement: Placement | None = None, quantizer: Quantizer | None = None,
+                 tp: TensorParallel | None = None) -> None:
     """Stream (file, name, tensor) into the meta model with assign=True; check names and shapes."""
     config = model.config
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
@@ -253,7 +291,11 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
         if tuple(t.shape) != tuple(ref.shape):
             mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(ref.shape)} ({os.path.basename(path)})")
             continue
+        if tp is not None:
+            t = tp.local(name, t)
         loaded[name] = _place(name, t, path, target, device, placement, report, check_finite)
+        if tp is not None:
+            loaded[name] = tp.wrap(name, loaded[name])
     missing = sorted(set(expected) - set(loaded))
     problems = []
     if missing:

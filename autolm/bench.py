@@ -1,0 +1,231 @@
+"""Side-by-side benchmark of autolm and transformers: `autolm bench` (also `python bench/run.py`).
+
+Every repetition is a fresh Python process that measures, in order: the import beyond
+`import torch`, the load (warm page cache), peak RSS of the load, time from process start to the
+first generated token, prefill tokens/s (one 512-token prompt) and decode tokens/s (batch 1, 128
+greedy tokens). The parent takes medians and spreads and prints ratios. transformers is only
+imported inside its own child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+_CHILD = r'''
+import json, os, sys, time
+T0 = float(sys.argv[2])
+args = json.loads(sys.argv[1])
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
+t = time.perf_counter()
+import torch
+torch.set_num_threads(args["threads"])
+t_torch = time.perf_counter()
+if args["lib"] == "autolm":
+    from autolm import AutoModelForCausalLM
+else:
+    from transformers import AutoModelForCausalLM
+t_import = time.perf_counter()
+rss0 = status("VmRSS")
+kw = {"dtype": getattr(torch, args["dtype"])}
+if args.get("quantization"):
+    kw["quantization"] = args["quantization"]
+model = AutoModelForCausalLM.from_pretrained(args["model"], **kw)
+model.eval()
+t_load = time.perf_counter()
+load_peak = status("VmHWM") - rss0
+prompt = torch.arange(10, 42)[None]
+with torch.inference_mode():
+    model.generate(prompt, max_new_tokens=1, do_sample=False)
+t_first = time.time() - T0
+first_peak = status("VmHWM")
+res = {"import": t_import - t_torch, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
+       "first_token_rss": first_peak}
+with torch.inference_mode():
+    long = torch.randint(10, 1000, (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
+    model(long[:, :16], logits_to_keep=1)
+    t = time.perf_counter(); model(long, logits_to_keep=1); res["prefill"] = args["prefill"] / (time.perf_counter() - t)
+    n = args["decode"]
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
+print("RESULT " + json.dumps(res))
+'''
+
+
+@dataclass
+class Case:
+    label: str
+    model: str
+    dtype: str
+    quantization: str | None = None
+    libs: tuple[str, ...] = ("autolm", "transformers")
+
+
+def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
+    args = {"lib": lib, "model": case.model, "dtype": case.dtype, "quantization": case.quantization,
+            "threads": threads, "prefill": prefill, "decode": decode}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args), repr(start)], capture_output=True,
+                         text=True, env=env)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise RuntimeError(f"{lib} on {case.label} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def memory_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Read bandwidth in bytes/s: the best of several sums over a buffer much larger than the caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(int(gib * 2**30) // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best
+
+
+def checkpoint_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.endswith((".safetensors", ".bin")))
+
+
+def weights_read_per_token(case: Case) -> int:
+    """Bytes of weights one decode step reads: every matrix except the embedding table (a lookup)."""
+    import autolm
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(case.model, dtype=case.dtype, quantization=case.quantization)
+    from .quant import memory_report
+
+    total = memory_report(model)[0]
+    emb = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is emb if hasattr(model.lm_head, "weight") else False
+    return total - (0 if tied else emb.numel() * emb.element_size())
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return statistics.median(xs), (max(xs) - min(xs)) / 2
+
+
+def bench(cases: list[Case], reps: int = 3, threads: int | None = None, prefill: int = 512, decode: int = 128,
+          out=sys.stdout) -> list[dict]:
+    """Run every case, print a table per case, return the raw rows."""
+    threads = threads or min(os.cpu_count() or 1, 8)
+    bw = memory_bandwidth(threads)
+    print(f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n", file=out)
+    rows = []
+    for case in cases:
+        ckpt = checkpoint_bytes(case.model)
+        per_token = weights_read_per_token(case)
+        results = {}
+        for lib in case.libs:
+            run_child(lib, case, threads, prefill, decode)  # warm the page cache
+            runs = [run_child(lib, case, threads, prefill, decode) for _ in range(reps)]
+            results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
+        rows.append({"case": case.label, "checkpoint_bytes": ckpt, "bytes_per_token": per_token,
+                     "bandwidth": bw, "results": results})
+        _print_case(case, results, ckpt, per_token, bw, out)
+    return rows
+
+
+def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float, out) -> None:
+    a, t = results.get("autolm"), results.get("transformers")
+    print(f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
+          file=out)
+    print("| metric | autolm | transformers | ratio |", file=out)
+    print("|---|---|---|---|", file=out)
+    metrics = [("import s (beyond torch)", "import", 1, "{:.3f}", True), ("load s", "load", 1, "{:.2f}", True),
+               ("peak RSS of load / checkpoint", "load_rss", 1 / ckpt, "{:.2f}", True),
+               ("process start -> first token s", "ttft", 1, "{:.2f}", True),
+               ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
+               ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False), ("decode tok/s (128)", "decode", 1, "{:.1f}", False)]
+    for name, key, scale, fmt, lower_better in metrics:
+        def cell(r):
+            if r is None:
+                return "n/a"
+            m, s = r[key]
+            return (fmt + " ± " + fmt).format(m * scale, s * scale)
+        ratio = "n/a"
+        if a and t:
+            ratio = f"{a[key][0] / t[key][0]:.2f}x" if a[key][0] and t[key][0] else "n/a"
+        print(f"| {name} | {cell(a)} | {cell(t)} | {ratio} |", file=out)
+    if a:
+        frac = a["decode"][0] * per_token / bw
+        print(f"\nautolm decode reads {a['decode'][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
+              f"measured {bw / 1e9:.1f} GB/s.\n", file=out)
+
+
+def prepare_checkpoints(root: str, smol_dir: str, big: bool = True) -> list[Case]:
+    """SmolLM2 fp32 and bf16 directories, and (big=True) a ~1B Llama-shaped bf16 sharded checkpoint."""
+    import torch
+
+    import autolm
+
+    cases = [Case("SmolLM2-135M fp32", smol_dir, "float32")]
+    bf16 = os.path.join(root, "smollm2-bf16")
+    if not os.path.isdir(bf16):
+        autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+        autolm.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(bf16)
+    cases.append(Case("SmolLM2-135M bf16", bf16, "bfloat16"))
+    cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",)))
+    cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",)))
+    if big:
+        path = os.path.join(root, "llama-1b-bf16")
+        if not os.path.isdir(path):
+            _write_1b(path)
+        cases.append(Case("Llama-shaped 1.1B bf16, sharded", path, "bfloat16"))
+    return cases
+
+
+def _write_1b(path: str) -> None:
+    """A random ~1.1B-parameter Llama written by transformers itself (it must be installed)."""
+    code = (
+        "import sys, torch, transformers\n"
+        "cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,"
+        " num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)\n"
+        "torch.manual_seed(0)\n"
+        "with torch.device('meta'):\n    m = transformers.AutoModelForCausalLM.from_config(cfg)\n"
+        "m = m.to_empty(device='cpu').to(torch.bfloat16)\n"
+        "for p in m.parameters():\n    torch.nn.init.normal_(p, std=0.02)\n"
+        "m.save_pretrained(sys.argv[1], max_shard_size='1GB')\n")
+    subprocess.run([sys.executable, "-c", code, path], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="autolm bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="benchmark one checkpoint directory instead of the standard set")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-1b", action="store_true", help="skip the ~1B checkpoint (written once, 2.2 GB)")
+    p.add_argument("--work", default=None, help="where benchmark checkpoints are written (default $AUTOLM_HOME/bench)")
+    p.add_argument("--json", default=None, help="also write the raw numbers here")
+    args = p.parse_args(argv)
+    if args.model:
+        cases = [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
+    else:
+        from .gguf import autolm_home, default_model_dir
+
+        work = args.work or os.path.join(autolm_home(), "bench")
+        os.makedirs(work, exist_ok=True)
+        cases = prepare_checkpoints(work, default_model_dir(), big=not args.no_1b)
+    rows = bench(cases, reps=args.reps, threads=args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
