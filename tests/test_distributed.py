@@ -16,7 +16,7 @@ import autolm
 from autolm.errors import ConfigError
 
 _TP = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import os, sys, torch, torch.distributed as dist
     import autolm
     from conftest import padded_batch, positions
     torch.set_num_threads(1)
@@ -30,7 +30,10 @@ _TP = textwrap.dedent("""
     cache = autolm.KVCache.for_model(model, 1, 8)
     torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1]},
                f"{sys.argv[2]}.{dist.get_rank()}")
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called ...")
 """)
 
 
