@@ -28,10 +28,8 @@ t = time.perf_counter()
 import torch
 torch.set_num_threads(args["threads"])
 t_torch = time.perf_counter()
-if args["lib"] == "autolm":
-    from autolm import AutoModelForCausalLM
-else:
-    from transformers import AutoModelForCausalLM
+import importlib
+AutoModelForCausalLM = importlib.import_module(args["lib"]).AutoModelForCausalLM  # autolm, or the library compared
 t_import = time.perf_counter()
 rss0 = status("VmRSS")
 kw = {"dtype": getattr(torch, args["dtype"])}
