@@ -47,7 +47,8 @@ first_peak = status("VmHWM")
 res = {"import": t_import - t_torch, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
        "first_token_rss": first_peak}
 with torch.inference_mode():
-    long = torch.randint(10, 1000, (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
+    vocab = model.config.vocab_size
+    long = torch.randint(10, min(1000, vocab), (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
     model(long[:, :16], logits_to_keep=1)
     t = time.perf_counter(); model(long, logits_to_keep=1); res["prefill"] = args["prefill"] / (time.perf_counter() - t)
     n = args["decode"]
