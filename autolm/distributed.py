@@ -76,18 +76,3 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
 def local_slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous block of a full tensor, copied out of the memory map."""
     return t.chunk(world, dim=dim)[rank].contiguous().clone()
-
-
-def to_dtensors(model: nn.Module, mesh, shards: dict[str, tuple[int, int, int]]) -> None:
-    """After loading local shards into the parameters, wrap each one as the DTensor the plan expects."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    for name in shards:
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        local = module._parameters[leaf]
-        if isinstance(local, DTensor):
-            continue
-        dim = shards[name][0]
-        d = DTensor.from_local(local.detach(), mesh, [Shard(dim)], run_check=False)
-        module._parameters[leaf] = nn.Parameter(d, requires_grad=local.requires_grad)

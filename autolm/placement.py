@@ -19,12 +19,6 @@ from .errors import ConfigError
 STRATEGIES = ("auto", "balanced", "sequential", "cpu")
 
 
-def parse_size(value: int | str) -> int:
-    from .saving import parse_size as _parse
-
-    return value if isinstance(value, int) else _parse(value)
-
-
 def blocks(model: nn.Module) -> list[tuple[str, int]]:
     """Placement units in forward order with their parameter bytes (a tied LM head counts zero)."""
     out = [("model.embed_tokens", _bytes(model.model.embed_tokens))]
@@ -76,6 +70,8 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
         raise ConfigError(f"device_map {strategy!r} is not supported (expected one of {STRATEGIES} or a dict)")
     if strategy == "cpu":
         return {name: "cpu" for name, _ in units}
+    from .saving import parse_size
+
     budget = {str(d): parse_size(v) for d, v in max_memory.items()}
     devices = sorted(budget, key=_device_order)
     accelerators = [d for d in devices if d not in ("cpu", "disk")]
