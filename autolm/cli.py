@@ -41,11 +41,8 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def load(model: str | None, dtype: str = "auto", device: str | None = None, quantize: str | None = None):
-    """(model, tokenizer) for a directory, repo id, .gguf file, or the default model when None."""
-    from .loading import from_pretrained
-    from .tokenizer import AutoTokenizer
-
+def locate(model: str | None) -> tuple[str, str | None]:
+    """(directory or repo id, GGUF file name or None) for a model argument; None is the default model."""
     if model is None:
         from .gguf import default_model_dir
 
@@ -55,21 +52,53 @@ def load(model: str | None, dtype: str = "auto", device: str | None = None, quan
             from .errors import ResolveError
 
             raise ResolveError(f"{model}: GGUF file not found")
-        d, f = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
-        return (from_pretrained(d, gguf_file=f, dtype=dtype, device=device, quantization=quantize),
-                AutoTokenizer.from_pretrained(d, gguf_file=f))
-    m = from_pretrained(model, dtype=dtype, device=device, quantization=quantize)
-    return m, AutoTokenizer.from_pretrained(m.load_report.directory)
+        return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    return model, None
 
 
-def _stream(model, tok, ids: list[int], args, out=sys.stdout) -> str:
+def load(model: str | None, dtype: str = "auto", device: str | None = None, quantize: str | None = None,
+         tp_plan: str | None = None):
+    """(model, tokenizer) for a directory, repo id, .gguf file, or the default model when None."""
+    from .loading import from_pretrained
+    from .tokenizer import AutoTokenizer
+
+    where, gguf_file = locate(model)
+    m = from_pretrained(where, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantize, tp_plan=tp_plan)
+    return m, AutoTokenizer.from_pretrained(m.load_report.directory, gguf_file=gguf_file)
+
+
+def launch(nproc: int, argv: list[str], flag: str) -> int | None:
+    """Run this command (less `flag N`) in nproc processes under torchrun and return its exit code; None
+    when there is nothing to launch (one process, or already one of torchrun's ranks)."""
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if not skip and not a.startswith(f"{flag}="):
+            skip = a == flag
+            rest += [] if skip else [a]
+        else:
+            skip = False
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", str(nproc), "-m", "autolm.cli", *rest])
+
+
+def distributed() -> bool:
+    """One of several ranks under torchrun (launched by --tp / --nproc, or by the user)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _stream(model, tok, ids: list[int], args, out=sys.stdout, seed: int | None = None) -> str:
     import torch
 
     from .generation import stream_generate
 
     kwargs = _sampling_kwargs(args)
-    if args.seed is not None:
-        kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+    seed = args.seed if seed is None else seed
+    if seed is not None:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
     text, last = [], None
     for chunk in stream_generate(model, tok, ids, **kwargs):
         out.write(chunk.text)
@@ -77,7 +106,7 @@ def _stream(model, tok, ids: list[int], args, out=sys.stdout) -> str:
         text.append(chunk.text)
         last = chunk
     out.write("\n")
-    if last is not None:
+    if last is not None and out is sys.stdout:
         print(f"[{last.prompt_tokens} prompt tokens, {last.generation_tokens} generated, "
               f"{last.prompt_tps:.1f} prompt tok/s, {last.generation_tps:.1f} tok/s]", file=sys.stderr)
     return "".join(text)
@@ -87,13 +116,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_name, prompt = (args.model, args.prompt) if args.prompt is not None else (None, args.model)
     if prompt is None:
         raise SystemExit("autolm generate: a prompt is required: autolm generate [MODEL] PROMPT")
-    model, tok = load(model_name, args.dtype, args.device, args.quantize)
+    code = launch(args.tp, args.argv, "--tp")
+    if code is not None:
+        return code
+    model, tok = load(model_name, args.dtype, args.device, args.quantize, tp_plan="auto" if distributed() else None)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_dict=False)
     else:
         ids = tok.encode(prompt)
-    _stream(model, tok, ids, args)
+    if not distributed():
+        _stream(model, tok, ids, args)
+        return 0
+    from .distributed import finish, same_seed, world
+
+    # Every rank must pick the same tokens; rank 0 prints them.
+    with open(os.devnull, "w") as devnull:
+        _stream(model, tok, ids, args, out=sys.stdout if world()[0] == 0 else devnull, seed=same_seed(args.seed))
+    finish()
     return 0
 
 
@@ -168,20 +208,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    code = launch(args.nproc, args.argv, "--nproc")
+    if code is not None:
+        return code
+    import torch
+
     from .lora import LoraConfig, get_peft_model
     from .train import TrainConfig, finetune
 
-    model, tok = load(args.model, args.dtype if args.dtype != "auto" else "float32", args.device)
+    dtype = args.dtype if args.dtype != "auto" else "float32"
     targets = args.lora_targets
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets if targets == "all-linear" else targets.split(","))
-    pm = get_peft_model(model, lora)
-    pm.print_trainable_parameters()
+    torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
+    if distributed():
+        from .distributed import finish, fsdp_from_pretrained, world
+        from .tokenizer import AutoTokenizer
+
+        where, gguf_file = locate(args.model)
+        pm = fsdp_from_pretrained(where, lora, dtype, gguf_file=gguf_file)
+        tok = AutoTokenizer.from_pretrained(lora.base_model_name_or_path, gguf_file=gguf_file)
+        main_rank = world()[0] == 0
+    else:
+        model, tok = load(args.model, dtype, args.device)
+        pm = get_peft_model(model, lora)
+        main_rank = True
+    if main_rank:
+        pm.print_trainable_parameters()
     cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, max_length=args.max_length,
                       gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed)
     losses = finetune(pm, tok, args.data, args.out, cfg)
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
+    if main_rank:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
+    if distributed():
+        finish()
     return 0
 
 
@@ -206,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes (torchrun; heads must divide by N)")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
@@ -248,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
@@ -266,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except AutolmError as e:

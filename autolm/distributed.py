@@ -1,10 +1,15 @@
-"""Tensor parallelism on torch.distributed: DTensor layouts from torch.distributed.tensor.parallel.
+"""Scaling out on torch.distributed: tensor-parallel inference and FSDP2 fine-tuning, both on DTensor.
 
 `from_pretrained(..., tp_plan="auto")` under torchrun: q/k/v/gate/up are column-parallel (each rank
 holds a slice of the output features, i.e. of the heads), o/down row-parallel (a slice of the input
 features, outputs summed across ranks). Embeddings, norms and the LM head stay replicated. Each
 rank reads only its slice of each sharded weight from the memory-mapped checkpoint, and its KV
 cache holds only its own heads.
+
+`fsdp_from_pretrained(...)` under torchrun: the model, with a new LoRA adapter when asked, with
+FSDP2 `fully_shard` on every decoder layer and on the root. Every parameter is split along dim 0
+across ranks, and each rank reads only its rows from the checkpoint. `train.finetune` splits each
+batch across ranks and scales the loss so that the gradients equal one process's.
 """
 
 from __future__ import annotations
@@ -74,5 +79,115 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
 
 
 def local_slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous block of a full tensor, copied out of the memory map."""
-    return t.chunk(world, dim=dim)[rank].contiguous().clone()
+    """This rank's block of a full tensor as torch.chunk (and DTensor's Shard) cut it, copied out of the
+    memory map; empty when the dimension runs out before this rank."""
+    size = -(-t.shape[dim] // world)
+    start = min(rank * size, t.shape[dim])
+    return t.narrow(dim, start, min(size, t.shape[dim] - start)).contiguous().clone()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def same_seed(seed: int | None) -> int:
+    """A sampling seed every rank shares: the given one, or rank 0's random draw."""
+    import torch.distributed as dist
+
+    t = torch.tensor([seed if seed is not None else int(torch.randint(0, 2**62, ()))])
+    dist.broadcast(t, 0)
+    return int(t)
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group (before interpreter teardown)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (a collective: every rank must call it), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def fsdp_from_pretrained(path: str | os.PathLike, lora_config=None, dtype=torch.float32, mesh=None,
+                         gguf_file: str | None = None, **hub_kwargs):
+    """Under torchrun: the model ready for sharded training, with FSDP2 fully_shard per decoder layer.
+
+    With lora_config, a new LoRA adapter is added first (initialised exactly as in one process with the
+    same seed) and a PeftModel is returned; without, every parameter trains (full fine-tuning).
+    The model is built on the meta device and sharded there; each rank then reads only its dim-0
+    block of each tensor, so no rank ever holds a full copy of the weights.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from .checkpoint import find_weight_files, iter_checkpoint
+    from .config import config_from_file
+    from .errors import CheckpointError
+    from .hub import resolve_model_dir
+    from .loading import _IGNORED_SUFFIXES, build_on_meta, parse_dtype
+    from .registry import model_class
+
+    target = parse_dtype(dtype)
+    if not isinstance(target, torch.dtype):
+        raise ConfigError("fsdp_from_pretrained needs a dtype to train in, e.g. torch.float32")
+    mesh = mesh if mesh is not None else init_from_env()
+    directory = resolve_model_dir(path, **hub_kwargs)
+    if gguf_file is not None:
+        from .gguf import GGUFFile, config_from_gguf, gguf_tensors
+
+        g = GGUFFile(os.path.join(directory, gguf_file))
+        config = config_from_gguf(g)
+        tensors = gguf_tensors(g, config)
+    else:
+        config = config_from_file(os.path.join(directory, "config.json"))
+        tensors = iter_checkpoint(find_weight_files(directory))
+    model = build_on_meta(model_class(config.model_type), config).to(target)
+    model.tie_weights()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # Where each checkpoint tensor goes: (module, attribute) survive LoRA wrapping and fully_shard.
+    slots = {f"{m}.{a}" if m else a: (module, a) for m, module in model.named_modules()
+             for a, _ in module.named_parameters(recurse=False)}
+    if tied:
+        slots.pop("lm_head.weight", None)
+    trainable = model
+    if lora_config is not None:
+        from .lora import get_peft_model
+
+        if lora_config.base_model_name_or_path is None:
+            lora_config.base_model_name_or_path = directory
+        trainable = get_peft_model(model, lora_config)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(trainable, mesh=mesh)
+    rank, size = mesh.get_local_rank(), mesh.size()
+    for path_, name, t in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in slots:
+            raise CheckpointError(f"{path_}: unexpected tensor {name!r} for {config.model_type}")
+        module, attr = slots.pop(name)
+        old = getattr(module, attr)
+        if tuple(t.shape) != tuple(old.shape):
+            raise CheckpointError(f"{path_}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(old.shape)}")
+        local = local_slice(t, 0, rank, size).to(device=mesh.device_type, dtype=target)
+        new = DTensor.from_local(local, mesh, old.placements, shape=old.shape, stride=old.stride(), run_check=False)
+        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    if slots:
+        raise CheckpointError(f"{directory}: missing tensors: {', '.join(sorted(slots)[:20])}")
+    model.tie_weights()
+    from .generation import GenerationConfig
+
+    model.generation_config = (GenerationConfig.from_model_config(config) if gguf_file is not None
+                               else GenerationConfig.from_model_dir(directory, config))
+    return trainable

@@ -143,10 +143,11 @@ def gguf_tensors(g: GGUFFile, config) -> Iterator[tuple[str, str, torch.Tensor]]
         yield g.path, name, torch.from_numpy(w)
 
 
-def load_gguf_model(path: str, want, device: torch.device, report, timer, placement=None, quantization=None):
+def load_gguf_model(path: str, want, device: torch.device, report, timer, placement=None, quantization=None,
+                    tp_plan=None):
     """from_pretrained(..., gguf_file=...): config from metadata, weights dequantized."""
     from .generation import GenerationConfig
-    from .loading import Quantizer, build_on_meta, load_weights
+    from .loading import Quantizer, TensorParallel, build_on_meta, load_weights
     from .registry import model_class
 
     g = GGUFFile(path)
@@ -154,9 +155,10 @@ def load_gguf_model(path: str, want, device: torch.device, report, timer, placem
     report.files, report.format = [os.path.basename(path)], "gguf"
     timer.lap("config")
     model = build_on_meta(model_class(config.model_type), config)
+    quantizer = Quantizer.for_model(model, quantization)
+    tp = TensorParallel.for_model(model, tp_plan, placement is not None or quantizer is not None)
     timer.lap("build")
-    load_weights(model, gguf_tensors(g, config), want, device, report, placement=placement,
-                 quantizer=Quantizer.for_model(model, quantization))
+    load_weights(model, gguf_tensors(g, config), want, device, report, placement=placement, quantizer=quantizer, tp=tp)
     report.dtype_decision = "requested" if isinstance(want, torch.dtype) else "auto: GGUF dequantizes to float32"
     timer.lap("weights")
     model.generation_config = GenerationConfig.from_model_config(config)

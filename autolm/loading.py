@@ -121,7 +121,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
         from .gguf import load_gguf_model
 
         return load_gguf_model(os.path.join(directory, gguf_file), want, device, report, timer, placement,
-                               quantization)
+                               quantization, tp_plan)
 
     # 2. config
     if config is None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import full, world
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -458,11 +459,14 @@ class PeftModel(nn.Module):
                 if cfg.bias == "all" or ".base_layer." in pname:
                     key = pname
             if key is not None:
-                out[_PREFIX + key] = p.detach().to("cpu").contiguous()
+                out[_PREFIX + key] = full(p.detach()).to("cpu").contiguous()
         return out
 
     def save_pretrained(self, directory: str, selected_adapters: list[str] | None = None) -> None:
-        """Write adapter_config.json + adapter_model.safetensors per adapter (others in subfolders), atomically."""
+        """Write adapter_config.json + adapter_model.safetensors per adapter (others in subfolders), atomically.
+
+        Sharded (FSDP) weights are gathered on every rank; rank 0 writes.
+        """
         from safetensors.torch import save_file
 
         from .saving import atomic_directory
@@ -473,8 +477,11 @@ class PeftModel(nn.Module):
             if cfg.base_model_name_or_path is None:
                 report = getattr(self.base_model, "load_report", None)
                 cfg.base_model_name_or_path = report.directory if report is not None else None
+            state = self.adapter_state_dict(name)
+            if world()[0] != 0:
+                continue
             with atomic_directory(target) as tmp:
-                save_file(self.adapter_state_dict(name), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+                save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
                 d = cfg.to_dict()
                 d["inference_mode"] = True
                 with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import save_file
 
+from .distributed import full, world
 from .errors import AutolmError
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -81,15 +82,18 @@ def atomic_directory(target: str) -> Iterator[str]:
 
 
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (the first name wins, as transformers keeps the embedding)."""
+    """State dict with tied tensors stored once (the first name wins, as transformers keeps the embedding).
+
+    Sharded (DTensor) weights are gathered whole, which every rank must take part in.
+    """
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        key = t.data_ptr() if t.device.type != "meta" else id(t)
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.data_ptr() if t.device.type != "meta" and not hasattr(t, "full_tensor") else id(t)
         if t.numel() and key in seen:
             continue
         seen[key] = name
-        out[name] = t.detach().to("cpu").contiguous()
+        out[name] = full(t.detach()).to("cpu").contiguous()
     return out
 
 
@@ -130,16 +134,23 @@ def write_weights(directory: str, sd: dict[str, torch.Tensor], max_shard_size: i
 
 def save_pretrained(model: torch.nn.Module, directory: str, max_shard_size: int | str = "5GB",
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Save weights, config.json and generation_config.json in the HF layout, atomically."""
+    """Save weights, config.json and generation_config.json in the HF layout, atomically.
+
+    Under torch.distributed, sharded weights are gathered on every rank and rank 0 writes.
+    """
     sd = state_dict if state_dict is not None else _unique_state_dict(model)
     if any(t.device.type == "meta" for t in sd.values()):
         raise AutolmError("cannot save a model with weights still on the meta device")
+    if world()[0] != 0:
+        return
     config = model.config
+    # The model's own class, not a wrapper that torch.distributed made around it (FSDPLlamaForCausalLM).
+    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch."))
     with atomic_directory(directory) as tmp:
         write_weights(tmp, sd, max_shard_size)
         d = config.to_dict()
         d["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-        d.setdefault("architectures", [type(model).__name__])
+        d.setdefault("architectures", [cls.__name__])
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=True)
         gen = getattr(model, "generation_config", None)

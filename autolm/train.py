@@ -78,8 +78,18 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainConfig | None = None) -> list[float]:
-    """Train the active LoRA adapter with AdamW; save it to out_dir (and every save_every steps). Returns losses."""
+    """Train the active LoRA adapter with AdamW (or, given a plain model, every parameter: full fine-tuning);
+    save the adapter (or the model) to out_dir, and every save_every steps. Returns the losses.
+
+    Under torch.distributed (a model from distributed.fsdp_from_pretrained) every rank draws the same
+    batches and takes its share of each one's rows. The loss is summed over the rank's labelled tokens
+    and divided by the whole batch's count (times the world size, which FSDP's gradient average
+    divides out), so the gradients, the adapter and the losses equal one process's.
+    """
+    from .distributed import world
+
     cfg = config or TrainConfig()
+    rank, size = world()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     examples = load_examples(data_path, tokenizer, cfg.max_length)
@@ -90,12 +100,12 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
-    base = peft_model.base_model
+    base = getattr(peft_model, "base_model", peft_model)
     base.model.gradient_checkpointing = cfg.gradient_checkpointing
     peft_model.train()
     losses: list[float] = []
     bar = None
-    if cfg.progress:
+    if cfg.progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc="finetune", unit="step")
@@ -105,11 +115,13 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
             order = list(range(len(examples)))
             rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
-                batch = collate([examples[i] for i in order[start: start + cfg.batch_size]], pad_id)
-                batch = {k: v.to(base.device) for k, v in batch.items()}
-                loss = peft_model(**batch).loss
-                (loss / cfg.grad_accum).backward()
-                losses.append(loss.item())
+                rows = [examples[i] for i in order[start: start + cfg.batch_size]]
+                items = max(1, sum(sum(y != -100 for y in labels[1:]) for _, labels in rows))
+                mine = rows[rank::size] or [([pad_id], [-100])]  # a rank without rows still joins the collectives
+                batch = {k: v.to(base.device) for k, v in collate(mine, pad_id).items()}
+                loss = peft_model(**batch, num_items_in_batch=items).loss
+                (loss * (size / cfg.grad_accum)).backward()
+                losses.append(_sum_over_ranks(loss.detach(), size))
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue
@@ -130,3 +142,12 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
         peft_model.eval()
     peft_model.save_pretrained(out_dir)
     return losses
+
+
+def _sum_over_ranks(t: torch.Tensor, size: int) -> float:
+    if size > 1:
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t)
+    return t.item()

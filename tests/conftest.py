@@ -106,6 +106,18 @@ def to_v4_spelling(directory: str) -> None:
         json.dump(d, f)
 
 
+def write_char_tokenizer(directory: str) -> None:
+    """A character-level tokenizer.json whose ids fit the tiny checkpoints (pad 0, <s> 1, </s> 2)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.decoder = decoders.Fuse()
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f)
+
+
 def padded_batch(seed: int = 0, lengths=(13, 9, 4), vocab: int = VOCAB):
     """Left-padded input_ids / attention_mask for prompts of these lengths."""
     g = torch.Generator().manual_seed(seed)

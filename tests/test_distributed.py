@@ -1,4 +1,5 @@
-"""Tensor parallelism with 2 processes (gloo, CPU) launched by torchrun, against one process."""
+"""torch.distributed with 2 processes (gloo, CPU) launched by torchrun, against one process:
+tensor-parallel inference, FSDP2 fine-tuning (LoRA and full), and the CLI's --tp / --nproc."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import subprocess
 import sys
 import textwrap
 
+import json
+import shutil
+
 import pytest
 import torch
-from conftest import padded_batch, positions
+from conftest import padded_batch, positions, write_char_tokenizer
+from safetensors.torch import load_file
 
 import autolm
 from autolm.errors import ConfigError
+from autolm.lora import LoraConfig, get_peft_model
+from autolm.train import TrainConfig, finetune
 
 _TP = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
@@ -34,6 +41,28 @@ _TP = textwrap.dedent("""
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called ...")
+""")
+
+
+_FSDP = textwrap.dedent("""
+    import os, sys, json, torch, torch.distributed as dist
+    from autolm.distributed import fsdp_from_pretrained
+    from autolm.lora import LoraConfig
+    from autolm.tokenizer import AutoTokenizer
+    from autolm.train import TrainConfig, finetune
+    torch.set_num_threads(1)
+    directory, data, out, lora, train = sys.argv[1:6]
+    torch.manual_seed(0)
+    lora = LoraConfig(**json.loads(lora)) if lora != "full" else None
+    model = fsdp_from_pretrained(directory, lora)
+    base = getattr(model, "base_model", model)
+    local = sum(p.to_local().numel() for n, p in base.named_parameters() if ".lora_" not in n)
+    losses = finetune(model, AutoTokenizer.from_pretrained(directory), data, out, TrainConfig(**json.loads(train)))
+    torch.save({"losses": losses, "local": local}, f"{out}.{dist.get_rank()}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 
@@ -74,3 +103,79 @@ def test_tp_plan_outside_torchrun_is_a_clear_error(checkpoint, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
         autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
+
+
+def _with_tokenizer_and_data(checkpoint, tmp_path, name):
+    """A copy of a tiny checkpoint with a character tokenizer, and prompt/completion training data."""
+    directory = str(tmp_path / name)
+    shutil.copytree(checkpoint(name)[0], directory)
+    write_char_tokenizer(directory)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" It is {2 * i}."} for i in range(7)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return directory, str(data)
+
+
+@pytest.mark.parametrize("name,lora,train", [
+    # 7 rows in batches of 3 with 2 micro-batches per step: uneven shares, and ranks with no rows of their own.
+    ("llama_gqa_llama3_sharded", dict(r=4, lora_alpha=8, target_modules="all-linear"),
+     dict(max_steps=3, lr=1e-2, batch_size=3, grad_accum=2, gradient_checkpointing=True)),
+    ("qwen2_tied_bias", dict(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], bias="lora_only"),
+     dict(max_steps=4, lr=1e-2, batch_size=1, grad_accum=1)),
+    ("qwen2_tied_bias", "full", dict(max_steps=3, lr=1e-3, batch_size=4, grad_accum=1)),
+])
+def test_fsdp_finetune_equals_one_process(checkpoint, tmp_path, name, lora, train):
+    directory, data = _with_tokenizer_and_data(checkpoint, tmp_path, name)
+    train = dict(train, progress=False)
+    script = tmp_path / "fsdp.py"
+    script.write_text(_FSDP)
+    torchrun(str(script), directory, data, str(tmp_path / "fsdp"), json.dumps(lora) if lora != "full" else "full",
+             json.dumps(train))
+
+    torch.manual_seed(0)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    full_numel = sum(p.numel() for p in model.parameters())
+    if lora != "full":
+        model = get_peft_model(model, LoraConfig(**lora))
+    losses = finetune(model, autolm.AutoTokenizer.from_pretrained(directory), data, str(tmp_path / "one"),
+                      TrainConfig(**train))
+
+    weights = "model.safetensors" if lora == "full" else "adapter_model.safetensors"
+    want, got = load_file(tmp_path / "one" / weights), load_file(tmp_path / "fsdp" / weights)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-6, rtol=1e-5)
+    if lora != "full":
+        assert max(want[k].abs().max() for k in want if "lora_B" in k) > 1e-3  # training moved the adapter
+        config = json.loads((tmp_path / "fsdp" / "adapter_config.json").read_text())
+        assert config == json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"fsdp.{rank}")
+        assert r["losses"] == pytest.approx(losses, rel=1e-5)
+        assert r["local"] <= 0.5 * full_numel + 64  # each rank holds its half of the base weights, no more
+
+
+def test_cli_wraps_torchrun_for_finetune_and_generate(checkpoint, tmp_path):
+    """`autolm finetune --nproc 2` trains the same adapter as one process; `autolm generate --tp 2` prints the same text."""
+    directory, data = _with_tokenizer_and_data(checkpoint, tmp_path, "qwen2_tied_bias")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "autolm.cli"]
+    train = [directory, data, "--max-steps", "3", "--batch-size", "3", "--lr", "1e-2", "--lora-targets", "all-linear"]
+    outs = {}
+    for extra in ([], ["--nproc", "2"]):
+        out = str(tmp_path / f"adapter{len(extra)}")
+        r = subprocess.run(cli + ["finetune", *train, "--out", out, *extra], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("adapter saved") == 1  # rank 0 alone reports
+        outs[len(extra)] = load_file(os.path.join(out, "adapter_model.safetensors"))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[2][k], outs[0][k], atol=2e-6, rtol=1e-5)
+
+    texts = {}
+    for extra in ([], ["--tp", "2"]):
+        r = subprocess.run(cli + ["generate", directory, "Hello there", "--max-new-tokens", "12", *extra],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        texts[len(extra)] = r.stdout
+    assert texts[2] == texts[0] and len(texts[0].strip()) > 0

@@ -224,8 +224,13 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0, **unused) -> CausalLMOutput:
-        """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored)."""
+                use_cache: bool = False, logits_to_keep: int = 0, num_items_in_batch: int | None = None,
+                **unused) -> CausalLMOutput:
+        """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored).
+
+        The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
+        transformers: the count over a whole batch that is split into micro-batches or across ranks).
+        """
         if use_cache and past_key_values is None:
             B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             past_key_values = KVCache.for_model(self, B, T)
@@ -233,7 +238,7 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
 
     def num_parameters(self) -> int:
@@ -245,8 +250,13 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         save_pretrained(self, directory, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: logits at t predict labels at t+1."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   num_items_in_batch: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (logits at t predict labels at t+1): the mean, or the sum / num_items_in_batch."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                            reduction="sum")
+    return total / num_items_in_batch
