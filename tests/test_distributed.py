@@ -3,14 +3,13 @@ tensor-parallel inference, FSDP2 fine-tuning (LoRA and full), and the CLI's --tp
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-
-import json
-import shutil
 
 import pytest
 import torch

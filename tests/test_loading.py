@@ -78,9 +78,9 @@ def test_dtype_choices(checkpoint):
 def test_zero_copy_when_dtype_matches(checkpoint):
     directory, _ = checkpoint("qwen2_tied_bias")
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    from autolm.checkpoint import SafetensorsFile
-
     import ctypes
+
+    from autolm.checkpoint import SafetensorsFile
 
     st = SafetensorsFile(os.path.join(directory, "model.safetensors"))
     t = st.get("model.norm.weight")
