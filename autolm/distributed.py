@@ -2,7 +2,8 @@
 
 `from_pretrained(..., tp_plan="auto")` under torchrun: q/k/v/gate/up are column-parallel (each rank
 holds a slice of the output features, i.e. of the heads), o/down row-parallel (a slice of the input
-features, outputs summed across ranks). Embeddings, norms and the LM head stay replicated. Each
+features, outputs summed across ranks). Untied embeddings and LM head are vocabulary-parallel
+when the vocabulary divides evenly; norms (and a tied pair) stay replicated. Each
 rank reads only its slice of each sharded weight from the memory-mapped checkpoint, and its KV
 cache holds only its own heads.
 
@@ -51,6 +52,13 @@ def tp_plan(config, world: int) -> dict[str, object]:
         if n % world:
             raise ConfigError(f"tensor parallel over {world} ranks needs {name} ({n}) divisible by {world}")
     plan: dict[str, object] = {}
+    if config.vocab_size % world == 0 and not config.tie_word_embeddings:
+        # Vocabulary-parallel: each rank holds a slice of the vocabulary rows of the embedding (its
+        # lookups are summed across ranks) and of the LM head (the logits are gathered).
+        from torch.distributed.tensor import Replicate
+
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     for i in range(config.num_hidden_layers):
         for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):

@@ -34,7 +34,10 @@ _TP = textwrap.dedent("""
     weights = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                   for n, p in model.named_parameters() if ".layers." in n)
     cache = autolm.KVCache.for_model(model, 1, 8)
-    torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1]},
+    rows = {n: (p.to_local() if hasattr(p, "to_local") else p).shape[0] for n, p in model.named_parameters()
+            if n in ("model.embed_tokens.weight", "lm_head.weight")}
+    torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1],
+                "vocab_rows": rows},
                f"{sys.argv[2]}.{dist.get_rank()}")
     dist.barrier()
     dist.destroy_process_group()
@@ -95,6 +98,9 @@ def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
         assert torch.equal(r["tokens"], want)
         assert r["layer_bytes"] < 0.55 * full  # about half: only the small norms are replicated
         assert r["kv_heads"] == model.config.num_key_value_heads // 2
+        # Untied embeddings and head are vocabulary-parallel; a tied pair stays replicated.
+        share = 1 if model.config.tie_word_embeddings else 2
+        assert set(r["vocab_rows"].values()) == {model.config.vocab_size // share}
 
 
 def test_tp_plan_outside_torchrun_is_a_clear_error(checkpoint, monkeypatch):
