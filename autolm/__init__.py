@@ -27,6 +27,7 @@ _EXPORTS = {
     "TextIteratorStreamer": "autolm.generation",
     "stream_generate": "autolm.generation",
     "generate_text": "autolm.generation",
+    "compile_decode": "autolm.generation",
     "KVCache": "autolm.cache",
     "register": "autolm.registry",
     "save_pretrained": "autolm.saving",

@@ -21,6 +21,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0  # tokens stored (the same for every layer once a forward pass completes)
+        self.slot: torch.Tensor | None = None  # during a static-shape decode step: where its token goes
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int) -> "KVCache":
@@ -50,7 +51,15 @@ class KVCache:
         return self.length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) after the cached tokens; return all keys/values so far."""
+        """Store k, v (B, n_kv, T, hd) after the cached tokens; return all keys/values so far.
+
+        In a static-shape decode step (`slot` set) the token is written at that slot and the whole
+        buffers are returned: the attention mask hides the slots not written yet.
+        """
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             self._grow(end)

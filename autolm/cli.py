@@ -29,6 +29,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: a slow first token (compiling), faster tokens after")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +98,10 @@ def _stream(model, tok, ids: list[int], args, out=sys.stdout, seed: int | None =
     from .generation import stream_generate
 
     kwargs = _sampling_kwargs(args)
+    if args.compile and not getattr(model, "compiled_decode", False):
+        from .generation import compile_decode
+
+        compile_decode(model)
     seed = args.seed if seed is None else seed
     if seed is not None:
         kwargs["generator"] = torch.Generator().manual_seed(seed)

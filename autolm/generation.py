@@ -214,18 +214,20 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return
     from .cache import KVCache
 
-    cache = KVCache.for_model(model, B, P + steps)
+    static = getattr(model, "compiled_decode", False)  # see compile_decode
+    # A compiled decode step is specialised on the cache's shape: round it up so that most prompts share one.
+    cache = KVCache.for_model(model, B, -(-(P + steps) // 256) * 256 if static else P + steps)
     eos = torch.tensor(cfg.eos_ids, device=input_ids.device, dtype=torch.long)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
     stop = StopStrings(cfg.stop_strings, tokenizer) if cfg.stop_strings else None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     seqs = input_ids
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                logits_to_keep=1)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1, :]
     next_pos = positions[:, -1:] + 1
     for step in range(steps):
-        scores = process_logits(out.logits[:, -1, :].float(), seqs, cfg, step)
+        scores = process_logits(logits.float(), seqs, cfg, step)
         if cfg.do_sample:
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -241,8 +243,28 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if step == steps - 1 or not bool(unfinished.any()):
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        out = model(token[:, None], attention_mask=attention_mask, position_ids=next_pos, past_key_values=cache)
+        if static:
+            logits = model.decode_step(token[:, None], attention_mask, next_pos, cache)
+        else:
+            logits = model(token[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                           past_key_values=cache).logits[:, -1, :]
         next_pos = next_pos + 1
+
+
+def compile_decode(model, **compile_kwargs):
+    """Opt in to a torch.compile'd decode step; returns the model.
+
+    Generation then runs each new token through `model.decode_step`, whose inner `_decode` (the
+    whole decoder and head, for one token per row over a fixed-size cache) is compiled by
+    inductor: matrix-vector products become fused kernels that read the weights at close to the
+    memory bandwidth, and the norms, RoPE and attention fuse around them. The first generation
+    pays the compile (tens of seconds; inductor caches it on disk for later processes), and so
+    does the first one with a new batch size or a cache longer than any before. Prefill stays
+    eager. compile_kwargs go to torch.compile.
+    """
+    model._decode = torch.compile(model._decode, **compile_kwargs)
+    model.compiled_decode = True
+    return model
 
 
 class GenerationMixin:

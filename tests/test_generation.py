@@ -119,3 +119,39 @@ def test_bad_arguments_are_clear():
         cfg.updated(temperature=0)
     with pytest.raises(GenerationError, match="top_p"):
         cfg.updated(top_p=1.5)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_sliding", "mistral_sliding", "qwen3"])
+def test_decode_step_equals_forward(checkpoint, name):
+    """The static-shape decode step (whole-capacity attention under a mask) gives forward's logits."""
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=3, lengths=(9, 5, 2))
+    B, P = ids.shape
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [autolm.KVCache.for_model(model, B, 16) for _ in range(2)]  # grows past 16 on the way
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        tokens = torch.randint(3, VOCAB, (B, 12), generator=torch.Generator().manual_seed(0))
+        pos = positions[:, -1:]
+        for t in range(tokens.shape[1]):
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            pos = pos + 1
+            want = model(tokens[:, t: t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[0]).logits
+            got = model.decode_step(tokens[:, t: t + 1], mask, pos, caches[1])
+            torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
+    assert caches[1].length == P + tokens.shape[1]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "mistral_sliding"])
+def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(seed=5, lengths=(10, 4))
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **kw)
+    autolm.compile_decode(model)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **kw), want)
+    # A single row takes the fused matrix-vector path of every Linear.
+    assert torch.equal(model.generate(ids[:1], **kw), want[:1])
