@@ -56,6 +56,12 @@ with torch.inference_mode():
     t = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
+    if args.get("compile"):  # autolm's opt-in compiled decode step, measured after one compiling run
+        importlib.import_module(args["lib"]).compile_decode(model)
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        res["decode_compiled"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -67,11 +73,13 @@ class Case:
     dtype: str
     quantization: str | None = None
     libs: tuple[str, ...] = ("autolm", "transformers")
+    compile: bool = True  # also measure autolm's compiled decode step (compile_decode)
 
 
 def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
     args = {"lib": lib, "model": case.model, "dtype": case.dtype, "quantization": case.quantization,
-            "threads": threads, "prefill": prefill, "decode": decode}
+            "threads": threads, "prefill": prefill, "decode": decode,
+            "compile": lib == "autolm" and case.compile}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.time()
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args), repr(start)], capture_output=True,
@@ -151,20 +159,27 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
                ("process start -> first token s", "ttft", 1, "{:.2f}", True),
                ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
                ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False), ("decode tok/s (128)", "decode", 1, "{:.1f}", False)]
+    if a and "decode_compiled" in a:  # compared with the other library's plain decode
+        metrics.append(("decode tok/s (128), autolm compile_decode", ("decode_compiled", "decode"), 1, "{:.1f}", False))
     for name, key, scale, fmt, lower_better in metrics:
-        def cell(r):
-            if r is None:
+        mine, theirs = key if isinstance(key, tuple) else (key, key)
+
+        def cell(r, k):
+            if r is None or k not in r:
                 return "n/a"
-            m, s = r[key]
+            m, s = r[k]
             return (fmt + " ± " + fmt).format(m * scale, s * scale)
         ratio = "n/a"
-        if a and t:
-            ratio = f"{a[key][0] / t[key][0]:.2f}x" if a[key][0] and t[key][0] else "n/a"
-        print(f"| {name} | {cell(a)} | {cell(t)} | {ratio} |", file=out)
+        if a and t and a[mine][0] and t[theirs][0]:
+            ratio = f"{a[mine][0] / t[theirs][0]:.2f}x"
+        print(f"| {name} | {cell(a, mine)} | {cell(t, mine)} | {ratio} |", file=out)
     if a:
-        frac = a["decode"][0] * per_token / bw
-        print(f"\nautolm decode reads {a['decode'][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
-              f"measured {bw / 1e9:.1f} GB/s.\n", file=out)
+        for key, what in (("decode", "decode"), ("decode_compiled", "compiled decode")):
+            if key in a:
+                frac = a[key][0] * per_token / bw
+                print(f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
+                      f"measured {bw / 1e9:.1f} GB/s.", file=out)
+        print(file=out)
 
 
 def prepare_checkpoints(root: str, smol_dir: str, big: bool = True) -> list[Case]:
@@ -179,8 +194,8 @@ def prepare_checkpoints(root: str, smol_dir: str, big: bool = True) -> list[Case
         autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).save_pretrained(bf16)
         autolm.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(bf16)
     cases.append(Case("SmolLM2-135M bf16", bf16, "bfloat16"))
-    cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",)))
-    cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",)))
+    cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",), compile=False))
+    cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",), compile=False))
     if big:
         path = os.path.join(root, "llama-1b-bf16")
         if not os.path.isdir(path):
