@@ -95,6 +95,8 @@ class LlamaConfig:
         for f in dataclasses.fields(self):
             if f.name in ("extra", "rope_parameters", "rope_spelling", "dtype"):
                 continue
+            if f.name == "layer_types" and self.layer_types is None:
+                continue  # transformers derives it when absent; a null breaks its mask code for llama
             out[f.name] = getattr(self, f.name)
         if self.dtype is not None:
             out["dtype"] = self.dtype

@@ -51,6 +51,9 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
         assert torch.equal(back.state_dict()[k], v), k
     with torch.no_grad():
         torch.testing.assert_close(ref(_ids()).logits, model(_ids()).logits, atol=1e-5, rtol=1e-5)
+    # transformers' static-cache generation reads more of the config (a null layer_types once broke it).
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(ref.generate(_ids(), cache_implementation="static", **kw), model.generate(_ids(), **kw))
 
 
 def test_unknown_config_keys_survive_a_save(checkpoint, tmp_path):
