@@ -155,3 +155,11 @@ def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
     assert torch.equal(model.generate(ids, attention_mask=mask, **kw), want)
     # A single row takes the fused matrix-vector path of every Linear.
     assert torch.equal(model.generate(ids[:1], **kw), want[:1])
+
+
+def test_compile_decode_refuses_a_model_spread_over_devices(checkpoint, tmp_path):
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, device_map={"model.layers.1": "disk", "": "cpu"},
+                                                        offload_folder=str(tmp_path))
+    with pytest.raises(GenerationError, match="one device.*cpu, disk"):
+        autolm.compile_decode(model)
