@@ -142,7 +142,7 @@ def fsdp_from_pretrained(path: str | os.PathLike, lora_config=None, dtype=torch.
     from .config import config_from_file
     from .errors import CheckpointError
     from .hub import resolve_model_dir
-    from .loading import _IGNORED_SUFFIXES, build_on_meta, parse_dtype
+    from .loading import IGNORED_SUFFIXES, build_on_meta, parse_dtype
     from .registry import model_class
 
     target = parse_dtype(dtype)
@@ -179,7 +179,7 @@ def fsdp_from_pretrained(path: str | os.PathLike, lora_config=None, dtype=torch.
     fully_shard(trainable, mesh=mesh)
     rank, size = mesh.get_local_rank(), mesh.size()
     for path_, name, t in tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name not in slots:
             raise CheckpointError(f"{path_}: unexpected tensor {name!r} for {config.model_type}")

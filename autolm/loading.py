@@ -18,7 +18,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.
                 "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 # Tensors some checkpoints carry that the model computes itself.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -270,7 +270,7 @@ def load_weights(model: torch.nn.Module, tensors, want: torch.dtype | str, devic
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     for path, name, t in tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
             continue
         if target == "auto-from-weights" and t.is_floating_point():
             target = t.dtype
