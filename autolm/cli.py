@@ -134,13 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not distributed():
         _stream(model, tok, ids, args)
         return 0
-    from .distributed import finish, same_seed, world
+    from .distributed import exit_all, same_seed, world
 
     # Every rank must pick the same tokens; rank 0 prints them.
     with open(os.devnull, "w") as devnull:
         _stream(model, tok, ids, args, out=sys.stdout if world()[0] == 0 else devnull, seed=same_seed(args.seed))
-    finish()
-    return 0
+    exit_all(0)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -228,7 +227,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       target_modules=targets if targets == "all-linear" else targets.split(","))
     torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
     if distributed():
-        from .distributed import finish, fsdp_from_pretrained, world
+        from .distributed import exit_all, fsdp_from_pretrained, world
         from .tokenizer import AutoTokenizer
 
         where, gguf_file = locate(args.model)
@@ -248,7 +247,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if main_rank:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
     if distributed():
-        finish()
+        exit_all(0)
     return 0
 
 

@@ -112,13 +112,20 @@ def same_seed(seed: int | None) -> int:
     return int(t)
 
 
-def finish() -> None:
-    """Wait for every rank, then leave the process group (before interpreter teardown)."""
+def exit_all(code: int = 0) -> None:
+    """End a torchrun rank: wait for every rank, leave the process group and exit at once. A normal
+    interpreter teardown can abort while gloo's threads wind down ("terminate called without an
+    active exception"), which torchrun reports as a failed run."""
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from autolm.train import TrainConfig, finetune
 _TP = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import autolm
+    from autolm.distributed import exit_all
     from conftest import padded_batch, positions
     torch.set_num_threads(1)
     model = autolm.AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto")
@@ -39,16 +40,13 @@ _TP = textwrap.dedent("""
     torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1],
                 "vocab_rows": rows},
                f"{sys.argv[2]}.{dist.get_rank()}")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called ...")
+    exit_all()  # skips interpreter teardown, which gloo's threads can abort
 """)
 
 
 _FSDP = textwrap.dedent("""
     import os, sys, json, torch, torch.distributed as dist
-    from autolm.distributed import fsdp_from_pretrained
+    from autolm.distributed import exit_all, fsdp_from_pretrained
     from autolm.lora import LoraConfig
     from autolm.tokenizer import AutoTokenizer
     from autolm.train import TrainConfig, finetune
@@ -61,10 +59,7 @@ _FSDP = textwrap.dedent("""
     local = sum(p.to_local().numel() for n, p in base.named_parameters() if ".lora_" not in n)
     losses = finetune(model, AutoTokenizer.from_pretrained(directory), data, out, TrainConfig(**json.loads(train)))
     torch.save({"losses": losses, "local": local}, f"{out}.{dist.get_rank()}")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_all()
 """)
 
 
