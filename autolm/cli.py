@@ -257,6 +257,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(f"autolm serve needs the server extras: pip install 'autolm[serve]' ({e})") from None
     model, tok = load(args.model, args.dtype, args.device, args.quantize)
+    if args.compile:
+        from .generation import compile_decode
+
+        compile_decode(model)
     name = args.model_name or os.path.basename(os.path.normpath(model.load_report.directory or "autolm"))
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
@@ -295,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (the first requests of each batch size wait for it)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")

@@ -116,7 +116,10 @@ class Engine:
             self.cache, self.mask = None, None
             return
         longest = max(s.cached for s in self.active)
-        self.cache = KVCache.gather(rows, longest + 64)
+        capacity = longest + 64
+        if getattr(self.model, "compiled_decode", False):  # fewer distinct shapes, fewer recompiles
+            capacity = -(-capacity // 256) * 256
+        self.cache = KVCache.gather(rows, capacity)
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
             self.mask[i, longest - s.cached:] = 1
@@ -132,8 +135,11 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
-        out = self.model(tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache)
-        logits = out.logits[:, -1]
+        if getattr(self.model, "compiled_decode", False):  # see generation.compile_decode
+            logits = self.model.decode_step(tokens, self.mask, positions, self.cache)
+        else:
+            logits = self.model(tokens, attention_mask=self.mask, position_ids=positions,
+                                past_key_values=self.cache).logits[:, -1]
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, seq in enumerate(self.active):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import write_char_tokenizer
 
 import autolm
 
@@ -20,14 +23,14 @@ NAME = "smollm2"
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish."]
 
 
-@pytest.fixture(scope="module")
-def served(smol_dir):
-    """(base_url, model, tokenizer): `autolm serve` running in its own process, and the same model here."""
+@contextlib.contextmanager
+def serving(directory: str, *extra: str):
+    """`autolm serve directory` in its own process on a free loopback port; yields its /v1 URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", smol_dir, "--port", str(port),
-                             "--api-key", KEY, "--model-name", NAME, "--max-batch", "8"],
+    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", directory, "--port", str(port),
+                             "--api-key", KEY, "--model-name", NAME, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -40,11 +43,17 @@ def served(smol_dir):
             if proc.poll() is not None:
                 raise RuntimeError(f"autolm serve exited: {proc.stderr.read()}")
             time.sleep(0.1)
-        yield base + "/v1", autolm.AutoModelForCausalLM.from_pretrained(smol_dir), \
-            autolm.AutoTokenizer.from_pretrained(smol_dir)
+        yield base + "/v1"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(smol_dir):
+    """(base_url, model, tokenizer): `autolm serve` running in its own process, and the same model here."""
+    with serving(smol_dir, "--max-batch", "8") as base:
+        yield base, autolm.AutoModelForCausalLM.from_pretrained(smol_dir), autolm.AutoTokenizer.from_pretrained(smol_dir)
 
 
 def _health(base: str) -> dict:
@@ -194,3 +203,23 @@ def test_a_client_that_disconnects_does_not_disturb_the_others(served, client):
             break
         time.sleep(0.05)
     assert _health(base)["running"] == 0
+
+
+def test_compiled_decode_serves_the_same_completions(checkpoint, tmp_path):
+    """`autolm serve --compile`: concurrent requests batched through the compiled step get eager's text."""
+    directory = str(tmp_path / "tiny")
+    shutil.copytree(checkpoint("llama_gqa_llama3_sharded")[0], directory)
+    write_char_tokenizer(directory)
+    model, tok = autolm.AutoModelForCausalLM.from_pretrained(directory), autolm.AutoTokenizer.from_pretrained(directory)
+    prompts = ["Hello there", "A tiny model", "Once upon a time", "xyz"]
+    with serving(directory, "--compile", "--max-batch", "4") as base:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+        first = complete(prompts[0])  # compiles for one row
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(complete, prompts))
+    assert first == texts[0]
+    assert texts == [autolm.generate_text(model, tok, p, max_new_tokens=12) for p in prompts]
