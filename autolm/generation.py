@@ -214,9 +214,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return
     from .cache import KVCache
 
-    static = getattr(model, "compiled_decode", False)  # see compile_decode
-    # A compiled decode step is specialised on the cache's shape: round it up so that most prompts share one.
-    cache = KVCache.for_model(model, B, -(-(P + steps) // 256) * 256 if static else P + steps)
+    cache = KVCache.for_model(model, B, cache_capacity(model, P + steps))
     eos = torch.tensor(cfg.eos_ids, device=input_ids.device, dtype=torch.long)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
     stop = StopStrings(cfg.stop_strings, tokenizer) if cfg.stop_strings else None
@@ -243,12 +241,23 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if step == steps - 1 or not bool(unfinished.any()):
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        if static:
-            logits = model.decode_step(token[:, None], attention_mask, next_pos, cache)
-        else:
-            logits = model(token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                           past_key_values=cache).logits[:, -1, :]
+        logits = next_token_logits(model, token[:, None], attention_mask, next_pos, cache)
         next_pos = next_pos + 1
+
+
+def cache_capacity(model, needed: int) -> int:
+    """A cache length for `needed` tokens; rounded up for a compiled decode step, which is specialised
+    on the cache's shape, so that most requests share one compiled graph."""
+    return -(-needed // 256) * 256 if getattr(model, "compiled_decode", False) else needed
+
+
+def next_token_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      cache) -> torch.Tensor:
+    """Logits (B, vocab) after one new token per row: the static-shape decode_step when the model was
+    compiled for it (compile_decode), else a plain forward with the cache."""
+    if getattr(model, "compiled_decode", False):
+        return model.decode_step(tokens, attention_mask, position_ids, cache)
+    return model(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache).logits[:, -1]
 
 
 def compile_decode(model, **compile_kwargs):
@@ -337,14 +346,14 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
 
     mask = attention_mask.repeat_interleave(nb, 0)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache.for_model(model, B * nb, max_len)
-    out = model(input_ids.repeat_interleave(nb, 0), attention_mask=mask, position_ids=positions,
-                past_key_values=cache, logits_to_keep=1)
+    cache = KVCache.for_model(model, B * nb, cache_capacity(model, max_len))
+    logits = model(input_ids.repeat_interleave(nb, 0), attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, logits_to_keep=1).logits[:, -1]
     next_pos = positions[:, -1:] + 1
     cur = P
     while True:
         flat = running[:, :, :cur].reshape(B * nb, cur)
-        logp = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        logp = F.log_softmax(logits.float(), dim=-1)
         logp = process_logits(logp, flat, cfg, cur - P, keep=len(eos) + 1)
         V = logp.shape[-1]
         logp = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
@@ -391,8 +400,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
         cache.reorder(flat_parent)
         mask = torch.cat([mask.index_select(0, flat_parent), mask.new_ones(B * nb, 1)], dim=1)
         next_pos = next_pos.index_select(0, flat_parent)
-        out = model(running[:, :, cur - 1].reshape(B * nb, 1), attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache)
+        logits = next_token_logits(model, running[:, :, cur - 1].reshape(B * nb, 1), mask, next_pos, cache)
         next_pos = next_pos + 1
     n = cfg.num_return_sequences
     out_len = P + int(gen_len[:, :n].max())

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .cache import KVCache
-from .generation import GenerationConfig, process_logits
+from .generation import GenerationConfig, cache_capacity, next_token_logits, process_logits
 
 # ---- the engine -------------------------------------------------------------------------------------
 
@@ -116,10 +116,7 @@ class Engine:
             self.cache, self.mask = None, None
             return
         longest = max(s.cached for s in self.active)
-        capacity = longest + 64
-        if getattr(self.model, "compiled_decode", False):  # fewer distinct shapes, fewer recompiles
-            capacity = -(-capacity // 256) * 256
-        self.cache = KVCache.gather(rows, capacity)
+        self.cache = KVCache.gather(rows, cache_capacity(self.model, longest + 64))
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
             self.mask[i, longest - s.cached:] = 1
@@ -135,11 +132,7 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
-        if getattr(self.model, "compiled_decode", False):  # see generation.compile_decode
-            logits = self.model.decode_step(tokens, self.mask, positions, self.cache)
-        else:
-            logits = self.model(tokens, attention_mask=self.mask, position_ids=positions,
-                                past_key_values=self.cache).logits[:, -1]
+        logits = next_token_logits(self.model, tokens, self.mask, positions, self.cache)
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, seq in enumerate(self.active):

@@ -151,10 +151,12 @@ def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
     ids, mask = padded_batch(seed=5, lengths=(10, 4))
     kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     want = model.generate(ids, attention_mask=mask, **kw)
+    beams = model.generate(ids, attention_mask=mask, num_beams=3, **kw)
     autolm.compile_decode(model)
     assert torch.equal(model.generate(ids, attention_mask=mask, **kw), want)
     # A single row takes the fused matrix-vector path of every Linear.
     assert torch.equal(model.generate(ids[:1], **kw), want[:1])
+    assert torch.equal(model.generate(ids, attention_mask=mask, num_beams=3, **kw), beams)
 
 
 def test_compile_decode_refuses_a_model_spread_over_devices(checkpoint, tmp_path):
