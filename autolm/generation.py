@@ -269,14 +269,16 @@ def compile_decode(model, **compile_kwargs):
     memory bandwidth, and the norms, RoPE and attention fuse around them. The first generation
     pays the compile (tens of seconds; inductor caches it on disk for later processes), and so
     does the first one with a new batch size or a cache longer than any before. Prefill stays
-    eager. compile_kwargs go to torch.compile. The model must sit on one device, unsharded.
+    eager. compile_kwargs go to torch.compile. The model must sit on one device, unsharded; a
+    PeftModel's base model is compiled (LoRA layers included).
     """
-    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
-    if len(devices) > 1 or any(hasattr(p, "to_local") for p in model.parameters()):
+    base = getattr(model, "base_model", model)
+    devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1 or any(hasattr(p, "to_local") for p in base.parameters()):
         raise GenerationError("compile_decode needs the whole model on one device, not spread by a device_map "
                               f"({', '.join(devices)}) or sharded across ranks")
-    model._decode = torch.compile(model._decode, **compile_kwargs)
-    model.compiled_decode = True
+    base._decode = torch.compile(base._decode, **compile_kwargs)
+    base.compiled_decode = True
     return model
 
 

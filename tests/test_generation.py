@@ -157,6 +157,15 @@ def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
     # A single row takes the fused matrix-vector path of every Linear.
     assert torch.equal(model.generate(ids[:1], **kw), want[:1])
     assert torch.equal(model.generate(ids, attention_mask=mask, num_beams=3, **kw), beams)
+    # With a LoRA adapter (a PeftModel compiles its base model, LoRA layers inside).
+    peft_model = autolm.get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory),
+                                       autolm.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter changes the tokens
+    want = peft_model.generate(ids, attention_mask=mask, **kw)
+    assert autolm.compile_decode(peft_model) is peft_model
+    assert torch.equal(peft_model.generate(ids, attention_mask=mask, **kw), want)
 
 
 def test_compile_decode_refuses_a_model_spread_over_devices(checkpoint, tmp_path):
