@@ -76,13 +76,14 @@ def launch(nproc: int, argv: list[str], flag: str) -> int | None:
         return None
     import subprocess
 
-    rest, skip = [], False
-    for a in argv:
-        if not skip and not a.startswith(f"{flag}="):
-            skip = a == flag
-            rest += [] if skip else [a]
-        else:
-            skip = False
+    rest, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 2  # the flag and its value
+            continue
+        if not argv[i].startswith(f"{flag}="):
+            rest.append(argv[i])
+        i += 1
     return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc-per-node", str(nproc), "-m", "autolm.cli", *rest])
 

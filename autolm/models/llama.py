@@ -94,7 +94,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
-
     def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention of one query per row (q (B, nh, 1, hd)) with each group of query heads against its
         KV head, without repeating K and V; softmax in fp32. Returns (B, 1, nh, hd)."""
@@ -314,10 +313,8 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                    num_items_in_batch: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy in fp32 (logits at t predict labels at t+1): the mean, or the sum / num_items_in_batch."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
+    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].to(logits.device).reshape(-1)
     if num_items_in_batch is None:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
-                            reduction="sum")
-    return total / num_items_in_batch
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
