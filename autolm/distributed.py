@@ -33,8 +33,9 @@ def init_from_env():
 
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ConfigError("tp_plan='auto' needs torch.distributed: launch with torchrun "
-                              "(e.g. torchrun --nproc-per-node 2 script.py) or `autolm generate --tp N`")
+            raise ConfigError("tensor parallel (tp_plan='auto') and FSDP loading need torch.distributed: launch with "
+                              "torchrun (e.g. torchrun --nproc-per-node 2 script.py), `autolm generate --tp N` "
+                              "or `autolm finetune --nproc N`")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

@@ -98,11 +98,15 @@ def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
         assert set(r["vocab_rows"].values()) == {model.config.vocab_size // share}
 
 
-def test_tp_plan_outside_torchrun_is_a_clear_error(checkpoint, monkeypatch):
+def test_tp_plan_or_fsdp_outside_torchrun_is_a_clear_error(checkpoint, monkeypatch):
+    from autolm.distributed import fsdp_from_pretrained
+
     directory, _ = checkpoint("llama_gqa_llama3_sharded")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
         autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
+    with pytest.raises(ConfigError, match="torchrun"):
+        fsdp_from_pretrained(directory, LoraConfig())
 
 
 def _with_tokenizer_and_data(checkpoint, tmp_path, name):
