@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-1b", action="store_true", help="skip the ~1B checkpoint (written once, 2.2 GB)")
     p.add_argument("--work", default=None, help="where benchmark checkpoints are written (default $AUTOLM_HOME/bench)")
     p.add_argument("--json", default=None, help="also write the raw numbers here")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip autolm's compiled decode step (it costs each autolm process a compile)")
     args = p.parse_args(argv)
     if args.model:
         cases = [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or os.path.join(autolm_home(), "bench")
         os.makedirs(work, exist_ok=True)
         cases = prepare_checkpoints(work, default_model_dir(), big=not args.no_1b)
+    if args.no_compile:
+        for case in cases:
+            case.compile = False
     rows = bench(cases, reps=args.reps, threads=args.threads)
     if args.json:
         with open(args.json, "w") as f:
