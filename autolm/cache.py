@@ -61,8 +61,7 @@ class KVCache:
             self.values[layer].index_copy_(2, self.slot, v)
             return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
-        if end > self.capacity:
-            self._grow(end)
+        self.reserve(end)
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -71,7 +70,10 @@ class KVCache:
         """Mark n more tokens as stored (called once per forward pass, after every layer wrote)."""
         self.length += n
 
-    def _grow(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` tokens in all (growing to at least twice the capacity when short)."""
+        if needed <= self.capacity:
+            return
         new_cap = max(needed, 2 * self.capacity)
         for buffers in (self.keys, self.values):
             for i, buf in enumerate(buffers):

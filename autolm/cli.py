@@ -188,7 +188,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
     print(f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}")
     print(f"rope:         {cfg.rope_parameters}")
-    windows = sorted({w for w in (cfg.layer_window(i) for i in range(cfg.num_hidden_layers)) if w})
+    windows = sorted(w for w in cfg.windows() if w)
     print(f"sliding:      {windows or 'none'}")
     print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
     print(f"dtype:        {str(model.dtype).removeprefix('torch.')}")

@@ -139,6 +139,10 @@ class LlamaConfig:
             return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
         return None
 
+    def windows(self) -> set[int | None]:
+        """The distinct window sizes over the layers (None: full attention)."""
+        return {self.layer_window(i) for i in range(self.num_hidden_layers)}
+
     def validate(self) -> None:
         """Raise ConfigError on wrong types, non-positive sizes or inconsistent head counts."""
         for name in _INT_FIELDS:

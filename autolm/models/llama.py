@@ -192,11 +192,10 @@ def default_positions(attention_mask: torch.Tensor | None, past: int, T: int, de
 def build_masks(config: LlamaConfig, attention_mask: torch.Tensor | None, B: int, T: int, past: int,
                 device) -> dict[int | None, torch.Tensor | None]:
     """One boolean mask (B, 1, T, S) per distinct window size, or None where plain causal attention does."""
-    windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
     S = past + T
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     masks: dict[int | None, torch.Tensor | None] = {}
-    for window in windows:
+    for window in config.windows():
         needs_window = window is not None and S > window
         if not has_padding and not needs_window and (past == 0 or T == 1):
             masks[window] = None  # is_causal (T > 1, no past) or attend-to-all (one new token)
@@ -277,13 +276,12 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         `autolm.compile_decode`) is traced once and not again for each new length.
         """
         slot = cache.length
-        if slot + 1 > cache.capacity:
-            cache._grow(slot + 1)
+        cache.reserve(slot + 1)
         device = input_ids.device
         kv = torch.arange(cache.capacity, device=device)
         valid = F.pad(attention_mask[:, : slot + 1].bool(), (0, cache.capacity - slot - 1))
         masks = {}
-        for window in {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}:
+        for window in self.config.windows():
             allowed = valid if window is None else valid & (kv > slot - window)
             masks[window] = allowed[:, None, None, :]
         cache.slot = torch.tensor([slot], device=device)
