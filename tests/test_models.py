@@ -106,3 +106,31 @@ def test_incremental_decode_equals_full_forward(checkpoint):
         for t in range(5, ids.shape[1]):
             steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
     assert_real_tokens_close(torch.cat(steps, 1), full, mask, 1e-5)
+
+
+def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd():
+    from torch.profiler import profile
+
+    from autolm.models.llama import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    layer = Linear(48, 40, bias=True)
+    x = torch.randn(2, 7, 48)
+
+    def ops(fn):
+        with profile() as prof:
+            out = fn()
+        return out, {e.key for e in prof.key_averages()}
+
+    with torch.no_grad():
+        fast, names = ops(lambda: layer(x))
+    assert "mkldnn::_linear_pointwise" in names and "aten::addmm" not in names
+    torch.testing.assert_close(fast, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    train, names = ops(lambda: layer(x))  # weights require grad: the autograd path
+    assert "mkldnn::_linear_pointwise" not in names
+    train.sum().backward()
+    assert layer.weight.grad is not None
+    with torch.no_grad():
+        _, names = ops(lambda: layer.bfloat16()(x.bfloat16()))  # bf16: F.linear (PyTorch picks oneDNN itself)
+    assert "mkldnn::_linear_pointwise" not in names
