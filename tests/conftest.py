@@ -92,6 +92,18 @@ def checkpoint(tmp_path_factory):
     return get
 
 
+def hf_reference(directory, **kwargs):
+    """transformers' model for a checkpoint, as the oracle for autolm's logits. In bf16 it uses eager
+    attention: autolm's bf16 attention on CPU is that arithmetic (scores in bf16, softmax in fp32),
+    as accurate against a float64 run as transformers' SDPA but rounded differently."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if model.dtype == torch.bfloat16:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", **kwargs)
+    return model.eval()
+
+
 def to_v4_spelling(directory: str) -> None:
     """Rewrite config.json with transformers 4's RoPE spelling: rope_theta + rope_scaling."""
     path = os.path.join(directory, "config.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SPECS, VOCAB, padded_batch, positions, to_v4_spelling
+from conftest import SPECS, VOCAB, hf_reference, padded_batch, positions, to_v4_spelling
 
 import autolm
 
@@ -19,6 +19,8 @@ def assert_real_tokens_close(out, ref, mask, atol):
 def test_logits_match_transformers_left_padded(checkpoint, name):
     directory, ref_model = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    if model.dtype == torch.bfloat16:
+        ref_model = hf_reference(directory)
     ids, mask = padded_batch(lengths=(14, 9, 4))
     with torch.no_grad():
         ref = ref_model(ids, attention_mask=mask, position_ids=positions(mask)).logits
@@ -134,3 +136,29 @@ def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd():
     with torch.no_grad():
         _, names = ops(lambda: layer.bfloat16()(x.bfloat16()))  # bf16: F.linear (PyTorch picks oneDNN itself)
     assert "mkldnn::_linear_pointwise" not in names
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_attention_equals_sdpa(masked):
+    """Query blocks of 5 over 13 new tokens after 4 cached ones (uneven last block), 6 query heads on 2
+    KV heads; a padding + window mask, or None: causal after the cached keys."""
+    from autolm.models.llama import blocked_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, nh, n_kv, T, past, hd = 2, 6, 2, 13, 4, 8
+    q = torch.randn(B, nh, T, hd, generator=g)
+    k, v = (torch.randn(B, n_kv, past + T, hd, generator=g) for _ in range(2))
+    S = past + T
+    qpos, kpos = torch.arange(past, S)[:, None], torch.arange(S)[None, :]
+    allowed = (kpos <= qpos)[None, None].expand(B, 1, T, S)
+    if masked:
+        pad = torch.ones(B, S, dtype=torch.bool)
+        pad[1, :6] = False  # row 1 left-padded
+        allowed = allowed & (kpos > qpos - 7)[None, None] & pad[:, None, None, :]
+        allowed = allowed | (kpos == qpos)[None, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1), attn_mask=allowed)
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), allowed if masked else None, block=5)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, hf_reference
 
 import autolm
 
@@ -23,8 +23,6 @@ def _ids():
     ("mistral_sliding", torch.bfloat16, "5GB"),
 ])
 def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, name, dtype, shard):
-    import transformers
-
     directory, _ = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     out = tmp_path / "saved"
@@ -44,7 +42,7 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
 
         names = [n for _, n, _ in iter_checkpoint(find_weight_files(str(out)))]
         assert "lm_head.weight" not in names  # tied weights are stored once
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    ref = hf_reference(out, dtype="auto")
     back = autolm.AutoModelForCausalLM.from_pretrained(out)
     assert back.dtype == dtype
     for k, v in model.state_dict().items():

