@@ -95,10 +95,12 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: Any = "auto", dev
     from .config import config_from_file
     from .generation import GenerationConfig
     from .hub import resolve_model_dir
+    from .malloc import keep_freed_memory
     from .registry import model_class
 
     if kwargs:
         raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
+    keep_freed_memory()
     if torch_dtype is not None:
         dtype = torch_dtype
     want = parse_dtype(dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +151,38 @@ def test_register_a_new_family(checkpoint, tmp_path):
     cfg_path.write_text(json.dumps(d))
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert type(model) is MyModel
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+import autolm
+from autolm.config import LlamaConfig
+from autolm.models.llama import LlamaForCausalLM
+torch.set_num_threads(1)
+if sys.argv[1] != "-":
+    autolm.from_pretrained(sys.argv[1])  # the only difference between the two runs
+cfg = LlamaConfig(vocab_size=160, hidden_size=512, intermediate_size=2816, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2)
+model = LlamaForCausalLM(cfg).eval()
+x = torch.randint(0, 160, (1, 512))
+with torch.no_grad():
+    model(x)  # warm up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        model(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_from_pretrained_keeps_freed_activation_memory(checkpoint):
+    """Forward passes with megabyte activations page-fault their outputs anew under glibc's default
+    malloc settings; after from_pretrained they reuse freed memory."""
+    from autolm.malloc import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc")
+    d, _ = checkpoint("qwen2_tied_bias")
+    runs = {arg: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, arg], capture_output=True, text=True,
+                                    check=True).stdout) for arg in ("-", d)}
+    assert runs["-"] > 5000, runs  # ~10,000 faults per forward by default
+    assert runs[d] < runs["-"] / 10, runs
