@@ -143,20 +143,20 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     n_kv, S = k.shape[1], k.shape[2]
     group, past = nh // n_kv, S - T
     q = q.view(B, n_kv, group, T, hd)
-    out = q.new_empty(B, n_kv, group, T, hd)
+    out = q.new_empty(B, T, n_kv, group, hd)  # the layout o_proj reads: the final transpose is a view
     for start in range(0, T, block):
         stop = min(start + block, T)
         n, keys = stop - start, past + stop  # queries in this block; keys the last of them can see
         scores = q[:, :, :, start:stop].reshape(B, n_kv, group * n, hd) @ k[:, :, :keys].transpose(-1, -2)
         scores = scores.view(B, n_kv, group, n, keys).mul_(hd ** -0.5)
-        if mask is None:
-            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-            scores[..., past + start:].masked_fill_(causal, float("-inf"))
+        if mask is None:  # only the block's own keys need the causal triangle
+            causal = torch.full((n, n), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
+            scores[..., past + start:].add_(causal)
         else:
             scores.masked_fill_(~mask[:, None, :, start:stop, :keys], float("-inf"))
         probs = scores.softmax(-1).view(B, n_kv, group * n, keys)
-        out[:, :, :, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd)
-    return out.view(B, nh, T, hd)
+        out[:, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd).permute(0, 3, 1, 2, 4)
+    return out.view(B, T, nh, hd).transpose(1, 2)
 
 
 class MLP(nn.Module):
