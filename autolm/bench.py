@@ -2,9 +2,9 @@
 
 Every repetition is a fresh Python process that measures, in order: the import beyond
 `import torch`, the load (warm page cache), peak RSS of the load, time from process start to the
-first generated token, prefill tokens/s (a 512-token prompt, median of 3 after one warm-up call) and decode tokens/s (batch 1, 128
-greedy tokens). The parent takes medians and spreads and prints ratios. transformers is only
-imported inside its own child processes.
+first generated token, prefill tokens/s (a 512-token prompt, median of 3 calls after a warm-up
+call) and decode tokens/s (batch 1, 128 greedy tokens). The parent takes medians and spreads and
+prints ratios. transformers is only imported inside its own child processes.
 """
 
 from __future__ import annotations
