@@ -108,13 +108,45 @@ def memory_bandwidth(threads: int, gib: float = 1.0) -> float:
     return a.numel() * 4 / best
 
 
+def matmul_rate(threads: int, dtype: str, m: int = 512, k: int = 2048, n: int = 2048) -> float:
+    """FLOP/s of the faster of PyTorch's two CPU matmuls (F.linear, oneDNN) on an (m, k) x (k, n) product
+    in this dtype: the rate a prefill's GEMMs can reach on this machine."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    x, w = torch.randn(m, k).to(dt), torch.randn(n, k).to(dt)
+    kernels = [lambda: torch.nn.functional.linear(x, w)]
+    if torch.backends.mkldnn.is_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    best = float("inf")
+    for f in kernels:
+        f()
+        for _ in range(5):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """FLOPs of one prefill of this many tokens with logits for the last one only: 2 per weight of the
+    decoder's matrices per token, plus causal attention (QK^T and PV over the keys each query sees)."""
+    cfg = model.config
+    weights = sum(mod.in_features * mod.out_features for mod in model.model.layers.modules()
+                  if hasattr(mod, "in_features"))
+    attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    return 2 * weights * tokens + attention + 2 * cfg.hidden_size * cfg.vocab_size
+
+
 def checkpoint_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
                if f.endswith((".safetensors", ".bin")))
 
 
-def weights_read_per_token(case: Case) -> int:
-    """Bytes of weights one decode step reads: every matrix except the embedding table (a lookup)."""
+def model_costs(case: Case, prefill: int) -> tuple[int, float]:
+    """Bytes of weights one decode step reads (every matrix except the embedding table, a lookup),
+    and the FLOPs of one prefill."""
     import autolm
 
     model = autolm.AutoModelForCausalLM.from_pretrained(case.model, dtype=case.dtype, quantization=case.quantization)
@@ -123,7 +155,7 @@ def weights_read_per_token(case: Case) -> int:
     total = memory_report(model)[0]
     emb = model.model.embed_tokens.weight
     tied = model.lm_head.weight is emb if hasattr(model.lm_head, "weight") else False
-    return total - (0 if tied else emb.numel() * emb.element_size())
+    return total - (0 if tied else emb.numel() * emb.element_size()), prefill_flops(model, prefill)
 
 
 def _stats(xs: list[float]) -> tuple[float, float]:
@@ -137,21 +169,26 @@ def bench(cases: list[Case], reps: int = 3, threads: int | None = None, prefill:
     bw = memory_bandwidth(threads)
     print(f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n", file=out)
     rows = []
+    rates: dict[str, float] = {}
     for case in cases:
         ckpt = checkpoint_bytes(case.model)
-        per_token = weights_read_per_token(case)
+        per_token, flops = model_costs(case, prefill)
+        if case.dtype not in rates:
+            rates[case.dtype] = matmul_rate(threads, case.dtype)
+        peak = None if case.quantization else (flops, rates[case.dtype])
         results = {}
         for lib in case.libs:
             run_child(lib, case, threads, prefill, decode)  # warm the page cache
             runs = [run_child(lib, case, threads, prefill, decode) for _ in range(reps)]
             results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
         rows.append({"case": case.label, "checkpoint_bytes": ckpt, "bytes_per_token": per_token,
-                     "bandwidth": bw, "results": results})
-        _print_case(case, results, ckpt, per_token, bw, out)
+                     "bandwidth": bw, "prefill_flops": flops, "matmul_rate": rates[case.dtype], "results": results})
+        _print_case(case, results, ckpt, per_token, bw, out, peak, prefill)
     return rows
 
 
-def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float, out) -> None:
+def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float, out,
+                peak: tuple[float, float] | None = None, prefill: int = 512) -> None:
     a, t = results.get("autolm"), results.get("transformers")
     print(f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
           file=out)
@@ -182,6 +219,11 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
                 frac = a[key][0] * per_token / bw
                 print(f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
                       f"measured {bw / 1e9:.1f} GB/s.", file=out)
+        if peak:
+            flops, rate = peak
+            done = a["prefill"][0] / prefill * flops
+            print(f"\nautolm prefill computes {done / 1e9:.0f} GFLOP/s: {done / rate:.0%} of the {rate / 1e9:.0f} GFLOP/s "
+                  f"of a 512x2048x2048 {case.dtype} matmul here.", file=out)
         print(file=out)
 
 

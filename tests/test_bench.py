@@ -15,3 +15,18 @@ def test_bench_child_reports_all_metrics(checkpoint, lib):
     assert set(r) == {"import", "load", "load_rss", "ttft", "first_token_rss", "prefill", "decode"} | compiled
     assert r["prefill"] > 0 and r["decode"] > 0 and r["first_token_rss"] > 0
     assert 0 < r["import"] + r["load"] < r["ttft"]  # the first token comes after import and load
+
+
+def test_prefill_flops_counts_the_decoder_matrices_and_causal_attention(checkpoint):
+    import autolm
+    from autolm.bench import matmul_rate, prefill_flops
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    c = model.config
+    h, hd, nh, nkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    per_layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * c.intermediate_size  # q, o; k, v; gate, up, down
+    T = 10
+    attention = c.num_hidden_layers * nh * hd * 2 * 2 * sum(range(1, T + 1))  # query t sees t keys
+    assert prefill_flops(model, T) == 2 * per_layer * c.num_hidden_layers * T + attention + 2 * h * c.vocab_size
+    assert matmul_rate(1, "float32", 64, 64, 64) > 1e8
