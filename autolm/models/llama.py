@@ -60,20 +60,23 @@ class Linear(nn.Linear):
                 y = y if self.bias is None else y + self.bias.float()
                 return y.to(x.dtype)
         elif _onednn_fp32(x, self.weight, self.bias):
-            return torch.ops.mkldnn._linear_pointwise.default(x, self.weight, self.bias, "none", [], "")
+            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
 _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other tensor subclasses
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (the CPU fast paths have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _onednn_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    return (_HAS_ONEDNN and x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
-            and w.device.type == "cpu" and type(x) in _PLAIN and type(w) in _PLAIN
-            and (b is None or type(b) in _PLAIN)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                 or (b is not None and b.requires_grad))))
+    return (_ONEDNN_LINEAR is not None and x.dtype is torch.float32 and w.dtype is torch.float32
+            and x.device.type == "cpu" and w.device.type == "cpu" and type(x) in _PLAIN and type(w) in _PLAIN
+            and (b is None or type(b) in _PLAIN) and not _needs_grad(x, w, b))
 
 
 class Attention(nn.Module):
@@ -107,7 +110,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
             if cache.slot is not None:  # one query per row against the whole cache (decode_step)
                 return self.o_proj(self._grouped_attention(q, k, v, mask).reshape(B, T, -1))
-        if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not _needs_grad(q, k, v):
             y = blocked_attention(q, k, v, mask)
         else:
             if self.num_kv_heads != self.num_heads:
