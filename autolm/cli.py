@@ -46,7 +46,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def locate(model: str | None) -> tuple[str, str | None]:
     """(directory or repo id, GGUF file name or None) for a model argument; None is the default model."""
     if model is None:
-        from .gguf import default_model_dir
+        from .convert import default_model_dir
 
         model = default_model_dir()
     if str(model).endswith(".gguf"):
@@ -61,7 +61,7 @@ def locate(model: str | None) -> tuple[str, str | None]:
 def load(model: str | None, dtype: str = "auto", device: str | None = None, quantize: str | None = None,
          tp_plan: str | None = None):
     """(model, tokenizer) for a directory, repo id, .gguf file, or the default model when None."""
-    from .loading import from_pretrained
+    from .load import from_pretrained
     from .tokenizer import AutoTokenizer
 
     where, gguf_file = locate(model)
@@ -99,7 +99,7 @@ def _stream(model, tok, ids: list[int], args, out=sys.stdout, seed: int | None =
     from .generation import stream_generate
 
     kwargs = _sampling_kwargs(args)
-    if args.compile and not getattr(model, "compiled_decode", False):
+    if args.compile and (model.get_base_model() if hasattr(model, 'get_base_model') else model).decode_step is None:
         from .generation import compile_decode
 
         compile_decode(model)
@@ -204,7 +204,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .gguf import convert_gguf
+    from .convert import convert_gguf
 
     if not args.source.endswith(".gguf"):
         raise SystemExit("autolm convert: SOURCE must be a .gguf file")
@@ -254,7 +254,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import serve
+        from .serve import serve
     except ImportError as e:
         raise SystemExit(f"autolm serve needs the server extras: pip install 'autolm[serve]' ({e})") from None
     model, tok = load(args.model, args.dtype, args.device, args.quantize)
@@ -338,12 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser: see autolm/bench.py
+    if argv[:1] == ["bench"]:  # its own parser: see autolm/bench
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()  # the command line opts in to reusing freed activation memory (see malloc.py)
     try:
         return args.func(args)
     except AutolmError as e:

@@ -1,4 +1,4 @@
-"""Model configs: config.json -> a dataclass with Hugging Face's field names, and back.
+"""Model configs: config.json -> a dataclass with Hugging Face's field names, validated, and back.
 
 One dataclass describes the whole Llama family; each model_type is a subclass that only changes
 defaults (transformers' defaults for that model_type) and which layers use a sliding window.
@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ._util import atomic_write_text, read_json
 from .errors import ConfigError
+from .hub import HUB_KWARGS, resolve_model_dir
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-# Keys that live outside the dataclass fields but that we read; everything else is kept verbatim.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
-_INT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings",
-)
+_NOT_SAVED = ("extra", "rope_parameters", "rope_spelling", "dtype", "name_or_path")
+# Upper bounds that no real checkpoint of this family reaches; they stop a hostile config early.
+_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 4096,
+           "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
+           "max_position_embeddings": 1 << 28}
 
 
-@dataclass
+@dataclass(repr=False)
 class LlamaConfig:
     """Config of a Llama-architecture decoder; field names and defaults are transformers'."""
 
@@ -50,6 +53,8 @@ class LlamaConfig:
     use_sliding_window: bool = False
     max_window_layers: int = 0
     layer_types: list[str] | None = None
+    use_cache: bool = True
+    architectures: list[str] | None = None
     # Normalised RoPE parameters: {"rope_type": ..., "rope_theta": ..., "factor": ..., ...}.
     rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     dtype: str | None = None
@@ -57,46 +62,60 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # "v5" writes rope_parameters, "v4" writes rope_theta + rope_scaling (as the file we read did).
     rope_spelling: str = "v5"
+    name_or_path: str = ""
+    source: ClassVar[str] = "config.json"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
-            if isinstance(self.hidden_size, int) and self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
+            if _is_int(self.hidden_size) and self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
-                    f"config.json: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                    f"({self.num_attention_heads}) and no head_dim is given"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads if isinstance(self.hidden_size, int) else None
+                    f"{self.source}: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) and no head_dim is given")
+            self.head_dim = self.hidden_size // self.num_attention_heads if _is_int(self.hidden_size) else None
         self.validate()
 
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Build from a config.json dict; unknown keys go to `extra`, both RoPE spellings accepted."""
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> "LlamaConfig":
+        """Build from a config.json dict (plus keyword overrides); unknown keys go to `extra`."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_parameters", "rope_spelling", "dtype"}
+        d = {**d, **overrides}
+        if "torch_dtype" in d and "dtype" not in d:
+            d["dtype"] = d["torch_dtype"]
+        names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_SAVED) - {"rope_spelling"}
         kwargs = {k: d[k] for k in names if k in d}
-        extra = {k: v for k, v in d.items() if k not in names and k not in _ROPE_KEYS and k not in ("dtype", "torch_dtype")}
-        extra.pop("model_type", None)
-        dtype = d.get("dtype", d.get("torch_dtype"))
+        extra = {k: v for k, v in d.items()
+                 if k not in names and k not in _ROPE_KEYS and k not in ("dtype", "torch_dtype", "model_type",
+                                                                          "_name_or_path")}
+        dtype = d.get("dtype")
+        if isinstance(dtype, dict) or (dtype is not None and not isinstance(dtype, str)):
+            raise ConfigError(f"{source}: dtype must be a string such as 'bfloat16', found {dtype!r}")
         rope, spelling = _read_rope(d, cls, source)
         try:
-            return cls(**kwargs, rope_parameters=rope, dtype=dtype, extra=extra, rope_spelling=spelling)
+            obj = cls.__new__(cls)
+            obj.source = source
+            obj.__init__(**kwargs, rope_parameters=rope, dtype=dtype, extra=extra, rope_spelling=spelling)
+            return obj
         except TypeError as e:  # pragma: no cover - dataclass signature errors
             raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> "LlamaConfig":
+        return AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: known fields, RoPE in the spelling it was read in, unknown keys kept."""
         out: dict[str, Any] = dict(self.extra)
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_parameters", "rope_spelling", "dtype"):
+            if f.name in _NOT_SAVED or f.name == "rope_spelling":
                 continue
-            if f.name == "layer_types" and self.layer_types is None:
-                continue  # transformers derives it when absent; a null breaks its mask code for llama
+            if f.name in ("layer_types", "architectures") and getattr(self, f.name) is None:
+                continue  # transformers derives layer_types when absent; a null breaks its mask code for llama
             out[f.name] = getattr(self, f.name)
         if self.dtype is not None:
             out["dtype"] = self.dtype
@@ -108,11 +127,25 @@ class LlamaConfig:
             out["rope_parameters"] = rope
         return out
 
-    def save(self, directory: str) -> None:
-        """Write config.json atomically."""
-        from .saving import atomic_write_text
+    def to_json_string(self, use_diff: bool = False) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+    def save_pretrained(self, directory: str | os.PathLike, **_: Any) -> None:
+        """Write config.json atomically."""
+        atomic_write_text(os.path.join(os.fspath(directory), "config.json"), self.to_json_string())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype) if isinstance(self.dtype, str) and hasattr(torch, self.dtype) else None
+
+    @property
+    def _name_or_path(self) -> str:
+        return self.name_or_path
 
     # ---- derived values -----------------------------------------------------------------------
 
@@ -144,44 +177,81 @@ class LlamaConfig:
         return {self.layer_window(i) for i in range(self.num_hidden_layers)}
 
     def validate(self) -> None:
-        """Raise ConfigError on wrong types, non-positive sizes or inconsistent head counts."""
-        for name in _INT_FIELDS:
+        """Raise ConfigError naming the key and the file on a wrong type, a value out of range or an
+        inconsistency: a bool is not a number or a string, numbers are finite."""
+        src = self.source
+        for name, limit in _LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"config.json: {name} must be a positive integer, found {v!r}")
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            raise ConfigError(f"config.json: rms_norm_eps must be a positive number, found {self.rms_norm_eps!r}")
+            if not _is_int(v) or not 0 < v <= limit:
+                raise ConfigError(f"{src}: {name} must be a positive integer (at most {limit}), found {v!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{src}: {name} must be true or false, found {getattr(self, name)!r}")
+        if not _is_number(self.rms_norm_eps) or not 0 < self.rms_norm_eps < 1:
+            raise ConfigError(f"{src}: rms_norm_eps must be a positive number below 1, found {self.rms_norm_eps!r}")
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
+            raise ConfigError(f"{src}: attention_dropout must be a number in [0, 1], found {self.attention_dropout!r}")
+        if not _is_int(self.max_window_layers) or self.max_window_layers < 0:
+            raise ConfigError(f"{src}: max_window_layers must be a non-negative integer, found {self.max_window_layers!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 0):
+                raise ConfigError(f"{src}: {name} must be a non-negative integer or null, found {v!r}")
+        eos = self.eos_token_id
+        if eos is not None and not ((_is_int(eos) and eos >= 0) or (isinstance(eos, list) and all(
+                _is_int(e) and e >= 0 for e in eos))):
+            raise ConfigError(f"{src}: eos_token_id must be a non-negative integer, a list of them, or null, found {eos!r}")
+        if self.architectures is not None and not (isinstance(self.architectures, list) and all(
+                isinstance(a, str) for a in self.architectures)):
+            raise ConfigError(f"{src}: architectures must be a list of strings, found {self.architectures!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"config.json: num_key_value_heads ({self.num_key_value_heads}) must divide "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
+            raise ConfigError(f"{src}: num_key_value_heads ({self.num_key_value_heads}) must divide "
+                              f"num_attention_heads ({self.num_attention_heads})")
         if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ConfigError(f"config.json: sliding_window must be a positive integer or null, found {self.sliding_window!r}")
+            raise ConfigError(f"{src}: hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
+        if self.sliding_window is not None and not (_is_int(self.sliding_window) and self.sliding_window > 0):
+            raise ConfigError(f"{src}: sliding_window must be a positive integer or null, found {self.sliding_window!r}")
         if self.layer_types is not None:
             if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
-                raise ConfigError(
-                    f"config.json: layer_types must list {self.num_hidden_layers} entries, found {self.layer_types!r}"
-                )
-            bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+                raise ConfigError(f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
+                                  f"{str(self.layer_types)[:200]}")
+            bad = {t for t in self.layer_types if not isinstance(t, str)} or (
+                set(self.layer_types) - {"full_attention", "sliding_attention"})
             if bad:
-                raise ConfigError(f"config.json: unknown layer_types {sorted(bad)}")
-        rope_type = self.rope_parameters.get("rope_type")
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"config.json: RoPE type {rope_type!r} is not supported (expected one of {ROPE_TYPES})")
-        theta = self.rope_parameters.get("rope_theta")
-        if not isinstance(theta, (int, float)) or theta <= 0:
-            raise ConfigError(f"config.json: rope_theta must be a positive number, found {theta!r}")
-        needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
-                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
-        for k in needed:
-            if not isinstance(self.rope_parameters.get(k), (int, float)):
-                raise ConfigError(f"config.json: RoPE type {rope_type!r} needs a numeric {k!r}")
+                raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
+        _validate_rope(self.rope_parameters, src)
 
 
-@dataclass
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_rope(rope: dict[str, Any], src: str) -> None:
+    rope_type = rope.get("rope_type")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{src}: RoPE type {rope_type!r} is not supported (expected one of {ROPE_TYPES})")
+    theta = rope.get("rope_theta")
+    if not _is_number(theta) or theta <= 0:
+        raise ConfigError(f"{src}: rope_theta must be a positive number, found {theta!r}")
+    needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    for k in needed.get(rope_type, ()):
+        if not _is_number(rope.get(k)) or rope[k] <= 0:
+            raise ConfigError(f"{src}: RoPE type {rope_type!r} needs a numeric {k!r} above 0, found {rope.get(k)!r}")
+    if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise ConfigError(f"{src}: llama3 RoPE needs high_freq_factor > low_freq_factor, found "
+                          f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
+    for k in ("partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "original_max_position_embeddings"):
+        if rope.get(k) is not None and (not _is_number(rope[k]) or rope[k] < 0):
+            raise ConfigError(f"{src}: RoPE {k!r} must be a non-negative number, found {rope[k]!r}")
+
+
+@dataclass(repr=False)
 class MistralConfig(LlamaConfig):
     """Mistral: a sliding window (when set) on every layer."""
 
@@ -192,20 +262,13 @@ class MistralConfig(LlamaConfig):
     sliding_window: int | None = 4096
 
     def layer_window(self, i: int) -> int | None:
-        if self.layer_types is not None:
-            return super().layer_window(i)
-        return self.sliding_window
+        return super().layer_window(i) if self.layer_types is not None else self.sliding_window
 
-    @property
-    def qkv_bias(self) -> bool:
-        return False
-
-    @property
-    def o_bias(self) -> bool:
-        return False
+    qkv_bias = property(lambda self: False)
+    o_bias = property(lambda self: False)
 
 
-@dataclass
+@dataclass(repr=False)
 class Qwen2Config(LlamaConfig):
     """Qwen2: q/k/v biases; a sliding window only when use_sliding_window, on layers >= max_window_layers."""
 
@@ -224,95 +287,81 @@ class Qwen2Config(LlamaConfig):
             return window if self.layer_types[i] == "sliding_attention" else None
         return window if window is not None and i >= self.max_window_layers else None
 
-    @property
-    def qkv_bias(self) -> bool:
-        return True
-
-    @property
-    def o_bias(self) -> bool:
-        return False
+    qkv_bias = property(lambda self: True)
+    o_bias = property(lambda self: False)
 
 
-@dataclass
+@dataclass(repr=False)
 class Qwen3Config(Qwen2Config):
     """Qwen3: Qwen2 without q/k/v biases by default, plus RMSNorm on queries and keys per head."""
 
     model_type: ClassVar[str] = "qwen3"
     head_dim: int | None = 128
 
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
+    qkv_bias = property(lambda self: self.attention_bias)
+    o_bias = property(lambda self: self.attention_bias)
+    qk_norm = property(lambda self: True)
 
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
 
-    @property
-    def qk_norm(self) -> bool:
-        return True
+CONFIG_CLASSES: dict[str, type[LlamaConfig]] = {
+    "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+def config_class(model_type: Any, source: str = "config.json") -> type[LlamaConfig]:
+    if model_type not in CONFIG_CLASSES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported model types: "
+                          f"{', '.join(sorted(CONFIG_CLASSES))}")
+    return CONFIG_CLASSES[model_type]
 
 
 def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any], str]:
     """Normalise the two RoPE spellings into one dict; return it and the spelling found."""
-    default_theta = 10000.0
     if d.get("rope_parameters") is not None:
-        rope = d["rope_parameters"]
-        spelling = "v5"
+        rope, spelling = d["rope_parameters"], "v5"
     else:
-        rope = d.get("rope_scaling") or {}
-        spelling = "v4"
+        rope, spelling = d.get("rope_scaling") or {}, "v4"
     if not isinstance(rope, dict):
-        raise ConfigError(f"{source}: RoPE parameters must be an object, found {rope!r}")
+        raise ConfigError(f"{source}: RoPE parameters must be an object, found {str(rope)[:100]}")
     rope = dict(rope)
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     rope.pop("type", None)
     rope.setdefault("rope_type", "default")
-    rope.setdefault("rope_theta", d.get("rope_theta", default_theta))
+    rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     if rope["rope_type"] in ("llama3", "yarn"):
         rope.setdefault("original_max_position_embeddings",
                         d.get("max_position_embeddings", cls.max_position_embeddings))
     return rope, spelling
 
 
-def load_config_file(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """Read a JSON object from a file, raising `error` naming the file on any problem."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise error(f"{path}: expected a JSON object, found {type(d).__name__}")
-    return d
-
-
-class AutoConfig:
-    """`AutoConfig.from_pretrained(path_or_repo_id)`: the config class chosen by model_type."""
-
-    @staticmethod
-    def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> LlamaConfig:
-        from .hub import resolve_model_dir
-
-        directory = resolve_model_dir(path_or_repo_id, **kwargs)
-        return config_from_file(os.path.join(directory, "config.json"))
-
-    @staticmethod
-    def for_model(model_type: str, **kwargs: Any) -> LlamaConfig:
-        from .registry import config_class
-
-        return config_class(model_type)(**kwargs)
-
-
-def config_from_file(path: str) -> LlamaConfig:
+def config_from_file(path: str, **overrides: Any) -> LlamaConfig:
     """Read config.json and build the config class its model_type names."""
-    from .registry import config_class
-
-    d = load_config_file(path)
+    d = read_json(path)
     model_type = d.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: no 'model_type' key (expected e.g. 'llama', 'mistral', 'qwen2')")
-    return config_class(model_type, source=path).from_dict(d, source=path)
+    config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
+    config.name_or_path = os.path.dirname(path)
+    return config
+
+
+class AutoConfig:
+    """`AutoConfig.from_pretrained(dir | repo id | path/to/config.json, **overrides)`, `AutoConfig.for_model`."""
+
+    @staticmethod
+    def from_pretrained(path_or_repo_id: str | os.PathLike, return_unused_kwargs: bool = False,
+                        **kwargs: Any) -> LlamaConfig:
+        name = os.fspath(path_or_repo_id)
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
+        if os.path.isfile(name):
+            path = name
+        else:
+            path = os.path.join(resolve_model_dir(name, **hub), "config.json")
+        config = config_from_file(path, **kwargs)
+        config.name_or_path = name
+        return (config, {}) if return_unused_kwargs else config
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs: Any) -> LlamaConfig:
+        return config_class(model_type)(**kwargs)

@@ -1,4 +1,8 @@
-"""Resolution: a local directory, or a repo id found in the HF cache, or (with a network) downloaded."""
+"""Resolution: a local directory, or a repo id found in the HF cache, or (with a network) downloaded.
+
+The HF cache keeps each file once under `models--org--name/blobs/` and links to it from
+`snapshots/<commit>/`; `trusted_root` says which folder a checkpoint's files may point into.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import re
 
 from .errors import ResolveError
 
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder", "force_download", "proxies",
+              "resume_download", "use_auth_token")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # What a model needs; weights in .bin are fetched only when no safetensors exist.
@@ -31,10 +37,34 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | 
         if os.path.isfile(ref):
             with open(ref, encoding="utf-8") as f:
                 commit = f.read().strip()
-    if commit is None:
+    if commit is None or not _COMMIT.match(commit) and "/" in commit:
         return None
     snapshot = os.path.join(repo_dir, "snapshots", commit)
     return snapshot if os.path.isdir(snapshot) else None
+
+
+def trusted_root(directory: str) -> str:
+    """The folder a model directory's files (and symlinks) must stay inside: the repo's cache folder
+    (`.../models--org--name`) for a snapshot of the HF cache, else the directory itself."""
+    real = os.path.realpath(directory)
+    parts = real.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return os.sep.join(parts[:i])
+    return real
+
+
+def inside(directory: str, rel: str, source: str) -> str:
+    """Resolve rel inside directory, refusing absolute paths, '..' and symlinks that leave its trusted root."""
+    from .errors import CheckpointError
+
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+        raise CheckpointError(f"{source}: shard path {rel!r} must be a relative file name inside the model directory")
+    root = trusted_root(directory)
+    full = os.path.realpath(os.path.join(directory, rel))
+    if os.path.commonpath([root, full]) != root:
+        raise CheckpointError(f"{source}: shard path {rel!r} points outside the model directory {directory}")
+    return full
 
 
 def _offline(local_files_only: bool) -> bool:
@@ -44,27 +74,31 @@ def _offline(local_files_only: bool) -> bool:
 
 def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
                       cache_dir: str | None = None, local_files_only: bool = False,
-                      token: str | None = None, **_: object) -> str:
-    """Turn a directory or repo id into a local directory holding the model's files."""
+                      token: str | bool | None = None, subfolder: str = "", **_: object) -> str:
+    """Turn a directory or repo id (with an optional subfolder) into a local directory holding the model's files."""
     name = os.fspath(path_or_repo_id)
     if os.path.isdir(name):
-        return os.path.abspath(name)
-    if os.path.exists(name):
+        directory = os.path.abspath(name)
+    elif os.path.exists(name):
         raise ResolveError(f"{name}: expected a model directory, found a file")
-    if not _REPO_ID.match(name) or name.count("/") > 1:
+    elif not _REPO_ID.match(name) or name.count("/") > 1:
         raise ResolveError(f"{name}: no such directory, and not a valid Hugging Face repo id ('org/name')")
-    snapshot = cached_snapshot(name, revision, cache_dir)
-    if snapshot is not None:
-        return snapshot
-    if _offline(local_files_only):
-        raise ResolveError(
-            f"{name}: not found in the Hugging Face cache at {cache_dir or hub_cache_dir()} "
-            "and downloads are disabled (offline)"
-        )
-    return _download(name, revision, cache_dir, token)
+    else:
+        cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+        directory = cached_snapshot(name, revision, cache_dir)
+        if directory is None:
+            if _offline(local_files_only):
+                raise ResolveError(f"{name}: not found in the Hugging Face cache at {cache_dir or hub_cache_dir()} "
+                                   "and downloads are disabled (offline)")
+            directory = _download(name, revision, cache_dir, token)
+    if subfolder:
+        directory = os.path.join(directory, subfolder)
+        if not os.path.isdir(directory):
+            raise ResolveError(f"{name}: no subfolder {subfolder!r}")
+    return directory
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: str | None, token: str | None) -> str:
+def _download(repo_id: str, revision: str | None, cache_dir: str | None, token) -> str:
     """Fetch only the files a model needs with huggingface_hub."""
     try:
         from huggingface_hub import snapshot_download

@@ -9,7 +9,8 @@ and a quarter of the time in the kernel; with the settings below, none, and 1.4x
 `keep_freed_memory()` fixes the mmap threshold at glibc's maximum (32 MiB: blocks below it come
 from the heap and are reused) and lets up to 256 MiB of free heap stay mapped. Peak memory is
 unchanged; a process keeps up to 256 MiB of its past activations until it exits, as PyTorch's
-GPU caching allocator does. from_pretrained calls it; it is process-wide and applied once.
+GPU caching allocator does. It is process-wide, so it is an explicit opt-in: autolm's command line,
+server and benchmark turn it on; a library call such as from_pretrained leaves the process alone.
 """
 
 from __future__ import annotations

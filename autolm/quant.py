@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import ConfigError
 
 _COMPUTE = torch.bfloat16  # activation dtype of the CPU kernels
@@ -121,10 +122,9 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None] + self.offsets.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
-            x2 = x.reshape(-1, self.in_features).to(_COMPUTE)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(_COMPUTE))
+        # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
+        y = kernels.int8_matmul(x.reshape(-1, self.in_features).to(_COMPUTE), self.weight, self.scales.to(_COMPUTE))
+        if y is not None:
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             y = y + x.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype) * self.offsets.to(x.dtype)
         else:
@@ -133,7 +133,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Holds `weight` in the kernel's packed layout on the CPU, the portable nibble layout elsewhere."""
+    """Holds `weight` in the CPU kernel's packed layout where that kernel exists (`packed`), the portable
+    nibble layout elsewhere."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
         super().__init__()
@@ -142,6 +143,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros",
                              torch.empty(in_features // group_size, out_features, 2, dtype=_COMPUTE))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.packed = False  # weight in the CPU kernel's layout (set when loaded on the CPU)
 
     @staticmethod
     def quantize(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -152,14 +154,16 @@ class Int4Linear(nn.Module):
         key, sz = prefix + "weight", prefix + "scales_and_zeros"
         if sz in state_dict:
             state_dict[sz] = state_dict[sz].to(_COMPUTE)  # whatever dtype the rest of the model loads in
+        self.packed = False
         if key in state_dict and state_dict[key].device.type == "cpu":
-            q = unpack_nibbles(state_dict[key]).to(torch.int32)
-            state_dict[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            packed = kernels.int4_pack(unpack_nibbles(state_dict[key]).to(torch.int32))
+            if packed is not None:
+                state_dict[key], self.packed = packed, True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight.device.type == "cpu":
+        if self.packed:
             destination[prefix + "weight"] = pack_nibbles(self._unpack_cpu())
 
     def _unpack_cpu(self) -> torch.Tensor:
@@ -167,20 +171,22 @@ class Int4Linear(nn.Module):
         ones = torch.zeros_like(self.scales_and_zeros)
         ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
         eye = torch.eye(self.in_features, dtype=_COMPUTE)
-        qt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, ones)  # (K, N)
+        qt = kernels.int4_matmul(eye, self.weight, self.group_size, ones)  # (K, N)
         return (qt.t().float() + 8).round().to(torch.uint8)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these values stand for."""
-        q = self._unpack_cpu() if self.weight.device.type == "cpu" else unpack_nibbles(self.weight)
+        q = self._unpack_cpu() if self.packed else unpack_nibbles(self.weight)
         q = q.float().reshape(self.out_features, -1, self.group_size)  # (N, G, group)
         sz = self.scales_and_zeros.transpose(0, 1).float()  # (N, G, 2)
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        y = None
+        if self.packed and x.device.type == "cpu":
             x2 = x.reshape(-1, self.in_features).to(_COMPUTE)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+            y = kernels.int4_matmul(x2, self.weight, self.group_size, self.scales_and_zeros)
+        if y is not None:
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from ._util import atomic_write_text, read_json
 from .errors import TokenizerError
+from .hub import HUB_KWARGS, resolve_model_dir
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
@@ -35,9 +37,7 @@ def _token_content(value: Any) -> str | None:
 
 def _read_json(path: str) -> dict[str, Any]:
     """An optional JSON config file: {} when absent."""
-    from .config import load_config_file
-
-    return load_config_file(path, TokenizerError) if os.path.isfile(path) else {}
+    return read_json(path, TokenizerError) if os.path.isfile(path) else {}
 
 
 class Tokenizer:
@@ -60,16 +60,18 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, gguf_file: str | None = None, **kwargs: Any) -> "Tokenizer":
-        from .hub import resolve_model_dir
-
-        directory = resolve_model_dir(path_or_repo_id, **{k: kwargs.pop(k) for k in
-                                                           ("revision", "cache_dir", "local_files_only", "token")
-                                                           if k in kwargs})
+        directory = resolve_model_dir(path_or_repo_id, **{k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs})
         if gguf_file is not None:
-            from .gguf import tokenizer_from_gguf
-
-            return tokenizer_from_gguf(os.path.join(directory, gguf_file))
+            return cls.from_gguf(os.path.join(directory, gguf_file))
         return cls.from_dir(directory, **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "Tokenizer":
+        """The tokenizer stored inside a GGUF file."""
+        from .sources.gguf_tokenizer import tokenizer_parts
+
+        backend, special, template, init = tokenizer_parts(path)
+        return cls(backend, special, template, name_or_path=path, init_kwargs=init)
 
     @classmethod
     def from_dir(cls, directory: str, padding_side: str | None = None) -> "Tokenizer":
@@ -243,8 +245,6 @@ class Tokenizer:
 
     def save_pretrained(self, directory: str) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template), atomically."""
-        from .saving import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
         cfg = {k: v for k, v in self.init_kwargs.items() if k not in _SPECIAL and k != "chat_template"}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._util import world
 from .errors import AutolmError
 
 
@@ -68,13 +69,13 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[tuple[list[int]
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask, labels (-100 on padding)."""
-    T = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    from torch.nn.utils.rnn import pad_sequence
+
+    def pad(rows, value):
+        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=value)
+
+    return {"input_ids": pad([x for x, _ in batch], pad_id), "attention_mask": pad([[1] * len(x) for x, _ in batch], 0),
+            "labels": pad([y for _, y in batch], -100)}
 
 
 def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainConfig | None = None) -> list[float]:
@@ -86,8 +87,6 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
     and divided by the whole batch's count (times the world size, which FSDP's gradient average
     divides out), so the gradients, the adapter and the losses equal one process's.
     """
-    from .distributed import world
-
     cfg = config or TrainConfig()
     rank, size = world()
     torch.manual_seed(cfg.seed)
@@ -101,7 +100,8 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
     base = getattr(peft_model, "base_model", peft_model)
-    base.model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
     peft_model.train()
     losses: list[float] = []
     bar = None
@@ -138,7 +138,7 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
     finally:
         if bar is not None:
             bar.close()
-        base.model.gradient_checkpointing = False
+        base.gradient_checkpointing_disable()
         peft_model.eval()
     peft_model.save_pretrained(out_dir)
     return losses

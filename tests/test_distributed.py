@@ -34,7 +34,7 @@ _TP = textwrap.dedent("""
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     weights = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                   for n, p in model.named_parameters() if ".layers." in n)
-    cache = autolm.KVCache.for_model(model, 1, 8)
+    cache = model.make_cache(1, 8)
     rows = {n: (p.to_local() if hasattr(p, "to_local") else p).shape[0] for n, p in model.named_parameters()
             if n in ("model.embed_tokens.weight", "lm_head.weight")}
     torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1],

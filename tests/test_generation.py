@@ -8,7 +8,7 @@ from conftest import VOCAB, padded_batch
 
 import autolm
 from autolm.errors import GenerationError
-from autolm.generation import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
+from autolm.generation.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_sliding", "mistral_sliding", "qwen3"])
@@ -123,24 +123,28 @@ def test_bad_arguments_are_clear():
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_sliding", "mistral_sliding", "qwen3"])
 def test_decode_step_equals_forward(checkpoint, name):
-    """The static-shape decode step (whole-capacity attention under a mask) gives forward's logits."""
+    """The static-shape decode step (the one forward over the cache's whole capacity under a mask, what
+    compile_decode compiles; run eagerly here) gives the plain forward's logits."""
     directory, _ = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    stepper = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    stepper.decode_step = stepper.step  # what compile_decode installs, uncompiled
     ids, mask = padded_batch(seed=3, lengths=(9, 5, 2))
     B, P = ids.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = [autolm.KVCache.for_model(model, B, 16) for _ in range(2)]  # grows past 16 on the way
+    caches = [model.make_cache(B, 16), stepper.make_cache(B, 16)]  # the plain one grows past 16 on the way
+    assert caches[1].capacity == 256 and caches[1].static
     with torch.no_grad():
-        for cache in caches:
-            model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        for m, cache in zip((model, stepper), caches):
+            m(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
         tokens = torch.randint(3, VOCAB, (B, 12), generator=torch.Generator().manual_seed(0))
         pos = positions[:, -1:]
         for t in range(tokens.shape[1]):
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             pos = pos + 1
             want = model(tokens[:, t: t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[0]).logits
-            got = model.decode_step(tokens[:, t: t + 1], mask, pos, caches[1])
-            torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
+            got = stepper(tokens[:, t: t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[1]).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert caches[1].length == P + tokens.shape[1]
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autolm
-from autolm.checkpoint import read_safetensors_header
+from autolm.sources.safetensors import read_safetensors_header
 from autolm.errors import AutolmError, CheckpointError, ConfigError
 
 
@@ -219,7 +219,7 @@ def test_fuzz_safetensors_header(fuzz_source, tmp_path_factory, data):
     path = d / "model.safetensors"
     path.write_bytes(bytes(mutated) + body)
     try:
-        from autolm.checkpoint import SafetensorsFile
+        from autolm.sources.safetensors import SafetensorsFile
 
         f = SafetensorsFile(str(path))
         for k in f.keys():

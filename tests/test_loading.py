@@ -34,13 +34,28 @@ def test_no_parameter_is_randomly_initialised(checkpoint, monkeypatch):
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+def hf_cache_layout(directory, repo, commit: str):
+    """Lay a checkpoint out as huggingface_hub does: each file once in blobs/ (named by its hash), the
+    snapshot a folder of relative symlinks into blobs/, refs/main naming the commit."""
+    import hashlib
+
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in os.listdir(directory):
+        data = open(os.path.join(directory, name), "rb").read()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        os.symlink(os.path.join("..", "..", "blobs", blob), snap / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
 def test_repo_id_resolves_from_hf_cache_layout(checkpoint, tmp_path, monkeypatch):
     directory, ref = checkpoint("qwen2_tied_bias")
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--acme--tiny-qwen"
-    shutil.copytree(directory, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    repo = hf_cache_layout(directory, tmp_path / "hub" / "models--acme--tiny-qwen", commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = autolm.AutoModelForCausalLM.from_pretrained("acme/tiny-qwen")
@@ -53,6 +68,22 @@ def test_repo_id_resolves_from_hf_cache_layout(checkpoint, tmp_path, monkeypatch
     assert autolm.AutoConfig.from_pretrained("acme/tiny-qwen").hidden_size == 48
     with pytest.raises(ResolveError, match="not found in the Hugging Face cache"):
         autolm.AutoModelForCausalLM.from_pretrained("acme/missing")
+    # A sharded checkpoint too, by repo id and by snapshot path; a link out of the repo's folder is refused.
+    sharded, ref2 = checkpoint("llama_gqa_llama3_sharded")
+    repo2 = hf_cache_layout(sharded, tmp_path / "models--acme--sharded", commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for name in ("acme/sharded", str(repo2 / "snapshots" / commit)):
+        model = autolm.AutoModelForCausalLM.from_pretrained(name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(_ids()).logits, ref2(_ids()).logits, atol=1e-5, rtol=1e-5)
+    snap = repo2 / "snapshots" / commit
+    shard = sorted(f for f in os.listdir(snap) if f.endswith(".safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(snap / shard, outside)
+    os.unlink(snap / shard)
+    os.symlink(outside, snap / shard)
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        autolm.AutoModelForCausalLM.from_pretrained("acme/sharded")
 
 
 def test_pytorch_bin_checkpoint(checkpoint, tmp_path):
@@ -82,7 +113,7 @@ def test_zero_copy_when_dtype_matches(checkpoint):
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
     import ctypes
 
-    from autolm.checkpoint import SafetensorsFile
+    from autolm.sources.safetensors import SafetensorsFile
 
     st = SafetensorsFile(os.path.join(directory, "model.safetensors"))
     t = st.get("model.norm.weight")
@@ -132,8 +163,7 @@ def test_register_a_new_family(checkpoint, tmp_path):
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from autolm.models.llama import LlamaForCausalLM
-    from autolm.registry import register
+    from autolm.models import LlamaForCausalLM, register
 
     @dataclass
     class MyConfig(autolm.LlamaConfig):
@@ -160,7 +190,8 @@ from autolm.config import LlamaConfig
 from autolm.models.llama import LlamaForCausalLM
 torch.set_num_threads(1)
 if sys.argv[1] != "-":
-    autolm.from_pretrained(sys.argv[1])  # the only difference between the two runs
+    from autolm.malloc import keep_freed_memory
+    keep_freed_memory()  # the only difference between the two runs
 cfg = LlamaConfig(vocab_size=160, hidden_size=512, intermediate_size=2816, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=2)
 model = LlamaForCausalLM(cfg).eval()
@@ -174,15 +205,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_from_pretrained_keeps_freed_activation_memory(checkpoint):
+def test_keep_freed_memory_stops_page_faults_per_op():
     """Forward passes with megabyte activations page-fault their outputs anew under glibc's default
-    malloc settings; after from_pretrained they reuse freed memory."""
+    malloc settings; after the opt-in keep_freed_memory() (the CLI, server and bench call it) they reuse
+    freed memory."""
     from autolm.malloc import keep_freed_memory
 
     if not keep_freed_memory():
         pytest.skip("not glibc")
-    d, _ = checkpoint("qwen2_tied_bias")
     runs = {arg: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, arg], capture_output=True, text=True,
-                                    check=True).stdout) for arg in ("-", d)}
+                                    check=True).stdout) for arg in ("-", "tuned")}
     assert runs["-"] > 5000, runs  # ~10,000 faults per forward by default
-    assert runs[d] < runs["-"] / 10, runs
+    assert runs["tuned"] < runs["-"] / 10, runs

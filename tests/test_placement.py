@@ -14,7 +14,7 @@ from conftest import padded_batch, positions
 
 import autolm
 from autolm.errors import ConfigError
-from autolm.placement import blocks, plan, resolve_device_map
+from autolm.load.placement import blocks, plan, resolve_device_map
 
 
 def _weight_bytes(model, dtype) -> int:

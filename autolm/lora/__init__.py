@@ -1,0 +1,7 @@
+"""LoRA in peft's own format: LoraConfig, TaskType, get_peft_model, PeftModel (load / save / merge / adapters)."""
+
+from .config import LoraConfig, TaskType
+from .layers import LoraLinear, ModulesToSave
+from .model import PeftModel, get_peft_model
+
+__all__ = ["LoraConfig", "LoraLinear", "ModulesToSave", "PeftModel", "TaskType", "get_peft_model"]

@@ -1,0 +1,125 @@
+"""peft's LoraConfig (the fields LoRA on Linear layers uses) and TaskType."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .._util import read_json
+from ..errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
+
+
+class TaskType(str, enum.Enum):
+    """peft's task types; autolm's models are causal LMs."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class LoraConfig:
+    """peft's LoraConfig fields and defaults (the ones LoRA on Linear layers uses)."""
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    use_dora: bool = False
+    task_type: str | None = "CAUSAL_LM"
+    peft_type: str = "LORA"
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 0 < self.r <= 65536:
+            raise AdapterError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise AdapterError(f"LoraConfig: lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise AdapterError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        t = self.target_modules
+        if t is not None and not isinstance(t, str) and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
+            raise AdapterError(f"LoraConfig: target_modules must be a string or a list of strings, got {t!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise AdapterError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.use_dora:
+            raise AdapterError("LoraConfig: use_dora=True (DoRA) is not supported by autolm yet")
+        if self.peft_type != "LORA":
+            raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "LoraConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
+        try:
+            return cls.from_dict(read_json(path, AdapterError))
+        except TypeError as e:
+            raise AdapterError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        return d
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]:
+        """r and alpha for a module, honouring rank_pattern / alpha_pattern (peft's matching)."""
+        r = next((v for p, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.r)
+        a = next((v for p, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.lora_alpha)
+        return r, a
+
+    def matches(self, key: str, module: nn.Module) -> bool:
+        """peft's target rule: regex string (full match), exact name or suffix, or 'all-linear'."""
+        if not isinstance(module, nn.Linear):
+            return False
+        if self.exclude_modules:
+            ex = self.exclude_modules
+            if (re.fullmatch(ex, key) if isinstance(ex, str)
+                    else key in ex or any(key.endswith(f".{e}") for e in ex)):
+                return False
+        targets = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS
+        if isinstance(targets, str):
+            if targets.lower() == "all-linear":
+                found = key.split(".")[-1] != "lm_head"
+            else:
+                found = re.fullmatch(targets, key) is not None
+        else:
+            found = key in targets or any(key.endswith(f".{t}") for t in targets)
+        if found and self.layers_to_transform is not None:
+            m = re.search(r"\.layers\.(\d+)\.", f".{key}")
+            wanted = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            found = m is not None and int(m.group(1)) in wanted
+        return found

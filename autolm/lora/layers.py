@@ -1,0 +1,158 @@
+"""LoRA layers in peft's module layout: LoraLinear (base_layer, lora_A/lora_B per adapter), ModulesToSave."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from .config import LoraConfig
+
+class LoraLinear(nn.Module):
+    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
+        w = self.base_layer.weight
+        device = w.device if w.device.type != "meta" else None
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if init is True or init == "default":
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[name].weight)
+        if name not in self.active_adapters:
+            self.active_adapters = [name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A (out, in), computed in fp32."""
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    def merge(self, names: list[str] | None = None) -> None:
+        for name in names or self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                w = self.base_layer.weight
+                w.data = (w.data.float() + self.delta_weight(name)).to(w.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.base_layer.weight
+            w.data = (w.data.float() - self.delta_weight(name)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disable_adapters:
+            if self.merged_adapters:
+                raise AdapterError("cannot disable adapters while they are merged: unmerge_adapter() first")
+            return y
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                a = self.lora_A[name]
+                y = y + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype) * self.scaling[name]
+        return y
+
+
+class ModulesToSave(nn.Module):
+    """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+        self.active_adapter = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every targeted Linear in a LoraLinear (or add an adapter to an existing one); return their names."""
+    if config.fan_in_fan_out:
+        config.fan_in_fan_out = False  # peft does the same for nn.Linear: the weight is (out, in)
+    targeted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            base_name, base = name, module.base_layer
+        elif ".base_layer" in name or ".lora_" in name or isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+            continue
+        else:
+            base_name, base = name, module
+        if not config.matches(base_name, base):
+            continue
+        layer = module if isinstance(module, LoraLinear) else LoraLinear(base)
+        if layer is not module:
+            _set_module(model, name, layer)
+        r, alpha = config.rank_and_alpha(base_name)
+        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        targeted.append(name)
+    if not targeted:
+        raise AdapterError(
+            f"target modules {config.target_modules!r} match no Linear layer of the model "
+            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})})"
+        )
+    for name in config.modules_to_save or []:
+        found = False
+        for mod_name, module in list(model.named_modules()):
+            if mod_name == name or mod_name.endswith(f".{name}"):
+                wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+                if wrapper is not module:
+                    _set_module(model, mod_name, wrapper)
+                wrapper.add_adapter(adapter_name)
+                found = True
+        if not found:
+            raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
+    return targeted

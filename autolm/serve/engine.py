@@ -1,0 +1,186 @@
+"""The serving engine: one thread owns the model and runs continuous batching. New requests are prefilled
+together as a left-padded batch and join the running batch between decode steps (their caches
+right-aligned under a padding mask); finished, failed or abandoned requests leave it at the next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ..generation import Detokenizer, GenerationConfig, choose, process_logits
+from ..models import KVCache
+
+# ---- the engine -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sequence:
+    """One completion being generated: its settings, its progress, and where its events go."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    stops: list[str]
+    emit: Any  # callable(event dict), called from the engine thread
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already emitted
+    text: str = ""  # the text so far
+    detok: Any = None
+    cancelled: bool = False
+    cached: int = 0  # tokens of this sequence in the batch cache
+    last: int = -1  # the latest sampled token, fed to the next decode step
+
+
+class Engine:
+    """Runs the model on a background thread; `submit` hands it a Sequence."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.pending: queue.Queue[Sequence] = queue.Queue()
+        self.active: list[Sequence] = []
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache slot holds a real token
+        self.steps = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="autolm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self.pending.put(seq)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._admit(block=not self.active)
+                self._step()
+            except Exception as e:  # keep serving; fail the requests in flight
+                self.error = e
+                for seq in self.active:
+                    seq.emit({"error": f"generation failed: {e}"})
+                self.active, self.cache, self.mask = [], None, None
+
+    @torch.inference_mode()
+    def _admit(self, block: bool) -> None:
+        """Take waiting requests (up to max_batch in all), prefill them together, add them to the batch."""
+        joined: list[Sequence] = []
+        while len(self.active) + len(joined) < self.max_batch:
+            try:
+                seq = self.pending.get(block=block and not joined)
+            except queue.Empty:
+                break
+            if not seq.cancelled:
+                joined.append(seq)
+        if not joined:
+            return
+        try:
+            cache = self._prefill(joined)
+        except Exception as e:  # these requests fail; the running batch goes on
+            for seq in joined:
+                seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            return
+        self._rebuild([(seq, cache, j) for j, seq in enumerate(joined)])
+
+    def _prefill(self, seqs: list[Sequence]) -> KVCache:
+        """Run the new prompts as one left-padded batch and sample each one's first token."""
+        dev = self.model.device
+        ids = pad_sequence([torch.tensor(s.prompt) for s in seqs], batch_first=True, padding_side="left").to(dev)
+        mask = pad_sequence([torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True,
+                            padding_side="left").to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.make_cache(len(seqs), ids.shape[1])
+        out = self.model(ids, attention_mask=mask if not bool(mask.all()) else None, position_ids=positions,
+                         past_key_values=cache, logits_to_keep=1)
+        for j, s in enumerate(seqs):
+            s.cached = len(s.prompt)
+            self._take(s, out.logits[j, -1])
+        return cache
+
+    def _rebuild(self, joined: list[tuple[Sequence, KVCache, int]] = ()) -> None:
+        """Drop finished rows and add new ones: the batch cache re-made with every row right-aligned."""
+        keep = [(s, i) for i, s in enumerate(self.active) if not self._done(s)]
+        new = [(s, c, j) for s, c, j in joined if not self._done(s)]
+        rows = [(self.cache, i, s.cached) for s, i in keep] + [(c, j, s.cached) for s, c, j in new]
+        self.active = [s for s, _ in keep] + [s for s, _, _ in new]
+        if not self.active:
+            self.cache, self.mask = None, None
+            return
+        longest = max(s.cached for s in self.active)
+        static = self.model.decode_step is not None  # a compiled step: static addresses, capacity in steps of 256
+        capacity = -(-(longest + 64) // 256) * 256 if static else longest + 64
+        self.cache = KVCache.gather(rows, capacity, static)
+        self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
+        for i, s in enumerate(self.active):
+            self.mask[i, longest - s.cached:] = 1
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """One decode step for every active row."""
+        if any(self._done(s) for s in self.active):
+            self._rebuild()
+        if not self.active:
+            return
+        dev = self.model.device
+        tokens = torch.tensor([[s.last] for s in self.active], device=dev)
+        positions = torch.tensor([[s.cached] for s in self.active], device=dev)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
+        logits = self.model(tokens, attention_mask=self.mask, position_ids=positions,
+                            past_key_values=self.cache).logits[:, -1]
+        greedy = logits.argmax(-1).tolist()
+        self.steps += 1
+        for i, seq in enumerate(self.active):
+            seq.cached += 1
+            self._take(seq, logits[i], greedy[i])
+
+    def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Choose the next token of a row, emit its text, and decide whether the row is finished. A failure
+        here (a broken sampling setting) ends this request alone."""
+        try:
+            self._choose(seq, logits, greedy)
+        except Exception as e:
+            seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            seq.cancelled = True
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
+        cfg = seq.config
+        if cfg.do_sample or cfg.repetition_penalty != 1.0 or greedy is None:
+            history = torch.tensor([seq.prompt + seq.tokens], device=logits.device)
+            scores = process_logits(logits[None].float(), history, cfg, len(seq.tokens))
+            token = int(choose(scores, cfg, seq.generator))
+        else:
+            token = greedy
+        seq.last = token
+        if token in cfg.eos_ids:
+            return self._finish(seq, "stop")
+        seq.tokens.append(token)
+        if seq.detok is None:
+            seq.detok = Detokenizer(self.tokenizer)
+        seq.text += seq.detok.add(token)
+        text = seq.text
+        cut = min((text.find(s) for s in seq.stops if s in text), default=-1)
+        if cut >= 0:
+            return self._finish(seq, "stop", text[:cut])
+        if len(seq.tokens) >= cfg.max_new_tokens:
+            return self._finish(seq, "length", text)
+        # Hold back an incomplete character, and any tail that could still become a stop string.
+        safe = len(text) - (max(map(len, seq.stops)) - 1 if seq.stops else 0)
+        if safe > seq.sent:
+            seq.emit({"text": text[seq.sent: safe]})
+            seq.sent = safe
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> None:
+        if text is None:
+            text = seq.text
+        seq.emit({"text": text[seq.sent:], "finish_reason": reason, "prompt_tokens": len(seq.prompt),
+                  "completion_tokens": len(seq.tokens) + (reason == "stop" and seq.last in seq.config.eos_ids)})
+        seq.sent = len(text)
+        seq.cancelled = True  # marks it done: the next step drops the row
+
+    @staticmethod
+    def _done(seq: Sequence) -> bool:
+        return seq.cancelled

@@ -1,0 +1,149 @@
+"""Where weights come from. A source yields a config and (file, HF name, tensor) triples:
+
+- `CheckpointSource`: an HF directory, safetensors (single or sharded, memory-mapped, zero-copy)
+  or PyTorch `.bin` (weights_only, never arbitrary unpickling);
+- `GGUFSource`: a llama.cpp GGUF file, metadata -> config, tensors dequantized with HF names.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .._util import read_json
+from ..config import LlamaConfig, config_from_file
+from ..errors import CheckpointError
+from ..hub import inside
+from .safetensors import SafetensorsFile, read_safetensors_header
+
+# Tensors some checkpoints carry that the model computes itself.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYOUTS = (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+            ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    """Read a PyTorch .bin checkpoint with weights_only=True: tensors only, no code runs. Memory-mapped,
+    unless the archive's entries are compressed (a mapping would then hold the compressed bytes)."""
+    try:
+        compressed = False
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=not compressed)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            AttributeError, ImportError, TypeError, KeyError, RecursionError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable weights-only PyTorch checkpoint ({first}); autolm never unpickles "
+            "arbitrary objects — convert it to safetensors if you trust its source") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors")
+    return sd
+
+
+def _read_index(directory: str, index_name: str) -> list[str]:
+    path = os.path.join(directory, index_name)
+    index = read_json(path, CheckpointError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file")
+    shards: list[str] = []
+    for name, rel in weight_map.items():
+        full = inside(directory, rel, path)
+        if full not in shards:
+            if not os.path.isfile(full):
+                raise CheckpointError(f"{path}: tensor {name!r} maps to shard {rel!r}, which does not exist")
+            shards.append(full)
+    return shards
+
+
+class CheckpointSource:
+    """An HF checkpoint directory: config.json plus safetensors (preferred) or .bin weights."""
+
+    def __init__(self, directory: str, use_safetensors: bool | None = None, variant: str | None = None):
+        self.directory = directory
+        layouts = [lay for lay in _LAYOUTS if use_safetensors is None or (lay[0] == "safetensors") == use_safetensors]
+        for fmt, single, index in layouts:
+            if variant:
+                stem, ext = os.path.splitext(single)
+                single, index = f"{stem}.{variant}{ext}", index.replace(ext, f".{variant}{ext}")
+            if os.path.isfile(os.path.join(directory, index)):
+                self.format, self.files = fmt, _read_index(directory, index)
+                return
+            if os.path.isfile(os.path.join(directory, single)):
+                self.format, self.files = fmt, [inside(directory, single, directory)]
+                return
+        names = ", ".join(f"{s}, {i}" for _, s, i in layouts)
+        raise CheckpointError(f"{directory}: no weights found (expected {names})")
+
+    def config(self, **overrides: Any) -> LlamaConfig:
+        return config_from_file(os.path.join(self.directory, "config.json"), **overrides)
+
+    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
+        seen: dict[str, str] = {}
+        for path in self.files:
+            if self.format == "safetensors":
+                st = SafetensorsFile(path)
+                items = ((name, lambda n=name: st.get(n)) for name in st.keys())
+            else:
+                sd = load_bin(path)
+                items = ((name, lambda n=name: sd[n]) for name in list(sd))
+            for name, get in items:
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
+                seen[name] = path
+                yield path, name, get()
+
+    def shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Every tensor's shape, read from the safetensors headers alone (None for .bin)."""
+        if self.format != "safetensors":
+            return None
+        return {n: i.shape for f in self.files for n, i in read_safetensors_header(f)[0].items()}
+
+
+class GGUFSource:
+    """A GGUF file: config from its metadata, tensors dequantized to float32 under HF names."""
+
+    def __init__(self, path: str):
+        from .gguf import GGUFFile
+
+        self.directory, self.format, self.files = os.path.dirname(path), "gguf", [path]
+        self.file = GGUFFile(path)
+
+    def config(self, **overrides: Any) -> LlamaConfig:
+        from .gguf import config_from_gguf
+
+        config = config_from_gguf(self.file, **overrides)
+        config.name_or_path = self.files[0]
+        return config
+
+    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        from .gguf import gguf_tensors
+
+        return gguf_tensors(self.file, self.config())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        from .gguf import hf_name
+
+        return {hf_name(t.name): tuple(int(x) for x in reversed(t.shape)) for t in self.file.reader.tensors
+                if hf_name(t.name) is not None}
+
+
+def open_source(directory: str, gguf_file: str | None = None, use_safetensors: bool | None = None,
+                variant: str | None = None) -> CheckpointSource | GGUFSource:
+    """The source of a model directory (or of one GGUF file in it)."""
+    if gguf_file is not None:
+        return GGUFSource(inside(directory, gguf_file, directory))
+    return CheckpointSource(directory, use_safetensors, variant)

@@ -1,0 +1,145 @@
+"""GGUF (llama.cpp's format) -> config and dequantized tensors with HF names.
+
+Read with the `gguf` package. llama.cpp's converter permutes the rows of q/k weights for the llama
+architecture (interleaved RoPE); we undo that so the HF rotate-half convention applies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import config_class
+from ..errors import GGUFError
+
+_CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.dimension_count": "head_dim",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.sliding_window": "sliding_window",
+    "vocab_size": "vocab_size",
+}
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+class GGUFFile:
+    """A GGUF file opened with gguf.GGUFReader; metadata as plain Python values; errors as GGUFError."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = path
+        if not os.path.isfile(path):
+            raise GGUFError(f"{path}: file not found")
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
+            raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except Exception as e:
+                raise GGUFError(f"{path}: metadata key {key!r} is corrupt ({e})") from None
+        self.architecture = self.metadata.get("general.architecture")
+        if self.architecture not in _ARCHS:
+            raise GGUFError(
+                f"{path}: architecture {self.architecture!r} is not supported (expected one of {sorted(_ARCHS)})"
+            )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+
+def config_from_gguf(g: GGUFFile, **overrides):
+    """The HF config this file's metadata describes."""
+    d: dict[str, Any] = {"model_type": _ARCHS[g.architecture]}
+    for key, name in _CONFIG_KEYS.items():
+        value = g.get(key)
+        if value is not None:
+            d[name] = value
+    if "vocab_size" not in d and "tokenizer.ggml.tokens" in g.metadata:
+        d["vocab_size"] = len(g.metadata["tokenizer.ggml.tokens"])
+    rope = {"rope_theta": g.get("rope.freq_base", 10000.0)}
+    scaling = g.get("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        rope.update(rope_type=scaling, factor=g.get("rope.scaling.factor"))
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = g.get("rope.scaling.original_context_length")
+    d["rope_parameters"] = rope
+    names = {t.name for t in g.reader.tensors}
+    d["tie_word_embeddings"] = "output.weight" not in names
+    if g.architecture == "qwen2":
+        d["use_sliding_window"] = False
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in g.metadata:
+            value = g.metadata[f"tokenizer.ggml.{key}"]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise GGUFError(f"{g.path}: tokenizer.ggml.{key} must be an integer, found {value!r}")
+            d[name] = value
+    d["dtype"] = "float32"
+    return config_class(d["model_type"], source=g.path).from_dict(d, source=g.path, **overrides)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unknown tensors."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m:
+        part = _LAYER_NAMES.get(m.group(2))
+        return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: (n_head, 2, dim/2) row groups -> (n_head, dim/2, 2)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def gguf_tensors(g: GGUFFile, config) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (file, HF name, dequantized fp32 tensor) for every tensor of the file."""
+    import gguf
+
+    size = os.path.getsize(g.path)
+    for t in g.reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue  # llama3 RoPE factors; the config carries them
+            raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
+        if t.data_offset + t.n_bytes > size:
+            raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {t.tensor_type.name} ({e})") from None
+        w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        if g.architecture in ("llama", "mistral"):
+            if ".attn_q." in t.name:
+                w = unpermute(w, config.num_attention_heads)
+            elif ".attn_k." in t.name:
+                w = unpermute(w, config.num_key_value_heads)
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w, order="C")  # unquantized tensors are read-only views of the memory map
+        yield g.path, name, torch.from_numpy(w)
