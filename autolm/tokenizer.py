@@ -74,9 +74,13 @@ class Tokenizer:
         return cls(backend, special, template, name_or_path=path, init_kwargs=init)
 
     @classmethod
-    def from_dir(cls, directory: str, padding_side: str | None = None) -> "Tokenizer":
+    def from_dir(cls, directory: str, padding_side: str | None = None, **kwargs: Any) -> "Tokenizer":
         from tokenizers import Tokenizer as Backend
 
+        for k in ("use_fast", "trust_remote_code", "legacy", "add_prefix_space"):
+            kwargs.pop(k, None)  # transformers' switches: autolm always runs the fast `tokenizers` backend
+        if kwargs:
+            raise TokenizerError(f"AutoTokenizer.from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
             raise TokenizerError(f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)")

@@ -200,9 +200,10 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
         report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
     report.tensors = len(loaded)
     model = placer.finish(model, loaded)
-    if isinstance(placer, (DeviceMap, Quantize)) and isinstance(getattr(placer, "inner", placer), DeviceMap):
-        m = getattr(placer, "inner", placer).map
-        report.notes.append(f"device_map: {len(m)} blocks, {sum(d == 'disk' for d in m.values())} on disk")
+    mapped = placer.inner if isinstance(placer, Quantize) else placer
+    if isinstance(mapped, DeviceMap):
+        on_disk = sum(d == "disk" for d in mapped.map.values())
+        report.notes.append(f"device_map: {len(mapped.map)} blocks, {on_disk} on disk")
     return model
 
 

@@ -249,7 +249,8 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         if cache is not None:
             cache.length = max(cache.length, end)
         loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
-        out = CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache or past_key_values else None,
+        out = CausalLMOutput(logits=logits, loss=loss,
+                             past_key_values=cache if use_cache or past_key_values is not None else None,
                              hidden_states=tuple(hidden) if hidden is not None else None)
         return out if return_dict is not False else out.to_tuple()
 
