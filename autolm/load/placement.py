@@ -20,16 +20,18 @@ from ..errors import ConfigError
 STRATEGIES = ("auto", "balanced", "sequential", "cpu")
 
 
-def blocks(model: nn.Module) -> list[tuple[str, int]]:
-    """The model's placement units in forward order with their bytes (a tensor shared with an earlier block,
-    such as a tied LM head, counts once)."""
+def blocks(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, int]]:
+    """The model's placement units in forward order with their bytes, floating tensors counted in `dtype`
+    when given (a tensor shared with an earlier block, such as a tied LM head, counts once)."""
     seen: set[int] = set()
     out = []
     for name in model.blocks():
-        tensors = [t for t in [*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()]
-                   if id(t) not in seen]
+        module = model.get_submodule(name)
+        tensors = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in seen]
         seen.update(id(t) for t in tensors)
-        out.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+        size = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+                   for t in tensors)
+        out.append((name, size))
     return out
 
 
@@ -96,9 +98,11 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
     return result
 
 
-def resolve_device_map(model: nn.Module, device_map, max_memory=None) -> dict[str, str]:
-    """A strategy name or a {prefix: device} dict -> {block: device}, checked and complete."""
-    units = blocks(model)
+def resolve_device_map(model: nn.Module, device_map, max_memory=None, dtype: torch.dtype | None = None
+                       ) -> dict[str, str]:
+    """A strategy name or a {prefix: device} dict -> {block: device}, checked and complete; block sizes are
+    counted in `dtype` (the dtype the weights will load in)."""
+    units = blocks(model, dtype)
     tied = model.config.tie_word_embeddings
     if isinstance(device_map, (str, torch.device)) and str(device_map) not in STRATEGIES:
         return {name: str(torch.device(device_map)) for name, _ in units}  # one device, e.g. "cuda:0"

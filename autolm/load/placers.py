@@ -62,7 +62,7 @@ class DeviceMap(OneDevice):
         self._headers: dict[str, dict] = {}
 
     def plan(self, model: nn.Module, dtype: torch.dtype) -> None:
-        self.map = resolve_device_map(model.to(dtype), self.request, self.max_memory)  # .to on meta is free
+        self.map = resolve_device_map(model, self.request, self.max_memory, dtype)
 
     def put(self, name: str, t: torch.Tensor, path: str, zero_copy: bool) -> torch.Tensor:
         block = max((b for b in self.map if name.startswith(b + ".")), key=len, default=None)
