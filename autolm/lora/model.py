@@ -18,7 +18,7 @@ from ..errors import AdapterError, AutolmError
 from ..hub import resolve_model_dir
 from ..sources import load_bin
 from ..sources.safetensors import SafetensorsFile
-from .config import CONFIG_NAME, LoraConfig, TaskType
+from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLinear, ModulesToSave, _set_module, inject_adapter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
