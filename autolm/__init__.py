@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AutoConfig": "autolm.config",
+    "AutoConfig": "autolm.load",
     "LlamaConfig": "autolm.config",
     "MistralConfig": "autolm.config",
     "Qwen2Config": "autolm.config",

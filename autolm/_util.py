@@ -105,8 +105,10 @@ def atomic_directory(target: str, owned: Any = None) -> Iterator[str]:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(target)
-    for stale in os.listdir(parent):  # folders left by saves that were killed
-        if stale.startswith((f".{base}.tmp-", f".{base}.old-")):
+    for stale in sorted(os.listdir(parent)):  # folders left by saves that were killed
+        if stale.startswith(f".{base}.old-") and not os.path.lexists(target):
+            os.replace(os.path.join(parent, stale), target)  # killed between its two renames: put it back
+        elif stale.startswith((f".{base}.tmp-", f".{base}.old-")):
             shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-")
     try:

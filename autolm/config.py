@@ -105,7 +105,7 @@ class LlamaConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> "LlamaConfig":
-        return AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
+        return load_config(path_or_repo_id, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: known fields, RoPE in the spelling it was read in, unknown keys kept."""
@@ -345,23 +345,12 @@ def config_from_file(path: str, **overrides: Any) -> LlamaConfig:
     return config
 
 
-class AutoConfig:
-    """`AutoConfig.from_pretrained(dir | repo id | path/to/config.json, **overrides)`, `AutoConfig.for_model`."""
-
-    @staticmethod
-    def from_pretrained(path_or_repo_id: str | os.PathLike, return_unused_kwargs: bool = False,
-                        **kwargs: Any) -> LlamaConfig:
-        name = os.fspath(path_or_repo_id)
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-        kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
-        if os.path.isfile(name):
-            path = name
-        else:
-            path = os.path.join(resolve_model_dir(name, **hub), "config.json")
-        config = config_from_file(path, **kwargs)
-        config.name_or_path = name
-        return (config, {}) if return_unused_kwargs else config
-
-    @staticmethod
-    def for_model(model_type: str, **kwargs: Any) -> LlamaConfig:
-        return config_class(model_type)(**kwargs)
+def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> LlamaConfig:
+    """The config of a model directory, a repo id or a config.json path, with field overrides."""
+    name = os.fspath(path_or_repo_id)
+    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+    kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
+    path = name if os.path.isfile(name) else os.path.join(resolve_model_dir(name, **hub), "config.json")
+    config = config_from_file(path, **kwargs)
+    config.name_or_path = name
+    return config

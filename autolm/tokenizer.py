@@ -3,8 +3,10 @@ and chat templates rendered by jinja2 with transformers' semantics."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -97,9 +99,19 @@ class Tokenizer:
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                       for t in template):
+                raise TokenizerError(f"{directory}/tokenizer_config.json: chat_template list entries must be "
+                                     '{"name": ..., "template": ...} objects')
             template = {t["name"]: t["template"] for t in template}
+        elif template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{directory}/tokenizer_config.json: chat_template must be a string or a list, "
+                                 f"found {type(template).__name__}")
+        side = padding_side or config.get("padding_side", "right")
+        if side not in ("left", "right"):
+            raise TokenizerError(f"{directory}/tokenizer_config.json: padding_side must be 'left' or 'right', found {side!r}")
         max_len = config.get("model_max_length")
-        return cls(backend, special, template, padding_side or config.get("padding_side", "right"),
+        return cls(backend, special, template, side,
                    int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
                    bool(config.get("clean_up_tokenization_spaces", False)), directory, config)
 
@@ -271,50 +283,102 @@ def _clean_up(text: str) -> str:
     return text
 
 
-_ENV = None
+MAX_TEMPLATE_OUTPUT = 4_000_000  # characters a chat template may render
+MAX_TEMPLATE_ITEMS = 1_000_000  # range() items, and the length of strings/lists made with * or +, per render
+_budget = threading.local()
 
 
+def _range(*args: int) -> range:
+    r = range(*args)
+    left = getattr(_budget, "left", MAX_TEMPLATE_ITEMS) - len(r)
+    if left < 0:
+        raise TokenizerError(f"chat template loops over more than {MAX_TEMPLATE_ITEMS} range() items")
+    _budget.left = left
+    return r
+
+
+@functools.lru_cache(maxsize=1)
 def _jinja_env():
-    """A sandboxed jinja2 environment configured as transformers configures it."""
-    global _ENV
-    if _ENV is None:
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """A sandboxed jinja2 environment configured as transformers configures it, with limits on loop
+    sizes, on strings or lists grown by * and +, and on the rendered length."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        class GenerationBlock(Extension):
-            """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
 
-            tags = {"generation"}
+        tags = {"generation"}
 
-            def parse(self, parser):
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return jinja2.nodes.Scope(body, lineno=lineno)
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
 
-        def raise_exception(message: str):
-            raise TokenizerError(f"chat template error: {message}")
+    class Limited(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
 
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        def call_binop(self, context, operator, left, right):
+            def size(x):
+                return len(x) if isinstance(x, (str, list, tuple)) else None
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[GenerationBlock, loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        _ENV = env
-    return _ENV
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if size(seq) is not None and isinstance(n, int) and size(seq) * n > MAX_TEMPLATE_ITEMS:
+                        raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
+            elif operator == "+" and size(left) is not None and size(right) is not None:
+                if size(left) + size(right) > MAX_TEMPLATE_ITEMS:
+                    raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
+            elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise TokenizerError(f"chat template raises a number to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message: str):
+        raise TokenizerError(f"chat template error: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def bounded(filter_name):
+        builtin = jinja2.filters.FILTERS[filter_name]
+
+        def f(value, width=80, *args, **kwargs):
+            if isinstance(width, int) and width > MAX_TEMPLATE_ITEMS:
+                raise TokenizerError(f"chat template asks {filter_name} for a width of {width}")
+            return builtin(value, width, *args, **kwargs)
+        return f
+
+    env = Limited(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.filters["center"] = bounded("center")
+    env.filters["indent"] = bounded("indent")
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _range
+    return env
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    return _jinja_env().from_string(template)
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
-    """Render a chat template; template syntax errors become TokenizerError."""
-    import jinja2
-
+    """Render a chat template under the limits above; every failure becomes TokenizerError."""
     try:
-        return _jinja_env().from_string(template).render(messages=messages, **context)
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template failed to render: {e}") from None
+        compiled = _compile(template)
+        _budget.left = MAX_TEMPLATE_ITEMS
+        out, n = [], 0
+        for chunk in compiled.generate(messages=messages, **context):
+            n += len(chunk)
+            if n > MAX_TEMPLATE_OUTPUT:
+                raise TokenizerError(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} characters")
+            out.append(chunk)
+        return "".join(out)
+    except TokenizerError:
+        raise
+    except Exception as e:  # jinja2's TemplateError, and what the template's Python operations raise
+        raise TokenizerError(f"chat template failed to render: {type(e).__name__}: {e}") from None
 
 
 class AutoTokenizer:

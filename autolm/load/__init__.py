@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .._util import parse_dtype
+from ..config import LlamaConfig, config_class, load_config
 from ..errors import CheckpointError, ConfigError
 from ..generation import GenerationConfig
 from ..hub import HUB_KWARGS, resolve_model_dir
@@ -221,4 +222,23 @@ class AutoModelForCausalLM:
         return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
 
 
-__all__ = ["AutoModelForCausalLM", "LoadReport", "from_pretrained"]
+class AutoConfig:
+    """`AutoConfig.from_pretrained(dir | repo id | path/to/config.json, gguf_file=None, **overrides)`, `AutoConfig.for_model`."""
+
+    @staticmethod
+    def from_pretrained(path_or_repo_id: str | os.PathLike, return_unused_kwargs: bool = False,
+                        gguf_file: str | None = None, **kwargs: Any) -> LlamaConfig:
+        if gguf_file is None:
+            config = load_config(path_or_repo_id, **kwargs)
+        else:
+            hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+            kwargs.pop("trust_remote_code", None)
+            config = open_source(resolve_model_dir(os.fspath(path_or_repo_id), **hub), gguf_file).config(**kwargs)
+        return (config, {}) if return_unused_kwargs else config
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs: Any) -> LlamaConfig:
+        return config_class(model_type)(**kwargs)
+
+
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "LoadReport", "from_pretrained"]

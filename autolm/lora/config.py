@@ -68,6 +68,44 @@ class LoraConfig:
         t = self.target_modules
         if t is not None and not isinstance(t, str) and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
             raise AdapterError(f"LoraConfig: target_modules must be a string or a list of strings, got {t!r}")
+        def strings(v, single_ok=True):
+            return v is None or (single_ok and isinstance(v, str)) or (
+                isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30
+
+        checks = [
+            ("lora_alpha", number(self.lora_alpha), "a finite number"),
+            ("exclude_modules", strings(self.exclude_modules), "a string or a list of strings"),
+            ("modules_to_save", strings(self.modules_to_save, single_ok=False), "a list of module names"),
+            ("layers_pattern", strings(self.layers_pattern), "a string or a list of strings"),
+            ("layers_to_transform", self.layers_to_transform is None or (
+                isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool)) or (
+                isinstance(self.layers_to_transform, list) and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in self.layers_to_transform)),
+             "an integer or a list of integers"),
+            ("rank_pattern", isinstance(self.rank_pattern, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536 for v in self.rank_pattern.values()),
+             "an object of positive integer ranks"),
+            ("alpha_pattern", isinstance(self.alpha_pattern, dict) and all(
+                number(v) for v in self.alpha_pattern.values()), "an object of numbers"),
+            ("init_lora_weights", isinstance(self.init_lora_weights, (bool, str)), "true, false or a method name"),
+            ("task_type", self.task_type is None or isinstance(self.task_type, str), "a task type name"),
+            ("base_model_name_or_path", self.base_model_name_or_path is None or isinstance(
+                self.base_model_name_or_path, str), "a path or repo id"),
+        ] + [(k, isinstance(getattr(self, k), bool), "true or false")
+             for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+        for pattern in [*(self.rank_pattern or {}), *(self.alpha_pattern or {}),
+                        *([t] if isinstance(t, str) else []),
+                        *([self.exclude_modules] if isinstance(self.exclude_modules, str) else [])]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"LoraConfig: {pattern!r} is not a valid regular expression ({e})") from None
         if self.bias not in ("none", "all", "lora_only"):
             raise AdapterError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.use_dora:

@@ -147,7 +147,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     for name in config.modules_to_save or []:
         found = False
         for mod_name, module in list(model.named_modules()):
-            if mod_name == name or mod_name.endswith(f".{name}"):
+            if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
+                if isinstance(module, LoraLinear) or ".base_layer" in mod_name or ".lora_" in mod_name:
+                    raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
+                if ".modules_to_save." in mod_name or ".original_module" in mod_name:
+                    continue
                 wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
                 if wrapper is not module:
                     _set_module(model, mod_name, wrapper)

@@ -6,8 +6,10 @@ architecture (interleaved RoPE); we undo that so the HF rotate-half convention a
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +41,95 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+MAX_ARRAY_ITEMS = 1 << 20  # per metadata array; real vocabularies and merge lists stay well below
+MAX_TOTAL_ITEMS = 1 << 22  # over the whole file: the reader keeps a few hundred bytes per item
+
+
+def check_layout(path: str) -> None:
+    """Walk the GGUF header with every count and length bounded by the file's size, before
+    gguf.GGUFReader builds objects for it (a damaged count would make that reader loop or grow
+    without bound)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise GGUFError(f"{path}: {size} bytes is too small for a GGUF file")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        _walk_header(path, buf, size)
+    finally:
+        buf.close()
+
+
+def _walk_header(path: str, buf, size: int) -> None:
+    if buf[:4] != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (no GGUF magic)")
+    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
+    pos = 8
+    items = 0
+
+    def read(fmt: str, what: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise GGUFError(f"{path}: header ends inside {what} (truncated or corrupt)")
+        value = struct.unpack_from(order + fmt, buf, pos)[0]
+        pos += n
+        return value
+
+    def count(n: int, item_size: int, what: str) -> int:
+        if n * item_size > size - pos:
+            raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
+        return n
+
+    def string(what: str) -> None:
+        nonlocal pos
+        n = count(read("Q", what), 1, what)
+        pos += n
+
+    def value(kind: int, what: str, depth: int = 0) -> None:
+        nonlocal pos, items
+        if kind in _SCALAR_SIZES:
+            pos += _SCALAR_SIZES[kind]
+        elif kind == _STRING:
+            string(what)
+        elif kind == _ARRAY and depth < 1:
+            inner = read("I", what)
+            n = count(read("Q", what), _SCALAR_SIZES.get(inner, 8), what)
+            items += n
+            if n > MAX_ARRAY_ITEMS or items > MAX_TOTAL_ITEMS:
+                raise GGUFError(f"{path}: {what} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
+                                f"and {MAX_TOTAL_ITEMS} in all")
+            if inner in _SCALAR_SIZES:
+                pos += n * _SCALAR_SIZES[inner]
+            else:
+                for _ in range(n):
+                    value(inner, what, depth + 1)
+        elif kind == _ARRAY:
+            raise GGUFError(f"{path}: {what} is an array of arrays (not used by any supported model)")
+        else:
+            raise GGUFError(f"{path}: {what} has an unknown value type {kind}")
+        if pos > size:
+            raise GGUFError(f"{path}: {what} runs past the end of the file (truncated or corrupt)")
+
+    n_tensors = count(read("Q", "the tensor count"), 24, "the tensor count")
+    n_kv = count(read("Q", "the metadata count"), 12, "the metadata count")
+    for i in range(n_kv):
+        start = pos
+        string(f"metadata key #{i}")
+        key = bytes(buf[start + 8:pos]).decode("utf-8", "replace")
+        value(read("I", f"metadata key {key!r}"), f"metadata key {key!r}")
+    for i in range(n_tensors):
+        string(f"tensor #{i}'s name")
+        n_dims = read("I", f"tensor #{i}")
+        if n_dims > 8:
+            raise GGUFError(f"{path}: tensor #{i} claims {n_dims} dimensions (GGUF allows at most 4)")
+        pos += 8 * n_dims + 12
+        if pos > size:
+            raise GGUFError(f"{path}: tensor #{i}'s description runs past the end of the file (truncated?)")
+
+
 class GGUFFile:
     """A GGUF file opened with gguf.GGUFReader; metadata as plain Python values; errors as GGUFError."""
 
@@ -48,6 +139,7 @@ class GGUFFile:
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: file not found")
+        check_layout(path)
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
