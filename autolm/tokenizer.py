@@ -96,8 +96,11 @@ class Tokenizer:
         template: Any = config.get("chat_template")
         jinja_path = os.path.join(directory, "chat_template.jinja")
         if os.path.isfile(jinja_path):
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(jinja_path, encoding="utf-8") as f:
+                    template = f.read(MAX_TEMPLATE_OUTPUT + 1)
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja_path}: cannot be read as UTF-8 text ({e})") from None
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
             if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
                        for t in template):

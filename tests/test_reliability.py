@@ -300,6 +300,14 @@ def test_deeply_nested_json_is_an_autolm_error(model_dir):
         autolm.AutoConfig.from_pretrained(model_dir)
 
 
+def test_undecodable_chat_template_file(smol_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smol_dir, name), tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ '\xff\xfe' }}")
+    with pytest.raises(TokenizerError, match="chat_template.jinja"):
+        autolm.AutoTokenizer.from_pretrained(tmp_path)
+
+
 def test_generation_config_with_a_string_token_id(model_dir):
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
     with pytest.raises(ConfigError, match="generation_config.json: eos_token_id"):
