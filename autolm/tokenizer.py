@@ -3,16 +3,14 @@ and chat templates rendered by jinja2 with transformers' semantics."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import threading
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from ._util import atomic_write_text, read_json
 from .errors import TokenizerError
+from .chat_template import MAX_TEMPLATE_OUTPUT, render_chat_template
 from .hub import HUB_KWARGS, resolve_model_dir
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -53,6 +51,7 @@ class Tokenizer:
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         self.padding_side = padding_side
+        self.truncation_side = (init_kwargs or {}).get("truncation_side", "right")
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.name_or_path = name_or_path
@@ -92,7 +91,10 @@ class Tokenizer:
             raise TokenizerError(f"{path}: cannot be parsed as a tokenizer ({e})") from None
         config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(directory, "special_tokens_map.json"))
-        special = {k: _token_content(config.get(k, special_map.get(k))) for k in _SPECIAL}
+        special: dict[str, Any] = {k: _token_content(config.get(k, special_map.get(k))) for k in _SPECIAL}
+        extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens"))
+        if isinstance(extra, list) and all(_token_content(t) for t in extra):
+            special["additional_special_tokens"] = [_token_content(t) for t in extra]
         template: Any = config.get("chat_template")
         jinja_path = os.path.join(directory, "chat_template.jinja")
         if os.path.isfile(jinja_path):
@@ -141,10 +143,45 @@ class Tokenizer:
         self.special_tokens["pad_token"] = value
 
     @property
+    def all_special_tokens(self) -> list[str]:
+        """The named special tokens (bos, eos, unk, ...) then the additional ones, without repeats."""
+        named = [self.special_tokens[k] for k in _SPECIAL if self.special_tokens.get(k)]
+        return list(dict.fromkeys(named + self.additional_special_tokens))
+
+    @property
     def all_special_ids(self) -> list[int]:
-        ids = {self.backend.token_to_id(t) for t in self.special_tokens.values()}
-        ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
-        return sorted(i for i in ids if i is not None)
+        return [self.backend.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
+    def additional_special_tokens(self) -> list[str]:
+        return list(self.special_tokens.get("additional_special_tokens") or [])
+
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary (strings or tokenizers.AddedToken); the number actually added."""
+        from tokenizers import AddedToken
+
+        items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        tokens = [t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens, normalized=not special_tokens)
+                  for t in items]
+        return (self.backend.add_special_tokens(tokens) if special_tokens else self.backend.add_tokens(tokens))
+
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_additional_special_tokens: bool = True) -> int:
+        """Set bos/eos/unk/pad/... and `additional_special_tokens`, adding the ones not yet in the vocabulary."""
+        added = 0
+        for key, value in sorted(special_tokens_dict.items(), key=lambda kv: kv[0] == "additional_special_tokens"):
+            if key == "additional_special_tokens":
+                extra = [_token_content(v) for v in value]
+                added += self.add_tokens(extra, special_tokens=True)
+                old = [] if replace_additional_special_tokens else self.additional_special_tokens
+                self.special_tokens[key] = old + [t for t in extra if t not in old]
+            elif key in _SPECIAL:
+                token = _token_content(value)
+                added += self.add_tokens([token], special_tokens=True)
+                self.special_tokens[key] = token
+            else:
+                raise TokenizerError(f"add_special_tokens: unknown key {key!r} (expected one of {_SPECIAL} "
+                                     "or 'additional_special_tokens')")
+        return added
 
     @property
     def vocab_size(self) -> int:
@@ -168,54 +205,81 @@ class Tokenizer:
 
     # ---- encoding / decoding ------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
+        return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False,
-                 truncation: bool = False, max_length: int | None = None, return_tensors: str | None = None,
-                 padding_side: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
-        """Encode one text or a batch; pad (left or right), truncate, and return lists or tensors."""
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
+        enc = self.backend.encode(text, pair, add_special_tokens=add_special_tokens)
+        return enc.tokens
+
+    def __call__(self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None,
+                 add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str = False,
+                 max_length: int | None = None, return_tensors: str | None = None, padding_side: str | None = None,
+                 return_attention_mask: bool = True, return_offsets_mapping: bool = False,
+                 return_token_type_ids: bool = False, return_length: bool = False,
+                 pad_to_multiple_of: int | None = None, verbose: bool = True) -> BatchEncoding:
+        """Encode one text (or pair) or a batch; truncate (from `truncation_side`), pad (left or right),
+        and return lists or tensors, with offsets and token type ids when asked."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        ids = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        if truncation:
+        if text_pair is not None:
+            pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+            if len(pairs) != len(texts):
+                raise TokenizerError(f"text_pair has {len(pairs)} entries for {len(texts)} texts")
+            inputs: list = list(zip(texts, pairs))
+        else:
+            inputs = texts
+        if truncation and truncation != "do_not_truncate":
             limit = max_length or self.model_max_length
             if limit is None:
                 raise TokenizerError("truncation=True needs max_length (the tokenizer has no model_max_length)")
-            ids = [x[:limit] for x in ids]
-        if padding:
-            ids, mask = self._pad(ids, padding, max_length, padding_side or self.padding_side)
-        else:
-            mask = [[1] * len(x) for x in ids]
+            strategy = "longest_first" if truncation is True else truncation
+            if strategy not in ("longest_first", "only_first", "only_second"):
+                raise TokenizerError(f"truncation={truncation!r} is not supported (True, 'longest_first', "
+                                     "'only_first' or 'only_second')")
+            self.backend.enable_truncation(limit, strategy=strategy, direction=self.truncation_side)
+        try:
+            encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except Exception as e:  # the Rust library raises plain Exceptions (e.g. a pair too long to truncate)
+            raise TokenizerError(f"cannot encode the text: {e}") from None
+        finally:
+            self.backend.no_truncation()
+        fields = {"input_ids": [e.ids for e in encs]}
+        if return_token_type_ids:
+            fields["token_type_ids"] = [e.type_ids for e in encs]
+        if return_attention_mask:
+            fields["attention_mask"] = [[1] * len(e.ids) for e in encs]
+        if return_offsets_mapping:
+            fields["offset_mapping"] = [list(e.offsets) for e in encs]
+        if padding and padding != "do_not_pad":
+            self._pad(fields, padding, max_length, padding_side or self.padding_side, pad_to_multiple_of)
+        if return_length:
+            fields["length"] = [len(x) for x in fields["input_ids"]]
         if return_tensors == "pt":
             import torch
 
-            if len({len(x) for x in ids}) > 1:
+            if len({len(x) for x in fields["input_ids"]}) > 1:
                 raise TokenizerError("sequences have different lengths: pass padding=True to return tensors")
-            out = BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long))
-            if return_attention_mask:
-                out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
-            return out
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in fields.items()})
         if return_tensors is not None:
             raise TokenizerError(f"return_tensors={return_tensors!r} is not supported (use 'pt' or None)")
-        out = BatchEncoding(input_ids=ids[0] if single else ids)
-        if return_attention_mask:
-            out["attention_mask"] = mask[0] if single else mask
-        return out
+        return BatchEncoding({k: v[0] if single else v for k, v in fields.items()})
 
-    def _pad(self, ids: list[list[int]], padding: bool | str, max_length: int | None, side: str):
+    def _pad(self, fields: dict[str, list], padding: bool | str, max_length: int | None, side: str,
+             multiple: int | None) -> None:
         if self.pad_token_id is None:
             raise TokenizerError("padding needs a pad token: set tokenizer.pad_token (e.g. to the eos token)")
         if side not in ("left", "right"):
             raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
+        ids = fields["input_ids"]
         target = max_length if padding == "max_length" and max_length else max(len(x) for x in ids)
-        out_ids, out_mask = [], []
-        for x in ids:
-            n = max(target - len(x), 0)
-            pad, ones = [self.pad_token_id] * n, [1] * len(x)
-            out_ids.append(pad + x if side == "left" else x + pad)
-            out_mask.append([0] * n + ones if side == "left" else ones + [0] * n)
-        return out_ids, out_mask
+        if multiple:
+            target = -(-target // multiple) * multiple
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "offset_mapping": (0, 0)}
+        for key, rows in fields.items():
+            for r, x in enumerate(rows):
+                pad = [fill[key]] * max(target - len(x), 0)
+                rows[r] = pad + x if side == "left" else x + pad
 
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         if hasattr(ids, "tolist"):
@@ -284,104 +348,6 @@ def _clean_up(text: str) -> str:
                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(a, b)
     return text
-
-
-MAX_TEMPLATE_OUTPUT = 4_000_000  # characters a chat template may render
-MAX_TEMPLATE_ITEMS = 1_000_000  # range() items, and the length of strings/lists made with * or +, per render
-_budget = threading.local()
-
-
-def _range(*args: int) -> range:
-    r = range(*args)
-    left = getattr(_budget, "left", MAX_TEMPLATE_ITEMS) - len(r)
-    if left < 0:
-        raise TokenizerError(f"chat template loops over more than {MAX_TEMPLATE_ITEMS} range() items")
-    _budget.left = left
-    return r
-
-
-@functools.lru_cache(maxsize=1)
-def _jinja_env():
-    """A sandboxed jinja2 environment configured as transformers configures it, with limits on loop
-    sizes, on strings or lists grown by * and +, and on the rendered length."""
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
-
-    class Limited(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**", "+"])
-
-        def call_binop(self, context, operator, left, right):
-            def size(x):
-                return len(x) if isinstance(x, (str, list, tuple)) else None
-
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if size(seq) is not None and isinstance(n, int) and size(seq) * n > MAX_TEMPLATE_ITEMS:
-                        raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
-            elif operator == "+" and size(left) is not None and size(right) is not None:
-                if size(left) + size(right) > MAX_TEMPLATE_ITEMS:
-                    raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
-            elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-                raise TokenizerError(f"chat template raises a number to the power {right}")
-            return super().call_binop(context, operator, left, right)
-
-    def raise_exception(message: str):
-        raise TokenizerError(f"chat template error: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def bounded(filter_name):
-        builtin = jinja2.filters.FILTERS[filter_name]
-
-        def f(value, width=80, *args, **kwargs):
-            if isinstance(width, int) and width > MAX_TEMPLATE_ITEMS:
-                raise TokenizerError(f"chat template asks {filter_name} for a width of {width}")
-            return builtin(value, width, *args, **kwargs)
-        return f
-
-    env = Limited(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.filters["center"] = bounded("center")
-    env.filters["indent"] = bounded("indent")
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["range"] = _range
-    return env
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template: str):
-    return _jinja_env().from_string(template)
-
-
-def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
-    """Render a chat template under the limits above; every failure becomes TokenizerError."""
-    try:
-        compiled = _compile(template)
-        _budget.left = MAX_TEMPLATE_ITEMS
-        out, n = [], 0
-        for chunk in compiled.generate(messages=messages, **context):
-            n += len(chunk)
-            if n > MAX_TEMPLATE_OUTPUT:
-                raise TokenizerError(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} characters")
-            out.append(chunk)
-        return "".join(out)
-    except TokenizerError:
-        raise
-    except Exception as e:  # jinja2's TemplateError, and what the template's Python operations raise
-        raise TokenizerError(f"chat template failed to render: {type(e).__name__}: {e}") from None
 
 
 class AutoTokenizer:

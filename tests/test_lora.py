@@ -95,7 +95,7 @@ def test_merge_unmerge_and_merge_and_unload(checkpoint):
         pm.merge_adapter()
         torch.testing.assert_close(pm(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
         pm.unmerge_adapter()
-        for name, layer in pm.base_model.named_modules():
+        for name, layer in pm.get_base_model().named_modules():
             if hasattr(layer, "base_layer"):
                 torch.testing.assert_close(layer.base_layer.weight, before[f"{name}.weight"], atol=1e-6, rtol=0)
         torch.testing.assert_close(pm(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
@@ -180,10 +180,10 @@ def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):
     for n, p in pm.named_parameters():
         if n in lora_before and "lora_B" in n:
             assert not torch.equal(p, lora_before[n]), n
-    for name, layer in pm.base_model.named_modules():
+    for name, layer in pm.get_base_model().named_modules():
         if hasattr(layer, "base_layer"):
             assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])
-    assert torch.equal(pm.base_model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert torch.equal(pm.base_model.model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "adapter" / "checkpoint-4" / "adapter_model.safetensors")
     # Generation works on the un-merged model and has learnt the answer.

@@ -265,7 +265,7 @@ def test_gguf_counts_are_bounded_by_the_file_size(tmp_path, bomb):
     ("{{ 2 ** 100000 }}", "power"),
 ])
 def test_chat_template_bombs_stop_at_limits(template, message):
-    from autolm.tokenizer import render_chat_template
+    from autolm.chat_template import render_chat_template
 
     with pytest.raises(TokenizerError, match=message):
         render_chat_template(template, [{"role": "user", "content": "hi"}])
@@ -284,7 +284,7 @@ def test_chat_template_bombs_stop_at_limits(template, message):
     "{{ messages.__class__.__mro__ }}",            # the sandbox refuses
 ])
 def test_chat_template_failures_are_tokenizer_errors(template):
-    from autolm.tokenizer import render_chat_template
+    from autolm.chat_template import render_chat_template
 
     with pytest.raises(TokenizerError, match="chat template"):
         render_chat_template(template, [{"role": "user", "content": "hi"}])

@@ -85,11 +85,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              weights: list | None = None) -> torch.Tensor:
     """Attention of q (B, nh, T, hd) over k, v (B, n_kv, S, hd), n_kv dividing nh; mask a boolean
-    (B, 1, T, S) or None for plain causal attention. Returns (B, T, nh, hd), the layout o_proj reads."""
+    (B, 1, T, S) or None for plain causal attention. Returns (B, T, nh, hd), the layout o_proj reads.
+    With a `weights` list the eager path runs and appends its probabilities (B, nh, T, S)."""
     B, nh, T, hd = q.shape
     n_kv = k.shape[1]
+    if weights is not None:
+        return eager_attention(q, k, v, mask, weights)
     if T == 1 and mask is not None:
         return grouped_attention(q, k, v, mask)
     if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
@@ -98,6 +102,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
     return y.transpose(1, 2)
+
+
+def eager_attention(q, k, v, mask, weights: list) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v written out, as transformers' eager attention; appends the
+    probabilities to `weights`."""
+    nh, T, S = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != nh:
+        k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights.append(probs)
+    return (probs @ v).transpose(1, 2)
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

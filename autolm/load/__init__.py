@@ -34,14 +34,35 @@ _ACCEPTED = {"low_cpu_mem_usage": "autolm always loads on the meta device, memor
 _ATTENTION = ("eager", "sdpa", None)
 
 
-def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
+def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+    """Load a causal LM from a directory, a repo id (HF cache or hub), or a GGUF file; see AutoModelForCausalLM.
+
+    A folder holding only a peft adapter (adapter_config.json, no config.json) loads its base model
+    (`base_model_name_or_path`) with the same arguments and returns a PeftModel with the adapter on it.
+    """
+    from ..lora import LoraConfig, PeftModel
+
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
+    if (kwargs.get("gguf_file") is None and not os.path.isfile(os.path.join(directory, "config.json"))
+            and os.path.isfile(os.path.join(directory, "adapter_config.json"))):
+        base = LoraConfig.from_pretrained(directory).base_model_name_or_path
+        if not base:
+            raise ConfigError(f"{directory}: an adapter whose adapter_config.json names no base_model_name_or_path; "
+                              "load the base model and use PeftModel.from_pretrained(model, adapter)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
+        return PeftModel.from_pretrained(_load(base, **kwargs), directory)
+    return _load(pretrained_model_name_or_path, **kwargs)
+
+
+def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
                     torch_dtype: Any = None, device: str | torch.device | None = None, device_map: Any = None,
                     max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
                     quantization: Any = None, tp_plan: str | None = None, fsdp: bool = False, lora_config=None,
                     gguf_file: str | None = None, config=None, strict: bool = True, check_finite: bool = False,
                     attn_implementation: str | None = None, use_safetensors: bool | None = None,
                     variant: str | None = None, **kwargs: Any):
-    """Load a causal LM from a directory, a repo id (HF cache or hub), or a GGUF file; see AutoModelForCausalLM.
+    """The load path: resolve, open the source, build on meta, place, stream the weights.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
     max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included.

@@ -1,7 +1,9 @@
 """PeftModel (load / save / merge / several adapters) and get_peft_model, with peft's file format.
 
-Module and key names follow peft, so adapters move freely between peft and autolm:
-in memory `...q_proj.lora_A.<adapter>.weight`, on disk `base_model.model.<module>.lora_A.weight`.
+The nesting is peft's, PeftModel -> LoraModel (`.base_model`) -> the model (`.base_model.model`), so
+parameter names and attribute paths equal peft's (`base_model.model.model.layers.0.self_attn.q_proj
+.lora_A.default.weight`) and adapters move freely between peft and autolm: on disk
+`base_model.model.<module>.lora_A.weight`.
 """
 
 from __future__ import annotations
@@ -26,31 +28,68 @@ WEIGHTS_BIN = "adapter_model.bin"
 _PREFIX = "base_model.model."
 
 
-class PeftModel(nn.Module):
+class _Forwarding(nn.Module):
+    """Attributes a wrapper lacks are looked up on what it wraps, as peft's wrappers do."""
+
+    _inner_name = ""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._inner_name or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__(self._inner_name), name)
+
+
+class LoraModel(_Forwarding):
+    """peft's middle layer: `.model` is the model whose Linear layers carry the adapters."""
+
+    _inner_name = "model"
+
+    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig]):
+        super().__init__()
+        self.model = model
+        self.peft_config = peft_config
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+
+class PeftModel(_Forwarding):
     """A base model with LoRA adapters; the API of peft's PeftModel."""
+
+    _inner_name = "base_model"
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        self.base_model = LoraModel(model, self.peft_config)
         self.active_adapter = adapter_name
         self._add(config, adapter_name)
+
+    @property
+    def _model(self) -> nn.Module:
+        return self.base_model.model
 
     # ---- adapters -----------------------------------------------------------------------------
 
     def _add(self, config: LoraConfig, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} is already loaded")
-        inject_adapter(self.base_model, config, adapter_name)
+        inject_adapter(self._model, config, adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         self._mark_trainable()
 
     def _lora_layers(self):
-        return [m for m in self.base_model.modules() if isinstance(m, LoraLinear)]
+        return [m for m in self._model.modules() if isinstance(m, LoraLinear)]
 
     def _save_wrappers(self):
-        return [m for m in self.base_model.modules() if isinstance(m, ModulesToSave)]
+        return [m for m in self._model.modules() if isinstance(m, ModulesToSave)]
 
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -70,7 +109,7 @@ class PeftModel(nn.Module):
         """Only the active adapter's LoRA weights (and its modules_to_save copies, biases per config) train."""
         name = self.active_adapter
         cfg = self.peft_config[name]
-        for pname, p in self.base_model.named_parameters():
+        for pname, p in self._model.named_parameters():
             lora = f".lora_A.{name}." in pname or f".lora_B.{name}." in pname
             saved = f".modules_to_save.{name}." in pname
             bias = pname.endswith(".bias") and (cfg.bias == "all" or (cfg.bias == "lora_only" and ".base_layer." in pname))
@@ -89,12 +128,12 @@ class PeftModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
         if not is_trainable:
-            for pname, p in self.base_model.named_parameters():
+            for pname, p in self._model.named_parameters():
                 if f".{adapter_name}." in pname:
                     p.requires_grad_(False)
 
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        params = dict(self.base_model.named_parameters())
+        params = dict(self._model.named_parameters())
         expected = {}
         for pname in params:
             for kind in ("lora_A", "lora_B", "modules_to_save"):
@@ -167,7 +206,7 @@ class PeftModel(nn.Module):
 
     def unload(self, keep_merged: bool = False) -> nn.Module:
         """Remove every LoRA layer (without merging, unless already merged) and return the base model."""
-        model = self.base_model
+        model = self._model
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLinear):
                 if module.merged_adapters and not keep_merged:
@@ -180,7 +219,7 @@ class PeftModel(nn.Module):
         return model
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        return self._model
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -188,11 +227,11 @@ class PeftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        return self._model.generate(*args, **kwargs)
 
     @property
     def config(self):
-        return self.base_model.config
+        return self._model.config
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = {id(p): p for p in self.parameters()}.values()
@@ -209,7 +248,7 @@ class PeftModel(nn.Module):
         name = adapter_name or self.active_adapter
         cfg = self.peft_config[name]
         out = {}
-        for pname, p in self.base_model.named_parameters():
+        for pname, p in self._model.named_parameters():
             key = None
             for kind in ("lora_A", "lora_B"):
                 if f".{kind}.{name}." in pname:
@@ -234,7 +273,7 @@ class PeftModel(nn.Module):
             target = directory if name == "default" else os.path.join(directory, name)
             cfg = self.peft_config[name]
             if cfg.base_model_name_or_path is None:
-                report = getattr(self.base_model, "load_report", None)
+                report = getattr(self._model, "load_report", None)
                 cfg.base_model_name_or_path = report.directory if report is not None else None
             state = self.adapter_state_dict(name)
             if world()[0] != 0:

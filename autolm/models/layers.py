@@ -38,6 +38,29 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim)
 
 
+def resized_rows(old: torch.Tensor, n: int, mean_resizing: bool = True, std: float = 0.02) -> torch.Tensor:
+    """`old` (vocab, dim) cut or grown to n rows, as transformers resizes embeddings: added rows are drawn
+    from a normal with the old rows' mean and 1e-9 times their covariance (the mean itself when that is
+    not positive definite), or from N(0, std) without mean_resizing."""
+    new = old.new_empty(n, old.shape[1])
+    keep = min(n, old.shape[0])
+    new[:keep] = old[:keep]
+    added = n - keep
+    if added > 0:
+        w = old.detach().float()
+        if mean_resizing:
+            mean = w.mean(0)
+            cov = 1e-9 * (w - mean).T @ (w - mean) / w.shape[0]
+            if torch.distributions.constraints.positive_definite.check(cov).all():
+                rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).sample((added,))
+            else:
+                rows = mean.expand(added, -1)
+        else:
+            rows = torch.randn(added, old.shape[1], device=old.device) * std
+        new[keep:] = rows.to(old.dtype)
+    return new
+
+
 class KVCache:
     """Per-layer key/value buffers (B, n_kv, capacity, hd), written at the positions a forward pass gives.
 

@@ -19,7 +19,7 @@ from .. import kernels
 from ..config import LlamaConfig
 from ..generation import GenerationMixin
 from ..saving import save_model
-from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to
+from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to, resized_rows
 from .output import CausalLMOutput, causal_lm_loss
 from .rope import apply_rotary, cos_sin, inv_freq_and_scale
 
@@ -41,7 +41,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.sliding_window = config.layer_window(layer_idx)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_position, kv_length: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_position, kv_length: int,
+                attentions: list | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position, kv_length)  # (B, n_kv, S, hd)
-        y = kernels.attention(q, k, v, mask)  # (B, T, nh, hd)
+        y = kernels.attention(q, k, v, mask, attentions)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -76,8 +77,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, cache_position, kv_length):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, kv_length)
+    def forward(self, x, cos, sin, mask, cache, cache_position, kv_length, attentions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, kv_length, attentions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,9 +107,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                 cache: KVCache | None, cache_position: torch.Tensor, kv_length: int,
-                hidden_states: list | None = None) -> torch.Tensor:
+                hidden_states: list | None = None, attentions: list | None = None) -> torch.Tensor:
         """x: embeddings (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
-        attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states."""
+        attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states;
+        each layer's input (and the output) are appended to `hidden_states`, attention probabilities
+        to `attentions`, when those lists are given."""
         B = x.shape[0]
         cos, sin = self.rope_tables(position_ids, x.dtype)
         masks = build_masks(self.config.windows(), attention_mask, cache_position, B, kv_length)
@@ -118,9 +121,9 @@ class LlamaModel(nn.Module):
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, cache_position, kv_length,
-                                                      use_reentrant=False)
+                                                      attentions, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_position, kv_length)
+                x = layer(x, cos, sin, mask, cache, cache_position, kv_length, attentions)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)
@@ -198,6 +201,36 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or cut the vocabulary of the embeddings (and an untied head) as transformers does."""
+        emb = self.model.embed_tokens
+        n = emb.weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n == emb.weight.shape[0]:
+            return emb
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        with torch.no_grad():
+            new_emb = nn.Embedding(n, emb.weight.shape[1], device=emb.weight.device, dtype=emb.weight.dtype,
+                                   _weight=resized_rows(emb.weight, n, mean_resizing, std))
+            new_emb.weight.requires_grad_(emb.weight.requires_grad)
+            self.model.embed_tokens = new_emb
+            if not self.config.tie_word_embeddings:
+                head = self.lm_head
+                new_head = Linear(head.in_features, n, bias=False, device=head.weight.device, dtype=head.weight.dtype)
+                new_head.weight = nn.Parameter(resized_rows(head.weight, n, mean_resizing, std),
+                                               requires_grad=head.weight.requires_grad)
+                self.lm_head = new_head
+        self.config.vocab_size = n
+        self.tie_weights()
+        return new_emb
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
@@ -217,7 +250,7 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, cache_position: torch.Tensor | None = None,
                 logits_to_keep: int = 0, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, num_items_in_batch: int | None = None, **unused):
+                output_attentions: bool | None = None, return_dict: bool | None = None, num_items_in_batch: int | None = None, **unused):
         """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored); the cache.
 
         The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
@@ -239,19 +272,21 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         if cache is not None:
             cache.reserve(end)
         hidden = [] if output_hidden_states else None
-        if self.decode_step is not None and T == 1 and cache is not None and not kernels.needs_grad(x):
+        attentions = [] if output_attentions else None
+        if self.decode_step is not None and attentions is None and T == 1 and cache is not None and not kernels.needs_grad(x):
             mask = attention_mask if attention_mask is not None else torch.ones(B, end, dtype=torch.long,
                                                                                 device=x.device)
             logits = self.decode_step(x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position)
         else:
-            h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden)
+            h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.length = max(cache.length, end)
         loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
         out = CausalLMOutput(logits=logits, loss=loss,
                              past_key_values=cache if use_cache or past_key_values is not None else None,
-                             hidden_states=tuple(hidden) if hidden is not None else None)
+                             hidden_states=tuple(hidden) if hidden is not None else None,
+                             attentions=tuple(attentions) if attentions is not None else None)
         return out if return_dict is not False else out.to_tuple()
 
     def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:

@@ -23,11 +23,20 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, dict[str, Any]]:
     """Rebuild the file's tokenizer (GPT-2 byte-level BPE or SentencePiece-style BPE): the `tokenizers`
     backend, the special tokens, the chat template and tokenizer_config settings."""
+    g = GGUFFile(path)
+    try:
+        return _parts(g, path)
+    except GGUFError:
+        raise
+    except Exception as e:  # odd metadata types, and the tokenizers library's plain Exceptions
+        raise GGUFError(f"{path}: the tokenizer in its metadata cannot be built ({type(e).__name__}: {e})") from None
+
+
+def _parts(g: GGUFFile, path: str):
     from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
 
-    g = GGUFFile(path)
     meta = g.metadata
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
