@@ -148,7 +148,7 @@ def _check_size(config, source) -> None:
     shapes = source.shapes()
     if not shapes:
         return
-    layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    layers = {_layer_index(n) for n in shapes} - {-1}
     if config.num_hidden_layers > len(layers):
         raise ConfigError(f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
                           f"holds {len(layers)} decoder layers")
@@ -156,6 +156,12 @@ def _check_size(config, source) -> None:
     if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
         raise ConfigError(f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
                           f"but the checkpoint's embeddings are {tuple(emb)}")
+
+
+def _layer_index(name: str) -> int:
+    """i for 'model.layers.<i>.…', else -1."""
+    parts = name.split(".", 3)
+    return int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -177,10 +183,13 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
     if tied and not quantized_head:
         expected.pop("lm_head.weight", None)
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, deeper = [], [], 0
     planned = False
     for path, name, t in source.tensors():
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
+            continue
+        if _layer_index(name) >= config.num_hidden_layers:  # a config (or override) with fewer layers
+            deeper += 1
             continue
         if target is None and t.is_floating_point():
             target = t.dtype
@@ -220,6 +229,10 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
                               + "; ".join(problems))
     if unexpected:
         report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
+    if deeper:
+        report.notes.append(f"skipped {deeper} tensors of layers >= num_hidden_layers ({config.num_hidden_layers})")
+        logger.warning("%s: the config asks for %d layers; the checkpoint's deeper layers were not loaded",
+                       report.directory or report.source, config.num_hidden_layers)
     report.tensors = len(loaded)
     model = placer.finish(model, loaded)
     mapped = placer.inner if isinstance(placer, Quantize) else placer

@@ -15,6 +15,15 @@ from .._util import read_json
 from ..errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
+# The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).
+PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "revision": None,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+    "velora_config": None,
+}
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
 
 
@@ -129,7 +138,7 @@ class LoraConfig:
             raise AdapterError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.extra)
+        d = {**PEFT_DEFAULTS, **self.extra}
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         return d
 
