@@ -268,6 +268,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval import evaluate
+
+    where, gguf_file = locate(args.model)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    results = evaluate(where, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, dtype=args.dtype,
+                       adapter=args.adapter, apply_chat_template=args.chat, device=args.device, **extra)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        from ._util import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(results["results"], indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt and serve decoder LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a model (pip install 'autolm[eval]')")
+    _add_model(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="a folder of task YAML files (local tasks)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="items per task (a fraction below 1)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to evaluate with the model")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to the prompts")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
     p.add_argument("source", help="FILE.gguf")
