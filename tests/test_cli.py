@@ -71,7 +71,7 @@ def test_bad_arguments_get_clear_messages(home, tmp_path):
     p = run("generate", str(tmp_path / "nope"), "hi", home=home, check=False)
     assert p.returncode == 1 and "no such directory" in p.stderr
     p = run("generate", "hi", "--top-p", "7", home=home, check=False)
-    assert p.returncode == 1 and "top_p" in p.stderr
+    assert p.returncode == 1 and "--top-p must be in (0, 1]" in p.stderr
     p = run("frobnicate", home=home, check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
 
@@ -95,3 +95,121 @@ def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
     assert "loss" in p.stdout and "trainable params" in p.stdout
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"]
+
+
+def _one_line(p) -> str:
+    """A user mistake: exit status 1 and one line on stderr, no traceback."""
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+def test_mistakes_end_in_one_line_before_loading(home, smol_dir, smol_gguf, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (("generate", smol_dir), "a prompt is required"),
+        (("generate", "hi", "--temperature", "-1"), "--temperature must be >= 0"),
+        (("generate", "hi", "--max-new-tokens", "-3"), "--max-new-tokens must be an integer >= 0"),
+        (("generate", "hi", "--device", "gpu0"), "--device 'gpu0' is not a device"),
+        (("generate", "hi", "--adapter", str(tmp_path)), "no adapter_config.json"),
+        (("generate", "hi", "--tp", "4"), "num_attention_heads=9"),
+        (("finetune", smol_dir, str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")), "data file not found"),
+        (("convert", os.path.join(*smol_gguf), str(tmp_path / "afile")), "exists and is not a directory"),
+        (("convert", str(tmp_path / "none.gguf"), str(tmp_path / "o")), "file not found"),
+        (("merge", smol_dir, str(tmp_path / "afile"), str(tmp_path / "o")), "no adapter_config.json"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((("chat", "--device", "cuda", "--prompt", "hi"), "sees no CUDA GPU"))
+    for args, message in cases:
+        assert message in _one_line(run(*args, home=home, check=False)), args
+    assert os.listdir(tmp_path) == ["afile"]  # nothing was written
+
+
+def test_serve_without_its_extras_says_how_to_install(home):
+    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda n, *a: None if n == 'fastapi' else real(n, *a)\n"
+            "from autolm.cli import main; sys.exit(main(['serve']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, AUTOLM_HOME=str(home)), timeout=120)
+    assert "pip install 'autolm[serve]'" in _one_line(p)
+
+
+def test_prompt_longer_than_the_context_window(home):
+    p = run("generate", "word " * 9000, "--max-new-tokens", "4", home=home, check=False)
+    line = _one_line(p)
+    assert "the prompt has 9001 tokens" in line and "context window is 8192 tokens" in line
+
+
+def test_version_threads_and_temperature_zero(home, smol_dir):
+    from autolm import __version__
+
+    assert run("--version", home=home).stdout.strip() == f"autolm {__version__}"
+    greedy = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", home=home)
+    zero = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", "--temperature", "0",
+               "--threads", "1", home=home)
+    assert zero.stdout == greedy.stdout and "Paris" in zero.stdout
+    assert "first token after" in zero.stderr and "tok/s" in zero.stderr
+
+
+@pytest.fixture(scope="module")
+def adapters(smol_dir, tmp_path_factory):
+    """Two random LoRA adapters on the test model, saved by autolm (peft's format, base path recorded)."""
+    import autolm
+    from autolm.lora import LoraConfig, get_peft_model
+
+    out = []
+    for i, targets in enumerate((["q_proj", "v_proj"], ["o_proj"])):
+        torch.manual_seed(i)
+        pm = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
+                            LoraConfig(r=4, lora_alpha=64, target_modules=targets, init_lora_weights=False))
+        d = tmp_path_factory.mktemp(f"adapter{i}")
+        pm.save_pretrained(d)
+        out.append(str(d))
+    return out
+
+
+def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_path):
+    import autolm
+    from autolm.lora import PeftModel
+
+    prompt = "The capital of France is"
+    model = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), adapters[0])
+    tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
+    expected = autolm.generate_text(model, tok, prompt, max_new_tokens=8)
+    plain = run("generate", smol_dir, prompt, "--max-new-tokens", "8", home=home).stdout
+    with_adapter = run("generate", smol_dir, prompt, "--max-new-tokens", "8", "--adapter", adapters[0], home=home)
+    assert with_adapter.stdout.strip() == expected.strip() and with_adapter.stdout != plain
+    folder = run("generate", adapters[0], prompt, "--max-new-tokens", "8", home=home)  # the adapter folder alone
+    assert folder.stdout == with_adapter.stdout
+    info = run("inspect", smol_dir, "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}", home=home).stdout
+    assert "adapter:      a (active): LoRA r=4" in info and "adapter:      b: LoRA r=4" in info
+    run("merge", smol_dir, adapters[0], str(tmp_path / "merged"), "--dtype", "float32", home=home)
+    merged = run("generate", str(tmp_path / "merged"), prompt, "--max-new-tokens", "8", home=home)
+    assert merged.stdout == with_adapter.stdout
+
+
+def test_chat_commands(home, adapters):
+    stdin = ("/help\nWhat is the capital of France?\n/reset\n/system Answer in one word.\n/frob\n"
+             "/adapter\n/adapter b\n/adapter zzz\n/exit\nnever read\n")
+    p = run("chat", "--max-new-tokens", "16", "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}",
+            home=home, stdin=stdin)
+    for expected in ("/system [TEXT]", "[conversation cleared]", "[system message set; conversation cleared]",
+                     "[unknown command /frob; /help lists them]", "[adapters: a (active), b]", "[adapter b active]",
+                     "[no adapter named 'zzz'; loaded: a, b]"):
+        assert expected in p.stdout, expected
+    assert p.stderr.count("prompt tokens") == 1
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
+    import signal
+
+    env = dict(os.environ, AUTOLM_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "chat", "--max-new-tokens", "400"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdin.write("Write a very long story about a cat.\nWhat is the capital of France?\n")
+    proc.stdin.close()
+    first = proc.stdout.read(1)  # the reply has started
+    proc.send_signal(signal.SIGINT)
+    out, err = first + proc.stdout.read(), proc.stderr.read()
+    assert proc.wait(timeout=600) == 0 and "[stopped]" in err, err
+    assert first and "Paris" in out

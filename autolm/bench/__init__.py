@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         work = args.work or os.path.join(autolm_home(), "bench")
         os.makedirs(work, exist_ok=True)
-        cases = prepare_checkpoints(work, default_model_dir(), big=not args.no_1b)
+        cases = prepare_checkpoints(work, default_model_dir("float32"), big=not args.no_1b)
     if args.no_compile:
         for case in cases:
             case.compile = False

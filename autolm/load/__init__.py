@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._util import parse_dtype
+from .._util import check_device, parse_dtype
 from ..config import LlamaConfig, config_class, load_config
 from ..errors import CheckpointError, ConfigError
 from ..generation import GenerationConfig
@@ -61,7 +61,7 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
                     quantization: Any = None, tp_plan: str | None = None, fsdp: bool = False, lora_config=None,
                     gguf_file: str | None = None, config=None, strict: bool = True, check_finite: bool = False,
                     attn_implementation: str | None = None, use_safetensors: bool | None = None,
-                    variant: str | None = None, **kwargs: Any):
+                    variant: str | None = None, progress: bool | None = None, **kwargs: Any):
     """The load path: resolve, open the source, build on meta, place, stream the weights.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
@@ -69,7 +69,8 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
     quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in.
     tp_plan="auto" (under torchrun) shards the decoder layers across ranks; fsdp=True shards every
     parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
-    Other keyword arguments override config fields, as in transformers.
+    progress shows a bar on stderr (None: for checkpoints of 1 GiB or more, and GGUF files, which
+    dequantize slowly). Other keyword arguments override config fields, as in transformers.
     """
     for k in [k for k in kwargs if k in _ACCEPTED]:
         if kwargs.pop(k) is not None and _ACCEPTED[k]:
@@ -108,7 +109,9 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
     placer.setup(model)
     report.device = str(placer.device) if type(placer) is OneDevice else type(placer).__name__
     report.lap("build")
-    model = _stream(model, source, placer, target, report, strict, check_finite)
+    if progress is None:
+        progress = source.format == "gguf" or sum(os.path.getsize(f) for f in source.files) >= 2**30
+    model = _stream(model, source, placer, target, report, strict, check_finite, progress)
     report.dtype_decision = ("requested" if isinstance(want, torch.dtype) else
                              "auto: GGUF dequantizes to float32" if source.format == "gguf" else
                              "auto: config dtype / checkpoint dtype")
@@ -135,8 +138,11 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
         return TensorParallel() if tp_plan else FSDP(lora_config)
     if lora_config is not None:
         raise ConfigError("lora_config is for fsdp=True; otherwise wrap the loaded model with get_peft_model")
+    for key in max_memory or {}:
+        if str(key) != "disk":
+            check_device(key, "max_memory key")
     inner = DeviceMap(device_map, max_memory, offload_folder) if device_map is not None else OneDevice(
-        torch.device(device) if device is not None else torch.device("cpu"))
+        check_device(device) if device is not None else torch.device("cpu"))
     if quantization is not None or saved is not None:
         return Quantize(quantization, saved, inner)
     return inner
@@ -174,8 +180,14 @@ def _config_dtype(config) -> torch.dtype | None:
     return d if isinstance(d, torch.dtype) else None
 
 
-def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool):
+def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool, progress: bool):
     """Hand every checkpoint tensor to the placer (cast to the target dtype first); check names and shapes."""
+    from tqdm import tqdm
+
+    shapes = source.shapes()
+    what = "loading + quantizing" if isinstance(placer, Quantize) else "loading"
+    bar = tqdm(total=len(shapes) if shapes else None, desc=f"{what} {os.path.basename(source.files[0])}",
+               unit=" tensors", disable=not progress, leave=False)
     config = model.config
     expected = placer.expected(model)
     tied = config.tie_word_embeddings
@@ -186,6 +198,7 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
     unexpected, mismatched, deeper = [], [], 0
     planned = False
     for path, name, t in source.tensors():
+        bar.update(1)
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
             continue
         if _layer_index(name) >= config.num_hidden_layers:  # a config (or override) with fewer layers
@@ -216,6 +229,7 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
                 raise CheckpointError(f"{path}: tensor {part!r} contains NaN or Inf values")
             report.bytes += value.numel() * value.element_size()
             loaded[part] = placer.put(part, value, path, zero_copy)
+    bar.close()
     missing = sorted(set(expected) - set(loaded))
     problems = []
     if missing:

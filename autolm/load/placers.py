@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import check_device
 from ..errors import CheckpointError, ConfigError
 from .placement import OffloadStore, dispatch, resolve_device_map
 
@@ -63,6 +64,8 @@ class DeviceMap(OneDevice):
 
     def plan(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.map = resolve_device_map(model, self.request, self.max_memory, dtype)
+        for where in set(self.map.values()) - {"disk"}:
+            check_device(where, "device_map device")
 
     def put(self, name: str, t: torch.Tensor, path: str, zero_copy: bool) -> torch.Tensor:
         block = max((b for b in self.map if name.startswith(b + ".")), key=len, default=None)

@@ -1,0 +1,177 @@
+"""The `autolm` command: generate, chat, inspect, convert, merge, finetune, serve, eval (and bench).
+
+Every mistake a user can make ends in one line on stderr naming the problem and the fix: exit status 1,
+or 2 for a malformed command line (argparse's usage message). Arguments are checked before any model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import AutolmError
+from .chat import cmd_chat, cmd_generate
+from .tools import cmd_convert, cmd_eval, cmd_finetune, cmd_inspect, cmd_merge, cmd_serve
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for PyTorch (default: all cores)")
+
+
+def _add_model(p: argparse.ArgumentParser, adapters: bool = True) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory, HF repo id, .gguf file or adapter folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the decoder's linear layers, done while loading")
+    if adapters:
+        p.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
+                       help="a LoRA adapter (peft format); repeat for several, the first is active")
+    _add_common(p)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="0 decodes greedily (the default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step first (shown as it happens), then decode faster")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt, serve and evaluate decoder LMs.")
+    parser.add_argument("--version", action="version", version=f"autolm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="autolm vs transformers side by side (see autolm bench --help)", add_help=False)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    _add_model(p)
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--tp", type=_positive, default=1, metavar="N",
+                   help="tensor parallel over N processes (torchrun; heads must divide by N)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal, using the chat template (/help inside)")
+    _add_model(p)
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--system", default=None, help="a system message")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, dtype, memory, adapters and the load report")
+    _add_model(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
+    p.add_argument("--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step before serving")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")
+    p.add_argument("model", help="model directory, HF repo id or .gguf file")
+    p.add_argument("data", help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
+    p.add_argument("--out", required=True, help="directory for the adapter (peft format)")
+    p.add_argument("--lora-r", type=_positive, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated names, or all-linear")
+    p.add_argument("--epochs", type=_positive, default=1)
+    p.add_argument("--max-steps", type=_positive, default=None)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=_positive, default=4)
+    p.add_argument("--grad-accum", type=_positive, default=1)
+    p.add_argument("--max-length", type=_positive, default=1024)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=_positive, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--nproc", type=_positive, default=1, metavar="N",
+                   help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch")
+    _add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain checkpoint")
+    p.add_argument("base", help="the base model (directory, repo id or .gguf)")
+    p.add_argument("adapter", help="the adapter folder (peft format)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="auto")
+    _add_common(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a model (pip install 'autolm[eval]')")
+    _add_model(p, adapters=False)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="a folder of task YAML files (local tasks)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="items per task (a fraction below 1)")
+    p.add_argument("--batch-size", type=_positive, default=1)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to evaluate with the model")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to the prompts")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
+    p.add_argument("source", help="FILE.gguf")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32, float16, or auto (GGUF's float32)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="save weight-only quantized")
+    _add_common(p)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: see autolm/bench
+        from ..bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the command is the whole process: its thread count is ours to set
+    from ..malloc import keep_freed_memory
+
+    keep_freed_memory()  # the command line opts in to reusing freed activation memory (see malloc.py)
+    try:
+        return args.func(args)
+    except AutolmError as e:
+        print(f"autolm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main"]

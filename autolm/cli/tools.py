@@ -1,0 +1,163 @@
+"""`autolm inspect`, `convert`, `merge`, `finetune`, `serve` and `eval`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from .common import (UsageError, check_model_arg, compile_once, distributed, launch, load, locate, parse_adapters)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    check_model_arg(args.model, args.device)
+    t0 = time.perf_counter()
+    model, _ = load(args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    from ..quant import memory_report
+
+    params = base.num_parameters()
+    weight_bytes, unquantized = memory_report(base)
+    print(f"architecture: {type(base).__name__} ({cfg.model_type})")
+    print(f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
+          f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
+    print(f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}")
+    print(f"rope:         {cfg.rope_parameters}")
+    windows = sorted(w for w in cfg.windows() if w)
+    print(f"sliding:      {windows or 'none'}")
+    print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
+    print(f"dtype:        {str(base.dtype).removeprefix('torch.')}")
+    print(f"memory:       {weight_bytes / 2**20:.1f} MiB of weights")
+    if "quantization_config" in cfg.extra:
+        print(f"quantization: {cfg.extra['quantization_config']}: saves {(unquantized - weight_bytes) / 2**20:.1f} MiB "
+              f"of {unquantized / 2**20:.1f} MiB ({unquantized / weight_bytes:.2f}x smaller)")
+    for name, lora in getattr(model, "peft_config", {}).items():
+        n = sum(p.numel() for k, p in base.named_parameters() if f".{name}." in k)
+        active = " (active)" if name == model.active_adapter else ""
+        print(f"adapter:      {name}{active}: LoRA r={lora.r}, alpha={lora.lora_alpha}, "
+              f"targets {lora.target_modules}, {n:,} parameters")
+    print("load report:")
+    for line in base.load_report.lines():
+        print("  " + line)
+    print(f"total:        {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..convert import convert_gguf
+
+    if not args.source.endswith(".gguf"):
+        raise UsageError("autolm convert: SOURCE must be a .gguf file")
+    if not os.path.isfile(args.source):
+        raise UsageError(f"{args.source}: file not found")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"{args.out}: exists and is not a directory; name a new or existing folder")
+    convert_gguf(args.source, args.out, dtype=args.dtype, quantization=args.quantize, progress=sys.stderr.isatty())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """BASE + ADAPTER -> a plain checkpoint with the adapter merged into the weights, and the tokenizer."""
+    check_model_arg(args.base)
+    adapters = parse_adapters([args.adapter], flag="ADAPTER ")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"{args.out}: exists and is not a directory")
+    model, tok = load(args.base, args.dtype, adapters=adapters)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"wrote {args.out} ({adapters[0][1]} merged into {args.base or 'the default model'})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    check_model_arg(args.model, args.device)
+    if not os.path.isfile(args.data):
+        raise UsageError(f"{args.data}: data file not found (JSONL: one {{'messages': [...]}} or "
+                         "{'prompt': ..., 'completion': ...} per line)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    code = launch(args.nproc, args.argv, "--nproc")
+    if code is not None:
+        return code
+    import torch
+
+    from ..lora import LoraConfig, get_peft_model
+    from ..train import TrainConfig, finetune
+
+    dtype = args.dtype if args.dtype != "auto" else "float32"
+    targets = args.lora_targets
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
+    if distributed():
+        from ..distributed import exit_all, fsdp_from_pretrained, world
+        from ..tokenizer import AutoTokenizer
+
+        where, gguf_file = locate(args.model)
+        pm = fsdp_from_pretrained(where, lora, dtype, gguf_file=gguf_file)
+        tok = AutoTokenizer.from_pretrained(lora.base_model_name_or_path, gguf_file=gguf_file)
+        main_rank = world()[0] == 0
+    else:
+        model, tok = load(args.model, dtype, args.device)
+        pm = get_peft_model(model, lora)
+        main_rank = True
+    if main_rank:
+        pm.print_trainable_parameters()
+    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, max_length=args.max_length,
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed)
+    losses = finetune(pm, tok, args.data, args.out, cfg)
+    if main_rank:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
+    if distributed():
+        exit_all(0)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"autolm serve needs the server extras ({', '.join(missing)} missing): "
+                         "pip install 'autolm[serve]'")
+    check_model_arg(args.model, args.device)
+    adapters = parse_adapters(args.adapter)
+    from ..serve import serve
+
+    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
+    if args.compile:
+        compile_once(model, tok)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = args.model_name or (adapters[0][0] if adapters else
+                               os.path.basename(os.path.normpath(base.load_report.directory or "autolm")))
+    serve(model, tok, name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_body=args.max_body)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("autolm eval needs lm-evaluation-harness: pip install 'autolm[eval]'")
+    check_model_arg(args.model, args.device)
+    adapters = parse_adapters([args.adapter] if args.adapter else None)
+    from ..eval import evaluate
+
+    where, gguf_file = locate(args.model, args.dtype)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    results = evaluate(where, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, dtype=args.dtype,
+                       adapter=adapters[0][1] if adapters else None, apply_chat_template=args.chat,
+                       device=args.device, **extra)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        from .._util import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(results["results"], indent=2, default=str))
+    return 0
