@@ -1,6 +1,10 @@
 """The serving engine: one thread owns the model and runs continuous batching. New requests are prefilled
 together as a left-padded batch and join the running batch between decode steps (their caches
 right-aligned under a padding mask); finished, failed or abandoned requests leave it at the next step.
+
+Per request, before the shared sampler: logit bias, presence and frequency penalties, min_tokens and
+a grammar mask (structured output). Log-probabilities come from the model's own distribution, before
+any of those, as OpenAI and vLLM define them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from torch.nn.utils.rnn import pad_sequence
 from ..generation import Detokenizer, GenerationConfig, choose, process_logits
 from ..models import KVCache
 
-# ---- the engine -------------------------------------------------------------------------------------
+# A logprob entry: (token id, its log-probability, [(id, logprob) of the top alternatives]).
+Entry = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -28,13 +33,39 @@ class Sequence:
     stops: list[str]
     emit: Any  # callable(event dict), called from the engine thread
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # alternatives per token (0: the chosen token only); None: no logprobs
+    prompt_logprobs: bool = False  # echo: the prompt's tokens too
+    rank: bool = False  # keep the cumulative logprob (best_of)
+    bias: dict[int, float] = field(default_factory=dict)
+    presence: float = 0.0
+    frequency: float = 0.0
+    ignore_eos: bool = False
+    constraint: Any = None  # structured.Constraint
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     text: str = ""  # the text so far
     detok: Any = None
+    pending: list[Entry] = field(default_factory=list)  # logprob entries not yet emitted
+    cumulative: float = 0.0
     cancelled: bool = False
     cached: int = 0  # tokens of this sequence in the batch cache
     last: int = -1  # the latest sampled token, fed to the next decode step
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing per request: the batch's argmax is this row's token."""
+        c = self.config
+        return not (c.do_sample or c.repetition_penalty != 1.0 or c.min_new_tokens or self.bias or self.presence
+                    or self.frequency or self.constraint is not None or self.logprobs is not None or self.rank)
+
+
+def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
+    """logp: (V,) log-probabilities."""
+    alts = []
+    if top:
+        values, ids = logp.topk(top)
+        alts = list(zip(ids.tolist(), values.tolist()))
+    return token, float(logp[token]), alts
 
 
 class Engine:
@@ -48,14 +79,20 @@ class Engine:
         self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache slot holds a real token
         self.steps = 0
         self.error: BaseException | None = None
+        self.stopping = False
         self._thread = threading.Thread(target=self._run, name="autolm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
         self.pending.put(seq)
 
+    def stop(self) -> None:
+        """End every request in flight (server shutdown): each gets a final 'abort' event."""
+        self.stopping = True
+        self.pending.put(None)
+
     def _run(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 self._admit(block=not self.active)
                 self._step()
@@ -64,6 +101,9 @@ class Engine:
                 for seq in self.active:
                     seq.emit({"error": f"generation failed: {e}"})
                 self.active, self.cache, self.mask = [], None, None
+        for seq in self.active:
+            seq.emit({"text": "", "finish_reason": "abort", "prompt_tokens": len(seq.prompt),
+                      "completion_tokens": len(seq.tokens)})
 
     @torch.inference_mode()
     def _admit(self, block: bool) -> None:
@@ -74,6 +114,8 @@ class Engine:
                 seq = self.pending.get(block=block and not joined)
             except queue.Empty:
                 break
+            if seq is None:  # stop()
+                return
             if not seq.cancelled:
                 joined.append(seq)
         if not joined:
@@ -94,17 +136,31 @@ class Engine:
                             padding_side="left").to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model.make_cache(len(seqs), ids.shape[1])
+        every = any(s.prompt_logprobs for s in seqs)
         out = self.model(ids, attention_mask=mask if not bool(mask.all()) else None, position_ids=positions,
-                         past_key_values=cache, logits_to_keep=1)
+                         past_key_values=cache, logits_to_keep=0 if every else 1)
         for j, s in enumerate(seqs):
             s.cached = len(s.prompt)
-            self._take(s, out.logits[j, -1])
+            if s.prompt_logprobs:
+                self._emit_prompt_logprobs(s, out.logits[j, ids.shape[1] - len(s.prompt):])
+            if s.config.max_new_tokens == 0:
+                self._finish(s, "length")
+            else:
+                self._take(s, out.logits[j, -1])
         return cache
+
+    def _emit_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Each prompt token's logprob given the tokens before it (none for the first), as `echo` returns them."""
+        top = seq.logprobs or 0
+        entries: list[Entry | None] = [None]
+        for t in range(1, len(seq.prompt)):
+            entries.append(entry(torch.log_softmax(logits[t - 1].float(), -1), seq.prompt[t], top))
+        seq.emit({"text": "", "prompt_logprobs": entries})
 
     def _rebuild(self, joined: list[tuple[Sequence, KVCache, int]] = ()) -> None:
         """Drop finished rows and add new ones: the batch cache re-made with every row right-aligned."""
-        keep = [(s, i) for i, s in enumerate(self.active) if not self._done(s)]
-        new = [(s, c, j) for s, c, j in joined if not self._done(s)]
+        keep = [(s, i) for i, s in enumerate(self.active) if not s.cancelled]
+        new = [(s, c, j) for s, c, j in joined if not s.cancelled]
         rows = [(self.cache, i, s.cached) for s, i in keep] + [(c, j, s.cached) for s, c, j in new]
         self.active = [s for s, _ in keep] + [s for s, _, _ in new]
         if not self.active:
@@ -121,7 +177,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         """One decode step for every active row."""
-        if any(self._done(s) for s in self.active):
+        if any(s.cancelled for s in self.active):
             self._rebuild()
         if not self.active:
             return
@@ -139,23 +195,48 @@ class Engine:
 
     def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Choose the next token of a row, emit its text, and decide whether the row is finished. A failure
-        here (a broken sampling setting) ends this request alone."""
+        here (a broken sampling setting, a grammar error) ends this request alone."""
         try:
             self._choose(seq, logits, greedy)
         except Exception as e:
             seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
             seq.cancelled = True
 
+    def _scores(self, seq: Sequence, raw: torch.Tensor) -> torch.Tensor:
+        """The request's own processors on fp32 scores (1, V): bias, penalties, then the grammar mask."""
+        scores = raw[None]
+        if seq.bias:
+            ids = torch.tensor(list(seq.bias), device=raw.device)
+            scores = scores.index_add(1, ids, torch.tensor([list(seq.bias.values())], device=raw.device))
+        if (seq.presence or seq.frequency) and seq.tokens:
+            counts = torch.bincount(torch.tensor(seq.tokens, device=raw.device), minlength=raw.shape[-1])
+            counts = counts[: raw.shape[-1]].to(raw.dtype)
+            scores = scores - seq.frequency * counts - seq.presence * (counts > 0).to(raw.dtype)
+        if seq.constraint is not None:
+            scores = seq.constraint.mask(scores)
+        return scores
+
     def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
         cfg = seq.config
-        if cfg.do_sample or cfg.repetition_penalty != 1.0 or greedy is None:
-            history = torch.tensor([seq.prompt + seq.tokens], device=logits.device)
-            scores = process_logits(logits[None].float(), history, cfg, len(seq.tokens))
-            token = int(choose(scores, cfg, seq.generator))
-        else:
+        if seq.plain and greedy is not None:
             token = greedy
+            raw = None
+        else:
+            raw = logits.float()
+            scores = self._scores(seq, raw)
+            history = torch.tensor([seq.prompt + seq.tokens], device=logits.device)
+            scores = process_logits(scores, history, cfg, len(seq.tokens))
+            token = int(choose(scores, cfg, seq.generator))
         seq.last = token
-        if token in cfg.eos_ids:
+        is_eos = token in cfg.eos_ids and not seq.ignore_eos
+        if seq.logprobs is not None or seq.rank:
+            e = entry(torch.log_softmax(raw if raw is not None else logits.float(), -1), token, seq.logprobs or 0)
+            seq.cumulative += e[1]
+            if seq.logprobs is not None and not is_eos:
+                seq.pending.append(e)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+        if is_eos:
             return self._finish(seq, "stop")
         seq.tokens.append(token)
         if seq.detok is None:
@@ -165,22 +246,28 @@ class Engine:
         cut = min((text.find(s) for s in seq.stops if s in text), default=-1)
         if cut >= 0:
             return self._finish(seq, "stop", text[:cut])
+        if seq.constraint is not None and seq.constraint.finished:
+            return self._finish(seq, "stop", text)
         if len(seq.tokens) >= cfg.max_new_tokens:
             return self._finish(seq, "length", text)
         # Hold back an incomplete character, and any tail that could still become a stop string.
         safe = len(text) - (max(map(len, seq.stops)) - 1 if seq.stops else 0)
-        if safe > seq.sent:
-            seq.emit({"text": text[seq.sent: safe]})
-            seq.sent = safe
+        if safe > seq.sent or seq.pending:
+            seq.emit(self._event(seq, text[seq.sent: max(safe, seq.sent)]))
+            seq.sent = max(safe, seq.sent)
+
+    def _event(self, seq: Sequence, text: str, **more: Any) -> dict:
+        ev = {"text": text, **more}
+        if seq.pending:
+            ev["logprobs"], seq.pending = seq.pending, []
+        return ev
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> None:
         if text is None:
             text = seq.text
-        seq.emit({"text": text[seq.sent:], "finish_reason": reason, "prompt_tokens": len(seq.prompt),
-                  "completion_tokens": len(seq.tokens) + (reason == "stop" and seq.last in seq.config.eos_ids)})
+        eos = reason == "stop" and seq.last in seq.config.eos_ids and not seq.ignore_eos
+        seq.emit(self._event(seq, text[seq.sent:], finish_reason=reason, prompt_tokens=len(seq.prompt),
+                             completion_tokens=len(seq.tokens) + eos, cumulative_logprob=seq.cumulative,
+                             full_text=text))
         seq.sent = len(text)
         seq.cancelled = True  # marks it done: the next step drops the row
-
-    @staticmethod
-    def _done(seq: Sequence) -> bool:
-        return seq.cancelled

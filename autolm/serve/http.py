@@ -1,89 +1,61 @@
 """The OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-The HTTP side validates requests (pydantic models, off the event loop, after a body-size check),
-hands them to the engine and turns its events into JSON bodies or server-sent events.
+Requests are size-checked before they are read, validated off the event loop (pydantic models), turned
+into engine sequences (requests.py) and answered as JSON bodies or server-sent events. A client that
+hangs up, streaming or not, frees its batch rows at the next step; shutdown ends every request in
+flight within a bounded time.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time.
 import asyncio
+import contextlib
+import ipaddress
 import json
+import logging
+import sys
 import time
 import uuid
 
-import torch
-
 from ..generation import GenerationConfig
-from .engine import Engine, Sequence
-from .protocol import APIError, ChatRequest, CompletionRequest, message_dicts, parse
+from .engine import Engine
+from .protocol import APIError, ChatRequest, CompletionRequest, parse
+from .requests import Plan, Requests
 
 MAX_BODY_BYTES = 4 << 20
+logger = logging.getLogger("autolm.serve")
 
 
 class Server:
-    """Request settings and prompts around one Engine."""
+    """The engine and the request logic for one model."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8):
-        self.model, self.tokenizer, self.name, self.api_key = model, tokenizer, model_name, api_key
+        self.name, self.api_key = model_name, api_key
         self.engine = Engine(model, tokenizer, max_batch)
-        self.context = model.config.max_position_embeddings
         self.created = int(time.time())
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.eos = (base.generation_config or GenerationConfig()).eos_token_id
+        self.requests = Requests(model, tokenizer, model_name, (base.generation_config or GenerationConfig()).eos_token_id)
 
-    def settings(self, req, prompt_len: int) -> tuple[GenerationConfig, list[str], int, int | None]:
-        if req.model not in (None, self.name):
-            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.name}'",
-                           param="model", code="model_not_found")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        room = self.context - prompt_len
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                           f"{prompt_len} and {max_tokens or 1} more were requested",
-                           param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
-        temperature = 1.0 if req.temperature is None else req.temperature
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        cfg = GenerationConfig(
-            max_new_tokens=max_tokens or room, do_sample=temperature > 0, temperature=temperature or 1.0,
-            top_k=req.top_k if req.top_k and req.top_k > 0 else None, top_p=req.top_p or 1.0, min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty or 1.0, eos_token_id=self.eos)
-        return cfg, [s for s in stops if s], req.n, req.seed
 
-    def chat_prompt(self, req: ChatRequest) -> list[int]:
-        try:
-            return list(self.tokenizer.apply_chat_template(message_dicts(req.messages),
-                                                           add_generation_prompt=True)["input_ids"])
-        except Exception as e:
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            vocab = self.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise APIError(400, f"'prompt': token ids must be in [0, {vocab})", param="prompt")
-            return prompt
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string (or a list of token ids)", param="prompt")
-        try:
-            return self.tokenizer.encode(prompt)
-        except Exception as e:
-            raise APIError(400, f"'prompt' cannot be encoded: {e}", param="prompt") from None
 
-    def start(self, prompt: list[int], cfg: GenerationConfig, stops: list[str], n: int, seed: int | None,
-              loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, list[Sequence]]:
-        """Submit n sequences; their events arrive on one asyncio queue as (index, event)."""
-        events: asyncio.Queue = asyncio.Queue()
-        seqs = []
-        for i in range(n):
-            gen = torch.Generator(device=self.model.device)
-            gen.manual_seed((seed + i) % 2**64 if seed is not None else int(torch.randint(0, 2**62, (1,))))
-            emit = (lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
-            seqs.append(Sequence(prompt, cfg, stops, emit, gen))
-        for s in seqs:
-            self.engine.submit(s)
-        return events, seqs
+class Watch:
+    """Engine events for one request, checking at least twice a second that its client is still there."""
+
+    def __init__(self, events: asyncio.Queue, request):
+        self.events, self.request, self.checked = events, request, time.monotonic()
+
+    async def next(self) -> tuple:
+        while True:
+            if time.monotonic() - self.checked > 0.5:
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    raise APIError(499, "client disconnected")
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
 
 
 def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None = None, max_batch: int = 8,
@@ -93,24 +65,28 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
     from fastapi.responses import JSONResponse, StreamingResponse
 
     server = Server(model, tokenizer, model_name, api_key, max_batch)
-    app = FastAPI(title="autolm", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.engine.stop()  # requests in flight end with finish_reason "abort"
+
+    app = FastAPI(title="autolm", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
+    reqs = server.requests
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                err = APIError(401, "Incorrect or missing API key", type="invalid_request_error",
-                               code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        """Every /v1 route checks the key itself (an HTTP middleware would hide client disconnects)."""
+        if server.api_key and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+            raise APIError(401, "Incorrect or missing API key", code="invalid_api_key")
 
     async def read_request(request: Request, cls):
         """The body, refused past max_body bytes before it is all read, parsed off the event loop."""
+        authorize(request)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body:
             raise APIError(413, f"request body of {declared} bytes is over this server's {max_body}-byte limit")
@@ -129,94 +105,189 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
                 "running": len(engine.active), "waiting": engine.pending.qsize(), "steps": engine.steps}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        authorize(request)
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "autolm"}]}
+                                            "owned_by": "autolm", "max_model_len": reqs.context}]}
 
-    async def complete(req, prompt: list[int], chat: bool):
-        cfg, stops, n, seed = server.settings(req, len(prompt))
-        stream = req.stream
-        usage_in_stream = req.stream_options is not None and req.stream_options.include_usage
-        events, seqs = server.start(prompt, cfg, stops, n, seed, asyncio.get_running_loop())
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": server.name}
+    def start(build) -> tuple[asyncio.Queue, Plan]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        plan = build(lambda k: (lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev))))
+        for s in plan.sequences:
+            server.engine.submit(s)
+        return events, plan
 
-        def choice(i: int, text: str | None, reason: str | None, first: bool = False) -> dict:
-            if not chat:
-                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
-            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+    def cancel(plan: Plan) -> None:
+        for s in plan.sequences:
+            s.cancelled = True
 
-        if stream:
-            async def sse():
-                done, prompt_tokens, completion_tokens = 0, len(prompt), 0
-                try:
-                    if chat:
-                        for i in range(n):
-                            yield f"data: {json.dumps({**head, 'choices': [choice(i, '', None, True)]})}\n\n"
-                    while done < n:
-                        i, ev = await events.get()
-                        if "error" in ev:
-                            yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'server_error'}})}\n\n"
-                            return
-                        reason = ev.get("finish_reason")
-                        if ev["text"] or reason:
-                            yield f"data: {json.dumps({**head, 'choices': [choice(i, ev['text'], reason)]})}\n\n"
-                        if reason:
-                            done += 1
-                            completion_tokens += ev["completion_tokens"]
-                    if usage_in_stream:
-                        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in seqs:  # a client that went away frees its rows at the next step
-                        s.cancelled = True
+    async def collect(request, events: asyncio.Queue, plan: Plan) -> list[dict]:
+        """Every sequence's whole result: text, finish reason, token counts, logprob entries."""
+        results = [{"text": "", "entries": [], "prompt_entries": None} for _ in plan.sequences]
+        left, watch = len(plan.sequences), Watch(events, request)
+        while left:
+            k, ev = await watch.next()
+            if "error" in ev:
+                raise APIError(500, ev["error"], type="server_error")
+            r = results[k]
+            r["text"] += ev["text"]
+            r["entries"] += ev.get("logprobs", [])
+            if "prompt_logprobs" in ev:
+                r["prompt_entries"] = ev["prompt_logprobs"]
+            if ev.get("finish_reason"):
+                r.update(ev)
+                r["text"] = ev["full_text"]
+                left -= 1
+        return results
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+    def best(plan: Plan, results: list[dict]) -> list[tuple[int, dict]]:
+        """(prompt index, result) for the n answers per prompt: the first n, or the n likeliest of best_of."""
+        out = []
+        for p in range(len(plan.prompts)):
+            group = results[p * plan.best_of:(p + 1) * plan.best_of]
+            if plan.best_of > plan.n:
+                group = sorted(group, key=lambda r: -r["cumulative_logprob"])
+            out += [(p, r) for r in group[: plan.n]]
+        return out
 
-        texts, reasons, completion_tokens = [""] * n, [None] * n, 0
-        try:
-            while any(r is None for r in reasons):
-                i, ev = await events.get()
-                if "error" in ev:
-                    raise APIError(500, ev["error"], type="server_error")
-                texts[i] += ev["text"]
-                if ev.get("finish_reason"):
-                    reasons[i] = ev["finish_reason"]
-                    completion_tokens += ev["completion_tokens"]
-        finally:
-            for s in seqs:
-                s.cancelled = True
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                 "total_tokens": len(prompt) + completion_tokens}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
-            return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {**head, "choices": choices, "usage": usage}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = await read_request(request, ChatRequest)
-        return await complete(req, server.chat_prompt(req), chat=True)
+    def usage(plan: Plan, results: list[dict]) -> dict:
+        prompt = sum(len(p) for p in plan.prompts)
+        completion = sum(r.get("completion_tokens", 0) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read_request(request, CompletionRequest)
-        return await complete(req, server.completion_prompt(req), chat=False)
+        prompts, texts = reqs.completion_prompts(req)
+        events, plan = start(lambda emit_for: reqs.plan(req, prompts, texts, emit_for=emit_for))
+        head = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
+                "model": server.name}
+        if req.stream:
+            return StreamingResponse(stream_completions(req, events, plan, head), media_type="text/event-stream")
+        try:
+            results = await collect(request, events, plan)
+        finally:
+            cancel(plan)
+        choices = []
+        for i, (p, r) in enumerate(best(plan, results)):
+            text = (plan.prompt_texts[p] if req.echo else "") + r["text"]
+            logprobs = None
+            if req.logprobs is not None:
+                entries = r["entries"]
+                if req.echo:
+                    prompt_entries = r["prompt_entries"] or [None] * len(plan.prompts[p])
+                    entries = [(plan.prompts[p][0], None, None)] + list(prompt_entries[1:]) + entries
+                logprobs = reqs.completion_logprobs(entries)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
+        return {**head, "choices": choices, "usage": usage(plan, results)}
+
+    async def stream_completions(req, events, plan: Plan, head: dict):
+        done, results = 0, [{} for _ in plan.sequences]
+        try:
+            if req.echo:
+                for k, p in enumerate(plan.prompts):
+                    for i in range(plan.n):
+                        yield _sse({**head, "choices": [{"index": k * plan.n + i, "text": plan.prompt_texts[k],
+                                                         "logprobs": None, "finish_reason": None}]})
+            while done < len(plan.sequences):
+                k, ev = await events.get()
+                if "error" in ev:
+                    yield _sse({"error": {"message": ev["error"], "type": "server_error"}})
+                    return
+                reason = ev.get("finish_reason")
+                entries = ev.get("logprobs", [])
+                if ev["text"] or reason or entries:
+                    lp = reqs.completion_logprobs(entries) if req.logprobs is not None and entries else None
+                    yield _sse({**head, "choices": [{"index": k, "text": ev["text"], "logprobs": lp,
+                                                     "finish_reason": reason}]})
+                if reason:
+                    done += 1
+                    results[k] = ev
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(plan, results)})
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel(plan)  # a client that went away frees its rows at the next step
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read_request(request, ChatRequest)
+        prompt, tools, fmt = reqs.chat_prompt(req)
+        events, plan = start(lambda emit_for: reqs.plan(req, [prompt], [""], tools, fmt, emit_for=emit_for))
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
+                "model": server.name}
+        if req.stream:
+            return StreamingResponse(stream_chat(req, events, plan, {**head, "object": "chat.completion.chunk"}),
+                                     media_type="text/event-stream")
+        try:
+            results = await collect(request, events, plan)
+        finally:
+            cancel(plan)
+        choices = []
+        for i, (_, r) in enumerate(best(plan, results)):
+            message, tool_reason = reqs.tool_message(plan, r["text"])
+            choices.append({"index": i, "message": message, "finish_reason": tool_reason or r["finish_reason"],
+                            "logprobs": reqs.chat_logprobs(r["entries"]) if req.logprobs else None})
+        return {**head, "choices": choices, "usage": usage(plan, results)}
+
+    async def stream_chat(req, events, plan: Plan, head: dict):
+        """Content deltas as they come; with tools, the reply is held until it is known to be a call or not."""
+        done, results, texts = 0, [{} for _ in plan.sequences], [""] * len(plan.sequences)
+
+        def chunk(i, delta, reason=None, logprobs=None):
+            return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": reason}]})
+        try:
+            for i in range(plan.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            while done < len(plan.sequences):
+                k, ev = await events.get()
+                if "error" in ev:
+                    yield _sse({"error": {"message": ev["error"], "type": "server_error"}})
+                    return
+                reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
+                lp = reqs.chat_logprobs(entries) if req.logprobs and entries else None
+                texts[k] += ev["text"]
+                if plan.tools:
+                    if reason:
+                        message, tool_reason = reqs.tool_message(plan, ev["full_text"])
+                        delta = ({"tool_calls": [{**c, "index": j} for j, c in enumerate(message["tool_calls"])]}
+                                 if tool_reason else {"content": message["content"]})
+                        yield chunk(k, delta, tool_reason or reason, lp)
+                elif ev["text"] or reason or lp:
+                    yield chunk(k, {"content": ev["text"]} if ev["text"] else {}, reason, lp)
+                if reason:
+                    done += 1
+                    results[k] = ev
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(plan, results)})
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel(plan)
 
     return app
 
 
 def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_body: int = MAX_BODY_BYTES) -> None:
-    """Run the server until interrupted."""
+          max_batch: int = 8, max_body: int = MAX_BODY_BYTES, shutdown_timeout: float = 5.0) -> None:
+    """Run the server until interrupted; SIGTERM ends requests in flight within `shutdown_timeout` seconds."""
     import uvicorn
 
+    if not api_key and not _loopback(host):
+        message = (f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
+                   "model. Pass --api-key (or AUTOLM_API_KEY) or bind 127.0.0.1.")
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+    print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(model, tokenizer, model_name, api_key, max_batch, max_body), host=host, port=port,
-                log_level="info")
+                log_level="info", timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
