@@ -229,7 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the raw numbers here")
     p.add_argument("--no-compile", action="store_true",
                    help="skip autolm's compiled decode step (it costs each autolm process a compile)")
+    p.add_argument("--serve", action="store_true",
+                   help="serving throughput instead: autolm serve with 1, 8 and 32 concurrent clients")
     args = p.parse_args(argv)
+    if args.serve:
+        from ..convert import default_model_dir
+        from .serving import serving_bench
+
+        rows = serving_bench(args.model or default_model_dir(), threads=args.threads,
+                             dtype=args.dtype if args.model else "auto")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     if args.model:
         cases = [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
     else:
