@@ -28,6 +28,9 @@ except ImportError:  # structured output is refused with a clear error
     llguidance = None
 
 
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
 class Constraint:
     """One request's grammar state: `mask(scores)` before choosing, `advance(token)` after."""
 
@@ -38,10 +41,12 @@ class Constraint:
         self.bitmask = llguidance_torch.allocate_token_bitmask(1, tokenizer.vocab_size)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (1, V) with every token the grammar forbids at -inf. The bitmask is unpacked with plain
+        tensor ops (llguidance's own helper compiles a kernel with torch.compile on first use: seconds)."""
         llguidance_torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        scores = scores.clone()
-        llguidance_torch.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
-        return scores
+        bits = (self.bitmask.unsqueeze(-1) >> _SHIFTS) & 1  # (1, words, 32), bit i of word w: token 32w + i
+        allowed = bits.reshape(1, -1)[:, : scores.shape[-1]].to(device=scores.device, dtype=torch.bool)
+        return scores.masked_fill(~allowed, -float("inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
