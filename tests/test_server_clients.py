@@ -315,3 +315,45 @@ def test_sigterm_stops_within_bounds_and_open_binding_warns(smol_dir):
         proc.kill()
         err = proc.stderr.read()
     assert "WARNING: serving on 0.0.0.0 without --api-key" in err
+
+
+def test_a_request_that_fails_inside_the_engine_fails_alone(smol_dir):
+    """The engine itself: one row whose sampling raises (a broken grammar state) ends with an error event;
+    the other rows of the same batch finish with the text they would have had alone."""
+    import queue as queue_mod
+
+    from autolm.generation import GenerationConfig
+    from autolm.serve.engine import Engine, Sequence
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir)
+    tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
+
+    class Broken:
+        finished = False
+
+        def mask(self, scores):
+            raise RuntimeError("poisoned")
+
+        def advance(self, token):
+            pass
+
+    engine = Engine(model, tok, max_batch=8)
+    events: queue_mod.Queue = queue_mod.Queue()
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_id=2)
+    prompt = tok.encode(PROMPT)
+    seqs = [Sequence(prompt, cfg, [], (lambda ev, k=k: events.put((k, ev))), constraint=Broken() if k == 2 else None)
+            for k in range(5)]
+    engine.pending.put(seqs[0])  # all five are admitted together: one prefill, one batch
+    for s in seqs[1:]:
+        engine.pending.put(s)
+    results, errors = {}, {}
+    while len(results) + len(errors) < 5:
+        k, ev = events.get(timeout=300)
+        if "error" in ev:
+            errors[k] = ev["error"]
+        elif ev.get("finish_reason"):
+            results[k] = ev["full_text"]
+    engine.stop()
+    assert list(errors) == [2] and "poisoned" in errors[2]
+    want = autolm.generate_text(model, tok, prompt, max_new_tokens=8)
+    assert all(text == want for text in results.values()) and len(results) == 4
