@@ -268,3 +268,23 @@ def test_tokenizer_surface(smol_dir, tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), i
         else:
             assert a == b, (i, a, b)
+
+
+def test_real_peft_wraps_an_autolm_model(checkpoint):
+    """peft itself (not autolm.lora) around an autolm model, with a task type: same logits and tokens as
+    peft around transformers' model, given the same seed for the adapter's initialisation."""
+    import peft
+
+    directory, _ = checkpoint(NAME)
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(directory)
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(model, peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=4,
+                                                        target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        with torch.no_grad():
+            return pm(input_ids=IDS).logits, pm.generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
+
+    ref, got = _both(user_code)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], ref[1])
