@@ -30,3 +30,11 @@ def test_prefill_flops_counts_the_decoder_matrices_and_causal_attention(checkpoi
     attention = c.num_hidden_layers * nh * hd * 2 * 2 * sum(range(1, T + 1))  # query t sees t keys
     assert prefill_flops(model, T) == 2 * per_layer * c.num_hidden_layers * T + attention + 2 * h * c.vocab_size
     assert matmul_rate(1, "float32", 64, 64, 64) > 1e8
+
+
+def test_profile_reports_the_kernels_of_a_decode_step(checkpoint):
+    from autolm.bench.profile import profile_decode
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    (row,) = profile_decode(directory, configs=(("float32", None),), prompt=8, steps=2)
+    assert row["ms_per_token"] > 0 and any("linear" in k or "mm" in k for k in row["kernels"])

@@ -231,7 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip autolm's compiled decode step (it costs each autolm process a compile)")
     p.add_argument("--serve", action="store_true",
                    help="serving throughput instead: autolm serve with 1, 8 and 32 concurrent clients")
+    p.add_argument("--profile", action="store_true",
+                   help="where an eager decode step's time goes, by kernel (fp32, bf16, int8, int4)")
     args = p.parse_args(argv)
+    if args.profile:
+        from ..convert import default_model_dir
+        from .profile import profile_decode
+
+        profile_decode(args.model or default_model_dir("float32"), threads=args.threads)
+        return 0
     if args.serve:
         from ..convert import default_model_dir
         from .serving import serving_bench
