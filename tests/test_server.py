@@ -5,9 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,29 +21,13 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2
 
 
 @contextlib.contextmanager
-def serving(directory: str, *extra: str):
+def serving(directory: str, *extra: str, key: str | None = KEY):
     """`autolm serve directory` in its own process on a free loopback port; yields its /v1 URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", directory, "--port", str(port),
-                             "--api-key", KEY, "--model-name", NAME, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"autolm serve exited: {proc.stderr.read()}")
-            time.sleep(0.1)
+    from autolm.bench.serving import running_server
+
+    args = [directory, "--model-name", NAME, *(["--api-key", key] if key else []), *extra]
+    with running_server(args, wait_s=300) as (base, _):
         yield base + "/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -281,24 +278,10 @@ def test_lm_eval_local_completions_scores_equal_the_hf_backend(served, smol_dir,
     assert got["results"]["srv_mc"]["acc,none"] == ref["results"]["srv_mc"]["acc,none"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_stops_within_bounds_and_open_binding_warns(smol_dir):
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", smol_dir, "--host", "0.0.0.0",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    from autolm.bench.serving import running_server
+
+    with running_server([smol_dir, "--host", "0.0.0.0"], wait_s=300) as (base, proc):
         body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         lines = []
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
@@ -311,9 +294,7 @@ def test_sigterm_stops_within_bounds_and_open_binding_warns(smol_dir):
         proc.wait(timeout=60)
         assert time.monotonic() - t0 < 30  # in-flight requests get a few seconds, not 4000 tokens' worth
         assert not any('"length"' in line for line in lines)  # it did not run to the end
-    finally:
-        proc.kill()
-        err = proc.stderr.read()
+        err = proc.log()
     assert "WARNING: serving on 0.0.0.0 without --api-key" in err
 
 

@@ -44,5 +44,4 @@ def profile_decode(model_dir: str, configs=(("float32", None), ("bfloat16", None
             print(f"  {e.key[:48]:48s} {e.self_cpu_time_total / 20 / 1e3:7.3f} ms/token {e.count / 20:7.1f} calls")
         rows.append({"config": label, "ms_per_token": wall * 1e3,
                      "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels}})
-        del model, cache
     return rows

@@ -4,12 +4,15 @@ each ask for the same number of tokens (ignore_eos), as `autolm bench --serve` p
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 
 def _free_port() -> int:
@@ -18,28 +21,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def running_server(args: list[str], wait_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`autolm serve ARGS --port P` in its own process until it answers /health: (http://127.0.0.1:P, process);
+    terminated on exit. Its stderr goes to a file (a pipe nobody reads would fill and stall it), whose
+    text `process.log()` returns."""
+    import httpx
+
+    port = _free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", *args, "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=log, text=True)
+        proc.log = lambda: (log.flush(), log.seek(0), log.read())[-1]
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    if httpx.get(base + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"autolm serve did not start: {proc.log()[-2000:]}")
+                time.sleep(0.1)
+            yield base, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
 def serving_bench(model: str, clients: tuple[int, ...] = (1, 8, 32), tokens: int = 64, max_batch: int = 32,
                   threads: int | None = None, dtype: str = "auto") -> list[dict]:
     """One row per client count: aggregate generated tokens/s, and the median and worst request latency."""
     import httpx
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "autolm.cli", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-           "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    args = [model, "--max-batch", str(max_batch), "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
     rows = []
-    try:
-        for _ in range(1200):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"autolm serve exited: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.1)
-
+    with running_server(args, wait_s=600) as (base, _):
         def ask(i: int) -> float:
             t = time.perf_counter()
             r = httpx.post(base + "/v1/chat/completions", timeout=600, json={
@@ -60,7 +80,4 @@ def serving_bench(model: str, clients: tuple[int, ...] = (1, 8, 32), tokens: int
             print(f"serve {os.path.basename(os.path.normpath(model))}: {c:>2} clients x {tokens} tokens: "
                   f"{rows[-1]['tokens_per_s']:7.1f} tok/s in all, request latency median "
                   f"{rows[-1]['median_latency_s']:.2f} s, worst {rows[-1]['max_latency_s']:.2f} s", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     return rows

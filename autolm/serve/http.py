@@ -182,26 +182,20 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
             choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
         return {**head, "choices": choices, "usage": usage(plan, results)}
 
-    async def stream_completions(req, events, plan: Plan, head: dict):
+    async def stream(req, events: asyncio.Queue, plan: Plan, head: dict, render, opening: list[str]):
+        """Server-sent events: the opening chunks, render(k, event)'s chunks per engine event, usage, [DONE]."""
         done, results = 0, [{} for _ in plan.sequences]
         try:
-            if req.echo:
-                for k, p in enumerate(plan.prompts):
-                    for i in range(plan.n):
-                        yield _sse({**head, "choices": [{"index": k * plan.n + i, "text": plan.prompt_texts[k],
-                                                         "logprobs": None, "finish_reason": None}]})
+            for line in opening:
+                yield line
             while done < len(plan.sequences):
                 k, ev = await events.get()
                 if "error" in ev:
                     yield _sse({"error": {"message": ev["error"], "type": "server_error"}})
                     return
-                reason = ev.get("finish_reason")
-                entries = ev.get("logprobs", [])
-                if ev["text"] or reason or entries:
-                    lp = reqs.completion_logprobs(entries) if req.logprobs is not None and entries else None
-                    yield _sse({**head, "choices": [{"index": k, "text": ev["text"], "logprobs": lp,
-                                                     "finish_reason": reason}]})
-                if reason:
+                for line in render(k, ev):
+                    yield line
+                if ev.get("finish_reason"):
                     done += 1
                     results[k] = ev
             if req.stream_options is not None and req.stream_options.include_usage:
@@ -209,6 +203,19 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
             yield "data: [DONE]\n\n"
         finally:
             cancel(plan)  # a client that went away frees its rows at the next step
+
+    def stream_completions(req, events, plan: Plan, head: dict):
+        def render(k, ev):
+            reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
+            if ev["text"] or reason or entries:
+                lp = reqs.completion_logprobs(entries) if req.logprobs is not None and entries else None
+                yield _sse({**head, "choices": [{"index": k, "text": ev["text"], "logprobs": lp,
+                                                 "finish_reason": reason}]})
+
+        opening = [_sse({**head, "choices": [{"index": p * plan.n + i, "text": plan.prompt_texts[p], "logprobs": None,
+                                              "finish_reason": None}]})
+                   for p in range(len(plan.prompts)) for i in range(plan.n)] if req.echo else []
+        return stream(req, events, plan, head, render, opening)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -231,40 +238,26 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
                             "logprobs": reqs.chat_logprobs(r["entries"]) if req.logprobs else None})
         return {**head, "choices": choices, "usage": usage(plan, results)}
 
-    async def stream_chat(req, events, plan: Plan, head: dict):
+    def stream_chat(req, events, plan: Plan, head: dict):
         """Content deltas as they come; with tools, the reply is held until it is known to be a call or not."""
-        done, results, texts = 0, [{} for _ in plan.sequences], [""] * len(plan.sequences)
-
         def chunk(i, delta, reason=None, logprobs=None):
             return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
                                               "finish_reason": reason}]})
-        try:
-            for i in range(plan.n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            while done < len(plan.sequences):
-                k, ev = await events.get()
-                if "error" in ev:
-                    yield _sse({"error": {"message": ev["error"], "type": "server_error"}})
-                    return
-                reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
-                lp = reqs.chat_logprobs(entries) if req.logprobs and entries else None
-                texts[k] += ev["text"]
-                if plan.tools:
-                    if reason:
-                        message, tool_reason = reqs.tool_message(plan, ev["full_text"])
-                        delta = ({"tool_calls": [{**c, "index": j} for j, c in enumerate(message["tool_calls"])]}
-                                 if tool_reason else {"content": message["content"]})
-                        yield chunk(k, delta, tool_reason or reason, lp)
-                elif ev["text"] or reason or lp:
-                    yield chunk(k, {"content": ev["text"]} if ev["text"] else {}, reason, lp)
+
+        def render(k, ev):
+            reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
+            lp = reqs.chat_logprobs(entries) if req.logprobs and entries else None
+            if plan.tools:
                 if reason:
-                    done += 1
-                    results[k] = ev
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield _sse({**head, "choices": [], "usage": usage(plan, results)})
-            yield "data: [DONE]\n\n"
-        finally:
-            cancel(plan)
+                    message, tool_reason = reqs.tool_message(plan, ev["full_text"])
+                    delta = ({"tool_calls": [{**c, "index": j} for j, c in enumerate(message["tool_calls"])]}
+                             if tool_reason else {"content": message["content"]})
+                    yield chunk(k, delta, tool_reason or reason, lp)
+            elif ev["text"] or reason or lp:
+                yield chunk(k, {"content": ev["text"]} if ev["text"] else {}, reason, lp)
+
+        return stream(req, events, plan, head, render, [chunk(i, {"role": "assistant", "content": ""})
+                                                        for i in range(plan.n)])
 
     return app
 
