@@ -213,3 +213,21 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
     out, err = first + proc.stdout.read(), proc.stderr.read()
     assert proc.wait(timeout=600) == 0 and "[stopped]" in err, err
     assert first and "Paris" in out
+
+
+def test_serve_with_an_adapter(home, smol_dir, adapters):
+    """`autolm serve MODEL --adapter NAME=PATH`: served under the adapter's name, with the adapter's text."""
+    import httpx
+
+    import autolm
+    from autolm.bench.serving import running_server
+    from autolm.lora import PeftModel
+
+    model = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), adapters[0])
+    tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
+    want = autolm.generate_text(model, tok, "The capital of France is", max_new_tokens=8)
+    with running_server([smol_dir, "--adapter", f"mine={adapters[0]}"], wait_s=300) as (base, _):
+        assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["mine"]
+        r = httpx.post(base + "/v1/completions", timeout=300, json={
+            "model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want

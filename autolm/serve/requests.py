@@ -120,8 +120,7 @@ class Requests:
         grammar = self.grammars.for_request(req)
         if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
             only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-            import llguidance  # noqa: F401  (the grammars need it; Grammars raises the clear error)
-
+            self.grammars.require("tool_choice")
             grammar = tool_call_grammar(tools, tool_fmt, only, req.parallel_tool_calls and only is None)
         logprobs = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
         best_of = req.best_of or req.n

@@ -63,10 +63,14 @@ class Grammars:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._ll = None
 
-    def _lltokenizer(self):
+    @staticmethod
+    def require(param: str) -> None:
         if llguidance is None:
             raise APIError(400, "structured output needs llguidance on the server: pip install 'autolm[serve]'",
-                           param="response_format")
+                           param=param)
+
+    def _lltokenizer(self):
+        self.require("response_format")
         if self._ll is None:
             self._ll = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
                                               eos_token=self.eos_ids[0] if self.eos_ids else None)
