@@ -29,15 +29,17 @@ class Case:
     quantization: str | None = None
     libs: tuple[str, ...] = ("autolm", "transformers")
     compile: bool = True  # also measure autolm's compiled decode step (compile_decode)
+    gguf: str | None = None  # the GGUF file llama.cpp runs, for the "llama.cpp" lib
 
 
 def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
     args = {"lib": lib, "model": case.model, "dtype": case.dtype, "quantization": case.quantization,
             "threads": threads, "prefill": prefill, "decode": decode,
-            "compile": lib == "autolm" and case.compile}
+            "compile": lib == "autolm" and case.compile, "gguf": case.gguf}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    child = "autolm.bench.llamacpp" if lib == "llama.cpp" else "autolm.bench.child"
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "autolm.bench.child", json.dumps(args), repr(start)],
+    out = subprocess.run([sys.executable, "-m", child, json.dumps(args), repr(start)],
                          capture_output=True, text=True, env=env)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode or line is None:
@@ -142,10 +144,13 @@ def bench(cases: list[Case], reps: int = 3, threads: int | None = None, prefill:
 
 def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float, out,
                 peak: tuple[float, float] | None = None, prefill: int = 512) -> None:
-    a, t = results.get("autolm"), results.get("transformers")
+    other = next((lib for lib in case.libs if lib != "autolm"), "transformers")
+    a, t = results.get("autolm"), results.get(other)
     print(f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
           file=out)
-    print("| metric | autolm | transformers | ratio |", file=out)
+    if other == "llama.cpp":
+        print(f"(llama.cpp runs {os.path.basename(case.gguf)} itself)", file=out)
+    print(f"| metric | autolm | {other} | ratio |", file=out)
     print("|---|---|---|---|", file=out)
     metrics = [("import s (beyond torch)", "import", 1, "{:.3f}", True), ("load s", "load", 1, "{:.2f}", True),
                ("peak RSS of load / checkpoint", "load_rss", 1 / ckpt, "{:.2f}", True),
@@ -180,8 +185,11 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
         print(file=out)
 
 
-def prepare_checkpoints(root: str, smol_dir: str, big: bool = True) -> list[Case]:
-    """SmolLM2 fp32 and bf16 directories, and (big=True) a ~1B Llama-shaped bf16 sharded checkpoint."""
+def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | None = None) -> list[Case]:
+    """SmolLM2 fp32 and bf16 directories, and (big=True) a ~1B Llama-shaped bf16 sharded checkpoint. With
+    llama-cpp-python installed and the GGUF given, the int4 row is against llama.cpp on that GGUF."""
+    import importlib.util
+
     import torch
 
     import autolm
@@ -193,7 +201,11 @@ def prepare_checkpoints(root: str, smol_dir: str, big: bool = True) -> list[Case
         autolm.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(bf16)
     cases.append(Case("SmolLM2-135M bf16", bf16, "bfloat16"))
     cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",), compile=False))
-    cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",), compile=False))
+    if gguf and importlib.util.find_spec("llama_cpp") is not None:
+        cases.append(Case("SmolLM2-135M int4 vs llama.cpp Q4_1", bf16, "bfloat16", "int4", ("autolm", "llama.cpp"),
+                          compile=False, gguf=gguf))
+    else:
+        cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",), compile=False))
     if big:
         path = os.path.join(root, "llama-1b-bf16")
         if not os.path.isdir(path):
@@ -258,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
         work = args.work or os.path.join(autolm_home(), "bench")
         os.makedirs(work, exist_ok=True)
-        cases = prepare_checkpoints(work, default_model_dir("float32"), big=not args.no_1b)
+        from ..convert import default_gguf_path
+
+        cases = prepare_checkpoints(work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path())
     if args.no_compile:
         for case in cases:
             case.compile = False
