@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 
 
+# llama.cpp's child lives outside the package (autolm never imports llama-cpp-python): in a source checkout.
+LLAMACPP_CHILD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "bench", "llamacpp_child.py")
+
+
 @dataclass
 class Case:
     label: str
@@ -37,9 +42,9 @@ def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> 
             "threads": threads, "prefill": prefill, "decode": decode,
             "compile": lib == "autolm" and case.compile, "gguf": case.gguf}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    child = "autolm.bench.llamacpp" if lib == "llama.cpp" else "autolm.bench.child"
+    child = [LLAMACPP_CHILD] if lib == "llama.cpp" else ["-m", "autolm.bench.child"]
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", child, json.dumps(args), repr(start)],
+    out = subprocess.run([sys.executable, *child, json.dumps(args), repr(start)],
                          capture_output=True, text=True, env=env)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode or line is None:
@@ -201,7 +206,7 @@ def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | 
         autolm.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(bf16)
     cases.append(Case("SmolLM2-135M bf16", bf16, "bfloat16"))
     cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",), compile=False))
-    if gguf and importlib.util.find_spec("llama_cpp") is not None:
+    if gguf and importlib.util.find_spec("llama_cpp") is not None and os.path.isfile(LLAMACPP_CHILD):
         cases.append(Case("SmolLM2-135M int4 vs llama.cpp Q4_1", bf16, "bfloat16", "int4", ("autolm", "llama.cpp"),
                           compile=False, gguf=gguf))
     else:

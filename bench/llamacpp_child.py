@@ -1,6 +1,7 @@
-"""One llama.cpp repetition for the benchmark, in a fresh process (python -m autolm.bench.llamacpp ARGS START):
-llama-cpp-python (optional, never a dependency of autolm) on the GGUF file itself, measured as the
-autolm child measures: import, load, peak RSS, process start -> first token, prefill and decode."""
+"""One llama.cpp repetition for `autolm bench`, in a fresh process (python bench/llamacpp_child.py ARGS START):
+llama-cpp-python (optional, never a dependency of autolm, and imported only here, outside the package)
+on the GGUF file itself, measured as autolm's child measures: import, load, peak RSS, process start ->
+first token, prefill and decode."""
 
 import json
 import sys
