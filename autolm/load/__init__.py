@@ -97,7 +97,8 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
         raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
     if overrides:
         config = type(config).from_dict(config.to_dict(), source=config.source, **overrides)
-    _check_size(config, source)
+    shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
+    _check_size(config, shapes)
     report.lap("config")
 
     target = want if isinstance(want, torch.dtype) else _config_dtype(config)
@@ -111,7 +112,7 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
     report.lap("build")
     if progress is None:
         progress = source.format == "gguf" or sum(os.path.getsize(f) for f in source.files) >= 2**30
-    model = _stream(model, source, placer, target, report, strict, check_finite, progress)
+    model = _stream(model, source, placer, target, report, strict, check_finite, progress, len(shapes or ()))
     report.dtype_decision = ("requested" if isinstance(want, torch.dtype) else
                              "auto: GGUF dequantizes to float32" if source.format == "gguf" else
                              "auto: config dtype / checkpoint dtype")
@@ -148,10 +149,9 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     return inner
 
 
-def _check_size(config, source) -> None:
+def _check_size(config, shapes: dict | None) -> None:
     """Compare the model the config describes with the checkpoint's tensors before anything is built: a config
     that claims far more layers than the checkpoint holds would otherwise cost time and memory first."""
-    shapes = source.shapes()
     if not shapes:
         return
     layers = {_layer_index(n) for n in shapes} - {-1}
@@ -180,13 +180,13 @@ def _config_dtype(config) -> torch.dtype | None:
     return d if isinstance(d, torch.dtype) else None
 
 
-def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool, progress: bool):
+def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool, progress: bool,
+            count: int = 0):
     """Hand every checkpoint tensor to the placer (cast to the target dtype first); check names and shapes."""
     from tqdm import tqdm
 
-    shapes = source.shapes()
     what = "loading + quantizing" if isinstance(placer, Quantize) else "loading"
-    bar = tqdm(total=len(shapes) if shapes else None, desc=f"{what} {os.path.basename(source.files[0])}",
+    bar = tqdm(total=count or None, desc=f"{what} {os.path.basename(source.files[0])}",
                unit=" tensors", disable=not progress, leave=False)
     config = model.config
     expected = placer.expected(model)
