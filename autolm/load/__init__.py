@@ -52,7 +52,7 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
                               "load the base model and use PeftModel.from_pretrained(model, adapter)")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
         return PeftModel.from_pretrained(_load(base, **kwargs), directory)
-    return _load(pretrained_model_name_or_path, **kwargs)
+    return _load(pretrained_model_name_or_path, resolved=directory, **kwargs)
 
 
 def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
@@ -61,7 +61,8 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
                     quantization: Any = None, tp_plan: str | None = None, fsdp: bool = False, lora_config=None,
                     gguf_file: str | None = None, config=None, strict: bool = True, check_finite: bool = False,
                     attn_implementation: str | None = None, use_safetensors: bool | None = None,
-                    variant: str | None = None, progress: bool | None = None, **kwargs: Any):
+                    variant: str | None = None, progress: bool | None = None, resolved: str | None = None,
+                    **kwargs: Any):
     """The load path: resolve, open the source, build on meta, place, stream the weights.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
@@ -85,7 +86,7 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
         want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
     report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
 
-    directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
+    directory = resolved or resolve_model_dir(pretrained_model_name_or_path, **hub)  # from_pretrained resolved it
     report.directory = directory
     report.lap("resolve")
     source = open_source(directory, gguf_file, use_safetensors, variant)

@@ -39,8 +39,7 @@ class Requests:
         self.context = model.config.max_position_embeddings
         self.vocab = model.config.vocab_size
         self.eos = eos
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.grammars = Grammars(tokenizer, self.vocab, eos_ids)
+        self.grammars = Grammars(tokenizer, self.vocab, GenerationConfig(eos_token_id=eos).eos_ids)
 
     # ---- prompts -------------------------------------------------------------------------------------
 
@@ -106,7 +105,7 @@ class Requests:
         stops = [s for s in ([req.stop] if isinstance(req.stop, str) else list(req.stop or [])) if s]
         eos = self.eos
         if req.stop_token_ids:
-            eos = sorted(set(([] if eos is None else [eos] if isinstance(eos, int) else list(eos)) + req.stop_token_ids))
+            eos = sorted(set(GenerationConfig(eos_token_id=eos).eos_ids + req.stop_token_ids))
         cfg = GenerationConfig(
             max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
             top_k=req.top_k if req.top_k and req.top_k > 0 and sample else None,
