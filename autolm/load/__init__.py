@@ -198,7 +198,10 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mismatched, deeper = [], [], 0
     planned = False
-    for path, name, t in source.tensors():
+    # GGUF 4-bit blocks go straight into int4 layers that quantize in the same groups of 32
+    tensors = (source.tensors(int4=placer.takes_int4_blocks) if source.format == "gguf" and isinstance(placer, Quantize)
+               else source.tensors())
+    for path, name, t in tensors:
         bar.update(1)
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
             continue

@@ -99,7 +99,10 @@ class Quantize:
 
         self.cfg = QuantConfig.parse(quantization if quantization is not None else saved)
         if saved is not None and QuantConfig.parse(saved) != self.cfg:
-            raise ConfigError(f"checkpoint is already quantized as {saved}; cannot load it as {self.cfg.to_dict()}")
+            if not (isinstance(quantization, str) and QuantConfig.parse(saved).bits == self.cfg.bits):
+                raise ConfigError(f"checkpoint is already quantized as {saved}; cannot load it as "
+                                  f"{self.cfg.to_dict()}")
+            self.cfg = QuantConfig.parse(saved)  # 'int4' names the saved int4 model, whatever its head
         self.saved, self.inner, self.shapes, self.tied = saved is not None, inner, {}, False
 
     def setup(self, model: nn.Module) -> None:
@@ -115,18 +118,29 @@ class Quantize:
     def plan(self, model, dtype):
         self.inner.plan(model, dtype)
 
-    def split(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        """A float weight of a quantized layer -> its quantized entries (a tied head: a quantized copy too)."""
-        from ..quant import quantize_weight
+    def takes_int4_blocks(self, name: str) -> bool:
+        """Whether the weight `name` can be loaded from GGUF Q4_0 / Q4_1 blocks as they are (groups of 32)."""
+        module = name.removesuffix(".weight")
+        return (module != name and module in self.shapes and not self.saved and self.cfg.bits_for(module) == 4
+                and self.cfg.group_size == 32)
+
+    def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """A float weight of a quantized layer -> its quantized entries (a tied head: a quantized copy too);
+        GGUF 4-bit blocks (sources.gguf.Int4Blocks) -> the int4 entries without a float round trip."""
+        from ..quant import pack_nibbles, quantize_weight
 
         module = name.removesuffix(".weight")
+        if hasattr(t, "scales_and_zeros"):
+            if tuple(t.shape) != self.shapes[module]:
+                raise CheckpointError(f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}")
+            return {f"{module}.weight": pack_nibbles(t.q), f"{module}.scales_and_zeros": t.scales_and_zeros}
         if self.tied and name == "model.embed_tokens.weight" and "lm_head" in self.shapes and not self.saved:
             return {name: t, **self.split("lm_head.weight", t, dtype)}
         if module not in self.shapes or module == name or not t.is_floating_point():
             return None
         if tuple(t.shape) != self.shapes[module]:
             raise CheckpointError(f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}")
-        return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, t, dtype).items()}
+        return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, module, t, dtype).items()}
 
     def put(self, name, t, path, zero_copy):
         return self.inner.put(name, t, path, zero_copy)

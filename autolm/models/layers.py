@@ -17,11 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as transformers does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in fp32 and cast back before the weight, as transformers does (F.rms_norm without a weight is
+        # its x * rsqrt(mean(x^2) + eps) exactly, in one call instead of five).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -29,6 +27,53 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def concat(cls, modules: list["Linear"]) -> "Linear | None":
+        """One Linear computing the concatenated outputs of `modules` (see fuse_linears)."""
+        if len({m.bias is None for m in modules}) != 1 or not shareable(modules, ["weight", "bias"]):
+            return None
+        fused = cls(modules[0].in_features, sum(m.out_features for m in modules), bias=False, device="meta")
+        fused.weight = nn.Parameter(share_concatenated(modules, "weight"), requires_grad=False)
+        if modules[0].bias is not None:
+            fused.bias = nn.Parameter(share_concatenated(modules, "bias"), requires_grad=False)
+        return fused
+
+
+def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
+    """One module of the same class computing the concatenated outputs of `modules` (Linear layers with the
+    same input, e.g. q/k/v), or None where they cannot be fused. The modules keep their names and values;
+    their tensors become views of the fused module's, so fusing costs no memory and in-place changes to
+    either are seen by both."""
+    cls = type(modules[0])
+    if len(modules) == 1:
+        return modules[0]
+    if any(type(m) is not cls for m in modules) or not hasattr(cls, "concat"):
+        return None
+    return cls.concat(modules)
+
+
+def shareable(modules: list[nn.Module], names: list[str]) -> bool:
+    """Whether these tensors of `modules` are plain tensors of one dtype on one device (so they can be fused)."""
+    tensors = [getattr(m, n) for m in modules for n in names if getattr(m, n, None) is not None]
+    return (all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+            and len({(t.dtype, t.device) for t in tensors}) == 1 and tensors[0].device.type != "meta")
+
+
+def share_concatenated(modules: list[nn.Module], name: str, dim: int = 0) -> torch.Tensor:
+    """Concatenate the tensor `name` of each module along dim, then make each module's tensor a view of the
+    result (a Parameter keeps its identity: its .data is replaced)."""
+    parts = [getattr(m, name) for m in modules]
+    fused = torch.cat([t.detach() for t in parts], dim)
+    start = 0
+    for m, t in zip(modules, parts):
+        view = fused.narrow(dim, start, t.shape[dim])
+        if isinstance(t, nn.Parameter):
+            t.data = view
+        else:
+            setattr(m, name, view)
+        start += t.shape[dim]
+    return fused
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
@@ -79,6 +124,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0
         self.static = static
+        self.fused = None  # (model, its one-token plan) once a model checked its fused step against this cache
         if static:
             for t in self.keys + self.values:
                 torch._dynamo.mark_static_address(t)

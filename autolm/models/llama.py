@@ -19,6 +19,7 @@ from .. import kernels
 from ..config import LlamaConfig
 from ..generation import GenerationMixin
 from ..saving import save_model
+from .fused import decode_token
 from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to, resized_rows
 from .output import CausalLMOutput, causal_lm_loss
 from .rope import apply_rotary, cos_sin, inv_freq_and_scale
@@ -90,7 +91,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.fused_decode = True  # one-token steps on the CPU take fused.decode_token (False: this forward)
         self._rope: tuple[torch.Tensor, float, int] | None = None  # (inv_freq, scale, seq_len it was made for)
+        self._fused: tuple[list | None, tuple] | None = None  # fused.decode_token's plan, what it was built from
 
     def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, 1, T, hd) for these positions; inv_freq is computed once (per length for dynamic RoPE)."""
@@ -278,7 +281,14 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
                                                                                 device=x.device)
             logits = self.decode_step(x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position)
         else:
-            h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
+            h = None
+            if (B == 1 and T == 1 and self.model.fused_decode and cache is not None and hidden is None
+                    and attentions is None and x.device.type == "cpu" and not kernels.needs_grad(x)
+                    and int(cache_position[0]) == end - 1
+                    and (attention_mask is None or (attention_mask.shape[-1] >= end and bool(attention_mask[:, :end].all())))):
+                h = decode_token(self.model, x, cache, end - 1, position_ids)
+            if h is None:
+                h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.length = max(cache.length, end)

@@ -129,10 +129,11 @@ class GGUFSource:
         config.name_or_path = self.files[0]
         return config
 
-    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+    def tensors(self, int4=lambda name: False) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(file, HF name, fp32 tensor), or gguf.Int4Blocks for the 4-bit tensors that int4(name) asks for."""
         from .gguf import gguf_tensors
 
-        return gguf_tensors(self.file, self.config())
+        return gguf_tensors(self.file, self.config(), int4)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         from .gguf import hf_name
