@@ -199,8 +199,11 @@ class Int4Linear(nn.Module):
     @classmethod
     def concat(cls, modules: list["Int4Linear"]) -> "Int4Linear | None":
         """One Int4Linear computing the concatenated outputs of `modules` (see models.layers.fuse_linears).
-        The CPU kernel's packed layout keeps whole rows, so packed weights concatenate like plain ones."""
+        The CPU kernel's packed layout interleaves blocks of 64 rows: packed weights concatenate like plain ones
+        where every part but the last has whole blocks."""
         first = modules[0]
+        if first.packed and any(m.out_features % 64 for m in modules[:-1]):
+            return None
         if (len({(m.bias is None, m.packed, m.group_size) for m in modules}) != 1
                 or not shareable(modules, ["scales_and_zeros", "bias"])
                 or not _aligned_parts(modules, first.in_features // 2)):

@@ -61,18 +61,16 @@ def _fuse(model) -> list | None:
         gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj]) or _Concat([mlp.gate_proj, mlp.up_proj])
         norms = (a.q_norm.forward, a.k_norm.forward) if hasattr(a, "q_norm") else None
         plan.append((layer.input_layernorm.forward, qkv.forward, norms, a.o_proj.forward,
-                     layer.post_attention_layernorm.forward, gate_up.forward, mlp.down_proj.forward))
+                     layer.post_attention_layernorm.forward, gate_up.forward, mlp.down_proj.forward, a.sliding_window))
     return plan
 
 
 def decode_token(model, x: torch.Tensor, cache: KVCache, slot: int, position: torch.Tensor) -> torch.Tensor | None:
     """One token of one sequence, x (1, 1, h), written at cache `slot` and attending to slots 0..slot (all
     real tokens) at RoPE `position`: the forward's arithmetic with q/k/v and gate/up fused into one matmul
-    each, RoPE for q and k in one go (the attention scale folded into q's tables), attention in fp32 and no
-    masks, so a layer is ~25 ops instead of ~75. Returns the normed hidden state (1, 1, h), or None where
-    it does not apply (see fused_plan; sliding windows shorter than the context)."""
-    if any(w is not None and slot + 1 > w for w in model.config.windows()):
-        return None
+    each, RoPE for q and k in one go (the attention scale folded into q's tables), attention in fp32 over the
+    slots a layer sees (its sliding window) without masks, so a layer is ~25 ops instead of ~75. Returns the
+    normed hidden state (1, 1, h), or None where it does not apply (see fused_plan)."""
     plan = fused_plan(model, cache)
     if plan is None:
         return None
@@ -87,7 +85,7 @@ def decode_token(model, x: torch.Tensor, cache: KVCache, slot: int, position: to
     sin = torch.cat(((sin * scale).expand(nh, hd), sin.expand(nkv, hd)))
     dtype = x.dtype
     x = x.view(1, -1)
-    for keys, values, (norm1, qkv, qk_norms, o_proj, norm2, gate_up, down_proj) in zip(
+    for keys, values, (norm1, qkv, qk_norms, o_proj, norm2, gate_up, down_proj, window) in zip(
             cache.keys, cache.values, plan):
         y = qkv(norm1(x))  # (1, nq + 2 nk)
         qk = y[0, :nq + nk].view(nh + nkv, hd)
@@ -97,9 +95,10 @@ def decode_token(model, x: torch.Tensor, cache: KVCache, slot: int, position: to
         keys, values = keys[0], values[0]  # (n_kv, capacity, hd)
         keys[:, slot] = qk[nh:]
         values[:, slot] = y[0, nq + nk:].view(nkv, hd)
+        first = 0 if window is None else max(0, S - window)
         # In fp32: PyTorch's bf16 batched matmuls on the CPU cost milliseconds whenever the shape changes.
-        scores = torch.bmm(qk[:nh].float().view(nkv, group, hd), keys[:, :S].float().transpose(1, 2))
-        out = torch.bmm(torch.softmax(scores, -1), values[:, :S].float())  # (n_kv, group, hd)
+        scores = torch.bmm(qk[:nh].float().view(nkv, group, hd), keys[:, first:S].float().transpose(1, 2))
+        out = torch.bmm(torch.softmax(scores, -1), values[:, first:S].float())  # (n_kv, group, hd)
         x = x + o_proj(out.view(1, nq).to(dtype))
         g = gate_up(norm2(x))
         n = g.shape[-1] // 2
