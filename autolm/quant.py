@@ -155,6 +155,10 @@ class Int8Linear(nn.Module):
         """The float32 (N, K) weight these values stand for."""
         return self.weight.float() * self.scales.float()[:, None] + self.offsets.float()[:, None]
 
+    def one_row_kernel(self, dtype: torch.dtype):
+        """See kernels.one_row."""
+        return None if self.bias is not None else kernels.int8_one_row(self.weight, self.scales, self.offsets, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
         x2 = x.reshape(-1, self.in_features)
@@ -231,6 +235,12 @@ class Int4Linear(nn.Module):
         qt = kernels.int4_matmul(eye, self.weight, self.group_size, ones)  # (K, N)
         return (qt.t().float() + 8).round().to(torch.uint8)
 
+    def one_row_kernel(self, dtype: torch.dtype):
+        """See kernels.one_row."""
+        if not self.packed or self.bias is not None or self.weight.device.type != "cpu":
+            return None
+        return kernels.int4_one_row(self.weight, self.group_size, self.scales_and_zeros, dtype)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these values stand for."""
         q = self._unpack_cpu() if self.packed else unpack_nibbles(self.weight)
@@ -297,13 +307,17 @@ def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
     return model
 
 
-def memory_report(model: nn.Module) -> tuple[int, int]:
-    """(weight bytes now, weight bytes the model would take unquantized in its float dtype)."""
+def memory_report(model: nn.Module) -> tuple[int, int, int]:
+    """(weight bytes now, weight bytes the model would take unquantized in its float dtype, the unquantized
+    model's parameter count). A tied model's quantized head is a copy: unquantized it costs nothing."""
     now = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     item = model.dtype.itemsize
-    saved = 0
-    for m in model.modules():
+    tied = model.config.tie_word_embeddings
+    saved, params = 0, sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for name, m in model.named_modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             q = sum(t.numel() * t.element_size() for n, t in m.named_buffers())
-            saved += m.in_features * m.out_features * item - q
-    return now, now + saved
+            n = 0 if tied and name == "lm_head" else m.in_features * m.out_features
+            saved += n * item - q
+            params += n
+    return now, now + saved, params

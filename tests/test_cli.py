@@ -21,7 +21,8 @@ def run(*args, home, stdin=None, check=True):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, smol_dir):
-    """An AUTOLM_HOME whose default model is already converted (conversion itself is tested elsewhere)."""
+    """An AUTOLM_HOME holding the default model converted to bf16 (for --quantize none); the default int4 one is
+    converted from the GGUF by the first command that needs it."""
     import shutil
 
     h = tmp_path_factory.mktemp("autolm_home")

@@ -192,7 +192,8 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
 
 def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | None = None) -> list[Case]:
     """SmolLM2 fp32 and bf16 directories, and (big=True) a ~1B Llama-shaped bf16 sharded checkpoint. With
-    llama-cpp-python installed and the GGUF given, the int4 row is against llama.cpp on that GGUF."""
+    llama-cpp-python installed and the GGUF given, the int4 row is against llama.cpp on that GGUF (autolm loads
+    its 4-bit blocks into int4 layers as they are)."""
     import importlib.util
 
     import torch

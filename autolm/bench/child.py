@@ -35,6 +35,11 @@ rss0 = status("VmRSS")
 kw = {"dtype": getattr(torch, args["dtype"])}
 if args.get("quantization"):
     kw["quantization"] = args["quantization"]
+if args["lib"] == "autolm" and args.get("gguf"):  # the GGUF llama.cpp runs, its 4-bit blocks loaded as they are
+    import os  # noqa: E402
+
+    kw.update(gguf_file=os.path.basename(args["gguf"]), progress=False)
+    args["model"] = os.path.dirname(os.path.abspath(args["gguf"]))
 model = AutoModelForCausalLM.from_pretrained(args["model"], **kw)
 model.eval()
 t_load = time.perf_counter()

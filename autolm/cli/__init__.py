@@ -35,8 +35,9 @@ def _add_model(p: argparse.ArgumentParser, adapters: bool = True) -> None:
                    help="model directory, HF repo id, .gguf file or adapter folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization of the decoder's linear layers, done while loading")
+    p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
+                   help="weight-only quantization of the linear layers (int8 LM head), done while loading; the "
+                        "default model runs int4 unless this says none or --dtype is given")
     if adapters:
         p.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
                        help="a LoRA adapter (peft format); repeat for several, the first is active")

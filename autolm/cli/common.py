@@ -16,12 +16,16 @@ from ..errors import AutolmError, ConfigError, GenerationError
 UsageError = AutolmError
 
 
-def locate(model: str | None, dtype: str = "auto") -> tuple[str, str | None]:
-    """(directory or repo id, GGUF file name or None) for a model argument; None is the default model."""
+def locate(model: str | None, dtype: str = "auto", quantize: str | None = None) -> tuple[str, str | None]:
+    """(directory or repo id, GGUF file name or None) for a model argument; None is the default model, which
+    runs int4 (its GGUF's own 4-bit blocks) unless --quantize or --dtype asks otherwise."""
     if model is None:
         from ..convert import default_model_dir
 
-        return default_model_dir(dtype, progress=sys.stderr.isatty()), None
+        if quantize is None and dtype == "auto":
+            quantize = "int4"
+        return default_model_dir(dtype, progress=sys.stderr.isatty(),
+                                 quantization=None if quantize == "none" else quantize), None
     if str(model).endswith(".gguf"):
         if not os.path.isfile(model):
             raise UsageError(f"{model}: GGUF file not found")
@@ -51,8 +55,11 @@ def load(model: str | None, dtype: str = "auto", device: str | None = None, quan
     from ..load import from_pretrained
     from ..tokenizer import AutoTokenizer
 
-    where, gguf_file = locate(model, dtype)
-    m = from_pretrained(where, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantize,
+    if (tp_plan or adapters) and quantize is None:
+        quantize = "none"  # tensor parallelism and LoRA adapters run on float weights
+    where, gguf_file = locate(model, dtype, quantize)
+    m = from_pretrained(where, gguf_file=gguf_file, dtype=dtype, device=device,
+                        quantization=None if quantize == "none" else quantize,
                         tp_plan=tp_plan, progress=sys.stderr.isatty())
     if adapters:
         from ..lora import PeftModel
@@ -117,7 +124,7 @@ def check_heads(model: str | None, n: int) -> None:
         return
     from ..load import AutoConfig
 
-    where, gguf_file = locate(model)
+    where, gguf_file = locate(model, quantize="none")
     cfg = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
     for field in ("num_attention_heads", "num_key_value_heads"):
         if getattr(cfg, field) % n:

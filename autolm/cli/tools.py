@@ -20,8 +20,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = base.config
     from ..quant import memory_report
 
-    params = base.num_parameters()
-    weight_bytes, unquantized = memory_report(base)
+    weight_bytes, unquantized, params = memory_report(base)
     print(f"architecture: {type(base).__name__} ({cfg.model_type})")
     print(f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
           f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
@@ -99,12 +98,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         from ..distributed import exit_all, fsdp_from_pretrained, world
         from ..tokenizer import AutoTokenizer
 
-        where, gguf_file = locate(args.model)
+        where, gguf_file = locate(args.model, quantize="none")  # training runs on float weights
         pm = fsdp_from_pretrained(where, lora, dtype, gguf_file=gguf_file)
         tok = AutoTokenizer.from_pretrained(lora.base_model_name_or_path, gguf_file=gguf_file)
         main_rank = world()[0] == 0
     else:
-        model, tok = load(args.model, dtype, args.device)
+        model, tok = load(args.model, dtype, args.device, quantize="none")  # training runs on float weights
         pm = get_peft_model(model, lora)
         main_rank = True
     if main_rank:

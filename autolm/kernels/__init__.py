@@ -147,5 +147,51 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor | None:
     return op(q, 1) if op is not None else None
 
 
-__all__ = ["attention", "blocked_attention", "grouped_attention", "int4_matmul", "int4_pack", "int8_matmul",
-           "linear", "needs_grad"]
+def one_row(module, dtype: torch.dtype):
+    """For batch-1 decoding: a callable equal to `module.forward` on 2-D inputs (1, K) of `dtype`, with the
+    per-call checks done once (dtype, device, which kernel, the private op's lookup); module.forward where
+    no shortcut applies. The module's tensors are captured: build it again when they change."""
+    make = getattr(module, "one_row_kernel", None)
+    run = make(dtype) if make is not None else None
+    if run is None:
+        return module.forward
+    op_entry, call = run
+
+    def guarded(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return call(x)
+        except RuntimeError as e:  # a private op that fails: fall back for good
+            op_entry.failed(e)
+            return module.forward(x)
+
+    return guarded
+
+
+def linear_one_row(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
+    """(op entry, call) for linear() on (1, K) inputs of `dtype`: oneDNN for fp32 on the CPU, else None."""
+    if (dtype is torch.float32 and w.dtype is torch.float32 and w.device.type == "cpu" and type(w) in _PLAIN
+            and torch.backends.mkldnn.is_available() and ONEDNN_LINEAR.get() is not None):
+        op = ONEDNN_LINEAR.get()
+        return ONEDNN_LINEAR, lambda x: op(x, w, b, "none", [], "")
+    return None
+
+
+def int8_one_row(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype):
+    """(op entry, call) for an int8 weight q * scales + offsets on (1, K) bf16 inputs on the CPU, else None."""
+    op = INT8_MM.get() if dtype is torch.bfloat16 and q.device.type == "cpu" and scales.dtype is dtype else None
+    if op is None or offsets.dtype is not dtype:
+        return None
+    return INT8_MM, lambda x: torch.addcmul(op(x, q, scales), x.sum(-1, keepdim=True, dtype=torch.float32).to(dtype),
+                                            offsets)
+
+
+def int4_one_row(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, dtype: torch.dtype):
+    """(op entry, call) for a packed int4 weight on (1, K) bf16 inputs, else None."""
+    op = INT4_MM.get() if dtype is torch.bfloat16 and scales_and_zeros.is_contiguous() else None
+    if op is None:
+        return None
+    return INT4_MM, lambda x: op(x, packed, group_size, scales_and_zeros)
+
+
+__all__ = ["attention", "blocked_attention", "grouped_attention", "int4_matmul", "int4_one_row", "int4_pack",
+           "int8_matmul", "int8_one_row", "linear", "linear_one_row", "needs_grad", "one_row"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .layers import KVCache, fuse_linears
 
 
@@ -52,6 +53,11 @@ def _sources(model) -> list:
 
 def _fuse(model) -> list | None:
     plan = []
+    dtype = model.embed_tokens.weight.dtype
+
+    def row(m):
+        return kernels.one_row(m, dtype)
+
     for layer in model.layers:
         a, mlp = layer.self_attn, layer.mlp
         tensors = [*layer.parameters(), *layer.buffers()]
@@ -60,8 +66,8 @@ def _fuse(model) -> list | None:
         qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj]) or _Concat([a.q_proj, a.k_proj, a.v_proj])
         gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj]) or _Concat([mlp.gate_proj, mlp.up_proj])
         norms = (a.q_norm.forward, a.k_norm.forward) if hasattr(a, "q_norm") else None
-        plan.append((layer.input_layernorm.forward, qkv.forward, norms, a.o_proj.forward,
-                     layer.post_attention_layernorm.forward, gate_up.forward, mlp.down_proj.forward, a.sliding_window))
+        plan.append((layer.input_layernorm.forward, row(qkv), norms, row(a.o_proj),
+                     layer.post_attention_layernorm.forward, row(gate_up), row(mlp.down_proj), a.sliding_window))
     return plan
 
 

@@ -22,11 +22,18 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose matmul goes through autolm's kernel dispatch (same arithmetic, faster kernels)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+    def one_row_kernel(self, dtype: torch.dtype):
+        """See kernels.one_row."""
+        return kernels.linear_one_row(self.weight, self.bias, dtype) if type(self.weight) in _PLAIN else None
 
     @classmethod
     def concat(cls, modules: list["Linear"]) -> "Linear | None":
