@@ -138,7 +138,7 @@ class GGUFSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         from .gguf import hf_name
 
-        return {hf_name(t.name): tuple(int(x) for x in reversed(t.shape)) for t in self.file.reader.tensors
+        return {hf_name(t.name): tuple(int(x) for x in reversed(t.shape)) for t in self.file.tensors
                 if hf_name(t.name) is not None}
 
 

@@ -48,22 +48,37 @@ MAX_TOTAL_ITEMS = 1 << 22  # over the whole file: the reader keeps a few hundred
 
 
 def check_layout(path: str) -> None:
-    """Walk the GGUF header with every count and length bounded by the file's size, before
-    gguf.GGUFReader builds objects for it (a damaged count would make that reader loop or grow
-    without bound)."""
+    """Walk the GGUF header with every count and length bounded by the file's size (a damaged count would
+    otherwise make a reader loop or grow without bound); GGUFError where it does not hold."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise GGUFError(f"{path}: {size} bytes is too small for a GGUF file")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        _walk_header(path, buf, size)
+        read_header(path, buf, size)
     finally:
         buf.close()
 
 
-def _walk_header(path: str, buf, size: int) -> None:
-    if buf[:4] != b"GGUF":
+class TensorInfo(NamedTuple):
+    """One tensor of a GGUF file: GGUF's dimension order (ne0 first), ggml type, absolute offset, size."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: int
+    data_offset: int
+    n_bytes: int
+    data: Any  # uint8 (rows, bytes per row) over the memory map, as gguf.quants.dequantize takes it
+
+
+_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+
+
+def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(metadata as plain Python values, tensors as (name, shape, ggml type, offset from the data start),
+    where the data starts): read with struct from the memory map, every count bounded by the file's size."""
+    if bytes(buf[:4]) != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (no GGUF magic)")
     order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
     pos = 8
@@ -83,17 +98,19 @@ def _walk_header(path: str, buf, size: int) -> None:
             raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
         return n
 
-    def string(what: str) -> None:
+    def string(what: str) -> str:
         nonlocal pos
         n = count(read("Q", what), 1, what)
         pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
 
-    def value(kind: int, what: str, depth: int = 0) -> None:
+    def value(kind: int, what: str, depth: int = 0) -> Any:
         nonlocal pos, items
         if kind in _SCALAR_SIZES:
+            out = np.frombuffer(buf, order + _NUMPY[kind], 1, pos)[0].item() if pos + _SCALAR_SIZES[kind] <= size else None
             pos += _SCALAR_SIZES[kind]
         elif kind == _STRING:
-            string(what)
+            out = string(what)
         elif kind == _ARRAY and depth < 1:
             inner = read("I", what)
             n = count(read("Q", what), _SCALAR_SIZES.get(inner, 8), what)
@@ -102,36 +119,42 @@ def _walk_header(path: str, buf, size: int) -> None:
                 raise GGUFError(f"{path}: {what} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
                                 f"and {MAX_TOTAL_ITEMS} in all")
             if inner in _SCALAR_SIZES:
+                out = np.frombuffer(buf, order + _NUMPY[inner], n, pos).tolist()
                 pos += n * _SCALAR_SIZES[inner]
             else:
-                for _ in range(n):
-                    value(inner, what, depth + 1)
+                out = [value(inner, what, depth + 1) for _ in range(n)]
         elif kind == _ARRAY:
             raise GGUFError(f"{path}: {what} is an array of arrays (not used by any supported model)")
         else:
             raise GGUFError(f"{path}: {what} has an unknown value type {kind}")
         if pos > size:
             raise GGUFError(f"{path}: {what} runs past the end of the file (truncated or corrupt)")
+        return out
 
     n_tensors = count(read("Q", "the tensor count"), 24, "the tensor count")
     n_kv = count(read("Q", "the metadata count"), 12, "the metadata count")
+    metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        start = pos
-        string(f"metadata key #{i}")
-        key = bytes(buf[start + 8:pos]).decode("utf-8", "replace")
-        value(read("I", f"metadata key {key!r}"), f"metadata key {key!r}")
+        key = string(f"metadata key #{i}")
+        metadata[key] = value(read("I", f"metadata key {key!r}"), f"metadata key {key!r}")
+    tensors = []
     for i in range(n_tensors):
-        string(f"tensor #{i}'s name")
+        name = string(f"tensor #{i}'s name")
         n_dims = read("I", f"tensor #{i}")
         if n_dims > 8:
             raise GGUFError(f"{path}: tensor #{i} claims {n_dims} dimensions (GGUF allows at most 4)")
-        pos += 8 * n_dims + 12
-        if pos > size:
-            raise GGUFError(f"{path}: tensor #{i}'s description runs past the end of the file (truncated?)")
+        shape = tuple(read("Q", f"tensor {name!r}") for _ in range(n_dims))
+        kind, offset = read("I", f"tensor {name!r}"), read("Q", f"tensor {name!r}")
+        tensors.append((name, shape, kind, offset))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16:
+        raise GGUFError(f"{path}: general.alignment must be a small positive integer, found {alignment!r}")
+    return metadata, tensors, -(-pos // alignment) * alignment
 
 
 class GGUFFile:
-    """A GGUF file opened with gguf.GGUFReader; metadata as plain Python values; errors as GGUFError."""
+    """A GGUF file: metadata as plain Python values and tensor descriptions, read by read_header over a
+    memory map (gguf.GGUFReader takes seconds over a 49k-token vocabulary); errors as GGUFError."""
 
     def __init__(self, path: str):
         import gguf
@@ -139,17 +162,31 @@ class GGUFFile:
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: file not found")
-        check_layout(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise GGUFError(f"{path}: {size} bytes is too small for a GGUF file")
+            header = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # bytes slices: fast for the header
+            self._map = np.memmap(f, dtype=np.uint8, mode="r")
         try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
-            raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self.metadata: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
+            self.metadata, infos, start = read_header(path, header, size)
+        finally:
+            header.close()
+        self.tensors: list[TensorInfo] = []
+        for name, shape, kind, offset in infos:
             try:
-                self.metadata[key] = field.contents()
-            except Exception as e:
-                raise GGUFError(f"{path}: metadata key {key!r} is corrupt ({e})") from None
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise GGUFError(f"{path}: tensor {name!r} has an unknown type {kind}") from None
+            if not shape or shape[0] % block:
+                raise GGUFError(f"{path}: tensor {name!r} has shape {shape}, not whole blocks of {block}")
+            rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            row_bytes = shape[0] // block * type_size
+            begin = start + offset
+            n_bytes = rows * row_bytes
+            data = (self._map[begin:begin + n_bytes].reshape(rows, row_bytes) if begin + n_bytes <= size
+                    else None)  # a truncated file: gguf_tensors says so when the tensor is read
+            self.tensors.append(TensorInfo(name, shape, kind, begin, n_bytes, data))
         self.architecture = self.metadata.get("general.architecture")
         if self.architecture not in _ARCHS:
             raise GGUFError(
@@ -176,7 +213,7 @@ def config_from_gguf(g: GGUFFile, **overrides):
         if scaling == "yarn":
             rope["original_max_position_embeddings"] = g.get("rope.scaling.original_context_length")
     d["rope_parameters"] = rope
-    names = {t.name for t in g.reader.tensors}
+    names = {t.name for t in g.tensors}
     d["tie_word_embeddings"] = "output.weight" not in names
     if g.architecture == "qwen2":
         d["use_sliding_window"] = False
@@ -248,7 +285,7 @@ def gguf_tensors(g: GGUFFile, config, int4: Callable[[str], bool] = lambda name:
     import gguf
 
     size = os.path.getsize(g.path)
-    for t in g.reader.tensors:
+    for t in g.tensors:
         name = hf_name(t.name)
         if name is None:
             if t.name.startswith("rope_freqs"):
@@ -269,7 +306,7 @@ def gguf_tensors(g: GGUFFile, config, int4: Callable[[str], bool] = lambda name:
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
-            raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {t.tensor_type.name} ({e})") from None
+            raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})") from None
         w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         if g.architecture in ("llama", "mistral"):
             if ".attn_q." in t.name:
