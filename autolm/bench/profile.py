@@ -1,6 +1,6 @@
 """Where a decode step's time goes: `autolm bench --profile` runs batch-1 eager decode steps of a model
-(fp32, bf16, int8, int4) under torch.profiler and prints the wall time per token and the kernels that
-take most of it."""
+(fp32, bf16, int8, int4), through the general forward and through the fused one-token step, under
+torch.profiler and prints the wall time per token, the ops per token and the kernels that take most of it."""
 
 from __future__ import annotations
 
@@ -20,28 +20,33 @@ def profile_decode(model_dir: str, configs=(("float32", None), ("bfloat16", None
     rows = []
     for dtype, quantization in configs:
         model = from_pretrained(model_dir, dtype=dtype, quantization=quantization)
-        with torch.inference_mode():
-            out = model(torch.ones(1, prompt, dtype=torch.long), use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-            def step():
-                nonlocal token
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-
-            for _ in range(8):
-                step()
-            t = time.perf_counter()
-            for _ in range(steps):
-                step()
-            wall = (time.perf_counter() - t) / steps
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(20):
-                    step()
-        kernels = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
         label = f"{quantization or dtype}"
-        print(f"{label}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} tok/s)")
-        for e in kernels:
-            print(f"  {e.key[:48]:48s} {e.self_cpu_time_total / 20 / 1e3:7.3f} ms/token {e.count / 20:7.1f} calls")
-        rows.append({"config": label, "ms_per_token": wall * 1e3,
-                     "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels}})
+        for fused in (False, True):  # the general forward, then the fused one-token step (models/fused.py)
+            model.model.fused_decode = fused
+            with torch.inference_mode():
+                out = model(torch.ones(1, prompt, dtype=torch.long), use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+                def step():
+                    nonlocal token
+                    token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+
+                for _ in range(8):
+                    step()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                wall = (time.perf_counter() - t) / steps
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(20):
+                        step()
+            events = prof.key_averages()
+            kernels = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+            ops = sum(e.count for e in events if e.key.startswith(("aten::", "mkldnn::"))) / 20
+            name = f"{label} {'fused step' if fused else 'general forward'}"
+            print(f"{name}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} tok/s), {ops:.0f} aten ops per token")
+            for e in kernels:
+                print(f"  {e.key[:48]:48s} {e.self_cpu_time_total / 20 / 1e3:7.3f} ms/token {e.count / 20:7.1f} calls")
+            rows.append({"config": label, "fused": fused, "ms_per_token": wall * 1e3, "ops_per_token": ops,
+                         "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels}})
     return rows
