@@ -4,6 +4,10 @@ LoRA, hooks, replaced weights)."""
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from conftest import SPECS, VOCAB
@@ -115,6 +119,17 @@ def test_fused_step_is_invisible(checkpoint, fused_calls, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
     assert all(torch.equal(back.state_dict()[k], before[k]) for k in before)
+    # copies and pickles carry nothing of the plan: a copied cache stays the size of its buffers, the model
+    # pickles (the plan's closures are left out) and a copy rebuilds its own plan
+    with torch.no_grad():
+        cache = model(prompt(), use_cache=True).past_key_values
+        model(torch.tensor([[5]]), past_key_values=cache)
+    kv_bytes = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    assert cache.fused is not None and len(pickle.dumps(copy.deepcopy(cache))) < kv_bytes + 10_000
+    torch.save(model, io.BytesIO())
+    twin = copy.deepcopy(model)
+    (a, logits_a), (b, logits_b) = greedy_steps(twin, prompt(), 4, fused=True), greedy_steps(model, prompt(), 4, fused=True)
+    assert a == b and torch.equal(logits_a, logits_b)
     # an in-place change to a module's weight reaches the fused matmul
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)

@@ -12,6 +12,8 @@ tokens, bf16 ones the same logits within bf16 rounding.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,22 +22,26 @@ from .. import kernels
 from .layers import KVCache, fuse_linears
 
 
+_BUILDS = itertools.count(1)  # each plan gets a number; a cache remembers the number it was checked against
+
+
 def fused_plan(model, cache: KVCache) -> list | None:
     """Per layer, the callables of the one-token step: q/k/v and gate/up fused into one matmul each (their
     weights become views of the fused ones, see fuse_linears), modules called without the hook machinery.
     None where that would change results: tensors that are not plain CPU tensors, forward hooks. Checked
-    once per cache (a new generation) against the modules and weights it was built from."""
-    if cache.fused is not None and cache.fused[0] is model:
-        return cache.fused[1]
+    once per cache (a new generation) against the modules and weights it was built from; the cache keeps
+    only (plan number, usable), so copying or pickling it copies nothing of the model."""
+    if model._fused is not None and cache.fused is not None and cache.fused[0] == model._fused[2]:
+        return model._fused[0] if cache.fused[1] else None
     if model._fused is None or model._fused[1] != _sources(model):
         plan = _fuse(model)
-        model._fused = plan, _sources(model)  # after fusing: the weights now live in the fused tensors
+        model._fused = plan, _sources(model), next(_BUILDS)  # after fusing: the weights live in the fused tensors
     plan = model._fused[0]
-    if plan is not None and (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                             or any(m._forward_hooks or m._forward_pre_hooks for m in model.layers.modules())):
-        plan = None
-    cache.fused = (model, plan)
-    return plan
+    usable = plan is not None and not (
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        or any(m._forward_hooks or m._forward_pre_hooks for m in model.layers.modules()))
+    cache.fused = (model._fused[2], usable)
+    return plan if usable else None
 
 
 def _sources(model) -> list:

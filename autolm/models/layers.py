@@ -131,7 +131,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0
         self.static = static
-        self.fused = None  # (model, its one-token plan) once a model checked its fused step against this cache
+        self.fused = None  # (plan number, usable) once a model checked its fused one-token step against this cache
         if static:
             for t in self.keys + self.values:
                 torch._dynamo.mark_static_address(t)

@@ -93,7 +93,11 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
         self.fused_decode = True  # one-token steps on the CPU take fused.decode_token (False: this forward)
         self._rope: tuple[torch.Tensor, float, int] | None = None  # (inv_freq, scale, seq_len it was made for)
-        self._fused: tuple[list | None, tuple] | None = None  # fused.decode_token's plan, what it was built from
+        self._fused: tuple | None = None  # fused.decode_token's (plan, what it was built from, its number)
+
+    def __getstate__(self):
+        # the fused step's plan holds closures and views; copies and pickles rebuild it on first use
+        return {**super().__getstate__(), "_fused": None}
 
     def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, 1, T, hd) for these positions; inv_freq is computed once (per length for dynamic RoPE)."""
