@@ -205,8 +205,10 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
     import signal
 
     env = dict(os.environ, AUTOLM_HOME=str(home))
+    # a runner that started us in the background ignores SIGINT, and children inherit that: restore it
     proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "chat", "--max-new-tokens", "400"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("Write a very long story about a cat.\nWhat is the capital of France?\n")
     proc.stdin.close()
     first = proc.stdout.read(1)  # the reply has started
