@@ -167,3 +167,18 @@ def test_replaced_weights_lora_and_hooks_are_seen(checkpoint, fused_calls):
     greedy_steps(base, prompt(), 3, fused=True)
     handle.remove()
     assert not any(fused_calls) and len(seen) == 4  # the prompt and three one-token steps
+
+
+def test_fusing_under_inference_mode_leaves_weights_that_train(checkpoint):
+    """generate runs under inference_mode; the fused weights the modules then view must still take part in
+    autograd (fine-tuning after generating)."""
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.inference_mode():
+        model.generate(prompt(), max_new_tokens=3, do_sample=False)
+    assert model.model._fused[0] is not None
+    assert not model.model.layers[0].self_attn.q_proj.weight.is_inference()
+    peft = autolm.get_peft_model(model, autolm.LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    peft.train()
+    peft(prompt(), labels=prompt()).loss.backward()
+    assert all(p.grad is not None for n, p in peft.named_parameters() if "lora_" in n)

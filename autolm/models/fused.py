@@ -34,7 +34,10 @@ def fused_plan(model, cache: KVCache) -> list | None:
     if model._fused is not None and cache.fused is not None and cache.fused[0] == model._fused[2]:
         return model._fused[0] if cache.fused[1] else None
     if model._fused is None or model._fused[1] != _sources(model):
-        plan = _fuse(model)
+        # Under inference_mode the fused tensors (and the views the modules keep) would be inference tensors,
+        # which autograd refuses later (fine-tuning after generating): build them as plain tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            plan = _fuse(model)
         model._fused = plan, _sources(model), next(_BUILDS)  # after fusing: the weights live in the fused tensors
     plan = model._fused[0]
     usable = plan is not None and not (
