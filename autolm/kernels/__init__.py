@@ -169,11 +169,9 @@ def one_row(module, dtype: torch.dtype):
 
 def linear_one_row(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
     """(op entry, call) for linear() on (1, K) inputs of `dtype`: oneDNN for fp32 on the CPU, else None."""
-    if (dtype is torch.float32 and w.dtype is torch.float32 and w.device.type == "cpu" and type(w) in _PLAIN
-            and torch.backends.mkldnn.is_available() and ONEDNN_LINEAR.get() is not None):
-        op = ONEDNN_LINEAR.get()
-        return ONEDNN_LINEAR, lambda x: op(x, w, b, "none", [], "")
-    return None
+    op = (ONEDNN_LINEAR.get() if dtype is torch.float32 and w.dtype is torch.float32 and w.device.type == "cpu"
+          and type(w) in _PLAIN and torch.backends.mkldnn.is_available() else None)
+    return None if op is None else (ONEDNN_LINEAR, lambda x: op(x, w, b, "none", [], ""))
 
 
 def int8_one_row(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype):

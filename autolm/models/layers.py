@@ -22,9 +22,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
 class Linear(nn.Linear):
     """nn.Linear whose matmul goes through autolm's kernel dispatch (same arithmetic, faster kernels)."""
 
@@ -33,7 +30,7 @@ class Linear(nn.Linear):
 
     def one_row_kernel(self, dtype: torch.dtype):
         """See kernels.one_row."""
-        return kernels.linear_one_row(self.weight, self.bias, dtype) if type(self.weight) in _PLAIN else None
+        return kernels.linear_one_row(self.weight, self.bias, dtype)
 
     @classmethod
     def concat(cls, modules: list["Linear"]) -> "Linear | None":
