@@ -159,6 +159,10 @@ class Int8Linear(nn.Module):
         """See kernels.one_row."""
         return None if self.bias is not None else kernels.int8_one_row(self.weight, self.scales, self.offsets, dtype)
 
+    def graph_kernel(self):
+        """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph, or None."""
+        return kernels.int8_graph(self.weight, self.scales, self.offsets, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
         x2 = x.reshape(-1, self.in_features)
@@ -240,6 +244,12 @@ class Int4Linear(nn.Module):
         if not self.packed or self.bias is not None or self.weight.device.type != "cpu":
             return None
         return kernels.int4_one_row(self.weight, self.group_size, self.scales_and_zeros, dtype)
+
+    def graph_kernel(self):
+        """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph, or None."""
+        if not self.packed or self.weight.device.type != "cpu":
+            return None
+        return kernels.int4_graph(self.weight, self.group_size, self.scales_and_zeros.contiguous(), self.bias)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these values stand for."""

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The CLI compiles its CPU decode step ahead of time on first use (tens of seconds per model shape): the commands
+# the tests run skip it, except in the tests of that compile (which remove this).
+os.environ.setdefault("AUTOLM_EAGER", "1")
 
 VOCAB = 160
 

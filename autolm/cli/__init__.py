@@ -53,8 +53,15 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    _add_decode_flags(p)
+
+
+def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step first (shown as it happens), then decode faster")
+                   help="torch.compile the decode step first (shown as it happens), then decode faster (GPUs)")
+    p.add_argument("--eager", action="store_true",
+                   help="on the CPU, skip the decode step compiled ahead of time (compiled once per machine and "
+                        "model shape, cached in $AUTOLM_HOME/compiled; AUTOLM_EAGER=1 does the same)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
     p.add_argument("--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step before serving")
+    _add_decode_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")

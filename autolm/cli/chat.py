@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from .common import (UsageError, check_heads, check_model_arg, compile_once, distributed, launch, load,
-                     parse_adapters, sampling_kwargs, stream_reply)
+from .common import (UsageError, check_heads, check_model_arg, distributed, launch, load, parse_adapters,
+                     prepare_decode, sampling_kwargs, stream_reply)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -28,8 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       return_dict=False)
     else:
         ids = tok.encode(prompt)
-    if args.compile:
-        compile_once(model, tok)
+    prepare_decode(model, tok, args)
     if not distributed():
         stream_reply(model, tok, ids, kwargs, seed=args.seed)
         return 0
@@ -54,8 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     kwargs = sampling_kwargs(args)
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter))
-    if args.compile:
-        compile_once(model, tok)
+    prepare_decode(model, tok, args)
     system = args.system
     messages: list[dict[str, str]] = []
 

@@ -156,6 +156,20 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def prepare_decode(model, tok, args) -> None:
+    """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
+    of time: loaded from $AUTOLM_HOME/compiled, or compiled there now with a progress bar (the first run on
+    a machine for a model shape, dtype and quantization); --eager or AUTOLM_EAGER=1 skip it."""
+    if args.compile:
+        compile_once(model, tok)
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
+        return
+    if hasattr(base, "precompile_decode") and base.device.type == "cpu":
+        base.precompile_decode(progress=True)
+
+
 def compile_once(model, tok) -> None:
     """--compile: compile the decode step now, with a message, so the speed printed later is the compiled one."""
     from ..generation import compile_decode, generate_text
@@ -199,4 +213,4 @@ def stream_reply(model, tok, ids: list[int], kwargs: dict[str, Any], out=sys.std
 
 
 __all__ = ["ConfigError", "UsageError", "check_heads", "check_model_arg", "compile_once", "distributed", "launch",
-           "load", "locate", "parse_adapters", "sampling_kwargs", "stream_reply"]
+           "load", "locate", "parse_adapters", "prepare_decode", "sampling_kwargs", "stream_reply"]

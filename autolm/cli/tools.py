@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from .common import (UsageError, check_model_arg, compile_once, distributed, launch, load, locate, parse_adapters)
+from .common import UsageError, check_model_arg, distributed, launch, load, locate, parse_adapters, prepare_decode
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -129,8 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
 
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
-    if args.compile:
-        compile_once(model, tok)
+    prepare_decode(model, tok, args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = args.model_name or (adapters[0][0] if adapters else
                                os.path.basename(os.path.normpath(base.load_report.directory or "autolm")))

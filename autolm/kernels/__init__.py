@@ -191,5 +191,57 @@ def int4_one_row(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.
     return INT4_MM, lambda x: op(x, packed, group_size, scales_and_zeros)
 
 
-__all__ = ["attention", "blocked_attention", "grouped_attention", "int4_matmul", "int4_one_row", "int4_pack",
-           "int8_matmul", "int8_one_row", "linear", "linear_one_row", "needs_grad", "one_row"]
+def linear_graph(w: torch.Tensor, b: torch.Tensor | None):
+    """(tensors, fn) for linear() on (1, K) inputs inside a compiled graph (kernels.aot): fn(x, *tensors) is a
+    multiply-and-sum, which inductor turns into one loop that streams the weight once."""
+    def fn(x, w, b=None):
+        y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
+        return (y if b is None else y + b.float()).to(x.dtype)
+
+    return ((w,) if b is None else (w, b)), fn
+
+
+def int8_graph(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None):
+    """(tensors, fn) for an int8 weight q * scales + offsets (+ bias) inside a compiled graph, rounded as
+    Int8Linear's eager path rounds (x in bf16, x @ (q * s) in bf16, then + sum(x) * offsets in x's dtype)."""
+    def fn(x, q, scales, offsets, bias=None):
+        xb = x.to(torch.bfloat16).float()
+        y = ((xb.unsqueeze(-2) * q.float()).sum(-1) * scales.to(torch.bfloat16).float()).to(torch.bfloat16)
+        total = x.float().sum(-1, keepdim=True).to(x.dtype)
+        y = (y.to(x.dtype).float() + total.float() * offsets.to(x.dtype).float()).to(x.dtype)
+        return y if bias is None else y + bias
+
+    return (q, scales, offsets) + (() if bias is None else (bias,)), fn
+
+
+def int4_graph(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+    """(tensors, fn) for a packed int4 weight (+ bias) inside a compiled graph (PyTorch's CPU kernel, called
+    from the compiled code); None where the kernel is missing."""
+    op = INT4_MM.get()
+    if op is None:
+        return None
+
+    def fn(x, packed, scales_and_zeros, bias=None):
+        y = op(x.to(torch.bfloat16), packed, group_size, scales_and_zeros).to(x.dtype)
+        return y if bias is None else y + bias
+
+    return (packed, scales_and_zeros) + (() if bias is None else (bias,)), fn
+
+
+def concat_graph(kernels: list[tuple]):
+    """(tensors, fn) of the concatenated outputs of several (tensors, fn) kernels on the same input."""
+    counts = [len(t) for t, _ in kernels]
+
+    def fn(x, *tensors):
+        outs, start = [], 0
+        for (_, f), n in zip(kernels, counts):
+            outs.append(f(x, *tensors[start:start + n]))
+            start += n
+        return torch.cat(outs, -1)
+
+    return tuple(t for ts, _ in kernels for t in ts), fn
+
+
+__all__ = ["attention", "blocked_attention", "concat_graph", "grouped_attention", "int4_graph", "int4_matmul",
+           "int4_one_row", "int4_pack", "int8_graph", "int8_matmul", "int8_one_row", "linear", "linear_graph",
+           "linear_one_row", "needs_grad", "one_row"]

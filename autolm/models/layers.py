@@ -32,6 +32,10 @@ class Linear(nn.Linear):
         """See kernels.one_row."""
         return kernels.linear_one_row(self.weight, self.bias, dtype)
 
+    def graph_kernel(self):
+        """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph (kernels.linear_graph)."""
+        return kernels.linear_graph(self.weight, self.bias) if type(self.weight) in (torch.Tensor, nn.Parameter) else None
+
     @classmethod
     def concat(cls, modules: list["Linear"]) -> "Linear | None":
         """One Linear computing the concatenated outputs of `modules` (see fuse_linears)."""

@@ -19,7 +19,7 @@ from .. import kernels
 from ..config import LlamaConfig
 from ..generation import GenerationMixin
 from ..saving import save_model
-from .fused import decode_token
+from .fused import decode_token, precompile
 from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to, resized_rows
 from .output import CausalLMOutput, causal_lm_loss
 from .rope import apply_rotary, cos_sin, inv_freq_and_scale
@@ -92,6 +92,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.fused_decode = True  # one-token steps on the CPU take fused.decode_token (False: this forward)
+        self.compiled_decode = False  # ... compiled ahead of time (set by LlamaForCausalLM.precompile_decode)
         self._rope: tuple[torch.Tensor, float, int] | None = None  # (inv_freq, scale, seq_len it was made for)
         self._fused: tuple | None = None  # fused.decode_token's (plan, what it was built from, its number)
 
@@ -285,15 +286,15 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
                                                                                 device=x.device)
             logits = self.decode_step(x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position)
         else:
-            h = None
+            logits = None
             if (B == 1 and T == 1 and self.model.fused_decode and cache is not None and hidden is None
                     and attentions is None and x.device.type == "cpu" and not kernels.needs_grad(x)
                     and int(cache_position[0]) == end - 1
                     and (attention_mask is None or (attention_mask.shape[-1] >= end and bool(attention_mask[:, :end].all())))):
-                h = decode_token(self.model, x, cache, end - 1, position_ids)
-            if h is None:
+                logits = decode_token(self.model, self.lm_head, x, cache, end - 1, position_ids)
+            if logits is None:
                 h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
-            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+                logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.length = max(cache.length, end)
         loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
@@ -302,6 +303,18 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
                              hidden_states=tuple(hidden) if hidden is not None else None,
                              attentions=tuple(attentions) if attentions is not None else None)
         return out if return_dict is not False else out.to_tuple()
+
+    def precompile_decode(self, progress: bool = False) -> bool:
+        """Compile the CPU one-token step (batch 1, see models/fused.py) ahead of time with AOTInductor: a few
+        graphs per model shape, dtype and quantization, cached in $AUTOLM_HOME/compiled, so only the first
+        run on a machine waits (tens of seconds; `progress` shows a bar) and later processes load them in
+        milliseconds. From then on this model's generation uses the compiled step. Returns whether it is
+        in use; False (with a warning where compiling failed, e.g. no C++ compiler) leaves the eager step.
+        `model.model.compiled_decode = False` turns it off again."""
+        if not self.model.fused_decode:
+            return False
+        self.model.compiled_decode = True
+        return precompile(self.model, self.lm_head, progress)
 
     def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
         """One token per row over the cache's whole capacity: the function compile_decode compiles."""
