@@ -10,8 +10,11 @@ import pytest
 import torch
 
 
-def run(*args, home, stdin=None, check=True):
+def run(*args, home, stdin=None, check=True, eager=True):
+    """The command in a subprocess; eager=False lets it compile its CPU decode step (see conftest)."""
     env = dict(os.environ, AUTOLM_HOME=str(home))
+    if not eager:
+        env.pop("AUTOLM_EAGER", None)
     p = subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
                        input=stdin, timeout=600)
     if check:
@@ -31,9 +34,17 @@ def home(tmp_path_factory, smol_dir):
 
 
 def test_chat_default_model_answers_paris(home):
-    p = run("chat", "--prompt", "What is the capital of France?", home=home)
-    assert "Paris" in p.stdout
-    assert "tok/s" in p.stderr
+    """The main job as a user first meets it: the first run compiles the CPU decode step (progress shown), the
+    next loads it."""
+    first = run("chat", "--prompt", "What is the capital of France?", home=home, eager=False)
+    assert "Paris" in first.stdout
+    assert "tok/s" in first.stderr
+    assert "compiling the CPU decode step" in first.stderr
+    assert any(name.endswith(".pt2") for name in os.listdir(home / "compiled"))
+    again = run("chat", "--prompt", "What is the capital of France?", home=home, eager=False)
+    assert "Paris" in again.stdout and "compiling" not in again.stderr
+    eager = run("chat", "--prompt", "What is the capital of France?", "--eager", home=home, eager=False)
+    assert "Paris" in eager.stdout
 
 
 def test_chat_multi_turn_from_stdin_keeps_history(home):

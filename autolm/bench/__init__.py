@@ -34,13 +34,14 @@ class Case:
     quantization: str | None = None
     libs: tuple[str, ...] = ("autolm", "transformers")
     compile: bool = True  # also measure autolm's compiled decode step (compile_decode)
+    aot: bool = True  # also measure autolm's CPU decode step compiled ahead of time (precompile_decode)
     gguf: str | None = None  # the GGUF file llama.cpp runs, for the "llama.cpp" lib
 
 
 def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
     args = {"lib": lib, "model": case.model, "dtype": case.dtype, "quantization": case.quantization,
             "threads": threads, "prefill": prefill, "decode": decode,
-            "compile": lib == "autolm" and case.compile, "gguf": case.gguf}
+            "compile": lib == "autolm" and case.compile, "aot": lib == "autolm" and case.aot, "gguf": case.gguf}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     child = [LLAMACPP_CHILD] if lib == "llama.cpp" else ["-m", "autolm.bench.child"]
     start = time.time()
@@ -162,6 +163,10 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
                ("process start -> first token s", "ttft", 1, "{:.2f}", True),
                ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
                ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False), ("decode tok/s (128)", "decode", 1, "{:.1f}", False)]
+    if a and "decode_aot" in a:  # compared with the other library's plain decode
+        metrics.append(("decode tok/s (128), autolm compiled ahead of time", ("decode_aot", "decode"), 1, "{:.1f}",
+                        False))
+        metrics.append(("load the compiled step s (autolm)", "aot_load", 1, "{:.3f}", True))
     if a and "decode_compiled" in a:  # compared with the other library's plain decode
         metrics.append(("decode tok/s (128), autolm compile_decode", ("decode_compiled", "decode"), 1, "{:.1f}", False))
     for name, key, scale, fmt, lower_better in metrics:
@@ -173,11 +178,12 @@ def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float,
             m, s = r[k]
             return (fmt + " ± " + fmt).format(m * scale, s * scale)
         ratio = "n/a"
-        if a and t and a[mine][0] and t[theirs][0]:
+        if a and t and mine in a and theirs in t and a[mine][0] and t[theirs][0]:
             ratio = f"{a[mine][0] / t[theirs][0]:.2f}x"
         print(f"| {name} | {cell(a, mine)} | {cell(t, mine)} | {ratio} |", file=out)
     if a:
-        for key, what in (("decode", "decode"), ("decode_compiled", "compiled decode")):
+        for key, what in (("decode", "decode"), ("decode_aot", "decode compiled ahead of time"),
+                          ("decode_compiled", "compiled decode")):
             if key in a:
                 frac = a[key][0] * per_token / bw
                 print(f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the raw numbers here")
     p.add_argument("--no-compile", action="store_true",
                    help="skip autolm's compiled decode step (it costs each autolm process a compile)")
+    p.add_argument("--eager", action="store_true",
+                   help="skip autolm's CPU decode step compiled ahead of time (the first run compiles it, once)")
     p.add_argument("--serve", action="store_true",
                    help="serving throughput instead: autolm serve with 1, 8 and 32 concurrent clients")
     p.add_argument("--profile", action="store_true",
@@ -279,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..convert import default_gguf_path
 
         cases = prepare_checkpoints(work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path())
-    if args.no_compile:
-        for case in cases:
-            case.compile = False
+    for case in cases:
+        case.compile = case.compile and not args.no_compile
+        case.aot = not args.eager
     rows = bench(cases, reps=args.reps, threads=args.threads)
     if args.json:
         with open(args.json, "w") as f:
