@@ -9,8 +9,10 @@ description of the graph (its code and the shapes and dtypes of its inputs), the
 CPU's vector instruction set and the thread count (inductor writes the thread count into its OpenMP
 loops). Packages are written through a temporary file and a rename.
 
-`torch._inductor.aoti_compile_and_package` / `aoti_load_package` are looked up once; without them, or
-without a C++ compiler, compiling fails once with a warning and callers keep their eager path.
+Packages load through torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`; importing
+`torch._inductor` for its Python wrapper costs seconds), with `torch._inductor.aoti_load_package` as the
+fallback. Without `torch._inductor.aoti_compile_and_package`, or without a C++ compiler, compiling fails
+once with a warning and callers keep their eager path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import tempfile
 import warnings
 
@@ -49,11 +52,15 @@ def graph_key(description) -> str:
 
 
 def _isa() -> str:
+    """What the machine code may use: ATen's CPU capability and the CPU's feature flags (cheap to read,
+    unlike inductor's own probe, which compiles test programs)."""
+    flags = ""
     try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-        return str(pick_vec_isa())
-    except Exception:  # a torch without the probe: the key still separates torch versions
-        return "unknown"
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
 def _path(key: str) -> str:
@@ -69,6 +76,21 @@ def _api():
         return None
 
 
+def _load(path: str):
+    """The package's runner. The C++ loader directly: importing torch._inductor for its Python wrapper costs
+    seconds; that wrapper where the binding's signature changed."""
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is not None:
+        try:
+            return loader(path, "model", False, 1, -1)  # model name, single-threaded, runners, device index
+        except TypeError:
+            pass
+    api = _api()
+    if api is None:
+        raise RuntimeError("this torch has no AOTInductor")
+    return api[1](path).loader
+
+
 def cached_graph(key: str) -> Graph | None:
     """The graph compiled before under `key` (this process or a package on disk), else None."""
     if key in _LOADED:
@@ -76,11 +98,8 @@ def cached_graph(key: str) -> Graph | None:
     path = _path(key)
     if not os.path.isfile(path):
         return None
-    api = _api()
-    if api is None:
-        return None
     try:
-        graph = Graph(api[1](path).loader, path)
+        graph = Graph(_load(path), path)
     except Exception as e:  # a truncated or foreign file: compile it again when asked
         logger.warning("autolm: could not load the compiled graph %s (%s); it will be compiled again", path, e)
         return None

@@ -136,7 +136,6 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
     x = torch.zeros(1, model.embed_tokens.weight.shape[1], dtype=dtype)
     fns, eps, tensors = pres[0]
     jobs.append((_First(dims, fns, eps), [x, *tensors, cos, sin], None, tensors, None))
-    seen, span, capacity = (torch.export.Dim(n, min=1, max=1 << 30) for n in ("seen", "span", "capacity"))
     for i, layer_parts in enumerate(parts):
         fns, eps, tensors = dict(posts[i][0]), dict(posts[i][1]), list(posts[i][2])
         last = i == len(parts) - 1
@@ -152,7 +151,7 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
         qk = torch.zeros(dims[0] + dims[1], dims[2], dtype=dtype)
         v = torch.zeros(dims[1], dims[2], dtype=dtype)
         example = [x, qk, v, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *tensors, cos, sin]
-        dynamic = [None] * 3 + [{2: capacity}] * 2 + [{0: seen}, {0: span}] + [None] * (len(tensors) + 2)
+        dynamic = [None] * 3 + [{2: "capacity"}] * 2 + [{0: "seen"}, {0: "span"}] + [None] * (len(tensors) + 2)
         jobs.append((_Layer(dims, fns, eps, last), example, dynamic, tensors, layer_parts[-1]))
     code = _code_hash(__file__, kernels.__file__)
     loaded = []
@@ -172,6 +171,7 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
     if todo:
         from tqdm.auto import tqdm
 
+        dims_by_name = {n: torch.export.Dim(n, min=1, max=1 << 30) for n in ("seen", "span", "capacity")}
         keys = {}
         for index, key in todo:
             keys.setdefault(key, []).append(index)
@@ -179,7 +179,8 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
                    disable=not progress)
         for key, indices in bar:
             module, example, dynamic = jobs[indices[0]][:3]
-            graph = aot.compile_graph(key, module, example, dynamic)
+            graph = aot.compile_graph(key, module, example, dynamic and [
+                d and {i: dims_by_name[n] for i, n in d.items()} for d in dynamic])
             if graph is None:
                 return None
             for index in indices:
