@@ -39,10 +39,16 @@ class _Graph(nn.Module):
         out, inputs[:] = inputs[:n], inputs[n:]
         return out
 
-    def _pre(self, x, inputs, cos, sin):
+    def _matvec(self, name: str, x, inputs: list, realized: list):
+        """The layer `name` on x. x is also returned from the graph: inductor then writes it to a buffer once,
+        where it would otherwise recompute it (a norm, a SiLU) inside the matrix-vector loop, once per row."""
+        realized.append(x)
+        return self.fns[name][1](x, *self._take(inputs, name))
+
+    def _pre(self, x, inputs, cos, sin, realized):
         nh, nkv, hd = self.dims
         n1, = self._take(inputs, "norm1")
-        y = self.fns["qkv"][1](self._norm(x, n1, self.eps["norm1"]), *self._take(inputs, "qkv"))
+        y = self._matvec("qkv", self._norm(x, n1, self.eps["norm1"]), inputs, realized)
         qk = y[0, :(nh + nkv) * hd].view(nh + nkv, hd)
         if "qk_norms" in self.fns:
             qn, kn = self._take(inputs, "qk_norms")
@@ -55,8 +61,8 @@ class _First(_Graph):
     def forward(self, inputs: list):
         inputs = list(inputs)
         x, cos, sin = inputs[0], inputs[-2], inputs[-1]
-        rest = inputs[1:-2]
-        return list(self._pre(x, rest, cos, sin))
+        rest, realized = inputs[1:-2], []
+        return [*self._pre(x, rest, cos, sin, realized), *realized]
 
 
 class _Layer(_Graph):
@@ -81,16 +87,16 @@ class _Layer(_Graph):
         probs = (scores - scores.amax(-1, keepdim=True)).exp()
         probs = probs / probs.sum(-1, keepdim=True)
         out = (probs.unsqueeze(-1) * values[0].narrow(1, S - W, W).float().unsqueeze(1)).sum(-2)  # (n_kv, group, hd)
-        dtype = x.dtype
-        x = x + self.fns["o_proj"][1](out.view(1, nh * hd).to(dtype), *self._take(rest, "o_proj"))
+        dtype, realized = x.dtype, []
+        x = x + self._matvec("o_proj", out.view(1, nh * hd).to(dtype), rest, realized)
         n2, = self._take(rest, "norm2")
-        g = self.fns["gate_up"][1](self._norm(x, n2, self.eps["norm2"]), *self._take(rest, "gate_up"))
+        g = self._matvec("gate_up", self._norm(x, n2, self.eps["norm2"]), rest, realized)
         n = g.shape[-1] // 2
-        x = x + self.fns["down_proj"][1](F.silu(g[:, :n]) * g[:, n:], *self._take(rest, "down_proj"))
+        x = x + self._matvec("down_proj", F.silu(g[:, :n]) * g[:, n:], rest, realized)
         if self.last:
             nw, = self._take(rest, "norm")
-            return [self.fns["lm_head"][1](self._norm(x, nw, self.eps["norm"]), *self._take(rest, "lm_head"))]
-        return [x, *self._pre(x, rest, cos, sin)]
+            return [self._matvec("lm_head", self._norm(x, nw, self.eps["norm"]), rest, realized), *realized]
+        return [x, *self._pre(x, rest, cos, sin, realized), *realized]
 
 
 def graph_kernel(m) -> tuple | None:
@@ -210,13 +216,13 @@ def run_graphs(graphs: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     seen = _ONE.expand(S)
     spans = {}
     x = x.view(1, -1)
-    qk, v = first([x, *first_inputs, cos, sin])
+    qk, v = first([x, *first_inputs, cos, sin])[:2]
+    last = len(layers) - 1
     for i, (graph, inputs, window) in enumerate(layers):
         span = seen if window is None or window >= S else spans.get(window)
         if span is None:
             span = spans[window] = _ONE.expand(window)
         out = graph([x, qk, v, cache.keys[i], cache.values[i], seen, span, *inputs, cos, sin])
-        if len(out) == 1:
+        if i == last:
             return out[0].view(1, 1, -1)
-        x, qk, v = out
-    raise AssertionError("the last layer's graph returns the logits")
+        x, qk, v = out[:3]
