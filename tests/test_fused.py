@@ -81,18 +81,23 @@ def test_bf16_and_quantized_fused_step_stays_within_rounding(checkpoint, fused_c
     assert (logits - plain).abs().max() <= 0.03 * plain.abs().max()
 
 
+def real_model_int4(smol_gguf):
+    """(prompt ids, the float32 SmolLM2's 32 greedy tokens and logits, SmolLM2 loaded as int4 from its GGUF)."""
+    directory, name = smol_gguf
+    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    ids = torch.tensor([tok.encode("The history of the Roman empire is long. It began when")])
+    reference = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    fed, truth = greedy_steps(reference, ids, 32, fused=False)
+    return ids, fed, truth, autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4")
+
+
 def test_real_model_int4_from_gguf_blocks(smol_gguf, fused_calls):
     """The default CPU set-up: SmolLM2's Q4_1 blocks loaded as they are, int8 head, fused step. Against the
     float32 model's logits (on its own greedy tokens), the fused step is as close as the general forward:
     both round activations to bf16, in different places."""
     from autolm.quant import Int4Linear, Int8Linear
 
-    directory, name = smol_gguf
-    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    ids = torch.tensor([tok.encode("The history of the Roman empire is long. It began when")])
-    reference = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    fed, truth = greedy_steps(reference, ids, 32, fused=False)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4")
+    ids, fed, truth, model = real_model_int4(smol_gguf)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
     assert isinstance(model.lm_head, Int8Linear)
     fused_calls.clear()

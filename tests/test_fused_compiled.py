@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from test_fused import greedy_steps, prompt
+from test_fused import greedy_steps, prompt, real_model_int4
 
 import autolm
 from autolm.kernels import aot
@@ -106,12 +106,7 @@ def test_a_failed_compile_warns_and_keeps_the_eager_step(checkpoint, tmp_path, m
 def test_real_model_int4_compiled_is_as_close_to_fp32_as_the_forward(smol_gguf, home):
     """The CLI's default: SmolLM2's Q4_1 blocks as int4, int8 head, the compiled step. Teacher-forced on the
     float32 model's greedy tokens, its logits are as close to that model's as the general forward's."""
-    directory, name = smol_gguf
-    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    ids = torch.tensor([tok.encode("The history of the Roman empire is long. It began when")])
-    reference = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    fed, truth = greedy_steps(reference, ids, 32, fused=False)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4")
+    ids, fed, truth, model = real_model_int4(smol_gguf)
     _, plain = greedy_steps(model, ids, 32, fused=False, forced=fed)
     assert model.precompile_decode()
     _, fast = greedy_steps(model, ids, 32, fused=True, forced=fed)
