@@ -187,3 +187,22 @@ def test_fusing_under_inference_mode_leaves_weights_that_train(checkpoint):
     peft.train()
     peft(prompt(), labels=prompt()).loss.backward()
     assert all(p.grad is not None for n, p in peft.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_fusing_again_copies_nothing(checkpoint, quantization):
+    """A plan rebuilt (e.g. by precompile_decode after eager decoding) finds q/k already views of one fused
+    tensor and reuses it: no second copy of the weights, and the modules keep viewing what the plan reads."""
+    from autolm.models.layers import fuse_linears
+
+    directory, _ = checkpoint("qwen3")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, quantization=quantization)
+    attn = model.model.layers[0].self_attn
+    parts = [attn.q_proj, attn.k_proj]  # (int4's packed layout fuses whole blocks of 64 rows: q has 64)
+    first = fuse_linears(parts)
+    tensors = [n for n, t in first.state_dict().items() if t.numel()]
+    ptrs = [getattr(first, n).data_ptr() for n in tensors]
+    again = fuse_linears(parts)
+    assert [getattr(again, n).data_ptr() for n in tensors] == ptrs
+    assert all(torch.equal(getattr(again, n), getattr(first, n)) for n in tensors)
+    assert attn.q_proj.weight.data_ptr() == ptrs[tensors.index("weight")]

@@ -72,6 +72,9 @@ def share_concatenated(modules: list[nn.Module], name: str, dim: int = 0) -> tor
     """Concatenate the tensor `name` of each module along dim, then make each module's tensor a view of the
     result (a Parameter keeps its identity: its .data is replaced)."""
     parts = [getattr(m, name) for m in modules]
+    fused = _adjacent(parts, dim)
+    if fused is not None:  # fused before (a plan rebuilt): the parts already are views of it
+        return fused
     fused = torch.cat([t.detach() for t in parts], dim)
     start = 0
     for m, t in zip(modules, parts):
@@ -82,6 +85,25 @@ def share_concatenated(modules: list[nn.Module], name: str, dim: int = 0) -> tor
             setattr(m, name, view)
         start += t.shape[dim]
     return fused
+
+
+def _adjacent(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The contiguous tensor the parts are consecutive views of along dim (what torch.cat would give, without
+    copying), or None where they are not."""
+    first = parts[0]
+    start = 0
+    for t in parts:
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.stride() != first.stride()
+                or t.dtype != first.dtype or t.storage_offset() != first.storage_offset() + start * first.stride(dim)):
+            return None
+        start += t.shape[dim]
+    shape = list(first.shape)
+    shape[dim] = start
+    if first.storage_offset() + sum((n - 1) * s for n, s in zip(shape, first.stride())) >= (
+            first.untyped_storage().nbytes() // first.element_size()):
+        return None
+    fused = first.detach().as_strided(shape, first.stride(), first.storage_offset())
+    return fused if fused.is_contiguous() else None
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
