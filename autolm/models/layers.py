@@ -93,15 +93,14 @@ def _adjacent(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
     first = parts[0]
     start = 0
     for t in parts:
-        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.stride() != first.stride()
-                or t.dtype != first.dtype or t.storage_offset() != first.storage_offset() + start * first.stride(dim)):
+        others = t.shape[:dim] + t.shape[dim + 1:]
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.dtype != first.dtype
+                or t.stride() != first.stride() or others != first.shape[:dim] + first.shape[dim + 1:]
+                or t.storage_offset() != first.storage_offset() + start * first.stride(dim)):
             return None
         start += t.shape[dim]
     shape = list(first.shape)
-    shape[dim] = start
-    if first.storage_offset() + sum((n - 1) * s for n, s in zip(shape, first.stride())) >= (
-            first.untyped_storage().nbytes() // first.element_size()):
-        return None
+    shape[dim] = start  # ends where the last part ends, inside the storage
     fused = first.detach().as_strided(shape, first.stride(), first.storage_offset())
     return fused if fused.is_contiguous() else None
 
