@@ -84,11 +84,18 @@ def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[s
             raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
         return n
 
-    def string(what: str) -> str:
+    length = struct.Struct(order + "Q").unpack_from
+
+    def string(what: str) -> str:  # ~100k calls for a vocabulary and its merges: kept lean
         nonlocal pos
-        n = count(read("Q", what), 1, what)
+        if pos + 8 > size:
+            raise GGUFError(f"{path}: header ends inside {what} (truncated or corrupt)")
+        n = length(buf, pos)[0]
+        pos += 8
+        if n > size - pos:
+            raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
         pos += n
-        return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+        return str(buf[pos - n:pos], "utf-8", "replace")
 
     def value(kind: int, what: str, depth: int = 0) -> Any:
         nonlocal pos, items
@@ -107,15 +114,8 @@ def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[s
             if inner in _SCALAR_SIZES:
                 out = np.frombuffer(buf, order + _NUMPY[inner], n, pos).tolist()
                 pos += n * _SCALAR_SIZES[inner]
-            elif inner == _STRING:  # vocabularies and merge lists: ~100k strings, in a tight loop
-                out = []
-                length = struct.Struct(order + "Q").unpack_from
-                for _ in range(n):
-                    end = pos + 8 + length(buf, pos)[0] if pos + 8 <= size else size + 1
-                    if end > size:
-                        raise GGUFError(f"{path}: {what} runs past the end of the file (truncated or corrupt)")
-                    out.append(str(buf[pos + 8:end], "utf-8", "replace"))
-                    pos = end
+            elif inner == _STRING:
+                out = [string(what) for _ in range(n)]
             else:
                 out = [value(inner, what, depth + 1) for _ in range(n)]
         elif kind == _ARRAY:
@@ -273,9 +273,6 @@ def int4_blocks(t, path: str) -> Int4Blocks:
     return Int4Blocks(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(sz.transpose(1, 0, 2))), (N, K))
 
 
-_Q8_0 = 8  # GGMLQuantizationType: blocks of 32 int8 after an fp16 scale
-
-
 def _q8_0(data) -> np.ndarray:
     """Q8_0 rows (rows, bytes) dequantized to fp32, as gguf.quants does it, in one pass over the blocks (its
     version splits the rows into thousands of chunks: 0.2 s for SmolLM2's embedding, this 0.05 s)."""
@@ -310,8 +307,8 @@ def gguf_tensors(g: GGUFFile, config, int4: Callable[[str], bool] = lambda name:
             yield g.path, name, blocks
             continue
         try:
-            kind = int(t.tensor_type)
-            w = _q8_0(t.data) if kind == _Q8_0 else gguf.quants.dequantize(t.data, kind)
+            q8_0 = t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            w = _q8_0(t.data) if q8_0 else gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
             raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})") from None
         w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
