@@ -45,7 +45,7 @@ _EXPORTS = {
     "GGUFError": "autolm.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - a list, built from the table
 
 
 def __getattr__(name: str) -> Any:

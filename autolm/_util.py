@@ -15,11 +15,22 @@ from .errors import AutolmError, ConfigError
 
 MAX_JSON_BYTES = 64 << 20  # no legitimate config, index or tokenizer config comes near this
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
-def read_json(path: str, error: type[Exception] = ConfigError, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+def read_json(
+    path: str, error: type[Exception] = ConfigError, max_bytes: int = MAX_JSON_BYTES
+) -> dict[str, Any]:
     """Read a JSON object from a file, raising `error` naming the file on any problem (size, syntax, nesting)."""
     try:
         size = os.path.getsize(path)
@@ -134,7 +145,9 @@ def atomic_directory(target: str, owned: Any = None) -> Iterator[str]:
         _fsync_dir(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AutolmError(f"{target}: could not write ({e.strerror or e}); the previous contents are unchanged") from None
+        raise AutolmError(
+            f"{target}: could not write ({e.strerror or e}); the previous contents are unchanged"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -167,8 +180,17 @@ def autolm_home() -> str:
     return os.environ.get("AUTOLM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "autolm")
 
 
-_DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32", "float16": "float16", "half": "float16",
-                "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+}
 
 
 def check_device(device: Any, what: str = "device"):
@@ -179,12 +201,16 @@ def check_device(device: Any, what: str = "device"):
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"{what} {device!r} is not a device (expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+        raise ConfigError(
+            f"{what} {device!r} is not a device (expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps')"
+        ) from None
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ConfigError(f"{what} {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; install a "
-                              "CUDA build of PyTorch on a machine with one, or use the CPU")
+            raise ConfigError(
+                f"{what} {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; install a "
+                "CUDA build of PyTorch on a machine with one, or use the CPU"
+            )
         if d.index is not None and d.index >= n:
             raise ConfigError(f"{what} {device!r}: there are {n} CUDA GPUs (cuda:0 ... cuda:{n - 1})")
     elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -202,5 +228,6 @@ def parse_dtype(dtype: Any):
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
         return getattr(torch, _DTYPE_NAMES[dtype.removeprefix("torch.")])
-    raise ConfigError(f"dtype {dtype!r} is not supported (expected 'auto', a torch dtype or one of "
-                      f"{sorted(_DTYPE_NAMES)})")
+    raise ConfigError(
+        f"dtype {dtype!r} is not supported (expected 'auto', a torch dtype or one of {sorted(_DTYPE_NAMES)})"
+    )

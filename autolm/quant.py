@@ -45,7 +45,7 @@ class QuantConfig:
             raise ConfigError(f"int4 group_size must be 32, 64, 128 or 256, got {self.group_size!r}")
 
     @classmethod
-    def parse(cls, value) -> "QuantConfig":
+    def parse(cls, value) -> QuantConfig:
         """'int8' | 'int4' | a QuantConfig | a quantization_config dict from config.json."""
         if isinstance(value, QuantConfig):
             return value
@@ -53,14 +53,25 @@ class QuantConfig:
             return cls(bits=int(value[3:]))
         if isinstance(value, dict) and value.get("quant_method") == "autolm":
             bits = value.get("bits", 8)
-            return cls(bits=bits, group_size=value.get("group_size", 32), lm_head=value.get("lm_head", False),
-                       head_bits=value.get("head_bits", bits))  # saved before head_bits: the head had `bits`
-        raise ConfigError(f"quantization {value!r} is not supported (expected 'int8', 'int4', a QuantConfig, "
-                          "or a quantization_config with quant_method 'autolm')")
+            return cls(
+                bits=bits,
+                group_size=value.get("group_size", 32),
+                lm_head=value.get("lm_head", False),
+                head_bits=value.get("head_bits", bits),
+            )  # saved before head_bits: the head had `bits`
+        raise ConfigError(
+            f"quantization {value!r} is not supported (expected 'int8', 'int4', a QuantConfig, "
+            "or a quantization_config with quant_method 'autolm')"
+        )
 
     def to_dict(self) -> dict:
-        return {"quant_method": "autolm", "bits": self.bits, "group_size": self.group_size, "lm_head": self.lm_head,
-                "head_bits": self.head_bits}
+        return {
+            "quant_method": "autolm",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "lm_head": self.lm_head,
+            "head_bits": self.head_bits,
+        }
 
     def bits_for(self, name: str) -> int:
         """The bits of the module `name` ('lm_head' or a decoder Linear)."""
@@ -76,11 +87,11 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     q = torch.empty(N, K, dtype=torch.int8)
     scales, offsets = torch.empty(N), torch.empty(N)
     for i in range(0, N, _ROWS):
-        rows = w[i: i + _ROWS].float()
+        rows = w[i : i + _ROWS].float()
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         o, s = (hi + lo) / 2, ((hi - lo) / 254).clamp(min=1e-10)
-        q[i: i + _ROWS] = rows.sub(o[:, None]).div_(s[:, None]).round_().clamp_(-127, 127)
-        scales[i: i + _ROWS], offsets[i: i + _ROWS] = s, o
+        q[i : i + _ROWS] = rows.sub(o[:, None]).div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[i : i + _ROWS], offsets[i : i + _ROWS] = s, o
     return q, scales, offsets
 
 
@@ -90,11 +101,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     q = torch.empty(N, K, dtype=torch.uint8)
     sz = torch.empty(K // group_size, N, 2)
     for i in range(0, N, _ROWS):
-        g = w[i: i + _ROWS].float().reshape(-1, K // group_size, group_size)
+        g = w[i : i + _ROWS].float().reshape(-1, K // group_size, group_size)
         lo, hi = g.amin(-1), g.amax(-1)  # (rows, G)
         scales = ((hi - lo) / 15).clamp(min=1e-6)
-        q[i: i + _ROWS] = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).reshape(-1, K)
-        sz[:, i: i + _ROWS] = torch.stack([scales, lo + 8 * scales], -1).transpose(0, 1)
+        q[i : i + _ROWS] = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).reshape(-1, K)
+        sz[:, i : i + _ROWS] = torch.stack([scales, lo + 8 * scales], -1).transpose(0, 1)
     return q, sz
 
 
@@ -121,7 +132,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.register_buffer("offsets", torch.empty(out_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
 
     @staticmethod
     def quantize(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -136,15 +149,22 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def concat(cls, modules: list["Int8Linear"]) -> "Int8Linear | None":
+    def concat(cls, modules: list[Int8Linear]) -> Int8Linear | None:
         """One Int8Linear computing the concatenated outputs of `modules` (see models.layers.fuse_linears)."""
-        if (len({m.bias is None for m in modules}) != 1 or not shareable(modules, ["scales", "offsets", "bias"])
-                or not _aligned_parts(modules, modules[0].in_features)):
+        if (
+            len({m.bias is None for m in modules}) != 1
+            or not shareable(modules, ["scales", "offsets", "bias"])
+            or not _aligned_parts(modules, modules[0].in_features)
+        ):
             return None
         first = modules[0]
         with torch.device("meta"):
-            fused = cls(first.in_features, sum(m.out_features for m in modules), first.bias is not None,
-                        first.scales.dtype)
+            fused = cls(
+                first.in_features,
+                sum(m.out_features for m in modules),
+                first.bias is not None,
+                first.scales.dtype,
+            )
         for name in ("weight", "scales", "offsets", "bias"):
             if getattr(first, name) is not None:
                 t = share_concatenated(modules, name)
@@ -157,7 +177,11 @@ class Int8Linear(nn.Module):
 
     def one_row_kernel(self, dtype: torch.dtype):
         """See kernels.one_row."""
-        return None if self.bias is not None else kernels.int8_one_row(self.weight, self.scales, self.offsets, dtype)
+        return (
+            None
+            if self.bias is not None
+            else kernels.int8_one_row(self.weight, self.scales, self.offsets, dtype)
+        )
 
     def graph_kernel(self):
         """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph, or None."""
@@ -169,7 +193,9 @@ class Int8Linear(nn.Module):
         y = kernels.int8_matmul(x2.to(_COMPUTE), self.weight, self.scales.to(_COMPUTE))
         if y is not None:
             total = x2.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype)
-            y = torch.addcmul(y.to(x.dtype), total, self.offsets.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+            y = torch.addcmul(y.to(x.dtype), total, self.offsets.to(x.dtype)).reshape(
+                *x.shape[:-1], self.out_features
+            )
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y + self.bias if self.bias is not None else y
@@ -183,9 +209,12 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, out_features, 2, dtype=_COMPUTE))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=_COMPUTE)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
         self.packed = False  # weight in the CPU kernel's layout (set when loaded on the CPU)
 
     @staticmethod
@@ -205,20 +234,27 @@ class Int4Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def concat(cls, modules: list["Int4Linear"]) -> "Int4Linear | None":
+    def concat(cls, modules: list[Int4Linear]) -> Int4Linear | None:
         """One Int4Linear computing the concatenated outputs of `modules` (see models.layers.fuse_linears).
         The CPU kernel's packed layout interleaves blocks of 64 rows: packed weights concatenate like plain ones
         where every part but the last has whole blocks."""
         first = modules[0]
         if first.packed and any(m.out_features % 64 for m in modules[:-1]):
             return None
-        if (len({(m.bias is None, m.packed, m.group_size) for m in modules}) != 1
-                or not shareable(modules, ["scales_and_zeros", "bias"])
-                or not _aligned_parts(modules, first.in_features // 2)):
+        if (
+            len({(m.bias is None, m.packed, m.group_size) for m in modules}) != 1
+            or not shareable(modules, ["scales_and_zeros", "bias"])
+            or not _aligned_parts(modules, first.in_features // 2)
+        ):
             return None
         with torch.device("meta"):
-            fused = cls(first.in_features, sum(m.out_features for m in modules), first.bias is not None,
-                        first.scales_and_zeros.dtype, first.group_size)
+            fused = cls(
+                first.in_features,
+                sum(m.out_features for m in modules),
+                first.bias is not None,
+                first.scales_and_zeros.dtype,
+                first.group_size,
+            )
         fused.packed = first.packed
         fused.weight = share_concatenated(modules, "weight")
         fused.scales_and_zeros = share_concatenated(modules, "scales_and_zeros", dim=1)  # (groups, N, 2)
@@ -234,7 +270,9 @@ class Int4Linear(nn.Module):
     def _unpack_cpu(self) -> torch.Tensor:
         """Recover q (N, K) from the CPU kernel layout by running the kernel on the identity."""
         ones = torch.zeros_like(self.scales_and_zeros)
-        ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
+        ones[..., 0] = (
+            1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
+        )
         eye = torch.eye(self.in_features, dtype=_COMPUTE)
         qt = kernels.int4_matmul(eye, self.weight, self.group_size, ones)  # (K, N)
         return (qt.t().float() + 8).round().to(torch.uint8)
@@ -262,8 +300,12 @@ class Int4Linear(nn.Module):
         y = None
         if self.packed and x.device.type == "cpu":
             # A fused layer's parts hold column slices of its scales (see concat): the kernel reads them dense.
-            y = kernels.int4_matmul(x.reshape(-1, self.in_features).to(_COMPUTE), self.weight, self.group_size,
-                                    self.scales_and_zeros.contiguous())
+            y = kernels.int4_matmul(
+                x.reshape(-1, self.in_features).to(_COMPUTE),
+                self.weight,
+                self.group_size,
+                self.scales_and_zeros.contiguous(),
+            )
         if y is not None:
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
@@ -290,24 +332,31 @@ def replace_linears(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype) -> d
     for name, lin in names.items():
         bias = lin.bias is not None
         with torch.device(lin.weight.device):
-            new = (Int8Linear(lin.in_features, lin.out_features, bias, dtype) if cfg.bits_for(name) == 8 else
-                   Int4Linear(lin.in_features, lin.out_features, bias, dtype, cfg.group_size))
+            new = (
+                Int8Linear(lin.in_features, lin.out_features, bias, dtype)
+                if cfg.bits_for(name) == 8
+                else Int4Linear(lin.in_features, lin.out_features, bias, dtype, cfg.group_size)
+            )
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     model.config.extra["quantization_config"] = cfg.to_dict()
     return shapes
 
 
-def quantize_weight(cfg: QuantConfig, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantize_weight(
+    cfg: QuantConfig, name: str, w: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """A float (N, K) weight of module `name` -> the state-dict entries (suffix -> tensor) of its quantized module."""
-    return Int8Linear.quantize(w, dtype) if cfg.bits_for(name) == 8 else Int4Linear.quantize(w, cfg.group_size)
+    return (
+        Int8Linear.quantize(w, dtype) if cfg.bits_for(name) == 8 else Int4Linear.quantize(w, cfg.group_size)
+    )
 
 
 def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
     """Quantize an already loaded model in place, one Linear at a time."""
     cfg = QuantConfig.parse(cfg)
     dtype = model.dtype
-    originals = {name: lin for name, lin in targets(model, cfg).items()}
+    originals = dict(targets(model, cfg).items())
     replace_linears(model, cfg, dtype)
     for name, lin in originals.items():
         state = {f"{name}.{k}": v for k, v in quantize_weight(cfg, name, lin.weight.detach(), dtype).items()}
@@ -320,7 +369,10 @@ def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
 def memory_report(model: nn.Module) -> tuple[int, int, int]:
     """(weight bytes now, weight bytes the model would take unquantized in its float dtype, the unquantized
     model's parameter count). A tied model's quantized head is a copy: unquantized it costs nothing."""
-    now = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    now = sum(
+        t.numel() * t.element_size()
+        for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    )
     item = model.dtype.itemsize
     tied = model.config.tie_word_embeddings
     saved, params = 0, sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -20,8 +20,10 @@ from ._util import atomic_directory, full_tensor, parse_size, world
 from .errors import AutolmError
 
 logger = logging.getLogger("autolm")
-_OWNED = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?|"
-                    r"(model\.safetensors|pytorch_model\.bin)\.index\.json|config\.json|generation_config\.json")
+_OWNED = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?|"
+    r"(model\.safetensors|pytorch_model\.bin)\.index\.json|config\.json|generation_config\.json"
+)
 
 
 def owned(name: str) -> bool:
@@ -45,13 +47,19 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_weights(directory: str, sd: dict[str, torch.Tensor], max_shard_size: int | str = "5GB",
-                  safe_serialization: bool = True) -> list[str]:
+def write_weights(
+    directory: str,
+    sd: dict[str, torch.Tensor],
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+) -> list[str]:
     """model.safetensors, or shards + index (huggingface_hub's splitting and names); .bin when not safe."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     pattern = "model{suffix}.safetensors" if safe_serialization else "pytorch_model{suffix}.bin"
-    split = split_torch_state_dict_into_shards(sd, filename_pattern=pattern, max_shard_size=parse_size(max_shard_size))
+    split = split_torch_state_dict_into_shards(
+        sd, filename_pattern=pattern, max_shard_size=parse_size(max_shard_size)
+    )
     for fname, names in split.filename_to_tensors.items():
         shard = {n: sd[n] for n in names}
         if safe_serialization:
@@ -59,25 +67,46 @@ def write_weights(directory: str, sd: dict[str, torch.Tensor], max_shard_size: i
         else:
             torch.save(shard, os.path.join(directory, fname))
     if split.is_sharded:
-        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-        with open(os.path.join(directory, pattern.format(suffix="") + ".index.json"), "w", encoding="utf-8") as f:
+        index = {
+            "metadata": dict(split.metadata),
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
+        }
+        with open(
+            os.path.join(directory, pattern.format(suffix="") + ".index.json"), "w", encoding="utf-8"
+        ) as f:
             json.dump(index, f, indent=2)
     return list(split.filename_to_tensors)
 
 
-def save_model(model: torch.nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-               state_dict: dict[str, torch.Tensor] | None = None, safe_serialization: bool = True,
-               is_main_process: bool = True, push_to_hub: bool = False, **kwargs) -> None:
+def save_model(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **kwargs,
+) -> None:
     """Save weights, config.json and generation_config.json in the HF layout, atomically.
 
     Under torch.distributed, sharded weights are gathered on every rank and rank 0 writes.
     Arguments of transformers' save_pretrained that change nothing here (from_pt, variant...) are accepted.
     """
     if push_to_hub:
-        raise AutolmError("save_pretrained(push_to_hub=True) is not supported: save locally, then upload with "
-                          "huggingface_hub's upload_folder")
+        raise AutolmError(
+            "save_pretrained(push_to_hub=True) is not supported: save locally, then upload with "
+            "huggingface_hub's upload_folder"
+        )
     for k in kwargs:
-        if k not in ("from_pt", "save_function", "token", "variant", "save_peft_format", "safe_serialization"):
+        if k not in (
+            "from_pt",
+            "save_function",
+            "token",
+            "variant",
+            "save_peft_format",
+            "safe_serialization",
+        ):
             raise AutolmError(f"save_pretrained() got an unexpected argument {k!r}")
         logger.info("save_pretrained: %s has no effect in autolm", k)
     sd = state_dict if state_dict is not None else unique_state_dict(model)

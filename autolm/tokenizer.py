@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._util import atomic_write_text, read_json
-from .errors import TokenizerError
 from .chat_template import MAX_TEMPLATE_OUTPUT, render_chat_template
+from .errors import TokenizerError
 from .hub import HUB_KWARGS, resolve_model_dir
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -25,7 +25,7 @@ class BatchEncoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def to(self, device) -> "BatchEncoding":
+    def to(self, device) -> BatchEncoding:
         return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
 
 
@@ -43,10 +43,17 @@ def _read_json(path: str) -> dict[str, Any]:
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` with transformers' calling conventions."""
 
-    def __init__(self, backend, special_tokens: dict[str, str | None] | None = None,
-                 chat_template: str | dict[str, str] | None = None, padding_side: str = "right",
-                 model_max_length: int | None = None, clean_up_tokenization_spaces: bool = False,
-                 name_or_path: str = "", init_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        backend,
+        special_tokens: dict[str, str | None] | None = None,
+        chat_template: str | dict[str, str] | None = None,
+        padding_side: str = "right",
+        model_max_length: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        name_or_path: str = "",
+        init_kwargs: dict[str, Any] | None = None,
+    ):
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
@@ -60,14 +67,16 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, gguf_file: str | None = None, **kwargs: Any) -> "Tokenizer":
-        directory = resolve_model_dir(path_or_repo_id, **{k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs})
+    def from_pretrained(cls, path_or_repo_id: str, gguf_file: str | None = None, **kwargs: Any) -> Tokenizer:
+        directory = resolve_model_dir(
+            path_or_repo_id, **{k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        )
         if gguf_file is not None:
             return cls.from_gguf(os.path.join(directory, gguf_file))
         return cls.from_dir(directory, **kwargs)
 
     @classmethod
-    def from_gguf(cls, path: str) -> "Tokenizer":
+    def from_gguf(cls, path: str) -> Tokenizer:
         """The tokenizer stored inside a GGUF file."""
         from .sources.gguf_tokenizer import tokenizer_parts
 
@@ -75,16 +84,20 @@ class Tokenizer:
         return cls(backend, special, template, name_or_path=path, init_kwargs=init)
 
     @classmethod
-    def from_dir(cls, directory: str, padding_side: str | None = None, **kwargs: Any) -> "Tokenizer":
+    def from_dir(cls, directory: str, padding_side: str | None = None, **kwargs: Any) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         for k in ("use_fast", "trust_remote_code", "legacy", "add_prefix_space"):
             kwargs.pop(k, None)  # transformers' switches: autolm always runs the fast `tokenizers` backend
         if kwargs:
-            raise TokenizerError(f"AutoTokenizer.from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
+            raise TokenizerError(
+                f"AutoTokenizer.from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}"
+            )
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
-            raise TokenizerError(f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)")
+            raise TokenizerError(
+                f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)"
+            )
         try:
             backend = Backend.from_file(path)
         except Exception as e:  # the Rust library raises plain Exceptions for every parse error
@@ -104,21 +117,36 @@ class Tokenizer:
             except (OSError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{jinja_path}: cannot be read as UTF-8 text ({e})") from None
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-                       for t in template):
-                raise TokenizerError(f"{directory}/tokenizer_config.json: chat_template list entries must be "
-                                     '{"name": ..., "template": ...} objects')
+            if not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                for t in template
+            ):
+                raise TokenizerError(
+                    f"{directory}/tokenizer_config.json: chat_template list entries must be "
+                    '{"name": ..., "template": ...} objects'
+                )
             template = {t["name"]: t["template"] for t in template}
         elif template is not None and not isinstance(template, str):
-            raise TokenizerError(f"{directory}/tokenizer_config.json: chat_template must be a string or a list, "
-                                 f"found {type(template).__name__}")
+            raise TokenizerError(
+                f"{directory}/tokenizer_config.json: chat_template must be a string or a list, "
+                f"found {type(template).__name__}"
+            )
         side = padding_side or config.get("padding_side", "right")
         if side not in ("left", "right"):
-            raise TokenizerError(f"{directory}/tokenizer_config.json: padding_side must be 'left' or 'right', found {side!r}")
+            raise TokenizerError(
+                f"{directory}/tokenizer_config.json: padding_side must be 'left' or 'right', found {side!r}"
+            )
         max_len = config.get("model_max_length")
-        return cls(backend, special, template, side,
-                   int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
-                   bool(config.get("clean_up_tokenization_spaces", False)), directory, config)
+        return cls(
+            backend,
+            special,
+            template,
+            side,
+            int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
+            bool(config.get("clean_up_tokenization_spaces", False)),
+            directory,
+            config,
+        )
 
     # ---- special tokens -----------------------------------------------------------------------
 
@@ -161,14 +189,22 @@ class Tokenizer:
         from tokenizers import AddedToken
 
         items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
-        tokens = [t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens, normalized=not special_tokens)
-                  for t in items]
-        return (self.backend.add_special_tokens(tokens) if special_tokens else self.backend.add_tokens(tokens))
+        tokens = [
+            t
+            if isinstance(t, AddedToken)
+            else AddedToken(t, special=special_tokens, normalized=not special_tokens)
+            for t in items
+        ]
+        return self.backend.add_special_tokens(tokens) if special_tokens else self.backend.add_tokens(tokens)
 
-    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_additional_special_tokens: bool = True) -> int:
+    def add_special_tokens(
+        self, special_tokens_dict: dict[str, Any], replace_additional_special_tokens: bool = True
+    ) -> int:
         """Set bos/eos/unk/pad/... and `additional_special_tokens`, adding the ones not yet in the vocabulary."""
         added = 0
-        for key, value in sorted(special_tokens_dict.items(), key=lambda kv: kv[0] == "additional_special_tokens"):
+        for key, value in sorted(
+            special_tokens_dict.items(), key=lambda kv: kv[0] == "additional_special_tokens"
+        ):
             if key == "additional_special_tokens":
                 extra = [_token_content(v) for v in value]
                 added += self.add_tokens(extra, special_tokens=True)
@@ -179,8 +215,10 @@ class Tokenizer:
                 added += self.add_tokens([token], special_tokens=True)
                 self.special_tokens[key] = token
             else:
-                raise TokenizerError(f"add_special_tokens: unknown key {key!r} (expected one of {_SPECIAL} "
-                                     "or 'additional_special_tokens')")
+                raise TokenizerError(
+                    f"add_special_tokens: unknown key {key!r} (expected one of {_SPECIAL} "
+                    "or 'additional_special_tokens')"
+                )
         return added
 
     @property
@@ -205,19 +243,32 @@ class Tokenizer:
 
     # ---- encoding / decoding ------------------------------------------------------------------
 
-    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
+    def encode(
+        self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any
+    ) -> list[int]:
         return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
         enc = self.backend.encode(text, pair, add_special_tokens=add_special_tokens)
         return enc.tokens
 
-    def __call__(self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None,
-                 add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str = False,
-                 max_length: int | None = None, return_tensors: str | None = None, padding_side: str | None = None,
-                 return_attention_mask: bool = True, return_offsets_mapping: bool = False,
-                 return_token_type_ids: bool = False, return_length: bool = False,
-                 pad_to_multiple_of: int | None = None, verbose: bool = True) -> BatchEncoding:
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool = True,
+        return_offsets_mapping: bool = False,
+        return_token_type_ids: bool = False,
+        return_length: bool = False,
+        pad_to_multiple_of: int | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
         """Encode one text (or pair) or a batch; truncate (from `truncation_side`), pad (left or right),
         and return lists or tensors, with offsets and token type ids when asked."""
         single = isinstance(text, str)
@@ -232,11 +283,15 @@ class Tokenizer:
         if truncation and truncation != "do_not_truncate":
             limit = max_length or self.model_max_length
             if limit is None:
-                raise TokenizerError("truncation=True needs max_length (the tokenizer has no model_max_length)")
+                raise TokenizerError(
+                    "truncation=True needs max_length (the tokenizer has no model_max_length)"
+                )
             strategy = "longest_first" if truncation is True else truncation
             if strategy not in ("longest_first", "only_first", "only_second"):
-                raise TokenizerError(f"truncation={truncation!r} is not supported (True, 'longest_first', "
-                                     "'only_first' or 'only_second')")
+                raise TokenizerError(
+                    f"truncation={truncation!r} is not supported (True, 'longest_first', "
+                    "'only_first' or 'only_second')"
+                )
             self.backend.enable_truncation(limit, strategy=strategy, direction=self.truncation_side)
         try:
             encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
@@ -265,8 +320,14 @@ class Tokenizer:
             raise TokenizerError(f"return_tensors={return_tensors!r} is not supported (use 'pt' or None)")
         return BatchEncoding({k: v[0] if single else v for k, v in fields.items()})
 
-    def _pad(self, fields: dict[str, list], padding: bool | str, max_length: int | None, side: str,
-             multiple: int | None) -> None:
+    def _pad(
+        self,
+        fields: dict[str, list],
+        padding: bool | str,
+        max_length: int | None,
+        side: str,
+        multiple: int | None,
+    ) -> None:
         if self.pad_token_id is None:
             raise TokenizerError("padding needs a pad token: set tokenizer.pad_token (e.g. to the eos token)")
         if side not in ("left", "right"):
@@ -275,19 +336,30 @@ class Tokenizer:
         target = max_length if padding == "max_length" and max_length else max(len(x) for x in ids)
         if multiple:
             target = -(-target // multiple) * multiple
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "offset_mapping": (0, 0)}
+        fill = {
+            "input_ids": self.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": 0,
+            "offset_mapping": (0, 0),
+        }
         for key, rows in fields.items():
             for r, x in enumerate(rows):
                 pad = [fill[key]] * max(target - len(x), 0)
                 rows[r] = pad + x if side == "left" else x + pad
 
-    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+    def decode(
+        self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
+    ) -> str:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = (
+            self.clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is None
+            else clean_up_tokenization_spaces
+        )
         return _clean_up(text) if clean else text
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
@@ -297,15 +369,30 @@ class Tokenizer:
 
     # ---- chat templates -----------------------------------------------------------------------
 
-    def apply_chat_template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = True,
-                            chat_template: str | None = None, tools: list | None = None,
-                            documents: list | None = None, continue_final_message: bool = False,
-                            **template_kwargs: Any):
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        chat_template: str | None = None,
+        tools: list | None = None,
+        documents: list | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ):
         """Render messages with the model's chat template; token ids (in a BatchEncoding) when tokenize."""
         template = self._pick_template(chat_template, tools)
-        text = render_chat_template(template, conversation, add_generation_prompt=add_generation_prompt,
-                                    tools=tools, documents=documents, **self.special_tokens, **template_kwargs)
+        text = render_chat_template(
+            template,
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            **self.special_tokens,
+            **template_kwargs,
+        )
         if continue_final_message:
             final = conversation[-1]["content"]
             if isinstance(final, str) and final.strip() in text:
@@ -318,12 +405,17 @@ class Tokenizer:
     def _pick_template(self, chat_template: str | None, tools: list | None) -> str:
         template = chat_template if chat_template is not None else self.chat_template
         if isinstance(template, dict):
-            name = chat_template if isinstance(chat_template, str) and chat_template in template else (
-                "tool_use" if tools and "tool_use" in template else "default")
+            name = (
+                chat_template
+                if isinstance(chat_template, str) and chat_template in template
+                else ("tool_use" if tools and "tool_use" in template else "default")
+            )
             template = template.get(name)
         if not template:
-            raise TokenizerError(f"{self.name_or_path or 'tokenizer'}: no chat template (tokenizer_config.json "
-                                 "'chat_template' or chat_template.jinja)")
+            raise TokenizerError(
+                f"{self.name_or_path or 'tokenizer'}: no chat template (tokenizer_config.json "
+                "'chat_template' or chat_template.jinja)"
+            )
         return template
 
     def save_pretrained(self, directory: str) -> None:
@@ -338,14 +430,29 @@ class Tokenizer:
         if self.model_max_length:
             cfg["model_max_length"] = self.model_max_length
         if self.chat_template:
-            cfg["chat_template"] = (self.chat_template if isinstance(self.chat_template, str) else
-                                    [{"name": k, "template": v} for k, v in self.chat_template.items()])
-        atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False))
+            cfg["chat_template"] = (
+                self.chat_template
+                if isinstance(self.chat_template, str)
+                else [{"name": k, "template": v} for k, v in self.chat_template.items()]
+            )
+        atomic_write_text(
+            os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False)
+        )
 
 
 def _clean_up(text: str) -> str:
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text
 

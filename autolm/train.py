@@ -48,19 +48,27 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[tuple[list[int]
                 msgs = row["messages"]
                 if msgs[-1].get("role") != "assistant":
                     raise AutolmError(f"{path}:{n}: the last message must be the assistant's answer")
-                prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
+                prompt = tokenizer.apply_chat_template(
+                    msgs[:-1], add_generation_prompt=True, return_dict=False
+                )
                 full = tokenizer.apply_chat_template(msgs, return_dict=False)
                 if full[: len(prompt)] != prompt:
                     raise AutolmError(f"{path}:{n}: the chat template does not render the prompt as a prefix")
-            elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            elif (
+                isinstance(row, dict)
+                and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("completion"), str)
+            ):
                 prompt = tokenizer.encode(row["prompt"])
                 full = prompt + tokenizer.encode(row["completion"], add_special_tokens=False)
                 if tokenizer.eos_token_id is not None:
                     full.append(tokenizer.eos_token_id)
             else:
-                raise AutolmError(f"{path}:{n}: expected {{'messages': [...]}} or {{'prompt': ..., 'completion': ...}}")
+                raise AutolmError(
+                    f"{path}:{n}: expected {{'messages': [...]}} or {{'prompt': ..., 'completion': ...}}"
+                )
             full = full[:max_length]
-            labels = [-100] * min(len(prompt), len(full)) + full[len(prompt):]
+            labels = [-100] * min(len(prompt), len(full)) + full[len(prompt) :]
             out.append((full, labels))
     if not out:
         raise AutolmError(f"{path}: no training examples")
@@ -72,13 +80,20 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     from torch.nn.utils.rnn import pad_sequence
 
     def pad(rows, value):
-        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=value)
+        return pad_sequence(
+            [torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=value
+        )
 
-    return {"input_ids": pad([x for x, _ in batch], pad_id), "attention_mask": pad([[1] * len(x) for x, _ in batch], 0),
-            "labels": pad([y for _, y in batch], -100)}
+    return {
+        "input_ids": pad([x for x, _ in batch], pad_id),
+        "attention_mask": pad([[1] * len(x) for x, _ in batch], 0),
+        "labels": pad([y for _, y in batch], -100),
+    }
 
 
-def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainConfig | None = None) -> list[float]:
+def finetune(
+    peft_model, tokenizer, data_path: str, out_dir: str, config: TrainConfig | None = None
+) -> list[float]:
     """Train the active LoRA adapter with AdamW (or, given a plain model, every parameter: full fine-tuning);
     save the adapter (or the model) to out_dir, and every save_every steps. Returns the losses.
 
@@ -115,9 +130,11 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
             order = list(range(len(examples)))
             rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
-                rows = [examples[i] for i in order[start: start + cfg.batch_size]]
+                rows = [examples[i] for i in order[start : start + cfg.batch_size]]
                 items = max(1, sum(sum(y != -100 for y in labels[1:]) for _, labels in rows))
-                mine = rows[rank::size] or [([pad_id], [-100])]  # a rank without rows still joins the collectives
+                mine = rows[rank::size] or [
+                    ([pad_id], [-100])
+                ]  # a rank without rows still joins the collectives
                 batch = {k: v.to(base.device) for k, v in collate(mine, pad_id).items()}
                 loss = peft_model(**batch, num_items_in_batch=items).loss
                 (loss * (size / cfg.grad_accum)).backward()
@@ -130,7 +147,7 @@ def finetune(peft_model, tokenizer, data_path: str, out_dir: str, config: TrainC
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{sum(losses[-cfg.grad_accum:]) / cfg.grad_accum:.4f}")
+                    bar.set_postfix(loss=f"{sum(losses[-cfg.grad_accum :]) / cfg.grad_accum:.4f}")
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     peft_model.save_pretrained(os.path.join(out_dir, f"checkpoint-{step}"))
                 if step >= total_steps:

@@ -21,8 +21,14 @@ import llama_cpp  # noqa: E402
 
 t_import = time.perf_counter()
 rss0 = status("VmRSS")
-llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
-                      n_ctx=max(1024, args["prefill"] + args["decode"] + 64), n_batch=512, verbose=False)
+llm = llama_cpp.Llama(
+    model_path=args["gguf"],
+    n_threads=args["threads"],
+    n_threads_batch=args["threads"],
+    n_ctx=max(1024, args["prefill"] + args["decode"] + 64),
+    n_batch=512,
+    verbose=False,
+)
 t_load = time.perf_counter()
 load_peak = status("VmHWM") - rss0
 prompt = list(range(10, 42))
@@ -40,8 +46,13 @@ def greedy(tokens, n):
 
 greedy(prompt, 1)
 t_first = time.time() - T0
-res = {"import": t_import - t, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
-       "first_token_rss": status("VmHWM")}
+res = {
+    "import": t_import - t,
+    "load": t_load - t_import,
+    "load_rss": load_peak,
+    "ttft": t_first,
+    "first_token_rss": status("VmHWM"),
+}
 import random  # noqa: E402
 
 rng = random.Random(0)

@@ -17,38 +17,139 @@ VOCAB = 160
 
 # name -> (transformers config class name, config kwargs, save kwargs)
 SPECS = {
-    "llama_gqa_llama3_sharded": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=24, max_position_embeddings=64,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-        dict(max_shard_size="40KB")),
-    "qwen2_tied_bias": ("Qwen2Config", dict(
-        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True, max_position_embeddings=64), {}),
-    "qwen2_sliding": ("Qwen2Config", dict(
-        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        use_sliding_window=True, sliding_window=5, max_window_layers=1, max_position_embeddings=64), {}),
-    "mistral_sliding": ("MistralConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        sliding_window=6, max_position_embeddings=64), {}),
-    "qwen3": ("Qwen3Config", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=64), {}),
-    "llama_bf16": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        attention_bias=True, mlp_bias=True, dtype="bfloat16"), {}),
-    "llama_yarn": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 16}), {}),
-    "llama_dynamic": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), {}),
-    "llama_linear": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), {}),
+    "llama_gqa_llama3_sharded": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        dict(max_shard_size="40KB"),
+    ),
+    "qwen2_tied_bias": (
+        "Qwen2Config",
+        dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "qwen2_sliding": (
+        "Qwen2Config",
+        dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "mistral_sliding": (
+        "MistralConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=6,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "llama_bf16": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_bias=True,
+            mlp_bias=True,
+            dtype="bfloat16",
+        ),
+        {},
+    ),
+    "llama_yarn": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        {},
+    ),
+    "llama_dynamic": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+        {},
+    ),
+    "llama_linear": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+        {},
+    ),
 }
 
 
@@ -103,7 +204,9 @@ def hf_reference(directory, **kwargs):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if model.dtype == torch.bfloat16:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation="eager", **kwargs
+        )
     return model.eval()
 
 
@@ -140,7 +243,7 @@ def padded_batch(seed: int = 0, lengths=(13, 9, 4), vocab: int = VOCAB):
     ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
     mask = torch.zeros(len(lengths), T, dtype=torch.long)
     for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
+        mask[i, T - n :] = 1
         ids[i, : T - n] = 0
     return ids, mask
 
@@ -174,6 +277,9 @@ def smol(smol_dir):
 
     import autolm
 
-    return (autolm.AutoModelForCausalLM.from_pretrained(smol_dir), autolm.AutoTokenizer.from_pretrained(smol_dir),
-            transformers.AutoModelForCausalLM.from_pretrained(smol_dir).eval(),
-            transformers.AutoTokenizer.from_pretrained(smol_dir))
+    return (
+        autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
+        autolm.AutoTokenizer.from_pretrained(smol_dir),
+        transformers.AutoModelForCausalLM.from_pretrained(smol_dir).eval(),
+        transformers.AutoTokenizer.from_pretrained(smol_dir),
+    )

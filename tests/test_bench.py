@@ -30,7 +30,9 @@ def test_prefill_flops_counts_the_decoder_matrices_and_causal_attention(checkpoi
     per_layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * c.intermediate_size  # q, o; k, v; gate, up, down
     T = 10
     attention = c.num_hidden_layers * nh * hd * 2 * 2 * sum(range(1, T + 1))  # query t sees t keys
-    assert prefill_flops(model, T) == 2 * per_layer * c.num_hidden_layers * T + attention + 2 * h * c.vocab_size
+    assert (
+        prefill_flops(model, T) == 2 * per_layer * c.num_hidden_layers * T + attention + 2 * h * c.vocab_size
+    )
     assert matmul_rate(1, "float32", 64, 64, 64) > 1e8
 
 

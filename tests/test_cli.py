@@ -15,8 +15,14 @@ def run(*args, home, stdin=None, check=True, eager=True):
     env = dict(os.environ, AUTOLM_HOME=str(home))
     if not eager:
         env.pop("AUTOLM_EAGER", None)
-    p = subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                       input=stdin, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "autolm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=600,
+    )
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -48,8 +54,13 @@ def test_chat_default_model_answers_paris(home):
 
 
 def test_chat_multi_turn_from_stdin_keeps_history(home):
-    p = run("chat", "--max-new-tokens", "24", home=home,
-            stdin="What is the capital of France?\nAnd what is the capital of Italy?\n")
+    p = run(
+        "chat",
+        "--max-new-tokens",
+        "24",
+        home=home,
+        stdin="What is the capital of France?\nAnd what is the capital of Italy?\n",
+    )
     assert "Paris" in p.stdout and "Rome" in p.stdout
     assert p.stderr.count("prompt tokens") == 2  # one statistics line per turn
 
@@ -57,8 +68,28 @@ def test_chat_multi_turn_from_stdin_keeps_history(home):
 def test_generate_streams_text_and_reports_speed(home, smol_dir):
     p = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", home=home)
     assert "Paris" in p.stdout and "tok/s" in p.stderr
-    a = run("generate", "Once upon a time", "--temperature", "0.9", "--seed", "3", "--max-new-tokens", "12", home=home)
-    b = run("generate", "Once upon a time", "--temperature", "0.9", "--seed", "3", "--max-new-tokens", "12", home=home)
+    a = run(
+        "generate",
+        "Once upon a time",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+        home=home,
+    )
+    b = run(
+        "generate",
+        "Once upon a time",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+        home=home,
+    )
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
@@ -90,11 +121,18 @@ def test_bad_arguments_get_clear_messages(home, tmp_path):
 
 def without(module: str, argv: list[str], home) -> subprocess.CompletedProcess:
     """The command run as if `module` were not installed."""
-    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
-            f"importlib.util.find_spec = lambda n, *a: None if n == {module!r} else real(n, *a)\n"
-            f"from autolm.cli import main; sys.exit(main({argv!r}))")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, AUTOLM_HOME=str(home)), timeout=120)
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec\n"
+        f"importlib.util.find_spec = lambda n, *a: None if n == {module!r} else real(n, *a)\n"
+        f"from autolm.cli import main; sys.exit(main({argv!r}))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, AUTOLM_HOME=str(home)),
+        timeout=120,
+    )
 
 
 def test_missing_default_model_says_how_to_install(tmp_path):
@@ -107,8 +145,18 @@ def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "2+2=", "completion": " 4"}) + "\n")
-    p = run("finetune", smol_dir, str(data), "--out", str(tmp_path / "ad"), "--max-steps", "1", "--lora-r", "2",
-            home=home)
+    p = run(
+        "finetune",
+        smol_dir,
+        str(data),
+        "--out",
+        str(tmp_path / "ad"),
+        "--max-steps",
+        "1",
+        "--lora-r",
+        "2",
+        home=home,
+    )
     assert "loss" in p.stdout and "trainable params" in p.stdout
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"]
@@ -130,7 +178,10 @@ def test_mistakes_end_in_one_line_before_loading(home, smol_dir, smol_gguf, tmp_
         (("generate", "hi", "--device", "gpu0"), "--device 'gpu0' is not a device"),
         (("generate", "hi", "--adapter", str(tmp_path)), "no adapter_config.json"),
         (("generate", "hi", "--tp", "4"), "num_attention_heads=9"),
-        (("finetune", smol_dir, str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")), "data file not found"),
+        (
+            ("finetune", smol_dir, str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")),
+            "data file not found",
+        ),
         (("convert", os.path.join(*smol_gguf), str(tmp_path / "afile")), "exists and is not a directory"),
         (("convert", str(tmp_path / "none.gguf"), str(tmp_path / "o")), "file not found"),
         (("merge", smol_dir, str(tmp_path / "afile"), str(tmp_path / "o")), "no adapter_config.json"),
@@ -157,8 +208,18 @@ def test_version_threads_and_temperature_zero(home, smol_dir):
 
     assert run("--version", home=home).stdout.strip() == f"autolm {__version__}"
     greedy = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", home=home)
-    zero = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", "--temperature", "0",
-               "--threads", "1", home=home)
+    zero = run(
+        "generate",
+        smol_dir,
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        home=home,
+    )
     assert zero.stdout == greedy.stdout and "Paris" in zero.stdout
     assert "first token after" in zero.stderr and "tok/s" in zero.stderr
 
@@ -172,8 +233,10 @@ def adapters(smol_dir, tmp_path_factory):
     out = []
     for i, targets in enumerate((["q_proj", "v_proj"], ["o_proj"])):
         torch.manual_seed(i)
-        pm = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
-                            LoraConfig(r=4, lora_alpha=64, target_modules=targets, init_lora_weights=False))
+        pm = get_peft_model(
+            autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
+            LoraConfig(r=4, lora_alpha=64, target_modules=targets, init_lora_weights=False),
+        )
         d = tmp_path_factory.mktemp(f"adapter{i}")
         pm.save_pretrained(d)
         out.append(str(d))
@@ -189,11 +252,17 @@ def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_pa
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
     expected = autolm.generate_text(model, tok, prompt, max_new_tokens=8)
     plain = run("generate", smol_dir, prompt, "--max-new-tokens", "8", home=home).stdout
-    with_adapter = run("generate", smol_dir, prompt, "--max-new-tokens", "8", "--adapter", adapters[0], home=home)
+    with_adapter = run(
+        "generate", smol_dir, prompt, "--max-new-tokens", "8", "--adapter", adapters[0], home=home
+    )
     assert with_adapter.stdout.strip() == expected.strip() and with_adapter.stdout != plain
-    folder = run("generate", adapters[0], prompt, "--max-new-tokens", "8", home=home)  # the adapter folder alone
+    folder = run(
+        "generate", adapters[0], prompt, "--max-new-tokens", "8", home=home
+    )  # the adapter folder alone
     assert folder.stdout == with_adapter.stdout
-    info = run("inspect", smol_dir, "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}", home=home).stdout
+    info = run(
+        "inspect", smol_dir, "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}", home=home
+    ).stdout
     assert "adapter:      a (active): LoRA r=4" in info and "adapter:      b: LoRA r=4" in info
     run("merge", smol_dir, adapters[0], str(tmp_path / "merged"), "--dtype", "float32", home=home)
     merged = run("generate", str(tmp_path / "merged"), prompt, "--max-new-tokens", "8", home=home)
@@ -201,13 +270,30 @@ def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_pa
 
 
 def test_chat_commands(home, adapters):
-    stdin = ("/help\nWhat is the capital of France?\n/reset\n/system Answer in one word.\n/frob\n"
-             "/adapter\n/adapter b\n/adapter zzz\n/exit\nnever read\n")
-    p = run("chat", "--max-new-tokens", "16", "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}",
-            home=home, stdin=stdin)
-    for expected in ("/system [TEXT]", "[conversation cleared]", "[system message set; conversation cleared]",
-                     "[unknown command /frob; /help lists them]", "[adapters: a (active), b]", "[adapter b active]",
-                     "[no adapter named 'zzz'; loaded: a, b]"):
+    stdin = (
+        "/help\nWhat is the capital of France?\n/reset\n/system Answer in one word.\n/frob\n"
+        "/adapter\n/adapter b\n/adapter zzz\n/exit\nnever read\n"
+    )
+    p = run(
+        "chat",
+        "--max-new-tokens",
+        "16",
+        "--adapter",
+        f"a={adapters[0]}",
+        "--adapter",
+        f"b={adapters[1]}",
+        home=home,
+        stdin=stdin,
+    )
+    for expected in (
+        "/system [TEXT]",
+        "[conversation cleared]",
+        "[system message set; conversation cleared]",
+        "[unknown command /frob; /help lists them]",
+        "[adapters: a (active), b]",
+        "[adapter b active]",
+        "[no adapter named 'zzz'; loaded: a, b]",
+    ):
         assert expected in p.stdout, expected
     assert p.stderr.count("prompt tokens") == 1
 
@@ -217,9 +303,15 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
 
     env = dict(os.environ, AUTOLM_HOME=str(home))
     # a runner that started us in the background ignores SIGINT, and children inherit that: restore it
-    proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "chat", "--max-new-tokens", "400"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autolm.cli", "chat", "--max-new-tokens", "400"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     proc.stdin.write("Write a very long story about a cat.\nWhat is the capital of France?\n")
     proc.stdin.close()
     first = proc.stdout.read(1)  # the reply has started
@@ -242,6 +334,9 @@ def test_serve_with_an_adapter(home, smol_dir, adapters):
     want = autolm.generate_text(model, tok, "The capital of France is", max_new_tokens=8)
     with running_server([smol_dir, "--adapter", f"mine={adapters[0]}"], wait_s=300) as (base, _):
         assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["mine"]
-        r = httpx.post(base + "/v1/completions", timeout=300, json={
-            "model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+        r = httpx.post(
+            base + "/v1/completions",
+            timeout=300,
+            json={"model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+        )
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want

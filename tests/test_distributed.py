@@ -67,11 +67,30 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                          "--master-addr", "127.0.0.1", "--master-port", str(port), script, *args],
-                         capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            script,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
 
 
@@ -115,34 +134,56 @@ def _with_tokenizer_and_data(checkpoint, tmp_path, name):
     shutil.copytree(checkpoint(name)[0], directory)
     write_char_tokenizer(directory)
     data = tmp_path / "data.jsonl"
-    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" It is {2 * i}."} for i in range(7)]
+    rows = [
+        {"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" It is {2 * i}."} for i in range(7)
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     return directory, str(data)
 
 
-@pytest.mark.parametrize("name,lora,train", [
-    # 7 rows in batches of 3 with 2 micro-batches per step: uneven shares, and ranks with no rows of their own.
-    ("llama_gqa_llama3_sharded", dict(r=4, lora_alpha=8, target_modules="all-linear"),
-     dict(max_steps=3, lr=1e-2, batch_size=3, grad_accum=2, gradient_checkpointing=True)),
-    ("qwen2_tied_bias", dict(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], bias="lora_only"),
-     dict(max_steps=4, lr=1e-2, batch_size=1, grad_accum=1)),
-    ("qwen2_tied_bias", "full", dict(max_steps=3, lr=1e-3, batch_size=4, grad_accum=1)),
-])
+@pytest.mark.parametrize(
+    "name,lora,train",
+    [
+        # 7 rows in batches of 3 with 2 micro-batches per step: uneven shares, and ranks with no rows of their own.
+        (
+            "llama_gqa_llama3_sharded",
+            dict(r=4, lora_alpha=8, target_modules="all-linear"),
+            dict(max_steps=3, lr=1e-2, batch_size=3, grad_accum=2, gradient_checkpointing=True),
+        ),
+        (
+            "qwen2_tied_bias",
+            dict(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], bias="lora_only"),
+            dict(max_steps=4, lr=1e-2, batch_size=1, grad_accum=1),
+        ),
+        ("qwen2_tied_bias", "full", dict(max_steps=3, lr=1e-3, batch_size=4, grad_accum=1)),
+    ],
+)
 def test_fsdp_finetune_equals_one_process(checkpoint, tmp_path, name, lora, train):
     directory, data = _with_tokenizer_and_data(checkpoint, tmp_path, name)
     train = dict(train, progress=False)
     script = tmp_path / "fsdp.py"
     script.write_text(_FSDP)
-    torchrun(str(script), directory, data, str(tmp_path / "fsdp"), json.dumps(lora) if lora != "full" else "full",
-             json.dumps(train))
+    torchrun(
+        str(script),
+        directory,
+        data,
+        str(tmp_path / "fsdp"),
+        json.dumps(lora) if lora != "full" else "full",
+        json.dumps(train),
+    )
 
     torch.manual_seed(0)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     full_numel = sum(p.numel() for p in model.parameters())
     if lora != "full":
         model = get_peft_model(model, LoraConfig(**lora))
-    losses = finetune(model, autolm.AutoTokenizer.from_pretrained(directory), data, str(tmp_path / "one"),
-                      TrainConfig(**train))
+    losses = finetune(
+        model,
+        autolm.AutoTokenizer.from_pretrained(directory),
+        data,
+        str(tmp_path / "one"),
+        TrainConfig(**train),
+    )
 
     weights = "model.safetensors" if lora == "full" else "adapter_model.safetensors"
     want, got = load_file(tmp_path / "one" / weights), load_file(tmp_path / "fsdp" / weights)
@@ -164,12 +205,28 @@ def test_cli_wraps_torchrun_for_finetune_and_generate(checkpoint, tmp_path):
     directory, data = _with_tokenizer_and_data(checkpoint, tmp_path, "qwen2_tied_bias")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cli = [sys.executable, "-m", "autolm.cli"]
-    train = [directory, data, "--max-steps", "3", "--batch-size", "3", "--lr", "1e-2", "--lora-targets", "all-linear"]
+    train = [
+        directory,
+        data,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lora-targets",
+        "all-linear",
+    ]
     outs = {}
     for extra in ([], ["--nproc", "2"]):
         out = str(tmp_path / f"adapter{len(extra)}")
-        r = subprocess.run(cli + ["finetune", *train, "--out", out, *extra], capture_output=True, text=True, env=env,
-                           timeout=300)
+        r = subprocess.run(
+            cli + ["finetune", *train, "--out", out, *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("adapter saved") == 1  # rank 0 alone reports
         outs[len(extra)] = load_file(os.path.join(out, "adapter_model.safetensors"))
@@ -178,8 +235,13 @@ def test_cli_wraps_torchrun_for_finetune_and_generate(checkpoint, tmp_path):
 
     texts = {}
     for extra in ([], ["--tp", "2"]):
-        r = subprocess.run(cli + ["generate", directory, "Hello there", "--max-new-tokens", "12", *extra],
-                           capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            cli + ["generate", directory, "Hello there", "--max-new-tokens", "12", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         texts[len(extra)] = r.stdout
     assert texts[2] == texts[0] and len(texts[0].strip()) > 0

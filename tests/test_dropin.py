@@ -37,8 +37,13 @@ def test_the_seed_articles_first_line(checkpoint):
 
     def user_code(lib):
         model = lib.AutoModelForCausalLM.from_pretrained(
-            directory, torch_dtype=torch.float32, low_cpu_mem_usage=True, device_map="auto",
-            attn_implementation="sdpa", trust_remote_code=True)
+            directory,
+            torch_dtype=torch.float32,
+            low_cpu_mem_usage=True,
+            device_map="auto",
+            attn_implementation="sdpa",
+            trust_remote_code=True,
+        )
         with torch.no_grad():
             return model(IDS).logits
 
@@ -55,8 +60,15 @@ def test_config_overrides_and_config_json_path(checkpoint):
         model = lib.AutoModelForCausalLM.from_pretrained(directory, num_hidden_layers=1)
         with torch.no_grad():
             logits = model(IDS).logits
-        return (a.num_hidden_layers, b.num_hidden_layers, b.architectures, b.use_cache, b.model_type,
-                json.loads(b.to_json_string())["hidden_size"], logits)
+        return (
+            a.num_hidden_layers,
+            b.num_hidden_layers,
+            b.architectures,
+            b.use_cache,
+            b.model_type,
+            json.loads(b.to_json_string())["hidden_size"],
+            logits,
+        )
 
     ref, got = _both(user_code)
     assert got[:6] == ref[:6]
@@ -79,7 +91,9 @@ def test_adapter_folder_loads_its_base_model_with_the_adapter(checkpoint, tmp_pa
 
     directory, _ = checkpoint(NAME)
     base = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(tmp_path / "adapter")
 
     def user_code(lib):
@@ -137,10 +151,15 @@ def test_model_methods(checkpoint):
 
     def user_code(lib):
         model = lib.AutoModelForCausalLM.from_pretrained(directory)
-        facts = [model.num_parameters(), model.num_parameters(exclude_embeddings=True),
-                 model.get_memory_footprint(return_buffers=False),
-                 model.can_generate(), tuple(model.get_output_embeddings().weight.shape), model.name_or_path == directory,
-                 model.config.use_cache]
+        facts = [
+            model.num_parameters(),
+            model.num_parameters(exclude_embeddings=True),
+            model.get_memory_footprint(return_buffers=False),
+            model.can_generate(),
+            tuple(model.get_output_embeddings().weight.shape),
+            model.name_or_path == directory,
+            model.config.use_cache,
+        ]
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
         model.train()
@@ -168,8 +187,15 @@ def test_resize_token_embeddings(checkpoint, tied):
         emb = model.resize_token_embeddings(old.shape[0] + 5, pad_to_multiple_of=8)
         with torch.no_grad():
             logits = model(IDS).logits
-        return (emb.weight.shape[0], model.config.vocab_size, model.get_output_embeddings().weight.shape[0],
-                old, emb.weight.detach(), model.get_output_embeddings().weight.detach(), logits)
+        return (
+            emb.weight.shape[0],
+            model.config.vocab_size,
+            model.get_output_embeddings().weight.shape[0],
+            old,
+            emb.weight.detach(),
+            model.get_output_embeddings().weight.detach(),
+            logits,
+        )
 
     ref, got = _both(user_code)
     assert got[:3] == ref[:3]
@@ -194,13 +220,20 @@ def test_generate_dict_scores_logits_and_transformers_objects(checkpoint):
 
     def user_code(lib):
         model = lib.AutoModelForCausalLM.from_pretrained(directory)
-        gen = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, no_repeat_ngram_size=2,
-                                            eos_token_id=None, pad_token_id=0)
-        out = model.generate(IDS, generation_config=gen, return_dict_in_generate=True, output_scores=True,
-                             output_logits=True,
-                             logits_processor=transformers.LogitsProcessorList(
-                                 [transformers.RepetitionPenaltyLogitsProcessor(1.3)]),
-                             stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]))
+        gen = transformers.GenerationConfig(
+            max_new_tokens=10, do_sample=False, no_repeat_ngram_size=2, eos_token_id=None, pad_token_id=0
+        )
+        out = model.generate(
+            IDS,
+            generation_config=gen,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            logits_processor=transformers.LogitsProcessorList(
+                [transformers.RepetitionPenaltyLogitsProcessor(1.3)]
+            ),
+            stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]),
+        )
         return out.sequences, torch.stack(out.scores), torch.stack(out.logits)
 
     ref, got = _both(user_code)
@@ -219,16 +252,25 @@ def test_peft_names_paths_and_printout(checkpoint, tmp_path):
 
     def user_code(lib_model, lib_peft, out):
         model = lib_model.AutoModelForCausalLM.from_pretrained(directory)
-        config = lib_peft.LoraConfig(task_type=lib_peft.TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0,
-                                     target_modules=["q_proj", "v_proj"])
+        config = lib_peft.LoraConfig(
+            task_type=lib_peft.TaskType.CAUSAL_LM,
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+        )
         pm = lib_peft.get_peft_model(model, config)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             pm.print_trainable_parameters()
         a = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape
         pm.save_pretrained(out)
-        return ([n for n, p in pm.named_parameters() if p.requires_grad], printed.getvalue(), a,
-                set(json.loads((out / "adapter_config.json").read_text())))
+        return (
+            [n for n, p in pm.named_parameters() if p.requires_grad],
+            printed.getvalue(),
+            a,
+            set(json.loads((out / "adapter_config.json").read_text())),
+        )
 
     import transformers
 
@@ -250,16 +292,29 @@ def test_tokenizer_surface(smol_dir, tmp_path):
 
     def user_code(lib):
         tok = lib.AutoTokenizer.from_pretrained(d, use_fast=True)
-        facts = [tok.tokenize("Hello world, how are you?"), tok.convert_tokens_to_ids(["Hello", "Ġworld"]),
-                 tok.convert_ids_to_tokens([19556, 905]), sorted(tok.all_special_tokens), sorted(tok.all_special_ids)]
+        facts = [
+            tok.tokenize("Hello world, how are you?"),
+            tok.convert_tokens_to_ids(["Hello", "Ġworld"]),
+            tok.convert_ids_to_tokens([19556, 905]),
+            sorted(tok.all_special_tokens),
+            sorted(tok.all_special_ids),
+        ]
         enc = tok("Hello world", "second part here", return_offsets_mapping=True, return_token_type_ids=True)
-        facts.append({k: [tuple(x) if isinstance(x, (list, tuple)) else x for x in v] for k, v in enc.items()})
+        facts.append(
+            {k: [tuple(x) if isinstance(x, (list, tuple)) else x for x in v] for k, v in enc.items()}
+        )
         tok.truncation_side = "left"
-        facts.append(dict(tok(["Hello world this is long", "hi"], truncation=True, max_length=3, padding=True)))
-        facts.append(tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<x1>", "<x2>"]}))
+        facts.append(
+            dict(tok(["Hello world this is long", "hi"], truncation=True, max_length=3, padding=True))
+        )
+        facts.append(
+            tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<x1>", "<x2>"]})
+        )
         facts.append(tok.add_tokens(["newword", "hello"]))
         facts += [len(tok), tok.pad_token_id, tok.tokenize("a newword <x1>"), sorted(tok.all_special_tokens)]
-        facts.append(dict(tok(["ab", "abc def ghi"], padding=True, pad_to_multiple_of=8, return_tensors="pt")))
+        facts.append(
+            dict(tok(["ab", "abc def ghi"], padding=True, pad_to_multiple_of=8, return_tensors="pt"))
+        )
         return facts
 
     ref, got = _both(user_code)
@@ -280,8 +335,15 @@ def test_real_peft_wraps_an_autolm_model(checkpoint):
     def user_code(lib):
         model = lib.AutoModelForCausalLM.from_pretrained(directory)
         torch.manual_seed(0)
-        pm = peft.get_peft_model(model, peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=4,
-                                                        target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        pm = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                task_type=peft.TaskType.CAUSAL_LM,
+                r=4,
+                target_modules=["q_proj", "v_proj"],
+                init_lora_weights=False,
+            ),
+        )
         with torch.no_grad():
             return pm(input_ids=IDS).logits, pm.generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
 

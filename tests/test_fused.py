@@ -66,12 +66,19 @@ def test_fp32_fused_step_gives_the_forwards_tokens_and_logits(checkpoint, fused_
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,dtype,quantization", [
-    ("llama_bf16", torch.bfloat16, None), ("qwen3", torch.bfloat16, None),
-    ("llama_gqa_llama3_sharded", None, "int8"), ("llama_gqa_llama3_sharded", None, "int4"),
-    ("qwen2_tied_bias", None, "int8"),
-])
-def test_bf16_and_quantized_fused_step_stays_within_rounding(checkpoint, fused_calls, name, dtype, quantization):
+@pytest.mark.parametrize(
+    "name,dtype,quantization",
+    [
+        ("llama_bf16", torch.bfloat16, None),
+        ("qwen3", torch.bfloat16, None),
+        ("llama_gqa_llama3_sharded", None, "int8"),
+        ("llama_gqa_llama3_sharded", None, "int4"),
+        ("qwen2_tied_bias", None, "int8"),
+    ],
+)
+def test_bf16_and_quantized_fused_step_stays_within_rounding(
+    checkpoint, fused_calls, name, dtype, quantization
+):
     directory, _ = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization=quantization)
     plain_tokens, plain = greedy_steps(model, prompt(), 16, fused=False)
@@ -88,7 +95,12 @@ def real_model_int4(smol_gguf):
     ids = torch.tensor([tok.encode("The history of the Roman empire is long. It began when")])
     reference = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     fed, truth = greedy_steps(reference, ids, 32, fused=False)
-    return ids, fed, truth, autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4")
+    return (
+        ids,
+        fed,
+        truth,
+        autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4"),
+    )
 
 
 def test_real_model_int4_from_gguf_blocks(smol_gguf, fused_calls):
@@ -133,13 +145,16 @@ def test_fused_step_is_invisible(checkpoint, fused_calls, tmp_path):
     assert cache.fused is not None and len(pickle.dumps(copy.deepcopy(cache))) < kv_bytes + 10_000
     torch.save(model, io.BytesIO())
     twin = copy.deepcopy(model)
-    (a, logits_a), (b, logits_b) = greedy_steps(twin, prompt(), 4, fused=True), greedy_steps(model, prompt(), 4, fused=True)
+    (a, logits_a), (b, logits_b) = (
+        greedy_steps(twin, prompt(), 4, fused=True),
+        greedy_steps(model, prompt(), 4, fused=True),
+    )
     assert a == b and torch.equal(logits_a, logits_b)
     # an in-place change to a module's weight reaches the fused matmul
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
-    plain_tokens, plain = greedy_steps(model, prompt(), 6, fused=False)
-    tokens, logits = greedy_steps(model, prompt(), 6, fused=True)
+    _plain_tokens, plain = greedy_steps(model, prompt(), 6, fused=False)
+    _tokens, logits = greedy_steps(model, prompt(), 6, fused=True)
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -151,7 +166,7 @@ def test_replaced_weights_lora_and_hooks_are_seen(checkpoint, fused_calls):
     layer = model.model.layers[1]
     new = {"weight": torch.randn_like(layer.mlp.up_proj.weight)}
     layer.mlp.up_proj.load_state_dict(new, assign=True)
-    plain_tokens, plain = greedy_steps(model, prompt(), 6, fused=False)
+    _, plain = greedy_steps(model, prompt(), 6, fused=False)
     _, logits = greedy_steps(model, prompt(), 6, fused=True)
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
     # LoRA wraps q_proj / v_proj / o_proj: the step calls the wrapped modules
@@ -161,7 +176,7 @@ def test_replaced_weights_lora_and_hooks_are_seen(checkpoint, fused_calls):
             torch.nn.init.normal_(p, std=0.5)
     base = peft.get_base_model()
     fused_calls.clear()
-    plain_tokens, plain = greedy_steps(base, prompt(), 6, fused=False)
+    _plain_tokens, plain = greedy_steps(base, prompt(), 6, fused=False)
     _, logits = greedy_steps(base, prompt(), 6, fused=True)
     assert fused_calls and all(fused_calls)
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
@@ -196,7 +211,9 @@ def test_fusing_again_copies_nothing(checkpoint, quantization):
     from autolm.models.layers import fuse_linears
 
     directory, _ = checkpoint("qwen3")
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, quantization=quantization)
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.bfloat16, quantization=quantization
+    )
     attn = model.model.layers[0].self_attn
     parts = [attn.q_proj, attn.k_proj]  # (int4's packed layout fuses whole blocks of 64 rows: q has 64)
     first = fuse_linears(parts)

@@ -31,19 +31,25 @@ def compiled(model) -> bool:
     return plan is not None and plan.graphs is not None
 
 
-@pytest.mark.parametrize("name,dtype,quantization", [
-    ("mistral_sliding", torch.float32, None),  # GQA, sliding windows of 5 and 6 slots
-    ("qwen3", torch.float32, None),  # q/k norms
-    ("qwen2_tied_bias", None, "int8"),  # q/k/v biases, tied head (int8)
-    ("llama_gqa_llama3_sharded", None, "int4"),  # int4 parts too small to fuse: concatenated in the graph
-])
+@pytest.mark.parametrize(
+    "name,dtype,quantization",
+    [
+        ("mistral_sliding", torch.float32, None),  # GQA, sliding windows of 5 and 6 slots
+        ("qwen3", torch.float32, None),  # q/k norms
+        ("qwen2_tied_bias", None, "int8"),  # q/k/v biases, tied head (int8)
+        ("llama_gqa_llama3_sharded", None, "int4"),  # int4 parts too small to fuse: concatenated in the graph
+    ],
+)
 def test_compiled_step_gives_the_eager_steps_tokens(checkpoint, home, name, dtype, quantization):
     """fp32: the forward's tokens and logits. bf16 and quantized: teacher-forced on the fp32 model's tokens,
     logits within bf16 rounding of the eager step's and no further from the fp32 model's."""
     directory, _ = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization=quantization)
-    truth_model = model if dtype is torch.float32 else autolm.AutoModelForCausalLM.from_pretrained(directory,
-                                                                                                  dtype=torch.float32)
+    truth_model = (
+        model
+        if dtype is torch.float32
+        else autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    )
     fed, truth = greedy_steps(truth_model, prompt(), 24, fused=False)
     plain_tokens, plain = greedy_steps(model, prompt(), 24, fused=False)
     eager_tokens, eager = greedy_steps(model, prompt(), 24, fused=True, forced=None if dtype else fed)
@@ -97,8 +103,8 @@ def test_a_failed_compile_warns_and_keeps_the_eager_step(checkpoint, tmp_path, m
     with caplog.at_level(logging.WARNING, logger="autolm"):
         assert model.precompile_decode() is False
     assert "eager path runs instead" in caplog.text
-    tokens, logits = greedy_steps(model, prompt(), 6, fused=True)
-    plain_tokens, plain = greedy_steps(model, prompt(), 6, fused=False)
+    tokens, _logits = greedy_steps(model, prompt(), 6, fused=True)
+    plain_tokens, _plain = greedy_steps(model, prompt(), 6, fused=False)
     assert tokens == plain_tokens and not compiled(model)
     assert not (tmp_path / "compiled").exists() or not os.listdir(tmp_path / "compiled")
 

@@ -40,9 +40,11 @@ def test_beam_search_equals_transformers(checkpoint):
     directory, ref = checkpoint("llama_gqa_llama3_sharded")
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
     ids, mask = padded_batch(seed=9, lengths=(9, 5))
-    for kw in (dict(num_beams=3, max_new_tokens=16, eos_token_id=None),
-               dict(num_beams=3, max_new_tokens=16, eos_token_id=5, length_penalty=0.7, num_return_sequences=2),
-               dict(num_beams=4, max_new_tokens=10, eos_token_id=[5, 9], early_stopping=True, pad_token_id=0)):
+    for kw in (
+        dict(num_beams=3, max_new_tokens=16, eos_token_id=None),
+        dict(num_beams=3, max_new_tokens=16, eos_token_id=5, length_penalty=0.7, num_return_sequences=2),
+        dict(num_beams=4, max_new_tokens=10, eos_token_id=[5, 9], early_stopping=True, pad_token_id=0),
+    ):
         out = model.generate(ids, attention_mask=mask, **kw)
         expected = ref.generate(ids, attention_mask=mask, do_sample=False, **kw)
         assert torch.equal(out, expected), kw
@@ -90,13 +92,26 @@ def test_processors_are_applied_in_generate(checkpoint):
     greedy = model.generate(ids, max_new_tokens=1, eos_token_id=None)[0, -1]
     # top_k=1 sampling must always give the greedy token, whatever the seed.
     for seed in range(5):
-        assert model.generate(ids, do_sample=True, top_k=1, seed=seed, max_new_tokens=1, eos_token_id=None)[0, -1] == greedy
+        assert (
+            model.generate(ids, do_sample=True, top_k=1, seed=seed, max_new_tokens=1, eos_token_id=None)[
+                0, -1
+            ]
+            == greedy
+        )
     # min_p=1.0 keeps only the most likely token: the same.
-    assert model.generate(ids, do_sample=True, top_k=0, min_p=1.0, seed=0, max_new_tokens=1,
-                          eos_token_id=None)[0, -1] == greedy
+    assert (
+        model.generate(ids, do_sample=True, top_k=0, min_p=1.0, seed=0, max_new_tokens=1, eos_token_id=None)[
+            0, -1
+        ]
+        == greedy
+    )
     # A tiny top_p keeps only the top token too.
-    assert model.generate(ids, do_sample=True, top_k=0, top_p=1e-6, seed=0, max_new_tokens=1,
-                          eos_token_id=None)[0, -1] == greedy
+    assert (
+        model.generate(ids, do_sample=True, top_k=0, top_p=1e-6, seed=0, max_new_tokens=1, eos_token_id=None)[
+            0, -1
+        ]
+        == greedy
+    )
     # A huge repetition penalty forbids repeating prompt tokens in greedy decoding.
     out = model.generate(ids, repetition_penalty=1e6, max_new_tokens=8, eos_token_id=None)
     assert not set(out[0, 4:].tolist()) & set(ids[0].tolist())
@@ -142,8 +157,12 @@ def test_decode_step_equals_forward(checkpoint, name):
         for t in range(tokens.shape[1]):
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             pos = pos + 1
-            want = model(tokens[:, t: t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[0]).logits
-            got = stepper(tokens[:, t: t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[1]).logits
+            want = model(
+                tokens[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[0]
+            ).logits
+            got = stepper(
+                tokens[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=caches[1]
+            ).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert caches[1].length == P + tokens.shape[1]
 
@@ -162,8 +181,10 @@ def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
     assert torch.equal(model.generate(ids[:1], **kw), want[:1])
     assert torch.equal(model.generate(ids, attention_mask=mask, num_beams=3, **kw), beams)
     # With a LoRA adapter (a PeftModel compiles its base model, LoRA layers inside).
-    peft_model = autolm.get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                       autolm.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    peft_model = autolm.get_peft_model(
+        autolm.AutoModelForCausalLM.from_pretrained(directory),
+        autolm.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    )
     for p in peft_model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter changes the tokens
@@ -174,7 +195,8 @@ def test_compiled_decode_gives_the_eager_tokens(checkpoint, name):
 
 def test_compile_decode_refuses_a_model_spread_over_devices(checkpoint, tmp_path):
     directory, _ = checkpoint("llama_gqa_llama3_sharded")
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, device_map={"model.layers.1": "disk", "": "cpu"},
-                                                        offload_folder=str(tmp_path))
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        directory, device_map={"model.layers.1": "disk", "": "cpu"}, offload_folder=str(tmp_path)
+    )
     with pytest.raises(GenerationError, match="one device.*cpu, disk"):
         autolm.compile_decode(model)

@@ -23,8 +23,16 @@ def _ids():
 def test_no_parameter_is_randomly_initialised(checkpoint, monkeypatch):
     directory, _ = checkpoint("qwen2_tied_bias")
     calls = []
-    for fn in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "trunc_normal_",
-               "zeros_", "ones_"):
+    for fn in (
+        "normal_",
+        "uniform_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "trunc_normal_",
+        "zeros_",
+        "ones_",
+    ):
         monkeypatch.setattr(torch.nn.init, fn, lambda t, *a, _fn=fn, **k: calls.append((_fn, t.device.type)))
     for fn in ("normal_", "uniform_", "random_", "bernoulli_"):
         monkeypatch.setattr(torch.Tensor, fn, lambda t, *a, _fn=fn, **k: calls.append((_fn, t.device.type)))
@@ -173,7 +181,7 @@ def test_register_a_new_family(checkpoint, tmp_path):
         pass
 
     register("my-llama", MyConfig, MyModel)
-    directory, ref = checkpoint("llama_gqa_llama3_sharded")
+    directory, _ref = checkpoint("llama_gqa_llama3_sharded")
     shutil.copytree(directory, tmp_path / "m")
     cfg_path = tmp_path / "m" / "config.json"
     d = json.loads(cfg_path.read_text())
@@ -213,7 +221,13 @@ def test_keep_freed_memory_stops_page_faults_per_op():
 
     if not keep_freed_memory():
         pytest.skip("not glibc")
-    runs = {arg: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, arg], capture_output=True, text=True,
-                                    check=True).stdout) for arg in ("-", "tuned")}
+    runs = {
+        arg: int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_SCRIPT, arg], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for arg in ("-", "tuned")
+    }
     assert runs["-"] > 5000, runs  # ~10,000 faults per forward by default
     assert runs["tuned"] < runs["-"] / 10, runs

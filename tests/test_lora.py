@@ -40,11 +40,19 @@ def _peft_adapter(checkpoint, tmp_path, **lora_kwargs):
     return directory, str(tmp_path / "adapter"), ids, mask, logits
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    dict(r=3, lora_alpha=5, target_modules="all-linear", use_rslora=True),
-    dict(r=2, lora_alpha=4, target_modules=r".*\.layers\.1\.self_attn\.(k|o)_proj", modules_to_save=["lm_head"]),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(r=3, lora_alpha=5, target_modules="all-linear", use_rslora=True),
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=r".*\.layers\.1\.self_attn\.(k|o)_proj",
+            modules_to_save=["lm_head"],
+        ),
+    ],
+)
 def test_peft_adapter_loads_with_peft_logits(checkpoint, tmp_path, kwargs):
     directory, adapter, ids, mask, expected = _peft_adapter(checkpoint, tmp_path, **kwargs)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
@@ -62,7 +70,9 @@ def test_autolm_adapter_loads_in_peft_with_equal_logits(checkpoint, tmp_path):
 
     directory, _ = checkpoint(NAME)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"], lora_dropout=0.1))
+    pm = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"], lora_dropout=0.1)
+    )
     _randomize_lora(pm, seed=3)
     pm.eval()
     pm.save_pretrained(tmp_path / "ours")
@@ -97,7 +107,9 @@ def test_merge_unmerge_and_merge_and_unload(checkpoint):
         pm.unmerge_adapter()
         for name, layer in pm.get_base_model().named_modules():
             if hasattr(layer, "base_layer"):
-                torch.testing.assert_close(layer.base_layer.weight, before[f"{name}.weight"], atol=1e-6, rtol=0)
+                torch.testing.assert_close(
+                    layer.base_layer.weight, before[f"{name}.weight"], atol=1e-6, rtol=0
+                )
         torch.testing.assert_close(pm(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
         merged = pm.merge_and_unload()
     assert not any("lora" in k for k in merged.state_dict())
@@ -115,8 +127,9 @@ def test_several_named_adapters(checkpoint, tmp_path):
     assert os.path.isfile(tmp_path / "a" / "a" / "adapter_model.safetensors")
     with torch.no_grad():
         out_a = pm(ids).logits
-    pm2 = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                         LoraConfig(r=2, target_modules=["v_proj"]))
+    pm2 = get_peft_model(
+        autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(r=2, target_modules=["v_proj"])
+    )
     _randomize_lora(pm2, seed=2)
     pm2.save_pretrained(tmp_path / "b")
     with torch.no_grad():
@@ -150,7 +163,9 @@ def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
     with pytest.raises(AdapterError, match="shape"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(other), adapter)
     with pytest.raises(AdapterError, match="match no Linear layer"):
-        get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules=["wq"]))
+        get_peft_model(
+            autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules=["wq"])
+        )
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     cfg["target_modules"] = ["k_proj"]  # the weights are for q_proj
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
@@ -162,19 +177,40 @@ def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):
     from autolm.train import TrainConfig, finetune
 
     data = tmp_path / "data.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is the secret word number {i}?"},
-                          {"role": "assistant", "content": "The secret word is pineapple."}]} for i in range(4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is the secret word number {i}?"},
+                {"role": "assistant", "content": "The secret word is pineapple."},
+            ]
+        }
+        for i in range(4)
+    ]
     rows.append({"prompt": "Say the secret word:", "completion": " pineapple"})
     data.write_text("\n".join(json.dumps(r) for r in rows))
     model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir)
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # The last layers only: backward stops there, which keeps the test fast on a CPU.
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          layers_to_transform=[26, 27, 28, 29]))
+    pm = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            layers_to_transform=[26, 27, 28, 29],
+        ),
+    )
     lora_before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
-    cfg = TrainConfig(max_steps=8, lr=5e-3, batch_size=5, grad_accum=1, gradient_checkpointing=True,
-                      save_every=4, progress=False)
+    cfg = TrainConfig(
+        max_steps=8,
+        lr=5e-3,
+        batch_size=5,
+        grad_accum=1,
+        gradient_checkpointing=True,
+        save_every=4,
+        progress=False,
+    )
     losses = finetune(pm, tok, str(data), str(tmp_path / "adapter"), cfg)
     assert losses[-1] < 0.5 * losses[0], losses
     for n, p in pm.named_parameters():
@@ -187,11 +223,16 @@ def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "adapter" / "checkpoint-4" / "adapter_model.safetensors")
     # Generation works on the un-merged model and has learnt the answer.
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the secret word number 9?"}],
-                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the secret word number 9?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )["input_ids"]
     out = pm.generate(ids, max_new_tokens=10)
-    assert "pineapple" in tok.decode(out[0, ids.shape[1]:])
+    assert "pineapple" in tok.decode(out[0, ids.shape[1] :])
     # The saved adapter reloads onto a fresh base with the same logits.
-    again = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), str(tmp_path / "adapter"))
+    again = PeftModel.from_pretrained(
+        autolm.AutoModelForCausalLM.from_pretrained(smol_dir), str(tmp_path / "adapter")
+    )
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)

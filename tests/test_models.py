@@ -78,10 +78,14 @@ def test_left_and_right_padding_equal_unpadded(checkpoint):
     ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         alone = model(ids).logits[0]
-        left = model(torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1),
-                     attention_mask=torch.tensor([[0] * 4 + [1] * 9])).logits[0, 4:]
-        right = model(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
-                      attention_mask=torch.tensor([[1] * 9 + [0] * 4])).logits[0, :9]
+        left = model(
+            torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1),
+            attention_mask=torch.tensor([[0] * 4 + [1] * 9]),
+        ).logits[0, 4:]
+        right = model(
+            torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+            attention_mask=torch.tensor([[1] * 9 + [0] * 4]),
+        ).logits[0, :9]
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
 
@@ -106,7 +110,9 @@ def test_incremental_decode_equals_full_forward(checkpoint):
         out = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
         steps = [out.logits]
         for t in range(5, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+            steps.append(
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits
+            )
     assert_real_tokens_close(torch.cat(steps, 1), full, mask, 1e-5)
 
 
@@ -157,7 +163,8 @@ def test_blocked_attention_equals_sdpa(masked):
         allowed = allowed & (kpos > qpos - 7)[None, None] & pad[:, None, None, :]
         allowed = allowed | (kpos == qpos)[None, None]
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1), attn_mask=allowed)
+        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1), attn_mask=allowed
+    )
     for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         out = blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), allowed if masked else None, block=5)
         out = out.transpose(1, 2)  # it returns (B, T, nh, hd), the layout o_proj reads

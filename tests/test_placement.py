@@ -21,18 +21,25 @@ def _weight_bytes(model, dtype) -> int:
     return sum(p.numel() * dtype.itemsize for p in {id(p): p for p in model.parameters()}.values())
 
 
-@pytest.mark.parametrize("name,dtype", [
-    ("llama_gqa_llama3_sharded", torch.float32),  # safetensors in the right dtype: read from the checkpoint
-    ("llama_gqa_llama3_sharded", torch.bfloat16),  # cast: copies written to the offload folder
-    ("qwen2_tied_bias", torch.float32),  # tied LM head follows the embeddings
-])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        (
+            "llama_gqa_llama3_sharded",
+            torch.float32,
+        ),  # safetensors in the right dtype: read from the checkpoint
+        ("llama_gqa_llama3_sharded", torch.bfloat16),  # cast: copies written to the offload folder
+        ("qwen2_tied_bias", torch.float32),  # tied LM head follows the embeddings
+    ],
+)
 def test_disk_offload_gives_the_same_logits_and_tokens(checkpoint, tmp_path, name, dtype):
     directory, _ = checkpoint(name)
     full = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     half = _weight_bytes(full, dtype) // 2
     offload = tmp_path / "offload"
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map="auto",
-                                                        max_memory={"cpu": half, "disk": 0}, offload_folder=offload)
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, device_map="auto", max_memory={"cpu": half, "disk": 0}, offload_folder=offload
+    )
     dmap = model.hf_device_map
     assert "disk" in dmap.values() and "cpu" in dmap.values()
     on_cpu = sum(size for block, size in blocks(model) if dmap[block] == "cpu")
@@ -56,8 +63,11 @@ def test_disk_offload_gives_the_same_logits_and_tokens(checkpoint, tmp_path, nam
 
 
 def test_planner_spreads_layers_over_gpus_from_sizes():
-    units = [("model.embed_tokens", 40)] + [(f"model.layers.{i}", 10) for i in range(8)] + [
-        ("model.norm", 1), ("lm_head", 40)]
+    units = (
+        [("model.embed_tokens", 40)]
+        + [(f"model.layers.{i}", 10) for i in range(8)]
+        + [("model.norm", 1), ("lm_head", 40)]
+    )
     seq = plan(units, {"cuda:0": 100, "cuda:1": 100, "cpu": 1000}, "sequential")
     assert [seq[f"model.layers.{i}"] for i in range(8)] == ["cuda:0"] * 6 + ["cuda:1"] * 2
     assert seq["lm_head"] == "cuda:1"
@@ -93,8 +103,9 @@ def test_device_map_dicts_are_checked(checkpoint):
 def test_disk_without_offload_folder_is_an_error_when_a_copy_is_needed(checkpoint):
     directory, _ = checkpoint("llama_gqa_llama3_sharded")
     with pytest.raises(ConfigError, match="offload_folder"):
-        autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
-                                                    device_map={"model.layers": "disk", "": "cpu"})
+        autolm.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.bfloat16, device_map={"model.layers": "disk", "": "cpu"}
+        )
 
 
 _PEAK = textwrap.dedent("""
@@ -118,8 +129,14 @@ _PEAK = textwrap.dedent("""
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
 def test_peak_rss_of_loading(tmp_path):
     """Own dtype: about the weight bytes (zero-copy). Converting or quantizing: below the result + largest shard."""
-    cfg = autolm.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                             num_attention_heads=8, num_key_value_heads=4)
+    cfg = autolm.LlamaConfig(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = autolm.AutoModelForCausalLM.from_config(cfg)
     directory = tmp_path / "ckpt"
     model.save_pretrained(directory, max_shard_size="40MB")
@@ -133,8 +150,12 @@ def test_peak_rss_of_loading(tmp_path):
         """The smaller of two runs' peaks: a one-off allocation elsewhere in a process can add ~8 MB."""
         runs = []
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", _PEAK, str(directory), *args], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", _PEAK, str(directory), *args],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append((r["peak"] - r["before"], r["weights"]))
         return min(runs)

@@ -25,7 +25,11 @@ def test_kernel_matches_dequantized_weights(bits):
         lin.weight.copy_(w)
     model = torch.nn.Sequential()
     model.add_module("l", lin)
-    q = Int8Linear(128, 96, True, torch.float32) if bits == 8 else Int4Linear(128, 96, True, torch.float32, 32)
+    q = (
+        Int8Linear(128, 96, True, torch.float32)
+        if bits == 8
+        else Int4Linear(128, 96, True, torch.float32, 32)
+    )
     parts = Int8Linear.quantize(w, torch.float32) if bits == 8 else Int4Linear.quantize(w, 32)
     q.load_state_dict({**parts, "bias": lin.bias.detach()})
     deq = q.dequantize()
@@ -62,11 +66,16 @@ def test_perplexity_of_smollm2_rises_little(smol_dir):
     assert int4 <= base * 1.05, (base, int4)
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("llama_gqa_llama3_sharded", "int8"), ("llama_gqa_llama3_sharded", "int4"), ("qwen3", "int4"),
-    ("llama_gqa_llama3_sharded", QuantConfig(bits=4, group_size=32, lm_head=True)),
-    ("qwen2_tied_bias", QuantConfig(bits=8, lm_head=True)),  # a quantized copy of the tied embeddings
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("llama_gqa_llama3_sharded", "int8"),
+        ("llama_gqa_llama3_sharded", "int4"),
+        ("qwen3", "int4"),
+        ("llama_gqa_llama3_sharded", QuantConfig(bits=4, group_size=32, lm_head=True)),
+        ("qwen2_tied_bias", QuantConfig(bits=8, lm_head=True)),  # a quantized copy of the tied embeddings
+    ],
+)
 def test_saved_quantized_model_loads_with_identical_logits(checkpoint, tmp_path, name, cfg):
     directory, ref = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, quantization=cfg)
@@ -90,12 +99,16 @@ def test_saved_quantized_model_loads_with_identical_logits(checkpoint, tmp_path,
         again = back(ids, attention_mask=mask, position_ids=positions(mask)).logits
     assert torch.equal(out, again)
     with pytest.raises(ConfigError, match="already quantized"):
-        autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization=QuantConfig(bits=8, group_size=64))
+        autolm.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "q", quantization=QuantConfig(bits=8, group_size=64)
+        )
 
 
 def test_quantize_a_loaded_model_equals_quantizing_while_loading(checkpoint):
     directory, _ = checkpoint("llama_gqa_llama3_sharded")
-    streamed = autolm.AutoModelForCausalLM.from_pretrained(directory, quantization="int4", dtype=torch.float32)
+    streamed = autolm.AutoModelForCausalLM.from_pretrained(
+        directory, quantization="int4", dtype=torch.float32
+    )
     later = quantize(autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), "int4")
     ids = padded_batch()[0]
     with torch.no_grad():
@@ -107,7 +120,10 @@ def test_quantize_a_loaded_model_equals_quantizing_while_loading(checkpoint):
 def test_quantized_greedy_generation_on_smollm2_answers(smol_dir):
     model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir, quantization="int4")
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     text = autolm.generate_text(model, tok, prompt, max_new_tokens=12)
     assert "Paris" in text

@@ -19,7 +19,15 @@ import pytest
 import torch
 
 import autolm
-from autolm.errors import AdapterError, AutolmError, CheckpointError, ConfigError, GenerationError, GGUFError, TokenizerError
+from autolm.errors import (
+    AdapterError,
+    AutolmError,
+    CheckpointError,
+    ConfigError,
+    GenerationError,
+    GGUFError,
+    TokenizerError,
+)
 from autolm.lora import LoraConfig, PeftModel, get_peft_model
 
 NAME = "qwen2_tied_bias"
@@ -44,8 +52,10 @@ def _edit_config(d, **change):
 
 
 def _saved_adapter(model_dir, tmp_path, **kw):
-    pm = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(model_dir),
-                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw))
+    pm = get_peft_model(
+        autolm.AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw),
+    )
     pm.save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter"
 
@@ -93,13 +103,23 @@ def test_save_keeps_user_files_and_follows_a_symlinked_folder(model_dir, tmp_pat
     model.save_pretrained(link)  # the shards of the first save are autolm's own: replaced, not kept
     assert link.is_symlink() and os.path.realpath(link) == str(real)
     names = sorted(os.listdir(real))
-    assert names == sorted(["config.json", "generation_config.json", "model.safetensors", "model-card.md",
-                            "model.safetensors.sha256", "pytorch_model_notes.txt"])
+    assert names == sorted(
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "model-card.md",
+            "model.safetensors.sha256",
+            "pytorch_model_notes.txt",
+        ]
+    )
     assert (real / "model-card.md").read_text() == "model-card.md"
     assert sorted(os.listdir(tmp_path)) == ["link", "m", "real"]
 
 
-def test_save_onto_a_file_or_a_full_disk_is_an_autolm_error_with_nothing_left(model_dir, tmp_path, monkeypatch):
+def test_save_onto_a_file_or_a_full_disk_is_an_autolm_error_with_nothing_left(
+    model_dir, tmp_path, monkeypatch
+):
     import autolm.saving as saving
 
     model = autolm.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -160,8 +180,12 @@ def test_kill_during_save_keeps_the_previous_model(model_dir, tmp_path):
     (target / "notes.md").write_text("mine")
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(model_dir), str(target)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model_dir), str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rng = random.Random(0)
     seen = set()
     try:
@@ -189,16 +213,30 @@ def test_kill_during_save_keeps_the_previous_model(model_dir, tmp_path):
 # ---- 3. config types ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-    ({"rms_norm_eps": True}, "rms_norm_eps"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
-    ({"max_position_embeddings": float("inf")}, "max_position_embeddings"),
-    ({"num_attention_heads": 4.0}, "num_attention_heads"),
-    ({"attention_bias": 1}, "attention_bias"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, "low_freq_factor"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ({"rms_norm_eps": True}, "rms_norm_eps"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"max_position_embeddings": float("inf")}, "max_position_embeddings"),
+        ({"num_attention_heads": 4.0}, "num_attention_heads"),
+        ({"attention_bias": 1}, "attention_bias"),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 1e4,
+                    "factor": 8.0,
+                    "low_freq_factor": 0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+            "low_freq_factor",
+        ),
+    ],
+)
 def test_config_values_are_type_checked(model_dir, change, message):
     _edit_config(model_dir, **change)
     with pytest.raises(ConfigError, match=message) as e:
@@ -209,8 +247,15 @@ def test_config_values_are_type_checked(model_dir, change, message):
 # ---- 4. resource bombs are refused before the work -------------------------------------------------
 
 
-@pytest.mark.parametrize("change", [{"num_hidden_layers": 100000}, {"num_hidden_layers": 10**9},
-                                    {"num_hidden_layers": 3}, {"vocab_size": 10**12}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_hidden_layers": 100000},
+        {"num_hidden_layers": 10**9},
+        {"num_hidden_layers": 3},
+        {"vocab_size": 10**12},
+    ],
+)
 def test_config_that_does_not_match_the_checkpoint_is_refused_before_building(model_dir, change):
     _edit_config(model_dir, layer_types=None, **change)
     with pytest.raises(ConfigError, match=next(iter(change))):
@@ -257,13 +302,19 @@ def test_gguf_counts_are_bounded_by_the_file_size(tmp_path, bomb):
         autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="bomb.gguf")
 
 
-@pytest.mark.parametrize("template,message", [
-    ("{{ 'x' * 10**11 }}", "longer than"),
-    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "range"),
-    ("{% for x in 'a' * 5000 %}{% for y in 'b' * 5000 %}{{ x }}{{ y }}{% endfor %}{% endfor %}", "output exceeds"),
-    ("{{ 'x' | center(10**11) }}", "width"),
-    ("{{ 2 ** 100000 }}", "power"),
-])
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("{{ 'x' * 10**11 }}", "longer than"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "range"),
+        (
+            "{% for x in 'a' * 5000 %}{% for y in 'b' * 5000 %}{{ x }}{{ y }}{% endfor %}{% endfor %}",
+            "output exceeds",
+        ),
+        ("{{ 'x' | center(10**11) }}", "width"),
+        ("{{ 2 ** 100000 }}", "power"),
+    ],
+)
 def test_chat_template_bombs_stop_at_limits(template, message):
     from autolm.chat_template import render_chat_template
 
@@ -274,15 +325,18 @@ def test_chat_template_bombs_stop_at_limits(template, message):
 # ---- 5. every error a file causes is autolm's own ---------------------------------------------------
 
 
-@pytest.mark.parametrize("template", [
-    "{{ messages[0]['content'] + 1 }}",            # TypeError
-    "{{ (messages | first).nope.deeper }}",        # UndefinedError
-    "{{ {}['x'] | int + [][3] }}",                 # IndexError / Undefined
-    "{{ 1 / 0 }}",                                 # ZeroDivisionError
-    "{{ '%d' % 'x' }}",                            # TypeError inside the sandbox's format
-    "{% if %}",                                    # syntax error
-    "{{ messages.__class__.__mro__ }}",            # the sandbox refuses
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages[0]['content'] + 1 }}",  # TypeError
+        "{{ (messages | first).nope.deeper }}",  # UndefinedError
+        "{{ {}['x'] | int + [][3] }}",  # IndexError / Undefined
+        "{{ 1 / 0 }}",  # ZeroDivisionError
+        "{{ '%d' % 'x' }}",  # TypeError inside the sandbox's format
+        "{% if %}",  # syntax error
+        "{{ messages.__class__.__mro__ }}",  # the sandbox refuses
+    ],
+)
 def test_chat_template_failures_are_tokenizer_errors(template):
     from autolm.chat_template import render_chat_template
 
@@ -291,7 +345,7 @@ def test_chat_template_failures_are_tokenizer_errors(template):
 
 
 def test_deeply_nested_json_is_an_autolm_error(model_dir):
-    header = b"{\"a\":" * 50000 + b"1" + b"}" * 50000
+    header = b'{"a":' * 50000 + b"1" + b"}" * 50000
     (model_dir / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         autolm.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -315,8 +369,11 @@ def test_generation_config_with_a_string_token_id(model_dir):
 
 
 def test_gguf_with_a_string_token_id(tmp_path):
-    kv = [("general.architecture", 8, _s("llama")), ("llama.block_count", 4, struct.pack("<I", 2)),
-          ("tokenizer.ggml.bos_token_id", 8, _s("1"))]
+    kv = [
+        ("general.architecture", 8, _s("llama")),
+        ("llama.block_count", 4, struct.pack("<I", 2)),
+        ("tokenizer.ggml.bos_token_id", 8, _s("1")),
+    ]
     _gguf(tmp_path / "bad.gguf", kv)
     with pytest.raises(GGUFError, match="bos_token_id must be an integer"):
         autolm.AutoConfig.from_pretrained(tmp_path, gguf_file="bad.gguf")
@@ -329,8 +386,10 @@ def test_deflate_compressed_bin_loads_the_right_values(checkpoint, tmp_path):
     directory, ref = checkpoint(NAME)
     shutil.copy(os.path.join(directory, "config.json"), tmp_path)
     torch.save(ref.state_dict(), tmp_path / "plain.bin")
-    with zipfile.ZipFile(tmp_path / "plain.bin") as zin, \
-            zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as zout:
+    with (
+        zipfile.ZipFile(tmp_path / "plain.bin") as zin,
+        zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as zout,
+    ):
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
     os.remove(tmp_path / "plain.bin")

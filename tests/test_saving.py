@@ -16,12 +16,15 @@ def _ids():
     return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name,dtype,shard", [
-    ("llama_gqa_llama3_sharded", torch.float32, "30KB"),
-    ("qwen2_tied_bias", torch.float32, "5GB"),
-    ("qwen2_tied_bias", torch.bfloat16, "20KB"),
-    ("mistral_sliding", torch.bfloat16, "5GB"),
-])
+@pytest.mark.parametrize(
+    "name,dtype,shard",
+    [
+        ("llama_gqa_llama3_sharded", torch.float32, "30KB"),
+        ("qwen2_tied_bias", torch.float32, "5GB"),
+        ("qwen2_tied_bias", torch.bfloat16, "20KB"),
+        ("mistral_sliding", torch.bfloat16, "5GB"),
+    ],
+)
 def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, name, dtype, shard):
     directory, _ = checkpoint(name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -36,7 +39,8 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
         shards = sorted(set(index["weight_map"].values()))
         assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
         assert index["metadata"]["total_size"] == sum(
-            p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+            p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+        )
     if model.config.tie_word_embeddings:
         from autolm.sources import CheckpointSource
 
@@ -51,7 +55,9 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
         torch.testing.assert_close(ref(_ids()).logits, model(_ids()).logits, atol=1e-5, rtol=1e-5)
     # transformers' static-cache generation reads more of the config (a null layer_types once broke it).
     kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
-    assert torch.equal(ref.generate(_ids(), cache_implementation="static", **kw), model.generate(_ids(), **kw))
+    assert torch.equal(
+        ref.generate(_ids(), cache_implementation="static", **kw), model.generate(_ids(), **kw)
+    )
 
 
 def test_unknown_config_keys_survive_a_save(checkpoint, tmp_path):
@@ -91,7 +97,9 @@ def test_interrupted_save_leaves_previous_model_intact(checkpoint, tmp_path, mon
     monkeypatch.setattr(saving, "save_file", real)
     model.save_pretrained(target, max_shard_size="5GB")  # a later good save replaces it, keeps README.md
     assert (target / "README.md").read_text() == "my notes"
-    assert "model.safetensors" in os.listdir(target) and "model.safetensors.index.json" not in os.listdir(target)
+    assert "model.safetensors" in os.listdir(target) and "model.safetensors.index.json" not in os.listdir(
+        target
+    )
 
 
 def test_merged_lora_model_saves_as_plain_checkpoint(checkpoint, tmp_path):

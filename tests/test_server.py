@@ -17,7 +17,12 @@ import autolm
 
 KEY = "sk-test-key"
 NAME = "smollm2"
-QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+]
 
 
 @contextlib.contextmanager
@@ -34,7 +39,11 @@ def serving(directory: str, *extra: str, key: str | None = KEY):
 def served(smol_dir):
     """(base_url, model, tokenizer): `autolm serve` running in its own process, and the same model here."""
     with serving(smol_dir, "--max-batch", "8") as base:
-        yield base, autolm.AutoModelForCausalLM.from_pretrained(smol_dir), autolm.AutoTokenizer.from_pretrained(smol_dir)
+        yield (
+            base,
+            autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
+            autolm.AutoTokenizer.from_pretrained(smol_dir),
+        )
 
 
 def _health(base: str) -> dict:
@@ -47,8 +56,9 @@ def client(served):
 
 
 def _reference(model, tok, question: str, max_new_tokens: int) -> str:
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                     tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     return autolm.generate_text(model, tok, prompt, max_new_tokens=max_new_tokens)
 
 
@@ -59,22 +69,33 @@ def test_models_and_health(served, client):
 
 def test_chat_completion_matches_generate(served, client):
     _, model, tok = served
-    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
-                                       max_tokens=16, temperature=0)
+    r = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=16, temperature=0
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.created > 0
     choice = r.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == _reference(model, tok, QUESTIONS[0], 16)
     assert "Paris" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    assert r.usage.prompt_tokens > 5 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert (
+        r.usage.prompt_tokens > 5
+        and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    )
 
 
 def test_streamed_chat_with_usage(served, client):
     _, model, tok = served
-    chunks = list(client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=12, temperature=0,
-        stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == _reference(model, tok, QUESTIONS[0], 12)
@@ -87,19 +108,37 @@ def test_streamed_chat_with_usage(served, client):
 
 
 def test_completions_stop_sequences_and_n(served, client):
-    _, model, tok = served
-    full = client.completions.create(model=NAME, prompt="The days of the week are Monday, Tuesday,",
-                                     max_tokens=20, temperature=0)
+    _, _model, _tok = served
+    full = client.completions.create(
+        model=NAME, prompt="The days of the week are Monday, Tuesday,", max_tokens=20, temperature=0
+    )
     assert full.object == "text_completion" and "Thursday" in full.choices[0].text
-    cut = client.completions.create(model=NAME, prompt="The days of the week are Monday, Tuesday,",
-                                    max_tokens=20, temperature=0, stop=["Thursday"])
+    cut = client.completions.create(
+        model=NAME,
+        prompt="The days of the week are Monday, Tuesday,",
+        max_tokens=20,
+        temperature=0,
+        stop=["Thursday"],
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full.choices[0].text.split("Thursday")[0]
-    two = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a word."}],
-                                         max_tokens=8, n=2, temperature=1.0, seed=3)
+    two = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Tell me a word."}],
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=3,
+    )
     assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
-    again = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a word."}],
-                                           max_tokens=8, n=2, temperature=1.0, seed=3)
+    again = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Tell me a word."}],
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=3,
+    )
     assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]  # seeded
 
 
@@ -121,7 +160,9 @@ def test_errors_are_openai_error_bodies(served, client):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=NAME, messages=[])
-    r = httpx.post(base + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        base + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
@@ -132,8 +173,13 @@ def test_32_concurrent_streams_get_the_reference_text(served, client):
     want = {q: _reference(model, tok, q, n_tokens) for q in QUESTIONS}
 
     def stream(q: str) -> tuple[str, str]:
-        parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}],
-                                               max_tokens=n_tokens, temperature=0, stream=True)
+        parts = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": q}],
+            max_tokens=n_tokens,
+            temperature=0,
+            stream=True,
+        )
         return q, "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
@@ -147,16 +193,26 @@ def test_a_client_that_disconnects_does_not_disturb_the_others(served, client):
     result = {}
 
     def steady():
-        parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}],
-                                               max_tokens=24, temperature=0, stream=True)
+        parts = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": QUESTIONS[1]}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
         result["text"] = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
 
     other = threading.Thread(target=steady)
     other.start()
-    body = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200,
-            "stream": True}
-    with httpx.stream("POST", base + "/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", base + "/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break  # hang up mid-stream
@@ -174,13 +230,20 @@ def test_compiled_decode_serves_the_same_completions(checkpoint, tmp_path):
     directory = str(tmp_path / "tiny")
     shutil.copytree(checkpoint("llama_gqa_llama3_sharded")[0], directory)
     write_char_tokenizer(directory)
-    model, tok = autolm.AutoModelForCausalLM.from_pretrained(directory), autolm.AutoTokenizer.from_pretrained(directory)
+    model, tok = (
+        autolm.AutoModelForCausalLM.from_pretrained(directory),
+        autolm.AutoTokenizer.from_pretrained(directory),
+    )
     prompts = ["Hello there", "A tiny model", "Once upon a time", "xyz"]
     with serving(directory, "--compile", "--max-batch", "4") as base:
         client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
 
         def complete(prompt: str) -> str:
-            return client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+            return (
+                client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+                .choices[0]
+                .text
+            )
 
         first = complete(prompts[0])  # compiles for one row
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

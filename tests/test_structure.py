@@ -60,7 +60,7 @@ def test_imports_have_no_cycle():
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n)
         stack.pop()
@@ -77,8 +77,11 @@ def test_no_module_over_400_lines_and_no_oracle_imports():
         text = open(path).read()
         assert text.count("\n") <= 400, f"{mod} has {text.count(chr(10))} lines"
         for node in ast.walk(ast.parse(text)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for n in names:
                 assert n.split(".")[0] not in ("transformers", "peft", "langchain", "llama_cpp"), (mod, n)
 
@@ -86,10 +89,12 @@ def test_no_module_over_400_lines_and_no_oracle_imports():
 def test_from_pretrained_changes_no_process_wide_setting(checkpoint):
     """glibc's malloc settings stay as they were (the command line opts in to changing them)."""
     directory, _ = checkpoint("qwen2_tied_bias")
-    code = ("import sys, torch, autolm\n"
-            "before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n"
-            "autolm.from_pretrained(sys.argv[1])\n"
-            "import autolm.malloc as m\n"
-            "assert m.keep_freed_memory.cache_info().currsize == 0, 'malloc tuned by a library call'\n"
-            "assert before == (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n")
+    code = (
+        "import sys, torch, autolm\n"
+        "before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n"
+        "autolm.from_pretrained(sys.argv[1])\n"
+        "import autolm.malloc as m\n"
+        "assert m.keep_freed_memory.cache_info().currsize == 0, 'malloc tuned by a library call'\n"
+        "assert before == (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n"
+    )
     subprocess.run([sys.executable, "-c", code, directory], check=True, timeout=300)

@@ -30,7 +30,9 @@ CORPUS = [
 def tokenizers(smol_dir):
     import transformers
 
-    return autolm.AutoTokenizer.from_pretrained(smol_dir), transformers.AutoTokenizer.from_pretrained(smol_dir)
+    return autolm.AutoTokenizer.from_pretrained(smol_dir), transformers.AutoTokenizer.from_pretrained(
+        smol_dir
+    )
 
 
 def test_ids_and_text_equal_transformers(tokenizers):
@@ -41,7 +43,9 @@ def test_ids_and_text_equal_transformers(tokenizers):
             assert ids == ref.encode(text, add_special_tokens=special), text
             for skip in (True, False):
                 assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
-    assert ours.batch_decode([ours.encode(t) for t in CORPUS]) == ref.batch_decode([ref.encode(t) for t in CORPUS])
+    assert ours.batch_decode([ours.encode(t) for t in CORPUS]) == ref.batch_decode(
+        [ref.encode(t) for t in CORPUS]
+    )
 
 
 def test_padding_truncation_and_tensors(tokenizers):
@@ -51,7 +55,9 @@ def test_padding_truncation_and_tensors(tokenizers):
         a = ours(texts, padding=True, return_tensors="pt", padding_side=side)
         ref.padding_side = side
         b = ref(texts, padding=True, return_tensors="pt")
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
+            a["attention_mask"], b["attention_mask"]
+        )
     a = ours(texts, truncation=True, max_length=5)
     assert a["input_ids"] == ref(texts, truncation=True, max_length=5)["input_ids"]
     with pytest.raises(TokenizerError, match="padding=True"):
@@ -62,28 +68,39 @@ def test_chat_template_renders_like_transformers(tokenizers):
     ours, ref = tokenizers
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "日本語で?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "日本語で?"},
+        ],
     ]
     for msgs in conversations:
         for gen in (True, False):
             text = ours.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
             assert text == ref.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
             ids = ours.apply_chat_template(msgs, add_generation_prompt=gen, return_tensors="pt")["input_ids"]
-            assert torch.equal(ids, ref.apply_chat_template(msgs, add_generation_prompt=gen,
-                                                            return_tensors="pt")["input_ids"])
+            assert torch.equal(
+                ids,
+                ref.apply_chat_template(msgs, add_generation_prompt=gen, return_tensors="pt")["input_ids"],
+            )
 
 
 def test_template_semantics_raise_exception_and_special_tokens(tmp_path, smol_dir):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(smol_dir, name), tmp_path)
-    template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}"
-                "{{ raise_exception('no tools here') }}{% endif %}{{ m.content | tojson }}{% endfor %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}"
+        "{{ raise_exception('no tools here') }}{% endif %}{{ m.content | tojson }}{% endfor %}"
+    )
     (tmp_path / "chat_template.jinja").write_text(template)  # a .jinja file wins over tokenizer_config.json
     import transformers
 
-    ours, ref = autolm.AutoTokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
-    msgs = [{"role": "user", "content": "é \"quoted\""}]
+    ours, ref = (
+        autolm.AutoTokenizer.from_pretrained(tmp_path),
+        transformers.AutoTokenizer.from_pretrained(tmp_path),
+    )
+    msgs = [{"role": "user", "content": 'é "quoted"'}]
     assert ours.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)
     assert ours.apply_chat_template(msgs, tokenize=False).startswith(ours.bos_token)
     with pytest.raises(TokenizerError, match="no tools here"):
@@ -91,7 +108,7 @@ def test_template_semantics_raise_exception_and_special_tokens(tmp_path, smol_di
 
 
 def test_tokenizer_save_round_trip(tmp_path, tokenizers):
-    ours, ref = tokenizers
+    ours, _ref = tokenizers
     ours.save_pretrained(tmp_path)
     again = autolm.AutoTokenizer.from_pretrained(tmp_path)
     import transformers

@@ -19,11 +19,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-
-
 # llama.cpp's child lives outside the package (autolm never imports llama-cpp-python): in a source checkout.
-LLAMACPP_CHILD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "bench", "llamacpp_child.py")
+LLAMACPP_CHILD = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "llamacpp_child.py"
+)
 
 
 @dataclass
@@ -39,14 +38,28 @@ class Case:
 
 
 def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
-    args = {"lib": lib, "model": case.model, "dtype": case.dtype, "quantization": case.quantization,
-            "threads": threads, "prefill": prefill, "decode": decode,
-            "compile": lib == "autolm" and case.compile, "aot": lib == "autolm" and case.aot, "gguf": case.gguf}
+    args = {
+        "lib": lib,
+        "model": case.model,
+        "dtype": case.dtype,
+        "quantization": case.quantization,
+        "threads": threads,
+        "prefill": prefill,
+        "decode": decode,
+        "compile": lib == "autolm" and case.compile,
+        "aot": lib == "autolm" and case.aot,
+        "gguf": case.gguf,
+    }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     child = [LLAMACPP_CHILD] if lib == "llama.cpp" else ["-m", "autolm.bench.child"]
     start = time.time()
-    out = subprocess.run([sys.executable, *child, json.dumps(args), repr(start)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, *child, json.dumps(args), repr(start)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise RuntimeError(f"{lib} on {case.label} failed:\n{out.stderr[-3000:]}")
@@ -94,15 +107,24 @@ def prefill_flops(model, tokens: int) -> float:
     decoder's matrices per token, plus causal attention (QK^T and PV over the keys each query sees)."""
     cfg = model.config
     layers = [model.get_submodule(b) for b in model.blocks() if b.startswith("model.layers.")]
-    weights = sum(mod.in_features * mod.out_features for layer in layers for mod in layer.modules()
-                  if hasattr(mod, "in_features"))
-    attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    weights = sum(
+        mod.in_features * mod.out_features
+        for layer in layers
+        for mod in layer.modules()
+        if hasattr(mod, "in_features")
+    )
+    attention = (
+        2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    )
     return 2 * weights * tokens + attention + 2 * cfg.hidden_size * cfg.vocab_size
 
 
 def checkpoint_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-               if f.endswith((".safetensors", ".bin")))
+    return sum(
+        os.path.getsize(os.path.join(directory, f))
+        for f in os.listdir(directory)
+        if f.endswith((".safetensors", ".bin"))
+    )
 
 
 def model_costs(case: Case, prefill: int) -> tuple[int, float]:
@@ -110,7 +132,9 @@ def model_costs(case: Case, prefill: int) -> tuple[int, float]:
     and the FLOPs of one prefill."""
     import autolm
 
-    model = autolm.AutoModelForCausalLM.from_pretrained(case.model, dtype=case.dtype, quantization=case.quantization)
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        case.model, dtype=case.dtype, quantization=case.quantization
+    )
     from ..quant import memory_report
 
     total = memory_report(model)[0]
@@ -123,12 +147,21 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), (max(xs) - min(xs)) / 2
 
 
-def bench(cases: list[Case], reps: int = 3, threads: int | None = None, prefill: int = 512, decode: int = 128,
-          out=sys.stdout) -> list[dict]:
+def bench(
+    cases: list[Case],
+    reps: int = 3,
+    threads: int | None = None,
+    prefill: int = 512,
+    decode: int = 128,
+    out=sys.stdout,
+) -> list[dict]:
     """Run every case, print a table per case, return the raw rows."""
     threads = threads or min(os.cpu_count() or 1, 8)
     bw = memory_bandwidth(threads)
-    print(f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n", file=out)
+    print(
+        f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n",
+        file=out,
+    )
     rows = []
     rates: dict[str, float] = {}
     for case in cases:
@@ -142,57 +175,99 @@ def bench(cases: list[Case], reps: int = 3, threads: int | None = None, prefill:
             run_child(lib, case, threads, prefill, decode)  # warm the page cache
             runs = [run_child(lib, case, threads, prefill, decode) for _ in range(reps)]
             results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
-        rows.append({"case": case.label, "checkpoint_bytes": ckpt, "bytes_per_token": per_token,
-                     "bandwidth": bw, "prefill_flops": flops, "matmul_rate": rates[case.dtype], "results": results})
+        rows.append(
+            {
+                "case": case.label,
+                "checkpoint_bytes": ckpt,
+                "bytes_per_token": per_token,
+                "bandwidth": bw,
+                "prefill_flops": flops,
+                "matmul_rate": rates[case.dtype],
+                "results": results,
+            }
+        )
         _print_case(case, results, ckpt, per_token, bw, out, peak, prefill)
     return rows
 
 
-def _print_case(case: Case, results: dict, ckpt: int, per_token: int, bw: float, out,
-                peak: tuple[float, float] | None = None, prefill: int = 512) -> None:
+def _print_case(
+    case: Case,
+    results: dict,
+    ckpt: int,
+    per_token: int,
+    bw: float,
+    out,
+    peak: tuple[float, float] | None = None,
+    prefill: int = 512,
+) -> None:
     other = next((lib for lib in case.libs if lib != "autolm"), "transformers")
     a, t = results.get("autolm"), results.get(other)
-    print(f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
-          file=out)
+    print(
+        f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
+        file=out,
+    )
     if other == "llama.cpp":
         print(f"(llama.cpp runs {os.path.basename(case.gguf)} itself)", file=out)
     print(f"| metric | autolm | {other} | ratio |", file=out)
     print("|---|---|---|---|", file=out)
-    metrics = [("import s (beyond torch)", "import", 1, "{:.3f}", True), ("load s", "load", 1, "{:.2f}", True),
-               ("peak RSS of load / checkpoint", "load_rss", 1 / ckpt, "{:.2f}", True),
-               ("process start -> first token s", "ttft", 1, "{:.2f}", True),
-               ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
-               ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False), ("decode tok/s (128)", "decode", 1, "{:.1f}", False)]
+    metrics = [
+        ("import s (beyond torch)", "import", 1, "{:.3f}", True),
+        ("load s", "load", 1, "{:.2f}", True),
+        ("peak RSS of load / checkpoint", "load_rss", 1 / ckpt, "{:.2f}", True),
+        ("process start -> first token s", "ttft", 1, "{:.2f}", True),
+        ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
+        ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False),
+        ("decode tok/s (128)", "decode", 1, "{:.1f}", False),
+    ]
     if a and "decode_aot" in a:  # compared with the other library's plain decode
-        metrics.append(("decode tok/s (128), autolm compiled ahead of time", ("decode_aot", "decode"), 1, "{:.1f}",
-                        False))
+        metrics.append(
+            (
+                "decode tok/s (128), autolm compiled ahead of time",
+                ("decode_aot", "decode"),
+                1,
+                "{:.1f}",
+                False,
+            )
+        )
         metrics.append(("load the compiled step s (autolm)", "aot_load", 1, "{:.3f}", True))
     if a and "decode_compiled" in a:  # compared with the other library's plain decode
-        metrics.append(("decode tok/s (128), autolm compile_decode", ("decode_compiled", "decode"), 1, "{:.1f}", False))
-    for name, key, scale, fmt, lower_better in metrics:
+        metrics.append(
+            ("decode tok/s (128), autolm compile_decode", ("decode_compiled", "decode"), 1, "{:.1f}", False)
+        )
+    for name, key, scale, fmt, _lower_better in metrics:
         mine, theirs = key if isinstance(key, tuple) else (key, key)
 
-        def cell(r, k):
+        def cell(r, k, fmt=fmt, scale=scale):
             if r is None or k not in r:
                 return "n/a"
             m, s = r[k]
             return (fmt + " ± " + fmt).format(m * scale, s * scale)
+
         ratio = "n/a"
         if a and t and mine in a and theirs in t and a[mine][0] and t[theirs][0]:
             ratio = f"{a[mine][0] / t[theirs][0]:.2f}x"
         print(f"| {name} | {cell(a, mine)} | {cell(t, mine)} | {ratio} |", file=out)
     if a:
-        for key, what in (("decode", "decode"), ("decode_aot", "decode compiled ahead of time"),
-                          ("decode_compiled", "compiled decode")):
+        for key, what in (
+            ("decode", "decode"),
+            ("decode_aot", "decode compiled ahead of time"),
+            ("decode_compiled", "compiled decode"),
+        ):
             if key in a:
                 frac = a[key][0] * per_token / bw
-                print(f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
-                      f"measured {bw / 1e9:.1f} GB/s.", file=out)
+                print(
+                    f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
+                    f"measured {bw / 1e9:.1f} GB/s.",
+                    file=out,
+                )
         if peak:
             flops, rate = peak
             done = a["prefill"][0] / prefill * flops
-            print(f"\nautolm prefill computes {done / 1e9:.0f} GFLOP/s: {done / rate:.0%} of the {rate / 1e9:.0f} GFLOP/s "
-                  f"of a 512x2048x2048 {case.dtype} matmul here.", file=out)
+            print(
+                f"\nautolm prefill computes {done / 1e9:.0f} GFLOP/s: {done / rate:.0%} of the {rate / 1e9:.0f} GFLOP/s "
+                f"of a 512x2048x2048 {case.dtype} matmul here.",
+                file=out,
+            )
         print(file=out)
 
 
@@ -212,12 +287,25 @@ def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | 
         autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).save_pretrained(bf16)
         autolm.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(bf16)
     cases.append(Case("SmolLM2-135M bf16", bf16, "bfloat16"))
-    cases.append(Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",), compile=False))
+    cases.append(
+        Case("SmolLM2-135M int8 (autolm only)", bf16, "bfloat16", "int8", ("autolm",), compile=False)
+    )
     if gguf and importlib.util.find_spec("llama_cpp") is not None and os.path.isfile(LLAMACPP_CHILD):
-        cases.append(Case("SmolLM2-135M int4 vs llama.cpp Q4_1", bf16, "bfloat16", "int4", ("autolm", "llama.cpp"),
-                          compile=False, gguf=gguf))
+        cases.append(
+            Case(
+                "SmolLM2-135M int4 vs llama.cpp Q4_1",
+                bf16,
+                "bfloat16",
+                "int4",
+                ("autolm", "llama.cpp"),
+                compile=False,
+                gguf=gguf,
+            )
+        )
     else:
-        cases.append(Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",), compile=False))
+        cases.append(
+            Case("SmolLM2-135M int4 (autolm only)", bf16, "bfloat16", "int4", ("autolm",), compile=False)
+        )
     if big:
         path = os.path.join(root, "llama-1b-bf16")
         if not os.path.isdir(path):
@@ -236,7 +324,8 @@ def _write_1b(path: str) -> None:
         "with torch.device('meta'):\n    m = transformers.AutoModelForCausalLM.from_config(cfg)\n"
         "m = m.to_empty(device='cpu').to(torch.bfloat16)\n"
         "for p in m.parameters():\n    torch.nn.init.normal_(p, std=0.02)\n"
-        "m.save_pretrained(sys.argv[1], max_shard_size='1GB')\n")
+        "m.save_pretrained(sys.argv[1], max_shard_size='1GB')\n"
+    )
     subprocess.run([sys.executable, "-c", code, path], check=True)
 
 
@@ -244,21 +333,37 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="autolm bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="benchmark one checkpoint directory instead of the standard set")
+    p.add_argument(
+        "--model", default=None, help="benchmark one checkpoint directory instead of the standard set"
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-1b", action="store_true", help="skip the ~1B checkpoint (written once, 2.2 GB)")
-    p.add_argument("--work", default=None, help="where benchmark checkpoints are written (default $AUTOLM_HOME/bench)")
+    p.add_argument(
+        "--work", default=None, help="where benchmark checkpoints are written (default $AUTOLM_HOME/bench)"
+    )
     p.add_argument("--json", default=None, help="also write the raw numbers here")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip autolm's compiled decode step (it costs each autolm process a compile)")
-    p.add_argument("--eager", action="store_true",
-                   help="skip autolm's CPU decode step compiled ahead of time (the first run compiles it, once)")
-    p.add_argument("--serve", action="store_true",
-                   help="serving throughput instead: autolm serve with 1, 8 and 32 concurrent clients")
-    p.add_argument("--profile", action="store_true",
-                   help="where an eager decode step's time goes, by kernel (fp32, bf16, int8, int4)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip autolm's compiled decode step (it costs each autolm process a compile)",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="skip autolm's CPU decode step compiled ahead of time (the first run compiles it, once)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serving throughput instead: autolm serve with 1, 8 and 32 concurrent clients",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="where an eager decode step's time goes, by kernel (fp32, bf16, int8, int4)",
+    )
     args = p.parse_args(argv)
     if args.profile:
         from ..convert import default_model_dir
@@ -270,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         from ..convert import default_model_dir
         from .serving import serving_bench
 
-        rows = serving_bench(args.model or default_model_dir(), threads=args.threads,
-                             dtype=args.dtype if args.model else "auto")
+        rows = serving_bench(
+            args.model or default_model_dir(),
+            threads=args.threads,
+            dtype=args.dtype if args.model else "auto",
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
@@ -286,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(work, exist_ok=True)
         from ..convert import default_gguf_path
 
-        cases = prepare_checkpoints(work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path())
+        cases = prepare_checkpoints(
+            work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path()
+        )
     for case in cases:
         case.compile = case.compile and not args.no_compile
         case.aot = not args.eager

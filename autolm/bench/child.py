@@ -1,4 +1,3 @@
-
 """One benchmark repetition in a fresh process: python -m autolm.bench.child ARGS_JSON START_TIME.
 
 It imports the library under test by name (autolm, or transformers for comparison: autolm itself never
@@ -20,6 +19,7 @@ def status(key):
 
 t = time.perf_counter()
 import torch  # noqa: E402
+
 torch.set_num_threads(args["threads"])
 t_torch = time.perf_counter()
 import importlib  # noqa: E402
@@ -35,8 +35,10 @@ rss0 = status("VmRSS")
 kw = {"dtype": getattr(torch, args["dtype"])}
 if args.get("quantization"):
     kw["quantization"] = args["quantization"]
-if args["lib"] == "autolm" and args.get("gguf"):  # the GGUF llama.cpp runs, its 4-bit blocks loaded as they are
-    import os  # noqa: E402
+if args["lib"] == "autolm" and args.get(
+    "gguf"
+):  # the GGUF llama.cpp runs, its 4-bit blocks loaded as they are
+    import os
 
     kw.update(gguf_file=os.path.basename(args["gguf"]), progress=False)
     args["model"] = os.path.dirname(os.path.abspath(args["gguf"]))
@@ -49,11 +51,18 @@ with torch.inference_mode():
     model.generate(prompt, max_new_tokens=1, do_sample=False)
 t_first = time.time() - T0
 first_peak = status("VmHWM")
-res = {"import": t_import - t_torch, "load": t_load - t_import, "load_rss": load_peak, "ttft": t_first,
-       "first_token_rss": first_peak}
+res = {
+    "import": t_import - t_torch,
+    "load": t_load - t_import,
+    "load_rss": load_peak,
+    "ttft": t_first,
+    "first_token_rss": first_peak,
+}
 with torch.inference_mode():
     vocab = model.config.vocab_size
-    long = torch.randint(10, min(1000, vocab), (1, args["prefill"]), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(
+        10, min(1000, vocab), (1, args["prefill"]), generator=torch.Generator().manual_seed(0)
+    )
     model(long, logits_to_keep=1)  # warm up: first calls at a new length set up kernels and buffers
     times = []
     for _ in range(3):
@@ -66,7 +75,9 @@ with torch.inference_mode():
     t = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
-    if args.get("aot"):  # the one-token step compiled ahead of time, as the CLI runs it (loaded from the cache
+    if args.get(
+        "aot"
+    ):  # the one-token step compiled ahead of time, as the CLI runs it (loaded from the cache
         t = time.perf_counter()  # the page-cache warm-up run filled; that run paid the compile)
         compiled = model.precompile_decode()
         res["aot_load"] = time.perf_counter() - t

@@ -7,9 +7,14 @@ from __future__ import annotations
 import time
 
 
-def profile_decode(model_dir: str, configs=(("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
-                                            ("bfloat16", "int4")), prompt: int = 64, steps: int = 64,
-                   threads: int | None = None, top: int = 8) -> list[dict]:
+def profile_decode(
+    model_dir: str,
+    configs=(("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")),
+    prompt: int = 64,
+    steps: int = 64,
+    threads: int | None = None,
+    top: int = 8,
+) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -27,7 +32,7 @@ def profile_decode(model_dir: str, configs=(("float32", None), ("bfloat16", None
                 out = model(torch.ones(1, prompt, dtype=torch.long), use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-                def step():
+                def step(model=model, cache=cache):
                     nonlocal token
                     token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
 
@@ -46,7 +51,16 @@ def profile_decode(model_dir: str, configs=(("float32", None), ("bfloat16", None
             name = f"{label} {'fused step' if fused else 'general forward'}"
             print(f"{name}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} tok/s), {ops:.0f} aten ops per token")
             for e in kernels:
-                print(f"  {e.key[:48]:48s} {e.self_cpu_time_total / 20 / 1e3:7.3f} ms/token {e.count / 20:7.1f} calls")
-            rows.append({"config": label, "fused": fused, "ms_per_token": wall * 1e3, "ops_per_token": ops,
-                         "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels}})
+                print(
+                    f"  {e.key[:48]:48s} {e.self_cpu_time_total / 20 / 1e3:7.3f} ms/token {e.count / 20:7.1f} calls"
+                )
+            rows.append(
+                {
+                    "config": label,
+                    "fused": fused,
+                    "ms_per_token": wall * 1e3,
+                    "ops_per_token": ops,
+                    "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels},
+                }
+            )
     return rows

@@ -30,8 +30,12 @@ def running_server(args: list[str], wait_s: float = 120.0) -> Iterator[tuple[str
 
     port = _free_port()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "autolm.cli", "serve", *args, "--port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=log, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autolm.cli", "serve", *args, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
         proc.log = lambda: (log.flush(), log.seek(0), log.read())[-1]
         base = f"http://127.0.0.1:{port}"
         try:
@@ -52,19 +56,35 @@ def running_server(args: list[str], wait_s: float = 120.0) -> Iterator[tuple[str
             proc.wait(timeout=60)
 
 
-def serving_bench(model: str, clients: tuple[int, ...] = (1, 8, 32), tokens: int = 64, max_batch: int = 32,
-                  threads: int | None = None, dtype: str = "auto") -> list[dict]:
+def serving_bench(
+    model: str,
+    clients: tuple[int, ...] = (1, 8, 32),
+    tokens: int = 64,
+    max_batch: int = 32,
+    threads: int | None = None,
+    dtype: str = "auto",
+) -> list[dict]:
     """One row per client count: aggregate generated tokens/s, and the median and worst request latency."""
     import httpx
 
-    args = [model, "--max-batch", str(max_batch), "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
+    args = [model, "--max-batch", str(max_batch), "--dtype", dtype] + (
+        ["--threads", str(threads)] if threads else []
+    )
     rows = []
     with running_server(args, wait_s=600) as (base, _):
+
         def ask(i: int) -> float:
             t = time.perf_counter()
-            r = httpx.post(base + "/v1/chat/completions", timeout=600, json={
-                "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
-                "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+            r = httpx.post(
+                base + "/v1/chat/completions",
+                timeout=600,
+                json={
+                    "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
+                    "max_tokens": tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             r.raise_for_status()
             assert r.json()["usage"]["completion_tokens"] == tokens
             return time.perf_counter() - t
@@ -75,9 +95,18 @@ def serving_bench(model: str, clients: tuple[int, ...] = (1, 8, 32), tokens: int
             with concurrent.futures.ThreadPoolExecutor(c) as pool:
                 latencies = list(pool.map(ask, range(c)))
             wall = time.perf_counter() - t
-            rows.append({"clients": c, "tokens_per_s": c * tokens / wall, "median_latency_s": statistics.median(latencies),
-                         "max_latency_s": max(latencies)})
-            print(f"serve {os.path.basename(os.path.normpath(model))}: {c:>2} clients x {tokens} tokens: "
-                  f"{rows[-1]['tokens_per_s']:7.1f} tok/s in all, request latency median "
-                  f"{rows[-1]['median_latency_s']:.2f} s, worst {rows[-1]['max_latency_s']:.2f} s", flush=True)
+            rows.append(
+                {
+                    "clients": c,
+                    "tokens_per_s": c * tokens / wall,
+                    "median_latency_s": statistics.median(latencies),
+                    "max_latency_s": max(latencies),
+                }
+            )
+            print(
+                f"serve {os.path.basename(os.path.normpath(model))}: {c:>2} clients x {tokens} tokens: "
+                f"{rows[-1]['tokens_per_s']:7.1f} tok/s in all, request latency median "
+                f"{rows[-1]['median_latency_s']:.2f} s, worst {rows[-1]['max_latency_s']:.2f} s",
+                flush=True,
+            )
     return rows

@@ -27,20 +27,34 @@ def _positive(text: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for PyTorch (default: all cores)")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="CPU threads for PyTorch (default: all cores)"
+    )
 
 
 def _add_model(p: argparse.ArgumentParser, adapters: bool = True) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory, HF repo id, .gguf file or adapter folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model directory, HF repo id, .gguf file or adapter folder (default: SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
-    p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
-                   help="weight-only quantization of the linear layers (int8 LM head), done while loading; the "
-                        "default model runs int4 unless this says none or --dtype is given")
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4", "none"),
+        default=None,
+        help="weight-only quantization of the linear layers (int8 LM head), done while loading; the "
+        "default model runs int4 unless this says none or --dtype is given",
+    )
     if adapters:
-        p.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
-                       help="a LoRA adapter (peft format); repeat for several, the first is active")
+        p.add_argument(
+            "--adapter",
+            action="append",
+            metavar="[NAME=]PATH",
+            help="a LoRA adapter (peft format); repeat for several, the first is active",
+        )
     _add_common(p)
 
 
@@ -57,27 +71,42 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step first (shown as it happens), then decode faster (GPUs)")
-    p.add_argument("--eager", action="store_true",
-                   help="on the CPU, skip the decode step compiled ahead of time (compiled once per machine and "
-                        "model shape, cached in $AUTOLM_HOME/compiled; AUTOLM_EAGER=1 does the same)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step first (shown as it happens), then decode faster (GPUs)",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="on the CPU, skip the decode step compiled ahead of time (compiled once per machine and "
+        "model shape, cached in $AUTOLM_HOME/compiled; AUTOLM_EAGER=1 does the same)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="autolm", description="Load, run, adapt, serve and evaluate decoder LMs.")
+    parser = argparse.ArgumentParser(
+        prog="autolm", description="Load, run, adapt, serve and evaluate decoder LMs."
+    )
     parser.add_argument("--version", action="version", version=f"autolm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("bench", help="autolm vs transformers side by side (see autolm bench --help)", add_help=False)
+    sub.add_parser(
+        "bench", help="autolm vs transformers side by side (see autolm bench --help)", add_help=False
+    )
 
     p = sub.add_parser("generate", help="stream a completion of a prompt")
     _add_model(p)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--tp", type=_positive, default=1, metavar="N",
-                   help="tensor parallel over N processes (torchrun; heads must divide by N)")
+    p.add_argument(
+        "--tp",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="tensor parallel over N processes (torchrun; heads must divide by N)",
+    )
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
@@ -88,18 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("inspect", help="architecture, parameters, dtype, memory, adapters and the load report")
+    p = sub.add_parser(
+        "inspect", help="architecture, parameters, dtype, memory, adapters and the load report"
+    )
     _add_model(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)")
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)"
+    )
     _add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'"
+    )
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
-    p.add_argument("--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)")
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument(
+        "--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)"
+    )
+    p.add_argument(
+        "--model-name", default=None, help="the model id clients use (default: the directory name)"
+    )
     _add_decode_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -122,8 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
-    p.add_argument("--nproc", type=_positive, default=1, metavar="N",
-                   help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch")
+    p.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -150,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
     p.add_argument("source", help="FILE.gguf")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32, float16, or auto (GGUF's float32)")
+    p.add_argument(
+        "--dtype", default="bfloat16", help="bfloat16 (default), float32, float16, or auto (GGUF's float32)"
+    )
     p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="save weight-only quantized")
     _add_common(p)
     p.set_defaults(func=cmd_convert)
@@ -168,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         import torch
 
-        torch.set_num_threads(args.threads)  # the command is the whole process: its thread count is ours to set
+        torch.set_num_threads(
+            args.threads
+        )  # the command is the whole process: its thread count is ours to set
     from ..malloc import keep_freed_memory
 
     keep_freed_memory()  # the command line opts in to reusing freed activation memory (see malloc.py)

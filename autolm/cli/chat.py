@@ -6,8 +6,18 @@ import argparse
 import os
 import sys
 
-from .common import (UsageError, check_heads, check_model_arg, distributed, launch, load, parse_adapters,
-                     prepare_decode, sampling_kwargs, stream_reply)
+from .common import (
+    UsageError,
+    check_heads,
+    check_model_arg,
+    distributed,
+    launch,
+    load,
+    parse_adapters,
+    prepare_decode,
+    sampling_kwargs,
+    stream_reply,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -21,11 +31,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     code = launch(args.tp, args.argv, "--tp")
     if code is not None:
         return code
-    model, tok = load(model_name, args.dtype, args.device, args.quantize, tp_plan="auto" if distributed() else None,
-                      adapters=adapters)
+    model, tok = load(
+        model_name,
+        args.dtype,
+        args.device,
+        args.quantize,
+        tp_plan="auto" if distributed() else None,
+        adapters=adapters,
+    )
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_dict=False)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+        )
     else:
         ids = tok.encode(prompt)
     prepare_decode(model, tok, args)
@@ -36,8 +53,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # Every rank must pick the same tokens; rank 0 prints them.
     with open(os.devnull, "w") as devnull:
-        stream_reply(model, tok, ids, kwargs, out=sys.stdout if world()[0] == 0 else devnull,
-                     seed=same_seed(args.seed))
+        stream_reply(
+            model, tok, ids, kwargs, out=sys.stdout if world()[0] == 0 else devnull, seed=same_seed(args.seed)
+        )
     exit_all(0)
 
 
@@ -52,7 +70,9 @@ HELP = """commands:
 def cmd_chat(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     kwargs = sampling_kwargs(args)
-    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter))
+    model, tok = load(
+        args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter)
+    )
     prepare_decode(model, tok, args)
     system = args.system
     messages: list[dict[str, str]] = []
@@ -115,8 +135,11 @@ def _adapter_command(model, name: str) -> None:
     if not hasattr(model, "peft_config"):
         print("[no adapters loaded; start with --adapter PATH]")
     elif not name:
-        print("[adapters: " + ", ".join(f"{n}{' (active)' if n == model.active_adapter else ''}"
-                                       for n in model.peft_config) + "]")
+        print(
+            "[adapters: "
+            + ", ".join(f"{n}{' (active)' if n == model.active_adapter else ''}" for n in model.peft_config)
+            + "]"
+        )
     elif name not in model.peft_config:
         print(f"[no adapter named {name!r}; loaded: {', '.join(model.peft_config)}]")
     else:

@@ -24,8 +24,9 @@ def locate(model: str | None, dtype: str = "auto", quantize: str | None = None) 
 
         if quantize is None and dtype == "auto":
             quantize = "int4"
-        return default_model_dir(dtype, progress=sys.stderr.isatty(),
-                                 quantization=None if quantize == "none" else quantize), None
+        return default_model_dir(
+            dtype, progress=sys.stderr.isatty(), quantization=None if quantize == "none" else quantize
+        ), None
     if str(model).endswith(".gguf"):
         if not os.path.isfile(model):
             raise UsageError(f"{model}: GGUF file not found")
@@ -40,16 +41,26 @@ def parse_adapters(specs: list[str] | None, flag: str = "--adapter ") -> list[tu
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = os.path.basename(os.path.normpath(spec)) or "default", spec
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            raise UsageError(f"{flag}{spec}: no adapter_config.json in {path} (expected a peft adapter folder)")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")) and not re.fullmatch(
+            r"[\w.-]+/[\w.-]+", path
+        ):
+            raise UsageError(
+                f"{flag}{spec}: no adapter_config.json in {path} (expected a peft adapter folder)"
+            )
         if name in {n for n, _ in out}:
             raise UsageError(f"{flag}{spec}: two adapters named {name!r}; name them with NAME=PATH")
         out.append((name, path))
     return out
 
 
-def load(model: str | None, dtype: str = "auto", device: str | None = None, quantize: str | None = None,
-         tp_plan: str | None = None, adapters: list[tuple[str, str]] | None = None):
+def load(
+    model: str | None,
+    dtype: str = "auto",
+    device: str | None = None,
+    quantize: str | None = None,
+    tp_plan: str | None = None,
+    adapters: list[tuple[str, str]] | None = None,
+):
     """(model, tokenizer) for a directory, repo id, .gguf file or adapter folder (its base model is loaded),
     or the default model when None; adapters are attached with the first one active."""
     from ..load import from_pretrained
@@ -58,9 +69,15 @@ def load(model: str | None, dtype: str = "auto", device: str | None = None, quan
     if (tp_plan or adapters) and quantize is None:
         quantize = "none"  # tensor parallelism and LoRA adapters run on float weights
     where, gguf_file = locate(model, dtype, quantize)
-    m = from_pretrained(where, gguf_file=gguf_file, dtype=dtype, device=device,
-                        quantization=None if quantize == "none" else quantize,
-                        tp_plan=tp_plan, progress=sys.stderr.isatty())
+    m = from_pretrained(
+        where,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        device=device,
+        quantization=None if quantize == "none" else quantize,
+        tp_plan=tp_plan,
+        progress=sys.stderr.isatty(),
+    )
     if adapters:
         from ..lora import PeftModel
 
@@ -88,8 +105,14 @@ def check_model_arg(model: str | None, device: str | None = None) -> None:
         raise UsageError(f"{model}: no such directory")
 
 
-_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-          "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
+_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+}
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +128,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         del kw["temperature"]
         kw["do_sample"] = False
     else:
-        kw["do_sample"] = bool(args.do_sample or any(k in kw for k in ("temperature", "top_k", "top_p", "min_p")))
+        kw["do_sample"] = bool(
+            args.do_sample or any(k in kw for k in ("temperature", "top_k", "top_p", "min_p"))
+        )
     if kw.get("temperature") is not None and kw["temperature"] < 0:
         raise UsageError("--temperature must be >= 0 (0 decodes greedily)")
     try:
@@ -114,7 +139,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         message = str(e)
         for name, flag in _FLAGS.items():
             message = re.sub(rf"\b{name}\b", flag, message)
-        raise UsageError(message.replace(" (use do_sample=False for greedy)", " (0 decodes greedily)")) from None
+        raise UsageError(
+            message.replace(" (use do_sample=False for greedy)", " (0 decodes greedily)")
+        ) from None
     return kw
 
 
@@ -128,8 +155,10 @@ def check_heads(model: str | None, n: int) -> None:
     cfg = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
     for field in ("num_attention_heads", "num_key_value_heads"):
         if getattr(cfg, field) % n:
-            raise UsageError(f"--tp {n}: the model has {field}={getattr(cfg, field)}, which {n} processes "
-                             f"cannot share evenly; use a divisor of it")
+            raise UsageError(
+                f"--tp {n}: the model has {field}={getattr(cfg, field)}, which {n} processes "
+                f"cannot share evenly; use a divisor of it"
+            )
 
 
 def launch(nproc: int, argv: list[str], flag: str) -> int | None:
@@ -147,8 +176,19 @@ def launch(nproc: int, argv: list[str], flag: str) -> int | None:
         if not argv[i].startswith(f"{flag}="):
             rest.append(argv[i])
         i += 1
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc-per-node", str(nproc), "-m", "autolm.cli", *rest])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "autolm.cli",
+            *rest,
+        ]
+    )
 
 
 def distributed() -> bool:
@@ -177,15 +217,24 @@ def compile_once(model, tok) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.decode_step is not None:
         return
-    print("compiling the decode step (once per shape; cached for later runs) ...", file=sys.stderr, flush=True)
+    print(
+        "compiling the decode step (once per shape; cached for later runs) ...", file=sys.stderr, flush=True
+    )
     t0 = time.perf_counter()
     compile_decode(base)
     generate_text(model, tok, [tok.eos_token_id or 0] * 4, max_new_tokens=3, do_sample=False)
     print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def stream_reply(model, tok, ids: list[int], kwargs: dict[str, Any], out=sys.stdout, seed: int | None = None,
-                 stats: bool = True) -> str:
+def stream_reply(
+    model,
+    tok,
+    ids: list[int],
+    kwargs: dict[str, Any],
+    out=sys.stdout,
+    seed: int | None = None,
+    stats: bool = True,
+) -> str:
     """Print the reply as it is generated; then, on stderr, the time to the first token and the decode
     speed over the tokens after it. Ctrl-C stops the reply (KeyboardInterrupt propagates after the
     partial text is kept)."""
@@ -205,12 +254,31 @@ def stream_reply(model, tok, ids: list[int], kwargs: dict[str, Any], out=sys.std
     finally:
         out.write("\n")
         if stats and last is not None and out is sys.stdout:
-            decode = (f", then {last.generation_tokens - 1} at {last.generation_tps:.1f} tok/s"
-                      if last.generation_tokens > 1 else "")
-            print(f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, first token after "
-                  f"{last.time_to_first_token:.2f} s{decode}]", file=sys.stderr)
+            decode = (
+                f", then {last.generation_tokens - 1} at {last.generation_tps:.1f} tok/s"
+                if last.generation_tokens > 1
+                else ""
+            )
+            print(
+                f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, first token after "
+                f"{last.time_to_first_token:.2f} s{decode}]",
+                file=sys.stderr,
+            )
     return "".join(text)
 
 
-__all__ = ["ConfigError", "UsageError", "check_heads", "check_model_arg", "compile_once", "distributed", "launch",
-           "load", "locate", "parse_adapters", "prepare_decode", "sampling_kwargs", "stream_reply"]
+__all__ = [
+    "ConfigError",
+    "UsageError",
+    "check_heads",
+    "check_model_arg",
+    "compile_once",
+    "distributed",
+    "launch",
+    "load",
+    "locate",
+    "parse_adapters",
+    "prepare_decode",
+    "sampling_kwargs",
+    "stream_reply",
+]

@@ -9,7 +9,16 @@ import os
 import sys
 import time
 
-from .common import UsageError, check_model_arg, distributed, launch, load, locate, parse_adapters, prepare_decode
+from .common import (
+    UsageError,
+    check_model_arg,
+    distributed,
+    launch,
+    load,
+    locate,
+    parse_adapters,
+    prepare_decode,
+)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -22,8 +31,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     weight_bytes, unquantized, params = memory_report(base)
     print(f"architecture: {type(base).__name__} ({cfg.model_type})")
-    print(f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
-          f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}")
+    print(
+        f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
+        f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}"
+    )
     print(f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}")
     print(f"rope:         {cfg.rope_parameters}")
     windows = sorted(w for w in cfg.windows() if w)
@@ -32,13 +43,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"dtype:        {str(base.dtype).removeprefix('torch.')}")
     print(f"memory:       {weight_bytes / 2**20:.1f} MiB of weights")
     if "quantization_config" in cfg.extra:
-        print(f"quantization: {cfg.extra['quantization_config']}: saves {(unquantized - weight_bytes) / 2**20:.1f} MiB "
-              f"of {unquantized / 2**20:.1f} MiB ({unquantized / weight_bytes:.2f}x smaller)")
+        print(
+            f"quantization: {cfg.extra['quantization_config']}: saves {(unquantized - weight_bytes) / 2**20:.1f} MiB "
+            f"of {unquantized / 2**20:.1f} MiB ({unquantized / weight_bytes:.2f}x smaller)"
+        )
     for name, lora in getattr(model, "peft_config", {}).items():
         n = sum(p.numel() for k, p in base.named_parameters() if f".{name}." in k)
         active = " (active)" if name == model.active_adapter else ""
-        print(f"adapter:      {name}{active}: LoRA r={lora.r}, alpha={lora.lora_alpha}, "
-              f"targets {lora.target_modules}, {n:,} parameters")
+        print(
+            f"adapter:      {name}{active}: LoRA r={lora.r}, alpha={lora.lora_alpha}, "
+            f"targets {lora.target_modules}, {n:,} parameters"
+        )
     print("load report:")
     for line in base.load_report.lines():
         print("  " + line)
@@ -55,7 +70,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.source}: file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory; name a new or existing folder")
-    convert_gguf(args.source, args.out, dtype=args.dtype, quantization=args.quantize, progress=sys.stderr.isatty())
+    convert_gguf(
+        args.source, args.out, dtype=args.dtype, quantization=args.quantize, progress=sys.stderr.isatty()
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -77,8 +94,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     if not os.path.isfile(args.data):
-        raise UsageError(f"{args.data}: data file not found (JSONL: one {{'messages': [...]}} or "
-                         "{'prompt': ..., 'completion': ...} per line)")
+        raise UsageError(
+            f"{args.data}: data file not found (JSONL: one {{'messages': [...]}} or "
+            "{'prompt': ..., 'completion': ...} per line)"
+        )
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a directory")
     code = launch(args.nproc, args.argv, "--nproc")
@@ -91,8 +110,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     dtype = args.dtype if args.dtype != "auto" else "float32"
     targets = args.lora_targets
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+    )
     torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
     if distributed():
         from ..distributed import exit_all, fsdp_from_pretrained, world
@@ -108,9 +131,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         main_rank = True
     if main_rank:
         pm.print_trainable_parameters()
-    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, max_length=args.max_length,
-                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
     losses = finetune(pm, tok, args.data, args.out, cfg)
     if main_rank:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
@@ -122,8 +153,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
-        raise UsageError(f"autolm serve needs the server extras ({', '.join(missing)} missing): "
-                         "pip install 'autolm[serve]'")
+        raise UsageError(
+            f"autolm serve needs the server extras ({', '.join(missing)} missing): "
+            "pip install 'autolm[serve]'"
+        )
     check_model_arg(args.model, args.device)
     adapters = parse_adapters(args.adapter)
     from ..serve import serve
@@ -131,10 +164,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
     prepare_decode(model, tok, args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = args.model_name or (adapters[0][0] if adapters else
-                               os.path.basename(os.path.normpath(base.load_report.directory or "autolm")))
-    serve(model, tok, name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_body=args.max_body)
+    name = args.model_name or (
+        adapters[0][0]
+        if adapters
+        else os.path.basename(os.path.normpath(base.load_report.directory or "autolm"))
+    )
+    serve(
+        model,
+        tok,
+        name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_body=args.max_body,
+    )
     return 0
 
 
@@ -147,10 +191,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     where, gguf_file = locate(args.model, args.dtype)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    results = evaluate(where, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
-                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, dtype=args.dtype,
-                       adapter=adapters[0][1] if adapters else None, apply_chat_template=args.chat,
-                       device=args.device, **extra)
+    results = evaluate(
+        where,
+        [t for t in args.tasks.split(",") if t],
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        adapter=adapters[0][1] if adapters else None,
+        apply_chat_template=args.chat,
+        device=args.device,
+        **extra,
+    )
     from lm_eval.utils import make_table
 
     print(make_table(results))

@@ -6,9 +6,28 @@ from .config import GenerationConfig
 from .decode import Step, compile_decode, generate_tokens
 from .mixin import GenerateOutput, GenerationMixin
 from .sampling import choose, process_logits
-from .streaming import (Detokenizer, GenerationChunk, TextIteratorStreamer, TextStreamer, generate_text,
-                        stream_generate)
+from .streaming import (
+    Detokenizer,
+    GenerationChunk,
+    TextIteratorStreamer,
+    TextStreamer,
+    generate_text,
+    stream_generate,
+)
 
-__all__ = ["Detokenizer", "GenerateOutput", "GenerationChunk", "GenerationConfig", "GenerationMixin", "Step",
-           "TextIteratorStreamer", "TextStreamer", "choose", "compile_decode", "generate_text", "generate_tokens",
-           "process_logits", "stream_generate"]
+__all__ = [
+    "Detokenizer",
+    "GenerateOutput",
+    "GenerationChunk",
+    "GenerationConfig",
+    "GenerationMixin",
+    "Step",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "choose",
+    "compile_decode",
+    "generate_text",
+    "generate_tokens",
+    "process_logits",
+    "stream_generate",
+]

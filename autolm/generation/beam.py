@@ -9,9 +9,11 @@ from .config import GenerationConfig
 from .decode import max_new_tokens
 from .sampling import process_logits
 
+
 @torch.inference_mode()
-def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-                processors: list = ()) -> torch.Tensor:
+def beam_search(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig, processors: list = ()
+) -> torch.Tensor:
     """Vectorised beam search with transformers' semantics (length penalty, early stopping, EOS)."""
     nb, B, P = cfg.num_beams, input_ids.shape[0], input_ids.shape[1]
     steps = max_new_tokens(cfg, P)
@@ -23,7 +25,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else -1)
 
     def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # t (B, k, ...) by idx (B, k')
-        return torch.gather(t, 1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+        return torch.gather(
+            t, 1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+        )
 
     running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=dev)
     running[:, :, :P] = input_ids[:, None]
@@ -38,8 +42,13 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
     mask = attention_mask.repeat_interleave(nb, 0)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.make_cache(B * nb, max_len)
-    logits = model(input_ids.repeat_interleave(nb, 0), attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids.repeat_interleave(nb, 0),
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        logits_to_keep=1,
+    ).logits[:, -1]
     next_pos = positions[:, -1:] + 1
     cur = P
     while True:
@@ -74,25 +83,38 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
         m_fin = torch.cat([finished, just_done], 1)
         m_len = torch.cat([gen_len, torch.full_like(tok, cur + 1 - P)], 1)
         best = torch.topk(m_scores, nb)[1]
-        sequences, scores, finished, gen_len = gather(m_seqs, best), gather(m_scores, best), gather(m_fin, best), gather(m_len, best)
+        sequences, scores, finished, gen_len = (
+            gather(m_seqs, best),
+            gather(m_scores, best),
+            gather(m_fin, best),
+            gather(m_len, best),
+        )
         cur += 1
         # Can a running beam still beat the worst finished one?
         if cfg.early_stopping == "never" and cfg.length_penalty > 0:
             best_len = max_len - P
         else:
             best_len = cur - P
-        best_running = running_scores[:, :1] / (best_len ** cfg.length_penalty)
+        best_running = running_scores[:, :1] / (best_len**cfg.length_penalty)
         worst_done = torch.where(finished, scores.min(1, keepdim=True)[0], torch.tensor(-1e9, device=dev))
         improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        go_on = bool(improvable.any()) and not (bool(finished.all()) and cfg.early_stopping is True) and not bool(hits.all())
+        go_on = (
+            bool(improvable.any())
+            and not (bool(finished.all()) and cfg.early_stopping is True)
+            and not bool(hits.all())
+        )
         if not go_on:
             break
         flat_parent = (parent + torch.arange(B, device=dev)[:, None] * nb).view(-1)
         cache.reorder(flat_parent)
         mask = torch.cat([mask.index_select(0, flat_parent), mask.new_ones(B * nb, 1)], dim=1)
         next_pos = next_pos.index_select(0, flat_parent)
-        logits = model(running[:, :, cur - 1].reshape(B * nb, 1), attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache).logits[:, -1]
+        logits = model(
+            running[:, :, cur - 1].reshape(B * nb, 1),
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+        ).logits[:, -1]
         next_pos = next_pos + 1
     n = cfg.num_return_sequences
     out_len = P + int(gen_len[:, :n].max())

@@ -41,10 +41,13 @@ def max_new_tokens(cfg: GenerationConfig, prompt_len: int) -> int:
 def check_context(model, prompt_len: int, new_tokens: int) -> None:
     """GenerationError when prompt + new tokens do not fit the model's context window."""
     limit = model.config.max_position_embeddings
-    if prompt_len >= limit or (prompt_len + new_tokens > limit and model.config.rope_parameters.get("rope_type")
-                               != "dynamic"):
-        raise GenerationError(f"the prompt has {prompt_len} tokens and {new_tokens} more were asked for, but the "
-                              f"model's context window is {limit} tokens: shorten the prompt or ask for fewer tokens")
+    if prompt_len >= limit or (
+        prompt_len + new_tokens > limit and model.config.rope_parameters.get("rope_type") != "dynamic"
+    ):
+        raise GenerationError(
+            f"the prompt has {prompt_len} tokens and {new_tokens} more were asked for, but the "
+            f"model's context window is {limit} tokens: shorten the prompt or ask for fewer tokens"
+        )
 
 
 def _stopped(criteria: Sequence[Callable], seqs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,16 @@ def _stopped(criteria: Sequence[Callable], seqs: torch.Tensor, scores: torch.Ten
 
 
 @torch.inference_mode()
-def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-                    tokenizer=None, logits_processor: Sequence[Callable] = (),
-                    stopping_criteria: Sequence[Callable] = ()) -> Iterator[Step]:
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    generator: torch.Generator | None = None,
+    tokenizer=None,
+    logits_processor: Sequence[Callable] = (),
+    stopping_criteria: Sequence[Callable] = (),
+) -> Iterator[Step]:
     """Yield one Step per new token; finished rows get the pad token."""
     cfg = config or GenerationConfig()
     input_ids, attention_mask = prepare_inputs(model, input_ids, attention_mask)
@@ -76,14 +85,21 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     seqs = input_ids
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                   logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        logits_to_keep=1,
+    ).logits[:, -1]
     next_pos = positions[:, -1:] + 1
     for step in range(steps):
         raw = logits.float()
         if not torch.isfinite(raw).all():
-            raise GenerationError(f"the model produced NaN or infinite logits at step {step} (broken weights, or an "
-                                  "overflow in this dtype: try float32 or bfloat16)")
+            raise GenerationError(
+                f"the model produced NaN or infinite logits at step {step} (broken weights, or an "
+                "overflow in this dtype: try float32 or bfloat16)"
+            )
         scores = process_logits(raw, seqs, cfg, step, processors=logits_processor)
         token = choose(scores, cfg, generator)
         if can_finish:
@@ -99,8 +115,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if step == steps - 1 or (can_finish and not bool(unfinished.any())):
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = model(token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                       past_key_values=cache).logits[:, -1]
+        logits = model(
+            token[:, None], attention_mask=attention_mask, position_ids=next_pos, past_key_values=cache
+        ).logits[:, -1]
         next_pos = next_pos + 1
 
 
@@ -119,7 +136,9 @@ def compile_decode(model, **compile_kwargs):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     devices = sorted({str(d) for d in (base.hf_device_map or {}).values()})
     if len(devices) > 1 or any(hasattr(p, "to_local") for p in base.parameters()):
-        raise GenerationError("compile_decode needs the whole model on one device, not spread by a device_map "
-                              f"({', '.join(devices)}) or sharded across ranks")
+        raise GenerationError(
+            "compile_decode needs the whole model on one device, not spread by a device_map "
+            f"({', '.join(devices)}) or sharded across ranks"
+        )
     base.decode_step = torch.compile(base.step, **compile_kwargs)
     return model

@@ -27,30 +27,47 @@ class GenerateOutput:
         return getattr(self, key)
 
 
-
 class GenerationMixin:
     """`generate()` with transformers' arguments and return value."""
 
     def _generation_config(self, generation_config, kwargs: dict) -> GenerationConfig:
-        base = GenerationConfig.coerce(generation_config) or getattr(self, "generation_config", None) or \
-            GenerationConfig.from_model_config(self.config)
+        base = (
+            GenerationConfig.coerce(generation_config)
+            or getattr(self, "generation_config", None)
+            or GenerationConfig.from_model_config(self.config)
+        )
         return base.updated(**kwargs)
 
     def can_generate(self) -> bool:
         return True
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values=None, attention_mask=None,
-                                      **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values=None, attention_mask=None, **kwargs: Any
+    ) -> dict[str, Any]:
         """The forward arguments for the next step (peft and other wrappers call this)."""
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length():]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values, **kwargs}
+            input_ids = input_ids[:, past_key_values.get_seq_length() :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            **kwargs,
+        }
 
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, streamer=None, tokenizer=None, generator: torch.Generator | None = None,
-                 seed: int | None = None, logits_processor: Sequence[Callable] | None = None,
-                 stopping_criteria: Sequence[Callable] | None = None, inputs: torch.Tensor | None = None,
-                 **kwargs: Any):
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config=None,
+        streamer=None,
+        tokenizer=None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        logits_processor: Sequence[Callable] | None = None,
+        stopping_criteria: Sequence[Callable] | None = None,
+        inputs: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
         """Prompt + new tokens (B * num_return_sequences, P + n), as transformers returns them; a GenerateOutput
         with return_dict_in_generate (scores with output_scores, raw logits with output_logits)."""
         input_ids = inputs if input_ids is None else input_ids
@@ -69,8 +86,16 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         new, scores, logits = [], [], []
-        for step in generate_tokens(self, input_ids, attention_mask, cfg, generator, tokenizer,
-                                    list(logits_processor or ()), list(stopping_criteria or ())):
+        for step in generate_tokens(
+            self,
+            input_ids,
+            attention_mask,
+            cfg,
+            generator,
+            tokenizer,
+            list(logits_processor or ()),
+            list(stopping_criteria or ()),
+        ):
             new.append(step.token)
             if cfg.output_scores:
                 scores.append(step.scores)
@@ -83,5 +108,8 @@ class GenerationMixin:
         sequences = torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
         if not cfg.return_dict_in_generate:
             return sequences
-        return GenerateOutput(sequences, tuple(scores) if cfg.output_scores else None,
-                              tuple(logits) if cfg.output_logits else None)
+        return GenerateOutput(
+            sequences,
+            tuple(scores) if cfg.output_scores else None,
+            tuple(logits) if cfg.output_logits else None,
+        )

@@ -49,8 +49,10 @@ def apply_no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, n: int)
         return scores
     banned = []
     for b, row in enumerate(input_ids.tolist()):
-        prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
-        banned += [(b, row[i + n - 1]) for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
+        prefix = tuple(row[len(row) - n + 1 :]) if n > 1 else ()
+        banned += [
+            (b, row[i + n - 1]) for i in range(len(row) - n + 1) if tuple(row[i : i + n - 1]) == prefix
+        ]
     if not banned:
         return scores
     rows, cols = zip(*banned)
@@ -59,8 +61,14 @@ def apply_no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, n: int)
     return scores
 
 
-def process_logits(scores: torch.Tensor, input_ids: torch.Tensor, cfg: GenerationConfig, new_tokens: int,
-                   keep: int = 1, processors: Sequence[Callable] = ()) -> torch.Tensor:
+def process_logits(
+    scores: torch.Tensor,
+    input_ids: torch.Tensor,
+    cfg: GenerationConfig,
+    new_tokens: int,
+    keep: int = 1,
+    processors: Sequence[Callable] = (),
+) -> torch.Tensor:
     """transformers' order: repetition penalty, no-repeat n-grams, min_new_tokens, then (sampling)
     temperature, top-k, top-p, min-p, then the caller's own processors (callables (ids, scores) -> scores)."""
     if cfg.repetition_penalty != 1.0:
@@ -84,7 +92,9 @@ def process_logits(scores: torch.Tensor, input_ids: torch.Tensor, cfg: Generatio
     return scores
 
 
-def choose(scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose(
+    scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The next token per row from processed scores (B, V): a draw when sampling, else the argmax."""
     if cfg.do_sample:
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -106,6 +116,6 @@ class StopStrings:
 
     def hit(self, new_ids: torch.Tensor) -> torch.Tensor:
         """new_ids (B, n) -> (B,) bool."""
-        tail = new_ids[:, -self.window:].tolist()
+        tail = new_ids[:, -self.window :].tolist()
         texts = [self.tokenizer.decode(row) for row in tail]
         return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool)

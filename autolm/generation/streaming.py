@@ -25,7 +25,9 @@ class Detokenizer:
 
         self.backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is None:
-            raise GenerationError(f"{type(tokenizer).__name__} has no `tokenizers` backend to stream text with")
+            raise GenerationError(
+                f"{type(tokenizer).__name__} has no `tokenizers` backend to stream text with"
+            )
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token: int) -> str:
@@ -54,8 +56,14 @@ class GenerationChunk:
     time_to_first_token: float = 0.0
 
 
-def stream_generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 256,
-                    generator: torch.Generator | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    max_new_tokens: int = 256,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> Iterator[GenerationChunk]:
     """Yield text pieces as tokens arrive (batch of one), with tokens/s statistics."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     input_ids = torch.tensor([ids], dtype=torch.long)
@@ -65,12 +73,10 @@ def stream_generate(model, tokenizer, prompt: str | list[int], max_new_tokens: i
     eos = set(cfg.eos_ids)
     t0 = time.perf_counter()
     t_first = None
-    n = 0
-    for step in generate_tokens(model, input_ids, None, cfg, generator, tokenizer):
+    for n, step in enumerate(generate_tokens(model, input_ids, None, cfg, generator, tokenizer), 1):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
-        n += 1
         tok = int(step.token[0])
         text = "" if tok in eos else detok.add(tok)
         reason = "stop" if bool(step.finished[0]) else "length" if n >= cfg.max_new_tokens else None
@@ -89,7 +95,9 @@ def generate_text(model, tokenizer, prompt: str | list[int], **kwargs: Any) -> s
 class TextStreamer:
     """transformers-style streamer: prints text as it is generated (batch of one)."""
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True, **decode_kwargs: Any):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True, **decode_kwargs: Any
+    ):
         self.tokenizer, self.skip_prompt = tokenizer, skip_prompt
         self._prompt_seen = False
         self._detok = Detokenizer(tokenizer, skip_special_tokens)
@@ -114,7 +122,9 @@ class TextStreamer:
 class TextIteratorStreamer(TextStreamer):
     """A streamer to iterate over from another thread: `for text in streamer: ...`."""
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any
+    ):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.queue: queue.Queue = queue.Queue()
         self.timeout = timeout

@@ -43,14 +43,21 @@ class PrivateOp:
                 self._op = packet.default
             except (AttributeError, RuntimeError):
                 self._op = None
-                logger.warning("torch.ops.%s.%s is not in this torch build; using the slower public op",
-                               self.namespace, self.name)
+                logger.warning(
+                    "torch.ops.%s.%s is not in this torch build; using the slower public op",
+                    self.namespace,
+                    self.name,
+                )
         return self._op
 
     def failed(self, error: Exception) -> None:
         """Stop using an op that raised (a changed signature, an unsupported build): fall back from now on."""
-        logger.warning("torch.ops.%s.%s failed (%s); using the slower public op from now on",
-                       self.namespace, self.name, error)
+        logger.warning(
+            "torch.ops.%s.%s failed (%s); using the slower public op from now on",
+            self.namespace,
+            self.name,
+            error,
+        )
         self._op = None
 
 
@@ -73,9 +80,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
             return (y if b is None else y + b.float()).to(x.dtype)
         return F.linear(x, w, b)
-    if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-            and type(x) in _PLAIN and type(w) in _PLAIN and (b is None or type(b) in _PLAIN)
-            and not needs_grad(x, w, b) and torch.backends.mkldnn.is_available()):
+    if (
+        x.dtype is torch.float32
+        and w.dtype is torch.float32
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and type(x) in _PLAIN
+        and type(w) in _PLAIN
+        and (b is None or type(b) in _PLAIN)
+        and not needs_grad(x, w, b)
+        and torch.backends.mkldnn.is_available()
+    ):
         op = ONEDNN_LINEAR.get()
         if op is not None:
             try:
@@ -85,12 +100,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              weights: list | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, weights: list | None = None
+) -> torch.Tensor:
     """Attention of q (B, nh, T, hd) over k, v (B, n_kv, S, hd), n_kv dividing nh; mask a boolean
     (B, 1, T, S) or None for plain causal attention. Returns (B, T, nh, hd), the layout o_proj reads.
     With a `weights` list the eager path runs and appends its probabilities (B, nh, T, S)."""
-    B, nh, T, hd = q.shape
+    _B, nh, T, _hd = q.shape
     n_kv = k.shape[1]
     if weights is not None:
         return eager_attention(q, k, v, mask, weights)
@@ -169,18 +185,30 @@ def one_row(module, dtype: torch.dtype):
 
 def linear_one_row(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
     """(op entry, call) for linear() on (1, K) inputs of `dtype`: oneDNN for fp32 on the CPU, else None."""
-    op = (ONEDNN_LINEAR.get() if dtype is torch.float32 and w.dtype is torch.float32 and w.device.type == "cpu"
-          and type(w) in _PLAIN and torch.backends.mkldnn.is_available() else None)
+    op = (
+        ONEDNN_LINEAR.get()
+        if dtype is torch.float32
+        and w.dtype is torch.float32
+        and w.device.type == "cpu"
+        and type(w) in _PLAIN
+        and torch.backends.mkldnn.is_available()
+        else None
+    )
     return None if op is None else (ONEDNN_LINEAR, lambda x: op(x, w, b, "none", [], ""))
 
 
 def int8_one_row(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype):
     """(op entry, call) for an int8 weight q * scales + offsets on (1, K) bf16 inputs on the CPU, else None."""
-    op = INT8_MM.get() if dtype is torch.bfloat16 and q.device.type == "cpu" and scales.dtype is dtype else None
+    op = (
+        INT8_MM.get()
+        if dtype is torch.bfloat16 and q.device.type == "cpu" and scales.dtype is dtype
+        else None
+    )
     if op is None or offsets.dtype is not dtype:
         return None
-    return INT8_MM, lambda x: torch.addcmul(op(x, q, scales), x.sum(-1, keepdim=True, dtype=torch.float32).to(dtype),
-                                            offsets)
+    return INT8_MM, lambda x: torch.addcmul(
+        op(x, q, scales), x.sum(-1, keepdim=True, dtype=torch.float32).to(dtype), offsets
+    )
 
 
 def int4_one_row(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, dtype: torch.dtype):
@@ -194,6 +222,7 @@ def int4_one_row(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.
 def linear_graph(w: torch.Tensor, b: torch.Tensor | None):
     """(tensors, fn) for linear() on (1, K) inputs inside a compiled graph (kernels.aot): fn(x, *tensors) is a
     multiply-and-sum, which inductor turns into one loop that streams the weight once."""
+
     def fn(x, w, b=None):
         y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
         return (y if b is None else y + b.float()).to(x.dtype)
@@ -204,6 +233,7 @@ def linear_graph(w: torch.Tensor, b: torch.Tensor | None):
 def int8_graph(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None):
     """(tensors, fn) for an int8 weight q * scales + offsets (+ bias) inside a compiled graph, rounded as
     Int8Linear's eager path rounds (x in bf16, x @ (q * s) in bf16, then + sum(x) * offsets in x's dtype)."""
+
     def fn(x, q, scales, offsets, bias=None):
         xb = x.to(torch.bfloat16).float()
         y = ((xb.unsqueeze(-2) * q.float()).sum(-1) * scales.to(torch.bfloat16).float()).to(torch.bfloat16)
@@ -214,7 +244,9 @@ def int8_graph(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bia
     return (q, scales, offsets) + (() if bias is None else (bias,)), fn
 
 
-def int4_graph(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+def int4_graph(
+    packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None
+):
     """(tensors, fn) for a packed int4 weight (+ bias) inside a compiled graph (PyTorch's CPU kernel, called
     from the compiled code); None where the kernel is missing."""
     op = INT4_MM.get()
@@ -235,13 +267,28 @@ def concat_graph(kernels: list[tuple]):
     def fn(x, *tensors):
         outs, start = [], 0
         for (_, f), n in zip(kernels, counts):
-            outs.append(f(x, *tensors[start:start + n]))
+            outs.append(f(x, *tensors[start : start + n]))
             start += n
         return torch.cat(outs, -1)
 
     return tuple(t for ts, _ in kernels for t in ts), fn
 
 
-__all__ = ["attention", "blocked_attention", "concat_graph", "grouped_attention", "int4_graph", "int4_matmul",
-           "int4_one_row", "int4_pack", "int8_graph", "int8_matmul", "int8_one_row", "linear", "linear_graph",
-           "linear_one_row", "needs_grad", "one_row"]
+__all__ = [
+    "attention",
+    "blocked_attention",
+    "concat_graph",
+    "grouped_attention",
+    "int4_graph",
+    "int4_matmul",
+    "int4_one_row",
+    "int4_pack",
+    "int8_graph",
+    "int8_matmul",
+    "int8_one_row",
+    "linear",
+    "linear_graph",
+    "linear_one_row",
+    "needs_grad",
+    "one_row",
+]

@@ -30,7 +30,7 @@ from .._util import _fsync_dir, autolm_home
 
 logger = logging.getLogger("autolm")
 
-_LOADED: dict[str, "Graph | None"] = {}  # key -> loaded package (None: compiling it failed in this process)
+_LOADED: dict[str, Graph | None] = {}  # key -> loaded package (None: compiling it failed in this process)
 
 
 class Graph:
@@ -71,6 +71,7 @@ def _api():
     """(compile_and_package, load_package) from torch._inductor, or None where this torch lacks them."""
     try:
         import torch._inductor as inductor
+
         return inductor.aoti_compile_and_package, inductor.aoti_load_package
     except (ImportError, AttributeError):
         return None
@@ -101,14 +102,21 @@ def cached_graph(key: str) -> Graph | None:
     try:
         graph = Graph(_load(path), path)
     except Exception as e:  # a truncated or foreign file: compile it again when asked
-        logger.warning("autolm: could not load the compiled graph %s (%s); it will be compiled again", path, e)
+        logger.warning(
+            "autolm: could not load the compiled graph %s (%s); it will be compiled again", path, e
+        )
         return None
     _LOADED[key] = graph
     return graph
 
 
-def compile_graph(key: str, module: torch.nn.Module, inputs: list[torch.Tensor], dynamic: list | None = None,
-                  inductor_configs: dict | None = None) -> Graph | None:
+def compile_graph(
+    key: str,
+    module: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    dynamic: list | None = None,
+    inductor_configs: dict | None = None,
+) -> Graph | None:
     """Compile `module` (forward(inputs: list)) for inputs like these, with the dynamic dimensions `dynamic`
     (one dict {dim: torch.export.Dim} or None per input), store it under `key` and load it. None, with a
     warning, where compiling fails (no C++ compiler, an op inductor cannot export); not retried in this
@@ -129,8 +137,9 @@ def compile_graph(key: str, module: torch.nn.Module, inputs: list[torch.Tensor],
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                exported = torch.export.export(module, (inputs,), dynamic_shapes=(dynamic,) if dynamic else None,
-                                               strict=False)
+                exported = torch.export.export(
+                    module, (inputs,), dynamic_shapes=(dynamic,) if dynamic else None, strict=False
+                )
                 api[0](exported, package_path=tmp, inductor_configs=inductor_configs or {})
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
@@ -139,8 +148,11 @@ def compile_graph(key: str, module: torch.nn.Module, inputs: list[torch.Tensor],
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except Exception as e:
-        logger.warning("autolm: compiling a graph ahead of time failed (%s: %s); the eager path runs instead",
-                       type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+        logger.warning(
+            "autolm: compiling a graph ahead of time failed (%s: %s); the eager path runs instead",
+            type(e).__name__,
+            str(e).strip().splitlines()[0][:300] if str(e).strip() else "",
+        )
         _LOADED[key] = None
         return None
     return cached_graph(key)

@@ -12,14 +12,15 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     B, nh, _, hd = q.shape
     n_kv = k.shape[1]
     q = q.reshape(B, n_kv, nh // n_kv, hd)
-    scores = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, n_kv, group, S)
+    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, n_kv, group, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     y = scores.softmax(-1).to(v.dtype) @ v  # (B, n_kv, group, hd)
     return y.reshape(B, 1, nh, hd)
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      block: int = 128) -> torch.Tensor:
+def blocked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, block: int = 128
+) -> torch.Tensor:
     """Attention of T queries (q (B, nh, T, hd)) over S = past + T keys (k, v (B, n_kv, S, hd)) in
     blocks of `block` queries, each against only the keys it can see; mask is a boolean (B, 1, T, S)
     or None for plain causal. Each group of query heads meets its KV head in one matmul, without
@@ -35,14 +36,12 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         stop = min(start + block, T)
         n, keys = stop - start, past + stop  # queries in this block; keys the last of them can see
         scores = q[:, :, :, start:stop].reshape(B, n_kv, group * n, hd) @ k[:, :, :keys].transpose(-1, -2)
-        scores = scores.view(B, n_kv, group, n, keys).mul_(hd ** -0.5)
+        scores = scores.view(B, n_kv, group, n, keys).mul_(hd**-0.5)
         if mask is None:  # only the block's own keys need the causal triangle
             causal = torch.full((n, n), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
-            scores[..., past + start:].add_(causal)
+            scores[..., past + start :].add_(causal)
         else:
             scores.masked_fill_(~mask[:, None, :, start:stop, :keys], float("-inf"))
         probs = scores.softmax(-1).view(B, n_kv, group * n, keys)
         out[:, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd).permute(0, 3, 1, 2, 4)
     return out.view(B, T, nh, hd)
-
-

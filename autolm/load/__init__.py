@@ -27,10 +27,15 @@ from .report import LoadReport
 
 logger = logging.getLogger("autolm")
 # transformers' arguments that change nothing here: logged once, then ignored.
-_ACCEPTED = {"low_cpu_mem_usage": "autolm always loads on the meta device, memory-mapped",
-             "trust_remote_code": "autolm never runs code from a checkpoint",
-             "use_fast": None, "_fast_init": None, "output_loading_info": None, "offload_state_dict": None,
-             "offload_buffers": None}
+_ACCEPTED = {
+    "low_cpu_mem_usage": "autolm always loads on the meta device, memory-mapped",
+    "trust_remote_code": "autolm never runs code from a checkpoint",
+    "use_fast": None,
+    "_fast_init": None,
+    "output_loading_info": None,
+    "offload_state_dict": None,
+    "offload_buffers": None,
+}
 _ATTENTION = ("eager", "sdpa", None)
 
 
@@ -44,25 +49,46 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
 
     hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
     directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
-    if (kwargs.get("gguf_file") is None and not os.path.isfile(os.path.join(directory, "config.json"))
-            and os.path.isfile(os.path.join(directory, "adapter_config.json"))):
+    if (
+        kwargs.get("gguf_file") is None
+        and not os.path.isfile(os.path.join(directory, "config.json"))
+        and os.path.isfile(os.path.join(directory, "adapter_config.json"))
+    ):
         base = LoraConfig.from_pretrained(directory).base_model_name_or_path
         if not base:
-            raise ConfigError(f"{directory}: an adapter whose adapter_config.json names no base_model_name_or_path; "
-                              "load the base model and use PeftModel.from_pretrained(model, adapter)")
+            raise ConfigError(
+                f"{directory}: an adapter whose adapter_config.json names no base_model_name_or_path; "
+                "load the base model and use PeftModel.from_pretrained(model, adapter)"
+            )
         kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
         return PeftModel.from_pretrained(_load(base, **kwargs), directory)
     return _load(pretrained_model_name_or_path, resolved=directory, **kwargs)
 
 
-def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
-                    torch_dtype: Any = None, device: str | torch.device | None = None, device_map: Any = None,
-                    max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                    quantization: Any = None, tp_plan: str | None = None, fsdp: bool = False, lora_config=None,
-                    gguf_file: str | None = None, config=None, strict: bool = True, check_finite: bool = False,
-                    attn_implementation: str | None = None, use_safetensors: bool | None = None,
-                    variant: str | None = None, progress: bool | None = None, resolved: str | None = None,
-                    **kwargs: Any):
+def _load(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    dtype: Any = "auto",
+    torch_dtype: Any = None,
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    quantization: Any = None,
+    tp_plan: str | None = None,
+    fsdp: bool = False,
+    lora_config=None,
+    gguf_file: str | None = None,
+    config=None,
+    strict: bool = True,
+    check_finite: bool = False,
+    attn_implementation: str | None = None,
+    use_safetensors: bool | None = None,
+    variant: str | None = None,
+    progress: bool | None = None,
+    resolved: str | None = None,
+    **kwargs: Any,
+):
     """The load path: resolve, open the source, build on meta, place, stream the weights.
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
@@ -77,16 +103,20 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
         if kwargs.pop(k) is not None and _ACCEPTED[k]:
             logger.info("from_pretrained: %s is accepted and has no effect (%s)", k, _ACCEPTED[k])
     if attn_implementation not in _ATTENTION:
-        raise ConfigError(f"attn_implementation={attn_implementation!r} is not available: autolm runs PyTorch's "
-                          "scaled_dot_product_attention (flash attention on CUDA) and its own CPU kernels; "
-                          "pass 'sdpa' or 'eager'")
+        raise ConfigError(
+            f"attn_implementation={attn_implementation!r} is not available: autolm runs PyTorch's "
+            "scaled_dot_product_attention (flash attention on CUDA) and its own CPU kernels; "
+            "pass 'sdpa' or 'eager'"
+        )
     hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
     want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
     if quantization is not None and want == "auto":
         want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
     report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
 
-    directory = resolved or resolve_model_dir(pretrained_model_name_or_path, **hub)  # from_pretrained resolved it
+    directory = resolved or resolve_model_dir(
+        pretrained_model_name_or_path, **hub
+    )  # from_pretrained resolved it
     report.directory = directory
     report.lap("resolve")
     source = open_source(directory, gguf_file, use_safetensors, variant)
@@ -107,21 +137,30 @@ def _load(pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "aut
         model = model_class(config.model_type)(config)
     if isinstance(target, torch.dtype):
         model = model.to(target)  # free on the meta device
-    placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config)
+    placer = _placer(
+        model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config
+    )
     placer.setup(model)
     report.device = str(placer.device) if type(placer) is OneDevice else type(placer).__name__
     report.lap("build")
     if progress is None:
         progress = source.format == "gguf" or sum(os.path.getsize(f) for f in source.files) >= 2**30
     model = _stream(model, source, placer, target, report, strict, check_finite, progress, len(shapes or ()))
-    report.dtype_decision = ("requested" if isinstance(want, torch.dtype) else
-                             "auto: GGUF dequantizes to float32" if source.format == "gguf" else
-                             "auto: config dtype / checkpoint dtype")
+    report.dtype_decision = (
+        "requested"
+        if isinstance(want, torch.dtype)
+        else "auto: GGUF dequantizes to float32"
+        if source.format == "gguf"
+        else "auto: config dtype / checkpoint dtype"
+    )
     report.lap("weights")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.eval()
-    base.generation_config = (GenerationConfig.from_model_config(config) if source.format == "gguf" else
-                              GenerationConfig.from_model_dir(directory, config))
+    base.generation_config = (
+        GenerationConfig.from_model_config(config)
+        if source.format == "gguf"
+        else GenerationConfig.from_model_dir(directory, config)
+    )
     base.load_report = report
     base.name_or_path = config.name_or_path = os.fspath(pretrained_model_name_or_path)
     logger.info("loaded %s\n%s", report.source, report)
@@ -136,15 +175,20 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     saved = model.config.extra.get("quantization_config")
     if tp_plan or fsdp:
         if device_map is not None or quantization is not None or saved is not None or (tp_plan and fsdp):
-            raise ConfigError("tp_plan and fsdp cannot be combined with each other, device_map or quantization")
+            raise ConfigError(
+                "tp_plan and fsdp cannot be combined with each other, device_map or quantization"
+            )
         return TensorParallel() if tp_plan else FSDP(lora_config)
     if lora_config is not None:
         raise ConfigError("lora_config is for fsdp=True; otherwise wrap the loaded model with get_peft_model")
     for key in max_memory or {}:
         if str(key) != "disk":
             check_device(key, "max_memory key")
-    inner = DeviceMap(device_map, max_memory, offload_folder) if device_map is not None else OneDevice(
-        check_device(device) if device is not None else torch.device("cpu"))
+    inner = (
+        DeviceMap(device_map, max_memory, offload_folder)
+        if device_map is not None
+        else OneDevice(check_device(device) if device is not None else torch.device("cpu"))
+    )
     if quantization is not None or saved is not None:
         return Quantize(quantization, saved, inner)
     return inner
@@ -157,12 +201,16 @@ def _check_size(config, shapes: dict | None) -> None:
         return
     layers = {_layer_index(n) for n in shapes} - {-1}
     if config.num_hidden_layers > len(layers):
-        raise ConfigError(f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
-                          f"holds {len(layers)} decoder layers")
+        raise ConfigError(
+            f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
+            f"holds {len(layers)} decoder layers"
+        )
     emb = shapes.get("model.embed_tokens.weight")
     if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
-        raise ConfigError(f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
-                          f"but the checkpoint's embeddings are {tuple(emb)}")
+        raise ConfigError(
+            f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
+            f"but the checkpoint's embeddings are {tuple(emb)}"
+        )
 
 
 def _layer_index(name: str) -> int:
@@ -181,14 +229,28 @@ def _config_dtype(config) -> torch.dtype | None:
     return d if isinstance(d, torch.dtype) else None
 
 
-def _stream(model, source, placer, target, report: LoadReport, strict: bool, check_finite: bool, progress: bool,
-            count: int = 0):
+def _stream(
+    model,
+    source,
+    placer,
+    target,
+    report: LoadReport,
+    strict: bool,
+    check_finite: bool,
+    progress: bool,
+    count: int = 0,
+):
     """Hand every checkpoint tensor to the placer (cast to the target dtype first); check names and shapes."""
     from tqdm import tqdm
 
     what = "loading + quantizing" if isinstance(placer, Quantize) else "loading"
-    bar = tqdm(total=count or None, desc=f"{what} {os.path.basename(source.files[0])}",
-               unit=" tensors", disable=not progress, leave=False)
+    bar = tqdm(
+        total=count or None,
+        desc=f"{what} {os.path.basename(source.files[0])}",
+        unit=" tensors",
+        disable=not progress,
+        leave=False,
+    )
     config = model.config
     expected = placer.expected(model)
     tied = config.tie_word_embeddings
@@ -199,8 +261,11 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
     unexpected, mismatched, deeper = [], [], 0
     planned = False
     # GGUF 4-bit blocks go straight into int4 layers that quantize in the same groups of 32
-    tensors = (source.tensors(int4=placer.takes_int4_blocks) if source.format == "gguf" and isinstance(placer, Quantize)
-               else source.tensors())
+    tensors = (
+        source.tensors(int4=placer.takes_int4_blocks)
+        if source.format == "gguf" and isinstance(placer, Quantize)
+        else source.tensors()
+    )
     for path, name, t in tensors:
         bar.update(1)
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
@@ -221,7 +286,9 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
                 unexpected.append(part)
                 continue
             if parts is None and tuple(value.shape) != shape:
-                mismatched.append(f"{part}: checkpoint {tuple(value.shape)} vs model {shape} ({os.path.basename(path)})")
+                mismatched.append(
+                    f"{part}: checkpoint {tuple(value.shape)} vs model {shape} ({os.path.basename(path)})"
+                )
                 continue
             zero_copy = not (value.is_floating_point() and target is not None and value.dtype != target)
             if zero_copy:
@@ -243,14 +310,20 @@ def _stream(model, source, placer, target, report: LoadReport, strict: bool, che
     if mismatched:
         problems.append("wrongly shaped tensors: " + "; ".join(mismatched[:20]))
     if problems:
-        raise CheckpointError(f"{report.directory or report.source}: checkpoint does not fit the model — "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"{report.directory or report.source}: checkpoint does not fit the model — " + "; ".join(problems)
+        )
     if unexpected:
         report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
     if deeper:
-        report.notes.append(f"skipped {deeper} tensors of layers >= num_hidden_layers ({config.num_hidden_layers})")
-        logger.warning("%s: the config asks for %d layers; the checkpoint's deeper layers were not loaded",
-                       report.directory or report.source, config.num_hidden_layers)
+        report.notes.append(
+            f"skipped {deeper} tensors of layers >= num_hidden_layers ({config.num_hidden_layers})"
+        )
+        logger.warning(
+            "%s: the config asks for %d layers; the checkpoint's deeper layers were not loaded",
+            report.directory or report.source,
+            config.num_hidden_layers,
+        )
     report.tensors = len(loaded)
     model = placer.finish(model, loaded)
     mapped = placer.inner if isinstance(placer, Quantize) else placer
@@ -266,7 +339,9 @@ class AutoModelForCausalLM:
     from_pretrained = staticmethod(from_pretrained)
 
     @staticmethod
-    def from_config(config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any):
+    def from_config(
+        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
+    ):
         """A randomly initialised model (for training from scratch or tests)."""
         model = model_class(config.model_type)(config)
         model.tie_weights()
@@ -278,14 +353,20 @@ class AutoConfig:
     """`AutoConfig.from_pretrained(dir | repo id | path/to/config.json, gguf_file=None, **overrides)`, `AutoConfig.for_model`."""
 
     @staticmethod
-    def from_pretrained(path_or_repo_id: str | os.PathLike, return_unused_kwargs: bool = False,
-                        gguf_file: str | None = None, **kwargs: Any) -> LlamaConfig:
+    def from_pretrained(
+        path_or_repo_id: str | os.PathLike,
+        return_unused_kwargs: bool = False,
+        gguf_file: str | None = None,
+        **kwargs: Any,
+    ) -> LlamaConfig:
         if gguf_file is None:
             config = load_config(path_or_repo_id, **kwargs)
         else:
             hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
             kwargs.pop("trust_remote_code", None)
-            config = open_source(resolve_model_dir(os.fspath(path_or_repo_id), **hub), gguf_file).config(**kwargs)
+            config = open_source(resolve_model_dir(os.fspath(path_or_repo_id), **hub), gguf_file).config(
+                **kwargs
+            )
         return (config, {}) if return_unused_kwargs else config
 
     @staticmethod

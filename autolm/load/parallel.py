@@ -30,13 +30,15 @@ def init_from_env():
 
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ConfigError("tensor parallel (tp_plan='auto') and FSDP loading need torch.distributed: launch with "
-                              "torchrun (e.g. torchrun --nproc-per-node 2 script.py), `autolm generate --tp N` "
-                              "or `autolm finetune --nproc N`")
+            raise ConfigError(
+                "tensor parallel (tp_plan='auto') and FSDP loading need torch.distributed: launch with "
+                "torchrun (e.g. torchrun --nproc-per-node 2 script.py), `autolm generate --tp N` "
+                "or `autolm finetune --nproc N`"
+            )
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return init_device_mesh(device, (dist.get_world_size(),))
 
 
@@ -48,18 +50,26 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
 
     world, rank = mesh.size(), mesh.get_local_rank()
     config = model.config
-    for name, n in (("num_attention_heads", config.num_attention_heads),
-                    ("num_key_value_heads", config.num_key_value_heads),
-                    ("intermediate_size", config.intermediate_size)):
+    for name, n in (
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads),
+        ("intermediate_size", config.intermediate_size),
+    ):
         if n % world:
             raise ConfigError(f"tensor parallel over {world} ranks needs {name} ({n}) divisible by {world}")
-    styles = {"colwise": ColwiseParallel(), "rowwise": RowwiseParallel(),
-              # Vocabulary-parallel: each rank holds a slice of the vocabulary rows of the embedding (its
-              # lookups are summed across ranks) and of the LM head (the logits are gathered).
-              "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-              "lm_head": ColwiseParallel(output_layouts=Replicate())}
-    plan = {m: styles[s] for m, s in model.tp_plan().items()
-            if s in ("colwise", "rowwise") or config.vocab_size % world == 0}
+    styles = {
+        "colwise": ColwiseParallel(),
+        "rowwise": RowwiseParallel(),
+        # Vocabulary-parallel: each rank holds a slice of the vocabulary rows of the embedding (its
+        # lookups are summed across ranks) and of the LM head (the logits are gathered).
+        "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    }
+    plan = {
+        m: styles[s]
+        for m, s in model.tp_plan().items()
+        if s in ("colwise", "rowwise") or config.vocab_size % world == 0
+    }
     parallelize_module(model, mesh, plan)
     model.shard_heads(world)
     shards = {}

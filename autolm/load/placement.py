@@ -29,8 +29,10 @@ def blocks(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str
         module = model.get_submodule(name)
         tensors = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in seen]
         seen.update(id(t) for t in tensors)
-        size = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
-                   for t in tensors)
+        size = sum(
+            t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+            for t in tensors
+        )
         out.append((name, size))
     return out
 
@@ -59,8 +61,9 @@ def default_max_memory() -> dict[str, int]:
     return mem
 
 
-def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strategy: str = "auto",
-         tied: bool = False) -> dict[str, str]:
+def plan(
+    units: list[tuple[str, int]], max_memory: dict[str, int | str], strategy: str = "auto", tied: bool = False
+) -> dict[str, str]:
     """Assign each block to a device in forward order, never splitting one.
 
     "sequential" fills each device before the next; "balanced" and "auto" spread blocks evenly over
@@ -68,7 +71,9 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
     goes where the embeddings are, since they share one tensor.
     """
     if strategy not in STRATEGIES:
-        raise ConfigError(f"device_map {strategy!r} is not supported (expected one of {STRATEGIES} or a dict)")
+        raise ConfigError(
+            f"device_map {strategy!r} is not supported (expected one of {STRATEGIES} or a dict)"
+        )
     if strategy == "cpu":
         return {name: "cpu" for name, _ in units}
     budget = {str(d): parse_size(v) for d, v in max_memory.items()}
@@ -81,7 +86,7 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
         for d in accelerators[:-1]:
             budget[d] = min(budget[d], share)
     result: dict[str, str] = {}
-    used = {d: 0 for d in devices}
+    used = dict.fromkeys(devices, 0)
     k = 0
     for name, size in units:
         if tied and name == "lm_head":
@@ -92,14 +97,16 @@ def plan(units: list[tuple[str, int]], max_memory: dict[str, int | str], strateg
         if k == len(devices):
             raise ConfigError(
                 f"the model needs {total / 1e9:.2f} GB but max_memory {dict(max_memory)} cannot hold block "
-                f"{name!r} ({size / 1e6:.1f} MB); give more memory or add 'disk' with an offload_folder")
+                f"{name!r} ({size / 1e6:.1f} MB); give more memory or add 'disk' with an offload_folder"
+            )
         result[name] = devices[k]
         used[devices[k]] += size
     return result
 
 
-def resolve_device_map(model: nn.Module, device_map, max_memory=None, dtype: torch.dtype | None = None
-                       ) -> dict[str, str]:
+def resolve_device_map(
+    model: nn.Module, device_map, max_memory=None, dtype: torch.dtype | None = None
+) -> dict[str, str]:
     """A strategy name or a {prefix: device} dict -> {block: device}, checked and complete; block sizes are
     counted in `dtype` (the dtype the weights will load in)."""
     units = blocks(model, dtype)
@@ -110,14 +117,20 @@ def resolve_device_map(model: nn.Module, device_map, max_memory=None, dtype: tor
         mem = dict(max_memory) if max_memory else default_max_memory()
         return plan(units, mem, device_map, tied)
     if not isinstance(device_map, dict):
-        raise ConfigError(f"device_map must be a strategy {STRATEGIES}, a device, or a dict; got {device_map!r}")
+        raise ConfigError(
+            f"device_map must be a strategy {STRATEGIES}, a device, or a dict; got {device_map!r}"
+        )
     names = [n for n, _ in units]
     for key in device_map:
         if key == "" or any(n == key or n.startswith(key + ".") for n in names):
             continue
         if any(key.startswith(n + ".") for n in names):
-            raise ConfigError(f"device_map key {key!r} would split block {key.rsplit('.', 1)[0]!r}; place whole blocks")
-        raise ConfigError(f"device_map key {key!r} names no module of the model (blocks: {names[0]} ... {names[-1]})")
+            raise ConfigError(
+                f"device_map key {key!r} would split block {key.rsplit('.', 1)[0]!r}; place whole blocks"
+            )
+        raise ConfigError(
+            f"device_map key {key!r} names no module of the model (blocks: {names[0]} ... {names[-1]})"
+        )
     result = {}
     for name in names:
         prefixes = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
@@ -161,8 +174,10 @@ class OffloadStore:
         """Keep a reference into the checkpoint (source = (file, byte offset)) or write a copy."""
         if source is None:
             if self.folder is None:
-                raise ConfigError("device_map puts blocks on 'disk' but no offload_folder was given "
-                                  "(needed because the checkpoint is not safetensors in the requested dtype)")
+                raise ConfigError(
+                    "device_map puts blocks on 'disk' but no offload_folder was given "
+                    "(needed because the checkpoint is not safetensors in the requested dtype)"
+                )
             from safetensors.torch import save_file
 
             from ..sources.safetensors import read_safetensors_header

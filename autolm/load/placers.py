@@ -100,8 +100,9 @@ class Quantize:
         self.cfg = QuantConfig.parse(quantization if quantization is not None else saved)
         if saved is not None and QuantConfig.parse(saved) != self.cfg:
             if not (isinstance(quantization, str) and QuantConfig.parse(saved).bits == self.cfg.bits):
-                raise ConfigError(f"checkpoint is already quantized as {saved}; cannot load it as "
-                                  f"{self.cfg.to_dict()}")
+                raise ConfigError(
+                    f"checkpoint is already quantized as {saved}; cannot load it as {self.cfg.to_dict()}"
+                )
             self.cfg = QuantConfig.parse(saved)  # 'int4' names the saved int4 model, whatever its head
         self.saved, self.inner, self.shapes, self.tied = saved is not None, inner, {}, False
 
@@ -121,8 +122,13 @@ class Quantize:
     def takes_int4_blocks(self, name: str) -> bool:
         """Whether the weight `name` can be loaded from GGUF Q4_0 / Q4_1 blocks as they are (groups of 32)."""
         module = name.removesuffix(".weight")
-        return (module != name and module in self.shapes and not self.saved and self.cfg.bits_for(module) == 4
-                and self.cfg.group_size == 32)
+        return (
+            module != name
+            and module in self.shapes
+            and not self.saved
+            and self.cfg.bits_for(module) == 4
+            and self.cfg.group_size == 32
+        )
 
     def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """A float weight of a quantized layer -> its quantized entries (a tied head: a quantized copy too);
@@ -132,14 +138,18 @@ class Quantize:
         module = name.removesuffix(".weight")
         if hasattr(t, "scales_and_zeros"):
             if tuple(t.shape) != self.shapes[module]:
-                raise CheckpointError(f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}")
+                raise CheckpointError(
+                    f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"
+                )
             return {f"{module}.weight": pack_nibbles(t.q), f"{module}.scales_and_zeros": t.scales_and_zeros}
         if self.tied and name == "model.embed_tokens.weight" and "lm_head" in self.shapes and not self.saved:
             return {name: t, **self.split("lm_head.weight", t, dtype)}
         if module not in self.shapes or module == name or not t.is_floating_point():
             return None
         if tuple(t.shape) != self.shapes[module]:
-            raise CheckpointError(f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}")
+            raise CheckpointError(
+                f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"
+            )
         return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, module, t, dtype).items()}
 
     def put(self, name, t, path, zero_copy):
@@ -156,8 +166,11 @@ class TensorParallel(OneDevice):
         from .parallel import init_from_env
 
         self.mesh = init_from_env()
-        super().__init__(torch.device(self.mesh.device_type, torch.cuda.current_device())
-                         if self.mesh.device_type == "cuda" else torch.device("cpu"))
+        super().__init__(
+            torch.device(self.mesh.device_type, torch.cuda.current_device())
+            if self.mesh.device_type == "cuda"
+            else torch.device("cpu")
+        )
         self.shards: dict[str, tuple[int, int, int]] = {}
 
     def setup(self, model: nn.Module) -> None:
@@ -195,8 +208,11 @@ class FSDP(OneDevice):
 
         model.tie_weights()
         # Where each checkpoint tensor goes: (module, attribute) survive LoRA wrapping and fully_shard.
-        self.slots = {f"{m}.{a}" if m else a: (module, a, tuple(p.shape)) for m, module in model.named_modules()
-                      for a, p in module.named_parameters(recurse=False)}
+        self.slots = {
+            f"{m}.{a}" if m else a: (module, a, tuple(p.shape))
+            for m, module in model.named_modules()
+            for a, p in module.named_parameters(recurse=False)
+        }
         if model.config.tie_word_embeddings:
             self.slots.pop("lm_head.weight", None)
         self.trainable = model
@@ -223,7 +239,9 @@ class FSDP(OneDevice):
         module, attr, _ = self.slots[name]
         old = getattr(module, attr)
         local = local_slice(t, 0, self.mesh.get_local_rank(), self.mesh.size()).to(self.device)
-        return DTensor.from_local(local, self.mesh, old.placements, shape=old.shape, stride=old.stride(), run_check=False)
+        return DTensor.from_local(
+            local, self.mesh, old.placements, shape=old.shape, stride=old.stride(), run_check=False
+        )
 
     def finish(self, model, loaded):
         for name, value in loaded.items():

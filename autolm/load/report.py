@@ -41,7 +41,9 @@ class LoadReport:
             f"tensors:    {self.tensors} ({self.bytes / 1e6:.1f} MB), {self.zero_copy_tensors} zero-copy, "
             f"{self.cast_tensors} cast",
             f"device:     {self.device}",
-            "seconds:    " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()) + f" (total {total:.3f})",
+            "seconds:    "
+            + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items())
+            + f" (total {total:.3f})",
         ]
         return out + [f"note:       {n}" for n in self.notes]
 

@@ -4,4 +4,12 @@ from .config import LoraConfig, TaskType
 from .layers import LoraLinear, ModulesToSave
 from .model import LoraModel, PeftModel, get_peft_model
 
-__all__ = ["LoraConfig", "LoraLinear", "LoraModel", "ModulesToSave", "PeftModel", "TaskType", "get_peft_model"]
+__all__ = [
+    "LoraConfig",
+    "LoraLinear",
+    "LoraModel",
+    "ModulesToSave",
+    "PeftModel",
+    "TaskType",
+    "get_peft_model",
+]

@@ -17,11 +17,26 @@ from ..errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 # The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).
 PEFT_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
-    "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
-    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
-    "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "revision": None,
-    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "revision": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
     "velora_config": None,
 }
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
@@ -75,11 +90,19 @@ class LoraConfig:
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise AdapterError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         t = self.target_modules
-        if t is not None and not isinstance(t, str) and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
+        if (
+            t is not None
+            and not isinstance(t, str)
+            and not (isinstance(t, list) and all(isinstance(x, str) for x in t))
+        ):
             raise AdapterError(f"LoraConfig: target_modules must be a string or a list of strings, got {t!r}")
+
         def strings(v, single_ok=True):
-            return v is None or (single_ok and isinstance(v, str)) or (
-                isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+            return (
+                v is None
+                or (single_ok and isinstance(v, str))
+                or (isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+            )
 
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30
@@ -89,32 +112,63 @@ class LoraConfig:
             ("exclude_modules", strings(self.exclude_modules), "a string or a list of strings"),
             ("modules_to_save", strings(self.modules_to_save, single_ok=False), "a list of module names"),
             ("layers_pattern", strings(self.layers_pattern), "a string or a list of strings"),
-            ("layers_to_transform", self.layers_to_transform is None or (
-                isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool)) or (
-                isinstance(self.layers_to_transform, list) and all(
-                    isinstance(x, int) and not isinstance(x, bool) for x in self.layers_to_transform)),
-             "an integer or a list of integers"),
-            ("rank_pattern", isinstance(self.rank_pattern, dict) and all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536 for v in self.rank_pattern.values()),
-             "an object of positive integer ranks"),
-            ("alpha_pattern", isinstance(self.alpha_pattern, dict) and all(
-                number(v) for v in self.alpha_pattern.values()), "an object of numbers"),
-            ("init_lora_weights", isinstance(self.init_lora_weights, (bool, str)), "true, false or a method name"),
+            (
+                "layers_to_transform",
+                self.layers_to_transform is None
+                or (
+                    isinstance(self.layers_to_transform, int)
+                    and not isinstance(self.layers_to_transform, bool)
+                )
+                or (
+                    isinstance(self.layers_to_transform, list)
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers_to_transform)
+                ),
+                "an integer or a list of integers",
+            ),
+            (
+                "rank_pattern",
+                isinstance(self.rank_pattern, dict)
+                and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536
+                    for v in self.rank_pattern.values()
+                ),
+                "an object of positive integer ranks",
+            ),
+            (
+                "alpha_pattern",
+                isinstance(self.alpha_pattern, dict) and all(number(v) for v in self.alpha_pattern.values()),
+                "an object of numbers",
+            ),
+            (
+                "init_lora_weights",
+                isinstance(self.init_lora_weights, (bool, str)),
+                "true, false or a method name",
+            ),
             ("task_type", self.task_type is None or isinstance(self.task_type, str), "a task type name"),
-            ("base_model_name_or_path", self.base_model_name_or_path is None or isinstance(
-                self.base_model_name_or_path, str), "a path or repo id"),
-        ] + [(k, isinstance(getattr(self, k), bool), "true or false")
-             for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")]
+            (
+                "base_model_name_or_path",
+                self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str),
+                "a path or repo id",
+            ),
+        ] + [
+            (k, isinstance(getattr(self, k), bool), "true or false")
+            for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")
+        ]
         for name, ok, expected in checks:
             if not ok:
                 raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
-        for pattern in [*(self.rank_pattern or {}), *(self.alpha_pattern or {}),
-                        *([t] if isinstance(t, str) else []),
-                        *([self.exclude_modules] if isinstance(self.exclude_modules, str) else [])]:
+        for pattern in [
+            *(self.rank_pattern or {}),
+            *(self.alpha_pattern or {}),
+            *([t] if isinstance(t, str) else []),
+            *([self.exclude_modules] if isinstance(self.exclude_modules, str) else []),
+        ]:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise AdapterError(f"LoraConfig: {pattern!r} is not a valid regular expression ({e})") from None
+                raise AdapterError(
+                    f"LoraConfig: {pattern!r} is not a valid regular expression ({e})"
+                ) from None
         if self.bias not in ("none", "all", "lora_only"):
             raise AdapterError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.use_dora:
@@ -123,12 +177,14 @@ class LoraConfig:
             raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
+        return cls(
+            **{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names}
+        )
 
     @classmethod
-    def from_pretrained(cls, directory: str) -> "LoraConfig":
+    def from_pretrained(cls, directory: str) -> LoraConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
@@ -145,7 +201,9 @@ class LoraConfig:
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """r and alpha for a module, honouring rank_pattern / alpha_pattern (peft's matching)."""
         r = next((v for p, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.r)
-        a = next((v for p, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.lora_alpha)
+        a = next(
+            (v for p, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({p})$", key)), self.lora_alpha
+        )
         return r, a
 
     def matches(self, key: str, module: nn.Module) -> bool:
@@ -154,8 +212,11 @@ class LoraConfig:
             return False
         if self.exclude_modules:
             ex = self.exclude_modules
-            if (re.fullmatch(ex, key) if isinstance(ex, str)
-                    else key in ex or any(key.endswith(f".{e}") for e in ex)):
+            if (
+                re.fullmatch(ex, key)
+                if isinstance(ex, str)
+                else key in ex or any(key.endswith(f".{e}") for e in ex)
+            ):
                 return False
         targets = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS
         if isinstance(targets, str):
@@ -167,6 +228,10 @@ class LoraConfig:
             found = key in targets or any(key.endswith(f".{t}") for t in targets)
         if found and self.layers_to_transform is not None:
             m = re.search(r"\.layers\.(\d+)\.", f".{key}")
-            wanted = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            wanted = (
+                [self.layers_to_transform]
+                if isinstance(self.layers_to_transform, int)
+                else self.layers_to_transform
+            )
             found = m is not None and int(m.group(1)) in wanted
         return found

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import AdapterError
 from .config import LoraConfig
 
+
 class LoraLinear(nn.Module):
     """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a."""
 
@@ -37,7 +38,9 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str
+    ) -> None:
         w = self.base_layer.weight
         device = w.device if w.device.type != "meta" else None
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
@@ -81,7 +84,11 @@ class LoraLinear(nn.Module):
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 a = self.lora_A[name]
-                y = y + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype) * self.scaling[name]
+                y = (
+                    y
+                    + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype)
+                    * self.scaling[name]
+                )
         return y
 
 
@@ -127,7 +134,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             base_name, base = name, module.base_layer
-        elif ".base_layer" in name or ".lora_" in name or isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+        elif (
+            ".base_layer" in name
+            or ".lora_" in name
+            or isinstance(module, ModulesToSave)
+            or ".modules_to_save." in name
+            or ".original_module" in name
+        ):
             continue
         else:
             base_name, base = name, module
@@ -137,7 +150,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         if layer is not module:
             _set_module(model, name, layer)
         r, alpha = config.rank_and_alpha(base_name)
-        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        layer.add_adapter(
+            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+        )
         targeted.append(name)
     if not targeted:
         raise AdapterError(

@@ -112,10 +112,14 @@ class PeftModel(_Forwarding):
         for pname, p in self._model.named_parameters():
             lora = f".lora_A.{name}." in pname or f".lora_B.{name}." in pname
             saved = f".modules_to_save.{name}." in pname
-            bias = pname.endswith(".bias") and (cfg.bias == "all" or (cfg.bias == "lora_only" and ".base_layer." in pname))
+            bias = pname.endswith(".bias") and (
+                cfg.bias == "all" or (cfg.bias == "lora_only" and ".base_layer." in pname)
+            )
             p.requires_grad_(lora or saved or bias)
 
-    def load_adapter(self, adapter_dir_or_repo_id: str, adapter_name: str, is_trainable: bool = False, **kw) -> None:
+    def load_adapter(
+        self, adapter_dir_or_repo_id: str, adapter_name: str, is_trainable: bool = False, **kw
+    ) -> None:
         """Read adapter_config.json + adapter weights and add them as a named adapter."""
         directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
         config = LoraConfig.from_pretrained(directory)
@@ -148,7 +152,9 @@ class PeftModel(_Forwarding):
                     expected.setdefault(_PREFIX + pname, pname)
         unknown = sorted(k for k in weights if k not in expected)
         if unknown:
-            raise AdapterError(f"{source}: adapter tensors do not match the model's modules: {', '.join(unknown[:10])}")
+            raise AdapterError(
+                f"{source}: adapter tensors do not match the model's modules: {', '.join(unknown[:10])}"
+            )
         missing = sorted(k for k, p in expected.items() if k not in weights and ".lora_" in p)
         if missing:
             raise AdapterError(f"{source}: adapter is missing tensors: {', '.join(missing[:10])}")
@@ -156,8 +162,10 @@ class PeftModel(_Forwarding):
             for key, t in weights.items():
                 p = params[expected[key]]
                 if tuple(t.shape) != tuple(p.shape):
-                    raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(t.shape)} but the model "
-                                       f"expects {tuple(p.shape)} (different base model or rank?)")
+                    raise AdapterError(
+                        f"{source}: tensor {key!r} has shape {tuple(t.shape)} but the model "
+                        f"expects {tuple(p.shape)} (different base model or rank?)"
+                    )
                 p.copy_(t.to(p.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -165,7 +173,9 @@ class PeftModel(_Forwarding):
             raise AdapterError(f"no adapter named {adapter_name!r}")
         for layer in self._lora_layers():
             if adapter_name in layer.merged_adapters:
-                raise AdapterError(f"adapter {adapter_name!r} is merged: unmerge_adapter() before deleting it")
+                raise AdapterError(
+                    f"adapter {adapter_name!r} is merged: unmerge_adapter() before deleting it"
+                )
             for d in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                 if adapter_name in d:
                     del d[adapter_name]
@@ -239,7 +249,9 @@ class PeftModel(_Forwarding):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- files --------------------------------------------------------------------------------
 
@@ -255,9 +267,14 @@ class PeftModel(_Forwarding):
                     key = pname.replace(f".{kind}.{name}.", f".{kind}.")
             if f".modules_to_save.{name}." in pname:
                 key = pname.replace(f".modules_to_save.{name}.", ".")
-            if key is None and pname.endswith(".bias") and cfg.bias != "none" and ".lora_" not in pname:
-                if cfg.bias == "all" or ".base_layer." in pname:
-                    key = pname
+            if (
+                key is None
+                and pname.endswith(".bias")
+                and cfg.bias != "none"
+                and ".lora_" not in pname
+                and (cfg.bias == "all" or ".base_layer." in pname)
+            ):
+                key = pname
             if key is not None:
                 out[_PREFIX + key] = full_tensor(p.detach()).to("cpu").contiguous()
         return out
@@ -286,8 +303,14 @@ class PeftModel(_Forwarding):
                     json.dump(d, f, indent=2, sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_dir_or_repo_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **kw) -> "PeftModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_dir_or_repo_id: str,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kw,
+    ) -> PeftModel:
         """Load a peft adapter directory (or repo id) onto a base model."""
         directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
         config = LoraConfig.from_pretrained(directory)
@@ -310,7 +333,7 @@ def _read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(st_path):
         try:
             f = SafetensorsFile(st_path)
-            return {k: f.get(k).clone() for k in f.keys()}
+            return {k: f.get(k).clone() for k in f}
         except AutolmError as e:
             raise AdapterError(str(e)) from None
     if os.path.isfile(bin_path):

@@ -8,7 +8,7 @@ from ..config import CONFIG_CLASSES, LlamaConfig, config_class
 from .layers import KVCache
 from .llama import LlamaForCausalLM
 
-_MODELS: dict[str, type] = {t: LlamaForCausalLM for t in ("llama", "mistral", "qwen2", "qwen3")}
+_MODELS: dict[str, type] = dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LlamaForCausalLM)
 
 
 def register(model_type: str, config_cls: type[LlamaConfig], model_cls: Any) -> None:

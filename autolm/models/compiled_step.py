@@ -47,14 +47,16 @@ class _Graph(nn.Module):
 
     def _pre(self, x, inputs, cos, sin, realized):
         nh, nkv, hd = self.dims
-        n1, = self._take(inputs, "norm1")
+        (n1,) = self._take(inputs, "norm1")
         y = self._matvec("qkv", self._norm(x, n1, self.eps["norm1"]), inputs, realized)
-        qk = y[0, :(nh + nkv) * hd].view(nh + nkv, hd)
+        qk = y[0, : (nh + nkv) * hd].view(nh + nkv, hd)
         if "qk_norms" in self.fns:
             qn, kn = self._take(inputs, "qk_norms")
-            qk = torch.cat((self._norm(qk[:nh], qn, self.eps["q_norm"]), self._norm(qk[nh:], kn, self.eps["k_norm"])))
+            qk = torch.cat(
+                (self._norm(qk[:nh], qn, self.eps["q_norm"]), self._norm(qk[nh:], kn, self.eps["k_norm"]))
+            )
         qk = qk * cos + qk.roll(hd // 2, -1) * sin
-        return qk, y[0, (nh + nkv) * hd:].view(nkv, hd)
+        return qk, y[0, (nh + nkv) * hd :].view(nkv, hd)
 
 
 class _First(_Graph):
@@ -77,7 +79,7 @@ class _Layer(_Graph):
         rest = list(inputs[7:-2])
         S, W = seen.shape[0], span.shape[0]
         torch._check(W <= S)
-        torch._check(S <= keys.shape[2])
+        torch._check(keys.shape[2] >= S)
         keys.narrow(2, S - 1, 1).copy_(qk[nh:].view(1, nkv, 1, hd))
         values.narrow(2, S - 1, 1).copy_(v.view(1, nkv, 1, hd))
         # Products and sums rather than bmm and softmax: inductor would match those to its SDPA kernel, which
@@ -86,15 +88,17 @@ class _Layer(_Graph):
         scores = (qk[:nh].float().view(nkv, nh // nkv, 1, hd) * k).sum(-1)  # (n_kv, group, W)
         probs = (scores - scores.amax(-1, keepdim=True)).exp()
         probs = probs / probs.sum(-1, keepdim=True)
-        out = (probs.unsqueeze(-1) * values[0].narrow(1, S - W, W).float().unsqueeze(1)).sum(-2)  # (n_kv, group, hd)
+        out = (probs.unsqueeze(-1) * values[0].narrow(1, S - W, W).float().unsqueeze(1)).sum(
+            -2
+        )  # (n_kv, group, hd)
         dtype, realized = x.dtype, []
         x = x + self._matvec("o_proj", out.view(1, nh * hd).to(dtype), rest, realized)
-        n2, = self._take(rest, "norm2")
+        (n2,) = self._take(rest, "norm2")
         g = self._matvec("gate_up", self._norm(x, n2, self.eps["norm2"]), rest, realized)
         n = g.shape[-1] // 2
         x = x + self._matvec("down_proj", F.silu(g[:, :n]) * g[:, n:], rest, realized)
         if self.last:
-            nw, = self._take(rest, "norm")
+            (nw,) = self._take(rest, "norm")
             return [self._matvec("lm_head", self._norm(x, nw, self.eps["norm"]), rest, realized), *realized]
         return [x, *self._pre(x, rest, cos, sin, realized), *realized]
 
@@ -117,7 +121,11 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
         k = graph_kernel(qkv)
         if k is None:
             return None
-        fns, eps, tensors = {"norm1": (1, None), "qkv": (len(k[0]), k[1])}, {"norm1": norm1.eps}, [norm1.weight, *k[0]]
+        fns, eps, tensors = (
+            {"norm1": (1, None), "qkv": (len(k[0]), k[1])},
+            {"norm1": norm1.eps},
+            [norm1.weight, *k[0]],
+        )
         if qk_norms is not None:
             fns["qk_norms"] = (2, None)
             eps.update(q_norm=qk_norms[0].eps, k_norm=qk_norms[1].eps)
@@ -129,8 +137,12 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
         ks = [graph_kernel(m) for m in (o_proj, gate_up, down_proj)]
         if any(k is None for k in ks):
             return None
-        fns = {"o_proj": (len(ks[0][0]), ks[0][1]), "norm2": (1, None), "gate_up": (len(ks[1][0]), ks[1][1]),
-               "down_proj": (len(ks[2][0]), ks[2][1])}
+        fns = {
+            "o_proj": (len(ks[0][0]), ks[0][1]),
+            "norm2": (1, None),
+            "gate_up": (len(ks[1][0]), ks[1][1]),
+            "down_proj": (len(ks[2][0]), ks[2][1]),
+        }
         return fns, {"norm2": norm2.eps}, [*ks[0][0], norm2.weight, *ks[1][0], *ks[2][0]]
 
     head = graph_kernel(lm_head)
@@ -138,7 +150,9 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
     if head is None or any(p is None for p in pres + posts):
         return None
     jobs = []  # (module, example inputs, dynamic dims, runtime inputs or None for layer 0, window)
-    cos, sin = (torch.zeros(dims[0] + dims[1], dims[2], dtype=dtype) for _ in range(2))  # distinct: export dedups aliases
+    cos, sin = (
+        torch.zeros(dims[0] + dims[1], dims[2], dtype=dtype) for _ in range(2)
+    )  # distinct: export dedups aliases
     x = torch.zeros(1, model.embed_tokens.weight.shape[1], dtype=dtype)
     fns, eps, tensors = pres[0]
     jobs.append((_First(dims, fns, eps), [x, *tensors, cos, sin], None, tensors, None))
@@ -157,16 +171,24 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
         qk = torch.zeros(dims[0] + dims[1], dims[2], dtype=dtype)
         v = torch.zeros(dims[1], dims[2], dtype=dtype)
         example = [x, qk, v, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *tensors, cos, sin]
-        dynamic = [None] * 3 + [{2: "capacity"}] * 2 + [{0: "seen"}, {0: "span"}] + [None] * (len(tensors) + 2)
+        dynamic = (
+            [None] * 3 + [{2: "capacity"}] * 2 + [{0: "seen"}, {0: "span"}] + [None] * (len(tensors) + 2)
+        )
         jobs.append((_Layer(dims, fns, eps, last), example, dynamic, tensors, layer_parts[-1]))
     code = _code_hash(__file__, kernels.__file__)
     loaded = []
     todo = []
     for job in jobs:
         module, example = job[0], job[1]
-        description = (type(module).__name__, code, module.dims, repr(sorted(module.eps.items())),
-                       getattr(module, "last", None),
-                       [(tuple(t.shape), str(t.dtype)) for t in example], sorted(module.fns))
+        description = (
+            type(module).__name__,
+            code,
+            module.dims,
+            repr(sorted(module.eps.items())),
+            getattr(module, "last", None),
+            [(tuple(t.shape), str(t.dtype)) for t in example],
+            sorted(module.fns),
+        )
         key = aot.graph_key(description)
         graph = aot.cached_graph(key)
         loaded.append(graph)
@@ -181,12 +203,20 @@ def graphs(model, lm_head, parts: list, compile_missing: bool, progress: bool) -
         keys = {}
         for index, key in todo:
             keys.setdefault(key, []).append(index)
-        bar = tqdm(keys.items(), desc="autolm: compiling the CPU decode step (once)", unit="graph",
-                   disable=not progress)
+        bar = tqdm(
+            keys.items(),
+            desc="autolm: compiling the CPU decode step (once)",
+            unit="graph",
+            disable=not progress,
+        )
         for key, indices in bar:
             module, example, dynamic = jobs[indices[0]][:3]
-            graph = aot.compile_graph(key, module, example, dynamic and [
-                d and {i: dims_by_name[n] for i, n in d.items()} for d in dynamic])
+            graph = aot.compile_graph(
+                key,
+                module,
+                example,
+                dynamic and [d and {i: dims_by_name[n] for i, n in d.items()} for d in dynamic],
+            )
             if graph is None:
                 return None
             for index in indices:
@@ -209,8 +239,9 @@ def _code_hash(*paths: str) -> str:
     return _CODE[paths]
 
 
-def run_graphs(graphs: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                slot: int) -> torch.Tensor:
+def run_graphs(
+    graphs: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, slot: int
+) -> torch.Tensor:
     (first, first_inputs), layers = graphs
     S = slot + 1
     seen = _ONE.expand(S)

@@ -29,7 +29,6 @@ from .. import kernels
 from .compiled_step import graph_kernel, graphs, run_graphs
 from .layers import KVCache, fuse_linears
 
-
 _BUILDS = itertools.count(1)  # each plan gets a number; a cache remembers the number it was checked against
 
 
@@ -54,9 +53,13 @@ def fused_plan(model, lm_head, cache: KVCache) -> _Plan | None:
         _build(model, lm_head, compile_missing=False)
     plan = model._fused[0]
     usable = plan is not None and not (
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-        or any(m._forward_hooks or m._forward_pre_hooks
-               for m in itertools.chain(model.layers.modules(), model.norm.modules(), lm_head.modules())))
+        nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or any(
+            m._forward_hooks or m._forward_pre_hooks
+            for m in itertools.chain(model.layers.modules(), model.norm.modules(), lm_head.modules())
+        )
+    )
     cache.fused = (model._fused[2], usable)
     return plan if usable else None
 
@@ -77,9 +80,15 @@ def _build(model, lm_head, compile_missing: bool, progress: bool = False) -> Non
         plan = None
         if fused is not None:
             eager, parts = fused
-            compiled = graphs(model, lm_head, parts, compile_missing, progress) if model.compiled_decode else None
+            compiled = (
+                graphs(model, lm_head, parts, compile_missing, progress) if model.compiled_decode else None
+            )
             plan = _Plan(eager, compiled)
-    model._fused = plan, _sources(model, lm_head), next(_BUILDS)  # after fusing: the weights live in the fused tensors
+    model._fused = (
+        plan,
+        _sources(model, lm_head),
+        next(_BUILDS),
+    )  # after fusing: the weights live in the fused tensors
 
 
 def _sources(model, lm_head) -> list:
@@ -87,9 +96,19 @@ def _sources(model, lm_head) -> list:
     out = []
     for layer in model.layers:
         a, mlp = layer.self_attn, layer.mlp
-        for m in (layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, getattr(a, "q_norm", None),
-                  getattr(a, "k_norm", None), a.o_proj, layer.post_attention_layernorm, mlp.gate_proj, mlp.up_proj,
-                  mlp.down_proj):
+        for m in (
+            layer.input_layernorm,
+            a.q_proj,
+            a.k_proj,
+            a.v_proj,
+            getattr(a, "q_norm", None),
+            getattr(a, "k_norm", None),
+            a.o_proj,
+            layer.post_attention_layernorm,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ):
             w = getattr(m, "weight", None)
             out.append((m, w.data_ptr() if isinstance(w, torch.Tensor) else None))
     for m in (model.norm, lm_head):
@@ -114,10 +133,30 @@ def _fuse(model) -> tuple[list, list] | None:
         qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj]) or _Concat([a.q_proj, a.k_proj, a.v_proj])
         gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj]) or _Concat([mlp.gate_proj, mlp.up_proj])
         norms = (a.q_norm.forward, a.k_norm.forward) if hasattr(a, "q_norm") else None
-        plan.append((layer.input_layernorm.forward, row(qkv), norms, row(a.o_proj),
-                     layer.post_attention_layernorm.forward, row(gate_up), row(mlp.down_proj), a.sliding_window))
-        parts.append((layer.input_layernorm, qkv, (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None, a.o_proj,
-                      layer.post_attention_layernorm, gate_up, mlp.down_proj, a.sliding_window))
+        plan.append(
+            (
+                layer.input_layernorm.forward,
+                row(qkv),
+                norms,
+                row(a.o_proj),
+                layer.post_attention_layernorm.forward,
+                row(gate_up),
+                row(mlp.down_proj),
+                a.sliding_window,
+            )
+        )
+        parts.append(
+            (
+                layer.input_layernorm,
+                qkv,
+                (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
+                a.o_proj,
+                layer.post_attention_layernorm,
+                gate_up,
+                mlp.down_proj,
+                a.sliding_window,
+            )
+        )
     return plan, parts
 
 
@@ -128,15 +167,16 @@ def _tables(model, position: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Te
     nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     cos, sin = model.rope_tables(position.view(1, 1), dtype)
     cos, sin = cos.view(hd), sin.view(hd)
-    sin = torch.cat((-sin[:hd // 2], sin[hd // 2:]))  # rotate_half(x) * sin == x.roll(half) * this
-    scale = hd ** -0.5
+    sin = torch.cat((-sin[: hd // 2], sin[hd // 2 :]))  # rotate_half(x) * sin == x.roll(half) * this
+    scale = hd**-0.5
     cos = torch.cat(((cos * scale).expand(nh, hd), cos.expand(nkv, hd)))
     sin = torch.cat(((sin * scale).expand(nh, hd), sin.expand(nkv, hd)))
     return cos, sin
 
 
-def decode_token(model, lm_head, x: torch.Tensor, cache: KVCache, slot: int,
-                 position: torch.Tensor) -> torch.Tensor | None:
+def decode_token(
+    model, lm_head, x: torch.Tensor, cache: KVCache, slot: int, position: torch.Tensor
+) -> torch.Tensor | None:
     """One token of one sequence, x (1, 1, h), written at cache `slot` and attending to slots 0..slot (all
     real tokens) at RoPE `position`: the forward's arithmetic with q/k/v and gate/up fused into one matmul
     each, RoPE for q and k in one go (the attention scale folded into q's tables), attention in fp32 over the
@@ -154,15 +194,16 @@ def decode_token(model, lm_head, x: torch.Tensor, cache: KVCache, slot: int,
     dtype = x.dtype
     x = x.view(1, -1)
     for keys, values, (norm1, qkv, qk_norms, o_proj, norm2, gate_up, down_proj, window) in zip(
-            cache.keys, cache.values, plan.layers):
+        cache.keys, cache.values, plan.layers
+    ):
         y = qkv(norm1(x))  # (1, nq + 2 nk)
-        qk = y[0, :nq + nk].view(nh + nkv, hd)
+        qk = y[0, : nq + nk].view(nh + nkv, hd)
         if qk_norms is not None:
             qk = torch.cat((qk_norms[0](qk[:nh]), qk_norms[1](qk[nh:])))
         qk = qk * cos + qk.roll(half, -1) * sin
         keys, values = keys[0], values[0]  # (n_kv, capacity, hd)
         keys[:, slot] = qk[nh:]
-        values[:, slot] = y[0, nq + nk:].view(nkv, hd)
+        values[:, slot] = y[0, nq + nk :].view(nkv, hd)
         first = 0 if window is None else max(0, S - window)
         # In fp32: PyTorch's bf16 batched matmuls on the CPU cost milliseconds whenever the shape changes.
         scores = torch.bmm(qk[:nh].float().view(nkv, group, hd), keys[:, first:S].float().transpose(1, 2))

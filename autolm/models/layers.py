@@ -34,10 +34,14 @@ class Linear(nn.Linear):
 
     def graph_kernel(self):
         """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph (kernels.linear_graph)."""
-        return kernels.linear_graph(self.weight, self.bias) if type(self.weight) in (torch.Tensor, nn.Parameter) else None
+        return (
+            kernels.linear_graph(self.weight, self.bias)
+            if type(self.weight) in (torch.Tensor, nn.Parameter)
+            else None
+        )
 
     @classmethod
-    def concat(cls, modules: list["Linear"]) -> "Linear | None":
+    def concat(cls, modules: list[Linear]) -> Linear | None:
         """One Linear computing the concatenated outputs of `modules` (see fuse_linears)."""
         if len({m.bias is None for m in modules}) != 1 or not shareable(modules, ["weight", "bias"]):
             return None
@@ -64,8 +68,11 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
 def shareable(modules: list[nn.Module], names: list[str]) -> bool:
     """Whether these tensors of `modules` are plain tensors of one dtype on one device (so they can be fused)."""
     tensors = [getattr(m, n) for m in modules for n in names if getattr(m, n, None) is not None]
-    return (all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
-            and len({(t.dtype, t.device) for t in tensors}) == 1 and tensors[0].device.type != "meta")
+    return (
+        all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+        and len({(t.dtype, t.device) for t in tensors}) == 1
+        and tensors[0].device.type != "meta"
+    )
 
 
 def share_concatenated(modules: list[nn.Module], name: str, dim: int = 0) -> torch.Tensor:
@@ -93,10 +100,14 @@ def _adjacent(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
     first = parts[0]
     start = 0
     for t in parts:
-        others = t.shape[:dim] + t.shape[dim + 1:]
-        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.dtype != first.dtype
-                or t.stride() != first.stride() or others != first.shape[:dim] + first.shape[dim + 1:]
-                or t.storage_offset() != first.storage_offset() + start * first.stride(dim)):
+        others = t.shape[:dim] + t.shape[dim + 1 :]
+        if (
+            t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or t.dtype != first.dtype
+            or t.stride() != first.stride()
+            or others != first.shape[:dim] + first.shape[dim + 1 :]
+            or t.storage_offset() != first.storage_offset() + start * first.stride(dim)
+        ):
             return None
         start += t.shape[dim]
     shape = list(first.shape)
@@ -145,15 +156,28 @@ class KVCache:
     keep every position and rely on the attention mask for the window.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int = 256,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | list = "cpu", static: bool = False):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | list = "cpu",
+        static: bool = False,
+    ):
         shape = (batch_size, num_kv_heads, max(capacity, 1), head_dim)
-        devices = device if isinstance(device, list) else [device] * num_layers  # one per layer under a device_map
+        devices = (
+            device if isinstance(device, list) else [device] * num_layers
+        )  # one per layer under a device_map
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0
         self.static = static
-        self.fused = None  # (plan number, usable) once a model checked its fused one-token step against this cache
+        self.fused = (
+            None  # (plan number, usable) once a model checked its fused one-token step against this cache
+        )
         if static:
             for t in self.keys + self.values:
                 torch._dynamo.mark_static_address(t)
@@ -169,8 +193,9 @@ class KVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor,
-               kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor, kv_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at cache_position (T,); return the first kv_length keys and values."""
         self.keys[layer].index_copy_(2, cache_position, k)
         self.values[layer].index_copy_(2, cache_position, v)
@@ -194,7 +219,7 @@ class KVCache:
                 buf.copy_(buf.index_select(0, index.to(buf.device)))
 
     @classmethod
-    def gather(cls, rows: list[tuple["KVCache", int, int]], capacity: int, static: bool = False) -> "KVCache":
+    def gather(cls, rows: list[tuple[KVCache, int, int]], capacity: int, static: bool = False) -> KVCache:
         """A new cache of rows (cache, row, n): each row's last n tokens, right-aligned to the longest n.
 
         This is how a serving loop lets requests join and leave a running batch: the slots to the
@@ -203,18 +228,28 @@ class KVCache:
         first = rows[0][0]
         L = max(n for _, _, n in rows)
         _, n_kv, _, hd = first.keys[0].shape
-        new = cls(len(first.keys), len(rows), n_kv, hd, max(capacity, L), first.keys[0].dtype,
-                  [k.device for k in first.keys], static)
+        new = cls(
+            len(first.keys),
+            len(rows),
+            n_kv,
+            hd,
+            max(capacity, L),
+            first.keys[0].dtype,
+            [k.device for k in first.keys],
+            static,
+        )
         for layer in range(len(first.keys)):
             for i, (c, r, n) in enumerate(rows):
                 if n:
-                    new.keys[layer][i, :, L - n: L] = c.keys[layer][r, :, c.length - n: c.length]
-                    new.values[layer][i, :, L - n: L] = c.values[layer][r, :, c.length - n: c.length]
+                    new.keys[layer][i, :, L - n : L] = c.keys[layer][r, :, c.length - n : c.length]
+                    new.values[layer][i, :, L - n : L] = c.values[layer][r, :, c.length - n : c.length]
         new.length = L
         return new
 
 
-def default_positions(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, B: int) -> torch.Tensor:
+def default_positions(
+    attention_mask: torch.Tensor | None, cache_position: torch.Tensor, B: int
+) -> torch.Tensor:
     """Positions (B, T) of the new tokens: counted over real tokens when a padding mask is given."""
     if attention_mask is None:
         return cache_position.unsqueeze(0).expand(B, -1)
@@ -222,8 +257,13 @@ def default_positions(attention_mask: torch.Tensor | None, cache_position: torch
     return pos.index_select(1, cache_position)
 
 
-def build_masks(windows: set[int | None], attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
-                B: int, S: int) -> dict[int | None, torch.Tensor | None]:
+def build_masks(
+    windows: set[int | None],
+    attention_mask: torch.Tensor | None,
+    cache_position: torch.Tensor,
+    B: int,
+    S: int,
+) -> dict[int | None, torch.Tensor | None]:
     """One boolean mask (B, 1, T, S) per window size (None: full attention), for queries at
     cache_position over S key slots; None where plain causal attention does (eager only)."""
     T = cache_position.shape[0]
@@ -232,7 +272,7 @@ def build_masks(windows: set[int | None], attention_mask: torch.Tensor | None, c
         has_padding = attention_mask is not None and not bool(attention_mask[:, :S].all())
         starts_at_zero = T == S  # a prompt with no past: the causal kernel applies as is
         plain = not has_padding and (starts_at_zero or T == 1)
-        if plain and all(w is None or S <= w for w in windows):
+        if plain and all(w is None or w >= S for w in windows):
             return dict.fromkeys(windows)
     q = cache_position[:, None]  # slot index of each query (T, 1)
     kv = torch.arange(S, device=device)[None, :]

@@ -11,6 +11,8 @@ and attention reads as many key slots as the 2-D attention mask is wide.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,16 @@ from ..config import LlamaConfig
 from ..generation import GenerationMixin
 from ..saving import save_model
 from .fused import decode_token, precompile
-from .layers import KVCache, Linear, RMSNorm, build_masks, default_positions, embedding, pad_mask_to, resized_rows
+from .layers import (
+    KVCache,
+    Linear,
+    RMSNorm,
+    build_masks,
+    default_positions,
+    embedding,
+    pad_mask_to,
+    resized_rows,
+)
 from .output import CausalLMOutput, causal_lm_loss
 from .rope import apply_rotary, cos_sin, inv_freq_and_scale
 
@@ -42,8 +53,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.sliding_window = config.layer_window(layer_idx)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_position, kv_length: int,
-                attentions: list | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        cache: KVCache | None,
+        cache_position,
+        kv_length: int,
+        attentions: list | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -79,7 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, cache_position, kv_length, attentions=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, kv_length, attentions)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, cache_position, kv_length, attentions
+        )
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,29 +115,42 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
         self.fused_decode = True  # one-token steps on the CPU take fused.decode_token (False: this forward)
         self.compiled_decode = False  # ... compiled ahead of time (set by LlamaForCausalLM.precompile_decode)
-        self._rope: tuple[torch.Tensor, float, int] | None = None  # (inv_freq, scale, seq_len it was made for)
+        self._rope: tuple[torch.Tensor, float, int] | None = (
+            None  # (inv_freq, scale, seq_len it was made for)
+        )
         self._fused: tuple | None = None  # fused.decode_token's (plan, what it was built from, its number)
 
     def __getstate__(self):
         # the fused step's plan holds closures and views; copies and pickles rebuild it on first use
         return {**super().__getstate__(), "_fused": None}
 
-    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, 1, T, hd) for these positions; inv_freq is computed once (per length for dynamic RoPE)."""
         cfg = self.config
         seq_len = 0
         if cfg.rope_parameters.get("rope_type") == "dynamic":
             seq_len = max(int(position_ids.max()) + 1, cfg.max_position_embeddings)
         if self._rope is None or self._rope[2] != seq_len or self._rope[0].device != position_ids.device:
-            inv_freq, scale = inv_freq_and_scale(cfg.rope_parameters, cfg.head_dim, cfg.max_position_embeddings,
-                                                 seq_len or None)
+            inv_freq, scale = inv_freq_and_scale(
+                cfg.rope_parameters, cfg.head_dim, cfg.max_position_embeddings, seq_len or None
+            )
             self._rope = (inv_freq.to(position_ids.device), scale, seq_len)
         cos, sin = cos_sin(position_ids, self._rope[0], self._rope[1], dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                cache: KVCache | None, cache_position: torch.Tensor, kv_length: int,
-                hidden_states: list | None = None, attentions: list | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: KVCache | None,
+        cache_position: torch.Tensor,
+        kv_length: int,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
+    ) -> torch.Tensor:
         """x: embeddings (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
         attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states;
         each layer's input (and the output) are appended to `hidden_states`, attention probabilities
@@ -128,8 +163,18 @@ class LlamaModel(nn.Module):
                 hidden_states.append(x)
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, cache_position, kv_length,
-                                                      attentions, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer,
+                    x,
+                    cos,
+                    sin,
+                    mask,
+                    cache,
+                    cache_position,
+                    kv_length,
+                    attentions,
+                    use_reentrant=False,
+                )
             else:
                 x = layer(x, cos, sin, mask, cache, cache_position, kv_length, attentions)
         x = self.norm(x)
@@ -141,7 +186,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module, GenerationMixin):
     """Decoder with an LM head; `forward` and `generate` follow transformers' signatures."""
 
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["DecoderLayer"]
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -156,13 +201,19 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     # ---- structure: what loading, placement, tensor parallelism and generation ask of the model ----
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
+        if self.config.tie_word_embeddings and isinstance(
+            self.lm_head, nn.Linear
+        ):  # a quantized head is a copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def blocks(self) -> list[str]:
         """Placement units in forward order: never split across devices."""
-        return ["model.embed_tokens", *(f"model.layers.{i}" for i in range(len(self.model.layers))), "model.norm",
-                "lm_head"]
+        return [
+            "model.embed_tokens",
+            *(f"model.layers.{i}" for i in range(len(self.model.layers))),
+            "model.norm",
+            "lm_head",
+        ]
 
     def tp_plan(self) -> dict[str, str]:
         """{module: 'colwise' | 'rowwise' | 'embedding' | 'lm_head'}: how tensor parallelism splits each Linear
@@ -186,8 +237,10 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     def layer_devices(self) -> list[torch.device]:
         """Where each decoder layer computes (disk-offloaded layers compute on the CPU)."""
         if self.hf_device_map:
-            return [torch.device("cpu" if d == "disk" else d)
-                    for d in (self.hf_device_map[f"model.layers.{i}"] for i in range(len(self.model.layers)))]
+            return [
+                torch.device("cpu" if d == "disk" else d)
+                for d in (self.hf_device_map[f"model.layers.{i}"] for i in range(len(self.model.layers)))
+            ]
         return [self.model.embed_tokens.weight.device] * len(self.model.layers)
 
     def make_cache(self, batch_size: int, capacity: int) -> KVCache:
@@ -200,8 +253,16 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
         if static:
             capacity = -(-capacity // 256) * 256
         attn = self.model.layers[0].self_attn
-        return KVCache(len(self.model.layers), batch_size, attn.num_kv_heads, attn.head_dim, capacity, dtype,
-                       self.layer_devices(), static)
+        return KVCache(
+            len(self.model.layers),
+            batch_size,
+            attn.num_kv_heads,
+            attn.head_dim,
+            capacity,
+            dtype,
+            self.layer_devices(),
+            static,
+        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -209,8 +270,12 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-                                mean_resizing: bool = True) -> nn.Embedding:
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
         """Grow or cut the vocabulary of the embeddings (and an untied head) as transformers does."""
         emb = self.model.embed_tokens
         n = emb.weight.shape[0] if new_num_tokens is None else new_num_tokens
@@ -220,15 +285,23 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
             return emb
         std = float(self.config.extra.get("initializer_range", 0.02))
         with torch.no_grad():
-            new_emb = nn.Embedding(n, emb.weight.shape[1], device=emb.weight.device, dtype=emb.weight.dtype,
-                                   _weight=resized_rows(emb.weight, n, mean_resizing, std))
+            new_emb = nn.Embedding(
+                n,
+                emb.weight.shape[1],
+                device=emb.weight.device,
+                dtype=emb.weight.dtype,
+                _weight=resized_rows(emb.weight, n, mean_resizing, std),
+            )
             new_emb.weight.requires_grad_(emb.weight.requires_grad)
             self.model.embed_tokens = new_emb
             if not self.config.tie_word_embeddings:
                 head = self.lm_head
-                new_head = Linear(head.in_features, n, bias=False, device=head.weight.device, dtype=head.weight.dtype)
-                new_head.weight = nn.Parameter(resized_rows(head.weight, n, mean_resizing, std),
-                                               requires_grad=head.weight.requires_grad)
+                new_head = Linear(
+                    head.in_features, n, bias=False, device=head.weight.device, dtype=head.weight.dtype
+                )
+                new_head.weight = nn.Parameter(
+                    resized_rows(head.weight, n, mean_resizing, std), requires_grad=head.weight.requires_grad
+                )
                 self.lm_head = new_head
         self.config.vocab_size = n
         self.tie_weights()
@@ -253,12 +326,23 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
 
     # ---- running ---------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, cache_position: torch.Tensor | None = None,
-                logits_to_keep: int = 0, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, return_dict: bool | None = None, num_items_in_batch: int | None = None, **unused):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | None = None,
+        **unused,
+    ):
         """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored); the cache.
 
         The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
@@ -281,27 +365,58 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
             cache.reserve(end)
         hidden = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        if self.decode_step is not None and attentions is None and T == 1 and cache is not None and not kernels.needs_grad(x):
-            mask = attention_mask if attention_mask is not None else torch.ones(B, end, dtype=torch.long,
-                                                                                device=x.device)
-            logits = self.decode_step(x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position)
+        if (
+            self.decode_step is not None
+            and attentions is None
+            and T == 1
+            and cache is not None
+            and not kernels.needs_grad(x)
+        ):
+            mask = (
+                attention_mask
+                if attention_mask is not None
+                else torch.ones(B, end, dtype=torch.long, device=x.device)
+            )
+            logits = self.decode_step(
+                x, pad_mask_to(mask, cache.capacity), position_ids, cache, cache_position
+            )
         else:
             logits = None
-            if (B == 1 and T == 1 and self.model.fused_decode and cache is not None and hidden is None
-                    and attentions is None and x.device.type == "cpu" and not kernels.needs_grad(x)
-                    and int(cache_position[0]) == end - 1
-                    and (attention_mask is None or (attention_mask.shape[-1] >= end and bool(attention_mask[:, :end].all())))):
+            if (
+                B == 1
+                and T == 1
+                and self.model.fused_decode
+                and cache is not None
+                and hidden is None
+                and attentions is None
+                and x.device.type == "cpu"
+                and not kernels.needs_grad(x)
+                and int(cache_position[0]) == end - 1
+                and (
+                    attention_mask is None
+                    or (attention_mask.shape[-1] >= end and bool(attention_mask[:, :end].all()))
+                )
+            ):
                 logits = decode_token(self.model, self.lm_head, x, cache, end - 1, position_ids)
             if logits is None:
-                h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
+                h = self.model(
+                    x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions
+                )
                 logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.length = max(cache.length, end)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
-        out = CausalLMOutput(logits=logits, loss=loss,
-                             past_key_values=cache if use_cache or past_key_values is not None else None,
-                             hidden_states=tuple(hidden) if hidden is not None else None,
-                             attentions=tuple(attentions) if attentions is not None else None)
+        loss = (
+            causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+            if labels is not None
+            else None
+        )
+        out = CausalLMOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=cache if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+        )
         return out if return_dict is not False else out.to_tuple()
 
     def precompile_decode(self, progress: bool = False) -> bool:
@@ -335,7 +450,8 @@ class LlamaForCausalLM(nn.Module, GenerationMixin):
     def enable_input_require_grads(self) -> None:
         """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
         self._input_grad_hook = self.model.embed_tokens.register_forward_hook(
-            lambda module, args, output: output.requires_grad_(True))
+            lambda module, args, output: output.requires_grad_(True)
+        )
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}.values()

@@ -19,8 +19,11 @@ class CausalLMOutput:
     attentions: tuple[torch.Tensor, ...] | None = None
 
     def to_tuple(self) -> tuple:
-        return tuple(x for x in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.attentions)
-                     if x is not None)
+        return tuple(
+            x
+            for x in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.attentions)
+            if x is not None
+        )
 
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
@@ -29,12 +32,19 @@ class CausalLMOutput:
         return iter(self.to_tuple())
 
     def keys(self) -> list[str]:
-        return [k for k in ("loss", "logits", "past_key_values", "hidden_states", "attentions")
-                if getattr(self, k) is not None]
+        return [
+            k
+            for k in ("loss", "logits", "past_key_values", "hidden_states", "attentions")
+            if getattr(self, k) is not None
+        ]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                   num_items_in_batch: int | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | None = None,
+) -> torch.Tensor:
     """Next-token cross-entropy in fp32 (logits at t predict labels at t+1): the mean, or the sum / num_items_in_batch."""
     logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     target = labels[:, 1:].to(logits.device).reshape(-1)

@@ -12,8 +12,9 @@ def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def inv_freq_and_scale(rope: dict[str, Any], head_dim: int, max_position_embeddings: int,
-                       seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def inv_freq_and_scale(
+    rope: dict[str, Any], head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
     """Return (inv_freq (head_dim/2,), attention scaling) for this RoPE config at this sequence length."""
     kind = rope.get("rope_type", "default")
     base = float(rope["rope_theta"])
@@ -83,8 +84,9 @@ def _yarn(base: float, dim: int, rope: dict[str, Any], max_pos: int) -> tuple[to
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
-def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for these positions: (B, T) -> two (B, T, head_dim) tensors, computed in fp32."""
     freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)

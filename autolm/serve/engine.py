@@ -55,8 +55,17 @@ class Sequence:
     def plain(self) -> bool:
         """Greedy with nothing per request: the batch's argmax is this row's token."""
         c = self.config
-        return not (c.do_sample or c.repetition_penalty != 1.0 or c.min_new_tokens or self.bias or self.presence
-                    or self.frequency or self.constraint is not None or self.logprobs is not None or self.rank)
+        return not (
+            c.do_sample
+            or c.repetition_penalty != 1.0
+            or c.min_new_tokens
+            or self.bias
+            or self.presence
+            or self.frequency
+            or self.constraint is not None
+            or self.logprobs is not None
+            or self.rank
+        )
 
 
 def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
@@ -102,8 +111,14 @@ class Engine:
                     seq.emit({"error": f"generation failed: {e}"})
                 self.active, self.cache, self.mask = [], None, None
         for seq in self.active:
-            seq.emit({"text": "", "finish_reason": "abort", "prompt_tokens": len(seq.prompt),
-                      "completion_tokens": len(seq.tokens)})
+            seq.emit(
+                {
+                    "text": "",
+                    "finish_reason": "abort",
+                    "prompt_tokens": len(seq.prompt),
+                    "completion_tokens": len(seq.tokens),
+                }
+            )
 
     @torch.inference_mode()
     def _admit(self, block: bool) -> None:
@@ -131,18 +146,26 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> KVCache:
         """Run the new prompts as one left-padded batch and sample each one's first token."""
         dev = self.model.device
-        ids = pad_sequence([torch.tensor(s.prompt) for s in seqs], batch_first=True, padding_side="left").to(dev)
-        mask = pad_sequence([torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True,
-                            padding_side="left").to(dev)
+        ids = pad_sequence([torch.tensor(s.prompt) for s in seqs], batch_first=True, padding_side="left").to(
+            dev
+        )
+        mask = pad_sequence(
+            [torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True, padding_side="left"
+        ).to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model.make_cache(len(seqs), ids.shape[1])
         every = any(s.prompt_logprobs for s in seqs)
-        out = self.model(ids, attention_mask=mask if not bool(mask.all()) else None, position_ids=positions,
-                         past_key_values=cache, logits_to_keep=0 if every else 1)
+        out = self.model(
+            ids,
+            attention_mask=mask if not bool(mask.all()) else None,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=0 if every else 1,
+        )
         for j, s in enumerate(seqs):
             s.cached = len(s.prompt)
             if s.prompt_logprobs:
-                self._emit_prompt_logprobs(s, out.logits[j, ids.shape[1] - len(s.prompt):])
+                self._emit_prompt_logprobs(s, out.logits[j, ids.shape[1] - len(s.prompt) :])
             if s.config.max_new_tokens == 0:
                 self._finish(s, "length")
             else:
@@ -167,12 +190,14 @@ class Engine:
             self.cache, self.mask = None, None
             return
         longest = max(s.cached for s in self.active)
-        static = self.model.decode_step is not None  # a compiled step: static addresses, capacity in steps of 256
+        static = (
+            self.model.decode_step is not None
+        )  # a compiled step: static addresses, capacity in steps of 256
         capacity = -(-(longest + 64) // 256) * 256 if static else longest + 64
         self.cache = KVCache.gather(rows, capacity, static)
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
-            self.mask[i, longest - s.cached:] = 1
+            self.mask[i, longest - s.cached :] = 1
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -185,8 +210,9 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
-        logits = self.model(tokens, attention_mask=self.mask, position_ids=positions,
-                            past_key_values=self.cache).logits[:, -1]
+        logits = self.model(
+            tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
+        ).logits[:, -1]
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, seq in enumerate(self.active):
@@ -230,7 +256,9 @@ class Engine:
         seq.last = token
         is_eos = token in cfg.eos_ids and not seq.ignore_eos
         if seq.logprobs is not None or seq.rank:
-            e = entry(torch.log_softmax(raw if raw is not None else logits.float(), -1), token, seq.logprobs or 0)
+            e = entry(
+                torch.log_softmax(raw if raw is not None else logits.float(), -1), token, seq.logprobs or 0
+            )
             seq.cumulative += e[1]
             if seq.logprobs is not None and not is_eos:
                 seq.pending.append(e)
@@ -253,7 +281,7 @@ class Engine:
         # Hold back an incomplete character, and any tail that could still become a stop string.
         safe = len(text) - (max(map(len, seq.stops)) - 1 if seq.stops else 0)
         if safe > seq.sent or seq.pending:
-            seq.emit(self._event(seq, text[seq.sent: max(safe, seq.sent)]))
+            seq.emit(self._event(seq, text[seq.sent : max(safe, seq.sent)]))
             seq.sent = max(safe, seq.sent)
 
     def _event(self, seq: Sequence, text: str, **more: Any) -> dict:
@@ -266,8 +294,16 @@ class Engine:
         if text is None:
             text = seq.text
         eos = reason == "stop" and seq.last in seq.config.eos_ids and not seq.ignore_eos
-        seq.emit(self._event(seq, text[seq.sent:], finish_reason=reason, prompt_tokens=len(seq.prompt),
-                             completion_tokens=len(seq.tokens) + eos, cumulative_logprob=seq.cumulative,
-                             full_text=text))
+        seq.emit(
+            self._event(
+                seq,
+                text[seq.sent :],
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.tokens) + eos,
+                cumulative_logprob=seq.cumulative,
+                full_text=text,
+            )
+        )
         seq.sent = len(text)
         seq.cancelled = True  # marks it done: the next step drops the row

@@ -33,7 +33,9 @@ class Server:
         self.engine = Engine(model, tokenizer, max_batch)
         self.created = int(time.time())
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.requests = Requests(model, tokenizer, model_name, (base.generation_config or GenerationConfig()).eos_token_id)
+        self.requests = Requests(
+            model, tokenizer, model_name, (base.generation_config or GenerationConfig()).eos_token_id
+        )
 
 
 def _sse(obj) -> str:
@@ -58,8 +60,14 @@ class Watch:
                 pass
 
 
-def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None = None, max_batch: int = 8,
-               max_body: int = MAX_BODY_BYTES):
+def create_app(
+    model,
+    tokenizer,
+    model_name: str = "autolm",
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_body: int = MAX_BODY_BYTES,
+):
     """The FastAPI application serving `model` under `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -89,7 +97,9 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
         authorize(request)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body:
-            raise APIError(413, f"request body of {declared} bytes is over this server's {max_body}-byte limit")
+            raise APIError(
+                413, f"request body of {declared} bytes is over this server's {max_body}-byte limit"
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -101,19 +111,33 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
     @app.get("/health")
     async def health():
         engine = server.engine
-        return {"status": "ok" if engine.error is None else f"degraded: {engine.error}",
-                "running": len(engine.active), "waiting": engine.pending.qsize(), "steps": engine.steps}
+        return {
+            "status": "ok" if engine.error is None else f"degraded: {engine.error}",
+            "running": len(engine.active),
+            "waiting": engine.pending.qsize(),
+            "steps": engine.steps,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "autolm", "max_model_len": reqs.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "autolm",
+                    "max_model_len": reqs.context,
+                }
+            ],
+        }
 
     def start(build) -> tuple[asyncio.Queue, Plan]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        plan = build(lambda k: (lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev))))
+        plan = build(lambda k: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev)))
         for s in plan.sequences:
             server.engine.submit(s)
         return events, plan
@@ -145,7 +169,7 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
         """(prompt index, result) for the n answers per prompt: the first n, or the n likeliest of best_of."""
         out = []
         for p in range(len(plan.prompts)):
-            group = results[p * plan.best_of:(p + 1) * plan.best_of]
+            group = results[p * plan.best_of : (p + 1) * plan.best_of]
             if plan.best_of > plan.n:
                 group = sorted(group, key=lambda r: -r["cumulative_logprob"])
             out += [(p, r) for r in group[: plan.n]]
@@ -161,10 +185,16 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
         req = await read_request(request, CompletionRequest)
         prompts, texts = reqs.completion_prompts(req)
         events, plan = start(lambda emit_for: reqs.plan(req, prompts, texts, emit_for=emit_for))
-        head = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
-                "model": server.name}
+        head = {
+            "id": "cmpl-" + uuid.uuid4().hex[:24],
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": server.name,
+        }
         if req.stream:
-            return StreamingResponse(stream_completions(req, events, plan, head), media_type="text/event-stream")
+            return StreamingResponse(
+                stream_completions(req, events, plan, head), media_type="text/event-stream"
+            )
         try:
             results = await collect(request, events, plan)
         finally:
@@ -179,7 +209,9 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
                     prompt_entries = r["prompt_entries"] or [None] * len(plan.prompts[p])
                     entries = [(plan.prompts[p][0], None, None)] + list(prompt_entries[1:]) + entries
                 logprobs = reqs.completion_logprobs(entries)
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
+            choices.append(
+                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]}
+            )
         return {**head, "choices": choices, "usage": usage(plan, results)}
 
     async def stream(req, events: asyncio.Queue, plan: Plan, head: dict, render, opening: list[str]):
@@ -209,12 +241,36 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
             reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
             if ev["text"] or reason or entries:
                 lp = reqs.completion_logprobs(entries) if req.logprobs is not None and entries else None
-                yield _sse({**head, "choices": [{"index": k, "text": ev["text"], "logprobs": lp,
-                                                 "finish_reason": reason}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": k, "text": ev["text"], "logprobs": lp, "finish_reason": reason}
+                        ],
+                    }
+                )
 
-        opening = [_sse({**head, "choices": [{"index": p * plan.n + i, "text": plan.prompt_texts[p], "logprobs": None,
-                                              "finish_reason": None}]})
-                   for p in range(len(plan.prompts)) for i in range(plan.n)] if req.echo else []
+        opening = (
+            [
+                _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": p * plan.n + i,
+                                "text": plan.prompt_texts[p],
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+                for p in range(len(plan.prompts))
+                for i in range(plan.n)
+            ]
+            if req.echo
+            else []
+        )
         return stream(req, events, plan, head, render, opening)
 
     @app.post("/v1/chat/completions")
@@ -222,11 +278,17 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
         req = await read_request(request, ChatRequest)
         prompt, tools, fmt = reqs.chat_prompt(req)
         events, plan = start(lambda emit_for: reqs.plan(req, [prompt], [""], tools, fmt, emit_for=emit_for))
-        head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
-                "model": server.name}
+        head = {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": server.name,
+        }
         if req.stream:
-            return StreamingResponse(stream_chat(req, events, plan, {**head, "object": "chat.completion.chunk"}),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                stream_chat(req, events, plan, {**head, "object": "chat.completion.chunk"}),
+                media_type="text/event-stream",
+            )
         try:
             results = await collect(request, events, plan)
         finally:
@@ -234,15 +296,26 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
         choices = []
         for i, (_, r) in enumerate(best(plan, results)):
             message, tool_reason = reqs.tool_message(plan, r["text"])
-            choices.append({"index": i, "message": message, "finish_reason": tool_reason or r["finish_reason"],
-                            "logprobs": reqs.chat_logprobs(r["entries"]) if req.logprobs else None})
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "finish_reason": tool_reason or r["finish_reason"],
+                    "logprobs": reqs.chat_logprobs(r["entries"]) if req.logprobs else None,
+                }
+            )
         return {**head, "choices": choices, "usage": usage(plan, results)}
 
     def stream_chat(req, events, plan: Plan, head: dict):
         """Content deltas as they come; with tools, the reply is held until it is known to be a call or not."""
+
         def chunk(i, delta, reason=None, logprobs=None):
-            return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
-                                              "finish_reason": reason}]})
+            return _sse(
+                {
+                    **head,
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
+                }
+            )
 
         def render(k, ev):
             reason, entries = ev.get("finish_reason"), ev.get("logprobs", [])
@@ -250,31 +323,56 @@ def create_app(model, tokenizer, model_name: str = "autolm", api_key: str | None
             if plan.tools:
                 if reason:
                     message, tool_reason = reqs.tool_message(plan, ev["full_text"])
-                    delta = ({"tool_calls": [{**c, "index": j} for j, c in enumerate(message["tool_calls"])]}
-                             if tool_reason else {"content": message["content"]})
+                    delta = (
+                        {"tool_calls": [{**c, "index": j} for j, c in enumerate(message["tool_calls"])]}
+                        if tool_reason
+                        else {"content": message["content"]}
+                    )
                     yield chunk(k, delta, tool_reason or reason, lp)
             elif ev["text"] or reason or lp:
                 yield chunk(k, {"content": ev["text"]} if ev["text"] else {}, reason, lp)
 
-        return stream(req, events, plan, head, render, [chunk(i, {"role": "assistant", "content": ""})
-                                                        for i in range(plan.n)])
+        return stream(
+            req,
+            events,
+            plan,
+            head,
+            render,
+            [chunk(i, {"role": "assistant", "content": ""}) for i in range(plan.n)],
+        )
 
     return app
 
 
-def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_body: int = MAX_BODY_BYTES, shutdown_timeout: float = 5.0) -> None:
+def serve(
+    model,
+    tokenizer,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_body: int = MAX_BODY_BYTES,
+    shutdown_timeout: float = 5.0,
+) -> None:
     """Run the server until interrupted; SIGTERM ends requests in flight within `shutdown_timeout` seconds."""
     import uvicorn
 
     if not api_key and not _loopback(host):
-        message = (f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
-                   "model. Pass --api-key (or AUTOLM_API_KEY) or bind 127.0.0.1.")
+        message = (
+            f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
+            "model. Pass --api-key (or AUTOLM_API_KEY) or bind 127.0.0.1."
+        )
         logger.warning(message)
         print(message, file=sys.stderr, flush=True)
     print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(model, tokenizer, model_name, api_key, max_batch, max_body), host=host, port=port,
-                log_level="info", timeout_graceful_shutdown=shutdown_timeout)
+    uvicorn.run(
+        create_app(model, tokenizer, model_name, api_key, max_batch, max_body),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
 
 
 def _loopback(host: str) -> bool:

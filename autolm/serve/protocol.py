@@ -4,9 +4,10 @@ fields the server knows but cannot honour are refused by name, never silently dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -19,8 +20,14 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 class APIError(Exception):
     """An error answered with OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -99,8 +106,19 @@ class _Request(BaseModel):
 
 
 # Known to OpenAI's API (or vLLM's) but not something this server can do: a 400 naming the field when set.
-REFUSED = ("audio", "modalities", "prediction", "functions", "function_call", "web_search_options", "suffix",
-           "reasoning_effort", "guided_decoding_backend", "prompt_logprobs", "use_beam_search")
+REFUSED = (
+    "audio",
+    "modalities",
+    "prediction",
+    "functions",
+    "function_call",
+    "web_search_options",
+    "suffix",
+    "reasoning_effort",
+    "guided_decoding_backend",
+    "prompt_logprobs",
+    "use_beam_search",
+)
 
 
 class ToolCallFunction(BaseModel):
@@ -144,8 +162,12 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
-                  Annotated[list[TokenIds], Field(min_length=1)]]
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
 
@@ -159,12 +181,15 @@ def parse(cls: type[_Request], raw: bytes) -> _Request:
         loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, str) or not x[0].isupper()) or None
         if err["type"] == "json_invalid":
             raise APIError(400, f"request body is not valid JSON: {err['msg']}") from None
-        raise APIError(400, f"'{loc}': {err['msg']}" if loc else err["msg"],
-                       param=loc.split(".")[0] if loc else None) from None
+        raise APIError(
+            400, f"'{loc}': {err['msg']}" if loc else err["msg"], param=loc.split(".")[0] if loc else None
+        ) from None
     extra = dict(req.model_extra or {})
     for name in REFUSED:
         if extra.pop(name, None) not in (None, False, [], {}, "", ["text"]):
-            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_field")
+            raise APIError(
+                400, f"'{name}' is not supported by this server", param=name, code="unsupported_field"
+            )
     if extra:
         logger.info("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
     check(req)
@@ -173,6 +198,7 @@ def parse(cls: type[_Request], raw: bytes) -> _Request:
 
 def check(req: _Request) -> None:
     """Rules that span fields."""
+
     def fail(message: str, param: str) -> None:
         raise APIError(400, message, param=param)
 
@@ -185,8 +211,11 @@ def check(req: _Request) -> None:
     for key in req.logit_bias or {}:
         if not key.lstrip("-").isdigit():
             fail(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias")
-    guided = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-              if getattr(req, k) is not None and not (k == "response_format" and req.response_format.type == "text")]
+    guided = [
+        k
+        for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        if getattr(req, k) is not None and not (k == "response_format" and req.response_format.type == "text")
+    ]
     if len(guided) > 1:
         fail(f"use one of {', '.join(guided)}, not several", guided[1])
     rf = req.response_format
@@ -201,8 +230,12 @@ def check(req: _Request) -> None:
         if req.tool_choice not in (None, "none", "auto") and not req.tools:
             fail("'tool_choice' needs 'tools'", "tool_choice")
         if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in {
-                t.function.name for t in req.tools}:
-            fail(f"'tool_choice' names {req.tool_choice.function.name!r}, which is not among 'tools'", "tool_choice")
+            t.function.name for t in req.tools
+        }:
+            fail(
+                f"'tool_choice' names {req.tool_choice.function.name!r}, which is not among 'tools'",
+                "tool_choice",
+            )
         if req.tools and req.tool_choice not in (None, "none") and guided:
             fail("'tools' cannot be combined with structured output", guided[0])
 
@@ -214,8 +247,10 @@ def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
         content = m.content
         if isinstance(content, list):
             content = "".join(p.text or "" for p in content if p.type == "text")
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                             "content": content if content is not None else ""}
+        d: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": content if content is not None else "",
+        }
         if m.name is not None:
             d["name"] = m.name
         if m.tool_call_id is not None:
@@ -225,11 +260,11 @@ def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
             for c in m.tool_calls:
                 args = c.function.arguments
                 if isinstance(args, str):
-                    try:
+                    with contextlib.suppress(ValueError):
                         args = json.loads(args)
-                    except ValueError:
-                        pass
-                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+                calls.append(
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}}
+                )
             d["tool_calls"] = calls
         out.append(d)
     return out

@@ -37,7 +37,9 @@ class Constraint:
     def __init__(self, tokenizer, grammar: str):
         self.matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
-            raise APIError(400, f"the grammar cannot be used: {self.matcher.get_error()}", param="response_format")
+            raise APIError(
+                400, f"the grammar cannot be used: {self.matcher.get_error()}", param="response_format"
+            )
         self.bitmask = llguidance_torch.allocate_token_bitmask(1, tokenizer.vocab_size)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -66,14 +68,20 @@ class Grammars:
     @staticmethod
     def require(param: str) -> None:
         if llguidance is None:
-            raise APIError(400, "structured output needs llguidance on the server: pip install 'autolm[serve]'",
-                           param=param)
+            raise APIError(
+                400,
+                "structured output needs llguidance on the server: pip install 'autolm[serve]'",
+                param=param,
+            )
 
     def _lltokenizer(self):
         self.require("response_format")
         if self._ll is None:
-            self._ll = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                              eos_token=self.eos_ids[0] if self.eos_ids else None)
+            self._ll = llguidance.LLTokenizer(
+                self.tokenizer.backend.to_str(),
+                n_vocab=self.vocab_size,
+                eos_token=self.eos_ids[0] if self.eos_ids else None,
+            )
         return self._ll
 
     def constraint(self, grammar: str | None) -> Constraint | None:
@@ -103,7 +111,9 @@ class Grammars:
 def _wants_grammar(req) -> bool:
     rf = req.response_format
     return (rf is not None and rf.type != "text") or any(
-        getattr(req, k) is not None for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"))
+        getattr(req, k) is not None
+        for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    )
 
 
 def _checked(make, text: str, param: str) -> str:
@@ -128,27 +138,43 @@ def _schema_grammar(schema: Any, param: str) -> str:
 
 def tool_format(template: str | None) -> str:
     """'hermes' (<tool_call> tags) or 'llama3' (a bare JSON object with "parameters")."""
-    if template and "<tool_call>" not in template and ("<|python_tag|>" in template or '"parameters"' in template):
+    if (
+        template
+        and "<tool_call>" not in template
+        and ("<|python_tag|>" in template or '"parameters"' in template)
+    ):
         return "llama3"
     return "hermes"
 
 
 def tool_instructions(tools: list[dict]) -> str:
     """A system message for chat templates that do not render `tools` themselves."""
-    return ("You can call functions. To call one, answer with nothing but\n<tool_call>\n"
-            '{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>\n'
-            "Available functions:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+    return (
+        "You can call functions. To call one, answer with nothing but\n<tool_call>\n"
+        '{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>\n'
+        "Available functions:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    )
 
 
 def tool_call_grammar(tools: list[dict], fmt: str, only: str | None, several: bool) -> str:
     """A Lark grammar (llguidance's dialect, with %json) for one call, or several, to the given tools."""
     key = "parameters" if fmt == "llama3" else "arguments"
-    options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
-                "properties": {"name": {"const": t["function"]["name"]}, key: _closed(t["function"].get("parameters"))}}
-               for t in tools if only is None or t["function"]["name"] == only]
+    options = [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", key],
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                key: _closed(t["function"].get("parameters")),
+            },
+        }
+        for t in tools
+        if only is None or t["function"]["name"] == only
+    ]
     obj = "obj: %json " + json.dumps({"anyOf": options})
     if fmt == "llama3":
-        return ("start: obj (\";\" obj)*\n" if several else "start: obj\n") + obj
+        return ('start: obj (";" obj)*\n' if several else "start: obj\n") + obj
     call = 'call: "<tool_call>\\n" obj "\\n</tool_call>"\n'
     return ('start: call ("\\n" call)*\n' if several else "start: call\n") + call + obj
 
@@ -171,7 +197,7 @@ def parse_tool_calls(text: str, fmt: str, names: set[str]) -> tuple[str | None, 
         candidates = blocks
     else:
         body = text.strip().removeprefix("<|python_tag|>").strip()
-        candidates = [c for c in re.split(r"\s*;\s*(?=\{)", body)] if body.startswith("{") else []
+        candidates = list(re.split(r"\s*;\s*(?=\{)", body)) if body.startswith("{") else []
         if candidates:
             content = None
     for raw in candidates:
@@ -182,6 +208,11 @@ def parse_tool_calls(text: str, fmt: str, names: set[str]) -> tuple[str | None, 
         args = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
         if not isinstance(call, dict) or call.get("name") not in names or not isinstance(args, dict):
             return text, []
-        found.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
+        found.append(
+            {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+            }
+        )
     return (content, found) if found else (text, [])

@@ -23,8 +23,10 @@ from .safetensors import SafetensorsFile, read_safetensors_header
 
 # Tensors some checkpoints carry that the model computes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_LAYOUTS = (("safetensors", "model.safetensors", "model.safetensors.index.json"),
-            ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+_LAYOUTS = (
+    ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+    ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -41,13 +43,28 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e) and "zip" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            AttributeError, ImportError, TypeError, KeyError, RecursionError, NotImplementedError) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        AttributeError,
+        ImportError,
+        TypeError,
+        KeyError,
+        RecursionError,
+        NotImplementedError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path}: not a loadable weights-only PyTorch checkpoint ({first}); autolm never unpickles "
-            "arbitrary objects — convert it to safetensors if you trust its source") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            "arbitrary objects — convert it to safetensors if you trust its source"
+        ) from None
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
         raise CheckpointError(f"{path}: expected a dict of tensor names to tensors")
     return sd
 
@@ -57,7 +74,9 @@ def _read_index(directory: str, index_name: str) -> list[str]:
     index = read_json(path, CheckpointError)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file")
+        raise CheckpointError(
+            f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file"
+        )
     shards: list[str] = []
     for name, rel in weight_map.items():
         full = inside(directory, rel, path)
@@ -73,7 +92,9 @@ class CheckpointSource:
 
     def __init__(self, directory: str, use_safetensors: bool | None = None, variant: str | None = None):
         self.directory = directory
-        layouts = [lay for lay in _LAYOUTS if use_safetensors is None or (lay[0] == "safetensors") == use_safetensors]
+        layouts = [
+            lay for lay in _LAYOUTS if use_safetensors is None or (lay[0] == "safetensors") == use_safetensors
+        ]
         for fmt, single, index in layouts:
             if variant:
                 stem, ext = os.path.splitext(single)
@@ -96,10 +117,10 @@ class CheckpointSource:
         for path in self.files:
             if self.format == "safetensors":
                 st = SafetensorsFile(path)
-                items = ((name, lambda n=name: st.get(n)) for name in st.keys())
+                items = ((name, lambda n=name, st=st: st.get(n)) for name in st)
             else:
                 sd = load_bin(path)
-                items = ((name, lambda n=name: sd[n]) for name in list(sd))
+                items = ((name, lambda n=name, sd=sd: sd[n]) for name in list(sd))
             for name, get in items:
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
@@ -138,12 +159,19 @@ class GGUFSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         from .gguf import hf_name
 
-        return {hf_name(t.name): tuple(int(x) for x in reversed(t.shape)) for t in self.file.tensors
-                if hf_name(t.name) is not None}
+        return {
+            hf_name(t.name): tuple(int(x) for x in reversed(t.shape))
+            for t in self.file.tensors
+            if hf_name(t.name) is not None
+        }
 
 
-def open_source(directory: str, gguf_file: str | None = None, use_safetensors: bool | None = None,
-                variant: str | None = None) -> CheckpointSource | GGUFSource:
+def open_source(
+    directory: str,
+    gguf_file: str | None = None,
+    use_safetensors: bool | None = None,
+    variant: str | None = None,
+) -> CheckpointSource | GGUFSource:
     """The source of a model directory (or of one GGUF file in it)."""
     if gguf_file is not None:
         return GGUFSource(inside(directory, gguf_file, directory))

@@ -33,15 +33,34 @@ _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
 }
 _ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_SCALAR_SIZES = {
+    0: 1,
+    1: 1,
+    2: 2,
+    3: 2,
+    4: 4,
+    5: 4,
+    6: 4,
+    7: 1,
+    10: 8,
+    11: 8,
+    12: 8,
+}  # GGUFValueType -> bytes
 _STRING, _ARRAY = 8, 9
 MAX_ARRAY_ITEMS = 1 << 20  # per metadata array; real vocabularies and merge lists stay well below
 MAX_TOTAL_ITEMS = 1 << 22  # over the whole file: every item becomes a Python object
@@ -61,7 +80,9 @@ class TensorInfo(NamedTuple):
 _NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
 
 
-def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+def read_header(
+    path: str, buf, size: int
+) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
     """(metadata as plain Python values, tensors as (name, shape, ggml type, offset from the data start),
     where the data starts): read with struct from the memory map, every count bounded by the file's size."""
     if bytes(buf[:4]) != b"GGUF":
@@ -95,12 +116,16 @@ def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[s
         if n > size - pos:
             raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
         pos += n
-        return str(buf[pos - n:pos], "utf-8", "replace")
+        return str(buf[pos - n : pos], "utf-8", "replace")
 
     def value(kind: int, what: str, depth: int = 0) -> Any:
         nonlocal pos, items
         if kind in _SCALAR_SIZES:
-            out = np.frombuffer(buf, order + _NUMPY[kind], 1, pos)[0].item() if pos + _SCALAR_SIZES[kind] <= size else None
+            out = (
+                np.frombuffer(buf, order + _NUMPY[kind], 1, pos)[0].item()
+                if pos + _SCALAR_SIZES[kind] <= size
+                else None
+            )
             pos += _SCALAR_SIZES[kind]
         elif kind == _STRING:
             out = string(what)
@@ -109,8 +134,10 @@ def read_header(path: str, buf, size: int) -> tuple[dict[str, Any], list[tuple[s
             n = count(read("Q", what), _SCALAR_SIZES.get(inner, 8), what)
             items += n
             if n > MAX_ARRAY_ITEMS or items > MAX_TOTAL_ITEMS:
-                raise GGUFError(f"{path}: {what} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
-                                f"and {MAX_TOTAL_ITEMS} in all")
+                raise GGUFError(
+                    f"{path}: {what} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
+                    f"and {MAX_TOTAL_ITEMS} in all"
+                )
             if inner in _SCALAR_SIZES:
                 out = np.frombuffer(buf, order + _NUMPY[inner], n, pos).tolist()
                 pos += n * _SCALAR_SIZES[inner]
@@ -179,8 +206,11 @@ class GGUFFile:
             row_bytes = shape[0] // block * type_size
             begin = start + offset
             n_bytes = rows * row_bytes
-            data = (self._map[begin:begin + n_bytes].reshape(rows, row_bytes) if begin + n_bytes <= size
-                    else None)  # a truncated file: gguf_tensors says so when the tensor is read
+            data = (
+                self._map[begin : begin + n_bytes].reshape(rows, row_bytes)
+                if begin + n_bytes <= size
+                else None
+            )  # a truncated file: gguf_tensors says so when the tensor is read
             self.tensors.append(TensorInfo(name, shape, kind, begin, n_bytes, data))
         self.architecture = self.metadata.get("general.architecture")
         if self.architecture not in _ARCHS:
@@ -212,8 +242,11 @@ def config_from_gguf(g: GGUFFile, **overrides):
     d["tie_word_embeddings"] = "output.weight" not in names
     if g.architecture == "qwen2":
         d["use_sliding_window"] = False
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("padding_token_id", "pad_token_id")):
+    for key, name in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ):
         if f"tokenizer.ggml.{key}" in g.metadata:
             value = g.metadata[f"tokenizer.ggml.{key}"]
             if not isinstance(value, int) or isinstance(value, bool):
@@ -270,7 +303,9 @@ def int4_blocks(t, path: str) -> Int4Blocks:
         zero, qs = np.zeros_like(d), raw[:, 2:]
     q = np.concatenate([qs & 0xF, qs >> 4], axis=1).reshape(N, K)
     sz = np.stack([d, zero], -1).reshape(N, K // 32, 2)
-    return Int4Blocks(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(sz.transpose(1, 0, 2))), (N, K))
+    return Int4Blocks(
+        torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(sz.transpose(1, 0, 2))), (N, K)
+    )
 
 
 def _q8_0(data) -> np.ndarray:
@@ -281,8 +316,9 @@ def _q8_0(data) -> np.ndarray:
     return (blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(data.shape[0], -1)
 
 
-def gguf_tensors(g: GGUFFile, config, int4: Callable[[str], bool] = lambda name: False
-                 ) -> Iterator[tuple[str, str, torch.Tensor | Int4Blocks]]:
+def gguf_tensors(
+    g: GGUFFile, config, int4: Callable[[str], bool] = lambda name: False
+) -> Iterator[tuple[str, str, torch.Tensor | Int4Blocks]]:
     """Yield (file, HF name, tensor) for every tensor of the file: dequantized to fp32, or as Int4Blocks
     where the tensor is Q4_0 / Q4_1 and int4(HF name) asks for that."""
     import gguf
@@ -302,15 +338,20 @@ def gguf_tensors(g: GGUFFile, config, int4: Callable[[str], bool] = lambda name:
                 heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
                 q = unpermute(blocks.q.numpy(), heads)
                 sz = unpermute(blocks.scales_and_zeros.transpose(0, 1).numpy(), heads).swapaxes(0, 1)
-                blocks = Int4Blocks(torch.from_numpy(np.ascontiguousarray(q)),
-                                    torch.from_numpy(np.ascontiguousarray(sz)), blocks.shape)
+                blocks = Int4Blocks(
+                    torch.from_numpy(np.ascontiguousarray(q)),
+                    torch.from_numpy(np.ascontiguousarray(sz)),
+                    blocks.shape,
+                )
             yield g.path, name, blocks
             continue
         try:
             q8_0 = t.tensor_type == gguf.GGMLQuantizationType.Q8_0
             w = _q8_0(t.data) if q8_0 else gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
-            raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})") from None
+            raise GGUFError(
+                f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})"
+            ) from None
         w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         if g.architecture in ("llama", "mistral"):
             if ".attn_q." in t.name:

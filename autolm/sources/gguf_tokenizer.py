@@ -7,9 +7,14 @@ from typing import Any
 from ..errors import GGUFError
 from .gguf import GGUFFile
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -29,7 +34,9 @@ def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, 
     except GGUFError:
         raise
     except Exception as e:  # odd metadata types, and the tokenizers library's plain Exceptions
-        raise GGUFError(f"{path}: the tokenizer in its metadata cannot be built ({type(e).__name__}: {e})") from None
+        raise GGUFError(
+            f"{path}: the tokenizer in its metadata cannot be built ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _parts(g: GGUFFile, path: str):
@@ -47,34 +54,66 @@ def _parts(g: GGUFFile, path: str):
     if kind == "gpt2":
         spelling = _bytes_to_unicode()
         alphabet = set(spelling.values())
-        vocab = {tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-                 for i, tok in enumerate(tokens)}
-        backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
+        vocab = {
+            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+            for i, tok in enumerate(tokens)
+        }
+        backend = Backend(
+            BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
+        )
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
         if split is not None:
             backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         add_bos_default = False
     elif kind == "llama":
         if not merges:
             raise GGUFError(f"{path}: SentencePiece vocabulary without merges is not supported")
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = Backend(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None,
-                              unk_token=tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 0))]))
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                             decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+        backend = Backend(
+            BPE(
+                vocab=vocab,
+                merges=merges,
+                fuse_unk=True,
+                byte_fallback=True,
+                dropout=None,
+                unk_token=tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 0))],
+            )
+        )
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first", split=False
+        )
+        backend.decoder = decoders.Sequence(
+            [
+                decoders.Replace("\u2581", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(content=" ", left=1),
+            ]
+        )
         add_bos_default = True
     else:
         raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2' or 'llama')")
     byte_level = kind == "gpt2"
     alphabet = set(_bytes_to_unicode().values())
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == 3 and (not byte_level or set(t) <= alphabet)]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == 3 and (not byte_level or set(t) <= alphabet)
+    ]
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
     backend.add_special_tokens(control)
     if user:
@@ -84,15 +123,25 @@ def _parts(g: GGUFFile, path: str):
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    special = {"bos_token": tok("bos_token_id"), "eos_token": tok("eos_token_id"),
-               "unk_token": tok("unknown_token_id"), "pad_token": tok("padding_token_id")}
+    special = {
+        "bos_token": tok("bos_token_id"),
+        "eos_token": tok("eos_token_id"),
+        "unk_token": tok("unknown_token_id"),
+        "pad_token": tok("padding_token_id"),
+    }
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
-        single = ([f"{special['bos_token']}:0"] if add_bos else []) + ["$A:0"] + ([f"{special['eos_token']}:0"] if add_eos else [])
+        single = (
+            ([f"{special['bos_token']}:0"] if add_bos else [])
+            + ["$A:0"]
+            + ([f"{special['eos_token']}:0"] if add_eos else [])
+        )
         pair = single + (["$B:1"] + ([f"{special['eos_token']}:1"] if add_eos else []))
         ids = {t: vocab[t] for t in (special["bos_token"], special["eos_token"]) if t is not None}
-        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=list(ids.items())
+        )
     elif byte_level:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     init = {"add_bos_token": add_bos, "add_eos_token": add_eos}
@@ -101,12 +150,20 @@ def _parts(g: GGUFFile, path: str):
 
 
 # llama.cpp pre-tokenizer names whose split regex differs from GPT-2's (as transformers maps them).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                         "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-                         "deepseek-r1-qwen": _QWEN2_SPLIT}
-
-
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}

@@ -22,9 +22,18 @@ from ..errors import CheckpointError
 MAX_HEADER_BYTES = 100_000_000
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -76,7 +85,9 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             raise CheckpointError(f"{path}: tensor {name!r} at offset {info.start - data_start} {what}")
         pos = info.end
     if pos != data_start + data_len:
-        raise CheckpointError(f"{path}: tensors cover {pos - data_start} bytes but the data area holds {data_len}")
+        raise CheckpointError(
+            f"{path}: tensors cover {pos - data_start} bytes but the data area holds {data_len}"
+        )
     return infos, metadata
 
 
@@ -85,11 +96,18 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
         raise CheckpointError(f"{path}: entry for tensor {name!r} is not an object")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype_name not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} (expected one of {sorted(DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} (expected one of {sorted(DTYPES)})"
+        )
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     start, end = offsets
     if not 0 <= start <= end <= data_len:
@@ -132,6 +150,8 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=info.dtype)
         if info.start % info.dtype.itemsize:
             # Unaligned data cannot be viewed in place; copy this one tensor.
-            buf = bytearray(self._mapped()[info.start: info.end])
+            buf = bytearray(self._mapped()[info.start : info.end])
             return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
-        return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+        return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(
+            info.shape
+        )
