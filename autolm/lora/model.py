@@ -333,7 +333,7 @@ def _read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(st_path):
         try:
             f = SafetensorsFile(st_path)
-            return {k: f.get(k).clone() for k in f}
+            return {k: f.get(k).clone() for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except AutolmError as e:
             raise AdapterError(str(e)) from None
     if os.path.isfile(bin_path):

@@ -117,7 +117,7 @@ class CheckpointSource:
         for path in self.files:
             if self.format == "safetensors":
                 st = SafetensorsFile(path)
-                items = ((name, lambda n=name, st=st: st.get(n)) for name in st)
+                items = ((name, lambda n=name, st=st: st.get(n)) for name in st.keys())  # noqa: SIM118
             else:
                 sd = load_bin(path)
                 items = ((name, lambda n=name, sd=sd: sd[n]) for name in list(sd))
