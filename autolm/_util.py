@@ -1,16 +1,14 @@
-"""Small helpers every layer uses: bounded JSON reading, atomic writes, sizes, dtypes, rank and world."""
+"""Small helpers every layer uses: bounded JSON reading, atomic writes (from _atomic), sizes, dtypes, rank and
+world."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
+from ._atomic import _fsync_dir, atomic_directory, atomic_write_text  # noqa: F401 - where callers import them
 from .errors import AutolmError, ConfigError
 
 MAX_JSON_BYTES = 64 << 20  # no legitimate config, index or tokenizer config comes near this
@@ -61,105 +59,6 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise AutolmError(f"size {size!r} is not understood (expected e.g. 5GB, 500MB or a number of bytes)")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write text to path through a temporary file, fsync and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_directory(target: str, owned: Any = None) -> Iterator[str]:
-    """Yield a fresh temporary directory beside `target`; on success it replaces `target`, on failure it
-    is removed and `target` is left as it was.
-
-    Files already in `target` are kept unless the new save writes a file of the same name or
-    `owned(name)` says autolm wrote it (its own shards and index): nothing else of the user's is lost.
-    A symlinked target is followed (the link stays). Files and folders get the permissions the umask gives.
-    """
-    target = os.path.realpath(os.path.abspath(target))
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise AutolmError(f"{target}: exists and is not a directory")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    base = os.path.basename(target)
-    for stale in sorted(os.listdir(parent)):  # folders left by saves that were killed
-        if stale.startswith(f".{base}.old-") and not os.path.lexists(target):
-            os.replace(os.path.join(parent, stale), target)  # killed between its two renames: put it back
-        elif stale.startswith((f".{base}.tmp-", f".{base}.old-")):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-")
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        for name in os.listdir(tmp):
-            path = os.path.join(tmp, name)
-            if os.path.isfile(path):
-                os.chmod(path, 0o666 & ~_umask())
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        if os.path.isdir(target):
-            for name in os.listdir(target):
-                if os.path.lexists(os.path.join(tmp, name)) or (owned is not None and owned(name)):
-                    continue
-                src = os.path.join(target, name)
-                if os.path.isdir(src) and not os.path.islink(src):
-                    shutil.copytree(src, os.path.join(tmp, name), symlinks=True)
-                else:
-                    shutil.copy2(src, os.path.join(tmp, name), follow_symlinks=False)
-            st = os.stat(target)
-            os.chmod(tmp, st.st_mode & 0o7777)
-        _fsync_dir(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise AutolmError(
-            f"{target}: could not write ({e.strerror or e}); the previous contents are unchanged"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(target):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-")
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    _fsync_dir(parent)
 
 
 def world() -> tuple[int, int]:

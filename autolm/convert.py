@@ -7,10 +7,10 @@ import os
 import sys
 from typing import Any
 
-from ._util import atomic_directory, autolm_home, parse_dtype
+from ._util import autolm_home, parse_dtype
 from .errors import ResolveError
 from .load import from_pretrained
-from .saving import owned
+from .saving import save_with_tokenizer
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -30,10 +30,7 @@ def convert_gguf(
         quantization=quantization,
         progress=progress,
     )
-    tokenizer = Tokenizer.from_gguf(path)
-    with atomic_directory(out_dir, owned=lambda n: owned(n) or n.startswith("tokenizer")) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_with_tokenizer(model, Tokenizer.from_gguf(path), out_dir)
     return out_dir
 
 

@@ -33,3 +33,8 @@ class AdapterError(AutolmError):
 
 class GGUFError(CheckpointError):
     """A GGUF file is truncated, corrupt or of an unsupported architecture."""
+
+
+class SaveError(AutolmError, OSError):
+    """A save could not be completed (full disk, read-only file system, no permission, ...); `errno`
+    says which. Nothing of it was written and the folder it targeted is as it was."""

@@ -14,10 +14,12 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ._util import atomic_directory, full_tensor, parse_size, world
 from .errors import AutolmError
+from .tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger("autolm")
 _OWNED = re.compile(
@@ -61,11 +63,7 @@ def write_weights(
         sd, filename_pattern=pattern, max_shard_size=parse_size(max_shard_size)
     )
     for fname, names in split.filename_to_tensors.items():
-        shard = {n: sd[n] for n in names}
-        if safe_serialization:
-            save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
-        else:
-            torch.save(shard, os.path.join(directory, fname))
+        write_tensors({n: sd[n] for n in names}, os.path.join(directory, fname), safe_serialization)
     if split.is_sharded:
         index = {
             "metadata": dict(split.metadata),
@@ -76,6 +74,34 @@ def write_weights(
         ) as f:
             json.dump(index, f, indent=2)
     return list(split.filename_to_tensors)
+
+
+def write_tensors(shard: dict[str, torch.Tensor], path: str, safe_serialization: bool = True) -> None:
+    """One weights file; a failure of the disk is an OSError (with its errno), whoever wrote the bytes."""
+    if not safe_serialization:
+        try:
+            with open(path, "wb") as f:
+                torch.save(shard, f)
+        except RuntimeError as e:  # torch's writer reports the OSError of the file it wrote to as its context
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        return
+    try:
+        save_file(shard, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # safetensors' writer names the OS error in its message only
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
+def save_with_tokenizer(model, tokenizer, directory: str | os.PathLike, **kwargs) -> None:
+    """model.save_pretrained and tokenizer.save_pretrained as one transaction: both appear, or neither."""
+    with atomic_directory(os.fspath(directory), lambda n: owned(n) or n in TOKENIZER_FILES) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        tokenizer.save_pretrained(tmp)
 
 
 def save_model(

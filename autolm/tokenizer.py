@@ -8,12 +8,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._util import atomic_write_text, read_json
+from ._util import atomic_directory, read_json
 from .chat_template import MAX_TEMPLATE_OUTPUT, render_chat_template
 from .errors import TokenizerError
 from .hub import HUB_KWARGS, resolve_model_dir
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained writes
 
 
 class BatchEncoding(dict):
@@ -418,10 +420,8 @@ class Tokenizer:
             )
         return template
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write tokenizer.json and tokenizer_config.json (with the chat template), atomically."""
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_text(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template), both or neither."""
         cfg = {k: v for k, v in self.init_kwargs.items() if k not in _SPECIAL and k != "chat_template"}
         cfg.update(self.special_tokens)
         cfg["padding_side"] = self.padding_side
@@ -435,9 +435,11 @@ class Tokenizer:
                 if isinstance(self.chat_template, str)
                 else [{"name": k, "template": v} for k, v in self.chat_template.items()]
             )
-        atomic_write_text(
-            os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False)
-        )
+        texts = (self.backend.to_str(), json.dumps(cfg, indent=2, ensure_ascii=False))
+        with atomic_directory(directory, owned=TOKENIZER_FILES.__contains__) as tmp:
+            for name, text in zip(TOKENIZER_FILES, texts):
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
 
 
 def _clean_up(text: str) -> str:

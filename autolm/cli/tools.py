@@ -84,9 +84,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory")
     model, tok = load(args.base, args.dtype, adapters=adapters)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    from ..saving import save_with_tokenizer
+
+    save_with_tokenizer(model.merge_and_unload(), tok, args.out)  # both or neither: one transaction
     print(f"wrote {args.out} ({adapters[0][1]} merged into {args.base or 'the default model'})")
     return 0
 

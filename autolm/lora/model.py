@@ -279,27 +279,33 @@ class PeftModel(_Forwarding):
                 out[_PREFIX + key] = full_tensor(p.detach()).to("cpu").contiguous()
         return out
 
-    def save_pretrained(self, directory: str, selected_adapters: list[str] | None = None) -> None:
-        """Write adapter_config.json + adapter_model.safetensors per adapter (others in subfolders), atomically.
+    def save_pretrained(
+        self, directory: str | os.PathLike, selected_adapters: list[str] | None = None
+    ) -> None:
+        """Write adapter_config.json + adapter_model.safetensors per adapter (others in subfolders), all of
+        them in one transaction.
 
         Sharded (FSDP) weights are gathered on every rank; rank 0 writes.
         """
-        from safetensors.torch import save_file
+        from ..saving import write_tensors
 
+        states = {}
         for name in selected_adapters or list(self.peft_config):
-            target = directory if name == "default" else os.path.join(directory, name)
             cfg = self.peft_config[name]
             if cfg.base_model_name_or_path is None:
                 report = getattr(self._model, "load_report", None)
                 cfg.base_model_name_or_path = report.directory if report is not None else None
-            state = self.adapter_state_dict(name)
-            if world()[0] != 0:
-                continue
-            with atomic_directory(target) as tmp:
-                save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-                d = cfg.to_dict()
+            states[name] = self.adapter_state_dict(name)
+        if world()[0] != 0:
+            return
+        with atomic_directory(directory) as tmp:
+            for name, state in states.items():
+                target = tmp if name == "default" else os.path.join(tmp, name)
+                os.makedirs(target, exist_ok=True)
+                write_tensors(state, os.path.join(target, WEIGHTS_NAME))
+                d = self.peft_config[name].to_dict()
                 d["inference_mode"] = True
-                with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+                with open(os.path.join(target, CONFIG_NAME), "w", encoding="utf-8") as f:
                     json.dump(d, f, indent=2, sort_keys=True)
 
     @classmethod
