@@ -6,6 +6,7 @@ The HF cache keeps each file once under `models--org--name/blobs/` and links to 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -24,6 +25,7 @@ HUB_KWARGS = (
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a blob's name is its hash
 # What a model needs; weights in .bin are fetched only when no safetensors exist.
 _PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
@@ -82,6 +84,51 @@ def inside(directory: str, rel: str, source: str) -> str:
     if os.path.commonpath([root, full]) != root:
         raise CheckpointError(f"{source}: shard path {rel!r} points outside the model directory {directory}")
     return full
+
+
+def verify_files(directory: str, files: list[str]) -> str:
+    """Check a snapshot's files (the given ones, config.json and generation_config.json) against the HF
+    cache's blob names: sha256 for LFS files, git's blob sha1 for the rest. A mismatch is a CheckpointError
+    naming the file; the result is one line for the load report."""
+    from .errors import CheckpointError
+
+    root = trusted_root(directory)
+    if root == os.path.realpath(directory):
+        return f"verify: {directory} is not in the Hugging Face cache, so there are no hashes to check"
+    extra = [os.path.join(directory, n) for n in ("config.json", "generation_config.json")]
+    names = {os.path.realpath(os.path.join(directory, n)): n for n in os.listdir(directory)}
+    checked, unchecked = [], []
+    for path in list(files) + [p for p in extra if os.path.isfile(p) and p not in files]:
+        real = os.path.realpath(path)
+        path = os.path.join(directory, names.get(real, os.path.basename(path)))  # as the snapshot names it
+        blob = os.path.basename(real)
+        if os.path.dirname(real) != os.path.join(root, "blobs") or not _BLOB.fullmatch(blob):
+            unchecked.append(os.path.basename(path))
+            continue
+        algo = "sha256" if len(blob) == 64 else "sha1"
+        try:
+            got = _file_hash(real, algo)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        if got != blob:
+            raise CheckpointError(
+                f"{path}: content does not match its Hugging Face cache hash ({algo} {got}, expected {blob}); "
+                f"the file is corrupt or was changed after download: delete {real} and download it again"
+            )
+        checked.append(os.path.basename(path))
+    line = f"verify: {len(checked)} files match their Hugging Face cache hashes ({', '.join(checked)})"
+    return line + (f"; not in the cache's blobs, unchecked: {', '.join(unchecked)}" if unchecked else "")
+
+
+def _file_hash(path: str, algo: str) -> str:
+    """sha256 of the content (an LFS blob's name), or git's sha1 of "blob SIZE\\0" + content."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        if algo == "sha1":
+            h.update(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _offline(local_files_only: bool) -> bool:

@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="architecture, parameters, dtype, memory, adapters and the load report"
     )
     _add_model(p)
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the files' content hashes where they come from the Hugging Face cache (blob names)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

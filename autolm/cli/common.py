@@ -60,9 +60,11 @@ def load(
     quantize: str | None = None,
     tp_plan: str | None = None,
     adapters: list[tuple[str, str]] | None = None,
+    verify: bool = False,
 ):
     """(model, tokenizer) for a directory, repo id, .gguf file or adapter folder (its base model is loaded),
-    or the default model when None; adapters are attached with the first one active."""
+    or the default model when None; adapters are attached with the first one active. verify checks content
+    hashes (see from_pretrained)."""
     from ..load import from_pretrained
     from ..tokenizer import AutoTokenizer
 
@@ -77,6 +79,7 @@ def load(
         quantization=None if quantize == "none" else quantize,
         tp_plan=tp_plan,
         progress=sys.stderr.isatty(),
+        verify=verify,
     )
     if adapters:
         from ..lora import PeftModel

@@ -24,7 +24,14 @@ from .common import (
 def cmd_inspect(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     t0 = time.perf_counter()
-    model, _ = load(args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter))
+    model, _ = load(
+        args.model,
+        args.dtype,
+        args.device,
+        args.quantize,
+        adapters=parse_adapters(args.adapter),
+        verify=args.verify,
+    )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     from ..quant import memory_report

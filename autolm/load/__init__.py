@@ -19,7 +19,7 @@ from .._util import check_device, parse_dtype
 from ..config import LlamaConfig, config_class, load_config
 from ..errors import CheckpointError, ConfigError
 from ..generation import GenerationConfig
-from ..hub import HUB_KWARGS, resolve_model_dir
+from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
 from ..models import model_class
 from ..sources import IGNORED_SUFFIXES, open_source
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
@@ -87,6 +87,7 @@ def _load(
     variant: str | None = None,
     progress: bool | None = None,
     resolved: str | None = None,
+    verify: bool = False,
     **kwargs: Any,
 ):
     """The load path: resolve, open the source, build on meta, place, stream the weights.
@@ -97,7 +98,8 @@ def _load(
     tp_plan="auto" (under torchrun) shards the decoder layers across ranks; fsdp=True shards every
     parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
     progress shows a bar on stderr (None: for checkpoints of 1 GiB or more, and GGUF files, which
-    dequantize slowly). Other keyword arguments override config fields, as in transformers.
+    dequantize slowly). verify=True checks the files' content hashes where the HF cache has them.
+    Other keyword arguments override config fields, as in transformers.
     """
     for k in [k for k in kwargs if k in _ACCEPTED]:
         if kwargs.pop(k) is not None and _ACCEPTED[k]:
@@ -120,6 +122,8 @@ def _load(
     report.directory = directory
     report.lap("resolve")
     source = open_source(directory, gguf_file, use_safetensors, variant)
+    if verify:  # content hashes, where the HF cache names its blobs by them
+        report.notes.append(verify_files(directory, source.files))
     report.files, report.format = [os.path.basename(f) for f in source.files], source.format
     if config is None:
         config = source.config()

@@ -8,6 +8,7 @@ size and JSON, dtypes, shapes, offsets in bounds, contiguous and non-overlapping
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -49,17 +50,25 @@ class TensorInfo:
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: returns {name: TensorInfo} and the metadata dict."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file")
-            raw = f.read(n)
+        with open(path, "rb", buffering=0) as f:
+            return _read_header(f, os.fstat(f.fileno()).st_size, path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_header(f: io.FileIO, size: int, path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The header of the open file `f` of `size` bytes, checked against that size."""
+    try:
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file")
+        raw = _read_exactly(f, 8, n, path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -123,22 +132,63 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     return TensorInfo(dtype, tuple(shape), data_start + start, data_start + end)
 
 
+def _read_exactly(f: io.FileIO, offset: int, n: int, path: str, into: memoryview | None = None) -> bytes:
+    """n bytes at offset (into a buffer when given); a file that ends first was cut short while read."""
+    buf = into if into is not None else memoryview(bytearray(n))
+    f.seek(offset)
+    done = 0
+    while done < n:
+        got = f.readinto(buf[done:])
+        if not got:
+            raise CheckpointError(
+                f"{path}: ends at byte {offset + done}, before the {n} bytes its header promised"
+            )
+        done += got
+    return bytes(buf) if into is None else b""
+
+
 class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; `get` returns tensors that share the file's pages."""
+    """A validated, memory-mapped safetensors file; `get` returns tensors that share the file's pages.
+
+    A mapped file that shrinks kills the process with SIGBUS at the next read of a lost page, and one
+    rewritten in place changes the weights under the model: every `get` first checks that the file still
+    has the size and modification time it had when its header was read (CheckpointError otherwise).
+    With AUTOLM_NO_MMAP=1 tensors are read into memory instead (a path that cannot SIGBUS, for network
+    file systems, at the cost of a copy), as safetensors users do where mapping is unsafe.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self.infos, self.metadata = read_safetensors_header(path)
+        try:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - held while tensors are read; __del__ closes
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        st = os.fstat(self._file.fileno())
+        self._seen = (st.st_size, st.st_mtime_ns)
+        self.infos, self.metadata = _read_header(self._file, st.st_size, path)
         self._map: mmap.mmap | None = None
+        self._no_mmap = os.environ.get("AUTOLM_NO_MMAP", "") not in ("", "0")
+
+    def __del__(self) -> None:
+        if hasattr(self, "_file"):
+            self._file.close()
 
     def keys(self) -> list[str]:
         return list(self.infos)
 
+    def _check(self) -> None:
+        st = os.fstat(self._file.fileno())
+        if (st.st_size, st.st_mtime_ns) != self._seen:
+            raise CheckpointError(
+                f"{self.path}: changed while it was being loaded ({self._seen[0]} bytes when opened, "
+                f"{st.st_size} now); load it again once whatever writes it has finished"
+            )
+
     def _mapped(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY maps pages privately: shared with the page cache until written, never written back.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # ACCESS_COPY maps pages privately: shared with the page cache until written, never written back.
+            # The length is the size the header was checked against, never what the file has become.
+            self._map = mmap.mmap(self._file.fileno(), self._seen[0], access=mmap.ACCESS_COPY)
         return self._map
 
     def get(self, name: str) -> torch.Tensor:
@@ -148,10 +198,18 @@ class SafetensorsFile:
         count = math.prod(info.shape)
         if count == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        if info.start % info.dtype.itemsize:
-            # Unaligned data cannot be viewed in place; copy this one tensor.
-            buf = bytearray(self._mapped()[info.start : info.end])
-            return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        self._check()
+        if self._no_mmap or info.start % info.dtype.itemsize:
+            # Unaligned data cannot be viewed in place: this one tensor is read (so is every one without mmap).
+            t = torch.empty(count, dtype=info.dtype)
+            _read_exactly(self._file, info.start, info.end - info.start, self.path, _bytes_of(t))
+            self._check()  # a file rewritten during the read may have given a mix of old and new bytes
+            return t.reshape(info.shape)
         return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(
             info.shape
         )
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable view of a new contiguous tensor's bytes."""
+    return memoryview(t.view(torch.uint8).numpy())
