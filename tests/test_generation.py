@@ -8,7 +8,6 @@ from conftest import VOCAB, padded_batch
 
 import autolm
 from autolm.errors import GenerationError
-from autolm.generation.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_sliding", "mistral_sliding", "qwen3"])
@@ -61,28 +60,6 @@ def test_sampling_is_reproducible_with_a_seed(checkpoint):
     assert torch.equal(a, b) and not torch.equal(a, c)
     n = model.generate(ids, seed=1, num_return_sequences=3, **kw)
     assert n.shape == (6, 25)
-
-
-def test_processors_each_change_scores():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 50, generator=g)
-    k = apply_top_k(scores, 5)
-    assert (k > -float("inf")).sum(-1).tolist() == [5, 5]
-    p = apply_top_p(scores, 0.5)
-    kept = (p > -float("inf")).sum(-1)
-    assert (kept < 50).all() and (kept >= 1).all()
-    probs = scores.softmax(-1)
-    # top-p keeps the smallest set of top tokens whose mass reaches p.
-    top = torch.sort(probs[0], descending=True).values
-    assert int(kept[0]) == int((top.cumsum(0) < 0.5).sum()) + 1
-    m = apply_min_p(scores, 0.3)
-    survivors = m > -float("inf")
-    assert torch.equal(survivors, probs >= 0.3 * probs.amax(-1, keepdim=True))
-    ids = torch.tensor([[1, 2, 3], [4, 4, 4]])
-    r = apply_repetition_penalty(scores, ids, 2.0)
-    s = scores[0, 1]
-    assert r[0, 1] == (s / 2 if s > 0 else s * 2)
-    assert torch.equal(r[0, 10:], scores[0, 10:])
 
 
 def test_processors_are_applied_in_generate(checkpoint):

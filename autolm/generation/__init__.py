@@ -1,11 +1,39 @@
 """Generation in three layers: a token iterator, a text stream with statistics, a plain string; `generate`
-with transformers' arguments on top of the iterator, and beam search. Models are reached only through
-`model(...)` and `model.make_cache()`."""
+with transformers' arguments on top of the iterator, and beam search. Sampling is one list of logits
+processors (sampling.logits_processors). Models are reached only through `model(...)` and
+`model.make_cache()`."""
 
 from .config import GenerationConfig
 from .decode import Step, compile_decode, generate_tokens
 from .mixin import GenerateOutput, GenerationMixin
-from .sampling import choose, process_logits
+from .processors import (
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitBiasLogitsProcessor,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    PresenceFrequencyPenaltyLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
+from .sampling import choose, logits_processors
+from .stopping import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 from .streaming import (
     Detokenizer,
     GenerationChunk,
@@ -14,20 +42,63 @@ from .streaming import (
     generate_text,
     stream_generate,
 )
+from .warpers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitNormalization,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 __all__ = [
     "Detokenizer",
+    "EosTokenCriteria",
+    "EpsilonLogitsWarper",
+    "EtaLogitsWarper",
+    "ExponentialDecayLengthPenalty",
+    "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
     "GenerateOutput",
     "GenerationChunk",
     "GenerationConfig",
     "GenerationMixin",
+    "InfNanRemoveLogitsProcessor",
+    "LogitBiasLogitsProcessor",
+    "LogitNormalization",
+    "LogitsProcessor",
+    "LogitsProcessorList",
+    "MaxLengthCriteria",
+    "MaxTimeCriteria",
+    "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "MinPLogitsWarper",
+    "NoBadWordsLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor",
+    "PrefixConstrainedLogitsProcessor",
+    "PresenceFrequencyPenaltyLogitsProcessor",
+    "RepetitionPenaltyLogitsProcessor",
+    "SequenceBiasLogitsProcessor",
     "Step",
+    "StopStringCriteria",
+    "StoppingCriteria",
+    "StoppingCriteriaList",
+    "SuppressTokensAtBeginLogitsProcessor",
+    "SuppressTokensLogitsProcessor",
+    "TemperatureLogitsWarper",
     "TextIteratorStreamer",
     "TextStreamer",
+    "TopHLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "TypicalLogitsWarper",
     "choose",
     "compile_decode",
     "generate_text",
     "generate_tokens",
-    "process_logits",
+    "logits_processors",
     "stream_generate",
 ]

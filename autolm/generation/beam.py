@@ -1,121 +1,177 @@
-"""Beam search with transformers' semantics, vectorised over batch and beams."""
+"""Beam search with transformers' semantics (length penalty, early stopping, EOS, stopping criteria),
+vectorised over batch and beams, returning transformers' beam outputs (sequences_scores, scores,
+beam_indices)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .config import GenerationConfig
-from .decode import max_new_tokens
-from .sampling import process_logits
+from .decode import new_token_budget
+from .sampling import logits_processors
+from .stopping import build_criteria
+
+NEG = -1.0e9  # transformers' "never choose this" score
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B, k, ...) indexed along dim 1 by idx (B, k')."""
+    return torch.gather(t, 1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+
+
+@dataclass
+class BeamOutput:
+    """What beam search returns, flattened to (B * num_return_sequences, ...) as transformers does."""
+
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor
+    beam_indices: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None
+    logits: tuple[torch.Tensor, ...] | None
+    past_key_values: Any
+
+
+class Beams:
+    """The running beams (best continuations still open) and the finished ones of every prompt."""
+
+    def __init__(self, cfg: GenerationConfig, input_ids: torch.Tensor, max_len: int):
+        B, P = input_ids.shape
+        nb, dev, eos = cfg.num_beams, input_ids.device, cfg.eos_ids
+        self.cfg, self.B, self.P, self.nb, self.max_len = cfg, B, P, nb, max_len
+        self.keep_k = max(2, 1 + len(eos)) * nb  # enough candidates that nb can continue after EOS hits
+        self.top_nb = (torch.arange(self.keep_k, device=dev) < nb)[None]
+        # transformers' filler: pad_token_id (unless 0) or the first EOS; -1 without EOS.
+        fill = (cfg.pad_token_id or eos[0]) if eos else -1
+        self.running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=dev)
+        self.running[:, :, :P] = input_ids[:, None]
+        self.sequences = self.running.clone()
+        self.running_scores = torch.zeros(B, nb, device=dev)
+        self.running_scores[:, 1:] = NEG
+        self.running_indices = torch.full((B, nb, max_len - P), -1, dtype=torch.int32, device=dev)
+        self.indices = self.running_indices.clone()
+        self.scores = torch.full((B, nb), NEG, device=dev)
+        self.finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+        self.improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        self.parent = None  # (B * nb,) the flat row each running beam continues, after a step
+
+    def step(self, logp: torch.Tensor, cur: int, criteria, history, generator=None) -> bool:
+        """Extend the beams by one token from processed log-probs (B * nb, V); False when search ends."""
+        B, nb, P, cfg = self.B, self.nb, self.P, self.cfg
+        V = logp.shape[-1]
+        logp = (logp.view(B, nb, V) + self.running_scores[:, :, None]).view(B, nb * V)
+        if cfg.do_sample:
+            idx = torch.multinomial(logp.softmax(-1), self.keep_k, generator=generator)
+            top_logp = torch.gather(logp, 1, idx)
+        else:
+            top_logp, idx = torch.topk(logp, self.keep_k)
+        beam, tok = idx // V, idx % V
+        top_seqs = _gather(self.running, beam)
+        top_seqs[:, :, cur] = tok
+        top_indices = _gather(self.running_indices, beam)
+        top_indices[:, :, cur - P] = (beam + torch.arange(B, device=beam.device)[:, None] * nb).int()
+        hits = criteria(top_seqs[:, :, : cur + 1].reshape(B * self.keep_k, cur + 1), history).view(B, -1)
+        # Running beams for the next step: the best continuations that did not stop.
+        run_logp = top_logp + hits.float() * NEG
+        nxt = torch.topk(run_logp, nb)[1]
+        self.running, self.running_scores = _gather(top_seqs, nxt), _gather(run_logp, nxt)
+        self.running_indices = _gather(top_indices, nxt)
+        self.parent = (_gather(beam, nxt) + torch.arange(B, device=beam.device)[:, None] * nb).view(-1)
+        self._merge_finished(top_seqs, top_logp, top_indices, hits & self.top_nb, cur)
+        self._check_improvable(cur + 1)
+        return (
+            bool(self.improvable.any())
+            and not (bool(self.finished.all()) and cfg.early_stopping is True)
+            and not bool(hits.all())
+        )
+
+    def _merge_finished(self, seqs, logp, indices, just_done, cur: int) -> None:
+        """Keep the nb best finished beams: the kept ones and the candidates that just finished."""
+        cfg = self.cfg
+        cand = logp / ((cur + 1 - self.P) ** cfg.length_penalty)
+        full = self.finished.all(-1, keepdim=True) & (cfg.early_stopping is True)
+        cand = cand + full.float() * NEG + (~self.improvable).float() * NEG + (~just_done).float() * NEG
+        best = torch.topk(torch.cat([self.scores, cand], 1), self.nb)[1]
+        self.sequences = _gather(torch.cat([self.sequences, seqs], 1), best)
+        self.scores = _gather(torch.cat([self.scores, cand], 1), best)
+        self.indices = _gather(torch.cat([self.indices, indices], 1), best)
+        self.finished = _gather(torch.cat([self.finished, just_done], 1), best)
+
+    def _check_improvable(self, cur: int) -> None:
+        """Can a running beam still beat the worst finished one? (transformers' early-stop heuristic)"""
+        cfg = self.cfg
+        if cfg.early_stopping == "never" and cfg.length_penalty > 0:
+            best_len = self.max_len - self.P
+        else:
+            best_len = cur - self.P
+        best_running = self.running_scores[:, :1] / (best_len**cfg.length_penalty)
+        worst_done = torch.where(self.finished, self.scores.min(1, keepdim=True)[0], NEG)
+        self.improvable = self.improvable & (best_running > worst_done).any(-1, keepdim=True)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequences, sequences_scores, beam_indices) of the num_return_sequences best, cut to the longest."""
+        n = self.cfg.num_return_sequences
+        indices = self.indices[:, :n].reshape(self.B * n, -1)
+        longest = int((indices + 1).bool().sum(dim=1).max())
+        sequences = self.sequences[:, :n, : self.P + longest].reshape(self.B * n, -1)
+        return sequences, self.scores[:, :n].reshape(-1), indices[:, :longest]
 
 
 @torch.inference_mode()
 def beam_search(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig, processors: list = ()
-) -> torch.Tensor:
-    """Vectorised beam search with transformers' semantics (length penalty, early stopping, EOS)."""
-    nb, B, P = cfg.num_beams, input_ids.shape[0], input_ids.shape[1]
-    steps = max_new_tokens(cfg, P)
-    max_len = P + steps
-    dev = input_ids.device
-    eos = torch.tensor(cfg.eos_ids, device=dev, dtype=torch.long)
-    keep_k = max(2, 1 + len(eos)) * nb
-    top_nb = torch.cat([torch.ones(nb, dtype=torch.bool), torch.zeros(keep_k - nb, dtype=torch.bool)]).to(dev)
-    fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else -1)
-
-    def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # t (B, k, ...) by idx (B, k')
-        return torch.gather(
-            t, 1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-        )
-
-    running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=dev)
-    running[:, :, :P] = input_ids[:, None]
-    sequences = running.clone()
-    running_scores = torch.zeros(B, nb, device=dev)
-    running_scores[:, 1:] = -1e9
-    scores = torch.full((B, nb), -1e9, device=dev)
-    finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    gen_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # generated length of each finished beam
-
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: GenerationConfig,
+    processors: Sequence[Callable] = (),
+    stopping_criteria: Sequence[Callable] = (),
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    prefix_allowed_tokens_fn: Callable | None = None,
+) -> BeamOutput:
+    """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers."""
+    cfg = cfg.with_defaults()
+    nb, (B, P) = cfg.num_beams, input_ids.shape
+    max_len = P + new_token_budget(cfg, P, model.config.max_position_embeddings)
     mask = attention_mask.repeat_interleave(nb, 0)
+    procs = logits_processors(cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device)
+    criteria = build_criteria(cfg, tokenizer, stopping_criteria, max_length=max_len)
+    beams = Beams(cfg, input_ids, max_len)
+    keep_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
+    keep_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
+    scores, raw_logits = [], []
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.make_cache(B * nb, max_len)
-    logits = model(
-        input_ids.repeat_interleave(nb, 0),
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    next_pos = positions[:, -1:] + 1
-    cur = P
+    first = input_ids.repeat_interleave(nb, 0)
+    out = model(first, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    logits, pos, cur = out.logits[:, -1], positions[:, -1:] + 1, P
     while True:
-        flat = running[:, :, :cur].reshape(B * nb, cur)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        logp = process_logits(logp, flat, cfg, cur - P, keep=len(eos) + 1, processors=processors)
-        V = logp.shape[-1]
-        logp = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if cfg.do_sample:
-            idx = torch.multinomial(logp.softmax(-1), keep_k)
-            top_logp = torch.gather(logp, 1, idx)
-        else:
-            top_logp, idx = torch.topk(logp, keep_k)
-        beam_idx, tok = idx // V, idx % V
-        top_seqs = gather(running, beam_idx)
-        top_seqs[:, :, cur] = tok
-        hits = torch.isin(tok, eos) if len(eos) else torch.zeros_like(tok, dtype=torch.bool)
-        if cur + 1 >= max_len:
-            hits = torch.ones_like(hits)
-        # Running beams for the next step: the best continuations that did not stop.
-        run_logp = top_logp + hits.float() * -1e9
-        nxt = torch.topk(run_logp, nb)[1]
-        running, running_scores = gather(top_seqs, nxt), gather(run_logp, nxt)
-        parent = gather(beam_idx, nxt)  # which old beam each new running beam continues
-        # Finished beams: merge the new finished candidates (top nb only) with the kept ones.
-        just_done = hits & top_nb[None]
-        cand = top_logp / ((cur + 1 - P) ** cfg.length_penalty)
-        full = finished.all(-1, keepdim=True) & (cfg.early_stopping is True)
-        cand = cand + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
-        m_seqs = torch.cat([sequences, top_seqs], 1)
-        m_scores = torch.cat([scores, cand], 1)
-        m_fin = torch.cat([finished, just_done], 1)
-        m_len = torch.cat([gen_len, torch.full_like(tok, cur + 1 - P)], 1)
-        best = torch.topk(m_scores, nb)[1]
-        sequences, scores, finished, gen_len = (
-            gather(m_seqs, best),
-            gather(m_scores, best),
-            gather(m_fin, best),
-            gather(m_len, best),
-        )
+        flat = beams.running[:, :, :cur].reshape(B * nb, cur)
+        logp = procs(flat, F.log_softmax(logits.float(), dim=-1))
+        if keep_scores:
+            scores.append(logp)
+        if keep_logits:
+            raw_logits.append(logits.float())
+        go_on = beams.step(logp, cur, criteria, tuple(scores) if keep_scores else None, generator)
         cur += 1
-        # Can a running beam still beat the worst finished one?
-        if cfg.early_stopping == "never" and cfg.length_penalty > 0:
-            best_len = max_len - P
-        else:
-            best_len = cur - P
-        best_running = running_scores[:, :1] / (best_len**cfg.length_penalty)
-        worst_done = torch.where(finished, scores.min(1, keepdim=True)[0], torch.tensor(-1e9, device=dev))
-        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        go_on = (
-            bool(improvable.any())
-            and not (bool(finished.all()) and cfg.early_stopping is True)
-            and not bool(hits.all())
-        )
         if not go_on:
             break
-        flat_parent = (parent + torch.arange(B, device=dev)[:, None] * nb).view(-1)
-        cache.reorder(flat_parent)
-        mask = torch.cat([mask.index_select(0, flat_parent), mask.new_ones(B * nb, 1)], dim=1)
-        next_pos = next_pos.index_select(0, flat_parent)
-        logits = model(
-            running[:, :, cur - 1].reshape(B * nb, 1),
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
-        ).logits[:, -1]
-        next_pos = next_pos + 1
-    n = cfg.num_return_sequences
-    out_len = P + int(gen_len[:, :n].max())
-    return sequences[:, :n, :out_len].reshape(B * n, out_len)
+        cache.reorder(beams.parent)
+        mask = torch.cat([mask.index_select(0, beams.parent), mask.new_ones(B * nb, 1)], dim=1)
+        pos = pos.index_select(0, beams.parent)
+        tokens = beams.running[:, :, cur - 1].reshape(B * nb, 1)
+        logits = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        pos = pos + 1
+    sequences, sequences_scores, beam_indices = beams.result()
+    return BeamOutput(
+        sequences,
+        sequences_scores,
+        beam_indices,
+        tuple(scores) if keep_scores else None,
+        tuple(raw_logits) if keep_logits else None,
+        cache,
+    )

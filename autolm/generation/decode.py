@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import GenerationError
 from .config import GenerationConfig
-from .sampling import StopStrings, choose, process_logits
+from .sampling import choose, logits_processors
+from .stopping import build_criteria
 
 
 @dataclass
 class Step:
     """One generation step: the chosen tokens (B,), which rows are finished (B,), the raw logits and the
-    processed scores (B, V) the tokens were chosen from."""
+    processed scores (B, V) the tokens were chosen from, and the KV cache generation runs on."""
 
     token: torch.Tensor
     finished: torch.Tensor
     logits: torch.Tensor
     scores: torch.Tensor
+    past_key_values: Any = None
 
 
 def prepare_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """input_ids as (B, T) on the model's device, and an all-ones attention mask when none is given."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     input_ids = input_ids.to(model.device)
@@ -32,10 +36,20 @@ def prepare_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return input_ids, attention_mask.to(input_ids.device)
 
 
-def max_new_tokens(cfg: GenerationConfig, prompt_len: int) -> int:
+def new_token_budget(cfg: GenerationConfig, prompt_len: int, context: int | None = None) -> int:
+    """How many tokens to generate, as transformers decides: max_new_tokens; else max_length (prompt
+    included) minus the prompt; neither set, 20 new tokens within the model's context window."""
     if cfg.max_new_tokens is not None:
         return cfg.max_new_tokens
-    return max((cfg.max_length or 20) - prompt_len, 0)
+    max_length = cfg.max_length
+    if max_length is None:
+        max_length = min(20 + prompt_len, context) if context else 20 + prompt_len
+    if prompt_len >= max_length:
+        raise GenerationError(
+            f"the input has {prompt_len} tokens, but max_length is {max_length} (the prompt included): "
+            "raise max_length or, better, set max_new_tokens"
+        )
+    return max_length - prompt_len
 
 
 def check_context(model, prompt_len: int, new_tokens: int) -> None:
@@ -50,13 +64,26 @@ def check_context(model, prompt_len: int, new_tokens: int) -> None:
         )
 
 
-def _stopped(criteria: Sequence[Callable], seqs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Rows that the caller's stopping criteria (callables (ids, scores) -> bool or (B,) bool) end now."""
-    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
-    for c in criteria:
-        r = c(seqs, scores)
-        done |= torch.as_tensor(r, device=seqs.device).expand(seqs.shape[0]).bool()
-    return done
+def start_cache(model, past_key_values, input_ids: torch.Tensor, mask: torch.Tensor, capacity: int):
+    """The cache to generate on (the caller's, continued, or a new one) and how many leading tokens of
+    input_ids it already holds. As in transformers, input_ids may be the whole sequence (mask as long as
+    it), or only the tokens after the cache (the mask covers the cached ones too)."""
+    if past_key_values is None:
+        return model.make_cache(input_ids.shape[0], capacity), 0
+    cache = past_key_values
+    if cache.batch_size != input_ids.shape[0]:
+        raise GenerationError(
+            f"past_key_values holds {cache.batch_size} rows, but input_ids has {input_ids.shape[0]}"
+        )
+    past = cache.get_seq_length()
+    if mask.shape[1] != input_ids.shape[1]:
+        return cache, 0
+    if past >= input_ids.shape[1]:
+        raise GenerationError(
+            f"past_key_values already holds {past} tokens and input_ids has {input_ids.shape[1]}: "
+            "input_ids must go on past the cached tokens"
+        )
+    return cache, past
 
 
 @torch.inference_mode()
@@ -69,56 +96,62 @@ def generate_tokens(
     tokenizer=None,
     logits_processor: Sequence[Callable] = (),
     stopping_criteria: Sequence[Callable] = (),
+    past_key_values=None,
+    prefix_allowed_tokens_fn: Callable | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per new token; finished rows get the pad token."""
-    cfg = config or GenerationConfig()
-    input_ids, attention_mask = prepare_inputs(model, input_ids, attention_mask)
-    B, P = input_ids.shape
-    steps = max_new_tokens(cfg, P)
+    """Yield one Step per new token. Rows that reach EOS get the pad token afterwards (as in transformers,
+    only when EOS is one of the stopping criteria)."""
+    cfg = (config or GenerationConfig()).with_defaults()
+    ids, mask = prepare_inputs(model, input_ids, attention_mask)
+    B, P = ids.shape
+    steps = new_token_budget(cfg, P, model.config.max_position_embeddings)
     if steps == 0:
         return
-    cache = model.make_cache(B, P + steps)
-    eos = torch.tensor(cfg.eos_ids, device=input_ids.device, dtype=torch.long)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
-    stop = StopStrings(cfg.stop_strings, tokenizer) if cfg.stop_strings else None
-    can_finish = bool(len(eos)) or stop is not None or bool(stopping_criteria)
-    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-    seqs = input_ids
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    next_pos = positions[:, -1:] + 1
+    processors = logits_processors(
+        cfg, P, logits_processor, prefix_allowed_tokens_fn, mask, P + steps, device=ids.device
+    )
+    criteria = build_criteria(cfg, tokenizer, stopping_criteria)
+    pad = _pad_token(cfg, criteria)
+    history = [] if cfg.return_dict_in_generate and cfg.output_scores else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
+    out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+    logits, pos = out.logits[:, -1], pos[:, -1:] + 1
     for step in range(steps):
         raw = logits.float()
-        if not torch.isfinite(raw).all():
+        if not cfg.remove_invalid_values and not torch.isfinite(raw).all():
             raise GenerationError(
                 f"the model produced NaN or infinite logits at step {step} (broken weights, or an "
                 "overflow in this dtype: try float32 or bfloat16)"
             )
-        scores = process_logits(raw, seqs, cfg, step, processors=logits_processor)
+        scores = processors(ids, raw)
         token = choose(scores, cfg, generator)
-        if can_finish:
+        if pad is not None:
             token = torch.where(unfinished, token, torch.full_like(token, pad))
-        seqs = torch.cat([seqs, token[:, None]], dim=1)
-        if len(eos):
-            unfinished &= ~torch.isin(token, eos)
-        if stop is not None:
-            unfinished &= ~stop.hit(seqs[:, P:]).to(unfinished.device)
-        if stopping_criteria:
-            unfinished &= ~_stopped(stopping_criteria, seqs, scores)
-        yield Step(token, ~unfinished, raw, scores)
-        if step == steps - 1 or (can_finish and not bool(unfinished.any())):
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if history is not None:
+            history.append(scores)
+        if criteria:
+            unfinished &= ~criteria(ids, tuple(history) if history is not None else None)
+        yield Step(token, ~unfinished, raw, scores, cache)
+        if step == steps - 1 or not bool(unfinished.any()):
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = model(
-            token[:, None], attention_mask=attention_mask, position_ids=next_pos, past_key_values=cache
-        ).logits[:, -1]
-        next_pos = next_pos + 1
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        out = model(token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache)
+        logits = out.logits[:, -1]
+        pos = pos + 1
+
+
+def _pad_token(cfg: GenerationConfig, criteria) -> int | None:
+    """What finished rows are filled with: pad_token_id, else the first EOS; None when no EOS criterion
+    can finish a row (transformers then keeps generating real tokens for rows stopped otherwise)."""
+    if not any(hasattr(c, "eos_token_id") for c in criteria):
+        return None
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    return cfg.eos_ids[0] if cfg.eos_ids else 0
 
 
 def compile_decode(model, **compile_kwargs):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -12,6 +13,20 @@ from ..errors import GenerationError
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import generate_tokens, prepare_inputs
+
+# transformers settings autolm does not run: set to anything but their "off" value, generate() refuses.
+_UNSUPPORTED = {
+    "guidance_scale": (None, 1, 1.0),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0, 0.0),
+    "watermarking_config": (None,),
+    "token_healing": (None, False),
+    "prompt_lookup_num_tokens": (None,),
+}
 
 
 @dataclass
@@ -22,23 +37,49 @@ class GenerateOutput:
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
     sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Any = None
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, in transformers' order."""
+        order = ["sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values"]
+        if self.beam_indices is not None:
+            order = ["sequences", "sequences_scores", "scores", "logits", "beam_indices"] + order[3:]
+        return tuple(getattr(self, k) for k in order if getattr(self, k) is not None)
+
+    def keys(self) -> list[str]:
+        """The names of the fields that are set."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
     def __getitem__(self, key):
-        return getattr(self, key)
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else getattr(self, key)
+
+
+def _refuse_unsupported(cfg: GenerationConfig) -> None:
+    for key, off in _UNSUPPORTED.items():
+        if key in cfg.extra and cfg.extra[key] not in off:
+            raise GenerationError(f"{key}={cfg.extra[key]!r} is not supported by autolm's generate()")
 
 
 class GenerationMixin:
     """`generate()` with transformers' arguments and return value."""
 
     def _generation_config(self, generation_config, kwargs: dict) -> GenerationConfig:
-        base = (
-            GenerationConfig.coerce(generation_config)
-            or getattr(self, "generation_config", None)
-            or GenerationConfig.from_model_config(self.config)
-        )
-        return base.updated(**kwargs)
+        """As transformers: the caller's config, its unset fields from the model's generation config, the
+        rest from transformers' defaults, then generate()'s keyword arguments on top."""
+        own = getattr(self, "generation_config", None) or GenerationConfig.from_model_config(self.config)
+        user = GenerationConfig.coerce(generation_config)
+        cfg = copy.deepcopy(user if user is not None else own)
+        if user is not None:
+            cfg.update(
+                defaults_only=True, **{k: v for k, v in own.to_diff_dict().items() if k in cfg.names()}
+            )
+        return cfg.with_defaults().updated(**kwargs)
 
     def can_generate(self) -> bool:
+        """True: every autolm model generates."""
         return True
 
     def prepare_inputs_for_generation(
@@ -56,47 +97,82 @@ class GenerationMixin:
 
     def generate(
         self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor: Sequence[Callable] | None = None,
+        stopping_criteria: Sequence[Callable] | None = None,
+        prefix_allowed_tokens_fn: Callable | None = None,
+        synced_gpus: bool | None = None,
+        assistant_model=None,
+        streamer=None,
+        *,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        generation_config=None,
-        streamer=None,
+        past_key_values=None,
         tokenizer=None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
-        logits_processor: Sequence[Callable] | None = None,
-        stopping_criteria: Sequence[Callable] | None = None,
-        inputs: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         """Prompt + new tokens (B * num_return_sequences, P + n), as transformers returns them; a GenerateOutput
-        with return_dict_in_generate (scores with output_scores, raw logits with output_logits)."""
+        with return_dict_in_generate (scores with output_scores, raw logits with output_logits, the cache)."""
         input_ids = inputs if input_ids is None else input_ids
         if input_ids is None:
             raise GenerationError("generate() needs input_ids")
+        if assistant_model is not None:
+            raise GenerationError(
+                "assistant_model (assisted generation) is not supported by autolm's generate()"
+            )
         cfg = self._generation_config(generation_config, kwargs)
+        _refuse_unsupported(cfg)
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         input_ids, attention_mask = prepare_inputs(self, input_ids, attention_mask)
+        custom = (list(logits_processor or ()), list(stopping_criteria or ()))
         if cfg.num_beams > 1:
-            sequences = beam_search(self, input_ids, attention_mask, cfg, list(logits_processor or ()))
-            return GenerateOutput(sequences) if cfg.return_dict_in_generate else sequences
-        if cfg.num_return_sequences > 1:
-            input_ids = input_ids.repeat_interleave(cfg.num_return_sequences, 0)
-            attention_mask = attention_mask.repeat_interleave(cfg.num_return_sequences, 0)
+            if streamer is not None or past_key_values is not None:
+                what = "streamer" if streamer is not None else "past_key_values"
+                raise GenerationError(f"{what} cannot be used with beam search (num_beams > 1)")
+            out = beam_search(
+                self, input_ids, attention_mask, cfg, *custom, tokenizer, generator, prefix_allowed_tokens_fn
+            )
+            if not cfg.return_dict_in_generate:
+                return out.sequences
+            best = out.sequences_scores if cfg.output_scores else None
+            return GenerateOutput(
+                out.sequences, out.scores, out.logits, best, out.beam_indices, None, None, out.past_key_values
+            )
+        return self._sample(
+            cfg,
+            input_ids,
+            attention_mask,
+            custom,
+            past_key_values,
+            prefix_allowed_tokens_fn,
+            streamer,
+            tokenizer,
+            generator,
+        )
+
+    def _sample(
+        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator
+    ):
+        """Greedy or sampled decoding through the token iterator, collected as generate() returns it."""
+        n = cfg.num_return_sequences
+        if n > 1:
+            if cache is not None:
+                raise GenerationError("past_key_values cannot be used with num_return_sequences > 1")
+            input_ids = input_ids.repeat_interleave(n, 0)
+            attention_mask = attention_mask.repeat_interleave(n, 0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         new, scores, logits = [], [], []
-        for step in generate_tokens(
-            self,
-            input_ids,
-            attention_mask,
-            cfg,
-            generator,
-            tokenizer,
-            list(logits_processor or ()),
-            list(stopping_criteria or ()),
-        ):
+        steps = generate_tokens(
+            self, input_ids, attention_mask, cfg, generator, tokenizer, *custom, cache, prefix_fn
+        )
+        for step in steps:
             new.append(step.token)
+            cache = step.past_key_values
             if cfg.output_scores:
                 scores.append(step.scores)
             if cfg.output_logits:
@@ -112,4 +188,30 @@ class GenerationMixin:
             sequences,
             tuple(scores) if cfg.output_scores else None,
             tuple(logits) if cfg.output_logits else None,
+            past_key_values=cache,
         )
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (B * n, steps) from generate()'s scores, as transformers."""
+        if beam_indices is None:  # greedy or sampling: as if beam 0 of each row was always kept
+            beam_indices = torch.arange(scores[0].shape[0], device=sequences.device).view(-1, 1)
+            beam_indices = beam_indices.expand(-1, len(scores))
+        V = scores[0].shape[-1]
+        stacked = torch.stack(scores).reshape(len(scores), -1).transpose(0, 1)  # (rows * V, steps)
+        if normalize_logits:
+            stacked = torch.log_softmax(stacked.reshape(-1, V, stacked.shape[-1]), dim=1)
+            stacked = stacked.reshape(-1, stacked.shape[-1])
+        unused = beam_indices < 0
+        longest = int((~unused).long().sum(-1).max())
+        beam_indices, unused = beam_indices.clone()[:, :longest], unused[:, :longest]
+        beam_indices[unused] = 0
+        indices = sequences[:, sequences.shape[-1] - longest :] + beam_indices.to(sequences.device) * V
+        out = stacked.gather(0, indices)
+        out[unused] = 0
+        return out

@@ -1,5 +1,6 @@
-"""The one sampler: logits processors in transformers' order, then a draw or the argmax. generate, beam
-search and the server all use it."""
+"""The one sampler: `logits_processors` builds, once per generation (or per server request), the list of
+logits processors a GenerationConfig asks for, in transformers' order; `choose` draws or takes the argmax.
+generate, beam search, the CLI and the server all run it. Plain greedy decoding is an empty list."""
 
 from __future__ import annotations
 
@@ -9,87 +10,141 @@ import torch
 
 from ..errors import GenerationError
 from .config import GenerationConfig
-
-# ---- logits processors (fp32 scores (B, V) -> scores) ------------------------------------------------
-
-
-def apply_repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of every token already in the sequence by `penalty`."""
-    seen = torch.gather(scores, 1, input_ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, input_ids, seen)
-
-
-def apply_top_k(scores: torch.Tensor, k: int, keep: int = 1) -> torch.Tensor:
-    k = min(max(k, keep), scores.shape[-1])
-    kth = torch.topk(scores, k)[0][..., -1, None]
-    return scores.masked_fill(scores < kth, -float("inf"))
-
-
-def apply_top_p(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cum <= (1 - p)
-    remove[..., -keep:] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
-
-
-def apply_min_p(scores: torch.Tensor, min_p: float, keep: int = 1) -> torch.Tensor:
-    probs = scores.softmax(-1)
-    remove = probs < min_p * probs.amax(-1, keepdim=True)
-    sorted_idx = torch.argsort(scores, descending=True)
-    sorted_remove = torch.gather(remove, 1, sorted_idx)
-    sorted_remove[..., :keep] = False
-    return scores.masked_fill(sorted_remove.scatter(1, sorted_idx, sorted_remove), -float("inf"))
+from .processors import (
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitBiasLogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    PresenceFrequencyPenaltyLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
+from .stopping import merge
+from .warpers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitNormalization,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 
-def apply_no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Forbid any token that would complete an n-gram already present in the row (transformers' rule)."""
-    if input_ids.shape[1] + 1 < n:
-        return scores
-    banned = []
-    for b, row in enumerate(input_ids.tolist()):
-        prefix = tuple(row[len(row) - n + 1 :]) if n > 1 else ()
-        banned += [
-            (b, row[i + n - 1]) for i in range(len(row) - n + 1) if tuple(row[i : i + n - 1]) == prefix
-        ]
-    if not banned:
-        return scores
-    rows, cols = zip(*banned)
-    scores = scores.clone()
-    scores[list(rows), list(cols)] = -float("inf")
-    return scores
-
-
-def process_logits(
-    scores: torch.Tensor,
-    input_ids: torch.Tensor,
-    cfg: GenerationConfig,
-    new_tokens: int,
-    keep: int = 1,
-    processors: Sequence[Callable] = (),
-) -> torch.Tensor:
-    """transformers' order: repetition penalty, no-repeat n-grams, min_new_tokens, then (sampling)
-    temperature, top-k, top-p, min-p, then the caller's own processors (callables (ids, scores) -> scores)."""
-    if cfg.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, input_ids, cfg.repetition_penalty)
+def _penalties(cfg: GenerationConfig, P: int, attention_mask: torch.Tensor | None) -> list:
+    """Biases and penalties: sequence_bias, logit_bias, repetition, presence/frequency, n-grams, bad words."""
+    out = []
+    if cfg.sequence_bias is not None:
+        out.append(SequenceBiasLogitsProcessor(cfg.sequence_bias))
+    if cfg.logit_bias:
+        out.append(LogitBiasLogitsProcessor(cfg.logit_bias))
+    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
+        # Left padding is not part of a row's history (transformers passes each row's padding length).
+        pad = (
+            None
+            if attention_mask is None or bool(attention_mask.all())
+            else (attention_mask != 0).int().argmax(1)
+        )
+        out.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, prompt_ignore_length=pad))
+    if cfg.presence_penalty or cfg.frequency_penalty:
+        out.append(PresenceFrequencyPenaltyLogitsProcessor(cfg.presence_penalty, cfg.frequency_penalty, P))
     if cfg.no_repeat_ngram_size:
-        scores = apply_no_repeat_ngram(scores, input_ids, cfg.no_repeat_ngram_size)
-    if cfg.min_new_tokens and new_tokens < cfg.min_new_tokens and cfg.eos_ids:
-        scores = scores.clone()
-        scores[:, cfg.eos_ids] = -float("inf")
-    if cfg.do_sample:
-        if cfg.temperature != 1.0:
-            scores = scores / cfg.temperature
-        if cfg.top_k:
-            scores = apply_top_k(scores, cfg.top_k, keep)
-        if cfg.top_p < 1.0:
-            scores = apply_top_p(scores, cfg.top_p, keep)
-        if cfg.min_p is not None:
-            scores = apply_min_p(scores, cfg.min_p, keep)
-    for processor in processors:
-        scores = processor(input_ids, scores)
-    return scores
+        out.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+    if cfg.bad_words_ids is not None:
+        out.append(NoBadWordsLogitsProcessor(cfg.bad_words_ids, cfg.eos_ids or None))
+    return out
+
+
+def _constraints(cfg: GenerationConfig, P: int, max_length: int | None, prefix_fn, device) -> list:
+    """Length rules, forced and suppressed tokens."""
+    out, eos = [], cfg.eos_ids
+    if cfg.min_length and eos:
+        out.append(MinLengthLogitsProcessor(cfg.min_length, eos, device=device))
+    if cfg.min_new_tokens and eos:
+        out.append(MinNewTokensLengthLogitsProcessor(P, cfg.min_new_tokens, eos, device=device))
+    if prefix_fn is not None:
+        out.append(PrefixConstrainedLogitsProcessor(prefix_fn, cfg.num_beams or 1))
+    if cfg.forced_bos_token_id is not None:
+        out.append(ForcedBOSTokenLogitsProcessor(cfg.forced_bos_token_id))
+    if cfg.forced_eos_token_id is not None and max_length is not None:
+        out.append(ForcedEOSTokenLogitsProcessor(max_length, cfg.forced_eos_token_id, device=device))
+    if cfg.remove_invalid_values:
+        out.append(InfNanRemoveLogitsProcessor())
+    if cfg.exponential_decay_length_penalty is not None:
+        if not eos:
+            raise GenerationError("exponential_decay_length_penalty needs an eos_token_id to raise")
+        out.append(ExponentialDecayLengthPenalty(tuple(cfg.exponential_decay_length_penalty), eos, P))
+    if cfg.suppress_tokens is not None:
+        out.append(SuppressTokensLogitsProcessor(cfg.suppress_tokens, device=device))
+    if cfg.begin_suppress_tokens is not None:
+        begin = P if (P > 1 or cfg.forced_bos_token_id is None) else P + 1
+        out.append(SuppressTokensAtBeginLogitsProcessor(cfg.begin_suppress_tokens, begin, device=device))
+    return out
+
+
+def _warpers(cfg: GenerationConfig, device) -> list:
+    """Sampling only: temperature, then the filters. Beam search keeps one more than the EOS tokens."""
+    if not cfg.do_sample:
+        return []
+    keep = (
+        len(cfg.eos_ids) + 1
+        if (cfg.num_beams or 1) > 1 and cfg.eos_ids
+        else 2
+        if (cfg.num_beams or 1) > 1
+        else 1
+    )
+    out = []
+    if cfg.temperature is not None and cfg.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(float(cfg.temperature)))
+    if cfg.top_h is not None:
+        out.append(TopHLogitsWarper(cfg.top_h))
+    if cfg.top_k:
+        out.append(TopKLogitsWarper(cfg.top_k, min_tokens_to_keep=keep))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        out.append(TopPLogitsWarper(cfg.top_p, min_tokens_to_keep=keep))
+    if cfg.min_p is not None:
+        out.append(MinPLogitsWarper(cfg.min_p, min_tokens_to_keep=keep))
+    if cfg.typical_p is not None and cfg.typical_p < 1.0:
+        out.append(TypicalLogitsWarper(cfg.typical_p, min_tokens_to_keep=keep))
+    if cfg.epsilon_cutoff is not None and 0.0 < cfg.epsilon_cutoff < 1.0:
+        out.append(EpsilonLogitsWarper(cfg.epsilon_cutoff, min_tokens_to_keep=keep))
+    if cfg.eta_cutoff is not None and 0.0 < cfg.eta_cutoff < 1.0:
+        out.append(EtaLogitsWarper(cfg.eta_cutoff, min_tokens_to_keep=keep, device=device))
+    return out
+
+
+def logits_processors(
+    cfg: GenerationConfig,
+    prompt_length: int,
+    custom: Sequence[Callable] = (),
+    prefix_allowed_tokens_fn: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_length: int | None = None,
+    device: torch.device | str = "cpu",
+) -> LogitsProcessorList:
+    """The processors cfg asks for, in transformers' order (_get_logits_processor): biases and penalties,
+    length and token rules, the caller's `custom` ones (each replacing a built-in one of its type), then
+    when sampling the warpers, and log-softmax last with renormalize_logits. Unset (None) fields are off."""
+    built = LogitsProcessorList(
+        _penalties(cfg, prompt_length, attention_mask)
+        + _constraints(cfg, prompt_length, max_length, prefix_allowed_tokens_fn, device)
+    )
+    out = merge(built, custom)
+    out.extend(_warpers(cfg, device))
+    if cfg.renormalize_logits:
+        out.append(LogitNormalization())
+    return out
 
 
 def choose(
@@ -99,23 +154,3 @@ def choose(
     if cfg.do_sample:
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
     return scores.argmax(-1)
-
-
-# ---- stop strings --------------------------------------------------------------------------------------
-
-
-class StopStrings:
-    """Stops a row once its newly generated text contains any stop string."""
-
-    def __init__(self, stops: str | list[str], tokenizer):
-        if tokenizer is None:
-            raise GenerationError("stop_strings needs a tokenizer: pass generate(..., tokenizer=tok)")
-        self.stops = [stops] if isinstance(stops, str) else list(stops)
-        self.tokenizer = tokenizer
-        self.window = max(len(s) for s in self.stops) + 8  # tokens to decode: each is at least one char
-
-    def hit(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """new_ids (B, n) -> (B,) bool."""
-        tail = new_ids[:, -self.window :].tolist()
-        texts = [self.tokenizer.decode(row) for row in tail]
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool)

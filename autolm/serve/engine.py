@@ -2,13 +2,14 @@
 together as a left-padded batch and join the running batch between decode steps (their caches
 right-aligned under a padding mask); finished, failed or abandoned requests leave it at the next step.
 
-Per request, before the shared sampler: logit bias, presence and frequency penalties, min_tokens and
-a grammar mask (structured output). Log-probabilities come from the model's own distribution, before
+Per request, one list of logits processors (logit bias, presence/frequency penalties, min_tokens, a
+grammar mask, the sampling settings). Log-probabilities come from the model's own distribution, before
 any of those, as OpenAI and vLLM define them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..generation import Detokenizer, GenerationConfig, choose, process_logits
+from ..generation import Detokenizer, GenerationConfig, LogitsProcessor, choose, logits_processors
 from ..models import KVCache
 
 # A logprob entry: (token id, its log-probability, [(id, logprob) of the top alternatives]).
@@ -51,21 +52,29 @@ class Sequence:
     cached: int = 0  # tokens of this sequence in the batch cache
     last: int = -1  # the latest sampled token, fed to the next decode step
 
-    @property
-    def plain(self) -> bool:
-        """Greedy with nothing per request: the batch's argmax is this row's token."""
-        c = self.config
-        return not (
-            c.do_sample
-            or c.repetition_penalty != 1.0
-            or c.min_new_tokens
-            or self.bias
-            or self.presence
-            or self.frequency
-            or self.constraint is not None
-            or self.logprobs is not None
-            or self.rank
-        )
+    processors: Any = None  # the request's logits processors, built once from the fields above
+
+    def __post_init__(self) -> None:
+        if self.processors is None:
+            c = self.config
+            cfg = dataclasses.replace(
+                c,
+                logit_bias=self.bias or c.logit_bias,
+                presence_penalty=self.presence or c.presence_penalty,
+                frequency_penalty=self.frequency or c.frequency_penalty,
+            )
+            grammar = [GrammarMask(self.constraint)] if self.constraint is not None else []
+            self.processors = logits_processors(cfg, len(self.prompt), grammar)
+
+
+class GrammarMask(LogitsProcessor):
+    """Structured output as a logits processor: the constraint's mask of the tokens it allows next."""
+
+    def __init__(self, constraint):
+        self.constraint = constraint
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.constraint.mask(scores)
 
 
 def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
@@ -228,31 +237,15 @@ class Engine:
             seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
             seq.cancelled = True
 
-    def _scores(self, seq: Sequence, raw: torch.Tensor) -> torch.Tensor:
-        """The request's own processors on fp32 scores (1, V): bias, penalties, then the grammar mask."""
-        scores = raw[None]
-        if seq.bias:
-            ids = torch.tensor(list(seq.bias), device=raw.device)
-            scores = scores.index_add(1, ids, torch.tensor([list(seq.bias.values())], device=raw.device))
-        if (seq.presence or seq.frequency) and seq.tokens:
-            counts = torch.bincount(torch.tensor(seq.tokens, device=raw.device), minlength=raw.shape[-1])
-            counts = counts[: raw.shape[-1]].to(raw.dtype)
-            scores = scores - seq.frequency * counts - seq.presence * (counts > 0).to(raw.dtype)
-        if seq.constraint is not None:
-            scores = seq.constraint.mask(scores)
-        return scores
-
     def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
         cfg = seq.config
-        if seq.plain and greedy is not None:
-            token = greedy
+        if greedy is not None and not cfg.do_sample and not seq.processors:
+            token = greedy  # plain greedy (no processors): the batch's argmax is this row's token
             raw = None
         else:
             raw = logits.float()
-            scores = self._scores(seq, raw)
             history = torch.tensor([seq.prompt + seq.tokens], device=logits.device)
-            scores = process_logits(scores, history, cfg, len(seq.tokens))
-            token = int(choose(scores, cfg, seq.generator))
+            token = int(choose(seq.processors(history, raw[None]), cfg, seq.generator))
         seq.last = token
         is_eos = token in cfg.eos_ids and not seq.ignore_eos
         if seq.logprobs is not None or seq.rank:
