@@ -84,14 +84,18 @@ _EXPORTS = {
     "GGUFError": "autolm.errors",
 }
 
-__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - a list, built from the table
+# transformers' names for autolm objects: the name users import -> the _EXPORTS entry it stands for.
+_ALIASES = {"DynamicCache": "KVCache"}
+
+__all__ = sorted([*_EXPORTS, *_ALIASES])  # noqa: PLE0605 - a list, built from the tables
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    target = _ALIASES.get(name, name)
+    module = _EXPORTS.get(target)
     if module is None:
         raise AttributeError(f"module 'autolm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), target)
     globals()[name] = value
     return value
 

@@ -152,4 +152,4 @@ def save_model(
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-                json.dump(gen.to_dict(), f, indent=2, sort_keys=True)
+                f.write(gen.to_json_string())  # only the fields that are set, as transformers writes it

@@ -349,3 +349,28 @@ def test_a_generation_config_fills_its_unset_fields_from_the_model(checkpoint, t
         cfg = cfg or autolm.GenerationConfig(max_new_tokens=12)
         results.append(model.generate(IDS, attention_mask=MASK, generation_config=cfg, pad_token_id=0))
     assert torch.equal(results[0], results[1])
+
+
+def test_saved_generation_config_holds_what_transformers_writes(checkpoint, tmp_path):
+    import transformers
+
+    directory, _ = checkpoint(NAME)
+    written = []
+    for lib in _libs():
+        model = lib.AutoModelForCausalLM.from_pretrained(directory)
+        model.generation_config.update(do_sample=True, top_k=7)
+        model.save_pretrained(tmp_path / lib.__name__)
+        with open(tmp_path / lib.__name__ / "generation_config.json") as f:
+            written.append({k: v for k, v in json.load(f).items() if k != "transformers_version"})
+    assert written[1] == written[0]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "autolm").top_k == 7
+
+
+def test_dynamic_cache_is_autolms_cache(checkpoint):
+    """transformers' name for the cache a forward returns and generate() continues from."""
+    _, model = _pair(checkpoint)
+    with torch.no_grad():
+        cache = model(IDS[:1, :4], use_cache=True).past_key_values
+    assert isinstance(cache, autolm.DynamicCache) and "DynamicCache" in dir(autolm)
+    out = model.generate(IDS[:1], past_key_values=cache, max_new_tokens=3, return_dict_in_generate=True)
+    assert out.past_key_values is cache and cache.get_seq_length() == IDS.shape[1] + 2
