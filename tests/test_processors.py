@@ -127,6 +127,7 @@ def test_stopping_criteria_equal_transformers(tmp_path):
             [
                 lib.StopStringCriteria(tok, ["p", "now", "st"])(ids, None),
                 lib.StopStringCriteria(tokenizer=tok, stop_strings="stop")(ids, None),
+                lib.StopStringCriteria(tok, ["", "zz"])(ids, None),  # an empty stop string stops at once
                 lib.EosTokenCriteria(eos_token_id=[ord("w") - 29, 5])(ids, None),
                 lib.MaxLengthCriteria(max_length=12)(ids, None),
                 lib.MaxTimeCriteria(5.0, initial_timestamp=past)(ids, None),

@@ -84,8 +84,8 @@ class StopStringCriteria(StoppingCriteria):
         if tokenizer is None:
             raise GenerationError("stop_strings needs a tokenizer: pass generate(..., tokenizer=tok)")
         self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        if not self.stop_strings or not all(isinstance(s, str) and s for s in self.stop_strings):
-            raise GenerationError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        if not self.stop_strings or not all(isinstance(s, str) for s in self.stop_strings):
+            raise GenerationError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
         self.tokenizer = tokenizer
         # Every token decodes to at least one character, so this many tokens cover any stop string.
         self.maximum_token_len = max(len(s) for s in self.stop_strings) + 1
