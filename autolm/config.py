@@ -1,7 +1,8 @@
 """Model configs: config.json -> a dataclass with Hugging Face's field names, validated, and back.
 
-One dataclass describes the whole Llama family; each model_type is a subclass that only changes
-defaults (transformers' defaults for that model_type) and which layers use a sliding window.
+`PretrainedConfig` holds what decoder configs share (sizes, RoPE in either spelling, special tokens, layer
+types) and the machinery: reading with unknown keys kept, validation naming the key, writing back as read.
+Each family's config (in its model file) is a subclass with its own fields and transformers' defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ._util import atomic_write_text, read_json
 from .errors import ConfigError
 from .hub import HUB_KWARGS, resolve_model_dir
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 _NOT_SAVED = ("extra", "rope_parameters", "rope_spelling", "dtype", "name_or_path")
 # Upper bounds that no real checkpoint of this family reaches; they stop a hostile config early.
@@ -34,10 +35,15 @@ _LIMITS = {
 
 
 @dataclass(repr=False)
-class LlamaConfig:
-    """Config of a Llama-architecture decoder; field names and defaults are transformers'."""
+class PretrainedConfig:
+    """What decoder configs share; field names and defaults are transformers' (Llama's where they differ)."""
 
-    model_type: ClassVar[str] = "llama"
+    model_type: ClassVar[str] = ""
+    # transformers' attribute_map: autolm's field name -> the name config.json uses for it (GPT-2's n_embd)
+    attribute_map: ClassVar[dict[str, str]] = {}
+    # the activations (config `hidden_act`) the family's modules implement
+    activations: ClassVar[tuple[str, ...]] = ("silu", "swish")
+    bool_fields: ClassVar[tuple[str, ...]] = ("tie_word_embeddings", "use_cache")
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -50,15 +56,11 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
     attention_dropout: float = 0.0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     sliding_window: int | None = None
-    use_sliding_window: bool = False
-    max_window_layers: int = 0
     layer_types: list[str] | None = None
     use_cache: bool = True
     architectures: list[str] | None = None
@@ -91,11 +93,14 @@ class LlamaConfig:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> LlamaConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> PretrainedConfig:
         """Build from a config.json dict (plus keyword overrides); unknown keys go to `extra`."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(d).__name__}")
         d = {**d, **overrides}
+        for ours, theirs in cls.attribute_map.items():
+            if theirs in d:
+                d[ours] = d.pop(theirs)
         if "torch_dtype" in d and "dtype" not in d:
             d["dtype"] = d["torch_dtype"]
         names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_SAVED) - {"rope_spelling"}
@@ -110,7 +115,7 @@ class LlamaConfig:
         dtype = d.get("dtype")
         if isinstance(dtype, dict) or (dtype is not None and not isinstance(dtype, str)):
             raise ConfigError(f"{source}: dtype must be a string such as 'bfloat16', found {dtype!r}")
-        rope, spelling = _read_rope(d, cls, source)
+        rope, spelling = cls.read_rope(d, source)
         try:
             obj = cls.__new__(cls)
             obj.source = source
@@ -120,8 +125,20 @@ class LlamaConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> LlamaConfig:
-        return load_config(path_or_repo_id, **kwargs)
+    def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+        """config.json's RoPE settings in either spelling -> (rope_parameters, the spelling found)."""
+        return _read_rope(d, cls, source)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+        """This class from a model directory, a repo id or a config.json path, with field overrides."""
+        name = os.fspath(path_or_repo_id)
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
+        path = name if os.path.isfile(name) else os.path.join(resolve_model_dir(name, **hub), "config.json")
+        config = cls.from_dict(read_json(path), source=path, **kwargs)
+        config.name_or_path = name
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: known fields, RoPE in the spelling it was read in, unknown keys kept."""
@@ -132,7 +149,7 @@ class LlamaConfig:
                 continue
             if f.name in ("layer_types", "architectures") and getattr(self, f.name) is None:
                 continue  # transformers derives layer_types when absent; a null breaks its mask code for llama
-            out[f.name] = getattr(self, f.name)
+            out[self.attribute_map.get(f.name, f.name)] = getattr(self, f.name)
         if self.dtype is not None:
             out["dtype"] = self.dtype
         rope = dict(self.rope_parameters)
@@ -167,19 +184,6 @@ class LlamaConfig:
 
     # ---- derived values -----------------------------------------------------------------------
 
-    # Which projections carry a bias, and whether q/k get a per-head RMSNorm: the math that differs by family.
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def qk_norm(self) -> bool:
-        return False
-
     @property
     def rope_theta(self) -> float:
         return float(self.rope_parameters["rope_theta"])
@@ -194,6 +198,10 @@ class LlamaConfig:
         """The distinct window sizes over the layers (None: full attention)."""
         return {self.layer_window(i) for i in range(self.num_hidden_layers)}
 
+    def rope_kinds(self) -> dict[str, dict[str, Any]]:
+        """The RoPE tables the layers read, by name: one ("default") here; Gemma 3 has one per layer type."""
+        return {"default": self.rope_parameters}
+
     def validate(self) -> None:
         """Raise ConfigError naming the key and the file on a wrong type, a value out of range or an
         inconsistency: a bool is not a number or a string, numbers are finite."""
@@ -202,7 +210,7 @@ class LlamaConfig:
             v = getattr(self, name)
             if not _is_int(v) or not 0 < v <= limit:
                 raise ConfigError(f"{src}: {name} must be a positive integer (at most {limit}), found {v!r}")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_cache"):
+        for name in self.bool_fields:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{src}: {name} must be true or false, found {getattr(self, name)!r}")
         if not _is_number(self.rms_norm_eps) or not 0 < self.rms_norm_eps < 1:
@@ -212,10 +220,6 @@ class LlamaConfig:
         if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
             raise ConfigError(
                 f"{src}: attention_dropout must be a number in [0, 1], found {self.attention_dropout!r}"
-            )
-        if not _is_int(self.max_window_layers) or self.max_window_layers < 0:
-            raise ConfigError(
-                f"{src}: max_window_layers must be a non-negative integer, found {self.max_window_layers!r}"
             )
         for name in ("bos_token_id", "pad_token_id"):
             v = getattr(self, name)
@@ -237,8 +241,10 @@ class LlamaConfig:
                 f"{src}: num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"{src}: hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
+        if self.hidden_act not in self.activations:
+            raise ConfigError(
+                f"{src}: hidden_act {self.hidden_act!r} is not supported (expected one of {self.activations})"
+            )
         if self.sliding_window is not None and not (_is_int(self.sliding_window) and self.sliding_window > 0):
             raise ConfigError(
                 f"{src}: sliding_window must be a positive integer or null, found {self.sliding_window!r}"
@@ -254,7 +260,8 @@ class LlamaConfig:
             )
             if bad:
                 raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
-        _validate_rope(self.rope_parameters, src)
+        for rope in self.rope_kinds().values():
+            _validate_rope(rope, src)
 
 
 def _is_int(v: Any) -> bool:
@@ -301,75 +308,6 @@ def _validate_rope(rope: dict[str, Any], src: str) -> None:
             raise ConfigError(f"{src}: RoPE {k!r} must be a non-negative number, found {rope[k]!r}")
 
 
-@dataclass(repr=False)
-class MistralConfig(LlamaConfig):
-    """Mistral: a sliding window (when set) on every layer."""
-
-    model_type: ClassVar[str] = "mistral"
-    intermediate_size: int = 14336
-    num_key_value_heads: int | None = 8
-    max_position_embeddings: int = 4096 * 32
-    sliding_window: int | None = 4096
-
-    def layer_window(self, i: int) -> int | None:
-        return super().layer_window(i) if self.layer_types is not None else self.sliding_window
-
-    qkv_bias = property(lambda self: False)
-    o_bias = property(lambda self: False)
-
-
-@dataclass(repr=False)
-class Qwen2Config(LlamaConfig):
-    """Qwen2: q/k/v biases; a sliding window only when use_sliding_window, on layers >= max_window_layers."""
-
-    model_type: ClassVar[str] = "qwen2"
-    vocab_size: int = 151936
-    intermediate_size: int = 22016
-    max_position_embeddings: int = 32768
-    sliding_window: int | None = 4096
-    max_window_layers: int = 28
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-
-    def layer_window(self, i: int) -> int | None:
-        window = self.sliding_window if self.use_sliding_window else None
-        if self.layer_types is not None:
-            return window if self.layer_types[i] == "sliding_attention" else None
-        return window if window is not None and i >= self.max_window_layers else None
-
-    qkv_bias = property(lambda self: True)
-    o_bias = property(lambda self: False)
-
-
-@dataclass(repr=False)
-class Qwen3Config(Qwen2Config):
-    """Qwen3: Qwen2 without q/k/v biases by default, plus RMSNorm on queries and keys per head."""
-
-    model_type: ClassVar[str] = "qwen3"
-    head_dim: int | None = 128
-
-    qkv_bias = property(lambda self: self.attention_bias)
-    o_bias = property(lambda self: self.attention_bias)
-    qk_norm = property(lambda self: True)
-
-
-CONFIG_CLASSES: dict[str, type[LlamaConfig]] = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-}
-
-
-def config_class(model_type: Any, source: str = "config.json") -> type[LlamaConfig]:
-    if model_type not in CONFIG_CLASSES:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(sorted(CONFIG_CLASSES))}"
-        )
-    return CONFIG_CLASSES[model_type]
-
-
 def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any], str]:
     """Normalise the two RoPE spellings into one dict; return it and the spelling found."""
     if d.get("rope_parameters") is not None:
@@ -389,25 +327,3 @@ def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any
             "original_max_position_embeddings", d.get("max_position_embeddings", cls.max_position_embeddings)
         )
     return rope, spelling
-
-
-def config_from_file(path: str, **overrides: Any) -> LlamaConfig:
-    """Read config.json and build the config class its model_type names."""
-    d = read_json(path)
-    model_type = d.get("model_type")
-    if not isinstance(model_type, str):
-        raise ConfigError(f"{path}: no 'model_type' key (expected e.g. 'llama', 'mistral', 'qwen2')")
-    config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
-    config.name_or_path = os.path.dirname(path)
-    return config
-
-
-def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> LlamaConfig:
-    """The config of a model directory, a repo id or a config.json path, with field overrides."""
-    name = os.fspath(path_or_repo_id)
-    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-    kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
-    path = name if os.path.isfile(name) else os.path.join(resolve_model_dir(name, **hub), "config.json")
-    config = config_from_file(path, **kwargs)
-    config.name_or_path = name
-    return config

@@ -21,9 +21,8 @@ from torch import nn
 
 from . import kernels
 from .errors import ConfigError
-from .models.layers import share_concatenated, shareable
-
-_COMPUTE = torch.bfloat16  # activation dtype of the CPU kernels
+from .kernels.quant import COMPUTE as _COMPUTE
+from .nn.linear import share_concatenated, shareable
 
 
 @dataclass
@@ -149,8 +148,9 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def concat(cls, modules: list[Int8Linear]) -> Int8Linear | None:
-        """One Int8Linear computing the concatenated outputs of `modules` (see models.layers.fuse_linears)."""
+    def concat(cls, modules: list[Int8Linear], copy: bool = True) -> Int8Linear | None:
+        """One Int8Linear computing the concatenated outputs of `modules` (see nn.linear.fuse); with copy=False
+        only where their tensors already are consecutive views of one tensor."""
         if (
             len({m.bias is None for m in modules}) != 1
             or not shareable(modules, ["scales", "offsets", "bias"])
@@ -167,7 +167,9 @@ class Int8Linear(nn.Module):
             )
         for name in ("weight", "scales", "offsets", "bias"):
             if getattr(first, name) is not None:
-                t = share_concatenated(modules, name)
+                t = share_concatenated(modules, name, copy=copy)
+                if t is None:
+                    return None
                 setattr(fused, name, nn.Parameter(t, requires_grad=False) if name == "bias" else t)
         return fused
 
@@ -175,30 +177,12 @@ class Int8Linear(nn.Module):
         """The float32 (N, K) weight these values stand for."""
         return self.weight.float() * self.scales.float()[:, None] + self.offsets.float()[:, None]
 
-    def one_row_kernel(self, dtype: torch.dtype):
-        """See kernels.one_row."""
-        return (
-            None
-            if self.bias is not None
-            else kernels.int8_one_row(self.weight, self.scales, self.offsets, dtype)
-        )
-
-    def graph_kernel(self):
-        """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph, or None."""
-        return kernels.int8_graph(self.weight, self.scales, self.offsets, self.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
-        x2 = x.reshape(-1, self.in_features)
-        y = kernels.int8_matmul(x2.to(_COMPUTE), self.weight, self.scales.to(_COMPUTE))
-        if y is not None:
-            total = x2.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype)
-            y = torch.addcmul(y.to(x.dtype), total, self.offsets.to(x.dtype)).reshape(
-                *x.shape[:-1], self.out_features
-            )
-        else:
-            y = F.linear(x, self.dequantize().to(x.dtype))
-        return y + self.bias if self.bias is not None else y
+        y = kernels.int8_linear(x, self.weight, self.scales, self.offsets, self.bias)
+        if y is None:
+            y = F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return y
 
 
 class Int4Linear(nn.Module):
@@ -234,8 +218,8 @@ class Int4Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def concat(cls, modules: list[Int4Linear]) -> Int4Linear | None:
-        """One Int4Linear computing the concatenated outputs of `modules` (see models.layers.fuse_linears).
+    def concat(cls, modules: list[Int4Linear], copy: bool = True) -> Int4Linear | None:
+        """One Int4Linear computing the concatenated outputs of `modules` (see nn.linear.fuse; copy as there).
         The CPU kernel's packed layout interleaves blocks of 64 rows: packed weights concatenate like plain ones
         where every part but the last has whole blocks."""
         first = modules[0]
@@ -256,10 +240,14 @@ class Int4Linear(nn.Module):
                 first.group_size,
             )
         fused.packed = first.packed
-        fused.weight = share_concatenated(modules, "weight")
-        fused.scales_and_zeros = share_concatenated(modules, "scales_and_zeros", dim=1)  # (groups, N, 2)
-        if first.bias is not None:
-            fused.bias = nn.Parameter(share_concatenated(modules, "bias"), requires_grad=False)
+        weight = share_concatenated(modules, "weight", copy=copy)
+        sz = share_concatenated(modules, "scales_and_zeros", dim=1, copy=copy)  # (groups, N, 2)
+        bias = None if first.bias is None else share_concatenated(modules, "bias", copy=copy)
+        if weight is None or sz is None or (first.bias is not None and bias is None):
+            return None
+        fused.weight, fused.scales_and_zeros = weight, sz
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
         return fused
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -268,26 +256,8 @@ class Int4Linear(nn.Module):
             destination[prefix + "weight"] = pack_nibbles(self._unpack_cpu())
 
     def _unpack_cpu(self) -> torch.Tensor:
-        """Recover q (N, K) from the CPU kernel layout by running the kernel on the identity."""
-        ones = torch.zeros_like(self.scales_and_zeros)
-        ones[..., 0] = (
-            1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
-        )
-        eye = torch.eye(self.in_features, dtype=_COMPUTE)
-        qt = kernels.int4_matmul(eye, self.weight, self.group_size, ones)  # (K, N)
-        return (qt.t().float() + 8).round().to(torch.uint8)
-
-    def one_row_kernel(self, dtype: torch.dtype):
-        """See kernels.one_row."""
-        if not self.packed or self.bias is not None or self.weight.device.type != "cpu":
-            return None
-        return kernels.int4_one_row(self.weight, self.group_size, self.scales_and_zeros, dtype)
-
-    def graph_kernel(self):
-        """(tensors, fn) computing this layer on (1, K) inputs inside a compiled graph, or None."""
-        if not self.packed or self.weight.device.type != "cpu":
-            return None
-        return kernels.int4_graph(self.weight, self.group_size, self.scales_and_zeros.contiguous(), self.bias)
+        """Recover q (N, K) from the CPU kernel layout."""
+        return kernels.int4_unpack(self.weight, self.group_size, self.in_features, self.scales_and_zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these values stand for."""
@@ -298,26 +268,18 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
-        if self.packed and x.device.type == "cpu":
-            # A fused layer's parts hold column slices of its scales (see concat): the kernel reads them dense.
-            y = kernels.int4_matmul(
-                x.reshape(-1, self.in_features).to(_COMPUTE),
-                self.weight,
-                self.group_size,
-                self.scales_and_zeros.contiguous(),
-            )
-        if y is not None:
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.dequantize().to(x.dtype))
-        return y + self.bias if self.bias is not None else y
+        if self.packed:
+            y = kernels.int4_linear(x, self.weight, self.group_size, self.scales_and_zeros, self.bias)
+        if y is None:
+            y = F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return y
 
 
 def targets(model: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
     """The Linear layers to quantize: every one inside the decoder layers (+ lm_head if asked) that fits."""
     out = {}
     for name, module in model.named_modules():
-        inside = name.startswith("model.layers.") or (cfg.lm_head and name == "lm_head")
+        inside = name.startswith(model.layers_prefix + ".") or (cfg.lm_head and name == "lm_head")
         if inside and isinstance(module, nn.Linear):
             if cfg.bits_for(name) == 4 and module.in_features % cfg.group_size:
                 continue  # the grouping needs whole groups; such a layer stays in floating point

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from ._util import atomic_directory, full_tensor, parse_size, world
 from .errors import AutolmError
-from .tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger("autolm")
 _OWNED = re.compile(
@@ -99,7 +98,8 @@ def write_tensors(shard: dict[str, torch.Tensor], path: str, safe_serialization:
 
 def save_with_tokenizer(model, tokenizer, directory: str | os.PathLike, **kwargs) -> None:
     """model.save_pretrained and tokenizer.save_pretrained as one transaction: both appear, or neither."""
-    with atomic_directory(os.fspath(directory), lambda n: owned(n) or n in TOKENIZER_FILES) as tmp:
+    files = set(getattr(tokenizer, "saved_files", ()))  # the tokenizer's own files (Tokenizer.saved_files)
+    with atomic_directory(os.fspath(directory), lambda n: owned(n) or n in files) as tmp:
         model.save_pretrained(tmp, **kwargs)
         tokenizer.save_pretrained(tmp)
 

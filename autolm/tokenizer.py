@@ -45,6 +45,8 @@ def _read_json(path: str) -> dict[str, Any]:
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` with transformers' calling conventions."""
 
+    saved_files = TOKENIZER_FILES  # what save_pretrained writes (and may replace)
+
     def __init__(
         self,
         backend,

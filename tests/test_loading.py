@@ -194,7 +194,7 @@ def test_register_a_new_family(checkpoint, tmp_path):
 FAULTS_SCRIPT = """
 import resource, sys, torch
 import autolm
-from autolm.config import LlamaConfig
+from autolm.models import LlamaConfig
 from autolm.models.llama import LlamaForCausalLM
 torch.set_num_threads(1)
 if sys.argv[1] != "-":

@@ -119,7 +119,7 @@ def test_incremental_decode_equals_full_forward(checkpoint):
 def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd():
     from torch.profiler import profile
 
-    from autolm.models.layers import Linear
+    from autolm.nn import Linear
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
@@ -148,7 +148,7 @@ def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd():
 def test_blocked_attention_equals_sdpa(masked):
     """Query blocks of 5 over 13 new tokens after 4 cached ones (uneven last block), 6 query heads on 2
     KV heads; a padding + window mask, or None: causal after the cached keys."""
-    from autolm.kernels import blocked_attention
+    from autolm.kernels.attention import blocked_attention
 
     g = torch.Generator().manual_seed(0)
     B, nh, n_kv, T, past, hd = 2, 6, 2, 13, 4, 8
@@ -166,7 +166,9 @@ def test_blocked_attention_equals_sdpa(masked):
         q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1), attn_mask=allowed
     )
     for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        out = blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), allowed if masked else None, block=5)
+        out = blocked_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), allowed if masked else None, hd**-0.5, block=5
+        )
         out = out.transpose(1, 2)  # it returns (B, T, nh, hd), the layout o_proj reads
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)

@@ -1,5 +1,5 @@
 """Where a decode step's time goes: `autolm bench --profile` runs batch-1 eager decode steps of a model
-(fp32, bf16, int8, int4), through the general forward and through the fused one-token step, under
+(fp32, bf16, int8, int4), through the general forward and through the one-token step (autolm.step), under
 torch.profiler and prints the wall time per token, the ops per token and the kernels that take most of it."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def profile_decode(
     from torch.profiler import ProfilerActivity, profile
 
     from ..load import from_pretrained
+    from ..step import decoder
 
     if threads:
         torch.set_num_threads(threads)
@@ -26,15 +27,17 @@ def profile_decode(
     for dtype, quantization in configs:
         model = from_pretrained(model_dir, dtype=dtype, quantization=quantization)
         label = f"{quantization or dtype}"
-        for fused in (False, True):  # the general forward, then the fused one-token step (models/fused.py)
-            model.model.fused_decode = fused
+        for mode in ("forward", "eager"):  # the general forward, then the eager one-token step
+            model.decode_mode = mode
             with torch.inference_mode():
-                out = model(torch.ones(1, prompt, dtype=torch.long), use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache = model.make_cache(1, prompt + steps + 30)
+                out = model(torch.ones(1, prompt, dtype=torch.long), past_key_values=cache)
+                token = out.logits[:, -1:].argmax(-1)
+                decode = decoder(model, cache)
 
-                def step(model=model, cache=cache):
+                def step(cache=cache, decode=decode):
                     nonlocal token
-                    token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    token = decode(token, None, torch.tensor([[cache.length]]), cache).argmax(-1)[:, None]
 
                 for _ in range(8):
                     step()
@@ -48,7 +51,7 @@ def profile_decode(
             events = prof.key_averages()
             kernels = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
             ops = sum(e.count for e in events if e.key.startswith(("aten::", "mkldnn::"))) / 20
-            name = f"{label} {'fused step' if fused else 'general forward'}"
+            name = f"{label} {'one-token step' if mode == 'eager' else 'general forward'}"
             print(f"{name}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} tok/s), {ops:.0f} aten ops per token")
             for e in kernels:
                 print(
@@ -57,7 +60,7 @@ def profile_decode(
             rows.append(
                 {
                     "config": label,
-                    "fused": fused,
+                    "mode": mode,
                     "ms_per_token": wall * 1e3,
                     "ops_per_token": ops,
                     "kernels": {e.key: e.self_cpu_time_total / 20 / 1e3 for e in kernels},

@@ -207,6 +207,8 @@ def prepare_decode(model, tok, args) -> None:
         compile_once(model, tok)
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if args.eager:
+        base.decode_mode = "eager"  # not even graphs compiled by an earlier run
     if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
         return
     if hasattr(base, "precompile_decode") and base.device.type == "cpu":

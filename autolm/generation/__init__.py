@@ -1,10 +1,11 @@
 """Generation in three layers: a token iterator, a text stream with statistics, a plain string; `generate`
 with transformers' arguments on top of the iterator, and beam search. Sampling is one list of logits
-processors (sampling.logits_processors). Models are reached only through `model(...)` and
-`model.make_cache()`."""
+processors (sampling.logits_processors). Models are reached only through `model(...)`, `model.make_cache()`
+and the decode step autolm.step chooses for them."""
 
+from ..step import compile_decode
 from .config import GenerationConfig
-from .decode import Step, compile_decode, generate_tokens
+from .decode import Step, generate_tokens
 from .mixin import GenerateOutput, GenerationMixin
 from .processors import (
     ExponentialDecayLengthPenalty,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
+from ..step import decoder
 from .config import GenerationConfig
 from .sampling import choose, logits_processors
 from .stopping import build_criteria
@@ -119,6 +120,7 @@ def generate_tokens(
     new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
     out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
     logits, pos = out.logits[:, -1], pos[:, -1:] + 1
+    decode = None  # the decode step, chosen once a second token is needed (autolm.step.decoder)
     for step in range(steps):
         raw = logits.float()
         if not cfg.remove_invalid_values and not torch.isfinite(raw).all():
@@ -139,8 +141,8 @@ def generate_tokens(
         if step == steps - 1 or not bool(unfinished.any()):
             return
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        out = model(token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache)
-        logits = out.logits[:, -1]
+        decode = decode or decoder(model, cache, mask)
+        logits = decode(token[:, None], mask, pos, cache)
         pos = pos + 1
 
 
@@ -152,26 +154,3 @@ def _pad_token(cfg: GenerationConfig, criteria) -> int | None:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id
     return cfg.eos_ids[0] if cfg.eos_ids else 0
-
-
-def compile_decode(model, **compile_kwargs):
-    """Opt in to a torch.compile'd decode step; returns the model.
-
-    Generation then runs each new token through the model's `step` (the one forward, over the
-    cache's whole capacity under a mask, so every shape is fixed by the cache) compiled by
-    inductor: matrix-vector products become fused kernels that read the weights at close to the
-    memory bandwidth, and norms, RoPE and attention fuse around them. The cache's buffers have
-    static addresses, so `mode="reduce-overhead"` can capture the step in a CUDA graph. The first
-    generation pays the compile (cached on disk by inductor), and so does the first one with a new
-    batch size or cache capacity. Prefill stays eager. The model must sit on one device, unsharded;
-    a PeftModel's base model is compiled, LoRA layers included.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    devices = sorted({str(d) for d in (base.hf_device_map or {}).values()})
-    if len(devices) > 1 or any(hasattr(p, "to_local") for p in base.parameters()):
-        raise GenerationError(
-            "compile_decode needs the whole model on one device, not spread by a device_map "
-            f"({', '.join(devices)}) or sharded across ranks"
-        )
-    base.decode_step = torch.compile(base.step, **compile_kwargs)
-    return model

@@ -1,25 +1,91 @@
-"""Attention kernels for the cases where PyTorch's SDPA is slow: bf16 prompts on the CPU, one query per row."""
+"""Attention: one entry point for a batch of queries over cached keys (`attention`) and one for a single token
+of a single sequence over its cache (`decode_attention`), each with the scale, tanh soft-capping and attention
+sinks some families use; PyTorch's SDPA where it is fast and exact, autolm's own kernels elsewhere."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .core import needs_grad
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    weights: list | None = None,
+) -> torch.Tensor:
+    """Attention of q (B, nh, T, hd) over k, v (B, n_kv, S, hd), n_kv dividing nh; mask a boolean
+    (B, 1, T, S) or None for plain causal attention; scale defaults to hd^-0.5; softcap: scores become
+    softcap * tanh(scores / softcap); sinks (nh,): a learned logit per head that joins the softmax and takes
+    its share of the probability. Returns (B, T, nh, hd), the layout o_proj reads. With a `weights` list the
+    eager path runs and appends its probabilities (B, nh, T, S)."""
+    _, nh, T, hd = q.shape
+    scale = hd**-0.5 if scale is None else scale
+    if weights is not None or softcap is not None or sinks is not None:
+        return eager_attention(q, k, v, mask, scale, softcap, sinks, weights)
+    if T == 1 and mask is not None:
+        return grouped_attention(q, k, v, mask, scale)
+    if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
+        return blocked_attention(q, k, v, mask, scale)
+    n_kv = k.shape[1]
+    if n_kv != nh:
+        k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale)
+    return y.transpose(1, 2)
+
+
+def eager_attention(q, k, v, mask, scale: float, softcap=None, sinks=None, weights: list | None = None):
+    """softmax(q k^T * scale (soft-capped) + mask (+ sink)) v written out, as transformers' eager attention;
+    appends the probabilities to `weights` when given."""
+    nh, T, S = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != nh:
+        k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(scores.shape[0], -1, T, 1)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(q.dtype)
+    if weights is not None:
+        weights.append(probs)
+    return (probs @ v).transpose(1, 2)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One query per row (q (B, nh, 1, hd)) over k, v (B, n_kv, S, hd) under a boolean mask (B, 1, 1, S):
     each group of query heads against its KV head without repeating K and V; softmax in fp32.
     Returns (B, 1, nh, hd)."""
     B, nh, _, hd = q.shape
     n_kv = k.shape[1]
     q = q.reshape(B, n_kv, nh // n_kv, hd)
-    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, n_kv, group, S)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, n_kv, group, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     y = scores.softmax(-1).to(v.dtype) @ v  # (B, n_kv, group, hd)
     return y.reshape(B, 1, nh, hd)
 
 
 def blocked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, block: int = 128
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    block: int = 128,
 ) -> torch.Tensor:
     """Attention of T queries (q (B, nh, T, hd)) over S = past + T keys (k, v (B, n_kv, S, hd)) in
     blocks of `block` queries, each against only the keys it can see; mask is a boolean (B, 1, T, S)
@@ -36,7 +102,7 @@ def blocked_attention(
         stop = min(start + block, T)
         n, keys = stop - start, past + stop  # queries in this block; keys the last of them can see
         scores = q[:, :, :, start:stop].reshape(B, n_kv, group * n, hd) @ k[:, :, :keys].transpose(-1, -2)
-        scores = scores.view(B, n_kv, group, n, keys).mul_(hd**-0.5)
+        scores = scores.view(B, n_kv, group, n, keys).mul_(scale)
         if mask is None:  # only the block's own keys need the causal triangle
             causal = torch.full((n, n), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
             scores[..., past + start :].add_(causal)
@@ -45,3 +111,58 @@ def blocked_attention(
         probs = scores.softmax(-1).view(B, n_kv, group * n, keys)
         out[:, start:stop] = (probs @ v[:, :, :keys]).view(B, n_kv, group, n, hd).permute(0, 3, 1, 2, 4)
     return out.view(B, T, nh, hd)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seen,
+    span,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token of one sequence: write its k, v (1, n_kv, 1, hd) into the cache buffers keys, values
+    (1, n_kv, capacity, hd) at slot seen - 1, then attend with q (1, nh, 1, hd) over the last `span` of the
+    `seen` slots, which all hold real tokens (no mask). In fp32 whatever the model's dtype: PyTorch's bf16
+    batched matmuls on the CPU cost milliseconds whenever the length changes. Inside a compiler the same
+    arithmetic as products and sums, which fuse into loops over the cache (inductor would otherwise match
+    them to its SDPA kernel, which does not take these strided views). Returns (1, 1, nh, hd)."""
+    nh, hd = q.shape[1], q.shape[3]
+    n_kv = keys.shape[1]
+    scale = hd**-0.5 if scale is None else scale
+    start = seen - span
+    keys.narrow(2, seen - 1, 1).copy_(k)
+    values.narrow(2, seen - 1, 1).copy_(v)
+    qg = q.float().view(n_kv, nh // n_kv, hd) * scale
+    kk = keys[0].narrow(1, start, span).float()  # (n_kv, W, hd)
+    vv = values[0].narrow(1, start, span).float()
+    if torch.compiler.is_compiling():
+        scores = (qg.unsqueeze(2) * kk.unsqueeze(1)).sum(-1)  # (n_kv, group, W)
+    else:
+        scores = torch.bmm(qg, kk.transpose(1, 2))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = _softmax(scores, None if sinks is None else sinks.float().view(n_kv, nh // n_kv, 1))
+    if torch.compiler.is_compiling():
+        out = (probs.unsqueeze(-1) * vv.unsqueeze(1)).sum(-2)  # (n_kv, group, hd)
+    else:
+        out = torch.bmm(probs, vv)
+    return out.view(1, 1, nh, hd).to(q.dtype)
+
+
+def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dimension, with a sink logit joining the normalisation where given."""
+    if sink is None and not torch.compiler.is_compiling():
+        return torch.softmax(scores, -1)
+    top = scores.amax(-1, keepdim=True)
+    if sink is not None:
+        top = torch.maximum(top, sink)
+    probs = (scores - top).exp()
+    total = probs.sum(-1, keepdim=True)
+    if sink is not None:
+        total = total + (sink - top).exp()
+    return probs / total

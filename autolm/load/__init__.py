@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from .._util import check_device, parse_dtype
-from ..config import LlamaConfig, config_class, load_config
-from ..errors import CheckpointError, ConfigError
-from ..generation import GenerationConfig
+from ..config import PretrainedConfig
+from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
-from ..models import model_class
-from ..sources import IGNORED_SUFFIXES, open_source
+from ..models import config_class, load_config, model_class
+from ..sources import open_source
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
 from .report import LoadReport
+from .stream import layer_index, stream
 
 logger = logging.getLogger("autolm")
 # transformers' arguments that change nothing here: logged once, then ignored.
@@ -101,6 +101,52 @@ def _load(
     dequantize slowly). verify=True checks the files' content hashes where the HF cache has them.
     Other keyword arguments override config fields, as in transformers.
     """
+    hub = _arguments(kwargs, attn_implementation)
+    want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
+    if quantization is not None and want == "auto":
+        want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
+    report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
+    directory = resolved or resolve_model_dir(pretrained_model_name_or_path, **hub)  # from_pretrained's
+    report.directory = directory
+    report.lap("resolve")
+    source = open_source(directory, gguf_file, use_safetensors, variant)
+    if verify:  # content hashes, where the HF cache names its blobs by them
+        report.notes.append(verify_files(directory, source.files))
+    report.files, report.format = [os.path.basename(f) for f in source.files], source.format
+    config = _config(source, config, kwargs)
+    shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
+    cls = model_class(config.model_type)
+    _check_size(config, shapes, cls)
+    report.lap("config")
+
+    target = want if isinstance(want, torch.dtype) else _config_dtype(config)
+    with torch.device("meta"):
+        model = cls(config)
+    if isinstance(target, torch.dtype):
+        model = model.to(target)  # free on the meta device
+    placer = _placer(
+        model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config
+    )
+    placer.setup(model)
+    report.device = placer.describe()
+    report.lap("build")
+    if progress is None:
+        progress = source.slow or sum(os.path.getsize(f) for f in source.files) >= 2**30
+    model = stream(model, source, placer, target, report, strict, check_finite, progress, len(shapes or ()))
+    report.dtype_decision = "requested" if isinstance(want, torch.dtype) else source.dtype_note
+    report.lap("weights")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.eval()
+    base.generation_config = source.generation_config(config)
+    base.load_report = report
+    base.name_or_path = config.name_or_path = os.fspath(pretrained_model_name_or_path)
+    logger.info("loaded %s\n%s", report.source, report)
+    return model
+
+
+def _arguments(kwargs: dict, attn_implementation) -> dict:
+    """Drop (and log) transformers' arguments that change nothing here, refuse an attention implementation
+    autolm does not have, and take out the hub's arguments (returned)."""
     for k in [k for k in kwargs if k in _ACCEPTED]:
         if kwargs.pop(k) is not None and _ACCEPTED[k]:
             logger.info("from_pretrained: %s is accepted and has no effect (%s)", k, _ACCEPTED[k])
@@ -110,21 +156,11 @@ def _load(
             "scaled_dot_product_attention (flash attention on CUDA) and its own CPU kernels; "
             "pass 'sdpa' or 'eager'"
         )
-    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-    want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
-    if quantization is not None and want == "auto":
-        want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
-    report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
 
-    directory = resolved or resolve_model_dir(
-        pretrained_model_name_or_path, **hub
-    )  # from_pretrained resolved it
-    report.directory = directory
-    report.lap("resolve")
-    source = open_source(directory, gguf_file, use_safetensors, variant)
-    if verify:  # content hashes, where the HF cache names its blobs by them
-        report.notes.append(verify_files(directory, source.files))
-    report.files, report.format = [os.path.basename(f) for f in source.files], source.format
+
+def _config(source, config, kwargs: dict) -> PretrainedConfig:
+    """The source's config (or the one given), with the keyword arguments that name config fields applied."""
     if config is None:
         config = source.config()
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k) or k in config.extra}
@@ -132,43 +168,7 @@ def _load(
         raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
     if overrides:
         config = type(config).from_dict(config.to_dict(), source=config.source, **overrides)
-    shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
-    _check_size(config, shapes)
-    report.lap("config")
-
-    target = want if isinstance(want, torch.dtype) else _config_dtype(config)
-    with torch.device("meta"):
-        model = model_class(config.model_type)(config)
-    if isinstance(target, torch.dtype):
-        model = model.to(target)  # free on the meta device
-    placer = _placer(
-        model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config
-    )
-    placer.setup(model)
-    report.device = str(placer.device) if type(placer) is OneDevice else type(placer).__name__
-    report.lap("build")
-    if progress is None:
-        progress = source.format == "gguf" or sum(os.path.getsize(f) for f in source.files) >= 2**30
-    model = _stream(model, source, placer, target, report, strict, check_finite, progress, len(shapes or ()))
-    report.dtype_decision = (
-        "requested"
-        if isinstance(want, torch.dtype)
-        else "auto: GGUF dequantizes to float32"
-        if source.format == "gguf"
-        else "auto: config dtype / checkpoint dtype"
-    )
-    report.lap("weights")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.eval()
-    base.generation_config = (
-        GenerationConfig.from_model_config(config)
-        if source.format == "gguf"
-        else GenerationConfig.from_model_dir(directory, config)
-    )
-    base.load_report = report
-    base.name_or_path = config.name_or_path = os.fspath(pretrained_model_name_or_path)
-    logger.info("loaded %s\n%s", report.source, report)
-    return model
+    return config
 
 
 def _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config):
@@ -198,29 +198,24 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     return inner
 
 
-def _check_size(config, shapes: dict | None) -> None:
+def _check_size(config, shapes: dict | None, cls) -> None:
     """Compare the model the config describes with the checkpoint's tensors before anything is built: a config
     that claims far more layers than the checkpoint holds would otherwise cost time and memory first."""
     if not shapes:
         return
-    layers = {_layer_index(n) for n in shapes} - {-1}
+    names = [cls.checkpoint_rules.to_model(n)[0] for n in shapes]
+    layers = {layer_index(n, cls.layers_prefix) for n in names} - {-1}
     if config.num_hidden_layers > len(layers):
         raise ConfigError(
             f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
             f"holds {len(layers)} decoder layers"
         )
-    emb = shapes.get("model.embed_tokens.weight")
+    emb = shapes.get(f"{cls.embeddings_name}.weight")
     if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
         raise ConfigError(
             f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
             f"but the checkpoint's embeddings are {tuple(emb)}"
         )
-
-
-def _layer_index(name: str) -> int:
-    """i for 'model.layers.<i>.…', else -1."""
-    parts = name.split(".", 3)
-    return int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -231,110 +226,6 @@ def _config_dtype(config) -> torch.dtype | None:
     except ConfigError:
         return None
     return d if isinstance(d, torch.dtype) else None
-
-
-def _stream(
-    model,
-    source,
-    placer,
-    target,
-    report: LoadReport,
-    strict: bool,
-    check_finite: bool,
-    progress: bool,
-    count: int = 0,
-):
-    """Hand every checkpoint tensor to the placer (cast to the target dtype first); check names and shapes."""
-    from tqdm import tqdm
-
-    what = "loading + quantizing" if isinstance(placer, Quantize) else "loading"
-    bar = tqdm(
-        total=count or None,
-        desc=f"{what} {os.path.basename(source.files[0])}",
-        unit=" tensors",
-        disable=not progress,
-        leave=False,
-    )
-    config = model.config
-    expected = placer.expected(model)
-    tied = config.tie_word_embeddings
-    quantized_head = isinstance(placer, Quantize) and "lm_head" in placer.shapes
-    if tied and not quantized_head:
-        expected.pop("lm_head.weight", None)
-    loaded: dict[str, torch.Tensor] = {}
-    unexpected, mismatched, deeper = [], [], 0
-    planned = False
-    # GGUF 4-bit blocks go straight into int4 layers that quantize in the same groups of 32
-    tensors = (
-        source.tensors(int4=placer.takes_int4_blocks)
-        if source.format == "gguf" and isinstance(placer, Quantize)
-        else source.tensors()
-    )
-    for path, name, t in tensors:
-        bar.update(1)
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and t.is_floating_point()):
-            continue
-        if _layer_index(name) >= config.num_hidden_layers:  # a config (or override) with fewer layers
-            deeper += 1
-            continue
-        if target is None and t.is_floating_point():
-            target = t.dtype
-        if not planned:
-            report.dtype = str(target or torch.float32).removeprefix("torch.")
-            placer.plan(model, target or torch.float32)
-            planned = True
-        parts = placer.split(name, t, target) if isinstance(placer, Quantize) else None
-        for part, value in (parts or {name: t}).items():
-            shape = expected.get(part)
-            if shape is None:
-                unexpected.append(part)
-                continue
-            if parts is None and tuple(value.shape) != shape:
-                mismatched.append(
-                    f"{part}: checkpoint {tuple(value.shape)} vs model {shape} ({os.path.basename(path)})"
-                )
-                continue
-            zero_copy = not (value.is_floating_point() and target is not None and value.dtype != target)
-            if zero_copy:
-                report.zero_copy_tensors += 1
-            else:
-                value = value.to(target)
-                report.cast_tensors += 1
-            if check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"{path}: tensor {part!r} contains NaN or Inf values")
-            report.bytes += value.numel() * value.element_size()
-            loaded[part] = placer.put(part, value, path, zero_copy)
-    bar.close()
-    missing = sorted(set(expected) - set(loaded))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-    if unexpected and strict:
-        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:20])}")
-    if mismatched:
-        problems.append("wrongly shaped tensors: " + "; ".join(mismatched[:20]))
-    if problems:
-        raise CheckpointError(
-            f"{report.directory or report.source}: checkpoint does not fit the model — " + "; ".join(problems)
-        )
-    if unexpected:
-        report.notes.append(f"ignored {len(unexpected)} unexpected tensors")
-    if deeper:
-        report.notes.append(
-            f"skipped {deeper} tensors of layers >= num_hidden_layers ({config.num_hidden_layers})"
-        )
-        logger.warning(
-            "%s: the config asks for %d layers; the checkpoint's deeper layers were not loaded",
-            report.directory or report.source,
-            config.num_hidden_layers,
-        )
-    report.tensors = len(loaded)
-    model = placer.finish(model, loaded)
-    mapped = placer.inner if isinstance(placer, Quantize) else placer
-    if isinstance(mapped, DeviceMap):
-        on_disk = sum(d == "disk" for d in mapped.map.values())
-        report.notes.append(f"device_map: {len(mapped.map)} blocks, {on_disk} on disk")
-    return model
 
 
 class AutoModelForCausalLM:
@@ -362,7 +253,7 @@ class AutoConfig:
         return_unused_kwargs: bool = False,
         gguf_file: str | None = None,
         **kwargs: Any,
-    ) -> LlamaConfig:
+    ) -> PretrainedConfig:
         if gguf_file is None:
             config = load_config(path_or_repo_id, **kwargs)
         else:
@@ -374,7 +265,7 @@ class AutoConfig:
         return (config, {}) if return_unused_kwargs else config
 
     @staticmethod
-    def for_model(model_type: str, **kwargs: Any) -> LlamaConfig:
+    def for_model(model_type: str, **kwargs: Any) -> PretrainedConfig:
         return config_class(model_type)(**kwargs)
 
 

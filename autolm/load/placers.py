@@ -24,15 +24,32 @@ from .placement import OffloadStore, dispatch, resolve_device_map
 class OneDevice:
     """Every tensor to one device."""
 
+    action = "loading"
+
     def __init__(self, device: torch.device):
         self.device = device
+
+    def describe(self) -> str:
+        """Where the model goes, for the load report."""
+        return str(self.device) if type(self) is OneDevice else type(self).__name__
+
+    def notes(self) -> list[str]:
+        """What the load report should say about this placement."""
+        return []
+
+    def keeps_blocks(self, name: str) -> bool:
+        """Whether the source may hand tensor `name` over in its file's quantized blocks (sources.gguf)."""
+        return False
 
     def setup(self, model: nn.Module) -> None:
         """Change the meta model's structure before loading (quantized layers, sharding)."""
 
     def expected(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
-        """The tensors the checkpoint must provide and their shapes."""
-        return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+        """The tensors the checkpoint must provide and their shapes (a tied float head is the embedding)."""
+        out = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+        if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+            out.pop("lm_head.weight", None)
+        return out
 
     def plan(self, model: nn.Module, dtype: torch.dtype) -> None:
         """Called once the dtype is known, before the first tensor."""
@@ -90,9 +107,15 @@ class DeviceMap(OneDevice):
         dispatch(model, self.map, self.store)
         return model
 
+    def notes(self) -> list[str]:
+        on_disk = sum(d == "disk" for d in self.map.values())
+        return [f"device_map: {len(self.map)} blocks, {on_disk} on disk"]
+
 
 class Quantize:
     """Quantizes the decoder's Linear weights as they stream in, then hands every tensor to `inner`."""
+
+    action = "loading + quantizing"
 
     def __init__(self, quantization: Any, saved: Any, inner: OneDevice):
         from ..quant import QuantConfig
@@ -113,13 +136,19 @@ class Quantize:
         self.tied = model.config.tie_word_embeddings
         self.inner.setup(model)
 
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, int{self.cfg.bits}"
+
+    def notes(self) -> list[str]:
+        return self.inner.notes()
+
     def expected(self, model):
         return self.inner.expected(model)
 
     def plan(self, model, dtype):
         self.inner.plan(model, dtype)
 
-    def takes_int4_blocks(self, name: str) -> bool:
+    def keeps_blocks(self, name: str) -> bool:
         """Whether the weight `name` can be loaded from GGUF Q4_0 / Q4_1 blocks as they are (groups of 32)."""
         module = name.removesuffix(".weight")
         return (

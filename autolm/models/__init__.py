@@ -1,20 +1,43 @@
-"""Model classes by model_type: `model_class(config)`; `register()` adds a family without touching the loader."""
+"""Model families by model_type: one file each, registered here. `register()` adds a family (its config class
+and its model class) without touching the loader."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from ..config import CONFIG_CLASSES, LlamaConfig, config_class
-from .layers import KVCache
-from .llama import LlamaForCausalLM
+from .._util import read_json
+from ..config import PretrainedConfig
+from ..errors import ConfigError
+from ..hub import HUB_KWARGS, resolve_model_dir
+from ..nn import KVCache
+from .base import CausalLM, DecoderModel
+from .llama import LlamaConfig, LlamaForCausalLM
+from .mistral import MistralConfig, MistralForCausalLM
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .qwen3 import Qwen3Config, Qwen3ForCausalLM
 
-_MODELS: dict[str, type] = dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LlamaForCausalLM)
+_MODELS: dict[str, type] = {}
+CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {}
 
 
-def register(model_type: str, config_cls: type[LlamaConfig], model_cls: Any) -> None:
+def register(model_type: str, config_cls: type[PretrainedConfig], model_cls: Any) -> None:
     """Add a model family: its config class and its model class."""
     CONFIG_CLASSES[model_type] = config_cls
     _MODELS[model_type] = model_cls
+
+
+for _cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM):
+    register(_cls.config_class.model_type, _cls.config_class, _cls)
+
+
+def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:
+    if model_type not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported; supported model types: "
+            f"{', '.join(sorted(CONFIG_CLASSES))}"
+        )
+    return CONFIG_CLASSES[model_type]
 
 
 def model_class(model_type: str) -> type:
@@ -22,4 +45,46 @@ def model_class(model_type: str) -> type:
     return _MODELS[model_type]
 
 
-__all__ = ["KVCache", "LlamaForCausalLM", "model_class", "register"]
+def config_from_file(path: str, **overrides: Any) -> PretrainedConfig:
+    """Read config.json and build the config class its model_type names."""
+    d = read_json(path)
+    model_type = d.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(
+            f"{path}: no 'model_type' key (expected one of {', '.join(sorted(CONFIG_CLASSES))})"
+        )
+    config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
+    config.name_or_path = os.path.dirname(path)
+    return config
+
+
+def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+    """The config of a model directory, a repo id or a config.json path, with field overrides."""
+    name = os.fspath(path_or_repo_id)
+    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+    kwargs.pop("trust_remote_code", None)  # accepted: autolm never runs code from a checkpoint
+    path = name if os.path.isfile(name) else os.path.join(resolve_model_dir(name, **hub), "config.json")
+    config = config_from_file(path, **kwargs)
+    config.name_or_path = name
+    return config
+
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "CausalLM",
+    "DecoderModel",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "MistralConfig",
+    "MistralForCausalLM",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "config_class",
+    "config_from_file",
+    "load_config",
+    "model_class",
+    "register",
+]

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from .._util import read_json
-from ..config import LlamaConfig, config_from_file
+from ..config import PretrainedConfig
 from ..errors import CheckpointError
+from ..generation import GenerationConfig
 from ..hub import inside
+from ..models import config_from_file
 from .safetensors import SafetensorsFile, read_safetensors_header
 
-# Tensors some checkpoints carry that the model computes itself.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _LAYOUTS = (
     ("safetensors", "model.safetensors", "model.safetensors.index.json"),
     ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -90,6 +90,9 @@ def _read_index(directory: str, index_name: str) -> list[str]:
 class CheckpointSource:
     """An HF checkpoint directory: config.json plus safetensors (preferred) or .bin weights."""
 
+    dtype_note = "auto: config dtype / checkpoint dtype"
+    slow = False
+
     def __init__(self, directory: str, use_safetensors: bool | None = None, variant: str | None = None):
         self.directory = directory
         layouts = [
@@ -108,10 +111,14 @@ class CheckpointSource:
         names = ", ".join(f"{s}, {i}" for _, s, i in layouts)
         raise CheckpointError(f"{directory}: no weights found (expected {names})")
 
-    def config(self, **overrides: Any) -> LlamaConfig:
+    def config(self, **overrides: Any) -> PretrainedConfig:
         return config_from_file(os.path.join(self.directory, "config.json"), **overrides)
 
-    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+    def generation_config(self, config) -> GenerationConfig:
+        """generation_config.json when present, else the model config's special tokens."""
+        return GenerationConfig.from_model_dir(self.directory, config)
+
+    def tensors(self, keep_blocks=None) -> Iterator[tuple[str, str, torch.Tensor]]:
         """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
         seen: dict[str, str] = {}
         for path in self.files:
@@ -137,24 +144,30 @@ class CheckpointSource:
 class GGUFSource:
     """A GGUF file: config from its metadata, tensors dequantized to float32 under HF names."""
 
+    dtype_note = "auto: GGUF dequantizes to float32"
+    slow = True  # dequantizing
+
     def __init__(self, path: str):
         from .gguf import GGUFFile
 
         self.directory, self.format, self.files = os.path.dirname(path), "gguf", [path]
         self.file = GGUFFile(path)
 
-    def config(self, **overrides: Any) -> LlamaConfig:
+    def generation_config(self, config) -> GenerationConfig:
+        return GenerationConfig.from_model_config(config)
+
+    def config(self, **overrides: Any) -> PretrainedConfig:
         from .gguf import config_from_gguf
 
         config = config_from_gguf(self.file, **overrides)
         config.name_or_path = self.files[0]
         return config
 
-    def tensors(self, int4=lambda name: False) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """(file, HF name, fp32 tensor), or gguf.Int4Blocks for the 4-bit tensors that int4(name) asks for."""
+    def tensors(self, keep_blocks=None) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(file, HF name, fp32 tensor), or gguf.Int4Blocks for the 4-bit tensors keep_blocks(name) asks for."""
         from .gguf import gguf_tensors
 
-        return gguf_tensors(self.file, self.config(), int4)
+        return gguf_tensors(self.file, self.config(), keep_blocks or (lambda name: False))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         from .gguf import hf_name

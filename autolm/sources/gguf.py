@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..config import config_class
 from ..errors import GGUFError
+from ..models import config_class
 
 _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
     "context_length": "max_position_embeddings",

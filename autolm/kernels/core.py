@@ -1,0 +1,113 @@
+"""The kernels' shared pieces: private ops looked up once, the autograd check, fp32 linear layers and the
+matrix-vector form used inside compiled graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("autolm")
+_UNSET = object()
+
+
+class PrivateOp:
+    """A `torch.ops` entry looked up by name on first use; None when this torch build lacks it."""
+
+    def __init__(self, namespace: str, name: str):
+        self.namespace, self.name, self._op = namespace, name, _UNSET
+
+    def get(self):
+        if self._op is _UNSET:
+            try:
+                packet = getattr(getattr(torch.ops, self.namespace), self.name)
+                self._op = packet.default
+            except (AttributeError, RuntimeError):
+                self._op = None
+                logger.warning(
+                    "torch.ops.%s.%s is not in this torch build; using the slower public op",
+                    self.namespace,
+                    self.name,
+                )
+        return self._op
+
+    def failed(self, error: Exception) -> None:
+        """Stop using an op that raised (a changed signature, an unsupported build): fall back from now on."""
+        logger.warning(
+            "torch.ops.%s.%s failed (%s); using the slower public op from now on",
+            self.namespace,
+            self.name,
+            error,
+        )
+        self._op = None
+
+    def call(self, *args):
+        """The op's result, or None where it is missing or fails (then never tried again)."""
+        op = self.get()
+        if op is None:
+            return None
+        try:
+            return op(*args)
+        except RuntimeError as e:
+            self.failed(e)
+            return None
+
+
+ONEDNN_LINEAR = PrivateOp("mkldnn", "_linear_pointwise")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other tensor subclasses
+_REALIZED: list[list] = []  # while a graph is traced for ahead-of-time compiling: lists of matmul inputs
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (the CPU fast paths have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@contextlib.contextmanager
+def realized_inputs():
+    """Collect the input of every small matmul traced inside: a graph that returns them makes inductor write
+    each once, where it would otherwise recompute it (a norm, an activation) inside the matrix-vector loop,
+    once per output row."""
+    _REALIZED.append([])
+    try:
+        yield _REALIZED[-1]
+    finally:
+        _REALIZED.pop()
+
+
+def realize(x: torch.Tensor) -> torch.Tensor:
+    """Mark a matmul input to be written once inside a compiled graph (see realized_inputs)."""
+    if _REALIZED and torch.compiler.is_compiling():
+        _REALIZED[-1].append(x)
+    return x
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b as multiply-and-sum in fp32: inside a compiler, one loop that streams w once."""
+    y = (realize(x).float().unsqueeze(-2) * w.float()).sum(-1)
+    return (y if b is None else y + b.float()).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b, by the fastest kernel for these inputs (same arithmetic, another summation order)."""
+    if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.shape[:-1].numel() <= 4:
+            return matvec(x, w, b)
+        return F.linear(x, w, b)
+    if (
+        x.dtype is torch.float32
+        and w.dtype is torch.float32
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and type(x) in _PLAIN
+        and type(w) in _PLAIN
+        and (b is None or type(b) in _PLAIN)
+        and not needs_grad(x, w, b)
+        and torch.backends.mkldnn.is_available()
+    ):
+        y = ONEDNN_LINEAR.call(x, w, b, "none", [], "")
+        if y is not None:
+            return y
+    return F.linear(x, w, b)

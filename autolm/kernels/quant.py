@@ -1,0 +1,78 @@
+"""Weight-only int8 / int4 matmuls: PyTorch's CPU kernels, and their arithmetic inside compiled graphs.
+
+Each returns None where its kernel is missing (another device, another torch build); the quantized layers
+then dequantize and run a plain matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import PrivateOp, realize
+
+INT8_MM = PrivateOp("aten", "_weight_int8pack_mm")
+INT4_MM = PrivateOp("aten", "_weight_int4pack_mm_for_cpu")
+INT4_PACK = PrivateOp("aten", "_convert_weight_to_int4pack_for_cpu")
+COMPUTE = torch.bfloat16  # activation dtype of the CPU kernels
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """x @ (q * scales + offsets).T + bias for an int8 weight q (N, K) with per-row scales and offsets:
+    (x @ q.T) * scales + sum(x) * offsets, x rounded to bf16 for the kernel. Inside a compiler the same
+    roundings as multiply-and-sum loops."""
+    if torch.compiler.is_compiling():
+        x = realize(x)
+        xb = x.to(COMPUTE).float()
+        y = ((xb.unsqueeze(-2) * q.float()).sum(-1) * scales.to(COMPUTE).float()).to(COMPUTE)
+        total = x.float().sum(-1, keepdim=True).to(x.dtype)
+        y = (y.to(x.dtype).float() + total.float() * offsets.to(x.dtype).float()).to(x.dtype)
+        return y if bias is None else y + bias
+    if x.device.type != "cpu":
+        return None
+    x2 = x.reshape(-1, q.shape[1])
+    y = INT8_MM.call(x2.to(COMPUTE), q, scales.to(COMPUTE))
+    if y is None:
+        return None
+    total = x2.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype)
+    y = torch.addcmul(y.to(x.dtype), total, offsets.to(x.dtype)).reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
+def int4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_and_zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """x @ W.T + bias for an int4 weight in the CPU kernel's packed layout (scales_and_zeros (K / group, N, 2));
+    also called from compiled code."""
+    if torch.compiler.is_compiling():
+        x = realize(x)
+    elif x.device.type != "cpu":
+        return None
+    n = scales_and_zeros.shape[1]
+    # A fused layer's parts hold column slices of its scales: the kernel reads them dense.
+    y = INT4_MM.call(
+        x.reshape(-1, x.shape[-1]).to(COMPUTE), packed, group_size, scales_and_zeros.contiguous()
+    )
+    if y is None:
+        return None
+    y = y.to(x.dtype).view(*x.shape[:-1], n)
+    return y if bias is None else y + bias
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor | None:
+    """q (N, K) int32 in 0..15 -> the CPU int4 kernel's packed layout; None where the kernel is missing."""
+    return INT4_PACK.call(q, 1) if INT4_MM.get() is not None else None
+
+
+def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_and_zeros: torch.Tensor):
+    """Recover q (N, K) uint8 in 0..15 from the CPU kernel's layout by running the kernel on the identity."""
+    ones = torch.zeros_like(scales_and_zeros)
+    ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
+    eye = torch.eye(in_features, dtype=COMPUTE)
+    qt = INT4_MM.call(eye, packed, group_size, ones)  # (K, N)
+    return (qt.t().float() + 8).round().to(torch.uint8)

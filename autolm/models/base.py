@@ -1,0 +1,357 @@
+"""What every causal LM shares, so a family file holds only its architecture.
+
+`DecoderModel` is the body (embeddings -> decoder layers -> final norm) and `CausalLM` the model with its LM head:
+transformers' forward and generate, the KV cache, placement blocks, the tensor-parallel plan, resizing, saving.
+A family subclasses them with its config, its decoder layer (`layer(x, ctx) -> x`, built from autolm.nn), and
+where it differs: how inputs are embedded (`DecoderModel.embed`), how logits are finished
+(`CausalLM.finish_logits`), how its checkpoint names tensors (`checkpoint_rules`) and how tensor parallelism
+splits it (`tp_patterns`). The fast decode steps (autolm.step) are derived from these same modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..generation import GenerationMixin
+from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, embedding, resized_rows
+from ..nn.checkpoint import CheckpointRules
+from ..saving import save_model, unique_state_dict
+from ..step import compiled_step, precompile
+from .output import CausalLMOutput, causal_lm_loss
+
+# transformers' base_model_tp_plan for Llama-shaped layers: q/k/v/gate/up split by output features, o/down by input.
+LLAMA_TP = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, `layer_cls(config, i)` for each layer, a final norm; RoPE tables for the layers' attention."""
+
+    def __init__(self, config, layer_cls: type[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm
+        self.gradient_checkpointing = False
+        self.rotary = Rotary(config.rope_kinds(), config.head_dim, config.max_position_embeddings,
+                             getattr(config, "partial_rotary_default", False))  # fmt: skip
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> input vectors (B, T, h)."""
+        return self.embed_tokens(input_ids)
+
+    def scale_inputs(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """What the body does to input vectors (embedded or given) before the first layer: nothing here;
+        families scale them (Gemma, Granite) or add position embeddings (GPT-2)."""
+        return x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def run(
+        self, x: torch.Tensor, ctx: Forward | OneToken, hidden_states: list | None = None
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm over input vectors x (B, T, h) in a forward context; each
+        layer's input (and the output) are appended to `hidden_states` when given."""
+        for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        x = self.final_norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: KVCache | None,
+        cache_position: torch.Tensor,
+        kv_length: int,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
+    ) -> torch.Tensor:
+        """x: input vectors (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
+        attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states."""
+        x = self.scale_inputs(x, position_ids)
+        rope = self.rotary.tables(position_ids, x.dtype)
+        ctx = Forward(rope, cache, cache_position, kv_length, attention_mask, x.shape[0], attentions)
+        return self.run(x, ctx, hidden_states)
+
+
+class CausalLM(nn.Module, GenerationMixin):
+    """A decoder with an LM head; `forward` and `generate` follow transformers' signatures."""
+
+    config_class: ClassVar[type]
+    checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules()
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
+    _no_split_modules: ClassVar[list[str]] = []
+    layers_prefix: ClassVar[str] = "model.layers"  # the decoder layers' module name (GPT-2: transformer.h)
+    embeddings_name: ClassVar[str] = "model.embed_tokens"  # the token embeddings' module name
+    # whether the layers form a plain stack that autolm.step's one-token steps may run (False: the general
+    # forward decodes every token)
+    one_token_step: ClassVar[bool] = True
+
+    def __init__(self, config, model: DecoderModel):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = None
+        self.load_report = None
+        self.hf_device_map: dict[str, str] | None = None
+        self.decode_step = None  # a torch.compile'd one-token step (autolm.compile_decode), else None
+        # how generation decodes (autolm.step): "auto" (the one-token step, compiled where cached), "eager"
+        # (never compiled graphs) or "forward" (the general forward for every token)
+        self.decode_mode = "auto"
+
+    # ---- structure: what loading, placement, tensor parallelism and generation ask of the model ----
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(
+            self.lm_head, nn.Linear
+        ):  # a quantized head is a copy
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def blocks(self) -> list[str]:
+        """Placement units in forward order (the body's modules in the order they were made, each decoder layer
+        on its own, then the head): never split across devices."""
+        body = self.layers_prefix.rpartition(".")[0]
+        out = []
+        for name, m in self.model.named_children():
+            if m is self.model.layers:
+                out += [f"{self.layers_prefix}.{i}" for i in range(len(m))]
+            elif any(True for _ in m.parameters()):
+                out.append(f"{body}.{name}")
+        return [*out, "lm_head"]
+
+    def tp_plan(self) -> dict[str, str]:
+        """{module: 'colwise' | 'rowwise' | 'embedding' | 'lm_head'}: how tensor parallelism splits each Linear
+        (the family's patterns over the body's module names; untied embeddings and head by vocabulary)."""
+        plan = {}
+        if not self.config.tie_word_embeddings:
+            plan.update({self.embeddings_name: "embedding", "lm_head": "lm_head"})
+        body = self.layers_prefix.rpartition(".")[0]
+        for name, _ in self.model.named_modules():
+            style = next((s for p, s in self.tp_patterns.items() if fnmatch.fnmatchcase(name, p)), None)
+            if style is not None:
+                plan[f"{body}.{name}"] = style
+        return plan
+
+    def shard_heads(self, world: int) -> None:
+        """Under tensor parallelism each rank computes num_heads / world of the heads."""
+        for m in self.modules():
+            if hasattr(m, "num_kv_heads") and hasattr(m, "num_heads"):
+                m.num_heads //= world
+                m.num_kv_heads //= world
+
+    def layer_devices(self) -> list[torch.device]:
+        """Where each decoder layer computes (disk-offloaded layers compute on the CPU)."""
+        if self.hf_device_map:
+            return [
+                torch.device("cpu" if d == "disk" else d)
+                for d in (
+                    self.hf_device_map[f"{self.layers_prefix}.{i}"] for i in range(len(self.model.layers))
+                )
+            ]
+        return [self.model.embed_tokens.weight.device] * len(self.model.layers)
+
+    def attention_shape(self) -> tuple[int, int]:
+        """(KV heads on this rank, head dim) of the layers' attention."""
+        attn = next(m for m in self.model.layers[0].modules() if hasattr(m, "num_kv_heads"))
+        return attn.num_kv_heads, attn.head_dim
+
+    def make_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """A KV cache for this model (its dtype, this rank's KV heads, each layer's device). With a compiled
+        decode step the capacity rounds up to a multiple of 256 (one graph serves many lengths) and the
+        buffers get static addresses."""
+        w = self.model.embed_tokens.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        static = self.decode_step is not None
+        if static:
+            capacity = -(-capacity // 256) * 256
+        n_kv, hd = self.attention_shape()
+        return KVCache(
+            len(self.model.layers), batch_size, n_kv, hd, capacity, dtype, self.layer_devices(), static
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Grow or cut the vocabulary of the embeddings (and an untied head) as transformers does."""
+        emb = self.model.embed_tokens
+        n = emb.weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n == emb.weight.shape[0]:
+            return emb
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        with torch.no_grad():
+            new_emb = copy.copy(emb)  # the family's embedding class and settings (Gemma's scale) stay
+            new_emb._parameters = dict(emb._parameters)
+            new_emb.weight = nn.Parameter(resized_rows(emb.weight, n, mean_resizing, std),
+                                          requires_grad=emb.weight.requires_grad)  # fmt: skip
+            new_emb.num_embeddings = n
+            self.model.embed_tokens = new_emb
+            if not self.config.tie_word_embeddings:
+                head = self.lm_head
+                new_head = Linear(
+                    head.in_features, n, bias=False, device=head.weight.device, dtype=head.weight.dtype
+                )
+                new_head.weight = nn.Parameter(resized_rows(head.weight, n, mean_resizing, std),
+                                               requires_grad=head.weight.requires_grad)  # fmt: skip
+                self.lm_head = new_head
+        self.config.vocab_size = n
+        self.tie_weights()
+        return new_emb
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
+        if self.hf_device_map:
+            d = self.hf_device_map[self.embeddings_name]
+            return torch.device("cpu" if d == "disk" else d)
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ---- running ---------------------------------------------------------------------------------
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family does to the LM head's output (Gemma's soft-capping, Granite's scaling): nothing here."""
+        return logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states -> logits."""
+        return self.finish_logits(self.lm_head(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | None = None,
+        **unused,
+    ):
+        """Logits (B, T, vocab); loss when labels are given (shifted by one, -100 ignored); the cache.
+
+        The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
+        transformers: the count over a whole batch that is split into micro-batches or across ranks).
+        """
+        x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.make_cache(B, T)
+        past = cache.length if cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
+        end = past + T if attention_mask is None else max(attention_mask.shape[-1], past + T)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, cache_position, B)
+        if cache is not None:
+            cache.reserve(end)
+        hidden = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
+        logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
+        if cache is not None:
+            cache.length = max(cache.length, end)
+        loss = (
+            causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+            if labels is not None
+            else None
+        )
+        out = CausalLMOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=cache if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def precompile_decode(self, progress: bool = False) -> bool:
+        """Compile the CPU one-token step (batch 1, see autolm.step) ahead of time with AOTInductor: a few graphs
+        per model shape, dtype and quantization, cached in $AUTOLM_HOME/compiled, so only the first run on a
+        machine waits (tens of seconds; `progress` shows a bar) and later processes load them in milliseconds.
+        generate() then uses the compiled step; it also picks up packages compiled earlier by any process.
+        Returns whether the step is available; False (with a warning where compiling failed, e.g. no C++
+        compiler) leaves the eager step."""
+        return precompile(self, progress)
+
+    def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+        """One token per row over the cache's whole capacity: the function compile_decode compiles."""
+        return compiled_step(self, x, attention_mask, position_ids, cache, cache_position)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
+        self._input_grad_hook = self.model.embed_tokens.register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True)
+        )
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}.values()
+        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
+
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs) -> None:
+        """Weights in the checkpoint's own names and layout (see checkpoint_rules), config, generation config."""
+        sd = unique_state_dict(self) if state_dict is None else state_dict
+        save_model(self, save_directory, state_dict=self.checkpoint_rules.to_checkpoint(sd), **kwargs)

@@ -1,0 +1,35 @@
+"""The building blocks every model family is made of, with Hugging Face's module and parameter names: linear
+layers behind autolm's kernels, norms, rotary embeddings, attention and its forward contexts, MLPs, the KV
+cache, and checkpoint naming rules. Nothing here knows a family."""
+
+from .attention import Attention, Forward, OneToken, build_mask, default_positions, pad_mask_to
+from .cache import KVCache
+from .checkpoint import Assembler, CheckpointRules, Rename, Stacked
+from .linear import Linear, embedding, fuse, packed, resized_rows
+from .mlp import ACTIVATIONS, GatedMLP
+from .norms import RMSNorm
+from .rope import Rotary, apply_rotary
+
+__all__ = [
+    "ACTIVATIONS",
+    "Assembler",
+    "Attention",
+    "CheckpointRules",
+    "Forward",
+    "GatedMLP",
+    "KVCache",
+    "Linear",
+    "OneToken",
+    "RMSNorm",
+    "Rename",
+    "Rotary",
+    "Stacked",
+    "apply_rotary",
+    "build_mask",
+    "default_positions",
+    "embedding",
+    "fuse",
+    "packed",
+    "pad_mask_to",
+    "resized_rows",
+]

@@ -1,0 +1,198 @@
+"""Self-attention as families configure it, and the two contexts a forward gives its layers.
+
+`Attention` covers the variants of the supported families as parameters: biases, per-head or whole-projection
+q/k norms, full, partial or no RoPE (and which RoPE table, for families with several), the score scale, tanh
+soft-capping, a sliding window and attention sinks. Where its keys and values go and what they attend to is
+the context's business:
+
+- `Forward`: a batch of T new tokens per row, written into the KV cache at `cache_position`, attending under a
+  padding and causal (or sliding-window) mask over the first `kv_length` slots; the general forward.
+- `OneToken`: one token of one sequence whose cache slots all hold real tokens (batch-1 decoding): no masks,
+  the cache written and read in place. The fast decode steps (autolm.step) run the same layers under it, eager
+  or compiled ahead of time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .cache import KVCache
+from .linear import Linear, packed
+from .rope import apply_rotary
+
+Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # RoPE kind -> (cos, sin) (B, 1, T, rotary_dim)
+
+
+@dataclass
+class Forward:
+    """What the layers of one general forward share: RoPE tables, the cache and where the new tokens go in it,
+    the padding mask, and (when asked) a list collecting attention probabilities."""
+
+    rope: Tables
+    cache: KVCache | None
+    cache_position: torch.Tensor  # (T,) slots of the new tokens
+    kv_length: int  # key slots attended over
+    attention_mask: torch.Tensor | None  # (B, >= kv_length), 1 for real tokens
+    batch: int
+    attentions: list | None = None
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """The boolean (B, 1, T, S) mask for a window size (None: full attention), made once per forward."""
+        if window not in self._masks:
+            self._masks[window] = build_mask(
+                window, self.attention_mask, self.cache_position, self.batch, self.kv_length
+            )
+        return self._masks[window]
+
+    def attend(
+        self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None
+    ) -> torch.Tensor:
+        """q (B, nh, T, hd), k, v (B, n_kv, T, hd) -> (B, T, nh, hd)."""
+        if self.cache is not None:
+            k, v = self.cache.update(layer_idx, k, v, self.cache_position, self.kv_length)
+        return kernels.attention(q, k, v, self.mask(window), scale, softcap, sinks, self.attentions)
+
+
+@dataclass
+class OneToken:
+    """One token of one sequence written at slot seen - 1, every slot before it a real token. `keys` and
+    `values` are the cache's per-layer buffers, or one layer's buffers inside a compiled graph, which also
+    gives `span`, the slots its layer attends over (the window, or all)."""
+
+    rope: Tables
+    keys: list[torch.Tensor] | torch.Tensor
+    values: list[torch.Tensor] | torch.Tensor
+    seen: int
+    span: int | None = None
+
+    def attend(
+        self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None
+    ) -> torch.Tensor:
+        if isinstance(self.keys, list):
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+        else:
+            keys, values = self.keys, self.values
+        span = self.span
+        if span is None:
+            span = self.seen if window is None else min(window, self.seen)
+        return kernels.decode_attention(q, k, v, keys, values, self.seen, span, scale, softcap, sinks)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads and transformers' module names (q_proj, k_proj, v_proj,
+    o_proj, q_norm, k_norm, sinks). `norm` builds a q/k norm for a given width; `qk_norm` is "head" (per head,
+    Qwen 3, Gemma 3) or "full" (over the whole projection, OLMo 2). `rope` names the RoPE table the layer
+    reads (None: no RoPE)."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        *,
+        bias: bool = False,
+        o_bias: bool | None = None,
+        scale: float | None = None,
+        window: int | None = None,
+        rope: str | None = "default",
+        qk_norm: str | None = None,
+        norm: Callable[[int], nn.Module] | None = None,
+        softcap: float | None = None,
+        sinks: bool = False,
+    ):
+        super().__init__()
+        self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = (
+            layer_idx,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        )
+        self.scaling = head_dim**-0.5 if scale is None else scale
+        self.sliding_window, self.rope, self.softcap = window, rope, softcap
+        self.make_projections(hidden, bias, bias if o_bias is None else o_bias)
+        if qk_norm is not None:
+            full = qk_norm == "full"
+            self.q_norm = norm(num_heads * head_dim if full else head_dim)
+            self.k_norm = norm(num_kv_heads * head_dim if full else head_dim)
+        self.qk_norm = qk_norm
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(num_heads))
+
+    def make_projections(self, hidden: int, bias: bool, o_bias: bool) -> None:
+        """q/k/v/o as four Linear layers; families that store q/k/v packed override this and project()."""
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = Linear(hidden, nh * hd, bias=bias)
+        self.k_proj = Linear(hidden, nkv * hd, bias=bias)
+        self.v_proj = Linear(hidden, nkv * hd, bias=bias)
+        self.o_proj = Linear(nh * hd, hidden, bias=o_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, nh * hd), k and v (B, T, n_kv * hd)."""
+        q, k, v = packed(x, (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: Forward | OneToken) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.project(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if self.rope is not None:
+            cos, sin = ctx.rope[self.rope]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        sinks = getattr(self, "sinks", None)
+        y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks)
+        return self.o_proj(y.reshape(B, T, nh * hd))
+
+
+def default_positions(
+    attention_mask: torch.Tensor | None, cache_position: torch.Tensor, B: int
+) -> torch.Tensor:
+    """Positions (B, T) of the new tokens: counted over real tokens when a padding mask is given."""
+    if attention_mask is None:
+        return cache_position.unsqueeze(0).expand(B, -1)
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos.index_select(1, cache_position)
+
+
+def build_mask(
+    window: int | None, attention_mask: torch.Tensor | None, cache_position: torch.Tensor, B: int, S: int
+) -> torch.Tensor | None:
+    """The boolean mask (B, 1, T, S) for queries at cache_position over S key slots, causal and within the
+    window (None: full attention); None where plain causal attention does (eager only)."""
+    T = cache_position.shape[0]
+    device = cache_position.device
+    if not torch.compiler.is_compiling():
+        has_padding = attention_mask is not None and not bool(attention_mask[:, :S].all())
+        starts_at_zero = T == S  # a prompt with no past: the causal kernel applies as is
+        if not has_padding and (starts_at_zero or T == 1) and (window is None or window >= S):
+            return None
+    q = cache_position[:, None]  # slot index of each query (T, 1)
+    kv = torch.arange(S, device=device)[None, :]
+    allowed = kv <= q
+    if window is not None:
+        allowed = allowed & (kv > q - window)
+    allowed = allowed[None, None].expand(B, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :S].bool()
+        # A padding query would see nothing and give NaN: let it see itself (its output is never used).
+        allowed = allowed | (kv == q)[None, None]
+    return allowed
+
+
+def pad_mask_to(attention_mask: torch.Tensor, S: int) -> torch.Tensor:
+    """A (B, n) padding mask widened with zeros to (B, S) key slots."""
+    return F.pad(attention_mask, (0, S - attention_mask.shape[-1]))

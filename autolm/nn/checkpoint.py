@@ -1,0 +1,125 @@
+"""How a family's checkpoint names and lays out its tensors, when that differs from the model's own names.
+
+transformers 5 keeps some checkpoints in their original layout and converts while loading (and back while
+saving): Mixtral's `block_sparse_moe.experts.3.w1.weight` files become the model's stacked
+`mlp.experts.gate_up_proj[3, :I]`. A family declares the same conversions as data, a list of rules:
+
+- `Rename(checkpoint, model)`: regular expressions over names, one per direction;
+- `Stacked(target, parts)`: per-expert tensors `<prefix>.experts.<e>.<part>` that the model holds as one
+  parameter `<prefix>.experts.<target>` of shape (experts, sum of the parts' rows, ...).
+
+`CheckpointRules.to_model` maps one checkpoint name while loading; `Assembler` collects the pieces of a stacked
+parameter until it is whole; `CheckpointRules.to_checkpoint` turns a state dict back into the checkpoint's
+names for saving, so files autolm writes load in transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A name change: `checkpoint` -> `model` while loading, `model_back` -> `checkpoint_back` while saving."""
+
+    checkpoint: str
+    model: str
+    model_back: str
+    checkpoint_back: str
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Per-expert tensors held by the model as one stacked parameter (see the module docstring)."""
+
+    target: str
+    parts: tuple[str, ...]
+
+
+class CheckpointRules:
+    """A family's rules; an empty list means the checkpoint's names are the model's."""
+
+    def __init__(self, rules: list[Rename | Stacked] | tuple = ()):
+        self.renames = [r for r in rules if isinstance(r, Rename)]
+        self.stacked = [r for r in rules if isinstance(r, Stacked)]
+        self._piece = {
+            rule: re.compile(rf"(.+)\.experts\.(\d+)\.({'|'.join(map(re.escape, rule.parts))})")
+            for rule in self.stacked
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.renames or self.stacked)
+
+    def to_model(self, name: str) -> tuple[str, tuple[Stacked, int, int] | None]:
+        """(model name, None) for a whole tensor, or (model name of the stacked parameter, (rule, expert, part))."""
+        for r in self.renames:
+            name = re.sub(r.checkpoint, r.model, name)
+        for rule, pattern in self._piece.items():
+            m = pattern.fullmatch(name)
+            if m:
+                return f"{m.group(1)}.experts.{rule.target}", (
+                    rule,
+                    int(m.group(2)),
+                    rule.parts.index(m.group(3)),
+                )
+        return name, None
+
+    def to_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state dict under the checkpoint's names, stacked parameters split back into their pieces (views)."""
+        out: dict[str, torch.Tensor] = {}
+        targets = {f".experts.{r.target}": r for r in self.stacked}
+        for name, t in state_dict.items():
+            rule = next((r for suffix, r in targets.items() if name.endswith(suffix)), None)
+            if rule is None:
+                out[self._back(name)] = t
+                continue
+            prefix = name[: -len(f".experts.{rule.target}")]
+            rows = t.shape[1] // len(rule.parts)
+            for e in range(t.shape[0]):
+                for i, part in enumerate(rule.parts):
+                    out[self._back(f"{prefix}.experts.{e}.{part}")] = t[e, i * rows : (i + 1) * rows]
+        return out
+
+    def _back(self, name: str) -> str:
+        for r in self.renames:
+            name = re.sub(r.model_back, r.checkpoint_back, name)
+        return name
+
+
+class Assembler:
+    """Collects the pieces of stacked parameters while a checkpoint streams in; `add` returns the whole tensor
+    once its last piece arrived."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes  # the model's expected shape of each stacked parameter
+        self.pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+
+    def add(
+        self, name: str, piece: tuple[Stacked, int, int], t: torch.Tensor, source: str
+    ) -> torch.Tensor | None:
+        rule, expert, part = piece
+        shape = self.shapes.get(name)
+        if shape is None:
+            return None
+        experts, rows = shape[0], shape[1] // len(rule.parts)
+        want = (rows, *shape[2:])
+        if expert >= experts or tuple(t.shape) != want:
+            raise CheckpointError(
+                f"{source}: expert {expert} part {rule.parts[part]!r} of {name!r} has shape {tuple(t.shape)}; "
+                f"the model expects {experts} experts of {want}"
+            )
+        got = self.pieces.setdefault(name, {})
+        got[(expert, part)] = t
+        if len(got) < experts * len(rule.parts):
+            return None
+        del self.pieces[name]
+        return torch.stack([torch.cat([got[(e, p)] for p in range(len(rule.parts))]) for e in range(experts)])
+
+    def missing(self) -> list[str]:
+        """Stacked parameters some of whose pieces never came."""
+        return sorted(self.pieces)

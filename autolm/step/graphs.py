@@ -1,0 +1,220 @@
+"""The one-token step compiled ahead of time, derived from any model's own modules.
+
+Each decoder layer's forward runs under a `OneToken` context and is exported with its tensors as inputs
+(`torch.func.functional_call`), so one compiled graph serves every layer of the same structure and the model
+keeps its own weights; the final norm and the LM head are one more graph. Inside the graphs the matrix-vector
+products become loops that stream the weights once (kernels.matvec; int4 calls PyTorch's kernel from the
+compiled code), attention runs over the cache's dynamic length, and everything between them fuses. Each
+matmul's input is also returned from its graph (kernels.realized_inputs): inductor then writes it once instead
+of recomputing a norm or an activation inside the loop for every row.
+
+Graphs are cached on disk by kernels.aot under a key made of the layer's structure (module classes, their
+settings, tensor shapes and dtypes) and the source of the code it runs, so any model of the same shape finds
+them and an edit to the code compiles new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels import aot
+from ..nn import OneToken
+
+_ONE = torch.empty(1)
+# settings that do not change a module's compiled code (the layer's index; the model's bookkeeping)
+_SKIP = ("training", "layer_idx", "config", "name_or_path", "decode_mode", "decode_step", "load_report",
+         "generation_config", "hf_device_map", "gradient_checkpointing")  # fmt: skip
+
+
+class _LayerGraph(nn.Module):
+    """forward([x, keys, values, seen, span, cos/sin per RoPE kind..., the layer's tensors...]) ->
+    [x after the layer, the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots."""
+
+    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str]):
+        super().__init__()
+        self._layer = [layer]  # not a submodule: its tensors are inputs, never constants of the graph
+        self.names, self.kinds = names, kinds
+
+    def forward(self, inputs: list):
+        x, keys, values, seen, span = inputs[:5]
+        n = len(self.kinds)
+        tables = inputs[5 : 5 + 2 * n]
+        rope = {k: (tables[2 * i], tables[2 * i + 1]) for i, k in enumerate(self.kinds)}
+        torch._check(span.shape[0] <= seen.shape[0])
+        torch._check(seen.shape[0] <= keys.shape[2])
+        ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0])
+        params = dict(zip(self.names, inputs[5 + 2 * n :]))
+        with kernels.realized_inputs() as realized:
+            out = torch.func.functional_call(self._layer[0], params, (x, ctx))
+        return [out, *realized]
+
+
+class _Head(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.logits(self.model.model.final_norm(x))
+
+
+class _HeadGraph(nn.Module):
+    """forward([x, the body's and head's tensors...]) -> [logits, the matmul inputs...]."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self._head = [_Head(model)]
+        self.names = names
+
+    def forward(self, inputs: list):
+        params = {f"model.{n}": t for n, t in zip(self.names, inputs[1:])}
+        with kernels.realized_inputs() as realized:
+            out = torch.func.functional_call(self._head[0], params, (inputs[0],))
+        return [out, *realized]
+
+
+class Plan:
+    """Loaded graphs and the tensors each is called with: per layer (graph, tensors, window), then the head."""
+
+    def __init__(self, layers: list, head: tuple, kinds: list[str]):
+        self.layers, self.head, self.kinds = layers, head, kinds
+
+
+def tensors_of(module: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    named = [
+        *module.named_parameters(),
+        *module.named_buffers(),
+    ]  # tied tensors once: functional_call re-ties
+    return [n for n, _ in named], [t.detach() for _, t in named]
+
+
+def _plain(v):
+    """A setting as it goes into a graph's key: stable across processes (functions by name, not address)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if callable(v):
+        return f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
+    return type(v).__qualname__
+
+
+def structure(module: nn.Module) -> tuple:
+    """What a module's compiled code depends on: each submodule's class and settings."""
+    out = []
+    for name, m in module.named_modules():
+        settings = sorted(
+            (k, _plain(v)) for k, v in vars(m).items() if not k.startswith("_") and k not in _SKIP
+        )
+        out.append((name, f"{type(m).__module__}.{type(m).__qualname__}", tuple(settings)))
+    return tuple(out)
+
+
+_CODE: dict = {}
+
+
+def code_hash(module: nn.Module) -> str:
+    """A hash of the source files a module's forward runs: its classes' files, autolm.nn, kernels and this
+    package. Editing any of them compiles new graphs."""
+    files = {
+        inspect.getsourcefile(c)
+        for m in module.modules()
+        for c in type(m).__mro__
+        if c.__module__ != "builtins"
+    }
+    here = os.path.dirname(os.path.dirname(__file__))
+    for pkg in ("nn", "kernels", "step"):
+        d = os.path.join(here, pkg)
+        files |= {os.path.join(d, f) for f in os.listdir(d) if f.endswith(".py")}
+    files = tuple(sorted(f for f in files if f and f.startswith(here)))
+    if files not in _CODE:
+        h = hashlib.sha256()
+        for p in files:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        _CODE[files] = h.hexdigest()[:16]
+    return _CODE[files]
+
+
+def _describe(kind: str, module: nn.Module, example: list[torch.Tensor], extra=()) -> str:
+    shapes = [(tuple(t.shape), str(t.dtype), tuple(t.stride())) for t in example]
+    return aot.graph_key((kind, code_hash(module), structure(module), shapes, tuple(extra)))
+
+
+def _jobs(model) -> tuple[list, list[str]]:
+    """Per layer, then for the head: (graph module, example inputs, dynamic dims, runtime tensors, key, window)."""
+    body = model.model
+    dtype = body.embed_tokens.weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    h = body.embed_tokens.weight.shape[1]
+    x = torch.zeros(1, 1, h, dtype=dtype)
+    kinds = sorted(body.rotary.kinds)
+    tables = body.rotary.tables(torch.zeros(1, 1, dtype=torch.long), dtype)
+    example_tables = [t.clone() for k in kinds for t in tables[k]]  # distinct tensors: export dedups aliases
+    n_kv, hd = model.attention_shape()
+    jobs = []
+    for layer in body.layers:
+        names, tensors = tensors_of(layer)
+        cache = torch.zeros(1, n_kv, 6, hd, dtype=dtype)
+        example = [x, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *example_tables, *tensors]
+        dynamic = [None, {2: "capacity"}, {2: "capacity"}, {0: "seen"}, {0: "span"}]
+        dynamic += [None] * (len(example) - len(dynamic))
+        attn = next((m for m in layer.modules() if hasattr(m, "sliding_window")), None)
+        graph = _LayerGraph(layer, names, kinds)
+        key = _describe("layer", layer, example, kinds)
+        jobs.append((graph, example, dynamic, tensors, key, getattr(attn, "sliding_window", None)))
+    named = [(n, t) for n, t in zip(*tensors_of(model)) if not n.startswith(model.layers_prefix + ".")]
+    tensors = [t for _, t in named]
+    graph = _HeadGraph(model, [n for n, _ in named])
+    example = [x, *tensors]
+    jobs.append((graph, example, None, tensors, _describe("head", model, example), None))
+    return jobs, kinds
+
+
+def build(model, compile_missing: bool, progress: bool = False) -> Plan | None:
+    """The compiled step's plan: every graph loaded from the cache, or (compile_missing) compiled now with a
+    progress bar. None where a graph is missing and not compiled, or compiling failed (with a warning)."""
+    jobs, kinds = _jobs(model)
+    graphs: dict[str, aot.Graph | None] = {}
+    todo = {}
+    for job in jobs:
+        key = job[4]
+        if key not in graphs:
+            graphs[key] = aot.cached_graph(key)
+            if graphs[key] is None:
+                todo[key] = job
+    if todo and not compile_missing:
+        return None
+    if todo:
+        from tqdm.auto import tqdm
+
+        dims = {n: torch.export.Dim(n, min=1, max=1 << 30) for n in ("seen", "span", "capacity")}
+        desc = "autolm: compiling the CPU decode step (once)"
+        for key, (module, example, dynamic, *_) in tqdm(
+            todo.items(), desc=desc, unit="graph", disable=not progress
+        ):
+            spec = dynamic and [d and {i: dims[n] for i, n in d.items()} for d in dynamic]
+            graphs[key] = aot.compile_graph(key, module, example, spec)
+            if graphs[key] is None:
+                return None
+    layers = [(graphs[key], tensors, window) for _, _, _, tensors, key, window in jobs[:-1]]
+    return Plan(layers, (graphs[jobs[-1][4]], jobs[-1][3]), kinds)
+
+
+def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int) -> torch.Tensor:
+    """One token x (1, 1, h) written at cache `slot` through the compiled layers and head -> logits (1, 1, V)."""
+    seen = _ONE.expand(slot + 1)
+    flat = [t for k in plan.kinds for t in tables[k]]
+    for i, (graph, tensors, window) in enumerate(plan.layers):
+        span = seen if window is None or window > slot else _ONE.expand(window)
+        x = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *tensors])[0]
+    graph, tensors = plan.head
+    return graph([x, *tensors])[0]

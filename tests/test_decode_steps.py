@@ -1,0 +1,201 @@
+"""The eager one-token decode step (autolm.step.OneTokenStep: the model's own layers under a OneToken context)
+against the general forward: the same tokens and logits on every model family, dtype and quantization, and
+invisible to everything else (state dicts, saving, LoRA, hooks, replaced weights, training afterwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SPECS, VOCAB
+
+import autolm
+from autolm import step as step_module
+
+
+@pytest.fixture
+def one_token_calls(monkeypatch):
+    """Counts the one-token steps generation took."""
+    calls = []
+    real = step_module.OneTokenStep.__call__
+
+    def counted(self, *args):
+        calls.append(self.plan is not None)
+        return real(self, *args)
+
+    monkeypatch.setattr(step_module.OneTokenStep, "__call__", counted)
+    return calls
+
+
+def greedy_steps(model, ids, n, mode, forced=None):
+    """n greedy tokens with the model's decode_mode set to `mode` ("forward": the general forward every token;
+    "eager": the eager one-token step; "auto": compiled graphs where cached); `forced` feeds these tokens
+    instead (teacher forcing). Returns (the tokens fed, logits (n, vocab))."""
+    model.decode_mode = mode
+    fed, logits = [], []
+    with torch.inference_mode():
+        cache = model.make_cache(1, ids.shape[1] + n + 1)
+        out = model(ids, past_key_values=cache)
+        decode = step_module.decoder(model, cache, torch.ones_like(ids))
+        tok = out.logits[:, -1:].argmax(-1)
+        mask = torch.ones_like(ids)
+        for i in range(n):
+            if forced is not None:
+                tok = torch.tensor([[forced[i]]])
+            fed.append(int(tok))
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            row = decode(tok, mask, torch.tensor([[cache.length]]), cache)
+            logits.append(row[0].float())
+            tok = row.argmax(-1)[:, None]
+    model.decode_mode = "auto"
+    return fed, torch.stack(logits)
+
+
+def prompt(n=7, seed=0):
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_fp32_one_token_step_gives_the_forwards_tokens_and_logits(checkpoint, one_token_calls, name):
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    plain_tokens, plain = greedy_steps(model, prompt(), 24, "forward")
+    assert not one_token_calls
+    tokens, logits = greedy_steps(model, prompt(), 24, "eager")
+    assert len(one_token_calls) == 24  # sliding windows (5, 6) included
+    assert tokens == plain_tokens
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,dtype,quantization",
+    [
+        ("llama_bf16", torch.bfloat16, None),
+        ("qwen3", torch.bfloat16, None),
+        ("llama_gqa_llama3_sharded", None, "int8"),
+        ("llama_gqa_llama3_sharded", None, "int4"),
+        ("qwen2_tied_bias", None, "int8"),
+    ],
+)
+def test_bf16_and_quantized_one_token_step_stays_within_rounding(
+    checkpoint, one_token_calls, name, dtype, quantization
+):
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization=quantization)
+    plain_tokens, plain = greedy_steps(model, prompt(), 16, "forward")
+    _, logits = greedy_steps(model, prompt(), 16, "eager", forced=plain_tokens)
+    assert one_token_calls
+    # attention in fp32 instead of bf16: differences of bf16's rounding, relative to the logits' size
+    assert (logits - plain).abs().max() <= 0.03 * plain.abs().max()
+
+
+def real_model_int4(smol_gguf):
+    """(prompt ids, the float32 SmolLM2's 32 greedy tokens and logits, SmolLM2 loaded as int4 from its GGUF)."""
+    directory, name = smol_gguf
+    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    ids = torch.tensor([tok.encode("The history of the Roman empire is long. It began when")])
+    reference = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    fed, truth = greedy_steps(reference, ids, 32, "forward")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, quantization="int4")
+    return ids, fed, truth, model
+
+
+def test_real_model_int4_from_gguf_blocks(smol_gguf, one_token_calls):
+    """The default CPU set-up: SmolLM2's Q4_1 blocks loaded as they are, int8 head, the one-token step. Against
+    the float32 model's logits (on its own greedy tokens), the step is as close as the general forward: both
+    round activations to bf16, in different places."""
+    from autolm.quant import Int4Linear, Int8Linear
+
+    ids, fed, truth, model = real_model_int4(smol_gguf)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    one_token_calls.clear()
+    _, plain = greedy_steps(model, ids, 32, "forward", forced=fed)
+    _, fast = greedy_steps(model, ids, 32, "eager", forced=fed)
+    assert len(one_token_calls) == 32
+    plain_err, fast_err = (plain - truth).abs().mean(), (fast - truth).abs().mean()
+    assert fast_err <= 1.5 * plain_err, (fast_err, plain_err)
+    agree = [int((x.argmax(-1) == truth.argmax(-1)).sum()) for x in (plain, fast)]
+    assert agree[1] >= agree[0] - 2 and agree[1] >= 28, agree
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_fused_projections_are_invisible(checkpoint, quantization, tmp_path):
+    """nn.fuse lays q/k/v and gate/up out as views of one tensor each (one matmul in the step): names, values,
+    parameter objects and saved files do not change, fusing twice copies nothing, in-place changes reach the
+    fused matmul, and generating under inference_mode leaves weights that still train."""
+    from autolm.nn import fuse
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, quantization=quantization
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: id(p) for n, p in model.named_parameters()}
+    _, plain = greedy_steps(model, prompt(), 6, "forward")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    with torch.inference_mode():
+        fused = [fuse([attn.q_proj, attn.k_proj, attn.v_proj]), fuse([mlp.gate_proj, mlp.up_proj])]
+    assert any(fused) or quantization == "int4"  # int4 parts of 96 rows cannot share 64-row kernel blocks
+    ptr = attn.q_proj.weight.data_ptr()
+    assert fuse([attn.q_proj, attn.k_proj, attn.v_proj]) == fused[0] and attn.q_proj.weight.data_ptr() == ptr
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: id(p) for n, p in model.named_parameters()} == params  # an optimizer's references stay valid
+    _, logits = greedy_steps(model, prompt(), 6, "eager")
+    torch.testing.assert_close(logits, plain, atol=3e-2 if quantization else 1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert all(torch.equal(back.state_dict()[k], before[k]) for k in before)
+    if quantization is None:
+        with torch.no_grad():  # an in-place change to a part reaches the fused matmul
+            attn.k_proj.weight.mul_(1.5)
+        _, plain = greedy_steps(model, prompt(), 6, "forward")
+        _, logits = greedy_steps(model, prompt(), 6, "eager")
+        torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+        assert not attn.q_proj.weight.is_inference()
+        peft = autolm.get_peft_model(model, autolm.LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+        peft.train()
+        peft(prompt(), labels=prompt()).loss.backward()
+        assert all(p.grad is not None for n, p in peft.named_parameters() if "lora_" in n)
+
+
+def test_replaced_weights_lora_and_hooks_are_seen(checkpoint, one_token_calls):
+    directory, _ = checkpoint("qwen3")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    layer = model.model.layers[1]
+    layer.mlp.up_proj.load_state_dict({"weight": torch.randn_like(layer.mlp.up_proj.weight)}, assign=True)
+    _, plain = greedy_steps(model, prompt(), 6, "forward")
+    _, logits = greedy_steps(model, prompt(), 6, "eager")
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+    # LoRA wraps q_proj / v_proj / o_proj: the step calls the wrapped modules
+    peft = autolm.get_peft_model(model, autolm.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    base = peft.get_base_model()
+    one_token_calls.clear()
+    _, plain = greedy_steps(base, prompt(), 6, "forward")
+    _, logits = greedy_steps(base, prompt(), 6, "eager")
+    assert one_token_calls
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+    # a forward hook runs at every step, the one-token step's included
+    seen = []
+    handle = base.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    greedy_steps(base, prompt(), 3, "eager")
+    handle.remove()
+    assert len(seen) == 4  # the prompt and three one-token steps
+
+
+def test_generate_takes_the_one_token_step_for_one_unpadded_row(checkpoint, one_token_calls):
+    directory, hf = checkpoint("mistral_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = prompt(9)
+    out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    assert len(one_token_calls) == 19
+    assert torch.equal(out, hf.generate(ids, max_new_tokens=20, do_sample=False))
+    one_token_calls.clear()
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(ids)], 1)
+    out = model.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert not one_token_calls  # padding in the cache: only the forward's masks keep it out
+    assert torch.equal(out, hf.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False))
