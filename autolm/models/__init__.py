@@ -31,6 +31,11 @@ for _cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCau
     register(_cls.config_class.model_type, _cls.config_class, _cls)
 
 
+def gguf_families() -> dict[str, type]:
+    """llama.cpp's architecture name -> the model class of each family that declares its GGUF layout."""
+    return {cls.gguf.arch: cls for cls in _MODELS.values() if getattr(cls, "gguf", None) is not None}
+
+
 def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:
     if model_type not in CONFIG_CLASSES:
         raise ConfigError(
@@ -84,6 +89,7 @@ __all__ = [
     "Qwen3ForCausalLM",
     "config_class",
     "config_from_file",
+    "gguf_families",
     "load_config",
     "model_class",
     "register",

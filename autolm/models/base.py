@@ -19,7 +19,7 @@ from torch import nn
 
 from ..generation import GenerationMixin
 from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, embedding, resized_rows
-from ..nn.checkpoint import CheckpointRules
+from ..nn.checkpoint import CheckpointRules, GGUFLayout
 from ..saving import save_model, unique_state_dict
 from ..step import compiled_step, precompile
 from .output import CausalLMOutput, causal_lm_loss
@@ -102,8 +102,11 @@ class CausalLM(nn.Module, GenerationMixin):
 
     config_class: ClassVar[type]
     checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules()
+    gguf: ClassVar[GGUFLayout | None] = None  # how llama.cpp writes this family, where it does
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = []
+    base_model_prefix: ClassVar[str] = "model"  # the body's attribute (GPT-2: "transformer", with a `model`
+    # property returning it: autolm's code reaches the body as `self.model` in every family)
     layers_prefix: ClassVar[str] = "model.layers"  # the decoder layers' module name (GPT-2: transformer.h)
     embeddings_name: ClassVar[str] = "model.embed_tokens"  # the token embeddings' module name
     # whether the layers form a plain stack that autolm.step's one-token steps may run (False: the general
@@ -113,7 +116,7 @@ class CausalLM(nn.Module, GenerationMixin):
     def __init__(self, config, model: DecoderModel):
         super().__init__()
         self.config = config
-        self.model = model
+        setattr(self, self.base_model_prefix, model)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
         self.load_report = None

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
-from ..nn import Attention, GatedMLP, RMSNorm
+from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
 
 
@@ -90,6 +90,7 @@ class LlamaForCausalLM(CausalLM):
     """transformers' LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."""
 
     config_class = LlamaConfig
+    gguf = GGUFLayout("llama", permute_qk=True)
     _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer"]
 
     def __init__(self, config: Any):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..nn import GGUFLayout
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -25,3 +26,4 @@ class MistralConfig(LlamaConfig):
 
 class MistralForCausalLM(LlamaForCausalLM):
     config_class = MistralConfig
+    gguf = GGUFLayout("mistral", permute_qk=True)

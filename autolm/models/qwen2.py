@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..nn import GGUFLayout
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -32,3 +33,4 @@ class Qwen2Config(LlamaConfig):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     config_class = Qwen2Config
+    gguf = GGUFLayout("qwen2", fixed=(("use_sliding_window", False),))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..nn import GGUFLayout
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2Config
 
@@ -21,3 +22,4 @@ class Qwen3Config(Qwen2Config):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
+    gguf = GGUFLayout("qwen3")

@@ -4,7 +4,7 @@ cache, and checkpoint naming rules. Nothing here knows a family."""
 
 from .attention import Attention, Forward, OneToken, build_mask, default_positions, pad_mask_to
 from .cache import KVCache
-from .checkpoint import Assembler, CheckpointRules, Rename, Stacked
+from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Rename, Stacked
 from .linear import Linear, embedding, fuse, packed, resized_rows
 from .mlp import ACTIVATIONS, GatedMLP
 from .norms import RMSNorm
@@ -16,6 +16,7 @@ __all__ = [
     "Attention",
     "CheckpointRules",
     "Forward",
+    "GGUFLayout",
     "GatedMLP",
     "KVCache",
     "Linear",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -123,3 +124,17 @@ class Assembler:
     def missing(self) -> list[str]:
         """Stacked parameters some of whose pieces never came."""
         return sorted(self.pieces)
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's converter (convert_hf_to_gguf.py) writes a family: its `general.architecture`, the
+    metadata keys (after "<arch>.") and tensor names beyond the Llama ones autolm.sources.gguf knows, and
+    whether q/k rows are permuted for llama.cpp's interleaved RoPE (Llama, Mistral; not Qwen)."""
+
+    arch: str
+    config: tuple[tuple[str, str], ...] = ()  # (GGUF key, config field)
+    layer: tuple[tuple[str, str], ...] = ()  # (blk.N.<name>, module path inside layer N)
+    top: tuple[tuple[str, str], ...] = ()  # (<name>, module path)
+    permute_qk: bool = False
+    fixed: tuple[tuple[str, Any], ...] = ()  # config fields the converter does not write, set to these

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import GGUFError
-from ..models import config_class
+from ..models import config_class, gguf_families
 
 _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
     "context_length": "max_position_embeddings",
@@ -31,7 +31,6 @@ _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
     "attention.sliding_window": "sliding_window",
     "vocab_size": "vocab_size",
 }
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -213,10 +212,13 @@ class GGUFFile:
             )  # a truncated file: gguf_tensors says so when the tensor is read
             self.tensors.append(TensorInfo(name, shape, kind, begin, n_bytes, data))
         self.architecture = self.metadata.get("general.architecture")
-        if self.architecture not in _ARCHS:
+        families = gguf_families()
+        if self.architecture not in families:
             raise GGUFError(
-                f"{path}: architecture {self.architecture!r} is not supported (expected one of {sorted(_ARCHS)})"
+                f"{path}: architecture {self.architecture!r} is not supported (expected one of {sorted(families)})"
             )
+        self.family = families[self.architecture]
+        self.layout = self.family.gguf
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{key}", default)
@@ -224,8 +226,8 @@ class GGUFFile:
 
 def config_from_gguf(g: GGUFFile, **overrides):
     """The HF config this file's metadata describes."""
-    d: dict[str, Any] = {"model_type": _ARCHS[g.architecture]}
-    for key, name in _CONFIG_KEYS.items():
+    d: dict[str, Any] = {"model_type": g.family.config_class.model_type}
+    for key, name in [*_CONFIG_KEYS.items(), *g.layout.config]:
         value = g.get(key)
         if value is not None:
             d[name] = value
@@ -240,8 +242,7 @@ def config_from_gguf(g: GGUFFile, **overrides):
     d["rope_parameters"] = rope
     names = {t.name for t in g.tensors}
     d["tie_word_embeddings"] = "output.weight" not in names
-    if g.architecture == "qwen2":
-        d["use_sliding_window"] = False
+    d.update(g.layout.fixed)
     for key, name in (
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -256,15 +257,17 @@ def config_from_gguf(g: GGUFFile, **overrides):
     return config_class(d["model_type"], source=g.path).from_dict(d, source=g.path, **overrides)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unknown tensors."""
+def hf_name(gguf_name: str, family) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (the family's layout: its extra names
+    and its layers' prefix); None for unknown tensors."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m:
-        part = _LAYER_NAMES.get(m.group(2))
-        return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
+        part = dict(family.gguf.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
+        return None if part is None else f"{family.layers_prefix}.{m.group(1)}.{part}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(1) in _TOP_NAMES:
-        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    top = {**_TOP_NAMES, **dict(family.gguf.top)}
+    if m and m.group(1) in top:
+        return f"{top[m.group(1)]}.{m.group(2)}"
     return None
 
 
@@ -325,7 +328,7 @@ def gguf_tensors(
 
     size = os.path.getsize(g.path)
     for t in g.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, g.family)
         if name is None:
             if t.name.startswith("rope_freqs"):
                 continue  # llama3 RoPE factors; the config carries them
@@ -334,7 +337,7 @@ def gguf_tensors(
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
         if int(t.tensor_type) in _INT4_BLOCKS and len(t.shape) == 2 and int4(name):
             blocks = int4_blocks(t, g.path)
-            if g.architecture in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+            if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
                 heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
                 q = unpermute(blocks.q.numpy(), heads)
                 sz = unpermute(blocks.scales_and_zeros.transpose(0, 1).numpy(), heads).swapaxes(0, 1)
@@ -353,7 +356,7 @@ def gguf_tensors(
                 f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})"
             ) from None
         w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
-        if g.architecture in ("llama", "mistral"):
+        if g.layout.permute_qk:
             if ".attn_q." in t.name:
                 w = unpermute(w, config.num_attention_heads)
             elif ".attn_k." in t.name:
