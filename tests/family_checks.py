@@ -1,0 +1,219 @@
+"""The checks every model family passes against transformers and peft, on a tiny random checkpoint that
+transformers itself writes. A family's test file gives its checkpoints (a transformers config class name and
+keyword arguments, each quirk switched on) and calls these; they run the transformers original and autolm on
+the same files and compare.
+
+    from family_checks import Family
+    GEMMA2 = Family("Gemma2Config", dict(hidden_size=64, ...))
+
+    def test_logits(tmp_path_factory):
+        GEMMA2.check_logits(tmp_path_factory)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from conftest import VOCAB, padded_batch, positions, randomize
+
+import autolm
+
+_CACHE: dict = {}
+
+
+@dataclass
+class Family:
+    """A tiny checkpoint of one family: transformers' config class name and its keyword arguments."""
+
+    config_cls: str
+    kwargs: dict
+    save_kwargs: dict = field(default_factory=dict)
+    atol: float = 1e-4
+
+    # ---- the checkpoint --------------------------------------------------------------------------
+
+    def checkpoint(self, tmp_path_factory, dtype=None) -> tuple[str, torch.nn.Module]:
+        """(directory, transformers' model loaded back from it), made once per session."""
+        import transformers
+
+        key = (self.config_cls, repr(sorted(self.kwargs.items())), str(dtype))
+        if key not in _CACHE:
+            cfg = getattr(transformers, self.config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                                         **self.kwargs)  # fmt: skip
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+            randomize(model)
+            if dtype is not None:
+                model = model.to(dtype)
+            d = str(tmp_path_factory.mktemp(self.config_cls.lower()))
+            model.save_pretrained(d, **self.save_kwargs)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype="auto", attn_implementation="eager"
+            )
+            _CACHE[key] = (d, ref.eval())
+        return _CACHE[key]
+
+    # ---- logits and generation ---------------------------------------------------------------------
+
+    def check_logits(self, tmp_path_factory) -> None:
+        """fp32 logits of a left-padded batch equal transformers' (atol 1e-4) at every real position."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        ids, mask = padded_batch()
+        with torch.no_grad():
+            ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+            theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        real = mask.bool()
+        torch.testing.assert_close(ours[real], theirs[real], atol=self.atol, rtol=self.atol)
+
+    def check_generate(self, tmp_path_factory) -> None:
+        """Greedy (a padded batch and one row, which takes the one-token step) and beam search give
+        transformers' tokens."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        ids, mask = padded_batch(lengths=(9, 5))
+        for kwargs in (dict(max_new_tokens=12), dict(max_new_tokens=8, num_beams=3)):
+            ours = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+            theirs = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+            assert torch.equal(ours, theirs), kwargs
+        row = ids[:1, -9:]
+        assert torch.equal(model.generate(row, max_new_tokens=16, do_sample=False),
+                           hf.generate(row, max_new_tokens=16, do_sample=False))  # fmt: skip
+
+    def check_bf16(self, tmp_path_factory) -> None:
+        """bf16 logits no further from the fp32 model's than transformers' bf16 logits are (with some slack:
+        the two round in different places)."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        ids, mask = padded_batch()
+        real = mask.bool()
+        import transformers
+
+        half = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
+                                                                 attn_implementation="eager")  # fmt: skip
+        with torch.no_grad():
+            truth = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            theirs = half(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+            ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        ours_err, theirs_err = (ours.float() - truth).abs().mean(), (theirs.float() - truth).abs().mean()
+        assert ours_err <= 1.5 * theirs_err + 1e-3, (ours_err, theirs_err)
+
+    def check_one_token_step(self, tmp_path_factory) -> None:
+        """The eager one-token step (autolm.step) gives the general forward's greedy tokens and logits."""
+        from test_decode_steps import greedy_steps
+
+        directory, _ = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+        plain_tokens, plain = greedy_steps(model, ids, 20, "forward")
+        tokens, logits = greedy_steps(model, ids, 20, "eager")
+        assert tokens == plain_tokens
+        torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+    def check_compiled_step(self, tmp_path_factory, home) -> None:
+        """The one-token step compiled ahead of time from the family's own layers (no code of its own) gives
+        the general forward's greedy tokens and logits in fp32. `home`: an AUTOLM_HOME for the packages."""
+        from test_decode_steps import greedy_steps
+
+        from autolm import step
+
+        os.environ.pop("AUTOLM_EAGER", None)
+        directory, _ = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+        plain_tokens, plain = greedy_steps(model, ids, 20, "forward")
+        assert model.precompile_decode(), "the compiled step failed for this family (see the warning)"
+        tokens, logits = greedy_steps(model, ids, 20, "auto")
+        assert step._PLANS[model][1] is not None
+        assert tokens == plain_tokens
+        torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+    # ---- adapters, quantization, saving, placement ------------------------------------------------
+
+    def check_lora(self, tmp_path_factory, tmp_path) -> None:
+        """peft's default target modules for the type: an adapter peft made gives peft's logits in autolm; an
+        adapter autolm made gives the same logits in peft; merging changes nothing."""
+        import peft
+
+        directory, hf = self.checkpoint(tmp_path_factory)
+        ids, mask = padded_batch(seed=5)
+        real = mask.bool()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8))  # the type's default targets
+        _randomize_lora(pm)
+        pm.save_pretrained(tmp_path / "peft")
+        with torch.no_grad():
+            expected = pm(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        pm.unload()
+        ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
+                                                str(tmp_path / "peft"))  # fmt: skip
+        with torch.no_grad():
+            got = ours(ids, attention_mask=mask).logits[real]
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            ours.save_pretrained(tmp_path / "ours")
+            back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
+            again = back(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
+            back.unload()
+            merged = ours.merge_and_unload()(ids, attention_mask=mask).logits[real]
+            torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+
+    def check_quantized(self, tmp_path_factory, bits: str) -> None:
+        """int8 / int4 (experts included) stay close to the fp32 model: greedy agreement and logit error."""
+        directory, _ = self.checkpoint(tmp_path_factory)
+        ids, mask = padded_batch()
+        real = mask.bool()
+        full = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        quant = autolm.AutoModelForCausalLM.from_pretrained(directory, quantization=bits)
+        assert any(type(m).__name__.startswith("Int") for m in quant.modules())
+        with torch.no_grad():
+            truth = full(ids, attention_mask=mask).logits[real]
+            got = quant(ids, attention_mask=mask).logits[real].float()
+        tol = 0.08 if bits == "int8" else 0.25
+        assert (got - truth).abs().mean() <= tol * truth.abs().mean(), bits
+
+    def check_save(self, tmp_path_factory, tmp_path) -> None:
+        """autolm's save_pretrained loads in transformers with equal logits, and back in autolm bit-identical."""
+        import transformers
+
+        directory, _ = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        model.save_pretrained(tmp_path / "saved")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "saved", attn_implementation="eager"
+        )
+        ids, mask = padded_batch()
+        real = mask.bool()
+        with torch.no_grad():
+            a = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            b = theirs(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(a, b, atol=self.atol, rtol=self.atol)
+        back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+        sd = model.state_dict()
+        assert all(torch.equal(v, sd[k]) for k, v in back.state_dict().items())
+
+    def check_disk_offload(self, tmp_path_factory, tmp_path) -> None:
+        """With max_memory at half the model and the rest on disk: the in-memory model's logits and tokens."""
+        directory, _ = self.checkpoint(tmp_path_factory)
+        full = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        size = sum(p.numel() * p.element_size() for p in {id(p): p for p in full.parameters()}.values())
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, device_map="auto",
+                                                            max_memory={"cpu": size // 2, "disk": 0},
+                                                            offload_folder=tmp_path / "offload")  # fmt: skip
+        assert "disk" in set(model.hf_device_map.values())
+        ids, mask = padded_batch()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(ids, attention_mask=mask).logits, full(ids, attention_mask=mask).logits
+            )
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+                           full.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))  # fmt: skip
+
+
+def _randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
