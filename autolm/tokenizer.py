@@ -387,7 +387,7 @@ class Tokenizer:
         **template_kwargs: Any,
     ):
         """Render messages with the model's chat template; token ids (in a BatchEncoding) when tokenize."""
-        template = self._pick_template(chat_template, tools)
+        template = self.get_chat_template(chat_template, tools)
         text = render_chat_template(
             template,
             conversation,
@@ -406,7 +406,8 @@ class Tokenizer:
         enc = self(text, add_special_tokens=False, return_tensors=return_tensors)
         return enc if return_dict else enc["input_ids"]
 
-    def _pick_template(self, chat_template: str | None, tools: list | None) -> str:
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template apply_chat_template uses: this one, or the named one (with tools, "tool_use")."""
         template = chat_template if chat_template is not None else self.chat_template
         if isinstance(template, dict):
             name = (

@@ -426,6 +426,8 @@ def test_sigterm_stops_within_bounds_and_open_binding_warns(smol_dir):
             timeout=120
         )  # in-flight requests get a few seconds (--shutdown bound 5 s), not 4000 tokens' worth
         assert not any('"length"' in line for line in lines)  # it did not run to the end
+        data = [line for line in lines if line.startswith("data: ")]  # it ended as a stream ends, not cut off
+        assert data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "abort"
         err = proc.log()
     assert "WARNING: serving on 0.0.0.0 without --api-key" in err
 
@@ -437,6 +439,7 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(smol_dir):
 
     from autolm.generation import GenerationConfig
     from autolm.serve.engine import Engine, Sequence
+    from autolm.serve.events import Failed, Finished
 
     model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir)
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
@@ -466,10 +469,10 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(smol_dir):
     results, errors = {}, {}
     while len(results) + len(errors) < 5:
         k, ev = events.get(timeout=300)
-        if "error" in ev:
-            errors[k] = ev["error"]
-        elif ev.get("finish_reason"):
-            results[k] = ev["full_text"]
+        if isinstance(ev, Failed):
+            errors[k] = ev.message
+        elif isinstance(ev, Finished):
+            results[k] = ev.full_text
     engine.stop()
     assert list(errors) == [2] and "poisoned" in errors[2]
     want = autolm.generate_text(model, tok, prompt, max_new_tokens=8)

@@ -26,6 +26,67 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 up, got {text!r}")
+    return value
+
+
+def _logprob_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise argparse.ArgumentTypeError(
+            f"expected a count from 0 up, or -1 for the whole vocabulary, got {text!r}"
+        )
+    return value
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'"
+    )
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
+    p.add_argument(
+        "--model-name", default=None, help="the model id clients use (default: the directory name)"
+    )
+    g = p.add_argument_group("limits on one request")
+    g.add_argument(
+        "--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)"
+    )
+    g.add_argument("--max-prompts", type=_positive, default=256, help="prompts in one completions request")
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=_positive,
+        default=1 << 17,
+        help="prompt tokens in one request, all prompts",
+    )
+    g.add_argument("--max-n", type=_positive, default=16, help="largest n and best_of")
+    g.add_argument(
+        "--max-logprobs",
+        type=_logprob_limit,
+        default=20,
+        help="largest logprobs, top_logprobs and prompt_logprobs (-1: up to the whole vocabulary)",
+    )
+    g = p.add_argument_group("timeouts (seconds)")
+    g.add_argument("--header-timeout", type=_seconds, default=10.0, help="to send a request's head")
+    g.add_argument("--body-timeout", type=_seconds, default=30.0, help="to send a request's body")
+    g.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=5.0,
+        help="on SIGTERM, for requests in flight to finish before they end with finish_reason 'abort'",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=_positive, default=None, help="CPU threads for PyTorch (default: all cores)"
@@ -132,18 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)"
     )
     _add_model(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'"
-    )
-    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
-    p.add_argument(
-        "--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)"
-    )
-    p.add_argument(
-        "--model-name", default=None, help="the model id clients use (default: the directory name)"
-    )
+    _add_serve_flags(p)
     _add_decode_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -176,6 +176,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if adapters
         else os.path.basename(os.path.normpath(base.load_report.directory or "autolm"))
     )
+    from ..serve.validation import Limits
+
+    limits = Limits(args.max_prompts, args.max_prompt_tokens, args.max_n, args.max_logprobs)
     serve(
         model,
         tok,
@@ -185,6 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_batch=args.max_batch,
         max_body=args.max_body,
+        shutdown_timeout=args.shutdown_timeout,
+        limits=limits,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     return 0
 

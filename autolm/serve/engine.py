@@ -4,7 +4,8 @@ right-aligned under a padding mask); finished, failed or abandoned requests leav
 
 Per request, one list of logits processors (logit bias, presence/frequency penalties, min_tokens, a
 grammar mask, the sampling settings). Log-probabilities come from the model's own distribution, before
-any of those, as OpenAI and vLLM define them.
+any of those, as OpenAI and vLLM define them. Each request hears from the engine through typed events
+(events.py); the model is called in two small methods, one for prefill and one for a decode step.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..generation import Detokenizer, GenerationConfig, LogitsProcessor, choose, logits_processors
 from ..models import KVCache
-
-# A logprob entry: (token id, its log-probability, [(id, logprob) of the top alternatives]).
-Entry = tuple[int, float, list[tuple[int, float]]]
+from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 
 
 @dataclass
@@ -32,10 +31,10 @@ class Sequence:
     prompt: list[int]
     config: GenerationConfig
     stops: list[str]
-    emit: Any  # callable(event dict), called from the engine thread
+    emit: Any  # callable(events.Event), called from the engine thread
     generator: torch.Generator | None = None
     logprobs: int | None = None  # alternatives per token (0: the chosen token only); None: no logprobs
-    prompt_logprobs: bool = False  # echo: the prompt's tokens too
+    prompt_logprobs: int | None = None  # the same for each prompt token; None: none
     rank: bool = False  # keep the cumulative logprob (best_of)
     bias: dict[int, float] = field(default_factory=dict)
     presence: float = 0.0
@@ -51,6 +50,10 @@ class Sequence:
     cancelled: bool = False
     cached: int = 0  # tokens of this sequence in the batch cache
     last: int = -1  # the latest sampled token, fed to the next decode step
+    stop_token_ids: tuple[int, ...] = ()  # the request's own stop tokens (named as the stop_reason)
+    include_stop: bool = False  # keep the matched stop string in the text
+    skip_special: bool = True  # leave special tokens out of the text
+    pending_ids: list[int] = field(default_factory=list)  # sampled tokens not yet emitted
 
     processors: Any = None  # the request's logits processors, built once from the fields above
 
@@ -81,9 +84,10 @@ def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
     """logp: (V,) log-probabilities."""
     alts = []
     if top:
-        values, ids = logp.topk(top)
+        values, ids = logp.topk(min(top, logp.shape[-1]))
         alts = list(zip(ids.tolist(), values.tolist()))
-    return token, float(logp[token]), alts
+    chosen = logp[token]
+    return token, float(chosen), int((logp > chosen).sum()) + 1, alts
 
 
 class Engine:
@@ -98,11 +102,18 @@ class Engine:
         self.steps = 0
         self.error: BaseException | None = None
         self.stopping = False
+        self.aborting = False
         self._thread = threading.Thread(target=self._run, name="autolm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
         self.pending.put(seq)
+
+    def abort(self) -> None:
+        """End every request in flight and waiting at the next step, each with a final 'abort' event, and
+        keep running (SIGTERM: streams end cleanly before the server closes their connections)."""
+        self.aborting = True
+        self.pending.put(None)  # wakes an idle engine
 
     def stop(self) -> None:
         """End every request in flight (server shutdown): each gets a final 'abort' event."""
@@ -112,22 +123,28 @@ class Engine:
     def _run(self) -> None:
         while not self.stopping:
             try:
+                if self.aborting:
+                    self._abort_all()
                 self._admit(block=not self.active)
                 self._step()
             except Exception as e:  # keep serving; fail the requests in flight
                 self.error = e
                 for seq in self.active:
-                    seq.emit({"error": f"generation failed: {e}"})
+                    seq.emit(Failed(f"generation failed: {e}"))
                 self.active, self.cache, self.mask = [], None, None
-        for seq in self.active:
-            seq.emit(
-                {
-                    "text": "",
-                    "finish_reason": "abort",
-                    "prompt_tokens": len(seq.prompt),
-                    "completion_tokens": len(seq.tokens),
-                }
-            )
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        self.aborting = False
+        waiting = []
+        while not self.pending.empty():
+            seq = self.pending.get_nowait()
+            if seq is not None and not seq.cancelled:
+                waiting.append(seq)
+        for seq in self.active + waiting:
+            if not seq.cancelled:
+                self._finish(seq, "abort")
+        self.active, self.cache, self.mask = [], None, None
 
     @torch.inference_mode()
     def _admit(self, block: bool) -> None:
@@ -138,8 +155,8 @@ class Engine:
                 seq = self.pending.get(block=block and not joined)
             except queue.Empty:
                 break
-            if seq is None:  # stop()
-                return
+            if seq is None:  # stop() or abort(): those already taken are still prefilled, then ended
+                break
             if not seq.cancelled:
                 joined.append(seq)
         if not joined:
@@ -148,7 +165,7 @@ class Engine:
             cache = self._prefill(joined)
         except Exception as e:  # these requests fail; the running batch goes on
             for seq in joined:
-                seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                seq.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             return
         self._rebuild([(seq, cache, j) for j, seq in enumerate(joined)])
 
@@ -161,33 +178,40 @@ class Engine:
         mask = pad_sequence(
             [torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True, padding_side="left"
         ).to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model.make_cache(len(seqs), ids.shape[1])
-        every = any(s.prompt_logprobs for s in seqs)
-        out = self.model(
+        every = any(s.prompt_logprobs is not None for s in seqs)
+        logits = self._prefill_logits(ids, mask, cache, every)
+        for j, s in enumerate(seqs):
+            s.cached = len(s.prompt)
+            if s.prompt_logprobs is not None:
+                self._emit_prompt_logprobs(s, logits[j, ids.shape[1] - len(s.prompt) :])
+            if s.config.max_new_tokens == 0:
+                self._finish(s, "length")
+            else:
+                self._take(s, logits[j, -1])
+        return cache
+
+    def _prefill_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, every: bool
+    ) -> torch.Tensor:
+        """The model over left-padded prompts ids (B, T): logits (B, T, V) with every, else (B, 1, V)."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.model(
             ids,
             attention_mask=mask if not bool(mask.all()) else None,
             position_ids=positions,
             past_key_values=cache,
             logits_to_keep=0 if every else 1,
-        )
-        for j, s in enumerate(seqs):
-            s.cached = len(s.prompt)
-            if s.prompt_logprobs:
-                self._emit_prompt_logprobs(s, out.logits[j, ids.shape[1] - len(s.prompt) :])
-            if s.config.max_new_tokens == 0:
-                self._finish(s, "length")
-            else:
-                self._take(s, out.logits[j, -1])
-        return cache
+        ).logits
 
     def _emit_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Each prompt token's logprob given the tokens before it (none for the first), as `echo` returns them."""
-        top = seq.logprobs or 0
+        """Each prompt token's logprob given the tokens before it (none for the first), as `echo` and
+        `prompt_logprobs` return them."""
         entries: list[Entry | None] = [None]
         for t in range(1, len(seq.prompt)):
-            entries.append(entry(torch.log_softmax(logits[t - 1].float(), -1), seq.prompt[t], top))
-        seq.emit({"text": "", "prompt_logprobs": entries})
+            logp = torch.log_softmax(logits[t - 1].float(), -1)
+            entries.append(entry(logp, seq.prompt[t], seq.prompt_logprobs))
+        seq.emit(PromptLogprobs(entries))
 
     def _rebuild(self, joined: list[tuple[Sequence, KVCache, int]] = ()) -> None:
         """Drop finished rows and add new ones: the batch cache re-made with every row right-aligned."""
@@ -199,14 +223,23 @@ class Engine:
             self.cache, self.mask = None, None
             return
         longest = max(s.cached for s in self.active)
-        static = (
-            self.model.decode_step is not None
-        )  # a compiled step: static addresses, capacity in steps of 256
-        capacity = -(-(longest + 64) // 256) * 256 if static else longest + 64
-        self.cache = KVCache.gather(rows, capacity, static)
+        self.cache = self._gather(rows, longest)
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
             self.mask[i, longest - s.cached :] = 1
+
+    def _gather(self, rows: list[tuple[KVCache, int, int]], longest: int) -> KVCache:
+        """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens
+        per row; each row's tokens copied in, right-aligned to the longest."""
+        cache = self.model.make_cache(len(rows), longest + 64)
+        for layer in range(len(cache.keys)):
+            for i, (c, r, n) in enumerate(rows):
+                if n:  # this row's last n tokens (B, n_kv, n, hd) into the slots just before `longest`
+                    src = slice(c.length - n, c.length)
+                    cache.keys[layer][i, :, longest - n : longest] = c.keys[layer][r, :, src]
+                    cache.values[layer][i, :, longest - n : longest] = c.values[layer][r, :, src]
+        cache.length = longest
+        return cache
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -219,14 +252,18 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
-        logits = self.model(
-            tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
-        ).logits[:, -1]
+        logits = self._decode_logits(tokens, positions)
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, seq in enumerate(self.active):
             seq.cached += 1
             self._take(seq, logits[i], greedy[i])
+
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for the batch: tokens and positions (B, 1) -> logits (B, V)."""
+        return self.model(
+            tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
+        ).logits[:, -1]
 
     def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Choose the next token of a row, emit its text, and decide whether the row is finished. A failure
@@ -234,7 +271,7 @@ class Engine:
         try:
             self._choose(seq, logits, greedy)
         except Exception as e:
-            seq.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            seq.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             seq.cancelled = True
 
     def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
@@ -257,16 +294,18 @@ class Engine:
                 seq.pending.append(e)
         if seq.constraint is not None:
             seq.constraint.advance(token)
+        seq.pending_ids.append(token)
         if is_eos:
-            return self._finish(seq, "stop")
+            return self._finish(seq, "stop", stop_reason=token if token in seq.stop_token_ids else None)
         seq.tokens.append(token)
         if seq.detok is None:
-            seq.detok = Detokenizer(self.tokenizer)
+            seq.detok = Detokenizer(self.tokenizer, skip_special_tokens=seq.skip_special)
         seq.text += seq.detok.add(token)
         text = seq.text
-        cut = min((text.find(s) for s in seq.stops if s in text), default=-1)
-        if cut >= 0:
-            return self._finish(seq, "stop", text[:cut])
+        hits = [(text.find(s), s) for s in seq.stops if s in text]
+        if hits:
+            cut, stop = min(hits)
+            return self._finish(seq, "stop", text[: cut + (len(stop) if seq.include_stop else 0)], stop)
         if seq.constraint is not None and seq.constraint.finished:
             return self._finish(seq, "stop", text)
         if len(seq.tokens) >= cfg.max_new_tokens:
@@ -274,28 +313,35 @@ class Engine:
         # Hold back an incomplete character, and any tail that could still become a stop string.
         safe = len(text) - (max(map(len, seq.stops)) - 1 if seq.stops else 0)
         if safe > seq.sent or seq.pending:
-            seq.emit(self._event(seq, text[seq.sent : max(safe, seq.sent)]))
+            seq.emit(Delta(text[seq.sent : max(safe, seq.sent)], *self._flush(seq)))
             seq.sent = max(safe, seq.sent)
 
-    def _event(self, seq: Sequence, text: str, **more: Any) -> dict:
-        ev = {"text": text, **more}
-        if seq.pending:
-            ev["logprobs"], seq.pending = seq.pending, []
-        return ev
+    @staticmethod
+    def _flush(seq: Sequence) -> tuple[list[int], list[Entry]]:
+        """The tokens and logprob entries not yet emitted."""
+        out = seq.pending_ids, seq.pending
+        seq.pending_ids, seq.pending = [], []
+        return out
 
-    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, text: str | None = None, stop_reason: str | int | None = None
+    ) -> None:
         if text is None:
             text = seq.text
         eos = reason == "stop" and seq.last in seq.config.eos_ids and not seq.ignore_eos
+        ids, entries = self._flush(seq)
         seq.emit(
-            self._event(
-                seq,
+            Finished(
                 text[seq.sent :],
-                finish_reason=reason,
+                ids,
+                entries,
+                reason=reason,
+                stop_reason=stop_reason,
                 prompt_tokens=len(seq.prompt),
                 completion_tokens=len(seq.tokens) + eos,
                 cumulative_logprob=seq.cumulative,
                 full_text=text,
+                all_token_ids=seq.tokens + ([seq.last] if eos else []),
             )
         )
         seq.sent = len(text)

@@ -1,82 +1,86 @@
-"""The OpenAI request bodies as pydantic models: every field checked for type and range; a violation is a
-400 with OpenAI's error body naming the field. Unknown fields are logged and ignored, as vLLM does;
-fields the server knows but cannot honour are refused by name, never silently dropped."""
+"""The request bodies as pydantic models, with OpenAI's and vLLM's field names: every field checked for type and
+range (a violation is a 400 naming the field, validation.py). The OpenAPI schema is generated from these
+models and from the response models (responses.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
-
-logger = logging.getLogger("autolm.serve")
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=2**63)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 
 
-class APIError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+class _Body(BaseModel):
+    # Unknown fields are logged and ignored, as vLLM does (validation.py); known ones never silently dropped.
+    model_config = ConfigDict(extra="allow")
 
 
-class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
+class StreamOptions(_Body):
+    include_usage: StrictBool | None = True
+    continuous_usage_stats: StrictBool | None = False
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(_Body):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: StrictStr = "response"
     description: StrictStr | None = None
-    schema_: dict[str, Any] | StrictBool = Field(default_factory=dict, alias="schema")
+    schema_: dict[str, Any] | StrictBool | None = Field(None, alias="schema")
     strict: StrictBool | None = None
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JSONSchemaFormat | None = None
+    # vLLM's structural tags: text with tagged segments (begin, schema, end) that start at a trigger
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[StrictStr] | None = None
+    format: Any = None
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: one constraint (json, regex, choice, grammar, json_object, structural_tag)."""
+
+    json_: dict[str, Any] | StrictBool | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+    structural_tag: StrictStr | None = None
+    disable_any_whitespace: StrictBool = False
+    disable_additional_properties: StrictBool = False
+    whitespace_pattern: StrictStr | None = None
+    disable_fallback: StrictBool = False
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class FunctionDef(_Body):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
 
 
-class Tool(BaseModel):
-    type: Literal["function"]
+class Tool(_Body):
+    type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    name: StrictStr
+class NamedFunction(_Body):
+    name: NonEmptyStr
 
 
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Request(_Body):
+    """Fields that chat and completions share."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, ge=0)
@@ -84,187 +88,159 @@ class _Request(BaseModel):
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=-1)
     min_p: Number | None = Field(None, ge=0, le=1)
-    repetition_penalty: Number | None = Field(None, gt=0, le=10)
+    # Below 0.01 a penalty scales logits past float32's range (inf, then NaN probabilities).
+    repetition_penalty: Number | None = Field(None, ge=0.01, le=10)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
-    n: StrictInt = Field(1, ge=1, le=16)
-    best_of: StrictInt | None = Field(None, ge=1, le=16)
+    n: StrictInt = Field(1, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1)
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=64)] | None = None
     stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    allowed_token_ids: Annotated[list[StrictInt], Field(min_length=1)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | StrictStr | None = None
     guided_regex: StrictStr | None = None
     guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
     guided_grammar: StrictStr | None = None
+    guided_whitespace_pattern: StrictStr | None = None
+    guided_decoding_backend: StrictStr | None = None  # accepted and logged: llguidance decodes every grammar
+    prompt_logprobs: StrictInt | None = Field(None, ge=-1)
+    return_token_ids: StrictBool | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    request_id: Annotated[StrictStr, Field(max_length=256)] | None = None
+    # Identifiers and switches that change nothing here: no prefix cache to salt, no render endpoint.
+    session_id: StrictStr | None = None
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=1024)] | None = None
+    return_token_offsets: StrictBool | None = None
 
 
-# Known to OpenAI's API (or vLLM's) but not something this server can do: a 400 naming the field when set.
-REFUSED = (
-    "audio",
-    "modalities",
-    "prediction",
-    "functions",
-    "function_call",
-    "web_search_options",
-    "suffix",
-    "reasoning_effort",
-    "guided_decoding_backend",
-    "prompt_logprobs",
-    "use_beam_search",
-)
-
-
-class ToolCallFunction(BaseModel):
+class ToolCallFunction(_Body):
     name: StrictStr
     arguments: StrictStr | dict[str, Any] = "{}"
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ToolCall(_Body):
     id: StrictStr | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: StrictStr
+class ContentPart(_Body):
+    type: NonEmptyStr
     text: StrictStr | None = None
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+class Message(_Body):
+    # Any role the chat template accepts (vLLM passes custom roles through; the template decides).
+    role: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: StrictStr | None = None
+    reasoning: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
 
 
-class ChatRequest(_Request):
+class _ChatTemplateFields(_Body):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    chat_template: Annotated[StrictStr, Field(min_length=1)] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+
+
+class ChatRequest(_Request, _ChatTemplateFields):
+    """POST /v1/chat/completions."""
+
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=-1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    echo: StrictBool = False
+    return_prompt_text: StrictBool | None = None
+    include_reasoning: StrictBool = True
 
 
 class CompletionRequest(_Request):
+    """POST /v1/completions."""
+
     prompt: (
-        StrictStr
+        NonEmptyStr
         | Annotated[list[StrictStr], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    logprobs: StrictInt | None = Field(None, ge=-1)
     echo: StrictBool = False
+    add_special_tokens: StrictBool = True
 
 
-def parse(cls: type[_Request], raw: bytes) -> _Request:
-    """Validate a request body; APIError 400 naming the first offending field."""
-    try:
-        req = cls.model_validate_json(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, str) or not x[0].isupper()) or None
-        if err["type"] == "json_invalid":
-            raise APIError(400, f"request body is not valid JSON: {err['msg']}") from None
-        raise APIError(
-            400, f"'{loc}': {err['msg']}" if loc else err["msg"], param=loc.split(".")[0] if loc else None
-        ) from None
-    extra = dict(req.model_extra or {})
-    for name in REFUSED:
-        if extra.pop(name, None) not in (None, False, [], {}, "", ["text"]):
-            raise APIError(
-                400, f"'{name}' is not supported by this server", param=name, code="unsupported_field"
-            )
-    if extra:
-        logger.info("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
-    check(req)
-    return req
+class TokenizeCompletionRequest(_Body):
+    """POST /tokenize with a prompt."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
 
 
-def check(req: _Request) -> None:
-    """Rules that span fields."""
+class TokenizeChatRequest(_ChatTemplateFields):
+    """POST /tokenize with chat messages, rendered by the chat template."""
 
-    def fail(message: str, param: str) -> None:
-        raise APIError(400, message, param=param)
-
-    if req.best_of is not None and req.best_of < req.n:
-        fail(f"'best_of' ({req.best_of}) must be >= 'n' ({req.n})", "best_of")
-    if req.best_of not in (None, 1) and req.stream:
-        fail("'best_of' cannot be used with 'stream'", "best_of")
-    if req.max_tokens == 0 and not getattr(req, "echo", False):
-        fail("'max_tokens' must be at least 1 (0 only with 'echo')", "max_tokens")
-    for key in req.logit_bias or {}:
-        if not key.lstrip("-").isdigit():
-            fail(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias")
-    guided = [
-        k
-        for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-        if getattr(req, k) is not None and not (k == "response_format" and req.response_format.type == "text")
-    ]
-    if len(guided) > 1:
-        fail(f"use one of {', '.join(guided)}, not several", guided[1])
-    rf = req.response_format
-    if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
-        fail("'response_format': type json_schema needs a 'json_schema' object", "response_format")
-    if isinstance(req.guided_json, str):
-        try:
-            req.guided_json = json.loads(req.guided_json)
-        except ValueError:
-            fail("'guided_json' is not valid JSON", "guided_json")
-    if isinstance(req, ChatRequest):
-        if req.tool_choice not in (None, "none", "auto") and not req.tools:
-            fail("'tool_choice' needs 'tools'", "tool_choice")
-        if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in {
-            t.function.name for t in req.tools
-        }:
-            fail(
-                f"'tool_choice' names {req.tool_choice.function.name!r}, which is not among 'tools'",
-                "tool_choice",
-            )
-        if req.tools and req.tool_choice not in (None, "none") and guided:
-            fail("'tools' cannot be combined with structured output", guided[0])
+    model: StrictStr | None = None
+    return_token_strs: StrictBool | None = False
 
 
-def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
-    """Messages as chat templates read them: text parts joined, tool calls with their arguments as objects."""
-    out = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(p.text or "" for p in content if p.type == "text")
-        d: dict[str, Any] = {
-            "role": "system" if m.role == "developer" else m.role,
-            "content": content if content is not None else "",
-        }
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        if m.tool_calls:
-            calls = []
-            for c in m.tool_calls:
-                args = c.function.arguments
-                if isinstance(args, str):
-                    with contextlib.suppress(ValueError):
-                        args = json.loads(args)
-                calls.append(
-                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}}
-                )
-            d["tool_calls"] = calls
-        out.append(d)
-    return out
+class DetokenizeRequest(_Body):
+    """POST /detokenize."""
+
+    model: StrictStr | None = None
+    tokens: list[TokenId]
+
+
+# Known to OpenAI's API or vLLM's but not something this server does: a 400 naming the field when it is set to
+# anything but its "off" values.
+REFUSED: dict[str, tuple] = {
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "web_search_options": (None,),
+    "suffix": (None, ""),
+    "reasoning_effort": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "watermarking": (None, False),
+    "bad_words": (None, []),
+    "logprob_token_ids": (None,),
+    "prompt_embeds": (None, []),
+    "priority": (None, 0),
+    "kv_transfer_params": (None,),
+    "ec_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "repetition_detection": (None,),
+    "thinking_token_budget": (None, -1),
+    "routed_experts_prompt_start": (None, 0),
+    "media_io_kwargs": (None, {}),
+    "mm_processor_kwargs": (None, {}),
+    "spaces_between_special_tokens": (None, True),
+    "logits_processors": (None, []),
+    "stream_interval": (None, 1),  # every token is sent as it comes
+}

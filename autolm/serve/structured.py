@@ -1,25 +1,22 @@
-"""Structured output and tool calls.
+"""Structured output: constraints on which tokens may come next.
 
-Constrained decoding uses llguidance (the serve extra): a request's JSON schema, regex, choice list or
-Lark grammar becomes a matcher; before each token its bitmask removes every token the grammar forbids,
-and the chosen token advances it. Chosen over xgrammar (needs transformers and triton) and
-outlines-core (~40x slower per token here): see the README for the measurements.
-
-Tool calls follow the model's chat template: templates that emit `<tool_call>{json}</tool_call>` (Hermes,
-Qwen) or a bare `{"name": ..., "parameters": ...}` object (Llama 3). A forced call (tool_choice
-"required" or a named function) is a grammar in that format, so the output is always a valid call.
+Constrained decoding uses llguidance (the serve extra): a request's JSON schema, regex, choice list, Lark
+grammar or structural tags become a matcher; before each token its bitmask removes every token the grammar
+forbids, and the chosen token advances it. Chosen over xgrammar (needs transformers and triton) and
+outlines-core (~40x slower per token here): see the README for the measurements. `allowed_token_ids` is a
+fixed mask of the same shape. The grammar requests ask for through OpenAI's `response_format`, vLLM's
+`structured_outputs` and its older `guided_*` fields all come from `Grammars.for_request`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any
 
 import torch
 
-from .protocol import APIError
+from .errors import bad_request
 
 try:
     import llguidance
@@ -34,12 +31,10 @@ _SHIFTS = torch.arange(32, dtype=torch.int32)
 class Constraint:
     """One request's grammar state: `mask(scores)` before choosing, `advance(token)` after."""
 
-    def __init__(self, tokenizer, grammar: str):
+    def __init__(self, tokenizer, grammar: str, param: str):
         self.matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
-            raise APIError(
-                400, f"the grammar cannot be used: {self.matcher.get_error()}", param="response_format"
-            )
+            raise bad_request(f"'{param}' cannot be used as a grammar: {self.matcher.get_error()}", param)
         self.bitmask = llguidance_torch.allocate_token_bitmask(1, tokenizer.vocab_size)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -58,6 +53,28 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
+class AllowedTokens:
+    """vLLM's `allowed_token_ids`: every other token masked, all along; with a grammar, both apply."""
+
+    def __init__(self, ids: list[int], then: Constraint | None = None):
+        self.ids, self.then, self._keep = ids, then, None
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._keep is None or self._keep.device != scores.device:
+            self._keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self._keep[torch.tensor(self.ids, device=scores.device)] = True
+        scores = scores.masked_fill(~self._keep, -float("inf"))
+        return scores if self.then is None else self.then.mask(scores)
+
+    def advance(self, token: int) -> None:
+        if self.then is not None:
+            self.then.advance(token)
+
+    @property
+    def finished(self) -> bool:
+        return self.then is not None and self.then.finished
+
+
 class Grammars:
     """Grammars for one tokenizer (the llguidance tokenizer is built once, on first use)."""
 
@@ -68,151 +85,136 @@ class Grammars:
     @staticmethod
     def require(param: str) -> None:
         if llguidance is None:
-            raise APIError(
-                400,
-                "structured output needs llguidance on the server: pip install 'autolm[serve]'",
-                param=param,
+            raise bad_request(
+                "structured output needs llguidance on the server: pip install 'autolm[serve]'", param
             )
 
-    def _lltokenizer(self):
-        self.require("response_format")
+    def _lltokenizer(self, param: str):
+        self.require(param)
         if self._ll is None:
-            self._ll = llguidance.LLTokenizer(
-                self.tokenizer.backend.to_str(),
-                n_vocab=self.vocab_size,
-                eos_token=self.eos_ids[0] if self.eos_ids else None,
-            )
+            try:
+                self._ll = llguidance.LLTokenizer(
+                    self.tokenizer.backend.to_str(),
+                    n_vocab=self.vocab_size,
+                    eos_token=self.eos_ids[0] if self.eos_ids else None,
+                )
+            except (ValueError, RuntimeError) as e:  # a tokenizer llguidance cannot read (e.g. its decoder)
+                raise bad_request(
+                    f"'{param}': structured output is not available for this model ({e})", param
+                ) from None
         return self._ll
 
-    def constraint(self, grammar: str | None) -> Constraint | None:
-        return None if grammar is None else Constraint(self._lltokenizer(), grammar)
+    def constraint(self, grammar: tuple[str, str] | None, allowed: list[int] | None = None):
+        """The constraint for (grammar, the request field it came from), and allowed_token_ids; or None."""
+        c = None if grammar is None else Constraint(self._lltokenizer(grammar[1]), *grammar)
+        return c if allowed is None else AllowedTokens(allowed, c)
 
-    def for_request(self, req) -> str | None:
-        """The grammar a request asks for through response_format or vLLM's guided_* fields, or None."""
-        if llguidance is None and _wants_grammar(req):
-            self._lltokenizer()  # raises the clear error
-        M = llguidance.LLMatcher if llguidance is not None else None
-        rf = req.response_format
-        if rf is not None and rf.type == "json_object":
-            return M.grammar_from_json_schema({"type": "object"})
-        if rf is not None and rf.type == "json_schema":
-            return _schema_grammar(rf.json_schema.schema_ or {"type": "object"}, "response_format")
-        if req.guided_json is not None:
-            return _schema_grammar(req.guided_json, "guided_json")
-        if req.guided_regex is not None:
-            return _checked(M.grammar_from_regex, req.guided_regex, "guided_regex")
-        if req.guided_choice is not None:
-            return M.grammar_from_regex("|".join(re.escape(c) for c in req.guided_choice))
-        if req.guided_grammar is not None:
-            return _checked(M.grammar_from_lark, req.guided_grammar, "guided_grammar")
-        return None
+    def for_request(self, req) -> tuple[str, str] | None:
+        """(grammar, field) for what a request asks through response_format, structured_outputs or vLLM's
+        older guided_* fields; None when it asks for none."""
+        asked = _asked(req)
+        if asked is None:
+            return None
+        kind, value, options, param = asked
+        self.require(param)
+        if kind == "structural_tag":  # a trigger that is one of the tokenizer's own tokens is matched as one
+            options["specials"] = {
+                t.content for t in self.tokenizer.backend.get_added_tokens_decoder().values()
+            }
+        return _build(kind, value, options, param), param
 
 
-def _wants_grammar(req) -> bool:
+def _asked(req) -> tuple[str, Any, dict, str] | None:
+    """(kind, value, JSON options, field) of the constraint a request asks for."""
     rf = req.response_format
-    return (rf is not None and rf.type != "text") or any(
-        getattr(req, k) is not None
-        for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-    )
+    if rf is not None and rf.type == "json_object":
+        return "json", {"type": "object"}, {}, "response_format"
+    if rf is not None and rf.type == "json_schema":
+        return "json", rf.json_schema.schema_ or {"type": "object"}, {}, "response_format"
+    if rf is not None and rf.type == "structural_tag":
+        return "structural_tag", rf.model_dump(), {}, "response_format"
+    so = req.structured_outputs
+    if so is not None:
+        options = {"whitespace_pattern": so.whitespace_pattern, "flexible": not so.disable_any_whitespace}
+        if so.disable_additional_properties:
+            options["closed"] = True
+        for kind in ("json_", "regex", "choice", "grammar", "structural_tag"):
+            if getattr(so, kind) is not None:
+                return kind.rstrip("_"), getattr(so, kind), options, "structured_outputs"
+        return "json", {"type": "object"}, options, "structured_outputs"  # json_object
+    options = {"whitespace_pattern": req.guided_whitespace_pattern, "flexible": True}
+    for kind in ("json", "regex", "choice", "grammar"):
+        if getattr(req, "guided_" + kind) is not None:
+            return kind, getattr(req, "guided_" + kind), options, "guided_" + kind
+    return None
 
 
-def _checked(make, text: str, param: str) -> str:
+def _build(kind: str, value: Any, options: dict, param: str) -> str:
+    M = llguidance.LLMatcher
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad_request(f"'{param}': the JSON schema is not valid JSON", param) from None
+        if not isinstance(value, (dict, bool)):
+            raise bad_request(f"'{param}' must be a JSON schema object", param)
+        if options.get("closed") and isinstance(value, dict):
+            value = close_objects(value)
+        compile_options = {"whitespace_flexible": options.get("flexible", True)}
+        if options.get("whitespace_pattern"):
+            compile_options["whitespace_pattern"] = options["whitespace_pattern"]
+        return _checked(lambda v: M.grammar_from_json_schema(v, overrides=compile_options), value, param)
+    if kind == "regex":
+        return _checked(M.grammar_from_regex, value, param)
+    if kind == "choice":
+        return _checked(M.grammar_from_regex, "|".join(re.escape(c) for c in value), param)
+    if kind == "grammar":
+        return _checked(M.grammar_from_lark, value, param)
+    return _checked(lambda v: _structural_tags(v, options.get("specials", set())), value, param)
+
+
+def _structural_tags(value: Any, specials: set[str]) -> str:
+    """vLLM's structural tags ({"structures": [{"begin", "schema", "end"}], "triggers": [...]}) as llguidance
+    StructTags: free text, and where a trigger starts a tag, its begin, a JSON value of its schema, its end."""
+    spec = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(spec, dict) or not isinstance(spec.get("structures"), list) or "format" in spec:
+        raise ValueError("only the structures-and-triggers form of structural tags is supported")
+    triggers = [t for t in spec.get("triggers") or [] if isinstance(t, str) and t]
+    tags = []
+    for s in spec["structures"]:
+        begin = s.get("begin") if isinstance(s, dict) else None
+        trigger = next((t for t in triggers if isinstance(begin, str) and begin.startswith(t)), None)
+        if trigger is None or not isinstance(s.get("end"), str):
+            raise ValueError(
+                f"structure {s!r} needs a 'begin' that starts with one of the triggers, and an 'end'"
+            )
+        tags.append(
+            llguidance.StructTag(trigger=trigger, begin=begin, grammar=s.get("schema") or {}, end=s["end"])
+        )
+    if not tags:
+        raise ValueError("no structures given")
+    return llguidance.StructTag.to_grammar(tags, assume_special=all(t.trigger in specials for t in tags))
+
+
+def _checked(make, value: Any, param: str) -> str:
     try:
-        grammar = make(text)
-    except (ValueError, RuntimeError) as e:
-        raise APIError(400, f"'{param}' is not a usable grammar: {e}", param=param) from None
+        grammar = make(value)
+    except (ValueError, RuntimeError, TypeError, AssertionError) as e:
+        raise bad_request(f"'{param}' is not a usable grammar: {e}", param) from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise APIError(400, f"'{param}' is not a usable grammar: {error}", param=param)
+        raise bad_request(f"'{param}' is not a usable grammar: {error}", param)
     return grammar
 
 
-def _schema_grammar(schema: Any, param: str) -> str:
-    if not isinstance(schema, (dict, bool)):
-        raise APIError(400, f"'{param}' must be a JSON schema object", param=param)
-    return _checked(llguidance.LLMatcher.grammar_from_json_schema, schema, param)
-
-
-# ---- tools ---------------------------------------------------------------------------------------------
-
-
-def tool_format(template: str | None) -> str:
-    """'hermes' (<tool_call> tags) or 'llama3' (a bare JSON object with "parameters")."""
-    if (
-        template
-        and "<tool_call>" not in template
-        and ("<|python_tag|>" in template or '"parameters"' in template)
-    ):
-        return "llama3"
-    return "hermes"
-
-
-def tool_instructions(tools: list[dict]) -> str:
-    """A system message for chat templates that do not render `tools` themselves."""
-    return (
-        "You can call functions. To call one, answer with nothing but\n<tool_call>\n"
-        '{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>\n'
-        "Available functions:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    )
-
-
-def tool_call_grammar(tools: list[dict], fmt: str, only: str | None, several: bool) -> str:
-    """A Lark grammar (llguidance's dialect, with %json) for one call, or several, to the given tools."""
-    key = "parameters" if fmt == "llama3" else "arguments"
-    options = [
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["name", key],
-            "properties": {
-                "name": {"const": t["function"]["name"]},
-                key: _closed(t["function"].get("parameters")),
-            },
-        }
-        for t in tools
-        if only is None or t["function"]["name"] == only
-    ]
-    obj = "obj: %json " + json.dumps({"anyOf": options})
-    if fmt == "llama3":
-        return ('start: obj (";" obj)*\n' if several else "start: obj\n") + obj
-    call = 'call: "<tool_call>\\n" obj "\\n</tool_call>"\n'
-    return ('start: call ("\\n" call)*\n' if several else "start: call\n") + call + obj
-
-
-def _closed(schema: dict | None) -> dict:
-    """A function's parameters with no properties beyond the declared ones (as OpenAI's strict mode)."""
-    schema = dict(schema or {"type": "object"})
-    if schema.get("type") == "object" and "properties" in schema:
-        schema.setdefault("additionalProperties", False)
-    return schema
-
-
-def parse_tool_calls(text: str, fmt: str, names: set[str]) -> tuple[str | None, list[dict]]:
-    """(the text before the calls or None, OpenAI tool_calls) from a model's output; no calls: (text, [])."""
-    found, content = [], text
-    if fmt == "hermes":
-        blocks = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)
-        if blocks:
-            content = text[: text.index("<tool_call>")].strip() or None
-        candidates = blocks
-    else:
-        body = text.strip().removeprefix("<|python_tag|>").strip()
-        candidates = list(re.split(r"\s*;\s*(?=\{)", body)) if body.startswith("{") else []
-        if candidates:
-            content = None
-    for raw in candidates:
-        try:
-            call = json.loads(raw)
-        except ValueError:
-            return text, []
-        args = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
-        if not isinstance(call, dict) or call.get("name") not in names or not isinstance(args, dict):
-            return text, []
-        found.append(
-            {
-                "id": "call_" + uuid.uuid4().hex[:24],
-                "type": "function",
-                "function": {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)},
-            }
-        )
-    return (content, found) if found else (text, [])
+def close_objects(schema: Any) -> Any:
+    """The schema with additionalProperties false on every object that does not set it."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    if out.get("type") == "object":
+        out.setdefault("additionalProperties", False)
+    return out

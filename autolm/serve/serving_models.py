@@ -1,0 +1,66 @@
+"""The small endpoints, as vLLM's OpenAIServingModels and OpenAIServingTokenization: the model list, the
+version, health, and /tokenize and /detokenize (a prompt, or chat messages through the chat template)."""
+
+from __future__ import annotations
+
+from .. import __version__
+from .errors import bad_request
+from .protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from .responses import (
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+)
+from .serving import Serving
+
+
+class ServingModels(Serving):
+    def models(self) -> ModelList:
+        s = self.state
+        return ModelList(
+            data=[ModelCard(id=s.name, created=s.created, root=s.name, max_model_len=s.sampling.context)]
+        )
+
+    def health(self) -> HealthResponse:
+        engine = self.state.engine
+        return HealthResponse(
+            status="ok" if engine.error is None else f"degraded: {type(engine.error).__name__}",
+            running=len(engine.active),
+            waiting=engine.pending.qsize(),
+            steps=engine.steps,
+        )
+
+    @staticmethod
+    def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+
+class ServingTokens(Serving):
+    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self.state.sampling.check_model(req)
+        prompts = self.state.prompts
+        if isinstance(req, TokenizeChatRequest):
+            ids = (await self.state.off_loop(prompts.chat, req)).ids
+        else:
+            ids = (await self.state.off_loop(prompts.encode, [req.prompt], req.add_special_tokens, "prompt"))[
+                0
+            ]
+        strs = None
+        if req.return_token_strs:
+            strs = self.state.tokenizer.convert_ids_to_tokens(ids)
+        return TokenizeResponse(
+            count=len(ids), max_model_len=self.state.sampling.context, tokens=ids, token_strs=strs
+        )
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.state.sampling.check_model(req)
+        vocab = self.state.sampling.vocab
+        bad = sorted({t for t in req.tokens if t >= vocab})
+        if bad:
+            raise bad_request(
+                f"'tokens' has ids outside this model's vocabulary of {vocab}: {bad[:20]}", "tokens"
+            )
+        return DetokenizeResponse(prompt=await self.state.off_loop(self.state.tokenizer.decode, req.tokens))
