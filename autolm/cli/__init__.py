@@ -156,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="autolm vs transformers side by side (see autolm bench --help)", add_help=False
     )
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub) -> None:
+    """generate, chat, inspect, serve."""
     p = sub.add_parser("generate", help="stream a completion of a prompt")
     _add_model(p)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
@@ -197,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_flags(p)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_tool_commands(sub) -> None:
+    """finetune, merge, eval, convert."""
     p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file (chat or prompt/completion)")
     p.add_argument("model", help="model directory, HF repo id or .gguf file")
     p.add_argument("data", help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
@@ -255,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="save weight-only quantized")
     _add_common(p)
     p.set_defaults(func=cmd_convert)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
