@@ -25,6 +25,7 @@ class OneDevice:
     """Every tensor to one device."""
 
     action = "loading"
+    in_place = True  # every tensor stays where it was put (no offloading, no sharding)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -69,6 +70,8 @@ class OneDevice:
 
 class DeviceMap(OneDevice):
     """A device_map request, planned once the dtype is known (block sizes depend on it)."""
+
+    in_place = False
 
     def __init__(self, device_map: Any, max_memory: dict | None, offload_folder: str | None):
         super().__init__(torch.device("cpu"))
@@ -185,11 +188,20 @@ class Quantize:
         return self.inner.put(name, t, path, zero_copy)
 
     def finish(self, model, loaded):
-        return self.inner.finish(model, loaded)
+        from ..nn import fuse_all
+
+        model = self.inner.finish(model, loaded)
+        # The quantized tensors are fresh copies, not views of the file: laying q/k/v and gate/up out as one
+        # tensor each costs one group's size for a moment and saves the one-token step two calls per group.
+        if self.inner.in_place:  # not under a device_map, whose disk blocks are loaded per forward
+            fuse_all(model)
+        return model
 
 
 class TensorParallel(OneDevice):
     """tp_plan='auto' under torchrun: each rank keeps its slice of every sharded weight."""
+
+    in_place = False
 
     def __init__(self):
         from .parallel import init_from_env
@@ -223,6 +235,8 @@ class FSDP(OneDevice):
     """Under torchrun: FSDP2 fully_shard on every decoder layer and the root; each rank reads only its dim-0
     rows of each tensor. With a LoraConfig a new adapter is added first (initialised as one process would
     with the same seed) and the PeftModel is the result; without, every parameter trains."""
+
+    in_place = False
 
     def __init__(self, lora_config=None):
         from .parallel import init_from_env

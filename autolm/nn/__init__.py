@@ -5,7 +5,7 @@ cache, and checkpoint naming rules. Nothing here knows a family."""
 from .attention import Attention, Forward, OneToken, build_mask, default_positions, pad_mask_to
 from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Rename, Stacked
-from .linear import Linear, embedding, fuse, packed, resized_rows
+from .linear import Linear, embedding, fuse, fuse_all, packed, resized_rows
 from .mlp import ACTIVATIONS, GatedMLP
 from .norms import RMSNorm
 from .rope import Rotary, apply_rotary
@@ -30,6 +30,7 @@ __all__ = [
     "default_positions",
     "embedding",
     "fuse",
+    "fuse_all",
     "packed",
     "pad_mask_to",
     "resized_rows",
