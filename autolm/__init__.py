@@ -22,6 +22,8 @@ _EXPORTS = {
     "LoadReport": "autolm.load",
     "AutoTokenizer": "autolm.tokenizer",
     "Tokenizer": "autolm.tokenizer",
+    "BatchEncoding": "autolm.tokenizer",
+    "get_json_schema": "autolm.tokenizer",
     "GenerationConfig": "autolm.generation",
     "TextStreamer": "autolm.generation",
     "TextIteratorStreamer": "autolm.generation",

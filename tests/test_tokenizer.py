@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shutil
+import typing
 
 import pytest
 import torch
@@ -129,3 +131,229 @@ def test_missing_or_corrupt_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Nope"}}))
     with pytest.raises(TokenizerError):
         autolm.AutoTokenizer.from_pretrained(tmp_path)
+
+
+# ---- transformers' calling conventions, compared with only the import swapped ------------------------------
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def _fresh(directory):
+    import transformers
+
+    return [
+        transformers.AutoTokenizer.from_pretrained(directory),
+        autolm.AutoTokenizer.from_pretrained(directory),
+    ]
+
+
+def _same(got, ref):
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a == b, (i, a, b)
+
+
+def test_overflow_windows_special_mask_split_words_and_word_ids(smol_dir):
+    def user_code(tok):
+        facts = [
+            dict(tok(LONG, truncation=True, max_length=8, stride=2, return_overflowing_tokens=True)),
+            dict(
+                tok(
+                    [LONG, "short"],
+                    truncation=True,
+                    max_length=6,
+                    stride=1,
+                    return_overflowing_tokens=True,
+                    padding=True,
+                    return_special_tokens_mask=True,
+                    return_length=True,
+                )
+            ),
+            dict(tok("Hello world", return_special_tokens_mask=True, return_offsets_mapping=True)),
+        ]
+        enc = tok(["Hello", "there", "friend"], is_split_into_words=True)
+        facts.append((dict(enc), enc.tokens(), enc.word_ids()))
+        enc = tok(
+            [["a", "bc"], ["de", "f", "gh"]], is_split_into_words=True, padding=True, padding_side="left"
+        )
+        facts.append((dict(enc), enc.tokens(1), enc.word_ids(0), enc.word_ids(1), enc.sequence_ids(1)))
+        enc = tok("first part", "second part")
+        facts.append((enc.tokens(), enc.word_ids(), enc.sequence_ids(), enc.char_to_token(3)))
+        return facts
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    _same(got, ref)
+    assert len(ref[0]["input_ids"]) > 1  # the windows are there
+
+
+def test_pad_and_transformers_data_collator(smol_dir):
+    from transformers import DataCollatorForLanguageModeling
+
+    def user_code(tok):
+        tok.pad_token = tok.eos_token
+        rows = [tok("Hello world"), tok("a much longer second sentence here"), tok("x")]
+        facts = [
+            {k: v.tolist() for k, v in tok.pad(rows, return_tensors="pt").items()},
+            dict(tok.pad({"input_ids": [[1, 2, 3], [4]]}, padding_side="left", pad_to_multiple_of=4)),
+            dict(tok.pad({"input_ids": [1, 2]}, padding="max_length", max_length=5)),
+            dict(tok.pad({"input_ids": [[1, 2], [3]], "special_tokens_mask": [[0, 0], [1]]}, padding=False)),
+        ]
+        batch = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False, pad_to_multiple_of=8)(
+            [{"input_ids": r["input_ids"]} for r in rows]
+        )
+        facts.append({k: v.tolist() for k, v in batch.items()})
+        return facts
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    _same(got, ref)
+
+
+def test_special_tokens_map_settable_ids_and_tokens_to_string(smol_dir):
+    def user_code(tok):
+        facts = [tok.special_tokens_map, tok.pad_token, tok.pad_token_id]
+        tok.pad_token_id = 5
+        facts += [tok.pad_token, tok.pad_token_id, tok.special_tokens_map]
+        tok.pad_token = tok.eos_token
+        facts += [tok.pad_token_id, tok("a", padding="max_length", max_length=3)["input_ids"]]
+        tok.eos_token_id = 7
+        facts += [tok.eos_token, tok.convert_tokens_to_string(tok.tokenize("Hello there, how's it going?"))]
+        facts.append(tok.convert_ids_to_tokens(tok.encode("Hi there")))
+        return facts
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    _same(got, ref)
+
+
+def test_clean_up_tokenization_spaces_as_transformers(smol_dir, tmp_path):
+    """transformers 5 skips the cleanup for BPE vocabularies (it would remove real spaces) and applies it to
+    others; a word-level tokenizer.json shows the second case."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    words = ["<unk>", "Hello", ",", "world", "!", "It", "'s", "fine", "."]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": True}))
+    for directory in (smol_dir, tmp_path):
+
+        def user_code(tok):
+            ids = tok.encode("Hello , world ! It 's fine .")
+            return [tok.decode(ids)] + [
+                tok.decode(ids, clean_up_tokenization_spaces=c) for c in (True, False)
+            ]
+
+        ref, got = (user_code(t) for t in _fresh(directory))
+        assert got == ref
+    assert ref[1] == "Hello, world! It's fine."  # the word-level case did clean up
+
+
+def test_chat_template_on_a_batch_gives_one_row_each(smol_dir):
+    convs = [
+        [{"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "What is 2+2? Tell me."},
+            {"role": "assistant", "content": "Four.", "tool_calls": None},
+        ],
+    ]
+
+    def user_code(tok):
+        tok.pad_token = tok.eos_token
+        out = tok.apply_chat_template(convs, add_generation_prompt=True, padding=True, return_tensors="pt")
+        return [
+            tok.apply_chat_template(convs, tokenize=False, add_generation_prompt=True),
+            {k: v.tolist() for k, v in out.items()},
+            tok.apply_chat_template(convs, add_generation_prompt=True, return_dict=False),
+            tok.apply_chat_template(convs[1], continue_final_message=True, tokenize=False),
+        ]
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    _same(got, ref)
+    assert len(ref[1]["input_ids"]) == 2
+
+
+class Unit(enum.Enum):
+    C = "celsius"
+    F = "fahrenheit"
+
+
+def get_weather(
+    location: str, unit: Unit = Unit.C, days: int | None = None, hours: list[int] = ()
+) -> dict[str, float]:
+    """
+    Get the weather forecast.
+
+    Args:
+        location: The city, for example
+            "Paris, France"
+        unit: The unit of temperature
+        days: How many days ahead
+        hours: Which hours of each day
+
+    Returns:
+        The temperature by hour
+    """
+
+
+def pick(mode: typing.Literal["fast", 2, None], size: str, pair: tuple[int, str], extra: float | str = 1.0):
+    """Pick something.
+
+    Args:
+        mode: How to pick
+        size: The size (choices: ["small", "large"])
+        pair: A pair
+        extra: Anything else
+    """
+
+
+class Calculator:
+    def add(self, a: float, b: float) -> float:
+        """Add two numbers.
+
+        Args:
+            a: The first
+            b: The second
+        """
+
+
+def test_python_functions_as_tools_give_transformers_schemas(smol_dir):
+    from transformers.utils import get_json_schema
+    from transformers.utils.chat_template_utils import DocstringParsingException, TypeHintParsingException
+
+    for func in (get_weather, pick, Calculator().add):
+        assert autolm.get_json_schema(func) == get_json_schema(func)
+
+    def undocumented(x: int):
+        pass
+
+    def untyped(x):
+        """Untyped.
+
+        Args:
+            x: a value
+        """
+
+    def undescribed(x: int, y: int):
+        """Half described.
+
+        Args:
+            x: a value
+        """
+
+    for bad in (undocumented, untyped, undescribed):
+        with pytest.raises((DocstringParsingException, TypeHintParsingException)):
+            get_json_schema(bad)
+        with pytest.raises(TokenizerError, match=bad.__name__):
+            autolm.get_json_schema(bad)
+
+    template = (
+        "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def user_code(tok):
+        return tok.apply_chat_template(
+            msgs, tools=[get_weather, pick], chat_template=template, tokenize=False
+        )
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    assert got == ref and '"get_weather"' in ref

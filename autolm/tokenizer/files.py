@@ -1,0 +1,126 @@
+"""A tokenizer's files: tokenizer.json (+ tokenizer_config.json, special_tokens_map.json, chat_template.jinja)
+read into the parts a Tokenizer is built from, and written back."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .._util import atomic_directory, read_json
+from ..chat_template import MAX_TEMPLATE_OUTPUT
+from ..errors import TokenizerError
+from .special import SPECIAL, token_content
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained writes
+# transformers' loading switches that mean nothing here: autolm always runs the fast `tokenizers` backend
+IGNORED_KWARGS = ("use_fast", "trust_remote_code", "legacy", "add_prefix_space")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """An optional JSON config file: {} when absent."""
+    return read_json(path, TokenizerError) if os.path.isfile(path) else {}
+
+
+def _read_backend(directory: str):
+    from tokenizers import Tokenizer as Backend
+
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise TokenizerError(
+            f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)"
+        )
+    try:
+        return Backend.from_file(path)
+    except Exception as e:  # the Rust library raises plain Exceptions for every parse error
+        raise TokenizerError(f"{path}: cannot be parsed as a tokenizer ({e})") from None
+
+
+def _read_template(directory: str, config: dict[str, Any]) -> str | dict[str, str] | None:
+    """The chat template: chat_template.jinja wins over tokenizer_config.json; a list becomes {name: template}."""
+    template: Any = config.get("chat_template")
+    jinja_path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        try:
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read(MAX_TEMPLATE_OUTPUT + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{jinja_path}: cannot be read as UTF-8 text ({e})") from None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        if not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template
+        ):
+            raise TokenizerError(
+                f"{directory}/tokenizer_config.json: chat_template list entries must be "
+                '{"name": ..., "template": ...} objects'
+            )
+        return {t["name"]: t["template"] for t in template}
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(
+            f"{directory}/tokenizer_config.json: chat_template must be a string or a list, "
+            f"found {type(template).__name__}"
+        )
+    return template
+
+
+def read_tokenizer_dir(directory: str, padding_side: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of Tokenizer(...) for a tokenizer folder; `kwargs` are from_pretrained's others."""
+    for k in IGNORED_KWARGS:
+        kwargs.pop(k, None)
+    if kwargs:
+        raise TokenizerError(
+            f"AutoTokenizer.from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}"
+        )
+    backend = _read_backend(directory)
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    special_map = _read_json(os.path.join(directory, "special_tokens_map.json"))
+    special: dict[str, Any] = {k: token_content(config.get(k, special_map.get(k))) for k in SPECIAL}
+    extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens"))
+    extra = config.get("extra_special_tokens", extra)  # transformers 5 writes this name
+    if isinstance(extra, list) and all(token_content(t) for t in extra):
+        special["additional_special_tokens"] = [token_content(t) for t in extra]
+    side = padding_side or config.get("padding_side", "right")
+    if side not in ("left", "right"):
+        raise TokenizerError(
+            f"{directory}/tokenizer_config.json: padding_side must be 'left' or 'right', found {side!r}"
+        )
+    max_len = config.get("model_max_length")
+    return dict(
+        backend=backend,
+        special_tokens=special,
+        chat_template=_read_template(directory, config),
+        padding_side=side,
+        model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        name_or_path=directory,
+        init_kwargs=config,
+    )
+
+
+def write_tokenizer(tok, directory: str | os.PathLike) -> None:
+    """Write tokenizer.json and tokenizer_config.json (with the chat template), both or neither."""
+    cfg = {
+        k: v
+        for k, v in tok.init_kwargs.items()
+        if k not in SPECIAL
+        and k not in ("chat_template", "additional_special_tokens", "extra_special_tokens")
+    }
+    cfg.update({k: v for k, v in tok.special_tokens.items() if v is not None})
+    cfg["padding_side"] = tok.padding_side
+    cfg["truncation_side"] = tok.truncation_side
+    cfg["clean_up_tokenization_spaces"] = tok.clean_up_tokenization_spaces
+    cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    if tok.model_max_length:
+        cfg["model_max_length"] = tok.model_max_length
+    if tok.chat_template:
+        cfg["chat_template"] = (
+            tok.chat_template
+            if isinstance(tok.chat_template, str)
+            else [{"name": k, "template": v} for k, v in tok.chat_template.items()]
+        )
+    texts = (tok.backend.to_str(), json.dumps(cfg, indent=2, ensure_ascii=False))
+    with atomic_directory(directory, owned=TOKENIZER_FILES.__contains__) as tmp:
+        for name, text in zip(TOKENIZER_FILES, texts):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
