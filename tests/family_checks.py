@@ -112,23 +112,44 @@ class Family:
         assert tokens == plain_tokens
         torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
 
-    def check_compiled_step(self, tmp_path_factory, home) -> None:
-        """The one-token step compiled ahead of time from the family's own layers (no code of its own) gives
-        the general forward's greedy tokens and logits in fp32. `home`: an AUTOLM_HOME for the packages."""
+    def check_compiled_step(self, tmp_path_factory, home=None) -> None:
+        """The one-token step's graphs derived from the family's own layers (no code of its own), for one row
+        and for a left-padded batch, give the general forward's greedy tokens and logits in fp32. They are
+        exported and run as exported (what the compiled code computes); AUTOLM_TEST_COMPILE=1 compiles them with
+        AOTInductor too (a minute a graph; tests/test_compiled_step.py compiles representative models in the
+        suite). `home`: an AUTOLM_HOME for compiled packages."""
         from test_decode_steps import greedy_steps
 
         from autolm import step
+        from autolm.step import graphs
 
         os.environ.pop("AUTOLM_EAGER", None)
+        compile_too = os.environ.get("AUTOLM_TEST_COMPILE") == "1"
         directory, _ = self.checkpoint(tmp_path_factory)
         model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
         plain_tokens, plain = greedy_steps(model, ids, 20, "forward")
-        assert model.precompile_decode(), "the compiled step failed for this family (see the warning)"
+        if compile_too:
+            assert model.precompile_decode(batched=True), (
+                "the compiled step failed for this family (see the warning)"
+            )
+        else:
+            step.install_plan(model, graphs.exported(model))
+            step.install_plan(model, graphs.exported(model, batched=True), batched=True)
         tokens, logits = greedy_steps(model, ids, 20, "auto")
         assert step._PLANS[model][1] is not None
         assert tokens == plain_tokens
         torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+        ids, mask = padded_batch(seed=4)
+        outs = []
+        for mode in ("forward", "auto"):
+            model.decode_mode = mode
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True))  # fmt: skip
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        torch.testing.assert_close(
+            torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4
+        )
 
     # ---- adapters, quantization, saving, placement ------------------------------------------------
 

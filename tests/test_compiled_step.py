@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from conftest import padded_batch
 from test_decode_steps import greedy_steps, prompt, real_model_int4
 
 import autolm
@@ -69,6 +70,27 @@ def test_compiled_step_gives_the_eager_steps_tokens(checkpoint, home, name, dtyp
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization=quantization)
     truth = model if dtype else autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     check_against_eager(model, truth)
+
+
+def test_batched_graphs_give_the_forwards_tokens_for_a_padded_batch(checkpoint, home):
+    """Rows of different lengths (left-padded, as generate() and the server lay them out) through the graphs
+    compiled for 2 rows and more: the general forward's tokens and logits."""
+    directory, hf = checkpoint("mistral_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids, mask = padded_batch(seed=2)
+    model.decode_mode = "forward"
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    model.decode_mode = "auto"
+    assert model.precompile_decode(batched=True)
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)  # fmt: skip
+    assert step_module._BATCHED[model][1] is not None
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert torch.equal(
+        fast.sequences, hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    )
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(plain.logits), atol=1e-4, rtol=1e-4)
 
 
 # ---- a family defined in this file alone: Gemma-style norms, a GeLU MLP, q/k norms, an embedding scale -------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SPECS, VOCAB
+from conftest import SPECS, VOCAB, padded_batch
 
 import autolm
 from autolm import step as step_module
@@ -186,16 +186,36 @@ def test_replaced_weights_lora_and_hooks_are_seen(checkpoint, one_token_calls):
     assert len(seen) == 4  # the prompt and three one-token steps
 
 
-def test_generate_takes_the_one_token_step_for_one_unpadded_row(checkpoint, one_token_calls):
+def test_generate_takes_the_one_token_step_for_one_row_and_left_padded_batches(checkpoint, one_token_calls):
     directory, hf = checkpoint("mistral_sliding")
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
     ids = prompt(9)
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
     assert len(one_token_calls) == 19
     assert torch.equal(out, hf.generate(ids, max_new_tokens=20, do_sample=False))
+    # a left-padded batch: every row's real tokens end at the same slot, each row starts where its pads end
     one_token_calls.clear()
-    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
-    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(ids)], 1)
-    out = model.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert not one_token_calls  # padding in the cache: only the forward's masks keep it out
-    assert torch.equal(out, hf.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False))
+    ids, mask = padded_batch(seed=3, lengths=(11, 6, 2))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert len(one_token_calls) == 11
+    assert torch.equal(out, hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    # padding on the right (holes in the cache): only the forward's masks keep it out
+    one_token_calls.clear()
+    right = torch.cat([ids[:, -2:], torch.zeros(3, 2, dtype=torch.long)], 1)
+    right_mask = torch.tensor([[1, 1, 0, 0]] * 3)
+    model.generate(right, attention_mask=right_mask, max_new_tokens=4, do_sample=False)
+    assert not one_token_calls
+
+
+@pytest.mark.parametrize("name", ["qwen2_sliding", "llama_gqa_llama3_sharded", "qwen3"])
+def test_padded_batch_one_token_step_gives_the_forwards_logits(checkpoint, name):
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids, mask = padded_batch(seed=1)
+    outs = []
+    for mode in ("forward", "eager"):
+        model.decode_mode = mode
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True))  # fmt: skip
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4)

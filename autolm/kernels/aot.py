@@ -110,6 +110,17 @@ def cached_graph(key: str) -> Graph | None:
     return graph
 
 
+def export(module: torch.nn.Module, inputs: list[torch.Tensor], dynamic: list | None = None):
+    """torch.export of `module` (forward(inputs: list)) for inputs like these, as compile_graph exports it."""
+    # torch's own deprecation notices from inside export and inductor say nothing to our users
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.export.export(
+            module, (inputs,), dynamic_shapes=(dynamic,) if dynamic else None, strict=False
+        )
+
+
 def compile_graph(
     key: str,
     module: torch.nn.Module,
@@ -133,13 +144,10 @@ def compile_graph(
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt2")
         os.close(fd)
         try:
-            # torch's own deprecation notices from inside export and inductor say nothing to our users
+            exported = export(module, inputs, dynamic)
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                exported = torch.export.export(
-                    module, (inputs,), dynamic_shapes=(dynamic,) if dynamic else None, strict=False
-                )
                 api[0](exported, package_path=tmp, inductor_configs=inductor_configs or {})
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
@@ -158,4 +166,4 @@ def compile_graph(
     return cached_graph(key)
 
 
-__all__ = ["Graph", "cached_graph", "compile_graph", "graph_key"]
+__all__ = ["Graph", "cached_graph", "compile_graph", "export", "graph_key"]

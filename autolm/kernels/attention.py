@@ -124,34 +124,39 @@ def decode_attention(
     scale: float | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token of one sequence: write its k, v (1, n_kv, 1, hd) into the cache buffers keys, values
-    (1, n_kv, capacity, hd) at slot seen - 1, then attend with q (1, nh, 1, hd) over the last `span` of the
-    `seen` slots, which all hold real tokens (no mask). In fp32 whatever the model's dtype: PyTorch's bf16
-    batched matmuls on the CPU cost milliseconds whenever the length changes. Inside a compiler the same
-    arithmetic as products and sums, which fuse into loops over the cache (inductor would otherwise match
-    them to its SDPA kernel, which does not take these strided views). Returns (1, 1, nh, hd)."""
-    nh, hd = q.shape[1], q.shape[3]
+    """One new token per row: write its k, v (B, n_kv, 1, hd) into the cache buffers keys, values
+    (B, n_kv, capacity, hd) at slot seen - 1, then attend with q (B, nh, 1, hd) over the last `span` of the
+    `seen` slots; row b's slots before starts[b] are padding (starts None: none are). In fp32 whatever the
+    model's dtype: PyTorch's bf16 batched matmuls on the CPU cost milliseconds whenever the length changes.
+    Inside a compiler the same arithmetic as products and sums, which fuse into loops over the cache (inductor
+    would otherwise match them to its SDPA kernel, which does not take these strided views).
+    Returns (B, 1, nh, hd)."""
+    B, nh, _, hd = q.shape
     n_kv = keys.shape[1]
     scale = hd**-0.5 if scale is None else scale
-    start = seen - span
+    first = seen - span
     keys.narrow(2, seen - 1, 1).copy_(k)
     values.narrow(2, seen - 1, 1).copy_(v)
-    qg = q.float().view(n_kv, nh // n_kv, hd) * scale
-    kk = keys[0].narrow(1, start, span).float()  # (n_kv, W, hd)
-    vv = values[0].narrow(1, start, span).float()
+    qg = q.float().view(B, n_kv, nh // n_kv, hd) * scale
+    kk = keys.narrow(2, first, span).float()  # (B, n_kv, W, hd)
+    vv = values.narrow(2, first, span).float()
     if torch.compiler.is_compiling():
-        scores = (qg.unsqueeze(2) * kk.unsqueeze(1)).sum(-1)  # (n_kv, group, W)
+        scores = (qg.unsqueeze(3) * kk.unsqueeze(2)).sum(-1)  # (B, n_kv, group, W)
     else:
-        scores = torch.bmm(qg, kk.transpose(1, 2))
+        scores = torch.matmul(qg, kk.transpose(-1, -2))
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    probs = _softmax(scores, None if sinks is None else sinks.float().view(n_kv, nh // n_kv, 1))
+    if starts is not None:  # each row's padding slots, as a -inf bias (W slots from `first`)
+        slots = torch.arange(span, device=scores.device) + first
+        scores = scores.masked_fill((slots[None, :] < starts[:, None])[:, None, None, :], float("-inf"))
+    probs = _softmax(scores, None if sinks is None else sinks.float().view(1, n_kv, nh // n_kv, 1))
     if torch.compiler.is_compiling():
-        out = (probs.unsqueeze(-1) * vv.unsqueeze(1)).sum(-2)  # (n_kv, group, hd)
+        out = (probs.unsqueeze(-1) * vv.unsqueeze(2)).sum(-2)  # (B, n_kv, group, hd)
     else:
-        out = torch.bmm(probs, vv)
-    return out.view(1, 1, nh, hd).to(q.dtype)
+        out = torch.matmul(probs, vv)
+    return out.view(B, 1, nh, hd).to(q.dtype)
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

@@ -57,7 +57,8 @@ class PrivateOp:
 
 ONEDNN_LINEAR = PrivateOp("mkldnn", "_linear_pointwise")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other tensor subclasses
-_REALIZED: list[list] = []  # while a graph is traced for ahead-of-time compiling: lists of matmul inputs
+# While a graph is traced for ahead-of-time compiling: (the matmul inputs collected, whether its rows are many)
+_TRACING: list[tuple[list, bool]] = []
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -66,21 +67,27 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 @contextlib.contextmanager
-def realized_inputs():
-    """Collect the input of every small matmul traced inside: a graph that returns them makes inductor write
-    each once, where it would otherwise recompute it (a norm, an activation) inside the matrix-vector loop,
-    once per output row."""
-    _REALIZED.append([])
+def realized_inputs(batched: bool = False):
+    """While a graph is traced for ahead-of-time compiling: collect the input of every one-row matmul inside (a
+    graph that returns them makes inductor write each once, where it would otherwise recompute it — a norm,
+    an activation — inside the matrix-vector loop, once per output row). `batched`: the graph's rows are a
+    dynamic number of sequences, so matmuls stay matrix products (the weights read once for all rows)."""
+    _TRACING.append(([], batched))
     try:
-        yield _REALIZED[-1]
+        yield _TRACING[-1][0]
     finally:
-        _REALIZED.pop()
+        _TRACING.pop()
+
+
+def batched_graph() -> bool:
+    """Whether the graph being traced runs many rows (see realized_inputs)."""
+    return bool(_TRACING) and _TRACING[-1][1] and torch.compiler.is_compiling()
 
 
 def realize(x: torch.Tensor) -> torch.Tensor:
     """Mark a matmul input to be written once inside a compiled graph (see realized_inputs)."""
-    if _REALIZED and torch.compiler.is_compiling():
-        _REALIZED[-1].append(x)
+    if _TRACING and torch.compiler.is_compiling():
+        _TRACING[-1][0].append(x)
     return x
 
 
@@ -93,7 +100,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b, by the fastest kernel for these inputs (same arithmetic, another summation order)."""
     if torch.compiler.is_compiling():
-        if x.device.type == "cpu" and x.shape[:-1].numel() <= 4:
+        if x.device.type == "cpu" and not batched_graph() and x.shape[:-1].numel() <= 4:
             return matvec(x, w, b)
         return F.linear(x, w, b)
     if (

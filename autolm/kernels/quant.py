@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import PrivateOp, realize
+from .core import PrivateOp, batched_graph, realize
 
 INT8_MM = PrivateOp("aten", "_weight_int8pack_mm")
 INT4_MM = PrivateOp("aten", "_weight_int4pack_mm_for_cpu")
@@ -22,7 +22,7 @@ def int8_linear(
     """x @ (q * scales + offsets).T + bias for an int8 weight q (N, K) with per-row scales and offsets:
     (x @ q.T) * scales + sum(x) * offsets, x rounded to bf16 for the kernel. Inside a compiler the same
     roundings as multiply-and-sum loops."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not batched_graph():
         x = realize(x)
         xb = x.to(COMPUTE).float()
         y = ((xb.unsqueeze(-2) * q.float()).sum(-1) * scales.to(COMPUTE).float()).to(COMPUTE)
@@ -31,7 +31,7 @@ def int8_linear(
         return y if bias is None else y + bias
     if x.device.type != "cpu":
         return None
-    x2 = x.reshape(-1, q.shape[1])
+    x2 = x.reshape(-1, q.shape[1])  # eager, or many rows inside a compiled graph: PyTorch's kernel
     y = INT8_MM.call(x2.to(COMPUTE), q, scales.to(COMPUTE))
     if y is None:
         return None

@@ -319,14 +319,15 @@ class CausalLM(nn.Module, GenerationMixin):
         )
         return out if return_dict is not False else out.to_tuple()
 
-    def precompile_decode(self, progress: bool = False) -> bool:
+    def precompile_decode(self, progress: bool = False, batched: bool = False) -> bool:
         """Compile the CPU one-token step (batch 1, see autolm.step) ahead of time with AOTInductor: a few graphs
         per model shape, dtype and quantization, cached in $AUTOLM_HOME/compiled, so only the first run on a
         machine waits (tens of seconds; `progress` shows a bar) and later processes load them in milliseconds.
         generate() then uses the compiled step; it also picks up packages compiled earlier by any process.
         Returns whether the step is available; False (with a warning where compiling failed, e.g. no C++
-        compiler) leaves the eager step."""
-        return precompile(self, progress)
+        compiler) leaves the eager step. `batched`: also the graphs for decoding several rows at once (a padded
+        batch, the server)."""
+        return precompile(self, progress, batched)
 
     def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
         """One token per row over the cache's whole capacity: the function compile_decode compiles."""

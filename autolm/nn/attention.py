@@ -7,9 +7,9 @@ the context's business:
 
 - `Forward`: a batch of T new tokens per row, written into the KV cache at `cache_position`, attending under a
   padding and causal (or sliding-window) mask over the first `kv_length` slots; the general forward.
-- `OneToken`: one token of one sequence whose cache slots all hold real tokens (batch-1 decoding): no masks,
-  the cache written and read in place. The fast decode steps (autolm.step) run the same layers under it, eager
-  or compiled ahead of time.
+- `OneToken`: one new token per row, every row's real tokens ending at the same slot (one sequence, or a
+  left-padded / right-aligned batch): no masks beyond each row's first real slot, the cache written and read
+  in place. The fast decode steps (autolm.step) run the same layers under it, eager or compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -62,15 +62,17 @@ class Forward:
 
 @dataclass
 class OneToken:
-    """One token of one sequence written at slot seen - 1, every slot before it a real token. `keys` and
-    `values` are the cache's per-layer buffers, or one layer's buffers inside a compiled graph, which also
-    gives `span`, the slots its layer attends over (the window, or all)."""
+    """One new token per row, written at slot seen - 1; row b's real tokens are slots starts[b] .. seen - 1
+    (starts None: all of them, as for one sequence). `keys` and `values` are the cache's per-layer buffers, or
+    one layer's buffers inside a compiled graph, which also gives `span`, the slots its layer attends over
+    (the window, or all)."""
 
     rope: Tables
     keys: list[torch.Tensor] | torch.Tensor
     values: list[torch.Tensor] | torch.Tensor
     seen: int
     span: int | None = None
+    starts: torch.Tensor | None = None  # (B,) the first real slot of each row
 
     def attend(
         self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None
@@ -82,7 +84,9 @@ class OneToken:
         span = self.span
         if span is None:
             span = self.seen if window is None else min(window, self.seen)
-        return kernels.decode_attention(q, k, v, keys, values, self.seen, span, scale, softcap, sinks)
+        return kernels.decode_attention(
+            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, self.starts
+        )
 
 
 class Attention(nn.Module):

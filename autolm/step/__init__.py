@@ -2,10 +2,11 @@
 
 Every step is derived from the model's own modules, never a second copy of its layers:
 
-- `OneTokenStep`: one token of one sequence on the CPU whose cache holds only real tokens. The model's layers
-  run under a `OneToken` context (no masks, the cache written and read in place, fp32 attention); where graphs
-  compiled ahead of time for this exact model structure are cached (`precompile`, or any earlier process),
-  each layer is one call of a compiled graph instead (graphs.py).
+- `OneTokenStep`: one new token per row on the CPU, the rows' real tokens ending at the same cache slot (one
+  sequence, or a left-padded batch as generate() and the server lay them out). The model's layers run under
+  a `OneToken` context (no masks beyond each row's first real slot, the cache written and read in place,
+  fp32 attention); where graphs compiled ahead of time for this exact model structure are cached
+  (`precompile`, or any earlier process), each layer is one call of a compiled graph instead (graphs.py).
 - the torch.compile'd step (`compile_decode`): the general forward over the cache's whole capacity, compiled
   by inductor (CUDA graphs on GPUs), for any batch.
 - otherwise the general forward, one token per row.
@@ -29,6 +30,7 @@ from ..nn import OneToken, pad_mask_to
 from . import graphs
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, compiled plan or None)
+_BATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the same for plans of 2 rows and more
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
@@ -47,45 +49,63 @@ def _hooked(model: nn.Module) -> bool:
     )
 
 
+def row_starts(cache, attention_mask) -> torch.Tensor | bool | None:
+    """Each row's first real cache slot where the rows are left-padded (zeros, then ones, as wide as the cache
+    holds); None where every slot is real; False where the mask has another shape (only masks serve it)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, : cache.length].bool()
+    if mask.shape[1] != cache.length or not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return False  # right padding, holes, or a mask that does not cover the cache
+    pads = (~mask).sum(-1)
+    return pads if bool(pads.any()) else None
+
+
 def _one_token_ok(model, cache, attention_mask) -> bool:
     """Whether the one-token step gives this generation the general forward's results."""
     if getattr(model, "decode_mode", "auto") == "forward" or not getattr(model, "one_token_step", True):
         return False
-    if cache.batch_size != 1 or model.hf_device_map or torch.is_grad_enabled():
+    if model.hf_device_map or torch.is_grad_enabled() or row_starts(cache, attention_mask) is False:
         return False
-    if attention_mask is not None and not bool(attention_mask.all()):
-        return False  # padding slots in the cache: only masks keep them out
     tensors = [*model.parameters(), *model.buffers()]
     return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
 
 
-def compiled_plan(model, compile_missing: bool = False, progress: bool = False):
-    """The model's compiled one-token plan if its graphs are cached (or compile_missing compiles them), else None;
-    remembered per model until its modules or weights change."""
+def compiled_plan(model, compile_missing: bool = False, progress: bool = False, batched: bool = False):
+    """The model's compiled one-token plan (one row, or `batched`: 2 rows and more) if its graphs are cached (or
+    compile_missing compiles them), else None; remembered per model until its modules or weights change."""
+    plans = _BATCHED if batched else _PLANS
     sig = _signature(model)
-    cached = _PLANS.get(model)
+    cached = plans.get(model)
     if cached is None or cached[0] != sig or (compile_missing and cached[1] is None):
         with torch.inference_mode(False), torch.no_grad():
-            plan = graphs.build(model, compile_missing, progress)
+            plan = graphs.build(model, compile_missing, progress, batched)
         cached = (sig, plan)
-        _PLANS[model] = cached
+        plans[model] = cached
     return cached[1]
 
 
-def precompile(model, progress: bool = False) -> bool:
-    """Compile (or load) the one-token step's graphs ahead of time; see CausalLM.precompile_decode."""
+def precompile(model, progress: bool = False, batched: bool = False) -> bool:
+    """Compile (or load) the one-token step's graphs ahead of time (with `batched`, those for many rows too);
+    see CausalLM.precompile_decode."""
     params = [*model.parameters(), *model.buffers()]
     if model.hf_device_map or not all(type(t) in _PLAIN and t.device.type == "cpu" for t in params):
         return False
-    return compiled_plan(model, compile_missing=True, progress=progress) is not None
+    one = compiled_plan(model, compile_missing=True, progress=progress) is not None
+    return one and (not batched or compiled_plan(model, True, progress, batched=True) is not None)
+
+
+def install_plan(model, plan, batched: bool = False) -> None:
+    """Use `plan` (graphs.build's or graphs.exported's) for this model's one-token step until it changes."""
+    (_BATCHED if batched else _PLANS)[model] = (_signature(model), plan)
 
 
 class OneTokenStep:
-    """The next token's logits for one sequence, from the model's layers under a OneToken context (compiled
-    graphs when a plan is given)."""
+    """The next token's logits for each row, from the model's layers under a OneToken context (compiled graphs
+    when a plan is given). `starts`: each row's first real slot (None: all slots are real)."""
 
-    def __init__(self, model, plan):
-        self.model, self.plan = model, plan
+    def __init__(self, model, plan, starts: torch.Tensor | None = None):
+        self.model, self.plan, self.starts = model, plan, starts
 
     def __call__(
         self, tokens: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache
@@ -96,9 +116,10 @@ class OneTokenStep:
         x = body.scale_inputs(body.embed(tokens), position_ids)
         tables = body.rotary.tables(position_ids, x.dtype)
         if self.plan is not None:
-            logits = graphs.run(self.plan, x, tables, cache, slot)
+            logits = graphs.run(self.plan, x, tables, cache, slot, self.starts)
         else:
-            logits = model.logits(body.run(x, OneToken(tables, cache.keys, cache.values, slot + 1)))
+            ctx = OneToken(tables, cache.keys, cache.values, slot + 1, starts=self.starts)
+            logits = model.logits(body.run(x, ctx))
         cache.length = slot + 1
         return logits[:, -1]
 
@@ -110,12 +131,9 @@ def decoder(model, cache, attention_mask: torch.Tensor | None = None) -> Callabl
     if base.decode_step is not None:
         return lambda tokens, mask, positions, c: _static_step(base, tokens, mask, positions, c)
     if _one_token_ok(base, cache, attention_mask):
-        eager = getattr(base, "decode_mode", "auto") == "eager" or os.environ.get("AUTOLM_EAGER", "") not in (
-            "",
-            "0",
-        )
-        plan = None if eager or _hooked(base) else compiled_plan(base)
-        return OneTokenStep(base, plan)
+        eager = getattr(base, "decode_mode", "auto") == "eager" or os.environ.get("AUTOLM_EAGER", "0") != "0"
+        plan = None if eager or _hooked(base) else compiled_plan(base, batched=cache.batch_size > 1)
+        return OneTokenStep(base, plan, row_starts(cache, attention_mask))
     return lambda tokens, mask, positions, c: model(
         tokens, attention_mask=mask, position_ids=positions, past_key_values=c
     ).logits[:, -1]

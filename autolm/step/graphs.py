@@ -33,24 +33,27 @@ _SKIP = ("training", "layer_idx", "config", "name_or_path", "decode_mode", "deco
 
 
 class _LayerGraph(nn.Module):
-    """forward([x, keys, values, seen, span, cos/sin per RoPE kind..., the layer's tensors...]) ->
-    [x after the layer, the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots."""
+    """forward([x, keys, values, seen, span, (starts,) cos/sin per RoPE kind..., the layer's tensors...]) ->
+    [x after the layer, the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots.
+    A batched graph takes a dynamic number of rows and each row's first real slot (`starts`)."""
 
-    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str]):
+    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool):
         super().__init__()
         self._layer = [layer]  # not a submodule: its tensors are inputs, never constants of the graph
-        self.names, self.kinds = names, kinds
+        self.names, self.kinds, self.batched = names, kinds, batched
 
     def forward(self, inputs: list):
         x, keys, values, seen, span = inputs[:5]
+        i = 6 if self.batched else 5
+        starts = inputs[5] if self.batched else None
         n = len(self.kinds)
-        tables = inputs[5 : 5 + 2 * n]
-        rope = {k: (tables[2 * i], tables[2 * i + 1]) for i, k in enumerate(self.kinds)}
+        tables = inputs[i : i + 2 * n]
+        rope = {k: (tables[2 * j], tables[2 * j + 1]) for j, k in enumerate(self.kinds)}
         torch._check(span.shape[0] <= seen.shape[0])
         torch._check(seen.shape[0] <= keys.shape[2])
-        ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0])
-        params = dict(zip(self.names, inputs[5 + 2 * n :]))
-        with kernels.realized_inputs() as realized:
+        ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0], starts)
+        params = dict(zip(self.names, inputs[i + 2 * n :]))
+        with kernels.realized_inputs(self.batched) as realized:
             out = torch.func.functional_call(self._layer[0], params, (x, ctx))
         return [out, *realized]
 
@@ -67,14 +70,14 @@ class _Head(nn.Module):
 class _HeadGraph(nn.Module):
     """forward([x, the body's and head's tensors...]) -> [logits, the matmul inputs...]."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], batched: bool):
         super().__init__()
         self._head = [_Head(model)]
-        self.names = names
+        self.names, self.batched = names, batched
 
     def forward(self, inputs: list):
         params = {f"model.{n}": t for n, t in zip(self.names, inputs[1:])}
-        with kernels.realized_inputs() as realized:
+        with kernels.realized_inputs(self.batched) as realized:
             out = torch.func.functional_call(self._head[0], params, (inputs[0],))
         return [out, *realized]
 
@@ -149,40 +152,55 @@ def _describe(kind: str, module: nn.Module, example: list[torch.Tensor], extra=(
     return aot.graph_key((kind, code_hash(module), structure(module), shapes, tuple(extra)))
 
 
-def _jobs(model) -> tuple[list, list[str]]:
-    """Per layer, then for the head: (graph module, example inputs, dynamic dims, runtime tensors, key, window)."""
+def _jobs(model, batched: bool) -> tuple[list, list[str]]:
+    """Per layer, then for the head: (graph module, example inputs, dynamic dims, runtime tensors, key, window).
+    Batched graphs take any number of rows from 2 up (dimension 0 of x, the cache, starts and RoPE tables)."""
     body = model.model
     dtype = body.embed_tokens.weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    h = body.embed_tokens.weight.shape[1]
-    x = torch.zeros(1, 1, h, dtype=dtype)
+    rows = 2 if batched else 1
+    x = torch.zeros(rows, 1, body.embed_tokens.weight.shape[1], dtype=dtype)
     kinds = sorted(body.rotary.kinds)
-    tables = body.rotary.tables(torch.zeros(1, 1, dtype=torch.long), dtype)
+    tables = body.rotary.tables(torch.zeros(rows, 1, dtype=torch.long), dtype)
     example_tables = [t.clone() for k in kinds for t in tables[k]]  # distinct tensors: export dedups aliases
+    starts = [torch.zeros(rows, dtype=torch.long)] if batched else []
     n_kv, hd = model.attention_shape()
+    b = {0: "batch"} if batched else None
     jobs = []
     for layer in body.layers:
         names, tensors = tensors_of(layer)
-        cache = torch.zeros(1, n_kv, 6, hd, dtype=dtype)
-        example = [x, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *example_tables, *tensors]
-        dynamic = [None, {2: "capacity"}, {2: "capacity"}, {0: "seen"}, {0: "span"}]
+        cache = torch.zeros(rows, n_kv, 6, hd, dtype=dtype)
+        example = [
+            x,
+            cache,
+            cache.clone(),
+            _ONE.expand(5),
+            _ONE.expand(3),
+            *starts,
+            *example_tables,
+            *tensors,
+        ]
+        dynamic = [b, {2: "capacity", **(b or {})}, {2: "capacity", **(b or {})}, {0: "seen"}, {0: "span"}]
+        dynamic += [b] * (len(starts) + len(example_tables))
         dynamic += [None] * (len(example) - len(dynamic))
         attn = next((m for m in layer.modules() if hasattr(m, "sliding_window")), None)
-        graph = _LayerGraph(layer, names, kinds)
-        key = _describe("layer", layer, example, kinds)
+        graph = _LayerGraph(layer, names, kinds, batched)
+        key = _describe("layer", layer, example, (kinds, batched))
         jobs.append((graph, example, dynamic, tensors, key, getattr(attn, "sliding_window", None)))
     named = [(n, t) for n, t in zip(*tensors_of(model)) if not n.startswith(model.layers_prefix + ".")]
     tensors = [t for _, t in named]
-    graph = _HeadGraph(model, [n for n, _ in named])
+    graph = _HeadGraph(model, [n for n, _ in named], batched)
     example = [x, *tensors]
-    jobs.append((graph, example, None, tensors, _describe("head", model, example), None))
+    dynamic = [b] + [None] * len(tensors) if batched else None
+    jobs.append((graph, example, dynamic, tensors, _describe("head", model, example, (batched,)), None))
     return jobs, kinds
 
 
-def build(model, compile_missing: bool, progress: bool = False) -> Plan | None:
-    """The compiled step's plan: every graph loaded from the cache, or (compile_missing) compiled now with a
-    progress bar. None where a graph is missing and not compiled, or compiling failed (with a warning)."""
-    jobs, kinds = _jobs(model)
+def build(model, compile_missing: bool, progress: bool = False, batched: bool = False) -> Plan | None:
+    """The compiled step's plan (for one row, or `batched` for 2 and more): every graph loaded from the cache, or
+    (compile_missing) compiled now with a progress bar. None where a graph is missing and not compiled, or
+    compiling failed (with a warning)."""
+    jobs, kinds = _jobs(model, batched)
     graphs: dict[str, aot.Graph | None] = {}
     todo = {}
     for job in jobs:
@@ -196,23 +214,44 @@ def build(model, compile_missing: bool, progress: bool = False) -> Plan | None:
     if todo:
         from tqdm.auto import tqdm
 
-        dims = {n: torch.export.Dim(n, min=1, max=1 << 30) for n in ("seen", "span", "capacity")}
         desc = "autolm: compiling the CPU decode step (once)"
         for key, (module, example, dynamic, *_) in tqdm(
             todo.items(), desc=desc, unit="graph", disable=not progress
         ):
-            spec = dynamic and [d and {i: dims[n] for i, n in d.items()} for d in dynamic]
-            graphs[key] = aot.compile_graph(key, module, example, spec)
+            graphs[key] = aot.compile_graph(key, module, example, _dims(dynamic))
             if graphs[key] is None:
                 return None
     layers = [(graphs[key], tensors, window) for _, _, _, tensors, key, window in jobs[:-1]]
     return Plan(layers, (graphs[jobs[-1][4]], jobs[-1][3]), kinds)
 
 
-def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int) -> torch.Tensor:
+def _dims(dynamic: list | None) -> list | None:
+    """The jobs' named dynamic dimensions as torch.export.Dim objects."""
+    dims = {n: torch.export.Dim(n, min=1, max=1 << 30) for n in ("seen", "span", "capacity")}
+    dims["batch"] = torch.export.Dim("batch", min=2, max=1 << 16)
+    return dynamic and [d and {i: dims[n] for i, n in d.items()} for d in dynamic]
+
+
+def exported(model, batched: bool = False) -> Plan:
+    """The graphs build() compiles, exported but not compiled: what the compiled code computes, run by Python.
+    Tests check every family's derived graphs this way; compiling exported graphs is inductor's part."""
+    jobs, kinds = _jobs(model, batched)
+    done: dict = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for module, example, dynamic, _, key, _ in jobs:
+            if key not in done:
+                program = aot.export(module, example, _dims(dynamic)).module()
+                done[key] = lambda inputs, program=program: program(inputs)
+    layers = [(done[key], tensors, window) for _, _, _, tensors, key, window in jobs[:-1]]
+    return Plan(layers, (done[jobs[-1][4]], jobs[-1][3]), kinds)
+
+
+def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None) -> torch.Tensor:
     """One token x (1, 1, h) written at cache `slot` through the compiled layers and head -> logits (1, 1, V)."""
     seen = _ONE.expand(slot + 1)
     flat = [t for k in plan.kinds for t in tables[k]]
+    if x.shape[0] > 1:  # a batched plan: each row's first real slot
+        flat = [starts if starts is not None else torch.zeros(x.shape[0], dtype=torch.long), *flat]
     for i, (graph, tensors, window) in enumerate(plan.layers):
         span = seen if window is None or window > slot else _ONE.expand(window)
         x = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *tensors])[0]
