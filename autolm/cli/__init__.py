@@ -104,10 +104,11 @@ def _add_model(p: argparse.ArgumentParser, adapters: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default cpu)")
     p.add_argument(
         "--quantize",
-        choices=("int8", "int4", "none"),
+        choices=("int8", "int4", "gguf", "none"),
         default=None,
         help="weight-only quantization of the linear layers (int8 LM head), done while loading; the "
-        "default model runs int4 unless this says none or --dtype is given",
+        "default model runs int4 unless this says none or --dtype is given; a .gguf model runs in its own "
+        "blocks (gguf) unless this says otherwise",
     )
     if adapters:
         p.add_argument(

@@ -19,6 +19,10 @@ UsageError = AutolmError
 def locate(model: str | None, dtype: str = "auto", quantize: str | None = None) -> tuple[str, str | None]:
     """(directory or repo id, GGUF file name or None) for a model argument; None is the default model, which
     runs int4 (its GGUF's own 4-bit blocks) unless --quantize or --dtype asks otherwise."""
+    if model is None and quantize == "gguf":
+        from ..convert import default_gguf_path
+
+        model = default_gguf_path()
     if model is None:
         from ..convert import default_model_dir
 
@@ -71,6 +75,8 @@ def load(
     if (tp_plan or adapters) and quantize is None:
         quantize = "none"  # tensor parallelism and LoRA adapters run on float weights
     where, gguf_file = locate(model, dtype, quantize)
+    if gguf_file is not None and quantize is None:
+        quantize = "gguf"  # a .gguf model runs in its own blocks, as llama.cpp runs it
     m = from_pretrained(
         where,
         gguf_file=gguf_file,

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
 from ..models import config_class, load_config, model_class
 from ..sources import open_source
+from .keep import KeepGGUF
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
 from .report import LoadReport
 from .stream import layer_index, stream
@@ -94,7 +95,8 @@ def _load(
 
     device_map ("auto" | "balanced" | "sequential" | "cpu" | a device | {prefix: device}) with
     max_memory ({device: bytes or "2GB"}) places whole blocks on devices, "disk" included.
-    quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in.
+    quantization ("int8" | "int4" | QuantConfig) quantizes the decoder's Linear weights as they stream in;
+    "gguf" (with gguf_file=) keeps every weight in its file's own quantization, as llama.cpp runs it.
     tp_plan="auto" (under torchrun) shards the decoder layers across ranks; fsdp=True shards every
     parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
     progress shows a bar on stderr (None: for checkpoints of 1 GiB or more, and GGUF files, which
@@ -103,7 +105,7 @@ def _load(
     """
     hub = _arguments(kwargs, attn_implementation)
     want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
-    if quantization is not None and want == "auto":
+    if quantization not in (None, "gguf") and want == "auto":
         want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
     report = LoadReport(source=os.fspath(pretrained_model_name_or_path))
     directory = resolved or resolve_model_dir(pretrained_model_name_or_path, **hub)  # from_pretrained's
@@ -124,9 +126,8 @@ def _load(
         model = cls(config)
     if isinstance(target, torch.dtype):
         model = model.to(target)  # free on the meta device
-    placer = _placer(
-        model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config
-    )
+    placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp,
+                     lora_config, source)  # fmt: skip
     placer.setup(model)
     report.device = placer.describe()
     report.lap("build")
@@ -171,7 +172,8 @@ def _config(source, config, kwargs: dict) -> PretrainedConfig:
     return config
 
 
-def _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config):
+def _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp, lora_config,
+            source=None):  # fmt: skip
     if tp_plan is not None and tp_plan != "auto":
         raise ConfigError(f"tp_plan {tp_plan!r} is not supported (expected 'auto')")
     if device_map is None and max_memory is not None:
@@ -193,6 +195,8 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
         if device_map is not None
         else OneDevice(check_device(device) if device is not None else torch.device("cpu"))
     )
+    if quantization == "gguf":  # the GGUF file's own blocks (keep.py)
+        return KeepGGUF(source, inner)
     if quantization is not None or saved is not None:
         return Quantize(quantization, saved, inner)
     return inner

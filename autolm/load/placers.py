@@ -152,7 +152,8 @@ class Quantize:
         self.inner.plan(model, dtype)
 
     def keeps_blocks(self, name: str) -> bool:
-        """Whether the weight `name` can be loaded from GGUF Q4_0 / Q4_1 blocks as they are (groups of 32)."""
+        """Whether the weight `name` may come in its GGUF blocks (Q4_0 / Q4_1 / Q4_K load as they are, groups
+        of 32; other types are dequantized here, in torch, then quantized)."""
         module = name.removesuffix(".weight")
         return (
             module != name
@@ -164,16 +165,22 @@ class Quantize:
 
     def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """A float weight of a quantized layer -> its quantized entries (a tied head: a quantized copy too);
-        GGUF 4-bit blocks (sources.gguf.Int4Blocks) -> the int4 entries without a float round trip."""
+        GGUF blocks (sources.ggml.GGMLBlocks) of Q4_0 / Q4_1 / Q4_K -> the int4 entries without a float round
+        trip."""
+        from .. import kernels
         from ..quant import pack_nibbles, quantize_weight
+        from ..sources.ggml import INT4_TYPES, to_int4
 
         module = name.removesuffix(".weight")
-        if hasattr(t, "scales_and_zeros"):
+        if hasattr(t, "kind"):  # GGUF blocks
             if tuple(t.shape) != self.shapes[module]:
                 raise CheckpointError(
                     f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"
                 )
-            return {f"{module}.weight": pack_nibbles(t.q), f"{module}.scales_and_zeros": t.scales_and_zeros}
+            if t.kind not in INT4_TYPES:
+                return self.split(name, kernels.ggml_dequantize(t.raw, t.kind), dtype)
+            q, sz = to_int4(t)
+            return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
         if self.tied and name == "model.embed_tokens.weight" and "lm_head" in self.shapes and not self.saved:
             return {name: t, **self.split("lm_head.weight", t, dtype)}
         if module not in self.shapes or module == name or not t.is_floating_point():

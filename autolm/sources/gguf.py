@@ -18,6 +18,7 @@ import torch
 
 from ..errors import GGUFError
 from ..models import config_class, gguf_families
+from . import ggml
 
 _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
     "context_length": "max_position_embeddings",
@@ -79,6 +80,74 @@ class TensorInfo(NamedTuple):
 _NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
 
 
+class _Header:
+    """A cursor over a GGUF header in a memory map: every read and every count bounded by the file's size."""
+
+    def __init__(self, path: str, buf, size: int):
+        self.path, self.buf, self.size, self.pos, self.items = path, buf, size, 8, 0
+        self.order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
+        self.length = struct.Struct(self.order + "Q").unpack_from
+
+    def fail(self, what: str, problem: str = "header ends inside {} (truncated or corrupt)"):
+        raise GGUFError(f"{self.path}: " + problem.format(what))
+
+    def read(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            self.fail(what)
+        value = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def count(self, n: int, item_size: int, what: str) -> int:
+        if n * item_size > self.size - self.pos:
+            self.fail(what, f"{{}} claims {n} items, more than the file's {self.size} bytes can hold")
+        return n
+
+    def string(self, what: str) -> str:  # ~100k calls for a vocabulary and its merges: kept lean
+        pos = self.pos
+        if pos + 8 > self.size:
+            self.fail(what)
+        n = self.length(self.buf, pos)[0]
+        pos += 8
+        if n > self.size - pos:
+            self.fail(what, f"{{}} claims {n} items, more than the file's {self.size} bytes can hold")
+        self.pos = pos + n
+        return str(self.buf[pos : pos + n], "utf-8", "replace")
+
+    def array(self, what: str, depth: int) -> list:
+        inner = self.read("I", what)
+        n = self.count(self.read("Q", what), _SCALAR_SIZES.get(inner, 8), what)
+        self.items += n
+        if n > MAX_ARRAY_ITEMS or self.items > MAX_TOTAL_ITEMS:
+            self.fail(what, f"{{}} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
+                            f"and {MAX_TOTAL_ITEMS} in all")  # fmt: skip
+        if inner in _SCALAR_SIZES:
+            out = np.frombuffer(self.buf, self.order + _NUMPY[inner], n, self.pos).tolist()
+            self.pos += n * _SCALAR_SIZES[inner]
+            return out
+        if inner == _STRING:
+            return [self.string(what) for _ in range(n)]
+        return [self.value(inner, what, depth + 1) for _ in range(n)]
+
+    def value(self, kind: int, what: str, depth: int = 0) -> Any:
+        if kind in _SCALAR_SIZES:
+            fits = self.pos + _SCALAR_SIZES[kind] <= self.size
+            out = np.frombuffer(self.buf, self.order + _NUMPY[kind], 1, self.pos)[0].item() if fits else None
+            self.pos += _SCALAR_SIZES[kind]
+        elif kind == _STRING:
+            out = self.string(what)
+        elif kind == _ARRAY and depth < 1:
+            out = self.array(what, depth)
+        elif kind == _ARRAY:
+            self.fail(what, "{} is an array of arrays (not used by any supported model)")
+        else:
+            self.fail(what, f"{{}} has an unknown value type {kind}")
+        if self.pos > self.size:
+            self.fail(what, "{} runs past the end of the file (truncated or corrupt)")
+        return out
+
+
 def read_header(
     path: str, buf, size: int
 ) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
@@ -86,91 +155,26 @@ def read_header(
     where the data starts): read with struct from the memory map, every count bounded by the file's size."""
     if bytes(buf[:4]) != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (no GGUF magic)")
-    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
-    pos = 8
-    items = 0
-
-    def read(fmt: str, what: str):
-        nonlocal pos
-        n = struct.calcsize(fmt)
-        if pos + n > size:
-            raise GGUFError(f"{path}: header ends inside {what} (truncated or corrupt)")
-        value = struct.unpack_from(order + fmt, buf, pos)[0]
-        pos += n
-        return value
-
-    def count(n: int, item_size: int, what: str) -> int:
-        if n * item_size > size - pos:
-            raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
-        return n
-
-    length = struct.Struct(order + "Q").unpack_from
-
-    def string(what: str) -> str:  # ~100k calls for a vocabulary and its merges: kept lean
-        nonlocal pos
-        if pos + 8 > size:
-            raise GGUFError(f"{path}: header ends inside {what} (truncated or corrupt)")
-        n = length(buf, pos)[0]
-        pos += 8
-        if n > size - pos:
-            raise GGUFError(f"{path}: {what} claims {n} items, more than the file's {size} bytes can hold")
-        pos += n
-        return str(buf[pos - n : pos], "utf-8", "replace")
-
-    def value(kind: int, what: str, depth: int = 0) -> Any:
-        nonlocal pos, items
-        if kind in _SCALAR_SIZES:
-            out = (
-                np.frombuffer(buf, order + _NUMPY[kind], 1, pos)[0].item()
-                if pos + _SCALAR_SIZES[kind] <= size
-                else None
-            )
-            pos += _SCALAR_SIZES[kind]
-        elif kind == _STRING:
-            out = string(what)
-        elif kind == _ARRAY and depth < 1:
-            inner = read("I", what)
-            n = count(read("Q", what), _SCALAR_SIZES.get(inner, 8), what)
-            items += n
-            if n > MAX_ARRAY_ITEMS or items > MAX_TOTAL_ITEMS:
-                raise GGUFError(
-                    f"{path}: {what} has {n} items; autolm reads at most {MAX_ARRAY_ITEMS} per array "
-                    f"and {MAX_TOTAL_ITEMS} in all"
-                )
-            if inner in _SCALAR_SIZES:
-                out = np.frombuffer(buf, order + _NUMPY[inner], n, pos).tolist()
-                pos += n * _SCALAR_SIZES[inner]
-            elif inner == _STRING:
-                out = [string(what) for _ in range(n)]
-            else:
-                out = [value(inner, what, depth + 1) for _ in range(n)]
-        elif kind == _ARRAY:
-            raise GGUFError(f"{path}: {what} is an array of arrays (not used by any supported model)")
-        else:
-            raise GGUFError(f"{path}: {what} has an unknown value type {kind}")
-        if pos > size:
-            raise GGUFError(f"{path}: {what} runs past the end of the file (truncated or corrupt)")
-        return out
-
-    n_tensors = count(read("Q", "the tensor count"), 24, "the tensor count")
-    n_kv = count(read("Q", "the metadata count"), 12, "the metadata count")
+    h = _Header(path, buf, size)
+    n_tensors = h.count(h.read("Q", "the tensor count"), 24, "the tensor count")
+    n_kv = h.count(h.read("Q", "the metadata count"), 12, "the metadata count")
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        key = string(f"metadata key #{i}")
-        metadata[key] = value(read("I", f"metadata key {key!r}"), f"metadata key {key!r}")
+        key = h.string(f"metadata key #{i}")
+        metadata[key] = h.value(h.read("I", f"metadata key {key!r}"), f"metadata key {key!r}")
     tensors = []
     for i in range(n_tensors):
-        name = string(f"tensor #{i}'s name")
-        n_dims = read("I", f"tensor #{i}")
+        name = h.string(f"tensor #{i}'s name")
+        n_dims = h.read("I", f"tensor #{i}")
         if n_dims > 8:
             raise GGUFError(f"{path}: tensor #{i} claims {n_dims} dimensions (GGUF allows at most 4)")
-        shape = tuple(read("Q", f"tensor {name!r}") for _ in range(n_dims))
-        kind, offset = read("I", f"tensor {name!r}"), read("Q", f"tensor {name!r}")
+        shape = tuple(h.read("Q", f"tensor {name!r}") for _ in range(n_dims))
+        kind, offset = h.read("I", f"tensor {name!r}"), h.read("Q", f"tensor {name!r}")
         tensors.append((name, shape, kind, offset))
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16:
         raise GGUFError(f"{path}: general.alignment must be a small positive integer, found {alignment!r}")
-    return metadata, tensors, -(-pos // alignment) * alignment
+    return metadata, tensors, -(-h.pos // alignment) * alignment
 
 
 class GGUFFile:
@@ -322,8 +326,8 @@ def _q8_0(data) -> np.ndarray:
 def gguf_tensors(
     g: GGUFFile, config, int4: Callable[[str], bool] = lambda name: False
 ) -> Iterator[tuple[str, str, torch.Tensor | Int4Blocks]]:
-    """Yield (file, HF name, tensor) for every tensor of the file: dequantized to fp32, or as Int4Blocks
-    where the tensor is Q4_0 / Q4_1 and int4(HF name) asks for that."""
+    """Yield (file, HF name, tensor) for every tensor of the file: dequantized to fp32, or as its own blocks
+    (sources.ggml.GGMLBlocks) where int4(HF name) asks for that and autolm computes on its type."""
     import gguf
 
     size = os.path.getsize(g.path)
@@ -335,6 +339,9 @@ def gguf_tensors(
             raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+        if int4(name) and t.tensor_type != 0 and ggml.keepable(int(t.tensor_type)) and len(t.shape) <= 2:
+            yield g.path, name, ggml.blocks(g, t, config)  # the placer asked for the file's own blocks
+            continue
         if int(t.tensor_type) in _INT4_BLOCKS and len(t.shape) == 2 and int4(name):
             blocks = int4_blocks(t, g.path)
             if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):

@@ -39,10 +39,62 @@ def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, 
         ) from None
 
 
-def _parts(g: GGUFFile, path: str):
-    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+def _gpt2_backend(meta: dict, tokens: list, merges: list):
+    """GPT-2 byte-level BPE (tokenizer.ggml.model "gpt2"), split as transformers maps llama.cpp's pre name."""
+    from tokenizers import Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {
+        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, tok in enumerate(tokens)
+    }
+    backend = Backend(
+        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+            fuse_unk=False)
+    )  # fmt: skip
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    return backend, vocab
+
+
+def _llama_backend(meta: dict, tokens: list, merges: list):
+    """SentencePiece-style BPE with byte fallback (tokenizer.ggml.model "llama")."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 0))]
+    backend = Backend(
+        BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None, unk_token=unk)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),
+        ]
+    )
+    return backend, vocab
+
+
+def _parts(g: GGUFFile, path: str):
+    from tokenizers import AddedToken, processors
 
     meta = g.metadata
     kind = meta.get("tokenizer.ggml.model")
@@ -52,59 +104,11 @@ def _parts(g: GGUFFile, path: str):
     types = meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     if kind == "gpt2":
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {
-            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-            for i, tok in enumerate(tokens)
-        }
-        backend = Backend(
-            BPE(
-                vocab=vocab,
-                merges=merges,
-                dropout=None,
-                continuing_subword_prefix="",
-                end_of_word_suffix="",
-                fuse_unk=False,
-            )
-        )
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        if split is not None:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        add_bos_default = False
+        backend, vocab = _gpt2_backend(meta, tokens, merges)
     elif kind == "llama":
         if not merges:
             raise GGUFError(f"{path}: SentencePiece vocabulary without merges is not supported")
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = Backend(
-            BPE(
-                vocab=vocab,
-                merges=merges,
-                fuse_unk=True,
-                byte_fallback=True,
-                dropout=None,
-                unk_token=tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 0))],
-            )
-        )
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first", split=False
-        )
-        backend.decoder = decoders.Sequence(
-            [
-                decoders.Replace("\u2581", " "),
-                decoders.ByteFallback(),
-                decoders.Fuse(),
-                decoders.Strip(content=" ", left=1),
-            ]
-        )
-        add_bos_default = True
+        backend, vocab = _llama_backend(meta, tokens, merges)
     else:
         raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2' or 'llama')")
     byte_level = kind == "gpt2"
@@ -129,7 +133,7 @@ def _parts(g: GGUFFile, path: str):
         "unk_token": tok("unknown_token_id"),
         "pad_token": tok("padding_token_id"),
     }
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", not byte_level))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
         single = (

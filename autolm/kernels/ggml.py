@@ -1,0 +1,216 @@
+"""llama.cpp's (ggml's) weight blocks, computed on as they are: dequantizing functions written in plain torch
+ops, and the matmul that dequantizes one tile of rows at a time.
+
+Each quantized type is a sequence of fixed-size blocks per row (ggml/src/ggml-common.h): fp16 scales packed with
+2..8-bit quants. `dequantize(raw, kind)` takes a weight's rows as raw bytes, uint8 (rows, bytes per row), and
+returns float32 (rows, columns), with the arithmetic of ggml's `dequantize_row_*` (and gguf.quants, which the
+tests compare against). Written with shifts, masks and broadcasts only, the same expression serves eagerly and
+inside a compiled graph, where inductor fuses it into the matrix-vector loop: the weight is read once, as
+blocks, and never written out in float.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import linear, matvec, realize
+
+# ggml type -> (weights per block, bytes per block), for the types autolm computes on.
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = 10, 11, 12, 13, 14, 20, 23, 30
+BLOCKS = {
+    F32: (1, 4),
+    F16: (1, 2),
+    BF16: (1, 2),
+    Q4_0: (32, 18),
+    Q4_1: (32, 20),
+    Q5_0: (32, 22),
+    Q5_1: (32, 24),
+    Q8_0: (32, 34),
+    Q2_K: (256, 84),
+    Q3_K: (256, 110),
+    Q4_K: (256, 144),
+    Q5_K: (256, 176),
+    Q6_K: (256, 210),
+    IQ4_NL: (32, 18),
+    IQ4_XS: (256, 136),
+}
+FLOAT = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_TILE_BYTES = 1 << 22  # float32 bytes of one dequantized tile in the eager matmul
+
+
+def _i32(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return b[..., lo:hi].to(torch.int32)
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The little-endian fp16 at byte `at` of each block, as float32 (..., 1)."""
+    bits = _i32(b, at, at + 1) | (_i32(b, at + 1, at + 2) << 8)
+    return bits.to(torch.int16).view(torch.float16).float()
+
+
+def _bits(x: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """x (..., n) int32 -> (..., count, n): the `width`-bit fields at shifts 0, width, 2 width, ..."""
+    shifts = torch.arange(0, width * count, width, dtype=torch.int32, device=x.device)
+    return (x.unsqueeze(-2) >> shifts.unsqueeze(-1)) & ((1 << width) - 1)
+
+
+def _u32(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The little-endian uint32 at byte `at` of each block (as int32 bits) (..., 1)."""
+    out = _i32(b, at, at + 1)
+    for i in range(1, 4):
+        out = out | (_i32(b, at + i, at + i + 1) << (8 * i))
+    return out
+
+
+def _nibbles(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bytes lo..hi of each block as 4-bit values, low nibbles first: (..., 2 (hi - lo))."""
+    q = _bits(_i32(b, lo, hi), 4, 2)
+    return q.reshape(*q.shape[:-2], -1)
+
+
+# Each type's blocks (..., blocks, bytes) -> (q, scale, low): q (..., groups, group) the integer quants (or the
+# code book's values), scale and low (..., groups) float32, low None where zero; value = scale * q + low.
+
+
+def _q4(b, kind):
+    if kind == Q4_0:
+        return _nibbles(b, 2, 18).unsqueeze(-2) - 8, _half(b, 0), None
+    return _nibbles(b, 4, 20).unsqueeze(-2), _half(b, 0), _half(b, 2)
+
+
+def _q5(b, kind):
+    at = 2 if kind == Q5_0 else 4
+    high = (_u32(b, at) >> torch.arange(32, dtype=torch.int32, device=b.device)) & 1
+    q = (_nibbles(b, at + 4, at + 20) | (high << 4)).unsqueeze(-2)
+    return (q - 16, _half(b, 0), None) if kind == Q5_0 else (q, _half(b, 0), _half(b, 2))
+
+
+def _q8_0(b, kind):
+    return b[..., 2:34].view(torch.int8).unsqueeze(-2), _half(b, 0), None
+
+
+def _q2_k(b, kind):
+    sc = _i32(b, 0, 16)
+    q = _bits(_i32(b, 16, 80).unflatten(-1, (2, 32)), 2, 4)  # (..., 2 halves, 4 shifts, 32)
+    return q.flatten(-3).unflatten(-1, (16, 16)), _half(b, 80) * (sc & 15), -(_half(b, 82) * (sc >> 4))
+
+
+def _q3_k(b, kind):
+    low = _bits(_i32(b, 96, 104), 4, 2).flatten(-2)  # 16 x 4 low bits of the 6-bit scales
+    high = _bits(_i32(b, 104, 108), 2, 4).flatten(-2)
+    ql = _bits(_i32(b, 32, 96).unflatten(-1, (2, 32)), 2, 4).flatten(-3)
+    qh = _bits(_i32(b, 0, 32), 1, 8).flatten(-2) ^ 1  # a set bit means no offset
+    return (ql - (qh << 2)).unflatten(-1, (16, 16)), _half(b, 108) * ((low | (high << 4)) - 32), None
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes (..., 12) int32 -> eight 6-bit scales and eight 6-bit mins (..., 8)."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+    return sc, mn
+
+
+def _q45_k(b, kind):
+    sc, mn = _scale_min_k4(_i32(b, 4, 16))
+    at = 16 if kind == Q4_K else 48
+    q = _bits(_i32(b, at, at + 128).unflatten(-1, (4, 32)), 4, 2).flatten(-3, -2)  # (..., 8, 32)
+    if kind == Q5_K:
+        q = q | (_bits(_i32(b, 16, 48), 1, 8) << 4)
+    return q, _half(b, 0) * sc, -(_half(b, 2) * mn)
+
+
+def _q6_k(b, kind):
+    ql = _bits(_i32(b, 0, 128).unflatten(-1, (2, 64)), 4, 2).flatten(-3)  # (..., 256)
+    qh = _bits(_i32(b, 128, 192).unflatten(-1, (2, 32)), 2, 4).flatten(-3)
+    q = ((ql | (qh << 4)) - 32).unflatten(-1, (16, 16))
+    return q, _half(b, 208) * b[..., 192:208].view(torch.int8).float(), None
+
+
+def _iq4(b, kind):
+    table = torch.tensor(_IQ4_VALUES, dtype=torch.float32, device=b.device)
+    if kind == IQ4_NL:
+        return table[_nibbles(b, 2, 18)].unsqueeze(-2), _half(b, 0), None
+    low = _bits(_i32(b, 4, 8), 4, 2).transpose(-1, -2).flatten(-2)  # (..., 8)
+    high = _bits(_i32(b, 2, 3) | (_i32(b, 3, 4) << 8), 2, 8).flatten(-2)
+    q = _bits(_i32(b, 8, 136).unflatten(-1, (8, 16)), 4, 2).flatten(-2)  # (..., 8, 32)
+    return table[q], _half(b, 0) * ((low | (high << 4)) - 32), None
+
+
+_PARTS = {
+    Q4_0: _q4,
+    Q4_1: _q4,
+    Q5_0: _q5,
+    Q5_1: _q5,
+    Q8_0: _q8_0,
+    Q2_K: _q2_k,
+    Q3_K: _q3_k,
+    Q4_K: _q45_k,
+    Q5_K: _q45_k,
+    Q6_K: _q6_k,
+    IQ4_NL: _iq4,
+    IQ4_XS: _iq4,
+}
+
+
+def parts(raw: torch.Tensor, kind: int):
+    """A quantized weight's rows, raw bytes (rows, bytes per row) -> (q (rows, groups, group), scale (rows,
+    groups), low (rows, groups) or None): value = scale * q + low, groups of 16 or 32 along each row."""
+    q, scale, low = _PARTS[kind](raw.unflatten(-1, (-1, BLOCKS[kind][1])), kind)
+    flat = (*raw.shape[:-1], -1)
+    return q.reshape(*flat, q.shape[-1]), scale.reshape(flat), None if low is None else low.reshape(flat)
+
+
+def dequantize(raw: torch.Tensor, kind: int) -> torch.Tensor:
+    """A weight's rows in ggml type `kind`, raw bytes uint8 (rows, bytes per row) -> float32 (rows, columns)."""
+    if kind in FLOAT:
+        return raw.view(FLOAT[kind]).float()
+    q, scale, low = parts(raw, kind)
+    w = scale.unsqueeze(-1) * q
+    return (w if low is None else w + low.unsqueeze(-1)).flatten(-2)
+
+
+def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + bias for a weight W kept in its ggml blocks (see dequantize). Inside a compiler: one
+    matrix-vector loop over the blocks (or a matmul of the dequantized weight for longer inputs); eagerly: the
+    weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul."""
+    if torch.compiler.is_compiling():
+        x = realize(x)
+        if x.shape[:-1].numel() <= 4:
+            return _matvec(x, raw, kind, bias)
+        return linear(x.float(), dequantize(raw, kind), None if bias is None else bias.float()).to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    n = raw.shape[0]
+    rows = max(1, _TILE_BYTES // (4 * x.shape[-1]))
+    if rows >= n:
+        y = linear(x2, dequantize(raw, kind))
+    else:
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
+        for i in range(0, n, rows):
+            y[:, i : i + rows] = linear(x2, dequantize(raw[i : i + rows], kind))
+    y = y.to(x.dtype).view(*x.shape[:-1], n)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def _matvec(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """A few rows of x times the blocks, as inductor streams them: per group a dot product of x with the integer
+    quants, times the group's scale (plus the sum of x times its low value), summed over the groups."""
+    if kind in FLOAT:
+        return matvec(x.float(), raw.view(FLOAT[kind]), bias).to(x.dtype)
+    q, scale, low = parts(raw, kind)  # (N, G, g), (N, G)
+    xs = x.float().unflatten(-1, (-1, q.shape[-1])).unsqueeze(-3)  # (..., 1, G, g)
+    y = ((xs * q).sum(-1) * scale).sum(-1)
+    if low is not None:
+        y = y + (xs.sum(-1) * low).sum(-1)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def ggml_rows(raw: torch.Tensor, kind: int, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (any shape) of a weight kept in ggml blocks, dequantized: (*ids.shape, columns) in dtype."""
+    flat = ids.reshape(-1)
+    return dequantize(raw.index_select(0, flat), kind).to(dtype).view(*ids.shape, -1)
+
+
+__all__ = ["BLOCKS", "FLOAT", "dequantize", "ggml_linear", "ggml_rows", "parts"]

@@ -1,0 +1,135 @@
+"""quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
+
+The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
+type before loading: Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4
+layout, groups of 32; PyTorch's int4 kernel computes them), every other quantized type (Q5_0, Q8_0, Q6_K, ...)
+and F16 / BF16 a GGML layer over the file's memory map (autolm.nn.ggml), F32 stays a float layer. A tied head
+shares the embeddings' blocks. Tensors of a type autolm does not compute on (IQ2_XXS, ...) are dequantized
+while loading, with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..nn.ggml import GGMLEmbedding, GGMLLinear
+from ..quant import Int4Linear, pack_nibbles
+from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
+
+logger = logging.getLogger("autolm")
+
+
+def file_types(source) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """HF tensor name -> (ggml type, shape in the model's order) for every tensor of a GGUF source."""
+    from ..sources.gguf import hf_name
+
+    out = {}
+    for t in source.file.tensors:
+        name = hf_name(t.name, source.file.family)
+        if name is not None:
+            out[name] = (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
+    return out
+
+
+class KeepGGUF:
+    """Keeps every tensor of a GGUF file in its own type (see the module docstring); `inner` places them."""
+
+    action = "loading GGUF blocks"
+
+    def __init__(self, source, inner):
+        if getattr(source, "format", None) != "gguf":
+            raise ConfigError("quantization='gguf' keeps a GGUF file's own blocks: pass gguf_file=")
+        self.source, self.inner = source, inner
+        self.types = file_types(source)
+        self.kept: dict[str, nn.Module] = {}  # weight name -> the layer that keeps it
+        self.fallback: list[str] = []
+        self.embeddings, self.tied = "model.embed_tokens.weight", False
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, GGUF blocks"
+
+    def notes(self) -> list[str]:
+        counts = Counter(type_name(layer.ggml_type if hasattr(layer, "ggml_type") else self.types[n][0])
+                         for n, layer in self.kept.items())  # fmt: skip
+        kept = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+        out = [f"kept in the file's blocks: {kept}"] if kept else []
+        if self.fallback:
+            out.append(f"dequantized (types autolm does not compute on): {', '.join(self.fallback[:8])}")
+        return out + self.inner.notes()
+
+    def _layer(self, name: str, module: nn.Module, kind: int, dtype: torch.dtype) -> nn.Module | None:
+        """The layer that keeps `module`'s weight of type `kind` (None: the module stays as it is)."""
+        if kind == 0 or getattr(module, "fan_in_fan_out", False):
+            return None  # F32, and GPT-2's Conv1D (stored transposed): float layers
+        if not keepable(kind):
+            self.fallback.append(f"{name}.weight ({type_name(kind)})")
+            return None
+        with torch.device("meta"):
+            if isinstance(module, nn.Embedding):
+                return GGMLEmbedding(module.num_embeddings, module.embedding_dim, kind, dtype)
+            bias = module.bias is not None
+            if kind in INT4_TYPES and module.in_features % 32 == 0 and not (self.tied and name == "lm_head"):
+                return Int4Linear(module.in_features, module.out_features, bias, dtype, 32)
+            return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype)
+
+    def setup(self, model: nn.Module) -> None:
+        dtype = model.dtype
+        self.tied = model.config.tie_word_embeddings
+        self.embeddings = f"{model.embeddings_name}.weight"
+        for name, module in list(model.named_modules()):
+            inside = name.startswith(model.layers_prefix + ".") and isinstance(module, nn.Linear)
+            if not (inside or name in ("lm_head", model.embeddings_name)):
+                continue
+            weight = self.embeddings if (name == "lm_head" and self.tied) else f"{name}.weight"
+            if weight not in self.types:
+                continue
+            new = self._layer(name, module, self.types[weight][0], dtype)
+            if new is None:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            self.kept[f"{name}.weight"] = new
+        self.inner.setup(model)
+
+    def expected(self, model):
+        return self.inner.expected(model)
+
+    def plan(self, model, dtype):
+        self.inner.plan(model, dtype)
+
+    def keeps_blocks(self, name: str) -> bool:
+        return name in self.kept
+
+    def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """GGUF blocks -> the keeping layer's entries (the embeddings' blocks also the tied head's)."""
+        if not hasattr(t, "kind"):
+            return None
+        layer = self.kept[name]
+        module = name.removesuffix(".weight")
+        want = (
+            (layer.num_embeddings, layer.embedding_dim)
+            if isinstance(layer, GGMLEmbedding)
+            else (layer.out_features, layer.in_features)
+        )
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"tensor {t.name!r} ({name}): file {tuple(t.shape)} vs model {want}")
+        if isinstance(layer, Int4Linear):
+            q, sz = to_int4(t)
+            return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
+        if isinstance(layer, GGMLEmbedding):
+            out = {f"{module}.blocks": t.raw}
+            if self.tied and isinstance(self.kept.get("lm_head.weight"), GGMLLinear):
+                out["lm_head.weight"] = t.raw  # the tied head reads the same blocks
+            return out
+        return {name: t.raw}
+
+    def put(self, name, t, path, zero_copy):
+        return self.inner.put(name, t, path, zero_copy)
+
+    def finish(self, model, loaded):
+        return self.inner.finish(model, loaded)

@@ -1,0 +1,74 @@
+"""Layers that hold a weight in llama.cpp's own blocks (a GGUF file's tensor as it is on disk) and compute on it
+through autolm's kernels (kernels.ggml): a linear layer and an embedding table."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels.ggml import BLOCKS
+
+
+def row_bytes(columns: int, kind: int) -> int:
+    """Bytes of one row of `columns` weights in ggml type `kind`."""
+    block, size = BLOCKS[kind]
+    return columns // block * size
+
+
+class GGMLLinear(nn.Module):
+    """y = x @ W.T + b with W (out_features, in_features) kept as ggml blocks: `weight` is uint8 (out_features,
+    bytes per row), usually a view of the GGUF file's memory map."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kind: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
+        self.register_buffer(
+            "weight", torch.empty(out_features, row_bytes(in_features, kind), dtype=torch.uint8)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (out_features, in_features) weight these blocks stand for."""
+        return kernels.ggml_dequantize(self.weight, self.ggml_type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"
+
+
+class GGMLEmbedding(nn.Module):
+    """An embedding table kept as ggml blocks (`blocks`, uint8 (num_embeddings, bytes per row)); a lookup
+    dequantizes only the rows it reads. `weight` describes the float table (its shape, dtype and device, for
+    code that asks) without holding it: its values are zeros; `dequantize()` gives the real table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, kind: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.ggml_type, self.dtype = (
+            num_embeddings,
+            embedding_dim,
+            kind,
+            dtype,
+        )
+        self.register_buffer(
+            "blocks", torch.empty(num_embeddings, row_bytes(embedding_dim, kind), dtype=torch.uint8)
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.blocks.device).expand(
+            self.num_embeddings, self.embedding_dim
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        return kernels.ggml_dequantize(self.blocks, self.ggml_type)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return kernels.ggml_rows(self.blocks, self.ggml_type, ids, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type}"

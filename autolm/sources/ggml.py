@@ -1,0 +1,89 @@
+"""GGUF tensors handed over in their own blocks (llama.cpp's quantization types), without a float round trip.
+
+`blocks(g, t, config)` gives a tensor's rows as raw bytes over the file's memory map (q/k rows un-permuted where
+the family's converter permuted them: a copy of those two); `to_int4` repacks the types whose blocks are exactly
+autolm's int4 layout (4-bit quants in groups of 32 with a scale and an offset: Q4_0, Q4_1, Q4_K) into the
+int4 layers' entries. Every other type is computed on as it is (autolm.nn.ggml, autolm.kernels.ggml).
+"""
+
+from __future__ import annotations
+
+import mmap
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from ..errors import GGUFError
+from ..kernels import ggml as K
+
+INT4_TYPES = (K.Q4_0, K.Q4_1, K.Q4_K)  # exactly int4 with groups of 32 (scales rounded to bf16)
+_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GGUFFile -> uint8 tensor over the whole file
+
+
+def type_name(kind: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"
+
+
+def keepable(kind: int) -> bool:
+    """Whether autolm computes on this ggml type's blocks (else its tensors are dequantized while loading)."""
+    return kind in K.BLOCKS
+
+
+class GGMLBlocks(NamedTuple):
+    """A weight (shape (N, K)) of ggml type `kind` as its rows of raw blocks: uint8 (N, bytes per row)."""
+
+    raw: torch.Tensor
+    kind: int
+    shape: tuple[int, int]
+    name: str  # the tensor's name in the GGUF file, for errors
+
+    def is_floating_point(self) -> bool:
+        return False
+
+
+def file_map(g) -> torch.Tensor:
+    """The whole GGUF file as a uint8 tensor over a private (copy-on-write) memory map, made once per file."""
+    t = _MAPS.get(g)
+    if t is None:
+        with open(g.path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        t = torch.frombuffer(m, dtype=torch.uint8) if len(m) else torch.empty(0, dtype=torch.uint8)
+        _MAPS[g] = t
+    return t
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation on rows of any kind (raw blocks included): (n_head, 2, dim/2)
+    row groups -> (n_head, dim/2, 2)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def blocks(g, t, config) -> GGMLBlocks:
+    """Tensor `t` (a sources.gguf.TensorInfo) of GGUF file `g` as raw blocks, rows in the HF model's order."""
+    if not keepable(int(t.tensor_type)):
+        raise GGUFError(
+            f"{g.path}: tensor {t.name!r} has type {type_name(t.tensor_type)}, not kept in blocks"
+        )
+    n, k = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (1, int(t.shape[0]))
+    raw = file_map(g)[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
+    if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
+        heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
+        raw = unpermute_rows(raw, heads).clone()
+    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name)
+
+
+def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 / Q4_K blocks -> (q uint8 (N, K) in 0..15, scales_and_zeros (K / 32, N, 2) float32) with
+    value = (q - 8) * scale + zero: the same weights, only the layers' bf16 scales round them."""
+    q, scale, low = K.parts(b.raw, b.kind)  # (N, G, 32), (N, G): value = scale * q + low
+    offset = 8 if b.kind == K.Q4_0 else 0  # Q4_0's quants come centred (q - 8)
+    zero = (8 - offset) * scale + (0 if low is None else low)
+    q = (q + offset).to(torch.uint8).reshape(b.shape)
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()

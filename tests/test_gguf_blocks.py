@@ -1,0 +1,190 @@
+"""GGUF weights kept in llama.cpp's own blocks (quantization="gguf"): every type's blocks dequantize as gguf's
+reference code does, every kept layer's matmul equals the dequantized weight's, and a model written in
+llama.cpp's exact block layouts (with the gguf package) gives the logits of its dequantized twin."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import autolm
+from autolm.kernels import ggml as K
+from autolm.nn.ggml import GGMLEmbedding, GGMLLinear
+from autolm.quant import Int4Linear
+
+# byte offsets of each type's fp16 fields inside a block (ggml-common.h): random bytes there would be NaN or huge
+HALVES = {
+    K.Q4_0: [0],
+    K.Q4_1: [0, 2],
+    K.Q5_0: [0],
+    K.Q5_1: [0, 2],
+    K.Q8_0: [0],
+    K.Q2_K: [80, 82],
+    K.Q3_K: [108],
+    K.Q4_K: [0, 2],
+    K.Q5_K: [0, 2],
+    K.Q6_K: [208],
+    K.IQ4_NL: [0],
+    K.IQ4_XS: [0],
+}
+QUANTIZED = sorted(HALVES)
+
+
+def random_blocks(kind: int, rows: int, cols: int, seed: int = 0, scale: float = 0.05) -> np.ndarray:
+    """Random rows of ggml type `kind` (uint8 (rows, bytes per row)) in llama.cpp's block layout."""
+    rng = np.random.default_rng(seed)
+    if kind in K.FLOAT:
+        w = rng.normal(0, scale, (rows, cols)).astype(np.float32)
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType(kind)).view(np.uint8).reshape(rows, -1)
+    block, size = K.BLOCKS[kind]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in HALVES[kind]:
+        d = rng.uniform(0.2, 1, (rows, cols // block, 1)) * scale / (16 if block == 256 else 8)
+        raw[..., at : at + 2] = d.astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_blocks_dequantize_as_gguf_does(kind):
+    raw = random_blocks(kind, 5, 512, seed=kind)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
+    got = K.dequantize(torch.from_numpy(raw), kind).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", [*QUANTIZED, K.F16, K.BF16], ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_kept_matmul_equals_the_dequantized_weight(kind):
+    """Eager (tiles of rows dequantized), and the matrix-vector form compiled graphs run (per group: the
+    integer quants' dot product times the group's scale), against x @ dequantize(W).T in float64."""
+    n, k = 70, 512
+    raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 1))
+    w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
+    bias = torch.randn(n)
+    layer = GGMLLinear(k, n, True, kind, torch.float32)
+    layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 1, k)
+        want = (x.double() @ w.T + bias.double()).float()
+        tol = dict(rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(layer(x), want, **tol)
+        if rows <= 4:
+            torch.testing.assert_close(K._matvec(x, raw, kind, bias), want, **tol)
+    K._TILE_BYTES, old = 4 * k * 16, K._TILE_BYTES  # several tiles
+    try:
+        torch.testing.assert_close(layer(x), want, **tol)
+    finally:
+        K._TILE_BYTES = old
+    ids = torch.tensor([[3, 0, 69]])
+    emb = GGMLEmbedding(n, k, kind, torch.float32)
+    emb.load_state_dict({"blocks": raw}, assign=True)
+    torch.testing.assert_close(emb(ids), w[ids[0]].float().unsqueeze(0))
+
+
+# A Llama-shaped model whose every linear layer is another type; K-quants need rows of 256.
+HIDDEN, FFN, HEADS, KV, VOCAB, LAYERS = 256, 512, 4, 2, 96, 2
+TYPES = [
+    dict(attn_q=K.Q4_K, attn_k=K.Q5_K, attn_v=K.Q6_K, attn_output=K.Q3_K, ffn_gate=K.Q2_K, ffn_up=K.IQ4_XS,
+         ffn_down=K.Q8_0),
+    dict(attn_q=K.Q5_0, attn_k=K.Q5_1, attn_v=K.IQ4_NL, attn_output=K.Q4_0, ffn_gate=K.Q4_1, ffn_up=K.F16,
+         ffn_down=K.BF16),
+]  # fmt: skip
+
+
+def write_gguf(path: str, embed: int, output: int | None) -> str:
+    """A tiny llama GGUF in llama.cpp's layouts; output None: tied embeddings."""
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in dict(context_length=64, embedding_length=HIDDEN, block_count=LAYERS,
+                           feed_forward_length=FFN, vocab_size=VOCAB).items():  # fmt: skip
+        getattr(w, f"add_{key}")(value)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    seed = iter(range(1000))
+
+    def tensor(name: str, kind: int, rows: int, cols: int) -> None:
+        raw = random_blocks(kind, rows, cols, seed=next(seed), scale=0.5 if "embd" in name else 0.05)
+        w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(kind))
+
+    tensor("token_embd.weight", embed, VOCAB, HIDDEN)
+    rng = np.random.default_rng(7)
+    for i, types in enumerate(TYPES):
+        kv = HIDDEN // HEADS * KV
+        shapes = dict(attn_q=(HIDDEN, HIDDEN), attn_k=(kv, HIDDEN), attn_v=(kv, HIDDEN),
+                      attn_output=(HIDDEN, HIDDEN), ffn_gate=(FFN, HIDDEN), ffn_up=(FFN, HIDDEN),
+                      ffn_down=(HIDDEN, FFN))  # fmt: skip
+        for part, kind in types.items():
+            tensor(f"blk.{i}.{part}.weight", kind, *shapes[part])
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", rng.uniform(0.8, 1.2, HIDDEN).astype(np.float32))
+    w.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, HIDDEN).astype(np.float32))
+    if output is not None:
+        tensor("output.weight", output, VOCAB, HIDDEN)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _load(path: str, **kw):
+    return autolm.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), progress=False, **kw
+    )
+
+
+@pytest.mark.parametrize("embed,output", [(K.Q6_K, K.Q8_0), (K.Q8_0, None), (K.Q4_K, None)])
+def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output):
+    path = write_gguf(str(tmp_path / "tiny.gguf"), embed, output)
+    kept, plain = _load(path, quantization="gguf"), _load(path)
+    layer = kept.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
+    assert isinstance(layer.mlp.down_proj, GGMLLinear) and layer.mlp.down_proj.ggml_type == K.Q8_0
+    assert isinstance(kept.model.embed_tokens, GGMLEmbedding) and kept.dtype == torch.float32
+    if output is None:  # the tied head reads the embeddings' own blocks
+        assert kept.lm_head.weight is kept.model.embed_tokens.blocks
+    assert "Q6_K x" in " ".join(kept.load_report.notes)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = kept(ids).logits, plain(ids).logits
+    # Q4_K and Q4_0 / Q4_1 layers compute with bf16 activations and scales (PyTorch's int4 kernel); the rest in fp32
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    greedy = kept.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(greedy, plain.generate(ids[:1], max_new_tokens=4, do_sample=False))
+
+
+def test_kept_blocks_are_the_files_memory_map(tmp_path):
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)
+    model = _load(path, quantization="gguf")
+    size = os.path.getsize(path)
+    down = model.model.layers[0].mlp.down_proj.weight
+    head = model.lm_head.weight
+    base = min(down.untyped_storage().data_ptr(), head.untyped_storage().data_ptr())
+    assert down.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()  # one map of the file
+    assert down.untyped_storage().nbytes() == size and base == down.untyped_storage().data_ptr()
+
+
+def test_int4_quantization_takes_k_quant_blocks(tmp_path):
+    """quantization='int4' on a K-quant file: Q4_K blocks load as they are, other types via torch."""
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)
+    model, plain = _load(path, quantization="int4"), _load(path)
+    q, want = model.model.layers[0].self_attn.q_proj, plain.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(q, Int4Linear)  # only the int4 layers' bf16 scales and zeros round the blocks
+    torch.testing.assert_close(q.dequantize(), want, rtol=2**-8, atol=2**-8 * want.abs().max().item())
+
+
+def test_the_cli_runs_a_gguf_file_in_its_blocks(tmp_path, monkeypatch):
+    from autolm.cli.common import load
+
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
+    monkeypatch.setattr("autolm.tokenizer.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    model, _ = load(path)
+    assert isinstance(model.lm_head, GGMLLinear)
+    model, _ = load(path, quantize="none")
+    assert isinstance(model.lm_head, torch.nn.Linear)
