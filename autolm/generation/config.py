@@ -84,6 +84,12 @@ class GenerationConfig:
     logit_bias: dict[int, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # speculative decoding (speculative.py): a draft model's settings, or prompt lookup's
+    num_assistant_tokens: int | None = None
+    num_assistant_tokens_schedule: str | None = None
+    assistant_confidence_threshold: float | None = None
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -329,6 +335,14 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "logit_bias": (lambda v: isinstance(v, dict), "a dict {token id: bias}"),
     "presence_penalty": (_num(), "a number"),
     "frequency_penalty": (_num(), "a number"),
+    "num_assistant_tokens": (_int(1), "an integer >= 1"),
+    "num_assistant_tokens_schedule": (
+        lambda v: v in ("constant", "heuristic", "heuristic_transient"),
+        "'constant', 'heuristic' or 'heuristic_transient'",
+    ),
+    "assistant_confidence_threshold": (_num(0, 1), "in [0, 1] (0: off)"),
+    "prompt_lookup_num_tokens": (_int(1), "an integer >= 1"),
+    "max_matching_ngram_size": (_int(1), "an integer >= 1"),
 }
 
 

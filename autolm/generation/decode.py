@@ -12,6 +12,7 @@ from ..errors import GenerationError
 from ..step import decoder
 from .config import GenerationConfig
 from .sampling import choose, logits_processors
+from .speculative import check_speculation, speculate
 from .stopping import build_criteria
 
 
@@ -25,6 +26,64 @@ class Step:
     logits: torch.Tensor
     scores: torch.Tensor
     past_key_values: Any = None
+
+
+class Run:
+    """What one generation carries from token to token: the rows so far (ids (B, T), the mask over the cache
+    and the newest token, the newest token's positions (B, 1)), the cache, the one list of logits processors,
+    the stopping criteria and which rows are unfinished. Speculative decoding (speculative.py) drives the
+    same object, several tokens per forward."""
+
+    def __init__(self, model, cfg, ids, mask, cache, processors, criteria, generator):
+        self.model, self.cfg, self.ids, self.mask, self.cache = model, cfg, ids, mask, cache
+        self.processors, self.criteria, self.generator = processors, criteria, generator
+        self.pad = _pad_token(cfg, criteria)
+        self.history = [] if cfg.return_dict_in_generate and cfg.output_scores else None
+        self.unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self.eos = torch.tensor(cfg.eos_ids, dtype=torch.long) if cfg.eos_ids else None
+        self.pos = None  # (B, 1): the position of the token fed next
+        self.emitted = 0
+        self._decode = None  # the decode step, chosen once a second token is needed (autolm.step.decoder)
+
+    def checked(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits in fp32; GenerationError on NaN or inf unless remove_invalid_values asks to fix them."""
+        raw = logits.float()
+        if not self.cfg.remove_invalid_values and not torch.isfinite(raw).all():
+            raise GenerationError(
+                f"the model produced NaN or infinite logits at step {self.emitted} (broken weights, or an "
+                "overflow in this dtype: try float32 or bfloat16)"
+            )
+        return raw
+
+    def emit(self, token: torch.Tensor, raw: torch.Tensor, scores: torch.Tensor) -> Step:
+        """Append the chosen tokens (B,) (the pad token in finished rows) and check the stopping criteria."""
+        if self.pad is not None:
+            token = torch.where(self.unfinished, token, torch.full_like(token, self.pad))
+        self.ids = torch.cat([self.ids, token[:, None]], dim=1)
+        if self.history is not None:
+            self.history.append(scores)
+        if self.criteria:
+            history = tuple(self.history) if self.history is not None else None
+            self.unfinished &= ~self.criteria(self.ids, history)
+        self.emitted += 1
+        return Step(token, ~self.unfinished, raw, scores, self.cache)
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.unfinished.any())
+
+    def live(self) -> torch.Tensor:
+        """(B,) the rows whose next tokens are real: the unfinished ones, or all when finished rows go on
+        with real tokens (no EOS criterion to pad them)."""
+        return self.unfinished if self.pad is not None else torch.ones_like(self.unfinished)
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed the newest tokens (B,) through the decode step: the next logits (B, V)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self._decode = self._decode or decoder(self.model, self.cache, self.mask)
+        logits = self._decode(token[:, None], self.mask, self.pos, self.cache)
+        self.pos = self.pos + 1
+        return logits
 
 
 def prepare_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -99,51 +158,43 @@ def generate_tokens(
     stopping_criteria: Sequence[Callable] = (),
     past_key_values=None,
     prefix_allowed_tokens_fn: Callable | None = None,
+    assistant_model=None,
 ) -> Iterator[Step]:
     """Yield one Step per new token. Rows that reach EOS get the pad token afterwards (as in transformers,
-    only when EOS is one of the stopping criteria)."""
+    only when EOS is one of the stopping criteria). With an assistant_model or prompt_lookup_num_tokens,
+    the tokens come from speculative decoding (speculative.py): the same tokens greedily, the same
+    distribution when sampling."""
     cfg = (config or GenerationConfig()).with_defaults()
     ids, mask = prepare_inputs(model, input_ids, attention_mask)
-    B, P = ids.shape
+    P = ids.shape[1]
     steps = new_token_budget(cfg, P, model.config.max_position_embeddings)
     if steps == 0:
         return
+    speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
+    if speculative:
+        check_speculation(model, cfg, assistant_model)
     processors = logits_processors(
         cfg, P, logits_processor, prefix_allowed_tokens_fn, mask, P + steps, device=ids.device
     )
     criteria = build_criteria(cfg, tokenizer, stopping_criteria)
-    pad = _pad_token(cfg, criteria)
-    history = [] if cfg.return_dict_in_generate and cfg.output_scores else None
-    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
     out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
-    logits, pos = out.logits[:, -1], pos[:, -1:] + 1
-    decode = None  # the decode step, chosen once a second token is needed (autolm.step.decoder)
+    run = Run(model, cfg, ids, mask, cache, processors, criteria, generator)
+    run.pos = pos[:, -1:] + 1
+    if speculative:
+        yield from speculate(run, out.logits[:, -1], steps, assistant_model)
+        return
+    logits = out.logits[:, -1]
     for step in range(steps):
-        raw = logits.float()
-        if not cfg.remove_invalid_values and not torch.isfinite(raw).all():
-            raise GenerationError(
-                f"the model produced NaN or infinite logits at step {step} (broken weights, or an "
-                "overflow in this dtype: try float32 or bfloat16)"
-            )
-        scores = processors(ids, raw)
+        raw = run.checked(logits)
+        scores = processors(run.ids, raw)
         token = choose(scores, cfg, generator)
-        if pad is not None:
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        if history is not None:
-            history.append(scores)
-        if criteria:
-            unfinished &= ~criteria(ids, tuple(history) if history is not None else None)
-        yield Step(token, ~unfinished, raw, scores, cache)
-        if step == steps - 1 or not bool(unfinished.any()):
+        yield run.emit(token, raw, scores)
+        if step == steps - 1 or run.done:
             return
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        decode = decode or decoder(model, cache, mask)
-        logits = decode(token[:, None], mask, pos, cache)
-        pos = pos + 1
+        logits = run.advance(run.ids[:, -1])
 
 
 def _pad_token(cfg: GenerationConfig, criteria) -> int | None:

@@ -13,6 +13,7 @@ from ..errors import GenerationError
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import generate_tokens, prepare_inputs
+from .speculative import check_speculation
 
 # transformers settings autolm does not run: set to anything but their "off" value, generate() refuses.
 _UNSUPPORTED = {
@@ -25,7 +26,6 @@ _UNSUPPORTED = {
     "diversity_penalty": (None, 0, 0.0),
     "watermarking_config": (None,),
     "token_healing": (None, False),
-    "prompt_lookup_num_tokens": (None,),
 }
 
 
@@ -119,12 +119,10 @@ class GenerationMixin:
         input_ids = inputs if input_ids is None else input_ids
         if input_ids is None:
             raise GenerationError("generate() needs input_ids")
-        if assistant_model is not None:
-            raise GenerationError(
-                "assistant_model (assisted generation) is not supported by autolm's generate()"
-            )
         cfg = self._generation_config(generation_config, kwargs)
         _refuse_unsupported(cfg)
+        if assistant_model is not None or cfg.prompt_lookup_num_tokens is not None:
+            check_speculation(self, cfg, assistant_model)
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         input_ids, attention_mask = prepare_inputs(self, input_ids, attention_mask)
@@ -152,12 +150,14 @@ class GenerationMixin:
             streamer,
             tokenizer,
             generator,
+            assistant_model,
         )
 
     def _sample(
-        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator
+        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft
     ):
-        """Greedy or sampled decoding through the token iterator, collected as generate() returns it."""
+        """Greedy or sampled decoding through the token iterator (speculative with a draft model or prompt
+        lookup), collected as generate() returns it."""
         n = cfg.num_return_sequences
         if n > 1:
             if cache is not None:
@@ -168,7 +168,7 @@ class GenerationMixin:
             streamer.put(input_ids.cpu())
         new, scores, logits = [], [], []
         steps = generate_tokens(
-            self, input_ids, attention_mask, cfg, generator, tokenizer, *custom, cache, prefix_fn
+            self, input_ids, attention_mask, cfg, generator, tokenizer, *custom, cache, prefix_fn, draft
         )
         for step in steps:
             new.append(step.token)

@@ -62,9 +62,11 @@ def stream_generate(
     prompt: str | list[int],
     max_new_tokens: int = 256,
     generator: torch.Generator | None = None,
+    assistant_model=None,
     **kwargs: Any,
 ) -> Iterator[GenerationChunk]:
-    """Yield text pieces as tokens arrive (batch of one), with tokens/s statistics."""
+    """Yield text pieces as tokens arrive (batch of one), with tokens/s statistics; assistant_model (a draft
+    model) or prompt_lookup_num_tokens decode speculatively."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     input_ids = torch.tensor([ids], dtype=torch.long)
     cfg = generation_config_of(model, dict(max_new_tokens=max_new_tokens, **kwargs))
@@ -73,7 +75,10 @@ def stream_generate(
     eos = set(cfg.eos_ids)
     t0 = time.perf_counter()
     t_first = None
-    for n, step in enumerate(generate_tokens(model, input_ids, None, cfg, generator, tokenizer), 1):
+    steps = generate_tokens(
+        model, input_ids, None, cfg, generator, tokenizer, assistant_model=assistant_model
+    )
+    for n, step in enumerate(steps, 1):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
