@@ -12,6 +12,8 @@ from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir
 from ..nn import KVCache
 from .base import CausalLM, DecoderModel
+from .gemma2 import Gemma2Config, Gemma2ForCausalLM
+from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 from .mistral import MistralConfig, MistralForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -27,7 +29,14 @@ def register(model_type: str, config_cls: type[PretrainedConfig], model_cls: Any
     _MODELS[model_type] = model_cls
 
 
-for _cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM):
+for _cls in (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+):
     register(_cls.config_class.model_type, _cls.config_class, _cls)
 
 
@@ -78,6 +87,10 @@ __all__ = [
     "CONFIG_CLASSES",
     "CausalLM",
     "DecoderModel",
+    "Gemma2Config",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3TextConfig",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",

@@ -16,6 +16,7 @@ names for saving, so files autolm writes load in transformers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +139,8 @@ class GGUFLayout:
     top: tuple[tuple[str, str], ...] = ()  # (<name>, module path)
     permute_qk: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()  # config fields the converter does not write, set to these
+    # added by the converter to every `*norm.weight` (Gemma stores its (1 + w) norms as 1 + w); subtracted on reading
+    norm_shift: float = 0.0
+    # config fields llama.cpp derives rather than reads (Gemma's attention scale, layer pattern, local RoPE):
+    # derive(the config dict read so far, get) fills them in, get(key) reading the file's "<arch>.<key>"
+    derive: Callable[[dict[str, Any], Callable[[str], Any]], None] | None = None

@@ -247,6 +247,8 @@ def config_from_gguf(g: GGUFFile, **overrides):
     names = {t.name for t in g.tensors}
     d["tie_word_embeddings"] = "output.weight" not in names
     d.update(g.layout.fixed)
+    if g.layout.derive is not None:
+        g.layout.derive(d, g.get)
     for key, name in (
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -368,6 +370,8 @@ def gguf_tensors(
                 w = unpermute(w, config.num_attention_heads)
             elif ".attn_k." in t.name:
                 w = unpermute(w, config.num_key_value_heads)
+        if g.layout.norm_shift and name.endswith("norm.weight"):
+            w = w - np.float32(g.layout.norm_shift)
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, order="C")  # unquantized tensors are read-only views of the memory map
         yield g.path, name, torch.from_numpy(w)
