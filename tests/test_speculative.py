@@ -2,14 +2,17 @@
 give plain greedy decoding's tokens exactly and, when sampling, the model's own distribution (checked against
 the exact distribution of short continuations with a chi-square test under a fixed seed); batches, logits
 processors, stopping criteria, streaming, the draft's fast decode step, transformers' schedules; the real
-SmolLM2 (its int4 GGUF drafting for its fp32 self)."""
+SmolLM2 (its int4 GGUF drafting for its fp32 self) and the CLI's --draft-model / --prompt-lookup."""
 
 from __future__ import annotations
 
 import collections
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -562,3 +565,35 @@ def test_smollm2_streams_and_stops_as_plain_decoding(smol_pair):
         assert [p.text for p in pieces] == [p.text for p in plain]
         assert [p.finish_reason for p in pieces] == [p.finish_reason for p in plain]
     assert "harbour" in "".join(p.text for p in plain) and plain[-1].finish_reason == "stop"
+
+
+def test_cli_draft_model_and_prompt_lookup_print_the_plain_reply(smol_dir, smol_gguf, tmp_path):
+    def run(*flags):
+        env = dict(os.environ, AUTOLM_HOME=str(tmp_path))
+        cmd = [
+            sys.executable,
+            "-m",
+            "autolm.cli",
+            "generate",
+            smol_dir,
+            "What is the capital of France?",
+            "--chat",
+        ]
+        cmd += ["--max-new-tokens", "32", *flags]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    plain = run()
+    assert plain.returncode == 0, plain.stderr
+    for flags in (["--prompt-lookup", "6"], ["--draft-model", os.path.join(*smol_gguf)]):
+        fast = run(*flags)
+        assert fast.returncode == 0, fast.stderr
+        assert fast.stdout == plain.stdout and "Paris" in fast.stdout
+    both = run("--prompt-lookup", "6", "--draft-model", os.path.join(*smol_gguf))
+    assert both.returncode == 1 and both.stderr.strip().endswith("give one of them")
+    missing = run("--draft-model", str(tmp_path / "nope"))
+    assert (
+        missing.returncode == 1
+        and "--draft-model" in missing.stderr
+        and "no such directory" in missing.stderr
+    )
+    assert len(missing.stderr.strip().splitlines()) == 1

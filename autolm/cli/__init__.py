@@ -130,6 +130,26 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     _add_decode_flags(p)
+    _add_speculative_flags(p)
+
+
+def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (the same tokens greedily, the same distribution sampled)")
+    g.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="PATH",
+        help="a smaller model with the same tokenizer drafts tokens the model checks several at a time "
+        "(directory, repo id or .gguf, loaded with --dtype, --device and --quantize as the model is)",
+    )
+    g.add_argument(
+        "--prompt-lookup",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="draft up to N tokens copied from the prompt where its last tokens occurred before "
+        "(fast for edits, summaries and code that repeat the prompt)",
+    )
 
 
 def _add_decode_flags(p: argparse.ArgumentParser) -> None:

@@ -8,11 +8,13 @@ import sys
 
 from .common import (
     UsageError,
+    check_draft,
     check_heads,
     check_model_arg,
     distributed,
     launch,
     load,
+    load_draft,
     parse_adapters,
     prepare_decode,
     sampling_kwargs,
@@ -26,6 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("a prompt is required: autolm generate [MODEL] PROMPT")
     check_model_arg(model_name, args.device)
     kwargs = sampling_kwargs(args)
+    check_draft(args)
     adapters = parse_adapters(args.adapter)
     check_heads(model_name, args.tp)
     code = launch(args.tp, args.argv, "--tp")
@@ -46,6 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode(prompt)
     prepare_decode(model, tok, args)
+    kwargs.update(load_draft(args, model, tok))
     if not distributed():
         stream_reply(model, tok, ids, kwargs, seed=args.seed)
         return 0
@@ -70,10 +74,12 @@ HELP = """commands:
 def cmd_chat(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     kwargs = sampling_kwargs(args)
+    check_draft(args)
     model, tok = load(
         args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter)
     )
     prepare_decode(model, tok, args)
+    kwargs.update(load_draft(args, model, tok))
     system = args.system
     messages: list[dict[str, str]] = []
 

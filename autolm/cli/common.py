@@ -140,6 +140,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["do_sample"] = bool(
             args.do_sample or any(k in kw for k in ("temperature", "top_k", "top_p", "min_p"))
         )
+    if getattr(args, "prompt_lookup", None) is not None:
+        kw["prompt_lookup_num_tokens"] = args.prompt_lookup
     if kw.get("temperature") is not None and kw["temperature"] < 0:
         raise UsageError("--temperature must be >= 0 (0 decodes greedily)")
     try:
@@ -152,6 +154,35 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             message.replace(" (use do_sample=False for greedy)", " (0 decodes greedily)")
         ) from None
     return kw
+
+
+def check_draft(args: argparse.Namespace) -> None:
+    """--draft-model: alone (not with --prompt-lookup or --tp), naming a model that is there."""
+    if getattr(args, "draft_model", None) is None:
+        return
+    if args.prompt_lookup is not None:
+        raise UsageError("--draft-model and --prompt-lookup both draft tokens: give one of them")
+    if getattr(args, "tp", 1) > 1:
+        raise UsageError("--draft-model does not run under --tp: drop one of them")
+    try:
+        check_model_arg(args.draft_model)
+    except UsageError as e:
+        raise UsageError(f"--draft-model {e}") from None
+
+
+def load_draft(args: argparse.Namespace, model, tok) -> dict[str, Any]:
+    """{"assistant_model": the draft} for --draft-model, else {}: loaded as a model argument is (with --dtype,
+    --device, --quantize; a .gguf in its own blocks), its decode step prepared as the model's is."""
+    if getattr(args, "draft_model", None) is None:
+        return {}
+    draft, _ = load(args.draft_model, args.dtype, args.device, args.quantize)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(
+            f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} tokens and the "
+            f"model's {model.config.vocab_size}; the draft must use the model's tokenizer"
+        )
+    prepare_decode(draft, tok, args)
+    return {"assistant_model": draft}
 
 
 def check_heads(model: str | None, n: int) -> None:
@@ -281,12 +312,14 @@ def stream_reply(
 __all__ = [
     "ConfigError",
     "UsageError",
+    "check_draft",
     "check_heads",
     "check_model_arg",
     "compile_once",
     "distributed",
     "launch",
     "load",
+    "load_draft",
     "locate",
     "parse_adapters",
     "prepare_decode",
