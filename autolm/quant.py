@@ -22,7 +22,9 @@ from torch import nn
 from . import kernels
 from .errors import ConfigError
 from .kernels.quant import COMPUTE as _COMPUTE
+from .kernels.quant import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 from .nn.linear import share_concatenated, shareable
+from .quant_experts import quantize_experts, quantized_sizes
 
 
 @dataclass
@@ -75,46 +77,6 @@ class QuantConfig:
     def bits_for(self, name: str) -> int:
         """The bits of the module `name` ('lm_head' or a decoder Linear)."""
         return self.head_bits if name == "lm_head" else self.bits
-
-
-_ROWS = 64  # rows quantized at a time: small float temporaries keep the peak near the quantized size
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float -> int8 (N, K), per-row scales (N,) and offsets (N,): w ~ q * scale + offset."""
-    N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.int8)
-    scales, offsets = torch.empty(N), torch.empty(N)
-    for i in range(0, N, _ROWS):
-        rows = w[i : i + _ROWS].float()
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-        o, s = (hi + lo) / 2, ((hi - lo) / 254).clamp(min=1e-10)
-        q[i : i + _ROWS] = rows.sub(o[:, None]).div_(s[:, None]).round_().clamp_(-127, 127)
-        scales[i : i + _ROWS], offsets[i : i + _ROWS] = s, o
-    return q, scales, offsets
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> q in 0..15 as uint8 (N, K) and scales_and_zeros (K / group, N, 2)."""
-    N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.uint8)
-    sz = torch.empty(K // group_size, N, 2)
-    for i in range(0, N, _ROWS):
-        g = w[i : i + _ROWS].float().reshape(-1, K // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)  # (rows, G)
-        scales = ((hi - lo) / 15).clamp(min=1e-6)
-        q[i : i + _ROWS] = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).reshape(-1, K)
-        sz[:, i : i + _ROWS] = torch.stack([scales, lo + 8 * scales], -1).transpose(0, 1)
-    return q, sz
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K) in 0..15 -> (N, K / 2): even column in the low nibble."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p & 0xF, p >> 4], -1).reshape(p.shape[0], -1)
 
 
 def _aligned_parts(modules: list[nn.Module], row_bytes: int) -> bool:
@@ -325,6 +287,7 @@ def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
         if lin.bias is not None:
             state[f"{name}.bias"] = lin.bias.detach()
         model.get_submodule(name).load_state_dict({k.removeprefix(name + "."): v for k, v in state.items()})
+    quantize_experts(model, cfg)
     return model
 
 
@@ -344,4 +307,5 @@ def memory_report(model: nn.Module) -> tuple[int, int, int]:
             n = 0 if tied and name == "lm_head" else m.in_features * m.out_features
             saved += n * item - q
             params += n
-    return now, now + saved, params
+    experts_now, experts_full = quantized_sizes(model)
+    return now, now + saved + experts_full - experts_now, params + experts_full // item

@@ -188,3 +188,22 @@ def test_the_cli_runs_a_gguf_file_in_its_blocks(tmp_path, monkeypatch):
     assert isinstance(model.lm_head, GGMLLinear)
     model, _ = load(path, quantize="none")
     assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_compiled_step_graphs_compute_on_the_blocks(tmp_path):
+    """The one-token step's graphs derived from a model of every kept type (exported as AOTInductor compiles
+    them: the blocks are graph inputs, the matrix-vector loop reads them) give the general forward's tokens."""
+    from test_decode_steps import greedy_steps
+
+    from autolm import step
+    from autolm.step import graphs
+
+    model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q6_K, None), quantization="gguf")
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    plain_tokens, plain = greedy_steps(model, ids, 8, "forward")
+    os.environ.pop("AUTOLM_EAGER", None)
+    step.install_plan(model, graphs.exported(model))
+    tokens, logits = greedy_steps(model, ids, 8, "auto")
+    assert step._PLANS[model][1] is not None
+    assert tokens == plain_tokens
+    torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)

@@ -276,13 +276,23 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
-    p.add_argument("source", help="FILE.gguf")
-    p.add_argument("out", help="output directory")
-    p.add_argument(
-        "--dtype", default="bfloat16", help="bfloat16 (default), float32, float16, or auto (GGUF's float32)"
+    p = sub.add_parser(
+        "convert", help="a GGUF file into a Hugging Face directory, or a model directory into a GGUF file"
     )
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="save weight-only quantized")
+    p.add_argument("source", help="FILE.gguf, or a model directory (HF layout) to write as OUT.gguf")
+    p.add_argument("out", help="output directory, or OUT.gguf (llama.cpp's format)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="bfloat16 (default for a directory), float32, float16, or auto (GGUF's float32; the "
+        "checkpoint's own for a GGUF out)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="a directory: int8 or int4 (weight-only); a GGUF: f16 (default), bf16, f32, q8_0, q5_0, q5_1, "
+        "q4_0, q4_1",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_convert)
 

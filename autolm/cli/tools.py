@@ -69,16 +69,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..convert import convert_gguf
+    from ..convert import convert_gguf, convert_to_gguf
 
+    if args.out.endswith(".gguf"):
+        from ..gguf_writer import TYPES
+
+        if args.quantize not in (None, *TYPES):
+            raise UsageError(f"--quantize {args.quantize}: a GGUF out takes one of {', '.join(TYPES)}")
+        if not os.path.isdir(args.source):
+            raise UsageError(f"{args.source}: expected a model directory to write as {args.out}")
+        convert_to_gguf(args.source, args.out, args.quantize or "f16", args.dtype or "auto")
+        print(f"wrote {args.out}")
+        return 0
+    if args.quantize not in (None, "int8", "int4"):
+        raise UsageError(f"--quantize {args.quantize}: a directory out takes int8 or int4")
     if not args.source.endswith(".gguf"):
-        raise UsageError("autolm convert: SOURCE must be a .gguf file")
+        raise UsageError("autolm convert: SOURCE must be a .gguf file (or OUT a .gguf file)")
     if not os.path.isfile(args.source):
         raise UsageError(f"{args.source}: file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory; name a new or existing folder")
     convert_gguf(
-        args.source, args.out, dtype=args.dtype, quantization=args.quantize, progress=sys.stderr.isatty()
+        args.source,
+        args.out,
+        dtype=args.dtype or "bfloat16",
+        quantization=args.quantize,
+        progress=sys.stderr.isatty(),
     )
     print(f"wrote {args.out}")
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from .attention import attention, decode_attention
 from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs
+from .experts import expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
 from .ggml import ggml_linear, ggml_rows
 from .quant import int4_linear, int4_pack, int4_unpack, int8_linear
@@ -32,6 +33,7 @@ __all__ = [
     "PrivateOp",
     "attention",
     "decode_attention",
+    "expert_linear",
     "ggml_dequantize",
     "ggml_linear",
     "ggml_rows",
@@ -41,6 +43,7 @@ __all__ = [
     "int8_linear",
     "linear",
     "matvec",
+    "mixture",
     "needs_grad",
     "realize",
     "realized_inputs",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import linear, matvec, realize
+from .core import batched_graph, linear, matvec, realize
 
 # ggml type -> (weights per block, bytes per block), for the types autolm computes on.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
@@ -178,7 +178,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tenso
     weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul."""
     if torch.compiler.is_compiling():
         x = realize(x)
-        if x.shape[:-1].numel() <= 4:
+        if not batched_graph() and x.shape[:-1].numel() <= 4:
             return _matvec(x, raw, kind, bias)
         return linear(x.float(), dequantize(raw, kind), None if bias is None else bias.float()).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).float()

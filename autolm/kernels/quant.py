@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 matmuls: PyTorch's CPU kernels, and their arithmetic inside compiled graphs.
+"""Weight-only int8 / int4 matmuls: PyTorch's CPU kernels, and their arithmetic inside compiled graphs; and
+the quantization of a float (N, K) weight into those layouts.
 
 Each returns None where its kernel is missing (another device, another torch build); the quantized layers
 then dequantize and run a plain matmul.
@@ -65,8 +66,9 @@ def int4_linear(
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor | None:
-    """q (N, K) int32 in 0..15 -> the CPU int4 kernel's packed layout; None where the kernel is missing."""
-    return INT4_PACK.call(q, 1) if INT4_MM.get() is not None else None
+    """q (N, K) int32 in 0..15 -> the CPU int4 kernel's packed layout; None where the kernel is missing or does
+    not take this shape (it packs rows in blocks of 16)."""
+    return INT4_PACK.call(q, 1) if INT4_MM.get() is not None and q.shape[0] % 16 == 0 else None
 
 
 def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_and_zeros: torch.Tensor):
@@ -76,3 +78,43 @@ def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_
     eye = torch.eye(in_features, dtype=COMPUTE)
     qt = INT4_MM.call(eye, packed, group_size, ones)  # (K, N)
     return (qt.t().float() + 8).round().to(torch.uint8)
+
+
+_ROWS = 64  # rows quantized at a time: small float temporaries keep the peak near the quantized size
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K), per-row scales (N,) and offsets (N,): w ~ q * scale + offset."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    scales, offsets = torch.empty(N), torch.empty(N)
+    for i in range(0, N, _ROWS):
+        rows = w[i : i + _ROWS].float()
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        o, s = (hi + lo) / 2, ((hi - lo) / 254).clamp(min=1e-10)
+        q[i : i + _ROWS] = rows.sub(o[:, None]).div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[i : i + _ROWS], offsets[i : i + _ROWS] = s, o
+    return q, scales, offsets
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q in 0..15 as uint8 (N, K) and scales_and_zeros (K / group, N, 2)."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.uint8)
+    sz = torch.empty(K // group_size, N, 2)
+    for i in range(0, N, _ROWS):
+        g = w[i : i + _ROWS].float().reshape(-1, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)  # (rows, G)
+        scales = ((hi - lo) / 15).clamp(min=1e-6)
+        q[i : i + _ROWS] = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).reshape(-1, K)
+        sz[:, i : i + _ROWS] = torch.stack([scales, lo + 8 * scales], -1).transpose(0, 1)
+    return q, sz
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K) in 0..15 -> (N, K / 2): even column in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 0xF, p >> 4], -1).reshape(p.shape[0], -1)

@@ -131,11 +131,14 @@ class Quantize:
                 )
             self.cfg = QuantConfig.parse(saved)  # 'int4' names the saved int4 model, whatever its head
         self.saved, self.inner, self.shapes, self.tied = saved is not None, inner, {}, False
+        self.experts: dict[str, tuple] = {}  # stacked experts: (float shape, whether transposed)
 
     def setup(self, model: nn.Module) -> None:
         from ..quant import replace_linears
+        from ..quant_experts import replace_experts
 
         self.shapes = replace_linears(model, self.cfg, torch.float32)
+        self.experts = replace_experts(model, self.cfg, torch.float32)
         self.tied = model.config.tie_word_embeddings
         self.inner.setup(model)
 
@@ -146,7 +149,10 @@ class Quantize:
         return self.inner.notes()
 
     def expected(self, model):
-        return self.inner.expected(model)
+        out = self.inner.expected(model)
+        if not self.saved:  # stacked experts arrive (and are assembled) in float; split quantizes them
+            out.update({name: shape for name, (shape, _) in self.experts.items()})
+        return out
 
     def plan(self, model, dtype):
         self.inner.plan(model, dtype)
@@ -181,6 +187,10 @@ class Quantize:
                 return self.split(name, kernels.ggml_dequantize(t.raw, t.kind), dtype)
             q, sz = to_int4(t)
             return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
+        if name in self.experts and t.is_floating_point():
+            from ..quant_experts import quantize_stacked
+
+            return quantize_stacked(self.cfg, name, t, self.experts[name][1], dtype)
         if self.tied and name == "model.embed_tokens.weight" and "lm_head" in self.shapes and not self.saved:
             return {name: t, **self.split("lm_head.weight", t, dtype)}
         if module not in self.shapes or module == name or not t.is_floating_point():

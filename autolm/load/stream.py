@@ -88,12 +88,14 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     assembler = Assembler({n: s for n, s in expected.items() if ".experts." in n})
     for path, name, t in source.tensors(placer.keeps_blocks):
         bar.update(1)
+        stored = name
         name, piece = rules.to_model(name)
         if piece is not None:
             t = assembler.add(name, piece, t, path)
             if t is None:
                 continue
-        _take(model, placer, expected, state, report, path, name, t, check_finite)
+        # a renamed or assembled tensor is no view of the file under its name: placers must copy it
+        _take(model, placer, expected, state, report, path, name, t, check_finite, in_file=name == stored)
     bar.close()
     _check(model, expected, state, report, strict, assembler)
     report.tensors = len(state.loaded)
@@ -102,7 +104,7 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     return model
 
 
-def _take(model, placer, expected, state: _State, report, path, name, t, check_finite) -> None:
+def _take(model, placer, expected, state: _State, report, path, name, t, check_finite, in_file=True) -> None:
     config = model.config
     tied_head = name == "lm_head.weight" and config.tie_word_embeddings and t.is_floating_point()
     if name.endswith(IGNORED_SUFFIXES) or tied_head:  # a tied head is the embedding (or a copy made from it)
@@ -126,17 +128,16 @@ def _take(model, placer, expected, state: _State, report, path, name, t, check_f
             state.mismatched.append(f"{part}: checkpoint {tuple(value.shape)} vs model {shape} "
                                     f"({os.path.basename(path)})")  # fmt: skip
             continue
-        target = state.target
-        zero_copy = not (value.is_floating_point() and target is not None and value.dtype != target)
-        if zero_copy:
-            report.zero_copy_tensors += 1
-        else:
-            value = value.to(target)
+        cast = value.is_floating_point() and state.target is not None and value.dtype != state.target
+        if cast:
+            value = value.to(state.target)
             report.cast_tensors += 1
+        elif in_file and parts is None:
+            report.zero_copy_tensors += 1
         if check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: tensor {part!r} contains NaN or Inf values")
         report.bytes += value.numel() * value.element_size()
-        state.loaded[part] = placer.put(part, value, path, zero_copy)
+        state.loaded[part] = placer.put(part, value, path, in_file and parts is None and not cast)
 
 
 def _check(model, expected, state: _State, report: LoadReport, strict: bool, assembler: Assembler) -> None:

@@ -14,10 +14,14 @@ from ..nn import KVCache
 from .base import CausalLM, DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+from .gpt_oss import GptOssConfig, GptOssForCausalLM
 from .llama import LlamaConfig, LlamaForCausalLM
 from .mistral import MistralConfig, MistralForCausalLM
+from .mixtral import MixtralConfig, MixtralForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM
+from .qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 _MODELS: dict[str, type] = {}
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {}
@@ -36,6 +40,10 @@ for _cls in (
     Qwen3ForCausalLM,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
+    MixtralForCausalLM,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeForCausalLM,
+    GptOssForCausalLM,
 ):
     register(_cls.config_class.model_type, _cls.config_class, _cls)
 
@@ -91,15 +99,23 @@ __all__ = [
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3TextConfig",
+    "GptOssConfig",
+    "GptOssForCausalLM",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "MistralConfig",
     "MistralForCausalLM",
+    "MixtralConfig",
+    "MixtralForCausalLM",
     "Qwen2Config",
     "Qwen2ForCausalLM",
+    "Qwen2MoeConfig",
+    "Qwen2MoeForCausalLM",
     "Qwen3Config",
     "Qwen3ForCausalLM",
+    "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM",
     "config_class",
     "config_from_file",
     "gguf_families",

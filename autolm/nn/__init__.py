@@ -7,6 +7,7 @@ from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Rename, Stacked
 from .linear import Linear, embedding, fuse, fuse_all, packed, resized_rows
 from .mlp import ACTIVATIONS, GatedMLP
+from .moe import Experts, Router, SparseMoeBlock
 from .norms import RMSNorm
 from .rope import Rotary, apply_rotary
 
@@ -15,6 +16,7 @@ __all__ = [
     "Assembler",
     "Attention",
     "CheckpointRules",
+    "Experts",
     "Forward",
     "GGUFLayout",
     "GatedMLP",
@@ -24,6 +26,8 @@ __all__ = [
     "RMSNorm",
     "Rename",
     "Rotary",
+    "Router",
+    "SparseMoeBlock",
     "Stacked",
     "apply_rotary",
     "build_mask",

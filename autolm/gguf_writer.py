@@ -1,0 +1,182 @@
+"""GGUF out: a model and its tokenizer written as llama.cpp's converter (convert_hf_to_gguf.py) writes them, so
+llama.cpp and ollama run what autolm loaded, fine-tuned or merged.
+
+The family's `GGUFLayout` (the same declaration the reader uses) gives the architecture name, the metadata keys
+and the tensor names; q/k rows are permuted for llama.cpp's interleaved RoPE where the family's converter does
+it. Weights go out as F32, F16, BF16 or one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1),
+quantized by the gguf package in llama.cpp's exact block layouts; 1-D tensors (norms, biases) stay F32, and a
+matrix whose rows are not whole blocks falls back to F16, as llama.cpp's own quantizer does. The tokenizer
+(byte-level BPE: Llama 3, Qwen, SmolLM, GPT-2 vocabularies) is written with llama.cpp's name for its
+pre-tokenizer, its special tokens and its chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES
+from .sources.gguf_pre import CHECK_TEXT, PRE
+
+# --quantize name -> (ggml type, llama.cpp's LlamaFileType for general.file_type)
+TYPES = {"f32": (0, 0), "f16": (1, 1), "bf16": (30, 32), "q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3),
+         "q5_0": (6, 8), "q5_1": (7, 9)}  # fmt: skip
+_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32}
+
+
+def _names(model) -> dict[str, str]:
+    """HF module path inside a decoder layer / at the top -> llama.cpp's tensor name stem."""
+    layout = model.gguf
+    layer = {v: k for k, v in _LAYER_NAMES.items()} | {v: k for k, v in layout.layer}
+    top = {v: k for k, v in _TOP_NAMES.items()} | {v: k for k, v in layout.top}
+    return {"layer": layer, "top": top}
+
+
+def gguf_name(name: str, model, names: dict) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (None: not a tensor llama.cpp reads)."""
+    module, _, kind = name.rpartition(".")
+    prefix = model.layers_prefix + "."
+    if module.startswith(prefix):
+        index, _, part = module[len(prefix) :].partition(".")
+        stem = names["layer"].get(part)
+        return None if stem is None else f"blk.{index}.{stem}.{kind}"
+    stem = names["top"].get(module)
+    return None if stem is None else f"{stem}.{kind}"
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (HF rotate-half rows -> interleaved pairs); sources.gguf.unpermute undoes it."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, dim, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _metadata(writer, model, file_type: int) -> None:
+    c, layout = model.config, model.gguf
+    arch = layout.arch
+    writer.add_string("general.name", os.path.basename(str(c.name_or_path or "")) or arch)
+    writer.add_uint32("general.file_type", file_type)
+    writer.add_uint32("general.quantization_version", 2)
+    for key, field in [*_CONFIG_KEYS.items(), *layout.config]:
+        value = getattr(c, field, None)
+        windowed = field != "sliding_window" or any(c.layer_window(i) for i in range(c.num_hidden_layers))
+        if value is None or isinstance(value, bool) or not windowed:
+            continue
+        put = writer.add_float32 if isinstance(value, float) else writer.add_uint32
+        put(f"{arch}.{key}", value)
+    rope = c.rope_parameters or {}
+    writer.add_float32(f"{arch}.rope.freq_base", float(rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") in ("linear", "yarn"):
+        writer.add_string(f"{arch}.rope.scaling.type", rope["rope_type"])
+        writer.add_float32(f"{arch}.rope.scaling.factor", float(rope["factor"]))
+
+
+def _tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:
+    """The vocabulary in id order with llama.cpp's token types (1 normal, 3 control, 4 user-defined, 5 unused)."""
+    spec = json.loads(tok.backend.to_str())
+    tokens: list[str | None] = [None] * vocab_size
+    types = [1] * vocab_size
+    for piece, i in spec["model"]["vocab"].items():
+        if i < vocab_size:
+            tokens[i] = piece
+    for added in spec.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = 3 if added.get("special") else 4
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i], types[i] = f"[PAD{i}]", 5
+    return tokens, types
+
+
+def _tokenizer(writer, tok, vocab_size: int) -> None:
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ConfigError(
+            "GGUF out writes byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 vocabularies); this "
+            f"tokenizer is {model.get('type')} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}"
+        )
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    ids = tok.encode(CHECK_TEXT)
+    writer.add_string("tokenizer.ggml.pre", PRE.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default"))
+    tokens, types = _tokens(tok, vocab_size)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        i = getattr(tok, f"{key}_token_id", None)
+        if i is not None:
+            writer.add_uint32(f"tokenizer.ggml.{name}_token_id", i)
+    first = tok.encode("a")
+    writer.add_bool("tokenizer.ggml.add_bos_token", bool(first) and first[0] == tok.bos_token_id)
+    writer.add_bool("tokenizer.ggml.add_eos_token", len(first) > 1 and first[-1] == tok.eos_token_id)
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if isinstance(template, str):
+        writer.add_string("tokenizer.chat_template", template)
+
+
+def _tensor(w: torch.Tensor, ggml_type: int) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for one tensor in the requested type (F32 for 1-D, F16 where the rows are
+    not whole blocks)."""
+    import gguf
+
+    a = w.detach().float().cpu().numpy()
+    if a.ndim < 2 or ggml_type == 0:
+        return a, None
+    if ggml_type == 1 or a.shape[-1] % _BLOCK.get(ggml_type, 1):
+        return a.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    return gguf.quants.quantize(a, qtype), qtype
+
+
+def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
+    """Write `model` (float weights, any family with a GGUF layout) and `tokenizer` as one GGUF file at `path`,
+    through a temporary file and a rename; quantize is one of TYPES."""
+    import gguf
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.gguf is None:
+        raise ConfigError(
+            f"model type {base.config.model_type!r} has no llama.cpp architecture (GGUF layout)"
+        )
+    if quantize not in TYPES:
+        raise ConfigError(
+            f"GGUF quantization {quantize!r} is not supported (expected one of {sorted(TYPES)})"
+        )
+    if any(hasattr(m, "ggml_type") or hasattr(m, "scales") for m in base.modules()):
+        raise ConfigError("GGUF out needs float weights: load the model without quantization first")
+    ggml_type, file_type = TYPES[quantize]
+    layout, names = base.gguf, _names(base)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, layout.arch)
+    _metadata(writer, base, file_type)
+    _tokenizer(writer, tokenizer, base.config.vocab_size)
+    for name, t in base.state_dict().items():
+        if base.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        out = gguf_name(name, base, names)
+        if out is None:
+            raise ConfigError(f"tensor {name!r} has no llama.cpp name in the {layout.arch!r} layout")
+        if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
+            heads = base.config.num_attention_heads if ".attn_q." in out else base.config.num_key_value_heads
+            t = permute(t, heads)
+        array, raw = _tensor(t, ggml_type)
+        writer.add_tensor(out, array, raw_dtype=raw)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

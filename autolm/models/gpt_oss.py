@@ -1,0 +1,109 @@
+"""gpt-oss: grouped-query attention with biases, a learned sink logit per head, sliding windows on alternate
+layers and YaRN RoPE; a mixture of experts whose router has a bias and takes the softmax over the top-k
+logits, and whose experts have biases, interleaved gate/up rows (stored transposed, (E, h, 2I)) and their own
+clamped activation. RMSNorm multiplies by its weight in fp32.
+
+The Hub's checkpoints store the experts' weights in MXFP4 (`gate_up_proj_blocks` + `gate_up_proj_scales`);
+they are dequantized while loading (nn.mxfp4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..config import _is_number
+from ..errors import ConfigError
+from ..nn import Attention, Experts, RMSNorm, Router, SparseMoeBlock
+from .base import CausalLM
+from .llama import LlamaConfig
+from .mixtral import MOE_TP, MixtralDecoderLayer, MixtralModel, validate_experts
+
+_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+         "original_max_position_embeddings": 4096}  # fmt: skip
+
+
+@dataclass(repr=False)
+class GptOssConfig(LlamaConfig):
+    """transformers' GptOssConfig."""
+
+    model_type: ClassVar[str] = "gpt_oss"
+    default_theta: ClassVar[float] = 150000.0
+    num_hidden_layers: int = 36
+    num_local_experts: int = 128
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    head_dim: int | None = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int | None = 8
+    sliding_window: int | None = 128
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    num_experts_per_tok: int = 4
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    attention_bias: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {**_YARN, "rope_theta": 150000.0})
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None and isinstance(self.num_hidden_layers, int):
+            self.layer_types = [
+                "sliding_attention" if (i + 1) % 2 else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        super().__post_init__()
+
+    @classmethod
+    def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+        if d.get("rope_parameters") is None and d.get("rope_scaling") is None:
+            d = {**d, "rope_parameters": {**_YARN, "rope_theta": d.get("rope_theta", cls.default_theta)}}
+        return super().read_rope({"rope_theta": cls.default_theta, **d}, source)
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_local_experts
+
+    def validate(self) -> None:
+        super().validate()
+        validate_experts(self, self.num_local_experts, self.num_experts_per_tok)
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"{self.source}: {name} must be a positive number, found {getattr(self, name)!r}"
+                )
+
+
+class GptOssDecoderLayer(MixtralDecoderLayer):
+    @staticmethod
+    def norm(config: Any, dim: int) -> nn.Module:
+        return RMSNorm(dim, config.rms_norm_eps, weight_in_fp32=True)
+
+    def make_attention(self, config: Any, layer_idx: int) -> Attention:
+        return Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                         layer_idx, bias=config.attention_bias, window=config.layer_window(layer_idx),
+                         sinks=True)  # fmt: skip
+
+    def make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        h, n = config.hidden_size, config.num_local_experts
+        router = Router(h, n, config.num_experts_per_tok, bias=True, order="topk_softmax")
+        experts = Experts(n, h, config.intermediate_size, bias=True, transposed=True, interleaved=True,
+                          limit=config.swiglu_limit, alpha=config.swiglu_alpha)  # fmt: skip
+        return SparseMoeBlock(router, experts, router_name="router")
+
+
+class GptOssForCausalLM(CausalLM):
+    """transformers' GptOssForCausalLM."""
+
+    config_class = GptOssConfig
+    tp_patterns: ClassVar[dict[str, str]] = MOE_TP
+    _no_split_modules: ClassVar[list[str]] = ["GptOssDecoderLayer"]
+
+    def __init__(self, config: Any):
+        super().__init__(config, MixtralModel(config, GptOssDecoderLayer))

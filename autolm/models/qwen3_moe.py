@@ -1,0 +1,54 @@
+"""Qwen 3 MoE: Qwen 3's attention (q/k norms per head, no biases by default) with Qwen 2 MoE's experts
+(`decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob`) and no shared expert. A sliding window, when
+`use_sliding_window`, applies to every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .base import CausalLM
+from .mixtral import MixtralModel
+from .qwen2_moe import QWEN_MOE_RULES, QWEN_MOE_TP, Qwen2MoeDecoderLayer, QwenMoeConfig
+
+
+@dataclass(repr=False)
+class Qwen3MoeConfig(QwenMoeConfig):
+    """transformers' Qwen3MoeConfig (config.json may spell num_experts as num_local_experts, which is how
+    transformers writes it)."""
+
+    model_type: ClassVar[str] = "qwen3_moe"
+    attribute_map: ClassVar[dict[str, str]] = {"num_experts": "num_local_experts"}
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 4
+    moe_intermediate_size: int = 768
+    num_experts_per_tok: int = 8
+    num_experts: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.use_sliding_window:
+            self.sliding_window = None
+        super().__post_init__()
+
+    def layer_window(self, i: int) -> int | None:
+        return self.sliding_window
+
+    qk_norm = property(lambda self: True)
+
+
+class Qwen3MoeDecoderLayer(Qwen2MoeDecoderLayer):
+    pass
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    """transformers' Qwen3MoeForCausalLM."""
+
+    config_class = Qwen3MoeConfig
+    checkpoint_rules = QWEN_MOE_RULES
+    tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
+    _no_split_modules: ClassVar[list[str]] = ["Qwen3MoeDecoderLayer"]
+
+    def __init__(self, config: Any):
+        super().__init__(config, MixtralModel(config, Qwen3MoeDecoderLayer))

@@ -1,0 +1,123 @@
+"""The mixture-of-experts block, with transformers 5's names: a router (`gate`, or gpt-oss's `router`), the
+experts stacked in two parameters (`experts.gate_up_proj` (E, 2I, h) and `experts.down_proj` (E, h, I);
+transposed for gpt-oss) and, for Qwen 2 MoE, a shared expert gated by a sigmoid.
+
+Routing differs by family only in its order of operations (`Router`); the experts' arithmetic is
+kernels.mixture: grouped matmuls over the rows each expert was given, or each row's expert by index inside a
+compiled graph. Checkpoints on the Hub keep one tensor per expert; the families' CheckpointRules stack them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..kernels.experts import expert_linear
+from .mlp import ACTIVATIONS
+
+
+class Router(nn.Module):
+    """Top-k routing over `num_experts` logits (x @ weight.T + bias):
+
+    - "softmax_topk" (Mixtral, Qwen MoE): softmax in fp32 over all experts, the top k, renormalised when
+      `normalize`; `keep_fp32` leaves the weights in fp32 (Mixtral), else they take the logits' dtype;
+    - "topk_softmax" (gpt-oss): the top k logits, softmax over them in the logits' dtype.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, *, bias: bool = False,
+                 order: str = "softmax_topk", normalize: bool = True, keep_fp32: bool = False):  # fmt: skip
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.top_k, self.num_experts, self.order = top_k, num_experts, order
+        self.normalize, self.keep_fp32 = normalize, keep_fp32
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, h) -> (expert ids (N, k), routing weights (N, k))."""
+        logits = F.linear(x, self.weight, self.bias)  # (N, E)
+        if self.order == "topk_softmax":
+            top, ids = torch.topk(logits, self.top_k, dim=-1)
+            return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return ids, top if self.keep_fp32 else top.to(logits.dtype)
+
+
+class Experts(nn.Module):
+    """`num_experts` gated MLPs stacked: gate_up_proj (E, 2I, h) and down_proj (E, h, I), or with `transposed`
+    (gpt-oss) (E, h, 2I) and (E, I, h); optional biases gate_up_proj_bias (E, 2I), down_proj_bias (E, h).
+    The gate and up halves are concatenated ([gate; up]) or, with `interleaved`, alternate (gate0, up0, ...).
+    `limit` and `alpha` give gpt-oss's clamped activation: (clamp(up) + 1) * g * sigmoid(alpha * g), g = gate
+    clamped from above; otherwise act(gate) * up."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu", *, bias: bool = False,
+                 transposed: bool = False, interleaved: bool = False, limit: float | None = None,
+                 alpha: float | None = None):  # fmt: skip
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden, intermediate
+        E, h, i = num_experts, hidden, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(E, h, 2 * i) if transposed else torch.empty(E, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(E, i, h) if transposed else torch.empty(E, h, i))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * i))
+            self.down_proj_bias = nn.Parameter(torch.empty(E, h))
+        self.transposed, self.interleaved, self.limit, self.alpha = transposed, interleaved, limit, alpha
+        self.act_fn = ACTIVATIONS[act]
+
+    def project(self, name: str, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        """x @ expert e's `name` projection (+ its bias); see kernels.experts.expert_linear."""
+        return expert_linear(x, getattr(self, name), e, getattr(self, f"{name}_bias", None), self.transposed)
+
+    def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(rows, 2I) -> (rows, I): the gated activation."""
+        if self.interleaved:
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+        if self.limit is None:
+            return self.act_fn(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        """Expert e's MLP over rows x (n, h) -> (n, h); e an int, or one id per row."""
+        return self.project("down_proj", self.glu(self.project("gate_up_proj", x, e)), e)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, h), the router's ids and weights (N, k) -> the weighted sum of the selected experts (N, h)."""
+        return kernels.mixture(x, ids, weights, self.num_experts, self.expert)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts, hidden {self.hidden_size}, intermediate {self.intermediate_size}"
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ a shared expert gated by sigmoid(shared_expert_gate(x)), Qwen 2 MoE). `router_name` is
+    the router's attribute (transformers: `gate`; gpt-oss: `router`). With `jitter_noise` (Mixtral), training
+    multiplies the input by uniform noise in [1 - jitter, 1 + jitter]."""
+
+    def __init__(self, router: Router, experts: Experts, shared_expert: nn.Module | None = None,
+                 shared_expert_gate: nn.Module | None = None, router_name: str = "gate",
+                 jitter_noise: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.router_name, self.jitter_noise = router_name, jitter_noise
+        setattr(self, router_name, router)
+        self.experts = experts
+        if shared_expert is not None:
+            self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, h = x.shape
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        flat = x.reshape(-1, h)
+        ids, weights = getattr(self, self.router_name)(flat)
+        y = self.experts(flat, ids, weights)
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return y.view(B, T, h)

@@ -1,0 +1,98 @@
+"""GGUF out (autolm convert DIR OUT.gguf): a model written in llama.cpp's layout, names, permutation and block
+types loads back with the same logits (exactly in F32; within the type's rounding when quantized), and the
+tokenizer's metadata is what llama.cpp's converter wrote for the real model."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import autolm
+from autolm.errors import ConfigError
+from autolm.gguf_writer import save_gguf
+from autolm.sources.gguf import GGUFFile
+
+IDS = torch.tensor([[5, 17, 33, 2, 98, 140, 7, 61, 120, 9, 44]])
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smol_gguf):
+    return autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
+
+
+def _gguf_model(path: str, **kw):
+    return autolm.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), progress=False, **kw
+    )
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding", "qwen2_tied_bias", "qwen3"])
+def test_f32_round_trip_gives_the_same_logits(checkpoint, tmp_path, smol_tokenizer, name):
+    """Llama-permuted q/k (Mistral), biases and tied embeddings (Qwen 2), q/k norms (Qwen 3)."""
+    directory, _ = checkpoint(name)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    back = _gguf_model(path)
+    assert back.config.model_type == model.config.model_type
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_q8_0_writes_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer):
+    directory, _ = checkpoint("mistral_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "q8_0")
+    g = GGUFFile(path)
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in g.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert g.metadata["general.file_type"] == 7 and g.metadata["mistral.attention.sliding_window"] == 6
+    down = next(t for t in g.tensors if t.name == "blk.1.ffn_down.weight")
+    w = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(
+        np.asarray(down.data), gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    )
+    with torch.no_grad():
+        want, kept = model(IDS).logits, _gguf_model(path, quantization="gguf")(IDS).logits
+        dequantized = _gguf_model(path)(IDS).logits
+    torch.testing.assert_close(kept, dequantized, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(dequantized, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_tokenizer_metadata_is_what_llama_cpp_wrote(smol_gguf, smol_tokenizer, tmp_path):
+    """The real model out again: vocabulary, token types, merges, special ids, llama.cpp's pre-tokenizer name
+    (found by its converter's hash) and the chat template equal the file llama.cpp's converter made."""
+    source = os.path.join(*smol_gguf)
+    path = save_gguf(_gguf_model(source), smol_tokenizer, str(tmp_path / "smol.gguf"), "f16")
+    a, b = GGUFFile(source).metadata, GGUFFile(path).metadata
+    keys = [k for k in a if k.startswith(("tokenizer.", "llama.")) and k != "tokenizer.ggml.add_space_prefix"]
+    assert len(keys) > 15 and b["tokenizer.ggml.pre"] == "smollm"
+    assert {k: b.get(k) for k in keys} == {k: a[k] for k in keys}
+    back = autolm.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="smol.gguf")
+    text = "Hello, world! What is the capital of France?"
+    assert back.encode(text) == smol_tokenizer.encode(text)
+
+
+def test_refusals_are_clear(checkpoint, tmp_path, smol_tokenizer):
+    directory, _ = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(ConfigError, match="q3_k"):
+        save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "q3_k")
+    quantized = autolm.AutoModelForCausalLM.from_pretrained(directory, quantization="int8")
+    with pytest.raises(ConfigError, match="float weights"):
+        save_gguf(quantized, smol_tokenizer, str(tmp_path / "m.gguf"), "f16")
+    assert not os.path.exists(tmp_path / "m.gguf")
+
+
+def test_cli_convert_writes_a_gguf(checkpoint, tmp_path, smol_tokenizer):
+    from autolm.cli import main
+
+    directory, _ = checkpoint("qwen2_tied_bias")
+    smol_tokenizer.save_pretrained(directory)
+    out = str(tmp_path / "q.gguf")
+    assert main(["convert", directory, out, "--quantize", "q8_0"]) == 0
+    assert GGUFFile(out).metadata["general.file_type"] == 7
+    assert main(["convert", directory, out, "--quantize", "int4"]) == 1
