@@ -236,10 +236,11 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def prepare_decode(model, tok, args) -> None:
+def prepare_decode(model, tok, args, batched: bool = False) -> None:
     """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
-    of time: loaded from $AUTOLM_HOME/compiled, or compiled there now with a progress bar (the first run on
-    a machine for a model shape, dtype and quantization); --eager or AUTOLM_EAGER=1 skip it."""
+    of time (with `batched`, for several rows too: the server): loaded from $AUTOLM_HOME/compiled, or compiled
+    there now with a progress bar (the first run on a machine for a model shape, dtype and quantization);
+    --eager or AUTOLM_EAGER=1 skip it."""
     if args.compile:
         compile_once(model, tok)
         return
@@ -249,7 +250,7 @@ def prepare_decode(model, tok, args) -> None:
     if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
         return
     if hasattr(base, "precompile_decode") and base.device.type == "cpu":
-        base.precompile_decode(progress=True)
+        base.precompile_decode(progress=True, batched=batched)
 
 
 def compile_once(model, tok) -> None:

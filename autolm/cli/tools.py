@@ -185,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
 
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
-    prepare_decode(model, tok, args)
+    prepare_decode(model, tok, args, batched=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = args.model_name or (
         adapters[0][0]

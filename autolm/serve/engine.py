@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..generation import Detokenizer, GenerationConfig, LogitsProcessor, choose, logits_processors
 from ..models import KVCache
+from ..step import decoder
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 
 
@@ -98,6 +99,7 @@ class Engine:
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
         self.cache: KVCache | None = None
+        self.decode = None  # the decode step for the current batch (see _rebuild)
         self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache slot holds a real token
         self.steps = 0
         self.error: BaseException | None = None
@@ -227,6 +229,9 @@ class Engine:
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
             self.mask[i, longest - s.cached :] = 1
+        # the decode step for this batch (autolm.step: right-aligned rows take the one-token step, compiled
+        # where the model's graphs are cached), until rows join or leave
+        self.decode = decoder(self.model, self.cache, self.mask)
 
     def _gather(self, rows: list[tuple[KVCache, int, int]], longest: int) -> KVCache:
         """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens
@@ -261,9 +266,7 @@ class Engine:
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for the batch: tokens and positions (B, 1) -> logits (B, V)."""
-        return self.model(
-            tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
-        ).logits[:, -1]
+        return self.decode(tokens, self.mask, positions, self.cache)
 
     def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Choose the next token of a row, emit its text, and decide whether the row is finished. A failure
