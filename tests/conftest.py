@@ -92,6 +92,44 @@ SPECS = {
         ),
         {},
     ),
+    # Gemma's soft-capping, (1 + w) norms, scaled embeddings and windows shorter than the prompts; Gemma 3's q/k
+    # norms and RoPE by layer type
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            query_pre_attn_scalar=20,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            },
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
     "llama_bf16": (
         "LlamaConfig",
         dict(

@@ -94,7 +94,9 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "qwen3"])
+@pytest.mark.parametrize(
+    "name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "qwen3", "gemma2", "gemma3_text"]
+)
 def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
     directory, _ = checkpoint(name)
     script = tmp_path / "tp.py"
