@@ -23,6 +23,7 @@ from . import kernels
 from .errors import ConfigError
 from .kernels.quant import COMPUTE as _COMPUTE
 from .kernels.quant import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from .nn.conv1d import out_in
 from .nn.linear import share_concatenated, shareable
 from .quant_experts import quantize_experts, quantized_sizes
 
@@ -283,7 +284,8 @@ def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
     originals = dict(targets(model, cfg).items())
     replace_linears(model, cfg, dtype)
     for name, lin in originals.items():
-        state = {f"{name}.{k}": v for k, v in quantize_weight(cfg, name, lin.weight.detach(), dtype).items()}
+        w = out_in(lin, lin.weight.detach())  # (out, in): a Conv1D stores it transposed
+        state = {f"{name}.{k}": v for k, v in quantize_weight(cfg, name, w, dtype).items()}
         if lin.bias is not None:
             state[f"{name}.bias"] = lin.bias.detach()
         model.get_submodule(name).load_state_dict({k.removeprefix(name + "."): v for k, v in state.items()})

@@ -106,7 +106,7 @@ def prefill_flops(model, tokens: int) -> float:
     """FLOPs of one prefill of this many tokens with logits for the last one only: 2 per weight of the
     decoder's matrices per token, plus causal attention (QK^T and PV over the keys each query sees)."""
     cfg = model.config
-    layers = [model.get_submodule(b) for b in model.blocks() if b.startswith("model.layers.")]
+    layers = [model.get_submodule(b) for b in model.blocks() if b.startswith(model.layers_prefix + ".")]
     weights = sum(
         mod.in_features * mod.out_features
         for layer in layers

@@ -234,7 +234,9 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--lora-r", type=_positive, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated names, or all-linear")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated names, or all-linear (default: peft's for the model type, e.g. "
+                        "q_proj,v_proj; c_attn for GPT-2)")  # fmt: skip
     p.add_argument("--epochs", type=_positive, default=1)
     p.add_argument("--max-steps", type=_positive, default=None)
     p.add_argument("--lr", type=float, default=2e-4)

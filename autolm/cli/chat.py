@@ -78,6 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tok = load(
         args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter)
     )
+    tok.get_chat_template()  # a model without one (GPT-2): the error now, not after compiling the decode step
     prepare_decode(model, tok, args)
     kwargs.update(load_draft(args, model, tok))
     system = args.system

@@ -43,7 +43,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"(kv {cfg.num_key_value_heads}), head_dim {cfg.head_dim}, ffn {cfg.intermediate_size}"
     )
     print(f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}")
-    print(f"rope:         {cfg.rope_parameters}")
+    print(f"rope:         {cfg.rope_parameters if cfg.rope_kinds() else 'none (learned positions)'}")
     windows = sorted(w for w in cfg.windows() if w)
     print(f"sliding:      {windows or 'none'}")
     print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
@@ -137,7 +137,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=targets if targets == "all-linear" else targets.split(","),
+        target_modules=targets if targets in (None, "all-linear") else targets.split(","),
     )
     torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
     if distributed():

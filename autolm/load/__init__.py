@@ -184,6 +184,11 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
             raise ConfigError(
                 "tp_plan and fsdp cannot be combined with each other, device_map or quantization"
             )
+        if tp_plan and not model.tp_patterns:
+            raise ConfigError(
+                f"tp_plan='auto': model type {model.config.model_type!r} has no tensor-parallel plan (its "
+                f"{type(model).__name__} declares none), so it cannot be split across ranks; load it on one device"
+            )
         return TensorParallel() if tp_plan else FSDP(lora_config)
     if lora_config is not None:
         raise ConfigError("lora_config is for fsdp=True; otherwise wrap the loaded model with get_peft_model")

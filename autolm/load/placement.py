@@ -62,7 +62,11 @@ def default_max_memory() -> dict[str, int]:
 
 
 def plan(
-    units: list[tuple[str, int]], max_memory: dict[str, int | str], strategy: str = "auto", tied: bool = False
+    units: list[tuple[str, int]],
+    max_memory: dict[str, int | str],
+    strategy: str = "auto",
+    tied: bool = False,
+    embeddings: str = "model.embed_tokens",
 ) -> dict[str, str]:
     """Assign each block to a device in forward order, never splitting one.
 
@@ -90,7 +94,7 @@ def plan(
     k = 0
     for name, size in units:
         if tied and name == "lm_head":
-            result[name] = result["model.embed_tokens"]
+            result[name] = result[embeddings]
             continue
         while k < len(devices) and devices[k] != "disk" and used[devices[k]] + size > budget[devices[k]]:
             k += 1
@@ -115,7 +119,7 @@ def resolve_device_map(
         return {name: str(torch.device(device_map)) for name, _ in units}  # one device, e.g. "cuda:0"
     if isinstance(device_map, str):
         mem = dict(max_memory) if max_memory else default_max_memory()
-        return plan(units, mem, device_map, tied)
+        return plan(units, mem, device_map, tied, model.embeddings_name)
     if not isinstance(device_map, dict):
         raise ConfigError(
             f"device_map must be a strategy {STRATEGIES}, a device, or a dict; got {device_map!r}"
@@ -140,7 +144,7 @@ def resolve_device_map(
             raise ConfigError(f"device_map does not place block {name!r}")
         result[name] = _normalize(device_map[max(prefixes, key=len)])
     if tied:
-        result["lm_head"] = result["model.embed_tokens"]
+        result["lm_head"] = result[model.embeddings_name]
     return result
 
 
@@ -213,7 +217,7 @@ def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) 
         if device == "disk":
             names = [(n, f"{block}.{n}") for n, _ in module.named_parameters(remove_duplicate=False)]
             if block == "lm_head" and model.config.tie_word_embeddings:
-                names = [("weight", "model.embed_tokens.weight")]
+                names = [("weight", f"{model.embeddings_name}.weight")]
             module.register_forward_pre_hook(_bring_in(names, store, target))
             module.register_forward_hook(_send_back(names))
 

@@ -132,11 +132,15 @@ class Quantize:
             self.cfg = QuantConfig.parse(saved)  # 'int4' names the saved int4 model, whatever its head
         self.saved, self.inner, self.shapes, self.tied = saved is not None, inner, {}, False
         self.experts: dict[str, tuple] = {}  # stacked experts: (float shape, whether transposed)
+        self.transposed: set[str] = set()  # layers whose checkpoint weight is (in, out): Conv1D (GPT-2)
+        self.embeddings = "model.embed_tokens.weight"
 
     def setup(self, model: nn.Module) -> None:
         from ..quant import replace_linears
         from ..quant_experts import replace_experts
 
+        self.transposed = {n for n, m in model.named_modules() if getattr(m, "fan_in_fan_out", False)}
+        self.embeddings = f"{model.embeddings_name}.weight"
         self.shapes = replace_linears(model, self.cfg, torch.float32)
         self.experts = replace_experts(model, self.cfg, torch.float32)
         self.tied = model.config.tie_word_embeddings
@@ -164,6 +168,7 @@ class Quantize:
         return (
             module != name
             and module in self.shapes
+            and module not in self.transposed  # GGUF holds these (out, in): dequantized and transposed
             and not self.saved
             and self.cfg.bits_for(module) == 4
             and self.cfg.group_size == 32
@@ -191,7 +196,7 @@ class Quantize:
             from ..quant_experts import quantize_stacked
 
             return quantize_stacked(self.cfg, name, t, self.experts[name][1], dtype)
-        if self.tied and name == "model.embed_tokens.weight" and "lm_head" in self.shapes and not self.saved:
+        if self.tied and name == self.embeddings and "lm_head" in self.shapes and not self.saved:
             return {name: t, **self.split("lm_head.weight", t, dtype)}
         if module not in self.shapes or module == name or not t.is_floating_point():
             return None
@@ -199,7 +204,8 @@ class Quantize:
             raise CheckpointError(
                 f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"
             )
-        return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, module, t, dtype).items()}
+        w = t.t() if module in self.transposed else t  # quantized as (out, in)
+        return {f"{module}.{k}": v for k, v in quantize_weight(self.cfg, module, w, dtype).items()}
 
     def put(self, name, t, path, zero_copy):
         return self.inner.put(name, t, path, zero_copy)
@@ -281,7 +287,7 @@ class FSDP(OneDevice):
 
             self.trainable = get_peft_model(model, self.lora_config)
         for block in model.blocks():  # each decoder layer is one FSDP unit; the rest goes with the root
-            if block.startswith("model.layers."):
+            if block.startswith(model.layers_prefix + "."):
                 fully_shard(model.get_submodule(block), mesh=self.mesh)
         fully_shard(self.trainable, mesh=self.mesh)
 

@@ -90,6 +90,8 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
         bar.update(1)
         stored = name
         name, piece = rules.to_model(name)
+        if rules.ignores(name):
+            continue
         if piece is not None:
             t = assembler.add(name, piece, t, path)
             if t is None:

@@ -40,6 +40,13 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "velora_config": None,
 }
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
+# peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) where they are not DEFAULT_TARGETS
+MODEL_TYPE_TARGETS = {"gpt2": ["c_attn"]}
+
+
+def default_targets(model_type: str | None) -> list[str]:
+    """The target modules peft picks for a model type when a LoraConfig names none."""
+    return list(MODEL_TYPE_TARGETS.get(model_type, DEFAULT_TARGETS))
 
 
 class TaskType(str, enum.Enum):
@@ -227,7 +234,12 @@ class LoraConfig:
         else:
             found = key in targets or any(key.endswith(f".{t}") for t in targets)
         if found and self.layers_to_transform is not None:
-            m = re.search(r"\.layers\.(\d+)\.", f".{key}")
+            # peft's rule: the first numbered name part (model.layers.3, transformer.h.3), or after layers_pattern
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if patterns:
+                m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key) for p in patterns)), None)
+            else:
+                m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
             wanted = (
                 [self.layers_to_transform]
                 if isinstance(self.layers_to_transform, int)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .config import LoraConfig
+from .config import LoraConfig, default_targets
 
 
 class LoraLinear(nn.Module):
@@ -58,9 +58,10 @@ class LoraLinear(nn.Module):
             self.active_adapters = [name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B @ A (out, in), computed in fp32."""
+        """scaling * B @ A in fp32, laid out as the base weight: (out, in), or (in, out) for a Conv1D."""
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        return (b @ a) * self.scaling[name]
+        delta = (b @ a) * self.scaling[name]
+        return delta.t() if getattr(self.base_layer, "fan_in_fan_out", False) else delta
 
     def merge(self, names: list[str] | None = None) -> None:
         for name in names or self.active_adapters:
@@ -128,8 +129,8 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Wrap every targeted Linear in a LoraLinear (or add an adapter to an existing one); return their names."""
-    if config.fan_in_fan_out:
-        config.fan_in_fan_out = False  # peft does the same for nn.Linear: the weight is (out, in)
+    if config.target_modules is None:  # peft fills in the model type's default (and saves it)
+        config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     targeted = []
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
@@ -146,6 +147,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             base_name, base = name, module
         if not config.matches(base_name, base):
             continue
+        # as peft: True for a Conv1D target (weight stored (in, out)), False for nn.Linear
+        config.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))
         layer = module if isinstance(module, LoraLinear) else LoraLinear(base)
         if layer is not module:
             _set_module(model, name, layer)

@@ -14,6 +14,7 @@ from ..nn import KVCache
 from .base import CausalLM, DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .gpt_oss import GptOssConfig, GptOssForCausalLM
 from .llama import LlamaConfig, LlamaForCausalLM
 from .mistral import MistralConfig, MistralForCausalLM
@@ -44,6 +45,7 @@ for _cls in (
     Qwen2MoeForCausalLM,
     Qwen3MoeForCausalLM,
     GptOssForCausalLM,
+    GPT2LMHeadModel,
 ):
     register(_cls.config_class.model_type, _cls.config_class, _cls)
 
@@ -95,6 +97,8 @@ __all__ = [
     "CONFIG_CLASSES",
     "CausalLM",
     "DecoderModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
     "Gemma2Config",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",

@@ -4,7 +4,8 @@ cache, and checkpoint naming rules. Nothing here knows a family."""
 
 from .attention import Attention, Forward, OneToken, build_mask, default_positions, pad_mask_to
 from .cache import KVCache
-from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Rename, Stacked
+from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
+from .conv1d import Conv1D, out_in
 from .linear import Linear, embedding, fuse, fuse_all, packed, resized_rows
 from .mlp import ACTIVATIONS, GatedMLP
 from .moe import Experts, Router, SparseMoeBlock
@@ -16,10 +17,12 @@ __all__ = [
     "Assembler",
     "Attention",
     "CheckpointRules",
+    "Conv1D",
     "Experts",
     "Forward",
     "GGUFLayout",
     "GatedMLP",
+    "Ignored",
     "KVCache",
     "Linear",
     "OneToken",
@@ -35,6 +38,7 @@ __all__ = [
     "embedding",
     "fuse",
     "fuse_all",
+    "out_in",
     "packed",
     "pad_mask_to",
     "resized_rows",

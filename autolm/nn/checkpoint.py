@@ -6,7 +6,9 @@ saving): Mixtral's `block_sparse_moe.experts.3.w1.weight` files become the model
 
 - `Rename(checkpoint, model)`: regular expressions over names, one per direction;
 - `Stacked(target, parts)`: per-expert tensors `<prefix>.experts.<e>.<part>` that the model holds as one
-  parameter `<prefix>.experts.<target>` of shape (experts, sum of the parts' rows, ...).
+  parameter `<prefix>.experts.<target>` of shape (experts, sum of the parts' rows, ...);
+- `Ignored(model)`: tensors some checkpoints carry that the model computes itself (old GPT-2 files' attention
+  mask buffers), by a regular expression over the model's name for them: skipped while loading.
 
 `CheckpointRules.to_model` maps one checkpoint name while loading; `Assembler` collects the pieces of a stacked
 parameter until it is whole; `CheckpointRules.to_checkpoint` turns a state dict back into the checkpoint's
@@ -43,19 +45,31 @@ class Stacked:
     parts: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Ignored:
+    """Checkpoint tensors the model does not hold (see the module docstring): a full match of the model name."""
+
+    model: str
+
+
 class CheckpointRules:
     """A family's rules; an empty list means the checkpoint's names are the model's."""
 
-    def __init__(self, rules: list[Rename | Stacked] | tuple = ()):
+    def __init__(self, rules: list[Rename | Stacked | Ignored] | tuple = ()):
         self.renames = [r for r in rules if isinstance(r, Rename)]
         self.stacked = [r for r in rules if isinstance(r, Stacked)]
+        self._ignored = [re.compile(r.model) for r in rules if isinstance(r, Ignored)]
         self._piece = {
             rule: re.compile(rf"(.+)\.experts\.(\d+)\.({'|'.join(map(re.escape, rule.parts))})")
             for rule in self.stacked
         }
 
     def __bool__(self) -> bool:
-        return bool(self.renames or self.stacked)
+        return bool(self.renames or self.stacked or self._ignored)
+
+    def ignores(self, name: str) -> bool:
+        """Whether the tensor the model calls `name` (after to_model) is one the model does not hold."""
+        return any(p.fullmatch(name) for p in self._ignored)
 
     def to_model(self, name: str) -> tuple[str, tuple[Stacked, int, int] | None]:
         """(model name, None) for a whole tensor, or (model name of the stacked parameter, (rule, expert, part))."""
@@ -139,6 +153,9 @@ class GGUFLayout:
     top: tuple[tuple[str, str], ...] = ()  # (<name>, module path)
     permute_qk: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()  # config fields the converter does not write, set to these
+    # blk.N.<name> weights the converter transposes (GPT-2's Conv1D, stored (in, out) by the checkpoint and the
+    # model): transposed back on reading
+    transposed: tuple[str, ...] = ()
     # added by the converter to every `*norm.weight` (Gemma stores its (1 + w) norms as 1 + w); subtracted on reading
     norm_shift: float = 0.0
     # config fields llama.cpp derives rather than reads (Gemma's attention scale, layer pattern, local RoPE):

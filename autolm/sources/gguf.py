@@ -344,7 +344,9 @@ def gguf_tensors(
         if int4(name) and t.tensor_type != 0 and ggml.keepable(int(t.tensor_type)) and len(t.shape) <= 2:
             yield g.path, name, ggml.blocks(g, t, config)  # the placer asked for the file's own blocks
             continue
-        if int(t.tensor_type) in _INT4_BLOCKS and len(t.shape) == 2 and int4(name):
+        # llama.cpp stores GPT-2's Conv1D weights (out, in); the model holds them (in, out), as the checkpoint
+        transposed = name.endswith(".weight") and t.name.split(".")[-2] in g.layout.transposed
+        if int(t.tensor_type) in _INT4_BLOCKS and len(t.shape) == 2 and int4(name) and not transposed:
             blocks = int4_blocks(t, g.path)
             if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
                 heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
@@ -372,6 +374,8 @@ def gguf_tensors(
                 w = unpermute(w, config.num_key_value_heads)
         if g.layout.norm_shift and name.endswith("norm.weight"):
             w = w - np.float32(g.layout.norm_shift)
+        if transposed:
+            w = w.T
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, order="C")  # unquantized tensors are read-only views of the memory map
         yield g.path, name, torch.from_numpy(w)
