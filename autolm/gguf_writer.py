@@ -168,6 +168,8 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
         if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
             heads = base.config.num_attention_heads if ".attn_q." in out else base.config.num_key_value_heads
             t = permute(t, heads)
+        if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
+            t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
         array, raw = _tensor(t, ggml_type)
         writer.add_tensor(out, array, raw_dtype=raw)
     try:
