@@ -146,6 +146,9 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output)
     assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
     assert isinstance(layer.mlp.down_proj, GGMLLinear) and layer.mlp.down_proj.ggml_type == K.Q8_0
     assert isinstance(kept.model.embed_tokens, GGMLEmbedding) and kept.dtype == torch.float32
+    q5 = kept.model.layers[1].self_attn.q_proj  # Q5_0 in the file: the same values as Q8_0 blocks
+    assert q5.ggml_type == K.Q8_0
+    assert torch.equal(q5.dequantize(), plain.model.layers[1].self_attn.q_proj.weight)
     if output is None:  # the tied head reads the embeddings' own blocks
         assert kept.lm_head.weight is kept.model.embed_tokens.blocks
     assert "Q6_K x" in " ".join(kept.load_report.notes)

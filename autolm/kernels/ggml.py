@@ -65,25 +65,26 @@ def _u32(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _nibbles(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Bytes lo..hi of each block as 4-bit values, low nibbles first: (..., 2 (hi - lo))."""
-    q = _bits(_i32(b, lo, hi), 4, 2)
-    return q.reshape(*q.shape[:-2], -1)
+    """Bytes lo..hi of each block as 4-bit values: (..., 2, hi - lo), the low nibbles first."""
+    return _bits(_i32(b, lo, hi), 4, 2)
 
 
 # Each type's blocks (..., blocks, bytes) -> (q, scale, low): q (..., groups, group) the integer quants (or the
-# code book's values), scale and low (..., groups) float32, low None where zero; value = scale * q + low.
+# code book's values), scale and low (..., groups or fewer: each then serves several groups) float32, low None
+# where zero; value = scale * q + low. The groups are laid out so that the elements of one group are always
+# consecutive bytes (or bits of consecutive bytes): inside a compiled graph their loop is then one vector loop.
 
 
-def _q4(b, kind):
+def _q4(b, kind):  # 32 weights: the low nibbles of 16 bytes, then their high nibbles
     if kind == Q4_0:
-        return _nibbles(b, 2, 18).unsqueeze(-2) - 8, _half(b, 0), None
-    return _nibbles(b, 4, 20).unsqueeze(-2), _half(b, 0), _half(b, 2)
+        return _nibbles(b, 2, 18) - 8, _half(b, 0), None
+    return _nibbles(b, 4, 20), _half(b, 0), _half(b, 2)
 
 
-def _q5(b, kind):
+def _q5(b, kind):  # Q4's nibbles plus a fifth bit from a 32-bit mask
     at = 2 if kind == Q5_0 else 4
-    high = (_u32(b, at) >> torch.arange(32, dtype=torch.int32, device=b.device)) & 1
-    q = (_nibbles(b, at + 4, at + 20) | (high << 4)).unsqueeze(-2)
+    shifts = torch.arange(32, dtype=torch.int32, device=b.device).view(2, 16)
+    q = _nibbles(b, at + 4, at + 20) | (((_u32(b, at).unsqueeze(-1) >> shifts) & 1) << 4)
     return (q - 16, _half(b, 0), None) if kind == Q5_0 else (q, _half(b, 0), _half(b, 2))
 
 
@@ -91,18 +92,23 @@ def _q8_0(b, kind):
     return b[..., 2:34].view(torch.int8).unsqueeze(-2), _half(b, 0), None
 
 
+def _two_bits(b: torch.Tensor, lo: int) -> torch.Tensor:
+    """Q2_K / Q3_K: 64 bytes of 2-bit quants -> (..., 16, 16) in the order of their 16 scales."""
+    q = _bits(_i32(b, lo, lo + 64).unflatten(-1, (2, 2, 16)), 2, 4)  # (..., half, 16 bytes, shift, 16)
+    return q.transpose(-3, -2).flatten(-4, -2)
+
+
 def _q2_k(b, kind):
     sc = _i32(b, 0, 16)
-    q = _bits(_i32(b, 16, 80).unflatten(-1, (2, 32)), 2, 4)  # (..., 2 halves, 4 shifts, 32)
-    return q.flatten(-3).unflatten(-1, (16, 16)), _half(b, 80) * (sc & 15), -(_half(b, 82) * (sc >> 4))
+    return _two_bits(b, 16), _half(b, 80) * (sc & 15), -(_half(b, 82) * (sc >> 4))
 
 
 def _q3_k(b, kind):
     low = _bits(_i32(b, 96, 104), 4, 2).flatten(-2)  # 16 x 4 low bits of the 6-bit scales
     high = _bits(_i32(b, 104, 108), 2, 4).flatten(-2)
-    ql = _bits(_i32(b, 32, 96).unflatten(-1, (2, 32)), 2, 4).flatten(-3)
-    qh = _bits(_i32(b, 0, 32), 1, 8).flatten(-2) ^ 1  # a set bit means no offset
-    return (ql - (qh << 2)).unflatten(-1, (16, 16)), _half(b, 108) * ((low | (high << 4)) - 32), None
+    qh = _bits(_i32(b, 0, 32).unflatten(-1, (2, 16)), 1, 8).transpose(-3, -2).flatten(-3, -2)
+    q = _two_bits(b, 32) - ((qh ^ 1) << 2)  # a set bit means no offset
+    return q, _half(b, 108) * ((low | (high << 4)) - 32), None
 
 
 def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,19 +129,19 @@ def _q45_k(b, kind):
 
 
 def _q6_k(b, kind):
-    ql = _bits(_i32(b, 0, 128).unflatten(-1, (2, 64)), 4, 2).flatten(-3)  # (..., 256)
-    qh = _bits(_i32(b, 128, 192).unflatten(-1, (2, 32)), 2, 4).flatten(-3)
-    q = ((ql | (qh << 4)) - 32).unflatten(-1, (16, 16))
-    return q, _half(b, 208) * b[..., 192:208].view(torch.int8).float(), None
+    ql = _bits(_i32(b, 0, 128).unflatten(-1, (2, 2, 2, 16)), 4, 2)  # (..., half, 32 bytes, 16, nibble, 16)
+    ql = ql.movedim(-2, -4).flatten(-5, -2)  # (..., 16 groups, 16)
+    qh = _bits(_i32(b, 128, 192).unflatten(-1, (2, 2, 16)), 2, 4).transpose(-3, -2).flatten(-4, -2)
+    return (ql | (qh << 4)) - 32, _half(b, 208) * b[..., 192:208].view(torch.int8).float(), None
 
 
 def _iq4(b, kind):
     table = torch.tensor(_IQ4_VALUES, dtype=torch.float32, device=b.device)
     if kind == IQ4_NL:
-        return table[_nibbles(b, 2, 18)].unsqueeze(-2), _half(b, 0), None
+        return table[_nibbles(b, 2, 18)], _half(b, 0), None
     low = _bits(_i32(b, 4, 8), 4, 2).transpose(-1, -2).flatten(-2)  # (..., 8)
     high = _bits(_i32(b, 2, 3) | (_i32(b, 3, 4) << 8), 2, 8).flatten(-2)
-    q = _bits(_i32(b, 8, 136).unflatten(-1, (8, 16)), 4, 2).flatten(-2)  # (..., 8, 32)
+    q = _bits(_i32(b, 8, 136).unflatten(-1, (8, 16)), 4, 2).flatten(-3, -2)  # (..., 16, 16)
     return table[q], _half(b, 0) * ((low | (high << 4)) - 32), None
 
 
@@ -159,8 +165,12 @@ def parts(raw: torch.Tensor, kind: int):
     """A quantized weight's rows, raw bytes (rows, bytes per row) -> (q (rows, groups, group), scale (rows,
     groups), low (rows, groups) or None): value = scale * q + low, groups of 16 or 32 along each row."""
     q, scale, low = _PARTS[kind](raw.unflatten(-1, (-1, BLOCKS[kind][1])), kind)
-    flat = (*raw.shape[:-1], -1)
-    return q.reshape(*flat, q.shape[-1]), scale.reshape(flat), None if low is None else low.reshape(flat)
+    flat, groups = (*raw.shape[:-1], -1), q.shape[-2]
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # (..., n) -> (..., groups): each value for groups / n
+        return t.unsqueeze(-1).expand(*t.shape, groups // t.shape[-1]).reshape(flat)
+
+    return q.reshape(*flat, q.shape[-1]), per_group(scale), None if low is None else per_group(low)
 
 
 def dequantize(raw: torch.Tensor, kind: int) -> torch.Tensor:

@@ -82,8 +82,23 @@ def blocks(g, t, config) -> GGMLBlocks:
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 / Q4_K blocks -> (q uint8 (N, K) in 0..15, scales_and_zeros (K / 32, N, 2) float32) with
     value = (q - 8) * scale + zero: the same weights, only the layers' bf16 scales round them."""
-    q, scale, low = K.parts(b.raw, b.kind)  # (N, G, 32), (N, G): value = scale * q + low
+    q, scale, low = K.parts(b.raw, b.kind)  # (N, G, g), (N, G): value = scale * q + low
+    step = 32 // q.shape[-1]  # Q4_0 / Q4_1 come in groups of 16, two to a block of 32 with one scale
+    scale, low = scale[:, ::step], None if low is None else low[:, ::step]
     offset = 8 if b.kind == K.Q4_0 else 0  # Q4_0's quants come centred (q - 8)
     zero = (8 - offset) * scale + (0 if low is None else low)
     q = (q + offset).to(torch.uint8).reshape(b.shape)
     return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+def q5_0_as_q8_0(b: GGMLBlocks) -> GGMLBlocks:
+    """Q5_0 blocks rewritten as Q8_0 blocks of the same values (d * (q - 16), q - 16 in -16..15 fits an int8, d
+    kept as it is): 34 bytes per 32 weights instead of 22, for Q8_0's matrix-vector loop, several times faster
+    in compiled graphs than one that assembles 5-bit quants."""
+    blocks = b.raw.unflatten(-1, (-1, K.BLOCKS[K.Q5_0][1]))  # (N, G, 22)
+    q, _, _ = K.parts(b.raw, K.Q5_0)  # (N, 2G, 16): d * q
+    out = torch.empty(*blocks.shape[:-1], 34, dtype=torch.uint8)
+    out[..., :2] = blocks[..., :2]
+    out[..., 2:] = q.to(torch.int8).view(torch.uint8).reshape(*blocks.shape[:-1], 32)
+    return GGMLBlocks(out.flatten(-2), K.Q8_0, b.shape, b.name)
+
