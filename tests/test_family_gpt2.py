@@ -254,15 +254,14 @@ def test_cli_generate(tmp_path_factory, tmp_path):
 
 # ---- GGUF, as llama.cpp's convert_hf_to_gguf.py writes gpt2 -------------------------------------------------
 
-_GGUF_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # fmt: skip
 _TRANSPOSED = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # the converter's modify_tensors
 
 
-def write_gpt2_gguf(directory: str, path: str, q8_0: bool = False) -> None:
+def write_gpt2_gguf(directory: str, path: str, kind: str = "F32") -> None:
     """The HF checkpoint as llama.cpp's converter writes it: gpt2.* metadata (feed_forward_length 4 * n_embd,
-    layer_norm_epsilon), token_embd / position_embd / output_norm, blk.N.attn_qkv etc. with the Conv1D weights
-    transposed, no output.weight for a tied head, a token list giving the vocabulary."""
+    layer_norm_epsilon), tensor names from gguf-py's map for GPT2 (token_embd, position_embd, blk.N.attn_qkv, ...)
+    with the Conv1D weights transposed, no output.weight for a tied head, a token list giving the vocabulary;
+    the layers' matrices in `kind` (F32, Q8_0, Q4_0)."""
     import gguf
 
     cfg = json.load(open(os.path.join(directory, "config.json")))
@@ -273,27 +272,20 @@ def write_gpt2_gguf(directory: str, path: str, q8_0: bool = False) -> None:
     w.add_feed_forward_length(4 * cfg["n_embd"])
     w.add_head_count(cfg["n_head"])
     w.add_layer_norm_eps(cfg["layer_norm_epsilon"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"F32": 0, "Q8_0": 7, "Q4_0": 2}[kind])  # llama.cpp's LlamaFileType
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg["n_layer"])  # the converter's name map
     for name, t in load_file(os.path.join(directory, "model.safetensors")).items():
         if name.endswith(_TRANSPOSED):
             t = t.t()
-        name = name.removeprefix("transformer.")
-        top = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
-        head, _, rest = name.partition(".")
-        if head in top:
-            new = f"{top[head]}.{rest}"
-        else:
-            _, i, module = name.split(".", 2)
-            module, _, kind = module.rpartition(".")
-            new = f"blk.{i}.{_GGUF_NAMES[module]}.{kind}"
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         data = t.contiguous().numpy().astype(np.float32)
-        if q8_0 and data.ndim == 2 and new.startswith("blk."):
-            w.add_tensor(new, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+        if kind != "F32" and data.ndim == 2 and new.startswith("blk."):
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(new, data)
     w.write_header_to_file()
@@ -307,7 +299,8 @@ def test_gguf_as_llama_cpp_writes_gpt2(tmp_path_factory, tmp_path):
     while loading the GGUF; the config read from gpt2.* metadata."""
     directory, hf = GPT2.checkpoint(tmp_path_factory)
     write_gpt2_gguf(directory, str(tmp_path / "m.gguf"))
-    write_gpt2_gguf(directory, str(tmp_path / "q.gguf"), q8_0=True)
+    write_gpt2_gguf(directory, str(tmp_path / "q.gguf"), "Q8_0")
+    write_gpt2_gguf(directory, str(tmp_path / "q4.gguf"), "Q4_0")
     model = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.tie_word_embeddings
     assert (model.config.n_positions, model.config.n_inner, model.config.intermediate_size) == (64, None, 256)
@@ -326,6 +319,13 @@ def test_gguf_as_llama_cpp_writes_gpt2(tmp_path_factory, tmp_path):
         )
         got = int8(ids, attention_mask=mask).logits[real].float()
         assert (got - theirs).abs().mean() <= 0.08 * theirs.abs().mean()
+        # int4 from Q4_0: the transposed weights are not taken as blocks (they are (out, in) in the file)
+        int4 = autolm.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="q4.gguf", quantization="int4"
+        )
+        assert type(int4.transformer.h[0].attn.c_attn).__name__ == "Int4Linear"
+        got = int4(ids, attention_mask=mask).logits[real].float()
+        assert (got - theirs).abs().mean() <= 0.2 * theirs.abs().mean()
 
 
 def test_gguf_out_is_the_converters_layout(tmp_path_factory, tmp_path, smol_gguf):
