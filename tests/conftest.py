@@ -92,6 +92,71 @@ SPECS = {
         ),
         {},
     ),
+    # tensor parallel for families that gather outputs (Phi-3's packed q/k/v and gate/up, OLMo 2's whole-projection
+    # q/k norms) or scale them (Granite), or skip RoPE (SmolLM3)
+    "phi3_longrope": (
+        "Phi3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            original_max_position_embeddings=8,
+            partial_rotary_factor=0.5,
+            pad_token_id=0,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.3, 1.9, 2.6],
+                "long_factor": [3.5, 6.0, 9.0, 14.0],
+            },
+        ),
+        {},
+    ),
+    "olmo2": (
+        "Olmo2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "granite": (
+        "GraniteConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.6,
+            attention_multiplier=0.09,
+            logits_scaling=2.5,
+        ),
+        {},
+    ),
+    "smollm3_nope": (
+        "SmolLM3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            no_rope_layer_interval=2,
+            pad_token_id=0,
+        ),
+        {},
+    ),
     # Gemma's soft-capping, (1 + w) norms, scaled embeddings and windows shorter than the prompts; Gemma 3's q/k
     # norms and RoPE by layer type
     "gemma2": (

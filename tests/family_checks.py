@@ -31,6 +31,8 @@ class Family:
     kwargs: dict
     save_kwargs: dict = field(default_factory=dict)
     atol: float = 1e-4
+    # LoRA targets for families peft has no default for (None: peft's default for the type)
+    lora_targets: list[str] | None = None
 
     # ---- the checkpoint --------------------------------------------------------------------------
 
@@ -161,7 +163,8 @@ class Family:
         directory, hf = self.checkpoint(tmp_path_factory)
         ids, mask = padded_batch(seed=5)
         real = mask.bool()
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8))  # the type's default targets
+        targets = self.lora_targets  # None: the type's default targets
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         _randomize_lora(pm)
         pm.save_pretrained(tmp_path / "peft")
         with torch.no_grad():

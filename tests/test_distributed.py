@@ -95,7 +95,18 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "qwen3", "gemma2", "gemma3_text"]
+    "name",
+    [
+        "llama_gqa_llama3_sharded",
+        "qwen2_tied_bias",
+        "qwen3",
+        "phi3_longrope",
+        "olmo2",
+        "granite",
+        "smollm3_nope",
+        "gemma2",
+        "gemma3_text",
+    ],
 )
 def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
     directory, _ = checkpoint(name)
@@ -113,7 +124,10 @@ def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
         torch.testing.assert_close(r["logits"], ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(r["tokens"], want)
         assert r["layer_bytes"] < 0.55 * full  # about half: only the small norms are replicated
-        assert r["kv_heads"] == model.config.num_key_value_heads // 2
+        # Heads are split where o_proj takes a slice of them; where the attention's outputs are gathered
+        # (rowwise_split: Phi-3, OLMo 2) every rank runs every head.
+        split = model.tp_plan()[f"{model.layers_prefix}.0.self_attn.o_proj"] == "rowwise"
+        assert r["kv_heads"] == model.config.num_key_value_heads // (2 if split else 1)
         # Untied embeddings and head are vocabulary-parallel; a tied pair stays replicated.
         share = 1 if model.config.tie_word_embeddings else 2
         assert set(r["vocab_rows"].values()) == {model.config.vocab_size // share}

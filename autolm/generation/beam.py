@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .decode import new_token_budget
+from .restart import is_stale, recompute
 from .sampling import logits_processors
 from .stopping import build_criteria
 
@@ -164,7 +165,10 @@ def beam_search(
         mask = torch.cat([mask.index_select(0, beams.parent), mask.new_ones(B * nb, 1)], dim=1)
         pos = pos.index_select(0, beams.parent)
         tokens = beams.running[:, :, cur - 1].reshape(B * nb, 1)
-        logits = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        if is_stale(model, cache, mask.shape[1]):  # LongRoPE's switch: the whole sequence again
+            logits = recompute(model, beams.running[:, :, :cur].reshape(B * nb, cur), mask, cache)
+        else:
+            logits = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
         pos = pos + 1
     sequences, sequences_scores, beam_indices = beams.result()
     return BeamOutput(

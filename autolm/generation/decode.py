@@ -11,6 +11,7 @@ import torch
 from ..errors import GenerationError
 from ..step import decoder
 from .config import GenerationConfig
+from .restart import is_stale, recompute
 from .sampling import choose, logits_processors
 from .speculative import check_speculation, speculate
 from .stopping import build_criteria
@@ -80,8 +81,11 @@ class Run:
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         """Feed the newest tokens (B,) through the decode step: the next logits (B, V)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        self._decode = self._decode or decoder(self.model, self.cache, self.mask)
-        logits = self._decode(token[:, None], self.mask, self.pos, self.cache)
+        if self.ids.shape[1] == self.mask.shape[1] and is_stale(self.model, self.cache, self.mask.shape[1]):
+            logits = recompute(self.model, self.ids, self.mask, self.cache)  # LongRoPE's switch: all again
+        else:
+            self._decode = self._decode or decoder(self.model, self.cache, self.mask)
+            logits = self._decode(token[:, None], self.mask, self.pos, self.cache)
         self.pos = self.pos + 1
         return logits
 

@@ -60,6 +60,11 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
     styles = {
         "colwise": ColwiseParallel(),
         "rowwise": RowwiseParallel(),
+        # transformers' colwise_gather_output / rowwise_split_input: the output gathered whole on every rank
+        # (Phi-3 splits its packed q/k/v after the matmul, OLMo 2 normalises q/k over all heads), and the next
+        # rowwise layer takes that whole input and uses its own slice
+        "colwise_gather": ColwiseParallel(output_layouts=Replicate()),
+        "rowwise_split": RowwiseParallel(input_layouts=Replicate()),
         # Vocabulary-parallel: each rank holds a slice of the vocabulary rows of the embedding (its
         # lookups are summed across ranks) and of the LM head (the logits are gathered).
         "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
@@ -68,7 +73,7 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
     plan = {
         m: styles[s]
         for m, s in model.tp_plan().items()
-        if s in ("colwise", "rowwise") or config.vocab_size % world == 0
+        if s not in ("embedding", "lm_head") or config.vocab_size % world == 0
     }
     parallelize_module(model, mesh, plan)
     model.shard_heads(world)

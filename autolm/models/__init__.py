@@ -16,13 +16,17 @@ from .gemma2 import Gemma2Config, Gemma2ForCausalLM
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .gpt_oss import GptOssConfig, GptOssForCausalLM
+from .granite import GraniteConfig, GraniteForCausalLM
 from .llama import LlamaConfig, LlamaForCausalLM
 from .mistral import MistralConfig, MistralForCausalLM
 from .mixtral import MixtralConfig, MixtralForCausalLM
+from .olmo2 import Olmo2Config, Olmo2ForCausalLM
+from .phi3 import Phi3Config, Phi3ForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM
 from .qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from .smollm3 import SmolLM3Config, SmolLM3ForCausalLM
 
 _MODELS: dict[str, type] = {}
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {}
@@ -41,6 +45,10 @@ for _cls in (
     Qwen3ForCausalLM,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
+    Phi3ForCausalLM,
+    Olmo2ForCausalLM,
+    GraniteForCausalLM,
+    SmolLM3ForCausalLM,
     MixtralForCausalLM,
     Qwen2MoeForCausalLM,
     Qwen3MoeForCausalLM,
@@ -105,6 +113,8 @@ __all__ = [
     "Gemma3TextConfig",
     "GptOssConfig",
     "GptOssForCausalLM",
+    "GraniteConfig",
+    "GraniteForCausalLM",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -112,6 +122,10 @@ __all__ = [
     "MistralForCausalLM",
     "MixtralConfig",
     "MixtralForCausalLM",
+    "Olmo2Config",
+    "Olmo2ForCausalLM",
+    "Phi3Config",
+    "Phi3ForCausalLM",
     "Qwen2Config",
     "Qwen2ForCausalLM",
     "Qwen2MoeConfig",
@@ -120,6 +134,8 @@ __all__ = [
     "Qwen3ForCausalLM",
     "Qwen3MoeConfig",
     "Qwen3MoeForCausalLM",
+    "SmolLM3Config",
+    "SmolLM3ForCausalLM",
     "config_class",
     "config_from_file",
     "gguf_families",

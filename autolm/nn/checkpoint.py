@@ -161,3 +161,8 @@ class GGUFLayout:
     # config fields llama.cpp derives rather than reads (Gemma's attention scale, layer pattern, local RoPE):
     # derive(the config dict read so far, get) fills them in, get(key) reading the file's "<arch>.<key>"
     derive: Callable[[dict[str, Any], Callable[[str], Any]], None] | None = None
+    # config fields llama.cpp reads off a tensor's presence (optional biases): (tensor, field) set true where the
+    # file has the tensor, e.g. ("blk.0.attn_q.bias", "attention_bias")
+    present: tuple[tuple[str, str], ...] = ()
+    # tensors that hold RoPE parameters, not weights (Phi-3's LongRoPE factors): (tensor, key of rope_parameters)
+    rope_tensors: tuple[tuple[str, str], ...] = ()

@@ -159,6 +159,17 @@ class Rotary:
             return original + 1 if int(position_ids.max()) + 1 > original else 0
         return 0
 
+    def switch_length(self) -> int | None:
+        """The sequence length from which the tables of every position change (LongRoPE's long factors, past
+        original_max_position_embeddings): keys cached before it are stale once a sequence reaches it. None
+        where tables never change with the length (or only grow with it, as dynamic RoPE's)."""
+        lengths = [
+            rope["original_max_position_embeddings"] + 1
+            for rope in self.kinds.values()
+            if rope.get("rope_type") == "longrope"
+        ]
+        return min(lengths, default=None)
+
     def tables(
         self, position_ids: torch.Tensor, dtype: torch.dtype
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -247,6 +247,10 @@ def config_from_gguf(g: GGUFFile, **overrides):
     names = {t.name for t in g.tensors}
     d["tie_word_embeddings"] = "output.weight" not in names
     d.update(g.layout.fixed)
+    d.update((name, True) for tensor, name in g.layout.present if tensor in names)
+    for t in g.tensors:
+        if t.name in dict(g.layout.rope_tensors):
+            rope[dict(g.layout.rope_tensors)[t.name]] = _values(g, t)
     if g.layout.derive is not None:
         g.layout.derive(d, g.get)
     for key, name in (
@@ -261,6 +265,18 @@ def config_from_gguf(g: GGUFFile, **overrides):
             d[name] = value
     d["dtype"] = "float32"
     return config_class(d["model_type"], source=g.path).from_dict(d, source=g.path, **overrides)
+
+
+def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
+    """A small tensor that holds config values (see GGUFLayout.rope_tensors), as a list of floats."""
+    import gguf
+
+    if t.data is None:
+        raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+    try:
+        return [float(x) for x in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
+    except (NotImplementedError, ValueError) as e:
+        raise GGUFError(f"{g.path}: cannot read tensor {t.name!r} ({e})") from None
 
 
 def hf_name(gguf_name: str, family) -> str | None:
@@ -336,8 +352,8 @@ def gguf_tensors(
     for t in g.tensors:
         name = hf_name(t.name, g.family)
         if name is None:
-            if t.name.startswith("rope_freqs"):
-                continue  # llama3 RoPE factors; the config carries them
+            if t.name.startswith("rope_freqs") or t.name in dict(g.layout.rope_tensors):
+                continue  # RoPE factors (llama3's; the family's rope_tensors): the config carries them
             raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")

@@ -1,0 +1,97 @@
+"""Granite (IBM): Llama with four multipliers. The input embeddings are scaled by `embedding_multiplier`, each
+sublayer's output by `residual_multiplier` before its residual add, attention scores by `attention_multiplier`
+(instead of 1/sqrt(head_dim)), and the logits divided by `logits_scaling`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import _is_number
+from ..errors import ConfigError
+from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
+from .base import CausalLM, DecoderModel
+from .llama import LlamaConfig
+
+_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+
+
+@dataclass(repr=False)
+class GraniteConfig(LlamaConfig):
+    """transformers' GraniteConfig: Llama's fields and defaults plus the four multipliers."""
+
+    model_type: ClassVar[str] = "granite"
+
+    embedding_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        for name in _MULTIPLIERS:
+            v = getattr(self, name)
+            if not _is_number(v) or (name == "logits_scaling" and v == 0):
+                raise ConfigError(
+                    f"{self.source}: {name} must be a finite number (logits_scaling not 0), found {v!r}"
+                )
+
+
+class GraniteDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(
+            h,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            layer_idx,
+            bias=config.attention_bias,
+            scale=config.attention_multiplier,
+            window=config.layer_window(layer_idx),
+        )
+        self.mlp = GatedMLP(h, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.residual_multiplier = float(config.residual_multiplier)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx) * self.residual_multiplier
+        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
+
+
+class GraniteModel(DecoderModel):
+    def __init__(self, config: Any):
+        super().__init__(config, GraniteDecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
+        self.embedding_multiplier = float(config.embedding_multiplier)
+
+    def scale_inputs(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return x * self.embedding_multiplier  # given inputs_embeds too, as transformers does
+
+
+class GraniteForCausalLM(CausalLM):
+    config_class = GraniteConfig
+    # llama.cpp writes Granite as Llama (q/k rows permuted) with the multipliers under their "scale" names
+    gguf = GGUFLayout(
+        "granite",
+        permute_qk=True,
+        config=(
+            ("attention.scale", "attention_multiplier"),
+            ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"),
+            ("logit_scale", "logits_scaling"),
+        ),
+        present=(("blk.0.attn_q.bias", "attention_bias"), ("blk.0.ffn_up.bias", "mlp_bias")),
+    )
+    _no_split_modules: ClassVar[list[str]] = ["GraniteDecoderLayer"]
+
+    def __init__(self, config: Any):
+        super().__init__(config, GraniteModel(config))
+        self.logits_scaling = float(config.logits_scaling)  # an attribute: the compiled head's key holds it
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.logits_scaling

@@ -1,0 +1,124 @@
+"""Phi-3 against transformers: packed qkv_proj / gate_up_proj, partial rotary embeddings, LongRoPE (short
+factors up to original_max_position_embeddings, long ones past it: the batches here are longer than it, and a
+generation crosses it) as Phi-3.5 / Phi-4-mini use it, a sliding window shorter than the sequence; the standard
+battery, GGUF as llama.cpp writes it (fused tensors, factors as tensors), and Phi-3's chat template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from chat_checks import CONVERSATIONS, check_chat_template, check_cli
+from conftest import VOCAB
+from family_checks import Family
+from gguf_llamacpp import check_gguf
+from test_compiled_step import compiled_home, home  # noqa: F401
+
+import autolm
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64)  # fmt: skip
+# Phi-4-mini's shape of RoPE: LongRoPE over the first half of each head (head_dim 16: 8 rotary dimensions, 4 factors)
+PHI3 = Family(
+    "Phi3Config",
+    dict(
+        SMALL,
+        original_max_position_embeddings=8,
+        partial_rotary_factor=0.5,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.3, 1.9, 2.6],
+            "long_factor": [3.5, 6.0, 9.0, 14.0],
+        },
+    ),
+    lora_targets=["qkv_proj", "o_proj"],
+)
+# Phi-3-mini's: full rotary default RoPE, a sliding window (5 slots here)
+PHI3_WINDOW = Family("Phi3Config", dict(SMALL, sliding_window=5), lora_targets=["qkv_proj", "gate_up_proj"])
+
+
+def test_logits(tmp_path_factory):
+    PHI3.check_logits(tmp_path_factory)
+
+
+def test_generate(tmp_path_factory):
+    PHI3.check_generate(tmp_path_factory)
+
+
+def test_bf16(tmp_path_factory):
+    PHI3.check_bf16(tmp_path_factory)
+
+
+def test_one_token_step(tmp_path_factory):
+    PHI3.check_one_token_step(tmp_path_factory)
+
+
+def test_compiled_step(tmp_path_factory, home):  # noqa: F811
+    PHI3.check_compiled_step(tmp_path_factory, home)
+
+
+def test_lora(tmp_path_factory, tmp_path):
+    PHI3.check_lora(tmp_path_factory, tmp_path)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized(tmp_path_factory, bits):
+    PHI3.check_quantized(tmp_path_factory, bits)
+
+
+def test_save(tmp_path_factory, tmp_path):
+    PHI3.check_save(tmp_path_factory, tmp_path)
+
+
+def test_disk_offload(tmp_path_factory, tmp_path):
+    PHI3.check_disk_offload(tmp_path_factory, tmp_path)
+
+
+@pytest.mark.parametrize("family", [PHI3, PHI3_WINDOW], ids=["longrope", "window"])
+def test_gguf(tmp_path_factory, tmp_path, family):
+    """Fused attn_qkv / ffn_up, the rotary dimensions as rope.dimension_count, the factors as tensors, a window
+    of 0 for none: read back into transformers' config."""
+    model, hf = check_gguf(family, tmp_path_factory, tmp_path)
+    ours, theirs = model.config, hf.config
+    assert ours.head_dim == theirs.hidden_size // theirs.num_attention_heads
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.original_max_position_embeddings == theirs.original_max_position_embeddings
+    defaults = dict(
+        short_factor=None, long_factor=None, partial_rotary_factor=1.0
+    )  # transformers fills these in
+    ours, theirs = ({**defaults, **c.rope_parameters} for c in (ours, theirs))
+    for k in (*defaults, "rope_type", "rope_theta"):  # the file holds the factors in float32
+        assert ours[k] == (
+            theirs[k] if theirs[k] is None or isinstance(theirs[k], str) else pytest.approx(theirs[k])
+        )
+
+
+@pytest.mark.parametrize("check", ["logits", "generate", "one_token_step", "lora"])
+def test_sliding_window(tmp_path_factory, tmp_path, check):
+    args = (tmp_path_factory, tmp_path) if check == "lora" else (tmp_path_factory,)
+    getattr(PHI3_WINDOW, f"check_{check}")(*args)
+
+
+def test_generation_crossing_original_length_recomputes_as_transformers(tmp_path_factory):
+    """A prompt within original_max_position_embeddings that generates past it: transformers recomputes the whole
+    sequence with the long factors at the crossing (its cached keys were rotated with the short ones); so does
+    autolm, for greedy search (one row and a batch) and beam search."""
+    directory, hf = PHI3.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(), dict(num_beams=3)):
+        for rows in (ids[:1], ids):
+            ours = model.generate(rows, max_new_tokens=12, do_sample=False, **kwargs)
+            assert torch.equal(ours, hf.generate(rows, max_new_tokens=12, do_sample=False, **kwargs)), kwargs
+
+
+@pytest.mark.parametrize("template", ["phi-3.5-mini-instruct.jinja", "phi-4-mini-instruct.jinja"])
+def test_chat_template(tmp_path, template):
+    ours = check_chat_template(tmp_path, template, eos_token="<|endoftext|>")
+    if template.startswith("phi-3.5"):
+        text = ours.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, tokenize=False)
+        assert text == "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"
+
+
+def test_cli(tmp_path_factory, tmp_path):
+    check_cli(PHI3, "phi-3.5-mini-instruct.jinja", tmp_path_factory, tmp_path, "Phi3ForCausalLM (phi3)")
