@@ -167,6 +167,21 @@ def test_old_checkpoint_without_prefix_and_with_mask_buffers(tmp_path_factory, t
     assert names == set(load_file(os.path.join(directory, "model.safetensors")))
 
 
+def test_token_type_ids_as_transformers(tmp_path_factory):
+    """GPT-2's segment ids are embedded by wte and added to the inputs, as transformers does."""
+    directory, hf = GPT2.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch()
+    types = torch.randint(0, 4, ids.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions(mask), token_type_ids=types).logits
+        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask), token_type_ids=types).logits
+        plain = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours[real], plain[real])
+
+
 def test_positions_follow_the_padding_and_stop_at_n_positions(tmp_path_factory):
     """Left padding shifts the learned positions (a padded row gives the unpadded row's logits); a position past
     n_positions is a clear error."""

@@ -234,3 +234,11 @@ class GPT2LMHeadModel(CausalLM):
     def model(self) -> GPT2Model:
         """The body (`transformer`), by the name autolm's code uses in every family."""
         return self.transformer
+
+    def forward(self, input_ids=None, *args, token_type_ids=None, inputs_embeds=None, **kwargs):
+        """transformers' forward; GPT-2's token_type_ids (looked up in wte) are added to the input vectors."""
+        if token_type_ids is not None:
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.model.embed(input_ids), None
+            inputs_embeds = inputs_embeds + self.transformer.wte(token_type_ids)
+        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
