@@ -14,6 +14,7 @@ from gguf_llamacpp import check_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
+from autolm.errors import AdapterError
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64)  # fmt: skip
@@ -122,3 +123,18 @@ def test_chat_template(tmp_path, template):
 
 def test_cli(tmp_path_factory, tmp_path):
     check_cli(PHI3, "phi-3.5-mini-instruct.jinja", tmp_path_factory, tmp_path, "Phi3ForCausalLM (phi3)")
+
+
+@pytest.mark.parametrize("spec", ["phi3_longrope", "olmo2", "granite", "smollm3_nope"])
+def test_lora_without_targets_is_refused_as_peft_refuses_it(checkpoint, spec):
+    """peft has no default target modules for these types: a LoraConfig naming none is an error in both."""
+    import peft
+
+    directory, hf = checkpoint(spec)
+    with pytest.raises(ValueError, match="target_modules"):
+        peft.get_peft_model(hf, peft.LoraConfig(r=4))
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(
+        AdapterError, match=f"no default target_modules for model_type '{model.config.model_type}'"
+    ):
+        autolm.get_peft_model(model, autolm.LoraConfig(r=4))

@@ -40,13 +40,25 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "velora_config": None,
 }
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
-# peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) where they are not DEFAULT_TARGETS
-MODEL_TYPE_TARGETS = {"gpt2": ["c_attn"]}
+# peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) where they are not DEFAULT_TARGETS; None
+# where peft has none for the type (it then refuses a LoraConfig without target_modules)
+MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(("phi3", "olmo2", "granite", "smollm3"), None),
+}
 
 
 def default_targets(model_type: str | None) -> list[str]:
-    """The target modules peft picks for a model type when a LoraConfig names none."""
-    return list(MODEL_TYPE_TARGETS.get(model_type, DEFAULT_TARGETS))
+    """The target modules peft picks for a model type when a LoraConfig names none; AdapterError where peft has
+    none for the type."""
+    targets = MODEL_TYPE_TARGETS.get(model_type, DEFAULT_TARGETS)
+    if targets is None:
+        raise AdapterError(
+            f"LoraConfig: peft has no default target_modules for model_type {model_type!r}: name the Linear "
+            "layers to adapt (e.g. target_modules=['qkv_proj', 'o_proj'] for phi3, ['q_proj', 'v_proj'] for the "
+            "others) or 'all-linear'"
+        )
+    return list(targets)
 
 
 class TaskType(str, enum.Enum):
