@@ -1,0 +1,79 @@
+"""GGUF files as llama.cpp runs them: `python -m autolm.bench.gguf FILE.gguf [FILE.gguf ...]`.
+
+For each file, autolm keeping its blocks (quantization="gguf", its CPU decode step compiled ahead of time) against
+llama.cpp (llama-cpp-python, bench/llamacpp_child.py) on the same file, each repetition a fresh process measured
+as `autolm bench` measures: load, peak RSS, process start -> first token, prefill and decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from . import Case, _stats, memory_bandwidth, run_child
+from .table import print_case
+
+
+def kept_bytes(path: str) -> int:
+    """Bytes of weights one decode step reads with the file's blocks kept (every matrix but the embeddings)."""
+    import autolm
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), quantization="gguf", progress=False
+    )
+    emb = model.model.embed_tokens
+    skip = (
+        {id(t) for t in emb.buffers()} if model.lm_head.weight is not getattr(emb, "blocks", None) else set()
+    )
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout) -> list[dict]:
+    bw = memory_bandwidth(threads)
+    print(
+        f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n",
+        file=out,
+    )
+    rows = []
+    for path in files:
+        path = os.path.abspath(path)
+        with (
+            tempfile.TemporaryDirectory() as folder
+        ):  # the file alone in a folder: its size is the checkpoint's
+            os.symlink(path, os.path.join(folder, os.path.basename(path)))
+            case = Case(f"{os.path.basename(path)}: autolm keeping its blocks vs llama.cpp", folder, "float32",
+                        "gguf", ("autolm", "llama.cpp"), compile=False, gguf=path)  # fmt: skip
+            results = {}
+            for lib in case.libs:
+                run_child(
+                    lib, case, threads, 512, 128
+                )  # warm the page cache (and compile autolm's step once)
+                runs = [run_child(lib, case, threads, 512, 128) for _ in range(reps)]
+                results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
+            size, per_token = os.path.getsize(path), kept_bytes(path)
+            print_case(case, results, size, per_token, bw, out)
+            rows.append({"case": case.label, "checkpoint_bytes": size, "bytes_per_token": per_token,
+                         "results": results})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autolm.bench.gguf", description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", help="GGUF files")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the raw rows here")
+    args = p.parse_args(argv)
+    rows = gguf_bench(args.files, args.reps, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
