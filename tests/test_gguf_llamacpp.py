@@ -51,7 +51,9 @@ def _text_ids(tok, n: int = 160) -> list[int]:
 def test_kept_blocks_agree_with_llama_cpp(smol_quants, name):
     path = smol_quants[name]
     folder, file = os.path.dirname(path), os.path.basename(path)
-    model = autolm.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, quantization="gguf", progress=False)
+    model = autolm.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file, quantization="gguf", progress=False
+    )
     tok = autolm.AutoTokenizer.from_pretrained(folder, gguf_file=file)
     ids = _text_ids(tok)
     with torch.no_grad():
