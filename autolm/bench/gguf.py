@@ -14,7 +14,32 @@ import sys
 import tempfile
 
 from . import Case, _stats, memory_bandwidth, run_child
-from .table import print_case
+
+_ROWS = [  # (label, key, scale, format); the compiled decode is compared with llama.cpp's decode
+    ("load s", "load", 1, "{:.2f}"),
+    ("process start -> first token s", "ttft", 1, "{:.2f}"),
+    ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}"),
+    ("prefill tok/s (512)", "prefill", 1, "{:.0f}"),
+    ("decode tok/s, eager (16)", "decode", 1, "{:.1f}"),
+    ("decode tok/s (128), compiled ahead of time", "decode_aot", 1, "{:.1f}"),
+]
+
+
+def print_rows(label: str, results: dict, size: int, per_token: int, out) -> None:
+    """One table: each metric for autolm and llama.cpp (its decode against both of autolm's), and the ratio."""
+    a, b = results["autolm"], results["llama.cpp"]
+    print(
+        f"### {label} ({size / 1e6:.0f} MB file, {per_token / 1e6:.0f} MB of weights read per token)",
+        file=out,
+    )
+    print("| metric | autolm | llama.cpp | ratio |\n|---|---|---|---|", file=out)
+    for name, key, scale, fmt in _ROWS:
+        if key not in a:
+            continue
+        (x, dx), (y, dy) = a[key], b["decode" if key == "decode_aot" else key]
+        cell = lambda v, d: f"{fmt.format(v * scale)} ± {fmt.format(d * scale)}"  # noqa: E731
+        print(f"| {name} | {cell(x, dx)} | {cell(y, dy)} | {x / y:.2f}x |", file=out)
+    print(file=out)
 
 
 def kept_bytes(path: str) -> int:
@@ -55,7 +80,7 @@ def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout
                 runs = [run_child(lib, case, threads, 512, 128) for _ in range(reps)]
                 results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
             size, per_token = os.path.getsize(path), kept_bytes(path)
-            print_case(case, results, size, per_token, bw, out)
+            print_rows(case.label, results, size, per_token, out)
             rows.append({"case": case.label, "checkpoint_bytes": size, "bytes_per_token": per_token,
                          "results": results})  # fmt: skip
     return rows
