@@ -37,8 +37,8 @@ def print_rows(label: str, results: dict, size: int, per_token: int, out) -> Non
         if key not in a:
             continue
         (x, dx), (y, dy) = a[key], b["decode" if key == "decode_aot" else key]
-        cell = lambda v, d: f"{fmt.format(v * scale)} ± {fmt.format(d * scale)}"  # noqa: E731
-        print(f"| {name} | {cell(x, dx)} | {cell(y, dy)} | {x / y:.2f}x |", file=out)
+        ours, theirs = (f"{fmt.format(v * scale)} ± {fmt.format(d * scale)}" for v, d in ((x, dx), (y, dy)))
+        print(f"| {name} | {ours} | {theirs} | {x / y:.2f}x |", file=out)
     print(file=out)
 
 
