@@ -19,16 +19,18 @@ class ResolveError(AutolmError, FileNotFoundError):
     """A model path or repo id could not be turned into local files."""
 
 
-class TokenizerError(AutolmError):
-    """Tokenizer files are missing or corrupt, or a chat template fails."""
+class TokenizerError(AutolmError, ValueError):
+    """Tokenizer files are missing or corrupt, a chat template fails, or a call's arguments are wrong (a ValueError,
+    as transformers raises for those)."""
 
 
 class GenerationError(AutolmError, ValueError):
     """Bad arguments to generate()."""
 
 
-class AdapterError(AutolmError):
-    """A LoRA adapter does not fit its base model or its files are malformed."""
+class AdapterError(AutolmError, ValueError):
+    """A LoRA adapter does not fit its base model, its files are malformed, or an adapter name or config is wrong
+    (a ValueError, as peft raises)."""
 
 
 class GGUFError(CheckpointError):

@@ -236,3 +236,165 @@ def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- peft's surface, compared with peft itself (the import swapped) -----------------------------------------
+
+IDS = torch.tensor([[1, 17, 33, 5, 99, 42, 7]])
+
+
+def _pair(directory):
+    """(transformers, peft) and (autolm, autolm.lora): the same user code runs on each pair."""
+    import peft
+    import transformers
+
+    return [(transformers, peft), (autolm, autolm.lora)]
+
+
+def _sync_lora(ref, ours):
+    """Copy every LoRA tensor from peft's model into autolm's (same names), so both hold the same adapters."""
+    theirs = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_" in name:
+                p.copy_(theirs[name])
+
+
+def _logits(pm):
+    with torch.no_grad():
+        return pm(input_ids=IDS).logits
+
+
+def test_several_adapters_add_set_disable_delete_as_peft(checkpoint):
+    directory, _ = checkpoint(NAME)
+    made = []
+    for lib, lib_peft in _pair(directory):
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
+        pm.add_adapter("b", lib_peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+        made.append(pm)
+    _sync_lora(*made)
+
+    def user_code(pm):
+        facts = [
+            pm.active_adapter,
+            sorted(n for n, p in pm.named_parameters() if p.requires_grad),
+            _logits(pm),
+        ]
+        pm.set_adapter("b")
+        facts += [
+            pm.active_adapters,
+            sorted(n for n, p in pm.named_parameters() if p.requires_grad),
+            _logits(pm),
+        ]
+        with pm.disable_adapter():
+            facts.append(_logits(pm))
+        pm.delete_adapter("b")
+        facts += [pm.active_adapter, sorted(pm.peft_config), _logits(pm)]
+        return facts
+
+    ref, got = (user_code(pm) for pm in made)
+    for a, b in zip(got, ref):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert a == b
+    assert not torch.allclose(ref[2], ref[5], atol=1e-3)  # the two adapters differ
+
+
+def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
+    import peft
+
+    directory, _ = checkpoint(NAME)
+    made = []
+    for lib, lib_peft in _pair(directory):
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False),
+        )
+        made.append(pm)
+    _sync_lora(*made)
+
+    def user_code(pm, lib, lib_peft, out):
+        pm.save_pretrained(out, safe_serialization=False)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        state = lib_peft.get_peft_model_state_dict(pm)
+        loaded = lib_peft.set_peft_model_state_dict(pm, state)
+        again = lib_peft.PeftModel.from_pretrained(lib.AutoModelForCausalLM.from_pretrained(directory), out)
+        config = lib_peft.PeftConfig.from_pretrained(out)
+        merged = again.merge_and_unload(safe_merge=True)
+        return [
+            sorted(os.listdir(out)),
+            sorted(cfg["target_modules"]),
+            cfg["base_model_name_or_path"],
+            (type(config).__name__, config.r, config.lora_alpha, sorted(config.target_modules)),
+            dict(state),
+            loaded.unexpected_keys,
+            [k for k in loaded.missing_keys if ".lora_" in k],
+            (again.training, any(p.requires_grad for p in again.parameters())),
+            _logits(merged),
+        ]
+
+    ref = user_code(made[0], *_pair(directory)[0], tmp_path / "peft")
+    got = user_code(made[1], *_pair(directory)[1], tmp_path / "autolm")
+    assert got[0] == [n for n in ref[0] if n != "README.md"] and "adapter_model.bin" in got[0]
+    assert got[1:4] == ref[1:4] and got[5:8] == ref[5:8]
+    assert got[4].keys() == ref[4].keys() and all(torch.equal(got[4][k], ref[4][k]) for k in ref[4])
+    torch.testing.assert_close(got[8], ref[8], atol=1e-5, rtol=1e-5)
+    # peft itself loads autolm's .bin adapter
+    pm = peft.PeftModel.from_pretrained(made[0].unload(), tmp_path / "autolm")
+    torch.testing.assert_close(_logits(pm), ref[8], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_peft_model_and_named_adapters_load_as_peft(checkpoint, tmp_path):
+    import peft
+
+    _, adapter, *_ = _peft_adapter(checkpoint, tmp_path, r=4, target_modules=["q_proj", "o_proj"])
+    _peft_adapter(checkpoint, tmp_path / "second", r=2, target_modules=["v_proj"])
+
+    def user_code(lib, auto):
+        pm = auto.from_pretrained(adapter)
+        facts = [pm.training, _logits(pm)]
+        pm.load_adapter(str(tmp_path / "second" / "adapter"), adapter_name="second")
+        facts += [pm.active_adapter, _logits(pm)]
+        pm.set_adapter("second")
+        facts.append(_logits(pm))
+        return facts
+
+    ref = user_code(peft, peft.AutoPeftModelForCausalLM)
+    got = user_code(autolm.lora, autolm.AutoPeftModelForCausalLM)
+    assert got[0] == ref[0] is False and got[2] == ref[2]
+    for i in (1, 3, 4):
+        torch.testing.assert_close(got[i], ref[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref[3], ref[4], atol=1e-3)
+
+
+def _peft_errors(lib, lib_peft, directory):
+    """What users get wrong with adapters: each must raise a ValueError (peft's kind) with this pair."""
+    pm = lib_peft.get_peft_model(
+        lib.AutoModelForCausalLM.from_pretrained(directory), lib_peft.LoraConfig(r=2)
+    )
+    mistakes = [
+        lambda: pm.set_adapter("nope"),
+        lambda: pm.delete_adapter("nope"),
+        lambda: pm.add_adapter("default", lib_peft.LoraConfig(r=2)),
+        lambda: lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory), lib_peft.LoraConfig(target_modules=["nope"])
+        ),
+    ]
+    return pm, mistakes
+
+
+def test_errors_are_value_errors_as_in_peft(checkpoint):
+    directory, _ = checkpoint(NAME)
+    for lib, lib_peft in _pair(directory):
+        pm, mistakes = _peft_errors(lib, lib_peft, directory)
+        for bad in mistakes:
+            with pytest.raises(ValueError):
+                bad()
+        with torch.no_grad():  # a broken adapter: safe_merge refuses it
+            next(p for n, p in pm.named_parameters() if "lora_B" in n).fill_(float("nan"))
+        with pytest.raises(ValueError, match="NaN"):
+            pm.merge_and_unload(safe_merge=True)

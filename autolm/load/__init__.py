@@ -33,19 +33,35 @@ _ACCEPTED = {
     "trust_remote_code": "autolm never runs code from a checkpoint",
     "use_fast": None,
     "_fast_init": None,
-    "output_loading_info": None,
     "offload_state_dict": None,
     "offload_buffers": None,
 }
 _ATTENTION = ("eager", "sdpa", None)
 
 
-def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike, output_loading_info: bool = False, **kwargs: Any
+):
     """Load a causal LM from a directory, a repo id (HF cache or hub), or a GGUF file; see AutoModelForCausalLM.
 
     A folder holding only a peft adapter (adapter_config.json, no config.json) loads its base model
     (`base_model_name_or_path`) with the same arguments and returns a PeftModel with the adapter on it.
+    output_loading_info=True returns (model, info) as transformers: autolm refuses missing, mismatched and
+    (unless strict=False) unexpected tensors, so after a load the lists are empty.
     """
+    model = _from_pretrained(pretrained_model_name_or_path, **kwargs)
+    if output_loading_info:
+        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+        return model, info
+    return model
+
+
+def _from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **kwargs: Any,
+):
     from ..lora import LoraConfig, PeftModel
 
     hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
@@ -62,7 +78,7 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
                 "load the base model and use PeftModel.from_pretrained(model, adapter)"
             )
         kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
-        return PeftModel.from_pretrained(_load(base, **kwargs), directory)
+        return PeftModel.from_pretrained(_load(base, **kwargs), directory, adapter_name, is_trainable)
     return _load(pretrained_model_name_or_path, resolved=directory, **kwargs)
 
 
@@ -230,6 +246,8 @@ def _check_size(config, shapes: dict | None, cls) -> None:
 def _config_dtype(config) -> torch.dtype | None:
     """dtype='auto': the config's dtype when it names one, else None (the first floating tensor's dtype)."""
     name = config.dtype
+    if isinstance(name, torch.dtype):
+        return name
     try:
         d = parse_dtype(name) if isinstance(name, str) else None
     except ConfigError:
@@ -251,6 +269,26 @@ class AutoModelForCausalLM:
         model.tie_weights()
         dtype = torch_dtype if torch_dtype is not None else dtype
         return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+
+
+class AutoPeftModelForCausalLM:
+    """peft's `AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=False, **base_model_kwargs)`: the
+    base model that adapter_config.json names, with the adapter on it (a PeftModel, in eval mode unless trainable).
+    It lives here, not in autolm.lora, because it loads base models."""
+
+    @staticmethod
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ):
+        model = _from_pretrained(pretrained_model_name_or_path, adapter_name, is_trainable, **kwargs)
+        if not hasattr(model, "peft_config"):
+            raise ConfigError(
+                f"{pretrained_model_name_or_path}: not an adapter folder (no adapter_config.json)"
+            )
+        return model
 
 
 class AutoConfig:
@@ -278,4 +316,4 @@ class AutoConfig:
         return config_class(model_type)(**kwargs)
 
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "LoadReport", "from_pretrained"]
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "LoadReport", "from_pretrained"]

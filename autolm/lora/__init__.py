@@ -1,15 +1,27 @@
-"""LoRA in peft's own format: LoraConfig, TaskType, get_peft_model, PeftModel (load / save / merge / adapters)."""
+"""LoRA in peft's own format: LoraConfig, TaskType, get_peft_model, PeftModel (load / save / merge / adapters),
+peft's state-dict functions, and transformers' PEFT integration for the models (integration.PeftAdapterMixin)."""
 
-from .config import LoraConfig, TaskType
+from .config import LoraConfig, PeftConfig, TaskType
 from .layers import LoraLinear, ModulesToSave
-from .model import LoraModel, PeftModel, get_peft_model
+from .model import (
+    LoraModel,
+    PeftModel,
+    PeftModelForCausalLM,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 __all__ = [
     "LoraConfig",
     "LoraLinear",
     "LoraModel",
     "ModulesToSave",
+    "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
     "TaskType",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from .._util import read_json
+from .._util import atomic_write_text, read_json
 from ..errors import AdapterError
+from ..hub import resolve_model_dir
 
 CONFIG_NAME = "adapter_config.json"
 # The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).
@@ -72,8 +74,83 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+def _strings(v: Any, single_ok: bool = True) -> bool:
+    return (
+        v is None
+        or (single_ok and isinstance(v, str))
+        or (isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+    )
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30
+
+
+def _rank(v: Any) -> bool:
+    return _int(v) and 0 < v <= 65536
+
+
+# field -> (check, what it must be): each LoraConfig field autolm reads, checked as it is read from a file
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "r": (_rank, "a positive integer (at most 65536)"),
+    "lora_alpha": (_number, "a finite number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (_strings, "a string or a list of strings"),
+    "exclude_modules": (_strings, "a string or a list of strings"),
+    "modules_to_save": (lambda v: _strings(v, single_ok=False), "a list of module names"),
+    "layers_pattern": (_strings, "a string or a list of strings"),
+    "layers_to_transform": (
+        lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
+        "an integer or a list of integers",
+    ),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_rank(x) for x in v.values()),
+        "an object of positive integer ranks",
+    ),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()), "an object of numbers"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a task type name"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a path or repo id"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")},
+}  # fmt: skip
+
+
+class PeftConfig:
+    """peft's PeftConfig: `PeftConfig.from_pretrained(adapter)` reads adapter_config.json into the config class of
+    its peft_type (LoraConfig: the only adapter type autolm runs)."""
+
+    peft_type: str
+    base_model_name_or_path: str | None
+    task_type: str | None
+    inference_mode: bool
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub: Any) -> LoraConfig:
+        """adapter_config.json of a folder or repo id (with the hub's revision, subfolder, ...)."""
+        directory = resolve_model_dir(os.fspath(pretrained_model_name_or_path), **hub)
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
+        try:
+            return LoraConfig.from_dict(read_json(path, AdapterError))
+        except TypeError as e:
+            raise AdapterError(f"{path}: {e}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Write adapter_config.json."""
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps({**self.to_dict(), "inference_mode": self.inference_mode}, indent=2, sort_keys=True)
+        atomic_write_text(os.path.join(os.fspath(save_directory), CONFIG_NAME), text)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """peft's LoraConfig fields and defaults (the ones LoRA on Linear layers uses)."""
 
     r: int = 8
@@ -98,102 +175,27 @@ class LoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Normalise peft's accepted spellings (a set of targets, a TaskType) and check every field, naming it."""
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 0 < self.r <= 65536:
-            raise AdapterError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise AdapterError(f"LoraConfig: lora_alpha must be a number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise AdapterError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        t = self.target_modules
-        if (
-            t is not None
-            and not isinstance(t, str)
-            and not (isinstance(t, list) and all(isinstance(x, str) for x in t))
-        ):
-            raise AdapterError(f"LoraConfig: target_modules must be a string or a list of strings, got {t!r}")
-
-        def strings(v, single_ok=True):
-            return (
-                v is None
-                or (single_ok and isinstance(v, str))
-                or (isinstance(v, list) and all(isinstance(x, str) and x for x in v))
-            )
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30
-
-        checks = [
-            ("lora_alpha", number(self.lora_alpha), "a finite number"),
-            ("exclude_modules", strings(self.exclude_modules), "a string or a list of strings"),
-            ("modules_to_save", strings(self.modules_to_save, single_ok=False), "a list of module names"),
-            ("layers_pattern", strings(self.layers_pattern), "a string or a list of strings"),
-            (
-                "layers_to_transform",
-                self.layers_to_transform is None
-                or (
-                    isinstance(self.layers_to_transform, int)
-                    and not isinstance(self.layers_to_transform, bool)
-                )
-                or (
-                    isinstance(self.layers_to_transform, list)
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers_to_transform)
-                ),
-                "an integer or a list of integers",
-            ),
-            (
-                "rank_pattern",
-                isinstance(self.rank_pattern, dict)
-                and all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536
-                    for v in self.rank_pattern.values()
-                ),
-                "an object of positive integer ranks",
-            ),
-            (
-                "alpha_pattern",
-                isinstance(self.alpha_pattern, dict) and all(number(v) for v in self.alpha_pattern.values()),
-                "an object of numbers",
-            ),
-            (
-                "init_lora_weights",
-                isinstance(self.init_lora_weights, (bool, str)),
-                "true, false or a method name",
-            ),
-            ("task_type", self.task_type is None or isinstance(self.task_type, str), "a task type name"),
-            (
-                "base_model_name_or_path",
-                self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str),
-                "a path or repo id",
-            ),
-        ] + [
-            (k, isinstance(getattr(self, k), bool), "true or false")
-            for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")
-        ]
-        for name, ok, expected in checks:
-            if not ok:
+        if self.peft_type != "LORA":
+            raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
+        for name, (check, expected) in _CHECKS.items():
+            if not check(getattr(self, name)):
                 raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
-        for pattern in [
-            *(self.rank_pattern or {}),
-            *(self.alpha_pattern or {}),
-            *([t] if isinstance(t, str) else []),
-            *([self.exclude_modules] if isinstance(self.exclude_modules, str) else []),
-        ]:
+        patterns = [*self.rank_pattern, *self.alpha_pattern]
+        patterns += [p for p in (self.target_modules, self.exclude_modules) if isinstance(p, str)]
+        for pattern in patterns:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise AdapterError(
                     f"LoraConfig: {pattern!r} is not a valid regular expression ({e})"
                 ) from None
-        if self.bias not in ("none", "all", "lora_only"):
-            raise AdapterError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.use_dora:
             raise AdapterError("LoraConfig: use_dora=True (DoRA) is not supported by autolm yet")
-        if self.peft_type != "LORA":
-            raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
@@ -202,17 +204,8 @@ class LoraConfig:
             **{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names}
         )
 
-    @classmethod
-    def from_pretrained(cls, directory: str) -> LoraConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a peft adapter directory)")
-        try:
-            return cls.from_dict(read_json(path, AdapterError))
-        except TypeError as e:
-            raise AdapterError(f"{path}: {e}") from None
-
     def to_dict(self) -> dict[str, Any]:
+        """adapter_config.json's keys: peft's defaults for the ones autolm does not use, then these fields."""
         d = {**PEFT_DEFAULTS, **self.extra}
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         return d
@@ -259,3 +252,14 @@ class LoraConfig:
             )
             found = m is not None and int(m.group(1)) in wanted
         return found
+
+
+def as_lora_config(config: Any, where: str) -> LoraConfig:
+    """autolm's LoraConfig for a LoraConfig of autolm's or of peft's (read through its to_dict: user code that
+    still imports peft's config works unchanged)."""
+    if isinstance(config, LoraConfig):
+        return config
+    if str(getattr(config, "peft_type", "")) in ("LORA", "PeftType.LORA") and hasattr(config, "to_dict"):
+        d = {k: v.value if isinstance(v, enum.Enum) else v for k, v in config.to_dict().items()}
+        return LoraConfig.from_dict({k: sorted(v) if isinstance(v, set) else v for k, v in d.items()})
+    raise AdapterError(f"{where}: expected a LoraConfig, got {type(config).__name__}")

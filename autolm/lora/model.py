@@ -1,4 +1,5 @@
-"""PeftModel (load / save / merge / several adapters) and get_peft_model, with peft's file format.
+"""PeftModel (load / save / merge / several adapters), get_peft_model and peft's state-dict functions, with peft's
+file format.
 
 The nesting is peft's, PeftModel -> LoraModel (`.base_model`) -> the model (`.base_model.model`), so
 parameter names and attribute paths equal peft's (`base_model.model.model.layers.0.self_attn.q_proj
@@ -8,24 +9,18 @@ parameter names and attribute paths equal peft's (`base_model.model.model.layers
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .._util import atomic_directory, full_tensor, world
-from ..errors import AdapterError, AutolmError
+from ..errors import AdapterError
 from ..hub import resolve_model_dir
-from ..sources import load_bin
-from ..sources.safetensors import SafetensorsFile
-from .config import CONFIG_NAME, LoraConfig
+from . import adapters
+from .config import LoraConfig, as_lora_config
+from .files import PREFIX, read_adapter_weights, write_adapters
 from .layers import LoraLinear, ModulesToSave, _set_module, inject_adapter
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-WEIGHTS_BIN = "adapter_model.bin"
-_PREFIX = "base_model.model."
 
 
 class _Forwarding(nn.Module):
@@ -69,6 +64,9 @@ class PeftModel(_Forwarding):
         self.peft_config: dict[str, LoraConfig] = {}
         self.base_model = LoraModel(model, self.peft_config)
         self.active_adapter = adapter_name
+        config = as_lora_config(config, f"adapter {adapter_name!r}")
+        if config.base_model_name_or_path is None:  # peft records the name the base model was loaded by
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self._add(config, adapter_name)
 
     @property
@@ -78,140 +76,100 @@ class PeftModel(_Forwarding):
     # ---- adapters -----------------------------------------------------------------------------
 
     def _add(self, config: LoraConfig, adapter_name: str) -> None:
+        config = as_lora_config(config, f"adapter {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} is already loaded")
         inject_adapter(self._model, config, adapter_name)
         self.peft_config[adapter_name] = config
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
-        self._mark_trainable()
+        active = self.active_adapter if self.active_adapter in self.peft_config else adapter_name
+        self.set_adapter(active, inference_mode=self.peft_config[active].inference_mode)
 
-    def _lora_layers(self):
-        return [m for m in self._model.modules() if isinstance(m, LoraLinear)]
+    def add_adapter(
+        self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """A new adapter (fresh weights) beside the others; the active adapter stays active, as in peft."""
+        self._add(peft_config, adapter_name)
 
-    def _save_wrappers(self):
-        return [m for m in self._model.modules() if isinstance(m, ModulesToSave)]
-
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Run this adapter, and train it (only it) unless inference_mode, as peft."""
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(self.peft_config)})")
         self.active_adapter = adapter_name
-        for layer in self._lora_layers():
-            layer.active_adapters = [adapter_name]
-        for w in self._save_wrappers():
-            w.active_adapter = adapter_name
-        self._mark_trainable()
+        adapters.activate(self._model, [adapter_name])
+        adapters.mark_trainable(self._model, self.peft_config[adapter_name], adapter_name)
+        if inference_mode:
+            for p in self._model.parameters():
+                p.requires_grad_(False)
 
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter]
 
-    def _mark_trainable(self) -> None:
-        """Only the active adapter's LoRA weights (and its modules_to_save copies, biases per config) train."""
-        name = self.active_adapter
-        cfg = self.peft_config[name]
-        for pname, p in self._model.named_parameters():
-            lora = f".lora_A.{name}." in pname or f".lora_B.{name}." in pname
-            saved = f".modules_to_save.{name}." in pname
-            bias = pname.endswith(".bias") and (
-                cfg.bias == "all" or (cfg.bias == "lora_only" and ".base_layer." in pname)
-            )
-            p.requires_grad_(lora or saved or bias)
-
     def load_adapter(
-        self, adapter_dir_or_repo_id: str, adapter_name: str, is_trainable: bool = False, **kw
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub
     ) -> None:
-        """Read adapter_config.json + adapter weights and add them as a named adapter."""
-        directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
+        """Read adapter_config.json + adapter weights and add them as a named adapter (the active one stays)."""
+        directory = resolve_model_dir(os.fspath(model_id), **hub)
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        weights = _read_adapter_weights(directory)
+        config.init_lora_weights = False  # the weights come from the file
+        weights = read_adapter_weights(directory)
         self._add(config, adapter_name)
         try:
-            self._load_weights(weights, adapter_name, directory)
+            adapters.load_state(self._model, config, adapter_name, weights, directory, PREFIX)
         except AdapterError:
             self.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
-            for pname, p in self._model.named_parameters():
-                if f".{adapter_name}." in pname:
-                    p.requires_grad_(False)
-
-    def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        params = dict(self._model.named_parameters())
-        expected = {}
-        for pname in params:
-            for kind in ("lora_A", "lora_B", "modules_to_save"):
-                tag = f".{kind}.{adapter_name}."
-                if tag in pname:
-                    disk = pname.replace(tag, f".{kind}." if kind != "modules_to_save" else ".")
-                    expected[_PREFIX + disk] = pname
-        cfg = self.peft_config[adapter_name]
-        if cfg.bias != "none":
-            for pname in params:
-                if pname.endswith(".bias") and (cfg.bias == "all" or ".base_layer." in pname):
-                    expected.setdefault(_PREFIX + pname, pname)
-        unknown = sorted(k for k in weights if k not in expected)
-        if unknown:
-            raise AdapterError(
-                f"{source}: adapter tensors do not match the model's modules: {', '.join(unknown[:10])}"
-            )
-        missing = sorted(k for k, p in expected.items() if k not in weights and ".lora_" in p)
-        if missing:
-            raise AdapterError(f"{source}: adapter is missing tensors: {', '.join(missing[:10])}")
-        with torch.no_grad():
-            for key, t in weights.items():
-                p = params[expected[key]]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise AdapterError(
-                        f"{source}: tensor {key!r} has shape {tuple(t.shape)} but the model "
-                        f"expects {tuple(p.shape)} (different base model or rank?)"
-                    )
-                p.copy_(t.to(p.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise AdapterError(f"no adapter named {adapter_name!r}")
-        for layer in self._lora_layers():
-            if adapter_name in layer.merged_adapters:
-                raise AdapterError(
-                    f"adapter {adapter_name!r} is merged: unmerge_adapter() before deleting it"
-                )
-            for d in (layer.lora_A, layer.lora_B, layer.lora_dropout):
-                if adapter_name in d:
-                    del d[adapter_name]
-            layer.scaling.pop(adapter_name, None)
-        for w in self._save_wrappers():
-            if adapter_name in w.modules_to_save:
-                del w.modules_to_save[adapter_name]
+            raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(self.peft_config)})")
+        adapters.remove(self._model, adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
 
     @contextmanager
     def disable_adapter(self):
-        """Within the block the model behaves as the base model."""
-        layers = self._lora_layers() + self._save_wrappers()
-        for layer in layers:
-            layer.disable_adapters = True
+        """Within the block the model computes as the base model, whichever adapters are loaded."""
+        adapters.set_disabled(self._model, True)
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disable_adapters = False
+            adapters.set_disabled(self._model, False)
 
     # ---- merging ------------------------------------------------------------------------------
 
-    def merge_adapter(self) -> None:
-        for layer in self._lora_layers():
-            layer.merge()
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas (the active one by default) to the base weights; with safe_merge the merged
+        weights are checked for NaN/inf first and a broken adapter is refused, leaving the weights as they were."""
+        names = adapter_names or self.active_adapters
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"no adapter named {unknown[0]!r} (loaded: {sorted(self.peft_config)})")
+        for layer in adapters.lora_layers(self._model):
+            if safe_merge:
+                for name in names:
+                    if (
+                        name in layer.lora_A
+                        and not torch.isfinite(
+                            layer.base_layer.weight.float() + layer.delta_weight(name)
+                        ).all()
+                    ):
+                        raise AdapterError(
+                            f"NaNs (or infinities) detected in the merged weights: the adapter {name!r} seems broken"
+                        )
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
-        for layer in self._lora_layers():
+        for layer in adapters.lora_layers(self._model):
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter into the weights and return the plain base model."""
-        self.merge_adapter()
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active adapter (or these) into the weights and return the plain base model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self.unload(keep_merged=True)
 
     def unload(self, keep_merged: bool = False) -> nn.Module:
@@ -233,8 +191,30 @@ class PeftModel(_Forwarding):
 
     # ---- running ------------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        """peft's PeftModelForCausalLM.forward: explicit arguments, so transformers' Trainer keeps these dataset
+        columns (it drops the ones the forward signature does not name)."""
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
     def generate(self, *args, **kwargs):
         return self._model.generate(*args, **kwargs)
@@ -258,98 +238,94 @@ class PeftModel(_Forwarding):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under peft's on-disk names (no adapter name)."""
         name = adapter_name or self.active_adapter
-        cfg = self.peft_config[name]
-        out = {}
-        for pname, p in self._model.named_parameters():
-            key = None
-            for kind in ("lora_A", "lora_B"):
-                if f".{kind}.{name}." in pname:
-                    key = pname.replace(f".{kind}.{name}.", f".{kind}.")
-            if f".modules_to_save.{name}." in pname:
-                key = pname.replace(f".modules_to_save.{name}.", ".")
-            if (
-                key is None
-                and pname.endswith(".bias")
-                and cfg.bias != "none"
-                and ".lora_" not in pname
-                and (cfg.bias == "all" or ".base_layer." in pname)
-            ):
-                key = pname
-            if key is not None:
-                out[_PREFIX + key] = full_tensor(p.detach()).to("cpu").contiguous()
-        return out
+        if name not in self.peft_config:
+            raise AdapterError(f"no adapter named {name!r} (loaded: {sorted(self.peft_config)})")
+        return adapters.adapter_state(self._model, self.peft_config[name], name, PREFIX)
 
     def save_pretrained(
-        self, directory: str | os.PathLike, selected_adapters: list[str] | None = None
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **_,
     ) -> None:
-        """Write adapter_config.json + adapter_model.safetensors per adapter (others in subfolders), all of
-        them in one transaction.
-
-        Sharded (FSDP) weights are gathered on every rank; rank 0 writes.
-        """
-        from ..saving import write_tensors
-
-        states = {}
-        for name in selected_adapters or list(self.peft_config):
-            cfg = self.peft_config[name]
-            if cfg.base_model_name_or_path is None:
-                report = getattr(self._model, "load_report", None)
-                cfg.base_model_name_or_path = report.directory if report is not None else None
-            states[name] = self.adapter_state_dict(name)
-        if world()[0] != 0:
-            return
-        with atomic_directory(directory) as tmp:
-            for name, state in states.items():
-                target = tmp if name == "default" else os.path.join(tmp, name)
-                os.makedirs(target, exist_ok=True)
-                write_tensors(state, os.path.join(target, WEIGHTS_NAME))
-                d = self.peft_config[name].to_dict()
-                d["inference_mode"] = True
-                with open(os.path.join(target, CONFIG_NAME), "w", encoding="utf-8") as f:
-                    json.dump(d, f, indent=2, sort_keys=True)
+        """Write adapter_config.json + adapter_model.safetensors (.bin without safe_serialization) per adapter
+        ("default" at the top, others in subfolders), all in one transaction. Sharded (FSDP) weights are
+        gathered on every rank; rank 0 writes."""
+        names = selected_adapters or list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(
+                f"selected_adapters: no adapter named {unknown[0]!r} (loaded: {sorted(self.peft_config)})"
+            )
+        states = {
+            n: (adapters.config_dict(self._model, self.peft_config[n], n), self.adapter_state_dict(n))
+            for n in names
+        }
+        if is_main_process:
+            write_adapters(save_directory, states, safe_serialization)
 
     @classmethod
     def from_pretrained(
         cls,
         model: nn.Module,
-        adapter_dir_or_repo_id: str,
+        model_id: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
-        **kw,
+        config: LoraConfig | None = None,
+        **hub,
     ) -> PeftModel:
-        """Load a peft adapter directory (or repo id) onto a base model."""
-        directory = resolve_model_dir(adapter_dir_or_repo_id, **kw)
-        config = LoraConfig.from_pretrained(directory)
-        weights = _read_adapter_weights(directory)
+        """Load a peft adapter folder (or repo id) onto a base model: in eval mode and frozen unless is_trainable."""
+        directory = resolve_model_dir(os.fspath(model_id), **hub)
+        config = config or LoraConfig.from_pretrained(directory)
+        weights = read_adapter_weights(directory)
         config.init_lora_weights = False  # the weights come from the file
+        config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
         try:
-            peft_model._load_weights(weights, adapter_name, directory)
+            adapters.load_state(peft_model._model, config, adapter_name, weights, directory, PREFIX)
         except BaseException:
             peft_model.unload()  # all or nothing: the caller's model gets its own layers back
             raise
         if not is_trainable:
+            peft_model.eval()
             for p in peft_model.parameters():
                 p.requires_grad_(False)
         return peft_model
 
 
-def _read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
-    st_path, bin_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, WEIGHTS_BIN)
-    if os.path.isfile(st_path):
-        try:
-            f = SafetensorsFile(st_path)
-            return {k: f.get(k).clone() for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-        except AutolmError as e:
-            raise AdapterError(str(e)) from None
-    if os.path.isfile(bin_path):
-        try:
-            return load_bin(bin_path)
-        except AutolmError as e:
-            raise AdapterError(str(e)) from None
-    raise AdapterError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_BIN}")
+PeftModelForCausalLM = PeftModel  # peft's task-specific class: autolm's models are all causal LMs
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_
+) -> PeftModel:
     """Wrap targeted Linear layers with fresh LoRA adapters; the base model is frozen."""
-    return PeftModel(model, config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def get_peft_model_state_dict(
+    model: PeftModel, state_dict: dict | None = None, adapter_name: str = "default"
+) -> dict:
+    """peft's get_peft_model_state_dict: an adapter's tensors under their on-disk names (from `state_dict`, a
+    state dict of the PeftModel, when given)."""
+    if adapter_name not in model.peft_config:
+        raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(model.peft_config)})")
+    if state_dict is None:
+        return model.adapter_state_dict(adapter_name)
+    names = adapters.disk_names(model, model.peft_config[adapter_name], adapter_name)
+    return {names[k]: v for k, v in state_dict.items() if k in names}
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict, adapter_name: str = "default"):
+    """peft's set_peft_model_state_dict: load on-disk names into an adapter; returns load_state_dict's
+    (missing_keys, unexpected_keys) as peft does."""
+    if adapter_name not in model.peft_config:
+        raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(model.peft_config)})")
+    to_param = {
+        v: k for k, v in adapters.disk_names(model, model.peft_config[adapter_name], adapter_name).items()
+    }
+    return model.load_state_dict(
+        {to_param.get(k, k): v for k, v in peft_model_state_dict.items()}, strict=False
+    )

@@ -1,0 +1,153 @@
+"""What managing named adapters does to a model whose Linear layers carry LoRA (LoraLinear, ModulesToSave): which
+adapters run, which weights train, their tensors under peft's names, loading them, removing them. PeftModel and
+the models' own PEFT integration (transformers' `model.load_adapter`, ...) both work through these."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._util import full_tensor
+from ..errors import AdapterError
+from .config import LoraConfig
+from .layers import LoraLinear, ModulesToSave
+
+
+def lora_layers(model: nn.Module) -> list[LoraLinear]:
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def save_wrappers(model: nn.Module) -> list[ModulesToSave]:
+    return [m for m in model.modules() if isinstance(m, ModulesToSave)]
+
+
+def activate(model: nn.Module, names: list[str]) -> None:
+    """Run these adapters (the LoRA deltas of each are added; a modules_to_save copy of the first is used)."""
+    for layer in lora_layers(model):
+        layer.active_adapters = list(names)
+    for w in save_wrappers(model):
+        w.active_adapter = next((n for n in names if n in w.modules_to_save), names[0] if names else None)
+
+
+def set_disabled(model: nn.Module, disabled: bool) -> None:
+    """With adapters disabled the model computes as its base model."""
+    for layer in lora_layers(model) + save_wrappers(model):
+        layer.disable_adapters = disabled
+
+
+def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:
+    """Only this adapter's LoRA weights (its modules_to_save copies, and biases as its config says) train."""
+    for pname, p in model.named_parameters():
+        lora = f".lora_A.{name}." in pname or f".lora_B.{name}." in pname
+        saved = f".modules_to_save.{name}." in pname
+        bias = pname.endswith(".bias") and (
+            config.bias == "all" or (config.bias == "lora_only" and ".base_layer." in pname)
+        )
+        p.requires_grad_(lora or saved or bias)
+
+
+def _disk_name(pname: str, name: str) -> str | None:
+    """A parameter's name in an adapter file (without the adapter's name), or None when it is not the adapter's."""
+    for kind in ("lora_A", "lora_B"):
+        if f".{kind}.{name}." in pname:
+            return pname.replace(f".{kind}.{name}.", f".{kind}.")
+    if f".modules_to_save.{name}." in pname:
+        return pname.replace(f".modules_to_save.{name}.", ".")
+    return None
+
+
+def _trained_bias(pname: str, config: LoraConfig) -> bool:
+    return (
+        pname.endswith(".bias")
+        and config.bias != "none"
+        and ".lora_" not in pname
+        and ".modules_to_save." not in pname
+        and (config.bias == "all" or ".base_layer." in pname)
+    )
+
+
+def disk_names(model: nn.Module, config: LoraConfig, name: str, prefix: str = "") -> dict[str, str]:
+    """{parameter name: its name in an adapter file} for the adapter's parameters (and trained biases)."""
+    out = {}
+    for pname, _ in model.named_parameters():
+        key = _disk_name(pname, name)
+        if key is None and _trained_bias(pname, config):
+            key = pname
+        if key is not None:
+            out[pname] = prefix + key
+    return out
+
+
+def adapter_state(model: nn.Module, config: LoraConfig, name: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names (prefix + module name, no adapter name), gathered to the CPU."""
+    params = dict(model.named_parameters())
+    return {
+        key: full_tensor(params[pname].detach()).to("cpu").contiguous()
+        for pname, key in disk_names(model, config, name, prefix).items()
+    }
+
+
+def load_state(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    source: str,
+    prefix: str,
+) -> None:
+    """Copy an adapter's tensors (peft's names, `prefix` first) into its parameters; every LoRA tensor must be
+    there and every tensor must fit, or AdapterError names them."""
+    params = dict(model.named_parameters())
+    expected = {key: pname for pname, key in disk_names(model, config, name, prefix).items()}
+    unknown = sorted(k for k in weights if k not in expected)
+    if unknown:
+        raise AdapterError(
+            f"{source}: adapter tensors do not match the model's modules: {', '.join(unknown[:10])}"
+        )
+    missing = sorted(k for k, p in expected.items() if k not in weights and ".lora_" in p)
+    if missing:
+        raise AdapterError(f"{source}: adapter is missing tensors: {', '.join(missing[:10])}")
+    for key, t in weights.items():
+        p = params[expected[key]]
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterError(
+                f"{source}: tensor {key!r} has shape {tuple(t.shape)} but the model expects {tuple(p.shape)} "
+                "(different base model or rank?)"
+            )
+    with torch.no_grad():
+        for key, t in weights.items():
+            params[expected[key]].copy_(t.to(params[expected[key]].dtype))
+
+
+def remove(model: nn.Module, name: str) -> None:
+    """Take an adapter's layers out (refused while it is merged into the weights)."""
+    for layer in lora_layers(model):
+        if name in layer.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged: unmerge_adapter() before deleting it")
+    for layer in lora_layers(model):
+        for d in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+            if name in d:
+                del d[name]
+        layer.scaling.pop(name, None)
+        layer.active_adapters = [a for a in layer.active_adapters if a != name]
+    for w in save_wrappers(model):
+        if name in w.modules_to_save:
+            del w.modules_to_save[name]
+
+
+def resolved_targets(model: nn.Module, config: LoraConfig, name: str) -> list[str] | str | None:
+    """target_modules as peft saves it: a list of names stays as given; "all-linear" becomes the full names of
+    the modules it matched (peft expands it so the saved config needs no model to resolve)."""
+    t = config.target_modules
+    if isinstance(t, str) and t.lower() == "all-linear":
+        return sorted(n for n, m in model.named_modules() if isinstance(m, LoraLinear) and name in m.lora_A)
+    return t
+
+
+def config_dict(model: nn.Module, config: LoraConfig, name: str) -> dict:
+    """adapter_config.json as peft writes it: the targets resolved, the base model as it was given."""
+    d = config.to_dict()
+    d["target_modules"] = resolved_targets(model, config, name)
+    if d.get("base_model_name_or_path") is None:
+        d["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    return d
