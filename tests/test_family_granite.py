@@ -9,6 +9,8 @@ from family_checks import Family
 from gguf_llamacpp import check_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
 
+import autolm
+
 GRANITE = Family(
     "GraniteConfig",
     dict(
@@ -87,3 +89,10 @@ def test_cli(tmp_path_factory, tmp_path):
     check_cli(
         long, "granite-3.3-2b-instruct.jinja", tmp_path_factory, tmp_path, "GraniteForCausalLM (granite)"
     )
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(autolm.ConfigError, match="logits_scaling"):
+        autolm.GraniteConfig(logits_scaling=0)
+    with pytest.raises(autolm.ConfigError, match="embedding_multiplier"):
+        autolm.GraniteConfig(embedding_multiplier="12")

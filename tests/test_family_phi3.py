@@ -138,3 +138,69 @@ def test_lora_without_targets_is_refused_as_peft_refuses_it(checkpoint, spec):
         AdapterError, match=f"no default target_modules for model_type '{model.config.model_type}'"
     ):
         autolm.get_peft_model(model, autolm.LoraConfig(r=4))
+
+
+def test_phi35_config_spelling(tmp_path_factory, tmp_path):
+    """Phi-3.5's config.json as shipped: transformers 4's spelling, LongRoPE named "su" in rope_scaling, the
+    original length and partial_rotary_factor (Phi-4-mini) at the top level only: the same model as the v5
+    spelling, and saved back in the spelling it was read in, which transformers loads with equal logits."""
+    import json
+    import shutil
+
+    import transformers
+    from conftest import padded_batch, positions
+
+    src, hf = PHI3.checkpoint(tmp_path_factory)
+    shutil.copytree(src, tmp_path / "v4")
+    path = tmp_path / "v4" / "config.json"
+    d = json.loads(path.read_text())
+    rope = d.pop("rope_parameters")
+    for k in ("original_max_position_embeddings", "partial_rotary_factor"):
+        rope.pop(k)
+    d["rope_theta"] = rope.pop("rope_theta")
+    d["rope_scaling"] = {"type": "su", **{k: v for k, v in rope.items() if k != "rope_type"}}
+    path.write_text(json.dumps(d))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "v4")
+    assert model.config.rope_parameters["rope_type"] == "longrope"
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 8
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], want, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    assert "rope_scaling" in json.loads((tmp_path / "saved" / "config.json").read_text())
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager")
+    with torch.no_grad():
+        got = back(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (
+            dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8}),
+            "long_factor",
+        ),
+        (
+            dict(
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 3,
+                    "long_factor": [1.0] * 8,
+                }
+            ),
+            "short_factor must be a list of 8",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+            "'default' or 'longrope'",
+        ),
+        (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
+    ],
+)
+def test_config_errors_name_the_key(bad, match):
+    with pytest.raises(autolm.ConfigError, match=match):
+        autolm.Phi3Config(**{**dict(hidden_size=64, num_attention_heads=4), **bad})

@@ -9,6 +9,8 @@ from family_checks import Family
 from gguf_llamacpp import check_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
 
+import autolm
+
 SMOLLM3 = Family(
     "SmolLM3Config",
     dict(
@@ -98,3 +100,16 @@ def test_cli(tmp_path_factory, tmp_path):
         SMOLLM3.config_cls, dict(SMOLLM3.kwargs, max_position_embeddings=2048)
     )  # its template's long system turn
     check_cli(long, "smollm3-3b.jinja", tmp_path_factory, tmp_path, "SmolLM3ForCausalLM (smollm3)")
+
+
+def test_config_defaults_and_errors():
+    """transformers' derivations: no_rope_layers from the interval, layer_types from both (sliding only on NoPE
+    layers, only with use_sliding_window), the 2e6 RoPE base; a wrong no_rope_layers names the key."""
+    import transformers
+
+    kw = dict(num_hidden_layers=8, use_sliding_window=True, sliding_window=16)
+    ours, theirs = autolm.SmolLM3Config(**kw), transformers.SmolLM3Config(**kw)
+    assert ours.no_rope_layers == theirs.no_rope_layers and ours.layer_types == theirs.layer_types
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 2000000.0
+    with pytest.raises(autolm.ConfigError, match="no_rope_layers must list 8"):
+        autolm.SmolLM3Config(num_hidden_layers=8, no_rope_layers=[1, 0])

@@ -49,8 +49,10 @@ class SmolLM3Config(LlamaConfig):
             raise ConfigError(
                 f"{self.source}: no_rope_layer_interval must be a positive integer, found {every!r}"
             )
-        if self.no_rope_layers is None and _is_int(n):
-            self.no_rope_layers = [int((i + 1) % every != 0) for i in range(n)]
+        if _is_int(n) and n > 0:  # else the base validation names num_hidden_layers
+            if self.no_rope_layers is None:
+                self.no_rope_layers = [int((i + 1) % every != 0) for i in range(n)]
+            self.check_no_rope_layers()  # before layer_types are derived from it
         if self.layer_types is None and isinstance(self.no_rope_layers, list):
             sliding = self.use_sliding_window and self.sliding_window is not None
             self.layer_types = [
@@ -65,6 +67,10 @@ class SmolLM3Config(LlamaConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.check_no_rope_layers()
+
+    def check_no_rope_layers(self) -> None:
+        """ConfigError unless no_rope_layers holds a 0 or 1 per layer."""
         r = self.no_rope_layers
         if not (isinstance(r, list) and len(r) == self.num_hidden_layers and all(v in (0, 1) for v in r)):
             raise ConfigError(
