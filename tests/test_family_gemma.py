@@ -450,3 +450,13 @@ def test_real_gemma3_270m_gguf_equals_transformers(gemma3_270m):
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=2e-4, rtol=1e-4)
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False),
                        hf.generate(ids, max_new_tokens=12, do_sample=False))  # fmt: skip
+
+
+def test_configs_take_transformers_names():
+    for cls in (autolm.Gemma2Config, autolm.Gemma3TextConfig):
+        cfg = cls(hidden_activation="gelu", **_SIZES, num_hidden_layers=2)
+        assert (
+            cfg.hidden_act == cfg.hidden_activation == "gelu" and cfg.to_dict()["hidden_activation"] == "gelu"
+        )
+        cfg.hidden_activation = "gelu_pytorch_tanh"
+        assert cfg.hidden_act == "gelu_pytorch_tanh"

@@ -24,6 +24,20 @@ from ..nn import ACTIVATIONS, Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
 
 
+def takes_hidden_activation(cls):
+    """cls(hidden_activation=...) as transformers' Gemma configs take it (autolm's field is hidden_act)."""
+    init = cls.__init__
+
+    def __init__(self, *args: Any, hidden_activation: str | None = None, **kwargs: Any) -> None:
+        if hidden_activation is not None:
+            kwargs["hidden_act"] = hidden_activation
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@takes_hidden_activation
 @dataclass(repr=False)
 class Gemma2Config(PretrainedConfig):
     """transformers' Gemma2Config (its field names and defaults)."""
@@ -79,6 +93,10 @@ class Gemma2Config(PretrainedConfig):
     @property
     def hidden_activation(self) -> str:
         return self.hidden_act
+
+    @hidden_activation.setter
+    def hidden_activation(self, value: str) -> None:
+        self.hidden_act = value
 
     @property
     def qk_norm(self) -> bool:

@@ -20,12 +20,14 @@ from .gemma2 import (
     Gemma2ForCausalLM,
     Gemma2Model,
     gguf_derive,
+    takes_hidden_activation,
 )
 
 # layer type -> (config.json's v4 key for its RoPE base, transformers' default base)
 _THETA = {"sliding_attention": ("rope_local_base_freq", 10000.0), "full_attention": ("rope_theta", 1000000.0)}
 
 
+@takes_hidden_activation
 @dataclass(repr=False)
 class Gemma3TextConfig(Gemma2Config):
     """transformers' Gemma3TextConfig; rope_parameters holds one dict per layer type."""
