@@ -299,40 +299,6 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-class Int4Blocks(NamedTuple):
-    """A GGUF Q4_0 / Q4_1 weight as autolm's int4 layers hold it, without a float round trip: q (N, K) uint8 in
-    0..15 and scales_and_zeros (K / 32, N, 2) fp32, value = (q - 8) * scale + zero. Q4_1 (d, m) blocks give
-    scale d and zero m + 8d; Q4_0 (d) blocks scale d and zero 0."""
-
-    q: torch.Tensor
-    scales_and_zeros: torch.Tensor
-    shape: tuple[int, int]
-
-    def is_floating_point(self) -> bool:
-        return False
-
-
-_INT4_BLOCKS = {2: 18, 3: 20}  # GGMLQuantizationType Q4_0, Q4_1 -> bytes per block of 32
-
-
-def int4_blocks(t, path: str) -> Int4Blocks:
-    """Unpack a Q4_0 / Q4_1 tensor's blocks: fp16 d (and m), then 16 bytes whose low nibbles are elements
-    0..15 of the block and high nibbles elements 16..31."""
-    N, K = int(t.shape[1]), int(t.shape[0])
-    raw = np.asarray(t.data, dtype=np.uint8).reshape(N * K // 32, _INT4_BLOCKS[int(t.tensor_type)])
-    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    if int(t.tensor_type) == 3:
-        m = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
-        zero, qs = m + 8 * d, raw[:, 4:]
-    else:
-        zero, qs = np.zeros_like(d), raw[:, 2:]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).reshape(N, K)
-    sz = np.stack([d, zero], -1).reshape(N, K // 32, 2)
-    return Int4Blocks(
-        torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(sz.transpose(1, 0, 2))), (N, K)
-    )
-
-
 def _q8_0(data) -> np.ndarray:
     """Q8_0 rows (rows, bytes) dequantized to fp32, as gguf.quants does it, in one pass over the blocks (its
     version splits the rows into thousands of chunks: 0.2 s for SmolLM2's embedding, this 0.05 s)."""
@@ -343,7 +309,7 @@ def _q8_0(data) -> np.ndarray:
 
 def gguf_tensors(
     g: GGUFFile, config, int4: Callable[[str], bool] = lambda name: False
-) -> Iterator[tuple[str, str, torch.Tensor | Int4Blocks]]:
+) -> Iterator[tuple[str, str, Any]]:
     """Yield (file, HF name, tensor) for every tensor of the file: dequantized to fp32, or as its own blocks
     (sources.ggml.GGMLBlocks) where int4(HF name) asks for that and autolm computes on its type."""
     import gguf
@@ -362,19 +328,6 @@ def gguf_tensors(
             continue
         # llama.cpp stores GPT-2's Conv1D weights (out, in); the model holds them (in, out), as the checkpoint
         transposed = name.endswith(".weight") and t.name.split(".")[-2] in g.layout.transposed
-        if int(t.tensor_type) in _INT4_BLOCKS and len(t.shape) == 2 and int4(name) and not transposed:
-            blocks = int4_blocks(t, g.path)
-            if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
-                heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
-                q = unpermute(blocks.q.numpy(), heads)
-                sz = unpermute(blocks.scales_and_zeros.transpose(0, 1).numpy(), heads).swapaxes(0, 1)
-                blocks = Int4Blocks(
-                    torch.from_numpy(np.ascontiguousarray(q)),
-                    torch.from_numpy(np.ascontiguousarray(sz)),
-                    blocks.shape,
-                )
-            yield g.path, name, blocks
-            continue
         try:
             q8_0 = t.tensor_type == gguf.GGMLQuantizationType.Q8_0
             w = _q8_0(t.data) if q8_0 else gguf.quants.dequantize(t.data, t.tensor_type)
