@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class APIError(Exception):
-    """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    """An error answered with OpenAI's error body (responses.ErrorResponse): message, type, param, code."""
 
     def __init__(
         self,
@@ -16,9 +16,6 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

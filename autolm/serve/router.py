@@ -12,7 +12,7 @@ import functools
 import time
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .. import __version__
 from .errors import APIError, bad_request
@@ -35,7 +35,7 @@ from .responses import (
     TokenizeResponse,
     VersionResponse,
 )
-from .serving import State
+from .serving import State, error_body
 from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
 from .serving_models import ServingModels, ServingTokens
@@ -107,7 +107,9 @@ def build_router(state: State, access: Access) -> APIRouter:
 
     async def answer(result):
         result = await result
-        return result if isinstance(result, Response) else _json(result)
+        if isinstance(result, Response):
+            return result
+        return Response(await asyncio.to_thread(result.model_dump_json), media_type="application/json")
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -168,12 +170,14 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         exc.message = state.prompts.scrub(exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return Response(
+            error_body(exc).model_dump_json(), status_code=exc.status, media_type="application/json"
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # logged by uvicorn; its text may name paths
-        body = APIError(500, f"internal error ({type(exc).__name__})", type="server_error").body()
-        return JSONResponse(body, status_code=500)
+        body = error_body(APIError(500, f"internal error ({type(exc).__name__})", type="server_error"))
+        return Response(body.model_dump_json(), status_code=500, media_type="application/json")
 
     app.openapi = functools.partial(openapi_schema, app, ROUTES, __version__, bool(api_key))
     return app

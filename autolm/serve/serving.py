@@ -5,7 +5,6 @@ streamed as server-sent events that always end with [DONE]."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ from .errors import APIError
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 from .logprobs import Logprobs
 from .prompts import Prompts
-from .responses import Usage
+from .responses import ErrorInfo, ErrorResponse, Usage
 from .sampling import Plan, Sampling
 from .validation import Limits
 
@@ -75,6 +74,11 @@ class Result:
 
 def sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def error_body(exc: APIError) -> ErrorResponse:
+    info = ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    return ErrorResponse(error=info)
 
 
 class Serving:
@@ -164,7 +168,7 @@ class Serving:
             while done < len(plan.sequences):
                 k, ev = await events.get()
                 if isinstance(ev, Failed):
-                    yield f"data: {json.dumps(APIError(500, ev.message, type='server_error').body())}\n\n"
+                    yield sse(error_body(APIError(500, ev.message, type="server_error")))
                     break
                 results[k].add(ev)
                 for line in render(k, ev, results[k]):

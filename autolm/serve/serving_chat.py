@@ -3,6 +3,7 @@ and the answer as one response or as chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import StreamingResponse
@@ -46,7 +47,13 @@ class ServingChat(Serving):
                 self.stream(req, events, plan, opening, render, final), media_type="text/event-stream"
             )
         results = await self.collect(request, events, plan)
-        choices = []
+        # Off the event loop: with the whole vocabulary as logprobs, an answer holds millions of entries.
+        return await asyncio.to_thread(self._response, req, plan, results, head, echo, ids, prompt.text)
+
+    def _response(
+        self, req: ChatRequest, plan, results, head, echo, ids, prompt_text
+    ) -> ChatCompletionResponse:
+        fmt, choices = self.state.logprobs, []
         for i, (_, r) in enumerate(self.best(plan, results)):
             message, tool_reason = self._message(plan, r.text)
             if echo and message.content is not None:
@@ -55,7 +62,7 @@ class ServingChat(Serving):
                 ChatChoice(
                     index=i,
                     message=message,
-                    logprobs=state.logprobs.chat(r.entries, bool(req.return_tokens_as_token_ids))
+                    logprobs=fmt.chat(r.entries, bool(req.return_tokens_as_token_ids))
                     if req.logprobs
                     else None,
                     finish_reason=tool_reason or r.end.reason,
@@ -68,9 +75,9 @@ class ServingChat(Serving):
             **head,
             choices=choices,
             usage=self.total_usage(plan, results),
-            prompt_logprobs=state.logprobs.prompt(first) if first is not None else None,
+            prompt_logprobs=fmt.prompt(first) if first is not None else None,
             prompt_token_ids=ids if req.return_token_ids else None,
-            prompt_text=prompt.text if req.return_prompt_text else None,
+            prompt_text=prompt_text if req.return_prompt_text else None,
         )
 
     def _message(self, plan, text: str) -> tuple[ChatMessage, str | None]:

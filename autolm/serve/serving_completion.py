@@ -3,6 +3,7 @@ the completions format, and the answer as one response or as chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import StreamingResponse
@@ -33,7 +34,10 @@ class ServingCompletion(Serving):
                 self.stream(req, events, plan, [], render, final), media_type="text/event-stream"
             )
         results = await self.collect(request, events, plan)
-        choices = [self._choice(req, plan, i, p, r) for i, (p, r) in enumerate(self.best(plan, results))]
+        # Off the event loop: with the whole vocabulary as logprobs, an answer holds millions of entries.
+        choices = await asyncio.to_thread(
+            lambda: [self._choice(req, plan, i, p, r) for i, (p, r) in enumerate(self.best(plan, results))]
+        )
         return CompletionResponse(**head, choices=choices, usage=self.total_usage(plan, results))
 
     def _choice(self, req: CompletionRequest, plan, i: int, p: int, r: Result) -> CompletionChoice:
