@@ -211,14 +211,7 @@ class Quantize:
         return self.inner.put(name, t, path, zero_copy)
 
     def finish(self, model, loaded):
-        from ..nn import fuse_all
-
-        model = self.inner.finish(model, loaded)
-        # The quantized tensors are fresh copies, not views of the file: laying q/k/v and gate/up out as one
-        # tensor each costs one group's size for a moment and saves the one-token step two calls per group.
-        if self.inner.in_place:  # not under a device_map, whose disk blocks are loaded per forward
-            fuse_all(model)
-        return model
+        return self.inner.finish(model, loaded)
 
 
 class TensorParallel(OneDevice):
