@@ -35,6 +35,7 @@ _EXPORTS = {
     "Tokenizer": "autolm.tokenizer",
     "BatchEncoding": "autolm.tokenizer",
     "get_json_schema": "autolm.tokenizer",
+    "pipeline": "autolm.pipelines",
     "GenerationConfig": "autolm.generation",
     "TextStreamer": "autolm.generation",
     "TextIteratorStreamer": "autolm.generation",

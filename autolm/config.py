@@ -21,6 +21,7 @@ from .hub import HUB_KWARGS, resolve_model_dir
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 _NOT_SAVED = ("extra", "rope_parameters", "rope_spelling", "dtype", "name_or_path")
+_SWITCHES = ("output_hidden_states", "output_attentions", "return_dict")  # saved only when set
 # Upper bounds that no real checkpoint of this family reaches; they stop a hostile config early.
 _LIMITS = {
     "vocab_size": 1 << 24,
@@ -68,15 +69,24 @@ class PretrainedConfig:
     rope_parameters: dict[str, Any] = field(
         default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0}
     )
-    dtype: str | None = None
+    dtype: Any = None  # a torch.dtype once read (transformers 5), written back as its name
     # Keys of config.json that autolm does not model, kept so a saved config round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
     # "v5" writes rope_parameters, "v4" writes rope_theta + rope_scaling (as the file we read did).
     rope_spelling: str = "v5"
     name_or_path: str = ""
     source: ClassVar[str] = "config.json"
+    # transformers' switches that forward() reads when its arguments leave them unset (config.json may set them)
+    output_hidden_states: ClassVar[bool] = False
+    output_attentions: ClassVar[bool] = False
+    return_dict: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        n, types = self.num_hidden_layers, self.layer_types
+        if isinstance(types, list) and _is_int(n) and 0 < n < len(types):
+            self.layer_types = types[:n]  # fewer layers than listed (num_hidden_layers=1): the first n
+        if isinstance(self.dtype, str) and self.dtype != "auto":
+            self.dtype = _torch_dtype(self.dtype)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
@@ -113,13 +123,18 @@ class PretrainedConfig:
             and k not in ("dtype", "torch_dtype", "model_type", "_name_or_path")
         }
         dtype = d.get("dtype")
-        if isinstance(dtype, dict) or (dtype is not None and not isinstance(dtype, str)):
+        if isinstance(dtype, dict) or (
+            dtype is not None and not isinstance(dtype, str) and not _is_dtype(dtype)
+        ):
             raise ConfigError(f"{source}: dtype must be a string such as 'bfloat16', found {dtype!r}")
         rope, spelling = cls.read_rope(d, source)
         try:
             obj = cls.__new__(cls)
             obj.source = source
             obj.__init__(**kwargs, rope_parameters=rope, dtype=dtype, extra=extra, rope_spelling=spelling)
+            for key in _SWITCHES:
+                if isinstance(extra.get(key), bool):
+                    setattr(obj, key, extra.pop(key))
             return obj
         except TypeError as e:  # pragma: no cover - dataclass signature errors
             raise ConfigError(f"{source}: {e}") from None
@@ -151,7 +166,8 @@ class PretrainedConfig:
                 continue  # transformers derives layer_types when absent; a null breaks its mask code for llama
             out[self.attribute_map.get(f.name, f.name)] = getattr(self, f.name)
         if self.dtype is not None:
-            out["dtype"] = self.dtype
+            out["dtype"] = str(self.dtype).removeprefix("torch.")
+        out.update({k: self.__dict__[k] for k in _SWITCHES if k in self.__dict__})
         rope = dict(self.rope_parameters)
         if self.rope_spelling == "v4":
             out["rope_theta"] = rope.pop("rope_theta")
@@ -161,7 +177,38 @@ class PretrainedConfig:
         return out
 
     def to_json_string(self, use_diff: bool = False) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return (
+            json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = False) -> None:
+        atomic_write_text(os.fspath(json_file_path), self.to_json_string(use_diff))
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The keys whose values differ from this family's defaults (and model_type), as transformers' diff."""
+        defaults = type(self)().to_dict()
+        out = {k: v for k, v in self.to_dict().items() if k not in defaults or defaults[k] != v}
+        return {"model_type": self.model_type, **out}
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set fields (and keys autolm does not model, kept in `extra`) from a dict, as transformers' update."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        for key, value in config_dict.items():
+            if key in names or key in _SWITCHES:
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """A decoder-only model's config is its own text config."""
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # config.json keys autolm does not model read as attributes, as on transformers' configs
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra and not name.startswith("__"):
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def save_pretrained(self, directory: str | os.PathLike, **_: Any) -> None:
         """Write config.json atomically."""
@@ -172,11 +219,8 @@ class PretrainedConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return (
-            getattr(torch, self.dtype) if isinstance(self.dtype, str) and hasattr(torch, self.dtype) else None
-        )
+        """transformers 4's name for dtype."""
+        return self.dtype
 
     @property
     def _name_or_path(self) -> str:
@@ -262,6 +306,18 @@ class PretrainedConfig:
                 raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
         for rope in self.rope_kinds().values():
             _validate_rope(rope, src)
+
+
+def _torch_dtype(name: str) -> Any:
+    """'bfloat16' -> torch.bfloat16; a name torch does not know stays a string (loading then ignores it)."""
+    import torch
+
+    value = getattr(torch, name, None)
+    return value if isinstance(value, torch.dtype) else name
+
+
+def _is_dtype(v: Any) -> bool:
+    return type(v).__name__ == "dtype" and type(v).__module__ == "torch"
 
 
 def _is_int(v: Any) -> bool:

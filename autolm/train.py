@@ -114,7 +114,7 @@ def finetune(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
-    base = getattr(peft_model, "base_model", peft_model)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     peft_model.train()

@@ -112,6 +112,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         and type(w) in _PLAIN
         and (b is None or type(b) in _PLAIN)
         and not needs_grad(x, w, b)
+        and not torch.is_autocast_enabled("cpu")  # autocast: F.linear, in its dtype (as transformers)
         and torch.backends.mkldnn.is_available()
     ):
         y = ONEDNN_LINEAR.call(x, w, b, "none", [], "")

@@ -22,6 +22,7 @@ from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, 
 from ..nn.checkpoint import CheckpointRules, GGUFLayout
 from ..saving import save_model, unique_state_dict
 from ..step import compiled_step, precompile
+from .interop import TransformersSurface, device_map_of
 from .output import CausalLMOutput, causal_lm_loss
 
 # transformers' base_model_tp_plan for Llama-shaped layers: q/k/v/gate/up split by output features, o/down by input.
@@ -97,7 +98,7 @@ class DecoderModel(nn.Module):
         return self.run(x, ctx, hidden_states)
 
 
-class CausalLM(nn.Module, GenerationMixin):
+class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     """A decoder with an LM head; `forward` and `generate` follow transformers' signatures."""
 
     config_class: ClassVar[type]
@@ -120,7 +121,6 @@ class CausalLM(nn.Module, GenerationMixin):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
         self.load_report = None
-        self.hf_device_map: dict[str, str] | None = None
         self.decode_step = None  # a torch.compile'd one-token step (autolm.compile_decode), else None
         # how generation decodes (autolm.step): "auto" (the one-token step, compiled where cached), "eager"
         # (never compiled graphs) or "forward" (the general forward for every token)
@@ -168,12 +168,11 @@ class CausalLM(nn.Module, GenerationMixin):
 
     def layer_devices(self) -> list[torch.device]:
         """Where each decoder layer computes (disk-offloaded layers compute on the CPU)."""
-        if self.hf_device_map:
+        device_map = device_map_of(self)
+        if device_map:
             return [
                 torch.device("cpu" if d == "disk" else d)
-                for d in (
-                    self.hf_device_map[f"{self.layers_prefix}.{i}"] for i in range(len(self.model.layers))
-                )
+                for d in (device_map[f"{self.layers_prefix}.{i}"] for i in range(len(self.model.layers)))
             ]
         return [self.model.embed_tokens.weight.device] * len(self.model.layers)
 
@@ -243,8 +242,8 @@ class CausalLM(nn.Module, GenerationMixin):
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
-        if self.hf_device_map:
-            d = self.hf_device_map[self.embeddings_name]
+        if device_map_of(self):
+            d = device_map_of(self)[self.embeddings_name]
             return torch.device("cpu" if d == "disk" else d)
         return self.model.embed_tokens.weight.device
 
@@ -284,6 +283,22 @@ class CausalLM(nn.Module, GenerationMixin):
         The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
         transformers: the count over a whole batch that is split into micro-batches or across ranks).
         """
+        h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
+                                                           inputs_embeds, use_cache, cache_position,
+                                                           output_hidden_states, output_attentions)  # fmt: skip
+        logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = (
+            causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+            if labels is not None
+            else None
+        )
+        out = CausalLMOutput(logits, loss, cache, hidden, attentions)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    def decoder_states(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                       cache_position, output_hidden_states, output_attentions):  # fmt: skip
+        """The body's part of forward: (normed hidden states (B, T, h), the cache when kept, every layer's input
+        and attention weights when asked, by argument or by config.output_hidden_states / output_attentions)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if use_cache is None:
@@ -299,25 +314,21 @@ class CausalLM(nn.Module, GenerationMixin):
             position_ids = default_positions(attention_mask, cache_position, B)
         if cache is not None:
             cache.reserve(end)
-        hidden = [] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
-        logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
-        if cache is not None:
-            cache.length = max(cache.length, end)
-        loss = (
-            causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
-            if labels is not None
+        cfg = self.config
+        hidden = (
+            []
+            if (cfg.output_hidden_states if output_hidden_states is None else output_hidden_states)
             else None
         )
-        out = CausalLMOutput(
-            logits=logits,
-            loss=loss,
-            past_key_values=cache if use_cache or past_key_values is not None else None,
-            hidden_states=tuple(hidden) if hidden is not None else None,
-            attentions=tuple(attentions) if attentions is not None else None,
+        attentions = (
+            [] if (cfg.output_attentions if output_attentions is None else output_attentions) else None
         )
-        return out if return_dict is not False else out.to_tuple()
+        h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
+        if cache is not None:
+            cache.length = max(cache.length, end)
+        kept = cache if use_cache or past_key_values is not None else None
+        hidden, attentions = (tuple(a) if a is not None else None for a in (hidden, attentions))
+        return h, kept, hidden, attentions
 
     def precompile_decode(self, progress: bool = False, batched: bool = False) -> bool:
         """Compile the CPU one-token step (batch 1, see autolm.step) ahead of time with AOTInductor: a few graphs
@@ -356,6 +367,9 @@ class CausalLM(nn.Module, GenerationMixin):
         return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs) -> None:
-        """Weights in the checkpoint's own names and layout (see checkpoint_rules), config, generation config."""
+        """Weights in the checkpoint's own names and layout (see checkpoint_rules), config, generation config; with
+        adapters loaded through load_adapter / add_adapter, the active adapter in peft's format (as transformers)."""
+        if self._hf_peft_config_loaded:
+            return self.save_adapter(save_directory, kwargs.get("safe_serialization", True))
         sd = unique_state_dict(self) if state_dict is None else state_dict
         save_model(self, save_directory, state_dict=self.checkpoint_rules.to_checkpoint(sd), **kwargs)

@@ -53,8 +53,9 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor, kv_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at cache_position (T,); return the first kv_length keys and values."""
-        self.keys[layer].index_copy_(2, cache_position, k)
-        self.values[layer].index_copy_(2, cache_position, v)
+        # under torch.autocast k and v come in the autocast dtype (v) or promoted by RoPE (k): kept in the cache's
+        self.keys[layer].index_copy_(2, cache_position, k.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(2, cache_position, v.to(self.values[layer].dtype))
         return self.keys[layer][:, :, :kv_length], self.values[layer][:, :, :kv_length]
 
     def reserve(self, needed: int) -> None:

@@ -65,7 +65,11 @@ def _one_token_ok(model, cache, attention_mask) -> bool:
     """Whether the one-token step gives this generation the general forward's results."""
     if getattr(model, "decode_mode", "auto") == "forward" or not getattr(model, "one_token_step", True):
         return False
-    if model.hf_device_map or torch.is_grad_enabled() or row_starts(cache, attention_mask) is False:
+    if (
+        getattr(model, "hf_device_map", None)
+        or torch.is_grad_enabled()
+        or row_starts(cache, attention_mask) is False
+    ):
         return False
     tensors = [*model.parameters(), *model.buffers()]
     return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
@@ -89,7 +93,9 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
     """Compile (or load) the one-token step's graphs ahead of time (with `batched`, those for many rows too);
     see CausalLM.precompile_decode."""
     params = [*model.parameters(), *model.buffers()]
-    if model.hf_device_map or not all(type(t) in _PLAIN and t.device.type == "cpu" for t in params):
+    if getattr(model, "hf_device_map", None) or not all(
+        type(t) in _PLAIN and t.device.type == "cpu" for t in params
+    ):
         return False
     one = compiled_plan(model, compile_missing=True, progress=progress) is not None
     return one and (not batched or compiled_plan(model, True, progress, batched=True) is not None)
@@ -176,7 +182,7 @@ def compile_decode(model, **compile_kwargs):
     a PeftModel's base model is compiled, LoRA layers included.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    devices = sorted({str(d) for d in (base.hf_device_map or {}).values()})
+    devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
     if len(devices) > 1 or any(hasattr(p, "to_local") for p in base.parameters()):
         raise GenerationError(
             "compile_decode needs the whole model on one device, not spread by a device_map "

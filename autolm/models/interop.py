@@ -1,0 +1,127 @@
+"""What the ecosystem calls on a model besides forward and generate: transformers' `model.base_model` (the body,
+called with token ids as transformers' LlamaModel is: TRL's fused LM head runs it, then projects the hidden states
+itself), `main_input_name`, and transformers' PEFT integration (`model.load_adapter`, ...: autolm.lora.integration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..lora.integration import PeftAdapterMixin
+
+
+@dataclass
+class BaseModelOutput:
+    """transformers' BaseModelOutputWithPast: attribute, key and tuple access."""
+
+    last_hidden_state: torch.Tensor
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def keys(self) -> list[str]:
+        names = ("last_hidden_state", "past_key_values", "hidden_states", "attentions")
+        return [k for k in names if getattr(self, k) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+class Backbone:
+    """`model.base_model`: the body (embeddings, decoder layers, final norm) called as transformers' base model is,
+    with input_ids or inputs_embeds, returning its normed hidden states; its other attributes are the body's."""
+
+    __slots__ = ("_lm",)
+
+    def __init__(self, lm):
+        object.__setattr__(self, "_lm", lm)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        **unused,
+    ):
+        lm = self._lm
+        h, cache, hidden, attentions = lm.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
+                                                         inputs_embeds, use_cache, cache_position,
+                                                         output_hidden_states, output_attentions)  # fmt: skip
+        out = BaseModelOutput(h, cache, hidden, attentions)
+        keep_dict = lm.config.return_dict if return_dict is None else return_dict
+        return out if keep_dict else out.to_tuple()
+
+    forward = __call__
+
+    def __getattr__(self, name: str):
+        return getattr(self._lm.model, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._lm.model, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._lm.model)
+
+
+def device_map_of(model) -> dict[str, str] | None:
+    """The model's `hf_device_map`: set (by placement) only under a device_map, as transformers sets it, since
+    accelerate and Trainer take its presence to mean the model is spread over devices."""
+    return getattr(model, "hf_device_map", None)
+
+
+class TransformersSurface(PeftAdapterMixin):
+    """transformers' PreTrainedModel attributes that trainers and integrations read from a causal LM."""
+
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # transformers' name for the loss forward computes: Trainer then counts the labels a causal LM predicts
+    # (labels[..., 1:]) when it normalises the loss over a batch (num_items_in_batch)
+    loss_type = "ForCausalLM"
+
+    model_tags: list[str] | None = None
+
+    @property
+    def base_model(self) -> Backbone:
+        return Backbone(self)
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """transformers 5's name for gradient_checkpointing_enable (what Trainer calls): every decoder layer is
+        recomputed in the backward pass (non-reentrant checkpointing, which gives the reentrant one's gradients)."""
+        if every_n_layers != 1 or offload:
+            raise ConfigError(
+                f"activation checkpointing with every_n_layers={every_n_layers}, offload={offload}: autolm "
+                "checkpoints every layer on its own device (every_n_layers=1, offload=False)"
+            )
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags a trainer gives the model (transformers writes them into the Hub model card), in model_tags."""
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        self.model_tags = list(dict.fromkeys([*(self.model_tags or []), *tags]))
