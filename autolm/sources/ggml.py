@@ -1,7 +1,8 @@
 """GGUF tensors handed over in their own blocks (llama.cpp's quantization types), without a float round trip.
 
 `blocks(g, t, config)` gives a tensor's rows as raw bytes over the file's memory map (q/k rows un-permuted where
-the family's converter permuted them: a copy of those two); `to_int4` repacks the types whose blocks are exactly
+the family's converter permuted them: a copy of those two); a weight copied into another layout gives the file's
+pages behind it back (`GGMLBlocks.release`), so memory holds each weight once; `to_int4` repacks the types whose blocks are exactly
 autolm's int4 layout (4-bit quants in groups of 32 with a scale and an offset: Q4_0, Q4_1, Q4_K) into the
 int4 layers' entries. Every other type is computed on as it is (autolm.nn.ggml, autolm.kernels.ggml).
 """
@@ -42,20 +43,33 @@ class GGMLBlocks(NamedTuple):
     kind: int
     shape: tuple[int, int]
     name: str  # the tensor's name in the GGUF file, for errors
+    span: tuple = ()  # (memory map, offset, bytes) of the file's pages behind raw
 
     def is_floating_point(self) -> bool:
         return False
 
+    def release(self) -> None:
+        """Drop the file's pages behind these blocks from this process's memory (once they were copied into
+        another layout): read again from the file if ever touched again."""
+        if self.span:
+            m, offset, n = self.span
+            page = mmap.PAGESIZE
+            start, end = -(-offset // page) * page, (offset + n) // page * page
+            if end > start:
+                m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-def file_map(g) -> torch.Tensor:
+
+def file_map(g) -> tuple[torch.Tensor, mmap.mmap | None]:
     """The whole GGUF file as a uint8 tensor over a private (copy-on-write) memory map, made once per file."""
-    t = _MAPS.get(g)
-    if t is None:
+    if g not in _MAPS:
         with open(g.path, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        t = torch.frombuffer(m, dtype=torch.uint8) if len(m) else torch.empty(0, dtype=torch.uint8)
-        _MAPS[g] = t
-    return t
+        _MAPS[g] = (
+            (torch.frombuffer(m, dtype=torch.uint8), m)
+            if len(m)
+            else (torch.empty(0, dtype=torch.uint8), None)
+        )
+    return _MAPS[g]
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -72,11 +86,15 @@ def blocks(g, t, config) -> GGMLBlocks:
             f"{g.path}: tensor {t.name!r} has type {type_name(t.tensor_type)}, not kept in blocks"
         )
     n, k = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (1, int(t.shape[0]))
-    raw = file_map(g)[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
+    whole, m = file_map(g)
+    raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
+    span = (m, t.data_offset, t.n_bytes) if m is not None else ()
     if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
         heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
         raw = unpermute_rows(raw, heads).clone()
-    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name)
+        GGMLBlocks(raw, 0, (n, k), t.name, span).release()  # copied: the file's pages are not needed
+        span = ()
+    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name, span)
 
 
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +106,9 @@ def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     offset = 8 if b.kind == K.Q4_0 else 0  # Q4_0's quants come centred (q - 8)
     zero = (8 - offset) * scale + (0 if low is None else low)
     q = (q + offset).to(torch.uint8).reshape(b.shape)
-    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    b.release()
+    return q, sz
 
 
 def q5_0_as_q8_0(b: GGMLBlocks) -> GGMLBlocks:
@@ -100,5 +120,5 @@ def q5_0_as_q8_0(b: GGMLBlocks) -> GGMLBlocks:
     out = torch.empty(*blocks.shape[:-1], 34, dtype=torch.uint8)
     out[..., :2] = blocks[..., :2]
     out[..., 2:] = q.to(torch.int8).view(torch.uint8).reshape(*blocks.shape[:-1], 32)
+    b.release()
     return GGMLBlocks(out.flatten(-2), K.Q8_0, b.shape, b.name)
-
