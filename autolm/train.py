@@ -12,6 +12,8 @@ import torch
 
 from ._util import world
 from .errors import AutolmError
+from .lora import PeftModel
+from .models import CausalLM
 
 
 @dataclass
@@ -168,3 +170,28 @@ def _sum_over_ranks(t: torch.Tensor, size: int) -> float:
         t = t.clone()
         dist.all_reduce(t)
     return t.item()
+
+
+class SavePretrainedMixin:
+    """Mixed into transformers' Trainer (or a TRL trainer) so that save_model, and the checkpoints it writes, go
+    through an autolm model's own save_pretrained: a PeftModel's adapters in peft's format, a model in the HF layout.
+
+        class Trainer(autolm.train.SavePretrainedMixin, transformers.Trainer): pass
+
+    Trainer's own save_model saves only transformers' and peft's classes that way and writes a bare state dict for
+    any other module (a full model where an adapter was meant); subclassing Trainer is its documented way to change
+    what it does. Other models go to the Trainer's own save_model unchanged."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not isinstance(self.model, (PeftModel, CausalLM)):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        self.model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(
+            self.args, os.path.join(output_dir, "training_args.bin")
+        )  # as Trainer: its arguments beside
+        return None

@@ -1,0 +1,140 @@
+"""Training through the ecosystem with only the import changed: transformers' Trainer and TRL's SFTTrainer run an
+autolm model (and autolm's LoRA adapters) to the same losses as a transformers model, and save what peft and
+transformers load back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import write_char_tokenizer
+
+import autolm
+import autolm.lora
+from autolm.train import SavePretrainedMixin
+
+NAME = "llama_gqa_llama3_sharded"
+TEXTS = ["hello world, this is a test", "another line of text here", "short", "the quick brown fox jumps",
+         "lorem ipsum dolor", "abc def ghi", "one more example", "and the last"]  # fmt: skip
+IDS = torch.tensor([[1, 17, 33, 5, 99, 42, 7]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint):
+    directory, _ = checkpoint(NAME)
+    write_char_tokenizer(directory)
+    return directory
+
+
+def _libs():
+    import peft
+    import transformers
+
+    return [(transformers, peft), (autolm, autolm.lora)]
+
+
+def _history(trainer) -> list[tuple[float, float]]:
+    return [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_trains_an_autolm_lora_model_as_peft_and_saves_the_adapter(model_dir, tmp_path):
+    import datasets
+    import peft
+    import transformers
+
+    class Trainer(SavePretrainedMixin, transformers.Trainer):
+        pass
+
+    made = []
+    for lib, lib_peft in _libs():
+        model = lib.AutoModelForCausalLM.from_pretrained(model_dir)
+        made.append(
+            lib_peft.get_peft_model(model, lib_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        )
+    theirs = dict(made[0].named_parameters())
+    with torch.no_grad():  # the same initial adapter in both
+        for name, p in made[1].named_parameters():
+            if ".lora_" in name:
+                p.copy_(theirs[name])
+
+    def user_code(lib, pm, out):
+        tok = lib.AutoTokenizer.from_pretrained(model_dir)
+        data = datasets.Dataset.from_dict({"text": TEXTS}).map(lambda b: tok(b["text"]), batched=True)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            logging_steps=1, learning_rate=1e-2, save_steps=2, report_to=[], use_cpu=True, seed=0,
+        )  # fmt: skip
+        collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+        trainer = Trainer(
+            model=pm, args=args, train_dataset=data, data_collator=collator, processing_class=tok
+        )
+        trainer.train()
+        trainer.save_model()
+        return _history(trainer)
+
+    ref = user_code(transformers, made[0], tmp_path / "peft")
+    got = user_code(autolm, made[1], tmp_path / "autolm")
+    assert len(got) == len(ref) == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-5)
+    logits = []
+    for folder in ("peft", "autolm", "autolm/checkpoint-2"):
+        assert os.path.isfile(tmp_path / folder / "adapter_model.safetensors"), folder
+        assert json.loads((tmp_path / folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            logits.append(peft.PeftModel.from_pretrained(base, tmp_path / folder)(input_ids=IDS).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits[2], logits[1], atol=1e-4)  # the checkpoint is the halfway adapter
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_sft_trainer_trains_an_autolm_model(model_dir, tmp_path, lora):
+    """TRL's SFTTrainer: LoRA through its peft_config (peft wraps the autolm model) or a full fine-tune; TRL takes
+    only transformers' tokenizer classes, so autolm's tokenizer goes in through PreTrainedTokenizerFast's
+    tokenizer_object (transformers' documented way to wrap a `tokenizers` tokenizer), or TRL loads one itself."""
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    class SFTTrainer(SavePretrainedMixin, trl.SFTTrainer):
+        pass
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = lib.AutoTokenizer.from_pretrained(model_dir)
+        if lib is autolm:
+            tok = transformers.PreTrainedTokenizerFast(
+                tokenizer_object=tok.backend_tokenizer, **tok.special_tokens_map
+            )
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / lib.__name__), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+            learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_strategy="no", max_length=32,
+        )  # fmt: skip
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if lora else None
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                             processing_class=tok if lora else None, peft_config=config)  # fmt: skip
+        trainer.train()
+        trainer.save_model()
+        return _history(trainer), sorted(os.listdir(tmp_path / lib.__name__))
+
+    ref, got = (user_code(lib) for lib, _ in _libs())
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), atol=1e-5, rtol=1e-5)
+    saved = [transformers.AutoModelForCausalLM.from_pretrained(model_dir)] * 2
+    if lora:
+        assert "adapter_model.safetensors" in got[1] and "adapter_config.json" in got[1]
+        saved = [
+            peft.PeftModel.from_pretrained(m, tmp_path / d) for m, d in zip(saved, ("transformers", "autolm"))
+        ]
+    else:
+        assert "model.safetensors" in got[1] and "config.json" in got[1]
+        saved = [
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d)
+            for d in ("transformers", "autolm")
+        ]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            saved[1](input_ids=IDS).logits, saved[0](input_ids=IDS).logits, atol=1e-4, rtol=1e-4
+        )
