@@ -443,13 +443,14 @@ def test_real_gemma3_270m_gguf_equals_transformers(gemma3_270m):
     )
     assert c.layer_types == hf.config.layer_types and c.sliding_window == hf.config.sliding_window == 512
     assert c.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
-    ids = torch.tensor(
-        [[2, 818, 5279, 529, 7001, 563]]
-    )  # "<bos>The capital of France is", as Gemma tokenizes it
+    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)  # no merges in the file: rebuilt
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_token_id == 2 and ids.shape[1] == 6
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=2e-4, rtol=1e-4)
-    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False),
-                       hf.generate(ids, max_new_tokens=12, do_sample=False))  # fmt: skip
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, hf.generate(ids, max_new_tokens=12, do_sample=False))
+    assert "France" in tok.decode(out[0, ids.shape[1] :])
 
 
 def test_configs_take_transformers_names():
@@ -460,3 +461,44 @@ def test_configs_take_transformers_names():
         )
         cfg.hidden_activation = "gelu_pytorch_tanh"
         assert cfg.hidden_act == "gelu_pytorch_tanh"
+
+
+def test_gguf_tokenizer_without_merges_equals_transformers(tmp_path):
+    """llama.cpp writes Gemma's SentencePiece vocabulary without merges (blanks as spaces, scores that do not follow
+    the merge order): rebuilt as transformers rebuilds it, with the file's chat template."""
+    import gguf
+    import transformers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    pieces = ["\u2581", "\n", "  ", "   ", "a", "b", "c", "h", "i", "\u2581a", "ab", "\u2581ab", "hi", "\u2581hi", "bc",
+              "abc", "\u2581abc", "\u2581\u2581hi"]  # fmt: skip
+    tokens = specials + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(torch.randn(len(tokens), generator=torch.Generator().manual_seed(0)).tolist())
+    w.add_token_types([3] * len(specials) + [6] * 256 + [1] * len(pieces))
+    w.add_pad_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_bos_token_id(2)
+    w.add_unk_token_id(3)
+    w.add_add_bos_token(True)
+    w.add_chat_template(GEMMA3_TEMPLATE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    ours = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    for text in [
+        "abc hi",
+        "  hi\nab abc",
+        "   hi",
+        "x\u00e9\u2713 ba",
+        "<start_of_turn>user\nhi<end_of_turn>",
+    ]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)

@@ -93,6 +93,41 @@ def _llama_backend(meta: dict, tokens: list, merges: list):
     return backend, vocab
 
 
+def _merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges a vocabulary implies, best first: every split of a token into two tokens, ranked by the whole
+    token's score (transformers' generate_merges, with scores given)."""
+    ranked = []
+    for token, score in scores.items():
+        pairs = [
+            (token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab
+        ]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        ranked += [(left, right, score) for left, right in pairs]
+    ranked.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in ranked]
+
+
+def _gemma_backend(meta: dict, tokens: list):
+    """Gemma's GGUF vocabulary, which llama.cpp writes without merges, as transformers rebuilds it: tokens of
+    blanks respelled with "\u2581", merges ranked by the tokens' order in the file (Gemma's scores do not follow
+    its merge order), and GemmaTokenizer's settings (spaces normalised to "\u2581", byte fallback)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = _merges_from_vocab(vocab, {tok: -i for i, tok in enumerate(tokens)})
+    backend = Backend(BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", dropout=None,
+                          byte_fallback=True))  # fmt: skip
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    return backend, vocab
+
+
 def _parts(g: GGUFFile, path: str):
     from tokenizers import AddedToken, processors
 
@@ -106,9 +141,12 @@ def _parts(g: GGUFFile, path: str):
     if kind == "gpt2":
         backend, vocab = _gpt2_backend(meta, tokens, merges)
     elif kind == "llama":
-        if not merges:
+        if not merges and str(meta.get("general.architecture")) in ("gemma", "gemma2", "gemma3"):
+            backend, vocab = _gemma_backend(meta, tokens)
+        elif not merges:
             raise GGUFError(f"{path}: SentencePiece vocabulary without merges is not supported")
-        backend, vocab = _llama_backend(meta, tokens, merges)
+        else:
+            backend, vocab = _llama_backend(meta, tokens, merges)
     else:
         raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2' or 'llama')")
     byte_level = kind == "gpt2"
