@@ -36,7 +36,7 @@ class _QuantizedExperts(Experts):
             "act_fn",
         ):
             setattr(self, k, getattr(like, k))
-        self.transposed = False  # the quantized weights are (E, out, in)
+        self.transposed, self.tp = False, None  # the quantized weights are (E, out, in); never tensor-parallel
         self.float_transposed = like.transposed
         self.shapes = {}  # projection -> (E, out, in)
         for name in PROJECTIONS:

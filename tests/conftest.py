@@ -195,6 +195,39 @@ SPECS = {
         ),
         {},
     ),
+    # mixture of experts (more experts than each token uses): Mixtral's per-expert w1/w2/w3 files; Qwen 2 MoE's
+    # shared expert and a dense layer (mlp_only_layers)
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
     "llama_bf16": (
         "LlamaConfig",
         dict(

@@ -200,7 +200,10 @@ class Family:
             if err <= (0.08 if bits == "int8" else 0.25) * truth.abs().mean():
                 return
             for name, m in quant.named_modules():
-                if hasattr(m, "dequantize"):  # a new Parameter: a tied embedding keeps its values
+                if hasattr(m, "dequantized_parameters"):  # stacked experts
+                    for p, w in m.dequantized_parameters().items():
+                        setattr(full.get_submodule(name), p, torch.nn.Parameter(w))
+                elif hasattr(m, "dequantize"):  # a new Parameter: a tied embedding keeps its values
                     full.get_submodule(name).weight = torch.nn.Parameter(m.dequantize())
             ideal = (full(ids, attention_mask=mask).logits[real] - truth).abs().mean()
         assert err <= 1.1 * ideal, (bits, err, ideal)

@@ -106,6 +106,8 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
         "smollm3_nope",
         "gemma2",
         "gemma3_text",
+        "mixtral",
+        "qwen2_moe",
     ],
 )
 def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):

@@ -47,6 +47,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     windows = sorted(w for w in cfg.windows() if w)
     print(f"sliding:      {windows or 'none'}")
     print(f"parameters:   {params:,} ({params / 1e6:.1f} M)")
+    from ..nn.moe import experts_summary
+
+    moe = experts_summary(base, params)
+    if moe is not None:
+        layers, experts, used, active = moe
+        print(f"experts:      {experts} in each of {layers} layers, {used} used per token; active parameters "
+              f"per token {active:,} ({active / 1e6:.1f} M)")  # fmt: skip
     print(f"dtype:        {str(base.dtype).removeprefix('torch.')}")
     print(f"memory:       {weight_bytes / 2**20:.1f} MiB of weights")
     if "quantization_config" in cfg.extra:

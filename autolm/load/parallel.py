@@ -3,7 +3,9 @@
 `from_pretrained(..., tp_plan="auto")` under torchrun: q/k/v/gate/up are column-parallel (each rank
 holds a slice of the output features, i.e. of the heads), o/down row-parallel (a slice of the input
 features, outputs summed across ranks). Untied embeddings and LM head are vocabulary-parallel
-when the vocabulary divides evenly; norms (and a tied pair) stay replicated. Each
+when the vocabulary divides evenly; norms (and a tied pair) stay replicated. Stacked experts (nn.Experts)
+cut their own tensors: each rank keeps a slice of every expert's intermediate rows as plain tensors, and sums
+the experts' outputs across ranks. Each
 rank reads only its slice of each sharded weight from the memory-mapped checkpoint, and its KV
 cache holds only its own heads.
 
@@ -83,12 +85,20 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
             (placement,) = p.placements
             if isinstance(placement, Shard):
                 shards[name] = (placement.dim, rank, world)
+    for name, m in model.named_modules():
+        if hasattr(m, "shard"):  # modules that cut their own tensors (nn.Experts): plain local tensors
+            shards.update(
+                {f"{name}.{p}": (dim, rank, world, parts) for p, (dim, parts) in m.shard(rank, world).items()}
+            )
     return shards
 
 
-def local_slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+def local_slice(t: torch.Tensor, dim: int, rank: int, world: int, parts: int = 1) -> torch.Tensor:
     """This rank's block of a full tensor as torch.chunk (and DTensor's Shard) cut it, copied out of the
-    memory map; empty when the dimension runs out before this rank."""
+    memory map; empty when the dimension runs out before this rank. With `parts`, the tensor is that many
+    tensors concatenated along dim (gate and up), each cut alike."""
+    if parts > 1:
+        return torch.cat([local_slice(p, dim, rank, world) for p in t.chunk(parts, dim)], dim)
     size = -(-t.shape[dim] // world)
     start = min(rank * size, t.shape[dim])
     return t.narrow(dim, start, min(size, t.shape[dim] - start)).contiguous().clone()

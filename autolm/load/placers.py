@@ -228,12 +228,20 @@ class TensorParallel(OneDevice):
             if self.mesh.device_type == "cuda"
             else torch.device("cpu")
         )
-        self.shards: dict[str, tuple[int, int, int]] = {}
+        self.shards: dict[str, tuple] = {}  # (dim, rank, ranks) of DTensors, + parts of modules' own shards
 
     def setup(self, model: nn.Module) -> None:
         from .parallel import parallelize
 
         self.shards = parallelize(model, self.mesh)
+
+    def expected(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The checkpoint's shapes: whole tensors (a DTensor's shape is its global one; modules' own shards are
+        local tensors, so their whole shape is computed here)."""
+        out = super().expected(model)
+        for name, (dim, _, world, *_) in ((n, s) for n, s in self.shards.items() if len(s) == 4):
+            out[name] = tuple(n * world if i == dim else n for i, n in enumerate(out[name]))
+        return out
 
     def put(self, name, t, path, zero_copy):
         if name not in self.shards:
@@ -244,6 +252,8 @@ class TensorParallel(OneDevice):
 
         dim = self.shards[name][0]
         local = super().put(name, local_slice(t, *self.shards[name]), path, zero_copy)
+        if len(self.shards[name]) == 4:  # a module's own shard (parallel.parallelize): a plain local tensor
+            return local
         return DTensor.from_local(local, self.mesh, [Shard(dim)], run_check=False)
 
 

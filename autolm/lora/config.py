@@ -46,7 +46,7 @@ DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwe
 # where peft has none for the type (it then refuses a LoraConfig without target_modules)
 MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt2": ["c_attn"],
-    **dict.fromkeys(("phi3", "olmo2", "granite", "smollm3"), None),
+    **dict.fromkeys(("phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "gpt_oss"), None),
 }
 
 

@@ -58,9 +58,21 @@ for _cls in (
     register(_cls.config_class.model_type, _cls.config_class, _cls)
 
 
-def gguf_families() -> dict[str, type]:
-    """llama.cpp's architecture name -> the model class of each family that declares its GGUF layout."""
-    return {cls.gguf.arch: cls for cls in _MODELS.values() if getattr(cls, "gguf", None) is not None}
+def gguf_families(metadata: dict | None = None) -> dict[str, type]:
+    """llama.cpp's architecture name -> the model class of each family that declares its GGUF layout. Where two
+    families share an architecture (llama.cpp writes Mixtral as "llama"), the one whose layout reads
+    `expert_count` is taken for a file (`metadata`) that has experts, the other one otherwise."""
+    out: dict[str, type] = {}
+    for cls in _MODELS.values():
+        layout = getattr(cls, "gguf", None)
+        if layout is None:
+            continue
+        moe = any(key == "expert_count" for key, _ in layout.config)
+        if moe == bool((metadata or {}).get(f"{layout.arch}.expert_count")):
+            out[layout.arch] = cls
+        else:
+            out.setdefault(layout.arch, cls)
+    return out
 
 
 def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:

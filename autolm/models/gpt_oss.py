@@ -4,7 +4,7 @@ logits, and whose experts have biases, interleaved gate/up rows (stored transpos
 clamped activation. RMSNorm multiplies by its weight in fp32.
 
 The Hub's checkpoints store the experts' weights in MXFP4 (`gate_up_proj_blocks` + `gate_up_proj_scales`);
-they are dequantized while loading (nn.mxfp4).
+they are dequantized while loading (nn.expert_formats).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from torch import nn
 
 from ..config import _is_number
 from ..errors import ConfigError
-from ..nn import Attention, Experts, RMSNorm, Router, SparseMoeBlock
+from ..nn import Attention, CheckpointRules, Experts, GGUFLayout, Rename, RMSNorm, Router, SparseMoeBlock
+from ..nn.expert_formats import MXFP4, GGUFExperts
 from .base import CausalLM
 from .llama import LlamaConfig
-from .mixtral import MOE_TP, MixtralDecoderLayer, MixtralModel, validate_experts
+from .mixtral import GGUF_EXPERTS, MixtralDecoderLayer, MixtralModel, validate_experts
 
 _YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
          "original_max_position_embeddings": 4096}  # fmt: skip
@@ -98,11 +99,48 @@ class GptOssDecoderLayer(MixtralDecoderLayer):
         return SparseMoeBlock(router, experts, router_name="router")
 
 
+def _gguf_rope(d: dict[str, Any], get) -> None:
+    """llama.cpp writes YaRN's betas under its own keys, and no `truncate`: gpt-oss's YaRN keeps the correction
+    range unrounded (transformers' truncate=False)."""
+    rope = d["rope_parameters"]
+    for key, name in (
+        ("rope.scaling.yarn_beta_fast", "beta_fast"),
+        ("rope.scaling.yarn_beta_slow", "beta_slow"),
+    ):
+        if get(key) is not None:
+            rope[name] = get(key)
+    if rope.get("rope_type") == "yarn":
+        rope["truncate"] = False
+
+
 class GptOssForCausalLM(CausalLM):
     """transformers' GptOssForCausalLM."""
 
     config_class = GptOssConfig
-    tp_patterns: ClassVar[dict[str, str]] = MOE_TP
+    checkpoint_rules = CheckpointRules(
+        [
+            MXFP4(),  # the Hub's MXFP4 experts, dequantized while loading
+            GGUFExperts(transposed=True, interleaved=True),
+            Rename(r"\.self_attn\.sinks\.weight$", ".self_attn.sinks", r"(?!)", ""),  # GGUF's name
+        ]
+    )
+    gguf = GGUFLayout(
+        "gpt-oss",
+        config=(
+            ("expert_count", "num_local_experts"),
+            ("expert_used_count", "num_experts_per_tok"),
+            ("expert_feed_forward_length", "intermediate_size"),
+            ("attention.key_length", "head_dim"),
+        ),
+        layer=(
+            ("attn_sinks", "self_attn.sinks"),
+            ("post_attention_norm", "post_attention_layernorm"),
+            *(("ffn_gate_inp", "mlp.router") if a == "ffn_gate_inp" else (a, b) for a, b in GGUF_EXPERTS),
+        ),
+        derive=_gguf_rope,
+    )
+    # no tensor-parallel plan (as transformers has none for gpt-oss): its per-head sinks would need one
+    tp_patterns: ClassVar[dict[str, str]] = {}
     _no_split_modules: ClassVar[list[str]] = ["GptOssDecoderLayer"]
 
     def __init__(self, config: Any):

@@ -17,10 +17,28 @@ from torch import nn
 
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, Experts, Rename, RMSNorm, Router, SparseMoeBlock, Stacked
+from ..nn import (
+    Attention,
+    CheckpointRules,
+    Experts,
+    GGUFLayout,
+    Rename,
+    RMSNorm,
+    Router,
+    SparseMoeBlock,
+    Stacked,
+)
+from ..nn.expert_formats import GGUFExperts
 from .base import CausalLM, DecoderModel
 from .mistral import MistralConfig
 
+# llama.cpp's names for a mixture-of-experts layer's router and stacked experts (GGUFExperts joins the latter)
+GGUF_EXPERTS = (
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.experts.gate_proj"),
+    ("ffn_up_exps", "mlp.experts.up_proj"),
+    ("ffn_down_exps", "mlp.experts.down_proj"),
+)
 # Attention and dense MLPs split as in Llama; the experts stay whole on every rank (see CausalLM.tp_plan).
 MOE_TP = {
     "layers.*.self_attn.q_proj": "colwise",
@@ -123,7 +141,15 @@ class MixtralForCausalLM(CausalLM):
             Rename(r"\.block_sparse_moe\.", ".mlp.", r"\.mlp\.", ".block_sparse_moe."),
             Stacked("gate_up_proj", ("w1.weight", "w3.weight")),
             Stacked("down_proj", ("w2.weight",)),
+            GGUFExperts(),
         ]
+    )
+    # llama.cpp writes Mixtral as "llama" with experts (models.gguf_families tells them apart by expert_count)
+    gguf = GGUFLayout(
+        "llama",
+        permute_qk=True,
+        config=(("expert_count", "num_local_experts"), ("expert_used_count", "num_experts_per_tok")),
+        layer=GGUF_EXPERTS,
     )
     tp_patterns: ClassVar[dict[str, str]] = MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["MixtralDecoderLayer"]

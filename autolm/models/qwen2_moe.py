@@ -13,10 +13,11 @@ from torch import nn
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import CheckpointRules, Experts, GatedMLP, Linear, Router, SparseMoeBlock, Stacked
+from ..nn import CheckpointRules, Experts, GatedMLP, GGUFLayout, Linear, Router, SparseMoeBlock, Stacked
+from ..nn.expert_formats import GGUFExperts
 from .base import CausalLM
 from .llama import LlamaConfig
-from .mixtral import MOE_TP, MixtralDecoderLayer, MixtralModel, validate_experts
+from .mixtral import GGUF_EXPERTS, MOE_TP, MixtralDecoderLayer, MixtralModel, validate_experts
 
 
 @dataclass(repr=False)
@@ -122,7 +123,14 @@ QWEN_MOE_RULES = CheckpointRules(
     [
         Stacked("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
         Stacked("down_proj", ("down_proj.weight",)),
+        GGUFExperts(),
     ]
+)
+# llama.cpp's metadata keys for the experts (both Qwen MoE converters write them)
+GGUF_EXPERT_KEYS = (
+    ("expert_count", "num_experts"),
+    ("expert_used_count", "num_experts_per_tok"),
+    ("expert_feed_forward_length", "moe_intermediate_size"),
 )
 # Dense MLPs (mlp_only_layers) and the shared expert split as Llama's MLP does.
 QWEN_MOE_TP = {
@@ -141,6 +149,19 @@ class Qwen2MoeForCausalLM(CausalLM):
 
     config_class = Qwen2MoeConfig
     checkpoint_rules = QWEN_MOE_RULES
+    # llama.cpp runs every layer as a mixture (no mlp_only_layers) and weights the top k unrenormalised
+    gguf = GGUFLayout(
+        "qwen2moe",
+        config=(*GGUF_EXPERT_KEYS, ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")),
+        layer=(
+            *GGUF_EXPERTS,
+            ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+            ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+            ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+            ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+        ),
+        fixed=(("norm_topk_prob", False), ("use_sliding_window", False)),
+    )
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen2MoeDecoderLayer"]
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..nn import GGUFLayout
 from .base import CausalLM
-from .mixtral import MixtralModel
-from .qwen2_moe import QWEN_MOE_RULES, QWEN_MOE_TP, Qwen2MoeDecoderLayer, QwenMoeConfig
+from .mixtral import GGUF_EXPERTS, MixtralModel
+from .qwen2_moe import GGUF_EXPERT_KEYS, QWEN_MOE_RULES, QWEN_MOE_TP, Qwen2MoeDecoderLayer, QwenMoeConfig
 
 
 @dataclass(repr=False)
@@ -47,6 +48,13 @@ class Qwen3MoeForCausalLM(CausalLM):
 
     config_class = Qwen3MoeConfig
     checkpoint_rules = QWEN_MOE_RULES
+    # llama.cpp renormalises the top k and runs every layer as a mixture
+    gguf = GGUFLayout(
+        "qwen3moe",
+        config=(*GGUF_EXPERT_KEYS, ("attention.key_length", "head_dim")),
+        layer=GGUF_EXPERTS,
+        fixed=(("norm_topk_prob", True), ("use_sliding_window", False)),
+    )
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen3MoeDecoderLayer"]
 

@@ -63,6 +63,8 @@ class CheckpointRules:
             rule: re.compile(rf"(.+)\.experts\.(\d+)\.({'|'.join(map(re.escape, rule.parts))})")
             for rule in self.stacked
         }
+        # rules that assemble a parameter from pieces their own way (nn.expert_formats: MXFP4, llama.cpp's experts)
+        self.assembled = [r for r in rules if hasattr(r, "piece")]
 
     def __bool__(self) -> bool:
         return bool(self.renames or self.stacked or self._ignored)
@@ -83,6 +85,10 @@ class CheckpointRules:
                     int(m.group(2)),
                     rule.parts.index(m.group(3)),
                 )
+        for rule in self.assembled:
+            hit = rule.piece(name)  # (model name, the piece's key) or None
+            if hit is not None:
+                return hit[0], (rule, hit[1])
         return name, None
 
     def to_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,6 +124,8 @@ class Assembler:
     def add(
         self, name: str, piece: tuple[Stacked, int, int], t: torch.Tensor, source: str
     ) -> torch.Tensor | None:
+        if not isinstance(piece[0], Stacked):
+            return self._add_assembled(name, piece, t, source)
         rule, expert, part = piece
         shape = self.shapes.get(name)
         if shape is None:
@@ -135,6 +143,19 @@ class Assembler:
             return None
         del self.pieces[name]
         return torch.stack([torch.cat([got[(e, p)] for p in range(len(rule.parts))]) for e in range(experts)])
+
+    def _add_assembled(self, name: str, piece: tuple, t: torch.Tensor, source: str) -> torch.Tensor | None:
+        """A piece of a rule that assembles its own parameters: `rule.pieces(name)` of them, then `rule.assemble`."""
+        rule, key = piece
+        shape = self.shapes.get(name)
+        if shape is None:
+            return None
+        got = self.pieces.setdefault(name, {})
+        got[key] = t
+        if len(got) < rule.pieces(name):
+            return None
+        del self.pieces[name]
+        return rule.assemble(got, shape, name, source)
 
     def missing(self) -> list[str]:
         """Stacked parameters some of whose pieces never came."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..errors import ConfigError
 from ..kernels.experts import expert_linear
 from .mlp import ACTIVATIONS
 
@@ -67,10 +68,14 @@ class Experts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.empty(E, h))
         self.transposed, self.interleaved, self.limit, self.alpha = transposed, interleaved, limit, alpha
         self.act_fn = ACTIVATIONS[act]
+        self.tp: tuple[int, int] | None = None  # (rank, ranks) under tensor parallelism (shard)
 
     def project(self, name: str, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
         """x @ expert e's `name` projection (+ its bias); see kernels.experts.expert_linear."""
-        return expert_linear(x, getattr(self, name), e, getattr(self, f"{name}_bias", None), self.transposed)
+        bias = getattr(self, f"{name}_bias", None)
+        if name == "down_proj" and self.tp is not None and self.tp[0] != 0:
+            bias = None  # the ranks' partial outputs are summed: one of them adds the bias
+        return expert_linear(x, getattr(self, name), e, bias, self.transposed)
 
     def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(rows, 2I) -> (rows, I): the gated activation."""
@@ -90,7 +95,47 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, h), the router's ids and weights (N, k) -> the weighted sum of the selected experts (N, h)."""
-        return kernels.mixture(x, ids, weights, self.num_experts, self.expert)
+        y = kernels.mixture(x, ids, weights, self.num_experts, self.expert)
+        if self.tp is not None:  # each rank computed its slice of every expert's intermediate rows
+            torch.distributed.all_reduce(y)
+        return y
+
+    def tp_layout(self) -> dict[str, tuple[int, int]]:
+        """{parameter: (dim, parts)}: the intermediate dimension tensor parallelism cuts, and into how many parts
+        the tensor falls first (2: [gate; up] concatenated, each half cut alike)."""
+        t, parts = self.transposed, 1 if self.interleaved else 2
+        out = {"gate_up_proj": (2 if t else 1, parts), "down_proj": (1 if t else 2, 1)}
+        if hasattr(self, "gate_up_proj_bias"):
+            out["gate_up_proj_bias"] = (1, parts)
+        return out
+
+    def shard(self, rank: int, world: int) -> dict[str, tuple[int, int]]:
+        """Tensor parallelism over `world` ranks (on the meta model, before loading): keep this rank's slice of
+        every expert's intermediate rows, gate/up column-parallel and down row-parallel, the partial outputs
+        summed in forward. Returns tp_layout() for the loader, which cuts each full tensor the same way."""
+        if self.intermediate_size % world:
+            raise ConfigError(f"tensor parallel over {world} ranks needs the experts' intermediate size "
+                              f"({self.intermediate_size}) divisible by {world}")  # fmt: skip
+        layout = self.tp_layout()
+        for name, (dim, _) in layout.items():
+            p = getattr(self, name)
+            shape = list(p.shape)
+            shape[dim] //= world
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device)))
+        self.intermediate_size //= world
+        self.tp = (rank, world)
+        return layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tp is None or self.gate_up_proj.device.type == "meta":
+            return
+        for name, (dim, parts) in self.tp_layout().items():  # whole tensors, as one process holds them
+            local = destination[prefix + name].detach()
+            shards = [torch.empty_like(local) for _ in range(self.tp[1])]
+            torch.distributed.all_gather(shards, local)
+            pieces = [shard.chunk(parts, dim) for shard in shards]
+            destination[prefix + name] = torch.cat([piece[i] for i in range(parts) for piece in pieces], dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_experts} experts, hidden {self.hidden_size}, intermediate {self.intermediate_size}"
@@ -121,3 +166,19 @@ class SparseMoeBlock(nn.Module):
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return y.view(B, T, h)
+
+
+def experts_summary(model: nn.Module, parameters: int) -> tuple[int, int, int, int] | None:
+    """(mixture-of-experts layers, experts per layer, experts each token uses, parameters one token uses: the
+    model's `parameters` less the share of every expert it does not use), or None for a model without experts."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if not blocks:
+        return None
+    unused = 0
+    for block in blocks:
+        e = block.experts
+        per_expert = 3 * e.hidden_size * e.intermediate_size
+        per_expert += 2 * e.intermediate_size + e.hidden_size if hasattr(e, "down_proj_bias") else 0
+        unused += (e.num_experts - getattr(block, block.router_name).top_k) * per_expert
+    router = getattr(blocks[0], blocks[0].router_name)
+    return len(blocks), blocks[0].experts.num_experts, router.top_k, parameters - unused

@@ -216,7 +216,7 @@ class GGUFFile:
             )  # a truncated file: gguf_tensors says so when the tensor is read
             self.tensors.append(TensorInfo(name, shape, kind, begin, n_bytes, data))
         self.architecture = self.metadata.get("general.architecture")
-        families = gguf_families()
+        families = gguf_families(self.metadata)
         if self.architecture not in families:
             raise GGUFError(
                 f"{path}: architecture {self.architecture!r} is not supported (expected one of {sorted(families)})"
