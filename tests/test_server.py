@@ -84,6 +84,21 @@ def test_chat_completion_matches_generate(served, client):
     )
 
 
+def test_a_conversation_reuses_its_earlier_turns(served, client):
+    """Turn two starts with turn one's prompt: the prefix cache holds its keys and values (reported in
+    usage.prompt_tokens_details.cached_tokens, as OpenAI does) and the answer is the one computed afresh."""
+    _, model, tok = served
+    system = {"role": "system", "content": "You are a geography teacher. " * 8}
+    turn1 = [system, {"role": "user", "content": QUESTIONS[0]}]
+    first = client.chat.completions.create(model=NAME, messages=turn1, max_tokens=12, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And of Italy?"}]  # fmt: skip
+    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=12, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+    prompt = tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=False)
+    assert second.choices[0].message.content == autolm.generate_text(model, tok, prompt, max_new_tokens=12)
+
+
 def test_streamed_chat_with_usage(served, client):
     _, model, tok = served
     chunks = list(

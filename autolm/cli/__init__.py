@@ -56,6 +56,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
     p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="memory for the keys and values of prompts already seen, reused by requests that start with "
+        "the same tokens (0: off; default 256)",
+    )
+    p.add_argument(
         "--model-name", default=None, help="the model id clients use (default: the directory name)"
     )
     g = p.add_argument_group("limits on one request")

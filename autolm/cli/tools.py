@@ -210,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key,
         max_batch=args.max_batch,
+        prefix_cache_mb=args.prefix_cache_mb,
         max_body=args.max_body,
         shutdown_timeout=args.shutdown_timeout,
         limits=limits,

@@ -23,6 +23,7 @@ from ..generation import Detokenizer, GenerationConfig, LogitsProcessor, choose,
 from ..models import KVCache
 from ..step import decoder
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
+from .prefix import PrefixCache
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Sequence:
     cumulative: float = 0.0
     cancelled: bool = False
     cached: int = 0  # tokens of this sequence in the batch cache
+    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
     last: int = -1  # the latest sampled token, fed to the next decode step
     stop_token_ids: tuple[int, ...] = ()  # the request's own stop tokens (named as the stop_reason)
     include_stop: bool = False  # keep the matched stop string in the text
@@ -94,8 +96,9 @@ def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
 class Engine:
     """Runs the model on a background thread; `submit` hands it a Sequence."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8):
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache: int = 0):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 else None  # bytes of prompt keys/values
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
         self.cache: KVCache | None = None
@@ -164,12 +167,41 @@ class Engine:
         if not joined:
             return
         try:
-            cache = self._prefill(joined)
+            rows = self._prefill_cached(joined)
+            fresh = [s for s in joined if not any(s is r[0] for r in rows)]
+            if fresh:
+                cache = self._prefill(fresh)
+                rows += [(seq, cache, j) for j, seq in enumerate(fresh)]
         except Exception as e:  # these requests fail; the running batch goes on
             for seq in joined:
                 seq.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             return
-        self._rebuild([(seq, cache, j) for j, seq in enumerate(joined)])
+        self._rebuild(rows)
+
+    def _prefill_cached(self, seqs: list[Sequence]) -> list[tuple[Sequence, KVCache, int]]:
+        """The requests whose prompts start with cached blocks (autolm.serve.prefix), each prefilled on its own
+        from there; the others are left to _prefill (and so are those asking for the prompt's logprobs)."""
+        rows = []
+        for s in seqs if self.prefix is not None else ():
+            blocks = self.prefix.lookup(s.prompt) if s.prompt_logprobs is None else []
+            if not blocks:
+                continue
+            cache = self.model.make_cache(1, len(s.prompt))
+            s.reused = cache.length = self.prefix.fill(cache, 0, blocks)
+            ids = torch.tensor([s.prompt[s.reused :]], device=self.model.device)
+            positions = torch.arange(s.reused, len(s.prompt), device=ids.device)[None]
+            logits = self.model(ids, position_ids=positions, past_key_values=cache, logits_to_keep=1).logits
+            self.prefix.store(s.prompt, cache, 0, 0)
+            self._first_token(s, logits[0, -1])
+            rows.append((s, cache, 0))
+        return rows
+
+    def _first_token(self, s: Sequence, logits: torch.Tensor) -> None:
+        s.cached = len(s.prompt)
+        if s.config.max_new_tokens == 0:
+            self._finish(s, "length")
+        else:
+            self._take(s, logits)
 
     def _prefill(self, seqs: list[Sequence]) -> KVCache:
         """Run the new prompts as one left-padded batch and sample each one's first token."""
@@ -184,13 +216,11 @@ class Engine:
         every = any(s.prompt_logprobs is not None for s in seqs)
         logits = self._prefill_logits(ids, mask, cache, every)
         for j, s in enumerate(seqs):
-            s.cached = len(s.prompt)
+            if self.prefix is not None:
+                self.prefix.store(s.prompt, cache, j, ids.shape[1] - len(s.prompt))
             if s.prompt_logprobs is not None:
                 self._emit_prompt_logprobs(s, logits[j, ids.shape[1] - len(s.prompt) :])
-            if s.config.max_new_tokens == 0:
-                self._finish(s, "length")
-            else:
-                self._take(s, logits[j, -1])
+            self._first_token(s, logits[j, -1])
         return cache
 
     def _prefill_logits(
@@ -341,6 +371,7 @@ class Engine:
                 reason=reason,
                 stop_reason=stop_reason,
                 prompt_tokens=len(seq.prompt),
+                cached_tokens=seq.reused,
                 completion_tokens=len(seq.tokens) + eos,
                 cumulative_logprob=seq.cumulative,
                 full_text=text,

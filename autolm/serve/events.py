@@ -34,6 +34,7 @@ class Finished(Delta):
     reason: str = "stop"
     stop_reason: str | int | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's tokens, those taken from the prefix cache
     completion_tokens: int = 0
     cumulative_logprob: float = 0.0
     full_text: str = ""

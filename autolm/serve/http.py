@@ -67,6 +67,7 @@ def serve(
     max_batch: int = 8,
     max_body: int = MAX_BODY_BYTES,
     shutdown_timeout: float = 5.0,
+    prefix_cache_mb: int = 256,
     limits: Limits | None = None,
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
@@ -82,7 +83,9 @@ def serve(
         logger.warning(message)
         print(message, file=sys.stderr, flush=True)
     print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    app = create_app(model, tokenizer, model_name, api_key, max_batch, max_body, limits, body_timeout)
+    app = create_app(
+        model, tokenizer, model_name, api_key, max_batch, max_body, limits, body_timeout, prefix_cache_mb
+    )
     state = app.state.server
 
     class Server(uvicorn.Server):

@@ -34,7 +34,7 @@ class ErrorResponse(_Out):
 
 
 class PromptTokensDetails(_Out):
-    cached_tokens: int = 0  # no prefix cache: every prompt token is computed
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache held
 
 
 class Usage(_Out):

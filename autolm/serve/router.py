@@ -154,9 +154,11 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     limits: Limits | None = None,
     body_timeout: float = 30.0,
+    prefix_cache_mb: int = 256,
 ) -> FastAPI:
-    """The FastAPI application serving `model` under `model_name`."""
-    state = State(model, tokenizer, model_name, limits or Limits(), max_batch)
+    """The FastAPI application serving `model` under `model_name`; prompts' keys and values are reused within
+    `prefix_cache_mb` (autolm.serve.prefix; 0: off)."""
+    state = State(model, tokenizer, model_name, limits or Limits(), max_batch, prefix_cache_mb)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

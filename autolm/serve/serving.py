@@ -19,7 +19,7 @@ from .errors import APIError
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 from .logprobs import Logprobs
 from .prompts import Prompts
-from .responses import ErrorInfo, ErrorResponse, Usage
+from .responses import ErrorInfo, ErrorResponse, PromptTokensDetails, Usage
 from .sampling import Plan, Sampling
 from .validation import Limits
 
@@ -27,9 +27,17 @@ from .validation import Limits
 class State:
     """The engine and the request logic for one model, shared by the serving objects."""
 
-    def __init__(self, model, tokenizer, model_name: str, limits: Limits, max_batch: int = 8):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        limits: Limits,
+        max_batch: int = 8,
+        prefix_cache_mb: int = 256,
+    ):
         self.name, self.limits, self.created = model_name, limits, int(time.time())
-        self.engine = Engine(model, tokenizer, max_batch)
+        self.engine = Engine(model, tokenizer, max_batch, prefix_cache_mb << 20)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         eos = (base.generation_config or GenerationConfig()).eos_token_id
         self.sampling = Sampling(model, tokenizer, model_name, eos)
@@ -144,16 +152,20 @@ class Serving:
         return out
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> Usage:
         return Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     def total_usage(self, plan: Plan, results: list[Result]) -> Usage:
         completion = sum(r.end.completion_tokens for r in results if r.end is not None)
-        return self.usage(sum(len(p) for p in plan.prompts), completion)
+        # a prompt counts once (as its tokens do), however many completions of it ran: its first one's reuse
+        firsts = results[:: max(plan.best_of, 1)]
+        cached = sum(r.end.cached_tokens for r in firsts if r.end is not None)
+        return self.usage(sum(len(p) for p in plan.prompts), completion, cached)
 
     async def stream(
         self, req, events: asyncio.Queue, plan: Plan, opening: list[str], render: Callable, final: Callable
