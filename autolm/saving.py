@@ -135,6 +135,11 @@ def save_model(
         ):
             raise AutolmError(f"save_pretrained() got an unexpected argument {k!r}")
         logger.info("save_pretrained: %s has no effect in autolm", k)
+    if any(hasattr(m, "ggml_type") for m in model.modules()):
+        raise AutolmError(
+            "this model keeps a GGUF file's own blocks (quantization='gguf'), which the HF layout cannot hold: "
+            "load the GGUF without it (float, or quantization='int8'/'int4') to save, or keep the GGUF itself"
+        )
     sd = state_dict if state_dict is not None else unique_state_dict(model)
     if any(t.device.type == "meta" for t in sd.values()):
         raise AutolmError("cannot save a model with weights still on the meta device")

@@ -210,3 +210,12 @@ def test_compiled_step_graphs_compute_on_the_blocks(tmp_path):
     assert step._PLANS[model][1] is not None
     assert tokens == plain_tokens
     torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)
+
+
+def test_a_kept_model_refuses_to_save_in_the_hf_layout(tmp_path):
+    from autolm.errors import AutolmError
+
+    model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None), quantization="gguf")
+    with pytest.raises(AutolmError, match="quantization='gguf'"):
+        model.save_pretrained(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
