@@ -427,7 +427,9 @@ def test_sigterm_stops_within_bounds_and_open_binding_warns(smol_dir):
         )  # in-flight requests get a few seconds (--shutdown bound 5 s), not 4000 tokens' worth
         assert not any('"length"' in line for line in lines)  # it did not run to the end
         data = [line for line in lines if line.startswith("data: ")]  # it ended as a stream ends, not cut off
-        assert data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert (
+            data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        )
         err = proc.log()
     assert "WARNING: serving on 0.0.0.0 without --api-key" in err
 
