@@ -16,6 +16,7 @@ import torch
 
 from .._util import atomic_directory, world
 from ..errors import AdapterError
+from ..hub import HUB_KWARGS, resolve_model_dir
 from ..saving import write_tensors
 from .config import CONFIG_NAME
 
@@ -51,6 +52,15 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
     ):
         raise AdapterError(f"{path}: expected a dict of tensor names to tensors")
     return state
+
+
+def adapter_dir(model_id: str | os.PathLike, where: str, kwargs: dict) -> str:
+    """The local folder of an adapter (a path or a repo id, with the hub's arguments); other arguments are refused
+    by name rather than passed on."""
+    unknown = sorted(k for k in kwargs if k not in HUB_KWARGS)
+    if unknown:
+        raise AdapterError(f"{where} got unsupported arguments: {', '.join(unknown)}")
+    return resolve_model_dir(os.fspath(model_id), **kwargs)
 
 
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:

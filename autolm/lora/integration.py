@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
-from ..hub import resolve_model_dir
 from . import adapters
 from .config import LoraConfig, as_lora_config
-from .files import PREFIX, read_adapter_weights, write_adapters
+from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .layers import inject_adapter
 
 
@@ -66,7 +65,7 @@ class PeftAdapterMixin:
         """An adapter from a peft folder (or repo id), or from a config dict and a state dict; made active."""
         name = adapter_name or "default"
         if peft_model_id is not None:
-            source = resolve_model_dir(os.fspath(peft_model_id), **hub)
+            source = adapter_dir(peft_model_id, "load_adapter", hub)
             config = LoraConfig.from_pretrained(source)
             weights = read_adapter_weights(source) if adapter_state_dict is None else adapter_state_dict
         elif peft_config is not None and adapter_state_dict is not None:

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..hub import resolve_model_dir
 from . import adapters
 from .config import LoraConfig, as_lora_config
-from .files import PREFIX, read_adapter_weights, write_adapters
+from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .layers import LoraLinear, ModulesToSave, _set_module, inject_adapter
 
 
@@ -109,7 +108,7 @@ class PeftModel(_Forwarding):
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub
     ) -> None:
         """Read adapter_config.json + adapter weights and add them as a named adapter (the active one stays)."""
-        directory = resolve_model_dir(os.fspath(model_id), **hub)
+        directory = adapter_dir(model_id, "load_adapter", hub)
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         config.init_lora_weights = False  # the weights come from the file
@@ -277,7 +276,7 @@ class PeftModel(_Forwarding):
         **hub,
     ) -> PeftModel:
         """Load a peft adapter folder (or repo id) onto a base model: in eval mode and frozen unless is_trainable."""
-        directory = resolve_model_dir(os.fspath(model_id), **hub)
+        directory = adapter_dir(model_id, "PeftModel.from_pretrained", hub)
         config = config or LoraConfig.from_pretrained(directory)
         weights = read_adapter_weights(directory)
         config.init_lora_weights = False  # the weights come from the file
