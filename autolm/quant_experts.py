@@ -36,7 +36,8 @@ class _QuantizedExperts(Experts):
             "act_fn",
         ):
             setattr(self, k, getattr(like, k))
-        self.transposed, self.tp = False, None  # the quantized weights are (E, out, in); never tensor-parallel
+        # the quantized weights are (E, out, in); never tensor-parallel
+        self.transposed, self.tp = False, None
         self.float_transposed = like.transposed
         self.shapes = {}  # projection -> (E, out, in)
         for name in PROJECTIONS:
