@@ -3,9 +3,11 @@ llama.cpp and ollama run what autolm loaded, fine-tuned or merged.
 
 The family's `GGUFLayout` (the same declaration the reader uses) gives the architecture name, the metadata keys
 and the tensor names; q/k rows are permuted for llama.cpp's interleaved RoPE where the family's converter does
-it. Weights go out as F32, F16, BF16 or one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1),
-quantized by the gguf package in llama.cpp's exact block layouts; 1-D tensors (norms, biases) stay F32, and a
-matrix whose rows are not whole blocks falls back to F16, as llama.cpp's own quantizer does. The tokenizer
+it. Weights go out as F32, F16, BF16, one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+quantized by the gguf package) or a K-quant (Q6_K; Q4_K with the head in Q6_K, quantized here, plainer than
+llama.cpp's scale search), in llama.cpp's exact block layouts; 1-D tensors (norms, biases) stay F32, and a
+matrix whose rows are not whole blocks falls back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0,
+then F16). The tokenizer
 (byte-level BPE: Llama 3, Qwen, SmolLM, GPT-2 vocabularies) is written with llama.cpp's name for its
 pre-tokenizer, its special tokens and its chat template.
 """
@@ -26,8 +28,13 @@ from .sources.gguf_pre import CHECK_TEXT, PRE
 
 # --quantize name -> (ggml type, llama.cpp's LlamaFileType for general.file_type)
 TYPES = {"f32": (0, 0), "f16": (1, 1), "bf16": (30, 32), "q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3),
-         "q5_0": (6, 8), "q5_1": (7, 9)}  # fmt: skip
-_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32}
+         "q5_0": (6, 8), "q5_1": (7, 9), "q6_k": (14, 18), "q4_k": (12, 14)}  # fmt: skip
+_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 14: 256}
+_FALLBACK = {
+    12: 6,
+    14: 8,
+}  # rows that are not whole 256-blocks: Q4_K -> Q5_0, Q6_K -> Q8_0, as llama.cpp does
+_HEAD = {12: 14}  # q4_k: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's K-quant mixes keep it
 
 
 def _names(model) -> dict[str, str]:
@@ -123,18 +130,60 @@ def _tokenizer(writer, tok, vocab_size: int) -> None:
         writer.add_string("tokenizer.chat_template", template)
 
 
-def _tensor(w: torch.Tensor, ggml_type: int) -> tuple[np.ndarray, Any]:
-    """(array, raw ggml type or None) for one tensor in the requested type (F32 for 1-D, F16 where the rows are
-    not whole blocks)."""
+def _tensor(w: torch.Tensor, ggml_type: int, head: bool) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for one tensor in the requested type (F32 for 1-D; a smaller block type, then
+    F16, where the rows are not whole blocks; the head as _HEAD says)."""
     import gguf
 
     a = w.detach().float().cpu().numpy()
     if a.ndim < 2 or ggml_type == 0:
         return a, None
-    if ggml_type == 1 or a.shape[-1] % _BLOCK.get(ggml_type, 1):
+    kind = _HEAD.get(ggml_type, ggml_type) if head else ggml_type
+    if a.shape[-1] % _BLOCK.get(kind, 1):
+        kind = _FALLBACK.get(kind, 1)
+    if kind == 1 or a.shape[-1] % _BLOCK.get(kind, 1):
         return a.astype(np.float16), None
-    qtype = gguf.GGMLQuantizationType(ggml_type)
-    return gguf.quants.quantize(a, qtype), qtype
+    qtype = gguf.GGMLQuantizationType(kind)
+    quantize = {12: quantize_q4_k, 14: quantize_q6_k}.get(kind)
+    return (quantize(a) if quantize else gguf.quants.quantize(a, qtype)), qtype
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """float (rows, K), K a multiple of 256 -> Q4_K blocks, uint8 (rows, K / 256 * 144): per sub-block of 32 a
+    scale and a min (6 bits each, relative to the block's fp16 d and dmin) from its range, 4-bit quants. Plainer
+    than llama.cpp's search for the best scales; the same layout (gguf.quants dequantizes it)."""
+    x = w.astype(np.float32).reshape(-1, 8, 32)  # (blocks, sub-blocks, 32)
+    lo = np.minimum(x.min(-1), 0)
+    scale, mins = (x.max(-1) - lo) / 15, -lo  # (blocks, 8)
+    d, dmin = (scale.max(-1) / 63).astype(np.float16), (mins.max(-1) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.clip(np.nan_to_num(np.round(scale / df)), 0, 63).astype(np.uint8)
+        mn = np.clip(np.nan_to_num(np.round(mins / dminf)), 0, 63).astype(np.uint8)
+        step, low = (df * sc)[..., None], (dminf * mn)[..., None]
+        q = np.clip(np.nan_to_num(np.round((x + low) / step)), 0, 15).astype(np.uint8)  # (blocks, 8, 32)
+    packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], -1)  # fmt: skip
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2j in the low nibbles, 2j + 1 high
+    halves = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)]
+    return np.concatenate([*halves, packed, qs], -1).reshape(w.shape[0], -1)
+
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """float (rows, K), K a multiple of 256 -> Q6_K blocks, uint8 (rows, K / 256 * 210): per group of 16 an int8
+    scale relative to the block's fp16 d, 6-bit quants."""
+    x = w.astype(np.float32).reshape(-1, 16, 16)
+    scale = np.abs(x).max(-1) / 31  # (blocks, 16)
+    d = (scale.max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.clip(np.nan_to_num(np.round(scale / df)), -128, 127).astype(np.int8)
+        q = np.clip(np.nan_to_num(np.round(x / (df * sc)[..., None])) + 32, 0, 63).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)  # (blocks, half, quarter, 32): quarters 0, 1 low nibbles, 2, 3 high
+    ql = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)
+    qh = sum((q[:, :, k] >> 4) << (2 * k) for k in range(4)).astype(np.uint8)
+    parts = [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.view(np.uint8).reshape(-1, 2)]
+    return np.concatenate(parts, -1).reshape(w.shape[0], -1)
 
 
 def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
@@ -170,7 +219,7 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
             t = permute(t, heads)
         if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
             t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
-        array, raw = _tensor(t, ggml_type)
+        array, raw = _tensor(t, ggml_type, out in ("output.weight", "token_embd.weight"))
         writer.add_tensor(out, array, raw_dtype=raw)
     try:
         writer.write_header_to_file()
