@@ -33,6 +33,8 @@ def mixture(
     flat = ids.reshape(-1)  # (N * k,) in (token, slot) order
     if torch.compiler.is_compiling():
         y = expert(x.repeat_interleave(k, 0), flat)
+    elif N == 1:  # one token (decoding): its k experts in turn, nothing to sort
+        y = torch.cat([expert(x, e) for e in flat.tolist()])
     else:
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts).tolist()
