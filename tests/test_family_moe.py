@@ -506,6 +506,28 @@ def test_quantized_save_loads_back(tmp_path_factory, tmp_path, bits):
         )
 
 
+def test_bench_counts_only_the_experts_a_token_uses(tmp_path_factory):
+    """The benchmark's bytes per decode step and prefill FLOPs count the experts a token uses, not all of them."""
+    from autolm.bench import prefill_flops
+    from autolm.bench.moe import unused_expert_bytes
+
+    directory, _ = FAMILIES["qwen3_moe"].checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    c = model.config  # one sparse layer (decoder_sparse_step 2) of 6 experts, 2 used
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    assert unused_expert_bytes(model) == (c.num_experts - c.num_experts_per_tok) * per_expert * 4
+    dense = c.hidden_size * 3 * c.intermediate_size
+    attention = sum(
+        m.in_features * m.out_features
+        for m in model.model.layers[0].self_attn.modules()
+        if hasattr(m, "in_features")
+    )
+    router = 0  # the router's logits are not among the matrices prefill_flops counts
+    weights = 2 * attention + dense + c.num_experts_per_tok * per_expert + router
+    attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 5 * 6 / 2
+    assert prefill_flops(model, 5) == 2 * weights * 5 + attn + 2 * c.hidden_size * c.vocab_size
+
+
 def test_tensor_parallel_save_gathers_the_experts(tmp_path_factory, tmp_path):
     """Under tensor parallelism each rank holds a slice of every expert; save_pretrained writes them whole (the
     checkpoint transformers reads, equal to the one-process model's)."""

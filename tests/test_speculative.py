@@ -597,3 +597,12 @@ def test_cli_draft_model_and_prompt_lookup_print_the_plain_reply(smol_dir, smol_
         and "no such directory" in missing.stderr
     )
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_the_bench_row_reports_identical_tokens_and_tokens_per_forward(smol_pair):
+    from autolm.bench.speculative import _row
+
+    model, _, tok = smol_pair
+    row = _row("fp32, prompt lookup", model, tok, "copy/edit", 24, 1, prompt_lookup_num_tokens=10)
+    assert row["identical"] and row["new_tokens"] == 24
+    assert row["tokens_per_forward"] > 2 and row["plain_tps"] > 0 and row["speculative_tps"] > 0

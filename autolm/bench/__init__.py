@@ -19,6 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .moe import MOE_LABEL, active_expert_weights, moe_checkpoint, unused_expert_bytes
+from .table import print_case
+
 # llama.cpp's child lives outside the package (autolm never imports llama-cpp-python): in a source checkout.
 LLAMACPP_CHILD = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "llamacpp_child.py"
@@ -112,7 +115,7 @@ def prefill_flops(model, tokens: int) -> float:
         for layer in layers
         for mod in layer.modules()
         if hasattr(mod, "in_features")
-    )
+    ) + active_expert_weights(model)
     attention = (
         2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
     )
@@ -140,7 +143,8 @@ def model_costs(case: Case, prefill: int) -> tuple[int, float]:
     total = memory_report(model)[0]
     emb = model.get_input_embeddings().weight
     tied = getattr(model.get_output_embeddings(), "weight", None) is emb
-    return total - (0 if tied else emb.numel() * emb.element_size()), prefill_flops(model, prefill)
+    unread = (0 if tied else emb.numel() * emb.element_size()) + unused_expert_bytes(model)
+    return total - unread, prefill_flops(model, prefill)
 
 
 def _stats(xs: list[float]) -> tuple[float, float]:
@@ -186,93 +190,15 @@ def bench(
                 "results": results,
             }
         )
-        _print_case(case, results, ckpt, per_token, bw, out, peak, prefill)
+        print_case(case, results, ckpt, per_token, bw, out, peak, prefill)
     return rows
 
 
-def _print_case(
-    case: Case,
-    results: dict,
-    ckpt: int,
-    per_token: int,
-    bw: float,
-    out,
-    peak: tuple[float, float] | None = None,
-    prefill: int = 512,
-) -> None:
-    other = next((lib for lib in case.libs if lib != "autolm"), "transformers")
-    a, t = results.get("autolm"), results.get(other)
-    print(
-        f"### {case.label} (checkpoint {ckpt / 1e6:.0f} MB, {per_token / 1e6:.0f} MB of weights read per token)",
-        file=out,
-    )
-    if other == "llama.cpp":
-        print(f"(llama.cpp runs {os.path.basename(case.gguf)} itself)", file=out)
-    print(f"| metric | autolm | {other} | ratio |", file=out)
-    print("|---|---|---|---|", file=out)
-    metrics = [
-        ("import s (beyond torch)", "import", 1, "{:.3f}", True),
-        ("load s", "load", 1, "{:.2f}", True),
-        ("peak RSS of load / checkpoint", "load_rss", 1 / ckpt, "{:.2f}", True),
-        ("process start -> first token s", "ttft", 1, "{:.2f}", True),
-        ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}", True),
-        ("prefill tok/s (512)", "prefill", 1, "{:.0f}", False),
-        ("decode tok/s (128)", "decode", 1, "{:.1f}", False),
-    ]
-    if a and "decode_aot" in a:  # compared with the other library's plain decode
-        metrics.append(
-            (
-                "decode tok/s (128), autolm compiled ahead of time",
-                ("decode_aot", "decode"),
-                1,
-                "{:.1f}",
-                False,
-            )
-        )
-        metrics.append(("load the compiled step s (autolm)", "aot_load", 1, "{:.3f}", True))
-    if a and "decode_compiled" in a:  # compared with the other library's plain decode
-        metrics.append(
-            ("decode tok/s (128), autolm compile_decode", ("decode_compiled", "decode"), 1, "{:.1f}", False)
-        )
-    for name, key, scale, fmt, _lower_better in metrics:
-        mine, theirs = key if isinstance(key, tuple) else (key, key)
-
-        def cell(r, k, fmt=fmt, scale=scale):
-            if r is None or k not in r:
-                return "n/a"
-            m, s = r[k]
-            return (fmt + " ± " + fmt).format(m * scale, s * scale)
-
-        ratio = "n/a"
-        if a and t and mine in a and theirs in t and a[mine][0] and t[theirs][0]:
-            ratio = f"{a[mine][0] / t[theirs][0]:.2f}x"
-        print(f"| {name} | {cell(a, mine)} | {cell(t, mine)} | {ratio} |", file=out)
-    if a:
-        for key, what in (
-            ("decode", "decode"),
-            ("decode_aot", "decode compiled ahead of time"),
-            ("decode_compiled", "compiled decode"),
-        ):
-            if key in a:
-                frac = a[key][0] * per_token / bw
-                print(
-                    f"\nautolm {what} reads {a[key][0] * per_token / 1e9:.1f} GB/s of weights: {frac:.0%} of the "
-                    f"measured {bw / 1e9:.1f} GB/s.",
-                    file=out,
-                )
-        if peak:
-            flops, rate = peak
-            done = a["prefill"][0] / prefill * flops
-            print(
-                f"\nautolm prefill computes {done / 1e9:.0f} GFLOP/s: {done / rate:.0%} of the {rate / 1e9:.0f} GFLOP/s "
-                f"of a 512x2048x2048 {case.dtype} matmul here.",
-                file=out,
-            )
-        print(file=out)
-
-
-def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | None = None) -> list[Case]:
-    """SmolLM2 fp32 and bf16 directories, and (big=True) a ~1B Llama-shaped bf16 sharded checkpoint. With
+def prepare_checkpoints(
+    root: str, smol_dir: str, big: bool = True, gguf: str | None = None, moe: bool = True
+) -> list[Case]:
+    """SmolLM2 fp32 and bf16 directories, (big=True) a ~1B Llama-shaped bf16 sharded checkpoint and (moe=True) a
+    Qwen3-MoE-shaped one (bench/moe.py). With
     llama-cpp-python installed and the GGUF given, the int4 row is against llama.cpp on that GGUF (autolm loads
     its 4-bit blocks into int4 layers as they are)."""
     import importlib.util
@@ -311,6 +237,8 @@ def prepare_checkpoints(root: str, smol_dir: str, big: bool = True, gguf: str | 
         if not os.path.isdir(path):
             _write_1b(path)
         cases.append(Case("Llama-shaped 1.1B bf16, sharded", path, "bfloat16"))
+    if moe:
+        cases.append(Case(MOE_LABEL, moe_checkpoint(root), "bfloat16"))
     return cases
 
 
@@ -329,7 +257,7 @@ def _write_1b(path: str) -> None:
     subprocess.run([sys.executable, "-c", code, path], check=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="autolm bench", description=__doc__.splitlines()[0])
@@ -340,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-1b", action="store_true", help="skip the ~1B checkpoint (written once, 2.2 GB)")
+    p.add_argument(
+        "--no-moe", action="store_true", help="skip the mixture-of-experts checkpoint (written once)"
+    )
     p.add_argument(
         "--work", default=None, help="where benchmark checkpoints are written (default $AUTOLM_HOME/bench)"
     )
@@ -364,44 +295,56 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="where an eager decode step's time goes, by kernel (fp32, bf16, int8, int4)",
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="speculative decoding against plain decoding on SmolLM2: prompt lookup, and its GGUF as a draft",
+    )
+    return p
+
+
+def _standard_cases(args) -> list[Case]:
+    if args.model:
+        return [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
+    from .._util import autolm_home
+    from ..convert import default_gguf_path, default_model_dir
+
+    work = args.work or os.path.join(autolm_home(), "bench")
+    os.makedirs(work, exist_ok=True)
+    return prepare_checkpoints(
+        work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path(), moe=not args.no_moe
+    )
+
+
+def _rows(args) -> list[dict] | None:
+    """The rows of the mode the arguments ask for (None: a mode that only prints)."""
+    from ..convert import default_model_dir
+
+    if args.speculative:
+        from .speculative import speculative_bench
+
+        return speculative_bench(threads=args.threads, reps=args.reps)
     if args.profile:
-        from ..convert import default_model_dir
         from .profile import profile_decode
 
         profile_decode(args.model or default_model_dir("float32"), threads=args.threads)
-        return 0
+        return None
     if args.serve:
-        from ..convert import default_model_dir
         from .serving import serving_bench
 
-        rows = serving_bench(
-            args.model or default_model_dir(),
-            threads=args.threads,
-            dtype=args.dtype if args.model else "auto",
-        )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return 0
-    if args.model:
-        cases = [Case(os.path.basename(os.path.normpath(args.model)), args.model, args.dtype)]
-    else:
-        from .._util import autolm_home
-        from ..convert import default_model_dir
-
-        work = args.work or os.path.join(autolm_home(), "bench")
-        os.makedirs(work, exist_ok=True)
-        from ..convert import default_gguf_path
-
-        cases = prepare_checkpoints(
-            work, default_model_dir("float32"), big=not args.no_1b, gguf=default_gguf_path()
-        )
+        dtype = args.dtype if args.model else "auto"
+        return serving_bench(args.model or default_model_dir(), threads=args.threads, dtype=dtype)
+    cases = _standard_cases(args)
     for case in cases:
         case.compile = case.compile and not args.no_compile
         case.aot = not args.eager
-    rows = bench(cases, reps=args.reps, threads=args.threads)
-    if args.json:
+    return bench(cases, reps=args.reps, threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rows = _rows(args)
+    if args.json and rows is not None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
