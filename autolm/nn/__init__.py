@@ -6,7 +6,7 @@ from .attention import Attention, Forward, OneToken, build_mask, default_positio
 from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
 from .conv1d import Conv1D, out_in
-from .linear import Linear, embedding, fuse, fuse_all, packed, resized_rows
+from .linear import Linear, embedding, fuse, packed, resized_rows
 from .mlp import ACTIVATIONS, GatedMLP
 from .moe import Experts, Router, SparseMoeBlock
 from .norms import RMSNorm
@@ -37,7 +37,6 @@ __all__ = [
     "default_positions",
     "embedding",
     "fuse",
-    "fuse_all",
     "out_in",
     "packed",
     "pad_mask_to",

@@ -139,10 +139,6 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, nkv * hd, bias=bias)
         self.o_proj = Linear(nh * hd, hidden, bias=o_bias)
 
-    def packed_groups(self) -> list[list[nn.Module]]:
-        """Projections that read the same input (see nn.linear.fuse)."""
-        return [[self.q_proj, self.k_proj, self.v_proj]] if hasattr(self, "q_proj") else []
-
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, T, nh * hd), k and v (B, T, n_kv * hd)."""
         q, k, v = packed(x, (self.q_proj, self.k_proj, self.v_proj))

@@ -86,11 +86,6 @@ def packed(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     return list(cached[1](x).split([m.out_features for m in modules], -1))
 
 
-def fuse_all(model: nn.Module) -> int:
-    """fuse() every group of projections the model's blocks declare (`packed_groups()`); returns how many."""
-    return sum(fuse(group) for m in model.modules() for group in getattr(m, "packed_groups", list)())
-
-
 def fuse(modules: Sequence[nn.Module]) -> bool:
     """Lay the tensors of `modules` (same class, same input) out as consecutive views of one tensor, so that
     packed() computes them in one matmul. Names, values, parameter objects and state dicts are unchanged; a

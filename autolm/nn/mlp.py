@@ -49,10 +49,6 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act_fn = ACTIVATIONS[act]
 
-    def packed_groups(self) -> list[list[nn.Module]]:
-        """Projections that read the same input (see nn.linear.fuse)."""
-        return [[self.gate_proj, self.up_proj]]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = packed(x, (self.gate_proj, self.up_proj))
         return self.down_proj(self.act_fn(gate) * up)
