@@ -357,3 +357,32 @@ def test_python_functions_as_tools_give_transformers_schemas(smol_dir):
 
     ref, got = (user_code(t) for t in _fresh(smol_dir))
     assert got == ref and '"get_weather"' in ref
+
+
+def test_special_tokens_declared_only_in_tokenizer_config_are_special(tmp_path):
+    """tokenizer_config.json's added_tokens_decoder and named special tokens that tokenizer.json lists as plain
+    vocabulary are split out whole and skipped when decoding, as transformers does."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    transformers = pytest.importorskip("transformers")
+    vocab = ["<unk>", "h", "i", "<", ">", "|", "e", "n", "d", "hi", "<|end|>", "<|tool|>", "<|user|>"]
+    backend = Backend(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tool = {"content": "<|tool|>", "special": True, "lstrip": False, "rstrip": False, "normalized": False}
+    config = {
+        "eos_token": "<|end|>",
+        "additional_special_tokens": ["<|user|>"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {"11": {**tool, "single_word": False}},
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    text = "<|user|>hi<|end|>h<|tool|>i"
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok(text)["input_ids"]
+    assert ids == ref(text)["input_ids"] == [12, 1, 2, 10, 1, 11, 2]
+    for skip in (False, True):
+        assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert len(tok) == len(ref)

@@ -80,6 +80,7 @@ def read_tokenizer_dir(directory: str, padding_side: str | None, kwargs: dict[st
     extra = config.get("extra_special_tokens", extra)  # transformers 5 writes this name
     if isinstance(extra, list) and all(token_content(t) for t in extra):
         special["additional_special_tokens"] = [token_content(t) for t in extra]
+    _add_declared_tokens(backend, config, special)
     side = padding_side or config.get("padding_side", "right")
     if side not in ("left", "right"):
         raise TokenizerError(
@@ -96,6 +97,38 @@ def read_tokenizer_dir(directory: str, padding_side: str | None, kwargs: dict[st
         name_or_path=directory,
         init_kwargs=config,
     )
+
+
+def _add_declared_tokens(backend, config: dict[str, Any], special: dict[str, Any]) -> None:
+    """As transformers: tokens tokenizer_config.json declares (`added_tokens_decoder` with their flags, then the
+    named and additional special tokens) that tokenizer.json does not list as added tokens are added to the
+    backend, the special ones as special (split out whole, skipped by skip_special_tokens)."""
+    from tokenizers import AddedToken
+
+    present = {t.content for t in backend.get_added_tokens_decoder().values()}
+    declared = config.get("added_tokens_decoder")
+    entries = (
+        [e for _, e in sorted(declared.items(), key=lambda kv: int(kv[0]))]
+        if isinstance(declared, dict)
+        else []
+    )
+    new = []
+    for entry in entries:
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if isinstance(content, str) and content not in present:
+            flags = {
+                k: bool(entry[k])
+                for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
+                if k in entry
+            }
+            new.append(AddedToken(content, **flags))
+            present.add(content)
+    named = [v for k, v in special.items() if k in SPECIAL and v] + list(
+        special.get("additional_special_tokens") or []
+    )
+    new += [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named) if t not in present]
+    for token in new:
+        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
 
 
 def write_tokenizer(tok, directory: str | os.PathLike) -> None:
