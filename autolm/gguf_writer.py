@@ -1,15 +1,19 @@
 """GGUF out: a model and its tokenizer written as llama.cpp's converter (convert_hf_to_gguf.py) writes them, so
 llama.cpp and ollama run what autolm loaded, fine-tuned or merged.
 
-The family's `GGUFLayout` (the same declaration the reader uses) gives the architecture name, the metadata keys
-and the tensor names; q/k rows are permuted for llama.cpp's interleaved RoPE where the family's converter does
-it. Weights go out as F32, F16, BF16, one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-quantized by the gguf package) or a K-quant (Q6_K; Q4_K with the head in Q6_K, quantized here, plainer than
-llama.cpp's scale search), in llama.cpp's exact block layouts; 1-D tensors (norms, biases) stay F32, and a
-matrix whose rows are not whole blocks falls back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0,
-then F16). The tokenizer
-(byte-level BPE: Llama 3, Qwen, SmolLM, GPT-2 vocabularies) is written with llama.cpp's name for its
-pre-tokenizer, its special tokens and its chat template.
+Every family with a `GGUFLayout` (the same declaration the reader uses) goes out: Llama, Mistral, Qwen 2 / 3,
+Gemma 2 / 3, Phi-3, OLMo 2, Granite, SmolLM3, GPT-2 and the mixtures of experts Mixtral (as "llama"), Qwen 2
+MoE, Qwen 3 MoE and gpt-oss (experts in float). autolm.gguf_plan makes the metadata and the tensors of the
+converter's file from the layout (names, q/k permutation, Gemma's 1 + w norms, Phi-3's rotary dimensions and
+LongRoPE factor tensors, stacked experts) and refuses, with a ConfigError naming the fields, a model whose file
+would load as another one (what llama.cpp's format for the family cannot say). Weights go out as F32, F16,
+BF16, one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, quantized by the gguf package) or a
+K-quant (Q6_K; Q4_K with the head in Q6_K, quantized here, plainer than llama.cpp's scale search), in
+llama.cpp's exact block layouts; 1-D tensors (norms), biases and the tensors the converter keeps in F32
+(routers, GPT-2's positions) stay F32, and a matrix whose rows are not whole blocks falls back as llama.cpp's
+quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16). The tokenizer (byte-level BPE: Llama 3, Qwen, SmolLM,
+GPT-2 vocabularies) is written with llama.cpp's name for its pre-tokenizer, its special tokens and its chat
+template.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES
+from .gguf_plan import F32_TENSORS, check, metadata, tensors
 from .sources.gguf_pre import CHECK_TEXT, PRE
 
 # --quantize name -> (ggml type, llama.cpp's LlamaFileType for general.file_type)
@@ -37,50 +41,17 @@ _FALLBACK = {
 _HEAD = {12: 14}  # q4_k: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's K-quant mixes keep it
 
 
-def _names(model) -> dict[str, str]:
-    """HF module path inside a decoder layer / at the top -> llama.cpp's tensor name stem."""
-    layout = model.gguf
-    layer = {v: k for k, v in _LAYER_NAMES.items()} | {v: k for k, v in layout.layer}
-    top = {v: k for k, v in _TOP_NAMES.items()} | {v: k for k, v in layout.top}
-    return {"layer": layer, "top": top}
-
-
-def gguf_name(name: str, model, names: dict) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (None: not a tensor llama.cpp reads)."""
-    module, _, kind = name.rpartition(".")
-    prefix = model.layers_prefix + "."
-    if module.startswith(prefix):
-        index, _, part = module[len(prefix) :].partition(".")
-        stem = names["layer"].get(part)
-        return None if stem is None else f"blk.{index}.{stem}.{kind}"
-    stem = names["top"].get(module)
-    return None if stem is None else f"{stem}.{kind}"
-
-
-def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's q/k row permutation (HF rotate-half rows -> interleaved pairs); sources.gguf.unpermute undoes it."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, dim, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _metadata(writer, model, file_type: int) -> None:
-    c, layout = model.config, model.gguf
-    arch = layout.arch
+def _metadata(writer, model, file_type: int, meta: dict[str, Any]) -> None:
+    c, arch = model.config, model.gguf.arch
     writer.add_string("general.name", os.path.basename(str(c.name_or_path or "")) or arch)
     writer.add_uint32("general.file_type", file_type)
     writer.add_uint32("general.quantization_version", 2)
-    for key, field in [*_CONFIG_KEYS.items(), *layout.config]:
-        value = getattr(c, field, None)
-        windowed = field != "sliding_window" or any(c.layer_window(i) for i in range(c.num_hidden_layers))
-        if value is None or isinstance(value, bool) or not windowed:
-            continue
-        put = writer.add_float32 if isinstance(value, float) else writer.add_uint32
-        put(f"{arch}.{key}", value)
-    rope = c.rope_parameters or {}
-    writer.add_float32(f"{arch}.rope.freq_base", float(rope.get("rope_theta", 10000.0)))
-    if rope.get("rope_type") in ("linear", "yarn"):
-        writer.add_string(f"{arch}.rope.scaling.type", rope["rope_type"])
-        writer.add_float32(f"{arch}.rope.scaling.factor", float(rope["factor"]))
+    for key, value in meta.items():
+        if isinstance(value, str):
+            writer.add_string(f"{arch}.{key}", value)
+        else:
+            put = writer.add_float32 if isinstance(value, float) else writer.add_uint32
+            put(f"{arch}.{key}", value)
 
 
 def _tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -130,14 +101,17 @@ def _tokenizer(writer, tok, vocab_size: int) -> None:
         writer.add_string("tokenizer.chat_template", template)
 
 
-def _tensor(w: torch.Tensor, ggml_type: int, head: bool) -> tuple[np.ndarray, Any]:
-    """(array, raw ggml type or None) for one tensor in the requested type (F32 for 1-D; a smaller block type, then
-    F16, where the rows are not whole blocks; the head as _HEAD says)."""
+def _tensor(w: torch.Tensor, ggml_type: int, name: str) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for the tensor llama.cpp calls `name` in the requested type (F32 for 1-D
+    ones, biases and the converter's F32_TENSORS; a smaller block type, then F16, where the rows are not whole
+    blocks; the head as _HEAD says)."""
     import gguf
 
-    a = w.detach().float().cpu().numpy()
-    if a.ndim < 2 or ggml_type == 0:
+    a = np.ascontiguousarray(w.detach().float().cpu().numpy())
+    stem, kind = name.split(".")[-2:]
+    if a.ndim < 2 or ggml_type == 0 or kind != "weight" or stem in F32_TENSORS:
         return a, None
+    head = name in ("output.weight", "token_embd.weight")
     kind = _HEAD.get(ggml_type, ggml_type) if head else ggml_type
     if a.shape[-1] % _BLOCK.get(kind, 1):
         kind = _FALLBACK.get(kind, 1)
@@ -145,7 +119,9 @@ def _tensor(w: torch.Tensor, ggml_type: int, head: bool) -> tuple[np.ndarray, An
         return a.astype(np.float16), None
     qtype = gguf.GGMLQuantizationType(kind)
     quantize = {12: quantize_q4_k, 14: quantize_q6_k}.get(kind)
-    return (quantize(a) if quantize else gguf.quants.quantize(a, qtype)), qtype
+    if quantize is None:
+        return gguf.quants.quantize(a, qtype), qtype
+    return quantize(a.reshape(-1, a.shape[-1])).reshape(*a.shape[:-1], -1), qtype  # experts: (E, rows, K)
 
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
@@ -203,24 +179,16 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
     if any(hasattr(m, "ggml_type") or hasattr(m, "scales") for m in base.modules()):
         raise ConfigError("GGUF out needs float weights: load the model without quantization first")
     ggml_type, file_type = TYPES[quantize]
-    layout, names = base.gguf, _names(base)
+    meta, planned = metadata(base), list(tensors(base))
+    rope = {n: t.numpy() for n, t in planned if n in dict(base.gguf.rope_tensors)}
+    check(base, meta, [n for n, _ in planned], rope)
     tmp = f"{path}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, layout.arch)
-    _metadata(writer, base, file_type)
+    writer = gguf.GGUFWriter(tmp, base.gguf.arch)
+    _metadata(writer, base, file_type, meta)
     _tokenizer(writer, tokenizer, base.config.vocab_size)
-    for name, t in base.state_dict().items():
-        if base.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        out = gguf_name(name, base, names)
-        if out is None:
-            raise ConfigError(f"tensor {name!r} has no llama.cpp name in the {layout.arch!r} layout")
-        if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
-            heads = base.config.num_attention_heads if ".attn_q." in out else base.config.num_key_value_heads
-            t = permute(t, heads)
-        if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
-            t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
-        array, raw = _tensor(t, ggml_type, out in ("output.weight", "token_embd.weight"))
-        writer.add_tensor(out, array, raw_dtype=raw)
+    for name, t in planned:
+        array, raw = _tensor(t, ggml_type, name)
+        writer.add_tensor(name, array, raw_dtype=raw)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

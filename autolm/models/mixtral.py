@@ -132,6 +132,11 @@ class MixtralModel(DecoderModel):
         super().__init__(config, layer_cls, layer_cls.norm(config, config.hidden_size))
 
 
+def _gguf_write_config(m: dict[str, Any], c: Any) -> None:
+    """llama.cpp's LlamaModel writes no sliding window (its "llama" runs none)."""
+    m.pop("attention.sliding_window", None)
+
+
 class MixtralForCausalLM(CausalLM):
     """transformers' MixtralForCausalLM."""
 
@@ -150,6 +155,7 @@ class MixtralForCausalLM(CausalLM):
         permute_qk=True,
         config=(("expert_count", "num_local_experts"), ("expert_used_count", "num_experts_per_tok")),
         layer=GGUF_EXPERTS,
+        write_config=_gguf_write_config,
     )
     tp_patterns: ClassVar[dict[str, str]] = MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["MixtralDecoderLayer"]

@@ -5,6 +5,7 @@ long factors beyond) and a sliding window on every layer where one is set."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,6 +142,24 @@ def gguf_config(d: dict[str, Any], get) -> None:
         rope["rope_type"] = "longrope"
 
 
+def gguf_write_config(m: dict[str, Any], c: Phi3Config) -> None:
+    """The inverse of gguf_config, as llama.cpp's Phi3MiniModel writes it: the rotary dimensions, a window of 0
+    for none, LongRoPE's attention factor (its factors go out as tensors); no vocabulary size or head size."""
+    rope = c.rope_parameters
+    for key in ("vocab_size", "attention.key_length", "attention.value_length"):
+        m.pop(key, None)
+    m["rope.dimension_count"] = (
+        int(rope.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads
+    )
+    m["attention.sliding_window"] = c.sliding_window or 0
+    if rope.get("long_factor"):
+        original = c.original_max_position_embeddings
+        scale = c.max_position_embeddings / original
+        m["rope.scaling.attn_factor"] = (
+            math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        )
+
+
 class Phi3ForCausalLM(CausalLM):
     config_class = Phi3Config
     # llama.cpp keeps qkv and gate_up fused (attn_qkv, ffn_up), writes the rotary dimensions as
@@ -154,6 +173,7 @@ class Phi3ForCausalLM(CausalLM):
             ("rope_factors_short.weight", "short_factor"),
         ),
         derive=gguf_config,
+        write_config=gguf_write_config,
     )
     # As transformers: the packed outputs are gathered whole on every rank before they are split into q/k/v
     # (gate/up), and o_proj (down_proj) splits its input again; every rank runs every head.

@@ -182,6 +182,9 @@ class GGUFLayout:
     # config fields llama.cpp derives rather than reads (Gemma's attention scale, layer pattern, local RoPE):
     # derive(the config dict read so far, get) fills them in, get(key) reading the file's "<arch>.<key>"
     derive: Callable[[dict[str, Any], Callable[[str], Any]], None] | None = None
+    # its inverse for GGUF out (autolm.gguf_plan): write_config(the "<arch>.*" metadata planned so far, keys
+    # without the prefix, the model's config) changes the keys to what the family's converter writes
+    write_config: Callable[[dict[str, Any], Any], None] | None = None
     # config fields llama.cpp reads off a tensor's presence (optional biases): (tensor, field) set true where the
     # file has the tensor, e.g. ("blk.0.attn_q.bias", "attention_bias")
     present: tuple[tuple[str, str], ...] = ()

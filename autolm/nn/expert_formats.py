@@ -94,6 +94,20 @@ class GGUFExperts:
     def pieces(self, name: str) -> int:
         return 2 if ".gate_up_proj" in name else 1
 
+    def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        """The inverse of `assemble` (GGUF out): the model's gate_up_proj / down_proj (and biases) `name` ->
+        [(llama.cpp's piece as the reader names it, tensor (E, rows, ...))], else None."""
+        m = re.fullmatch(r"(.+\.experts)\.(gate_up|down)_proj(_bias)?", name)
+        if m is None:
+            return None
+        kind = "bias" if m.group(3) else "weight"
+        if kind == "weight" and self.transposed:
+            t = t.transpose(1, 2)
+        if m.group(2) == "down":
+            return [(f"{m.group(1)}.down_proj.{kind}", t)]
+        gate, up = (t[:, 0::2], t[:, 1::2]) if self.interleaved else t.chunk(2, 1)
+        return [(f"{m.group(1)}.gate_proj.{kind}", gate), (f"{m.group(1)}.up_proj.{kind}", up)]
+
     def assemble(self, got: dict, shape: tuple[int, ...], name: str, source: str) -> torch.Tensor:
         """The model's parameter from llama.cpp's pieces (E, rows, ...): joined, interleaved, transposed as declared."""
         weight = not name.endswith("_bias")

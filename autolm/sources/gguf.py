@@ -227,6 +227,10 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
+    def values(self, t: TensorInfo) -> list[float]:
+        """A small tensor that holds config values (see GGUFLayout.rope_tensors), as a list of floats."""
+        return _values(self, t)
+
 
 def config_from_gguf(g: GGUFFile, **overrides):
     """The HF config this file's metadata describes."""
@@ -250,7 +254,7 @@ def config_from_gguf(g: GGUFFile, **overrides):
     d.update((name, True) for tensor, name in g.layout.present if tensor in names)
     for t in g.tensors:
         if t.name in dict(g.layout.rope_tensors):
-            rope[dict(g.layout.rope_tensors)[t.name]] = _values(g, t)
+            rope[dict(g.layout.rope_tensors)[t.name]] = g.values(t)
     if g.layout.derive is not None:
         g.layout.derive(d, g.get)
     for key, name in (

@@ -1,0 +1,205 @@
+"""What GGUF out puts in a file, before any of it is written: the metadata keys and the tensors as llama.cpp's
+converter (convert_hf_to_gguf.py) makes them of a model, and the check that the file describes the model.
+
+The family's `GGUFLayout` drives it, the inverse of what the reader (autolm.sources.gguf) does with it:
+- metadata: the keys every converter writes (TextModel.set_gguf_parameters: sizes, head counts, the head size
+  as key/value length, RoPE base and linear / YaRN scaling of the global layers, the sliding layers' base as
+  rope.freq_base_swa), Llama's (vocabulary size, rope.dimension_count), the layout's own `config` keys, then the
+  layout's `write_config(metadata, config)`, the inverse of its `derive` (Phi-3's rotary dimensions, Mixtral's
+  keys as "llama");
+- tensors: renamed by the layout, `norm_shift` added to the norms (Gemma), q/k rows permuted (`permute_qk`),
+  Conv1D weights transposed (`transposed`), stacked experts split into llama.cpp's ffn_{gate,up,down}_exps by
+  the family's checkpoint rule that assembles them on reading (`split`), RoPE parameters written as tensors
+  (`rope_tensors`: Phi-3's LongRoPE factors).
+
+`check` then reads the planned metadata and tensor names back as the reader would (config_from_gguf) and
+compares the config with the model's wherever it changes what the model computes (sizes, activations, biases,
+soft-caps, every layer's window and RoPE table, the RoPE frequencies and scaling). Where llama.cpp's format
+cannot say what the model does (a Gemma attention scale it does not derive, SmolLM3 NoPE layers off its fixed
+interval, Qwen-MoE dense layers, a gpt-oss SwiGLU limit but its own), that is a ConfigError naming the model
+type and the fields: a file is never written that loads as another model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .nn.rope import inv_freq_and_scale
+from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES, config_from_gguf
+
+# RoPE parameters of YaRN scaling -> llama.cpp's keys (TextModel.set_gguf_parameters)
+_YARN = (
+    ("rope.scaling.original_context_length", "original_max_position_embeddings"),
+    ("rope.scaling.yarn_ext_factor", "extrapolation_factor"),
+    ("rope.scaling.yarn_attn_factor", "attention_factor"),
+    ("rope.scaling.yarn_beta_fast", "beta_fast"),
+    ("rope.scaling.yarn_beta_slow", "beta_slow"),
+)
+# config fields that do not change what the model computes (or are compared through layer_window / RoPE)
+_NOT_COMPARED = {
+    "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "extra",
+    "name_or_path", "use_cache", "rope_spelling", "rope_parameters", "sliding_window", "use_sliding_window",
+    "layer_types", "max_window_layers", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+    "no_rope_layer_interval",
+}  # fmt: skip
+# llama.cpp tensors the converter keeps in F32 whatever the type asked for (besides 1-D ones and biases)
+F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd")
+
+
+def metadata(model) -> dict[str, Any]:
+    """The "<arch>.*" metadata (keys without the prefix) the family's converter writes for `model`."""
+    c, layout = model.config, model.gguf
+    out: dict[str, Any] = {}
+    windowed = any(c.layer_window(i) for i in range(c.num_hidden_layers))
+    for key, field in [*_CONFIG_KEYS.items(), *layout.config]:
+        value = getattr(c, field, None)
+        if value is None or isinstance(value, bool) or (field == "sliding_window" and not windowed):
+            continue
+        out[key] = value
+    if getattr(c, "head_dim", None) is not None:
+        out["attention.key_length"] = out["attention.value_length"] = c.head_dim
+    rope_kinds = c.rope_parameters or {}
+    rope = rope_kinds.get("full_attention", rope_kinds)  # per layer type (Gemma 3): the global layers'
+    out["rope.freq_base"] = float(rope.get("rope_theta", 10000.0))
+    if "rope_theta" in rope_kinds.get("sliding_attention", {}):
+        out["rope.freq_base_swa"] = float(rope_kinds["sliding_attention"]["rope_theta"])
+    if rope.get("rope_type") in ("linear", "yarn") and rope.get("factor") is not None:
+        out["rope.scaling.type"] = rope["rope_type"]
+        out["rope.scaling.factor"] = float(rope["factor"])
+    if rope.get("rope_type") == "yarn":
+        out.update((key, rope[name]) for key, name in _YARN if rope.get(name) is not None)
+    if layout.write_config is not None:
+        layout.write_config(out, c)
+    return out
+
+
+def _split_rules(model) -> list:
+    return [r for r in getattr(model.checkpoint_rules, "assembled", ()) if hasattr(r, "split")]
+
+
+def _names(model) -> dict[str, dict[str, str]]:
+    """HF module path inside a decoder layer / at the top -> llama.cpp's tensor name stem."""
+    layout = model.gguf
+    layer = {v: k for k, v in _LAYER_NAMES.items()} | {v: k for k, v in layout.layer}
+    top = {v: k for k, v in _TOP_NAMES.items()} | {v: k for k, v in layout.top}
+    return {"layer": layer, "top": top}
+
+
+def gguf_name(name: str, model, names: dict) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'; a parameter the layout names whole
+    ('self_attn.sinks') gets '.weight' (None: not a tensor llama.cpp reads)."""
+    prefix = model.layers_prefix + "."
+    if name.startswith(prefix):
+        index, _, rest = name[len(prefix) :].partition(".")
+        module, _, kind = rest.rpartition(".")
+        if module in names["layer"]:
+            return f"blk.{index}.{names['layer'][module]}.{kind}"
+        return f"blk.{index}.{names['layer'][rest]}.weight" if rest in names["layer"] else None
+    module, _, kind = name.rpartition(".")
+    stem = names["top"].get(module)
+    return None if stem is None else f"{stem}.{kind}"
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (HF rotate-half rows -> interleaved pairs); sources.gguf.unpermute undoes it."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, dim, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor) for every tensor of the file, in the converter's layout (module docstring)."""
+    c, layout, names, rules = model.config, model.gguf, _names(model), _split_rules(model)
+    rope = c.rope_parameters or {}
+    for out, key in layout.rope_tensors:
+        if rope.get(key) is not None:
+            yield out, torch.tensor(rope[key], dtype=torch.float32)
+    for name, t in model.state_dict().items():
+        if c.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        pieces = next((p for p in (r.split(name, t) for r in rules) if p is not None), [(name, t)])
+        for piece, w in pieces:
+            out = gguf_name(piece, model, names)
+            if out is None:
+                raise ConfigError(f"tensor {piece!r} has no llama.cpp name in the {layout.arch!r} layout")
+            yield out, _converted(w, out, piece, model)
+
+
+def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:
+    layout, c = model.gguf, model.config
+    if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
+        t = permute(t, c.num_attention_heads if ".attn_q." in out else c.num_key_value_heads)
+    if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
+        t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
+    if layout.norm_shift and name.endswith("norm.weight"):
+        t = t.float() + layout.norm_shift  # Gemma's (1 + w) norms, stored as 1 + w
+    return t
+
+
+class _Planned(SimpleNamespace):
+    """The planned file as config_from_gguf reads a GGUFFile: metadata, tensor names, RoPE tensors' values."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def values(self, t) -> list[float]:
+        return [float(x) for x in self.rope[t.name].reshape(-1)]
+
+
+def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.Tensor]) -> None:
+    """ConfigError unless the config the reader makes of this metadata and these tensors computes as the
+    model's does (see the module docstring)."""
+    c, layout = model.config, model.gguf
+    planned = _Planned(family=type(model), layout=layout, architecture=layout.arch, rope=rope,
+                       path=f"GGUF out of {c.model_type!r}", tensors=[SimpleNamespace(name=n) for n in names],
+                       metadata={f"{layout.arch}.{k}": v for k, v in meta.items()})  # fmt: skip
+    planned.metadata["tokenizer.ggml.tokens"] = range(c.vocab_size)  # the writer pads the vocabulary to it
+    try:
+        back = _computed(config_from_gguf(planned))
+    except ConfigError as e:
+        raise ConfigError(
+            f"llama.cpp's {layout.arch!r} format cannot hold this {c.model_type!r} model ({e})"
+        ) from None
+    want = _computed(c)
+    differ = [f"{f} ({back.get(f)!r} for {v!r})" for f, v in want.items()
+              if not f.startswith(("RoPE", "rope")) and not _same(v, back.get(f))]  # fmt: skip
+    if any(f.startswith("RoPE") and not _same(v, back.get(f)) for f, v in want.items()):
+        differ.append(f"RoPE ({back['rope_parameters']} for {want['rope_parameters']})")
+    if differ:
+        raise ConfigError(
+            f"llama.cpp's {layout.arch!r} format cannot hold this {c.model_type!r} model: the file its converter "
+            f"writes would load with other {', '.join(differ)}"
+        )
+
+
+def _computed(c) -> dict[str, Any]:
+    """What of a config changes the model's computation, comparable across configs."""
+    out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in _NOT_COMPARED}
+    n = c.num_hidden_layers
+    out["rope_parameters"] = c.rope_parameters  # shown; compared through the frequencies below
+    out["layer windows"] = [c.layer_window(i) for i in range(n)]
+    out["layer RoPE"] = [c.layer_rope(i) for i in range(n)] if hasattr(c, "layer_rope") else None
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    partial = getattr(c, "partial_rotary_default", False)
+    for kind, rope in c.rope_kinds().items():
+        for length in (None, 1 << 20):  # LongRoPE's short and long factors, dynamic RoPE's growth
+            freq, scale = inv_freq_and_scale(rope, head_dim, c.max_position_embeddings, length, partial)
+            out[f"RoPE {kind!r} at {length or 'start'}"] = (freq.numpy(), scale)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=0)
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
