@@ -117,3 +117,116 @@ def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kin
         kept = _gguf_model(path, quantization="gguf")(IDS).logits
         dequantized = _gguf_model(path)(IDS).logits
     torch.testing.assert_close(kept, dequantized, rtol=0.02, atol=0.02 * dequantized.abs().max().item())
+
+
+# ---- every family: the converter's file, read back as the model ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer (no merges): the vocabulary a save_gguf of a tiny checkpoint writes fast."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}},
+                               merges=[]))  # fmt: skip
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    d = tmp_path_factory.mktemp("byte_tokenizer")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return autolm.AutoTokenizer.from_pretrained(str(d))
+
+
+def _families():
+    """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
+    file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
+    import test_family_gemma as gemma
+    import test_family_gpt2 as gpt2
+    import test_family_granite as granite
+    import test_family_moe as moe
+    import test_family_olmo2 as olmo2
+    import test_family_phi3 as phi3
+    import test_family_smollm3 as smollm3
+    from conftest import SPECS
+    from family_checks import Family
+    from gguf_llamacpp import write_gguf
+    from gguf_moe import write_moe_gguf
+
+    def spec(name):
+        return Family(SPECS[name][0], SPECS[name][1])
+
+    def gpt2_writer(hf, path):
+        gpt2.write_gpt2_gguf(hf.name_or_path, path)
+
+    return {
+        "llama": (spec("llama_linear"), None),
+        "mistral": (spec("mistral_sliding"), None),
+        "qwen2": (spec("qwen2_tied_bias"), None),
+        "qwen3": (spec("qwen3"), None),
+        "gemma2": (gemma.GGUF_FAMILIES["gemma2"], gemma.write_gguf),
+        "gemma3_text": (gemma.GGUF_FAMILIES["gemma3"], gemma.write_gguf),
+        "phi3": (phi3.PHI3, write_gguf),
+        "olmo2": (olmo2.OLMO2, write_gguf),
+        "granite": (granite.GRANITE, write_gguf),
+        "smollm3": (smollm3.SMOLLM3_GGUF, write_gguf),
+        **{name: (moe.GGUF_FAMILIES[name], write_moe_gguf) for name in moe.GGUF_FAMILIES},
+        "gpt2": (gpt2.GPT2, gpt2_writer),
+    }
+
+
+def _registered():
+    from autolm.models import CONFIG_CLASSES, model_class
+
+    return sorted(t for t in CONFIG_CLASSES if getattr(model_class(t), "gguf", None) is not None)
+
+
+def test_every_family_with_a_gguf_layout_is_covered():
+    assert sorted(_families()) == _registered()
+
+
+@pytest.mark.parametrize("model_type", _registered())
+def test_f32_round_trip_of_every_family(model_type, tmp_path_factory, tmp_path, byte_tokenizer):
+    """save_gguf's F32 file loads back with the model's logits, and holds the metadata (every "<arch>.*" key
+    and value) and the tensors (names, shapes) the converter mimic writes for the family."""
+    family, mimic = _families()[model_type]
+    directory, hf = family.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    path = save_gguf(model, byte_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    back = _gguf_model(path)
+    assert type(back) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    if mimic is None:
+        return
+    mimic(hf, str(tmp_path / "ref.gguf"))
+    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
+    assert ours.architecture == ref.architecture
+    arch = f"{ref.architecture}."
+    want = {k: v for k, v in ref.metadata.items() if k.startswith(arch)}
+    got = {k: ours.metadata.get(k) for k in want}
+    assert got == pytest.approx(want), set(want) ^ {k for k, v in got.items() if v is not None}
+    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
+
+
+@pytest.mark.parametrize("name", ["gemma2", "smollm3", "qwen2_moe", "gpt_oss"])
+def test_what_llama_cpp_cannot_hold_is_refused(name, tmp_path_factory, tmp_path, byte_tokenizer):
+    """Gemma 2's attention scale off head_dim, SmolLM3's NoPE layers off llama.cpp's interval, Qwen 2 MoE's
+    dense layers, gpt-oss's SwiGLU limit off llama.cpp's: a ConfigError naming the model type and the field, and
+    no file."""
+    import test_family_gemma as gemma
+    import test_family_moe as moe
+    import test_family_smollm3 as smollm3
+
+    family, field = {
+        "gemma2": (gemma.GEMMA2, "query_pre_attn_scalar"),
+        "smollm3": (smollm3.SMOLLM3, "no_rope_layers"),
+        "qwen2_moe": (moe.FAMILIES["qwen2_moe"], "mlp_only_layers"),
+        "gpt_oss": (moe.FAMILIES["gpt_oss"], "swiglu_limit"),
+    }[name]
+    directory, _ = family.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with pytest.raises(ConfigError, match=f"'{name}' model.*{field}"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    assert os.listdir(tmp_path) == []
