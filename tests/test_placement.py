@@ -128,7 +128,8 @@ _PEAK = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
 def test_peak_rss_of_loading(tmp_path):
-    """Own dtype: about the weight bytes (zero-copy). Converting or quantizing: below the result + largest shard."""
+    """Own dtype: about the weight bytes (zero-copy). Converting: below the result + largest shard.
+    Quantizing: below the result + largest shard + the largest tensor in bf16 (one tensor at a time)."""
     cfg = autolm.LlamaConfig(
         vocab_size=8000,
         hidden_size=512,
@@ -161,10 +162,11 @@ def test_peak_rss_of_loading(tmp_path):
         return min(runs)
 
     slack = 16e6  # activations, allocator and interpreter noise
+    one_tensor = cfg.vocab_size * cfg.hidden_size * 2  # the largest tensor, converted to bf16 before quantizing
     own, _ = peak("float32")
     assert own <= weights + slack, (own, weights)
     converted, _ = peak("bfloat16")
     assert converted <= weights // 2 + largest + slack, (converted, weights // 2, largest)
     quantized, result = peak("bfloat16", "int8")  # quantized layer by layer: never the whole float model
     assert result < weights // 3
-    assert quantized <= result + largest + slack, (quantized, result, largest)
+    assert quantized <= result + largest + one_tensor + slack, (quantized, result, largest)
