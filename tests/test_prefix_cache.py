@@ -1,6 +1,7 @@
-"""Prefix caching in the serving engine (autolm/serve/prefix.py): prompts that start with tokens seen before
-reuse their keys and values, with the same tokens and log-probabilities as without the cache; blocks are
-evicted within a small budget; requests sharing a prefix at once; the reuse reported as OpenAI does."""
+"""Prefill in the serving engine. Prefix caching (autolm/serve/prefix.py): prompts that start with tokens seen
+before reuse their keys and values, with the same tokens and log-probabilities as without the cache; blocks
+are evicted within a small budget; requests sharing a prefix at once; the reuse reported as OpenAI does.
+Chunked prefill: a long prompt is read a chunk per forward with the running streams stepping between."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import write_char_tokenizer
 import autolm
 from autolm.generation import GenerationConfig
 from autolm.serve.engine import Engine, Sequence
-from autolm.serve.events import Failed, Finished
+from autolm.serve.events import Failed, Finished, PromptLogprobs
 from autolm.serve.prefix import PrefixCache
 
 SYSTEM = "You are a careful assistant. Answer in one short sentence, and never repeat the question. "
@@ -119,3 +120,67 @@ def test_requests_sharing_a_prefix_at_once(tiny):
     finally:
         cached.stop()
         plain.stop()
+
+
+@pytest.mark.parametrize("prefix_cache", [0, 1 << 20])
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_flow(tiny, prefix_cache):
+    """A 200-token prompt arrives while a request streams: read 32 tokens per forward (after its cached
+    blocks, with a prefix cache), the stream gets a token between two chunks; both outputs (tokens,
+    logprobs, and without the prefix cache the prompt's logprobs) are those of one forward."""
+    model, tok = tiny
+    short, long = tok.encode("Name a fish."), tok.encode(SYSTEM + "x" * (200 - len(SYSTEM)))
+    chunked = Engine(model, tok, max_batch=4, prefill_chunk=32, prefix_cache=prefix_cache)
+    whole = Engine(model, tok, max_batch=4, prefill_chunk=4096)
+    prompt_logprobs = None if prefix_cache else 2  # (prompt logprobs are computed afresh, never cached)
+    try:
+        if prefix_cache:  # the long prompt's first blocks cached: the rest is read in chunks after them
+            run(chunked, [long[:64]], new=1)
+        order: list[tuple[int, object]] = []
+        events: queue.Queue = queue.Queue()
+        cfg = GenerationConfig(max_new_tokens=30, eos_token_id=2)
+
+        def emit(k, ev):
+            order.append((k, ev))
+            events.put((k, ev))
+            if k == 0 and len(order) == 2:  # the stream is running: the long prompt arrives
+                late = Sequence(
+                    long, cfg, [], lambda e: emit(1, e), logprobs=3, prompt_logprobs=prompt_logprobs
+                )
+                chunked.submit(late)
+
+        chunked.submit(Sequence(short, cfg, [], lambda e: emit(0, e), logprobs=3))
+        done: dict[int, Finished] = {}
+        while len(done) < 2:
+            k, ev = events.get(timeout=300)
+            assert not isinstance(ev, Failed), ev.message
+            if isinstance(ev, Finished):
+                done[k] = ev
+        first_of_long = next(i for i, (k, _) in enumerate(order) if k == 1)
+        steps_meanwhile = sum(1 for k, _ in order[2:first_of_long] if k == 0)
+        chunks = -(-(len(long) - done[1].cached_tokens) // 32)
+        assert steps_meanwhile >= chunks - 1 >= 3, (steps_meanwhile, chunks)
+        if prefix_cache:
+            assert done[1].cached_tokens == 64
+        for k, prompt in ((0, short), (1, long)):
+            ev_logprobs = [e for kk, ev in order if kk == k for e in getattr(ev, "logprobs", [])]
+            done[k].logprobs = ev_logprobs
+            reference = run(whole, [prompt], new=30)[0]
+            same(done[k], reference)
+        if prompt_logprobs:
+            got = next(ev.entries for k, ev in order if k == 1 and isinstance(ev, PromptLogprobs))
+            expected = whole_prompt_logprobs(whole, long, prompt_logprobs)
+            assert got[0] is None and len(got) == len(expected) == len(long)
+            for x, y in zip(got[1:], expected[1:]):
+                assert x[0] == y[0] and abs(x[1] - y[1]) < 1e-4
+    finally:
+        chunked.stop()
+        whole.stop()
+
+
+def whole_prompt_logprobs(engine: Engine, prompt: list[int], top: int) -> list:
+    events: queue.Queue = queue.Queue()
+    cfg = GenerationConfig(max_new_tokens=1, eos_token_id=2)
+    engine.submit(Sequence(prompt, cfg, [], events.put, prompt_logprobs=top))
+    while not isinstance(ev := events.get(timeout=300), PromptLogprobs):
+        assert not isinstance(ev, Failed), ev.message
+    return ev.entries

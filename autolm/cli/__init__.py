@@ -63,6 +63,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "the same tokens (0: off; default 256)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=_positive,
+        default=512,
+        help="prompt tokens read per forward, with a decode step of the running requests between two "
+        "(default 512)",
+    )
+    p.add_argument(
         "--model-name", default=None, help="the model id clients use (default: the directory name)"
     )
     g = p.add_argument_group("limits on one request")
@@ -229,6 +236,7 @@ def _add_run_commands(sub) -> None:
     _add_model(p)
     _add_serve_flags(p)
     _add_decode_flags(p)
+    _add_speculative_flags(p)
     p.set_defaults(func=cmd_serve)
 
 

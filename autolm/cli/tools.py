@@ -11,10 +11,12 @@ import time
 
 from .common import (
     UsageError,
+    check_draft,
     check_model_arg,
     distributed,
     launch,
     load,
+    load_draft,
     locate,
     parse_adapters,
     prepare_decode,
@@ -188,11 +190,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "pip install 'autolm[serve]'"
         )
     check_model_arg(args.model, args.device)
+    check_draft(args)
     adapters = parse_adapters(args.adapter)
     from ..serve import serve
+    from ..serve.speculation import Speculation
 
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
     prepare_decode(model, tok, args, batched=True)
+    draft = load_draft(args, model, tok).get("assistant_model")
+    speculation = (
+        Speculation(draft, args.prompt_lookup)
+        if draft is not None or args.prompt_lookup is not None
+        else None
+    )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = args.model_name or (
         adapters[0][0]
@@ -216,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        speculation=speculation,
+        prefill_chunk=args.prefill_chunk,
     )
     return 0
 

@@ -77,16 +77,29 @@ def speculate(run, logits: torch.Tensor, steps: int, assistant_model=None) -> It
         if run.emitted >= steps or run.done:
             return
         # Until a round finds candidates, tokens come one at a time through the fast decode step.
-        while (found := source.propose(run, steps - run.emitted - 1)).tokens.shape[1]:
-            raw, scores = _verify(run, found.tokens)
-            tokens, n = _accept(run, found, scores)
-            _keep(run, n, found.tokens.shape[1])
-            source.accepted(n, found.tokens.shape[1])
-            for i in range(n + 1):
+        while (verified := speculative_round(run, source, steps - run.emitted - 1)) is not None:
+            tokens, raw, scores = verified
+            for i in range(tokens.shape[1]):
                 yield run.emit(tokens[:, i], raw[:, i], scores[:, i])
                 if run.emitted >= steps or run.done:
                     return
         logits = run.advance(run.ids[:, -1])
+
+
+def speculative_round(run, source, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Up to `limit` candidates from `source` verified in one forward of run.model after run.ids' newest token:
+    the tokens to emit (B, n + 1) with their raw logits and processed scores (B, n + 1, V), the run's cache,
+    mask and positions already past them; None where the source found no candidates (nothing ran).
+    `run` is generate()'s decode state or any object with its fields (the server's, autolm.serve.speculation)."""
+    found = source.propose(run, limit)
+    k = found.tokens.shape[1]
+    if not k:
+        return None
+    raw, scores = _verify(run, found.tokens)
+    tokens, n = _accept(run, found, scores)
+    _keep(run, n, k)
+    source.accepted(n, k)
+    return tokens, raw[:, : n + 1], scores[:, : n + 1]
 
 
 def _verify(run, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The serving engine: one thread owns the model and runs continuous batching. New requests are prefilled
-together as a left-padded batch and join the running batch between decode steps (their caches
-right-aligned under a padding mask); finished, failed or abandoned requests leave it at the next step.
+together as a left-padded batch, `prefill_chunk` tokens per forward with a decode step of the running batch
+between two (long prompts do not stall the streams), and join the running batch between decode steps (their
+caches right-aligned under a padding mask); finished, failed or abandoned requests leave it at the next step.
+A request running alone may decode speculatively (speculation.py).
 
 Per request, one list of logits processors (logit bias, presence/frequency penalties, min_tokens, a
 grammar mask, the sampling settings). Log-probabilities come from the model's own distribution, before
@@ -10,94 +12,40 @@ any of those, as OpenAI and vLLM define them. Each request hears from the engine
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..generation import Detokenizer, GenerationConfig, LogitsProcessor, choose, logits_processors
+from ..generation import Detokenizer, choose
 from ..models import KVCache
 from ..step import decoder
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 from .prefix import PrefixCache
-
-
-@dataclass
-class Sequence:
-    """One completion being generated: its settings, its progress, and where its events go."""
-
-    prompt: list[int]
-    config: GenerationConfig
-    stops: list[str]
-    emit: Any  # callable(events.Event), called from the engine thread
-    generator: torch.Generator | None = None
-    logprobs: int | None = None  # alternatives per token (0: the chosen token only); None: no logprobs
-    prompt_logprobs: int | None = None  # the same for each prompt token; None: none
-    rank: bool = False  # keep the cumulative logprob (best_of)
-    bias: dict[int, float] = field(default_factory=dict)
-    presence: float = 0.0
-    frequency: float = 0.0
-    ignore_eos: bool = False
-    constraint: Any = None  # structured.Constraint
-    tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already emitted
-    text: str = ""  # the text so far
-    detok: Any = None
-    pending: list[Entry] = field(default_factory=list)  # logprob entries not yet emitted
-    cumulative: float = 0.0
-    cancelled: bool = False
-    cached: int = 0  # tokens of this sequence in the batch cache
-    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    last: int = -1  # the latest sampled token, fed to the next decode step
-    stop_token_ids: tuple[int, ...] = ()  # the request's own stop tokens (named as the stop_reason)
-    include_stop: bool = False  # keep the matched stop string in the text
-    skip_special: bool = True  # leave special tokens out of the text
-    pending_ids: list[int] = field(default_factory=list)  # sampled tokens not yet emitted
-
-    processors: Any = None  # the request's logits processors, built once from the fields above
-
-    def __post_init__(self) -> None:
-        if self.processors is None:
-            c = self.config
-            cfg = dataclasses.replace(
-                c,
-                logit_bias=self.bias or c.logit_bias,
-                presence_penalty=self.presence or c.presence_penalty,
-                frequency_penalty=self.frequency or c.frequency_penalty,
-            )
-            grammar = [GrammarMask(self.constraint)] if self.constraint is not None else []
-            self.processors = logits_processors(cfg, len(self.prompt), grammar)
-
-
-class GrammarMask(LogitsProcessor):
-    """Structured output as a logits processor: the constraint's mask of the tokens it allows next."""
-
-    def __init__(self, constraint):
-        self.constraint = constraint
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.constraint.mask(scores)
-
-
-def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
-    """logp: (V,) log-probabilities."""
-    alts = []
-    if top:
-        values, ids = logp.topk(min(top, logp.shape[-1]))
-        alts = list(zip(ids.tolist(), values.tolist()))
-    chosen = logp[token]
-    return token, float(chosen), int((logp > chosen).sum()) + 1, alts
+from .sequence import Sequence, entry
+from .speculation import Speculation, eligible, speculative_step
 
 
 class Engine:
-    """Runs the model on a background thread; `submit` hands it a Sequence."""
+    """Runs the model on a background thread, or on the caller's with thread=False and `run()`; `submit`
+    hands it a Sequence. The thread that loaded the model is the fast one to run it on: PyTorch's OpenMP
+    pool belongs to the thread that first used it, and a second thread's pool ran the one-token step ~3x
+    slower on 2 cores (autolm.serve.http runs the engine on the caller's thread, uvicorn on another)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache: int = 0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        prefix_cache: int = 0,
+        thread: bool = True,
+        speculation: Speculation | None = None,
+        prefill_chunk: int = 512,
+    ):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
+        self.speculation = speculation  # speculative decoding while one request runs alone
         self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 else None  # bytes of prompt keys/values
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
@@ -108,8 +56,8 @@ class Engine:
         self.error: BaseException | None = None
         self.stopping = False
         self.aborting = False
-        self._thread = threading.Thread(target=self._run, name="autolm-engine", daemon=True)
-        self._thread.start()
+        if thread:
+            threading.Thread(target=self.run, name="autolm-engine", daemon=True).start()
 
     def submit(self, seq: Sequence) -> None:
         self.pending.put(seq)
@@ -125,7 +73,8 @@ class Engine:
         self.stopping = True
         self.pending.put(None)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve until stop(): admit waiting requests, step the batch."""
         while not self.stopping:
             try:
                 if self.aborting:
@@ -133,11 +82,14 @@ class Engine:
                 self._admit(block=not self.active)
                 self._step()
             except Exception as e:  # keep serving; fail the requests in flight
-                self.error = e
-                for seq in self.active:
-                    seq.emit(Failed(f"generation failed: {e}"))
-                self.active, self.cache, self.mask = [], None, None
+                self._fail_active(e)
         self._abort_all()
+
+    def _fail_active(self, e: Exception) -> None:
+        self.error = e
+        for seq in self.active:
+            seq.emit(Failed(f"generation failed: {e}"))
+        self.active, self.cache, self.mask = [], None, None
 
     def _abort_all(self) -> None:
         self.aborting = False
@@ -190,7 +142,7 @@ class Engine:
             s.reused = cache.length = self.prefix.fill(cache, 0, blocks)
             ids = torch.tensor([s.prompt[s.reused :]], device=self.model.device)
             positions = torch.arange(s.reused, len(s.prompt), device=ids.device)[None]
-            logits = self.model(ids, position_ids=positions, past_key_values=cache, logits_to_keep=1).logits
+            logits = self._chunked(ids, None, positions, cache, every=False)
             self.prefix.store(s.prompt, cache, 0, 0)
             self._first_token(s, logits[0, -1])
             rows.append((s, cache, 0))
@@ -201,7 +153,7 @@ class Engine:
         if s.config.max_new_tokens == 0:
             self._finish(s, "length")
         else:
-            self._take(s, logits)
+            self.take(s, logits)
 
     def _prefill(self, seqs: list[Sequence]) -> KVCache:
         """Run the new prompts as one left-padded batch and sample each one's first token."""
@@ -228,13 +180,33 @@ class Engine:
     ) -> torch.Tensor:
         """The model over left-padded prompts ids (B, T): logits (B, T, V) with every, else (B, 1, V)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(
-            ids,
-            attention_mask=mask if not bool(mask.all()) else None,
-            position_ids=positions,
-            past_key_values=cache,
-            logits_to_keep=0 if every else 1,
-        ).logits
+        return self._chunked(ids, mask if not bool(mask.all()) else None, positions, cache, every)
+
+    def _chunked(self, ids, mask, positions, cache: KVCache, every: bool) -> torch.Tensor:
+        """The model over ids (B, T) after what `cache` holds, prefill_chunk tokens per forward with a decode
+        step of the running batch between two (its streams keep flowing while a long prompt is read): the
+        logits of every position with `every`, else of the last (B, 1, V). mask covers the cache and ids."""
+        start, T, out = cache.length, ids.shape[1], []
+        for a in range(0, T, self.prefill_chunk):
+            if a and self.active:
+                self._interleave()
+            b = min(a + self.prefill_chunk, T)
+            logits = self.model(
+                ids[:, a:b],
+                attention_mask=None if mask is None else mask[:, : start + b],
+                position_ids=positions[:, a:b],
+                past_key_values=cache,
+                logits_to_keep=0 if every else 1,
+            ).logits
+            out.append(logits)
+        return torch.cat(out, 1) if every else out[-1]
+
+    def _interleave(self) -> None:
+        """A decode step for the running batch in the middle of a prefill; its failure fails its requests."""
+        try:
+            self._step()
+        except Exception as e:
+            self._fail_active(e)
 
     def _emit_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Each prompt token's logprob given the tokens before it (none for the first), as `echo` and
@@ -283,6 +255,9 @@ class Engine:
             self._rebuild()
         if not self.active:
             return
+        alone = eligible(self, self.speculation)
+        if alone is not None and speculative_step(self, alone, self.speculation):
+            return
         dev = self.model.device
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
@@ -292,24 +267,29 @@ class Engine:
         self.steps += 1
         for i, seq in enumerate(self.active):
             seq.cached += 1
-            self._take(seq, logits[i], greedy[i])
+            self.take(seq, logits[i], greedy[i])
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for the batch: tokens and positions (B, 1) -> logits (B, V)."""
         return self.decode(tokens, self.mask, positions, self.cache)
 
-    def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Choose the next token of a row, emit its text, and decide whether the row is finished. A failure
-        here (a broken sampling setting, a grammar error) ends this request alone."""
+    def take(
+        self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None, forced: int | None = None
+    ) -> None:
+        """Choose the next token of a row (`forced`: a token speculative decoding chose), emit its text, and
+        decide whether the row is finished. A failure here (a broken sampling setting, a grammar error) ends
+        this request alone."""
         try:
-            self._choose(seq, logits, greedy)
+            self._choose(seq, logits, greedy, forced)
         except Exception as e:
             seq.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             seq.cancelled = True
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
+    def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None, forced: int | None) -> None:
         cfg = seq.config
-        if greedy is not None and not cfg.do_sample and not seq.processors:
+        if forced is not None:
+            token, raw = forced, logits.float()
+        elif greedy is not None and not cfg.do_sample and not seq.processors:
             token = greedy  # plain greedy (no processors): the batch's argmax is this row's token
             raw = None
         else:

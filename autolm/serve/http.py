@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 import threading
 
 from .router import MAX_BODY_BYTES, create_app
+from .speculation import Speculation
 from .validation import Limits
 
 logger = logging.getLogger("autolm.serve")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def guarded_h11(header_timeout: float):
@@ -71,8 +74,11 @@ def serve(
     limits: Limits | None = None,
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
+    speculation: Speculation | None = None,
+    prefill_chunk: int = 512,
 ) -> None:
-    """Run the server until interrupted (see the module's docstring for the timeouts)."""
+    """Run the server until interrupted (see the module's docstring for the timeouts; `speculation`:
+    autolm.serve.speculation)."""
     import uvicorn
 
     if not api_key and not _loopback(host):
@@ -84,7 +90,18 @@ def serve(
         print(message, file=sys.stderr, flush=True)
     print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     app = create_app(
-        model, tokenizer, model_name, api_key, max_batch, max_body, limits, body_timeout, prefix_cache_mb
+        model,
+        tokenizer,
+        model_name,
+        api_key,
+        max_batch,
+        max_body,
+        limits,
+        body_timeout,
+        prefix_cache_mb,
+        engine_thread=False,
+        speculation=speculation,
+        prefill_chunk=prefill_chunk,
     )
     state = app.state.server
 
@@ -106,7 +123,38 @@ def serve(
         # the engine ends what is left at shutdown_timeout; this leaves time to send those last chunks
         timeout_graceful_shutdown=int(shutdown_timeout) + 5,
     )
-    Server(config).run()
+    _run_beside(Server(config), state.engine)
+
+
+def _run_beside(server, engine) -> None:
+    """uvicorn on a thread of its own, the engine on this one (the thread that loaded the model, see
+    autolm.serve.engine); SIGINT/SIGTERM go to uvicorn as when it runs on the main thread."""
+    failure: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except (
+            BaseException
+        ) as e:  # a port in use ends uvicorn with SystemExit: the engine stops, we re-raise
+            failure.append(e)
+        finally:
+            engine.stop()
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in _SIGNALS} if on_main else {}
+    thread = threading.Thread(target=http, name="autolm-http", daemon=True)
+    thread.start()
+    try:
+        engine.run()
+    finally:
+        engine.stop()
+        server.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
 
 
 def _loopback(host: str) -> bool:

@@ -39,6 +39,7 @@ from .serving import State, error_body
 from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
 from .serving_models import ServingModels, ServingTokens
+from .speculation import Speculation
 from .validation import Limits, parse
 
 MAX_BODY_BYTES = 4 << 20
@@ -155,10 +156,24 @@ def create_app(
     limits: Limits | None = None,
     body_timeout: float = 30.0,
     prefix_cache_mb: int = 256,
+    engine_thread: bool = True,
+    speculation: Speculation | None = None,
+    prefill_chunk: int = 512,
 ) -> FastAPI:
     """The FastAPI application serving `model` under `model_name`; prompts' keys and values are reused within
-    `prefix_cache_mb` (autolm.serve.prefix; 0: off)."""
-    state = State(model, tokenizer, model_name, limits or Limits(), max_batch, prefix_cache_mb)
+    `prefix_cache_mb` (autolm.serve.prefix; 0: off). engine_thread=False: the caller runs
+    `app.state.server.engine.run()` (until the app shuts down); `speculation`: autolm.serve.speculation; `prefill_chunk`: prompt tokens per forward (autolm.serve.engine)."""
+    state = State(
+        model,
+        tokenizer,
+        model_name,
+        limits or Limits(),
+        max_batch,
+        prefix_cache_mb,
+        engine_thread,
+        speculation,
+        prefill_chunk,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

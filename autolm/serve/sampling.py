@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import GenerationConfig
-from .engine import Sequence
 from .errors import APIError, bad_request
 from .protocol import ChatRequest, NamedToolChoice
+from .sequence import Sequence
 from .structured import Grammars
 from .tools import tool_call_grammar
 

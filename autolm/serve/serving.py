@@ -21,6 +21,7 @@ from .logprobs import Logprobs
 from .prompts import Prompts
 from .responses import ErrorInfo, ErrorResponse, PromptTokensDetails, Usage
 from .sampling import Plan, Sampling
+from .speculation import Speculation
 from .validation import Limits
 
 
@@ -35,9 +36,14 @@ class State:
         limits: Limits,
         max_batch: int = 8,
         prefix_cache_mb: int = 256,
+        engine_thread: bool = True,
+        speculation: Speculation | None = None,
+        prefill_chunk: int = 512,
     ):
         self.name, self.limits, self.created = model_name, limits, int(time.time())
-        self.engine = Engine(model, tokenizer, max_batch, prefix_cache_mb << 20)
+        self.engine = Engine(
+            model, tokenizer, max_batch, prefix_cache_mb << 20, engine_thread, speculation, prefill_chunk
+        )
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         eos = (base.generation_config or GenerationConfig()).eos_token_id
         self.sampling = Sampling(model, tokenizer, model_name, eos)

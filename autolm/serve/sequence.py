@@ -1,0 +1,81 @@
+"""One request's completion as the engine runs it (`Sequence`: its settings, progress and where its events go),
+its logits processors, and log-probability entries."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation import GenerationConfig, LogitsProcessor, logits_processors
+from .events import Entry
+
+
+@dataclass
+class Sequence:
+    """One completion being generated: its settings, its progress, and where its events go."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    stops: list[str]
+    emit: Any  # callable(events.Event), called from the engine thread
+    generator: torch.Generator | None = None
+    logprobs: int | None = None  # alternatives per token (0: the chosen token only); None: no logprobs
+    prompt_logprobs: int | None = None  # the same for each prompt token; None: none
+    rank: bool = False  # keep the cumulative logprob (best_of)
+    bias: dict[int, float] = field(default_factory=dict)
+    presence: float = 0.0
+    frequency: float = 0.0
+    ignore_eos: bool = False
+    constraint: Any = None  # structured.Constraint
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already emitted
+    text: str = ""  # the text so far
+    detok: Any = None
+    pending: list[Entry] = field(default_factory=list)  # logprob entries not yet emitted
+    cumulative: float = 0.0
+    cancelled: bool = False
+    cached: int = 0  # tokens of this sequence in the batch cache
+    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    last: int = -1  # the latest sampled token, fed to the next decode step
+    stop_token_ids: tuple[int, ...] = ()  # the request's own stop tokens (named as the stop_reason)
+    include_stop: bool = False  # keep the matched stop string in the text
+    skip_special: bool = True  # leave special tokens out of the text
+    pending_ids: list[int] = field(default_factory=list)  # sampled tokens not yet emitted
+    speculation: Any = None  # where its speculative candidates come from (autolm.serve.speculation)
+
+    processors: Any = None  # the request's logits processors, built once from the fields above
+
+    def __post_init__(self) -> None:
+        if self.processors is None:
+            c = self.config
+            cfg = dataclasses.replace(
+                c,
+                logit_bias=self.bias or c.logit_bias,
+                presence_penalty=self.presence or c.presence_penalty,
+                frequency_penalty=self.frequency or c.frequency_penalty,
+            )
+            grammar = [GrammarMask(self.constraint)] if self.constraint is not None else []
+            self.processors = logits_processors(cfg, len(self.prompt), grammar)
+
+
+class GrammarMask(LogitsProcessor):
+    """Structured output as a logits processor: the constraint's mask of the tokens it allows next."""
+
+    def __init__(self, constraint):
+        self.constraint = constraint
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.constraint.mask(scores)
+
+
+def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
+    """logp: (V,) log-probabilities."""
+    alts = []
+    if top:
+        values, ids = logp.topk(min(top, logp.shape[-1]))
+        alts = list(zip(ids.tolist(), values.tolist()))
+    chosen = logp[token]
+    return token, float(chosen), int((logp > chosen).sum()) + 1, alts
