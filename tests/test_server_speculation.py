@@ -192,3 +192,21 @@ def test_serve_flags_are_checked_before_loading(tmp_path):
         timeout=300,
     )
     assert p.returncode == 1 and p.stderr.strip().endswith("give one of them"), p.stderr
+
+
+def test_autolm_serve_with_prompt_lookup_answers_as_plain_greedy(smol_dir):
+    """`autolm serve --prompt-lookup 8` with the openai client, on a copy task: plain greedy decoding's text."""
+    openai = pytest.importorskip("openai")
+    from autolm.bench.serving import running_server
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir)
+    tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
+    prompt = "Copy the line.\nLine: the quick brown fox jumps over the lazy dog by the river.\nCopy:"
+    want = autolm.generate_text(model, tok, prompt, max_new_tokens=24, do_sample=False)
+    with running_server([smol_dir, "--prompt-lookup", "8"], wait_s=300) as (base, proc):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+        name = client.models.list().data[0].id
+        got = client.completions.create(model=name, prompt=prompt, max_tokens=24, temperature=0)
+        log = proc.log()
+    assert got.choices[0].text == want and "quick brown fox" in want
+    assert "decodes speculatively: up to 8 candidates from its own n-grams" in log

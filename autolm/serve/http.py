@@ -89,6 +89,8 @@ def serve(
         logger.warning(message)
         print(message, file=sys.stderr, flush=True)
     print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    if speculation is not None:
+        print(f"a request running alone decodes speculatively: {speculation}", file=sys.stderr, flush=True)
     app = create_app(
         model,
         tokenizer,

@@ -25,6 +25,12 @@ class Speculation:
     prompt_lookup: int | None = None
     max_matching_ngram_size: int = 2
 
+    def __str__(self) -> str:
+        if self.draft_model is not None:
+            name = getattr(getattr(self.draft_model, "config", None), "name_or_path", "") or "a draft model"
+            return f"candidates from {name}"
+        return f"up to {self.prompt_lookup} candidates from its own n-grams (prompt lookup)"
+
     def source(self, run: RowRun):
         if self.draft_model is not None:
             return Draft(self.draft_model, run, len(run.seq.prompt) + run.cfg.max_new_tokens + 1)
