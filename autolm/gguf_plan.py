@@ -33,7 +33,7 @@ import torch
 
 from .errors import ConfigError
 from .nn.rope import inv_freq_and_scale
-from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES, config_from_gguf
+from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES, ROPE_FREQS, config_from_gguf
 
 # RoPE parameters of YaRN scaling -> llama.cpp's keys (TextModel.set_gguf_parameters)
 _YARN = (
@@ -121,6 +121,11 @@ def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     for out, key in layout.rope_tensors:
         if rope.get(key) is not None:
             yield out, torch.tensor(rope[key], dtype=torch.float32)
+    if rope.get("rope_type") == "llama3":  # as llama.cpp's converter: each frequency's divisor
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        plain, _ = inv_freq_and_scale({"rope_theta": rope.get("rope_theta", 10000.0)}, head_dim, 0)
+        scaled, _ = inv_freq_and_scale(rope, head_dim, c.max_position_embeddings)
+        yield ROPE_FREQS, plain / scaled
     for name, t in model.state_dict().items():
         if c.tie_word_embeddings and name == "lm_head.weight":
             continue

@@ -28,6 +28,7 @@ import torch
 
 from .errors import ConfigError
 from .gguf_plan import F32_TENSORS, check, metadata, tensors
+from .sources.gguf import ROPE_FREQS
 from .sources.gguf_pre import CHECK_TEXT, PRE
 
 # --quantize name -> (ggml type, llama.cpp's LlamaFileType for general.file_type)
@@ -180,7 +181,7 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
         raise ConfigError("GGUF out needs float weights: load the model without quantization first")
     ggml_type, file_type = TYPES[quantize]
     meta, planned = metadata(base), list(tensors(base))
-    rope = {n: t.numpy() for n, t in planned if n in dict(base.gguf.rope_tensors)}
+    rope = {n: t.numpy() for n, t in planned if n in dict(base.gguf.rope_tensors) or n == ROPE_FREQS}
     check(base, meta, [n for n, _ in planned], rope)
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, base.gguf.arch)

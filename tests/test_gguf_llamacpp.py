@@ -90,3 +90,34 @@ def test_hf_directory_to_gguf_runs_in_llama_cpp(smol_dir, tmp_path, kind):
     assert (same_file.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
     if kind == "q8_0":  # within Q8_0's rounding of the float model too
         assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
+    """SmolLM2 given Llama 3's RoPE scaling: autolm convert writes the rope_freqs tensor llama.cpp's converter
+    writes, llama.cpp's logits follow the scaled model (not the unscaled one), and autolm reads the file back
+    as the scaled model."""
+    import json
+    import shutil
+
+    from autolm.convert import convert_to_gguf
+
+    scaled = tmp_path / "llama3"
+    shutil.copytree(smol_dir, scaled)
+    cfg = json.loads((scaled / "config.json").read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": theta, "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    cfg.pop("rope_scaling", None)
+    (scaled / "config.json").write_text(json.dumps(cfg))
+    path = convert_to_gguf(str(scaled), str(tmp_path / "smol-llama3.gguf"), "f16")
+    model = autolm.AutoModelForCausalLM.from_pretrained(scaled, dtype=torch.float32)
+    plain = autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir), 100)
+    with torch.no_grad():
+        ours, unscaled, read = (m(torch.tensor([ids])).logits[0] for m in (model, plain, back))
+    theirs = llamacpp_logits(path, ids)
+    gap = lambda a, b: (a - b).abs().mean().item()  # noqa: E731
+    assert gap(ours, theirs) < 0.2 * gap(unscaled, theirs)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
+    torch.testing.assert_close(read, ours, rtol=0.02, atol=0.02 * ours.abs().max().item())  # within f16

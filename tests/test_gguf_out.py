@@ -4,7 +4,9 @@ tokenizer's metadata is what llama.cpp's converter wrote for the real model."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import gguf
 import numpy as np
@@ -40,6 +42,39 @@ def test_f32_round_trip_gives_the_same_logits(checkpoint, tmp_path, smol_tokeniz
     assert back.config.model_type == model.config.model_type
     with torch.no_grad():
         torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_llama3_rope_goes_out_as_rope_freqs_and_comes_back(checkpoint, tmp_path, smol_tokenizer):
+    """Llama 3's RoPE scaling: written as llama.cpp's converter writes it (a rope_freqs tensor, each frequency's
+    divisor), read back as per-dimension factors that compute the same rotation."""
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    g = GGUFFile(path)
+    freqs = next(t for t in g.tensors if t.name == "rope_freqs.weight")
+    factors = np.asarray(g.values(freqs), dtype=np.float32)
+    factor = model.config.rope_parameters["factor"]
+    assert factors.shape == (model.config.head_dim // 2,) and 1.0 <= factors.min() < factors.max() == factor
+    back = _gguf_model(path)
+    assert back.config.rope_parameters["short_factor"] == pytest.approx(factors.tolist())
+    with torch.no_grad():
+        want = model(IDS).logits
+        torch.testing.assert_close(back(IDS).logits, want, rtol=1e-5, atol=1e-5)
+        assert (
+            _plain_rope(directory, tmp_path)(IDS).logits - want
+        ).abs().max() > 1e-3  # the scaling matters here
+
+
+def _plain_rope(directory: str, tmp_path) -> torch.nn.Module:
+    """The checkpoint with its RoPE scaling taken out of config.json."""
+    plain = tmp_path / "plain"
+    shutil.copytree(directory, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    cfg.pop("rope_scaling", None)
+    (plain / "config.json").write_text(json.dumps(cfg))
+    return autolm.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
 
 
 def test_q8_0_writes_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer):

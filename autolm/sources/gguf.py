@@ -255,6 +255,12 @@ def config_from_gguf(g: GGUFFile, **overrides):
     for t in g.tensors:
         if t.name in dict(g.layout.rope_tensors):
             rope[dict(g.layout.rope_tensors)[t.name]] = g.values(t)
+        if t.name == ROPE_FREQS:
+            if g.layout.derive is not None or scaling is not None:
+                raise GGUFError(
+                    f"{g.path}: {ROPE_FREQS} with {g.layout.arch}'s own RoPE settings is not supported"
+                )
+            rope.update(rope_freqs(g.values(t), d.get("max_position_embeddings")))
     if g.layout.derive is not None:
         g.layout.derive(d, g.get)
     for key, name in (
@@ -269,6 +275,23 @@ def config_from_gguf(g: GGUFFile, **overrides):
             d[name] = value
     d["dtype"] = "float32"
     return config_class(d["model_type"], source=g.path).from_dict(d, source=g.path, **overrides)
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def rope_freqs(factors: list[float], length: int | None) -> dict[str, Any]:
+    """llama.cpp's rope_freqs (what its converter writes for Llama 3's RoPE scaling: each frequency divided by
+    its factor, at every position) as rope_parameters: LongRoPE's form with one set of factors and no attention
+    scaling, which computes exactly that."""
+    return {
+        "rope_type": "longrope",
+        "short_factor": factors,
+        "long_factor": factors,
+        "factor": 1.0,
+        "attention_factor": 1.0,
+        "original_max_position_embeddings": length or 1 << 20,
+    }
 
 
 def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
@@ -322,7 +345,7 @@ def gguf_tensors(
     for t in g.tensors:
         name = hf_name(t.name, g.family)
         if name is None:
-            if t.name.startswith("rope_freqs") or t.name in dict(g.layout.rope_tensors):
+            if t.name == ROPE_FREQS or t.name in dict(g.layout.rope_tensors):
                 continue  # RoPE factors (llama3's; the family's rope_tensors): the config carries them
             raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
         if t.data_offset + t.n_bytes > size:
