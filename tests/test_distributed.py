@@ -27,19 +27,20 @@ _TP = textwrap.dedent("""
     from autolm.distributed import exit_all
     from conftest import padded_batch, positions
     torch.set_num_threads(1)
-    model = autolm.AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    weights = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                  for n, p in model.named_parameters() if ".layers." in n)
-    cache = model.make_cache(1, 8)
-    rows = {n: (p.to_local() if hasattr(p, "to_local") else p).shape[0] for n, p in model.named_parameters()
-            if n in ("model.embed_tokens.weight", "lm_head.weight")}
-    torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights, "kv_heads": cache.keys[0].shape[1],
-                "vocab_rows": rows},
-               f"{sys.argv[2]}.{dist.get_rank()}")
+    for directory, out in zip(sys.argv[1::2], sys.argv[2::2]):  # one launch for every checkpoint
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
+        ids, mask = padded_batch()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        weights = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                      for n, p in model.named_parameters() if ".layers." in n)
+        cache = model.make_cache(1, 8)
+        rows = {n: (p.to_local() if hasattr(p, "to_local") else p).shape[0] for n, p in model.named_parameters()
+                if n in ("model.embed_tokens.weight", "lm_head.weight")}
+        torch.save({"logits": logits, "tokens": tokens, "layer_bytes": weights,
+                    "kv_heads": cache.keys[0].shape[1], "vocab_rows": rows},
+                   f"{out}.{dist.get_rank()}")
     exit_all()  # skips interpreter teardown, which gloo's threads can abort
 """)
 
@@ -89,32 +90,41 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "llama_gqa_llama3_sharded",
-        "qwen2_tied_bias",
-        "qwen3",
-        "phi3_longrope",
-        "olmo2",
-        "granite",
-        "smollm3_nope",
-        "gemma2",
-        "gemma3_text",
-        "mixtral",
-        "qwen2_moe",
-    ],
-)
-def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
-    directory, _ = checkpoint(name)
-    script = tmp_path / "tp.py"
+_TP_FAMILIES = [
+    "llama_gqa_llama3_sharded",
+    "qwen2_tied_bias",
+    "qwen3",
+    "phi3_longrope",
+    "olmo2",
+    "granite",
+    "smollm3_nope",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+]
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(checkpoint, tmp_path_factory):
+    """Every family's checkpoint run tensor-parallel by 2 processes, in one torchrun launch: name -> the
+    directory and where rank r's results are (out.r)."""
+    tmp = tmp_path_factory.mktemp("tp")
+    script = tmp / "tp.py"
     script.write_text(_TP)
-    torchrun(str(script), directory, str(tmp_path / "out"))
+    runs = {name: (checkpoint(name)[0], str(tmp / name)) for name in _TP_FAMILIES}
+    torchrun(str(script), *(x for pair in runs.values() for x in pair))
+    return runs
+
+
+@pytest.mark.parametrize("name", _TP_FAMILIES)
+def test_tensor_parallel_equals_one_process(tensor_parallel, name):
+    directory, out = tensor_parallel[name]
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -122,7 +132,7 @@ def test_tensor_parallel_equals_one_process(checkpoint, tmp_path, name):
     want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     full = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
     for rank in (0, 1):
-        r = torch.load(tmp_path / f"out.{rank}")
+        r = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(r["logits"], ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(r["tokens"], want)
         assert r["layer_bytes"] < 0.55 * full  # about half: only the small norms are replicated
