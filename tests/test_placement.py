@@ -162,7 +162,9 @@ def test_peak_rss_of_loading(tmp_path):
         return min(runs)
 
     slack = 16e6  # activations, allocator and interpreter noise
-    one_tensor = cfg.vocab_size * cfg.hidden_size * 2  # the largest tensor, converted to bf16 before quantizing
+    one_tensor = (
+        cfg.vocab_size * cfg.hidden_size * 2
+    )  # the largest tensor, converted to bf16 before quantizing
     own, _ = peak("float32")
     assert own <= weights + slack, (own, weights)
     converted, _ = peak("bfloat16")
