@@ -120,6 +120,30 @@ def test_greedy_prompt_lookup_is_plain_greedy(target, rounds, ngram):
 
 
 @pytest.mark.parametrize("kind", ["draft", "lookup"])
+def test_rounds_stop_short_of_the_longrope_switch_and_tokens_stay_plain_greedy(checkpoint, monkeypatch, kind):
+    """LongRoPE (switch at 9 tokens here): a round never verifies across the switch, the one-token step that
+    crosses it recomputes the sequence as plain decoding does, and speculation goes on after it."""
+    directory, _ = checkpoint("phi3_longrope")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    switch = model.config.rope_parameters["original_max_position_embeddings"] + 1
+    verified = []  # (cached length, candidates) of each verifying forward
+    verify = speculative._verify
+    monkeypatch.setattr(
+        speculative,
+        "_verify",
+        lambda run, c: verified.append((run.cache.length, c.shape[1])) or verify(run, c),
+    )
+    ids = torch.tensor([[5, 9, 5, 9, 5]])
+    plain = model.generate(ids, max_new_tokens=30, **GREEDY)
+    extra = dict(assistant_model=noisy(model, 0.02)) if kind == "draft" else dict(prompt_lookup_num_tokens=4)
+    got = model.generate(ids, max_new_tokens=30, **extra, **GREEDY)
+    assert torch.equal(got, plain)
+    assert not any(cached < switch <= cached + k + 1 for cached, k in verified), verified
+    assert any(cached >= switch for cached, _ in verified)  # speculation goes on past the switch
+    assert kind == "lookup" or any(cached < switch for cached, _ in verified)  # and ran before it
+
+
+@pytest.mark.parametrize("kind", ["draft", "lookup"])
 def test_left_padded_batch_with_rows_ending_at_eos_is_plain_greedy(target, draft, rounds, kind):
     ids, mask = padded_batch(seed=3, lengths=(12, 7, 3))
     free = target.generate(ids, attention_mask=mask, max_new_tokens=60, **GREEDY)

@@ -12,13 +12,26 @@ from __future__ import annotations
 import torch
 
 
+def switch_length(model) -> int | None:
+    """The sequence length at which the model's RoPE tables change for every position (nn.Rotary.switch_length);
+    None where they never do."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rotary = getattr(getattr(base, "model", None), "rotary", None)
+    return rotary.switch_length() if rotary is not None else None
+
+
 def is_stale(model, cache, length: int) -> bool:
     """Whether the cache, about to hold `length` slots, was filled before the model's RoPE switch point that
     `length` reaches (see nn.Rotary.switch_length)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    rotary = getattr(getattr(base, "model", None), "rotary", None)
-    switch = rotary.switch_length() if rotary is not None else None
+    switch = switch_length(model)
     return switch is not None and length >= switch and cache.length < switch
+
+
+def room_before_switch(model, cached: int) -> int | None:
+    """How many tokens one forward may add to `cached` cached ones and stay below the switch (speculative rounds
+    stop short of it: the one-token step that crosses it recomputes the sequence); None: no limit."""
+    switch = switch_length(model)
+    return None if switch is None or cached >= switch else switch - 1 - cached
 
 
 def recompute(model, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import GenerationError
 from .candidates import Candidates, Draft, PromptLookup
+from .restart import room_before_switch
 from .sampling import choose
 
 
@@ -91,7 +92,8 @@ def speculative_round(run, source, limit: int) -> tuple[torch.Tensor, torch.Tens
     the tokens to emit (B, n + 1) with their raw logits and processed scores (B, n + 1, V), the run's cache,
     mask and positions already past them; None where the source found no candidates (nothing ran).
     `run` is generate()'s decode state or any object with its fields (the server's, autolm.serve.speculation)."""
-    found = source.propose(run, limit)
+    room = room_before_switch(run.model, run.cache.length)  # LongRoPE's switch: crossed by a one-token step
+    found = source.propose(run, limit if room is None else min(limit, room - 1))
     k = found.tokens.shape[1]
     if not k:
         return None
