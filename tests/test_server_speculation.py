@@ -210,3 +210,25 @@ def test_autolm_serve_with_prompt_lookup_answers_as_plain_greedy(smol_dir):
         log = proc.log()
     assert got.choices[0].text == want and "quick brown fox" in want
     assert "decodes speculatively: up to 8 candidates from its own n-grams" in log
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_a_request_crossing_the_longrope_switch_gets_generates_tokens(checkpoint, tmp_path, speculate):
+    """LongRoPE (Phi-3.5's scaling; the switch at 9 tokens here): a lone request that grows past the switch
+    runs its whole sequence again at the crossing, as generate() does, speculating or not, and gets
+    generate()'s tokens; without that its keys would keep the short factors' rotation."""
+    directory, _ = checkpoint("phi3_longrope")
+    d = tmp_path / "phi3"
+    shutil.copytree(directory, d)
+    write_char_tokenizer(str(d))
+    model = autolm.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tok = autolm.AutoTokenizer.from_pretrained(d)
+    prompt = tok.encode("abab")
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None)
+    engine = Engine(model, tok, speculation=Speculation(prompt_lookup=3) if speculate else None)
+    try:
+        got = run(engine, [prompt], [20], ignore_eos=True)[0]
+    finally:
+        engine.stop()
+    assert len(prompt) < model.config.rope_parameters["original_max_position_embeddings"] < len(prompt) + 20
+    assert got.all_token_ids == want[0, len(prompt) :].tolist()

@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..generation import Detokenizer, choose
+from ..generation.restart import recompute, switch_length
 from ..models import KVCache
 from ..step import decoder
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
@@ -217,12 +218,19 @@ class Engine:
             entries.append(entry(logp, seq.prompt[t], seq.prompt_logprobs))
         seq.emit(PromptLogprobs(entries))
 
-    def _rebuild(self, joined: list[tuple[Sequence, KVCache, int]] = ()) -> None:
-        """Drop finished rows and add new ones: the batch cache re-made with every row right-aligned."""
-        keep = [(s, i) for i, s in enumerate(self.active) if not s.cancelled]
+    def _rebuild(
+        self, joined: list[tuple[Sequence, KVCache, int]] = (), replaced: dict[int, KVCache] | None = None
+    ) -> None:
+        """Drop finished rows and add new ones (`replaced`: active row i's keys and values are now row 0 of
+        that cache): the batch cache re-made with every row right-aligned."""
+        replaced = replaced or {}
+        keep = [
+            (s, *((replaced[i], 0) if i in replaced else (self.cache, i))) for i, s in enumerate(self.active)
+        ]
+        keep = [(s, c, i) for s, c, i in keep if not s.cancelled]
         new = [(s, c, j) for s, c, j in joined if not s.cancelled]
-        rows = [(self.cache, i, s.cached) for s, i in keep] + [(c, j, s.cached) for s, c, j in new]
-        self.active = [s for s, _ in keep] + [s for s, _, _ in new]
+        rows = [(c, i, s.cached) for s, c, i in keep] + [(c, j, s.cached) for s, c, j in new]
+        self.active = [s for s, _, _ in keep] + [s for s, _, _ in new]
         if not self.active:
             self.cache, self.mask = None, None
             return
@@ -253,7 +261,7 @@ class Engine:
         """One decode step for every active row."""
         if any(s.cancelled for s in self.active):
             self._rebuild()
-        if not self.active:
+        if not self.active or self._restart_crossing():
             return
         alone = eligible(self, self.speculation)
         if alone is not None and speculative_step(self, alone, self.speculation):
@@ -268,6 +276,27 @@ class Engine:
         for i, seq in enumerate(self.active):
             seq.cached += 1
             self.take(seq, logits[i], greedy[i])
+
+    def _restart_crossing(self) -> bool:
+        """LongRoPE's switch (autolm.generation.restart): a row whose next step reaches the switch length with
+        keys cached before it runs its whole sequence again and takes its token, as generate() does (the other
+        rows wait this step). In a batch the RoPE tables follow the longest row, as in transformers' batches."""
+        switch = switch_length(self.model)
+        crossing = [
+            i for i, s in enumerate(self.active) if switch is not None and s.cached < switch <= s.cached + 1
+        ]
+        if not crossing:
+            return False
+        replaced = {}
+        for i in crossing:
+            s = self.active[i]
+            ids = torch.tensor([s.prompt + s.tokens], device=self.model.device)
+            replaced[i] = self.model.make_cache(1, ids.shape[1])
+            logits = recompute(self.model, ids, torch.ones_like(ids), replaced[i])
+            s.cached += 1
+            self.take(s, logits[0])
+        self._rebuild(replaced=replaced)
+        return True
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for the batch: tokens and positions (B, 1) -> logits (B, V)."""
