@@ -56,16 +56,34 @@ def test_blocks_dequantize_as_gguf_does(kind):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", sorted(K.PLANAR), ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_planes_hold_the_blocks_values_exactly(kind):
+    raw = torch.from_numpy(random_blocks(kind, 300, 512, seed=kind))  # several chunks of rows
+    q, scale, low = K.planar(raw, kind)
+    assert q.dtype == torch.int8 and scale.shape == (300, 512 // K.PLANAR[kind])
+    assert (low is not None) == (kind in K.LOW)
+    assert torch.equal(K.group_weight(q, scale, low), K.dequantize(raw, kind))
+
+
+def _kept_state(raw: torch.Tensor, kind: int) -> dict[str, torch.Tensor]:
+    """The entries of a GGMLLinear keeping `raw` (planes for the PLANAR types)."""
+    if kind not in K.PLANAR:
+        return {"weight": raw}
+    q, scale, low = K.planar(raw, kind)
+    return {"weight": q, "scales": scale, **({} if low is None else {"low": low})}
+
+
 @pytest.mark.parametrize("kind", [*QUANTIZED, K.F16, K.BF16], ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_kept_matmul_equals_the_dequantized_weight(kind):
-    """Eager (tiles of rows dequantized), and the matrix-vector form compiled graphs run (per group: the
-    integer quants' dot product times the group's scale), against x @ dequantize(W).T in float64."""
+    """Eager (tiles of rows dequantized), and the matrix-vector forms compiled graphs run (on the planes: every
+    product times its group's scale; on the blocks: per group the integer quants' dot product times the
+    group's scale), against x @ dequantize(W).T in float64."""
     n, k = 70, 512
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 1))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
     bias = torch.randn(n)
     layer = GGMLLinear(k, n, True, kind, torch.float32)
-    layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
+    layer.load_state_dict({**_kept_state(raw, kind), "bias": bias}, assign=True)
     for rows in (1, 3, 9):
         x = torch.randn(rows, 1, k)
         want = (x.double() @ w.T + bias.double()).float()
@@ -73,6 +91,9 @@ def test_kept_matmul_equals_the_dequantized_weight(kind):
         torch.testing.assert_close(layer(x), want, **tol)
         if rows <= 4:
             torch.testing.assert_close(K._matvec(x, raw, kind, bias), want, **tol)
+            if kind in K.PLANAR:
+                args = (layer.weight, layer.scales, layer.low, bias)
+                torch.testing.assert_close(K._group_matvec(x, *args), want, **tol)
     K._TILE_BYTES, old = 4 * k * 16, K._TILE_BYTES  # several tiles
     try:
         torch.testing.assert_close(layer(x), want, **tol)
@@ -146,11 +167,14 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output)
     assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
     assert isinstance(layer.mlp.down_proj, GGMLLinear) and layer.mlp.down_proj.ggml_type == K.Q8_0
     assert isinstance(kept.model.embed_tokens, GGMLEmbedding) and kept.dtype == torch.float32
-    q5 = kept.model.layers[1].self_attn.q_proj  # Q5_0 in the file: the same values as Q8_0 blocks
-    assert q5.ggml_type == K.Q8_0
+    q5 = kept.model.layers[1].self_attn.q_proj  # Q5_0 in the file: repacked into int8 planes, the same values
+    assert q5.ggml_type == K.Q5_0 and q5.weight.dtype == torch.int8
     assert torch.equal(q5.dequantize(), plain.model.layers[1].self_attn.q_proj.weight)
-    if output is None:  # the tied head reads the embeddings' own blocks
-        assert kept.lm_head.weight is kept.model.embed_tokens.blocks
+    q3 = layer.self_attn.o_proj  # Q3_K: the file's own blocks
+    assert q3.weight.dtype == torch.uint8 and q3.scales is None
+    if output is None:  # the tied head: a layer of its own from the embeddings' blocks
+        head = (Int4Linear, K.Q4_K) if embed == K.Q4_K else (GGMLLinear, embed)
+        assert isinstance(kept.lm_head, head[0]) and getattr(kept.lm_head, "ggml_type", head[1]) == head[1]
     assert "Q6_K x" in " ".join(kept.load_report.notes)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -163,14 +187,15 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output)
 
 
 def test_kept_blocks_are_the_files_memory_map(tmp_path):
-    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)
+    """The embeddings and the layers that compute on the blocks as they are (Q3_K, F16, ...) are views of one
+    memory map of the whole file."""
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q3_K)
     model = _load(path, quantization="gguf")
     size = os.path.getsize(path)
-    down = model.model.layers[0].mlp.down_proj.weight
-    head = model.lm_head.weight
-    base = min(down.untyped_storage().data_ptr(), head.untyped_storage().data_ptr())
-    assert down.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()  # one map of the file
-    assert down.untyped_storage().nbytes() == size and base == down.untyped_storage().data_ptr()
+    views = [model.model.embed_tokens.blocks, model.lm_head.weight, model.model.layers[1].mlp.up_proj.weight]
+    assert model.model.layers[1].mlp.up_proj.ggml_type == K.F16
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1  # one map of the file
+    assert all(v.untyped_storage().nbytes() == size for v in views)
 
 
 def test_int4_quantization_takes_k_quant_blocks(tmp_path):

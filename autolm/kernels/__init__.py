@@ -11,9 +11,11 @@ Each function picks the fastest path for its inputs and falls back to PyTorch's 
   to `F.scaled_dot_product_attention`; one token of one sequence over its cache to `decode_attention`.
 - int8 / int4 weight-only matmuls (quant.py) use PyTorch's CPU kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`); elsewhere the layers dequantize.
-- weights kept in llama.cpp's blocks (ggml.py, GGUF's Q8_0, Q5_0, Q6_K, ...): eagerly a tile of rows is
-  dequantized at a time and multiplied by oneDNN; inside a compiled graph the blocks are read in the
-  matrix-vector loop itself (per group: a dot product with the integer quants, times the group's scale).
+- weights kept in llama.cpp's types (ggml.py, GGUF's Q8_0, Q6_K, Q3_K, ...): eagerly a tile of rows is
+  dequantized at a time and multiplied by oneDNN; inside a compiled graph the weights are read in the
+  matrix-vector loop itself: Q5_0 to Q8_0 from their exact repacking into int8 quants and per-group scales
+  (one vector loop, the scale applied per product), the rest from the packed blocks (per group: a dot product
+  with the integer quants, times the group's scale).
 
 Private ops are looked up once, at first use. A missing or failing one (they can be renamed between
 torch releases) makes autolm slower, never broken: the public fallback runs and a warning says so.
@@ -26,7 +28,7 @@ from .attention import attention, decode_attention
 from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs
 from .experts import expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
-from .ggml import ggml_linear, ggml_rows
+from .ggml import ggml_linear, ggml_rows, group_linear, group_weight
 from .quant import int4_linear, int4_pack, int4_unpack, int8_linear
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "ggml_dequantize",
     "ggml_linear",
     "ggml_rows",
+    "group_linear",
+    "group_weight",
     "int4_linear",
     "int4_pack",
     "int4_unpack",

@@ -2,11 +2,12 @@
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
 type before loading: Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4
-layout, groups of 32; PyTorch's int4 kernel computes them), every other quantized type (Q8_0, Q6_K, Q5_K, ...)
-and F16 / BF16 a GGML layer over the file's memory map (autolm.nn.ggml), F32 stays a float layer. Q5_0 weights
-are rewritten as Q8_0 blocks of the same values (exact; 34 bytes per 32 weights instead of 22, for a matrix-vector
-loop several times faster). A tied head shares the embeddings' blocks. Tensors of a type autolm does not compute
-on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
+layout, groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML
+layer (autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K,
+Q3_K, IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay
+over the memory map (a lookup reads only its rows' pages); a tied head is a layer of its own made from the same
+blocks. Tensors of a type autolm does not compute on (IQ2_XXS, ...) are dequantized while loading, with a
+warning naming them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels.ggml import Q5_0, Q8_0
+from ..kernels.ggml import planar
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
 from ..quant import Int4Linear, pack_nibbles
-from ..sources.ggml import INT4_TYPES, keepable, q5_0_as_q8_0, to_int4, type_name
+from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
 
 logger = logging.getLogger("autolm")
 
@@ -75,11 +76,8 @@ class KeepGGUF:
             if isinstance(module, nn.Embedding):
                 return GGMLEmbedding(module.num_embeddings, module.embedding_dim, kind, dtype)
             bias = module.bias is not None
-            own = not (self.tied and name == "lm_head")  # a tied head reads the embeddings' blocks
-            if kind in INT4_TYPES and module.in_features % 32 == 0 and own:
+            if kind in INT4_TYPES and module.in_features % 32 == 0:
                 return Int4Linear(module.in_features, module.out_features, bias, dtype, 32)
-            if kind == Q5_0 and own:
-                kind = Q8_0  # the same values in Q8_0's blocks (sources.ggml.q5_0_as_q8_0)
             return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype)
 
     def setup(self, model: nn.Module) -> None:
@@ -126,20 +124,30 @@ class KeepGGUF:
         )
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {t.name!r} ({name}): file {tuple(t.shape)} vs model {want}")
-        if isinstance(layer, Int4Linear):
-            q, sz = to_int4(t)
-            return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
-        if isinstance(layer, GGMLEmbedding):
-            out = {f"{module}.blocks": t.raw}
-            if self.tied and isinstance(self.kept.get("lm_head.weight"), GGMLLinear):
-                out["lm_head.weight"] = t.raw  # the tied head reads the same blocks
-            return out
-        if t.kind == Q5_0 and layer.ggml_type == Q8_0:
-            t = q5_0_as_q8_0(t)
-        return {name: t.raw}
+        if isinstance(layer, GGMLEmbedding):  # a lookup reads only its rows' pages
+            head = self.kept.get("lm_head.weight") if self.tied else None
+            out = {} if head is None else _entries(head, "lm_head", t)
+            out[f"{module}.blocks"] = t.raw
+        else:
+            out = _entries(layer, module, t)
+        if all(v is not t.raw for k, v in out.items() if k.endswith(".weight")):
+            t.release()  # copied into another layout: the file's pages are not needed (read again if looked up)
+        return out
 
     def put(self, name, t, path, zero_copy):
         return self.inner.put(name, t, path, zero_copy)
 
     def finish(self, model, loaded):
         return self.inner.finish(model, loaded)
+
+
+def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:
+    """GGUF blocks -> the state entries of `layer` (named `module`) that keeps them."""
+    if isinstance(layer, Int4Linear):
+        q, sz = to_int4(t)
+        return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
+    if layer.scales is None:
+        return {f"{module}.weight": t.raw}
+    q, scales, low = planar(t.raw, t.kind)
+    out = {f"{module}.weight": q, f"{module}.scales": scales}
+    return out if low is None else {**out, f"{module}.low": low}

@@ -191,6 +191,7 @@ class Quantize:
             if t.kind not in INT4_TYPES:
                 return self.split(name, kernels.ggml_dequantize(t.raw, t.kind), dtype)
             q, sz = to_int4(t)
+            t.release()
             return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
         if name in self.experts and t.is_floating_point():
             from ..quant_experts import quantize_stacked

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels.ggml import BLOCKS
+from ..kernels.ggml import BLOCKS, LOW, PLANAR
 
 
 def row_bytes(columns: int, kind: int) -> int:
@@ -17,24 +17,33 @@ def row_bytes(columns: int, kind: int) -> int:
 
 
 class GGMLLinear(nn.Module):
-    """y = x @ W.T + b with W (out_features, in_features) kept as ggml blocks: `weight` is uint8 (out_features,
-    bytes per row), usually a view of the GGUF file's memory map."""
+    """y = x @ W.T + b with W (out_features, in_features) kept in a GGUF file's quantization `kind`. For the types
+    of 5 to 8 bits (kernels.ggml.PLANAR) `weight` holds the quants as int8 (out_features, in_features) and
+    `scales` / `low` float32 per group of columns (kernels.ggml.planar: the blocks' exact values, repacked while
+    loading); for the others `weight` is the blocks themselves, uint8 (out_features, bytes per row), usually a
+    view of the file's memory map, and `scales` and `low` are None."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, kind: int, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
-        self.register_buffer(
-            "weight", torch.empty(out_features, row_bytes(in_features, kind), dtype=torch.uint8)
-        )
+        planar, groups = kind in PLANAR, in_features // PLANAR.get(kind, 1)
+        shape, wtype = (in_features, torch.int8) if planar else (row_bytes(in_features, kind), torch.uint8)
+        self.register_buffer("weight", torch.empty(out_features, shape, dtype=wtype))
+        self.register_buffer("scales", torch.empty(out_features, groups) if planar else None)
+        self.register_buffer("low", torch.empty(out_features, groups) if planar and kind in LOW else None)
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (out_features, in_features) weight these blocks stand for."""
+        if self.scales is not None:
+            return kernels.group_weight(self.weight, self.scales, self.low)
         return kernels.ggml_dequantize(self.weight, self.ggml_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is not None:
+            return kernels.group_linear(x, self.weight, self.scales, self.low, self.bias)
         return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias)
 
     def extra_repr(self) -> str:

@@ -2,9 +2,9 @@
 
 `blocks(g, t, config)` gives a tensor's rows as raw bytes over the file's memory map (q/k rows un-permuted where
 the family's converter permuted them: a copy of those two); a weight copied into another layout gives the file's
-pages behind it back (`GGMLBlocks.release`), so memory holds each weight once; `to_int4` repacks the types whose blocks are exactly
-autolm's int4 layout (4-bit quants in groups of 32 with a scale and an offset: Q4_0, Q4_1, Q4_K) into the
-int4 layers' entries. Every other type is computed on as it is (autolm.nn.ggml, autolm.kernels.ggml).
+pages behind it back (`GGMLBlocks.release`), so memory holds each weight once; `to_int4` repacks the types whose
+blocks are exactly autolm's int4 layout (4-bit quants in groups of 32 with a scale and an offset: Q4_0, Q4_1,
+Q4_K) into the int4 layers' entries. The other types are computed on by autolm.nn.ggml.
 """
 
 from __future__ import annotations
@@ -106,19 +106,4 @@ def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     offset = 8 if b.kind == K.Q4_0 else 0  # Q4_0's quants come centred (q - 8)
     zero = (8 - offset) * scale + (0 if low is None else low)
     q = (q + offset).to(torch.uint8).reshape(b.shape)
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-    b.release()
-    return q, sz
-
-
-def q5_0_as_q8_0(b: GGMLBlocks) -> GGMLBlocks:
-    """Q5_0 blocks rewritten as Q8_0 blocks of the same values (d * (q - 16), q - 16 in -16..15 fits an int8, d
-    kept as it is): 34 bytes per 32 weights instead of 22, for Q8_0's matrix-vector loop, several times faster
-    in compiled graphs than one that assembles 5-bit quants."""
-    blocks = b.raw.unflatten(-1, (-1, K.BLOCKS[K.Q5_0][1]))  # (N, G, 22)
-    q, _, _ = K.parts(b.raw, K.Q5_0)  # (N, 2G, 16): d * q
-    out = torch.empty(*blocks.shape[:-1], 34, dtype=torch.uint8)
-    out[..., :2] = blocks[..., :2]
-    out[..., 2:] = q.to(torch.int8).view(torch.uint8).reshape(*blocks.shape[:-1], 32)
-    b.release()
-    return GGMLBlocks(out.flatten(-2), K.Q8_0, b.shape, b.name)
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
