@@ -11,6 +11,10 @@ from the heap and are reused) and lets up to 256 MiB of free heap stay mapped. P
 unchanged; a process keeps up to 256 MiB of its past activations until it exits, as PyTorch's
 GPU caching allocator does. It is process-wide, so it is an explicit opt-in: autolm's command line,
 server and benchmark turn it on; a library call such as from_pretrained leaves the process alone.
+
+`give_back_freed_memory()` hands the free heap back to the OS now (glibc's malloc_trim; it changes no
+setting): loading calls it once the weights are in place, so the temporaries of a quantizing or repacking
+load (unpacked quants, float scales) do not stay in the process's memory, whichever setting is in force.
 """
 
 from __future__ import annotations
@@ -25,14 +29,25 @@ TRIM_THRESHOLD = 256 << 20
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Apply the settings above; False where the C library is not glibc (nothing is changed)."""
+def _libc():
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-    except (AttributeError, ValueError, OSError):  # not a GNU system
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(
+            return None
+    except (AttributeError, ValueError, OSError):
+        return None
+    return ctypes.CDLL(None)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Apply the settings above; False where the C library is not glibc (nothing is changed)."""
+    libc = _libc()
+    return libc is not None and bool(
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def give_back_freed_memory() -> bool:
+    """Return the heap's free pages to the OS (glibc only; False elsewhere)."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0))

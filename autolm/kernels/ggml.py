@@ -226,6 +226,11 @@ def planar(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor, to
     q = torch.empty(n, columns, dtype=torch.int8, device=raw.device)
     scale = torch.empty(n, groups, dtype=torch.float32, device=raw.device)
     low = torch.empty_like(scale) if kind in LOW else None
+    if kind == Q8_0:  # the quants are bytes 2..33 of each block as they are: one strided copy
+        b = raw.unflatten(-1, (groups, BLOCKS[Q8_0][1]))
+        q.view(n, groups, -1).copy_(b[..., 2:].view(torch.int8))
+        scale.copy_(b[..., :2].contiguous().view(torch.float16).squeeze(-1))
+        return q, scale, low
     step = max(1, (1 << 18) // columns)
     for i in range(0, n, step):
         qi, si, li = parts(raw[i : i + step], kind)  # (rows, G', g'), each scale repeated G' / groups times

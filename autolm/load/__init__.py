@@ -19,6 +19,7 @@ from .._util import check_device, parse_dtype
 from ..config import PretrainedConfig
 from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
+from ..malloc import give_back_freed_memory
 from ..models import config_class, load_config, model_class
 from ..sources import open_source
 from .keep import KeepGGUF
@@ -150,6 +151,7 @@ def _load(
     if progress is None:
         progress = source.slow or sum(os.path.getsize(f) for f in source.files) >= 2**30
     model = stream(model, source, placer, target, report, strict, check_finite, progress, len(shapes or ()))
+    give_back_freed_memory()  # the load's temporaries (malloc.py)
     report.dtype_decision = "requested" if isinstance(want, torch.dtype) else source.dtype_note
     report.lap("weights")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

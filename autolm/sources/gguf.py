@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import GGUFError
+from ..kernels.ggml import BLOCKS, Q8_0
 from ..models import config_class, gguf_families
 from . import ggml
 
@@ -182,8 +183,6 @@ class GGUFFile:
     memory map (gguf.GGUFReader takes seconds over a 49k-token vocabulary); errors as GGUFError."""
 
     def __init__(self, path: str):
-        import gguf
-
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: file not found")
@@ -199,10 +198,7 @@ class GGUFFile:
             header.close()
         self.tensors: list[TensorInfo] = []
         for name, shape, kind, offset in infos:
-            try:
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-            except (ValueError, KeyError):
-                raise GGUFError(f"{path}: tensor {name!r} has an unknown type {kind}") from None
+            block, type_size = _block_size(path, name, kind)
             if not shape or shape[0] % block:
                 raise GGUFError(f"{path}: tensor {name!r} has shape {shape}, not whole blocks of {block}")
             rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
@@ -230,6 +226,34 @@ class GGUFFile:
     def values(self, t: TensorInfo) -> list[float]:
         """A small tensor that holds config values (see GGUFLayout.rope_tensors), as a list of floats."""
         return _values(self, t)
+
+
+def _dequantized(g: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """Tensor t's values (float32 or float16, flat per row): F32, F16 and Q8_0 read here, the rest by gguf."""
+    if t.tensor_type in (0, 1):
+        return t.data.view(np.float32 if t.tensor_type == 0 else np.float16)
+    if t.tensor_type == Q8_0:
+        return _q8_0(t.data)
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+        name = gguf.GGMLQuantizationType(t.tensor_type).name
+        raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {name} ({e})") from None
+
+
+def _block_size(path: str, name: str, kind: int) -> tuple[int, int]:
+    """(weights, bytes) of one block of ggml type `kind`: autolm's own table for the types it computes on (no
+    import of the gguf package, a twentieth of a second), gguf's for the rest."""
+    if kind in BLOCKS:
+        return BLOCKS[kind]
+    import gguf
+
+    try:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise GGUFError(f"{path}: tensor {name!r} has an unknown type {kind}") from None
 
 
 def config_from_gguf(g: GGUFFile, **overrides):
@@ -339,7 +363,6 @@ def gguf_tensors(
 ) -> Iterator[tuple[str, str, Any]]:
     """Yield (file, HF name, tensor) for every tensor of the file: dequantized to fp32, or as its own blocks
     (sources.ggml.GGMLBlocks) where int4(HF name) asks for that and autolm computes on its type."""
-    import gguf
 
     size = os.path.getsize(g.path)
     for t in g.tensors:
@@ -355,14 +378,7 @@ def gguf_tensors(
             continue
         # llama.cpp stores GPT-2's Conv1D weights (out, in); the model holds them (in, out), as the checkpoint
         transposed = name.endswith(".weight") and t.name.split(".")[-2] in g.layout.transposed
-        try:
-            q8_0 = t.tensor_type == gguf.GGMLQuantizationType.Q8_0
-            w = _q8_0(t.data) if q8_0 else gguf.quants.dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, ValueError) as e:
-            raise GGUFError(
-                f"{g.path}: cannot dequantize tensor {t.name!r} of type {gguf.GGMLQuantizationType(t.tensor_type).name} ({e})"
-            ) from None
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        w = np.asarray(_dequantized(g, t), dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         if g.layout.permute_qk:
             if ".attn_q." in t.name:
                 w = unpermute(w, config.num_attention_heads)
