@@ -173,11 +173,11 @@ class Int4Linear(nn.Module):
         key, sz = prefix + "weight", prefix + "scales_and_zeros"
         if sz in state_dict:
             state_dict[sz] = state_dict[sz].to(_COMPUTE)  # whatever dtype the rest of the model loads in
-        self.packed = False
-        if key in state_dict and state_dict[key].device.type == "cpu":
-            packed = kernels.int4_pack(unpack_nibbles(state_dict[key]).to(torch.int32))
+        if key in state_dict:  # (a state dict without this layer's weight leaves it as it is)
+            packed = kernels.int4_pack(state_dict[key]) if state_dict[key].device.type == "cpu" else None
+            self.packed = packed is not None
             if packed is not None:
-                state_dict[key], self.packed = packed, True
+                state_dict[key] = packed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod

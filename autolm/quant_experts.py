@@ -15,7 +15,7 @@ from torch import nn
 
 from . import kernels
 from .kernels.experts import int4_expert_linear, int8_expert_linear
-from .kernels.quant import COMPUTE, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from .kernels.quant import COMPUTE, pack_nibbles, quantize_int4, quantize_int8
 from .nn.moe import Experts
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -119,14 +119,15 @@ class Int4Experts(_QuantizedExperts):
                 "_scales_and_zeros": torch.stack([p[1] for p in parts]).to(COMPUTE)}  # fmt: skip
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.packed = False
+        if all(prefix + n in state_dict for n in PROJECTIONS):  # (else this layer stays as it is)
+            self.packed = False
         cpu = all(state_dict.get(prefix + n, torch.empty(0)).device.type == "cpu" for n in PROJECTIONS)
         for name in PROJECTIONS:
             sz = prefix + f"{name}_scales_and_zeros"
             if sz in state_dict:
                 state_dict[sz] = state_dict[sz].to(COMPUTE)
         if cpu and all(prefix + n in state_dict for n in PROJECTIONS):
-            packed = {n: [kernels.int4_pack(unpack_nibbles(w).to(torch.int32)) for w in state_dict[prefix + n]]
+            packed = {n: [kernels.int4_pack(w) for w in state_dict[prefix + n]]
                       for n in PROJECTIONS}  # fmt: skip
             if all(p is not None for ps in packed.values() for p in ps):
                 state_dict.update({prefix + n: torch.stack(ps) for n, ps in packed.items()})

@@ -65,10 +65,20 @@ def int4_linear(
     return y if bias is None else y + bias
 
 
-def int4_pack(q: torch.Tensor) -> torch.Tensor | None:
-    """q (N, K) int32 in 0..15 -> the CPU int4 kernel's packed layout; None where the kernel is missing or does
-    not take this shape (it packs rows in blocks of 16)."""
-    return INT4_PACK.call(q, 1) if INT4_MM.get() is not None and q.shape[0] % 16 == 0 else None
+def int4_pack(nibbles: torch.Tensor) -> torch.Tensor | None:
+    """Nibbles (N, K / 2) uint8 (pack_nibbles) -> the CPU int4 kernel's packed layout; None where the kernel is
+    missing or does not take this shape (it packs rows in blocks of 16). 64 rows at a time: the layout
+    interleaves blocks of 64 rows, so the parts are the whole's rows, and the int32 temporaries the kernel takes
+    stay small enough for the allocator to reuse (a whole matrix's, freed, stays in the heap)."""
+    if INT4_MM.get() is None or nibbles.shape[0] % 16:
+        return None
+    out = torch.empty_like(nibbles)
+    for i in range(0, nibbles.shape[0], 64):
+        part = INT4_PACK.call(unpack_nibbles(nibbles[i : i + 64]).to(torch.int32), 1)
+        if part is None:
+            return None
+        out[i : i + 64] = part
+    return out
 
 
 def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_and_zeros: torch.Tensor):

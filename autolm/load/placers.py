@@ -63,6 +63,14 @@ class OneDevice:
         return t if t.device == self.device else t.to(self.device)
 
     def finish(self, model: nn.Module, loaded: dict[str, torch.Tensor]) -> nn.Module:
+        """Put the tensors into the model block by block, each block's entries dropped from `loaded` once in: a
+        layer that repacks what it loads (Int4Linear) holds two copies of one block at a time, not of the model."""
+        for block in model.blocks():
+            prefix = block + "."
+            part = {
+                k.removeprefix(prefix): loaded.pop(k) for k in [k for k in loaded if k.startswith(prefix)]
+            }
+            model.get_submodule(block).load_state_dict(part, strict=False, assign=True)
         model.load_state_dict(loaded, strict=False, assign=True)
         model.tie_weights()
         return model
