@@ -8,10 +8,11 @@ converter's file from the layout (names, q/k permutation, Gemma's 1 + w norms, P
 LongRoPE factor tensors, stacked experts) and refuses, with a ConfigError naming the fields, a model whose file
 would load as another one (what llama.cpp's format for the family cannot say). Weights go out as F32, F16,
 BF16, one of ggml's 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, quantized by the gguf package) or a
-K-quant (Q6_K; Q4_K with the head in Q6_K, quantized here, plainer than llama.cpp's scale search), in
-llama.cpp's exact block layouts; 1-D tensors (norms), biases and the tensors the converter keeps in F32
+K-quant (Q6_K; Q4_K and Q5_K with the head in Q6_K; llama.cpp's Q4_K_M and Q5_K_M mixes, which give attn_v and
+ffn_down Q6_K in some layers; quantized here, plainer than llama.cpp's scale search), in llama.cpp's exact block
+layouts; 1-D tensors (norms), biases and the tensors the converter keeps in F32
 (routers, GPT-2's positions) stay F32, and a matrix whose rows are not whole blocks falls back as llama.cpp's
-quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16). The tokenizer goes out with its special tokens and chat
+quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16). The tokenizer goes out with its special tokens and chat
 template: byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2) with its merges and llama.cpp's name for its
 pre-tokenizer, SentencePiece-style BPE (Llama 2, Mistral, Phi-3, Gemma) with a score per token instead.
 """
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,13 +36,34 @@ from .sources.gguf_pre import CHECK_TEXT, PRE
 
 # --quantize name -> (ggml type, llama.cpp's LlamaFileType for general.file_type)
 TYPES = {"f32": (0, 0), "f16": (1, 1), "bf16": (30, 32), "q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3),
-         "q5_0": (6, 8), "q5_1": (7, 9), "q6_k": (14, 18), "q4_k": (12, 14)}  # fmt: skip
-_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 14: 256}
-_FALLBACK = {
-    12: 6,
-    14: 8,
-}  # rows that are not whole 256-blocks: Q4_K -> Q5_0, Q6_K -> Q8_0, as llama.cpp does
-_HEAD = {12: 14}  # q4_k: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's K-quant mixes keep it
+         "q5_0": (6, 8), "q5_1": (7, 9), "q6_k": (14, 18), "q4_k": (12, 14), "q5_k": (13, 16), "q4_k_m": (12, 15),
+         "q5_k_m": (13, 17)}  # fmt: skip
+_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+# rows that are not whole 256-blocks, as llama.cpp's quantizer: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
+_FALLBACK = {12: 6, 13: 7, 14: 8}
+_HEAD = {
+    12: 14,
+    13: 14,
+}  # K-quants: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's mixes keep it
+_MIXED = {15, 17}  # file types whose attn_v / ffn_down take more bits in some layers (Q4_K_M, Q5_K_M)
+
+
+def _mix(name: str, kind: int, file_type: int, layers: int, experts: int) -> int:
+    """The type llama.cpp's quantizer gives tensor `name` in a Q4_K_M / Q5_K_M file (llama-quant.cpp): Q6_K for
+    attn_v and ffn_down in the layers its use_more_bits picks (the first and last eighth, every third between),
+    a fused qkv one step up, with 8 experts attn_k / attn_v in Q8_0 and attn_output in Q5_K; else `kind`."""
+    parts = name.split(".")
+    if file_type not in _MIXED or parts[0] != "blk":
+        return kind
+    layer, stem = int(parts[1]), parts[2]
+    more = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+    if experts == 8 and stem in ("attn_k", "attn_v"):
+        return 8
+    if more and (stem == "attn_v" or stem.startswith("ffn_down")):
+        return 14
+    if stem == "attn_qkv":
+        return 13 if file_type == 15 else 14
+    return 13 if experts == 8 and stem == "attn_output" and file_type == 15 else kind
 
 
 def _metadata(writer, model, file_type: int, meta: dict[str, Any]) -> None:
@@ -139,48 +162,54 @@ def _sentencepiece(writer, spec: dict, tokens: list[str], types: list[int], unk:
     writer.add_bool("tokenizer.ggml.add_space_prefix", prefix)
 
 
-def _tensor(w: torch.Tensor, ggml_type: int, name: str) -> tuple[np.ndarray, Any]:
+def _tensor(w: torch.Tensor, ggml_type: int, name: str, tied: bool) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for the tensor llama.cpp calls `name` in the requested type (F32 for 1-D
     ones, biases and the converter's F32_TENSORS; a smaller block type, then F16, where the rows are not whole
-    blocks; the head as _HEAD says)."""
+    blocks; the head, or the embeddings it is tied to, as _HEAD says)."""
     import gguf
 
     a = np.ascontiguousarray(w.detach().float().cpu().numpy())
     stem, kind = name.split(".")[-2:]
     if a.ndim < 2 or ggml_type == 0 or kind != "weight" or stem in F32_TENSORS:
         return a, None
-    head = name in ("output.weight", "token_embd.weight")
+    head = name == "output.weight" or (tied and name == "token_embd.weight")
     kind = _HEAD.get(ggml_type, ggml_type) if head else ggml_type
     if a.shape[-1] % _BLOCK.get(kind, 1):
         kind = _FALLBACK.get(kind, 1)
     if kind == 1 or a.shape[-1] % _BLOCK.get(kind, 1):
         return a.astype(np.float16), None
     qtype = gguf.GGMLQuantizationType(kind)
-    quantize = {12: quantize_q4_k, 14: quantize_q6_k}.get(kind)
+    quantize = {12: quantize_k, 13: partial(quantize_k, bits=5), 14: quantize_q6_k}.get(kind)
     if quantize is None:
         return gguf.quants.quantize(a, qtype), qtype
     return quantize(a.reshape(-1, a.shape[-1])).reshape(*a.shape[:-1], -1), qtype  # experts: (E, rows, K)
 
 
-def quantize_q4_k(w: np.ndarray) -> np.ndarray:
-    """float (rows, K), K a multiple of 256 -> Q4_K blocks, uint8 (rows, K / 256 * 144): per sub-block of 32 a
-    scale and a min (6 bits each, relative to the block's fp16 d and dmin) from its range, 4-bit quants. Plainer
-    than llama.cpp's search for the best scales; the same layout (gguf.quants dequantizes it)."""
+def quantize_k(w: np.ndarray, bits: int = 4) -> np.ndarray:
+    """float (rows, K), K a multiple of 256 -> Q4_K (bits 4) or Q5_K (bits 5) blocks, uint8 (rows, K / 256 * 144
+    or 176): per sub-block of 32 a scale and a min (6 bits each, relative to the block's fp16 d and dmin) from
+    its range, 4- or 5-bit quants (the fifth bits in a plane of their own). Plainer than llama.cpp's search for
+    the best scales; the same layout (gguf.quants dequantizes it)."""
+    top = (1 << bits) - 1
     x = w.astype(np.float32).reshape(-1, 8, 32)  # (blocks, sub-blocks, 32)
     lo = np.minimum(x.min(-1), 0)
-    scale, mins = (x.max(-1) - lo) / 15, -lo  # (blocks, 8)
+    scale, mins = (x.max(-1) - lo) / top, -lo  # (blocks, 8)
     d, dmin = (scale.max(-1) / 63).astype(np.float16), (mins.max(-1) / 63).astype(np.float16)
     df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.clip(np.nan_to_num(np.round(scale / df)), 0, 63).astype(np.uint8)
         mn = np.clip(np.nan_to_num(np.round(mins / dminf)), 0, 63).astype(np.uint8)
         step, low = (df * sc)[..., None], (dminf * mn)[..., None]
-        q = np.clip(np.nan_to_num(np.round((x + low) / step)), 0, 15).astype(np.uint8)  # (blocks, 8, 32)
+        q = np.clip(np.nan_to_num(np.round((x + low) / step)), 0, top).astype(np.uint8)  # (blocks, 8, 32)
     packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
                              (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], -1)  # fmt: skip
-    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2j in the low nibbles, 2j + 1 high
-    halves = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)]
-    return np.concatenate([*halves, packed, qs], -1).reshape(w.shape[0], -1)
+    qs = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).reshape(
+        -1, 128
+    )  # sub-blocks 2j low nibbles, 2j + 1 high
+    parts = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed]
+    if bits == 5:  # byte l's bit j: the fifth bit of sub-block j's weight l
+        parts.append(sum(((q[:, j] >> 4) & 1) << j for j in range(8)).astype(np.uint8))
+    return np.concatenate([*parts, qs], -1).reshape(w.shape[0], -1)
 
 
 def quantize_q6_k(w: np.ndarray) -> np.ndarray:
@@ -224,8 +253,11 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
     writer = gguf.GGUFWriter(tmp, base.gguf.arch)
     _metadata(writer, base, file_type, meta)
     _tokenizer(writer, tokenizer, base.config.vocab_size)
+    names = {n for n, _ in planned}
+    layers, experts = base.config.num_hidden_layers, meta.get("expert_count", 0)
     for name, t in planned:
-        array, raw = _tensor(t, ggml_type, name)
+        kind = _mix(name, ggml_type, file_type, layers, experts)
+        array, raw = _tensor(t, kind, name, "output.weight" not in names)
         writer.add_tensor(name, array, raw_dtype=raw)
     try:
         writer.write_header_to_file()

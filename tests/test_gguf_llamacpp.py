@@ -92,6 +92,43 @@ def test_hf_directory_to_gguf_runs_in_llama_cpp(smol_dir, tmp_path, kind):
         assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
 
 
+@pytest.mark.parametrize("kind", ["q4_k_m", "q5_k_m"])
+def test_k_quant_mixes_are_llama_cpps(smol_dir, tmp_path, kind):
+    """autolm convert --quantize q4_k_m / q5_k_m gives each tensor the type llama.cpp's own quantizer gives it from
+    the same model (the mix's Q6_K layers, fallbacks for rows that are not whole 256-blocks, the tied head), and
+    llama.cpp's next tokens on the file follow the model's."""
+    import gguf
+
+    from autolm.convert import convert_to_gguf
+    from autolm.gguf_writer import TYPES
+    from autolm.sources.gguf import GGUFFile
+
+    f16 = convert_to_gguf(smol_dir, str(tmp_path / "f16.gguf"), "f16")
+    ours = convert_to_gguf(smol_dir, str(tmp_path / f"{kind}.gguf"), kind)
+    theirs = str(tmp_path / "theirs.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = TYPES[kind][1], 2
+    assert llama_cpp.llama_model_quantize(f16.encode(), theirs.encode(), ctypes.byref(params)) == 0
+    types = [
+        {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in GGUFFile(p).tensors}
+        for p in (ours, theirs)
+    ]
+    assert types[0] == types[1]
+    assert GGUFFile(ours).metadata["general.file_type"] == GGUFFile(theirs).metadata["general.file_type"]
+    model = autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    kept = autolm.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=os.path.basename(ours), quantization="gguf", progress=False
+    )
+    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir), 100)
+    with torch.no_grad():
+        exact, same_file = model(torch.tensor([ids])).logits[0], kept(torch.tensor([ids])).logits[0]
+    on_ours, on_theirs = llamacpp_logits(ours, ids), llamacpp_logits(theirs, ids)
+    assert (on_ours.argmax(-1) == same_file.argmax(-1)).float().mean().item() >= 0.9
+    # autolm's plainer choice of K-quant scales costs little against llama.cpp's search
+    error = lambda logits: (logits - exact).abs().mean().item()  # noqa: E731
+    assert error(on_ours) < 1.5 * error(on_theirs)
+
+
 def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
     """SmolLM2 given Llama 3's RoPE scaling: autolm convert writes the rope_freqs tensor llama.cpp's converter
     writes, llama.cpp's logits follow the scaled model (not the unscaled one), and autolm reads the file back

@@ -133,21 +133,24 @@ def test_cli_convert_writes_a_gguf(checkpoint, tmp_path, smol_tokenizer):
     assert main(["convert", directory, out, "--quantize", "int4"]) == 1
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
 def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kind):
-    """Q4_K / Q6_K written here dequantize (gguf's reference code) to within their step of the weights; rows that
-    are not whole 256-blocks fall back as llama.cpp does; the file loads kept and dequantized alike."""
-    from autolm.gguf_writer import quantize_q4_k, quantize_q6_k
+    """Q4_K / Q5_K / Q6_K written here dequantize (gguf's reference code) to within their step of the weights;
+    rows that are not whole 256-blocks fall back as llama.cpp does; the file loads kept and dequantized alike."""
+    from autolm.gguf_writer import quantize_k, quantize_q6_k
 
     w = np.random.default_rng(0).normal(0, 0.05, (64, 512)).astype(np.float32)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    back = gguf.quants.dequantize((quantize_q4_k if kind == "q4_k" else quantize_q6_k)(w), qtype)
-    assert np.abs(back - w).mean() < (0.1 if kind == "q4_k" else 0.03) * np.abs(w).mean()
+    write = {"q4_k": quantize_k, "q5_k": lambda a: quantize_k(a, bits=5), "q6_k": quantize_q6_k}[kind]
+    back = gguf.quants.dequantize(write(w), qtype)
+    assert np.abs(back - w).mean() < {"q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.03}[kind] * np.abs(w).mean()
     directory, _ = checkpoint("mistral_sliding")
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), kind)
     types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in GGUFFile(path).tensors}
-    assert types["blk.0.ffn_down.weight"] == ("Q5_0" if kind == "q4_k" else "Q8_0")  # rows of 96
+    assert (
+        types["blk.0.ffn_down.weight"] == {"q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}[kind]
+    )  # rows of 96
     with torch.no_grad():
         kept = _gguf_model(path, quantization="gguf")(IDS).logits
         dequantized = _gguf_model(path)(IDS).logits

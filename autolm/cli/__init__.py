@@ -307,8 +307,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        help="a directory: int8 or int4 (weight-only); a GGUF: f16 (default), bf16, f32, q8_0, q6_k, q5_0, "
-        "q5_1, q4_k (its head q6_k), q4_0, q4_1",
+        help="a directory: int8 or int4 (weight-only); a GGUF: f16 (default), bf16, f32, q8_0, q6_k, q5_k_m, "
+        "q4_k_m (llama.cpp's mixes), q5_k, q4_k (their heads q6_k), q5_0, q5_1, q4_0, q4_1",
     )
     _add_common(p)
     p.set_defaults(func=cmd_convert)
