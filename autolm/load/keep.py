@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..kernels.ggml import planar
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
-from ..quant import Int4Linear, pack_nibbles
+from ..quant import Int4Linear
 from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
 
 logger = logging.getLogger("autolm")
@@ -144,8 +144,8 @@ class KeepGGUF:
 def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:
     """GGUF blocks -> the state entries of `layer` (named `module`) that keeps them."""
     if isinstance(layer, Int4Linear):
-        q, sz = to_int4(t)
-        return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
+        nibbles, sz = to_int4(t)
+        return {f"{module}.weight": nibbles, f"{module}.scales_and_zeros": sz}
     if layer.scales is None:
         return {f"{module}.weight": t.raw}
     q, scales, low = planar(t.raw, t.kind)

@@ -187,7 +187,7 @@ class Quantize:
         GGUF blocks (sources.ggml.GGMLBlocks) of Q4_0 / Q4_1 / Q4_K -> the int4 entries without a float round
         trip."""
         from .. import kernels
-        from ..quant import pack_nibbles, quantize_weight
+        from ..quant import quantize_weight
         from ..sources.ggml import INT4_TYPES, to_int4
 
         module = name.removesuffix(".weight")
@@ -198,9 +198,9 @@ class Quantize:
                 )
             if t.kind not in INT4_TYPES:
                 return self.split(name, kernels.ggml_dequantize(t.raw, t.kind), dtype)
-            q, sz = to_int4(t)
+            nibbles, sz = to_int4(t)
             t.release()
-            return {f"{module}.weight": pack_nibbles(q), f"{module}.scales_and_zeros": sz}
+            return {f"{module}.weight": nibbles, f"{module}.scales_and_zeros": sz}
         if name in self.experts and t.is_floating_point():
             from ..quant_experts import quantize_stacked
 

@@ -98,12 +98,23 @@ def blocks(g, t, config) -> GGMLBlocks:
 
 
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 / Q4_K blocks -> (q uint8 (N, K) in 0..15, scales_and_zeros (K / 32, N, 2) float32) with
-    value = (q - 8) * scale + zero: the same weights, only the layers' bf16 scales round them."""
-    q, scale, low = K.parts(b.raw, b.kind)  # (N, G, g), (N, G): value = scale * q + low
-    step = 32 // q.shape[-1]  # Q4_0 / Q4_1 come in groups of 16, two to a block of 32 with one scale
-    scale, low = scale[:, ::step], None if low is None else low[:, ::step]
-    offset = 8 if b.kind == K.Q4_0 else 0  # Q4_0's quants come centred (q - 8)
-    zero = (8 - offset) * scale + (0 if low is None else low)
-    q = (q + offset).to(torch.uint8).reshape(b.shape)
-    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    """Q4_0 / Q4_1 / Q4_K blocks -> (nibbles uint8 (N, K / 2), even columns in the low nibbles, as
+    kernels.quant.pack_nibbles; scales_and_zeros (K / 32, N, 2) float32) with value = (q - 8) * scale + zero: the
+    same weights, only the layers' bf16 scales round them. Q4_0 / Q4_1 by byte operations on the blocks (their
+    16 bytes hold weights j and j + 16 of the block in their low and high nibbles)."""
+    n, k = b.shape
+    if b.kind in (K.Q4_0, K.Q4_1):
+        blocks = b.raw.view(n, -1, K.BLOCKS[b.kind][1])
+        at = 2 if b.kind == K.Q4_0 else 4
+        packed = blocks[..., at : at + 16]
+        q = torch.cat([packed & 15, packed >> 4], -1).view(n, k)  # the quants in order, 0..15
+        halves = blocks[..., :at].contiguous().view(torch.float16).float()  # (N, G, 1 or 2)
+        scale, low = halves[..., 0], None if b.kind == K.Q4_0 else halves[..., 1]
+    else:
+        q, scale, low = K.parts(b.raw, b.kind)  # (N, G, g), (N, G): value = scale * q + low
+        step = 32 // q.shape[-1]  # groups of 16 where two share a scale
+        scale, low = scale[:, ::step], low[:, ::step]
+        q = q.to(torch.uint8).view(n, k)
+    # Q4_0: value = scale * (q - 8), zero 0; else value = scale * q + low = (q - 8) * scale + 8 * scale + low
+    zero = torch.zeros_like(scale) if low is None else 8 * scale + low
+    return q[:, 0::2] | (q[:, 1::2] << 4), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
