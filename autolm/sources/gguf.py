@@ -228,16 +228,29 @@ class GGUFFile:
         return _values(self, t)
 
 
+def _read(g: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """Tensor t's bytes (rows, bytes per row), read from the file into memory of their own. Not through the
+    memory map: a page touched there maps the large folio around it too (up to megabytes of the tensors next to
+    a norm), which then stays in this process's resident set until the file is closed."""
+    buf = bytearray(t.n_bytes)
+    with open(g.path, "rb") as f:
+        f.seek(t.data_offset)
+        if f.readinto(buf) != t.n_bytes:
+            raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+    return np.frombuffer(buf, np.uint8).reshape(t.data.shape)
+
+
 def _dequantized(g: GGUFFile, t: TensorInfo) -> np.ndarray:
     """Tensor t's values (float32 or float16, flat per row): F32, F16 and Q8_0 read here, the rest by gguf."""
+    data = _read(g, t)
     if t.tensor_type in (0, 1):
-        return t.data.view(np.float32 if t.tensor_type == 0 else np.float16)
+        return data.view(np.float32 if t.tensor_type == 0 else np.float16)
     if t.tensor_type == Q8_0:
-        return _q8_0(t.data)
+        return _q8_0(data)
     import gguf
 
     try:
-        return gguf.quants.dequantize(t.data, t.tensor_type)
+        return gguf.quants.dequantize(data, t.tensor_type)
     except (NotImplementedError, ValueError) as e:
         name = gguf.GGMLQuantizationType(t.tensor_type).name
         raise GGUFError(f"{g.path}: cannot dequantize tensor {t.name!r} of type {name} ({e})") from None
@@ -325,7 +338,7 @@ def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
     if t.data is None:
         raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
     try:
-        return [float(x) for x in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
+        return [float(x) for x in np.asarray(gguf.quants.dequantize(_read(g, t), t.tensor_type)).reshape(-1)]
     except (NotImplementedError, ValueError) as e:
         raise GGUFError(f"{g.path}: cannot read tensor {t.name!r} ({e})") from None
 
