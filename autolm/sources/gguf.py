@@ -237,7 +237,8 @@ def _read(g: GGUFFile, t: TensorInfo) -> np.ndarray:
         f.seek(t.data_offset)
         if f.readinto(buf) != t.n_bytes:
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
-    return np.frombuffer(buf, np.uint8).reshape(t.data.shape)
+    rows = int(np.prod(t.shape[1:], dtype=np.int64))
+    return np.frombuffer(buf, np.uint8).reshape(rows, t.n_bytes // max(rows, 1))
 
 
 def _dequantized(g: GGUFFile, t: TensorInfo) -> np.ndarray:
@@ -333,14 +334,7 @@ def rope_freqs(factors: list[float], length: int | None) -> dict[str, Any]:
 
 def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
     """A small tensor that holds config values (see GGUFLayout.rope_tensors), as a list of floats."""
-    import gguf
-
-    if t.data is None:
-        raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
-    try:
-        return [float(x) for x in np.asarray(gguf.quants.dequantize(_read(g, t), t.tensor_type)).reshape(-1)]
-    except (NotImplementedError, ValueError) as e:
-        raise GGUFError(f"{g.path}: cannot read tensor {t.name!r} ({e})") from None
+    return [float(x) for x in np.asarray(_dequantized(g, t)).reshape(-1)]
 
 
 def hf_name(gguf_name: str, family) -> str | None:

@@ -80,7 +80,7 @@ def read_tokenizer_dir(directory: str, padding_side: str | None, kwargs: dict[st
     extra = config.get("extra_special_tokens", extra)  # transformers 5 writes this name
     if isinstance(extra, list) and all(token_content(t) for t in extra):
         special["additional_special_tokens"] = [token_content(t) for t in extra]
-    _add_declared_tokens(backend, config, special)
+    _add_declared_tokens(backend, config, special, directory)
     side = padding_side or config.get("padding_side", "right")
     if side not in ("left", "right"):
         raise TokenizerError(
@@ -99,7 +99,7 @@ def read_tokenizer_dir(directory: str, padding_side: str | None, kwargs: dict[st
     )
 
 
-def _add_declared_tokens(backend, config: dict[str, Any], special: dict[str, Any]) -> None:
+def _add_declared_tokens(backend, config: dict[str, Any], special: dict[str, Any], directory: str) -> None:
     """As transformers: tokens tokenizer_config.json declares (`added_tokens_decoder` with their flags, then the
     named and additional special tokens) that tokenizer.json does not list as added tokens are added to the
     backend, the special ones as special (split out whole, skipped by skip_special_tokens)."""
@@ -107,11 +107,13 @@ def _add_declared_tokens(backend, config: dict[str, Any], special: dict[str, Any
 
     present = {t.content for t in backend.get_added_tokens_decoder().values()}
     declared = config.get("added_tokens_decoder")
-    entries = (
-        [e for _, e in sorted(declared.items(), key=lambda kv: int(kv[0]))]
-        if isinstance(declared, dict)
-        else []
-    )
+    declared = declared if isinstance(declared, dict) else {}
+    if not all(k.isascii() and k.isdigit() for k in declared):
+        raise TokenizerError(
+            f"{directory}/tokenizer_config.json: added_tokens_decoder's keys must be token ids, found "
+            f"{sorted(k for k in declared if not (k.isascii() and k.isdigit()))!r}"
+        )
+    entries = [e for _, e in sorted(declared.items(), key=lambda kv: int(kv[0]))]
     new = []
     for entry in entries:
         content = entry.get("content") if isinstance(entry, dict) else None
