@@ -72,13 +72,14 @@ def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout
             os.symlink(path, os.path.join(folder, os.path.basename(path)))
             case = Case(f"{os.path.basename(path)}: autolm keeping its blocks vs llama.cpp", folder, "float32",
                         "gguf", ("autolm", "llama.cpp"), compile=False, gguf=path)  # fmt: skip
-            results = {}
-            for lib in case.libs:
-                run_child(
-                    lib, case, threads, 512, 128
-                )  # warm the page cache (and compile autolm's step once)
-                runs = [run_child(lib, case, threads, 512, 128) for _ in range(reps)]
-                results[lib] = {k: _stats([r[k] for r in runs]) for k in runs[0]}
+            for lib in case.libs:  # warm the page cache (and compile autolm's step once)
+                run_child(lib, case, threads, 512, 128)
+            # the libraries' runs alternate, so a machine that gets busier or quieter moves both alike
+            runs = {lib: [] for lib in case.libs}
+            for _ in range(reps):
+                for lib in case.libs:
+                    runs[lib].append(run_child(lib, case, threads, 512, 128))
+            results = {lib: {k: _stats([r[k] for r in rs]) for k in rs[0]} for lib, rs in runs.items()}
             size, per_token = os.path.getsize(path), kept_bytes(path)
             print_rows(case.label, results, size, per_token, out)
             rows.append({"case": case.label, "checkpoint_bytes": size, "bytes_per_token": per_token,
