@@ -67,3 +67,18 @@ def write_spm_tokenizer(directory: str, size: int = 320, style: str = "metaspace
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return len(vocab)
+
+
+def write_spm_checkpoint(directory: str, style: str = "metaspace") -> None:
+    """write_spm_tokenizer's vocabulary with a tiny random model of its size: Llama for "metaspace", Phi-3 for
+    "prepend" (as transformers rebuilds Phi-3's tokenizer from a GGUF)."""
+    import transformers
+    from conftest import randomize
+
+    vocab = write_spm_tokenizer(directory, style=style)
+    cls = transformers.LlamaConfig if style == "metaspace" else transformers.Phi3Config
+    cfg = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=1024)  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    randomize(hf)
+    hf.save_pretrained(directory)

@@ -453,8 +453,9 @@ def test_configs_take_transformers_names():
 
 
 def test_gguf_tokenizer_without_merges_equals_transformers(tmp_path):
-    """llama.cpp writes Gemma's SentencePiece vocabulary without merges (blanks as spaces, scores that do not follow
-    the merge order): rebuilt as transformers rebuilds it, with the file's chat template."""
+    """llama.cpp writes Gemma's SentencePiece vocabulary without merges (blanks as spaces, typed user-defined;
+    scores that do not follow the merge order): rebuilt as transformers rebuilds it, with the file's chat
+    template, and no token beyond the file's vocabulary."""
     import gguf
     import transformers
 
@@ -466,7 +467,9 @@ def test_gguf_tokenizer_without_merges_equals_transformers(tmp_path):
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(torch.randn(len(tokens), generator=torch.Generator().manual_seed(0)).tolist())
-    w.add_token_types([3] * len(specials) + [6] * 256 + [1] * len(pieces))
+    # llama.cpp types Gemma's blank runs USER_DEFINED (4): read as "\u2581" runs, they are vocabulary tokens, not
+    # added tokens with ids of their own
+    w.add_token_types([3] * len(specials) + [6] * 256 + [4 if not p.strip() else 1 for p in pieces])
     w.add_pad_token_id(0)
     w.add_eos_token_id(1)
     w.add_bos_token_id(2)
@@ -478,6 +481,7 @@ def test_gguf_tokenizer_without_merges_equals_transformers(tmp_path):
     w.close()
     ours = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    assert len(ours) == len(tokens)
     for text in [
         "abc hi",
         "  hi\nab abc",

@@ -171,37 +171,23 @@ SPM_TEXTS = [
 def test_sentencepiece_vocabulary_goes_out_as_llama_cpp_reads_it(tmp_path, style):
     """A Llama 2 / Mistral style vocabulary (the prefix space by Metaspace) and a Phi-3 style one (by a normalizer),
     written by autolm convert as llama.cpp's "llama" tokenizer (scores, no merges): llama.cpp's tokens for a text
-    are autolm's, its logits the model's, and autolm and transformers read the file back as the same tokenizer."""
-    import transformers
-    from conftest import randomize
-    from spm_tokenizer import write_spm_tokenizer
+    are autolm's, and its logits the model's."""
+    from spm_tokenizer import write_spm_checkpoint
 
     from autolm.convert import convert_to_gguf
 
-    vocab = write_spm_tokenizer(str(tmp_path), style=style)
-    cls = transformers.LlamaConfig if style == "metaspace" else transformers.Phi3Config
-    cfg = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=1024)  # fmt: skip
-    hf = transformers.AutoModelForCausalLM.from_config(cfg)
-    randomize(hf)
-    hf.save_pretrained(tmp_path)
+    write_spm_checkpoint(str(tmp_path), style)
     path = convert_to_gguf(str(tmp_path), str(tmp_path / "m.gguf"), "f32")
     tok = autolm.AutoTokenizer.from_pretrained(tmp_path)
-    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False, vocab_only=True)
     # SentencePiece and llama.cpp put the prefix space before a text that starts with one too; transformers'
     # Metaspace does not, so such texts are only the same with the normalizer
     texts = SPM_TEXTS + ([" x", "  two spaces"] if style == "prepend" else [])
     with open(TEXT) as f:
-        long = f.read()[:1500]
-    for text in [*texts, long]:
+        texts.append(f.read()[:1500])
+    for text in texts:
         ids = tok.encode(text)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
-    back = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
-    for text in [*texts, " x"]:
-        ids = tok.encode(text)
-        assert back.encode(text) == theirs.encode(text) == ids, text
-        assert back.decode(ids) == tok.decode(ids)
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]

@@ -157,6 +157,55 @@ def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kin
     torch.testing.assert_close(kept, dequantized, rtol=0.02, atol=0.02 * dequantized.abs().max().item())
 
 
+@pytest.mark.parametrize("style", ["metaspace", "prepend"])
+def test_sentencepiece_vocabulary_round_trips(tmp_path, style):
+    """A SentencePiece-style vocabulary (Llama 2 / Mistral: Metaspace; Phi-3: a normalizer) goes out as llama.cpp's
+    "llama" model: scores in the merges' order and no merges, byte tokens typed BYTE, the prefix space as
+    add_space_prefix; autolm and transformers read the file back as the same tokenizer (merges from the scores),
+    and the model with the same logits. (That llama.cpp tokenizes it alike: tests/test_gguf_llamacpp.py.)"""
+    import transformers
+    from spm_tokenizer import SPECIALS, write_spm_checkpoint
+
+    write_spm_checkpoint(str(tmp_path), style)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path)
+    path = save_gguf(model, tok, str(tmp_path / "m.gguf"), "f32")
+    meta = GGUFFile(path).metadata
+    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in meta
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    types, scores = meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.scores"]
+    assert types[: len(SPECIALS) + 256] == [2, 3, 3] + [6] * 256  # <unk>, <s>, </s>, the bytes
+    merged = scores[len(SPECIALS) + 256 :]
+    assert max(merged) < 0 and len(set(merged)) > 50  # one score per merge rank
+    back = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    with open(os.path.join(os.path.dirname(__file__), "data", "english.txt")) as f:
+        long = f.read()[:1500]
+    for text in ["hello world", " x", "Unicode: \u00e9 \u2713 \u6f22\u5b57\n\n  tabs\t", long]:
+        ids = tok.encode(text)
+        assert back.encode(text) == theirs.encode(text) == ids, text
+        assert back.decode(ids) == tok.decode(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(_gguf_model(path)(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_q4_k_m_gives_attn_v_and_ffn_down_more_bits_where_llama_cpp_does(
+    checkpoint, tmp_path, smol_tokenizer
+):
+    """llama.cpp's Q4_K_M mix on two layers: use_more_bits picks the last one (7 * 2 / 8 = 1), whose attn_v and
+    ffn_down get Q6_K (Q8_0, rows of 64 / 96 not being whole 256-blocks), the others Q4_K (Q5_0); file type 15.
+    (Tensor by tensor against llama.cpp's own quantizer: tests/test_gguf_llamacpp.py.)"""
+    directory, _ = checkpoint("mistral_sliding")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "q4_k_m")
+    g = GGUFFile(path)
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in g.tensors}
+    assert g.metadata["general.file_type"] == 15
+    for name in ("attn_v", "ffn_down"):
+        assert (types[f"blk.0.{name}.weight"], types[f"blk.1.{name}.weight"]) == ("Q5_0", "Q8_0"), name
+    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q5_0"
+
+
 # ---- every family: the converter's file, read back as the model ----------------------------------------------
 
 
