@@ -12,8 +12,8 @@ K-quant (Q6_K; Q4_K and Q5_K with the head in Q6_K; llama.cpp's Q4_K_M and Q5_K_
 ffn_down Q6_K in some layers; quantized here, plainer than llama.cpp's scale search), in llama.cpp's exact block
 layouts; 1-D tensors (norms), biases and the tensors the converter keeps in F32
 (routers, GPT-2's positions) stay F32, and a matrix whose rows are not whole blocks falls back as llama.cpp's
-quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16). The tokenizer goes out with its special tokens and chat
-template: byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2) with its merges and llama.cpp's name for its
+quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16). The tokenizer goes out with its special
+tokens and chat template: byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2) with its merges and llama.cpp's name for its
 pre-tokenizer, SentencePiece-style BPE (Llama 2, Mistral, Phi-3, Gemma) with a score per token instead.
 """
 
@@ -41,10 +41,8 @@ TYPES = {"f32": (0, 0), "f16": (1, 1), "bf16": (30, 32), "q8_0": (8, 7), "q4_0":
 _BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
 # rows that are not whole 256-blocks, as llama.cpp's quantizer: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
 _FALLBACK = {12: 6, 13: 7, 14: 8}
-_HEAD = {
-    12: 14,
-    13: 14,
-}  # K-quants: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's mixes keep it
+# K-quants: the LM head (or the tied embeddings) in Q6_K, as llama.cpp's mixes keep it
+_HEAD = {12: 14, 13: 14}
 _MIXED = {15, 17}  # file types whose attn_v / ffn_down take more bits in some layers (Q4_K_M, Q5_K_M)
 
 
@@ -203,9 +201,8 @@ def quantize_k(w: np.ndarray, bits: int = 4) -> np.ndarray:
         q = np.clip(np.nan_to_num(np.round((x + low) / step)), 0, top).astype(np.uint8)  # (blocks, 8, 32)
     packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
                              (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], -1)  # fmt: skip
-    qs = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).reshape(
-        -1, 128
-    )  # sub-blocks 2j low nibbles, 2j + 1 high
+    # the low four bits: sub-blocks 2j in the low nibbles, 2j + 1 in the high ones
+    qs = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).reshape(-1, 128)
     parts = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed]
     if bits == 5:  # byte l's bit j: the fifth bit of sub-block j's weight l
         parts.append(sum(((q[:, j] >> 4) & 1) << j for j in range(8)).astype(np.uint8))
