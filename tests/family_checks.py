@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions, randomize
 
@@ -120,12 +121,18 @@ class Family:
         exported and run as exported (what the compiled code computes); AUTOLM_TEST_COMPILE=1 compiles them with
         AOTInductor too (a minute a graph; tests/test_compiled_step.py compiles representative models in the
         suite). `home`: an AUTOLM_HOME for compiled packages."""
+        with pytest.MonkeyPatch.context() as mp:  # the suite's AUTOLM_EAGER=1 comes back afterwards
+            mp.delenv("AUTOLM_EAGER", raising=False)
+            if home is not None:
+                mp.setenv("AUTOLM_HOME", str(home))
+            self._compiled_step_tokens(tmp_path_factory)
+
+    def _compiled_step_tokens(self, tmp_path_factory) -> None:
         from test_decode_steps import greedy_steps
 
         from autolm import step
         from autolm.step import graphs
 
-        os.environ.pop("AUTOLM_EAGER", None)
         compile_too = os.environ.get("AUTOLM_TEST_COMPILE") == "1"
         directory, _ = self.checkpoint(tmp_path_factory)
         model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)

@@ -218,7 +218,7 @@ def test_the_cli_runs_a_gguf_file_in_its_blocks(tmp_path, monkeypatch):
     assert isinstance(model.lm_head, torch.nn.Linear)
 
 
-def test_compiled_step_graphs_compute_on_the_blocks(tmp_path):
+def test_compiled_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
     """The one-token step's graphs derived from a model of every kept type (exported as AOTInductor compiles
     them: the blocks are graph inputs, the matrix-vector loop reads them) give the general forward's tokens."""
     from test_decode_steps import greedy_steps
@@ -229,7 +229,7 @@ def test_compiled_step_graphs_compute_on_the_blocks(tmp_path):
     model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q6_K, None), quantization="gguf")
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
     plain_tokens, plain = greedy_steps(model, ids, 8, "forward")
-    os.environ.pop("AUTOLM_EAGER", None)
+    monkeypatch.delenv("AUTOLM_EAGER")
     step.install_plan(model, graphs.exported(model))
     tokens, logits = greedy_steps(model, ids, 8, "auto")
     assert step._PLANS[model][1] is not None
