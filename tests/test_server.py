@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import shutil
+import signal
 import threading
 import time
 
@@ -265,3 +267,40 @@ def test_compiled_decode_serves_the_same_completions(checkpoint, tmp_path):
             texts = list(pool.map(complete, prompts))
     assert first == texts[0]
     assert texts == [autolm.generate_text(model, tok, p, max_new_tokens=12) for p in prompts]
+
+
+def test_a_stopped_server_leaves_no_thread_holding_the_model(checkpoint, tmp_path):
+    """SIGTERM ends serve() with no thread of its own left running: a waiting abort timer held the engine, and
+    with it the model, past the interpreter's exit, so the compiled graphs' loaders were never closed and left
+    their unpacked files in the temp folder."""
+    from autolm.bench.serving import _free_port
+    from autolm.serve.http import serve
+
+    directory = str(tmp_path / "tiny")
+    shutil.copytree(checkpoint("llama_gqa_llama3_sharded")[0], directory)
+    write_char_tokenizer(directory)
+    model, tok = (
+        autolm.AutoModelForCausalLM.from_pretrained(directory),
+        autolm.AutoTokenizer.from_pretrained(directory),
+    )
+    port = _free_port()
+
+    def stop() -> None:
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        if not returned.is_set():  # (not when serve() failed before its handlers were in place)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = set(threading.enumerate())
+    returned = threading.Event()
+    stopper = threading.Thread(target=stop, daemon=True)
+    stopper.start()
+    try:
+        serve(model, tok, NAME, port=port)
+    finally:
+        returned.set()
+    stopper.join()
+    assert [t.name for t in threading.enumerate() if t not in before] == []

@@ -106,14 +106,15 @@ def serve(
         prefill_chunk=prefill_chunk,
     )
     state = app.state.server
+    timers: list[threading.Timer] = []
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             if not state.closing:  # the first signal: new requests refused, those in flight given their time
                 state.closing = True
-                timer = threading.Timer(shutdown_timeout, state.engine.abort)
-                timer.daemon = True
-                timer.start()
+                timers.append(threading.Timer(shutdown_timeout, state.engine.abort))
+                timers[-1].daemon = True
+                timers[-1].start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -125,7 +126,14 @@ def serve(
         # the engine ends what is left at shutdown_timeout; this leaves time to send those last chunks
         timeout_graceful_shutdown=int(shutdown_timeout) + 5,
     )
-    _run_beside(Server(config), state.engine)
+    try:
+        _run_beside(Server(config), state.engine)
+    finally:
+        # a timer left waiting would hold the engine, and with it the model, past the interpreter's exit: the
+        # compiled graphs' loaders are then never closed and leave their unpacked files in the temp folder
+        for timer in timers:
+            timer.cancel()
+            timer.join()
 
 
 def _run_beside(server, engine) -> None:
