@@ -242,15 +242,21 @@ def test_a_client_that_disconnects_does_not_disturb_the_others(served, client):
     assert _health(base)["running"] == 0
 
 
-def test_compiled_decode_serves_the_same_completions(checkpoint, tmp_path):
-    """`autolm serve --compile`: concurrent requests batched through the compiled step get eager's text."""
+def _tiny(checkpoint, tmp_path):
+    """(folder, model, tokenizer): the tiny Llama with a character tokenizer, copied under tmp_path."""
     directory = str(tmp_path / "tiny")
     shutil.copytree(checkpoint("llama_gqa_llama3_sharded")[0], directory)
     write_char_tokenizer(directory)
-    model, tok = (
+    return (
+        directory,
         autolm.AutoModelForCausalLM.from_pretrained(directory),
         autolm.AutoTokenizer.from_pretrained(directory),
     )
+
+
+def test_compiled_decode_serves_the_same_completions(checkpoint, tmp_path):
+    """`autolm serve --compile`: concurrent requests batched through the compiled step get eager's text."""
+    directory, model, tok = _tiny(checkpoint, tmp_path)
     prompts = ["Hello there", "A tiny model", "Once upon a time", "xyz"]
     with serving(directory, "--compile", "--max-batch", "4") as base:
         client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
@@ -276,13 +282,7 @@ def test_a_stopped_server_leaves_no_thread_holding_the_model(checkpoint, tmp_pat
     from autolm.bench.serving import _free_port
     from autolm.serve.http import serve
 
-    directory = str(tmp_path / "tiny")
-    shutil.copytree(checkpoint("llama_gqa_llama3_sharded")[0], directory)
-    write_char_tokenizer(directory)
-    model, tok = (
-        autolm.AutoModelForCausalLM.from_pretrained(directory),
-        autolm.AutoTokenizer.from_pretrained(directory),
-    )
+    _, model, tok = _tiny(checkpoint, tmp_path)
     port = _free_port()
 
     def stop() -> None:
