@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from collections.abc import Callable
 
 import torch
@@ -32,12 +33,27 @@ class LogitsProcessor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(input_ids, scores)")
 
 
+_PARAMETERS: dict[type, list[str]] = {}
+
+
+def _parameters(processor) -> list[str]:
+    """The parameter names of processor.__call__: read once per processor class, not once per token (plain
+    functions and other callables each time)."""
+    cls = type(processor)
+    if cls not in _PARAMETERS:
+        params = list(inspect.signature(processor.__call__).parameters)
+        if not isinstance(inspect.getattr_static(cls, "__call__", None), types.FunctionType):
+            return params  # a function, a method, a builtin: not a class defining __call__
+        _PARAMETERS[cls] = params
+    return _PARAMETERS[cls]
+
+
 class LogitsProcessorList(list):
     """Processors applied in order; extra keyword arguments reach the processors that declare them."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         for processor in self:
-            params = list(inspect.signature(processor.__call__).parameters)
+            params = _parameters(processor)
             if len(params) > 2:
                 missing = [p for p in params[2:] if p not in kwargs]
                 if missing:
@@ -228,8 +244,10 @@ class _EosMask(LogitsProcessor):
         self.eos_token_id = _eos_tensor(eos_token_id, device)
 
     def _mask(self, scores: torch.Tensor) -> torch.Tensor:
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.eos_token_id.to(scores.device)), -math.inf, scores)
+        """scores with the EOS columns at -inf (ids outside the vocabulary ignored), as a new tensor: one copy
+        and a few writes, not three passes over the vocabulary."""
+        eos = self.eos_token_id.to(scores.device)
+        return scores.clone().index_fill_(-1, eos[(eos >= 0) & (eos < scores.shape[-1])], -math.inf)
 
 
 class MinLengthLogitsProcessor(_EosMask):
