@@ -37,15 +37,21 @@ _PARAMETERS: dict[type, list[str]] = {}
 
 
 def _parameters(processor) -> list[str]:
-    """The parameter names of processor.__call__: read once per processor class, not once per token (plain
-    functions and other callables each time)."""
+    """processor.__call__'s parameter names, read once per class defining __call__ (not once per token)."""
     cls = type(processor)
     if cls not in _PARAMETERS:
         params = list(inspect.signature(processor.__call__).parameters)
         if not isinstance(inspect.getattr_static(cls, "__call__", None), types.FunctionType):
-            return params  # a function, a method, a builtin: not a class defining __call__
+            return params  # a function or a builtin: read each time
         _PARAMETERS[cls] = params
     return _PARAMETERS[cls]
+
+
+def _forbid(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A copy of scores with the columns `ids` at -inf (ids outside the vocabulary ignored): one copy and a few
+    writes, not an isin over the whole vocabulary."""
+    ids = ids.to(scores.device, torch.long)
+    return scores.clone().index_fill_(-1, ids[(ids >= 0) & (ids < scores.shape[-1])], -math.inf)
 
 
 class LogitsProcessorList(list):
@@ -243,12 +249,6 @@ class _EosMask(LogitsProcessor):
     def __init__(self, eos_token_id, device="cpu"):
         self.eos_token_id = _eos_tensor(eos_token_id, device)
 
-    def _mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores with the EOS columns at -inf (ids outside the vocabulary ignored), as a new tensor: one copy
-        and a few writes, not three passes over the vocabulary."""
-        eos = self.eos_token_id.to(scores.device)
-        return scores.clone().index_fill_(-1, eos[(eos >= 0) & (eos < scores.shape[-1])], -math.inf)
-
 
 class MinLengthLogitsProcessor(_EosMask):
     """Forbids EOS while the row (prompt included) is shorter than `min_length`."""
@@ -260,7 +260,7 @@ class MinLengthLogitsProcessor(_EosMask):
         self.min_length = min_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self._mask(scores) if input_ids.shape[-1] < self.min_length else scores.clone()
+        return _forbid(scores, self.eos_token_id) if input_ids.shape[-1] < self.min_length else scores.clone()
 
 
 class MinNewTokensLengthLogitsProcessor(_EosMask):
@@ -279,7 +279,7 @@ class MinNewTokensLengthLogitsProcessor(_EosMask):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens:
-            return self._mask(scores)
+            return _forbid(scores, self.eos_token_id)
         return scores.clone()
 
 
@@ -380,8 +380,7 @@ class SuppressTokensLogitsProcessor(LogitsProcessor):
         self.suppress_tokens = torch.tensor(list(suppress_tokens), device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.suppress_tokens.to(scores.device)), -float("inf"), scores)
+        return _forbid(scores, self.suppress_tokens)
 
 
 class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
@@ -398,6 +397,4 @@ class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] != self.begin_index:
             return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        mask = torch.isin(vocab, self.begin_suppress_tokens.to(scores.device))
-        return torch.where(mask, -float("inf"), scores)
+        return _forbid(scores, self.begin_suppress_tokens)
