@@ -8,7 +8,13 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist the cores are shared between the workers: each takes its share (and so do the processes it
+# starts), so that threads never outnumber cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, torch.get_num_threads()) // _WORKERS)
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 # The CLI compiles its CPU decode step ahead of time on first use (tens of seconds per model shape): the commands
 # the tests run skip it, except in the tests of that compile (which remove this).
 os.environ.setdefault("AUTOLM_EAGER", "1")
@@ -311,6 +317,14 @@ def make_hf_model(name: str):
     if kwargs.get("dtype") == "bfloat16":
         model = model.to(torch.bfloat16)
     return model.eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _autolm_home(tmp_path_factory):
+    """The suite's own AUTOLM_HOME (models converted, steps compiled): nothing lands in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOLM_HOME", str(tmp_path_factory.mktemp("autolm_home")))
+        yield
 
 
 @pytest.fixture(scope="session")
