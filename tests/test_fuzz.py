@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autolm
-from autolm.errors import AutolmError
+from autolm.errors import AutolmError, GGUFError
 
 NAME = "qwen2_tied_bias"
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -233,6 +233,27 @@ def test_tiny_gguf_loads(tiny_gguf):
     assert model.config.num_hidden_layers == 1 and tok.encode("abc") and tok.eos_token == "</s>"
 
 
+def test_a_models_load_steps_over_the_vocabulary(tiny_gguf, tmp_path):
+    """GGUFFile(strings=False), as a model's load opens it: the same metadata, but each array of strings (the
+    vocabulary, the merges) only stepped over, its length kept; a file cut inside one is still refused."""
+    from autolm.sources.gguf import GGUFFile
+    from autolm.sources.gguf_header import SkippedStrings
+
+    path, raw = tiny_gguf
+    full, lean = GGUFFile(path).metadata, GGUFFile(path, strings=False).metadata
+    skipped = {k for k, v in lean.items() if isinstance(v, SkippedStrings)}
+    assert "tokenizer.ggml.tokens" in skipped
+    assert skipped == {k for k, v in full.items() if isinstance(v, list) and v and isinstance(v[0], str)}
+    assert all(len(lean[k]) == len(full[k]) for k in skipped)
+    assert {k: v for k, v in lean.items() if k not in skipped} == {
+        k: full[k] for k in lean if k not in skipped
+    }
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(raw[: raw.index(b"</s>") + 2])  # inside the vocabulary
+    with pytest.raises(GGUFError, match="cut.gguf"):
+        GGUFFile(str(cut), strings=False)
+
+
 @settings(max_examples=400, **SETTINGS)
 @given(data=st.data())
 def test_fuzz_gguf_metadata(tiny_gguf, tmp_path_factory, data):
@@ -252,11 +273,13 @@ def test_fuzz_gguf_metadata(tiny_gguf, tmp_path_factory, data):
             mutated[pos : pos + 8] = value.to_bytes(8, "little")
     path = tmp_path_factory.mktemp("fzg") / "m.gguf"
     path.write_bytes(bytes(mutated))
-    try:
-        config_from_gguf(GGUFFile(str(path)))
-        tokenizer_parts(str(path))
-    except AutolmError:
-        pass
+    for step in (
+        lambda: config_from_gguf(GGUFFile(str(path), strings=False)),  # a model's load
+        lambda: config_from_gguf(GGUFFile(str(path))),
+        lambda: tokenizer_parts(str(path)),
+    ):
+        with contextlib.suppress(AutolmError):
+            step()
 
 
 # ---- adapter configs ------------------------------------------------------------------------------------

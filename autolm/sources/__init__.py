@@ -151,7 +151,7 @@ class GGUFSource:
         from .gguf import GGUFFile
 
         self.directory, self.format, self.files = os.path.dirname(path), "gguf", [path]
-        self.file = GGUFFile(path)
+        self.file = GGUFFile(path, strings=False)  # the model's load reads no vocabulary
 
     def generation_config(self, config) -> GenerationConfig:
         return GenerationConfig.from_model_config(config)
