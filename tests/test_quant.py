@@ -49,6 +49,18 @@ def test_kernel_matches_dequantized_weights(bits):
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), again.state_dict().values()))
 
 
+def test_int4_packing_in_parts_equals_the_kernels_packing_of_the_whole():
+    """kernels.int4_pack packs a tall matrix some rows at a time (bounded temporaries): the same bytes as the
+    kernel's own packing of the whole matrix (parts of 96 rows would not be)."""
+    from autolm.kernels.quant import INT4_PACK, int4_pack, pack_nibbles, unpack_nibbles
+
+    if INT4_PACK.get() is None:
+        pytest.skip("no CPU int4 kernel in this torch")
+    q = torch.randint(0, 16, (4160, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = int4_pack(pack_nibbles(q))  # parts of 1,792 rows here: two, and a rest of 576
+    assert torch.equal(packed, INT4_PACK.call(unpack_nibbles(pack_nibbles(q)).to(torch.int32), 1))
+
+
 def _perplexity(model, ids):
     with torch.no_grad():
         return float(torch.exp(model(ids, labels=ids).loss))
