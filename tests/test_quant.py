@@ -57,7 +57,7 @@ def test_int4_packing_in_parts_equals_the_kernels_packing_of_the_whole():
     if INT4_PACK.get() is None:
         pytest.skip("no CPU int4 kernel in this torch")
     q = torch.randint(0, 16, (4160, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    packed = int4_pack(pack_nibbles(q))  # parts of 1,792 rows here: two, and a rest of 576
+    packed = int4_pack(pack_nibbles(q))  # parts of 448 rows here: nine, and a rest of 128
     assert torch.equal(packed, INT4_PACK.call(unpack_nibbles(pack_nibbles(q)).to(torch.int32), 1))
 
 

@@ -68,13 +68,14 @@ def int4_linear(
 def int4_pack(nibbles: torch.Tensor) -> torch.Tensor | None:
     """Nibbles (N, K / 2) uint8 (pack_nibbles) -> the CPU int4 kernel's packed layout; None where the kernel is
     missing or does not take this shape (it packs rows in blocks of 16). A multiple of 64 rows at a time (the
-    layout interleaves blocks of 64 rows, so the parts are the whole's rows), about 4 MB of the int32 temporaries
-    the kernel takes: small enough for the allocator to reuse (a whole matrix's, freed, stays in the heap), large
-    enough for the kernel's own threads (64 rows at a time took twice as long)."""
+    layout interleaves blocks of 64 rows, so the parts are the whole's rows), about 1 MB of the int32 temporaries
+    the kernel takes: small enough for the allocator to reuse (a whole matrix's, freed, stays in the heap; parts
+    of 4 MB raised SmolLM2's peak RSS by 50 MB), large enough for the kernel's threads (64 rows took twice as
+    long)."""
     if INT4_MM.get() is None or nibbles.shape[0] % 16:
         return None
     out = torch.empty_like(nibbles)
-    rows = max(64, (1 << 22) // (8 * nibbles.shape[1]) // 64 * 64)  # int32 (rows, 2 * bytes per row)
+    rows = max(64, (1 << 20) // (8 * nibbles.shape[1]) // 64 * 64)  # int32 (rows, 2 * bytes per row)
     for i in range(0, nibbles.shape[0], rows):
         part = INT4_PACK.call(unpack_nibbles(nibbles[i : i + rows]).to(torch.int32), 1)
         if part is None:
