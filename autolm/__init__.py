@@ -23,6 +23,7 @@ _EXPORTS = {
     "SmolLM3Config": "autolm.models",
     "GPT2Config": "autolm.models",
     "Gemma2Config": "autolm.models",
+    "Gemma3Config": "autolm.models",
     "Gemma3TextConfig": "autolm.models",
     "MixtralConfig": "autolm.models",
     "Qwen2MoeConfig": "autolm.models",

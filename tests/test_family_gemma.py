@@ -155,6 +155,50 @@ def test_gemma3_older_config_spelling(tmp_path_factory, tmp_path):
     assert back.rope_parameters == hf.config.rope_parameters and back.layer_types == hf.config.layer_types
 
 
+def test_gemma3_image_text_checkpoint_runs_its_language_model(tmp_path):
+    """model_type gemma3 (Gemma 3 4B and larger: a vision tower, a projector and the language model, with the
+    text settings in text_config): autolm loads the language model, skipping the vision tensors, with the logits and
+    greedy tokens of transformers' AutoModelForCausalLM (Gemma3ForConditionalGeneration) on text; saved, it is the
+    text model transformers' Gemma3ForCausalLM loads. (The image-text model applies no final soft-capping, though
+    GEMMA3's text config sets one.)"""
+    import transformers
+    from conftest import randomize
+
+    text = dict(GEMMA3.kwargs, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                       eoi_token_index=VOCAB - 2)  # fmt: skip
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path / "mm")
+    assert json.loads((tmp_path / "mm" / "config.json").read_text())["model_type"] == "gemma3"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "mm", attn_implementation="eager"
+    ).eval()
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+    assert (
+        model.config.model_type == "gemma3_text" and model.config.layer_types == GEMMA3.kwargs["layer_types"]
+    )
+    ids = torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+        greedy = dict(max_new_tokens=6, do_sample=False)
+        assert model.generate(ids, **greedy).tolist() == hf.generate(ids, **greedy).tolist()
+    model.save_pretrained(tmp_path / "text")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, atol=1e-4, rtol=1e-4)
+    d = json.loads((tmp_path / "mm" / "config.json").read_text())
+    del d["text_config"]
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="text_config"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+
+
 def test_config_errors_name_the_key(tmp_path_factory, tmp_path):
     directory = GEMMA3.checkpoint(tmp_path_factory)[0]
     for i, (change, key) in enumerate([

@@ -13,7 +13,7 @@ from ..hub import HUB_KWARGS, resolve_model_dir
 from ..nn import KVCache
 from .base import CausalLM, DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM
-from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+from .gemma3 import Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .gpt_oss import GptOssConfig, GptOssForCausalLM
 from .granite import GraniteConfig, GraniteForCausalLM
@@ -56,6 +56,9 @@ for _cls in (
     GPT2LMHeadModel,
 ):
     register(_cls.config_class.model_type, _cls.config_class, _cls)
+register(
+    Gemma3Config.model_type, Gemma3Config, Gemma3ForCausalLM
+)  # image-text checkpoints: their language model
 
 
 def gguf_families(metadata: dict | None = None) -> dict[str, type]:
@@ -121,6 +124,7 @@ __all__ = [
     "GPT2LMHeadModel",
     "Gemma2Config",
     "Gemma2ForCausalLM",
+    "Gemma3Config",
     "Gemma3ForCausalLM",
     "Gemma3TextConfig",
     "GptOssConfig",

@@ -1,4 +1,5 @@
-"""Gemma 3's text model (model_type gemma3_text): Gemma 2's layer with (1 + w) RMSNorm on queries and keys per
+"""Gemma 3's text model (model_type gemma3_text, and the language model of the image-text checkpoints, model_type
+gemma3: Gemma 3 4B and larger): Gemma 2's layer with (1 + w) RMSNorm on queries and keys per
 head and a RoPE table per layer type: sliding layers rotate with their own base (rope_local_base_freq), global
 layers with rope_theta and the checkpoint's RoPE scaling. Global every 6th layer by default
 (sliding_window_pattern). attn_logit_softcapping is read but not applied, as in transformers' Gemma 3; the final
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import GGUFLayout
+from ..nn import CheckpointRules, GGUFLayout, Ignored, Rename
 from .gemma2 import (
     GEMMA_GGUF_LAYER,
     Gemma2Config,
@@ -102,6 +103,34 @@ class Gemma3TextConfig(Gemma2Config):
         return None  # transformers' Gemma 3 attention does not pass attn_logit_softcapping on
 
 
+class Gemma3Config:
+    """transformers' Gemma3Config (model_type gemma3: the image-text checkpoints, Gemma 3 4B and larger). autolm runs
+    their language model: the config is its `text_config`, read as a Gemma3TextConfig (top-level settings it
+    leaves out, such as tie_word_embeddings and dtype, taken from the outer config), and loading skips the vision
+    tower's and projector's tensors (Gemma3ForCausalLM.checkpoint_rules). Its logits on text are the image-text
+    model's: as transformers' Gemma3ForConditionalGeneration, no final soft-capping whatever text_config says
+    (final_logit_softcapping is read as None). Saved, it is the text model transformers' Gemma3ForCausalLM loads,
+    with the same logits."""
+
+    model_type: ClassVar[str] = "gemma3"
+
+    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Gemma3TextConfig:
+        return cls.from_dict({"text_config": text_config or {}, **kwargs})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Gemma3TextConfig:
+        text = d.get("text_config") if isinstance(d, dict) else None
+        if not isinstance(text, dict):
+            raise ConfigError(
+                f"{source}: model_type 'gemma3' needs a text_config object (the language model's settings), "
+                f"found {str(text)[:100]}"
+            )
+        outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
+        return Gemma3TextConfig.from_dict(
+            {**outer, **text, "final_logit_softcapping": None}, source, **overrides
+        )
+
+
 class Gemma3DecoderLayer(Gemma2DecoderLayer):
     """Gemma 2's layer as Gemma3TextConfig sets it up (q/k norms, no score soft-capping, RoPE by layer type)."""
 
@@ -129,6 +158,13 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """transformers' Gemma3ForCausalLM (the text model; model_type gemma3_text)."""
 
     config_class = Gemma3TextConfig
+    checkpoint_rules = CheckpointRules(
+        [  # the image-text checkpoints (Gemma3Config): their language model's tensors, saved as the text model's
+            Rename(r"^(language_model\.model|model\.language_model)\.", "model.", r"(?!)", ""),
+            Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
+            Ignored(r"(model\.)?(vision_tower|multi_modal_projector)\..+"),
+        ]
+    )
     gguf = GGUFLayout(
         "gemma3",
         config=(("attention.key_length", "head_dim"), ("final_logit_softcapping", "final_logit_softcapping")),
