@@ -109,6 +109,30 @@ def test_template_semantics_raise_exception_and_special_tokens(tmp_path, smol_di
         ours.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
+def test_named_templates_in_files_as_transformers_saves_them(tmp_path, smol_dir):
+    """Several templates, saved by transformers as chat_template.jinja plus additional_chat_templates/<name>.jinja
+    (files that replace tokenizer_config.json's template): read as transformers reads them, rendered by name, and
+    saved so that transformers reads them back."""
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(smol_dir)
+    ref.chat_template = {
+        "default": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+        "tool_use": "{{ tools | length }} tools{% for m in messages %} [{{ m.content }}]{% endfor %}",
+    }
+    ref.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    ours = autolm.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert ours.chat_template == ref.chat_template and set(ours.chat_template) == {"default", "tool_use"}
+    msgs, tools = [{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f"}}]
+    for name in (None, "tool_use"):
+        kw = dict(chat_template=name, tools=tools, tokenize=False)
+        assert ours.apply_chat_template(msgs, **kw) == ref.apply_chat_template(msgs, **kw)
+    ours.save_pretrained(tmp_path / "again")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == ref.chat_template
+
+
 def test_tokenizer_save_round_trip(tmp_path, tokenizers):
     ours, _ref = tokenizers
     ours.save_pretrained(tmp_path)

@@ -36,16 +36,35 @@ def _read_backend(directory: str):
         raise TokenizerError(f"{path}: cannot be parsed as a tokenizer ({e})") from None
 
 
+def _read_jinja(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_TEMPLATE_OUTPUT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+
+
+def _template_files(directory: str) -> dict[str, str]:
+    """Templates in files, as transformers saves them: chat_template.jinja ("default") and, for named ones,
+    additional_chat_templates/<name>.jinja."""
+    found = {}
+    if os.path.isfile(os.path.join(directory, "chat_template.jinja")):
+        found["default"] = _read_jinja(os.path.join(directory, "chat_template.jinja"))
+    extra = os.path.join(directory, "additional_chat_templates")
+    if os.path.isdir(extra):
+        for name in sorted(os.listdir(extra)):
+            if name.endswith(".jinja") and os.path.isfile(os.path.join(extra, name)):
+                found[name.removesuffix(".jinja")] = _read_jinja(os.path.join(extra, name))
+    return found
+
+
 def _read_template(directory: str, config: dict[str, Any]) -> str | dict[str, str] | None:
-    """The chat template: chat_template.jinja wins over tokenizer_config.json; a list becomes {name: template}."""
+    """The chat template: templates in files (_template_files) replace tokenizer_config.json's, as in
+    transformers; one default template is a string, several a {name: template} dict, as is a list in the config."""
+    files = _template_files(directory)
+    if files:
+        return files["default"] if list(files) == ["default"] else files
     template: Any = config.get("chat_template")
-    jinja_path = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(jinja_path):
-        try:
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read(MAX_TEMPLATE_OUTPUT + 1)
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{jinja_path}: cannot be read as UTF-8 text ({e})") from None
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
         if not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
