@@ -192,11 +192,29 @@ def test_gemma3_image_text_checkpoint_runs_its_language_model(tmp_path):
     assert type(back).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, want, atol=1e-4, rtol=1e-4)
+    _image_text_adapter(hf, model, ids, want, tmp_path)
     d = json.loads((tmp_path / "mm" / "config.json").read_text())
     del d["text_config"]
     (tmp_path / "mm" / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="text_config"):
         autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+
+
+def _image_text_adapter(hf, model, ids, base, tmp_path):
+    """A peft adapter trained on the image-text model (its tensors named model.language_model.*, and the vision
+    tower's q/v projections targeted too): loaded on autolm's language model, the text logits are peft's."""
+    import peft
+
+    from autolm.lora import PeftModel
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(hf, config).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = PeftModel.from_pretrained(model, tmp_path / "adapter")
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert (want - base).abs().max() > 1e-2  # the adapter changes the text logits
+        torch.testing.assert_close(ours(ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_config_errors_name_the_key(tmp_path_factory, tmp_path):

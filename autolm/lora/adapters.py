@@ -96,7 +96,10 @@ def load_state(
     prefix: str,
 ) -> None:
     """Copy an adapter's tensors (peft's names, `prefix` first) into its parameters; every LoRA tensor must be
-    there and every tensor must fit, or AdapterError names them."""
+    there and every tensor must fit, or AdapterError names them. Names are read as the model's checkpoint rules
+    read its checkpoint's (an adapter trained on Gemma 3's image-text model names `model.language_model.*`), and
+    tensors of modules those rules skip (its vision tower) are left out."""
+    weights = _model_names(model, weights, prefix)
     params = dict(model.named_parameters())
     expected = {key: pname for pname, key in disk_names(model, config, name, prefix).items()}
     unknown = sorted(k for k in weights if k not in expected)
@@ -117,6 +120,18 @@ def load_state(
     with torch.no_grad():
         for key, t in weights.items():
             params[expected[key]].copy_(t.to(params[expected[key]].dtype))
+
+
+def _model_names(model: nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    rules = getattr(model, "checkpoint_rules", None)
+    if not rules:
+        return weights
+    out = {}
+    for key, t in weights.items():
+        name = rules.renamed(key.removeprefix(prefix)) if key.startswith(prefix) else key
+        if not rules.ignores(name):
+            out[prefix + name if key.startswith(prefix) else name] = t
+    return out
 
 
 def remove(model: nn.Module, name: str) -> None:

@@ -73,10 +73,15 @@ class CheckpointRules:
         """Whether the tensor the model calls `name` (after to_model) is one the model does not hold."""
         return any(p.fullmatch(name) for p in self._ignored)
 
-    def to_model(self, name: str) -> tuple[str, tuple[Stacked, int, int] | None]:
-        """(model name, None) for a whole tensor, or (model name of the stacked parameter, (rule, expert, part))."""
+    def renamed(self, name: str) -> str:
+        """A checkpoint's name for a module or tensor under the model's (the Rename rules only)."""
         for r in self.renames:
             name = re.sub(r.checkpoint, r.model, name)
+        return name
+
+    def to_model(self, name: str) -> tuple[str, tuple[Stacked, int, int] | None]:
+        """(model name, None) for a whole tensor, or (model name of the stacked parameter, (rule, expert, part))."""
+        name = self.renamed(name)
         for rule, pattern in self._piece.items():
             m = pattern.fullmatch(name)
             if m:
