@@ -319,6 +319,16 @@ def make_hf_model(name: str):
     return model.eval()
 
 
+@pytest.fixture
+def private_registry(monkeypatch):
+    """The family registry as a copy for one test: a family the test registers leaves with it (other tests in the
+    same worker process list the registered families)."""
+    from autolm import models
+
+    monkeypatch.setattr(models, "CONFIG_CLASSES", dict(models.CONFIG_CLASSES))
+    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _autolm_home(tmp_path_factory):
     """The suite's own AUTOLM_HOME (models converted, steps compiled): nothing lands in the user's ~/.cache."""

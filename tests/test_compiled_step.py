@@ -139,7 +139,7 @@ class VariantForCausalLM(CausalLM):
         return torch.tanh(logits / 30.0) * 30.0
 
 
-def test_a_family_from_one_file_gets_both_fast_steps(home, tmp_path):
+def test_a_family_from_one_file_gets_both_fast_steps(home, tmp_path, private_registry):
     autolm.register("test_variant", VariantConfig, VariantForCausalLM)
     config = VariantConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip

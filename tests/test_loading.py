@@ -169,7 +169,7 @@ def test_config_round_trip_keeps_unknown_keys(checkpoint, tmp_path):
         assert out[k] == v, k
 
 
-def test_register_a_new_family(checkpoint, tmp_path):
+def test_register_a_new_family(checkpoint, tmp_path, private_registry):
     from dataclasses import dataclass
     from typing import ClassVar
 
