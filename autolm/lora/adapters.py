@@ -128,9 +128,10 @@ def _model_names(model: nn.Module, weights: dict[str, torch.Tensor], prefix: str
         return weights
     out = {}
     for key, t in weights.items():
-        name = rules.renamed(key.removeprefix(prefix)) if key.startswith(prefix) else key
+        head = prefix if key.startswith(prefix) else ""
+        name = rules.renamed(key[len(head) :])
         if not rules.ignores(name):
-            out[prefix + name if key.startswith(prefix) else name] = t
+            out[head + name] = t
     return out
 
 

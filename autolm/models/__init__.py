@@ -56,9 +56,8 @@ for _cls in (
     GPT2LMHeadModel,
 ):
     register(_cls.config_class.model_type, _cls.config_class, _cls)
-register(
-    Gemma3Config.model_type, Gemma3Config, Gemma3ForCausalLM
-)  # image-text checkpoints: their language model
+# Gemma 3's image-text checkpoints: their language model
+register(Gemma3Config.model_type, Gemma3Config, Gemma3ForCausalLM)
 
 
 def gguf_families(metadata: dict | None = None) -> dict[str, type]:
