@@ -129,8 +129,20 @@ def test_named_templates_in_files_as_transformers_saves_them(tmp_path, smol_dir)
     for name in (None, "tool_use"):
         kw = dict(chat_template=name, tools=tools, tokenize=False)
         assert ours.apply_chat_template(msgs, **kw) == ref.apply_chat_template(msgs, **kw)
-    ours.save_pretrained(tmp_path / "again")
+    written = ours.save_pretrained(tmp_path / "again")
+    assert {os.path.relpath(p, tmp_path / "again") for p in written} >= {
+        "chat_template.jinja",
+        os.path.join("additional_chat_templates", "tool_use.jinja"),
+    }
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == ref.chat_template
+    # Saved over the folder transformers wrote: its template files are replaced, not left to win over the new ones.
+    ours.chat_template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    ours.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "additional_chat_templates").exists()
+    for tok in (autolm, transformers):
+        again = tok.AutoTokenizer.from_pretrained(tmp_path / "saved")
+        assert again.chat_template == ours.chat_template
+        assert again.apply_chat_template(msgs, tokenize=False) == "<hi>"
 
 
 def test_tokenizer_save_round_trip(tmp_path, tokenizers):

@@ -11,7 +11,7 @@ from ..errors import TokenizerError
 from ..hub import HUB_KWARGS, resolve_model_dir
 from .chat import ChatTemplates
 from .encoding import BatchEncoding, pad_rows
-from .files import TOKENIZER_FILES, read_tokenizer_dir, write_tokenizer
+from .files import SAVED_FILES, read_tokenizer_dir, write_tokenizer
 from .special import SpecialTokens
 
 _TRUNCATIONS = ("longest_first", "only_first", "only_second")
@@ -23,7 +23,7 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 class Tokenizer(SpecialTokens, ChatTemplates):
     """Wraps a `tokenizers.Tokenizer` with transformers' calling conventions."""
 
-    saved_files = TOKENIZER_FILES  # what save_pretrained writes (and may replace)
+    saved_files = SAVED_FILES  # what save_pretrained writes (and may replace)
     is_fast = True
 
     def __init__(
@@ -78,9 +78,9 @@ class Tokenizer(SpecialTokens, ChatTemplates):
         return self.backend
 
     def save_pretrained(self, directory: str | os.PathLike, **_: Any) -> tuple[str, ...]:
-        """Write tokenizer.json and tokenizer_config.json (with the chat template), both or neither."""
-        write_tokenizer(self, directory)
-        return tuple(os.path.join(os.fspath(directory), n) for n in TOKENIZER_FILES)
+        """Write tokenizer.json, tokenizer_config.json and the chat templates (chat_template.jinja, and named
+        ones in additional_chat_templates/, as transformers writes them), all or none; the paths written."""
+        return tuple(os.path.join(os.fspath(directory), n) for n in write_tokenizer(self, directory))
 
     # ---- encoding -----------------------------------------------------------------------------
 

@@ -12,7 +12,12 @@ from ..chat_template import MAX_TEMPLATE_OUTPUT
 from ..errors import TokenizerError
 from .special import SPECIAL, token_content
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained writes
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained always writes
+TEMPLATE_FILES = (
+    "chat_template.jinja",
+    "additional_chat_templates",
+)  # and the chat templates, as transformers
+SAVED_FILES = TOKENIZER_FILES + TEMPLATE_FILES  # what a save replaces in its folder
 # transformers' loading switches that mean nothing here: autolm always runs the fast `tokenizers` backend
 IGNORED_KWARGS = ("use_fast", "trust_remote_code", "legacy", "add_prefix_space")
 
@@ -152,8 +157,29 @@ def _add_declared_tokens(backend, config: dict[str, Any], special: dict[str, Any
         (backend.add_special_tokens if token.special else backend.add_tokens)([token])
 
 
-def write_tokenizer(tok, directory: str | os.PathLike) -> None:
-    """Write tokenizer.json and tokenizer_config.json (with the chat template), both or neither."""
+def _template_texts(template: str | dict[str, str] | None) -> dict[str, str]:
+    """{path in the folder: text} of the chat templates as transformers saves them (read back by
+    _template_files): the template, or the "default" one, as chat_template.jinja, the others by name."""
+    if not template:
+        return {}
+    if isinstance(template, str):
+        return {"chat_template.jinja": template}
+    out = {}
+    for name, text in template.items():
+        if name == "default":
+            out["chat_template.jinja"] = text
+        elif not name or os.path.basename(name) != name or name.startswith("."):
+            raise TokenizerError(
+                f"chat template name {name!r} cannot name a file (additional_chat_templates/)"
+            )
+        else:
+            out[f"additional_chat_templates/{name}.jinja"] = text
+    return out
+
+
+def write_tokenizer(tok, directory: str | os.PathLike) -> tuple[str, ...]:
+    """Write tokenizer.json, tokenizer_config.json and the chat templates' files, all or none (replacing the
+    templates' files a previous save left, which would otherwise win over these); their paths in the folder."""
     cfg = {
         k: v
         for k, v in tok.init_kwargs.items()
@@ -167,14 +193,11 @@ def write_tokenizer(tok, directory: str | os.PathLike) -> None:
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     if tok.model_max_length:
         cfg["model_max_length"] = tok.model_max_length
-    if tok.chat_template:
-        cfg["chat_template"] = (
-            tok.chat_template
-            if isinstance(tok.chat_template, str)
-            else [{"name": k, "template": v} for k, v in tok.chat_template.items()]
-        )
-    texts = (tok.backend.to_str(), json.dumps(cfg, indent=2, ensure_ascii=False))
-    with atomic_directory(directory, owned=TOKENIZER_FILES.__contains__) as tmp:
-        for name, text in zip(TOKENIZER_FILES, texts):
+    texts = dict(zip(TOKENIZER_FILES, (tok.backend.to_str(), json.dumps(cfg, indent=2, ensure_ascii=False))))
+    texts.update(_template_texts(tok.chat_template))
+    with atomic_directory(directory, owned=SAVED_FILES.__contains__) as tmp:
+        for name, text in texts.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
+    return tuple(texts)
