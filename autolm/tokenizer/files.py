@@ -13,10 +13,8 @@ from ..errors import TokenizerError
 from .special import SPECIAL, token_content
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained always writes
-TEMPLATE_FILES = (
-    "chat_template.jinja",
-    "additional_chat_templates",
-)  # and the chat templates, as transformers
+# and the chat templates' files, as transformers saves them
+TEMPLATE_FILES = ("chat_template.jinja", "additional_chat_templates")
 SAVED_FILES = TOKENIZER_FILES + TEMPLATE_FILES  # what a save replaces in its folder
 # transformers' loading switches that mean nothing here: autolm always runs the fast `tokenizers` backend
 IGNORED_KWARGS = ("use_fast", "trust_remote_code", "legacy", "add_prefix_space")
