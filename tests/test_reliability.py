@@ -407,3 +407,16 @@ def test_nan_logits_during_generation_raise(model_dir):
         model.model.norm.weight[0] = float("nan")
     with pytest.raises(GenerationError, match="NaN or infinite logits"):
         model.generate(IDS, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    "at", [0, 17, 49151]
+)  # the first value, inside a vector, the tail after the last vector
+def test_finite_check_finds_each_bad_value(bad, at):
+    from autolm.generation.decode import _finite
+
+    x = torch.randn(2, 49152)
+    assert _finite(x)
+    x[1, at] = bad
+    assert not _finite(x)
