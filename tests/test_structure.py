@@ -103,7 +103,8 @@ def test_no_function_over_80_lines():
 
 
 def test_from_pretrained_changes_no_process_wide_setting(checkpoint):
-    """glibc's malloc settings stay as they were (the command line opts in to changing them)."""
+    """glibc's malloc settings and Python's collector stay as they were (the command line opts in to
+    changing them)."""
     directory, _ = checkpoint("qwen2_tied_bias")
     code = (
         "import sys, torch, autolm\n"
@@ -111,6 +112,8 @@ def test_from_pretrained_changes_no_process_wide_setting(checkpoint):
         "autolm.from_pretrained(sys.argv[1])\n"
         "import autolm.malloc as m\n"
         "assert m.keep_freed_memory.cache_info().currsize == 0, 'malloc tuned by a library call'\n"
+        "import gc\n"
+        "assert gc.get_freeze_count() == 0, 'objects frozen by a library call'\n"
         "assert before == (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n"
     )
     subprocess.run([sys.executable, "-c", code, directory], check=True, timeout=300)

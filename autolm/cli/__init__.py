@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(
             args.threads
         )  # the command is the whole process: its thread count is ours to set
-    from ..malloc import keep_freed_memory
+    from ..malloc import keep_freed_memory, settle_imports
 
     keep_freed_memory()  # the command line opts in to reusing freed activation memory (see malloc.py)
+    settle_imports()  # and to leaving torch's objects out of the garbage collector's full passes
     try:
         return args.func(args)
     except AutolmError as e:
