@@ -52,6 +52,11 @@ def _i32(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return b[..., lo:hi].to(torch.int32)
 
 
+def _i8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 values below 128 as int8 (the same bytes), so that subtracting gives signed quants."""
+    return x.view(torch.int8)
+
+
 def _half(b: torch.Tensor, at: int) -> torch.Tensor:
     """The little-endian fp16 at byte `at` of each block, as float32 (..., 1)."""
     bits = _i32(b, at, at + 1) | (_i32(b, at + 1, at + 2) << 8)
@@ -59,9 +64,10 @@ def _half(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _bits(x: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """x (..., n) int32 -> (..., count, n): the `width`-bit fields at shifts 0, width, 2 width, ..."""
-    shifts = torch.arange(0, width * count, width, dtype=torch.int32, device=x.device)
-    return (x.unsqueeze(-2) >> shifts.unsqueeze(-1)) & ((1 << width) - 1)
+    """x (..., n) -> (..., count, n) of x's dtype: the `width`-bit fields at shifts 0, width, 2 width, ... Bytes
+    (uint8) stay bytes: unpacking reads and writes a quarter of what int32 temporaries take."""
+    mask = (1 << width) - 1
+    return torch.stack([x & mask, *((x >> s) & mask for s in range(width, width * count, width))], -2)
 
 
 def _u32(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -73,8 +79,8 @@ def _u32(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _nibbles(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Bytes lo..hi of each block as 4-bit values: (..., 2, hi - lo), the low nibbles first."""
-    return _bits(_i32(b, lo, hi), 4, 2)
+    """Bytes lo..hi of each block as 4-bit values, uint8 (..., 2, hi - lo), the low nibbles first."""
+    return _bits(b[..., lo:hi], 4, 2)
 
 
 # Each type's blocks (..., blocks, bytes) -> (q, scale, low): q (..., groups, group) the integer quants (or the
@@ -85,15 +91,15 @@ def _nibbles(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 def _q4(b, kind):  # 32 weights: the low nibbles of 16 bytes, then their high nibbles
     if kind == Q4_0:
-        return _nibbles(b, 2, 18) - 8, _half(b, 0), None
+        return _i8(_nibbles(b, 2, 18)) - 8, _half(b, 0), None
     return _nibbles(b, 4, 20), _half(b, 0), _half(b, 2)
 
 
 def _q5(b, kind):  # Q4's nibbles plus a fifth bit from a 32-bit mask
     at = 2 if kind == Q5_0 else 4
     shifts = torch.arange(32, dtype=torch.int32, device=b.device).view(2, 16)
-    q = _nibbles(b, at + 4, at + 20) | (((_u32(b, at).unsqueeze(-1) >> shifts) & 1) << 4)
-    return (q - 16, _half(b, 0), None) if kind == Q5_0 else (q, _half(b, 0), _half(b, 2))
+    q = _nibbles(b, at + 4, at + 20) | (((_u32(b, at).unsqueeze(-1) >> shifts) & 1) << 4).to(torch.uint8)
+    return (_i8(q) - 16, _half(b, 0), None) if kind == Q5_0 else (q, _half(b, 0), _half(b, 2))
 
 
 def _q8_0(b, kind):
@@ -102,25 +108,25 @@ def _q8_0(b, kind):
 
 def _two_bits(b: torch.Tensor, lo: int) -> torch.Tensor:
     """Q2_K / Q3_K: 64 bytes of 2-bit quants -> (..., 16, 16) in the order of their 16 scales."""
-    q = _bits(_i32(b, lo, lo + 64).unflatten(-1, (2, 2, 16)), 2, 4)  # (..., half, 16 bytes, shift, 16)
+    q = _bits(b[..., lo : lo + 64].unflatten(-1, (2, 2, 16)), 2, 4)  # (..., half, 16 bytes, shift, 16)
     return q.transpose(-3, -2).flatten(-4, -2)
 
 
 def _q2_k(b, kind):
-    sc = _i32(b, 0, 16)
+    sc = b[..., 0:16]
     return _two_bits(b, 16), _half(b, 80) * (sc & 15), -(_half(b, 82) * (sc >> 4))
 
 
 def _q3_k(b, kind):
-    low = _bits(_i32(b, 96, 104), 4, 2).flatten(-2)  # 16 x 4 low bits of the 6-bit scales
-    high = _bits(_i32(b, 104, 108), 2, 4).flatten(-2)
-    qh = _bits(_i32(b, 0, 32).unflatten(-1, (2, 16)), 1, 8).transpose(-3, -2).flatten(-3, -2)
-    q = _two_bits(b, 32) - ((qh ^ 1) << 2)  # a set bit means no offset
-    return q, _half(b, 108) * ((low | (high << 4)) - 32), None
+    low = _bits(b[..., 96:104], 4, 2).flatten(-2)  # 16 x 4 low bits of the 6-bit scales
+    high = _bits(b[..., 104:108], 2, 4).flatten(-2)
+    qh = _bits(b[..., 0:32].unflatten(-1, (2, 16)), 1, 8).transpose(-3, -2).flatten(-3, -2)
+    q = _i8(_two_bits(b, 32)) - _i8((qh ^ 1) << 2)  # a set bit means no offset
+    return q, _half(b, 108) * (_i8(low | (high << 4)) - 32), None
 
 
 def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: 12 bytes (..., 12) int32 -> eight 6-bit scales and eight 6-bit mins (..., 8)."""
+    """Q4_K / Q5_K: 12 bytes (..., 12) uint8 -> eight 6-bit scales and eight 6-bit mins (..., 8)."""
     d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
     sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], -1)
     mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
@@ -128,29 +134,29 @@ def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q45_k(b, kind):
-    sc, mn = _scale_min_k4(_i32(b, 4, 16))
+    sc, mn = _scale_min_k4(b[..., 4:16])
     at = 16 if kind == Q4_K else 48
-    q = _bits(_i32(b, at, at + 128).unflatten(-1, (4, 32)), 4, 2).flatten(-3, -2)  # (..., 8, 32)
+    q = _bits(b[..., at : at + 128].unflatten(-1, (4, 32)), 4, 2).flatten(-3, -2)  # (..., 8, 32)
     if kind == Q5_K:
-        q = q | (_bits(_i32(b, 16, 48), 1, 8) << 4)
+        q = q | (_bits(b[..., 16:48], 1, 8) << 4)
     return q, _half(b, 0) * sc, -(_half(b, 2) * mn)
 
 
 def _q6_k(b, kind):
-    ql = _bits(_i32(b, 0, 128).unflatten(-1, (2, 2, 2, 16)), 4, 2)  # (..., half, 32 bytes, 16, nibble, 16)
+    ql = _bits(b[..., 0:128].unflatten(-1, (2, 2, 2, 16)), 4, 2)  # (..., half, 32 bytes, 16, nibble, 16)
     ql = ql.movedim(-2, -4).flatten(-5, -2)  # (..., 16 groups, 16)
-    qh = _bits(_i32(b, 128, 192).unflatten(-1, (2, 2, 16)), 2, 4).transpose(-3, -2).flatten(-4, -2)
-    return (ql | (qh << 4)) - 32, _half(b, 208) * b[..., 192:208].view(torch.int8).float(), None
+    qh = _bits(b[..., 128:192].unflatten(-1, (2, 2, 16)), 2, 4).transpose(-3, -2).flatten(-4, -2)
+    return _i8(ql | (qh << 4)) - 32, _half(b, 208) * b[..., 192:208].view(torch.int8).float(), None
 
 
 def _iq4(b, kind):
     table = torch.tensor(_IQ4_VALUES, dtype=torch.float32, device=b.device)
-    if kind == IQ4_NL:
-        return table[_nibbles(b, 2, 18)], _half(b, 0), None
+    if kind == IQ4_NL:  # code book indices as int32 (uint8 index tensors would be masks)
+        return table[_nibbles(b, 2, 18).int()], _half(b, 0), None
     low = _bits(_i32(b, 4, 8), 4, 2).transpose(-1, -2).flatten(-2)  # (..., 8)
     high = _bits(_i32(b, 2, 3) | (_i32(b, 3, 4) << 8), 2, 8).flatten(-2)
-    q = _bits(_i32(b, 8, 136).unflatten(-1, (8, 16)), 4, 2).flatten(-3, -2)  # (..., 16, 16)
-    return table[q], _half(b, 0) * ((low | (high << 4)) - 32), None
+    q = _bits(b[..., 8:136].unflatten(-1, (8, 16)), 4, 2).flatten(-3, -2)  # (..., 16, 16)
+    return table[q.int()], _half(b, 0) * ((low | (high << 4)) - 32), None
 
 
 _PARTS = {
