@@ -244,3 +244,24 @@ def test_a_kept_model_refuses_to_save_in_the_hf_layout(tmp_path):
     with pytest.raises(AutolmError, match="quantization='gguf'"):
         model.save_pretrained(tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_tensor_data_off_the_8_byte_alignment_is_refused(tmp_path):
+    """GGUF aligns tensor data to general.alignment, a multiple of 8; the blocks' fp16 scales are read as views
+    of their bytes, so a file that puts a tensor at an odd offset is refused by name, not misread."""
+    from autolm.errors import GGUFError
+    from autolm.sources.gguf import GGUFFile
+
+    path = str(tmp_path / "odd.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_custom_alignment(1)
+    w.add_tensor("a.weight", np.zeros(3, dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.I8)
+    w.add_tensor(
+        "token_embd.weight", random_blocks(K.Q8_0, 4, 32, seed=0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+    )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=r"tensor '[a-z_.]+' starts at byte \d+, not a multiple of 8"):
+        GGUFFile(path)

@@ -58,9 +58,9 @@ def _i8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _half(b: torch.Tensor, at: int) -> torch.Tensor:
-    """The little-endian fp16 at byte `at` of each block, as float32 (..., 1)."""
-    bits = _i32(b, at, at + 1) | (_i32(b, at + 1, at + 2) << 8)
-    return bits.to(torch.int16).view(torch.float16).float()
+    """The little-endian fp16 at byte `at` of each block, as float32 (..., 1): a view of the two bytes (blocks,
+    rows and the file's tensor data all start at even offsets), 4 us against 18 for assembling the bits."""
+    return b[..., at : at + 2].view(torch.float16).float()
 
 
 def _bits(x: torch.Tensor, width: int, count: int) -> torch.Tensor:

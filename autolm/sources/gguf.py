@@ -88,6 +88,11 @@ class GGUFFile:
             rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
             row_bytes = shape[0] // block * type_size
             begin = start + offset
+            if begin % 8:  # the blocks' fp16 scales and float tensors are read as views of the bytes
+                raise GGUFError(
+                    f"{path}: tensor {name!r} starts at byte {begin}, not a multiple of 8 (GGUF aligns tensor "
+                    "data to general.alignment, which must be a multiple of 8)"
+                )
             n_bytes = rows * row_bytes
             data = (
                 self._map[begin : begin + n_bytes].reshape(rows, row_bytes)
