@@ -40,6 +40,14 @@ def compiled(model) -> bool:
     return cached is not None and cached[1] is not None
 
 
+def assert_subnormals_kept():
+    """Loading compiled graphs leaves the process's floating point as it was: a library built with gcc's
+    -ffast-math / -funsafe-math-optimizations links crtfastmath.o, which flushes subnormals to zero process-wide."""
+    tiny = 2.2250738585072014e-308  # the smallest normal double
+    assert tiny / 2 > 0, "subnormal doubles flushed to zero"
+    assert torch.tensor([1e-40]).mul(1).item() > 0, "subnormal floats flushed to zero"
+
+
 def check_against_eager(model, truth_model, n=24):
     """fp32: the forward's tokens and logits. bf16 and quantized: teacher-forced on the fp32 model's tokens,
     logits within bf16 rounding of the eager step's and no further from the fp32 model's."""
@@ -48,6 +56,7 @@ def check_against_eager(model, truth_model, n=24):
     eager_tokens, eager = greedy_steps(model, prompt(), n, "eager", forced=None if fp32 else fed)
     assert not compiled(model)  # nothing is compiled until asked
     assert model.precompile_decode()
+    assert_subnormals_kept()
     tokens, logits = greedy_steps(model, prompt(), n, "auto", forced=None if fp32 else fed)
     assert compiled(model)
     if fp32:
