@@ -225,7 +225,7 @@ def _matvec(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | 
 def planar(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A PLANAR type's rows, raw bytes (rows, bytes per row) -> (q int8 (rows, columns), scale float32 (rows,
     groups), low float32 (rows, groups) or None): value = scale * q + low, PLANAR[kind] columns per group.
-    Computed a few rows at a time (the unpacking's int32 temporaries stay small)."""
+    Computed a few rows at a time (the unpacking's temporaries stay small)."""
     n, width = raw.shape
     columns = width // BLOCKS[kind][1] * BLOCKS[kind][0]
     groups = columns // PLANAR[kind]
