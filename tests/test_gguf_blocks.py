@@ -48,6 +48,14 @@ def random_blocks(kind: int, rows: int, cols: int, seed: int = 0, scale: float =
     return raw.reshape(rows, -1)
 
 
+def test_type_tables_are_ggufs():
+    """autolm's own names and block sizes (read without importing gguf) are the gguf package's."""
+    assert set(K.NAMES) == set(K.BLOCKS)
+    for kind, name in K.NAMES.items():
+        assert gguf.GGMLQuantizationType(kind).name == name
+        assert tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]) == K.BLOCKS[kind]
+
+
 @pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_blocks_dequantize_as_gguf_does(kind):
     raw = random_blocks(kind, 5, 512, seed=kind)
@@ -265,3 +273,18 @@ def test_tensor_data_off_the_8_byte_alignment_is_refused(tmp_path):
     w.close()
     with pytest.raises(GGUFError, match=r"tensor '[a-z_.]+' starts at byte \d+, not a multiple of 8"):
         GGUFFile(path)
+
+
+def test_loading_kept_blocks_leaves_the_gguf_package_unimported(tmp_path):
+    """A twentieth of a second of every GGUF load: the types autolm keeps are named from its own table."""
+    import subprocess
+    import sys
+
+    write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)
+    code = (
+        "import sys, autolm\n"
+        f"autolm.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, gguf_file='tiny.gguf',"
+        " quantization='gguf', progress=False)\n"
+        "assert 'gguf' not in sys.modules, 'gguf imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

@@ -40,6 +40,10 @@ BLOCKS = {
     IQ4_NL: (32, 18),
     IQ4_XS: (256, 136),
 }
+NAMES = {  # gguf.GGMLQuantizationType's names for these types (the gguf package takes a twentieth of a second to import)
+    F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0",
+    Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
+}  # fmt: skip
 FLOAT = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # Types repacked into planes while loading -> weights per scale (group).

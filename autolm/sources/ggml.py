@@ -23,6 +23,8 @@ _MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GGUFFile -> ui
 
 
 def type_name(kind: int) -> str:
+    if kind in K.NAMES:
+        return K.NAMES[kind]
     import gguf
 
     try:
