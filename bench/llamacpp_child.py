@@ -46,11 +46,13 @@ def greedy(tokens, n):
 
 greedy(prompt, 1)
 t_first = time.time() - T0
+t_after_import = time.perf_counter() - t_import  # Llama() -> first token
 res = {
     "import": t_import - t,
     "load": t_load - t_import,
     "load_rss": load_peak,
     "ttft": t_first,
+    "load_first": t_after_import,
     "first_token_rss": status("VmHWM"),
 }
 import random  # noqa: E402

@@ -51,12 +51,14 @@ prompt = torch.arange(10, 42)[None]
 with torch.inference_mode():
     model.generate(prompt, max_new_tokens=1, do_sample=False)
 t_first = time.time() - T0
+t_after_import = time.perf_counter() - t_import  # from_pretrained -> first token
 first_peak = status("VmHWM")
 res = {
     "import": t_import - t_torch,
     "load": t_load - t_import,
     "load_rss": load_peak,
     "ttft": t_first,
+    "load_first": t_after_import,
     "first_token_rss": first_peak,
 }
 with torch.inference_mode():

@@ -2,7 +2,8 @@
 
 For each file, autolm keeping its blocks (quantization="gguf", its CPU decode step compiled ahead of time) against
 llama.cpp (llama-cpp-python, bench/llamacpp_child.py) on the same file, each repetition a fresh process measured
-as `autolm bench` measures: load, peak RSS, process start -> first token, prefill and decode.
+as `autolm bench` measures: load, peak RSS, process start -> first token (and from the load on, the imports
+done), prefill and decode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import Case, _stats, memory_bandwidth, run_child
 _ROWS = [  # (label, key, scale, format); the compiled decode is compared with llama.cpp's decode
     ("load s", "load", 1, "{:.2f}"),
     ("process start -> first token s", "ttft", 1, "{:.2f}"),
+    ("load -> first token s (imports done)", "load_first", 1, "{:.2f}"),
     ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}"),
     ("prefill tok/s (512)", "prefill", 1, "{:.0f}"),
     ("decode tok/s, eager (16)", "decode", 1, "{:.1f}"),
