@@ -49,16 +49,22 @@ def test_kernel_matches_dequantized_weights(bits):
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), again.state_dict().values()))
 
 
-def test_int4_packing_in_parts_equals_the_kernels_packing_of_the_whole():
-    """kernels.int4_pack packs a tall matrix some rows at a time (bounded temporaries): the same bytes as the
-    kernel's own packing of the whole matrix (parts of 96 rows would not be)."""
-    from autolm.kernels.quant import INT4_PACK, int4_pack, pack_nibbles, unpack_nibbles
+@pytest.mark.parametrize("rows", [16, 48, 80, 4160, 4176, 4208])
+@pytest.mark.parametrize("kernel_packs", [False, True], ids=["bytes", "kernel"])
+def test_int4_packing_equals_the_kernels_packing_of_the_whole(rows, kernel_packs, monkeypatch):
+    """kernels.int4_pack writes the kernel's layout with byte operations (or has the kernel pack, where the
+    layout is not the one it recognizes), some rows at a time (bounded temporaries): the same bytes as the
+    kernel's own packing of the whole matrix, whole blocks of rows and a last partial one alike."""
+    from autolm.kernels import quant
 
-    if INT4_PACK.get() is None:
+    if quant.INT4_PACK.get() is None:
         pytest.skip("no CPU int4 kernel in this torch")
-    q = torch.randint(0, 16, (4160, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    packed = int4_pack(pack_nibbles(q))  # parts of 448 rows here: nine, and a rest of 128
-    assert torch.equal(packed, INT4_PACK.call(unpack_nibbles(pack_nibbles(q)).to(torch.int32), 1))
+    assert quant._int4_layout() is not None  # x86 and ARM builds: the byte operations pack
+    if kernel_packs:
+        monkeypatch.setattr(quant, "_int4_layout", lambda: None)
+    q = torch.randint(0, 16, (rows, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    packed = quant.int4_pack(quant.pack_nibbles(q))  # 4160 rows: parts of 1792 (or 448), and a rest
+    assert torch.equal(packed, quant.INT4_PACK.call(q.to(torch.int32), 1))
 
 
 def _perplexity(model, ids):

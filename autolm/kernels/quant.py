@@ -7,6 +7,8 @@ then dequantize and run a plain matmul.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .core import PrivateOp, batched_graph, realize
@@ -67,21 +69,70 @@ def int4_linear(
 
 def int4_pack(nibbles: torch.Tensor) -> torch.Tensor | None:
     """Nibbles (N, K / 2) uint8 (pack_nibbles) -> the CPU int4 kernel's packed layout; None where the kernel is
-    missing or does not take this shape (it packs rows in blocks of 16). A multiple of 64 rows at a time (the
-    layout interleaves blocks of 64 rows, so the parts are the whole's rows), about 1 MB of the int32 temporaries
-    the kernel takes: small enough for the allocator to reuse (a whole matrix's, freed, stays in the heap; parts
-    of 4 MB raised SmolLM2's peak RSS by 50 MB), large enough for the kernel's threads (64 rows took twice as
-    long)."""
+    missing or does not take this shape (it packs rows in blocks of 16). Written here with byte operations where
+    the kernel's layout is the one `_int4_layout` recognizes (4-9x faster than the kernel's own packing, which
+    takes the quants as int32 and reads them a column at a time), else by the kernel. A multiple of 64 rows at a
+    time (the layout's blocks of rows are whole in each part, so the parts are the whole's rows): temporaries of
+    about 1 MB, small enough for the allocator to reuse (a whole matrix's, freed, stays in the heap; parts of
+    4 MB raised SmolLM2's peak RSS by 50 MB), large enough for the kernel's threads."""
     if INT4_MM.get() is None or nibbles.shape[0] % 16:
         return None
-    out = torch.empty_like(nibbles)
-    rows = max(64, (1 << 20) // (8 * nibbles.shape[1]) // 64 * 64)  # int32 (rows, 2 * bytes per row)
+    layout, nibbles = _int4_layout(), nibbles.contiguous()
+    out = torch.empty(nibbles.shape, dtype=torch.uint8, device=nibbles.device)
+    width = nibbles.shape[1] * (2 if layout else 8)  # bytes per row of the temporaries (int32 for the kernel)
+    rows = max(64, (1 << 20) // width // 64 * 64)
     for i in range(0, nibbles.shape[0], rows):
+        if layout is not None:
+            _pack_rows(nibbles[i : i + rows], out[i : i + rows], *layout)
+            continue
         part = INT4_PACK.call(unpack_nibbles(nibbles[i : i + rows]).to(torch.int32), 1)
         if part is None:
             return None
         out[i : i + rows] = part
     return out
+
+
+def _pack_rows(nibbles: torch.Tensor, out: torch.Tensor, block: int, halves: bool) -> None:
+    """The kernel's layout (see _int4_layout) of `nibbles` (n, K / 2), into out: whole blocks of `block` rows,
+    then the rest as one block of adjacent pairs."""
+    n, width = nibbles.shape
+    whole = n // block * block
+    for lo, hi, rows, split in ((0, whole, block, halves), (whole, n, n - whole, False)):
+        if hi == lo:
+            continue
+        part = nibbles[lo:hi]
+        if split:
+            pairs = part.view(-1, 2, rows // 2, width)
+        else:
+            pairs = part.view(-1, rows // 2, 2, width).transpose(1, 2)
+        # (blocks, rows / 2, K / 2) each: the rows for the low and for the high nibbles
+        first, second = pairs[:, 0], pairs[:, 1]
+        dst = out[lo:hi].view(-1, width, 2, rows // 2)  # (blocks, K / 2, even / odd column, rows / 2)
+        dst[:, :, 0].copy_(((first & 15) | (second << 4)).transpose(1, 2))
+        dst[:, :, 1].copy_(((first >> 4) | (second & 0xF0)).transpose(1, 2))
+
+
+@functools.cache
+def _int4_layout() -> tuple[int, bool] | None:
+    """The CPU kernel's packed layout, recognized once by packing a probe with the kernel itself. PyTorch's
+    layout (aten/src/ATen/native/cpu/int4mm_kernel.cpp) takes the rows in blocks of 4 float vectors' widths (64
+    rows with AVX-512, 32 with AVX2 and without vectors); block b's bytes come after block b - 1's, column by
+    column: byte (k, j) holds column k of row j in its low nibble and of row j + rows / 2 in its high nibble
+    (AVX-512, AVX2), or of rows 2j and 2j + 1 (the others, and a last block of fewer rows in all builds).
+    Returns (rows per block, whether rows pair with the row half a block away); None where the probe matches
+    none of these (a changed kernel: it then packs every weight itself)."""
+    probe = torch.randint(0, 16, (208, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    # 208 rows: whole blocks of any size, and a last block of 16 rows where blocks are of 64 or 32
+    want = INT4_PACK.call(probe, 1)
+    if want is None:
+        return None
+    nibbles = pack_nibbles(probe.to(torch.uint8))
+    for layout in ((64, True), (32, True), (32, False), (16, False)):
+        got = torch.empty_like(nibbles)
+        _pack_rows(nibbles, got, *layout)
+        if torch.equal(got, want):
+            return layout
+    return None
 
 
 def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_and_zeros: torch.Tensor):
