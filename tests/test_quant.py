@@ -54,7 +54,8 @@ def test_kernel_matches_dequantized_weights(bits):
 def test_int4_packing_equals_the_kernels_packing_of_the_whole(rows, kernel_packs, monkeypatch):
     """kernels.int4_pack writes the kernel's layout with byte operations (or has the kernel pack, where the
     layout is not the one it recognizes), some rows at a time (bounded temporaries): the same bytes as the
-    kernel's own packing of the whole matrix, whole blocks of rows and a last partial one alike."""
+    kernel's own packing of the whole matrix, whole blocks of rows and a last partial one alike; int4_unpack
+    reads them back (by byte operations, or with the kernel)."""
     from autolm.kernels import quant
 
     if quant.INT4_PACK.get() is None:
@@ -65,6 +66,8 @@ def test_int4_packing_equals_the_kernels_packing_of_the_whole(rows, kernel_packs
     q = torch.randint(0, 16, (rows, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = quant.int4_pack(quant.pack_nibbles(q))  # 4160 rows: parts of 1792 (or 448), and a rest
     assert torch.equal(packed, quant.INT4_PACK.call(q.to(torch.int32), 1))
+    sz = torch.zeros(576 // 32, rows, 2, dtype=quant.COMPUTE)  # (the kernel's way back reads them)
+    assert torch.equal(quant.int4_unpack(packed, 32, 576, sz), q)  # and back
 
 
 def _perplexity(model, ids):

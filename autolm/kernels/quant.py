@@ -92,24 +92,32 @@ def int4_pack(nibbles: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def _pack_rows(nibbles: torch.Tensor, out: torch.Tensor, block: int, halves: bool) -> None:
+def _pack_rows(
+    nibbles: torch.Tensor, out: torch.Tensor, block: int, halves: bool, unpack: bool = False
+) -> None:
     """The kernel's layout (see _int4_layout) of `nibbles` (n, K / 2), into out: whole blocks of `block` rows,
-    then the rest as one block of adjacent pairs."""
+    then the rest as one block of adjacent pairs. `unpack`: the other way, `nibbles` in the kernel's layout and
+    `out` the nibbles."""
     n, width = nibbles.shape
     whole = n // block * block
     for lo, hi, rows, split in ((0, whole, block, halves), (whole, n, n - whole, False)):
         if hi == lo:
             continue
-        part = nibbles[lo:hi]
+        plain, packed = (out[lo:hi], nibbles[lo:hi]) if unpack else (nibbles[lo:hi], out[lo:hi])
         if split:
-            pairs = part.view(-1, 2, rows // 2, width)
+            pairs = plain.view(-1, 2, rows // 2, width)
         else:
-            pairs = part.view(-1, rows // 2, 2, width).transpose(1, 2)
+            pairs = plain.view(-1, rows // 2, 2, width).transpose(1, 2)
         # (blocks, rows / 2, K / 2) each: the rows for the low and for the high nibbles
         first, second = pairs[:, 0], pairs[:, 1]
-        dst = out[lo:hi].view(-1, width, 2, rows // 2)  # (blocks, K / 2, even / odd column, rows / 2)
-        dst[:, :, 0].copy_(((first & 15) | (second << 4)).transpose(1, 2))
-        dst[:, :, 1].copy_(((first >> 4) | (second & 0xF0)).transpose(1, 2))
+        columns = packed.view(-1, width, 2, rows // 2)  # (blocks, K / 2, even / odd column, rows / 2)
+        even, odd = columns[:, :, 0].transpose(1, 2), columns[:, :, 1].transpose(1, 2)
+        if unpack:
+            first.copy_((even & 15) | (odd << 4))
+            second.copy_((even >> 4) | (odd & 0xF0))
+        else:
+            even.copy_((first & 15) | (second << 4))
+            odd.copy_((first >> 4) | (second & 0xF0))
 
 
 @functools.cache
@@ -136,7 +144,16 @@ def _int4_layout() -> tuple[int, bool] | None:
 
 
 def int4_unpack(packed: torch.Tensor, group_size: int, in_features: int, scales_and_zeros: torch.Tensor):
-    """Recover q (N, K) uint8 in 0..15 from the CPU kernel's layout by running the kernel on the identity."""
+    """Recover q (N, K) uint8 in 0..15 from the CPU kernel's layout: by byte operations where _int4_layout
+    recognizes it (about 0.5 ns per weight), else by running the kernel on the identity (50 ns per weight of a
+    4096 x 4096 matrix)."""
+    layout = _int4_layout()
+    if layout is not None:
+        nibbles = torch.empty(packed.shape, dtype=torch.uint8, device=packed.device)
+        rows = max(64, (1 << 20) // (2 * packed.shape[1]) // 64 * 64)
+        for i in range(0, packed.shape[0], rows):
+            _pack_rows(packed[i : i + rows].contiguous(), nibbles[i : i + rows], *layout, unpack=True)
+        return unpack_nibbles(nibbles)
     ones = torch.zeros_like(scales_and_zeros)
     ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8 exactly (small integers are exact in bf16)
     eye = torch.eye(in_features, dtype=COMPUTE)
