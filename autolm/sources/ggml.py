@@ -18,7 +18,7 @@ import torch
 from ..errors import GGUFError
 from ..kernels import ggml as K
 
-INT4_TYPES = (K.Q4_0, K.Q4_1, K.Q4_K)  # exactly int4 with groups of 32 (scales rounded to bf16)
+INT4_TYPES = tuple(K.INT4)  # exactly int4 with groups of 32 (scales rounded to bf16)
 _MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GGUFFile -> uint8 tensor over the whole file
 
 
@@ -102,21 +102,13 @@ def blocks(g, t, config) -> GGMLBlocks:
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 / Q4_K blocks -> (nibbles uint8 (N, K / 2), even columns in the low nibbles, as
     kernels.quant.pack_nibbles; scales_and_zeros (K / 32, N, 2) float32) with value = (q - 8) * scale + zero: the
-    same weights, only the layers' bf16 scales round them. Q4_0 / Q4_1 by byte operations on the blocks (their
-    16 bytes hold weights j and j + 16 of the block in their low and high nibbles)."""
-    n, k = b.shape
-    if b.kind in (K.Q4_0, K.Q4_1):
-        blocks = b.raw.view(n, -1, K.BLOCKS[b.kind][1])
-        at = 2 if b.kind == K.Q4_0 else 4
-        packed = blocks[..., at : at + 16]
-        q = torch.cat([packed & 15, packed >> 4], -1).view(n, k)  # the quants in order, 0..15
-        halves = blocks[..., :at].contiguous().view(torch.float16).float()  # (N, G, 1 or 2)
-        scale, low = halves[..., 0], None if b.kind == K.Q4_0 else halves[..., 1]
-    else:
-        q, scale, low = K.parts(b.raw, b.kind)  # (N, G, g), (N, G): value = scale * q + low
-        step = 32 // q.shape[-1]  # groups of 16 where two share a scale
-        scale, low = scale[:, ::step], low[:, ::step]
-        q = q.to(torch.uint8).view(n, k)
+    same weights, only the layers' bf16 scales round them."""
+    nibbles, scale, low = K.int4_parts(b.raw, b.kind)
+    sz = torch.empty(scale.shape[1], scale.shape[0], 2, device=scale.device)
+    sz[..., 0] = scale.T
     # Q4_0: value = scale * (q - 8), zero 0; else value = scale * q + low = (q - 8) * scale + 8 * scale + low
-    zero = torch.zeros_like(scale) if low is None else 8 * scale + low
-    return q[:, 0::2] | (q[:, 1::2] << 4), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    if low is None:
+        sz[..., 1] = 0
+    else:
+        torch.add(low.T, scale.T, alpha=8, out=sz[..., 1])
+    return nibbles, sz
