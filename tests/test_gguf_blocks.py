@@ -64,6 +64,20 @@ def test_blocks_dequantize_as_gguf_does(kind):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", sorted(K.INT4), ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_int4_parts_hold_the_blocks_values_exactly(kind):
+    """The int4 types' quants read as 16-bit words into the nibble layout, with their scales: gguf's values."""
+    from autolm.kernels.quant import unpack_nibbles
+
+    raw = random_blocks(kind, 6, 1024, seed=kind)
+    nibbles, scale, low = K.int4_parts(torch.from_numpy(raw), kind)
+    q = unpack_nibbles(nibbles).float().unflatten(-1, (-1, 32))
+    w = scale.unsqueeze(-1) * (q - 8 if kind == K.Q4_0 else q) + (0 if low is None else low.unsqueeze(-1))
+    np.testing.assert_array_equal(
+        w.flatten(1).numpy(), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
+    )
+
+
 @pytest.mark.parametrize("kind", sorted(K.PLANAR), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_planes_hold_the_blocks_values_exactly(kind):
     raw = torch.from_numpy(random_blocks(kind, 300, 512, seed=kind))  # several chunks of rows
