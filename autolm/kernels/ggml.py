@@ -16,6 +16,8 @@ the quants from the packed blocks, for 6% (Q8_0) to 64% (Q5_0) more bytes than t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .core import batched_graph, linear, matvec, realize
@@ -270,15 +272,71 @@ def planar(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor, to
         q.view(n, groups, -1).copy_(b[..., 2:].view(torch.int8))
         scale.copy_(b[..., :2].contiguous().view(torch.float16).squeeze(-1))
         return q, scale, low
-    step = max(1, (1 << 18) // columns)
+    words = _WORDS.get(kind)
+    step = max(1, (1 << (20 if words else 18)) // columns)
     for i in range(0, n, step):
-        qi, si, li = parts(raw[i : i + step], kind)  # (rows, G', g'), each scale repeated G' / groups times
-        every = si.shape[-1] // groups
-        q[i : i + step] = qi.reshape(qi.shape[0], columns)
-        scale[i : i + step] = si[:, ::every]
+        rows = slice(i, i + step)
+        if words is not None:
+            si, li = words(raw[rows], kind, q[rows])
+        else:
+            qi, si, li = parts(raw[rows], kind)  # (rows, G', g'), each scale repeated G' / groups times
+            q[rows] = qi.reshape(qi.shape[0], columns)
+            every = si.shape[-1] // groups
+            si, li = si[:, ::every], None if li is None else li[:, ::every]
+        scale[rows] = si
         if low is not None:
-            low[i : i + step] = li[:, ::every]
+            low[rows] = li
     return q, scale, low
+
+
+# Q5 and Q6_K quants assembled into planes as 64-bit words, each byte a quant: masks and shifts that keep every
+# byte's bits in their byte, over whole runs of a block's bytes (2.3-3.5x faster than one quant at a time).
+_NIBBLES = 0x0F0F0F0F0F0F0F0F
+
+
+@functools.cache
+def _fifth_bits(device: torch.device) -> torch.Tensor:
+    """Byte x -> the 64-bit word whose byte j is 16 where bit j of x is set (eight of Q5's fifth bits)."""
+    bits = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8) << 4
+    return bits.view(torch.int64).view(256).to(device)
+
+
+def _q5_words(raw: torch.Tensor, kind: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Q5_0 / Q5_1 rows -> their quants into q (rows, columns); returns (scale, low). A block's 16 bytes of
+    nibbles are two words (low nibbles: quants 0-15; high: 16-31); each byte of its 32-bit mask, looked up,
+    gives eight quants' fifth bits."""
+    at, size = (2 if kind == Q5_0 else 4), BLOCKS[kind][1]
+    b = raw.unflatten(-1, (-1, size))
+    nibbles = b[..., at + 4 : at + 20].contiguous().view(torch.int64)  # (rows, blocks, 2)
+    out = q.view(torch.int64).view(*nibbles.shape[:-1], 4)
+    out[..., :2] = nibbles & _NIBBLES
+    out[..., 2:] = (nibbles >> 4) & _NIBBLES
+    out |= _fifth_bits(raw.device)[b[..., at : at + 4].long()]
+    if kind == Q5_0:
+        q -= 16
+    return _half(b, 0).flatten(1), None if kind == Q5_0 else _half(b, 2).flatten(1)
+
+
+def _q6_k_words(raw: torch.Tensor, kind: int, q: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Q6_K rows -> their quants into q (rows, columns); returns (scale, None). Each half block is 64 bytes of
+    low nibbles (two runs of 32 bytes, each holding two runs of 32 quants) and 32 bytes of 2-bit high parts
+    (bits 0-1, 2-3, 4-5, 6-7 for the four runs of 32 quants)."""
+    b = raw.unflatten(-1, (-1, BLOCKS[Q6_K][1]))
+    low4 = (
+        b[..., :128].contiguous().view(torch.int64).unflatten(-1, (2, 2, 4))
+    )  # (rows, blocks, half, run, 4)
+    high2 = b[..., 128:192].contiguous().view(torch.int64).unflatten(-1, (2, 4))  # (rows, blocks, half, 4)
+    out = q.view(torch.int64).view(*high2.shape[:-1], 4, 4)  # (rows, blocks, half, run of 32 quants, 4)
+    first, second = low4[..., 0, :], low4[..., 1, :]
+    out[..., 0, :] = (first & _NIBBLES) | ((high2 & 0x0303030303030303) << 4)
+    out[..., 1, :] = (second & _NIBBLES) | ((high2 & 0x0C0C0C0C0C0C0C0C) << 2)
+    out[..., 2, :] = ((first >> 4) & _NIBBLES) | (high2 & 0x3030303030303030)
+    out[..., 3, :] = ((second >> 4) & _NIBBLES) | ((high2 >> 2) & 0x3030303030303030)
+    q -= 32
+    return (_half(b, 208) * b[..., 192:208].view(torch.int8).float()).flatten(1), None
+
+
+_WORDS = {Q5_0: _q5_words, Q5_1: _q5_words, Q6_K: _q6_k_words}
 
 
 def group_weight(
