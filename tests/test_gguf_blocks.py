@@ -13,6 +13,7 @@ import torch
 
 import autolm
 from autolm.kernels import ggml as K
+from autolm.kernels import ggml_repack as R
 from autolm.nn.ggml import GGMLEmbedding, GGMLLinear
 from autolm.quant import Int4Linear
 
@@ -64,13 +65,13 @@ def test_blocks_dequantize_as_gguf_does(kind):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kind", sorted(K.INT4), ids=lambda k: gguf.GGMLQuantizationType(k).name)
+@pytest.mark.parametrize("kind", sorted(R.INT4), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_int4_parts_hold_the_blocks_values_exactly(kind):
     """The int4 types' quants read as 16-bit words into the nibble layout, with their scales: gguf's values."""
     from autolm.kernels.quant import unpack_nibbles
 
     raw = random_blocks(kind, 6, 1024, seed=kind)
-    nibbles, scale, low = K.int4_parts(torch.from_numpy(raw), kind)
+    nibbles, scale, low = R.int4_parts(torch.from_numpy(raw), kind)
     q = unpack_nibbles(nibbles).float().unflatten(-1, (-1, 32))
     w = scale.unsqueeze(-1) * (q - 8 if kind == K.Q4_0 else q) + (0 if low is None else low.unsqueeze(-1))
     np.testing.assert_array_equal(
@@ -81,7 +82,7 @@ def test_int4_parts_hold_the_blocks_values_exactly(kind):
 @pytest.mark.parametrize("kind", sorted(K.PLANAR), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_planes_hold_the_blocks_values_exactly(kind):
     raw = torch.from_numpy(random_blocks(kind, 300, 512, seed=kind))  # several chunks of rows
-    q, scale, low = K.planar(raw, kind)
+    q, scale, low = R.planar(raw, kind)
     assert q.dtype == torch.int8 and scale.shape == (300, 512 // K.PLANAR[kind])
     assert (low is not None) == (kind in K.LOW)
     assert torch.equal(K.group_weight(q, scale, low), K.dequantize(raw, kind))
@@ -91,7 +92,7 @@ def _kept_state(raw: torch.Tensor, kind: int) -> dict[str, torch.Tensor]:
     """The entries of a GGMLLinear keeping `raw` (planes for the PLANAR types)."""
     if kind not in K.PLANAR:
         return {"weight": raw}
-    q, scale, low = K.planar(raw, kind)
+    q, scale, low = R.planar(raw, kind)
     return {"weight": q, "scales": scale, **({} if low is None else {"low": low})}
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels.ggml import planar
+from ..kernels.ggml_repack import planar
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
 from ..quant import Int4Linear
 from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name

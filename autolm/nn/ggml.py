@@ -19,7 +19,7 @@ def row_bytes(columns: int, kind: int) -> int:
 class GGMLLinear(nn.Module):
     """y = x @ W.T + b with W (out_features, in_features) kept in a GGUF file's quantization `kind`. For the types
     of 5 to 8 bits (kernels.ggml.PLANAR) `weight` holds the quants as int8 (out_features, in_features) and
-    `scales` / `low` float32 per group of columns (kernels.ggml.planar: the blocks' exact values, repacked while
+    `scales` / `low` float32 per group of columns (kernels.ggml_repack.planar: the blocks' exact values, repacked while
     loading); for the others `weight` is the blocks themselves, uint8 (out_features, bytes per row), usually a
     view of the file's memory map, and `scales` and `low` are None."""
 

@@ -17,8 +17,9 @@ import torch
 
 from ..errors import GGUFError
 from ..kernels import ggml as K
+from ..kernels import ggml_repack
 
-INT4_TYPES = tuple(K.INT4)  # exactly int4 with groups of 32 (scales rounded to bf16)
+INT4_TYPES = tuple(ggml_repack.INT4)  # exactly int4 with groups of 32 (scales rounded to bf16)
 _MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GGUFFile -> uint8 tensor over the whole file
 
 
@@ -103,7 +104,7 @@ def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 / Q4_K blocks -> (nibbles uint8 (N, K / 2), even columns in the low nibbles, as
     kernels.quant.pack_nibbles; scales_and_zeros (K / 32, N, 2) float32) with value = (q - 8) * scale + zero: the
     same weights, only the layers' bf16 scales round them."""
-    nibbles, scale, low = K.int4_parts(b.raw, b.kind)
+    nibbles, scale, low = ggml_repack.int4_parts(b.raw, b.kind)
     sz = torch.empty(scale.shape[1], scale.shape[0], 2, device=scale.device)
     sz[..., 0] = scale.T
     # Q4_0: value = scale * (q - 8), zero 0; else value = scale * q + low = (q - 8) * scale + 8 * scale + low
