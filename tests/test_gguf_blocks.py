@@ -14,6 +14,7 @@ import torch
 import autolm
 from autolm.kernels import ggml as K
 from autolm.kernels import ggml_repack as R
+from autolm.kernels import native
 from autolm.nn.ggml import GGMLEmbedding, GGMLLinear
 from autolm.quant import Int4Linear
 
@@ -97,10 +98,11 @@ def _kept_state(raw: torch.Tensor, kind: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", [*QUANTIZED, K.F16, K.BF16], ids=lambda k: gguf.GGMLQuantizationType(k).name)
-def test_kept_matmul_equals_the_dequantized_weight(kind):
+def test_kept_matmul_equals_the_dequantized_weight(kind, monkeypatch):
     """Eager (tiles of rows dequantized), and the matrix-vector forms compiled graphs run (on the planes: every
     product times its group's scale; on the blocks: per group the integer quants' dot product times the
-    group's scale), against x @ dequantize(W).T in float64."""
+    group's scale), against x @ dequantize(W).T in float64. (The C++ kernel's int8 activations: below.)"""
+    monkeypatch.setattr(native, "computes", lambda kind, columns: False)
     n, k = 70, 512
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 1))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
@@ -126,6 +128,42 @@ def test_kept_matmul_equals_the_dequantized_weight(kind):
     emb = GGMLEmbedding(n, k, kind, torch.float32)
     emb.load_state_dict({"blocks": raw}, assign=True)
     torch.testing.assert_close(emb(ids), w[ids[0]].float().unsqueeze(0))
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the C++ kernel quantizes it: per 256 columns to int8, scale max |x| / 127 (float32)."""
+    blocks = x.float().unflatten(-1, (-1, 256))
+    top = blocks.abs().amax(-1, keepdim=True)
+    q = (blocks * (127 / top)).round().clamp(-127, 127)
+    return (q * (top / 127)).flatten(-2)
+
+
+@pytest.mark.skipif(
+    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
+)
+@pytest.mark.parametrize("kind", native.KINDS, ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_native_kernel_is_the_int8_activation_product(kind):
+    """Q4_K / Q6_K on their blocks by integer dot products: x quantized to int8 per 256 columns (as llama.cpp
+    does), times gguf's dequantized weight, for any number of rows; bf16 in, bf16 out."""
+    n, k = 70, 768
+    raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 2))
+    w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
+    layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)
+    bias = torch.randn(n)
+    layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
+    for shape in ((1, k), (3, 1, k), (2, 17, k)):
+        x = torch.randn(shape) * torch.rand(shape[-1]) * 4  # uneven columns, as activations are
+        want = (int8_rows(x).double() @ w.T + bias.double()).float()
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        exact = x.double() @ w.T + bias.double()
+        assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.02  # int8 activations' rounding
+    xb = torch.randn(4, k, dtype=torch.bfloat16)
+    got = native.ggml_mm(xb, raw, kind)
+    assert got.dtype == torch.bfloat16
+    want = int8_rows(xb).double() @ w.T
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="does not hold"):
+        native.ggml_mm(torch.randn(1, 512), raw, kind)
 
 
 # A Llama-shaped model whose every linear layer is another type; K-quants need rows of 256.
@@ -183,11 +221,19 @@ def _load(path: str, **kw):
 
 
 @pytest.mark.parametrize("embed,output", [(K.Q6_K, K.Q8_0), (K.Q8_0, None), (K.Q4_K, None)])
-def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output):
+@pytest.mark.parametrize("with_native", [True, False], ids=["native", "torch"])
+def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output, with_native, monkeypatch):
+    if with_native and not native.available():
+        pytest.skip("autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler")
+    if not with_native:
+        monkeypatch.setattr(native, "computes", lambda kind, columns: False)
     path = write_gguf(str(tmp_path / "tiny.gguf"), embed, output)
     kept, plain = _load(path, quantization="gguf"), _load(path)
     layer = kept.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
+    if with_native:  # Q4_K and Q6_K: the file's blocks, computed on by the C++ kernel
+        assert layer.self_attn.q_proj.weight.dtype == torch.uint8 and layer.self_attn.v_proj.scales is None
+    else:
+        assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
     assert isinstance(layer.mlp.down_proj, GGMLLinear) and layer.mlp.down_proj.ggml_type == K.Q8_0
     assert isinstance(kept.model.embed_tokens, GGMLEmbedding) and kept.dtype == torch.float32
     q5 = kept.model.layers[1].self_attn.q_proj  # Q5_0 in the file: repacked into int8 planes, the same values
@@ -196,14 +242,17 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output)
     q3 = layer.self_attn.o_proj  # Q3_K: the file's own blocks
     assert q3.weight.dtype == torch.uint8 and q3.scales is None
     if output is None:  # the tied head: a layer of its own from the embeddings' blocks
-        head = (Int4Linear, K.Q4_K) if embed == K.Q4_K else (GGMLLinear, embed)
+        head = (Int4Linear, K.Q4_K) if embed == K.Q4_K and not with_native else (GGMLLinear, embed)
         assert isinstance(kept.lm_head, head[0]) and getattr(kept.lm_head, "ggml_type", head[1]) == head[1]
     assert "Q6_K x" in " ".join(kept.load_report.notes)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = kept(ids).logits, plain(ids).logits
-    # Q4_K and Q4_0 / Q4_1 layers compute with bf16 activations and scales (PyTorch's int4 kernel); the rest in fp32
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    # Q4_K and Q4_0 / Q4_1 layers compute with bf16 activations and scales (PyTorch's int4 kernel), or with int8
+    # activations (Q4_K and Q6_K in the C++ kernel: this random model's sharp attention turns their rounding
+    # into a few far-off logits, so most of them must be close); the rest in fp32
+    close = (got - want).abs() <= 0.02 * (want.abs() + want.abs().max())
+    assert close.float().mean() >= 0.95 if with_native else close.all()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     greedy = kept.generate(ids[:1], max_new_tokens=4, do_sample=False)
     assert torch.equal(greedy, plain.generate(ids[:1], max_new_tokens=4, do_sample=False))

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import batched_graph, linear, matvec, realize
+from . import native
+from .core import batched_graph, linear, matvec, needs_grad, realize
 
 # ggml type -> (weights per block, bytes per block), for the types autolm computes on.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
@@ -204,7 +205,12 @@ def dequantize(raw: torch.Tensor, kind: int) -> torch.Tensor:
 def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + bias for a weight W kept in its ggml blocks (see dequantize). Inside a compiler: one
     matrix-vector loop over the blocks (or a matmul of the dequantized weight for longer inputs); eagerly: the
-    weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul."""
+    weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul. The types of
+    native.KINDS (Q4_K, Q6_K) go to autolm's C++ kernel where it is built (eagerly and compiled alike): integer
+    dot products with x quantized to int8 per 256 columns, as llama.cpp computes them."""
+    if raw.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1]):
+        y = native.ggml_mm(x, raw, kind)
+        return y if bias is None else y + bias.to(y.dtype)
     if torch.compiler.is_compiling():
         x = realize(x)
         if not batched_graph() and x.shape[:-1].numel() <= 4:

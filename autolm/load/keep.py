@@ -1,7 +1,9 @@
 """quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
-type before loading: Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4
+type before loading: Q4_K and Q6_K weights stay in their blocks over the file's memory map where autolm's C++
+kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler); else, and for Q4_0 /
+Q4_1, Q4_K weights become int4 layers (their blocks are exactly autolm's int4
 layout, groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML
 layer (autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K,
 Q3_K, IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import native
 from ..kernels.ggml_repack import planar
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
 from ..quant import Int4Linear
@@ -76,6 +79,8 @@ class KeepGGUF:
             if isinstance(module, nn.Embedding):
                 return GGMLEmbedding(module.num_embeddings, module.embedding_dim, kind, dtype)
             bias = module.bias is not None
+            if native.computes(kind, module.in_features):  # autolm's C++ kernel computes on the blocks
+                return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype, planes=False)
             if kind in INT4_TYPES and module.in_features % 32 == 0:
                 return Int4Linear(module.in_features, module.out_features, bias, dtype, 32)
             return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype)

@@ -21,12 +21,21 @@ class GGMLLinear(nn.Module):
     of 5 to 8 bits (kernels.ggml.PLANAR) `weight` holds the quants as int8 (out_features, in_features) and
     `scales` / `low` float32 per group of columns (kernels.ggml_repack.planar: the blocks' exact values, repacked while
     loading); for the others `weight` is the blocks themselves, uint8 (out_features, bytes per row), usually a
-    view of the file's memory map, and `scales` and `low` are None."""
+    view of the file's memory map, and `scales` and `low` are None. `planes=False` keeps a PLANAR type's blocks
+    too (where kernels.native computes on them)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, kind: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        kind: int,
+        dtype: torch.dtype,
+        planes: bool = True,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
-        planar, groups = kind in PLANAR, in_features // PLANAR.get(kind, 1)
+        planar, groups = planes and kind in PLANAR, in_features // PLANAR.get(kind, 1)
         shape, wtype = (in_features, torch.int8) if planar else (row_bytes(in_features, kind), torch.uint8)
         self.register_buffer("weight", torch.empty(out_features, shape, dtype=wtype))
         self.register_buffer("scales", torch.empty(out_features, groups) if planar else None)

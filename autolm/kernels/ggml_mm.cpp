@@ -1,0 +1,213 @@
+// x @ W.T for a weight W kept in llama.cpp's K-quant blocks (Q4_K, Q6_K), computed on the blocks with integer
+// dot products, as llama.cpp computes them: each row of x is quantized to int8 per 256 columns (one scale per
+// block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants times
+// signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed in
+// int32), and the block's sum is scaled once, in float. Built by autolm/kernels/native.py with the machine's
+// own instruction set (-march=native) where it has AVX-512 VNNI; registered as torch.ops.autolm.ggml_mm, with a
+// Meta kernel, so that it runs eagerly and inside ahead-of-time compiled graphs alike.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
+#error "ggml_mm.cpp needs AVX-512 VNNI and BW"
+#endif
+
+namespace {
+
+constexpr int64_t kQ4K = 12, kQ6K = 14, kBlock = 256;
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// One row of activations, quantized per block of 256 columns: q (K int8; for Q4_K the 32-column runs 1 and 2
+// of every 128 swapped, the order in which its nibbles come out of 64 bytes), d (one scale per block), and
+// bsum (int16, the sums of each 16 quants in the natural order).
+struct Acts {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int16_t> bsum;
+};
+
+void quantize_row(const float* x, int64_t K, bool swap, int8_t* q, float* d, int16_t* bsum) {
+  for (int64_t b = 0; b < K / kBlock; b++) {
+    const float* xb = x + b * kBlock;
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < kBlock; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+    float m = _mm512_reduce_max_ps(amax);
+    d[b] = m / 127.0f;
+    __m512 inv = _mm512_set1_ps(m > 0 ? 127.0f / m : 0.0f);
+    int8_t* qb = q + b * kBlock;
+    for (int i = 0; i < kBlock; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      bsum[b * 16 + i / 16] = (int16_t)_mm512_reduce_add_epi32(v);
+      int at = i;
+      if (swap && ((i / 32) % 4 == 1 || (i / 32) % 4 == 2)) at = i + ((i / 32) % 4 == 1 ? 32 : -32);
+      _mm_storeu_si128((__m128i*)(qb + at), _mm512_cvtsepi32_epi8(v));
+    }
+  }
+}
+
+// The int16 lanes' scale indices: lane i of a 64-byte vector of quants covers bytes 2i and 2i + 1.
+// Q4_K, 64 bytes of nibbles h (0, 1) of block half `half`: low nibbles are sub-blocks 4 half + 0 and 4 half + 2
+// (32 bytes each), high nibbles 4 half + 1 and 4 half + 3. Q6_K: the half's 128 weights in natural order, 16
+// per scale.
+__m512i lane_index(int first, int second, int width) {
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 32; i++) idx[i] = (int16_t)(i < 16 ? first + i / width : second + (i - 16) / width);
+  return _mm512_load_si512(idx);
+}
+
+struct RowOut {
+  __m512 acc;     // the blocks' dot products, scaled
+  __m256 accmin;  // the blocks' low terms, scaled
+};
+
+// Q4_K: d (fp16), dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
+// value = d * sc[s] * q - dmin * mn[s] for sub-block s of 32 weights.
+void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t M, RowOut* out) {
+  static const __m512i lo_idx[2] = {lane_index(0, 2, 16), lane_index(4, 6, 16)};
+  static const __m512i hi_idx[2] = {lane_index(1, 3, 16), lane_index(5, 7, 16)};
+  static const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; b++, w += 144) {
+    uint32_t u[4];
+    std::memcpy(u, w + 4, 12);
+    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    uint32_t mins_lo = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = mins_lo;
+    u[0] &= k1;  // bytes of u[0..1]: the 8 scales; of u[2..3]: the 8 mins
+    __m512i sm = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)u)));
+    __m512i q[4], sc[4];
+    for (int h = 0; h < 2; h++) {
+      __m512i v = _mm512_loadu_si512(w + 16 + 64 * h);
+      q[2 * h] = _mm512_and_si512(v, nib);
+      q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      sc[2 * h] = _mm512_permutexvar_epi16(lo_idx[h], sm);
+      sc[2 * h + 1] = _mm512_permutexvar_epi16(hi_idx[h], sm);
+    }
+    __m256i mins = _mm256_permutexvar_epi16(min_idx, _mm512_castsi512_si256(sm));
+    float d = half_at(w), dmin = half_at(w + 2);
+    for (int64_t m = 0; m < M; m++) {
+      const int8_t* x = a.q.data() + m * K + b * kBlock;
+      __m512i s = _mm512_setzero_si512();
+      for (int i = 0; i < 4; i++) {
+        __m512i p = _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i));
+        s = _mm512_dpwssd_epi32(s, p, sc[i]);
+      }
+      float dx = a.d[m * (K / kBlock) + b];
+      out[m].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m].acc);
+      __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
+      __m256 mn = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+      out[m].accmin = _mm256_fmadd_ps(mn, _mm256_set1_ps(-dmin * dx), out[m].accmin);
+    }
+  }
+}
+
+// Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d (fp16).
+// value = d * sc[s] * (q - 32) for sub-block s of 16 weights.
+void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t M, RowOut* out) {
+  static const __m512i idx[4] = {lane_index(0, 2, 8), lane_index(4, 6, 8), lane_index(8, 10, 8),
+                                 lane_index(12, 14, 8)};
+  const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(3);
+  const __m512i shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  const __m512i shift_hi = _mm512_add_epi16(shift_lo, _mm512_set1_epi16(4));
+  for (int64_t b = 0; b < nb; b++, w += 210) {
+    __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 192)));
+    __m512i sm = _mm512_castsi256_si512(sc16);
+    __m512i q[4], sc[4];
+    for (int h = 0; h < 2; h++) {
+      __m512i ql = _mm512_loadu_si512(w + 64 * h);
+      __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 128 + 32 * h)));
+      __m512i hl = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_lo), two), 4);
+      __m512i hh = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_hi), two), 4);
+      q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, nib), hl);
+      q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nib), hh);
+      sc[2 * h] = _mm512_permutexvar_epi16(idx[2 * h], sm);
+      sc[2 * h + 1] = _mm512_permutexvar_epi16(idx[2 * h + 1], sm);
+    }
+    float d = half_at(w + 208);
+    for (int64_t m = 0; m < M; m++) {
+      const int8_t* x = a.q.data() + m * K + b * kBlock;
+      __m512i s = _mm512_setzero_si512();
+      for (int i = 0; i < 4; i++) {
+        __m512i p = _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i));
+        s = _mm512_dpwssd_epi32(s, p, sc[i]);
+      }
+      float dx = a.d[m * (K / kBlock) + b];
+      out[m].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m].acc);
+      __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
+      __m256 lo = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, sc16));
+      out[m].accmin = _mm256_fmadd_ps(lo, _mm256_set1_ps(-32.0f * d * dx), out[m].accmin);
+    }
+  }
+}
+
+float reduce(const RowOut& r) {
+  __m256 s = _mm256_add_ps(r.accmin, _mm256_add_ps(_mm512_castps512_ps256(r.acc),
+                                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r.acc), 1))));
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+int64_t block_bytes(int64_t kind) {
+  TORCH_CHECK(kind == kQ4K || kind == kQ6K, "ggml_mm: ggml type ", kind, " is not computed natively");
+  return kind == kQ4K ? 144 : 210;
+}
+
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
+  int64_t bytes = block_bytes(kind), K = x.size(-1), N = raw.size(0), nb = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0 && raw.dim() == 2 && raw.size(1) == nb * bytes && raw.scalar_type() == at::kByte,
+              "ggml_mm: weight of ", raw.sizes(), " bytes does not hold ", K, " columns of type ", kind);
+  at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous(), w = raw.contiguous();
+  int64_t M = xf.size(0);
+  Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<int16_t>(M * K / 16)};
+  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; m++)
+      quantize_row(xf.data_ptr<float>() + m * K, K, kind == kQ4K, a.q.data() + m * K, a.d.data() + m * nb,
+                   a.bsum.data() + m * K / 16);
+  });
+  at::Tensor y = at::empty({M, N}, xf.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<RowOut> out(M);
+    for (int64_t n = lo; n < hi; n++) {
+      for (auto& r : out) r = {_mm512_setzero_ps(), _mm256_setzero_ps()};
+      const uint8_t* row = wp + n * nb * bytes;
+      if (kind == kQ4K)
+        rows_q4_k(row, nb, a, K, M, out.data());
+      else
+        rows_q6_k(row, nb, a, K, M, out.data());
+      for (int64_t m = 0; m < M; m++) yp[m * N + n] = reduce(out[m]);
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
+at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
+  auto shape = x.sizes().vec();
+  shape.back() = raw.size(0);
+  return at::empty(shape, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(autolm, m) { m.def("ggml_mm(Tensor x, Tensor raw, int kind) -> Tensor"); }
+TORCH_LIBRARY_IMPL(autolm, CPU, m) { m.impl("ggml_mm", &ggml_mm); }
+TORCH_LIBRARY_IMPL(autolm, Meta, m) { m.impl("ggml_mm", &ggml_mm_meta); }

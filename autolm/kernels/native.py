@@ -1,0 +1,100 @@
+"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's K-quant blocks with integer dot products),
+compiled once per machine with its C++ compiler and loaded as torch.ops.autolm.
+
+The library is built for the machine's own instruction set (-march=native), so only where that has AVX-512
+VNNI (else, and without a compiler, the other kernels of kernels.ggml compute these types). It is kept under
+`$AUTOLM_HOME/kernels/<key>.so`, the key covering the source, the torch version and the CPU (as the compiled
+graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds it (about
+eight seconds), later processes load it (milliseconds). Setting AUTOLM_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from .._util import _fsync_dir, autolm_home
+from .aot import _isa
+
+logger = logging.getLogger("autolm")
+
+KINDS = (12, 14)  # ggml types computed here: Q4_K, Q6_K (blocks of 256 columns)
+_SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
+_STATE: dict[str, bool] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def available() -> bool:
+    """Whether torch.ops.autolm.ggml_mm is loaded (building it on first use); False, with a warning where
+    building fails, or quietly where the CPU lacks AVX-512 VNNI or AUTOLM_NATIVE=0."""
+    if "ok" not in _STATE:
+        _STATE["ok"] = False
+        if os.environ.get("AUTOLM_NATIVE", "1") != "0" and {"avx512_vnni", "avx512bw"} <= _cpu_flags():
+            try:
+                torch.ops.load_library(_build())
+                _STATE["ok"] = True
+            except Exception as e:
+                logger.warning("autolm: building its C++ kernels failed (%s); slower kernels run instead", e)
+    return _STATE["ok"]
+
+
+def computes(kind: int, columns: int) -> bool:
+    """Whether a weight of ggml type `kind` with `columns` columns is computed here."""
+    return kind in KINDS and columns % 256 == 0 and available()
+
+
+def _build() -> str:
+    """The library's path, compiling it first where it is not there yet."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(repr((source, torch.__version__, _isa())).encode()).hexdigest()[:32]
+    path = os.path.join(autolm_home(), "kernels", f"ggml_mm-{key}.so")
+    if os.path.isfile(path):
+        return path
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++, or $CXX) on the PATH")
+    base = os.path.dirname(torch.__file__)
+    lib = os.path.join(base, "lib")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    try:
+        command = [
+            compiler, _SOURCE, "-o", tmp, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            "-I", os.path.join(base, "include"), "-I", os.path.join(base, "include", "torch", "csrc", "api", "include"),
+            "-L", lib, f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+        ]  # fmt: skip
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def ggml_mm(x: torch.Tensor, raw: torch.Tensor, kind: int) -> torch.Tensor:
+    """x @ W.T for W's rows of `kind` blocks, raw uint8 (N, bytes per row); x's dtype and leading dimensions."""
+    return torch.ops.autolm.ggml_mm(x, raw, kind)
+
+
+__all__ = ["KINDS", "available", "computes", "ggml_mm"]
