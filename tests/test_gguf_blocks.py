@@ -130,22 +130,25 @@ def test_kept_matmul_equals_the_dequantized_weight(kind, monkeypatch):
     torch.testing.assert_close(emb(ids), w[ids[0]].float().unsqueeze(0))
 
 
-def int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the C++ kernel quantizes it: per 256 columns to int8, scale max |x| / 127 (float32)."""
-    blocks = x.float().unflatten(-1, (-1, 256))
+def int8_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """x rounded as the C++ kernel quantizes it: per `columns` to int8, scale max |x| / 127 (float32)."""
+    blocks = x.float().unflatten(-1, (-1, columns))
     top = blocks.abs().amax(-1, keepdim=True)
-    q = (blocks * (127 / top)).round().clamp(-127, 127)
-    return (q * (top / 127)).flatten(-2)
+    # 127 / top as the kernel divides (torch's scalar / tensor multiplies by a reciprocal: 1 ulp off, which
+    # moves values within an ulp of a half to the other integer)
+    inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, 0.0)
+    return ((blocks * inv).round().clamp(-127, 127) * (top / 127)).flatten(-2)
 
 
 @pytest.mark.skipif(
     not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
 )
-@pytest.mark.parametrize("kind", native.KINDS, ids=lambda k: gguf.GGMLQuantizationType(k).name)
+@pytest.mark.parametrize("kind", sorted(native.KINDS), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_native_kernel_is_the_int8_activation_product(kind):
-    """Q4_K / Q6_K on their blocks by integer dot products: x quantized to int8 per 256 columns (as llama.cpp
-    does), times gguf's dequantized weight, for any number of rows; bf16 in, bf16 out."""
-    n, k = 70, 768
+    """The C++ kernel's types on their blocks by integer dot products: x quantized to int8 per 256 columns
+    (K-quants) or 32 (the others), as llama.cpp does, times gguf's dequantized weight, for any number of rows
+    (with one row a thread, and many); bf16 in, bf16 out."""
+    n, k, columns = 600, 768 if native.KINDS[kind] == 256 else 800, native.KINDS[kind]  # 800: 25 blocks of 32
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 2))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
     layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)
@@ -153,14 +156,14 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
     for shape in ((1, k), (3, 1, k), (2, 17, k)):
         x = torch.randn(shape) * torch.rand(shape[-1]) * 4  # uneven columns, as activations are
-        want = (int8_rows(x).double() @ w.T + bias.double()).float()
+        want = (int8_rows(x, columns).double() @ w.T + bias.double()).float()
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         exact = x.double() @ w.T + bias.double()
         assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.02  # int8 activations' rounding
     xb = torch.randn(4, k, dtype=torch.bfloat16)
     got = native.ggml_mm(xb, raw, kind)
     assert got.dtype == torch.bfloat16
-    want = int8_rows(xb).double() @ w.T
+    want = int8_rows(xb, columns).double() @ w.T
     torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01 * want.abs().max().item())
     with pytest.raises(RuntimeError, match="does not hold"):
         native.ggml_mm(torch.randn(1, 512), raw, kind)
@@ -236,8 +239,10 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output,
         assert isinstance(layer.self_attn.q_proj, Int4Linear)  # Q4_K: autolm's int4 layout, groups of 32
     assert isinstance(layer.mlp.down_proj, GGMLLinear) and layer.mlp.down_proj.ggml_type == K.Q8_0
     assert isinstance(kept.model.embed_tokens, GGMLEmbedding) and kept.dtype == torch.float32
-    q5 = kept.model.layers[1].self_attn.q_proj  # Q5_0 in the file: repacked into int8 planes, the same values
-    assert q5.ggml_type == K.Q5_0 and q5.weight.dtype == torch.int8
+    q5 = kept.model.layers[
+        1
+    ].self_attn.q_proj  # Q5_0 in the file: its blocks, or int8 planes of the same values
+    assert q5.ggml_type == K.Q5_0 and q5.weight.dtype == (torch.uint8 if with_native else torch.int8)
     assert torch.equal(q5.dequantize(), plain.model.layers[1].self_attn.q_proj.weight)
     q3 = layer.self_attn.o_proj  # Q3_K: the file's own blocks
     assert q3.weight.dtype == torch.uint8 and q3.scales is None
@@ -306,7 +311,11 @@ def test_compiled_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
     tokens, logits = greedy_steps(model, ids, 8, "auto")
     assert step._PLANS[model][1] is not None
     assert tokens == plain_tokens
-    torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)
+    if native.available():  # int8 activations: inductor's other rounding of a norm moves a few of them a step
+        close = (logits - plain).abs() <= 0.02 * (plain.abs() + plain.abs().max())
+        assert close.float().mean() >= 0.95
+    else:
+        torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)
 
 
 def test_a_kept_model_refuses_to_save_in_the_hf_layout(tmp_path):

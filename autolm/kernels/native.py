@@ -1,4 +1,4 @@
-"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's K-quant blocks with integer dot products),
+"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products),
 compiled once per machine with its C++ compiler and loaded as torch.ops.autolm.
 
 The library is built for the machine's own instruction set (-march=native), so only where that has AVX-512
@@ -24,7 +24,8 @@ from .aot import _isa
 
 logger = logging.getLogger("autolm")
 
-KINDS = (12, 14)  # ggml types computed here: Q4_K, Q6_K (blocks of 256 columns)
+# ggml types computed here -> columns per block (and per scale of the int8 activations)
+KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 14: 256}  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q6_K
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _STATE: dict[str, bool] = {}
 
@@ -43,7 +44,10 @@ def available() -> bool:
     building fails, or quietly where the CPU lacks AVX-512 VNNI or AUTOLM_NATIVE=0."""
     if "ok" not in _STATE:
         _STATE["ok"] = False
-        if os.environ.get("AUTOLM_NATIVE", "1") != "0" and {"avx512_vnni", "avx512bw"} <= _cpu_flags():
+        if (
+            os.environ.get("AUTOLM_NATIVE", "1") != "0"
+            and {"avx512_vnni", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
+        ):
             try:
                 torch.ops.load_library(_build())
                 _STATE["ok"] = True
@@ -54,7 +58,7 @@ def available() -> bool:
 
 def computes(kind: int, columns: int) -> bool:
     """Whether a weight of ggml type `kind` with `columns` columns is computed here."""
-    return kind in KINDS and columns % 256 == 0 and available()
+    return kind in KINDS and columns % KINDS[kind] == 0 and available()
 
 
 def _build() -> str:
