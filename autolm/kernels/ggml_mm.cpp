@@ -283,12 +283,16 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
   int64_t K = x.size(-1), N = raw.size(0), nb = K / k.columns;
   TORCH_CHECK(K % k.columns == 0 && raw.dim() == 2 && raw.size(1) == nb * k.bytes && raw.scalar_type() == at::kByte,
               "ggml_mm: weight of ", raw.sizes(), " bytes does not hold ", K, " columns of type ", kind);
-  at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous(), w = raw.contiguous();
-  int64_t M = xf.size(0);
+  TORCH_CHECK(raw.is_contiguous(), "ggml_mm: the weight's rows must be contiguous");
+  bool plain = x.scalar_type() == at::kFloat && x.is_contiguous();  // else a float copy (ATen calls cost us)
+  at::Tensor xf = plain ? x : x.to(at::kFloat).contiguous();
+  int64_t M = x.numel() / K;
   Acts a = quantize(xf.data_ptr<float>(), M, K, kind);
-  at::Tensor y = at::empty({M, N}, xf.options());
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, xf.options());
   float* yp = y.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint8_t* wp = raw.data_ptr<uint8_t>();
   // Rows of x a tile at a time (about 32 KB of their quants, which stay in the L1 cache while every weight row
   // of the thread's part passes by); threads for matrices of more than about 2^17 weights (a parallel region
   // costs microseconds).
@@ -298,15 +302,13 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
     for (int64_t m0 = 0; m0 < M; m0 += tile) {
       int64_t m1 = std::min(M, m0 + tile);
       for (int64_t n = lo; n < hi; n++) {
-        for (auto& r : out) r = {_mm512_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t m = m0; m < m1; m++) out[m - m0] = {_mm512_setzero_ps(), _mm256_setzero_ps()};
         k.rows(wp + n * nb * k.bytes, nb, a, K, m0, m1, out.data());
         for (int64_t m = m0; m < m1; m++) yp[m * N + n] = reduce(out[m - m0]);
       }
     }
   });
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return y.view(shape).to(x.scalar_type());
+  return plain ? y : y.to(x.scalar_type());
 }
 
 at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
