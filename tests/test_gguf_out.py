@@ -77,7 +77,16 @@ def _plain_rope(directory: str, tmp_path) -> torch.nn.Module:
     return autolm.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
 
 
-def test_q8_0_writes_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer):
+def exact_kernels(monkeypatch):
+    """The kept layers on torch's float kernels (the C++ kernel rounds activations to int8, as llama.cpp does;
+    tests/test_gguf_blocks.py pins it): kept and dequantized models then agree within float rounding."""
+    from autolm.kernels import native
+
+    monkeypatch.setattr(native, "computes", lambda kind, columns: False)
+
+
+def test_q8_0_writes_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, monkeypatch):
+    exact_kernels(monkeypatch)
     directory, _ = checkpoint("mistral_sliding")
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     path = save_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), "q8_0")
@@ -134,9 +143,10 @@ def test_cli_convert_writes_a_gguf(checkpoint, tmp_path, smol_tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
-def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kind):
+def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kind, monkeypatch):
     """Q4_K / Q5_K / Q6_K written here dequantize (gguf's reference code) to within their step of the weights;
     rows that are not whole 256-blocks fall back as llama.cpp does; the file loads kept and dequantized alike."""
+    exact_kernels(monkeypatch)
     from autolm.gguf_writer import quantize_k, quantize_q6_k
 
     w = np.random.default_rng(0).normal(0, 0.05, (64, 512)).astype(np.float32)
