@@ -86,6 +86,13 @@ __m512i lane_index(int first, int second, int width) {
   return _mm512_load_si512(idx);
 }
 
+// Ask for the bytes kPrefetch ahead of a block (the row's next blocks, or the next row's) while this one is
+// computed on: the hardware prefetcher alone left a one-row matmul at ~65% of the memory's bandwidth.
+constexpr int64_t kPrefetch = 4096;
+inline void prefetch(const uint8_t* w, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch((const char*)(w + kPrefetch + at), _MM_HINT_T0);
+}
+
 struct RowOut {
   __m512 acc;     // the blocks' dot products, scaled
   __m256 accmin;  // the K-quant blocks' low terms, scaled
@@ -125,6 +132,7 @@ void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0,
   for (int p = 0; p < 8; p++)
     for (int l = 0; l < 16; l++) ((int32_t*)&halves[p])[l] = 2 * p + (l >= 8);
   for (int64_t b0 = 0; b0 < nb; b0 += 16, w += 16 * bytes) {
+    prefetch(w, 16 * bytes);
     int64_t n = std::min<int64_t>(16, nb - b0);
     __mmask16 live = (__mmask16)((1u << n) - 1);
     __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, w, 1);  // bytes 0..3 of each block
@@ -160,6 +168,7 @@ void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
   static const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; b++, w += 144) {
+    prefetch(w, 144);
     uint32_t u[4];
     std::memcpy(u, w + 4, 12);
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
@@ -204,6 +213,7 @@ void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
   const __m512i shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
   const __m512i shift_hi = _mm512_add_epi16(shift_lo, _mm512_set1_epi16(4));
   for (int64_t b = 0; b < nb; b++, w += 210) {
+    prefetch(w, 210);
     __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 192)));
     __m512i sm = _mm512_castsi256_si512(sc16);
     __m512i q[4], sc[4];
