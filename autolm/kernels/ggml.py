@@ -206,8 +206,8 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tenso
     """x @ W.T + bias for a weight W kept in its ggml blocks (see dequantize). Inside a compiler: one
     matrix-vector loop over the blocks (or a matmul of the dequantized weight for longer inputs); eagerly: the
     weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul. The types of
-    native.KINDS (Q4_K, Q6_K) go to autolm's C++ kernel where it is built (eagerly and compiled alike): integer
-    dot products with x quantized to int8 per 256 columns, as llama.cpp computes them."""
+    native.KINDS go to autolm's C++ kernel where it is built (eagerly and compiled alike): integer dot
+    products with x quantized to int8 per block, as llama.cpp computes them."""
     if raw.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1]):
         y = native.ggml_mm(x, raw, kind)
         return y if bias is None else y + bias.to(y.dtype)

@@ -1,9 +1,9 @@
 """quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
-type before loading: Q4_K and Q6_K weights stay in their blocks over the file's memory map where autolm's C++
-kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler); else, and for Q4_0 /
-Q4_1, Q4_K weights become int4 layers (their blocks are exactly autolm's int4
+type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights stay in their blocks over the file's
+memory map where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++
+compiler); else Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4
 layout, groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML
 layer (autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K,
 Q3_K, IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay
