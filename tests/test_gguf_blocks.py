@@ -361,3 +361,29 @@ def test_loading_kept_blocks_leaves_the_gguf_package_unimported(tmp_path):
         "assert 'gguf' not in sys.modules, 'gguf imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+def test_without_a_compiler_the_torch_kernels_run(tmp_path):
+    """Where the C++ kernel cannot be built (no compiler here), a warning says so once and the kept model runs on
+    the torch kernels: the planes and int4 layers, the same logits as with AUTOLM_NATIVE=0."""
+    import subprocess
+    import sys
+
+    write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
+    code = (
+        "import logging, torch, autolm\n"
+        "from autolm.kernels import native\n"
+        "logging.basicConfig()\n"
+        f"m = autolm.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, gguf_file='tiny.gguf',"
+        " quantization='gguf', progress=False)\n"
+        "assert not native.available() and m.model.layers[1].self_attn.q_proj.weight.dtype == torch.int8\n"
+        "print(m(torch.tensor([[1, 2, 3]])).logits.sum().item())\n"
+    )
+    runs = {}
+    for name, extra in (("broken", {"CXX": str(tmp_path / "no-compiler")}), ("off", {"AUTOLM_NATIVE": "0"})):
+        env = dict(os.environ, AUTOLM_HOME=str(tmp_path / name), **extra)
+        runs[name] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    timeout=600, check=True)  # fmt: skip
+    assert "building its C++ kernels failed" in runs["broken"].stderr
+    assert "C++" not in runs["off"].stderr
+    assert runs["broken"].stdout == runs["off"].stdout

@@ -28,6 +28,7 @@ logger = logging.getLogger("autolm")
 KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 14: 256}  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q6_K
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _STATE: dict[str, bool] = {}
+_OP: list = []  # torch.ops.autolm.ggml_mm, looked up once
 
 
 def _cpu_flags() -> set[str]:
@@ -50,6 +51,7 @@ def available() -> bool:
         ):
             try:
                 torch.ops.load_library(_build())
+                _OP.append(torch.ops.autolm.ggml_mm.default)
                 _STATE["ok"] = True
             except Exception as e:
                 logger.warning("autolm: building its C++ kernels failed (%s); slower kernels run instead", e)
@@ -72,6 +74,7 @@ def _build() -> str:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, or $CXX) on the PATH")
+    logger.info("autolm: building its C++ kernels for this machine (once, about 8 s): %s", path)
     base = os.path.dirname(torch.__file__)
     lib = os.path.join(base, "lib")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -98,7 +101,7 @@ def _build() -> str:
 
 def ggml_mm(x: torch.Tensor, raw: torch.Tensor, kind: int) -> torch.Tensor:
     """x @ W.T for W's rows of `kind` blocks, raw uint8 (N, bytes per row); x's dtype and leading dimensions."""
-    return torch.ops.autolm.ggml_mm(x, raw, kind)
+    return _OP[0](x, raw, kind)
 
 
 __all__ = ["KINDS", "available", "computes", "ggml_mm"]
