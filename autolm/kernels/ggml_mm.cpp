@@ -3,9 +3,10 @@
 // scale per block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants
 // times signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed
 // in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): x
-// quantized per 32 columns (llama.cpp's Q8_0 / Q8_1), vpdpbusd per block, scaled per block. Built by autolm/kernels/native.py with the machine's
-// own instruction set (-march=native) where it has AVX-512 VNNI; registered as torch.ops.autolm.ggml_mm, with a
-// Meta kernel, so that it runs eagerly and inside ahead-of-time compiled graphs alike.
+// quantized per 32 columns (llama.cpp's Q8_0 / Q8_1), vpdpbusd per block, scaled per block. Built by
+// autolm/kernels/native.py with the machine's own instruction set (-march=native) where it has AVX-512 VNNI;
+// registered as torch.ops.autolm.ggml_mm, with a Meta kernel, so that it runs eagerly and inside
+// ahead-of-time compiled graphs alike.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -17,8 +18,8 @@
 #include <cstring>
 #include <vector>
 
-#if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
-#error "ggml_mm.cpp needs AVX-512 VNNI and BW"
+#if !defined(__AVX512VNNI__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__) || !defined(__AVX512VL__)
+#error "ggml_mm.cpp needs AVX-512 VNNI, BW, DQ and VL"
 #endif
 
 namespace {
@@ -245,8 +246,7 @@ void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
 }
 
 float reduce(const RowOut& r) {
-  __m256 s = _mm256_add_ps(r.accmin, _mm256_add_ps(_mm512_castps512_ps256(r.acc),
-                                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r.acc), 1))));
+  __m256 s = _mm256_add_ps(r.accmin, _mm256_add_ps(_mm512_castps512_ps256(r.acc), _mm512_extractf32x8_ps(r.acc, 1)));
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
