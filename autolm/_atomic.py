@@ -310,3 +310,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def published_file(path: str, mode: int = 0o644) -> Iterator[str]:
+    """A temporary path next to `path` for a tool to write (a compiler, a packager); when the block ends without
+    an error it becomes `path` (mode set, renamed, the folder fsynced), else it is removed. A cache file: other
+    processes see the old file or the whole new one, never a part."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(4)}-{os.path.basename(path)}")
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

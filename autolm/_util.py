@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from ._atomic import _fsync_dir, atomic_directory, atomic_write_text  # noqa: F401 - where callers import them
+from ._atomic import _fsync_dir, atomic_directory, atomic_write_text, published_file  # noqa: F401 - where callers import them
 from .errors import AutolmError, ConfigError
 
 MAX_JSON_BYTES = 64 << 20  # no legitimate config, index or tokenizer config comes near this

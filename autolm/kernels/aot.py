@@ -21,12 +21,11 @@ import hashlib
 import logging
 import os
 import platform
-import tempfile
 import warnings
 
 import torch
 
-from .._util import _fsync_dir, autolm_home
+from .._util import autolm_home, published_file
 
 logger = logging.getLogger("autolm")
 
@@ -140,21 +139,12 @@ def compile_graph(
     try:
         if api is None:
             raise RuntimeError("this torch has no AOTInductor")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt2")
-        os.close(fd)
-        try:
+        with published_file(path) as tmp:
             exported = export(module, inputs, dynamic)
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 api[0](exported, package_path=tmp, inductor_configs=inductor_configs or {})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     except Exception as e:
         logger.warning(
             "autolm: compiling a graph ahead of time failed (%s: %s); the eager path runs instead",

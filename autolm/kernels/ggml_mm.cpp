@@ -161,6 +161,24 @@ void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0,
   }
 }
 
+// One decoded K-quant block (block b of its row: the quants as unsigned bytes in the order of the activations'
+// quants, each int16 lane's sub-scale) times rows m0..m1 of the activations, into out: d * the integer dot
+// products, plus low_scale * the low term's integer factors (low16, per 16 activations) times their sums.
+__attribute__((always_inline)) inline void k_block_rows(const __m512i* q, const __m512i* sc, __m256i low16, float d,
+                                                        float low_scale, const Acts& a, int64_t K, int64_t b,
+                                                        int64_t m0, int64_t m1, RowOut* out) {
+  for (int64_t m = m0; m < m1; m++) {
+    const int8_t* x = a.q.data() + m * K + b * kBlock;
+    __m512i s = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i)), sc[i]);
+    float dx = a.d[m * (K / kBlock) + b];
+    out[m - m0].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m - m0].acc);
+    __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
+    __m256 low = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, low16));
+    out[m - m0].accmin = _mm256_fmadd_ps(low, _mm256_set1_ps(low_scale * dx), out[m - m0].accmin);
+  }
+}
+
 // Q4_K: d (fp16), dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
 // value = d * sc[s] * q - dmin * mn[s] for sub-block s of 32 weights.
 void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0, int64_t m1, RowOut* out) {
@@ -189,19 +207,7 @@ void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
     }
     __m256i mins = _mm256_permutexvar_epi16(min_idx, _mm512_castsi512_si256(sm));
     float d = half_at(w), dmin = half_at(w + 2);
-    for (int64_t m = m0; m < m1; m++) {
-      const int8_t* x = a.q.data() + m * K + b * kBlock;
-      __m512i s = _mm512_setzero_si512();
-      for (int i = 0; i < 4; i++) {
-        __m512i p = _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i));
-        s = _mm512_dpwssd_epi32(s, p, sc[i]);
-      }
-      float dx = a.d[m * (K / kBlock) + b];
-      out[m - m0].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m - m0].acc);
-      __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
-      __m256 mn = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
-      out[m - m0].accmin = _mm256_fmadd_ps(mn, _mm256_set1_ps(-dmin * dx), out[m - m0].accmin);
-    }
+    k_block_rows(q, sc, mins, d, -dmin, a, K, b, m0, m1, out);
   }
 }
 
@@ -229,19 +235,7 @@ void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
       sc[2 * h + 1] = _mm512_permutexvar_epi16(idx[2 * h + 1], sm);
     }
     float d = half_at(w + 208);
-    for (int64_t m = m0; m < m1; m++) {
-      const int8_t* x = a.q.data() + m * K + b * kBlock;
-      __m512i s = _mm512_setzero_si512();
-      for (int i = 0; i < 4; i++) {
-        __m512i p = _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i));
-        s = _mm512_dpwssd_epi32(s, p, sc[i]);
-      }
-      float dx = a.d[m * (K / kBlock) + b];
-      out[m - m0].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m - m0].acc);
-      __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
-      __m256 lo = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, sc16));
-      out[m - m0].accmin = _mm256_fmadd_ps(lo, _mm256_set1_ps(-32.0f * d * dx), out[m - m0].accmin);
-    }
+    k_block_rows(q, sc, sc16, d, -32.0f * d, a, K, b, m0, m1, out);
   }
 }
 

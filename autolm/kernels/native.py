@@ -15,11 +15,10 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 
 import torch
 
-from .._util import _fsync_dir, autolm_home
+from .._util import autolm_home, published_file
 from .aot import _isa
 
 logger = logging.getLogger("autolm")
@@ -77,10 +76,7 @@ def _build() -> str:
     logger.info("autolm: building its C++ kernels for this machine (once, about 8 s): %s", path)
     base = os.path.dirname(torch.__file__)
     lib = os.path.join(base, "lib")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".so")
-    os.close(fd)
-    try:
+    with published_file(path, 0o755) as tmp:
         command = [
             compiler, _SOURCE, "-o", tmp, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -90,12 +86,6 @@ def _build() -> str:
         done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
