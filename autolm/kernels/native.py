@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 
 import torch
 
@@ -28,6 +29,7 @@ KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 14: 256}  # Q4_0 Q4_1 Q5_0 
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _STATE: dict[str, bool] = {}
 _OP: list = []  # torch.ops.autolm.ggml_mm, looked up once
+_LOCK = threading.Lock()
 
 
 def _cpu_flags() -> set[str]:
@@ -42,19 +44,22 @@ def _cpu_flags() -> set[str]:
 def available() -> bool:
     """Whether torch.ops.autolm.ggml_mm is loaded (building it on first use); False, with a warning where
     building fails, or quietly where the CPU lacks AVX-512 VNNI or AUTOLM_NATIVE=0."""
-    if "ok" not in _STATE:
-        _STATE["ok"] = False
-        if (
-            os.environ.get("AUTOLM_NATIVE", "1") != "0"
-            and {"avx512_vnni", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
-        ):
-            try:
-                torch.ops.load_library(_build())
-                _OP.append(torch.ops.autolm.ggml_mm.default)
-                _STATE["ok"] = True
-            except Exception as e:
-                logger.warning("autolm: building its C++ kernels failed (%s); slower kernels run instead", e)
-    return _STATE["ok"]
+    with _LOCK:  # loading the library twice in one process would abort it (one registration per namespace)
+        if "ok" not in _STATE:
+            _STATE["ok"] = False
+            if (
+                os.environ.get("AUTOLM_NATIVE", "1") != "0"
+                and {"avx512_vnni", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
+            ):
+                try:
+                    torch.ops.load_library(_build())
+                    _OP.append(torch.ops.autolm.ggml_mm.default)
+                    _STATE["ok"] = True
+                except Exception as e:
+                    logger.warning(
+                        "autolm: building its C++ kernels failed (%s); slower kernels run instead", e
+                    )
+        return _STATE["ok"]
 
 
 def computes(kind: int, columns: int) -> bool:
