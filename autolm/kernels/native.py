@@ -44,6 +44,8 @@ def _cpu_flags() -> set[str]:
 def available() -> bool:
     """Whether torch.ops.autolm.ggml_mm is loaded (building it on first use); False, with a warning where
     building fails, or quietly where the CPU lacks AVX-512 VNNI or AUTOLM_NATIVE=0."""
+    if "ok" in _STATE:  # every matmul asks: no lock once decided
+        return _STATE["ok"]
     with _LOCK:  # loading the library twice in one process would abort it (one registration per namespace)
         if "ok" not in _STATE:
             _STATE["ok"] = False
