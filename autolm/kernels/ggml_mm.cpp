@@ -126,7 +126,8 @@ inline __m256i quants32(const uint8_t* b) {
 // vector each, then two blocks per vpdpbusd of the unsigned quants with the activations' int8 quants, each
 // half times its block's scale; the low terms from the activations' block sums.
 template <int64_t kind, int64_t bytes>
-void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0, int64_t m1, RowOut* out) {
+__attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                   int64_t m0, int64_t m1, RowOut* out) {
   const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((int)bytes));
   __m512i q[8], halves[8];
@@ -181,10 +182,11 @@ __attribute__((always_inline)) inline void k_block_rows(const __m512i* q, const 
 
 // Q4_K: d (fp16), dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
 // value = d * sc[s] * q - dmin * mn[s] for sub-block s of 32 weights.
-void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0, int64_t m1, RowOut* out) {
-  static const __m512i lo_idx[2] = {lane_index(0, 2, 16), lane_index(4, 6, 16)};
-  static const __m512i hi_idx[2] = {lane_index(1, 3, 16), lane_index(5, 7, 16)};
-  static const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+const __m512i lo_idx[2] = {lane_index(0, 2, 16), lane_index(4, 6, 16)};
+const __m512i hi_idx[2] = {lane_index(1, 3, 16), lane_index(5, 7, 16)};
+const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+__attribute__((always_inline)) inline void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                     int64_t m0, int64_t m1, RowOut* out) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; b++, w += 144) {
     prefetch(w, 144);
@@ -213,9 +215,10 @@ void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
 
 // Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d (fp16).
 // value = d * sc[s] * (q - 32) for sub-block s of 16 weights.
-void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m0, int64_t m1, RowOut* out) {
-  static const __m512i idx[4] = {lane_index(0, 2, 8), lane_index(4, 6, 8), lane_index(8, 10, 8),
-                                 lane_index(12, 14, 8)};
+const __m512i q6_idx[4] = {lane_index(0, 2, 8), lane_index(4, 6, 8), lane_index(8, 10, 8),
+                           lane_index(12, 14, 8)};
+__attribute__((always_inline)) inline void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                     int64_t m0, int64_t m1, RowOut* out) {
   const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(3);
   const __m512i shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
   const __m512i shift_hi = _mm512_add_epi16(shift_lo, _mm512_set1_epi16(4));
@@ -231,8 +234,8 @@ void rows_q6_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K, int64_t m
       __m512i hh = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_hi), two), 4);
       q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, nib), hl);
       q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nib), hh);
-      sc[2 * h] = _mm512_permutexvar_epi16(idx[2 * h], sm);
-      sc[2 * h + 1] = _mm512_permutexvar_epi16(idx[2 * h + 1], sm);
+      sc[2 * h] = _mm512_permutexvar_epi16(q6_idx[2 * h], sm);
+      sc[2 * h + 1] = _mm512_permutexvar_epi16(q6_idx[2 * h + 1], sm);
     }
     float d = half_at(w + 208);
     k_block_rows(q, sc, sc16, d, -32.0f * d, a, K, b, m0, m1, out);
@@ -246,22 +249,39 @@ float reduce(const RowOut& r) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-using RowsFn = void (*)(const uint8_t*, int64_t, const Acts&, int64_t, int64_t, int64_t, RowOut*);
+// Weight rows n0..n1 (row_bytes each) times rows m0..m1 of x, into y (N columns): one weight row's blocks by
+// `rows` (inlined, so that its constants are set up once per call, not once per weight row), then reduced.
+template <auto rows>
+void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, const Acts& a, int64_t K,
+               int64_t m0, int64_t m1, RowOut* out, float* y, int64_t N) {
+  for (int64_t n = n0; n < n1 && m1 - m0 == 1; n++) {  // one row of x (decode): its sums stay in registers
+    RowOut one{_mm512_setzero_ps(), _mm256_setzero_ps()};
+    rows(w + n * row_bytes, nb, a, K, m0, m0 + 1, &one);
+    y[m0 * N + n] = reduce(one);
+  }
+  for (int64_t n = n0; n < n1 && m1 - m0 > 1; n++) {
+    for (int64_t m = m0; m < m1; m++) out[m - m0] = {_mm512_setzero_ps(), _mm256_setzero_ps()};
+    rows(w + n * row_bytes, nb, a, K, m0, m1, out);
+    for (int64_t m = m0; m < m1; m++) y[m * N + n] = reduce(out[m - m0]);
+  }
+}
+
+using RangeFn = decltype(&row_range<rows_q4_k>);
 
 struct Kind {
   int64_t columns, bytes;  // per block
-  RowsFn rows;
+  RangeFn range;
 };
 
 Kind kind_of(int64_t kind) {
   switch (kind) {
-    case kQ4_0: return {32, 18, rows_32<kQ4_0, 18>};
-    case kQ4_1: return {32, 20, rows_32<kQ4_1, 20>};
-    case kQ5_0: return {32, 22, rows_32<kQ5_0, 22>};
-    case kQ5_1: return {32, 24, rows_32<kQ5_1, 24>};
-    case kQ8_0: return {32, 34, rows_32<kQ8_0, 34>};
-    case kQ4K: return {kBlock, 144, rows_q4_k};
-    case kQ6K: return {kBlock, 210, rows_q6_k};
+    case kQ4_0: return {32, 18, row_range<rows_32<kQ4_0, 18>>};
+    case kQ4_1: return {32, 20, row_range<rows_32<kQ4_1, 20>>};
+    case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>};
+    case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
+    case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
+    case kQ4K: return {kBlock, 144, row_range<rows_q4_k>};
+    case kQ6K: return {kBlock, 210, row_range<rows_q6_k>};
   }
   TORCH_CHECK(false, "ggml_mm: ggml type ", kind, " is not computed natively");
 }
@@ -305,11 +325,7 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
     std::vector<RowOut> out(tile);
     for (int64_t m0 = 0; m0 < M; m0 += tile) {
       int64_t m1 = std::min(M, m0 + tile);
-      for (int64_t n = lo; n < hi; n++) {
-        for (int64_t m = m0; m < m1; m++) out[m - m0] = {_mm512_setzero_ps(), _mm256_setzero_ps()};
-        k.rows(wp + n * nb * k.bytes, nb, a, K, m0, m1, out.data());
-        for (int64_t m = m0; m < m1; m++) yp[m * N + n] = reduce(out[m - m0]);
-      }
+      k.range(wp, nb * k.bytes, lo, hi, nb, a, K, m0, m1, out.data(), yp, N);
     }
   });
   return plain ? y : y.to(x.scalar_type());
