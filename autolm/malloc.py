@@ -17,6 +17,13 @@ of reach of Python's garbage collector (gc.freeze): a full collection no longer 
 cached bytecode: a full collection during autolm's own imports took ~80 ms of the 135 ms those imports
 took (55 ms after freezing). Also process-wide, so also opted in to by the command line and the benchmark.
 
+`huge_page_tensor(nbytes)` is memory of its own for long-lived weights: a private anonymous mapping advised to
+use transparent huge pages (madvise, for that mapping only). Kernels that stream weights from memory read them
+faster from 2 MiB pages than from a file's 4 KiB page-cache pages (fewer TLB misses, prefetchers not stopped at
+every page): measured on a 1.1B Q4_K_M GGUF's matrices, 24.5 ms per token over the file's memory map against
+17-20 ms from huge pages. Their first touch costs what the OS charges for fresh huge pages: ~0.05 s per 660 MB
+here when recently used, ~1.3 s under a VM whose host takes idle guest memory back (free page reporting).
+
 `give_back_freed_memory()` hands the free heap back to the OS now (glibc's malloc_trim; it changes no
 setting): loading calls it once the weights are in place, so the temporaries of a quantizing or repacking
 load (unpacked quants, float scales) do not stay in the process's memory, whichever setting is in force.
@@ -24,11 +31,13 @@ load (unpacked quants, float scales) do not stay in the process's memory, whiche
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import os
 
+HUGE_PAGE = 2 << 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
 TRIM_THRESHOLD = 256 << 20
@@ -65,3 +74,19 @@ def give_back_freed_memory() -> bool:
     """Return the heap's free pages to the OS (glibc only; False elsewhere)."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+def huge_page_tensor(nbytes: int):
+    """A uint8 tensor of `nbytes` over a private anonymous mapping (whole huge pages, which the kernel aligns to
+    them) advised to use transparent huge pages where the OS offers them; plain pages elsewhere."""
+    import mmap
+
+    import torch
+
+    m = mmap.mmap(
+        -1, max(-(-nbytes // HUGE_PAGE), 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    )
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # transparent huge pages compiled out: plain pages
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=torch.uint8)[:nbytes]  # the tensor holds the mapping

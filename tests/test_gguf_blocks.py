@@ -275,6 +275,34 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
     assert all(v.untyped_storage().nbytes() == size for v in views)
 
 
+@pytest.mark.skipif(
+    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
+)
+def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
+    """The weights the C++ kernel computes on (here Q4_K, Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
+    head) are the file's bytes in one buffer of whole huge pages, the embeddings' lookup reading the head's copy;
+    the types computed by torch ops stay views of the file's map."""
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
+    model = _load(path, quantization="gguf")
+    layers = model.model.layers
+    native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.v_proj, layers[0].mlp.down_proj,
+                   layers[1].self_attn.q_proj, layers[1].self_attn.k_proj, layers[1].self_attn.o_proj,
+                   layers[1].mlp.gate_proj, model.lm_head]  # fmt: skip
+    storages = {m.weight.untyped_storage().data_ptr() for m in native_kept}
+    assert len(storages) == 1
+    arena = model.lm_head.weight.untyped_storage()
+    assert arena.nbytes() % (2 << 20) == 0 and arena.nbytes() != os.path.getsize(path)
+    assert model.model.embed_tokens.blocks.data_ptr() == model.lm_head.weight.data_ptr()
+    mapped = layers[0].self_attn.o_proj.weight  # Q3_K: torch ops on the file's map
+    assert mapped.untyped_storage().nbytes() == os.path.getsize(path)
+    reader = gguf.GGUFReader(path)
+    raw = {t.name: torch.from_numpy(np.array(t.data)).view(torch.uint8).reshape(int(t.shape[1]), -1)
+           for t in reader.tensors if len(t.shape) == 2}  # fmt: skip
+    assert torch.equal(layers[0].self_attn.v_proj.weight, raw["blk.0.attn_v.weight"])
+    assert torch.equal(layers[1].mlp.gate_proj.weight, raw["blk.1.ffn_gate.weight"])
+    assert torch.equal(model.lm_head.weight, raw["token_embd.weight"])
+
+
 def test_int4_quantization_takes_k_quant_blocks(tmp_path):
     """quantization='int4' on a K-quant file: Q4_K blocks load as they are, other types via torch."""
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)

@@ -233,3 +233,21 @@ def test_keep_freed_memory_stops_page_faults_per_op():
     }
     assert runs["-"] > 5000, runs  # ~10,000 faults per forward by default
     assert runs["tuned"] < runs["-"] / 10, runs
+
+
+def test_huge_page_tensor_is_memory_of_its_own():
+    """malloc.huge_page_tensor: the bytes asked for, writable, over whole huge pages that live as long as the
+    tensor (or a view of it) does; a private mapping, so nothing else sees its writes."""
+    import gc
+
+    from autolm.malloc import HUGE_PAGE, huge_page_tensor
+
+    t = huge_page_tensor(3 << 20)
+    assert t.dtype == torch.uint8 and t.numel() == 3 << 20
+    assert t.untyped_storage().nbytes() == 2 * HUGE_PAGE
+    view = t[1 << 20 :]
+    del t
+    gc.collect()
+    view.fill_(7)
+    assert int(view.sum()) == 7 * (2 << 20)
+    assert huge_page_tensor(10).untyped_storage().nbytes() == HUGE_PAGE
