@@ -279,13 +279,14 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
     not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
 )
 def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
-    """The weights the C++ kernel computes on (here Q4_K, Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
+    """The weights the C++ kernel computes on (here Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
     head) are the file's bytes in one buffer of whole huge pages, the embeddings' lookup reading the head's copy;
     the types computed by torch ops stay views of the file's map."""
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
     model = _load(path, quantization="gguf")
     layers = model.model.layers
-    native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.v_proj, layers[0].mlp.down_proj,
+    native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.k_proj, layers[0].self_attn.v_proj,
+                   layers[0].mlp.down_proj,
                    layers[1].self_attn.q_proj, layers[1].self_attn.k_proj, layers[1].self_attn.o_proj,
                    layers[1].mlp.gate_proj, model.lm_head]  # fmt: skip
     storages = {m.weight.untyped_storage().data_ptr() for m in native_kept}

@@ -1,5 +1,5 @@
 """llama.cpp itself as the oracle (llama-cpp-python, an optional test-only package; skipped where it is absent):
-SmolLM2 requantized by llama.cpp's own quantizer to Q4_K_M, Q6_K and Q8_0 (once per session) and its shipped
+SmolLM2 requantized by llama.cpp's own quantizer to Q4_K_M, Q5_K_M, Q6_K and Q8_0 (once per session) and its shipped
 Q4_1 file, kept in their blocks by autolm, give llama.cpp's next tokens over a text; and a model directory
 written out as GGUF by autolm loads in llama.cpp with the same tokens, chat template and logits."""
 
@@ -15,7 +15,7 @@ import autolm
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-FTYPES = {"Q4_K_M": 15, "Q6_K": 18, "Q8_0": 7}
+FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}
 TEXT = os.path.join(os.path.dirname(__file__), "data", "english.txt")
 
 

@@ -1,5 +1,5 @@
 // x @ W.T for a weight W kept in llama.cpp's blocks, computed on the blocks with integer dot products, as
-// llama.cpp computes them. K-quants (Q4_K, Q6_K): each row of x is quantized to int8 per 256 columns (one
+// llama.cpp computes them. K-quants (Q4_K, Q5_K, Q6_K): each row of x is quantized to int8 per 256 columns (one
 // scale per block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants
 // times signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed
 // in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): x
@@ -24,7 +24,7 @@
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4K = 12, kQ6K = 14, kBlock = 256;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4K = 12, kQ5K = 13, kQ6K = 14, kBlock = 256;
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -182,14 +182,23 @@ __attribute__((always_inline)) inline void k_block_rows(const __m512i* q, const 
 
 // Q4_K: d (fp16), dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
 // value = d * sc[s] * q - dmin * mn[s] for sub-block s of 32 weights.
+// Q5_K (kFive): the same with 32 bytes of fifth bits between the scales and the nibbles: bit 2j of byte l is
+// weight 64j + l's (the low nibbles), bit 2j + 1 weight 64j + 32 + l's (the high nibbles).
 const __m512i lo_idx[2] = {lane_index(0, 2, 16), lane_index(4, 6, 16)};
 const __m512i hi_idx[2] = {lane_index(1, 3, 16), lane_index(5, 7, 16)};
 const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-__attribute__((always_inline)) inline void rows_q4_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+__m512i byte_halves(int lo, int hi) {
+  return _mm512_inserti64x4(_mm512_set1_epi8((char)lo), _mm256_set1_epi8((char)hi), 1);
+}
+const __m512i fifth_bit[4] = {byte_halves(0x01, 0x04), byte_halves(0x02, 0x08), byte_halves(0x10, 0x40),
+                              byte_halves(0x20, 0x80)};
+template <bool kFive>
+__attribute__((always_inline)) inline void rows_q45_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                      int64_t m0, int64_t m1, RowOut* out) {
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; b++, w += 144) {
-    prefetch(w, 144);
+  constexpr int64_t kBytes = kFive ? 176 : 144, kNibbles = kFive ? 48 : 16;
+  const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
+  for (int64_t b = 0; b < nb; b++, w += kBytes) {
+    prefetch(w, kBytes);
     uint32_t u[4];
     std::memcpy(u, w + 4, 12);
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
@@ -201,9 +210,16 @@ __attribute__((always_inline)) inline void rows_q4_k(const uint8_t* w, int64_t n
     __m512i sm = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)u)));
     __m512i q[4], sc[4];
     for (int h = 0; h < 2; h++) {
-      __m512i v = _mm512_loadu_si512(w + 16 + 64 * h);
+      __m512i v = _mm512_loadu_si512(w + kNibbles + 64 * h);
       q[2 * h] = _mm512_and_si512(v, nib);
       q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      if constexpr (kFive) {  // q[i]'s two 32-byte halves take bits 4h + e and 4h + 2 + e of the same 32 bytes
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 16)));
+        for (int e = 0; e < 2; e++) {
+          __mmask64 set = _mm512_test_epi8_mask(qh, fifth_bit[2 * h + e]);
+          q[2 * h + e] = _mm512_mask_add_epi8(q[2 * h + e], set, q[2 * h + e], sixteen);
+        }
+      }
       sc[2 * h] = _mm512_permutexvar_epi16(lo_idx[h], sm);
       sc[2 * h + 1] = _mm512_permutexvar_epi16(hi_idx[h], sm);
     }
@@ -266,7 +282,7 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
   }
 }
 
-using RangeFn = decltype(&row_range<rows_q4_k>);
+using RangeFn = decltype(&row_range<rows_q6_k>);
 
 struct Kind {
   int64_t columns, bytes;  // per block
@@ -280,21 +296,22 @@ Kind kind_of(int64_t kind) {
     case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>};
     case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
     case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
-    case kQ4K: return {kBlock, 144, row_range<rows_q4_k>};
+    case kQ4K: return {kBlock, 144, row_range<rows_q45_k<false>>};
+    case kQ5K: return {kBlock, 176, row_range<rows_q45_k<true>>};
     case kQ6K: return {kBlock, 210, row_range<rows_q6_k>};
   }
   TORCH_CHECK(false, "ggml_mm: ggml type ", kind, " is not computed natively");
 }
 
 Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind) {
-  bool k_quant = kind == kQ4K || kind == kQ6K;
+  bool k_quant = kind == kQ4K || kind == kQ5K || kind == kQ6K;
   int64_t nb = K / (k_quant ? kBlock : 32);
   Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(k_quant ? 0 : M * nb),
          std::vector<int16_t>(k_quant ? M * K / 16 : 0)};
   at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
-        quantize_row(x + m * K, K, kind == kQ4K, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16);
+        quantize_row(x + m * K, K, kind != kQ6K, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16);
       else
         quantize_row_32(x + m * K, K, a.q.data() + m * K, a.d.data() + m * nb, a.s.data() + m * nb);
     }
