@@ -264,9 +264,9 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output,
 
 
 def test_kept_blocks_are_the_files_memory_map(tmp_path):
-    """The embeddings and the layers that compute on the blocks as they are (Q3_K, F16, ...) are views of one
+    """The embeddings and the layers that compute on the blocks as they are (IQ4_XS, F16, ...) are views of one
     memory map of the whole file."""
-    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q3_K)
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.IQ4_XS)
     model = _load(path, quantization="gguf")
     size = os.path.getsize(path)
     views = [model.model.embed_tokens.blocks, model.lm_head.weight, model.model.layers[1].mlp.up_proj.weight]
@@ -279,14 +279,14 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
     not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
 )
 def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
-    """The weights the C++ kernel computes on (here Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
+    """The weights the C++ kernel computes on (here Q2_K to Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
     head) are the file's bytes in one buffer of whole huge pages, the embeddings' lookup reading the head's copy;
     the types computed by torch ops stay views of the file's map."""
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
     model = _load(path, quantization="gguf")
     layers = model.model.layers
     native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.k_proj, layers[0].self_attn.v_proj,
-                   layers[0].mlp.down_proj,
+                   layers[0].self_attn.o_proj, layers[0].mlp.gate_proj, layers[0].mlp.down_proj,
                    layers[1].self_attn.q_proj, layers[1].self_attn.k_proj, layers[1].self_attn.o_proj,
                    layers[1].mlp.gate_proj, model.lm_head]  # fmt: skip
     storages = {m.weight.untyped_storage().data_ptr() for m in native_kept}
@@ -294,7 +294,7 @@ def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
     arena = model.lm_head.weight.untyped_storage()
     assert arena.nbytes() % (2 << 20) == 0 and arena.nbytes() != os.path.getsize(path)
     assert model.model.embed_tokens.blocks.data_ptr() == model.lm_head.weight.data_ptr()
-    mapped = layers[0].self_attn.o_proj.weight  # Q3_K: torch ops on the file's map
+    mapped = layers[0].mlp.up_proj.weight  # IQ4_XS: torch ops on the file's map
     assert mapped.untyped_storage().nbytes() == os.path.getsize(path)
     reader = gguf.GGUFReader(path)
     raw = {t.name: torch.from_numpy(np.array(t.data)).view(torch.uint8).reshape(int(t.shape[1]), -1)

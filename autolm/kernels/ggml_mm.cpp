@@ -1,5 +1,5 @@
 // x @ W.T for a weight W kept in llama.cpp's blocks, computed on the blocks with integer dot products, as
-// llama.cpp computes them. K-quants (Q4_K, Q5_K, Q6_K): each row of x is quantized to int8 per 256 columns (one
+// llama.cpp computes them. K-quants (Q2_K to Q6_K): each row of x is quantized to int8 per 256 columns (one
 // scale per block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants
 // times signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed
 // in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): x
@@ -24,7 +24,8 @@
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4K = 12, kQ5K = 13, kQ6K = 14, kBlock = 256;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2K = 10, kQ3K = 11, kQ4K = 12, kQ5K = 13,
+                  kQ6K = 14, kBlock = 256;
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -192,6 +193,8 @@ __m512i byte_halves(int lo, int hi) {
 }
 const __m512i fifth_bit[4] = {byte_halves(0x01, 0x04), byte_halves(0x02, 0x08), byte_halves(0x10, 0x40),
                               byte_halves(0x20, 0x80)};
+const __m512i high_bit[4] = {byte_halves(0x01, 0x02), byte_halves(0x04, 0x08), byte_halves(0x10, 0x20),
+                             byte_halves(0x40, 0x80)};
 template <bool kFive>
 __attribute__((always_inline)) inline void rows_q45_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                      int64_t m0, int64_t m1, RowOut* out) {
@@ -258,6 +261,56 @@ __attribute__((always_inline)) inline void rows_q6_k(const uint8_t* w, int64_t n
   }
 }
 
+// Q2_K: 16 bytes of 4-bit scales (low nibble) and mins (high nibble) per 16 weights, 64 bytes of 2-bit quants,
+// d (fp16), dmin (fp16). Weight 128h + 32j + l (l < 32) is bits 2j, 2j + 1 of byte 32h + l.
+// value = d * sc[s] * q - dmin * mn[s].
+// Q3_K (kThree): 32 bytes of high bits (bit 4h + j of byte l: weight 128h + 32j + l's), 64 bytes of 2-bit quants
+// as Q2_K's, 12 bytes of 6-bit scales (minus 32), d (fp16). value = d * sc[s] * (q + 4 * high - 4).
+template <bool kThree>
+__attribute__((always_inline)) inline void rows_q23_k(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                      int64_t m0, int64_t m1, RowOut* out) {
+  constexpr int64_t kBytes = kThree ? 110 : 84, kQuants = kThree ? 32 : 16;
+  const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  const __m512i shift[2] = {_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1),
+                            _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
+  for (int64_t b = 0; b < nb; b++, w += kBytes) {
+    prefetch(w, kBytes);
+    __m256i sc16, low16;
+    float d, low_scale;
+    if constexpr (kThree) {
+      uint32_t u[4];
+      std::memcpy(u, w + 96, 12);
+      const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, t = u[2];
+      u[2] = ((u[0] >> 4) & k2) | (((t >> 4) & k1) << 4);
+      u[3] = ((u[1] >> 4) & k2) | (((t >> 6) & k1) << 4);
+      u[0] = (u[0] & k2) | ((t & k1) << 4);
+      u[1] = (u[1] & k2) | (((t >> 2) & k1) << 4);
+      sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)u)), _mm256_set1_epi16(32));
+      low16 = sc16;
+      d = half_at(w + 108), low_scale = -4.0f * d;
+    } else {
+      __m128i s = _mm_loadu_si128((const __m128i*)w), nib = _mm_set1_epi8(0x0F);
+      sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s, nib));
+      low16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), nib));
+      d = half_at(w + 80), low_scale = -half_at(w + 82);
+    }
+    __m512i sm = _mm512_castsi256_si512(sc16), q[4], sc[4];
+    for (int h = 0; h < 2; h++) {
+      __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + kQuants + 32 * h)));
+      for (int e = 0; e < 2; e++) {
+        q[2 * h + e] = _mm512_and_si512(_mm512_srlv_epi16(qs, shift[e]), three);
+        if constexpr (kThree) {
+          __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)w));
+          __mmask64 set = _mm512_test_epi8_mask(hm, high_bit[2 * h + e]);
+          q[2 * h + e] = _mm512_mask_add_epi8(q[2 * h + e], set, q[2 * h + e], four);
+        }
+        sc[2 * h + e] = _mm512_permutexvar_epi16(q6_idx[2 * h + e], sm);
+      }
+    }
+    k_block_rows(q, sc, low16, d, low_scale, a, K, b, m0, m1, out);
+  }
+}
+
 float reduce(const RowOut& r) {
   __m256 s = _mm256_add_ps(r.accmin, _mm256_add_ps(_mm512_castps512_ps256(r.acc), _mm512_extractf32x8_ps(r.acc, 1)));
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -296,6 +349,8 @@ Kind kind_of(int64_t kind) {
     case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>};
     case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
     case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
+    case kQ2K: return {kBlock, 84, row_range<rows_q23_k<false>>};
+    case kQ3K: return {kBlock, 110, row_range<rows_q23_k<true>>};
     case kQ4K: return {kBlock, 144, row_range<rows_q45_k<false>>};
     case kQ5K: return {kBlock, 176, row_range<rows_q45_k<true>>};
     case kQ6K: return {kBlock, 210, row_range<rows_q6_k>};
@@ -304,14 +359,14 @@ Kind kind_of(int64_t kind) {
 }
 
 Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind) {
-  bool k_quant = kind == kQ4K || kind == kQ5K || kind == kQ6K;
+  bool k_quant = kind >= kQ2K && kind <= kQ6K;
   int64_t nb = K / (k_quant ? kBlock : 32);
   Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(k_quant ? 0 : M * nb),
          std::vector<int16_t>(k_quant ? M * K / 16 : 0)};
   at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
-        quantize_row(x + m * K, K, kind != kQ6K, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16);
+        quantize_row(x + m * K, K, kind == kQ4K || kind == kQ5K, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16);
       else
         quantize_row_32(x + m * K, K, a.q.data() + m * K, a.d.data() + m * nb, a.s.data() + m * nb);
     }

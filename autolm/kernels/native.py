@@ -25,8 +25,8 @@ from .aot import _isa
 logger = logging.getLogger("autolm")
 
 # ggml types computed here -> columns per block (and per scale of the int8 activations):
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (32), Q4_K Q5_K Q6_K (256)
-KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (32), Q2_K Q3_K Q4_K Q5_K Q6_K (256)
+KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 10: 256, 11: 256, 12: 256, 13: 256, 14: 256}
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _STATE: dict[str, bool] = {}
 _OP: list = []  # torch.ops.autolm.ggml_mm, looked up once

@@ -1,7 +1,7 @@
 """quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
-type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights stay in their blocks where autolm's C++
+type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K weights stay in their blocks where autolm's C++
 kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), read from the file into one
 buffer on huge pages (malloc.huge_page_tensor; the kernel streams a 1.1B model's blocks 25-30% faster from there
 than from the file's 4 KiB page-cache pages; llama.cpp's repacked weights are memory of its own too); else Q4_0 /
