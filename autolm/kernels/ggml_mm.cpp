@@ -366,7 +366,8 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind) {
   at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
-        quantize_row(x + m * K, K, kind == kQ4K || kind == kQ5K, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16);
+        quantize_row(x + m * K, K, kind == kQ4K || kind == kQ5K, a.q.data() + m * K, a.d.data() + m * nb,
+                     a.bsum.data() + m * K / 16);
       else
         quantize_row_32(x + m * K, K, a.q.data() + m * K, a.d.data() + m * nb, a.s.data() + m * nb);
     }
