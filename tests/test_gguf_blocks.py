@@ -148,7 +148,8 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     """The C++ kernel's types on their blocks by integer dot products: x quantized to int8 per 256 columns
     (K-quants) or 32 (the others), as llama.cpp does, times gguf's dequantized weight, for any number of rows
     (with one row a thread, and many); bf16 in, bf16 out."""
-    n, k, columns = 600, 768 if native.KINDS[kind] == 256 else 800, native.KINDS[kind]  # 800: 25 blocks of 32
+    block, columns = native.KINDS[kind]
+    n, k = 600, 768 if block == 256 else 800  # 800: 25 blocks of 32
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 2))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
     layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)
@@ -264,9 +265,9 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output,
 
 
 def test_kept_blocks_are_the_files_memory_map(tmp_path):
-    """The embeddings and the layers that compute on the blocks as they are (IQ4_XS, F16, ...) are views of one
-    memory map of the whole file."""
-    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.IQ4_XS)
+    """The embeddings and the layers that compute on the blocks as they are (F16, BF16) are views of one memory map
+    of the whole file."""
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.BF16)
     model = _load(path, quantization="gguf")
     size = os.path.getsize(path)
     views = [model.model.embed_tokens.blocks, model.lm_head.weight, model.model.layers[1].mlp.up_proj.weight]
@@ -279,14 +280,15 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
     not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
 )
 def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
-    """The weights the C++ kernel computes on (here Q2_K to Q6_K, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
+    """The weights the C++ kernel computes on (here Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
     head) are the file's bytes in one buffer of whole huge pages, the embeddings' lookup reading the head's copy;
     the types computed by torch ops stay views of the file's map."""
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
     model = _load(path, quantization="gguf")
     layers = model.model.layers
     native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.k_proj, layers[0].self_attn.v_proj,
-                   layers[0].self_attn.o_proj, layers[0].mlp.gate_proj, layers[0].mlp.down_proj,
+                   layers[0].self_attn.o_proj, layers[0].mlp.gate_proj, layers[0].mlp.up_proj,
+                   layers[0].mlp.down_proj, layers[1].self_attn.v_proj,
                    layers[1].self_attn.q_proj, layers[1].self_attn.k_proj, layers[1].self_attn.o_proj,
                    layers[1].mlp.gate_proj, model.lm_head]  # fmt: skip
     storages = {m.weight.untyped_storage().data_ptr() for m in native_kept}
@@ -294,7 +296,7 @@ def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
     arena = model.lm_head.weight.untyped_storage()
     assert arena.nbytes() % (2 << 20) == 0 and arena.nbytes() != os.path.getsize(path)
     assert model.model.embed_tokens.blocks.data_ptr() == model.lm_head.weight.data_ptr()
-    mapped = layers[0].mlp.up_proj.weight  # IQ4_XS: torch ops on the file's map
+    mapped = layers[1].mlp.up_proj.weight  # F16: torch ops on the file's map
     assert mapped.untyped_storage().nbytes() == os.path.getsize(path)
     reader = gguf.GGUFReader(path)
     raw = {t.name: torch.from_numpy(np.array(t.data)).view(torch.uint8).reshape(int(t.shape[1]), -1)

@@ -15,7 +15,7 @@ Each function picks the fastest path for its inputs and falls back to PyTorch's 
   dequantized at a time and multiplied by oneDNN; inside a compiled graph the weights are read in the
   matrix-vector loop itself: Q5_0 to Q8_0 from their exact repacking into int8 quants and per-group scales
   (one vector loop, the scale applied per product), the rest from the packed blocks (per group: a dot product
-  with the integer quants, times the group's scale). Q4_0 to Q8_0 and Q2_K to Q6_K go, where it is built, to
+  with the integer quants, times the group's scale). Q4_0 to Q8_0, Q2_K to Q6_K and IQ4 go, where it is built, to
   autolm's C++ kernel (native.py, ggml_mm.cpp: llama.cpp's integer dot products on the blocks, eagerly and
   inside compiled graphs as torch.ops.autolm.ggml_mm).
 

@@ -2,8 +2,9 @@
 // llama.cpp computes them. K-quants (Q2_K to Q6_K): each row of x is quantized to int8 per 256 columns (one
 // scale per block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants
 // times signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed
-// in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): x
-// quantized per 32 columns (llama.cpp's Q8_0 / Q8_1), vpdpbusd per block, scaled per block. Built by
+// in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and
+// IQ4_XS's sub-blocks, its non-linear values looked up with vpshufb): x quantized per 32 columns (llama.cpp's Q8_0
+// / Q8_1), vpdpbusd per block, scaled per block. Built by
 // autolm/kernels/native.py with the machine's own instruction set (-march=native) where it has AVX-512 VNNI;
 // registered as torch.ops.autolm.ggml_mm, with a Meta kernel, so that it runs eagerly and inside
 // ahead-of-time compiled graphs alike.
@@ -25,7 +26,7 @@
 namespace {
 
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2K = 10, kQ3K = 11, kQ4K = 12, kQ5K = 13,
-                  kQ6K = 14, kBlock = 256;
+                  kQ6K = 14, kIQ4NL = 20, kIQ4XS = 23, kBlock = 256;
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -112,6 +113,12 @@ inline __m256i fifth_bits(const uint8_t* p) {  // a 32-bit mask -> 16 in each by
   return _mm256_and_si256(_mm256_movm_epi8(h), _mm256_set1_epi8(0x10));
 }
 
+// IQ4_NL / IQ4_XS's 16 values (llama.cpp's kvalues_iq4nl) plus 128, per nibble, in both 128-bit lanes.
+const __m256i iq4_values = _mm256_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
+                                            (char)166, (char)181, (char)197, (char)217, (char)241, 1, 24, 45, 63,
+                                            79, 93, 106, 118, (char)129, (char)141, (char)153, (char)166, (char)181,
+                                            (char)197, (char)217, (char)241);
+
 // A block of 32 weights as unsigned quants, natural order (value = d * q + low).
 template <int64_t kind>
 inline __m256i quants32(const uint8_t* b) {
@@ -121,11 +128,33 @@ inline __m256i quants32(const uint8_t* b) {
   if constexpr (kind == kQ5_1) return _mm256_or_si256(nibbles(b + 8), fifth_bits(b + 4));
   if constexpr (kind == kQ8_0)
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + 2)), _mm256_set1_epi8((char)0x80));
+  if constexpr (kind == kIQ4NL) return _mm256_shuffle_epi8(iq4_values, nibbles(b + 2));
+  if constexpr (kind == kIQ4XS) return _mm256_shuffle_epi8(iq4_values, nibbles(b));  // b: the sub-block's 16 bytes
 }
 
-// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), 16 at a time: their scales (and low values) gathered into one
-// vector each, then two blocks per vpdpbusd of the unsigned quants with the activations' int8 quants, each
-// half times its block's scale; the low terms from the activations' block sums.
+// IQ4_XS: d (fp16), 2 high bits of each sub-block's 6-bit scale (uint16), their low 4 bits (4 bytes), 128 bytes of
+// nibbles, per 32 weights as IQ4_NL's (low nibbles the first 16). value = d * (scale - 32) * kvalues[nibble]. The
+// float scales of the n sub-blocks (8 per block) from w on.
+inline __m256 iq4_xs_block_scales(const uint8_t* b) {
+  uint16_t high;
+  uint32_t low;
+  std::memcpy(&high, b + 2, 2);
+  std::memcpy(&low, b + 4, 4);
+  const __m256i by4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), by2 = _mm256_srli_epi32(by4, 1);
+  __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)low), by4), _mm256_set1_epi32(0xF));
+  __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high), by2), _mm256_set1_epi32(3));
+  __m256i ls = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(ls), _mm256_set1_ps(half_at(b)));
+}
+
+inline __m512 iq4_xs_scales(const uint8_t* w, int64_t n) {
+  __m256 second = n > 8 ? iq4_xs_block_scales(w + 136) : _mm256_setzero_ps();
+  return _mm512_insertf32x8(_mm512_castps256_ps512(iq4_xs_block_scales(w)), second, 1);
+}
+
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS's sub-blocks), 16 at a time: their scales (and low
+// values) gathered into one vector each, then two blocks per vpdpbusd of the unsigned quants with the activations'
+// int8 quants, each half times its block's scale; the low terms from the activations' block sums.
 template <int64_t kind, int64_t bytes>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
@@ -138,16 +167,25 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     prefetch(w, 16 * bytes);
     int64_t n = std::min<int64_t>(16, nb - b0);
     __mmask16 live = (__mmask16)((1u << n) - 1);
-    __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, w, 1);  // bytes 0..3 of each block
-    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)), low;
-    if constexpr (kind == kQ4_1 || kind == kQ5_1)
-      low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
-    else
-      low = _mm512_mul_ps(d, _mm512_set1_ps(kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f));
-    for (int64_t p = 0; 2 * p < n; p++) {
-      __m256i second = 2 * p + 1 < n ? quants32<kind>(w + (2 * p + 1) * bytes) : _mm256_setzero_si256();
-      q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(w + 2 * p * bytes)), second, 1);
+    __m512 d, low;
+    if constexpr (kind == kIQ4XS) {  // n / 8 blocks of 256: each sub-block's scale from the block's, its quants
+      d = iq4_xs_scales(w, n);
+      for (int64_t p = 0; 2 * p < n; p++) {
+        const uint8_t* qs = w + (p / 4) * 136 + 8 + 32 * (p % 4);
+        q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(qs)), quants32<kind>(qs + 16), 1);
+      }
+    } else {
+      __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, w, 1);  // bytes 0..3 of each block
+      d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+      if constexpr (kind == kQ4_1 || kind == kQ5_1)
+        low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+      for (int64_t p = 0; 2 * p < n; p++) {
+        __m256i second = 2 * p + 1 < n ? quants32<kind>(w + (2 * p + 1) * bytes) : _mm256_setzero_si256();
+        q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(w + 2 * p * bytes)), second, 1);
+      }
     }
+    if constexpr (kind != kQ4_1 && kind != kQ5_1)
+      low = _mm512_mul_ps(d, _mm512_set1_ps(kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f));
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(live, a.d.data() + m * (K / 32) + b0));
@@ -172,7 +210,8 @@ __attribute__((always_inline)) inline void k_block_rows(const __m512i* q, const 
   for (int64_t m = m0; m < m1; m++) {
     const int8_t* x = a.q.data() + m * K + b * kBlock;
     __m512i s = _mm512_setzero_si512();
-    for (int i = 0; i < 4; i++) s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i)), sc[i]);
+    for (int i = 0; i < 4; i++)
+      s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(q[i], _mm512_loadu_si512(x + 64 * i)), sc[i]);
     float dx = a.d[m * (K / kBlock) + b];
     out[m - m0].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * dx), out[m - m0].acc);
     __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
@@ -349,6 +388,8 @@ Kind kind_of(int64_t kind) {
     case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>};
     case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
     case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
+    case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>};
+    case kIQ4XS: return {32, 17, row_range<rows_32<kIQ4XS, 17>>};  // per 32 of its blocks of 256 (136 bytes)
     case kQ2K: return {kBlock, 84, row_range<rows_q23_k<false>>};
     case kQ3K: return {kBlock, 110, row_range<rows_q23_k<true>>};
     case kQ4K: return {kBlock, 144, row_range<rows_q45_k<false>>};
@@ -378,7 +419,8 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind) {
 at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
   Kind k = kind_of(kind);
   int64_t K = x.size(-1), N = raw.size(0), nb = K / k.columns;
-  TORCH_CHECK(K % k.columns == 0 && raw.dim() == 2 && raw.size(1) == nb * k.bytes && raw.scalar_type() == at::kByte,
+  TORCH_CHECK(K % k.columns == 0 && (kind != kIQ4XS || K % kBlock == 0) && raw.dim() == 2 &&
+                  raw.size(1) == nb * k.bytes && raw.scalar_type() == at::kByte,
               "ggml_mm: weight of ", raw.sizes(), " bytes does not hold ", K, " columns of type ", kind);
   TORCH_CHECK(raw.is_contiguous(), "ggml_mm: the weight's rows must be contiguous");
   bool plain = x.scalar_type() == at::kFloat && x.is_contiguous();  // else a float copy (ATen calls cost us)

@@ -24,9 +24,13 @@ from .aot import _isa
 
 logger = logging.getLogger("autolm")
 
-# ggml types computed here -> columns per block (and per scale of the int8 activations):
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (32), Q2_K Q3_K Q4_K Q5_K Q6_K (256)
-KINDS = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 10: 256, 11: 256, 12: 256, 13: 256, 14: 256}
+# ggml types computed here -> (columns per weight block, columns per scale of the int8 activations):
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL (32, 32), Q2_K to Q6_K (256, 256), IQ4_XS (256, 32: scales per 32 weights)
+KINDS = {
+    **dict.fromkeys((2, 3, 6, 7, 8, 20), (32, 32)),
+    **dict.fromkeys((10, 11, 12, 13, 14), (256, 256)),
+    23: (256, 32),
+}
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _STATE: dict[str, bool] = {}
 _OP: list = []  # torch.ops.autolm.ggml_mm, looked up once
@@ -67,7 +71,7 @@ def available() -> bool:
 
 def computes(kind: int, columns: int) -> bool:
     """Whether a weight of ggml type `kind` with `columns` columns is computed here."""
-    return kind in KINDS and columns % KINDS[kind] == 0 and available()
+    return kind in KINDS and columns % KINDS[kind][0] == 0 and available()
 
 
 def _build() -> str:

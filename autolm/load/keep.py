@@ -1,17 +1,17 @@
 """quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
-type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K weights stay in their blocks where autolm's C++
-kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), read from the file into one
-buffer on huge pages (malloc.huge_page_tensor; the kernel streams a 1.1B model's blocks 25-30% faster from there
-than from the file's 4 KiB page-cache pages; llama.cpp's repacked weights are memory of its own too); else Q4_0 /
-Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, groups of 32; PyTorch's
-int4 kernel computes them), every other quantized type and F16 / BF16 a GGML layer (autolm.nn.ggml): Q5_0 to
-Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, F16, BF16) over the
-file's memory map as they are. F32 stays a float layer. The embeddings stay over the memory map (a lookup reads
-only its rows' pages), unless they are also the LM head the C++ kernel computes, then both read the buffer. A
-tied head is a layer of its own made from the same blocks. Tensors of a type autolm does not compute on
-(IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
+type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
+where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), read
+from the file into one buffer on huge pages (malloc.huge_page_tensor; the kernel streams a 1.1B model's blocks
+25-30% faster from there than from the file's 4 KiB page-cache pages; llama.cpp's repacked weights are memory of
+its own too); else Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout,
+groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML layer
+(autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K,
+IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay over the
+memory map (a lookup reads only its rows' pages), unless they are also the LM head the C++ kernel computes, then
+both read the buffer. A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does
+not compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
 """
 
 from __future__ import annotations
