@@ -83,6 +83,8 @@ def huge_page_tensor(nbytes: int):
 
     import torch
 
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no private mappings to advise
+        return torch.empty(nbytes, dtype=torch.uint8)
     m = mmap.mmap(
         -1, max(-(-nbytes // HUGE_PAGE), 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     )

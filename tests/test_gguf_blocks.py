@@ -306,6 +306,23 @@ def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
     assert torch.equal(model.lm_head.weight, raw["token_embd.weight"])
 
 
+@pytest.mark.skipif(
+    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
+)
+def test_blocks_read_without_preadv_and_a_file_cut_short(tmp_path, monkeypatch):
+    """Where os.preadv is missing (macOS) the blocks are read with os.pread, the same bytes; a file that ends inside
+    a tensor's blocks while they are read is a CheckpointError naming it."""
+    from autolm.errors import CheckpointError
+
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
+    want = _load(path, quantization="gguf").model.layers[0].mlp.down_proj.weight.clone()
+    monkeypatch.delattr(os, "preadv")
+    assert torch.equal(_load(path, quantization="gguf").model.layers[0].mlp.down_proj.weight, want)
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: b"")
+    with pytest.raises(CheckpointError, match="tiny.gguf: ended at byte"):
+        _load(path, quantization="gguf")
+
+
 def test_int4_quantization_takes_k_quant_blocks(tmp_path):
     """quantization='int4' on a K-quant file: Q4_K blocks load as they are, other types via torch."""
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.Q6_K)

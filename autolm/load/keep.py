@@ -146,18 +146,9 @@ class KeepGGUF:
     def _read_all(self) -> None:
         """The arena's pending reads from the file, on as many threads as torch computes with (reads and page
         faults run without the GIL)."""
-        with open(self.source.files[0], "rb") as f:
-
-            def read(job):
-                view, at = memoryview(job[0].numpy()).cast("B"), job[1]
-                while len(view):
-                    got = os.preadv(f.fileno(), [view], at)
-                    if got <= 0:
-                        raise CheckpointError(f"{self.source.files[0]}: ended at byte {at}, inside a tensor")
-                    view, at = view[got:], at + got
-
-            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-                list(pool.map(read, self.reads))
+        path = self.source.files[0]
+        with open(path, "rb") as f, ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(lambda job: _read_into(f.fileno(), job[0], job[1], path), self.reads))
         self.reads.clear()
 
     def expected(self, model):
@@ -200,6 +191,20 @@ class KeepGGUF:
     def finish(self, model, loaded):
         self._read_all()
         return self.inner.finish(model, loaded)
+
+
+def _read_into(fd: int, dest: torch.Tensor, at: int, path: str) -> None:
+    """The file's bytes from offset `at` into the uint8 tensor `dest`, whole (CheckpointError if the file ends)."""
+    view = memoryview(dest.numpy()).cast("B")
+    while len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view], at)
+        else:  # macOS: a read into bytes, copied
+            data = os.pread(fd, len(view), at)
+            view[: len(data)], got = data, len(data)
+        if got <= 0:
+            raise CheckpointError(f"{path}: ended at byte {at}, inside a tensor's blocks")
+        view, at = view[got:], at + got
 
 
 def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:
