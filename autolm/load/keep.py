@@ -146,6 +146,8 @@ class KeepGGUF:
     def _read_all(self) -> None:
         """The arena's pending reads from the file, on as many threads as torch computes with (reads and page
         faults run without the GIL)."""
+        if not self.reads:
+            return
         path = self.source.files[0]
         with open(path, "rb") as f, ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             list(pool.map(lambda job: _read_into(f.fileno(), job[0], job[1], path), self.reads))
