@@ -135,6 +135,8 @@ inline __m256i quants32(const uint8_t* b) {
 // IQ4_XS: d (fp16), 2 high bits of each sub-block's 6-bit scale (uint16), their low 4 bits (4 bytes), 128 bytes of
 // nibbles, per 32 weights as IQ4_NL's (low nibbles the first 16). value = d * (scale - 32) * kvalues[nibble]. The
 // float scales of the n sub-blocks (8 per block) from w on.
+constexpr int64_t kIQ4XSBytes = 136;  // per block of 256 weights
+
 inline __m256 iq4_xs_block_scales(const uint8_t* b) {
   uint16_t high;
   uint32_t low;
@@ -148,7 +150,7 @@ inline __m256 iq4_xs_block_scales(const uint8_t* b) {
 }
 
 inline __m512 iq4_xs_scales(const uint8_t* w, int64_t n) {
-  __m256 second = n > 8 ? iq4_xs_block_scales(w + 136) : _mm256_setzero_ps();
+  __m256 second = n > 8 ? iq4_xs_block_scales(w + kIQ4XSBytes) : _mm256_setzero_ps();
   return _mm512_insertf32x8(_mm512_castps256_ps512(iq4_xs_block_scales(w)), second, 1);
 }
 
@@ -171,7 +173,7 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     if constexpr (kind == kIQ4XS) {  // n / 8 blocks of 256: each sub-block's scale from the block's, its quants
       d = iq4_xs_scales(w, n);
       for (int64_t p = 0; 2 * p < n; p++) {
-        const uint8_t* qs = w + (p / 4) * 136 + 8 + 32 * (p % 4);
+        const uint8_t* qs = w + (p / 4) * kIQ4XSBytes + 8 + 32 * (p % 4);
         q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(qs)), quants32<kind>(qs + 16), 1);
       }
     } else {
@@ -389,7 +391,7 @@ Kind kind_of(int64_t kind) {
     case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
     case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
     case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>};
-    case kIQ4XS: return {32, 17, row_range<rows_32<kIQ4XS, 17>>};  // per 32 of its blocks of 256 (136 bytes)
+    case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>};  // per sub-block
     case kQ2K: return {kBlock, 84, row_range<rows_q23_k<false>>};
     case kQ3K: return {kBlock, 110, row_range<rows_q23_k<true>>};
     case kQ4K: return {kBlock, 144, row_range<rows_q45_k<false>>};
