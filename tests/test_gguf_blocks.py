@@ -5,6 +5,7 @@ llama.cpp's exact block layouts (with the gguf package) gives the logits of its 
 from __future__ import annotations
 
 import os
+import sys
 
 import gguf
 import numpy as np
@@ -279,48 +280,51 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
 @pytest.mark.skipif(
     not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
 )
-def test_natively_computed_blocks_are_copied_into_huge_pages(tmp_path):
-    """The weights the C++ kernel computes on (here Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and the tied Q8_0
-    head) are the file's bytes in one buffer of whole huge pages, the embeddings' lookup reading the head's copy;
-    the types computed by torch ops stay views of the file's map."""
+def test_natively_computed_blocks_are_views_of_the_file_map_on_huge_pages(tmp_path):
+    """The weights the C++ kernel computes on (here Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and
+    the tied Q8_0 head) are views of the file's map, which is advised to use huge pages, the embeddings' lookup and
+    the tied head reading the same bytes; the q/k rows llama's converter permuted are copies in the model's order,
+    all in one buffer of whole huge pages."""
+    from autolm.sources.ggml import unpermute_rows
+
     path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
     model = _load(path, quantization="gguf")
     layers = model.model.layers
-    native_kept = [layers[0].self_attn.q_proj, layers[0].self_attn.k_proj, layers[0].self_attn.v_proj,
-                   layers[0].self_attn.o_proj, layers[0].mlp.gate_proj, layers[0].mlp.up_proj,
-                   layers[0].mlp.down_proj, layers[1].self_attn.v_proj,
-                   layers[1].self_attn.q_proj, layers[1].self_attn.k_proj, layers[1].self_attn.o_proj,
-                   layers[1].mlp.gate_proj, model.lm_head]  # fmt: skip
-    storages = {m.weight.untyped_storage().data_ptr() for m in native_kept}
-    assert len(storages) == 1
-    arena = model.lm_head.weight.untyped_storage()
-    assert arena.nbytes() % (2 << 20) == 0 and arena.nbytes() != os.path.getsize(path)
+    attn = [layers[0].self_attn, layers[1].self_attn]
+    mapped = [attn[0].v_proj, attn[0].o_proj, layers[0].mlp.gate_proj, layers[0].mlp.up_proj,
+              layers[0].mlp.down_proj, attn[1].v_proj, attn[1].o_proj, layers[1].mlp.gate_proj,
+              layers[1].mlp.up_proj, model.lm_head]  # fmt: skip
+    size = os.path.getsize(path)
+    assert {m.weight.untyped_storage().nbytes() for m in mapped} == {size}
+    copies = {m.weight.untyped_storage() for a in attn for m in (a.q_proj, a.k_proj)}
+    assert len({c.data_ptr() for c in copies}) == 1
+    arena = copies.pop()
+    assert arena.nbytes() % (2 << 20) == 0 and arena.nbytes() != size
     assert model.model.embed_tokens.blocks.data_ptr() == model.lm_head.weight.data_ptr()
-    mapped = layers[1].mlp.up_proj.weight  # F16: torch ops on the file's map
-    assert mapped.untyped_storage().nbytes() == os.path.getsize(path)
     reader = gguf.GGUFReader(path)
     raw = {t.name: torch.from_numpy(np.array(t.data)).view(torch.uint8).reshape(int(t.shape[1]), -1)
            for t in reader.tensors if len(t.shape) == 2}  # fmt: skip
-    assert torch.equal(layers[0].self_attn.v_proj.weight, raw["blk.0.attn_v.weight"])
+    assert torch.equal(attn[0].v_proj.weight, raw["blk.0.attn_v.weight"])
     assert torch.equal(layers[1].mlp.gate_proj.weight, raw["blk.1.ffn_gate.weight"])
     assert torch.equal(model.lm_head.weight, raw["token_embd.weight"])
+    heads = model.config.num_attention_heads
+    assert torch.equal(attn[1].q_proj.weight, unpermute_rows(raw["blk.1.attn_q.weight"], heads))
+    if sys.platform == "linux":  # the map's VmFlags: "hg", advised to use huge pages
+        assert "hg" in _vm_flags(model.lm_head.weight.data_ptr()) and "hg" in _vm_flags(arena.data_ptr())
 
 
-@pytest.mark.skipif(
-    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
-)
-def test_blocks_read_without_preadv_and_a_file_cut_short(tmp_path, monkeypatch):
-    """Where os.preadv is missing (macOS) the blocks are read with os.pread, the same bytes; a file that ends inside
-    a tensor's blocks while they are read is a CheckpointError naming it."""
-    from autolm.errors import CheckpointError
-
-    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
-    want = _load(path, quantization="gguf").model.layers[0].mlp.down_proj.weight.clone()
-    monkeypatch.delattr(os, "preadv")
-    assert torch.equal(_load(path, quantization="gguf").model.layers[0].mlp.down_proj.weight, want)
-    monkeypatch.setattr(os, "pread", lambda fd, n, at: b"")
-    with pytest.raises(CheckpointError, match="tiny.gguf: ended at byte"):
-        _load(path, quantization="gguf")
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def test_int4_quantization_takes_k_quant_blocks(tmp_path):

@@ -2,24 +2,20 @@
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
 type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
-where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), read
-from the file into one buffer on huge pages (malloc.huge_page_tensor; the kernel streams a 1.1B model's blocks
-25-30% faster from there than from the file's 4 KiB page-cache pages; llama.cpp's repacked weights are memory of
-its own too); else Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout,
+where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), over
+the file's memory map (advised to use huge pages: sources.ggml.file_map), the q/k rows that llama's converter
+permuted copied into one buffer on huge pages (malloc.huge_page_tensor) in the model's order; else Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout,
 groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML layer
 (autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K,
 IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay over the
-memory map (a lookup reads only its rows' pages), unless they are also the LM head the C++ kernel computes, then
-both read the buffer. A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does
+memory map (a lookup reads only its rows' pages). A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does
 not compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -30,20 +26,22 @@ from ..kernels.ggml_repack import planar
 from ..malloc import huge_page_tensor
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
 from ..quant import Int4Linear
-from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
+from ..sources.ggml import INT4_TYPES, keepable, permuted, to_int4, type_name
 
 logger = logging.getLogger("autolm")
 
 
-def file_types(source) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """HF tensor name -> (ggml type, shape in the model's order) for every tensor of a GGUF source."""
+def file_types(source) -> dict[str, tuple[int, tuple[int, ...], bool]]:
+    """HF tensor name -> (ggml type, shape in the model's order, whether its rows are a permuted copy) for every
+    tensor of a GGUF source."""
     from ..sources.gguf import hf_name
 
     out = {}
     for t in source.file.tensors:
         name = hf_name(t.name, source.file.family)
         if name is not None:
-            out[name] = (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
+            shape = tuple(int(x) for x in reversed(t.shape))
+            out[name] = (int(t.tensor_type), shape, permuted(source.file, t))
     return out
 
 
@@ -60,9 +58,8 @@ class KeepGGUF:
         self.kept: dict[str, nn.Module] = {}  # weight name -> the layer that keeps it
         self.fallback: list[str] = []
         self.embeddings, self.tied = "model.embed_tokens.weight", False
-        self.slots: dict[str, tuple[int, int]] = {}  # file tensor -> (offset, bytes) in self.arena
+        self.slots: dict[str, tuple[int, int]] = {}  # permuted copy -> (offset, bytes) in self.arena
         self.arena: torch.Tensor | None = None
-        self.reads: list[tuple[torch.Tensor, int]] = []  # (place in the arena, file offset) not read yet
 
     def describe(self) -> str:
         return f"{self.inner.describe()}, GGUF blocks"
@@ -117,41 +114,30 @@ class KeepGGUF:
         self.inner.setup(model)
 
     def _plan_arena(self) -> None:
-        """A place in one huge-page buffer for each weight the C++ kernel computes on, on a CPU placement."""
+        """A place in one huge-page buffer for each permuted copy the C++ kernel computes on, on a CPU placement
+        (the other blocks it computes on are views of the file's map)."""
         if not (self.inner.in_place and getattr(self.inner, "device", None) == torch.device("cpu")):
             return
         at = 0
         for name, layer in self.kept.items():
             if (
-                isinstance(layer, GGMLLinear)
+                self.types.get(name, (0, (), False))[2]
+                and isinstance(layer, GGMLLinear)
                 and layer.scales is None
                 and native.computes(layer.ggml_type, layer.in_features)
             ):
                 n = layer.weight.numel()
-                self.slots[self.embeddings if name == "lm_head.weight" and self.tied else name] = (at, n)
+                self.slots[name] = (at, n)
                 at += -(-n // 64) * 64
         if self.slots:
             self.arena = huge_page_tensor(at)
 
     def _own(self, name: str, t):
-        """Blocks `t` with their place in the arena as raw; the bytes are read into it by finish()."""
+        """Blocks `t` (a copy) with their place in the arena as raw."""
         at, n = self.slots[name]
         raw = self.arena[at : at + n].view(t.raw.shape)
-        if t.span:  # read from the file, not through the map (its pages never become this process's)
-            self.reads.append((raw, t.span[1]))
-        else:  # a copy already (q/k rows put in the model's order)
-            raw.copy_(t.raw)
-        return t._replace(raw=raw, span=())
-
-    def _read_all(self) -> None:
-        """The arena's pending reads from the file, on as many threads as torch computes with (reads and page
-        faults run without the GIL)."""
-        if not self.reads:
-            return
-        path = self.source.files[0]
-        with open(path, "rb") as f, ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            list(pool.map(lambda job: _read_into(f.fileno(), job[0], job[1], path), self.reads))
-        self.reads.clear()
+        raw.copy_(t.raw)
+        return t._replace(raw=raw)
 
     def expected(self, model):
         return self.inner.expected(model)
@@ -191,22 +177,7 @@ class KeepGGUF:
         return self.inner.put(name, t, path, zero_copy)
 
     def finish(self, model, loaded):
-        self._read_all()
         return self.inner.finish(model, loaded)
-
-
-def _read_into(fd: int, dest: torch.Tensor, at: int, path: str) -> None:
-    """The file's bytes from offset `at` into the uint8 tensor `dest`, whole (CheckpointError if the file ends)."""
-    view = memoryview(dest.numpy()).cast("B")
-    while len(view):
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [view], at)
-        else:  # macOS: a read into bytes, copied
-            data = os.pread(fd, len(view), at)
-            view[: len(data)], got = data, len(data)
-        if got <= 0:
-            raise CheckpointError(f"{path}: ended at byte {at}, inside a tensor's blocks")
-        view, at = view[got:], at + got
 
 
 def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ Q4_K) into the int4 layers' entries. The other types are computed on by autolm.n
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import weakref
 from typing import NamedTuple
@@ -63,10 +64,18 @@ class GGMLBlocks(NamedTuple):
 
 
 def file_map(g) -> tuple[torch.Tensor, mmap.mmap | None]:
-    """The whole GGUF file as a uint8 tensor over a private (copy-on-write) memory map, made once per file."""
+    """The whole GGUF file as a uint8 tensor over a private (copy-on-write) memory map, made once per file.
+
+    The map is advised to use huge pages (for this mapping only): where the OS keeps the file's page cache in
+    2 MiB folios (Linux 6.x on ext4 / xfs, for a file read from disk), the blocks are then mapped 2 MiB at a
+    time, and a kernel streaming them meets a TLB miss every 2 MiB, not every 4 KiB (a 1.1B Q4_K_M file's decode:
+    24.5 -> 17-20 ms per token); where it does not, this changes nothing."""
     if g not in _MAPS:
         with open(g.path, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if len(m) and hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):  # no transparent huge pages: 4 KiB pages
+                m.madvise(mmap.MADV_HUGEPAGE)
         _MAPS[g] = (
             (torch.frombuffer(m, dtype=torch.uint8), m)
             if len(m)
@@ -82,6 +91,12 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permuted(g, t) -> bool:
+    """Whether the rows of tensor `t` of GGUF file `g` were permuted by the family's converter (llama's q/k):
+    blocks() gives a copy of them, in the model's order."""
+    return g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name)
+
+
 def blocks(g, t, config) -> GGMLBlocks:
     """Tensor `t` (a sources.gguf.TensorInfo) of GGUF file `g` as raw blocks, rows in the HF model's order."""
     if not keepable(int(t.tensor_type)):
@@ -92,7 +107,7 @@ def blocks(g, t, config) -> GGMLBlocks:
     whole, m = file_map(g)
     raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
     span = (m, t.data_offset, t.n_bytes) if m is not None else ()
-    if g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
+    if permuted(g, t):
         heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
         raw = unpermute_rows(raw, heads).clone()
         GGMLBlocks(raw, 0, (n, k), t.name, span).release()  # copied: the file's pages are not needed
