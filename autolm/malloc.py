@@ -19,10 +19,11 @@ took (55 ms after freezing). Also process-wide, so also opted in to by the comma
 
 `huge_page_tensor(nbytes)` is memory of its own for long-lived weights: a private anonymous mapping advised to
 use transparent huge pages (madvise, for that mapping only). Kernels that stream weights from memory read them
-faster from 2 MiB pages than from a file's 4 KiB page-cache pages (fewer TLB misses, prefetchers not stopped at
-every page): measured on a 1.1B Q4_K_M GGUF's matrices, 24.5 ms per token over the file's memory map against
-17-20 ms from huge pages. Their first touch costs what the OS charges for fresh huge pages: ~0.05 s per 660 MB
-here when recently used, ~1.3 s under a VM whose host takes idle guest memory back (free page reporting).
+faster from 2 MiB pages than from 4 KiB pages (fewer TLB misses, prefetchers not stopped at every page):
+measured on a 1.1B Q4_K_M GGUF's matrices, 24.5 ms per token over 4 KiB pages against 17-20 ms over 2 MiB pages
+(a file's map gets those where the page cache holds the file in 2 MiB folios: sources.ggml.file_map). Their first
+touch costs what the OS charges for fresh huge pages: ~0.05 s per 660 MB here when recently used, ~1.3 s under a
+VM whose host takes idle guest memory back (free page reporting).
 
 `give_back_freed_memory()` hands the free heap back to the OS now (glibc's malloc_trim; it changes no
 setting): loading calls it once the weights are in place, so the temporaries of a quantizing or repacking
