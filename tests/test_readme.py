@@ -27,7 +27,7 @@ def python_blocks() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smol_dir, smol_gguf):
-    from test_loading import hf_cache_layout
+    from test_loading import hf_cache_layout, link_or_copy
 
     import autolm
     from autolm.lora import LoraConfig, get_peft_model
@@ -38,8 +38,8 @@ def workspace(tmp_path_factory, smol_dir, smol_gguf):
         w / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct",
         "1234567890abcdef1234567890abcdef12345678",
     )
-    shutil.copytree(smol_dir, w / "dir")
-    shutil.copy(os.path.join(*smol_gguf), w / "dir" / "model.gguf")
+    shutil.copytree(smol_dir, w / "dir", copy_function=link_or_copy)
+    link_or_copy(os.path.join(*smol_gguf), w / "dir" / "model.gguf")
     os.symlink(w / "dir", w / "my-model")
     get_peft_model(
         autolm.AutoModelForCausalLM.from_pretrained(smol_dir),
