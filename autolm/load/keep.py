@@ -4,12 +4,13 @@ The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head 
 type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
 where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), over
 the file's memory map (advised to use huge pages: sources.ggml.file_map), the q/k rows that llama's converter
-permuted copied into one buffer on huge pages (malloc.huge_page_tensor) in the model's order; else Q4_0 / Q4_1 / Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout,
-groups of 32; PyTorch's int4 kernel computes them), every other quantized type and F16 / BF16 a GGML layer
-(autolm.nn.ggml): Q5_0 to Q8_0 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K,
-IQ4_*, F16, BF16) over the file's memory map as they are. F32 stays a float layer. The embeddings stay over the
-memory map (a lookup reads only its rows' pages). A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does
-not compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
+permuted copied in the model's order into one buffer on huge pages (malloc.huge_page_tensor); else Q4_0 / Q4_1 /
+Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, groups of 32; PyTorch's int4
+kernel computes them), every other quantized type and F16 / BF16 a GGML layer (autolm.nn.ggml): Q5_0 to Q8_0
+repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, F16, BF16) over the file's
+memory map as they are. F32 stays a float layer. The embeddings stay over the memory map (a lookup reads only
+its rows' pages). A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does not
+compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
 """
 
 from __future__ import annotations
