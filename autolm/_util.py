@@ -75,6 +75,12 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def no_mmap() -> bool:
+    """AUTOLM_NO_MMAP=1: checkpoints are read into memory, never memory-mapped (network file systems, files that
+    may change while in use: a mapped file cut short kills the process with SIGBUS)."""
+    return os.environ.get("AUTOLM_NO_MMAP", "") not in ("", "0")
+
+
 def autolm_home() -> str:
     return os.environ.get("AUTOLM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "autolm")
 

@@ -156,13 +156,15 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)
     bias = torch.randn(n)
     layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
+    g = torch.Generator().manual_seed(kind)
     for shape in ((1, k), (3, 1, k), (2, 17, k)):
-        x = torch.randn(shape) * torch.rand(shape[-1]) * 4  # uneven columns, as activations are
+        x = torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 4  # uneven columns
         want = (int8_rows(x, columns).double() @ w.T + bias.double()).float()
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         exact = x.double() @ w.T + bias.double()
-        assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.02  # int8 activations' rounding
-    xb = torch.randn(4, k, dtype=torch.bfloat16)
+        # int8 activations' rounding: ~1% on random blocks (one scale per 256 columns: up to 3% on one row)
+        assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.04
+    xb = torch.randn(4, k, dtype=torch.bfloat16, generator=g)
     got = native.ggml_mm(xb, raw, kind)
     assert got.dtype == torch.bfloat16
     want = int8_rows(xb, columns).double() @ w.T
@@ -313,18 +315,46 @@ def test_natively_computed_blocks_are_views_of_the_file_map_on_huge_pages(tmp_pa
         assert "hg" in _vm_flags(model.lm_head.weight.data_ptr()) and "hg" in _vm_flags(arena.data_ptr())
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping holding `address` (/proc/self/smaps)."""
-    inside = False
+def _mapping(address: int) -> tuple[str, list[str]]:
+    """(the file mapped, "" for memory of its own; its VmFlags) of this process's mapping holding `address`
+    (/proc/self/smaps)."""
+    inside, path = False, ""
     with open("/proc/self/smaps") as f:
         for line in f:
-            head = line.split()[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                inside, path = lo <= address < hi, " ".join(fields[5:])
+            elif inside and fields[0] == "VmFlags:":
+                return path, fields[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _mapping(address)[1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+def test_gguf_read_without_mmap_survives_the_file_cut_short(tmp_path, monkeypatch):
+    """AUTOLM_NO_MMAP=1: the file is read into memory of its own, none of it mapped, so cutting it short after the
+    load (which would kill a process computing over its map with SIGBUS) changes nothing; the same logits."""
+    path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, K.BF16)
+    ids = torch.tensor([[1, 5, 9, 33, 7]])
+    with torch.no_grad():
+        mapped = _load(path, quantization="gguf")
+        want = mapped(ids).logits
+        assert _mapping(mapped.lm_head.weight.data_ptr())[0] == path
+        monkeypatch.setenv("AUTOLM_NO_MMAP", "1")
+        model = _load(path, quantization="gguf")
+        blocks = [
+            model.lm_head.weight,
+            model.model.embed_tokens.blocks,
+            model.model.layers[1].mlp.up_proj.weight,
+        ]
+        assert all(_mapping(b.data_ptr())[0] == "" for b in blocks)
+        del mapped
+        os.truncate(path, os.path.getsize(path) // 3)
+        assert torch.equal(model(ids).logits, want)
 
 
 def test_int4_quantization_takes_k_quant_blocks(tmp_path):

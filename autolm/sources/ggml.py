@@ -69,7 +69,10 @@ def file_map(g) -> tuple[torch.Tensor, mmap.mmap | None]:
     The map is advised to use huge pages (for this mapping only): where the OS keeps the file's page cache in
     2 MiB folios (Linux 6.x on ext4 / xfs, for a file read from disk), the blocks are then mapped 2 MiB at a
     time, and a kernel streaming them meets a TLB miss every 2 MiB, not every 4 KiB (a 1.1B Q4_K_M file's decode:
-    24.5 -> 17-20 ms per token); where it does not, this changes nothing."""
+    24.5 -> 17-20 ms per token); where it does not, this changes nothing. With AUTOLM_NO_MMAP=1 the file was read
+    into memory of its own (GGUFFile.memory), and that is returned."""
+    if g not in _MAPS and g.memory is not None:  # read into memory (AUTOLM_NO_MMAP): nothing to map
+        _MAPS[g] = (torch.from_numpy(g.memory), None)
     if g not in _MAPS:
         with open(g.path, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

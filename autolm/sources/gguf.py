@@ -15,8 +15,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._util import no_mmap
 from ..errors import GGUFError
 from ..kernels.ggml import BLOCKS, Q8_0
+from ..malloc import huge_page_tensor
 from ..models import config_class, gguf_families
 from . import ggml
 from .gguf_header import read_header
@@ -64,9 +66,11 @@ class GGUFFile:
     """A GGUF file: metadata as plain Python values and tensor descriptions, read by read_header over a
     memory map (gguf.GGUFReader takes seconds over a 49k-token vocabulary); errors as GGUFError. A model's load
     passes `strings=False`: the tokenizer's arrays of strings (0.1 s of decoding for 49k tokens and their
-    merges) are stepped over, only their lengths kept (SkippedStrings)."""
+    merges) are stepped over, only their lengths kept (SkippedStrings). The tensors' bytes are views of a memory
+    map of the file, or, with AUTOLM_NO_MMAP=1, of the file read into memory of its own (`memory`; not for a
+    reader that takes no weights: `weights=False`)."""
 
-    def __init__(self, path: str, strings: bool = True):
+    def __init__(self, path: str, strings: bool = True, weights: bool = True):
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: file not found")
@@ -75,7 +79,9 @@ class GGUFFile:
             if size < 24:
                 raise GGUFError(f"{path}: {size} bytes is too small for a GGUF file")
             header = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # bytes slices: fast for the header
-            self._map = np.memmap(f, dtype=np.uint8, mode="r")
+            # AUTOLM_NO_MMAP: the tensors read into memory, nothing mapped (a tokenizer's read takes no weights)
+            self.memory = _read_whole(f, size, path) if no_mmap() and weights else None
+            self._map = self.memory if self.memory is not None else np.memmap(f, dtype=np.uint8, mode="r")
         try:
             self.metadata, infos, start = read_header(path, header, size, strings)
         finally:
@@ -115,6 +121,18 @@ class GGUFFile:
     def values(self, t: TensorInfo) -> list[float]:
         """A small tensor that holds config values (see GGUFLayout.rope_tensors), as a list of floats."""
         return _values(self, t)
+
+
+def _read_whole(f, size: int, path: str) -> np.ndarray:
+    """The whole file as a uint8 array in memory of its own (on huge pages where the OS has them)."""
+    whole = huge_page_tensor(size).numpy()
+    view, done = memoryview(whole), 0
+    while done < size:
+        got = f.readinto(view[done:])
+        if not got:
+            raise GGUFError(f"{path}: ended at byte {done} while read, before its {size} bytes")
+        done += got
+    return whole
 
 
 def _read(g: GGUFFile, t: TensorInfo) -> np.ndarray:

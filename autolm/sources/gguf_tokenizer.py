@@ -28,7 +28,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, dict[str, Any]]:
     """Rebuild the file's tokenizer (GPT-2 byte-level BPE or SentencePiece-style BPE): the `tokenizers`
     backend, the special tokens, the chat template and tokenizer_config settings."""
-    g = GGUFFile(path)
+    g = GGUFFile(path, weights=False)
     try:
         return _parts(g, path)
     except GGUFError:

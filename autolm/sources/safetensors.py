@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._util import no_mmap
 from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -167,7 +168,7 @@ class SafetensorsFile:
         self._seen = (st.st_size, st.st_mtime_ns)
         self.infos, self.metadata = _read_header(self._file, st.st_size, path)
         self._map: mmap.mmap | None = None
-        self._no_mmap = os.environ.get("AUTOLM_NO_MMAP", "") not in ("", "0")
+        self._no_mmap = no_mmap()
 
     def __del__(self) -> None:
         if hasattr(self, "_file"):
