@@ -22,6 +22,7 @@ from ..malloc import huge_page_tensor
 from ..models import config_class, gguf_families
 from . import ggml
 from .gguf_header import read_header
+from .safetensors import read_exactly
 
 _CONFIG_KEYS = {  # llama.cpp key (after "<arch>.") -> HF config field
     "context_length": "max_position_embeddings",
@@ -126,12 +127,7 @@ class GGUFFile:
 def _read_whole(f, size: int, path: str) -> np.ndarray:
     """The whole file as a uint8 array in memory of its own (on huge pages where the OS has them)."""
     whole = huge_page_tensor(size).numpy()
-    view, done = memoryview(whole), 0
-    while done < size:
-        got = f.readinto(view[done:])
-        if not got:
-            raise GGUFError(f"{path}: ended at byte {done} while read, before its {size} bytes")
-        done += got
+    read_exactly(f, 0, size, path, memoryview(whole))
     return whole
 
 

@@ -69,7 +69,7 @@ def _read_header(f: io.FileIO, size: int, path: str) -> tuple[dict[str, TensorIn
             raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file")
-        raw = _read_exactly(f, 8, n, path)
+        raw = read_exactly(f, 8, n, path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -133,7 +133,7 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     return TensorInfo(dtype, tuple(shape), data_start + start, data_start + end)
 
 
-def _read_exactly(f: io.FileIO, offset: int, n: int, path: str, into: memoryview | None = None) -> bytes:
+def read_exactly(f: io.FileIO, offset: int, n: int, path: str, into: memoryview | None = None) -> bytes:
     """n bytes at offset (into a buffer when given); a file that ends first was cut short while read."""
     buf = into if into is not None else memoryview(bytearray(n))
     f.seek(offset)
@@ -142,7 +142,7 @@ def _read_exactly(f: io.FileIO, offset: int, n: int, path: str, into: memoryview
         got = f.readinto(buf[done:])
         if not got:
             raise CheckpointError(
-                f"{path}: ends at byte {offset + done}, before the {n} bytes its header promised"
+                f"{path}: ends at byte {offset + done}, inside the {n} bytes expected from byte {offset}"
             )
         done += got
     return bytes(buf) if into is None else b""
@@ -203,7 +203,7 @@ class SafetensorsFile:
         if self._no_mmap or info.start % info.dtype.itemsize:
             # Unaligned data cannot be viewed in place: this one tensor is read (so is every one without mmap).
             t = torch.empty(count, dtype=info.dtype)
-            _read_exactly(self._file, info.start, info.end - info.start, self.path, _bytes_of(t))
+            read_exactly(self._file, info.start, info.end - info.start, self.path, _bytes_of(t))
             self._check()  # a file rewritten during the read may have given a mix of old and new bytes
             return t.reshape(info.shape)
         return torch.frombuffer(self._mapped(), dtype=info.dtype, count=count, offset=info.start).reshape(
