@@ -400,6 +400,38 @@ def test_compiled_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
         torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)
 
 
+def test_batched_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
+    """The graphs for any number of rows (the server's batches: exported with a symbolic batch size, which the
+    blocks' op carries through) give the general forward's tokens for a left-padded batch."""
+    from conftest import padded_batch
+
+    from autolm import step
+    from autolm.step import graphs
+
+    model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q6_K, None), quantization="gguf")
+    ids, mask = padded_batch(seed=2, vocab=VOCAB)
+    run = dict(
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    model.decode_mode = "forward"
+    plain = model.generate(ids, **run)
+    model.decode_mode = "auto"
+    monkeypatch.delenv("AUTOLM_EAGER")
+    step.install_plan(model, graphs.exported(model, batched=True), batched=True)
+    fast = model.generate(ids, **run)
+    assert step._BATCHED[model][1] is not None
+    assert torch.equal(fast.sequences, plain.sequences)
+    logits, want = torch.stack(fast.logits), torch.stack(plain.logits)
+    if native.available():  # int8 activations, as in the one-row test above
+        assert ((logits - want).abs() <= 0.02 * (want.abs() + want.abs().max())).float().mean() >= 0.95
+    else:
+        torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3)
+
+
 def test_a_kept_model_refuses_to_save_in_the_hf_layout(tmp_path):
     from autolm.errors import AutolmError
 

@@ -449,9 +449,9 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
 }
 
 at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
-  auto shape = x.sizes().vec();
-  shape.back() = raw.size(0);
-  return at::empty(shape, x.options());
+  auto shape = x.sym_sizes().vec();  // symbolic where a graph is exported for any batch size
+  shape.back() = raw.sym_size(0);
+  return at::empty_symint(shape, x.options());
 }
 
 }  // namespace
