@@ -42,7 +42,9 @@ def llamacpp_logits(path: str, ids: list[int]) -> torch.Tensor:
     return torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
 
 
-def _text_ids(tok, n: int = 160) -> list[int]:
+def _text_ids(tok, n: int = 300) -> list[int]:
+    """The first n tokens of a text: over 300, the share of next tokens that agree with llama.cpp's moves by ~1%
+    with a change of float rounding in one kernel (over 100 it moved by up to 4%, from 0.92 to 0.88)."""
     with open(TEXT) as f:
         return tok.encode(f.read()[:4000])[:n]
 
@@ -81,7 +83,7 @@ def test_hf_directory_to_gguf_runs_in_llama_cpp(smol_dir, tmp_path, kind):
     assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
     ids = tok.encode(text)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-    ids += _text_ids(tok, 100)
+    ids += _text_ids(tok)
     kept = autolm.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=os.path.basename(path), quantization="gguf", progress=False
     )
@@ -120,7 +122,7 @@ def test_k_quant_mixes_are_llama_cpps(smol_dir, tmp_path, kind):
     kept = autolm.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=os.path.basename(ours), quantization="gguf", progress=False
     )
-    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir), 100)
+    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir))
     with torch.no_grad():
         exact, same_file = model(torch.tensor([ids])).logits[0], kept(torch.tensor([ids])).logits[0]
     on_ours, on_theirs = llamacpp_logits(ours, ids), llamacpp_logits(theirs, ids)
@@ -151,7 +153,7 @@ def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
     model = autolm.AutoModelForCausalLM.from_pretrained(scaled, dtype=torch.float32)
     plain = autolm.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
     back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
-    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir), 100)
+    ids = _text_ids(autolm.AutoTokenizer.from_pretrained(smol_dir))
     with torch.no_grad():
         ours, unscaled, read = (m(torch.tensor([ids])).logits[0] for m in (model, plain, back))
     theirs = llamacpp_logits(path, ids)

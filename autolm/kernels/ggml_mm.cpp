@@ -2,10 +2,10 @@
 // llama.cpp computes them. K-quants (Q2_K to Q6_K): each row of x is quantized to int8 per 256 columns (one
 // scale per block, llama.cpp's Q8_K), a block's quants are multiplied with vpmaddubsw (unsigned weight quants
 // times signed activations, pairs summed in int16) and vpdpwssd (times the block's integer sub-scales, summed
-// in int32), and the block's sum is scaled once, in float; from 32 rows of x on (prefill), 16 weight rows are
-// decoded into a panel first and multiplied with 8 rows of x at a time by vpdpbusd (see Panel). Blocks of 32
-// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and IQ4_XS's sub-blocks, its non-linear values looked up with vpshufb):
-// x quantized per 32 columns (llama.cpp's Q8_0 / Q8_1), vpdpbusd per block, scaled per block. Built by
+// in int32), and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and
+// IQ4_XS's sub-blocks, its non-linear values looked up with vpshufb): x quantized per 32 columns (llama.cpp's Q8_0
+// / Q8_1), vpdpbusd per block, scaled per block. Many rows of x (prefill, batches): 16 weight rows are decoded
+// into a panel first and multiplied with 8 rows of x at a time (see Panel). Built by
 // autolm/kernels/native.py with the machine's own instruction set (-march=native) where it has AVX-512 VNNI;
 // registered as torch.ops.autolm.ggml_mm, with a Meta kernel, so that it runs eagerly and inside
 // ahead-of-time compiled graphs alike.
@@ -384,21 +384,24 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
 
 // Many rows of x (prefill): 16 weight rows at a time (a panel) decoded once, each int32 lane of a vector one
 // weight row's 4 quants of the same 4 columns, and 8 rows of x against it at a time, their 4 quants broadcast,
-// with vpdpbusd (64 multiply-adds per instruction, where the one-row path's pair of instructions does 32);
-// each sub-block's sums times its integer scales, each block's in float times d and the activations' scale, and
-// the low terms as float factors times the activations' group sums. One core, 2048 x 2048, 512 rows: Q4_K 141 ->
-// 268 GFLOP/s, Q6_K 130 -> 203; at 16 rows the packing outweighs it (Q4_K 5.2 against 4.4 ns per block and row).
-constexpr int64_t kLanes = 16, kCols = 8, kPanelFrom = 32;  // kPanelFrom: rows of x from which panels pay
+// with vpdpbusd (64 multiply-adds per instruction, where the one-row path's pair of instructions does 32).
+// K-quants: each sub-block's sums times its integer scales, each block's in float times d and the activations'
+// scale, the low terms as float factors times the activations' group sums; blocks of 32: each block's sums in
+// float times its scale and the activations', the low terms from the activations' block sums. One core,
+// 2048 x 2048, 512 rows, GFLOP/s: Q4_K 141 -> 268, Q6_K 130 -> 203, Q8_0 98 -> 274, IQ4_XS 109 -> 276. Below
+// `panel_from` rows the packing outweighs it (Q4_K at 16 rows: 5.2 against 4.4 ns per block and row).
+constexpr int64_t kLanes = 16, kCols = 8;
 
 struct Panel {
-  std::vector<uint8_t> q;     // [block][4-column group][16 rows][4 quants]
-  std::vector<int32_t> sc;    // [block][sub-block][16 rows]
-  std::vector<float> d, low;  // [block][16 rows]; [low group][16 rows]
+  std::vector<uint8_t> q;     // [4-column group][16 rows][4 quants]
+  std::vector<int32_t> sc;    // K-quants: [block][sub-block][16 rows]
+  std::vector<float> d, low;  // [block (of 256 or of 32)][16 rows]; [low group][16 rows]
 };
 
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t nb, Panel& p) {
+void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
   constexpr int64_t nsub = kBlock / sub, ngroup = kBlock / group;
+  const int64_t nb = K / kBlock;
   for (int64_t r = 0; r < kLanes; r++) {
     for (int64_t b = 0; b < nb; b++) {
       alignas(64) uint32_t qs[64] = {};
@@ -429,9 +432,10 @@ inline __m512i broadcast4(const int8_t* x) {
 
 // The panel times rows m0..m0 + 8 of x: f[t], the 16 weight rows' results for row m0 + t.
 template <int64_t group, int64_t sub>
-__attribute__((always_inline)) inline void panel_cols(const Panel& p, int64_t nb, const Acts& a, int64_t K,
-                                                      int64_t m0, __m512* f) {
+__attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
+                                                      __m512* f) {
   constexpr int64_t nsub = kBlock / sub;
+  const int64_t nb = K / kBlock;
   const int8_t* x = a.q.data() + m0 * K;
   for (int t = 0; t < kCols; t++) f[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
@@ -461,53 +465,116 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, int64_t nb
   }
 }
 
-// Panels p0..p1 (weight rows 16 p0 on) times all M rows of x (padded with zeros to 8), into y.
-template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, int64_t nb, const Acts& a,
-                 int64_t K, int64_t M, float* y) {
-  Panel p{std::vector<uint8_t>(K * kLanes), std::vector<int32_t>(K / sub * kLanes), std::vector<float>(nb * kLanes),
-          std::vector<float>(K / group * kLanes)};
+// Blocks of 32 (sub-blocks of IQ4_XS) in a panel: the unsigned quants, each block's scale and low value (the
+// offset of the quants, or Q4_1 / Q5_1's m) per weight row.
+template <int64_t kind, int64_t bytes>
+void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
+  for (int64_t r = 0; r < kLanes; r++) {
+    for (int64_t s = 0; s < K / 32; s++) {
+      alignas(32) uint32_t qs[8] = {};
+      float d = 0.0f, low = 0.0f;
+      if (r < rows) {
+        const uint8_t* b = w + r * row_bytes + s * bytes;
+        if constexpr (kind == kIQ4XS) {  // sub-block s % 8 of block s / 8
+          const uint8_t* blk = w + r * row_bytes + (s / 8) * kIQ4XSBytes;
+          alignas(32) float ds[8];
+          _mm256_store_ps(ds, iq4_xs_block_scales(blk));
+          b = blk + 8 + 16 * (s % 8), d = ds[s % 8];
+        } else {
+          d = half_at(b);
+        }
+        _mm256_store_si256((__m256i*)qs, quants32<kind>(b));
+        if constexpr (kind == kQ4_1 || kind == kQ5_1)
+          low = half_at(b + 2);
+        else
+          low = d * (kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f);
+      }
+      p.d[s * kLanes + r] = d, p.low[s * kLanes + r] = low;
+      uint32_t* pq = (uint32_t*)p.q.data() + s * 8 * kLanes;
+      for (int g = 0; g < 8; g++) pq[g * kLanes + r] = qs[g];
+    }
+  }
+}
+
+// The same for blocks of 32: each block's sums in float times its scale and the activations' (one per 32).
+__attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const Acts& a, int64_t K, int64_t m0,
+                                                         __m512* f) {
+  const int8_t* x = a.q.data() + m0 * K;
+  const int64_t nb = K / 32;
+  for (int t = 0; t < kCols; t++) f[t] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < nb; s++) {
+    __m512i acc[kCols];
+    for (int t = 0; t < kCols; t++) acc[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int64_t g = 0; g < 8; g++) {
+      int64_t k = 32 * s + 4 * g;
+      __m512i wv = _mm512_loadu_si512(p.q.data() + k * kLanes);
+      for (int t = 0; t < kCols; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], wv, broadcast4(x + t * K + k));
+    }
+    __m512 dv = _mm512_loadu_ps(p.d.data() + s * kLanes), lv = _mm512_loadu_ps(p.low.data() + s * kLanes);
+    for (int t = 0; t < kCols; t++) {
+      __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(a.d[(m0 + t) * nb + s]));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, f[t]);
+      f[t] = _mm512_fmadd_ps(lv, _mm512_set1_ps(a.s[(m0 + t) * nb + s]), f[t]);
+    }
+  }
+}
+
+// Panels p0..p1 (weight rows 16 p0 on) times all M rows of x (padded with zeros to 8), into y: each panel packed
+// by `pack`, then multiplied by `cols`.
+template <auto pack, auto cols>
+void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
+                 int64_t M, float* y) {
+  Panel p{std::vector<uint8_t>(K * kLanes), std::vector<int32_t>(K / 16 * kLanes), std::vector<float>(K / 32 * kLanes),
+          std::vector<float>(K / 16 * kLanes)};
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
     int64_t rows = std::min(kLanes, N - n);
-    pack_panel<decode, bytes, group, sub>(w + n * row_bytes, row_bytes, rows, nb, p);
+    pack(w + n * row_bytes, row_bytes, rows, K, p);
     for (int64_t m0 = 0; m0 < M; m0 += kCols) {
       __m512 f[kCols];
-      panel_cols<group, sub>(p, nb, a, K, m0, f);
+      cols(p, a, K, m0, f);
       for (int64_t t = 0; t < std::min(kCols, M - m0); t++)
         _mm512_mask_storeu_ps(y + (m0 + t) * N + n, (__mmask16)((1u << rows) - 1), f[t]);
     }
   }
 }
 
-using PanelFn = decltype(&panel_range<decode_q6_k, 210, 16, 16>);
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+constexpr auto k_panels = panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<group, sub>>;
+template <int64_t kind, int64_t bytes>
+constexpr auto panels_32 = panel_range<pack_panel_32<kind, bytes>, panel_cols_32>;
+
+using PanelFn = decltype(&panel_range<pack_panel_32<kQ8_0, 34>, panel_cols_32>);
 
 using RangeFn = decltype(&row_range<rows_k<decode_q6_k, 210>>);
 
 struct Kind {
   int64_t columns, bytes;  // per block
   RangeFn range;
-  PanelFn panel = nullptr;  // the K-quants' prefill
+  PanelFn panel;
+  int64_t panel_from = 16;  // rows of x from which panels pay (measured: 32 for the K-quants, 16 for the others)
 };
 
 Kind kind_of(int64_t kind) {
   switch (kind) {
-    case kQ4_0: return {32, 18, row_range<rows_32<kQ4_0, 18>>};
-    case kQ4_1: return {32, 20, row_range<rows_32<kQ4_1, 20>>};
-    case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>};
-    case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>};
-    case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>};
-    case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>};
-    case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>};  // per sub-block
+    case kQ4_0: return {32, 18, row_range<rows_32<kQ4_0, 18>>, panels_32<kQ4_0, 18>};
+    case kQ4_1: return {32, 20, row_range<rows_32<kQ4_1, 20>>, panels_32<kQ4_1, 20>};
+    case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>, panels_32<kQ5_0, 22>};
+    case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>, panels_32<kQ5_1, 24>};
+    case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>, panels_32<kQ8_0, 34>};
+    case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>, panels_32<kIQ4NL, 18>};
+    case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>,
+                                   panels_32<kIQ4XS, kIQ4XSBytes / 8>};  // per sub-block
     case kQ2K: return {kBlock, 84, row_range<rows_k<decode_q23_k<false>, 84>>,
-                          panel_range<decode_q23_k<false>, 84, 16, 16>};
+                          k_panels<decode_q23_k<false>, 84, 16, 16>, 32};
     case kQ3K: return {kBlock, 110, row_range<rows_k<decode_q23_k<true>, 110>>,
-                          panel_range<decode_q23_k<true>, 110, 16, 16>};
+                          k_panels<decode_q23_k<true>, 110, 16, 16>, 32};
     case kQ4K: return {kBlock, 144, row_range<rows_k<decode_q45_k<false>, 144>>,
-                          panel_range<decode_q45_k<false>, 144, 32, 32>};
+                          k_panels<decode_q45_k<false>, 144, 32, 32>, 32};
     case kQ5K: return {kBlock, 176, row_range<rows_k<decode_q45_k<true>, 176>>,
-                          panel_range<decode_q45_k<true>, 176, 32, 32>};
+                          k_panels<decode_q45_k<true>, 176, 32, 32>, 32};
     case kQ6K: return {kBlock, 210, row_range<rows_k<decode_q6_k, 210>>,
-                          panel_range<decode_q6_k, 210, 16, 16>};
+                          k_panels<decode_q6_k, 210, 16, 16>, 32};
   }
   TORCH_CHECK(false, "ggml_mm: ggml type ", kind, " is not computed natively");
 }
@@ -518,7 +585,7 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
   bool k_quant = kind >= kQ2K && kind <= kQ6K, q45 = kind == kQ4K || kind == kQ5K;
   int64_t nb = K / (k_quant ? kBlock : 32), group = q45 ? 32 : 16;
   int64_t rows = panels ? (M + kCols - 1) / kCols * kCols : M;
-  Acts a{std::vector<int8_t>(rows * K), std::vector<float>(rows * nb), std::vector<float>(k_quant ? 0 : M * nb),
+  Acts a{std::vector<int8_t>(rows * K), std::vector<float>(rows * nb), std::vector<float>(k_quant ? 0 : rows * nb),
          std::vector<float>(panels ? rows * K / group : 0), std::vector<int16_t>(k_quant ? M * K / 16 : 0)};
   at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
@@ -542,7 +609,7 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
   bool plain = x.scalar_type() == at::kFloat && x.is_contiguous();  // else a float copy (ATen calls cost us)
   at::Tensor xf = plain ? x : x.to(at::kFloat).contiguous();
   int64_t M = x.numel() / K;
-  bool panels = k.panel && M >= kPanelFrom;
+  bool panels = M >= k.panel_from;
   Acts a = quantize(xf.data_ptr<float>(), M, K, kind, panels);
   auto shape = x.sizes().vec();
   shape.back() = N;
@@ -552,7 +619,7 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
   // Threads for matrices of more than about 2^17 weights (a parallel region costs microseconds).
   if (panels) {
     at::parallel_for(0, (N + kLanes - 1) / kLanes, std::max<int64_t>(1, (1 << 13) / K), [&](int64_t lo, int64_t hi) {
-      k.panel(wp, nb * k.bytes, lo, hi, N, nb, a, K, M, yp);
+      k.panel(wp, raw.size(1), lo, hi, N, a, K, M, yp);
     });
     return plain ? y : y.to(x.scalar_type());
   }
