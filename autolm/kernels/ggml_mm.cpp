@@ -47,7 +47,9 @@ struct Acts {
   std::vector<int16_t> bsum;
 };
 
-void quantize_row_32(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+// split (IQ4_XS, one row at a time): each 128 columns' quants stored as its 4 blocks' first 16, then their last 16,
+// the order in which 64 bytes of IQ4_XS's nibbles come out.
+void quantize_row_32(const float* x, int64_t K, bool split, int8_t* q, float* d, float* s) {
   for (int64_t b = 0; b < K / 32; b++) {
     __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -57,8 +59,9 @@ void quantize_row_32(const float* x, int64_t K, int8_t* q, float* d, float* s) {
     __m512i a = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(lo, inv), kRound));
     __m512i c = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(hi, inv), kRound));
     s[b] = d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(a, c));
-    _mm_storeu_si128((__m128i*)(q + 32 * b), _mm512_cvtsepi32_epi8(a));
-    _mm_storeu_si128((__m128i*)(q + 32 * b + 16), _mm512_cvtsepi32_epi8(c));
+    int64_t first = split ? 128 * (b / 4) + 16 * (b % 4) : 32 * b, last = split ? first + 64 : first + 16;
+    _mm_storeu_si128((__m128i*)(q + first), _mm512_cvtsepi32_epi8(a));
+    _mm_storeu_si128((__m128i*)(q + last), _mm512_cvtsepi32_epi8(c));
   }
 }
 
@@ -169,18 +172,19 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
   const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((int)bytes));
   __m512i q[8], halves[8];
-  for (int p = 0; p < 8; p++)
-    for (int l = 0; l < 16; l++) ((int32_t*)&halves[p])[l] = 2 * p + (l >= 8);
+  for (int p = 0; p < 8; p++)  // each int32 lane's block (its sub-block for IQ4_XS: 4 per vector, see quants)
+    for (int l = 0; l < 16; l++) ((int32_t*)&halves[p])[l] = kind == kIQ4XS ? 4 * (p / 2) + l / 4 : 2 * p + (l >= 8);
   for (int64_t b0 = 0; b0 < nb; b0 += 16, w += 16 * bytes) {
     prefetch(w, 16 * bytes);
     int64_t n = std::min<int64_t>(16, nb - b0);
     __mmask16 live = (__mmask16)((1u << n) - 1);
     __m512 d, low;
     if constexpr (kind == kIQ4XS) {  // n / 8 blocks of 256: each sub-block's scale from the block's, its quants
-      d = iq4_xs_scales(w, n);
+      d = iq4_xs_scales(w, n);  // 64 bytes of nibbles at a time: 4 sub-blocks' first 16 quants, then their last 16
+      const __m512i nib = _mm512_set1_epi8(0x0F), values = _mm512_broadcast_i32x4(_mm256_castsi256_si128(iq4_values));
       for (int64_t p = 0; 2 * p < n; p++) {
-        const uint8_t* qs = w + (p / 4) * kIQ4XSBytes + 8 + 32 * (p % 4);
-        q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(qs)), quants32<kind>(qs + 16), 1);
+        __m512i v = _mm512_loadu_si512(w + (p / 4) * kIQ4XSBytes + 8 + 64 * (p / 2 % 2));
+        q[p] = _mm512_shuffle_epi8(values, _mm512_and_si512(p % 2 ? _mm512_srli_epi16(v, 4) : v, nib));
       }
     } else {
       __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, w, 1);  // bytes 0..3 of each block
@@ -593,7 +597,8 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
         quantize_row(x + m * K, K, q45, group, a.q.data() + m * K, a.d.data() + m * nb, a.bsum.data() + m * K / 16,
                      panels ? a.low.data() + m * K / group : nullptr);
       else
-        quantize_row_32(x + m * K, K, a.q.data() + m * K, a.d.data() + m * nb, a.s.data() + m * nb);
+        quantize_row_32(x + m * K, K, kind == kIQ4XS && !panels, a.q.data() + m * K, a.d.data() + m * nb,
+                        a.s.data() + m * nb);
     }
   });
   return a;
