@@ -340,3 +340,13 @@ def test_serve_with_an_adapter(home, smol_dir, adapters):
             json={"model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
         )
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_served_model_id_defaults_to_the_file_or_directory_name():
+    """`autolm serve` without --model-name: a .gguf file is served under its name (not its folder's, which may be
+    a cache or a downloads folder), a model directory under the directory's name."""
+    from autolm.cli.tools import served_name
+
+    assert served_name("/models/downloads/smol-Q8_0.gguf", "/models/downloads") == "smol-Q8_0"
+    assert served_name("./my-model/", "/abs/my-model") == "my-model"
+    assert served_name(None, None) == "autolm"

@@ -70,7 +70,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "(default 512)",
     )
     p.add_argument(
-        "--model-name", default=None, help="the model id clients use (default: the directory name)"
+        "--model-name",
+        default=None,
+        help="the model id clients use (default: the directory name, or a .gguf file's name without .gguf)",
     )
     g = p.add_argument_group("limits on one request")
     g.add_argument(

@@ -182,6 +182,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_name(model: str | None, directory: str | None) -> str:
+    """The model id clients use by default: a GGUF file's name without .gguf, else the model's directory name."""
+    if model is not None and str(model).endswith(".gguf"):
+        return os.path.basename(str(model))[: -len(".gguf")]
+    return os.path.basename(os.path.normpath(directory or "autolm"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
@@ -205,9 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = args.model_name or (
-        adapters[0][0]
-        if adapters
-        else os.path.basename(os.path.normpath(base.load_report.directory or "autolm"))
+        adapters[0][0] if adapters else served_name(args.model, base.load_report.directory)
     )
     from ..serve.validation import Limits
 
