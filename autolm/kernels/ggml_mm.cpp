@@ -128,7 +128,9 @@ const __m256i iq4_values = _mm256_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (ch
                                             79, 93, 106, 118, (char)129, (char)141, (char)153, (char)166, (char)181,
                                             (char)197, (char)217, (char)241);
 
-// A block of 32 weights as unsigned quants, natural order (value = d * q + low).
+// A block of 32 weights as unsigned quants, natural order (value = d * q + low; low = d * offset_of(kind) but for
+// Q4_1 and Q5_1, which store theirs).
+constexpr float offset_of(int64_t kind) { return kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f; }
 template <int64_t kind>
 inline __m256i quants32(const uint8_t* b) {
   if constexpr (kind == kQ4_0) return nibbles(b + 2);
@@ -197,7 +199,7 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
       }
     }
     if constexpr (kind != kQ4_1 && kind != kQ5_1)
-      low = _mm512_mul_ps(d, _mm512_set1_ps(kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f));
+      low = _mm512_mul_ps(d, _mm512_set1_ps(offset_of(kind)));
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(live, a.d.data() + m * (K / 32) + b0));
@@ -491,7 +493,7 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
         if constexpr (kind == kQ4_1 || kind == kQ5_1)
           low = half_at(b + 2);
         else
-          low = d * (kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : -128.0f);
+          low = d * offset_of(kind);
       }
       p.d[s * kLanes + r] = d, p.low[s * kLanes + r] = low;
       uint32_t* pq = (uint32_t*)p.q.data() + s * 8 * kLanes;
