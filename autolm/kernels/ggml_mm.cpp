@@ -388,14 +388,15 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
   }
 }
 
-// Many rows of x (prefill): 16 weight rows at a time (a panel) decoded once, each int32 lane of a vector one
-// weight row's 4 quants of the same 4 columns, and 8 rows of x against it at a time, their 4 quants broadcast,
-// with vpdpbusd (64 multiply-adds per instruction, where the one-row path's pair of instructions does 32).
-// K-quants: each sub-block's sums times its integer scales, each block's in float times d and the activations'
-// scale, the low terms as float factors times the activations' group sums; blocks of 32: each block's sums in
-// float times its scale and the activations', the low terms from the activations' block sums. One core,
-// 2048 x 2048, 512 rows, GFLOP/s: Q4_K 141 -> 268, Q6_K 130 -> 203, Q8_0 98 -> 274, IQ4_XS 109 -> 276. Below
-// `panel_from` rows the packing outweighs it (Q4_K at 16 rows: 5.2 against 4.4 ns per block and row).
+// Many rows of x (prefill, batches): 16 weight rows at a time (a panel) decoded once, each int32 lane of a vector
+// one weight row's 4 quants of the same 4 columns (16 rows' blocks decoded, then transposed), and 8 rows of x
+// against it at a time, their 4 quants broadcast, with vpdpbusd (64 multiply-adds per instruction, where the
+// one-row path's pair of instructions does 32). K-quants: each sub-block's sums times its integer scales, each
+// block's in float times d and the activations' scale, the low terms as float factors times the activations'
+// group sums; blocks of 32: each block's sums in float times its scale and the activations', the low terms from
+// the activations' block sums. One core, 2048 x 2048, ns per block of 256 weights and row of x, row path -> panels:
+// 512 rows: Q4_K 3.65 -> 1.97, Q6_K 3.9 -> 2.5, Q8_0 5.2 -> 1.8, IQ4_XS 4.7 -> 1.85; 16 rows: Q4_K 4.0 -> 2.8,
+// Q8_0 4.7 -> 2.45; 8 rows: Q8_0 4.5 -> 3.3, but Q4_K 3.5 -> 4.0 (`panel_from`).
 constexpr int64_t kLanes = 16, kCols = 8;
 
 struct Panel {
@@ -404,29 +405,58 @@ struct Panel {
   std::vector<float> d, low;  // [block (of 256 or of 32)][16 rows]; [low group][16 rows]
 };
 
+// 16 rows of 16 uint32 (row i at src + stride * i) -> 16 vectors, vector j the rows' element j (at dst + 16 j).
+inline void transpose16(const uint32_t* src, int64_t stride, uint32_t* dst) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + stride * i);
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: elements 0, 1 of rows i, i + 1; then 2, 3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + e]: element e of each 128-bit lane, of rows i..i + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int e = 0; e < 4; e++) {  // lane k of r[e], r[4 + e], r[8 + e], r[12 + e]: element 4 k + e of all 16 rows
+    __m512i a0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), a1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
+    __m512i b0 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88), b1 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
+    _mm512_storeu_si512(dst + 16 * e, _mm512_shuffle_i32x4(a0, b0, 0x88));
+    _mm512_storeu_si512(dst + 16 * (8 + e), _mm512_shuffle_i32x4(a0, b0, 0xDD));
+    _mm512_storeu_si512(dst + 16 * (4 + e), _mm512_shuffle_i32x4(a1, b1, 0x88));
+    _mm512_storeu_si512(dst + 16 * (12 + e), _mm512_shuffle_i32x4(a1, b1, 0xDD));
+  }
+}
+
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
 void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
   constexpr int64_t nsub = kBlock / sub, ngroup = kBlock / group;
   const int64_t nb = K / kBlock;
-  for (int64_t r = 0; r < kLanes; r++) {
-    for (int64_t b = 0; b < nb; b++) {
-      alignas(64) uint32_t qs[64] = {};
-      alignas(64) int16_t scs[128] = {}, low16[16] = {};
-      KBlock k{};
-      if (r < rows) {
-        decode(w + r * row_bytes + b * bytes, k);
-        for (int i = 0; i < 4; i++) {
-          _mm512_store_si512(qs + 16 * i, k.q[i]);
-          _mm512_store_si512(scs + 32 * i, k.sc[i]);
-        }
-        _mm256_store_si256((__m256i*)low16, k.low16);
+  alignas(64) uint32_t tile[kLanes][64];  // a block of the 16 rows, decoded
+  alignas(64) int16_t scs[128], low16[16];
+  for (int64_t b = 0; b < nb; b++) {
+    for (int64_t r = 0; r < kLanes; r++) {
+      if (r >= rows) {  // rows past the weight's end: zeros
+        std::memset(tile[r], 0, sizeof(tile[r]));
+        p.d[b * kLanes + r] = 0.0f;
+        for (int64_t j = 0; j < ngroup; j++) p.low[(b * ngroup + j) * kLanes + r] = 0.0f;
+        for (int64_t s = 0; s < nsub; s++) p.sc[(b * nsub + s) * kLanes + r] = 0;
+        continue;
       }
+      KBlock k;
+      decode(w + r * row_bytes + b * bytes, k);
+      for (int i = 0; i < 4; i++) {
+        _mm512_store_si512(tile[r] + 16 * i, k.q[i]);
+        _mm512_store_si512(scs + 32 * i, k.sc[i]);
+      }
+      _mm256_store_si256((__m256i*)low16, k.low16);
       p.d[b * kLanes + r] = k.d;
       for (int64_t j = 0; j < ngroup; j++) p.low[(b * ngroup + j) * kLanes + r] = k.low_scale * low16[j * group / 16];
-      uint32_t* pq = (uint32_t*)p.q.data() + b * 64 * kLanes;
-      for (int g = 0; g < 64; g++) pq[g * kLanes + r] = qs[g];
       for (int64_t s = 0; s < nsub; s++) p.sc[(b * nsub + s) * kLanes + r] = scs[s * sub / 2];  // lane: 2 bytes
     }
+    uint32_t* pq = (uint32_t*)p.q.data() + b * 64 * kLanes;
+    for (int c = 0; c < 64; c += 16) transpose16(&tile[0][c], 64, pq + c * kLanes);
   }
 }
 
@@ -475,11 +505,18 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts
 // offset of the quants, or Q4_1 / Q5_1's m) per weight row.
 template <int64_t kind, int64_t bytes>
 void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
-  for (int64_t r = 0; r < kLanes; r++) {
-    for (int64_t s = 0; s < K / 32; s++) {
-      alignas(32) uint32_t qs[8] = {};
-      float d = 0.0f, low = 0.0f;
-      if (r < rows) {
+  const int64_t nb = K / 32;
+  alignas(64) uint32_t tile[kLanes][16];  // two blocks of the 16 rows (p.q has room for a last odd one's pair)
+  for (int64_t s0 = 0; s0 < nb; s0 += 2) {
+    for (int64_t r = 0; r < kLanes; r++) {
+      for (int64_t s = s0; s < s0 + 2; s++) {
+        uint32_t* qs = tile[r] + 8 * (s - s0);
+        float d = 0.0f, low = 0.0f;
+        if (r >= rows || s >= nb) {
+          std::memset(qs, 0, 32);
+          if (s < nb) p.d[s * kLanes + r] = 0.0f, p.low[s * kLanes + r] = 0.0f;
+          continue;
+        }
         const uint8_t* b = w + r * row_bytes + s * bytes;
         if constexpr (kind == kIQ4XS) {  // sub-block s % 8 of block s / 8
           const uint8_t* blk = w + r * row_bytes + (s / 8) * kIQ4XSBytes;
@@ -494,11 +531,10 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
           low = half_at(b + 2);
         else
           low = d * offset_of(kind);
+        p.d[s * kLanes + r] = d, p.low[s * kLanes + r] = low;
       }
-      p.d[s * kLanes + r] = d, p.low[s * kLanes + r] = low;
-      uint32_t* pq = (uint32_t*)p.q.data() + s * 8 * kLanes;
-      for (int g = 0; g < 8; g++) pq[g * kLanes + r] = qs[g];
     }
+    transpose16(&tile[0][0], 16, (uint32_t*)p.q.data() + s0 * 8 * kLanes);
   }
 }
 
@@ -531,8 +567,8 @@ __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const A
 template <auto pack, auto cols>
 void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
                  int64_t M, float* y) {
-  Panel p{std::vector<uint8_t>(K * kLanes), std::vector<int32_t>(K / 16 * kLanes), std::vector<float>(K / 32 * kLanes),
-          std::vector<float>(K / 16 * kLanes)};
+  Panel p{std::vector<uint8_t>((K + 32) * kLanes), std::vector<int32_t>(K / 16 * kLanes),
+          std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
     int64_t rows = std::min(kLanes, N - n);
     pack(w + n * row_bytes, row_bytes, rows, K, p);
@@ -558,7 +594,7 @@ struct Kind {
   int64_t columns, bytes;  // per block
   RangeFn range;
   PanelFn panel;
-  int64_t panel_from = 16;  // rows of x from which panels pay (measured: 32 for the K-quants, 16 for the others)
+  int64_t panel_from = kCols;  // rows of x from which panels pay (measured: 16 for the K-quants, 8 for the others)
 };
 
 Kind kind_of(int64_t kind) {
@@ -572,15 +608,15 @@ Kind kind_of(int64_t kind) {
     case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>,
                                    panels_32<kIQ4XS, kIQ4XSBytes / 8>};  // per sub-block
     case kQ2K: return {kBlock, 84, row_range<rows_k<decode_q23_k<false>, 84>>,
-                          k_panels<decode_q23_k<false>, 84, 16, 16>, 32};
+                          k_panels<decode_q23_k<false>, 84, 16, 16>, 16};
     case kQ3K: return {kBlock, 110, row_range<rows_k<decode_q23_k<true>, 110>>,
-                          k_panels<decode_q23_k<true>, 110, 16, 16>, 32};
+                          k_panels<decode_q23_k<true>, 110, 16, 16>, 16};
     case kQ4K: return {kBlock, 144, row_range<rows_k<decode_q45_k<false>, 144>>,
-                          k_panels<decode_q45_k<false>, 144, 32, 32>, 32};
+                          k_panels<decode_q45_k<false>, 144, 32, 32>, 16};
     case kQ5K: return {kBlock, 176, row_range<rows_k<decode_q45_k<true>, 176>>,
-                          k_panels<decode_q45_k<true>, 176, 32, 32>, 32};
+                          k_panels<decode_q45_k<true>, 176, 32, 32>, 16};
     case kQ6K: return {kBlock, 210, row_range<rows_k<decode_q6_k, 210>>,
-                          k_panels<decode_q6_k, 210, 16, 16>, 32};
+                          k_panels<decode_q6_k, 210, 16, 16>, 16};
   }
   TORCH_CHECK(false, "ggml_mm: ggml type ", kind, " is not computed natively");
 }
