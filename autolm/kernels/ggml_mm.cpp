@@ -466,6 +466,19 @@ inline __m512i broadcast4(const int8_t* x) {
   return _mm512_set1_epi32(v);
 }
 
+// The integer dot products of the panel's columns k0..k0 + n with rows x..x + 8 (K apart): acc[t], one lane per
+// weight row.
+template <int64_t n>
+__attribute__((always_inline)) inline void run_dots(const Panel& p, const int8_t* x, int64_t K, int64_t k0,
+                                                    __m512i* acc) {
+  for (int t = 0; t < kCols; t++) acc[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int64_t k = k0; k < k0 + n; k += 4) {
+    __m512i wv = _mm512_loadu_si512(p.q.data() + k * kLanes);
+    for (int t = 0; t < kCols; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], wv, broadcast4(x + t * K + k));
+  }
+}
+
 // The panel times rows m0..m0 + 8 of x: f[t], the 16 weight rows' results for row m0 + t.
 template <int64_t group, int64_t sub>
 __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
@@ -479,13 +492,7 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts
     for (int t = 0; t < kCols; t++) s1[t] = _mm512_setzero_si512();
     for (int64_t s = 0; s < nsub; s++) {
       __m512i acc[kCols];
-      for (int t = 0; t < kCols; t++) acc[t] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-      for (int64_t g = 0; g < sub / 4; g++) {
-        int64_t k = b * kBlock + s * sub + 4 * g;
-        __m512i wv = _mm512_loadu_si512(p.q.data() + k * kLanes);
-        for (int t = 0; t < kCols; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], wv, broadcast4(x + t * K + k));
-      }
+      run_dots<sub>(p, x, K, b * kBlock + s * sub, acc);
       __m512i scv = _mm512_loadu_si512(p.sc.data() + (b * nsub + s) * kLanes);
       for (int t = 0; t < kCols; t++) s1[t] = _mm512_add_epi32(s1[t], _mm512_mullo_epi32(acc[t], scv));
     }
@@ -546,13 +553,7 @@ __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const A
   for (int t = 0; t < kCols; t++) f[t] = _mm512_setzero_ps();
   for (int64_t s = 0; s < nb; s++) {
     __m512i acc[kCols];
-    for (int t = 0; t < kCols; t++) acc[t] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int64_t g = 0; g < 8; g++) {
-      int64_t k = 32 * s + 4 * g;
-      __m512i wv = _mm512_loadu_si512(p.q.data() + k * kLanes);
-      for (int t = 0; t < kCols; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], wv, broadcast4(x + t * K + k));
-    }
+    run_dots<32>(p, x, K, 32 * s, acc);
     __m512 dv = _mm512_loadu_ps(p.d.data() + s * kLanes), lv = _mm512_loadu_ps(p.low.data() + s * kLanes);
     for (int t = 0; t < kCols; t++) {
       __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(a.d[(m0 + t) * nb + s]));
