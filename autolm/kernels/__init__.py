@@ -30,7 +30,7 @@ from .attention import attention, decode_attention
 from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs
 from .experts import expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
-from .ggml import ggml_linear, ggml_rows, group_linear, group_weight
+from .ggml import ggml_linear, ggml_rows, group_linear, group_weight, llama_qk_order
 from .quant import int4_linear, int4_pack, int4_unpack, int8_linear
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "int4_unpack",
     "int8_linear",
     "linear",
+    "llama_qk_order",
     "matvec",
     "mixture",
     "needs_grad",

@@ -193,6 +193,16 @@ def parts(raw: torch.Tensor, kind: int):
     return q.reshape(*flat, q.shape[-1]), per_group(scale), None if low is None else per_group(low)
 
 
+def llama_qk_order(t: torch.Tensor, heads: int, dim: int = 0) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation along dimension `dim` of t: its converter stores each head's rows
+    (2, half) as (half, 2), so that RoPE rotates adjacent pairs; this gives them back in the HF model's order
+    (rotate-half). Rows of any kind (raw blocks included, dim=0) or a layer's outputs (dim=-1); a view where
+    the strides allow."""
+    dim = dim % t.dim()
+    half = t.shape[dim] // heads // 2
+    return t.unflatten(dim, (heads, half, 2)).transpose(dim + 1, dim + 2).flatten(dim, dim + 2)
+
+
 def dequantize(raw: torch.Tensor, kind: int) -> torch.Tensor:
     """A weight's rows in ggml type `kind`, raw bytes uint8 (rows, bytes per row) -> float32 (rows, columns)."""
     if kind in FLOAT:
@@ -306,6 +316,7 @@ __all__ = [
     "group_linear",
     "group_weight",
     "half_at",
+    "llama_qk_order",
     "parts",
     "scale_min_k4",
 ]

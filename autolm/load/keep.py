@@ -4,7 +4,7 @@ The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head 
 type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
 where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), over
 the file's memory map (advised to use huge pages: sources.ggml.file_map), the q/k rows that llama's converter
-permuted copied in the model's order into one buffer on huge pages (malloc.huge_page_tensor); else Q4_0 / Q4_1 /
+permuted included (the layer gives its outputs back in the model's order: GGMLLinear.heads); else Q4_0 / Q4_1 /
 Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, groups of 32; PyTorch's int4
 kernel computes them), every other quantized type and F16 / BF16 a GGML layer (autolm.nn.ggml): Q5_0 to Q8_0
 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, F16, BF16) over the file's
@@ -24,17 +24,15 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..kernels import native
 from ..kernels.ggml_repack import planar
-from ..malloc import huge_page_tensor
 from ..nn.ggml import GGMLEmbedding, GGMLLinear
 from ..quant import Int4Linear
-from ..sources.ggml import INT4_TYPES, keepable, permuted, to_int4, type_name
+from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
 
 logger = logging.getLogger("autolm")
 
 
-def file_types(source) -> dict[str, tuple[int, tuple[int, ...], bool]]:
-    """HF tensor name -> (ggml type, shape in the model's order, whether its rows are a permuted copy) for every
-    tensor of a GGUF source."""
+def file_types(source) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """HF tensor name -> (ggml type, shape in the model's order) for every tensor of a GGUF source."""
     from ..sources.gguf import hf_name
 
     out = {}
@@ -42,7 +40,7 @@ def file_types(source) -> dict[str, tuple[int, tuple[int, ...], bool]]:
         name = hf_name(t.name, source.file.family)
         if name is not None:
             shape = tuple(int(x) for x in reversed(t.shape))
-            out[name] = (int(t.tensor_type), shape, permuted(source.file, t))
+            out[name] = (int(t.tensor_type), shape)
     return out
 
 
@@ -59,8 +57,6 @@ class KeepGGUF:
         self.kept: dict[str, nn.Module] = {}  # weight name -> the layer that keeps it
         self.fallback: list[str] = []
         self.embeddings, self.tied = "model.embed_tokens.weight", False
-        self.slots: dict[str, tuple[int, int]] = {}  # permuted copy -> (offset, bytes) in self.arena
-        self.arena: torch.Tensor | None = None
 
     def describe(self) -> str:
         return f"{self.inner.describe()}, GGUF blocks"
@@ -108,37 +104,10 @@ class KeepGGUF:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
             self.kept[f"{name}.weight"] = new
-        self._plan_arena()
         if self.fallback:
             logger.warning("%s: dequantized while loading (types autolm does not compute on): %s",
                            self.source.files[0], ", ".join(self.fallback[:8]))  # fmt: skip
         self.inner.setup(model)
-
-    def _plan_arena(self) -> None:
-        """A place in one huge-page buffer for each permuted copy the C++ kernel computes on, on a CPU placement
-        (the other blocks it computes on are views of the file's map)."""
-        if not (self.inner.in_place and getattr(self.inner, "device", None) == torch.device("cpu")):
-            return
-        at = 0
-        for name, layer in self.kept.items():
-            if (
-                self.types.get(name, (0, (), False))[2]
-                and isinstance(layer, GGMLLinear)
-                and layer.scales is None
-                and native.computes(layer.ggml_type, layer.in_features)
-            ):
-                n = layer.weight.numel()
-                self.slots[name] = (at, n)
-                at += -(-n // 64) * 64
-        if self.slots:
-            self.arena = huge_page_tensor(at)
-
-    def _own(self, name: str, t):
-        """Blocks `t` (a copy) with their place in the arena as raw."""
-        at, n = self.slots[name]
-        raw = self.arena[at : at + n].view(t.raw.shape)
-        raw.copy_(t.raw)
-        return t._replace(raw=raw)
 
     def expected(self, model):
         return self.inner.expected(model)
@@ -162,8 +131,12 @@ class KeepGGUF:
         )
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {t.name!r} ({name}): file {tuple(t.shape)} vs model {want}")
-        if name in self.slots:
-            t = self._own(name, t)
+        if (
+            isinstance(layer, GGMLLinear) and layer.scales is None
+        ):  # computes on the file's blocks as they are
+            layer.heads = t.heads
+        else:
+            t = t.in_order()
         if isinstance(layer, GGMLEmbedding):  # a lookup reads only its rows' pages
             head = self.kept.get("lm_head.weight") if self.tied else None
             out = {} if head is None else _entries(head, "lm_head", t)

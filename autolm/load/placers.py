@@ -192,6 +192,7 @@ class Quantize:
 
         module = name.removesuffix(".weight")
         if hasattr(t, "kind"):  # GGUF blocks
+            t = t.in_order()
             if tuple(t.shape) != self.shapes[module]:
                 raise CheckpointError(
                     f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"

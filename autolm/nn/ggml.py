@@ -22,7 +22,9 @@ class GGMLLinear(nn.Module):
     `scales` / `low` float32 per group of columns (kernels.ggml_repack.planar: the blocks' exact values, repacked while
     loading); for the others `weight` is the blocks themselves, uint8 (out_features, bytes per row), usually a
     view of the file's memory map, and `scales` and `low` are None. `planes=False` keeps a PLANAR type's blocks
-    too (where kernels.native computes on them)."""
+    too (where kernels.native computes on them). `heads`, set by the loader: the blocks' rows are in llama.cpp's
+    permuted q/k order for that many heads, kept so over the file's map; the outputs (and `dequantize()`) come
+    in the model's order (kernels.llama_qk_order)."""
 
     def __init__(
         self,
@@ -34,7 +36,7 @@ class GGMLLinear(nn.Module):
         planes: bool = True,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
+        self.in_features, self.out_features, self.ggml_type, self.heads = in_features, out_features, kind, 0
         planar, groups = planes and kind in PLANAR, in_features // PLANAR.get(kind, 1)
         shape, wtype = (in_features, torch.int8) if planar else (row_bytes(in_features, kind), torch.uint8)
         self.register_buffer("weight", torch.empty(out_features, shape, dtype=wtype))
@@ -48,12 +50,16 @@ class GGMLLinear(nn.Module):
         """The float32 (out_features, in_features) weight these blocks stand for."""
         if self.scales is not None:
             return kernels.group_weight(self.weight, self.scales, self.low)
-        return kernels.ggml_dequantize(self.weight, self.ggml_type)
+        w = kernels.ggml_dequantize(self.weight, self.ggml_type)
+        return kernels.llama_qk_order(w, self.heads) if self.heads else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scales is not None:
             return kernels.group_linear(x, self.weight, self.scales, self.low, self.bias)
-        return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias)
+        if not self.heads:
+            return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias)
+        y = kernels.llama_qk_order(kernels.ggml_linear(x, self.weight, self.ggml_type, None), self.heads, -1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"

@@ -1,8 +1,8 @@
 """GGUF tensors handed over in their own blocks (llama.cpp's quantization types), without a float round trip.
 
-`blocks(g, t, config)` gives a tensor's rows as raw bytes over the file's memory map (q/k rows un-permuted where
-the family's converter permuted them: a copy of those two); a weight copied into another layout gives the file's
-pages behind it back (`GGMLBlocks.release`), so memory holds each weight once; `to_int4` repacks the types whose
+`blocks(g, t, config)` gives a tensor's rows as raw bytes over the file's memory map, in the file's order (the q/k
+rows llama's converter permuted say so: `GGMLBlocks.heads`; `in_order()` copies them into the model's order);
+a weight copied into another layout gives the file's pages behind it back (`GGMLBlocks.release`), so memory holds each weight once; `to_int4` repacks the types whose
 blocks are exactly autolm's int4 layout (4-bit quants in groups of 32 with a scale and an offset: Q4_0, Q4_1,
 Q4_K) into the int4 layers' entries. The other types are computed on by autolm.nn.ggml.
 """
@@ -48,9 +48,19 @@ class GGMLBlocks(NamedTuple):
     shape: tuple[int, int]
     name: str  # the tensor's name in the GGUF file, for errors
     span: tuple = ()  # (memory map, offset, bytes) of the file's pages behind raw
+    heads: int = 0  # rows in llama.cpp's permuted q/k order for this many heads (0: the model's order)
 
     def is_floating_point(self) -> bool:
         return False
+
+    def in_order(self) -> GGMLBlocks:
+        """These blocks with their rows in the model's order: a copy where they were permuted (the file's pages
+        behind them then given back)."""
+        if not self.heads:
+            return self
+        raw = K.llama_qk_order(self.raw, self.heads).clone()
+        self.release()
+        return self._replace(raw=raw, span=(), heads=0)
 
     def release(self) -> None:
         """Drop the file's pages behind these blocks from this process's memory (once they were copied into
@@ -87,21 +97,19 @@ def file_map(g) -> tuple[torch.Tensor, mmap.mmap | None]:
     return _MAPS[g]
 
 
-def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation on rows of any kind (raw blocks included): (n_head, 2, dim/2)
-    row groups -> (n_head, dim/2, 2)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def permuted(g, t) -> bool:
-    """Whether the rows of tensor `t` of GGUF file `g` were permuted by the family's converter (llama's q/k):
-    blocks() gives a copy of them, in the model's order."""
-    return g.layout.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name)
+def permuted_heads(g, t, config) -> int:
+    """The number of heads whose q/k rows the family's converter permuted in tensor `t` of GGUF file `g` (llama's
+    q and k), else 0."""
+    if not g.layout.permute_qk:
+        return 0
+    if ".attn_q." in t.name:
+        return config.num_attention_heads
+    return config.num_key_value_heads if ".attn_k." in t.name else 0
 
 
 def blocks(g, t, config) -> GGMLBlocks:
-    """Tensor `t` (a sources.gguf.TensorInfo) of GGUF file `g` as raw blocks, rows in the HF model's order."""
+    """Tensor `t` (a sources.gguf.TensorInfo) of GGUF file `g` as raw blocks over the file's map, rows in the
+    file's order."""
     if not keepable(int(t.tensor_type)):
         raise GGUFError(
             f"{g.path}: tensor {t.name!r} has type {type_name(t.tensor_type)}, not kept in blocks"
@@ -110,12 +118,7 @@ def blocks(g, t, config) -> GGMLBlocks:
     whole, m = file_map(g)
     raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
     span = (m, t.data_offset, t.n_bytes) if m is not None else ()
-    if permuted(g, t):
-        heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
-        raw = unpermute_rows(raw, heads).clone()
-        GGMLBlocks(raw, 0, (n, k), t.name, span).release()  # copied: the file's pages are not needed
-        span = ()
-    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name, span)
+    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name, span, permuted_heads(g, t, config))
 
 
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:
