@@ -125,6 +125,14 @@ def test_kept_matmul_equals_the_dequantized_weight(kind, monkeypatch):
         torch.testing.assert_close(layer(x), want, **tol)
     finally:
         K._TILE_BYTES = old
+    if layer.scales is None:  # rows in llama.cpp's q/k order (5 heads of 14): outputs in the model's order
+        layer.heads = 5
+        ordered = K.llama_qk_order(w, 5)
+        assert torch.equal(
+            ordered[[14, 21, 15]], w[[14, 15, 16]]
+        )  # head 1's first rotate-half pair: adjacent
+        torch.testing.assert_close(layer.dequantize().double(), ordered)
+        torch.testing.assert_close(layer(x), (x.double() @ ordered.T + bias.double()).float(), **tol)
     ids = torch.tensor([[3, 0, 69]])
     emb = GGMLEmbedding(n, k, kind, torch.float32)
     emb.load_state_dict({"blocks": raw}, assign=True)
@@ -165,6 +173,10 @@ def test_native_kernel_is_the_int8_activation_product(kind):
         exact = x.double() @ w.T + bias.double()
         # int8 activations' rounding: ~1% on random blocks (one scale per 256 columns: up to 3% on one row)
         assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.04
+        # the rows llama.cpp permuted (6 heads of 100 rows): the outputs come in the model's order
+        assert torch.equal(
+            native.ggml_mm(x, raw, kind, 6), K.llama_qk_order(native.ggml_mm(x, raw, kind), 6, -1)
+        )
     xb = torch.randn(4, k, dtype=torch.bfloat16, generator=g)
     got = native.ggml_mm(xb, raw, kind)
     assert got.dtype == torch.bfloat16
@@ -305,7 +317,9 @@ def test_natively_computed_blocks_are_views_of_the_file_map_on_huge_pages(tmp_pa
     assert torch.equal(layers[1].mlp.gate_proj.weight, raw["blk.1.ffn_gate.weight"])
     assert torch.equal(model.lm_head.weight, raw["token_embd.weight"])
     q, k = attn[1].q_proj, attn[1].k_proj
-    assert torch.equal(q.weight, raw["blk.1.attn_q.weight"]) and torch.equal(k.weight, raw["blk.1.attn_k.weight"])
+    assert torch.equal(q.weight, raw["blk.1.attn_q.weight"]) and torch.equal(
+        k.weight, raw["blk.1.attn_k.weight"]
+    )
     assert (q.heads, k.heads) == (model.config.num_attention_heads, model.config.num_key_value_heads)
     assert attn[0].v_proj.heads == 0
     reference = _load(path)  # dequantized while loading, q/k rows put in the model's order there

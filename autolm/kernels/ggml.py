@@ -212,14 +212,20 @@ def dequantize(raw: torch.Tensor, kind: int) -> torch.Tensor:
     return (w if low is None else w + low.unsqueeze(-1)).flatten(-2)
 
 
-def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
+def ggml_linear(
+    x: torch.Tensor, raw: torch.Tensor, kind: int, bias: torch.Tensor | None, heads: int = 0
+) -> torch.Tensor:
     """x @ W.T + bias for a weight W kept in its ggml blocks (see dequantize). Inside a compiler: one
     matrix-vector loop over the blocks (or a matmul of the dequantized weight for longer inputs); eagerly: the
     weight dequantized a tile of rows at a time, each tile multiplied by oneDNN's fp32 matmul. The types of
     native.KINDS go to autolm's C++ kernel where it is built (eagerly and compiled alike): integer dot
-    products with x quantized to int8 per block, as llama.cpp computes them."""
+    products with x quantized to int8 per block, as llama.cpp computes them. `heads` > 0: raw's rows are
+    llama.cpp's permuted q/k rows of that many heads; the outputs come in the model's order (llama_qk_order)."""
     if raw.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1]):
-        y = native.ggml_mm(x, raw, kind)
+        y = native.ggml_mm(x, raw, kind, heads)
+        return y if bias is None else y + bias.to(y.dtype)
+    if heads:
+        y = llama_qk_order(ggml_linear(x, raw, kind, None), heads, -1)
         return y if bias is None else y + bias.to(y.dtype)
     if torch.compiler.is_compiling():
         x = realize(x)

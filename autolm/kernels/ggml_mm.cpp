@@ -643,13 +643,32 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
   return a;
 }
 
-at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
+// llama.cpp's permuted q/k rows (each head's rows stored (half, 2), so that RoPE rotates adjacent pairs): each
+// row of y (M rows of N) put back in the model's order, (2, half) per head.
+void unpermute_heads(float* y, int64_t M, int64_t N, int64_t heads) {
+  int64_t half = N / heads / 2;
+  std::vector<float> row(N);
+  for (int64_t m = 0; m < M; m++) {
+    float* ym = y + m * N;
+    std::copy(ym, ym + N, row.begin());
+    for (int64_t h = 0; h < heads; h++)
+      for (int64_t i = 0; i < half; i++) {
+        ym[2 * h * half + i] = row[2 * (h * half + i)];
+        ym[(2 * h + 1) * half + i] = row[2 * (h * half + i) + 1];
+      }
+  }
+}
+
+// x @ W.T, W's N rows of blocks in `raw`; `heads` > 0: W's rows are llama.cpp's permuted q/k rows of that many
+// heads, y's columns come in the model's order.
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int64_t heads) {
   Kind k = kind_of(kind);
   int64_t K = x.size(-1), N = raw.size(0), nb = K / k.columns;
   TORCH_CHECK(K % k.columns == 0 && (kind != kIQ4XS || K % kBlock == 0) && raw.dim() == 2 &&
                   raw.size(1) == nb * k.bytes && raw.scalar_type() == at::kByte,
               "ggml_mm: weight of ", raw.sizes(), " bytes does not hold ", K, " columns of type ", kind);
   TORCH_CHECK(raw.is_contiguous(), "ggml_mm: the weight's rows must be contiguous");
+  TORCH_CHECK(heads >= 0 && (heads == 0 || N % (2 * heads) == 0), "ggml_mm: ", N, " rows in ", heads, " heads");
   bool plain = x.scalar_type() == at::kFloat && x.is_contiguous();  // else a float copy (ATen calls cost us)
   at::Tensor xf = plain ? x : x.to(at::kFloat).contiguous();
   int64_t M = x.numel() / K;
@@ -665,22 +684,23 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
     at::parallel_for(0, (N + kLanes - 1) / kLanes, std::max<int64_t>(1, (1 << 13) / K), [&](int64_t lo, int64_t hi) {
       k.panel(wp, raw.size(1), lo, hi, N, a, K, M, yp);
     });
-    return plain ? y : y.to(x.scalar_type());
+  } else {
+    // Rows of x a tile at a time (about 32 KB of their quants, which stay in the L1 cache while every weight
+    // row of the thread's part passes by).
+    int64_t tile = std::clamp<int64_t>((1 << 15) / K, 1, 64);
+    at::parallel_for(0, N, std::max<int64_t>(16, (1 << 17) / K), [&](int64_t lo, int64_t hi) {
+      std::vector<RowOut> out(tile);
+      for (int64_t m0 = 0; m0 < M; m0 += tile) {
+        int64_t m1 = std::min(M, m0 + tile);
+        k.range(wp, nb * k.bytes, lo, hi, nb, a, K, m0, m1, out.data(), yp, N);
+      }
+    });
   }
-  // Rows of x a tile at a time (about 32 KB of their quants, which stay in the L1 cache while every weight row
-  // of the thread's part passes by).
-  int64_t tile = std::clamp<int64_t>((1 << 15) / K, 1, 64);
-  at::parallel_for(0, N, std::max<int64_t>(16, (1 << 17) / K), [&](int64_t lo, int64_t hi) {
-    std::vector<RowOut> out(tile);
-    for (int64_t m0 = 0; m0 < M; m0 += tile) {
-      int64_t m1 = std::min(M, m0 + tile);
-      k.range(wp, nb * k.bytes, lo, hi, nb, a, K, m0, m1, out.data(), yp, N);
-    }
-  });
+  if (heads) unpermute_heads(yp, M, N, heads);
   return plain ? y : y.to(x.scalar_type());
 }
 
-at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind) {
+at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int64_t heads) {
   auto shape = x.sym_sizes().vec();  // symbolic where a graph is exported for any batch size
   shape.back() = raw.sym_size(0);
   return at::empty_symint(shape, x.options());
@@ -688,6 +708,6 @@ at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind
 
 }  // namespace
 
-TORCH_LIBRARY(autolm, m) { m.def("ggml_mm(Tensor x, Tensor raw, int kind) -> Tensor"); }
+TORCH_LIBRARY(autolm, m) { m.def("ggml_mm(Tensor x, Tensor raw, int kind, int heads=0) -> Tensor"); }
 TORCH_LIBRARY_IMPL(autolm, CPU, m) { m.impl("ggml_mm", &ggml_mm); }
 TORCH_LIBRARY_IMPL(autolm, Meta, m) { m.impl("ggml_mm", &ggml_mm_meta); }

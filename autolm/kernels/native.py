@@ -101,9 +101,11 @@ def _build() -> str:
     return path
 
 
-def ggml_mm(x: torch.Tensor, raw: torch.Tensor, kind: int) -> torch.Tensor:
-    """x @ W.T for W's rows of `kind` blocks, raw uint8 (N, bytes per row); x's dtype and leading dimensions."""
-    return _OP[0](x, raw, kind)
+def ggml_mm(x: torch.Tensor, raw: torch.Tensor, kind: int, heads: int = 0) -> torch.Tensor:
+    """x @ W.T for W's rows of `kind` blocks, raw uint8 (N, bytes per row); x's dtype and leading dimensions.
+    `heads` > 0: W's rows are llama.cpp's permuted q/k rows of that many heads, the outputs come in the model's
+    order (as ggml.llama_qk_order gives them)."""
+    return _OP[0](x, raw, kind, heads)
 
 
 __all__ = ["KINDS", "available", "computes", "ggml_mm"]

@@ -56,10 +56,7 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scales is not None:
             return kernels.group_linear(x, self.weight, self.scales, self.low, self.bias)
-        if not self.heads:
-            return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias)
-        y = kernels.llama_qk_order(kernels.ggml_linear(x, self.weight, self.ggml_type, None), self.heads, -1)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias, self.heads)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"
