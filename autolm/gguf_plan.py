@@ -109,7 +109,7 @@ def gguf_name(name: str, model, names: dict) -> str | None:
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's q/k row permutation (HF rotate-half rows -> interleaved pairs); sources.gguf.unpermute undoes it."""
+    """llama.cpp's q/k row permutation (HF rotate-half rows -> interleaved pairs); kernels.llama_qk_order undoes it."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, 2, dim, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

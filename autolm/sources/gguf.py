@@ -17,7 +17,7 @@ import torch
 
 from .._util import no_mmap
 from ..errors import GGUFError
-from ..kernels.ggml import BLOCKS, Q8_0
+from ..kernels.ggml import BLOCKS, Q8_0, llama_qk_order
 from ..malloc import huge_page_tensor
 from ..models import config_class, gguf_families
 from . import ggml
@@ -254,12 +254,6 @@ def hf_name(gguf_name: str, family) -> str | None:
     return None
 
 
-def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation: (n_head, 2, dim/2) row groups -> (n_head, dim/2, 2)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
 def _q8_0(data) -> np.ndarray:
     """Q8_0 rows (rows, bytes) dequantized to fp32, as gguf.quants does it, in one pass over the blocks (its
     version splits the rows into thousands of chunks: 0.2 s for SmolLM2's embedding, this 0.05 s)."""
@@ -289,11 +283,9 @@ def gguf_tensors(
         # llama.cpp stores GPT-2's Conv1D weights (out, in); the model holds them (in, out), as the checkpoint
         transposed = name.endswith(".weight") and t.name.split(".")[-2] in g.layout.transposed
         w = np.asarray(_dequantized(g, t), dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
-        if g.layout.permute_qk:
-            if ".attn_q." in t.name:
-                w = unpermute(w, config.num_attention_heads)
-            elif ".attn_k." in t.name:
-                w = unpermute(w, config.num_key_value_heads)
+        heads = ggml.permuted_heads(g, t, config)
+        if heads:  # llama's q/k rows back in the model's order
+            w = w[llama_qk_order(torch.arange(w.shape[0]), heads).numpy()]
         if g.layout.norm_shift and name.endswith("norm.weight"):
             w = w - np.float32(g.layout.norm_shift)
         if transposed:
