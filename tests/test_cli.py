@@ -207,6 +207,10 @@ def test_version_threads_and_temperature_zero(home, smol_dir):
     from autolm import __version__
 
     assert run("--version", home=home).stdout.strip() == f"autolm {__version__}"
+    as_module = subprocess.run(
+        [sys.executable, "-m", "autolm", "--version"], capture_output=True, text=True, timeout=600
+    )
+    assert as_module.returncode == 0 and as_module.stdout.strip() == f"autolm {__version__}"
     greedy = run("generate", smol_dir, "The capital of France is", "--max-new-tokens", "8", home=home)
     zero = run(
         "generate",
