@@ -5,6 +5,7 @@ llama.cpp's exact block layouts (with the gguf package) gives the logits of its 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import gguf
@@ -18,6 +19,8 @@ from autolm.kernels import ggml_repack as R
 from autolm.kernels import native
 from autolm.nn.ggml import GGMLEmbedding, GGMLLinear
 from autolm.quant import Int4Linear
+
+NO_KERNEL = "autolm's C++ kernel needs AVX2 (or AVX-512 VNNI) and a C++ compiler"
 
 # byte offsets of each type's fp16 fields inside a block (ggml-common.h): random bytes there would be NaN or huge
 HALVES = {
@@ -149,9 +152,7 @@ def int8_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
     return ((blocks * inv).round().clamp(-127, 127) * (top / 127)).flatten(-2)
 
 
-@pytest.mark.skipif(
-    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
-)
+@pytest.mark.skipif(not native.available(), reason=NO_KERNEL)
 @pytest.mark.parametrize("kind", sorted(native.KINDS), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_native_kernel_is_the_int8_activation_product(kind):
     """The C++ kernel's types on their blocks by integer dot products: x quantized to int8 per 256 columns
@@ -184,6 +185,27 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01 * want.abs().max().item())
     with pytest.raises(RuntimeError, match="does not hold"):
         native.ggml_mm(torch.randn(1, 512), raw, kind)
+
+
+@pytest.mark.skipif(
+    os.environ.get("AUTOLM_NATIVE") == "avx2" or not native.available(),
+    reason="the AVX2 build's own run, or no kernel",
+)
+def test_the_avx2_kernels_pass_the_same_tests():
+    """The kernels CPUs without AVX-512 VNNI run (ggml_avx2.h; AUTOLM_NATIVE=avx2 builds them on any x86-64-v3
+    CPU): this file's tests of the C++ kernel, run in a process of their own (a process loads one build), every
+    type against the int8-activation product, the kept models' logits and the weights that stay views of the
+    file."""
+    import subprocess
+
+    assert native.march() == "native"
+    tests = "native_kernel or (kept_model_gives and native) or natively_computed"
+    command = [sys.executable, "-m", "pytest", __file__, "-n", "0", "-p", "no:cacheprovider", "-k", tests]
+    env = dict(os.environ, AUTOLM_NATIVE="avx2")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "skipped" not in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed and int(passed[1]) >= 16, done.stdout[-2000:]  # 12 types, 3 models, the views
 
 
 # A Llama-shaped model whose every linear layer is another type; K-quants need rows of 256.
@@ -244,7 +266,7 @@ def _load(path: str, **kw):
 @pytest.mark.parametrize("with_native", [True, False], ids=["native", "torch"])
 def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output, with_native, monkeypatch):
     if with_native and not native.available():
-        pytest.skip("autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler")
+        pytest.skip(NO_KERNEL)
     if not with_native:
         monkeypatch.setattr(native, "computes", lambda kind, columns: False)
     path = write_gguf(str(tmp_path / "tiny.gguf"), embed, output)
@@ -292,9 +314,7 @@ def test_kept_blocks_are_the_files_memory_map(tmp_path):
     assert all(v.untyped_storage().nbytes() == size for v in views)
 
 
-@pytest.mark.skipif(
-    not native.available(), reason="autolm's C++ kernel needs AVX-512 VNNI and a C++ compiler"
-)
+@pytest.mark.skipif(not native.available(), reason=NO_KERNEL)
 def test_natively_computed_blocks_are_views_of_the_file_map_on_huge_pages(tmp_path):
     """The weights the C++ kernel computes on (here Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and
     the tied Q8_0 head) are views of the file's map, which is advised to use huge pages, the embeddings' lookup and

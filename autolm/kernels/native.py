@@ -1,11 +1,13 @@
 """autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products),
 compiled once per machine with its C++ compiler and loaded as torch.ops.autolm.
 
-The library is built for the machine's own instruction set (-march=native), so only where that has AVX-512
-VNNI (else, and without a compiler, the other kernels of kernels.ggml compute these types). It is kept under
+The library is built for the machine's own instruction set (-march=native): with AVX-512 VNNI where the CPU has
+it (ggml_avx512.h), else with AVX2, FMA and F16C (ggml_avx2.h); on other CPUs, and without a compiler, the other
+kernels of kernels.ggml compute these types. AUTOLM_NATIVE=avx2 builds the AVX2 kernels on any CPU that has
+those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=0 turns the library off. It is kept under
 `$AUTOLM_HOME/kernels/<key>.so`, the key covering the source, the torch version and the CPU (as the compiled
 graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds it (about
-eight seconds), later processes load it (milliseconds). Setting AUTOLM_NATIVE=0 turns it off.
+eight seconds), later processes load it (milliseconds).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ KINDS = {
     23: (256, 32),
 }
 _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
+_HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_avx2.h")]
+_AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
 _OP: list = []  # torch.ops.autolm.ggml_mm, looked up once
 _LOCK = threading.Lock()
@@ -48,18 +52,16 @@ def _cpu_flags() -> set[str]:
 
 def available() -> bool:
     """Whether torch.ops.autolm.ggml_mm is loaded (building it on first use); False, with a warning where
-    building fails, or quietly where the CPU lacks AVX-512 VNNI or AUTOLM_NATIVE=0."""
+    building fails, or quietly where the CPU has neither AVX-512 VNNI nor AVX2 (see march) or AUTOLM_NATIVE=0."""
     if "ok" in _STATE:  # every matmul asks: no lock once decided
         return _STATE["ok"]
     with _LOCK:  # loading the library twice in one process would abort it (one registration per namespace)
         if "ok" not in _STATE:
             _STATE["ok"] = False
-            if (
-                os.environ.get("AUTOLM_NATIVE", "1") != "0"
-                and {"avx512_vnni", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
-            ):
+            flags = march()
+            if flags is not None:
                 try:
-                    torch.ops.load_library(_build())
+                    torch.ops.load_library(_build(flags))
                     _OP.append(torch.ops.autolm.ggml_mm.default)
                     _STATE["ok"] = True
                 except Exception as e:
@@ -74,11 +76,22 @@ def computes(kind: int, columns: int) -> bool:
     return kind in KINDS and columns % KINDS[kind][0] == 0 and available()
 
 
-def _build() -> str:
-    """The library's path, compiling it first where it is not there yet."""
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(repr((source, torch.__version__, _isa())).encode()).hexdigest()[:32]
+def march() -> str | None:
+    """The compiler's -march for this CPU and AUTOLM_NATIVE: native (AVX-512 VNNI, or AVX2, FMA and F16C),
+    x86-64-v3 (AUTOLM_NATIVE=avx2: the AVX2 kernels), or None (AUTOLM_NATIVE=0, or a CPU with neither)."""
+    choice = os.environ.get("AUTOLM_NATIVE", "1")
+    if choice == "0" or not _AVX2.issubset(_cpu_flags()):
+        return None
+    return "x86-64-v3" if choice == "avx2" else "native"
+
+
+def _build(arch: str) -> str:
+    """The library's path for `-march=arch`, compiling it first where it is not there yet."""
+    sources = []
+    for path in (_SOURCE, *_HEADERS):
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    key = hashlib.sha256(repr((sources, arch, torch.__version__, _isa())).encode()).hexdigest()[:32]
     path = os.path.join(autolm_home(), "kernels", f"ggml_mm-{key}.so")
     if os.path.isfile(path):
         return path
@@ -90,7 +103,7 @@ def _build() -> str:
     lib = os.path.join(base, "lib")
     with published_file(path, 0o755) as tmp:
         command = [
-            compiler, _SOURCE, "-o", tmp, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+            compiler, _SOURCE, "-o", tmp, "-O3", f"-march={arch}", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-I", os.path.join(base, "include"), "-I", os.path.join(base, "include", "torch", "csrc", "api", "include"),
             "-L", lib, f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch",

@@ -1,0 +1,247 @@
+// ggml_mm.cpp's instructions on CPUs with AVX2, FMA and F16C but not AVX-512 VNNI (included by ggml_mm.cpp, after
+// the blocks' shared helpers): 32 bytes of quants at a time, unsigned weight quants times the activations' int8
+// quants with vpmaddubsw (pairs summed in int16), then vpmaddwd (by ones, or by the K-quants' integer sub-scales)
+// into int32. vpmaddubsw saturates above 2 * 127 * 128: Q8_0's and the IQ4 types' quants stay signed, their
+// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Every row of x takes the one-row
+// path (no panels).
+
+// 32 bytes of nibbles at a time: the activations' quants in their natural order.
+constexpr bool kRuns64 = false;
+
+inline float hsum(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline float absmax(const float* x, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline __m128i quant16(const float* x, float inv, int32_t& sum) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256 s = _mm256_set1_ps(inv);
+  __m256i a = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), s), kRound));
+  __m256i b = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), s), kRound));
+  __m256i t = _mm256_add_epi32(a, b);
+  __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+  sum = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+  __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  __m128i hi = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  return _mm_packs_epi16(lo, hi);  // |values| <= 127: no saturation, natural order
+}
+
+struct RowOut {
+  __m256 acc;     // the blocks' dot products, scaled
+  __m256 accmin;  // the blocks' low terms, scaled
+};
+
+float reduce(const RowOut& r) { return hsum(_mm256_add_ps(r.acc, r.accmin)); }
+
+// 32 quants of a block of 32 times 32 int8 activations: 8 int32 sums of 4 products.
+template <int64_t kind>
+inline __m256i dot32(__m256i q, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (kSignedQuants<kind>)
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
+  else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+}
+
+// The 8 fp16 values in bytes 0..1 of each int32 lane of g, as floats.
+inline __m256 halves(__m256i g) {
+  const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12,
+                                        13, -1, -1, -1, -1, -1, -1, -1, -1);
+  __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, pick), 0x08);  // 64-bit lanes 0 and 2
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+}
+
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS's sub-blocks), 8 at a time: their scales (and low
+// values) gathered into one vector each, each block's dot products times its scale and the activations' (two
+// sums, so that the adds do not wait on each other); the low terms from the activations' block sums.
+template <int64_t kind, int64_t bytes>
+__attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                   int64_t m0, int64_t m1, RowOut* out) {
+  constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bytes));
+  for (int64_t b0 = 0; b0 < nb; b0 += 8, w += 8 * bytes) {
+    prefetch(w, 8 * bytes);
+    int64_t n = std::min<int64_t>(8, nb - b0);
+    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
+    __m256 d, low = _mm256_setzero_ps();
+    if constexpr (kind == kIQ4XS) {  // one block of 256 (K is a multiple of 256): its 8 sub-blocks
+      d = iq4_xs_block_scales(w);
+    } else {
+      __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
+      d = halves(g);
+      low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
+                                           : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
+    }
+    __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
+    const bool many = m1 - m0 > 1;
+    for (int64_t p = 0; p < n && many; p++) q[p] = quants32<kind>(kind == kIQ4XS ? w + 8 + 16 * p : w + p * bytes);
+    for (int64_t m = m0; m < m1; m++) {
+      const int8_t* x = a.q.data() + m * K + 32 * b0;
+      __m256 sc = _mm256_mul_ps(d, _mm256_maskload_ps(a.d.data() + m * (K / 32) + b0, live));
+      if constexpr (kLow)
+        out[m - m0].accmin =
+            _mm256_fmadd_ps(low, _mm256_maskload_ps(a.s.data() + m * (K / 32) + b0, live), out[m - m0].accmin);
+      __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
+      for (int64_t p = 0; p < n; p++) {
+        __m256i qp = many ? q[p] : quants32<kind>(kind == kIQ4XS ? w + 8 + 16 * p : w + p * bytes);
+        __m256i dot = dot32<kind>(qp, _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
+        __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32((int)p));
+        acc[p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p % 2]);
+      }
+      out[m - m0].acc = _mm256_add_ps(acc[0], acc[1]);
+    }
+  }
+}
+
+// A decoded K-quant block: the quants as unsigned bytes in natural order, 32 per vector, each int16 lane's
+// sub-scale (lane i of vector j: weights 32 j + 2 i and 32 j + 2 i + 1), d, and the low term's integer factors
+// per 16 weights with their scale.
+struct KBlock {
+  __m256i q[8], sc[8];
+  __m256i low16;
+  float d, low_scale;
+};
+
+// Block b of a weight row times rows m0..m1 of the activations, into out: d * the integer dot products, plus
+// low_scale * the low term's factors times the activations' sums of 16.
+__attribute__((always_inline)) inline void k_block_rows(const KBlock& k, const Acts& a, int64_t K, int64_t b,
+                                                        int64_t m0, int64_t m1, RowOut* out) {
+  for (int64_t m = m0; m < m1; m++) {
+    const int8_t* x = a.q.data() + m * K + b * kBlock;
+    __m256i s = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+      __m256i pairs = _mm256_maddubs_epi16(k.q[j], _mm256_loadu_si256((const __m256i*)(x + 32 * j)));
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, k.sc[j]));
+    }
+    float dx = a.d[m * (K / kBlock) + b];
+    out[m - m0].acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(k.d * dx), out[m - m0].acc);
+    __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
+    __m256 low = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, k.low16));
+    out[m - m0].accmin = _mm256_fmadd_ps(low, _mm256_set1_ps(k.low_scale * dx), out[m - m0].accmin);
+  }
+}
+
+// Sub-scales from 16 int8 ones (s, one per 16 weights) as int16 lanes of 32 weights: `first` for the first 16,
+// `second` for the last.
+inline __m256i sub_scales(__m128i s, int first, int second) {
+  const int64_t ones = 0x0101010101010101;
+  return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s, _mm_set_epi64x(ones * second, ones * first)));
+}
+
+// Q4_K: d (fp16), dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles: 32 bytes per 64 weights,
+// the low nibbles the first 32 (sub-block 2c), the high ones the last (2c + 1).
+// value = d * sc[s] * q - dmin * mn[s] for sub-block s of 32 weights.
+// Q5_K (kFive): the same with 32 bytes of fifth bits between the scales and the nibbles: bit 2c of byte l is
+// weight 64c + l's (the low nibbles), bit 2c + 1 weight 64c + 32 + l's (the high nibbles).
+template <bool kFive>
+__attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock& k) {
+  constexpr int64_t kNibbles = kFive ? 48 : 16;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  uint32_t u[4];
+  std::memcpy(u, w + 4, 12);
+  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  uint32_t mins_lo = u[1] & k1;
+  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  u[2] = mins_lo;
+  u[0] &= k1;  // bytes 0..7 of u: the 8 scales; 8..15: the 8 mins
+  __m128i sm = _mm_loadu_si128((const __m128i*)u);
+  __m256i qh = kFive ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
+  for (int c = 0; c < 4; c++) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)(w + kNibbles + 32 * c));
+    k.q[2 * c] = _mm256_and_si256(v, nib);
+    k.q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    if constexpr (kFive)  // bit s of each byte moved to bit 4 (the 16-bit shifts carry nothing into it)
+      for (int e = 0, s = 2 * c; e < 2; e++, s++) {
+        __m256i at4 = s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4);
+        k.q[2 * c + e] = _mm256_or_si256(k.q[2 * c + e], _mm256_and_si256(at4, _mm256_set1_epi8(0x10)));
+      }
+    k.sc[2 * c] = sub_scales(sm, 2 * c, 2 * c);
+    k.sc[2 * c + 1] = sub_scales(sm, 2 * c + 1, 2 * c + 1);
+  }
+  k.low16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14,
+                                                                     14, 15, 15)));
+  k.d = half_at(w), k.low_scale = -half_at(w + 2);
+}
+
+// Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d (fp16). Per 128 weights h: 64 bytes
+// of nibbles l0 (32), l1 (32) and 32 bytes of pairs p: weights 128h + l from l0's low nibbles and p's bits 0-1,
+// + 32 from l1's low and bits 2-3, + 64 from l0's high and bits 4-5, + 96 from l1's high and bits 6-7.
+// value = d * sc[s] * (q - 32) for sub-block s of 16 weights.
+__attribute__((always_inline)) inline void decode_q6_k(const uint8_t* w, KBlock& k) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
+  __m128i s8 = _mm_loadu_si128((const __m128i*)(w + 192));
+  for (int h = 0; h < 2; h++) {
+    __m256i l0 = _mm256_loadu_si256((const __m256i*)(w + 64 * h));
+    __m256i l1 = _mm256_loadu_si256((const __m256i*)(w + 64 * h + 32));
+    __m256i p = _mm256_loadu_si256((const __m256i*)(w + 128 + 32 * h));
+    for (int j = 0; j < 4; j++) {
+      __m256i low = _mm256_and_si256(j < 2 ? (j ? l1 : l0) : _mm256_srli_epi16(j == 2 ? l0 : l1, 4), nib);
+      __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 2 * j), two), 4);
+      k.q[4 * h + j] = _mm256_or_si256(low, high);
+      k.sc[4 * h + j] = sub_scales(s8, 2 * (4 * h + j), 2 * (4 * h + j) + 1);
+    }
+  }
+  k.d = half_at(w + 208), k.low16 = _mm256_cvtepi8_epi16(s8), k.low_scale = -32.0f * k.d;
+}
+
+// Q2_K: 16 bytes of 4-bit scales (low nibble) and mins (high nibble) per 16 weights, 64 bytes of 2-bit quants,
+// d (fp16), dmin (fp16). Weight 128h + 32j + l (l < 32) is bits 2j, 2j + 1 of byte 32h + l.
+// value = d * sc[s] * q - dmin * mn[s].
+// Q3_K (kThree): 32 bytes of high bits (bit 4h + j of byte l: weight 128h + 32j + l's), 64 bytes of 2-bit quants
+// as Q2_K's, 12 bytes of 6-bit scales (minus 32), d (fp16). value = d * sc[s] * (q + 4 * high - 4).
+template <bool kThree>
+__attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock& k) {
+  constexpr int64_t kQuants = kThree ? 32 : 16;
+  const __m256i three = _mm256_set1_epi8(3);
+  __m128i s8;
+  if constexpr (kThree) {
+    uint32_t u[4];
+    std::memcpy(u, w + 96, 12);
+    const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, t = u[2];
+    u[2] = ((u[0] >> 4) & k2) | (((t >> 4) & k1) << 4);
+    u[3] = ((u[1] >> 4) & k2) | (((t >> 6) & k1) << 4);
+    u[0] = (u[0] & k2) | ((t & k1) << 4);
+    u[1] = (u[1] & k2) | (((t >> 2) & k1) << 4);
+    s8 = _mm_sub_epi8(_mm_loadu_si128((const __m128i*)u), _mm_set1_epi8(32));
+    k.low16 = _mm256_cvtepi8_epi16(s8);
+    k.d = half_at(w + 108), k.low_scale = -4.0f * k.d;
+  } else {
+    __m128i s = _mm_loadu_si128((const __m128i*)w), nib = _mm_set1_epi8(0x0F);
+    s8 = _mm_and_si128(s, nib);
+    k.low16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), nib));
+    k.d = half_at(w + 80), k.low_scale = -half_at(w + 82);
+  }
+  __m256i hm = kThree ? _mm256_loadu_si256((const __m256i*)w) : _mm256_setzero_si256();
+  for (int h = 0; h < 2; h++) {
+    __m256i qs = _mm256_loadu_si256((const __m256i*)(w + kQuants + 32 * h));
+    for (int j = 0; j < 4; j++) {
+      __m256i q = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
+      if constexpr (kThree) {  // bit s of each byte moved to bit 2, as Q5_K's to bit 4
+        const int s = 4 * h + j;
+        __m256i at2 = s <= 2 ? _mm256_slli_epi16(hm, 2 - s) : _mm256_srli_epi16(hm, s - 2);
+        q = _mm256_or_si256(q, _mm256_and_si256(at2, _mm256_set1_epi8(4)));
+      }
+      k.q[4 * h + j] = q;
+      k.sc[4 * h + j] = sub_scales(s8, 2 * (4 * h + j), 2 * (4 * h + j) + 1);
+    }
+  }
+}
+
+// No panels with AVX2: every number of rows takes the one-row path.
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+constexpr PanelFn k_panels = nullptr;
+template <int64_t kind, int64_t bytes>
+constexpr PanelFn panels_32 = nullptr;
