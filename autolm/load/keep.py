@@ -2,7 +2,7 @@
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
 type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
-where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX-512 VNNI and a C++ compiler), over
+where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX2 and a C++ compiler), over
 the file's memory map (advised to use huge pages: sources.ggml.file_map), the q/k rows that llama's converter
 permuted included (the layer gives its outputs back in the model's order: GGMLLinear.heads); else Q4_0 / Q4_1 /
 Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, groups of 32; PyTorch's int4
