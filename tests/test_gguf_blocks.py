@@ -157,10 +157,10 @@ def int8_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
 def test_native_kernel_is_the_int8_activation_product(kind):
     """The C++ kernel's types on their blocks by integer dot products: x quantized to int8 per 256 columns
     (K-quants) or 32 (the others), as llama.cpp does, times gguf's dequantized weight, for any number of rows
-    (with one row a thread, a few, and in panels, from 8 or 16 rows on: 34 rows, 600 weight rows, neither a
+    (with one row a thread, a few, and in panels, from 4, 8 or 16 rows on: 34 rows, 612 weight rows, neither a
     whole number of panels); bf16 in, bf16 out."""
     block, columns = native.KINDS[kind]
-    n, k = 600, 768 if block == 256 else 800  # 800: 25 blocks of 32
+    n, k = 612, 768 if block == 256 else 800  # 800: 25 blocks of 32; 612 rows: 38.25 panels of 16, 76.5 of 8
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 2))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
     layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)

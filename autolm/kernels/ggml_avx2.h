@@ -2,8 +2,8 @@
 // the blocks' shared helpers): 32 bytes of quants at a time, unsigned weight quants times the activations' int8
 // quants with vpmaddubsw (pairs summed in int16), then vpmaddwd (by ones, or by the K-quants' integer sub-scales)
 // into int32. vpmaddubsw saturates above 2 * 127 * 128: Q8_0's and the IQ4 types' quants stay signed, their
-// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Every row of x takes the one-row
-// path (no panels).
+// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Many rows of x: panels for the
+// blocks of 32 (below), the one-row path for the K-quants.
 
 // 32 bytes of nibbles at a time: the activations' quants in their natural order.
 constexpr bool kRuns64 = false;
@@ -240,8 +240,109 @@ __attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock
   }
 }
 
-// No panels with AVX2: every number of rows takes the one-row path.
-template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-constexpr PanelFn k_panels = nullptr;
+// Many rows of x (prefill, batches), for the blocks of 32: 8 weight rows at a time (a panel) decoded once, each
+// int32 lane one weight row's 4 quants of the same 4 columns (8 rows' blocks decoded, then transposed), and 4
+// rows of x against it at a time, their 4 quants broadcast: vpmaddubsw and vpmaddwd per 32 multiply-adds, each
+// block's sums scaled once per 8 weight rows (the one-row path converts and scales each block of each row). The
+// K-quants keep the one-row path, whose vpmaddwd applies their sub-scales at no extra cost.
+constexpr int64_t kLanes = 8, kCols = 4;
+
+// 8 rows of 8 uint32 (row i at src + stride * i) -> 8 vectors, vector j the rows' element j (at dst + 8 j).
+inline void transpose8(const uint32_t* src, int64_t stride, uint32_t* dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(src + stride * i)));
+  for (int i = 0; i < 8; i += 2) {  // per 128-bit lane: elements 0, 1 of rows i, i + 1; then 2, 3
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // r[i + e]: element e (low lane) and 4 + e (high lane) of rows i..i + 3
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int e = 0; e < 4; e++) {
+    _mm256_storeu_ps((float*)dst + 8 * e, _mm256_permute2f128_ps(r[e], r[4 + e], 0x20));
+    _mm256_storeu_ps((float*)dst + 8 * (4 + e), _mm256_permute2f128_ps(r[e], r[4 + e], 0x31));
+  }
+}
+
+// Blocks of 32 (sub-blocks of IQ4_XS) in a panel: the quants, each block's scale and low value per weight row.
 template <int64_t kind, int64_t bytes>
-constexpr PanelFn panels_32 = nullptr;
+void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
+  alignas(32) uint32_t tile[kLanes][8];  // a block of the 8 rows
+  for (int64_t s = 0; s < K / 32; s++) {
+    for (int64_t r = 0; r < kLanes; r++) {
+      float d = 0.0f, low = 0.0f;
+      if (r < rows) {
+        const uint8_t* b = w + r * row_bytes + s * bytes;
+        if constexpr (kind == kIQ4XS) {  // sub-block s % 8 of block s / 8
+          const uint8_t* blk = w + r * row_bytes + (s / 8) * kIQ4XSBytes;
+          alignas(32) float ds[8];
+          _mm256_store_ps(ds, iq4_xs_block_scales(blk));
+          b = blk + 8 + 16 * (s % 8), d = ds[s % 8];
+        } else {
+          d = half_at(b);
+        }
+        _mm256_store_si256((__m256i*)tile[r], quants32<kind>(b));
+        low = kind == kQ4_1 || kind == kQ5_1 ? half_at(b + 2) : d * offset_of(kind);
+      } else {  // rows past the weight's end: zeros
+        _mm256_store_si256((__m256i*)tile[r], _mm256_setzero_si256());
+      }
+      p.d[s * kLanes + r] = d, p.low[s * kLanes + r] = low;
+    }
+    transpose8(&tile[0][0], 8, (uint32_t*)p.q.data() + s * 8 * kLanes);
+  }
+}
+
+// The panel times rows m0..m0 + 4 of x: f[t], the 8 weight rows' results for row m0 + t.
+template <int64_t kind>
+__attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const Acts& a, int64_t K, int64_t m0,
+                                                         __m256* f) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* x = a.q.data() + m0 * K;
+  const int64_t nb = K / 32;
+  for (int t = 0; t < kCols; t++) f[t] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < nb; s++) {
+    __m256i acc[kCols] = {};
+    for (int j = 0; j < 8; j++) {
+      __m256i wv = _mm256_loadu_si256((const __m256i*)(p.q.data() + (32 * s + 4 * j) * kLanes));
+      __m256i wa = kSignedQuants<kind> ? _mm256_sign_epi8(wv, wv) : wv;
+      for (int t = 0; t < kCols; t++) {
+        int32_t v;
+        std::memcpy(&v, x + t * K + 32 * s + 4 * j, 4);
+        __m256i xv = kSignedQuants<kind> ? _mm256_sign_epi8(_mm256_set1_epi32(v), wv) : _mm256_set1_epi32(v);
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
+      }
+    }
+    __m256 dv = _mm256_loadu_ps(p.d.data() + s * kLanes), lv = _mm256_loadu_ps(p.low.data() + s * kLanes);
+    for (int t = 0; t < kCols; t++) {
+      __m256 scale = _mm256_mul_ps(dv, _mm256_set1_ps(a.d[(m0 + t) * nb + s]));
+      f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, f[t]);
+      f[t] = _mm256_fmadd_ps(lv, _mm256_set1_ps(a.s[(m0 + t) * nb + s]), f[t]);
+    }
+  }
+}
+
+// Panels p0..p1 (weight rows 8 p0 on) times all M rows of x (padded with zeros to 4), into y.
+template <int64_t kind, int64_t bytes>
+void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
+                 int64_t M, float* y) {
+  Panel p{std::vector<uint8_t>(K * kLanes), {}, std::vector<float>(K / 32 * kLanes),
+          std::vector<float>(K / 32 * kLanes)};
+  for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
+    int64_t rows = std::min(kLanes, N - n);
+    pack_panel_32<kind, bytes>(w + n * row_bytes, row_bytes, rows, K, p);
+    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
+      __m256 f[kCols];
+      panel_cols_32<kind>(p, a, K, m0, f);
+      for (int64_t t = 0; t < std::min(kCols, M - m0); t++) _mm256_maskstore_ps(y + (m0 + t) * N + n, live, f[t]);
+    }
+  }
+}
+
+template <int64_t kind, int64_t bytes>
+constexpr PanelFn panels_32 = panel_range<kind, bytes>;
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+constexpr PanelFn k_panels = nullptr;  // the K-quants: the one-row path for every number of rows

@@ -241,11 +241,7 @@ float reduce(const RowOut& r) {
 // the activations' block sums. One core, 2048 x 2048, ns per block of 256 weights and row of x, row path -> panels:
 // 512 rows: Q4_K 3.65 -> 1.97, Q6_K 3.9 -> 2.5, Q8_0 5.2 -> 1.8, IQ4_XS 4.7 -> 1.85; 16 rows: Q4_K 4.0 -> 2.8,
 // Q8_0 4.7 -> 2.45; 8 rows: Q8_0 4.5 -> 3.3, but Q4_K 3.5 -> 4.0 (`panel_from`).
-struct Panel {
-  std::vector<uint8_t> q;     // [4-column group][16 rows][4 quants]
-  std::vector<int32_t> sc;    // K-quants: [block][sub-block][16 rows]
-  std::vector<float> d, low;  // [block (of 256 or of 32)][16 rows]; [low group][16 rows]
-};
+constexpr int64_t kLanes = 16, kCols = 8;
 
 // 16 rows of 16 uint32 (row i at src + stride * i) -> 16 vectors, vector j the rows' element j (at dst + 16 j).
 inline void transpose16(const uint32_t* src, int64_t stride, uint32_t* dst) {

@@ -133,9 +133,14 @@ inline __m256 iq4_xs_block_scales(const uint8_t* b) {  // the float scales of a 
   return _mm256_mul_ps(_mm256_cvtepi32_ps(ls), _mm256_set1_ps(half_at(b)));
 }
 
-// Many rows of x (prefill, batches) where the instruction set has them (ggml_avx512.h): panels of kLanes weight rows
-// decoded once, times kCols rows of x at a time (the activations padded with zeros to a multiple of kCols).
-constexpr int64_t kLanes = 16, kCols = 8;
+// Many rows of x (prefill, batches): panels of kLanes weight rows decoded once, each int32 lane of a vector one
+// weight row's 4 quants of the same 4 columns, times kCols rows of x at a time (the activations padded with zeros
+// to a multiple of kCols); kLanes and kCols as the instruction set has registers for them.
+struct Panel {
+  std::vector<uint8_t> q;     // [4-column group][kLanes rows][4 quants]
+  std::vector<int32_t> sc;    // K-quants: [block][sub-block][kLanes rows]
+  std::vector<float> d, low;  // [block (of 256 or of 32)][kLanes rows]; [low group][kLanes rows]
+};
 using PanelFn = void (*)(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a,
                          int64_t K, int64_t M, float* y);
 
