@@ -2,8 +2,7 @@
 // the blocks' shared helpers): 32 bytes of quants at a time, unsigned weight quants times the activations' int8
 // quants with vpmaddubsw (pairs summed in int16), then vpmaddwd (by ones, or by the K-quants' integer sub-scales)
 // into int32. vpmaddubsw saturates above 2 * 127 * 128: Q8_0's and the IQ4 types' quants stay signed, their
-// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Many rows of x: panels for the
-// blocks of 32 (below), the one-row path for the K-quants.
+// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Many rows of x: in panels (below).
 
 // 32 bytes of nibbles at a time: the activations' quants in their natural order.
 constexpr bool kRuns64 = false;
@@ -244,7 +243,7 @@ __attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock
 // int32 lane one weight row's 4 quants of the same 4 columns (8 rows' blocks decoded, then transposed), and 4
 // rows of x against it at a time, their 4 quants broadcast: vpmaddubsw and vpmaddwd per 32 multiply-adds, each
 // block's sums scaled once per 8 weight rows (the one-row path converts and scales each block of each row). The
-// K-quants keep the one-row path, whose vpmaddwd applies their sub-scales at no extra cost.
+// K-quants' panels sum vpmaddubsw's pairs in int16 over several steps before one vpmaddwd by the sub-scales.
 constexpr int64_t kLanes = 8, kCols = 4;
 
 // 8 rows of 8 uint32 (row i at src + stride * i) -> 8 vectors, vector j the rows' element j (at dst + 8 j).
@@ -324,25 +323,107 @@ __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const A
   }
 }
 
-// Panels p0..p1 (weight rows 8 p0 on) times all M rows of x (padded with zeros to 4), into y.
-template <int64_t kind, int64_t bytes>
+// K-quants in a panel: each row's block decoded (natural order), then transposed; d, the low terms' factors and
+// each sub-block's scale per weight row, the scale in both int16 halves of an int32 (for vpmaddwd).
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, Panel& p) {
+  constexpr int64_t nsub = kBlock / sub, ngroup = kBlock / group;
+  alignas(32) uint32_t tile[kLanes][64];  // a block of the 8 rows, decoded
+  alignas(32) int16_t scs[8][16], low16[16];
+  for (int64_t b = 0; b < K / kBlock; b++) {
+    for (int64_t r = 0; r < kLanes; r++) {
+      KBlock k{};
+      if (r < rows) decode(w + r * row_bytes + b * bytes, k);  // rows past the weight's end: zeros
+      for (int j = 0; j < 8; j++) {
+        _mm256_store_si256((__m256i*)(tile[r] + 8 * j), k.q[j]);
+        _mm256_store_si256((__m256i*)scs[j], k.sc[j]);
+      }
+      _mm256_store_si256((__m256i*)low16, k.low16);
+      p.d[b * kLanes + r] = k.d;
+      for (int64_t g = 0; g < ngroup; g++) p.low[(b * ngroup + g) * kLanes + r] = k.low_scale * low16[g * group / 16];
+      for (int64_t s = 0; s < nsub; s++) {  // lane i of vector j: weights 32 j + 2 i, + 1
+        uint16_t sc = (uint16_t)scs[s * sub / 32][s * sub % 32 / 2];
+        p.sc[(b * nsub + s) * kLanes + r] = (int32_t)(sc | (uint32_t)sc << 16);
+      }
+    }
+    uint32_t* pq = (uint32_t*)p.q.data() + b * 64 * kLanes;
+    for (int c = 0; c < 64; c += 8) transpose8(&tile[0][c], 64, pq + c * kLanes);
+  }
+}
+
+// How many steps of 4 columns sum in int16 (vpmaddubsw's pairs, at most 2 * 127 * the largest quant each) without
+// overflowing, for the K-quant of `bytes` per block (its largest quant: Q2_K 3, Q3_K 7, Q4_K 15, Q5_K 31, Q6_K 63),
+// within a sub-block of `sub` columns.
+constexpr int64_t int16_steps(int64_t bytes, int64_t sub) {
+  int64_t top = bytes == 84 ? 3 : bytes == 110 ? 7 : bytes == 144 ? 15 : bytes == 176 ? 31 : 63;
+  return std::min<int64_t>(sub / 4, 32767 / (2 * 127 * top));
+}
+
+// The K-quant panel times rows m0..m0 + 4 of x: per run of `steps` steps of 4 columns the products summed in
+// int16, then by vpmaddwd times their sub-block's scales into int32; each block's sums in float times d and the
+// activations' scale; the low terms as float factors times the activations' group sums.
+template <int64_t group, int64_t sub, int64_t steps>
+__attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
+                                                      __m256* f) {
+  constexpr int64_t nsub = kBlock / sub;
+  const int64_t nb = K / kBlock;
+  const int8_t* x = a.q.data() + m0 * K;
+  for (int t = 0; t < kCols; t++) f[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i s1[kCols] = {};
+    for (int64_t s = 0; s < nsub; s++) {
+      __m256i scv = _mm256_loadu_si256((const __m256i*)(p.sc.data() + (b * nsub + s) * kLanes));
+      for (int64_t k0 = b * kBlock + s * sub; k0 < b * kBlock + (s + 1) * sub; k0 += 4 * steps) {
+        __m256i acc[kCols] = {};
+        for (int64_t k = k0; k < k0 + 4 * steps; k += 4) {
+          __m256i wv = _mm256_loadu_si256((const __m256i*)(p.q.data() + k * kLanes));
+          for (int t = 0; t < kCols; t++) {
+            int32_t v;
+            std::memcpy(&v, x + t * K + k, 4);
+            acc[t] = _mm256_add_epi16(acc[t], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(v)));
+          }
+        }
+        for (int t = 0; t < kCols; t++) s1[t] = _mm256_add_epi32(s1[t], _mm256_madd_epi16(acc[t], scv));
+      }
+    }
+    __m256 dv = _mm256_loadu_ps(p.d.data() + b * kLanes);
+    for (int t = 0; t < kCols; t++)
+      f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[t]), _mm256_mul_ps(dv, _mm256_set1_ps(a.d[(m0 + t) * nb + b])),
+                             f[t]);
+  }
+  const int64_t nl = K / group;
+  for (int64_t i = 0; i < nl; i++) {
+    __m256 lv = _mm256_loadu_ps(p.low.data() + i * kLanes);
+    for (int t = 0; t < kCols; t++) f[t] = _mm256_fmadd_ps(lv, _mm256_set1_ps(a.low[(m0 + t) * nl + i]), f[t]);
+  }
+}
+
+// Panels p0..p1 (weight rows 8 p0 on) times all M rows of x (padded with zeros to 4), into y: each panel packed
+// by `pack`, then multiplied by `cols`.
+template <auto pack, auto cols>
 void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
                  int64_t M, float* y) {
-  Panel p{std::vector<uint8_t>(K * kLanes), {}, std::vector<float>(K / 32 * kLanes),
-          std::vector<float>(K / 32 * kLanes)};
+  Panel p{std::vector<uint8_t>(K * kLanes), std::vector<int32_t>(K / 16 * kLanes),
+          std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
     int64_t rows = std::min(kLanes, N - n);
-    pack_panel_32<kind, bytes>(w + n * row_bytes, row_bytes, rows, K, p);
+    pack(w + n * row_bytes, row_bytes, rows, K, p);
     __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int64_t m0 = 0; m0 < M; m0 += kCols) {
       __m256 f[kCols];
-      panel_cols_32<kind>(p, a, K, m0, f);
+      cols(p, a, K, m0, f);
       for (int64_t t = 0; t < std::min(kCols, M - m0); t++) _mm256_maskstore_ps(y + (m0 + t) * N + n, live, f[t]);
     }
   }
 }
 
-template <int64_t kind, int64_t bytes>
-constexpr PanelFn panels_32 = panel_range<kind, bytes>;
+// One core, 2048 x 2048, ns per block of 256 weights and row of x, one-row path -> panels: 64 rows: Q4_K 5.0 -> 3.2,
+// Q5_K 4.8 -> 3.3, Q2_K 4.6 -> 3.9, Q3_K 5.1 -> 4.2, Q6_K 4.7 -> 4.6; 16 rows: Q4_K 4.8 -> 4.0, Q6_K 4.8 -> 6.3. Q6_K,
+// whose int16 sums span only 2 steps, keeps the one-row path.
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-constexpr PanelFn k_panels = nullptr;  // the K-quants: the one-row path for every number of rows
+constexpr PanelFn k_panels =
+    int16_steps(bytes, sub) < 4
+        ? nullptr
+        : panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<group, sub, int16_steps(bytes, sub)>>;
+template <int64_t kind, int64_t bytes>
+constexpr PanelFn panels_32 = panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>>;
