@@ -1,8 +1,9 @@
 // ggml_mm.cpp's instructions on CPUs with AVX2, FMA and F16C but not AVX-512 VNNI (included by ggml_mm.cpp, after
 // the blocks' shared helpers): 32 bytes of quants at a time, unsigned weight quants times the activations' int8
 // quants with vpmaddubsw (pairs summed in int16), then vpmaddwd (by ones, or by the K-quants' integer sub-scales)
-// into int32. vpmaddubsw saturates above 2 * 127 * 128: Q8_0's and the IQ4 types' quants stay signed, their
-// signs moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Many rows of x: in panels (below).
+// into int32. vpmaddubsw's int16 pair sums would saturate on unsigned bytes up to 255 (2 * 255 * 127 > 32767):
+// Q8_0's and the IQ4 types' quants stay signed, their signs moved onto the activations (vpsignb), as llama.cpp's
+// AVX2 kernels do. Many rows of x: in panels (below).
 
 // 32 bytes of nibbles at a time: the activations' quants in their natural order.
 constexpr bool kRuns64 = false;
