@@ -5,8 +5,10 @@
 // Q8_0's and the IQ4 types' quants stay signed, their signs moved onto the activations (vpsignb), as llama.cpp's
 // AVX2 kernels do. Many rows of x: in panels (below).
 
-// 32 bytes of nibbles at a time: the activations' quants in their natural order.
-constexpr bool kRuns64 = false;
+// 32 bytes of nibbles at a time: the activations' quants in their natural order, but for IQ4_XS's one-row path
+// (two sub-blocks per 32 bytes: see rows_iq4_xs).
+constexpr bool kSwapQ45 = false;
+constexpr int64_t kSplitIQ4XS = 2;
 
 inline float hsum(__m256 v) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -62,12 +64,48 @@ inline __m256 halves(__m256i g) {
   return _mm256_cvtph_ps(_mm256_castsi256_si128(v));
 }
 
-// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS's sub-blocks), 8 at a time: their scales (and low
-// values) gathered into one vector each, each block's dot products times its scale and the activations' (two
-// sums, so that the adds do not wait on each other); the low terms from the activations' block sums.
+// IQ4_XS, a block of 256 (8 sub-blocks) at a time: 32 bytes of nibbles hold two sub-blocks' quants, their low
+// nibbles (each sub-block's first 16) one vector and the high ones another, against the activations' quants in
+// that order (kSplitIQ4XS); each pair's sums times the two sub-blocks' scales.
+__attribute__((always_inline)) inline void rows_iq4_xs(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
+                                                       int64_t m0, int64_t m1, RowOut* out) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  auto pair = [&](const uint8_t* blk, int p, __m256i* q) {  // sub-blocks 2p, 2p + 1
+    __m256i v = _mm256_loadu_si256((const __m256i*)(blk + 8 + 32 * p));
+    q[0] = _mm256_shuffle_epi8(iq4_values, _mm256_and_si256(v, nib));
+    q[1] = _mm256_shuffle_epi8(iq4_values, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+  };
+  for (int64_t b0 = 0; b0 < nb; b0 += 8, w += kIQ4XSBytes) {
+    prefetch(w, kIQ4XSBytes);
+    __m256 d = iq4_xs_block_scales(w);
+    __m256i q[8];  // many rows of x: the block decoded once
+    const bool many = m1 - m0 > 1;
+    for (int p = 0; p < 4 && many; p++) pair(w, p, q + 2 * p);
+    for (int64_t m = m0; m < m1; m++) {
+      const int8_t* x = a.q.data() + m * K + 32 * b0;
+      __m256 sc = _mm256_mul_ps(d, _mm256_loadu_ps(a.d.data() + m * (K / 32) + b0));
+      __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
+      for (int p = 0; p < 4; p++) {
+        __m256i one[2];
+        if (!many) pair(w, p, one);
+        const __m256i* qp = many ? q + 2 * p : one;
+        __m256i dot = _mm256_add_epi32(dot32<kIQ4XS>(qp[0], _mm256_loadu_si256((const __m256i*)(x + 64 * p))),
+                                       dot32<kIQ4XS>(qp[1], _mm256_loadu_si256((const __m256i*)(x + 64 * p + 32))));
+        __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+        acc[p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(sc, idx), acc[p % 2]);
+      }
+      out[m - m0].acc = _mm256_add_ps(acc[0], acc[1]);
+    }
+  }
+}
+
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS: above), 8 at a time: their scales (and low values)
+// gathered into one vector each, each block's dot products times its scale and the activations' (two sums, so
+// that the adds do not wait on each other); the low terms from the activations' block sums.
 template <int64_t kind, int64_t bytes>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
+  if constexpr (kind == kIQ4XS) return rows_iq4_xs(w, nb, a, K, m0, m1, out);
   constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bytes));
@@ -75,18 +113,13 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     prefetch(w, 8 * bytes);
     int64_t n = std::min<int64_t>(8, nb - b0);
     __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
-    __m256 d, low = _mm256_setzero_ps();
-    if constexpr (kind == kIQ4XS) {  // one block of 256 (K is a multiple of 256): its 8 sub-blocks
-      d = iq4_xs_block_scales(w);
-    } else {
-      __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
-      d = halves(g);
-      low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
-                                           : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
-    }
+    __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
+    __m256 d = halves(g);
+    __m256 low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
+                                                : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
     __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
     const bool many = m1 - m0 > 1;
-    for (int64_t p = 0; p < n && many; p++) q[p] = quants32<kind>(kind == kIQ4XS ? w + 8 + 16 * p : w + p * bytes);
+    for (int64_t p = 0; p < n && many; p++) q[p] = quants32<kind>(w + p * bytes);
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m256 sc = _mm256_mul_ps(d, _mm256_maskload_ps(a.d.data() + m * (K / 32) + b0, live));
@@ -95,7 +128,7 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
             _mm256_fmadd_ps(low, _mm256_maskload_ps(a.s.data() + m * (K / 32) + b0, live), out[m - m0].accmin);
       __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
       for (int64_t p = 0; p < n; p++) {
-        __m256i qp = many ? q[p] : quants32<kind>(kind == kIQ4XS ? w + 8 + 16 * p : w + p * bytes);
+        __m256i qp = many ? q[p] : quants32<kind>(w + p * bytes);
         __m256i dot = dot32<kind>(qp, _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
         __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32((int)p));
         acc[p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p % 2]);
@@ -158,6 +191,7 @@ __attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock
   u[2] = mins_lo;
   u[0] &= k1;  // bytes 0..7 of u: the 8 scales; 8..15: the 8 mins
   __m128i sm = _mm_loadu_si128((const __m128i*)u);
+  __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  // the 8 scales as int16, in both halves
   __m256i qh = kFive ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
   for (int c = 0; c < 4; c++) {
     __m256i v = _mm256_loadu_si256((const __m256i*)(w + kNibbles + 32 * c));
@@ -168,8 +202,8 @@ __attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock
         __m256i at4 = s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4);
         k.q[2 * c + e] = _mm256_or_si256(k.q[2 * c + e], _mm256_and_si256(at4, _mm256_set1_epi8(0x10)));
       }
-    k.sc[2 * c] = sub_scales(sm, 2 * c, 2 * c);
-    k.sc[2 * c + 1] = sub_scales(sm, 2 * c + 1, 2 * c + 1);
+    for (int e = 0; e < 2; e++)  // sub-block 2c + e's scale in every int16 lane (bytes 2j, 2j + 1 of s16)
+      k.sc[2 * c + e] = _mm256_shuffle_epi8(s16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + e))));
   }
   k.low16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14,
                                                                      14, 15, 15)));

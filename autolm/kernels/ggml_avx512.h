@@ -3,7 +3,8 @@
 // vpmaddubsw, then vpdpwssd with the sub-scales), many rows in panels.
 
 // 64 bytes of nibbles at a time: the activations' quants in their order (see Acts).
-constexpr bool kRuns64 = true;
+constexpr bool kSwapQ45 = true;
+constexpr int64_t kSplitIQ4XS = 4;
 
 inline float absmax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();

@@ -51,9 +51,9 @@ inline float half_at(const uint8_t* p) {
 // of 32 for the others). K-quants: bsum, the sums of each 16 quants (int16, natural order), and for the panels
 // (many rows), low: each group's sum times its block's scale (a group: the columns that share a weight block's
 // low term, 32 for Q4_K and Q5_K, else 16). The others: s, each block's sum, d times the sum of its quants
-// (llama.cpp's Q8_1). Where a kernel takes 64 bytes of nibbles at a time (kRuns64), the quants come in the order
-// in which those nibbles come out: for Q4_K and Q5_K the 32-column runs 1 and 2 of every 128 swapped; for
-// IQ4_XS's one-row path each 128 columns as its 4 blocks' first 16, then their last 16.
+// (llama.cpp's Q8_1). Where a kernel takes several blocks' nibbles at a time, the quants come in the order in which
+// they come out: for Q4_K and Q5_K, with kSwapQ45, the 32-column runs 1 and 2 of every 128 swapped; for IQ4_XS's
+// one-row path each kSplitIQ4XS blocks of 32 as their first 16 quants each, then their last 16.
 struct Acts {
   std::vector<int8_t> q;
   std::vector<float> d, s, low;
@@ -151,14 +151,15 @@ using PanelFn = void (*)(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_
 #endif
 
 // x's rows quantized to int8 as absmax (the largest |x| of n columns) and quant16 (16 columns times 1 / scale,
-// rounded to the nearest integer, ties to even, and their sum) give them: per 32 columns (with `split`: see
-// Acts), each block's sum in s.
-void quantize_row_32(const float* x, int64_t K, bool split, int8_t* q, float* d, float* s) {
+// rounded to the nearest integer, ties to even, and their sum) give them: per 32 columns (`split` > 0: runs of
+// that many blocks, see Acts), each block's sum in s.
+void quantize_row_32(const float* x, int64_t K, int64_t split, int8_t* q, float* d, float* s) {
   for (int64_t b = 0; b < K / 32; b++) {
     float m = absmax(x + 32 * b, 32);
     d[b] = m / 127.0f;
     float inv = m > 0 ? 127.0f / m : 0.0f;
-    int64_t first = split ? 128 * (b / 4) + 16 * (b % 4) : 32 * b, last = split ? first + 64 : first + 16;
+    int64_t first = split ? 32 * split * (b / split) + 16 * (b % split) : 32 * b;
+    int64_t last = split ? first + 16 * split : first + 16;
     int32_t s0, s1;
     _mm_storeu_si128((__m128i*)(q + first), quant16(x + 32 * b, inv, s0));
     _mm_storeu_si128((__m128i*)(q + last), quant16(x + 32 * b + 16, inv, s1));
@@ -259,11 +260,11 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
   at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
-        quantize_row(x + m * K, K, q45 && kRuns64, group, a.q.data() + m * K, a.d.data() + m * nb,
+        quantize_row(x + m * K, K, q45 && kSwapQ45, group, a.q.data() + m * K, a.d.data() + m * nb,
                      a.bsum.data() + m * K / 16, panels ? a.low.data() + m * K / group : nullptr);
       else
-        quantize_row_32(x + m * K, K, kind == kIQ4XS && !panels && kRuns64, a.q.data() + m * K, a.d.data() + m * nb,
-                        a.s.data() + m * nb);
+        quantize_row_32(x + m * K, K, kind == kIQ4XS && !panels ? kSplitIQ4XS : 0, a.q.data() + m * K,
+                        a.d.data() + m * nb, a.s.data() + m * nb);
     }
   });
   return a;
