@@ -394,13 +394,13 @@ constexpr int64_t int16_steps(int64_t bytes, int64_t sub) {
   return std::min<int64_t>(sub / 4, 32767 / (2 * 127 * top));
 }
 
-// The K-quant panel times rows m0..m0 + 4 of x: per run of `steps` steps of 4 columns the products summed in
+// The K-quant panel times rows m0..m0 + 4 of x: per run of int16_steps steps of 4 columns the products summed in
 // int16, then by vpmaddwd times their sub-block's scales into int32; each block's sums in float times d and the
 // activations' scale; the low terms as float factors times the activations' group sums.
-template <int64_t group, int64_t sub, int64_t steps>
+template <int64_t bytes, int64_t group, int64_t sub>
 __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
                                                       __m256* f) {
-  constexpr int64_t nsub = kBlock / sub;
+  constexpr int64_t nsub = kBlock / sub, steps = int16_steps(bytes, sub);
   const int64_t nb = K / kBlock;
   const int8_t* x = a.q.data() + m0 * K;
   for (int t = 0; t < kCols; t++) f[t] = _mm256_setzero_ps();
@@ -433,32 +433,14 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts
   }
 }
 
-// Panels p0..p1 (weight rows 8 p0 on) times all M rows of x (padded with zeros to 4), into y: each panel packed
-// by `pack`, then multiplied by `cols`.
-template <auto pack, auto cols>
-void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
-                 int64_t M, float* y) {
-  Panel p{std::vector<uint8_t>(K * kLanes), std::vector<int32_t>(K / 16 * kLanes),
-          std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
-  for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
-    int64_t rows = std::min(kLanes, N - n);
-    pack(w + n * row_bytes, row_bytes, rows, K, p);
-    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
-      __m256 f[kCols];
-      cols(p, a, K, m0, f);
-      for (int64_t t = 0; t < std::min(kCols, M - m0); t++) _mm256_maskstore_ps(y + (m0 + t) * N + n, live, f[t]);
-    }
-  }
+// The panels' results for one row of x (kLanes floats), and how they are stored for the weight's first `rows`.
+using PanelOut = __m256;
+inline void store_rows(float* y, __m256 f, int64_t rows) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), lanes), f);
 }
 
 // One core, 2048 x 2048, ns per block of 256 weights and row of x, one-row path -> panels: 64 rows: Q4_K 5.0 -> 3.2,
 // Q5_K 4.8 -> 3.3, Q2_K 4.6 -> 3.9, Q3_K 5.1 -> 4.2, Q6_K 4.7 -> 4.6; 16 rows: Q4_K 4.8 -> 4.0, Q6_K 4.8 -> 6.3. Q6_K,
 // whose int16 sums span only 2 steps, keeps the one-row path.
-template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-constexpr PanelFn k_panels =
-    int16_steps(bytes, sub) < 4
-        ? nullptr
-        : panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<group, sub, int16_steps(bytes, sub)>>;
-template <int64_t kind, int64_t bytes>
-constexpr PanelFn panels_32 = panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>>;
+constexpr bool panels_pay(int64_t bytes, int64_t sub) { return int16_steps(bytes, sub) >= 4; }

@@ -319,7 +319,7 @@ __attribute__((always_inline)) inline void run_dots(const Panel& p, const int8_t
 }
 
 // The panel times rows m0..m0 + 8 of x: f[t], the 16 weight rows' results for row m0 + t.
-template <int64_t group, int64_t sub>
+template <int64_t bytes, int64_t group, int64_t sub>
 __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
                                                       __m512* f) {
   constexpr int64_t nsub = kBlock / sub;
@@ -385,6 +385,7 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
 }
 
 // The same for blocks of 32: each block's sums in float times its scale and the activations' (one per 32).
+template <int64_t kind>  // every kind alike: unsigned bytes
 __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const Acts& a, int64_t K, int64_t m0,
                                                          __m512* f) {
   const int8_t* x = a.q.data() + m0 * K;
@@ -402,26 +403,9 @@ __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const A
   }
 }
 
-// Panels p0..p1 (weight rows 16 p0 on) times all M rows of x (padded with zeros to 8), into y: each panel packed
-// by `pack`, then multiplied by `cols`.
-template <auto pack, auto cols>
-void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
-                 int64_t M, float* y) {
-  Panel p{std::vector<uint8_t>((K + 32) * kLanes), std::vector<int32_t>(K / 16 * kLanes),
-          std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
-  for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
-    int64_t rows = std::min(kLanes, N - n);
-    pack(w + n * row_bytes, row_bytes, rows, K, p);
-    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
-      __m512 f[kCols];
-      cols(p, a, K, m0, f);
-      for (int64_t t = 0; t < std::min(kCols, M - m0); t++)
-        _mm512_mask_storeu_ps(y + (m0 + t) * N + n, (__mmask16)((1u << rows) - 1), f[t]);
-    }
-  }
+// The panels' results for one row of x (kLanes floats), and how they are stored for the weight's first `rows`.
+using PanelOut = __m512;
+inline void store_rows(float* y, __m512 f, int64_t rows) {
+  _mm512_mask_storeu_ps(y, (__mmask16)((1u << rows) - 1), f);
 }
-
-template <auto decode, int64_t bytes, int64_t group, int64_t sub>
-constexpr auto k_panels = panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<group, sub>>;
-template <int64_t kind, int64_t bytes>
-constexpr auto panels_32 = panel_range<pack_panel_32<kind, bytes>, panel_cols_32>;
+constexpr bool panels_pay(int64_t, int64_t) { return true; }  // every K-quant (see panel_from)

@@ -216,6 +216,36 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
   }
 }
 
+// Panels p0..p1 (weight rows kLanes p0 on) times all M rows of x (padded with zeros to kCols), into y: each panel
+// packed by `pack`, then multiplied by `cols`, kCols rows of x at a time.
+template <auto pack, auto cols>
+void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
+                 int64_t M, float* y) {
+  Panel p{std::vector<uint8_t>((K + 32) * kLanes), std::vector<int32_t>(K / 16 * kLanes),
+          std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
+  for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
+    int64_t rows = std::min(kLanes, N - n);
+    pack(w + n * row_bytes, row_bytes, rows, K, p);
+    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
+      PanelOut f[kCols];
+      cols(p, a, K, m0, f);
+      for (int64_t t = 0; t < std::min(kCols, M - m0); t++) store_rows(y + (m0 + t) * N + n, f[t], rows);
+    }
+  }
+}
+
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+constexpr PanelFn k_panels_of() {  // none where the instruction set's panels do not pay for this K-quant
+  if constexpr (panels_pay(bytes, sub))
+    return &panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<bytes, group, sub>>;
+  else
+    return nullptr;
+}
+template <auto decode, int64_t bytes, int64_t group, int64_t sub>
+constexpr PanelFn k_panels = k_panels_of<decode, bytes, group, sub>();
+template <int64_t kind, int64_t bytes>
+constexpr PanelFn panels_32 = &panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>>;
+
 using RangeFn = decltype(&row_range<rows_k<decode_q6_k, 210>>);
 
 struct Kind {
