@@ -108,9 +108,7 @@ __attribute__((always_inline)) inline void k_block_rows(const KBlock& k, const A
       s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(k.q[i], _mm512_loadu_si512(x + 64 * i)), k.sc[i]);
     float dx = a.d[m * (K / kBlock) + b];
     out[m - m0].acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(k.d * dx), out[m - m0].acc);
-    __m256i bs = _mm256_loadu_si256((const __m256i*)(a.bsum.data() + m * (K / 16) + b * 16));
-    __m256 low = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, k.low16));
-    out[m - m0].accmin = _mm256_fmadd_ps(low, _mm256_set1_ps(k.low_scale * dx), out[m - m0].accmin);
+    out[m - m0].accmin = k_low(a.bsum.data() + m * (K / 16) + b * 16, k.low16, k.low_scale * dx, out[m - m0].accmin);
   }
 }
 

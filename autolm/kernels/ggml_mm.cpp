@@ -133,6 +133,13 @@ inline __m256 iq4_xs_block_scales(const uint8_t* b) {  // the float scales of a 
   return _mm256_mul_ps(_mm256_cvtepi32_ps(ls), _mm256_set1_ps(half_at(b)));
 }
 
+// A K-quant block's low term for one row of x: its integer factors per 16 weights (low16) times the row's sums of
+// 16 quants (bsum), times `scale` (the block's low scale and the row's), added to acc.
+inline __m256 k_low(const int16_t* bsum, __m256i low16, float scale, __m256 acc) {
+  __m256i bs = _mm256_loadu_si256((const __m256i*)bsum);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(bs, low16)), _mm256_set1_ps(scale), acc);
+}
+
 // Many rows of x (prefill, batches): panels of kLanes weight rows decoded once, each int32 lane of a vector one
 // weight row's 4 quants of the same 4 columns, times kCols rows of x at a time (the activations padded with zeros
 // to a multiple of kCols); kLanes and kCols as the instruction set has registers for them.
