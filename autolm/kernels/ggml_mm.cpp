@@ -259,7 +259,7 @@ struct Kind {
   int64_t columns, bytes;  // per block
   RangeFn range;
   PanelFn panel;              // none where the instruction set has no panels
-  int64_t panel_from = kCols;  // rows of x from which panels pay (measured: 16 for the K-quants, 8 for the others)
+  int64_t panel_from = kCols;  // rows of x from which panels pay (measured: 16 for the K-quants, else kCols)
 };
 
 Kind kind_of(int64_t kind) {

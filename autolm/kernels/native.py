@@ -5,9 +5,9 @@ The library is built for the machine's own instruction set (-march=native): with
 it (ggml_avx512.h), else with AVX2, FMA and F16C (ggml_avx2.h); on other CPUs, and without a compiler, the other
 kernels of kernels.ggml compute these types. AUTOLM_NATIVE=avx2 builds the AVX2 kernels on any CPU that has
 those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=0 turns the library off. It is kept under
-`$AUTOLM_HOME/kernels/<key>.so`, the key covering the source, the torch version and the CPU (as the compiled
-graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds it (about
-eight seconds), later processes load it (milliseconds).
+`$AUTOLM_HOME/kernels/<key>.so`, the key covering the sources, the -march, the torch version and the CPU (as
+the compiled graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds
+it (about eight seconds), later processes load it (milliseconds).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def available() -> bool:
     with _LOCK:  # loading the library twice in one process would abort it (one registration per namespace)
         if "ok" not in _STATE:
             _STATE["ok"] = False
-            flags = march()
-            if flags is not None:
+            arch = march()
+            if arch is not None:
                 try:
-                    torch.ops.load_library(_build(flags))
+                    torch.ops.load_library(_build(arch))
                     _OP.append(torch.ops.autolm.ggml_mm.default)
                     _STATE["ok"] = True
                 except Exception as e:
