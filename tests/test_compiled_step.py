@@ -5,6 +5,7 @@ ever compiling there, and a compile that fails leaves the eager step."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -215,3 +216,25 @@ def test_real_model_int4_compiled_is_as_close_to_fp32_as_the_forward(smol_gguf, 
     assert fast_err <= 1.25 * plain_err, (fast_err, plain_err)
     agree = [int((x.argmax(-1) == truth.argmax(-1)).sum()) for x in (plain, fast)]
     assert agree[1] >= agree[0] - 2 and agree[1] >= 28, agree
+
+
+@pytest.mark.parametrize("edited", ["ggml_mm.cpp", "ggml_avx2.h"])
+def test_the_graphs_key_covers_the_cpp_kernels_sources(edited, monkeypatch):
+    """The graphs call torch.ops.autolm.ggml_mm: an edit of its C++ source or a header compiles new graphs, as an
+    edit of the Python code does."""
+    from autolm.models.llama import LlamaForCausalLM
+    from autolm.step import graphs
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    monkeypatch.setattr(graphs, "_CODE", {})
+    before = graphs.code_hash(model)
+
+    def open_edited(path, mode="r"):
+        with open(path, mode) as f:
+            data = f.read()
+        return io.BytesIO(data + b"// edited\n" if os.path.basename(path) == edited else data)
+
+    monkeypatch.setattr(graphs, "_CODE", {})
+    monkeypatch.setattr(graphs, "open", open_edited, raising=False)
+    assert graphs.code_hash(model) != before

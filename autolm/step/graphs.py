@@ -130,8 +130,8 @@ _CODE: dict = {}
 
 
 def code_hash(module: nn.Module) -> str:
-    """A hash of the source files a module's forward runs: its classes' files, autolm.nn, kernels and this
-    package. Editing any of them compiles new graphs."""
+    """A hash of the source files a module's forward runs: its classes' files, autolm.nn, kernels (the C++
+    kernel's sources too: the graphs call its op) and this package. Editing any of them compiles new graphs."""
     files = {
         inspect.getsourcefile(c)
         for m in module.modules()
@@ -141,7 +141,7 @@ def code_hash(module: nn.Module) -> str:
     here = os.path.dirname(os.path.dirname(__file__))
     for pkg in ("nn", "kernels", "step"):
         d = os.path.join(here, pkg)
-        files |= {os.path.join(d, f) for f in os.listdir(d) if f.endswith(".py")}
+        files |= {os.path.join(d, f) for f in os.listdir(d) if f.endswith((".py", ".cpp", ".h"))}
     files = tuple(sorted(f for f in files if f and f.startswith(here)))
     if files not in _CODE:
         h = hashlib.sha256()
