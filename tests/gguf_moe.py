@@ -84,8 +84,10 @@ def _tensors(hf) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def write_moe_gguf(hf, path: str) -> None:
-    """The GGUF llama.cpp's converter makes of transformers' MoE model `hf`, with a plain vocabulary."""
+def write_moe_gguf(hf, path: str, experts: dict[str, str] | None = None) -> None:
+    """The GGUF llama.cpp's converter makes of transformers' MoE model `hf`, with a plain vocabulary; `experts`
+    ("gate" / "up" / "down" -> a ggml type the gguf package quantizes to, "Q8_0", "Q4_0", ...) quantizes the
+    stacked experts' weights, as llama.cpp's quantize does (row by row, in its blocks)."""
     import gguf
 
     c = hf.config
@@ -108,7 +110,14 @@ def write_moe_gguf(hf, path: str) -> None:
             base = f"layers.{layer}.feed_forward.experts.{part}"
         gguf_name = names.get_name(base)
         assert gguf_name is not None, base
-        w.add_tensor(f"{gguf_name}.{kind}", np.ascontiguousarray(t.float().numpy()))
+        data = np.ascontiguousarray(t.float().numpy())
+        part = base.rpartition(".")[2]
+        part = {"w1": "gate", "w3": "up", "w2": "down"}.get(part, part.removesuffix("_proj"))
+        if experts and ".experts." in base and kind == "weight" and part in experts:
+            qtype = gguf.GGMLQuantizationType[experts[part]]
+            w.add_tensor(f"{gguf_name}.{kind}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            continue
+        w.add_tensor(f"{gguf_name}.{kind}", data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

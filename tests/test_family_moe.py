@@ -5,6 +5,8 @@ biases, clamped activation); every tiny checkpoint has more experts than each to
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import padded_batch
@@ -12,6 +14,7 @@ from family_checks import Family
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
+from autolm.kernels import native
 
 COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 FAMILIES = {
@@ -274,6 +277,49 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     quant = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", quantization="int8")
     assert type(quant.model.layers[0].mlp.experts).__name__ == "Int8Experts"
+
+
+@pytest.mark.skipif(not native.available(), reason="autolm's C++ kernel is not built on this machine")
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, monkeypatch):
+    """A quantized MoE file (experts Q8_0 and Q4_0, stacked as llama.cpp's converter stacks them) with
+    quantization="gguf": the experts stay in the file's blocks, views of its memory map (no float copy), computed
+    on by the C++ kernel one expert at a time (eager) or each row with its own expert (the one-token step's
+    graphs); the logits of the same file dequantized, within the int8 activations' rounding."""
+    from gguf_moe import write_moe_gguf
+    from test_decode_steps import greedy_steps
+
+    from autolm import step
+    from autolm.nn.ggml import GGMLExperts
+    from autolm.step import graphs
+
+    _, hf = GGUF_FAMILIES[name].checkpoint(tmp_path_factory)
+    path = tmp_path / "model.gguf"
+    write_moe_gguf(hf, str(path), experts={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_0"})
+    plain = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    kept = autolm.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32, quantization="gguf"
+    )
+    experts = kept.model.layers[0].mlp.experts
+    assert isinstance(experts, GGMLExperts)
+    stacks = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    assert [s.ggml_type for s in stacks] == [8, 8, 2]  # Q8_0, Q8_0, Q4_0
+    assert all(s.weight.untyped_storage().nbytes() == os.path.getsize(path) for s in stacks)  # the file's map
+    floats = plain.model.layers[0].mlp.experts
+    down = floats.down_proj.data.transpose(1, 2) if floats.transposed else floats.down_proj.data
+    torch.testing.assert_close(experts.down_proj.dequantize(), down)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        got, want = kept(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
+    close = (got - want).abs() <= 0.02 * (want.abs() + want.abs().max())
+    assert close.float().mean() >= 0.95
+    prompt = ids[-1:, -6:]
+    plain_tokens, plain_logits = greedy_steps(kept, prompt, 6, "forward")
+    monkeypatch.delenv("AUTOLM_EAGER", raising=False)
+    step.install_plan(kept, graphs.exported(kept))  # the graphs AOTInductor compiles, exported
+    tokens, logits = greedy_steps(kept, prompt, 6, "auto")
+    assert step._PLANS[kept][1] is not None and tokens == plain_tokens
+    assert ((logits - plain_logits).abs() <= 0.02 * (plain_logits.abs() + plain_logits.abs().max())).all()
 
 
 # The families' chat templates as their tokenizer_config.json / chat_template.jinja hold them: Mixtral-8x7B-Instruct

@@ -187,6 +187,33 @@ def test_native_kernel_is_the_int8_activation_product(kind):
         native.ggml_mm(torch.randn(1, 512), raw, kind)
 
 
+@pytest.mark.skipif(not native.available(), reason=NO_KERNEL)
+@pytest.mark.parametrize("kind", sorted(native.KINDS), ids=lambda k: gguf.GGMLQuantizationType(k).name)
+def test_each_row_takes_its_own_experts_blocks(kind):
+    """Stacked experts (E, N, bytes), as llama.cpp's converter stacks them: ggml_mm_id gives each row of x its own
+    expert's product, the one ggml_mm gives that row with that expert's rows; the experts' projection without the
+    kernel (autograd) is the dequantized product."""
+    from autolm.kernels.experts import ggml_expert_linear
+
+    block = native.KINDS[kind][0]
+    E, n, k = 3, 40, 512 if block == 256 else 96
+    raw = torch.from_numpy(random_blocks(kind, E * n, k, seed=kind)).view(E, n, -1)
+    g = torch.Generator().manual_seed(kind)
+    x, ids = torch.randn(5, k, generator=g), torch.tensor([2, 0, 2, 1, 0])
+    got = native.ggml_mm_id(x, raw, ids, kind)
+    assert torch.equal(
+        got, torch.cat([native.ggml_mm(x[r : r + 1], raw[e], kind) for r, e in enumerate(ids)])
+    )
+    assert torch.equal(ggml_expert_linear(x, raw, kind, ids), got)
+    assert torch.equal(ggml_expert_linear(x[:2], raw, kind, 1), native.ggml_mm(x[:2], raw[1], kind))
+    w = K.dequantize(raw.view(E * n, -1), kind).view(E, n, k)
+    slow = ggml_expert_linear(x.requires_grad_(), raw, kind, ids, torch.ones(E, n))
+    torch.testing.assert_close(slow, (x.unsqueeze(1) * w[ids]).sum(-1) + 1)
+    torch.testing.assert_close(ggml_expert_linear(x, raw, kind, 2), x @ w[2].T)
+    with pytest.raises(RuntimeError, match="expert 3 of 3"):
+        native.ggml_mm_id(x, raw, torch.tensor([0, 1, 2, 3, 0]), kind)
+
+
 @pytest.mark.skipif(
     os.environ.get("AUTOLM_NATIVE") == "avx2" or not native.available(),
     reason="the AVX2 build's own run, or no kernel",
@@ -194,18 +221,18 @@ def test_native_kernel_is_the_int8_activation_product(kind):
 def test_the_avx2_kernels_pass_the_same_tests():
     """The kernels CPUs without AVX-512 VNNI run (ggml_avx2.h; AUTOLM_NATIVE=avx2 builds them on any x86-64-v3
     CPU): this file's tests of the C++ kernel, run in a process of their own (a process loads one build), every
-    type against the int8-activation product, the kept models' logits and the weights that stay views of the
-    file."""
+    type against the int8-activation product and as stacked experts, the kept models' logits and the weights
+    that stay views of the file."""
     import subprocess
 
     assert native.march() == "native"
-    tests = "native_kernel or (kept_model_gives and native) or natively_computed"
+    tests = "native_kernel or own_experts or (kept_model_gives and native) or natively_computed"
     command = [sys.executable, "-m", "pytest", __file__, "-n", "0", "-p", "no:cacheprovider", "-k", tests]
     env = dict(os.environ, AUTOLM_NATIVE="avx2")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and "skipped" not in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed[1]) >= 16, done.stdout[-2000:]  # 12 types, 3 models, the views
+    assert passed and int(passed[1]) >= 28, done.stdout[-2000:]  # 12 types twice, 3 models, the views
 
 
 # A Llama-shaped model whose every linear layer is another type; K-quants need rows of 256.

@@ -17,7 +17,9 @@ Each function picks the fastest path for its inputs and falls back to PyTorch's 
   (one vector loop, the scale applied per product), the rest from the packed blocks (per group: a dot product
   with the integer quants, times the group's scale). Q4_0 to Q8_0, Q2_K to Q6_K and IQ4 go, where it is built, to
   autolm's C++ kernel (native.py, ggml_mm.cpp: llama.cpp's integer dot products on the blocks, eagerly and
-  inside compiled graphs as torch.ops.autolm.ggml_mm).
+  inside compiled graphs as torch.ops.autolm.ggml_mm); a mixture-of-experts layer's experts stacked in those
+  blocks (experts.py) one expert's rows at a time, or inside compiled graphs each row with its own expert
+  (torch.ops.autolm.ggml_mm_id, llama.cpp's mul_mat_id).
 
 Private ops are looked up once, at first use. A missing or failing one (they can be renamed between
 torch releases) makes autolm slower, never broken: the public fallback runs and a warning says so.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from .attention import attention, decode_attention
 from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs
-from .experts import expert_linear, mixture
+from .experts import expert_linear, ggml_expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
 from .ggml import ggml_linear, ggml_rows, group_linear, group_weight, llama_qk_order
 from .quant import int4_linear, int4_pack, int4_unpack, int8_linear
@@ -39,6 +41,7 @@ __all__ = [
     "decode_attention",
     "expert_linear",
     "ggml_dequantize",
+    "ggml_expert_linear",
     "ggml_linear",
     "ggml_rows",
     "group_linear",

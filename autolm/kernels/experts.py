@@ -17,7 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from .core import batched_graph, linear, realize
+from . import native
+from .core import batched_graph, linear, needs_grad, realize
+from .ggml import dequantize
 from .quant import COMPUTE, INT4_MM, INT8_MM
 
 Expert = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
@@ -74,6 +76,28 @@ def expert_linear(
         else torch.bmm(w[e], x.unsqueeze(-1)).squeeze(-1)
     )
     return y if b is None else y + b[e]
+
+
+def ggml_expert_linear(
+    x: torch.Tensor, raw: torch.Tensor, kind: int, e: int | torch.Tensor, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ W[e].T + b[e] for experts kept in llama.cpp's blocks: raw uint8 (E, out, bytes per row) of ggml type
+    `kind` (a GGUF file's stacked ffn_*_exps over its memory map). autolm's C++ kernel computes on the blocks: one
+    expert's rows (e an int), or each row with its own expert (e a tensor, inside a compiled graph: llama.cpp's
+    mul_mat_id); without it the expert's rows are dequantized."""
+    fast = x.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1])
+    if isinstance(e, int):
+        y = (
+            native.ggml_mm(x, raw[e], kind)
+            if fast
+            else linear(x.float(), dequantize(raw[e], kind)).to(x.dtype)
+        )
+        return y if b is None else y + b[e].to(y.dtype)
+    if fast:
+        y = native.ggml_mm_id(realize(x), raw, e, kind)
+    else:
+        y = (realize(x).float().unsqueeze(-2) * dequantize(raw[e], kind)).sum(-1).to(x.dtype)
+    return y if b is None else y + b[e].to(y.dtype)
 
 
 def int8_expert_linear(

@@ -8,8 +8,8 @@
 // has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels) and
 // ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and vpmaddwd, 32 bytes at a time). Built by
 // autolm/kernels/native.py with the machine's own instruction set (-march=native); registered as
-// torch.ops.autolm.ggml_mm, with a Meta kernel, so that it runs eagerly and inside ahead-of-time compiled graphs
-// alike.
+// torch.ops.autolm.ggml_mm (and ggml_mm_id: each row of x with its own expert's weight), with Meta kernels, so
+// that they run eagerly and inside ahead-of-time compiled graphs alike.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -364,14 +364,58 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int
   return plain ? y : y.to(x.scalar_type());
 }
 
+// Each row r of x (R, K) times its own weight: expert ids[r]'s rows of blocks in raw (E, N, bytes per row) ->
+// (R, N); llama.cpp's mul_mat_id, for the experts a mixture-of-experts layer routes each row to.
+at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tensor& ids, int64_t kind) {
+  Kind k = kind_of(kind);
+  int64_t K = x.size(-1), R = x.numel() / K, E = raw.size(0), N = raw.size(1), nb = K / k.columns;
+  TORCH_CHECK(K % k.columns == 0 && (kind != kIQ4XS || K % kBlock == 0) && raw.dim() == 3 &&
+                  raw.size(2) == nb * k.bytes && raw.scalar_type() == at::kByte && raw.is_contiguous(),
+              "ggml_mm_id: experts of ", raw.sizes(), " bytes do not hold ", K, " columns of type ", kind);
+  TORCH_CHECK(ids.numel() == R && ids.scalar_type() == at::kLong, "ggml_mm_id: one expert id (int64) per row");
+  at::Tensor xf = x.to(at::kFloat).contiguous(), idc = ids.contiguous();
+  const int64_t* e = idc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; r++) TORCH_CHECK(e[r] >= 0 && e[r] < E, "ggml_mm_id: expert ", e[r], " of ", E);
+  Acts a = quantize(xf.data_ptr<float>(), R, K, kind, false);
+  at::Tensor y = at::empty({R, N}, xf.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = raw.data_ptr<uint8_t>();
+  int64_t row_bytes = nb * k.bytes;
+  at::parallel_for(0, R * N, std::max<int64_t>(16, (1 << 17) / K), [&](int64_t lo, int64_t hi) {
+    RowOut out[1];
+    for (int64_t r = lo / N; r * N < hi; r++) {
+      int64_t n0 = std::max(lo, r * N) - r * N, n1 = std::min(hi, (r + 1) * N) - r * N;
+      k.range(wp + e[r] * N * row_bytes, row_bytes, n0, n1, nb, a, K, r, r + 1, out, yp, N);
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
 at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int64_t heads) {
   auto shape = x.sym_sizes().vec();  // symbolic where a graph is exported for any batch size
   shape.back() = raw.sym_size(0);
   return at::empty_symint(shape, x.options());
 }
 
+at::Tensor ggml_mm_id_meta(const at::Tensor& x, const at::Tensor& raw, const at::Tensor& ids, int64_t kind) {
+  auto shape = x.sym_sizes().vec();
+  shape.back() = raw.sym_size(1);
+  return at::empty_symint(shape, x.options());
+}
+
 }  // namespace
 
-TORCH_LIBRARY(autolm, m) { m.def("ggml_mm(Tensor x, Tensor raw, int kind, int heads=0) -> Tensor"); }
-TORCH_LIBRARY_IMPL(autolm, CPU, m) { m.impl("ggml_mm", &ggml_mm); }
-TORCH_LIBRARY_IMPL(autolm, Meta, m) { m.impl("ggml_mm", &ggml_mm_meta); }
+TORCH_LIBRARY(autolm, m) {
+  m.def("ggml_mm(Tensor x, Tensor raw, int kind, int heads=0) -> Tensor");
+  m.def("ggml_mm_id(Tensor x, Tensor raw, Tensor ids, int kind) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(autolm, CPU, m) {
+  m.impl("ggml_mm", &ggml_mm);
+  m.impl("ggml_mm_id", &ggml_mm_id);
+}
+TORCH_LIBRARY_IMPL(autolm, Meta, m) {
+  m.impl("ggml_mm", &ggml_mm_meta);
+  m.impl("ggml_mm_id", &ggml_mm_id_meta);
+}

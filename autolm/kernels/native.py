@@ -37,7 +37,7 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
 _HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_avx2.h")]
 _AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
-_OP: list = []  # torch.ops.autolm.ggml_mm, looked up once
+_OP: list = []  # torch.ops.autolm.ggml_mm and ggml_mm_id, looked up once
 _LOCK = threading.Lock()
 
 
@@ -62,7 +62,7 @@ def available() -> bool:
             if arch is not None:
                 try:
                     torch.ops.load_library(_build(arch))
-                    _OP.append(torch.ops.autolm.ggml_mm.default)
+                    _OP.extend([torch.ops.autolm.ggml_mm.default, torch.ops.autolm.ggml_mm_id.default])
                     _STATE["ok"] = True
                 except Exception as e:
                     logger.warning(
@@ -121,4 +121,10 @@ def ggml_mm(x: torch.Tensor, raw: torch.Tensor, kind: int, heads: int = 0) -> to
     return _OP[0](x, raw, kind, heads)
 
 
-__all__ = ["KINDS", "available", "computes", "ggml_mm"]
+def ggml_mm_id(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, kind: int) -> torch.Tensor:
+    """Each row of x (..., K) times its own expert's weight: raw uint8 (experts, N, bytes per row), ids int64 one
+    per row of x -> (..., N) (llama.cpp's mul_mat_id)."""
+    return _OP[1](x, raw, ids, kind)
+
+
+__all__ = ["KINDS", "available", "computes", "ggml_mm", "ggml_mm_id"]

@@ -9,8 +9,11 @@ Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, 
 kernel computes them), every other quantized type and F16 / BF16 a GGML layer (autolm.nn.ggml): Q5_0 to Q8_0
 repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, F16, BF16) over the file's
 memory map as they are. F32 stays a float layer. The embeddings stay over the memory map (a lookup reads only
-its rows' pages). A tied head is a layer of its own made from the same blocks. Tensors of a type autolm does not
-compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming them.
+its rows' pages). A tied head is a layer of its own made from the same blocks. A mixture-of-experts layer's
+experts, stacked by llama.cpp's converter (ffn_gate_exps, ffn_up_exps, ffn_down_exps), stay in their blocks over
+the memory map where the C++ kernel computes on all three (GGMLExperts); else they are dequantized while loading.
+Tensors of a type autolm does not compute on (IQ2_XXS, ...) are dequantized while loading, with a warning naming
+them.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..kernels import native
+from ..kernels.ggml import dequantize
 from ..kernels.ggml_repack import planar
-from ..nn.ggml import GGMLEmbedding, GGMLLinear
+from ..nn.ggml import GGMLEmbedding, GGMLExperts, GGMLLinear, GGMLStack
+from ..nn.moe import Experts
 from ..quant import Int4Linear
 from ..sources.ggml import INT4_TYPES, keepable, to_int4, type_name
 
@@ -56,6 +61,7 @@ class KeepGGUF:
         self.types = file_types(source)
         self.kept: dict[str, nn.Module] = {}  # weight name -> the layer that keeps it
         self.fallback: list[str] = []
+        self.stored: set[str] = set()  # kept experts' biases: under the reader's names, like their blocks
         self.embeddings, self.tied = "model.embed_tokens.weight", False
 
     def describe(self) -> str:
@@ -87,23 +93,52 @@ class KeepGGUF:
                 return Int4Linear(module.in_features, module.out_features, bias, dtype, 32)
             return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype)
 
+    def _experts(self, name: str, module: Experts, dtype: torch.dtype) -> nn.Module | None:
+        """GGMLExperts for llama.cpp's stacked experts of `module` where autolm's C++ kernel computes on all three
+        (None: they are dequantized while loading, as the model's float parameters)."""
+        kinds = {
+            p: self.types.get(f"{name}.{p}.weight", (0,))[0] for p in ("gate_proj", "up_proj", "down_proj")
+        }
+        sizes = {
+            "gate_proj": module.hidden_size,
+            "up_proj": module.hidden_size,
+            "down_proj": module.intermediate_size,
+        }
+        if not all(native.computes(kind, sizes[p]) for p, kind in kinds.items()):
+            self.fallback += [
+                f"{name}.{p}.weight ({type_name(k)})" for p, k in kinds.items() if not keepable(k)
+            ]
+            return None
+        with torch.device("meta"):
+            new = GGMLExperts(module, kinds, dtype)
+        for p in kinds:
+            self.kept[f"{name}.{p}.weight"] = getattr(new, p)
+            self.stored.add(f"{name}.{p}.bias")
+        return new
+
+    def _replacement(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module | None:
+        """The layer that keeps `module`'s tensors in their blocks (registered in self.kept), else None."""
+        inside = name.startswith(model.layers_prefix + ".")
+        if inside and isinstance(module, Experts):
+            return self._experts(name, module, model.dtype)
+        if not ((inside and isinstance(module, nn.Linear)) or name in ("lm_head", model.embeddings_name)):
+            return None
+        weight = self.embeddings if (name == "lm_head" and self.tied) else f"{name}.weight"
+        if weight not in self.types:
+            return None
+        new = self._layer(name, module, self.types[weight][0], model.dtype)
+        if new is not None:
+            self.kept[f"{name}.weight"] = new
+        return new
+
     def setup(self, model: nn.Module) -> None:
-        dtype = model.dtype
         self.tied = model.config.tie_word_embeddings
         self.embeddings = f"{model.embeddings_name}.weight"
         for name, module in list(model.named_modules()):
-            inside = name.startswith(model.layers_prefix + ".") and isinstance(module, nn.Linear)
-            if not (inside or name in ("lm_head", model.embeddings_name)):
-                continue
-            weight = self.embeddings if (name == "lm_head" and self.tied) else f"{name}.weight"
-            if weight not in self.types:
-                continue
-            new = self._layer(name, module, self.types[weight][0], dtype)
-            if new is None:
-                continue
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
-            self.kept[f"{name}.weight"] = new
+            new = self._replacement(name, module, model)
+            if new is not None:
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, new)
         if self.fallback:
             logger.warning("%s: dequantized while loading (types autolm does not compute on): %s",
                            self.source.files[0], ", ".join(self.fallback[:8]))  # fmt: skip
@@ -116,19 +151,20 @@ class KeepGGUF:
         self.inner.plan(model, dtype)
 
     def keeps_blocks(self, name: str) -> bool:
-        return name in self.kept
+        return name in self.kept or name in self.stored
 
     def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """GGUF blocks -> the keeping layer's entries (the embeddings' blocks also the tied head's)."""
         if not hasattr(t, "kind"):
             return None
+        if name in self.stored:  # a kept experts' bias stored as F16 / BF16
+            return {name: dequantize(t.raw, t.kind).view(t.shape).to(dtype)}
         layer = self.kept[name]
         module = name.removesuffix(".weight")
-        want = (
-            (layer.num_embeddings, layer.embedding_dim)
-            if isinstance(layer, GGMLEmbedding)
-            else (layer.out_features, layer.in_features)
-        )
+        if isinstance(layer, GGMLEmbedding):
+            want = (layer.num_embeddings, layer.embedding_dim)
+        else:
+            want = (*layer.weight.shape[:-1], layer.in_features)
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {t.name!r} ({name}): file {tuple(t.shape)} vs model {want}")
         if (
@@ -156,6 +192,8 @@ class KeepGGUF:
 
 def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:
     """GGUF blocks -> the state entries of `layer` (named `module`) that keeps them."""
+    if isinstance(layer, GGMLStack):
+        return {f"{module}.weight": t.raw}
     if isinstance(layer, Int4Linear):
         nibbles, sz = to_int4(t)
         return {f"{module}.weight": nibbles, f"{module}.scales_and_zeros": sz}

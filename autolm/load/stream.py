@@ -89,7 +89,8 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     for path, name, t in source.tensors(placer.keeps_blocks):
         bar.update(1)
         stored = name
-        name, piece = rules.to_model(name)
+        # blocks the placer keeps are held under the reader's names (llama.cpp's stacked experts as they are)
+        name, piece = (name, None) if placer.keeps_blocks(name) else rules.to_model(name)
         if rules.ignores(name):
             continue
         if piece is not None:

@@ -1,5 +1,6 @@
 """Layers that hold a weight in llama.cpp's own blocks (a GGUF file's tensor as it is on disk) and compute on it
-through autolm's kernels (kernels.ggml): a linear layer and an embedding table."""
+through autolm's kernels (kernels.ggml): a linear layer, an embedding table, and a mixture-of-experts layer's
+stacked experts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..errors import ConfigError
 from ..kernels.ggml import BLOCKS, LOW, PLANAR
+from .moe import Experts
 
 
 def row_bytes(columns: int, kind: int) -> int:
@@ -93,3 +96,58 @@ class GGMLEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type}"
+
+
+class GGMLStack(nn.Module):
+    """One projection of every expert, kept as a GGUF file stacks it (llama.cpp's ffn_gate_exps, ffn_up_exps or
+    ffn_down_exps): `weight` uint8 (experts, out_features, bytes per row) of ggml type `kind`, a view of the file's
+    memory map; `bias` (experts, out_features) where the family has one."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, kind: int, bias: bool, dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
+        self.register_buffer(
+            "weight", torch.empty(experts, out_features, row_bytes(in_features, kind), dtype=torch.uint8)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(experts, out_features, dtype=dtype), requires_grad=False)
+            if bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        """x @ W[e].T + b[e]: e an int (x: that expert's rows), or one expert id per row."""
+        return kernels.ggml_expert_linear(x, self.weight, self.ggml_type, e, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (experts, out_features, in_features) weights these blocks stand for."""
+        return kernels.ggml_dequantize(self.weight, self.ggml_type)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} x ({self.in_features} -> {self.out_features}), ggml_type={self.ggml_type}"
+
+
+class GGMLExperts(Experts):
+    """A mixture-of-experts layer's experts kept in a GGUF file's blocks, as llama.cpp keeps them: gate_proj,
+    up_proj (experts, I, h) and down_proj (experts, h, I) stacks (GGMLStack, each of its own type, under the names
+    the GGUF reader gives llama.cpp's tensors), computed on by autolm's C++ kernel. The routing and arithmetic are
+    Experts' (kernels.mixture, the family's activation); `like` gives the sizes and the activation."""
+
+    def __init__(self, like: Experts, kinds: dict[str, int], dtype: torch.dtype):
+        nn.Module.__init__(self)
+        E, h, i = like.num_experts, like.hidden_size, like.intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = E, h, i
+        self.act_fn, self.limit, self.alpha = like.act_fn, like.limit, like.alpha
+        self.transposed = self.interleaved = False
+        self.tp = None
+        bias = hasattr(like, "gate_up_proj_bias")
+        self.gate_proj = GGMLStack(E, h, i, kinds["gate_proj"], bias, dtype)
+        self.up_proj = GGMLStack(E, h, i, kinds["up_proj"], bias, dtype)
+        self.down_proj = GGMLStack(E, i, h, kinds["down_proj"], bias, dtype)
+
+    def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gated(self.gate_proj(x, e), self.up_proj(x, e)), e)
+
+    def shard(self, rank: int, world: int) -> dict[str, tuple[int, int]]:
+        raise ConfigError("experts kept in a GGUF file's blocks are not split for tensor parallelism: load with "
+                          "quantization=None (or int8 / int4) to shard them")  # fmt: skip

@@ -80,9 +80,11 @@ class Experts(nn.Module):
     def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(rows, 2I) -> (rows, I): the gated activation."""
         if self.interleaved:
-            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
+            return self.gated(gate_up[..., ::2], gate_up[..., 1::2])
+        return self.gated(*gate_up.chunk(2, dim=-1))
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The activation of the gate and up projections (rows, I) each."""
         if self.limit is None:
             return self.act_fn(gate) * up
         gate = gate.clamp(max=self.limit)

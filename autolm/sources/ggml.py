@@ -41,11 +41,12 @@ def keepable(kind: int) -> bool:
 
 
 class GGMLBlocks(NamedTuple):
-    """A weight (shape (N, K)) of ggml type `kind` as its rows of raw blocks: uint8 (N, bytes per row)."""
+    """A weight (shape (N, K), or (experts, N, K) for llama.cpp's stacked experts) of ggml type `kind` as its rows
+    of raw blocks: uint8 (N, bytes per row), or (experts, N, bytes per row)."""
 
     raw: torch.Tensor
     kind: int
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     name: str  # the tensor's name in the GGUF file, for errors
     span: tuple = ()  # (memory map, offset, bytes) of the file's pages behind raw
     heads: int = 0  # rows in llama.cpp's permuted q/k order for this many heads (0: the model's order)
@@ -108,17 +109,17 @@ def permuted_heads(g, t, config) -> int:
 
 
 def blocks(g, t, config) -> GGMLBlocks:
-    """Tensor `t` (a sources.gguf.TensorInfo) of GGUF file `g` as raw blocks over the file's map, rows in the
-    file's order."""
+    """Tensor `t` (a sources.gguf.TensorInfo, of 1 to 3 dimensions) of GGUF file `g` as raw blocks over the
+    file's map, rows in the file's order."""
     if not keepable(int(t.tensor_type)):
         raise GGUFError(
             f"{g.path}: tensor {t.name!r} has type {type_name(t.tensor_type)}, not kept in blocks"
         )
-    n, k = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (1, int(t.shape[0]))
+    shape = tuple(int(x) for x in reversed(t.shape)) if len(t.shape) > 1 else (1, int(t.shape[0]))
     whole, m = file_map(g)
-    raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(n, -1)
+    raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(*shape[:-1], -1)
     span = (m, t.data_offset, t.n_bytes) if m is not None else ()
-    return GGMLBlocks(raw, int(t.tensor_type), (n, k), t.name, span, permuted_heads(g, t, config))
+    return GGMLBlocks(raw, int(t.tensor_type), shape, t.name, span, permuted_heads(g, t, config))
 
 
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:

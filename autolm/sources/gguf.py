@@ -277,7 +277,7 @@ def gguf_tensors(
             raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
-        if int4(name) and t.tensor_type != 0 and ggml.keepable(int(t.tensor_type)) and len(t.shape) <= 2:
+        if int4(name) and t.tensor_type != 0 and ggml.keepable(int(t.tensor_type)) and len(t.shape) <= 3:
             yield g.path, name, ggml.blocks(g, t, config)  # the placer asked for the file's own blocks
             continue
         # llama.cpp stores GPT-2's Conv1D weights (out, in); the model holds them (in, out), as the checkpoint
