@@ -58,7 +58,7 @@ res = {
 import random  # noqa: E402
 
 rng = random.Random(0)
-long = [rng.randrange(10, 1000) for _ in range(args["prefill"])]
+long = [rng.randrange(10, min(1000, llm.n_vocab())) for _ in range(args["prefill"])]  # as autolm's child
 times = []
 for _ in range(4):
     llm.reset()
