@@ -282,7 +282,7 @@ def test_gguf(tmp_path_factory, tmp_path, name):
 @pytest.mark.skipif(not native.available(), reason="autolm's C++ kernel is not built on this machine")
 @pytest.mark.parametrize("name", NAMES)
 def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, monkeypatch):
-    """A quantized MoE file (experts Q8_0 and Q4_0, stacked as llama.cpp's converter stacks them) with
+    """A quantized MoE file (experts Q8_0 and Q4_0, gpt-oss's MXFP4, stacked as llama.cpp's converter does) with
     quantization="gguf": the experts stay in the file's blocks, views of its memory map (no float copy), computed
     on by the C++ kernel one expert at a time (eager) or each row with its own expert (the one-token step's
     graphs); the logits of the same file dequantized, within the int8 activations' rounding."""
@@ -295,7 +295,15 @@ def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, mon
 
     _, hf = GGUF_FAMILIES[name].checkpoint(tmp_path_factory)
     path = tmp_path / "model.gguf"
-    write_moe_gguf(hf, str(path), experts={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_0"})
+    mxfp4 = (
+        name == "gpt_oss"
+    )  # as llama.cpp's converter writes gpt-oss's experts (and ggml-org's files hold them)
+    types = (
+        dict.fromkeys(("gate", "up", "down"), "MXFP4")
+        if mxfp4
+        else {"gate": "Q8_0", "up": "Q8_0", "down": "Q4_0"}
+    )
+    write_moe_gguf(hf, str(path), experts=types)
     plain = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
     kept = autolm.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32, quantization="gguf"
@@ -303,7 +311,7 @@ def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, mon
     experts = kept.model.layers[0].mlp.experts
     assert isinstance(experts, GGMLExperts)
     stacks = [experts.gate_proj, experts.up_proj, experts.down_proj]
-    assert [s.ggml_type for s in stacks] == [8, 8, 2]  # Q8_0, Q8_0, Q4_0
+    assert [s.ggml_type for s in stacks] == ([39] * 3 if mxfp4 else [8, 8, 2])  # MXFP4; Q8_0, Q8_0, Q4_0
     assert all(s.weight.untyped_storage().nbytes() == os.path.getsize(path) for s in stacks)  # the file's map
     floats = plain.model.layers[0].mlp.experts
     down = floats.down_proj.data.transpose(1, 2) if floats.transposed else floats.down_proj.data

@@ -36,6 +36,7 @@ HALVES = {
     K.Q6_K: [208],
     K.IQ4_NL: [0],
     K.IQ4_XS: [0],
+    K.MXFP4: [],  # its scale is a power of two in byte 0 (below)
 }
 QUANTIZED = sorted(HALVES)
 
@@ -51,6 +52,8 @@ def random_blocks(kind: int, rows: int, cols: int, seed: int = 0, scale: float =
     for at in HALVES[kind]:
         d = rng.uniform(0.2, 1, (rows, cols // block, 1)) * scale / (16 if block == 256 else 8)
         raw[..., at : at + 2] = d.astype(np.float16).view(np.uint8)
+    if kind == K.MXFP4:  # E8M0: 2^(e - 128) per doubled FP4 value (e = 0, 1: denormal halves)
+        raw[..., 0] = rng.choice([0, 1, 119, 120, 121, 122], (rows, cols // block))
     return raw.reshape(rows, -1)
 
 

@@ -23,7 +23,7 @@ from .core import batched_graph, linear, matvec, needs_grad, realize
 
 # ggml type -> (weights per block, bytes per block), for the types autolm computes on.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = 10, 11, 12, 13, 14, 20, 23, 30
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16, MXFP4 = 10, 11, 12, 13, 14, 20, 23, 30, 39
 BLOCKS = {
     F32: (1, 4),
     F16: (1, 2),
@@ -40,14 +40,17 @@ BLOCKS = {
     Q6_K: (256, 210),
     IQ4_NL: (32, 18),
     IQ4_XS: (256, 136),
+    MXFP4: (32, 17),
 }
 # gguf.GGMLQuantizationType's names for these types (importing the gguf package takes a twentieth of a second)
 NAMES = {
     F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0",
     Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
+    MXFP4: "MXFP4",
 }  # fmt: skip
 FLOAT = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # FP4 E2M1's values, doubled
 # Types repacked into planes while loading -> weights per scale (group).
 PLANAR = {Q5_0: 32, Q5_1: 32, Q5_K: 32, Q6_K: 16, Q8_0: 32}
 LOW = {Q4_1, Q5_1, Q2_K, Q4_K, Q5_K}  # types whose groups also have a low value (value = scale * q + low)
@@ -165,6 +168,13 @@ def _iq4(b, kind):
     return table[q.int()], half_at(b, 0) * ((low | (high << 4)) - 32), None
 
 
+def _mxfp4(b, kind):  # an E8M0 scale byte (halved: the values are doubled), then IQ4_NL's nibbles
+    table = torch.tensor(_MXFP4_VALUES, dtype=torch.float32, device=b.device)
+    e = b[..., 0:1].int()
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    return table[_nibbles(b, 1, 17).int()], bits.view(torch.float32), None
+
+
 _PARTS = {
     Q4_0: _q4,
     Q4_1: _q4,
@@ -178,6 +188,7 @@ _PARTS = {
     Q6_K: _q6_k,
     IQ4_NL: _iq4,
     IQ4_XS: _iq4,
+    MXFP4: _mxfp4,
 }
 
 

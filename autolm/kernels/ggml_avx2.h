@@ -56,6 +56,15 @@ inline __m256i dot32(__m256i q, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
 }
 
+// MXFP4's scales: the E8M0 byte at byte 0 of each int32 lane of g, as e8m0_half gives it.
+inline __m256 e8m0_halves(__m256i g) {
+  __m256i e = _mm256_and_si256(g, _mm256_set1_epi32(0xFF));
+  __m256i small = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+  __m256i big = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+  __m256i is_big = _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1));
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(small, big, is_big));
+}
+
 // The 8 fp16 values in bytes 0..1 of each int32 lane of g, as floats.
 inline __m256 halves(__m256i g) {
   const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12,
@@ -99,7 +108,7 @@ __attribute__((always_inline)) inline void rows_iq4_xs(const uint8_t* w, int64_t
   }
 }
 
-// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS: above), 8 at a time: their scales (and low values)
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS: above), 8 at a time: their scales (and low values)
 // gathered into one vector each, each block's dot products times its scale and the activations' (two sums, so
 // that the adds do not wait on each other); the low terms from the activations' block sums.
 template <int64_t kind, int64_t bytes>
@@ -114,7 +123,7 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     int64_t n = std::min<int64_t>(8, nb - b0);
     __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
     __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
-    __m256 d = halves(g);
+    __m256 d = kind == kMXFP4 ? e8m0_halves(g) : halves(g);
     __m256 low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
                                                 : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
     __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
@@ -180,15 +189,7 @@ template <bool kFive>
 __attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock& k) {
   constexpr int64_t kNibbles = kFive ? 48 : 16;
   const __m256i nib = _mm256_set1_epi8(0x0F);
-  uint32_t u[4];
-  std::memcpy(u, w + 4, 12);
-  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-  uint32_t mins_lo = u[1] & k1;
-  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-  u[2] = mins_lo;
-  u[0] &= k1;  // bytes 0..7 of u: the 8 scales; 8..15: the 8 mins
-  __m128i sm = _mm_loadu_si128((const __m128i*)u);
+  __m128i sm = scales_mins_k4(w + 4);  // bytes 0..7: the 8 scales; 8..15: the 8 mins
   __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  // the 8 scales as int16, in both halves
   __m256i qh = kFive ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
   for (int c = 0; c < 4; c++) {
@@ -240,14 +241,7 @@ __attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock
   const __m256i three = _mm256_set1_epi8(3);
   __m128i s8;
   if constexpr (kThree) {
-    uint32_t u[4];
-    std::memcpy(u, w + 96, 12);
-    const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, t = u[2];
-    u[2] = ((u[0] >> 4) & k2) | (((t >> 4) & k1) << 4);
-    u[3] = ((u[1] >> 4) & k2) | (((t >> 6) & k1) << 4);
-    u[0] = (u[0] & k2) | ((t & k1) << 4);
-    u[1] = (u[1] & k2) | (((t >> 2) & k1) << 4);
-    s8 = _mm_sub_epi8(_mm_loadu_si128((const __m128i*)u), _mm_set1_epi8(32));
+    s8 = _mm_sub_epi8(scales_k3(w + 96), _mm_set1_epi8(32));
     k.low16 = _mm256_cvtepi8_epi16(s8);
     k.d = half_at(w + 108), k.low_scale = -4.0f * k.d;
   } else {
@@ -314,7 +308,7 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
           _mm256_store_ps(ds, iq4_xs_block_scales(blk));
           b = blk + 8 + 16 * (s % 8), d = ds[s % 8];
         } else {
-          d = half_at(b);
+          d = block_scale<kind>(b);
         }
         _mm256_store_si256((__m256i*)tile[r], quants32<kind>(b));
         low = kind == kQ4_1 || kind == kQ5_1 ? half_at(b + 2) : d * offset_of(kind);

@@ -39,7 +39,16 @@ inline __m512 iq4_xs_scales(const uint8_t* w, int64_t n) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(iq4_xs_block_scales(w)), second, 1);
 }
 
-// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; IQ4_XS's sub-blocks), 16 at a time: their scales (and low
+// MXFP4's scales: the E8M0 byte at byte 0 of each int32 lane of g, as e8m0_half gives it.
+inline __m512 e8m0_halves(__m512i g) {
+  __m512i e = _mm512_and_si512(g, _mm512_set1_epi32(0xFF));
+  __m512i small = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+  __m512i big = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+  __mmask16 is_big = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(2));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(is_big, small, big));
+}
+
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS's sub-blocks), 16 at a time: their scales (and low
 // values) gathered into one vector each, then two blocks per vpdpbusd of the unsigned quants with the activations'
 // int8 quants, each half times its block's scale; the low terms from the activations' block sums.
 template <int64_t kind, int64_t bytes>
@@ -64,7 +73,7 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
       }
     } else {
       __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, w, 1);  // bytes 0..3 of each block
-      d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+      d = kind == kMXFP4 ? e8m0_halves(g) : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
       if constexpr (kind == kQ4_1 || kind == kQ5_1)
         low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
       for (int64_t p = 0; 2 * p < n; p++) {
@@ -130,15 +139,7 @@ template <bool kFive>
 __attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock& k) {
   constexpr int64_t kNibbles = kFive ? 48 : 16;
   const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
-  uint32_t u[4];
-  std::memcpy(u, w + 4, 12);
-  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-  uint32_t mins_lo = u[1] & k1;
-  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-  u[2] = mins_lo;
-  u[0] &= k1;  // bytes of u[0..1]: the 8 scales; of u[2..3]: the 8 mins
-  __m512i sm = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)u)));
+  __m512i sm = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(scales_mins_k4(w + 4)));  // the 8 scales, the 8 mins
   for (int h = 0; h < 2; h++) {
     __m512i v = _mm512_loadu_si512(w + kNibbles + 64 * h);
     k.q[2 * h] = _mm512_and_si512(v, nib);
@@ -193,14 +194,7 @@ __attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock
                             _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
   __m256i sc16;
   if constexpr (kThree) {
-    uint32_t u[4];
-    std::memcpy(u, w + 96, 12);
-    const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, t = u[2];
-    u[2] = ((u[0] >> 4) & k2) | (((t >> 4) & k1) << 4);
-    u[3] = ((u[1] >> 4) & k2) | (((t >> 6) & k1) << 4);
-    u[0] = (u[0] & k2) | ((t & k1) << 4);
-    u[1] = (u[1] & k2) | (((t >> 2) & k1) << 4);
-    sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)u)), _mm256_set1_epi16(32));
+    sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(scales_k3(w + 96)), _mm256_set1_epi16(32));
     k.low16 = sc16;
     k.d = half_at(w + 108), k.low_scale = -4.0f * k.d;
   } else {
@@ -368,7 +362,7 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
           _mm256_store_ps(ds, iq4_xs_block_scales(blk));
           b = blk + 8 + 16 * (s % 8), d = ds[s % 8];
         } else {
-          d = half_at(b);
+          d = block_scale<kind>(b);
         }
         _mm256_store_si256((__m256i*)qs, quants32<kind>(b));
         if constexpr (kind == kQ4_1 || kind == kQ5_1)

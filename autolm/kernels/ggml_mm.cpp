@@ -30,7 +30,7 @@
 namespace {
 
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2K = 10, kQ3K = 11, kQ4K = 12, kQ5K = 13,
-                  kQ6K = 14, kIQ4NL = 20, kIQ4XS = 23, kBlock = 256;
+                  kQ6K = 14, kIQ4NL = 20, kIQ4XS = 23, kMXFP4 = 39, kBlock = 256;
 
 // The weights' quants as unsigned bytes (0..255, for vpdpbusd, which sums in int32) or, where vpmaddubsw's int16
 // sums would saturate on bytes above 127 (Q8_0, IQ4_NL and IQ4_XS with AVX2), as signed bytes (their signs moved
@@ -86,15 +86,31 @@ inline __m256i fifth_bits(const uint8_t* p) {  // a 32-bit mask -> 16 in each by
 #endif
 }
 
-// IQ4_NL / IQ4_XS's 16 values (llama.cpp's kvalues_iq4nl), plus 128 where the quants are unsigned bytes, per
-// nibble, in both 128-bit lanes.
-inline __m256i iq4_table() {
-  constexpr int kValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+// A code book's 16 values per nibble, plus 128 where the quants are unsigned bytes, in both 128-bit lanes: IQ4_NL /
+// IQ4_XS's (llama.cpp's kvalues_iq4nl) and MXFP4's (kvalues_mxfp4: FP4 E2M1's values, doubled).
+inline __m256i table16(const int* values) {
   alignas(32) uint8_t t[32];
-  for (int i = 0; i < 32; i++) t[i] = (uint8_t)(kValues[i % 16] + (kUnsignedBytes ? 128 : 256));
+  for (int i = 0; i < 32; i++) t[i] = (uint8_t)(values[i % 16] + (kUnsignedBytes ? 128 : 256));
   return _mm256_load_si256((const __m256i*)t);
 }
-const __m256i iq4_values = iq4_table();
+constexpr int kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr int kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+const __m256i iq4_values = table16(kIQ4Values), mxfp4_values = table16(kMXFP4Values);
+
+// MXFP4's block scale: a power of two in one byte (E8M0), halved for the doubled values (ggml_e8m0_to_fp32_half).
+inline float e8m0_half(uint8_t e) {
+  uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// A block of 32's scale: its fp16 d (at byte 0), or MXFP4's byte.
+template <int64_t kind>
+inline float block_scale(const uint8_t* b) {
+  if constexpr (kind == kMXFP4) return e8m0_half(b[0]);
+  return half_at(b);
+}
 
 // A block of 32 weights as quants, natural order (value = d * q + low; low = d * offset_of(kind) but for Q4_1 and
 // Q5_1, which store theirs).
@@ -102,7 +118,7 @@ constexpr float offset_of(int64_t kind) {
   return kind == kQ4_0 ? -8.0f : kind == kQ5_0 ? -16.0f : kUnsignedBytes ? -128.0f : 0.0f;
 }
 template <int64_t kind>
-constexpr bool kSignedQuants = !kUnsignedBytes && (kind == kQ8_0 || kind == kIQ4NL || kind == kIQ4XS);
+constexpr bool kSignedQuants = !kUnsignedBytes && (kind == kQ8_0 || kind == kIQ4NL || kind == kIQ4XS || kind == kMXFP4);
 template <int64_t kind>
 inline __m256i quants32(const uint8_t* b) {
   if constexpr (kind == kQ4_0) return nibbles(b + 2);
@@ -115,6 +131,26 @@ inline __m256i quants32(const uint8_t* b) {
   }
   if constexpr (kind == kIQ4NL) return _mm256_shuffle_epi8(iq4_values, nibbles(b + 2));
   if constexpr (kind == kIQ4XS) return _mm256_shuffle_epi8(iq4_values, nibbles(b));  // b: the sub-block's 16 bytes
+  if constexpr (kind == kMXFP4) return _mm256_shuffle_epi8(mxfp4_values, nibbles(b + 1));
+}
+
+// The K-quants' 6-bit scales in 12 bytes at p, as 16 bytes in a register (built there: four 4-byte stores read
+// back by one 16-byte load cannot be forwarded, a stall of ~20 cycles per block on Intel's cores). Q4_K and Q5_K:
+// the 8 scales, then the 8 mins (llama.cpp's get_scale_min_k4); Q3_K: its 16 scales, 0..63 (32 too many).
+inline __m128i scales_mins_k4(const uint8_t* p) {
+  uint32_t u[3];
+  std::memcpy(u, p, 12);
+  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  return _mm_setr_epi32((int)(u[0] & k1), (int)((u[2] & k2) | (((u[0] >> 6) & k3) << 4)), (int)(u[1] & k1),
+                        (int)(((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)));
+}
+inline __m128i scales_k3(const uint8_t* p) {
+  uint32_t u[3];
+  std::memcpy(u, p, 12);
+  const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, t = u[2];
+  return _mm_setr_epi32((int)((u[0] & k2) | ((t & k1) << 4)), (int)((u[1] & k2) | (((t >> 2) & k1) << 4)),
+                        (int)(((u[0] >> 4) & k2) | (((t >> 4) & k1) << 4)),
+                        (int)(((u[1] >> 4) & k2) | (((t >> 6) & k1) << 4)));
 }
 
 // IQ4_XS: d (fp16), 2 high bits of each sub-block's 6-bit scale (uint16), their low 4 bits (4 bytes), 128 bytes of
@@ -270,6 +306,7 @@ Kind kind_of(int64_t kind) {
     case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>, panels_32<kQ5_1, 24>};
     case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>, panels_32<kQ8_0, 34>};
     case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>, panels_32<kIQ4NL, 18>};
+    case kMXFP4: return {32, 17, row_range<rows_32<kMXFP4, 17>>, panels_32<kMXFP4, 17>};
     case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>,
                                    panels_32<kIQ4XS, kIQ4XSBytes / 8>};  // per sub-block
     case kQ2K: return {kBlock, 84, row_range<rows_k<decode_q23_k<false>, 84>>,

@@ -27,9 +27,9 @@ from .aot import _isa
 logger = logging.getLogger("autolm")
 
 # ggml types computed here -> (columns per weight block, columns per scale of the int8 activations):
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL (32, 32), Q2_K to Q6_K (256, 256), IQ4_XS (256, 32: scales per 32 weights)
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL MXFP4 (32, 32), Q2_K to Q6_K (256, 256), IQ4_XS (256, 32: scales per 32 weights)
 KINDS = {
-    **dict.fromkeys((2, 3, 6, 7, 8, 20), (32, 32)),
+    **dict.fromkeys((2, 3, 6, 7, 8, 20, 39), (32, 32)),
     **dict.fromkeys((10, 11, 12, 13, 14), (256, 256)),
     23: (256, 32),
 }
