@@ -1,13 +1,13 @@
 """quantization="gguf": every weight of a GGUF file stays in its file's own type, as llama.cpp runs it.
 
 The `KeepGGUF` placer swaps each decoder Linear, the embeddings and the LM head for a layer of that tensor's
-type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS weights stay in their blocks
-where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX2 and a C++ compiler), over
+type before loading: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS and MXFP4 weights stay in their
+blocks where autolm's C++ kernel computes on them (kernels.native: a CPU with AVX2 and a C++ compiler), over
 the file's memory map (advised to use huge pages: sources.ggml.file_map), the q/k rows that llama's converter
 permuted included (the layer gives its outputs back in the model's order: GGMLLinear.heads); else Q4_0 / Q4_1 /
 Q4_K weights become int4 layers (their blocks are exactly autolm's int4 layout, groups of 32; PyTorch's int4
 kernel computes them), every other quantized type and F16 / BF16 a GGML layer (autolm.nn.ggml): Q5_0 to Q8_0
-repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, F16, BF16) over the file's
+repacked exactly into int8 quants and per-group scales, the rest (Q2_K, Q3_K, IQ4_*, MXFP4, F16, BF16) over the file's
 memory map as they are. F32 stays a float layer. The embeddings stay over the memory map (a lookup reads only
 its rows' pages). A tied head is a layer of its own made from the same blocks. A mixture-of-experts layer's
 experts, stacked by llama.cpp's converter (ffn_gate_exps, ffn_up_exps, ffn_down_exps), stay in their blocks over
