@@ -26,14 +26,20 @@ Expert = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
 
 
 def mixture(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, expert: Expert
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    expert: Expert,
+    by_row: bool = False,
 ) -> torch.Tensor:
     """sum_j weights[:, j] * expert(x, ids[:, j]) for x (N, h), ids and weights (N, k); `expert(rows, e)` runs
-    expert e (an int) on its rows, or each row's own expert (e a (rows,) tensor) inside a compiler. The
+    expert e (an int) on its rows, or each row's own expert (e a (rows,) tensor) inside a compiler, and eagerly
+    for one token where `by_row` says the experts compute so in one call (GGUF's, llama.cpp's mul_mat_id). The
     weighted sum is taken in the weights' dtype, then cast to x's (transformers' order)."""
     N, k = ids.shape
     flat = ids.reshape(-1)  # (N * k,) in (token, slot) order
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (by_row and N == 1):
         y = expert(x.repeat_interleave(k, 0), flat)
     elif N == 1:  # one token (decoding): its k experts in turn, nothing to sort
         y = torch.cat([expert(x, e) for e in flat.tolist()])

@@ -145,6 +145,8 @@ class GGMLExperts(Experts):
         self.up_proj = GGMLStack(E, h, i, kinds["up_proj"], bias, dtype)
         self.down_proj = GGMLStack(E, i, h, kinds["down_proj"], bias, dtype)
 
+    by_row = True  # one token's experts in one call of the kernel per projection (ggml_mm_id)
+
     def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gated(self.gate_proj(x, e), self.up_proj(x, e)), e)
 

@@ -70,6 +70,8 @@ class Experts(nn.Module):
         self.act_fn = ACTIVATIONS[act]
         self.tp: tuple[int, int] | None = None  # (rank, ranks) under tensor parallelism (shard)
 
+    by_row = False  # whether each row's own expert computes in one call eagerly too (kernels.mixture)
+
     def project(self, name: str, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
         """x @ expert e's `name` projection (+ its bias); see kernels.experts.expert_linear."""
         bias = getattr(self, f"{name}_bias", None)
@@ -97,7 +99,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, h), the router's ids and weights (N, k) -> the weighted sum of the selected experts (N, h)."""
-        y = kernels.mixture(x, ids, weights, self.num_experts, self.expert)
+        y = kernels.mixture(x, ids, weights, self.num_experts, self.expert, self.by_row)
         if self.tp is not None:  # each rank computed its slice of every expert's intermediate rows
             torch.distributed.all_reduce(y)
         return y
