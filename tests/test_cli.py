@@ -39,17 +39,23 @@ def home(tmp_path_factory, smol_dir):
     return h
 
 
+# The README's question. SmolLM2-135M's first token after "What is the capital of France?" is a near tie ("The"
+# 25.33, "L" 25.24 in fp32): the int8 activations, or another CPU's float kernels, answer "L'Étoile, la Cité, ..."
+# (llama.cpp too); this wording's first token leads by 1.4 in fp32, kept blocks and int4 alike.
+QUESTION = "Name the capital of France."
+
+
 def test_chat_default_model_answers_paris(home):
     """The main job as a user first meets it: the first run compiles the CPU decode step (progress shown), the
     next loads it."""
-    first = run("chat", "--prompt", "What is the capital of France?", home=home, eager=False)
+    first = run("chat", "--prompt", QUESTION, home=home, eager=False)
     assert "Paris" in first.stdout
     assert "tok/s" in first.stderr
     assert "compiling the CPU decode step" in first.stderr
     assert any(name.endswith(".pt2") for name in os.listdir(home / "compiled"))
-    again = run("chat", "--prompt", "What is the capital of France?", home=home, eager=False)
+    again = run("chat", "--prompt", QUESTION, home=home, eager=False)
     assert "Paris" in again.stdout and "compiling" not in again.stderr
-    eager = run("chat", "--prompt", "What is the capital of France?", "--eager", home=home, eager=False)
+    eager = run("chat", "--prompt", QUESTION, "--eager", home=home, eager=False)
     assert "Paris" in eager.stdout
 
 
@@ -59,7 +65,7 @@ def test_chat_multi_turn_from_stdin_keeps_history(home):
         "--max-new-tokens",
         "24",
         home=home,
-        stdin="What is the capital of France?\nAnd what is the capital of Italy?\n",
+        stdin=f"{QUESTION}\nAnd what is the capital of Italy?\n",
     )
     assert "Paris" in p.stdout and "Rome" in p.stdout
     assert p.stderr.count("prompt tokens") == 2  # one statistics line per turn
