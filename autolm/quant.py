@@ -13,6 +13,7 @@ two values per byte, the even input column in the low nibble.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -295,18 +296,22 @@ def quantize(model: nn.Module, cfg: QuantConfig | str) -> nn.Module:
 
 def memory_report(model: nn.Module) -> tuple[int, int, int]:
     """(weight bytes now, weight bytes the model would take unquantized in its float dtype, the unquantized
-    model's parameter count). A tied model's quantized head is a copy: unquantized it costs nothing."""
-    now = sum(
-        t.numel() * t.element_size()
-        for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    )
+    model's parameter count). A tied model's quantized head is a copy: unquantized it costs nothing; one over
+    the embeddings' GGUF blocks holds no bytes of its own. Layers that keep a GGUF file's blocks (nn.ggml) count
+    the weights they stand for (`float_shape`)."""
+    tensors = {(t.data_ptr(), t.numel(), t.dtype): t for t in [*model.parameters(), *model.buffers()]}
+    now = sum(t.numel() * t.element_size() for t in tensors.values())
     item = model.dtype.itemsize
     tied = model.config.tie_word_embeddings
     saved, params = 0, sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     for name, m in model.named_modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
-            q = sum(t.numel() * t.element_size() for n, t in m.named_buffers())
-            n = 0 if tied and name == "lm_head" else m.in_features * m.out_features
+        ggml = hasattr(m, "float_shape")
+        if isinstance(m, (Int8Linear, Int4Linear)) or ggml:
+            q = sum(t.numel() * t.element_size() for t in m.buffers(recurse=False) if t is not None)
+            if tied and name == "lm_head":
+                n, q = 0, 0 if ggml else q  # over the embeddings' blocks: counted with them
+            else:
+                n = math.prod(m.float_shape) if ggml else m.in_features * m.out_features
             saved += n * item - q
             params += n
     experts_now, experts_full = quantized_sizes(model)

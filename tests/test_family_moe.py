@@ -291,6 +291,7 @@ def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, mon
 
     from autolm import step
     from autolm.nn.ggml import GGMLExperts
+    from autolm.quant import memory_report
     from autolm.step import graphs
 
     _, hf = GGUF_FAMILIES[name].checkpoint(tmp_path_factory)
@@ -316,6 +317,7 @@ def test_gguf_experts_stay_in_their_blocks(tmp_path_factory, tmp_path, name, mon
     floats = plain.model.layers[0].mlp.experts
     down = floats.down_proj.data.transpose(1, 2) if floats.transposed else floats.down_proj.data
     torch.testing.assert_close(experts.down_proj.dequantize(), down)
+    assert memory_report(kept)[2] == memory_report(plain)[2]  # the parameters the blocks stand for
     ids, mask = padded_batch()
     with torch.no_grad():
         got, want = kept(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits

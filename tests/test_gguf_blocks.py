@@ -18,7 +18,7 @@ from autolm.kernels import ggml as K
 from autolm.kernels import ggml_repack as R
 from autolm.kernels import native
 from autolm.nn.ggml import GGMLEmbedding, GGMLLinear
-from autolm.quant import Int4Linear
+from autolm.quant import Int4Linear, memory_report
 
 NO_KERNEL = "autolm's C++ kernel needs AVX2 (or AVX-512 VNNI) and a C++ compiler"
 
@@ -319,6 +319,9 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output,
         head = (Int4Linear, K.Q4_K) if embed == K.Q4_K and not with_native else (GGMLLinear, embed)
         assert isinstance(kept.lm_head, head[0]) and getattr(kept.lm_head, "ggml_type", head[1]) == head[1]
     assert "Q6_K x" in " ".join(kept.load_report.notes)
+    # the parameters the blocks stand for (autolm inspect), a tied head's blocks counted once
+    assert memory_report(kept)[2] == memory_report(plain)[2]
+    assert memory_report(kept)[0] < memory_report(plain)[0]
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = kept(ids).logits, plain(ids).logits

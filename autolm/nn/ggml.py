@@ -40,6 +40,7 @@ class GGMLLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features, self.ggml_type, self.heads = in_features, out_features, kind, 0
+        self.float_shape = (out_features, in_features)  # the weight these blocks stand for
         planar, groups = planes and kind in PLANAR, in_features // PLANAR.get(kind, 1)
         shape, wtype = (in_features, torch.int8) if planar else (row_bytes(in_features, kind), torch.uint8)
         self.register_buffer("weight", torch.empty(out_features, shape, dtype=wtype))
@@ -78,6 +79,7 @@ class GGMLEmbedding(nn.Module):
             kind,
             dtype,
         )
+        self.float_shape = (num_embeddings, embedding_dim)
         self.register_buffer(
             "blocks", torch.empty(num_embeddings, row_bytes(embedding_dim, kind), dtype=torch.uint8)
         )
@@ -106,6 +108,7 @@ class GGMLStack(nn.Module):
     def __init__(self, experts: int, in_features: int, out_features: int, kind: int, bias: bool, dtype):
         super().__init__()
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, kind
+        self.float_shape = (experts, out_features, in_features)
         self.register_buffer(
             "weight", torch.empty(experts, out_features, row_bytes(in_features, kind), dtype=torch.uint8)
         )
