@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -156,6 +157,10 @@ _RUNNER = textwrap.dedent("""
         pid = os.fork()
         if pid == 0:
             code = 99
+            # tqdm's lock is a semaphore shared with every process forked from here: a sibling killed while it
+            # held it (the kill loops) would block this child's progress bars for good; a lock of its own
+            import multiprocessing, tqdm
+            tqdm.tqdm.set_lock(multiprocessing.RLock())
             try:
                 for fd, name in ((1, req["stdout"]), (2, req["stderr"])):
                     os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), fd)
@@ -192,7 +197,12 @@ class Runner:
     def _ask(self, **req) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        answer: list[str] = []
+        reader = threading.Thread(target=lambda: answer.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(600)  # generous: a command here takes seconds; a hang fails this test, not the whole run
+        assert answer, f"the helper process did not answer {req['do']!r} within 600 s"
+        return json.loads(answer[0])
 
     def start(self, do: str = "run", **req) -> tuple[int, str, str]:
         self.n += 1

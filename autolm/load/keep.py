@@ -161,10 +161,10 @@ class KeepGGUF:
             return {name: dequantize(t.raw, t.kind).view(t.shape).to(dtype)}
         layer = self.kept[name]
         module = name.removesuffix(".weight")
-        if isinstance(layer, GGMLEmbedding):
-            want = (layer.num_embeddings, layer.embedding_dim)
-        else:
-            want = (*layer.weight.shape[:-1], layer.in_features)
+        want = getattr(layer, "float_shape", None) or (
+            layer.out_features,
+            layer.in_features,
+        )  # int4: (out, in)
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {t.name!r} ({name}): file {tuple(t.shape)} vs model {want}")
         if (
