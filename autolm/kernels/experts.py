@@ -19,7 +19,7 @@ import torch
 
 from . import native
 from .core import batched_graph, linear, needs_grad, realize
-from .ggml import dequantize
+from .ggml import dequantize, ggml_linear
 from .quant import COMPUTE, INT4_MM, INT8_MM
 
 Expert = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
@@ -91,15 +91,9 @@ def ggml_expert_linear(
     `kind` (a GGUF file's stacked ffn_*_exps over its memory map). autolm's C++ kernel computes on the blocks: one
     expert's rows (e an int), or each row with its own expert (e a tensor, inside a compiled graph: llama.cpp's
     mul_mat_id); without it the expert's rows are dequantized."""
-    fast = x.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1])
-    if isinstance(e, int):
-        y = (
-            native.ggml_mm(x, raw[e], kind)
-            if fast
-            else linear(x.float(), dequantize(raw[e], kind)).to(x.dtype)
-        )
-        return y if b is None else y + b[e].to(y.dtype)
-    if fast:
+    if isinstance(e, int):  # one expert's rows: that expert's blocks as any GGUF weight
+        return ggml_linear(x, raw[e], kind, None if b is None else b[e])
+    if x.device.type == "cpu" and not needs_grad(x) and native.computes(kind, x.shape[-1]):
         y = native.ggml_mm_id(realize(x), raw, e, kind)
     else:
         y = (realize(x).float().unsqueeze(-2) * dequantize(raw[e], kind)).sum(-1).to(x.dtype)
