@@ -161,9 +161,15 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     """The C++ kernel's types on their blocks by integer dot products: x quantized to int8 per 256 columns
     (K-quants) or 32 (the others), as llama.cpp does, times gguf's dequantized weight, for any number of rows
     (with one row a thread, a few, and in panels, from 4, 8 or 16 rows on: 34 rows, 612 weight rows, neither a
-    whole number of panels); bf16 in, bf16 out."""
-    block, columns = native.KINDS[kind]
-    n, k = 612, 768 if block == 256 else 800  # 800: 25 blocks of 32; 612 rows: 38.25 panels of 16, 76.5 of 8
+    whole number of panels); bf16 in, bf16 out. Blocks of 32: an odd number of blocks per row, and an even one
+    (the nibble kinds' blocks then go two at a time on the one-row path)."""
+    for k in (768,) if native.KINDS[kind][0] == 256 else (800, 832):  # 25 and 26 blocks of 32
+        _check_native_kernel(kind, k)
+
+
+def _check_native_kernel(kind, k):
+    columns = native.KINDS[kind][1]
+    n = 612  # 38.25 panels of 16, 76.5 of 8
     raw = torch.from_numpy(random_blocks(kind, n, k, seed=kind + 2))
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(kind))).double()
     layer = GGMLLinear(k, n, True, kind, torch.float32, planes=False)
@@ -196,10 +202,15 @@ def test_each_row_takes_its_own_experts_blocks(kind):
     """Stacked experts (E, N, bytes), as llama.cpp's converter stacks them: ggml_mm_id gives each row of x its own
     expert's product, the one ggml_mm gives that row with that expert's rows; the experts' projection without the
     kernel (autograd) is the dequantized product."""
+    block = native.KINDS[kind][0]
+    for k in (512,) if block == 256 else (96, 128):  # blocks of 32: odd and even numbers of them per row
+        _check_experts(kind, k)
+
+
+def _check_experts(kind, k):
     from autolm.kernels.experts import ggml_expert_linear
 
-    block = native.KINDS[kind][0]
-    E, n, k = 3, 40, 512 if block == 256 else 96
+    E, n = 3, 40
     raw = torch.from_numpy(random_blocks(kind, E * n, k, seed=kind)).view(E, n, -1)
     g = torch.Generator().manual_seed(kind)
     x, ids = torch.randn(5, k, generator=g), torch.tensor([2, 0, 2, 1, 0])

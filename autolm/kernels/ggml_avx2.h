@@ -9,6 +9,7 @@
 // (two sub-blocks per 32 bytes: see rows_iq4_xs).
 constexpr bool kSwapQ45 = false;
 constexpr int64_t kSplitIQ4XS = 2;
+constexpr bool kPairs32 = false;
 
 inline float hsum(__m256 v) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -111,9 +112,10 @@ __attribute__((always_inline)) inline void rows_iq4_xs(const uint8_t* w, int64_t
 // Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS: above), 8 at a time: their scales (and low values)
 // gathered into one vector each, each block's dot products times its scale and the activations' (two sums, so
 // that the adds do not wait on each other); the low terms from the activations' block sums.
-template <int64_t kind, int64_t bytes>
+template <int64_t kind, int64_t bytes, bool kPaired>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
+  static_assert(!kPaired, "no pairs of blocks in the AVX2 build (kPairs32)");
   if constexpr (kind == kIQ4XS) return rows_iq4_xs(w, nb, a, K, m0, m1, out);
   constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

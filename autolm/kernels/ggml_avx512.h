@@ -5,6 +5,7 @@
 // 64 bytes of nibbles at a time: the activations' quants in their order (see Acts).
 constexpr bool kSwapQ45 = true;
 constexpr int64_t kSplitIQ4XS = 4;
+constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
 
 inline float absmax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -48,17 +49,43 @@ inline __m512 e8m0_halves(__m512i g) {
   return _mm512_castsi512_ps(_mm512_mask_blend_epi32(is_big, small, big));
 }
 
+// Two blocks of 32 of a nibble kind at b (kPairs32), in the order the activations' quants take them (split 2):
+// both blocks' first 16 quants, then both blocks' last 16: 32 bytes of nibbles split once into 64 quants.
+template <int64_t kind, int64_t bytes>
+inline __m512i pair32(const uint8_t* b) {
+  constexpr int64_t at = kind == kMXFP4 ? 1 : kind == kQ4_1 ? 4 : kind == kQ5_0 ? 6 : kind == kQ5_1 ? 8 : 2;
+  __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b + at))),
+                                      _mm_loadu_si128((const __m128i*)(b + bytes + at)), 1);
+  __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1),
+                               _mm512_set1_epi8(0x0F));
+  if constexpr (kind == kQ5_0 || kind == kQ5_1) {  // the fifth bits (32 per block, before the nibbles), reordered
+    uint32_t h0, h1;
+    std::memcpy(&h0, b + at - 4, 4);
+    std::memcpy(&h1, b + bytes + at - 4, 4);
+    uint64_t m = (h0 & 0xFFFFu) | (uint64_t)(h1 & 0xFFFFu) << 16 | (uint64_t)(h0 >> 16) << 32 |
+                 (uint64_t)(h1 >> 16) << 48;
+    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(m, _mm512_set1_epi8(0x10)));
+  }
+  if constexpr (kind == kIQ4NL || kind == kMXFP4)  // the code book's values
+    q = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_castsi256_si128(kind == kIQ4NL ? iq4_values : mxfp4_values)),
+                            q);
+  return q;
+}
+
 // Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS's sub-blocks), 16 at a time: their scales (and low
 // values) gathered into one vector each, then two blocks per vpdpbusd of the unsigned quants with the activations'
-// int8 quants, each half times its block's scale; the low terms from the activations' block sums.
-template <int64_t kind, int64_t bytes>
+// int8 quants, each int32 lane times its block's scale; the low terms from the activations' block sums. kPaired:
+// the two blocks' quants interleaved by halves (pair32; for nibble kinds where the row's blocks pair up), else
+// one block per 256-bit half.
+template <int64_t kind, int64_t bytes, bool kPaired>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
   const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((int)bytes));
   __m512i q[8], halves[8];
   for (int p = 0; p < 8; p++)  // each int32 lane's block (its sub-block for IQ4_XS: 4 per vector, see quants)
-    for (int l = 0; l < 16; l++) ((int32_t*)&halves[p])[l] = kind == kIQ4XS ? 4 * (p / 2) + l / 4 : 2 * p + (l >= 8);
+    for (int l = 0; l < 16; l++)
+      ((int32_t*)&halves[p])[l] = kind == kIQ4XS ? 4 * (p / 2) + l / 4 : kPaired ? 2 * p + l / 4 % 2 : 2 * p + (l >= 8);
   for (int64_t b0 = 0; b0 < nb; b0 += 16, w += 16 * bytes) {
     prefetch(w, 16 * bytes);
     int64_t n = std::min<int64_t>(16, nb - b0);
@@ -77,6 +104,10 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
       if constexpr (kind == kQ4_1 || kind == kQ5_1)
         low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
       for (int64_t p = 0; 2 * p < n; p++) {
+        if constexpr (kPaired) {
+          q[p] = pair32<kind, bytes>(w + 2 * p * bytes);
+          continue;
+        }
         __m256i second = 2 * p + 1 < n ? quants32<kind>(w + (2 * p + 1) * bytes) : _mm256_setzero_si256();
         q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(quants32<kind>(w + 2 * p * bytes)), second, 1);
       }
@@ -86,14 +117,16 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(live, a.d.data() + m * (K / 32) + b0));
-      __m512 acc = _mm512_fmadd_ps(low, _mm512_maskz_loadu_ps(live, a.s.data() + m * (K / 32) + b0), out[m - m0].acc);
+      __m512 acc[2] = {  // two chains of additions: one would wait on each one's latency
+          _mm512_fmadd_ps(low, _mm512_maskz_loadu_ps(live, a.s.data() + m * (K / 32) + b0), out[m - m0].acc),
+          _mm512_setzero_ps()};
       for (int64_t p = 0; 2 * p < n; p++) {
         __m512i xv = 2 * p + 1 < n ? _mm512_loadu_si512(x + 64 * p)
                                    : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(x + 64 * p)));
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[p], xv);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(halves[p], sc), acc);
+        acc[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(halves[p], sc), acc[p % 2]);
       }
-      out[m - m0].acc = acc;
+      out[m - m0].acc = _mm512_add_ps(acc[0], acc[1]);
     }
   }
 }

@@ -52,8 +52,9 @@ inline float half_at(const uint8_t* p) {
 // (many rows), low: each group's sum times its block's scale (a group: the columns that share a weight block's
 // low term, 32 for Q4_K and Q5_K, else 16). The others: s, each block's sum, d times the sum of its quants
 // (llama.cpp's Q8_1). Where a kernel takes several blocks' nibbles at a time, the quants come in the order in which
-// they come out: for Q4_K and Q5_K, with kSwapQ45, the 32-column runs 1 and 2 of every 128 swapped; for IQ4_XS's
-// one-row path each kSplitIQ4XS blocks of 32 as their first 16 quants each, then their last 16.
+// they come out: for Q4_K and Q5_K, with kSwapQ45, the 32-column runs 1 and 2 of every 128 swapped; for blocks of
+// 32 on the one-row path, runs of Kind::split blocks (IQ4_XS: kSplitIQ4XS; nibble kinds in pairs where kPairs32)
+// as their first 16 quants each, then their last 16.
 struct Acts {
   std::vector<int8_t> q;
   std::vector<float> d, s, low;
@@ -319,19 +320,31 @@ struct Kind {
   RangeFn range;
   PanelFn panel;              // none where the instruction set has no panels
   int64_t panel_from = kCols;  // rows of x from which panels pay (measured: 16 for the K-quants, else kCols)
+  int64_t split = 0;           // blocks of 32, one row at a time: the activations' quants split in runs of this many
 };
 
-Kind kind_of(int64_t kind) {
+// Blocks of 32: paired (kPairs32: two blocks' nibbles split at once, the activations' quants split to match) where
+// the kind is a nibble kind and the row's blocks pair up.
+template <int64_t kind, int64_t bytes>
+Kind kind_32(bool paired) {
+  if constexpr (kPairs32 && kind != kQ8_0 && kind != kIQ4XS)
+    if (paired) return {32, bytes, row_range<rows_32<kind, bytes, true>>, panels_32<kind, bytes>, kCols, 2};
+  return {32, bytes, row_range<rows_32<kind, bytes, false>>, panels_32<kind, bytes>, kCols,
+          kind == kIQ4XS ? kSplitIQ4XS : 0};
+}
+
+// The kernels of a ggml type, for rows of K columns.
+Kind kind_of(int64_t kind, int64_t K) {
+  bool paired = K % 64 == 0;
   switch (kind) {
-    case kQ4_0: return {32, 18, row_range<rows_32<kQ4_0, 18>>, panels_32<kQ4_0, 18>};
-    case kQ4_1: return {32, 20, row_range<rows_32<kQ4_1, 20>>, panels_32<kQ4_1, 20>};
-    case kQ5_0: return {32, 22, row_range<rows_32<kQ5_0, 22>>, panels_32<kQ5_0, 22>};
-    case kQ5_1: return {32, 24, row_range<rows_32<kQ5_1, 24>>, panels_32<kQ5_1, 24>};
-    case kQ8_0: return {32, 34, row_range<rows_32<kQ8_0, 34>>, panels_32<kQ8_0, 34>};
-    case kIQ4NL: return {32, 18, row_range<rows_32<kIQ4NL, 18>>, panels_32<kIQ4NL, 18>};
-    case kMXFP4: return {32, 17, row_range<rows_32<kMXFP4, 17>>, panels_32<kMXFP4, 17>};
-    case kIQ4XS: return {32, kIQ4XSBytes / 8, row_range<rows_32<kIQ4XS, kIQ4XSBytes / 8>>,
-                                   panels_32<kIQ4XS, kIQ4XSBytes / 8>};  // per sub-block
+    case kQ4_0: return kind_32<kQ4_0, 18>(paired);
+    case kQ4_1: return kind_32<kQ4_1, 20>(paired);
+    case kQ5_0: return kind_32<kQ5_0, 22>(paired);
+    case kQ5_1: return kind_32<kQ5_1, 24>(paired);
+    case kQ8_0: return kind_32<kQ8_0, 34>(paired);
+    case kIQ4NL: return kind_32<kIQ4NL, 18>(paired);
+    case kMXFP4: return kind_32<kMXFP4, 17>(paired);
+    case kIQ4XS: return kind_32<kIQ4XS, kIQ4XSBytes / 8>(paired);  // per sub-block
     case kQ2K: return {kBlock, 84, row_range_k<decode_q23_k<false>, 84>,
                           k_panels<decode_q23_k<false>, 84, 16, 16>, 16};
     case kQ3K: return {kBlock, 110, row_range_k<decode_q23_k<true>, 110>,
@@ -348,7 +361,7 @@ Kind kind_of(int64_t kind) {
 
 // The activations as the weight's kind computes on them; for the panels (`panels`), padded with rows of zeros to
 // a multiple of 8, and the low terms' group sums.
-Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
+Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels, int64_t split) {
   bool k_quant = kind >= kQ2K && kind <= kQ6K, q45 = kind == kQ4K || kind == kQ5K;
   int64_t nb = K / (k_quant ? kBlock : 32), group = q45 ? 32 : 16;
   int64_t rows = panels ? (M + kCols - 1) / kCols * kCols : M;
@@ -360,7 +373,7 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels) {
         quantize_row(x + m * K, K, q45 && kSwapQ45, group, a.q.data() + m * K, a.d.data() + m * nb,
                      a.bsum.data() + m * K / 16, panels ? a.low.data() + m * K / group : nullptr);
       else
-        quantize_row_32(x + m * K, K, kind == kIQ4XS && !panels ? kSplitIQ4XS : 0, a.q.data() + m * K,
+        quantize_row_32(x + m * K, K, panels ? 0 : split, a.q.data() + m * K,
                         a.d.data() + m * nb, a.s.data() + m * nb);
     }
   });
@@ -386,7 +399,7 @@ void unpermute_heads(float* y, int64_t M, int64_t N, int64_t heads) {
 // x @ W.T, W's N rows of blocks in `raw`; `heads` > 0: W's rows are llama.cpp's permuted q/k rows of that many
 // heads, y's columns come in the model's order.
 at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int64_t heads) {
-  Kind k = kind_of(kind);
+  Kind k = kind_of(kind, x.size(-1));
   int64_t K = x.size(-1), N = raw.size(0), nb = K / k.columns;
   TORCH_CHECK(K % k.columns == 0 && (kind != kIQ4XS || K % kBlock == 0) && raw.dim() == 2 &&
                   raw.size(1) == nb * k.bytes && raw.scalar_type() == at::kByte,
@@ -397,7 +410,7 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int
   at::Tensor xf = plain ? x : x.to(at::kFloat).contiguous();
   int64_t M = x.numel() / K;
   bool panels = k.panel && M >= k.panel_from;
-  Acts a = quantize(xf.data_ptr<float>(), M, K, kind, panels);
+  Acts a = quantize(xf.data_ptr<float>(), M, K, kind, panels, k.split);
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, xf.options());
@@ -427,7 +440,7 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int
 // Each row r of x (R, K) times its own weight: expert ids[r]'s rows of blocks in raw (E, N, bytes per row) ->
 // (R, N); llama.cpp's mul_mat_id, for the experts a mixture-of-experts layer routes each row to.
 at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tensor& ids, int64_t kind) {
-  Kind k = kind_of(kind);
+  Kind k = kind_of(kind, x.size(-1));
   int64_t K = x.size(-1), R = x.numel() / K, E = raw.size(0), N = raw.size(1), nb = K / k.columns;
   TORCH_CHECK(K % k.columns == 0 && (kind != kIQ4XS || K % kBlock == 0) && raw.dim() == 3 &&
                   raw.size(2) == nb * k.bytes && raw.scalar_type() == at::kByte && raw.is_contiguous(),
@@ -436,7 +449,7 @@ at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tens
   at::Tensor xf = x.to(at::kFloat).contiguous(), idc = ids.contiguous();
   const int64_t* e = idc.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; r++) TORCH_CHECK(e[r] >= 0 && e[r] < E, "ggml_mm_id: expert ", e[r], " of ", E);
-  Acts a = quantize(xf.data_ptr<float>(), R, K, kind, false);
+  Acts a = quantize(xf.data_ptr<float>(), R, K, kind, false, k.split);
   at::Tensor y = at::empty({R, N}, xf.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = raw.data_ptr<uint8_t>();
