@@ -229,20 +229,23 @@ def _check_experts(kind, k):
 
 
 @pytest.mark.skipif(
-    os.environ.get("AUTOLM_NATIVE") == "avx2" or not native.available(),
+    os.environ.get("AUTOLM_NATIVE") in ("avx2", "avxvnni") or not native.available(),
     reason="the AVX2 build's own run, or no kernel",
 )
-def test_the_avx2_kernels_pass_the_same_tests():
+@pytest.mark.parametrize("build", ["avx2", "avxvnni"])
+def test_the_avx2_kernels_pass_the_same_tests(build):
     """The kernels CPUs without AVX-512 VNNI run (ggml_avx2.h; AUTOLM_NATIVE=avx2 builds them on any x86-64-v3
-    CPU): this file's tests of the C++ kernel, run in a process of their own (a process loads one build), every
-    type against the int8-activation product and as stacked experts, the kept models' logits and the weights
-    that stay views of the file."""
+    CPU, AUTOLM_NATIVE=avxvnni with AVX-VNNI's instructions on a CPU that has them): this file's tests of the C++
+    kernel, run in a process of their own (a process loads one build), every type against the int8-activation
+    product and as stacked experts, the kept models' logits and the weights that stay views of the file."""
     import subprocess
 
     assert native.march() == "native"
+    if build == "avxvnni" and "avx_vnni" not in native._cpu_flags():
+        pytest.skip("this CPU has no AVX-VNNI")
     tests = "native_kernel or own_experts or (kept_model_gives and native) or natively_computed"
     command = [sys.executable, "-m", "pytest", __file__, "-n", "0", "-p", "no:cacheprovider", "-k", tests]
-    env = dict(os.environ, AUTOLM_NATIVE="avx2")
+    env = dict(os.environ, AUTOLM_NATIVE=build)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and "skipped" not in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", done.stdout)

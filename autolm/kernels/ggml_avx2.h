@@ -1,15 +1,34 @@
 // ggml_mm.cpp's instructions on CPUs with AVX2, FMA and F16C but not AVX-512 VNNI (included by ggml_mm.cpp, after
 // the blocks' shared helpers): 32 bytes of quants at a time, unsigned weight quants times the activations' int8
 // quants with vpmaddubsw (pairs summed in int16), then vpmaddwd (by ones, or by the K-quants' integer sub-scales)
-// into int32. vpmaddubsw's int16 pair sums would saturate on unsigned bytes up to 255 (2 * 255 * 127 > 32767):
-// Q8_0's and the IQ4 types' quants stay signed, their signs moved onto the activations (vpsignb), as llama.cpp's
-// AVX2 kernels do. Many rows of x: in panels (below).
+// into int32 (with AVX-VNNI: vpdpbusd, vpdpwssd; see dot_u8s8). vpmaddubsw's int16 pair sums would saturate on
+// unsigned bytes up to 255 (2 * 255 * 127 > 32767): Q8_0's and the IQ4 types' quants stay signed, their signs
+// moved onto the activations (vpsignb), as llama.cpp's AVX2 kernels do. Many rows of x: in panels (below).
 
 // 32 bytes of nibbles at a time: the activations' quants in their natural order, but for IQ4_XS's one-row path
 // (two sub-blocks per 32 bytes: see rows_iq4_xs).
 constexpr bool kSwapQ45 = false;
 constexpr int64_t kSplitIQ4XS = 2;
 constexpr bool kPairs32 = false;
+
+// acc plus u's unsigned bytes times s's signed bytes, 4 products summed per int32 lane; acc plus a's and b's int16
+// products, 2 summed per lane. With AVX-VNNI (Intel's cores from Alder Lake on, without AVX-512) one instruction
+// each, vpdpbusd and vpdpwssd; else vpmaddubsw, vpmaddwd (by ones) and vpaddd, which give the same sums where
+// vpmaddubsw's int16 pairs do not saturate (as in every use here).
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
+#ifdef __AVXVNNI__
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 
 inline float hsum(__m256 v) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -50,11 +69,10 @@ float reduce(const RowOut& r) { return hsum(_mm256_add_ps(r.acc, r.accmin)); }
 // 32 quants of a block of 32 times 32 int8 activations: 8 int32 sums of 4 products.
 template <int64_t kind>
 inline __m256i dot32(__m256i q, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (kSignedQuants<kind>)
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
+    return dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
   else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+    return dot_u8s8(_mm256_setzero_si256(), q, x);
 }
 
 // MXFP4's scales: the E8M0 byte at byte 0 of each int32 lane of g, as e8m0_half gives it.
@@ -167,7 +185,7 @@ __attribute__((always_inline)) inline void k_block_rows(const KBlock& k, const A
     __m256i s = _mm256_setzero_si256();
     for (int j = 0; j < 8; j++) {
       __m256i pairs = _mm256_maddubs_epi16(k.q[j], _mm256_loadu_si256((const __m256i*)(x + 32 * j)));
-      s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, k.sc[j]));
+      s = dot_s16(s, pairs, k.sc[j]);
     }
     float dx = a.d[m * (K / kBlock) + b];
     out[m - m0].acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(k.d * dx), out[m - m0].acc);
@@ -327,7 +345,6 @@ void pack_panel_32(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
 template <int64_t kind>
 __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const Acts& a, int64_t K, int64_t m0,
                                                          __m256* f) {
-  const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* x = a.q.data() + m0 * K;
   const int64_t nb = K / 32;
   for (int t = 0; t < kCols; t++) f[t] = _mm256_setzero_ps();
@@ -340,7 +357,7 @@ __attribute__((always_inline)) inline void panel_cols_32(const Panel& p, const A
         int32_t v;
         std::memcpy(&v, x + t * K + 32 * s + 4 * j, 4);
         __m256i xv = kSignedQuants<kind> ? _mm256_sign_epi8(_mm256_set1_epi32(v), wv) : _mm256_set1_epi32(v);
-        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
+        acc[t] = dot_u8s8(acc[t], wa, xv);
       }
     }
     __m256 dv = _mm256_loadu_ps(p.d.data() + s * kLanes), lv = _mm256_loadu_ps(p.low.data() + s * kLanes);
@@ -412,7 +429,7 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts
             acc[t] = _mm256_add_epi16(acc[t], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(v)));
           }
         }
-        for (int t = 0; t < kCols; t++) s1[t] = _mm256_add_epi32(s1[t], _mm256_madd_epi16(acc[t], scv));
+        for (int t = 0; t < kCols; t++) s1[t] = dot_s16(s1[t], acc[t], scv);
       }
     }
     __m256 dv = _mm256_loadu_ps(p.d.data() + b * kLanes);

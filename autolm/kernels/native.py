@@ -4,7 +4,8 @@ compiled once per machine with its C++ compiler and loaded as torch.ops.autolm.
 The library is built for the machine's own instruction set (-march=native): with AVX-512 VNNI where the CPU has
 it (ggml_avx512.h), else with AVX2, FMA and F16C (ggml_avx2.h); on other CPUs, and without a compiler, the other
 kernels of kernels.ggml compute these types. AUTOLM_NATIVE=avx2 builds the AVX2 kernels on any CPU that has
-those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=0 turns the library off. It is kept under
+those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=avxvnni the same with AVX-VNNI (as on Intel's
+cores without AVX-512 from Alder Lake on); AUTOLM_NATIVE=0 turns the library off. It is kept under
 `$AUTOLM_HOME/kernels/<key>.so`, the key covering the sources, the -march, the torch version and the CPU (as
 the compiled graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds
 it (about eight seconds), later processes load it (milliseconds).
@@ -78,15 +79,19 @@ def computes(kind: int, columns: int) -> bool:
 
 def march() -> str | None:
     """The compiler's -march for this CPU and AUTOLM_NATIVE: native (AVX-512 VNNI, or AVX2, FMA and F16C),
-    x86-64-v3 (AUTOLM_NATIVE=avx2: the AVX2 kernels), or None (AUTOLM_NATIVE=0, or a CPU with neither)."""
-    choice = os.environ.get("AUTOLM_NATIVE", "1")
-    if choice == "0" or not _AVX2.issubset(_cpu_flags()):
+    x86-64-v3 (AUTOLM_NATIVE=avx2: the AVX2 kernels), x86-64-v3+avxvnni (AUTOLM_NATIVE=avxvnni: those with
+    AVX-VNNI, where the CPU has it), or None (AUTOLM_NATIVE=0, or a CPU with neither)."""
+    choice, flags = os.environ.get("AUTOLM_NATIVE", "1"), _cpu_flags()
+    if choice == "0" or not _AVX2.issubset(flags):
         return None
-    return "x86-64-v3" if choice == "avx2" else "native"
+    if choice not in ("avx2", "avxvnni"):
+        return "native"
+    return "x86-64-v3+avxvnni" if choice == "avxvnni" and "avx_vnni" in flags else "x86-64-v3"
 
 
 def _build(arch: str) -> str:
-    """The library's path for `-march=arch`, compiling it first where it is not there yet."""
+    """The library's path for `arch` (-march, then + instruction sets added: x86-64-v3+avxvnni), compiling it
+    first where it is not there yet."""
     sources = []
     for path in (_SOURCE, *_HEADERS):
         with open(path, "rb") as f:
@@ -103,7 +108,8 @@ def _build(arch: str) -> str:
     lib = os.path.join(base, "lib")
     with published_file(path, 0o755) as tmp:
         command = [
-            compiler, _SOURCE, "-o", tmp, "-O3", f"-march={arch}", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+            compiler, _SOURCE, "-o", tmp, "-O3", f"-march={arch.split('+')[0]}",
+            *(f"-m{extra}" for extra in arch.split("+")[1:]), "-std=c++20", "-shared", "-fPIC", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-I", os.path.join(base, "include"), "-I", os.path.join(base, "include", "torch", "csrc", "api", "include"),
             "-L", lib, f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch",
