@@ -9,7 +9,7 @@
 // (two sub-blocks per 32 bytes: see rows_iq4_xs).
 constexpr bool kSwapQ45 = false;
 constexpr int64_t kSplitIQ4XS = 2;
-constexpr bool kPairs32 = false;
+constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
 
 // acc plus u's unsigned bytes times s's signed bytes, 4 products summed per int32 lane; acc plus a's and b's int16
 // products, 2 summed per lane. With AVX-VNNI (Intel's cores from Alder Lake on, without AVX-512) one instruction
@@ -127,13 +127,46 @@ __attribute__((always_inline)) inline void rows_iq4_xs(const uint8_t* w, int64_t
   }
 }
 
+// Two blocks of 32 of a nibble kind at b (kPairs32), in the order the activations' quants take them (split 2): lo,
+// both blocks' first 16 quants, hi, both blocks' last 16 (32 bytes of nibbles split once).
+template <int64_t kind, int64_t bytes>
+inline void pair32(const uint8_t* b, __m256i& lo, __m256i& hi) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b + kNibblesAt<kind>))),
+                                      _mm_loadu_si128((const __m128i*)(b + bytes + kNibblesAt<kind>)), 1);
+  lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  if constexpr (kind == kQ5_0 || kind == kQ5_1) {
+    uint64_t h = pair_fifth_bits<kind, bytes>(b);
+    lo = _mm256_or_si256(lo, fifth_bits((uint32_t)h)), hi = _mm256_or_si256(hi, fifth_bits((uint32_t)(h >> 32)));
+  }
+  if constexpr (kind == kIQ4NL || kind == kMXFP4) {  // the code book's values
+    const __m256i values = kind == kIQ4NL ? iq4_values : mxfp4_values;
+    lo = _mm256_shuffle_epi8(values, lo), hi = _mm256_shuffle_epi8(values, hi);
+  }
+}
+
+// A pair's dot products with its 64 activations' quants (x0: the first 16 of each block, x1 the last 16): lanes 0-3
+// the first block's, 4-7 the second's. Unsigned nibbles (and fifth bits): both halves' int16 pairs summed before
+// one vpmaddwd (2 * 2 * 31 * 127 fits in int16).
+template <int64_t kind>
+inline __m256i dot64(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+#ifndef __AVXVNNI__
+  if constexpr (!kSignedQuants<kind>)
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
+                             _mm256_set1_epi16(1));
+#endif
+  if constexpr (kSignedQuants<kind>)
+    return _mm256_add_epi32(dot32<kind>(lo, x0), dot32<kind>(hi, x1));
+  return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, x0), hi, x1);
+}
+
 // Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS: above), 8 at a time: their scales (and low values)
 // gathered into one vector each, each block's dot products times its scale and the activations' (two sums, so
-// that the adds do not wait on each other); the low terms from the activations' block sums.
+// that the adds do not wait on each other); the low terms from the activations' block sums. kPaired: two blocks
+// per vector of products (pair32, dot64), each lane times its block's scale.
 template <int64_t kind, int64_t bytes, bool kPaired>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
-  static_assert(!kPaired, "no pairs of blocks in the AVX2 build (kPairs32)");
   if constexpr (kind == kIQ4XS) return rows_iq4_xs(w, nb, a, K, m0, m1, out);
   constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -148,7 +181,13 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
                                                 : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
     __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
     const bool many = m1 - m0 > 1;
-    for (int64_t p = 0; p < n && many; p++) q[p] = quants32<kind>(w + p * bytes);
+    for (int64_t p = 0; p < n && many; p++) {
+      if constexpr (kPaired) {
+        if (p % 2 == 0) pair32<kind, bytes>(w + p * bytes, q[p], q[p + 1]);
+      } else {
+        q[p] = quants32<kind>(w + p * bytes);
+      }
+    }
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m256 sc = _mm256_mul_ps(d, _mm256_maskload_ps(a.d.data() + m * (K / 32) + b0, live));
@@ -156,7 +195,15 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
         out[m - m0].accmin =
             _mm256_fmadd_ps(low, _mm256_maskload_ps(a.s.data() + m * (K / 32) + b0, live), out[m - m0].accmin);
       __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
-      for (int64_t p = 0; p < n; p++) {
+      for (int64_t p = 0; p < n && kPaired; p += 2) {
+        __m256i lo = q[p], hi = q[p + 1];
+        if (!many) pair32<kind, bytes>(w + p * bytes, lo, hi);
+        __m256i dot = dot64<kind>(lo, hi, _mm256_loadu_si256((const __m256i*)(x + 32 * p)),
+                                  _mm256_loadu_si256((const __m256i*)(x + 32 * p + 32)));
+        __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_setr_epi32(p, p, p, p, p + 1, p + 1, p + 1, p + 1));
+        acc[p / 2 % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p / 2 % 2]);
+      }
+      for (int64_t p = 0; p < n && !kPaired; p++) {
         __m256i qp = many ? q[p] : quants32<kind>(w + p * bytes);
         __m256i dot = dot32<kind>(qp, _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
         __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32((int)p));

@@ -53,19 +53,13 @@ inline __m512 e8m0_halves(__m512i g) {
 // both blocks' first 16 quants, then both blocks' last 16: 32 bytes of nibbles split once into 64 quants.
 template <int64_t kind, int64_t bytes>
 inline __m512i pair32(const uint8_t* b) {
-  constexpr int64_t at = kind == kMXFP4 ? 1 : kind == kQ4_1 ? 4 : kind == kQ5_0 ? 6 : kind == kQ5_1 ? 8 : 2;
+  constexpr int64_t at = kNibblesAt<kind>;
   __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b + at))),
                                       _mm_loadu_si128((const __m128i*)(b + bytes + at)), 1);
   __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1),
                                _mm512_set1_epi8(0x0F));
-  if constexpr (kind == kQ5_0 || kind == kQ5_1) {  // the fifth bits (32 per block, before the nibbles), reordered
-    uint32_t h0, h1;
-    std::memcpy(&h0, b + at - 4, 4);
-    std::memcpy(&h1, b + bytes + at - 4, 4);
-    uint64_t m = (h0 & 0xFFFFu) | (uint64_t)(h1 & 0xFFFFu) << 16 | (uint64_t)(h0 >> 16) << 32 |
-                 (uint64_t)(h1 >> 16) << 48;
-    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(m, _mm512_set1_epi8(0x10)));
-  }
+  if constexpr (kind == kQ5_0 || kind == kQ5_1)
+    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(pair_fifth_bits<kind, bytes>(b), _mm512_set1_epi8(0x10)));
   if constexpr (kind == kIQ4NL || kind == kMXFP4)  // the code book's values
     q = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_castsi256_si128(kind == kIQ4NL ? iq4_values : mxfp4_values)),
                             q);

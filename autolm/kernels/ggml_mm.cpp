@@ -74,9 +74,7 @@ inline __m256i nibbles(const uint8_t* p) {  // 16 bytes: the low nibbles are wei
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
 }
 
-inline __m256i fifth_bits(const uint8_t* p) {  // a 32-bit mask -> 16 in each byte whose bit is set
-  uint32_t h;
-  std::memcpy(&h, p, 4);
+inline __m256i fifth_bits(uint32_t h) {  // a 32-bit mask -> 16 in each byte whose bit is set
 #ifdef AUTOLM_AVX512
   return _mm256_and_si256(_mm256_movm_epi8(h), _mm256_set1_epi8(0x10));
 #else  // byte i takes mask byte i / 8, then tests its bit i % 8
@@ -85,6 +83,11 @@ inline __m256i fifth_bits(const uint8_t* p) {  // a 32-bit mask -> 16 in each by
   __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), spread), bit);
   return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(0x10));
 #endif
+}
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t h;
+  std::memcpy(&h, p, 4);
+  return fifth_bits(h);
 }
 
 // A code book's 16 values per nibble, plus 128 where the quants are unsigned bytes, in both 128-bit lanes: IQ4_NL /
@@ -133,6 +136,19 @@ inline __m256i quants32(const uint8_t* b) {
   if constexpr (kind == kIQ4NL) return _mm256_shuffle_epi8(iq4_values, nibbles(b + 2));
   if constexpr (kind == kIQ4XS) return _mm256_shuffle_epi8(iq4_values, nibbles(b));  // b: the sub-block's 16 bytes
   if constexpr (kind == kMXFP4) return _mm256_shuffle_epi8(mxfp4_values, nibbles(b + 1));
+}
+
+// Two blocks of 32 of a nibble kind taken together (Kind::split 2, where kPairs32): where each block's 16 bytes of
+// nibbles start, and Q5_0's / Q5_1's fifth bits of blocks b and b + `bytes` in the pair's order, the first 16
+// weights' of each block, then the last 16's.
+template <int64_t kind>
+constexpr int64_t kNibblesAt = kind == kMXFP4 ? 1 : kind == kQ4_1 ? 4 : kind == kQ5_0 ? 6 : kind == kQ5_1 ? 8 : 2;
+template <int64_t kind, int64_t bytes>
+inline uint64_t pair_fifth_bits(const uint8_t* b) {
+  uint32_t h0, h1;
+  std::memcpy(&h0, b + kNibblesAt<kind> - 4, 4);
+  std::memcpy(&h1, b + bytes + kNibblesAt<kind> - 4, 4);
+  return (h0 & 0xFFFFu) | (uint64_t)(h1 & 0xFFFFu) << 16 | (uint64_t)(h0 >> 16) << 32 | (uint64_t)(h1 >> 16) << 48;
 }
 
 // The K-quants' 6-bit scales in 12 bytes at p, as 16 bytes in a register (built there: four 4-byte stores read
