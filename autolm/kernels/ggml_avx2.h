@@ -10,6 +10,8 @@
 constexpr bool kSwapQ45 = false;
 constexpr int64_t kSplitIQ4XS = 2;
 constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
+// One row of x: blocks of 32 two weight rows at a time, a group_32 (8 blocks) of each in turn (row_range_32).
+constexpr int64_t kTwoRows32 = 8;
 
 // acc plus u's unsigned bytes times s's signed bytes, 4 products summed per int32 lane; acc plus a's and b's int16
 // products, 2 summed per lane. With AVX-VNNI (Intel's cores from Alder Lake on, without AVX-512) one instruction
@@ -160,58 +162,63 @@ inline __m256i dot64(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
   return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, x0), hi, x1);
 }
 
-// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS: above), 8 at a time: their scales (and low values)
-// gathered into one vector each, each block's dot products times its scale and the activations' (two sums, so
-// that the adds do not wait on each other); the low terms from the activations' block sums. kPaired: two blocks
-// per vector of products (pair32, dot64), each lane times its block's scale.
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4; IQ4_XS: above), 8 at a time (a group: blocks b0.. of a
+// weight row, w at block b0): their scales (and low values) gathered into one vector each, each block's dot products
+// times its scale and the activations' (two sums, so that the adds do not wait on each other); the low terms from
+// the activations' block sums. kPaired: two blocks per vector of products (pair32, dot64), each lane times its
+// block's scale.
+template <int64_t kind, int64_t bytes, bool kPaired>
+__attribute__((always_inline)) inline void group_32(const uint8_t* w, int64_t b0, int64_t nb, const Acts& a,
+                                                    int64_t K, int64_t m0, int64_t m1, RowOut* out) {
+  constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bytes));
+  prefetch(w, 8 * bytes);
+  int64_t n = std::min<int64_t>(8, nb - b0);
+  __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
+  __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
+  __m256 d = kind == kMXFP4 ? e8m0_halves(g) : halves(g);
+  __m256 low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
+                                              : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
+  __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
+  const bool many = m1 - m0 > 1;
+  for (int64_t p = 0; p < n && many; p++) {
+    if constexpr (kPaired) {
+      if (p % 2 == 0) pair32<kind, bytes>(w + p * bytes, q[p], q[p + 1]);
+    } else {
+      q[p] = quants32<kind>(w + p * bytes);
+    }
+  }
+  for (int64_t m = m0; m < m1; m++) {
+    const int8_t* x = a.q.data() + m * K + 32 * b0;
+    __m256 sc = _mm256_mul_ps(d, _mm256_maskload_ps(a.d.data() + m * (K / 32) + b0, live));
+    if constexpr (kLow)
+      out[m - m0].accmin =
+          _mm256_fmadd_ps(low, _mm256_maskload_ps(a.s.data() + m * (K / 32) + b0, live), out[m - m0].accmin);
+    __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
+    for (int64_t p = 0; p < n && kPaired; p += 2) {
+      __m256i lo = q[p], hi = q[p + 1];
+      if (!many) pair32<kind, bytes>(w + p * bytes, lo, hi);
+      __m256i dot = dot64<kind>(lo, hi, _mm256_loadu_si256((const __m256i*)(x + 32 * p)),
+                                _mm256_loadu_si256((const __m256i*)(x + 32 * p + 32)));
+      __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_setr_epi32(p, p, p, p, p + 1, p + 1, p + 1, p + 1));
+      acc[p / 2 % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p / 2 % 2]);
+    }
+    for (int64_t p = 0; p < n && !kPaired; p++) {
+      __m256i qp = many ? q[p] : quants32<kind>(w + p * bytes);
+      __m256i dot = dot32<kind>(qp, _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
+      __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32((int)p));
+      acc[p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p % 2]);
+    }
+    out[m - m0].acc = _mm256_add_ps(acc[0], acc[1]);
+  }
+}
+
 template <int64_t kind, int64_t bytes, bool kPaired>
 __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb, const Acts& a, int64_t K,
                                                    int64_t m0, int64_t m1, RowOut* out) {
   if constexpr (kind == kIQ4XS) return rows_iq4_xs(w, nb, a, K, m0, m1, out);
-  constexpr bool kLow = kind == kQ4_1 || kind == kQ5_1 || offset_of(kind) != 0.0f;
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bytes));
-  for (int64_t b0 = 0; b0 < nb; b0 += 8, w += 8 * bytes) {
-    prefetch(w, 8 * bytes);
-    int64_t n = std::min<int64_t>(8, nb - b0);
-    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
-    __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)w, at, live, 1);  // bytes 0..3
-    __m256 d = kind == kMXFP4 ? e8m0_halves(g) : halves(g);
-    __m256 low = kind == kQ4_1 || kind == kQ5_1 ? halves(_mm256_srli_epi32(g, 16))
-                                                : _mm256_mul_ps(d, _mm256_set1_ps(offset_of(kind)));
-    __m256i q[8];  // many rows of x: each block decoded once (one row: as it is multiplied, which is faster)
-    const bool many = m1 - m0 > 1;
-    for (int64_t p = 0; p < n && many; p++) {
-      if constexpr (kPaired) {
-        if (p % 2 == 0) pair32<kind, bytes>(w + p * bytes, q[p], q[p + 1]);
-      } else {
-        q[p] = quants32<kind>(w + p * bytes);
-      }
-    }
-    for (int64_t m = m0; m < m1; m++) {
-      const int8_t* x = a.q.data() + m * K + 32 * b0;
-      __m256 sc = _mm256_mul_ps(d, _mm256_maskload_ps(a.d.data() + m * (K / 32) + b0, live));
-      if constexpr (kLow)
-        out[m - m0].accmin =
-            _mm256_fmadd_ps(low, _mm256_maskload_ps(a.s.data() + m * (K / 32) + b0, live), out[m - m0].accmin);
-      __m256 acc[2] = {out[m - m0].acc, _mm256_setzero_ps()};
-      for (int64_t p = 0; p < n && kPaired; p += 2) {
-        __m256i lo = q[p], hi = q[p + 1];
-        if (!many) pair32<kind, bytes>(w + p * bytes, lo, hi);
-        __m256i dot = dot64<kind>(lo, hi, _mm256_loadu_si256((const __m256i*)(x + 32 * p)),
-                                  _mm256_loadu_si256((const __m256i*)(x + 32 * p + 32)));
-        __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_setr_epi32(p, p, p, p, p + 1, p + 1, p + 1, p + 1));
-        acc[p / 2 % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p / 2 % 2]);
-      }
-      for (int64_t p = 0; p < n && !kPaired; p++) {
-        __m256i qp = many ? q[p] : quants32<kind>(w + p * bytes);
-        __m256i dot = dot32<kind>(qp, _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
-        __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32((int)p));
-        acc[p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[p % 2]);
-      }
-      out[m - m0].acc = _mm256_add_ps(acc[0], acc[1]);
-    }
-  }
+  for (int64_t b0 = 0; b0 < nb; b0 += 8, w += 8 * bytes) group_32<kind, bytes, kPaired>(w, b0, nb, a, K, m0, m1, out);
 }
 
 // A decoded K-quant block: the quants as unsigned bytes in natural order, 32 per vector, each int16 lane's

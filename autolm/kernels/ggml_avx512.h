@@ -6,6 +6,8 @@
 constexpr bool kSwapQ45 = true;
 constexpr int64_t kSplitIQ4XS = 4;
 constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
+// One row of x: blocks of 32 one weight row at a time (two at a time measured 8-10% slower here; see row_range_32).
+constexpr int64_t kTwoRows32 = 0;
 
 inline float absmax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
