@@ -9,7 +9,6 @@
 // (two sub-blocks per 32 bytes: see rows_iq4_xs).
 constexpr bool kSwapQ45 = false;
 constexpr int64_t kSplitIQ4XS = 2;
-constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
 // One row of x: blocks of 32 two weight rows at a time, a group_32 (8 blocks) of each in turn (row_range_32).
 constexpr int64_t kTwoRows32 = 8;
 
@@ -129,7 +128,7 @@ __attribute__((always_inline)) inline void rows_iq4_xs(const uint8_t* w, int64_t
   }
 }
 
-// Two blocks of 32 of a nibble kind at b (kPairs32), in the order the activations' quants take them (split 2): lo,
+// Two blocks of 32 of a nibble kind at b, in the order the activations' quants take them (split 2): lo,
 // both blocks' first 16 quants, hi, both blocks' last 16 (32 bytes of nibbles split once).
 template <int64_t kind, int64_t bytes>
 inline void pair32(const uint8_t* b, __m256i& lo, __m256i& hi) {

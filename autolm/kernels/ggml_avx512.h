@@ -5,7 +5,6 @@
 // 64 bytes of nibbles at a time: the activations' quants in their order (see Acts).
 constexpr bool kSwapQ45 = true;
 constexpr int64_t kSplitIQ4XS = 4;
-constexpr bool kPairs32 = true;  // the nibble kinds' blocks of 32 two at a time (pair32)
 // One row of x: blocks of 32 one weight row at a time (two at a time measured 8-10% slower here; see row_range_32).
 constexpr int64_t kTwoRows32 = 0;
 
@@ -51,7 +50,7 @@ inline __m512 e8m0_halves(__m512i g) {
   return _mm512_castsi512_ps(_mm512_mask_blend_epi32(is_big, small, big));
 }
 
-// Two blocks of 32 of a nibble kind at b (kPairs32), in the order the activations' quants take them (split 2):
+// Two blocks of 32 of a nibble kind at b, in the order the activations' quants take them (split 2):
 // both blocks' first 16 quants, then both blocks' last 16: 32 bytes of nibbles split once into 64 quants.
 template <int64_t kind, int64_t bytes>
 inline __m512i pair32(const uint8_t* b) {

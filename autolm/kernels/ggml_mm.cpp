@@ -53,7 +53,7 @@ inline float half_at(const uint8_t* p) {
 // low term, 32 for Q4_K and Q5_K, else 16). The others: s, each block's sum, d times the sum of its quants
 // (llama.cpp's Q8_1). Where a kernel takes several blocks' nibbles at a time, the quants come in the order in which
 // they come out: for Q4_K and Q5_K, with kSwapQ45, the 32-column runs 1 and 2 of every 128 swapped; for blocks of
-// 32 on the one-row path, runs of Kind::split blocks (IQ4_XS: kSplitIQ4XS; nibble kinds in pairs where kPairs32)
+// 32 on the one-row path, runs of Kind::split blocks (IQ4_XS: kSplitIQ4XS; the nibble kinds' pairs: 2)
 // as their first 16 quants each, then their last 16.
 struct Acts {
   std::vector<int8_t> q;
@@ -138,7 +138,7 @@ inline __m256i quants32(const uint8_t* b) {
   if constexpr (kind == kMXFP4) return _mm256_shuffle_epi8(mxfp4_values, nibbles(b + 1));
 }
 
-// Two blocks of 32 of a nibble kind taken together (Kind::split 2, where kPairs32): where each block's 16 bytes of
+// Two blocks of 32 of a nibble kind taken together (Kind::split 2): where each block's 16 bytes of
 // nibbles start, and Q5_0's / Q5_1's fifth bits of blocks b and b + `bytes` in the pair's order, the first 16
 // weights' of each block, then the last 16's.
 template <int64_t kind>
@@ -361,11 +361,11 @@ struct Kind {
   int64_t split = 0;           // blocks of 32, one row at a time: the activations' quants split in runs of this many
 };
 
-// Blocks of 32: paired (kPairs32: two blocks' nibbles split at once, the activations' quants split to match) where
+// Blocks of 32: paired (two blocks' nibbles split at once, the activations' quants split to match; pair32) where
 // the kind is a nibble kind and the row's blocks pair up.
 template <int64_t kind, int64_t bytes>
 Kind kind_32(bool paired) {
-  if constexpr (kPairs32 && kind != kQ8_0 && kind != kIQ4XS)
+  if constexpr (kind != kQ8_0 && kind != kIQ4XS)
     if (paired) return {32, bytes, row_range_32<kind, bytes, true>, panels_32<kind, bytes>, kCols, 2};
   return {32, bytes, row_range_32<kind, bytes, false>, panels_32<kind, bytes>, kCols,
           kind == kIQ4XS ? kSplitIQ4XS : 0};
