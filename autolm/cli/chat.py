@@ -14,12 +14,11 @@ from .common import (
     distributed,
     launch,
     load,
-    load_draft,
     parse_adapters,
-    prepare_decode,
     sampling_kwargs,
     stream_reply,
 )
+from .decode import load_draft, load_source, prepare_decode, use_compiled
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -48,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         ids = tok.encode(prompt)
-    prepare_decode(model, tok, args)
+    prepare_decode(model, tok, args, source=load_source(model_name, args, adapters))
     kwargs.update(load_draft(args, model, tok))
     if not distributed():
         stream_reply(model, tok, ids, kwargs, seed=args.seed)
@@ -75,11 +74,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     check_model_arg(args.model, args.device)
     kwargs = sampling_kwargs(args)
     check_draft(args)
-    model, tok = load(
-        args.model, args.dtype, args.device, args.quantize, adapters=parse_adapters(args.adapter)
-    )
+    adapters = parse_adapters(args.adapter)
+    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
     tok.get_chat_template()  # a model without one (GPT-2): the error now, not after compiling the decode step
-    prepare_decode(model, tok, args)
+    pending = prepare_decode(model, tok, args, source=load_source(args.model, args, adapters))
     kwargs.update(load_draft(args, model, tok))
     system = args.system
     messages: list[dict[str, str]] = []
@@ -88,6 +86,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return ([{"role": "system", "content": system}] if system else []) + messages
 
     def turn(user: str) -> None:
+        nonlocal pending
+        if pending is not None and pending.ready():
+            use_compiled(model, pending)
+            pending = None
         messages.append({"role": "user", "content": user})
         ids = tok.apply_chat_template(history(), add_generation_prompt=True, return_dict=False)
         reply = []

@@ -7,7 +7,6 @@ import argparse
 import os
 import re
 import sys
-import time
 from typing import Any
 
 from ..errors import AutolmError, ConfigError, GenerationError
@@ -170,21 +169,6 @@ def check_draft(args: argparse.Namespace) -> None:
         raise UsageError(f"--draft-model {e}") from None
 
 
-def load_draft(args: argparse.Namespace, model, tok) -> dict[str, Any]:
-    """{"assistant_model": the draft} for --draft-model, else {}: loaded as a model argument is (with --dtype,
-    --device, --quantize; a .gguf in its own blocks), its decode step prepared as the model's is."""
-    if getattr(args, "draft_model", None) is None:
-        return {}
-    draft, _ = load(args.draft_model, args.dtype, args.device, args.quantize)
-    if draft.config.vocab_size != model.config.vocab_size:
-        raise UsageError(
-            f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} tokens and the "
-            f"model's {model.config.vocab_size}; the draft must use the model's tokenizer"
-        )
-    prepare_decode(draft, tok, args)
-    return {"assistant_model": draft}
-
-
 def check_heads(model: str | None, n: int) -> None:
     """--tp N: the model's attention heads must split evenly (checked before torchrun starts)."""
     if n <= 1:
@@ -236,39 +220,6 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def prepare_decode(model, tok, args, batched: bool = False) -> None:
-    """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
-    of time (with `batched`, for several rows too: the server): loaded from $AUTOLM_HOME/compiled, or compiled
-    there now with a progress bar (the first run on a machine for a model shape, dtype and quantization);
-    --eager or AUTOLM_EAGER=1 skip it."""
-    if args.compile:
-        compile_once(model, tok)
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if args.eager:
-        base.decode_mode = "eager"  # not even graphs compiled by an earlier run
-    if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
-        return
-    if hasattr(base, "precompile_decode") and base.device.type == "cpu":
-        base.precompile_decode(progress=True, batched=batched)
-
-
-def compile_once(model, tok) -> None:
-    """--compile: compile the decode step now, with a message, so the speed printed later is the compiled one."""
-    from ..generation import compile_decode, generate_text
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.decode_step is not None:
-        return
-    print(
-        "compiling the decode step (once per shape; cached for later runs) ...", file=sys.stderr, flush=True
-    )
-    t0 = time.perf_counter()
-    compile_decode(base)
-    generate_text(model, tok, [tok.eos_token_id or 0] * 4, max_new_tokens=3, do_sample=False)
-    print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-
-
 def stream_reply(
     model,
     tok,
@@ -316,14 +267,11 @@ __all__ = [
     "check_draft",
     "check_heads",
     "check_model_arg",
-    "compile_once",
     "distributed",
     "launch",
     "load",
-    "load_draft",
     "locate",
     "parse_adapters",
-    "prepare_decode",
     "sampling_kwargs",
     "stream_reply",
 ]

@@ -16,11 +16,10 @@ from .common import (
     distributed,
     launch,
     load,
-    load_draft,
     locate,
     parse_adapters,
-    prepare_decode,
 )
+from .decode import load_draft, prepare_decode
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -101,6 +101,13 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
     return one and (not batched or compiled_plan(model, True, progress, batched=True) is not None)
 
 
+def forget_plans(model) -> None:
+    """Look the model's compiled plans up again at the next generation (graphs another process compiled since
+    the last lookup found none)."""
+    _PLANS.pop(model, None)
+    _BATCHED.pop(model, None)
+
+
 def install_plan(model, plan, batched: bool = False) -> None:
     """Use `plan` (graphs.build's or graphs.exported's) for this model's one-token step until it changes."""
     (_BATCHED if batched else _PLANS)[model] = (_signature(model), plan)
@@ -192,4 +199,12 @@ def compile_decode(model, **compile_kwargs):
     return model
 
 
-__all__ = ["OneTokenStep", "compile_decode", "compiled_plan", "compiled_step", "decoder", "precompile"]
+__all__ = [
+    "OneTokenStep",
+    "compile_decode",
+    "compiled_plan",
+    "compiled_step",
+    "decoder",
+    "forget_plans",
+    "precompile",
+]

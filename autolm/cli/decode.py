@@ -1,0 +1,171 @@
+"""How the commands decode: the CPU step compiled ahead of time (loaded, compiled now, or compiled by a background
+process while the eager step answers: background.py), torch.compile for --compile, and the --draft-model."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .._util import autolm_home
+from .common import UsageError, distributed, load
+
+
+def load_draft(args: argparse.Namespace, model, tok) -> dict[str, Any]:
+    """{"assistant_model": the draft} for --draft-model, else {}: loaded as a model argument is (with --dtype,
+    --device, --quantize; a .gguf in its own blocks), its decode step prepared as the model's is."""
+    if getattr(args, "draft_model", None) is None:
+        return {}
+    draft, _ = load(args.draft_model, args.dtype, args.device, args.quantize)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(
+            f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} tokens and the "
+            f"model's {model.config.vocab_size}; the draft must use the model's tokenizer"
+        )
+    prepare_decode(draft, tok, args)
+    return {"assistant_model": draft}
+
+
+def prepare_decode(model, tok, args, batched: bool = False, source: dict | None = None) -> Pending | None:
+    """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
+    of time (with `batched`, for several rows too: the server): loaded from $AUTOLM_HOME/compiled where it is
+    there; else compiled now with a progress bar (the server), or, given the `source` the command loaded the
+    model from (generate, chat), compiled by a background process while the eager step answers (returned:
+    Pending). --eager or AUTOLM_EAGER=1 skip it."""
+    if args.compile:
+        compile_once(model, tok)
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if args.eager:
+        base.decode_mode = "eager"  # not even graphs compiled by an earlier run
+    if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
+        return None
+    if not hasattr(base, "precompile_decode") or base.device.type != "cpu":
+        return None
+    if source is None:
+        base.precompile_decode(progress=True, batched=batched)
+        return None
+    from ..step import compiled_plan
+
+    if compiled_plan(base) is not None:
+        return None
+    pending = start_background_compile(source)
+    where = f"log: {pending.log}" if pending else "another process compiles it now"
+    print(
+        "autolm: compiling the CPU decode step in the background (once per machine and model shape, tens of "
+        f"seconds; {where}); until it is ready, replies run the eager step",
+        file=sys.stderr,
+        flush=True,
+    )
+    return pending
+
+
+def background_log(source: dict) -> str:
+    """The log (and lock) of the background compile of the model `source` describes."""
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(autolm_home(), "compiled", f"background-{digest}.log")
+
+
+def load_source(model: str | None, args, adapters=None) -> dict:
+    """How a command loads its model, for `python -m autolm.cli.background` to load the same one."""
+    import torch
+
+    return {"model": model, "dtype": args.dtype, "device": args.device, "quantize": args.quantize,
+            "adapters": adapters or [], "threads": torch.get_num_threads()}  # fmt: skip
+
+
+class Pending:
+    """A background compile this command started (autolm/cli/background.py); ready() once it has ended."""
+
+    def __init__(self, proc, log: str):
+        self.proc, self.log = proc, log
+
+    def ready(self) -> bool:
+        return self.proc.poll() is not None
+
+
+def start_background_compile(source: dict) -> Pending | None:
+    """`python -m autolm.cli.background SOURCE` in a process of its own, which outlives this one; None where
+    another process compiles this model now. The log's lock passes to the process with the file."""
+    import subprocess
+
+    log = locked_log(source)
+    if log is None:
+        return None
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autolm.cli.background", json.dumps(source), str(log.fileno())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(log.fileno(),),
+        )
+    return Pending(proc, log.name)
+
+
+def locked_log(source: dict):
+    """The background compile's log for this source, opened (emptied) and locked by this process; None where
+    another process holds the lock."""
+    import fcntl
+
+    path = background_log(source)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a")  # noqa: SIM115 - closed by the caller, or kept by the compiling process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    f.truncate(0)
+    return f
+
+
+def use_compiled(model, pending: Pending) -> bool:
+    """After the background compile `pending` has ended: the compiled step from the next generation on, where its
+    graphs are there now (a line on stderr says which)."""
+    from ..step import compiled_plan, forget_plans
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forget_plans(base)
+    ok = compiled_plan(base) is not None
+    print(
+        "autolm: the compiled decode step is ready; the next replies run it"
+        if ok
+        else f"autolm: the decode step was not compiled (see {pending.log}); replies keep the eager step",
+        file=sys.stderr,
+        flush=True,
+    )
+    return ok
+
+
+def compile_once(model, tok) -> None:
+    """--compile: compile the decode step now, with a message, so the speed printed later is the compiled one."""
+    from ..generation import compile_decode, generate_text
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.decode_step is not None:
+        return
+    print(
+        "compiling the decode step (once per shape; cached for later runs) ...", file=sys.stderr, flush=True
+    )
+    t0 = time.perf_counter()
+    compile_decode(base)
+    generate_text(model, tok, [tok.eos_token_id or 0] * 4, max_new_tokens=3, do_sample=False)
+    print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "Pending",
+    "background_log",
+    "compile_once",
+    "load_draft",
+    "load_source",
+    "locked_log",
+    "prepare_decode",
+    "start_background_compile",
+    "use_compiled",
+]
