@@ -219,3 +219,82 @@ def test_padded_batch_one_token_step_gives_the_forwards_logits(checkpoint, name)
                                    output_logits=True, return_dict_in_generate=True))  # fmt: skip
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4)
+
+
+# ---- the eager step's small ops in autolm's C++ kernel (kernels/cpu_ops.cpp) ----------------------------------
+
+
+@pytest.fixture
+def cpu_ops():
+    from autolm.kernels import native
+
+    if not native.available():
+        pytest.skip("autolm's C++ kernels are not built on this machine (no AVX2 or no compiler)")
+    return native
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B, nh, n_kv, hd, first, span, softcap, sinks, starts",
+    [
+        (1, 9, 3, 64, 0, 37, None, False, None),  # SmolLM2's heads, one sequence
+        (2, 8, 2, 128, 5, 40, 30.0, True, [0, 9]),  # a window, soft-capping, sinks, a left-padded row
+        (3, 4, 4, 80, 0, 1, None, False, [0, 0, 0]),  # one slot, no grouping
+    ],
+)
+def test_native_decode_attention_is_the_eager_arithmetic(
+    cpu_ops, monkeypatch, dtype, B, nh, n_kv, hd, first, span, softcap, sinks, starts
+):
+    """The C++ one-token attention writes the new slot as the eager ops do and gives their output within float
+    rounding (fp32 sums in another order), for every cache dtype and option."""
+    import importlib
+
+    attention_module = importlib.import_module(
+        "autolm.kernels.attention"
+    )  # the package shadows it with a function
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, 1, hd, generator=g).to(dtype) for h in (nh, n_kv, n_kv))
+    cache = [torch.randn(B, n_kv, first + span + 3, hd, generator=g).to(dtype) for _ in range(2)]
+    sink = torch.randn(nh, generator=g) if sinks else None
+    rows = torch.tensor(starts) if starts is not None else None
+    seen = first + span
+
+    def run(native_on: bool):
+        keys, values = (c.clone() for c in cache)
+        monkeypatch.setattr(cpu_ops, "ready", lambda: native_on)
+        out = attention_module.decode_attention(q, k, v, keys, values, seen, span, None, softcap, sink, rows)
+        return out, keys, values
+
+    with torch.inference_mode():
+        ours, keys, values = run(True)
+        theirs, keys_ref, values_ref = run(False)
+    assert ours.dtype == dtype and ours.shape == (B, 1, nh, hd)
+    assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_rms_norm_is_f_rms_norm_in_fp32(cpu_ops, dtype):
+    from autolm import kernels
+
+    x = (torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    with torch.inference_mode():
+        ours = cpu_ops.rms_norm(x, 1e-5)
+        assert kernels.rms_norm(x, 1e-5).dtype == torch.float32
+    torch.testing.assert_close(ours, torch.nn.functional.rms_norm(x.float(), (576,), None, 1e-5))
+    assert ours.dtype == torch.float32
+
+
+def test_the_eager_ops_never_build_the_kernels(tmp_path):
+    """A plain model's eager step uses the C++ kernels only once they are built (the GGUF matmuls, the CLI's
+    first run or precompile_decode() build them): its first generation never waits for a compiler."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from autolm.kernels import native; print(native.ready())"
+    env = dict(os.environ, AUTOLM_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr
+    assert not (tmp_path / "kernels").exists()

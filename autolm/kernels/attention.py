@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .core import needs_grad
 
 
@@ -130,8 +131,9 @@ def decode_attention(
     (B, n_kv, capacity, hd) at slot seen - 1, then attend with q (B, nh, 1, hd) over the last `span` of the
     `seen` slots; row b's slots before starts[b] are padding (starts None: none are). In fp32 whatever the
     model's dtype: PyTorch's bf16 batched matmuls on the CPU cost milliseconds whenever the length changes.
-    Inside a compiler the same arithmetic as products and sums, which fuse into loops over the cache (inductor
-    would otherwise match them to its SDPA kernel, which does not take these strided views).
+    Eagerly on the CPU autolm's C++ kernel (native.py, cpu_ops.cpp) where it is built: one call for what is a
+    dozen ops here. Inside a compiler the same arithmetic as products and sums, which fuse into loops over the
+    cache (inductor would otherwise match them to its SDPA kernel, which does not take these strided views).
     Returns (B, 1, nh, hd)."""
     B, nh, _, hd = q.shape
     n_kv = keys.shape[1]
@@ -139,6 +141,8 @@ def decode_attention(
     first = seen - span
     keys.narrow(2, seen - 1, 1).copy_(k)
     values.narrow(2, seen - 1, 1).copy_(v)
+    if _native(q, keys):
+        return native.decode_attention(q, keys, values, first, span, scale, softcap, sinks, starts)
     qg = q.float().view(B, n_kv, nh // n_kv, hd) * scale
     kk = keys.narrow(2, first, span).float()  # (B, n_kv, W, hd)
     vv = values.narrow(2, first, span).float()
@@ -157,6 +161,18 @@ def decode_attention(
     else:
         out = torch.matmul(probs, vv)
     return out.view(B, 1, nh, hd).to(q.dtype)
+
+
+def _native(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether autolm's C++ kernel takes this one-token attention: eagerly on the CPU, without autograd, each
+    cache slot's values contiguous, where the library is built."""
+    return (
+        q.device.type == "cpu"
+        and keys.stride(-1) == 1
+        and not torch.compiler.is_compiling()
+        and not needs_grad(q)
+        and native.ready()
+    )
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

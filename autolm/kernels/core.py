@@ -9,6 +9,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 logger = logging.getLogger("autolm")
 _UNSET = object()
 
@@ -59,6 +61,14 @@ ONEDNN_LINEAR = PrivateOp("mkldnn", "_linear_pointwise")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other tensor subclasses
 # While a graph is traced for ahead-of-time compiling: (the matmul inputs collected, whether its rows are many)
 _TRACING: list[tuple[list, bool]] = []
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dimension in fp32 (F.rms_norm of x.float()): eagerly on the CPU
+    one call of autolm's C++ kernel where it is built (PyTorch's composite dispatches five ops)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not needs_grad(x) and native.ready():
+        return native.rms_norm(x, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps)
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

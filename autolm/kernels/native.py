@@ -1,5 +1,6 @@
-"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products),
-compiled once per machine with its C++ compiler and loaded as torch.ops.autolm.
+"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products; cpu_ops.cpp:
+the eager one-token step's RMSNorm and attention in one call each), compiled once per machine with its C++
+compiler and loaded as torch.ops.autolm.
 
 The library is built for the machine's own instruction set (-march=native): with AVX-512 VNNI where the CPU has
 it (ggml_avx512.h), else with AVX2, FMA and F16C (ggml_avx2.h); on other CPUs, and without a compiler, the other
@@ -8,7 +9,9 @@ those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=avxvnni the sa
 cores without AVX-512 from Alder Lake on); AUTOLM_NATIVE=0 turns the library off. It is kept under
 `$AUTOLM_HOME/kernels/<key>.so`, the key covering the sources, the -march, the torch version and the CPU (as
 the compiled graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds
-it (about eight seconds), later processes load it (milliseconds).
+it (about ten seconds), later processes load it (milliseconds). The matmuls on GGUF blocks build it where it is
+not there; the eager step's small ops only use it once it is built (`ready`: no stall in a plain model's first
+generation), as `precompile_decode()` and the command line's first run build it.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ KINDS = {
     **dict.fromkeys((10, 11, 12, 13, 14), (256, 256)),
     23: (256, 32),
 }
-_SOURCE = os.path.join(os.path.dirname(__file__), "ggml_mm.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_mm.cpp", "cpu_ops.cpp")]
 _HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_avx2.h")]
 _AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
-_OP: list = []  # torch.ops.autolm.ggml_mm and ggml_mm_id, looked up once
+_PATHS: dict[tuple[str, str], str] = {}  # (-march, $AUTOLM_HOME) -> the library's path
+_OP: list = []  # torch.ops.autolm.ggml_mm, ggml_mm_id, rms_norm and decode_attention, looked up once
 _LOCK = threading.Lock()
 
 
@@ -63,13 +67,25 @@ def available() -> bool:
             if arch is not None:
                 try:
                     torch.ops.load_library(_build(arch))
-                    _OP.extend([torch.ops.autolm.ggml_mm.default, torch.ops.autolm.ggml_mm_id.default])
+                    ops = torch.ops.autolm
+                    _OP.extend(
+                        op.default for op in (ops.ggml_mm, ops.ggml_mm_id, ops.rms_norm, ops.decode_attention)
+                    )
                     _STATE["ok"] = True
                 except Exception as e:
                     logger.warning(
                         "autolm: building its C++ kernels failed (%s); slower kernels run instead", e
                     )
         return _STATE["ok"]
+
+
+def ready() -> bool:
+    """Whether the library is loaded, or built for this machine already (then loaded now); never builds it."""
+    if "ok" not in _STATE:
+        arch = march()
+        if arch is None or not os.path.isfile(_library(arch)):
+            return False
+    return available()
 
 
 def computes(kind: int, columns: int) -> bool:
@@ -89,26 +105,35 @@ def march() -> str | None:
     return "x86-64-v3+avxvnni" if choice == "avxvnni" and "avx_vnni" in flags else "x86-64-v3"
 
 
+def _library(arch: str) -> str:
+    """The library's path for `arch`: under $AUTOLM_HOME/kernels, keyed by the sources, the -march, the torch
+    version and the CPU (worked out once per process and home)."""
+    home = autolm_home()
+    if (arch, home) not in _PATHS:
+        sources = []
+        for path in (*_SOURCES, *_HEADERS):
+            with open(path, "rb") as f:
+                sources.append(f.read())
+        key = hashlib.sha256(repr((sources, arch, torch.__version__, _isa())).encode()).hexdigest()[:32]
+        _PATHS[arch, home] = os.path.join(home, "kernels", f"ggml_mm-{key}.so")
+    return _PATHS[arch, home]
+
+
 def _build(arch: str) -> str:
     """The library's path for `arch` (-march, then + instruction sets added: x86-64-v3+avxvnni), compiling it
     first where it is not there yet."""
-    sources = []
-    for path in (_SOURCE, *_HEADERS):
-        with open(path, "rb") as f:
-            sources.append(f.read())
-    key = hashlib.sha256(repr((sources, arch, torch.__version__, _isa())).encode()).hexdigest()[:32]
-    path = os.path.join(autolm_home(), "kernels", f"ggml_mm-{key}.so")
+    path = _library(arch)
     if os.path.isfile(path):
         return path
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, or $CXX) on the PATH")
-    logger.info("autolm: building its C++ kernels for this machine (once, about 8 s): %s", path)
+    logger.info("autolm: building its C++ kernels for this machine (once, about 10 s): %s", path)
     base = os.path.dirname(torch.__file__)
     lib = os.path.join(base, "lib")
     with published_file(path, 0o755) as tmp:
         command = [
-            compiler, _SOURCE, "-o", tmp, "-O3", f"-march={arch.split('+')[0]}",
+            compiler, *_SOURCES, "-o", tmp, "-O3", f"-march={arch.split('+')[0]}",
             *(f"-m{extra}" for extra in arch.split("+")[1:]), "-std=c++20", "-shared", "-fPIC", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-I", os.path.join(base, "include"), "-I", os.path.join(base, "include", "torch", "csrc", "api", "include"),
@@ -133,4 +158,17 @@ def ggml_mm_id(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, kind: int)
     return _OP[1](x, raw, ids, kind)
 
 
-__all__ = ["KINDS", "available", "computes", "ggml_mm", "ggml_mm_id"]
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dimension, in fp32 whatever x's float dtype."""
+    return _OP[2](x, eps)
+
+
+def decode_attention(
+    q, keys, values, first: int, span: int, scale: float, softcap, sinks, starts
+) -> torch.Tensor:
+    """One query per row and head, q (B, nh, 1, hd), over the cache's slots first .. first + span (keys, values
+    (B, n_kv, capacity, hd)); see kernels.attention.decode_attention. (B, 1, nh, hd) in q's dtype."""
+    return _OP[3](q, keys, values, first, span, scale, softcap or 0.0, sinks, starts)
+
+
+__all__ = ["KINDS", "available", "computes", "decode_attention", "ggml_mm", "ggml_mm_id", "ready", "rms_norm"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps, self.offset, self.weight_in_fp32 = eps, offset, weight_in_fp32 or bool(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        normed = kernels.rms_norm(x, self.eps)
         if not self.weight_in_fp32:
             return self.weight * normed.to(x.dtype)
         w = self.weight.float()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import GenerationError
+from ..kernels import native
 from ..nn import OneToken, pad_mask_to
 from . import graphs
 
@@ -97,6 +98,7 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
         type(t) in _PLAIN and t.device.type == "cpu" for t in params
     ):
         return False
+    native.available()  # autolm's C++ kernels too, which the eager step runs where they are built
     one = compiled_plan(model, compile_missing=True, progress=progress) is not None
     return one and (not batched or compiled_plan(model, True, progress, batched=True) is not None)
 
