@@ -345,9 +345,14 @@ def _seeded(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def _autolm_home(tmp_path_factory):
-    """The suite's own AUTOLM_HOME (models converted, steps compiled): nothing lands in the user's ~/.cache."""
+    """The suite's own AUTOLM_HOME (models converted, steps compiled): nothing lands in the user's ~/.cache. autolm's
+    C++ kernels are built there first, so every test runs the eager CPU ops a machine runs once they are built
+    (the fallbacks have tests of their own)."""
+    from autolm.kernels import native
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOLM_HOME", str(tmp_path_factory.mktemp("autolm_home")))
+        native.available()
         yield
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .core import needs_grad
+from .core import eager_cpu, needs_grad
 
 
 def attention(
@@ -164,15 +164,9 @@ def decode_attention(
 
 
 def _native(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether autolm's C++ kernel takes this one-token attention: eagerly on the CPU, without autograd, each
+    """Whether autolm's C++ kernel takes this one-token attention: eagerly on the CPU (core.eager_cpu), each
     cache slot's values contiguous, where the library is built."""
-    return (
-        q.device.type == "cpu"
-        and keys.stride(-1) == 1
-        and not torch.compiler.is_compiling()
-        and not needs_grad(q)
-        and native.ready()
-    )
+    return eager_cpu(q) and keys.stride(-1) == 1 and native.ready()
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

@@ -65,10 +65,22 @@ _TRACING: list[tuple[list, bool]] = []
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dimension in fp32 (F.rms_norm of x.float()): eagerly on the CPU
-    one call of autolm's C++ kernel where it is built (PyTorch's composite dispatches five ops)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not needs_grad(x) and native.ready():
+    one call of autolm's C++ kernel where it is built (PyTorch's composite dispatches five ops). Under autocast
+    F.rms_norm, which autocast runs in its lower precision, as transformers' norm does."""
+    if eager_cpu(x) and native.ready():
         return native.rms_norm(x, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+
+
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether an op on x may take one of autolm's eager CPU kernels: on the CPU, outside compilers, autograd and
+    autocast (whose casts those kernels do not make)."""
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not needs_grad(x)
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
