@@ -265,9 +265,13 @@ def test_native_decode_attention_is_the_eager_arithmetic(
         out = attention_module.decode_attention(q, k, v, keys, values, seen, span, None, softcap, sink, rows)
         return out, keys, values
 
+    calls = []
+    real = cpu_ops.decode_attention
+    monkeypatch.setattr(cpu_ops, "decode_attention", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         ours, keys, values = run(True)
         theirs, keys_ref, values_ref = run(False)
+    assert calls == [1]  # the kernel ran once, for the first of the two
     assert ours.dtype == dtype and ours.shape == (B, 1, nh, hd)
     assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
@@ -298,3 +302,21 @@ def test_the_eager_ops_never_build_the_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr
     assert not (tmp_path / "kernels").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, T, hd, rd", [(1, 9, 1, 64, 64), (2, 4, 7, 128, 64), (1, 3, 5, 80, 80)])
+def test_native_rotary_is_apply_rotary_bit_for_bit(cpu_ops, monkeypatch, dtype, B, H, T, hd, rd):
+    """RoPE in one C++ call rounds as PyTorch's six ops do (each product, then the sum, in x's dtype): equal bits,
+    partial rotary and a transposed (B, H, T, hd) view included."""
+    import importlib
+
+    rope = importlib.import_module("autolm.nn.rope")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)
+    cos, sin = (torch.randn(B, 1, T, rd, generator=g).to(dtype) for _ in range(2))
+    with torch.inference_mode():
+        ours = rope.apply_rotary(x, cos, sin)
+        monkeypatch.setattr(cpu_ops, "ready", lambda: False)
+        theirs = rope.apply_rotary(x, cos, sin)
+    assert torch.equal(ours, theirs) and torch.equal(cpu_ops.rotary(x, cos, sin), theirs)

@@ -10,7 +10,8 @@ Each function picks the fastest path for its inputs and falls back to PyTorch's 
   `grouped_attention`; soft-capping, sinks or returned probabilities to the eager arithmetic; the rest
   to `F.scaled_dot_product_attention`; one token per row over the cache to `decode_attention` (eagerly on the
   CPU autolm's C++ kernel, cpu_ops.cpp, where it is built).
-- RMSNorm's normalisation (`rms_norm`): eagerly on the CPU one call of that kernel, else `F.rms_norm` in fp32.
+- RMSNorm's normalisation (`rms_norm`) and RoPE (`rotary`): eagerly on the CPU one call of that kernel each,
+  else PyTorch's ops (`F.rms_norm` in fp32; nn.rope's rotation).
 - int8 / int4 weight-only matmuls (quant.py) use PyTorch's CPU kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`); elsewhere the layers dequantize.
 - weights kept in llama.cpp's types (ggml.py, GGUF's Q8_0, Q6_K, Q3_K, ...): eagerly a tile of rows is
@@ -31,7 +32,7 @@ Checked on torch 2.13.0.
 from __future__ import annotations
 
 from .attention import attention, decode_attention
-from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs, rms_norm
+from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs, rms_norm, rotary
 from .experts import expert_linear, ggml_expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
 from .ggml import ggml_linear, ggml_rows, group_linear, group_weight, llama_qk_order
@@ -60,4 +61,5 @@ __all__ = [
     "realize",
     "realized_inputs",
     "rms_norm",
+    "rotary",
 ]

@@ -72,6 +72,14 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """RoPE of x (B, H, T, hd) by autolm's C++ kernel (one call for six PyTorch ops, the same rounding) where it
+    takes it: eagerly on the CPU, the library built; else None (nn.rope computes it)."""
+    if x.dim() == 4 and x.stride(-1) == 1 and cos.dtype == x.dtype and eager_cpu(x) and native.ready():
+        return native.rotary(x, cos, sin)
+    return None
+
+
 def eager_cpu(x: torch.Tensor) -> bool:
     """Whether an op on x may take one of autolm's eager CPU kernels: on the CPU, outside compilers, autograd and
     autocast (whose casts those kernels do not make)."""

@@ -1,5 +1,5 @@
 // The eager one-token step's small ops in one call each, where PyTorch's composites cost a dispatch per
-// elementary op (an RMSNorm is five, attention over the cache a dozen): the same arithmetic in fp32, for any
+// elementary op (an RMSNorm is five, RoPE six, attention over the cache a dozen): the same arithmetic, for any
 // float input. Inside compiled graphs inductor fuses the composites instead; these run eagerly only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,6 +44,53 @@ at::Tensor rms_norm(const at::Tensor& x, double eps) {
   });
   return y;
 }
+
+template <typename T>
+T rounded(float v) {
+  return static_cast<T>(v);
+}
+
+// Products and sums rounded as written (gcc would otherwise fuse them into multiply-adds, one rounding instead of
+// two: PyTorch's fp32 RoPE rounds twice; clang fuses only within one expression).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+// x * cos + rotate_half(x) * sin over the first rd of each row's hd values (the rest pass through), rounded to
+// x's dtype after each product and after the sum, as PyTorch's elementwise ops round them: x (B, H, T, hd) with
+// each row contiguous, cos and sin broadcasting to (B, H, T, rd) in x's dtype. Returns a contiguous tensor.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && cos.scalar_type() == x.scalar_type() &&
+                  sin.scalar_type() == x.scalar_type() && cos.size(-1) % 2 == 0 && cos.size(-1) <= x.size(3),
+              "rotary: x ", x.sizes(), " and tables ", cos.sizes());
+  int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), rd = cos.size(-1), half = rd / 2;
+  at::Tensor c = cos.expand({B, H, T, rd}), s = sin.expand({B, H, T, rd});
+  TORCH_CHECK(c.stride(3) == 1 && s.stride(3) == 1, "rotary: each table row contiguous");
+  at::Tensor y = at::empty({B, H, T, hd}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {
+    using T_ = scalar_t;
+    at::parallel_for(0, B * H * T, std::max<int64_t>(1, (1 << 14) / hd), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; r++) {
+        int64_t b = r / (H * T), h = r / T % H, t = r % T;
+        const T_* xr = x.data_ptr<T_>() + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        const T_* cr = c.data_ptr<T_>() + b * c.stride(0) + h * c.stride(1) + t * c.stride(2);
+        const T_* sr = s.data_ptr<T_>() + b * s.stride(0) + h * s.stride(1) + t * s.stride(2);
+        T_* yr = y.data_ptr<T_>() + r * hd;
+        for (int64_t i = 0; i < rd; i++) {
+          float rot = i < half ? -static_cast<float>(xr[i + half]) : static_cast<float>(xr[i - half]);
+          float a = rounded<T_>(static_cast<float>(xr[i]) * static_cast<float>(cr[i]));
+          float b2 = rounded<T_>(rot * static_cast<float>(sr[i]));
+          yr[i] = rounded<T_>(a + b2);
+        }
+        for (int64_t i = rd; i < hd; i++) yr[i] = xr[i];
+      }
+    });
+  });
+  return y;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 struct Heads {
   int64_t B, nh, n_kv, hd, first, span;
@@ -153,11 +200,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 TORCH_LIBRARY_FRAGMENT(autolm, m) {
   m.def("rms_norm(Tensor x, float eps) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def(
       "decode_attention(Tensor q, Tensor keys, Tensor values, int first, int span, float scale, float softcap, "
       "Tensor? sinks, Tensor? starts) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(autolm, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("rotary", &rotary);
   m.impl("decode_attention", &decode_attention);
 }

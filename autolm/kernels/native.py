@@ -1,5 +1,5 @@
 """autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products; cpu_ops.cpp:
-the eager one-token step's RMSNorm and attention in one call each), compiled once per machine with its C++
+the eager step's RMSNorm, RoPE and one-token attention in one call each), compiled once per machine with its C++
 compiler and loaded as torch.ops.autolm.
 
 The library is built for the machine's own instruction set (-march=native): with AVX-512 VNNI where the CPU has
@@ -42,7 +42,7 @@ _HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx
 _AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
 _PATHS: dict[tuple[str, str], str] = {}  # (-march, $AUTOLM_HOME) -> the library's path
-_OP: list = []  # torch.ops.autolm.ggml_mm, ggml_mm_id, rms_norm and decode_attention, looked up once
+_OP: list = []  # torch.ops.autolm.ggml_mm, ggml_mm_id, rms_norm, decode_attention and rotary, looked up once
 _LOCK = threading.Lock()
 
 
@@ -69,7 +69,14 @@ def available() -> bool:
                     torch.ops.load_library(_build(arch))
                     ops = torch.ops.autolm
                     _OP.extend(
-                        op.default for op in (ops.ggml_mm, ops.ggml_mm_id, ops.rms_norm, ops.decode_attention)
+                        op.default
+                        for op in (
+                            ops.ggml_mm,
+                            ops.ggml_mm_id,
+                            ops.rms_norm,
+                            ops.decode_attention,
+                            ops.rotary,
+                        )
                     )
                     _STATE["ok"] = True
                 except Exception as e:
@@ -171,4 +178,20 @@ def decode_attention(
     return _OP[3](q, keys, values, first, span, scale, softcap or 0.0, sinks, starts)
 
 
-__all__ = ["KINDS", "available", "computes", "decode_attention", "ggml_mm", "ggml_mm_id", "ready", "rms_norm"]
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half) of x (B, H, T, hd) by tables broadcasting to (B, H, T, rotary_dim), as nn.rope's
+    apply_rotary computes it in x's dtype; contiguous."""
+    return _OP[4](x, cos, sin)
+
+
+__all__ = [
+    "KINDS",
+    "available",
+    "computes",
+    "decode_attention",
+    "ggml_mm",
+    "ggml_mm_id",
+    "ready",
+    "rms_norm",
+    "rotary",
+]

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .. import kernels
+
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -126,6 +128,9 @@ def cos_sin(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., hd) by tables (..., rotary_dim) broadcasting against it, rotate-half convention; with
     partial rotary (rotary_dim < hd) the last hd - rotary_dim dimensions pass through."""
+    fused = kernels.rotary(x, cos, sin)
+    if fused is not None:
+        return fused
     rd = cos.shape[-1]
     if rd < x.shape[-1]:
         return torch.cat((apply_rotary(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
