@@ -396,3 +396,22 @@ def test_served_model_id_defaults_to_the_file_or_directory_name():
     assert served_name("/models/downloads/smol-Q8_0.gguf", "/models/downloads") == "smol-Q8_0"
     assert served_name("./my-model/", "/abs/my-model") == "my-model"
     assert served_name(None, None) == "autolm"
+
+
+def test_first_run_with_a_home_it_cannot_write_still_answers(tmp_path, smol_gguf):
+    """No background compile where $AUTOLM_HOME cannot be written (here: under a file): one line says so and the
+    eager step answers."""
+    (tmp_path / "file").write_text("")
+    gguf = os.path.join(*smol_gguf)
+    p = run(
+        "chat",
+        gguf,
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "8",
+        home=tmp_path / "file" / "home",
+        eager=False,
+    )
+    assert "could not compile the CPU decode step" in p.stderr and "replies run the eager step" in p.stderr
+    assert "Paris" in p.stdout

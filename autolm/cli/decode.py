@@ -53,7 +53,14 @@ def prepare_decode(model, tok, args, batched: bool = False, source: dict | None 
 
     if compiled_plan(base) is not None:
         return None
-    pending = start_background_compile(source)
+    try:
+        pending = start_background_compile(source)
+    except OSError as e:  # an AUTOLM_HOME it cannot write, no process to spare
+        print(
+            f"autolm: could not compile the CPU decode step ({e}); replies run the eager step",
+            file=sys.stderr,
+        )
+        return None
     where = f"log: {pending.log}" if pending else "another process compiles it now"
     print(
         "autolm: compiling the CPU decode step in the background (once per machine and model shape, tens of "
