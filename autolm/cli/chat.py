@@ -47,10 +47,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         ids = tok.encode(prompt)
-    prepare_decode(model, tok, args, source=load_source(model_name, args, adapters))
+    pending = prepare_decode(model, tok, args, source=load_source(model_name, args, adapters))
     kwargs.update(load_draft(args, model, tok))
     if not distributed():
         stream_reply(model, tok, ids, kwargs, seed=args.seed)
+        if pending is not None:
+            pending.start()  # for the next runs
         return 0
     from ..distributed import exit_all, same_seed, world
 
@@ -101,6 +103,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             print(f"autolm: {e} (/reset starts over)", file=sys.stderr)
             return
+        finally:
+            if pending is not None:
+                pending.start()  # the first reply is out: the compile takes the cores while the user reads
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
     if args.prompt is not None:

@@ -34,8 +34,8 @@ def prepare_decode(model, tok, args, batched: bool = False, source: dict | None 
     """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
     of time (with `batched`, for several rows too: the server): loaded from $AUTOLM_HOME/compiled where it is
     there; else compiled now with a progress bar (the server), or, given the `source` the command loaded the
-    model from (generate, chat), compiled by a background process while the eager step answers (returned:
-    Pending). --eager or AUTOLM_EAGER=1 skip it."""
+    model from (generate, chat), by a background process that Pending.start() starts once the first reply is
+    out, the eager step answering meanwhile. --eager or AUTOLM_EAGER=1 skip it."""
     if args.compile:
         compile_once(model, tok)
         return None
@@ -51,24 +51,7 @@ def prepare_decode(model, tok, args, batched: bool = False, source: dict | None 
         return None
     from ..step import compiled_plan
 
-    if compiled_plan(base) is not None:
-        return None
-    try:
-        pending = start_background_compile(source)
-    except OSError as e:  # an AUTOLM_HOME it cannot write, no process to spare
-        print(
-            f"autolm: could not compile the CPU decode step ({e}); replies run the eager step",
-            file=sys.stderr,
-        )
-        return None
-    where = f"log: {pending.log}" if pending else "another process compiles it now"
-    print(
-        "autolm: compiling the CPU decode step in the background (once per machine and model shape, tens of "
-        f"seconds; {where}); until it is ready, replies run the eager step",
-        file=sys.stderr,
-        flush=True,
-    )
-    return pending
+    return None if compiled_plan(base) is not None else Pending(source)
 
 
 def background_log(source: dict) -> str:
@@ -86,23 +69,44 @@ def load_source(model: str | None, args, adapters=None) -> dict:
 
 
 class Pending:
-    """A background compile this command started (autolm/cli/background.py); ready() once it has ended."""
+    """The background compile of the model `source` describes (autolm/cli/background.py): start() starts it (after
+    the first reply, which then decodes without it on the cores), ready() once it has ended."""
 
-    def __init__(self, proc, log: str):
-        self.proc, self.log = proc, log
+    def __init__(self, source: dict):
+        self.source, self.proc, self.log, self.started = source, None, None, False
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        try:
+            self.proc, self.log = start_background_compile(self.source)
+        except OSError as e:  # an AUTOLM_HOME it cannot write, no process to spare
+            print(
+                f"autolm: could not compile the CPU decode step ({e}); replies run the eager step",
+                file=sys.stderr,
+            )
+            return
+        where = f"log: {self.log}" if self.proc else "another process compiles it now"
+        print(
+            "autolm: compiling the CPU decode step in the background for the next replies and runs (once per "
+            f"machine and model shape, tens of seconds; {where}); until then the eager step answers",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def ready(self) -> bool:
-        return self.proc.poll() is not None
+        return self.proc is not None and self.proc.poll() is not None
 
 
-def start_background_compile(source: dict) -> Pending | None:
-    """`python -m autolm.cli.background SOURCE` in a process of its own, which outlives this one; None where
-    another process compiles this model now. The log's lock passes to the process with the file."""
+def start_background_compile(source: dict) -> tuple:
+    """(process, log path) of `python -m autolm.cli.background SOURCE` in a process of its own, which outlives this
+    one; (None, None) where another process compiles this model now. The log's lock passes on with the file."""
     import subprocess
 
     log = locked_log(source)
     if log is None:
-        return None
+        return None, None
     with log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "autolm.cli.background", json.dumps(source), str(log.fileno())],
@@ -111,7 +115,7 @@ def start_background_compile(source: dict) -> Pending | None:
             stderr=subprocess.DEVNULL,
             pass_fds=(log.fileno(),),
         )
-    return Pending(proc, log.name)
+    return proc, log.name
 
 
 def locked_log(source: dict):

@@ -16,6 +16,7 @@ generation), as `precompile_decode()` and the command line's first run build it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -46,13 +47,15 @@ _OP: list = []  # torch.ops.autolm.ggml_mm, ggml_mm_id, rms_norm, decode_attenti
 _LOCK = threading.Lock()
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags, read once (ready() asks for every eager op)."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return set()
-    return set(line.split(":", 1)[-1].split())
+        return frozenset()
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def available() -> bool:
