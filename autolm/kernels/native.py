@@ -42,7 +42,10 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_mm.
 _HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_avx2.h")]
 _AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
-_PATHS: dict[tuple[str, str], str] = {}  # (-march, $AUTOLM_HOME) -> the library's path
+_PATHS: dict[tuple[str, str], str] = {}
+_MISSING: set[tuple[str | None, str]] = (
+    set()
+)  # (AUTOLM_NATIVE, $AUTOLM_HOME) where ready() found no library  # (-march, $AUTOLM_HOME) -> the library's path
 _OP: list = []  # torch.ops.autolm.ggml_mm, ggml_mm_id, rms_norm, decode_attention and rotary, looked up once
 _LOCK = threading.Lock()
 
@@ -90,12 +93,18 @@ def available() -> bool:
 
 
 def ready() -> bool:
-    """Whether the library is loaded, or built for this machine already (then loaded now); never builds it."""
-    if "ok" not in _STATE:
+    """Whether the library is loaded, or built for this machine already (then loaded now); never builds it. A
+    library missing is remembered per AUTOLM_NATIVE and home (every eager op asks; one built by another process
+    meanwhile serves the next process)."""
+    if "ok" in _STATE:
+        return _STATE["ok"]
+    key = (os.environ.get("AUTOLM_NATIVE"), autolm_home())
+    if key not in _MISSING:
         arch = march()
-        if arch is None or not os.path.isfile(_library(arch)):
-            return False
-    return available()
+        if arch is not None and os.path.isfile(_library(arch)):
+            return available()
+        _MISSING.add(key)
+    return False
 
 
 def computes(kind: int, columns: int) -> bool:
