@@ -1,12 +1,12 @@
 """`python -m autolm.cli.background SOURCE`: the CPU decode step compiled in a process of its own.
 
 Compiling the one-token step ahead of time takes tens of seconds, once per machine and model shape. Until its
-graphs are cached, `generate` and `chat` answer with the eager step and start this process (decode.prepare_decode),
-which loads the same model (SOURCE: how the command loaded it, as JSON) at the lowest CPU priority (nice 19) and compiles
-the graphs into $AUTOLM_HOME/compiled. It outlives the command that started it (a one-shot `generate` leaves the
-graphs to the next run); a chat notices it end and runs the compiled step from the next reply on. One process per
-model at a time: each holds a lock on its log, $AUTOLM_HOME/compiled/background-<hash>.log, taken by the
-command that starts it.
+graphs are cached, `generate` and `chat` answer with the eager step and, once the first reply is out, start this
+process (decode.Pending), which loads the same model (SOURCE: how the command loaded it, as JSON) at the lowest
+CPU priority (nice 19) and compiles the graphs into $AUTOLM_HOME/compiled. It outlives the command that started
+it (a one-shot `generate` leaves the graphs to the next run); a chat notices it end and runs the compiled step
+from the next reply on. One process per model at a time: each holds a lock on its log,
+$AUTOLM_HOME/compiled/background-<hash>.log, taken by the command that starts it.
 """
 
 from __future__ import annotations

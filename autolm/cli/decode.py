@@ -1,5 +1,6 @@
 """How the commands decode: the CPU step compiled ahead of time (loaded, compiled now, or compiled by a background
-process while the eager step answers: background.py), torch.compile for --compile, and the --draft-model."""
+process once the eager step has given the first reply: background.py), torch.compile for --compile, and the
+--draft-model (its step compiled now where it is not cached)."""
 
 from __future__ import annotations
 
