@@ -130,7 +130,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(target)
     if module is None:
         raise AttributeError(f"module 'autolm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), target)
+    from .malloc import collector_paused
+
+    with collector_paused():  # the first use imports torch and the model code: no collections meanwhile
+        value = getattr(importlib.import_module(module), target)
     globals()[name] = value
     return value
 

@@ -114,6 +114,31 @@ def test_from_pretrained_changes_no_process_wide_setting(checkpoint):
         "assert m.keep_freed_memory.cache_info().currsize == 0, 'malloc tuned by a library call'\n"
         "import gc\n"
         "assert gc.get_freeze_count() == 0, 'objects frozen by a library call'\n"
+        "assert gc.isenabled(), 'the collector left paused by the first use'\n"
         "assert before == (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())\n"
     )
     subprocess.run([sys.executable, "-c", code, directory], check=True, timeout=300)
+
+
+def test_first_use_pauses_the_collector_only_meanwhile():
+    """autolm's first use imports its model code with the collector paused and leaves it as it was: on where it
+    was on, off where the user had turned it off."""
+    code = (
+        "import gc, sys, autolm\n"
+        "import autolm.malloc as m\n"
+        "seen = []  # how many modules were imported at each collection's start\n"
+        "gc.callbacks.append(lambda phase, info: phase == 'start' and seen.append(len(sys.modules)))\n"
+        "before = len(sys.modules)\n"
+        "autolm.AutoModelForCausalLM\n"
+        "after = len(sys.modules)\n"
+        "assert after > before + 100 and gc.isenabled()\n"
+        "assert not [n for n in seen if before < n < after], (before, after, seen)\n"
+        "gc.disable()\n"
+        "autolm.AutoTokenizer\n"
+        "assert not gc.isenabled()\n"
+        "gc.enable()\n"
+        "with m.collector_paused():\n"
+        "    assert not gc.isenabled()\n"
+        "assert gc.isenabled()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
