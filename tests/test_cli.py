@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -396,6 +397,41 @@ def test_served_model_id_defaults_to_the_file_or_directory_name():
     assert served_name("/models/downloads/smol-Q8_0.gguf", "/models/downloads") == "smol-Q8_0"
     assert served_name("./my-model/", "/abs/my-model") == "my-model"
     assert served_name(None, None) == "autolm"
+
+
+def test_chat_with_a_draft_model_compiles_its_step_in_the_background_too(home, smol_gguf):
+    """--draft-model on a first run: the reply comes from the eager steps, then background processes compile both
+    steps (here the model drafts for itself: its second compile finds the first one's lock and waits for it), and
+    the chat switches both to their compiled steps once the compile has ended."""
+    import re
+
+    gguf = os.path.join(*smol_gguf)
+    env = dict(os.environ, AUTOLM_HOME=str(home))
+    env.pop("AUTOLM_EAGER", None)
+    cmd = [sys.executable, "-m", "autolm.cli", "chat", gguf, "--draft-model", gguf, "--max-new-tokens", "12"]
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    watchdog = threading.Timer(600, p.kill)  # a line that never comes ends in a failure, not a hang
+    watchdog.start()
+    try:
+        p.stdin.write(QUESTION + "\n")
+        p.stdin.flush()
+        lines = [p.stderr.readline(), p.stderr.readline()]
+        while "the draft model's CPU decode step in the background" not in lines[-1]:
+            lines.append(p.stderr.readline())
+            assert lines[-1], "".join(lines)
+        assert "another process compiles it now" in lines[-1]
+        log = re.search(r"log: (\S+)\)", lines[-2]).group(1)
+        _wait_unlocked(log)
+        out, err = p.communicate(QUESTION + "\n", timeout=600)
+    finally:
+        p.kill()
+        watchdog.cancel()
+    assert p.returncode == 0, err
+    assert open(log).read().strip().endswith("done")
+    assert out.count("Paris") == 2
+    assert "autolm: the compiled decode step is ready" in err
+    assert "autolm: the draft model's compiled decode step is ready" in err
 
 
 def test_first_run_with_a_home_it_cannot_write_still_answers(tmp_path, smol_gguf):

@@ -48,11 +48,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode(prompt)
     pending = prepare_decode(model, tok, args, source=load_source(model_name, args, adapters))
-    kwargs.update(load_draft(args, model, tok))
+    draft, draft_pending = load_draft(args, model, tok, background=True)
+    kwargs.update(draft)
     if not distributed():
         stream_reply(model, tok, ids, kwargs, seed=args.seed)
-        if pending is not None:
-            pending.start()  # for the next runs
+        for p in (pending, draft_pending):
+            if p is not None:
+                p.start()  # for the next runs
         return 0
     from ..distributed import exit_all, same_seed, world
 
@@ -80,7 +82,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
     tok.get_chat_template()  # a model without one (GPT-2): the error now, not after compiling the decode step
     pending = prepare_decode(model, tok, args, source=load_source(args.model, args, adapters))
-    kwargs.update(load_draft(args, model, tok))
+    draft, draft_pending = load_draft(args, model, tok, background=True)
+    kwargs.update(draft)
+    pendings = [p for p in (pending, draft_pending) if p is not None]  # background compiles not yet used
     system = args.system
     messages: list[dict[str, str]] = []
 
@@ -88,10 +92,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return ([{"role": "system", "content": system}] if system else []) + messages
 
     def turn(user: str) -> None:
-        nonlocal pending
-        if pending is not None and pending.ready():
-            use_compiled(model, pending)
-            pending = None
+        for p in [p for p in pendings if p.ready()]:
+            use_compiled(p)
+            pendings.remove(p)
         messages.append({"role": "user", "content": user})
         ids = tok.apply_chat_template(history(), add_generation_prompt=True, return_dict=False)
         reply = []
@@ -104,8 +107,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"autolm: {e} (/reset starts over)", file=sys.stderr)
             return
         finally:
-            if pending is not None:
-                pending.start()  # the first reply is out: the compile takes the cores while the user reads
+            for p in pendings:
+                p.start()  # the first reply is out: the compile takes the cores while the user reads
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
     if args.prompt is not None:

@@ -1,6 +1,6 @@
 """How the commands decode: the CPU step compiled ahead of time (loaded, compiled now, or compiled by a background
 process once the eager step has given the first reply: background.py), torch.compile for --compile, and the
---draft-model (its step compiled now where it is not cached)."""
+--draft-model (its step prepared as the model's is, by a background process of its own)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,27 @@ from .._util import autolm_home
 from .common import UsageError, distributed, load
 
 
-def load_draft(args: argparse.Namespace, model, tok) -> dict[str, Any]:
-    """{"assistant_model": the draft} for --draft-model, else {}: loaded as a model argument is (with --dtype,
-    --device, --quantize; a .gguf in its own blocks), its decode step prepared as the model's is."""
+def load_draft(args: argparse.Namespace, model, tok, background: bool = False) -> tuple[dict[str, Any], Any]:
+    """({"assistant_model": the draft}, its Pending compile or None) for --draft-model, else ({}, None): loaded as a
+    model argument is (with --dtype, --device, --quantize; a .gguf in its own blocks), its decode step prepared as
+    the model's is (`background`: by a background process after the first reply, as generate and chat do)."""
     if getattr(args, "draft_model", None) is None:
-        return {}
+        return {}, None
     draft, _ = load(args.draft_model, args.dtype, args.device, args.quantize)
     if draft.config.vocab_size != model.config.vocab_size:
         raise UsageError(
             f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} tokens and the "
             f"model's {model.config.vocab_size}; the draft must use the model's tokenizer"
         )
-    prepare_decode(draft, tok, args)
-    return {"assistant_model": draft}
+    source = load_source(args.draft_model, args) if background else None
+    return {"assistant_model": draft}, prepare_decode(
+        draft, tok, args, source=source, label="the draft model's"
+    )
 
 
-def prepare_decode(model, tok, args, batched: bool = False, source: dict | None = None) -> Pending | None:
+def prepare_decode(
+    model, tok, args, batched: bool = False, source: dict | None = None, label: str = "the"
+) -> Pending | None:
     """--compile: torch.compile the decode step now. Otherwise, on the CPU, the one-token step compiled ahead
     of time (with `batched`, for several rows too: the server): loaded from $AUTOLM_HOME/compiled where it is
     there; else compiled now with a progress bar (the server), or, given the `source` the command loaded the
@@ -52,7 +57,7 @@ def prepare_decode(model, tok, args, batched: bool = False, source: dict | None 
         return None
     from ..step import compiled_plan
 
-    return None if compiled_plan(base) is not None else Pending(source)
+    return None if compiled_plan(base) is not None else Pending(source, model, label)
 
 
 def background_log(source: dict) -> str:
@@ -70,11 +75,13 @@ def load_source(model: str | None, args, adapters=None) -> dict:
 
 
 class Pending:
-    """The background compile of the model `source` describes (autolm/cli/background.py): start() starts it (after
-    the first reply, which then decodes without it on the cores), ready() once it has ended."""
+    """The background compile of `model`, loaded as `source` describes (autolm/cli/background.py): start() starts
+    it (after the first reply, which then decodes without it on the cores), ready() once it has ended. `label`
+    names whose step it is in the messages ("the", "the draft model's")."""
 
-    def __init__(self, source: dict):
-        self.source, self.proc, self.log, self.started = source, None, None, False
+    def __init__(self, source: dict, model, label: str = "the"):
+        self.source, self.model, self.label = source, model, label
+        self.proc, self.log, self.started, self.elsewhere = None, None, False, False
 
     def start(self) -> None:
         if self.started:
@@ -84,20 +91,28 @@ class Pending:
             self.proc, self.log = start_background_compile(self.source)
         except OSError as e:  # an AUTOLM_HOME it cannot write, no process to spare
             print(
-                f"autolm: could not compile the CPU decode step ({e}); replies run the eager step",
+                f"autolm: could not compile {self.label} CPU decode step ({e}); replies run the eager step",
                 file=sys.stderr,
             )
             return
+        self.elsewhere = self.proc is None
         where = f"log: {self.log}" if self.proc else "another process compiles it now"
         print(
-            "autolm: compiling the CPU decode step in the background for the next replies and runs (once per "
-            f"machine and model shape, tens of seconds; {where}); until then the eager step answers",
+            f"autolm: compiling {self.label} CPU decode step in the background for the next replies and runs (once "
+            f"per machine and model shape, tens of seconds; {where}); until then the eager step answers",
             file=sys.stderr,
             flush=True,
         )
 
     def ready(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        if not self.elsewhere:
+            return False  # not started, or it could not start
+        log = locked_log(self.source, truncate=False)  # another command's process: done once it lets go
+        if log is not None:
+            log.close()
+        return log is not None
 
 
 def start_background_compile(source: dict) -> tuple:
@@ -119,7 +134,7 @@ def start_background_compile(source: dict) -> tuple:
     return proc, log.name
 
 
-def locked_log(source: dict):
+def locked_log(source: dict, truncate: bool = True):
     """The background compile's log for this source, opened (emptied) and locked by this process; None where
     another process holds the lock."""
     import fcntl
@@ -132,22 +147,24 @@ def locked_log(source: dict):
     except OSError:
         f.close()
         return None
-    f.truncate(0)
+    if truncate:
+        f.truncate(0)
     return f
 
 
-def use_compiled(model, pending: Pending) -> bool:
-    """After the background compile `pending` has ended: the compiled step from the next generation on, where its
-    graphs are there now (a line on stderr says which)."""
+def use_compiled(pending: Pending) -> bool:
+    """After the background compile `pending` has ended: its model's compiled step from the next generation on,
+    where its graphs are there now (a line on stderr says which)."""
     from ..step import compiled_plan, forget_plans
 
+    model = pending.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     forget_plans(base)
     ok = compiled_plan(base) is not None
     print(
-        "autolm: the compiled decode step is ready; the next replies run it"
+        f"autolm: {pending.label} compiled decode step is ready; the next replies run it"
         if ok
-        else f"autolm: the decode step was not compiled (see {pending.log}); replies keep the eager step",
+        else f"autolm: {pending.label} decode step was not compiled (see {pending.log or background_log(pending.source)}); replies keep the eager step",
         file=sys.stderr,
         flush=True,
     )

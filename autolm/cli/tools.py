@@ -203,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
     prepare_decode(model, tok, args, batched=True)
-    draft = load_draft(args, model, tok).get("assistant_model")
+    draft = load_draft(args, model, tok)[0].get("assistant_model")
     speculation = (
         Speculation(draft, args.prompt_lookup)
         if draft is not None or args.prompt_lookup is not None
