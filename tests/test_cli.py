@@ -369,7 +369,8 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
 
 
 def test_serve_with_an_adapter(home, smol_dir, adapters):
-    """`autolm serve MODEL --adapter NAME=PATH`: served under the adapter's name, with the adapter's text."""
+    """`autolm serve MODEL --adapter NAME=PATH`: served under the adapter's name, with the adapter's text; with
+    --chat-template, chat requests rendered by it (here the message as it is: the completion's text)."""
     import httpx
 
     import autolm
@@ -379,14 +380,20 @@ def test_serve_with_an_adapter(home, smol_dir, adapters):
     model = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), adapters[0])
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
     want = autolm.generate_text(model, tok, "The capital of France is", max_new_tokens=8)
-    with running_server([smol_dir, "--adapter", f"mine={adapters[0]}"], wait_s=300) as (base, _):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    args = [smol_dir, "--adapter", f"mine={adapters[0]}", "--chat-template", template]
+    with running_server(args, wait_s=300) as (base, _):
         assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["mine"]
         r = httpx.post(
             base + "/v1/completions",
             timeout=300,
             json={"model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
         )
+        message = {"role": "user", "content": "The capital of France is"}
+        c = httpx.post(base + "/v1/chat/completions", timeout=300,
+                       json={"model": "mine", "messages": [message], "max_tokens": 8, "temperature": 0})  # fmt: skip
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert c.status_code == 200 and c.json()["choices"][0]["message"]["content"] == want
 
 
 def test_served_model_id_defaults_to_the_file_or_directory_name():

@@ -265,7 +265,19 @@ def test_cli_generate(tmp_path_factory, tmp_path):
     assert want and want in p.stdout
     chat = subprocess.run([sys.executable, "-m", "autolm.cli", "chat", str(model_dir), "--prompt", "Hi"],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert chat.returncode != 0 and "no chat template" in chat.stderr
+    assert chat.returncode != 0 and "no chat template" in chat.stderr and "--chat-template" in chat.stderr
+    # --chat-template gives one (the template itself, or a file): this one renders the message as it is, so the
+    # reply is the plain continuation
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for cmd in (
+        ["chat", str(model_dir), "--prompt", "Hello", "--chat-template", template],
+        ["generate", str(model_dir), "Hello", "--chat", "--chat-template", str(tmp_path / "t.jinja")],
+    ):
+        given = subprocess.run([sys.executable, "-m", "autolm.cli", *cmd, "--max-new-tokens", "8"],
+                               capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert given.returncode == 0, given.stderr
+        assert want in given.stdout
 
 
 # ---- GGUF, as llama.cpp's convert_hf_to_gguf.py writes gpt2 -------------------------------------------------

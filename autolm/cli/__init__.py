@@ -168,6 +168,16 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|TEMPLATE",
+        help="the chat template to use instead of the model's (a Jinja file, or the template itself, as vLLM's "
+        "flag takes it): for a model without one, e.g. a GGUF file that carries none",
+    )
+
+
 def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
@@ -204,6 +214,7 @@ def _add_run_commands(sub) -> None:
     _add_model(p)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (the model may be omitted)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_chat_template(p)
     p.add_argument(
         "--tp",
         type=_positive,
@@ -218,6 +229,7 @@ def _add_run_commands(sub) -> None:
     _add_model(p)
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="a system message")
+    _add_chat_template(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
@@ -237,6 +249,7 @@ def _add_run_commands(sub) -> None:
     )
     _add_model(p)
     _add_serve_flags(p)
+    _add_chat_template(p)
     _add_decode_flags(p)
     _add_speculative_flags(p)
     p.set_defaults(func=cmd_serve)

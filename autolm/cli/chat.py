@@ -17,6 +17,7 @@ from .common import (
     parse_adapters,
     sampling_kwargs,
     stream_reply,
+    use_chat_template,
 )
 from .decode import load_draft, load_source, prepare_decode, use_compiled
 
@@ -41,6 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tp_plan="auto" if distributed() else None,
         adapters=adapters,
     )
+    use_chat_template(tok, args.chat_template, required=args.chat)
     if args.chat:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
@@ -80,7 +82,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     check_draft(args)
     adapters = parse_adapters(args.adapter)
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
-    tok.get_chat_template()  # a model without one (GPT-2): the error now, not after compiling the decode step
+    use_chat_template(tok, args.chat_template, required=True)  # none (GPT-2): the error now, before decoding
     pending = prepare_decode(model, tok, args, source=load_source(args.model, args, adapters))
     draft, draft_pending = load_draft(args, model, tok, background=True)
     kwargs.update(draft)

@@ -97,6 +97,28 @@ def load(
     return m, AutoTokenizer.from_pretrained(m.load_report.directory, gguf_file=gguf_file)
 
 
+def use_chat_template(tok, value: str | None, required: bool = False) -> None:
+    """--chat-template: a Jinja file's path, or the template itself (vLLM's flag), in place of the tokenizer's.
+    `required`: the command needs a template (chat, generate --chat): where there is none, a usage error now
+    that says how to give one."""
+    from ..errors import TokenizerError
+
+    if value is not None:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                value = f.read()
+        elif "{{" not in value and "{%" not in value:
+            raise UsageError(
+                f"--chat-template {value}: no such file, and no Jinja template ({{{{ or {{% in it)"
+            )
+        tok.chat_template = value
+    if required:
+        try:
+            tok.get_chat_template()
+        except TokenizerError as e:
+            raise UsageError(f"{e}; --chat-template FILE gives one") from None
+
+
 def check_model_arg(model: str | None, device: str | None = None) -> None:
     """A model argument that names a local path must exist, and a device must be there (checked before
     anything heavy happens)."""
@@ -274,4 +296,5 @@ __all__ = [
     "parse_adapters",
     "sampling_kwargs",
     "stream_reply",
+    "use_chat_template",
 ]

@@ -18,6 +18,7 @@ from .common import (
     load,
     locate,
     parse_adapters,
+    use_chat_template,
 )
 from .decode import load_draft, prepare_decode
 
@@ -202,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.speculation import Speculation
 
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
+    use_chat_template(tok, args.chat_template)  # none: chat requests must send one ('chat_template')
     prepare_decode(model, tok, args, batched=True)
     draft = load_draft(args, model, tok)[0].get("assistant_model")
     speculation = (

@@ -42,7 +42,10 @@ class Prompts:
         if req.tools and getattr(req, "tool_choice", None) != "none":
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
         if req.chat_template is None and not self.tokenizer.chat_template:
-            raise bad_request("this model has no chat template: send one as 'chat_template'", "messages")
+            raise bad_request(
+                "this model has no chat template: send one as 'chat_template' (or serve it with --chat-template)",
+                "messages",
+            )
         try:
             template = self.tokenizer.get_chat_template(req.chat_template, tools)
             if tools and "tools" not in template:  # the template cannot show them: say it ourselves
