@@ -10,7 +10,6 @@ compiled graph. Checkpoints on the Hub keep one tensor per expert; the families'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -37,7 +36,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, h) -> (expert ids (N, k), routing weights (N, k))."""
-        logits = F.linear(x, self.weight, self.bias)  # (N, E)
+        logits = kernels.linear(
+            x, self.weight, self.bias
+        )  # (N, E); in a compiled step, a loop fused with the rest
         if self.order == "topk_softmax":
             top, ids = torch.topk(logits, self.top_k, dim=-1)
             return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
