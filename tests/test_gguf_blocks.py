@@ -577,11 +577,17 @@ def test_without_a_compiler_the_torch_kernels_run(tmp_path):
         "assert not native.available() and m.model.layers[1].self_attn.q_proj.weight.dtype == torch.int8\n"
         "print(m(torch.tensor([[1, 2, 3]])).logits.sum().item())\n"
     )
+    failing = tmp_path / "failing-compiler"  # a compiler that runs and fails: its message in the warning
+    failing.write_text("#!/bin/sh\necho 'fatal: no such header' >&2\nexit 1\n")
+    failing.chmod(0o755)
     runs = {}
-    for name, extra in (("broken", {"CXX": str(tmp_path / "no-compiler")}), ("off", {"AUTOLM_NATIVE": "0"})):
+    cases = (("broken", {"CXX": str(tmp_path / "no-compiler")}), ("failing", {"CXX": str(failing)}),
+             ("off", {"AUTOLM_NATIVE": "0"}))  # fmt: skip
+    for name, extra in cases:
         env = dict(os.environ, AUTOLM_HOME=str(tmp_path / name), **extra)
         runs[name] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                     timeout=600, check=True)  # fmt: skip
     assert "building its C++ kernels failed" in runs["broken"].stderr
+    assert "failed: fatal: no such header" in runs["failing"].stderr
     assert "C++" not in runs["off"].stderr
-    assert runs["broken"].stdout == runs["off"].stdout
+    assert runs["broken"].stdout == runs["off"].stdout == runs["failing"].stdout

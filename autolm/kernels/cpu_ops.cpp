@@ -1,7 +1,10 @@
 // The eager one-token step's small ops in one call each, where PyTorch's composites cost a dispatch per
 // elementary op (an RMSNorm is five, RoPE six, attention over the cache a dozen): the same arithmetic, for any
 // float input. Inside compiled graphs inductor fuses the composites instead; these run eagerly only.
-#include <ATen/ATen.h>
+// ATen's core headers, not ATen/ATen.h (every op's declarations: 3 s more of each build)
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
