@@ -76,6 +76,8 @@ def load(
     where, gguf_file = locate(model, dtype, quantize)
     if gguf_file is not None and quantize is None:
         quantize = "gguf"  # a .gguf model runs in its own blocks, as llama.cpp runs it
+    if quantize == "gguf":
+        _say_when_building()
     m = from_pretrained(
         where,
         gguf_file=gguf_file,
@@ -117,6 +119,18 @@ def use_chat_template(tok, value: str | None, required: bool = False) -> None:
             tok.get_chat_template()
         except TokenizerError as e:
             raise UsageError(f"{e}; --chat-template FILE gives one") from None
+
+
+def _say_when_building() -> None:
+    """A line on stderr where loading blocks is about to build the C++ kernels (once per machine and home)."""
+    from ..kernels import native
+
+    if native.march() is not None and not native.ready():
+        print(
+            "autolm: building the C++ kernels for this machine (once, about 10 s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_model_arg(model: str | None, device: str | None = None) -> None:
