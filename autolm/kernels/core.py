@@ -4,6 +4,7 @@ matrix-vector form used inside compiled graphs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -127,8 +128,24 @@ def matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return (y if b is None else y + b.float()).to(x.dtype)
 
 
+@functools.cache
+def mkl_leads() -> bool:
+    """Whether F.linear's fp32 kernel (MKL's sgemm) is the faster one on this CPU: on Intel's it is (a Xeon: equal
+    to oneDNN's at 512 rows, 1.5-5x at one to four rows: 3.7 against 19.9 us for one row of 1024 x 32), on AMD's
+    it runs at half oneDNN's speed (a Zen 5: 150-200 against 360-450 GFLOP/s at 512 rows); elsewhere (no MKL, other
+    vendors) oneDNN, as measured on the AMD CPU."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b, by the fastest kernel for these inputs (same arithmetic, another summation order)."""
+    """x @ w.T + b, by the fastest kernel for these inputs (same arithmetic, another summation order): fp32 on a
+    CPU on oneDNN's matmul unless MKL's leads there (mkl_leads)."""
     if torch.compiler.is_compiling():
         if x.device.type == "cpu" and not batched_graph() and x.shape[:-1].numel() <= 4:
             return matvec(x, w, b)
@@ -144,6 +161,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         and not needs_grad(x, w, b)
         and not torch.is_autocast_enabled("cpu")  # autocast: F.linear, in its dtype (as transformers)
         and torch.backends.mkldnn.is_available()
+        and not mkl_leads()
     ):
         y = ONEDNN_LINEAR.call(x, w, b, "none", [], "")
         if y is not None:
