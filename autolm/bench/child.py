@@ -18,9 +18,8 @@ def status(key):
 
 
 t = time.perf_counter()
-if (
-    args["lib"] == "autolm"
-):  # as autolm's command line starts: torch imported with the collector paused, frozen
+# autolm starts as its command line does: torch imported with the collector paused, then frozen
+if args["lib"] == "autolm":
     from autolm.malloc import keep_freed_memory, settle_imports
 
     keep_freed_memory()

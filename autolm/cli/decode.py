@@ -157,14 +157,14 @@ def use_compiled(pending: Pending) -> bool:
     where its graphs are there now (a line on stderr says which)."""
     from ..step import compiled_plan, forget_plans
 
-    model = pending.model
+    model, log = pending.model, pending.log or background_log(pending.source)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     forget_plans(base)
     ok = compiled_plan(base) is not None
     print(
         f"autolm: {pending.label} compiled decode step is ready; the next replies run it"
         if ok
-        else f"autolm: {pending.label} decode step was not compiled (see {pending.log or background_log(pending.source)}); replies keep the eager step",
+        else f"autolm: {pending.label} decode step was not compiled (see {log}); replies keep the eager step",
         file=sys.stderr,
         flush=True,
     )
