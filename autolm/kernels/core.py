@@ -134,13 +134,7 @@ def mkl_leads() -> bool:
     to oneDNN's at 512 rows, 1.5-5x at one to four rows: 3.7 against 19.9 us for one row of 1024 x 32), on AMD's
     it runs at half oneDNN's speed (a Zen 5: 150-200 against 360-450 GFLOP/s at 512 rows); elsewhere (no MKL, other
     vendors) oneDNN, as measured on the AMD CPU."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-    except OSError:
-        return False
+    return torch.backends.mkl.is_available() and native.cpu_info("vendor_id") == "GenuineIntel"
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,14 +52,21 @@ _LOCK = threading.Lock()
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's flags, read once (ready() asks for every eager op)."""
+def cpu_info(field: str) -> str:
+    """The value of the first /proc/cpuinfo line naming `field` ("flags", "vendor_id"), read once; "" where there
+    is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        return frozenset()
-    return frozenset(line.split(":", 1)[-1].split())
+        return ""
+    return line.split(":", 1)[-1].strip()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags, read once (ready() asks for every eager op)."""
+    return frozenset(cpu_info("flags").split())
 
 
 def available() -> bool:
