@@ -226,6 +226,14 @@ def _check_experts(kind, k):
     torch.testing.assert_close(ggml_expert_linear(x, raw, kind, 2), x @ w[2].T)
     with pytest.raises(RuntimeError, match="expert 3 of 3"):
         native.ggml_mm_id(x, raw, torch.tensor([0, 1, 2, 3, 0]), kind)
+    # rows sorted by expert (a prompt's): each expert's run of rows computed together, as one matmul of its rows
+    ids = torch.tensor([0] * 7 + [1] * 7 + [2] * 70)
+    x = torch.randn(len(ids), k, generator=g)
+    got = native.ggml_mm_id(x, raw, ids, kind)
+    # against each expert's rows 7 at a time (below the panels' size); a row the threads split takes the one-row path
+    runs = [(a, min(a + 7, len(ids)), ids[a]) for a in range(0, len(ids), 7)]
+    want = torch.cat([native.ggml_mm(x[a:b], raw[e], kind) for a, b, e in runs])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(

@@ -23,6 +23,9 @@ from .ggml import dequantize, ggml_linear
 from .quant import COMPUTE, INT4_MM, INT8_MM
 
 Expert = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
+# rows per expert (on average) below which a by-row kernel takes a batch's rows in one call; from there on each
+# expert's rows are one matmul, where the kernel's many-row panels pay
+FEW_ROWS = 16
 
 
 def mixture(
@@ -35,8 +38,9 @@ def mixture(
 ) -> torch.Tensor:
     """sum_j weights[:, j] * expert(x, ids[:, j]) for x (N, h), ids and weights (N, k); `expert(rows, e)` runs
     expert e (an int) on its rows, or each row's own expert (e a (rows,) tensor) inside a compiler, and eagerly
-    for one token where `by_row` says the experts compute so in one call (GGUF's, llama.cpp's mul_mat_id). The
-    weighted sum is taken in the weights' dtype, then cast to x's (transformers' order)."""
+    for one token or a few where `by_row` says the experts compute so in one call (GGUF's, llama.cpp's
+    mul_mat_id; the rows sorted by expert). The weighted sum is taken in the weights' dtype, then cast to x's
+    (transformers' order)."""
     N, k = ids.shape
     flat = ids.reshape(-1)  # (N * k,) in (token, slot) order
     if torch.compiler.is_compiling() or (by_row and N == 1):
@@ -45,14 +49,19 @@ def mixture(
         y = torch.cat([expert(x, e) for e in flat.tolist()])
     else:
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
         rows = x.index_select(0, order // k)  # sorted by expert
-        parts, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                parts.append(expert(rows[start : start + n], e))
-                start += n
-        y = torch.cat(parts).index_select(0, torch.argsort(order))  # back to (token, slot) order
+        # few rows per expert, by row: one call, the kernel takes each expert's run of rows at once
+        if by_row and N * k < FEW_ROWS * num_experts:
+            y = expert(rows, flat[order])
+        else:
+            counts = torch.bincount(flat, minlength=num_experts).tolist()
+            parts, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    parts.append(expert(rows[start : start + n], e))
+                    start += n
+            y = torch.cat(parts)
+        y = y.index_select(0, torch.argsort(order))  # back to (token, slot) order
     return (y.view(N, k, -1) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
 

@@ -408,7 +408,8 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels, i
   int64_t rows = panels ? (M + kCols - 1) / kCols * kCols : M;
   Acts a{std::vector<int8_t>(rows * K), std::vector<float>(rows * nb), std::vector<float>(k_quant ? 0 : rows * nb),
          std::vector<float>(panels ? rows * K / group : 0), std::vector<int16_t>(k_quant ? M * K / 16 : 0)};
-  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
+  // a row's quantization takes ~0.5 us per 1024 columns: threads where there is more than a parallel region's cost
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
         quantize_row(x + m * K, K, q45 && kSwapQ45, group, a.q.data() + m * K, a.d.data() + m * nb,
@@ -479,7 +480,9 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int
 }
 
 // Each row r of x (R, K) times its own weight: expert ids[r]'s rows of blocks in raw (E, N, bytes per row) ->
-// (R, N); llama.cpp's mul_mat_id, for the experts a mixture-of-experts layer routes each row to.
+// (R, N); llama.cpp's mul_mat_id, for the experts a mixture-of-experts layer routes each row to. Consecutive
+// rows with the same expert (rows sorted by expert: a prompt's) are computed together, each weight row read once
+// for all of them; the threads split the (row, weight row) pairs evenly.
 at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tensor& ids, int64_t kind) {
   Kind k = kind_of(kind, x.size(-1));
   int64_t K = x.size(-1), R = x.numel() / K, E = raw.size(0), N = raw.size(1), nb = K / k.columns;
@@ -494,12 +497,15 @@ at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tens
   at::Tensor y = at::empty({R, N}, xf.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = raw.data_ptr<uint8_t>();
-  int64_t row_bytes = nb * k.bytes;
+  int64_t row_bytes = nb * k.bytes, tile = std::clamp<int64_t>((1 << 15) / K, 1, 64);
   at::parallel_for(0, R * N, std::max<int64_t>(16, (1 << 17) / K), [&](int64_t lo, int64_t hi) {
-    RowOut out[1];
-    for (int64_t r = lo / N; r * N < hi; r++) {
+    std::vector<RowOut> out(tile);
+    for (int64_t r = lo / N, r1; r * N < hi; r = r1) {
       int64_t n0 = std::max(lo, r * N) - r * N, n1 = std::min(hi, (r + 1) * N) - r * N;
-      k.range(wp + e[r] * N * row_bytes, row_bytes, n0, n1, nb, a, K, r, r + 1, out, yp, N);
+      for (r1 = r + 1; n0 == 0 && n1 == N && r1 < R && e[r1] == e[r] && (r1 + 1) * N <= hi;) r1++;
+      for (int64_t m0 = r; m0 < r1; m0 += tile)
+        k.range(wp + e[r] * N * row_bytes, row_bytes, n0, n1, nb, a, K, m0, std::min(r1, m0 + tile), out.data(),
+                yp, N);
     }
   });
   auto shape = x.sizes().vec();
