@@ -584,6 +584,38 @@ def test_bench_counts_only_the_experts_a_token_uses(tmp_path_factory):
     assert prefill_flops(model, 5) == 2 * weights * 5 + attn + 2 * c.hidden_size * c.vocab_size
 
 
+def test_gguf_bench_counts_the_kept_experts_a_token_uses(tmp_path_factory, tmp_path):
+    """The GGUF benchmark's bytes per decode step for a file whose experts stay in their blocks: the kept tensors
+    but the embedding and the experts' blocks a token does not use; its table names the eager decode's tokens."""
+    import io
+
+    from gguf_moe import write_moe_gguf
+
+    from autolm.bench.gguf import kept_bytes, print_rows
+
+    _, hf = GGUF_FAMILIES["qwen3_moe"].checkpoint(tmp_path_factory)
+    path = tmp_path / "model.gguf"
+    write_moe_gguf(hf, str(path), experts={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_0"})
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", quantization="gguf")
+    c = model.config
+    blocks = 0
+    for layer in model.model.layers:
+        e = layer.mlp.experts
+        blocks += sum(s.weight.numel() for s in (e.gate_proj, e.up_proj, e.down_proj))
+    emb = model.model.embed_tokens
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if model.lm_head.weight is not getattr(emb, "blocks", None):  # an untied head: the embedding is not read
+        for t in emb.buffers():
+            tensors.pop(id(t))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    unused = blocks * (c.num_experts - c.num_experts_per_tok) // c.num_experts
+    assert 0 < kept_bytes(str(path)) == total - unused < total
+    out = io.StringIO()
+    results = {"autolm": {"decode": (10.0, 0.0), "decode_n": (128, 0)}, "llama.cpp": {"decode": (20.0, 0.0)}}
+    print_rows("file", results, 1, 1, out)
+    assert "| decode tok/s, eager (128) | 10.0 ± 0.0 | 20.0 ± 0.0 | 0.50x |" in out.getvalue()
+
+
 def test_tensor_parallel_save_gathers_the_experts(tmp_path_factory, tmp_path):
     """Under tensor parallelism each rank holds a slice of every expert; save_pretrained writes them whole (the
     checkpoint transformers reads, equal to the one-process model's)."""

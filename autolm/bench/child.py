@@ -77,7 +77,12 @@ with torch.inference_mode():
     n = args["decode"]
     model.decode_mode = "eager"  # the eager step, even where compiled graphs for this model are cached
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    m = min(n, 16) if args.get("quantization") == "gguf" else n  # eagerly, GGUF blocks dequantize per token
+    m = n  # without autolm's C++ kernels, eager GGUF blocks dequantize per token: 16 then
+    if args.get("quantization") == "gguf":
+        from autolm.kernels import native
+
+        m = n if native.ready() else min(n, 16)
+    res["decode_n"] = m
     t = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=m, min_new_tokens=m, do_sample=False)
     res["decode"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)

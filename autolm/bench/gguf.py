@@ -22,7 +22,7 @@ _ROWS = [  # (label, key, scale, format); the compiled decode is compared with l
     ("load -> first token s (imports done)", "load_first", 1, "{:.2f}"),
     ("peak RSS to first token MB", "first_token_rss", 1e-6, "{:.0f}"),
     ("prefill tok/s (512)", "prefill", 1, "{:.0f}"),
-    ("decode tok/s, eager (16)", "decode", 1, "{:.1f}"),
+    ("decode tok/s, eager ({n})", "decode", 1, "{:.1f}"),
     ("decode tok/s (128), compiled ahead of time", "decode_aot", 1, "{:.1f}"),
 ]
 
@@ -39,14 +39,18 @@ def print_rows(label: str, results: dict, size: int, per_token: int, out) -> Non
         if key not in a:
             continue
         (x, dx), (y, dy) = a[key], b["decode" if key == "decode_aot" else key]
+        name = name.format(n=int(a.get("decode_n", (128, 0))[0]))
         ours, theirs = (f"{fmt.format(v * scale)} ± {fmt.format(d * scale)}" for v, d in ((x, dx), (y, dy)))
         print(f"| {name} | {ours} | {theirs} | {x / y:.2f}x |", file=out)
     print(file=out)
 
 
 def kept_bytes(path: str) -> int:
-    """Bytes of weights one decode step reads with the file's blocks kept (every matrix but the embeddings)."""
+    """Bytes of weights one decode step reads with the file's blocks kept (every matrix but the embeddings and
+    the experts a token does not use)."""
     import autolm
+
+    from .moe import unused_expert_bytes
 
     model = autolm.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), quantization="gguf", progress=False
@@ -56,7 +60,7 @@ def kept_bytes(path: str) -> int:
         {id(t) for t in emb.buffers()} if model.lm_head.weight is not getattr(emb, "blocks", None) else set()
     )
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) - unused_expert_bytes(model)
 
 
 def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout) -> list[dict]:
