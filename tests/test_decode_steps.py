@@ -240,6 +240,9 @@ def cpu_ops():
         (1, 9, 3, 64, 0, 37, None, False, None),  # SmolLM2's heads, one sequence
         (2, 8, 2, 128, 5, 40, 30.0, True, [0, 9]),  # a window, soft-capping, sinks, a left-padded row
         (3, 4, 4, 80, 0, 1, None, False, [0, 0, 0]),  # one slot, no grouping
+        # many runs of slots merged: a long window, rows padded past a run's end, a head size of 64 + 16
+        (2, 8, 2, 80, 7, 301, None, True, [0, 150]),
+        (1, 6, 2, 36, 0, 70, 20.0, False, None),  # a head size the 8-wide loops do not take
     ],
 )
 def test_native_decode_attention_is_the_eager_arithmetic(

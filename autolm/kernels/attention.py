@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .core import eager_cpu, needs_grad
+from .core import needs_grad
 
 
 def attention(
@@ -131,9 +131,11 @@ def decode_attention(
     (B, n_kv, capacity, hd) at slot seen - 1, then attend with q (B, nh, 1, hd) over the last `span` of the
     `seen` slots; row b's slots before starts[b] are padding (starts None: none are). In fp32 whatever the
     model's dtype: PyTorch's bf16 batched matmuls on the CPU cost milliseconds whenever the length changes.
-    Eagerly on the CPU autolm's C++ kernel (native.py, cpu_ops.cpp) where it is built: one call for what is a
-    dozen ops here. Inside a compiler the same arithmetic as products and sums, which fuse into loops over the
-    cache (inductor would otherwise match them to its SDPA kernel, which does not take these strided views).
+    On the CPU autolm's C++ kernel (native.py, cpu_ops.cpp) where it is built, eagerly and inside the compiled
+    step's graphs (an op they call): one call for what is a dozen ops here, each key and value read once for the
+    query heads that share it. Otherwise, inside a compiler, the same arithmetic as products and sums, which fuse
+    into loops over the cache (inductor would otherwise match them to its SDPA kernel, which does not take these
+    strided views).
     Returns (B, 1, nh, hd)."""
     B, nh, _, hd = q.shape
     n_kv = keys.shape[1]
@@ -164,9 +166,10 @@ def decode_attention(
 
 
 def _native(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether autolm's C++ kernel takes this one-token attention: eagerly on the CPU (core.eager_cpu), each
-    cache slot's values contiguous, where the library is built."""
-    return eager_cpu(q) and keys.stride(-1) == 1 and native.ready()
+    """Whether autolm's C++ kernel takes this one-token attention: on the CPU outside autograd and autocast
+    (eagerly, or traced into a graph), each cache slot's values contiguous, where the library is built."""
+    cpu = q.device.type == "cpu" and not needs_grad(q) and not torch.is_autocast_enabled("cpu")
+    return cpu and keys.stride(-1) == 1 and native.ready()
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

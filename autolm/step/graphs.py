@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import aot
+from ..kernels import aot, native
 from ..nn import OneToken
 
 _ONE = torch.empty(1)
@@ -154,7 +154,8 @@ def code_hash(module: nn.Module) -> str:
 
 def _describe(kind: str, module: nn.Module, example: list[torch.Tensor], extra=()) -> str:
     shapes = [(tuple(t.shape), str(t.dtype), tuple(t.stride())) for t in example]
-    return aot.graph_key((kind, code_hash(module), structure(module), shapes, tuple(extra)))
+    # the graphs call autolm's C++ kernels where they are built (attention): a process without them needs others
+    return aot.graph_key((kind, code_hash(module), structure(module), shapes, tuple(extra), native.ready()))
 
 
 def _jobs(model, batched: bool) -> tuple[list, list[str]]:
