@@ -14,8 +14,19 @@ def test_bench_child_reports_all_metrics(checkpoint, lib, tmp_path, monkeypatch)
     r = run_child(lib, Case("tiny", directory, "float32"), threads=1, prefill=16, decode=4)
     # autolm's opt-in compiled decode steps: torch.compile'd, and compiled ahead of time (this run compiles it)
     compiled = {"decode_compiled", "decode_aot", "aot_load"} if lib == "autolm" else set()
-    base = {"import", "load", "load_rss", "ttft", "load_first", "first_token_rss", "prefill", "decode"}
+    base = {
+        "import",
+        "load",
+        "load_rss",
+        "ttft",
+        "load_first",
+        "first_token_rss",
+        "prefill",
+        "decode",
+        "decode_n",
+    }
     assert set(r) == base | compiled
+    assert r["decode_n"] == 4  # the eager decode's tokens
     assert r["prefill"] > 0 and r["decode"] > 0 and r["first_token_rss"] > 0
     assert 0 < r["import"] + r["load"] < r["ttft"]  # the first token comes after import and load
     assert r["load"] < r["load_first"] < r["ttft"] - r["import"]  # ... and the load after the imports

@@ -115,6 +115,12 @@ def ready() -> bool:
     return False
 
 
+def forget_missing() -> None:
+    """Look for the library on disk again at the next ready(): another process (a background compile) may have
+    built it since."""
+    _MISSING.clear()
+
+
 def computes(kind: int, columns: int) -> bool:
     """Whether a weight of ggml type `kind` with `columns` columns is computed here."""
     return kind in KINDS and columns % KINDS[kind][0] == 0 and available()
@@ -227,6 +233,7 @@ __all__ = [
     "available",
     "computes",
     "decode_attention",
+    "forget_missing",
     "ggml_mm",
     "ggml_mm_id",
     "ready",

@@ -105,7 +105,8 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
 
 def forget_plans(model) -> None:
     """Look the model's compiled plans up again at the next generation (graphs another process compiled since
-    the last lookup found none)."""
+    the last lookup found none, and maybe autolm's C++ kernels, which they call)."""
+    native.forget_missing()
     _PLANS.pop(model, None)
     _BATCHED.pop(model, None)
 
