@@ -71,4 +71,18 @@ greedy(prompt, 4)
 t = time.perf_counter()
 out = greedy(prompt, n)
 res["decode"] = len(out) / (time.perf_counter() - t)
+if args.get("context"):  # one-token steps after a long prompt, as autolm's child times its own
+    import numpy as np
+
+    n_ctx = args["context"] + n + 64  # a context of its own: the rows above ran (and peaked) with the first
+    del llm
+    llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                          n_ctx=n_ctx, n_batch=512, verbose=False)  # fmt: skip
+    llm.eval([rng.randrange(10, min(1000, llm.n_vocab())) for _ in range(args["context"])])
+    vocab = llm.n_vocab()
+    t = time.perf_counter()
+    for _ in range(n // 2):  # the last token's logits, which eval() does not keep without logits_all
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        llm.eval([int(np.argmax(logits))])
+    res["decode_context"] = (n // 2) / (time.perf_counter() - t)
 print("RESULT " + json.dumps(res))

@@ -227,3 +227,15 @@ def test_gemmas_vocabulary_goes_out_as_llama_cpp_wrote_it(gemma3_270m, tmp_path)
         assert ids == theirs.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
     back = autolm.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert all(back.encode(text) == tok.encode(text) for text in texts)
+
+
+def test_the_bench_times_steps_after_a_long_prompt_in_both_libraries(smol_gguf):
+    """`python -m autolm.bench.gguf --context N`: both children time one-token steps after a prompt of N tokens
+    (autolm's eager step where its compiled one is not asked for)."""
+    from autolm.bench import Case, run_child
+
+    folder, file = smol_gguf
+    path = os.path.join(folder, file)
+    case = Case("smol", folder, "float32", "gguf", compile=False, aot=False, gguf=path, context=40)
+    for lib in ("autolm", "llama.cpp"):
+        assert run_child(lib, case, threads=1, prefill=16, decode=4)["decode_context"] > 0

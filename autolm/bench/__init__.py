@@ -38,6 +38,7 @@ class Case:
     compile: bool = True  # also measure autolm's compiled decode step (compile_decode)
     aot: bool = True  # also measure autolm's CPU decode step compiled ahead of time (precompile_decode)
     gguf: str | None = None  # the GGUF file llama.cpp runs, for the "llama.cpp" lib
+    context: int = 0  # also time one-token steps after a prompt of this many tokens (GGUF rows)
 
 
 def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> dict:
@@ -52,6 +53,7 @@ def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> 
         "compile": lib == "autolm" and case.compile,
         "aot": lib == "autolm" and case.aot,
         "gguf": case.gguf,
+        "context": case.context,
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     child = [LLAMACPP_CHILD] if lib == "llama.cpp" else ["-m", "autolm.bench.child"]

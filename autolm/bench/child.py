@@ -17,6 +17,27 @@ def status(key):
         return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
 
 
+def steps_after(model, context: int, n: int) -> float:
+    """tok/s of n greedy one-token steps after a prompt of `context` tokens (the steps alone, as the llama.cpp
+    child times its own: one token evaluated, the next one its logits' argmax)."""
+    from autolm.step import decoder
+
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    cache = model.make_cache(1, context + n + 8)
+    out = model(
+        torch.randint(10, min(1000, vocab), (1, context), generator=g),
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
+    token = out.logits[:, -1:].argmax(-1)
+    step = decoder(model, cache)
+    t = time.perf_counter()
+    for _ in range(n):
+        token = step(token, None, torch.tensor([[cache.length]]), cache).argmax(-1)[:, None]
+    return n / (time.perf_counter() - t)
+
+
 t = time.perf_counter()
 # autolm starts as its command line does: torch imported with the collector paused, then frozen
 if args["lib"] == "autolm":
@@ -98,7 +119,11 @@ with torch.inference_mode():
             t = time.perf_counter()
             out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             res["decode_aot"] = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
+            if args.get("context"):  # the compiled step
+                res["decode_context"] = steps_after(model, args["context"], n // 2)
         model.decode_mode = "eager"
+    if args.get("context") and "decode_context" not in res:  # the eager step
+        res["decode_context"] = steps_after(model, args["context"], n // 2)
     if args.get("compile"):  # autolm's opt-in compiled decode step, measured after one compiling run
         importlib.import_module(args["lib"]).compile_decode(model)
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)

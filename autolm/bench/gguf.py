@@ -24,10 +24,11 @@ _ROWS = [  # (label, key, scale, format); the compiled decode is compared with l
     ("prefill tok/s (512)", "prefill", 1, "{:.0f}"),
     ("decode tok/s, eager ({n})", "decode", 1, "{:.1f}"),
     ("decode tok/s (128), compiled ahead of time", "decode_aot", 1, "{:.1f}"),
+    ("one-token steps/s after {context} tokens, compiled (llama.cpp's own)", "decode_context", 1, "{:.1f}"),
 ]
 
 
-def print_rows(label: str, results: dict, size: int, per_token: int, out) -> None:
+def print_rows(label: str, results: dict, size: int, per_token: int, out, context: int = 0) -> None:
     """One table: each metric for autolm and llama.cpp (its decode against both of autolm's), and the ratio."""
     a, b = results["autolm"], results["llama.cpp"]
     print(
@@ -39,7 +40,7 @@ def print_rows(label: str, results: dict, size: int, per_token: int, out) -> Non
         if key not in a:
             continue
         (x, dx), (y, dy) = a[key], b["decode" if key == "decode_aot" else key]
-        name = name.format(n=int(a.get("decode_n", (128, 0))[0]))
+        name = name.format(n=int(a.get("decode_n", (128, 0))[0]), context=context)
         ours, theirs = (f"{fmt.format(v * scale)} ± {fmt.format(d * scale)}" for v, d in ((x, dx), (y, dy)))
         print(f"| {name} | {ours} | {theirs} | {x / y:.2f}x |", file=out)
     print(file=out)
@@ -63,7 +64,9 @@ def kept_bytes(path: str) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) - unused_expert_bytes(model)
 
 
-def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout) -> list[dict]:
+def gguf_bench(
+    files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout, context: int = 0
+) -> list[dict]:
     bw = memory_bandwidth(threads)
     print(
         f"threads {threads}, memory read bandwidth {bw / 1e9:.1f} GB/s, {reps} fresh processes per row\n",
@@ -77,7 +80,7 @@ def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout
         ):  # the file alone in a folder: its size is the checkpoint's
             os.symlink(path, os.path.join(folder, os.path.basename(path)))
             case = Case(f"{os.path.basename(path)}: autolm keeping its blocks vs llama.cpp", folder, "float32",
-                        "gguf", ("autolm", "llama.cpp"), compile=False, gguf=path)  # fmt: skip
+                        "gguf", ("autolm", "llama.cpp"), compile=False, gguf=path, context=context)  # fmt: skip
             for lib in case.libs:  # warm the page cache (and compile autolm's step once)
                 run_child(lib, case, threads, 512, 128)
             # the libraries' runs alternate, so a machine that gets busier or quieter moves both alike
@@ -87,7 +90,7 @@ def gguf_bench(files: list[str], reps: int = 3, threads: int = 2, out=sys.stdout
                     runs[lib].append(run_child(lib, case, threads, 512, 128))
             results = {lib: {k: _stats([r[k] for r in rs]) for k in rs[0]} for lib, rs in runs.items()}
             size, per_token = os.path.getsize(path), kept_bytes(path)
-            print_rows(case.label, results, size, per_token, out)
+            print_rows(case.label, results, size, per_token, out, context)
             rows.append({"case": case.label, "checkpoint_bytes": size, "bytes_per_token": per_token,
                          "results": results})  # fmt: skip
     return rows
@@ -99,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the raw rows here")
+    p.add_argument(
+        "--context", type=int, default=0, help="also time one-token steps after a prompt this long"
+    )
     args = p.parse_args(argv)
-    rows = gguf_bench(args.files, args.reps, args.threads)
+    rows = gguf_bench(args.files, args.reps, args.threads, context=args.context)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
