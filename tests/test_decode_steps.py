@@ -233,7 +233,7 @@ def cpu_ops():
     return native
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "B, nh, n_kv, hd, first, span, softcap, sinks, starts",
     [
@@ -277,7 +277,7 @@ def test_native_decode_attention_is_the_eager_arithmetic(
     assert calls == [1]  # the kernel ran once, for the first of the two
     assert ours.dtype == dtype and ours.shape == (B, 1, nh, hd)
     assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-5}[dtype]
     torch.testing.assert_close(ours.float(), theirs.float(), atol=tol, rtol=tol)
 
 

@@ -14,8 +14,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -122,17 +122,17 @@ float dot(const float* q, const T* k, int64_t n) {
 // exp(v) as a loop the compiler vectorizes: 2^k * exp(r) with k = round(v / ln 2), r = v - k ln 2 and Cephes'
 // polynomial for exp(r) on [-ln 2 / 2, ln 2 / 2] (within 2 ulp of expf); 0 below -87.3 (-inf: a masked slot).
 inline float exp_of(float v) {
-    float k = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-    float r = v - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
-    return v < -87.3f ? 0.f : p * scale;
+  float k = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = v - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+  return v < -87.3f ? 0.f : p * scale;
 }
 // x[i] = exp(x[i] - top) for n values; returns their sum (16 partial sums, as dot's: the loop vectorizes).
 float exp_sum(float* x, int64_t n, float top) {
@@ -192,22 +192,26 @@ inline void weigh_values(const float* p, const T* v, int64_t slot_stride, int64_
 }
 
 // One KV head's G query heads (qs: G x hd, scaled) over its slots w0 .. w1 (strides in elements), each key and
-// value read once for all of them, 64 slots at a time (their keys and values stay in the L1 cache): per head its
-// largest score m, the sum l of exp(score - m) and the unnormalised output o = sum exp(score - m) v (G x hd),
-// merged with the other runs of slots by merge_runs.
+// value read once for all of them (the values 64 slots at a time, which stay in the L1 cache while each head
+// weighs them): per head its largest score m, the sum l of exp(score - m) and the unnormalised output
+// o = sum exp(score - m) v (G x hd), merged with the other runs of slots by merge_runs. The 8-wide loops take
+// fp32, fp16 and bf16 caches with head sizes in multiples of 8; the scalar loops the rest (fp64 too).
 template <typename T>
 void attend_run(const float* qs, int64_t G, const T* keys, const T* values, int64_t slot_stride, const Heads& h,
                 int64_t w0, int64_t w1, int64_t start, float* scores, float* m, float* l, float* o) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
+  constexpr bool kWide = !std::is_same_v<T, double>;
   int64_t n = w1 - w0;
-  bool vec = h.hd % 8 == 0;
+  bool vec = kWide && h.hd % 8 == 0;
   for (int64_t w = w0; w < w1; w++) {
     const T* k = keys + w * slot_stride;
-    if (vec && w + 8 <= w1 && (w - w0) % 8 == 0) {
-      for (int64_t g = 0; g < G; g++)
-        _mm256_storeu_ps(scores + g * n + w - w0, dot8(qs + g * h.hd, k, slot_stride, h.hd));
-      w += 7;
-      continue;
+    if constexpr (kWide) {
+      if (vec && w + 8 <= w1 && (w - w0) % 8 == 0) {
+        for (int64_t g = 0; g < G; g++)
+          _mm256_storeu_ps(scores + g * n + w - w0, dot8(qs + g * h.hd, k, slot_stride, h.hd));
+        w += 7;
+        continue;
+      }
     }
     for (int64_t g = 0; g < G; g++) scores[g * n + w - w0] = dot(qs + g * h.hd, k, h.hd);
   }
@@ -227,9 +231,11 @@ void attend_run(const float* qs, int64_t G, const T* keys, const T* values, int6
     for (int64_t g = 0; g < G; g++) {
       const float* p = scores + g * n + b0;
       float* og = o + g * h.hd;
-      if (vec) {
-        weigh_values(p, v, slot_stride, nb, h.hd, og);
-        continue;
+      if constexpr (kWide) {
+        if (vec) {
+          weigh_values(p, v, slot_stride, nb, h.hd, og);
+          continue;
+        }
       }
       for (int64_t w = 0; w < nb; w++)
         if (p[w] != 0.f)
