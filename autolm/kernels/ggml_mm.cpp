@@ -408,8 +408,7 @@ Acts quantize(const float* x, int64_t M, int64_t K, int64_t kind, bool panels, i
   int64_t rows = panels ? (M + kCols - 1) / kCols * kCols : M;
   Acts a{std::vector<int8_t>(rows * K), std::vector<float>(rows * nb), std::vector<float>(k_quant ? 0 : rows * nb),
          std::vector<float>(panels ? rows * K / group : 0), std::vector<int16_t>(k_quant ? M * K / 16 : 0)};
-  // a row's quantization takes ~0.5 us per 1024 columns: threads where there is more than a parallel region's cost
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {
       if (k_quant)
         quantize_row(x + m * K, K, q45 && kSwapQ45, group, a.q.data() + m * K, a.d.data() + m * nb,
