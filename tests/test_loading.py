@@ -220,17 +220,21 @@ model = LlamaForCausalLM(cfg).eval()
 x = torch.randint(0, 160, (1, 512))
 with torch.no_grad():
     model(x)  # warm up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    faults = []
+    for _ in range(7):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[3])  # the median forward's
 """
 
 
 def test_keep_freed_memory_stops_page_faults_per_op():
     """Forward passes with megabyte activations page-fault their outputs anew under glibc's default
-    malloc settings; after the opt-in keep_freed_memory() (the CLI, server and bench call it) they reuse
-    freed memory."""
+    malloc settings (~10,000 faults per forward here: how many depends on glibc's dynamic thresholds and the
+    OS's huge pages); after the opt-in keep_freed_memory() (the CLI, server and bench call it) they reuse freed
+    memory: the median forward of seven faults in (almost) nothing. (The heap still grows now and then where
+    its free space is split too finely for a new block: one forward in several faults in one activation.)"""
     from autolm.malloc import keep_freed_memory
 
     if not keep_freed_memory():
@@ -243,8 +247,9 @@ def test_keep_freed_memory_stops_page_faults_per_op():
         )
         for arg in ("-", "tuned")
     }
-    assert runs["-"] > 5000, runs  # ~10,000 faults per forward by default
-    assert runs["tuned"] < runs["-"] / 10, runs
+    assert runs["tuned"] < 500, runs  # a forward's activations are ~11,000 pages; 0 or 1 fault seen here
+    if runs["-"] > 5000:  # where the default settings do fault, the tuned ones cut that tenfold at least
+        assert runs["tuned"] < runs["-"] / 10, runs
 
 
 def test_huge_page_tensor_is_memory_of_its_own():
