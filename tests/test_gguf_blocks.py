@@ -176,7 +176,7 @@ def _check_native_kernel(kind, k):
     bias = torch.randn(n)
     layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
     g = torch.Generator().manual_seed(kind)
-    for shape in ((1, k), (3, 1, k), (2, 17, k)):
+    for shape in ((1, k), (3, 1, k), (2, 17, k), (57, k)):
         x = torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 4  # uneven columns
         want = (int8_rows(x, columns).double() @ w.T + bias.double()).float()
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

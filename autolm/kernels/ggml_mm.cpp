@@ -5,8 +5,8 @@
 // and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and IQ4_XS's
 // sub-blocks, its non-linear values looked up with vpshufb): x quantized per 32 columns (llama.cpp's Q8_0 / Q8_1),
 // an integer dot product per block, scaled per block. The instructions come from one of two files, as the machine
-// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels) and
-// ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and vpmaddwd, 32 bytes at a time). Built by
+// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels, 16
+// rows at a time on the tile unit where the CPU has AMX: ggml_amx.h) and ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and vpmaddwd, 32 bytes at a time). Built by
 // autolm/kernels/native.py with the machine's own instruction set (-march=native); registered as
 // torch.ops.autolm.ggml_mm (and ggml_mm_id: each row of x with its own expert's weight), with Meta kernels, so
 // that they run eagerly and inside ahead-of-time compiled graphs alike.
@@ -22,7 +22,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define AUTOLM_AVX512 1
@@ -212,6 +217,12 @@ using PanelFn = void (*)(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_
 #else
 #include "ggml_avx2.h"
 #endif
+#ifndef AUTOLM_AMX  // no tile unit: the panels' 16-row products are never called
+template <int64_t kind>
+constexpr std::nullptr_t tile_cols_32 = nullptr;
+template <int64_t bytes, int64_t group, int64_t sub>
+constexpr std::nullptr_t tile_cols = nullptr;
+#endif
 
 // x's rows quantized to int8 as absmax (the largest |x| of n columns) and quant16 (16 columns times 1 / scale,
 // rounded to the nearest integer, ties to even, and their sum) give them: per 32 columns (`split` > 0: runs of
@@ -325,16 +336,31 @@ void row_range_32(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
 }
 
 // Panels p0..p1 (weight rows kLanes p0 on) times all M rows of x (padded with zeros to kCols), into y: each panel
-// packed by `pack`, then multiplied by `cols`, kCols rows of x at a time.
-template <auto pack, auto cols>
+// packed by `pack`, then multiplied by `cols`, kCols rows of x at a time; where the tile unit is there (AMX), by
+// `tiles` 16 rows at a time (the rows of x a 16-row tile has whole), columns in runs of `sub` (ggml_amx.h).
+template <auto pack, auto cols, auto tiles, int64_t sub>
 void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
                  int64_t M, float* y) {
   Panel p{std::vector<uint8_t>((K + 32) * kLanes), std::vector<int32_t>(K / 16 * kLanes),
           std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
+#ifdef AUTOLM_AMX
+  const int64_t tiled = amx_ready() ? (int64_t)a.q.size() / K / kTileRows * kTileRows : 0;
+  std::optional<TileScope> scope;
+  if (tiled) scope.emplace(sub);
+#else
+  const int64_t tiled = 0;
+#endif
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
-    int64_t rows = std::min(kLanes, N - n);
+    int64_t rows = std::min(kLanes, N - n), m0 = 0;
     pack(w + n * row_bytes, row_bytes, rows, K, p);
-    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
+#ifdef AUTOLM_AMX
+    for (; m0 < std::min(tiled, M); m0 += kTileRows) {
+      PanelOut f[kTileRows];
+      tiles(p, a, K, m0, f);
+      for (int64_t t = 0; t < std::min(kTileRows, M - m0); t++) store_rows(y + (m0 + t) * N + n, f[t], rows);
+    }
+#endif
+    for (; m0 < M; m0 += kCols) {
       PanelOut f[kCols];
       cols(p, a, K, m0, f);
       for (int64_t t = 0; t < std::min(kCols, M - m0); t++) store_rows(y + (m0 + t) * N + n, f[t], rows);
@@ -345,14 +371,15 @@ void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, in
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
 constexpr PanelFn k_panels_of() {  // none where the instruction set's panels do not pay for this K-quant
   if constexpr (panels_pay(bytes, sub))
-    return &panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<bytes, group, sub>>;
+    return &panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<bytes, group, sub>,
+                        tile_cols<bytes, group, sub>, sub>;
   else
     return nullptr;
 }
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
 constexpr PanelFn k_panels = k_panels_of<decode, bytes, group, sub>();
 template <int64_t kind, int64_t bytes>
-constexpr PanelFn panels_32 = &panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>>;
+constexpr PanelFn panels_32 = &panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>, tile_cols_32<kind>, 32>;
 
 using RangeFn = decltype(&row_range<rows_k<decode_q6_k, 210>>);
 

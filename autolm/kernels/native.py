@@ -40,7 +40,9 @@ KINDS = {
     23: (256, 32),
 }
 _SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_mm.cpp", "cpu_ops.cpp")]
-_HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_avx2.h")]
+_HEADERS = [
+    os.path.join(os.path.dirname(__file__), name) for name in ("ggml_avx512.h", "ggml_amx.h", "ggml_avx2.h")
+]
 _AVX2 = {"avx2", "fma", "f16c"}  # every CPU with AVX-512 VNNI has these too
 _STATE: dict[str, bool] = {}
 _PATHS: dict[tuple[str, str], str] = {}
