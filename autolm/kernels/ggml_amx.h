@@ -1,14 +1,13 @@
-// The panels' products on CPUs with AMX (Intel's tile unit, Sapphire Rapids on), included by ggml_avx512.h: 16
-// rows of x at a time against a panel, each block's (or K-quant sub-block's) integer dot products for the 16 rows
-// and the panel's 16 weight rows in one instruction (tdpbsud: the activations' signed quants times the panel's
-// unsigned ones, whose groups of 4 columns are already laid out as the tile unit reads them), then scaled as the
-// AVX-512 panels scale theirs. A block of 32 against 16 rows: 8192 multiply-adds in one instruction where vpdpbusd
-// does 64; the scaling after it now takes most of the time, and packing the panels (reading the weights) more.
-// Measured here, 2 threads, a 1.1B model's forward, AVX-512 panels -> tiles: Q8_0, 32 tokens 207 -> 185 ms, 512
-// tokens 2.48 -> 2.20 s; Q4_K_M, 32 tokens 271 -> 246 ms, 512 tokens 2.85 -> 2.45 s (before the prefetch of
-// ggml_avx512.h's packing and the per-block sums below). Compiled where -march has
-// AMX-INT8; used where the OS lets the process use the tile registers (Linux has each process ask for them once:
-// arch_prctl ARCH_REQ_XCOMP_PERM), else the AVX-512 panels.
+// The panels' products on CPUs with AMX (Intel's tile unit, Sapphire Rapids on), included by ggml_avx512.h: 16 rows
+// of x at a time against a panel, each block's (or K-quant sub-block's) integer dot products for the 16 rows and the
+// panel's 16 weight rows in one instruction (tdpbsud: the activations' signed quants times the panel's unsigned
+// ones, whose groups of 4 columns are already laid out as the tile unit reads them), then scaled as the AVX-512
+// panels scale theirs. A block of 32 against 16 rows: 8192 multiply-adds in one instruction where vpdpbusd does 64;
+// the scaling after it now takes most of the time, and packing the panels (reading the weights) more. Measured here,
+// 2 threads, a 1.1B model's forward, AVX-512 panels -> tiles: Q8_0, 32 tokens 207 -> 185 ms, 512 tokens 2.48 -> 2.20
+// s; Q4_K_M, 32 tokens 271 -> 246 ms, 512 tokens 2.85 -> 2.45 s (before the prefetch of ggml_avx512.h's packing and
+// the per-block sums below). Compiled where -march has AMX-INT8; used where the OS lets the process use the tile
+// registers (Linux has each process ask for them once: arch_prctl ARCH_REQ_XCOMP_PERM), else the AVX-512 panels.
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
 #define AUTOLM_AMX 1
@@ -69,7 +68,8 @@ __attribute__((always_inline)) inline void tile_cols_32(const Panel& p, const Ac
   for (int64_t s = 0; s < nb; s += 2) {
     tile_dots<32>(p, x, K, 32 * s, 32 * std::min(s + 1, nb - 1), c);
     for (int64_t j = 0; j < std::min<int64_t>(2, nb - s); j++) {
-      __m512 dv = _mm512_loadu_ps(p.d.data() + (s + j) * kLanes), lv = _mm512_loadu_ps(p.low.data() + (s + j) * kLanes);
+      __m512 dv = _mm512_loadu_ps(p.d.data() + (s + j) * kLanes);
+      __m512 lv = _mm512_loadu_ps(p.low.data() + (s + j) * kLanes);
       for (int t = 0; t < kTileRows; t++) {
         __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(a.d[(m0 + t) * nb + s + j]));
         f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[j][t])), scale, f[t]);

@@ -5,11 +5,11 @@
 // and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and IQ4_XS's
 // sub-blocks, its non-linear values looked up with vpshufb): x quantized per 32 columns (llama.cpp's Q8_0 / Q8_1),
 // an integer dot product per block, scaled per block. The instructions come from one of two files, as the machine
-// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels, 16
-// rows at a time on the tile unit where the CPU has AMX: ggml_amx.h) and ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and vpmaddwd, 32 bytes at a time). Built by
-// autolm/kernels/native.py with the machine's own instruction set (-march=native); registered as
-// torch.ops.autolm.ggml_mm (and ggml_mm_id: each row of x with its own expert's weight), with Meta kernels, so
-// that they run eagerly and inside ahead-of-time compiled graphs alike.
+// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels, 16 rows
+// at a time on the tile unit where the CPU has AMX: ggml_amx.h) and ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and
+// vpmaddwd, 32 bytes at a time). Built by autolm/kernels/native.py with the machine's own instruction set
+// (-march=native); registered as torch.ops.autolm.ggml_mm (and ggml_mm_id: each row of x with its own expert's
+// weight), with Meta kernels, so that they run eagerly and inside ahead-of-time compiled graphs alike.
 // ATen's core headers, not ATen/ATen.h (every op's declarations: 3 s more of each build)
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -347,8 +347,6 @@ void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, in
   const int64_t tiled = amx_ready() ? (int64_t)a.q.size() / K / kTileRows * kTileRows : 0;
   std::optional<TileScope> scope;
   if (tiled) scope.emplace(sub);
-#else
-  const int64_t tiled = 0;
 #endif
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
     int64_t rows = std::min(kLanes, N - n), m0 = 0;
