@@ -107,10 +107,6 @@ __attribute__((always_inline)) inline void tile_cols(const Panel& p, const Acts&
     for (int t = 0; t < kTileRows; t++)
       f[t] = _mm512_fmadd_ps(h[t], _mm512_mul_ps(dv, _mm512_set1_ps(a.d[(m0 + t) * nb + b])), f[t]);
   }
-  const int64_t nl = K / group;
-  for (int64_t i = 0; i < nl; i++) {
-    __m512 lv = _mm512_loadu_ps(p.low.data() + i * kLanes);
-    for (int t = 0; t < kTileRows; t++) f[t] = _mm512_fmadd_ps(lv, _mm512_set1_ps(a.low[(m0 + t) * nl + i]), f[t]);
-  }
+  add_low_terms<kTileRows>(p, a, K / group, m0, f);
 }
 #endif

@@ -344,6 +344,17 @@ __attribute__((always_inline)) inline void run_dots(const Panel& p, const int8_t
   }
 }
 
+// The K-quants' low terms of rows m0..m0 + rows of x, added to f: the panel's factors per group of columns (`nl` of
+// them) times the rows' group sums.
+template <int rows>
+__attribute__((always_inline)) inline void add_low_terms(const Panel& p, const Acts& a, int64_t nl, int64_t m0,
+                                                         __m512* f) {
+  for (int64_t i = 0; i < nl; i++) {
+    __m512 lv = _mm512_loadu_ps(p.low.data() + i * kLanes);
+    for (int t = 0; t < rows; t++) f[t] = _mm512_fmadd_ps(lv, _mm512_set1_ps(a.low[(m0 + t) * nl + i]), f[t]);
+  }
+}
+
 // The panel times rows m0..m0 + 8 of x: f[t], the 16 weight rows' results for row m0 + t.
 template <int64_t bytes, int64_t group, int64_t sub>
 __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts& a, int64_t K, int64_t m0,
@@ -366,11 +377,7 @@ __attribute__((always_inline)) inline void panel_cols(const Panel& p, const Acts
       f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_mul_ps(dv, _mm512_set1_ps(a.d[(m0 + t) * nb + b])),
                              f[t]);
   }
-  const int64_t nl = K / group;
-  for (int64_t i = 0; i < nl; i++) {
-    __m512 lv = _mm512_loadu_ps(p.low.data() + i * kLanes);
-    for (int t = 0; t < kCols; t++) f[t] = _mm512_fmadd_ps(lv, _mm512_set1_ps(a.low[(m0 + t) * nl + i]), f[t]);
-  }
+  add_low_terms<kCols>(p, a, K / group, m0, f);
 }
 
 // Blocks of 32 (sub-blocks of IQ4_XS) in a panel: the unsigned quants, each block's scale and low value (the
