@@ -357,6 +357,33 @@ def test_kept_model_gives_the_dequantized_models_logits(tmp_path, embed, output,
     assert torch.equal(greedy, plain.generate(ids[:1], max_new_tokens=4, do_sample=False))
 
 
+def test_kept_model_caches_keys_and_values_in_float16_as_llama_cpp(tmp_path):
+    """A kept model's KV cache holds float16 (llama.cpp's default cache type: half the bytes each step reads);
+    the general forward and the one-token step attend over it, and kv_cache_dtype takes another dtype."""
+    from test_decode_steps import greedy_steps
+
+    model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None), quantization="gguf")
+    assert model.dtype == torch.float32 and model.make_cache(1, 4).keys[0].dtype == torch.float16
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids)
+    assert out.past_key_values.keys[0].dtype == torch.float16
+    half = [greedy_steps(model, ids, 6, mode) for mode in ("forward", "eager")]
+    model.kv_cache_dtype = torch.float32
+    assert model.make_cache(1, 4).keys[0].dtype == torch.float32
+    with torch.no_grad():
+        full = model(ids).logits
+    tokens, logits = greedy_steps(model, ids, 6, "eager")
+
+    def near(got, want):  # keys and values rounded to float16 (this random model's keys reach ~80)
+        return ((got - want).abs() <= 0.02 * (want.abs() + want.abs().max())).all()
+
+    assert near(out.logits, full)
+    assert not torch.equal(out.logits, full)  # the cache's dtype did change what attention read
+    assert half[0][0] == half[1][0] == tokens  # the same greedy tokens
+    assert near(half[0][1], logits) and near(half[1][1], logits)
+
+
 def test_kept_blocks_are_the_files_memory_map(tmp_path):
     """The embeddings and the layers that compute on the blocks as they are (F16, BF16) are views of one memory map
     of the whole file."""

@@ -63,7 +63,7 @@ def test_kept_blocks_agree_with_llama_cpp(smol_quants, name):
     theirs = llamacpp_logits(path, ids)
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     # llama.cpp rounds activations to 8 bits for its quantized dot products, as autolm's C++ kernel does (where it
-    # is built; else fp32, bf16 for the int4 layers), and keeps its KV cache in f16: the logits differ by a
+    # is built; else fp32, bf16 for the int4 layers), and both keep the KV cache in f16: the logits differ by a
     # little, the next tokens by a few percent at most
     assert agree >= 0.9, (name, agree)
     assert (ours - theirs).abs().mean() < 0.05 * theirs.abs().mean(), name

@@ -187,7 +187,10 @@ class KeepGGUF:
         return self.inner.put(name, t, path, zero_copy)
 
     def finish(self, model, loaded):
-        return self.inner.finish(model, loaded)
+        model = self.inner.finish(model, loaded)
+        if model.cache_dtype() == torch.float32:  # llama.cpp's cache: keys and values in float16
+            model.kv_cache_dtype = torch.float16
+        return model
 
 
 def _entries(layer: nn.Module, module: str, t) -> dict[str, torch.Tensor]:

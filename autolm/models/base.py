@@ -125,6 +125,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         # how generation decodes (autolm.step): "auto" (the one-token step, compiled where cached), "eager"
         # (never compiled graphs) or "forward" (the general forward for every token)
         self.decode_mode = "auto"
+        # the KV cache's dtype; None: the model's (a GGUF model kept in its blocks: float16, llama.cpp's cache)
+        self.kv_cache_dtype: torch.dtype | None = None
 
     # ---- structure: what loading, placement, tensor parallelism and generation ask of the model ----
 
@@ -181,12 +183,18 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         attn = next(m for m in self.model.layers[0].modules() if hasattr(m, "num_kv_heads"))
         return attn.num_kv_heads, attn.head_dim
 
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: `kv_cache_dtype` where set, else the model's (float32 for integer weights)."""
+        if self.kv_cache_dtype is not None:
+            return self.kv_cache_dtype
+        w = self.model.embed_tokens.weight
+        return w.dtype if w.dtype.is_floating_point else torch.float32
+
     def make_cache(self, batch_size: int, capacity: int) -> KVCache:
-        """A KV cache for this model (its dtype, this rank's KV heads, each layer's device). With a compiled
+        """A KV cache for this model (cache_dtype(), this rank's KV heads, each layer's device). With a compiled
         decode step the capacity rounds up to a multiple of 256 (one graph serves many lengths) and the
         buffers get static addresses."""
-        w = self.model.embed_tokens.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        dtype = self.cache_dtype()
         static = self.decode_step is not None
         if static:
             capacity = -(-capacity // 256) * 256

@@ -57,6 +57,8 @@ class Forward:
         """q (B, nh, T, hd), k, v (B, n_kv, T, hd) -> (B, T, nh, hd)."""
         if self.cache is not None:
             k, v = self.cache.update(layer_idx, k, v, self.cache_position, self.kv_length)
+            if k.dtype != q.dtype:  # a cache kept in another dtype (a GGUF model's float16 one)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         return kernels.attention(q, k, v, self.mask(window), scale, softcap, sinks, self.attentions)
 
 

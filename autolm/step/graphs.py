@@ -34,7 +34,7 @@ _ONE = torch.empty(1)
 _FLAGS = {"cpp.enable_floating_point_contract_flag": "fast"}
 # settings that do not change a module's compiled code (the layer's index; the model's bookkeeping)
 _SKIP = ("training", "layer_idx", "config", "name_or_path", "decode_mode", "decode_step", "load_report",
-         "generation_config", "hf_device_map", "gradient_checkpointing")  # fmt: skip
+         "generation_config", "hf_device_map", "gradient_checkpointing", "kv_cache_dtype")  # fmt: skip
 
 
 class _LayerGraph(nn.Module):
@@ -175,7 +175,7 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     jobs = []
     for layer in body.layers:
         names, tensors = tensors_of(layer)
-        cache = torch.zeros(rows, n_kv, 6, hd, dtype=dtype)
+        cache = torch.zeros(rows, n_kv, 6, hd, dtype=model.cache_dtype())
         example = [
             x,
             cache,
