@@ -162,16 +162,18 @@ class Family:
 
     # ---- adapters, quantization, saving, placement ------------------------------------------------
 
-    def check_lora(self, tmp_path_factory, tmp_path) -> None:
+    def check_lora(self, tmp_path_factory, tmp_path, dora: bool = False) -> None:
         """peft's default target modules for the type: an adapter peft made gives peft's logits in autolm; an
-        adapter autolm made gives the same logits in peft; merging changes nothing."""
+        adapter autolm made gives the same logits in peft; merging changes nothing (`dora`: DoRA adapters)."""
         import peft
 
         directory, hf = self.checkpoint(tmp_path_factory)
         ids, mask = padded_batch(seed=5)
         real = mask.bool()
         targets = self.lora_targets  # None: the type's default targets
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        pm = peft.get_peft_model(
+            hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+        )
         _randomize_lora(pm)
         pm.save_pretrained(tmp_path / "peft")
         with torch.no_grad():

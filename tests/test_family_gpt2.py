@@ -65,11 +65,12 @@ def test_compiled_step(tmp_path_factory, home):  # noqa: F811
     GPT2.check_compiled_step(tmp_path_factory, home)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "variant"])
-def test_lora_on_conv1d_both_ways(tmp_path_factory, tmp_path, name):
-    FAMILIES[name].check_lora(tmp_path_factory, tmp_path)
+@pytest.mark.parametrize("name,dora", [("gpt2", False), ("variant", False), ("gpt2", True)])
+def test_lora_on_conv1d_both_ways(tmp_path_factory, tmp_path, name, dora):
+    FAMILIES[name].check_lora(tmp_path_factory, tmp_path, dora)
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["target_modules"] == ["c_attn"] and saved["fan_in_fan_out"] is True  # as peft writes them
+    assert saved["use_dora"] is dora
 
 
 def test_lora_defaults_and_layer_choice_follow_peft(tmp_path_factory):

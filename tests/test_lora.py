@@ -64,6 +64,55 @@ def test_peft_adapter_loads_with_peft_logits(checkpoint, tmp_path, kwargs):
         torch.testing.assert_close(out[b][real], expected[b][real], atol=1e-5, rtol=1e-5)
 
 
+def test_dora_adapters_compute_merge_and_train_as_peft(checkpoint, tmp_path):
+    """DoRA (use_dora=True): an adapter peft made loads with peft's logits, one autolm made loads in peft with the
+    same logits, merging and unmerging change neither, and a training step's gradients (the magnitudes' too, the
+    row norms taken as constants) are peft's."""
+    import peft
+    import transformers
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    directory, adapter, ids, mask, expected = _peft_adapter(checkpoint, tmp_path, **kwargs)
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert json.load(f)["use_dora"] is True
+    pm = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
+    real = mask.bool()
+    with torch.no_grad():
+        got = pm(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+        pm.merge_adapter()
+        torch.testing.assert_close(
+            pm(ids, attention_mask=mask).logits[real], expected[real], atol=1e-5, rtol=1e-5
+        )
+        pm.unmerge_adapter()
+        torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+    # autolm's own DoRA adapter, in peft
+    ours = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(**kwargs))
+    layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(
+        layer.lora_magnitude_vector["default"].weight, layer.base_layer.weight.norm(dim=1)
+    )
+    _randomize_lora(ours, seed=4)
+    ours.save_pretrained(tmp_path / "ours")
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours", is_trainable=True)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    # one backward on unpadded rows: the same gradients for every trainable tensor
+    ours.train()
+    theirs.train()
+    rows = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    for pm_ in (ours, theirs):
+        pm_(input_ids=rows, labels=rows).loss.backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    ref = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert sorted(mine) == sorted(ref) and any("lora_magnitude_vector" in n for n in mine)
+    for n, g in ref.items():
+        torch.testing.assert_close(mine[n], g, atol=1e-5, rtol=1e-4)
+
+
 def test_autolm_adapter_loads_in_peft_with_equal_logits(checkpoint, tmp_path):
     import peft
     import transformers

@@ -38,7 +38,7 @@ def set_disabled(model: nn.Module, disabled: bool) -> None:
 def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:
     """Only this adapter's LoRA weights (its modules_to_save copies, and biases as its config says) train."""
     for pname, p in model.named_parameters():
-        lora = f".lora_A.{name}." in pname or f".lora_B.{name}." in pname
+        lora = any(f".{kind}.{name}." in pname for kind in ("lora_A", "lora_B", "lora_magnitude_vector"))
         saved = f".modules_to_save.{name}." in pname
         bias = pname.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and ".base_layer." in pname)
@@ -51,6 +51,8 @@ def _disk_name(pname: str, name: str) -> str | None:
     for kind in ("lora_A", "lora_B"):
         if f".{kind}.{name}." in pname:
             return pname.replace(f".{kind}.{name}.", f".{kind}.")
+    if pname.endswith(f".lora_magnitude_vector.{name}.weight"):  # DoRA's magnitudes: peft's name on disk
+        return pname[: -len(f".{name}.weight")]
     if f".modules_to_save.{name}." in pname:
         return pname.replace(f".modules_to_save.{name}.", ".")
     return None
@@ -141,7 +143,7 @@ def remove(model: nn.Module, name: str) -> None:
         if name in layer.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged: unmerge_adapter() before deleting it")
     for layer in lora_layers(model):
-        for d in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+        for d in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector):
             if name in d:
                 del d[name]
         layer.scaling.pop(name, None)

@@ -194,8 +194,6 @@ class LoraConfig(PeftConfig):
                 raise AdapterError(
                     f"LoraConfig: {pattern!r} is not a valid regular expression ({e})"
                 ) from None
-        if self.use_dora:
-            raise AdapterError("LoraConfig: use_dora=True (DoRA) is not supported by autolm yet")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:

@@ -12,8 +12,19 @@ from ..errors import AdapterError
 from .config import LoraConfig, default_targets
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude of each output row (peft's DoraLinearLayer): `weight` (out_features,)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoraLinear(nn.Module):
-    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a."""
+    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a. A DoRA adapter
+    (use_dora, an entry in lora_magnitude_vector) rescales each output row of the adapted weight W + s B A to its
+    learned magnitude m instead: y = m / ||W + s B A||_row * (x W^T + s B(A(x))) (+ bias), the norm taken as a
+    constant, as peft computes it."""
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -21,6 +32,8 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge it
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -39,7 +52,14 @@ class LoraLinear(nn.Module):
         return self.base_layer.out_features
 
     def add_adapter(
-        self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool,
+        init: bool | str,
+        dora: bool = False,
     ) -> None:
         w = self.base_layer.weight
         device = w.device if w.device.type != "meta" else None
@@ -54,27 +74,59 @@ class LoraLinear(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[name].weight)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        if dora:  # the magnitudes start as the adapted weight's row norms: the layer's output is unchanged
+            norm = self.row_norms(self.base_weight().to(dtype), self.delta_weight(name, rows=True).to(dtype))
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
         if name not in self.active_adapters:
             self.active_adapters = [name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B @ A in fp32, laid out as the base weight: (out, in), or (in, out) for a Conv1D."""
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as (out, in), dequantized where the layer keeps it quantized."""
+        base = self.base_layer
+        w = base.dequantize() if hasattr(base, "dequantize") else base.weight
+        return w.t() if getattr(base, "fan_in_fan_out", False) else w
+
+    @staticmethod
+    def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """||weight + delta|| of each output row, (out,), in weight's dtype, outside autograd (DoRA's norm)."""
+        return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()
+
+    def delta_weight(self, name: str, rows: bool = False) -> torch.Tensor:
+        """scaling * B @ A in fp32, laid out as the base weight: (out, in), or (in, out) for a Conv1D (`rows`:
+        (out, in) always)."""
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         delta = (b @ a) * self.scaling[name]
-        return delta.t() if getattr(self.base_layer, "fan_in_fan_out", False) else delta
+        return delta.t() if getattr(self.base_layer, "fan_in_fan_out", False) and not rows else delta
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm, shaped to scale the base weight's output rows (a column of them for a Conv1D's (in, out))."""
+        f = (self.lora_magnitude_vector[name].weight.float() / norm.float()).view(-1, 1)
+        return f.t() if getattr(self.base_layer, "fan_in_fan_out", False) else f
 
     def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters into the base weight (a DoRA adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm
+        that of the weight as it is before this merge, kept to unmerge)."""
         for name in names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 w = self.base_layer.weight
-                w.data = (w.data.float() + self.delta_weight(name)).to(w.dtype)
+                merged = w.data.float() + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
+                    self._merged_norms[name] = norm
+                    merged = self._dora_factor(name, norm) * merged
+                w.data = merged.to(w.dtype)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             w = self.base_layer.weight
-            w.data = (w.data.float() - self.delta_weight(name)).to(w.dtype)
+            unmerged = w.data.float()
+            if name in self._merged_norms:
+                unmerged = unmerged / self._dora_factor(name, self._merged_norms.pop(name))
+            w.data = (unmerged - self.delta_weight(name)).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -85,12 +137,32 @@ class LoraLinear(nn.Module):
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 a = self.lora_A[name]
+                if name in self.lora_magnitude_vector:
+                    y = y + self._dora(name, x.to(a.weight.dtype), y).to(y.dtype)
+                    continue
                 y = (
                     y
                     + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype)
                     * self.scaling[name]
                 )
         return y
+
+    def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What a DoRA adapter adds to the output so far `y`, as peft computes it: (m / n - 1) * base + m / n *
+        s * B(A(x)), n the adapted weight's row norms (constant for autograd), base the output so far less the bias
+        (with dropout while training: x W^T of the dropped-out input instead)."""
+        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        w = self.base_weight().to(x.dtype)
+        norm = self.row_norms(w, s * (b.weight @ a.weight).detach().to(x.dtype))
+        scale = (self.lora_magnitude_vector[name].weight / norm).view(1, -1)
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = y if bias is None else y - bias
+        else:
+            x = dropout(x)
+            base = x @ w.t()
+        return (scale - 1) * base + scale * b(a(x)) * s
 
 
 class ModulesToSave(nn.Module):
@@ -154,7 +226,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             _set_module(model, name, layer)
         r, alpha = config.rank_and_alpha(base_name)
         layer.add_adapter(
-            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+            adapter_name,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.init_lora_weights,
+            config.use_dora,
         )
         targeted.append(name)
     if not targeted:
