@@ -198,11 +198,16 @@ def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
         "1",
         "--lora-r",
         "2",
+        "--use-dora",
         home=home,
     )
     assert "loss" in p.stdout and "trainable params" in p.stdout
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["use_dora"] is True
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert any(k.endswith("q_proj.lora_magnitude_vector") for k in saved)
 
 
 def _one_line(p) -> str:

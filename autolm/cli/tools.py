@@ -146,6 +146,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
+        use_dora=args.use_dora,
         target_modules=targets if targets in (None, "all-linear") else targets.split(","),
     )
     torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
