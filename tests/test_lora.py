@@ -86,6 +86,12 @@ def test_dora_adapters_compute_merge_and_train_as_peft(checkpoint, tmp_path):
         )
         pm.unmerge_adapter()
         torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+        # outside training the row norms are kept until a weight changes (in place too)
+        layer = pm.get_base_model().model.layers[1].mlp.down_proj
+        layer.lora_B["default"].weight.mul_(2)
+        after = pm(ids, attention_mask=mask).logits
+        layer._norms.clear()
+        assert torch.equal(after, pm(ids, attention_mask=mask).logits) and not torch.allclose(after, got)
     # autolm's own DoRA adapter, in peft
     ours = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(**kwargs))
     layer = ours.get_base_model().model.layers[0].self_attn.q_proj

@@ -147,6 +147,7 @@ def remove(model: nn.Module, name: str) -> None:
             if name in d:
                 del d[name]
         layer.scaling.pop(name, None)
+        layer._norms.pop(name, None)
         layer.active_adapters = [a for a in layer.active_adapters if a != name]
     for w in save_wrappers(model):
         if name in w.modules_to_save:
