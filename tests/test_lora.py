@@ -453,3 +453,56 @@ def test_errors_are_value_errors_as_in_peft(checkpoint):
             next(p for n, p in pm.named_parameters() if "lora_B" in n).fill_(float("nan"))
         with pytest.raises(ValueError, match="NaN"):
             pm.merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", "gguf"])
+def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpoint, tmp_path, quantization):
+    """QLoRA: LoRA (and DoRA) on int8, int4 and GGUF-block layers gives the logits and the gradients of LoRA on
+    float layers holding the weights they stand for (within the kernels' rounding of the first layer's input);
+    the quantized weights stay as they are, and merging into them is refused with a clear error."""
+    if quantization == "gguf":
+        from test_gguf_blocks import K, write_gguf
+
+        path = write_gguf(str(tmp_path / "tiny.gguf"), K.Q8_0, None)
+        kw = dict(gguf_file=os.path.basename(path), progress=False)
+        quant = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="gguf", **kw)
+        plain = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, **kw)  # dequantized while loading
+        vocab = quant.config.vocab_size
+        # every layer's input needs a gradient, so every layer computes through its dequantized weight: this random
+        # model's attention is so sharp (a loss of ~120) that the C++ kernel's int8 rounding of the first layer's
+        # input alone turns its gradients (tests/test_gguf_blocks.py pins that kernel)
+        for m in (quant, plain):
+            m.model.embed_tokens.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    else:
+        directory, _ = checkpoint(NAME)
+        quant = autolm.AutoModelForCausalLM.from_pretrained(directory, quantization=quantization)
+        plain = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        with torch.no_grad():
+            for name, m in quant.named_modules():
+                if hasattr(m, "dequantize") and name.startswith("model.layers."):
+                    plain.get_submodule(name).weight.copy_(m.dequantize())
+        vocab = VOCAB
+    frozen = [(b, b.clone()) for b in quant.buffers() if not b.is_floating_point()]
+    assert frozen  # the quantized weights
+    config = dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    config["use_dora"] = quantization == "gguf"  # DoRA's norms from the dequantized weight too
+    made = [get_peft_model(m, LoraConfig(**config)) for m in (quant, plain)]
+    _sync_lora(made[0], made[1])
+    rows = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads, losses = [], []
+    for pm in made:
+        pm.train()
+        out = pm(input_ids=rows, labels=rows)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in pm.named_parameters() if p.requires_grad})
+    assert sorted(grads[0]) == sorted(grads[1]) and grads[0]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0.02, atol=0.0)
+    for n, g in grads[1].items():
+        cos = torch.nn.functional.cosine_similarity(grads[0][n].flatten(), g.flatten(), 0)
+        assert cos > 0.98, (n, cos)
+    assert all(torch.equal(b, before) for b, before in frozen)
+    with pytest.raises(AdapterError, match="cannot merge adapter 'default' into a quantized layer"):
+        made[0].merge_and_unload()

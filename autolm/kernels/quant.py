@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .core import PrivateOp, batched_graph, realize
+from .core import PrivateOp, batched_graph, needs_grad, realize
 
 INT8_MM = PrivateOp("aten", "_weight_int8pack_mm")
 INT4_MM = PrivateOp("aten", "_weight_int4pack_mm_for_cpu")
@@ -32,7 +32,7 @@ def int8_linear(
         total = x.float().sum(-1, keepdim=True).to(x.dtype)
         y = (y.to(x.dtype).float() + total.float() * offsets.to(x.dtype).float()).to(x.dtype)
         return y if bias is None else y + bias
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or needs_grad(x):  # the kernel has no backward
         return None
     x2 = x.reshape(-1, q.shape[1])  # eager, or many rows inside a compiled graph: PyTorch's kernel
     y = INT8_MM.call(x2.to(COMPUTE), q, scales.to(COMPUTE))
@@ -54,7 +54,7 @@ def int4_linear(
     also called from compiled code."""
     if torch.compiler.is_compiling():
         x = realize(x)
-    elif x.device.type != "cpu":
+    elif x.device.type != "cpu" or needs_grad(x):  # the kernel has no backward
         return None
     n = scales_and_zeros.shape[1]
     # A fused layer's parts hold column slices of its scales: the kernel reads them dense.

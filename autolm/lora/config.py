@@ -15,6 +15,12 @@ from torch import nn
 from .._util import atomic_write_text, read_json
 from ..errors import AdapterError
 from ..hub import resolve_model_dir
+from ..nn.ggml import GGMLLinear
+from ..quant import Int4Linear, Int8Linear
+
+# the layers LoRA adapts: nn.Linear (autolm's Linear, transformers' Conv1D) and the quantized linear layers, whose
+# weights stay as they are (QLoRA: gradients reach the input through the dequantized weight; merging is refused)
+LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
 
 CONFIG_NAME = "adapter_config.json"
 # The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).
@@ -218,7 +224,7 @@ class LoraConfig(PeftConfig):
 
     def matches(self, key: str, module: nn.Module) -> bool:
         """peft's target rule: regex string (full match), exact name or suffix, or 'all-linear'."""
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, LINEAR):
             return False
         if self.exclude_modules:
             ex = self.exclude_modules

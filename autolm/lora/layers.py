@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .config import LoraConfig, default_targets
+from .config import LINEAR, LoraConfig, default_targets
 
 
 class DoraMagnitude(nn.Module):
@@ -112,6 +112,11 @@ class LoraLinear(nn.Module):
         that of the weight as it is before this merge, kept to unmerge)."""
         for name in names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
+                if not self.base_layer.weight.is_floating_point():
+                    raise AdapterError(
+                        f"cannot merge adapter {name!r} into a quantized layer ({type(self.base_layer).__name__}): "
+                        "load the adapter on the model in floating point (quantization=None) to merge it"
+                    )
                 w = self.base_layer.weight
                 merged = w.data.float() + self.delta_weight(name)
                 if name in self.lora_magnitude_vector:
@@ -257,7 +262,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     if not targeted:
         raise AdapterError(
             f"target modules {config.target_modules!r} match no Linear layer of the model "
-            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})})"
+            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})})"
         )
     for name in config.modules_to_save or []:
         found = False

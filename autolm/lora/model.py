@@ -151,6 +151,7 @@ class PeftModel(_Forwarding):
                 for name in names:
                     if (
                         name in layer.lora_A
+                        and layer.base_layer.weight.is_floating_point()  # a quantized one refuses to merge
                         and not torch.isfinite(
                             layer.base_layer.weight.float() + layer.delta_weight(name)
                         ).all()

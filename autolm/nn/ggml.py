@@ -5,6 +5,7 @@ stacked experts."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -58,6 +59,8 @@ class GGMLLinear(nn.Module):
         return kernels.llama_qk_order(w, self.heads) if self.heads else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.needs_grad(x):  # a gradient for x (LoRA above this layer): through the dequantized weight
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         if self.scales is not None:
             return kernels.group_linear(x, self.weight, self.scales, self.low, self.bias)
         return kernels.ggml_linear(x, self.weight, self.ggml_type, self.bias, self.heads)
