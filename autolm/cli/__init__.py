@@ -265,6 +265,9 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--use-dora", action="store_true", help="DoRA: a learned magnitude per output row")
+    p.add_argument("--quantize", choices=("none", "int8", "int4", "gguf"), default="none",
+                   help="train over int8 / int4 weights or a .gguf file's own blocks (QLoRA), one process "
+                        "only; none (the default): over float weights")  # fmt: skip
     p.add_argument("--lora-targets", default=None,
                    help="comma-separated names, or all-linear (default: peft's for the model type, e.g. "
                         "q_proj,v_proj; c_attn for GPT-2)")  # fmt: skip

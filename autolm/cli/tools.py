@@ -132,6 +132,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a directory")
+    if args.quantize != "none" and (args.nproc > 1 or distributed()):
+        raise UsageError("--quantize trains in one process: FSDP (--nproc) shards float weights")
     code = launch(args.nproc, args.argv, "--nproc")
     if code is not None:
         return code
@@ -159,7 +161,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(lora.base_model_name_or_path, gguf_file=gguf_file)
         main_rank = world()[0] == 0
     else:
-        model, tok = load(args.model, dtype, args.device, quantize="none")  # training runs on float weights
+        model, tok = load(args.model, dtype, args.device, quantize=args.quantize)
         pm = get_peft_model(model, lora)
         main_rank = True
     if main_rank:
