@@ -316,7 +316,7 @@ def adapters(smol_dir, tmp_path_factory):
     return out
 
 
-def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_path):
+def test_adapters_on_generate_inspect_and_merge(home, smol_dir, smol_gguf, adapters, tmp_path):
     import autolm
     from autolm.lora import PeftModel
 
@@ -333,6 +333,17 @@ def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_pa
         "generate", adapters[0], prompt, "--max-new-tokens", "8", home=home
     )  # the adapter folder alone
     assert folder.stdout == with_adapter.stdout
+    # a .gguf model keeps its blocks under the adapter too (LoRA over the kept layers), as Python gives it
+    gguf = os.path.join(*smol_gguf)
+    kept = autolm.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), quantization="gguf", progress=False
+    )
+    expected = autolm.generate_text(
+        PeftModel.from_pretrained(kept, adapters[0]), tok, prompt, max_new_tokens=8
+    )
+    on_blocks = run("generate", gguf, prompt, "--max-new-tokens", "8", "--adapter", adapters[0], home=home)
+    assert on_blocks.stdout.strip() == expected.strip()
+    assert on_blocks.stdout != run("generate", gguf, prompt, "--max-new-tokens", "8", home=home).stdout
     info = run(
         "inspect", smol_dir, "--adapter", f"a={adapters[0]}", "--adapter", f"b={adapters[1]}", home=home
     ).stdout
@@ -340,6 +351,10 @@ def test_adapters_on_generate_inspect_and_merge(home, smol_dir, adapters, tmp_pa
     run("merge", smol_dir, adapters[0], str(tmp_path / "merged"), "--dtype", "float32", home=home)
     merged = run("generate", str(tmp_path / "merged"), prompt, "--max-new-tokens", "8", home=home)
     assert merged.stdout == with_adapter.stdout
+    # a .gguf base merges too: into its float weights (merging into kept blocks is refused)
+    run("merge", gguf, adapters[0], str(tmp_path / "from_gguf"), "--dtype", "float32", home=home)
+    again = run("generate", str(tmp_path / "from_gguf"), prompt, "--max-new-tokens", "8", home=home)
+    assert again.stdout == with_adapter.stdout  # the GGUF's dequantized weights are smol_dir's
 
 
 def test_chat_commands(home, adapters):

@@ -71,8 +71,10 @@ def load(
     from ..load import from_pretrained
     from ..tokenizer import AutoTokenizer
 
-    if (tp_plan or adapters) and quantize is None:
-        quantize = "none"  # tensor parallelism and LoRA adapters run on float weights
+    if tp_plan and quantize is None:
+        quantize = (
+            "none"  # tensor parallelism runs on float weights (LoRA adapters on any: lora.config.LINEAR)
+        )
     where, gguf_file = locate(model, dtype, quantize)
     if gguf_file is not None and quantize is None:
         quantize = "gguf"  # a .gguf model runs in its own blocks, as llama.cpp runs it

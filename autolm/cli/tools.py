@@ -115,7 +115,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     adapters = parse_adapters([args.adapter], flag="ADAPTER ")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory")
-    model, tok = load(args.base, args.dtype, adapters=adapters)
+    model, tok = load(args.base, args.dtype, quantize="none", adapters=adapters)  # merged into float weights
     from ..saving import save_with_tokenizer
 
     save_with_tokenizer(model.merge_and_unload(), tok, args.out)  # both or neither: one transaction
