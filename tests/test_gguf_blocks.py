@@ -519,15 +519,22 @@ def test_compiled_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
         torch.testing.assert_close(logits, plain, atol=1e-3, rtol=1e-3)
 
 
-def test_batched_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["blocks", "lora"])
+def test_batched_step_graphs_compute_on_the_blocks(tmp_path, monkeypatch, lora):
     """The graphs for any number of rows (the server's batches: exported with a symbolic batch size, which the
-    blocks' op carries through) give the general forward's tokens for a left-padded batch."""
+    blocks' op carries through) give the general forward's tokens for a left-padded batch; with LoRA layers over
+    the blocks too (`autolm serve model.gguf --adapter ...`)."""
     from conftest import padded_batch
 
     from autolm import step
+    from autolm.lora import LoraConfig, get_peft_model
     from autolm.step import graphs
 
     model = _load(write_gguf(str(tmp_path / "tiny.gguf"), K.Q6_K, None), quantization="gguf")
+    if lora:
+        targets = ["q_proj", "v_proj", "down_proj"]
+        get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+        assert type(model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear"
     ids, mask = padded_batch(seed=2, vocab=VOCAB)
     run = dict(
         attention_mask=mask,
