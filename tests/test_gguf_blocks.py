@@ -155,6 +155,10 @@ def int8_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
     return ((blocks * inv).round().clamp(-127, 127) * (top / 127)).flatten(-2)
 
 
+def bf16(t):
+    return t.bfloat16().double()
+
+
 @pytest.mark.skipif(not native.available(), reason=NO_KERNEL)
 @pytest.mark.parametrize("kind", sorted(native.KINDS), ids=lambda k: gguf.GGMLQuantizationType(k).name)
 def test_native_kernel_is_the_int8_activation_product(kind):
@@ -162,7 +166,9 @@ def test_native_kernel_is_the_int8_activation_product(kind):
     (K-quants) or 32 (the others), as llama.cpp does, times gguf's dequantized weight, for any number of rows
     (with one row a thread, a few, and in panels, from 4, 8 or 16 rows on: 34 rows, 612 weight rows, neither a
     whole number of panels); bf16 in, bf16 out. Blocks of 32: an odd number of blocks per row, and an even one
-    (the nibble kinds' blocks then go two at a time on the one-row path)."""
+    (the nibble kinds' blocks then go two at a time on the one-row path). Where the CPU has AMX, from 16 rows on:
+    the weight rounded to bf16 times x rounded to bf16, summed in float32 (34 and 57 rows: a whole pair of
+    16-row tiles, a half-empty one, an odd one)."""
     for k in (768,) if native.KINDS[kind][0] == 256 else (800, 832):  # 25 and 26 blocks of 32
         _check_native_kernel(kind, k)
 
@@ -176,13 +182,18 @@ def _check_native_kernel(kind, k):
     bias = torch.randn(n)
     layer.load_state_dict({"weight": raw, "bias": bias}, assign=True)
     g = torch.Generator().manual_seed(kind)
+    tiles = native.tile_rows()  # from so many rows on, on AMX's tile unit: bf16 weights and activations
     for shape in ((1, k), (3, 1, k), (2, 17, k), (57, k)):
         x = torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 4  # uneven columns
-        want = (int8_rows(x, columns).double() @ w.T + bias.double()).float()
+        if tiles and x.numel() // k >= tiles:
+            want = (bf16(x) @ bf16(w).T + bias.double()).float()
+            bound = 0.005  # bf16's rounding of both: ~0.25%
+        else:
+            want = (int8_rows(x, columns).double() @ w.T + bias.double()).float()
+            bound = 0.04  # int8 activations' rounding: ~1% on random blocks (up to 3% on one row)
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         exact = x.double() @ w.T + bias.double()
-        # int8 activations' rounding: ~1% on random blocks (one scale per 256 columns: up to 3% on one row)
-        assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.04
+        assert ((layer(x) - exact).norm() / exact.norm()).item() < bound
         # the rows llama.cpp permuted (6 heads of 100 rows): the outputs come in the model's order
         assert torch.equal(
             native.ggml_mm(x, raw, kind, 6), K.llama_qk_order(native.ggml_mm(x, raw, kind), 6, -1)
@@ -237,13 +248,14 @@ def _check_experts(kind, k):
 
 
 @pytest.mark.skipif(
-    os.environ.get("AUTOLM_NATIVE") in ("avx2", "avxvnni") or not native.available(),
-    reason="the AVX2 build's own run, or no kernel",
+    os.environ.get("AUTOLM_NATIVE") in ("avx2", "avxvnni", "avx512") or not native.available(),
+    reason="another build's own run, or no kernel",
 )
-@pytest.mark.parametrize("build", ["avx2", "avxvnni"])
+@pytest.mark.parametrize("build", ["avx2", "avxvnni", "avx512"])
 def test_the_avx2_kernels_pass_the_same_tests(build):
     """The kernels CPUs without AVX-512 VNNI run (ggml_avx2.h; AUTOLM_NATIVE=avx2 builds them on any x86-64-v3
-    CPU, AUTOLM_NATIVE=avxvnni with AVX-VNNI's instructions on a CPU that has them): this file's tests of the C++
+    CPU, AUTOLM_NATIVE=avxvnni with AVX-VNNI's instructions on a CPU that has them), and on a CPU with AMX those
+    of CPUs without it (AUTOLM_NATIVE=avx512: the int8 panels for any number of rows): this file's tests of the C++
     kernel, run in a process of their own (a process loads one build), every type against the int8-activation
     product and as stacked experts, the kept models' logits and the weights that stay views of the file."""
     import subprocess
@@ -251,6 +263,8 @@ def test_the_avx2_kernels_pass_the_same_tests(build):
     assert native.march() == "native"
     if build == "avxvnni" and "avx_vnni" not in native._cpu_flags():
         pytest.skip("this CPU has no AVX-VNNI")
+    if build == "avx512" and not native.tile_rows():
+        pytest.skip("the native build has no tiles here: it is the AVX-512 build")
     tests = "native_kernel or own_experts or (kept_model_gives and native) or natively_computed"
     command = [sys.executable, "-m", "pytest", __file__, "-n", "0", "-p", "no:cacheprovider", "-k", tests]
     env = dict(os.environ, AUTOLM_NATIVE=build)

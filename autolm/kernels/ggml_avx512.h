@@ -127,10 +127,11 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
 }
 
 // A decoded K-quant block: the quants as unsigned bytes in the order of the activations' quants, each int16
-// lane's sub-scale, d, and the low term's integer factors per 16 weights with their scale.
+// lane's sub-scale, d, and per 16 weights in the columns' order the sub-scale (sc16) and the low term's integer
+// factor (low16), with its scale.
 struct KBlock {
   __m512i q[4], sc[4];
-  __m256i low16;
+  __m256i sc16, low16;
   float d, low_scale;
 };
 
@@ -154,6 +155,7 @@ __attribute__((always_inline)) inline void k_block_rows(const KBlock& k, const A
 // Q5_K (kFive): the same with 32 bytes of fifth bits between the scales and the nibbles: bit 2j of byte l is
 // weight 64j + l's (the low nibbles), bit 2j + 1 weight 64j + 32 + l's (the high nibbles).
 const __m256i min_idx = _mm256_setr_epi16(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+const __m256i scale_idx = _mm256_sub_epi16(min_idx, _mm256_set1_epi16(8));
 const __m512i lo_idx[2] = {lane_index(0, 2, 16), lane_index(4, 6, 16)};
 const __m512i hi_idx[2] = {lane_index(1, 3, 16), lane_index(5, 7, 16)};
 __m512i byte_halves(int lo, int hi) {
@@ -183,6 +185,7 @@ __attribute__((always_inline)) inline void decode_q45_k(const uint8_t* w, KBlock
     k.sc[2 * h + 1] = _mm512_permutexvar_epi16(hi_idx[h], sm);
   }
   k.low16 = _mm256_permutexvar_epi16(min_idx, _mm512_castsi512_si256(sm));
+  k.sc16 = _mm256_permutexvar_epi16(scale_idx, _mm512_castsi512_si256(sm));
   k.d = half_at(w), k.low_scale = -half_at(w + 2);
 }
 
@@ -206,7 +209,7 @@ __attribute__((always_inline)) inline void decode_q6_k(const uint8_t* w, KBlock&
     k.sc[2 * h] = _mm512_permutexvar_epi16(q6_idx[2 * h], sm);
     k.sc[2 * h + 1] = _mm512_permutexvar_epi16(q6_idx[2 * h + 1], sm);
   }
-  k.d = half_at(w + 208), k.low16 = sc16, k.low_scale = -32.0f * k.d;
+  k.d = half_at(w + 208), k.sc16 = k.low16 = sc16, k.low_scale = -32.0f * k.d;
 }
 
 // Q2_K: 16 bytes of 4-bit scales (low nibble) and mins (high nibble) per 16 weights, 64 bytes of 2-bit quants,
@@ -232,6 +235,7 @@ __attribute__((always_inline)) inline void decode_q23_k(const uint8_t* w, KBlock
     k.d = half_at(w + 80), k.low_scale = -half_at(w + 82);
   }
   __m512i sm = _mm512_castsi256_si512(sc16);
+  k.sc16 = sc16;
   for (int h = 0; h < 2; h++) {
     __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + kQuants + 32 * h)));
     for (int e = 0; e < 2; e++) {

@@ -5,9 +5,9 @@
 // and the block's sum is scaled once, in float. Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and IQ4_XS's
 // sub-blocks, its non-linear values looked up with vpshufb): x quantized per 32 columns (llama.cpp's Q8_0 / Q8_1),
 // an integer dot product per block, scaled per block. The instructions come from one of two files, as the machine
-// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels, 16 rows
-// at a time on the tile unit where the CPU has AMX: ggml_amx.h) and ggml_avx2.h (AVX2, FMA and F16C: vpmaddubsw and
-// vpmaddwd, 32 bytes at a time). Built by autolm/kernels/native.py with the machine's own instruction set
+// has them: ggml_avx512.h (AVX-512 VNNI: vpdpbusd on unsigned bytes, 64 at a time; many rows of x in panels; from
+// 16 rows on, where the CPU has AMX, the weight decoded to bf16 for the tile unit: ggml_amx.h) and ggml_avx2.h (AVX2,
+// FMA and F16C: vpmaddubsw and vpmaddwd, 32 bytes at a time). Built by autolm/kernels/native.py with the machine's own instruction set
 // (-march=native); registered as torch.ops.autolm.ggml_mm (and ggml_mm_id: each row of x with its own expert's
 // weight), with Meta kernels, so that they run eagerly and inside ahead-of-time compiled graphs alike.
 // ATen's core headers, not ATen/ATen.h (every op's declarations: 3 s more of each build)
@@ -211,17 +211,25 @@ struct Panel {
 };
 using PanelFn = void (*)(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a,
                          int64_t K, int64_t M, float* y);
+// A weight row as bf16 for the tile unit: its columns 32 s.. 32 s + 31 at out + s * step.
+using Bf16RowFn = void (*)(const uint8_t* w, int64_t K, uint16_t* out, int64_t step);
 
 #ifdef AUTOLM_AVX512
 #include "ggml_avx512.h"
 #else
 #include "ggml_avx2.h"
 #endif
-#ifndef AUTOLM_AMX  // no tile unit: the panels' 16-row products are never called
-template <int64_t kind>
-constexpr std::nullptr_t tile_cols_32 = nullptr;
-template <int64_t bytes, int64_t group, int64_t sub>
-constexpr std::nullptr_t tile_cols = nullptr;
+// A weight's rows as bf16 for the tile unit (ggml_amx.h), by kind; none without it.
+#ifdef AUTOLM_AMX
+template <auto decode, int64_t bytes, bool swapped>
+constexpr Bf16RowFn bf16_k = &bf16_row_k<decode, bytes, swapped>;
+template <int64_t kind, int64_t bytes>
+constexpr Bf16RowFn bf16_32 = &bf16_row_32<kind, bytes>;
+#else
+template <auto decode, int64_t bytes, bool swapped>
+constexpr Bf16RowFn bf16_k = nullptr;
+template <int64_t kind, int64_t bytes>
+constexpr Bf16RowFn bf16_32 = nullptr;
 #endif
 
 // x's rows quantized to int8 as absmax (the largest |x| of n columns) and quant16 (16 columns times 1 / scale,
@@ -336,29 +344,16 @@ void row_range_32(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
 }
 
 // Panels p0..p1 (weight rows kLanes p0 on) times all M rows of x (padded with zeros to kCols), into y: each panel
-// packed by `pack`, then multiplied by `cols`, kCols rows of x at a time; where the tile unit is there (AMX), by
-// `tiles` 16 rows at a time (the rows of x a 16-row tile has whole), columns in runs of `sub` (ggml_amx.h).
-template <auto pack, auto cols, auto tiles, int64_t sub>
+// packed by `pack`, then multiplied by `cols`, kCols rows of x at a time.
+template <auto pack, auto cols>
 void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, int64_t N, const Acts& a, int64_t K,
                  int64_t M, float* y) {
   Panel p{std::vector<uint8_t>((K + 32) * kLanes), std::vector<int32_t>(K / 16 * kLanes),
           std::vector<float>(K / 32 * kLanes), std::vector<float>(K / 16 * kLanes)};
-#ifdef AUTOLM_AMX
-  const int64_t tiled = amx_ready() ? (int64_t)a.q.size() / K / kTileRows * kTileRows : 0;
-  std::optional<TileScope> scope;
-  if (tiled) scope.emplace(sub);
-#endif
   for (int64_t n = p0 * kLanes; n < std::min(N, p1 * kLanes); n += kLanes) {
-    int64_t rows = std::min(kLanes, N - n), m0 = 0;
+    int64_t rows = std::min(kLanes, N - n);
     pack(w + n * row_bytes, row_bytes, rows, K, p);
-#ifdef AUTOLM_AMX
-    for (; m0 < std::min(tiled, M); m0 += kTileRows) {
-      PanelOut f[kTileRows];
-      tiles(p, a, K, m0, f);
-      for (int64_t t = 0; t < std::min(kTileRows, M - m0); t++) store_rows(y + (m0 + t) * N + n, f[t], rows);
-    }
-#endif
-    for (; m0 < M; m0 += kCols) {
+    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
       PanelOut f[kCols];
       cols(p, a, K, m0, f);
       for (int64_t t = 0; t < std::min(kCols, M - m0); t++) store_rows(y + (m0 + t) * N + n, f[t], rows);
@@ -369,15 +364,14 @@ void panel_range(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_t p1, in
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
 constexpr PanelFn k_panels_of() {  // none where the instruction set's panels do not pay for this K-quant
   if constexpr (panels_pay(bytes, sub))
-    return &panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<bytes, group, sub>,
-                        tile_cols<bytes, group, sub>, sub>;
+    return &panel_range<pack_panel<decode, bytes, group, sub>, panel_cols<bytes, group, sub>>;
   else
     return nullptr;
 }
 template <auto decode, int64_t bytes, int64_t group, int64_t sub>
 constexpr PanelFn k_panels = k_panels_of<decode, bytes, group, sub>();
 template <int64_t kind, int64_t bytes>
-constexpr PanelFn panels_32 = &panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>, tile_cols_32<kind>, 32>;
+constexpr PanelFn panels_32 = &panel_range<pack_panel_32<kind, bytes>, panel_cols_32<kind>>;
 
 using RangeFn = decltype(&row_range<rows_k<decode_q6_k, 210>>);
 
@@ -387,6 +381,7 @@ struct Kind {
   PanelFn panel;              // none where the instruction set has no panels
   int64_t panel_from = kCols;  // rows of x from which panels pay (measured: 16 for the K-quants, else kCols)
   int64_t split = 0;           // blocks of 32, one row at a time: the activations' quants split in runs of this many
+  Bf16RowFn tile = nullptr;    // the rows as bf16 for the tile unit; none without it
 };
 
 // Blocks of 32: paired (two blocks' nibbles split at once, the activations' quants split to match; pair32) where
@@ -394,9 +389,10 @@ struct Kind {
 template <int64_t kind, int64_t bytes>
 Kind kind_32(bool paired) {
   if constexpr (kind != kQ8_0 && kind != kIQ4XS)
-    if (paired) return {32, bytes, row_range_32<kind, bytes, true>, panels_32<kind, bytes>, kCols, 2};
+    if (paired)
+      return {32, bytes, row_range_32<kind, bytes, true>, panels_32<kind, bytes>, kCols, 2, bf16_32<kind, bytes>};
   return {32, bytes, row_range_32<kind, bytes, false>, panels_32<kind, bytes>, kCols,
-          kind == kIQ4XS ? kSplitIQ4XS : 0};
+          kind == kIQ4XS ? kSplitIQ4XS : 0, bf16_32<kind, bytes>};
 }
 
 // The kernels of a ggml type, for rows of K columns.
@@ -412,15 +408,17 @@ Kind kind_of(int64_t kind, int64_t K) {
     case kMXFP4: return kind_32<kMXFP4, 17>(paired);
     case kIQ4XS: return kind_32<kIQ4XS, kIQ4XSBytes / 8>(paired);  // per sub-block
     case kQ2K: return {kBlock, 84, row_range_k<decode_q23_k<false>, 84>,
-                          k_panels<decode_q23_k<false>, 84, 16, 16>, 16};
+                          k_panels<decode_q23_k<false>, 84, 16, 16>, 16, 0, bf16_k<decode_q23_k<false>, 84, false>};
     case kQ3K: return {kBlock, 110, row_range_k<decode_q23_k<true>, 110>,
-                          k_panels<decode_q23_k<true>, 110, 16, 16>, 16};
+                          k_panels<decode_q23_k<true>, 110, 16, 16>, 16, 0, bf16_k<decode_q23_k<true>, 110, false>};
     case kQ4K: return {kBlock, 144, row_range_k<decode_q45_k<false>, 144>,
-                          k_panels<decode_q45_k<false>, 144, 32, 32>, 16};
+                          k_panels<decode_q45_k<false>, 144, 32, 32>, 16, 0,
+                          bf16_k<decode_q45_k<false>, 144, kSwapQ45>};
     case kQ5K: return {kBlock, 176, row_range_k<decode_q45_k<true>, 176>,
-                          k_panels<decode_q45_k<true>, 176, 32, 32>, 16};
+                          k_panels<decode_q45_k<true>, 176, 32, 32>, 16, 0,
+                          bf16_k<decode_q45_k<true>, 176, kSwapQ45>};
     case kQ6K: return {kBlock, 210, row_range_k<decode_q6_k, 210>,
-                          k_panels<decode_q6_k, 210, 16, 16>, 16};
+                          k_panels<decode_q6_k, 210, 16, 16>, 16, 0, bf16_k<decode_q6_k, 210, false>};
   }
   TORCH_CHECK(false, "ggml_mm: ggml type ", kind, " is not computed natively");
 }
@@ -475,13 +473,23 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int
   bool plain = x.scalar_type() == at::kFloat && x.is_contiguous();  // else a float copy (ATen calls cost us)
   at::Tensor xf = plain ? x : x.to(at::kFloat).contiguous();
   int64_t M = x.numel() / K;
-  bool panels = k.panel && M >= k.panel_from;
-  Acts a = quantize(xf.data_ptr<float>(), M, K, kind, panels, k.split);
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, xf.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = raw.data_ptr<uint8_t>();
+#ifdef AUTOLM_AMX
+  if (k.tile && M >= kTileFrom && amx_ready()) {
+    std::vector<uint32_t> xa = tile_acts(xf.data_ptr<float>(), M, K);
+    at::parallel_for(0, (N + tile_height(K) - 1) / tile_height(K), 1, [&](int64_t lo, int64_t hi) {
+      tile_range(k.tile, wp, raw.size(1), lo, hi, N, xa.data(), K, M, yp);
+    });
+    if (heads) unpermute_heads(yp, M, N, heads);
+    return plain ? y : y.to(x.scalar_type());
+  }
+#endif
+  bool panels = k.panel && M >= k.panel_from;
+  Acts a = quantize(xf.data_ptr<float>(), M, K, kind, panels, k.split);
   // Threads for matrices of more than about 2^17 weights (a parallel region costs microseconds).
   if (panels) {
     at::parallel_for(0, (N + kLanes - 1) / kLanes, std::max<int64_t>(1, (1 << 13) / K), [&](int64_t lo, int64_t hi) {
@@ -537,6 +545,15 @@ at::Tensor ggml_mm_id(const at::Tensor& x, const at::Tensor& raw, const at::Tens
   return y.view(shape).to(x.scalar_type());
 }
 
+// From how many rows of x ggml_mm computes on the tile unit (in bf16: ggml_amx.h); 0 where it does not here.
+int64_t ggml_tile_rows() {
+#ifdef AUTOLM_AMX
+  return amx_ready() ? kTileFrom : 0;
+#else
+  return 0;
+#endif
+}
+
 at::Tensor ggml_mm_meta(const at::Tensor& x, const at::Tensor& raw, int64_t kind, int64_t heads) {
   auto shape = x.sym_sizes().vec();  // symbolic where a graph is exported for any batch size
   shape.back() = raw.sym_size(0);
@@ -554,6 +571,7 @@ at::Tensor ggml_mm_id_meta(const at::Tensor& x, const at::Tensor& raw, const at:
 TORCH_LIBRARY(autolm, m) {
   m.def("ggml_mm(Tensor x, Tensor raw, int kind, int heads=0) -> Tensor");
   m.def("ggml_mm_id(Tensor x, Tensor raw, Tensor ids, int kind) -> Tensor");
+  m.def("ggml_tile_rows() -> int", &ggml_tile_rows);
 }
 TORCH_LIBRARY_IMPL(autolm, CPU, m) {
   m.impl("ggml_mm", &ggml_mm);

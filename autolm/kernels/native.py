@@ -129,12 +129,15 @@ def computes(kind: int, columns: int) -> bool:
 
 
 def march() -> str | None:
-    """The compiler's -march for this CPU and AUTOLM_NATIVE: native (AVX-512 VNNI, or AVX2, FMA and F16C),
+    """The compiler's -march for this CPU and AUTOLM_NATIVE: native (AVX-512 VNNI, or AVX2, FMA and F16C; AMX's
+    tile unit where the CPU has it), native+no-amx-tile (AUTOLM_NATIVE=avx512: the AVX-512 kernels alone),
     x86-64-v3 (AUTOLM_NATIVE=avx2: the AVX2 kernels), x86-64-v3+avxvnni (AUTOLM_NATIVE=avxvnni: those with
     AVX-VNNI, where the CPU has it), or None (AUTOLM_NATIVE=0, or a CPU with neither)."""
     choice, flags = os.environ.get("AUTOLM_NATIVE", "1"), _cpu_flags()
     if choice == "0" or not _AVX2.issubset(flags):
         return None
+    if choice == "avx512":
+        return "native+no-amx-tile"
     if choice not in ("avx2", "avxvnni"):
         return "native"
     return "x86-64-v3+avxvnni" if choice == "avxvnni" and "avx_vnni" in flags else "x86-64-v3"
@@ -211,6 +214,13 @@ def ggml_mm_id(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, kind: int)
     return _OP[1](x, raw, ids, kind)
 
 
+def tile_rows() -> int:
+    """From how many rows of x ggml_mm computes on AMX's tile unit, in bf16 (the weight decoded to bf16, x rounded
+    to bf16, float32 sums), where this CPU, the build and the OS allow it; 0 where not (then int8 activations, as
+    llama.cpp's, for any number of rows)."""
+    return torch.ops.autolm.ggml_tile_rows() if available() else 0
+
+
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dimension, in fp32 whatever x's float dtype."""
     return _OP[2](x, eps)
@@ -241,4 +251,5 @@ __all__ = [
     "ready",
     "rms_norm",
     "rotary",
+    "tile_rows",
 ]
