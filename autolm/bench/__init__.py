@@ -56,6 +56,8 @@ def run_child(lib: str, case: Case, threads: int, prefill: int, decode: int) -> 
         "context": case.context,
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    # Python's default: the modules' bytecode cached once (as an install leaves it), not compiled in every start
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     child = [LLAMACPP_CHILD] if lib == "llama.cpp" else ["-m", "autolm.bench.child"]
     start = time.time()
     out = subprocess.run(
