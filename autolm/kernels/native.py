@@ -1,4 +1,5 @@
-"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products; cpu_ops.cpp:
+"""autolm's own C++ kernels (ggml_mm.cpp: matmuls on llama.cpp's blocks with integer dot products, or from 16 rows
+of x on, on a CPU with AMX, with the weight decoded to bf16 for the tile unit; cpu_ops.cpp:
 the eager step's RMSNorm, RoPE and one-token attention in one call each), compiled once per machine with its C++
 compiler and loaded as torch.ops.autolm.
 
@@ -6,7 +7,8 @@ The library is built for the machine's own instruction set (-march=native): with
 it (ggml_avx512.h), else with AVX2, FMA and F16C (ggml_avx2.h); on other CPUs, and without a compiler, the other
 kernels of kernels.ggml compute these types. AUTOLM_NATIVE=avx2 builds the AVX2 kernels on any CPU that has
 those (x86-64-v3), as on a machine without AVX-512; AUTOLM_NATIVE=avxvnni the same with AVX-VNNI (as on Intel's
-cores without AVX-512 from Alder Lake on); AUTOLM_NATIVE=0 turns the library off. It is kept under
+cores without AVX-512 from Alder Lake on); AUTOLM_NATIVE=avx512 the AVX-512 kernels without AMX's tiles;
+AUTOLM_NATIVE=0 turns the library off. It is kept under
 `$AUTOLM_HOME/kernels/<key>.so`, the key covering the sources, the -march, the torch version and the CPU (as
 the compiled graphs' keys do: kernels.aot), written through a temporary file and a rename; the first use builds
 it (about ten seconds), later processes load it (milliseconds). The matmuls on GGUF blocks build it where it is
