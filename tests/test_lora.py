@@ -506,3 +506,85 @@ def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpo
     assert all(torch.equal(b, before) for b, before in frozen)
     with pytest.raises(AdapterError, match="cannot merge adapter 'default' into a quantized layer"):
         made[0].merge_and_unload()
+
+
+def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_path):
+    """target_modules naming the embeddings (peft's lora.Embedding: lora_embedding_A (r, vocab) and
+    lora_embedding_B (hidden, r), A at zero and B normal at first): an adapter peft made loads with peft's logits,
+    merging and unmerging change nothing, one autolm made loads in peft with the same logits and a backward step
+    gives the same gradients; "all-linear" leaves the embeddings alone, and DoRA on them is refused."""
+    import peft
+    import transformers
+
+    def randomize(model, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    directory, _ = checkpoint(NAME)
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+    randomize(theirs, 0)
+    theirs.save_pretrained(tmp_path / "peft")
+    ids, mask = padded_batch(seed=13)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    pm = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), tmp_path / "peft")
+    emb = pm.get_base_model().model.embed_tokens
+    assert tuple(emb.lora_embedding_A["default"].shape) == (4, VOCAB)
+    with torch.no_grad():
+        got = pm(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+        pm.merge_adapter()
+        torch.testing.assert_close(
+            pm(ids, attention_mask=mask).logits[real], expected[real], atol=1e-5, rtol=1e-5
+        )
+        pm.unmerge_adapter()
+        torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+        with pm.disable_adapter():
+            plain = pm(ids, attention_mask=mask).logits
+        assert not torch.allclose(plain[real], got[real])
+    # autolm's own: peft's initialisation, then in peft with the same logits and gradients
+    ours = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(**kwargs))
+    emb = ours.get_base_model().model.embed_tokens
+    assert not emb.lora_embedding_A["default"].any() and emb.lora_embedding_B["default"].std() > 0.5
+    randomize(ours, 4)
+    ours.save_pretrained(tmp_path / "ours")
+    # the file holds what peft's does: the LoRA tensors and the targeted embedding's weight (peft's
+    # save_embedding_layers="auto"), under the same names
+    from safetensors.torch import load_file
+
+    mine, peft_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
+    assert sorted(mine) == sorted(peft_file)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in mine
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(directory), tmp_path / "ours", is_trainable=True
+    )
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    ours.train()
+    theirs.train()
+    rows = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    for model in (ours, theirs):
+        model(input_ids=rows, labels=rows).loss.backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    ref = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert sorted(mine) == sorted(ref) and any("lora_embedding_A" in n for n in mine)
+    for n, g in ref.items():
+        torch.testing.assert_close(mine[n], g, atol=1e-5, rtol=1e-4)
+    # "all-linear": Linear layers alone, as peft; DoRA on an embedding: refused
+    lin = get_peft_model(
+        autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules="all-linear")
+    )
+    assert not any("lora_embedding" in n for n, _ in lin.named_parameters())
+    with pytest.raises(AdapterError, match="DoRA"):
+        get_peft_model(
+            autolm.AutoModelForCausalLM.from_pretrained(directory),
+            LoraConfig(target_modules=["embed_tokens"], use_dora=True),
+        )

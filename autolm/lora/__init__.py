@@ -2,7 +2,7 @@
 peft's state-dict functions, and transformers' PEFT integration for the models (integration.PeftAdapterMixin)."""
 
 from .config import LoraConfig, PeftConfig, TaskType
-from .layers import LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLinear, ModulesToSave
 from .model import (
     LoraModel,
     PeftModel,
@@ -14,6 +14,7 @@ from .model import (
 
 __all__ = [
     "LoraConfig",
+    "LoraEmbedding",
     "LoraLinear",
     "LoraModel",
     "ModulesToSave",

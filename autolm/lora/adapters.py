@@ -4,17 +4,20 @@ the models' own PEFT integration (transformers' `model.load_adapter`, ...) both 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .._util import full_tensor
 from ..errors import AdapterError
 from .config import LoraConfig
-from .layers import LoraLinear, ModulesToSave
+from .layers import LORA_LAYERS, LoraLinear, ModulesToSave
 
 
-def lora_layers(model: nn.Module) -> list[LoraLinear]:
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's LoraLinear and LoraEmbedding layers."""
+    return [m for m in model.modules() if isinstance(m, LORA_LAYERS)]
 
 
 def save_wrappers(model: nn.Module) -> list[ModulesToSave]:
@@ -39,11 +42,20 @@ def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:
     """Only this adapter's LoRA weights (its modules_to_save copies, and biases as its config says) train."""
     for pname, p in model.named_parameters():
         lora = any(f".{kind}.{name}." in pname for kind in ("lora_A", "lora_B", "lora_magnitude_vector"))
+        lora = lora or any(pname.endswith(f".{kind}.{name}") for kind in EMBEDDING_KINDS)
         saved = f".modules_to_save.{name}." in pname
         bias = pname.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and ".base_layer." in pname)
         )
         p.requires_grad_(lora or saved or bias)
+
+
+EMBEDDING_KINDS = ("lora_embedding_A", "lora_embedding_B")
+
+
+def of_adapter(pname: str, name: str) -> bool:
+    """Whether a parameter's name is under adapter `name` (a ModuleDict's module, or a ParameterDict's entry)."""
+    return f".{name}." in pname or pname.endswith(f".{name}")
 
 
 def _disk_name(pname: str, name: str) -> str | None:
@@ -53,6 +65,8 @@ def _disk_name(pname: str, name: str) -> str | None:
             return pname.replace(f".{kind}.{name}.", f".{kind}.")
     if pname.endswith(f".lora_magnitude_vector.{name}.weight"):  # DoRA's magnitudes: peft's name on disk
         return pname[: -len(f".{name}.weight")]
+    if any(pname.endswith(f".{kind}.{name}") for kind in EMBEDDING_KINDS):  # LoraEmbedding's: ParameterDicts
+        return pname[: -len(f".{name}")]
     if f".modules_to_save.{name}." in pname:
         return pname.replace(f".modules_to_save.{name}.", ".")
     return None
@@ -68,12 +82,29 @@ def _trained_bias(pname: str, config: LoraConfig) -> bool:
     )
 
 
+def _embedding_bases(model: nn.Module, config: LoraConfig) -> set[str]:
+    """peft's save_embedding_layers="auto" where embed_tokens or lm_head is a target: the weights of the input and
+    output embeddings that carry LoRA go into the adapter file with it (`<module>.base_layer.weight`), and peft
+    loads them back into the base layers."""
+    t = config.target_modules
+    if isinstance(t, str):
+        named = (n for n, _ in model.named_modules() if re.match(r"(.*\.)?(embed_tokens|lm_head)$", n))
+        targeted = t.lower() != "all-linear" and any(re.fullmatch(t, n) for n in named)
+    else:
+        targeted = any(k in (t or ()) for k in ("embed_tokens", "lm_head"))
+    ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    bases = [layer.base_layer for layer in ends if targeted and isinstance(layer, LORA_LAYERS)]
+    return {f"{n}.weight" for n, m in model.named_modules() if any(m is b for b in bases)}
+
+
 def disk_names(model: nn.Module, config: LoraConfig, name: str, prefix: str = "") -> dict[str, str]:
-    """{parameter name: its name in an adapter file} for the adapter's parameters (and trained biases)."""
+    """{parameter name: its name in an adapter file} for the adapter's parameters (and trained biases, and the
+    targeted embeddings' weights as peft saves them)."""
     out = {}
+    bases = _embedding_bases(model, config)
     for pname, _ in model.named_parameters():
         key = _disk_name(pname, name)
-        if key is None and _trained_bias(pname, config):
+        if key is None and (_trained_bias(pname, config) or pname in bases):
             key = pname
         if key is not None:
             out[pname] = prefix + key

@@ -223,8 +223,9 @@ class LoraConfig(PeftConfig):
         return r, a
 
     def matches(self, key: str, module: nn.Module) -> bool:
-        """peft's target rule: regex string (full match), exact name or suffix, or 'all-linear'."""
-        if not isinstance(module, LINEAR):
+        """peft's target rule: regex string (full match), exact name or suffix, or 'all-linear' (Linear layers
+        alone); Linear layers and Embeddings."""
+        if not isinstance(module, (*LINEAR, nn.Embedding)):  # an Embedding: named targets only
             return False
         if self.exclude_modules:
             ex = self.exclude_modules
@@ -237,7 +238,7 @@ class LoraConfig(PeftConfig):
         targets = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS
         if isinstance(targets, str):
             if targets.lower() == "all-linear":
-                found = key.split(".")[-1] != "lm_head"
+                found = isinstance(module, LINEAR) and key.split(".")[-1] != "lm_head"
             else:
                 found = re.fullmatch(targets, key) is not None
         else:

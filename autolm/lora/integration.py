@@ -87,7 +87,7 @@ class PeftAdapterMixin:
             raise
         self.set_adapter(name)
         for pname, p in self.named_parameters():
-            if f".{name}." in pname and (".lora_" in pname or ".modules_to_save." in pname):
+            if adapters.of_adapter(pname, name) and (".lora_" in pname or ".modules_to_save." in pname):
                 p.requires_grad_(is_trainable)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -97,7 +97,7 @@ class PeftAdapterMixin:
         adapters.activate(self, names)
         for pname, p in self.named_parameters():
             if ".lora_" in pname:
-                p.requires_grad_(any(f".{n}." in pname for n in names))
+                p.requires_grad_(any(adapters.of_adapter(pname, n) for n in names))
 
     def active_adapters(self) -> list[str]:
         self._adapter_configs()

@@ -6,6 +6,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
@@ -189,6 +190,95 @@ class LoraLinear(nn.Module):
         return cached[1]
 
 
+class LoraEmbedding(nn.Module):
+    """An Embedding with LoRA adapters, as peft's lora.Embedding: y = base(ids) + A^T[ids] @ B^T * scaling, A
+    (r, num_embeddings) and B (embedding_dim, r) the parameters lora_embedding_A / lora_embedding_B[name]
+    (peft's names, in memory and on disk). A starts at zero and B normal (peft's init; init_lora_weights=False:
+    both normal). No dropout (peft applies none to an embedding's ids); DoRA is not offered here."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # stays empty: what adapter code reads of every layer
+        self._norms: dict[str, tuple] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def lora_A(self) -> nn.ParameterDict:  # the adapters this layer holds, named as LoraLinear's
+        return self.lora_embedding_A
+
+    @property
+    def lora_B(self) -> nn.ParameterDict:
+        return self.lora_embedding_B
+
+    def add_adapter(self, name, r, alpha, dropout, rslora, init, dora=False) -> None:
+        if dora:
+            raise AdapterError("use_dora: DoRA is not supported on embeddings (target Linear layers with it)")
+        w = self.base_layer.weight
+        device = w.device if w.device.type != "meta" else None
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        a = torch.randn(r, num, device=device, dtype=dtype)
+        b = torch.randn(dim, r, device=device, dtype=dtype)
+        if init is True or init in ("default", "gaussian"):
+            a.zero_()
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.lora_dropout[name] = nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if name not in self.active_adapters:
+            self.active_adapters = [name]
+
+    def delta_weight(self, name: str, rows: bool = False) -> torch.Tensor:
+        """scaling * (B @ A)^T in fp32, laid out as the embedding's weight (num_embeddings, embedding_dim)."""
+        return (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).t() * self.scaling[
+            name
+        ]
+
+    def merge(self, names: list[str] | None = None) -> None:
+        for name in names or self.active_adapters:
+            if name in self.lora_embedding_A and name not in self.merged_adapters:
+                w = self.base_layer.weight
+                if not w.is_floating_point():
+                    raise AdapterError(f"cannot merge adapter {name!r} into a quantized embedding")
+                w.data = (w.data.float() + self.delta_weight(name)).to(w.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.base_layer.weight
+            w.data = (w.data.float() - self.delta_weight(name)).to(w.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        if self.disable_adapters:
+            if self.merged_adapters:
+                raise AdapterError("cannot disable adapters while they are merged: unmerge_adapter() first")
+            return y
+        base = self.base_layer
+        for name in self.active_adapters:
+            if name in self.lora_embedding_A and name not in self.merged_adapters:
+                a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+                rows = F.embedding(ids, a.t(), base.padding_idx, base.max_norm, base.norm_type,
+                                   base.scale_grad_by_freq, base.sparse)  # fmt: skip
+                y = y + (rows @ b.t()).to(y.dtype) * self.scaling[name]
+        return y
+
+
+LORA_LAYERS = (LoraLinear, LoraEmbedding)
+
+
 class ModulesToSave(nn.Module):
     """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
 
@@ -224,12 +314,13 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap every targeted Linear in a LoraLinear (or add an adapter to an existing one); return their names."""
+    """Wrap every targeted Linear in a LoraLinear, every targeted Embedding in a LoraEmbedding (or add an adapter to
+    an existing one); return their names."""
     if config.target_modules is None:  # peft fills in the model type's default (and saves it)
         config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     targeted = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LORA_LAYERS):
             base_name, base = name, module.base_layer
         elif (
             ".base_layer" in name
@@ -245,7 +336,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             continue
         # as peft: True for a Conv1D target (weight stored (in, out)), False for nn.Linear
         config.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))
-        layer = module if isinstance(module, LoraLinear) else LoraLinear(base)
+        if isinstance(module, LORA_LAYERS):
+            layer = module
+        else:
+            layer = LoraEmbedding(base) if isinstance(base, nn.Embedding) else LoraLinear(base)
         if layer is not module:
             _set_module(model, name, layer)
         r, alpha = config.rank_and_alpha(base_name)
@@ -268,7 +362,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         found = False
         for mod_name, module in list(model.named_modules()):
             if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
-                if isinstance(module, LoraLinear) or ".base_layer" in mod_name or ".lora_" in mod_name:
+                if isinstance(module, LORA_LAYERS) or ".base_layer" in mod_name or ".lora_" in mod_name:
                     raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
                 if ".modules_to_save." in mod_name or ".original_module" in mod_name:
                     continue
