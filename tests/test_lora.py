@@ -107,14 +107,20 @@ def test_dora_adapters_compute_merge_and_train_as_peft(checkpoint, tmp_path):
         b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
     # one backward on unpadded rows: the same gradients for every trainable tensor
+    _same_gradients(ours, theirs, "lora_magnitude_vector")
+
+
+def _same_gradients(ours, theirs, kind):
+    """One backward on unpadded rows in autolm's and peft's models: the same trainable tensors (some of `kind`),
+    the same gradients."""
     ours.train()
     theirs.train()
     rows = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    for pm_ in (ours, theirs):
-        pm_(input_ids=rows, labels=rows).loss.backward()
+    for model in (ours, theirs):
+        model(input_ids=rows, labels=rows).loss.backward()
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     ref = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert sorted(mine) == sorted(ref) and any("lora_magnitude_vector" in n for n in mine)
+    assert sorted(mine) == sorted(ref) and any(kind in n for n in mine)
     for n, g in ref.items():
         torch.testing.assert_close(mine[n], g, atol=1e-5, rtol=1e-4)
 
@@ -568,16 +574,7 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
         a = ours(ids, attention_mask=mask).logits
         b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
-    ours.train()
-    theirs.train()
-    rows = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    for model in (ours, theirs):
-        model(input_ids=rows, labels=rows).loss.backward()
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    ref = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert sorted(mine) == sorted(ref) and any("lora_embedding_A" in n for n in mine)
-    for n, g in ref.items():
-        torch.testing.assert_close(mine[n], g, atol=1e-5, rtol=1e-4)
+    _same_gradients(ours, theirs, "lora_embedding_A")
     # "all-linear": Linear layers alone, as peft; DoRA on an embedding: refused
     lin = get_peft_model(
         autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules="all-linear")

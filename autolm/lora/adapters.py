@@ -12,12 +12,12 @@ from torch import nn
 from .._util import full_tensor
 from ..errors import AdapterError
 from .config import LoraConfig
-from .layers import LORA_LAYERS, LoraLinear, ModulesToSave
+from .layers import AdapterLayer, LoraLinear, ModulesToSave
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """The model's LoraLinear and LoraEmbedding layers."""
-    return [m for m in model.modules() if isinstance(m, LORA_LAYERS)]
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
 
 
 def save_wrappers(model: nn.Module) -> list[ModulesToSave]:
@@ -93,7 +93,7 @@ def _embedding_bases(model: nn.Module, config: LoraConfig) -> set[str]:
     else:
         targeted = any(k in (t or ()) for k in ("embed_tokens", "lm_head"))
     ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
-    bases = [layer.base_layer for layer in ends if targeted and isinstance(layer, LORA_LAYERS)]
+    bases = [layer.base_layer for layer in ends if targeted and isinstance(layer, AdapterLayer)]
     return {f"{n}.weight" for n, m in model.named_modules() if any(m is b for b in bases)}
 
 

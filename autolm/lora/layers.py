@@ -21,20 +21,13 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLinear(nn.Module):
-    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a. A DoRA adapter
-    (use_dora, an entry in lora_magnitude_vector) rescales each output row of the adapted weight W + s B A to its
-    learned magnitude m instead: y = m / ||W + s B A||_row * (x W^T + s B(A(x))) (+ bias), the norm taken as a
-    constant, as peft computes it."""
+class AdapterLayer(nn.Module):
+    """What LoRA layers share: the base layer, and the adapters' scalings, which run, which are merged, whether all
+    are off (the subclasses register their adapters' modules after base_layer, in peft's order)."""
 
-    def __init__(self, base_layer: nn.Linear):
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self._merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge it
         self._norms: dict[str, tuple] = {}  # DoRA's row norms outside training: adapter -> (key, norms)
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
@@ -44,6 +37,21 @@ class LoraLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+
+class LoraLinear(AdapterLayer):
+    """A Linear layer with LoRA adapters: y = base(x) + sum_a B_a(A_a(dropout(x))) * scaling_a. A DoRA adapter
+    (use_dora, an entry in lora_magnitude_vector) rescales each output row of the adapted weight W + s B A to its
+    learned magnitude m instead: y = m / ||W + s B A||_row * (x W^T + s B(A(x))) (+ bias), the norm taken as a
+    constant, as peft computes it."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge it
 
     @property
     def in_features(self) -> int:
@@ -190,28 +198,18 @@ class LoraLinear(nn.Module):
         return cached[1]
 
 
-class LoraEmbedding(nn.Module):
+class LoraEmbedding(AdapterLayer):
     """An Embedding with LoRA adapters, as peft's lora.Embedding: y = base(ids) + A^T[ids] @ B^T * scaling, A
     (r, num_embeddings) and B (embedding_dim, r) the parameters lora_embedding_A / lora_embedding_B[name]
     (peft's names, in memory and on disk). A starts at zero and B normal (peft's init; init_lora_weights=False:
     both normal). No dropout (peft applies none to an embedding's ids); DoRA is not offered here."""
 
     def __init__(self, base_layer: nn.Embedding):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # stays empty: what adapter code reads of every layer
-        self._norms: dict[str, tuple] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def lora_A(self) -> nn.ParameterDict:  # the adapters this layer holds, named as LoraLinear's
@@ -276,9 +274,6 @@ class LoraEmbedding(nn.Module):
         return y
 
 
-LORA_LAYERS = (LoraLinear, LoraEmbedding)
-
-
 class ModulesToSave(nn.Module):
     """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
 
@@ -320,7 +315,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     targeted = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, AdapterLayer):
             base_name, base = name, module.base_layer
         elif (
             ".base_layer" in name
@@ -336,7 +331,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             continue
         # as peft: True for a Conv1D target (weight stored (in, out)), False for nn.Linear
         config.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, AdapterLayer):
             layer = module
         else:
             layer = LoraEmbedding(base) if isinstance(base, nn.Embedding) else LoraLinear(base)
@@ -362,7 +357,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         found = False
         for mod_name, module in list(model.named_modules()):
             if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
-                if isinstance(module, LORA_LAYERS) or ".base_layer" in mod_name or ".lora_" in mod_name:
+                if isinstance(module, AdapterLayer) or ".base_layer" in mod_name or ".lora_" in mod_name:
                     raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
                 if ".modules_to_save." in mod_name or ".original_module" in mod_name:
                     continue

@@ -19,7 +19,7 @@ from ..errors import AdapterError
 from . import adapters
 from .config import LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
-from .layers import LORA_LAYERS, ModulesToSave, _set_module, inject_adapter
+from .layers import AdapterLayer, ModulesToSave, _set_module, inject_adapter
 
 
 class _Forwarding(nn.Module):
@@ -176,7 +176,7 @@ class PeftModel(_Forwarding):
         """Remove every LoRA layer (without merging, unless already merged) and return the base model."""
         model = self._model
         for name, module in list(model.named_modules()):
-            if isinstance(module, LORA_LAYERS):
+            if isinstance(module, AdapterLayer):
                 if module.merged_adapters and not keep_merged:
                     module.unmerge()
                 _set_module(model, name, module.base_layer)
