@@ -514,11 +514,13 @@ def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpo
         made[0].merge_and_unload()
 
 
-def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_path, dora):
     """target_modules naming the embeddings (peft's lora.Embedding: lora_embedding_A (r, vocab) and
-    lora_embedding_B (hidden, r), A at zero and B normal at first): an adapter peft made loads with peft's logits,
-    merging and unmerging change nothing, one autolm made loads in peft with the same logits and a backward step
-    gives the same gradients; "all-linear" leaves the embeddings alone, and DoRA on them is refused."""
+    lora_embedding_B (hidden, r), A at zero and B normal at first; with DoRA a magnitude per embedding dimension,
+    the column norms of the adapted weight): an adapter peft made loads with peft's logits, merging and unmerging
+    change nothing, one autolm made loads in peft with the same logits and a backward step gives the same
+    gradients; "all-linear" leaves the embeddings alone."""
     import peft
     import transformers
 
@@ -529,7 +531,7 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
                 if ".lora_" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
-    kwargs = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=dora)
     directory, _ = checkpoint(NAME)
     base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     theirs = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
@@ -558,6 +560,8 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
     ours = get_peft_model(autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(**kwargs))
     emb = ours.get_base_model().model.embed_tokens
     assert not emb.lora_embedding_A["default"].any() and emb.lora_embedding_B["default"].std() > 0.5
+    if dora:  # A at zero: the magnitudes are the weight's column norms
+        torch.testing.assert_close(emb.lora_magnitude_vector["default"].weight, emb.weight.norm(dim=0))
     randomize(ours, 4)
     ours.save_pretrained(tmp_path / "ours")
     # the file holds what peft's does: the LoRA tensors and the targeted embedding's weight (peft's
@@ -574,14 +578,9 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
         a = ours(ids, attention_mask=mask).logits
         b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
-    _same_gradients(ours, theirs, "lora_embedding_A")
-    # "all-linear": Linear layers alone, as peft; DoRA on an embedding: refused
+    _same_gradients(ours, theirs, "embed_tokens.lora_magnitude_vector" if dora else "lora_embedding_A")
+    # "all-linear": Linear layers alone, as peft
     lin = get_peft_model(
         autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules="all-linear")
     )
     assert not any("lora_embedding" in n for n, _ in lin.named_parameters())
-    with pytest.raises(AdapterError, match="DoRA"):
-        get_peft_model(
-            autolm.AutoModelForCausalLM.from_pretrained(directory),
-            LoraConfig(target_modules=["embed_tokens"], use_dora=True),
-        )

@@ -22,13 +22,16 @@ class DoraMagnitude(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    """What LoRA layers share: the base layer, and the adapters' scalings, which run, which are merged, whether all
-    are off (the subclasses register their adapters' modules after base_layer, in peft's order)."""
+    """What LoRA layers share: the base layer, the adapters' scalings, which run, which are merged, whether all are
+    off, and DoRA's norms and merging. The subclasses register their adapters' modules after base_layer, in peft's
+    order, and say how their weight is laid out: base_weight() with the rows DoRA scales, delta_weight(),
+    _factors() (A, B) and _dora_factor()."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self._norms: dict[str, tuple] = {}  # DoRA's row norms outside training: adapter -> (key, norms)
+        self._merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge it
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -37,6 +40,58 @@ class AdapterLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    @staticmethod
+    def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """||weight + delta|| of each output row, (out,), in weight's dtype, outside autograd (DoRA's norm)."""
+        return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters into the base weight (a DoRA adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm
+        that of the weight as it is before this merge, kept to unmerge; rows as base_weight() lays them out)."""
+        for name in names or self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                if not self.base_layer.weight.is_floating_point():
+                    raise AdapterError(
+                        f"cannot merge adapter {name!r} into a quantized layer ({type(self.base_layer).__name__}): "
+                        "load the adapter on the model in floating point (quantization=None) to merge it"
+                    )
+                w = self.base_layer.weight
+                merged = w.data.float() + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
+                    self._merged_norms[name] = norm
+                    merged = self._dora_factor(name, norm) * merged
+                w.data = merged.to(w.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.base_layer.weight
+            unmerged = w.data.float()
+            if name in self._merged_norms:
+                unmerged = unmerged / self._dora_factor(name, self._merged_norms.pop(name))
+            w.data = (unmerged - self.delta_weight(name)).to(w.dtype)
+
+    def _dora_norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """||W + s B A||_row in dtype; outside training (and compilers) kept until W, A, B or s change (each token
+        of a generation would otherwise recompute the whole adapted weight: 3.3x slower decoding)."""
+        (a, b), s = self._factors(name), self.scaling[name]
+
+        def norms() -> torch.Tensor:
+            return self.row_norms(self.base_weight().to(dtype), s * (b @ a).detach().to(dtype))
+
+        if self.training or torch.compiler.is_compiling():
+            return norms()
+        try:  # the tensors' addresses and version counters: an in-place change (training, loading) moves them
+            key = (dtype, s, *((id(t), t.data_ptr(), t._version) for t in (self.base_layer.weight, a, b)))
+        except RuntimeError:  # tensors made under inference_mode keep no version counter
+            return norms()
+        cached = self._norms.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._norms[name] = (key, norms())
+        return cached[1]
 
 
 class LoraLinear(AdapterLayer):
@@ -51,7 +106,6 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        self._merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge it
 
     @property
     def in_features(self) -> int:
@@ -93,16 +147,14 @@ class LoraLinear(AdapterLayer):
         if name not in self.active_adapters:
             self.active_adapters = [name]
 
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
     def base_weight(self) -> torch.Tensor:
         """The base layer's weight as (out, in), dequantized where the layer keeps it quantized."""
         base = self.base_layer
         w = base.dequantize() if hasattr(base, "dequantize") else base.weight
         return w.t() if getattr(base, "fan_in_fan_out", False) else w
-
-    @staticmethod
-    def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """||weight + delta|| of each output row, (out,), in weight's dtype, outside autograd (DoRA's norm)."""
-        return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()
 
     def delta_weight(self, name: str, rows: bool = False) -> torch.Tensor:
         """scaling * B @ A in fp32, laid out as the base weight: (out, in), or (in, out) for a Conv1D (`rows`:
@@ -115,34 +167,6 @@ class LoraLinear(AdapterLayer):
         """m / norm, shaped to scale the base weight's output rows (a column of them for a Conv1D's (in, out))."""
         f = (self.lora_magnitude_vector[name].weight.float() / norm.float()).view(-1, 1)
         return f.t() if getattr(self.base_layer, "fan_in_fan_out", False) else f
-
-    def merge(self, names: list[str] | None = None) -> None:
-        """Add the adapters into the base weight (a DoRA adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm
-        that of the weight as it is before this merge, kept to unmerge)."""
-        for name in names or self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                if not self.base_layer.weight.is_floating_point():
-                    raise AdapterError(
-                        f"cannot merge adapter {name!r} into a quantized layer ({type(self.base_layer).__name__}): "
-                        "load the adapter on the model in floating point (quantization=None) to merge it"
-                    )
-                w = self.base_layer.weight
-                merged = w.data.float() + self.delta_weight(name)
-                if name in self.lora_magnitude_vector:
-                    norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
-                    self._merged_norms[name] = norm
-                    merged = self._dora_factor(name, norm) * merged
-                w.data = merged.to(w.dtype)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w = self.base_layer.weight
-            unmerged = w.data.float()
-            if name in self._merged_norms:
-                unmerged = unmerged / self._dora_factor(name, self._merged_norms.pop(name))
-            w.data = (unmerged - self.delta_weight(name)).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -178,38 +202,21 @@ class LoraLinear(AdapterLayer):
             base = x @ self.base_weight().to(x.dtype).t()
         return (scale - 1) * base + scale * b(a(x)) * s
 
-    def _dora_norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """||W + s B A||_row in dtype; outside training (and compilers) kept until W, A, B or s change (each token
-        of a generation would otherwise recompute the whole adapted weight: 3.3x slower decoding)."""
-        a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-
-        def norms() -> torch.Tensor:
-            return self.row_norms(self.base_weight().to(dtype), s * (b @ a).detach().to(dtype))
-
-        if self.training or torch.compiler.is_compiling():
-            return norms()
-        try:  # the tensors' addresses and version counters: an in-place change (training, loading) moves them
-            key = (dtype, s, *((id(t), t.data_ptr(), t._version) for t in (self.base_layer.weight, a, b)))
-        except RuntimeError:  # tensors made under inference_mode keep no version counter
-            return norms()
-        cached = self._norms.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._norms[name] = (key, norms())
-        return cached[1]
-
 
 class LoraEmbedding(AdapterLayer):
     """An Embedding with LoRA adapters, as peft's lora.Embedding: y = base(ids) + A^T[ids] @ B^T * scaling, A
     (r, num_embeddings) and B (embedding_dim, r) the parameters lora_embedding_A / lora_embedding_B[name]
     (peft's names, in memory and on disk). A starts at zero and B normal (peft's init; init_lora_weights=False:
-    both normal). No dropout (peft applies none to an embedding's ids); DoRA is not offered here."""
+    both normal). No dropout (peft applies none to an embedding's ids). A DoRA adapter scales each embedding
+    dimension (a column of the weight, its norm over the vocabulary) to its learned magnitude, as peft's
+    DoraEmbeddingLayer: y = m / ||W + s (B A)^T||_col * (base(ids) + s A^T[ids] @ B^T)."""
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # stays empty: what adapter code reads of every layer
+        self.lora_magnitude_vector = nn.ModuleDict()
 
     @property
     def lora_A(self) -> nn.ParameterDict:  # the adapters this layer holds, named as LoraLinear's
@@ -220,8 +227,6 @@ class LoraEmbedding(AdapterLayer):
         return self.lora_embedding_B
 
     def add_adapter(self, name, r, alpha, dropout, rslora, init, dora=False) -> None:
-        if dora:
-            raise AdapterError("use_dora: DoRA is not supported on embeddings (target Linear layers with it)")
         w = self.base_layer.weight
         device = w.device if w.device.type != "meta" else None
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
@@ -234,29 +239,33 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._norms.pop(name, None)
+        if dora:  # the magnitudes start as the adapted weight's column norms: the output is unchanged
+            norm = self.row_norms(self.base_weight().to(dtype), self.delta_weight(name, rows=True).to(dtype))
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
         if name not in self.active_adapters:
             self.active_adapters = [name]
 
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def base_weight(self) -> torch.Tensor:
+        """The weight's columns as rows (embedding_dim, num_embeddings): the ones DoRA scales."""
+        return self.base_layer.weight.t()
+
     def delta_weight(self, name: str, rows: bool = False) -> torch.Tensor:
-        """scaling * (B @ A)^T in fp32, laid out as the embedding's weight (num_embeddings, embedding_dim)."""
-        return (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).t() * self.scaling[
+        """scaling * (B @ A)^T in fp32, laid out as the weight (num_embeddings, embedding_dim); `rows`: as
+        base_weight() (embedding_dim, num_embeddings)."""
+        delta = (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()) * self.scaling[
             name
         ]
+        return delta if rows else delta.t()
 
-    def merge(self, names: list[str] | None = None) -> None:
-        for name in names or self.active_adapters:
-            if name in self.lora_embedding_A and name not in self.merged_adapters:
-                w = self.base_layer.weight
-                if not w.is_floating_point():
-                    raise AdapterError(f"cannot merge adapter {name!r} into a quantized embedding")
-                w.data = (w.data.float() + self.delta_weight(name)).to(w.dtype)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w = self.base_layer.weight
-            w.data = (w.data.float() - self.delta_weight(name)).to(w.dtype)
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm, shaped to scale the weight's columns."""
+        return (self.lora_magnitude_vector[name].weight.float() / norm.float()).view(1, -1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
@@ -270,7 +279,12 @@ class LoraEmbedding(AdapterLayer):
                 a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
                 rows = F.embedding(ids, a.t(), base.padding_idx, base.max_norm, base.norm_type,
                                    base.scale_grad_by_freq, base.sparse)  # fmt: skip
-                y = y + (rows @ b.t()).to(y.dtype) * self.scaling[name]
+                delta = (rows @ b.t()) * self.scaling[name]
+                if name in self.lora_magnitude_vector:  # peft: m / n * (y so far) + m / n * delta
+                    scale = self.lora_magnitude_vector[name].weight / self._dora_norm(name, a.dtype)
+                    y = (scale * y.to(a.dtype) + scale * delta).to(y.dtype)
+                else:
+                    y = y + delta.to(y.dtype)
         return y
 
 
