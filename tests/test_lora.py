@@ -64,6 +64,21 @@ def test_peft_adapter_loads_with_peft_logits(checkpoint, tmp_path, kwargs):
         torch.testing.assert_close(out[b][real], expected[b][real], atol=1e-5, rtol=1e-5)
 
 
+def _peft_logits_merged_or_not(pm, ids, mask, expected):
+    """The adapter's logits are peft's (`expected`, on the unpadded positions), merged too, and the same again after
+    unmerging; returns them."""
+    real = mask.bool()
+    got = pm(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    pm.merge_adapter()
+    torch.testing.assert_close(
+        pm(ids, attention_mask=mask).logits[real], expected[real], atol=1e-5, rtol=1e-5
+    )
+    pm.unmerge_adapter()
+    torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+    return got
+
+
 def test_dora_adapters_compute_merge_and_train_as_peft(checkpoint, tmp_path):
     """DoRA (use_dora=True): an adapter peft made loads with peft's logits, one autolm made loads in peft with the
     same logits, merging and unmerging change neither, and a training step's gradients (the magnitudes' too, the
@@ -78,14 +93,7 @@ def test_dora_adapters_compute_merge_and_train_as_peft(checkpoint, tmp_path):
     pm = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
     real = mask.bool()
     with torch.no_grad():
-        got = pm(ids, attention_mask=mask).logits
-        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
-        pm.merge_adapter()
-        torch.testing.assert_close(
-            pm(ids, attention_mask=mask).logits[real], expected[real], atol=1e-5, rtol=1e-5
-        )
-        pm.unmerge_adapter()
-        torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+        got = _peft_logits_merged_or_not(pm, ids, mask, expected)
         # outside training the row norms are kept until a weight changes (in place too)
         layer = pm.get_base_model().model.layers[1].mlp.down_proj
         layer.lora_B["default"].weight.mul_(2)
@@ -545,14 +553,7 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
     emb = pm.get_base_model().model.embed_tokens
     assert tuple(emb.lora_embedding_A["default"].shape) == (4, VOCAB)
     with torch.no_grad():
-        got = pm(ids, attention_mask=mask).logits
-        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
-        pm.merge_adapter()
-        torch.testing.assert_close(
-            pm(ids, attention_mask=mask).logits[real], expected[real], atol=1e-5, rtol=1e-5
-        )
-        pm.unmerge_adapter()
-        torch.testing.assert_close(pm(ids, attention_mask=mask).logits, got, atol=1e-5, rtol=1e-5)
+        got = _peft_logits_merged_or_not(pm, ids, mask, expected)
         with pm.disable_adapter():
             plain = pm(ids, attention_mask=mask).logits
         assert not torch.allclose(plain[real], got[real])

@@ -41,6 +41,25 @@ class AdapterLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def _placement(self) -> tuple[torch.device | None, torch.dtype]:
+        """Where a new adapter's tensors go: the base weight's device (none for meta) and float dtype."""
+        w = self.base_layer.weight
+        return (w.device if w.device.type != "meta" else None), (
+            w.dtype if w.dtype.is_floating_point else torch.float32
+        )
+
+    def _settle(self, name: str, dora: bool, dtype: torch.dtype) -> None:
+        """A new adapter, its A, B and scaling made: DoRA's magnitudes (the adapted weight's norms of the rows
+        base_weight() lays out: the output unchanged) or none, and it runs."""
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._norms.pop(name, None)
+        if dora:
+            norm = self.row_norms(self.base_weight().to(dtype), self.delta_weight(name, rows=True).to(dtype))
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+        if name not in self.active_adapters:
+            self.active_adapters = [name]
+
     @staticmethod
     def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """||weight + delta|| of each output row, (out,), in weight's dtype, outside autograd (DoRA's norm)."""
@@ -125,9 +144,7 @@ class LoraLinear(AdapterLayer):
         init: bool | str,
         dora: bool = False,
     ) -> None:
-        w = self.base_layer.weight
-        device = w.device if w.device.type != "meta" else None
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        device, dtype = self._placement()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -138,14 +155,7 @@ class LoraLinear(AdapterLayer):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[name].weight)
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
-        self._norms.pop(name, None)
-        if dora:  # the magnitudes start as the adapted weight's row norms: the layer's output is unchanged
-            norm = self.row_norms(self.base_weight().to(dtype), self.delta_weight(name, rows=True).to(dtype))
-            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
-        if name not in self.active_adapters:
-            self.active_adapters = [name]
+        self._settle(name, dora, dtype)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -227,9 +237,7 @@ class LoraEmbedding(AdapterLayer):
         return self.lora_embedding_B
 
     def add_adapter(self, name, r, alpha, dropout, rslora, init, dora=False) -> None:
-        w = self.base_layer.weight
-        device = w.device if w.device.type != "meta" else None
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        device, dtype = self._placement()
         num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
         a = torch.randn(r, num, device=device, dtype=dtype)
         b = torch.randn(dim, r, device=device, dtype=dtype)
@@ -239,14 +247,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
-        self._norms.pop(name, None)
-        if dora:  # the magnitudes start as the adapted weight's column norms: the output is unchanged
-            norm = self.row_norms(self.base_weight().to(dtype), self.delta_weight(name, rows=True).to(dtype))
-            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
-        if name not in self.active_adapters:
-            self.active_adapters = [name]
+        self._settle(name, dora, dtype)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
