@@ -1,9 +1,9 @@
 // Prompts and batches on CPUs with AMX (Intel's tile unit, Sapphire Rapids on), included by ggml_avx512.h: the
-// weight decoded to bf16 32 rows at a time (its blocks' scales folded in: d * sc * q + low, rounded once), x
+// weight decoded to bf16 32-128 rows at a time (its blocks' scales folded in: d * sc * q + low, rounded once), x
 // rounded to bf16, and their products summed in float32 in the tile registers over the whole row (tdpbf16ps:
 // 16 x 16 x 32 multiply-adds per instruction), the sums never scaled per block. Where the int8 panels computed
 // each (sub-)block's integer products and then scaled them in float per row of x, which took most of their time,
-// here decoding the weight does: once per 32 weight rows for all rows of x. Activations in bf16 are closer to x
+// here decoding the weight does: once for all rows of x. Activations in bf16 are closer to x
 // than llama.cpp's int8 blocks (8 significant bits each against 8 for the block's largest), the weight within
 // bf16's rounding of its dequantized value. Compiled where -march has AMX-BF16 and AVX512-BF16; used where the OS
 // lets the process use the tile registers (Linux has each process ask for them once: arch_prctl
@@ -13,7 +13,7 @@
 #define AUTOLM_AMX 1
 
 constexpr int64_t kTileRows = 16;     // rows of a tile: of x, or of the weight
-constexpr int64_t kTilePanel = 32;    // weight rows decoded at a time (two tiles)
+constexpr int64_t kTilePanel = 32;    // weight rows against two tiles of x at a time (two tiles)
 constexpr int64_t kTileFrom = 16;     // rows of x from which the tiles pay
 
 // Whether this process may use the tile registers (asked once: Linux's ARCH_REQ_XCOMP_PERM for XTILEDATA).
