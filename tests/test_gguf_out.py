@@ -278,11 +278,11 @@ def _families():
 def _registered():
     """Every family with a GGUF layout, by its own model_type (not the types that load as another family's model:
     Gemma 3's image-text `gemma3` runs the `gemma3_text` model)."""
-    from autolm.models import CONFIG_CLASSES, model_class
+    from autolm.models import model_class, model_types
 
     return sorted(
         t
-        for t in CONFIG_CLASSES
+        for t in model_types()
         if getattr(model_class(t), "gguf", None) is not None and model_class(t).config_class.model_type == t
     )
 

@@ -205,6 +205,43 @@ def test_register_a_new_family(checkpoint, tmp_path, private_registry):
     assert type(model) is MyModel
 
 
+def test_the_family_table_names_each_familys_classes_and_gguf_layout():
+    """models.FAMILIES, read before a family's file is imported, says what the file declares."""
+    import importlib
+
+    from autolm.models import FAMILIES
+
+    for model_type, (module, config, model, arch) in FAMILIES.items():
+        mod = importlib.import_module(f"autolm.models.{module}")
+        config_cls, model_cls = getattr(mod, config), getattr(mod, model)
+        assert config_cls.model_type == model_type, model_type
+        # Gemma 3's image-text type loads its language model
+        assert model_cls.config_class.model_type in (model_type, "gemma3_text"), model_type
+        assert model_cls.gguf.arch == arch, model_type
+
+
+def test_a_load_imports_its_own_family_alone(checkpoint):
+    """Loading a Llama checkpoint (or a GGUF file of llama.cpp's "llama" architecture) imports llama's file, and
+    Mixtral's, which llama.cpp also writes as "llama", not the other families'."""
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    script = (
+        "import sys, autolm\n"
+        f"autolm.AutoModelForCausalLM.from_pretrained({str(directory)!r})\n"
+        "from autolm.models import gguf_family\n"
+        "assert gguf_family({'general.architecture': 'llama'}).__name__ == 'LlamaForCausalLM'\n"
+        "assert gguf_family({'general.architecture': 'llama', 'llama.expert_count': 8}).__name__ == "
+        "'MixtralForCausalLM'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('autolm.models.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.split("\n")[-2] == str(
+        ["autolm.models.base", "autolm.models.interop", "autolm.models.llama", "autolm.models.mistral",
+         "autolm.models.mixtral", "autolm.models.output"]
+    )  # fmt: skip
+
+
 FAULTS_SCRIPT = """
 import resource, sys, torch
 import autolm

@@ -1,8 +1,9 @@
-"""Model families by model_type: one file each, registered here. `register()` adds a family (its config class
-and its model class) without touching the loader."""
+"""Model families by model_type: one file each, listed here and imported when first used. `register()` adds a
+family (its config class and its model class) without touching the loader."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -12,23 +13,31 @@ from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir
 from ..nn import KVCache
 from .base import CausalLM, DecoderModel
-from .gemma2 import Gemma2Config, Gemma2ForCausalLM
-from .gemma3 import Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig
-from .gpt2 import GPT2Config, GPT2LMHeadModel
-from .gpt_oss import GptOssConfig, GptOssForCausalLM
-from .granite import GraniteConfig, GraniteForCausalLM
-from .llama import LlamaConfig, LlamaForCausalLM
-from .mistral import MistralConfig, MistralForCausalLM
-from .mixtral import MixtralConfig, MixtralForCausalLM
-from .olmo2 import Olmo2Config, Olmo2ForCausalLM
-from .phi3 import Phi3Config, Phi3ForCausalLM
-from .qwen2 import Qwen2Config, Qwen2ForCausalLM
-from .qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
-from .qwen3 import Qwen3Config, Qwen3ForCausalLM
-from .qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-from .smollm3 import SmolLM3Config, SmolLM3ForCausalLM
 
-_MODELS: dict[str, type] = {}
+# The families autolm ships, imported on first use (a load imports its own family's file alone, not every one's):
+# model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files).
+# tests/test_loading.py checks each entry against its module.
+FAMILIES: dict[str, tuple[str, str, str, str]] = {
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
+    "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "mistral"),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
+    "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
+    "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
+    "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
+    "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
+    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", "granite"),
+    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
+    "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3moe"),
+    "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
+    "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
+}
+_MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
+
+_MODELS: dict[str, type] = {}  # model_type -> model class: the families imported so far, and registered ones
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {}
 
 
@@ -38,50 +47,59 @@ def register(model_type: str, config_cls: type[PretrainedConfig], model_cls: Any
     _MODELS[model_type] = model_cls
 
 
-for _cls in (
-    LlamaForCausalLM,
-    MistralForCausalLM,
-    Qwen2ForCausalLM,
-    Qwen3ForCausalLM,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Phi3ForCausalLM,
-    Olmo2ForCausalLM,
-    GraniteForCausalLM,
-    SmolLM3ForCausalLM,
-    MixtralForCausalLM,
-    Qwen2MoeForCausalLM,
-    Qwen3MoeForCausalLM,
-    GptOssForCausalLM,
-    GPT2LMHeadModel,
-):
-    register(_cls.config_class.model_type, _cls.config_class, _cls)
-# Gemma 3's image-text checkpoints: their language model
-register(Gemma3Config.model_type, Gemma3Config, Gemma3ForCausalLM)
+def __getattr__(name: str) -> Any:  # autolm.models.LlamaConfig and the like: the family's file imported now
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-def gguf_families(metadata: dict | None = None) -> dict[str, type]:
-    """llama.cpp's architecture name -> the model class of each family that declares its GGUF layout. Where two
-    families share an architecture (llama.cpp writes Mixtral as "llama"), the one whose layout reads
-    `expert_count` is taken for a file (`metadata`) that has experts, the other one otherwise."""
-    out: dict[str, type] = {}
-    for cls in _MODELS.values():
-        layout = getattr(cls, "gguf", None)
-        if layout is None:
-            continue
-        moe = any(key == "expert_count" for key, _ in layout.config)
-        if moe == bool((metadata or {}).get(f"{layout.arch}.expert_count")):
-            out[layout.arch] = cls
-        else:
-            out.setdefault(layout.arch, cls)
-    return out
+def model_types() -> list[str]:
+    """Every supported model_type: the families autolm ships and the registered ones."""
+    return sorted({*FAMILIES, *CONFIG_CLASSES})
+
+
+def _family(model_type: Any) -> bool:
+    """Import a shipped family's file and register it, once; False where model_type names none."""
+    if model_type in CONFIG_CLASSES:
+        return True
+    if model_type not in FAMILIES:
+        return False
+    module, config, model, _ = FAMILIES[model_type]
+    module = importlib.import_module(f"{__name__}.{module}")
+    register(model_type, getattr(module, config), getattr(module, model))
+    return True
+
+
+def gguf_family(metadata: dict) -> type | None:
+    """The model class for a GGUF file's metadata: the family whose GGUF layout names its architecture (None:
+    none does). Where two families share one (llama.cpp writes Mixtral as "llama"), the one whose layout reads
+    `expert_count` is taken for a file that has experts, the other one otherwise."""
+    arch = metadata.get("general.architecture")
+    for model_type, family in FAMILIES.items():
+        if family[3] == arch:
+            _family(model_type)
+    found = [
+        (cls, any(key == "expert_count" for key, _ in cls.gguf.config))
+        for cls in _MODELS.values()
+        if getattr(cls, "gguf", None) is not None and cls.gguf.arch == arch
+    ]
+    experts = bool(metadata.get(f"{arch}.expert_count"))
+    return next((cls for cls, moe in found if moe == experts), found[0][0] if found else None)
+
+
+def gguf_architectures() -> list[str]:
+    """llama.cpp's architecture names autolm reads."""
+    registered = [getattr(cls, "gguf", None) for cls in _MODELS.values()]
+    return sorted({f[3] for f in FAMILIES.values()} | {g.arch for g in registered if g is not None})
 
 
 def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:
-    if model_type not in CONFIG_CLASSES:
+    if not _family(model_type):
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(sorted(CONFIG_CLASSES))}"
+            f"{', '.join(model_types())}"
         )
     return CONFIG_CLASSES[model_type]
 
@@ -96,9 +114,7 @@ def config_from_file(path: str, **overrides: Any) -> PretrainedConfig:
     d = read_json(path)
     model_type = d.get("model_type")
     if not isinstance(model_type, str):
-        raise ConfigError(
-            f"{path}: no 'model_type' key (expected one of {', '.join(sorted(CONFIG_CLASSES))})"
-        )
+        raise ConfigError(f"{path}: no 'model_type' key (expected one of {', '.join(model_types())})")
     config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
     config.name_or_path = os.path.dirname(path)
     return config
@@ -153,8 +169,10 @@ __all__ = [
     "SmolLM3ForCausalLM",
     "config_class",
     "config_from_file",
-    "gguf_families",
+    "gguf_architectures",
+    "gguf_family",
     "load_config",
     "model_class",
+    "model_types",
     "register",
 ]

@@ -19,7 +19,7 @@ from .._util import no_mmap
 from ..errors import GGUFError
 from ..kernels.ggml import BLOCKS, Q8_0, llama_qk_order
 from ..malloc import huge_page_tensor
-from ..models import config_class, gguf_families
+from ..models import config_class, gguf_architectures, gguf_family
 from . import ggml
 from .gguf_header import read_header
 from .safetensors import read_exactly
@@ -108,12 +108,10 @@ class GGUFFile:
             )  # a truncated file: gguf_tensors says so when the tensor is read
             self.tensors.append(TensorInfo(name, shape, kind, begin, n_bytes, data))
         self.architecture = self.metadata.get("general.architecture")
-        families = gguf_families(self.metadata)
-        if self.architecture not in families:
-            raise GGUFError(
-                f"{path}: architecture {self.architecture!r} is not supported (expected one of {sorted(families)})"
-            )
-        self.family = families[self.architecture]
+        self.family = gguf_family(self.metadata)
+        if self.family is None:
+            raise GGUFError(f"{path}: architecture {self.architecture!r} is not supported (expected one of "
+                            f"{gguf_architectures()})")  # fmt: skip
         self.layout = self.family.gguf
 
     def get(self, key: str, default: Any = None) -> Any:
