@@ -141,6 +141,12 @@ class Int8Linear(nn.Module):
         """The float32 (N, K) weight these values stand for."""
         return self.weight.float() * self.scales.float()[:, None] + self.offsets.float()[:, None]
 
+    def requantize(self, w: torch.Tensor) -> None:
+        """Hold the float (N, K) weight `w` instead, quantized as loading does (in place: views of the tensors,
+        a fused layer's, see it)."""
+        for key, t in self.quantize(w, self.scales.dtype).items():
+            getattr(self, key).copy_(t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x @ (q * s + o)^T = (x @ q^T) * s + sum(x) * o
         y = kernels.int8_linear(x, self.weight, self.scales, self.offsets, self.bias)
@@ -222,6 +228,15 @@ class Int4Linear(nn.Module):
     def _unpack_cpu(self) -> torch.Tensor:
         """Recover q (N, K) from the CPU kernel layout."""
         return kernels.int4_unpack(self.weight, self.group_size, self.in_features, self.scales_and_zeros)
+
+    def requantize(self, w: torch.Tensor) -> None:
+        """Hold the float (N, K) weight `w` instead, quantized and laid out as loading does (in place: views of
+        the tensors, a fused layer's, see it)."""
+        new = self.quantize(w, self.group_size)
+        if self.packed:
+            new["weight"] = kernels.int4_pack(new["weight"])
+        self.weight.copy_(new["weight"])
+        self.scales_and_zeros.copy_(new["scales_and_zeros"].to(self.scales_and_zeros.dtype))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these values stand for."""

@@ -19,7 +19,8 @@ from ..nn.ggml import GGMLLinear
 from ..quant import Int4Linear, Int8Linear
 
 # the layers LoRA adapts: nn.Linear (autolm's Linear, transformers' Conv1D) and the quantized linear layers, whose
-# weights stay as they are (QLoRA: gradients reach the input through the dequantized weight; merging is refused)
+# weights stay as they are while training (QLoRA: gradients reach the input through the dequantized weight);
+# merging quantizes an int8 / int4 layer's merged weight again (GGUF blocks: refused)
 LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
 
 CONFIG_NAME = "adapter_config.json"

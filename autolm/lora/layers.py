@@ -67,31 +67,45 @@ class AdapterLayer(nn.Module):
 
     def merge(self, names: list[str] | None = None) -> None:
         """Add the adapters into the base weight (a DoRA adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm
-        that of the weight as it is before this merge, kept to unmerge; rows as base_weight() lays them out)."""
+        that of the weight as it is before this merge, kept to unmerge; rows as base_weight() lays them out). A
+        quantized base layer (int8, int4) takes the merged weight quantized again, as peft merges into 4- and 8-bit
+        layers: the sum rounded to the layer's grid once more."""
         for name in names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                if not self.base_layer.weight.is_floating_point():
-                    raise AdapterError(
-                        f"cannot merge adapter {name!r} into a quantized layer ({type(self.base_layer).__name__}): "
-                        "load the adapter on the model in floating point (quantization=None) to merge it"
-                    )
-                w = self.base_layer.weight
-                merged = w.data.float() + self.delta_weight(name)
+                merged = self.float_weight(name) + self.delta_weight(name)
                 if name in self.lora_magnitude_vector:
                     norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
                     self._merged_norms[name] = norm
                     merged = self._dora_factor(name, norm) * merged
-                w.data = merged.to(w.dtype)
+                self._put_weight(merged)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            w = self.base_layer.weight
-            unmerged = w.data.float()
+            unmerged = self.float_weight(name)
             if name in self._merged_norms:
                 unmerged = unmerged / self._dora_factor(name, self._merged_norms.pop(name))
-            w.data = (unmerged - self.delta_weight(name)).to(w.dtype)
+            self._put_weight(unmerged - self.delta_weight(name))
+
+    def float_weight(self, adapter: str) -> torch.Tensor:
+        """The base layer's weight in float32 as stored (dequantized where quantized); a layer kept in a form autolm
+        does not quantize again (a GGUF file's blocks) refuses `adapter`'s merge."""
+        w = self.base_layer.weight
+        if w.is_floating_point():
+            return w.data.float()
+        if not hasattr(self.base_layer, "requantize"):
+            raise AdapterError(
+                f"cannot merge adapter {adapter!r} into a {type(self.base_layer).__name__} (its weight kept in a "
+                "file's blocks): load the model in floating point (quantization=None) to merge it"
+            )
+        return self.base_layer.dequantize()
+
+    def _put_weight(self, w: torch.Tensor) -> None:
+        if self.base_layer.weight.is_floating_point():
+            self.base_layer.weight.data = w.to(self.base_layer.weight.dtype)
+        else:
+            self.base_layer.requantize(w)
 
     def _dora_norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """||W + s B A||_row in dtype; outside training (and compilers) kept until W, A, B or s change (each token

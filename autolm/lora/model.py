@@ -9,6 +9,7 @@ parameter names and attribute paths equal peft's (`base_model.model.model.layers
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -20,6 +21,8 @@ from . import adapters
 from .config import LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .layers import AdapterLayer, ModulesToSave, _set_module, inject_adapter
+
+logger = logging.getLogger("autolm")
 
 
 class _Forwarding(nn.Module):
@@ -151,15 +154,18 @@ class PeftModel(_Forwarding):
                 for name in names:
                     if (
                         name in layer.lora_A
-                        and layer.base_layer.weight.is_floating_point()  # a quantized one refuses to merge
-                        and not torch.isfinite(
-                            layer.base_layer.weight.float() + layer.delta_weight(name)
-                        ).all()
+                        and not torch.isfinite(layer.float_weight(name) + layer.delta_weight(name)).all()
                     ):
                         raise AdapterError(
                             f"NaNs (or infinities) detected in the merged weights: the adapter {name!r} seems broken"
                         )
             layer.merge(names)
+        if any(
+            not layer.base_layer.weight.is_floating_point() for layer in adapters.lora_layers(self._model)
+        ):
+            logger.warning("merged into quantized layers: their weights were rounded to the layers' grid again, so "
+                           "generations may differ slightly from the unmerged adapter's (merge into the model loaded "
+                           "in floating point for the exact sum)")  # fmt: skip
 
     def unmerge_adapter(self) -> None:
         for layer in adapters.lora_layers(self._model):
