@@ -242,6 +242,35 @@ def test_generate_dict_scores_logits_and_transformers_objects(checkpoint):
     torch.testing.assert_close(got[2], ref[2], atol=1e-4, rtol=1e-4)
 
 
+def test_generate_from_inputs_embeds(checkpoint):
+    """generate(inputs_embeds=...) as soft-prompt and multimodal code calls it: the embeddings feed the prompt's
+    forward; the sequences hold the new tokens alone (input_ids first where given too), and max_length /
+    min_length count the embeddings' positions."""
+    directory, _ = checkpoint(NAME)
+    batch = torch.tensor([[0, 0, 17, 33, 5], [1, 17, 33, 5, 99]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(directory)
+        embeds = model.get_input_embeddings()(IDS) * 1.5  # soft prompts: not any token's embedding
+        out = [model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False)]
+        out.append(model.generate(inputs_embeds=embeds, max_length=IDS.shape[1] + 4, min_length=IDS.shape[1] + 3,
+                                  repetition_penalty=1.3, do_sample=False, eos_token_id=5))  # fmt: skip
+        out.append(model.generate(IDS, inputs_embeds=embeds, max_new_tokens=4, do_sample=False))
+        padded = model.get_input_embeddings()(batch)
+        out.append(model.generate(inputs_embeds=padded, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0))  # fmt: skip
+        return out
+
+    ref, got = _both(user_code)
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(g, r), (g, r)
+    assert got[0].shape == (1, 6) and got[2].shape == (1, IDS.shape[1] + 4) and got[3].shape == (2, 5)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(autolm.errors.GenerationError, match="inputs_embeds cannot be used with beam search"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(IDS), num_beams=2, max_new_tokens=2)
+
+
 # ---- peft -----------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,31 @@ def prepare_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return input_ids, attention_mask.to(input_ids.device)
 
 
+def embeds_prompt(model, input_ids, inputs_embeds: torch.Tensor, attention_mask, cfg: GenerationConfig):
+    """generate(inputs_embeds=...) as transformers runs it for a decoder: the embeddings (B, P, hidden) feed the
+    first forward, while the sequences returned (and what the logits processors see) start from input_ids, or
+    from nothing where none are given; then an explicit max_length / min_length counts the P positions too.
+    Returns (input_ids, attention_mask over the P positions, cfg)."""
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != model.config.hidden_size:
+        raise GenerationError(f"inputs_embeds must be (batch, length, {model.config.hidden_size}), got "
+                              f"{tuple(inputs_embeds.shape)}")  # fmt: skip
+    B, P = inputs_embeds.shape[:2]
+    if input_ids is None:
+        input_ids = torch.empty(B, 0, dtype=torch.long, device=model.device)
+    input_ids, _ = prepare_inputs(model, input_ids, None)
+    mask = torch.ones(B, P, dtype=torch.long) if attention_mask is None else attention_mask
+    if tuple(mask.shape) != (B, P) or input_ids.shape[0] != B:
+        raise GenerationError(f"inputs_embeds {tuple(inputs_embeds.shape)} needs an attention_mask of ({B}, {P}) "
+                              f"and input_ids of {B} rows (got {tuple(mask.shape)}, {tuple(input_ids.shape)})")  # fmt: skip
+    if input_ids.shape[1] != P:
+        cfg = copy.deepcopy(cfg)
+        if cfg.max_new_tokens is None and cfg.max_length is not None:
+            cfg.max_length -= P
+        if cfg.min_new_tokens is None and cfg.min_length:
+            cfg.min_length = max(cfg.min_length - P, 0)
+    return input_ids, mask.to(input_ids.device), cfg
+
+
 def new_token_budget(cfg: GenerationConfig, prompt_len: int, context: int | None = None) -> int:
     """How many tokens to generate, as transformers decides: max_new_tokens; else max_length (prompt
     included) minus the prompt; neither set, 20 new tokens within the model's context window."""
@@ -172,11 +198,12 @@ def generate_tokens(
     past_key_values=None,
     prefix_allowed_tokens_fn: Callable | None = None,
     assistant_model=None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per new token. Rows that reach EOS get the pad token afterwards (as in transformers,
     only when EOS is one of the stopping criteria). With an assistant_model or prompt_lookup_num_tokens,
     the tokens come from speculative decoding (speculative.py): the same tokens greedily, the same
-    distribution when sampling."""
+    distribution when sampling. inputs_embeds (see embeds_prompt) replace input_ids in the first forward."""
     cfg = (config or GenerationConfig()).with_defaults()
     ids, mask = prepare_inputs(model, input_ids, attention_mask)
     P = ids.shape[1]
@@ -186,14 +213,19 @@ def generate_tokens(
     speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
     if speculative:
         check_speculation(model, cfg, assistant_model)
-    processors = logits_processors(
-        cfg, P, logits_processor, prefix_allowed_tokens_fn, mask, P + steps, device=ids.device
-    )
+    processors = logits_processors(cfg, P, logits_processor, prefix_allowed_tokens_fn, mask[:, mask.shape[1] - P :],
+                                   P + steps, device=ids.device)  # fmt: skip
     criteria = build_criteria(cfg, tokenizer, stopping_criteria)
-    cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
-    out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+    if inputs_embeds is not None:  # a new cache: the embeddings are the whole prompt
+        cache = model.make_cache(ids.shape[0], mask.shape[1] + steps)
+        out = model(inputs_embeds=inputs_embeds.to(model.device), attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, logits_to_keep=1)  # fmt: skip
+        pos = positions
+    else:
+        cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
+        new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
+        out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
     run = Run(model, cfg, ids, mask, cache, processors, criteria, generator)
     run.pos = pos[:, -1:] + 1
     if speculative:

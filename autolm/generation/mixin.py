@@ -12,7 +12,7 @@ import torch
 from ..errors import GenerationError
 from .beam import beam_search
 from .config import GenerationConfig
-from .decode import generate_tokens, prepare_inputs
+from .decode import embeds_prompt, generate_tokens, prepare_inputs
 from .speculative import check_speculation
 
 # transformers settings autolm does not run: set to anything but their "off" value, generate() refuses.
@@ -55,6 +55,15 @@ class GenerateOutput:
 
     def __getitem__(self, key):
         return self.to_tuple()[key] if isinstance(key, (int, slice)) else getattr(self, key)
+
+
+def _refuse_with_embeds(cfg, speculative: bool, past_key_values) -> None:
+    """What generate(inputs_embeds=...) does not combine with here (transformers does): beams, speculation, a
+    cache given."""
+    what = ("beam search (num_beams > 1)" if cfg.num_beams > 1 else "speculative decoding" if speculative
+            else "past_key_values" if past_key_values is not None else None)  # fmt: skip
+    if what is not None:
+        raise GenerationError(f"inputs_embeds cannot be used with {what} in autolm: pass input_ids")
 
 
 def _refuse_unsupported(cfg: GenerationConfig) -> None:
@@ -117,15 +126,21 @@ class GenerationMixin:
         """Prompt + new tokens (B * num_return_sequences, P + n), as transformers returns them; a GenerateOutput
         with return_dict_in_generate (scores with output_scores, raw logits with output_logits, the cache)."""
         input_ids = inputs if input_ids is None else input_ids
-        if input_ids is None:
-            raise GenerationError("generate() needs input_ids")
+        embeds = kwargs.pop("inputs_embeds", None)
+        if input_ids is None and embeds is None:
+            raise GenerationError("generate() needs input_ids (or inputs_embeds)")
         cfg = self._generation_config(generation_config, kwargs)
         _refuse_unsupported(cfg)
-        if assistant_model is not None or cfg.prompt_lookup_num_tokens is not None:
+        speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
+        if embeds is not None:
+            _refuse_with_embeds(cfg, speculative, past_key_values)
+            input_ids, attention_mask, cfg = embeds_prompt(self, input_ids, embeds, attention_mask, cfg)
+        elif speculative:
             check_speculation(self, cfg, assistant_model)
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        input_ids, attention_mask = prepare_inputs(self, input_ids, attention_mask)
+        if embeds is None:
+            input_ids, attention_mask = prepare_inputs(self, input_ids, attention_mask)
         custom = (list(logits_processor or ()), list(stopping_criteria or ()))
         if cfg.num_beams > 1:
             if streamer is not None or past_key_values is not None:
@@ -151,11 +166,12 @@ class GenerationMixin:
             tokenizer,
             generator,
             assistant_model,
+            embeds,
         )
 
     def _sample(
-        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft
-    ):
+        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft, embeds
+    ):  # fmt: skip
         """Greedy or sampled decoding through the token iterator (speculative with a draft model or prompt
         lookup), collected as generate() returns it."""
         n = cfg.num_return_sequences
@@ -164,11 +180,22 @@ class GenerationMixin:
                 raise GenerationError("past_key_values cannot be used with num_return_sequences > 1")
             input_ids = input_ids.repeat_interleave(n, 0)
             attention_mask = attention_mask.repeat_interleave(n, 0)
+            embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         new, scores, logits = [], [], []
         steps = generate_tokens(
-            self, input_ids, attention_mask, cfg, generator, tokenizer, *custom, cache, prefix_fn, draft
+            self,
+            input_ids,
+            attention_mask,
+            cfg,
+            generator,
+            tokenizer,
+            *custom,
+            cache,
+            prefix_fn,
+            draft,
+            embeds,
         )
         for step in steps:
             new.append(step.token)
