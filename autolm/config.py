@@ -80,6 +80,9 @@ class PretrainedConfig:
     output_hidden_states: ClassVar[bool] = False
     output_attentions: ClassVar[bool] = False
     return_dict: ClassVar[bool] = True
+    # the attention implementation asked for at load (from_pretrained's attn_implementation), as transformers
+    # keeps it; autolm's attention is the same either way (PyTorch's sdpa and its own kernels)
+    _attn_implementation: ClassVar[str] = "sdpa"
 
     def __post_init__(self) -> None:
         n, types = self.num_hidden_layers, self.layer_types

@@ -23,31 +23,41 @@ def _is_chat(x: Any) -> bool:
 class TextGenerationPipeline:
     """Calls return, per input, a list with one {"generated_text": ...}: the prompt and its continuation (or the
     continuation alone with return_full_text=False; token ids with return_tensors=True); for chat messages, the
-    messages with the assistant's reply appended (or its text alone)."""
+    messages with the assistant's reply appended (or its text alone). batch_size > 1 generates that many inputs
+    at a time, left-padded with the tokenizer's pad token, as transformers batches them."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, batch_size: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.task = "text-generation"
+        self.batch_size = batch_size
 
-    def __call__(
-        self, text_inputs, return_full_text: bool = True, return_tensors: bool = False, **generate_kwargs
-    ):
+    def __call__(self, text_inputs, return_full_text: bool = True, return_tensors: bool = False,
+                 batch_size: int | None = None, **generate_kwargs):  # fmt: skip
         batched = isinstance(text_inputs, (list, tuple)) and bool(text_inputs) and not _is_chat(text_inputs)
         items = list(text_inputs) if batched else [text_inputs]
-        out = [self._one(x, return_full_text, return_tensors, generate_kwargs) for x in items]
+        size = max(1, batch_size or self.batch_size)
+        out = []
+        for i in range(0, len(items), size):
+            prompts = [self._encode(x) for x in items[i : i + size]]
+            for (prompt, ids), seq in zip(
+                prompts, self._generate([ids for _, ids in prompts], generate_kwargs)
+            ):
+                out.append(self._result(prompt, ids, seq, return_full_text, return_tensors))
         return out if batched else out[0]
 
-    def _one(self, prompt, full: bool, tensors: bool, generate_kwargs: dict) -> list[dict]:
+    def _encode(self, prompt) -> tuple[Any, torch.Tensor]:
+        """(the prompt, its token ids (T,))."""
         tok = self.tokenizer
-        chat = _is_chat(prompt)
-        if chat:
-            messages = list(prompt)
+        if _is_chat(prompt):
             go_on = (
-                messages[-1]["role"] == "assistant"
+                prompt[-1]["role"] == "assistant"
             )  # as transformers: a final assistant message is continued
             enc = tok.apply_chat_template(
-                messages, add_generation_prompt=not go_on, continue_final_message=go_on, return_tensors="pt"
+                list(prompt),
+                add_generation_prompt=not go_on,
+                continue_final_message=go_on,
+                return_tensors="pt",
             )
         elif isinstance(prompt, str):
             enc = tok(prompt, return_tensors="pt")
@@ -55,24 +65,41 @@ class TextGenerationPipeline:
             raise GenerationError(
                 f"text-generation pipeline: expected a string, chat messages or a list of them, got {prompt!r}"
             )
-        ids = enc["input_ids"].to(self.model.device)
-        mask = enc.get("attention_mask")
+        return prompt, enc["input_ids"][0]
+
+    def _generate(self, rows: list[torch.Tensor], generate_kwargs: dict) -> list[torch.Tensor]:
+        """Each row's prompt and continuation: the rows left-padded to one batch where there are several."""
+        pad = self.tokenizer.pad_token_id
+        if len(rows) > 1 and pad is None:
+            raise GenerationError("text-generation pipeline: batching needs a pad token (set tokenizer.pad_token, "
+                                  "e.g. to its eos_token) or batch_size=1")  # fmt: skip
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+        if len(rows) > 1:
+            generate_kwargs = {"pad_token_id": pad, **generate_kwargs}
         with torch.no_grad():
-            seq = self.model.generate(ids, attention_mask=None if mask is None else mask.to(ids.device),
-                                      **generate_kwargs)[0]  # fmt: skip
+            seqs = self.model.generate(ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                       **generate_kwargs)  # fmt: skip
+        return [seq[width - len(r) :] for seq, r in zip(seqs, rows)]
+
+    def _result(self, prompt, ids: torch.Tensor, seq: torch.Tensor, full: bool, tensors: bool) -> list[dict]:
+        tok = self.tokenizer
         if tensors:
-            return [{"generated_token_ids": (seq if full else seq[ids.shape[1] :]).tolist()}]
+            return [{"generated_token_ids": (seq if full else seq[len(ids) :]).tolist()}]
         # transformers' arithmetic: the new text is the full decoding minus the decoded prompt's characters
         text = tok.decode(seq, skip_special_tokens=True)
-        new = text[len(tok.decode(ids[0], skip_special_tokens=True)) :]
-        if not chat:
+        new = text[len(tok.decode(ids, skip_special_tokens=True)) :]
+        if not _is_chat(prompt):
             return [{"generated_text": prompt + new if full else new}]
         if not full:
             return [{"generated_text": new}]
-        if messages[-1]["role"] == "assistant":
-            reply = {**messages[-1], "content": messages[-1]["content"] + new}
-            return [{"generated_text": [*messages[:-1], reply]}]
-        return [{"generated_text": [*messages, {"role": "assistant", "content": new}]}]
+        if prompt[-1]["role"] == "assistant":
+            reply = {**prompt[-1], "content": prompt[-1]["content"] + new}
+            return [{"generated_text": [*prompt[:-1], reply]}]
+        return [{"generated_text": [*prompt, {"role": "assistant", "content": new}]}]
 
 
 def pipeline(
@@ -83,6 +110,7 @@ def pipeline(
     dtype: Any = "auto",
     torch_dtype: Any = None,
     model_kwargs: dict | None = None,
+    batch_size: int = 1,
     **kwargs: Any,
 ) -> TextGenerationPipeline:
     """transformers' `pipeline` for "text-generation": a model (or a folder / repo id to load one and its
@@ -110,4 +138,4 @@ def pipeline(
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    return TextGenerationPipeline(model, tokenizer)
+    return TextGenerationPipeline(model, tokenizer, batch_size)

@@ -137,9 +137,11 @@ def test_hidden_states_attentions_and_tuples(checkpoint):
         with torch.no_grad():
             out = model(IDS, output_hidden_states=True, output_attentions=True)
             tup = model(IDS, return_dict=False, use_cache=False)
-        return out.hidden_states, out.attentions, tup[0]
+        default = lib.AutoModelForCausalLM.from_pretrained(directory).config._attn_implementation
+        return out.hidden_states, out.attentions, tup[0], (model.config._attn_implementation, default)
 
     ref, got = _both(user_code)
+    assert got[3] == ref[3] == ("eager", "sdpa")
     assert len(got[0]) == len(ref[0]) and len(got[1]) == len(ref[1])
     for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -196,6 +196,17 @@ def test_text_generation_pipeline_with_chat_messages(smol_dir):
             pipe([*messages, {"role": "assistant", "content": "The capital"}], **greedy),
             pipe("Once", return_tensors=True, max_new_tokens=3, do_sample=False),
             lib.pipeline("text-generation", model=smol_dir)("Paris is", max_new_tokens=3, do_sample=False),
+            # batched: left-padded with the tokenizer's pad token, a batch of two then one
+            pipe(["Once upon a time", "Hello", "Paris is"], batch_size=2, max_new_tokens=4, do_sample=False),
+            pipe(
+                [messages, [*messages, {"role": "assistant", "content": "It"}]],
+                batch_size=2,
+                max_new_tokens=4,
+                do_sample=False,
+            ),
+            lib.pipeline("text-generation", model=model, tokenizer=tokenizer, batch_size=3)(
+                ["The capital of France is", "Hi"], return_full_text=False, max_new_tokens=4, do_sample=False
+            ),
         ]
 
     ref, got = _both(user_code)

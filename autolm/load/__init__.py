@@ -133,6 +133,8 @@ def _load(
         report.notes.append(verify_files(directory, source.files))
     report.files, report.format = [os.path.basename(f) for f in source.files], source.format
     config = _config(source, config, kwargs)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
     cls = model_class(config.model_type)
     _check_size(config, shapes, cls)
