@@ -244,6 +244,41 @@ def test_generate_dict_scores_logits_and_transformers_objects(checkpoint):
     torch.testing.assert_close(got[2], ref[2], atol=1e-4, rtol=1e-4)
 
 
+def test_generate_returns_hidden_states_and_attentions(checkpoint):
+    """generate(output_hidden_states=True, output_attentions=True, return_dict_in_generate=True): per new token,
+    each layer's hidden states and attention weights of the forward that chose it (the prompt's whole, then one
+    row each), as transformers returns them, left padding included (the padding's own rows, which attend to
+    nothing real, are the libraries' arbitrary fill: transformers spreads them over every position)."""
+    directory, _ = checkpoint(NAME)
+    batch = torch.tensor([[0, 0, 17, 33, 5], [1, 17, 33, 5, 99]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_hidden_states=True, output_attentions=True)  # fmt: skip
+        return out.sequences, out.hidden_states, out.attentions, sorted(out.keys())
+
+    ref, got = _both(user_code)
+    assert torch.equal(got[0], ref[0]) and got[3] == ref[3]
+    real = mask.bool()
+    for steps_got, steps_ref in zip(got[1:3], ref[1:3], strict=True):
+        assert len(steps_got) == len(steps_ref) == 3
+        for step, (layers_got, layers_ref) in enumerate(zip(steps_got, steps_ref, strict=True)):
+            assert len(layers_got) == len(layers_ref)
+            for a, b in zip(layers_got, layers_ref):
+                assert a.shape == b.shape
+                if (
+                    step == 0
+                ):  # the prompt's rows: (B, T, hidden) or (B, heads, T, T) -> the real tokens' rows
+                    a, b = (
+                        (a[real], b[real])
+                        if a.dim() == 3
+                        else (a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+                    )
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_generate_from_inputs_embeds(checkpoint):
     """generate(inputs_embeds=...) as soft-prompt and multimodal code calls it: the embeddings feed the prompt's
     forward; the sequences hold the new tokens alone (input_ids first where given too), and max_length /

@@ -77,6 +77,8 @@ class GenerationConfig:
     num_return_sequences: int | None = None
     output_scores: bool | None = None
     output_logits: bool | None = None
+    output_attentions: bool | None = None
+    output_hidden_states: bool | None = None
     return_dict_in_generate: bool | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -328,6 +330,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "num_return_sequences": (_int(1), ">= 1"),
     "output_scores": (_bool, "true or false"),
     "output_logits": (_bool, "true or false"),
+    "output_attentions": (_bool, "true or false"),
+    "output_hidden_states": (_bool, "true or false"),
     "return_dict_in_generate": (_bool, "true or false"),
     "pad_token_id": (_int(), "a non-negative integer or None"),
     "bos_token_id": (_int(), "a non-negative integer or None"),

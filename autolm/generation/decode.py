@@ -29,6 +29,9 @@ class Step:
     logits: torch.Tensor
     scores: torch.Tensor
     past_key_values: Any = None
+    # the forward's per-layer outputs behind these logits, with output_hidden_states / output_attentions
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 class Run:
@@ -45,6 +48,7 @@ class Run:
         self.unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         self.eos = torch.tensor(cfg.eos_ids, dtype=torch.long) if cfg.eos_ids else None
         self.pos = None  # (B, 1): the position of the token fed next
+        self.states = (None, None)  # the last forward's hidden states and attentions, where the config asks
         self.emitted = 0
         self._decode = None  # the decode step, chosen once a second token is needed (autolm.step.decoder)
 
@@ -69,7 +73,7 @@ class Run:
             history = tuple(self.history) if self.history is not None else None
             self.unfinished &= ~self.criteria(self.ids, history)
         self.emitted += 1
-        return Step(token, ~self.unfinished, raw, scores, self.cache)
+        return Step(token, ~self.unfinished, raw, scores, self.cache, *self.states)
 
     @property
     def done(self) -> bool:
@@ -83,13 +87,25 @@ class Run:
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         """Feed the newest tokens (B,) through the decode step: the next logits (B, V)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        if self.ids.shape[1] == self.mask.shape[1] and is_stale(self.model, self.cache, self.mask.shape[1]):
+        if self.cfg.output_hidden_states or self.cfg.output_attentions:  # the forward that returns them
+            out = self.model(token[:, None], attention_mask=self.mask, position_ids=self.pos, past_key_values=self.cache,
+                             **layer_outputs(self.cfg))  # fmt: skip
+            self.states, logits = (out.hidden_states, out.attentions), out.logits[:, -1]
+        elif self.ids.shape[1] == self.mask.shape[1] and is_stale(self.model, self.cache, self.mask.shape[1]):
             logits = recompute(self.model, self.ids, self.mask, self.cache)  # LongRoPE's switch: all again
         else:
             self._decode = self._decode or decoder(self.model, self.cache, self.mask)
             logits = self._decode(token[:, None], self.mask, self.pos, self.cache)
         self.pos = self.pos + 1
         return logits
+
+
+def layer_outputs(cfg: GenerationConfig) -> dict[str, bool]:
+    """The forward's output_hidden_states / output_attentions, as generate() was asked for them."""
+    return {
+        "output_hidden_states": bool(cfg.output_hidden_states),
+        "output_attentions": bool(cfg.output_attentions),
+    }
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -220,13 +236,15 @@ def generate_tokens(
     if inputs_embeds is not None:  # a new cache: the embeddings are the whole prompt
         cache = model.make_cache(ids.shape[0], mask.shape[1] + steps)
         out = model(inputs_embeds=inputs_embeds.to(model.device), attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, logits_to_keep=1)  # fmt: skip
+                    past_key_values=cache, logits_to_keep=1, **layer_outputs(cfg))  # fmt: skip
         pos = positions
     else:
         cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
         new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
-        out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+        out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1,
+                    **layer_outputs(cfg))  # fmt: skip
     run = Run(model, cfg, ids, mask, cache, processors, criteria, generator)
+    run.states = (out.hidden_states, out.attentions)
     run.pos = pos[:, -1:] + 1
     if speculative:
         yield from speculate(run, out.logits[:, -1], steps, assistant_model)

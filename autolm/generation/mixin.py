@@ -66,10 +66,13 @@ def _refuse_with_embeds(cfg, speculative: bool, past_key_values) -> None:
         raise GenerationError(f"inputs_embeds cannot be used with {what} in autolm: pass input_ids")
 
 
-def _refuse_unsupported(cfg: GenerationConfig) -> None:
+def _refuse_unsupported(cfg: GenerationConfig, speculative: bool) -> None:
     for key, off in _UNSUPPORTED.items():
         if key in cfg.extra and cfg.extra[key] not in off:
             raise GenerationError(f"{key}={cfg.extra[key]!r} is not supported by autolm's generate()")
+    if (cfg.output_hidden_states or cfg.output_attentions) and (cfg.num_beams > 1 or speculative):
+        raise GenerationError("output_hidden_states / output_attentions in generate() are not supported with "
+                              "beam search or speculative decoding in autolm")  # fmt: skip
 
 
 class GenerationMixin:
@@ -130,8 +133,8 @@ class GenerationMixin:
         if input_ids is None and embeds is None:
             raise GenerationError("generate() needs input_ids (or inputs_embeds)")
         cfg = self._generation_config(generation_config, kwargs)
-        _refuse_unsupported(cfg)
         speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
+        _refuse_unsupported(cfg, speculative)
         if embeds is not None:
             _refuse_with_embeds(cfg, speculative, past_key_values)
             input_ids, attention_mask, cfg = embeds_prompt(self, input_ids, embeds, attention_mask, cfg)
@@ -183,7 +186,7 @@ class GenerationMixin:
             embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        new, scores, logits = [], [], []
+        new, scores, logits, states, attentions = [], [], [], [], []
         steps = generate_tokens(
             self,
             input_ids,
@@ -204,6 +207,8 @@ class GenerationMixin:
                 scores.append(step.scores)
             if cfg.output_logits:
                 logits.append(step.logits)
+            states.append(step.hidden_states)
+            attentions.append(step.attentions)
             if streamer is not None:
                 streamer.put(step.token.cpu())
         if streamer is not None:
@@ -215,6 +220,8 @@ class GenerationMixin:
             sequences,
             tuple(scores) if cfg.output_scores else None,
             tuple(logits) if cfg.output_logits else None,
+            attentions=tuple(attentions) if cfg.output_attentions else None,
+            hidden_states=tuple(states) if cfg.output_hidden_states else None,
             past_key_values=cache,
         )
 
