@@ -129,6 +129,36 @@ def test_tutorial_decode_loop_with_past_key_values(checkpoint):
     assert got == ref
 
 
+def test_prompt_reuse_with_an_empty_dynamic_cache(checkpoint):
+    """transformers' cache recipes: `DynamicCache()` (or `DynamicCache(config=...)`) filled by one forward over a
+    shared prefix, deep-copied and handed to generate() per continuation; `cache.layers[i].keys / .values`;
+    `crop()` back to a shorter prefix."""
+    import copy
+
+    directory, _ = checkpoint(NAME)
+    prefix, more = IDS[:, :4], [IDS, torch.cat([IDS[:, :4], IDS[:, 1:3]], 1)]
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(directory)
+        with torch.no_grad():
+            prompt_cache = model(prefix, past_key_values=lib.DynamicCache()).past_key_values
+            outs = [model.generate(ids, past_key_values=copy.deepcopy(prompt_cache), max_new_tokens=5, do_sample=False)
+                    for ids in more]  # fmt: skip
+            cache = lib.DynamicCache(config=model.config)
+            model(IDS, past_key_values=cache)
+            keys = [layer.keys.clone() for layer in cache.layers]
+            cache.crop(-3)  # the last three tokens dropped
+            step = model(IDS[:, 4:5], past_key_values=cache).logits
+        return outs, prompt_cache.get_seq_length(), keys, cache.get_seq_length(), step
+
+    ref, got = _both(user_code)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], ref[0], strict=True)) and got[1] == ref[1] == 4
+    for a, b in zip(got[2], ref[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[3] == ref[3] == 5
+    torch.testing.assert_close(got[4], ref[4], atol=1e-5, rtol=1e-5)
+
+
 def test_hidden_states_attentions_and_tuples(checkpoint):
     directory, _ = checkpoint(NAME)
 

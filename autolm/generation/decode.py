@@ -185,7 +185,7 @@ def start_cache(model, past_key_values, input_ids: torch.Tensor, mask: torch.Ten
     it), or only the tokens after the cache (the mask covers the cached ones too)."""
     if past_key_values is None:
         return model.make_cache(input_ids.shape[0], capacity), 0
-    cache = past_key_values
+    cache = past_key_values.ensure_for(model, input_ids.shape[0], capacity)
     if cache.batch_size != input_ids.shape[0]:
         raise GenerationError(
             f"past_key_values holds {cache.batch_size} rows, but input_ids has {input_ids.shape[0]}"

@@ -314,6 +314,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.make_cache(B, T)
+        elif cache is not None:
+            cache.ensure_for(self, B, T)
         past = cache.length if cache is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + T, device=x.device)

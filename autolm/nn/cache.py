@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 
 
@@ -17,15 +20,18 @@ class KVCache:
 
     def __init__(
         self,
-        num_layers: int,
-        batch_size: int,
-        num_kv_heads: int,
-        head_dim: int,
+        num_layers: int = 0,
+        batch_size: int = 1,
+        num_kv_heads: int = 1,
+        head_dim: int = 1,
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | list = "cpu",
         static: bool = False,
+        config: Any = None,
     ):
+        """With no layers (transformers' `DynamicCache()`, or `DynamicCache(config=...)`) the cache is empty until
+        the first forward it is given to: that model's own cache then (ensure_for)."""
         shape = (batch_size, num_kv_heads, max(capacity, 1), head_dim)
         devices = (
             device if isinstance(device, list) else [device] * num_layers
@@ -37,6 +43,23 @@ class KVCache:
         if static:
             for t in self.keys + self.values:
                 torch._dynamo.mark_static_address(t)
+
+    def ensure_for(self, model, batch_size: int, capacity: int) -> KVCache:
+        """This cache, given `model`'s buffers (model.make_cache) first where it was made empty."""
+        if not self.keys:
+            made = model.make_cache(batch_size, capacity)
+            self.keys, self.values, self.static = made.keys, made.values, made.static
+        return self
+
+    @property
+    def layers(self) -> list[SimpleNamespace]:
+        """transformers 5's view of a cache: per layer `keys` and `values` (B, n_kv, tokens so far, hd)."""
+        n = self.length
+        return [SimpleNamespace(keys=k[:, :, :n], values=v[:, :, :n]) for k, v in zip(self.keys, self.values)]
+
+    def crop(self, max_length: int) -> None:
+        """Drop -max_length tokens from the end (transformers 5's crop), or keep the first max_length (4's)."""
+        self.length = max(0, min(self.length, max_length if max_length >= 0 else self.length + max_length))
 
     @property
     def capacity(self) -> int:
