@@ -107,6 +107,8 @@ _EXPORTS = {
     "PeftConfig": "autolm.lora",
     "get_peft_model_state_dict": "autolm.lora",
     "set_peft_model_state_dict": "autolm.lora",
+    "prepare_model_for_kbit_training": "autolm.lora",
+    "BitsAndBytesConfig": "autolm.quant",
     "AutoPeftModelForCausalLM": "autolm.load",
     "QuantConfig": "autolm.quant",
     "AutolmError": "autolm.errors",

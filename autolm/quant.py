@@ -39,6 +39,7 @@ class QuantConfig:
     group_size: int = 32
     lm_head: bool = True
     head_bits: int = 8
+    skip: tuple[str, ...] = ()  # modules left in floating point: those whose names contain one of these
 
     def __post_init__(self):
         for field, bits in (("bits", self.bits), ("head_bits", self.head_bits)):
@@ -54,6 +55,12 @@ class QuantConfig:
             return value
         if value in ("int8", "int4"):
             return cls(bits=int(value[3:]))
+        bnb = value.to_dict() if hasattr(value, "load_in_4bit") and hasattr(value, "to_dict") else value
+        if isinstance(bnb, dict) and (bnb.get("load_in_4bit") or bnb.get("load_in_8bit")):
+            # transformers' BitsAndBytesConfig: autolm's int4 (groups of 64, bitsandbytes' 4-bit block) or int8 in
+            # its place, the head and llm_int8_skip_modules left in floating point, as bitsandbytes leaves them
+            skip = tuple(bnb.get("llm_int8_skip_modules") or ())
+            return cls(bits=4 if bnb.get("load_in_4bit") else 8, group_size=64, lm_head=False, skip=skip)
         if isinstance(value, dict) and value.get("quant_method") == "autolm":
             bits = value.get("bits", 8)
             return cls(
@@ -61,24 +68,53 @@ class QuantConfig:
                 group_size=value.get("group_size", 32),
                 lm_head=value.get("lm_head", False),
                 head_bits=value.get("head_bits", bits),
+                skip=tuple(value.get("skip", ())),
             )  # saved before head_bits: the head had `bits`
         raise ConfigError(
             f"quantization {value!r} is not supported (expected 'int8', 'int4', a QuantConfig, "
-            "or a quantization_config with quant_method 'autolm')"
+            "a BitsAndBytesConfig, or a quantization_config with quant_method 'autolm')"
         )
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "quant_method": "autolm",
             "bits": self.bits,
             "group_size": self.group_size,
             "lm_head": self.lm_head,
             "head_bits": self.head_bits,
         }
+        return {**out, "skip": list(self.skip)} if self.skip else out
 
     def bits_for(self, name: str) -> int:
         """The bits of the module `name` ('lm_head' or a decoder Linear)."""
         return self.head_bits if name == "lm_head" else self.bits
+
+
+@dataclass
+class BitsAndBytesConfig:
+    """transformers' BitsAndBytesConfig, for code that loads with quantization_config=BitsAndBytesConfig(...):
+    load_in_4bit loads autolm's int4 (groups of 64 columns, affine: not bitsandbytes' NF4 / FP4 codes, so
+    logits differ from bitsandbytes' within 4-bit rounding), load_in_8bit its int8 (per row); the head and
+    llm_int8_skip_modules stay in floating point. The other fields are kept and change nothing here."""
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: list[str] | None = None
+    llm_int8_enable_fp32_cpu_offload: bool = False
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: object = None
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_quant_storage: object = None
+    quant_method: str = "bitsandbytes"
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("BitsAndBytesConfig: load_in_4bit and load_in_8bit are both set: choose one")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 def _aligned_parts(modules: list[nn.Module], row_bytes: int) -> bool:
@@ -259,7 +295,7 @@ def targets(model: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
     out = {}
     for name, module in model.named_modules():
         inside = name.startswith(model.layers_prefix + ".") or (cfg.lm_head and name == "lm_head")
-        if inside and isinstance(module, nn.Linear):
+        if inside and isinstance(module, nn.Linear) and not any(key in name for key in cfg.skip):
             if cfg.bits_for(name) == 4 and module.in_features % cfg.group_size:
                 continue  # the grouping needs whole groups; such a layer stays in floating point
             out[name] = module

@@ -138,3 +138,50 @@ def test_sft_trainer_trains_an_autolm_model(model_dir, tmp_path, lora):
         torch.testing.assert_close(
             saved[1](input_ids=IDS).logits, saved[0](input_ids=IDS).logits, atol=1e-4, rtol=1e-4
         )
+
+
+def test_prepare_model_for_kbit_training_as_peft(model_dir):
+    """peft's QLoRA preparation with the import changed: every parameter frozen, the bf16 ones cast to fp32 (the
+    same logits as peft's preparation gives transformers' model after), and on a quantized model gradient
+    checkpointing on with the embeddings' output requiring grad, so LoRA trains through the checkpointed layers."""
+
+    def user_code(libs):
+        lib, lib_peft = libs
+        model = lib.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = lib_peft.prepare_model_for_kbit_training(model)
+        dtypes = {p.dtype for p in model.parameters()}
+        frozen = not any(p.requires_grad for p in model.parameters())
+        with torch.no_grad():
+            return model(IDS).logits, dtypes, frozen, model.is_gradient_checkpointing
+
+    ref, got = [user_code(libs) for libs in _libs()]
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    assert got[1:] == ref[1:] == ({torch.float32}, True, False)  # a float model: no checkpointing, as peft
+
+    # the QLoRA recipe with the import changed: quantization_config=BitsAndBytesConfig(load_in_4bit=True) loads
+    # autolm's int4 (groups of 64), the head and llm_int8_skip_modules left in floating point, as bitsandbytes
+    import transformers
+
+    for bnb in (autolm.BitsAndBytesConfig, transformers.BitsAndBytesConfig):
+        config = bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                     llm_int8_skip_modules=["down_proj"])  # fmt: skip
+        model = autolm.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, quantization_config=config
+        )
+        quantized = {n for n, m in model.named_modules() if isinstance(m, autolm.quant.Int4Linear)}
+        assert model.is_loaded_in_4bit and not model.is_loaded_in_8bit and model.is_quantized
+        assert quantized and all(m.group_size == 64 for n, m in model.named_modules() if n in quantized)
+        assert not any(n.endswith(("down_proj", "lm_head")) for n in quantized)
+    model = autolm.lora.prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    peft_model = autolm.lora.get_peft_model(
+        model, autolm.lora.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    peft_model.train()
+    peft_model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(
+        g.abs().sum() > 0 for g in grads
+    )  # lora_B starts at zero, so its gradient is the one that moves

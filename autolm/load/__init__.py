@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
 from ..malloc import give_back_freed_memory
 from ..models import config_class, load_config, model_class
+from ..quant import QuantConfig
 from ..sources import open_source
 from .keep import KeepGGUF
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
@@ -121,6 +122,7 @@ def _load(
     Other keyword arguments override config fields, as in transformers.
     """
     hub = _arguments(kwargs, attn_implementation)
+    quantization = _bitsandbytes(kwargs, quantization)
     want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
     if quantization not in (None, "gguf") and want == "auto":
         want = torch.bfloat16  # the quantized kernels compute in bf16; the float parts follow
@@ -156,13 +158,22 @@ def _load(
     give_back_freed_memory()  # the load's temporaries (malloc.py)
     report.dtype_decision = "requested" if isinstance(want, torch.dtype) else source.dtype_note
     report.lap("weights")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.eval()
-    base.generation_config = source.generation_config(config)
-    base.load_report = report
-    base.name_or_path = config.name_or_path = os.fspath(pretrained_model_name_or_path)
-    logger.info("loaded %s\n%s", report.source, report)
+    _finish(model.get_base_model() if hasattr(model, "get_base_model") else model, source, report,
+            os.fspath(pretrained_model_name_or_path))  # fmt: skip
     return model
+
+
+def _finish(base, source, report: LoadReport, name: str) -> None:
+    """The loaded model's attributes: eval mode, generation config, load report, quantization flags, name."""
+    base.eval()
+    base.generation_config = source.generation_config(base.config)
+    base.load_report = report
+    saved = base.config.extra.get("quantization_config")
+    if isinstance(saved, dict) and saved.get("quant_method") == "autolm":  # what transformers' users check
+        bits = saved.get("bits")
+        base.is_quantized, base.is_loaded_in_4bit, base.is_loaded_in_8bit = True, bits == 4, bits == 8
+    base.name_or_path = base.config.name_or_path = name
+    logger.info("loaded %s\n%s", report.source, report)
 
 
 def _arguments(kwargs: dict, attn_implementation) -> dict:
@@ -178,6 +189,20 @@ def _arguments(kwargs: dict, attn_implementation) -> dict:
             "pass 'sdpa' or 'eager'"
         )
     return {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+
+
+def _bitsandbytes(kwargs: dict, quantization):
+    """transformers' quantization_config= (a BitsAndBytesConfig, or its dict) and load_in_4bit / load_in_8bit as
+    autolm's int4 / int8 (quant.QuantConfig.parse says how)."""
+    asked = {k: kwargs.pop(k) for k in ("quantization_config", "load_in_4bit", "load_in_8bit") if k in kwargs}
+    bnb = asked.pop("quantization_config", None) or ({**asked} if any(asked.values()) else None)
+    if bnb is None:
+        return quantization
+    if quantization is not None:
+        raise ConfigError(
+            "pass quantization= or quantization_config= (load_in_4bit / load_in_8bit), not both"
+        )
+    return QuantConfig.parse(bnb)
 
 
 def _config(source, config, kwargs: dict) -> PretrainedConfig:

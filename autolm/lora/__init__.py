@@ -9,6 +9,7 @@ from .model import (
     PeftModelForCausalLM,
     get_peft_model,
     get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

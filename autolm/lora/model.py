@@ -335,3 +335,27 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict, ada
     return model.load_state_dict(
         {to_param.get(k, k): v for k, v in peft_model_state_dict.items()}, strict=False
     )
+
+
+def prepare_model_for_kbit_training(
+    model, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None,
+    auto_clear_cache: bool = True,
+):  # fmt: skip
+    """peft's preparation of a quantized model for LoRA: every parameter frozen, the fp16 / bf16 ones (norms,
+    embeddings, the head: whatever is not quantized) cast to fp32, and for a model with quantized layers (int8,
+    int4, GGUF blocks) gradient checkpointing on, with the embeddings' output requiring grad unless
+    use_reentrant=False. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    quantized = any(not b.is_floating_point() for b in model.buffers())
+    if quantized and use_gradient_checkpointing:
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", True):
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model

@@ -113,6 +113,10 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     # whether the layers form a plain stack that autolm.step's one-token steps may run (False: the general
     # forward decodes every token)
     one_token_step: ClassVar[bool] = True
+    # quantized by autolm (int4 / int8: set on the loaded model), where transformers' users look for bitsandbytes
+    is_quantized: ClassVar[bool] = False
+    is_loaded_in_4bit: ClassVar[bool] = False
+    is_loaded_in_8bit: ClassVar[bool] = False
 
     def __init__(self, config, model: DecoderModel):
         super().__init__()
@@ -364,6 +368,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.model.gradient_checkpointing
+
+    is_activation_checkpointing = is_gradient_checkpointing  # transformers 5's name for it
 
     def enable_input_require_grads(self) -> None:
         """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
