@@ -373,6 +373,45 @@ def test_several_adapters_add_set_disable_delete_as_peft(checkpoint):
     assert not torch.allclose(ref[2], ref[5], atol=1e-3)  # the two adapters differ
 
 
+@pytest.mark.parametrize(
+    "combination", ["cat", "linear", "svd", "ties", "magnitude_prune_svd", "dare_linear"]
+)
+def test_add_weighted_adapter_as_peft(checkpoint, combination):
+    """peft's add_weighted_adapter: a new adapter made of two (one weighted negatively, over partly different
+    modules) by peft's arithmetic gives peft's logits (DARE's random pruning drawn from the same seed); it starts
+    frozen, the active adapter stays active, and its config holds both adapters' modules and the new rank."""
+    directory, _ = checkpoint(NAME)
+    same_rank = combination not in ("cat", "svd", "magnitude_prune_svd")
+    made = []
+    for lib, lib_peft in _pair(directory):
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            ),
+        )
+        pm.add_adapter("b", lib_peft.LoraConfig(r=4 if same_rank else 2, lora_alpha=4, init_lora_weights=False,
+                                                target_modules=["v_proj", "down_proj"]))  # fmt: skip
+        made.append(pm)
+    _sync_lora(*made)
+
+    def user_code(pm):
+        torch.manual_seed(0)
+        density = 0.5 if combination not in ("cat", "linear", "svd") else None
+        pm.add_weighted_adapter(
+            ["default", "b"], [0.7, -0.4], "mix", combination_type=combination, density=density
+        )
+        facts = [pm.active_adapter, [n for n, p in pm.named_parameters() if p.requires_grad and ".mix" in n]]
+        facts += [sorted(pm.peft_config["mix"].target_modules), pm.peft_config["mix"].r]
+        pm.set_adapter("mix")
+        return [*facts, _logits(pm)]
+
+    ref, got = (user_code(pm) for pm in made)
+    assert got[:4] == ref[:4] and got[0] == "default" and not got[1]
+    assert got[2] == ["down_proj", "q_proj", "v_proj"] and got[3] == {"cat": 6}.get(combination, 4)
+    torch.testing.assert_close(got[4], ref[4], atol=1e-5, rtol=1e-4)
+
+
 def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
     import peft
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from . import adapters
+from . import adapters, combine
 from .config import LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .layers import AdapterLayer, ModulesToSave, _set_module, inject_adapter
@@ -122,6 +122,19 @@ class PeftModel(_Forwarding):
         except AdapterError:
             self.delete_adapter(adapter_name)
             raise
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        svd_rank: int | None = None, svd_clamp: float | None = None, svd_full_matrices: bool = True,
+        svd_driver: str | None = None, density: float | None = None, majority_sign_method: str = "total",
+    ) -> None:  # fmt: skip
+        """peft's: a new adapter combining `adapters` by `weights` (combine.COMBINATIONS: svd, linear, cat, and
+        TIES / DARE / magnitude pruning at `density`), frozen and not made active; nothing where one is so named."""
+        options = dict(svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                       density=density, majority_sign_method=majority_sign_method)  # fmt: skip
+        combine.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, options
+        )
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
