@@ -109,6 +109,10 @@ _EXPORTS = {
     "set_peft_model_state_dict": "autolm.lora",
     "prepare_model_for_kbit_training": "autolm.lora",
     "BitsAndBytesConfig": "autolm.quant",
+    "StaticCache": "autolm.nn.cache",
+    "set_seed": "autolm._util",
+    "CausalLM": "autolm.models",
+    "GenerationMixin": "autolm.generation",
     "AutoPeftModelForCausalLM": "autolm.load",
     "QuantConfig": "autolm.quant",
     "AutolmError": "autolm.errors",
@@ -122,7 +126,13 @@ _EXPORTS = {
 }
 
 # transformers' names for autolm objects: the name users import -> the _EXPORTS entry it stands for.
-_ALIASES = {"DynamicCache": "KVCache"}
+_ALIASES = {  # transformers' names for autolm's classes
+    "DynamicCache": "KVCache",
+    "Cache": "KVCache",
+    "PreTrainedModel": "CausalLM",
+    "PreTrainedTokenizerFast": "Tokenizer",
+    "PreTrainedTokenizer": "Tokenizer",
+}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES])  # noqa: PLE0605 - a list, built from the tables
 

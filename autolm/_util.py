@@ -136,3 +136,19 @@ def parse_dtype(dtype: Any):
     raise ConfigError(
         f"dtype {dtype!r} is not supported (expected 'auto', a torch dtype or one of {sorted(_DTYPE_NAMES)})"
     )
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """transformers' set_seed: Python's, NumPy's and torch's random generators (every CUDA device's too) seeded
+    with `seed`; deterministic=True also makes torch use deterministic algorithms. Process-wide, as asked."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)

@@ -274,6 +274,31 @@ def test_generate_dict_scores_logits_and_transformers_objects(checkpoint):
     torch.testing.assert_close(got[2], ref[2], atol=1e-4, rtol=1e-4)
 
 
+def test_set_seed_static_cache_and_transformers_names(checkpoint):
+    """set_seed (Python's, NumPy's and torch's generators), StaticCache(config=..., max_cache_len=...) handed to
+    generate(), and transformers' class names for isinstance checks, as scripts use them."""
+    import random
+
+    import numpy as np
+
+    directory, _ = checkpoint(NAME)
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(directory)
+        lib.set_seed(3)
+        draws = (random.random(), float(np.random.rand()), float(torch.rand(())))
+        lib.set_seed(5)
+        sampled = model.generate(IDS, do_sample=True, top_k=20, max_new_tokens=6)
+        cache = lib.StaticCache(config=model.config, max_cache_len=32)
+        greedy = model.generate(IDS, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        names = (isinstance(model, lib.PreTrainedModel), isinstance(cache, lib.Cache), cache.get_seq_length())
+        return draws, sampled, greedy, names
+
+    ref, got = _both(user_code)
+    assert got[0] == ref[0] and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert got[3] == ref[3] == (True, True, IDS.shape[1] + 4)
+
+
 def test_generate_returns_hidden_states_and_attentions(checkpoint):
     """generate(output_hidden_states=True, output_attentions=True, return_dict_in_generate=True): per new token,
     each layer's hidden states and attention weights of the forward that chose it (the prompt's whole, then one

@@ -39,6 +39,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0
+        self._capacity = capacity  # an empty cache's capacity once it gets buffers (at least what is needed)
         self.static = static
         if static:
             for t in self.keys + self.values:
@@ -47,7 +48,7 @@ class KVCache:
     def ensure_for(self, model, batch_size: int, capacity: int) -> KVCache:
         """This cache, given `model`'s buffers (model.make_cache) first where it was made empty."""
         if not self.keys:
-            made = model.make_cache(batch_size, capacity)
+            made = model.make_cache(batch_size, max(capacity, self._capacity))
             self.keys, self.values, self.static = made.keys, made.values, made.static
         return self
 
@@ -125,3 +126,14 @@ class KVCache:
                     new.values[layer][i, :, L - n : L] = c.values[layer][r, :, c.length - n : c.length]
         new.length = L
         return new
+
+
+class StaticCache(KVCache):
+    """transformers' StaticCache(config=..., max_cache_len=...) (4's max_batch_size, device and dtype too): an
+    empty KVCache that takes max_cache_len positions of the model's own cache at the first forward (autolm's
+    cache is static already: its capacity grows only where a forward needs more)."""
+
+    def __init__(self, config: Any = None, max_cache_len: int | None = None, max_batch_size: int | None = None,
+                 device: Any = None, dtype: Any = None, offloading: bool = False,
+                 offload_only_non_sliding: bool = True):  # fmt: skip
+        super().__init__(capacity=max_cache_len or 256, config=config)
