@@ -34,14 +34,22 @@ def _jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body, and where the render
+        tracks them records the characters it covers (as transformers' AssistantTracker)."""
 
         tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
+            return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+        def _track(self, caller) -> str:
+            text = caller()
+            spans = getattr(_budget, "spans", None)
+            if spans is not None:  # the characters rendered before this block: the chunks yielded so far
+                spans.append((_budget.rendered, _budget.rendered + len(text)))
+            return text
 
     class Limited(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**", "+"])
@@ -100,6 +108,12 @@ def _compile(template: str):
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
     """Render a chat template under the limits above; every failure becomes TokenizerError."""
+    return render_tracked(template, messages, **context)[0]
+
+
+def render_tracked(template: str, messages: list[dict[str, Any]], **context: Any) -> tuple[str, list]:
+    """(the rendered text, the (start, end) characters of each {% generation %} block in it)."""
+    _budget.spans, _budget.rendered = [], 0
     try:
         compiled = _compile(template)
         _budget.left = MAX_TEMPLATE_ITEMS
@@ -109,8 +123,11 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], **contex
             if n > MAX_TEMPLATE_OUTPUT:
                 raise TokenizerError(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} characters")
             out.append(chunk)
-        return "".join(out)
+            _budget.rendered = n
+        return "".join(out), _budget.spans
     except TokenizerError:
         raise
     except Exception as e:  # jinja2's TemplateError, and what the template's Python operations raise
         raise TokenizerError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+    finally:
+        _budget.spans = None

@@ -307,6 +307,39 @@ def test_chat_template_on_a_batch_gives_one_row_each(smol_dir):
     assert len(ref[1]["input_ids"]) == 2
 
 
+def test_assistant_tokens_mask_as_transformers(smol_dir):
+    """return_assistant_tokens_mask=True (TRL's assistant-only loss): the tokens of the template's
+    {% generation %} blocks marked 1, one conversation, a padded batch and tensors, as transformers marks them;
+    a template without such blocks marks none."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "chat_templates", "smollm3-3b.jinja")) as f:
+        tracked = f.read()
+    convs = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "Six, of course."},
+        ],
+    ]
+
+    def user_code(tok):
+        tok.pad_token = tok.eos_token
+        kw = dict(return_dict=True, return_assistant_tokens_mask=True)
+        padded = tok.apply_chat_template(
+            convs, chat_template=tracked, padding=True, return_tensors="pt", **kw
+        )
+        return [
+            dict(tok.apply_chat_template(convs[1], chat_template=tracked, **kw)),
+            {k: v.tolist() for k, v in padded.items()},
+            dict(tok.apply_chat_template(convs[0], **kw)),  # SmolLM2's own template: no generation blocks
+        ]
+
+    ref, got = (user_code(t) for t in _fresh(smol_dir))
+    _same(got, ref)
+    assert sum(ref[0]["assistant_masks"]) > 8 and not any(ref[2]["assistant_masks"])
+
+
 class Unit(enum.Enum):
     C = "celsius"
     F = "fahrenheit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..chat_template import render_chat_template
+from ..chat_template import render_tracked
 from ..errors import TokenizerError
 from .tool_schema import tool_schemas
 
@@ -40,6 +40,25 @@ def _continue_final(text: str, chat: list[dict]) -> str:
     return text
 
 
+def _assistant_masks(enc, spans: list[list[tuple[int, int]]], batched: bool, return_tensors) -> None:
+    """enc["assistant_masks"]: 1 for the tokens of each {% generation %} block's characters, as transformers
+    marks them (the tokens from the one holding the block's first character to the one holding its last)."""
+    rows = enc["input_ids"] if batched or return_tensors else [enc["input_ids"]]
+    masks = []
+    for i, row in enumerate(rows):
+        mask = [0] * len(row)
+        for start, end in spans[i]:
+            first, last = enc.char_to_token(i, start), enc.char_to_token(i, end - 1)
+            if first is None:  # truncated away
+                break
+            for t in range(first, last + 1 if last else len(row)):
+                mask[t] = 1
+        masks.append(mask)
+    enc["assistant_masks"] = masks if batched or return_tensors else masks[0]
+    if return_tensors:
+        enc.convert_to_tensors(return_tensors)
+
+
 class ChatTemplates:
     """The chat-template half of Tokenizer."""
 
@@ -66,11 +85,10 @@ class ChatTemplates:
     ):
         """Render messages (or a batch of conversations) with the chat template: the text, or token ids in a
         BatchEncoding (return_dict=False: the ids alone) when tokenize."""
-        if return_assistant_tokens_mask:
-            raise TokenizerError(
-                "return_assistant_tokens_mask=True is not supported: autolm renders {% generation %} blocks "
-                "without tracking their characters"
-            )
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise TokenizerError("return_assistant_tokens_mask=True needs return_dict=True and tokenize=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise TokenizerError("continue_final_message is not compatible with return_assistant_tokens_mask")
         if continue_final_message and add_generation_prompt:
             raise TokenizerError(
                 "continue_final_message and add_generation_prompt cannot both be set: the first continues the "
@@ -82,9 +100,9 @@ class ChatTemplates:
         schemas = tool_schemas(tools)
         if documents is not None and not all(isinstance(d, dict) for d in documents):
             raise TokenizerError("documents must be a list of dicts (with 'title' and 'text' keys)")
-        texts = []
+        texts, spans = [], []
         for chat in chats:
-            text = render_chat_template(
+            text, blocks = render_tracked(
                 template,
                 chat,
                 add_generation_prompt=add_generation_prompt,
@@ -93,6 +111,7 @@ class ChatTemplates:
                 **context,
             )
             texts.append(_continue_final(text, chat) if continue_final_message else text)
+            spans.append(blocks)
         if not tokenize:
             return texts if batched else texts[0]
         enc = self(
@@ -104,6 +123,8 @@ class ChatTemplates:
             return_tensors=return_tensors,
             **(tokenizer_kwargs or {}),
         )
+        if return_assistant_tokens_mask:
+            _assistant_masks(enc, spans, batched, return_tensors)
         return enc if return_dict else enc["input_ids"]
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
