@@ -276,7 +276,8 @@ def test_generate_dict_scores_logits_and_transformers_objects(checkpoint):
 
 def test_set_seed_static_cache_and_transformers_names(checkpoint):
     """set_seed (Python's, NumPy's and torch's generators), StaticCache(config=..., max_cache_len=...) handed to
-    generate(), and transformers' class names for isinstance checks, as scripts use them."""
+    generate() (or cache_implementation="static"), and transformers' class names for isinstance checks, as
+    scripts use them."""
     import random
 
     import numpy as np
@@ -292,10 +293,12 @@ def test_set_seed_static_cache_and_transformers_names(checkpoint):
         cache = lib.StaticCache(config=model.config, max_cache_len=32)
         greedy = model.generate(IDS, past_key_values=cache, max_new_tokens=5, do_sample=False)
         names = (isinstance(model, lib.PreTrainedModel), isinstance(cache, lib.Cache), cache.get_seq_length())
-        return draws, sampled, greedy, names
+        static = model.generate(IDS, cache_implementation="static", max_new_tokens=5, do_sample=False)
+        return draws, sampled, greedy, names, static
 
     ref, got = _both(user_code)
     assert got[0] == ref[0] and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert torch.equal(got[4], ref[4]) and torch.equal(got[4], got[2])
     assert got[3] == ref[3] == (True, True, IDS.shape[1] + 4)
 
 

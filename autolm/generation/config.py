@@ -79,6 +79,9 @@ class GenerationConfig:
     output_logits: bool | None = None
     output_attentions: bool | None = None
     output_hidden_states: bool | None = None
+    # transformers' cache kinds whose results equal its dynamic cache's; autolm's cache is one static kind that
+    # grows where needed, so each changes nothing here (offloaded and quantized caches are refused)
+    cache_implementation: str | None = None
     return_dict_in_generate: bool | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -301,6 +304,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "do_sample": (_bool, "true or false"),
     "num_beams": (_int(1), ">= 1"),
     "use_cache": (_bool, "true or false"),
+    "cache_implementation": (
+        lambda v: v in ("static", "dynamic", "sliding_window", "hybrid", "hybrid_chunked"),
+        "'static', 'dynamic', 'sliding_window', 'hybrid' or 'hybrid_chunked' (autolm keeps no offloaded or "
+        "quantized cache)",
+    ),
     "temperature": (_num(0, lo_open=True), "> 0 (use do_sample=False for greedy)"),
     "top_k": (_int(), "an integer >= 0"),
     "top_p": (_num(0, 1, lo_open=True), "in (0, 1]"),
