@@ -145,6 +145,8 @@ def __getattr__(name: str) -> Any:
     from .malloc import collector_paused
 
     with collector_paused():  # the first use imports torch and the model code: no collections meanwhile
+        if module == "autolm.models":  # a family's class: with the load path its from_pretrained calls
+            importlib.import_module("autolm.load")
         value = getattr(importlib.import_module(module), target)
     globals()[name] = value
     return value

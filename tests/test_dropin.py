@@ -159,6 +159,30 @@ def test_prompt_reuse_with_an_empty_dynamic_cache(checkpoint):
     torch.testing.assert_close(got[4], ref[4], atol=1e-5, rtol=1e-5)
 
 
+def test_family_class_from_pretrained_and_module_accessors(checkpoint):
+    """`LlamaForCausalLM.from_pretrained(...)` (the family's class), get_decoder / set_input_embeddings /
+    set_output_embeddings / disable_input_require_grads / set_attn_implementation as transformers has them."""
+    directory, _ = checkpoint(NAME)
+
+    def user_code(lib):
+        model = lib.LlamaForCausalLM.from_pretrained(directory)
+        embed = model.get_input_embeddings()
+        model.set_input_embeddings(embed)
+        model.set_output_embeddings(model.get_output_embeddings())
+        model.enable_input_require_grads()
+        model.disable_input_require_grads()
+        with torch.no_grad():
+            out = model.get_decoder()(IDS).last_hidden_state
+        model.set_attn_implementation("eager")
+        return type(model).__name__, out, model.config._attn_implementation, model(IDS).logits.requires_grad
+
+    ref, got = _both(user_code)
+    assert got[0] == ref[0] == "LlamaForCausalLM" and got[2:] == ref[2:]
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(autolm.errors.ConfigError, match="not a Qwen3ForCausalLM"):
+        autolm.Qwen3ForCausalLM.from_pretrained(directory)
+
+
 def test_hidden_states_attentions_and_tuples(checkpoint):
     directory, _ = checkpoint(NAME)
 

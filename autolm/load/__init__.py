@@ -20,7 +20,7 @@ from ..config import PretrainedConfig
 from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
 from ..malloc import give_back_freed_memory
-from ..models import config_class, load_config, model_class
+from ..models import config_class, interop, load_config, model_class
 from ..quant import QuantConfig
 from ..sources import open_source
 from .keep import KeepGGUF
@@ -286,6 +286,9 @@ def _config_dtype(config) -> torch.dtype | None:
     except ConfigError:
         return None
     return d if isinstance(d, torch.dtype) else None
+
+
+interop.loader = from_pretrained  # each family's Family.from_pretrained (models.interop)
 
 
 class AutoModelForCausalLM:

@@ -369,8 +369,6 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     def is_gradient_checkpointing(self) -> bool:
         return self.model.gradient_checkpointing
 
-    is_activation_checkpointing = is_gradient_checkpointing  # transformers 5's name for it
-
     def enable_input_require_grads(self) -> None:
         """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
         self._input_grad_hook = self.model.embed_tokens.register_forward_hook(

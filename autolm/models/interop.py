@@ -11,6 +11,10 @@ import torch
 from ..errors import ConfigError
 from ..lora.integration import PeftAdapterMixin
 
+# autolm.load's from_pretrained, registered by autolm.load as it is imported (the load path builds the models, so
+# it sits above them): what Family.from_pretrained calls
+loader = None
+
 
 @dataclass
 class BaseModelOutput:
@@ -120,6 +124,49 @@ class TransformersSurface(PeftAdapterMixin):
     @property
     def is_activation_checkpointing(self) -> bool:
         return self.is_gradient_checkpointing
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `LlamaForCausalLM.from_pretrained(...)`: autolm's load path (AutoModelForCausalLM's
+        arguments), for a checkpoint of this family; another family's is refused by name."""
+        if loader is None:
+            raise ConfigError(f"{cls.__name__}.from_pretrained needs autolm's load path: import autolm.load first "
+                              f"(`from autolm import {cls.__name__}` does)")  # fmt: skip
+        model = loader(pretrained_model_name_or_path, *args, **kwargs)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not isinstance(base, cls):
+            raise ConfigError(f"{pretrained_model_name_or_path}: a {type(base).__name__} checkpoint (model_type "
+                              f"{base.config.model_type!r}), not a {cls.__name__} one: load it with "
+                              f"AutoModelForCausalLM")  # fmt: skip
+        return model
+
+    def get_decoder(self):
+        """The body (embeddings, decoder layers, final norm) called as transformers' LlamaModel: base_model."""
+        return self.base_model
+
+    def set_decoder(self, decoder) -> None:
+        setattr(self, self.base_model_prefix, decoder)
+
+    def set_input_embeddings(self, value) -> None:
+        self.model.embed_tokens = value
+
+    def set_output_embeddings(self, value) -> None:
+        self.lm_head = value
+
+    def disable_input_require_grads(self) -> None:
+        """Undo enable_input_require_grads."""
+        hook = getattr(self, "_input_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grad_hook = None
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """transformers 5's switch between attention implementations: recorded (autolm's attention is the same)."""
+        if attn_implementation not in ("eager", "sdpa"):
+            raise ConfigError(
+                f"attn_implementation={attn_implementation!r} is not available: pass 'sdpa' or 'eager'"
+            )
+        self.config._attn_implementation = attn_implementation
 
     def add_model_tags(self, tags: list[str] | str) -> None:
         """Tags a trainer gives the model (transformers writes them into the Hub model card), in model_tags."""
