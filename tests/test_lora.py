@@ -412,6 +412,29 @@ def test_add_weighted_adapter_as_peft(checkpoint, combination):
     torch.testing.assert_close(got[4], ref[4], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_pissa_and_olora_initialise_as_peft(checkpoint, init):
+    """init_lora_weights="pissa" / "pissa_niter_<n>" / "olora": A and B from the base weight's SVD (randomized,
+    from the same seed) or QR, the base weight left with the residual, as peft computes them: the same adapter
+    tensors, base weights and logits (the adapted model's output unchanged). Methods autolm lacks are refused."""
+    directory, _ = checkpoint(NAME)
+    made = []
+    for lib, lib_peft in _pair(directory):
+        torch.manual_seed(0)
+        config = lib_peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init
+        )
+        made.append(lib_peft.get_peft_model(lib.AutoModelForCausalLM.from_pretrained(directory), config))
+    theirs, ours = (dict(pm.named_parameters()) for pm in made)
+    changed = [n for n in theirs if n.endswith("base_layer.weight")]
+    assert changed and sorted(theirs) == sorted(ours)
+    for name in [n for n in theirs if ".lora_" in n] + changed:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_logits(made[1]), _logits(made[0]), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        autolm.lora.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva")
+
+
 def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
     import peft
 

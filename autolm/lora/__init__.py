@@ -2,7 +2,8 @@
 peft's state-dict functions, and transformers' PEFT integration for the models (integration.PeftAdapterMixin)."""
 
 from .config import LoraConfig, PeftConfig, TaskType
-from .layers import LoraEmbedding, LoraLinear, ModulesToSave
+from .inject import ModulesToSave
+from .layers import LoraEmbedding, LoraLinear
 from .model import (
     LoraModel,
     PeftModel,

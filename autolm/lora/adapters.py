@@ -12,7 +12,8 @@ from torch import nn
 from .._util import full_tensor
 from ..errors import AdapterError
 from .config import LoraConfig
-from .layers import AdapterLayer, LoraLinear, ModulesToSave
+from .inject import ModulesToSave
+from .layers import AdapterLayer, LoraLinear
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:

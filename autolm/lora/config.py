@@ -119,7 +119,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         "an object of positive integer ranks",
     ),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()), "an object of numbers"),
-    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
+    "init_lora_weights": (
+        lambda v: isinstance(v, bool) or v in ("default", "gaussian", "pissa", "olora")
+        or (isinstance(v, str) and re.fullmatch(r"pissa_niter_\d+", v) is not None),
+        "true, false, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora' (autolm has no eva, corda, loftq or "
+        "orthogonal initialisation)",
+    ),
     "task_type": (lambda v: v is None or isinstance(v, str), "a task type name"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a path or repo id"),
     "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),

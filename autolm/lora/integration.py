@@ -14,7 +14,7 @@ from ..errors import AdapterError
 from . import adapters
 from .config import LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
-from .layers import inject_adapter
+from .inject import inject_adapter
 
 
 class PeftAdapterMixin:

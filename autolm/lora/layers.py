@@ -1,8 +1,8 @@
-"""LoRA layers in peft's module layout: LoraLinear (base_layer, lora_A/lora_B per adapter), ModulesToSave."""
+"""LoRA layers in peft's module layout: LoraLinear and LoraEmbedding (base_layer, lora_A / lora_B per adapter) on
+what they share (AdapterLayer: the adapters' bookkeeping, DoRA's norms, merging)."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from .config import LINEAR, LoraConfig, default_targets
 
 
 class DoraMagnitude(nn.Module):
@@ -169,10 +168,35 @@ class LoraLinear(AdapterLayer):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[name].weight)
+        elif init:  # PiSSA or OLoRA: from the base weight, which keeps the residual
+            self._decompose(name, init)
         self._settle(name, dora, dtype)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _decompose(self, name: str, init: str) -> None:
+        """peft's PiSSA and OLoRA: B A the base weight's r principal components (SVD: sqrt(S / s) on each side;
+        pissa_niter_n: torch's randomized svd_lowrank) or its QR's first r columns of Q and rows of R, the base
+        weight left with W - s B A, so the layer computes what it did (an int8 / int4 one quantized again)."""
+        w, s, r = self.base_weight().float(), self.scaling[name], self.lora_A[name].weight.shape[0]
+        self.float_weight(name)  # GGUF blocks: refused by name
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)
+            a, b = rr[:r], q[:, :r]
+        else:
+            if init == "pissa":
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            else:
+                u, sv, v = torch.svd_lowrank(w, r, niter=int(init.rsplit("_", 1)[1]))
+                vh = v.t()
+            root = (sv[:r] / s).sqrt()
+            a, b = root[:, None] * vh[:r], u[:, :r] * root
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(a)
+            self.lora_B[name].weight.copy_(b)
+        residual = w - s * b @ a
+        self._put_weight(residual.t() if getattr(self.base_layer, "fan_in_fan_out", False) else residual)
 
     def base_weight(self) -> torch.Tensor:
         """The base layer's weight as (out, in), dequantized where the layer keeps it quantized."""
@@ -255,7 +279,7 @@ class LoraEmbedding(AdapterLayer):
         num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
         a = torch.randn(r, num, device=device, dtype=dtype)
         b = torch.randn(dim, r, device=device, dtype=dtype)
-        if init is True or init in ("default", "gaussian"):
+        if init:  # any method but False: A at zero, as peft initialises an embedding's adapter
             a.zero_()
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
@@ -301,100 +325,3 @@ class LoraEmbedding(AdapterLayer):
                 else:
                     y = y + delta.to(y.dtype)
         return y
-
-
-class ModulesToSave(nn.Module):
-    """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-        for p in self.modules_to_save[name].parameters():
-            p.requires_grad_(True)
-        self.active_adapter = name
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._current().weight
-
-    def _current(self) -> nn.Module:
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap every targeted Linear in a LoraLinear, every targeted Embedding in a LoraEmbedding (or add an adapter to
-    an existing one); return their names."""
-    if config.target_modules is None:  # peft fills in the model type's default (and saves it)
-        config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
-    targeted = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AdapterLayer):
-            base_name, base = name, module.base_layer
-        elif (
-            ".base_layer" in name
-            or ".lora_" in name
-            or isinstance(module, ModulesToSave)
-            or ".modules_to_save." in name
-            or ".original_module" in name
-        ):
-            continue
-        else:
-            base_name, base = name, module
-        if not config.matches(base_name, base):
-            continue
-        # as peft: True for a Conv1D target (weight stored (in, out)), False for nn.Linear
-        config.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))
-        if isinstance(module, AdapterLayer):
-            layer = module
-        else:
-            layer = LoraEmbedding(base) if isinstance(base, nn.Embedding) else LoraLinear(base)
-        if layer is not module:
-            _set_module(model, name, layer)
-        r, alpha = config.rank_and_alpha(base_name)
-        layer.add_adapter(
-            adapter_name,
-            r,
-            alpha,
-            config.lora_dropout,
-            config.use_rslora,
-            config.init_lora_weights,
-            config.use_dora,
-        )
-        targeted.append(name)
-    if not targeted:
-        raise AdapterError(
-            f"target modules {config.target_modules!r} match no Linear layer of the model "
-            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})})"
-        )
-    for name in config.modules_to_save or []:
-        found = False
-        for mod_name, module in list(model.named_modules()):
-            if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
-                if isinstance(module, AdapterLayer) or ".base_layer" in mod_name or ".lora_" in mod_name:
-                    raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
-                if ".modules_to_save." in mod_name or ".original_module" in mod_name:
-                    continue
-                wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-                if wrapper is not module:
-                    _set_module(model, mod_name, wrapper)
-                wrapper.add_adapter(adapter_name)
-                found = True
-        if not found:
-            raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
-    return targeted

@@ -20,7 +20,8 @@ from ..errors import AdapterError
 from . import adapters, combine
 from .config import LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
-from .layers import AdapterLayer, ModulesToSave, _set_module, inject_adapter
+from .inject import ModulesToSave, _set_module, inject_adapter
+from .layers import AdapterLayer
 
 logger = logging.getLogger("autolm")
 

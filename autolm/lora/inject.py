@@ -1,0 +1,110 @@
+"""Putting LoRA on a model: every targeted Linear wrapped in a LoraLinear and every targeted Embedding in a
+LoraEmbedding (inject_adapter), and peft's ModulesToSaveWrapper (ModulesToSave) for modules_to_save."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from .config import LINEAR, LoraConfig, default_targets
+from .layers import AdapterLayer, LoraEmbedding, LoraLinear
+
+
+class ModulesToSave(nn.Module):
+    """peft's ModulesToSaveWrapper: the original module plus a trainable copy per adapter."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+        self.active_adapter = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every targeted Linear in a LoraLinear, every targeted Embedding in a LoraEmbedding (or add an adapter to
+    an existing one); return their names."""
+    if config.target_modules is None:  # peft fills in the model type's default (and saves it)
+        config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
+    targeted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            base_name, base = name, module.base_layer
+        elif (
+            ".base_layer" in name
+            or ".lora_" in name
+            or isinstance(module, ModulesToSave)
+            or ".modules_to_save." in name
+            or ".original_module" in name
+        ):
+            continue
+        else:
+            base_name, base = name, module
+        if not config.matches(base_name, base):
+            continue
+        # as peft: True for a Conv1D target (weight stored (in, out)), False for nn.Linear
+        config.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))
+        if isinstance(module, AdapterLayer):
+            layer = module
+        else:
+            layer = LoraEmbedding(base) if isinstance(base, nn.Embedding) else LoraLinear(base)
+        if layer is not module:
+            _set_module(model, name, layer)
+        r, alpha = config.rank_and_alpha(base_name)
+        layer.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.init_lora_weights,
+            config.use_dora,
+        )
+        targeted.append(name)
+    if not targeted:
+        raise AdapterError(
+            f"target modules {config.target_modules!r} match no Linear layer of the model "
+            f"(its Linear layers end in: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})})"
+        )
+    for name in config.modules_to_save or []:
+        found = False
+        for mod_name, module in list(model.named_modules()):
+            if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
+                if isinstance(module, AdapterLayer) or ".base_layer" in mod_name or ".lora_" in mod_name:
+                    raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
+                if ".modules_to_save." in mod_name or ".original_module" in mod_name:
+                    continue
+                wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+                if wrapper is not module:
+                    _set_module(model, mod_name, wrapper)
+                wrapper.add_adapter(adapter_name)
+                found = True
+        if not found:
+            raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
+    return targeted
