@@ -188,6 +188,28 @@ def _same(got, ref):
         assert a == b, (i, a, b)
 
 
+def test_pretrained_tokenizer_fast_constructed_as_transformers(smol_dir):
+    """PreTrainedTokenizerFast(tokenizer_object=...) / (tokenizer_file=..., eos_token=..., pad_token=...), as
+    transformers' documentation builds one around a `tokenizers` tokenizer; autolm's tokenizers are instances."""
+    import tokenizers
+    import transformers
+
+    def user_code(lib):
+        wrapped = lib.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_file(
+            os.path.join(smol_dir, "tokenizer.json")), bos_token="<|im_start|>", eos_token="<|im_end|>")  # fmt: skip
+        from_file = lib.PreTrainedTokenizerFast(tokenizer_file=os.path.join(smol_dir, "tokenizer.json"),
+                                                eos_token="<|im_end|>", pad_token="<|im_end|>")  # fmt: skip
+        batch = from_file(["Hello world", "Hi"], padding=True)
+        return [wrapped("Hello <|im_end|> world")["input_ids"], wrapped.special_tokens_map, dict(batch),
+                from_file.decode(batch["input_ids"][0], skip_special_tokens=True), from_file.pad_token_id]  # fmt: skip
+
+    ref, got = user_code(transformers), user_code(autolm)
+    _same(got, ref)
+    assert isinstance(autolm.AutoTokenizer.from_pretrained(smol_dir), autolm.PreTrainedTokenizerFast)
+    with pytest.raises(autolm.errors.TokenizerError, match="tokenizer_object= or tokenizer_file="):
+        autolm.PreTrainedTokenizerFast()
+
+
 def test_overflow_windows_special_mask_split_words_and_word_ids(smol_dir):
     def user_code(tok):
         facts = [

@@ -12,7 +12,7 @@ from ..hub import HUB_KWARGS, resolve_model_dir
 from .chat import ChatTemplates
 from .encoding import BatchEncoding, pad_rows
 from .files import SAVED_FILES, read_tokenizer_dir, write_tokenizer
-from .special import SpecialTokens
+from .special import SPECIAL, SpecialTokens, token_content
 
 _TRUNCATIONS = ("longest_first", "only_first", "only_second")
 # transformers' cleanup of spaces before punctuation, meant for WordPiece vocabularies
@@ -28,7 +28,7 @@ class Tokenizer(SpecialTokens, ChatTemplates):
 
     def __init__(
         self,
-        backend,
+        backend=None,
         special_tokens: dict[str, str | None] | None = None,
         chat_template: str | dict[str, str] | None = None,
         padding_side: str = "right",
@@ -36,9 +36,30 @@ class Tokenizer(SpecialTokens, ChatTemplates):
         clean_up_tokenization_spaces: bool = False,
         name_or_path: str = "",
         init_kwargs: dict[str, Any] | None = None,
+        *,
+        tokenizer_object=None,
+        tokenizer_file: str | None = None,
+        **tokens: Any,
     ):
+        """autolm's own arguments, or transformers' PreTrainedTokenizerFast ones: tokenizer_object= (a `tokenizers`
+        Tokenizer) or tokenizer_file= (a tokenizer.json), and the special tokens as keywords (bos_token=...)."""
+        unknown = sorted(set(tokens) - set(SPECIAL))
+        if unknown:
+            raise TokenizerError(
+                f"Tokenizer() got unknown arguments {unknown} (special tokens: {', '.join(SPECIAL)})"
+            )
+        if backend is None and tokenizer_object is None and tokenizer_file is not None:
+            import tokenizers
+
+            tokenizer_object = tokenizers.Tokenizer.from_file(os.fspath(tokenizer_file))
+        backend = backend if backend is not None else tokenizer_object
+        if backend is None:
+            raise TokenizerError(
+                "Tokenizer() needs a tokenizers.Tokenizer: tokenizer_object= or tokenizer_file="
+            )
         self.backend = backend
-        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        special_tokens = {**(special_tokens or {}), **{k: token_content(v) for k, v in tokens.items()}}
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         self.chat_template = chat_template
         self.padding_side = padding_side
         self.init_kwargs = init_kwargs or {}
