@@ -435,6 +435,44 @@ def test_pissa_and_olora_initialise_as_peft(checkpoint, init):
         autolm.lora.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva")
 
 
+def test_lora_bias_as_peft(checkpoint, tmp_path):
+    """lora_bias=True: lora_B carries a bias, scaled with it; the logits, a merge into the base layers' biases and
+    the adapter file (lora_B.bias) as peft's; a target without a bias cannot merge; DoRA refuses it."""
+    import peft
+
+    directory, _ = checkpoint("qwen2_tied_bias")  # q, k and v projections with biases
+    made = []
+    for lib, lib_peft in _pair(directory):
+        config = lib_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True,
+                                     init_lora_weights=False)  # fmt: skip
+        made.append(lib_peft.get_peft_model(lib.AutoModelForCausalLM.from_pretrained(directory), config))
+    _sync_lora(*made)
+    assert any(n.endswith("lora_B.default.bias") for n, _ in made[1].named_parameters())
+    torch.testing.assert_close(_logits(made[1]), _logits(made[0]), atol=1e-5, rtol=1e-5)
+    made[1].save_pretrained(tmp_path / "ours")
+    import transformers
+
+    back = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(directory), tmp_path / "ours"
+    )
+    torch.testing.assert_close(_logits(back), _logits(made[0]), atol=1e-5, rtol=1e-5)
+    made[0].save_pretrained(tmp_path / "peft")
+    ours = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ours = autolm.lora.PeftModel.from_pretrained(ours, tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours), _logits(made[0]), atol=1e-5, rtol=1e-5)
+    merged = [pm.merge_and_unload() for pm in made]
+    with torch.no_grad():
+        torch.testing.assert_close(merged[1](IDS).logits, merged[0](IDS).logits, atol=1e-5, rtol=1e-5)
+    plain = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    pm = autolm.lora.get_peft_model(
+        plain, autolm.lora.LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True)
+    )
+    with pytest.raises(ValueError, match="the base layer has no bias"):
+        pm.merge_and_unload()
+    with pytest.raises(ValueError, match="lora_bias=True"):
+        autolm.lora.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, use_dora=True)
+
+
 def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
     import peft
 

@@ -35,7 +35,6 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "layer_replication": None,
     "loftq_config": {},
-    "lora_bias": False,
     "lora_ga_config": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
@@ -129,7 +128,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a path or repo id"),
     "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
     **{k: (lambda v: isinstance(v, bool), "true or false")
-       for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")},
+       for k in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora", "lora_bias")},
 }  # fmt: skip
 
 
@@ -180,6 +179,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False  # a bias in lora_B, scaled with it (merging adds it to the base layer's bias)
     task_type: str | None = "CAUSAL_LM"
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
@@ -197,6 +197,9 @@ class LoraConfig(PeftConfig):
         for name, (check, expected) in _CHECKS.items():
             if not check(getattr(self, name)):
                 raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+        if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            raise AdapterError("LoraConfig: lora_bias=True works with init_lora_weights True or False and without DoRA, "
+                               f"as peft (got init_lora_weights={self.init_lora_weights!r}, use_dora={self.use_dora})")  # fmt: skip
         patterns = [*self.rank_pattern, *self.alpha_pattern]
         patterns += [p for p in (self.target_modules, self.exclude_modules) if isinstance(p, str)]
         for pattern in patterns:

@@ -85,6 +85,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             config.use_rslora,
             config.init_lora_weights,
             config.use_dora,
+            config.lora_bias,
         )
         targeted.append(name)
     if not targeted:

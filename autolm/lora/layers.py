@@ -76,6 +76,7 @@ class AdapterLayer(nn.Module):
                     norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
                     self._merged_norms[name] = norm
                     merged = self._dora_factor(name, norm) * merged
+                self._merge_bias(name, 1)
                 self._put_weight(merged)
                 self.merged_adapters.append(name)
 
@@ -86,6 +87,18 @@ class AdapterLayer(nn.Module):
             if name in self._merged_norms:
                 unmerged = unmerged / self._dora_factor(name, self._merged_norms.pop(name))
             self._put_weight(unmerged - self.delta_weight(name))
+            self._merge_bias(name, -1)
+
+    def _merge_bias(self, name: str, sign: int) -> None:
+        """lora_bias: its bias times the scaling added to (sign 1) or taken from (-1) the base layer's bias."""
+        extra = getattr(self.lora_B[name], "bias", None)
+        if extra is None:
+            return
+        if getattr(self.base_layer, "bias", None) is None:
+            raise AdapterError(
+                f"cannot merge adapter {name!r} with lora_bias=True: the base layer has no bias"
+            )
+        self.base_layer.bias.data += sign * extra.detach().to(self.base_layer.bias.dtype) * self.scaling[name]
 
     def float_weight(self, adapter: str) -> torch.Tensor:
         """The base layer's weight in float32 as stored (dequantized where quantized); a layer kept in a form autolm
@@ -156,10 +169,13 @@ class LoraLinear(AdapterLayer):
         rslora: bool,
         init: bool | str,
         dora: bool = False,
+        bias: bool = False,
     ) -> None:
         device, dtype = self._placement()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias, device=device, dtype=dtype)
+        if bias and init:
+            nn.init.zeros_(self.lora_B[name].bias)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if init is True or init == "default":
@@ -274,7 +290,9 @@ class LoraEmbedding(AdapterLayer):
     def lora_B(self) -> nn.ParameterDict:
         return self.lora_embedding_B
 
-    def add_adapter(self, name, r, alpha, dropout, rslora, init, dora=False) -> None:
+    def add_adapter(self, name, r, alpha, dropout, rslora, init, dora=False, bias=False) -> None:
+        if bias:
+            raise AdapterError(f"lora_bias=True is not supported for an embedding ({name!r}), as in peft")
         device, dtype = self._placement()
         num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
         a = torch.randn(r, num, device=device, dtype=dtype)
