@@ -195,8 +195,8 @@ class LoraLinear(AdapterLayer):
         """peft's PiSSA and OLoRA: B A the base weight's r principal components (SVD: sqrt(S / s) on each side;
         pissa_niter_n: torch's randomized svd_lowrank) or its QR's first r columns of Q and rows of R, the base
         weight left with W - s B A, so the layer computes what it did (an int8 / int4 one quantized again)."""
+        self.float_weight(name)  # GGUF blocks: refused by name, before dequantizing their weight
         w, s, r = self.base_weight().float(), self.scaling[name], self.lora_A[name].weight.shape[0]
-        self.float_weight(name)  # GGUF blocks: refused by name
         if init == "olora":
             q, rr = torch.linalg.qr(w)
             a, b = rr[:r], q[:, :r]
