@@ -1,6 +1,6 @@
-"""Training through the ecosystem with only the import changed: transformers' Trainer and TRL's SFTTrainer run an
-autolm model (and autolm's LoRA adapters) to the same losses as a transformers model, and save what peft and
-transformers load back."""
+"""Training through the ecosystem with only the import changed: transformers' Trainer and TRL's SFTTrainer and
+DPOTrainer run an autolm model (and autolm's LoRA adapters) to the same losses as a transformers model, and save
+what peft and transformers load back."""
 
 from __future__ import annotations
 
@@ -138,6 +138,44 @@ def test_sft_trainer_trains_an_autolm_model(model_dir, tmp_path, lora):
         torch.testing.assert_close(
             saved[1](input_ids=IDS).logits, saved[0](input_ids=IDS).logits, atol=1e-4, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_dpo_trainer_trains_an_autolm_model(model_dir, tmp_path, lora):
+    """TRL's DPOTrainer with DPOConfig's defaults (bf16 on: the step runs under CPU autocast) gives the losses,
+    log-probs and gradient norms transformers' model gives, step for step: a full fine-tune against a reference
+    model TRL builds, or LoRA through peft_config against the adapter disabled. Under autocast the grouped K/V
+    heads' gradients round as transformers' SDPA path rounds them (SDPA's own GQA where there is no mask)."""
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    pairs = {"prompt": ["hello ", "the quick ", "abc "] * 2, "chosen": ["world", "brown fox", "def"] * 2,
+             "rejected": ["zzz", "qqq", "xyz"] * 2}  # fmt: skip
+
+    def user_code(lib):
+        model = lib.AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path / lib.__name__), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+            learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no", max_length=32,
+        )  # fmt: skip
+        assert args.bf16
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if lora else None
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(pairs),
+                                 processing_class=tok, peft_config=config)  # fmt: skip
+        trainer.train()
+        keys = ("loss", "grad_norm", "logps/chosen", "logps/rejected")
+        return [[h[k] for k in keys] for h in trainer.state.log_history if "loss" in h]
+
+    torch.manual_seed(0)
+    ref = user_code(transformers)
+    torch.manual_seed(0)
+    got = user_code(autolm)
+    assert len(got) == len(ref) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_prepare_model_for_kbit_training_as_peft(model_dir):

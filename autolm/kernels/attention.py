@@ -34,10 +34,13 @@ def attention(
         return grouped_attention(q, k, v, mask, scale)
     if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
         return blocked_attention(q, k, v, mask, scale)
-    n_kv = k.shape[1]
-    if n_kv != nh:
-        k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale)
+    # grouped heads as transformers' SDPA path: SDPA's own GQA without a mask, K and V repeated with one (the same
+    # values either way; under autocast the two round the K/V gradients apart, so each follows transformers)
+    gqa = k.shape[1] != nh and mask is None and hd <= 256
+    if k.shape[1] != nh and not gqa:
+        k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // k.shape[1], dim=1)
+    causal = mask is None and T > 1
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
