@@ -178,6 +178,36 @@ def test_dpo_trainer_trains_an_autolm_model(model_dir, tmp_path, lora):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_grpo_trainer_samples_and_trains_an_autolm_model(model_dir, tmp_path):
+    """TRL's GRPOTrainer: the model samples its completions through its own generate (the same draws from the
+    same seed as transformers' model), a reward function scores them, and the policy-gradient steps give
+    transformers' rewards, losses and gradient norms."""
+    import datasets
+    import transformers
+    import trl
+
+    def user_code(lib):
+        torch.manual_seed(0)
+        model = lib.AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / lib.__name__), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+            max_completion_length=8, logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True, seed=0,
+            save_strategy="no",
+        )  # fmt: skip
+        prompts = datasets.Dataset.from_dict({"prompt": ["hello ", "the quick ", "abc "] * 4})
+        trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=prompts, processing_class=tok,
+                                  reward_funcs=lambda completions, **_: [float(len(c)) for c in completions])  # fmt: skip
+        trainer.train()
+        keys = ("loss", "reward", "reward_std", "grad_norm")
+        return [[h[k] for k in keys] for h in trainer.state.log_history if "loss" in h]
+
+    ref, got = user_code(transformers), user_code(autolm)
+    assert len(got) == len(ref) == 2 and all(row[2] > 0 and row[3] > 0 for row in ref)  # rewards that differ
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-4)
+
+
 def test_prepare_model_for_kbit_training_as_peft(model_dir):
     """peft's QLoRA preparation with the import changed: every parameter frozen, the bf16 ones cast to fp32 (the
     same logits as peft's preparation gives transformers' model after), and on a quantized model gradient
