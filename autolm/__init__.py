@@ -30,6 +30,7 @@ _EXPORTS = {
     "Qwen3MoeConfig": "autolm.models",
     "GptOssConfig": "autolm.models",
     "AutoModelForCausalLM": "autolm.load",
+    "AutoModelForSequenceClassification": "autolm.load",
     "from_pretrained": "autolm.load",
     "LoadReport": "autolm.load",
     "AutoTokenizer": "autolm.tokenizer",

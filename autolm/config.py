@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._util import atomic_write_text, read_json
+from .config_fields import ROPE_KEYS, _is_dtype, _is_int, _is_number, labels, read_rope, validate_rope
 from .errors import ConfigError
 from .hub import HUB_KWARGS, resolve_model_dir
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-_ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 _NOT_SAVED = ("extra", "rope_parameters", "rope_spelling", "dtype", "name_or_path")
 _SWITCHES = ("output_hidden_states", "output_attentions", "return_dict")  # saved only when set
 # Upper bounds that no real checkpoint of this family reaches; they stop a hostile config early.
@@ -110,7 +108,7 @@ class PretrainedConfig:
         """Build from a config.json dict (plus keyword overrides); unknown keys go to `extra`."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(d).__name__}")
-        d = {**d, **overrides}
+        d = labels({**d, **overrides}, source)
         for ours, theirs in cls.attribute_map.items():
             if theirs in d:
                 d[ours] = d.pop(theirs)
@@ -122,7 +120,7 @@ class PretrainedConfig:
             k: v
             for k, v in d.items()
             if k not in names
-            and k not in _ROPE_KEYS
+            and k not in ROPE_KEYS
             and k not in ("dtype", "torch_dtype", "model_type", "_name_or_path")
         }
         dtype = d.get("dtype")
@@ -145,7 +143,7 @@ class PretrainedConfig:
     @classmethod
     def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
         """config.json's RoPE settings in either spelling -> (rope_parameters, the spelling found)."""
-        return _read_rope(d, cls, source)
+        return read_rope(d, cls, source)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
@@ -211,6 +209,8 @@ class PretrainedConfig:
         extra = self.__dict__.get("extra")
         if extra is not None and name in extra and not name.startswith("__"):
             return extra[name]
+        if name == "problem_type":  # transformers' default: the classification loss infers it
+            return None
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def save_pretrained(self, directory: str | os.PathLike, **_: Any) -> None:
@@ -230,6 +230,16 @@ class PretrainedConfig:
         return self.name_or_path
 
     # ---- derived values -----------------------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        """transformers' number of classification labels (a sequence classifier's outputs): len(id2label), 2
+        where config.json names none."""
+        return len(self.extra.get("id2label") or (0, 1))
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        self.extra.update(labels({"num_labels": n}, self.source))
 
     @property
     def rope_theta(self) -> float:
@@ -308,7 +318,7 @@ class PretrainedConfig:
             if bad:
                 raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
         for rope in self.rope_kinds().values():
-            _validate_rope(rope, src)
+            validate_rope(rope, src)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -317,72 +327,3 @@ def _torch_dtype(name: str) -> Any:
 
     value = getattr(torch, name, None)
     return value if isinstance(value, torch.dtype) else name
-
-
-def _is_dtype(v: Any) -> bool:
-    return type(v).__name__ == "dtype" and type(v).__module__ == "torch"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _validate_rope(rope: dict[str, Any], src: str) -> None:
-    rope_type = rope.get("rope_type")
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{src}: RoPE type {rope_type!r} is not supported (expected one of {ROPE_TYPES})")
-    theta = rope.get("rope_theta")
-    if not _is_number(theta) or theta <= 0:
-        raise ConfigError(f"{src}: rope_theta must be a positive number, found {theta!r}")
-    needed = {
-        "linear": ("factor",),
-        "dynamic": ("factor",),
-        "yarn": ("factor",),
-        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    }
-    for k in needed.get(rope_type, ()):
-        if not _is_number(rope.get(k)) or rope[k] <= 0:
-            raise ConfigError(
-                f"{src}: RoPE type {rope_type!r} needs a numeric {k!r} above 0, found {rope.get(k)!r}"
-            )
-    if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
-        raise ConfigError(
-            f"{src}: llama3 RoPE needs high_freq_factor > low_freq_factor, found "
-            f"{rope['high_freq_factor']} and {rope['low_freq_factor']}"
-        )
-    for k in (
-        "partial_rotary_factor",
-        "attention_factor",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "original_max_position_embeddings",
-    ):
-        if rope.get(k) is not None and (not _is_number(rope[k]) or rope[k] < 0):
-            raise ConfigError(f"{src}: RoPE {k!r} must be a non-negative number, found {rope[k]!r}")
-
-
-def _read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any], str]:
-    """Normalise the two RoPE spellings into one dict; return it and the spelling found."""
-    if d.get("rope_parameters") is not None:
-        rope, spelling = d["rope_parameters"], "v5"
-    else:
-        rope, spelling = d.get("rope_scaling") or {}, "v4"
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{source}: RoPE parameters must be an object, found {str(rope)[:100]}")
-    rope = dict(rope)
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope.pop("type", None)
-    rope.setdefault("rope_type", "default")
-    rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-    if rope["rope_type"] in ("llama3", "yarn"):
-        rope.setdefault(
-            "original_max_position_embeddings", d.get("max_position_embeddings", cls.max_position_embeddings)
-        )
-    return rope, spelling

@@ -1,6 +1,7 @@
 """`pipeline("text-generation", model=..., tokenizer=...)`: transformers' text-generation pipeline for plain
-prompts and chat messages, as its LLM tutorial uses it. (A module named like transformers' `pipelines`, so that
-importing it never hides the `autolm.pipeline` function.)"""
+prompts and chat messages, as its LLM tutorial uses it; `pipeline("text-classification", ...)` for sequence
+classifiers and reward models. (A module named like transformers' `pipelines`, so that importing it never hides
+the `autolm.pipeline` function.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .errors import GenerationError
 from .load import from_pretrained
 from .tokenizer import AutoTokenizer
 
-TASKS = ("text-generation",)
+TASKS = ("text-generation", "text-classification", "sentiment-analysis")
 
 
 def _is_chat(x: Any) -> bool:
@@ -102,6 +103,69 @@ class TextGenerationPipeline:
         return [{"generated_text": [*prompt, {"role": "assistant", "content": new}]}]
 
 
+class TextClassificationPipeline:
+    """transformers' text-classification pipeline: per text (or {"text", "text_pair"}) the top label and its
+    score, or with top_k the k best (top_k=None: every label), sorted. Scores: sigmoid for one label or
+    multi-label problems, softmax for several labels, the logits for regression (function_to_apply chooses).
+    batch_size > 1 runs that many texts at a time, padded with the tokenizer's pad token."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 1):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.task = "text-classification"
+
+    def __call__(self, inputs, top_k: int | str | None = "", function_to_apply: str | None = None,
+                 batch_size: int | None = None):  # fmt: skip
+        legacy = top_k == ""  # as transformers: no top_k given -> the top label alone
+        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        size = max(1, batch_size or self.batch_size)
+        scores = []
+        for i in range(0, len(items), size):
+            scores += self._scores(items[i : i + size], function_to_apply)
+        out = [self._labels(row, 1 if legacy else top_k, legacy) for row in scores]
+        if isinstance(inputs, (list, tuple)):
+            return out
+        return [out[0]] if isinstance(inputs, str) and legacy else out[0]
+
+    def _scores(self, texts: list, function_to_apply: str | None) -> list[torch.Tensor]:
+        tok, model = self.tokenizer, self.model
+        if len(texts) > 1 and tok.pad_token_id is None:
+            raise GenerationError("text-classification pipeline: batching needs a pad token (set "
+                                  "tokenizer.pad_token) or batch_size=1")  # fmt: skip
+        if all(isinstance(t, dict) for t in texts):
+            pairs = [t.get("text_pair") for t in texts]
+            enc = tok([t["text"] for t in texts], text_pair=pairs if any(pairs) else None,
+                      padding=len(texts) > 1, return_tensors="pt")  # fmt: skip
+        elif all(isinstance(t, str) for t in texts):
+            enc = tok(texts, padding=len(texts) > 1, return_tensors="pt")
+        else:
+            raise GenerationError(f"text-classification pipeline: expected strings or {{'text', 'text_pair'}} "
+                                  f"dicts, got {texts!r}")  # fmt: skip
+        with torch.no_grad():
+            logits = model(input_ids=enc["input_ids"].to(model.device),
+                           attention_mask=enc["attention_mask"].to(model.device), use_cache=False).logits  # fmt: skip
+        config = model.config
+        how = function_to_apply or (
+            "none" if config.problem_type == "regression"
+            else "sigmoid" if config.problem_type == "multi_label_classification" or config.num_labels == 1
+            else "softmax"
+        )  # fmt: skip
+        funcs = {"sigmoid": torch.sigmoid, "softmax": lambda x: x.softmax(-1), "none": lambda x: x}
+        if how.lower() not in funcs:
+            raise GenerationError(f"function_to_apply {how!r}: expected 'sigmoid', 'softmax' or 'none'")
+        return list(funcs[how.lower()](logits.float()))
+
+    def _labels(self, scores: torch.Tensor, top_k: int | None, legacy: bool):
+        names = self.model.config.id2label or {}
+        if legacy:
+            return {"label": names.get(int(scores.argmax()), f"LABEL_{int(scores.argmax())}"),
+                    "score": float(scores.max())}  # fmt: skip
+        ranked = sorted(
+            ({"label": names.get(i, f"LABEL_{i}"), "score": float(v)} for i, v in enumerate(scores)),
+            key=lambda d: d["score"], reverse=True,
+        )  # fmt: skip
+        return ranked if top_k is None else ranked[:top_k]
+
+
 def pipeline(
     task: str,
     model=None,
@@ -112,9 +176,9 @@ def pipeline(
     model_kwargs: dict | None = None,
     batch_size: int = 1,
     **kwargs: Any,
-) -> TextGenerationPipeline:
-    """transformers' `pipeline` for "text-generation": a model (or a folder / repo id to load one and its
-    tokenizer from) and a tokenizer."""
+) -> TextGenerationPipeline | TextClassificationPipeline:
+    """transformers' `pipeline` for "text-generation" and "text-classification" (or "sentiment-analysis"): a
+    model (or a folder / repo id to load one and its tokenizer from) and a tokenizer."""
     if task not in TASKS:
         raise GenerationError(f"pipeline: task {task!r} is not supported (autolm runs {', '.join(TASKS)})")
     if kwargs:
@@ -126,7 +190,8 @@ def pipeline(
             raise GenerationError("pipeline: pass model= (a model, a folder or a repo id)")
         name = os.fspath(model)
         dtype = torch_dtype if torch_dtype is not None else dtype
-        model = from_pretrained(name, dtype=dtype, device=device, **(model_kwargs or {}))
+        head = "causal_lm" if task == "text-generation" else "sequence_classification"
+        model = from_pretrained(name, dtype=dtype, device=device, head=head, **(model_kwargs or {}))
         tokenizer = tokenizer if tokenizer is not None else name
     elif device is not None:
         model = model.to(device)
@@ -138,4 +203,5 @@ def pipeline(
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    return TextGenerationPipeline(model, tokenizer, batch_size)
+    kind = TextGenerationPipeline if task == "text-generation" else TextClassificationPipeline
+    return kind(model, tokenizer, batch_size)

@@ -20,13 +20,14 @@ from ..config import PretrainedConfig
 from ..errors import ConfigError
 from ..hub import HUB_KWARGS, resolve_model_dir, verify_files
 from ..malloc import give_back_freed_memory
-from ..models import config_class, interop, load_config, model_class
+from ..models import config_class, interop, load_config
 from ..quant import QuantConfig
 from ..sources import open_source
+from .build import check_head, check_size, config_dtype, model_class
 from .keep import KeepGGUF
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
 from .report import LoadReport
-from .stream import layer_index, stream
+from .stream import stream
 
 logger = logging.getLogger("autolm")
 # transformers' arguments that change nothing here: logged once, then ignored.
@@ -107,6 +108,7 @@ def _load(
     progress: bool | None = None,
     resolved: str | None = None,
     verify: bool = False,
+    head: str = "causal_lm",
     **kwargs: Any,
 ):
     """The load path: resolve, open the source, build on meta, place, stream the weights.
@@ -119,8 +121,10 @@ def _load(
     parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
     progress shows a bar on stderr (None: for checkpoints of 1 GiB or more, and GGUF files, which
     dequantize slowly). verify=True checks the files' content hashes where the HF cache has them.
+    head="sequence_classification" puts a `score` head on the body (AutoModelForSequenceClassification).
     Other keyword arguments override config fields, as in transformers.
     """
+    check_head(head, gguf_file)
     hub = _arguments(kwargs, attn_implementation)
     quantization = _bitsandbytes(kwargs, quantization)
     want = parse_dtype(torch_dtype if torch_dtype is not None else dtype)
@@ -138,11 +142,11 @@ def _load(
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
-    cls = model_class(config.model_type)
-    _check_size(config, shapes, cls)
+    cls = model_class(config.model_type, head)
+    check_size(config, shapes, cls)
     report.lap("config")
 
-    target = want if isinstance(want, torch.dtype) else _config_dtype(config)
+    target = want if isinstance(want, torch.dtype) else config_dtype(config)
     with torch.device("meta"):
         model = cls(config)
     if isinstance(target, torch.dtype):
@@ -256,38 +260,6 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     return inner
 
 
-def _check_size(config, shapes: dict | None, cls) -> None:
-    """Compare the model the config describes with the checkpoint's tensors before anything is built: a config
-    that claims far more layers than the checkpoint holds would otherwise cost time and memory first."""
-    if not shapes:
-        return
-    names = [cls.checkpoint_rules.to_model(n)[0] for n in shapes]
-    layers = {layer_index(n, cls.layers_prefix) for n in names} - {-1}
-    if config.num_hidden_layers > len(layers):
-        raise ConfigError(
-            f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
-            f"holds {len(layers)} decoder layers"
-        )
-    emb = shapes.get(f"{cls.embeddings_name}.weight")
-    if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
-        raise ConfigError(
-            f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
-            f"but the checkpoint's embeddings are {tuple(emb)}"
-        )
-
-
-def _config_dtype(config) -> torch.dtype | None:
-    """dtype='auto': the config's dtype when it names one, else None (the first floating tensor's dtype)."""
-    name = config.dtype
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        d = parse_dtype(name) if isinstance(name, str) else None
-    except ConfigError:
-        return None
-    return d if isinstance(d, torch.dtype) else None
-
-
 interop.loader = from_pretrained  # each family's Family.from_pretrained (models.interop)
 
 
@@ -303,6 +275,24 @@ class AutoModelForCausalLM:
         """A randomly initialised model (for training from scratch or tests)."""
         model = model_class(config.model_type)(config)
         model.tie_weights()
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+
+
+class AutoModelForSequenceClassification:
+    """transformers' `AutoModelForSequenceClassification.from_pretrained(path, num_labels=...)`: the family's body
+    with a `score` head (models.heads); a causal LM's checkpoint gets a fresh head (a warning says so), as a
+    reward model starts."""
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        return from_pretrained(pretrained_model_name_or_path, head="sequence_classification", **kwargs)
+
+    @staticmethod
+    def from_config(
+        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
+    ):
+        model = model_class(config.model_type, "sequence_classification")(config)
         dtype = torch_dtype if torch_dtype is not None else dtype
         return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
 
@@ -352,4 +342,11 @@ class AutoConfig:
         return config_class(model_type)(**kwargs)
 
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "LoadReport", "from_pretrained"]
+__all__ = [
+    "AutoConfig",
+    "AutoModelForCausalLM",
+    "AutoModelForSequenceClassification",
+    "AutoPeftModelForCausalLM",
+    "LoadReport",
+    "from_pretrained",
+]

@@ -114,7 +114,7 @@ def resolve_device_map(
     """A strategy name or a {prefix: device} dict -> {block: device}, checked and complete; block sizes are
     counted in `dtype` (the dtype the weights will load in)."""
     units = blocks(model, dtype)
-    tied = model.config.tie_word_embeddings
+    tied = model.config.tie_word_embeddings and model.lm_head is not None  # a classifier has no LM head
     if isinstance(device_map, (str, torch.device)) and str(device_map) not in STRATEGIES:
         return {name: str(torch.device(device_map)) for name, _ in units}  # one device, e.g. "cuda:0"
     if isinstance(device_map, str):

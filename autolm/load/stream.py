@@ -64,6 +64,7 @@ class _State:
     loaded: dict[str, torch.Tensor] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
     deeper: int = 0
     planned: bool = False
 
@@ -103,6 +104,9 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     _check(model, expected, state, report, strict, assembler)
     report.tensors = len(state.loaded)
     model = placer.finish(model, state.loaded)
+    if state.new:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).init_new(state.new)
+        report.notes.append(f"newly initialized: {', '.join(state.new)}")
     report.notes += placer.notes()
     return model
 
@@ -146,6 +150,10 @@ def _take(model, placer, expected, state: _State, report, path, name, t, check_f
 def _check(model, expected, state: _State, report: LoadReport, strict: bool, assembler: Assembler) -> None:
     """CheckpointError listing every missing, unexpected and wrongly shaped tensor; notes for the rest."""
     missing = sorted(set(expected) - set(state.loaded))
+    state.new = [
+        n for n in missing if n in getattr(model, "new_if_missing", ())
+    ]  # a head made fresh (models.heads)
+    missing = [n for n in missing if n not in state.new]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .config import LINEAR, LoraConfig, default_targets
+from .config import CLASSIFIER_NAMES, LINEAR, LoraConfig, default_targets
 from .layers import AdapterLayer, LoraEmbedding, LoraLinear
 
 
@@ -106,6 +106,6 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                     _set_module(model, mod_name, wrapper)
                 wrapper.add_adapter(adapter_name)
                 found = True
-        if not found:
+        if not found and not (config.task_type == "SEQ_CLS" and name in CLASSIFIER_NAMES):
             raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
     return targeted

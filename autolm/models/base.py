@@ -234,7 +234,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
                                           requires_grad=emb.weight.requires_grad)  # fmt: skip
             new_emb.num_embeddings = n
             self.model.embed_tokens = new_emb
-            if not self.config.tie_word_embeddings:
+            if not self.config.tie_word_embeddings and self.lm_head is not None:
                 head = self.lm_head
                 new_head = Linear(
                     head.in_features, n, bias=False, device=head.weight.device, dtype=head.weight.dtype
@@ -304,7 +304,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
             if labels is not None
             else None
         )
-        out = CausalLMOutput(logits, loss, cache, hidden, attentions)
+        out = CausalLMOutput(loss, logits, cache, hidden, attentions)
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
     def decoder_states(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,

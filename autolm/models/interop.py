@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..lora.integration import PeftAdapterMixin
+from .output import ModelOutput
 
 # autolm.load's from_pretrained, registered by autolm.load as it is imported (the load path builds the models, so
 # it sits above them): what Family.from_pretrained calls
@@ -17,26 +18,13 @@ loader = None
 
 
 @dataclass
-class BaseModelOutput:
-    """transformers' BaseModelOutputWithPast: attribute, key and tuple access."""
+class BaseModelOutput(ModelOutput):
+    """transformers' BaseModelOutputWithPast."""
 
-    last_hidden_state: torch.Tensor
+    last_hidden_state: torch.Tensor | None = None
     past_key_values: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-    def keys(self) -> list[str]:
-        names = ("last_hidden_state", "past_key_values", "hidden_states", "attentions")
-        return [k for k in names if getattr(self, k) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
 
 
 class Backbone:

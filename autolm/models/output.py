@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class CausalLMOutput:
-    """transformers' CausalLMOutputWithPast: attribute, key and tuple access."""
+class ModelOutput:
+    """transformers' ModelOutput: attributes, keys (the fields that are set), indices into the tuple of those.
+    A Mapping to code that walks outputs (accelerate's mixed precision casts their tensors to fp32 and rebuilds
+    them as `type(out)({key: value})`, which the first field taking a dict supports, as ModelOutput's does)."""
 
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+    def __post_init__(self) -> None:
+        first = fields(self)[0].name
+        given = getattr(self, first)
+        if isinstance(given, dict):
+            setattr(self, first, None)
+            for key, value in given.items():
+                setattr(self, key, value)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def values(self) -> list[object]:
+        return [getattr(self, k) for k in self.keys()]
 
     def to_tuple(self) -> tuple:
-        return tuple(
-            x
-            for x in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.attentions)
-            if x is not None
-        )
+        return tuple(self.values())
 
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
@@ -31,12 +40,22 @@ class CausalLMOutput:
     def __iter__(self):
         return iter(self.to_tuple())
 
-    def keys(self) -> list[str]:
-        return [
-            k
-            for k in ("loss", "logits", "past_key_values", "hidden_states", "attentions")
-            if getattr(self, k) is not None
-        ]
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    """transformers' CausalLMOutputWithPast (loss, logits, past_key_values, hidden_states, attentions)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+Mapping.register(ModelOutput)
 
 
 def causal_lm_loss(

@@ -56,6 +56,7 @@ class CheckpointRules:
     """A family's rules; an empty list means the checkpoint's names are the model's."""
 
     def __init__(self, rules: list[Rename | Stacked | Ignored] | tuple = ()):
+        self.rules = tuple(rules)
         self.renames = [r for r in rules if isinstance(r, Rename)]
         self.stacked = [r for r in rules if isinstance(r, Stacked)]
         self._ignored = [re.compile(r.model) for r in rules if isinstance(r, Ignored)]

@@ -1,0 +1,144 @@
+"""Other heads on a family's body: transformers' `<Family>ForSequenceClassification` (reward models, classifiers),
+derived from the family's causal LM class so the body, its checkpoint names, placement and training support are
+the same; only the head differs. `sequence_classification(cls)` makes (once) the class for a causal LM class."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import Linear
+from ..nn.checkpoint import CheckpointRules, Ignored
+from .base import CausalLM
+from .output import CausalLMOutput
+
+logger = logging.getLogger("autolm")
+
+
+class SequenceClassifierOutput(CausalLMOutput):
+    """transformers' SequenceClassifierOutputWithPast: logits (B, num_labels), the row's last real token's."""
+
+
+class SequenceClassification:
+    """The body and a `score` Linear (hidden -> num_labels, no bias) read at each row's last token that is not
+    the pad token, as transformers' GenericForSequenceClassification; the loss by config.problem_type
+    (regression, single- or multi-label, inferred from num_labels and the labels' dtype where unset)."""
+
+    lm_head = None  # no LM head: what reads `model.lm_head` (placement, tying) finds none
+    loss_type = "ForSequenceClassification"
+    new_if_missing = ("score.weight",)  # a causal LM's checkpoint loads with a fresh head, as in transformers
+
+    def __init__(self, config):
+        super().__init__(config)
+        del self.lm_head
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+        config.architectures = [
+            type(self).__name__
+        ]  # what save_pretrained writes (a causal LM's config names its)
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def tie_weights(self) -> None:
+        pass
+
+    def blocks(self) -> list[str]:
+        return [*super().blocks()[:-1], "score"]
+
+    def tp_plan(self) -> dict[str, str]:
+        return {k: v for k, v in super().tp_plan().items() if k != "lm_head"}
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def init_new(self, names: list[str]) -> None:
+        """Give the head the checkpoint lacked fresh weights (normal, std initializer_range), as transformers does
+        (with its warning)."""
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        w = self.score.weight
+        device = w.device if w.device.type != "meta" else self.model.embed_tokens.weight.device
+        self.score.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std))
+        logger.warning("Some weights of %s were not initialized from the checkpoint and are newly initialized: "
+                       "%s; train the model before using it for predictions", type(self).__name__, names)  # fmt: skip
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
+
+    def generate(self, *args, **kwargs):
+        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **unused,
+    ):
+        h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
+                                                           inputs_embeds, use_cache, cache_position,
+                                                           output_hidden_states, output_attentions)  # fmt: skip
+        logits = self.score(h)
+        pooled = logits[
+            torch.arange(h.shape[0], device=logits.device), self._last_tokens(input_ids, h.shape[0])
+        ]
+        loss = None if labels is None else self._loss(pooled, labels.to(pooled.device))
+        out = SequenceClassifierOutput(loss, pooled, cache, hidden, attentions)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    def _last_tokens(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor | int:
+        """Each row's last token that is not the pad token (left or right padding); -1 without a pad token."""
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ConfigError(
+                f"{type(self).__name__}: a batch of {batch} rows needs config.pad_token_id to find each row's "
+                "last token (set it to the tokenizer's pad_token_id)"
+            )
+        if pad is None or input_ids is None:
+            return -1
+        real = (input_ids != pad).to(torch.int32)
+        return (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * real).argmax(
+            -1
+        )
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        config, n = self.config, self.config.num_labels
+        if config.problem_type is None:
+            integer = labels.dtype in (torch.long, torch.int)
+            kind = "regression" if n == 1 else "single_label" if integer else "multi_label"
+            config.extra["problem_type"] = f"{kind}_classification" if kind != "regression" else kind
+        kind = config.problem_type
+        if kind == "regression":
+            return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
+        if kind == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
+        if kind == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(pooled, labels)
+        raise ConfigError(
+            f"config.problem_type {kind!r} is not one of regression, single_label_classification, "
+            "multi_label_classification"
+        )
+
+
+@cache
+def sequence_classification(cls: type[CausalLM]) -> type:
+    """`<Family>ForSequenceClassification` for a family's causal LM class: its body, a `score` head; a causal
+    checkpoint's LM head is skipped while loading."""
+    name = cls.__name__.removesuffix("LMHeadModel").removesuffix("ForCausalLM") + "ForSequenceClassification"
+    rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.weight")])
+    return type(
+        name, (SequenceClassification, cls), {"checkpoint_rules": rules, "__module__": cls.__module__}
+    )

@@ -1,0 +1,224 @@
+"""AutoModelForSequenceClassification with only the import changed: a classifier checkpoint transformers saved gives
+its logits and losses; a causal LM's checkpoint loads with a fresh `score` head (a reward model's start) that
+transformers loads back; TRL's RewardTrainer and peft's SEQ_CLS adapters train it as transformers' model."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import write_char_tokenizer
+
+import autolm
+import autolm.lora
+from autolm.errors import ConfigError
+
+# rows right-padded with the pad token (0), one full row, a left-padded one
+IDS = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14], [0, 0, 0, 3, 4, 5]])
+MASK = (IDS != 0).long()
+
+
+def _classifier(checkpoint, name, tmp_path, **kwargs):
+    """transformers' classifier on a tiny causal checkpoint (its head drawn by transformers), saved; the
+    directory and transformers' model loaded back from it."""
+    import transformers
+
+    directory, _ = checkpoint(name)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        directory, pad_token_id=0, **kwargs
+    )
+    model.save_pretrained(tmp_path / "cls")
+    return tmp_path / "cls", transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+
+
+@pytest.mark.parametrize(
+    "name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "gemma2", "phi3_longrope", "mixtral"]
+)
+def test_a_saved_classifier_gives_transformers_logits_and_loss(checkpoint, tmp_path, name):
+    directory, ref = _classifier(checkpoint, name, tmp_path, num_labels=3)
+    got = autolm.AutoModelForSequenceClassification.from_pretrained(directory)
+    assert type(got).__name__ == type(ref).__name__ and got.config.id2label == ref.config.id2label
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        want, have = (m(input_ids=IDS, attention_mask=MASK, labels=labels) for m in (ref, got))
+    assert have.logits.shape == (3, 3)
+    torch.testing.assert_close(have.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(have.loss, want.loss, atol=1e-5, rtol=1e-5)
+    assert got.config.problem_type == ref.config.problem_type == "single_label_classification"
+
+
+def test_problem_types_as_transformers(checkpoint, tmp_path):
+    """Regression for one label, multi-label for float labels, and a problem_type given at load."""
+    for kwargs, labels in (
+        ({"num_labels": 1}, torch.tensor([0.5, -1.0, 2.0])),
+        ({"num_labels": 2}, torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])),
+        ({"num_labels": 2, "problem_type": "regression"}, torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])),
+    ):
+        directory, ref = _classifier(checkpoint, "llama_gqa_llama3_sharded", tmp_path, **kwargs)
+        got = autolm.AutoModelForSequenceClassification.from_pretrained(directory)
+        with torch.no_grad():
+            want, have = (m(input_ids=IDS, attention_mask=MASK, labels=labels) for m in (ref, got))
+        torch.testing.assert_close(have.loss, want.loss, atol=1e-5, rtol=1e-5)
+        assert got.config.problem_type == ref.config.problem_type
+
+
+def test_a_causal_checkpoint_gets_a_fresh_head_that_transformers_loads_back(checkpoint, tmp_path, caplog):
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")  # untied: its lm_head.weight is skipped
+    with caplog.at_level(logging.WARNING, logger="autolm"):
+        model = autolm.AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
+    assert "newly initialized" in caplog.text and "score.weight" in caplog.text
+    assert model.score.weight.shape == (1, model.config.hidden_size) and model.lm_head is None
+    assert 0.005 < float(model.score.weight.detach().std()) < 0.05  # normal(0, initializer_range=0.02)
+    model.config.pad_token_id = 0
+    model.save_pretrained(tmp_path / "rm")
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"] and saved["id2label"] == {
+        "0": "LABEL_0"
+    }
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(IDS, attention_mask=MASK).logits, back(IDS, attention_mask=MASK).logits
+        )
+    with pytest.raises(ConfigError, match="pad_token_id"):
+        model.config.pad_token_id = None
+        model(IDS)
+    with pytest.raises(ConfigError, match="no LM head"):
+        model.generate(IDS[:1])
+
+
+def test_reward_trainer_trains_an_autolm_model_as_transformers(checkpoint, tmp_path):
+    """TRL's RewardTrainer on preference pairs, the model handed in (the same fresh head in both): the losses,
+    accuracies and gradient norms of transformers' model, step for step."""
+    import datasets
+    import transformers
+    import trl
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    write_char_tokenizer(directory)
+    pairs = {
+        "chosen": ["hello world", "the quick brown fox", "abc def"] * 2,
+        "rejected": ["zzz", "qq", "xyz"] * 2,
+    }
+    made = [lib.AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
+            for lib in (transformers, autolm)]  # fmt: skip
+    with torch.no_grad():
+        made[1].score.weight.copy_(made[0].score.weight)
+
+    def user_code(model, lib):
+        tok = transformers.AutoTokenizer.from_pretrained(directory)
+        args = trl.RewardConfig(
+            output_dir=str(tmp_path / lib), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+            learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no", max_length=32,
+        )  # fmt: skip
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(pairs),
+                                    processing_class=tok)  # fmt: skip
+        trainer.train()
+        keys = ("loss", "grad_norm", "accuracy")
+        return [[h[k] for k in keys] for h in trainer.state.log_history if "loss" in h]
+
+    ref, got = user_code(made[0], "transformers"), user_code(made[1], "autolm")
+    assert len(got) == len(ref) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_seq_cls_lora_trains_the_head_and_saves_what_peft_loads(checkpoint, tmp_path):
+    """task_type="SEQ_CLS": the adapter carries a trainable copy of `score` (peft's modules_to_save
+    ["classifier", "score"]); the same logits as peft's on transformers' classifier, and the saved adapter loads
+    in peft to the same logits."""
+    import peft
+
+    directory, ref = _classifier(checkpoint, "llama_gqa_llama3_sharded", tmp_path, num_labels=2)
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "SEQ_CLS"}
+    theirs = peft.get_peft_model(ref, peft.LoraConfig(**config))
+    ours = autolm.lora.get_peft_model(
+        autolm.AutoModelForSequenceClassification.from_pretrained(directory), autolm.lora.LoraConfig(**config)
+    )
+    assert ours.peft_config["default"].modules_to_save == ["classifier", "score"]
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("score.modules_to_save.default" in n for n in trainable)
+    assert {n for n, p in theirs.named_parameters() if p.requires_grad} == trainable
+    params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.1)
+                params[n].copy_(p)
+        torch.testing.assert_close(
+            ours(IDS, attention_mask=MASK).logits, theirs(IDS, attention_mask=MASK).logits
+        )
+    ours.save_pretrained(tmp_path / "adapter")
+    base = _classifier(checkpoint, "llama_gqa_llama3_sharded", tmp_path / "again", num_labels=2)[1]
+    with torch.no_grad():
+        base.score.weight.copy_(ref.score.original_module.weight)
+        loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+        torch.testing.assert_close(
+            loaded(IDS, attention_mask=MASK).logits, ours(IDS, attention_mask=MASK).logits
+        )
+
+
+def test_placement_and_quantization_keep_the_head(checkpoint, tmp_path):
+    """A tied checkpoint's classifier under a device_map (the head is its own block, nothing ties to it) and
+    quantized (int8 decoder layers, the head in floating point) gives the plain load's logits."""
+    directory, ref = _classifier(checkpoint, "qwen2_tied_bias", tmp_path, num_labels=2)
+    plain = autolm.AutoModelForSequenceClassification.from_pretrained(directory)
+    placed = autolm.AutoModelForSequenceClassification.from_pretrained(directory, device_map={"": "cpu"})
+    quantized = autolm.AutoModelForSequenceClassification.from_pretrained(directory, quantization="int8")
+    assert placed.hf_device_map["score"] == "cpu" and "lm_head" not in placed.hf_device_map
+    assert quantized.score.weight.is_floating_point()
+    with torch.no_grad():
+        want = ref(IDS, attention_mask=MASK).logits
+        torch.testing.assert_close(plain(IDS, attention_mask=MASK).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(placed(IDS, attention_mask=MASK).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            quantized(IDS, attention_mask=MASK).logits.float(), want, atol=0.05, rtol=0.05
+        )
+
+
+def test_text_classification_pipeline_as_transformers(checkpoint, tmp_path):
+    """pipeline("text-classification") on a folder: the call forms transformers' pipeline takes (a text, a list,
+    top_k, function_to_apply, text pairs, batches) give its labels and scores; a reward model's one label
+    scores through a sigmoid."""
+    import transformers
+
+    for num_labels in (3, 1):
+        directory, _ = _classifier(checkpoint, "llama_gqa_llama3_sharded", tmp_path / str(num_labels),
+                                   num_labels=num_labels)  # fmt: skip
+        write_char_tokenizer(directory)
+        pipes = [lib.pipeline("sentiment-analysis" if lib is autolm else "text-classification",
+                              model=str(directory)) for lib in (transformers, autolm)]  # fmt: skip
+        assert type(pipes[1].model).__name__ == "LlamaForSequenceClassification"
+        for args, kwargs in (
+            (("hello world",), {}),
+            ((["hello world", "abc", "the quick brown fox"],), {}),
+            (("hello world",), {"top_k": None}),
+            ((["hello", "abc def"],), {"top_k": 2, "function_to_apply": "none"}),
+            (({"text": "hello", "text_pair": "world"},), {}),
+            ((["hello world", "abc", "the quick brown fox"],), {"batch_size": 2}),
+        ):
+            want, got = (pipe(*args, **kwargs) for pipe in pipes)
+            assert _labels(got) == _labels(want), (args, kwargs)
+            torch.testing.assert_close(_scores(got), _scores(want), atol=1e-5, rtol=1e-5)
+
+
+def _labels(result):
+    return [_labels(r) for r in result] if isinstance(result, list) else result["label"]
+
+
+def _scores(result) -> torch.Tensor:
+    flat = []
+    stack = [result]
+    while stack:
+        r = stack.pop()
+        flat += [r["score"]] if isinstance(r, dict) else []
+        stack += reversed(r) if isinstance(r, list) else []
+    return torch.tensor(flat)
+
+
+def test_a_gguf_file_is_refused_as_a_classifier(tmp_path):
+    with pytest.raises(ConfigError, match="causal LM"):
+        autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path, gguf_file="model.gguf")
