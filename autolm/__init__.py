@@ -29,6 +29,7 @@ _EXPORTS = {
     "Qwen2MoeConfig": "autolm.models",
     "Qwen3MoeConfig": "autolm.models",
     "GptOssConfig": "autolm.models",
+    "AutoModel": "autolm.load",
     "AutoModelForCausalLM": "autolm.load",
     "AutoModelForSequenceClassification": "autolm.load",
     "from_pretrained": "autolm.load",

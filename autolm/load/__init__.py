@@ -121,7 +121,7 @@ def _load(
     parameter for training (with lora_config: a new adapter, and the PeftModel is returned).
     progress shows a bar on stderr (None: for checkpoints of 1 GiB or more, and GGUF files, which
     dequantize slowly). verify=True checks the files' content hashes where the HF cache has them.
-    head="sequence_classification" puts a `score` head on the body (AutoModelForSequenceClassification).
+    head: "causal_lm", "sequence_classification" (a `score` head) or "base" (the body alone; see build.HEADS).
     Other keyword arguments override config fields, as in transformers.
     """
     check_head(head, gguf_file)
@@ -279,6 +279,24 @@ class AutoModelForCausalLM:
         return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
 
 
+class AutoModel:
+    """transformers' `AutoModel.from_pretrained(path)` for a decoder: the family's body alone (`LlamaModel`, ...),
+    returning `last_hidden_state` (the normed hidden states embedding models pool), from a base model's
+    checkpoint or a causal LM's."""
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        return from_pretrained(pretrained_model_name_or_path, head="base", **kwargs)
+
+    @staticmethod
+    def from_config(
+        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
+    ):
+        model = model_class(config.model_type, "base")(config)
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+
+
 class AutoModelForSequenceClassification:
     """transformers' `AutoModelForSequenceClassification.from_pretrained(path, num_labels=...)`: the family's body
     with a `score` head (models.heads); a causal LM's checkpoint gets a fresh head (a warning says so), as a
@@ -344,6 +362,7 @@ class AutoConfig:
 
 __all__ = [
     "AutoConfig",
+    "AutoModel",
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoPeftModelForCausalLM",

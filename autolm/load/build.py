@@ -8,24 +8,25 @@ import torch
 from .._util import parse_dtype
 from ..errors import ConfigError
 from ..models import model_class as family_class
-from ..models.heads import sequence_classification
+from ..models.heads import base_model, sequence_classification
 from .stream import layer_index
+
+HEADS = {"causal_lm": None, "sequence_classification": sequence_classification, "base": base_model}
 
 
 def model_class(model_type: str, head: str = "causal_lm") -> type:
-    """The class a load builds: the family's causal LM, or its sequence classifier (models.heads)."""
+    """The class a load builds: the family's causal LM, its sequence classifier or its body alone (models.heads)."""
     cls = family_class(model_type)
-    return sequence_classification(cls) if head == "sequence_classification" else cls
+    return cls if HEADS[head] is None else HEADS[head](cls)
 
 
 def check_head(head: str, gguf_file) -> None:
-    """The head asked for: the family's causal LM, or its sequence classifier (not from a GGUF file)."""
-    if head not in ("causal_lm", "sequence_classification"):
-        raise ConfigError(f"head={head!r}: expected 'causal_lm' or 'sequence_classification'")
+    """The head asked for (HEADS); a GGUF file loads as the causal LM it holds."""
+    if head not in HEADS:
+        raise ConfigError(f"head={head!r}: expected one of {', '.join(HEADS)}")
     if head != "causal_lm" and gguf_file is not None:
-        raise ConfigError(
-            f"{gguf_file}: a GGUF file holds a causal LM; a sequence classifier loads from safetensors"
-        )
+        raise ConfigError(f"{gguf_file}: a GGUF file holds a causal LM; load it with AutoModelForCausalLM (the "
+                          f"{head} head loads from safetensors)")  # fmt: skip
 
 
 def check_size(config, shapes: dict | None, cls) -> None:

@@ -98,17 +98,22 @@ def _embedding_bases(model: nn.Module, config: LoraConfig) -> set[str]:
     return {f"{n}.weight" for n, m in model.named_modules() if any(m is b for b in bases)}
 
 
-def disk_names(model: nn.Module, config: LoraConfig, name: str, prefix: str = "") -> dict[str, str]:
+def disk_names(
+    model: nn.Module, config: LoraConfig, name: str, prefix: str = "", as_read: bool = False
+) -> dict[str, str]:
     """{parameter name: its name in an adapter file} for the adapter's parameters (and trained biases, and the
-    targeted embeddings' weights as peft saves them)."""
+    targeted embeddings' weights as peft saves them); as_read: the name as the model's checkpoint rules read a
+    file's (a base model's names keep the body's prefix, which its files drop)."""
     out = {}
     bases = _embedding_bases(model, config)
+    renamed = getattr(model, "adapter_key", None) if not as_read else None
+    renamed = renamed or (lambda key: key)
     for pname, _ in model.named_parameters():
         key = _disk_name(pname, name)
         if key is None and (_trained_bias(pname, config) or pname in bases):
             key = pname
         if key is not None:
-            out[pname] = prefix + key
+            out[pname] = prefix + renamed(key)
     return out
 
 
@@ -135,7 +140,7 @@ def load_state(
     tensors of modules those rules skip (its vision tower) are left out."""
     weights = _model_names(model, weights, prefix)
     params = dict(model.named_parameters())
-    expected = {key: pname for pname, key in disk_names(model, config, name, prefix).items()}
+    expected = {key: pname for pname, key in disk_names(model, config, name, prefix, as_read=True).items()}
     unknown = sorted(k for k in weights if k not in expected)
     if unknown:
         raise AdapterError(

@@ -1,6 +1,7 @@
-"""Other heads on a family's body: transformers' `<Family>ForSequenceClassification` (reward models, classifiers),
-derived from the family's causal LM class so the body, its checkpoint names, placement and training support are
-the same; only the head differs. `sequence_classification(cls)` makes (once) the class for a causal LM class."""
+"""Other heads on a family's body: transformers' `<Family>ForSequenceClassification` (reward models, classifiers)
+and `<Family>Model` (the body alone: embedding models), derived from the family's causal LM class so the body,
+its checkpoint names, placement and training support are the same; only the head differs.
+`sequence_classification(cls)` and `base_model(cls)` make (once) the class for a causal LM class."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn import Linear
-from ..nn.checkpoint import CheckpointRules, Ignored
+from ..nn.checkpoint import CheckpointRules, Ignored, Rename
 from .base import CausalLM
+from .interop import BaseModelOutput
 from .output import CausalLMOutput
 
 logger = logging.getLogger("autolm")
@@ -24,38 +26,85 @@ class SequenceClassifierOutput(CausalLMOutput):
     """transformers' SequenceClassifierOutputWithPast: logits (B, num_labels), the row's last real token's."""
 
 
-class SequenceClassification:
-    """The body and a `score` Linear (hidden -> num_labels, no bias) read at each row's last token that is not
-    the pad token, as transformers' GenericForSequenceClassification; the loss by config.problem_type
-    (regression, single- or multi-label, inferred from num_labels and the labels' dtype where unset)."""
+class Headless:
+    """What a model without the LM head changes in its causal LM class: nothing ties to a head, placement and
+    tensor parallelism have no `lm_head` block, generation is refused, the saved config names this class."""
 
-    lm_head = None  # no LM head: what reads `model.lm_head` (placement, tying) finds none
-    loss_type = "ForSequenceClassification"
-    new_if_missing = ("score.weight",)  # a causal LM's checkpoint loads with a fresh head, as in transformers
+    lm_head = None  # what reads `model.lm_head` (placement, tying) finds none
+    head_blocks: tuple[str, ...] = ()  # the head's placement blocks, after the body's
 
     def __init__(self, config):
         super().__init__(config)
         del self.lm_head
-        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         config.architectures = [
             type(self).__name__
         ]  # what save_pretrained writes (a causal LM's config names its)
-
-    @property
-    def num_labels(self) -> int:
-        return self.config.num_labels
 
     def tie_weights(self) -> None:
         pass
 
     def blocks(self) -> list[str]:
-        return [*super().blocks()[:-1], "score"]
+        return [*super().blocks()[:-1], *self.head_blocks]
 
     def tp_plan(self) -> dict[str, str]:
         return {k: v for k, v in super().tp_plan().items() if k != "lm_head"}
 
     def get_output_embeddings(self) -> None:
         return None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
+
+    def generate(self, *args, **kwargs):
+        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
+
+
+class BaseModel(Headless):
+    """transformers' `<Family>Model` (AutoModel): the body alone, its normed hidden states as last_hidden_state
+    (embedding models pool them). Its checkpoints, and its adapters' files, name tensors without the body's
+    prefix (`layers.0...`), as transformers saves a base model; a causal LM's checkpoint loads too."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **unused,
+    ):
+        h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
+                                                           inputs_embeds, use_cache, cache_position,
+                                                           output_hidden_states, output_attentions)  # fmt: skip
+        out = BaseModelOutput(h, cache, hidden, attentions)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    def adapter_key(self, key: str) -> str:
+        """An adapter tensor's name in peft's file for this model: the body's prefix dropped."""
+        return key.removeprefix(self.base_model_prefix + ".")
+
+
+class SequenceClassification(Headless):
+    """The body and a `score` Linear (hidden -> num_labels, no bias) read at each row's last token that is not
+    the pad token, as transformers' GenericForSequenceClassification; the loss by config.problem_type
+    (regression, single- or multi-label, inferred from num_labels and the labels' dtype where unset)."""
+
+    loss_type = "ForSequenceClassification"
+    head_blocks = ("score",)
+    new_if_missing = ("score.weight",)  # a causal LM's checkpoint loads with a fresh head, as in transformers
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
 
     def init_new(self, names: list[str]) -> None:
         """Give the head the checkpoint lacked fresh weights (normal, std initializer_range), as transformers does
@@ -66,12 +115,6 @@ class SequenceClassification:
         self.score.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std))
         logger.warning("Some weights of %s were not initialized from the checkpoint and are newly initialized: "
                        "%s; train the model before using it for predictions", type(self).__name__, names)  # fmt: skip
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
-
-    def generate(self, *args, **kwargs):
-        raise ConfigError(f"{type(self).__name__} has no LM head: generation is for causal LMs")
 
     def forward(
         self,
@@ -137,8 +180,23 @@ class SequenceClassification:
 def sequence_classification(cls: type[CausalLM]) -> type:
     """`<Family>ForSequenceClassification` for a family's causal LM class: its body, a `score` head; a causal
     checkpoint's LM head is skipped while loading."""
-    name = cls.__name__.removesuffix("LMHeadModel").removesuffix("ForCausalLM") + "ForSequenceClassification"
+    name = _family_name(cls) + "ForSequenceClassification"
     rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.weight")])
     return type(
         name, (SequenceClassification, cls), {"checkpoint_rules": rules, "__module__": cls.__module__}
     )
+
+
+@cache
+def base_model(cls: type[CausalLM]) -> type:
+    """`<Family>Model` for a family's causal LM class: its body; a base model's checkpoint names its tensors
+    without the body's prefix, a causal LM's with it (its LM head skipped)."""
+    p = cls.base_model_prefix
+    rules = CheckpointRules([*cls.checkpoint_rules.rules, Rename(rf"^(?!{p}\.|lm_head\.)", f"{p}.", rf"^{p}\.", ""),
+                             Ignored(r"lm_head\.weight")])  # fmt: skip
+    name = _family_name(cls) + "Model"
+    return type(name, (BaseModel, cls), {"checkpoint_rules": rules, "__module__": cls.__module__})
+
+
+def _family_name(cls: type) -> str:
+    return cls.__name__.removesuffix("LMHeadModel").removesuffix("ForCausalLM")

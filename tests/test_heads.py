@@ -1,6 +1,8 @@
-"""AutoModelForSequenceClassification with only the import changed: a classifier checkpoint transformers saved gives
-its logits and losses; a causal LM's checkpoint loads with a fresh `score` head (a reward model's start) that
-transformers loads back; TRL's RewardTrainer and peft's SEQ_CLS adapters train it as transformers' model."""
+"""The other heads with only the import changed. AutoModelForSequenceClassification: a classifier checkpoint
+transformers saved gives its logits and losses; a causal LM's checkpoint loads with a fresh `score` head (a reward
+model's start) that transformers loads back; TRL's RewardTrainer and peft's SEQ_CLS adapters train it as
+transformers' model. AutoModel: the body alone, as embedding models use it, and its checkpoints and adapters in
+transformers' and peft's names for a base model."""
 
 from __future__ import annotations
 
@@ -219,6 +221,67 @@ def _scores(result) -> torch.Tensor:
     return torch.tensor(flat)
 
 
-def test_a_gguf_file_is_refused_as_a_classifier(tmp_path):
-    with pytest.raises(ConfigError, match="causal LM"):
-        autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path, gguf_file="model.gguf")
+def test_a_gguf_file_is_refused_as_a_classifier_or_a_body(tmp_path):
+    for auto in (autolm.AutoModelForSequenceClassification, autolm.AutoModel):
+        with pytest.raises(ConfigError, match="causal LM"):
+            auto.from_pretrained(tmp_path, gguf_file="model.gguf")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "gemma2", "mixtral"])
+def test_auto_model_is_the_body_as_transformers(checkpoint, tmp_path, name):
+    """AutoModel on a causal checkpoint: transformers' last_hidden_state, hidden states and cache; the embedding
+    recipe (left padding, the last token's state, normalised); saved as a base model that transformers loads."""
+    import transformers
+
+    directory, _ = checkpoint(name)
+    ref, got = (lib.AutoModel.from_pretrained(directory) for lib in (transformers, autolm))
+    assert type(got).__name__ == type(ref).__name__ and got.lm_head is None
+    batch = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    mask = (batch != 0).long()
+    with torch.no_grad():
+        want, have = (m(batch, attention_mask=mask, output_hidden_states=True) for m in (ref, got))
+    real = mask.bool()  # the padding's own rows are each library's arbitrary fill
+    torch.testing.assert_close(
+        have.last_hidden_state[real], want.last_hidden_state[real], atol=1e-5, rtol=1e-5
+    )
+    assert len(have.hidden_states) == len(want.hidden_states)
+    assert have.past_key_values is not None and have.past_key_values.get_seq_length() == 6
+    pooled = [torch.nn.functional.normalize(out.last_hidden_state[:, -1], dim=-1) for out in (want, have)]
+    torch.testing.assert_close(pooled[1], pooled[0], atol=1e-5, rtol=1e-5)
+    got.save_pretrained(tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert saved["architectures"] == [type(ref).__name__]
+    back = transformers.AutoModel.from_pretrained(tmp_path / "base")
+    again = autolm.AutoModel.from_pretrained(tmp_path / "base")  # a base model's own checkpoint
+    with torch.no_grad():
+        for model in (back, again):
+            torch.testing.assert_close(model(batch, attention_mask=mask).last_hidden_state[real],
+                                       want.last_hidden_state[real], atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_a_base_model_adapter_in_peft_names_both_ways(checkpoint, tmp_path):
+    """LoRA on AutoModel (task_type FEATURE_EXTRACTION, as for an embedding model): autolm's file loads in peft on
+    transformers' base model, and peft's in autolm, to the same hidden states."""
+    import peft
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False,
+              "task_type": "FEATURE_EXTRACTION"}  # fmt: skip
+    ours = autolm.lora.get_peft_model(
+        autolm.AutoModel.from_pretrained(directory), autolm.lora.LoraConfig(**config)
+    )
+    theirs = peft.get_peft_model(transformers.AutoModel.from_pretrained(directory), peft.LoraConfig(**config))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = [
+        peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(directory), tmp_path / "ours"),
+        autolm.lora.PeftModel.from_pretrained(
+            autolm.AutoModel.from_pretrained(directory), tmp_path / "theirs"
+        ),
+    ]
+    with torch.no_grad():
+        for model, source in zip(loaded, (ours, theirs)):
+            real = MASK.bool()  # the padding's rows are each library's arbitrary fill
+            torch.testing.assert_close(model(IDS, attention_mask=MASK).last_hidden_state[real],
+                                       source(IDS, attention_mask=MASK).last_hidden_state[real], atol=1e-5, rtol=1e-5)  # fmt: skip
