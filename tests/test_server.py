@@ -69,6 +69,11 @@ def test_models_and_health(served, client):
     assert _health(served[0])["status"] == "ok"
 
 
+def test_embeddings_need_an_embedding_server(client):
+    with pytest.raises(openai.BadRequestError, match="does not support Embeddings API"):
+        client.embeddings.create(model=NAME, input="hello")
+
+
 def test_chat_completion_matches_generate(served, client):
     _, model, tok = served
     r = client.chat.completions.create(

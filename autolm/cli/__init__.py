@@ -70,6 +70,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "(default 512)",
     )
     p.add_argument(
+        "--task",
+        choices=("generate", "embed"),
+        default="generate",
+        help="generate: chat and completions (default); embed: the model's body serves /v1/embeddings "
+        "(last-token pooling, or the checkpoint's sentence-transformers pooling; L2-normalised), as vLLM's "
+        "--task embed",
+    )
+    p.add_argument(
         "--model-name",
         default=None,
         help="the model id clients use (default: the directory name, or a .gguf file's name without .gguf)",

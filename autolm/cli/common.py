@@ -64,10 +64,11 @@ def load(
     tp_plan: str | None = None,
     adapters: list[tuple[str, str]] | None = None,
     verify: bool = False,
+    head: str = "causal_lm",
 ):
     """(model, tokenizer) for a directory, repo id, .gguf file or adapter folder (its base model is loaded),
     or the default model when None; adapters are attached with the first one active. verify checks content
-    hashes (see from_pretrained)."""
+    hashes (see from_pretrained); head: what from_pretrained builds ("base": the body alone, for embeddings)."""
     from ..load import from_pretrained
     from ..tokenizer import AutoTokenizer
 
@@ -89,6 +90,7 @@ def load(
         tp_plan=tp_plan,
         progress=sys.stderr.isatty(),
         verify=verify,
+        head=head,
     )
     if adapters:
         from ..lora import PeftModel

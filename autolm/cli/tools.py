@@ -205,10 +205,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
     from ..serve.speculation import Speculation
 
-    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters)
+    embed = args.task == "embed"
+    if embed and (args.draft_model is not None or args.prompt_lookup is not None):
+        raise UsageError(
+            "--task embed serves embeddings: --draft-model and --prompt-lookup are for generation"
+        )
+    head = "base" if embed else "causal_lm"
+    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters, head=head)
     use_chat_template(tok, args.chat_template)  # none: chat requests must send one ('chat_template')
-    prepare_decode(model, tok, args, batched=True)
-    draft = load_draft(args, model, tok)[0].get("assistant_model")
+    if not embed:
+        prepare_decode(model, tok, args, batched=True)
+    draft = None if embed else load_draft(args, model, tok)[0].get("assistant_model")
     speculation = (
         Speculation(draft, args.prompt_lookup)
         if draft is not None or args.prompt_lookup is not None
@@ -237,6 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         speculation=speculation,
         prefill_chunk=args.prefill_chunk,
+        task=args.task,
     )
     return 0
 

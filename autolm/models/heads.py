@@ -36,9 +36,8 @@ class Headless:
     def __init__(self, config):
         super().__init__(config)
         del self.lm_head
-        config.architectures = [
-            type(self).__name__
-        ]  # what save_pretrained writes (a causal LM's config names its)
+        # what save_pretrained writes (a causal LM's config names the causal class)
+        config.architectures = [type(self).__name__]
 
     def tie_weights(self) -> None:
         pass

@@ -76,9 +76,10 @@ def serve(
     body_timeout: float = 30.0,
     speculation: Speculation | None = None,
     prefill_chunk: int = 512,
+    task: str = "generate",
 ) -> None:
     """Run the server until interrupted (see the module's docstring for the timeouts; `speculation`:
-    autolm.serve.speculation)."""
+    autolm.serve.speculation; task "embed": an embedding model at /v1/embeddings, see create_app)."""
     import uvicorn
 
     if not api_key and not _loopback(host):
@@ -104,6 +105,7 @@ def serve(
         engine_thread=False,
         speculation=speculation,
         prefill_chunk=prefill_chunk,
+        task=task,
     )
     state = app.state.server
     timers: list[threading.Timer] = []
@@ -112,9 +114,10 @@ def serve(
         def handle_exit(self, sig, frame) -> None:
             if not state.closing:  # the first signal: new requests refused, those in flight given their time
                 state.closing = True
-                timers.append(threading.Timer(shutdown_timeout, state.engine.abort))
-                timers[-1].daemon = True
-                timers[-1].start()
+                if state.engine is not None:
+                    timers.append(threading.Timer(shutdown_timeout, state.engine.abort))
+                    timers[-1].daemon = True
+                    timers[-1].start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -127,7 +130,10 @@ def serve(
         timeout_graceful_shutdown=int(shutdown_timeout) + 5,
     )
     try:
-        _run_beside(Server(config), state.engine)
+        if state.engine is None:  # nothing to run beside uvicorn
+            Server(config).run()
+        else:
+            _run_beside(Server(config), state.engine)
     finally:
         # a timer left waiting would hold the engine, and with it the model, past the interpreter's exit: the
         # compiled graphs' loaders are then never closed and leave their unpacked files in the temp folder

@@ -214,6 +214,24 @@ class DetokenizeRequest(_Body):
     tokens: list[TokenId]
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings (a server started with --task embed): texts or token ids."""
+
+    model: StrictStr | None = None
+    input: (
+        NonEmptyStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: StrictStr | None = None
+    add_special_tokens: StrictBool = True
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    request_id: StrictStr | None = None
+
+
 # Known to OpenAI's API or vLLM's but not something this server does: a 400 naming the field when it is set to
 # anything but its "off" values.
 REFUSED: dict[str, tuple] = {

@@ -21,6 +21,7 @@ from .protocol import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
@@ -30,6 +31,7 @@ from .responses import (
     CompletionChunk,
     CompletionResponse,
     DetokenizeResponse,
+    EmbeddingResponse,
     HealthResponse,
     ModelList,
     TokenizeResponse,
@@ -38,6 +40,7 @@ from .responses import (
 from .serving import State, error_body
 from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
+from .serving_embedding import ServingEmbedding
 from .serving_models import ServingModels, ServingTokens
 from .speculation import Speculation
 from .validation import Limits, parse
@@ -47,6 +50,7 @@ MAX_BODY_BYTES = 4 << 20
 ROUTES = [
     Route("/v1/chat/completions", "post", (ChatRequest,), ChatCompletionResponse, ChatCompletionChunk),
     Route("/v1/completions", "post", (CompletionRequest,), CompletionResponse, CompletionChunk),
+    Route("/v1/embeddings", "post", (EmbeddingRequest,), EmbeddingResponse),
     Route("/v1/models", "get", (), ModelList, errors=("401",)),
     Route("/tokenize", "post", (TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
     Route("/detokenize", "post", (DetokenizeRequest,), DetokenizeResponse),
@@ -102,7 +106,7 @@ def _json(model) -> Response:
 
 def build_router(state: State, access: Access) -> APIRouter:
     """The routes over the serving objects."""
-    chat, completion = ServingChat(state), ServingCompletion(state)
+    chat, completion, embedding = ServingChat(state), ServingCompletion(state), ServingEmbedding(state)
     models, tokens = ServingModels(state), ServingTokens(state)
     router = APIRouter()
 
@@ -119,6 +123,10 @@ def build_router(state: State, access: Access) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(request: Request):
         return await answer(completion.create(await access.read(request, CompletionRequest), request))
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await answer(embedding.create(await access.read(request, EmbeddingRequest)))
 
     @router.get("/v1/models")
     async def list_models(request: Request):
@@ -159,10 +167,12 @@ def create_app(
     engine_thread: bool = True,
     speculation: Speculation | None = None,
     prefill_chunk: int = 512,
+    task: str = "generate",
 ) -> FastAPI:
     """The FastAPI application serving `model` under `model_name`; prompts' keys and values are reused within
     `prefix_cache_mb` (autolm.serve.prefix; 0: off). engine_thread=False: the caller runs
-    `app.state.server.engine.run()` (until the app shuts down); `speculation`: autolm.serve.speculation; `prefill_chunk`: prompt tokens per forward (autolm.serve.engine)."""
+    `app.state.server.engine.run()` (until the app shuts down); `speculation`: autolm.serve.speculation; `prefill_chunk`: prompt tokens per forward (autolm.serve.engine); task "embed": `model` is a body
+    (AutoModel) served at /v1/embeddings, and nothing generates."""
     state = State(
         model,
         tokenizer,
@@ -173,6 +183,7 @@ def create_app(
         engine_thread,
         speculation,
         prefill_chunk,
+        task,
     )
 
     @contextlib.asynccontextmanager

@@ -39,10 +39,17 @@ class State:
         engine_thread: bool = True,
         speculation: Speculation | None = None,
         prefill_chunk: int = 512,
+        task: str = "generate",
     ):
         self.name, self.limits, self.created = model_name, limits, int(time.time())
-        self.engine = Engine(
-            model, tokenizer, max_batch, prefix_cache_mb << 20, engine_thread, speculation, prefill_chunk
+        # task "embed": an embedding model (the body alone, serving_embedding.py) and no engine
+        self.model, self.task = model, task
+        self.engine = (
+            Engine(
+                model, tokenizer, max_batch, prefix_cache_mb << 20, engine_thread, speculation, prefill_chunk
+            )
+            if task == "generate"
+            else None
         )
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         eos = (base.generation_config or GenerationConfig()).eos_token_id
@@ -61,7 +68,8 @@ class State:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     def close(self) -> None:
-        self.engine.stop()
+        if self.engine is not None:
+            self.engine.stop()
         self.worker.shutdown(wait=False, cancel_futures=True)
 
 
@@ -99,6 +107,7 @@ class Serving:
     """The base of the serving objects: start a plan, collect its results or stream them."""
 
     prefix = "cmpl-"
+    api = ""  # the API's name in errors
 
     def __init__(self, state: State):
         self.state = state
@@ -110,6 +119,9 @@ class Serving:
         """build(emit_for) -> Plan, run on the tokenizer thread (grammars compile there); its sequences submitted."""
         if self.state.closing:
             raise APIError(503, "the server is shutting down", type="service_unavailable")
+        if self.state.engine is None:
+            raise APIError(400, f"The model does not support {type(self).api} API: this server runs an embedding "
+                           "model (--task embed)", param="model")  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         plan = await self.state.off_loop(

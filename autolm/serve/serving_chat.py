@@ -26,6 +26,7 @@ from .tools import parse_tool_calls
 
 class ServingChat(Serving):
     prefix = "chatcmpl-"
+    api = "Chat Completions"
 
     async def create(self, req: ChatRequest, request):
         self.state.sampling.check_model(req)

@@ -16,6 +16,7 @@ from .serving import Result, Serving, sse
 
 class ServingCompletion(Serving):
     prefix = "cmpl-"
+    api = "Completions"
 
     async def create(self, req: CompletionRequest, request):
         self.state.sampling.check_model(req)

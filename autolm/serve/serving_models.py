@@ -26,6 +26,8 @@ class ServingModels(Serving):
 
     def health(self) -> HealthResponse:
         engine = self.state.engine
+        if engine is None:  # an embedding server: forwards run per request
+            return HealthResponse(status="ok", running=0, waiting=0, steps=0)
         return HealthResponse(
             status="ok" if engine.error is None else f"degraded: {type(engine.error).__name__}",
             running=len(engine.active),

@@ -1,0 +1,143 @@
+"""POST /v1/embeddings, as vLLM's OpenAIServingEmbedding serves a pooling model (`autolm serve --task embed`): each
+input's final normed hidden states pooled (the last token's by default, or as the checkpoint's
+sentence-transformers pooling config says: mean or first token) and L2-normalised; `dimensions` cuts a
+Matryoshka model's vector and normalises it again; floats or base64 (little-endian float32, what OpenAI's
+clients ask for by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .errors import APIError, bad_request
+from .protocol import EmbeddingRequest
+from .responses import EmbeddingData, EmbeddingResponse, EmbeddingUsage
+from .serving import Serving
+
+BATCH = 16  # inputs per forward
+
+
+def pooling_mode(directory: str | None) -> str:
+    """ "last", "mean" or "cls": sentence-transformers' 1_Pooling/config.json where the checkpoint has one, else
+    the last token (vLLM's default for a decoder)."""
+    path = os.path.join(directory or "", "1_Pooling", "config.json")
+    if not directory or not os.path.isfile(path):
+        return "last"
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    modes = {
+        "pooling_mode_lasttoken": "last",
+        "pooling_mode_mean_tokens": "mean",
+        "pooling_mode_cls_token": "cls",
+    }
+    return next((mode for key, mode in modes.items() if config.get(key)), "last")
+
+
+class ServingEmbedding(Serving):
+    prefix = "embd-"
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.lock = threading.Lock()  # one forward at a time on the model
+        base = state.model.get_base_model() if hasattr(state.model, "get_base_model") else state.model
+        self.pooling = pooling_mode(getattr(getattr(base, "load_report", None), "directory", None))
+
+    async def create(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        s = self.state
+        s.sampling.check_model(req)
+        if s.closing:
+            raise APIError(503, "the server is shutting down", type="service_unavailable")
+        if s.task != "embed":
+            raise bad_request(
+                "The model does not support Embeddings API: this server generates text (start it with "
+                "--task embed to serve embeddings)",
+                "model",
+            )
+        rows = await s.off_loop(self._inputs, req)
+        vectors = await asyncio.to_thread(self._embed, rows)
+        if req.dimensions is not None:
+            vectors = F.normalize(vectors[:, : self._dimensions(req.dimensions, vectors.shape[1])], dim=-1)
+        data = [
+            EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
+        ]
+        n = sum(len(r) for r in rows)
+        usage = EmbeddingUsage(prompt_tokens=n, total_tokens=n)
+        return EmbeddingResponse(
+            id=self.response_id(req), created=int(time.time()), model=s.name, data=data, usage=usage
+        )
+
+    def _inputs(self, req: EmbeddingRequest) -> list[list[int]]:
+        """Token ids per input (texts encoded), truncated as asked and checked against the context."""
+        s, x = self.state, req.input
+        if isinstance(x, str) or (x and isinstance(x[0], str)):
+            rows = s.prompts.encode([x] if isinstance(x, str) else list(x), req.add_special_tokens, "input")
+        else:
+            rows = [list(x)] if isinstance(x[0], int) else [list(r) for r in x]
+            bad = sorted({t for r in rows for t in r if t >= s.sampling.vocab})
+            if bad:
+                raise bad_request(f"'input' has ids outside this model's vocabulary of {s.sampling.vocab}: {bad[:20]}",
+                                  "input")  # fmt: skip
+        if len(rows) > s.limits.max_prompts:
+            raise bad_request(f"'input' has {len(rows)} items, over this server's limit of {s.limits.max_prompts}",
+                              "input")  # fmt: skip
+        keep = req.truncate_prompt_tokens
+        if keep is not None:
+            keep = s.sampling.context if keep == -1 else keep
+            rows = [r[len(r) - keep :] if len(r) > keep else r for r in rows]
+        for r in rows:
+            if not r or len(r) > s.sampling.context:
+                raise bad_request(
+                    f"This model's maximum context length is {s.sampling.context} tokens. However, you requested "
+                    f"{len(r)} tokens in the input for embedding generation. Please reduce the length of the input.",
+                    "input",
+                )
+        s.prompts._check_total(rows, "input")
+        return rows
+
+    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        """(inputs, hidden) pooled, normalised vectors: BATCH inputs per forward, left-padded."""
+        model, out = self.state.model, []
+        with self.lock, torch.no_grad():
+            for i in range(0, len(rows), BATCH):
+                part = rows[i : i + BATCH]
+                width = max(len(r) for r in part)
+                ids = torch.zeros(len(part), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, r in enumerate(part):
+                    ids[j, width - len(r) :], mask[j, width - len(r) :] = torch.tensor(r), 1
+                h = model(
+                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False
+                )
+                out.append(self._pool(h.last_hidden_state.float().cpu(), mask, [len(r) for r in part]))
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def _pool(self, h: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        if self.pooling == "mean":
+            return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        if self.pooling == "cls":  # the first real token of each left-padded row
+            return torch.stack([h[j, h.shape[1] - n] for j, n in enumerate(lengths)])
+        return h[:, -1]
+
+    def _dimensions(self, dimensions: int, size: int) -> int:
+        config = self.state.model.config
+        sizes = config.extra.get("matryoshka_dimensions")
+        if not (config.extra.get("is_matryoshka") or sizes):
+            raise bad_request(f'Model "{self.state.name}" does not support matryoshka representation, changing '
+                              "output dimensions will lead to poor results.", "dimensions")  # fmt: skip
+        if dimensions > size or (sizes and dimensions not in sizes):
+            raise bad_request(f"'dimensions' {dimensions} is not one this model was trained for "
+                              f"({sizes or f'at most {size}'})", "dimensions")  # fmt: skip
+        return dimensions
+
+
+def _encoded(v: torch.Tensor, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(v.to(torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
+    return v.tolist()

@@ -1,0 +1,106 @@
+"""`autolm serve --task embed`: /v1/embeddings as vLLM serves a pooling model, driven by openai's client (which asks
+for base64 by default) and langchain-openai's OpenAIEmbeddings; the vectors are the body's last-token states,
+normalised, as AutoModel gives them here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import httpx
+import openai
+import pytest
+import torch
+import torch.nn.functional as F
+from test_server import KEY, NAME, serving
+
+import autolm
+
+TEXTS = ["hello world", "The capital of France is Paris.", "a"]
+
+
+@pytest.fixture(scope="module")
+def embed_dir(smol_dir, tmp_path_factory):
+    """The real model's folder with a sentence-transformers pooling config asking for mean pooling, and one
+    declaring Matryoshka dimensions."""
+    out = {}
+    for kind in ("mean", "matryoshka"):
+        d = tmp_path_factory.mktemp(kind)
+        for f in os.listdir(smol_dir):
+            if os.path.isfile(os.path.join(smol_dir, f)):
+                shutil.copy(os.path.join(smol_dir, f), d / f)
+        if kind == "mean":
+            (d / "1_Pooling").mkdir()
+            (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+        else:
+            config = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [64, 128]}))
+        out[kind] = str(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def body(smol_dir):
+    return autolm.AutoModel.from_pretrained(smol_dir), autolm.AutoTokenizer.from_pretrained(smol_dir)
+
+
+def _last_token(body, text: str) -> torch.Tensor:
+    model, tok = body
+    with torch.no_grad():
+        return F.normalize(model(**tok(text, return_tensors="pt")).last_hidden_state[0, -1].float(), dim=-1)
+
+
+def test_openai_and_langchain_embeddings(smol_dir, body):
+    from langchain_openai import OpenAIEmbeddings
+
+    with serving(smol_dir, "--task", "embed") as base:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+        batch = client.embeddings.create(model=NAME, input=TEXTS)  # base64 on the wire
+        assert [d.index for d in batch.data] == [0, 1, 2] and batch.model == NAME
+        want = torch.stack([_last_token(body, t) for t in TEXTS])
+        torch.testing.assert_close(
+            torch.tensor([d.embedding for d in batch.data]), want, atol=1e-4, rtol=1e-4
+        )
+        n = sum(len(body[1](t)["input_ids"]) for t in TEXTS)
+        assert batch.usage.prompt_tokens == batch.usage.total_tokens == n
+        ids = body[1]("hello world")["input_ids"]
+        floats = client.embeddings.create(model=NAME, input=[ids], encoding_format="float")
+        torch.testing.assert_close(torch.tensor(floats.data[0].embedding), want[0], atol=1e-5, rtol=1e-5)
+        raw = httpx.post(base + "/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"input": "hello world", "truncate_prompt_tokens": 1}, timeout=300).json()  # fmt: skip
+        assert (
+            raw["object"] == "list" and raw["usage"]["prompt_tokens"] == 1 and raw["id"].startswith("embd-")
+        )
+        lc = OpenAIEmbeddings(model=NAME, base_url=base, api_key=KEY, check_embedding_ctx_length=False)
+        torch.testing.assert_close(torch.tensor(lc.embed_query(TEXTS[1])), want[1], atol=1e-5, rtol=1e-5)
+        assert len(lc.embed_documents(TEXTS)) == 3
+        for call, match in (
+            (lambda: client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}]),
+             "does not support Chat Completions"),
+            (lambda: client.embeddings.create(model=NAME, input="x", dimensions=8), "matryoshka"),
+            (lambda: client.embeddings.create(model=NAME, input=[[10**6]]), "vocabulary"),
+            (lambda: client.embeddings.create(model=NAME, input="x" * 40000), "maximum context length"),
+        ):  # fmt: skip
+            with pytest.raises(openai.BadRequestError, match=match):
+                call()
+        assert httpx.get(base.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_pooling_config_and_matryoshka_dimensions(embed_dir, body):
+    """A sentence-transformers pooling config chooses mean pooling; a Matryoshka model's vector is cut to the
+    dimensions asked for and normalised again (others refused)."""
+    model, tok = body
+    with serving(embed_dir["mean"], "--task", "embed") as base:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+        got = client.embeddings.create(model=NAME, input=TEXTS[1]).data[0].embedding
+    with torch.no_grad():
+        mean = model(**tok(TEXTS[1], return_tensors="pt")).last_hidden_state[0].float().mean(0)
+    torch.testing.assert_close(torch.tensor(got), F.normalize(mean, dim=-1), atol=1e-5, rtol=1e-5)
+    with serving(embed_dir["matryoshka"], "--task", "embed") as base:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+        cut = client.embeddings.create(model=NAME, input=TEXTS[0], dimensions=64).data[0].embedding
+        with pytest.raises(openai.BadRequestError, match="dimensions"):
+            client.embeddings.create(model=NAME, input=TEXTS[0], dimensions=100)
+    torch.testing.assert_close(torch.tensor(cut), F.normalize(_last_token(body, TEXTS[0])[:64], dim=-1),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
