@@ -227,7 +227,7 @@ def test_a_gguf_file_is_refused_as_a_classifier_or_a_body(tmp_path):
             auto.from_pretrained(tmp_path, gguf_file="model.gguf")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "gemma2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_sharded", "qwen2_tied_bias", "gemma3_text", "mixtral"])
 def test_auto_model_is_the_body_as_transformers(checkpoint, tmp_path, name):
     """AutoModel on a causal checkpoint: transformers' last_hidden_state, hidden states and cache; the embedding
     recipe (left padding, the last token's state, normalised); saved as a base model that transformers loads."""

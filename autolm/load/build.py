@@ -7,6 +7,7 @@ import torch
 
 from .._util import parse_dtype
 from ..errors import ConfigError
+from ..models import FAMILIES
 from ..models import model_class as family_class
 from ..models.heads import base_model, sequence_classification
 from .stream import layer_index
@@ -17,7 +18,10 @@ HEADS = {"causal_lm": None, "sequence_classification": sequence_classification, 
 def model_class(model_type: str, head: str = "causal_lm") -> type:
     """The class a load builds: the family's causal LM, its sequence classifier or its body alone (models.heads)."""
     cls = family_class(model_type)
-    return cls if HEADS[head] is None else HEADS[head](cls)
+    if HEADS[head] is None:
+        return cls
+    family = FAMILIES.get(model_type)  # transformers names the classes by the config's family (Gemma3Text...)
+    return HEADS[head](cls, family[1].removesuffix("Config") if family else None)
 
 
 def check_head(head: str, gguf_file) -> None:

@@ -176,10 +176,11 @@ class SequenceClassification(Headless):
 
 
 @cache
-def sequence_classification(cls: type[CausalLM]) -> type:
-    """`<Family>ForSequenceClassification` for a family's causal LM class: its body, a `score` head; a causal
-    checkpoint's LM head is skipped while loading."""
-    name = _family_name(cls) + "ForSequenceClassification"
+def sequence_classification(cls: type[CausalLM], family: str | None = None) -> type:
+    """`<family>ForSequenceClassification` for a family's causal LM class (family: the name transformers gives
+    the family's classes, else the causal class's): its body, a `score` head; a causal checkpoint's LM head is
+    skipped while loading."""
+    name = (family or _family_name(cls)) + "ForSequenceClassification"
     rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.weight")])
     return type(
         name, (SequenceClassification, cls), {"checkpoint_rules": rules, "__module__": cls.__module__}
@@ -187,13 +188,13 @@ def sequence_classification(cls: type[CausalLM]) -> type:
 
 
 @cache
-def base_model(cls: type[CausalLM]) -> type:
+def base_model(cls: type[CausalLM], family: str | None = None) -> type:
     """`<Family>Model` for a family's causal LM class: its body; a base model's checkpoint names its tensors
     without the body's prefix, a causal LM's with it (its LM head skipped)."""
     p = cls.base_model_prefix
     rules = CheckpointRules([*cls.checkpoint_rules.rules, Rename(rf"^(?!{p}\.|lm_head\.)", f"{p}.", rf"^{p}\.", ""),
                              Ignored(r"lm_head\.weight")])  # fmt: skip
-    name = _family_name(cls) + "Model"
+    name = (family or _family_name(cls)) + "Model"
     return type(name, (BaseModel, cls), {"checkpoint_rules": rules, "__module__": cls.__module__})
 
 
