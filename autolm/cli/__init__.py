@@ -71,11 +71,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--task",
-        choices=("generate", "embed"),
+        choices=("generate", "embed", "classify"),
         default="generate",
         help="generate: chat and completions (default); embed: the model's body serves /v1/embeddings "
-        "(last-token pooling, or the checkpoint's sentence-transformers pooling; L2-normalised), as vLLM's "
-        "--task embed",
+        "(last-token pooling, or the checkpoint's sentence-transformers pooling; L2-normalised); classify: a "
+        "sequence classifier or reward model serves /classify; as vLLM's --task",
     )
     p.add_argument(
         "--model-name",

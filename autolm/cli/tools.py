@@ -205,12 +205,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
     from ..serve.speculation import Speculation
 
-    embed = args.task == "embed"
+    embed = args.task != "generate"  # embed / classify: the pooling endpoints
     if embed and (args.draft_model is not None or args.prompt_lookup is not None):
-        raise UsageError(
-            "--task embed serves embeddings: --draft-model and --prompt-lookup are for generation"
-        )
-    head = "base" if embed else "causal_lm"
+        raise UsageError(f"--task {args.task}: --draft-model and --prompt-lookup are for generation")
+    head = {"generate": "causal_lm", "embed": "base", "classify": "sequence_classification"}[args.task]
     model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters, head=head)
     use_chat_template(tok, args.chat_template)  # none: chat requests must send one ('chat_template')
     if not embed:

@@ -232,6 +232,22 @@ class EmbeddingRequest(_Body):
     request_id: StrictStr | None = None
 
 
+class ClassificationRequest(_Body):
+    """POST /classify (a server started with --task classify): texts or token ids, as vLLM's."""
+
+    model: StrictStr | None = None
+    input: (
+        NonEmptyStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    user: StrictStr | None = None
+    add_special_tokens: StrictBool = True
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    request_id: StrictStr | None = None
+
+
 # Known to OpenAI's API or vLLM's but not something this server does: a 400 naming the field when it is set to
 # anything but its "off" values.
 REFUSED: dict[str, tuple] = {

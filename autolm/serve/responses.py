@@ -252,3 +252,19 @@ class EmbeddingResponse(_Out):
     model: str
     data: list[EmbeddingData]
     usage: EmbeddingUsage
+
+
+class ClassificationData(_Out):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(_Out):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: EmbeddingUsage

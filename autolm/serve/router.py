@@ -19,6 +19,7 @@ from .errors import APIError, bad_request
 from .openapi import Route, openapi_schema
 from .protocol import (
     ChatRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -28,6 +29,7 @@ from .protocol import (
 from .responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
+    ClassificationResponse,
     CompletionChunk,
     CompletionResponse,
     DetokenizeResponse,
@@ -40,7 +42,7 @@ from .responses import (
 from .serving import State, error_body
 from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
-from .serving_embedding import ServingEmbedding
+from .serving_embedding import ServingClassification, ServingEmbedding
 from .serving_models import ServingModels, ServingTokens
 from .speculation import Speculation
 from .validation import Limits, parse
@@ -51,6 +53,7 @@ ROUTES = [
     Route("/v1/chat/completions", "post", (ChatRequest,), ChatCompletionResponse, ChatCompletionChunk),
     Route("/v1/completions", "post", (CompletionRequest,), CompletionResponse, CompletionChunk),
     Route("/v1/embeddings", "post", (EmbeddingRequest,), EmbeddingResponse),
+    Route("/classify", "post", (ClassificationRequest,), ClassificationResponse),
     Route("/v1/models", "get", (), ModelList, errors=("401",)),
     Route("/tokenize", "post", (TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
     Route("/detokenize", "post", (DetokenizeRequest,), DetokenizeResponse),
@@ -107,6 +110,7 @@ def _json(model) -> Response:
 def build_router(state: State, access: Access) -> APIRouter:
     """The routes over the serving objects."""
     chat, completion, embedding = ServingChat(state), ServingCompletion(state), ServingEmbedding(state)
+    classification = ServingClassification(state)
     models, tokens = ServingModels(state), ServingTokens(state)
     router = APIRouter()
 
@@ -127,6 +131,10 @@ def build_router(state: State, access: Access) -> APIRouter:
     @router.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await answer(embedding.create(await access.read(request, EmbeddingRequest)))
+
+    @router.post("/classify")
+    async def classify(request: Request):
+        return await answer(classification.create(await access.read(request, ClassificationRequest)))
 
     @router.get("/v1/models")
     async def list_models(request: Request):
@@ -172,7 +180,7 @@ def create_app(
     """The FastAPI application serving `model` under `model_name`; prompts' keys and values are reused within
     `prefix_cache_mb` (autolm.serve.prefix; 0: off). engine_thread=False: the caller runs
     `app.state.server.engine.run()` (until the app shuts down); `speculation`: autolm.serve.speculation; `prefill_chunk`: prompt tokens per forward (autolm.serve.engine); task "embed": `model` is a body
-    (AutoModel) served at /v1/embeddings, and nothing generates."""
+    (AutoModel) served at /v1/embeddings, "classify": a sequence classifier at /classify; neither generates."""
     state = State(
         model,
         tokenizer,

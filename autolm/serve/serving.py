@@ -42,7 +42,7 @@ class State:
         task: str = "generate",
     ):
         self.name, self.limits, self.created = model_name, limits, int(time.time())
-        # task "embed": an embedding model (the body alone, serving_embedding.py) and no engine
+        # task "embed" / "classify": the body alone / a sequence classifier (serving_embedding.py), no engine
         self.model, self.task = model, task
         self.engine = (
             Engine(
@@ -120,8 +120,8 @@ class Serving:
         if self.state.closing:
             raise APIError(503, "the server is shutting down", type="service_unavailable")
         if self.state.engine is None:
-            raise APIError(400, f"The model does not support {type(self).api} API: this server runs an embedding "
-                           "model (--task embed)", param="model")  # fmt: skip
+            raise APIError(400, f"The model does not support {type(self).api} API: this server runs --task "
+                           f"{self.state.task}", param="model")  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         plan = await self.state.off_loop(

@@ -1,8 +1,10 @@
-"""POST /v1/embeddings, as vLLM's OpenAIServingEmbedding serves a pooling model (`autolm serve --task embed`): each
-input's final normed hidden states pooled (the last token's by default, or as the checkpoint's
+"""The pooling endpoints, as vLLM serves pooling models. POST /v1/embeddings (`autolm serve --task embed`, the
+body alone): each input's final normed hidden states pooled (the last token's by default, or as the checkpoint's
 sentence-transformers pooling config says: mean or first token) and L2-normalised; `dimensions` cuts a
 Matryoshka model's vector and normalises it again; floats or base64 (little-endian float32, what OpenAI's
-clients ask for by default)."""
+clients ask for by default). POST /classify (`--task classify`, a sequence classifier or reward model): the
+`score` head at each input's last token, as probabilities (softmax; sigmoid for a single label) with the
+likeliest label."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import APIError, bad_request
-from .protocol import EmbeddingRequest
-from .responses import EmbeddingData, EmbeddingResponse, EmbeddingUsage
+from .protocol import ClassificationRequest, EmbeddingRequest
+from .responses import (
+    ClassificationData,
+    ClassificationResponse,
+    EmbeddingData,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
 from .serving import Serving
 
 BATCH = 16  # inputs per forward
@@ -40,40 +48,27 @@ def pooling_mode(directory: str | None) -> str:
     return next((mode for key, mode in modes.items() if config.get(key)), "last")
 
 
-class ServingEmbedding(Serving):
-    prefix = "embd-"
+class ServingPooled(Serving):
+    """What the pooling endpoints share: the inputs as token ids, and the body's forward over them."""
+
+    task, api = "", ""
 
     def __init__(self, state):
         super().__init__(state)
         self.lock = threading.Lock()  # one forward at a time on the model
-        base = state.model.get_base_model() if hasattr(state.model, "get_base_model") else state.model
-        self.pooling = pooling_mode(getattr(getattr(base, "load_report", None), "directory", None))
+        model = state.model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    async def create(self, req: EmbeddingRequest) -> EmbeddingResponse:
+    def check(self, req) -> None:
         s = self.state
         s.sampling.check_model(req)
         if s.closing:
             raise APIError(503, "the server is shutting down", type="service_unavailable")
-        if s.task != "embed":
-            raise bad_request(
-                "The model does not support Embeddings API: this server generates text (start it with "
-                "--task embed to serve embeddings)",
-                "model",
-            )
-        rows = await s.off_loop(self._inputs, req)
-        vectors = await asyncio.to_thread(self._embed, rows)
-        if req.dimensions is not None:
-            vectors = F.normalize(vectors[:, : self._dimensions(req.dimensions, vectors.shape[1])], dim=-1)
-        data = [
-            EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
-        ]
-        n = sum(len(r) for r in rows)
-        usage = EmbeddingUsage(prompt_tokens=n, total_tokens=n)
-        return EmbeddingResponse(
-            id=self.response_id(req), created=int(time.time()), model=s.name, data=data, usage=usage
-        )
+        if s.task != self.task:
+            raise bad_request(f"The model does not support {self.api} API: this server runs --task {s.task} "
+                              f"(start one with --task {self.task})", "model")  # fmt: skip
 
-    def _inputs(self, req: EmbeddingRequest) -> list[list[int]]:
+    def inputs(self, req) -> list[list[int]]:
         """Token ids per input (texts encoded), truncated as asked and checked against the context."""
         s, x = self.state, req.input
         if isinstance(x, str) or (x and isinstance(x[0], str)):
@@ -101,9 +96,9 @@ class ServingEmbedding(Serving):
         s.prompts._check_total(rows, "input")
         return rows
 
-    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
-        """(inputs, hidden) pooled, normalised vectors: BATCH inputs per forward, left-padded."""
-        model, out = self.state.model, []
+    def hidden(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """(final normed hidden states (B, T, h) in fp32, mask, lengths) per batch of BATCH inputs, left-padded."""
+        out = []
         with self.lock, torch.no_grad():
             for i in range(0, len(rows), BATCH):
                 part = rows[i : i + BATCH]
@@ -112,11 +107,39 @@ class ServingEmbedding(Serving):
                 mask = torch.zeros_like(ids)
                 for j, r in enumerate(part):
                     ids[j, width - len(r) :], mask[j, width - len(r) :] = torch.tensor(r), 1
-                h = model(
-                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False
-                )
-                out.append(self._pool(h.last_hidden_state.float().cpu(), mask, [len(r) for r in part]))
-        return F.normalize(torch.cat(out), dim=-1)
+                device = self.base.device
+                h = self.base.decoder_states(ids.to(device), mask.to(device), None, None, None, False, None, None,
+                                             None)[0]  # fmt: skip
+                out.append((h.float().cpu(), mask, [len(r) for r in part]))
+        return out
+
+    def usage(self, rows: list[list[int]]) -> EmbeddingUsage:
+        n = sum(len(r) for r in rows)
+        return EmbeddingUsage(prompt_tokens=n, total_tokens=n)
+
+
+class ServingEmbedding(ServingPooled):
+    prefix, task, api = "embd-", "embed", "Embeddings"
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.pooling = pooling_mode(getattr(getattr(self.base, "load_report", None), "directory", None))
+
+    async def create(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        self.check(req)
+        rows = await self.state.off_loop(self.inputs, req)
+        vectors = await asyncio.to_thread(self._embed, rows)
+        if req.dimensions is not None:
+            vectors = F.normalize(vectors[:, : self._dimensions(req.dimensions, vectors.shape[1])], dim=-1)
+        data = [
+            EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
+        ]
+        return EmbeddingResponse(id=self.response_id(req), created=int(time.time()), model=self.state.name,
+                                 data=data, usage=self.usage(rows))  # fmt: skip
+
+    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        """(inputs, hidden) pooled, normalised vectors."""
+        return F.normalize(torch.cat([self._pool(*batch) for batch in self.hidden(rows)]), dim=-1)
 
     def _pool(self, h: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         if self.pooling == "mean":
@@ -141,3 +164,26 @@ def _encoded(v: torch.Tensor, encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(v.to(torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
     return v.tolist()
+
+
+class ServingClassification(ServingPooled):
+    prefix, task, api = "classify-", "classify", "Classification"
+
+    async def create(self, req: ClassificationRequest) -> ClassificationResponse:
+        self.check(req)
+        rows = await self.state.off_loop(self.inputs, req)
+        logits = await asyncio.to_thread(self._logits, rows)
+        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(-1)
+        names = self.base.config.id2label or {}
+        data = [ClassificationData(index=i, label=names.get(int(p.argmax()), f"LABEL_{int(p.argmax())}"),
+                                   probs=p.tolist(), num_classes=p.shape[0]) for i, p in enumerate(probs)]  # fmt: skip
+        return ClassificationResponse(id=self.response_id(req), created=int(time.time()), model=self.state.name,
+                                      data=data, usage=self.usage(rows))  # fmt: skip
+
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """The score head at each input's last token (the rows are left-padded)."""
+        score = self.base.score
+        with torch.no_grad():
+            return torch.cat(
+                [score(h[:, -1].to(score.weight.dtype)).float() for h, _, _ in self.hidden(rows)]
+            )

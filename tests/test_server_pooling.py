@@ -1,6 +1,7 @@
 """`autolm serve --task embed`: /v1/embeddings as vLLM serves a pooling model, driven by openai's client (which asks
 for base64 by default) and langchain-openai's OpenAIEmbeddings; the vectors are the body's last-token states,
-normalised, as AutoModel gives them here."""
+normalised, as AutoModel gives them here. `--task classify`: /classify with a sequence classifier's
+probabilities, as AutoModelForSequenceClassification gives them here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_char_tokenizer
 from test_server import KEY, NAME, serving
 
 import autolm
@@ -104,3 +106,30 @@ def test_pooling_config_and_matryoshka_dimensions(embed_dir, body):
             client.embeddings.create(model=NAME, input=TEXTS[0], dimensions=100)
     torch.testing.assert_close(torch.tensor(cut), F.normalize(_last_token(body, TEXTS[0])[:64], dim=-1),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_classify_serves_a_sequence_classifier(checkpoint, tmp_path):
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    torch.manual_seed(0)
+    made = transformers.AutoModelForSequenceClassification.from_pretrained(
+        directory, num_labels=3, pad_token_id=0
+    )
+    made.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    made.save_pretrained(tmp_path / "cls")
+    write_char_tokenizer(str(tmp_path / "cls"))
+    model = autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path / "cls")
+    with serving(str(tmp_path / "cls"), "--task", "classify") as base:
+        url, headers = base.removesuffix("/v1") + "/classify", {"Authorization": f"Bearer {KEY}"}
+        body = httpx.post(url, headers=headers, json={"model": NAME, "input": TEXTS}, timeout=300).json()
+        with pytest.raises(openai.BadRequestError, match="does not support Embeddings"):
+            openai.OpenAI(base_url=base, api_key=KEY, max_retries=0).embeddings.create(model=NAME, input="x")
+    assert body["object"] == "list" and body["id"].startswith("classify-") and len(body["data"]) == 3
+    for row, text in zip(body["data"], TEXTS):
+        with torch.no_grad():
+            want = model(**tok(text, return_tensors="pt")).logits[0].softmax(-1)
+        torch.testing.assert_close(torch.tensor(row["probs"]), want, atol=1e-5, rtol=1e-5)
+        assert row["num_classes"] == 3 and row["label"] == ["neg", "neu", "pos"][int(want.argmax())]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok(t)["input_ids"]) for t in TEXTS)
