@@ -412,6 +412,43 @@ def test_add_weighted_adapter_as_peft(checkpoint, combination):
     torch.testing.assert_close(got[4], ref[4], atol=1e-5, rtol=1e-4)
 
 
+def test_layer_and_model_status_as_peft(checkpoint):
+    """peft's get_layer_status / get_model_status (the methods and the functions): two adapters, an embedding
+    adapter and a modules_to_save copy, one layer merged (merged_adapters then "irregular"), adapters disabled."""
+    import dataclasses
+
+    import peft
+
+    directory, _ = checkpoint(NAME)
+    seen = []
+    for lib, lib_peft in _pair(directory):
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(
+                r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]
+            ),
+        )
+        pm.add_adapter("other", lib_peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        # as dicts at once: peft's layer statuses hold the layers' own lists, which the merge below changes
+        status = [
+            [dataclasses.asdict(s) for s in pm.get_layer_status()],
+            dataclasses.asdict(pm.get_model_status()),
+        ]
+        pm.base_model.model.model.layers[0].self_attn.q_proj.merge(adapter_names=["other"])
+        status.append(dataclasses.asdict(lib_peft.get_model_status(pm)))
+        with pm.disable_adapter():  # the adapters' weights do not train meanwhile
+            status.append(dataclasses.asdict(lib_peft.get_model_status(pm)))
+        status.append(dataclasses.asdict(lib_peft.get_model_status(pm)))
+        seen.append(status)
+    assert seen[1] == seen[0]
+    assert seen[0][2]["merged_adapters"] == "irregular" and seen[0][3]["enabled"] is False
+    assert (
+        seen[0][3]["trainable_params"] == 0
+        and seen[0][4]["trainable_params"] == seen[0][1]["trainable_params"]
+    )
+    assert peft.get_model_status  # the oracle's own function was the one compared
+
+
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 def test_pissa_and_olora_initialise_as_peft(checkpoint, init):
     """init_lora_weights="pissa" / "pissa_niter_<n>" / "olora": A and B from the base weight's SVD (randomized,

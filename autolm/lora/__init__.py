@@ -13,6 +13,7 @@ from .model import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __all__ = [
     "LoraConfig",
@@ -24,6 +25,10 @@ __all__ = [
     "PeftModel",
     "PeftModelForCausalLM",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "prepare_model_for_kbit_training",

@@ -13,7 +13,7 @@ from .._util import full_tensor
 from ..errors import AdapterError
 from .config import LoraConfig
 from .inject import ModulesToSave
-from .layers import AdapterLayer, LoraLinear
+from .layers import AdapterLayer, LoraEmbedding, LoraLinear
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -34,9 +34,30 @@ def activate(model: nn.Module, names: list[str]) -> None:
 
 
 def set_disabled(model: nn.Module, disabled: bool) -> None:
-    """With adapters disabled the model computes as its base model."""
+    """With adapters disabled the model computes as its base model and, as in peft, their weights do not train
+    (each one's requires_grad is restored when they are enabled again)."""
     for layer in lora_layers(model) + save_wrappers(model):
+        if disabled and not layer.disable_adapters:
+            layer._trained = [(p, p.requires_grad) for ps in adapter_params(layer).values() for p in ps]
+            for p, _ in layer._trained:
+                p.requires_grad_(False)
+        elif not disabled and layer.disable_adapters:
+            for p, trained in getattr(layer, "_trained", ()):
+                p.requires_grad_(trained)
+            layer._trained = []
         layer.disable_adapters = disabled
+
+
+def adapter_params(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """{adapter: its parameters} in a LoRA layer's adapter containers or a modules_to_save wrapper's copies."""
+    if isinstance(layer, ModulesToSave):
+        return {k: list(m.parameters()) for k, m in layer.modules_to_save.items()}
+    kinds = EMBEDDING_KINDS if isinstance(layer, LoraEmbedding) else ("lora_A", "lora_B")
+    out: dict[str, list] = {}
+    for kind in (*kinds, "lora_magnitude_vector"):
+        for key, value in getattr(layer, kind).items():
+            out.setdefault(key, []).extend(value.parameters() if isinstance(value, nn.Module) else [value])
+    return out
 
 
 def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:

@@ -64,18 +64,23 @@ class AdapterLayer(nn.Module):
         """||weight + delta|| of each output row, (out,), in weight's dtype, outside autograd (DoRA's norm)."""
         return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()
 
-    def merge(self, names: list[str] | None = None) -> None:
-        """Add the adapters into the base weight (a DoRA adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm
-        that of the weight as it is before this merge, kept to unmerge; rows as base_weight() lays them out). A
-        quantized base layer (int8, int4) takes the merged weight quantized again, as peft merges into 4- and 8-bit
-        layers: the sum rounded to the layer's grid once more."""
-        for name in names or self.active_adapters:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters (peft's layer signature; default: the active ones) into the base weight (a DoRA
+        adapter: W <- m / ||W + s B A||_row * (W + s B A), the norm that of the weight as it is before this merge,
+        kept to unmerge; rows as base_weight() lays them out). A quantized base layer (int8, int4) takes the merged
+        weight quantized again, as peft merges into 4- and 8-bit layers: the sum rounded to the layer's grid once
+        more. safe_merge: an adapter whose merged weight has NaN or Inf is refused before it is put in."""
+        for name in adapter_names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 merged = self.float_weight(name) + self.delta_weight(name)
                 if name in self.lora_magnitude_vector:
                     norm = self.row_norms(self.base_weight().float(), self.delta_weight(name, rows=True))
                     self._merged_norms[name] = norm
                     merged = self._dora_factor(name, norm) * merged
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise AdapterError(
+                        f"NaNs (or infinities) in the merged weight: the adapter {name!r} seems broken"
+                    )
                 self._merge_bias(name, 1)
                 self._put_weight(merged)
                 self.merged_adapters.append(name)

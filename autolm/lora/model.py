@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from . import adapters, combine
+from . import adapters, combine, status
 from .config import CLASSIFIER_NAMES, LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .inject import ModulesToSave, _set_module, inject_adapter
@@ -178,7 +178,7 @@ class PeftModel(_Forwarding):
                         raise AdapterError(
                             f"NaNs (or infinities) detected in the merged weights: the adapter {name!r} seems broken"
                         )
-            layer.merge(names)
+            layer.merge(adapter_names=names)
         if any(
             not layer.base_layer.weight.is_floating_point() for layer in adapters.lora_layers(self._model)
         ):
@@ -259,6 +259,12 @@ class PeftModel(_Forwarding):
         )
 
     # ---- files --------------------------------------------------------------------------------
+
+    def get_layer_status(self) -> list:
+        return status.get_layer_status(self)
+
+    def get_model_status(self):
+        return status.get_model_status(self)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under peft's on-disk names (no adapter name)."""
