@@ -66,6 +66,25 @@ def test_problem_types_as_transformers(checkpoint, tmp_path):
         assert got.config.problem_type == ref.config.problem_type
 
 
+def test_label_maps_given_at_load_as_the_classification_tutorial(checkpoint, tmp_path):
+    """from_pretrained(..., num_labels=2, id2label=..., label2id=...) as transformers' text classification guide
+    writes it: the config takes the maps (saved as transformers saves them), the head has one row per label."""
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    kwargs = {
+        "num_labels": 2,
+        "id2label": {0: "NEGATIVE", 1: "POSITIVE"},
+        "label2id": {"NEGATIVE": 0, "POSITIVE": 1},
+    }
+    ref, got = (lib.AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
+                for lib in (transformers, autolm))  # fmt: skip
+    assert got.config.id2label == ref.config.id2label and got.config.label2id == ref.config.label2id
+    assert got.score.weight.shape == ref.score.weight.shape == (2, ref.config.hidden_size)
+    got.save_pretrained(tmp_path / "saved")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "saved").id2label == ref.config.id2label
+
+
 def test_a_causal_checkpoint_gets_a_fresh_head_that_transformers_loads_back(checkpoint, tmp_path, caplog):
     import transformers
 

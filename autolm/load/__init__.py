@@ -213,7 +213,10 @@ def _config(source, config, kwargs: dict) -> PretrainedConfig:
     """The source's config (or the one given), with the keyword arguments that name config fields applied."""
     if config is None:
         config = source.config()
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k) or k in config.extra}
+    labels = ("id2label", "label2id", "num_labels", "problem_type")  # transformers' config keys for any head
+    overrides = {
+        k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k) or k in config.extra or k in labels
+    }
     if kwargs:
         raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
     if overrides:
