@@ -147,6 +147,48 @@ def test_reward_trainer_trains_an_autolm_model_as_transformers(checkpoint, tmp_p
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_trainer_fine_tunes_a_classifier_as_transformers(checkpoint, tmp_path):
+    """transformers' text classification guide with the import changed: Trainer with DataCollatorWithPadding and
+    compute_metrics trains, evaluates and predicts as on transformers' model (the same fresh head in both)."""
+    import datasets
+    import numpy as np
+    import transformers
+
+    directory, _ = checkpoint("llama_gqa_llama3_sharded")
+    write_char_tokenizer(directory)
+    made = [lib.AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2, pad_token_id=0)
+            for lib in (transformers, autolm)]  # fmt: skip
+    with torch.no_grad():
+        made[1].score.weight.copy_(made[0].score.weight)
+
+    def user_code(model, name):
+        tok = transformers.AutoTokenizer.from_pretrained(directory)
+        data = datasets.Dataset.from_dict({"text": ["good day", "bad day", "great", "awful thing"] * 4,
+                                           "label": [1, 0, 1, 0] * 4})  # fmt: skip
+        data = data.map(lambda b: tok(b["text"]), batched=True)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+            logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+        )  # fmt: skip
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=data, eval_dataset=data,
+            data_collator=transformers.DataCollatorWithPadding(tok),
+            compute_metrics=lambda p: {"acc": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
+        )  # fmt: skip
+        trainer.train()
+        evaluated = trainer.evaluate()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], evaluated, trainer.predict(data)
+
+    ref, got = user_code(made[0], "transformers"), user_code(made[1], "autolm")
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), atol=1e-5, rtol=1e-5)
+    assert got[1]["eval_acc"] == ref[1]["eval_acc"]
+    torch.testing.assert_close(got[1]["eval_loss"], ref[1]["eval_loss"], atol=1e-5, rtol=1e-5)
+    assert got[2].predictions.shape == ref[2].predictions.shape == (16, 2)
+    torch.testing.assert_close(
+        torch.tensor(got[2].predictions), torch.tensor(ref[2].predictions), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_seq_cls_lora_trains_the_head_and_saves_what_peft_loads(checkpoint, tmp_path):
     """task_type="SEQ_CLS": the adapter carries a trainable copy of `score` (peft's modules_to_save
     ["classifier", "score"]); the same logits as peft's on transformers' classifier, and the saved adapter loads
