@@ -240,6 +240,11 @@ def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="do not match"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
+    # an adapter whose config switches on a peft feature autolm lacks is refused by name, not loaded without it
+    cfg["target_modules"], cfg["trainable_token_indices"] = ["q_proj"], [3, 4]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="trainable_token_indices is a peft feature"):
+        PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
 
 
 def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):

@@ -48,6 +48,11 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "use_qalora": False,
     "velora_config": None,
 }
+# Those of them that switch on a peft feature autolm does not implement: a config that sets one is refused by name
+# (training or loading without it would silently give another model).
+UNIMPLEMENTED = ("alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication", "lora_ga_config",
+                 "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+                 "velora_config")  # fmt: skip
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
 # peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) where they are not DEFAULT_TARGETS; None
 # where peft has none for the type (it then refuses a LoraConfig without target_modules)
@@ -195,6 +200,10 @@ class LoraConfig(PeftConfig):
             self.task_type = self.task_type.value
         if self.peft_type != "LORA":
             raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
+        used = [k for k in UNIMPLEMENTED if self.extra.get(k, PEFT_DEFAULTS[k]) not in (None, False)]
+        if used:
+            raise AdapterError(f"LoraConfig: {', '.join(used)} is a peft feature autolm does not implement "
+                               f"(got {', '.join(repr(self.extra[k]) for k in used)})")  # fmt: skip
         for name, (check, expected) in _CHECKS.items():
             if not check(getattr(self, name)):
                 raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
