@@ -87,7 +87,9 @@ class ServingPooled(Serving):
             keep = s.sampling.context if keep == -1 else keep
             rows = [r[len(r) - keep :] if len(r) > keep else r for r in rows]
         for r in rows:
-            if not r or len(r) > s.sampling.context:
+            if not r:
+                raise bad_request("'input' has an item with no tokens", "input")
+            if len(r) > s.sampling.context:
                 raise bad_request(
                     f"This model's maximum context length is {s.sampling.context} tokens. However, you requested "
                     f"{len(r)} tokens in the input for embedding generation. Please reduce the length of the input.",
@@ -127,10 +129,12 @@ class ServingEmbedding(ServingPooled):
 
     async def create(self, req: EmbeddingRequest) -> EmbeddingResponse:
         self.check(req)
+        size = self.base.config.hidden_size
+        cut = size if req.dimensions is None else self._dimensions(req.dimensions, size)
         rows = await self.state.off_loop(self.inputs, req)
         vectors = await asyncio.to_thread(self._embed, rows)
-        if req.dimensions is not None:
-            vectors = F.normalize(vectors[:, : self._dimensions(req.dimensions, vectors.shape[1])], dim=-1)
+        if cut != size:
+            vectors = F.normalize(vectors[:, :cut], dim=-1)
         data = [
             EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
         ]
