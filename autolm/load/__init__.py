@@ -269,53 +269,37 @@ interop.loader = from_pretrained  # each family's Family.from_pretrained (models
 class AutoModelForCausalLM:
     """`AutoModelForCausalLM.from_pretrained(...)` and `from_config(...)`, as in transformers."""
 
-    from_pretrained = staticmethod(from_pretrained)
+    head = "causal_lm"  # what from_pretrained builds on the family's body (build.HEADS)
 
-    @staticmethod
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        return from_pretrained(pretrained_model_name_or_path, *args, head=cls.head, **kwargs)
+
+    @classmethod
     def from_config(
-        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
+        cls, config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
     ):
         """A randomly initialised model (for training from scratch or tests)."""
-        model = model_class(config.model_type)(config)
+        model = model_class(config.model_type, cls.head)(config)
         model.tie_weights()
         dtype = torch_dtype if torch_dtype is not None else dtype
         return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
 
 
-class AutoModel:
+class AutoModel(AutoModelForCausalLM):
     """transformers' `AutoModel.from_pretrained(path)` for a decoder: the family's body alone (`LlamaModel`, ...),
     returning `last_hidden_state` (the normed hidden states embedding models pool), from a base model's
     checkpoint or a causal LM's."""
 
-    @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        return from_pretrained(pretrained_model_name_or_path, head="base", **kwargs)
-
-    @staticmethod
-    def from_config(
-        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
-    ):
-        model = model_class(config.model_type, "base")(config)
-        dtype = torch_dtype if torch_dtype is not None else dtype
-        return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+    head = "base"
 
 
-class AutoModelForSequenceClassification:
+class AutoModelForSequenceClassification(AutoModelForCausalLM):
     """transformers' `AutoModelForSequenceClassification.from_pretrained(path, num_labels=...)`: the family's body
     with a `score` head (models.heads); a causal LM's checkpoint gets a fresh head (a warning says so), as a
     reward model starts."""
 
-    @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        return from_pretrained(pretrained_model_name_or_path, head="sequence_classification", **kwargs)
-
-    @staticmethod
-    def from_config(
-        config, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **_: Any
-    ):
-        model = model_class(config.model_type, "sequence_classification")(config)
-        dtype = torch_dtype if torch_dtype is not None else dtype
-        return model.to(parse_dtype(dtype)) if dtype not in (None, "auto") else model
+    head = "sequence_classification"
 
 
 class AutoPeftModelForCausalLM:

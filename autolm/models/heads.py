@@ -16,7 +16,6 @@ from ..errors import ConfigError
 from ..nn import Linear
 from ..nn.checkpoint import CheckpointRules, Ignored, Rename
 from .base import CausalLM
-from .interop import BaseModelOutput
 from .output import CausalLMOutput
 
 logger = logging.getLogger("autolm")
@@ -77,11 +76,8 @@ class BaseModel(Headless):
         return_dict: bool | None = None,
         **unused,
     ):
-        h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
-                                                           inputs_embeds, use_cache, cache_position,
-                                                           output_hidden_states, output_attentions)  # fmt: skip
-        out = BaseModelOutput(h, cache, hidden, attentions)
-        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+        return self.base_model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                               output_attentions, output_hidden_states, return_dict, cache_position)  # fmt: skip
 
     def adapter_key(self, key: str) -> str:
         """An adapter tensor's name in peft's file for this model: the body's prefix dropped."""

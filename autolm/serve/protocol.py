@@ -214,24 +214,6 @@ class DetokenizeRequest(_Body):
     tokens: list[TokenId]
 
 
-class EmbeddingRequest(_Body):
-    """POST /v1/embeddings (a server started with --task embed): texts or token ids."""
-
-    model: StrictStr | None = None
-    input: (
-        NonEmptyStr
-        | Annotated[list[StrictStr], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
-    user: StrictStr | None = None
-    add_special_tokens: StrictBool = True
-    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
-    request_id: StrictStr | None = None
-
-
 class ClassificationRequest(_Body):
     """POST /classify (a server started with --task classify): texts or token ids, as vLLM's."""
 
@@ -246,6 +228,13 @@ class ClassificationRequest(_Body):
     add_special_tokens: StrictBool = True
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
     request_id: StrictStr | None = None
+
+
+class EmbeddingRequest(ClassificationRequest):
+    """POST /v1/embeddings (a server started with --task embed): the same inputs, and the vectors' format."""
+
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 # Known to OpenAI's API or vLLM's but not something this server does: a 400 naming the field when it is set to
