@@ -200,7 +200,9 @@ class LoraConfig(PeftConfig):
             self.task_type = self.task_type.value
         if self.peft_type != "LORA":
             raise AdapterError(f"adapter type {self.peft_type!r} is not supported (only LORA)")
-        used = [k for k in UNIMPLEMENTED if self.extra.get(k, PEFT_DEFAULTS[k]) not in (None, False)]
+        used = [
+            k for k in UNIMPLEMENTED if self.extra.get(k, PEFT_DEFAULTS[k])
+        ]  # set: not None, False or empty
         if used:
             raise AdapterError(f"LoraConfig: {', '.join(used)} is a peft feature autolm does not implement "
                                f"(got {', '.join(repr(self.extra[k]) for k in used)})")  # fmt: skip
