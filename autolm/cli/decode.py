@@ -105,11 +105,13 @@ class Pending:
         )
 
     def ready(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is not None
-        if not self.elsewhere:
+        """Whether the compile has ended: its process exited or let go of the log's lock (it wrote its last line
+        then, and may still be exiting: on a busy machine that can take longer than the next question)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return True
+        if self.proc is None and not self.elsewhere:
             return False  # not started, or it could not start
-        log = locked_log(self.source, truncate=False)  # another command's process: done once it lets go
+        log = locked_log(self.source, truncate=False)  # done once the compiling process lets go
         if log is not None:
             log.close()
         return log is not None
