@@ -245,6 +245,11 @@ def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="trainable_token_indices is a peft feature"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
+    with pytest.raises(AdapterError, match="layer_replication is a peft feature"):
+        LoraConfig(
+            r=4, target_modules=["q_proj"], layer_replication=[[0, 1]]
+        )  # peft's keyword, taken and refused
+    assert LoraConfig(r=4, revision="main").to_dict()["revision"] == "main"  # a harmless one round-trips
 
 
 def test_finetune_lowers_loss_and_changes_only_lora(smol_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import os
 import re
@@ -166,9 +167,25 @@ class PeftConfig:
         atomic_write_text(os.path.join(os.fspath(save_directory), CONFIG_NAME), text)
 
 
+def _takes_peft_keys(cls):
+    """LoraConfig(...) also takes peft's other keys (PEFT_DEFAULTS), kept in `extra` as from adapter_config.json: the
+    harmless ones round-trip, the ones that switch on a feature autolm lacks are refused by name (UNIMPLEMENTED)."""
+    init = cls.__init__
+
+    def __init__(self, *args, extra: dict[str, Any] | None = None, **kwargs):
+        more = {k: kwargs.pop(k) for k in list(kwargs) if k in PEFT_DEFAULTS}
+        init(self, *args, extra={**(extra or {}), **more}, **kwargs)
+
+    __init__.__doc__, __init__.__signature__ = init.__doc__, inspect.signature(init)
+    cls.__init__ = __init__
+    return cls
+
+
+@_takes_peft_keys
 @dataclass
 class LoraConfig(PeftConfig):
-    """peft's LoraConfig fields and defaults (the ones LoRA on Linear layers uses)."""
+    """peft's LoraConfig fields and defaults (the ones LoRA on Linear layers uses); peft's other keys go to
+    `extra`."""
 
     r: int = 8
     lora_alpha: int = 8
