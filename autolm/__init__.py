@@ -116,6 +116,7 @@ _EXPORTS = {
     "CausalLM": "autolm.models",
     "GenerationMixin": "autolm.generation",
     "AutoPeftModelForCausalLM": "autolm.load",
+    "AutoPeftModelForSequenceClassification": "autolm.load",
     "QuantConfig": "autolm.quant",
     "AutolmError": "autolm.errors",
     "ConfigError": "autolm.errors",

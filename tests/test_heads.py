@@ -222,6 +222,18 @@ def test_seq_cls_lora_trains_the_head_and_saves_what_peft_loads(checkpoint, tmp_
         torch.testing.assert_close(
             loaded(IDS, attention_mask=MASK).logits, ours(IDS, attention_mask=MASK).logits
         )
+        # the Auto class: the base classifier that adapter_config.json names, the adapter (and its head) on it
+        for auto in (
+            autolm.AutoPeftModelForSequenceClassification,
+            peft.AutoPeftModelForSequenceClassification,
+        ):
+            again = auto.from_pretrained(tmp_path / "adapter")
+            torch.testing.assert_close(
+                again(IDS, attention_mask=MASK).logits,
+                ours(IDS, attention_mask=MASK).logits,
+                atol=1e-5,
+                rtol=1e-5,
+            )
 
 
 def test_placement_and_quantization_keep_the_head(checkpoint, tmp_path):

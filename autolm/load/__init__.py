@@ -307,19 +307,31 @@ class AutoPeftModelForCausalLM:
     base model that adapter_config.json names, with the adapter on it (a PeftModel, in eval mode unless trainable).
     It lives here, not in autolm.lora, because it loads base models."""
 
-    @staticmethod
+    head = "causal_lm"  # the base model's head (build.HEADS)
+
+    @classmethod
     def from_pretrained(
+        cls,
         pretrained_model_name_or_path: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
         **kwargs: Any,
     ):
-        model = _from_pretrained(pretrained_model_name_or_path, adapter_name, is_trainable, **kwargs)
+        model = _from_pretrained(
+            pretrained_model_name_or_path, adapter_name, is_trainable, head=cls.head, **kwargs
+        )
         if not hasattr(model, "peft_config"):
             raise ConfigError(
                 f"{pretrained_model_name_or_path}: not an adapter folder (no adapter_config.json)"
             )
         return model
+
+
+class AutoPeftModelForSequenceClassification(AutoPeftModelForCausalLM):
+    """peft's `AutoPeftModelForSequenceClassification`: a SEQ_CLS adapter on its base model loaded as a sequence
+    classifier (the adapter's trained `score` copy on it)."""
+
+    head = "sequence_classification"
 
 
 class AutoConfig:
@@ -353,6 +365,7 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSequenceClassification",
     "LoadReport",
     "from_pretrained",
 ]
