@@ -69,7 +69,7 @@ class Prompts:
                 f"the chat template rejected these messages: {self.scrub(str(e))}", "messages"
             ) from None
         ids = self.encode([text], req.add_special_tokens, "messages")[0]
-        self._check_total([ids], "messages")
+        self.check_total([ids], "messages")
         return ChatPrompt(ids, text, tools, tool_format(template))
 
     def completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -100,7 +100,7 @@ class Prompts:
                     )
                 ids_list.append(list(item))
                 text_list.append(self.tokenizer.decode(item) if req.echo else "")
-        self._check_total(ids_list, "prompt")
+        self.check_total(ids_list, "prompt")
         return ids_list, text_list
 
     def truncate(self, prompts: list[list[int]], req) -> list[list[int]]:
@@ -128,7 +128,7 @@ class Prompts:
         except (TokenizerError, TypeError, ValueError) as e:
             raise bad_request(f"'{param}' cannot be encoded: {self.scrub(str(e))}", param) from None
 
-    def _check_total(self, prompts: list[list[int]], param: str) -> None:
+    def check_total(self, prompts: list[list[int]], param: str) -> None:
         total = sum(len(p) for p in prompts)
         if total > self.limits.max_prompt_tokens:
             raise bad_request(

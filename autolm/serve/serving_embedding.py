@@ -95,7 +95,7 @@ class ServingPooled(Serving):
                     f"{len(r)} tokens in the input for embedding generation. Please reduce the length of the input.",
                     "input",
                 )
-        s.prompts._check_total(rows, "input")
+        s.prompts.check_total(rows, "input")
         return rows
 
     def hidden(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
