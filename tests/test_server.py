@@ -69,9 +69,17 @@ def test_models_and_health(served, client):
     assert _health(served[0])["status"] == "ok"
 
 
-def test_embeddings_need_an_embedding_server(client):
+def test_embeddings_need_an_embedding_server(served, client):
     with pytest.raises(openai.BadRequestError, match="does not support Embeddings API"):
         client.embeddings.create(model=NAME, input="hello")
+    for path, body in (
+        ("/score", {"text_1": "a", "text_2": "b"}),
+        ("/v1/rerank", {"query": "a", "documents": ["b"]}),
+    ):
+        r = httpx.post(
+            served[0].removesuffix("/v1") + path, json=body, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert r.status_code == 400 and "does not support Score API" in r.json()["error"]["message"]
 
 
 def test_chat_completion_matches_generate(served, client):

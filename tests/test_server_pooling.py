@@ -74,6 +74,7 @@ def test_openai_and_langchain_embeddings(smol_dir, body):
         assert (
             raw["object"] == "list" and raw["usage"]["prompt_tokens"] == 1 and raw["id"].startswith("embd-")
         )
+        _scores_are_cosines(base, body, want)
         lc = OpenAIEmbeddings(model=NAME, base_url=base, api_key=KEY, check_embedding_ctx_length=False)
         torch.testing.assert_close(torch.tensor(lc.embed_query(TEXTS[1])), want[1], atol=1e-5, rtol=1e-5)
         assert len(lc.embed_documents(TEXTS)) == 3
@@ -87,6 +88,33 @@ def test_openai_and_langchain_embeddings(smol_dir, body):
             with pytest.raises(openai.BadRequestError, match=match):
                 call()
         assert httpx.get(base.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def _scores_are_cosines(base: str, body, want: torch.Tensor) -> None:
+    """vLLM's /score and /rerank on an embedding model: the cosine of the two texts' embeddings (want: the
+    TEXTS' normalised vectors), the tokens counted per pair with the pad token between."""
+    url, headers, tok = base.removesuffix("/v1"), {"Authorization": f"Bearer {KEY}"}, body[1]
+    got = httpx.post(url + "/score", headers=headers, json={"model": NAME, "text_1": TEXTS[0], "text_2": TEXTS},
+                     timeout=300).json()  # fmt: skip
+    assert (
+        got["object"] == "list"
+        and got["id"].startswith("score-")
+        and [d["index"] for d in got["data"]] == [0, 1, 2]
+    )
+    torch.testing.assert_close(
+        torch.tensor([d["score"] for d in got["data"]]), want @ want[0], atol=1e-4, rtol=1e-4
+    )
+    n = [len(tok(t)["input_ids"]) for t in TEXTS]
+    assert got["usage"]["prompt_tokens"] == sum(n[0] + int(tok.pad_token_id is not None) + k for k in n)
+    pairs = httpx.post(url + "/v1/score", headers=headers, json={"text_1": TEXTS[:2], "text_2": TEXTS[1:]},
+                       timeout=300).json()["data"]  # fmt: skip
+    torch.testing.assert_close(torch.tensor([d["score"] for d in pairs]), (want[:2] * want[1:]).sum(-1),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    ranked = httpx.post(url + "/rerank", headers=headers, json={"query": TEXTS[1], "documents": TEXTS, "top_n": 2},
+                        timeout=300).json()  # fmt: skip
+    order = (want @ want[1]).argsort(descending=True)[:2].tolist()
+    assert [r["index"] for r in ranked["results"]] == order and ranked["id"].startswith("rerank-")
+    assert [r["document"]["text"] for r in ranked["results"]] == [TEXTS[i] for i in order]
 
 
 def test_pooling_config_and_matryoshka_dimensions(embed_dir, body):
@@ -126,6 +154,12 @@ def test_classify_serves_a_sequence_classifier(checkpoint, tmp_path):
         body = httpx.post(url, headers=headers, json={"model": NAME, "input": TEXTS}, timeout=300).json()
         with pytest.raises(openai.BadRequestError, match="does not support Embeddings"):
             openai.OpenAI(base_url=base, api_key=KEY, max_retries=0).embeddings.create(model=NAME, input="x")
+        several = httpx.post(base.removesuffix("/v1") + "/score", headers=headers,
+                             json={"text_1": "a", "text_2": "b"}, timeout=300).json()  # fmt: skip
+        raw = httpx.post(
+            url, headers=headers, json={"input": TEXTS[0], "use_activation": False}, timeout=300
+        ).json()
+    assert "cross-encoder with one" in several["error"]["message"]
     assert body["object"] == "list" and body["id"].startswith("classify-") and len(body["data"]) == 3
     for row, text in zip(body["data"], TEXTS):
         with torch.no_grad():
@@ -133,3 +167,71 @@ def test_classify_serves_a_sequence_classifier(checkpoint, tmp_path):
         torch.testing.assert_close(torch.tensor(row["probs"]), want, atol=1e-5, rtol=1e-5)
         assert row["num_classes"] == 3 and row["label"] == ["neg", "neu", "pos"][int(want.argmax())]
     assert body["usage"]["prompt_tokens"] == sum(len(tok(t)["input_ids"]) for t in TEXTS)
+    with torch.no_grad():
+        logits = model(**tok(TEXTS[0], return_tensors="pt")).logits[0]
+    torch.testing.assert_close(torch.tensor(raw["data"][0]["probs"]), logits, atol=1e-5, rtol=1e-5)
+
+
+def _cross_encoder(checkpoint, directory) -> None:
+    """A one-label llama classifier saved by transformers, with a tokenizer whose pair template puts </s> between
+    the two texts (as a cross-encoder's does)."""
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    source, _ = checkpoint("llama_gqa_llama3_sharded")
+    torch.manual_seed(1)
+    transformers.AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, pad_token_id=0
+    ).save_pretrained(directory)
+    write_char_tokenizer(str(directory))
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B:1", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def test_score_and_rerank_with_a_cross_encoder(checkpoint, tmp_path):
+    """vLLM's /score and /rerank on a cross-encoder (--task classify, one label): each pair encoded together as
+    the tokenizer encodes a text pair, its logit through a sigmoid; as transformers' classifier and tokenizer
+    give them."""
+    import transformers
+
+    _cross_encoder(checkpoint, tmp_path / "ce")
+    made = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ce")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ce")
+    query, docs = "what is the capital?", ["Paris is the capital of France.", "a cat", "The capital is Paris"]
+    enc = hf_tok([query] * 3, docs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = made(**enc).logits[:, 0]
+    with serving(str(tmp_path / "ce"), "--task", "classify") as base:
+        url, headers = base.removesuffix("/v1"), {"Authorization": f"Bearer {KEY}"}
+
+        def post(path, **body):
+            return httpx.post(url + path, headers=headers, json={"model": NAME, **body}, timeout=300)
+
+        scores = post("/score", text_1=query, text_2=docs).json()
+        raw = post("/v1/score", text_1=[query] * 3, text_2=docs, use_activation=False).json()
+        ranked = post("/v2/rerank", query=query, documents=docs, top_n=2).json()
+        everything = post("/v1/rerank", query=query, documents=docs).json()
+        truncated = post("/score", text_1=query, text_2=docs[0], truncate_prompt_tokens=12).json()
+        uneven = post("/score", text_1=[query, query], text_2=docs)
+        classified = post("/classify", input=[query]).json()
+    torch.testing.assert_close(
+        torch.tensor([d["score"] for d in scores["data"]]), logits.sigmoid(), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(torch.tensor([d["score"] for d in raw["data"]]), logits, atol=1e-5, rtol=1e-5)
+    assert scores["usage"]["prompt_tokens"] == int(enc["attention_mask"].sum())
+    order = logits.argsort(descending=True).tolist()
+    assert [r["index"] for r in ranked["results"]] == order[:2] and ranked["usage"]["total_tokens"] == int(
+        enc["attention_mask"].sum()
+    )
+    assert [r["index"] for r in everything["results"]] == order
+    assert [r["document"]["text"] for r in everything["results"]] == [docs[i] for i in order]
+    one = hf_tok(query, docs[0], truncation=True, max_length=12, return_tensors="pt")
+    with torch.no_grad():
+        want = made(**one).logits[0, 0].sigmoid()
+    assert truncated["usage"]["prompt_tokens"] == 12
+    torch.testing.assert_close(torch.tensor(truncated["data"][0]["score"]), want, atol=1e-5, rtol=1e-5)
+    assert uneven.status_code == 400 and "1:1, 1:N or N:N" in uneven.json()["error"]["message"]
+    assert classified["data"][0]["num_classes"] == 1

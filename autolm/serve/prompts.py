@@ -122,9 +122,10 @@ class Prompts:
             )
         return [p[:k] if req.truncation_side == "right" else p[-k:] for p in prompts]
 
-    def encode(self, texts: list[str], special: bool, param: str) -> list[list[int]]:
+    def encode(self, texts: list[str], special: bool, param: str, **kwargs) -> list[list[int]]:
+        """The texts' ids (kwargs: the tokenizer's, e.g. text_pair, truncation); a text it refuses names `param`."""
         try:
-            return [list(x) for x in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+            return [list(x) for x in self.tokenizer(texts, add_special_tokens=special, **kwargs)["input_ids"]]
         except (TokenizerError, TypeError, ValueError) as e:
             raise bad_request(f"'{param}' cannot be encoded: {self.scrub(str(e))}", param) from None
 

@@ -214,8 +214,8 @@ class DetokenizeRequest(_Body):
     tokens: list[TokenId]
 
 
-class ClassificationRequest(_Body):
-    """POST /classify (a server started with --task classify): texts or token ids, as vLLM's."""
+class _PooledInputs(_Body):
+    """What the pooling endpoints' inputs share: texts or token ids, as vLLM's."""
 
     model: StrictStr | None = None
     input: (
@@ -230,11 +230,53 @@ class ClassificationRequest(_Body):
     request_id: StrictStr | None = None
 
 
-class EmbeddingRequest(ClassificationRequest):
-    """POST /v1/embeddings (a server started with --task embed): the same inputs, and the vectors' format."""
+class _Activation(_Body):
+    """vLLM's switch between a classifier's probabilities and its raw logits: use_activation (its older names
+    softmax and activation win where set)."""
+
+    use_activation: StrictBool | None = None
+    activation: StrictBool | None = None
+    softmax: StrictBool | None = None
+
+    def activated(self) -> bool:
+        return next((v for v in (self.softmax, self.activation, self.use_activation) if v is not None), True)
+
+
+class ClassificationRequest(_PooledInputs, _Activation):
+    """POST /classify (a server started with --task classify)."""
+
+
+class EmbeddingRequest(_PooledInputs):
+    """POST /v1/embeddings (a server started with --task embed): the inputs, and the vectors' format."""
 
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+Texts = StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+
+
+class ScoreRequest(_Activation):
+    """POST /score (/v1/score): text_1 against each of text_2 (1:1, 1:N or N:N), as vLLM's: a cross-encoder's
+    score (a one-label classifier, --task classify) or the cosine of two embeddings (--task embed)."""
+
+    model: StrictStr | None = None
+    text_1: Texts
+    text_2: Texts
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    request_id: StrictStr | None = None
+
+
+class RerankRequest(_Activation):
+    """POST /rerank (/v1/rerank, /v2/rerank): the documents ordered by their score against the query, as vLLM's
+    (Jina's and Cohere's API); top_n 0: all of them."""
+
+    model: StrictStr | None = None
+    query: StrictStr
+    documents: Annotated[list[StrictStr], Field(min_length=1)]
+    top_n: Annotated[StrictInt, Field(ge=0)] = 0
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    request_id: StrictStr | None = None
 
 
 # Known to OpenAI's API or vLLM's but not something this server does: a 400 naming the field when it is set to

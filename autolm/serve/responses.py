@@ -268,3 +268,40 @@ class ClassificationResponse(_Out):
     model: str
     data: list[ClassificationData]
     usage: EmbeddingUsage
+
+
+class ScoreData(_Out):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(_Out):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: EmbeddingUsage
+
+
+class RerankDocument(_Out):
+    text: str
+
+
+class RerankResult(_Out):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(_Out):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]

@@ -23,6 +23,8 @@ from .protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
@@ -36,6 +38,8 @@ from .responses import (
     EmbeddingResponse,
     HealthResponse,
     ModelList,
+    RerankResponse,
+    ScoreResponse,
     TokenizeResponse,
     VersionResponse,
 )
@@ -44,16 +48,20 @@ from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
 from .serving_embedding import ServingClassification, ServingEmbedding
 from .serving_models import ServingModels, ServingTokens
+from .serving_score import ServingScores
 from .speculation import Speculation
 from .validation import Limits, parse
 
 MAX_BODY_BYTES = 4 << 20
+SCORE, RERANK = ("/score", "/v1/score"), ("/rerank", "/v1/rerank", "/v2/rerank")  # vLLM's paths
 
 ROUTES = [
     Route("/v1/chat/completions", "post", (ChatRequest,), ChatCompletionResponse, ChatCompletionChunk),
     Route("/v1/completions", "post", (CompletionRequest,), CompletionResponse, CompletionChunk),
     Route("/v1/embeddings", "post", (EmbeddingRequest,), EmbeddingResponse),
     Route("/classify", "post", (ClassificationRequest,), ClassificationResponse),
+    *(Route(path, "post", (ScoreRequest,), ScoreResponse) for path in SCORE),
+    *(Route(path, "post", (RerankRequest,), RerankResponse) for path in RERANK),
     Route("/v1/models", "get", (), ModelList, errors=("401",)),
     Route("/tokenize", "post", (TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
     Route("/detokenize", "post", (DetokenizeRequest,), DetokenizeResponse),
@@ -111,6 +119,7 @@ def build_router(state: State, access: Access) -> APIRouter:
     """The routes over the serving objects."""
     chat, completion, embedding = ServingChat(state), ServingCompletion(state), ServingEmbedding(state)
     classification = ServingClassification(state)
+    scores = ServingScores(state, embedding, classification)
     models, tokens = ServingModels(state), ServingTokens(state)
     router = APIRouter()
 
@@ -135,6 +144,17 @@ def build_router(state: State, access: Access) -> APIRouter:
     @router.post("/classify")
     async def classify(request: Request):
         return await answer(classification.create(await access.read(request, ClassificationRequest)))
+
+    async def score(request: Request):
+        return await answer(scores.score(await access.read(request, ScoreRequest)))
+
+    async def rerank(request: Request):
+        return await answer(scores.rerank(await access.read(request, RerankRequest)))
+
+    for path in SCORE:
+        router.add_api_route(path, score, methods=["POST"])
+    for path in RERANK:
+        router.add_api_route(path, rerank, methods=["POST"])
 
     @router.get("/v1/models")
     async def list_models(request: Request):

@@ -51,7 +51,8 @@ def pooling_mode(directory: str | None) -> str:
 class ServingPooled(Serving):
     """What the pooling endpoints share: the inputs as token ids, and the body's forward over them."""
 
-    task, api = "", ""
+    tasks: tuple[str, ...] = ()
+    api = ""
 
     def __init__(self, state):
         super().__init__(state)
@@ -64,9 +65,10 @@ class ServingPooled(Serving):
         s.sampling.check_model(req)
         if s.closing:
             raise APIError(503, "the server is shutting down", type="service_unavailable")
-        if s.task != self.task:
+        if s.task not in self.tasks:
+            wanted = " or ".join(f"--task {t}" for t in self.tasks)
             raise bad_request(f"The model does not support {self.api} API: this server runs --task {s.task} "
-                              f"(start one with --task {self.task})", "model")  # fmt: skip
+                              f"(start one with {wanted})", "model")  # fmt: skip
 
     def inputs(self, req) -> list[list[int]]:
         """Token ids per input (texts encoded), truncated as asked and checked against the context."""
@@ -79,23 +81,29 @@ class ServingPooled(Serving):
             if bad:
                 raise bad_request(f"'input' has ids outside this model's vocabulary of {s.sampling.vocab}: {bad[:20]}",
                                   "input")  # fmt: skip
-        if len(rows) > s.limits.max_prompts:
-            raise bad_request(f"'input' has {len(rows)} items, over this server's limit of {s.limits.max_prompts}",
-                              "input")  # fmt: skip
         keep = req.truncate_prompt_tokens
         if keep is not None:
             keep = s.sampling.context if keep == -1 else keep
             rows = [r[len(r) - keep :] if len(r) > keep else r for r in rows]
+        return self.checked(rows, "input")
+
+    def checked(self, rows: list[list[int]], param: str) -> list[list[int]]:
+        """The rows, refused (naming `param`) when there are too many, one is empty or over the context, or they
+        are over the server's total."""
+        s = self.state
+        if len(rows) > s.limits.max_prompts:
+            raise bad_request(f"'{param}' has {len(rows)} items, over this server's limit of {s.limits.max_prompts}",
+                              param)  # fmt: skip
         for r in rows:
             if not r:
-                raise bad_request("'input' has an item with no tokens", "input")
+                raise bad_request(f"'{param}' has an item with no tokens", param)
             if len(r) > s.sampling.context:
                 raise bad_request(
                     f"This model's maximum context length is {s.sampling.context} tokens. However, you requested "
                     f"{len(r)} tokens in the input for embedding generation. Please reduce the length of the input.",
-                    "input",
+                    param,
                 )
-        s.prompts.check_total(rows, "input")
+        s.prompts.check_total(rows, param)
         return rows
 
     def hidden(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
@@ -121,7 +129,7 @@ class ServingPooled(Serving):
 
 
 class ServingEmbedding(ServingPooled):
-    prefix, task, api = "embd-", "embed", "Embeddings"
+    prefix, tasks, api = "embd-", ("embed",), "Embeddings"
 
     def __init__(self, state):
         super().__init__(state)
@@ -132,7 +140,7 @@ class ServingEmbedding(ServingPooled):
         size = self.base.config.hidden_size
         cut = size if req.dimensions is None else self._dimensions(req.dimensions, size)
         rows = await self.state.off_loop(self.inputs, req)
-        vectors = await asyncio.to_thread(self._embed, rows)
+        vectors = await asyncio.to_thread(self.embed, rows)
         if cut != size:
             vectors = F.normalize(vectors[:, :cut], dim=-1)
         data = [
@@ -141,7 +149,7 @@ class ServingEmbedding(ServingPooled):
         return EmbeddingResponse(id=self.response_id(req), created=int(time.time()), model=self.state.name,
                                  data=data, usage=self.usage(rows))  # fmt: skip
 
-    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+    def embed(self, rows: list[list[int]]) -> torch.Tensor:
         """(inputs, hidden) pooled, normalised vectors."""
         return F.normalize(torch.cat([self._pool(*batch) for batch in self.hidden(rows)]), dim=-1)
 
@@ -170,21 +178,29 @@ def _encoded(v: torch.Tensor, encoding: str) -> list[float] | str:
     return v.tolist()
 
 
+def activated(logits: torch.Tensor, on: bool = True) -> torch.Tensor:
+    """A classifier's (rows, labels) logits as vLLM's pooler gives them: probabilities (softmax; sigmoid for a
+    single label), or the logits themselves when the request turns the activation off."""
+    if not on:
+        return logits
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(-1)
+
+
 class ServingClassification(ServingPooled):
-    prefix, task, api = "classify-", "classify", "Classification"
+    prefix, tasks, api = "classify-", ("classify",), "Classification"
 
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
         self.check(req)
         rows = await self.state.off_loop(self.inputs, req)
-        logits = await asyncio.to_thread(self._logits, rows)
-        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(-1)
+        logits = await asyncio.to_thread(self.logits, rows)
+        probs = activated(logits, req.activated())
         names = self.base.config.id2label or {}
         data = [ClassificationData(index=i, label=names.get(int(p.argmax()), f"LABEL_{int(p.argmax())}"),
                                    probs=p.tolist(), num_classes=p.shape[0]) for i, p in enumerate(probs)]  # fmt: skip
         return ClassificationResponse(id=self.response_id(req), created=int(time.time()), model=self.state.name,
                                       data=data, usage=self.usage(rows))  # fmt: skip
 
-    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+    def logits(self, rows: list[list[int]]) -> torch.Tensor:
         """The score head at each input's last token (the rows are left-padded)."""
         score = self.base.score
         with torch.no_grad():
