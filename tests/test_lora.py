@@ -241,9 +241,9 @@ def test_adapter_that_does_not_fit_is_a_clear_error(checkpoint, tmp_path):
     with pytest.raises(AdapterError, match="do not match"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
     # an adapter whose config switches on a peft feature autolm lacks is refused by name, not loaded without it
-    cfg["target_modules"], cfg["trainable_token_indices"] = ["q_proj"], [3, 4]
+    cfg["target_modules"], cfg["alora_invocation_tokens"] = ["q_proj"], [3, 4]
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(AdapterError, match="trainable_token_indices is a peft feature"):
+    with pytest.raises(AdapterError, match="alora_invocation_tokens is a peft feature"):
         PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory), adapter)
     with pytest.raises(AdapterError, match="layer_replication is a peft feature"):
         LoraConfig(

@@ -14,6 +14,7 @@ from ..errors import AdapterError
 from .config import LoraConfig
 from .inject import ModulesToSave
 from .layers import AdapterLayer, LoraEmbedding, LoraLinear
+from .tokens import TrainableTokensWrapper
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -25,9 +26,14 @@ def save_wrappers(model: nn.Module) -> list[ModulesToSave]:
     return [m for m in model.modules() if isinstance(m, ModulesToSave)]
 
 
+def token_wrappers(model: nn.Module) -> list[TrainableTokensWrapper]:
+    """The layers training chosen token rows (trainable_token_indices)."""
+    return [m for m in model.modules() if isinstance(m, TrainableTokensWrapper)]
+
+
 def activate(model: nn.Module, names: list[str]) -> None:
     """Run these adapters (the LoRA deltas of each are added; a modules_to_save copy of the first is used)."""
-    for layer in lora_layers(model):
+    for layer in lora_layers(model) + token_wrappers(model):
         layer.active_adapters = list(names)
     for w in save_wrappers(model):
         w.active_adapter = next((n for n in names if n in w.modules_to_save), names[0] if names else None)
@@ -36,7 +42,7 @@ def activate(model: nn.Module, names: list[str]) -> None:
 def set_disabled(model: nn.Module, disabled: bool) -> None:
     """With adapters disabled the model computes as its base model and, as in peft, their weights do not train
     (each one's requires_grad is restored when they are enabled again)."""
-    for layer in lora_layers(model) + save_wrappers(model):
+    for layer in lora_layers(model) + save_wrappers(model) + token_wrappers(model):
         if disabled and not layer.disable_adapters:
             layer._trained = [(p, p.requires_grad) for ps in adapter_params(layer).values() for p in ps]
             for p, _ in layer._trained:
@@ -52,6 +58,8 @@ def adapter_params(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
     """{adapter: its parameters} in a LoRA layer's adapter containers or a modules_to_save wrapper's copies."""
     if isinstance(layer, ModulesToSave):
         return {k: list(m.parameters()) for k, m in layer.modules_to_save.items()}
+    if isinstance(layer, TrainableTokensWrapper):  # a tied layer's rows are the embeddings' (counted there)
+        return {} if layer.tied else {k: [p] for k, p in layer.token_adapter.trainable_tokens_delta.items()}
     kinds = EMBEDDING_KINDS if isinstance(layer, LoraEmbedding) else ("lora_A", "lora_B")
     out: dict[str, list] = {}
     for kind in (*kinds, "lora_magnitude_vector"):
@@ -65,7 +73,7 @@ def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:
     for pname, p in model.named_parameters():
         lora = any(f".{kind}.{name}." in pname for kind in ("lora_A", "lora_B", "lora_magnitude_vector"))
         lora = lora or any(pname.endswith(f".{kind}.{name}") for kind in EMBEDDING_KINDS)
-        saved = f".modules_to_save.{name}." in pname
+        saved = f".modules_to_save.{name}." in pname or pname.endswith(f".{TOKEN_ROWS}.{name}")
         bias = pname.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and ".base_layer." in pname)
         )
@@ -73,6 +81,7 @@ def mark_trainable(model: nn.Module, config: LoraConfig, name: str) -> None:
 
 
 EMBEDDING_KINDS = ("lora_embedding_A", "lora_embedding_B")
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"  # trained token rows: a ParameterDict by adapter
 
 
 def of_adapter(pname: str, name: str) -> bool:
@@ -87,7 +96,7 @@ def _disk_name(pname: str, name: str) -> str | None:
             return pname.replace(f".{kind}.{name}.", f".{kind}.")
     if pname.endswith(f".lora_magnitude_vector.{name}.weight"):  # DoRA's magnitudes: peft's name on disk
         return pname[: -len(f".{name}.weight")]
-    if any(pname.endswith(f".{kind}.{name}") for kind in EMBEDDING_KINDS):  # LoraEmbedding's: ParameterDicts
+    if any(pname.endswith(f".{kind}.{name}") for kind in (*EMBEDDING_KINDS, TOKEN_ROWS)):  # ParameterDicts
         return pname[: -len(f".{name}")]
     if f".modules_to_save.{name}." in pname:
         return pname.replace(f".modules_to_save.{name}.", ".")
@@ -167,7 +176,9 @@ def load_state(
         raise AdapterError(
             f"{source}: adapter tensors do not match the model's modules: {', '.join(unknown[:10])}"
         )
-    missing = sorted(k for k, p in expected.items() if k not in weights and ".lora_" in p)
+    missing = sorted(
+        k for k, p in expected.items() if k not in weights and (".lora_" in p or TOKEN_ROWS in p)
+    )
     if missing:
         raise AdapterError(f"{source}: adapter is missing tensors: {', '.join(missing[:10])}")
     for key, t in weights.items():
@@ -197,7 +208,7 @@ def _model_names(model: nn.Module, weights: dict[str, torch.Tensor], prefix: str
 
 def remove(model: nn.Module, name: str) -> None:
     """Take an adapter's layers out (refused while it is merged into the weights)."""
-    for layer in lora_layers(model):
+    for layer in lora_layers(model) + token_wrappers(model):
         if name in layer.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged: unmerge_adapter() before deleting it")
     for layer in lora_layers(model):
@@ -210,6 +221,8 @@ def remove(model: nn.Module, name: str) -> None:
     for w in save_wrappers(model):
         if name in w.modules_to_save:
             del w.modules_to_save[name]
+    for w in token_wrappers(model):
+        w.remove(name)
 
 
 def resolved_targets(model: nn.Module, config: LoraConfig, name: str) -> list[str] | str | None:

@@ -52,7 +52,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
 # Those of them that switch on a peft feature autolm does not implement: a config that sets one is refused by name
 # (training or loading without it would silently give another model).
 UNIMPLEMENTED = ("alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication", "lora_ga_config",
-                 "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+                 "monteclora_config", "target_parameters", "use_bdlora", "use_qalora",
                  "velora_config")  # fmt: skip
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwen2, qwen3
 # peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) where they are not DEFAULT_TARGETS; None
@@ -101,6 +101,13 @@ def _int(v: Any) -> bool:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30
+
+
+def _token_indices(v: Any) -> bool:
+    """A list of token ids, or {layer name: list of token ids} (trainable_token_indices)."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _token_indices(x) and not isinstance(x, dict) for k, x in v.items())
+    return isinstance(v, list) and all(_int(x) and x >= 0 for x in v)
 
 
 def _rank(v: Any) -> bool:
@@ -226,6 +233,10 @@ class LoraConfig(PeftConfig):
         for name, (check, expected) in _CHECKS.items():
             if not check(getattr(self, name)):
                 raise AdapterError(f"LoraConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+        tokens = self.extra.get("trainable_token_indices")
+        if tokens is not None and not _token_indices(tokens):
+            raise AdapterError("LoraConfig: trainable_token_indices must be a list of token ids or an object of "
+                               f"layer name -> token ids, got {tokens!r}")  # fmt: skip
         if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
             raise AdapterError("LoraConfig: lora_bias=True works with init_lora_weights True or False and without DoRA, "
                                f"as peft (got init_lora_weights={self.init_lora_weights!r}, use_dora={self.use_dora})")  # fmt: skip

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import AdapterError
 from .config import CLASSIFIER_NAMES, LINEAR, LoraConfig, default_targets
 from .layers import AdapterLayer, LoraEmbedding, LoraLinear
+from .tokens import TrainableTokensWrapper, targets
 
 
 class ModulesToSave(nn.Module):
@@ -50,6 +51,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Wrap every targeted Linear in a LoraLinear, every targeted Embedding in a LoraEmbedding (or add an adapter to
     an existing one); return their names."""
+    check_tokens(model, config)
     if config.target_modules is None:  # peft fills in the model type's default (and saves it)
         config.target_modules = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     targeted = []
@@ -62,6 +64,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             or isinstance(module, ModulesToSave)
             or ".modules_to_save." in name
             or ".original_module" in name
+            or ".token_adapter" in name
         ):
             continue
         else:
@@ -99,7 +102,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             if mod_name and (mod_name == name or mod_name.endswith(f".{name}")):
                 if isinstance(module, AdapterLayer) or ".base_layer" in mod_name or ".lora_" in mod_name:
                     raise AdapterError(f"modules_to_save entry {name!r} is also a LoRA target ({mod_name})")
-                if ".modules_to_save." in mod_name or ".original_module" in mod_name:
+                if (
+                    ".modules_to_save." in mod_name
+                    or ".original_module" in mod_name
+                    or ".token_adapter" in mod_name
+                ):
                     continue
                 wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
                 if wrapper is not module:
@@ -108,4 +115,51 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                 found = True
         if not found and not (config.task_type == "SEQ_CLS" and name in CLASSIFIER_NAMES):
             raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
+    if config.extra.get("trainable_token_indices"):
+        wrap_tokens(model, config, adapter_name)
     return targeted
+
+
+def _named(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The module named `name` (or ending in it), as peft's strict module check finds it."""
+    for full, module in model.named_modules():
+        if full == name or full.endswith(f".{name}"):
+            return full, module
+    raise AdapterError(f"trainable_token_indices names {name!r}, which matches no module of the model")
+
+
+def check_tokens(model: nn.Module, config: LoraConfig) -> None:
+    """Before anything is wrapped: trainable_token_indices names modules that exist and that modules_to_save
+    does not train whole."""
+    for name in targets(model, config.extra.get("trainable_token_indices") or {}):
+        full, _ = _named(model, name)
+        whole = [m for m in config.modules_to_save or [] if full == m or full.endswith(f".{m}")]
+        if whole:
+            raise AdapterError(f"the layer {full!r} is both in modules_to_save ({whole[0]!r}: trained whole) and "
+                               "in trainable_token_indices: name it in one of them")  # fmt: skip
+
+
+def wrap_tokens(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """peft's trainable_token_indices: the named layers (the input embeddings for a list) train those rows; an
+    output layer tied to the input embeddings follows them (peft's tied adapter) unless it is named with other
+    indices."""
+    chosen = targets(model, config.extra["trainable_token_indices"])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and _base(head).weight is _base(emb).weight
+    found = {name: _named(model, name) for name in chosen}
+    rows = next((chosen[n] for n, (_, m) in found.items() if m is emb), None)
+    for name, (full, module) in found.items():
+        if tied and module is head and chosen[name] == rows:
+            continue  # the tied output layer follows the embeddings' rows (below)
+        wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
+        if wrapper is not module:
+            _set_module(model, full, wrapper)
+        wrapper.token_adapter.add_adapter(adapter_name, indices=chosen[name])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if tied and isinstance(emb, TrainableTokensWrapper) and not isinstance(head, TrainableTokensWrapper):
+        full = next(n for n, m in model.named_modules() if m is head)
+        _set_module(model, full, TrainableTokensWrapper(head, tied=emb))
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, TrainableTokensWrapper) else module

@@ -87,7 +87,8 @@ class PeftAdapterMixin:
             raise
         self.set_adapter(name)
         for pname, p in self.named_parameters():
-            if adapters.of_adapter(pname, name) and (".lora_" in pname or ".modules_to_save." in pname):
+            trained = ".lora_" in pname or ".modules_to_save." in pname or adapters.TOKEN_ROWS in pname
+            if adapters.of_adapter(pname, name) and trained:
                 p.requires_grad_(is_trainable)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -96,7 +97,7 @@ class PeftAdapterMixin:
         self._check_names(names)
         adapters.activate(self, names)
         for pname, p in self.named_parameters():
-            if ".lora_" in pname:
+            if ".lora_" in pname or adapters.TOKEN_ROWS in pname:
                 p.requires_grad_(any(adapters.of_adapter(pname, n) for n in names))
 
     def active_adapters(self) -> list[str]:

@@ -22,6 +22,7 @@ from .config import CLASSIFIER_NAMES, LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .inject import ModulesToSave, _set_module, inject_adapter
 from .layers import AdapterLayer
+from .tokens import TrainableTokensWrapper
 
 logger = logging.getLogger("autolm")
 
@@ -179,6 +180,8 @@ class PeftModel(_Forwarding):
                             f"NaNs (or infinities) detected in the merged weights: the adapter {name!r} seems broken"
                         )
             layer.merge(adapter_names=names)
+        for wrapper in adapters.token_wrappers(self._model):
+            wrapper.merge(safe_merge, names)
         if any(
             not layer.base_layer.weight.is_floating_point() for layer in adapters.lora_layers(self._model)
         ):
@@ -187,7 +190,7 @@ class PeftModel(_Forwarding):
                            "in floating point for the exact sum)")  # fmt: skip
 
     def unmerge_adapter(self) -> None:
-        for layer in adapters.lora_layers(self._model):
+        for layer in adapters.lora_layers(self._model) + adapters.token_wrappers(self._model):
             layer.unmerge()
 
     def merge_and_unload(
@@ -201,7 +204,7 @@ class PeftModel(_Forwarding):
         """Remove every LoRA layer (without merging, unless already merged) and return the base model."""
         model = self._model
         for name, module in list(model.named_modules()):
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, (AdapterLayer, TrainableTokensWrapper)):
                 if module.merged_adapters and not keep_merged:
                     module.unmerge()
                 _set_module(model, name, module.base_layer)

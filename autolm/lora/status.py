@@ -13,6 +13,7 @@ from ..errors import AdapterError
 from .adapters import adapter_params
 from .inject import ModulesToSave
 from .layers import AdapterLayer, LoraEmbedding
+from .tokens import TrainableTokensWrapper
 
 Irregular = Literal["irregular"]
 
@@ -56,7 +57,13 @@ def _one(values) -> bool | Irregular:
 
 def _layer(name: str, module: nn.Module) -> TunerLayerStatus:
     params = adapter_params(module)
-    if isinstance(module, ModulesToSave):
+    if isinstance(
+        module, TrainableTokensWrapper
+    ):  # peft reports its token_adapter (a tied one: the rows it follows)
+        name, kind = f"{name}.token_adapter", "TrainableTokensLayer"
+        params = {k: [p] for k, p in module.token_adapter.source.trainable_tokens_delta.items()}
+        active, merged = list(module.active_adapters), list(module.merged_adapters)
+    elif isinstance(module, ModulesToSave):
         kind, active, merged = (
             "ModulesToSaveWrapper",
             [module.active_adapter] if module.active_adapter else [],
@@ -81,7 +88,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """Each LoRA layer's and modules_to_save wrapper's status, in module order (a PeftModel's names start with
     base_model.model, as peft's)."""
     root = model.base_model if hasattr(model, "get_base_model") else model  # a PeftModel: its LoraModel
-    out = [_layer(n, m) for n, m in root.named_modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+    kinds = (AdapterLayer, ModulesToSave, TrainableTokensWrapper)
+    out = [_layer(n, m) for n, m in root.named_modules() if isinstance(m, kinds)]
     if not out:
         raise AdapterError(
             "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT "
