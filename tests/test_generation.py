@@ -103,6 +103,23 @@ def test_min_new_tokens_blocks_eos(checkpoint):
     assert model.generate(ids, max_new_tokens=5, eos_token_id=first, min_new_tokens=3).shape[1] >= 7
 
 
+def test_transformers_settings_autolm_lacks_are_taken_off_or_refused(checkpoint):
+    """transformers' generate() settings: off values and settings that only change how it computes (low_memory,
+    max_cache_len, ...) are taken, as there; a feature autolm does not run is refused by name, as is a name
+    transformers does not know."""
+    directory, _ = checkpoint("qwen2_tied_bias")
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.tensor([[5, 9, 11]])
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    same = model.generate(ids, max_new_tokens=4, do_sample=False, force_words_ids=None, low_memory=True,
+                          max_cache_len=64, disable_compile=True, encoder_repetition_penalty=1.0)  # fmt: skip
+    assert torch.equal(same, want)
+    for kwargs, name in (({"encoder_repetition_penalty": 1.3}, "encoder_repetition_penalty"),
+                         ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"), ({"lowmemory": True}, "unknown")):  # fmt: skip
+        with pytest.raises(GenerationError, match=name):
+            model.generate(ids, max_new_tokens=2, **kwargs)
+
+
 def test_bad_arguments_are_clear():
     cfg = autolm.GenerationConfig()
     with pytest.raises(GenerationError, match="unknown arguments: foo"):

@@ -309,6 +309,8 @@ def test_auto_model_is_the_body_as_transformers(checkpoint, tmp_path, name):
     directory, _ = checkpoint(name)
     ref, got = (lib.AutoModel.from_pretrained(directory) for lib in (transformers, autolm))
     assert type(got).__name__ == type(ref).__name__ and got.lm_head is None
+    assert len(got.layers) == len(ref.layers) and got.embed_tokens is got.get_input_embeddings()
+    assert got.norm.weight.shape == ref.norm.weight.shape  # the body's modules where transformers has them
     batch = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
     mask = (batch != 0).long()
     with torch.no_grad():

@@ -26,7 +26,14 @@ _UNSUPPORTED = {
     "diversity_penalty": (None, 0, 0.0),
     "watermarking_config": (None,),
     "token_healing": (None, False),
+    "encoder_repetition_penalty": (None, 1, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "assistant_early_exit": (None,),
+    "use_mtp": (None, False),
 }
+# transformers settings that change how it computes or caches, not what it generates: taken and left alone
+_INERT = ("low_memory", "cache_config", "compile_config", "disable_compile", "max_cache_len", "prefill_chunk_size",
+          "continuous_batching_config", "is_assistant", "decoder_start_token_id", "transformers_version")  # fmt: skip
 
 
 @dataclass
@@ -88,7 +95,10 @@ class GenerationMixin:
             cfg.update(
                 defaults_only=True, **{k: v for k, v in own.to_diff_dict().items() if k in cfg.names()}
             )
-        return cfg.with_defaults().updated(**kwargs)
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in _UNSUPPORTED or k in _INERT}
+        cfg = cfg.with_defaults().updated(**kwargs)
+        cfg.extra.update(extra)
+        return cfg
 
     def can_generate(self) -> bool:
         """True: every autolm model generates."""

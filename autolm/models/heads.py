@@ -79,6 +79,17 @@ class BaseModel(Headless):
         return self.base_model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                                output_attentions, output_hidden_states, return_dict, cache_position)  # fmt: skip
 
+    def __getattr__(self, name: str):
+        """The body's modules as attributes (`model.layers`, `model.embed_tokens`, `model.norm`), where
+        transformers' base model holds them itself."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            body = self._modules.get(self.base_model_prefix)
+            if body is not None and name in body._modules:
+                return body._modules[name]
+            raise
+
     def adapter_key(self, key: str) -> str:
         """An adapter tensor's name in peft's file for this model: the body's prefix dropped."""
         return key.removeprefix(self.base_model_prefix + ".")
