@@ -33,7 +33,8 @@ def _train(lib, lib_peft, directory, out, tokens):
         model, lib_peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=tokens)
     )
     torch.manual_seed(1)
-    for n, p in pm.named_parameters():  # the same LoRA weights in both (B non-zero: every piece moves the logits)
+    # the same LoRA weights in both (B non-zero: every piece moves the logits)
+    for n, p in pm.named_parameters():
         if ".lora_" in n:
             torch.nn.init.normal_(p, std=0.02)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
