@@ -20,6 +20,7 @@ from test_server import KEY, NAME, serving
 import autolm
 
 TEXTS = ["hello world", "The capital of France is Paris.", "a"]
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def test_openai_and_langchain_embeddings(smol_dir, body):
             raw["object"] == "list" and raw["usage"]["prompt_tokens"] == 1 and raw["id"].startswith("embd-")
         )
         _scores_are_cosines(base, body, want)
+        _pooling_and_chat_embeddings(base, body, want)
         lc = OpenAIEmbeddings(model=NAME, base_url=base, api_key=KEY, check_embedding_ctx_length=False)
         torch.testing.assert_close(torch.tensor(lc.embed_query(TEXTS[1])), want[1], atol=1e-5, rtol=1e-5)
         assert len(lc.embed_documents(TEXTS)) == 3
@@ -115,6 +117,35 @@ def _scores_are_cosines(base: str, body, want: torch.Tensor) -> None:
     order = (want @ want[1]).argsort(descending=True)[:2].tolist()
     assert [r["index"] for r in ranked["results"]] == order and ranked["id"].startswith("rerank-")
     assert [r["document"]["text"] for r in ranked["results"]] == [TEXTS[i] for i in order]
+
+
+def _pooling_and_chat_embeddings(base: str, body, want: torch.Tensor) -> None:
+    """vLLM's /pooling on an embedding server (the embed task's vectors, token_embed's per token) and the chat
+    form of /v1/embeddings (the conversation through the chat template, no generation prompt)."""
+    url, headers, (model, tok) = base.removesuffix("/v1"), {"Authorization": f"Bearer {KEY}"}, body
+
+    def post(path, **json):
+        return httpx.post(url + path, headers=headers, json={"model": NAME, **json}, timeout=300).json()
+
+    pooled = post("/pooling", input=TEXTS)
+    assert pooled["id"].startswith("pool-") and [d["object"] for d in pooled["data"]] == ["pooling"] * 3
+    torch.testing.assert_close(torch.tensor([d["data"] for d in pooled["data"]]), want, atol=1e-4, rtol=1e-4)
+    per_token = post("/pooling", input=TEXTS[1], task="token_embed")["data"][0]["data"]
+    ids = tok(TEXTS[1], return_tensors="pt")
+    with torch.no_grad():
+        states = model(**ids).last_hidden_state[0].float()
+    torch.testing.assert_close(torch.tensor(per_token), F.normalize(states, dim=-1), atol=1e-4, rtol=1e-4)
+    assert "not supported" in post("/pooling", input="x", task="classify")["error"]["message"]
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    chat = post("/v1/embeddings", messages=messages)
+    rendered = tok(
+        tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False, return_tensors="pt"
+    )
+    with torch.no_grad():
+        last = model(**rendered).last_hidden_state[0, -1].float()
+    torch.testing.assert_close(torch.tensor(chat["data"][0]["embedding"]), F.normalize(last, dim=-1),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert chat["usage"]["prompt_tokens"] == rendered["input_ids"].shape[1]
 
 
 def test_pooling_config_and_matryoshka_dimensions(embed_dir, body):
@@ -159,6 +190,10 @@ def test_classify_serves_a_sequence_classifier(checkpoint, tmp_path):
         raw = httpx.post(
             url, headers=headers, json={"input": TEXTS[0], "use_activation": False}, timeout=300
         ).json()
+        pooled = httpx.post(base.removesuffix("/v1") + "/pooling", headers=headers,
+                            json={"input": TEXTS[0], "task": "token_classify"}, timeout=300).json()  # fmt: skip
+        chat = httpx.post(url, headers=headers, json={"messages": [{"role": "user", "content": TEXTS[1]}],
+                                                      "chat_template": TEMPLATE}, timeout=300).json()  # fmt: skip
     assert "cross-encoder with one" in several["error"]["message"]
     assert body["object"] == "list" and body["id"].startswith("classify-") and len(body["data"]) == 3
     for row, text in zip(body["data"], TEXTS):
@@ -170,6 +205,16 @@ def test_classify_serves_a_sequence_classifier(checkpoint, tmp_path):
     with torch.no_grad():
         logits = model(**tok(TEXTS[0], return_tensors="pt")).logits[0]
     torch.testing.assert_close(torch.tensor(raw["data"][0]["probs"]), logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # token_classify: the score head at every token
+        states = autolm.AutoModel.from_pretrained(tmp_path / "cls")(**tok(TEXTS[0], return_tensors="pt"))
+        every = model.score(states.last_hidden_state[0]).softmax(-1)
+    torch.testing.assert_close(torch.tensor(pooled["data"][0]["data"]), every, atol=1e-5, rtol=1e-5)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": TEXTS[1]}], chat_template=TEMPLATE, tokenize=False
+    )
+    with torch.no_grad():  # /classify's chat form: the conversation as the template renders it
+        want = model(**tok(rendered, add_special_tokens=False, return_tensors="pt")).logits[0].softmax(-1)
+    torch.testing.assert_close(torch.tensor(chat["data"][0]["probs"]), want, atol=1e-5, rtol=1e-5)
 
 
 def _cross_encoder(checkpoint, directory) -> None:

@@ -197,10 +197,10 @@ def sequence_classification(cls: type[CausalLM], family: str | None = None) -> t
 @cache
 def base_model(cls: type[CausalLM], family: str | None = None) -> type:
     """`<Family>Model` for a family's causal LM class: its body; a base model's checkpoint names its tensors
-    without the body's prefix, a causal LM's with it (its LM head skipped)."""
+    without the body's prefix, a causal LM's or a classifier's with it (its head skipped, as transformers does)."""
     p = cls.base_model_prefix
-    rules = CheckpointRules([*cls.checkpoint_rules.rules, Rename(rf"^(?!{p}\.|lm_head\.)", f"{p}.", rf"^{p}\.", ""),
-                             Ignored(r"lm_head\.weight")])  # fmt: skip
+    rules = CheckpointRules([*cls.checkpoint_rules.rules, Rename(rf"^(?!{p}\.|lm_head\.|score\.)", f"{p}.", rf"^{p}\.", ""),
+                             Ignored(r"(lm_head|score)\.weight")])  # fmt: skip
     name = (family or _family_name(cls)) + "Model"
     return type(name, (BaseModel, cls), {"checkpoint_rules": rules, "__module__": cls.__module__})
 

@@ -242,15 +242,53 @@ class _Activation(_Body):
         return next((v for v in (self.softmax, self.activation, self.use_activation) if v is not None), True)
 
 
+class _PooledChat(_ChatTemplateFields):
+    """The pooling endpoints' chat form: one conversation rendered by the chat template, as vLLM's (no
+    generation prompt unless asked)."""
+
+    model: StrictStr | None = None
+    add_generation_prompt: StrictBool = False
+    user: StrictStr | None = None
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    request_id: StrictStr | None = None
+
+
+class _Vectors(_Body):
+    """How vectors come back: floats or base64, and a Matryoshka model's dimensions."""
+
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
 class ClassificationRequest(_PooledInputs, _Activation):
     """POST /classify (a server started with --task classify)."""
 
 
-class EmbeddingRequest(_PooledInputs):
-    """POST /v1/embeddings (a server started with --task embed): the inputs, and the vectors' format."""
+class ClassificationChatRequest(_PooledChat, _Activation):
+    """POST /classify with messages: the conversation's classes (a reward model's score of it)."""
 
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+class EmbeddingRequest(_PooledInputs, _Vectors):
+    """POST /v1/embeddings (a server started with --task embed)."""
+
+
+class EmbeddingChatRequest(_PooledChat, _Vectors):
+    """POST /v1/embeddings with messages."""
+
+
+PoolingTask = Literal["embed", "classify", "token_embed", "token_classify"]
+
+
+class PoolingRequest(_PooledInputs, _Vectors, _Activation):
+    """POST /pooling, vLLM's generic pooling: `task` (default: the server's) picks what each input gives."""
+
+    task: PoolingTask | None = None
+
+
+class PoolingChatRequest(_PooledChat, _Vectors, _Activation):
+    """POST /pooling with messages."""
+
+    task: PoolingTask | None = None
 
 
 Texts = StrictStr | Annotated[list[StrictStr], Field(min_length=1)]

@@ -305,3 +305,18 @@ class RerankResponse(_Out):
     model: str
     usage: RerankUsage
     results: list[RerankResult]
+
+
+class PoolingData(_Out):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[list[float]] | list[float] | str  # per token for the token_* tasks; base64: float32, flattened
+
+
+class PoolingResponse(_Out):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: EmbeddingUsage

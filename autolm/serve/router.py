@@ -19,10 +19,14 @@ from .errors import APIError, bad_request
 from .openapi import Route, openapi_schema
 from .protocol import (
     ChatRequest,
+    ClassificationChatRequest,
     ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingChatRequest,
     EmbeddingRequest,
+    PoolingChatRequest,
+    PoolingRequest,
     RerankRequest,
     ScoreRequest,
     TokenizeChatRequest,
@@ -38,6 +42,7 @@ from .responses import (
     EmbeddingResponse,
     HealthResponse,
     ModelList,
+    PoolingResponse,
     RerankResponse,
     ScoreResponse,
     TokenizeResponse,
@@ -48,6 +53,7 @@ from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
 from .serving_embedding import ServingClassification, ServingEmbedding
 from .serving_models import ServingModels, ServingTokens
+from .serving_pooling import ServingPooling
 from .serving_score import ServingScores
 from .speculation import Speculation
 from .validation import Limits, parse
@@ -58,8 +64,9 @@ SCORE, RERANK = ("/score", "/v1/score"), ("/rerank", "/v1/rerank", "/v2/rerank")
 ROUTES = [
     Route("/v1/chat/completions", "post", (ChatRequest,), ChatCompletionResponse, ChatCompletionChunk),
     Route("/v1/completions", "post", (CompletionRequest,), CompletionResponse, CompletionChunk),
-    Route("/v1/embeddings", "post", (EmbeddingRequest,), EmbeddingResponse),
-    Route("/classify", "post", (ClassificationRequest,), ClassificationResponse),
+    Route("/v1/embeddings", "post", (EmbeddingRequest, EmbeddingChatRequest), EmbeddingResponse),
+    Route("/classify", "post", (ClassificationRequest, ClassificationChatRequest), ClassificationResponse),
+    Route("/pooling", "post", (PoolingRequest, PoolingChatRequest), PoolingResponse),
     *(Route(path, "post", (ScoreRequest,), ScoreResponse) for path in SCORE),
     *(Route(path, "post", (RerankRequest,), RerankResponse) for path in RERANK),
     Route("/v1/models", "get", (), ModelList, errors=("401",)),
@@ -120,6 +127,7 @@ def build_router(state: State, access: Access) -> APIRouter:
     chat, completion, embedding = ServingChat(state), ServingCompletion(state), ServingEmbedding(state)
     classification = ServingClassification(state)
     scores = ServingScores(state, embedding, classification)
+    pooled = ServingPooling(state, embedding, classification)
     models, tokens = ServingModels(state), ServingTokens(state)
     router = APIRouter()
 
@@ -139,11 +147,18 @@ def build_router(state: State, access: Access) -> APIRouter:
 
     @router.post("/v1/embeddings")
     async def embeddings(request: Request):
-        return await answer(embedding.create(await access.read(request, EmbeddingRequest)))
+        return await answer(
+            embedding.create(await access.read(request, EmbeddingRequest, EmbeddingChatRequest))
+        )
 
     @router.post("/classify")
     async def classify(request: Request):
-        return await answer(classification.create(await access.read(request, ClassificationRequest)))
+        body = await access.read(request, ClassificationRequest, ClassificationChatRequest)
+        return await answer(classification.create(body))
+
+    @router.post("/pooling")
+    async def pooling(request: Request):
+        return await answer(pooled.create(await access.read(request, PoolingRequest, PoolingChatRequest)))
 
     async def score(request: Request):
         return await answer(scores.score(await access.read(request, ScoreRequest)))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import APIError, bad_request
-from .protocol import ClassificationRequest, EmbeddingRequest
+from .protocol import ClassificationChatRequest, ClassificationRequest, EmbeddingChatRequest, EmbeddingRequest
 from .responses import (
     ClassificationData,
     ClassificationResponse,
@@ -71,21 +71,29 @@ class ServingPooled(Serving):
                               f"(start one with {wanted})", "model")  # fmt: skip
 
     def inputs(self, req) -> list[list[int]]:
-        """Token ids per input (texts encoded), truncated as asked and checked against the context."""
-        s, x = self.state, req.input
-        if isinstance(x, str) or (x and isinstance(x[0], str)):
-            rows = s.prompts.encode([x] if isinstance(x, str) else list(x), req.add_special_tokens, "input")
+        """Token ids per input (texts encoded, or the one conversation the chat template renders), truncated as
+        asked and checked against the context."""
+        s = self.state
+        if getattr(req, "messages", None):
+            rows, param = [s.prompts.chat(req).ids], "messages"
         else:
-            rows = [list(x)] if isinstance(x[0], int) else [list(r) for r in x]
-            bad = sorted({t for r in rows for t in r if t >= s.sampling.vocab})
-            if bad:
-                raise bad_request(f"'input' has ids outside this model's vocabulary of {s.sampling.vocab}: {bad[:20]}",
-                                  "input")  # fmt: skip
+            rows, param = self._ids(req), "input"
         keep = req.truncate_prompt_tokens
         if keep is not None:
             keep = s.sampling.context if keep == -1 else keep
             rows = [r[len(r) - keep :] if len(r) > keep else r for r in rows]
-        return self.checked(rows, "input")
+        return self.checked(rows, param)
+
+    def _ids(self, req) -> list[list[int]]:
+        s, x = self.state, req.input
+        if isinstance(x, str) or isinstance(x[0], str):
+            return s.prompts.encode([x] if isinstance(x, str) else list(x), req.add_special_tokens, "input")
+        rows = [list(x)] if isinstance(x[0], int) else [list(r) for r in x]
+        bad = sorted({t for r in rows for t in r if t >= s.sampling.vocab})
+        if bad:
+            raise bad_request(f"'input' has ids outside this model's vocabulary of {s.sampling.vocab}: {bad[:20]}",
+                              "input")  # fmt: skip
+        return rows
 
     def checked(self, rows: list[list[int]], param: str) -> list[list[int]]:
         """The rows, refused (naming `param`) when there are too many, one is empty or over the context, or they
@@ -135,19 +143,22 @@ class ServingEmbedding(ServingPooled):
         super().__init__(state)
         self.pooling = pooling_mode(getattr(getattr(self.base, "load_report", None), "directory", None))
 
-    async def create(self, req: EmbeddingRequest) -> EmbeddingResponse:
+    async def create(self, req: EmbeddingRequest | EmbeddingChatRequest) -> EmbeddingResponse:
         self.check(req)
-        size = self.base.config.hidden_size
-        cut = size if req.dimensions is None else self._dimensions(req.dimensions, size)
         rows = await self.state.off_loop(self.inputs, req)
-        vectors = await asyncio.to_thread(self.embed, rows)
-        if cut != size:
-            vectors = F.normalize(vectors[:, :cut], dim=-1)
+        vectors = await asyncio.to_thread(self.vectors, rows, req.dimensions)
         data = [
-            EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
+            EmbeddingData(index=i, embedding=encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
         ]
         return EmbeddingResponse(id=self.response_id(req), created=int(time.time()), model=self.state.name,
                                  data=data, usage=self.usage(rows))  # fmt: skip
+
+    def vectors(self, rows: list[list[int]], dimensions: int | None) -> torch.Tensor:
+        """The rows' normalised vectors, cut to a Matryoshka model's `dimensions` and normalised again."""
+        size = self.base.config.hidden_size
+        cut = size if dimensions is None else self._dimensions(dimensions, size)
+        vectors = self.embed(rows)
+        return vectors if cut == size else F.normalize(vectors[:, :cut], dim=-1)
 
     def embed(self, rows: list[list[int]]) -> torch.Tensor:
         """(inputs, hidden) pooled, normalised vectors."""
@@ -172,7 +183,8 @@ class ServingEmbedding(ServingPooled):
         return dimensions
 
 
-def _encoded(v: torch.Tensor, encoding: str) -> list[float] | str:
+def encoded(v: torch.Tensor, encoding: str) -> list | str:
+    """Floats (nested as the tensor is), or base64 of its float32 values, little-endian and flattened."""
     if encoding == "base64":
         return base64.b64encode(v.to(torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
     return v.tolist()
@@ -189,7 +201,7 @@ def activated(logits: torch.Tensor, on: bool = True) -> torch.Tensor:
 class ServingClassification(ServingPooled):
     prefix, tasks, api = "classify-", ("classify",), "Classification"
 
-    async def create(self, req: ClassificationRequest) -> ClassificationResponse:
+    async def create(self, req: ClassificationRequest | ClassificationChatRequest) -> ClassificationResponse:
         self.check(req)
         rows = await self.state.off_loop(self.inputs, req)
         logits = await asyncio.to_thread(self.logits, rows)
