@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -750,3 +751,63 @@ def test_lora_on_embeddings_computes_merges_and_trains_as_peft(checkpoint, tmp_p
         autolm.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(target_modules="all-linear")
     )
     assert not any("lora_embedding" in n for n, _ in lin.named_parameters())
+
+
+def test_mixed_adapter_batches_as_peft(checkpoint):
+    """peft's adapter_names: each row of a forward or a generation (greedy, beams) runs with its own adapter or
+    none ("__base__"), its LoRA layers and modules_to_save copy, as peft gives it and as the row alone gives it;
+    the mistakes peft refuses are refused."""
+    directory, _ = checkpoint(NAME)
+    ids = torch.tensor([[1, 5, 9, 7, 3, 5], [0, 0, 4, 8, 2, 6], [2, 3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    names = ["default", "__base__", "b"]
+    seen, models = [], []
+    for lib, lib_peft in _pair(directory):
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        )
+        pm.add_adapter(
+            "b", lib_peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], modules_to_save=["lm_head"])
+        )
+        if models:  # the same adapters as peft's
+            theirs = dict(models[0].named_parameters())
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if ".lora_" in n or ".modules_to_save." in n:
+                        p.copy_(theirs[n])
+        else:
+            _randomize_lora(pm)
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if ".modules_to_save." in n:
+                        p.add_(torch.randn_like(p))
+        pm.eval()
+        models.append(pm)
+        with torch.no_grad():
+            logits = pm(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        greedy = pm.generate(
+            input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False
+        )
+        beams = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=4, num_beams=2,
+                            do_sample=False)  # fmt: skip
+        seen.append((logits, greedy, beams))
+    torch.testing.assert_close(seen[1][0][mask.bool()], seen[0][0][mask.bool()], atol=1e-5, rtol=1e-5)
+    assert torch.equal(seen[1][1], seen[0][1]) and torch.equal(seen[1][2], seen[0][2])
+    pm = models[1]
+    for i, name in enumerate(names):  # each row as it runs alone with its adapter (or none)
+        with torch.no_grad(), pm.disable_adapter() if name == "__base__" else contextlib.nullcontext():
+            if name != "__base__":
+                pm.set_adapter(name)
+            alone = pm(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits
+        real = mask[i].bool()  # a padded position's logits are each run's arbitrary fill
+        torch.testing.assert_close(seen[1][0][i, real], alone[0, real], atol=1e-5, rtol=1e-5)
+    for bad, match in (
+        (["default", "nope", "b"], "non-existing adapter"),
+        ("default", "list of adapter names"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pm(input_ids=ids, attention_mask=mask, adapter_names=bad)
+    pm.train()
+    with pytest.raises(ValueError, match="training mode"):
+        pm(input_ids=ids, attention_mask=mask, adapter_names=names)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from .config import CLASSIFIER_NAMES, LINEAR, LoraConfig, default_targets
-from .layers import AdapterLayer, LoraEmbedding, LoraLinear
+from .layers import AdapterLayer, LoraEmbedding, LoraLinear, rows_of
 from .tokens import TrainableTokensWrapper, targets
 
 
@@ -23,6 +23,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # a mixed batch: each row's adapter (lora.mixed)
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -39,8 +40,14 @@ class ModulesToSave(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.row_adapters is None or self.disable_adapters:
+            return self._current()(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)  # rows of adapters without a copy here: the original
+        for name, rows in rows_of(self.row_adapters, x.device):
+            if name in self.modules_to_save:
+                out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
+        return out
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

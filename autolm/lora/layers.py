@@ -20,6 +20,14 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
+def rows_of(names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """(adapter, the indices of the rows naming it) for each adapter a mixed batch names."""
+    return [
+        (n, torch.tensor([i for i, m in enumerate(names) if m == n], device=device))
+        for n in dict.fromkeys(names)
+    ]
+
+
 class AdapterLayer(nn.Module):
     """What LoRA layers share: the base layer, the adapters' scalings, which run, which are merged, whether all are
     off, and DoRA's norms and merging. The subclasses register their adapters' modules after base_layer, in peft's
@@ -35,10 +43,20 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # a mixed batch: each row's adapter (lora.mixed)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def runs(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
+        """(adapter, the batch rows it applies to, None for all) for this forward: the active adapters that are
+        not merged, or in a mixed batch each adapter's rows."""
+        if self.row_adapters is None:
+            return [
+                (n, None) for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
+            ]
+        return [(n, rows) for n, rows in rows_of(self.row_adapters, x.device) if n in self.lora_A]
 
     def _placement(self) -> tuple[torch.device | None, torch.dtype]:
         """Where a new adapter's tensors go: the base weight's device (none for meta) and float dtype."""
@@ -243,17 +261,18 @@ class LoraLinear(AdapterLayer):
             if self.merged_adapters:
                 raise AdapterError("cannot disable adapters while they are merged: unmerge_adapter() first")
             return y
-        for name in self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                a = self.lora_A[name]
-                if name in self.lora_magnitude_vector:
-                    y = y + self._dora(name, x.to(a.weight.dtype), y).to(y.dtype)
-                    continue
-                y = (
-                    y
-                    + self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))).to(y.dtype)
-                    * self.scaling[name]
-                )
+        for name, rows in self.runs(x):
+            a = self.lora_A[name]
+            if name in self.lora_magnitude_vector:
+                y = y + self._dora(name, x.to(a.weight.dtype), y).to(y.dtype)
+                continue
+            part = x if rows is None else x[rows]
+            delta = self.lora_B[name](a(self.lora_dropout[name](part.to(a.weight.dtype)))).to(y.dtype)
+            y = (
+                y + delta * self.scaling[name]
+                if rows is None
+                else y.index_add(0, rows, delta, alpha=self.scaling[name])
+            )
         return y
 
     def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -336,15 +355,14 @@ class LoraEmbedding(AdapterLayer):
                 raise AdapterError("cannot disable adapters while they are merged: unmerge_adapter() first")
             return y
         base = self.base_layer
-        for name in self.active_adapters:
-            if name in self.lora_embedding_A and name not in self.merged_adapters:
-                a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-                rows = F.embedding(ids, a.t(), base.padding_idx, base.max_norm, base.norm_type,
-                                   base.scale_grad_by_freq, base.sparse)  # fmt: skip
-                delta = (rows @ b.t()) * self.scaling[name]
-                if name in self.lora_magnitude_vector:  # peft: m / n * (y so far) + m / n * delta
-                    scale = self.lora_magnitude_vector[name].weight / self._dora_norm(name, a.dtype)
-                    y = (scale * y.to(a.dtype) + scale * delta).to(y.dtype)
-                else:
-                    y = y + delta.to(y.dtype)
+        for name, rows in self.runs(ids):
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            picked = F.embedding(ids if rows is None else ids[rows], a.t(), base.padding_idx, base.max_norm,
+                                 base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip
+            delta = (picked @ b.t()) * self.scaling[name]
+            if name in self.lora_magnitude_vector:  # peft: m / n * (y so far) + m / n * delta
+                scale = self.lora_magnitude_vector[name].weight / self._dora_norm(name, a.dtype)
+                y = (scale * y.to(a.dtype) + scale * delta).to(y.dtype)
+            else:
+                y = y + delta.to(y.dtype) if rows is None else y.index_add(0, rows, delta.to(y.dtype))
         return y

@@ -9,6 +9,7 @@ parameter names and attribute paths equal peft's (`base_model.model.model.layers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from .config import CLASSIFIER_NAMES, LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .inject import ModulesToSave, _set_module, inject_adapter
 from .layers import AdapterLayer
+from .mixed import mixed_batch
 from .tokens import TrainableTokensWrapper
 
 logger = logging.getLogger("autolm")
@@ -51,11 +53,29 @@ class LoraModel(_Forwarding):
         self.model = model
         self.peft_config = peft_config
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """adapter_names: each row's adapter (peft's mixed batch, lora.mixed)."""
+        with _mixed(self.model, adapter_names, 1):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with _mixed(self.model, adapter_names, _rows_per_input(kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+
+def _mixed(model: nn.Module, adapter_names, repeat: int):
+    return contextlib.nullcontext() if adapter_names is None else mixed_batch(model, adapter_names, repeat)
+
+
+def _rows_per_input(kwargs: dict) -> int:
+    """The rows generate() runs per input: num_beams under beam search, else num_return_sequences."""
+    cfg = kwargs.get("generation_config")
+
+    def get(key: str) -> int:
+        value = kwargs.get(key, getattr(cfg, key, None))
+        return int(value) if value else 1
+
+    return get("num_beams") if get("num_beams") > 1 else get("num_return_sequences")
 
 
 class PeftModel(_Forwarding):
@@ -245,7 +265,7 @@ class PeftModel(_Forwarding):
         )
 
     def generate(self, *args, **kwargs):
-        return self._model.generate(*args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
 
     @property
     def config(self):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
+from .layers import rows_of
 
 
 class BufferDict(nn.Module):
@@ -107,6 +108,7 @@ class TrainableTokensWrapper(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # a mixed batch: each row's adapter (lora.mixed)
 
     @property
     def tied(self) -> bool:
@@ -131,7 +133,13 @@ class TrainableTokensWrapper(nn.Module):
         return self.token_adapter.merged_weight(self.running())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.token_adapter(x, self.running())
+        if self.row_adapters is None or self.disable_adapters:
+            return self.token_adapter(x, self.running())
+        out = self.token_adapter(x, [])
+        for name, rows in rows_of(self.row_adapters, x.device):
+            if name in self.available:
+                out = out.index_copy(0, rows, self.token_adapter(x[rows], [name]))
+        return out
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' rows into the base weight (the tied layer's weight is the same tensor)."""

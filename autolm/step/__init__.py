@@ -50,6 +50,12 @@ def _hooked(model: nn.Module) -> bool:
     )
 
 
+def _per_row(model: nn.Module) -> bool:
+    """Whether a module computes each row its own way for now (a mixed batch of LoRA adapters): the compiled
+    graphs hold the modules as they were traced, so the step runs eagerly."""
+    return any(getattr(m, "row_adapters", None) is not None for m in model.modules())
+
+
 def row_starts(cache, attention_mask) -> torch.Tensor | bool | None:
     """Each row's first real cache slot where the rows are left-padded (zeros, then ones, as wide as the cache
     holds); None where every slot is real; False where the mask has another shape (only masks serve it)."""
@@ -148,7 +154,11 @@ def decoder(model, cache, attention_mask: torch.Tensor | None = None) -> Callabl
         return lambda tokens, mask, positions, c: _static_step(base, tokens, mask, positions, c)
     if _one_token_ok(base, cache, attention_mask):
         eager = getattr(base, "decode_mode", "auto") == "eager" or os.environ.get("AUTOLM_EAGER", "0") != "0"
-        plan = None if eager or _hooked(base) else compiled_plan(base, batched=cache.batch_size > 1)
+        plan = (
+            None
+            if eager or _hooked(base) or _per_row(base)
+            else compiled_plan(base, batched=cache.batch_size > 1)
+        )
         return OneTokenStep(base, plan, row_starts(cache, attention_mask))
     return lambda tokens, mask, positions, c: model(
         tokens, attention_mask=mask, position_ids=positions, past_key_values=c
