@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -409,32 +410,59 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
     assert first and "Paris" in out
 
 
-def test_serve_with_an_adapter(home, smol_dir, adapters):
-    """`autolm serve MODEL --adapter NAME=PATH`: served under the adapter's name, with the adapter's text; with
-    --chat-template, chat requests rendered by it (here the message as it is: the completion's text)."""
+def test_serve_with_adapters(home, smol_dir, adapters):
+    """`autolm serve MODEL --adapter NAME=PATH ...`: as vLLM's --lora-modules, each adapter served by its name
+    beside the base model (/v1/models lists them with the base as parent); concurrent requests naming different
+    adapters (and the base) share the batch, each with its adapter's text; with --chat-template, chat requests
+    rendered by it (here the message as it is: the completion's text)."""
+    import concurrent.futures
+
     import httpx
 
     import autolm
     from autolm.bench.serving import running_server
     from autolm.lora import PeftModel
 
-    model = PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(smol_dir), adapters[0])
     tok = autolm.AutoTokenizer.from_pretrained(smol_dir)
-    want = autolm.generate_text(model, tok, "The capital of France is", max_new_tokens=8)
+    prompt = "The capital of France is"
+    model = PeftModel.from_pretrained(
+        autolm.AutoModelForCausalLM.from_pretrained(smol_dir), adapters[0], "mine"
+    )
+    model.load_adapter(adapters[1], "other")
+    want = {}
+    for name in ("mine", "other", None):
+        with model.disable_adapter() if name is None else contextlib.nullcontext():
+            if name is not None:
+                model.set_adapter(name)
+            want[name] = autolm.generate_text(model, tok, prompt, max_new_tokens=8)
+    assert len(set(want.values())) == 3  # each adapter changes the text
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    args = [smol_dir, "--adapter", f"mine={adapters[0]}", "--chat-template", template]
+    args = [
+        smol_dir,
+        "--adapter",
+        f"mine={adapters[0]}",
+        "--adapter",
+        f"other={adapters[1]}",
+        "--chat-template",
+        template,
+    ]
     with running_server(args, wait_s=300) as (base, _):
-        assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["mine"]
-        r = httpx.post(
-            base + "/v1/completions",
-            timeout=300,
-            json={"model": "mine", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
-        )
-        message = {"role": "user", "content": "The capital of France is"}
+        cards = httpx.get(base + "/v1/models").json()["data"]
+        served = cards[0]["id"]
+
+        def complete(name):
+            body = {"model": name or served, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+            return httpx.post(base + "/v1/completions", timeout=300, json=body).json()["choices"][0]["text"]
+
+        names = ["mine", "other", None, "other", "mine", None]
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            texts = list(pool.map(complete, names))
+        message = {"role": "user", "content": prompt}
         c = httpx.post(base + "/v1/chat/completions", timeout=300,
                        json={"model": "mine", "messages": [message], "max_tokens": 8, "temperature": 0})  # fmt: skip
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
-    assert c.status_code == 200 and c.json()["choices"][0]["message"]["content"] == want
+    assert [(m["id"], m["parent"]) for m in cards] == [(served, None), ("mine", served), ("other", served)]
+    assert texts == [want[n] for n in names]
+    assert c.status_code == 200 and c.json()["choices"][0]["message"]["content"] == want["mine"]
 
 
 def test_served_model_id_defaults_to_the_file_or_directory_name():

@@ -49,6 +49,14 @@ def _logprob_limit(text: str) -> int:
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        default=None,
+        help="vLLM's spelling of --adapter NAME=PATH: LoRA adapters each served by its name",
+    )
+    p.add_argument("--enable-lora", action="store_true", help="taken for vLLM's command lines (no effect)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -139,7 +147,8 @@ def _add_model(p: argparse.ArgumentParser, adapters: bool = True) -> None:
             "--adapter",
             action="append",
             metavar="[NAME=]PATH",
-            help="a LoRA adapter (peft format); repeat for several, the first is active",
+            help="a LoRA adapter (peft format); repeat for several, the first is active (serve: each "
+            "served by its name)",
         )
     _add_common(p)
 

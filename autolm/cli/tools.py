@@ -201,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     check_model_arg(args.model, args.device)
     check_draft(args)
-    adapters = parse_adapters(args.adapter)
+    adapters = parse_adapters((args.adapter or []) + (args.lora_modules or []))
     from ..serve import serve
     from ..serve.speculation import Speculation
 
@@ -220,9 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else None
     )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = args.model_name or (
-        adapters[0][0] if adapters else served_name(args.model, base.load_report.directory)
-    )
+    name = args.model_name or served_name(args.model, base.load_report.directory)  # adapters: by their names
     from ..serve.validation import Limits
 
     limits = Limits(args.max_prompts, args.max_prompt_tokens, args.max_n, args.max_logprobs)

@@ -263,16 +263,15 @@ class LoraLinear(AdapterLayer):
             return y
         for name, rows in self.runs(x):
             a = self.lora_A[name]
+            part = (x if rows is None else x[rows]).to(a.weight.dtype)
             if name in self.lora_magnitude_vector:
-                y = y + self._dora(name, x.to(a.weight.dtype), y).to(y.dtype)
-                continue
-            part = x if rows is None else x[rows]
-            delta = self.lora_B[name](a(self.lora_dropout[name](part.to(a.weight.dtype)))).to(y.dtype)
-            y = (
-                y + delta * self.scaling[name]
-                if rows is None
-                else y.index_add(0, rows, delta, alpha=self.scaling[name])
-            )
+                delta, scale = self._dora(name, part, y if rows is None else y[rows]).to(y.dtype), 1.0
+            else:
+                delta, scale = (
+                    self.lora_B[name](a(self.lora_dropout[name](part))).to(y.dtype),
+                    self.scaling[name],
+                )
+            y = y + delta * scale if rows is None else y.index_add(0, rows, delta, alpha=scale)
         return y
 
     def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -362,7 +361,9 @@ class LoraEmbedding(AdapterLayer):
             delta = (picked @ b.t()) * self.scaling[name]
             if name in self.lora_magnitude_vector:  # peft: m / n * (y so far) + m / n * delta
                 scale = self.lora_magnitude_vector[name].weight / self._dora_norm(name, a.dtype)
-                y = (scale * y.to(a.dtype) + scale * delta).to(y.dtype)
+                before = y if rows is None else y[rows]
+                after = (scale * before.to(a.dtype) + scale * delta).to(y.dtype)
+                y = after if rows is None else y.index_copy(0, rows, after)
             else:
                 y = y + delta.to(y.dtype) if rows is None else y.index_add(0, rows, delta.to(y.dtype))
         return y

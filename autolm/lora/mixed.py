@@ -23,8 +23,9 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def check(model: nn.Module, names) -> list[str]:
-    """The names, checked as peft checks them: a list of str, known adapters, in eval mode, none merged, no DoRA."""
+def check(model: nn.Module, names, strict: bool = True) -> list[str]:
+    """The names, checked as peft checks them: a list of str, known adapters, in eval mode, none merged, no DoRA
+    (peft's rule; strict=False lets DoRA adapters' rows run, as autolm's layers compute them per row too)."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise AdapterError(f"adapter_names must be a list of adapter names (one per row), got {names!r}")
     if model.training:
@@ -38,16 +39,30 @@ def check(model: nn.Module, names) -> list[str]:
         if getattr(m, "merged_adapters", None):
             raise AdapterError("Cannot pass `adapter_names` when there are merged adapters, please call "
                                "`unmerge_adapter` first.")  # fmt: skip
-        if isinstance(m, AdapterLayer) and any(n in m.lora_magnitude_vector for n in names):
+        if strict and isinstance(m, AdapterLayer) and any(n in m.lora_magnitude_vector for n in names):
             raise AdapterError("Cannot pass `adapter_names` when DoRA is enabled.")
     return list(names)
 
 
+def rows_per_input(kwargs: dict) -> int:
+    """The rows generate() runs per input: num_beams under beam search, else num_return_sequences."""
+    cfg = kwargs.get("generation_config")
+
+    def get(key: str) -> int:
+        value = kwargs.get(key, getattr(cfg, key, None))
+        return int(value) if value else 1
+
+    return get("num_beams") if get("num_beams") > 1 else get("num_return_sequences")
+
+
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, names, repeat: int = 1):
+def mixed_batch(model: nn.Module, names, repeat: int = 1, strict: bool = True):
     """Within the block each row runs with its adapter: `names` one per input, each repeated `repeat` times
-    (generate's rows: num_beams or num_return_sequences per input)."""
-    rows = [n for n in check(model, names) for _ in range(repeat)]
+    (generate's rows: num_beams or num_return_sequences per input); names None: the block runs as it is."""
+    if names is None:
+        yield
+        return
+    rows = [n for n in check(model, names, strict) for _ in range(repeat)]
     layers = _layers(model)
     for m in layers:
         m.row_adapters = rows

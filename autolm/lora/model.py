@@ -9,7 +9,6 @@ parameter names and attribute paths equal peft's (`base_model.model.model.layers
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from .config import CLASSIFIER_NAMES, LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .inject import ModulesToSave, _set_module, inject_adapter
 from .layers import AdapterLayer
-from .mixed import mixed_batch
+from .mixed import mixed_batch, rows_per_input
 from .tokens import TrainableTokensWrapper
 
 logger = logging.getLogger("autolm")
@@ -55,27 +54,12 @@ class LoraModel(_Forwarding):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """adapter_names: each row's adapter (peft's mixed batch, lora.mixed)."""
-        with _mixed(self.model, adapter_names, 1):
+        with mixed_batch(self.model, adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with _mixed(self.model, adapter_names, _rows_per_input(kwargs)):
+        with mixed_batch(self.model, adapter_names, rows_per_input(kwargs)):
             return self.model.generate(*args, **kwargs)
-
-
-def _mixed(model: nn.Module, adapter_names, repeat: int):
-    return contextlib.nullcontext() if adapter_names is None else mixed_batch(model, adapter_names, repeat)
-
-
-def _rows_per_input(kwargs: dict) -> int:
-    """The rows generate() runs per input: num_beams under beam search, else num_return_sequences."""
-    cfg = kwargs.get("generation_config")
-
-    def get(key: str) -> int:
-        value = kwargs.get(key, getattr(cfg, key, None))
-        return int(value) if value else 1
-
-    return get("num_beams") if get("num_beams") > 1 else get("num_return_sequences")
 
 
 class PeftModel(_Forwarding):

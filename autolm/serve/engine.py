@@ -24,7 +24,7 @@ from ..models import KVCache
 from ..step import decoder
 from .events import Delta, Entry, Failed, Finished, PromptLogprobs
 from .prefix import PrefixCache
-from .sequence import Sequence, entry
+from .sequence import Sequence, adapters_of, entry
 from .speculation import Speculation, eligible, speculative_step
 
 
@@ -136,15 +136,15 @@ class Engine:
         from there; the others are left to _prefill (and so are those asking for the prompt's logprobs)."""
         rows = []
         for s in seqs if self.prefix is not None else ():
-            blocks = self.prefix.lookup(s.prompt) if s.prompt_logprobs is None else []
+            blocks = self.prefix.lookup(s.prompt, s.adapter) if s.prompt_logprobs is None else []
             if not blocks:
                 continue
             cache = self.model.make_cache(1, len(s.prompt))
             s.reused = cache.length = self.prefix.fill(cache, 0, blocks)
             ids = torch.tensor([s.prompt[s.reused :]], device=self.model.device)
             positions = torch.arange(s.reused, len(s.prompt), device=ids.device)[None]
-            logits = self._chunked(ids, None, positions, cache, every=False)
-            self.prefix.store(s.prompt, cache, 0, 0)
+            logits = self._chunked([s], ids, None, positions, cache, every=False)
+            self.prefix.store(s.prompt, cache, 0, 0, s.adapter)
             self._first_token(s, logits[0, -1])
             rows.append((s, cache, 0))
         return rows
@@ -167,23 +167,23 @@ class Engine:
         ).to(dev)
         cache = self.model.make_cache(len(seqs), ids.shape[1])
         every = any(s.prompt_logprobs is not None for s in seqs)
-        logits = self._prefill_logits(ids, mask, cache, every)
+        logits = self._prefill_logits(seqs, ids, mask, cache, every)
         for j, s in enumerate(seqs):
             if self.prefix is not None:
-                self.prefix.store(s.prompt, cache, j, ids.shape[1] - len(s.prompt))
+                self.prefix.store(s.prompt, cache, j, ids.shape[1] - len(s.prompt), s.adapter)
             if s.prompt_logprobs is not None:
                 self._emit_prompt_logprobs(s, logits[j, ids.shape[1] - len(s.prompt) :])
             self._first_token(s, logits[j, -1])
         return cache
 
     def _prefill_logits(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, every: bool
+        self, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, every: bool
     ) -> torch.Tensor:
         """The model over left-padded prompts ids (B, T): logits (B, T, V) with every, else (B, 1, V)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self._chunked(ids, mask if not bool(mask.all()) else None, positions, cache, every)
+        return self._chunked(seqs, ids, mask if not bool(mask.all()) else None, positions, cache, every)
 
-    def _chunked(self, ids, mask, positions, cache: KVCache, every: bool) -> torch.Tensor:
+    def _chunked(self, seqs, ids, mask, positions, cache: KVCache, every: bool) -> torch.Tensor:
         """The model over ids (B, T) after what `cache` holds, prefill_chunk tokens per forward with a decode
         step of the running batch between two (its streams keep flowing while a long prompt is read): the
         logits of every position with `every`, else of the last (B, 1, V). mask covers the cache and ids."""
@@ -192,13 +192,14 @@ class Engine:
             if a and self.active:
                 self._interleave()
             b = min(a + self.prefill_chunk, T)
-            logits = self.model(
-                ids[:, a:b],
-                attention_mask=None if mask is None else mask[:, : start + b],
-                position_ids=positions[:, a:b],
-                past_key_values=cache,
-                logits_to_keep=0 if every else 1,
-            ).logits
+            with adapters_of(self.model, seqs):
+                logits = self.model(
+                    ids[:, a:b],
+                    attention_mask=None if mask is None else mask[:, : start + b],
+                    position_ids=positions[:, a:b],
+                    past_key_values=cache,
+                    logits_to_keep=0 if every else 1,
+                ).logits
             out.append(logits)
         return torch.cat(out, 1) if every else out[-1]
 
@@ -241,7 +242,8 @@ class Engine:
             self.mask[i, longest - s.cached :] = 1
         # the decode step for this batch (autolm.step: right-aligned rows take the one-token step, compiled
         # where the model's graphs are cached), until rows join or leave
-        self.decode = decoder(self.model, self.cache, self.mask)
+        with adapters_of(self.model, self.active):  # the step's kind is chosen under the rows' adapters
+            self.decode = decoder(self.model, self.cache, self.mask)
 
     def _gather(self, rows: list[tuple[KVCache, int, int]], longest: int) -> KVCache:
         """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens
@@ -264,13 +266,16 @@ class Engine:
         if not self.active or self._restart_crossing():
             return
         alone = eligible(self, self.speculation)
-        if alone is not None and speculative_step(self, alone, self.speculation):
-            return
+        if alone is not None:
+            with adapters_of(self.model, [alone]):
+                if speculative_step(self, alone, self.speculation):
+                    return
         dev = self.model.device
         tokens = torch.tensor([[s.last] for s in self.active], device=dev)
         positions = torch.tensor([[s.cached] for s in self.active], device=dev)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
-        logits = self._decode_logits(tokens, positions)
+        with adapters_of(self.model, self.active):
+            logits = self._decode_logits(tokens, positions)
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, seq in enumerate(self.active):
@@ -292,7 +297,8 @@ class Engine:
             s = self.active[i]
             ids = torch.tensor([s.prompt + s.tokens], device=self.model.device)
             replaced[i] = self.model.make_cache(1, ids.shape[1])
-            logits = recompute(self.model, ids, torch.ones_like(ids), replaced[i])
+            with adapters_of(self.model, [s]):
+                logits = recompute(self.model, ids, torch.ones_like(ids), replaced[i])
             s.cached += 1
             self.take(s, logits[0])
         self._rebuild(replaced=replaced)

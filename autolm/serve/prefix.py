@@ -38,20 +38,21 @@ class PrefixCache:
         self.bytes = 0
         self.hits = self.misses = 0  # prompt tokens reused / computed, for the logs and tests
 
-    def _chain(self, tokens: list[int], limit: int):
-        """(key, parent key, block tokens) of each whole block of tokens[:limit]."""
-        parent = 0
+    def _chain(self, tokens: list[int], limit: int, salt: str | None):
+        """(key, parent key, block tokens) of each whole block of tokens[:limit]; `salt` (a LoRA adapter's
+        name) starts a chain of its own, as the same tokens give other keys and values under an adapter."""
+        parent = 0 if salt is None else hash(("adapter", salt))
         for start in range(0, limit - limit % self.block, self.block):
             part = tuple(tokens[start : start + self.block])
             key = hash((parent, part))
             yield key, parent, part
             parent = key
 
-    def lookup(self, tokens: list[int]) -> list[_Block]:
+    def lookup(self, tokens: list[int], salt: str | None = None) -> list[_Block]:
         """The cached blocks the prompt starts with, longest chain first to last; at least its last token is
         left to compute (its logits choose the first new token)."""
         found = []
-        for key, parent, part in self._chain(tokens, len(tokens) - 1):
+        for key, parent, part in self._chain(tokens, len(tokens) - 1, salt):
             b = self.blocks.get(key)
             if b is None or b.parent != parent or b.tokens != part:
                 break
@@ -69,11 +70,11 @@ class PrefixCache:
             n += self.block
         return n
 
-    def store(self, tokens: list[int], cache, row: int, first: int) -> None:
+    def store(self, tokens: list[int], cache, row: int, first: int, salt: str | None = None) -> None:
         """Keep the whole blocks of a prompt whose keys and values sit in a cache row from slot `first` on."""
         if self.budget <= 0 or len({k.device for k in cache.keys}) > 1:  # blocks are stacked over layers
             return
-        for i, (key, parent, part) in enumerate(self._chain(tokens, len(tokens))):
+        for i, (key, parent, part) in enumerate(self._chain(tokens, len(tokens), salt)):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 continue

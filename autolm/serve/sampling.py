@@ -36,25 +36,29 @@ class Sampling:
 
     def __init__(self, model, tokenizer, model_name: str, eos):
         self.model, self.name = model, model_name
+        self.adapters = list(
+            getattr(model, "peft_config", None) or {}
+        )  # served by their names, as vLLM's LoRAs
         self.context = model.config.max_position_embeddings
         self.vocab = model.config.vocab_size
         self.eos_ids = GenerationConfig(eos_token_id=eos).eos_ids
         self.grammars = Grammars(tokenizer, self.vocab, self.eos_ids)
 
-    def check_model(self, req) -> None:
+    def check_model(self, req) -> str | None:
+        """The LoRA adapter the request's `model` names, None for the base model (or no name)."""
+        if req.model in self.adapters:
+            return req.model
         if req.model not in (None, self.name):
-            raise APIError(
-                404,
-                f"The model '{req.model}' does not exist; this server has '{self.name}'",
-                param="model",
-                code="model_not_found",
-            )
+            names = ", ".join(repr(n) for n in [self.name, *self.adapters])
+            raise APIError(404, f"The model '{req.model}' does not exist; this server has {names}", param="model",
+                           code="model_not_found")  # fmt: skip
+        return None
 
     def plan(
         self, req, prompts: list[list[int]], texts: list[str], emit_for, tools=None, fmt="hermes"
     ) -> Plan:
         """The Sequences of a request (best_of per prompt); emit_for(k) is the k-th sequence's event sink."""
-        self.check_model(req)
+        adapter = self.check_model(req)
         cfg = self._config(req, self._max_tokens(req, prompts))
         bias = self._token_ids(req, "logit_bias", [int(k) for k in req.logit_bias or {}])
         bias = dict(zip(bias, (float(v) for v in (req.logit_bias or {}).values())))
@@ -86,6 +90,7 @@ class Sampling:
                         stop_token_ids=stop_ids,
                         include_stop=req.include_stop_str_in_output,
                         skip_special=req.skip_special_tokens,
+                        adapter=adapter,
                     )
                 )
         return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..generation import GenerationConfig, LogitsProcessor, logits_processors
+from ..lora.mixed import BASE, mixed_batch
 from .events import Entry
 
 
@@ -45,6 +46,7 @@ class Sequence:
     skip_special: bool = True  # leave special tokens out of the text
     pending_ids: list[int] = field(default_factory=list)  # sampled tokens not yet emitted
     speculation: Any = None  # where its speculative candidates come from (autolm.serve.speculation)
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
     processors: Any = None  # the request's logits processors, built once from the fields above
 
@@ -79,3 +81,10 @@ def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
         alts = list(zip(ids.tolist(), values.tolist()))
     chosen = logp[token]
     return token, float(chosen), int((logp > chosen).sum()) + 1, alts
+
+
+def adapters_of(model, seqs: list[Sequence]):
+    """The context a forward over these rows runs in: each row with its LoRA adapter where the model has adapters
+    (autolm.lora.mixed; the decode step then runs eagerly)."""
+    names = [s.adapter or BASE for s in seqs] if getattr(model, "peft_config", None) else None
+    return mixed_batch(model, names, strict=False)

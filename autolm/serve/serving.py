@@ -5,6 +5,7 @@ streamed as server-sent events that always end with [DONE]."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -63,6 +64,7 @@ class State:
         # tokenizer's truncation settings are shared state).
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="autolm-tokenizer")
         self.closing = False  # SIGTERM: requests in flight end, new ones are refused
+        self.forward_lock = threading.Lock()  # the pooling endpoints' forwards, one at a time
 
     async def off_loop(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)

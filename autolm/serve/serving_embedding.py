@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
-import threading
 import time
 
 import torch
@@ -30,6 +30,25 @@ from .responses import (
 from .serving import Serving
 
 BATCH = 16  # inputs per forward
+
+
+def _running(model, adapter: str | None):
+    """The context in which `adapter` alone runs (None: no adapter) on a model with LoRA adapters."""
+    if not getattr(model, "peft_config", None):
+        return contextlib.nullcontext()
+    if adapter is None:
+        return model.disable_adapter()
+    return _switched(model, adapter)
+
+
+@contextlib.contextmanager
+def _switched(model, adapter: str):
+    before = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(before)
 
 
 def pooling_mode(directory: str | None) -> str:
@@ -56,19 +75,26 @@ class ServingPooled(Serving):
 
     def __init__(self, state):
         super().__init__(state)
-        self.lock = threading.Lock()  # one forward at a time on the model
         model = state.model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def check(self, req) -> None:
+    def compute(self, adapter: str | None, fn, *args):
+        """fn(*args) with the model to itself (one forward at a time, whichever endpoint) and the request's LoRA
+        adapter running (None: the base model)."""
+        with self.state.forward_lock, _running(self.state.model, adapter), torch.no_grad():
+            return fn(*args)
+
+    def check(self, req) -> str | None:
+        """The request's LoRA adapter (None: the base model), once the server can answer it."""
         s = self.state
-        s.sampling.check_model(req)
+        adapter = s.sampling.check_model(req)
         if s.closing:
             raise APIError(503, "the server is shutting down", type="service_unavailable")
         if s.task not in self.tasks:
             wanted = " or ".join(f"--task {t}" for t in self.tasks)
             raise bad_request(f"The model does not support {self.api} API: this server runs --task {s.task} "
                               f"(start one with {wanted})", "model")  # fmt: skip
+        return adapter
 
     def inputs(self, req) -> list[list[int]]:
         """Token ids per input (texts encoded, or the one conversation the chat template renders), truncated as
@@ -117,7 +143,7 @@ class ServingPooled(Serving):
     def hidden(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         """(final normed hidden states (B, T, h) in fp32, mask, lengths) per batch of BATCH inputs, left-padded."""
         out = []
-        with self.lock, torch.no_grad():
+        with torch.no_grad():
             for i in range(0, len(rows), BATCH):
                 part = rows[i : i + BATCH]
                 width = max(len(r) for r in part)
@@ -144,9 +170,9 @@ class ServingEmbedding(ServingPooled):
         self.pooling = pooling_mode(getattr(getattr(self.base, "load_report", None), "directory", None))
 
     async def create(self, req: EmbeddingRequest | EmbeddingChatRequest) -> EmbeddingResponse:
-        self.check(req)
+        adapter = self.check(req)
         rows = await self.state.off_loop(self.inputs, req)
-        vectors = await asyncio.to_thread(self.vectors, rows, req.dimensions)
+        vectors = await asyncio.to_thread(self.compute, adapter, self.vectors, rows, req.dimensions)
         data = [
             EmbeddingData(index=i, embedding=encoded(v, req.encoding_format)) for i, v in enumerate(vectors)
         ]
@@ -202,9 +228,9 @@ class ServingClassification(ServingPooled):
     prefix, tasks, api = "classify-", ("classify",), "Classification"
 
     async def create(self, req: ClassificationRequest | ClassificationChatRequest) -> ClassificationResponse:
-        self.check(req)
+        adapter = self.check(req)
         rows = await self.state.off_loop(self.inputs, req)
-        logits = await asyncio.to_thread(self.logits, rows)
+        logits = await asyncio.to_thread(self.compute, adapter, self.logits, rows)
         probs = activated(logits, req.activated())
         names = self.base.config.id2label or {}
         data = [ClassificationData(index=i, label=names.get(int(p.argmax()), f"LABEL_{int(p.argmax())}"),

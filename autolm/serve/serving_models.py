@@ -20,9 +20,12 @@ from .serving import Serving
 class ServingModels(Serving):
     def models(self) -> ModelList:
         s = self.state
-        return ModelList(
-            data=[ModelCard(id=s.name, created=s.created, root=s.name, max_model_len=s.sampling.context)]
-        )
+        cards = [ModelCard(id=s.name, created=s.created, root=s.name, max_model_len=s.sampling.context)]
+        cards += [  # the LoRA adapters, each served by its name, as vLLM lists them
+            ModelCard(id=a, created=s.created, root=a, parent=s.name, max_model_len=s.sampling.context)
+            for a in s.sampling.adapters
+        ]
+        return ModelList(data=cards)
 
     def health(self) -> HealthResponse:
         engine = self.state.engine

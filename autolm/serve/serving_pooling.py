@@ -29,7 +29,7 @@ class ServingPooling(ServingPooled):
         self.embedding, self.classification = embedding, classification
 
     async def create(self, req: PoolingRequest | PoolingChatRequest) -> PoolingResponse:
-        self.check(req)
+        adapter = self.check(req)
         task = req.task or self.state.task
         if task not in TASKS[self.state.task]:
             raise bad_request(f"Task {task} is not supported by this server (--task {self.state.task}): it does "
@@ -37,7 +37,7 @@ class ServingPooling(ServingPooled):
         if req.dimensions is not None and task != "embed":
             raise bad_request(f"'dimensions' is for the embed task, not {task}", "dimensions")
         rows = await self.state.off_loop(self.inputs, req)
-        outputs = await asyncio.to_thread(self._pool, task, rows, req)
+        outputs = await asyncio.to_thread(self.compute, adapter, self._pool, task, rows, req)
         data = [PoolingData(index=i, data=encoded(t, req.encoding_format)) for i, t in enumerate(outputs)]
         return PoolingResponse(id="pool-" + (req.request_id or uuid.uuid4().hex[:24]), created=int(time.time()),
                                model=self.state.name, data=data, usage=self.usage(rows))  # fmt: skip

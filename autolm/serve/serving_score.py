@@ -56,17 +56,16 @@ class ServingScores(ServingPooled):
 
     async def _run(self, first, second, req, names: tuple[str, str]) -> tuple[list[float], int]:
         """(a score per pair, the pairs' tokens): `first` broadcast over `second` where it is one text."""
-        self.check(req)
+        adapter = self.check(req)
         first = [first] if isinstance(first, str) else list(first)
         second = [second] if isinstance(second, str) else list(second)
         if len(first) > 1 and len(first) != len(second):
             raise bad_request(f"'{names[0]}' has {len(first)} texts and '{names[1]}' {len(second)}: the lengths "
                               "must be 1:1, 1:N or N:N", names[0])  # fmt: skip
         if self.state.task == "embed":
-            return await self._cosines(first, second, req, names)
-        return await self._cross_encoded(
-            first * len(second) if len(first) == 1 else first, second, req, names
-        )
+            return await self._cosines(first, second, req, names, adapter)
+        pairs = first * len(second) if len(first) == 1 else first
+        return await self._cross_encoded(pairs, second, req, names, adapter)
 
     def _encoded(self, texts: list[str], pairs: list[str] | None, req, param: str) -> list[list[int]]:
         """Token ids as the tokenizer encodes the texts (or text pairs), truncated by it to
@@ -78,22 +77,22 @@ class ServingScores(ServingPooled):
             kwargs["text_pair"] = pairs
         return self.checked(s.prompts.encode(texts, True, param, **kwargs), param)
 
-    async def _cosines(self, first, second, req, names) -> tuple[list[float], int]:
+    async def _cosines(self, first, second, req, names, adapter) -> tuple[list[float], int]:
         """Each text embedded once (a single text_1 against all of text_2); the tokens counted per pair, with
         the pad token between the two where the tokenizer has one, as vLLM counts them."""
         rows = await self.state.off_loop(self._encoded, first + second, None, req, names[1])
-        vectors = await asyncio.to_thread(self.embedding.embed, rows)
+        vectors = await asyncio.to_thread(self.compute, adapter, self.embedding.embed, rows)
         n, m = len(first), len(second)
         pick = [0] * m if n == 1 else list(range(n))
         pad = int(self.state.prompts.tokenizer.pad_token_id is not None)
         tokens = sum(len(rows[pick[i]]) + pad + len(rows[n + i]) for i in range(m))
         return F.cosine_similarity(vectors[pick], vectors[n:], dim=-1).tolist(), tokens
 
-    async def _cross_encoded(self, first, second, req, names) -> tuple[list[float], int]:
+    async def _cross_encoded(self, first, second, req, names, adapter) -> tuple[list[float], int]:
         labels = self.base.config.num_labels
         if labels != 1:
             raise bad_request(f"The model's classifier has {labels} labels: scoring pairs needs a cross-encoder "
                               "with one (num_labels=1); /classify gives each label's probability", "model")  # fmt: skip
         rows = await self.state.off_loop(self._encoded, first, second, req, names[1])
-        logits = await asyncio.to_thread(self.classification.logits, rows)
+        logits = await asyncio.to_thread(self.compute, adapter, self.classification.logits, rows)
         return activated(logits, req.activated())[:, 0].tolist(), sum(len(r) for r in rows)
