@@ -411,10 +411,11 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(home):
 
 
 def test_serve_with_adapters(home, smol_dir, adapters):
-    """`autolm serve MODEL --adapter NAME=PATH ...`: as vLLM's --lora-modules, each adapter served by its name
-    beside the base model (/v1/models lists them with the base as parent); concurrent requests naming different
-    adapters (and the base) share the batch, each with its adapter's text; with --chat-template, chat requests
-    rendered by it (here the message as it is: the completion's text)."""
+    """`autolm serve MODEL --lora-modules NAME=PATH` (--adapter's vLLM spelling): each adapter served by its name
+    beside the base model (/v1/models lists them with the base as parent), more loaded and unloaded at run time
+    with --allow-runtime-lora (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter); concurrent requests
+    naming different adapters (and the base) share the batch, each with its adapter's text; with
+    --chat-template, chat requests rendered by it (here the message as it is: the completion's text)."""
     import concurrent.futures
 
     import httpx
@@ -439,14 +440,20 @@ def test_serve_with_adapters(home, smol_dir, adapters):
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     args = [
         smol_dir,
-        "--adapter",
+        "--lora-modules",
         f"mine={adapters[0]}",
-        "--adapter",
-        f"other={adapters[1]}",
+        "--allow-runtime-lora",
         "--chat-template",
         template,
     ]
     with running_server(args, wait_s=300) as (base, _):
+        url = base.removesuffix("/v1")
+        loaded = httpx.post(
+            url + "/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": adapters[1]}
+        )
+        again = httpx.post(
+            url + "/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": adapters[1]}
+        )
         cards = httpx.get(base + "/v1/models").json()["data"]
         served = cards[0]["id"]
 
@@ -460,6 +467,14 @@ def test_serve_with_adapters(home, smol_dir, adapters):
         message = {"role": "user", "content": prompt}
         c = httpx.post(base + "/v1/chat/completions", timeout=300,
                        json={"model": "mine", "messages": [message], "max_tokens": 8, "temperature": 0})  # fmt: skip
+        unloaded = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "other"})
+        gone = httpx.post(
+            base + "/v1/completions", json={"model": "other", "prompt": prompt, "max_tokens": 2}
+        )
+        after = [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]]
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'other' added successfully."
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    assert unloaded.status_code == 200 and gone.status_code == 404 and after == [served, "mine"]
     assert [(m["id"], m["parent"]) for m in cards] == [(served, None), ("mine", served), ("other", served)]
     assert texts == [want[n] for n in names]
     assert c.status_code == 200 and c.json()["choices"][0]["message"]["content"] == want["mine"]

@@ -57,6 +57,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="vLLM's spelling of --adapter NAME=PATH: LoRA adapters each served by its name",
     )
     p.add_argument("--enable-lora", action="store_true", help="taken for vLLM's command lines (no effect)")
+    p.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        help="serve vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (also on with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as vLLM); for local use: anyone with the key loads files",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

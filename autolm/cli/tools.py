@@ -241,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         speculation=speculation,
         prefill_chunk=args.prefill_chunk,
         task=args.task,
+        runtime_lora=args.allow_runtime_lora,
     )
     return 0
 

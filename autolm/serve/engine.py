@@ -22,9 +22,9 @@ from ..generation import Detokenizer, choose
 from ..generation.restart import recompute, switch_length
 from ..models import KVCache
 from ..step import decoder
-from .events import Delta, Entry, Failed, Finished, PromptLogprobs
+from .events import Delta, Entry, Failed, Finished
 from .prefix import PrefixCache
-from .sequence import Sequence, adapters_of, entry
+from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry, gather
 from .speculation import Speculation, eligible, speculative_step
 
 
@@ -62,6 +62,18 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         self.pending.put(seq)
+
+    def call(self, fn) -> Work:
+        """fn() on the model's thread between two steps (the model changes only there): a future of its result."""
+        work = Work(fn)
+        self.pending.put(work)
+        return work
+
+    def drop_adapter(self, name: str) -> None:
+        """On the model's thread, before an adapter goes: the requests running with it end ('abort')."""
+        for seq in self.active:
+            if seq.adapter == name and not seq.cancelled:
+                self._finish(seq, "abort")
 
     def abort(self) -> None:
         """End every request in flight and waiting at the next step, each with a final 'abort' event, and
@@ -115,7 +127,13 @@ class Engine:
                 break
             if seq is None:  # stop() or abort(): those already taken are still prefilled, then ended
                 break
-            if not seq.cancelled:
+            if isinstance(seq, Work):  # for the model's thread between steps (loading an adapter, ...)
+                seq()
+            elif seq.adapter is not None and seq.adapter not in (
+                getattr(self.model, "peft_config", None) or {}
+            ):
+                self._finish(seq, "abort")  # its adapter was unloaded meanwhile
+            elif not seq.cancelled:
                 joined.append(seq)
         if not joined:
             return
@@ -172,7 +190,7 @@ class Engine:
             if self.prefix is not None:
                 self.prefix.store(s.prompt, cache, j, ids.shape[1] - len(s.prompt), s.adapter)
             if s.prompt_logprobs is not None:
-                self._emit_prompt_logprobs(s, logits[j, ids.shape[1] - len(s.prompt) :])
+                emit_prompt_logprobs(s, logits[j, ids.shape[1] - len(s.prompt) :])
             self._first_token(s, logits[j, -1])
         return cache
 
@@ -210,15 +228,6 @@ class Engine:
         except Exception as e:
             self._fail_active(e)
 
-    def _emit_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Each prompt token's logprob given the tokens before it (none for the first), as `echo` and
-        `prompt_logprobs` return them."""
-        entries: list[Entry | None] = [None]
-        for t in range(1, len(seq.prompt)):
-            logp = torch.log_softmax(logits[t - 1].float(), -1)
-            entries.append(entry(logp, seq.prompt[t], seq.prompt_logprobs))
-        seq.emit(PromptLogprobs(entries))
-
     def _rebuild(
         self, joined: list[tuple[Sequence, KVCache, int]] = (), replaced: dict[int, KVCache] | None = None
     ) -> None:
@@ -236,7 +245,7 @@ class Engine:
             self.cache, self.mask = None, None
             return
         longest = max(s.cached for s in self.active)
-        self.cache = self._gather(rows, longest)
+        self.cache = gather(self.model, rows, longest)
         self.mask = torch.zeros(len(self.active), longest, dtype=torch.long, device=self.model.device)
         for i, s in enumerate(self.active):
             self.mask[i, longest - s.cached :] = 1
@@ -244,19 +253,6 @@ class Engine:
         # where the model's graphs are cached), until rows join or leave
         with adapters_of(self.model, self.active):  # the step's kind is chosen under the rows' adapters
             self.decode = decoder(self.model, self.cache, self.mask)
-
-    def _gather(self, rows: list[tuple[KVCache, int, int]], longest: int) -> KVCache:
-        """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens
-        per row; each row's tokens copied in, right-aligned to the longest."""
-        cache = self.model.make_cache(len(rows), longest + 64)
-        for layer in range(len(cache.keys)):
-            for i, (c, r, n) in enumerate(rows):
-                if n:  # this row's last n tokens (B, n_kv, n, hd) into the slots just before `longest`
-                    src = slice(c.length - n, c.length)
-                    cache.keys[layer][i, :, longest - n : longest] = c.keys[layer][r, :, src]
-                    cache.values[layer][i, :, longest - n : longest] = c.values[layer][r, :, src]
-        cache.length = longest
-        return cache
 
     @torch.inference_mode()
     def _step(self) -> None:

@@ -77,6 +77,7 @@ def serve(
     speculation: Speculation | None = None,
     prefill_chunk: int = 512,
     task: str = "generate",
+    runtime_lora: bool = False,
 ) -> None:
     """Run the server until interrupted (see the module's docstring for the timeouts; `speculation`:
     autolm.serve.speculation; task "embed": an embedding model at /v1/embeddings, see create_app)."""
@@ -106,6 +107,7 @@ def serve(
         speculation=speculation,
         prefill_chunk=prefill_chunk,
         task=task,
+        runtime_lora=runtime_lora,
     )
     state = app.state.server
     timers: list[threading.Timer] = []

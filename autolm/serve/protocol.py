@@ -207,6 +207,21 @@ class TokenizeChatRequest(_ChatTemplateFields):
     return_token_strs: StrictBool | None = False
 
 
+class LoadLoRAAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (a server started with --allow-runtime-lora), as vLLM's."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+    load_inplace: StrictBool = False
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """POST /v1/unload_lora_adapter."""
+
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None
+
+
 class DetokenizeRequest(_Body):
     """POST /detokenize."""
 

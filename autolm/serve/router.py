@@ -25,12 +25,14 @@ from .protocol import (
     DetokenizeRequest,
     EmbeddingChatRequest,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     PoolingChatRequest,
     PoolingRequest,
     RerankRequest,
     ScoreRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
+    UnloadLoRAAdapterRequest,
 )
 from .responses import (
     ChatCompletionChunk,
@@ -186,6 +188,16 @@ def build_router(state: State, access: Access) -> APIRouter:
     async def detokenize(request: Request):
         return _json(await tokens.detokenize(await access.read(request, DetokenizeRequest)))
 
+    if state.runtime_lora:  # vLLM's routes under VLLM_ALLOW_RUNTIME_LORA_UPDATING: plain-text answers
+
+        @router.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request):
+            return Response(await models.load_adapter(await access.read(request, LoadLoRAAdapterRequest)))
+
+        @router.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request):
+            return Response(await models.unload_adapter(await access.read(request, UnloadLoRAAdapterRequest)))
+
     @router.get("/health")
     async def health():
         return _json(models.health())
@@ -211,11 +223,13 @@ def create_app(
     speculation: Speculation | None = None,
     prefill_chunk: int = 512,
     task: str = "generate",
+    runtime_lora: bool = False,
 ) -> FastAPI:
     """The FastAPI application serving `model` under `model_name`; prompts' keys and values are reused within
     `prefix_cache_mb` (autolm.serve.prefix; 0: off). engine_thread=False: the caller runs
     `app.state.server.engine.run()` (until the app shuts down); `speculation`: autolm.serve.speculation; `prefill_chunk`: prompt tokens per forward (autolm.serve.engine); task "embed": `model` is a body
-    (AutoModel) served at /v1/embeddings, "classify": a sequence classifier at /classify; neither generates."""
+    (AutoModel) served at /v1/embeddings, "classify": a sequence classifier at /classify; neither generates.
+    runtime_lora: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (a generating server)."""
     state = State(
         model,
         tokenizer,
@@ -228,6 +242,7 @@ def create_app(
         prefill_chunk,
         task,
     )
+    state.runtime_lora = runtime_lora and task == "generate"
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -36,13 +36,15 @@ class Sampling:
 
     def __init__(self, model, tokenizer, model_name: str, eos):
         self.model, self.name = model, model_name
-        self.adapters = list(
-            getattr(model, "peft_config", None) or {}
-        )  # served by their names, as vLLM's LoRAs
         self.context = model.config.max_position_embeddings
         self.vocab = model.config.vocab_size
         self.eos_ids = GenerationConfig(eos_token_id=eos).eos_ids
         self.grammars = Grammars(tokenizer, self.vocab, self.eos_ids)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters, each served by its name (as vLLM's LoRA modules)."""
+        return list(getattr(self.model, "peft_config", None) or {})
 
     def check_model(self, req) -> str | None:
         """The LoRA adapter the request's `model` names, None for the base model (or no name)."""

@@ -1,8 +1,10 @@
 """One request's completion as the engine runs it (`Sequence`: its settings, progress and where its events go),
-its logits processors, and log-probability entries."""
+its logits processors, log-probability entries, the rows' adapters and batch cache, and other work for the
+engine's thread (`Work`)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,7 @@ import torch
 
 from ..generation import GenerationConfig, LogitsProcessor, logits_processors
 from ..lora.mixed import BASE, mixed_batch
-from .events import Entry
+from .events import Entry, PromptLogprobs
 
 
 @dataclass
@@ -88,3 +90,42 @@ def adapters_of(model, seqs: list[Sequence]):
     (autolm.lora.mixed; the decode step then runs eagerly)."""
     names = [s.adapter or BASE for s in seqs] if getattr(model, "peft_config", None) else None
     return mixed_batch(model, names, strict=False)
+
+
+def emit_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+    """Each prompt token's logprob given the tokens before it (none for the first), as `echo` and
+    `prompt_logprobs` return them."""
+    entries: list[Entry | None] = [None]
+    for t in range(1, len(seq.prompt)):
+        logp = torch.log_softmax(logits[t - 1].float(), -1)
+        entries.append(entry(logp, seq.prompt[t], seq.prompt_logprobs))
+    seq.emit(PromptLogprobs(entries))
+
+
+def gather(model, rows: list[tuple], longest: int):
+    """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens per row;
+    each row's tokens (cache, row, count) copied in, right-aligned to the longest."""
+    cache = model.make_cache(len(rows), longest + 64)
+    for layer in range(len(cache.keys)):
+        for i, (c, r, n) in enumerate(rows):
+            if n:  # this row's last n tokens (B, n_kv, n, hd) into the slots just before `longest`
+                src = slice(c.length - n, c.length)
+                cache.keys[layer][i, :, longest - n : longest] = c.keys[layer][r, :, src]
+                cache.values[layer][i, :, longest - n : longest] = c.values[layer][r, :, src]
+    cache.length = longest
+    return cache
+
+
+class Work(concurrent.futures.Future):
+    """Something for the engine's thread to do between two steps besides a request (loading an adapter): fn(),
+    its result or error through this future."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __call__(self) -> None:
+        try:
+            self.set_result(self.fn())
+        except Exception as e:
+            self.set_exception(e)

@@ -3,9 +3,18 @@ version, health, and /tokenize and /detokenize (a prompt, or chat messages throu
 
 from __future__ import annotations
 
+import asyncio
+
 from .. import __version__
-from .errors import bad_request
-from .protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from ..errors import AutolmError, ResolveError
+from .errors import APIError, bad_request
+from .protocol import (
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    UnloadLoRAAdapterRequest,
+)
 from .responses import (
     DetokenizeResponse,
     HealthResponse,
@@ -41,6 +50,38 @@ class ServingModels(Serving):
     @staticmethod
     def version() -> VersionResponse:
         return VersionResponse(version=__version__)
+
+    async def load_adapter(self, req: LoadLoRAAdapterRequest) -> str:
+        """vLLM's /v1/load_lora_adapter: a peft adapter folder (or repo id) loaded beside the others on the
+        engine's thread, served by its name from the next request on."""
+        s, name = self.state, req.lora_name
+        if not name or not req.lora_path:
+            raise bad_request("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in s.sampling.adapters or name == s.name:
+            raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        try:
+            await asyncio.wrap_future(
+                s.engine.call(lambda: s.model.load_adapter(req.lora_path, adapter_name=name))
+            )
+        except (
+            AutolmError
+        ) as e:  # no such folder or repo: 404, as vLLM's "No adapter found"; one that does not fit: 400
+            missing = isinstance(e, ResolveError) or "adapter_config.json" in str(e)
+            raise APIError(404 if missing else 400, s.prompts.scrub(str(e)), param="lora_path") from None
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_adapter(self, req: UnloadLoRAAdapterRequest) -> str:
+        """vLLM's /v1/unload_lora_adapter: the requests running with it end ('abort'), then it goes."""
+        s, name = self.state, req.lora_name
+        if name not in s.sampling.adapters:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+
+        def remove() -> None:
+            s.engine.drop_adapter(name)
+            s.model.delete_adapter(name)
+
+        await asyncio.wrap_future(s.engine.call(remove))
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
 
 class ServingTokens(Serving):
