@@ -811,3 +811,52 @@ def test_mixed_adapter_batches_as_peft(checkpoint):
     pm.train()
     with pytest.raises(ValueError, match="training mode"):
         pm(input_ids=ids, attention_mask=mask, adapter_names=names)
+
+
+def test_peft_surface_beyond_peft_model(checkpoint):
+    """peft's inject_adapter_in_model (LoRA put into a plain model), LoraModel's disable_adapter_layers /
+    enable_adapter_layers and targeted_module_names, PeftModel's set_requires_grad, peft_type and modules_to_save,
+    and LoraLayer for isinstance checks: as peft's on the same checkpoint."""
+    directory, _ = checkpoint(NAME)
+    seen = []
+    for lib, lib_peft in _pair(directory):
+        injected = lib_peft.inject_adapter_in_model(
+            lib_peft.LoraConfig(r=4, target_modules=["q_proj"]),
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+        )
+        if seen:
+            _sync_lora(seen[0]["injected"], injected)
+        else:
+            _randomize_lora(injected)
+        pm = lib_peft.get_peft_model(
+            lib.AutoModelForCausalLM.from_pretrained(directory),
+            lib_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        )
+        _randomize_lora(pm)
+        with torch.no_grad():
+            adapted = _logits(pm)
+            pm.base_model.disable_adapter_layers()
+            off = _logits(pm)
+            pm.base_model.enable_adapter_layers()
+            on = _logits(pm)
+        pm.set_requires_grad("default", requires_grad=False)
+        seen.append({
+            "injected": injected,
+            "names": sorted(n for n, p in injected.named_parameters() if p.requires_grad),
+            "logits": injected(input_ids=IDS).logits.detach(),
+            "targets": sorted(pm.targeted_module_names),
+            "switch": (off, on, adapted),
+            "frozen": sum(p.requires_grad for p in pm.parameters()),
+            "attrs": (pm.peft_type == "LORA", pm.modules_to_save),
+            "layers": sum(isinstance(m, lib_peft.tuners.lora.LoraLayer if lib is not autolm else autolm.lora.LoraLayer)
+                          for m in pm.modules()),
+        })  # fmt: skip
+    ref, ours = seen
+    assert ours["names"] == ref["names"] and ours["targets"] == ref["targets"]
+    torch.testing.assert_close(ours["logits"], ref["logits"], atol=1e-5, rtol=1e-5)
+    off, on, adapted = ours["switch"]
+    torch.testing.assert_close(on, adapted)
+    torch.testing.assert_close(off, ref["switch"][0], atol=1e-5, rtol=1e-5)  # the base model's, as peft's
+    assert not torch.allclose(off, adapted)
+    assert ours["frozen"] == ref["frozen"] == 0 and ours["attrs"] == ref["attrs"] == (True, {"lm_head"})
+    assert ours["layers"] == ref["layers"] == 4

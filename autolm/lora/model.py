@@ -61,6 +61,18 @@ class LoraModel(_Forwarding):
         with mixed_batch(self.model, adapter_names, rows_per_input(kwargs)):
             return self.model.generate(*args, **kwargs)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The modules carrying LoRA adapters (peft's record of what the targets matched)."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, AdapterLayer)]
+
+    def disable_adapter_layers(self) -> None:
+        """Every adapter off (the base model computes) until enable_adapter_layers(), as peft's LoraModel."""
+        adapters.set_disabled(self.model, True)
+
+    def enable_adapter_layers(self) -> None:
+        adapters.set_disabled(self.model, False)
+
 
 class PeftModel(_Forwarding):
     """A base model with LoRA adapters; the API of peft's PeftModel."""
@@ -255,6 +267,24 @@ class PeftModel(_Forwarding):
     def config(self):
         return self._model.config
 
+    peft_type = "LORA"  # peft's PeftType.LORA (a str enum: equal to "LORA")
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules the adapters train whole (peft's union over them), None where none do."""
+        names = {n for c in self.peft_config.values() for n in c.modules_to_save or []}
+        return names or None
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """peft's: these adapters' weights train (or not); the others' are left as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"no adapter named {unknown[0]!r} (loaded: {sorted(self.peft_config)})")
+        for name in names:
+            for pname in adapters.disk_names(self._model, self.peft_config[name], name):
+                self._model.get_parameter(pname).requires_grad_(requires_grad)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = {id(p): p for p in self.parameters()}.values()
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -341,53 +371,3 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap targeted Linear layers with fresh LoRA adapters; the base model is frozen."""
     return PeftModel(model, peft_config, adapter_name)
-
-
-def get_peft_model_state_dict(
-    model: PeftModel, state_dict: dict | None = None, adapter_name: str = "default"
-) -> dict:
-    """peft's get_peft_model_state_dict: an adapter's tensors under their on-disk names (from `state_dict`, a
-    state dict of the PeftModel, when given)."""
-    if adapter_name not in model.peft_config:
-        raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(model.peft_config)})")
-    if state_dict is None:
-        return model.adapter_state_dict(adapter_name)
-    names = adapters.disk_names(model, model.peft_config[adapter_name], adapter_name)
-    return {names[k]: v for k, v in state_dict.items() if k in names}
-
-
-def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict, adapter_name: str = "default"):
-    """peft's set_peft_model_state_dict: load on-disk names into an adapter; returns load_state_dict's
-    (missing_keys, unexpected_keys) as peft does."""
-    if adapter_name not in model.peft_config:
-        raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(model.peft_config)})")
-    to_param = {
-        v: k for k, v in adapters.disk_names(model, model.peft_config[adapter_name], adapter_name).items()
-    }
-    return model.load_state_dict(
-        {to_param.get(k, k): v for k, v in peft_model_state_dict.items()}, strict=False
-    )
-
-
-def prepare_model_for_kbit_training(
-    model, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None,
-    auto_clear_cache: bool = True,
-):  # fmt: skip
-    """peft's preparation of a quantized model for LoRA: every parameter frozen, the fp16 / bf16 ones (norms,
-    embeddings, the head: whatever is not quantized) cast to fp32, and for a model with quantized layers (int8,
-    int4, GGUF blocks) gradient checkpointing on, with the embeddings' output requiring grad unless
-    use_reentrant=False. Returns the model."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.parameters():
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-    if auto_clear_cache and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    quantized = any(not b.is_floating_point() for b in model.buffers())
-    if quantized and use_gradient_checkpointing:
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.get("use_reentrant", True):
-            model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return model
