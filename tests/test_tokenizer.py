@@ -477,3 +477,22 @@ def test_special_tokens_declared_only_in_tokenizer_config_are_special(tmp_path):
     for skip in (False, True):
         assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
     assert len(tok) == len(ref)
+
+
+def test_text_target_and_model_max_length_as_transformers(tokenizers):
+    """text_target (labels beside the inputs, or alone) and model_max_length (transformers' huge default where the
+    config sets none, so min(tok.model_max_length, n) runs; a value set truncates), as transformers' tokenizer."""
+    ours, ref = tokenizers
+    for kwargs in (
+        {"text": ["a b", "c"], "text_target": ["x", "y z"], "padding": True},
+        {"text_target": "hello"},
+    ):
+        assert {k: list(v) for k, v in ours(**kwargs).items()} == {
+            k: list(v) for k, v in ref(**kwargs).items()
+        }
+    assert ours.model_max_length == ref.model_max_length and min(ours.model_max_length, 64) == 64
+    before, ours.model_max_length = ours.model_max_length, 16
+    try:
+        assert len(ours("a " * 40, truncation=True)["input_ids"]) == 16
+    finally:
+        ours.model_max_length = before

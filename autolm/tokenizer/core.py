@@ -20,6 +20,9 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
 
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length where a tokenizer's config sets none
+
+
 class Tokenizer(SpecialTokens, ChatTemplates):
     """Wraps a `tokenizers.Tokenizer` with transformers' calling conventions."""
 
@@ -64,7 +67,7 @@ class Tokenizer(SpecialTokens, ChatTemplates):
         self.padding_side = padding_side
         self.init_kwargs = init_kwargs or {}
         self.truncation_side = self.init_kwargs.get("truncation_side", "right")
-        self.model_max_length = model_max_length
+        self.max_length = model_max_length  # None: the tokenizer's config sets none
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.name_or_path = name_or_path
         names = self.init_kwargs.get("model_input_names")
@@ -113,10 +116,22 @@ class Tokenizer(SpecialTokens, ChatTemplates):
     ) -> list[str]:
         return self.backend.encode(text, pair, add_special_tokens=add_special_tokens).tokens
 
+    @property
+    def model_max_length(self) -> int:
+        """transformers' model_max_length: the config's, else its VERY_LARGE_INTEGER (int(1e30)), so code that
+        takes min(tok.model_max_length, n) runs."""
+        return self.max_length if self.max_length is not None else VERY_LARGE_INTEGER
+
+    @model_max_length.setter
+    def model_max_length(self, value: int | None) -> None:
+        self.max_length = None if value is None or value >= VERY_LARGE_INTEGER else int(value)
+
     def __call__(
         self,
-        text: str | Sequence,
+        text: str | Sequence | None = None,
         text_pair: str | Sequence | None = None,
+        text_target: str | Sequence | None = None,
+        text_pair_target: str | Sequence | None = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str | None = None,
@@ -135,7 +150,19 @@ class Tokenizer(SpecialTokens, ChatTemplates):
         verbose: bool = True,
     ) -> BatchEncoding:
         """Encode one text (or pair, or pre-split words) or a batch: truncate (with overflow windows of `stride`
-        tokens when return_overflowing_tokens), pad, and return lists or tensors, as transformers' fast tokenizer."""
+        tokens when return_overflowing_tokens), pad, and return lists or tensors, as transformers' fast tokenizer.
+        text_target (and text_pair_target): encoded the same way, their ids as `labels` (alone: the targets')."""
+        if text_target is not None:
+            kwargs = {k: v for k, v in locals().items() if k not in ("self", "text", "text_pair", "text_target",
+                                                                       "text_pair_target", "__class__")}  # fmt: skip
+            labels = self(text_target, text_pair_target, **kwargs)
+            if text is None:
+                return labels
+            out = self(text, text_pair, **kwargs)
+            out["labels"] = labels["input_ids"]
+            return out
+        if text is None:
+            raise TokenizerError("pass `text` or `text_target` to encode")
         batched = (
             isinstance(text, (list, tuple)) and bool(text) and isinstance(text[0], (list, tuple))
             if is_split_into_words
@@ -186,7 +213,7 @@ class Tokenizer(SpecialTokens, ChatTemplates):
                 raise TokenizerError(
                     f"truncation={truncation!r} is not supported (True or one of {_TRUNCATIONS})"
                 )
-            limit = max_length or self.model_max_length
+            limit = max_length or self.max_length
             if limit is None:
                 raise TokenizerError(
                     "truncation=True needs max_length (the tokenizer has no model_max_length)"
@@ -199,7 +226,7 @@ class Tokenizer(SpecialTokens, ChatTemplates):
             side = side or self.padding_side
             if side not in ("left", "right"):
                 raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
-            length = (max_length or self.model_max_length) if padding == "max_length" else None
+            length = (max_length or self.max_length) if padding == "max_length" else None
             pad = dict(direction=side, pad_id=self._pad_id(), pad_token=self.pad_token,
                        pad_type_id=self.pad_token_type_id, length=length, pad_to_multiple_of=multiple)  # fmt: skip
         backend = self.backend
@@ -261,7 +288,7 @@ class Tokenizer(SpecialTokens, ChatTemplates):
         rows = fields["input_ids"]
         target = max((len(r) for r in rows), default=0)
         if padding == "max_length":
-            target = max_length or self.model_max_length or target
+            target = max_length or self.max_length or target
         if pad_to_multiple_of and target % pad_to_multiple_of:
             target = (target // pad_to_multiple_of + 1) * pad_to_multiple_of
         side = padding_side or self.padding_side

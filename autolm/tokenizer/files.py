@@ -189,8 +189,8 @@ def write_tokenizer(tok, directory: str | os.PathLike) -> tuple[str, ...]:
     cfg["truncation_side"] = tok.truncation_side
     cfg["clean_up_tokenization_spaces"] = tok.clean_up_tokenization_spaces
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    if tok.model_max_length:
-        cfg["model_max_length"] = tok.model_max_length
+    if tok.max_length:
+        cfg["model_max_length"] = tok.max_length
     texts = dict(zip(TOKENIZER_FILES, (tok.backend.to_str(), json.dumps(cfg, indent=2, ensure_ascii=False))))
     texts.update(_template_texts(tok.chat_template))
     with atomic_directory(directory, owned=SAVED_FILES.__contains__) as tmp:
