@@ -43,6 +43,9 @@ class PretrainedConfig:
     # the activations (config `hidden_act`) the family's modules implement
     activations: ClassVar[tuple[str, ...]] = ("silu", "swish")
     bool_fields: ClassVar[tuple[str, ...]] = ("tie_word_embeddings", "use_cache")
+    # fields this family's transformers config does not have: config.json gets them only where they say something
+    # (differ from their default; head_dim from hidden_size / num_attention_heads)
+    absent_keys: ClassVar[tuple[str, ...]] = ()
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -165,6 +168,8 @@ class PretrainedConfig:
                 continue
             if f.name in ("layer_types", "architectures") and getattr(self, f.name) is None:
                 continue  # transformers derives layer_types when absent; a null breaks its mask code for llama
+            if f.name in self.absent_keys and getattr(self, f.name) == self._implied(f):
+                continue
             out[self.attribute_map.get(f.name, f.name)] = getattr(self, f.name)
         if self.dtype is not None:
             out["dtype"] = str(self.dtype).removeprefix("torch.")
@@ -176,6 +181,12 @@ class PretrainedConfig:
         else:
             out["rope_parameters"] = rope
         return out
+
+    def _implied(self, f: dataclasses.Field) -> Any:
+        """A field's value where config.json does not give it."""
+        if f.name == "head_dim" and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
+            return self.hidden_size // self.num_attention_heads
+        return f.default
 
     def to_json_string(self, use_diff: bool = False) -> str:
         return (

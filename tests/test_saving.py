@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from conftest import VOCAB, hf_reference
 
 import autolm
@@ -32,6 +33,9 @@ def test_saved_checkpoint_loads_in_transformers_and_back(checkpoint, tmp_path, n
     model.save_pretrained(out, max_shard_size=shard)
     files = os.listdir(out)
     assert "config.json" in files and "generation_config.json" in files
+    saved = json.loads((out / "config.json").read_text())  # the keys transformers' config of the family has
+    theirs = set(json.loads(transformers.AutoConfig.from_pretrained(directory).to_json_string()))
+    assert set(saved) - theirs == set() and saved["dtype"] == str(dtype).removeprefix("torch.")
     if shard == "5GB":
         assert "model.safetensors" in files
     else:

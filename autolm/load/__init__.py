@@ -151,6 +151,7 @@ def _load(
         model = cls(config)
     if isinstance(target, torch.dtype):
         model = model.to(target)  # free on the meta device
+        config.dtype = target  # the dtype it runs in, as transformers records it
     placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp,
                      lora_config, source)  # fmt: skip
     placer.setup(model)

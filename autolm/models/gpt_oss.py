@@ -31,6 +31,11 @@ class GptOssConfig(LlamaConfig):
     """transformers' GptOssConfig."""
 
     model_type: ClassVar[str] = "gpt_oss"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "max_window_layers",
+        "mlp_bias",
+        "use_sliding_window",
+    )  # not in transformers' config: written when set
     default_theta: ClassVar[float] = 150000.0
     num_hidden_layers: int = 36
     num_local_experts: int = 128

@@ -24,6 +24,12 @@ class GraniteConfig(LlamaConfig):
     """transformers' GraniteConfig: Llama's fields and defaults plus the four multipliers."""
 
     model_type: ClassVar[str] = "granite"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "head_dim",
+        "max_window_layers",
+        "sliding_window",
+        "use_sliding_window",
+    )  # not in transformers' config: written when set
 
     embedding_multiplier: float = 1.0
     logits_scaling: float = 1.0

@@ -24,6 +24,11 @@ class LlamaConfig(PretrainedConfig):
     the Llama-shaped families differ in."""
 
     model_type: ClassVar[str] = "llama"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "max_window_layers",
+        "sliding_window",
+        "use_sliding_window",
+    )  # not in transformers' config: written when set
     bool_fields: ClassVar[tuple[str, ...]] = (
         *PretrainedConfig.bool_fields,
         "attention_bias",

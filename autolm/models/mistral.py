@@ -12,6 +12,12 @@ from .llama import LlamaConfig, LlamaForCausalLM
 @dataclass(repr=False)
 class MistralConfig(LlamaConfig):
     model_type: ClassVar[str] = "mistral"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "attention_bias",
+        "max_window_layers",
+        "mlp_bias",
+        "use_sliding_window",
+    )  # not in transformers' config: written when set
     intermediate_size: int = 14336
     num_key_value_heads: int | None = 8
     max_position_embeddings: int = 4096 * 32

@@ -21,6 +21,13 @@ class Olmo2Config(LlamaConfig):
     """transformers' Olmo2Config (OLMo's fields and defaults, rms_norm_eps 1e-5)."""
 
     model_type: ClassVar[str] = "olmo2"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "head_dim",
+        "max_window_layers",
+        "mlp_bias",
+        "sliding_window",
+        "use_sliding_window",
+    )  # not in transformers' config: written when set
 
     vocab_size: int = 50304
     rms_norm_eps: float = 1e-5

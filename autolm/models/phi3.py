@@ -25,6 +25,7 @@ class Phi3Config(PretrainedConfig):
     value whatever the RoPE parameters say (transformers gives the field priority)."""
 
     model_type: ClassVar[str] = "phi3"
+    absent_keys: ClassVar[tuple[str, ...]] = ("head_dim",)  # not in transformers' config: written when set
     partial_rotary_default: ClassVar[bool] = True  # Phi's default RoPE rotates only the partial dimensions
 
     vocab_size: int = 32064

@@ -13,6 +13,11 @@ from .llama import LlamaConfig, LlamaForCausalLM
 @dataclass(repr=False)
 class Qwen2Config(LlamaConfig):
     model_type: ClassVar[str] = "qwen2"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "attention_bias",
+        "head_dim",
+        "mlp_bias",
+    )  # not in transformers' config: written when set
     vocab_size: int = 151936
     intermediate_size: int = 22016
     max_position_embeddings: int = 32768

@@ -25,6 +25,11 @@ class QwenMoeConfig(LlamaConfig):
     """What Qwen 2 MoE and Qwen 3 MoE configs share: experts in every `decoder_sparse_step`-th layer but
     `mlp_only_layers`, top-k routing renormalised with `norm_topk_prob`."""
 
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "attention_bias",
+        "head_dim",
+        "mlp_bias",
+    )  # not in transformers' config: written when set
     bool_fields: ClassVar[tuple[str, ...]] = (*LlamaConfig.bool_fields, "norm_topk_prob")
     vocab_size: int = 151936
     hidden_size: int = 2048

@@ -13,6 +13,7 @@ from .qwen2 import Qwen2Config
 @dataclass(repr=False)
 class Qwen3Config(Qwen2Config):
     model_type: ClassVar[str] = "qwen3"
+    absent_keys: ClassVar[tuple[str, ...]] = ("mlp_bias",)  # not in transformers' config: written when set
     head_dim: int | None = 128
 
     qkv_bias = property(lambda self: self.attention_bias)

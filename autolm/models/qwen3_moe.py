@@ -19,6 +19,11 @@ class Qwen3MoeConfig(QwenMoeConfig):
     transformers writes it)."""
 
     model_type: ClassVar[str] = "qwen3_moe"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "head_dim",
+        "max_window_layers",
+        "mlp_bias",
+    )  # not in transformers' config: written when set
     attribute_map: ClassVar[dict[str, str]] = {"num_experts": "num_local_experts"}
     intermediate_size: int = 6144
     num_hidden_layers: int = 24

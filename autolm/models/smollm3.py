@@ -25,6 +25,10 @@ class SmolLM3Config(LlamaConfig):
     layer_types from both, as transformers derives them."""
 
     model_type: ClassVar[str] = "smollm3"
+    absent_keys: ClassVar[tuple[str, ...]] = (
+        "head_dim",
+        "max_window_layers",
+    )  # not in transformers' config: written when set
 
     vocab_size: int = 128256
     hidden_size: int = 2048
