@@ -280,3 +280,30 @@ def test_score_and_rerank_with_a_cross_encoder(checkpoint, tmp_path):
     torch.testing.assert_close(torch.tensor(truncated["data"][0]["score"]), want, atol=1e-5, rtol=1e-5)
     assert uneven.status_code == 400 and "1:1, 1:N or N:N" in uneven.json()["error"]["message"]
     assert classified["data"][0]["num_classes"] == 1
+
+
+def test_embeddings_with_a_lora_adapter_by_name(smol_dir, body, tmp_path):
+    """`autolm serve --task embed --adapter NAME=PATH`: /v1/embeddings with model NAME runs the adapter, with the
+    base model's name runs without it, as the body with and without its adapter gives them here."""
+    import autolm.lora
+
+    tok = body[1]
+    torch.manual_seed(0)
+    pm = autolm.lora.get_peft_model(
+        autolm.AutoModel.from_pretrained(smol_dir),
+        autolm.lora.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    pm.save_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        adapted = F.normalize(
+            pm(**tok(TEXTS[1], return_tensors="pt")).last_hidden_state[0, -1].float(), dim=-1
+        )
+    with serving(smol_dir, "--task", "embed", "--adapter", f"tuned={tmp_path / 'lora'}") as base:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+        names = [m.id for m in client.models.list().data]
+        tuned = client.embeddings.create(model="tuned", input=TEXTS[1]).data[0].embedding
+        plain = client.embeddings.create(model=names[0], input=TEXTS[1]).data[0].embedding
+    assert names[1:] == ["tuned"]
+    torch.testing.assert_close(torch.tensor(tuned), adapted, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(plain), _last_token(body, TEXTS[1]), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(adapted, _last_token(body, TEXTS[1]), atol=1e-3)
