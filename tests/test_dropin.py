@@ -363,8 +363,8 @@ def test_generate_returns_hidden_states_and_attentions(checkpoint):
 
 def test_generate_from_inputs_embeds(checkpoint):
     """generate(inputs_embeds=...) as soft-prompt and multimodal code calls it: the embeddings feed the prompt's
-    forward; the sequences hold the new tokens alone (input_ids first where given too), and max_length /
-    min_length count the embeddings' positions."""
+    forward (beam search too); the sequences hold the new tokens alone (input_ids first where given too), and
+    max_length / min_length count the embeddings' positions."""
     directory, _ = checkpoint(NAME)
     batch = torch.tensor([[0, 0, 17, 33, 5], [1, 17, 33, 5, 99]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -379,15 +379,20 @@ def test_generate_from_inputs_embeds(checkpoint):
         padded = model.get_input_embeddings()(batch)
         out.append(model.generate(inputs_embeds=padded, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                   pad_token_id=0))  # fmt: skip
+        out.append(model.generate(inputs_embeds=padded, attention_mask=mask, max_new_tokens=4, num_beams=3,
+                                  num_return_sequences=2, do_sample=False, pad_token_id=0))  # fmt: skip
         return out
 
     ref, got = _both(user_code)
     for r, g in zip(ref, got, strict=True):
         assert torch.equal(g, r), (g, r)
     assert got[0].shape == (1, 6) and got[2].shape == (1, IDS.shape[1] + 4) and got[3].shape == (2, 5)
+    assert got[4].shape == (4, 4)  # beam search from the embeddings too
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    with pytest.raises(autolm.errors.GenerationError, match="inputs_embeds cannot be used with beam search"):
-        model.generate(inputs_embeds=model.get_input_embeddings()(IDS), num_beams=2, max_new_tokens=2)
+    with pytest.raises(autolm.errors.GenerationError, match="inputs_embeds cannot be used with speculative"):
+        model.generate(
+            inputs_embeds=model.get_input_embeddings()(IDS), prompt_lookup_num_tokens=2, max_new_tokens=2
+        )
 
 
 # ---- peft -----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import GenerationError
 from .config import GenerationConfig
 from .decode import new_token_budget
 from .restart import is_stale, recompute
@@ -133,11 +134,15 @@ def beam_search(
     tokenizer=None,
     generator: torch.Generator | None = None,
     prefix_allowed_tokens_fn: Callable | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> BeamOutput:
-    """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers."""
+    """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers.
+    inputs_embeds (B, P', hidden): the first forward's input, input_ids then what the sequences start from (see
+    decode.embeds_prompt)."""
     cfg = cfg.with_defaults()
     nb, (B, P) = cfg.num_beams, input_ids.shape
-    max_len = P + new_token_budget(cfg, P, model.config.max_position_embeddings)
+    budget = new_token_budget(cfg, P, model.config.max_position_embeddings)
+    max_len = P + budget
     mask = attention_mask.repeat_interleave(nb, 0)
     procs = logits_processors(cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device)
     criteria = build_criteria(cfg, tokenizer, stopping_criteria, max_length=max_len)
@@ -146,9 +151,11 @@ def beam_search(
     keep_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
     scores, raw_logits = [], []
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = model.make_cache(B * nb, max_len)
-    first = input_ids.repeat_interleave(nb, 0)
-    out = model(first, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    cache = model.make_cache(B * nb, mask.shape[1] + budget)
+    first = {"input_ids": input_ids.repeat_interleave(nb, 0)}
+    if inputs_embeds is not None:
+        first = {"inputs_embeds": inputs_embeds.to(model.device).repeat_interleave(nb, 0)}
+    out = model(**first, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
     logits, pos, cur = out.logits[:, -1], positions[:, -1:] + 1, P
     while True:
         flat = beams.running[:, :, :cur].reshape(B * nb, cur)
@@ -166,6 +173,8 @@ def beam_search(
         pos = pos.index_select(0, beams.parent)
         tokens = beams.running[:, :, cur - 1].reshape(B * nb, 1)
         if is_stale(model, cache, mask.shape[1]):  # LongRoPE's switch: the whole sequence again
+            if inputs_embeds is not None:
+                raise GenerationError("beam search from inputs_embeds cannot cross LongRoPE's switch length")
             logits = recompute(model, beams.running[:, :, :cur].reshape(B * nb, cur), mask, cache)
         else:
             logits = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]

@@ -65,10 +65,10 @@ class GenerateOutput:
 
 
 def _refuse_with_embeds(cfg, speculative: bool, past_key_values) -> None:
-    """What generate(inputs_embeds=...) does not combine with here (transformers does): beams, speculation, a
-    cache given."""
-    what = ("beam search (num_beams > 1)" if cfg.num_beams > 1 else "speculative decoding" if speculative
-            else "past_key_values" if past_key_values is not None else None)  # fmt: skip
+    """What generate(inputs_embeds=...) does not combine with here (transformers does): speculation, a cache
+    given."""
+    what = ("speculative decoding" if speculative else "past_key_values" if past_key_values is not None
+            else None)  # fmt: skip
     if what is not None:
         raise GenerationError(f"inputs_embeds cannot be used with {what} in autolm: pass input_ids")
 
@@ -159,9 +159,8 @@ class GenerationMixin:
             if streamer is not None or past_key_values is not None:
                 what = "streamer" if streamer is not None else "past_key_values"
                 raise GenerationError(f"{what} cannot be used with beam search (num_beams > 1)")
-            out = beam_search(
-                self, input_ids, attention_mask, cfg, *custom, tokenizer, generator, prefix_allowed_tokens_fn
-            )
+            out = beam_search(self, input_ids, attention_mask, cfg, *custom, tokenizer, generator,
+                              prefix_allowed_tokens_fn, embeds)  # fmt: skip
             if not cfg.return_dict_in_generate:
                 return out.sequences
             best = out.sequences_scores if cfg.output_scores else None
