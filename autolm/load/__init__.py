@@ -149,9 +149,8 @@ def _load(
     target = want if isinstance(want, torch.dtype) else config_dtype(config)
     with torch.device("meta"):
         model = cls(config)
-    if isinstance(target, torch.dtype):
-        model = model.to(target)  # free on the meta device
-        config.dtype = target  # the dtype it runs in, as transformers records it
+    if isinstance(target, torch.dtype):  # free on the meta device; the config records it, as transformers'
+        model, config.dtype = model.to(target), target
     placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp,
                      lora_config, source)  # fmt: skip
     placer.setup(model)

@@ -83,16 +83,7 @@ def serve(
     autolm.serve.speculation; task "embed": an embedding model at /v1/embeddings, see create_app)."""
     import uvicorn
 
-    if not api_key and not _loopback(host):
-        message = (
-            f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
-            "model. Pass --api-key (or AUTOLM_API_KEY) or bind 127.0.0.1."
-        )
-        logger.warning(message)
-        print(message, file=sys.stderr, flush=True)
-    print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    if speculation is not None:
-        print(f"a request running alone decodes speculatively: {speculation}", file=sys.stderr, flush=True)
+    _announce(model_name, host, port, api_key, speculation)
     app = create_app(
         model,
         tokenizer,
@@ -142,6 +133,20 @@ def serve(
         for timer in timers:
             timer.cancel()
             timer.join()
+
+
+def _announce(model_name: str, host: str, port: int, api_key: str | None, speculation) -> None:
+    """Where it serves (on stderr), with a warning where anyone on the network could use it."""
+    if not api_key and not _loopback(host):
+        message = (
+            f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
+            "model. Pass --api-key (or AUTOLM_API_KEY) or bind 127.0.0.1."
+        )
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+    print(f"serving {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    if speculation is not None:
+        print(f"a request running alone decodes speculatively: {speculation}", file=sys.stderr, flush=True)
 
 
 def _run_beside(server, engine) -> None:

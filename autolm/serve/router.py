@@ -124,54 +124,27 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+async def _answer(result):
+    """A handler's awaited result as the response: a response as it is, a pydantic model as JSON."""
+    result = await result
+    if isinstance(result, Response):
+        return result
+    return Response(await asyncio.to_thread(result.model_dump_json), media_type="application/json")
+
+
 def build_router(state: State, access: Access) -> APIRouter:
     """The routes over the serving objects."""
-    chat, completion, embedding = ServingChat(state), ServingCompletion(state), ServingEmbedding(state)
-    classification = ServingClassification(state)
-    scores = ServingScores(state, embedding, classification)
-    pooled = ServingPooling(state, embedding, classification)
+    chat, completion = ServingChat(state), ServingCompletion(state)
     models, tokens = ServingModels(state), ServingTokens(state)
     router = APIRouter()
 
-    async def answer(result):
-        result = await result
-        if isinstance(result, Response):
-            return result
-        return Response(await asyncio.to_thread(result.model_dump_json), media_type="application/json")
-
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await answer(chat.create(await access.read(request, ChatRequest), request))
+        return await _answer(chat.create(await access.read(request, ChatRequest), request))
 
     @router.post("/v1/completions")
     async def completions(request: Request):
-        return await answer(completion.create(await access.read(request, CompletionRequest), request))
-
-    @router.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        return await answer(
-            embedding.create(await access.read(request, EmbeddingRequest, EmbeddingChatRequest))
-        )
-
-    @router.post("/classify")
-    async def classify(request: Request):
-        body = await access.read(request, ClassificationRequest, ClassificationChatRequest)
-        return await answer(classification.create(body))
-
-    @router.post("/pooling")
-    async def pooling(request: Request):
-        return await answer(pooled.create(await access.read(request, PoolingRequest, PoolingChatRequest)))
-
-    async def score(request: Request):
-        return await answer(scores.score(await access.read(request, ScoreRequest)))
-
-    async def rerank(request: Request):
-        return await answer(scores.rerank(await access.read(request, RerankRequest)))
-
-    for path in SCORE:
-        router.add_api_route(path, score, methods=["POST"])
-    for path in RERANK:
-        router.add_api_route(path, rerank, methods=["POST"])
+        return await _answer(completion.create(await access.read(request, CompletionRequest), request))
 
     @router.get("/v1/models")
     async def list_models(request: Request):
@@ -188,16 +161,6 @@ def build_router(state: State, access: Access) -> APIRouter:
     async def detokenize(request: Request):
         return _json(await tokens.detokenize(await access.read(request, DetokenizeRequest)))
 
-    if state.runtime_lora:  # vLLM's routes under VLLM_ALLOW_RUNTIME_LORA_UPDATING: plain-text answers
-
-        @router.post("/v1/load_lora_adapter")
-        async def load_lora_adapter(request: Request):
-            return Response(await models.load_adapter(await access.read(request, LoadLoRAAdapterRequest)))
-
-        @router.post("/v1/unload_lora_adapter")
-        async def unload_lora_adapter(request: Request):
-            return Response(await models.unload_adapter(await access.read(request, UnloadLoRAAdapterRequest)))
-
     @router.get("/health")
     async def health():
         return _json(models.health())
@@ -206,7 +169,57 @@ def build_router(state: State, access: Access) -> APIRouter:
     async def version():
         return _json(models.version())
 
+    _pooling_routes(router, state, access)
+    if state.runtime_lora:
+        _lora_routes(router, models, access)
     return router
+
+
+def _pooling_routes(router: APIRouter, state: State, access: Access) -> None:
+    """vLLM's pooling endpoints: /v1/embeddings, /classify, /pooling, /score and /rerank."""
+    embedding, classification = ServingEmbedding(state), ServingClassification(state)
+    scores, pooled = (
+        ServingScores(state, embedding, classification),
+        ServingPooling(state, embedding, classification),
+    )
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await _answer(
+            embedding.create(await access.read(request, EmbeddingRequest, EmbeddingChatRequest))
+        )
+
+    @router.post("/classify")
+    async def classify(request: Request):
+        body = await access.read(request, ClassificationRequest, ClassificationChatRequest)
+        return await _answer(classification.create(body))
+
+    @router.post("/pooling")
+    async def pooling(request: Request):
+        return await _answer(pooled.create(await access.read(request, PoolingRequest, PoolingChatRequest)))
+
+    async def score(request: Request):
+        return await _answer(scores.score(await access.read(request, ScoreRequest)))
+
+    async def rerank(request: Request):
+        return await _answer(scores.rerank(await access.read(request, RerankRequest)))
+
+    for path in SCORE:
+        router.add_api_route(path, score, methods=["POST"])
+    for path in RERANK:
+        router.add_api_route(path, rerank, methods=["POST"])
+
+
+def _lora_routes(router: APIRouter, models: ServingModels, access: Access) -> None:
+    """vLLM's runtime LoRA routes (VLLM_ALLOW_RUNTIME_LORA_UPDATING): plain-text answers."""
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return Response(await models.load_adapter(await access.read(request, LoadLoRAAdapterRequest)))
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return Response(await models.unload_adapter(await access.read(request, UnloadLoRAAdapterRequest)))
 
 
 def create_app(
