@@ -546,3 +546,17 @@ def test_first_run_with_a_home_it_cannot_write_still_answers(tmp_path, smol_gguf
     # the C++ kernels: a line before loading the blocks tries to build them, then the warning (no home for them)
     assert p.stderr.count("building the C++ kernels for this machine") == 1
     assert "building its C++ kernels failed" in p.stderr
+
+
+def test_serve_takes_vllms_spellings(monkeypatch):
+    """`autolm serve` takes vLLM's command-line spellings: --served-model-name, --lora-modules NAME=PATH ...,
+    --enable-lora, and VLLM_ALLOW_RUNTIME_LORA_UPDATING for --allow-runtime-lora."""
+    from autolm.cli import build_parser
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    args = build_parser().parse_args(
+        ["serve", "m", "--served-model-name", "x", "--enable-lora", "--lora-modules", "a=/p/a", "b=/p/b"]
+    )
+    assert args.model_name == "x" and args.lora_modules == ["a=/p/a", "b=/p/b"] and args.allow_runtime_lora
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    assert not build_parser().parse_args(["serve", "m"]).allow_runtime_lora

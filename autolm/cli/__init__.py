@@ -94,8 +94,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model-name",
+        "--served-model-name",
         default=None,
-        help="the model id clients use (default: the directory name, or a .gguf file's name without .gguf)",
+        help="the model id clients use (default: the directory name, or a .gguf file's name without .gguf); "
+        "--served-model-name is vLLM's spelling",
     )
     g = p.add_argument_group("limits on one request")
     g.add_argument(
