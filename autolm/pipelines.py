@@ -14,7 +14,8 @@ from .errors import GenerationError
 from .load import from_pretrained
 from .tokenizer import AutoTokenizer
 
-TASKS = ("text-generation", "text-classification", "sentiment-analysis")
+TASKS = ("text-generation", "text-classification", "sentiment-analysis", "feature-extraction")
+HEADS = {"text-generation": "causal_lm", "feature-extraction": "base"}  # the rest: sequence classification
 
 
 def _is_chat(x: Any) -> bool:
@@ -166,6 +167,29 @@ class TextClassificationPipeline:
         return ranked if top_k is None else ranked[:top_k]
 
 
+class FeatureExtractionPipeline:
+    """transformers' feature-extraction pipeline: per text the model's first output for it alone, as nested lists
+    (1, tokens, hidden), or tensors with return_tensors=True: the body's last_hidden_state for a model loaded by
+    name (AutoModel), as transformers loads it."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 1):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.task = "feature-extraction"
+
+    def __call__(self, inputs, return_tensors: bool = False, tokenize_kwargs: dict | None = None,
+                 truncation: bool | None = None, batch_size: int | None = None):  # fmt: skip
+        kwargs = dict(tokenize_kwargs or {})
+        if truncation is not None:
+            kwargs["truncation"] = truncation
+        out = []
+        for text in [inputs] if isinstance(inputs, str) else list(inputs):
+            enc = self.tokenizer(text, return_tensors="pt", **kwargs)
+            with torch.no_grad():
+                first = self.model(**{k: v.to(self.model.device) for k, v in enc.items()}, use_cache=False)[0]
+            out.append(first.cpu() if return_tensors else first.tolist())
+        return out[0] if isinstance(inputs, str) else out
+
+
 def pipeline(
     task: str,
     model=None,
@@ -176,8 +200,9 @@ def pipeline(
     model_kwargs: dict | None = None,
     batch_size: int = 1,
     **kwargs: Any,
-) -> TextGenerationPipeline | TextClassificationPipeline:
-    """transformers' `pipeline` for "text-generation" and "text-classification" (or "sentiment-analysis"): a
+) -> TextGenerationPipeline | TextClassificationPipeline | FeatureExtractionPipeline:
+    """transformers' `pipeline` for "text-generation", "text-classification" (or "sentiment-analysis") and
+    "feature-extraction": a
     model (or a folder / repo id to load one and its tokenizer from) and a tokenizer."""
     if task not in TASKS:
         raise GenerationError(f"pipeline: task {task!r} is not supported (autolm runs {', '.join(TASKS)})")
@@ -190,7 +215,7 @@ def pipeline(
             raise GenerationError("pipeline: pass model= (a model, a folder or a repo id)")
         name = os.fspath(model)
         dtype = torch_dtype if torch_dtype is not None else dtype
-        head = "causal_lm" if task == "text-generation" else "sequence_classification"
+        head = HEADS.get(task, "sequence_classification")
         model = from_pretrained(name, dtype=dtype, device=device, head=head, **(model_kwargs or {}))
         tokenizer = tokenizer if tokenizer is not None else name
     elif device is not None:
@@ -203,5 +228,5 @@ def pipeline(
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    kind = TextGenerationPipeline if task == "text-generation" else TextClassificationPipeline
-    return kind(model, tokenizer, batch_size)
+    kinds = {"text-generation": TextGenerationPipeline, "feature-extraction": FeatureExtractionPipeline}
+    return kinds.get(task, TextClassificationPipeline)(model, tokenizer, batch_size)

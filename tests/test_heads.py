@@ -360,3 +360,24 @@ def test_a_base_model_adapter_in_peft_names_both_ways(checkpoint, tmp_path):
             real = MASK.bool()  # the padding's rows are each library's arbitrary fill
             torch.testing.assert_close(model(IDS, attention_mask=MASK).last_hidden_state[real],
                                        source(IDS, attention_mask=MASK).last_hidden_state[real], atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_feature_extraction_pipeline_as_transformers(smol_dir):
+    """pipeline("feature-extraction"): per text the body's last_hidden_state (1, tokens, hidden) as nested lists, or
+    tensors with return_tensors=True, for a model loaded by name; a causal LM object gives its first output (the
+    logits), as transformers' pipeline does."""
+    import transformers
+
+    got = []
+    for lib in (transformers, autolm):
+        by_name = lib.pipeline("feature-extraction", model=smol_dir, dtype=torch.float32)
+        causal = lib.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+        on_object = lib.pipeline("feature-extraction", model=causal, tokenizer=by_name.tokenizer)
+        got.append((torch.tensor(by_name("hello world")), by_name(["hello", "The capital"], return_tensors=True),
+                    torch.tensor(on_object("hi there"))))  # fmt: skip
+    (ref, ref_batch, ref_logits), (ours, ours_batch, ours_logits) = got
+    assert ours.shape == ref.shape == (1, 2, 576) and ours_logits.shape == ref_logits.shape
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_logits, ref_logits, atol=1e-3, rtol=1e-4)  # logits of tens: fp32 rounding
+    for a, b in zip(ours_batch, ref_batch, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
