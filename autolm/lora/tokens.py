@@ -41,9 +41,8 @@ class TrainableTokensLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, tied: TrainableTokensLayer | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self._tied = (
-            [tied] if tied is not None else []
-        )  # a list: the tied layer's tensors are not ours to save
+        # in a list: the tied layer's tensors are not this module's (nor saved under its name)
+        self._tied = [tied] if tied is not None else []
         if tied is None:
             self.trainable_tokens_delta = nn.ParameterDict()
             self.trainable_tokens_original = BufferDict()  # the base rows as they were, to unmerge
