@@ -114,8 +114,8 @@ class Serving:
     def __init__(self, state: State):
         self.state = state
 
-    def response_id(self, req) -> str:
-        return self.prefix + (req.request_id or uuid.uuid4().hex[:24])
+    def response_id(self, req, prefix: str | None = None) -> str:
+        return (self.prefix if prefix is None else prefix) + (req.request_id or uuid.uuid4().hex[:24])
 
     async def start(self, build: Callable) -> tuple[asyncio.Queue, Plan]:
         """build(emit_for) -> Plan, run on the tokenizer thread (grammars compile there); its sequences submitted."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ TASKS = {"embed": ("embed", "token_embed"), "classify": ("classify", "token_clas
 
 
 class ServingPooling(ServingPooled):
-    tasks, api = ("classify", "embed"), "Pooling"
+    prefix, tasks, api = "pool-", ("classify", "embed"), "Pooling"
 
     def __init__(self, state, embedding: ServingEmbedding, classification: ServingClassification):
         super().__init__(state)
@@ -39,7 +38,7 @@ class ServingPooling(ServingPooled):
         rows = await self.state.off_loop(self.inputs, req)
         outputs = await asyncio.to_thread(self.compute, adapter, self._pool, task, rows, req)
         data = [PoolingData(index=i, data=encoded(t, req.encoding_format)) for i, t in enumerate(outputs)]
-        return PoolingResponse(id="pool-" + (req.request_id or uuid.uuid4().hex[:24]), created=int(time.time()),
+        return PoolingResponse(id=self.response_id(req), created=int(time.time()),
                                model=self.state.name, data=data, usage=self.usage(rows))  # fmt: skip
 
     def _pool(self, task: str, rows: list[list[int]], req) -> list[torch.Tensor]:

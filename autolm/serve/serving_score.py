@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import torch.nn.functional as F
 
@@ -35,7 +34,7 @@ class ServingScores(ServingPooled):
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         scores, tokens = await self._run(req.text_1, req.text_2, req, ("text_1", "text_2"))
-        return ScoreResponse(id=self._id("score-", req), created=int(time.time()), model=self.state.name,
+        return ScoreResponse(id=self.response_id(req, "score-"), created=int(time.time()), model=self.state.name,
                              data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
                              usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))  # fmt: skip
 
@@ -46,13 +45,9 @@ class ServingScores(ServingPooled):
             for i, (d, s) in enumerate(zip(req.documents, scores))
         ]
         results.sort(key=lambda r: r.relevance_score, reverse=True)  # stable: ties keep the documents' order
-        return RerankResponse(id=self._id("rerank-", req), model=self.state.name,
+        return RerankResponse(id=self.response_id(req, "rerank-"), model=self.state.name,
                               results=results[: req.top_n or len(results)],
                               usage=RerankUsage(prompt_tokens=tokens, total_tokens=tokens))  # fmt: skip
-
-    @staticmethod
-    def _id(prefix: str, req) -> str:
-        return prefix + (req.request_id or uuid.uuid4().hex[:24])
 
     async def _run(self, first, second, req, names: tuple[str, str]) -> tuple[list[float], int]:
         """(a score per pair, the pairs' tokens): `first` broadcast over `second` where it is one text."""
