@@ -550,7 +550,8 @@ def test_first_run_with_a_home_it_cannot_write_still_answers(tmp_path, smol_gguf
 
 def test_serve_takes_vllms_spellings(monkeypatch):
     """`autolm serve` takes vLLM's command-line spellings: --served-model-name, --lora-modules NAME=PATH ...,
-    --enable-lora, and VLLM_ALLOW_RUNTIME_LORA_UPDATING for --allow-runtime-lora."""
+    --enable-lora, --task score (a cross-encoder: classify), and VLLM_ALLOW_RUNTIME_LORA_UPDATING for
+    --allow-runtime-lora."""
     from autolm.cli import build_parser
 
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
@@ -560,3 +561,4 @@ def test_serve_takes_vllms_spellings(monkeypatch):
     assert args.model_name == "x" and args.lora_modules == ["a=/p/a", "b=/p/b"] and args.allow_runtime_lora
     monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
     assert not build_parser().parse_args(["serve", "m"]).allow_runtime_lora
+    assert build_parser().parse_args(["serve", "m", "--task", "score"]).task == "score"  # served as classify

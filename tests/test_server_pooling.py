@@ -249,7 +249,7 @@ def test_score_and_rerank_with_a_cross_encoder(checkpoint, tmp_path):
     enc = hf_tok([query] * 3, docs, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = made(**enc).logits[:, 0]
-    with serving(str(tmp_path / "ce"), "--task", "classify") as base:
+    with serving(str(tmp_path / "ce"), "--task", "score") as base:
         url, headers = base.removesuffix("/v1"), {"Authorization": f"Bearer {KEY}"}
 
         def post(path, **body):

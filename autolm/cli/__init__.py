@@ -86,11 +86,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--task",
-        choices=("generate", "embed", "classify"),
+        choices=("generate", "embed", "classify", "score"),
         default="generate",
         help="generate: chat and completions (default); embed: the model's body serves /v1/embeddings "
         "(last-token pooling, or the checkpoint's sentence-transformers pooling; L2-normalised); classify: a "
-        "sequence classifier or reward model serves /classify; both serve /score and /rerank; as vLLM's --task",
+        "sequence classifier or reward model serves /classify; both serve /score and /rerank; as vLLM's --task "
+        "(its score: classify, a cross-encoder)",
     )
     p.add_argument(
         "--model-name",

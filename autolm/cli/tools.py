@@ -205,6 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
     from ..serve.speculation import Speculation
 
+    args.task = "classify" if args.task == "score" else args.task  # vLLM's score task: a cross-encoder
     embed = args.task != "generate"  # embed / classify: the pooling endpoints
     if embed and (args.draft_model is not None or args.prompt_lookup is not None):
         raise UsageError(f"--task {args.task}: --draft-model and --prompt-lookup are for generation")
