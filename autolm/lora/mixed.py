@@ -23,14 +23,14 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def check(model: nn.Module, names, strict: bool = True) -> list[str]:
+def check(model: nn.Module, names, strict: bool = True, layers: list[nn.Module] | None = None) -> list[str]:
     """The names, checked as peft checks them: a list of str, known adapters, in eval mode, none merged, no DoRA
     (peft's rule; strict=False lets DoRA adapters' rows run, as autolm's layers compute them per row too)."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise AdapterError(f"adapter_names must be a list of adapter names (one per row), got {names!r}")
     if model.training:
         raise AdapterError("Cannot pass `adapter_names` when the model is in training mode.")
-    layers = _layers(model)
+    layers = _layers(model) if layers is None else layers
     known = {n for m in layers if isinstance(m, AdapterLayer) for n in m.lora_A}
     unknown = sorted({n for n in names if n != BASE} - known)
     if unknown:
@@ -62,8 +62,8 @@ def mixed_batch(model: nn.Module, names, repeat: int = 1, strict: bool = True):
     if names is None:
         yield
         return
-    rows = [n for n in check(model, names, strict) for _ in range(repeat)]
-    layers = _layers(model)
+    layers = _layers(model)  # one walk over the modules per forward
+    rows = [n for n in check(model, names, strict, layers) for _ in range(repeat)]
     for m in layers:
         m.row_adapters = rows
     try:
