@@ -562,3 +562,26 @@ def test_serve_takes_vllms_spellings(monkeypatch):
     monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
     assert not build_parser().parse_args(["serve", "m"]).allow_runtime_lora
     assert build_parser().parse_args(["serve", "m", "--task", "score"]).task == "score"  # served as classify
+
+
+def test_serve_picks_its_task_from_the_architecture_as_vllm(tmp_path):
+    """No --task: a sequence classifier classifies, a body alone embeds, a causal LM (or anything unreadable)
+    generates; --hf-overrides' architectures count first, vLLM's score task is classify."""
+    import json
+
+    from autolm.cli.serve_flags import served_task
+
+    def task(arch, overrides=None):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        return served_task(None, str(tmp_path), overrides)
+
+    assert task("Qwen3ForSequenceClassification") == "classify"
+    assert task("LlamaModel") == "embed"
+    assert task("GPT2LMHeadModel") == task("LlamaForCausalLM") == "generate"
+    assert task("Qwen3ForCausalLM", {"architectures": ["Qwen3ForSequenceClassification"]}) == "classify"
+    assert (
+        served_task("score", str(tmp_path), None) == "classify"
+        and served_task(None, None, None) == "generate"
+    )
+    (tmp_path / "config.json").write_text("{not json")
+    assert served_task(None, str(tmp_path), None) == "generate"

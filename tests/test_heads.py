@@ -381,3 +381,43 @@ def test_feature_extraction_pipeline_as_transformers(smol_dir):
     torch.testing.assert_close(ours_logits, ref_logits, atol=1e-3, rtol=1e-4)  # logits of tens: fp32 rounding
     for a, b in zip(ours_batch, ref_batch, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2_tied_bias"])
+def test_a_causal_lm_as_a_classifier_from_its_tokens_as_vllm(checkpoint, tmp_path, name):
+    """vLLM's hf_overrides for a causal LM read as a classifier: from_2_way_softmax gives one logit whose sigmoid
+    is the softmax over its two tokens' logits (Qwen3-Reranker's yes / no), no_post_processing the tokens' logits;
+    the rows come from the file's lm_head, or the embeddings a tied head is."""
+    import shutil
+
+    directory, ref = checkpoint(name)
+    shutil.copytree(directory, tmp_path / "m")
+    write_char_tokenizer(str(tmp_path / "m"))
+    ids = [ord("n") - 29, ord("y") - 29, ord("a") - 29]  # write_char_tokenizer's ids
+    two = autolm.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "m", pad_token_id=0,
+        hf_overrides={"classifier_from_token": ["n", "y"], "is_original_qwen3_reranker": True},
+    )  # fmt: skip
+    three = autolm.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "m", pad_token_id=0, hf_overrides={"classifier_from_token": ["n", "y", "a"],
+                                                      "method": "no_post_processing"},
+    )  # fmt: skip
+    assert two.config.num_labels == 1 and three.config.num_labels == 3
+    assert any("made from the LM head's rows" in n for n in two.load_report.notes)
+    with torch.no_grad():
+        logits = ref(IDS, attention_mask=MASK).logits
+        last = logits[torch.arange(3), torch.tensor([3, 5, 5])]  # each row's last real token
+        torch.testing.assert_close(two(IDS, attention_mask=MASK).logits[:, 0].sigmoid(),
+                                   last[:, ids[:2]].softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(three(IDS, attention_mask=MASK).logits, last[:, ids], atol=1e-5, rtol=1e-5)
+    two.save_pretrained(tmp_path / "cls")  # a classifier now: its score loads back with no tokenizer
+    back = autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+    torch.testing.assert_close(back.score.weight, two.score.weight)
+    for bad, match in [({"classifier_from_token": ["n", "y"]}, "needs method"),
+                       ({"classifier_from_token": ["n"], "method": "from_2_way_softmax"}, "two tokens"),
+                       ({"classifier_from_token": ["n", "<zz>"], "method": "no_post_processing"}, "<zz>"),
+                       ({"classifier_from_token": "n", "method": "no_post_processing"}, "a list of tokens")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", hf_overrides=bad)
+    with pytest.raises(ConfigError, match="hf_overrides must be a dict"):
+        autolm.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", hf_overrides=["x"])

@@ -307,3 +307,27 @@ def test_embeddings_with_a_lora_adapter_by_name(smol_dir, body, tmp_path):
     torch.testing.assert_close(torch.tensor(tuned), adapted, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(plain), _last_token(body, TEXTS[1]), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(adapted, _last_token(body, TEXTS[1]), atol=1e-3)
+
+
+def test_a_causal_reranker_served_by_its_yes_and_no_tokens(checkpoint, tmp_path):
+    """Qwen3-Reranker as vLLM serves it (`--hf-overrides` with classifier_from_token and
+    is_original_qwen3_reranker, no --task: the architecture named makes it a classifier): /rerank's score of a pair
+    is the causal LM's probability of "yes" against "no" after the two texts, as transformers' causal LM gives it."""
+    directory, ref = checkpoint("qwen3")  # untied: the score is made from the file's lm_head rows
+    shutil.copytree(directory, tmp_path / "rr")
+    write_char_tokenizer(str(tmp_path / "rr"))
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["n", "y"],
+                 "is_original_qwen3_reranker": True}  # fmt: skip
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path / "rr")
+    no, yes = tok.convert_tokens_to_ids(["n", "y"])
+    query, docs = "<Query>: capital?\n", ["<Document>: Paris\n", "<Document>: a cat\n"]
+    want = []
+    for doc in docs:
+        with torch.no_grad():
+            logits = ref(**tok(query, doc, return_tensors="pt")).logits[0, -1]
+        want.append(logits[[no, yes]].softmax(-1)[1])
+    with serving(str(tmp_path / "rr"), "--hf-overrides", json.dumps(overrides)) as base:
+        got = httpx.post(base.removesuffix("/v1") + "/rerank", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": NAME, "query": query, "documents": docs}, timeout=300).json()  # fmt: skip
+    scores = torch.tensor([r["relevance_score"] for r in sorted(got["results"], key=lambda r: r["index"])])
+    torch.testing.assert_close(scores, torch.stack(want), atol=1e-5, rtol=1e-5)

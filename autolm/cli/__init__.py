@@ -8,130 +8,17 @@ is loaded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import AutolmError
 from .chat import cmd_chat, cmd_generate
+from .serve_flags import add_serve_flags, positive
 from .tools import cmd_convert, cmd_eval, cmd_finetune, cmd_inspect, cmd_merge, cmd_serve
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 <= value < 1e6:
-        raise argparse.ArgumentTypeError(f"expected seconds from 0 up, got {text!r}")
-    return value
-
-
-def _logprob_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -2
-    if value < -1:
-        raise argparse.ArgumentTypeError(
-            f"expected a count from 0 up, or -1 for the whole vocabulary, got {text!r}"
-        )
-    return value
-
-
-def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--lora-modules",
-        nargs="+",
-        metavar="NAME=PATH",
-        default=None,
-        help="vLLM's spelling of --adapter NAME=PATH: LoRA adapters each served by its name",
-    )
-    p.add_argument("--enable-lora", action="store_true", help="taken for vLLM's command lines (no effect)")
-    p.add_argument(
-        "--allow-runtime-lora",
-        action="store_true",
-        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
-        help="serve vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (also on with "
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as vLLM); for local use: anyone with the key loads files",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key", default=os.environ.get("AUTOLM_API_KEY"), help="require 'Authorization: Bearer KEY'"
-    )
-    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
-    p.add_argument(
-        "--prefix-cache-mb",
-        type=int,
-        default=256,
-        help="memory for the keys and values of prompts already seen, reused by requests that start with "
-        "the same tokens (0: off; default 256)",
-    )
-    p.add_argument(
-        "--prefill-chunk",
-        type=_positive,
-        default=512,
-        help="prompt tokens read per forward, with a decode step of the running requests between two "
-        "(default 512)",
-    )
-    p.add_argument(
-        "--task",
-        choices=("generate", "embed", "classify", "score"),
-        default="generate",
-        help="generate: chat and completions (default); embed: the model's body serves /v1/embeddings "
-        "(last-token pooling, or the checkpoint's sentence-transformers pooling; L2-normalised); classify: a "
-        "sequence classifier or reward model serves /classify; both serve /score and /rerank; as vLLM's --task "
-        "(its score: classify, a cross-encoder)",
-    )
-    p.add_argument(
-        "--model-name",
-        "--served-model-name",
-        default=None,
-        help="the model id clients use (default: the directory name, or a .gguf file's name without .gguf); "
-        "--served-model-name is vLLM's spelling",
-    )
-    g = p.add_argument_group("limits on one request")
-    g.add_argument(
-        "--max-body", type=_positive, default=4 * 2**20, help="largest request body in bytes (default 4 MiB)"
-    )
-    g.add_argument("--max-prompts", type=_positive, default=256, help="prompts in one completions request")
-    g.add_argument(
-        "--max-prompt-tokens",
-        type=_positive,
-        default=1 << 17,
-        help="prompt tokens in one request, all prompts",
-    )
-    g.add_argument("--max-n", type=_positive, default=16, help="largest n and best_of")
-    g.add_argument(
-        "--max-logprobs",
-        type=_logprob_limit,
-        default=20,
-        help="largest logprobs, top_logprobs and prompt_logprobs (-1: up to the whole vocabulary)",
-    )
-    g = p.add_argument_group("timeouts (seconds)")
-    g.add_argument("--header-timeout", type=_seconds, default=10.0, help="to send a request's head")
-    g.add_argument("--body-timeout", type=_seconds, default=30.0, help="to send a request's body")
-    g.add_argument(
-        "--shutdown-timeout",
-        type=_seconds,
-        default=5.0,
-        help="on SIGTERM, for requests in flight to finish before they end with finish_reason 'abort'",
-    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads", type=_positive, default=None, help="CPU threads for PyTorch (default: all cores)"
+        "--threads", type=positive, default=None, help="CPU threads for PyTorch (default: all cores)"
     )
 
 
@@ -187,7 +74,7 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--prompt-lookup",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="N",
         help="draft up to N tokens copied from the prompt where its last tokens occurred before "
@@ -244,7 +131,7 @@ def _add_run_commands(sub) -> None:
     _add_chat_template(p)
     p.add_argument(
         "--tp",
-        type=_positive,
+        type=positive,
         default=1,
         metavar="N",
         help="tensor parallel over N processes (torchrun; heads must divide by N)",
@@ -275,7 +162,7 @@ def _add_run_commands(sub) -> None:
         "serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)"
     )
     _add_model(p)
-    _add_serve_flags(p)
+    add_serve_flags(p)
     _add_chat_template(p)
     _add_decode_flags(p)
     _add_speculative_flags(p)
@@ -288,7 +175,7 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("model", help="model directory, HF repo id or .gguf file")
     p.add_argument("data", help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
     p.add_argument("--out", required=True, help="directory for the adapter (peft format)")
-    p.add_argument("--lora-r", type=_positive, default=8)
+    p.add_argument("--lora-r", type=positive, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--use-dora", action="store_true", help="DoRA: a learned magnitude per output row")
@@ -298,20 +185,20 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--lora-targets", default=None,
                    help="comma-separated names, or all-linear (default: peft's for the model type, e.g. "
                         "q_proj,v_proj; c_attn for GPT-2)")  # fmt: skip
-    p.add_argument("--epochs", type=_positive, default=1)
-    p.add_argument("--max-steps", type=_positive, default=None)
+    p.add_argument("--epochs", type=positive, default=1)
+    p.add_argument("--max-steps", type=positive, default=None)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=_positive, default=4)
-    p.add_argument("--grad-accum", type=_positive, default=1)
-    p.add_argument("--max-length", type=_positive, default=1024)
+    p.add_argument("--batch-size", type=positive, default=4)
+    p.add_argument("--grad-accum", type=positive, default=1)
+    p.add_argument("--max-length", type=positive, default=1024)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--save-every", type=_positive, default=None)
+    p.add_argument("--save-every", type=positive, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument(
         "--nproc",
-        type=_positive,
+        type=positive,
         default=1,
         metavar="N",
         help="shard the model over N processes with FSDP2 (torchrun); each takes a share of every batch",
@@ -333,7 +220,7 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--include-path", default=None, help="a folder of task YAML files (local tasks)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="items per task (a fraction below 1)")
-    p.add_argument("--batch-size", type=_positive, default=1)
+    p.add_argument("--batch-size", type=positive, default=1)
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to evaluate with the model")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompts")
     p.add_argument("--output", default=None, help="write the results as JSON here")

@@ -37,6 +37,19 @@ def locate(model: str | None, dtype: str = "auto", quantize: str | None = None) 
     return model, None
 
 
+def model_directory(model: str | None) -> str | None:
+    """The folder of a model argument that names a directory or a repo id (None for the default model, a .gguf
+    file, or one that does not resolve: the load says why)."""
+    if model is None or str(model).endswith(".gguf"):
+        return None
+    from ..hub import resolve_model_dir
+
+    try:
+        return resolve_model_dir(model)
+    except AutolmError:
+        return None
+
+
 def parse_adapters(specs: list[str] | None, flag: str = "--adapter ") -> list[tuple[str, str]]:
     """--adapter PATH or NAME=PATH (repeatable) -> [(name, path)]; the first is the active one."""
     out: list[tuple[str, str]] = []
@@ -65,10 +78,12 @@ def load(
     adapters: list[tuple[str, str]] | None = None,
     verify: bool = False,
     head: str = "causal_lm",
+    overrides: dict | None = None,
 ):
     """(model, tokenizer) for a directory, repo id, .gguf file or adapter folder (its base model is loaded),
     or the default model when None; adapters are attached with the first one active. verify checks content
-    hashes (see from_pretrained); head: what from_pretrained builds ("base": the body alone, for embeddings)."""
+    hashes (see from_pretrained); head: what from_pretrained builds ("base": the body alone, for embeddings);
+    overrides: config keys over the checkpoint's (vLLM's hf_overrides)."""
     from ..load import from_pretrained
     from ..tokenizer import AutoTokenizer
 
@@ -91,6 +106,7 @@ def load(
         progress=sys.stderr.isatty(),
         verify=verify,
         head=head,
+        hf_overrides=overrides,
     )
     if adapters:
         from ..lora import PeftModel

@@ -17,10 +17,12 @@ from .common import (
     launch,
     load,
     locate,
+    model_directory,
     parse_adapters,
     use_chat_template,
 )
 from .decode import load_draft, prepare_decode
+from .serve_flags import served_task
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -205,12 +207,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import serve
     from ..serve.speculation import Speculation
 
-    args.task = "classify" if args.task == "score" else args.task  # vLLM's score task: a cross-encoder
+    args.task = served_task(args.task, model_directory(args.model), args.hf_overrides)
     embed = args.task != "generate"  # embed / classify: the pooling endpoints
     if embed and (args.draft_model is not None or args.prompt_lookup is not None):
         raise UsageError(f"--task {args.task}: --draft-model and --prompt-lookup are for generation")
     head = {"generate": "causal_lm", "embed": "base", "classify": "sequence_classification"}[args.task]
-    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters, head=head)
+    model, tok = load(args.model, args.dtype, args.device, args.quantize, adapters=adapters, head=head,
+                      overrides=args.hf_overrides)  # fmt: skip
     use_chat_template(tok, args.chat_template)  # none: chat requests must send one ('chat_template')
     if not embed:
         prepare_decode(model, tok, args, batched=True)

@@ -23,7 +23,7 @@ from ..malloc import give_back_freed_memory
 from ..models import config_class, interop, load_config
 from ..quant import QuantConfig
 from ..sources import open_source
-from .build import check_head, check_size, config_dtype, model_class
+from .build import check_head, check_size, config_dtype, model_class, score_from_tokens
 from .keep import KeepGGUF
 from .placers import FSDP, DeviceMap, OneDevice, Quantize, TensorParallel
 from .report import LoadReport
@@ -138,12 +138,9 @@ def _load(
     if verify:  # content hashes, where the HF cache names its blobs by them
         report.notes.append(verify_files(directory, source.files))
     report.files, report.format = [os.path.basename(f) for f in source.files], source.format
-    config = _config(source, config, kwargs)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
-    cls = model_class(config.model_type, head)
-    check_size(config, shapes, cls)
+    config, shapes, cls, from_tokens = _model_plan(
+        source, config, kwargs, attn_implementation, head, directory
+    )
     report.lap("config")
 
     target = want if isinstance(want, torch.dtype) else config_dtype(config)
@@ -151,6 +148,8 @@ def _load(
         model = cls(config)
     if isinstance(target, torch.dtype):  # free on the meta device; the config records it, as transformers'
         model, config.dtype = model.to(target), target
+    if from_tokens:  # vLLM's classifier_from_token: the score made from the LM head's rows (models.heads)
+        model.score_tokens = from_tokens
     placer = _placer(model, device, device_map, max_memory, offload_folder, quantization, tp_plan, fsdp,
                      lora_config, source)  # fmt: skip
     placer.setup(model)
@@ -209,14 +208,31 @@ def _bitsandbytes(kwargs: dict, quantization):
     return QuantConfig.parse(bnb)
 
 
+def _model_plan(source, config, kwargs: dict, attn_implementation, head: str, directory: str):
+    """(config, the checkpoint's shapes or None, the class to build, score_from_tokens' answer), checked against
+    each other before anything is built."""
+    config = _config(source, config, kwargs)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    shapes = source.shapes()  # from the safetensors headers (or GGUF metadata); None for .bin
+    cls = model_class(config.model_type, head)
+    check_size(config, shapes, cls)
+    from_tokens = score_from_tokens(config, directory, shapes) if head == "sequence_classification" else None
+    return config, shapes, cls, from_tokens
+
+
 def _config(source, config, kwargs: dict) -> PretrainedConfig:
-    """The source's config (or the one given), with the keyword arguments that name config fields applied."""
+    """The source's config (or the one given), with the keyword arguments that name config fields applied, and
+    vLLM's `hf_overrides` (a dict of config keys, any key: classifier_from_token, ...)."""
     if config is None:
         config = source.config()
     labels = ("id2label", "label2id", "num_labels", "problem_type")  # transformers' config keys for any head
+    hf = kwargs.pop("hf_overrides", None) or {}
+    if not isinstance(hf, dict):
+        raise ConfigError(f"hf_overrides must be a dict of config keys and values, found {type(hf).__name__}")
     overrides = {
         k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k) or k in config.extra or k in labels
-    }
+    } | hf
     if kwargs:
         raise ConfigError(f"from_pretrained got unsupported arguments: {', '.join(sorted(kwargs))}")
     if overrides:

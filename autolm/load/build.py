@@ -63,3 +63,40 @@ def config_dtype(config) -> torch.dtype | None:
     except ConfigError:
         return None
     return d if isinstance(d, torch.dtype) else None
+
+
+SCORE_METHODS = ("from_2_way_softmax", "no_post_processing")
+
+
+def score_from_tokens(config, directory: str, shapes: dict | None) -> tuple[str, list[int]] | None:
+    """vLLM's causal LM read as a classifier (its `hf_overrides`: `classifier_from_token` with `method`, or
+    `is_original_qwen3_reranker`, as Qwen3-Reranker is served): (method, the tokens' ids), whose rows of the LM head
+    make the `score` head; config.num_labels set to match. from_2_way_softmax: one label, the difference of the two
+    rows (its sigmoid is the softmax over the two tokens, false then true); no_post_processing: a label per token.
+    None when the config asks for nothing, or the checkpoint already holds its `score`."""
+    tokens = config.extra.get("classifier_from_token")
+    if tokens is None:
+        return None
+    method = config.extra.get("method")
+    if method is None and config.extra.get("is_original_qwen3_reranker"):
+        method = "from_2_way_softmax"
+    if method not in SCORE_METHODS:
+        raise ConfigError(f"{config.source}: classifier_from_token needs method {' or '.join(SCORE_METHODS)} "
+                          f"(or is_original_qwen3_reranker: true), found {method!r}")  # fmt: skip
+    two = method == "from_2_way_softmax"
+    strings = isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)
+    if not strings or (two and len(tokens) != 2):
+        want = "two tokens (false, true)" if two else "a list of tokens"
+        raise ConfigError(f"{config.source}: classifier_from_token must be {want}, found {tokens!r}")
+    config.num_labels = 1 if two else len(tokens)
+    if shapes is not None and "score.weight" in shapes:
+        return None
+    from ..tokenizer import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids(tokens)
+    unknown = [t for t, i in zip(tokens, ids) if i is None]
+    if unknown:
+        raise ConfigError(
+            f"{directory}: classifier_from_token names tokens the tokenizer does not have: {unknown}"
+        )
+    return method, ids

@@ -92,7 +92,8 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
         stored = name
         # blocks the placer keeps are held under the reader's names (llama.cpp's stacked experts as they are)
         name, piece = (name, None) if placer.keeps_blocks(name) else rules.to_model(name)
-        if rules.ignores(name):
+        if rules.ignores(name):  # a tensor the model does not hold, or takes rows of (models.heads: adopt)
+            getattr(model, "adopt", lambda *_: None)(name, t)
             continue
         if piece is not None:
             t = assembler.add(name, piece, t, path)
@@ -105,8 +106,8 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     report.tensors = len(state.loaded)
     model = placer.finish(model, state.loaded)
     if state.new:
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).init_new(state.new)
-        report.notes.append(f"newly initialized: {', '.join(state.new)}")
+        note = (model.get_base_model() if hasattr(model, "get_base_model") else model).init_new(state.new)
+        report.notes.append(note or f"newly initialized: {', '.join(state.new)}")
     report.notes += placer.notes()
     return model
 

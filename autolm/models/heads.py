@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..nn import Linear
 from ..nn.checkpoint import CheckpointRules, Ignored, Rename
 from .base import CausalLM
@@ -103,6 +103,7 @@ class SequenceClassification(Headless):
     loss_type = "ForSequenceClassification"
     head_blocks = ("score",)
     new_if_missing = ("score.weight",)  # a causal LM's checkpoint loads with a fresh head, as in transformers
+    score_tokens: tuple[str, list[int]] | None = None  # set by the load (load.build.score_from_tokens)
 
     def __init__(self, config):
         super().__init__(config)
@@ -112,15 +113,39 @@ class SequenceClassification(Headless):
     def num_labels(self) -> int:
         return self.config.num_labels
 
-    def init_new(self, names: list[str]) -> None:
+    def adopt(self, name: str, t: torch.Tensor) -> bool:
+        """Keep the rows a score made from tokens (score_tokens) needs of the checkpoint's LM head, which the
+        classifier does not hold; whether it took them."""
+        if name != "lm_head.weight" or self.score_tokens is None or not t.is_floating_point():
+            return False
+        self._head_rows = t[self.score_tokens[1]].to(torch.float32)
+        return True
+
+    def init_new(self, names: list[str]) -> str | None:
         """Give the head the checkpoint lacked fresh weights (normal, std initializer_range), as transformers does
-        (with its warning)."""
-        std = float(self.config.extra.get("initializer_range", 0.02))
+        (with its warning); or, with score_tokens, the LM head's rows for those tokens as vLLM makes them
+        (from_2_way_softmax: true's row less false's, in float32). Returns the load report's note."""
         w = self.score.weight
-        device = w.device if w.device.type != "meta" else self.model.embed_tokens.weight.device
+        device = w.device if w.device.type != "meta" else self.get_input_embeddings().weight.device
+        if self.score_tokens is not None:
+            method, ids = self.score_tokens
+            rows = getattr(self, "_head_rows", None)
+            if rows is None and self.config.tie_word_embeddings:
+                rows = self.get_input_embeddings().weight.detach()[ids].to(torch.float32)
+            if rows is None:
+                raise CheckpointError(f"{self.config.source}: classifier_from_token needs the checkpoint's "
+                                      "lm_head.weight, which it does not hold")  # fmt: skip
+            score = rows[1:] - rows[:1] if method == "from_2_way_softmax" else rows
+            self.score.weight = nn.Parameter(
+                score.to(device=device, dtype=w.dtype), requires_grad=w.requires_grad
+            )
+            self._head_rows = None
+            return f"score.weight made from the LM head's rows of tokens {ids} ({method})"
+        std = float(self.config.extra.get("initializer_range", 0.02))
         self.score.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std))
         logger.warning("Some weights of %s were not initialized from the checkpoint and are newly initialized: "
                        "%s; train the model before using it for predictions", type(self).__name__, names)  # fmt: skip
+        return None
 
     def forward(
         self,
