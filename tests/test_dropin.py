@@ -215,6 +215,7 @@ def test_model_methods(checkpoint):
             tuple(model.get_output_embeddings().weight.shape),
             model.name_or_path == directory,
             model.config.use_cache,
+            model._no_split_modules,  # what accelerate's device maps read
         ]
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
