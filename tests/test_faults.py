@@ -499,6 +499,7 @@ def test_adapters_save_in_one_transaction(loaded, model_dir, tmp_path, monkeypat
     monkeypatch.setattr(saving, "save_file", real)
     pm.save_pretrained(tmp_path / "adapters")
     assert sorted(os.listdir(tmp_path / "adapters")) == [
+        "README.md",  # peft's model card
         "adapter_config.json",
         "adapter_model.safetensors",
         "second",

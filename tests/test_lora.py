@@ -523,6 +523,7 @@ def test_lora_bias_as_peft(checkpoint, tmp_path):
 
 def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
     import peft
+    from huggingface_hub import ModelCard
 
     directory, _ = checkpoint(NAME)
     made = []
@@ -556,7 +557,13 @@ def test_saves_loads_merges_and_state_dicts_as_peft(checkpoint, tmp_path):
 
     ref = user_code(made[0], *_pair(directory)[0], tmp_path / "peft")
     got = user_code(made[1], *_pair(directory)[1], tmp_path / "autolm")
-    assert got[0] == [n for n in ref[0] if n != "README.md"] and "adapter_model.bin" in got[0]
+    assert got[0] == ref[0] and "adapter_model.bin" in got[0]
+    cards = [ModelCard.load(tmp_path / lib / "README.md") for lib in ("peft", "autolm")]  # peft's model card
+    assert cards[1].data.to_dict() == cards[0].data.to_dict() and "lora" in cards[0].data.tags
+    (tmp_path / "autolm" / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n")
+    made[1].save_pretrained(tmp_path / "autolm")  # a card already there is updated, as peft updates it
+    card = ModelCard.load(tmp_path / "autolm" / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "peft" and "# My adapter" in card.text
     assert got[1:4] == ref[1:4] and got[5:8] == ref[5:8]
     assert got[4].keys() == ref[4].keys() and all(torch.equal(got[4][k], ref[4][k]) for k in ref[4])
     torch.testing.assert_close(got[8], ref[8], atol=1e-5, rtol=1e-5)

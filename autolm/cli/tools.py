@@ -152,6 +152,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout,
         use_dora=args.use_dora,
         target_modules=targets if targets in (None, "all-linear") else targets.split(","),
+        task_type="CAUSAL_LM",
     )
     torch.manual_seed(args.seed)  # the adapter's initial weights: the same for every rank and process count
     if distributed():

@@ -210,7 +210,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False  # a bias in lora_B, scaled with it (merging adds it to the base layer's bias)
-    task_type: str | None = "CAUSAL_LM"
+    task_type: str | None = None  # peft's default (its PeftModel, no pipeline in the card)
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
     inference_mode: bool = False

@@ -73,16 +73,50 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_BIN}")
 
 
+def model_card(directory: str, base_model: str | None, causal: bool) -> str:
+    """The README.md peft's save_pretrained leaves: the folder's own card (or huggingface_hub's template) with
+    peft's metadata set (library_name, tags: lora, transformers, base_model:adapter:<base>; pipeline_tag
+    text-generation for a causal LM; base_model) and the framework that wrote it listed."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .. import __version__
+
+    path = os.path.join(directory, "README.md")
+    card = ModelCard.load(path) if os.path.isfile(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    tags = {"lora", "transformers", *([f"base_model:adapter:{base_model}"] if base_model else [])}
+    card.data["tags"] = sorted(tags | set(card.data.tags or ()))
+    if causal and not card.data.pipeline_tag:
+        card.data.pipeline_tag = "text-generation"
+    if base_model:
+        card.data["base_model"] = base_model
+    lines, version = card.text.splitlines(), f"- autolm {__version__}"
+    if version not in lines:
+        heading = "### Framework versions"
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, version)
+        else:
+            lines.append(f"{heading}\n\n{version}")
+    card.text = "\n".join(lines)
+    return str(card)
+
+
 def write_adapters(
     directory: str | os.PathLike,
     adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]],
     safe_serialization: bool = True,
+    card: tuple[str | None, bool] | None = None,
 ) -> None:
     """{name: (adapter_config dict, on-disk state)} into one folder, in one transaction: "default" at the top,
-    the others in subfolders of their name (peft's layout). Only rank 0 writes."""
+    the others in subfolders of their name (peft's layout), and with card (base model, causal) peft's README.md
+    (model_card). Only rank 0 writes."""
     if world()[0] != 0:
         return
     with atomic_directory(os.fspath(directory)) as tmp:
+        if card is not None:
+            text = model_card(os.fspath(directory), *card)
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(text)
         for name, (config, state) in adapters.items():
             target = tmp if name == "default" else os.path.join(tmp, name)
             os.makedirs(target, exist_ok=True)

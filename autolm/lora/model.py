@@ -331,8 +331,10 @@ class PeftModel(_Forwarding):
             n: (adapters.config_dict(self._model, self.peft_config[n], n), self.adapter_state_dict(n))
             for n in names
         }
-        if is_main_process:
-            write_adapters(save_directory, states, safe_serialization)
+        if is_main_process:  # with peft's README.md, as peft writes it
+            card = (getattr(self.get_base_model(), "name_or_path", None) or None,
+                    self.peft_config[names[0]].task_type == "CAUSAL_LM")  # fmt: skip
+            write_adapters(save_directory, states, safe_serialization, card)
 
     @classmethod
     def from_pretrained(

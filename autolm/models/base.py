@@ -125,7 +125,9 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
         self.load_report = None
-        self._no_split_modules = set(type(self)._no_split_modules)  # a set on the instance, as transformers 5's
+        self._no_split_modules = set(
+            type(self)._no_split_modules
+        )  # a set on the instance, as transformers 5's
         self.decode_step = None  # a torch.compile'd one-token step (autolm.compile_decode), else None
         # how generation decodes (autolm.step): "auto" (the one-token step, compiled where cached), "eager"
         # (never compiled graphs) or "forward" (the general forward for every token)
