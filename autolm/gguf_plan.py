@@ -141,6 +141,10 @@ def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:
     layout, c = model.gguf, model.config
     if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
         t = permute(t, c.num_attention_heads if ".attn_q." in out else c.num_key_value_heads)
+    # the converter's grouping of the rows (GPT-NeoX's q/k/v): the reader's index inverted
+    order = None if layout.row_order is None else layout.row_order(out.split(".")[-2], c)
+    if order is not None:
+        t = t[torch.argsort(order)]
     if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
         t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
     if layout.norm_shift and name.endswith("norm.weight"):

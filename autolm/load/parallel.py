@@ -44,9 +44,9 @@ def init_from_env():
     return init_device_mesh(device, (dist.get_world_size(),))
 
 
-def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
+def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int | None, int, int]]:
     """Apply the model's tensor-parallel plan to the meta model; returns {parameter: (dim, rank, world)} for the
-    sharded ones. Heads, KV heads and the MLP width must divide by the number of ranks."""
+    sharded ones (dim None: a DTensor every rank holds whole, as a row-parallel layer's bias). Heads, KV heads and the MLP width must divide by the number of ranks."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -85,6 +85,8 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
             (placement,) = p.placements
             if isinstance(placement, Shard):
                 shards[name] = (placement.dim, rank, world)
+            elif isinstance(placement, Replicate):  # a row-parallel layer's bias, added once after the sum
+                shards[name] = (None, rank, world)
     for name, m in model.named_modules():
         if hasattr(m, "shard"):  # modules that cut their own tensors (nn.Experts): plain local tensors
             shards.update(

@@ -256,11 +256,15 @@ class TensorParallel(OneDevice):
     def put(self, name, t, path, zero_copy):
         if name not in self.shards:
             return super().put(name, t, path, zero_copy)
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
         from .parallel import local_slice
 
         dim = self.shards[name][0]
+        if dim is None:  # replicated: the whole tensor on every rank
+            return DTensor.from_local(
+                super().put(name, t, path, zero_copy), self.mesh, [Replicate()], run_check=False
+            )
         local = super().put(name, local_slice(t, *self.shards[name]), path, zero_copy)
         if len(self.shards[name]) == 4:  # a module's own shard (parallel.parallelize): a plain local tensor
             return local

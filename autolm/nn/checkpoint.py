@@ -196,3 +196,6 @@ class GGUFLayout:
     present: tuple[tuple[str, str], ...] = ()
     # tensors that hold RoPE parameters, not weights (Phi-3's LongRoPE factors): (tensor, key of rope_parameters)
     rope_tensors: tuple[tuple[str, str], ...] = ()
+    # rows the converter regroups (GPT-NeoX's fused q/k/v): row_order(blk.N.<name>'s name, config) gives, for each of
+    # the model's rows (of the weight and the bias), the file's row, or None where the tensor keeps the model's order
+    row_order: Callable[[str, Any], Any] | None = None

@@ -108,9 +108,17 @@ def permuted_heads(g, t, config) -> int:
     return config.num_key_value_heads if ".attn_k." in t.name else 0
 
 
+def row_order(g, t, config) -> torch.Tensor | None:
+    """For each of the model's rows of tensor `t`, its row in GGUF file `g`, where the family's converter regrouped
+    them (GGUFLayout.row_order: GPT-NeoX's fused q/k/v), else None."""
+    if g.layout.row_order is None:
+        return None
+    return g.layout.row_order(t.name.split(".")[-2], config)
+
+
 def blocks(g, t, config) -> GGMLBlocks:
     """Tensor `t` (a sources.gguf.TensorInfo, of 1 to 3 dimensions) of GGUF file `g` as raw blocks over the
-    file's map, rows in the file's order."""
+    file's map, rows in the file's order (rows the converter regrouped: copied back in the model's order)."""
     if not keepable(int(t.tensor_type)):
         raise GGUFError(
             f"{g.path}: tensor {t.name!r} has type {type_name(t.tensor_type)}, not kept in blocks"
@@ -119,7 +127,13 @@ def blocks(g, t, config) -> GGMLBlocks:
     whole, m = file_map(g)
     raw = whole[t.data_offset : t.data_offset + t.n_bytes].view(*shape[:-1], -1)
     span = (m, t.data_offset, t.n_bytes) if m is not None else ()
-    return GGMLBlocks(raw, int(t.tensor_type), shape, t.name, span, permuted_heads(g, t, config))
+    b = GGMLBlocks(raw, int(t.tensor_type), shape, t.name, span, permuted_heads(g, t, config))
+    order = row_order(g, t, config) if len(t.shape) == 2 else None
+    if order is None:
+        return b
+    ordered = b._replace(raw=raw[order], span=())
+    b.release()
+    return ordered
 
 
 def to_int4(b: GGMLBlocks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -284,6 +284,9 @@ def gguf_tensors(
         heads = ggml.permuted_heads(g, t, config)
         if heads:  # llama's q/k rows back in the model's order
             w = w[llama_qk_order(torch.arange(w.shape[0]), heads).numpy()]
+        order = ggml.row_order(g, t, config)
+        if order is not None:  # rows the converter regrouped (GPT-NeoX's q/k/v) back in the model's order
+            w = w[order.numpy()]
         if g.layout.norm_shift and name.endswith("norm.weight"):
             w = w - np.float32(g.layout.norm_shift)
         if transposed:
