@@ -237,6 +237,47 @@ SPECS = {
         ),
         {},
     ),
+    # biases on row-parallel layers (their bias whole on every rank): StarCoder2's o_proj / c_proj, Phi's dense / fc2
+    # (and a head with a bias), GPT-NeoX's per-head fused query_key_value, parallel residual
+    "starcoder2": (
+        "Starcoder2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=8,
+        ),
+        {},
+    ),
+    "phi_qk_norm": (
+        "PhiConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+            qk_layernorm=True,
+        ),
+        {},
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+        ),
+        {},
+    ),
     "llama_bf16": (
         "LlamaConfig",
         dict(

@@ -1,7 +1,7 @@
-"""GGUF files as llama.cpp's convert_hf_to_gguf.py writes them (--outtype f32), for Phi-3, OLMo 2, Granite and
-SmolLM3: the metadata keys each family's converter class writes, tensor names from gguf-py's own name map (the
-converter's), q/k rows permuted where its class inherits LlamaModel's permutation, and the converter's extra
-tensors (Phi-3's LongRoPE factors). Each function below follows its converter class's set_gguf_parameters."""
+"""GGUF files as llama.cpp's convert_hf_to_gguf.py writes them (--outtype f32), for Phi-3, OLMo 2, Granite,
+SmolLM3, StarCoder2 and Phi-2: the metadata keys each family's converter class writes, tensor names from gguf-py's
+own name map (the converter's), q/k rows permuted where its class inherits LlamaModel's permutation, and the
+converter's extra tensors (Phi-3's LongRoPE factors). Each function below follows its converter class's set_gguf_parameters."""
 
 from __future__ import annotations
 
@@ -67,11 +67,43 @@ def _phi3(w, c) -> list[tuple[str, np.ndarray]]:
 
 
 # model_type -> (llama.cpp architecture, metadata writer, whether q/k rows are permuted as LlamaModel permutes)
+def _starcoder2(w, c) -> None:
+    """StarCoder2Model (conversion/starcoder.py) is TextModel's set_gguf_parameters: sizes, head counts, the RoPE
+    base, the LayerNorm epsilon (norm_epsilon); no head size, no vocabulary size, no sliding window."""
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_eps(c.norm_epsilon)
+
+
+def _phi2(w, c) -> None:
+    """Phi2Model.set_gguf_parameters (conversion/phi.py): the feed-forward length as 4 * hidden, as many KV heads
+    as heads, the LayerNorm epsilon, the rotary dimensions int(factor * hidden) // heads; no RoPE base, no
+    vocabulary size (the token list gives it)."""
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(4 * c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_attention_heads)
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    w.add_rope_dimension_count(
+        int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads
+    )
+    w.add_add_bos_token(False)
+
+
 CONVERTERS = {
     "phi3": ("phi3", _phi3, False),
     "olmo2": ("olmo2", _text_model, False),
     "granite": ("granite", _granite, True),
     "smollm3": ("smollm3", _llama, True),
+    "starcoder2": ("starcoder2", _starcoder2, False),
+    "phi": ("phi2", _phi2, False),  # q/k not permuted: llama.cpp runs phi2 with NeoX RoPE
 }
 
 

@@ -242,12 +242,16 @@ def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
     file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
     import test_family_gemma as gemma
+    import test_family_gemma1 as gemma1
     import test_family_gpt2 as gpt2
+    import test_family_gpt_neox as neox
     import test_family_granite as granite
     import test_family_moe as moe
     import test_family_olmo2 as olmo2
+    import test_family_phi as phi
     import test_family_phi3 as phi3
     import test_family_smollm3 as smollm3
+    import test_family_starcoder2 as starcoder2
     from conftest import SPECS
     from family_checks import Family
     from gguf_llamacpp import write_gguf
@@ -272,6 +276,10 @@ def _families():
         "smollm3": (smollm3.SMOLLM3_GGUF, write_gguf),
         **{name: (moe.GGUF_FAMILIES[name], write_moe_gguf) for name in moe.GGUF_FAMILIES},
         "gpt2": (gpt2.GPT2, gpt2_writer),
+        "gemma": (gemma1.GEMMA, gemma1.write_gguf),
+        "starcoder2": (starcoder2.VARIANT, write_gguf),
+        "phi": (phi.PHI, write_gguf),
+        "gpt_neox": (neox.NEOX, lambda hf, path: neox.write_gptneox_gguf(hf.name_or_path, hf, path)),
     }
 
 

@@ -59,7 +59,11 @@ DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwe
 # where peft has none for the type (it then refuses a LoraConfig without target_modules)
 MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt2": ["c_attn"],
-    **dict.fromkeys(("phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "gpt_oss"), None),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt_neox": ["query_key_value"],
+    **dict.fromkeys(
+        ("phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"), None
+    ),
 }
 
 

@@ -213,7 +213,7 @@ def sequence_classification(cls: type[CausalLM], family: str | None = None) -> t
     the family's classes, else the causal class's): its body, a `score` head; a causal checkpoint's LM head is
     skipped while loading."""
     name = (family or _family_name(cls)) + "ForSequenceClassification"
-    rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.weight")])
+    rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.(weight|bias)")])
     return type(
         name, (SequenceClassification, cls), {"checkpoint_rules": rules, "__module__": cls.__module__}
     )
@@ -225,7 +225,7 @@ def base_model(cls: type[CausalLM], family: str | None = None) -> type:
     without the body's prefix, a causal LM's or a classifier's with it (its head skipped, as transformers does)."""
     p = cls.base_model_prefix
     rules = CheckpointRules([*cls.checkpoint_rules.rules, Rename(rf"^(?!{p}\.|lm_head\.|score\.)", f"{p}.", rf"^{p}\.", ""),
-                             Ignored(r"(lm_head|score)\.weight")])  # fmt: skip
+                             Ignored(r"(lm_head|score)\.(weight|bias)")])  # fmt: skip
     name = (family or _family_name(cls)) + "Model"
     return type(name, (BaseModel, cls), {"checkpoint_rules": rules, "__module__": cls.__module__})
 
