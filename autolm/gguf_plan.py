@@ -126,8 +126,18 @@ def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         plain, _ = inv_freq_and_scale({"rope_theta": rope.get("rope_theta", 10000.0)}, head_dim, 0)
         scaled, _ = inv_freq_and_scale(rope, head_dim, c.max_position_embeddings)
         yield ROPE_FREQS, plain / scaled
+    stacks: dict[str, dict[int, torch.Tensor]] = {}  # GGUFLayout.stacked: members collected until all came
     for name, t in model.state_dict().items():
         if c.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        member = _stack_member(name, model)
+        if member is not None:
+            out, i, n = member
+            got = stacks.setdefault(out, {})
+            got[i] = t
+            if len(got) == n:
+                del stacks[out]
+                yield out, torch.stack([got[j] for j in range(n)])
             continue
         pieces = next((p for p in (r.split(name, t) for r in rules) if p is not None), [(name, t)])
         for piece, w in pieces:
@@ -135,6 +145,21 @@ def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             if out is None:
                 raise ConfigError(f"tensor {piece!r} has no llama.cpp name in the {layout.arch!r} layout")
             yield out, _converted(w, out, piece, model)
+
+
+def _stack_member(name: str, model) -> tuple[str, int, int] | None:
+    """(llama.cpp name, member index, member count) for a parameter of a ModuleList the converter stacks into one
+    tensor (GGUFLayout.stacked: StableLM's per-head q/k norms), else None."""
+    prefix = model.layers_prefix + "."
+    if not model.gguf.stacked or not name.startswith(prefix):
+        return None
+    index, _, rest = name[len(prefix) :].partition(".")
+    for stem, members in model.gguf.stacked:
+        i, _, kind = rest.removeprefix(members + ".").partition(".")
+        if rest.startswith(members + ".") and i.isdigit() and kind in ("weight", "bias"):
+            n = len(model.get_submodule(f"{prefix}{index}.{members}"))
+            return f"blk.{index}.{stem}.{kind}", int(i), n
+    return None
 
 
 def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:

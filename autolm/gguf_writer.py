@@ -164,13 +164,14 @@ def _sentencepiece(writer, spec: dict, tokens: list[str], types: list[int], unk:
 
 def _tensor(w: torch.Tensor, ggml_type: int, name: str, tied: bool) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for the tensor llama.cpp calls `name` in the requested type (F32 for 1-D
-    ones, biases and the converter's F32_TENSORS; a smaller block type, then F16, where the rows are not whole
-    blocks; the head, or the embeddings it is tied to, as _HEAD says)."""
+    ones, biases, norms (StableLM's stacked per-head ones are 2-D) and the converter's F32_TENSORS; a smaller
+    block type, then F16, where the rows are not whole blocks; the head, or the embeddings it is tied to, as
+    _HEAD says)."""
     import gguf
 
     a = np.ascontiguousarray(w.detach().float().cpu().numpy())
     stem, kind = name.split(".")[-2:]
-    if a.ndim < 2 or ggml_type == 0 or kind != "weight" or stem in F32_TENSORS:
+    if a.ndim < 2 or ggml_type == 0 or kind != "weight" or stem in F32_TENSORS or stem.endswith("_norm"):
         return a, None
     head = name == "output.weight" or (tied and name == "token_embd.weight")
     kind = _HEAD.get(ggml_type, ggml_type) if head else ggml_type

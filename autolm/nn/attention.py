@@ -1,9 +1,9 @@
 """Self-attention as families configure it, and the two contexts a forward gives its layers.
 
 `Attention` covers the variants of the supported families as parameters: biases, per-head or whole-projection
-q/k norms, full, partial or no RoPE (and which RoPE table, for families with several), the score scale, tanh
-soft-capping, a sliding window and attention sinks. Where its keys and values go and what they attend to is
-the context's business:
+q/k norms, full, partial or no RoPE (which RoPE table, for families with several; rotate-half or interleaved
+pairs), the score scale, tanh soft-capping, a sliding window and attention sinks. Where its keys and values go
+and what they attend to is the context's business:
 
 - `Forward`: a batch of T new tokens per row, written into the KV cache at `cache_position`, attending under a
   padding and causal (or sliding-window) mask over the first `kv_length` slots; the general forward.
@@ -95,7 +95,7 @@ class Attention(nn.Module):
     """Multi-head attention with grouped KV heads and transformers' module names (q_proj, k_proj, v_proj,
     o_proj, q_norm, k_norm, sinks). `norm` builds a q/k norm for a given width; `qk_norm` is "head" (per head,
     Qwen 3, Gemma 3) or "full" (over the whole projection, OLMo 2). `rope` names the RoPE table the layer
-    reads (None: no RoPE)."""
+    reads (None: no RoPE); `rope_interleaved` rotates adjacent pairs (Cohere) instead of the two halves."""
 
     def __init__(
         self,
@@ -114,6 +114,7 @@ class Attention(nn.Module):
         norm: Callable[[int], nn.Module] | None = None,
         softcap: float | None = None,
         sinks: bool = False,
+        rope_interleaved: bool = False,
     ):
         super().__init__()
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -124,6 +125,7 @@ class Attention(nn.Module):
         )
         self.scaling = head_dim**-0.5 if scale is None else scale
         self.sliding_window, self.rope, self.softcap = window, rope, softcap
+        self.rope_interleaved = rope_interleaved
         self.make_projections(hidden, bias, bias if o_bias is None else o_bias)
         if qk_norm is not None:
             full = qk_norm == "full"
@@ -158,7 +160,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if self.rope is not None:
             cos, sin = ctx.rope[self.rope]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(q, cos, sin, self.rope_interleaved)
+            k = apply_rotary(k, cos, sin, self.rope_interleaved)
         sinks = getattr(self, "sinks", None)
         y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks)
         return self.o_proj(y.reshape(B, T, nh * hd))

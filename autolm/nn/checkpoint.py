@@ -199,3 +199,6 @@ class GGUFLayout:
     # rows the converter regroups (GPT-NeoX's fused q/k/v): row_order(blk.N.<name>'s name, config) gives, for each of
     # the model's rows (of the weight and the bias), the file's row, or None where the tensor keeps the model's order
     row_order: Callable[[str, Any], Any] | None = None
+    # blk.N.<name> tensors the converter stacks from the members of a ModuleList (StableLM's per-head q/k norms):
+    # (<name>, the list's path inside the layer); row i of the file's tensor is member i's parameter
+    stacked: tuple[tuple[str, str], ...] = ()

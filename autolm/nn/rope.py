@@ -1,5 +1,5 @@
 """Rotary position embeddings: inverse frequencies for each RoPE type with transformers' formulas, the tables
-for a batch of positions, and the rotation itself (full or partial)."""
+for a batch of positions, and the rotation itself (full or partial; rotate-half or interleaved pairs)."""
 
 from __future__ import annotations
 
@@ -125,9 +125,14 @@ def cos_sin(
     return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
     """Rotate x (..., hd) by tables (..., rotary_dim) broadcasting against it, rotate-half convention; with
-    partial rotary (rotary_dim < hd) the last hd - rotary_dim dimensions pass through."""
+    partial rotary (rotary_dim < hd) the last hd - rotary_dim dimensions pass through. `interleaved`: the pairs
+    (x0, x1), (x2, x3), ... rotate instead (see rotate_interleaved)."""
+    if interleaved:
+        return rotate_interleaved(x, cos, sin)
     fused = kernels.rotary(x, cos, sin)
     if fused is not None:
         return fused
@@ -137,6 +142,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = rd // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE over adjacent pairs: (x[2i], x[2i+1]) rotates by frequency i (GPT-J's and Cohere's convention, whose
+    tables transformers repeat_interleaves; the first half of the rotate-half tables holds each frequency once).
+    Computed in fp32 and cast back, as transformers' Cohere does; dimensions past rotary_dim pass through."""
+    rd, half = cos.shape[-1], cos.shape[-1] // 2
+    c, s = cos[..., :half].float(), sin[..., :half].float()  # (..., rd/2)
+    pairs = x[..., :rd].float().unflatten(-1, (half, 2))  # (..., rd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
 
 class Rotary:

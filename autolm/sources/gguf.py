@@ -293,4 +293,16 @@ def gguf_tensors(
             w = w.T
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, order="C")  # unquantized tensors are read-only views of the memory map
-        yield g.path, name, torch.from_numpy(w)
+        for part, value in _unstacked(g, t.name, name, torch.from_numpy(w)):
+            yield g.path, part, value
+
+
+def _unstacked(g: GGUFFile, gguf_name: str, name: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """[(HF name, tensor)]: a tensor the converter stacked from the members of a ModuleList (GGUFLayout.stacked,
+    StableLM's per-head q/k norms) as one tensor per member, its rows; else the tensor under its name."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    members = dict(g.layout.stacked).get(m.group(2)) if m else None
+    if members is None:
+        return [(name, w)]
+    prefix = f"{g.family.layers_prefix}.{m.group(1)}.{members}"
+    return [(f"{prefix}.{i}.{m.group(3)}", row) for i, row in enumerate(w.unbind(0))]
