@@ -110,6 +110,9 @@ _TP_FAMILIES = [
     "starcoder2",
     "phi_qk_norm",
     "gpt_neox",
+    "olmo",
+    "granitemoe",
+    "cohere_qk_norm",
 ]
 
 

@@ -241,16 +241,20 @@ def byte_tokenizer(tmp_path_factory):
 def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
     file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
+    import test_family_cohere as cohere
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
     import test_family_gpt2 as gpt2
     import test_family_gpt_neox as neox
     import test_family_granite as granite
+    import test_family_granitemoe as granitemoe
     import test_family_moe as moe
+    import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
     import test_family_phi as phi
     import test_family_phi3 as phi3
     import test_family_smollm3 as smollm3
+    import test_family_stablelm as stablelm
     import test_family_starcoder2 as starcoder2
     from conftest import SPECS
     from family_checks import Family
@@ -280,6 +284,10 @@ def _families():
         "starcoder2": (starcoder2.VARIANT, write_gguf),
         "phi": (phi.PHI, write_gguf),
         "gpt_neox": (neox.NEOX, lambda hf, path: neox.write_gptneox_gguf(hf.name_or_path, hf, path)),
+        "olmo": (olmo.OLMO, olmo.write_olmo_gguf),
+        "stablelm": (stablelm.QK, stablelm.write_stablelm_gguf),
+        "granitemoe": (granitemoe.GRANITEMOE, granitemoe.write_granitemoe_gguf),
+        "cohere": (cohere.QK, cohere.write_cohere_gguf),
     }
 
 

@@ -62,7 +62,20 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value"],
     **dict.fromkeys(
-        ("phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"), None
+        (
+            "phi3",
+            "olmo2",
+            "granite",
+            "smollm3",
+            "qwen2_moe",
+            "qwen3_moe",
+            "gpt_oss",
+            "starcoder2",
+            "olmo",
+            "granitemoe",
+            "cohere",
+        ),
+        None,
     ),
 }
 

@@ -38,6 +38,10 @@ FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "starcoder2": ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", "starcoder2"),
     "phi": ("phi", "PhiConfig", "PhiForCausalLM", "phi2"),
     "gpt_neox": ("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", "gptneox"),
+    "olmo": ("olmo", "OlmoConfig", "OlmoForCausalLM", "olmo"),
+    "stablelm": ("stablelm", "StableLmConfig", "StableLmForCausalLM", "stablelm"),
+    "cohere": ("cohere", "CohereConfig", "CohereForCausalLM", "command-r"),
+    "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", "granitemoe"),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -138,6 +142,8 @@ def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Pretrained
 __all__ = [
     "CONFIG_CLASSES",
     "CausalLM",
+    "CohereConfig",
+    "CohereForCausalLM",
     "DecoderModel",
     "GPT2Config",
     "GPT2LMHeadModel",
@@ -154,6 +160,8 @@ __all__ = [
     "GptOssForCausalLM",
     "GraniteConfig",
     "GraniteForCausalLM",
+    "GraniteMoeConfig",
+    "GraniteMoeForCausalLM",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -163,6 +171,8 @@ __all__ = [
     "MixtralForCausalLM",
     "Olmo2Config",
     "Olmo2ForCausalLM",
+    "OlmoConfig",
+    "OlmoForCausalLM",
     "Phi3Config",
     "Phi3ForCausalLM",
     "PhiConfig",
@@ -177,6 +187,8 @@ __all__ = [
     "Qwen3MoeForCausalLM",
     "SmolLM3Config",
     "SmolLM3ForCausalLM",
+    "StableLmConfig",
+    "StableLmForCausalLM",
     "Starcoder2Config",
     "Starcoder2ForCausalLM",
     "config_class",
