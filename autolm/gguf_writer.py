@@ -74,6 +74,8 @@ def _metadata(writer, model, file_type: int, meta: dict[str, Any]) -> None:
             writer.add_string(f"{arch}.{key}", value)
         elif isinstance(value, bool):  # a flag llama.cpp reads as a bool (GPT-NeoX's use_parallel_residual)
             writer.add_bool(f"{arch}.{key}", value)
+        elif isinstance(value, list):  # per-layer values (EXAONE 4's sliding-layer flags)
+            writer.add_array(f"{arch}.{key}", value)
         else:
             put = writer.add_float32 if isinstance(value, float) else writer.add_uint32
             put(f"{arch}.{key}", value)

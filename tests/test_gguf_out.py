@@ -242,8 +242,10 @@ def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
     file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
     import test_family_cohere as cohere
+    import test_family_exaone4 as exaone4
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
+    import test_family_glm4 as glm4
     import test_family_gpt2 as gpt2
     import test_family_gpt_neox as neox
     import test_family_granite as granite
@@ -251,6 +253,8 @@ def _families():
     import test_family_moe as moe
     import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
+    import test_family_olmo3 as olmo3
+    import test_family_olmoe as olmoe
     import test_family_phi as phi
     import test_family_phi3 as phi3
     import test_family_smollm3 as smollm3
@@ -288,6 +292,10 @@ def _families():
         "stablelm": (stablelm.QK, stablelm.write_stablelm_gguf),
         "granitemoe": (granitemoe.GRANITEMOE, granitemoe.write_granitemoe_gguf),
         "cohere": (cohere.QK, cohere.write_cohere_gguf),
+        "olmoe": (olmoe.PLAIN, olmoe.write_olmoe_gguf),  # llama.cpp's olmoe clamps and renormalises nothing
+        "glm4": (glm4.GLM4, glm4.write_glm4_gguf),
+        "olmo3": (olmo3.OLMO3, olmo3.write_olmo3_gguf),
+        "exaone4": (exaone4.EXAONE4_32B, exaone4.write_exaone4_gguf),
     }
 
 
@@ -327,6 +335,10 @@ def test_f32_round_trip_of_every_family(model_type, tmp_path_factory, tmp_path, 
     arch = f"{ref.architecture}."
     want = {k: v for k, v in ref.metadata.items() if k.startswith(arch)}
     got = {k: ours.metadata.get(k) for k in want}
+    lists = [
+        k for k, v in want.items() if isinstance(v, list)
+    ]  # per-layer values (sliding-window flags): exact
+    assert {k: got.pop(k) for k in lists} == {k: want.pop(k) for k in lists}
     assert got == pytest.approx(want), set(want) ^ {k for k, v in got.items() if v is not None}
     assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
 

@@ -42,6 +42,10 @@ FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "stablelm": ("stablelm", "StableLmConfig", "StableLmForCausalLM", "stablelm"),
     "cohere": ("cohere", "CohereConfig", "CohereForCausalLM", "command-r"),
     "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", "granitemoe"),
+    "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "olmoe"),
+    "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", "glm4"),
+    "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
+    "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -80,21 +84,30 @@ def _family(model_type: Any) -> bool:
     return True
 
 
+def _gguf_claim(layout: Any) -> str | None:
+    """The metadata key whose presence claims a file for the family among those sharing its architecture: the
+    layout's `claim`, else `expert_count` for a layout that reads it (Mixtral's experts under "llama")."""
+    if layout.claim is not None:
+        return layout.claim
+    return "expert_count" if any(key == "expert_count" for key, _ in layout.config) else None
+
+
 def gguf_family(metadata: dict) -> type | None:
     """The model class for a GGUF file's metadata: the family whose GGUF layout names its architecture (None:
-    none does). Where two families share one (llama.cpp writes Mixtral as "llama"), the one whose layout reads
-    `expert_count` is taken for a file that has experts, the other one otherwise."""
+    none does). Where families share one (llama.cpp writes Mixtral as "llama", OLMo 3 as "olmo2"), a family whose
+    claim key (_gguf_claim) the file holds is taken, else the one that claims nothing."""
     arch = metadata.get("general.architecture")
     for model_type, family in FAMILIES.items():
         if family[3] == arch:
             _family(model_type)
     found = [
-        (cls, any(key == "expert_count" for key, _ in cls.gguf.config))
+        (cls, _gguf_claim(cls.gguf))
         for cls in _MODELS.values()
         if getattr(cls, "gguf", None) is not None and cls.gguf.arch == arch
     ]
-    experts = bool(metadata.get(f"{arch}.expert_count"))
-    return next((cls for cls, moe in found if moe == experts), found[0][0] if found else None)
+    claimed = [cls for cls, key in found if key is not None and metadata.get(f"{arch}.{key}")]
+    plain = [cls for cls, key in found if key is None]
+    return next(iter(claimed or plain or [cls for cls, _ in found]), None)
 
 
 def gguf_architectures() -> list[str]:
@@ -145,6 +158,8 @@ __all__ = [
     "CohereConfig",
     "CohereForCausalLM",
     "DecoderModel",
+    "Exaone4Config",
+    "Exaone4ForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPTNeoXConfig",
@@ -156,6 +171,8 @@ __all__ = [
     "Gemma3TextConfig",
     "GemmaConfig",
     "GemmaForCausalLM",
+    "Glm4Config",
+    "Glm4ForCausalLM",
     "GptOssConfig",
     "GptOssForCausalLM",
     "GraniteConfig",
@@ -171,8 +188,12 @@ __all__ = [
     "MixtralForCausalLM",
     "Olmo2Config",
     "Olmo2ForCausalLM",
+    "Olmo3Config",
+    "Olmo3ForCausalLM",
     "OlmoConfig",
     "OlmoForCausalLM",
+    "OlmoeConfig",
+    "OlmoeForCausalLM",
     "Phi3Config",
     "Phi3ForCausalLM",
     "PhiConfig",

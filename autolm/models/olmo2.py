@@ -38,6 +38,9 @@ class Olmo2Config(LlamaConfig):
     def layer_window(self, i: int) -> int | None:
         return None  # transformers' OLMo 2 builds a plain causal mask whatever the config says
 
+    def layer_rope(self, i: int) -> str:
+        return "default"  # one RoPE table (OLMo 3's layer types read their own)
+
 
 def _norm(config: Any):
     return lambda dim: RMSNorm(dim, config.rms_norm_eps, weight_in_fp32=True)
@@ -54,6 +57,8 @@ class Olmo2DecoderLayer(nn.Module):
             config.head_dim,
             layer_idx,
             bias=config.attention_bias,
+            window=config.layer_window(layer_idx),
+            rope=config.layer_rope(layer_idx),
             qk_norm="full",
             norm=norm,
         )

@@ -202,3 +202,7 @@ class GGUFLayout:
     # blk.N.<name> tensors the converter stacks from the members of a ModuleList (StableLM's per-head q/k norms):
     # (<name>, the list's path inside the layer); row i of the file's tensor is member i's parameter
     stacked: tuple[tuple[str, str], ...] = ()
+    # a metadata key (after "<arch>.") that claims a file for this family where families share `arch` (OLMo 3's
+    # attention.sliding_window under "olmo2"): a file holding it (non-empty) loads as this family, one without it
+    # as the family that claims nothing (models.gguf_family)
+    claim: str | None = None
