@@ -117,6 +117,9 @@ _TP_FAMILIES = [
     "exaone4",
     "olmoe",
     "olmo3",
+    "ernie4_5",
+    "nemotron",
+    "arcee",
 ]
 
 
@@ -148,7 +151,9 @@ def test_tensor_parallel_equals_one_process(tensor_parallel, name):
         assert r["layer_bytes"] < 0.55 * full  # about half: only the small norms are replicated
         # Heads are split where o_proj takes a slice of them; where the attention's outputs are gathered
         # (rowwise_split: Phi-3, OLMo 2) every rank runs every head.
-        attn = [s for n, s in model.tp_plan().items() if ".0." in n and "att" in n and s.startswith("rowwise")]
+        attn = [
+            s for n, s in model.tp_plan().items() if ".0." in n and "att" in n and s.startswith("rowwise")
+        ]
         split = attn == ["rowwise"]
         assert r["kv_heads"] == model.config.num_key_value_heads // (2 if split else 1)
         # Untied embeddings and head are vocabulary-parallel; a tied pair stays replicated.

@@ -241,7 +241,9 @@ def byte_tokenizer(tmp_path_factory):
 def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
     file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
+    import test_family_arcee as arcee
     import test_family_cohere as cohere
+    import test_family_ernie4_5 as ernie
     import test_family_exaone4 as exaone4
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
@@ -251,6 +253,7 @@ def _families():
     import test_family_granite as granite
     import test_family_granitemoe as granitemoe
     import test_family_moe as moe
+    import test_family_nemotron as nemotron
     import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
     import test_family_olmo3 as olmo3
@@ -296,6 +299,9 @@ def _families():
         "glm4": (glm4.GLM4, glm4.write_glm4_gguf),
         "olmo3": (olmo3.OLMO3, olmo3.write_olmo3_gguf),
         "exaone4": (exaone4.EXAONE4_32B, exaone4.write_exaone4_gguf),
+        "ernie4_5": (ernie.ERNIE, ernie.write_ernie4_5_gguf),
+        "nemotron": (nemotron.NEMOTRON, nemotron.write_nemotron_gguf),
+        "arcee": (arcee.YARN_FAMILY, arcee.write_arcee_gguf),
     }
 
 

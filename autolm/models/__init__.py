@@ -46,6 +46,9 @@ FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", "glm4"),
     "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
     "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
+    "ernie4_5": ("ernie4_5", "Ernie4_5Config", "Ernie4_5ForCausalLM", "ernie4_5"),
+    "nemotron": ("nemotron", "NemotronConfig", "NemotronForCausalLM", "nemotron"),
+    "arcee": ("arcee", "ArceeConfig", "ArceeForCausalLM", "arcee"),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -154,10 +157,14 @@ def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Pretrained
 
 __all__ = [
     "CONFIG_CLASSES",
+    "ArceeConfig",
+    "ArceeForCausalLM",
     "CausalLM",
     "CohereConfig",
     "CohereForCausalLM",
     "DecoderModel",
+    "Ernie4_5Config",
+    "Ernie4_5ForCausalLM",
     "Exaone4Config",
     "Exaone4ForCausalLM",
     "GPT2Config",
@@ -186,6 +193,8 @@ __all__ = [
     "MistralForCausalLM",
     "MixtralConfig",
     "MixtralForCausalLM",
+    "NemotronConfig",
+    "NemotronForCausalLM",
     "Olmo2Config",
     "Olmo2ForCausalLM",
     "Olmo3Config",

@@ -27,6 +27,11 @@ def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)**2, transformers' ReLUSquaredActivation ("relu2": Arcee, Nemotron)."""
+    return torch.square(F.relu(x))
+
+
 # config.json's activation names -> the function (transformers' ACT2FN entries the supported families use)
 ACTIVATIONS = {
     "silu": F.silu,
@@ -36,6 +41,7 @@ ACTIVATIONS = {
     "gelu_new": gelu_new,
     "gelu_fast": gelu_fast,
     "relu": F.relu,
+    "relu2": relu_squared,
 }
 
 
