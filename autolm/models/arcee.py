@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear, RMSNorm
+from ..nn import ACTIVATIONS, MLP, Attention, GGUFLayout, RMSNorm
 from .base import LLAMA_TP, CausalLM, DecoderModel
 from .llama import LlamaConfig
 
@@ -41,19 +41,6 @@ class ArceeConfig(LlamaConfig):
         return None  # transformers' Arcee builds a plain causal mask whatever the config says
 
 
-class ArceeMLP(nn.Module):
-    """down_proj(act(up_proj(x))) with biases where mlp_bias, as transformers' ArceeMLP (no gate)."""
-
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
-        super().__init__()
-        self.up_proj = Linear(hidden, intermediate, bias=bias)
-        self.down_proj = Linear(intermediate, hidden, bias=bias)
-        self.act_fn = ACTIVATIONS[act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.up_proj(x)))
-
-
 class ArceeDecoderLayer(nn.Module):
     def __init__(self, config: ArceeConfig, layer_idx: int):
         super().__init__()
@@ -66,7 +53,7 @@ class ArceeDecoderLayer(nn.Module):
             layer_idx,
             bias=config.attention_bias,
         )
-        self.mlp = ArceeMLP(h, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
+        self.mlp = MLP(h, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear
+from ..nn import ACTIVATIONS, MLP, Attention, GGUFLayout
 from .base import LLAMA_TP, CausalLM, DecoderModel
 
 
@@ -92,19 +92,6 @@ class NemotronLayerNorm1P(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
 
 
-class NemotronMLP(nn.Module):
-    """down_proj(act(up_proj(x))), biases where mlp_bias."""
-
-    def __init__(self, hidden: int, inner: int, act: str, bias: bool):
-        super().__init__()
-        self.up_proj = Linear(hidden, inner, bias=bias)
-        self.down_proj = Linear(inner, hidden, bias=bias)
-        self.act_fn = ACTIVATIONS[act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.up_proj(x)))
-
-
 class NemotronDecoderLayer(nn.Module):
     def __init__(self, config: NemotronConfig, layer_idx: int):
         super().__init__()
@@ -117,7 +104,7 @@ class NemotronDecoderLayer(nn.Module):
             layer_idx,
             bias=config.attention_bias,
         )
-        self.mlp = NemotronMLP(h, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = MLP(h, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.input_layernorm = NemotronLayerNorm1P(h, eps=eps)
         self.post_attention_layernorm = NemotronLayerNorm1P(h, eps=eps)
 

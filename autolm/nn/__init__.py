@@ -7,13 +7,14 @@ from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
 from .conv1d import Conv1D, out_in
 from .linear import Linear, embedding, fuse, packed, resized_rows
-from .mlp import ACTIVATIONS, GatedMLP
+from .mlp import ACTIVATIONS, MLP, GatedMLP
 from .moe import Experts, Router, SparseMoeBlock
 from .norms import RMSNorm
 from .rope import Rotary, apply_rotary
 
 __all__ = [
     "ACTIVATIONS",
+    "MLP",
     "Assembler",
     "Attention",
     "CheckpointRules",

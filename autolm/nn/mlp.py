@@ -58,3 +58,16 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = packed(x, (self.gate_proj, self.up_proj))
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), no gate, with transformers' names (up_proj, down_proj): Arcee's and Nemotron's MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
+        super().__init__()
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
+        self.act_fn = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
