@@ -8,7 +8,7 @@ from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename,
 from .conv1d import Conv1D, out_in
 from .linear import Linear, embedding, fuse, packed, resized_rows
 from .mlp import ACTIVATIONS, MLP, GatedMLP
-from .moe import Experts, Router, SparseMoeBlock
+from .moe import Experts, GroupedRouter, Router, SparseMoeBlock
 from .norms import RMSNorm
 from .rope import Rotary, apply_rotary
 
@@ -23,6 +23,7 @@ __all__ = [
     "Forward",
     "GGUFLayout",
     "GatedMLP",
+    "GroupedRouter",
     "Ignored",
     "KVCache",
     "Linear",

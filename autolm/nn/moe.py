@@ -24,6 +24,8 @@ class Router(nn.Module):
     - "softmax_topk" (Mixtral, Qwen MoE): softmax in fp32 over all experts, the top k, renormalised when
       `normalize`; `keep_fp32` leaves the weights in fp32 (Mixtral), else they take the logits' dtype;
     - "topk_softmax" (gpt-oss): the top k logits, softmax over them in the logits' dtype.
+
+    `GroupedRouter` adds DeepSeek V3's sigmoid routing.
     """
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, *, bias: bool = False,
@@ -47,6 +49,40 @@ class Router(nn.Module):
         if self.normalize:
             top = top / top.sum(dim=-1, keepdim=True)
         return ids, top if self.keep_fp32 else top.to(logits.dtype)
+
+
+class GroupedRouter(Router):
+    """DeepSeek V3's routing (GLM-4.5, dots.llm1, Kimi K2): sigmoid scores in fp32; experts chosen by score +
+    `e_score_correction_bias` (a buffer the checkpoint holds), only among the `topk_group` of `n_group` groups whose
+    best two choices sum highest; their plain scores weighted, renormalised when `normalize` (+ 1e-20), times
+    `scaling` (routed_scaling_factor). The weights stay fp32, as transformers multiplies the experts' outputs."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
+                 normalize: bool = True, scaling: float = 1.0):  # fmt: skip
+        super().__init__(hidden, num_experts, top_k, normalize=normalize, keep_fp32=True)
+        if num_experts % n_group or not 1 <= topk_group <= n_group:
+            raise ConfigError(
+                f"{num_experts} experts cannot be routed in {n_group} groups choosing {topk_group}"
+            )
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.n_group, self.topk_group, self.scaling = n_group, topk_group, scaling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.nn.functional.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            best = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, groups)
+            keep = torch.zeros_like(best).scatter_(1, best.topk(self.topk_group, dim=-1)[1], 1.0)
+            choice = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).view(-1, self.num_experts)
+        ids = torch.topk(choice, self.top_k, dim=-1)[1]
+        top = scores.gather(1, ids)
+        if self.normalize:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, top * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts, top {self.top_k}, groups {self.topk_group} of {self.n_group}"
 
 
 class Experts(nn.Module):
@@ -147,19 +183,22 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + experts (+ a shared expert gated by sigmoid(shared_expert_gate(x)), Qwen 2 MoE). `router_name` is
-    the router's attribute (transformers: `gate`; gpt-oss: `router`). With `jitter_noise` (Mixtral), training
-    multiplies the input by uniform noise in [1 - jitter, 1 + jitter]."""
+    """Router + experts (+ a shared expert gated by sigmoid(shared_expert_gate(x)), Qwen 2 MoE; or, ungated,
+    `shared_experts`, DeepSeek V3's). `router_name` is the router's attribute (transformers: `gate`; gpt-oss:
+    `router`). With `jitter_noise` (Mixtral), training multiplies the input by uniform noise in [1 - jitter,
+    1 + jitter]."""
 
     def __init__(self, router: Router, experts: Experts, shared_expert: nn.Module | None = None,
                  shared_expert_gate: nn.Module | None = None, router_name: str = "gate",
-                 jitter_noise: float = 0.0):  # fmt: skip
+                 jitter_noise: float = 0.0, shared_experts: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.router_name, self.jitter_noise = router_name, jitter_noise
         setattr(self, router_name, router)
         self.experts = experts
         if shared_expert is not None:
             self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+        if shared_experts is not None:
+            self.shared_experts = shared_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, h = x.shape
@@ -170,6 +209,8 @@ class SparseMoeBlock(nn.Module):
         y = self.experts(flat, ids, weights)
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(flat)
         return y.view(B, T, h)
 
 
