@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import padded_batch
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -178,32 +176,6 @@ def test_gguf(tmp_path_factory, tmp_path):
     assert type(model).__name__ == "ArceeForCausalLM" and c.hidden_act == "relu2"
     assert c.rope_parameters["rope_type"] == "yarn" and c.rope_parameters["factor"] == pytest.approx(4.0)
     assert c.num_key_value_heads == 2 and not c.tie_word_embeddings
-
-
-@pytest.mark.parametrize("name", ["arcee", "yarn"])
-def test_gguf_out_is_the_converters_layout(tmp_path_factory, tmp_path, smol_gguf, name):
-    """autolm's GGUF of an Arcee model holds the tensors and "arcee.*" metadata llama.cpp's converter writes, and
-    loads back with the same logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    tok = autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
-    save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_arcee_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(str(tmp_path / "out.gguf")), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == ref.architecture == "arcee"
-    meta = [{k: v for k, v in g.metadata.items() if k.startswith("arcee.")} for g in (ours, ref)]
-    assert meta[0] == pytest.approx(meta[1])
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    assert all(np.array_equal(a.data, b.data) for a, b in zip(sorted(ours.tensors), sorted(ref.tensors)))
-    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 def test_gguf_out_refuses_biases(tmp_path_factory, tmp_path, smol_gguf):

@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
-import torch
 from chat_checks import CONVERSATIONS, check_chat_template, check_cli
-from conftest import padded_batch
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -162,32 +159,6 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     assert c.model_type == "ernie4_5" and (c.head_dim, c.num_key_value_heads) == (want.head_dim, 2)
     assert (c.use_bias, c.tie_word_embeddings) == (want.use_bias, want.tie_word_embeddings)
     assert c.rope_parameters["rope_theta"] == pytest.approx(want.rope_parameters["rope_theta"])
-
-
-def test_gguf_out_is_the_converters_file(tmp_path_factory, tmp_path):
-    """save_gguf's F32 file holds the "ernie4_5.*" metadata and the tensors (same values) the converter writes,
-    and loads back with the model's logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = ERNIE.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    tok = _byte_tokenizer(tmp_path / "tokenizer")
-    path = save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_ernie4_5_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == ref.architecture == "ernie4_5"
-    meta = [{k: v for k, v in g.metadata.items() if k.startswith("ernie4_5.")} for g in (ours, ref)]
-    assert meta[0] == pytest.approx(meta[1])
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    refs = {t.name: t for t in ref.tensors}
-    assert all(np.array_equal(t.data, refs[t.name].data) for t in ours.tensors)
-    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 def test_gguf_out_refuses_use_bias(tmp_path_factory, tmp_path):

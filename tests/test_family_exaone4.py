@@ -6,9 +6,7 @@ standard battery, GGUF as llama.cpp writes it (in and out) and the CLI."""
 from __future__ import annotations
 
 import pytest
-import torch
 from chat_checks import check_cli
-from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, _text_model, check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -95,49 +93,6 @@ def test_disk_offload(tmp_path_factory, tmp_path):
 def test_gguf(family, tmp_path_factory, tmp_path):
     model, _ = check_gguf(family, tmp_path_factory, tmp_path)
     assert model.config.layer_types == family.checkpoint(tmp_path_factory)[1].config.layer_types
-
-
-@BOTH
-def test_gguf_out(family, tmp_path_factory, tmp_path):
-    """save_gguf writes the converter's metadata (keys and values) and tensors, and loads back with the logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = family.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    tok = _byte_tokenizer(tmp_path / "tok")
-    path = save_gguf(model, tok, str(tmp_path / "m.gguf"), "f32")
-    write_exaone4_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
-    want = {k: v for k, v in ref.metadata.items() if k.startswith("exaone4.")}
-    got = {k: v for k, v in ours.metadata.items() if k.startswith("exaone4.")}
-    assert got == want
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()],
-            model(ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()],
-            atol=1e-5,
-            rtol=1e-5,
-        )
-
-
-def _byte_tokenizer(d):
-    """A tiny byte-level BPE tokenizer, as test_gguf_out's fixture makes."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}},
-                               merges=[]))  # fmt: skip
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    d.mkdir()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return autolm.AutoTokenizer.from_pretrained(str(d))
 
 
 def test_cli(tmp_path_factory, tmp_path):

@@ -19,7 +19,6 @@ from conftest import VOCAB, padded_batch, positions, write_char_tokenizer
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
-from test_family_phi import _byte_tokenizer
 
 import autolm
 from autolm.errors import ConfigError
@@ -208,30 +207,6 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     assert (rope["rope_theta"], rope["partial_rotary_factor"]) == pytest.approx(
         (want.rope_parameters["rope_theta"], want.rope_parameters["partial_rotary_factor"])
     )
-
-
-def test_gguf_out_is_the_converters_file(tmp_path_factory, tmp_path):
-    """save_gguf's F32 file holds the metadata and tensors the converter writes and loads back with the model's
-    logits, for both checkpoints."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    tok = _byte_tokenizer(tmp_path / "tokenizer")
-    ids, mask = padded_batch()
-    for i, family in enumerate(FAMILIES.values()):
-        directory, hf = family.checkpoint(tmp_path_factory)
-        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-        path = save_gguf(model, tok, str(tmp_path / f"out{i}.gguf"), "f32")
-        write_glm4_gguf(hf, str(tmp_path / f"ref{i}.gguf"))
-        ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / f"ref{i}.gguf"))
-        want = {k: v for k, v in ref.metadata.items() if k.startswith("glm4.")}
-        assert {k: ours.metadata.get(k) for k in want} == pytest.approx(want)
-        assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-        back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=f"out{i}.gguf")
-        with torch.no_grad():
-            torch.testing.assert_close(
-                back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-            )
 
 
 # ---- the command line -------------------------------------------------------------------------------------------

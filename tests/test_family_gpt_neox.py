@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions, write_char_tokenizer
@@ -265,31 +264,6 @@ def test_gguf(tmp_path_factory, tmp_path, name):
                                                             quantization=quantization)  # fmt: skip
             got = q(ids, attention_mask=mask).logits[real].float()
             assert (got - want).abs().mean() <= tol * want.abs().mean(), (kind, (got - want).abs().mean())
-
-
-def test_gguf_out_is_the_converters_layout(tmp_path_factory, tmp_path, smol_gguf):
-    """autolm's GGUF of a GPT-NeoX holds what llama.cpp's converter writes (names, regrouped q/k/v rows, the
-    rotary dimensions and the residual's form) and loads back with the same logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = NEOX.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    tok = autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
-    save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_gptneox_gguf(directory, hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(str(tmp_path / "out.gguf")), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == "gptneox"
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    assert all(np.array_equal(a.data, b.data) for a, b in zip(sorted(ours.tensors), sorted(ref.tensors)))
-    for key in ("rope.dimension_count", "use_parallel_residual", "attention.layer_norm_epsilon"):
-        assert ours.get(key) == ref.get(key) and type(ours.get(key)) is type(ref.get(key)), key
-    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 def test_cli_without_chat_template(tmp_path_factory, tmp_path):

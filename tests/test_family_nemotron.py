@@ -13,7 +13,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions, to_v4_spelling, write_char_tokenizer
@@ -256,48 +255,6 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     with torch.no_grad():
         want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], want, atol=1e-4, rtol=1e-4)
-
-
-def _byte_tokenizer(directory):
-    """A byte-level BPE tokenizer without merges (what GGUF out writes fast)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    directory.mkdir()
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return autolm.AutoTokenizer.from_pretrained(str(directory))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_out_is_the_converters_file(tmp_path_factory, tmp_path, name):
-    """save_gguf's F32 file holds the nemotron.* metadata (the same keys and values) and the tensors (names,
-    shapes, values: norms as 1 + w) the converter writes, and loads back with the model's logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    tok = _byte_tokenizer(tmp_path / "tokenizer")
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    path = save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_nemotron_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == "nemotron"
-    want = {k: v for k, v in ref.metadata.items() if k.startswith("nemotron.")}
-    got = {k: v for k, v in ours.metadata.items() if k.startswith("nemotron.")}
-    assert got == pytest.approx(want)
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    ref_data = {t.name: t.data for t in ref.tensors}
-    assert all(np.array_equal(t.data, ref_data[t.name]) for t in ours.tensors)
-    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 # ---- the command line -------------------------------------------------------------------------------------------

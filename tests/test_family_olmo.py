@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from chat_checks import CONVERSATIONS, check_chat_template, check_cli
@@ -168,31 +167,6 @@ def test_gguf(tmp_path_factory, tmp_path):
     model, _ = check_gguf(OLMO, tmp_path_factory, tmp_path)
     c = model.config
     assert c.clip_qkv == pytest.approx(CLIP) and c.tie_word_embeddings and c.num_key_value_heads == 2
-
-
-def test_gguf_out_is_the_converters_layout(tmp_path_factory, tmp_path, smol_gguf):
-    """autolm's GGUF of an OLMo holds the tensors and "olmo.*" metadata llama.cpp's converter writes, and loads
-    back with the same logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = OLMO.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    tok = autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
-    save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_olmo_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(str(tmp_path / "out.gguf")), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == ref.architecture == "olmo"
-    meta = [{k: v for k, v in g.metadata.items() if k.startswith("olmo.")} for g in (ours, ref)]
-    assert meta[0] == pytest.approx(meta[1])
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    assert all(np.array_equal(a.data, b.data) for a, b in zip(sorted(ours.tensors), sorted(ref.tensors)))
-    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 def test_gguf_out_refuses_biases(tmp_path_factory, tmp_path, smol_gguf):

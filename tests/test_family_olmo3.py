@@ -7,9 +7,7 @@ from __future__ import annotations
 import gguf
 import gguf_llamacpp
 import pytest
-import torch
 from chat_checks import check_cli
-from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_llamacpp import check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -155,34 +153,6 @@ def test_gguf(tmp_path_factory, tmp_path):
         model, _ = check_gguf(family, tmp_path_factory, tmp_path / str(i))
         assert type(model).__name__ == name
         assert model.config.layer_types == (LAYERS if family is not OLMO2 else None)
-
-
-def test_gguf_out(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
-    """save_gguf writes the converter's "olmo2.*" metadata and tensors, and the file loads back as OLMo 3 with
-    the same logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = OLMO3.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    path = save_gguf(model, byte_tokenizer, str(tmp_path / "m.gguf"), "f32")
-    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
-    assert type(back).__name__ == "Olmo3ForCausalLM"
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask, position_ids=positions(mask)).logits,
-            model(ids, attention_mask=mask, position_ids=positions(mask)).logits,
-            rtol=1e-5,
-            atol=1e-5,
-        )
-    write_olmo3_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
-    want = {k: v for k, v in ref.metadata.items() if k.startswith("olmo2.")}
-    flags = "olmo2.attention.sliding_window_pattern"  # a list, compared as it is: pytest.approx takes none
-    assert ours.metadata.get(flags) == want.pop(flags) == [t == "sliding_attention" for t in LAYERS]
-    assert {k: ours.metadata.get(k) for k in want} == pytest.approx(want)
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
 
 
 def test_cli(tmp_path_factory, tmp_path):

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions, write_char_tokenizer
@@ -180,32 +179,6 @@ def test_gguf_has_no_window_as_llama_cpp(tmp_path_factory, tmp_path):
         ours = model(ids, attention_mask=mask).logits[real]
         theirs = full(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_out_is_the_converters_layout(tmp_path_factory, tmp_path, smol_gguf, name):
-    """autolm's GGUF of a StarCoder 2 holds the tensors llama.cpp's converter writes, its LayerNorm epsilon key
-    (no RMS one), and loads back with the same logits."""
-    from autolm.gguf_writer import save_gguf
-    from autolm.sources.gguf import GGUFFile
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    tok = autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
-    save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
-    write_gguf(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(str(tmp_path / "out.gguf")), GGUFFile(str(tmp_path / "ref.gguf"))
-    assert ours.architecture == "starcoder2"
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
-    assert all(np.array_equal(a.data, b.data) for a, b in zip(sorted(ours.tensors), sorted(ref.tensors)))
-    assert ours.get("attention.layer_norm_epsilon") == pytest.approx(hf.config.norm_epsilon)
-    assert ours.get("attention.layer_norm_rms_epsilon") is None
-    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        )
 
 
 # ---- the command line: StarCoder 2 base ships no chat template ----------------------------------------------

@@ -239,8 +239,9 @@ def byte_tokenizer(tmp_path_factory):
 
 
 def _families():
-    """model_type -> (a tiny checkpoint llama.cpp's format can hold, the test-side converter mimic writing the
-    file convert_hf_to_gguf.py makes of it (hf model, path), or None where there is none)."""
+    """model_type -> (a tiny checkpoint llama.cpp's format can hold, or a tuple of them (its variants), the
+    test-side converter mimic writing the file convert_hf_to_gguf.py makes of it (hf model, path), or None where
+    there is none)."""
     import test_family_arcee as arcee
     import test_family_cohere as cohere
     import test_family_ernie4_5 as ernie
@@ -288,20 +289,20 @@ def _families():
         **{name: (moe.GGUF_FAMILIES[name], write_moe_gguf) for name in moe.GGUF_FAMILIES},
         "gpt2": (gpt2.GPT2, gpt2_writer),
         "gemma": (gemma1.GEMMA, gemma1.write_gguf),
-        "starcoder2": (starcoder2.VARIANT, write_gguf),
+        "starcoder2": (tuple(starcoder2.FAMILIES.values()), write_gguf),
         "phi": (phi.PHI, write_gguf),
         "gpt_neox": (neox.NEOX, lambda hf, path: neox.write_gptneox_gguf(hf.name_or_path, hf, path)),
         "olmo": (olmo.OLMO, olmo.write_olmo_gguf),
-        "stablelm": (stablelm.QK, stablelm.write_stablelm_gguf),
+        "stablelm": (tuple(stablelm.FAMILIES.values()), stablelm.write_stablelm_gguf),
         "granitemoe": (granitemoe.GRANITEMOE, granitemoe.write_granitemoe_gguf),
-        "cohere": (cohere.QK, cohere.write_cohere_gguf),
+        "cohere": ((cohere.COHERE, cohere.QK), cohere.write_cohere_gguf),
         "olmoe": (olmoe.PLAIN, olmoe.write_olmoe_gguf),  # llama.cpp's olmoe clamps and renormalises nothing
-        "glm4": (glm4.GLM4, glm4.write_glm4_gguf),
+        "glm4": (tuple(glm4.FAMILIES.values()), glm4.write_glm4_gguf),
         "olmo3": (olmo3.OLMO3, olmo3.write_olmo3_gguf),
-        "exaone4": (exaone4.EXAONE4_32B, exaone4.write_exaone4_gguf),
+        "exaone4": ((exaone4.EXAONE4_1B, exaone4.EXAONE4_32B), exaone4.write_exaone4_gguf),
         "ernie4_5": (ernie.ERNIE, ernie.write_ernie4_5_gguf),
-        "nemotron": (nemotron.NEMOTRON, nemotron.write_nemotron_gguf),
-        "arcee": (arcee.YARN_FAMILY, arcee.write_arcee_gguf),
+        "nemotron": (tuple(nemotron.FAMILIES.values()), nemotron.write_nemotron_gguf),
+        "arcee": ((arcee.ARCEE, arcee.YARN_FAMILY), arcee.write_arcee_gguf),
     }
 
 
@@ -323,30 +324,40 @@ def test_every_family_with_a_gguf_layout_is_covered():
 
 @pytest.mark.parametrize("model_type", _registered())
 def test_f32_round_trip_of_every_family(model_type, tmp_path_factory, tmp_path, byte_tokenizer):
-    """save_gguf's F32 file loads back with the model's logits, and holds the metadata (every "<arch>.*" key
-    and value) and the tensors (names, shapes) the converter mimic writes for the family."""
-    family, mimic = _families()[model_type]
-    directory, hf = family.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    path = save_gguf(model, byte_tokenizer, str(tmp_path / "m.gguf"), "f32")
-    back = _gguf_model(path)
-    assert type(back) is type(model)
-    with torch.no_grad():
-        torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
-    if mimic is None:
-        return
-    mimic(hf, str(tmp_path / "ref.gguf"))
-    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
+    """For each of the family's checkpoints: save_gguf's F32 file loads back with the model's logits, and holds
+    the metadata (the same "<arch>.*" keys, values and GGUF types) and the tensors (names, shapes, F32 bytes)
+    the converter mimic writes for it."""
+    families, mimic = _families()[model_type]
+    for i, family in enumerate(families if isinstance(families, tuple) else (families,)):
+        directory, hf = family.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        path = save_gguf(model, byte_tokenizer, str(tmp_path / f"m{i}.gguf"), "f32")
+        back = _gguf_model(path)
+        assert type(back) is type(model)
+        with torch.no_grad():
+            torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+        if mimic is not None:
+            mimic(hf, str(tmp_path / f"ref{i}.gguf"))
+            _same_file(GGUFFile(path), GGUFFile(str(tmp_path / f"ref{i}.gguf")))
+
+
+def _same_file(ours, ref) -> None:
+    """The converter's "<arch>.*" metadata (every key it writes, the value within float rounding and its type: a
+    bool stays a bool) and tensors (names, shapes, bytes) in autolm's file."""
     assert ours.architecture == ref.architecture
     arch = f"{ref.architecture}."
     want = {k: v for k, v in ref.metadata.items() if k.startswith(arch)}
     got = {k: ours.metadata.get(k) for k in want}
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in want.items()}
     lists = [
         k for k, v in want.items() if isinstance(v, list)
     ]  # per-layer values (sliding-window flags): exact
     assert {k: got.pop(k) for k in lists} == {k: want.pop(k) for k in lists}
-    assert got == pytest.approx(want), set(want) ^ {k for k, v in got.items() if v is not None}
-    assert {t.name: t.shape for t in ours.tensors} == {t.name: t.shape for t in ref.tensors}
+    assert got == pytest.approx(want)
+    theirs = {t.name: t for t in ref.tensors}
+    assert {t.name: t.shape for t in ours.tensors} == {n: t.shape for n, t in theirs.items()}
+    differ = [t.name for t in ours.tensors if not np.array_equal(t.data, theirs[t.name].data)]
+    assert differ == [], f"tensors whose F32 bytes differ from the converter's: {differ}"
 
 
 @pytest.mark.parametrize("name", ["gemma2", "smollm3", "qwen2_moe", "gpt_oss"])
