@@ -96,6 +96,7 @@ _EXPORTS = {
             "TopKLogitsWarper",
             "TopPLogitsWarper",
             "TypicalLogitsWarper",
+            "UnbatchedClassifierFreeGuidanceLogitsProcessor",
         ],
         "autolm.generation",
     ),

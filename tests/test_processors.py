@@ -141,6 +141,7 @@ def test_stopping_criteria_equal_transformers(tmp_path):
 
 # ---- generate() with transformers' arguments -------------------------------------------------------------
 
+NEGATIVE, NEGATIVE_MASK = padded_batch(seed=5, lengths=(4, 2, 3))
 GENERATE = [
     dict(sequence_bias={(5,): 3.0, (7, 9): -2.0}),
     dict(bad_words_ids=[[5], [7, 9], [2]]),
@@ -155,6 +156,12 @@ GENERATE = [
     dict(do_sample=True, num_return_sequences=2, repetition_penalty=1.2),
     dict(num_beams=3, num_return_sequences=2, eos_token_id=5, length_penalty=0.7, sequence_bias={(9,): 2.0}),
     dict(num_beams=3, do_sample=True, top_k=5, eos_token_id=[5, 9], early_stopping=True),
+    # classifier-free guidance: from each row's last token, from a (padded) negative prompt, without a cache
+    dict(guidance_scale=1.5, repetition_penalty=1.3),
+    dict(guidance_scale=3.0, do_sample=True, top_k=10),
+    dict(guidance_scale=2.0, negative_prompt_ids=NEGATIVE, negative_prompt_attention_mask=NEGATIVE_MASK),
+    dict(guidance_scale=0.5, use_cache=False),
+    dict(num_beams=3, guidance_scale=1.5, eos_token_id=5),
 ]
 
 
@@ -184,7 +191,7 @@ def test_generate_arguments_equal_transformers(checkpoint, kw):
     if kw.get("num_beams"):
         torch.testing.assert_close(got.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
         assert torch.equal(got.beam_indices, ref.beam_indices)
-    assert got.past_key_values is not None and ref.past_key_values is not None
+    assert (got.past_key_values is None) == (ref.past_key_values is None) == (kw.get("use_cache") is False)
 
 
 def test_prefix_fn_max_time_and_transition_scores_equal_transformers(checkpoint):
@@ -299,8 +306,10 @@ def test_bad_generate_arguments_raise_value_errors_as_transformers(checkpoint):
     _, model = _pair(checkpoint)
     with pytest.raises(autolm.GenerationError, match="sequence_bias"):
         model.generate(IDS, sequence_bias={(VOCAB + 5,): 1.0}, max_new_tokens=2)
-    with pytest.raises(autolm.GenerationError, match="guidance_scale"):
-        model.generate(IDS, generation_config=_their_config(guidance_scale=2.0))
+    with pytest.raises(autolm.GenerationError, match="penalty_alpha"):
+        model.generate(IDS, generation_config=_their_config(penalty_alpha=0.6, top_k=4))
+    with pytest.raises(autolm.GenerationError, match="guidance_scale.*speculative"):
+        model.generate(IDS, guidance_scale=2.0, prompt_lookup_num_tokens=3)
 
 
 def _their_config(**kw):

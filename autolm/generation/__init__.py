@@ -6,6 +6,7 @@ and the decode step autolm.step chooses for them."""
 from ..step import compile_decode
 from .config import GenerationConfig
 from .decode import Step, generate_tokens
+from .guidance import UnbatchedClassifierFreeGuidanceLogitsProcessor
 from .mixin import GenerateOutput, GenerationMixin
 from .processors import (
     ExponentialDecayLengthPenalty,
@@ -96,6 +97,7 @@ __all__ = [
     "TopKLogitsWarper",
     "TopPLogitsWarper",
     "TypicalLogitsWarper",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor",
     "choose",
     "compile_decode",
     "generate_text",

@@ -135,6 +135,8 @@ def beam_search(
     generator: torch.Generator | None = None,
     prefix_allowed_tokens_fn: Callable | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    *,
+    guidance: Callable | None = None,
 ) -> BeamOutput:
     """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers.
     inputs_embeds (B, P', hidden): the first forward's input, input_ids then what the sequences start from (see
@@ -144,7 +146,9 @@ def beam_search(
     budget = new_token_budget(cfg, P, model.config.max_position_embeddings)
     max_len = P + budget
     mask = attention_mask.repeat_interleave(nb, 0)
-    procs = logits_processors(cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device)
+    procs = logits_processors(
+        cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device, guidance
+    )
     criteria = build_criteria(cfg, tokenizer, stopping_criteria, max_length=max_len)
     beams = Beams(cfg, input_ids, max_len)
     keep_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)

@@ -63,6 +63,7 @@ class GenerationConfig:
     epsilon_cutoff: float | None = None
     eta_cutoff: float | None = None
     repetition_penalty: float | None = None
+    guidance_scale: float | None = None  # classifier-free guidance (guidance.py); 1 or None: off
     length_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     bad_words_ids: list[list[int]] | None = None
@@ -318,6 +319,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "epsilon_cutoff": (_num(0, 1, hi_open=True), "in [0, 1)"),
     "eta_cutoff": (_num(0, 1, hi_open=True), "in [0, 1)"),
     "repetition_penalty": (_num(0, lo_open=True), "> 0"),
+    "guidance_scale": (_num(), "a number"),
     "length_penalty": (_num(), "a number"),
     "no_repeat_ngram_size": (_int(), "an integer >= 0"),
     "bad_words_ids": (

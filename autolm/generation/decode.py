@@ -215,11 +215,14 @@ def generate_tokens(
     prefix_allowed_tokens_fn: Callable | None = None,
     assistant_model=None,
     inputs_embeds: torch.Tensor | None = None,
+    *,
+    guidance: Callable | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per new token. Rows that reach EOS get the pad token afterwards (as in transformers,
     only when EOS is one of the stopping criteria). With an assistant_model or prompt_lookup_num_tokens,
     the tokens come from speculative decoding (speculative.py): the same tokens greedily, the same
-    distribution when sampling. inputs_embeds (see embeds_prompt) replace input_ids in the first forward."""
+    distribution when sampling. inputs_embeds (see embeds_prompt) replace input_ids in the first forward.
+    `guidance` (generate's classifier-free guidance processor) runs before the other processors."""
     cfg = (config or GenerationConfig()).with_defaults()
     ids, mask = prepare_inputs(model, input_ids, attention_mask)
     P = ids.shape[1]
@@ -230,7 +233,7 @@ def generate_tokens(
     if speculative:
         check_speculation(model, cfg, assistant_model)
     processors = logits_processors(cfg, P, logits_processor, prefix_allowed_tokens_fn, mask[:, mask.shape[1] - P :],
-                                   P + steps, device=ids.device)  # fmt: skip
+                                   P + steps, device=ids.device, first=guidance)  # fmt: skip
     criteria = build_criteria(cfg, tokenizer, stopping_criteria)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     if inputs_embeds is not None:  # a new cache: the embeddings are the whole prompt

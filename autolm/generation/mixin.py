@@ -13,11 +13,11 @@ from ..errors import GenerationError
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import embeds_prompt, generate_tokens, prepare_inputs
+from .guidance import UnbatchedClassifierFreeGuidanceLogitsProcessor
 from .speculative import check_speculation
 
 # transformers settings autolm does not run: set to anything but their "off" value, generate() refuses.
 _UNSUPPORTED = {
-    "guidance_scale": (None, 1, 1.0),
     "penalty_alpha": (None,),
     "dola_layers": (None,),
     "constraints": (None,),
@@ -82,6 +82,11 @@ def _refuse_unsupported(cfg: GenerationConfig, speculative: bool) -> None:
                               "beam search or speculative decoding in autolm")  # fmt: skip
 
 
+def _kept(cfg: GenerationConfig, cache):
+    """The cache generate() returns: none with use_cache=False (autolm still decodes with one), as transformers."""
+    return None if cfg.use_cache is False else cache
+
+
 class GenerationMixin:
     """`generate()` with transformers' arguments and return value."""
 
@@ -142,9 +147,14 @@ class GenerationMixin:
         embeds = kwargs.pop("inputs_embeds", None)
         if input_ids is None and embeds is None:
             raise GenerationError("generate() needs input_ids (or inputs_embeds)")
+        negative = (
+            kwargs.pop("negative_prompt_ids", None),
+            kwargs.pop("negative_prompt_attention_mask", None),
+        )
         cfg = self._generation_config(generation_config, kwargs)
         speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
         _refuse_unsupported(cfg, speculative)
+        guidance = self._guidance(cfg, speculative, *negative)
         if embeds is not None:
             _refuse_with_embeds(cfg, speculative, past_key_values)
             input_ids, attention_mask, cfg = embeds_prompt(self, input_ids, embeds, attention_mask, cfg)
@@ -160,12 +170,19 @@ class GenerationMixin:
                 what = "streamer" if streamer is not None else "past_key_values"
                 raise GenerationError(f"{what} cannot be used with beam search (num_beams > 1)")
             out = beam_search(self, input_ids, attention_mask, cfg, *custom, tokenizer, generator,
-                              prefix_allowed_tokens_fn, embeds)  # fmt: skip
+                              prefix_allowed_tokens_fn, embeds, guidance=guidance)  # fmt: skip
             if not cfg.return_dict_in_generate:
                 return out.sequences
             best = out.sequences_scores if cfg.output_scores else None
             return GenerateOutput(
-                out.sequences, out.scores, out.logits, best, out.beam_indices, None, None, out.past_key_values
+                out.sequences,
+                out.scores,
+                out.logits,
+                best,
+                out.beam_indices,
+                None,
+                None,
+                _kept(cfg, out.past_key_values),
             )
         return self._sample(
             cfg,
@@ -179,10 +196,22 @@ class GenerationMixin:
             generator,
             assistant_model,
             embeds,
+            guidance,
+        )
+
+    def _guidance(self, cfg, speculative: bool, negative_ids, negative_mask):
+        """transformers' classifier-free guidance processor where guidance_scale asks for it (else None)."""
+        if cfg.guidance_scale is None or cfg.guidance_scale == 1:
+            return None
+        if speculative:
+            raise GenerationError("guidance_scale cannot be used with speculative decoding in autolm")
+        return UnbatchedClassifierFreeGuidanceLogitsProcessor(
+            cfg.guidance_scale, self, negative_ids, negative_mask, use_cache=cfg.use_cache is not False
         )
 
     def _sample(
-        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft, embeds
+        self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft, embeds,
+        guidance=None,
     ):  # fmt: skip
         """Greedy or sampled decoding through the token iterator (speculative with a draft model or prompt
         lookup), collected as generate() returns it."""
@@ -208,6 +237,7 @@ class GenerationMixin:
             prefix_fn,
             draft,
             embeds,
+            guidance=guidance,
         )
         for step in steps:
             new.append(step.token)
@@ -231,7 +261,7 @@ class GenerationMixin:
             tuple(logits) if cfg.output_logits else None,
             attentions=tuple(attentions) if cfg.output_attentions else None,
             hidden_states=tuple(states) if cfg.output_hidden_states else None,
-            past_key_values=cache,
+            past_key_values=_kept(cfg, cache),
         )
 
     def compute_transition_scores(

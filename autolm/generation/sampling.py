@@ -132,12 +132,15 @@ def logits_processors(
     attention_mask: torch.Tensor | None = None,
     max_length: int | None = None,
     device: torch.device | str = "cpu",
+    first: Callable | None = None,
 ) -> LogitsProcessorList:
-    """The processors cfg asks for, in transformers' order (_get_logits_processor): biases and penalties,
-    length and token rules, the caller's `custom` ones (each replacing a built-in one of its type), then
-    when sampling the warpers, and log-softmax last with renormalize_logits. Unset (None) fields are off."""
+    """The processors cfg asks for, in transformers' order (_get_logits_processor): `first` (generate's
+    classifier-free guidance, which runs the model), biases and penalties, length and token rules, the caller's
+    `custom` ones (each replacing a built-in one of its type), then when sampling the warpers, and log-softmax
+    last with renormalize_logits. Unset (None) fields are off."""
     built = LogitsProcessorList(
-        _penalties(cfg, prompt_length, attention_mask)
+        ([] if first is None else [first])
+        + _penalties(cfg, prompt_length, attention_mask)
         + _constraints(cfg, prompt_length, max_length, prefix_allowed_tokens_fn, device)
     )
     out = merge(built, custom)
