@@ -75,7 +75,9 @@ def metadata(model) -> dict[str, Any]:
         out["rope.scaling.type"] = rope["rope_type"]
         out["rope.scaling.factor"] = float(rope["factor"])
     if rope.get("rope_type") == "yarn":
-        out.update((key, rope[name]) for key, name in _YARN if rope.get(name) is not None)
+        # llama.cpp reads these as floats (a config's integer beta_fast too: an integer key would be refused)
+        out.update((key, rope[name] if "context" in key else float(rope[name])) for key, name in _YARN
+                   if rope.get(name) is not None)  # fmt: skip
     if layout.write_config is not None:
         layout.write_config(out, c)
     return out

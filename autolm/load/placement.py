@@ -215,7 +215,7 @@ def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) 
         target = execution_device(device)
         module.register_forward_pre_hook(_mover(target), with_kwargs=True)
         if device == "disk":
-            names = [(n, f"{block}.{n}") for n, _ in module.named_parameters(remove_duplicate=False)]
+            names = [(n, f"{block}.{n}") for n in _stored(module)]
             if block == "lm_head" and model.config.tie_word_embeddings:
                 names = [("weight", f"{model.embeddings_name}.weight")]
             module.register_forward_pre_hook(_bring_in(names, store, target))
@@ -236,10 +236,25 @@ def _mover(device: torch.device):
     return hook
 
 
+def _stored(module: nn.Module) -> list[str]:
+    """The names of a block's tensors the checkpoint holds: its parameters and persistent buffers (a router's
+    correction bias, a quantized layer's weights)."""
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    for n, _ in module.named_buffers(remove_duplicate=False):
+        path, _, leaf = n.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        if leaf not in owner._non_persistent_buffers_set:
+            names.append(n)
+    return names
+
+
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     path, _, leaf = name.rpartition(".")
     owner = module.get_submodule(path) if path else module
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 def _bring_in(names, store: OffloadStore, device: torch.device):
@@ -255,6 +270,7 @@ def _send_back(names):
         for local, _ in names:
             path, _, leaf = local.rpartition(".")
             owner = module.get_submodule(path) if path else module
-            _set(module, local, owner._parameters[leaf].to("meta"))
+            tensors = owner._buffers if leaf in owner._buffers else owner._parameters
+            _set(module, local, tensors[leaf].to("meta"))
 
     return hook

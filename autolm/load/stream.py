@@ -86,7 +86,7 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     expected = placer.expected(model)
     state = _State(target)
     rules = model.checkpoint_rules
-    assembler = Assembler({n: s for n, s in expected.items() if ".experts." in n})
+    assembler = Assembler(expected)  # stacked experts, and tensors a rule assembles (DeepSeek's kv_b_proj)
     for path, name, t in source.tensors(placer.keeps_blocks):
         bar.update(1)
         stored = name
@@ -136,9 +136,10 @@ def _take(model, placer, expected, state: _State, report, path, name, t, check_f
             state.mismatched.append(f"{part}: checkpoint {tuple(value.shape)} vs model {shape} "
                                     f"({os.path.basename(path)})")  # fmt: skip
             continue
-        cast = value.is_floating_point() and state.target is not None and value.dtype != state.target
+        target = _dtype_for(model, part, state.target)
+        cast = value.is_floating_point() and target is not None and value.dtype != target
         if cast:
-            value = value.to(state.target)
+            value = value.to(target)
             report.cast_tensors += 1
         elif in_file and parts is None:
             report.zero_copy_tensors += 1
@@ -146,6 +147,15 @@ def _take(model, placer, expected, state: _State, report, path, name, t, check_f
             raise CheckpointError(f"{path}: tensor {part!r} contains NaN or Inf values")
         report.bytes += value.numel() * value.element_size()
         state.loaded[part] = placer.put(part, value, path, in_file and parts is None and not cast)
+
+
+def _dtype_for(model, name: str, target: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a tensor loads in: the model's, but float32 for the tensors a family keeps in float32 when the
+    rest is float16 or bfloat16 (transformers' _keep_in_fp32_modules_strict: a router's correction bias)."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if target in (torch.float16, torch.bfloat16) and any(k in name for k in keep):
+        return torch.float32
+    return target
 
 
 def _check(model, expected, state: _State, report: LoadReport, strict: bool, assembler: Assembler) -> None:

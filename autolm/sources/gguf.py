@@ -272,6 +272,9 @@ def gguf_tensors(
         if name is None:
             if t.name == ROPE_FREQS or t.name in dict(g.layout.rope_tensors):
                 continue  # RoPE factors (llama3's; the family's rope_tensors): the config carries them
+            block = re.match(r"blk\.(\d+)\.", t.name)
+            if block and int(block.group(1)) >= config.num_hidden_layers:
+                continue  # a block the model does not run (GLM-4.5's next-token-prediction layer)
             raise GGUFError(f"{g.path}: tensor {t.name!r} has no known HF name")
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(f"{g.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
