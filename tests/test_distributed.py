@@ -34,7 +34,7 @@ _TP = textwrap.dedent("""
             logits = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         weights = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                      for n, p in model.named_parameters() if ".layers." in n)
+                      for n, p in model.named_parameters() if n.startswith(model.layers_prefix + "."))
         cache = model.make_cache(1, 8)
         rows = {n: (p.to_local() if hasattr(p, "to_local") else p).shape[0] for n, p in model.named_parameters()
                 if n in (model.embeddings_name + ".weight", "lm_head.weight")}
@@ -120,6 +120,13 @@ _TP_FAMILIES = [
     "ernie4_5",
     "nemotron",
     "arcee",
+    "glm4_moe",
+    "dots1",
+    "ernie4_5_moe",
+    "seed_oss",
+    "hunyuan_v1_dense",
+    "falcon_40b",
+    "deepseek_v3",
 ]
 
 
@@ -143,7 +150,11 @@ def test_tensor_parallel_equals_one_process(tensor_parallel, name):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
     want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    full = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
+    full = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if n.startswith(model.layers_prefix + ".")
+    )
     for rank in (0, 1):
         r = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(r["logits"], ref, atol=1e-5, rtol=1e-5)

@@ -244,15 +244,22 @@ def _families():
     there is none)."""
     import test_family_arcee as arcee
     import test_family_cohere as cohere
+    import test_family_deepseek_v3 as deepseek_v3
+    import test_family_dots1 as dots1
     import test_family_ernie4_5 as ernie
+    import test_family_ernie4_5_moe as ernie_moe
     import test_family_exaone4 as exaone4
+    import test_family_falcon as falcon
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
     import test_family_glm4 as glm4
+    import test_family_glm4_moe as glm4_moe
     import test_family_gpt2 as gpt2
+    import test_family_gpt_bigcode as bigcode
     import test_family_gpt_neox as neox
     import test_family_granite as granite
     import test_family_granitemoe as granitemoe
+    import test_family_hunyuan_v1_dense as hunyuan
     import test_family_moe as moe
     import test_family_nemotron as nemotron
     import test_family_olmo as olmo
@@ -261,6 +268,7 @@ def _families():
     import test_family_olmoe as olmoe
     import test_family_phi as phi
     import test_family_phi3 as phi3
+    import test_family_seed_oss as seed_oss
     import test_family_smollm3 as smollm3
     import test_family_stablelm as stablelm
     import test_family_starcoder2 as starcoder2
@@ -303,6 +311,17 @@ def _families():
         "ernie4_5": (ernie.ERNIE, ernie.write_ernie4_5_gguf),
         "nemotron": (tuple(nemotron.FAMILIES.values()), nemotron.write_nemotron_gguf),
         "arcee": ((arcee.ARCEE, arcee.YARN_FAMILY), arcee.write_arcee_gguf),
+        "glm4_moe": (glm4_moe.PLAIN, glm4_moe.write_glm4moe_gguf),
+        "dots1": (dots1.PLAIN, dots1.write_dots1_gguf),
+        "deepseek_v3": (tuple(deepseek_v3.GGUF_FAMILIES.values()), deepseek_v3.write_deepseek_v3_gguf),
+        "ernie4_5_moe": (ernie_moe.ERNIE_MOE, ernie_moe.write_ernie4_5_moe_gguf),
+        "seed_oss": ((seed_oss.GGUF_FAMILY, seed_oss.TIED), seed_oss.write_seed_oss_gguf),
+        "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),
+        "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
+        "falcon": (
+            (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),
+            lambda hf, path: falcon.write_falcon_gguf(hf.name_or_path, hf, path),
+        ),
     }
 
 

@@ -61,6 +61,8 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt2": ["c_attn"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "falcon": ["query_key_value"],
     **dict.fromkeys(
         (
             "phi3",
@@ -81,6 +83,12 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "ernie4_5",
             "nemotron",
             "arcee",
+            "glm4_moe",
+            "dots1",
+            "deepseek_v3",
+            "ernie4_5_moe",
+            "seed_oss",
+            "hunyuan_v1_dense",
         ),
         None,
     ),
