@@ -243,6 +243,11 @@ class PretrainedConfig:
     # ---- derived values -----------------------------------------------------------------------
 
     @property
+    def embedding_width(self) -> int:
+        """The width of the token embeddings (hidden_size; OPT-350m's narrower word_embed_proj_dim)."""
+        return self.hidden_size
+
+    @property
     def num_labels(self) -> int:
         """transformers' number of classification labels (a sequence classifier's outputs): len(id2label), 2
         where config.json names none."""

@@ -127,6 +127,11 @@ _TP_FAMILIES = [
     "hunyuan_v1_dense",
     "falcon_40b",
     "deepseek_v3",
+    "apertus",
+    "helium",
+    "nanochat",
+    "ministral3",
+    "ministral",
 ]
 
 

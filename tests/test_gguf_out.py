@@ -244,6 +244,7 @@ def _families():
     there is none)."""
     import test_family_arcee as arcee
     import test_family_cohere as cohere
+    import test_family_deepseek_v2 as deepseek_v2
     import test_family_deepseek_v3 as deepseek_v3
     import test_family_dots1 as dots1
     import test_family_ernie4_5 as ernie
@@ -260,6 +261,7 @@ def _families():
     import test_family_granite as granite
     import test_family_granitemoe as granitemoe
     import test_family_hunyuan_v1_dense as hunyuan
+    import test_family_ministral3 as ministral3
     import test_family_moe as moe
     import test_family_nemotron as nemotron
     import test_family_olmo as olmo
@@ -313,11 +315,16 @@ def _families():
         "arcee": ((arcee.ARCEE, arcee.YARN_FAMILY), arcee.write_arcee_gguf),
         "glm4_moe": (glm4_moe.PLAIN, glm4_moe.write_glm4moe_gguf),
         "dots1": (dots1.PLAIN, dots1.write_dots1_gguf),
+        "deepseek_v2": (
+            (deepseek_v2.LITE, deepseek_v2.GGUF_FAMILIES["q_lora_yarn"]),
+            deepseek_v2.write_deepseek_v2_gguf,
+        ),
         "deepseek_v3": (tuple(deepseek_v3.GGUF_FAMILIES.values()), deepseek_v3.write_deepseek_v3_gguf),
         "ernie4_5_moe": (ernie_moe.ERNIE_MOE, ernie_moe.write_ernie4_5_moe_gguf),
         "seed_oss": ((seed_oss.GGUF_FAMILY, seed_oss.TIED), seed_oss.write_seed_oss_gguf),
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
+        "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "falcon": (
             (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),
             lambda hf, path: falcon.write_falcon_gguf(hf.name_or_path, hf, path),

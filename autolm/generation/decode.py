@@ -131,8 +131,8 @@ def embeds_prompt(model, input_ids, inputs_embeds: torch.Tensor, attention_mask,
     first forward, while the sequences returned (and what the logits processors see) start from input_ids, or
     from nothing where none are given; then an explicit max_length / min_length counts the P positions too.
     Returns (input_ids, attention_mask over the P positions, cfg)."""
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != model.config.hidden_size:
-        raise GenerationError(f"inputs_embeds must be (batch, length, {model.config.hidden_size}), got "
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != model.config.embedding_width:
+        raise GenerationError(f"inputs_embeds must be (batch, length, {model.config.embedding_width}), got "
                               f"{tuple(inputs_embeds.shape)}")  # fmt: skip
     B, P = inputs_embeds.shape[:2]
     if input_ids is None:

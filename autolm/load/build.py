@@ -46,9 +46,9 @@ def check_size(config, shapes: dict | None, cls) -> None:
             f"holds {len(layers)} decoder layers"
         )
     emb = shapes.get(f"{cls.embeddings_name}.weight")
-    if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
+    if emb is not None and tuple(emb) != (config.vocab_size, config.embedding_width):
         raise ConfigError(
-            f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.hidden_size} "
+            f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.embedding_width} "
             f"but the checkpoint's embeddings are {tuple(emb)}"
         )
 

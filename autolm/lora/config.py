@@ -63,6 +63,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt_neox": ["query_key_value"],
     "gpt_bigcode": ["c_attn"],
     "falcon": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
     **dict.fromkeys(
         (
             "phi3",
@@ -89,6 +90,13 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "ernie4_5_moe",
             "seed_oss",
             "hunyuan_v1_dense",
+            "deepseek_v2",
+            "glm4_moe_lite",
+            "ministral",
+            "ministral3",
+            "apertus",
+            "helium",
+            "nanochat",
         ),
         None,
     ),

@@ -15,9 +15,10 @@ from ..nn import KVCache
 from .base import CausalLM, DecoderModel
 
 # The families autolm ships, imported on first use (a load imports its own family's file alone, not every one's):
-# model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files).
+# model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files,
+# None where llama.cpp has none).
 # tests/test_loading.py checks each entry against its module.
-FAMILIES: dict[str, tuple[str, str, str, str]] = {
+FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "mistral"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
@@ -62,6 +63,14 @@ FAMILIES: dict[str, tuple[str, str, str, str]] = {
     ),
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
+    "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", None),
+    "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
+    "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
+    "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
+    "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", None),
+    "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
+    "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -100,12 +109,19 @@ def _family(model_type: Any) -> bool:
     return True
 
 
-def _gguf_claim(layout: Any) -> str | None:
+def _gguf_claim(layout: Any) -> str | tuple[str, Any] | None:
     """The metadata key whose presence claims a file for the family among those sharing its architecture: the
     layout's `claim`, else `expert_count` for a layout that reads it (Mixtral's experts under "llama")."""
     if layout.claim is not None:
         return layout.claim
     return "expert_count" if any(key == "expert_count" for key, _ in layout.config) else None
+
+
+def _holds(metadata: dict, arch: str, claim: str | tuple[str, Any]) -> bool:
+    """Whether a file's metadata holds a family's claim: the key (non-empty), or the key with the given value."""
+    if isinstance(claim, tuple):
+        return metadata.get(f"{arch}.{claim[0]}") == claim[1]
+    return bool(metadata.get(f"{arch}.{claim}"))
 
 
 def gguf_family(metadata: dict) -> type | None:
@@ -121,7 +137,7 @@ def gguf_family(metadata: dict) -> type | None:
         for cls in _MODELS.values()
         if getattr(cls, "gguf", None) is not None and cls.gguf.arch == arch
     ]
-    claimed = [cls for cls, key in found if key is not None and metadata.get(f"{arch}.{key}")]
+    claimed = [cls for cls, key in found if key is not None and _holds(metadata, arch, key)]
     plain = [cls for cls, key in found if key is None]
     return next(iter(claimed or plain or [cls for cls, _ in found]), None)
 
@@ -129,7 +145,7 @@ def gguf_family(metadata: dict) -> type | None:
 def gguf_architectures() -> list[str]:
     """llama.cpp's architecture names autolm reads."""
     registered = [getattr(cls, "gguf", None) for cls in _MODELS.values()]
-    return sorted({f[3] for f in FAMILIES.values()} | {g.arch for g in registered if g is not None})
+    return sorted({f[3] for f in FAMILIES.values() if f[3]} | {g.arch for g in registered if g is not None})
 
 
 def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:
@@ -170,12 +186,16 @@ def load_config(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Pretrained
 
 __all__ = [
     "CONFIG_CLASSES",
+    "ApertusConfig",
+    "ApertusForCausalLM",
     "ArceeConfig",
     "ArceeForCausalLM",
     "CausalLM",
     "CohereConfig",
     "CohereForCausalLM",
     "DecoderModel",
+    "DeepseekV2Config",
+    "DeepseekV2ForCausalLM",
     "DeepseekV3Config",
     "DeepseekV3ForCausalLM",
     "Dots1Config",
@@ -205,23 +225,35 @@ __all__ = [
     "Glm4ForCausalLM",
     "Glm4MoeConfig",
     "Glm4MoeForCausalLM",
+    "Glm4MoeLiteConfig",
+    "Glm4MoeLiteForCausalLM",
     "GptOssConfig",
     "GptOssForCausalLM",
     "GraniteConfig",
     "GraniteForCausalLM",
     "GraniteMoeConfig",
     "GraniteMoeForCausalLM",
+    "HeliumConfig",
+    "HeliumForCausalLM",
     "HunYuanDenseV1Config",
     "HunYuanDenseV1ForCausalLM",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "Ministral3Config",
+    "Ministral3ForCausalLM",
+    "MinistralConfig",
+    "MinistralForCausalLM",
     "MistralConfig",
     "MistralForCausalLM",
     "MixtralConfig",
     "MixtralForCausalLM",
+    "NanoChatConfig",
+    "NanoChatForCausalLM",
     "NemotronConfig",
     "NemotronForCausalLM",
+    "OPTConfig",
+    "OPTForCausalLM",
     "Olmo2Config",
     "Olmo2ForCausalLM",
     "Olmo3Config",

@@ -352,6 +352,8 @@ class DeepseekV3ForCausalLM(CausalLM):
         fixed=(("rope_interleave", True), ("attention_bias", False)),
         derive=_gguf_config,
         write_config=_gguf_write_config,
+        # DeepSeek-V2's files (deepseek2 too) carry no sigmoid gating function: see models.deepseek_v2
+        claim=("expert_gating_func", SIGMOID_GATING),
     )  # fmt: skip
     # Heads split across ranks: q_proj / q_b_proj and kv_b_proj give each rank its heads' rows (the low-rank
     # q_a / kv_a projections and their norms stay whole on every rank), o_proj takes their slice of its input;

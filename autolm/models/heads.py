@@ -107,7 +107,7 @@ class SequenceClassification(Headless):
 
     def __init__(self, config):
         super().__init__(config)
-        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.embedding_width, config.num_labels, bias=False)
 
     @property
     def num_labels(self) -> int:

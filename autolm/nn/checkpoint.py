@@ -204,5 +204,6 @@ class GGUFLayout:
     stacked: tuple[tuple[str, str], ...] = ()
     # a metadata key (after "<arch>.") that claims a file for this family where families share `arch` (OLMo 3's
     # attention.sliding_window under "olmo2"): a file holding it (non-empty) loads as this family, one without it
-    # as the family that claims nothing (models.gguf_family)
-    claim: str | None = None
+    # as the family that claims nothing (models.gguf_family); or (key, value): a file whose key holds that value
+    # (DeepSeek V3's sigmoid expert_gating_func under "deepseek2", where V2's files hold softmax's)
+    claim: str | tuple[str, Any] | None = None

@@ -181,7 +181,7 @@ class ServingEmbedding(ServingPooled):
 
     def vectors(self, rows: list[list[int]], dimensions: int | None) -> torch.Tensor:
         """The rows' normalised vectors, cut to a Matryoshka model's `dimensions` and normalised again."""
-        size = self.base.config.hidden_size
+        size = self.base.config.embedding_width
         cut = size if dimensions is None else self._dimensions(dimensions, size)
         vectors = self.embed(rows)
         return vectors if cut == size else F.normalize(vectors[:, :cut], dim=-1)
