@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from chat_checks import check_cli
+from conftest import padded_batch
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -207,13 +208,12 @@ def test_gguf(tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize(
     "name, key",
-    [("hunyuan", "attention_bias"), ("hunyuan", "max_position_embeddings"), ("dynamic", "RoPE")],
-    ids=["biases", "context", "dynamic"],
+    [("hunyuan", "attention_bias"), ("dynamic", "RoPE")],
+    ids=["biases", "dynamic"],
 )
 def test_gguf_out_refuses_what_the_file_cannot_say(tmp_path_factory, tmp_path, smol_gguf, name, key):
-    """Refused by name, no file written: attention biases (llama.cpp's hunyuan-dense reads none); a context other
-    than the converter's 256k (it writes 256k whatever the config says); dynamic RoPE without an alpha (the
-    converter writes alpha 50's fixed base, not a base that grows with the length)."""
+    """Refused by name, no file written: attention biases (llama.cpp's hunyuan-dense reads none); dynamic RoPE
+    without an alpha (the converter writes alpha 50's fixed base, not a base that grows with the length)."""
     from autolm.gguf_writer import save_gguf
 
     directory, _ = FAMILIES[name].checkpoint(tmp_path_factory)
@@ -222,6 +222,24 @@ def test_gguf_out_refuses_what_the_file_cannot_say(tmp_path_factory, tmp_path, s
     with pytest.raises(ConfigError, match=key):
         save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
     assert not os.path.exists(tmp_path / "out.gguf")
+
+
+def test_gguf_out_of_a_32k_model(tmp_path_factory, tmp_path, smol_gguf):
+    """Hunyuan-7B's 32k context (the converter writes 256k whatever the config says): the file holds the model's
+    own length and loads back with its config and logits."""
+    from autolm.gguf_writer import save_gguf
+
+    family = Family("HunYuanDenseV1Config", {**GGUF_FAMILY.kwargs, "max_position_embeddings": 32768})
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    tok = autolm.AutoTokenizer.from_pretrained(smol_gguf[0], gguf_file=smol_gguf[1])
+    save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
+    back = autolm.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="out.gguf")
+    assert back.config.max_position_embeddings == 32768
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
 
 
 # ---- the command line (Hunyuan's own template is not in tests/data: ChatML's stands in) -------------------------

@@ -23,10 +23,8 @@ from ..nn.rope import apply_rotary
 from .base import CausalLM, DecoderModel
 from .llama import LlamaConfig
 
-# llama.cpp's converter (HunYuanModel) for dynamic RoPE: the alpha it takes where the config gives none, and the
-# context length it writes (its 256k, whatever config.json says)
+# llama.cpp's converter (HunYuanModel) for dynamic RoPE: the alpha it takes where the config gives none
 CONVERTER_ALPHA = 50
-CONVERTER_CONTEXT = 256 * 1024
 
 
 def ntk_alpha_theta(rope: dict[str, Any], head_dim: int, alpha: float | None = None) -> float:
@@ -141,8 +139,10 @@ class HunYuanDenseV1Model(DecoderModel):
 
 def _gguf_write_config(meta: dict[str, Any], c: HunYuanDenseV1Config) -> None:
     """As llama.cpp's HunYuanModel writes it: TextModel's keys (the head size as key/value length; no vocabulary
-    size, no RoPE dimension count); for dynamic RoPE the NTK-alpha base (alpha 50 where the config gives none), no
-    scaling (type "none", factor 1) and its 256k as the context length and the original one."""
+    size, no RoPE dimension count); for dynamic RoPE the NTK-alpha base (alpha 50 where the config gives none) and
+    no scaling (type "none", factor 1). The converter writes 256k as the context length and the original one
+    whatever the config says; the model's own length is written instead (the same for the 256k models), which
+    llama.cpp reads alike and which reads back as the model's config."""
     meta.pop("vocab_size", None)
     meta.pop("rope.dimension_count", None)
     rope = c.rope_parameters
@@ -150,8 +150,7 @@ def _gguf_write_config(meta: dict[str, Any], c: HunYuanDenseV1Config) -> None:
         meta["rope.freq_base"] = ntk_alpha_theta(rope, c.head_dim, rope.get("alpha") or CONVERTER_ALPHA)
         meta["rope.scaling.type"] = "none"
         meta["rope.scaling.factor"] = 1.0
-        meta["rope.scaling.original_context_length"] = CONVERTER_CONTEXT
-        meta["context_length"] = CONVERTER_CONTEXT
+        meta["rope.scaling.original_context_length"] = c.max_position_embeddings
 
 
 class HunYuanDenseV1ForCausalLM(CausalLM):
