@@ -100,3 +100,33 @@ def check_cli(family, template_name: str, tmp_path_factory, tmp_path, shown: str
 
     assert cli("generate", str(directory), "Hi", "--chat", "--max-new-tokens", "8").strip() == want.strip()
     assert shown in cli("inspect", str(directory))
+
+
+def check_cli_without_template(family, tmp_path_factory, tmp_path, shown: str) -> None:
+    """For a model that ships no chat template: `autolm generate` prints transformers' greedy continuation;
+    `autolm inspect` prints `shown` (the class and model type); `autolm chat` says there is no chat template."""
+    import shutil
+    import subprocess
+    import sys
+
+    directory, hf = family.checkpoint(tmp_path_factory)
+    model_dir = tmp_path / "model"
+    shutil.copytree(directory, model_dir)
+    write_char_tokenizer(str(model_dir))
+    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"), AUTOLM_EAGER="1")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=600)  # fmt: skip
+
+    p = cli("generate", str(model_dir), "Hello", "--max-new-tokens", "8")
+    assert p.returncode == 0, p.stderr
+    tok = autolm.AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok("Hello", return_tensors="pt")["input_ids"]
+    new = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    want = tok.decode(new, skip_special_tokens=True)
+    assert want and want in p.stdout
+    p = cli("inspect", str(model_dir))
+    assert p.returncode == 0 and shown in p.stdout, p.stderr
+    p = cli("chat", str(model_dir), "--prompt", "Hi")
+    assert p.returncode != 0 and "no chat template" in p.stderr

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, padded_batch, positions, to_v4_spelling, write_char_tokenizer
+from chat_checks import check_cli_without_template
+from conftest import VOCAB, padded_batch, positions, to_v4_spelling
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, write_gguf
 from safetensors.torch import load_file
@@ -263,24 +262,4 @@ def test_gguf(tmp_path_factory, tmp_path, name):
 def test_cli(tmp_path_factory, tmp_path):
     """`autolm generate` prints transformers' greedy continuation; `autolm inspect` names the class and type; with
     no chat template `autolm chat` says so."""
-    directory, hf = NEMOTRON.checkpoint(tmp_path_factory)
-    model_dir = tmp_path / "nemotron"
-    shutil.copytree(directory, model_dir)
-    write_char_tokenizer(str(model_dir))
-    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"), AUTOLM_EAGER="1")
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=600)  # fmt: skip
-
-    p = cli("generate", str(model_dir), "Hello", "--max-new-tokens", "8")
-    assert p.returncode == 0, p.stderr
-    tok = autolm.AutoTokenizer.from_pretrained(str(model_dir))
-    ids = tok("Hello", return_tensors="pt")["input_ids"]
-    new = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-    want = tok.decode(new, skip_special_tokens=True)
-    assert want and want in p.stdout
-    p = cli("inspect", str(model_dir))
-    assert p.returncode == 0 and "NemotronForCausalLM (nemotron)" in p.stdout, p.stderr
-    p = cli("chat", str(model_dir), "--prompt", "Hi")
-    assert p.returncode != 0 and "no chat template" in p.stderr
+    check_cli_without_template(NEMOTRON, tmp_path_factory, tmp_path, "NemotronForCausalLM (nemotron)")
