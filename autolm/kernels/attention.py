@@ -20,16 +20,19 @@ def attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     weights: list | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, nh, T, hd) over k, v (B, n_kv, S, hd), n_kv dividing nh; mask a boolean
     (B, 1, T, S) or None for plain causal attention; scale defaults to hd^-0.5; softcap: scores become
     softcap * tanh(scores / softcap); sinks (nh,): a learned logit per head that joins the softmax and takes
-    its share of the probability. Returns (B, T, nh, hd), the layout o_proj reads. With a `weights` list the
-    eager path runs and appends its probabilities (B, nh, T, S)."""
+    its share of the probability; alibi (nh,): ALiBi's slopes, each head's scores biased by its slope times the
+    key's slot counted back from the last one (softmax does not see a row's constant: the same as a position
+    counted from the row's first real token), in float32. Returns (B, T, nh, hd), the layout o_proj reads. With a `weights` list the eager path runs and
+    appends its probabilities (B, nh, T, S)."""
     _, nh, T, hd = q.shape
     scale = hd**-0.5 if scale is None else scale
-    if weights is not None or softcap is not None or sinks is not None:
-        return eager_attention(q, k, v, mask, scale, softcap, sinks, weights)
+    if weights is not None or softcap is not None or sinks is not None or alibi is not None:
+        return eager_attention(q, k, v, mask, scale, softcap, sinks, weights, alibi)
     if T == 1 and mask is not None:
         return grouped_attention(q, k, v, mask, scale)
     if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
@@ -44,15 +47,19 @@ def attention(
     return y.transpose(1, 2)
 
 
-def eager_attention(q, k, v, mask, scale: float, softcap=None, sinks=None, weights: list | None = None):
-    """softmax(q k^T * scale (soft-capped) + mask (+ sink)) v written out, as transformers' eager attention;
-    appends the probabilities to `weights` when given."""
+def eager_attention(
+    q, k, v, mask, scale: float, softcap=None, sinks=None, weights: list | None = None, alibi=None
+):
+    """softmax(q k^T * scale (soft-capped) (+ ALiBi's bias) + mask (+ sink)) v written out, as transformers' eager
+    attention; appends the probabilities to `weights` when given."""
     nh, T, S = q.shape[1], q.shape[2], k.shape[2]
     if k.shape[1] != nh:
         k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:  # in float32, keys counted back from the last one: bf16 would round large biases
+        scores = scores.float() + alibi_bias(alibi, torch.arange(1 - S, 1, device=q.device))
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -66,6 +73,11 @@ def eager_attention(q, k, v, mask, scale: float, softcap=None, sinks=None, weigh
     if weights is not None:
         weights.append(probs)
     return (probs @ v).transpose(1, 2)
+
+
+def alibi_bias(slopes: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """ALiBi's bias (nh, 1, W) in float32: each head's slope times each key's slot."""
+    return slopes.float()[:, None, None] * slots.float()
 
 
 def grouped_attention(
@@ -129,6 +141,7 @@ def decode_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row: write its k, v (B, n_kv, 1, hd) into the cache buffers keys, values
     (B, n_kv, capacity, hd) at slot seen - 1, then attend with q (B, nh, 1, hd) over the last `span` of the
@@ -138,7 +151,7 @@ def decode_attention(
     step's graphs (an op they call): one call for what is a dozen ops here, each key and value read once for the
     query heads that share it. Otherwise, inside a compiler, the same arithmetic as products and sums, which fuse
     into loops over the cache (inductor would otherwise match them to its SDPA kernel, which does not take these
-    strided views).
+    strided views). alibi (nh,): ALiBi's slopes, as in `attention` (the Python arithmetic; not the C++ kernel).
     Returns (B, 1, nh, hd)."""
     B, nh, _, hd = q.shape
     n_kv = keys.shape[1]
@@ -146,7 +159,7 @@ def decode_attention(
     first = seen - span
     keys.narrow(2, seen - 1, 1).copy_(k)
     values.narrow(2, seen - 1, 1).copy_(v)
-    if _native(q, keys):
+    if alibi is None and _native(q, keys):
         return native.decode_attention(q, keys, values, first, span, scale, softcap, sinks, starts)
     qg = q.float().view(B, n_kv, nh // n_kv, hd) * scale
     kk = keys.narrow(2, first, span).float()  # (B, n_kv, W, hd)
@@ -157,6 +170,11 @@ def decode_attention(
         scores = torch.matmul(qg, kk.transpose(-1, -2))
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:
+        slots = torch.arange(span, device=scores.device) + (
+            first - seen + 1
+        )  # back from the new token's slot
+        scores = scores + alibi_bias(alibi, slots).view(1, n_kv, nh // n_kv, span)
     if starts is not None:  # each row's padding slots, as a -inf bias (W slots from `first`)
         slots = torch.arange(span, device=scores.device) + first
         scores = scores.masked_fill((slots[None, :] < starts[:, None])[:, None, None, :], float("-inf"))

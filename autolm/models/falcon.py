@@ -14,8 +14,9 @@ or, with parallel_attn false (and the old architecture), sequential: x += attn(i
 x += mlp(post_attention_layernorm(x)).
 
 transformers' names: the body is `transformer` (word_embeddings, h, ln_f); autolm's code reaches it as `model`
-and its parts as `embed_tokens`, `layers` and `norm`. ALiBi (`alibi`, Falcon-RW) is refused: autolm's attention
-kernels take a boolean mask, not an additive per-head bias. transformers' dropouts (hidden_dropout,
+and its parts as `embed_tokens`, `layers` and `norm`. ALiBi (`alibi`, Falcon-RW) is refused: transformers
+computes Falcon's ALiBi biases in bfloat16 from each row's token count, which autolm's shared ALiBi (float32 slopes
+times the key's slot, BLOOM's and MPT's arithmetic) does not reproduce. transformers' dropouts (hidden_dropout,
 attention_dropout) are kept in the config and not applied, as in every autolm family.
 """
 
@@ -106,8 +107,8 @@ class FalconConfig(PretrainedConfig):
         src = self.source
         if self.alibi:
             raise ConfigError(
-                f"{src}: alibi is not supported (ALiBi attention biases, Falcon-RW): autolm's attention takes no "
-                "additive bias; only rotary Falcon models (alibi false) load"
+                f"{src}: alibi is not supported (ALiBi attention biases, Falcon-RW): only rotary Falcon models "
+                "(alibi false) load"
             )
         n, kv, ln = self.num_attention_heads, self.num_kv_heads, self.num_ln_in_parallel_attn
         if not (_is_int(kv) and 0 < kv <= n):

@@ -2,11 +2,12 @@
 
 `Attention` covers the variants of the supported families as parameters: biases, per-head or whole-projection
 q/k norms, full, partial or no RoPE (which RoPE table, for families with several; rotate-half or interleaved
-pairs), the score scale, tanh soft-capping, a sliding window and attention sinks. Where its keys and values go
-and what they attend to is the context's business:
+pairs), the score scale, tanh soft-capping, a sliding window, chunked attention (Llama 4: a query sees only the
+keys of its own chunk of `chunk` positions) and attention sinks. Where its keys and values go and what they attend
+to is the context's business:
 
 - `Forward`: a batch of T new tokens per row, written into the KV cache at `cache_position`, attending under a
-  padding and causal (or sliding-window) mask over the first `kv_length` slots; the general forward.
+  padding and causal (or sliding-window, or chunked) mask over the first `kv_length` slots; the general forward.
 - `OneToken`: one new token per row, every row's real tokens ending at the same slot (one sequence, or a
   left-padded / right-aligned batch): no masks beyond each row's first real slot, the cache written and read
   in place. The fast decode steps (autolm.step) run the same layers under it, eager or compiled ahead of time.
@@ -14,7 +15,7 @@ and what they attend to is the context's business:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,23 +44,35 @@ class Forward:
     attentions: list | None = None
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor | None:
-        """The boolean (B, 1, T, S) mask for a window size (None: full attention), made once per forward."""
-        if window not in self._masks:
-            self._masks[window] = build_mask(
-                window, self.attention_mask, self.cache_position, self.batch, self.kv_length
+    def mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
+        """The boolean (B, 1, T, S) mask for a window size (None: full attention) or a chunk size, made once per
+        forward."""
+        if (window, chunk) not in self._masks:
+            self._masks[window, chunk] = build_mask(
+                window, self.attention_mask, self.cache_position, self.batch, self.kv_length, chunk
             )
-        return self._masks[window]
+        return self._masks[window, chunk]
 
     def attend(
-        self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None
+        self,
+        layer_idx: int,
+        q,
+        k,
+        v,
+        window=None,
+        scale=None,
+        softcap=None,
+        sinks=None,
+        chunk=None,
+        alibi=None,
     ) -> torch.Tensor:
         """q (B, nh, T, hd), k, v (B, n_kv, T, hd) -> (B, T, nh, hd)."""
         if self.cache is not None:
             k, v = self.cache.update(layer_idx, k, v, self.cache_position, self.kv_length)
             if k.dtype != q.dtype:  # a cache kept in another dtype (a GGUF model's float16 one)
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        return kernels.attention(q, k, v, self.mask(window), scale, softcap, sinks, self.attentions)
+        mask = self.mask(window, chunk)
+        return kernels.attention(q, k, v, mask, scale, softcap, sinks, self.attentions, alibi)
 
 
 @dataclass
@@ -67,7 +80,8 @@ class OneToken:
     """One new token per row, written at slot seen - 1; row b's real tokens are slots starts[b] .. seen - 1
     (starts None: all of them, as for one sequence). `keys` and `values` are the cache's per-layer buffers, or
     one layer's buffers inside a compiled graph, which also gives `span`, the slots its layer attends over
-    (the window, or all)."""
+    (the window, the slots since the chunk's start, or all). A chunked layer's row attends from its chunk's first
+    slot: a multiple of `chunk` slots after the row's first real slot."""
 
     rope: Tables
     keys: list[torch.Tensor] | torch.Tensor
@@ -77,17 +91,32 @@ class OneToken:
     starts: torch.Tensor | None = None  # (B,) the first real slot of each row
 
     def attend(
-        self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None
+        self,
+        layer_idx: int,
+        q,
+        k,
+        v,
+        window=None,
+        scale=None,
+        softcap=None,
+        sinks=None,
+        chunk=None,
+        alibi=None,
     ) -> torch.Tensor:
         if isinstance(self.keys, list):
             keys, values = self.keys[layer_idx], self.values[layer_idx]
         else:
             keys, values = self.keys, self.values
-        span = self.span
+        span, starts = self.span, self.starts
+        if chunk is not None:
+            if starts is not None:  # rows of their own lengths: each row's chunk start masks what precedes it
+                starts = starts + (self.seen - 1 - starts) // chunk * chunk
+            elif span is None:
+                span = (self.seen - 1) % chunk + 1
         if span is None:
             span = self.seen if window is None else min(window, self.seen)
         return kernels.decode_attention(
-            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, self.starts
+            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, starts, alibi
         )
 
 
@@ -95,7 +124,10 @@ class Attention(nn.Module):
     """Multi-head attention with grouped KV heads and transformers' module names (q_proj, k_proj, v_proj,
     o_proj, q_norm, k_norm, sinks). `norm` builds a q/k norm for a given width; `qk_norm` is "head" (per head,
     Qwen 3, Gemma 3) or "full" (over the whole projection, OLMo 2). `rope` names the RoPE table the layer
-    reads (None: no RoPE); `rope_interleaved` rotates adjacent pairs (Cohere) instead of the two halves."""
+    reads (None: no RoPE); `rope_interleaved` rotates adjacent pairs (Cohere) instead of the two halves.
+    `chunk`: chunked attention (Llama 4), each query seeing only the keys of its own `chunk` positions. `alibi`:
+    ALiBi's slopes, one per head (BLOOM, MPT, Falcon-RW; no RoPE then), each head's scores biased by its slope
+    times the key's position."""
 
     def __init__(
         self,
@@ -115,6 +147,8 @@ class Attention(nn.Module):
         softcap: float | None = None,
         sinks: bool = False,
         rope_interleaved: bool = False,
+        chunk: int | None = None,
+        alibi: Sequence[float] | None = None,
     ):
         super().__init__()
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -125,7 +159,10 @@ class Attention(nn.Module):
         )
         self.scaling = head_dim**-0.5 if scale is None else scale
         self.sliding_window, self.rope, self.softcap = window, rope, softcap
-        self.rope_interleaved = rope_interleaved
+        self.rope_interleaved, self.chunk = rope_interleaved, chunk
+        self.alibi = (
+            None if alibi is None else tuple(float(x) for x in alibi)
+        )  # kept in float32 whatever the dtype
         self.make_projections(hidden, bias, bias if o_bias is None else o_bias)
         if qk_norm is not None:
             full = qk_norm == "full"
@@ -163,7 +200,10 @@ class Attention(nn.Module):
             q = apply_rotary(q, cos, sin, self.rope_interleaved)
             k = apply_rotary(k, cos, sin, self.rope_interleaved)
         sinks = getattr(self, "sinks", None)
-        y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks)
+        alibi = None if self.alibi is None else torch.tensor(self.alibi, dtype=torch.float32, device=q.device)
+        y = ctx.attend(
+            self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks, self.chunk, alibi
+        )
         return self.o_proj(y.reshape(B, T, nh * hd))
 
 
@@ -178,16 +218,23 @@ def default_positions(
 
 
 def build_mask(
-    window: int | None, attention_mask: torch.Tensor | None, cache_position: torch.Tensor, B: int, S: int
+    window: int | None,
+    attention_mask: torch.Tensor | None,
+    cache_position: torch.Tensor,
+    B: int,
+    S: int,
+    chunk: int | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (B, 1, T, S) for queries at cache_position over S key slots, causal and within the
-    window (None: full attention); None where plain causal attention does (eager only)."""
+    window (None: full attention) or the query's chunk (positions counted from each row's first real slot, after
+    its left padding); None where plain causal attention does (eager only)."""
     T = cache_position.shape[0]
     device = cache_position.device
     if not torch.compiler.is_compiling():
         has_padding = attention_mask is not None and not bool(attention_mask[:, :S].all())
         starts_at_zero = T == S  # a prompt with no past: the causal kernel applies as is
-        if not has_padding and (starts_at_zero or T == 1) and (window is None or window >= S):
+        local = (window is None or window >= S) and (chunk is None or chunk >= S)
+        if not has_padding and (starts_at_zero or T == 1) and local:
             return None
     q = cache_position[:, None]  # slot index of each query (T, 1)
     kv = torch.arange(S, device=device)[None, :]
@@ -195,6 +242,14 @@ def build_mask(
     if window is not None:
         allowed = allowed & (kv > q - window)
     allowed = allowed[None, None].expand(B, 1, T, S)
+    if chunk is not None:
+        pads = (
+            (attention_mask[:, :S].cumsum(-1) == 0).sum(-1, keepdim=True)[:, :, None]  # (B, 1, 1)
+            if attention_mask is not None
+            else torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+        )
+        same = (q[None] - pads) // chunk == (kv[None] - pads) // chunk  # (B, T, S)
+        allowed = allowed & same[:, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :S].bool()
         # A padding query would see nothing and give NaN: let it see itself (its output is never used).

@@ -88,7 +88,8 @@ class _HeadGraph(nn.Module):
 
 
 class Plan:
-    """Loaded graphs and the tensors each is called with: per layer (graph, tensors, window), then the head."""
+    """Loaded graphs and the tensors each is called with: per layer (graph, tensors, (window, chunk)), then the
+    head."""
 
     def __init__(self, layers: list, head: tuple, kinds: list[str]):
         self.layers, self.head, self.kinds = layers, head, kinds
@@ -159,7 +160,8 @@ def _describe(kind: str, module: nn.Module, example: list[torch.Tensor], extra=(
 
 
 def _jobs(model, batched: bool) -> tuple[list, list[str]]:
-    """Per layer, then for the head: (graph module, example inputs, dynamic dims, runtime tensors, key, window).
+    """Per layer, then for the head: (graph module, example inputs, dynamic dims, runtime tensors, key, (window,
+    chunk) of its attention).
     Batched graphs take any number of rows from 2 up (dimension 0 of x, the cache, starts and RoPE tables)."""
     body = model.model
     dtype = body.embed_tokens.weight.dtype
@@ -170,12 +172,12 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     tables = body.rotary.tables(torch.zeros(rows, 1, dtype=torch.long), dtype)
     example_tables = [t.clone() for k in kinds for t in tables[k]]  # distinct tensors: export dedups aliases
     starts = [torch.zeros(rows, dtype=torch.long)] if batched else []
-    n_kv, hd = model.attention_shape()
     b = {0: "batch"} if batched else None
     jobs = []
     for layer in body.layers:
         names, tensors = tensors_of(layer)
-        cache = torch.zeros(rows, n_kv, 6, hd, dtype=model.cache_dtype())
+        attn = next(m for m in layer.modules() if hasattr(m, "num_kv_heads"))  # this layer's cache shape
+        cache = torch.zeros(rows, attn.num_kv_heads, 6, attn.head_dim, dtype=model.cache_dtype())
         example = [
             x,
             cache,
@@ -189,16 +191,18 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
         dynamic = [b, {2: "capacity", **(b or {})}, {2: "capacity", **(b or {})}, {0: "seen"}, {0: "span"}]
         dynamic += [b] * (len(starts) + len(example_tables))
         dynamic += [None] * (len(example) - len(dynamic))
-        attn = next((m for m in layer.modules() if hasattr(m, "sliding_window")), None)
         graph = _LayerGraph(layer, names, kinds, batched)
         key = _describe("layer", layer, example, (kinds, batched))
-        jobs.append((graph, example, dynamic, tensors, key, getattr(attn, "sliding_window", None)))
+        local = (getattr(attn, "sliding_window", None), getattr(attn, "chunk", None))
+        jobs.append((graph, example, dynamic, tensors, key, local))
     named = [(n, t) for n, t in zip(*tensors_of(model)) if not n.startswith(model.layers_prefix + ".")]
     tensors = [t for _, t in named]
     graph = _HeadGraph(model, [n for n, _ in named], batched)
     example = [x, *tensors]
     dynamic = [b] + [None] * len(tensors) if batched else None
-    jobs.append((graph, example, dynamic, tensors, _describe("head", model, example, (batched,)), None))
+    jobs.append(
+        (graph, example, dynamic, tensors, _describe("head", model, example, (batched,)), (None, None))
+    )
     return jobs, kinds
 
 
@@ -227,7 +231,7 @@ def build(model, compile_missing: bool, progress: bool = False, batched: bool = 
             graphs[key] = aot.compile_graph(key, module, example, _dims(dynamic), _FLAGS)
             if graphs[key] is None:
                 return None
-    layers = [(graphs[key], tensors, window) for _, _, _, tensors, key, window in jobs[:-1]]
+    layers = [(graphs[key], tensors, local) for _, _, _, tensors, key, local in jobs[:-1]]
     return Plan(layers, (graphs[jobs[-1][4]], jobs[-1][3]), kinds)
 
 
@@ -248,7 +252,7 @@ def exported(model, batched: bool = False) -> Plan:
             if key not in done:
                 program = aot.export(module, example, _dims(dynamic)).module()
                 done[key] = lambda inputs, program=program: program(inputs)
-    layers = [(done[key], tensors, window) for _, _, _, tensors, key, window in jobs[:-1]]
+    layers = [(done[key], tensors, local) for _, _, _, tensors, key, local in jobs[:-1]]
     return Plan(layers, (done[jobs[-1][4]], jobs[-1][3]), kinds)
 
 
@@ -258,8 +262,10 @@ def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None
     flat = [t for k in plan.kinds for t in tables[k]]
     if x.shape[0] > 1:  # a batched plan: each row's first real slot
         flat = [starts if starts is not None else torch.zeros(x.shape[0], dtype=torch.long), *flat]
-    for i, (graph, tensors, window) in enumerate(plan.layers):
+    for i, (graph, tensors, (window, chunk)) in enumerate(plan.layers):
         span = seen if window is None or window > slot else _ONE.expand(window)
+        if chunk is not None and x.shape[0] == 1:  # a batched graph masks each row's chunk by its start
+            span = _ONE.expand(slot % chunk + 1)
         x = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *tensors])[0]
     graph, tensors = plan.head
     return graph([x, *tensors])[0]
