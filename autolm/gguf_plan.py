@@ -48,7 +48,7 @@ _NOT_COMPARED = {
     "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "extra",
     "name_or_path", "use_cache", "rope_spelling", "rope_parameters", "sliding_window", "use_sliding_window",
     "layer_types", "max_window_layers", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-    "no_rope_layer_interval",
+    "no_rope_layer_interval", "input_jitter_noise",
 }  # fmt: skip
 # llama.cpp tensors the converter keeps in F32 whatever the type asked for (besides 1-D ones and biases)
 F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd")

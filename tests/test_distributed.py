@@ -132,6 +132,14 @@ _TP_FAMILIES = [
     "nanochat",
     "ministral3",
     "ministral",
+    "minimax_m2",
+    "hunyuan_v1_moe",
+    "exaone_moe",
+    "dbrx",
+    "phimoe",
+    "afmoe",
+    "gemma4_text",
+    "llama4_text",
 ]
 
 

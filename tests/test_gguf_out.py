@@ -242,14 +242,18 @@ def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, or a tuple of them (its variants), the
     test-side converter mimic writing the file convert_hf_to_gguf.py makes of it (hf model, path), or None where
     there is none)."""
+    import test_family_afmoe as afmoe
     import test_family_arcee as arcee
+    import test_family_bloom as bloom
     import test_family_cohere as cohere
+    import test_family_dbrx as dbrx
     import test_family_deepseek_v2 as deepseek_v2
     import test_family_deepseek_v3 as deepseek_v3
     import test_family_dots1 as dots1
     import test_family_ernie4_5 as ernie
     import test_family_ernie4_5_moe as ernie_moe
     import test_family_exaone4 as exaone4
+    import test_family_exaone_moe as exaone_moe
     import test_family_falcon as falcon
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
@@ -261,8 +265,11 @@ def _families():
     import test_family_granite as granite
     import test_family_granitemoe as granitemoe
     import test_family_hunyuan_v1_dense as hunyuan
+    import test_family_hunyuan_v1_moe as hunyuan_moe
+    import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
+    import test_family_mpt as mpt
     import test_family_nemotron as nemotron
     import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
@@ -270,6 +277,7 @@ def _families():
     import test_family_olmoe as olmoe
     import test_family_phi as phi
     import test_family_phi3 as phi3
+    import test_family_phimoe as phimoe
     import test_family_seed_oss as seed_oss
     import test_family_smollm3 as smollm3
     import test_family_stablelm as stablelm
@@ -325,6 +333,14 @@ def _families():
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
+        "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "mpt": (mpt.SIX, mpt.write_mpt_gguf),
+        "bloom": (bloom.MAIN, bloom.write_bloom_gguf),
+        "dbrx": (dbrx.PLAIN, dbrx.write_dbrx_gguf),
+        "phimoe": (phimoe.PLAIN, phimoe.write_phimoe_gguf),
+        "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
+        "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
+        "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "falcon": (
             (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),
             lambda hf, path: falcon.write_falcon_gguf(hf.name_or_path, hf, path),

@@ -215,8 +215,8 @@ def test_the_family_table_names_each_familys_classes_and_gguf_layout():
         mod = importlib.import_module(f"autolm.models.{module}")
         config_cls, model_cls = getattr(mod, config), getattr(mod, model)
         assert config_cls.model_type == model_type, model_type
-        # Gemma 3's image-text type loads its language model
-        assert model_cls.config_class.model_type in (model_type, "gemma3_text"), model_type
+        # an image-text type (gemma3, gemma4, llama4) loads its language model
+        assert model_cls.config_class.model_type in (model_type, f"{model_type}_text"), model_type
         assert (model_cls.gguf.arch if model_cls.gguf is not None else None) == arch, model_type
 
 

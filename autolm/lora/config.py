@@ -63,6 +63,8 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt_neox": ["query_key_value"],
     "gpt_bigcode": ["c_attn"],
     "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "mpt": ["Wqkv"],
     "opt": ["q_proj", "v_proj"],
     **dict.fromkeys(
         (
@@ -97,6 +99,14 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "apertus",
             "helium",
             "nanochat",
+            "exaone_moe",
+            "hunyuan_v1_moe",
+            "minimax_m2",
+            "dbrx",
+            "phimoe",
+            "afmoe",
+            "gemma4_text",
+            "llama4_text",
         ),
         None,
     ),

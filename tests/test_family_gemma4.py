@@ -1,0 +1,226 @@
+"""Gemma 4 (text) against transformers and peft: the family battery on two tiny checkpoints with every quirk switched
+on. DENSE (Gemma 4 31B's layout): sliding and full layers, the full ones with their own head size and one KV head
+(global_head_dim, num_global_key_value_heads), attention_k_eq_v (no v_proj on full layers), proportional RoPE with a
+partial rotary factor and a factor on the full layers, q/k/v norms, final soft-capping, a window shorter than the
+prompts. MOE (26B-A4B's): the dense MLP and the experts side by side, full layers with no k_eq_v. Also: random
+layer_scalar values, the image-text checkpoint's language model, the config's defaults and errors, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from chat_checks import check_cli
+from conftest import VOCAB, padded_batch, positions, randomize
+from family_checks import Family
+from safetensors.torch import load_file
+from test_compiled_step import compiled_home, home  # noqa: F401
+
+import autolm
+from autolm.errors import ConfigError
+
+_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                       "factor": 2.0},
+}  # fmt: skip
+_SIZES = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=64, sliding_window=4, hidden_size_per_layer_input=0, rope_parameters=_ROPE,
+              final_logit_softcapping=10.0)  # fmt: skip
+_TARGETS = [
+    "q_proj",
+    "v_proj",
+]  # peft's default for gemma4 matches only the image-text model's language_model
+DENSE = Family("Gemma4TextConfig", dict(_SIZES, num_hidden_layers=4, global_head_dim=32, num_global_key_value_heads=1,
+                                        attention_k_eq_v=True, layer_types=["sliding_attention", "full_attention"] * 2),
+               lora_targets=_TARGETS)  # fmt: skip
+# the full layers' heads as the sliding ones'
+MOE = Family("Gemma4TextConfig", dict(_SIZES, num_hidden_layers=3, global_head_dim=16, enable_moe_block=True,
+                                      num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                      layer_types=["sliding_attention", "full_attention", "full_attention"]),
+             lora_targets=_TARGETS)  # fmt: skip
+FAMILIES = {"dense": DENSE, "moe": MOE}
+families = pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+
+
+@families
+def test_logits(family, tmp_path_factory):
+    family.check_logits(tmp_path_factory)
+
+
+@families
+def test_generate_greedy_and_beam(family, tmp_path_factory):
+    family.check_generate(tmp_path_factory)
+
+
+@families
+def test_bf16(family, tmp_path_factory):
+    family.check_bf16(tmp_path_factory)
+
+
+@families
+def test_one_token_step(family, tmp_path_factory):
+    family.check_one_token_step(tmp_path_factory)
+
+
+def test_compiled_step(tmp_path_factory, home):  # noqa: F811
+    MOE.check_compiled_step(tmp_path_factory, home)
+
+
+def test_compiled_step_per_layer_cache_shapes(tmp_path_factory, home):  # noqa: F811
+    DENSE.check_compiled_step(tmp_path_factory, home)
+
+
+@families
+def test_lora(family, tmp_path_factory, tmp_path):
+    family.check_lora(tmp_path_factory, tmp_path)
+
+
+@families
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized(family, bits, tmp_path_factory):
+    family.check_quantized(tmp_path_factory, bits)
+
+
+@families
+def test_save(family, tmp_path_factory, tmp_path):
+    family.check_save(tmp_path_factory, tmp_path)
+    directory, hf = family.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    assert set(model.state_dict()) == set(hf.state_dict())
+    model.save_pretrained(tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(
+        load_file(f"{directory}/model.safetensors")
+    )
+    ours = json.loads((tmp_path / "again" / "config.json").read_text())
+    theirs = json.loads(open(f"{directory}/config.json").read())
+    assert set(ours) - {"transformers_version"} <= set(theirs)
+    assert ours["per_layer_config"] == theirs["per_layer_config"]
+    assert ours["rope_parameters"] == theirs["rope_parameters"]
+
+
+@families
+def test_disk_offload(family, tmp_path_factory, tmp_path):
+    family.check_disk_offload(tmp_path_factory, tmp_path)
+
+
+def test_kv_cache_takes_each_layers_shape(tmp_path_factory):
+    directory, _ = DENSE.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    cache = model.make_cache(2, 10)
+    assert [tuple(k.shape) for k in cache.keys] == [(2, 2, 10, 16), (2, 1, 10, 32)] * 2
+    assert (
+        model.model.layers[1].self_attn.v_proj is None and model.model.layers[0].self_attn.v_proj is not None
+    )
+
+
+def _transformers_checkpoint(tmp_path, kwargs, image_text=False):
+    """A transformers Gemma 4 checkpoint with random weights and random layer_scalar values."""
+    import transformers
+
+    text = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs
+    )
+    torch.manual_seed(0)
+    if image_text:
+        config = transformers.Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+        model = transformers.Gemma4ForConditionalGeneration(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(text)
+    randomize(model)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buf.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    return model.eval()
+
+
+def _same_logits(model, hf) -> None:
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", [DENSE, MOE], ids=["dense", "moe"])
+def test_layer_scalar(family, tmp_path):
+    """Each layer's output times its layer_scalar (a buffer the checkpoint holds, one in a fresh model)."""
+    hf = _transformers_checkpoint(tmp_path, family.kwargs)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert float(model.model.layers[0].layer_scalar) != 1.0
+    _same_logits(model, hf)
+
+
+def test_image_text_checkpoint(tmp_path):
+    """model_type gemma4: the language model of Gemma4ForConditionalGeneration (soft-capped, as transformers does),
+    saved as the text model transformers' Gemma4ForCausalLM loads."""
+    import transformers
+
+    hf = _transformers_checkpoint(tmp_path / "it", DENSE.kwargs, image_text=True)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "it")
+    assert type(model).__name__ == "Gemma4ForCausalLM" and model.config.final_logit_softcapping == 10.0
+    _same_logits(model, hf)
+    model.save_pretrained(tmp_path / "text")
+    text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    assert type(text).__name__ == "Gemma4ForCausalLM"
+    _same_logits(model, text.eval())
+
+
+def test_config_defaults_are_transformers():
+    import transformers
+
+    from autolm.models.gemma4 import Gemma4TextConfig
+
+    for kwargs in (dict(num_hidden_layers=8), dict(num_hidden_layers=4, layer_types=["full_attention",
+                                                                                      "sliding_attention"] * 2)):  # fmt: skip
+        kwargs["hidden_size_per_layer_input"] = 0
+        ours, theirs = Gemma4TextConfig(**kwargs), transformers.Gemma4TextConfig(**kwargs)
+        assert ours.layer_types == theirs.layer_types
+        assert ours.rope_parameters == theirs.rope_parameters
+        for i in range(ours.num_hidden_layers):
+            assert ours.layer_head_dim(i) == theirs.per_layer_config[i].head_dim
+            assert ours.layer_kv_heads(i) == theirs.per_layer_config[i].num_key_value_heads
+    ours = Gemma4TextConfig(
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        num_hidden_layers=6,
+        hidden_size_per_layer_input=0,
+    )
+    assert [ours.layer_kv_heads(i) for i in range(6)] == [4] * 5 + [1]
+
+
+def test_config_errors_name_the_key():
+    from autolm.models.gemma4 import Gemma4Config, Gemma4TextConfig
+
+    small = dict(num_hidden_layers=2, hidden_size_per_layer_input=0)
+    cases = {
+        "use_bidirectional_attention": dict(use_bidirectional_attention="all"),
+        "hidden_size_per_layer_input": dict(hidden_size_per_layer_input=256),
+        "num_kv_shared_layers": dict(num_kv_shared_layers=1),
+        "top_k_experts": dict(enable_moe_block=True, num_experts=2, top_k_experts=3, moe_intermediate_size=8),
+        "moe_intermediate_size": dict(enable_moe_block=True, num_experts=2, top_k_experts=1),
+        "partial_rotary_factor": dict(rope_parameters={"sliding_attention": _ROPE["sliding_attention"],
+                                                       "full_attention": {"rope_type": "proportional",
+                                                                          "rope_theta": 1.0,
+                                                                          "partial_rotary_factor": 2}}),
+        "rope_parameters": dict(rope_parameters={"sliding_attention": _ROPE["sliding_attention"]}),
+        "per_layer_config": dict(per_layer_config={"1": {"intermediate_size": 8}}),
+        "global_head_dim": dict(global_head_dim=0),
+        "attention_k_eq_v": dict(attention_k_eq_v="yes"),
+    }  # fmt: skip
+    for key, kwargs in cases.items():
+        with pytest.raises(ConfigError, match=key):
+            Gemma4TextConfig(**{**small, **kwargs})
+    with pytest.raises(ConfigError, match="text_config"):
+        Gemma4Config.from_dict({"text_config": None})
+    assert Gemma4TextConfig(**small, use_bidirectional_attention="vision").layer_types[-1] == "full_attention"
+
+
+def test_cli(tmp_path_factory, tmp_path):
+    """No Gemma 4 chat template among the test data: Gemma's (gemma-1.1-it), the closest."""
+    long = Family(DENSE.config_cls, dict(DENSE.kwargs, max_position_embeddings=2048), lora_targets=_TARGETS)
+    check_cli(long, "gemma-1.1-it.jinja", tmp_path_factory, tmp_path, "Gemma4ForCausalLM (gemma4_text)")

@@ -1,0 +1,215 @@
+"""Llama 4's text model against transformers: RoPE (interleaved pairs) with the L2 q/k norm on layers 0 and 2, NoPE
+layers 1 and 3 with the query temperature, chunked attention (chunks of 8 positions) on the RoPE layers and full
+attention on the NoPE ones, q/k/v/o biases, GQA; a mixture of 4 experts (top 2, sigmoid weights scaling each
+expert's input) with a shared expert on layers 0 and 3, dense MLPs of another width on 1 and 2. The standard
+battery; sequences longer than several chunks with the temperature well under way (prompt and generation, every
+decode path); the image-text checkpoint (model_type llama4) running its language model; the CLI with Llama 4's
+chat template; config errors.
+
+The temperature counts positions from each row's first real token; transformers counts cache slots, so its left-padded
+rows differ once a slot reaches floor_scale - 1. LLAMA4's floor_scale (22) lies past every padded batch's slots
+in the battery and below the one-row sequences', which compare with transformers at any length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from chat_checks import check_cli
+from conftest import VOCAB, padded_batch, positions, randomize
+from family_checks import Family
+from test_compiled_step import compiled_home, home  # noqa: F401
+
+import autolm
+from autolm.errors import ConfigError
+from autolm.models.llama4 import Llama4Config, Llama4TextConfig
+
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=32,
+    intermediate_size_mlp=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_layers=[0, 3],
+    no_rope_layer_interval=2,
+    attention_chunk_size=8,
+    attention_bias=True,
+)
+# peft's default targets are for "llama4" only, not "llama4_text"
+LLAMA4 = Family("Llama4TextConfig", dict(SIZES, floor_scale=22), lora_targets=["q_proj", "v_proj"])
+# the temperature from position 3 on: one-row sequences only (see the module docstring)
+LONG = Family(
+    "Llama4TextConfig", dict(SIZES, floor_scale=4, attn_scale=0.5), lora_targets=["q_proj", "v_proj"]
+)
+
+
+def test_logits(tmp_path_factory):
+    LLAMA4.check_logits(tmp_path_factory)
+
+
+def test_generate(tmp_path_factory):
+    LLAMA4.check_generate(tmp_path_factory)
+
+
+def test_bf16(tmp_path_factory):
+    LLAMA4.check_bf16(tmp_path_factory)
+
+
+def test_one_token_step(tmp_path_factory):
+    LLAMA4.check_one_token_step(tmp_path_factory)
+
+
+def test_compiled_step(tmp_path_factory, home):  # noqa: F811
+    LLAMA4.check_compiled_step(tmp_path_factory, home)
+
+
+def test_lora(tmp_path_factory, tmp_path):
+    LLAMA4.check_lora(tmp_path_factory, tmp_path)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized(tmp_path_factory, bits):
+    LLAMA4.check_quantized(tmp_path_factory, bits)
+
+
+def test_save(tmp_path_factory, tmp_path):
+    """transformers' names in the state dict (stacked experts, as the checkpoint holds them); the saved files hold the
+    checkpoint's tensor names and only transformers' config keys."""
+    from safetensors import safe_open
+
+    LLAMA4.check_save(tmp_path_factory, tmp_path)
+    directory, hf = LLAMA4.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    assert model.state_dict().keys() == hf.state_dict().keys()
+    with (
+        safe_open(f"{directory}/model.safetensors", "pt") as theirs,
+        safe_open(tmp_path / "saved" / "model.safetensors", "pt") as ours,
+    ):
+        assert set(ours.keys()) == set(theirs.keys())
+        assert "model.layers.3.feed_forward.experts.gate_up_proj" in set(ours.keys())
+    keys = [json.load(open(f"{d}/config.json")) for d in (directory, tmp_path / "saved")]
+    assert set(keys[1]) - {"transformers_version"} == set(keys[0]) - {"transformers_version"}
+    for key in ("layer_types", "no_rope_layers", "moe_layers", "attention_chunk_size", "floor_scale"):
+        assert keys[1][key] == keys[0][key], key
+
+
+def test_disk_offload(tmp_path_factory, tmp_path):
+    LLAMA4.check_disk_offload(tmp_path_factory, tmp_path)
+
+
+# ---- sequences of several chunks, the temperature under way ---------------------------------------------------
+
+
+def test_long_sequence_logits_and_generation(tmp_path_factory):
+    """26 tokens (4 chunks of 8) and a 20-token prompt generating 16 more (through the one-token step): transformers'
+    logits and greedy tokens. Without the chunks or the temperature they would differ."""
+    directory, hf = LONG.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 26), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+        greedy = dict(max_new_tokens=16, do_sample=False)
+        assert model.generate(ids[:, :20], **greedy).tolist() == hf.generate(ids[:, :20], **greedy).tolist()
+        for attn in (m for m in model.modules() if hasattr(m, "chunk")):
+            attn.chunk = None
+        unchunked = model(ids).logits
+    assert (unchunked[0, 8:] - want[0, 8:]).abs().max() > 1e-2
+
+
+def test_long_sequence_compiled_step(tmp_path_factory, home):  # noqa: F811
+    """The compiled step's graphs give the general forward's tokens and logits over 27 positions (chunk starts and
+    the temperature inside the graphs); a left-padded batch (the batched graphs, each row's chunk and temperature
+    from its own first token) too. (test_long_sequence_logits_and_generation takes the eager one-token step.)"""
+    LONG.check_compiled_step(tmp_path_factory, home)
+
+
+def test_padded_rows_are_their_own_sequences(tmp_path_factory):
+    """A left-padded row's logits are the row's alone: chunks and temperature count from its first real token."""
+    directory, _ = LONG.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids, mask = padded_batch(lengths=(21, 13))
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        alone = model(ids[1:, 8:]).logits
+    torch.testing.assert_close(batch[1, 8:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+# ---- the image-text checkpoint, CLI, config -------------------------------------------------------------------------
+
+
+def test_image_text_checkpoint_runs_its_language_model(tmp_path):
+    """model_type llama4 (Scout, Maverick: a vision model, a projector and the language model, the text settings in
+    text_config): autolm loads the language model, skipping the vision tensors, with the logits and greedy tokens
+    of transformers' AutoModelForCausalLM; saved, it is the text model transformers' Llama4ForCausalLM loads."""
+    import transformers
+
+    text = dict(LONG.kwargs, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, image_size=28,
+                  patch_size=14, pixel_shuffle_ratio=0.5)  # fmt: skip
+    hf = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text, vision_config=vision)
+    )
+    randomize(hf)
+    hf.save_pretrained(tmp_path / "mm")
+    assert json.loads((tmp_path / "mm" / "config.json").read_text())["model_type"] == "llama4"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "mm", attn_implementation="eager"
+    ).eval()
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+    assert type(model).__name__ == "Llama4ForCausalLM" and model.config.model_type == "llama4_text"
+    ids = torch.randint(3, VOCAB, (1, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+        greedy = dict(max_new_tokens=6, do_sample=False)
+        assert model.generate(ids, **greedy).tolist() == hf.generate(ids, **greedy).tolist()
+    model.save_pretrained(tmp_path / "text")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    assert type(back).__name__ == "Llama4ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, atol=1e-4, rtol=1e-4)
+    d = json.loads((tmp_path / "mm" / "config.json").read_text())
+    del d["text_config"]
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="text_config"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+
+
+def test_cli(tmp_path_factory, tmp_path):
+    """Llama 4 Scout Instruct's chat template (transformers' Llama4Processor default): a prompt of many chunks."""
+    check_cli(LLAMA4, "llama-4-scout-17b-16e-instruct.jinja", tmp_path_factory, tmp_path,
+              "Llama4ForCausalLM (llama4_text)")  # fmt: skip
+
+
+def test_config_defaults_and_errors_name_the_key():
+    c = Llama4TextConfig(num_hidden_layers=8, interleave_moe_layer_step=2)
+    assert c.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0] and c.moe_layers == [1, 3, 5, 7]
+    assert c.layer_types[3] == "full_attention" and c.layer_types[0] == "chunked_attention"
+    assert Llama4Config(text_config={"num_hidden_layers": 2}).num_hidden_layers == 2
+    bad = [
+        ("layer_types", dict(num_hidden_layers=2, layer_types=["sliding_attention"] * 2)),
+        ("no_rope_layers", dict(num_hidden_layers=2, no_rope_layers=[1, 2])),
+        ("moe_layers", dict(moe_layers=[-1])),
+        ("num_experts_per_tok", dict(num_local_experts=4, num_experts_per_tok=5)),
+        ("attention_chunk_size", dict(attention_chunk_size=0)),
+        ("attention_chunk_size", dict(attention_chunk_size=None)),
+        ("floor_scale", dict(floor_scale=0)),
+        ("attn_scale", dict(attn_scale="big")),
+        ("intermediate_size_mlp", dict(intermediate_size_mlp=-1)),
+        ("interleave_moe_layer_step", dict(interleave_moe_layer_step=0)),
+        ("no_rope_layer_interval", dict(no_rope_layer_interval=0)),
+        ("use_qk_norm", dict(use_qk_norm="yes")),
+        ("attn_temperature_tuning", dict(attn_temperature_tuning=1)),
+    ]
+    for key, kwargs in bad:
+        with pytest.raises(ConfigError, match=key):
+            Llama4TextConfig(**kwargs)
+    with pytest.raises(ConfigError, match="text_config"):
+        Llama4Config.from_dict({"model_type": "llama4"})
