@@ -72,12 +72,35 @@ def check_chat_template(
     return ours
 
 
+def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """An `autolm` command run in this process (its parser and its function; tests/test_cli.py runs the real entry
+    point in processes of its own): (exit status, stdout, stderr), with `env` the environment variables it sees."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from autolm.cli import build_parser
+    from autolm.errors import AutolmError
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key, value in env.items():
+            mp.setenv(key, value)
+        parsed = build_parser().parse_args(list(args))
+        parsed.argv = list(args)
+        try:
+            code = parsed.func(parsed)
+        except AutolmError as e:  # as autolm.cli.main reports it
+            print(f"autolm {parsed.command}: error: {e}", file=err)
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
 def check_cli(family, template_name: str, tmp_path_factory, tmp_path, shown: str) -> None:
     """`autolm generate --chat` on the family's checkpoint with this chat template answers with transformers'
     greedy tokens; `autolm inspect` prints `shown` (the class and model type)."""
     import shutil
-    import subprocess
-    import sys
 
     src, hf = family.checkpoint(tmp_path_factory)
     directory = tmp_path / "model"
@@ -90,13 +113,11 @@ def check_cli(family, template_name: str, tmp_path_factory, tmp_path, shown: str
                                   return_tensors="pt", return_dict=False)  # fmt: skip
     out = hf.generate(ids, max_new_tokens=8, do_sample=False)
     want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"))
 
     def cli(*args):
-        p = subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                           timeout=600)  # fmt: skip
-        assert p.returncode == 0, p.stderr
-        return p.stdout
+        code, out, err = run_cli(*args, env={"AUTOLM_HOME": str(tmp_path / "home"), "AUTOLM_EAGER": "1"})
+        assert code == 0, err
+        return out
 
     assert cli("generate", str(directory), "Hi", "--chat", "--max-new-tokens", "8").strip() == want.strip()
     assert shown in cli("inspect", str(directory))
@@ -106,27 +127,23 @@ def check_cli_without_template(family, tmp_path_factory, tmp_path, shown: str) -
     """For a model that ships no chat template: `autolm generate` prints transformers' greedy continuation;
     `autolm inspect` prints `shown` (the class and model type); `autolm chat` says there is no chat template."""
     import shutil
-    import subprocess
-    import sys
 
     directory, hf = family.checkpoint(tmp_path_factory)
     model_dir = tmp_path / "model"
     shutil.copytree(directory, model_dir)
     write_char_tokenizer(str(model_dir))
-    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"), AUTOLM_EAGER="1")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=600)  # fmt: skip
+        return run_cli(*args, env={"AUTOLM_HOME": str(tmp_path / "home"), "AUTOLM_EAGER": "1"})
 
-    p = cli("generate", str(model_dir), "Hello", "--max-new-tokens", "8")
-    assert p.returncode == 0, p.stderr
+    code, out, err = cli("generate", str(model_dir), "Hello", "--max-new-tokens", "8")
+    assert code == 0, err
     tok = autolm.AutoTokenizer.from_pretrained(str(model_dir))
     ids = tok("Hello", return_tensors="pt")["input_ids"]
     new = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     want = tok.decode(new, skip_special_tokens=True)
-    assert want and want in p.stdout
-    p = cli("inspect", str(model_dir))
-    assert p.returncode == 0 and shown in p.stdout, p.stderr
-    p = cli("chat", str(model_dir), "--prompt", "Hi")
-    assert p.returncode != 0 and "no chat template" in p.stderr
+    assert want and want in out
+    code, out, err = cli("inspect", str(model_dir))
+    assert code == 0 and shown in out, err
+    code, out, err = cli("chat", str(model_dir), "--prompt", "Hi")
+    assert code != 0 and "no chat template" in err

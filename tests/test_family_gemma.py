@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from chat_checks import run_cli
 from conftest import VOCAB, padded_batch, positions, write_char_tokenizer
 from family_checks import Family
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -446,13 +445,11 @@ def test_cli_generate_chat_and_inspect(name, tmp_path_factory, tmp_path):
                                   return_tensors="pt", return_dict=False)  # fmt: skip
     out = hf.generate(ids, max_new_tokens=8, do_sample=False)
     want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"))
 
     def cli(*args):
-        p = subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                           timeout=600)  # fmt: skip
-        assert p.returncode == 0, p.stderr
-        return p.stdout
+        code, out, err = run_cli(*args, env={"AUTOLM_HOME": str(tmp_path / "home"), "AUTOLM_EAGER": "1"})
+        assert code == 0, err
+        return out
 
     assert cli("generate", str(directory), "Hi", "--chat", "--max-new-tokens", "8").strip() == want.strip()
     shown = cli("inspect", str(directory))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from chat_checks import run_cli
 from conftest import VOCAB, padded_batch, positions, write_char_tokenizer
 from family_checks import Family
 from safetensors.torch import load_file, save_file
@@ -275,11 +275,10 @@ def test_cli_without_chat_template(tmp_path_factory, tmp_path):
     model_dir = tmp_path / "pythia"
     shutil.copytree(directory, model_dir)
     write_char_tokenizer(str(model_dir))
-    env = dict(os.environ, AUTOLM_HOME=str(tmp_path / "home"), AUTOLM_EAGER="1")
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "autolm.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=600)  # fmt: skip
+    def cli(*args):  # (exit status, stdout, stderr) as a finished process's
+        code, out, err = run_cli(*args, env={"AUTOLM_HOME": str(tmp_path / "home"), "AUTOLM_EAGER": "1"})
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
     p = cli("generate", str(model_dir), "Hello", "--max-new-tokens", "8")
     assert p.returncode == 0, p.stderr

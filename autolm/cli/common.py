@@ -281,14 +281,16 @@ def stream_reply(
     tok,
     ids: list[int],
     kwargs: dict[str, Any],
-    out=sys.stdout,
+    out=None,
     seed: int | None = None,
     stats: bool = True,
 ) -> str:
-    """Print the reply as it is generated; then, on stderr, the time to the first token and the decode
-    speed over the tokens after it. Ctrl-C stops the reply (KeyboardInterrupt propagates after the
-    partial text is kept)."""
+    """Print the reply as it is generated (to `out`, else the current sys.stdout); then, on stderr, the time to
+    the first token and the decode speed over the tokens after it. Ctrl-C stops the reply (KeyboardInterrupt
+    propagates after the partial text is kept)."""
     import torch
+
+    out = sys.stdout if out is None else out
 
     from ..generation import stream_generate
 
