@@ -17,7 +17,7 @@ import torch
 
 from .._util import no_mmap
 from ..errors import GGUFError
-from ..kernels.ggml import BLOCKS, Q8_0, llama_qk_order
+from ..kernels.ggml import BLOCKS, dequantize, llama_qk_order
 from ..malloc import huge_page_tensor
 from ..models import config_class, gguf_architectures, gguf_family
 from . import ggml
@@ -143,12 +143,13 @@ def _read(g: GGUFFile, t: TensorInfo) -> np.ndarray:
 
 
 def _dequantized(g: GGUFFile, t: TensorInfo) -> np.ndarray:
-    """Tensor t's values (float32 or float16, flat per row): F32, F16 and Q8_0 read here, the rest by gguf."""
+    """Tensor t's values (float32 or float16, flat per row): F32 and F16 as read, the types autolm computes on by
+    its torch dequantization (kernels.ggml.dequantize, ggml's arithmetic), the rest by gguf's numpy code."""
     data = _read(g, t)
     if t.tensor_type in (0, 1):
         return data.view(np.float32 if t.tensor_type == 0 else np.float16)
-    if t.tensor_type == Q8_0:
-        return _q8_0(data)
+    if t.tensor_type in BLOCKS:
+        return _torch_dequantized(data, t.tensor_type)
     import gguf
 
     try:
@@ -252,12 +253,16 @@ def hf_name(gguf_name: str, family) -> str | None:
     return None
 
 
-def _q8_0(data) -> np.ndarray:
-    """Q8_0 rows (rows, bytes) dequantized to fp32, as gguf.quants does it, in one pass over the blocks (its
-    version splits the rows into thousands of chunks: 0.2 s for SmolLM2's embedding, this 0.05 s)."""
-    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, 34)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    return (blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(data.shape[0], -1)
+def _torch_dequantized(data: np.ndarray, kind: int) -> np.ndarray:
+    """Rows of raw blocks (rows, bytes) -> float32 (rows, columns) by torch's threads, a few thousand rows at a
+    time (the intermediates stay small): gemma 3's 262k-row Q8_0 embedding in 0.6 s, where numpy took 7.8 s."""
+    raw = torch.from_numpy(data)
+    weights, nbytes = BLOCKS[kind]
+    out = torch.empty(raw.shape[0], raw.shape[1] // nbytes * weights, dtype=torch.float32)
+    step = max(1, (1 << 22) // max(out.shape[1], 1))
+    for i in range(0, raw.shape[0], step):
+        out[i : i + step] = dequantize(raw[i : i + step], kind)
+    return out.numpy()
 
 
 def gguf_tensors(
