@@ -140,11 +140,8 @@ BloomConfig.__init__ = _init
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """ALiBi's slope per head, as transformers' _get_alibi_slopes computes them (float32 powers)."""
-    closest, cpu = (
-        2 ** math.floor(math.log2(num_heads)),
-        torch.device("cpu"),
-    )  # on the CPU, also while a model
-    # is made on the meta device
+    closest = 2 ** math.floor(math.log2(num_heads))
+    cpu = torch.device("cpu")  # on the CPU, also while a model is made on the meta device
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device=cpu)
     slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device=cpu))
     if closest != num_heads:
