@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -196,19 +197,10 @@ def write_afmoe_gguf(hf, path: str) -> None:
     if hp.get("sliding_window") is not None:
         w.add_sliding_window(hp["sliding_window"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.AFMOE, c.num_hidden_layers)
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
-    for name, t in tensors.items():
-        if ".mlp.experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)  # <layer>.mlp.experts, e, gate_proj, weight
-            if expert != "0":
-                continue
-            t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(c.num_experts)])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(tensors, ".mlp.experts.", c.num_experts):
         name = name.replace(".expert_bias", ".expert_bias.bias")
         base, kind = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(base)}.{kind}", np.ascontiguousarray(t.float().numpy()))

@@ -18,6 +18,7 @@ import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab
 from safetensors.torch import load_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -227,10 +228,7 @@ def write_dbrx_gguf(hf, path: str) -> None:
     w.add_expert_used_count(ffn.moe_top_k)
     w.add_layer_norm_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DBRX, c.n_layers)
     E, inner = ffn.moe_num_experts, ffn.ffn_hidden_size
     for name, t in load_file(f"{hf.name_or_path}/model.safetensors").items():

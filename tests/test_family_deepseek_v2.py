@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -208,20 +209,11 @@ def write_deepseek_v2_gguf(hf, path: str) -> None:
     w.add_rope_dimension_count(c["qk_rope_head_dim"])
     if rope.get("mscale_all_dim") is not None:
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, c["num_hidden_layers"])
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
     heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
-    for name, t in tensors.items():
-        if ".mlp.experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)
-            if expert != "0":
-                continue
-            t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(c["n_routed_experts"])])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(tensors, ".mlp.experts.", c["n_routed_experts"]):
         if name.endswith("kv_b_proj.weight"):
             kv = t.view(heads, -1, t.shape[-1])
             parts = {"k_b_proj": kv[:, :nope].transpose(1, 2), "v_b_proj": kv[:, nope:]}

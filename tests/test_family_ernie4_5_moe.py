@@ -17,6 +17,7 @@ import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_ernie4_5 import _template
 from test_family_phi import _byte_tokenizer
@@ -230,10 +231,7 @@ def write_ernie4_5_moe_gguf(hf, path: str) -> None:
     w.add_expert_shared_count(config["moe_num_shared_experts"])
     if config["moe_num_shared_experts"] > 0:
         w.add_expert_shared_feed_forward_length(config["intermediate_size"] // config["num_key_value_heads"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.ERNIE4_5_MOE, c.num_hidden_layers)
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
     for name, t in tensors.items():

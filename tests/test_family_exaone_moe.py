@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_glm4_moe import GroupedFamily, check_gguf_in, check_layers_and_routing
 from test_family_phi import _byte_tokenizer
@@ -177,10 +178,7 @@ def write_exaone_moe_gguf(hf, path: str) -> None:
     w.add_nextn_predict_layers(nextn)
     w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.EXAONE_MOE, c.num_hidden_layers + nextn)
     for name, t in _converter_tensors(hf, nextn):
         base, kind = name.rsplit(".", 1)
@@ -212,13 +210,7 @@ def _converter_tensors(hf, nextn: int) -> list[tuple[str, torch.Tensor]]:
         else:
             renamed[name] = t
     out = []
-    for name, t in renamed.items():
-        if ".mlp.experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)  # <layer>.mlp.experts, e, gate_proj, weight
-            if expert != "0":
-                continue
-            t = torch.stack([renamed[f"{stem}.{e}.{part}.weight"] for e in range(c.num_experts)])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(renamed, ".mlp.experts.", c.num_experts):
         out.append((name.replace("e_score_correction_bias", "e_score_correction.bias"), t))
     return out
 

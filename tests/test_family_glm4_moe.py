@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions, randomize
+from conftest import padded_batch, positions, randomize
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -286,19 +287,10 @@ def write_tensors(w, hf, arch, blocks: int) -> None:
 
     c = hf.config
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(arch, blocks)
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
-    for name, t in tensors.items():
-        if ".mlp.experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)  # <layer>.mlp.experts, e, gate_proj, weight
-            if expert != "0":
-                continue
-            t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(c.n_routed_experts)])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(tensors, ".mlp.experts.", c.n_routed_experts):
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
         base, kind = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(base)}.{kind}", np.ascontiguousarray(t.float().numpy()))

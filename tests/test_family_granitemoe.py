@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_chat_template, check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_llamacpp import _granite, permute
+from gguf_mimic import add_toy_vocab
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_gguf_out import byte_tokenizer  # noqa: F401
 
@@ -124,10 +125,7 @@ def write_granitemoe_gguf(hf, path: str) -> None:
     w.add_expert_count(c.num_local_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GRANITE_MOE, c.num_hidden_layers)
     exps = {k: gguf.TENSOR_NAMES[k] for k in (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}
     for name, t in load_file(f"{hf.name_or_path}/model.safetensors").items():

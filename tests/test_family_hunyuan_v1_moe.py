@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
@@ -235,10 +236,7 @@ def write_hunyuan_moe_gguf(hf, path: str) -> None:
     config = json.load(open(f"{hf.name_or_path}/config.json"))
     w = gguf.GGUFWriter(path, "hunyuan-moe")
     _metadata(w, config)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.HUNYUAN_MOE, config["num_hidden_layers"])
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
     for name, t in tensors.items():

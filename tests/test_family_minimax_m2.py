@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_chat_template, check_cli
-from conftest import VOCAB, padded_batch, positions, randomize
+from conftest import padded_batch, positions, randomize
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
@@ -219,19 +220,10 @@ def write_minimax_m2_gguf(hf, path: str) -> None:
     w.add_expert_feed_forward_length(hp["intermediate_size"])
     w.add_rope_dimension_count(hp["rotary_dim"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MINIMAXM2, c.num_hidden_layers)
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
-    for name, t in tensors.items():
-        if ".block_sparse_moe.experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)  # <layer>.block_sparse_moe.experts, e, w1, weight
-            if expert != "0":
-                continue
-            t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(hp["num_local_experts"])])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(tensors, ".block_sparse_moe.experts.", hp["num_local_experts"]):
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
         base, kind = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(base)}.{kind}", np.ascontiguousarray(t.float().numpy()))

@@ -18,6 +18,7 @@ import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -251,21 +252,12 @@ def write_phimoe_gguf(hf, path: str) -> None:
     w.add_rope_scaling_attn_factors(
         math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
     )
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, VOCAB))])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHIMOE, c.num_hidden_layers)
     w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
     w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
-    for name, t in tensors.items():
-        if ".experts." in name:
-            stem, expert, part, _ = name.rsplit(".", 3)  # <layer>.block_sparse_moe.experts, e, w1, weight
-            if expert != "0":
-                continue
-            t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(c.num_local_experts)])
-            name = f"{stem}.{part}.weight"
+    for name, t in stacked_experts(tensors, ".experts.", c.num_local_experts):
         base, kind = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(base)}.{kind}", np.ascontiguousarray(t.float().numpy()))
     w.write_header_to_file()
