@@ -10,23 +10,12 @@ import math
 import numpy as np
 import torch
 from conftest import VOCAB
-
-
-def _text_model(w, c) -> None:
-    """TextModel.set_gguf_parameters (conversion/base.py) for a config with default RoPE."""
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+from gguf_mimic import add_text_model
 
 
 def _llama(w, c) -> None:
     """LlamaModel.set_gguf_parameters (conversion/llama.py): TextModel's, the vocabulary size, the head size."""
-    _text_model(w, c)
+    add_text_model(w, c)
     w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
@@ -99,7 +88,7 @@ def _phi2(w, c) -> None:
 
 CONVERTERS = {
     "phi3": ("phi3", _phi3, False),
-    "olmo2": ("olmo2", _text_model, False),
+    "olmo2": ("olmo2", add_text_model, False),
     "granite": ("granite", _granite, True),
     "smollm3": ("smollm3", _llama, True),
     "starcoder2": ("starcoder2", _starcoder2, False),

@@ -31,3 +31,16 @@ def stacked_experts(
             t = torch.stack([tensors[f"{stem}.{e}.{part}.weight"] for e in range(count)])
             name = f"{stem}.{part}.weight"
         yield name, t
+
+
+def add_text_model(w, c, blocks: int | None = None) -> None:
+    """TextModel.set_gguf_parameters (conversion/base.py) for a config with default RoPE; `blocks`: the block count
+    where it is not num_hidden_layers (next-token-prediction layers counted too)."""
+    w.add_block_count(c.num_hidden_layers if blocks is None else blocks)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)

@@ -11,6 +11,7 @@ import json
 
 import pytest
 from chat_checks import check_cli
+from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_glm4_moe import (
     GroupedFamily,
@@ -101,14 +102,7 @@ def write_dots1_gguf(hf, path: str) -> None:
 
     c, hp = hf.config, json.load(open(f"{hf.name_or_path}/config.json"))
     w = gguf.GGUFWriter(path, "dots1")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_text_model(w, c)
     w.add_expert_used_count(c.num_experts_per_tok)
     if "head_dim" in hp:
         w.add_key_length(hp["head_dim"])

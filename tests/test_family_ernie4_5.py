@@ -12,6 +12,7 @@ import pytest
 from chat_checks import CONVERSATIONS, check_chat_template, check_cli
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
+from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -130,14 +131,7 @@ def _ernie4_5_metadata(w, c) -> None:
     the RMS epsilon, the head size as key/value length (transformers' config.json always has head_dim); no
     vocabulary size, no rope.dimension_count. Its modify_tensors only splits fused qkv_proj / up_gate_proj
     (transformers' checkpoints have none): q/k rows are not permuted."""
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_text_model(w, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
 

@@ -17,7 +17,7 @@ import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
-from gguf_mimic import add_toy_vocab
+from gguf_mimic import add_text_model, add_toy_vocab
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_ernie4_5 import _template
 from test_family_phi import _byte_tokenizer
@@ -211,14 +211,7 @@ def write_ernie4_5_moe_gguf(hf, path: str) -> None:
     c = hf.config
     config = json.load(open(f"{hf.name_or_path}/config.json"))
     w = gguf.GGUFWriter(path, "ernie4_5-moe")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_text_model(w, c)
     if "head_dim" in config:
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from chat_checks import check_cli
 from family_checks import Family
-from gguf_llamacpp import CONVERTERS, _text_model, check_gguf, write_gguf
+from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
+from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
@@ -30,7 +31,7 @@ BOTH = pytest.mark.parametrize("family", [EXAONE4_1B, EXAONE4_32B], ids=["1.2b",
 def _exaone4(w, c) -> None:
     """Exaone4Model.set_gguf_parameters (conversion/exaone.py): TextModel's keys (the head size where config.json
     gives one), the vocabulary size, and where the config has a window: it, and the local layers as flags."""
-    _text_model(w, c)
+    add_text_model(w, c)
     if getattr(c, "head_dim", None) is not None:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)

@@ -17,6 +17,7 @@ from chat_checks import check_cli_without_template
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
+from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
@@ -170,14 +171,7 @@ def _glm4(w, c) -> None:
     """Glm4Model.set_gguf_parameters (conversion/glm.py): TextModel's keys (sizes, head counts, the RoPE base, the
     RMS epsilon, the head size as key/value length: transformers' config.json always has head_dim; no vocabulary
     size), then the rotary dimensions int(head_dim * partial_rotary_factor)."""
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_text_model(w, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
     w.add_rope_dimension_count(int(c.head_dim * c.rope_parameters.get("partial_rotary_factor", 0.5)))

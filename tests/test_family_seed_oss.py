@@ -12,7 +12,8 @@ import pytest
 import torch
 from chat_checks import check_cli
 from family_checks import Family
-from gguf_llamacpp import CONVERTERS, _text_model, check_gguf, write_gguf
+from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
+from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
@@ -149,7 +150,7 @@ def _seed_oss_metadata(w, c) -> None:
     """SeedOssModel (a TextModel with no set_gguf_parameters of its own): sizes, head counts, RoPE base, RMS
     epsilon, and the head size as key/value length (config.json has head_dim). No q/k permutation: llama.cpp runs
     seed_oss with NeoX RoPE."""
-    _text_model(w, c)
+    add_text_model(w, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
 
