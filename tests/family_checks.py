@@ -160,6 +160,37 @@ class Family:
             torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4
         )
 
+    def check_recurrent(self, tmp_path_factory, tmp_path) -> None:
+        """A family with recurrent layers (their state in the cache): a left-padded batch run in two pieces
+        through the cache gives the whole batch's logits; the serving engine (a prefill of 4 tokens per forward,
+        rows joining a running batch) gives each prompt's greedy tokens; speculation is refused by name."""
+        import shutil
+
+        from conftest import write_char_tokenizer
+
+        from autolm.errors import GenerationError
+
+        directory, _ = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        assert model.recurrent
+        ids, mask = padded_batch()
+        with torch.no_grad():
+            whole = model(ids, attention_mask=mask).logits
+            first = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+            assert first.past_key_values.states, "no recurrent state was kept"
+            second = model(ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values)
+        pieces = torch.cat([first.logits, second.logits], 1)
+        torch.testing.assert_close(pieces[mask.bool()], whole[mask.bool()], atol=1e-4, rtol=1e-4)
+        with pytest.raises(GenerationError, match="recurrent"):
+            model.generate(ids[:1], max_new_tokens=4, prompt_lookup_num_tokens=3)
+        served = tmp_path / "served"
+        shutil.copytree(directory, served)
+        write_char_tokenizer(str(served))
+        prompts = [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+        want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p) :].tolist()
+                for p in prompts]  # fmt: skip
+        assert _engine_tokens(model, autolm.AutoTokenizer.from_pretrained(served), prompts, 12) == want
+
     # ---- adapters, quantization, saving, placement ------------------------------------------------
 
     def check_lora(self, tmp_path_factory, tmp_path, dora: bool = False) -> None:
@@ -253,6 +284,37 @@ class Family:
             )
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
                            full.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))  # fmt: skip
+
+
+def _engine_tokens(model, tok, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Each prompt's tokens from the serving engine: the first alone, the others joining after its first token."""
+    import queue
+
+    from autolm.generation import GenerationConfig
+    from autolm.serve.engine import Engine, Sequence
+    from autolm.serve.events import Failed, Finished
+
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=4)
+    events: queue.Queue = queue.Queue()
+    done: dict[int, list[int]] = {}
+
+    def take() -> None:
+        k, ev = events.get(timeout=300)
+        assert not isinstance(ev, Failed), ev.message
+        if isinstance(ev, Finished):
+            done[k] = ev.all_token_ids
+
+    try:
+        for k, p in enumerate(prompts):
+            cfg = GenerationConfig(max_new_tokens=new, eos_token_id=None, do_sample=False)
+            engine.submit(Sequence(p, cfg, [], lambda ev, k=k: events.put((k, ev))))
+            if k == 0:
+                take()  # the first row's first token before the others join
+        while len(done) < len(prompts):
+            take()
+    finally:
+        engine.stop()
+    return [done[k] for k in range(len(prompts))]
 
 
 def _randomize_lora(model, seed=0):

@@ -104,7 +104,7 @@ def test_names_and_config_are_transformers(tmp_path_factory, tmp_path):
             and model.get_input_embeddings() is model.transformer.word_embeddings
         )
         assert model.model.layers is model.transformer.h and model.model.norm is model.transformer.ln_f
-        assert model.config.num_key_value_heads == model.attention_shape()[0] == kv
+        assert model.config.num_key_value_heads == model.attention_shapes()[0][0] == kv
         model.config.save_pretrained(tmp_path)
         written = json.loads((tmp_path / "config.json").read_text())
         assert written == json.load(open(os.path.join(directory, "config.json"))), name

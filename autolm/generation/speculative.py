@@ -46,6 +46,12 @@ def check_speculation(model, cfg, assistant_model) -> None:
         raise GenerationError(
             f"{what} works with greedy decoding and sampling, not beam search (num_beams > 1)"
         )
+    for m, role in ((model, "model"), (assistant_model, "assistant_model")):
+        if getattr(m, "recurrent", False):
+            raise GenerationError(
+                f"{what}: the {role} ({m.config.model_type}) keeps a recurrent state in its layers, which cannot go "
+                "back to the last accepted token when a candidate is rejected"
+            )
     if assistant_model is None:
         return
     draft = (

@@ -113,6 +113,9 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     # whether the layers form a plain stack that autolm.step's one-token steps may run (False: the general
     # forward decodes every token)
     one_token_step: ClassVar[bool] = True
+    # whether some layers keep a recurrent state in the cache (which cannot go back a token: no speculative
+    # decoding, no prefix reuse, and the general forward decodes)
+    recurrent: ClassVar[bool] = False
     # quantized by autolm (int4 / int8: set on the loaded model), where transformers' users look for bitsandbytes
     is_quantized: ClassVar[bool] = False
     is_loaded_in_4bit: ClassVar[bool] = False
@@ -185,10 +188,14 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
             ]
         return [self.model.embed_tokens.weight.device] * len(self.model.layers)
 
-    def attention_shape(self) -> tuple[int, int]:
-        """(KV heads on this rank, head dim) of the layers' attention."""
-        attn = next(m for m in self.model.layers[0].modules() if hasattr(m, "num_kv_heads"))
-        return attn.num_kv_heads, attn.head_dim
+    def attention_shapes(self) -> list[tuple[int, int]]:
+        """Per decoder layer, (KV heads on this rank, head dim) of its attention; (1, 0) for a layer without one
+        (a recurrent layer: its state is kept beside the cache's zero-wide buffers)."""
+        shapes = []
+        for layer in self.model.layers:
+            attn = next((m for m in layer.modules() if hasattr(m, "num_kv_heads")), None)
+            shapes.append((1, 0) if attn is None else (attn.num_kv_heads, attn.head_dim))
+        return shapes
 
     def cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype: `kv_cache_dtype` where set, else the model's (float32 for integer weights)."""
@@ -205,10 +212,16 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         static = self.decode_step is not None
         if static:
             capacity = -(-capacity // 256) * 256
-        n_kv, hd = self.attention_shape()
-        return KVCache(
-            len(self.model.layers), batch_size, n_kv, hd, capacity, dtype, self.layer_devices(), static
-        )
+        shapes = self.attention_shapes()
+        cache = KVCache(0, capacity=capacity, static=static)
+        for (n_kv, hd), device in zip(shapes, self.layer_devices()):
+            for buffers in (cache.keys, cache.values):
+                buffers.append(
+                    torch.zeros(batch_size, n_kv, max(capacity, 1), hd, dtype=dtype, device=device)
+                )
+                if static:
+                    torch._dynamo.mark_static_address(buffers[-1])
+        return cache
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

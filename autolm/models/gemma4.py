@@ -385,16 +385,3 @@ class Gemma4ForCausalLM(Gemma2ForCausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, Gemma4TextModel(config))
-
-    def make_cache(self, batch_size: int, capacity: int):
-        """The shared cache, each layer's buffers shaped (B, its KV heads, capacity, its head size)."""
-        cache = super().make_cache(batch_size, capacity)
-        for i, layer in enumerate(self.model.layers):
-            attn, k = layer.self_attn, cache.keys[i]
-            if (k.shape[1], k.shape[3]) == (attn.num_kv_heads, attn.head_dim):
-                continue
-            shape = (k.shape[0], attn.num_kv_heads, k.shape[2], attn.head_dim)
-            cache.keys[i], cache.values[i] = k.new_zeros(shape), k.new_zeros(shape)
-            for t in (cache.keys[i], cache.values[i]) if cache.static else ():
-                torch._dynamo.mark_static_address(t)
-        return cache

@@ -74,6 +74,23 @@ class Forward:
         mask = self.mask(window, chunk)
         return kernels.attention(q, k, v, mask, scale, softcap, sinks, self.attentions, alibi)
 
+    def real_tokens(self) -> torch.Tensor | None:
+        """(B, T) 1 where a new token is real, 0 where it is padding; None where every one is real. A recurrent
+        layer zeroes the padding's inputs, so a left-padded row's state is its unpadded one."""
+        if self.attention_mask is None:
+            return None
+        real = self.attention_mask.index_select(1, self.cache_position)
+        return None if bool(real.all()) else real
+
+    def state(self, layer_idx: int) -> tuple[torch.Tensor, ...] | None:
+        """A recurrent layer's state after the cached tokens; None with no cache or before the first token."""
+        return None if self.cache is None else self.cache.state(layer_idx)
+
+    def keep_state(self, layer_idx: int, state: tuple[torch.Tensor, ...]) -> None:
+        """A recurrent layer's state after the new tokens, kept in the cache where there is one."""
+        if self.cache is not None:
+            self.cache.set_state(layer_idx, state)
+
 
 @dataclass
 class OneToken:

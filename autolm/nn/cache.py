@@ -1,4 +1,5 @@
-"""The static KV cache: per-layer key/value buffers written at the positions a forward gives."""
+"""The static KV cache: per-layer key/value buffers written at the positions a forward gives, and the recurrent
+state of layers that keep one instead (linear attention, state-space and short-convolution layers)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from ..errors import GenerationError
 
 
 class KVCache:
@@ -16,6 +19,10 @@ class KVCache:
     them (to at least twice the capacity), so the cache also works as a growing cache. `length` counts
     the tokens stored, kept by the model's forward outside any compiled region. Sliding-window layers
     keep every position and rely on the attention mask for the window.
+
+    A recurrent layer (no keys or values: its buffers are zero wide) keeps its state after the first `length`
+    tokens in `states[layer]`, a tuple of tensors whose first dimension is the batch. A state cannot go back to
+    an earlier token: `length` may be set back to 0 (every state dropped), never to another shorter length.
     """
 
     def __init__(
@@ -38,7 +45,8 @@ class KVCache:
         )  # one per layer under a device_map
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.length = 0
+        self.states: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._length = 0
         self._capacity = capacity  # an empty cache's capacity once it gets buffers (at least what is needed)
         self.static = static
         if static:
@@ -51,6 +59,28 @@ class KVCache:
             made = model.make_cache(batch_size, max(capacity, self._capacity))
             self.keys, self.values, self.static = made.keys, made.values, made.static
         return self
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        if n < self._length and self.states:
+            if n:
+                raise GenerationError(
+                    f"the cache holds recurrent layers' states after {self._length} tokens, which cannot be set back "
+                    f"to {n} tokens (speculative and prompt-lookup decoding, cropping and prefix reuse need that)"
+                )
+            self.states = {}
+        self._length = n
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """A recurrent layer's state after the `length` tokens cached, or None before its first token."""
+        return self.states.get(layer)
+
+    def set_state(self, layer: int, state: tuple[torch.Tensor, ...]) -> None:
+        self.states[layer] = state
 
     @property
     def layers(self) -> list[SimpleNamespace]:
@@ -98,6 +128,8 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for buf in buffers:
                 buf.copy_(buf.index_select(0, index.to(buf.device)))
+        for layer, state in self.states.items():
+            self.states[layer] = tuple(t.index_select(0, index.to(t.device)) for t in state)
 
     @classmethod
     def gather(cls, rows: list[tuple[KVCache, int, int]], capacity: int, static: bool = False) -> KVCache:
@@ -108,24 +140,39 @@ class KVCache:
         """
         first = rows[0][0]
         L = max(n for _, _, n in rows)
-        _, n_kv, _, hd = first.keys[0].shape
-        new = cls(
-            len(first.keys),
-            len(rows),
-            n_kv,
-            hd,
-            max(capacity, L),
-            first.keys[0].dtype,
-            [k.device for k in first.keys],
-            static,
-        )
-        for layer in range(len(first.keys)):
-            for i, (c, r, n) in enumerate(rows):
-                if n:
-                    new.keys[layer][i, :, L - n : L] = c.keys[layer][r, :, c.length - n : c.length]
-                    new.values[layer][i, :, L - n : L] = c.values[layer][r, :, c.length - n : c.length]
-        new.length = L
+        shapes = [(k.shape[1], k.shape[3]) for k in first.keys]
+        new = cls(0, capacity=max(capacity, L), static=static)
+        for k, (n_kv, hd) in zip(first.keys, shapes):
+            shape = (len(rows), n_kv, max(capacity, L), hd)
+            new.keys.append(k.new_zeros(shape))
+            new.values.append(k.new_zeros(shape))
+        if static:
+            for t in new.keys + new.values:
+                torch._dynamo.mark_static_address(t)
+        new.fill_rows(rows, L)
         return new
+
+    def fill_rows(self, rows: list[tuple[KVCache, int, int]], L: int) -> None:
+        """Copy in rows (cache, row, n): each row's last n tokens to the slots just before L, and its recurrent
+        states (a row's state covers all its tokens: the slots to the left of a shorter row are padding)."""
+        for layer in range(len(self.keys)):
+            for i, (c, r, n) in enumerate(rows):
+                if n:  # this row's last n tokens (n_kv, n, hd) into the slots just before L
+                    src = slice(c.length - n, c.length)
+                    self.keys[layer][i, :, L - n : L] = c.keys[layer][r, :, src]
+                    self.values[layer][i, :, L - n : L] = c.values[layer][r, :, src]
+        layers = {layer: state for c, _, _ in rows for layer, state in c.states.items()}
+        for layer, like in layers.items():
+            parts = []
+            for c, r, _ in rows:
+                state = c.states.get(layer)
+                parts.append(
+                    tuple(t[r] for t in state)
+                    if state is not None
+                    else tuple(torch.zeros_like(t[0]) for t in like)
+                )
+            self.states[layer] = tuple(torch.stack(ts) for ts in zip(*parts))
+        self.length = L
 
 
 class StaticCache(KVCache):

@@ -46,8 +46,11 @@ class Engine:
     ):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
-        self.speculation = speculation  # speculative decoding while one request runs alone
-        self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 else None  # bytes of prompt keys/values
+        # speculative decoding while one request runs alone; prompt keys and values reused across requests (a
+        # model with recurrent layers does neither: their states cannot go back a token or start mid-prompt)
+        recurrent = getattr(model, "recurrent", False)
+        self.speculation = None if recurrent else speculation
+        self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 and not recurrent else None
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
         self.cache: KVCache | None = None

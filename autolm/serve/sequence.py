@@ -104,15 +104,9 @@ def emit_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
 
 def gather(model, rows: list[tuple], longest: int):
     """A batch cache from the model (its rounding, static addresses or not) with room for 64 more tokens per row;
-    each row's tokens (cache, row, count) copied in, right-aligned to the longest."""
+    each row's tokens (cache, row, count) and recurrent states copied in, right-aligned to the longest."""
     cache = model.make_cache(len(rows), longest + 64)
-    for layer in range(len(cache.keys)):
-        for i, (c, r, n) in enumerate(rows):
-            if n:  # this row's last n tokens (B, n_kv, n, hd) into the slots just before `longest`
-                src = slice(c.length - n, c.length)
-                cache.keys[layer][i, :, longest - n : longest] = c.keys[layer][r, :, src]
-                cache.values[layer][i, :, longest - n : longest] = c.values[layer][r, :, src]
-    cache.length = longest
+    cache.fill_rows(rows, longest)
     return cache
 
 

@@ -68,9 +68,14 @@ def row_starts(cache, attention_mask) -> torch.Tensor | bool | None:
     return pads if bool(pads.any()) else None
 
 
+def one_token_model(model) -> bool:
+    """Whether the model's layers form a plain stack the one-token step may run (no recurrent layers)."""
+    return getattr(model, "one_token_step", True) and not getattr(model, "recurrent", False)
+
+
 def _one_token_ok(model, cache, attention_mask) -> bool:
     """Whether the one-token step gives this generation the general forward's results."""
-    if getattr(model, "decode_mode", "auto") == "forward" or not getattr(model, "one_token_step", True):
+    if getattr(model, "decode_mode", "auto") == "forward" or not one_token_model(model):
         return False
     if (
         getattr(model, "hf_device_map", None)
@@ -100,8 +105,10 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
     """Compile (or load) the one-token step's graphs ahead of time (with `batched`, those for many rows too);
     see CausalLM.precompile_decode."""
     params = [*model.parameters(), *model.buffers()]
-    if getattr(model, "hf_device_map", None) or not all(
-        type(t) in _PLAIN and t.device.type == "cpu" for t in params
+    if (
+        not one_token_model(model)
+        or getattr(model, "hf_device_map", None)
+        or not all(type(t) in _PLAIN and t.device.type == "cpu" for t in params)
     ):
         return False
     native.available()  # autolm's C++ kernels too, which the eager step runs where they are built
