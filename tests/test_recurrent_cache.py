@@ -14,7 +14,7 @@ from autolm.nn import KVCache
 def _cache(rows: int, length: int, seed: int) -> KVCache:
     """Two layers: attention (2 KV heads of 4) and a recurrent one (zero-wide buffers, a state of two tensors)."""
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(0, capacity=16)
+    cache = KVCache(capacity=16)
     for n_kv, hd in ((2, 4), (1, 0)):
         cache.keys.append(torch.randn(rows, n_kv, 16, hd, generator=g))
         cache.values.append(torch.randn(rows, n_kv, 16, hd, generator=g))
@@ -54,7 +54,7 @@ def test_beam_reorder_moves_the_states_with_their_rows():
 
 def test_gathered_rows_keep_their_states_and_a_row_without_one_starts_from_zeros():
     a, b = _cache(2, 6, 2), _cache(1, 3, 3)
-    fresh = KVCache(0, capacity=16)  # a row whose cache has no state yet
+    fresh = KVCache(capacity=16)  # a row whose cache has no state yet
     fresh.keys, fresh.values = [k[:1].clone() for k in a.keys], [v[:1].clone() for v in a.values]
     fresh.length = 2
     new = KVCache.gather([(a, 1, 6), (b, 0, 3), (fresh, 0, 2)], capacity=8)

@@ -83,6 +83,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM", "dbrx"),
     "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
+    "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", None),
+    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", None),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -256,6 +259,8 @@ __all__ = [
     "GraniteForCausalLM",
     "GraniteMoeConfig",
     "GraniteMoeForCausalLM",
+    "GraniteMoeHybridConfig",
+    "GraniteMoeHybridForCausalLM",
     "HeliumConfig",
     "HeliumForCausalLM",
     "HunYuanDenseV1Config",
@@ -263,6 +268,10 @@ __all__ = [
     "HunYuanMoEV1Config",
     "HunYuanMoEV1ForCausalLM",
     "KVCache",
+    "Lfm2Config",
+    "Lfm2ForCausalLM",
+    "Lfm2MoeConfig",
+    "Lfm2MoeForCausalLM",
     "Llama4Config",
     "Llama4ForCausalLM",
     "Llama4TextConfig",

@@ -208,20 +208,11 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         """A KV cache for this model (cache_dtype(), this rank's KV heads, each layer's device). With a compiled
         decode step the capacity rounds up to a multiple of 256 (one graph serves many lengths) and the
         buffers get static addresses."""
-        dtype = self.cache_dtype()
         static = self.decode_step is not None
         if static:
             capacity = -(-capacity // 256) * 256
-        shapes = self.attention_shapes()
-        cache = KVCache(0, capacity=capacity, static=static)
-        for (n_kv, hd), device in zip(shapes, self.layer_devices()):
-            for buffers in (cache.keys, cache.values):
-                buffers.append(
-                    torch.zeros(batch_size, n_kv, max(capacity, 1), hd, dtype=dtype, device=device)
-                )
-                if static:
-                    torch._dynamo.mark_static_address(buffers[-1])
-        return cache
+        shapes, devices = self.attention_shapes(), self.layer_devices()
+        return KVCache.of_shapes(batch_size, shapes, capacity, self.cache_dtype(), devices, static)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -25,33 +25,15 @@ class KVCache:
     an earlier token: `length` may be set back to 0 (every state dropped), never to another shorter length.
     """
 
-    def __init__(
-        self,
-        num_layers: int = 0,
-        batch_size: int = 1,
-        num_kv_heads: int = 1,
-        head_dim: int = 1,
-        capacity: int = 256,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | list = "cpu",
-        static: bool = False,
-        config: Any = None,
-    ):
-        """With no layers (transformers' `DynamicCache()`, or `DynamicCache(config=...)`) the cache is empty until
-        the first forward it is given to: that model's own cache then (ensure_for)."""
-        shape = (batch_size, num_kv_heads, max(capacity, 1), head_dim)
-        devices = (
-            device if isinstance(device, list) else [device] * num_layers
-        )  # one per layer under a device_map
-        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+    def __init__(self, *, capacity: int = 256, static: bool = False, config: Any = None):
+        """An empty cache (transformers' `DynamicCache()`, or `DynamicCache(config=...)`) until the first forward
+        it is given to: that model's own buffers then (ensure_for); `of_shapes` makes one with buffers."""
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.states: dict[int, tuple[torch.Tensor, ...]] = {}
         self._length = 0
         self._capacity = capacity  # an empty cache's capacity once it gets buffers (at least what is needed)
         self.static = static
-        if static:
-            for t in self.keys + self.values:
-                torch._dynamo.mark_static_address(t)
 
     def ensure_for(self, model, batch_size: int, capacity: int) -> KVCache:
         """This cache, given `model`'s buffers (model.make_cache) first where it was made empty."""
@@ -132,6 +114,21 @@ class KVCache:
             self.states[layer] = tuple(t.index_select(0, index.to(t.device)) for t in state)
 
     @classmethod
+    def of_shapes(cls, batch_size: int, shapes: list[tuple[int, int]], capacity: int, dtype: torch.dtype,
+                  devices: list, static: bool = False) -> KVCache:  # fmt: skip
+        """A cache with buffers (B, n_kv, capacity, hd) for each layer's (n_kv, hd), on that layer's device
+        (hd 0: a recurrent layer's, which holds no keys)."""
+        cache = cls(capacity=capacity, static=static)
+        for (n_kv, hd), device in zip(shapes, devices):
+            for buffers in (cache.keys, cache.values):
+                buffers.append(
+                    torch.zeros(batch_size, n_kv, max(capacity, 1), hd, dtype=dtype, device=device)
+                )
+                if static:
+                    torch._dynamo.mark_static_address(buffers[-1])
+        return cache
+
+    @classmethod
     def gather(cls, rows: list[tuple[KVCache, int, int]], capacity: int, static: bool = False) -> KVCache:
         """A new cache of rows (cache, row, n): each row's last n tokens, right-aligned to the longest n.
 
@@ -141,14 +138,8 @@ class KVCache:
         first = rows[0][0]
         L = max(n for _, _, n in rows)
         shapes = [(k.shape[1], k.shape[3]) for k in first.keys]
-        new = cls(0, capacity=max(capacity, L), static=static)
-        for k, (n_kv, hd) in zip(first.keys, shapes):
-            shape = (len(rows), n_kv, max(capacity, L), hd)
-            new.keys.append(k.new_zeros(shape))
-            new.values.append(k.new_zeros(shape))
-        if static:
-            for t in new.keys + new.values:
-                torch._dynamo.mark_static_address(t)
+        devices = [k.device for k in first.keys]
+        new = cls.of_shapes(len(rows), shapes, max(capacity, L), first.keys[0].dtype, devices, static)
         new.fill_rows(rows, L)
         return new
 
