@@ -49,6 +49,18 @@ def test_kernel_matches_dequantized_weights(bits):
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.parametrize("inputs", [8, 24, 40])
+def test_int8_inputs_the_kernel_does_not_take_are_computed_dequantized(inputs):
+    """PyTorch's int8 CPU kernel reads its inputs in blocks of 16: other widths gave inf or crashed the process
+    (an expert width of 24); they take the dequantized weight."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, inputs, generator=g) * 0.05
+    q = Int8Linear(inputs, 64, False, torch.float32)
+    q.load_state_dict(Int8Linear.quantize(w, torch.float32))
+    x = torch.randn(11, inputs, generator=g)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [16, 48, 80, 4160, 4176, 4208])
 @pytest.mark.parametrize("kernel_packs", [False, True], ids=["bytes", "kernel"])
 def test_int4_packing_equals_the_kernels_packing_of_the_whole(rows, kernel_packs, monkeypatch):

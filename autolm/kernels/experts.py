@@ -20,7 +20,7 @@ import torch
 from . import native
 from .core import batched_graph, linear, needs_grad, realize
 from .ggml import dequantize, ggml_linear
-from .quant import COMPUTE, INT4_MM, INT8_MM
+from .quant import COMPUTE, INT4_MM, INT8_MM, int8_kernel_fits
 
 Expert = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
 # rows per expert (on average) below which a by-row kernel takes a batch's rows in one call; from there on each
@@ -115,7 +115,7 @@ def int8_expert_linear(
     """x @ (q[e] * scales[e] + offsets[e]).T for int8 experts q (E, out, in) with per-row scales and offsets
     (E, out), rounded as kernels.int8_linear rounds; None where its kernel is missing (the caller dequantizes)."""
     if isinstance(e, int):
-        if x.device.type != "cpu" or q[e].data_ptr() % 64:
+        if x.device.type != "cpu" or q[e].data_ptr() % 64 or not int8_kernel_fits(q):
             return None
         y = INT8_MM.call(x.to(COMPUTE), q[e], scales[e].to(COMPUTE))
         if y is None:

@@ -32,7 +32,7 @@ def int8_linear(
         total = x.float().sum(-1, keepdim=True).to(x.dtype)
         y = (y.to(x.dtype).float() + total.float() * offsets.to(x.dtype).float()).to(x.dtype)
         return y if bias is None else y + bias
-    if x.device.type != "cpu" or needs_grad(x):  # the kernel has no backward
+    if x.device.type != "cpu" or needs_grad(x) or not int8_kernel_fits(q):  # the kernel has no backward
         return None
     x2 = x.reshape(-1, q.shape[1])  # eager, or many rows inside a compiled graph: PyTorch's kernel
     y = INT8_MM.call(x2.to(COMPUTE), q, scales.to(COMPUTE))
@@ -41,6 +41,12 @@ def int8_linear(
     total = x2.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype)
     y = torch.addcmul(y.to(x.dtype), total, offsets.to(x.dtype)).reshape(*x.shape[:-1], q.shape[0])
     return y if bias is None else y + bias
+
+
+def int8_kernel_fits(q: torch.Tensor) -> bool:
+    """Whether PyTorch's int8 CPU kernel takes a weight (..., N, K): it reads K in blocks of 16 and gives wrong
+    sums, or reads past the weight's end, for other K."""
+    return q.shape[-1] % 16 == 0
 
 
 def int4_linear(
