@@ -306,7 +306,7 @@ def _engine_tokens(model, tok, prompts: list[list[int]], new: int) -> list[list[
 
     try:
         for k, p in enumerate(prompts):
-            cfg = GenerationConfig(max_new_tokens=new, eos_token_id=None, do_sample=False)
+            cfg = GenerationConfig(max_new_tokens=new, eos_token_id=2, do_sample=False)  # as generate() stops
             engine.submit(Sequence(p, cfg, [], lambda ev, k=k: events.put((k, ev))))
             if k == 0:
                 take()  # the first row's first token before the others join

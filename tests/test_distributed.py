@@ -135,6 +135,8 @@ _TP_FAMILIES = [
     "minimax_m2",
     "hunyuan_v1_moe",
     "exaone_moe",
+    "qwen3_5_text",
+    "qwen3_next",
     "granitemoehybrid",
     "lfm2_moe",
     "lfm2",

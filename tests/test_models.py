@@ -26,7 +26,8 @@ def test_logits_match_transformers_left_padded(checkpoint, name):
         ref = ref_model(ids, attention_mask=mask, position_ids=positions(mask)).logits
         out = model(ids, attention_mask=mask).logits
     assert out.dtype == ref.dtype
-    atol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    # a recurrent family's chunked scans sum in another order than transformers' (within 1e-4, as its own tests)
+    atol = (1e-4 if model.recurrent else 1e-5) if out.dtype == torch.float32 else 2e-2
     assert_real_tokens_close(out, ref, mask, atol)
 
 

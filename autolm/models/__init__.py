@@ -85,6 +85,11 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
     "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", None),
     "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", None),
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", None),
+    "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", None),
+    "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", None),  # image-text: its language model
+    "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", None),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", None),  # image-text: its LM
     "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
@@ -317,6 +322,14 @@ __all__ = [
     "Qwen3ForCausalLM",
     "Qwen3MoeConfig",
     "Qwen3MoeForCausalLM",
+    "Qwen3NextConfig",
+    "Qwen3NextForCausalLM",
+    "Qwen3_5Config",
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeConfig",
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeTextConfig",
+    "Qwen3_5TextConfig",
     "SeedOssConfig",
     "SeedOssForCausalLM",
     "SmolLM3Config",

@@ -12,6 +12,7 @@ any of those, as OpenAI and vLLM define them. Each request hears from the engine
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 
@@ -26,6 +27,8 @@ from .events import Delta, Entry, Failed, Finished
 from .prefix import PrefixCache
 from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry, gather
 from .speculation import Speculation, eligible, speculative_step
+
+logger = logging.getLogger("autolm.serve")
 
 
 class Engine:
@@ -49,6 +52,9 @@ class Engine:
         # speculative decoding while one request runs alone; prompt keys and values reused across requests (a
         # model with recurrent layers does neither: their states cannot go back a token or start mid-prompt)
         recurrent = getattr(model, "recurrent", False)
+        if recurrent and speculation is not None:
+            logger.warning("%s keeps a recurrent state in its layers: requests decode without speculation",
+                           model.config.model_type)  # fmt: skip
         self.speculation = None if recurrent else speculation
         self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 and not recurrent else None
         self.pending: queue.Queue[Sequence] = queue.Queue()

@@ -1,0 +1,134 @@
+"""Qwen 3.5's text model (model_type qwen3_5_text; qwen3_5: the image-text checkpoints' language model): Qwen3-Next's
+hybrid layers (autolm.models.qwen3_next: gated attention with zero-centred q/k norms and partial RoPE, Gated
+DeltaNet linear attention, zero-centred RMSNorms) with a dense gated MLP in every layer and the linear layers'
+projections kept apart and unpermuted: in_proj_qkv gives [q; k; v] (all heads of each in turn, the conv's input as
+is), in_proj_z the output gates, in_proj_b and in_proj_a one beta and one decay input per value head.
+
+RoPE: transformers' Qwen 3.5 rotates by multimodal RoPE, `mrope_section` (in rope_parameters) giving the rotary
+frequencies' shares of the temporal, height and width positions (interleaved). For text every token's three
+positions are its text position, so each frequency turns by that position: plain partial RoPE, which is what
+autolm computes (mrope_section and mrope_interleaved are kept as read).
+
+The image-text checkpoints keep the language model under model.language_model.* (the vision tower, model.visual.*,
+and the multi-token-prediction layers, mtp.*, are skipped); saved, the model is the text model transformers'
+Qwen3_5ForCausalLM loads. Not in GGUF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import CheckpointRules, GatedMLP, Ignored, Linear, Rename
+from ..nn.linear import packed
+from .base import LLAMA_TP, CausalLM
+from .llama import LlamaConfig
+from .qwen3_next import HybridConfig, HybridDecoderLayer, HybridModel, Qwen3NextGatedDeltaNet
+
+
+@dataclass(repr=False)
+class Qwen3_5TextConfig(HybridConfig, LlamaConfig):
+    """transformers' Qwen3_5TextConfig (its fields and defaults)."""
+
+    model_type: ClassVar[str] = "qwen3_5_text"
+    absent_keys: ClassVar[tuple[str, ...]] = ("mlp_bias", "sliding_window", "use_sliding_window",
+                                              "max_window_layers")  # fmt: skip
+    vocab_size: int = 248320
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = 256
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+
+    def __post_init__(self) -> None:
+        self.hybrid_post_init()
+        super().__post_init__()
+
+    qk_norm = property(lambda self: True)
+
+
+def read_text_config(text_cls: type, d: Any, source: str, overrides: dict[str, Any], model_type: str) -> Any:
+    """The language model's config of an image-text checkpoint: its text_config, with dtype from the outer config
+    where text_config leaves it out and tie_word_embeddings from the outer config where given (the image-text
+    model ties its head by the outer one)."""
+    text = d.get("text_config") if isinstance(d, dict) else None
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type {model_type!r} needs a text_config object (the "
+                          f"language model's settings), found {str(text)[:100]}")  # fmt: skip
+    outer = {k: d[k] for k in ("dtype", "torch_dtype") if k in d and k not in text}
+    if "tie_word_embeddings" in d:
+        outer["tie_word_embeddings"] = d["tie_word_embeddings"]
+    return text_cls.from_dict({**text, **outer}, source, **overrides)
+
+
+class Qwen3_5Config:
+    """transformers' Qwen3_5Config (model_type qwen3_5: the image-text checkpoints). autolm runs their language model:
+    the config is its text_config, read as a Qwen3_5TextConfig (see read_text_config); the vision tower's
+    tensors are skipped at load."""
+
+    model_type: ClassVar[str] = "qwen3_5"
+
+    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Qwen3_5TextConfig:
+        return cls.from_dict({"text_config": text_config or {}, **kwargs})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Qwen3_5TextConfig:
+        return read_text_config(Qwen3_5TextConfig, d, source, overrides, cls.model_type)
+
+
+class Qwen3_5GatedDeltaNet(Qwen3NextGatedDeltaNet):
+    """Qwen3-Next's mixer with Qwen 3.5's four separate projections."""
+
+    def make_projections(self, hidden: int) -> None:
+        self.in_proj_qkv = Linear(hidden, self.conv_dim, bias=False)
+        self.in_proj_z = Linear(hidden, self.value_dim, bias=False)
+        self.in_proj_b = Linear(hidden, self.num_v_heads, bias=False)
+        self.in_proj_a = Linear(hidden, self.num_v_heads, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, T, _ = x.shape
+        qkv, z, b, a = packed(x, (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a))
+        return qkv, z.reshape(B, T, -1, self.head_v_dim), b, a
+
+
+class Qwen3_5DecoderLayer(HybridDecoderLayer):
+    """Gated attention or Gated DeltaNet, then a dense gated MLP."""
+
+    mixer_cls: ClassVar[type[nn.Module]] = Qwen3_5GatedDeltaNet
+
+    def make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+
+# the image-text checkpoints: their language model's tensors, saved as the text model's
+IMAGE_TEXT_RULES = (
+    Rename(r"^model\.language_model\.", "model.", r"(?!)", ""),
+    Ignored(r"(model\.)?visual\..+"),
+    Ignored(r"mtp\..+"),
+)
+
+
+class Qwen3_5ForCausalLM(CausalLM):
+    """transformers' Qwen3_5ForCausalLM (the text model; model_type qwen3_5_text, or qwen3_5's language model)."""
+
+    config_class = Qwen3_5TextConfig
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP  # the linear-attention mixers run whole on every rank
+    _no_split_modules: ClassVar[list[str]] = ["Qwen3_5DecoderLayer"]
+    recurrent: ClassVar[bool] = True
+
+    def __init__(self, config: Any):
+        super().__init__(config, HybridModel(config, Qwen3_5DecoderLayer))

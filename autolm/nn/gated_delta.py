@@ -1,0 +1,147 @@
+"""Gated DeltaNet's pieces (the linear-attention layers of Qwen3-Next and Qwen 3.5), with transformers' arithmetic.
+
+A gated delta rule layer keeps, per value head, a state S (k_head_dim, v_head_dim) that each token updates:
+
+    S <- exp(g_t) * S                                   (decay, g_t <= 0)
+    S <- S + beta_t * k_t (v_t - S^T k_t)^T             (the delta rule: write the part of v_t S does not predict)
+    o_t = S^T q_t
+
+with q_t and k_t L2-normalised and q_t scaled by k_head_dim ** -0.5. `recurrent_gated_delta_rule` runs this
+token by token (decoding); `chunk_gated_delta_rule` computes the same over chunks of 64 tokens with a few matmuls
+each (the WY / UT transform), starting from a given state, so a prompt may come in pieces. Both compute in fp32
+and return the state in fp32, as transformers keeps it.
+
+Before the rule, q/k/v pass a causal depthwise convolution (kernel K) and SiLU: `causal_conv1d` continues from the
+last K - 1 inputs of the previous piece (its state). After it, `GatedRMSNorm` norms each head's output and gates
+it with SiLU(z).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dimension (the FLA library's, as transformers computes it)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, g, beta):
+    """(B, T, heads, d) inputs -> fp32 (B, Hv, T, d) with the key heads repeated for grouped value heads, q and k
+    L2-normalised, q scaled by d_k ** -0.5; g and beta (B, T, Hv) -> (B, Hv, T)."""
+    hk, hv = k.shape[2], v.shape[2]
+    if hk != hv:  # each query/key head serves hv // hk consecutive value heads
+        q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+    q, k, v, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                        for x in (q, k, v, beta, g))  # fmt: skip
+    q, k = l2norm(q), l2norm(k)
+    return q * q.shape[-1] ** -0.5, k, v, g, beta
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule token by token. q, k (B, T, Hk, dk), v (B, T, Hv, dv), g and beta (B, T, Hv), state (B, Hv, dk,
+    dv) fp32 or None (zeros) -> (output (B, T, Hv, dv) in q's dtype, the state after the last token, fp32)."""
+    dtype = q.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    B, H, T, dk = k.shape
+    S = v.new_zeros(B, H, dk, v.shape[-1]) if state is None else state.to(v)
+    out = torch.zeros_like(v)
+    for t in range(T):
+        S = S * g[:, :, t].exp()[..., None, None]
+        predicted = (S * k[:, :, t, :, None]).sum(dim=-2)  # S^T k (B, H, dv)
+        delta = (v[:, :, t] - predicted) * beta[:, :, t, None]
+        S = S + k[:, :, t, :, None] * delta[:, :, None, :]
+        out[:, :, t] = (S * q[:, :, t, :, None]).sum(dim=-2)
+    return out.transpose(1, 2).contiguous().to(dtype), S
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule over chunks of `chunk_size` tokens, from `state`; same arguments and results as
+    recurrent_gated_delta_rule. Within a chunk the T delta-rule updates are one lower-triangular solve (the UT
+    transform); the state passes from chunk to chunk."""
+    dtype, T = q.dtype, q.shape[1]
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    B, H, _, dk = k.shape
+    dv = v.shape[-1]
+    pad = (chunk_size - T % chunk_size) % chunk_size  # padded tokens: k = v = 0, beta = 0, no decay
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    # (B, H, chunks, C, d): the chunk's tokens along dim 3
+    q, k, k_beta, v_beta = (x.reshape(B, H, -1, chunk_size, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    decay = g.reshape(B, H, -1, chunk_size).cumsum(dim=-1)  # log of the decay from the chunk's start to t
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    pairwise = (
+        (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    )  # (.., C, C)
+    ut = (k_beta @ k.transpose(-1, -2)) * pairwise
+    intra = (q @ k.transpose(-1, -2)) * pairwise  # each token's attention within its chunk
+    # the UT transform (unit lower-triangular): the values to write, and the keys that read the old state
+    values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    read_keys = torch.linalg.solve_triangular(
+        ut, k_beta * decay.exp()[..., None], upper=False, unitriangular=True
+    )
+    S = values.new_zeros(B, H, dk, dv) if state is None else state.to(values)
+    out = torch.zeros_like(values)
+    q = q * decay.exp()[..., None]
+    k = k * (decay[..., -1:] - decay).exp()[..., None]  # decayed to the chunk's end
+    chunk_decay = decay[..., -1].exp()[..., None, None]
+    for i in range(q.shape[2]):
+        new = values[:, :, i] - read_keys[:, :, i] @ S  # what the old state does not already predict
+        out[:, :, i] = q[:, :, i] @ S + intra[:, :, i] @ new
+        S = S * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ new
+    out = out.reshape(B, H, -1, dv)[:, :, :T]
+    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format), S
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, activation: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution (no bias) continuing from `state`. x (B, C, T), weight (C, K), state (B, C,
+    K - 1): the previous inputs, None for zeros -> (SiLU(conv) (B, C, T) in x's dtype, the last K - 1 inputs
+    (B, C, K - 1) in x's dtype: the state for the next piece). Computed in the weight's dtype."""
+    K = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+    full = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, C, K - 1 + T)
+    out = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), groups=x.shape[1])  # (B, C, T)
+    if activation:
+        out = F.silu(out)
+    return out.to(x.dtype), full[:, :, full.shape[-1] - (K - 1) :]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of x gated by SiLU(gate) (transformers' Qwen3NextRMSNormGated): normed in fp32, cast back, times the
+    weight (starting at one), times SiLU(gate) in fp32, cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = self.weight * h.to(dtype)
+        return (h * F.silu(gate.float())).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,0 +1,206 @@
+"""Qwen3-Next against transformers and peft: linear-attention (Gated DeltaNet) and gated full-attention layers,
+grouped value heads (4 value heads over 2 key heads, value heads wider than key heads), partial RoPE, q/k/v/o
+biases, experts with a gated shared expert (top k not renormalised) and a dense layer (mlp_only_layers); the
+recurrent battery (pieces through the cache, the serving engine), the chunked rule (64 tokens) against the
+one-token recurrence, generation past a chunk boundary, the checkpoint's per-expert tensors, config errors,
+and the CLI with Qwen 3's chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from chat_checks import check_cli
+from conftest import VOCAB
+from family_checks import Family
+
+import autolm
+from autolm.errors import ConfigError
+
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5},
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    attention_bias=True,
+)
+NEXT = Family(
+    "Qwen3NextConfig",
+    dict(
+        SIZES,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=False,
+        mlp_only_layers=[2],
+    ),
+    lora_targets=["q_proj", "v_proj", "in_proj_qkvz", "out_proj"],  # peft has no default for qwen3_next
+)
+
+
+def test_logits(tmp_path_factory):
+    NEXT.check_logits(tmp_path_factory)
+
+
+def test_generate(tmp_path_factory):
+    NEXT.check_generate(tmp_path_factory)
+
+
+def test_generate_past_a_chunk(tmp_path_factory):
+    """40 new tokens after a 30-token prompt (the prompt chunked, each new token by the one-step recurrence, 70
+    tokens in all) are transformers' tokens; the logits of all 70 tokens at once (chunks of 64) equal the
+    decoded ones (up to the two algorithms' rounding, which the random tiny model magnifies)."""
+    directory, hf = NEXT.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
+    out = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    want = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(out.sequences, want)
+    with torch.no_grad():
+        whole = model(out.sequences).logits[0, 29:-1]
+    torch.testing.assert_close(torch.cat(out.logits), whole, atol=1e-3, rtol=1e-3)
+
+
+def test_chunked_rule_is_the_recurrence():
+    """The chunked gated delta rule (chunks of 64, from a random state) over 70 tokens gives the token-by-token
+    recurrence's outputs and final state; so does a piece of 1 token after it."""
+    from autolm.nn.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+    g = torch.Generator().manual_seed(0)
+    B, T, hk, hv, dk, dv = 2, 70, 2, 4, 8, 6
+    q, k = torch.randn(B, T, hk, dk, generator=g), torch.randn(B, T, hk, dk, generator=g)
+    v = torch.randn(B, T, hv, dv, generator=g)
+    decay = -torch.rand(B, T, hv, generator=g)
+    beta = torch.rand(B, T, hv, generator=g)
+    state = torch.randn(B, hv, dk, dv, generator=g)
+    a, sa = chunk_gated_delta_rule(q, k, v, decay, beta, state)
+    b, sb = recurrent_gated_delta_rule(q, k, v, decay, beta, state)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sa, sb, atol=1e-4, rtol=1e-4)
+    one = [x[:, :1] for x in (q, k, v, decay, beta)]
+    c, sc = chunk_gated_delta_rule(*one, sa)
+    d, sd = recurrent_gated_delta_rule(*one, sb)
+    torch.testing.assert_close(c, d, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sc, sd, atol=1e-4, rtol=1e-4)
+
+
+def test_recurrent(tmp_path_factory, tmp_path):
+    NEXT.check_recurrent(tmp_path_factory, tmp_path)
+
+
+def test_state_dtypes(tmp_path_factory):
+    """As transformers keeps them: a linear layer's conv state in the model's dtype (its last K - 1 inputs), the
+    rule's state in fp32; attention layers keep keys and values, linear layers none."""
+    directory, _ = NEXT.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    conv, state = cache.state(0)
+    assert conv.dtype == torch.bfloat16 and tuple(conv.shape) == (2, 2 * 16 + 48, 3)
+    assert state.dtype == torch.float32 and tuple(state.shape) == (2, 4, 8, 12)
+    assert cache.state(1) is None and cache.keys[1].shape[-1] == 16 and cache.keys[0].shape[-1] == 0
+
+
+def test_bf16(tmp_path_factory):
+    NEXT.check_bf16(tmp_path_factory)
+
+
+def test_lora(tmp_path_factory, tmp_path):
+    NEXT.check_lora(tmp_path_factory, tmp_path)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized(tmp_path_factory, bits):
+    NEXT.check_quantized(tmp_path_factory, bits)
+
+
+def test_save(tmp_path_factory, tmp_path):
+    """transformers' names in the state dict; the checkpoint's per-expert tensors and only transformers' config keys
+    in the files autolm saves."""
+    from safetensors import safe_open
+
+    NEXT.check_save(tmp_path_factory, tmp_path)
+    directory, hf = NEXT.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    assert model.state_dict().keys() == hf.state_dict().keys()
+    with (
+        safe_open(f"{directory}/model.safetensors", "pt") as theirs,
+        safe_open(tmp_path / "saved" / "model.safetensors", "pt") as ours,
+    ):
+        assert set(ours.keys()) == set(theirs.keys())
+        assert "model.layers.1.mlp.experts.3.gate_proj.weight" in set(ours.keys())
+    keys = [set(json.load(open(f"{d}/config.json"))) for d in (directory, tmp_path / "saved")]
+    assert keys[1] - {"transformers_version"} == keys[0] - {"transformers_version"}
+
+
+def test_disk_offload(tmp_path_factory, tmp_path):
+    NEXT.check_disk_offload(tmp_path_factory, tmp_path)
+
+
+def test_hub_config(tmp_path):
+    """The Hub's config.json (transformers 4's spelling: full_attention_interval, top-level rope_theta and
+    partial_rotary_factor) reads as transformers reads it and is written back in its spelling; the mtp.* tensors
+    are skipped."""
+    import transformers
+
+    from autolm.models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    hub = dict(model_type="qwen3_next", num_hidden_layers=8, full_attention_interval=4, rope_theta=1e7,
+               partial_rotary_factor=0.25, rope_scaling=None, hidden_size=64, num_attention_heads=4)  # fmt: skip
+    ours, theirs = Qwen3NextConfig.from_dict(hub), transformers.Qwen3NextConfig(**hub)
+    assert ours.layer_types == theirs.layer_types and ours.layer_types[3] == "full_attention"
+    assert ours.rope_parameters == theirs.rope_parameters
+    back = ours.to_dict()
+    assert (
+        back["partial_rotary_factor"] == 0.25 and back["rope_theta"] == 1e7 and back["rope_scaling"] is None
+    )
+    assert Qwen3NextForCausalLM.checkpoint_rules.ignores("mtp.layers.0.mlp.gate.weight")
+
+
+def test_config_defaults_are_transformers():
+    import transformers
+
+    from autolm.models.qwen3_next import Qwen3NextConfig
+
+    ours, theirs = Qwen3NextConfig(), transformers.Qwen3NextConfig()
+    for key, value in ours.to_dict().items():
+        if key not in ("model_type", "transformers_version"):
+            assert getattr(theirs, key) == value, key
+
+
+def test_config_errors_name_the_key():
+    from autolm.models.qwen3_next import Qwen3NextConfig
+
+    small = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=16)
+    cases = {
+        "layer_types": dict(layer_types=["linear_attention", "mamba"]),
+        "linear_num_value_heads": dict(linear_num_key_heads=3, linear_num_value_heads=4),
+        "linear_conv_kernel_dim": dict(linear_conv_kernel_dim=0),
+        "linear_key_head_dim": dict(linear_key_head_dim="8"),
+        "partial_rotary_factor": dict(rope_parameters={"rope_type": "default", "rope_theta": 1.0,
+                                                       "partial_rotary_factor": 0.1}),
+        "full_attention_interval": dict(full_attention_interval=0),
+        "num_experts_per_tok": dict(num_experts=2, num_experts_per_tok=3),
+    }  # fmt: skip
+    for key, kwargs in cases.items():
+        with pytest.raises(ConfigError, match=key):
+            Qwen3NextConfig.from_dict({**small, **kwargs})
+
+
+def test_cli(tmp_path_factory, tmp_path):
+    """Qwen3-Next's instruct models use Qwen 3's chat template (qwen3-moe.jinja among the test data)."""
+    check_cli(NEXT, "qwen3-moe.jinja", tmp_path_factory, tmp_path, "Qwen3NextForCausalLM (qwen3_next)")
