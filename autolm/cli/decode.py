@@ -50,13 +50,13 @@ def prepare_decode(
         base.decode_mode = "eager"  # not even graphs compiled by an earlier run
     if args.eager or os.environ.get("AUTOLM_EAGER", "") not in ("", "0") or distributed():
         return None
-    if not hasattr(base, "precompile_decode") or base.device.type != "cpu":
+    from ..step import compilable, compiled_plan
+
+    if not hasattr(base, "precompile_decode") or base.device.type != "cpu" or not compilable(base):
         return None
     if source is None:
         base.precompile_decode(progress=True, batched=batched)
         return None
-    from ..step import compiled_plan
-
     return None if compiled_plan(base) is not None else Pending(source, model, label)
 
 

@@ -12,10 +12,10 @@ layer reworked:
   final_logit_softcapping where set (the image-text model too);
 - `enable_moe_block` (26B-A4B): beside the dense MLP, a mixture of experts read from the MLP's input (routing:
   Gemma4TextRouter), its input normed by pre_feedforward_layernorm_2; the MLP's and the experts' outputs normed
-  (post_feedforward_layernorm_1 / _2), summed, then post_feedforward_layernorm.
+  (post_feedforward_layernorm_1 / _2), summed, then post_feedforward_layernorm;
+- E2B / E4B: per-layer input embeddings, KV sharing over the last layers, double-wide MLPs (gemma4_small.py).
 
-Not supported (ConfigError naming the key): per-layer input embeddings (hidden_size_per_layer_input, E2B/E4B),
-KV sharing across layers (num_kv_shared_layers) and bidirectional attention (use_bidirectional_attention "all").
+Not supported (ConfigError naming the key): bidirectional attention (use_bidirectional_attention "all").
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Ignored, Linear, Rename, RMSNorm
 from ..nn.linear import packed
 from ..nn.rope import Rotary, apply_rotary, cos_sin, inv_freq_and_scale
+from . import gemma4_small as small
 from .base import DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM, Gemma2Model, takes_hidden_activation
 
@@ -177,11 +178,7 @@ class Gemma4TextConfig(Gemma2Config):
             dims = {self.layer_head_dim(i) for i, t in enumerate(self.layer_types) if t == kind}
             _require(len(dims) == 1, f"{src}: per_layer_config gives the {kind} layers different head_dim "
                      "values")  # fmt: skip
-        ple, shared = self.hidden_size_per_layer_input, self.num_kv_shared_layers
-        _require(ple is None or (_is_int(ple) and ple == 0), f"{src}: hidden_size_per_layer_input is {ple!r}: "
-                 "per-layer input embeddings (Gemma 4 E2B/E4B) are not supported; expected 0 or null")  # fmt: skip
-        _require(_is_int(shared) and shared == 0, f"{src}: num_kv_shared_layers is {shared!r}: layers attending "
-                 "over an earlier layer's KV cache (Gemma 4 E2B/E4B) are not supported; expected 0")  # fmt: skip
+        small.validate_small(self)
         if self.enable_moe_block:
             for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
                 v = getattr(self, name)
@@ -278,13 +275,20 @@ def _norm(config: Any):
 
 class Gemma4TextAttention(Attention):
     """q/k norms per head, a weightless v norm, unscaled scores; the layer's own head size and KV heads. With
-    attention_k_eq_v, full layers have no v_proj: their values are the key projection (before k_norm)."""
+    attention_k_eq_v, full layers have no v_proj: their values are the key projection (before k_norm). A KV-shared
+    layer (kv_source: the layer whose keys and values it reads) has only q_proj, q_norm and o_proj; the layer it
+    reads keeps its keys and values in the forward (keeps_kv)."""
 
     def __init__(self, config: Any, layer_idx: int):
         super().__init__(config.hidden_size, config.num_attention_heads, config.layer_kv_heads(layer_idx),
                          config.layer_head_dim(layer_idx), layer_idx, bias=config.attention_bias, scale=1.0,
                          window=config.layer_window(layer_idx), rope=config.layer_rope(layer_idx), qk_norm="head",
                          norm=_norm(config))  # fmt: skip
+        sources = small.kv_sources(config)
+        self.kv_source, self.keeps_kv = sources[layer_idx], layer_idx in sources
+        if self.kv_source is not None:  # none of its own
+            del self.k_proj, self.v_proj, self.k_norm
+            return
         self.v_norm = WeightlessRMSNorm(config.rms_norm_eps)
         if config.attention_k_eq_v and config.layer_types[layer_idx] == "full_attention":
             del self.v_proj
@@ -293,15 +297,18 @@ class Gemma4TextAttention(Attention):
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        (cos, sin), window = ctx.rope[self.rope], self.sliding_window
+        if self.kv_source is not None:  # its own queries over another layer's keys and values
+            q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2), cos, sin)
+            return self.o_proj(ctx.attend_shared(self.kv_source, q, window, self.scaling).flatten(2))
         kv = (self.q_proj, self.k_proj) if self.v_proj is None else (self.q_proj, self.k_proj, self.v_proj)
         q, k, *v = packed(x, kv)
         v = v[0] if v else k  # attention_k_eq_v: the key projection, before k_norm
         q = self.q_norm(q.view(B, T, nh, hd)).transpose(1, 2)
         k = self.k_norm(k.view(B, T, nkv, hd)).transpose(1, 2)
         v = self.v_norm(v.view(B, T, nkv, hd)).transpose(1, 2)
-        cos, sin = ctx.rope[self.rope]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling, None, None)
+        y = ctx.attend(self.layer_idx, q, k, v, window, self.scaling, None, None, keep=self.keeps_kv)
         return self.o_proj(y.reshape(B, T, nh * hd))
 
 
@@ -331,7 +338,8 @@ class Gemma4TextDecoderLayer(nn.Module):
         super().__init__()
         h, norm = config.hidden_size, _norm(config)
         self.self_attn = Gemma4TextAttention(config, layer_idx)
-        self.mlp = GatedMLP(h, config.intermediate_size, config.hidden_act)
+        wide = 2 if config.use_double_wide_mlp and self.self_attn.kv_source is not None else 1
+        self.mlp = GatedMLP(h, config.intermediate_size * wide, config.hidden_act)
         self.input_layernorm = norm(h)
         self.post_attention_layernorm = norm(h)
         self.pre_feedforward_layernorm = norm(h)
@@ -344,6 +352,7 @@ class Gemma4TextDecoderLayer(nn.Module):
             self.post_feedforward_layernorm_1 = norm(h)
             self.post_feedforward_layernorm_2 = norm(h)
             self.pre_feedforward_layernorm_2 = norm(h)
+        small.add_per_layer_input(self, config, norm)
 
     def moe(self, x: torch.Tensor) -> torch.Tensor:
         """The experts' part, read from the MLP's input x (B, T, h)."""
@@ -352,27 +361,28 @@ class Gemma4TextDecoderLayer(nn.Module):
         y = self.experts(self.pre_feedforward_layernorm_2(flat), ids, weights)
         return self.post_feedforward_layernorm_2(y.reshape(x.shape))
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.enable_moe_block:
             h = self.post_feedforward_layernorm_1(h) + self.moe(x)
         x = x + self.post_feedforward_layernorm(h)
-        return x * self.layer_scalar
+        return small.apply_per_layer_input(self, x, per_layer_input) * self.layer_scalar
 
 
-class Gemma4TextModel(Gemma2Model):
-    """Gemma 2's scaled embeddings; Gemma 4's layers, final norm and RoPE tables."""
+class Gemma4TextModel(small.PerLayerInputs, Gemma2Model):
+    """Gemma 2's scaled embeddings; Gemma 4's layers, final norm, RoPE tables and per-layer inputs."""
 
     def __init__(self, config: Any):
         DecoderModel.__init__(self, config, Gemma4TextDecoderLayer, _norm(config)(config.hidden_size))
+        self.add_per_layer_modules(config, _norm(config))  # per-layer inputs, where the config has them
         self.embed_scale = config.hidden_size**0.5
         kinds = config.rope_kinds()
         self.rotary = Gemma4Rotary(kinds, {k: config.kind_head_dim(k) for k in kinds},
                                    config.max_position_embeddings)  # fmt: skip
 
 
-class Gemma4ForCausalLM(Gemma2ForCausalLM):
+class Gemma4ForCausalLM(small.SmallCausalLM, Gemma2ForCausalLM):
     """transformers' Gemma4ForCausalLM (the text model; model_type gemma4_text). The KV cache holds each layer's
     own KV heads and head size (full-attention layers differ from sliding ones)."""
 
@@ -384,4 +394,5 @@ class Gemma4ForCausalLM(Gemma2ForCausalLM):
     _no_split_modules: ClassVar[list[str]] = ["Gemma4TextDecoderLayer"]
 
     def __init__(self, config: Any):
-        super().__init__(config, Gemma4TextModel(config))
+        Gemma2ForCausalLM.__init__(self, config, Gemma4TextModel(config))
+        self.checkpoint_rules = self.rules_for(config)

@@ -11,6 +11,10 @@ to is the context's business:
 - `OneToken`: one new token per row, every row's real tokens ending at the same slot (one sequence, or a
   left-padded / right-aligned batch): no masks beyond each row's first real slot, the cache written and read
   in place. The fast decode steps (autolm.step) run the same layers under it, eager or compiled ahead of time.
+
+A layer that shares another layer's keys and values (KV sharing: it computes neither) calls `attend_shared` with
+that layer's index; the layer that computes them passes `keep=True` to `attend`, so that, in a forward without a
+cache too, the keys and values it attended over stay in the context for the layers that read them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Forward:
     batch: int
     attentions: list | None = None
     _masks: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # layer -> (keys, values) it attended over, where it kept them
 
     def mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
         """The boolean (B, 1, T, S) mask for a window size (None: full attention) or a chunk size, made once per
@@ -65,12 +70,25 @@ class Forward:
         sinks=None,
         chunk=None,
         alibi=None,
+        keep: bool = False,
     ) -> torch.Tensor:
-        """q (B, nh, T, hd), k, v (B, n_kv, T, hd) -> (B, T, nh, hd)."""
+        """q (B, nh, T, hd), k, v (B, n_kv, T, hd) -> (B, T, nh, hd). keep: the keys and values attended over
+        (the cache's, or these) stay in `kept` for layers that share them (attend_shared)."""
         if self.cache is not None:
             k, v = self.cache.update(layer_idx, k, v, self.cache_position, self.kv_length)
             if k.dtype != q.dtype:  # a cache kept in another dtype (a GGUF model's float16 one)
                 k, v = k.to(q.dtype), v.to(q.dtype)
+        if keep:
+            self.kept[layer_idx] = (k, v)
+        mask = self.mask(window, chunk)
+        return kernels.attention(q, k, v, mask, scale, softcap, sinks, self.attentions, alibi)
+
+    def attend_shared(
+        self, source: int, q, window=None, scale=None, softcap=None, sinks=None, chunk=None, alibi=None
+    ) -> torch.Tensor:
+        """q (B, nh, T, hd) over the keys and values layer `source` kept in this forward (attend(keep=True)),
+        read only -> (B, T, nh, hd)."""
+        k, v = (t.to(q.device) for t in self.kept[source])
         mask = self.mask(window, chunk)
         return kernels.attention(q, k, v, mask, scale, softcap, sinks, self.attentions, alibi)
 
@@ -119,11 +137,34 @@ class OneToken:
         sinks=None,
         chunk=None,
         alibi=None,
+        keep: bool = False,
     ) -> torch.Tensor:
+        """keep: nothing to do (layers that share these keys and values read the cache's buffers)."""
         if isinstance(self.keys, list):
             keys, values = self.keys[layer_idx], self.values[layer_idx]
         else:
             keys, values = self.keys, self.values
+        span, starts = self._span(window, chunk)
+        return kernels.decode_attention(
+            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, starts, alibi
+        )
+
+    def attend_shared(
+        self, source: int, q, window=None, scale=None, softcap=None, sinks=None, chunk=None, alibi=None
+    ) -> torch.Tensor:
+        """q (B, nh, 1, hd) over layer `source`'s cache buffers, read only (that layer wrote the new token's
+        keys and values at slot seen - 1 already). Needs every layer's buffers (not one layer's graph)."""
+        if not isinstance(self.keys, list):
+            raise NotImplementedError("a layer sharing another layer's keys and values needs the whole cache")
+        keys, values = self.keys[source], self.values[source]
+        k, v = (b.narrow(2, self.seen - 1, 1).clone() for b in (keys, values))  # written back as they are
+        span, starts = self._span(window, chunk)
+        return kernels.decode_attention(
+            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, starts, alibi
+        )
+
+    def _span(self, window, chunk) -> tuple[int, torch.Tensor | None]:
+        """The slots a layer with this window or chunk attends over, and each row's first real slot."""
         span, starts = self.span, self.starts
         if chunk is not None:
             if starts is not None:  # rows of their own lengths: each row's chunk start masks what precedes it
@@ -132,9 +173,7 @@ class OneToken:
                 span = (self.seen - 1) % chunk + 1
         if span is None:
             span = self.seen if window is None else min(window, self.seen)
-        return kernels.decode_attention(
-            q, k, v, keys, values, self.seen, span, scale, softcap, sinks, starts, alibi
-        )
+        return span, starts
 
 
 class Attention(nn.Module):

@@ -73,6 +73,12 @@ def one_token_model(model) -> bool:
     return getattr(model, "one_token_step", True) and not getattr(model, "recurrent", False)
 
 
+def compilable(model) -> bool:
+    """Whether the compiled one-token graphs can serve the model: its layers each run on their own buffers (not a
+    model with recurrent layers, nor one whose layers take per-layer inputs or read another layer's cache)."""
+    return one_token_model(model) and getattr(model, "compiled_graphs", True)
+
+
 def _one_token_ok(model, cache, attention_mask) -> bool:
     """Whether the one-token step gives this generation the general forward's results."""
     if getattr(model, "decode_mode", "auto") == "forward" or not one_token_model(model):
@@ -90,6 +96,8 @@ def _one_token_ok(model, cache, attention_mask) -> bool:
 def compiled_plan(model, compile_missing: bool = False, progress: bool = False, batched: bool = False):
     """The model's compiled one-token plan (one row, or `batched`: 2 rows and more) if its graphs are cached (or
     compile_missing compiles them), else None; remembered per model until its modules or weights change."""
+    if not compilable(model):
+        return None
     plans = _BATCHED if batched else _PLANS
     sig = _signature(model)
     cached = plans.get(model)
@@ -106,7 +114,7 @@ def precompile(model, progress: bool = False, batched: bool = False) -> bool:
     see CausalLM.precompile_decode."""
     params = [*model.parameters(), *model.buffers()]
     if (
-        not one_token_model(model)
+        not compilable(model)
         or getattr(model, "hf_device_map", None)
         or not all(type(t) in _PLAIN and t.device.type == "cpu" for t in params)
     ):
