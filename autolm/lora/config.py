@@ -102,6 +102,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "exaone_moe",
             "hunyuan_v1_moe",
             "minimax_m2",
+            "falcon_h1",
             "qwen3_5_moe_text",
             "qwen3_5_text",
             "qwen3_next",

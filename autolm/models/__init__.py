@@ -91,6 +91,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", None),
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", None),  # image-text: its LM
     "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
+    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", None),
+    "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", None),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -236,6 +238,8 @@ __all__ = [
     "ExaoneMoeForCausalLM",
     "FalconConfig",
     "FalconForCausalLM",
+    "FalconH1Config",
+    "FalconH1ForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPTBigCodeConfig",
@@ -298,6 +302,8 @@ __all__ = [
     "NanoChatForCausalLM",
     "NemotronConfig",
     "NemotronForCausalLM",
+    "NemotronHConfig",
+    "NemotronHForCausalLM",
     "OPTConfig",
     "OPTForCausalLM",
     "Olmo2Config",
