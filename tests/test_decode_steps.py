@@ -61,8 +61,7 @@ def test_fp32_one_token_step_gives_the_forwards_tokens_and_logits(checkpoint, on
     plain_tokens, plain = greedy_steps(model, prompt(), 24, "forward")
     assert not one_token_calls
     tokens, logits = greedy_steps(model, prompt(), 24, "eager")
-    # sliding windows (5, 6) included; a model with recurrent layers decodes with the general forward
-    assert len(one_token_calls) == (0 if model.recurrent else 24)
+    assert len(one_token_calls) == 24  # sliding windows (5, 6) and recurrent layers included
     assert tokens == plain_tokens
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
 

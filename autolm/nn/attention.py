@@ -124,6 +124,18 @@ class OneToken:
     seen: int
     span: int | None = None
     starts: torch.Tensor | None = None  # (B,) the first real slot of each row
+    states: dict | None = None  # the cache's recurrent states (layer -> tuple), which recurrent layers update
+
+    def real_tokens(self) -> None:
+        """Every row's one new token is real (see Forward.real_tokens)."""
+        return None
+
+    def state(self, layer_idx: int) -> tuple[torch.Tensor, ...] | None:
+        return None if self.states is None else self.states.get(layer_idx)
+
+    def keep_state(self, layer_idx: int, state: tuple[torch.Tensor, ...]) -> None:
+        if self.states is not None:
+            self.states[layer_idx] = state
 
     def attend(
         self,

@@ -69,14 +69,19 @@ def row_starts(cache, attention_mask) -> torch.Tensor | bool | None:
 
 
 def one_token_model(model) -> bool:
-    """Whether the model's layers form a plain stack the one-token step may run (no recurrent layers)."""
-    return getattr(model, "one_token_step", True) and not getattr(model, "recurrent", False)
+    """Whether the model's layers form a plain stack the one-token step may run."""
+    return getattr(model, "one_token_step", True)
 
 
 def compilable(model) -> bool:
     """Whether the compiled one-token graphs can serve the model: its layers each run on their own buffers (not a
-    model with recurrent layers, nor one whose layers take per-layer inputs or read another layer's cache)."""
-    return one_token_model(model) and getattr(model, "compiled_graphs", True)
+    model with recurrent layers, whose states the graphs do not carry, nor one whose layers take per-layer inputs
+    or read another layer's cache)."""
+    return (
+        one_token_model(model)
+        and getattr(model, "compiled_graphs", True)
+        and not getattr(model, "recurrent", False)
+    )
 
 
 def _one_token_ok(model, cache, attention_mask) -> bool:
@@ -155,7 +160,9 @@ class OneTokenStep:
         if self.plan is not None:
             logits = graphs.run(self.plan, x, tables, cache, slot, self.starts)
         else:
-            ctx = OneToken(tables, cache.keys, cache.values, slot + 1, starts=self.starts)
+            ctx = OneToken(
+                tables, cache.keys, cache.values, slot + 1, starts=self.starts, states=cache.states
+            )
             logits = model.logits(body.run(x, ctx))
         cache.length = slot + 1
         return logits[:, -1]
