@@ -93,6 +93,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
     "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", None),
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", None),
+    "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", None),
+    "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", None),
+    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", None),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -240,6 +243,8 @@ __all__ = [
     "FalconForCausalLM",
     "FalconH1Config",
     "FalconH1ForCausalLM",
+    "FalconMambaConfig",
+    "FalconMambaForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPTBigCodeConfig",
@@ -276,6 +281,8 @@ __all__ = [
     "HunYuanDenseV1ForCausalLM",
     "HunYuanMoEV1Config",
     "HunYuanMoEV1ForCausalLM",
+    "JambaConfig",
+    "JambaForCausalLM",
     "KVCache",
     "Lfm2Config",
     "Lfm2ForCausalLM",
@@ -286,6 +293,8 @@ __all__ = [
     "Llama4TextConfig",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MambaConfig",
+    "MambaForCausalLM",
     "MiniMaxM2Config",
     "MiniMaxM2ForCausalLM",
     "Ministral3Config",

@@ -1,0 +1,160 @@
+"""Mamba (state-spaces/mamba-130m-hf ... mamba-2.8b-hf): every layer a Mamba-1 mixer (the selective scan,
+autolm.nn.mamba1's MambaMixer: `in_proj`, a depthwise `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`)
+under an RMSNorm (`norm`), with no attention and no position embeddings at all; a final RMSNorm `norm_f`; the head
+tied to the embeddings by default.
+
+- `residual_in_fp32` (the default): the residual stream is kept in float32 whatever the model's dtype; each norm
+  reads it cast to the weights' dtype, the final norm's output is cast to the head's.
+- The body is `backbone` (embeddings, layers, norm_f); autolm's code reaches it as `model` and its parts as
+  `embed_tokens`, `layers` and `norm`. Old checkpoints name the embeddings `backbone.embedding` (read as well).
+- The cache holds no keys or values: each layer's (conv state, scan state) in its `states`. There is no context
+  window (max_position_embeddings is not in the config: autolm's limit is its upper bound).
+- config.json names: `layer_norm_epsilon` (autolm's rms_norm_eps), `state_size`, `expand` (intermediate_size =
+  expand * hidden_size, as transformers derives it), `conv_kernel`, `time_step_rank` ("auto": hidden_size / 16
+  rounded up), `use_bias` (in_proj and out_proj), `use_conv_bias`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PretrainedConfig, _is_int
+from ..errors import ConfigError
+from ..nn import ACTIVATIONS, CheckpointRules, Rename, RMSNorm
+from ..nn.mamba1 import MambaMixer
+from .base import CausalLM, DecoderModel
+
+# fields of autolm's common config that Mamba's config.json does not have
+NOT_MAMBA = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+             "attention_dropout", "sliding_window", "rope_parameters", "rope_theta", "rope_scaling")  # fmt: skip
+NO_WINDOW = 1 << 28  # max_position_embeddings: no context window
+
+
+@dataclass(repr=False)
+class MambaConfig(PretrainedConfig):
+    """transformers' MambaConfig and its defaults; attention fields are autolm's placeholders, never written."""
+
+    model_type: ClassVar[str] = "mamba"
+    attribute_map: ClassVar[dict[str, str]] = {"rms_norm_eps": "layer_norm_epsilon"}
+    activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
+    bool_fields: ClassVar[tuple[str, ...]] = (
+        *PretrainedConfig.bool_fields,
+        "use_bias",
+        "use_conv_bias",
+        "residual_in_fp32",
+    )
+
+    vocab_size: int = 50280
+    hidden_size: int = 768
+    num_hidden_layers: int = 32
+    rms_norm_eps: float = 1e-5
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = NO_WINDOW
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    residual_in_fp32: bool = True
+    time_step_rank: Any = "auto"
+
+    def __post_init__(self) -> None:
+        self.num_attention_heads = self.num_key_value_heads = self.head_dim = 1  # no attention
+        h = self.hidden_size
+        if _is_int(h) and h > 0:
+            if _is_int(self.expand):
+                self.intermediate_size = self.expand * h
+            if self.time_step_rank == "auto":
+                self.time_step_rank = math.ceil(h / 16)
+        super().__post_init__()
+
+    def rope_kinds(self) -> dict[str, dict[str, Any]]:
+        return {}  # no attention, no RoPE
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("expand", "state_size", "conv_kernel", "time_step_rank"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 < v <= 1 << 16:
+                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+
+    def mixer(self, layer_idx: int, **kwargs: Any) -> MambaMixer:
+        """The Mamba-1 mixer of layer layer_idx as this config sizes it."""
+        return MambaMixer(self.hidden_size, self.intermediate_size, self.state_size, self.conv_kernel,
+                          self.time_step_rank, layer_idx, conv_bias=self.use_conv_bias, proj_bias=self.use_bias,
+                          act=self.hidden_act, **kwargs)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for key in NOT_MAMBA:
+            out.pop(key, None)
+        return out
+
+
+class MambaBlock(nn.Module):
+    """x + mixer(norm(x)), the residual in float32 where residual_in_fp32."""
+
+    def __init__(self, config: Any, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = self.make_mixer(config, layer_idx)
+        self.residual_in_fp32 = config.residual_in_fp32
+
+    def make_mixer(self, config: Any, layer_idx: int) -> MambaMixer:
+        return config.mixer(layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        y = self.mixer(self.norm(x.to(self.norm.weight.dtype)), ctx)
+        return (x.float() if self.residual_in_fp32 else x) + y
+
+
+class MambaModel(DecoderModel):
+    """embeddings, layers, norm_f; `embed_tokens` and `norm` name embeddings and norm_f (also when assigned)."""
+
+    _ALIASES: ClassVar[dict[str, str]] = {"embed_tokens": "embeddings", "norm": "norm_f"}
+    block_class: ClassVar[type[nn.Module]] = MambaBlock
+
+    def __init__(self, config: Any):
+        super().__init__(config, self.block_class, RMSNorm(config.hidden_size, config.rms_norm_eps))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(self._ALIASES.get(name, name), value)
+
+    embed_tokens = property(lambda self: self.embeddings)
+    norm = property(lambda self: self.norm_f)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """norm_f over the (float32) residual stream, in the weights' dtype for the head."""
+        return self.norm_f(x).to(self.norm_f.weight.dtype)
+
+
+class MambaForCausalLM(CausalLM):
+    """transformers' MambaForCausalLM."""
+
+    config_class = MambaConfig
+    model_class: ClassVar[type[DecoderModel]] = MambaModel
+    recurrent: ClassVar[bool] = True  # the mixers' states: the general forward decodes
+    base_model_prefix = "backbone"
+    layers_prefix = "backbone.layers"
+    embeddings_name = "backbone.embeddings"
+    checkpoint_rules = CheckpointRules(
+        [Rename(r"^backbone\.embedding\.", "backbone.embeddings.", r"(?!)", "")]
+    )
+    tp_patterns: ClassVar[dict[str, str]] = {}  # no attention: the mixers run whole on every rank
+    _no_split_modules: ClassVar[list[str]] = ["MambaBlock"]
+
+    def __init__(self, config: Any):
+        super().__init__(config, self.model_class(config))
+
+    @property
+    def model(self) -> MambaModel:
+        """The body (`backbone`), by the name autolm's code uses in every family."""
+        return self.backbone
