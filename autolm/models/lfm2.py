@@ -28,6 +28,7 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import Attention, Linear, RMSNorm, packed
+from ..nn.causal_conv import causal_conv1d
 from .base import CausalLM, DecoderModel
 
 LAYER_KINDS = ("full_attention", "conv")
@@ -187,14 +188,11 @@ class Lfm2ShortConv(nn.Module):
         b, c, v = self.in_proj(x).chunk(3, dim=-1)
         bx = (b * v).transpose(1, 2)  # (B, h, T)
         state = ctx.state(self.layer_idx)
-        keep = self.L_cache - 1
-        past = bx.new_zeros(*bx.shape[:2], keep) if state is None else state[0].to(bx.dtype)
-        full = torch.cat([past, bx], dim=-1)  # (B, h, L - 1 + T): the state, then the new tokens
-        # a copy: a view would keep the whole input alive for as long as the cache
-        ctx.keep_state(self.layer_idx, (full[:, :, full.shape[-1] - keep :].clone(),))
-        w = self.conv.weight
-        y = F.conv1d(full.to(w.dtype), w, self.conv.bias, groups=w.shape[0]).to(bx.dtype)  # (B, h, T)
-        return self.out_proj(c * y.transpose(1, 2))
+        y, conv_state = causal_conv1d(
+            bx, self.conv.weight, self.conv.bias, None if state is None else state[0]
+        )
+        ctx.keep_state(self.layer_idx, (conv_state,))
+        return self.out_proj(c * y.to(bx.dtype).transpose(1, 2))
 
 
 class Lfm2MLP(nn.Module):

@@ -41,7 +41,8 @@ from ..nn import (
     Router,
     SparseMoeBlock,
 )
-from ..nn.gated_delta import GatedRMSNorm, causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..nn.causal_conv import causal_conv1d
+from ..nn.gated_delta import GatedRMSNorm, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from ..nn.linear import packed
 from ..nn.rope import apply_rotary
 from .base import CausalLM, DecoderModel
@@ -223,7 +224,8 @@ class Qwen3NextGatedDeltaNet(nn.Module):
             x = (x * real[:, :, None]).to(x.dtype)
         conv_state, state = ctx.state(self.layer_idx) or (None, None)
         qkv, z, b, a = self.project(x)
-        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight.squeeze(1), conv_state)
+        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)
+        qkv = F.silu(qkv).to(x.dtype)
         q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, -1, self.head_k_dim), k.reshape(B, T, -1, self.head_k_dim)
         v = v.reshape(B, T, -1, self.head_v_dim)

@@ -11,7 +11,7 @@ token by token (decoding); `chunk_gated_delta_rule` computes the same over chunk
 each (the WY / UT transform), starting from a given state, so a prompt may come in pieces. Both compute in fp32
 and return the state in fp32, as transformers keeps it.
 
-Before the rule, q/k/v pass a causal depthwise convolution (kernel K) and SiLU: `causal_conv1d` continues from the
+Before the rule, q/k/v pass a causal depthwise convolution (kernel K, nn.causal_conv) and SiLU, continuing from the
 last K - 1 inputs of the previous piece (its state). After it, `GatedRMSNorm` norms each head's output and gates
 it with SiLU(z).
 """
@@ -109,22 +109,6 @@ def chunk_gated_delta_rule(
         S = S * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ new
     out = out.reshape(B, H, -1, dv)[:, :, :T]
     return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format), S
-
-
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, activation: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution (no bias) continuing from `state`. x (B, C, T), weight (C, K), state (B, C,
-    K - 1): the previous inputs, None for zeros -> (SiLU(conv) (B, C, T) in x's dtype, the last K - 1 inputs
-    (B, C, K - 1) in x's dtype: the state for the next piece). Computed in the weight's dtype."""
-    K = weight.shape[-1]
-    if state is None:
-        state = x.new_zeros(x.shape[0], x.shape[1], K - 1)
-    full = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, C, K - 1 + T)
-    out = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), groups=x.shape[1])  # (B, C, T)
-    if activation:
-        out = F.silu(out)
-    return out.to(x.dtype), full[:, :, full.shape[-1] - (K - 1) :]
 
 
 class GatedRMSNorm(nn.Module):

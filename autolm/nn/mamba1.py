@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .causal_conv import causal_conv1d
 from .linear import Linear
 from .mlp import ACTIVATIONS
 from .norms import RMSNorm
@@ -99,12 +100,8 @@ class MambaMixer(nn.Module):
     def conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal depthwise conv and its activation: xs (b, t, I) after the K-1 inputs of conv_state
         (b, I, K-1), or zeros -> (output (b, t, I), the last K-1 inputs)."""
-        K, w = self.conv_kernel_size, self.conv1d.weight  # (I, 1, K)
-        if conv_state is None:
-            conv_state = xs.new_zeros(xs.shape[0], self.intermediate_size, K - 1)
-        seq = torch.cat([conv_state.to(xs.dtype), xs.transpose(1, 2)], dim=-1)  # (b, I, K-1 + t)
-        y = F.conv1d(seq.to(w.dtype), w, self.conv1d.bias, groups=self.intermediate_size)  # (b, I, t)
-        return self.act(y).to(xs.dtype).transpose(1, 2), seq[:, :, seq.shape[-1] - (K - 1) :]
+        y, state = causal_conv1d(xs.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)
+        return self.act(y).to(xs.dtype).transpose(1, 2), state
 
     def normed(self, dt, B, C) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (b, t, R), B and C (b, t, N) as the family norms them before the scan."""

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_conv import causal_conv1d
 from .linear import Linear
 from .mlp import ACTIVATIONS
 
@@ -142,14 +143,8 @@ class Mamba2Mixer(nn.Module):
     def conv(self, xBC: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal depthwise conv and its activation: xBC (b, t, conv_dim) after the K-1 inputs of conv_state
         (b, conv_dim, K-1), or zeros -> (output (b, t, conv_dim), the last K-1 inputs)."""
-        b = xBC.shape[0]
-        K = self.conv_kernel_size
-        w = self.conv1d.weight  # (conv_dim, 1, K)
-        if conv_state is None:
-            conv_state = xBC.new_zeros(b, self.conv_dim, K - 1)
-        seq = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1 + t)
-        y = F.conv1d(seq.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, t)
-        return self.act(y).to(xBC.dtype).transpose(1, 2), seq[:, :, seq.shape[-1] - (K - 1) :]
+        y, state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)
+        return self.act(y).to(xBC.dtype).transpose(1, 2), state
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """x (b, t, hidden) -> (b, t, hidden); the state after the new tokens goes to ctx's cache."""
