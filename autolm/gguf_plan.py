@@ -146,6 +146,8 @@ def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             out = gguf_name(piece, model, names)
             if out is None:
                 raise ConfigError(f"tensor {piece!r} has no llama.cpp name in the {layout.arch!r} layout")
+            if out.split(".")[-2] in layout.bare:  # llama.cpp's name without the suffix (GGUFLayout.bare)
+                out = out.removesuffix(".weight")
             yield out, _converted(w, out, piece, model)
 
 
@@ -217,7 +219,9 @@ def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.T
 
 def _computed(c) -> dict[str, Any]:
     """What of a config changes the model's computation, comparable across configs."""
-    out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in _NOT_COMPARED}
+    skip = _NOT_COMPARED | set(getattr(c, "gguf_not_compared", ()))  # fields a family compares its own way
+    out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in skip}
+    out.update(c.gguf_compared() if hasattr(c, "gguf_compared") else {})
     n = c.num_hidden_layers
     out["rope_parameters"] = c.rope_parameters  # shown; compared through the frequencies below
     out["layer windows"] = [c.layer_window(i) for i in range(n)]

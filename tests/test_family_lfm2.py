@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB
+from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab
 
 import autolm
 
@@ -43,6 +45,9 @@ IDXS = Family(
     ),
     lora_targets=TARGETS,
 )
+
+# what llama.cpp's lfm2 runs: no biases (the width adjusted from intermediate_size, the head tied)
+PLAIN = Family("Lfm2Config", SIZES, lora_targets=TARGETS)
 
 
 def test_logits(tmp_path_factory):
@@ -112,6 +117,101 @@ def test_save(tmp_path_factory, tmp_path):
 
 def test_disk_offload(tmp_path_factory, tmp_path):
     LFM2.check_disk_offload(tmp_path_factory, tmp_path)
+
+
+# ---- GGUF: llama.cpp's LFM2Model converter, emulated --------------------------------------------------------------
+
+
+def write_lfm2_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's converter makes of transformers' LFM2 `hf` (--outtype f32, or `kind`'s blocks for the
+    layers' matrices whose rows it can hold): TextModel's metadata with head_count_kv per layer (0 on the
+    convolution layers), feed_forward_length the adjusted width, the vocabulary size, shortconv.l_cache; the
+    convolution weight squeezed to (h, L) (kept F32); the rest by gguf-py's name map (embedding_norm ->
+    token_embd_norm); a plain vocabulary."""
+    import gguf
+    from safetensors.torch import load_file
+
+    c = hf.config
+    kv = [c.num_key_value_heads if t == "full_attention" else 0 for t in c.layer_types]
+    ff = int(hf.model.layers[0].feed_forward.w1.weight.shape[0])
+    w = gguf.GGUFWriter(path, "lfm2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    w.add_vocab_size(c.vocab_size)
+    w.add_shortconv_l_cache(c.conv_L_cache)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LFM2, c.num_hidden_layers)
+    for name, t in load_file(f"{hf.name_or_path}/model.safetensors").items():
+        if "conv.conv" in name:
+            t = t.squeeze(1)  # LFM2Model.modify_tensors: "conv op requires 2d tensor"
+        base, suffix = name.rsplit(".", 1)
+        new, data = f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(t.float().numpy())
+        if kind != "F32" and data.ndim == 2 and new.startswith("blk.") and data.shape[1] % 32 == 0:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(new, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()].float()
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's files (attention layers from layer_types and from full_attn_idxs, the width adjusted or
+    not, the head tied or not) load as Lfm2ForCausalLM with the layer kinds, widths and transformers' logits; Q8_0
+    with quantization="gguf": close."""
+    ids, mask = padded_batch()
+    for i, fam in enumerate((PLAIN, IDXS)):
+        _, hf = fam.checkpoint(tmp_path_factory)
+        write_lfm2_gguf(hf, str(tmp_path / f"m{i}.gguf"))
+        model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"m{i}.gguf")
+        assert type(model).__name__ == "Lfm2ForCausalLM"
+        assert model.config.layer_types == hf.config.layer_types
+        assert (model.config.ff_dim, model.config.conv_L_cache) == (
+            hf.model.layers[0].feed_forward.w1.weight.shape[0],
+            hf.config.conv_L_cache,
+        )
+        assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+        want = _logits(hf, ids, mask)
+        torch.testing.assert_close(_logits(model, ids, mask), want, atol=1e-4, rtol=1e-4)
+    _, hf = PLAIN.checkpoint(tmp_path_factory)
+    write_lfm2_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    q = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert type(q.model.layers[0].conv.in_proj).__name__ == "GGMLLinear"  # the file's Q8_0 blocks
+    got, want = _logits(q, ids, mask), _logits(hf, ids, mask)
+    # the tiny random model's gated products amplify Q8_0's rounding: 3% dequantized, 5% with the blocks
+    assert (got - want).abs().mean() <= 0.08 * want.abs().mean()
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """test_gguf_out's byte-level tokenizer (imported here, not at the top: that module imports every family)."""
+    from test_gguf_out import byte_tokenizer
+
+    return byte_tokenizer.__wrapped__(tmp_path_factory)
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):
+    """llama.cpp's short convolution has no biases: a model with conv_bias is refused, naming it."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(LFM2.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match="conv_bias"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()
 
 
 def test_cli(tmp_path_factory, tmp_path):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, randomize
 from family_checks import Family
+from gguf_mimic import add_text_model, add_toy_vocab, stacked_experts
+from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
 import autolm
 from autolm.errors import ConfigError
@@ -209,3 +212,149 @@ def test_config_errors_name_the_key():
 def test_cli(tmp_path_factory, tmp_path):
     """No Qwen 3.5 chat template among the test data: Qwen 3's (qwen3-moe.jinja), the closest."""
     check_cli(DENSE, "qwen3-moe.jinja", tmp_path_factory, tmp_path, "Qwen3_5ForCausalLM (qwen3_5_text)")
+
+
+# ---- GGUF: llama.cpp's Qwen3_5TextModel converter (--no-mtp), emulated -------------------------------------------
+
+# what llama.cpp's qwen35 runs: key and value heads of one size, no attention biases; two value heads per key head
+# (tiled in the file), a layer pattern by interval
+GGUF_FAMILY = Family("Qwen3_5TextConfig", dict(SIZES, attention_bias=False, linear_value_head_dim=8,
+                                               full_attention_interval=2))  # fmt: skip
+
+
+def _tiled(t: torch.Tensor, dim: int, c, width: int) -> torch.Tensor:
+    """_LinearAttentionVReorderBase._reorder_v_heads: value heads grouped by key head -> tiled."""
+    hk = c.linear_num_key_heads
+    shape = list(t.shape)
+    t = t.reshape(*shape[:dim], hk, c.linear_num_value_heads // hk, width, *shape[dim + 1 :])
+    return t.transpose(dim, dim + 1).contiguous().reshape(shape)
+
+
+def _converted(c, name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The converter's modify_tensors: the value heads tiled, then Qwen3NextModel's transforms."""
+    qk, dv = 2 * c.linear_num_key_heads * c.linear_key_head_dim, c.linear_value_head_dim
+    if ".in_proj_qkv." in name or ".conv1d" in name:
+        t = t.squeeze() if ".conv1d" in name else t
+        t = torch.cat([t[:qk], _tiled(t[qk:], 0, c, dv)])
+    elif ".in_proj_z." in name:
+        t = _tiled(t, 0, c, dv)
+    elif ".in_proj_b." in name or ".in_proj_a." in name or ".A_log" in name or ".dt_bias" in name:
+        t = _tiled(t, 0, c, 1)
+    elif ".out_proj." in name:
+        t = _tiled(t, 1, c, dv)
+    if name.endswith(".A_log"):
+        t = -torch.exp(t)
+    elif name.endswith(".dt_bias"):
+        name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
+    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        t = t + 1
+    return name, t
+
+
+def _metadata(w, c) -> None:
+    """TextModel's keys (Qwen2MoeModel's expert keys for the MoE), the RoPE sections, the linear layers' keys."""
+    moe = hasattr(c, "num_experts")
+    if moe:  # no intermediate_size: TextModel writes no feed_forward_length
+        for key in ("block_count", "context_length", "embedding_length", "head_count", "head_count_kv"):
+            getattr(w, f"add_{key}")(getattr(c, {"block_count": "num_hidden_layers", "context_length":
+                                     "max_position_embeddings", "embedding_length": "hidden_size", "head_count":
+                                     "num_attention_heads", "head_count_kv": "num_key_value_heads"}[key]))  # fmt: skip
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+    else:
+        add_text_model(w, c)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_sections(list(c.rope_parameters["mrope_section"]) + [0])
+    if moe:
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    w.add_ssm_conv_kernel(c.linear_conv_kernel_dim)
+    w.add_ssm_state_size(c.linear_key_head_dim)
+    w.add_ssm_group_count(c.linear_num_key_heads)
+    w.add_ssm_time_step_rank(c.linear_num_value_heads)
+    w.add_ssm_inner_size(c.linear_value_head_dim * c.linear_num_value_heads)
+    w.add_full_attention_interval(getattr(c, "full_attention_interval", 4))
+    w.add_rope_dimension_count(int(c.head_dim * c.rope_parameters["partial_rotary_factor"]))
+
+
+def _checkpoint(c, path: str):
+    """The checkpoint's tensors, experts stacked per part as Qwen2MoeModel stacks (or splits) them."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    for name, t in stacked_experts(tensors, ".mlp.experts.", getattr(c, "num_experts", 0)):
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=1)
+            yield from ((f"{name.removesuffix('gate_up_proj')}{p}_proj.weight", x) for p, x in (("gate", gate),
+                                                                                                ("up", up)))  # fmt: skip
+        else:
+            yield (f"{name}.weight" if name.endswith("experts.down_proj") else name), t
+
+
+def write_qwen3_5_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's converter makes of transformers' Qwen 3.5 (or 3.5 MoE) text model `hf` (without MTP
+    layers): the metadata above, the tensors as modify_tensors makes them (see autolm.models.qwen3_next_gguf);
+    `kind` "Q8_0": the matrices in Q8_0 blocks but the conv's and the routers'."""
+    import gguf
+
+    c = hf.config
+    arch = gguf.MODEL_ARCH.QWEN35MOE if hasattr(c, "num_experts") else gguf.MODEL_ARCH.QWEN35
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    _metadata(w, c)
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    for stored, t in _checkpoint(c, f"{hf.name_or_path}/model.safetensors"):
+        name, t = _converted(c, stored, t.float())
+        base, suffix = name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, "")
+        out = names.get_name(base) + (f".{suffix}" if suffix else "")
+        data = np.ascontiguousarray(t.numpy())
+        blocks = (
+            data.ndim > 1 and data.shape[-1] % 32 == 0 and not any(s in out for s in ("conv1d", "gate_inp"))
+        )
+        if kind == "Q8_0" and blocks:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(out, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(out, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's F32 file loads as Qwen3_5ForCausalLM with transformers' logits; its Q8_0 file (kept in its
+    blocks) gives logits close to them."""
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    write_qwen3_5_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "Qwen3_5ForCausalLM"
+    assert model.config.layer_types == hf.config.layer_types
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    theirs = _logits(hf, ids)
+    torch.testing.assert_close(_logits(model, ids), theirs, atol=1e-4, rtol=1e-4)
+    write_qwen3_5_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    quant = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert (_logits(quant, ids) - theirs).abs().mean() <= 0.1 * theirs.abs().mean()
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """Value heads wider than the key heads, attention biases: a ConfigError naming them, and no file."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(DENSE.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match="linear_value_head_dim"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    model.config.linear_value_head_dim = model.config.linear_key_head_dim  # the check reads the config only
+    with pytest.raises(autolm.ConfigError, match="attention_bias"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()

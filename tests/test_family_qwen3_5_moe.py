@@ -13,6 +13,8 @@ import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, randomize
 from family_checks import Family
+from test_family_qwen3_5 import _logits, write_qwen3_5_gguf
+from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
 import autolm
 from autolm.errors import ConfigError
@@ -194,3 +196,27 @@ def test_config_errors_name_the_key():
 def test_cli(tmp_path_factory, tmp_path):
     """No Qwen 3.5 MoE chat template among the test data: Qwen 3's (qwen3-moe.jinja), the closest."""
     check_cli(MOE, "qwen3-moe.jinja", tmp_path_factory, tmp_path, "Qwen3_5MoeForCausalLM (qwen3_5_moe_text)")
+
+
+# ---- GGUF: llama.cpp's Qwen3_5MoeTextModel converter (--no-mtp), emulated -----------------------------------------
+
+# what llama.cpp's qwen35moe runs: key and value heads of one size, no attention biases (test_family_qwen3_5 has the
+# converter mimic and the refusals)
+GGUF_FAMILY = Family("Qwen3_5MoeTextConfig", dict(MOE.kwargs, attention_bias=False, linear_value_head_dim=8,
+                                                  full_attention_interval=2))  # fmt: skip
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's F32 file loads as Qwen3_5MoeForCausalLM with transformers' logits; its Q8_0 file (kept in
+    its blocks) gives logits close to them."""
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    write_qwen3_5_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "Qwen3_5MoeForCausalLM"
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    theirs = _logits(hf, ids)
+    torch.testing.assert_close(_logits(model, ids), theirs, atol=1e-4, rtol=1e-4)
+    write_qwen3_5_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    quant = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    # this random model amplifies Q8_0's rounding (experts picked otherwise): the dequantized file is as far off
+    assert (_logits(quant, ids) - theirs).abs().mean() <= 0.15 * theirs.abs().mean()

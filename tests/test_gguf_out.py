@@ -266,6 +266,7 @@ def _families():
     import test_family_granitemoe as granitemoe
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
+    import test_family_lfm2 as lfm2
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
@@ -278,6 +279,9 @@ def _families():
     import test_family_phi as phi
     import test_family_phi3 as phi3
     import test_family_phimoe as phimoe
+    import test_family_qwen3_5 as qwen3_5
+    import test_family_qwen3_5_moe as qwen3_5_moe
+    import test_family_qwen3_next as qwen3_next
     import test_family_seed_oss as seed_oss
     import test_family_smollm3 as smollm3
     import test_family_stablelm as stablelm
@@ -334,6 +338,10 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
+        "qwen3_next": (qwen3_next.GGUF_FAMILY, qwen3_next.write_qwen3_next_gguf),
+        "qwen3_5_text": (qwen3_5.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),
+        "qwen3_5_moe_text": (qwen3_5_moe.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),
         "mpt": (mpt.SIX, mpt.write_mpt_gguf),
         "bloom": (bloom.MAIN, bloom.write_bloom_gguf),
         "dbrx": (dbrx.PLAIN, dbrx.write_dbrx_gguf),

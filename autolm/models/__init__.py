@@ -83,13 +83,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM", "dbrx"),
     "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
-    "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", None),
+    "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", "lfm2"),
     "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", None),
-    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", None),
-    "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", None),
-    "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", None),  # image-text: its language model
-    "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", None),
-    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", None),  # image-text: its LM
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
+    "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
+    "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
+    "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
     "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
     "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", None),
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", None),

@@ -14,10 +14,14 @@ by default all of them).
   named w1 (gate), w3 (up), w2 (down); with `block_auto_adjust_ff_dim` its width is 2/3 of intermediate_size,
   times `block_ffn_dim_multiplier` (when set) rounded up to `block_multiple_of`.
 - The final norm is `embedding_norm`; RMS epsilon `norm_eps`; the head is tied by default; RoPE base 1e6.
+- GGUF (llama.cpp's "lfm2"): head_count_kv is per layer, 0 on the convolution layers (the layer kinds);
+  feed_forward_length the adjusted width; `shortconv.l_cache` the taps; the convolution weight squeezed to (h, L);
+  `embedding_norm` is `token_embd_norm`; no biases (conv_bias is refused on GGUF out).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
-from ..errors import ConfigError
-from ..nn import Attention, Linear, RMSNorm, packed
+from ..errors import CheckpointError, ConfigError
+from ..nn import Attention, CheckpointRules, GGUFLayout, Linear, RMSNorm, packed
 from ..nn.causal_conv import causal_conv1d
 from .base import CausalLM, DecoderModel
 
@@ -91,6 +95,22 @@ class Lfm2Config(PretrainedConfig):
             if isinstance(idxs, list):
                 self.layer_types = ["full_attention" if i in idxs else "conv" for i in range(n)]
         super().__post_init__()
+
+    # GGUF out's check (autolm.gguf_plan) compares the width and the layer kinds these fields make, not the fields:
+    # llama.cpp's metadata holds only the former
+    gguf_not_compared: ClassVar[tuple[str, ...]] = (
+        "intermediate_size",
+        "block_multiple_of",
+        "block_ffn_dim_multiplier",
+        "block_auto_adjust_ff_dim",
+        "full_attn_idxs",
+    )
+
+    def gguf_compared(self) -> dict[str, Any]:
+        return {
+            "ff_dim": self.ff_dim,
+            "layer kinds": [self.is_attention(i) for i in range(self.num_hidden_layers)],
+        }
 
     @property
     def norm_eps(self) -> float:
@@ -256,12 +276,93 @@ LFM2_TP = {
 }
 
 
+# ---- GGUF: llama.cpp's "lfm2" (convert_hf_to_gguf.py's LFM2Model) -------------------------------------------
+
+_CONV_WEIGHT = re.compile(r".+\.conv\.conv\.weight")
+
+
+@dataclass(frozen=True)
+class SqueezedConv:
+    """Checkpoint rule: llama.cpp's `shortconv.conv` is the depthwise convolution's weight (h, 1, L) squeezed to
+    (h, L) (its ssm_conv op takes 2-D); read back as the model's (h, 1, L), squeezed again for GGUF out."""
+
+    def piece(self, name: str) -> tuple[str, str] | None:
+        return (name, "weight") if _CONV_WEIGHT.fullmatch(name) else None
+
+    def pieces(self, name: str) -> int:
+        return 1
+
+    def assemble(self, got: dict, shape: tuple[int, ...], name: str, source: str) -> torch.Tensor:
+        t = got["weight"]
+        if t.numel() != torch.Size(shape).numel() or t.shape[0] != shape[0]:
+            raise CheckpointError(
+                f"{source}: {name!r} has shape {tuple(t.shape)}; the model expects {tuple(shape)}"
+            )
+        return t.reshape(shape)
+
+    def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        return [(name, t.squeeze(1))] if _CONV_WEIGHT.fullmatch(name) else None
+
+
+def gguf_derive(d: dict[str, Any], get) -> None:
+    """The config llama.cpp's lfm2 metadata means: head_count_kv per layer, 0 on the convolution layers (the layer
+    kinds); feed_forward_length the MLP's final width (the converter applies block_auto_adjust_ff_dim)."""
+    kv, heads = d.get("num_key_value_heads"), d.get("num_attention_heads")
+    n = d.get("num_hidden_layers")
+    if isinstance(heads, list):
+        d["num_attention_heads"] = heads = max(heads, default=0)
+    if not isinstance(kv, list):
+        kv = [heads if kv is None else kv] * (n if isinstance(n, int) else 0)
+    d["layer_types"] = ["full_attention" if k else "conv" for k in kv]
+    d["full_attn_idxs"] = [i for i, k in enumerate(kv) if k]
+    d["num_key_value_heads"] = max(kv, default=0) or heads
+    d["block_auto_adjust_ff_dim"] = False
+
+
+def gguf_write_config(m: dict[str, Any], c: Any) -> None:
+    """The inverse of gguf_derive: what LFM2Model.set_gguf_parameters writes (no head size keys: transformers'
+    config has no head_dim)."""
+    m["attention.head_count_kv"] = [
+        c.num_key_value_heads if c.is_attention(i) else 0 for i in range(c.num_hidden_layers)
+    ]
+    m["feed_forward_length"] = c.ff_dim
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        m.pop(key, None)
+
+
+LFM2_GGUF_LAYER = (
+    ("attn_norm", "operator_norm"),
+    ("ffn_norm", "ffn_norm"),
+    ("attn_output", "self_attn.out_proj"),
+    ("attn_q_norm", "self_attn.q_layernorm"),
+    ("attn_k_norm", "self_attn.k_layernorm"),
+    ("shortconv.conv", "conv.conv"),
+    ("shortconv.in_proj", "conv.in_proj"),
+    ("shortconv.out_proj", "conv.out_proj"),
+)
+LFM2_GGUF = GGUFLayout(
+    "lfm2",
+    config=(("shortconv.l_cache", "conv_L_cache"),),
+    layer=(
+        *LFM2_GGUF_LAYER,
+        ("ffn_gate", "feed_forward.w1"),
+        ("ffn_up", "feed_forward.w3"),
+        ("ffn_down", "feed_forward.w2"),
+    ),
+    top=(("token_embd_norm", "model.embedding_norm"),),  # the final norm, under the converter's name
+    fixed=(("conv_bias", False),),  # llama.cpp's shortconv has no biases
+    derive=gguf_derive,
+    write_config=gguf_write_config,
+)
+
+
 class Lfm2ForCausalLM(CausalLM):
     """transformers' Lfm2ForCausalLM."""
 
     config_class = Lfm2Config
     recurrent: ClassVar[bool] = True
-    gguf = None
+    checkpoint_rules = CheckpointRules([SqueezedConv()])
+    gguf = LFM2_GGUF
     tp_patterns: ClassVar[dict[str, str]] = LFM2_TP
     _no_split_modules: ClassVar[list[str]] = ["Lfm2DecoderLayer"]
 

@@ -11,7 +11,8 @@ autolm computes (mrope_section and mrope_interleaved are kept as read).
 
 The image-text checkpoints keep the language model under model.language_model.* (the vision tower, model.visual.*,
 and the multi-token-prediction layers, mtp.*, are skipped); saved, the model is the text model transformers'
-Qwen3_5ForCausalLM loads. Not in GGUF.
+Qwen3_5ForCausalLM loads. GGUF: llama.cpp's "qwen35" (autolm.models.qwen3_next_gguf: Qwen3-Next's conversion,
+the value heads tiled, the RoPE sections written).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn import CheckpointRules, GatedMLP, Ignored, Linear, Rename
+from ..nn import CheckpointRules, GatedMLP, GGUFLayout, Ignored, Linear, Rename
 from ..nn.linear import packed
+from . import qwen3_next_gguf
 from .base import LLAMA_TP, CausalLM
 from .llama import LlamaConfig
 from .qwen3_next import HybridConfig, HybridDecoderLayer, HybridModel, Qwen3NextGatedDeltaNet
@@ -129,6 +131,21 @@ class Qwen3_5ForCausalLM(CausalLM):
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP  # the linear-attention mixers run whole on every rank
     _no_split_modules: ClassVar[list[str]] = ["Qwen3_5DecoderLayer"]
     recurrent: ClassVar[bool] = True
+    # llama.cpp reads no attention biases (nor key and value heads of other sizes: qwen3_next_gguf.write_config)
+    gguf = GGUFLayout(
+        "qwen35",
+        config=qwen3_next_gguf.GGUF_LINEAR_KEYS,
+        layer=qwen3_next_gguf.GGUF_LINEAR_35,
+        fixed=(("attention_bias", False),),
+        norm_shift=1.0,
+        derive=qwen3_next_gguf.derive_35,
+        write_config=qwen3_next_gguf.write_config_35,
+        bare=("ssm_a",),
+    )
 
     def __init__(self, config: Any):
         super().__init__(config, HybridModel(config, Qwen3_5DecoderLayer))
+        # llama.cpp's linear-layer tensors: a rule that knows the value heads
+        self.checkpoint_rules = CheckpointRules(
+            [*type(self).checkpoint_rules.rules, qwen3_next_gguf.Qwen35GGUF(config)]
+        )

@@ -7,7 +7,7 @@ mlp_only_layers).
 
 Checkpoints keep one tensor per expert (stacked in the model, as Qwen 2 MoE's); the image-text ones keep the
 language model under model.language_model.* (the vision tower and the multi-token-prediction layers are skipped).
-Not in GGUF.
+GGUF: llama.cpp's "qwen35moe" (Qwen 3.5's conversion, autolm.models.qwen3_next_gguf, and Qwen 2 MoE's experts).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from torch import nn
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import CheckpointRules
+from ..nn import CheckpointRules, GGUFLayout
+from . import qwen3_next_gguf
 from .base import CausalLM
 from .llama import LlamaConfig
-from .mixtral import validate_experts
-from .qwen2_moe import QWEN_MOE_RULES, QWEN_MOE_TP
+from .mixtral import GGUF_EXPERTS, validate_experts
+from .qwen2_moe import GGUF_EXPERT_KEYS, QWEN_MOE_RULES, QWEN_MOE_TP
 from .qwen3_5 import IMAGE_TEXT_RULES, Qwen3_5DecoderLayer, read_text_config
 from .qwen3_next import HybridConfig, HybridModel, moe_or_mlp
 
@@ -108,6 +109,32 @@ class Qwen3_5MoeForCausalLM(CausalLM):
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen3_5MoeDecoderLayer"]
     recurrent: ClassVar[bool] = True
+    # llama.cpp reads no attention biases (nor key and value heads of other sizes: qwen3_next_gguf.write_config)
+    gguf = GGUFLayout(
+        "qwen35moe",
+        config=(
+            *GGUF_EXPERT_KEYS,
+            ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+            *qwen3_next_gguf.GGUF_LINEAR_KEYS,
+        ),
+        layer=(
+            *GGUF_EXPERTS,
+            ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+            ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+            ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+            ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+            *qwen3_next_gguf.GGUF_LINEAR_35,
+        ),
+        fixed=(("attention_bias", False),),
+        norm_shift=1.0,
+        derive=qwen3_next_gguf.derive_35,
+        write_config=qwen3_next_gguf.write_config_35,
+        bare=("ssm_a",),
+    )
 
     def __init__(self, config: Any):
         super().__init__(config, HybridModel(config, Qwen3_5MoeDecoderLayer))
+        # llama.cpp's linear-layer tensors: a rule that knows the value heads
+        self.checkpoint_rules = CheckpointRules(
+            [*type(self).checkpoint_rules.rules, qwen3_next_gguf.Qwen35GGUF(config)]
+        )

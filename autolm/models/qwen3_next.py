@@ -15,7 +15,7 @@ sigmoid(shared_expert_gate(x)), the top k renormalised with `norm_topk_prob`).
   (a GatedRMSNorm); out_proj. Its state in the cache: the conv's last K - 1 inputs and the rule's fp32 state.
 
 The Hub checkpoints keep one tensor per expert (stacked in the model) and multi-token-prediction layers (`mtp.*`),
-which are not loaded. Not in GGUF.
+which are not loaded. GGUF: llama.cpp's "qwen3next" (autolm.models.qwen3_next_gguf).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..nn import (
     CheckpointRules,
     Experts,
     GatedMLP,
+    GGUFLayout,
     Ignored,
     Linear,
     RMSNorm,
@@ -45,8 +46,10 @@ from ..nn.causal_conv import causal_conv1d
 from ..nn.gated_delta import GatedRMSNorm, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from ..nn.linear import packed
 from ..nn.rope import apply_rotary
+from . import qwen3_next_gguf
 from .base import CausalLM, DecoderModel
-from .qwen2_moe import QWEN_MOE_RULES, QWEN_MOE_TP, QwenMoeConfig
+from .mixtral import GGUF_EXPERTS
+from .qwen2_moe import GGUF_EXPERT_KEYS, QWEN_MOE_RULES, QWEN_MOE_TP, QwenMoeConfig
 
 _LINEAR_KEYS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
                 "linear_num_value_heads")  # fmt: skip
@@ -291,6 +294,32 @@ class Qwen3NextForCausalLM(CausalLM):
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen3NextDecoderLayer"]
     recurrent: ClassVar[bool] = True
+    # llama.cpp renormalises the top k, runs every layer as a mixture, reads no attention biases
+    gguf = GGUFLayout(
+        "qwen3next",
+        config=(
+            *GGUF_EXPERT_KEYS,
+            ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+            *qwen3_next_gguf.GGUF_LINEAR_KEYS,
+        ),
+        layer=(
+            *GGUF_EXPERTS,
+            ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+            ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+            ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+            ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+            *qwen3_next_gguf.GGUF_LINEAR,
+        ),
+        fixed=(("norm_topk_prob", True), ("attention_bias", False)),
+        norm_shift=1.0,
+        derive=qwen3_next_gguf.derive,
+        write_config=qwen3_next_gguf.write_config,
+        bare=("ssm_a",),
+    )
 
     def __init__(self, config: Any):
         super().__init__(config, HybridModel(config, Qwen3NextDecoderLayer))
+        # llama.cpp's linear-layer tensors: a rule that knows the heads of in_proj_qkvz
+        self.checkpoint_rules = CheckpointRules(
+            [*type(self).checkpoint_rules.rules, qwen3_next_gguf.Qwen3NextGGUF(config)]
+        )

@@ -207,3 +207,6 @@ class GGUFLayout:
     # as the family that claims nothing (models.gguf_family); or (key, value): a file whose key holds that value
     # (DeepSeek V3's sigmoid expert_gating_func under "deepseek2", where V2's files hold softmax's)
     claim: str | tuple[str, Any] | None = None
+    # blk.N.<name> tensors llama.cpp names without a ".weight" suffix (Mamba's and Gated DeltaNet's ssm_a): read
+    # as <name>.weight, written without the suffix
+    bare: tuple[str, ...] = ()

@@ -242,7 +242,9 @@ def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
 def hf_name(gguf_name: str, family) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (the family's layout: its extra names
     and its layers' prefix); None for unknown tensors."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if re.fullmatch(r"blk\.\d+\.(\w+)", gguf_name) and gguf_name.rpartition(".")[2] in family.gguf.bare:
+        gguf_name += ".weight"  # a tensor llama.cpp names without the suffix (GGUFLayout.bare)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias)", gguf_name)  # LFM2: shortconv.conv
     if m:
         part = dict(family.gguf.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"{family.layers_prefix}.{m.group(1)}.{part}.{m.group(3)}"
