@@ -50,8 +50,9 @@ _NOT_COMPARED = {
     "layer_types", "max_window_layers", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
     "no_rope_layer_interval", "input_jitter_noise",
 }  # fmt: skip
-# llama.cpp tensors the converter keeps in F32 whatever the type asked for (besides 1-D ones and biases)
-F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd")
+# llama.cpp tensors the converter keeps in F32 whatever the type asked for (besides 1-D ones and biases), by the
+# name's last part: routers, learned positions, the recurrent layers' convolutions (ssm_conv1d, shortconv.conv)
+F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "ssm_conv1d", "conv")
 
 
 def metadata(model) -> dict[str, Any]:

@@ -264,6 +264,7 @@ def _families():
     import test_family_gpt_neox as neox
     import test_family_granite as granite
     import test_family_granitemoe as granitemoe
+    import test_family_granitemoehybrid as granitemoehybrid
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_lfm2 as lfm2
@@ -339,6 +340,7 @@ def _families():
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
+        "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
         "qwen3_next": (qwen3_next.GGUF_FAMILY, qwen3_next.write_qwen3_next_gguf),
         "qwen3_5_text": (qwen3_5.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),
         "qwen3_5_moe_text": (qwen3_5_moe.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),

@@ -90,7 +90,12 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
     "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
-    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", None),
+    "granitemoehybrid": (
+        "granitemoehybrid",
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        "granitehybrid",
+    ),
     "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", None),
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", None),
     "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", None),

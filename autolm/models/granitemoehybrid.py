@@ -11,11 +11,12 @@ four multipliers (embeddings, residual branches, attention scale, logits).
   (`block_sparse_moe`, softmax over the top-k router logits) added to it; dense checkpoints have no experts.
 
 Checkpoints keep the experts under JetMoE's names (`input_linear`, `output_linear`, `router.layer`), as Granite
-MoE's do. llama.cpp runs the family (granitehybrid) but autolm does not write or read it as GGUF.
+MoE's do. GGUF (llama.cpp's "granitehybrid", as its converter writes it) in and out: models.granitemoehybrid_gguf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,16 +26,63 @@ from torch import nn
 
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Experts, Linear, RMSNorm, Router, SparseMoeBlock
+from ..nn import (
+    ACTIVATIONS,
+    Attention,
+    CheckpointRules,
+    Experts,
+    GGUFLayout,
+    Linear,
+    RMSNorm,
+    Router,
+    SparseMoeBlock,
+)
+from ..nn.expert_formats import GGUFExperts
 from ..nn.mamba2 import Mamba2Mixer
 from .base import CausalLM, DecoderModel
 from .granite import GraniteConfig, GraniteForCausalLM, GraniteModel
-from .granitemoe import _renamed
+from .granitemoe import GraniteMoeForCausalLM, _renamed
+from .granitemoehybrid_gguf import MambaGGUF, derive, write_config
 from .mixtral import MOE_TP, validate_experts
 
 MAMBA = ("mamba", "linear_attention")  # layer_types' names of a Mamba-2 layer (as written, transformers 5's)
 ATTENTION = ("attention", "full_attention")
 _FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf}  # transformers' tags for what JSON cannot write
+_NO_LIMIT = [0.0, {"__float__": "Infinity"}]  # time_step_limit's default: no clamp of the time steps
+
+_RULES = (
+    _renamed("input_linear.weight", "experts.gate_up_proj"),
+    _renamed("output_linear.weight", "experts.down_proj"),
+    _renamed("router.layer.weight", "router.weight"),
+    GGUFExperts(),  # llama.cpp's ffn_gate_exps / ffn_up_exps (input_linear split) and ffn_down_exps
+)
+_MAMBA_NAMES = (
+    ("ssm_in", "mamba.in_proj"),
+    ("ssm_out", "mamba.out_proj"),
+    # MambaGGUF's pieces
+    *((stem, f"mamba.{stem}") for stem in ("ssm_conv1d", "ssm_dt", "ssm_a", "ssm_d", "ssm_norm")),
+)
+# what llama.cpp's graph does not read: SiLU, the conv bias, no in_proj bias, no clamp of the time steps
+_FIXED = (
+    ("hidden_act", "silu"),
+    ("mamba_conv_bias", True),
+    ("mamba_proj_bias", False),
+    ("time_step_limit", _NO_LIMIT),
+)
+_BIASES = tuple(
+    (f"blk.{i}.attn_q.bias", "attention_bias") for i in range(256)
+)  # any attention layer's q bias
+_DENSE_NAMES = (  # the shared MLP of a checkpoint without experts: llama.cpp's plain feed-forward
+    ("ffn_gate", "shared_mlp.gate_proj"),
+    ("ffn_up", "shared_mlp.up_proj"),
+    ("ffn_down", "shared_mlp.output_linear"),
+)
+_MOE_NAMES = (
+    *GraniteMoeForCausalLM.gguf.layer,
+    ("ffn_gate_shexp", "shared_mlp.gate_proj"),
+    ("ffn_up_shexp", "shared_mlp.up_proj"),
+    ("ffn_down_shexp", "shared_mlp.output_linear"),
+)
 
 
 @dataclass(repr=False)
@@ -55,6 +103,14 @@ class GraniteMoeHybridConfig(GraniteConfig):
         "mamba_conv_bias",
         "mamba_proj_bias",
     )
+    # GGUF out compares these its own way: the converter writes the context length as 2**20 without RoPE, the
+    # chunk size changes only the scan's rounding, write_config refuses a clamp of the time steps (a JSON
+    # Infinity is no tagged one)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = (
+        "max_position_embeddings",
+        "mamba_chunk_size",
+        "time_step_limit",
+    )
 
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
@@ -72,7 +128,7 @@ class GraniteMoeHybridConfig(GraniteConfig):
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     # as transformers 5 writes it: infinity tagged ({"__float__": "Infinity"}); read as written, kept as read
-    time_step_limit: Any = field(default_factory=lambda: [0.0, {"__float__": "Infinity"}])
+    time_step_limit: Any = field(default_factory=lambda: list(_NO_LIMIT))
 
     def __post_init__(self) -> None:
         heads, expand = self.mamba_n_heads, self.mamba_expand
@@ -206,12 +262,26 @@ class GraniteMoeHybridForCausalLM(CausalLM):
 
     config_class = GraniteMoeHybridConfig
     recurrent: ClassVar[bool] = True  # the Mamba-2 layers' states: the general forward decodes
-    checkpoint_rules = CheckpointRules(
-        [
-            _renamed("input_linear.weight", "experts.gate_up_proj"),
-            _renamed("output_linear.weight", "experts.down_proj"),
-            _renamed("router.layer.weight", "router.weight"),
-        ]
+    checkpoint_rules = CheckpointRules([*_RULES, MambaGGUF()])
+    # llama.cpp's GraniteHybridModel converter (models.granitemoehybrid_gguf): Granite MoE's keys and names with the
+    # Mamba-2 sizes, per-layer KV head counts and the mixers' tensors
+    gguf = GGUFLayout(
+        "granitehybrid",
+        permute_qk=True,
+        config=(
+            *GraniteMoeForCausalLM.gguf.config,
+            ("expert_shared_feed_forward_length", "shared_intermediate_size"),
+            ("ssm.conv_kernel", "mamba_d_conv"),
+            ("ssm.state_size", "mamba_d_state"),
+            ("ssm.group_count", "mamba_n_groups"),
+            ("ssm.time_step_rank", "mamba_n_heads"),
+        ),
+        layer=(*_MAMBA_NAMES, *_DENSE_NAMES, *_MOE_NAMES),  # the shared MLP's names last: those a MoE writes
+        fixed=_FIXED,
+        present=_BIASES,
+        derive=derive,
+        write_config=write_config,
+        bare=("ssm_a", "ssm_d"),
     )
     # attention split as Llama's, the experts cut their own intermediate rows; the Mamba-2 mixers and the shared
     # MLP are replicated on every rank
@@ -221,5 +291,9 @@ class GraniteMoeHybridForCausalLM(CausalLM):
     def __init__(self, config: Any):
         super().__init__(config, GraniteMoeHybridModel(config))
         self.logits_scaling = float(config.logits_scaling)
+        # GGUF out: the norm's groups (ssm_norm's rows); a dense checkpoint's shared MLP as the plain ffn_*
+        self.checkpoint_rules = CheckpointRules([*_RULES, MambaGGUF(config.mamba_n_groups)])
+        if not config.num_local_experts:
+            self.gguf = dataclasses.replace(self.gguf, layer=(*_MAMBA_NAMES, *_DENSE_NAMES))
 
     finish_logits = GraniteForCausalLM.finish_logits  # the logits divided by logits_scaling
