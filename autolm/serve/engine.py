@@ -28,8 +28,6 @@ from .prefix import PrefixCache
 from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry, gather
 from .speculation import Speculation, eligible, speculative_step
 
-logger = logging.getLogger("autolm.serve")
-
 
 class Engine:
     """Runs the model on a background thread, or on the caller's with thread=False and `run()`; `submit`
@@ -53,8 +51,8 @@ class Engine:
         # model with recurrent layers does neither: their states cannot go back a token or start mid-prompt)
         recurrent = getattr(model, "recurrent", False)
         if recurrent and speculation is not None:
-            logger.warning("%s keeps a recurrent state in its layers: requests decode without speculation",
-                           model.config.model_type)  # fmt: skip
+            logging.getLogger("autolm.serve").warning(
+                "%s keeps a recurrent state: requests decode without speculation", model.config.model_type)  # fmt: skip
         self.speculation = None if recurrent else speculation
         self.prefix = PrefixCache(prefix_cache) if prefix_cache > 0 and not recurrent else None
         self.pending: queue.Queue[Sequence] = queue.Queue()
