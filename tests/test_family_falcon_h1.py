@@ -45,7 +45,7 @@ MULTIPLIERS = dict(
 H1 = Family(
     "FalconH1Config",
     dict(SIZES, **MULTIPLIERS, attention_bias=True, mlp_bias=True, projectors_bias=True),
-    # peft's default for falcon_h1 is q/k/v/o_proj; also the mixer's in_proj (peft refuses out_proj) and the MLP
+    # peft has no default for falcon_h1: attention, the mixer's in_proj (peft refuses out_proj) and the MLP
     lora_targets=["q_proj", "v_proj", "in_proj", "gate_proj", "down_proj"],
 )
 # in_proj's bias at left padding enters the conv's window (in transformers too): not with the recurrent checks
