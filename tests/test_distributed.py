@@ -186,7 +186,9 @@ def test_tensor_parallel_equals_one_process(tensor_parallel, name):
         # Heads are split where o_proj takes a slice of them; where the attention's outputs are gathered
         # (rowwise_split: Phi-3, OLMo 2) every rank runs every head.
         attn = {  # the attention's output projection (Nemotron-H's is `mixer.o_proj`)
-            s for n, s in model.tp_plan().items() if ("att" in n or n.endswith("o_proj")) and s.startswith("rowwise")
+            s
+            for n, s in model.tp_plan().items()
+            if ("att" in n or n.endswith("o_proj")) and s.startswith("rowwise")
         }
         split = attn == {"rowwise"}
         assert r["kv_heads"] == model.config.num_key_value_heads // (2 if split else 1)

@@ -2,17 +2,20 @@
 then mixtures of 4 experts of which each token uses 2, chosen by sigmoid scores plus a random expert_bias,
 renormalised (norm_topk_prob) and scaled (routed_scaling_factor); a second checkpoint without the expert bias or
 the renormalisation, with conv_bias. The checkpoint as transformers writes it (one w1/w3/w2 tensor per expert); the
-standard battery, the recurrent checks and a long greedy generation; the CLI with LFM2's chat template."""
+standard battery, the recurrent checks and a long greedy generation; the CLI with LFM2's chat template; GGUF in
+(F32 and Q8_0) and out as llama.cpp's LFM2MoeModel converter writes it."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB
+from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from gguf_mimic import add_toy_vocab, stacked_experts
 
 import autolm
 
@@ -56,6 +59,8 @@ PLAIN = Family(
     dict(SIZES, use_expert_bias=False, norm_topk_prob=False, conv_bias=True),
     lora_targets=TARGETS,
 )
+# what llama.cpp's lfm2moe runs: the expert bias (random), renormalised, unscaled; no conv biases
+GGUF = BiasedFamily("Lfm2MoeConfig", SIZES, lora_targets=TARGETS)
 
 
 def test_logits(tmp_path_factory):
@@ -143,3 +148,116 @@ def test_config_errors_name_the_key():
         Lfm2MoeConfig(use_expert_bias=1)
     with pytest.raises(autolm.ConfigError, match="layer_types"):
         Lfm2MoeConfig(num_hidden_layers=2, layer_types=["conv", "linear_attention"])
+
+
+# ---- GGUF: llama.cpp's LFM2MoeModel converter, emulated ----------------------------------------------------------
+
+
+def write_lfm2_moe_gguf(hf, path: str, kind: str = "F32", gating: int = 2) -> None:
+    """The GGUF llama.cpp's converter makes of transformers' LFM2-MoE `hf` (--outtype f32, or `kind`'s blocks for
+    the layers' matrices and stacked experts whose rows it can hold): TextModel's metadata with head_count_kv per
+    layer (0 on the convolution layers), feed_forward_length the dense width, the expert counts; then
+    expert_feed_forward_length, leading_dense_block_count, the sigmoid gating (`gating`), the vocabulary size,
+    shortconv.l_cache. Tensors: the convolution weight squeezed to (h, L); each layer's w1/w2/w3 experts stacked
+    (as `layers.N.feed_forward.experts.wK`); `expert_bias` renamed `expert_bias.bias` (exp_probs_b.bias); the
+    router and convolutions kept F32; the rest by gguf-py's name map; a plain vocabulary."""
+    import gguf
+    from safetensors.torch import load_file
+
+    c = hf.config
+    w = gguf.GGUFWriter(path, "lfm2moe")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv([c.num_key_value_heads if t == "full_attention" else 0 for t in c.layer_types])
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_leading_dense_block_count(c.num_dense_layers)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
+    w.add_vocab_size(c.vocab_size)
+    w.add_shortconv_l_cache(c.conv_L_cache)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LFM2MOE, c.num_hidden_layers)
+    tensors = load_file(f"{hf.name_or_path}/model.safetensors")
+    for name, t in stacked_experts(tensors, ".feed_forward.experts.", c.num_experts):
+        if "conv.conv" in name:
+            t = t.squeeze(1)  # "conv op requires 2d tensor"
+        name = name.replace(".expert_bias", ".expert_bias.bias")  # LFM2MoeModel.filter_tensors
+        if ".experts." in name:  # merged as layers.N.feed_forward.experts.wK.weight
+            name = name.removeprefix("model.")
+        base, suffix = name.rsplit(".", 1)
+        new, data = f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(t.float().numpy())
+        keep = "ffn_gate_inp" in new or "shortconv.conv" in new or data.shape[-1] % 32
+        if kind != "F32" and data.ndim in (2, 3) and new.startswith("blk.") and not keep:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(new, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()].float()
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file loads as Lfm2MoeForCausalLM with the layer kinds, the dense layers' count, the expert
+    bias and transformers' logits; Q8_0 with quantization="gguf": close; a file whose gating is not the sigmoid
+    is refused, naming it."""
+    ids, mask = padded_batch()
+    _, hf = GGUF.checkpoint(tmp_path_factory)
+    write_lfm2_moe_gguf(hf, str(tmp_path / "m.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert type(model).__name__ == "Lfm2MoeForCausalLM"
+    c = model.config
+    assert (c.layer_types, c.num_dense_layers, c.num_experts, c.moe_intermediate_size) == (
+        hf.config.layer_types,
+        1,
+        4,
+        32,
+    )
+    assert (c.use_expert_bias, c.norm_topk_prob, c.routed_scaling_factor) == (True, True, 1.0)
+    bias = model.model.layers[2].feed_forward.expert_bias
+    assert bias.abs().sum() > 0 and torch.equal(bias, hf.model.layers[2].feed_forward.expert_bias)
+    want = _logits(hf, ids, mask)
+    torch.testing.assert_close(_logits(model, ids, mask), want, atol=1e-4, rtol=1e-4)
+    write_lfm2_moe_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    q = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert type(q.model.layers[0].conv.in_proj).__name__ == "GGMLLinear"  # the file's Q8_0 blocks
+    got = _logits(q, ids, mask)
+    assert (got - want).abs().mean() <= 0.08 * want.abs().mean()
+    write_lfm2_moe_gguf(hf, str(tmp_path / "soft.gguf"), gating=1)
+    with pytest.raises(autolm.ConfigError, match="expert_gating_func"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="soft.gguf")
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """test_gguf_out's byte-level tokenizer (imported here, not at the top: that module imports every family)."""
+    from test_gguf_out import byte_tokenizer
+
+    return byte_tokenizer.__wrapped__(tmp_path_factory)
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):
+    """llama.cpp's lfm2moe always adds the expert bias, renormalises and does not scale, and its short
+    convolution has no biases: models otherwise are refused, naming the fields, and no file is written."""
+    from autolm.gguf_writer import save_gguf
+
+    for fam, fields in ((MOE, ["routed_scaling_factor"]),
+                        (PLAIN, ["use_expert_bias", "norm_topk_prob", "conv_bias"])):  # fmt: skip
+        model = autolm.AutoModelForCausalLM.from_pretrained(fam.checkpoint(tmp_path_factory)[0])
+        with pytest.raises(autolm.ConfigError, match=fields[0]) as e:
+            save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+        assert all(f in str(e.value) for f in fields)
+        assert not (tmp_path / "no.gguf").exists()

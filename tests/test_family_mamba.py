@@ -13,6 +13,7 @@ import torch
 from chat_checks import check_cli_without_template
 from conftest import VOCAB
 from family_checks import Family
+from test_gguf_out import byte_tokenizer  # noqa: F401
 
 import autolm
 
@@ -188,3 +189,117 @@ def test_config_errors_name_the_key(key, value):
 
     with pytest.raises(autolm.ConfigError, match=key.replace("layer_norm_epsilon", "rms_norm_eps")):
         MambaConfig.from_dict({"hidden_size": 64, "num_hidden_layers": 2, key: value})
+
+
+# ---- GGUF: llama.cpp's MambaModel converter, emulated ------------------------------------------------------------
+
+# what llama.cpp's graph runs: no in_proj/out_proj bias, a conv bias, an expansion of 2; tied and untied heads
+GGUF_TIED = Family("MambaConfig", dict(SIZES, time_step_rank=6), lora_targets=TARGETS)
+GGUF_UNTIED = Family(
+    "MambaConfig", dict(SIZES, tie_word_embeddings=False, residual_in_fp32=False), lora_targets=TARGETS
+)
+GGUF_FAMILIES = (GGUF_TIED, GGUF_UNTIED)  # for test_gguf_out
+
+
+def write_mamba_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's converter (MambaModel) makes of transformers' Mamba `hf` (--outtype f32, or q8_0: 2-D
+    ".weight" tensors in Q8_0 but ssm_conv1d, F16 where a row is no whole block; ssm_a / ssm_d, named without a
+    suffix, in F32), from the checkpoint file: context length 2**20, zero feed-forward length and head count, the
+    ssm.* sizes, dt_b_c_rms false; A as -exp(A_log), the conv squeezed, the head omitted where it equals the
+    embeddings. The vocabulary (160) is already a multiple of 8: the converter's padding adds no token."""
+    import gguf
+    import numpy as np
+    from gguf_mimic import add_toy_vocab
+    from safetensors.torch import load_file
+
+    c, q8 = hf.config, kind == "Q8_0"
+    w = gguf.GGUFWriter(path, "mamba")
+    w.add_context_length(2**20)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_ssm_conv_kernel(c.conv_kernel)
+    w.add_ssm_inner_size(c.intermediate_size)
+    w.add_ssm_state_size(c.state_size)
+    w.add_ssm_time_step_rank(c.time_step_rank)
+    w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+    w.add_ssm_dt_b_c_rms(False)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MAMBA, c.num_hidden_layers)
+    sd = load_file(f"{hf.name_or_path}/model.safetensors")
+    for name, t in sd.items():
+        if name == "lm_head.weight" and torch.equal(t, sd["backbone.embeddings.weight"]):
+            continue
+        if name.endswith(".A_log"):
+            t = -torch.exp(t)
+        if name.endswith("conv1d.weight"):
+            t = t.squeeze()
+        out = names.get_name(name)  # ssm_a, ssm_d: no suffix
+        if out is None:
+            base, suffix = name.rsplit(".", 1)
+            out = f"{names.get_name(base)}.{suffix}"
+        a = np.ascontiguousarray(t.float().numpy())
+        if q8 and a.ndim >= 2 and out.endswith(".weight") and ".ssm_conv1d." not in out:
+            if a.shape[-1] % 32 == 0:
+                w.add_tensor(out, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+            else:
+                w.add_tensor(out, a.astype(np.float16))
+            continue
+        w.add_tensor(out, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+IDS = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES, ids=["tied", "untied"])
+def test_gguf(tmp_path_factory, tmp_path, family):
+    """The converter's file loads as MambaForCausalLM with transformers' logits (A read back as log(-(-exp(A_log))):
+    within a last bit); its Q8_0 version with quantization="gguf" keeps the Q8_0 weights in their blocks, within
+    their rounding."""
+    _, hf = family.checkpoint(tmp_path_factory)
+    write_mamba_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "MambaForCausalLM"
+    c = model.config
+    assert (c.intermediate_size, c.time_step_rank, c.state_size, c.conv_kernel) == (
+        128,
+        hf.config.time_step_rank,
+        8,
+        4,
+    )
+    assert c.tie_word_embeddings == hf.config.tie_word_embeddings and not c.use_bias and c.use_conv_bias
+    torch.testing.assert_close(model.backbone.layers[1].mixer.A_log, hf.backbone.layers[1].mixer.A_log)
+    with torch.no_grad():
+        want = hf(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, want, atol=1e-4, rtol=1e-4)
+    write_mamba_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    kept = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert hasattr(kept.backbone.layers[0].mixer.in_proj, "ggml_type")
+    with torch.no_grad():
+        got = kept(IDS).logits
+    assert 0 < (got - want).norm() / want.norm() < 0.1  # Q8_0's rounding of these random weights
+
+
+@pytest.mark.parametrize(
+    "family, field", [(MAMBA, "use_bias"), (PLAIN, "use_conv_bias")], ids=["bias", "no_conv_bias"]
+)
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(
+    tmp_path_factory,
+    tmp_path,
+    byte_tokenizer,  # noqa: F811
+    family,
+    field,
+):
+    """in_proj/out_proj biases and a conv without bias (llama.cpp's graph has neither): refused, naming the field."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match=f"'mamba' model.*{field}"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")

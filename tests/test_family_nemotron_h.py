@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family
+from test_gguf_out import byte_tokenizer  # noqa: F401
 
 import autolm
 
@@ -236,3 +238,151 @@ def test_config_errors_name_the_key(key, value):
         base["layers_block_type"] = ["mamba", "moe", "attention", "mlp"]
     with pytest.raises(autolm.ConfigError, match=key):
         NemotronHConfig.from_dict({**base, key: value})
+
+
+# ---- GGUF: llama.cpp's NemotronHModel converter (arch "nemotron_h"), emulated ----------------------------------
+
+# the dense layout llama.cpp's format holds: no Mamba-2 projection biases, head_dim other than hidden / heads (the
+# converter writes both), MLP biases (read off ffn_up.bias)
+GGUF_DENSE = Family("NemotronHConfig", dict(DENSE.kwargs, use_bias=False, head_dim=24))
+F32_STEMS = ("ssm_conv1d",)  # 2-D tensors the converter keeps in F32
+
+
+def _converted(name: str, t: torch.Tensor, c, kinds: list[str]) -> tuple[str, torch.Tensor]:
+    """NemotronHModel.modify_tensors through GraniteHybridModel's: Mamba2Model's mixer tensors on Mamba-2 blocks
+    (dt_bias as dt_proj.bias, the conv squeezed, A as -exp(A_log) and D as (H, 1), the norm as (groups, width /
+    groups)), Llama's q/k permutation on attention blocks, the rest as it is."""
+    from gguf_llamacpp import permute
+
+    bid = int(name.split(".")[2]) if name.startswith("backbone.layers.") else None
+    kind = kinds[bid] if bid is not None else None
+    if kind == "linear_attention":
+        if name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif name.endswith("conv1d.weight"):
+            t = t.squeeze()
+        elif name.endswith((".A_log", ".D")):
+            t = t.reshape(*t.shape, 1)
+        elif name.endswith("mixer.norm.weight"):
+            t = t.reshape(c.n_groups, -1)
+        if name.endswith(".A_log"):
+            t = -torch.exp(t)
+    elif kind == "full_attention" and (".q_proj." in name or ".k_proj." in name):
+        t = permute(t, c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads)
+    return name, t
+
+
+def write_nemotron_h_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's converter makes of transformers' dense Nemotron-H `hf` (--outtype f32, or q8_0: 2-D
+    weights in Q8_0 but the conv, F16 where a row is no whole block), from the checkpoint files: TextModel's and
+    Llama's keys (Granite drops head_dim: rope.dimension_count is hidden / heads; the layer_norm_epsilon of
+    config.json as both epsilons), GraniteHybridModel's ssm.* sizes, head_count_kv per layer, RoPE off and the
+    context length 2**20 (overwriting TextModel's), NemotronHModel's key/value length and per-layer feed-forward
+    lengths; the tensors as _converted. The block kinds as a released checkpoint's hybrid_override_pattern gives
+    them (the converter reads that string; transformers 5's layers_block_type names it does not know)."""
+    import gguf
+    from gguf_mimic import add_toy_vocab
+    from safetensors.torch import load_file
+
+    c, q8 = hf.config, kind == "Q8_0"
+    kinds, n = list(c.layers_block_type), len(c.layers_block_type)
+    w = gguf.GGUFWriter(path, "nemotron_h")
+    w.add_block_count(n)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+    w.add_layer_norm_eps(c.layer_norm_epsilon)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_ssm_conv_kernel(c.conv_kernel)
+    w.add_ssm_state_size(c.ssm_state_size)
+    w.add_ssm_group_count(c.n_groups)
+    w.add_ssm_inner_size(c.mamba_num_heads * c.mamba_head_dim)
+    w.add_ssm_time_step_rank(c.mamba_num_heads)
+    w.add_head_count_kv([c.num_key_value_heads if k == "full_attention" else 0 for k in kinds])
+    w.add_rope_scaling_finetuned(False)
+    w.add_context_length(2**20)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_feed_forward_length([c.intermediate_size if k == "mlp" else 0 for k in kinds])
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.NEMOTRON_H, n)
+    for name, t in load_file(f"{hf.name_or_path}/model.safetensors").items():
+        name, t = _converted(name, t, c, kinds)
+        bare = names.get_name(name)  # ssm_a, ssm_d: no suffix
+        if bare is None:
+            base, suffix = name.rsplit(".", 1)
+            name = f"{names.get_name(base)}.{suffix}"
+        else:
+            name = bare
+        a = np.ascontiguousarray(t.float().numpy())
+        stem = name.split(".")[-2] if name.count(".") > 1 else name
+        if q8 and a.ndim >= 2 and name.endswith(".weight") and not name.endswith("_norm.weight"):
+            if stem not in F32_STEMS and a.shape[-1] % 32 == 0:
+                w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+                continue
+        elif q8 and a.ndim >= 2 and stem not in F32_STEMS and a.shape[-1] % 32:  # ssm_a, ssm_d: F16
+            w.add_tensor(name, a.astype(np.float16))
+            continue
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _logits(model):
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits[mask.bool()]
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file loads as NemotronHForCausalLM with transformers' logits (the block kinds off the
+    per-layer KV heads and feed-forward lengths, head_dim off key_length, A read back as log(-(-exp(A_log))));
+    its Q8_0 version with quantization="gguf" keeps the Q8_0 weights in their blocks, within their rounding."""
+    _, hf = GGUF_DENSE.checkpoint(tmp_path_factory)
+    write_nemotron_h_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "NemotronHForCausalLM"
+    c = model.config
+    assert [c.block_type(i) for i in range(5)] == GGUF_DENSE.kwargs["layers_block_type"]
+    assert (c.head_dim, c.mamba_head_dim, c.intermediate_size, c.mlp_bias) == (24, 16, 48, True)
+    torch.testing.assert_close(_logits(model), _logits(hf), atol=1e-4, rtol=1e-4)
+    write_nemotron_h_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    kept = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert hasattr(kept.model.layers[0].mixer.in_proj, "ggml_type")
+    got, want = _logits(kept), _logits(hf)
+    assert (got - want).norm() / want.norm() < 0.15  # Q8_0's rounding of these random weights
+
+
+@pytest.mark.parametrize(
+    "family, kw, field",
+    [
+        (NANO3, {}, "layers_block_type"),
+        (DENSE, {}, "use_bias"),
+        (GGUF_DENSE, {"time_step_min": 0.01}, "time_step_min"),
+    ],
+    ids=["moe", "proj_bias", "clamp"],
+)
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(
+    tmp_path_factory,
+    tmp_path,
+    byte_tokenizer,  # noqa: F811
+    family,
+    kw,
+    field,
+):
+    """MoE blocks (llama.cpp's other format, nemotron_h_moe), Mamba-2 projection biases (llama.cpp has none) and a
+    clamp of the time steps other than the released 0.001: a ConfigError naming the field, and no file."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0], **kw)
+    with pytest.raises(autolm.ConfigError, match=f"'nemotron_h'.*{field}"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()

@@ -255,6 +255,7 @@ def _families():
     import test_family_exaone4 as exaone4
     import test_family_exaone_moe as exaone_moe
     import test_family_falcon as falcon
+    import test_family_falcon_h1 as falcon_h1
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
     import test_family_glm4 as glm4
@@ -268,11 +269,14 @@ def _families():
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_lfm2 as lfm2
+    import test_family_lfm2_moe as lfm2_moe
+    import test_family_mamba as mamba
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
     import test_family_mpt as mpt
     import test_family_nemotron as nemotron
+    import test_family_nemotron_h as nemotron_h
     import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
     import test_family_olmo3 as olmo3
@@ -341,6 +345,10 @@ def _families():
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
         "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
+        "lfm2_moe": (lfm2_moe.GGUF, lfm2_moe.write_lfm2_moe_gguf),
+        "nemotron_h": (nemotron_h.GGUF_DENSE, nemotron_h.write_nemotron_h_gguf),
+        "mamba": (mamba.GGUF_FAMILIES, mamba.write_mamba_gguf),
+        "falcon_h1": (falcon_h1.GGUF_FAMILIES, falcon_h1.write_falcon_h1_gguf),
         "qwen3_next": (qwen3_next.GGUF_FAMILY, qwen3_next.write_qwen3_next_gguf),
         "qwen3_5_text": (qwen3_5.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),
         "qwen3_5_moe_text": (qwen3_5_moe.GGUF_FAMILY, qwen3_5.write_qwen3_5_gguf),

@@ -84,7 +84,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
     "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", "lfm2"),
-    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", None),
+    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", "lfm2moe"),
     "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
     "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
@@ -96,9 +96,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
         "GraniteMoeHybridForCausalLM",
         "granitehybrid",
     ),
-    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", None),
-    "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", None),
-    "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", None),
+    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", "nemotron_h"),
+    "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
+    "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
     "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", None),
     "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", None),
 }

@@ -17,7 +17,8 @@ the µP multipliers of its training:
 - The embeddings are scaled by embedding_multiplier, the logits by lm_head_multiplier; the final norm is
   `final_layernorm`.
 
-llama.cpp runs the family (falcon-h1) but autolm does not write or read it as GGUF.
+GGUF (llama.cpp's "falcon-h1", as its FalconH1Model converter writes it: the multipliers folded into the weights)
+in and out: models.falcon_h1_gguf.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, GatedMLP, Linear, RMSNorm
+from ..nn import Attention, CheckpointRules, GatedMLP, GGUFLayout, Linear, RMSNorm
 from ..nn.mamba2 import GatedRMSNorm, Mamba2Mixer
 from .base import LLAMA_TP, CausalLM, DecoderModel
+from .falcon_h1_gguf import FOLDED, NO_LIMIT, FalconH1GGUF, derive, write_config
 from .granitemoehybrid import GraniteMoeHybridConfig
 
 _MULTIPLIERS = ("lm_head_multiplier", "embedding_multiplier", "key_multiplier", "attention_out_multiplier",
@@ -47,6 +49,11 @@ class FalconH1Config(PretrainedConfig):
 
     model_type: ClassVar[str] = "falcon_h1"
     absent_keys: ClassVar[tuple[str, ...]] = ("head_dim", "sliding_window")  # not in transformers' config
+    # GGUF out compares these its own way: the multipliers are folded into the weights (read back as 1), the
+    # mixer's width through gguf_compared, the chunk size changes only the scan's rounding, write_config refuses a
+    # clamp of the time steps and a norm before the gate
+    gguf_not_compared: ClassVar[tuple[str, ...]] = (*FOLDED, "mamba_d_ssm", "mamba_expand", "mamba_chunk_size",
+                                                    "time_step_limit", "mamba_norm_before_gate")  # fmt: skip
     bool_fields: ClassVar[tuple[str, ...]] = (
         *PretrainedConfig.bool_fields,
         "mamba_conv_bias",
@@ -107,6 +114,9 @@ class FalconH1Config(PretrainedConfig):
         return self.mamba_expand * self.hidden_size if _is_int(self.mamba_expand) else None
 
     step_limit = GraniteMoeHybridConfig.step_limit  # time_step_limit as two floats
+
+    def gguf_compared(self) -> dict[str, Any]:
+        return {"mixer width": self.mamba_ssm_width}
 
     def validate(self) -> None:
         super().validate()
@@ -248,10 +258,51 @@ class FalconH1ForCausalLM(CausalLM):
         k.replace(".mlp.", ".feed_forward."): v for k, v in LLAMA_TP.items()
     }
     _no_split_modules: ClassVar[list[str]] = ["FalconH1DecoderLayer"]
+    checkpoint_rules = CheckpointRules([FalconH1GGUF()])
+    # llama.cpp's FalconH1Model converter (models.falcon_h1_gguf); what its graph does not read fixed: biases
+    # (but the conv's), another activation, a clamp of the time steps, the gated norm before the gate (the norm
+    # itself where the file has ssm_norm)
+    gguf = GGUFLayout(
+        "falcon-h1",
+        config=(
+            ("ssm.conv_kernel", "mamba_d_conv"),
+            ("ssm.state_size", "mamba_d_state"),
+            ("ssm.group_count", "mamba_n_groups"),
+            ("ssm.time_step_rank", "mamba_n_heads"),
+            ("ssm.inner_size", "mamba_d_ssm"),
+        ),
+        layer=(
+            ("ffn_norm", "pre_ff_layernorm"),
+            ("ffn_gate", "feed_forward.gate_proj"),
+            ("ffn_up", "feed_forward.up_proj"),
+            ("ffn_down", "feed_forward.down_proj"),
+            ("ssm_in", "mamba.in_proj"),
+            ("ssm_out", "mamba.out_proj"),
+            # MambaGGUF's pieces
+            *((stem, f"mamba.{stem}") for stem in ("ssm_conv1d", "ssm_dt", "ssm_a", "ssm_d", "ssm_norm")),
+        ),
+        top=(("output_norm", "model.final_layernorm"),),
+        fixed=(
+            ("hidden_act", "silu"),
+            ("mamba_conv_bias", True),
+            ("mamba_proj_bias", False),
+            ("projectors_bias", False),
+            ("attention_bias", False),
+            ("mlp_bias", False),
+            ("time_step_limit", NO_LIMIT),
+            ("mamba_rms_norm", False),
+            ("mamba_norm_before_gate", False),
+        ),
+        present=(("blk.0.ssm_norm.weight", "mamba_rms_norm"),),
+        derive=derive,
+        write_config=write_config,
+        bare=("ssm_a", "ssm_d", "ffn_norm"),
+    )
 
     def __init__(self, config: Any):
         super().__init__(config, FalconH1Model(config))
         self.lm_head_multiplier = float(config.lm_head_multiplier)
+        self.checkpoint_rules = CheckpointRules([FalconH1GGUF(config)])  # GGUF out: the multipliers folded
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits * self.lm_head_multiplier

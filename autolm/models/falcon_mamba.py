@@ -49,4 +49,5 @@ class FalconMambaForCausalLM(MambaForCausalLM):
 
     config_class = FalconMambaConfig
     model_class: ClassVar[type] = FalconMambaModel
+    gguf = None  # llama.cpp writes Falcon-Mamba as "mamba" with ssm.dt_b_c_rms, which Mamba's layout refuses
     _no_split_modules: ClassVar[list[str]] = ["FalconMambaBlock"]

@@ -11,6 +11,14 @@ intermediate_size (w1, w3, w2; no 2/3 adjustment) and the others sparse mixtures
 transformers 5 holds the experts stacked (`feed_forward.experts.gate_up_proj` (E, 2I, h), gate rows first, and
 `down_proj` (E, h, I)); checkpoints keep one w1 (gate) / w3 (up) / w2 (down) tensor per expert
 (`feed_forward.experts.3.w1.weight`), as transformers writes them.
+
+GGUF (llama.cpp's "lfm2moe", convert_hf_to_gguf.py's LFM2MoeModel): LFM2's layout (see models/lfm2.py) plus
+expert_count / expert_used_count / expert_feed_forward_length, `leading_dense_block_count` (num_dense_layers) and
+`expert_gating_func` sigmoid; each layer's experts stacked into ffn_{gate,up,down}_exps (w1, w3, w2), the router
+as ffn_gate_inp, `expert_bias` as `exp_probs_b.bias`. llama.cpp's graph always chooses with the bias, renormalises
+the top k and scales by nothing the converter writes: a model without use_expert_bias or norm_topk_prob, with
+routed_scaling_factor other than 1 or with conv_bias is refused on GGUF out (llama.cpp divides by the clamped sum
+rather than adding 1e-6: the weights agree to ~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -24,9 +32,20 @@ from torch import nn
 from .. import kernels
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import CheckpointRules, Experts, Router, SparseMoeBlock, Stacked
+from ..nn import CheckpointRules, Experts, GGUFLayout, Rename, Router, SparseMoeBlock, Stacked
+from ..nn.expert_formats import GGUFExperts
 from .base import CausalLM
-from .lfm2 import LFM2_TP, Lfm2Config, Lfm2DecoderLayer, Lfm2MLP, Lfm2Model
+from .lfm2 import (
+    LFM2_GGUF_LAYER,
+    LFM2_TP,
+    Lfm2Config,
+    Lfm2DecoderLayer,
+    Lfm2MLP,
+    Lfm2Model,
+    SqueezedConv,
+    gguf_derive,
+    gguf_write_config,
+)
 from .mixtral import validate_experts
 
 
@@ -148,8 +167,84 @@ class Lfm2MoeDecoderLayer(Lfm2DecoderLayer):
         return Lfm2MLP(config.hidden_size, config.intermediate_size)
 
 
+@dataclass(frozen=True)
+class ExpertBiasOut:
+    """Checkpoint rule for GGUF out: llama.cpp's converter writes the block's `expert_bias` as the bias of
+    `expert_bias` (blk.N.exp_probs_b.bias); reading, a Rename takes it back."""
+
+    def piece(self, name: str) -> None:
+        return None  # nothing to assemble while loading
+
+    def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        if not name.endswith(".feed_forward.expert_bias"):
+            return None
+        return [(name.removesuffix("_bias") + ".bias", t)]
+
+
+# per-expert w1/w3/w2 tensors on disk, stacked in the model; llama.cpp's stacked experts, squeezed convolution
+# and exp_probs_b read back (and written out) by the GGUF rules
 LFM2_MOE_RULES = CheckpointRules(
-    [Stacked("gate_up_proj", ("w1.weight", "w3.weight")), Stacked("down_proj", ("w2.weight",))]
+    [
+        Stacked("gate_up_proj", ("w1.weight", "w3.weight")),
+        Stacked("down_proj", ("w2.weight",)),
+        GGUFExperts(),
+        SqueezedConv(),
+        Rename(r"\.feed_forward\.expert\.bias$", ".feed_forward.expert_bias", r"(?!)", ""),
+        ExpertBiasOut(),
+    ]
+)
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID, what LFM2MoeModel writes
+
+
+def _gguf_derive(d: dict[str, Any], get) -> None:
+    """LFM2's (the layer kinds from head_count_kv), less the dense fields LFM2-MoE's config does not write; a file
+    whose gating is not the sigmoid is refused."""
+    gguf_derive(d, get)
+    for key in ("full_attn_idxs", "block_auto_adjust_ff_dim"):
+        d.pop(key, None)
+    gating = get("expert_gating_func")
+    if gating is not None and gating != SIGMOID_GATING:
+        raise ConfigError(
+            f"expert_gating_func {gating!r}: LFM2-MoE routes with the sigmoid ({SIGMOID_GATING})"
+        )
+
+
+def _gguf_write_config(m: dict[str, Any], c: Any) -> None:
+    """LFM2's keys (head_count_kv per layer, the dense width) and the sigmoid gating LFM2MoeModel writes."""
+    gguf_write_config(m, c)
+    m["expert_gating_func"] = SIGMOID_GATING
+
+
+LFM2_MOE_GGUF = GGUFLayout(
+    "lfm2moe",
+    config=(
+        ("shortconv.l_cache", "conv_L_cache"),
+        ("expert_count", "num_experts"),
+        ("expert_used_count", "num_experts_per_tok"),
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("leading_dense_block_count", "num_dense_layers"),
+    ),
+    layer=(
+        *LFM2_GGUF_LAYER,
+        ("ffn_gate", "feed_forward.w1"),
+        ("ffn_up", "feed_forward.w3"),
+        ("ffn_down", "feed_forward.w2"),
+        ("ffn_gate_inp", "feed_forward.gate"),
+        ("exp_probs_b", "feed_forward.expert"),
+        ("ffn_gate_exps", "feed_forward.experts.gate_proj"),
+        ("ffn_up_exps", "feed_forward.experts.up_proj"),
+        ("ffn_down_exps", "feed_forward.experts.down_proj"),
+    ),
+    top=(("token_embd_norm", "model.embedding_norm"),),  # the final norm, under the converter's name
+    # llama.cpp's graph: no shortconv biases; exp_probs_b required, the top k renormalised, no routed scale
+    fixed=(
+        ("conv_bias", False),
+        ("use_expert_bias", True),
+        ("norm_topk_prob", True),
+        ("routed_scaling_factor", 1.0),
+    ),
+    derive=_gguf_derive,
+    write_config=_gguf_write_config,
 )
 
 
@@ -157,9 +252,9 @@ class Lfm2MoeForCausalLM(CausalLM):
     """transformers' Lfm2MoeForCausalLM."""
 
     config_class = Lfm2MoeConfig
-    checkpoint_rules = LFM2_MOE_RULES  # per-expert w1/w3/w2 tensors on disk, stacked in the model
+    checkpoint_rules = LFM2_MOE_RULES
     recurrent: ClassVar[bool] = True
-    gguf = None
+    gguf = LFM2_MOE_GGUF
     # the attention heads and the dense MLPs split as LFM2's; the experts cut their own intermediate rows
     # (nn.Experts.shard); the short convolutions run whole on every rank
     tp_patterns: ClassVar[dict[str, str]] = LFM2_TP

@@ -12,11 +12,21 @@ tied to the embeddings by default.
 - config.json names: `layer_norm_epsilon` (autolm's rms_norm_eps), `state_size`, `expand` (intermediate_size =
   expand * hidden_size, as transformers derives it), `conv_kernel`, `time_step_rank` ("auto": hidden_size / 16
   rounded up), `use_bias` (in_proj and out_proj), `use_conv_bias`.
+
+GGUF (llama.cpp's "mamba", as its MambaModel converter writes it): the norm as attn_norm, the mixer as ssm_in,
+ssm_conv1d (the conv weight (I, 1, K) squeezed to (I, K), its bias as it is), ssm_x, ssm_dt (weight and bias),
+ssm_a (-exp(A_log), named without ".weight"; read back as log(-a), which may differ from A_log in its last bit),
+ssm_d (D, no ".weight"), ssm_out; the head omitted where tied. Metadata: the context length as 2**20, zero
+feed-forward length and head count, the ssm.* sizes (conv kernel, inner size, state size, time step rank) and
+ssm.dt_b_c_rms false (true: Falcon-Mamba's norms of dt, B and C, refused here). The converter pads the vocabulary
+to a multiple of 8 (pad_vocab_size_multiple) in the token list only. llama.cpp's graph has no in_proj/out_proj
+bias, always a conv bias, SiLU and an expansion factor of 2: other values are refused on GGUF out.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,8 +34,8 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
-from ..errors import ConfigError
-from ..nn import ACTIVATIONS, CheckpointRules, Rename, RMSNorm
+from ..errors import CheckpointError, ConfigError
+from ..nn import ACTIVATIONS, CheckpointRules, GGUFLayout, Rename, RMSNorm
 from ..nn.mamba1 import MambaMixer
 from .base import CausalLM, DecoderModel
 
@@ -33,6 +43,10 @@ from .base import CausalLM, DecoderModel
 NOT_MAMBA = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
              "attention_dropout", "sliding_window", "rope_parameters", "rope_theta", "rope_scaling")  # fmt: skip
 NO_WINDOW = 1 << 28  # max_position_embeddings: no context window
+GGUF_CONTEXT = 1 << 20  # the converter's context length ("arbitrary value")
+# attention keys autolm's metadata would write that the converter does not
+_NOT_WRITTEN = ("rope.dimension_count", "attention.head_count_kv", "attention.key_length",
+                "attention.value_length", "rope.freq_base")  # fmt: skip
 
 
 @dataclass(repr=False)
@@ -41,6 +55,8 @@ class MambaConfig(PretrainedConfig):
 
     model_type: ClassVar[str] = "mamba"
     attribute_map: ClassVar[dict[str, str]] = {"rms_norm_eps": "layer_norm_epsilon"}
+    # the residual's dtype only (llama.cpp computes in float32)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = ("residual_in_fp32",)
     activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
     bool_fields: ClassVar[tuple[str, ...]] = (
         *PretrainedConfig.bool_fields,
@@ -99,6 +115,59 @@ class MambaConfig(PretrainedConfig):
         return out
 
 
+class MambaGGUF:
+    """llama.cpp's ssm_a, ssm_d and ssm_conv1d (as the reader names them: `mixer.ssm_*`) -> A_log, D and conv1d,
+    and back (GGUF out); an assembling checkpoint rule (nn.checkpoint)."""
+
+    def piece(self, name: str) -> tuple[str, str] | None:
+        m = re.fullmatch(r"(.+\.mixer)\.(ssm_a|ssm_d|ssm_conv1d)\.(weight|bias)", name)
+        if m is None:
+            return None
+        prefix, stem, kind = m.groups()
+        return f"{prefix}.{ {'ssm_a': 'A_log', 'ssm_d': 'D'}.get(stem, 'conv1d.' + kind) }", stem
+
+    def pieces(self, name: str) -> int:
+        return 1
+
+    def assemble(self, got: dict, shape: tuple[int, ...], name: str, source: str) -> torch.Tensor:
+        ((key, t),) = got.items()
+        if key == "ssm_a":
+            t = torch.log(-t)
+        if t.numel() != torch.Size(shape).numel():
+            raise CheckpointError(f"{source}: {name!r} from llama.cpp's {tuple(t.shape)} does not fit the model's "
+                                  f"{tuple(shape)}")  # fmt: skip
+        return t.reshape(shape).contiguous()
+
+    def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        m = re.fullmatch(r"(.+\.mixer)\.(A_log|D|conv1d\.weight|conv1d\.bias)", name)
+        if m is None:
+            return None
+        prefix, part = m.groups()
+        if part == "A_log":
+            return [(f"{prefix}.ssm_a.weight", (-torch.exp(t)).contiguous())]  # written without ".weight"
+        if part == "conv1d.weight":
+            return [(f"{prefix}.ssm_conv1d.weight", t.squeeze(1).contiguous())]
+        return [(f"{prefix}.{'ssm_d.weight' if part == 'D' else 'ssm_conv1d.bias'}", t)]
+
+
+def _derive(d: dict[str, Any], get) -> None:
+    """The converter's placeholders (context length 2**20, no feed-forward, no heads) left to the config's own
+    values; Falcon-Mamba's file (ssm.dt_b_c_rms) refused."""
+    if get("ssm.dt_b_c_rms"):
+        raise ConfigError("a 'mamba' GGUF with ssm.dt_b_c_rms true (Falcon-Mamba's norms of dt, B and C) is not "
+                          "supported")  # fmt: skip
+    for field in ("max_position_embeddings", "intermediate_size", "num_attention_heads"):
+        d.pop(field, None)
+
+
+def _write_config(out: dict[str, Any], c) -> None:
+    """_derive's inverse: what MambaModel.set_gguf_parameters writes."""
+    for key in _NOT_WRITTEN:
+        out.pop(key, None)
+    out.update({"context_length": GGUF_CONTEXT, "feed_forward_length": 0, "attention.head_count": 0,
+                "ssm.inner_size": c.intermediate_size, "ssm.dt_b_c_rms": False})  # fmt: skip
+
+
 class MambaBlock(nn.Module):
     """x + mixer(norm(x)), the residual in float32 where residual_in_fp32."""
 
@@ -146,7 +215,30 @@ class MambaForCausalLM(CausalLM):
     layers_prefix = "backbone.layers"
     embeddings_name = "backbone.embeddings"
     checkpoint_rules = CheckpointRules(
-        [Rename(r"^backbone\.embedding\.", "backbone.embeddings.", r"(?!)", "")]
+        [Rename(r"^backbone\.embedding\.", "backbone.embeddings.", r"(?!)", ""), MambaGGUF()]
+    )
+    # llama.cpp's MambaModel converter: the ssm.* sizes, the mixer's tensors (MambaGGUF: A, D and the conv); what
+    # its graph does not read (biases of in_proj/out_proj, another activation or expansion) fixed
+    gguf = GGUFLayout(
+        "mamba",
+        config=(
+            ("ssm.conv_kernel", "conv_kernel"),
+            ("ssm.state_size", "state_size"),
+            ("ssm.time_step_rank", "time_step_rank"),
+        ),
+        layer=(
+            ("attn_norm", "norm"),
+            ("ssm_in", "mixer.in_proj"),
+            ("ssm_x", "mixer.x_proj"),
+            ("ssm_dt", "mixer.dt_proj"),
+            ("ssm_out", "mixer.out_proj"),
+            *((stem, f"mixer.{stem}") for stem in ("ssm_conv1d", "ssm_a", "ssm_d")),  # MambaGGUF's pieces
+        ),
+        top=(("token_embd", "backbone.embeddings"), ("output_norm", "backbone.norm_f")),
+        fixed=(("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True), ("expand", 2)),
+        derive=_derive,
+        write_config=_write_config,
+        bare=("ssm_a", "ssm_d"),
     )
     tp_patterns: ClassVar[dict[str, str]] = {}  # no attention: the mixers run whole on every rank
     _no_split_modules: ClassVar[list[str]] = ["MambaBlock"]

@@ -17,7 +17,8 @@ The body's names are transformers' (`embeddings`, `layers`, `norm_f`); checkpoin
 keep one tensor per expert (`mixer.experts.<e>.up_proj.weight`). Multi-token-prediction weights (`mtp.*`) are
 skipped, as transformers skips them. config.json lists the blocks as `layers_block_type` (transformers 5) or, in
 the released checkpoints, as the `hybrid_override_pattern` string (with num_hidden_layers); both read, kept as
-written. llama.cpp runs the family (nemotron_h) but autolm does not write or read it as GGUF.
+written. GGUF in and out of the dense layout as llama.cpp's converter writes it ("nemotron_h"): models.nemotron_h_gguf
+(llama.cpp's "nemotron_h_moe", the MoE blocks, is not read or written).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ..nn import (
 from ..nn.mamba2 import Mamba2Mixer
 from .base import CausalLM, DecoderModel
 from .mixtral import validate_experts
+from .nemotron_h_gguf import LAYOUT, NOT_COMPARED, MixerGGUF
 
 MAMBA, ATTENTION, MLP_BLOCK, MOE = "linear_attention", "full_attention", "mlp", "moe"
 PATTERN = {"M": MAMBA, "*": ATTENTION, "-": MLP_BLOCK, "E": MOE}  # hybrid_override_pattern's letters
@@ -89,6 +91,7 @@ class NemotronHConfig(PretrainedConfig):
         "hidden_act": "mlp_hidden_act",
     }
     activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = NOT_COMPARED  # GGUF out (models.nemotron_h_gguf)
     bool_fields: ClassVar[tuple[str, ...]] = (
         *PretrainedConfig.bool_fields,
         "attention_bias",
@@ -167,6 +170,9 @@ class NemotronHConfig(PretrainedConfig):
     def block_type(self, i: int) -> str:
         """Layer i's kind: "linear_attention" (Mamba-2), "full_attention", "mlp" or "moe"."""
         return KINDS[self.layer_types[i]]
+
+    def gguf_compared(self) -> dict[str, Any]:
+        return {"blocks": [self.block_type(i) for i in range(self.num_hidden_layers)]}
 
     def validate(self) -> None:
         types, self.layer_types = self.layer_types, None  # the base check knows only attention layer types
@@ -370,8 +376,10 @@ class NemotronHForCausalLM(CausalLM):
             Stacked("up_proj", ("up_proj.weight",)),
             Stacked("down_proj", ("down_proj.weight",)),
             Ignored(r"mtp\..*"),  # the multi-token-prediction layers, unused (as in transformers)
+            MixerGGUF(),
         ]
     )
+    gguf = LAYOUT  # llama.cpp's NemotronHModel converter (models.nemotron_h_gguf)
     # attention and the dense MLP blocks split as Llama's, the experts cut their own intermediate rows; the Mamba-2
     # mixers and the shared experts are replicated on every rank
     tp_patterns: ClassVar[dict[str, str]] = {
@@ -386,3 +394,6 @@ class NemotronHForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, NemotronHModel(config))
+        self.checkpoint_rules = CheckpointRules(
+            [*self.checkpoint_rules.rules[:-1], MixerGGUF(config.n_groups)]
+        )
