@@ -191,6 +191,25 @@ class Family:
                 for p in prompts]  # fmt: skip
         assert _engine_tokens(model, autolm.AutoTokenizer.from_pretrained(served), prompts, 12) == want
 
+    def check_long_generation(
+        self, tmp_path_factory, new=45, seed=3, exact_length=False, whole_atol=None
+    ) -> None:
+        """A 30-token prompt and `new` greedy tokens (a recurrent family: its chunked scan over the prompt, then the
+        one-step recurrence, crossing the chunks' boundaries) are transformers' tokens; `exact_length`: no earlier
+        stop at EOS; `whole_atol`: the decoded logits equal the whole sequence's in one forward within it."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(seed))
+        lengths = dict(max_new_tokens=new, **(dict(min_new_tokens=new) if exact_length else {}))
+        out = model.generate(
+            ids, do_sample=False, output_logits=True, return_dict_in_generate=True, **lengths
+        )
+        assert torch.equal(out.sequences, hf.generate(ids, do_sample=False, **lengths))
+        if whole_atol is not None:
+            with torch.no_grad():
+                whole = model(out.sequences).logits[0, 29:-1]
+            torch.testing.assert_close(torch.cat(out.logits), whole, atol=whole_atol, rtol=whole_atol)
+
     # ---- adapters, quantization, saving, placement ------------------------------------------------
 
     def check_lora(self, tmp_path_factory, tmp_path, dora: bool = False) -> None:

@@ -74,12 +74,7 @@ def test_recurrent(tmp_path_factory, tmp_path):
 def test_long_generation_equals_transformers(tmp_path_factory):
     """A 30-token prompt and 45 new tokens (the one-token recurrence after the chunked prefill, 9 chunks in all):
     transformers' greedy tokens."""
-    directory, hf = HYBRID.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    prompt = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
-    ours = model.generate(prompt, max_new_tokens=45, do_sample=False)
-    theirs = hf.generate(prompt, max_new_tokens=45, do_sample=False)
-    assert torch.equal(ours, theirs)
+    HYBRID.check_long_generation(tmp_path_factory)
 
 
 def test_pieces_across_chunks_equal_the_whole(tmp_path_factory):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_mimic import add_toy_vocab
 
@@ -63,12 +63,7 @@ def test_long_generation(tmp_path_factory):
     """A 30-token prompt and 40 new tokens, each new token one step of the convolution from its state: transformers'
     greedy tokens (both checkpoints)."""
     for fam in (LFM2, IDXS):
-        directory, hf = fam.checkpoint(tmp_path_factory)
-        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-        ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
-        ours = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-        theirs = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-        assert torch.equal(ours, theirs)
+        fam.check_long_generation(tmp_path_factory, new=40, seed=7, exact_length=True)
 
 
 def test_recurrent(tmp_path_factory, tmp_path):

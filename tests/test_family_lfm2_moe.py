@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_mimic import add_toy_vocab, stacked_experts
 
@@ -74,12 +74,7 @@ def test_generate(tmp_path_factory):
 
 def test_long_generation(tmp_path_factory):
     """A 30-token prompt and 40 new tokens: transformers' greedy tokens."""
-    directory, hf = MOE.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
-    ours = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-    theirs = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-    assert torch.equal(ours, theirs)
+    MOE.check_long_generation(tmp_path_factory, new=40, seed=7, exact_length=True)
 
 
 def test_recurrent(tmp_path_factory, tmp_path):

@@ -62,16 +62,7 @@ def test_generate_past_a_chunk(tmp_path_factory):
     """40 new tokens after a 30-token prompt (the prompt chunked, each new token by the one-step recurrence, 70
     tokens in all) are transformers' tokens; the logits of all 70 tokens at once (chunks of 64) equal the
     decoded ones (up to the two algorithms' rounding, which the random tiny model magnifies)."""
-    directory, hf = DENSE.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
-    out = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)  # fmt: skip
-    want = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-    assert torch.equal(out.sequences, want)
-    with torch.no_grad():
-        whole = model(out.sequences).logits[0, 29:-1]
-    torch.testing.assert_close(torch.cat(out.logits), whole, atol=1e-3, rtol=1e-3)
+    DENSE.check_long_generation(tmp_path_factory, new=40, exact_length=True, whole_atol=1e-3)
 
 
 def test_recurrent(tmp_path_factory, tmp_path):
