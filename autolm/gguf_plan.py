@@ -23,6 +23,7 @@ type and the fields: a file is never written that loads as another model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -35,6 +36,7 @@ from .errors import ConfigError
 from .nn.rope import inv_freq_and_scale
 from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES, ROPE_FREQS, config_from_gguf
 
+logger = logging.getLogger("autolm.gguf")
 # RoPE parameters of YaRN scaling -> llama.cpp's keys (TextModel.set_gguf_parameters)
 _YARN = (
     ("rope.scaling.original_context_length", "original_max_position_embeddings"),
@@ -186,6 +188,8 @@ class _Planned(SimpleNamespace):
     """The planned file as config_from_gguf reads a GGUFFile: metadata, tensor names, RoPE tensors' values."""
 
     def get(self, key: str, default: Any = None) -> Any:
+        if key in self.layout.unprefixed:
+            return self.metadata.get(key, default)
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
     def values(self, t) -> list[float]:
@@ -198,7 +202,8 @@ def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.T
     c, layout = model.config, model.gguf
     planned = _Planned(family=type(model), layout=layout, architecture=layout.arch, rope=rope,
                        path=f"GGUF out of {c.model_type!r}", tensors=[SimpleNamespace(name=n) for n in names],
-                       metadata={f"{layout.arch}.{k}": v for k, v in meta.items()})  # fmt: skip
+                       metadata={k if k in layout.unprefixed else f"{layout.arch}.{k}": v
+                                 for k, v in meta.items()})  # fmt: skip
     planned.metadata["tokenizer.ggml.tokens"] = range(c.vocab_size)  # the writer pads the vocabulary to it
     try:
         back = _computed(config_from_gguf(planned))
@@ -207,6 +212,7 @@ def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.T
             f"llama.cpp's {layout.arch!r} format cannot hold this {c.model_type!r} model ({e})"
         ) from None
     want = _computed(c)
+    _windows_dropped(layout.arch, c.model_type, want, back)
     differ = [f"{f} ({back.get(f)!r} for {v!r})" for f, v in want.items()
               if not f.startswith(("RoPE", "rope")) and not _same(v, back.get(f))]  # fmt: skip
     if any(f.startswith("RoPE") and not _same(v, back.get(f)) for f, v in want.items()):
@@ -216,6 +222,24 @@ def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.T
             f"llama.cpp's {layout.arch!r} format cannot hold this {c.model_type!r} model: the file its converter "
             f"writes would load with other {', '.join(differ)}"
         )
+
+
+def _windows_dropped(arch: str, model_type: str, want: dict[str, Any], back: dict[str, Any]) -> None:
+    """Sliding windows the format has no room for (llama.cpp's converter writes Mistral as "llama", StarCoder2 as
+    "starcoder2", and their graphs attend over the whole context): written as the converter writes them, with a
+    warning, since the model computes the same over prompts as long as the window; any other difference is
+    refused."""
+    if not _same(want["layer windows"], back["layer windows"]) and not any(back["layer windows"]):
+        window = max(w for w in want["layer windows"] if w)
+        logger.warning(
+            "llama.cpp's %r format has no sliding window: the file attends over the whole context where this %r "
+            "model attends over the last %d tokens (the same up to %d tokens)",
+            arch,
+            model_type,
+            window,
+            window,
+        )
+        want["layer windows"] = back["layer windows"]
 
 
 def _computed(c) -> dict[str, Any]:

@@ -70,15 +70,16 @@ def _metadata(writer, model, file_type: int, meta: dict[str, Any]) -> None:
     writer.add_uint32("general.file_type", file_type)
     writer.add_uint32("general.quantization_version", 2)
     for key, value in meta.items():
+        key = key if key in model.gguf.unprefixed else f"{arch}.{key}"  # GGUFLayout.unprefixed: bare keys
         if isinstance(value, str):
-            writer.add_string(f"{arch}.{key}", value)
+            writer.add_string(key, value)
         elif isinstance(value, bool):  # a flag llama.cpp reads as a bool (GPT-NeoX's use_parallel_residual)
-            writer.add_bool(f"{arch}.{key}", value)
+            writer.add_bool(key, value)
         elif isinstance(value, list):  # per-layer values (EXAONE 4's sliding-layer flags)
-            writer.add_array(f"{arch}.{key}", value)
+            writer.add_array(key, value)
         else:
             put = writer.add_float32 if isinstance(value, float) else writer.add_uint32
-            put(f"{arch}.{key}", value)
+            put(key, value)
 
 
 def _tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:

@@ -7,6 +7,7 @@ config.json in transformers' keys, the CLI with a ChatML template (Apertus' own 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -173,15 +174,140 @@ def byte_tokenizer(tmp_path_factory):
     return autolm.AutoTokenizer.from_pretrained(str(d))
 
 
-def test_gguf_out_is_refused(tmp_path_factory, tmp_path, byte_tokenizer):
-    """llama.cpp's apertus keeps xIELU's values as metadata, which autolm does not write: GGUF out refuses the
-    family and writes no file."""
+# ---- GGUF: llama.cpp's ApertusModel converter, emulated -----------------------------------------------------------
+
+
+def write_apertus_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's ApertusModel converter (conversion/llama.py) makes of transformers' Apertus `hf`:
+    LlamaModel's metadata (TextModel's, the vocabulary size, the rotary dimensions), q/k not permuted
+    (undo_permute False), Llama 3 RoPE as the rope_freqs tensor (LlamaModel.generate_extra_tensors), each xIELU
+    value (the raw parameter) as a per-layer metadata array, the rest by gguf-py's name map; `kind` "Q8_0"
+    quantizes the layers' matrices."""
+    import gguf
+    from gguf_llamacpp import _llama
+    from gguf_mimic import add_toy_vocab
+
+    c = hf.config
+    w = gguf.GGUFWriter(path, "apertus")
+    _llama(w, c)
+    head_dim = json.load(open(os.path.join(hf.name_or_path, "config.json"))).get("head_dim")
+    if head_dim is not None:  # TextModel: key/value length where config.json gives head_dim
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.APERTUS, c.num_hidden_layers)
+    acts = [layer.mlp.act_fn for layer in hf.model.layers]
+    w.add_xielu_alpha_n([a.alpha_n.float().item() for a in acts])
+    w.add_xielu_alpha_p([a.alpha_p.float().item() for a in acts])
+    w.add_xielu_beta([a.beta.float().item() for a in acts])
+    w.add_xielu_eps([a.eps.float().item() for a in acts])
+    rope = c.rope_parameters
+    if rope.get("rope_type") == "llama3":  # generate_extra_tensors: each frequency's divisor
+        dim = head_dim or c.hidden_size // c.num_attention_heads
+        freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        low, high = (
+            rope["original_max_position_embeddings"] / rope[k]
+            for k in ("low_freq_factor", "high_freq_factor")
+        )
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high:
+                factors.append(1)
+            elif wavelen > low:
+                factors.append(rope["factor"])
+            else:
+                smooth = (rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"]) / (
+                    rope["high_freq_factor"] - rope["low_freq_factor"]
+                )
+                factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+        w.add_tensor("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32).numpy())
+    for name, t in hf.state_dict().items():
+        if ".act_fn." in name or (name == "lm_head.weight" and c.tie_word_embeddings):
+            continue
+        base, suffix = name.rsplit(".", 1)
+        data = t.float().numpy()
+        new = f"{names.get_name(base)}.{suffix}"
+        if kind != "F32" and data.ndim == 2 and new.startswith("blk."):
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(new, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _trained(tmp_path_factory):
+    """APERTUS's checkpoint with other xIELU values in each layer (the file must carry them, not the defaults)."""
+    import transformers
+
+    directory, _ = APERTUS.checkpoint(tmp_path_factory)
+    out = tmp_path_factory.mktemp("apertus_trained")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            act = layer.mlp.act_fn
+            act.alpha_p.fill_(0.3 - 0.4 * i), act.alpha_n.fill_(-0.2 + 0.5 * i)
+            act.beta.fill_(0.4 + 0.1 * i), act.eps.fill_(-1e-3 * (i + 1))
+    hf.save_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    return str(out), hf.eval()
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file loads as ApertusForCausalLM with transformers' logits (each layer's xIELU values from
+    the metadata, the Llama 3 RoPE from rope_freqs, not kept in the config); Q8_0 in its own blocks: close."""
+    _, hf = _trained(tmp_path_factory)
+    write_apertus_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "ApertusForCausalLM"
+    assert float(model.model.layers[1].mlp.act_fn.alpha_n) == pytest.approx(0.3)
+    assert not any(k.startswith("xielu") for k in model.config.extra)
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        got = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        write_apertus_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+        q = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+        got = q(ids, attention_mask=mask, position_ids=positions(mask)).logits[real].float()
+    assert (got - want).abs().mean() <= 0.03 * want.abs().mean()
+
+
+def test_gguf_out_is_the_converters_file(tmp_path_factory, tmp_path, byte_tokenizer):
+    """save_gguf writes the converter's metadata (the xIELU arrays included) and tensors, byte for byte; the file
+    loads back with the model's logits (test_gguf_out's checks)."""
+    from test_gguf_out import IDS, _same_file
+
+    from autolm.gguf_writer import save_gguf
+    from autolm.sources.gguf import GGUFFile
+
+    directory, hf = _trained(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    path = save_gguf(model, byte_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    write_apertus_gguf(hf, str(tmp_path / "ref.gguf"))
+    ours, ref = GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf"))
+    _same_file(ours, ref)
+    xielu = [k for k in ref.metadata if k.startswith("xielu.")]
+    assert len(xielu) == 4 and {k: ours.metadata.get(k) for k in xielu} == {k: ref.metadata[k] for k in xielu}
+    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):
+    """llama.cpp's apertus always runs xIELU and reads an output tensor: relu2 and a tied head are refused,
+    naming both, and no file is written."""
     from autolm.gguf_writer import save_gguf
 
-    model = autolm.AutoModelForCausalLM.from_pretrained(APERTUS.checkpoint(tmp_path_factory)[0])
-    with pytest.raises(ConfigError, match="apertus|Apertus"):
+    model = autolm.AutoModelForCausalLM.from_pretrained(BIASED.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(ConfigError, match="'apertus' model.*hidden_act.*tie_word_embeddings"):
         save_gguf(model, byte_tokenizer, str(tmp_path / "out.gguf"), "f32")
-    assert not os.path.exists(tmp_path / "out.gguf")
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli(tmp_path_factory, tmp_path):

@@ -44,6 +44,8 @@ QK = Family("CohereConfig", dict(_SHAPE, num_key_value_heads=2, use_qk_norm=True
 BIAS = Family("CohereConfig", dict(_SHAPE, attention_bias=True, tie_word_embeddings=False, logit_scale=1.7,
                                    rope_theta=1000.0))  # fmt: skip
 FAMILIES = {"command_r": COHERE, "qk_norm": QK, "bias_untied": BIAS}
+# Command-R+'s depth: llama.cpp's command-r reads the q/k norms only in models of 64 or more layers
+QK64 = Family("CohereConfig", dict(QK.kwargs, num_hidden_layers=64))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -217,12 +219,23 @@ def write_cohere_gguf(hf, path: str) -> None:
 def test_gguf(tmp_path_factory, tmp_path, name):
     """The converter's file loads as CohereForCausalLM with transformers' logits (logit_scale, the LayerNorm
     epsilon, the q/k norms read off their tensors)."""
-    family = FAMILIES[name]
+    family = {"command_r": COHERE, "qk_norm": QK64}[name]
     model, hf = check_gguf(family, tmp_path_factory, tmp_path)
     c, want = model.config, hf.config
     assert c.model_type == "cohere" and c.tie_word_embeddings and c.use_qk_norm == want.use_qk_norm
     assert (c.logit_scale, c.layer_norm_eps) == pytest.approx((want.logit_scale, want.layer_norm_eps))
     assert (c.num_key_value_heads, c.rope_parameters["rope_theta"]) == (2, want.rope_parameters["rope_theta"])
+
+
+def test_q_k_norms_in_fewer_than_64_layers_are_refused(tmp_path_factory, tmp_path):
+    """llama.cpp's command-r loads no q/k norms below 64 layers (and fails on a file holding them): GGUF out of
+    such a model is refused by name, and no file is written."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(QK.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(ConfigError, match="64 or more layers.*use_qk_norm"):
+        save_gguf(model, _byte_tokenizer(tmp_path / "tokenizer"), str(tmp_path / "out" / "m.gguf"), "f32")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_out_refuses_an_untied_head(tmp_path_factory, tmp_path):

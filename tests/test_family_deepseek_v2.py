@@ -64,9 +64,13 @@ BIASES = Family(
     lora_targets=_TARGETS,
 )  # fmt: skip
 FAMILIES = {"lite": LITE, "grouped": GROUPED, "biases": BIASES}
+# V2-Lite's depth: llama.cpp's deepseek2 projects q without a low rank only in 26- or 27-layer models (most of them
+# dense here: a random router's near-ties, in 25 layers, tip some token to other experts under float16 rounding)
+LITE26 = Family(LITE.config_cls, dict(LITE.kwargs, num_hidden_layers=26, first_k_dense_replace=24),
+                lora_targets=_TARGETS)  # fmt: skip
 # what llama.cpp's deepseek2 runs: no groups that limit the choice, no renormalisation, no MLP biases
 GGUF_FAMILIES = {
-    "lite": LITE,
+    "lite": LITE26,
     "q_lora_yarn": Family(
         "DeepseekV2Config",
         dict(SIZES, q_lora_rank=32, attention_bias=False, max_position_embeddings=256,
@@ -284,15 +288,18 @@ def test_gguf_out(tmp_path_factory, tmp_path, byte_tokenizer):
         ("lite", {"norm_topk_prob": True}, "norm_topk_prob"),
         ("lite", {"n_group": 4, "topk_group": 2}, "topk_group"),
         ("lite", {"scoring_func": "sigmoid"}, "scoring_func"),
+        ("shallow_lite", {}, "q_lora_rank"),
     ],
 )
 def test_gguf_out_refused(tmp_path_factory, tmp_path, byte_tokenizer, name, change, refused):
     """What llama.cpp's deepseek2 cannot run is refused, naming it: groups that limit the choice (llama.cpp ranks
     them by their two best scores' sum, and applies them to greedy routing too), MLP biases, norm_topk_prob
-    (llama.cpp would renormalise), a sigmoid scoring_func."""
+    (llama.cpp would renormalise), a sigmoid scoring_func, a plain q projection in a model of a depth where
+    llama.cpp reads a low-rank one."""
     from autolm.gguf_writer import save_gguf
 
-    model = autolm.AutoModelForCausalLM.from_pretrained(FAMILIES[name].checkpoint(tmp_path_factory)[0])
+    family = {**FAMILIES, "lite": LITE26, "shallow_lite": LITE}[name]
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
     for key, value in change.items():
         if key == "scoring_func":
             model.config.extra[key] = value

@@ -78,6 +78,7 @@ GGUF_FAMILIES = {
     "plain_q_yarn": Family(
         "DeepseekV3Config",
         dict(SIZES, q_lora_rank=None, norm_topk_prob=False, scoring_func="sigmoid", max_position_embeddings=256,
+             num_hidden_layers=26, first_k_dense_replace=24,  # Moonlight's depth (test_family_deepseek_v2.LITE26)
              rope_scaling=dict(type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
                                original_max_position_embeddings=64)),
     ),

@@ -2,17 +2,20 @@
 without weights (a mixer_rms_eps away from the default), an untied head and the
 residual in float32. The battery for recurrent families, pieces through the cache against the whole, a long
 generation equal to transformers', the CLI with a ChatML template (Falcon-Mamba-7B-instruct's is ChatML; the file
-used is tests/data/chat_templates/qwen2-moe-chatml.jinja) and config errors."""
+used is tests/data/chat_templates/qwen2-moe-chatml.jinja), config errors, and GGUF in and out as llama.cpp's
+MambaModel converter writes Falcon-Mamba ("mamba" with ssm.dt_b_c_rms true)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from chat_checks import check_cli
 from conftest import VOCAB
 from family_checks import Family
+from test_gguf_out import byte_tokenizer  # noqa: F401
 
 import autolm
 
@@ -135,3 +138,64 @@ def test_config_errors_name_the_key(key, value):
 
     with pytest.raises(autolm.ConfigError, match=key):
         FalconMambaConfig.from_dict({"hidden_size": 64, "num_hidden_layers": 2, key: value})
+
+
+# ---- GGUF: llama.cpp's MambaModel converter (Falcon-Mamba as "mamba" with ssm.dt_b_c_rms), emulated -------------
+
+# what llama.cpp's graph runs: the norms of dt, B and C at the layers' epsilon (mixer_rms_eps = layer_norm_epsilon)
+GGUF_SIZES = dict(
+    hidden_size=64, num_hidden_layers=3, state_size=8, conv_kernel=4, expand=2, time_step_rank=6
+)
+GGUF_UNTIED = Family(
+    "FalconMambaConfig",
+    dict(GGUF_SIZES, tie_word_embeddings=False, layer_norm_epsilon=1e-3, mixer_rms_eps=1e-3),
+    lora_targets=TARGETS,
+)
+GGUF_TIED = Family(
+    "FalconMambaConfig", dict(GGUF_SIZES, mixer_rms_eps=1e-5, residual_in_fp32=False), lora_targets=TARGETS
+)
+GGUF_FAMILIES = (GGUF_UNTIED, GGUF_TIED)  # for test_gguf_out
+IDS = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES, ids=["untied", "tied"])
+def test_gguf(tmp_path_factory, tmp_path, family):
+    """The converter's file ("mamba", ssm.dt_b_c_rms true) loads as FalconMambaForCausalLM with transformers'
+    logits; its Q8_0 version with quantization="gguf" keeps the Q8_0 weights in their blocks, within their
+    rounding."""
+    from test_family_mamba import write_mamba_gguf
+
+    _, hf = family.checkpoint(tmp_path_factory)
+    write_mamba_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "FalconMambaForCausalLM"
+    c = model.config
+    assert c.mixer_rms_eps == c.rms_norm_eps == pytest.approx(hf.config.mixer_rms_eps)  # a float32 key
+    assert c.tie_word_embeddings == hf.config.tie_word_embeddings and c.time_step_rank == 6
+    with torch.no_grad():
+        want = hf(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, want, atol=1e-4, rtol=1e-4)
+    write_mamba_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+    kept = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+    assert hasattr(kept.backbone.layers[0].mixer.in_proj, "ggml_type")
+    with torch.no_grad():
+        got = kept(IDS).logits
+    assert 0 < (got - want).norm() / want.norm() < 0.1  # Q8_0's rounding of these random weights
+
+
+def test_gguf_out_refuses_another_mixer_eps(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """llama.cpp norms dt, B and C at the layers' epsilon: a mixer_rms_eps of its own (1e-3 against 1e-5, as
+    transformers' defaults differ) is refused, naming the field, and no file is written; the converter's file of
+    such a model loads with llama.cpp's epsilon (its logits, not transformers')."""
+    from test_family_mamba import write_mamba_gguf
+
+    from autolm.gguf_writer import save_gguf
+
+    directory, hf = FALCON.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(autolm.ConfigError, match="'falcon_mamba' model.*mixer_rms_eps"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert os.listdir(tmp_path) == []
+    write_mamba_gguf(hf, str(tmp_path / "model.gguf"))
+    loaded = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert loaded.config.mixer_rms_eps == loaded.config.rms_norm_eps == pytest.approx(1e-5)

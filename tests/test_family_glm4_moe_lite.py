@@ -2,17 +2,21 @@
 low-rank query and without it, RoPE over interleaved pairs and rotate-half, YaRN with mscale_all_dim) with GLM-4.5's
 sigmoid-routed experts in groups (correction bias, renormalised, scaled) and the shared expert, the dense layers
 where mlp_layer_types says (not only leading ones). The standard battery, config.json as transformers writes it,
-the next-token-prediction layer skipped, the CLI, the config values refused. No GGUF: the family has no layout
-(llama.cpp's converter writes GLM-4.7-Flash as deepseek2, DeepSeek-V3's)."""
+the next-token-prediction layer skipped, the CLI, the config values refused. GGUF as llama.cpp's Glm4MoeLiteModel
+converter writes it (deepseek2, DeepSeek-V3's layout, no gating function), in and out, on a checkpoint of
+GLM-4.7-Flash's shape (47 layers, 154880 tokens), the only one llama.cpp routes with the sigmoid."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
+from conftest import padded_batch, positions, randomize
 from family_checks import Family
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -184,3 +188,162 @@ def test_config_errors_name_the_key():
     with pytest.raises(autolm.ConfigError, match="partial_rotary_factor"):
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
         Glm4MoeLiteConfig.from_dict({**small, "rope_parameters": rope})
+
+
+# ---- GGUF: llama.cpp's Glm4MoeLiteModel converter, emulated ------------------------------------------------------
+
+# GLM-4.7-Flash's shape (llama.cpp routes a deepseek2 file without expert_gating_func with the sigmoid only for it),
+# tiny otherwise: 47 layers (the first dense), 154880 tokens, tied embeddings
+GGUF_SIZES = dict(hidden_size=32, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=47,
+                  first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                  n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=1.8, vocab_size=154880,
+                  max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)  # fmt: skip
+_GGUF: dict = {}
+
+
+def gguf_checkpoint(tmp_path_factory):
+    """(directory, transformers' model) of GGUF_SIZES, made once per session."""
+    import transformers
+
+    if not _GGUF:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Glm4MoeLiteConfig(**GGUF_SIZES))
+        randomize(model)
+        with torch.no_grad():  # 47 random layers: their outputs damped, so that rounding does not snowball
+            for name, p in model.named_parameters():
+                if "o_proj" in name or "down_proj" in name:
+                    p.mul_(0.2)
+        d = str(tmp_path_factory.mktemp("glm4_moe_lite_gguf"))
+        model.save_pretrained(d)
+        _GGUF["ckpt"] = (
+            d,
+            transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval(),
+        )
+    return _GGUF["ckpt"]
+
+
+GGUF_FAMILY = SimpleNamespace(checkpoint=gguf_checkpoint)  # for test_gguf_out's round trip, as a Family
+
+
+def write_glm4_moe_lite_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's Glm4MoeLiteModel converter (conversion/glm.py, DeepseekV2Model's) makes of transformers'
+    GLM-4.7-Flash `hf`, from config.json and the checkpoint as it reads them: TextModel's metadata with MLA as MQA,
+    the latent's key / value lengths, DeepseekV2Model's keys (leading_dense_block_count from config.json's
+    first_k_dense_replace, 0 without it; no expert_gating_func: config.json names no scoring function), the block
+    count with num_nextn_predict_layers (none here); the experts stacked, kv_b_proj split per head into attn_k_b
+    (transposed) and attn_v_b, the correction bias as exp_probs_b.bias, the tied head not written; a vocabulary of
+    vocab_size tokens. `kind` "Q8_0" quantizes the matrices whose rows are whole blocks."""
+    import gguf
+    from gguf_mimic import stacked_experts
+    from safetensors.torch import load_file
+
+    c = json.load(open(f"{hf.name_or_path}/config.json"))
+    nextn = c.get("num_nextn_predict_layers", 0)
+    blocks = c["num_hidden_layers"] + nextn
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_block_count(blocks)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_expert_count(c["n_routed_experts"])
+    w.add_expert_used_count(c["num_experts_per_tok"])
+    w.add_expert_group_count(c["n_group"])
+    w.add_expert_group_used_count(c["topk_group"])
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    w.add_leading_dense_block_count(c.get("first_k_dense_replace", 0))
+    w.add_vocab_size(c["vocab_size"])
+    w.add_q_lora_rank(c["q_lora_rank"])
+    w.add_kv_lora_rank(c["kv_lora_rank"])
+    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    w.add_value_length(c["kv_lora_rank"])
+    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+    w.add_value_length_mla(c["v_head_dim"])
+    w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    w.add_expert_shared_count(c["n_shared_experts"])
+    w.add_expert_weights_scale(c["routed_scaling_factor"])
+    if c["norm_topk_prob"]:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(c["qk_rope_head_dim"])
+    if nextn:
+        w.add_nextn_predict_layers(nextn)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<pad>", "<s>", "</s>", *(f"t{i}" for i in range(3, c["vocab_size"]))])
+    w.add_token_scores([0.0] * c["vocab_size"])
+    w.add_token_types([3, 3, 3] + [1] * (c["vocab_size"] - 3))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, blocks)
+    tensors = load_file(f"{hf.name_or_path}/model.safetensors")
+    heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
+    for name, t in stacked_experts(tensors, ".mlp.experts.", c["n_routed_experts"]):
+        if name == "lm_head.weight" and c["tie_word_embeddings"]:
+            continue
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        if name.endswith("kv_b_proj.weight"):
+            kv = t.view(heads, -1, t.shape[-1])
+            parts = {"k_b_proj": kv[:, :nope].transpose(1, 2), "v_b_proj": kv[:, nope:]}
+            pieces = [(name.replace("kv_b_proj", k), v) for k, v in parts.items()]
+        else:
+            pieces = [(name, t)]
+        for piece, value in pieces:
+            base, suffix = piece.rsplit(".", 1)
+            new, data = f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(value.float().numpy())
+            quantized = data.ndim >= 2 and data.shape[-1] % 32 == 0 and "ffn_gate_inp" not in new
+            if kind != "F32" and quantized and new.startswith("blk."):
+                qtype = gguf.GGMLQuantizationType[kind]
+                w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(new, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file (no gating function) loads as Glm4MoeLiteForCausalLM, not DeepSeek-V2 or V3, with the
+    sigmoid routing, the leading dense layer and transformers' logits; Q8_0 in its own blocks: close."""
+    _, hf = gguf_checkpoint(tmp_path_factory)
+    write_glm4_moe_lite_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "Glm4MoeLiteForCausalLM"
+    assert model.config.mlp_layer_types == hf.config.mlp_layer_types and model.config.norm_topk_prob
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        got = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        write_glm4_moe_lite_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+        q = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+        got = q(ids, attention_mask=mask, position_ids=positions(mask)).logits[real].float()
+        plain = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf")  # dequantized
+        dequantized = plain(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    # 47 layers routing top-2 of 4 experts: Q8_0's rounding changes some tokens' experts (the dequantized weights
+    # alone move the logits by ~14% of their mean size here), so the bound is loose; a wrong layout is far off
+    assert (got - dequantized).abs().mean() <= 0.2 * dequantized.abs().mean()
+    assert (got - want).abs().mean() <= 0.25 * want.abs().mean()
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path):
+    """FLASH (3 layers, a dense layer after a mixture), and GLM-4.7-Flash's shape with rotate-half RoPE or 46
+    layers (which llama.cpp would route with the softmax) are refused, naming the field; no file is written."""
+    from test_gguf_out import byte_tokenizer
+
+    from autolm.gguf_writer import save_gguf
+
+    tok = byte_tokenizer.__wrapped__(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(FLASH.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match="mlp_layer_types"):
+        save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
+    directory, _ = gguf_checkpoint(tmp_path_factory)
+    for change, field in ((dict(rope_interleave=False), "rope_interleave"),
+                          (dict(num_hidden_layers=46), "num_hidden_layers 46.*softmax")):  # fmt: skip
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, **change)
+        with pytest.raises(autolm.ConfigError, match=field):
+            save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
+    assert list(tmp_path.iterdir()) == []

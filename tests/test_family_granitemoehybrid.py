@@ -49,7 +49,15 @@ HYBRID = Family(
 )
 DENSE = Family(
     "GraniteMoeHybridConfig",
-    dict(SIZES, num_local_experts=0, tie_word_embeddings=True, embedding_multiplier=2.0, logits_scaling=1.5),
+    dict(
+        SIZES,
+        num_local_experts=0,
+        num_experts_per_tok=0,  # as Granite 4.0 H-Micro: no experts, none used, one MLP width
+        intermediate_size=48,
+        tie_word_embeddings=True,
+        embedding_multiplier=2.0,
+        logits_scaling=1.5,
+    ),  # as Granite 4.0 H-Micro: no experts, none used
 )
 
 
@@ -335,7 +343,8 @@ def test_gguf(tmp_path_factory, tmp_path, family):
 
 def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
     """RoPE in a hybrid (the converter writes rope.scaling.finetuned false: llama.cpp runs it without) and a clamp
-    of the time steps (llama.cpp has none) are refused, naming the field."""
+    of the time steps (llama.cpp has none), experts used where there are none, a dense MLP of another width than
+    intermediate_size are refused, naming the field."""
     from autolm.gguf_writer import save_gguf
 
     roped = autolm.AutoModelForCausalLM.from_pretrained(HYBRID.checkpoint(tmp_path_factory)[0])
@@ -348,6 +357,16 @@ def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, 
     # as older transformers wrote it (JSON's Infinity, no tag): no clamp, written
     unclamped = autolm.AutoModelForCausalLM.from_pretrained(directory, time_step_limit=[0.0, float("inf")])
     save_gguf(unclamped, byte_tokenizer, str(tmp_path / "yes.gguf"), "f32")
+    # experts used where there are none (llama.cpp asserts on loading the file); a dense MLP (the shared one) of
+    # another width than intermediate_size (llama.cpp sizes it by feed_forward_length)
+    directory, _ = DENSE.checkpoint(tmp_path_factory)
+    for change, field in (
+        ({"num_experts_per_tok": 2}, "num_experts_per_tok"),
+        ({"intermediate_size": 32}, "shared"),
+    ):
+        dense = autolm.AutoModelForCausalLM.from_pretrained(directory, **change)
+        with pytest.raises(autolm.ConfigError, match=field):
+            save_gguf(dense, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
 
 
 def test_gguf_out_q8_0_keeps_the_mixer_weights_in_blocks(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811

@@ -13,7 +13,9 @@ in the battery and below the one-row sequences', which compare with transformers
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
@@ -138,6 +140,153 @@ def test_padded_rows_are_their_own_sequences(tmp_path_factory):
         batch = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
         alone = model(ids[1:, 8:]).logits
     torch.testing.assert_close(batch[1, 8:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+# ---- GGUF: llama.cpp's Llama4Model converter, emulated ----------------------------------------------------------
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 8,
+          "low_freq_factor": 1.0, "high_freq_factor": 4.0}  # fmt: skip
+GGUF_SIZES = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
+# what llama.cpp's llama4 runs: Scout's shape (16 experts, a mixture on every layer, the q/k norm, Llama 3 RoPE:
+# original context 8, every band in play) and Maverick's (128 experts, no q/k norm, mixtures on odd layers), each
+# with chunks of 8192 on three layers of four and the fourth NoPE with the temperature; Maverick's head tied
+GGUF_FAMILIES = {
+    "scout": Family("Llama4TextConfig", dict(GGUF_SIZES, num_local_experts=16, num_experts_per_tok=1,
+                                              rope_parameters=LLAMA3), lora_targets=["q_proj", "v_proj"]),
+    "maverick": Family("Llama4TextConfig", dict(GGUF_SIZES, num_local_experts=128, num_experts_per_tok=1,
+                                                 interleave_moe_layer_step=2, use_qk_norm=False,
+                                                 tie_word_embeddings=True), lora_targets=["q_proj", "v_proj"]),
+}  # fmt: skip
+
+
+def _rope_freqs(c) -> np.ndarray:
+    """LlamaModel.generate_extra_tensors: each frequency's divisor under Llama 3 scaling."""
+    rope, dim = c.rope_parameters, c.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old, lo, hi, factor = (rope[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                            "high_freq_factor", "factor"))  # fmt: skip
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / hi:
+            out.append(1)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+def write_llama4_gguf(hf, path: str, kind: str = "F32") -> None:
+    """The GGUF llama.cpp's Llama4Model converter (conversion/llama.py) makes of transformers' Llama 4 `hf`:
+    TextModel's metadata with intermediate_size_mlp as the feed-forward length, LlamaModel's vocabulary size and
+    rotary dimensions, the head size, the expert counts, interleave_moe_layer_step and the experts' width; q/k not
+    permuted; the experts' gate_up_proj transposed and split into gate and up, down_proj transposed; Llama 3 RoPE
+    as rope_freqs; the rest by gguf-py's name map. `kind` "Q8_0" quantizes the layers' matrices."""
+    import gguf
+    from gguf_mimic import add_toy_vocab
+
+    c = hf.config
+    w = gguf.GGUFWriter(path, "llama4")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size_mlp)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_file_type({"F32": 0, "Q8_0": 7}[kind])
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_interleave_moe_layer_step(c.interleave_moe_layer_step)
+    w.add_expert_feed_forward_length(c.intermediate_size)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA4, c.num_hidden_layers)
+    tensors = []
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if name.endswith("gate_up_proj"):
+            gate, up = t.transpose(-1, -2).split(t.shape[-1] // 2, dim=-2)
+            tensors += [(name.replace("gate_up_proj", "gate_proj.weight"), gate),
+                        (name.replace("gate_up_proj", "up_proj.weight"), up)]  # fmt: skip
+            continue
+        if name.endswith("down_proj"):
+            name, t = name + ".weight", t.transpose(-1, -2)
+        tensors.append((name, t))
+    if c.rope_parameters.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _rope_freqs(c))
+    for name, t in tensors:
+        base, suffix = name.rsplit(".", 1)
+        new, data = f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(t.float().numpy())
+        quantized = data.ndim >= 2 and data.shape[-1] % 32 == 0 and "ffn_gate_inp" not in new  # else F32 here
+        if kind != "F32" and quantized and new.startswith("blk."):
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(new, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_gguf(tmp_path_factory, tmp_path, name):
+    """The converter's file loads as Llama4ForCausalLM with transformers' logits (llama.cpp's fixed chunks,
+    NoPE interval and temperature, the q/k norm from the expert count, the mixtures from the interleave step);
+    Q8_0 in its own blocks: close."""
+    _, hf = GGUF_FAMILIES[name].checkpoint(tmp_path_factory)
+    write_llama4_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "Llama4ForCausalLM"
+    for key in ("use_qk_norm", "moe_layers", "no_rope_layers", "layer_types", "attention_chunk_size",
+                "intermediate_size", "intermediate_size_mlp", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(model.config, key) == getattr(hf.config, key), key
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        got = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        write_llama4_gguf(hf, str(tmp_path / "q.gguf"), "Q8_0")
+        q = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", quantization="gguf")
+        got = q(ids, attention_mask=mask, position_ids=positions(mask)).logits[real].float()
+    # top-1 routing: a token whose best two experts' logits lie within the quantization error changes expert
+    assert (got - want).abs().mean() <= 0.1 * want.abs().mean()
+
+
+def _tokenizer(tmp_path_factory):
+    """test_gguf_out's byte tokenizer (its fixture's body)."""
+    import test_gguf_out
+
+    return test_gguf_out.byte_tokenizer.__wrapped__(tmp_path_factory)
+
+
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path):
+    """LLAMA4 (biases, chunks of 8, NoPE every second layer, temperature floor 22, mixtures on layers 0 and 3) is
+    refused naming what llama.cpp's graph fixes; so is Scout with the q/k norm off (llama.cpp keeps it on
+    without 128 experts). No file is written."""
+    from autolm.gguf_writer import save_gguf
+
+    tok = _tokenizer(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(LLAMA4.checkpoint(tmp_path_factory)[0])
+    fields = ("attention_bias", "moe_layers", "no_rope_layers", "attention_chunk_size", "floor_scale")
+    with pytest.raises(ConfigError, match="'llama4_text' model") as e:
+        save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
+    assert all(f in str(e.value) for f in fields), str(e.value)
+    directory, _ = GGUF_FAMILIES["scout"].checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, use_qk_norm=False)
+    with pytest.raises(ConfigError, match="use_qk_norm"):
+        save_gguf(model, tok, str(tmp_path / "out.gguf"), "f32")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- the image-text checkpoint, CLI, config -------------------------------------------------------------------------

@@ -200,8 +200,9 @@ def write_mamba_gguf(hf, path: str, kind: str = "F32") -> None:
     """The GGUF llama.cpp's converter (MambaModel) makes of transformers' Mamba `hf` (--outtype f32, or q8_0: 2-D
     ".weight" tensors in Q8_0 but ssm_conv1d, F16 where a row is no whole block; ssm_a / ssm_d, named without a
     suffix, in F32), from the checkpoint file: context length 2**20, zero feed-forward length and head count, the
-    ssm.* sizes, dt_b_c_rms false; A as -exp(A_log), the conv squeezed, the head omitted where it equals the
-    embeddings. The vocabulary (160) is already a multiple of 8: the converter's padding adds no token."""
+    ssm.* sizes, dt_b_c_rms (true for Falcon-Mamba only); A as -exp(A_log), the conv squeezed, the head omitted
+    where it equals the embeddings. The vocabulary (160) is already a multiple of 8: the converter's padding adds
+    no token."""
     import gguf
     import numpy as np
     from gguf_mimic import add_toy_vocab
@@ -219,7 +220,7 @@ def write_mamba_gguf(hf, path: str, kind: str = "F32") -> None:
     w.add_ssm_state_size(c.state_size)
     w.add_ssm_time_step_rank(c.time_step_rank)
     w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
-    w.add_ssm_dt_b_c_rms(False)
+    w.add_ssm_dt_b_c_rms(c.model_type == "falcon_mamba")  # the converter's test: Falcon-Mamba's norms
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
     add_toy_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MAMBA, c.num_hidden_layers)

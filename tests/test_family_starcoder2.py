@@ -37,6 +37,8 @@ VARIANT = Family(
          rope_parameters={"rope_type": "default", "rope_theta": 999999.4420358813}),
 )  # fmt: skip
 FAMILIES = {"starcoder2": STARCODER2, "variant": VARIANT}
+# the variant with the biases llama.cpp's starcoder2 needs: an untied head, its own epsilon and RoPE base
+GGUF_VARIANT = Family(VARIANT.config_cls, dict(VARIANT.kwargs, use_bias=True))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -151,13 +153,17 @@ def test_config_names_and_errors():
 
 
 def test_gguf(tmp_path_factory, tmp_path):
-    """No biases (use_bias read off the absent tensors), an untied head, LayerNorm epsilon and RoPE base from the
-    metadata: transformers' logits."""
-    model, _ = check_gguf(VARIANT, tmp_path_factory, tmp_path)
+    """An untied head, LayerNorm epsilon and RoPE base from the metadata: transformers' logits. A file without the
+    biases (use_bias false), which llama.cpp's starcoder2 cannot load, is refused naming use_bias."""
+    model, _ = check_gguf(GGUF_VARIANT, tmp_path_factory, tmp_path)
     c = model.config
-    assert (c.use_bias, c.tie_word_embeddings, c.num_key_value_heads) == (False, False, 1)
+    assert (c.use_bias, c.tie_word_embeddings, c.num_key_value_heads) == (True, False, 1)
     assert c.norm_epsilon == pytest.approx(1e-3)
     assert c.rope_theta == pytest.approx(999999.4420358813)
+    _, hf = VARIANT.checkpoint(tmp_path_factory)
+    write_gguf(hf, str(tmp_path / "plain.gguf"))
+    with pytest.raises(autolm.ConfigError, match="use_bias"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="plain.gguf")
 
 
 def test_gguf_has_no_window_as_llama_cpp(tmp_path_factory, tmp_path):

@@ -1,7 +1,8 @@
 """llama.cpp itself as the oracle (llama-cpp-python, an optional test-only package; skipped where it is absent):
 SmolLM2 requantized by llama.cpp's own quantizer to Q4_K_M, Q5_K_M, Q6_K and Q8_0 (once per session) and its shipped
 Q4_1 file, kept in their blocks by autolm, give llama.cpp's next tokens over a text; and a model directory
-written out as GGUF by autolm loads in llama.cpp with the same tokens, chat template and logits."""
+written out as GGUF by autolm loads in llama.cpp with the same tokens, chat template and logits; every family's
+GGUF out runs in llama.cpp with the model's logits."""
 
 from __future__ import annotations
 
@@ -161,6 +162,73 @@ def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
     assert gap(ours, theirs) < 0.2 * gap(unscaled, theirs)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
     torch.testing.assert_close(read, ours, rtol=0.02, atol=0.02 * ours.abs().max().item())  # within f16
+
+
+# the child that runs llama.cpp on a file (a failed assertion there aborts the process: not this one)
+_CHILD = """
+import sys, numpy as np, llama_cpp
+path, ids = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
+llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
+llm.eval(ids)
+np.save(sys.argv[3], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+"""
+# llama.cpp's phimoe routes with a softmax over the top two experts, not Phi-3.5-MoE's sparsemixer
+_OTHER_ROUTING = {"phimoe"}
+
+
+@pytest.fixture(scope="module")
+def oracle_tokenizer(tmp_path_factory):
+    """A byte-level vocabulary llama.cpp loads: one merge (it refuses a BPE vocabulary without), and the special
+    tokens its vocabulary loader looks up by name for some models (Phi-3's <unk> and <|endoftext|>)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|endoftext|>", "ab"]
+    vocab = {t: i for i, t in enumerate(special)}
+    vocab.update((c, len(special) + i) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    d = tmp_path_factory.mktemp("oracle_tokenizer")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return autolm.AutoTokenizer.from_pretrained(str(d))
+
+
+def _registered():
+    from test_gguf_out import _registered
+
+    return _registered()
+
+
+@pytest.mark.parametrize("model_type", _registered())
+def test_every_familys_gguf_runs_in_llama_cpp(model_type, tmp_path_factory, tmp_path, oracle_tokenizer):
+    """What autolm convert writes of each family's checkpoints (F32) runs in llama.cpp with the model's logits,
+    within llama.cpp's float16 cache; test_gguf_out checks the same files against the converter's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from test_gguf_out import IDS, _families
+
+    from autolm.gguf_writer import save_gguf
+
+    if model_type in _OTHER_ROUTING:
+        pytest.skip(f"llama.cpp routes {model_type} its own way")
+    families, _ = _families()[model_type]
+    for i, family in enumerate(families if isinstance(families, tuple) else (families,)):
+        directory, _ = family.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        path = save_gguf(model, oracle_tokenizer, str(tmp_path / f"m{i}.gguf"), "f32")
+        ids = ",".join(str(t) for t in IDS[0].tolist())
+        run = subprocess.run([sys.executable, "-c", _CHILD, path, ids, path + ".npy"], capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, (model_type, i, run.stderr[-2000:])
+        with torch.no_grad():
+            ours = model(IDS).logits[0]
+        theirs = torch.from_numpy(np.load(path + ".npy"))
+        assert (ours - theirs).abs().max() < 2e-2 * ours.abs().max(), (model_type, i)
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), (model_type, i)
 
 
 SPM_TEXTS = [

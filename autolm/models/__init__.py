@@ -20,7 +20,7 @@ from .base import CausalLM, DecoderModel
 # tests/test_loading.py checks each entry against its module.
 FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
-    "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "mistral"),
+    "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
@@ -64,18 +64,18 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
-    "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", None),
+    "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", "deepseek2"),
     "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
     "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
-    "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", None),
+    "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
     "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
-    "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", None),
-    "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", None),  # image-text: its language model
+    "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
+    "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
-    "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", None),
-    "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", None),  # image-text: its language model
+    "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
+    "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "hunyuan-moe"),
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
@@ -99,8 +99,10 @@ FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
     "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", "nemotron_h"),
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
     "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
-    "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", None),
-    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", None),
+    "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),
+    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
+    "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
+    "cohere2_moe": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM", "cohere2moe"),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -157,7 +159,8 @@ def _holds(metadata: dict, arch: str, claim: str | tuple[str, Any]) -> bool:
 def gguf_family(metadata: dict) -> type | None:
     """The model class for a GGUF file's metadata: the family whose GGUF layout names its architecture (None:
     none does). Where families share one (llama.cpp writes Mixtral as "llama", OLMo 3 as "olmo2"), a family whose
-    claim key (_gguf_claim) the file holds is taken, else the one that claims nothing."""
+    claim key (_gguf_claim) the file holds is taken, else the one that claims nothing (the architecture's
+    namesake first: llama.cpp writes Mistral as "llama" too)."""
     arch = metadata.get("general.architecture")
     for model_type, family in FAMILIES.items():
         if family[3] == arch:
@@ -168,7 +171,10 @@ def gguf_family(metadata: dict) -> type | None:
         if getattr(cls, "gguf", None) is not None and cls.gguf.arch == arch
     ]
     claimed = [cls for cls, key in found if key is not None and _holds(metadata, arch, key)]
-    plain = [cls for cls, key in found if key is None]
+    # of the families claiming nothing, the one the architecture is named for (Llama for "llama", not Mistral)
+    plain = sorted(
+        (cls for cls, key in found if key is None), key=lambda cls: cls.config_class.model_type != arch
+    )
     return next(iter(claimed or plain or [cls for cls, _ in found]), None)
 
 
@@ -225,6 +231,10 @@ __all__ = [
     "BloomConfig",
     "BloomForCausalLM",
     "CausalLM",
+    "Cohere2Config",
+    "Cohere2ForCausalLM",
+    "Cohere2MoeConfig",
+    "Cohere2MoeForCausalLM",
     "CohereConfig",
     "CohereForCausalLM",
     "DbrxConfig",

@@ -7,12 +7,20 @@ RoPE, but
   checkpoint), computed as transformers' Python xIELU;
 - the layer's norms named `attention_layernorm` and `feedforward_layernorm`.
 
-Biases on q/k/v/o where `attention_bias`. llama.cpp keeps the xIELU values as per-layer metadata rather than
-tensors; autolm reads and writes no Apertus GGUF.
+Biases on q/k/v/o where `attention_bias`.
+
+GGUF (llama.cpp's "apertus", as its ApertusModel converter writes it): Llama's tensors without the q/k permutation
+(llama.cpp runs the family with NeoX RoPE), Llama 3 RoPE as the rope_freqs tensor, and the xIELU values not as
+tensors but as per-layer metadata arrays `xielu.alpha_p`, `xielu.alpha_n` (the raw parameters, before softplus),
+`xielu.beta`, `xielu.eps`. Reading, the arrays land in the config (layout `config` keys) and the model takes its
+activations' values from there (`new_if_missing` / `init_new`, then dropped from the config); writing, the
+layout an instance gives (ApertusLayout) writes its own activations' values and drops their tensors. llama.cpp
+always runs xIELU and needs an output tensor: other activations and a tied head are refused on GGUF out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import ACTIVATIONS, MLP, Attention, RMSNorm
+from ..errors import ConfigError
+from ..nn import ACTIVATIONS, MLP, Attention, CheckpointRules, GGUFLayout, RMSNorm
 from .base import LLAMA_TP, CausalLM, DecoderModel
 from .llama import LlamaConfig
 
@@ -140,10 +149,60 @@ class ApertusModel(DecoderModel):
         super().__init__(config, ApertusDecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
 
 
+# ---- GGUF: llama.cpp's ApertusModel converter (arch "apertus") -----------------------------------------------------
+
+XIELU = ("alpha_p", "alpha_n", "beta", "eps")  # the activation's values, each a per-layer metadata array
+
+
+def _xielu_values(model) -> dict[str, Any]:
+    """The "xielu.*" arrays of `model`'s activations (none where the model runs another activation)."""
+    layers = model.model.layers
+    if model.config.hidden_act != "xielu":
+        return {}
+    return {
+        f"xielu.{k}": [getattr(layer.mlp.act_fn, k).detach().float().item() for layer in layers]
+        for k in XIELU
+    }
+
+
+class ApertusLayout:
+    """ApertusForCausalLM.gguf: the layout (class access: what the reader and the family table see), or, on an
+    instance, the layout whose write_config also writes that model's xIELU arrays (GGUF out)."""
+
+    layout = GGUFLayout(
+        "apertus",
+        config=tuple((f"xielu.{k}", f"xielu_{k}") for k in XIELU),  # read into the config, see init_new
+        layer=(("attn_norm", "attention_layernorm"), ("ffn_norm", "feedforward_layernorm")),
+        fixed=(
+            ("hidden_act", "xielu"),
+            ("tie_word_embeddings", False),
+        ),  # llama.cpp's graph, its output tensor
+        present=(("blk.0.attn_q.bias", "attention_bias"),),
+        unprefixed=tuple(f"xielu.{k}" for k in XIELU),  # llama.cpp's keys for them have no "apertus." prefix
+    )
+
+    def __get__(self, obj, cls=None) -> GGUFLayout:
+        if obj is None:
+            return self.layout
+        return dataclasses.replace(self.layout, write_config=lambda out, c: out.update(_xielu_values(obj)))
+
+
+class _NoXieluTensors:
+    """A checkpoint rule for GGUF out only: the activations' values go in the metadata, not as tensors."""
+
+    def piece(self, name: str) -> None:
+        return None
+
+    def split(self, name: str, t: torch.Tensor) -> list | None:
+        return [] if ".mlp.act_fn." in name else None
+
+
 class ApertusForCausalLM(CausalLM):
     """transformers' ApertusForCausalLM."""
 
     config_class = ApertusConfig
+    gguf = ApertusLayout()
+    checkpoint_rules = CheckpointRules([_NoXieluTensors()])
     # transformers' base_model_tp_plan: attention as Llama's, up_proj split by output features, down_proj by input
     # (the per-head q/k norms, replicated there, stay whole on every rank here as every norm does)
     tp_patterns: ClassVar[dict[str, str]] = {k: v for k, v in LLAMA_TP.items() if "gate_proj" not in k}
@@ -151,3 +210,31 @@ class ApertusForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, ApertusModel(config))
+
+    @property
+    def new_if_missing(self) -> tuple[str, ...]:
+        """The activations' tensors, where the config holds their values (a GGUF file's metadata)."""
+        if self.config.hidden_act != "xielu" or "xielu_alpha_p" not in self.config.extra:
+            return ()
+        n = self.config.num_hidden_layers
+        return tuple(f"model.layers.{i}.mlp.act_fn.{k}" for i in range(n) for k in XIELU)
+
+    def init_new(self, names: list[str]) -> str:
+        """The activations' values from the config's "xielu_*" lists (a GGUF file's metadata), then dropped from
+        the config, as the checkpoint's tensors would have given them."""
+        extra = self.config.extra
+        values = {k: extra.pop(f"xielu_{k}") for k in XIELU}
+        for k, v in values.items():
+            if not isinstance(v, list) or len(v) != self.config.num_hidden_layers:
+                raise ConfigError(
+                    f"{self.config.source}: xielu.{k} must hold one value per layer, found {v!r}"
+                )
+        for i, layer in enumerate(self.model.layers):
+            act, like = layer.mlp.act_fn, layer.feedforward_layernorm.weight
+            for k in XIELU:
+                t = torch.tensor(values[k][i], dtype=like.dtype, device=like.device)
+                if k in ("alpha_p", "alpha_n"):
+                    setattr(act, k, nn.Parameter(t.reshape(1), requires_grad=like.requires_grad))
+                else:
+                    setattr(act, k, t)
+        return "xIELU values from the GGUF metadata"

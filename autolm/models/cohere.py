@@ -156,6 +156,15 @@ def gguf_write_config(m: dict[str, Any], c: CohereConfig) -> None:
     m["rope.scaling.type"] = "none"  # the converter's; a scaled RoPE then reads back unscaled, and is refused
 
 
+def gguf_derive(d: dict[str, Any], get: Any) -> None:
+    """llama.cpp's command-r loads q/k norms (Command R+'s) only in models of 64 or more layers."""
+    if d.get("use_qk_norm") and d["num_hidden_layers"] < 64:
+        raise ConfigError(
+            "llama.cpp's 'command-r' reads q/k norms (blk.N.attn_q_norm) only with 64 or more layers, not "
+            f"{d['num_hidden_layers']}: use_qk_norm"
+        )
+
+
 class CohereForCausalLM(CausalLM):
     """transformers' CohereForCausalLM: logits = lm_head(h) * logit_scale."""
 
@@ -166,6 +175,7 @@ class CohereForCausalLM(CausalLM):
         "command-r",
         config=(("attention.layer_norm_epsilon", "layer_norm_eps"), ("logit_scale", "logit_scale")),
         present=(("blk.0.attn_q.bias", "attention_bias"), ("blk.0.attn_q_norm.weight", "use_qk_norm")),
+        derive=gguf_derive,
         write_config=gguf_write_config,
     )
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP  # transformers' base_model_tp_plan for Cohere

@@ -278,6 +278,20 @@ SIGMOID_GATING = (
 )
 
 
+def _q_lora_rank(d: dict[str, Any], get) -> int | None:
+    """llama.cpp's deepseek2 reads attention.q_lora_rank by the layer count: never in its "lite" models (26 or 27
+    layers, or 48 with a vocabulary of 128256: DeepSeek-V2-Lite, Moonlight, GigaChat3), always in the others."""
+    n = d.get("num_hidden_layers")
+    if n in (26, 27) or (n == 48 and d.get("vocab_size") == 128256):
+        return None
+    if get("attention.q_lora_rank") is None:
+        raise ConfigError(
+            f"llama.cpp's deepseek2 needs attention.q_lora_rank in a model of {n} layers (only its 26, 27 and "
+            "48-layer 'lite' models project q without it): q_lora_rank"
+        )
+    return get("attention.q_lora_rank")
+
+
 def _gguf_config(d: dict[str, Any], get) -> None:
     """What llama.cpp's deepseek2 metadata says in its own terms: MLA as MQA (head_count_kv 1, key/value lengths
     of the latent), the head sizes in key_length_mla / value_length_mla, the expert settings by their presence
@@ -287,7 +301,7 @@ def _gguf_config(d: dict[str, Any], get) -> None:
     d["num_key_value_heads"] = d.get("num_attention_heads")
     key = get("attention.key_length_mla")
     d["qk_nope_head_dim"] = key - rope if _is_int(key) and _is_int(rope) else key
-    d["q_lora_rank"] = get("attention.q_lora_rank")
+    d["q_lora_rank"] = _q_lora_rank(d, get)
     d["norm_topk_prob"] = bool(get("expert_weights_norm", False))
     d.setdefault("routed_scaling_factor", 1.0)
     d.setdefault("n_group", 1)

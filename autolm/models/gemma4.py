@@ -14,8 +14,8 @@ layer reworked:
   Gemma4TextRouter), its input normed by pre_feedforward_layernorm_2; the MLP's and the experts' outputs normed
   (post_feedforward_layernorm_1 / _2), summed, then post_feedforward_layernorm;
 - E2B / E4B: per-layer input embeddings, KV sharing over the last layers, double-wide MLPs (gemma4_small.py).
-
-Not supported (ConfigError naming the key): bidirectional attention (use_bidirectional_attention "all").
+GGUF in and out as llama.cpp's converter writes the family: gemma4_gguf.py. Not supported (ConfigError naming the
+key): bidirectional attention (use_bidirectional_attention "all").
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Ignored, Linear, Rename, RMSNorm
 from ..nn.linear import packed
 from ..nn.rope import Rotary, apply_rotary, cos_sin, inv_freq_and_scale
+from . import gemma4_gguf as gguf_io
 from . import gemma4_small as small
 from .base import DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM, Gemma2Model, takes_hidden_activation
@@ -139,8 +140,14 @@ class Gemma4TextConfig(Gemma2Config):
 
     rope_theta = property(lambda self: float(self.rope_parameters["full_attention"]["rope_theta"]))
 
-    def rope_kinds(self) -> dict[str, dict[str, Any]]:
+    def own_rope_kinds(self) -> dict[str, dict[str, Any]]:  # the model's RoPE tables
         return {kind: self.rope_parameters.get(kind) for kind in _KINDS if kind in self.layer_types}
+
+    def rope_kinds(self) -> dict[str, dict[str, Any]]:  # the shared code's: all but "proportional"
+        return {k: r for k, r in self.own_rope_kinds().items() if r.get("rope_type") != "proportional"}
+
+    gguf_not_compared: ClassVar[tuple[str, ...]] = gguf_io.NOT_COMPARED  # GGUF out: compared its own way
+    gguf_compared = gguf_io.compared
 
     def layer_rope(self, i: int) -> str:
         return self.layer_types[i]
@@ -152,13 +159,8 @@ class Gemma4TextConfig(Gemma2Config):
                  "language models only (expected null, or 'vision', which leaves text causal)")  # fmt: skip
         for kind in set(self.layer_types or ()) & set(_KINDS):
             _require(bool(self.rope_parameters.get(kind)), f"{src}: rope_parameters has no entry for {kind!r}")  # fmt: skip
-        own = self.rope_kinds  # the shared checks know every RoPE type but "proportional", checked below
-        self.rope_kinds = lambda: {k: r for k, r in own().items() if r.get("rope_type") != "proportional"}
-        try:
-            PretrainedConfig.validate(self)
-        finally:
-            del self.rope_kinds
-        for kind, rope in own().items():
+        PretrainedConfig.validate(self)  # its RoPE checks know every type but "proportional", checked here
+        for kind, rope in self.own_rope_kinds().items():
             if rope.get("rope_type") == "proportional":
                 _validate_proportional(rope, f"{src}: rope_parameters[{kind!r}]")
         self._validate_gemma4()
@@ -377,7 +379,7 @@ class Gemma4TextModel(small.PerLayerInputs, Gemma2Model):
         DecoderModel.__init__(self, config, Gemma4TextDecoderLayer, _norm(config)(config.hidden_size))
         self.add_per_layer_modules(config, _norm(config))  # per-layer inputs, where the config has them
         self.embed_scale = config.hidden_size**0.5
-        kinds = config.rope_kinds()
+        kinds = config.own_rope_kinds()
         self.rotary = Gemma4Rotary(kinds, {k: config.kind_head_dim(k) for k in kinds},
                                    config.max_position_embeddings)  # fmt: skip
 
@@ -390,9 +392,9 @@ class Gemma4ForCausalLM(small.SmallCausalLM, Gemma2ForCausalLM):
     # the image-text checkpoints (Gemma4Config): their language model's tensors, saved as the text model's
     checkpoint_rules = CheckpointRules([Rename(r"^model\.language_model\.", "model.", r"(?!)", ""),
                                         Ignored(r"(model\.)?(vision_tower|audio_tower|embed_vision|embed_audio)\..+")])  # fmt: skip
-    gguf = None  # llama.cpp's gemma4 layout is not emulated
+    gguf = gguf_io.LAYOUT  # llama.cpp's Gemma4Model converter's file (models.gemma4_gguf)
     _no_split_modules: ClassVar[list[str]] = ["Gemma4TextDecoderLayer"]
 
     def __init__(self, config: Any):
         Gemma2ForCausalLM.__init__(self, config, Gemma4TextModel(config))
-        self.checkpoint_rules = self.rules_for(config)
+        self.checkpoint_rules = gguf_io.with_rules(self.rules_for(config), config)  # GGUF's rules first

@@ -98,6 +98,17 @@ def derive(d: dict[str, Any], get) -> None:
     if isinstance(inner, int) and isinstance(heads, int) and isinstance(hidden, int) and heads and hidden:
         d["mamba_expand"], d["mamba_d_head"] = inner // hidden, inner // heads
     d.setdefault("num_local_experts", 0)
+    if not d[
+        "num_local_experts"
+    ]:  # llama.cpp sizes a dense layer's MLP (the shared one) by feed_forward_length
+        d["shared_intermediate_size"] = d.get("intermediate_size")
+    if (d.get("num_experts_per_tok") or 0) > d[
+        "num_local_experts"
+    ]:  # llama.cpp asserts on loading such a file
+        raise ConfigError(
+            f"expert_used_count {d['num_experts_per_tok']} is more than expert_count {d['num_local_experts']}: "
+            "llama.cpp cannot load it (num_experts_per_tok)"
+        )
 
 
 def write_config(out: dict[str, Any], c) -> None:

@@ -13,6 +13,7 @@ each followed by a feed-forward part that is a dense SiLU-gated MLP or a sparse 
   head by default.
 
 Checkpoints hold one tensor per expert (`feed_forward.experts.N.gate_proj`, ...); the model holds them stacked.
+GGUF in and out as llama.cpp's converter writes Jamba ("jamba"): models.jamba_gguf.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, Experts, GatedMLP, RMSNorm, Router, SparseMoeBlock
+from ..nn import ACTIVATIONS, Attention, CheckpointRules, Experts, GatedMLP, RMSNorm, Router, SparseMoeBlock
 from ..nn.mamba1 import MambaMixer
+from . import jamba_gguf
 from .base import CausalLM, DecoderModel
+from .mamba import MambaGGUF
 from .mixtral import MOE_TP, validate_experts
 from .qwen2_moe import QWEN_MOE_RULES
 
@@ -47,6 +50,8 @@ class JambaConfig(PretrainedConfig):
         "mamba_conv_bias",
         "mamba_proj_bias",
     )
+    # GGUF out compares the layer kinds, not the periods and offsets (models.jamba_gguf)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = jamba_gguf.NOT_COMPARED
 
     vocab_size: int = 65536
     hidden_size: int = 4096
@@ -86,6 +91,9 @@ class JambaConfig(PretrainedConfig):
 
     def has_experts(self, i: int) -> bool:
         return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
+    def gguf_compared(self) -> dict[str, Any]:
+        return jamba_gguf.compared(self)
 
     def validate(self) -> None:
         src = self.source
@@ -156,7 +164,9 @@ class JambaForCausalLM(CausalLM):
 
     config_class = JambaConfig
     recurrent: ClassVar[bool] = True  # the Mamba layers' states: the general forward decodes
-    checkpoint_rules = QWEN_MOE_RULES  # one tensor per expert on disk, stacked in the model
+    # one tensor per expert on disk, stacked in the model; llama.cpp's A, D and conv of the Mamba mixers
+    checkpoint_rules = CheckpointRules([*QWEN_MOE_RULES.rules, MambaGGUF("mamba")])
+    gguf = jamba_gguf.LAYOUT  # llama.cpp's JambaModel converter
     # attention and the dense MLPs split as Llama's, the experts cut their own intermediate rows; the Mamba mixers
     # are replicated on every rank
     tp_patterns: ClassVar[dict[str, str]] = {

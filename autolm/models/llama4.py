@@ -18,6 +18,14 @@ Pre-norm layers of grouped-query attention and a feed-forward block (`feed_forwa
   (`shared_expert`, also of intermediate_size) on the plain input adds to their sum. The other layers have a dense
   gated MLP of `intermediate_size_mlp`.
 
+GGUF (llama.cpp's "llama4", as its Llama4Model converter writes it): Llama's names with the feed-forward block's
+(router ffn_gate_inp, the experts split into ffn_{gate,up,down}_exps, the shared expert as *_shexp), q/k rows not
+permuted (llama.cpp turns consecutive pairs, as this model), feed_forward_length the dense MLPs' width and
+expert_feed_forward_length the experts', Llama 3 RoPE as the rope_freqs tensor. llama.cpp's graph fixes the rest:
+chunks of 8192 on three layers of four, the fourth NoPE with the temperature (floor_scale 8192, attn_scale 0.1),
+mixtures on every interleave_moe_layer_step-th layer, no biases, and the q/k norm on exactly the files without
+128 experts (Maverick's). A file reads back as that; GGUF out refuses a model that differs, naming the field.
+
 Positions are each row's own (counted from its first real token), in the temperature as in the chunks.
 transformers' Llama4TextAttention counts the temperature's positions in cache slots instead, so a left-padded row of
 a batch differs from it from position floor_scale - 1 - padding on (8191 by default); chunks match.
@@ -39,6 +47,7 @@ from ..nn import (
     CheckpointRules,
     Experts,
     GatedMLP,
+    GGUFLayout,
     Ignored,
     Rename,
     RMSNorm,
@@ -47,11 +56,14 @@ from ..nn import (
     SparseMoeBlock,
     apply_rotary,
 )
+from ..nn.expert_formats import GGUFExperts
 from .base import CausalLM, DecoderModel
 from .mixtral import validate_experts
 
 TEMPERATURE = "llama4_temperature"  # the NoPE layers' per-position query scale, carried with the RoPE tables
 _LAYER_TYPES = ("full_attention", "chunked_attention")
+# a GGUF file's config (GGUFLayout.fixed): the q/k norm as llama.cpp decides it, on unless 128 experts
+QK_NORM_BY_EXPERTS = "llama_cpp_qk_norm_by_experts"
 
 
 @dataclass(repr=False)
@@ -99,6 +111,8 @@ class Llama4TextConfig(PretrainedConfig):
         return super().read_rope({"rope_theta": cls.default_theta, **d}, source)
 
     def __post_init__(self) -> None:
+        if self.extra.pop(QK_NORM_BY_EXPERTS, False):  # read from a GGUF file: llama.cpp's rule
+            self.use_qk_norm = self.num_local_experts != 128
         n = self.num_hidden_layers
         if _is_int(n) and 0 < n <= 4096:
             for name in ("no_rope_layer_interval", "interleave_moe_layer_step"):
@@ -313,6 +327,32 @@ LLAMA4_TP = {
 }
 
 
+# llama.cpp's Llama4Model converter: the config keys beyond autolm's common ones, the feed-forward block's names
+GGUF_CONFIG = (
+    ("feed_forward_length", "intermediate_size_mlp"),  # the converter's intermediate_size
+    ("expert_feed_forward_length", "intermediate_size"),
+    ("expert_count", "num_local_experts"),
+    ("expert_used_count", "num_experts_per_tok"),
+    ("interleave_moe_layer_step", "interleave_moe_layer_step"),
+)
+GGUF_LAYER = (
+    *((f"ffn_{p}", f"feed_forward.{p}_proj") for p in ("gate", "up", "down")),
+    ("ffn_gate_inp", "feed_forward.router"),
+    *((f"ffn_{p}_exps", f"feed_forward.experts.{p}_proj") for p in ("gate", "up", "down")),
+    *((f"ffn_{p}_shexp", f"feed_forward.shared_expert.{p}_proj") for p in ("gate", "up", "down")),
+)
+# what llama.cpp's graph runs whatever the file says (llama_model_llama4::load_arch_hparams)
+GGUF_FIXED = (
+    ("attention_chunk_size", 8192),
+    ("no_rope_layer_interval", 4),
+    ("attn_temperature_tuning", True),
+    ("floor_scale", 8192),
+    ("attn_scale", 0.1),
+    ("attention_bias", False),
+    (QK_NORM_BY_EXPERTS, True),
+)
+
+
 class Llama4ForCausalLM(CausalLM):
     """transformers' Llama4ForCausalLM (the text model; model_type llama4_text, or llama4's language model)."""
 
@@ -322,8 +362,10 @@ class Llama4ForCausalLM(CausalLM):
             Rename(r"^(language_model\.model|model\.language_model)\.", "model.", r"(?!)", ""),
             Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
             Ignored(r"(model\.)?(vision_model|multi_modal_projector)\..+"),
+            GGUFExperts(transposed=True),  # llama.cpp's stacked experts, gate and up apart, (E, out, in)
         ]
     )
+    gguf = GGUFLayout("llama4", config=GGUF_CONFIG, layer=GGUF_LAYER, fixed=GGUF_FIXED)
     tp_patterns: ClassVar[dict[str, str]] = LLAMA4_TP
     _no_split_modules: ClassVar[list[str]] = ["Llama4TextDecoderLayer"]
 

@@ -18,8 +18,8 @@ ssm_conv1d (the conv weight (I, 1, K) squeezed to (I, K), its bias as it is), ss
 ssm_a (-exp(A_log), named without ".weight"; read back as log(-a), which may differ from A_log in its last bit),
 ssm_d (D, no ".weight"), ssm_out; the head omitted where tied. Metadata: the context length as 2**20, zero
 feed-forward length and head count, the ssm.* sizes (conv kernel, inner size, state size, time step rank) and
-ssm.dt_b_c_rms false (true: Falcon-Mamba's norms of dt, B and C, refused here). The converter pads the vocabulary
-to a multiple of 8 (pad_vocab_size_multiple) in the token list only. llama.cpp's graph has no in_proj/out_proj
+ssm.dt_b_c_rms false (a file with it true is Falcon-Mamba's: autolm.models.falcon_mamba claims it). The converter
+pads the vocabulary to a multiple of 8 (pad_vocab_size_multiple) in the token list only. llama.cpp's graph has no in_proj/out_proj
 bias, always a conv bias, SiLU and an expansion factor of 2: other values are refused on GGUF out.
 """
 
@@ -116,11 +116,15 @@ class MambaConfig(PretrainedConfig):
 
 
 class MambaGGUF:
-    """llama.cpp's ssm_a, ssm_d and ssm_conv1d (as the reader names them: `mixer.ssm_*`) -> A_log, D and conv1d,
-    and back (GGUF out); an assembling checkpoint rule (nn.checkpoint)."""
+    """llama.cpp's ssm_a, ssm_d and ssm_conv1d (as the reader names them: `<mixer>.ssm_*`, the mixer module's name
+    in a layer: Mamba's `mixer`, Jamba's `mamba`) -> A_log, D and conv1d, and back (GGUF out); an assembling
+    checkpoint rule (nn.checkpoint)."""
+
+    def __init__(self, mixer: str = "mixer"):
+        self.mixer = re.escape(mixer)
 
     def piece(self, name: str) -> tuple[str, str] | None:
-        m = re.fullmatch(r"(.+\.mixer)\.(ssm_a|ssm_d|ssm_conv1d)\.(weight|bias)", name)
+        m = re.fullmatch(rf"(.+\.{self.mixer})\.(ssm_a|ssm_d|ssm_conv1d)\.(weight|bias)", name)
         if m is None:
             return None
         prefix, stem, kind = m.groups()
@@ -139,7 +143,7 @@ class MambaGGUF:
         return t.reshape(shape).contiguous()
 
     def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
-        m = re.fullmatch(r"(.+\.mixer)\.(A_log|D|conv1d\.weight|conv1d\.bias)", name)
+        m = re.fullmatch(rf"(.+\.{self.mixer})\.(A_log|D|conv1d\.weight|conv1d\.bias)", name)
         if m is None:
             return None
         prefix, part = m.groups()
@@ -150,22 +154,44 @@ class MambaGGUF:
         return [(f"{prefix}.{'ssm_d.weight' if part == 'D' else 'ssm_conv1d.bias'}", t)]
 
 
-def _derive(d: dict[str, Any], get) -> None:
+def derive(d: dict[str, Any], get) -> None:
     """The converter's placeholders (context length 2**20, no feed-forward, no heads) left to the config's own
-    values; Falcon-Mamba's file (ssm.dt_b_c_rms) refused."""
-    if get("ssm.dt_b_c_rms"):
-        raise ConfigError("a 'mamba' GGUF with ssm.dt_b_c_rms true (Falcon-Mamba's norms of dt, B and C) is not "
-                          "supported")  # fmt: skip
+    values."""
     for field in ("max_position_embeddings", "intermediate_size", "num_attention_heads"):
         d.pop(field, None)
 
 
-def _write_config(out: dict[str, Any], c) -> None:
-    """_derive's inverse: what MambaModel.set_gguf_parameters writes."""
+def write_config(out: dict[str, Any], c) -> None:
+    """derive's inverse: what MambaModel.set_gguf_parameters writes for Mamba (Falcon-Mamba: models.falcon_mamba)."""
     for key in _NOT_WRITTEN:
         out.pop(key, None)
     out.update({"context_length": GGUF_CONTEXT, "feed_forward_length": 0, "attention.head_count": 0,
                 "ssm.inner_size": c.intermediate_size, "ssm.dt_b_c_rms": False})  # fmt: skip
+
+
+# llama.cpp's MambaModel converter: the ssm.* sizes, the mixer's tensors (MambaGGUF: A, D and the conv); what
+# its graph does not read (biases of in_proj/out_proj, another activation or expansion) fixed
+LAYOUT = GGUFLayout(
+    "mamba",
+    config=(
+        ("ssm.conv_kernel", "conv_kernel"),
+        ("ssm.state_size", "state_size"),
+        ("ssm.time_step_rank", "time_step_rank"),
+    ),
+    layer=(
+        ("attn_norm", "norm"),
+        ("ssm_in", "mixer.in_proj"),
+        ("ssm_x", "mixer.x_proj"),
+        ("ssm_dt", "mixer.dt_proj"),
+        ("ssm_out", "mixer.out_proj"),
+        *((stem, f"mixer.{stem}") for stem in ("ssm_conv1d", "ssm_a", "ssm_d")),  # MambaGGUF's pieces
+    ),
+    top=(("token_embd", "backbone.embeddings"), ("output_norm", "backbone.norm_f")),
+    fixed=(("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True), ("expand", 2)),
+    derive=derive,
+    write_config=write_config,
+    bare=("ssm_a", "ssm_d"),
+)
 
 
 class MambaBlock(nn.Module):
@@ -217,29 +243,7 @@ class MambaForCausalLM(CausalLM):
     checkpoint_rules = CheckpointRules(
         [Rename(r"^backbone\.embedding\.", "backbone.embeddings.", r"(?!)", ""), MambaGGUF()]
     )
-    # llama.cpp's MambaModel converter: the ssm.* sizes, the mixer's tensors (MambaGGUF: A, D and the conv); what
-    # its graph does not read (biases of in_proj/out_proj, another activation or expansion) fixed
-    gguf = GGUFLayout(
-        "mamba",
-        config=(
-            ("ssm.conv_kernel", "conv_kernel"),
-            ("ssm.state_size", "state_size"),
-            ("ssm.time_step_rank", "time_step_rank"),
-        ),
-        layer=(
-            ("attn_norm", "norm"),
-            ("ssm_in", "mixer.in_proj"),
-            ("ssm_x", "mixer.x_proj"),
-            ("ssm_dt", "mixer.dt_proj"),
-            ("ssm_out", "mixer.out_proj"),
-            *((stem, f"mixer.{stem}") for stem in ("ssm_conv1d", "ssm_a", "ssm_d")),  # MambaGGUF's pieces
-        ),
-        top=(("token_embd", "backbone.embeddings"), ("output_norm", "backbone.norm_f")),
-        fixed=(("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True), ("expand", 2)),
-        derive=_derive,
-        write_config=_write_config,
-        bare=("ssm_a", "ssm_d"),
-    )
+    gguf = LAYOUT  # llama.cpp's MambaModel converter
     tp_patterns: ClassVar[dict[str, str]] = {}  # no attention: the mixers run whole on every rank
     _no_split_modules: ClassVar[list[str]] = ["MambaBlock"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..nn import GGUFLayout
 from .llama import LlamaConfig, LlamaForCausalLM
@@ -30,6 +30,15 @@ class MistralConfig(LlamaConfig):
     o_bias = property(lambda self: False)
 
 
+def _gguf_write_config(m: dict[str, Any], c: MistralConfig) -> None:
+    """llama.cpp's LlamaModel converter writes no sliding window."""
+    m.pop("attention.sliding_window", None)
+
+
 class MistralForCausalLM(LlamaForCausalLM):
     config_class = MistralConfig
-    gguf = GGUFLayout("mistral", permute_qk=True)
+    # llama.cpp's converter writes Mistral as "llama", whose graph has no sliding window: a model with one goes out
+    # without it, with a warning (gguf_plan.check); a file reads back as Llama
+    gguf = GGUFLayout(
+        "llama", permute_qk=True, fixed=(("sliding_window", None),), write_config=_gguf_write_config
+    )

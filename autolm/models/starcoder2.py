@@ -134,6 +134,13 @@ class Starcoder2Model(DecoderModel):
 def _gguf_metadata(meta: dict[str, Any], config: Starcoder2Config) -> None:
     """GGUF out: TextModel's keys only; the norms are LayerNorms (layer_norm_epsilon), not RMSNorms."""
     meta.pop("attention.layer_norm_rms_epsilon", None)
+    meta.pop("attention.sliding_window", None)
+
+
+def _gguf_derive(d: dict[str, Any], get: Any) -> None:
+    """llama.cpp's starcoder2 loads every bias (q/k/v/o, the MLP's, the norms'): a file without them fails there."""
+    if not d.get("use_bias"):
+        raise ConfigError("llama.cpp's 'starcoder2' needs the attention and MLP biases: use_bias")
 
 
 class Starcoder2ForCausalLM(CausalLM):
@@ -141,13 +148,15 @@ class Starcoder2ForCausalLM(CausalLM):
 
     config_class = Starcoder2Config
     # llama.cpp's converter (its StarCoder2Model is TextModel's defaults): layer_norm_epsilon, no q/k permutation,
-    # c_fc / c_proj as ffn_up / ffn_down, biases (written where use_bias), no sliding window
+    # c_fc / c_proj as ffn_up / ffn_down, biases (llama.cpp's graph needs them), no sliding window (its graph attends
+    # over the whole context: a model with one goes out with a warning, gguf_plan.check)
     gguf = GGUFLayout(
         "starcoder2",
         config=(("attention.layer_norm_epsilon", "norm_epsilon"),),
         layer=(("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")),
-        fixed=(("use_bias", False),),
+        fixed=(("use_bias", False), ("sliding_window", None)),
         present=(("blk.0.attn_q.bias", "use_bias"),),
+        derive=_gguf_derive,
         write_config=_gguf_metadata,
     )
     # transformers' base_model_tp_plan: attention as Llama's, c_fc split by output features, c_proj by input

@@ -210,3 +210,5 @@ class GGUFLayout:
     # blk.N.<name> tensors llama.cpp names without a ".weight" suffix (Mamba's and Gated DeltaNet's ssm_a): read
     # as <name>.weight, written without the suffix
     bare: tuple[str, ...] = ()
+    # metadata keys llama.cpp reads without the "<arch>." prefix (Apertus' xielu.* arrays): read and written bare
+    unprefixed: tuple[str, ...] = ()

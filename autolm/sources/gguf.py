@@ -115,6 +115,8 @@ class GGUFFile:
         self.layout = self.family.gguf
 
     def get(self, key: str, default: Any = None) -> Any:
+        if key in self.layout.unprefixed:
+            return self.metadata.get(key, default)
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
     def values(self, t: TensorInfo) -> list[float]:
@@ -195,7 +197,7 @@ def config_from_gguf(g: GGUFFile, **overrides):
     for t in g.tensors:
         if t.name in dict(g.layout.rope_tensors):
             rope[dict(g.layout.rope_tensors)[t.name]] = g.values(t)
-        if t.name == ROPE_FREQS:
+        if t.name == ROPE_FREQS and t.name not in dict(g.layout.rope_tensors):  # else the layout's own
             if g.layout.derive is not None or scaling is not None:
                 raise GGUFError(
                     f"{g.path}: {ROPE_FREQS} with {g.layout.arch}'s own RoPE settings is not supported"
@@ -244,7 +246,7 @@ def hf_name(gguf_name: str, family) -> str | None:
     and its layers' prefix); None for unknown tensors."""
     if re.fullmatch(r"blk\.\d+\.(\w+)", gguf_name) and gguf_name.rpartition(".")[2] in family.gguf.bare:
         gguf_name += ".weight"  # a tensor llama.cpp names without the suffix (GGUFLayout.bare)
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias)", gguf_name)  # LFM2: shortconv.conv
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias|scale)", gguf_name)  # LFM2: shortconv.conv
     if m:
         part = dict(family.gguf.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"{family.layers_prefix}.{m.group(1)}.{part}.{m.group(3)}"
