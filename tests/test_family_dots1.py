@@ -3,7 +3,8 @@ GQA, windows on the layers from max_window_layers on; a dense first layer then t
 groups (each token's experts from the 1 best group; sigmoid scores steered by a random e_score_correction_bias,
 renormalised, scaled by routed_scaling_factor) plus 2 shared experts; the checkpoint as transformers writes it (one
 tensor per expert). The standard battery, GGUF as llama.cpp's Dots1Model converter writes it (in, and out of
-autolm), and the CLI (dots.llm1's chat template is not among the test data: ChatML stands in)."""
+autolm) of a checkpoint llama.cpp's dots1 runs (no GQA, biases, groups or windows; the others refused), and the CLI
+(dots.llm1's chat template is not among the test data: ChatML stands in)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ SIZES = dict(
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for dots1
 DOTS = GroupedFamily("Dots1Config", dict(SIZES, n_group=2, topk_group=1, attention_bias=True, sliding_window=4,
                                          max_window_layers=1), lora_targets=TARGETS)  # fmt: skip
-# what llama.cpp's dots1 runs: no groups, no biases, no windows
-PLAIN = GroupedFamily("Dots1Config", dict(SIZES, sliding_window=None), lora_targets=TARGETS)
+# what llama.cpp's dots1 runs (dots.llm1's shape): no groups, no biases, no windows, no GQA (its k and v are as wide
+# as q); config.json's scoring_func "sigmoid" (not a field of transformers' config) gives the converter the gating
+# function, which llama.cpp's graph needs
+PLAIN = GroupedFamily("Dots1Config", dict(SIZES, sliding_window=None, num_key_value_heads=4, scoring_func="sigmoid"),
+                      lora_targets=TARGETS)  # fmt: skip
 
 
 def test_logits(tmp_path_factory):
@@ -93,27 +97,35 @@ def test_save(tmp_path_factory, tmp_path):
 # ---- GGUF: llama.cpp's Dots1Model converter, emulated -----------------------------------------------------------
 
 
+# config.json's scoring_func -> gguf.ExpertGatingFuncType
+GATING = {"sigmoid": "SIGMOID", "softmax": "SOFTMAX"}
+
+
 def write_dots1_gguf(hf, path: str) -> None:
     """The GGUF llama.cpp's converter makes of transformers' dots.llm1 `hf` (--outtype f32): TextModel's keys (the
-    head size only where config.json has head_dim), Qwen2MoeModel's expert counts and length, then the leading dense
-    layers, shared experts, routed_scaling_factor and norm_topk_prob as expert_weights_scale / _norm, the sigmoid
-    gating (scoring_func noaux_tc); tensors as GLM-4.5's converter writes them."""
+    expert counts and groups, the gating function where config.json has scoring_func, the head size only where it
+    has head_dim), Qwen2MoeModel's expert length, then the leading dense layers, shared experts,
+    routed_scaling_factor and norm_topk_prob as expert_weights_scale / _norm; tensors as GLM-4.5's converter writes
+    them."""
     import gguf
 
     c, hp = hf.config, json.load(open(f"{hf.name_or_path}/config.json"))
     w = gguf.GGUFWriter(path, "dots1")
     add_text_model(w, c)
+    w.add_expert_count(c.n_routed_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_group_count(hp["n_group"])
+    w.add_expert_group_used_count(hp["topk_group"])
+    if hp.get("scoring_func") in GATING:
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType[GATING[hp["scoring_func"]]])
     if "head_dim" in hp:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
-    w.add_expert_count(c.n_routed_experts)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_leading_dense_block_count(c.first_k_dense_replace)
     w.add_expert_shared_count(c.n_shared_experts)
     w.add_expert_weights_scale(c.routed_scaling_factor)
     w.add_expert_weights_norm(c.norm_topk_prob)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     write_tensors(w, hf, gguf.MODEL_ARCH.DOTS1, c.num_hidden_layers)
 
 
@@ -122,10 +134,37 @@ def test_gguf(tmp_path_factory, tmp_path):
     assert model.config.n_group == 1 and model.config.norm_topk_prob
 
 
-def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
-    check_gguf_out_refuses(
-        DOTS, tmp_path_factory, tmp_path, byte_tokenizer, "attention_bias.*n_group.*layer windows"
-    )
+@pytest.mark.parametrize(
+    ("family", "match"),
+    [
+        (GroupedFamily("Dots1Config", dict(DOTS.kwargs, num_key_value_heads=4)), "attention_bias.*n_group"),
+        (GroupedFamily("Dots1Config", dict(SIZES, sliding_window=None)), "num_key_value_heads"),
+        (GroupedFamily("Dots1Config", dict(PLAIN.kwargs, tie_word_embeddings=True)), "tie_word_embeddings"),
+    ],
+    ids=["bias-groups", "gqa", "tied"],
+)  # fmt: skip
+def test_gguf_out_refuses(family, match, tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """Biases (llama.cpp's dots1 loads no attn_output.bias), groups, GQA (its k and v are as wide as q: such a file
+    does not load there), a tied head (it requires output.weight): refused, naming the fields, no file (a window
+    alone is written with a warning: gguf_plan's rule for formats without one)."""
+    check_gguf_out_refuses(family, tmp_path_factory, tmp_path, byte_tokenizer, f"'dots1' model.*{match}")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(SIZES, sliding_window=None), "num_key_value_heads"),
+        (dict(PLAIN.kwargs, scoring_func=None), "gating"),
+    ],
+    ids=["gqa", "no-gating"],
+)
+def test_gguf_in_refuses_what_llama_cpp_cannot_run(kwargs, match, tmp_path_factory, tmp_path):
+    """The converter's file of a GQA checkpoint (llama.cpp's dots1 does not load it) or of a config.json without
+    scoring_func (no expert_gating_func: llama.cpp's graph aborts): a ConfigError naming the key."""
+    _, hf = GroupedFamily("Dots1Config", kwargs).checkpoint(tmp_path_factory)
+    write_dots1_gguf(hf, str(tmp_path / "model.gguf"))
+    with pytest.raises(autolm.ConfigError, match=match):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
 
 
 # ---- CLI, config -------------------------------------------------------------------------------------------------

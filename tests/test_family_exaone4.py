@@ -1,7 +1,8 @@
 """EXAONE 4 against transformers: post-sublayer norms, per-head q/k norms, GQA, head_dim != hidden / heads; a
 1.2B-like checkpoint (every layer global with RoPE, no window, tied head) and a 32B-like one (local and global
 layers alternating, a 5-slot window shorter than the prompts, the global layers without RoPE, untied head). The
-standard battery, GGUF as llama.cpp writes it (in and out) and the CLI."""
+standard battery, GGUF as llama.cpp writes it (in and out) of variants llama.cpp's exaone4 runs (head_dim * heads ==
+hidden; the window at 64 layers, the only depth it slides at; the others refused), and the CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from family_checks import Family
 from gguf_llamacpp import CONVERTERS, check_gguf, write_gguf
 from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
+from test_gguf_out import byte_tokenizer  # noqa: F401
 
 import autolm
 
@@ -25,6 +27,13 @@ EXAONE4_32B = Family(
     dict(SMALL, num_hidden_layers=4, sliding_window=5, sliding_window_pattern=2),
     lora_targets=["q_proj", "v_proj", "down_proj"],
 )
+# what llama.cpp's exaone4 runs: head_dim * heads == hidden_size (its attention output is hidden_size wide), and a
+# window (with global NoPE layers) only at EXAONE-4.0-32B's depth, 64 layers (every 4th global, as the 32B's)
+GGUF_SMALL = dict(SMALL, head_dim=16)
+EXAONE4_1B_GGUF = Family("Exaone4Config", dict(EXAONE4_1B.kwargs, head_dim=16))
+EXAONE4_32B_GGUF = Family("Exaone4Config", dict(GGUF_SMALL, num_hidden_layers=64, sliding_window=5))
+# a window at another depth: llama.cpp's exaone4 runs every layer global with RoPE
+SHALLOW = Family("Exaone4Config", dict(EXAONE4_32B.kwargs, head_dim=16))
 BOTH = pytest.mark.parametrize("family", [EXAONE4_1B, EXAONE4_32B], ids=["1.2b", "32b"])
 
 
@@ -90,10 +99,41 @@ def test_disk_offload(tmp_path_factory, tmp_path):
     EXAONE4_32B.check_disk_offload(tmp_path_factory, tmp_path)
 
 
-@BOTH
+@pytest.mark.parametrize("family", [EXAONE4_1B_GGUF, EXAONE4_32B_GGUF], ids=["1.2b", "32b"])
 def test_gguf(family, tmp_path_factory, tmp_path):
     model, _ = check_gguf(family, tmp_path_factory, tmp_path)
     assert model.config.layer_types == family.checkpoint(tmp_path_factory)[1].config.layer_types
+
+
+def test_gguf_reads_a_window_as_llama_cpp(tmp_path_factory, tmp_path):
+    """The converter's file of a windowed model of other than 64 layers loads as llama.cpp runs it: every layer
+    global, with RoPE (the window and flags in the file unused)."""
+    import gguf
+
+    _, hf = SHALLOW.checkpoint(tmp_path_factory)
+    write_exaone4_gguf(hf, str(tmp_path / "model.gguf"))
+    assert (
+        gguf.GGUFReader(str(tmp_path / "model.gguf")).get_field("exaone4.attention.sliding_window").contents()
+        == 5
+    )
+    c = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").config
+    assert c.sliding_window is None and c.layer_types == ["full_attention"] * 4
+    assert [c.layer_rope(i) for i in range(4)] == ["default"] * 4
+
+
+@pytest.mark.parametrize(
+    ("family", "field"), [(EXAONE4_1B, "head_dim"), (SHALLOW, "layer RoPE")], ids=["head_dim", "window"]
+)
+def test_gguf_out_refuses(family, field, tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """A head size but hidden_size / heads (llama.cpp's attention output is hidden_size wide), a window at another
+    depth than 64 layers (llama.cpp slides only there, and rotates the global layers the model leaves unrotated): a
+    ConfigError naming the field, and no file."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match=f"'exaone4' model.*{field}"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()
 
 
 def test_cli(tmp_path_factory, tmp_path):

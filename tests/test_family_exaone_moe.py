@@ -44,8 +44,10 @@ SIZES = dict(
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for exaone_moe
 EXAONE = GroupedFamily("ExaoneMoeConfig", dict(SIZES, n_group=2, topk_group=1), lora_targets=TARGETS)
-# what llama.cpp's exaone-moe runs: no groups
-PLAIN = GroupedFamily("ExaoneMoeConfig", SIZES, lora_targets=TARGETS)
+# what llama.cpp's exaone-moe runs: no groups; config.json's scoring_func "sigmoid" (K-EXAONE's, not a field of
+# transformers' config) gives the converter the gating function, which llama.cpp requires
+PLAIN = GroupedFamily("ExaoneMoeConfig", dict(SIZES, scoring_func="sigmoid"), lora_targets=TARGETS)
+TIED = GroupedFamily("ExaoneMoeConfig", dict(PLAIN.kwargs, tie_word_embeddings=True))
 # the dense layer in the middle (mlp_layer_types over first_k_dense_replace)
 MIXED = GroupedFamily("ExaoneMoeConfig", dict(SIZES, mlp_layer_types=["sparse", "dense", "sparse"]))
 # YaRN, which llama.cpp's exaone-moe does not apply
@@ -138,10 +140,15 @@ def test_save(tmp_path_factory, tmp_path):
 # ---- GGUF: llama.cpp's ExaoneMoEModel converter, emulated -------------------------------------------------------
 
 
+# config.json's scoring_func -> gguf.ExpertGatingFuncType
+GATING = {"sigmoid": "SIGMOID", "softmax": "SOFTMAX"}
+
+
 def write_exaone_moe_gguf(hf, path: str) -> None:
     """The GGUF llama.cpp's converter (ExaoneMoEModel, --outtype f32) makes of transformers' EXAONE MoE `hf`, from
     the checkpoint files: TextModel's keys (block_count counting the next-token-prediction layers, expert and group
-    counts, the head size where config.json has head_dim), the vocabulary size, the window and the local layers as
+    counts, the gating function where config.json has scoring_func, the head size where it has head_dim), the
+    vocabulary size, the window and the local layers as
     flags (Exaone4Model), then the experts' lengths, shared experts, weights' scale and renormalisation, the leading
     dense layers, nextn_predict_layers and RoPE scaling "none"; no q/k permutation; each layer's experts stacked,
     the correction bias as exp_probs_b.bias, the mtp.* weights as layers past the last; a plain vocabulary."""
@@ -151,6 +158,8 @@ def write_exaone_moe_gguf(hf, path: str) -> None:
     nextn = hp.get("num_nextn_predict_layers", 0)
     w = gguf.GGUFWriter(path, "exaone-moe")
     add_text_model(w, c, c.num_hidden_layers + nextn)
+    if hp.get("scoring_func") in GATING:  # TextModel's gating function, from config.json's scoring_func
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType[GATING[hp["scoring_func"]]])
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     w.add_expert_group_count(c.n_group)
@@ -220,20 +229,30 @@ def test_gguf(tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "refused"),
-    [(EXAONE, "n_group"), (MIXED, "mlp_layer_types"), (YARN, "RoPE")],
-    ids=["grouped", "mixed", "yarn"],
+    [(EXAONE, "n_group"), (MIXED, "mlp_layer_types"), (YARN, "RoPE"), (TIED, "tie_word_embeddings")],
+    ids=["grouped", "mixed", "yarn", "tied"],
 )
 def test_gguf_out_refuses_what_llama_cpp_cannot_run(
     family, refused, tmp_path_factory, tmp_path, byte_tokenizer
 ):
     """Groups of experts (llama.cpp's exaone-moe routes without them), dense layers past the leading ones, YaRN
-    (its converter writes RoPE scaling "none"): refused, naming the field, and no file."""
+    (its converter writes RoPE scaling "none"), a tied head (it requires output.weight): refused, naming the field,
+    and no file."""
     from autolm.gguf_writer import save_gguf
 
     model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
     with pytest.raises(autolm.ConfigError, match=refused):
         save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
     assert not (tmp_path / "no.gguf").exists()
+
+
+def test_gguf_without_a_gating_function_is_refused(tmp_path_factory, tmp_path):
+    """The converter's file of a config.json without scoring_func holds no expert_gating_func, which llama.cpp's
+    exaone-moe requires: refused, naming the key."""
+    _, hf = GroupedFamily("ExaoneMoeConfig", SIZES).checkpoint(tmp_path_factory)
+    write_exaone_moe_gguf(hf, str(tmp_path / "model.gguf"))
+    with pytest.raises(autolm.ConfigError, match="expert_gating_func"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
 
 
 def test_mtp_weights_are_not_loaded(tmp_path_factory, tmp_path):

@@ -44,6 +44,19 @@ OLMO3_YARN = Family(
         },
     ),
 )
+# what llama.cpp's olmo2 graph runs (Olmo 3's released shapes): no biases (it loads no attn_output.bias), the
+# sliding layers at the full layers' base (it rotates every layer at rope.freq_base)
+OLMO3_GGUF = Family("Olmo3Config", dict(OLMO3.kwargs, attention_bias=False))
+OLMO3_YARN_GGUF = Family(
+    "Olmo3Config",
+    dict(
+        OLMO3_YARN.kwargs,
+        rope_parameters={
+            "full_attention": YARN,
+            "sliding_attention": {"rope_type": "default", "rope_theta": YARN["rope_theta"]},
+        },
+    ),
+)
 
 
 def test_logits(tmp_path_factory):
@@ -144,15 +157,48 @@ def write_olmo3_gguf(hf, path: str) -> None:
 def test_gguf(tmp_path_factory, tmp_path):
     """The converter's file loads as Olmo3ForCausalLM with transformers' logits, the YaRN variant too; an OLMo 2
     file (same architecture name, no window) still loads as Olmo2ForCausalLM."""
-    from test_family_olmo2 import OLMO2
+    from test_family_olmo2 import OLMO2_GGUF
 
     for i, (family, name) in enumerate(
-        ((OLMO3, "Olmo3ForCausalLM"), (OLMO3_YARN, "Olmo3ForCausalLM"), (OLMO2, "Olmo2ForCausalLM"))
+        (
+            (OLMO3_GGUF, "Olmo3ForCausalLM"),
+            (OLMO3_YARN_GGUF, "Olmo3ForCausalLM"),
+            (OLMO2_GGUF, "Olmo2ForCausalLM"),
+        )
     ):
         (tmp_path / str(i)).mkdir()
         model, _ = check_gguf(family, tmp_path_factory, tmp_path / str(i))
         assert type(model).__name__ == name
-        assert model.config.layer_types == (LAYERS if family is not OLMO2 else None)
+        assert model.config.layer_types == (LAYERS if family is not OLMO2_GGUF else None)
+
+
+def test_gguf_reads_the_sliding_base_as_llama_cpp(tmp_path_factory, tmp_path):
+    """A file whose rope.freq_base_swa differs from rope.freq_base (the converter writes the sliding layers' base
+    there) loads as llama.cpp runs it: every layer at rope.freq_base."""
+    _, hf = OLMO3_YARN.checkpoint(tmp_path_factory)
+    write_gguf(hf, str(tmp_path / "model.gguf"))
+    assert (
+        gguf.GGUFReader(str(tmp_path / "model.gguf")).get_field("olmo2.rope.freq_base_swa").contents() == 5e5
+    )
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert model.config.rope_parameters["sliding_attention"] == {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("family", "field"), [(OLMO3, "attention_bias"), (OLMO3_YARN, "RoPE")], ids=["bias", "base"]
+)
+def test_gguf_out_refuses(family, field, tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """Biases (llama.cpp's olmo2 loads no attn_output.bias), a sliding layers' RoPE base but the full layers' (its
+    graph rotates every layer at rope.freq_base): a ConfigError naming the field, and no file."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match=f"'olmo3' model.*{field}"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()
 
 
 def test_cli(tmp_path_factory, tmp_path):

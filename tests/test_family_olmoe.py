@@ -1,8 +1,9 @@
 """OLMoE against transformers: q/k norms over the whole projection, clip_qkv small enough to clamp (q and k after
 their norms, v after its projection), GQA, q/k/v/o biases, 4 experts of which each token uses 2 (softmax over all
 experts, top 2, renormalised with norm_topk_prob); the checkpoint as transformers writes it (one tensor per
-expert); the standard battery, GGUF as llama.cpp's OlmoeModel converter writes it (in, and out of autolm), and the
-CLI with OLMo's chat template."""
+expert); the standard battery, GGUF as llama.cpp's OlmoeModel converter writes it (in, and out of autolm) of a
+checkpoint llama.cpp's olmoe runs (no GQA, clamp, renormalisation or biases; the others refused), and the CLI with
+OLMo's chat template."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ OLMOE = Family(
     dict(SIZES, clip_qkv=1.5, norm_topk_prob=True, attention_bias=True),
     lora_targets=["q_proj", "v_proj"],  # peft has no default for olmoe
 )
-# what llama.cpp's olmoe computes: no clamp, the top k unrenormalised, no biases
-PLAIN = Family("OlmoeConfig", SIZES)
+# what llama.cpp's olmoe computes (OLMoE-1B-7B's shape): no clamp, the top k unrenormalised, no biases, no GQA (its
+# k norm spans hidden_size)
+PLAIN = Family("OlmoeConfig", dict(SIZES, num_key_value_heads=4))
 
 
 def test_logits(tmp_path_factory):
@@ -144,14 +146,36 @@ def test_gguf(tmp_path_factory, tmp_path):
     assert type(quant.model.layers[0].mlp.experts).__name__ == "Int8Experts"
 
 
-def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
-    """A model llama.cpp's olmoe cannot run (clip_qkv, norm_topk_prob) is refused, naming them (test_gguf_out checks
-    the F32 file of the plain checkpoint against the converter's)."""
+@pytest.mark.parametrize(
+    ("family", "match"),
+    [
+        (Family("OlmoeConfig", dict(OLMOE.kwargs, num_key_value_heads=4)),
+         "'olmoe' model.*attention_bias.*clip_qkv.*norm_topk_prob"),
+        (Family("OlmoeConfig", SIZES), "'olmoe' model.*num_key_value_heads"),
+        (Family("OlmoeConfig", dict(PLAIN.kwargs, tie_word_embeddings=True)), "'olmoe' model.*tie_word_embeddings"),
+    ],
+    ids=["clip-bias-norm", "gqa", "tied"],
+)  # fmt: skip
+def test_gguf_out_refuses(family, match, tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """A model llama.cpp's olmoe cannot run is refused, naming the fields, and no file: clip_qkv, norm_topk_prob,
+    biases (it loads no attn_output.bias); GQA (its k norm spans hidden_size: such a file does not load there); a
+    tied head (it requires output.weight). test_gguf_out checks the F32 file of the plain checkpoint against the
+    converter's."""
     from autolm.gguf_writer import save_gguf
 
-    clipped = autolm.AutoModelForCausalLM.from_pretrained(OLMOE.checkpoint(tmp_path_factory)[0])
-    with pytest.raises(autolm.ConfigError, match="clip_qkv.*norm_topk_prob|norm_topk_prob.*clip_qkv"):
-        save_gguf(clipped, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match=match):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()
+
+
+def test_gguf_with_grouped_query_attention_is_refused(tmp_path_factory, tmp_path):
+    """The converter's file of a GQA checkpoint (which llama.cpp's olmoe does not load): a ConfigError naming
+    num_key_value_heads."""
+    _, hf = Family("OlmoeConfig", SIZES).checkpoint(tmp_path_factory)
+    write_olmoe_gguf(hf, str(tmp_path / "model.gguf"))
+    with pytest.raises(autolm.ConfigError, match="num_key_value_heads"):
+        autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
 
 
 # ---- CLI, config -------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .glm4_moe import (
     GGUF_GROUPED_LAYER,
     GROUPED_MOE_RULES,
     GROUPED_MOE_TP,
+    SIGMOID_GATING,
     grouped_moe_mlp,
     validate_grouped_moe,
     write_grouped_keys,
@@ -92,10 +93,30 @@ class Dots1DecoderLayer(MixtralDecoderLayer):
         return grouped_moe_mlp(config, layer_idx)
 
 
+def _gguf_derive(d: dict[str, Any], get) -> None:
+    """What llama.cpp's dots1 runs of a file: k and v as wide as q (no grouped-query attention: a file with fewer KV
+    heads does not load there) and the experts chosen by the file's gating function (none: it aborts), which must
+    be dots.llm1's sigmoid; both refused here otherwise."""
+    heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if kv is not None and kv != heads:
+        raise ConfigError(f"llama.cpp's dots1 runs no grouped-query attention: num_key_value_heads "
+                          f"(attention.head_count_kv {kv!r}) must equal num_attention_heads ({heads!r})")  # fmt: skip
+    if get("expert_gating_func") != SIGMOID_GATING:
+        raise ConfigError(f"expert_gating_func {get('expert_gating_func')!r}: dots.llm1 routes with the sigmoid "
+                          f"({SIGMOID_GATING}), which llama.cpp's dots1 reads from that key")  # fmt: skip
+
+
 def _gguf_write_config(m: dict[str, Any], c: Dots1Config) -> None:
-    """TextModel's keys (no vocabulary size, no rotary dimensions), the experts' booleans and gating."""
+    """TextModel's keys (no vocabulary size, no rotary dimensions; the expert groups), the experts' booleans and the
+    sigmoid gating (the converter writes it from config.json's scoring_func; llama.cpp's dots1 needs it, so it is
+    written for a config without one too)."""
     m.pop("vocab_size", None)
     m.pop("rope.dimension_count", None)
+    if "head_dim" not in c.to_dict():  # the head size only where config.json gives one (TextModel)
+        m.pop("attention.key_length", None)
+        m.pop("attention.value_length", None)
+    m["expert_group_count"] = c.n_group  # config.json's groups, as TextModel writes them
+    m["expert_group_used_count"] = c.topk_group
     write_grouped_keys(m, c)
 
 
@@ -105,13 +126,21 @@ class Dots1ForCausalLM(CausalLM):
     config_class = Dots1Config
     checkpoint_rules = GROUPED_MOE_RULES
     # llama.cpp's Dots1Model converter (a Qwen2MoeModel): TextModel's keys, the experts' keys as GLM-4.5's, the
-    # sigmoid gating; tensors by gguf-py's map, no q/k permutation (NeoX RoPE). llama.cpp's dots1 runs no biases, no
-    # sliding window and no expert groups
+    # sigmoid gating; tensors by gguf-py's map, no q/k permutation (NeoX RoPE). llama.cpp's dots1 runs no attention
+    # biases (q/k/v ones load, attn_output.bias does not), no sliding window, no expert groups, no tied head
+    # (output.weight is required) and no GQA (_gguf_derive)
     gguf = GGUFLayout(
         "dots1",
         config=(("attention.key_length", "head_dim"), *GGUF_GROUPED_KEYS),
         layer=GGUF_GROUPED_LAYER,
-        fixed=(("attention_bias", False), ("sliding_window", None), ("n_group", 1), ("topk_group", 1)),
+        fixed=(
+            ("attention_bias", False),
+            ("sliding_window", None),
+            ("n_group", 1),
+            ("topk_group", 1),
+            ("tie_word_embeddings", False),
+        ),
+        derive=_gguf_derive,
         write_config=_gguf_write_config,
     )
     tp_patterns: ClassVar[dict[str, str]] = GROUPED_MOE_TP

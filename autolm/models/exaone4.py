@@ -95,17 +95,42 @@ class Exaone4Model(DecoderModel):
         super().__init__(config, Exaone4DecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
 
 
-def _gguf_derive(d: dict[str, Any], get) -> None:
-    """The converter writes attention.sliding_window only where the config has one, with the local layers as
-    flags (attention.sliding_window_pattern); no window in the file means no window (and RoPE everywhere)."""
-    if d.get("sliding_window") is None:
-        d["sliding_window"] = None
-        return
-    flags = get("attention.sliding_window_pattern")
+# llama.cpp's exaone4 slides (and skips RoPE on global layers) only at 64 layers (EXAONE-4.0-32B's depth)
+LLAMA_CPP_WINDOWED_LAYERS = 64
+LLAMA_CPP_WINDOW = 4096  # its window where the file gives none
+
+
+def gguf_window_layers(d: dict[str, Any], get, pattern: int = DEFAULT_PATTERN) -> None:
+    """The local layers as llama.cpp's load_swa_pattern reads them: one flag per layer
+    (attention.sliding_window_pattern), else every `pattern`-th layer (the key's integer where it is one) global."""
+    flags, n = get("attention.sliding_window_pattern"), d.get("num_hidden_layers")
     if isinstance(flags, list):
-        d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
-    elif flags is not None:
-        d["sliding_window_pattern"] = flags
+        d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags[:n]]
+    elif _is_int(n):
+        every = flags if _is_int(flags) and flags > 0 else pattern
+        d["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+
+
+def _gguf_derive(d: dict[str, Any], get) -> None:
+    """What llama.cpp's exaone4 makes of a file: a model of 64 layers (EXAONE-4.0-32B's) slides, over
+    attention.sliding_window (4096 where absent) on the local layers the flags name (every 4th layer global where
+    there are none), its global layers without RoPE; a model of any other depth runs every layer global with RoPE,
+    whatever window the file gives. Its attention output is hidden_size wide: head_dim * heads must be
+    hidden_size."""
+    if d.get("num_hidden_layers") != LLAMA_CPP_WINDOWED_LAYERS:
+        d["sliding_window"] = None
+        d.pop("layer_types", None)
+    else:
+        d["sliding_window"] = d.get("sliding_window") or LLAMA_CPP_WINDOW
+        gguf_window_layers(d, get)
+    _check_gguf_heads(d, "exaone4")
+
+
+def _check_gguf_heads(d: dict[str, Any], arch: str) -> None:
+    head_dim, heads, hidden = d.get("head_dim"), d.get("num_attention_heads"), d.get("hidden_size")
+    if _is_int(head_dim) and _is_int(heads) and _is_int(hidden) and head_dim * heads != hidden:
+        raise ConfigError(f"llama.cpp's {arch} projects attention output from hidden_size ({hidden}) wide heads: "
+                          f"head_dim ({head_dim}) * num_attention_heads ({heads}) must equal it")  # fmt: skip
 
 
 def _gguf_write_config(meta: dict[str, Any], c: Exaone4Config) -> None:
@@ -134,6 +159,7 @@ class Exaone4ForCausalLM(CausalLM):
         ),
         derive=_gguf_derive,
         write_config=_gguf_write_config,
+        rope_freqs=True,  # Llama 3 RoPE (EXAONE 4's) as the converter's rope_freqs
     )
     # transformers' base_model_tp_plan is Llama's (the per-head q/k norms replicated): the default LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = ["Exaone4DecoderLayer"]

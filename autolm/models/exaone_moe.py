@@ -39,8 +39,7 @@ from ..nn import (
     SparseMoeBlock,
 )
 from .base import CausalLM
-from .exaone4 import Exaone4Config
-from .exaone4 import _gguf_derive as exaone4_derive
+from .exaone4 import Exaone4Config, gguf_window_layers
 from .exaone4 import _gguf_write_config as exaone4_write_config
 from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_RULES, GROUPED_MOE_TP, SIGMOID_GATING, skip_nextn
 from .mixtral import MixtralDecoderLayer, MixtralModel, validate_experts
@@ -174,13 +173,17 @@ GGUF_KEYS = (
 
 
 def _gguf_derive(d: dict[str, Any], get) -> None:
-    """EXAONE 4's window and local layers; the routing llama.cpp's exaone-moe runs (sigmoid: a file naming
-    another gating function is refused); block_count counts the next-token-prediction layers, which are not run."""
-    exaone4_derive(d, get)
+    """What llama.cpp's exaone-moe reads: the window (a file without one does not load there: the config refuses
+    none) and the local layers as EXAONE 4's flags (every 4th layer global where there are none); the routing it runs,
+    the file's gating function, which it requires: the sigmoid (a file naming none or another is refused);
+    block_count counts the next-token-prediction layers, which are not run."""
+    if d.get("sliding_window") is not None:
+        gguf_window_layers(d, get)
     gating = get("expert_gating_func")
-    if gating is not None and gating != SIGMOID_GATING:
+    if gating != SIGMOID_GATING:
         raise ConfigError(
-            f"expert_gating_func {gating!r}: EXAONE MoE routes with the sigmoid ({SIGMOID_GATING})"
+            f"expert_gating_func {gating!r}: EXAONE MoE routes with the sigmoid ({SIGMOID_GATING}), which llama.cpp's "
+            "exaone-moe reads from that key"
         )
     nextn = get("nextn_predict_layers") or 0
     if nextn:
@@ -191,9 +194,10 @@ def _gguf_derive(d: dict[str, Any], get) -> None:
 
 def _gguf_write_config(m: dict[str, Any], c: ExaoneMoeConfig) -> None:
     """As llama.cpp's ExaoneMoEModel writes it (EXAONE 4's keys, then its own): the head size only where
-    config.json gives one, the shared experts' total length, the renormalisation, the sigmoid gating only where
-    config.json names it (scoring_func), next-token-prediction layers counted in block_count though their tensors
-    are absent, RoPE scaling "none"."""
+    config.json gives one, the shared experts' total length, the renormalisation, the sigmoid gating (the converter
+    writes it from config.json's scoring_func, "sigmoid" in K-EXAONE's; llama.cpp's exaone-moe requires it, so it
+    is written for a config without one too), next-token-prediction layers counted in block_count though their
+    tensors are absent, RoPE scaling "none"."""
     exaone4_write_config(m, c)
     if "head_dim" not in c.to_dict():
         m.pop("attention.key_length", None)
@@ -204,8 +208,7 @@ def _gguf_write_config(m: dict[str, Any], c: ExaoneMoeConfig) -> None:
     m["rope.scaling.type"] = "none"
     m["expert_shared_feed_forward_length"] = c.moe_intermediate_size * c.num_shared_experts
     m["expert_weights_norm"] = c.norm_topk_prob
-    if c.extra.get("scoring_func") == "sigmoid":
-        m["expert_gating_func"] = SIGMOID_GATING
+    m["expert_gating_func"] = SIGMOID_GATING
     nextn = c.extra.get("num_nextn_predict_layers", 0)
     m["block_count"] = c.num_hidden_layers + nextn
     m["nextn_predict_layers"] = nextn
@@ -217,13 +220,14 @@ class ExaoneMoeForCausalLM(CausalLM):
     config_class = ExaoneMoeConfig
     checkpoint_rules = EXAONE_MOE_RULES
     # llama.cpp's ExaoneMoEModel converter: tensors by gguf-py's map (no q/k permutation: NeoX RoPE), experts
-    # stacked, the correction bias as exp_probs_b.bias. Its exaone-moe graph routes without groups and always
-    # with the sigmoid, dense layers only as the leading ones (a model with other mlp_layer_types is refused)
+    # stacked, the correction bias as exp_probs_b.bias. Its exaone-moe graph routes without groups, with the file's
+    # gating function, dense layers only as the leading ones (a model with other mlp_layer_types is refused), and
+    # needs output.weight (no tied head)
     gguf = GGUFLayout(
         "exaone-moe",
         config=GGUF_KEYS,
         layer=GGUF_GROUPED_LAYER,
-        fixed=(("n_group", 1), ("topk_group", 1)),
+        fixed=(("n_group", 1), ("topk_group", 1), ("tie_word_embeddings", False)),
         derive=_gguf_derive,
         write_config=_gguf_write_config,
     )

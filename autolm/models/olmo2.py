@@ -76,15 +76,32 @@ class Olmo2Model(DecoderModel):
         super().__init__(config, Olmo2DecoderLayer, _norm(config)(config.hidden_size))
 
 
+# what llama.cpp's olmo2 and olmoe graphs cannot run: biases (they load q/k/v biases but no attn_output.bias, so a
+# converted model with attention_bias does not load), a tied head (output.weight is required)
+GGUF_FIXED = (("attention_bias", False), ("tie_word_embeddings", False))
+
+
+def gguf_write_text_model(m: dict[str, Any], c: Any) -> None:
+    """TextModel.set_gguf_parameters' keys, as llama.cpp's Olmo2Model and OlmoeModel converters write them: no
+    vocabulary size (the token list gives it), no rotary dimensions and no head size (config.json has no head_dim;
+    llama.cpp's graphs take hidden_size / heads: a model with another head_dim reads back with that, and is
+    refused)."""
+    for key in ("vocab_size", "rope.dimension_count", "attention.key_length", "attention.value_length"):
+        m.pop(key, None)
+
+
 class Olmo2ForCausalLM(CausalLM):
     config_class = Olmo2Config
+    # llama.cpp's Olmo2Model converter: TextModel's keys, tensors by gguf-py's map (no q/k permutation: NeoX RoPE),
+    # the post-sublayer norms as post_attention_norm / post_ffw_norm
     gguf = GGUFLayout(
         "olmo2",
         layer=(
             ("post_attention_norm", "post_attention_layernorm"),
             ("post_ffw_norm", "post_feedforward_layernorm"),
         ),
-        present=(("blk.0.attn_q.bias", "attention_bias"),),
+        fixed=GGUF_FIXED,
+        write_config=gguf_write_text_model,
     )
     # As transformers: the q/k norms span all heads, so q/k/v outputs are gathered whole on every rank (each
     # rank runs every head) and o_proj splits its input again; the MLP is split as in Llama.

@@ -16,7 +16,7 @@ from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import GGUFLayout
 from .base import CausalLM, DecoderModel
-from .olmo2 import Olmo2Config, Olmo2DecoderLayer, Olmo2ForCausalLM, _norm
+from .olmo2 import GGUF_FIXED, Olmo2Config, Olmo2DecoderLayer, Olmo2ForCausalLM, _norm, gguf_write_text_model
 
 _KINDS = ("sliding_attention", "full_attention")
 _THETA = 500000.0  # transformers' Olmo3Config.default_theta
@@ -100,16 +100,15 @@ class Olmo3Model(DecoderModel):
 
 def _gguf_derive(d: dict[str, Any], get) -> None:
     """llama.cpp's reading of an OLMo 3 file: each layer's sliding flag (every 4th layer full where the file gives
-    none), RoPE scaling on the full layers only, the sliding layers unscaled at rope.freq_base_swa (the full
-    layers' base where absent)."""
+    none), RoPE scaling on the full layers only, the sliding layers unscaled at the full layers' base (its olmo2
+    graph rotates every layer at rope.freq_base: a file's rope.freq_base_swa is not used)."""
     flags, layers = get("attention.sliding_window_pattern"), d.get("num_hidden_layers")
     if isinstance(flags, list) and _is_int(layers):
         d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags[:layers]]
     rope = d.get("rope_parameters") or {}
-    base = get("rope.freq_base_swa", rope.get("rope_theta", 10000.0))
     d["rope_parameters"] = {
         "full_attention": rope,
-        "sliding_attention": {"rope_type": "default", "rope_theta": base},
+        "sliding_attention": {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)},
     }
 
 
@@ -117,6 +116,7 @@ def _gguf_write_config(m: dict[str, Any], c: Any) -> None:
     """Olmo2Model.set_gguf_parameters (llama.cpp's conversion/olmo.py): TextModel's keys (the full layers' RoPE,
     the sliding layers' base as rope.freq_base_swa), then the window and one sliding flag per layer, written
     whatever the layers are, as the converter does for every config with a sliding_window."""
+    gguf_write_text_model(m, c)
     if c.sliding_window is not None:
         m["attention.sliding_window"] = c.sliding_window
         m["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in c.layer_types]
@@ -129,7 +129,7 @@ class Olmo3ForCausalLM(CausalLM):
     gguf = GGUFLayout(
         "olmo2",
         layer=Olmo2ForCausalLM.gguf.layer,
-        present=Olmo2ForCausalLM.gguf.present,
+        fixed=GGUF_FIXED,
         derive=_gguf_derive,
         write_config=_gguf_write_config,
         claim="attention.sliding_window",

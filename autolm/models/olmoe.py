@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..nn import Attention, Experts, GGUFLayout, RMSNorm, Router, SparseMoeBlock
 from .base import CausalLM
 from .mixtral import GGUF_EXPERTS, MixtralDecoderLayer, MixtralModel, validate_experts
-from .olmo2 import Olmo2Config, Olmo2ForCausalLM
+from .olmo2 import GGUF_FIXED, Olmo2Config, Olmo2ForCausalLM, gguf_write_text_model
 from .qwen2_moe import QWEN_MOE_RULES
 
 NORM_EPS = 1e-5  # llama.cpp's converter writes this RMS epsilon whatever config.json says
@@ -115,8 +115,18 @@ class OlmoeDecoderLayer(MixtralDecoderLayer):
         return SparseMoeBlock(router, Experts(n, h, config.intermediate_size, config.hidden_act))
 
 
+def _gguf_derive(d: dict[str, Any], get) -> None:
+    """llama.cpp's olmoe reads as many KV heads as the file says, but its k norm spans hidden_size (as its q norm):
+    a file with fewer KV heads than heads does not load there, and is refused here too."""
+    heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if kv is not None and kv != heads:
+        raise ConfigError(f"llama.cpp's olmoe runs no grouped-query attention: num_key_value_heads "
+                          f"(attention.head_count_kv {kv!r}) must equal num_attention_heads ({heads!r})")  # fmt: skip
+
+
 def _gguf_write_config(m: dict[str, Any], c: OlmoeConfig) -> None:
-    """llama.cpp's OlmoeModel converter writes the RMS epsilon as 1e-5, whatever the config's."""
+    """llama.cpp's OlmoeModel converter: TextModel's keys, the RMS epsilon as 1e-5 whatever the config's."""
+    gguf_write_text_model(m, c)
     m["attention.layer_norm_rms_epsilon"] = NORM_EPS
 
 
@@ -127,14 +137,14 @@ class OlmoeForCausalLM(CausalLM):
     checkpoint_rules = QWEN_MOE_RULES  # per-expert gate/up/down tensors on disk, stacked in the model
     # llama.cpp's OlmoeModel converter: TextModel's keys with the expert counts, no q/k permutation (NeoX RoPE),
     # q/k norms as attn_{q,k}_norm, the experts stacked into ffn_{gate,up,down}_exps; llama.cpp's olmoe weights the
-    # top k unrenormalised and clamps nothing
+    # top k unrenormalised, clamps nothing, runs no attention biases, no tied head and no GQA (_gguf_derive)
     gguf = GGUFLayout(
         "olmoe",
         config=(("expert_count", "num_experts"), ("expert_used_count", "num_experts_per_tok")),
         layer=GGUF_EXPERTS,
-        fixed=(("norm_topk_prob", False), ("clip_qkv", None)),
+        fixed=(("norm_topk_prob", False), ("clip_qkv", None), *GGUF_FIXED),
+        derive=_gguf_derive,
         write_config=_gguf_write_config,
-        present=(("blk.0.attn_q.bias", "attention_bias"),),
     )
     # As transformers: q/k/v gathered whole on every rank for the whole-projection norms (OLMo 2's attention
     # plan); the experts cut their own intermediate rows (nn.Experts.shard)

@@ -212,3 +212,6 @@ class GGUFLayout:
     bare: tuple[str, ...] = ()
     # metadata keys llama.cpp reads without the "<arch>." prefix (Apertus' xielu.* arrays): read and written bare
     unprefixed: tuple[str, ...] = ()
+    # whether llama.cpp's rope_freqs (Llama 3's RoPE scaling as per-frequency divisors) is read as for Llama in a
+    # family with a `derive` (which leaves the RoPE parameters as the file gives them): EXAONE 4's converter writes it
+    rope_freqs: bool = False

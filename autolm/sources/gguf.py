@@ -198,7 +198,7 @@ def config_from_gguf(g: GGUFFile, **overrides):
         if t.name in dict(g.layout.rope_tensors):
             rope[dict(g.layout.rope_tensors)[t.name]] = g.values(t)
         if t.name == ROPE_FREQS and t.name not in dict(g.layout.rope_tensors):  # else the layout's own
-            if g.layout.derive is not None or scaling is not None:
+            if (g.layout.derive is not None and not g.layout.rope_freqs) or scaling is not None:
                 raise GGUFError(
                     f"{g.path}: {ROPE_FREQS} with {g.layout.arch}'s own RoPE settings is not supported"
                 )
