@@ -32,7 +32,7 @@ from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Ignored, Linear, Rename, RMSNorm
 from ..nn.linear import packed
-from ..nn.rope import Rotary, apply_rotary, cos_sin, inv_freq_and_scale
+from ..nn.rope import Rotary, apply_rotary, cos_sin, inv_freq_and_scale, proportional_inv_freq
 from . import gemma4_gguf as gguf_io
 from . import gemma4_small as small
 from .base import DecoderModel
@@ -223,16 +223,6 @@ class Gemma4Config:
                  f"language model's settings), found {str(text)[:100]}")  # fmt: skip
         outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
         return Gemma4TextConfig.from_dict({**outer, **text}, source, **overrides)
-
-
-def proportional_inv_freq(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
-    """transformers' proportional RoPE: head_dim / 2 frequencies, the first partial_rotary_factor share of them
-    rope_theta ** (-2i / head_dim), the rest zero, all divided by factor."""
-    angles = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
-    base = float(rope["rope_theta"])
-    rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
-    inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles)))
-    return inv_freq / rope.get("factor", 1.0)
 
 
 class Gemma4Rotary(Rotary):

@@ -30,6 +30,8 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..nn import CheckpointRules, GGUFLayout, Ignored
 from ..nn.expert_formats import GGUFExperts
+from ..nn.rope import proportional_inv_freq
+from .gemma4_small import kv_sources
 
 _V = "gguf_attn_v_"  # a non-shared layer's attn_v is in the file (GGUFLayout.present markers, popped by derive)
 _FREQS = "gguf_rope_freqs"  # rope_freqs' values in the rope dict (GGUFLayout.rope_tensors), read by derive
@@ -147,9 +149,6 @@ def _global_kv_given(c: Any) -> bool:
 def compared(c: Any) -> dict[str, Any]:
     """What GGUF out compares of a config beside its fields (gguf_plan._computed): each layer's heads, values and
     MLP width, the per-layer inputs, the proportional RoPE tables."""
-    from .gemma4 import proportional_inv_freq
-    from .gemma4_small import kv_sources
-
     n, sources, p = c.num_hidden_layers, kv_sources(c), c.hidden_size_per_layer_input or 0
     full = {k: r for k, r in c.own_rope_kinds().items() if r.get("rope_type") == "proportional"}
     return {

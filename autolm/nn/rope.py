@@ -113,6 +113,16 @@ def _yarn(base: float, dim: int, rope: dict[str, Any], max_pos: int) -> tuple[to
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
+def proportional_inv_freq(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """Gemma 4's proportional RoPE (transformers'): head_dim / 2 frequencies, the first partial_rotary_factor share of them
+    rope_theta ** (-2i / head_dim), the rest zero, all divided by factor."""
+    angles = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    base = float(rope["rope_theta"])
+    rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles)))
+    return inv_freq / rope.get("factor", 1.0)
+
+
 def cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
