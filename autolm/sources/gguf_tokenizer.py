@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import GGUFError
 from .gguf import GGUFFile
+from .gguf_tokenizer_gemma4 import gemma4_backend
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -26,8 +27,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, dict[str, Any]]:
-    """Rebuild the file's tokenizer (GPT-2 byte-level BPE or SentencePiece-style BPE): the `tokenizers`
-    backend, the special tokens, the chat template and tokenizer_config settings."""
+    """Rebuild the file's tokenizer (GPT-2 byte-level BPE, SentencePiece-style BPE, Gemma 4's BPE): the
+    `tokenizers` backend, the special tokens, the chat template and tokenizer_config settings."""
     g = GGUFFile(path, weights=False)
     try:
         return _parts(g, path)
@@ -151,13 +152,17 @@ def _parts(g: GGUFFile, path: str):
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     if kind == "gpt2":
         backend, vocab = _gpt2_backend(meta, tokens, merges)
+    elif kind == "gemma4":
+        backend, vocab = gemma4_backend(meta, tokens, merges)
     elif kind == "llama":
         if not merges and str(meta.get("general.architecture")) in ("gemma", "gemma2", "gemma3"):
             backend, vocab = _gemma_backend(meta, tokens)
         else:
             backend, vocab = _llama_backend(meta, tokens, merges or _merges_from_scores(meta, tokens, path))
     else:
-        raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2' or 'llama')")
+        raise GGUFError(
+            f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2', 'llama' or 'gemma4')"
+        )
     byte_level = kind == "gpt2"
     alphabet = set(_bytes_to_unicode().values())
     control = [
@@ -184,7 +189,8 @@ def _parts(g: GGUFFile, path: str):
         "unk_token": tok("unknown_token_id"),
         "pad_token": tok("padding_token_id"),
     }
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", not byte_level))
+    # llama.cpp adds <bos> to a "gemma4" vocabulary whatever its add_bos_token says
+    add_bos = kind == "gemma4" or bool(meta.get("tokenizer.ggml.add_bos_token", not byte_level))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
         single = (
