@@ -342,3 +342,13 @@ def _randomize_lora(model, seed=0):
         for n, p in model.named_parameters():
             if "lora_B" in n or "lora_A" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def check_config_defaults(config_cls: type) -> None:
+    """Every field autolm's config class writes by default holds transformers' default for it."""
+    import transformers
+
+    ours, theirs = config_cls(), getattr(transformers, config_cls.__name__)()
+    for key, value in ours.to_dict().items():
+        if key not in ("model_type", "transformers_version"):
+            assert getattr(theirs, key) == value, key

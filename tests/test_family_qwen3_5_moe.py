@@ -153,14 +153,11 @@ def test_image_text_checkpoint(tmp_path):
 
 
 def test_config_defaults_are_transformers():
-    import transformers
+    from family_checks import check_config_defaults
 
     from autolm.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 
-    ours, theirs = Qwen3_5MoeTextConfig(), transformers.Qwen3_5MoeTextConfig()
-    for key, value in ours.to_dict().items():
-        if key not in ("model_type", "transformers_version"):
-            assert getattr(theirs, key) == value, key
+    check_config_defaults(Qwen3_5MoeTextConfig)
 
 
 def test_config_errors_name_the_key():

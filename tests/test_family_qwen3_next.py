@@ -292,14 +292,11 @@ def test_hub_config(tmp_path):
 
 
 def test_config_defaults_are_transformers():
-    import transformers
+    from family_checks import check_config_defaults
 
     from autolm.models.qwen3_next import Qwen3NextConfig
 
-    ours, theirs = Qwen3NextConfig(), transformers.Qwen3NextConfig()
-    for key, value in ours.to_dict().items():
-        if key not in ("model_type", "transformers_version"):
-            assert getattr(theirs, key) == value, key
+    check_config_defaults(Qwen3NextConfig)
 
 
 def test_config_errors_name_the_key():
