@@ -213,6 +213,7 @@ def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.T
         ) from None
     want = _computed(c)
     _windows_dropped(layout.arch, c.model_type, want, back)
+    _epsilons_taken(layout.arch, c.model_type, want, back)
     differ = [f"{f} ({back.get(f)!r} for {v!r})" for f, v in want.items()
               if not f.startswith(("RoPE", "rope")) and not _same(v, back.get(f))]  # fmt: skip
     if any(f.startswith("RoPE") and not _same(v, back.get(f)) for f, v in want.items()):
@@ -240,6 +241,25 @@ def _windows_dropped(arch: str, model_type: str, want: dict[str, Any], back: dic
             window,
         )
         want["layer windows"] = back["layer windows"]
+
+
+# epsilons a format holds no key for, its graph taking another one's value instead (llama.cpp norms Falcon-Mamba's
+# dt, B and C at the layers' epsilon): written as the converter writes them, with a warning
+_EPSILONS_TAKEN = ("mixer_rms_eps",)
+
+
+def _epsilons_taken(arch: str, model_type: str, want: dict[str, Any], back: dict[str, Any]) -> None:
+    for field in _EPSILONS_TAKEN:
+        if field in want and not _same(want[field], back.get(field)):
+            logger.warning(
+                "llama.cpp's %r format has no %s: the file computes with %g where this %r model uses %g",
+                arch,
+                field,
+                back.get(field),
+                model_type,
+                want[field],
+            )
+            want[field] = back.get(field)
 
 
 def _computed(c) -> dict[str, Any]:

@@ -8,7 +8,6 @@ MambaModel converter writes Falcon-Mamba ("mamba" with ssm.dt_b_c_rms true)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -183,19 +182,27 @@ def test_gguf(tmp_path_factory, tmp_path, family):
     assert 0 < (got - want).norm() / want.norm() < 0.1  # Q8_0's rounding of these random weights
 
 
-def test_gguf_out_refuses_another_mixer_eps(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
-    """llama.cpp norms dt, B and C at the layers' epsilon: a mixer_rms_eps of its own (1e-3 against 1e-5, as
-    transformers' defaults differ) is refused, naming the field, and no file is written; the converter's file of
-    such a model loads with llama.cpp's epsilon (its logits, not transformers')."""
+def test_gguf_out_writes_another_mixer_eps_with_a_warning(tmp_path_factory, tmp_path, byte_tokenizer, caplog):  # noqa: F811
+    """llama.cpp norms dt, B and C at the layers' epsilon: a model with a mixer_rms_eps of its own (1e-3 against
+    1e-5 here; 1e-6 against 1e-5 in transformers' defaults and falcon-mamba-7b) is written as llama.cpp's converter
+    writes it, with a warning naming both epsilons; the file loads with llama.cpp's epsilon, and so does the
+    converter's own file of the model."""
     from test_family_mamba import write_mamba_gguf
 
     from autolm.gguf_writer import save_gguf
 
     directory, hf = FALCON.checkpoint(tmp_path_factory)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    with pytest.raises(autolm.ConfigError, match="'falcon_mamba' model.*mixer_rms_eps"):
-        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
-    assert os.listdir(tmp_path) == []
+    with caplog.at_level("WARNING", logger="autolm.gguf"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "ours.gguf"), "f32")
+    assert (
+        "no mixer_rms_eps: the file computes with 1e-05 where this 'falcon_mamba' model uses 0.001"
+        in caplog.text
+    )
+    ours = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ours.gguf")
+    assert ours.config.mixer_rms_eps == ours.config.rms_norm_eps == pytest.approx(1e-5)
     write_mamba_gguf(hf, str(tmp_path / "model.gguf"))
     loaded = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
     assert loaded.config.mixer_rms_eps == loaded.config.rms_norm_eps == pytest.approx(1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, loaded(IDS).logits)

@@ -7,8 +7,9 @@ not save, so the checkpoint's tensors are Mamba's.
 GGUF: llama.cpp's converter writes Falcon-Mamba as Mamba ("mamba", the tensors and keys of autolm.models.mamba)
 with ssm.dt_b_c_rms true, the key that claims such a file for this family (one without it loads as Mamba).
 llama.cpp's graph norms dt, B and C with the layers' epsilon (attention.layer_norm_rms_epsilon, config.json's
-layer_norm_epsilon): a file loads with mixer_rms_eps equal to it, and GGUF out refuses a model whose mixer_rms_eps
-differs (transformers' defaults do: 1e-6 against 1e-5).
+layer_norm_epsilon): a file loads with mixer_rms_eps equal to it, and GGUF out writes a model whose mixer_rms_eps
+differs (transformers' defaults and tiiuae/falcon-mamba-7b's config do: 1e-6 against 1e-5) as the converter does,
+with a warning naming both epsilons.
 """
 
 from __future__ import annotations
