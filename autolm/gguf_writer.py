@@ -100,7 +100,7 @@ def _tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _tokenizer(writer, tok, vocab_size: int) -> None:
+def _tokenizer(writer, tok, vocab_size: int, layout) -> None:
     spec = json.loads(tok.backend.to_str())
     model = spec.get("model", {})
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
@@ -120,6 +120,8 @@ def _tokenizer(writer, tok, vocab_size: int) -> None:
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    elif layout.write_vocab is not None:
+        layout.write_vocab(writer, spec, tokens, types)
     else:
         _sentencepiece(writer, spec, tokens, types, tok.unk_token_id)
     for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
@@ -255,7 +257,7 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, base.gguf.arch)
     _metadata(writer, base, file_type, meta)
-    _tokenizer(writer, tokenizer, base.config.vocab_size)
+    _tokenizer(writer, tokenizer, base.config.vocab_size, base.gguf)
     names = {n for n, _ in planned}
     layers, experts = base.config.num_hidden_layers, meta.get("expert_count", 0)
     for name, t in planned:

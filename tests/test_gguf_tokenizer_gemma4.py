@@ -277,3 +277,33 @@ def test_llama_cpp_tokenizes_the_file_as_autolm(gemma4_files):
     tok, llm = _tokenizers(path)
     for text in TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+
+
+def test_gguf_out_writes_the_converters_vocabulary(gemma4_files, tmp_path):
+    """A Gemma 4 model saved with its tokenizer goes out with the vocabulary llama.cpp's converter writes (the
+    same tokens, types, scores and merges, tokenizer model "gemma4", no prefix space), which autolm and llama.cpp
+    read back as transformers tokenizes."""
+    import gguf
+    import transformers
+    from test_family_gemma4_gguf import GGUF_DENSE
+
+    from autolm.gguf_writer import save_gguf
+
+    hf, converters = gemma4_files
+    cfg = transformers.Gemma4TextConfig(vocab_size=len(hf), bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                                        **GGUF_DENSE.kwargs)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = autolm.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    path = save_gguf(model, tokenizer, str(tmp_path / "model.gguf"), "f32")
+    assert _vocab(path) == _vocab(converters)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gemma4"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    tok, llm = _tokenizers(path)
+    for text in TEXTS:
+        assert tok.encode(text) == hf.encode(text), text
+        if llm is not None:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf.encode(text), text

@@ -15,6 +15,10 @@ ffn_down_exps); the router's scale as ffn_gate_inp.scale and its per_expert_scal
 1 for the rotated ones, 1e30 for the rest (their rotation vanishes), read back as partial_rotary_factor. Full layers
 without v_proj (attention_k_eq_v) have no attn_v: the file's absence of it is the flag.
 
+The vocabulary as the converter's set_vocab writes it (write_vocab): tokenizer model "gemma4", the tokens in id
+order scored -1000, byte pieces typed BYTE, special tokens CONTROL, the channel / tool-call markers USER_DEFINED
+(always rendered), the merges, no prefix space; autolm.sources.gguf_tokenizer_gemma4 reads it back.
+
 llama.cpp's graph runs tanh GELU, no attention biases and no proportional RoPE factor (GGUF out refuses others,
 naming the field); the per-layer embeddings have as many rows as the vocabulary.
 """
@@ -230,6 +234,34 @@ def _per_layer_sizes(d: dict[str, Any], types: list[str], first_shared: int) -> 
         d["intermediate_size"], d["use_double_wide_mlp"] = ff[0], True
 
 
+# the tokens the converter types USER_DEFINED so that llama.cpp always renders them (for its chat parser)
+VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                     "<tool_response|>", '<|"|>'})  # fmt: skip
+
+
+def write_vocab(writer, spec: dict[str, Any], tokens: list[str], types: list[int]) -> None:
+    """Gemma4Model.set_vocab: tokens with gguf-py's LlamaHfVocab types (an added token of the model's own
+    vocabulary that is not special is NORMAL), the VISIBLE markers USER_DEFINED, the merges as gguf-py's
+    SpecialVocab writes them (a space inside a half as U+0120)."""
+    base = spec["model"]["vocab"]
+    for i, t in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            types[i] = 6
+        elif t in VISIBLE:
+            types[i] = 4
+        elif types[i] == 4 and t in base:
+            types[i] = 1
+    merges = spec["model"].get("merges") or []
+    writer.add_string("tokenizer.ggml.model", "gemma4")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-1000.0] * len(tokens))
+    writer.add_token_types(types)
+    writer.add_token_merges(
+        [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m) for m in merges]
+    )
+    writer.add_bool("tokenizer.ggml.add_space_prefix", False)
+
+
 # llama.cpp's Gemma 4 tensor names where they differ from Llama's (its ffn_norm is the pre-MLP norm)
 LAYOUT = GGUFLayout(
     "gemma4",
@@ -272,4 +304,5 @@ LAYOUT = GGUFLayout(
         *((f"blk.{i}.attn_v.weight", f"{_V}{i}") for i in range(1024)),
     ),
     rope_tensors=(("rope_freqs.weight", _FREQS),),
+    write_vocab=write_vocab,
 )

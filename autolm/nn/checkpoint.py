@@ -215,3 +215,7 @@ class GGUFLayout:
     # whether llama.cpp's rope_freqs (Llama 3's RoPE scaling as per-frequency divisors) is read as for Llama in a
     # family with a `derive` (which leaves the RoPE parameters as the file gives them): EXAONE 4's converter writes it
     rope_freqs: bool = False
+    # how the converter writes a SentencePiece-style vocabulary (byte fallback, "\u2581" for spaces) where not as
+    # llama.cpp's "llama" model: write_vocab(GGUFWriter, tokenizer.json's spec, tokens, token types) (Gemma 4's
+    # "gemma4", with its merges)
+    write_vocab: Callable[[Any, dict[str, Any], list[str], list[int]], None] | None = None
