@@ -42,7 +42,7 @@ def file_types(source) -> dict[str, tuple[int, tuple[int, ...]]]:
 
     out = {}
     for t in source.file.tensors:
-        name = hf_name(t.name, source.file.family)
+        name = hf_name(t.name, source.file)
         if name is not None:
             shape = tuple(int(x) for x in reversed(t.shape))
             out[name] = (int(t.tensor_type), shape)

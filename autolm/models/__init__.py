@@ -16,9 +16,9 @@ from .base import CausalLM, DecoderModel
 
 # The families autolm ships, imported on first use (a load imports its own family's file alone, not every one's):
 # model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files,
-# None where llama.cpp has none).
+# None where llama.cpp has none, or a tuple of several: the model class's `gguf` layout's, then its `gguf_more`).
 # tests/test_loading.py checks each entry against its module.
-FAMILIES: dict[str, tuple[str, str, str, str | None]] = {
+FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
@@ -163,13 +163,9 @@ def gguf_family(metadata: dict) -> type | None:
     namesake first: llama.cpp writes Mistral as "llama" too)."""
     arch = metadata.get("general.architecture")
     for model_type, family in FAMILIES.items():
-        if family[3] == arch:
+        if arch in _archs(family[3]):
             _family(model_type)
-    found = [
-        (cls, _gguf_claim(cls.gguf))
-        for cls in _MODELS.values()
-        if getattr(cls, "gguf", None) is not None and cls.gguf.arch == arch
-    ]
+    found = [(cls, _gguf_claim(g)) for cls in _MODELS.values() for g in gguf_layouts(cls) if g.arch == arch]
     claimed = [cls for cls, key in found if key is not None and _holds(metadata, arch, key)]
     # of the families claiming nothing, the one the architecture is named for (Llama for "llama", not Mistral)
     plain = sorted(
@@ -178,10 +174,21 @@ def gguf_family(metadata: dict) -> type | None:
     return next(iter(claimed or plain or [cls for cls, _ in found]), None)
 
 
+def gguf_layouts(cls: type) -> tuple[Any, ...]:
+    """A model class's GGUF layouts: its `gguf` and `gguf_more` (none for a family llama.cpp does not write)."""
+    first = getattr(cls, "gguf", None)
+    return () if first is None else (first, *getattr(cls, "gguf_more", ()))
+
+
+def _archs(arch: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A FAMILIES entry's llama.cpp architectures: none, one, or several (the first its `gguf` layout's)."""
+    return () if arch is None else (arch,) if isinstance(arch, str) else arch
+
+
 def gguf_architectures() -> list[str]:
     """llama.cpp's architecture names autolm reads."""
-    registered = [getattr(cls, "gguf", None) for cls in _MODELS.values()]
-    return sorted({f[3] for f in FAMILIES.values() if f[3]} | {g.arch for g in registered if g is not None})
+    registered = {g.arch for cls in _MODELS.values() for g in gguf_layouts(cls)}
+    return sorted({a for f in FAMILIES.values() for a in _archs(f[3])} | registered)
 
 
 def config_class(model_type: Any, source: str = "config.json") -> type[PretrainedConfig]:
@@ -372,6 +379,7 @@ __all__ = [
     "config_from_file",
     "gguf_architectures",
     "gguf_family",
+    "gguf_layouts",
     "load_config",
     "model_class",
     "model_types",

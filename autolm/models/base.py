@@ -104,6 +104,9 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     config_class: ClassVar[type]
     checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules()
     gguf: ClassVar[GGUFLayout | None] = None  # how llama.cpp writes this family, where it does
+    # the further llama.cpp architectures the family's files come in (Nemotron-H's MoE layout, "nemotron_h_moe"):
+    # read by their architecture; written where an instance's `gguf` is one (a model of that layout)
+    gguf_more: ClassVar[tuple[GGUFLayout, ...]] = ()
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = []
     base_model_prefix: ClassVar[str] = "model"  # the body's attribute (GPT-2: "transformer", with a `model`

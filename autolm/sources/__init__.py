@@ -173,9 +173,9 @@ class GGUFSource:
         from .gguf import hf_name
 
         return {
-            hf_name(t.name, self.file.family): tuple(int(x) for x in reversed(t.shape))
+            hf_name(t.name, self.file): tuple(int(x) for x in reversed(t.shape))
             for t in self.file.tensors
-            if hf_name(t.name, self.file.family) is not None
+            if hf_name(t.name, self.file) is not None
         }
 
 

@@ -19,7 +19,7 @@ from .._util import no_mmap
 from ..errors import GGUFError
 from ..kernels.ggml import BLOCKS, dequantize, llama_qk_order
 from ..malloc import huge_page_tensor
-from ..models import config_class, gguf_architectures, gguf_family
+from ..models import config_class, gguf_architectures, gguf_family, gguf_layouts
 from . import ggml
 from .gguf_header import read_header
 from .safetensors import read_exactly
@@ -112,7 +112,7 @@ class GGUFFile:
         if self.family is None:
             raise GGUFError(f"{path}: architecture {self.architecture!r} is not supported (expected one of "
                             f"{gguf_architectures()})")  # fmt: skip
-        self.layout = self.family.gguf
+        self.layout = next(g for g in gguf_layouts(self.family) if g.arch == self.architecture)
 
     def get(self, key: str, default: Any = None) -> Any:
         if key in self.layout.unprefixed:
@@ -241,17 +241,18 @@ def _values(g: GGUFFile, t: TensorInfo) -> list[float]:
     return [float(x) for x in np.asarray(_dequantized(g, t)).reshape(-1)]
 
 
-def hf_name(gguf_name: str, family) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (the family's layout: its extra names
-    and its layers' prefix); None for unknown tensors."""
-    if re.fullmatch(r"blk\.\d+\.(\w+)", gguf_name) and gguf_name.rpartition(".")[2] in family.gguf.bare:
+def hf_name(gguf_name: str, g: GGUFFile) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (file g's layout: its extra names, and
+    its family's layers' prefix); None for unknown tensors."""
+    family, layout = g.family, g.layout
+    if re.fullmatch(r"blk\.\d+\.(\w+)", gguf_name) and gguf_name.rpartition(".")[2] in layout.bare:
         gguf_name += ".weight"  # a tensor llama.cpp names without the suffix (GGUFLayout.bare)
     m = re.fullmatch(r"blk\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias|scale)", gguf_name)  # LFM2: shortconv.conv
     if m:
-        part = dict(family.gguf.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
+        part = dict(layout.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"{family.layers_prefix}.{m.group(1)}.{part}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-    top = {**_TOP_NAMES, **dict(family.gguf.top)}
+    top = {**_TOP_NAMES, **dict(layout.top)}
     if m and m.group(1) in top:
         return f"{top[m.group(1)]}.{m.group(2)}"
     return None
@@ -277,7 +278,7 @@ def gguf_tensors(
 
     size = os.path.getsize(g.path)
     for t in g.tensors:
-        name = hf_name(t.name, g.family)
+        name = hf_name(t.name, g)
         if name is None:
             if t.name == ROPE_FREQS or t.name in dict(g.layout.rope_tensors):
                 continue  # RoPE factors (llama3's; the family's rope_tensors): the config carries them
