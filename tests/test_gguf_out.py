@@ -287,6 +287,7 @@ def _families():
     import test_family_mpt as mpt
     import test_family_nemotron as nemotron
     import test_family_nemotron_h as nemotron_h
+    import test_family_nemotron_h_moe_gguf as nemotron_h_moe
     import test_family_olmo as olmo
     import test_family_olmo2 as olmo2
     import test_family_olmo3 as olmo3
@@ -361,7 +362,10 @@ def _families():
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
         "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
         "lfm2_moe": (lfm2_moe.GGUF, lfm2_moe.write_lfm2_moe_gguf),
-        "nemotron_h": (nemotron_h.GGUF_DENSE, nemotron_h.write_nemotron_h_gguf),
+        "nemotron_h": (
+            (nemotron_h.GGUF_DENSE, nemotron_h_moe.GGUF_MOE, nemotron_h_moe.GGUF_LATENT),
+            nemotron_h_moe.write_gguf,
+        ),
         "mamba": (mamba.GGUF_FAMILIES, mamba.write_mamba_gguf),
         "falcon_h1": (falcon_h1.GGUF_FAMILIES, falcon_h1.write_falcon_h1_gguf),
         "qwen3_next": (qwen3_next.GGUF_FAMILY, qwen3_next.write_qwen3_next_gguf),

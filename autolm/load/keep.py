@@ -94,11 +94,15 @@ class KeepGGUF:
             return GGMLLinear(module.in_features, module.out_features, bias, kind, dtype)
 
     def _experts(self, name: str, module: Experts, dtype: torch.dtype) -> nn.Module | None:
-        """GGMLExperts for llama.cpp's stacked experts of `module` where autolm's C++ kernel computes on all three
-        (None: they are dequantized while loading, as the model's float parameters)."""
-        kinds = {
-            p: self.types.get(f"{name}.{p}.weight", (0,))[0] for p in ("gate_proj", "up_proj", "down_proj")
-        }
+        """GGMLExperts for llama.cpp's stacked experts of `module` where autolm's C++ kernel computes on all of them
+        (gate, up and down; up and down for non-gated experts, whose module has up_proj itself) (None: they are
+        dequantized while loading, as the model's float parameters)."""
+        parts = (
+            ("up_proj", "down_proj")
+            if "up_proj" in module._parameters
+            else ("gate_proj", "up_proj", "down_proj")
+        )
+        kinds = {p: self.types.get(f"{name}.{p}.weight", (0,))[0] for p in parts}
         sizes = {
             "gate_proj": module.hidden_size,
             "up_proj": module.hidden_size,

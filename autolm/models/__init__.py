@@ -96,7 +96,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "GraniteMoeHybridForCausalLM",
         "granitehybrid",
     ),
-    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", "nemotron_h"),
+    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", ("nemotron_h", "nemotron_h_moe")),
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
     "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
     "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),

@@ -17,8 +17,8 @@ The body's names are transformers' (`embeddings`, `layers`, `norm_f`); checkpoin
 keep one tensor per expert (`mixer.experts.<e>.up_proj.weight`). Multi-token-prediction weights (`mtp.*`) are
 skipped, as transformers skips them. config.json lists the blocks as `layers_block_type` (transformers 5) or, in
 the released checkpoints, as the `hybrid_override_pattern` string (with num_hidden_layers); both read, kept as
-written. GGUF in and out of the dense layout as llama.cpp's converter writes it ("nemotron_h"): models.nemotron_h_gguf
-(llama.cpp's "nemotron_h_moe", the MoE blocks, is not read or written).
+written. GGUF in and out as llama.cpp's converter writes them: the dense layout as "nemotron_h"
+(models.nemotron_h_gguf), a model with MoE blocks as "nemotron_h_moe" (models.nemotron_h_moe_gguf).
 """
 
 from __future__ import annotations
@@ -50,18 +50,12 @@ from ..nn import (
 from ..nn.mamba2 import Mamba2Mixer
 from .base import CausalLM, DecoderModel
 from .mixtral import validate_experts
-from .nemotron_h_gguf import LAYOUT, NOT_COMPARED, MixerGGUF
+from .nemotron_h_gguf import LAYOUT, NOT_COMPARED, MixerGGUF, compared
+from .nemotron_h_moe_gguf import GGUF_RULES, MOE_LAYOUT
 
 MAMBA, ATTENTION, MLP_BLOCK, MOE = "linear_attention", "full_attention", "mlp", "moe"
 PATTERN = {"M": MAMBA, "*": ATTENTION, "-": MLP_BLOCK, "E": MOE}  # hybrid_override_pattern's letters
-KINDS = {
-    MAMBA: MAMBA,
-    ATTENTION: ATTENTION,
-    MLP_BLOCK: MLP_BLOCK,
-    MOE: MOE,
-    "mamba": MAMBA,
-    "attention": ATTENTION,
-}
+KINDS = {**{k: k for k in (MAMBA, ATTENTION, MLP_BLOCK, MOE)}, "mamba": MAMBA, "attention": ATTENTION}
 DEFAULT_BLOCKS = (MAMBA, MOE, ATTENTION, MLP_BLOCK)  # transformers' default layers_block_type
 # older spellings transformers reads as the new names (Nemotron-H's first configs)
 LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
@@ -172,7 +166,7 @@ class NemotronHConfig(PretrainedConfig):
         return KINDS[self.layer_types[i]]
 
     def gguf_compared(self) -> dict[str, Any]:
-        return {"blocks": [self.block_type(i) for i in range(self.num_hidden_layers)]}
+        return compared(self)  # the block kinds, the MLP / MoE blocks' fields where it has such blocks
 
     def validate(self) -> None:
         types, self.layer_types = self.layer_types, None  # the base check knows only attention layer types
@@ -376,10 +370,13 @@ class NemotronHForCausalLM(CausalLM):
             Stacked("up_proj", ("up_proj.weight",)),
             Stacked("down_proj", ("down_proj.weight",)),
             Ignored(r"mtp\..*"),  # the multi-token-prediction layers, unused (as in transformers)
+            *GGUF_RULES,  # llama.cpp's exp_probs_b.bias and stacked experts (models.nemotron_h_moe_gguf)
             MixerGGUF(),
         ]
     )
-    gguf = LAYOUT  # llama.cpp's NemotronHModel converter (models.nemotron_h_gguf)
+    # llama.cpp's NemotronHModel converter: the dense layout (models.nemotron_h_gguf) and, an instance's gguf where
+    # the model has MoE blocks, "nemotron_h_moe" (models.nemotron_h_moe_gguf)
+    gguf, gguf_more = LAYOUT, (MOE_LAYOUT,)
     # attention and the dense MLP blocks split as Llama's, the experts cut their own intermediate rows; the Mamba-2
     # mixers and the shared experts are replicated on every rank
     tp_patterns: ClassVar[dict[str, str]] = {
@@ -397,3 +394,5 @@ class NemotronHForCausalLM(CausalLM):
         self.checkpoint_rules = CheckpointRules(
             [*self.checkpoint_rules.rules[:-1], MixerGGUF(config.n_groups)]
         )
+        if MOE in (config.block_type(i) for i in range(config.num_hidden_layers)):
+            self.gguf = MOE_LAYOUT

@@ -12,7 +12,8 @@ Metadata: the ssm.* sizes (inner size mamba_num_heads * mamba_head_dim, heads as
 and feed_forward_length per layer (llama.cpp's layer kinds: a KV head count on attention blocks, a length on MLP
 blocks, both 0 on Mamba-2 blocks), attention.key_length = head_dim (rope.dimension_count is Granite's
 hidden_size / heads), rope.scaling.finetuned false and the context length 2**20. llama.cpp writes the MoE blocks of
-Nemotron 3 under another arch ("nemotron_h_moe"), which autolm neither reads nor writes: GGUF out refuses them.
+Nemotron 3 under another arch, "nemotron_h_moe" (models.nemotron_h_moe_gguf): a model with MoE blocks goes out
+in that layout.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
 from ..nn import GGUFLayout
 from .granitemoehybrid_gguf import NO_ROPE_CONTEXT, MambaGGUF
 
@@ -63,13 +63,9 @@ def derive(d: dict[str, Any], get) -> None:
 
 
 def write_config(out: dict[str, Any], c) -> None:
-    """derive's inverse: what NemotronHModel.set_gguf_parameters writes beyond the generic keys; a model with MoE
-    blocks is refused (llama.cpp's "nemotron_h_moe", not this format)."""
+    """derive's inverse: what NemotronHModel.set_gguf_parameters writes beyond the generic keys (a model with MoE
+    blocks goes out in the "nemotron_h_moe" layout, whose write_config takes these keys)."""
     kinds = [c.block_type(i) for i in range(c.num_hidden_layers)]
-    if "moe" in kinds:
-        raise ConfigError(f"llama.cpp's 'nemotron_h' format cannot hold this {c.model_type!r} model: its "
-                          "layers_block_type has MoE blocks (llama.cpp's 'nemotron_h_moe' format, which autolm "
-                          "does not write)")  # fmt: skip
     out["ssm.inner_size"] = c.mamba_num_heads * c.mamba_head_dim
     out["attention.head_count_kv"] = [c.num_key_value_heads if k == "full_attention" else 0 for k in kinds]
     out["feed_forward_length"] = [c.intermediate_size if k == "mlp" else 0 for k in kinds]
@@ -121,8 +117,18 @@ LAYOUT = GGUFLayout(
     write_config=write_config,
     bare=("ssm_a", "ssm_d"),
 )
+# the fields of the MLP and the MoE blocks: compared only where the model has such blocks (compared)
+MLP_FIELDS = ("intermediate_size", "mlp_bias")
+MOE_FIELDS = ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
+              "num_experts_per_tok", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob", "mlp_bias")  # fmt: skip
 # fields GGUF out compares its own way: the context length is written as 2**20, the chunk size changes only the
-# scan's rounding, the MoE fields mean nothing without MoE blocks (refused), attention_bias is read nowhere
-NOT_COMPARED = ("max_position_embeddings", "chunk_size", "attention_bias", "n_routed_experts",
-                "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
-                "num_experts_per_tok", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob")  # fmt: skip
+# scan's rounding, attention_bias is read nowhere, the MLP and MoE fields as compared says
+NOT_COMPARED = ("max_position_embeddings", "chunk_size", "attention_bias", *MLP_FIELDS, *MOE_FIELDS)
+
+
+def compared(c) -> dict[str, Any]:
+    """What GGUF out compares beyond the config's plain fields: the block kinds, the MLP blocks' fields where the
+    model has MLP blocks, the MoE blocks' where it has MoE blocks (a file of the other kind has no room for them)."""
+    kinds = [c.block_type(i) for i in range(c.num_hidden_layers)]
+    fields = (MLP_FIELDS if "mlp" in kinds else ()) + (MOE_FIELDS if "moe" in kinds else ())
+    return {"layers_block_type": kinds, **{f: getattr(c, f) for f in fields}}

@@ -136,8 +136,9 @@ class GGMLStack(nn.Module):
 class GGMLExperts(Experts):
     """A mixture-of-experts layer's experts kept in a GGUF file's blocks, as llama.cpp keeps them: gate_proj,
     up_proj (experts, I, h) and down_proj (experts, h, I) stacks (GGMLStack, each of its own type, under the names
-    the GGUF reader gives llama.cpp's tensors), computed on by autolm's C++ kernel. The routing and arithmetic are
-    Experts' (kernels.mixture, the family's activation); `like` gives the sizes and the activation."""
+    the GGUF reader gives llama.cpp's tensors), computed on by autolm's C++ kernel; non-gated experts (Nemotron 3's
+    down(act(up(x)))) have no gate_proj (`kinds` without it). The routing and arithmetic are Experts'
+    (kernels.mixture, the family's activation); `like` gives the sizes and the activation."""
 
     def __init__(self, like: Experts, kinds: dict[str, int], dtype: torch.dtype):
         nn.Module.__init__(self)
@@ -147,13 +148,15 @@ class GGMLExperts(Experts):
         self.transposed = self.interleaved = False
         self.tp = None
         bias = hasattr(like, "gate_up_proj_bias")
-        self.gate_proj = GGMLStack(E, h, i, kinds["gate_proj"], bias, dtype)
+        self.gate_proj = GGMLStack(E, h, i, kinds["gate_proj"], bias, dtype) if "gate_proj" in kinds else None
         self.up_proj = GGMLStack(E, h, i, kinds["up_proj"], bias, dtype)
         self.down_proj = GGMLStack(E, i, h, kinds["down_proj"], bias, dtype)
 
     by_row = True  # one token's experts in one call of the kernel per projection (ggml_mm_id)
 
     def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x, e)), e)
         return self.down_proj(self.gated(self.gate_proj(x, e), self.up_proj(x, e)), e)
 
     def shard(self, rank: int, world: int) -> dict[str, tuple[int, int]]:
