@@ -1078,6 +1078,20 @@ SPECS = {
         ),
         {},
     ),
+    "glm": (
+        "GlmConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        {},
+    ),
 }
 
 

@@ -265,6 +265,7 @@ def _families():
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
     import test_family_gemma4_gguf as gemma4
+    import test_family_glm as glm
     import test_family_glm4 as glm4
     import test_family_glm4_moe as glm4_moe
     import test_family_glm4_moe_lite as glm4_moe_lite
@@ -281,6 +282,7 @@ def _families():
     import test_family_lfm2_moe as lfm2_moe
     import test_family_llama4 as llama4
     import test_family_mamba as mamba
+    import test_family_mamba2 as mamba2
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
@@ -351,6 +353,8 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "mamba2": (mamba2.GGUF_FAMILIES, mamba2.write_mamba2_gguf),
+        "glm": ((glm.GLM, glm.TIED), glm.write_glm_gguf),
         "apertus": (apertus.APERTUS, apertus.write_apertus_gguf),
         "llama4_text": (tuple(llama4.GGUF_FAMILIES.values()), llama4.write_llama4_gguf),
         "glm4_moe_lite": (glm4_moe_lite.GGUF_FAMILY, glm4_moe_lite.write_glm4_moe_lite_gguf),

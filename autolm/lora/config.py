@@ -102,6 +102,8 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "exaone_moe",
             "hunyuan_v1_moe",
             "minimax_m2",
+            "mamba2",
+            "glm",
             "cohere2_moe",
             "cohere2",
             "jamba",

@@ -103,6 +103,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
     "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
     "cohere2_moe": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM", "cohere2moe"),
+    "glm": ("glm", "GlmConfig", "GlmForCausalLM", "chatglm"),
+    "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
 }
 _MODULES = {name: f[0] for f in FAMILIES.values() for name in f[1:3]}  # class name -> its module
 
@@ -289,6 +291,8 @@ __all__ = [
     "Glm4MoeForCausalLM",
     "Glm4MoeLiteConfig",
     "Glm4MoeLiteForCausalLM",
+    "GlmConfig",
+    "GlmForCausalLM",
     "GptOssConfig",
     "GptOssForCausalLM",
     "GraniteConfig",
@@ -315,6 +319,8 @@ __all__ = [
     "Llama4TextConfig",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
     "MambaConfig",
     "MambaForCausalLM",
     "MiniMaxM2Config",
