@@ -264,6 +264,7 @@ def _families():
     import test_family_falcon_mamba as falcon_mamba
     import test_family_gemma as gemma
     import test_family_gemma1 as gemma1
+    import test_family_gemma3n as gemma3n
     import test_family_gemma4_gguf as gemma4
     import test_family_glm as glm
     import test_family_glm4 as glm4
@@ -353,6 +354,7 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "gemma3n_text": (gemma3n.GGUF, gemma3n.write_gemma3n_gguf),
         "mamba2": (mamba2.GGUF_FAMILIES, mamba2.write_mamba2_gguf),
         "glm": ((glm.GLM, glm.TIED), glm.write_glm_gguf),
         "apertus": (apertus.APERTUS, apertus.write_apertus_gguf),

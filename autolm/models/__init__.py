@@ -103,6 +103,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
     "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
     "cohere2_moe": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM", "cohere2moe"),
+    "gemma3n_text": ("gemma3n", "Gemma3nTextConfig", "Gemma3nForCausalLM", "gemma3n"),
+    "gemma3n": ("gemma3n", "Gemma3nConfig", "Gemma3nForCausalLM", "gemma3n"),  # image-audio-text: its LM
     "glm": ("glm", "GlmConfig", "GlmForCausalLM", "chatglm"),
     "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
 }
@@ -280,6 +282,9 @@ __all__ = [
     "Gemma3Config",
     "Gemma3ForCausalLM",
     "Gemma3TextConfig",
+    "Gemma3nConfig",
+    "Gemma3nForCausalLM",
+    "Gemma3nTextConfig",
     "Gemma4Config",
     "Gemma4ForCausalLM",
     "Gemma4TextConfig",

@@ -199,8 +199,9 @@ class GGUFLayout:
     # rows the converter regroups (GPT-NeoX's fused q/k/v): row_order(blk.N.<name>'s name, config) gives, for each of
     # the model's rows (of the weight and the bias), the file's row, or None where the tensor keeps the model's order
     row_order: Callable[[str, Any], Any] | None = None
-    # blk.N.<name> tensors the converter stacks from the members of a ModuleList (StableLM's per-head q/k norms):
-    # (<name>, the list's path inside the layer); row i of the file's tensor is member i's parameter
+    # tensors the converter stacks from the members of a ModuleList: (<name>, the list's path): blk.N.<name> with the
+    # path inside the layer (StableLM's per-head q/k norms), or a top-level <name> with the list's full path (Gemma
+    # 3n's AltUp projections); row i of the file's tensor is member i's parameter
     stacked: tuple[tuple[str, str], ...] = ()
     # a metadata key (after "<arch>.") that claims a file for this family where families share `arch` (OLMo 3's
     # attention.sliding_window under "olmo2"): a file holding it (non-empty) loads as this family, one without it

@@ -311,11 +311,12 @@ def gguf_tensors(
 
 
 def _unstacked(g: GGUFFile, gguf_name: str, name: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """[(HF name, tensor)]: a tensor the converter stacked from the members of a ModuleList (GGUFLayout.stacked,
-    StableLM's per-head q/k norms) as one tensor per member, its rows; else the tensor under its name."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    """[(HF name, tensor)]: a tensor the converter stacked from the members of a ModuleList (GGUFLayout.stacked:
+    StableLM's per-head q/k norms in a block, the list's path inside the layer; Gemma 3n's AltUp projections outside
+    the blocks, the list's full path) as one tensor per member, its rows; else the tensor under its name."""
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", gguf_name)
     members = dict(g.layout.stacked).get(m.group(2)) if m else None
     if members is None:
         return [(name, w)]
-    prefix = f"{g.family.layers_prefix}.{m.group(1)}.{members}"
+    prefix = members if m.group(1) is None else f"{g.family.layers_prefix}.{m.group(1)}.{members}"
     return [(f"{prefix}.{i}.{m.group(3)}", row) for i, row in enumerate(w.unbind(0))]
