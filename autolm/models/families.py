@@ -1,0 +1,98 @@
+"""The families autolm ships, by model_type: each family's file, classes and llama.cpp architecture."""
+
+from __future__ import annotations
+
+# The families autolm ships, imported on first use (a load imports its own family's file alone, not every one's):
+# model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files,
+# None where llama.cpp has none, or a tuple of several: the model class's `gguf` layout's, then its `gguf_more`).
+# tests/test_loading.py checks each entry against its module.
+FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
+    "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
+    "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
+    "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
+    "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
+    "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
+    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", "granite"),
+    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
+    "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3moe"),
+    "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
+    "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
+    "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", "gemma"),
+    "starcoder2": ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", "starcoder2"),
+    "phi": ("phi", "PhiConfig", "PhiForCausalLM", "phi2"),
+    "gpt_neox": ("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", "gptneox"),
+    "olmo": ("olmo", "OlmoConfig", "OlmoForCausalLM", "olmo"),
+    "stablelm": ("stablelm", "StableLmConfig", "StableLmForCausalLM", "stablelm"),
+    "cohere": ("cohere", "CohereConfig", "CohereForCausalLM", "command-r"),
+    "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", "granitemoe"),
+    "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "olmoe"),
+    "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", "glm4"),
+    "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
+    "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
+    "ernie4_5": ("ernie4_5", "Ernie4_5Config", "Ernie4_5ForCausalLM", "ernie4_5"),
+    "nemotron": ("nemotron", "NemotronConfig", "NemotronForCausalLM", "nemotron"),
+    "arcee": ("arcee", "ArceeConfig", "ArceeForCausalLM", "arcee"),
+    "glm4_moe": ("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM", "glm4moe"),
+    "dots1": ("dots1", "Dots1Config", "Dots1ForCausalLM", "dots1"),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek2"),
+    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", "ernie4_5-moe"),
+    "seed_oss": ("seed_oss", "SeedOssConfig", "SeedOssForCausalLM", "seed_oss"),
+    "hunyuan_v1_dense": (
+        "hunyuan_v1_dense",
+        "HunYuanDenseV1Config",
+        "HunYuanDenseV1ForCausalLM",
+        "hunyuan-dense",
+    ),
+    "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
+    "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
+    "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", "deepseek2"),
+    "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
+    "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
+    "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
+    "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
+    "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
+    "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
+    "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
+    "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
+    "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
+    "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
+    "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "hunyuan-moe"),
+    "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
+    "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
+    "phimoe": ("phimoe", "PhimoeConfig", "PhimoeForCausalLM", "phimoe"),
+    "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM", "dbrx"),
+    "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
+    "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
+    "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", "lfm2"),
+    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", "lfm2moe"),
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
+    "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
+    "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
+    "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
+    "granitemoehybrid": (
+        "granitemoehybrid",
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        "granitehybrid",
+    ),
+    "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", ("nemotron_h", "nemotron_h_moe")),
+    "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
+    "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
+    "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),
+    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
+    "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
+    "cohere2_moe": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM", "cohere2moe"),
+    "gemma3n_text": ("gemma3n", "Gemma3nTextConfig", "Gemma3nForCausalLM", "gemma3n"),
+    "gemma3n": ("gemma3n", "Gemma3nConfig", "Gemma3nForCausalLM", "gemma3n"),  # image-audio-text: its LM
+    "glm": ("glm", "GlmConfig", "GlmForCausalLM", "chatglm"),
+    "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
+}
