@@ -91,6 +91,7 @@ CONVERTERS = {
     "olmo2": ("olmo2", add_text_model, False),
     "granite": ("granite", _granite, True),
     "smollm3": ("smollm3", _llama, True),
+    "internlm3": ("llama", _llama, True),  # InternLM3Model: Llama's converter
     "starcoder2": ("starcoder2", _starcoder2, False),
     "phi": ("phi2", _phi2, False),  # q/k not permuted: llama.cpp runs phi2 with NeoX RoPE
 }

@@ -20,7 +20,7 @@ from autolm.sources.gguf import GGUFFile
 
 IDS = torch.tensor([[5, 17, 33, 2, 98, 140, 7, 61, 120, 9, 44]])
 # families llama.cpp's converter writes as another's architecture: their files read back as that family
-READ_AS = {"mistral": "llama"}
+READ_AS = {"mistral": "llama", "internlm3": "llama"}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,7 @@ def _families():
     import test_family_granitemoehybrid as granitemoehybrid
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
+    import test_family_internlm3 as internlm3
     import test_family_jamba as jamba
     import test_family_lfm2 as lfm2
     import test_family_lfm2_moe as lfm2_moe
@@ -354,6 +355,7 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "internlm3": (internlm3.PLAIN, None),
         "gemma3n_text": (gemma3n.GGUF, gemma3n.write_gemma3n_gguf),
         "mamba2": (mamba2.GGUF_FAMILIES, mamba2.write_mamba2_gguf),
         "glm": ((glm.GLM, glm.TIED), glm.write_glm_gguf),

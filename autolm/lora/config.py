@@ -102,6 +102,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "exaone_moe",
             "hunyuan_v1_moe",
             "minimax_m2",
+            "internlm3",
             "gemma3n_text",
             "mamba2",
             "glm",

@@ -219,6 +219,8 @@ __all__ = [
     "HunYuanDenseV1ForCausalLM",
     "HunYuanMoEV1Config",
     "HunYuanMoEV1ForCausalLM",
+    "InternLM3Config",
+    "InternLM3ForCausalLM",
     "JambaConfig",
     "JambaForCausalLM",
     "KVCache",

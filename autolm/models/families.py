@@ -95,4 +95,5 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma3n": ("gemma3n", "Gemma3nConfig", "Gemma3nForCausalLM", "gemma3n"),  # image-audio-text: its LM
     "glm": ("glm", "GlmConfig", "GlmForCausalLM", "chatglm"),
     "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
+    "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
 }
