@@ -1092,6 +1092,27 @@ SPECS = {
         ),
         {},
     ),
+    "minicpm3": (
+        "MiniCPM3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            scale_emb=3.0,
+            scale_depth=2.0,
+            dim_model_base=16,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        {},
+    ),
 }
 
 

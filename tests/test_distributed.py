@@ -135,6 +135,7 @@ _TP_FAMILIES = [
     "minimax_m2",
     "hunyuan_v1_moe",
     "exaone_moe",
+    "minicpm3",
     "glm",
     "cohere2",
     "qwen3_5_text",

@@ -274,7 +274,9 @@ def _families():
     import test_family_gpt_bigcode as bigcode
     import test_family_gpt_neox as neox
     import test_family_granite as granite
+    import test_family_granite_swa as granite_swa
     import test_family_granitemoe as granitemoe
+    import test_family_granitemoe_swa as granitemoe_swa
     import test_family_granitemoehybrid as granitemoehybrid
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
@@ -285,6 +287,7 @@ def _families():
     import test_family_llama4 as llama4
     import test_family_mamba as mamba
     import test_family_mamba2 as mamba2
+    import test_family_minicpm3 as minicpm3
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
@@ -355,6 +358,9 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "minicpm3": (tuple(minicpm3.GGUF_FAMILIES.values()), minicpm3.write_minicpm3_gguf),
+        "granitemoe_swa": (tuple(granitemoe_swa.GGUF_FAMILIES.values()), granite_swa.write_granite_swa_gguf),
+        "granite_swa": (granite_swa.GRANITE_SWA_GGUF, granite_swa.write_granite_swa_gguf),
         "internlm3": (internlm3.PLAIN, None),
         "gemma3n_text": (gemma3n.GGUF, gemma3n.write_gemma3n_gguf),
         "mamba2": (mamba2.GGUF_FAMILIES, mamba2.write_mamba2_gguf),

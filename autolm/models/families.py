@@ -95,5 +95,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma3n": ("gemma3n", "Gemma3nConfig", "Gemma3nForCausalLM", "gemma3n"),  # image-audio-text: its LM
     "glm": ("glm", "GlmConfig", "GlmForCausalLM", "chatglm"),
     "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
+    "granite_swa": ("granite_swa", "GraniteSWAConfig", "GraniteSWAForCausalLM", "granite_swa"),
+    "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", "granite_swa"),
+    "minicpm3": ("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", "minicpm3"),
     "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
 }
