@@ -1,11 +1,12 @@
 """Pieces every test-side mimic of llama.cpp's converter (convert_hf_to_gguf.py) writes the same way: the tests'
-character vocabulary as a "llama" tokenizer, and a checkpoint's per-expert tensors stacked as the converters stack
-them."""
+character vocabulary as a "llama" tokenizer, a checkpoint's per-expert tensors stacked as the converters stack them,
+and a weight in Q8_0 as `--outtype q8_0` writes it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from conftest import VOCAB
 
@@ -44,3 +45,15 @@ def add_text_model(w, c, blocks: int | None = None) -> None:
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+
+
+def add_q8_0(w, name: str, a: np.ndarray) -> None:
+    """A weight as the converter's `--outtype q8_0` writes it: Q8_0 where its rows are whole blocks of 32, else
+    F16."""
+    import gguf
+
+    if a.shape[-1] % 32 == 0:
+        w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+    else:
+        w.add_tensor(name, a.astype(np.float16))

@@ -184,7 +184,7 @@ def write_jamba_gguf(hf, path: str, kind: str = "F32") -> None:
     omitted where the checkpoint has none (tied)."""
     import gguf
     import numpy as np
-    from gguf_mimic import add_toy_vocab, stacked_experts
+    from gguf_mimic import add_q8_0, add_toy_vocab, stacked_experts
     from safetensors.torch import load_file
 
     c, q8 = hf.config, kind == "Q8_0"
@@ -227,11 +227,7 @@ def write_jamba_gguf(hf, path: str, kind: str = "F32") -> None:
             and out.endswith(".weight")
             and not out.endswith(("ssm_conv1d.weight", "gate_inp.weight"))
         ):
-            if a.shape[-1] % 32 == 0:
-                w.add_tensor(out, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
-            else:
-                w.add_tensor(out, a.astype(np.float16))
+            add_q8_0(w, out, a)
             continue
         w.add_tensor(out, a)
     w.write_header_to_file()

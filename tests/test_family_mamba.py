@@ -205,7 +205,7 @@ def write_mamba_gguf(hf, path: str, kind: str = "F32") -> None:
     no token."""
     import gguf
     import numpy as np
-    from gguf_mimic import add_toy_vocab
+    from gguf_mimic import add_q8_0, add_toy_vocab
     from safetensors.torch import load_file
 
     c, q8 = hf.config, kind == "Q8_0"
@@ -238,11 +238,7 @@ def write_mamba_gguf(hf, path: str, kind: str = "F32") -> None:
             out = f"{names.get_name(base)}.{suffix}"
         a = np.ascontiguousarray(t.float().numpy())
         if q8 and a.ndim >= 2 and out.endswith(".weight") and ".ssm_conv1d." not in out:
-            if a.shape[-1] % 32 == 0:
-                w.add_tensor(out, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
-            else:
-                w.add_tensor(out, a.astype(np.float16))
+            add_q8_0(w, out, a)
             continue
         w.add_tensor(out, a)
     w.write_header_to_file()

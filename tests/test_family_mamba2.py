@@ -202,7 +202,7 @@ def write_mamba2_gguf(hf, path: str, kind: str = "F32") -> None:
     -exp(A_log) and D as (H, 1), the gated norm as (groups, width / groups); a tied head is not in the file. The
     vocabulary (160) is already a multiple of 16: the converter's padding adds no token."""
     import gguf
-    from gguf_mimic import add_toy_vocab
+    from gguf_mimic import add_q8_0, add_toy_vocab
     from safetensors.torch import load_file
 
     c, q8 = hf.config, kind == "Q8_0"
@@ -244,11 +244,7 @@ def write_mamba2_gguf(hf, path: str, kind: str = "F32") -> None:
             and out.endswith(".weight")
             and not out.endswith(("_norm.weight", "conv1d.weight"))
         ):
-            if a.shape[-1] % 32 == 0:
-                w.add_tensor(out, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
-            else:
-                w.add_tensor(out, a.astype(np.float16))
+            add_q8_0(w, out, a)
             continue
         w.add_tensor(out, a)
     w.write_header_to_file()
