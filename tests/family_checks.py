@@ -191,6 +191,25 @@ class Family:
                 for p in prompts]  # fmt: skip
         assert _engine_tokens(model, autolm.AutoTokenizer.from_pretrained(served), prompts, 12) == want
 
+    def check_pieces(self, tmp_path_factory):
+        """70 tokens in pieces of 5, 13, 1, 1, 30 and 20 through the cache (pieces starting and ending inside the
+        recurrent layers' chunks, single tokens between them) give the logits of one forward, and transformers'.
+        Returns the cache after the pieces, for the family's own checks of what it keeps."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        ids = torch.randint(3, VOCAB, (2, 70), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            whole = model(ids).logits
+            cache, parts, start = None, [], 0
+            for n in (5, 13, 1, 1, 30, 20):
+                out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
+                cache, start = out.past_key_values, start + n
+                parts.append(out.logits)
+            theirs = hf(ids).logits
+        torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(whole, theirs, atol=1e-4, rtol=1e-4)
+        return cache
+
     def check_long_generation(
         self, tmp_path_factory, new=45, seed=3, exact_length=False, whole_atol=None
     ) -> None:

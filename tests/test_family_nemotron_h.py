@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import VOCAB, padded_batch, positions
+from conftest import padded_batch, positions
 from family_checks import Family
 from test_gguf_out import byte_tokenizer  # noqa: F401
 
@@ -97,19 +97,7 @@ def test_long_generation_equals_transformers(tmp_path_factory):
 def test_pieces_across_chunks_equal_the_whole(tmp_path_factory):
     """70 tokens in pieces of 5, 13, 1, 1, 30 and 20 through the cache (pieces starting and ending inside chunks
     of 8, single tokens between them) give the logits of one forward, and transformers'."""
-    directory, hf = NANO3.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids = torch.randint(3, VOCAB, (2, 70), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        whole = model(ids).logits
-        cache, parts, start = None, [], 0
-        for n in (5, 13, 1, 1, 30, 20):
-            out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
-            cache, start = out.past_key_values, start + n
-            parts.append(out.logits)
-        theirs = hf(ids).logits
-    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(whole, theirs, atol=1e-4, rtol=1e-4)
+    cache = NANO3.check_pieces(tmp_path_factory)
     conv, ssm = cache.states[0]
     assert (
         conv.shape == (2, 8 * 16 + 2 * 2 * 16, 3)
