@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -298,14 +300,25 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
   }
 }
 
-// row_range for the K-quants: with one row of x (decode), two weight rows at a time, their blocks decoded and
-// multiplied alternately (two independent chains of work while the next bytes come from memory: a one-row matmul
-// streaming Q4_K from memory on 2 of Intel's cores, 12 -> 27-31 GB/s; Q2_K, Q3_K, Q5_K, Q6_K 11-17 -> 21-26).
+// Whether this CPU's cores are AMD's (CPUID's vendor "AuthenticAMD"), asked once.
+bool amd_cores() {
+  static const bool amd = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;
+  }();
+  return amd;
+}
+
+// row_range for the K-quants: with one row of x (decode), on Intel's cores two weight rows at a time, their blocks
+// decoded and multiplied alternately (two independent chains of work while the next bytes come from memory: a
+// one-row matmul streaming Q4_K from memory on 2 of Intel's cores, 12 -> 27-31 GB/s; Q2_K, Q3_K, Q5_K, Q6_K 11-17 ->
+// 21-26). AMD's Zen 4 streams the rows one at a time faster: the two rows' interleaved bytes took its Q6_K rows
+// from 15-19 to 6-9 GB/s on one core (in the cache both 23), Q4_K's about alike.
 template <auto decode, int64_t bytes>
 void row_range_k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, const Acts& a, int64_t K,
                  int64_t m0, int64_t m1, RowOut* out, float* y, int64_t N) {
   int64_t n = n0;
-  for (; n + 1 < n1 && m1 - m0 == 1; n += 2) {
+  for (; n + 1 < n1 && m1 - m0 == 1 && !amd_cores(); n += 2) {
     RowOut two[2]{};
     const uint8_t *p = w + n * row_bytes, *q = p + row_bytes;
     for (int64_t b = 0; b < nb; b++, p += bytes, q += bytes) {
