@@ -118,8 +118,8 @@ def test_incremental_decode_equals_full_forward(checkpoint):
 
 
 def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd(monkeypatch):
-    """fp32 inference on oneDNN's matmul, except on CPUs where MKL's (F.linear's) is faster (Intel's): this
-    machine's choice, then the other one."""
+    """fp32 inference on oneDNN's matmul, except on CPUs where MKL's (F.linear's) is faster (Intel's) and for
+    products too small to pay for oneDNN's set-up: this machine's choice, then the other one."""
     from torch.profiler import profile
 
     from autolm.kernels import core
@@ -138,6 +138,11 @@ def test_linear_uses_onednn_for_fp32_inference_and_f_linear_under_autograd(monke
             out = fn()
         return out, {e.key for e in prof.key_averages()}
 
+    assert x.shape[:-1].numel() * layer.weight.numel() < core.ONEDNN_FROM
+    with torch.no_grad():
+        _, names = ops(lambda: layer(x))  # a small product: F.linear
+    assert "mkldnn::_linear_pointwise" not in names and "aten::addmm" in names
+    monkeypatch.setattr(core, "ONEDNN_FROM", 0)  # as if it were large
     for leads in (mkl_leads(), not mkl_leads()):
         monkeypatch.setattr(core, "mkl_leads", lambda leads=leads: leads)
         with torch.no_grad():
