@@ -3,9 +3,11 @@ world."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from ._atomic import _fsync_dir, atomic_directory, atomic_write_text, published_file  # noqa: F401 - where callers import them
@@ -68,6 +70,20 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def own_names(model) -> Iterator[None]:
+    """Inside the block, model.state_dict() names each tensor by the modules' own attributes: a base model
+    (AutoModel) otherwise gives transformers' base-model names, its body's prefix dropped (models.heads)."""
+    modules = list(model.modules())
+    for m in modules:
+        m.__dict__["_own_names"] = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_own_names", None)
 
 
 def full_tensor(t):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._util import own_names
 from .errors import ConfigError
 from .nn.rope import inv_freq_and_scale
 from .sources.gguf import _CONFIG_KEYS, _LAYER_NAMES, _TOP_NAMES, ROPE_FREQS, config_from_gguf
@@ -132,7 +133,9 @@ def tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         scaled, _ = inv_freq_and_scale(rope, head_dim, c.max_position_embeddings)
         yield ROPE_FREQS, plain / scaled
     stacks: dict[str, dict[int, torch.Tensor]] = {}  # GGUFLayout.stacked: members collected until all came
-    for name, t in model.state_dict().items():
+    with own_names(model):
+        state = model.state_dict()
+    for name, t in state.items():
         if c.tie_word_embeddings and name == "lm_head.weight":
             continue
         member = _stack_member(name, model)

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ._util import atomic_directory, full_tensor, parse_size, world
+from ._util import atomic_directory, full_tensor, own_names, parse_size, world
 from .errors import AutolmError
 
 logger = logging.getLogger("autolm")
@@ -39,7 +39,9 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    with own_names(model):
+        state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
         key = t.data_ptr() if t.device.type != "meta" and not hasattr(t, "full_tensor") else id(t)
         if t.numel() and key in seen:
             continue

@@ -311,6 +311,8 @@ def test_auto_model_is_the_body_as_transformers(checkpoint, tmp_path, name):
     assert type(got).__name__ == type(ref).__name__ and got.lm_head is None
     assert len(got.layers) == len(ref.layers) and got.embed_tokens is got.get_input_embeddings()
     assert got.norm.weight.shape == ref.norm.weight.shape  # the body's modules where transformers has them
+    assert list(got.state_dict()) == list(ref.state_dict())  # transformers' base-model names, in its order
+    got.load_state_dict(ref.state_dict())  # and back, as a transformers user moves weights
     batch = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
     mask = (batch != 0).long()
     with torch.no_grad():
@@ -347,6 +349,12 @@ def test_a_base_model_adapter_in_peft_names_both_ways(checkpoint, tmp_path):
         autolm.AutoModel.from_pretrained(directory), autolm.lora.LoraConfig(**config)
     )
     theirs = peft.get_peft_model(transformers.AutoModel.from_pretrained(directory), peft.LoraConfig(**config))
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())  # peft's names over the base model's
+    for state in (None, ours.state_dict()):  # peft's on-disk names, from the model or from its state dict
+        names = autolm.lora.get_peft_model_state_dict(ours, state_dict=state)
+        assert sorted(names) == sorted(
+            peft.get_peft_model_state_dict(theirs, state_dict=state and theirs.state_dict())
+        )
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = [

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import check_device
+from .._util import check_device, own_names
 from ..errors import CheckpointError, ConfigError
 from .placement import OffloadStore, dispatch, resolve_device_map
 
@@ -47,7 +47,8 @@ class OneDevice:
 
     def expected(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
         """The tensors the checkpoint must provide and their shapes (a tied float head is the embedding)."""
-        out = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+        with own_names(model):
+            out = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
             out.pop("lm_head.weight", None)
         return out

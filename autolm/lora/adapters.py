@@ -147,6 +147,18 @@ def disk_names(
     return out
 
 
+def from_state_dict(model: nn.Module, names: dict[str, str], state_dict: dict) -> dict[str, torch.Tensor]:
+    """{on-disk name: tensor} for the entries of `state_dict`, a state dict of `model`, that disk_names `names`
+    (keyed by parameter name) covers; its keys are those model.state_dict() gives, which drop a base model's body
+    prefix where the parameters' names keep it."""
+    param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    keyed = dict(names)
+    for key, t in model.state_dict(keep_vars=True).items():
+        if param_names.get(id(t)) in names:
+            keyed[key] = names[param_names[id(t)]]
+    return {keyed[k]: v for k, v in state_dict.items() if k in keyed}
+
+
 def adapter_state(model: nn.Module, config: LoraConfig, name: str, prefix: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's names (prefix + module name, no adapter name), gathered to the CPU."""
     params = dict(model.named_parameters())

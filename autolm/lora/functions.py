@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import AdapterError
 from . import adapters
 from .config import LoraConfig, as_lora_config
+from .files import PREFIX
 from .inject import inject_adapter
 
 
@@ -33,8 +34,12 @@ def get_peft_model_state_dict(
         raise AdapterError(f"no adapter named {adapter_name!r} (loaded: {sorted(model.peft_config)})")
     if state_dict is None:
         return model.adapter_state_dict(adapter_name)
-    names = adapters.disk_names(model, model.peft_config[adapter_name], adapter_name)
-    return {names[k]: v for k, v in state_dict.items() if k in names}
+    config, inner = model.peft_config[adapter_name], getattr(model, "_model", None)
+    if inner is None:  # a model that holds its adapters itself (load_adapter, add_adapter)
+        names = adapters.disk_names(model, config, adapter_name)
+    else:  # a PeftModel: its parameters are the wrapped model's under PREFIX, named on disk as that model's
+        names = {PREFIX + k: v for k, v in adapters.disk_names(inner, config, adapter_name, PREFIX).items()}
+    return adapters.from_state_dict(model, names, state_dict)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default"):

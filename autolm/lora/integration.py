@@ -132,7 +132,7 @@ class PeftAdapterMixin:
         self._check_names([name])
         names = adapters.disk_names(self, self.peft_config[name], name)
         if state_dict is not None:
-            return {names[k]: v for k, v in state_dict.items() if k in names}
+            return adapters.from_state_dict(self, names, state_dict)
         return adapters.adapter_state(self, self.peft_config[name], name, "")
 
     def save_adapter(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:

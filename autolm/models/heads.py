@@ -59,8 +59,15 @@ class Headless:
 
 class BaseModel(Headless):
     """transformers' `<Family>Model` (AutoModel): the body alone, its normed hidden states as last_hidden_state
-    (embedding models pool them). Its checkpoints, and its adapters' files, name tensors without the body's
-    prefix (`layers.0...`), as transformers saves a base model; a causal LM's checkpoint loads too."""
+    (embedding models pool them). Its checkpoints, its adapters' files and its state_dict() name tensors without
+    the body's prefix (`layers.0...`), as transformers' base model does; load_state_dict takes those names or the
+    body's, and a causal LM's checkpoint loads too. (Its modules keep the body's prefix: `named_parameters()`
+    gives `model.layers.0...`.)"""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_state_dict_post_hook(_transformers_names)
+        self.register_load_state_dict_pre_hook(_body_names)
 
     def forward(
         self,
@@ -93,6 +100,22 @@ class BaseModel(Headless):
     def adapter_key(self, key: str) -> str:
         """An adapter tensor's name in peft's file for this model: the body's prefix dropped."""
         return key.removeprefix(self.base_model_prefix + ".")
+
+
+def _transformers_names(module: BaseModel, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict's post-hook: the body's prefix dropped from the base model's names (see _util.own_names)."""
+    if module.__dict__.get("_own_names"):
+        return
+    body = f"{prefix}{module.base_model_prefix}."
+    for key in [k for k in state_dict if k.startswith(body)]:
+        state_dict[prefix + key[len(body) :]] = state_dict.pop(key)
+
+
+def _body_names(module: BaseModel, state_dict, prefix: str, *args) -> None:
+    """load_state_dict's pre-hook: transformers' base-model names put back under the body's prefix."""
+    body = f"{prefix}{module.base_model_prefix}."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(body)]:
+        state_dict[body + key[len(prefix) :]] = state_dict.pop(key)
 
 
 class SequenceClassification(Headless):
