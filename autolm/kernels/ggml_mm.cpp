@@ -216,6 +216,15 @@ using PanelFn = void (*)(const uint8_t* w, int64_t row_bytes, int64_t p0, int64_
 // A weight row as bf16 for the tile unit: its columns 32 s.. 32 s + 31 at out + s * step.
 using Bf16RowFn = void (*)(const uint8_t* w, int64_t K, uint16_t* out, int64_t step);
 
+// Whether this CPU's cores are AMD's (CPUID's vendor "AuthenticAMD"), asked once.
+bool amd_cores() {
+  static const bool amd = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;
+  }();
+  return amd;
+}
+
 #ifdef AUTOLM_AVX512
 #include "ggml_avx512.h"
 #else
@@ -300,15 +309,6 @@ void row_range(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int6
   }
 }
 
-// Whether this CPU's cores are AMD's (CPUID's vendor "AuthenticAMD"), asked once.
-bool amd_cores() {
-  static const bool amd = [] {
-    unsigned a, b, c, d;
-    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;
-  }();
-  return amd;
-}
-
 // row_range for the K-quants: with one row of x (decode), on Intel's cores two weight rows at a time, their blocks
 // decoded and multiplied alternately (two independent chains of work while the next bytes come from memory: a
 // one-row matmul streaming Q4_K from memory on 2 of Intel's cores, 12 -> 27-31 GB/s; Q2_K, Q3_K, Q5_K, Q6_K 11-17 ->
@@ -353,6 +353,10 @@ void row_range_32(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
       y[m0 * N + n] = reduce(two[0]), y[m0 * N + n + 1] = reduce(two[1]);
     }
   }
+#ifdef AUTOLM_AVX512
+  if (amd_cores())  // without the scales' gather (first_words)
+    return row_range<rows_32<kind, bytes, kPaired, false>>(w, row_bytes, n, n1, nb, a, K, m0, m1, out, y, N);
+#endif
   row_range<rows_32<kind, bytes, kPaired>>(w, row_bytes, n, n1, nb, a, K, m0, m1, out, y, N);
 }
 
