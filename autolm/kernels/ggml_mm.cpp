@@ -318,7 +318,8 @@ template <auto decode, int64_t bytes>
 void row_range_k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, const Acts& a, int64_t K,
                  int64_t m0, int64_t m1, RowOut* out, float* y, int64_t N) {
   int64_t n = n0;
-  for (; n + 1 < n1 && m1 - m0 == 1 && !amd_cores(); n += 2) {
+  const bool two_rows = m1 - m0 == 1 && !amd_cores();
+  for (; two_rows && n + 1 < n1; n += 2) {
     RowOut two[2]{};
     const uint8_t *p = w + n * row_bytes, *q = p + row_bytes;
     for (int64_t b = 0; b < nb; b++, p += bytes, q += bytes) {
