@@ -135,16 +135,22 @@ __attribute__((always_inline)) inline void rows_32(const uint8_t* w, int64_t nb,
     for (int64_t m = m0; m < m1; m++) {
       const int8_t* x = a.q.data() + m * K + 32 * b0;
       __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(live, a.d.data() + m * (K / 32) + b0));
-      __m512 acc[2] = {  // two chains of additions: one would wait on each one's latency
-          _mm512_fmadd_ps(low, _mm512_maskz_loadu_ps(live, a.s.data() + m * (K / 32) + b0), out[m - m0].acc),
-          _mm512_setzero_ps()};
-      for (int64_t p = 0; 2 * p < n; p++) {
+      auto pair = [&](int64_t p, __m512 acc) {  // blocks 2p and 2p + 1 (if any) times x, scaled, added to acc
         __m512i xv = 2 * p + 1 < n ? _mm512_loadu_si512(x + 64 * p)
                                    : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(x + 64 * p)));
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[p], xv);
-        acc[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(halves[p], sc), acc[p % 2]);
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(halves[p], sc), acc);
+      };
+      // two chains of additions (one would wait on each one's latency), in two named registers: an array indexed
+      // by p % 2 went through the stack, each addition waiting on a store and a load (Zen 4, one row of x:
+      // 576-column Q4_1 / Q5_0 / Q8_0 rows 0.86-0.92x the time, Q4_0 at 2048 columns 0.91-0.92x)
+      __m512 even = _mm512_fmadd_ps(low, _mm512_maskz_loadu_ps(live, a.s.data() + m * (K / 32) + b0), out[m - m0].acc);
+      __m512 odd = _mm512_setzero_ps();
+      for (int64_t p = 0; 2 * p < n; p += 2) {
+        even = pair(p, even);
+        if (2 * p + 2 < n) odd = pair(p + 1, odd);
       }
-      out[m - m0].acc = _mm512_add_ps(acc[0], acc[1]);
+      out[m - m0].acc = _mm512_add_ps(even, odd);
     }
   }
 }
