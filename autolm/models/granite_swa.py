@@ -15,14 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, GatedMLP, GGUFLayout, Rename, RMSNorm
+from ..nn import Attention, CheckpointRules, GGUFLayout, Rename, RMSNorm
 from .base import CausalLM, DecoderModel
-from .granite import GraniteConfig, GraniteForCausalLM, GraniteModel
+from .granite import GraniteConfig, GraniteDecoderLayer, GraniteForCausalLM, GraniteModel
 
 
 class SlidingGranite:
@@ -99,19 +96,12 @@ def swa_attention(config: Any, layer_idx: int) -> Attention:
                      sinks=True)  # fmt: skip
 
 
-class GraniteSWADecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int):
-        super().__init__()
-        h, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = swa_attention(config, layer_idx)
-        self.mlp = GatedMLP(h, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.residual_multiplier = float(config.residual_multiplier)
+class GraniteSWADecoderLayer(GraniteDecoderLayer):
+    """Granite's layer (residuals times residual_multiplier) with swa_attention."""
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx) * self.residual_multiplier
-        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
+    def __init__(self, config: Any, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = swa_attention(config, layer_idx)
 
 
 class GraniteSWAModel(DecoderModel):
