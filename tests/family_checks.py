@@ -12,6 +12,7 @@ the same files and compare.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -322,6 +323,49 @@ class Family:
             )
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
                            full.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))  # fmt: skip
+
+    def check_names_and_config(self, tmp_path_factory, tmp_path, tp_plan: bool = False):
+        """transformers' parameter names and shapes; config.json saved back holds the checkpoint's keys and values,
+        no others; with tp_plan, transformers' tensor-parallel plan. Gives (autolm's model, transformers')."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in hf.state_dict().items()
+        }
+        model.config.save_pretrained(tmp_path)
+        written = json.loads((tmp_path / "config.json").read_text())
+        original = json.loads(open(os.path.join(directory, "config.json")).read())
+        for d in (written, original):
+            d.pop("transformers_version", None)
+        assert written == original
+        if tp_plan:
+            assert type(model).tp_patterns == dict(hf.config.base_model_tp_plan)
+        return model, hf
+
+    def check_saved_files(self, tmp_path_factory, tmp_path):
+        """check_save, then: transformers' names and shapes in the state dict, the checkpoint's tensor names in the
+        file autolm saved, and config.json's keys and values (v4's "type" beside rope_type aside). Gives (autolm's
+        model, the saved tensor names)."""
+        from safetensors import safe_open
+
+        self.check_save(tmp_path_factory, tmp_path)
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in hf.state_dict().items()
+        }
+        with (
+            safe_open(f"{directory}/model.safetensors", "pt") as theirs,
+            safe_open(tmp_path / "saved" / "model.safetensors", "pt") as ours,
+        ):
+            saved = set(ours.keys())
+            assert saved == set(theirs.keys())
+        written, original = (json.load(open(f"{d}/config.json")) for d in (tmp_path / "saved", directory))
+        for d in (written, original):
+            d.pop("transformers_version", None)
+            d.get("rope_parameters", {}).pop("type", None)  # transformers keeps v4's "type" beside rope_type
+        assert written == original
+        return model, saved
 
 
 def _engine_tokens(model, tok, prompts: list[list[int]], new: int) -> list[list[int]]:

@@ -126,16 +126,7 @@ def test_xielu_buffers_are_read(tmp_path_factory, tmp_path):
 def test_state_dict_and_config_are_transformers(tmp_path_factory, tmp_path, name):
     """transformers' parameter and buffer names and shapes; config.json round-trips with transformers' keys
     only; transformers' tensor-parallel plan (its replicated q/k norms aside: autolm never splits a norm)."""
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
-    model.config.save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    original = json.loads(open(os.path.join(directory, "config.json")).read())
-    for d in (written, original):
-        d.pop("transformers_version", None)
-    assert written == original
+    model, hf = FAMILIES[name].check_names_and_config(tmp_path_factory, tmp_path)
     plan = {k: v for k, v in hf.config.base_model_tp_plan.items() if not k.endswith("_norm")}
     assert type(model).tp_patterns == plan
     tied = model.lm_head.weight is model.model.embed_tokens.weight

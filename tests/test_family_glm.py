@@ -94,18 +94,8 @@ def test_disk_offload(tmp_path_factory, tmp_path):
 def test_state_dict_and_config_are_transformers(tmp_path_factory, tmp_path, name):
     """Module and parameter names and shapes are transformers' (two norms, gate_up_proj, no o_proj bias); the saved
     config.json has transformers' keys and values, no others."""
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    model, _ = FAMILIES[name].check_names_and_config(tmp_path_factory, tmp_path)
     assert type(model).__name__ == "GlmForCausalLM"
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in hf.state_dict().items()
-    }
-    model.config.save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    original = json.loads(open(os.path.join(directory, "config.json")).read())
-    for d in (written, original):
-        d.pop("transformers_version", None)
-    assert written == original
 
 
 def test_default_config_is_transformers():

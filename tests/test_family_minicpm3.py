@@ -105,26 +105,8 @@ def test_quantized(tmp_path_factory, bits):
 def test_save(tmp_path_factory, tmp_path, name):
     """transformers' names and shapes in the state dict; the checkpoint's tensors and transformers' config.json
     (keys and values) in the files autolm saves."""
-    from safetensors import safe_open
-
-    family = FAMILIES[name]
-    family.check_save(tmp_path_factory, tmp_path)
-    directory, hf = family.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    model, _ = FAMILIES[name].check_saved_files(tmp_path_factory, tmp_path)
     assert type(model).__name__ == "MiniCPM3ForCausalLM"
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in hf.state_dict().items()
-    }
-    with (
-        safe_open(f"{directory}/model.safetensors", "pt") as theirs,
-        safe_open(tmp_path / "saved" / "model.safetensors", "pt") as ours,
-    ):
-        assert set(ours.keys()) == set(theirs.keys())
-    written, original = (json.load(open(f"{d}/config.json")) for d in (tmp_path / "saved", directory))
-    for d in (written, original):
-        d.pop("transformers_version", None)
-        d["rope_parameters"].pop("type", None)  # transformers keeps v4's "type" beside rope_type
-    assert written == original
 
 
 def test_disk_offload(tmp_path_factory, tmp_path):
