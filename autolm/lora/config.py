@@ -104,6 +104,8 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "minimax_m2",
             "minicpm3",
             "granitemoe_swa",
+            "granitemoeshared",
+            "vaultgemma",
             "granite_swa",
             "internlm3",
             "gemma3n_text",

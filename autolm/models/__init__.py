@@ -78,6 +78,9 @@ def gguf_family(metadata: dict) -> type | None:
             _family(model_type)
     found = [(cls, _gguf_claim(g)) for cls in _MODELS.values() for g in gguf_layouts(cls) if g.arch == arch]
     claimed = [cls for cls, key in found if key is not None and _holds(metadata, arch, key)]
+    # a layout's own claim before expert_count's (Granite MoE Shared's shared-expert key in "granitemoe" files,
+    # which Granite MoE's expert count claims too)
+    claimed.sort(key=lambda cls: all(g.claim is None for g in gguf_layouts(cls) if g.arch == arch))
     # of the families claiming nothing, the one the architecture is named for (Llama for "llama", not Mistral)
     plain = sorted(
         (cls for cls, key in found if key is None), key=lambda cls: cls.config_class.model_type != arch

@@ -97,6 +97,15 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", "mamba2"),
     "granite_swa": ("granite_swa", "GraniteSWAConfig", "GraniteSWAForCausalLM", "granite_swa"),
     "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", "granite_swa"),
+    "granitemoeshared": (
+        "granitemoeshared",
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        "granitemoe",
+    ),
+    "vaultgemma": ("vaultgemma", "VaultGemmaConfig", "VaultGemmaForCausalLM", None),  # llama.cpp has none
     "minicpm3": ("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", "minicpm3"),
     "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
+    "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
+    "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
 }
