@@ -337,6 +337,45 @@ class PretrainedConfig:
             validate_rope(rope, src)
 
 
+@dataclass(repr=False)
+class PartialRotaryConfig(PretrainedConfig):
+    """A family whose RoPE turns the first `partial_rotary_factor` of each head: `rotary_factor` where config.json
+    gives none, read from the top level (transformers 4's spelling, written back there) or from rope_parameters (5's),
+    and checked to leave an even number of rotary dimensions."""
+
+    partial_rotary_default: ClassVar[bool] = True  # the default RoPE rotates only the partial dimensions
+    rotary_factor: ClassVar[float] = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_parameters, dict):  # built in Python: transformers' default factor
+            self.rope_parameters = {"partial_rotary_factor": self.rotary_factor, **self.rope_parameters}
+        super().__post_init__()
+
+    @classmethod
+    def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+        rope, spelling = super().read_rope(d, source)
+        rope.setdefault("partial_rotary_factor", d.get("partial_rotary_factor", cls.rotary_factor))
+        return rope, spelling
+
+    def validate(self) -> None:
+        super().validate()
+        factor = self.rope_parameters.get("partial_rotary_factor")
+        if not _is_number(factor) or not 0 < factor <= 1 or int(self.head_dim * factor) % 2:
+            raise ConfigError(
+                f"{self.source}: partial_rotary_factor must be a number in (0, 1] that leaves an even number of "
+                f"rotary dimensions of the {self.head_dim} in a head, found {factor!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.rope_spelling == "v4":
+            scaling = dict(out.get("rope_scaling") or {})
+            out["partial_rotary_factor"] = scaling.pop("partial_rotary_factor", None)
+            plain = scaling.get("rope_type", "default") == "default" and set(scaling) <= {"rope_type"}
+            out["rope_scaling"] = None if plain else scaling
+        return out
+
+
 def _torch_dtype(name: str) -> Any:
     """'bfloat16' -> torch.bfloat16; a name torch does not know stays a string (loading then ignores it)."""
     import torch

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PartialRotaryConfig, PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, MLP, Attention, GGUFLayout
 from .base import LLAMA_TP, CausalLM, DecoderModel
 
 
 @dataclass(repr=False)
-class NemotronConfig(PretrainedConfig):
+class NemotronConfig(PartialRotaryConfig):
     """transformers' NemotronConfig: its fields and defaults (Nemotron-15B's sizes). partial_rotary_factor
     (top-level in transformers 4's config.json, inside rope_parameters in 5's) defaults to 0.5, as transformers
     sets it."""
@@ -35,7 +35,6 @@ class NemotronConfig(PretrainedConfig):
     absent_keys: ClassVar[tuple[str, ...]] = ("rms_norm_eps", "sliding_window")
     activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
     bool_fields: ClassVar[tuple[str, ...]] = (*PretrainedConfig.bool_fields, "attention_bias", "mlp_bias")
-    partial_rotary_default: ClassVar[bool] = True  # its default RoPE rotates only the partial dimensions
 
     vocab_size: int = 256000
     hidden_size: int = 6144
@@ -50,38 +49,11 @@ class NemotronConfig(PretrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
 
-    def __post_init__(self) -> None:
-        if isinstance(self.rope_parameters, dict):  # built in Python: transformers' default factor
-            self.rope_parameters = {"partial_rotary_factor": 0.5, **self.rope_parameters}
-        super().__post_init__()
-
-    @classmethod
-    def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
-        rope, spelling = super().read_rope(d, source)
-        rope.setdefault("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
-        return rope, spelling
-
     def validate(self) -> None:
         super().validate()
         src = self.source
         if not _is_number(self.norm_eps) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"{src}: norm_eps must be a positive number below 1, found {self.norm_eps!r}")
-        factor = self.rope_parameters.get("partial_rotary_factor")
-        if not _is_number(factor) or not 0 < factor <= 1 or int(self.head_dim * factor) % 2:
-            raise ConfigError(
-                f"{src}: partial_rotary_factor must be a number in (0, 1] that leaves an even number of rotary "
-                f"dimensions of the {self.head_dim} in a head, found {factor!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """transformers 4's spelling (Minitron's config.json) keeps partial_rotary_factor at the top level."""
-        out = super().to_dict()
-        if self.rope_spelling == "v4":
-            scaling = dict(out.get("rope_scaling") or {})
-            out["partial_rotary_factor"] = scaling.pop("partial_rotary_factor", None)
-            plain = scaling.get("rope_type", "default") == "default" and set(scaling) <= {"rope_type"}
-            out["rope_scaling"] = None if plain else scaling
-        return out
 
 
 class NemotronLayerNorm1P(nn.LayerNorm):

@@ -20,19 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PartialRotaryConfig, PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, GGUFLayout
 from .base import CausalLM, DecoderModel
 
 
 @dataclass(repr=False)
-class StableLmConfig(PretrainedConfig):
+class StableLmConfig(PartialRotaryConfig):
     """transformers' StableLmConfig. The LayerNorms' epsilon is `layer_norm_eps`; partial_rotary_factor (top-level
     in transformers 4's config.json, inside rope_parameters in 5's) defaults to 0.25, as transformers sets it.
     `StableLmConfig(partial_rotary_factor=..., rope_theta=...)` fills rope_parameters, as in transformers."""
 
     model_type: ClassVar[str] = "stablelm"
+    rotary_factor: ClassVar[float] = 0.25
     # not in transformers' config: written when set
     absent_keys: ClassVar[tuple[str, ...]] = ("head_dim", "rms_norm_eps", "sliding_window")
     activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
@@ -42,7 +43,6 @@ class StableLmConfig(PretrainedConfig):
         "qk_layernorm",
         "use_parallel_residual",
     )
-    partial_rotary_default: ClassVar[bool] = True  # its default RoPE rotates only the partial dimensions
 
     vocab_size: int = 50304
     intermediate_size: int = 6912
@@ -58,17 +58,6 @@ class StableLmConfig(PretrainedConfig):
     hidden_dropout: float = 0.0
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rope_parameters, dict):  # built in Python: transformers' default factor
-            self.rope_parameters = {"partial_rotary_factor": 0.25, **self.rope_parameters}
-        super().__post_init__()
-
-    @classmethod
-    def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
-        rope, spelling = super().read_rope(d, source)
-        rope.setdefault("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
-        return rope, spelling
 
     def validate(self) -> None:
         super().validate()
@@ -86,22 +75,6 @@ class StableLmConfig(PretrainedConfig):
             raise ConfigError(
                 f"{src}: hidden_dropout must be a number in [0, 1], found {self.hidden_dropout!r}"
             )
-        factor = self.rope_parameters.get("partial_rotary_factor")
-        if not _is_number(factor) or not 0 < factor <= 1 or int(self.head_dim * factor) % 2:
-            raise ConfigError(
-                f"{src}: partial_rotary_factor must be a number in (0, 1] that leaves an even number of rotary "
-                f"dimensions of the {self.head_dim} in a head, found {factor!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """transformers 4's spelling (StableLM 2's config.json) keeps partial_rotary_factor at the top level."""
-        out = super().to_dict()
-        if self.rope_spelling == "v4":
-            scaling = dict(out.get("rope_scaling") or {})
-            out["partial_rotary_factor"] = scaling.pop("partial_rotary_factor", None)
-            plain = scaling.get("rope_type", "default") == "default" and set(scaling) <= {"rope_type"}
-            out["rope_scaling"] = None if plain else scaling
-        return out
 
 
 _dataclass_init = StableLmConfig.__init__
