@@ -229,7 +229,7 @@ def check_heads(model: str | None, n: int) -> None:
     """--tp N: the model's attention heads must split evenly (checked before torchrun starts)."""
     if n <= 1:
         return
-    from ..load import AutoConfig
+    from ..load.auto import AutoConfig
 
     where, gguf_file = locate(model, quantize="none")
     cfg = AutoConfig.from_pretrained(where, gguf_file=gguf_file)

@@ -23,7 +23,8 @@ from ..quant import Int4Linear, Int8Linear
 # weights stay as they are while training (QLoRA: gradients reach the input through the dequantized weight);
 # merging quantizes an int8 / int4 layer's merged weight again (GGUF blocks: refused)
 LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
-CLASSIFIER_NAMES = ("classifier", "score")  # the heads peft trains with a SEQ_CLS adapter (modules_to_save)
+# the heads peft trains with a SEQ_CLS / TOKEN_CLS adapter (modules_to_save)
+CLASSIFIER_NAMES = ("classifier", "score")
 
 CONFIG_NAME = "adapter_config.json"
 # The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).

@@ -120,7 +120,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                     _set_module(model, mod_name, wrapper)
                 wrapper.add_adapter(adapter_name)
                 found = True
-        if not found and not (config.task_type == "SEQ_CLS" and name in CLASSIFIER_NAMES):
+        if not found and not (config.task_type in ("SEQ_CLS", "TOKEN_CLS") and name in CLASSIFIER_NAMES):
             raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
     if config.extra.get("trainable_token_indices"):
         wrap_tokens(model, config, adapter_name)

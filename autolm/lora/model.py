@@ -99,9 +99,10 @@ class PeftModel(_Forwarding):
         config = as_lora_config(config, f"adapter {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} is already loaded")
-        if (
-            config.task_type == "SEQ_CLS"
-        ):  # peft trains (and saves) a sequence classifier's head with the adapter
+        if config.task_type in (
+            "SEQ_CLS",
+            "TOKEN_CLS",
+        ):  # peft trains (and saves) a classifier's head with the adapter
             extra = [n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])]
             config.modules_to_save = [*(config.modules_to_save or []), *extra]
         inject_adapter(self._model, config, adapter_name)

@@ -1,11 +1,13 @@
-"""Other heads on a family's body: transformers' `<Family>ForSequenceClassification` (reward models, classifiers)
-and `<Family>Model` (the body alone: embedding models), derived from the family's causal LM class so the body,
-its checkpoint names, placement and training support are the same; only the head differs.
-`sequence_classification(cls)` and `base_model(cls)` make (once) the class for a causal LM class."""
+"""Other heads on a family's body: transformers' `<Family>ForSequenceClassification` (reward models, classifiers),
+`<Family>ForTokenClassification` (a label per token) and `<Family>Model` (the body alone: embedding models),
+derived from the family's causal LM class so the body, its checkpoint names, placement and training support are the
+same; only the head differs. `sequence_classification(cls)`, `token_classification(cls)` and `base_model(cls)`
+make (once) the class for a causal LM class."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -16,13 +18,23 @@ from ..errors import CheckpointError, ConfigError
 from ..nn import Linear
 from ..nn.checkpoint import CheckpointRules, Ignored, Rename
 from .base import CausalLM
-from .output import CausalLMOutput
+from .output import CausalLMOutput, ModelOutput
 
 logger = logging.getLogger("autolm")
 
 
 class SequenceClassifierOutput(CausalLMOutput):
     """transformers' SequenceClassifierOutputWithPast: logits (B, num_labels), the row's last real token's."""
+
+
+@dataclass
+class TokenClassifierOutput(ModelOutput):
+    """transformers' TokenClassifierOutput: logits (B, T, num_labels)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class Headless:
@@ -148,9 +160,9 @@ class SequenceClassification(Headless):
         """Give the head the checkpoint lacked fresh weights (normal, std initializer_range), as transformers does
         (with its warning); or, with score_tokens, the LM head's rows for those tokens as vLLM makes them
         (from_2_way_softmax: true's row less false's, in float32). Returns the load report's note."""
-        w = self.score.weight
-        device = w.device if w.device.type != "meta" else self.get_input_embeddings().weight.device
         if self.score_tokens is not None:
+            w = self.score.weight
+            device = w.device if w.device.type != "meta" else self.get_input_embeddings().weight.device
             method, ids = self.score_tokens
             rows = getattr(self, "_head_rows", None)
             if rows is None and self.config.tie_word_embeddings:
@@ -164,11 +176,7 @@ class SequenceClassification(Headless):
             )
             self._head_rows = None
             return f"score.weight made from the LM head's rows of tokens {ids} ({method})"
-        std = float(self.config.extra.get("initializer_range", 0.02))
-        self.score.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std))
-        logger.warning("Some weights of %s were not initialized from the checkpoint and are newly initialized: "
-                       "%s; train the model before using it for predictions", type(self).__name__, names)  # fmt: skip
-        return None
+        return _fresh(self, self.score, names)
 
     def forward(
         self,
@@ -230,6 +238,74 @@ class SequenceClassification(Headless):
         )
 
 
+def _fresh(model, head: nn.Module, names: list[str]) -> None:
+    """A head the checkpoint lacked: weights normal(0, initializer_range), bias zero, as transformers initializes
+    them (with its warning)."""
+    w = head.weight
+    device = w.device if w.device.type != "meta" else model.get_input_embeddings().weight.device
+    std = float(model.config.extra.get("initializer_range", 0.02))
+    head.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std))
+    if getattr(head, "bias", None) is not None:
+        head.bias = nn.Parameter(torch.zeros(head.bias.shape, dtype=head.bias.dtype, device=device))
+    logger.warning("Some weights of %s were not initialized from the checkpoint and are newly initialized: "
+                   "%s; train the model before using it for predictions", type(model).__name__, names)  # fmt: skip
+
+
+class TokenClassification(Headless):
+    """The body and a Linear (hidden -> num_labels, with a bias unless config.token_classification_bias is false)
+    over every position's normed hidden state, after a dropout (config.classifier_dropout, else hidden_dropout,
+    else 0.1; training only), as transformers' GenericForTokenClassification; cross-entropy over the tokens whose
+    label is not -100. The head is `score` on families whose body is `model`, `classifier` on the older ones
+    (GPT-2, GPT-NeoX, Falcon, BLOOM, MPT, ...), as transformers names them."""
+
+    loss_type = "ForTokenClassification"
+    head_name = "score"
+
+    def __init__(self, config):
+        super().__init__(config)
+        given = (getattr(config, k, None) for k in ("classifier_dropout", "hidden_dropout"))
+        self.dropout = nn.Dropout(next((p for p in given if p is not None), 0.1))
+        bias = bool(getattr(config, "token_classification_bias", True)) if self.head_name == "score" else True
+        setattr(self, self.head_name, Linear(config.embedding_width, config.num_labels, bias=bias))
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def init_new(self, names: list[str]) -> None:
+        _fresh(self, getattr(self, self.head_name), names)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | None = None,
+        **unused,
+    ):
+        h, _, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
+                                                       inputs_embeds, False, cache_position, output_hidden_states,
+                                                       output_attentions)  # fmt: skip
+        logits = getattr(self, self.head_name)(self.dropout(h))
+        loss = None
+        if labels is not None:
+            flat, target = logits.float().view(-1, self.num_labels), labels.to(logits.device).view(-1)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat, target, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum") / num_items_in_batch
+        out = TokenClassifierOutput(loss, logits, hidden, attentions)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
 @cache
 def sequence_classification(cls: type[CausalLM], family: str | None = None) -> type:
     """`<family>ForSequenceClassification` for a family's causal LM class (family: the name transformers gives
@@ -240,6 +316,18 @@ def sequence_classification(cls: type[CausalLM], family: str | None = None) -> t
     return type(
         name, (SequenceClassification, cls), {"checkpoint_rules": rules, "__module__": cls.__module__}
     )
+
+
+@cache
+def token_classification(cls: type[CausalLM], family: str | None = None) -> type:
+    """`<family>ForTokenClassification` for a family's causal LM class: its body, a per-token head (`score`, or
+    `classifier` where the body is not `model`); a causal checkpoint's LM head is skipped while loading."""
+    name = (family or _family_name(cls)) + "ForTokenClassification"
+    head = "score" if cls.base_model_prefix == "model" else "classifier"
+    rules = CheckpointRules([*cls.checkpoint_rules.rules, Ignored(r"lm_head\.(weight|bias)")])
+    attrs = {"checkpoint_rules": rules, "__module__": cls.__module__, "head_name": head, "head_blocks": (head,),
+             "new_if_missing": (f"{head}.weight", f"{head}.bias")}  # fmt: skip
+    return type(name, (TokenClassification, cls), attrs)
 
 
 @cache
