@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,7 +38,19 @@ LLAMA_TP = {
 
 
 class DecoderModel(nn.Module):
-    """Embeddings, `layer_cls(config, i)` for each layer, a final norm; RoPE tables for the layers' attention."""
+    """Embeddings, `layer_cls(config, i)` for each layer, a final norm; RoPE tables for the layers' attention.
+    A family whose body names these modules otherwise (transformers' `wte`, `h`, `ln_f`, ...) maps autolm's names
+    to its own in `_ALIASES`: they read and assign the family's modules."""
+
+    _ALIASES: ClassVar[dict[str, str]] = {}  # autolm's name -> the family's module name
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for alias, name in cls.__dict__.get("_ALIASES", {}).items():
+            setattr(cls, alias, property(lambda self, name=name: getattr(self, name)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(self._ALIASES.get(name, name), value)
 
     def __init__(self, config, layer_cls: type[nn.Module], norm: nn.Module):
         super().__init__()

@@ -217,13 +217,6 @@ class BloomModel(DecoderModel):
         )  # transformers' (forward's) order
         self._modules = {**{k: self._modules[k] for k in order}, **self._modules}
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.word_embeddings)
-    layers = property(lambda self: self.h)
-    norm = property(lambda self: self.ln_f)
-
     def scale_inputs(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The input vectors (embedded or given) through word_embeddings_layernorm."""
         return self.word_embeddings_layernorm(x)

@@ -271,13 +271,6 @@ class DbrxModel(DecoderModel):
         norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps, bias=False)
         super().__init__(config, DbrxBlock, norm)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.wte)
-    layers = property(lambda self: self.blocks)
-    norm = property(lambda self: self.norm_f)
-
 
 @dataclass(frozen=True)
 class DbrxExpertWeights:

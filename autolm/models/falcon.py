@@ -229,13 +229,6 @@ class FalconModel(DecoderModel):
             config, FalconDecoderLayer, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         )
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.word_embeddings)
-    layers = property(lambda self: self.h)
-    norm = property(lambda self: self.ln_f)
-
 
 def qkv_rows(stem: str, config: FalconConfig) -> torch.Tensor | None:
     """llama.cpp's converter writes attn_qkv's rows as all q, then all k, then all v (the groups' queries in

@@ -234,14 +234,11 @@ class FalconH1DecoderLayer(nn.Module):
 class FalconH1Model(DecoderModel):
     """embed_tokens, layers, final_layernorm (`norm` names it, also when assigned)."""
 
+    _ALIASES: ClassVar[dict[str, str]] = {"norm": "final_layernorm"}
+
     def __init__(self, config: FalconH1Config):
         super().__init__(config, FalconH1DecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
         self.embedding_multiplier = float(config.embedding_multiplier)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__("final_layernorm" if name == "norm" else name, value)
-
-    norm = property(lambda self: self.final_layernorm)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embeddings times embedding_multiplier (given inputs_embeds are not scaled, as in transformers)."""

@@ -174,13 +174,6 @@ class GPT2Model(DecoderModel):
         self.wpe = embedding(config.max_position_embeddings, config.hidden_size)
         self._modules = {"wte": self.wte, "wpe": self.wpe, **self._modules}  # transformers' order (forward's)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.wte)
-    layers = property(lambda self: self.h)
-    norm = property(lambda self: self.ln_f)
-
     def scale_inputs(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Input vectors plus the learned embeddings of their positions (B, T): the padding mask's positions."""
         n = self.wpe.num_embeddings

@@ -199,12 +199,6 @@ class GPTNeoXModel(DecoderModel):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__(config, GPTNeoXLayer, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.embed_in)
-    norm = property(lambda self: self.final_layer_norm)
-
 
 def qkv_rows(stem: str, config: GPTNeoXConfig) -> torch.Tensor | None:
     """llama.cpp's converter writes attn_qkv's rows (weight and bias) as all heads' q, then k, then v; the model's

@@ -150,13 +150,10 @@ class JambaDecoderLayer(nn.Module):
 class JambaModel(DecoderModel):
     """embed_tokens, layers, final_layernorm; `norm` names final_layernorm (also when assigned)."""
 
+    _ALIASES: ClassVar[dict[str, str]] = {"norm": "final_layernorm"}
+
     def __init__(self, config: JambaConfig):
         super().__init__(config, JambaDecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__("final_layernorm" if name == "norm" else name, value)
-
-    norm = property(lambda self: self.final_layernorm)
 
 
 class JambaForCausalLM(CausalLM):

@@ -220,12 +220,6 @@ class MambaModel(DecoderModel):
     def __init__(self, config: Any):
         super().__init__(config, self.block_class, RMSNorm(config.hidden_size, config.rms_norm_eps))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.embeddings)
-    norm = property(lambda self: self.norm_f)
-
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """norm_f over the (float32) residual stream, in the weights' dtype for the head."""
         return self.norm_f(x).to(self.norm_f.weight.dtype)

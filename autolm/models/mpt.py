@@ -266,13 +266,6 @@ class MptModel(DecoderModel):
         norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=False)
         super().__init__(config, MptBlock, norm)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.wte)
-    layers = property(lambda self: self.blocks)
-    norm = property(lambda self: self.norm_f)
-
 
 def gguf_config(d: dict[str, Any], get) -> None:
     """llama.cpp's mpt metadata: feed_forward_length is 4 * d_model (read as expansion_ratio); max_alibi_bias a

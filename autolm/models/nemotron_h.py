@@ -351,12 +351,6 @@ class NemotronHModel(DecoderModel):
             config, NemotronHBlock, RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         )
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(self._ALIASES.get(name, name), value)
-
-    embed_tokens = property(lambda self: self.embeddings)
-    norm = property(lambda self: self.norm_f)
-
 
 class NemotronHForCausalLM(CausalLM):
     """transformers' NemotronHForCausalLM."""
