@@ -578,6 +578,42 @@ SPECS = {
         ),
         {},
     ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            shared_intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.6,
+            attention_multiplier=0.09,
+            logits_scaling=2.5,
+        ),
+        {},
+    ),
+    "vaultgemma": (
+        "VaultGemmaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            query_pre_attn_scalar=20,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
     "helium": (
         "HeliumConfig",
         dict(
@@ -1113,6 +1149,8 @@ SPECS = {
         ),
         {},
     ),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=4), {}),
+    "codegen": ("CodeGenConfig", dict(n_embd=64, n_layer=2, n_head=8, n_positions=64, rotary_dim=2), {}),
 }
 
 

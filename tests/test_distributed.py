@@ -129,6 +129,8 @@ _TP_FAMILIES = [
     "deepseek_v3",
     "apertus",
     "helium",
+    "granitemoeshared",
+    "vaultgemma",
     "nanochat",
     "ministral3",
     "ministral",
@@ -151,6 +153,8 @@ _TP_FAMILIES = [
     "nemotron_h",
     "falcon_h1",
     "jamba",
+    "gptj",
+    "codegen",
 ]
 
 

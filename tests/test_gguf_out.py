@@ -278,6 +278,7 @@ def _families():
     import test_family_granitemoe as granitemoe
     import test_family_granitemoe_swa as granitemoe_swa
     import test_family_granitemoehybrid as granitemoehybrid
+    import test_family_granitemoeshared as granitemoeshared
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_internlm3 as internlm3
@@ -375,6 +376,7 @@ def _families():
         "cohere2": (cohere2.R7B, cohere2.write_cohere2_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
         "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
+        "granitemoeshared": (granitemoeshared.SHARED, granitemoeshared.write_granitemoeshared_gguf),
         "lfm2_moe": (lfm2_moe.GGUF, lfm2_moe.write_lfm2_moe_gguf),
         "nemotron_h": (
             (nemotron_h.GGUF_DENSE, nemotron_h_moe.GGUF_MOE, nemotron_h_moe.GGUF_LATENT),

@@ -67,6 +67,8 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "bloom": ["query_key_value"],
     "mpt": ["Wqkv"],
     "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
     **dict.fromkeys(
         (
             "phi3",
