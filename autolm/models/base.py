@@ -268,11 +268,6 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         self.tie_weights()
         return new_emb
 
-    def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """Bytes held by the parameters (and buffers), as transformers counts them."""
-        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
-        return sum(t.nelement() * t.element_size() for t in tensors)
-
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embeddings' device (under a device_map, where the embeddings run)."""
@@ -379,28 +374,6 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     def step(self, x, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
         """One token per row over the cache's whole capacity: the function compile_decode compiles."""
         return compiled_step(self, x, attention_mask, position_ids, cache, cache_position)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
-        self.model.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
-
-    def enable_input_require_grads(self) -> None:
-        """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
-        self._input_grad_hook = self.model.embed_tokens.register_forward_hook(
-            lambda module, args, output: output.requires_grad_(True)
-        )
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        params = {id(p): p for p in self.parameters()}.values()
-        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
-        return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs) -> None:
         """Weights in the checkpoint's own names and layout (see checkpoint_rules), config, generation config; with

@@ -91,6 +91,33 @@ class TransformersSurface(PeftAdapterMixin):
     def base_model(self) -> Backbone:
         return Backbone(self)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so checkpointed layers get gradients with a frozen base."""
+        self._input_grad_hook = self.model.embed_tokens.register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True)
+        )
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}.values()
+        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
     def activation_checkpointing_enable(
         self,
         activation_checkpointing_kwargs: dict | None = None,
