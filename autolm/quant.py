@@ -296,6 +296,10 @@ def targets(model: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
     for name, module in model.named_modules():
         inside = name.startswith(model.layers_prefix + ".") or (cfg.lm_head and name == "lm_head")
         if inside and isinstance(module, nn.Linear) and not any(key in name for key in cfg.skip):
+            # a layer that quantizes its own weights in forward (BitNet's AutoBitLinear) cannot be int8 / int4
+            if getattr(module, "quantizes_itself", False):
+                raise ConfigError(f"{name} ({type(module).__name__}) quantizes its weights itself; it cannot "
+                                  f"also be int{cfg.bits_for(name)}: load the model without quantization")  # fmt: skip
             if cfg.bits_for(name) == 4 and module.in_features % cfg.group_size:
                 continue  # the grouping needs whole groups; such a layer stays in floating point
             out[name] = module

@@ -111,6 +111,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
             "vaultgemma",
             "granite_swa",
             "internlm3",
+            "bitnet",
             "gemma3n_text",
             "mamba2",
             "glm",

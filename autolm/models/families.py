@@ -106,6 +106,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "vaultgemma": ("vaultgemma", "VaultGemmaConfig", "VaultGemmaForCausalLM", None),  # llama.cpp has none
     "minicpm3": ("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", "minicpm3"),
     "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
+    "gpt_neo": ("gpt_neo", "GPTNeoConfig", "GPTNeoForCausalLM", None),
+    "bitnet": ("bitnet", "BitNetConfig", "BitNetForCausalLM", None),
     "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
     "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
 }
