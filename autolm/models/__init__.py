@@ -89,9 +89,10 @@ def gguf_family(metadata: dict) -> type | None:
 
 
 def gguf_layouts(cls: type) -> tuple[Any, ...]:
-    """A model class's GGUF layouts: its `gguf` and `gguf_more` (none for a family llama.cpp does not write)."""
+    """A model class's GGUF layouts: its `gguf` and `gguf_more` (none for a family llama.cpp does not write). A
+    class's `gguf_more` is its own, not inherited: Mistral, a Llama subclass, does not read Llama's "exaone" files."""
     first = getattr(cls, "gguf", None)
-    return () if first is None else (first, *getattr(cls, "gguf_more", ()))
+    return () if first is None else (first, *vars(cls).get("gguf_more", ()))
 
 
 def _archs(arch: str | tuple[str, ...] | None) -> tuple[str, ...]:

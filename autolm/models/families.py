@@ -7,7 +7,7 @@ from __future__ import annotations
 # None where llama.cpp has none, or a tuple of several: the model class's `gguf` layout's, then its `gguf_more`).
 # tests/test_loading.py checks each entry against its module.
 FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
-    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", ("llama", "exaone", "internlm2")),  # + remote code
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
@@ -16,7 +16,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
     "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
-    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", "granite"),
+    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", ("granite", "minicpm")),  # + MiniCPM 1/2
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
     "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),

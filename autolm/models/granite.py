@@ -1,9 +1,11 @@
 """Granite (IBM): Llama with four multipliers. The input embeddings are scaled by `embedding_multiplier`, each
 sublayer's output by `residual_multiplier` before its residual add, attention scores by `attention_multiplier`
-(instead of 1/sqrt(head_dim)), and the logits divided by `logits_scaling`."""
+(instead of 1/sqrt(head_dim)), and the logits divided by `logits_scaling`. llama.cpp's "minicpm" GGUF files (MiniCPM
+1/2, remote code) load as Granite."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,19 +81,41 @@ class GraniteModel(DecoderModel):
         return x * self.embedding_multiplier  # given inputs_embeds too, as transformers does
 
 
+GRANITE_SCALES = (
+    ("attention.scale", "attention_multiplier"),
+    ("embedding_scale", "embedding_multiplier"),
+    ("residual_scale", "residual_multiplier"),
+    ("logit_scale", "logits_scaling"),
+)
+
+
+def _minicpm(d: dict[str, Any], get) -> None:
+    """llama.cpp's minicpm: attention at 1 / sqrt(head size) (it reads no attention.scale), and for a file of an
+    older converter, which wrote no scales, MiniCPM's constants: embeddings x 12, residuals x 1.4 / sqrt(layers),
+    logits / (hidden / 256). (llama.cpp 0.3.36 falls back to logits / (256 / hidden), the inverse of what MiniCPM
+    and its own graph of before computed: here MiniCPM's.)"""
+    heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+    if not heads or not hidden or not d.get("num_hidden_layers"):
+        return  # the config's own check names what is missing
+    d["attention_multiplier"] = 1.0 / math.sqrt(d.get("head_dim") or hidden // heads)
+    d.setdefault("embedding_multiplier", 12.0)
+    d.setdefault("residual_multiplier", 1.4 / math.sqrt(d["num_hidden_layers"]))
+    d.setdefault("logits_scaling", hidden / 256)
+
+
 class GraniteForCausalLM(CausalLM):
     config_class = GraniteConfig
     # llama.cpp writes Granite as Llama (q/k rows permuted) with the multipliers under their "scale" names
     gguf = GGUFLayout(
         "granite",
         permute_qk=True,
-        config=(
-            ("attention.scale", "attention_multiplier"),
-            ("embedding_scale", "embedding_multiplier"),
-            ("residual_scale", "residual_multiplier"),
-            ("logit_scale", "logits_scaling"),
-        ),
+        config=GRANITE_SCALES,
         present=(("blk.0.attn_q.bias", "attention_bias"), ("blk.0.ffn_up.bias", "mlp_bias")),
+    )
+    # MiniCPM 1/2 (remote code) is Granite's arithmetic: scale_emb, scale_depth / sqrt(layers) and hidden_size /
+    # dim_model_base are its multipliers, which llama.cpp's converter writes under the "scale" names (see _minicpm)
+    gguf_more = (
+        GGUFLayout("minicpm", permute_qk=True, config=GRANITE_SCALES[1:], derive=_minicpm, rope_freqs=True),
     )
     _no_split_modules: ClassVar[list[str]] = ["GraniteDecoderLayer"]
 

@@ -1,7 +1,7 @@
 """Llama: pre-norm decoder layers of grouped-query attention with RoPE and a SiLU-gated MLP, RMSNorm.
 
 Mistral, Qwen 2 and Qwen 3 are this architecture with other defaults, biases, q/k norms and windows; their
-files hold only their configs.
+files hold only their configs. llama.cpp's "exaone" and "internlm2" GGUF files (remote-code models) load as Llama.
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ class LlamaForCausalLM(CausalLM):
 
     config_class = LlamaConfig
     gguf = GGUFLayout("llama", permute_qk=True)
+    # remote-code models llama.cpp runs with Llama's arithmetic under their own names, read as Llama (written as
+    # "llama"): EXAONE 3.0 / 3.5 (NeoX RoPE, so q/k rows as the checkpoint's; Llama 3's RoPE scaling as rope_freqs;
+    # today's converter writes the epsilon as layer_norm_epsilon, which llama.cpp's exaone refuses: read all the
+    # same) and InternLM2 / 2.5 (wqkv split into q/k/v, q/k rows permuted; dynamic NTK RoPE written as none)
+    gguf_more = (
+        GGUFLayout("exaone", config=(("attention.layer_norm_epsilon", "rms_norm_eps"),)),
+        GGUFLayout("internlm2", permute_qk=True),
+    )
     _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer"]
 
     def __init__(self, config: Any):
