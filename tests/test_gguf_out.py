@@ -282,6 +282,7 @@ def _families():
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_internlm3 as internlm3
+    import test_family_jais2 as jais2
     import test_family_jamba as jamba
     import test_family_lfm2 as lfm2
     import test_family_lfm2_moe as lfm2_moe
@@ -394,6 +395,7 @@ def _families():
         "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
+        "jais2": (jais2.JAIS2, jais2.write_jais2_gguf),
         "falcon": (
             (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),
             lambda hf, path: falcon.write_falcon_gguf(hf.name_or_path, hf, path),

@@ -110,4 +110,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "bitnet": ("bitnet", "BitNetConfig", "BitNetForCausalLM", None),
     "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
     "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
+    "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
+    "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
+    "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none
 }
