@@ -1098,6 +1098,40 @@ SPECS = {
         ),
         {},
     ),
+    "bamba": (
+        "BambaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            attn_layer_indices=[1],
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=16,
+            mamba_chunk_size=8,
+            attention_bias=True,
+        ),
+        {},
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            pad_token_id=0,  # FlexOlmo's default (100277) is past the tiny vocabulary
+        ),
+        {},
+    ),
     "jamba": (
         "JambaConfig",
         dict(

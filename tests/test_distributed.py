@@ -156,6 +156,8 @@ _TP_FAMILIES = [
     "nemotron_h",
     "falcon_h1",
     "jamba",
+    "bamba",
+    "flex_olmo",
     "gptj",
     "codegen",
 ]

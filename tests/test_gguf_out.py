@@ -247,6 +247,7 @@ def _families():
     import test_family_afmoe as afmoe
     import test_family_apertus as apertus
     import test_family_arcee as arcee
+    import test_family_bamba as bamba
     import test_family_bloom as bloom
     import test_family_cohere as cohere
     import test_family_cohere2 as cohere2
@@ -393,6 +394,7 @@ def _families():
         "dbrx": (dbrx.PLAIN, dbrx.write_dbrx_gguf),
         "phimoe": (phimoe.PLAIN, phimoe.write_phimoe_gguf),
         "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
+        "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "jais2": (jais2.JAIS2, jais2.write_jais2_gguf),

@@ -138,6 +138,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
         ),
         None,
     ),
+    **dict.fromkeys(("bamba", "flex_olmo"), None),
 }
 
 

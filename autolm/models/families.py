@@ -110,6 +110,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "bitnet": ("bitnet", "BitNetConfig", "BitNetForCausalLM", None),
     "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
     "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
+    "bamba": ("bamba", "BambaConfig", "BambaForCausalLM", "granitehybrid"),  # as Granite 4.0's hybrid
+    "flex_olmo": ("flex_olmo", "FlexOlmoConfig", "FlexOlmoForCausalLM", None),  # llama.cpp has none
     "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
     "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
     "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none

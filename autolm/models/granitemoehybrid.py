@@ -282,6 +282,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         derive=derive,
         write_config=write_config,
         bare=("ssm_a", "ssm_d"),
+        claim="attention.scale",  # Granite's multipliers: the converter's Bamba files (also "granitehybrid") have none
     )
     # attention split as Llama's, the experts cut their own intermediate rows; the Mamba-2 mixers and the shared
     # MLP are replicated on every rank

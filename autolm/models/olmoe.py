@@ -66,6 +66,9 @@ class OlmoeConfig(Olmo2Config):
         c = self.clip_qkv
         if c is not None and not (_is_number(c) and c > 0):
             raise ConfigError(f"{self.source}: clip_qkv must be a positive number or null, found {c!r}")
+        self.validate_head_dim()
+
+    def validate_head_dim(self) -> None:
         if self.head_dim * self.num_attention_heads != self.hidden_size:
             raise ConfigError(f"{self.source}: head_dim must be hidden_size / num_attention_heads "
                               f"({self.hidden_size} / {self.num_attention_heads}) in OLMoE (its q norm spans "
