@@ -26,6 +26,16 @@ LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
 # the heads peft trains with a SEQ_CLS / TOKEN_CLS adapter (modules_to_save)
 CLASSIFIER_NAMES = ("classifier", "score")
 
+# the model types peft has no default LoRA targets for (it then refuses a LoraConfig without target_modules)
+NO_PEFT_DEFAULT = """
+phi3 olmo2 granite smollm3 qwen2_moe qwen3_moe gpt_oss starcoder2 olmo granitemoe cohere olmoe glm4 olmo3
+exaone4 ernie4_5 nemotron arcee glm4_moe dots1 deepseek_v3 ernie4_5_moe seed_oss hunyuan_v1_dense deepseek_v2
+glm4_moe_lite ministral ministral3 apertus helium nanochat exaone_moe hunyuan_v1_moe minimax_m2 minicpm3
+granitemoe_swa granitemoeshared vaultgemma granite_swa internlm3 bitnet gemma3n_text mamba2 glm cohere2_moe
+cohere2 jamba falcon_mamba mamba falcon_h1 qwen3_5_moe_text qwen3_5_text qwen3_next granitemoehybrid lfm2_moe
+lfm2 dbrx phimoe afmoe gemma4_text llama4_text jais2 cwm solar_open youtu hyperclovax bamba flex_olmo
+""".split()  # noqa: SIM905 - names, kept compact
+
 CONFIG_NAME = "adapter_config.json"
 # The rest of the keys peft writes into adapter_config.json, with peft's defaults (autolm does not use them).
 PEFT_DEFAULTS: dict[str, Any] = {
@@ -69,76 +79,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "opt": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
     "codegen": ["qkv_proj"],
-    **dict.fromkeys(
-        (
-            "phi3",
-            "olmo2",
-            "granite",
-            "smollm3",
-            "qwen2_moe",
-            "qwen3_moe",
-            "gpt_oss",
-            "starcoder2",
-            "olmo",
-            "granitemoe",
-            "cohere",
-            "olmoe",
-            "glm4",
-            "olmo3",
-            "exaone4",
-            "ernie4_5",
-            "nemotron",
-            "arcee",
-            "glm4_moe",
-            "dots1",
-            "deepseek_v3",
-            "ernie4_5_moe",
-            "seed_oss",
-            "hunyuan_v1_dense",
-            "deepseek_v2",
-            "glm4_moe_lite",
-            "ministral",
-            "ministral3",
-            "apertus",
-            "helium",
-            "nanochat",
-            "exaone_moe",
-            "hunyuan_v1_moe",
-            "minimax_m2",
-            "minicpm3",
-            "granitemoe_swa",
-            "granitemoeshared",
-            "vaultgemma",
-            "granite_swa",
-            "internlm3",
-            "bitnet",
-            "gemma3n_text",
-            "mamba2",
-            "glm",
-            "cohere2_moe",
-            "cohere2",
-            "jamba",
-            "falcon_mamba",
-            "mamba",
-            "falcon_h1",
-            "qwen3_5_moe_text",
-            "qwen3_5_text",
-            "qwen3_next",
-            "granitemoehybrid",
-            "lfm2_moe",
-            "lfm2",
-            "dbrx",
-            "phimoe",
-            "afmoe",
-            "gemma4_text",
-            "llama4_text",
-            "jais2",
-            "cwm",
-            "hyperclovax",
-        ),
-        None,
-    ),
-    **dict.fromkeys(("bamba", "flex_olmo"), None),
+    **dict.fromkeys(NO_PEFT_DEFAULT, None),
 }
 
 
