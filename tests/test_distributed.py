@@ -127,6 +127,8 @@ _TP_FAMILIES = [
     "hunyuan_v1_dense",
     "falcon_40b",
     "deepseek_v3",
+    "solar_open",
+    "youtu",
     "apertus",
     "helium",
     "jais2",

@@ -310,8 +310,10 @@ def _families():
     import test_family_qwen3_next as qwen3_next
     import test_family_seed_oss as seed_oss
     import test_family_smollm3 as smollm3
+    import test_family_solar_open as solar_open
     import test_family_stablelm as stablelm
     import test_family_starcoder2 as starcoder2
+    import test_family_youtu as youtu
     from conftest import SPECS
     from family_checks import Family
     from gguf_llamacpp import write_gguf
@@ -397,6 +399,8 @@ def _families():
         "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
+        "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
+        "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),
         "jais2": (jais2.JAIS2, jais2.write_jais2_gguf),
         "falcon": (
             (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),

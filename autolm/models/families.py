@@ -53,6 +53,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
     "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", "deepseek2"),
+    "solar_open": ("solar_open", "SolarOpenConfig", "SolarOpenForCausalLM", "glm4moe"),
+    "youtu": ("youtu", "YoutuConfig", "YoutuForCausalLM", "deepseek2"),
     "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
     "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
