@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import GGUFError
 from .gguf import GGUFFile
+from .gguf_splits import ADD_BOS, ESCAPED_SPACES, FORCE_BOS, IGNORE_MERGES, SPLITS
 from .gguf_tokenizer_gemma4 import gemma4_backend
+
+logger = logging.getLogger("autolm.gguf")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -40,8 +44,26 @@ def tokenizer_parts(path: str) -> tuple[Any, dict[str, str | None], str | None, 
         ) from None
 
 
-def _gpt2_backend(meta: dict, tokens: list, merges: list):
-    """GPT-2 byte-level BPE (tokenizer.ggml.model "gpt2"), split as transformers maps llama.cpp's pre name."""
+def _pre_name(meta: dict, path: str) -> str | None:
+    """llama.cpp's pre-tokenizer name for a "gpt2" vocabulary: tokenizer.ggml.pre, "default" where the file has
+    none (as llama.cpp takes it); None, with a warning, for a name llama.cpp does not know (llama.cpp refuses the
+    file)."""
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre in SPLITS:
+        return pre
+    logger.warning(
+        "%s: tokenizer.ggml.pre %r is no pre-tokenizer llama.cpp splits a byte-level BPE with; the text is "
+        "split as GPT-2's",
+        path,
+        pre,
+    )
+    return None
+
+
+def _gpt2_backend(tokens: list, merges: list, pre: str | None):
+    """GPT-2 byte-level BPE (tokenizer.ggml.model "gpt2"), split as llama.cpp splits for the pre-tokenizer name:
+    its regexes one after the other, each splitting the pieces the previous left (GPT-2's split for a name it does
+    not know); then the bytes spelled as GPT-2 spells them."""
     from tokenizers import Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
@@ -54,19 +76,35 @@ def _gpt2_backend(meta: dict, tokens: list, merges: list):
     }
     backend = Backend(
         BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False)
+            fuse_unk=False, ignore_merges=pre in IGNORE_MERGES)
     )  # fmt: skip
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is not None:
+    if pre is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in SPLITS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     return backend, vocab
+
+
+def _backend(meta: dict, kind, tokens: list, merges: list, path: str):
+    """The backend for the file's tokenizer model, its token -> id map, and llama.cpp's pre-tokenizer name."""
+    if kind == "gpt2":
+        pre = _pre_name(meta, path)
+        if pre in ESCAPED_SPACES:  # SentencePiece-style pieces in raw UTF-8, tokenized as Gemma 4's
+            return (*gemma4_backend(meta, tokens, merges, whole_newlines=pre != "sarvam-moe"), pre)
+        return (*_gpt2_backend(tokens, merges, pre), pre)
+    if kind == "gemma4":  # llama.cpp takes its pre-tokenizer as "gemma4"
+        return (*gemma4_backend(meta, tokens, merges), "gemma4")
+    if kind == "llama":
+        if not merges and str(meta.get("general.architecture")) in ("gemma", "gemma2", "gemma3"):
+            return (*_gemma_backend(meta, tokens), None)
+        return (*_llama_backend(meta, tokens, merges or _merges_from_scores(meta, tokens, path)), None)
+    raise GGUFError(
+        f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2', 'llama' or 'gemma4')"
+    )
 
 
 def _llama_backend(meta: dict, tokens: list, merges: list):
@@ -150,20 +188,8 @@ def _parts(g: GGUFFile, path: str):
         raise GGUFError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    if kind == "gpt2":
-        backend, vocab = _gpt2_backend(meta, tokens, merges)
-    elif kind == "gemma4":
-        backend, vocab = gemma4_backend(meta, tokens, merges)
-    elif kind == "llama":
-        if not merges and str(meta.get("general.architecture")) in ("gemma", "gemma2", "gemma3"):
-            backend, vocab = _gemma_backend(meta, tokens)
-        else:
-            backend, vocab = _llama_backend(meta, tokens, merges or _merges_from_scores(meta, tokens, path))
-    else:
-        raise GGUFError(
-            f"{path}: tokenizer model {kind!r} is not supported (expected 'gpt2', 'llama' or 'gemma4')"
-        )
-    byte_level = kind == "gpt2"
+    backend, vocab, pre = _backend(meta, kind, tokens, merges, path)
+    byte_level = kind == "gpt2" and pre not in ESCAPED_SPACES
     alphabet = set(_bytes_to_unicode().values())
     control = [
         AddedToken(t, normalized=False, special=True)
@@ -189,8 +215,10 @@ def _parts(g: GGUFFile, path: str):
         "unk_token": tok("unknown_token_id"),
         "pad_token": tok("padding_token_id"),
     }
-    # llama.cpp adds <bos> to a "gemma4" vocabulary whatever its add_bos_token says
-    add_bos = kind == "gemma4" or bool(meta.get("tokenizer.ggml.add_bos_token", not byte_level))
+    # llama.cpp's default where the file does not say: <bos> for SentencePiece and some BPE pre-tokenizers;
+    # always for Gemma 4's
+    default_bos = kind == "llama" or pre in ADD_BOS
+    add_bos = pre in FORCE_BOS or bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
         single = (
@@ -208,23 +236,3 @@ def _parts(g: GGUFFile, path: str):
     init = {"add_bos_token": add_bos, "add_eos_token": add_eos}
     template = meta.get("tokenizer.chat_template")
     return backend, special, template if isinstance(template, str) else None, init
-
-
-# llama.cpp pre-tokenizer names whose split regex differs from GPT-2's (as transformers maps them).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}

@@ -17,8 +17,9 @@ from __future__ import annotations
 SPACE = "\u2581"
 
 
-def gemma4_backend(meta: dict, tokens: list, merges: list):
-    """The `tokenizers` backend of a "gemma4" vocabulary, and its token -> id map."""
+def gemma4_backend(meta: dict, tokens: list, merges: list, whole_newlines: bool = True):
+    """The `tokenizers` backend of a "gemma4" vocabulary, and its token -> id map. `whole_newlines` False: a run of
+    newlines is merged as any other piece (llama.cpp's Sarvam pre-tokenizer, otherwise Gemma 4's)."""
     from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
@@ -40,7 +41,10 @@ def gemma4_backend(meta: dict, tokens: list, merges: list):
     newlines = [
         t
         for t in tokens
-        if len(t) > 1 and not t.strip("\n") and [p.value for p in backend.model.tokenize(t)] != [t]
+        if whole_newlines
+        and len(t) > 1
+        and not t.strip("\n")
+        and [p.value for p in backend.model.tokenize(t)] != [t]
     ]
     if newlines:
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in newlines])
