@@ -122,3 +122,13 @@ def write_moe_gguf(hf, path: str, experts: dict[str, str] | None = None) -> None
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def mla_pieces(name: str, t: torch.Tensor, heads: int, nope: int) -> list[tuple[str, torch.Tensor]]:
+    """llama.cpp's DeepseekV2 converter's split of a latent attention's kv_b_proj into k_b_proj (per head, its
+    no-RoPE rows, transposed) and v_b_proj (per head, the value rows); any other tensor as it is."""
+    if not name.endswith("kv_b_proj.weight"):
+        return [(name, t)]
+    kv = t.view(heads, -1, t.shape[-1])
+    return [(name.replace("kv_b_proj", "k_b_proj"), kv[:, :nope].transpose(1, 2)),
+            (name.replace("kv_b_proj", "v_b_proj"), kv[:, nope:])]  # fmt: skip

@@ -16,6 +16,7 @@ from chat_checks import check_cli
 from conftest import padded_batch, positions
 from family_checks import Family
 from gguf_mimic import add_toy_vocab, stacked_experts
+from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
 
@@ -200,13 +201,7 @@ def write_deepseek_v2_gguf(hf, path: str) -> None:
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
     heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
     for name, t in stacked_experts(tensors, ".mlp.experts.", c["n_routed_experts"]):
-        if name.endswith("kv_b_proj.weight"):
-            kv = t.view(heads, -1, t.shape[-1])
-            parts = {"k_b_proj": kv[:, :nope].transpose(1, 2), "v_b_proj": kv[:, nope:]}
-            pieces = [(name.replace("kv_b_proj", k), v) for k, v in parts.items()]
-        else:
-            pieces = [(name, t)]
-        for piece, value in pieces:
+        for piece, value in mla_pieces(name, t, heads, nope):
             base, kind = piece.rsplit(".", 1)
             w.add_tensor(f"{names.get_name(base)}.{kind}", np.ascontiguousarray(value.float().numpy()))
     w.write_header_to_file()

@@ -18,6 +18,7 @@ import torch
 from chat_checks import check_cli
 from conftest import padded_batch, positions, randomize
 from family_checks import Family
+from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
@@ -265,13 +266,7 @@ def write_glm4_moe_lite_gguf(hf, path: str, kind: str = "F32") -> None:
         if name == "lm_head.weight" and c["tie_word_embeddings"]:
             continue
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
-        if name.endswith("kv_b_proj.weight"):
-            kv = t.view(heads, -1, t.shape[-1])
-            parts = {"k_b_proj": kv[:, :nope].transpose(1, 2), "v_b_proj": kv[:, nope:]}
-            pieces = [(name.replace("kv_b_proj", k), v) for k, v in parts.items()]
-        else:
-            pieces = [(name, t)]
-        for piece, value in pieces:
+        for piece, value in mla_pieces(name, t, heads, nope):
             base, suffix = piece.rsplit(".", 1)
             new, data = f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(value.float().numpy())
             quantized = data.ndim >= 2 and data.shape[-1] % 32 == 0 and "ffn_gate_inp" not in new
