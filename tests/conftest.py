@@ -835,6 +835,22 @@ SPECS = {
         ),
         {},
     ),
+    "hy_v3": (
+        "HYV3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        {},
+    ),
     "hunyuan_v1_moe": (
         "HunYuanMoEV1Config",
         dict(

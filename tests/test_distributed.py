@@ -141,6 +141,7 @@ _TP_FAMILIES = [
     "ministral",
     "minimax_m2",
     "hunyuan_v1_moe",
+    "hy_v3",
     "exaone_moe",
     "minicpm3",
     "glm",

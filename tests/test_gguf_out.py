@@ -282,6 +282,7 @@ def _families():
     import test_family_granitemoeshared as granitemoeshared
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
+    import test_family_hy_v3 as hy_v3
     import test_family_internlm3 as internlm3
     import test_family_jais2 as jais2
     import test_family_jamba as jamba
@@ -290,6 +291,7 @@ def _families():
     import test_family_llama4 as llama4
     import test_family_mamba as mamba
     import test_family_mamba2 as mamba2
+    import test_family_mellum as mellum
     import test_family_minicpm3 as minicpm3
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
@@ -396,8 +398,10 @@ def _families():
         "dbrx": (dbrx.PLAIN, dbrx.write_dbrx_gguf),
         "phimoe": (phimoe.PLAIN, phimoe.write_phimoe_gguf),
         "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
+        "mellum": (mellum.GGUF, mellum.write_mellum_gguf),
         "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
+        "hy_v3": (hy_v3.HY, hy_v3.write_hy_v3_gguf),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
         "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),

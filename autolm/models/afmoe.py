@@ -135,7 +135,11 @@ class AfmoeAttention(Attention):
             cos, sin = ctx.rope[self.rope]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling)
-        return self.o_proj(y.reshape(B, T, nh * hd) * torch.sigmoid(self.gate_proj(x)))
+        return self.o_proj(self.gate(x, y.reshape(B, T, nh * hd)))
+
+    def gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The heads' output y (B, T, heads * head_dim) gated by the layer's input x."""
+        return y * torch.sigmoid(self.gate_proj(x))
 
 
 def _norm(config: AfmoeConfig, dim: int) -> RMSNorm:

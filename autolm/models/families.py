@@ -64,17 +64,23 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
     "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
+    "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM", "hy_v3"),
+    "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", None),
     "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
     "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "hunyuan-moe"),
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
+    "laguna": ("laguna", "LagunaConfig", "LagunaForCausalLM", None),
+    "mellum": ("mellum", "MellumConfig", "MellumForCausalLM", "mellum"),
     "phimoe": ("phimoe", "PhimoeConfig", "PhimoeForCausalLM", "phimoe"),
     "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM", "dbrx"),
     "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
     "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", "lfm2"),
     "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", "lfm2moe"),
+    "lfm3": ("lfm3", "Lfm3Config", "Lfm3ForCausalLM", None),
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", None),
     "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
     "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model

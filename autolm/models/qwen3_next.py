@@ -220,6 +220,10 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         qkv = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
         return qkv, z.reshape(B, T, -1, dv), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
+    def beta(self, b: torch.Tensor) -> torch.Tensor:
+        """The delta rule's write strengths from the b projection (OLMo Hybrid doubles them)."""
+        return b.sigmoid()
+
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         B, T, _ = x.shape
         real = ctx.real_tokens()
@@ -232,7 +236,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, -1, self.head_k_dim), k.reshape(B, T, -1, self.head_k_dim)
         v = v.reshape(B, T, -1, self.head_v_dim)
-        beta = b.sigmoid()
+        beta = self.beta(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay, <= 0
         rule = recurrent_gated_delta_rule if state is not None and T == 1 else chunk_gated_delta_rule
         y, state = rule(q, k, v, g, beta, state)  # (B, T, Hv, dv)
