@@ -43,7 +43,6 @@ from ..nn import (
     RMSNorm,
     SparseMoeBlock,
 )
-from ..nn.rope import apply_rotary
 from .base import CausalLM, DecoderModel
 from .glm4_moe import GROUPED_MOE_TP, SIGMOID_GATING
 from .mixtral import validate_experts
@@ -124,18 +123,6 @@ class AfmoeAttention(Attention):
                          window=config.layer_window(layer_idx), rope=config.layer_rope(layer_idx), qk_norm="head",
                          norm=lambda dim: _norm(config, dim))  # fmt: skip
         self.gate_proj = Linear(config.hidden_size, nh * hd, bias=False)
-
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        B, T, _ = x.shape
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.project(x)
-        q, k = self.q_norm(q.view(B, T, nh, hd)), self.k_norm(k.view(B, T, nkv, hd))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2)
-        if self.rope is not None:
-            cos, sin = ctx.rope[self.rope]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling)
-        return self.o_proj(self.gate(x, y.reshape(B, T, nh * hd)))
 
     def gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The heads' output y (B, T, heads * head_dim) gated by the layer's input x."""

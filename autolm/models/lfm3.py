@@ -28,7 +28,6 @@ from ..config import PretrainedConfig, _is_int
 from ..config_fields import validate_rope
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Linear, Rename, RMSNorm
-from ..nn.rope import apply_rotary
 from .base import CausalLM
 from .gemma4 import Gemma4Rotary, _validate_proportional
 from .lfm2 import LFM2_TP, Lfm2Config, Lfm2DecoderLayer, Lfm2Model
@@ -170,22 +169,12 @@ class Lfm3Attention(Attention):
         gate = config.use_attention_gate
         self.g_proj = Linear(config.hidden_size, config.num_attention_heads, bias=False) if gate else None
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.g_proj is None:
-            return super().forward(x, ctx)
-        B, T, _ = x.shape
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.project(x)
-        q, k = (
-            self.q_norm(q.view(B, T, nh, hd)).transpose(1, 2),
-            self.k_norm(k.view(B, T, nkv, hd)).transpose(1, 2),
-        )
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
-        cos, sin = ctx.rope[self.rope]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ctx.attend(self.layer_idx, q, k, v, self.sliding_window, self.scaling)  # (B, T, nh, hd)
-        y = y * torch.sigmoid(self.g_proj(x)).unsqueeze(-1)
-        return self.o_proj(y.reshape(B, T, nh * hd))
+            return y
+        B, T, _ = y.shape
+        g = torch.sigmoid(self.g_proj(x)).unsqueeze(-1)  # (B, T, heads, 1)
+        return (y.view(B, T, self.num_heads, self.head_dim) * g).view(B, T, -1)
 
 
 class Lfm3DecoderLayer(Lfm2DecoderLayer):

@@ -272,7 +272,12 @@ class Attention(nn.Module):
         y = ctx.attend(
             self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks, self.chunk, alibi
         )
-        return self.o_proj(y.reshape(B, T, nh * hd))
+        return self.o_proj(self.gate(x, y.reshape(B, T, nh * hd)))
+
+    def gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The heads' output y (B, T, heads * head_dim) before o_proj, given the layer's input x: as it is here;
+        the families with a gated output (AFMoE, Laguna, LFM3) scale it by a gate computed from x."""
+        return y
 
 
 def default_positions(
