@@ -37,7 +37,7 @@ from .base import CausalLM, DecoderModel
 from .llama import LlamaConfig
 from .olmo2 import _norm
 from .olmo3 import Olmo3DecoderLayer, Olmo3ForCausalLM
-from .qwen3_next import _LINEAR_KEYS, Qwen3NextGatedDeltaNet
+from .qwen3_next import Qwen3NextGatedDeltaNet, check_linear_sizes
 
 _KINDS = ("linear_attention", "full_attention")
 
@@ -105,13 +105,7 @@ class OlmoHybridConfig(LlamaConfig):
             )
         if set(types) != set(_KINDS):
             raise ConfigError(f"{src}: layer_types must hold at least one of each of {_KINDS}, found {types}")
-        for name in _LINEAR_KEYS:
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 14:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
-        if self.linear_num_value_heads % self.linear_num_key_heads:
-            raise ConfigError(f"{src}: linear_num_key_heads ({self.linear_num_key_heads}) must divide "
-                              f"linear_num_value_heads ({self.linear_num_value_heads})")  # fmt: skip
+        check_linear_sizes(self)
         if self.hidden_act != "silu":  # the linear layers' conv activation is SiLU in autolm
             raise ConfigError(f"{src}: hidden_act must be 'silu' for OLMo Hybrid, found {self.hidden_act!r}")
 

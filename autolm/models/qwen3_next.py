@@ -55,6 +55,17 @@ _LINEAR_KEYS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_h
                 "linear_num_value_heads")  # fmt: skip
 
 
+def check_linear_sizes(config: Any) -> None:
+    """The gated delta-net layers' sizes (linear_*): positive integers, the key heads dividing the value heads."""
+    for name in _LINEAR_KEYS:
+        v = getattr(config, name)
+        if not _is_int(v) or not 0 < v <= 1 << 14:
+            raise ConfigError(f"{config.source}: {name} must be a positive integer, found {v!r}")
+    if config.linear_num_value_heads % config.linear_num_key_heads:
+        raise ConfigError(f"{config.source}: linear_num_key_heads ({config.linear_num_key_heads}) must divide "
+                          f"linear_num_value_heads ({config.linear_num_value_heads})")  # fmt: skip
+
+
 class HybridConfig:
     """What the Qwen3-Next and Qwen 3.5 configs share (a mixin before their dataclass base): layer types from
     full_attention_interval, partial RoPE (0.25 by default, also read from the top level as transformers 4 wrote
@@ -104,13 +115,7 @@ class HybridConfig:
         if bad:
             raise ConfigError(f"{src}: unknown layer_types {sorted(bad)} (expected 'full_attention' or "
                               "'linear_attention')")  # fmt: skip
-        for name in _LINEAR_KEYS:
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 14:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
-        if self.linear_num_value_heads % self.linear_num_key_heads:
-            raise ConfigError(f"{src}: linear_num_key_heads ({self.linear_num_key_heads}) must divide "
-                              f"linear_num_value_heads ({self.linear_num_value_heads})")  # fmt: skip
+        check_linear_sizes(self)
         factor = self.rope_parameters.get("partial_rotary_factor")
         if not _is_number(factor) or not 0 < factor <= 1 or int(self.head_dim * factor) % 2:
             raise ConfigError(f"{src}: partial_rotary_factor must be a number in (0, 1] that leaves an even number "
