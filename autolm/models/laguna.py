@@ -288,6 +288,7 @@ class LagunaForCausalLM(CausalLM):
 
     config_class = LagunaConfig
     checkpoint_rules = LAGUNA_RULES
+    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
     _no_split_modules: ClassVar[list[str]] = ["LagunaDecoderLayer"]
 
     def __init__(self, config: LagunaConfig):

@@ -155,6 +155,7 @@ class MellumForCausalLM(CausalLM):
 
     config_class = MellumConfig
     checkpoint_rules = MELLUM_RULES
+    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
     # llama.cpp's MellumModel converter: tensors by gguf-py's map (no q/k permutation: NeoX RoPE), experts stacked
     gguf = GGUFLayout(
         "mellum",
