@@ -9,8 +9,11 @@ from __future__ import annotations
 FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", ("llama", "exaone", "internlm2")),  # + remote code
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
-    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),
+    "qwen2_vl": ("qwen2", "Qwen2VLConfig", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),  # image-text: its LM
+    "qwen2_5_vl": ("qwen2", "Qwen2_5_VLConfig", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),  # image-text
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),
+    "qwen3_vl": ("qwen3", "Qwen3VLConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text: its LM
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
@@ -20,7 +23,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
     "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),
-    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3moe"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
+    "qwen3_vl_moe": ("qwen3_moe", "Qwen3VLMoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
     "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
     "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", "gemma"),
@@ -57,6 +61,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "youtu": ("youtu", "YoutuConfig", "YoutuForCausalLM", "deepseek2"),
     "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
     "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
+    "mistral3": ("ministral3", "Mistral3Config", "Ministral3ForCausalLM", "mistral3"),  # image-text: its LM
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),

@@ -23,6 +23,7 @@ from .gemma2 import (
     gguf_derive,
     takes_hidden_activation,
 )
+from .image_text import TextFirstConfig
 
 # layer type -> (config.json's v4 key for its RoPE base, transformers' default base)
 _THETA = {"sliding_attention": ("rope_local_base_freq", 10000.0), "full_attention": ("rope_theta", 1000000.0)}
@@ -103,7 +104,7 @@ class Gemma3TextConfig(Gemma2Config):
         return None  # transformers' Gemma 3 attention does not pass attn_logit_softcapping on
 
 
-class Gemma3Config:
+class Gemma3Config(TextFirstConfig):
     """transformers' Gemma3Config (model_type gemma3: the image-text checkpoints, Gemma 3 4B and larger). autolm runs
     their language model: the config is its `text_config`, read as a Gemma3TextConfig (top-level settings it
     leaves out, such as tie_word_embeddings and dtype, taken from the outer config), and loading skips the vision
@@ -113,22 +114,8 @@ class Gemma3Config:
     with the same logits."""
 
     model_type: ClassVar[str] = "gemma3"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Gemma3TextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Gemma3TextConfig:
-        text = d.get("text_config") if isinstance(d, dict) else None
-        if not isinstance(text, dict):
-            raise ConfigError(
-                f"{source}: model_type 'gemma3' needs a text_config object (the language model's settings), "
-                f"found {str(text)[:100]}"
-            )
-        outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
-        return Gemma3TextConfig.from_dict(
-            {**outer, **text, "final_logit_softcapping": None}, source, **overrides
-        )
+    text_class: ClassVar[type] = Gemma3TextConfig
+    fixed: ClassVar[dict[str, Any]] = {"final_logit_softcapping": None}
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

@@ -40,6 +40,7 @@ from .base import DecoderModel
 from .gemma2 import Gemma2ForCausalLM, Gemma2Model, takes_hidden_activation
 from .gemma3 import Gemma3TextConfig
 from .gemma4 import Gemma4TextAttention, _norm
+from .image_text import TextFirstConfig
 
 
 def _require(ok: bool, message: str) -> None:
@@ -128,23 +129,13 @@ class Gemma3nTextConfig(Gemma3TextConfig):
     gguf_compared = gguf_io.compared
 
 
-class Gemma3nConfig:
+class Gemma3nConfig(TextFirstConfig):
     """transformers' Gemma3nConfig (the image-audio-text checkpoints), read as Gemma 4's: its language model's
     text_config (tie_word_embeddings and dtype from the outer config where it leaves them out), the vision and audio
     towers skipped at load, saved as the text model; logits soft-capped as the text model's."""
 
     model_type: ClassVar[str] = "gemma3n"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Gemma3nTextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Gemma3nTextConfig:
-        text = d.get("text_config") if isinstance(d, dict) else None
-        _require(isinstance(text, dict), f"{source}: model_type 'gemma3n' needs a text_config object (the "
-                 f"language model's settings), found {str(text)[:100]}")  # fmt: skip
-        outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
-        return Gemma3nTextConfig.from_dict({**outer, **text}, source, **overrides)
+    text_class: ClassVar[type] = Gemma3nTextConfig
 
 
 class SparseGatedMLP(GatedMLP):

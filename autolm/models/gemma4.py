@@ -37,6 +37,7 @@ from . import gemma4_gguf as gguf_io
 from . import gemma4_small as small
 from .base import DecoderModel
 from .gemma2 import Gemma2Config, Gemma2ForCausalLM, Gemma2Model, takes_hidden_activation
+from .image_text import TextFirstConfig
 
 _KINDS = ("sliding_attention", "full_attention")
 _DEFAULT_ROPE = {
@@ -206,23 +207,13 @@ def _validate_proportional(rope: dict[str, Any], where: str) -> None:
              f"found {factor!r}")  # fmt: skip
 
 
-class Gemma4Config:
+class Gemma4Config(TextFirstConfig):
     """transformers' Gemma4Config (the image-text checkpoints), read as Gemma3Config is: its language model's
     text_config (tie_word_embeddings and dtype from the outer config where it leaves them out), the vision and audio
     towers skipped at load, saved as the text model. Logits soft-capped as the image-text model's are."""
 
     model_type: ClassVar[str] = "gemma4"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Gemma4TextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Gemma4TextConfig:
-        text = d.get("text_config") if isinstance(d, dict) else None
-        _require(isinstance(text, dict), f"{source}: model_type 'gemma4' needs a text_config object (the "
-                 f"language model's settings), found {str(text)[:100]}")  # fmt: skip
-        outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
-        return Gemma4TextConfig.from_dict({**outer, **text}, source, **overrides)
+    text_class: ClassVar[type] = Gemma4TextConfig
 
 
 class Gemma4Rotary(Rotary):

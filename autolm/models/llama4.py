@@ -58,6 +58,7 @@ from ..nn import (
 )
 from ..nn.expert_formats import GGUFExperts
 from .base import CausalLM, DecoderModel
+from .image_text import TextFirstConfig
 from .mixtral import validate_experts
 
 TEMPERATURE = "llama4_temperature"  # the NoPE layers' per-position query scale, carried with the RoPE tables
@@ -169,7 +170,7 @@ class Llama4TextConfig(PretrainedConfig):
         return self.attention_chunk_size if self.layer_types[i] == "chunked_attention" else None
 
 
-class Llama4Config:
+class Llama4Config(TextFirstConfig):
     """transformers' Llama4Config (model_type llama4: the image-text checkpoints, Llama 4 Scout and Maverick).
     autolm runs their language model: the config is its `text_config`, read as a Llama4TextConfig (top-level
     settings it leaves out, such as tie_word_embeddings and dtype, taken from the outer config), and loading skips
@@ -177,20 +178,7 @@ class Llama4Config:
     transformers' Llama4ForCausalLM loads."""
 
     model_type: ClassVar[str] = "llama4"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Llama4TextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Llama4TextConfig:
-        text = d.get("text_config") if isinstance(d, dict) else None
-        if not isinstance(text, dict):
-            raise ConfigError(
-                f"{source}: model_type 'llama4' needs a text_config object (the language model's settings), "
-                f"found {str(text)[:100]}"
-            )
-        outer = {k: d[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in d and k not in text}
-        return Llama4TextConfig.from_dict({**outer, **text}, source, **overrides)
+    text_class: ClassVar[type] = Llama4TextConfig
 
 
 class Llama4Rotary(Rotary):

@@ -4,9 +4,9 @@ Llama 4's attention temperature: after RoPE, each query is multiplied by
 1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings)), both read from
 rope_parameters (1 below the original context length). Keys are not scaled.
 
-The released checkpoints are image-text (model_type mistral3, Mistral3ForConditionalGeneration), which
-transformers' AutoModelForCausalLM does not load; autolm reads their text model's config (model_type ministral3)
-only, as transformers' Ministral3ForCausalLM.
+The released checkpoints are image-text (model_type mistral3, Mistral3ForConditionalGeneration, which
+transformers' AutoModelForCausalLM does not load): autolm runs their language model (autolm.models.image_text),
+a Ministral 3, or a Mistral where text_config says so (Mistral Small 3.1 / 3.2), as transformers' text models.
 
 GGUF: llama.cpp's converter writes Ministral3ForCausalLM as "mistral3": Llama's keys and q/k permutation, YaRN's
 keys, mscale_all_dim as rope.scaling.yarn_log_multiplier and llama_4_scaling_beta as
@@ -24,9 +24,10 @@ import torch
 
 from ..config_fields import _is_number
 from ..errors import ConfigError
-from ..nn import Attention, GGUFLayout, RMSNorm, Rotary, apply_rotary
+from ..nn import Attention, CheckpointRules, GGUFLayout, RMSNorm, Rotary, apply_rotary
 from ..nn.rope import inv_freq_and_scale
 from .base import CausalLM, DecoderModel
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaDecoderLayer
 from .mistral import MistralConfig
 
@@ -210,10 +211,21 @@ def _gguf_write_config(m: dict[str, Any], c: Ministral3Config) -> None:
     m["attention.temperature_scale"] = float(rope[_BETA])
 
 
+class Mistral3Config(ImageTextConfig):
+    """transformers' Mistral3Config (Mistral3ForConditionalGeneration): its language model's, a Mistral by default
+    or a Ministral 3 (text_config's model_type); the head tied by the outer config (tied by default)."""
+
+    model_type: ClassVar[str] = "mistral3"
+    text_class: ClassVar[type] = MistralConfig
+    text_classes: ClassVar[dict[str, type]] = {"ministral3": Ministral3Config}
+    tie_default: ClassVar[bool | None] = True
+
+
 class Ministral3ForCausalLM(CausalLM):
     """transformers' Ministral3ForCausalLM."""
 
     config_class = Ministral3Config
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout(
         "mistral3",
         permute_qk=True,

@@ -1,11 +1,13 @@
-"""Mistral: Llama with a sliding window (when set) on every layer and no biases."""
+"""Mistral: Llama with a sliding window (when set) on every layer and no biases. Mistral Small 3.1 / 3.2's image-text
+checkpoints (model_type mistral3, autolm.models.ministral3.Mistral3Config) load their language model as one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..nn import GGUFLayout
+from ..nn import CheckpointRules, GGUFLayout
+from .image_text import IMAGE_TEXT_RULES
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -37,6 +39,7 @@ def _gguf_write_config(m: dict[str, Any], c: MistralConfig) -> None:
 
 class MistralForCausalLM(LlamaForCausalLM):
     config_class = MistralConfig
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     # llama.cpp's converter writes Mistral as "llama", whose graph has no sliding window: a model with one goes out
     # without it, with a warning (gguf_plan.check); a file reads back as Llama
     gguf = GGUFLayout(

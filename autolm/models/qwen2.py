@@ -1,12 +1,15 @@
 """Qwen 2: Llama with q/k/v biases; a sliding window only with use_sliding_window, on layers from
-max_window_layers on."""
+max_window_layers on. Qwen2-VL's and Qwen2.5-VL's language model is a Qwen 2 (autolm.models.image_text): their
+checkpoints load as one, and llama.cpp's "qwen2vl" files (the converter's Qwen 2 keys and tensors, plus the
+multimodal RoPE sections) read as "qwen2" ones."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ..nn import GGUFLayout
+from ..nn import CheckpointRules, GGUFLayout
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -36,6 +39,29 @@ class Qwen2Config(LlamaConfig):
     o_bias = property(lambda self: False)
 
 
+class Qwen2VLConfig(ImageTextConfig):
+    """transformers' Qwen2VLConfig (Qwen2-VL): its language model's, a Qwen 2 with multimodal RoPE; older files keep
+    its settings at the top level; files before transformers 5 hold tie_word_embeddings in text_config (either
+    ties the head)."""
+
+    model_type: ClassVar[str] = "qwen2_vl"
+    text_class: ClassVar[type] = Qwen2Config
+    flat: ClassVar[bool] = True
+    mrope: ClassVar[bool] = True
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool:
+        return bool(outer.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+
+
+class Qwen2_5_VLConfig(Qwen2VLConfig):
+    """transformers' Qwen2_5_VLConfig (Qwen2.5-VL), read as Qwen2VLConfig."""
+
+    model_type: ClassVar[str] = "qwen2_5_vl"
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
     config_class = Qwen2Config
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout("qwen2", fixed=(("use_sliding_window", False),))
+    gguf_more = (GGUFLayout("qwen2vl", fixed=(("use_sliding_window", False),)),)

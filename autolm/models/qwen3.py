@@ -1,11 +1,15 @@
-"""Qwen 3: Qwen 2 without q/k/v biases by default, plus RMSNorm on queries and keys per head."""
+"""Qwen 3: Qwen 2 without q/k/v biases by default, plus RMSNorm on queries and keys per head. Qwen3-VL's language
+model is a Qwen 3 (autolm.models.image_text): its checkpoints load as one, and llama.cpp's "qwen3vl" files (the
+converter's Qwen 3 keys and tensors, the multimodal RoPE sections, the vision tower's deepstack count) read as
+"qwen3" ones."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..nn import GGUFLayout
+from ..nn import CheckpointRules, GGUFLayout
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2Config
 
@@ -21,6 +25,18 @@ class Qwen3Config(Qwen2Config):
     qk_norm = property(lambda self: True)
 
 
+class Qwen3VLConfig(ImageTextConfig):
+    """transformers' Qwen3VLConfig (Qwen3-VL): its language model's, a Qwen 3 with interleaved multimodal RoPE; the
+    head tied by the outer config (untied by default)."""
+
+    model_type: ClassVar[str] = "qwen3_vl"
+    text_class: ClassVar[type] = Qwen3Config
+    tie_default: ClassVar[bool | None] = False
+    mrope: ClassVar[bool] = True
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout("qwen3")
+    gguf_more = (GGUFLayout("qwen3vl"),)

@@ -23,11 +23,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..nn import CheckpointRules, GatedMLP, GGUFLayout, Ignored, Linear, Rename
+from ..nn import CheckpointRules, GatedMLP, GGUFLayout, Linear
 from ..nn.linear import packed
 from . import qwen3_next_gguf
 from .base import LLAMA_TP, CausalLM
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaConfig
 from .qwen3_next import HybridConfig, HybridDecoderLayer, HybridModel, Qwen3NextGatedDeltaNet
 
@@ -62,33 +62,13 @@ class Qwen3_5TextConfig(HybridConfig, LlamaConfig):
     qk_norm = property(lambda self: True)
 
 
-def read_text_config(text_cls: type, d: Any, source: str, overrides: dict[str, Any], model_type: str) -> Any:
-    """The language model's config of an image-text checkpoint: its text_config, with dtype from the outer config
-    where text_config leaves it out and tie_word_embeddings from the outer config where given (the image-text
-    model ties its head by the outer one)."""
-    text = d.get("text_config") if isinstance(d, dict) else None
-    if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type {model_type!r} needs a text_config object (the "
-                          f"language model's settings), found {str(text)[:100]}")  # fmt: skip
-    outer = {k: d[k] for k in ("dtype", "torch_dtype") if k in d and k not in text}
-    if "tie_word_embeddings" in d:
-        outer["tie_word_embeddings"] = d["tie_word_embeddings"]
-    return text_cls.from_dict({**text, **outer}, source, **overrides)
-
-
-class Qwen3_5Config:
+class Qwen3_5Config(ImageTextConfig):
     """transformers' Qwen3_5Config (model_type qwen3_5: the image-text checkpoints). autolm runs their language model:
-    the config is its text_config, read as a Qwen3_5TextConfig (see read_text_config); the vision tower's
+    the config is its text_config, read as a Qwen3_5TextConfig (autolm.models.image_text); the vision tower's
     tensors are skipped at load."""
 
     model_type: ClassVar[str] = "qwen3_5"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Qwen3_5TextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Qwen3_5TextConfig:
-        return read_text_config(Qwen3_5TextConfig, d, source, overrides, cls.model_type)
+    text_class: ClassVar[type] = Qwen3_5TextConfig
 
 
 class Qwen3_5GatedDeltaNet(Qwen3NextGatedDeltaNet):
@@ -113,14 +93,6 @@ class Qwen3_5DecoderLayer(HybridDecoderLayer):
 
     def make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-
-# the image-text checkpoints: their language model's tensors, saved as the text model's
-IMAGE_TEXT_RULES = (
-    Rename(r"^model\.language_model\.", "model.", r"(?!)", ""),
-    Ignored(r"(model\.)?visual\..+"),
-    Ignored(r"mtp\..+"),
-)
 
 
 class Qwen3_5ForCausalLM(CausalLM):

@@ -22,10 +22,11 @@ from ..errors import ConfigError
 from ..nn import CheckpointRules, GGUFLayout
 from . import qwen3_next_gguf
 from .base import CausalLM
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaConfig
 from .mixtral import GGUF_EXPERTS, validate_experts
 from .qwen2_moe import GGUF_EXPERT_KEYS, QWEN_MOE_RULES, QWEN_MOE_TP
-from .qwen3_5 import IMAGE_TEXT_RULES, Qwen3_5DecoderLayer, read_text_config
+from .qwen3_5 import Qwen3_5DecoderLayer
 from .qwen3_next import HybridConfig, HybridModel, moe_or_mlp
 
 
@@ -77,20 +78,12 @@ class Qwen3_5MoeTextConfig(HybridConfig, LlamaConfig):
                 raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
 
 
-class Qwen3_5MoeConfig:
+class Qwen3_5MoeConfig(ImageTextConfig):
     """transformers' Qwen3_5MoeConfig (model_type qwen3_5_moe: the image-text checkpoints): their language model's
     text_config, read as Qwen3_5Config reads it."""
 
     model_type: ClassVar[str] = "qwen3_5_moe"
-
-    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Qwen3_5MoeTextConfig:
-        return cls.from_dict({"text_config": text_config or {}, **kwargs})
-
-    @classmethod
-    def from_dict(
-        cls, d: dict[str, Any], source: str = "config.json", **overrides: Any
-    ) -> Qwen3_5MoeTextConfig:
-        return read_text_config(Qwen3_5MoeTextConfig, d, source, overrides, cls.model_type)
+    text_class: ClassVar[type] = Qwen3_5MoeTextConfig
 
 
 class Qwen3_5MoeDecoderLayer(Qwen3_5DecoderLayer):

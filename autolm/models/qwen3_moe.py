@@ -1,14 +1,19 @@
 """Qwen 3 MoE: Qwen 3's attention (q/k norms per head, no biases by default) with Qwen 2 MoE's experts
 (`decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob`) and no shared expert. A sliding window, when
-`use_sliding_window`, applies to every layer."""
+`use_sliding_window`, applies to every layer. Qwen3-VL-MoE's language model is a Qwen 3 MoE renormalising its top k
+(autolm.models.image_text), whose files hold the experts stacked (E, in, out) (nn.expert_formats.InOutExperts);
+llama.cpp's "qwen3vlmoe" files read as "qwen3moe" ones."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..nn import GGUFLayout
+from ..nn import CheckpointRules, GGUFLayout
+from ..nn.expert_formats import InOutExperts
 from .base import CausalLM
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .mixtral import GGUF_EXPERTS, MixtralModel
 from .qwen2_moe import GGUF_EXPERT_KEYS, QWEN_MOE_RULES, QWEN_MOE_TP, Qwen2MoeDecoderLayer, QwenMoeConfig
 
@@ -44,22 +49,37 @@ class Qwen3MoeConfig(QwenMoeConfig):
     qk_norm = property(lambda self: True)
 
 
+class Qwen3VLMoeConfig(ImageTextConfig):
+    """transformers' Qwen3VLMoeConfig (Qwen3-VL-MoE): its language model's, a Qwen 3 MoE with interleaved
+    multimodal RoPE that always renormalises its top k and has no sliding window; the head tied by the outer config
+    (untied by default)."""
+
+    model_type: ClassVar[str] = "qwen3_vl_moe"
+    text_class: ClassVar[type] = Qwen3MoeConfig
+    tie_default: ClassVar[bool | None] = False
+    mrope: ClassVar[bool] = True
+    fixed: ClassVar[dict[str, Any]] = {"norm_topk_prob": True, "use_sliding_window": False}
+
+
 class Qwen3MoeDecoderLayer(Qwen2MoeDecoderLayer):
     pass
+
+
+_GGUF = GGUFLayout(
+    "qwen3moe",
+    config=(*GGUF_EXPERT_KEYS, ("attention.key_length", "head_dim")),
+    layer=GGUF_EXPERTS,
+    fixed=(("norm_topk_prob", True), ("use_sliding_window", False)),
+)
 
 
 class Qwen3MoeForCausalLM(CausalLM):
     """transformers' Qwen3MoeForCausalLM."""
 
     config_class = Qwen3MoeConfig
-    checkpoint_rules = QWEN_MOE_RULES
+    checkpoint_rules = CheckpointRules([*IMAGE_TEXT_RULES, *QWEN_MOE_RULES.rules, InOutExperts()])
     # llama.cpp renormalises the top k and runs every layer as a mixture
-    gguf = GGUFLayout(
-        "qwen3moe",
-        config=(*GGUF_EXPERT_KEYS, ("attention.key_length", "head_dim")),
-        layer=GGUF_EXPERTS,
-        fixed=(("norm_topk_prob", True), ("use_sliding_window", False)),
-    )
+    gguf, gguf_more = _GGUF, (dataclasses.replace(_GGUF, arch="qwen3vlmoe"),)
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen3MoeDecoderLayer"]
 

@@ -1,5 +1,6 @@
 """How checkpoints other than transformers' own store stacked experts, as checkpoint rules (nn.checkpoint) that
-assemble the model's parameter from the pieces: `MXFP4` (gpt-oss on the Hub) and `GGUFExperts` (llama.cpp).
+assemble the model's parameter from the pieces: `MXFP4` (gpt-oss on the Hub), `GGUFExperts` (llama.cpp) and
+`InOutExperts` (Qwen3-VL-MoE on the Hub).
 
 MXFP4 experts (quantization_config quant_method "mxfp4") are dequantized while loading as transformers does
 (integrations/mxfp4.py, convert_moe_packed_tensors).
@@ -13,6 +14,10 @@ llama.cpp's converter writes each layer's experts as three stacked tensors, ffn_
 (E, I, h) and ffn_down_exps (E, h, I) (gpt-oss: with biases, its gate/up rows de-interleaved and its weights
 transposed back); the GGUF reader names them `mlp.experts.gate_proj`, `up_proj` and `down_proj`, and
 `GGUFExperts` joins them into the model's gate_up_proj / down_proj.
+
+Qwen3-VL-MoE's files on the Hub hold each layer's experts stacked under the model's own names but (E, in, out):
+`mlp.experts.gate_up_proj` (E, h, 2I, [gate | up] along the last axis) and `down_proj` (E, I, h); transformers 5
+saves them as its model holds them, (E, 2I, h) / (E, h, I). `InOutExperts` takes either.
 """
 
 from __future__ import annotations
@@ -123,4 +128,26 @@ class GGUFExperts:
             raise CheckpointError(f"{source}: the experts' {name!r} assembled from llama.cpp's stacked tensors "
                                   f"{ {k: tuple(v.shape) for k, v in got.items()} } is {tuple(t.shape)}; the model "
                                   f"expects {tuple(shape)}")  # fmt: skip
+        return t.contiguous()
+
+
+@dataclass(frozen=True)
+class InOutExperts:
+    """Checkpoint rule: `<...>.experts.{gate_up,down}_proj` stacked under the model's names, stored (E, in, out) ->
+    the model's (E, out, in); one already the model's shape is taken as it is (as transformers does: a square
+    per-expert matrix is read as the model's)."""
+
+    def pieces(self, name: str) -> int:
+        return 1
+
+    def piece(self, name: str) -> tuple[str, str] | None:
+        return (name, "t") if re.fullmatch(r".+\.experts\.(gate_up|down)_proj", name) else None
+
+    def assemble(self, got: dict, shape: tuple[int, ...], name: str, source: str) -> torch.Tensor:
+        t = got["t"]
+        if tuple(t.shape) != tuple(shape):
+            t = t.transpose(1, 2)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{source}: the experts' {name!r} is {tuple(got['t'].shape)}; the model expects "
+                                  f"{tuple(shape)} (experts, out, in) or its transpose")  # fmt: skip
         return t.contiguous()

@@ -1,0 +1,98 @@
+"""Image-text checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Qwen 2 VL / 2.5 VL / 3 VL /
+3 VL MoE / 3.5, Mistral 3): their config is a wrapper holding the language model's settings as `text_config`, and
+their files hold the language model's tensors beside a vision tower's.
+
+`ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
+config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with
+dtype from the outer config where text_config leaves it out and tie_word_embeddings as the image-text model ties
+its head (`tie`). Older Qwen 2 VL / 2.5 VL files keep the language model's settings at the top level, their
+multimodal RoPE as rope_scaling {"type": "mrope", "mrope_section": [...]} (`flat`).
+
+Multimodal RoPE (`mrope_section`): the rotary frequencies' shares of a token's temporal, height and width positions.
+For text every token's three positions are its text position, so each frequency turns by it as in plain RoPE:
+a text model's config drops the sections (`mrope`), the GGUF files' rope.dimension_sections are not read.
+
+IMAGE_TEXT_RULES: the checkpoint names of the language model (model.language_model.* in transformers 5,
+language_model.model.* / language_model.lm_head.* in older files, model.* in Qwen 2 VL's) mapped to the text
+model's, the vision tower's and projector's tensors skipped. Saved, the model is the text model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..nn import Ignored, Rename
+
+IMAGE_TEXT_RULES = (
+    Rename(r"^(language_model\.model|model\.language_model)\.", "model.", r"(?!)", ""),
+    Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
+    Ignored(r"(model\.)?(visual|vision_tower|multi_modal_projector)\..+"),
+    Ignored(r"mtp\..+"),
+)
+_TIE = "tie_word_embeddings"
+
+
+class ImageTextConfig:
+    """transformers' config of an image-text model (see the module docstring); `text_class` reads text_config, or
+    `text_classes` by text_config's model_type."""
+
+    model_type: ClassVar[str]
+    text_class: ClassVar[type]
+    text_classes: ClassVar[dict[str, type]] = {}
+    tie_default: ClassVar[bool | None] = None  # the image-text model's default; None: text_config's own
+    flat: ClassVar[bool] = False  # older files: the language model's settings at the top level
+    mrope: ClassVar[bool] = False  # text_config's RoPE may be multimodal (dropped: plain RoPE on text)
+    fixed: ClassVar[dict[str, Any]] = {}  # text settings the image-text model fixes whatever text_config says
+
+    def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return cls.from_dict({"text_config": text_config or {}, **kwargs})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Any:
+        text = d.get("text_config") if isinstance(d, dict) else None
+        if text is None and cls.flat and isinstance(d, dict):
+            text = {k: v for k, v in d.items() if not any(w in k for w in ("vision", "image", "video"))}
+            for key in ("model_type", "architectures"):  # the image-text model's
+                text.pop(key, None)
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: model_type {cls.model_type!r} needs a text_config object (the "
+                              f"language model's settings), found {str(text)[:100]}")  # fmt: skip
+        text = dict(text)
+        text.update({k: d[k] for k in ("dtype", "torch_dtype") if k in d and k not in text})
+        tie = cls.tie(d, text)
+        if tie is not None:
+            text[_TIE] = tie
+        if cls.mrope:
+            _plain_rope(text)
+        text.update(cls.fixed)
+        kind = text.get("model_type")
+        text_cls = cls.text_classes.get(kind, cls.text_class) if isinstance(kind, str) else cls.text_class
+        return text_cls.from_dict(text, source, **overrides)
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool | None:
+        """Whether the image-text model ties its head: the outer config's setting, else its default."""
+        return outer.get(_TIE, text.get(_TIE) if cls.tie_default is None else cls.tie_default)
+
+
+class TextFirstConfig(ImageTextConfig):
+    """A wrapper whose language model ties its head by text_config's setting, the outer config's where text_config
+    leaves it out (Gemma 3 / 3n / 4, Llama 4)."""
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool | None:
+        return text.get(_TIE, outer.get(_TIE))
+
+
+def _plain_rope(text: dict[str, Any]) -> None:
+    """Multimodal RoPE as the plain RoPE it is on text: the sections dropped, type "mrope" read as "default"."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        if not isinstance(rope, dict):
+            continue
+        rope = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved")}
+        for name in ("type", "rope_type"):
+            if rope.get(name) == "mrope":
+                rope[name] = "default"
+        text[key] = rope
