@@ -127,6 +127,7 @@ _TP_FAMILIES = [
     "hunyuan_v1_dense",
     "falcon_40b",
     "deepseek_v3",
+    "axk1",
     "solar_open",
     "youtu",
     "apertus",

@@ -128,4 +128,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
     "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
     "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none
+    "diffllama": ("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", None),  # llama.cpp has none
+    "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
+    "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
+    "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
 }
