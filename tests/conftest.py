@@ -465,6 +465,24 @@ SPECS = {
         ),
         {},
     ),
+    "kolibri1": (
+        "Kolibri1Config",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        {},
+    ),
     "dots1": (
         "Dots1Config",
         dict(

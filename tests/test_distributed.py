@@ -122,6 +122,7 @@ _TP_FAMILIES = [
     "arcee",
     "glm4_moe",
     "dots1",
+    "kolibri1",
     "ernie4_5_moe",
     "seed_oss",
     "hunyuan_v1_dense",

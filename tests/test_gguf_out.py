@@ -20,7 +20,7 @@ from autolm.sources.gguf import GGUFFile
 
 IDS = torch.tensor([[5, 17, 33, 2, 98, 140, 7, 61, 120, 9, 44]])
 # families llama.cpp's converter writes as another's architecture: their files read back as that family
-READ_AS = {"mistral": "llama", "internlm3": "llama"}
+READ_AS = {"mistral": "llama", "internlm3": "llama", "iquestcoder": "llama"}
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +284,7 @@ def _families():
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_hy_v3 as hy_v3
     import test_family_internlm3 as internlm3
+    import test_family_iquestcoder as iquestcoder
     import test_family_jais2 as jais2
     import test_family_jamba as jamba
     import test_family_lfm2 as lfm2
@@ -369,6 +370,7 @@ def _families():
         "granitemoe_swa": (tuple(granitemoe_swa.GGUF_FAMILIES.values()), granite_swa.write_granite_swa_gguf),
         "granite_swa": (granite_swa.GRANITE_SWA_GGUF, granite_swa.write_granite_swa_gguf),
         "internlm3": (internlm3.PLAIN, None),
+        "iquestcoder": (iquestcoder.IQUEST, iquestcoder.write_iquestcoder_gguf),
         "gemma3n_text": (gemma3n.GGUF, gemma3n.write_gemma3n_gguf),
         "mamba2": (mamba2.GGUF_FAMILIES, mamba2.write_mamba2_gguf),
         "glm": ((glm.GLM, glm.TIED), glm.write_glm_gguf),

@@ -227,7 +227,7 @@ def test_the_family_table_names_each_familys_classes_and_gguf_layout():
 
 def test_a_load_imports_its_own_family_alone(checkpoint):
     """Loading a Llama checkpoint (or a GGUF file of llama.cpp's "llama" architecture) imports llama's file, and
-    those of Mistral, Mixtral and InternLM3, which llama.cpp also writes as "llama", not the other families'."""
+    those of Mistral, Mixtral, InternLM3 and IQuestCoder, which llama.cpp also writes as "llama", not the other families'."""
     directory, _ = checkpoint("llama_gqa_llama3_sharded")
     script = (
         "import sys, autolm\n"
@@ -250,6 +250,7 @@ def test_a_load_imports_its_own_family_alone(checkpoint):
         "autolm.models.image_text",
         "autolm.models.internlm3",
         "autolm.models.interop",
+        "autolm.models.iquestcoder",
         "autolm.models.llama",
         "autolm.models.mistral",
         "autolm.models.mixtral",

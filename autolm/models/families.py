@@ -132,4 +132,6 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
+    "iquestcoder": ("iquestcoder", "IQuestCoderConfig", "IQuestCoderForCausalLM", "llama"),
+    "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
 }
