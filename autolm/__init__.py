@@ -22,6 +22,8 @@ _EXPORTS = {
     "Qwen3VLConfig": "autolm.models",
     "Qwen3VLMoeConfig": "autolm.models",
     "Mistral3Config": "autolm.models",
+    "Glm4vConfig": "autolm.models",
+    "Glm4vMoeConfig": "autolm.models",
     "Phi3Config": "autolm.models",
     "Olmo2Config": "autolm.models",
     "GraniteConfig": "autolm.models",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions, randomize
@@ -28,6 +29,15 @@ QWEN_VISION = dict(
     depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4
 )
 QWEN3_VISION = dict(QWEN_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0])
+GLM_TEXT = {k: v for k, v in TEXT.items() if k not in ("bos_token_id", "eos_token_id")}
+GLM_VISION = dict(QWEN_VISION, image_size=16)
+# half of each 16-wide head rotates: 4 frequencies
+GLM_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 1e4,
+    "mrope_section": [2, 1, 1],
+    "partial_rotary_factor": 0.5,
+}
 PIXTRAL = dict(model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                num_attention_heads=2, image_size=16, patch_size=4, head_dim=16)  # fmt: skip
 # name -> (transformers' config and model class names, config kwargs, autolm's text model, transformers' text model)
@@ -69,6 +79,38 @@ CASES = {
             vision_config=QWEN3_VISION,
         ),
         "Qwen3MoeForCausalLM",
+    ),
+    "glm4v": (
+        "Glm4v",
+        dict(text_config=dict(GLM_TEXT, rope_parameters=GLM_ROPE), vision_config=GLM_VISION),
+        "Glm4ForCausalLM",
+    ),
+    # no partial_rotary_factor: GLM-4V's RoPE turns the whole head (GLM-4's default is half); tied by text_config
+    "glm4v_whole_rotary": (
+        "Glm4v",
+        dict(
+            text_config=dict(
+                GLM_TEXT, tie_word_embeddings=True, rope_parameters=dict(MROPE, mrope_section=[4, 2, 2])
+            ),
+            vision_config=GLM_VISION,
+        ),
+        "Glm4ForCausalLM",
+    ),
+    "glm4v_moe": (
+        "Glm4vMoe",
+        dict(
+            text_config=dict(
+                GLM_TEXT,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=24,
+                first_k_dense_replace=1,
+                n_shared_experts=1,
+                rope_parameters=GLM_ROPE,
+            ),
+            vision_config=GLM_VISION,
+        ),
+        "Glm4MoeForCausalLM",
     ),
     "mistral3": (
         "Mistral3",
@@ -174,9 +216,21 @@ def test_hub_files_older_layouts(tmp_path_factory, tmp_path):
     assert "architectures" not in model.config.extra and "vision_config" not in model.config.extra
 
 
-def _vl_file(path: str, arch: str, out: str, deepstack: int | None) -> str:
+def _normal_to_neox(a, hf_config):
+    """conversion/glm.py's Glm4Model.normal_to_neox of q's / k's rows (weight or bias): per head, the rotary rows'
+    even ones, then the odd ones."""
+    text = hf_config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    rotary = int(head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0))
+    heads = a.reshape(-1, head_dim, *a.shape[1:])
+    rot = heads[:, :rotary]
+    return np.concatenate([rot[:, 0::2], rot[:, 1::2], heads[:, rotary:]], axis=1).reshape(a.shape)
+
+
+def _vl_file(path: str, arch: str, out: str, deepstack: int | None, hf_config=None) -> str:
     """The text model's GGUF as llama.cpp's VL converter writes it: the "<family>.*" keys under `arch`, the RoPE
-    sections (four, the last 0), the deepstack count (Qwen3-VL), a "llama" vocabulary llama.cpp loads."""
+    sections (four, the last 0), the deepstack count (Qwen3-VL), a "llama" vocabulary llama.cpp loads; with
+    `hf_config` (GLM-4V), q's and k's rotary rows regrouped for llama.cpp's multimodal kernel (_normal_to_neox)."""
     import gguf
     from gguf_mimic import add_toy_vocab
 
@@ -187,12 +241,17 @@ def _vl_file(path: str, arch: str, out: str, deepstack: int | None) -> str:
         if field.name.startswith(f"{family}."):
             w.add_key_value(f"{arch}.{field.name.removeprefix(family + '.')}", field.contents(), field.types[0],
                             sub_type=field.types[-1])  # fmt: skip
-    w.add_rope_dimension_sections([2, 3, 3, 0])
+    w.add_rope_dimension_sections(
+        [*hf_config.text_config.rope_parameters["mrope_section"], 0] if hf_config else [2, 3, 3, 0]
+    )
     if deepstack is not None:
         w.add_num_deepstack_layers(deepstack)
     add_toy_vocab(w)
     for t in reader.tensors:
-        w.add_tensor(t.name, t.data.reshape(tuple(reversed(t.shape.tolist()))), raw_dtype=t.tensor_type)
+        a = t.data.reshape(tuple(reversed(t.shape.tolist())))
+        if hf_config is not None and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+            a = _normal_to_neox(a, hf_config)
+        w.add_tensor(t.name, a, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -202,7 +261,8 @@ def _vl_file(path: str, arch: str, out: str, deepstack: int | None) -> str:
 
 @pytest.mark.parametrize(
     "name,arch,deepstack", [("qwen2_5_vl", "qwen2vl", None), ("qwen3_vl", "qwen3vl", 1),
-                            ("qwen3_vl_moe", "qwen3vlmoe", 1)]
+                            ("qwen3_vl_moe", "qwen3vlmoe", 1), ("glm4v", "glm4", None),
+                            ("glm4v_whole_rotary", "glm4", None), ("glm4v_moe", "glm4moe", None)]
 )  # fmt: skip
 def test_vl_gguf_files_read_as_the_text_family(
     name,
@@ -213,15 +273,17 @@ def test_vl_gguf_files_read_as_the_text_family(
     byte_tokenizer,  # noqa: F811
 ):
     """llama.cpp's VL architectures read as the text family, with the model's logits; llama.cpp's on the same
-    file agree (within its float16 KV cache)."""
+    file agree (within its float16 KV cache). GLM-4V's "glm4" files hold q/k rows regrouped for llama.cpp's
+    multimodal RoPE: read back in the model's order, and written back as they were read."""
     from test_gguf_remote_archs import ROW, _close_to_llama_cpp, llama_cpp_logits
 
     from autolm.gguf_writer import save_gguf
 
-    directory, _ = _checkpoint(tmp_path_factory, name)
+    directory, hf = _checkpoint(tmp_path_factory, name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     text = save_gguf(model, byte_tokenizer, str(tmp_path / "text.gguf"), "f32")
-    _vl_file(text, arch, str(tmp_path / "vl.gguf"), deepstack)
+    permuted = hf.config if arch == "glm4" else None
+    _vl_file(text, arch, str(tmp_path / "vl.gguf"), deepstack, permuted)
     back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="vl.gguf", progress=False)
     assert type(back).__name__ == CASES[name][2]
     ids, mask = padded_batch()
@@ -229,7 +291,16 @@ def test_vl_gguf_files_read_as_the_text_family(
         ours = back(ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()]
         torch.testing.assert_close(ours, _logits(model, ids, mask), atol=1e-4, rtol=1e-4)
         row = back(ROW).logits[0]
+    if permuted is not None:  # the sections kept: written back with the rows regrouped, as read
+        again = save_gguf(back, byte_tokenizer, str(tmp_path / "again.gguf"), "f32")
+        assert _tensors(again, "attn_q") == _tensors(str(tmp_path / "vl.gguf"), "attn_q")
     _close_to_llama_cpp(row, llama_cpp_logits(str(tmp_path / "vl.gguf")))
+
+
+def _tensors(path: str, stem: str) -> list[bytes]:
+    import gguf
+
+    return [bytes(t.data) for t in gguf.GGUFReader(path).tensors if t.name.split(".")[-2] == stem]
 
 
 def test_config_errors_and_defaults():

@@ -227,6 +227,8 @@ __all__ = [
     "Glm4MoeForCausalLM",
     "Glm4MoeLiteConfig",
     "Glm4MoeLiteForCausalLM",
+    "Glm4vConfig",
+    "Glm4vMoeConfig",
     "GlmConfig",
     "GlmForCausalLM",
     "GptOssConfig",

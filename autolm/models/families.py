@@ -37,12 +37,14 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", "granitemoe"),
     "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "olmoe"),
     "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", "glm4"),
+    "glm4v": ("glm4", "Glm4vConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
     "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
     "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
     "ernie4_5": ("ernie4_5", "Ernie4_5Config", "Ernie4_5ForCausalLM", "ernie4_5"),
     "nemotron": ("nemotron", "NemotronConfig", "NemotronForCausalLM", "nemotron"),
     "arcee": ("arcee", "ArceeConfig", "ArceeForCausalLM", "arcee"),
     "glm4_moe": ("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM", "glm4moe"),
+    "glm4v_moe": ("glm4_moe", "Glm4vMoeConfig", "Glm4MoeForCausalLM", "glm4moe"),  # image-text: its LM
     "dots1": ("dots1", "Dots1Config", "Dots1ForCausalLM", "dots1"),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek2"),
     "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", "ernie4_5-moe"),

@@ -2,7 +2,14 @@
 attention and MLP outputs are normed again before each residual add), q/k/v biases (`attention_bias`, none on
 o_proj), gate and up packed into one `gate_up_proj` (as Phi-3), an untied head, and partial RoPE
 (`partial_rotary_factor`, 0.5 by default) over interleaved pairs: the first head_dim * factor dimensions of each
-head rotate as (x0, x1), (x2, x3), ... (transformers repeat_interleaves the tables), the rest pass through."""
+head rotate as (x0, x1), (x2, x3), ... (transformers repeat_interleaves the tables), the rest pass through.
+
+GLM-4.1V-Thinking's and GLM-4.6V-Flash's language model (model_type glm4v, autolm.models.image_text) is a GLM-4:
+q/k/v biases always, head_dim hidden_size / heads, multimodal RoPE over the same interleaved pairs (on text, plain
+RoPE) rotating the whole head unless rope_parameters gives partial_rotary_factor. llama.cpp's converter writes it
+as "glm4" with the RoPE sections and, its multimodal kernel rotating halves (NeoX), the rotary rows of q and k
+regrouped per head as [even; odd] pairs: such a file reads back with the rows in the model's order (`gguf_rows`),
+keeping mrope_section, and is written back so."""
 
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, GGUFLayout, RMSNorm
+from ..nn import Attention, CheckpointRules, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
+from .image_text import IMAGE_TEXT_RULES, EitherTiesConfig
 from .phi3 import Phi3MLP
 
 _EOS = (151329, 151336, 151338)  # transformers' default where config.json gives none
@@ -92,6 +100,31 @@ class Glm4Config(PretrainedConfig):
         return None  # transformers' GLM-4 builds a plain causal mask whatever the config says
 
 
+class Glm4vConfig(EitherTiesConfig):
+    """transformers' Glm4vConfig (GLM-4.1V-Thinking, GLM-4.6V-Flash): its language model's, a GLM-4 (see the module
+    docstring)."""
+
+    model_type: ClassVar[str] = "glm4v"
+    text_class: ClassVar[type] = Glm4Config
+    mrope: ClassVar[bool] = True
+    fixed: ClassVar[dict[str, Any]] = {"attention_bias": True}
+
+    @classmethod
+    def adapt(cls, text: dict[str, Any]) -> None:
+        super().adapt(text)
+        whole_heads(text)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if "partial_rotary_factor" not in rope:
+            text.setdefault("partial_rotary_factor", 1.0)
+
+
+def whole_heads(text: dict[str, Any]) -> None:
+    """GLM-4V's language models split hidden_size into the heads (no head_dim of their own)."""
+    hidden, heads = text.get("hidden_size", 4096), text.get("num_attention_heads", 32)
+    if _is_int(hidden) and _is_int(heads) and heads > 0:
+        text["head_dim"] = hidden // heads
+
+
 class Glm4DecoderLayer(nn.Module):
     """x + post_self_attn_norm(attn(input_norm(x))), then + post_mlp_norm(mlp(post_attention_norm(x)))."""
 
@@ -128,6 +161,9 @@ def gguf_config(d: dict[str, Any], get) -> None:
     rotary = get("rope.dimension_count")
     if _is_int(rotary) and _is_int(head_dim) and head_dim > 0:
         d["rope_parameters"]["partial_rotary_factor"] = rotary / head_dim
+    sections = get("rope.dimension_sections")
+    if sections is not None:  # GLM-4V's: q/k rows regrouped (gguf_rows)
+        d["rope_parameters"]["mrope_section"] = [int(x) for x in sections[:3]]
 
 
 def gguf_write_config(m: dict[str, Any], c: Glm4Config) -> None:
@@ -135,10 +171,25 @@ def gguf_write_config(m: dict[str, Any], c: Glm4Config) -> None:
     always has head_dim), the rotary dimensions; no vocabulary size."""
     m.pop("vocab_size", None)
     m["rope.dimension_count"] = int(c.head_dim * c.rope_parameters["partial_rotary_factor"])
+    if "mrope_section" in c.rope_parameters:
+        m["rope.dimension_sections"] = ([*c.rope_parameters["mrope_section"]] + [0] * 4)[:4]
+
+
+def gguf_rows(stem: str, c: Glm4Config) -> torch.Tensor | None:
+    """GLM-4V's files (mrope_section read from them): for each of q's / k's model rows (weight and bias), the
+    file's, whose rotary rows per head are the even pairs' first elements, then the second ones; else None."""
+    if stem not in ("attn_q", "attn_k") or "mrope_section" not in c.rope_parameters:
+        return None
+    hd, heads = c.head_dim, c.num_attention_heads if stem == "attn_q" else c.num_key_value_heads
+    rotary = int(hd * c.rope_parameters["partial_rotary_factor"])
+    head = torch.arange(hd)
+    head[:rotary:2], head[1:rotary:2] = torch.arange(rotary // 2), torch.arange(rotary // 2, rotary)
+    return (head + hd * torch.arange(heads)[:, None]).reshape(-1)
 
 
 class Glm4ForCausalLM(CausalLM):
     config_class = Glm4Config
+    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     # llama.cpp's Glm4Model: tensors renamed one to one by gguf-py's map (gate_up_proj kept whole as ffn_up, the
     # two output norms as post_attention_norm / post_ffw_norm), q/k not permuted (llama.cpp's glm4 rotates
     # interleaved pairs, as the checkpoint does); biases read off the tensors
@@ -154,6 +205,7 @@ class Glm4ForCausalLM(CausalLM):
         present=(("blk.0.attn_q.bias", "attention_bias"),),
         derive=gguf_config,
         write_config=gguf_write_config,
+        row_order=gguf_rows,
     )
     # transformers' base_model_tp_plan for GLM-4: heads split as in Llama; the packed gate_up output is gathered
     # whole on every rank before the chunk into gate and up, and down_proj splits its input again

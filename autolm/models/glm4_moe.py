@@ -36,7 +36,8 @@ from ..nn import (
     SparseMoeBlock,
 )
 from .base import CausalLM
-from .glm4 import Glm4Config, gguf_config, gguf_write_config
+from .glm4 import Glm4Config, gguf_config, gguf_write_config, whole_heads
+from .image_text import IMAGE_TEXT_RULES, EitherTiesConfig
 from .mixtral import GGUF_EXPERTS, MixtralDecoderLayer, MixtralModel, validate_experts
 from .qwen2_moe import QWEN_MOE_RULES, QWEN_MOE_TP
 
@@ -214,11 +215,28 @@ def _gguf_write_config(m: dict[str, Any], c: Glm4MoeConfig) -> None:
     m["nextn_predict_layers"] = c.num_nextn_predict_layers
 
 
+class Glm4vMoeConfig(EitherTiesConfig):
+    """transformers' Glm4vMoeConfig (GLM-4.5V, GLM-4.6V): its language model's, a GLM-4.5 with q/k/v biases by
+    default, no q/k norms nor next-token-prediction layers, head_dim hidden_size / heads, and multimodal RoPE over
+    halves (on text, GLM-4.5's partial RoPE; llama.cpp's "glm4moe" files hold the sections and read as GLM-4.5's)."""
+
+    model_type: ClassVar[str] = "glm4v_moe"
+    text_class: ClassVar[type] = Glm4MoeConfig
+    mrope: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {"attention_bias": True}
+    fixed: ClassVar[dict[str, Any]] = {"use_qk_norm": False, "num_nextn_predict_layers": 0}
+
+    @classmethod
+    def adapt(cls, text: dict[str, Any]) -> None:
+        super().adapt(text)
+        whole_heads(text)
+
+
 class Glm4MoeForCausalLM(CausalLM):
     """transformers' Glm4MoeForCausalLM."""
 
     config_class = Glm4MoeConfig
-    checkpoint_rules = GROUPED_MOE_RULES
+    checkpoint_rules = CheckpointRules([*IMAGE_TEXT_RULES, *GROUPED_MOE_RULES.rules])
     # llama.cpp's Glm4MoeModel converter: TextModel's keys, the rotary dimensions, the experts' keys; tensors by
     # gguf-py's map (post_attention_layernorm as post_attention_norm), no q/k permutation (NeoX RoPE). llama.cpp's
     # glm4moe routes without groups and always with the sigmoid

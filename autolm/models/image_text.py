@@ -44,6 +44,7 @@ class ImageTextConfig:
     flat: ClassVar[bool] = False  # older files: the language model's settings at the top level
     mrope: ClassVar[bool] = False  # text_config's RoPE may be multimodal (dropped: plain RoPE on text)
     fixed: ClassVar[dict[str, Any]] = {}  # text settings the image-text model fixes whatever text_config says
+    defaults: ClassVar[dict[str, Any]] = {}  # the image-text model's text defaults where they differ
 
     def __new__(cls, text_config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         return cls.from_dict({"text_config": text_config or {}, **kwargs})
@@ -65,7 +66,7 @@ class ImageTextConfig:
             text[_TIE] = tie
         if cls.mrope:
             _plain_rope(text)
-        text.update(cls.fixed)
+        cls.adapt(text)
         kind = text.get("model_type")
         text_cls = cls.text_classes.get(kind, cls.text_class) if isinstance(kind, str) else cls.text_class
         return text_cls.from_dict(text, source, **overrides)
@@ -74,6 +75,22 @@ class ImageTextConfig:
     def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool | None:
         """Whether the image-text model ties its head: the outer config's setting, else its default."""
         return outer.get(_TIE, text.get(_TIE) if cls.tie_default is None else cls.tie_default)
+
+    @classmethod
+    def adapt(cls, text: dict[str, Any]) -> None:
+        """text_config as the text family's class reads it: `defaults` where absent, `fixed` always."""
+        for key, value in cls.defaults.items():
+            text.setdefault(key, value)
+        text.update(cls.fixed)
+
+
+class EitherTiesConfig(ImageTextConfig):
+    """A wrapper whose head is tied by the outer config or, as files before transformers 5 hold it, by text_config
+    (Qwen 2 VL, GLM-4V)."""
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool:
+        return bool(outer.get(_TIE) or text.get(_TIE))
 
 
 class TextFirstConfig(ImageTextConfig):

@@ -6,10 +6,10 @@ multimodal RoPE sections) read as "qwen2" ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import CheckpointRules, GGUFLayout
-from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
+from .image_text import IMAGE_TEXT_RULES, EitherTiesConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -39,7 +39,7 @@ class Qwen2Config(LlamaConfig):
     o_bias = property(lambda self: False)
 
 
-class Qwen2VLConfig(ImageTextConfig):
+class Qwen2VLConfig(EitherTiesConfig):
     """transformers' Qwen2VLConfig (Qwen2-VL): its language model's, a Qwen 2 with multimodal RoPE; older files keep
     its settings at the top level; files before transformers 5 hold tie_word_embeddings in text_config (either
     ties the head)."""
@@ -48,10 +48,6 @@ class Qwen2VLConfig(ImageTextConfig):
     text_class: ClassVar[type] = Qwen2Config
     flat: ClassVar[bool] = True
     mrope: ClassVar[bool] = True
-
-    @classmethod
-    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool:
-        return bool(outer.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
 
 
 class Qwen2_5_VLConfig(Qwen2VLConfig):
