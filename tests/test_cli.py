@@ -358,6 +358,66 @@ def test_adapters_on_generate_inspect_and_merge(home, smol_dir, smol_gguf, adapt
     assert again.stdout == with_adapter.stdout  # the GGUF's dequantized weights are smol_dir's
 
 
+def test_merge_into_a_gguf_file_llama_cpp_runs(home, smol_gguf, tmp_path):
+    """autolm merge BASE ADAPTER OUT.gguf: one file with the adapter merged, in the .gguf base's own type by default
+    (SmolLM2's Q4_1), or --quantize's; read back, it gives the merged model's logits (f16: within its rounding, the
+    same next tokens; Q4_1: within 10% on average, the same next tokens at most positions: 4-bit blocks of the
+    merged weights), and llama.cpp's on the f16 file agree (llama-cpp-python, where installed)."""
+    import numpy as np
+
+    import autolm
+    from autolm.lora import LoraConfig, get_peft_model
+    from autolm.sources.gguf import GGUFFile
+
+    gguf = os.path.join(*smol_gguf)
+    base = autolm.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32, progress=False
+    )
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 314, 260, 1345, 282, 4649]])
+    with torch.no_grad():
+        plain = base(ids).logits[0]
+    pm = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    torch.manual_seed(0)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)  # a fine-tune's size of change, not init's zero
+    pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = pm.merge_and_unload()(ids).logits[0]
+    assert (want - plain).abs().mean() > 0.05 * plain.abs().mean()  # the adapter changes the model
+    adapter = str(tmp_path / "adapter")
+    assert (
+        "in f16"
+        in run("merge", gguf, adapter, str(tmp_path / "m.gguf"), "--quantize", "f16", home=home).stdout
+    )
+    assert "in q4_1" in run("merge", gguf, adapter, str(tmp_path / "q.gguf"), home=home).stdout
+    assert GGUFFile(str(tmp_path / "q.gguf"), strings=False).metadata["general.file_type"] == 3
+    for name, tol, same in (("m.gguf", 0.01, 1.0), ("q.gguf", 0.1, 0.7)):
+        back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name, dtype=torch.float32,
+                                                           progress=False)  # fmt: skip
+        with torch.no_grad():
+            got = back(ids).logits[0]
+        assert (got - want).abs().mean() < tol * want.abs().mean(), name
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= same, name
+    refused = run("merge", gguf, adapter, str(tmp_path / "d"), "--quantize", "q8_0", home=home, check=False)
+    assert refused.returncode == 1 and "only a .gguf OUT is quantized" in refused.stderr
+    pytest.importorskip("llama_cpp")
+    child = ("import sys, numpy as np, llama_cpp\n"
+             "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False)\n"
+             "llm.eval([int(x) for x in sys.argv[2].split(',')])\n"
+             "np.save(sys.argv[3], np.asarray(llm.scores[:llm.n_tokens], dtype=np.float32))\n")  # fmt: skip
+    npy = str(tmp_path / "l.npy")
+    ids_arg = ",".join(str(t) for t in ids[0].tolist())
+    subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "m.gguf"), ids_arg, npy], check=True, timeout=600
+    )
+    theirs = torch.from_numpy(np.load(npy))
+    assert (theirs - want).abs().max() < 2e-2 * want.abs().max()
+    assert torch.equal(theirs.argmax(-1), want.argmax(-1))
+
+
 def test_chat_commands(home, adapters):
     stdin = (
         "/help\nWhat is the capital of France?\n/reset\n/system Answer in one word.\n/frob\n"

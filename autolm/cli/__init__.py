@@ -209,8 +209,10 @@ def _add_tool_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain checkpoint")
     p.add_argument("base", help="the base model (directory, repo id or .gguf)")
     p.add_argument("adapter", help="the adapter folder (peft format)")
-    p.add_argument("out", help="output directory")
+    p.add_argument("out", help="output directory, or a .gguf file llama.cpp / ollama run")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default=None,
+                   help="a .gguf OUT's type (q4_k_m, q8_0, f16, ...; default: a .gguf base's own, else f16)")  # fmt: skip
     _add_common(p)
     p.set_defaults(func=cmd_merge)
 

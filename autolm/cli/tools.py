@@ -112,17 +112,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """BASE + ADAPTER -> a plain checkpoint with the adapter merged into the weights, and the tokenizer."""
+    """BASE + ADAPTER -> a plain checkpoint with the adapter merged into the weights, and the tokenizer; OUT.gguf:
+    one GGUF file llama.cpp runs, in --quantize's type (a .gguf base's own by default, else f16)."""
     check_model_arg(args.base)
     adapters = parse_adapters([args.adapter], flag="ADAPTER ")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    to_gguf = args.out.endswith(".gguf")
+    quantize = _merge_quantize(args) if to_gguf else None
+    if to_gguf and os.path.isdir(args.out):
+        raise UsageError(f"{args.out}: is a directory; a .gguf OUT is one file")
+    if not to_gguf and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory")
+    if not to_gguf and args.quantize is not None:
+        raise UsageError(f"--quantize {args.quantize}: only a .gguf OUT is quantized")
     model, tok = load(args.base, args.dtype, quantize="none", adapters=adapters)  # merged into float weights
-    from ..saving import save_with_tokenizer
+    merged = model.merge_and_unload()
+    if to_gguf:
+        from ..gguf_writer import save_gguf
 
-    save_with_tokenizer(model.merge_and_unload(), tok, args.out)  # both or neither: one transaction
-    print(f"wrote {args.out} ({adapters[0][1]} merged into {args.base or 'the default model'})")
+        save_gguf(merged, tok, args.out, quantize)  # through a temporary file and a rename
+    else:
+        from ..saving import save_with_tokenizer
+
+        save_with_tokenizer(merged, tok, args.out)  # both or neither: one transaction
+    done = f" in {quantize}" if to_gguf else ""
+    print(f"wrote {args.out}{done} ({adapters[0][1]} merged into {args.base or 'the default model'})")
     return 0
+
+
+def _merge_quantize(args: argparse.Namespace) -> str:
+    """A GGUF OUT's type: --quantize, else a .gguf base's own file type where autolm writes it, else f16."""
+    from ..gguf_writer import TYPES
+
+    if args.quantize is not None:
+        if args.quantize not in TYPES:
+            raise UsageError(f"--quantize {args.quantize}: a GGUF out takes one of {', '.join(TYPES)}")
+        return args.quantize
+    if args.base and str(args.base).endswith(".gguf") and os.path.isfile(args.base):
+        from ..sources.gguf import GGUFFile
+
+        kind = GGUFFile(args.base, strings=False, weights=False).metadata.get("general.file_type")
+        return next((name for name, (_, file_type) in TYPES.items() if file_type == kind), "f16")
+    return "f16"
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
