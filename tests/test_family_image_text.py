@@ -38,6 +38,13 @@ GLM_ROPE = {
     "mrope_section": [2, 1, 1],
     "partial_rotary_factor": 0.5,
 }
+CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)  # fmt: skip
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, image_size=16, patch_size=4)  # fmt: skip
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4
+)
 PIXTRAL = dict(model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                num_attention_heads=2, image_size=16, patch_size=4, head_dim=16)  # fmt: skip
 # name -> (transformers' config and model class names, config kwargs, autolm's text model, transformers' text model)
@@ -111,6 +118,64 @@ CASES = {
             vision_config=GLM_VISION,
         ),
         "Glm4MoeForCausalLM",
+    ),
+    "llava": (
+        "Llava",
+        dict(text_config=dict(TEXT, model_type="llama"), vision_config=CLIP),
+        "LlamaForCausalLM",
+    ),
+    # LLaVA-NeXT over a Mistral (text_config names the family)
+    "llava_next": (
+        "LlavaNext",
+        dict(
+            text_config=dict(TEXT, model_type="mistral", sliding_window=None),
+            vision_config=CLIP,
+            image_grid_pinpoints=[[16, 16]],
+        ),
+        "MistralForCausalLM",
+    ),
+    "llava_onevision": (
+        "LlavaOnevision",
+        dict(
+            text_config=dict(TEXT, model_type="qwen2"), vision_config=SIGLIP, image_grid_pinpoints=[[16, 16]]
+        ),
+        "Qwen2ForCausalLM",
+    ),
+    # InternVL 3.5 over a Qwen 3, its head tied by the outer config
+    "internvl": (
+        "InternVL",
+        dict(
+            text_config=dict(TEXT, model_type="qwen3", head_dim=16),
+            vision_config=dict(TINY_VISION, image_size=[16, 16], patch_size=[4, 4]),
+        ),
+        "Qwen3ForCausalLM",
+    ),
+    "smolvlm": (
+        "SmolVLM",
+        dict(
+            text_config=dict(TEXT, model_type="llama"),
+            vision_config=dict(TINY_VISION, image_size=16),
+            scale_factor=2,
+        ),
+        "LlamaForCausalLM",
+    ),
+    "lfm2_vl": (
+        "Lfm2Vl",
+        dict(text_config=dict(TEXT, layer_types=["conv", "full_attention"]), vision_config=TINY_VISION),
+        "Lfm2ForCausalLM",
+    ),
+    "aya_vision": (
+        "AyaVision",
+        dict(
+            text_config=dict(
+                TEXT,
+                model_type="cohere2",
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            vision_config=SIGLIP,
+        ),
+        "Cohere2ForCausalLM",
     ),
     "mistral3": (
         "Mistral3",

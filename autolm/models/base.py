@@ -22,6 +22,7 @@ from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, 
 from ..nn.checkpoint import CheckpointRules, GGUFLayout
 from ..saving import save_model, unique_state_dict
 from ..step import compiled_step, precompile
+from .image_text import IMAGE_TEXT_RULES
 from .interop import TransformersSurface, device_map_of
 from .output import CausalLMOutput, causal_lm_loss
 
@@ -114,7 +115,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     """A decoder with an LM head; `forward` and `generate` follow transformers' signatures."""
 
     config_class: ClassVar[type]
-    checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules()
+    # image-text checkpoints' language model names (models.image_text); a family with rules of its own adds them
+    checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules(IMAGE_TEXT_RULES)
     gguf: ClassVar[GGUFLayout | None] = None  # how llama.cpp writes this family, where it does
     # the further llama.cpp architectures the family's files come in (Nemotron-H's MoE layout, "nemotron_h_moe"):
     # read by their architecture; written where an instance's `gguf` is one (a model of that layout)

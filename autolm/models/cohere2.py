@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, GGUFLayout
 from .base import LLAMA_TP, CausalLM, DecoderModel
 from .cohere import CohereLayerNorm
+from .image_text import ImageTextConfig
 
 DEFAULT_PATTERN = 4  # transformers' sliding_window_pattern: every 4th layer global
 
@@ -187,6 +188,23 @@ def _gguf_write_config(m: dict[str, Any], c: Cohere2Config) -> None:
     write_cohere_keys(m, c)
     if c.layer_types != llama_cpp_types(c.num_hidden_layers, dense_first=False):
         m["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in c.layer_types]
+
+
+class AyaVisionConfig(ImageTextConfig):
+    """transformers' AyaVisionConfig (Aya Vision): its language model's, a Command R7B (Cohere 2) unless
+    text_config names another family; the head tied by default. The image-text model's head does not scale its
+    logits (logit_scale 1 whatever text_config says): autolm gives its logits."""
+
+    model_type: ClassVar[str] = "aya_vision"
+    text_class: ClassVar[type] = Cohere2Config
+    tie_default: ClassVar[bool | None] = True
+    fixed: ClassVar[dict[str, Any]] = {"logit_scale": 1.0}
+
+
+class Cohere2VisionConfig(AyaVisionConfig):
+    """transformers' Cohere2VisionConfig (Command A Vision), read as AyaVisionConfig."""
+
+    model_type: ClassVar[str] = "cohere2_vision"
 
 
 class Cohere2ForCausalLM(CausalLM):

@@ -6,12 +6,20 @@ from __future__ import annotations
 # model_type -> (module, config class, model class, llama.cpp's architecture name for the family's GGUF files,
 # None where llama.cpp has none, or a tuple of several: the model class's `gguf` layout's, then its `gguf_more`).
 # tests/test_loading.py checks each entry against its module.
+_LLAMA = ("llama", "exaone", "internlm2")  # Llama's architectures: its own and remote-code models' files
+_QWEN2 = ("qwen2", "qwen2vl")
 FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
-    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", ("llama", "exaone", "internlm2")),  # + remote code
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", _LLAMA),
+    "llava": ("llama", "LlavaConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "llava_next": ("llama", "LlavaNextConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "idefics3": ("llama", "Idefics3Config", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "smolvlm": ("llama", "SmolVLMConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
-    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),
-    "qwen2_vl": ("qwen2", "Qwen2VLConfig", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),  # image-text: its LM
-    "qwen2_5_vl": ("qwen2", "Qwen2_5_VLConfig", "Qwen2ForCausalLM", ("qwen2", "qwen2vl")),  # image-text
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _QWEN2),
+    "qwen2_vl": ("qwen2", "Qwen2VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
+    "qwen2_5_vl": ("qwen2", "Qwen2_5_VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
+    "llava_onevision": ("qwen2", "LlavaOnevisionConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
+    "internvl": ("qwen2", "InternVLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),
     "qwen3_vl": ("qwen3", "Qwen3VLConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text: its LM
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
@@ -85,6 +93,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "bloom": ("bloom", "BloomConfig", "BloomForCausalLM", "bloom"),
     "mpt": ("mpt", "MptConfig", "MptForCausalLM", "mpt"),
     "lfm2": ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", "lfm2"),
+    "lfm2_vl": ("lfm2", "Lfm2VlConfig", "Lfm2ForCausalLM", "lfm2"),  # image-text: its language model
     "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", "lfm2moe"),
     "lfm3": ("lfm3", "Lfm3Config", "Lfm3ForCausalLM", None),
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", None),
@@ -105,6 +114,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),
     "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
     "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
+    "aya_vision": ("cohere2", "AyaVisionConfig", "Cohere2ForCausalLM", "cohere2"),  # image-text: its LM
+    "cohere2_vision": ("cohere2", "Cohere2VisionConfig", "Cohere2ForCausalLM", "cohere2"),  # image-text
     "cohere2_moe": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM", "cohere2moe"),
     "gemma3n_text": ("gemma3n", "Gemma3nTextConfig", "Gemma3nForCausalLM", "gemma3n"),
     "gemma3n": ("gemma3n", "Gemma3nConfig", "Gemma3nForCausalLM", "gemma3n"),  # image-audio-text: its LM

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, GGUFLayout, RMSNorm
+from ..nn import Attention, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
-from .image_text import IMAGE_TEXT_RULES, EitherTiesConfig
+from .image_text import EitherTiesConfig
 from .phi3 import Phi3MLP
 
 _EOS = (151329, 151336, 151338)  # transformers' default where config.json gives none
@@ -189,7 +189,6 @@ def gguf_rows(stem: str, c: Glm4Config) -> torch.Tensor | None:
 
 class Glm4ForCausalLM(CausalLM):
     config_class = Glm4Config
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     # llama.cpp's Glm4Model: tensors renamed one to one by gguf-py's map (gate_up_proj kept whole as ffn_up, the
     # two output norms as post_attention_norm / post_ffw_norm), q/k not permuted (llama.cpp's glm4 rotates
     # interleaved pairs, as the checkpoint does); biases read off the tensors

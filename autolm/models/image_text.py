@@ -1,6 +1,7 @@
 """Image-text checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Qwen 2 VL / 2.5 VL / 3 VL /
-3 VL MoE / 3.5, Mistral 3): their config is a wrapper holding the language model's settings as `text_config`, and
-their files hold the language model's tensors beside a vision tower's.
+3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision, InternVL, SmolVLM / Idefics 3, LFM2-VL,
+Aya Vision, Command A Vision): their config is a wrapper holding the language model's settings as
+`text_config`, and their files hold the language model's tensors beside a vision tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
 config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with
@@ -12,9 +13,10 @@ Multimodal RoPE (`mrope_section`): the rotary frequencies' shares of a token's t
 For text every token's three positions are its text position, so each frequency turns by it as in plain RoPE:
 a text model's config drops the sections (`mrope`), the GGUF files' rope.dimension_sections are not read.
 
-IMAGE_TEXT_RULES: the checkpoint names of the language model (model.language_model.* in transformers 5,
-language_model.model.* / language_model.lm_head.* in older files, model.* in Qwen 2 VL's) mapped to the text
-model's, the vision tower's and projector's tensors skipped. Saved, the model is the text model.
+IMAGE_TEXT_RULES (every family's by default, models.base.CausalLM): the checkpoint names of the language model
+(model.language_model.* in transformers 5, language_model.model.* / language_model.lm_head.* in older files,
+model.text_model.* in SmolVLM's, model.* in Qwen 2 VL's) mapped to the text model's, the vision tower's and
+projector's tensors skipped. Saved, the model is the text model.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from ..errors import ConfigError
 from ..nn import Ignored, Rename
 
 IMAGE_TEXT_RULES = (
-    Rename(r"^(language_model\.model|model\.language_model)\.", "model.", r"(?!)", ""),
+    Rename(r"^(language_model\.model|model\.language_model|model\.text_model)\.", "model.", r"(?!)", ""),
     Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
-    Ignored(r"(model\.)?(visual|vision_tower|multi_modal_projector)\..+"),
+    Ignored(r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|connector)\..+"),
+    Ignored(r"(model\.)?image_newline"),
     Ignored(r"mtp\..+"),
 )
 _TIE = "tie_word_embeddings"
@@ -67,9 +70,18 @@ class ImageTextConfig:
         if cls.mrope:
             _plain_rope(text)
         cls.adapt(text)
-        kind = text.get("model_type")
-        text_cls = cls.text_classes.get(kind, cls.text_class) if isinstance(kind, str) else cls.text_class
-        return text_cls.from_dict(text, source, **overrides)
+        return cls.text_class_of(text.get("model_type"), source).from_dict(text, source, **overrides)
+
+    @classmethod
+    def text_class_of(cls, kind: Any, source: str) -> type:
+        """text_config's config class: the family text_config's model_type names (`text_classes`, or any family
+        autolm ships: LLaVA's Mistral, Qwen 2, ...), else `text_class` (none named, or the wrapper's own text type,
+        such as qwen2_5_vl_text)."""
+        if kind in cls.text_classes:
+            return cls.text_classes[kind]
+        from . import config_class, model_types
+
+        return config_class(kind, source) if kind in model_types() else cls.text_class
 
     @classmethod
     def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool | None:

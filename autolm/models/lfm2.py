@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError
 from ..nn import Attention, CheckpointRules, GGUFLayout, Linear, RMSNorm, packed
 from ..nn.causal_conv import causal_conv1d
 from .base import CausalLM, DecoderModel
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 
 LAYER_KINDS = ("full_attention", "conv")
 
@@ -356,12 +357,20 @@ LFM2_GGUF = GGUFLayout(
 )
 
 
+class Lfm2VlConfig(ImageTextConfig):
+    """transformers' Lfm2VlConfig (LFM2-VL): its language model's, an LFM2; the head tied by default."""
+
+    model_type: ClassVar[str] = "lfm2_vl"
+    text_class: ClassVar[type] = Lfm2Config
+    tie_default: ClassVar[bool | None] = True
+
+
 class Lfm2ForCausalLM(CausalLM):
     """transformers' Lfm2ForCausalLM."""
 
     config_class = Lfm2Config
     recurrent: ClassVar[bool] = True
-    checkpoint_rules = CheckpointRules([SqueezedConv()])
+    checkpoint_rules = CheckpointRules([SqueezedConv(), *IMAGE_TEXT_RULES])
     gguf = LFM2_GGUF
     tp_patterns: ClassVar[dict[str, str]] = LFM2_TP
     _no_split_modules: ClassVar[list[str]] = ["Lfm2DecoderLayer"]

@@ -16,6 +16,7 @@ from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
+from .image_text import ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -89,6 +90,33 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(DecoderModel):
     def __init__(self, config: Any):
         super().__init__(config, LlamaDecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
+
+
+class LlavaConfig(ImageTextConfig):
+    """transformers' LlavaConfig (LLaVA 1.5 and its kin): its language model's, a Llama unless text_config names
+    another family (autolm.models.image_text); the head untied by default."""
+
+    model_type: ClassVar[str] = "llava"
+    text_class: ClassVar[type] = LlamaConfig
+    tie_default: ClassVar[bool | None] = False
+
+
+class LlavaNextConfig(LlavaConfig):
+    """transformers' LlavaNextConfig (LLaVA-NeXT), read as LlavaConfig."""
+
+    model_type: ClassVar[str] = "llava_next"
+
+
+class Idefics3Config(LlavaConfig):
+    """transformers' Idefics3Config (Idefics 3): its language model's (model.text_model.*), a Llama by default."""
+
+    model_type: ClassVar[str] = "idefics3"
+
+
+class SmolVLMConfig(LlavaConfig):
+    """transformers' SmolVLMConfig (SmolVLM, SmolVLM2), read as Idefics3Config."""
+
+    model_type: ClassVar[str] = "smolvlm"
 
 
 class LlamaForCausalLM(CausalLM):

@@ -24,10 +24,10 @@ import torch
 
 from ..config_fields import _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, GGUFLayout, RMSNorm, Rotary, apply_rotary
+from ..nn import Attention, GGUFLayout, RMSNorm, Rotary, apply_rotary
 from ..nn.rope import inv_freq_and_scale
 from .base import CausalLM, DecoderModel
-from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
+from .image_text import ImageTextConfig
 from .llama import LlamaDecoderLayer
 from .mistral import MistralConfig
 
@@ -225,7 +225,6 @@ class Ministral3ForCausalLM(CausalLM):
     """transformers' Ministral3ForCausalLM."""
 
     config_class = Ministral3Config
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout(
         "mistral3",
         permute_qk=True,

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..nn import CheckpointRules, GGUFLayout
-from .image_text import IMAGE_TEXT_RULES
+from ..nn import GGUFLayout
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -39,7 +38,6 @@ def _gguf_write_config(m: dict[str, Any], c: MistralConfig) -> None:
 
 class MistralForCausalLM(LlamaForCausalLM):
     config_class = MistralConfig
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     # llama.cpp's converter writes Mistral as "llama", whose graph has no sliding window: a model with one goes out
     # without it, with a warning (gguf_plan.check); a file reads back as Llama
     gguf = GGUFLayout(

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..nn import CheckpointRules, GGUFLayout
-from .image_text import IMAGE_TEXT_RULES, EitherTiesConfig
+from ..nn import GGUFLayout
+from .image_text import EitherTiesConfig, ImageTextConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -56,8 +56,25 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     model_type: ClassVar[str] = "qwen2_5_vl"
 
 
+class LlavaOnevisionConfig(ImageTextConfig):
+    """transformers' LlavaOnevisionConfig (LLaVA-OneVision): its language model's, a Qwen 2 unless text_config names
+    another family; the head untied by default."""
+
+    model_type: ClassVar[str] = "llava_onevision"
+    text_class: ClassVar[type] = Qwen2Config
+    tie_default: ClassVar[bool | None] = False
+
+
+class InternVLConfig(ImageTextConfig):
+    """transformers' InternVLConfig (InternVL 3 / 3.5, the -hf checkpoints): its language model's, a Qwen 2 unless
+    text_config names another family (Qwen 3, Llama, ...); the head tied by default."""
+
+    model_type: ClassVar[str] = "internvl"
+    text_class: ClassVar[type] = Qwen2Config
+    tie_default: ClassVar[bool | None] = True
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
     config_class = Qwen2Config
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout("qwen2", fixed=(("use_sliding_window", False),))
     gguf_more = (GGUFLayout("qwen2vl", fixed=(("use_sliding_window", False),)),)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..nn import CheckpointRules, GGUFLayout
-from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
+from ..nn import GGUFLayout
+from .image_text import ImageTextConfig
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2Config
 
@@ -37,6 +37,5 @@ class Qwen3VLConfig(ImageTextConfig):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     gguf = GGUFLayout("qwen3")
     gguf_more = (GGUFLayout("qwen3vl"),)

@@ -27,7 +27,7 @@ from ..nn import CheckpointRules, GatedMLP, GGUFLayout, Linear
 from ..nn.linear import packed
 from . import qwen3_next_gguf
 from .base import LLAMA_TP, CausalLM
-from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
+from .image_text import ImageTextConfig
 from .llama import LlamaConfig
 from .qwen3_next import HybridConfig, HybridDecoderLayer, HybridModel, Qwen3NextGatedDeltaNet
 
@@ -99,7 +99,6 @@ class Qwen3_5ForCausalLM(CausalLM):
     """transformers' Qwen3_5ForCausalLM (the text model; model_type qwen3_5_text, or qwen3_5's language model)."""
 
     config_class = Qwen3_5TextConfig
-    checkpoint_rules = CheckpointRules(IMAGE_TEXT_RULES)
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP  # the linear-attention mixers run whole on every rank
     _no_split_modules: ClassVar[list[str]] = ["Qwen3_5DecoderLayer"]
     recurrent: ClassVar[bool] = True
