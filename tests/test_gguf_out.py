@@ -294,6 +294,7 @@ def _families():
     import test_family_mamba2 as mamba2
     import test_family_mellum as mellum
     import test_family_minicpm3 as minicpm3
+    import test_family_minimax as minimax
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
     import test_family_moe as moe
@@ -366,6 +367,7 @@ def _families():
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "minimax": (minimax.GGUF_FAMILY, minimax.write_minimax_gguf),
         "minicpm3": (tuple(minicpm3.GGUF_FAMILIES.values()), minicpm3.write_minicpm3_gguf),
         "granitemoe_swa": (tuple(granitemoe_swa.GGUF_FAMILIES.values()), granite_swa.write_granite_swa_gguf),
         "granite_swa": (granite_swa.GRANITE_SWA_GGUF, granite_swa.write_granite_swa_gguf),

@@ -210,6 +210,7 @@ class OffloadStore:
 def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) -> None:
     """Hooks that move activations to each block's device and bring disk blocks in per forward pass."""
     model.hf_device_map = dict(device_map)  # the model reads it: its device, its cache's devices
+    tied = _tied_names(model)
     for block, device in device_map.items():
         module = model.get_submodule(block)
         target = execution_device(device)
@@ -218,8 +219,22 @@ def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) 
             names = [(n, f"{block}.{n}") for n in _stored(module)]
             if block == "lm_head" and model.config.tie_word_embeddings:
                 names = [("weight", f"{model.embeddings_name}.weight")]
+            # a tensor tied to an earlier one (Zamba2's shared blocks): read under that one's name where it is on
+            # disk, else left as it is (in memory with its block)
+            names = [(n, tied.get(full, full)) for n, full in names]
+            names = [(n, full) for n, full in names if full in store.entries or full not in tied.values()]
             module.register_forward_pre_hook(_bring_in(names, store, target))
             module.register_forward_hook(_send_back(names))
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """The name of each parameter that is an earlier-named one -> that earlier name."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.update({name: first[id(p)]} if id(p) in first else {})
+        first.setdefault(id(p), name)
+    return out
 
 
 def _mover(device: torch.device):

@@ -186,6 +186,9 @@ class PeftModel(_Forwarding):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterError(f"no adapter named {unknown[0]!r} (loaded: {sorted(self.peft_config)})")
+        # a model whose modules share weights yet take adapters of their own (Zamba2's shared blocks) unties them
+        # first, so that each adapter merges into its own module's weight
+        getattr(self._model, "before_merge", lambda: None)()
         for layer in adapters.lora_layers(self._model):
             if safe_merge:
                 for name in names:
