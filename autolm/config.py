@@ -46,6 +46,8 @@ class PretrainedConfig:
     # fields this family's transformers config does not have: config.json gets them only where they say something
     # (differ from their default; head_dim from hidden_size / num_attention_heads)
     absent_keys: ClassVar[tuple[str, ...]] = ()
+    # the names layer_types may hold (hybrids add theirs: "linear_attention", "mamba", ...)
+    layer_kinds: ClassVar[tuple[str, ...]] = ("full_attention", "sliding_attention")
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -329,10 +331,12 @@ class PretrainedConfig:
                     f"{str(self.layer_types)[:200]}"
                 )
             bad = {t for t in self.layer_types if not isinstance(t, str)} or (
-                set(self.layer_types) - {"full_attention", "sliding_attention"}
+                set(self.layer_types) - set(self.layer_kinds)
             )
             if bad:
-                raise ConfigError(f"{src}: unknown layer_types {sorted(map(str, bad))}")
+                raise ConfigError(
+                    f"{src}: unknown layer_types {sorted(map(str, bad))} (expected one of {list(self.layer_kinds)})"
+                )
         for rope in self.rope_kinds().values():
             validate_rope(rope, src)
 

@@ -91,6 +91,7 @@ class GraniteMoeHybridConfig(GraniteConfig):
     the Mamba-2 sizes; `layer_types` (every layer Mamba-2 where absent) is kept as written."""
 
     model_type: ClassVar[str] = "granitemoehybrid"
+    layer_kinds: ClassVar[tuple[str, ...]] = MAMBA + ATTENTION
     absent_keys: ClassVar[tuple[str, ...]] = (
         "head_dim",
         "max_window_layers",
@@ -146,18 +147,8 @@ class GraniteMoeHybridConfig(GraniteConfig):
         return self.layer_types[i] in MAMBA
 
     def validate(self) -> None:
-        types, self.layer_types = self.layer_types, None  # Granite's check knows only attention layer types
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
+        super().validate()
         src = self.source
-        if not isinstance(types, list) or len(types) != self.num_hidden_layers:
-            raise ConfigError(f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
-                              f"{str(types)[:200]}")  # fmt: skip
-        bad = {str(t) for t in types if t not in MAMBA + ATTENTION}
-        if bad:
-            raise ConfigError(f"{src}: unknown layer_types {sorted(bad)} (expected {MAMBA + ATTENTION})")
         self.validate_mamba()
         if not _is_int(self.num_local_experts) or self.num_local_experts < 0:
             raise ConfigError(f"{src}: num_local_experts must be a non-negative integer, found "

@@ -73,6 +73,7 @@ class Llama4TextConfig(PretrainedConfig):
     moe_layers and layer_types are derived where absent, as transformers derives (and writes) them."""
 
     model_type: ClassVar[str] = "llama4_text"
+    layer_kinds: ClassVar[tuple[str, ...]] = _LAYER_TYPES
     absent_keys: ClassVar[tuple[str, ...]] = ("sliding_window",)  # not in transformers' config
     bool_fields: ClassVar[tuple[str, ...]] = (*PretrainedConfig.bool_fields, "attention_bias", "use_qk_norm",
                                               "attn_temperature_tuning", "output_router_logits")  # fmt: skip
@@ -131,14 +132,8 @@ class Llama4TextConfig(PretrainedConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        types, self.layer_types = self.layer_types, None  # the base knows no "chunked_attention"
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
+        super().validate()
         src, n = self.source, self.num_hidden_layers
-        if not isinstance(types, list) or len(types) != n or not all(t in _LAYER_TYPES for t in types):
-            raise ConfigError(f"{src}: layer_types must list {n} of {_LAYER_TYPES}, found {str(types)[:200]}")
         rope = self.no_rope_layers
         if not isinstance(rope, list) or len(rope) < n or not all(_is_int(r) and r in (0, 1) for r in rope):
             raise ConfigError(
@@ -156,7 +151,7 @@ class Llama4TextConfig(PretrainedConfig):
             raise ConfigError(
                 f"{src}: attention_chunk_size must be a positive integer or null, found {chunk!r}"
             )
-        if chunk is None and "chunked_attention" in types:
+        if chunk is None and "chunked_attention" in self.layer_types:
             raise ConfigError(f"{src}: attention_chunk_size must be set for the chunked_attention layers")
         if not _is_number(self.attn_scale):
             raise ConfigError(f"{src}: attn_scale must be a number, found {self.attn_scale!r}")

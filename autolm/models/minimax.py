@@ -49,6 +49,7 @@ class MiniMaxConfig(MixtralConfig):
     """transformers' MiniMaxConfig (Mixtral's fields, the block size and the residual factors)."""
 
     model_type: ClassVar[str] = "minimax"
+    layer_kinds: ClassVar[tuple[str, ...]] = LAYER_TYPES
     sliding_window: int | None = None
     block_size: int = 256
     full_attn_alpha_factor: float = 1
@@ -85,18 +86,8 @@ class MiniMaxConfig(MixtralConfig):
         return self.layer_types[i] == "linear_attention"
 
     def validate(self) -> None:
-        types, self.layer_types = self.layer_types, None  # checked here: the shared checks know other types
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
+        super().validate()
         src = self.source
-        if not isinstance(types, list) or len(types) != self.num_hidden_layers:
-            raise ConfigError(f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
-                              f"{str(types)[:200]}")  # fmt: skip
-        bad = {str(t) for t in types} - set(LAYER_TYPES)
-        if bad:
-            raise ConfigError(f"{src}: unknown layer_types {sorted(bad)} (expected one of {LAYER_TYPES})")
         if not _is_int(self.block_size) or not 0 < self.block_size <= 4096:
             raise ConfigError(f"{src}: block_size must be an integer in [1, 4096], found {self.block_size!r}")
         for name in FACTORS:

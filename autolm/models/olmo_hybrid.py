@@ -47,6 +47,7 @@ class OlmoHybridConfig(LlamaConfig):
     """transformers' OlmoHybridConfig: Llama's fields (no head_dim or mlp_bias written) and the linear layers'."""
 
     model_type: ClassVar[str] = "olmo_hybrid"
+    layer_kinds: ClassVar[tuple[str, ...]] = _KINDS
     absent_keys: ClassVar[tuple[str, ...]] = (*LlamaConfig.absent_keys, "head_dim", "mlp_bias")
     bool_fields: ClassVar[tuple[str, ...]] = (*LlamaConfig.bool_fields, "linear_allow_neg_eigval")
 
@@ -93,16 +94,8 @@ class OlmoHybridConfig(LlamaConfig):
         return "default"
 
     def validate(self) -> None:
-        types, self.layer_types = self.layer_types, None  # the shared checks know attention kinds only
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
-        src, n = self.source, self.num_hidden_layers
-        if not isinstance(types, list) or len(types) != n or not set(types) <= set(_KINDS):
-            raise ConfigError(
-                f"{src}: layer_types must list {n} entries of {_KINDS}, found {str(types)[:200]}"
-            )
+        super().validate()
+        src, types = self.source, self.layer_types
         if set(types) != set(_KINDS):
             raise ConfigError(f"{src}: layer_types must hold at least one of each of {_KINDS}, found {types}")
         check_linear_sizes(self)

@@ -72,6 +72,7 @@ class HybridConfig:
     it), and the linear layers' sizes."""
 
     partial_rotary_default: ClassVar[bool] = True  # the default RoPE rotates only the partial dimensions
+    layer_kinds: ClassVar[tuple[str, ...]] = ("full_attention", "linear_attention")
 
     def hybrid_post_init(self) -> None:
         if isinstance(self.rope_parameters, dict):  # built in Python: transformers' default factor
@@ -102,19 +103,8 @@ class HybridConfig:
         return out
 
     def validate(self) -> None:
-        types, self.layer_types = self.layer_types, None  # checked here: the shared checks know two types
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
+        super().validate()
         src = self.source
-        if not isinstance(types, list) or len(types) != self.num_hidden_layers:
-            raise ConfigError(f"{src}: layer_types must list {self.num_hidden_layers} entries, found "
-                              f"{str(types)[:200]}")  # fmt: skip
-        bad = {str(t) for t in types} - {"full_attention", "linear_attention"}
-        if bad:
-            raise ConfigError(f"{src}: unknown layer_types {sorted(bad)} (expected 'full_attention' or "
-                              "'linear_attention')")  # fmt: skip
         check_linear_sizes(self)
         factor = self.rope_parameters.get("partial_rotary_factor")
         if not _is_number(factor) or not 0 < factor <= 1 or int(self.head_dim * factor) % 2:
