@@ -128,6 +128,7 @@ _TP_FAMILIES = [
     "hunyuan_v1_dense",
     "falcon_40b",
     "deepseek_v3",
+    "deepseek_v32",
     "axk1",
     "solar_open",
     "youtu",

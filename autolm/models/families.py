@@ -144,11 +144,15 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
     "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
     "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none
+    "longcat_flash": ("longcat_flash", "LongcatFlashConfig", "LongcatFlashForCausalLM", None),  # no llama.cpp
     "diffllama": ("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", None),  # llama.cpp has none
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
+    "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", None),  # no GGUF yet
+    "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", None),  # no GGUF yet
     "iquestcoder": ("iquestcoder", "IQuestCoderConfig", "IQuestCoderForCausalLM", "llama"),
     "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
+    "zamba": ("zamba", "ZambaConfig", "ZambaForCausalLM", None),  # llama.cpp has none
 }

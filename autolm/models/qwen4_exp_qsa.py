@@ -27,7 +27,7 @@ from ..nn.rope import apply_rotary
 from .qwen3_next import GatedAttention, zero_centred_norm
 
 
-def _history(ctx, slot: int, pack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def indexer_history(ctx, slot: int, pack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write pack (B, n, T, width) for the new tokens into cache layer `slot`; return every slot's (B, n, S, width),
     the real slots (B, S) and the new tokens' slots (T,)."""
     if isinstance(ctx, OneToken):
@@ -73,7 +73,7 @@ class QSAIndexer(nn.Module):
         q = apply_rotary(self.q_layernorm(q.view(B, T, -1, d)).transpose(1, 2), cos, sin)  # (B, nh, T, d)
         r = cos.shape[-1]
         pack = torch.cat([key.unsqueeze(1), cos.to(key.dtype), sin.to(key.dtype)], dim=-1)
-        every, real, slots = _history(ctx, self.slot, pack)
+        every, real, slots = indexer_history(ctx, self.slot, pack)
         keys, cos_all, sin_all = every[:, 0].split([d, r, r], dim=-1)
         return self.select(q, self.block_keys(keys, cos_all, sin_all, real), real, slots)
 
@@ -121,7 +121,7 @@ class QSAIndexer(nn.Module):
         return (allowed | itself)[:, None]
 
 
-class _Masked:
+class MaskedContext:
     """A forward context whose attention runs under a given mask (the indexer's), the cache written as usual."""
 
     def __init__(self, ctx, mask: torch.Tensor):
@@ -151,4 +151,4 @@ class IndexedAttention(GatedAttention):
         self.indexer = QSAIndexer(config, layer_idx, slot)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        return super().forward(x, _Masked(ctx, self.indexer(x, ctx)))
+        return super().forward(x, MaskedContext(ctx, self.indexer(x, ctx)))

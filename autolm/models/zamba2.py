@@ -308,9 +308,10 @@ class Zamba2ForCausalLM(CausalLM):
     recurrent: ClassVar[bool] = True  # the Mamba-2 layers' states: the general forward decodes
     tp_patterns: ClassVar[dict[str, str]] = {}  # none in transformers
     _no_split_modules: ClassVar[list[str]] = ["Zamba2HybridLayer", "Zamba2MambaDecoderLayer"]
+    shared_name: ClassVar[str] = "shared_transformer"  # the hybrid layers' module holding the shared block
 
-    def __init__(self, config: Zamba2Config):
-        super().__init__(config, Zamba2Model(config))
+    def __init__(self, config: Zamba2Config, body: Zamba2Model | None = None):  # body: Zamba's
+        super().__init__(config, Zamba2Model(config) if body is None else body)
         # the later uses tied to their block's first (all of them where transformers ties them)
         self.tied_uses = {i for i, _ in self.shared_uses()} if config.tie_word_embeddings else set()
         self.tie_weights()
@@ -327,8 +328,8 @@ class Zamba2ForCausalLM(CausalLM):
         for i, first in self.shared_uses():
             if i not in self.tied_uses:
                 continue
-            source = dict(self.model.layers[first].shared_transformer.named_modules())
-            for name, m in self.model.layers[i].shared_transformer.named_modules():
+            source = dict(getattr(self.model.layers[first], self.shared_name).named_modules())
+            for name, m in getattr(self.model.layers[i], self.shared_name).named_modules():
                 s = source.get(name)
                 if s is None or type(s) is not type(m) or "lora_" in name:
                     continue
@@ -342,11 +343,11 @@ class Zamba2ForCausalLM(CausalLM):
         uses get parameters of their own (each use's adapter merges into its own weights). The merged model then
         holds untied blocks, which transformers 5 reads only with an untied head: the head becomes a copy of the
         embeddings and tie_word_embeddings false."""
-        blocks = [self.model.layers[i].shared_transformer for i in self.config.hybrid_layer_ids]
+        blocks = [getattr(self.model.layers[i], self.shared_name) for i in self.config.hybrid_layer_ids]
         if not self.tied_uses or not any("lora_" in n for b in blocks for n, _ in b.named_parameters()):
             return
         for i in self.tied_uses:
-            for name, m in self.model.layers[i].shared_transformer.named_modules():
+            for name, m in getattr(self.model.layers[i], self.shared_name).named_modules():
                 for k, p in m._parameters.items() if "lora_" not in name else ():
                     if p is not None:
                         m._parameters[k] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
@@ -359,7 +360,7 @@ class Zamba2ForCausalLM(CausalLM):
     @property
     def new_if_missing(self) -> _Under:
         """The later uses' copies of the shared blocks, which checkpoints do not hold (tied after loading)."""
-        return _Under(f"{self.layers_prefix}.{i}.shared_transformer." for i, _ in self.shared_uses())
+        return _Under(f"{self.layers_prefix}.{i}.{self.shared_name}." for i, _ in self.shared_uses())
 
     def init_new(self, names: list[str]) -> str:
         """Tie the later uses the checkpoint does not hold to their first use."""
