@@ -171,17 +171,21 @@ def test_mtp_layer_is_skipped(tmp_path_factory, tmp_path, caplog):
 # ---- GGUF: llama.cpp's DeepseekV2Model converter, emulated ------------------------------------------------------
 
 
-def write_deepseek_v3_gguf(hf, path: str) -> None:
+def write_deepseek_v3_gguf(
+    hf, path: str, arch: str = "deepseek2", names_of: str = "DEEPSEEK2", extra=None
+) -> None:
     """The GGUF llama.cpp's converter (DeepseekV2Model, --outtype f32) makes of transformers' DeepSeek-V3 `hf`, from
     the checkpoint files as it reads them: TextModel's metadata with num_key_value_heads 1 (MLA as MQA), the key /
     value lengths of the latent, then its own keys; the experts stacked, kv_b_proj split per head into attn_k_b
-    (transposed) and attn_v_b, e_score_correction_bias as exp_probs_b.bias, the rest by gguf-py's name map."""
+    (transposed) and attn_v_b, e_score_correction_bias as exp_probs_b.bias, the rest by gguf-py's name map.
+    A subclass of that converter: its `arch`, the gguf-py MODEL_ARCH naming its tensors, `extra(writer, config.json)`
+    writing its own keys."""
     import gguf
     from safetensors.torch import load_file
 
     c = json.load(open(f"{hf.name_or_path}/config.json"))
     rope = c["rope_parameters"]
-    w = gguf.GGUFWriter(path, "deepseek2")
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c["num_hidden_layers"])
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -219,8 +223,10 @@ def write_deepseek_v3_gguf(hf, path: str) -> None:
     w.add_rope_dimension_count(c["qk_rope_head_dim"])
     if rope.get("mscale_all_dim") is not None:
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    if extra is not None:
+        extra(w, c)
     add_toy_vocab(w)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, c["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, names_of), c["num_hidden_layers"])
     tensors = load_file(f"{hf.name_or_path}/model.safetensors")
     heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
     for name, t in stacked_experts(tensors, ".mlp.experts.", c["n_routed_experts"]):

@@ -6,7 +6,9 @@ and index_topk 3, attention biases, values wider than the keys, no renormalisati
 head. The battery (logits, generate, bf16, the eager one-token step with the indexer's keys in the cache, LoRA on the
 indexer's projections too, quantized, save, disk offload, names and config.json), transformers' config defaults, the
 config's checks. No compiled-step test: the compiled graphs do not serve these layers (they read a second cache
-layer); no GGUF (llama.cpp's deepseek32 layout is not written or read)."""
+layer). GGUF: the file llama.cpp's converter (DeepseekV32Model) writes of a DeepSeek-V3.2 (config.json naming the
+sigmoid scoring, as the released one) loads with transformers' logits; test_gguf_out and test_gguf_llamacpp check
+autolm's own file against that converter's and llama.cpp's logits (over prompts longer than index_topk)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ VARIANT = RoutedFamily(
     lora_targets=["q_b_proj", "o_proj", "kv_a_proj_with_mqa", "weights_proj"],
 )  # fmt: skip
 FAMILIES = {"ds32": DS32, "variant": VARIANT}
+# what llama.cpp's deepseek32 holds: the released config.json's sigmoid scoring, the leading dense layers, an
+# indexer head of a power of two from 64 (the size of the Hadamard rotation llama.cpp turns its queries and keys by)
+GGUF_FAMILY = RoutedFamily("DeepseekV32Config", dict(SIZES, scoring_func="sigmoid", index_head_dim=64))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -186,3 +191,61 @@ def test_config_errors_name_the_key(key, bad):
     DeepseekV32Config(**small)
     with pytest.raises(autolm.ConfigError, match=key):
         DeepseekV32Config.from_dict({**small, key: bad})
+
+
+def write_deepseek_v32_gguf(hf, path: str) -> None:
+    """The GGUF llama.cpp's DeepseekV32Model converter (--outtype f32) makes of transformers' DeepSeek-V3.2 `hf`:
+    DeepseekV2Model's (test_family_deepseek_v3's mimic) as "deepseek32", the indexer's keys added, its tensors by
+    gguf-py's names (GLM-5's map: this gguf-py has no DEEPSEEK32; the names are the same)."""
+    from test_family_deepseek_v3 import write_deepseek_v3_gguf
+
+    def indexer(w, c) -> None:
+        w.add_indexer_head_count(c["index_n_heads"])
+        w.add_indexer_key_length(c["index_head_dim"])
+        w.add_indexer_top_k(c["index_topk"])
+
+    write_deepseek_v3_gguf(hf, path, "deepseek32", "GLM_DSA", indexer)
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file (the indexer's tensors blk.N.indexer.*) loads as DeepseekV32ForCausalLM with
+    transformers' logits over a prompt longer than index_topk."""
+    from gguf.gguf_reader import GGUFReader
+
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    write_deepseek_v32_gguf(hf, str(tmp_path / "model.gguf"))
+    names = {t.name for t in GGUFReader(str(tmp_path / "model.gguf")).tensors}
+    assert {
+        "blk.0.indexer.attn_q_b.weight",
+        "blk.0.indexer.k_norm.bias",
+        "blk.2.indexer.proj.weight",
+    } <= names
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "DeepseekV32ForCausalLM" and model.config.index_topk == 4
+    ids, mask = padded_batch()
+    assert mask.sum(-1).max() > 4
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("field", ["index_head_dim", "mlp_layer_types"])
+def test_gguf_out_refused(tmp_path_factory, tmp_path, field):
+    """What llama.cpp's deepseek32 cannot run is refused, naming the field, and no file: an indexer head llama.cpp
+    has no Hadamard rotation of (16: it aborts), a dense layer after a mixture (its dense layers are leading)."""
+    import os
+
+    from test_family_phi import _byte_tokenizer
+
+    from autolm.gguf_writer import save_gguf
+
+    family = DS32 if field == "index_head_dim" else GGUF_FAMILY
+    model = autolm.AutoModelForCausalLM.from_pretrained(family.checkpoint(tmp_path_factory)[0])
+    if field == "mlp_layer_types":
+        model.config.mlp_layer_types = ["sparse", "dense", "sparse"]
+    tok = _byte_tokenizer(tmp_path / "tokenizer")
+    with pytest.raises(autolm.ConfigError, match=field):
+        save_gguf(model, tok, str(tmp_path / "m.gguf"), "f32")
+    assert not os.path.exists(tmp_path / "m.gguf")

@@ -3,8 +3,9 @@ test_family_deepseek_v32) with the indexer's RoPE over interleaved pairs and lay
 selection (indexer_types given; in a variant derived from index_topk_pattern, with attention biases, values wider
 than the keys, YaRN, a tied head). The battery (logits, generate, the eager one-token step with the indexers' keys in
 the cache, LoRA, save, names and config.json), indexer_types derived as transformers derives it, transformers'
-config defaults, the config's checks. No compiled step (the graphs do not serve these layers), no GGUF (llama.cpp's
-glm-dsa layout is not written or read)."""
+config defaults, the config's checks. No compiled step (the graphs do not serve these layers). GGUF: the file
+llama.cpp's converter (GlmMoeDsaModel) writes loads with transformers' logits (the shared layers without indexer
+tensors); test_gguf_out and test_gguf_llamacpp check autolm's own file against it and llama.cpp's logits."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import padded_batch
+from conftest import padded_batch, positions
 from family_checks import check_config_defaults
 from test_family_deepseek_v32 import SIZES, check_padded_step
 from test_family_minimax_m2 import RoutedFamily
@@ -33,6 +34,12 @@ VARIANT = RoutedFamily(
     lora_targets=["q_b_proj", "o_proj", "kv_a_proj_with_mqa", "weights_proj"],
 )  # fmt: skip
 FAMILIES = {"glm": GLM, "variant": VARIANT}
+# what llama.cpp's glm-dsa holds (test_family_deepseek_v32.GGUF_FAMILY): the sigmoid named, an indexer head of 64;
+# index_topk 5: with 4, layer 0's last query has its 4th and 5th keys 3e-4 apart, which llama.cpp's float16 cache
+# of the indexer's keys swaps
+GGUF_FAMILY = RoutedFamily(
+    "GlmMoeDsaConfig", dict(GLM_SIZES, scoring_func="sigmoid", index_head_dim=64, index_topk=5)
+)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -129,3 +136,48 @@ def test_config_errors_name_the_key(key, bad):
     GlmMoeDsaConfig(**small)
     with pytest.raises(autolm.ConfigError, match="indexer_types" if key == "index_topk_pattern" else key):
         GlmMoeDsaConfig.from_dict({**small, key: bad})
+
+
+def write_glm_moe_dsa_gguf(hf, path: str) -> None:
+    """The GGUF llama.cpp's GlmMoeDsaModel converter (--outtype f32) makes of transformers' GLM-5 `hf`:
+    DeepseekV2Model's (test_family_deepseek_v3's mimic) as "glm-dsa", the indexer's keys and, config.json giving
+    indexer_types, attention.indexer.types (true for "full"); the shared layers hold no indexer tensors."""
+    from test_family_deepseek_v3 import write_deepseek_v3_gguf
+
+    def indexer(w, c) -> None:
+        w.add_indexer_head_count(c["index_n_heads"])
+        w.add_indexer_key_length(c["index_head_dim"])
+        w.add_indexer_top_k(c["index_topk"])
+        if c.get("indexer_types") is not None:
+            w.add_array("glm-dsa.attention.indexer.types", [t == "full" for t in c["indexer_types"]])
+
+    write_deepseek_v3_gguf(hf, path, "glm-dsa", "GLM_DSA", indexer)
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file loads as GlmMoeDsaForCausalLM (its indexer types) with transformers' logits over a prompt
+    longer than index_topk."""
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    write_glm_moe_dsa_gguf(hf, str(tmp_path / "model.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "GlmMoeDsaForCausalLM"
+    assert model.config.indexer_types == ["full", "shared", "shared", "full"]
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("context", "full"), [(256, [0, 1, 2, 3, 4, 5, 6]), (1 << 20, [0, 1, 2, 6])])
+def test_gguf_without_indexer_types(context, full):
+    """A file without attention.indexer.types reads as llama.cpp's glm-dsa reads it: every layer full below a
+    context of 1048576, GLM-5.2's pattern (the first three, then every fourth) from it."""
+    from autolm.models.glm_moe_dsa import _gguf_config
+
+    d = {"num_hidden_layers": 7, "max_position_embeddings": context, "head_dim": 8, "num_attention_heads": 4,
+         "rope_parameters": {"rope_type": "default"}}  # fmt: skip
+    keys = {"expert_gating_func": None, "attention.key_length_mla": 24, "attention.q_lora_rank": 32}
+    _gguf_config(d, keys.get)
+    assert [i for i, t in enumerate(d["indexer_types"]) if t == "full"] == full

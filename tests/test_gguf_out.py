@@ -255,6 +255,7 @@ def _families():
     import test_family_dbrx as dbrx
     import test_family_deepseek_v2 as deepseek_v2
     import test_family_deepseek_v3 as deepseek_v3
+    import test_family_deepseek_v32 as deepseek_v32
     import test_family_dots1 as dots1
     import test_family_ernie4_5 as ernie
     import test_family_ernie4_5_moe as ernie_moe
@@ -271,6 +272,7 @@ def _families():
     import test_family_glm4 as glm4
     import test_family_glm4_moe as glm4_moe
     import test_family_glm4_moe_lite as glm4_moe_lite
+    import test_family_glm_moe_dsa as glm_moe_dsa
     import test_family_gpt2 as gpt2
     import test_family_gpt_bigcode as bigcode
     import test_family_gpt_neox as neox
@@ -361,6 +363,8 @@ def _families():
         "dots1": (dots1.PLAIN, dots1.write_dots1_gguf),
         "deepseek_v2": (tuple(deepseek_v2.GGUF_FAMILIES.values()), deepseek_v2.write_deepseek_v2_gguf),
         "deepseek_v3": (tuple(deepseek_v3.GGUF_FAMILIES.values()), deepseek_v3.write_deepseek_v3_gguf),
+        "deepseek_v32": (deepseek_v32.GGUF_FAMILY, deepseek_v32.write_deepseek_v32_gguf),
+        "glm_moe_dsa": (glm_moe_dsa.GGUF_FAMILY, glm_moe_dsa.write_glm_moe_dsa_gguf),
         "ernie4_5_moe": (ernie_moe.ERNIE_MOE, ernie_moe.write_ernie4_5_moe_gguf),
         "seed_oss": ((seed_oss.GGUF_FAMILY, seed_oss.TIED), seed_oss.write_seed_oss_gguf),
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),

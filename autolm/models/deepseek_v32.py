@@ -13,12 +13,21 @@ not padding) it keeps the best index_topk, and attends to them only.
 The keys the indexer scores are kept in the KV cache (one extra one-head layer per attention layer, slot
 num_hidden_layers + layer index, written and read as models.qwen4_exp_qsa does for Qwen4-Exp's indexer), so the
 one-token step selects as the whole forward does. Its compiled graphs (one layer's buffers each) do not serve a
-layer that reads a second cache layer: the one-token step runs eagerly. llama.cpp's deepseek32 architecture is not
-read or written here (no GGUF layout).
+layer that reads a second cache layer: the one-token step runs eagerly.
+
+GGUF: llama.cpp's DeepseekV32Model converter writes "deepseek32": DeepSeek-V3's deepseek2 layout and keys
+(models.deepseek_v3) plus the indexer's blk.N.indexer.{attn_q_b, attn_k, k_norm (weight and bias), proj} and its
+attention.indexer.{head_count, key_length, top_k}; the dense layers as leading_dense_block_count. llama.cpp's
+deepseek32 always reads q_lora_rank and expert_gating_func (written as the sigmoid, which the model computes, whether
+or not config.json names the scoring function). Its indexer is this one (rotate-half RoPE on the first
+qk_rope_head_dim features, a LayerNorm of eps 1e-6 on the key, the same scales), with a Hadamard rotation of queries
+and keys that leaves their products as they are; its size is index_head_dim's, which must be a power of two from 64
+(GGUF out refuses another: llama.cpp aborts on it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,9 +38,11 @@ from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Ignored, Linear, apply_rotary
 from .base import CausalLM
-from .deepseek_v3 import DeepseekV3Attention, DeepseekV3ForCausalLM
+from .deepseek_v3 import SIGMOID_GATING, DeepseekV3Attention, DeepseekV3ForCausalLM, GGUFMla
+from .deepseek_v3 import _gguf_write_config as _v3_gguf_write_config
 from .glm4_moe import GROUPED_MOE_RULES
 from .glm4_moe_lite import Glm4MoeLiteConfig, Glm4MoeLiteDecoderLayer
+from .glm4_moe_lite import _gguf_config as _lite_gguf_config
 from .mixtral import MixtralModel
 from .qwen4_exp_qsa import MaskedContext, indexer_history
 
@@ -192,13 +203,71 @@ class IndexedCausalLM(CausalLM):
         return [*devices, *devices]
 
 
+# ---- GGUF: llama.cpp's DeepseekV32Model converter (arch "deepseek32") -----------------------------------------------
+
+
+def gguf_config(d: dict[str, Any], get) -> None:
+    """DeepSeek-V3's reading as GLM-4.7-Flash's (models.glm4_moe_lite: mlp_layer_types from
+    leading_dense_block_count, the next-token-prediction layers off the block count), the gating function required
+    (llama.cpp's deepseek32 reads it always) and q_lora_rank whatever the layer count (deepseek2's "lite" rule is not
+    deepseek32's)."""
+    if get("expert_gating_func") != SIGMOID_GATING:
+        raise ConfigError(f"expert_gating_func {get('expert_gating_func')!r}: llama.cpp's deepseek32 needs it, and "
+                          f"DeepSeek-V3.2 routes with the sigmoid ({SIGMOID_GATING})")  # fmt: skip
+    _lite_gguf_config(d, get)
+    d["q_lora_rank"] = get("attention.q_lora_rank")
+
+
+def gguf_write_config(m: dict[str, Any], c: DeepseekV32Config) -> None:
+    """DeepSeek-V3's keys (models.deepseek_v3), the sigmoid gating function always, the leading dense layers of
+    mlp_layer_types (refused where a dense layer follows a mixture: llama.cpp's are leading only) and the
+    next-token-prediction layers counted, as the converter counts them."""
+    d = c.index_head_dim
+    if d < 64 or d & (d - 1):
+        raise ConfigError(f"index_head_dim {d}: llama.cpp's {c.model_type} GGUF turns the indexer's queries and keys "
+                          "by a Hadamard rotation of their size, a power of two from 64")  # fmt: skip
+    types = c.mlp_layer_types[: c.num_hidden_layers]
+    dense = types.index("sparse") if "sparse" in types else len(types)
+    if "dense" in types[dense:]:
+        raise ConfigError(f"mlp_layer_types {types}: llama.cpp's {c.model_type} GGUF has dense layers only before "
+                          "the first mixture (leading_dense_block_count)")  # fmt: skip
+    _v3_gguf_write_config(m, c)
+    m["expert_gating_func"] = SIGMOID_GATING
+    m["leading_dense_block_count"] = dense
+    nextn = getattr(c, "num_nextn_predict_layers", 0) or 0
+    if nextn:
+        m["block_count"] = c.num_hidden_layers + nextn
+        m["nextn_predict_layers"] = nextn
+
+
+INDEXER_GGUF_CONFIG = (
+    ("attention.indexer.head_count", "index_n_heads"),
+    ("attention.indexer.key_length", "index_head_dim"),
+    ("attention.indexer.top_k", "index_topk"),
+)
+INDEXER_GGUF_LAYER = (("indexer.attn_q_b", "self_attn.indexer.wq_b"), ("indexer.attn_k", "self_attn.indexer.wk"),
+                      ("indexer.k_norm", "self_attn.indexer.k_norm"), ("indexer.proj", "self_attn.indexer.weights_proj"))  # fmt: skip
+
+
 class DeepseekV32ForCausalLM(IndexedCausalLM):
     """transformers' DeepseekV32ForCausalLM."""
 
     config_class = DeepseekV32Config
     # per-expert tensors on disk (GLM-4.5's rules); the released files' multi-token prediction layer 61 skipped, as
-    # transformers skips it
-    checkpoint_rules = CheckpointRules([*GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.61\..*")])
+    # transformers skips it; llama.cpp's attn_k_b / attn_v_b assembled (GGUFMla)
+    checkpoint_rules = CheckpointRules(
+        [*GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.61\..*"), GGUFMla()]
+    )
+    # DeepSeek-V3's layout with the indexer's tensors and keys (module docstring)
+    gguf = dataclasses.replace(
+        DeepseekV3ForCausalLM.gguf,
+        arch="deepseek32",
+        config=DeepseekV3ForCausalLM.gguf.config + INDEXER_GGUF_CONFIG,
+        layer=DeepseekV3ForCausalLM.gguf.layer + INDEXER_GGUF_LAYER,
+        derive=gguf_config,
+        write_config=gguf_write_config,
+        claim=None,
+    )
     # DeepSeek-V3's plan; the indexers stay whole on every rank (each rank selects the same keys)
     tp_patterns: ClassVar[dict[str, str]] = DeepseekV3ForCausalLM.tp_patterns
     _no_split_modules: ClassVar[list[str]] = ["DeepseekV32DecoderLayer"]
@@ -206,3 +275,6 @@ class DeepseekV32ForCausalLM(IndexedCausalLM):
 
     def __init__(self, config: DeepseekV32Config):
         super().__init__(config, MixtralModel(config, DeepseekV32DecoderLayer))
+        mla = GGUFMla(config.num_attention_heads, config.qk_nope_head_dim)  # this model's heads, for GGUF out
+        rules = type(self).checkpoint_rules.rules
+        self.checkpoint_rules = CheckpointRules([mla if isinstance(r, GGUFMla) else r for r in rules])

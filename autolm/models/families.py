@@ -149,8 +149,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
-    "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", None),  # no GGUF yet
-    "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", None),  # no GGUF yet
+    "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
+    "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
     "iquestcoder": ("iquestcoder", "IQuestCoderConfig", "IQuestCoderForCausalLM", "llama"),
     "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none

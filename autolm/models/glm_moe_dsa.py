@@ -7,12 +7,18 @@ attends to the keys the last full layer before it kept).
 config.json may give no indexer_types but `index_topk_pattern` (a string of F / S, or a list) or `index_topk_freq`
 (1 where absent) and `index_skip_topk_offset` (2 where absent): layer i is then full where
 max(i - offset + 1, 0) % freq == 0, as transformers derives it (the keys kept, for the round trip). A shared layer
-keeps nothing in the cache (its extra cache layer is zero wide). llama.cpp's glm-dsa architecture is not read or
-written here (no GGUF layout).
+keeps nothing in the cache (its extra cache layer is zero wide).
+
+GGUF: llama.cpp's GlmMoeDsaModel converter writes "glm-dsa": DeepSeek-V3.2's layout and keys (models.deepseek_v32),
+the shared layers without indexer tensors, attention.indexer.types (true for a full layer) where config.json gives
+indexer_types (autolm's always does), expert_gating_func only where config.json names the scoring function (llama.cpp's
+glm-dsa routes with the sigmoid without it). A file without indexer types reads as llama.cpp reads it: every layer
+full under a context of 1048576, GLM-5.2's pattern (every fourth from the third) from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,13 +27,16 @@ import torch
 from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Ignored
-from .deepseek_v3 import DeepseekV3Attention, DeepseekV3ForCausalLM
+from .deepseek_v3 import SIGMOID_GATING, DeepseekV3Attention, DeepseekV3ForCausalLM, GGUFMla
 from .deepseek_v32 import (
     DeepseekV32Attention,
     DeepseekV32Config,
     DeepseekV32DecoderLayer,
+    DeepseekV32ForCausalLM,
     DSAIndexer,
     IndexedCausalLM,
+    gguf_config,
+    gguf_write_config,
 )
 from .glm4_moe import GROUPED_MOE_RULES
 from .mixtral import MixtralModel
@@ -134,12 +143,50 @@ class GlmMoeDsaDecoderLayer(DeepseekV32DecoderLayer):
         return GlmMoeDsaAttention(config, layer_idx, config.num_hidden_layers + layer_idx)
 
 
+# ---- GGUF: llama.cpp's GlmMoeDsaModel converter (arch "glm-dsa") ----------------------------------------------------
+
+LONG_CONTEXT = 1048576  # llama.cpp's glm-dsa: a file without indexer types from this context on is GLM-5.2's
+
+
+def _gguf_config(d: dict[str, Any], get) -> None:
+    """DeepSeek-V3.2's reading with the sigmoid where the file names no gating function, and indexer_types from
+    attention.indexer.types (or, absent, as llama.cpp defaults it: module docstring)."""
+    gating = get("expert_gating_func")
+    gguf_config(
+        d, lambda key, *a: SIGMOID_GATING if key == "expert_gating_func" and gating is None else get(key, *a)
+    )
+    n, types = d.get("num_hidden_layers"), get("attention.indexer.types")
+    if isinstance(types, list):
+        d["indexer_types"] = ["full" if t else "shared" for t in types]
+    elif _is_int(n):
+        long = (d.get("max_position_embeddings") or 0) >= LONG_CONTEXT
+        d["indexer_types"] = _indexer_types(
+            n, {"index_topk_freq": 4, "index_skip_topk_offset": 3} if long else {}
+        )
+
+
+def _gguf_write_config(m: dict[str, Any], c: GlmMoeDsaConfig) -> None:
+    """DeepSeek-V3.2's keys, the gating function only where config.json names the scoring function (as the
+    converter), the indexer types."""
+    gguf_write_config(m, c)
+    if c.extra.get("scoring_func") is None:
+        del m["expert_gating_func"]
+    m["attention.indexer.types"] = [t == "full" for t in c.indexer_types[: c.num_hidden_layers]]
+
+
 class GlmMoeDsaForCausalLM(IndexedCausalLM):
     """transformers' GlmMoeDsaForCausalLM."""
 
     config_class = GlmMoeDsaConfig
-    # per-expert tensors on disk (GLM-4.5's rules); GLM-5's multi-token prediction layer 78 skipped, as transformers
-    checkpoint_rules = CheckpointRules([*GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.78\..*")])
+    # per-expert tensors on disk (GLM-4.5's rules); GLM-5's multi-token prediction layer 78 skipped, as transformers;
+    # llama.cpp's attn_k_b / attn_v_b assembled (GGUFMla)
+    checkpoint_rules = CheckpointRules(
+        [*GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.78\..*"), GGUFMla()]
+    )
+    # DeepSeek-V3.2's layout as "glm-dsa" (module docstring)
+    gguf = dataclasses.replace(
+        DeepseekV32ForCausalLM.gguf, arch="glm-dsa", derive=_gguf_config, write_config=_gguf_write_config
+    )
     # DeepSeek-V3's plan; the indexers stay whole on every rank (each rank selects the same keys)
     tp_patterns: ClassVar[dict[str, str]] = DeepseekV3ForCausalLM.tp_patterns
     _no_split_modules: ClassVar[list[str]] = ["GlmMoeDsaDecoderLayer"]
@@ -147,6 +194,9 @@ class GlmMoeDsaForCausalLM(IndexedCausalLM):
 
     def __init__(self, config: GlmMoeDsaConfig):
         super().__init__(config, MixtralModel(config, GlmMoeDsaDecoderLayer))
+        mla = GGUFMla(config.num_attention_heads, config.qk_nope_head_dim)  # this model's heads, for GGUF out
+        rules = type(self).checkpoint_rules.rules
+        self.checkpoint_rules = CheckpointRules([mla if isinstance(r, GGUFMla) else r for r in rules])
         full = None
         for layer in self.model.layers:
             attn = layer.self_attn
