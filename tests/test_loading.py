@@ -222,7 +222,6 @@ def test_the_family_table_names_each_familys_classes_and_gguf_layout():
         assert layouts == ([arch] if isinstance(arch, str) else list(arch or ())), model_type
         # `autolm.<Family>Config` / `autolm.<Family>ForCausalLM`, as transformers exports them
         assert getattr(autolm, config) is config_cls and getattr(autolm, model) is model_cls, model_type
-        assert {config, model} <= set(autolm.models.__all__), model_type
 
 
 def test_a_load_imports_its_own_family_alone(checkpoint):
