@@ -199,12 +199,14 @@ class _Planned(SimpleNamespace):
         return [float(x) for x in self.rope[t.name].reshape(-1)]
 
 
-def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.Tensor]) -> None:
-    """ConfigError unless the config the reader makes of this metadata and these tensors computes as the
-    model's does (see the module docstring)."""
-    c, layout = model.config, model.gguf
+def check(model, meta: dict[str, Any], names: list[str], rope: dict[str, torch.Tensor],
+          shapes: dict[str, tuple[int, ...]] | None = None) -> None:  # fmt: skip
+    """ConfigError unless the config the reader makes of this metadata and these tensors (their shapes in GGUF's
+    order, where given) computes as the model's does (see the module docstring)."""
+    c, layout, shapes = model.config, model.gguf, shapes or {}
     planned = _Planned(family=type(model), layout=layout, architecture=layout.arch, rope=rope,
-                       path=f"GGUF out of {c.model_type!r}", tensors=[SimpleNamespace(name=n) for n in names],
+                       path=f"GGUF out of {c.model_type!r}",
+                       tensors=[SimpleNamespace(name=n, shape=shapes.get(n)) for n in names],
                        metadata={k if k in layout.unprefixed else f"{layout.arch}.{k}": v
                                  for k, v in meta.items()})  # fmt: skip
     planned.metadata["tokenizer.ggml.tokens"] = range(c.vocab_size)  # the writer pads the vocabulary to it

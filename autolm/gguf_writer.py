@@ -253,7 +253,7 @@ def save_gguf(model, tokenizer, path: str, quantize: str = "f16") -> str:
     ggml_type, file_type = TYPES[quantize]
     meta, planned = metadata(base), list(tensors(base))
     rope = {n: t.numpy() for n, t in planned if n in dict(base.gguf.rope_tensors) or n == ROPE_FREQS}
-    check(base, meta, [n for n, _ in planned], rope)
+    check(base, meta, [n for n, _ in planned], rope, {n: tuple(reversed(t.shape)) for n, t in planned})
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, base.gguf.arch)
     _metadata(writer, base, file_type, meta)

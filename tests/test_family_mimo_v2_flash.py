@@ -6,19 +6,21 @@ experts. A variant: layer_types sliding/full/sliding, mlp_layer_types sparse/den
 keys (head_dim 16, v_head_dim 24), no value scale, partial_rotary_factor 0.5, two expert groups of which one is
 taken, no renormalisation, a routed scaling and a tied head. The checkpoint as transformers writes it (per-expert
 tensors, self_attn.attention_sink_bias); the standard battery, the Hub's config.json spelling and the config's
-checks. llama.cpp has a mimo2 architecture, but autolm gives no GGUF layout for it yet."""
+checks. GGUF in and out as llama.cpp's "mimo2" (its converter's file mimicked, llama.cpp as the oracle where importable)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import padded_batch, positions
 from family_checks import check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_minimax_m2 import RoutedFamily
+from test_gguf_out import byte_tokenizer, merged_tokenizer  # noqa: F401
 
 import autolm
 from autolm.models.mimo_v2_flash import MiMoV2FlashConfig
@@ -171,3 +173,159 @@ def test_default_config_is_transformers():
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(autolm.ConfigError, match=match):
         MiMoV2FlashConfig.from_dict({"model_type": "mimo_v2_flash", **bad})
+
+
+# GGUF: llama.cpp's "mimo2"
+
+
+def _hub_config(c) -> dict:
+    """The Hub's config.json keys MimoV2Model's converter reads, of transformers' config `c`."""
+    rope = c.rope_parameters
+    return dict(hybrid_layer_pattern=[int(t == "sliding_attention") for t in c.layer_types],
+                swa_num_key_value_heads=2 * c.num_key_value_heads, sliding_window=c.sliding_window,
+                rope_theta=rope["full_attention"]["rope_theta"], swa_rope_theta=rope["sliding_attention"]["rope_theta"],
+                partial_rotary_factor=rope["full_attention"]["partial_rotary_factor"], layernorm_epsilon=c.rms_norm_eps,
+                scoring_func="sigmoid", topk_method="noaux_tc")  # fmt: skip
+
+
+def write_mimo_gguf(hf, path: str, mtp_tensors: bool = False, nextn: int = 3) -> None:
+    """The GGUF llama.cpp's MimoV2Model converter makes of `hf` (--outtype f32) from the Hub's config.json spelling:
+    TextModel's keys (block_count with its 3 next-token-prediction blocks, the sliding layers' RoPE base, the
+    experts' groups, the sigmoid gating), then the KV heads per block (sliding ones for the 3 blocks too), the
+    window and flags, the value head size, the rotary dimensions, the epsilon, the value scale, nextn_predict_layers;
+    tensors by gguf-py's map (attention_sink_bias + ".weight", e_score_correction_bias as exp_probs_b.bias), the
+    experts stacked. `mtp_tensors`: a next-token-prediction block's first tensors too (the Hub's model.mtp.*);
+    `nextn` 0: as --no-mtp writes it."""
+    import gguf
+    from gguf_mimic import add_toy_vocab, stacked_experts
+    from safetensors.torch import load_file
+
+    c, hp = hf.config, _hub_config(hf.config)
+    n = c.num_hidden_layers
+    hybrid = hp["hybrid_layer_pattern"] + [1] * nextn
+    w = gguf.GGUFWriter(path, "mimo2")
+    w.add_block_count(n + nextn)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(hp["rope_theta"])
+    w.add_rope_freq_base_swa(hp["swa_rope_theta"])
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_head_count_kv([hp["swa_num_key_value_heads"] if s else c.num_key_value_heads for s in hybrid])
+    w.add_sliding_window(hp["sliding_window"])
+    w.add_sliding_window_pattern(hybrid)
+    w.add_value_length(c.v_head_dim)  # the converter's TextModel keys wrote head_dim first; it overwrites
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_rope_dimension_count(int(c.head_dim * hp["partial_rotary_factor"]))
+    w.add_layer_norm_rms_eps(hp["layernorm_epsilon"])
+    if c.attention_value_scale is not None:
+        w.add_float32("mimo2.attention.value_scale", float(c.attention_value_scale))
+    if nextn:
+        w.add_nextn_predict_layers(nextn)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MIMO2, n + nextn)
+    tensors = load_file(f"{hf.name_or_path}/model.safetensors")
+    for name, t in stacked_experts(tensors, ".mlp.experts.", c.n_routed_experts):
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        if "attention_sink" in name and not name.endswith(".weight"):
+            name += ".weight"
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")),
+                     np.ascontiguousarray(t.float().numpy()))  # fmt: skip
+    if mtp_tensors:  # the converter's model.mtp.layers.0.* as block n: its own names, then the layer's
+        w.add_tensor(f"blk.{n}.nextn.enorm.weight", np.ones(c.hidden_size, np.float32))
+        w.add_tensor(f"blk.{n}.attn_norm.weight", np.ones(c.hidden_size, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_converters_file(tmp_path_factory, tmp_path):
+    """The converter's file (next-token-prediction blocks counted and one present, not loaded) loads as
+    MiMoV2FlashForCausalLM with transformers' logits and config (layer kinds by the flags and routers, KV heads,
+    head sizes, partial RoPE with a base per kind, the value scale); llama.cpp runs it with close logits."""
+    from test_gguf_remote_archs import ROW, _close_to_llama_cpp, llama_cpp_logits
+
+    _, hf = MIMO.checkpoint(tmp_path_factory)
+    write_mimo_gguf(hf, str(tmp_path / "mtp.gguf"), mtp_tensors=True)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="mtp.gguf")
+    assert type(model).__name__ == "MiMoV2FlashForCausalLM"
+    c, want = model.config, hf.config
+    for f in ("num_hidden_layers", "layer_types", "mlp_layer_types", "num_key_value_heads", "head_dim",
+              "v_head_dim", "sliding_window", "n_routed_experts", "moe_intermediate_size", "n_group"):  # fmt: skip
+        assert getattr(c, f) == getattr(want, f), f
+    assert c.attention_value_scale == pytest.approx(0.707)
+    assert {k: r["rope_theta"] for k, r in c.rope_parameters.items()} == {"full_attention": 5e6,
+                                                                          "sliding_attention": 1e4}  # fmt: skip
+    with torch.no_grad():
+        ours, theirs = model(ROW).logits[0], hf(ROW).logits[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    _same_logits(model, hf)
+    path = str(tmp_path / "model.gguf")
+    write_mimo_gguf(hf, path)
+    _close_to_llama_cpp(ours, llama_cpp_logits(path))
+
+
+def test_gguf_out_reads_back_and_runs_in_llama_cpp(tmp_path_factory, tmp_path, merged_tokenizer):  # noqa: F811
+    """autolm's GGUF out (the converter's keys without next-token-prediction blocks) reads back as the same model;
+    llama.cpp runs it with autolm's logits."""
+    from test_gguf_remote_archs import ROW, _close_to_llama_cpp, llama_cpp_logits
+
+    from autolm.gguf_writer import save_gguf
+    from autolm.sources.gguf import GGUFFile
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(MIMO.checkpoint(tmp_path_factory)[0])
+    path = save_gguf(model, merged_tokenizer, str(tmp_path / "m.gguf"), "f32")
+    g = GGUFFile(path)
+    assert g.get("attention.head_count_kv") == [1, 2, 2] and g.get("rope.dimension_count") == 8
+    assert g.get("attention.sliding_window_pattern") == [0, 1, 1] and g.get("attention.value_length") == 16
+    assert "blk.1.attn_sinks.weight" in {t.name for t in g.tensors}
+    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for f in ("layer_types", "mlp_layer_types", "num_key_value_heads", "sliding_window", "v_head_dim"):
+        assert getattr(back.config, f) == getattr(model.config, f), f
+    rope = back.config.rope_parameters
+    assert {k: r["rope_theta"] for k, r in rope.items()} == {"full_attention": 5e6, "sliding_attention": 1e4}
+    assert back.config.attention_value_scale == pytest.approx(0.707)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, want, atol=1e-5, rtol=1e-5)
+        ours = model(ROW).logits[0]
+    _close_to_llama_cpp(ours, llama_cpp_logits(path))
+
+
+def test_gguf_out_refuses_what_llama_cpp_computes_otherwise(tmp_path_factory, tmp_path, byte_tokenizer):  # noqa: F811
+    """The variant (no renormalisation, a routed scaling, a tied head) and differing rotary dimensions per layer
+    kind: a ConfigError naming the fields, no file. GGUF in: sliding layers' KV heads other than twice the full
+    layers' are refused."""
+    from autolm.gguf_writer import save_gguf
+    from autolm.models.mimo_v2_flash import _gguf_derive
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(VARIANT.checkpoint(tmp_path_factory)[0])
+    with pytest.raises(autolm.ConfigError, match="tie_word_embeddings") as e:
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert "norm_topk_prob" in str(e.value) and "routed_scaling_factor" in str(e.value)
+    directory, _ = MIMO.checkpoint(tmp_path_factory)
+    rope = {k: {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": p}
+            for k, p in (("full_attention", 0.5), ("sliding_attention", 0.334))}  # fmt: skip
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, rope_parameters=rope)
+    with pytest.raises(autolm.ConfigError, match="partial_rotary_factor"):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()
+    keys = {
+        "attention.sliding_window_pattern": [0, 1],
+        "attention.key_length": 8,
+        "attention.value_length": 8,
+    }
+    d = {"num_hidden_layers": 2, "num_key_value_heads": [2, 2], "rope_parameters": {"rope_theta": 1.0}}
+    with pytest.raises(autolm.ConfigError, match="twice"):
+        _gguf_derive(d, lambda k, default=None: keys.get(k, default))

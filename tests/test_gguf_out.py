@@ -223,21 +223,34 @@ def test_q4_k_m_gives_attn_v_and_ffn_down_more_bits_where_llama_cpp_does(
 # ---- every family: the converter's file, read back as the model ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def byte_tokenizer(tmp_path_factory):
-    """A tiny byte-level BPE tokenizer (no merges): the vocabulary a save_gguf of a tiny checkpoint writes fast."""
+def _byte_level(tmp_path_factory, merges: list[tuple[str, str]]):
+    """A tiny byte-level BPE tokenizer: <pad>, <s>, </s>, the 256 bytes, then each merge's token."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}},
-                               merges=[]))  # fmt: skip
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update(
+        (c, len(vocab)) for c in [*sorted(pre_tokenizers.ByteLevel.alphabet()), *map("".join, merges)]
+    )
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     d = tmp_path_factory.mktemp("byte_tokenizer")
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return autolm.AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """No merges: the vocabulary a save_gguf of a tiny checkpoint writes fast."""
+    return _byte_level(tmp_path_factory, [])
+
+
+@pytest.fixture(scope="module")
+def merged_tokenizer(tmp_path_factory):
+    """One merge: llama.cpp loads a "gpt2" vocabulary only with its merges key, which no merges leave out."""
+    return _byte_level(tmp_path_factory, [("a", "b")])
 
 
 def _families():
@@ -289,12 +302,14 @@ def _families():
     import test_family_iquestcoder as iquestcoder
     import test_family_jais2 as jais2
     import test_family_jamba as jamba
+    import test_family_laguna as laguna
     import test_family_lfm2 as lfm2
     import test_family_lfm2_moe as lfm2_moe
     import test_family_llama4 as llama4
     import test_family_mamba as mamba
     import test_family_mamba2 as mamba2
     import test_family_mellum as mellum
+    import test_family_mimo_v2_flash as mimo_v2_flash
     import test_family_minicpm3 as minicpm3
     import test_family_minimax as minimax
     import test_family_minimax_m2 as minimax_m2
@@ -407,6 +422,11 @@ def _families():
         "phimoe": (phimoe.PLAIN, phimoe.write_phimoe_gguf),
         "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
         "mellum": (mellum.GGUF, mellum.write_mellum_gguf),
+        "laguna": (laguna.GGUF_XS, laguna.write_laguna_gguf),
+        "mimo_v2_flash": (
+            mimo_v2_flash.MIMO,
+            lambda hf, path: mimo_v2_flash.write_mimo_gguf(hf, path, nextn=0),
+        ),
         "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
         "hy_v3": (hy_v3.HY, hy_v3.write_hy_v3_gguf),

@@ -12,7 +12,8 @@ top `num_experts_per_tok` of the scores plus `e_score_correction_bias` are chose
 renormalised to sum 1 and times `moe_routed_scaling_factor`, weight the experts' outputs; plus `shared_experts`, one
 gated MLP of `shared_expert_intermediate_size` that every token passes. Checkpoints keep one tensor per expert, the
 router's bias as `mlp.experts.e_score_correction_bias` and the shared MLP as `mlp.shared_expert` (transformers
-renames them while loading, back while saving; so does autolm).
+renames them while loading, back while saving; so does autolm). GGUF in and out as llama.cpp's "laguna":
+laguna_gguf.py.
 """
 
 from __future__ import annotations
@@ -27,12 +28,23 @@ from torch.nn import functional as F
 from .. import kernels
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Linear, Rename, RMSNorm, SparseMoeBlock
+from ..nn import (
+    Attention,
+    CheckpointRules,
+    Experts,
+    GatedMLP,
+    GGUFLayout,
+    Linear,
+    Rename,
+    RMSNorm,
+    SparseMoeBlock,
+)
 from ..nn.moe import GroupedRouter
 from .afmoe import AfmoeAttention
 from .base import CausalLM
-from .glm4_moe import GROUPED_MOE_RULES
+from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_RULES
 from .glm4_moe_lite import MLP_TYPES
+from .laguna_gguf import GGUF_KEYS, derive, write_config
 from .mixtral import MixtralDecoderLayer, MixtralModel, validate_experts
 
 _KINDS = ("full_attention", "sliding_attention")
@@ -119,6 +131,9 @@ class LagunaConfig(LayerTypedRopeConfig):
     """transformers' LagunaConfig: its fields and defaults (no BOS / EOS ids; the first layer dense)."""
 
     model_type: ClassVar[str] = "laguna"
+    # GGUF out compares the gate's kind (gguf_compared), not how `gating` spells it; the per-layer heads, not the
+    # scalar count (which nothing computes with where head_dim is given)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = ("gating", "num_attention_heads")
     bool_fields: ClassVar[tuple[str, ...]] = (
         *PretrainedConfig.bool_fields,
         "attention_bias",
@@ -170,6 +185,9 @@ class LagunaConfig(LayerTypedRopeConfig):
     def gate_per_head(self) -> bool:
         """transformers' reading of `gating`: true or "per-head" one gate per head, else one per element."""
         return self.gating is True or self.gating == "per-head"
+
+    def gguf_compared(self) -> dict[str, Any]:
+        return {"gate per head": self.gate_per_head}
 
     def validate(self) -> None:
         super().validate()
@@ -288,6 +306,18 @@ class LagunaForCausalLM(CausalLM):
 
     config_class = LagunaConfig
     checkpoint_rules = LAGUNA_RULES
+    # llama.cpp's LagunaModel converter: tensors by gguf-py's map (no q/k permutation: NeoX RoPE), g_proj as
+    # attn_gate, the experts stacked, the router's bias as exp_probs_b.bias, the shared MLP as *_shexp
+    gguf = GGUFLayout(
+        "laguna",
+        config=GGUF_KEYS,
+        layer=(("attn_gate", "self_attn.g_proj"), *GGUF_GROUPED_LAYER),
+        fixed=(("attention_bias", False), ("moe_router_logit_softcapping", 0.0)),
+        shaped=(("blk.0.attn_gate.weight", "gating"),),
+        unprefixed=("tokenizer.ggml.eot_token_id",),
+        derive=derive,
+        write_config=write_config,
+    )
     tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
     _no_split_modules: ClassVar[list[str]] = ["LagunaDecoderLayer"]
 

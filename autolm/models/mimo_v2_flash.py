@@ -13,10 +13,19 @@ Per layer (`mlp_layer_types`, by default one dense layer then the mixture) a den
 mixture of `n_routed_experts` gated MLPs (sigmoid routing steered by `mlp.gate.e_score_correction_bias`, groups,
 renormalised and scaled top k) without shared experts. Checkpoints keep one tensor per expert; the Hub's
 next-token-prediction block (`model.mtp.*`) is not loaded, as in transformers.
+
+GGUF: llama.cpp's "mimo2" (its MimoV2Model converter, which reads the Hub's config.json: hybrid_layer_pattern,
+swa_num_key_value_heads, swa_rope_theta, layernorm_epsilon). The converter counts its 3 next-token-prediction
+blocks in block_count (nextn_predict_layers; blocks past the trunk are not loaded), writes the KV heads per block,
+the window and the sliding flags, the value head size, the rotary dimensions, the value scale and the sliding
+layers' RoPE base; dense or mixture is a block's ffn_gate_inp. llama.cpp's graph always renormalises the top k,
+never scales them (expert_weights_scale is not read), needs an output tensor, runs SiLU without biases and rotates
+layer 0's rotary dimensions in every layer: configs it would compute otherwise are refused on GGUF out.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +40,7 @@ from ..nn import (
     CheckpointRules,
     Experts,
     GatedMLP,
+    GGUFLayout,
     GroupedRouter,
     Ignored,
     Linear,
@@ -39,9 +49,8 @@ from ..nn import (
 )
 from ..nn.rope import apply_rotary
 from .base import CausalLM
-from .glm4_moe import validate_grouped_moe
-from .mixtral import MixtralDecoderLayer, MixtralModel
-from .qwen2_moe import QWEN_MOE_RULES
+from .glm4_moe import GROUPED_MOE_RULES, SIGMOID_GATING, validate_grouped_moe
+from .mixtral import GGUF_EXPERTS, MixtralDecoderLayer, MixtralModel
 
 _KINDS = ("full_attention", "sliding_attention")
 _THETA = {"full_attention": 5_000_000.0, "sliding_attention": 10_000.0}
@@ -170,6 +179,105 @@ class MiMoV2FlashConfig(PretrainedConfig):
                                   f"{rope['partial_rotary_factor']!r}")  # fmt: skip
 
 
+def _rotary_factor(rotary: int, head: int) -> float:
+    """A partial_rotary_factor whose int(head * factor) is `rotary`."""
+    factor = rotary / head
+    return factor if int(head * factor) == rotary else math.nextafter(factor, 1.0)
+
+
+def _kv_heads(d: dict[str, Any], sliding: list[bool]) -> None:
+    """attention.head_count_kv (per block, or one count) as num_key_value_heads: the full layers' count, the
+    sliding layers' twice it (MiMo-V2-Flash's; others refused)."""
+    kv, n = d.get("num_key_value_heads"), len(sliding)
+    if kv is None:  # llama.cpp then takes the head count: read as the config's own default
+        return
+    counts = kv[:n] if isinstance(kv, list) else [kv] * n
+    full = {c for c, s in zip(counts, sliding, strict=True) if not s}
+    swa = {c for c, s in zip(counts, sliding, strict=True) if s}
+    base = next(iter(full)) if full else next(iter(swa)) // 2 if swa and _is_int(next(iter(swa))) else kv
+    if len(full) > 1 or len(swa) > 1 or (swa and swa != {2 * base}):
+        raise ConfigError(f"attention.head_count_kv {kv!r}: MiMo-V2-Flash's sliding layers have twice the full "
+                          "layers' KV heads (num_key_value_heads), every full layer the same")  # fmt: skip
+    d["num_key_value_heads"] = base
+
+
+def _gguf_derive(d: dict[str, Any], get) -> None:
+    """llama.cpp's "mimo2" keys -> the config (module docstring): the trunk's blocks, the layer kinds by the
+    sliding flags and routers, KV heads, head sizes, partial RoPE of the rotary dimensions with a base per kind
+    (10000 where rope.freq_base_swa is absent, as llama.cpp), the value scale where given."""
+    n = d.get("num_hidden_layers", 0) - (get("nextn_predict_layers") or 0)
+    d["num_hidden_layers"] = n
+    routers = set(d.pop("gguf_routers", ()))  # a mixture where the block has a router, as llama.cpp's graph
+    d["mlp_layer_types"] = ["sparse" if i in routers else "dense" for i in range(n)]
+    flags = get("attention.sliding_window_pattern")
+    if not isinstance(flags, list) or len(flags) < n:
+        raise ConfigError(f"attention.sliding_window_pattern {flags!r}: llama.cpp's mimo2 needs a flag per block "
+                          "(layer_types)")  # fmt: skip
+    sliding = [bool(f) for f in flags[:n]]
+    d["layer_types"] = [_KINDS[s] for s in sliding]
+    _kv_heads(d, sliding)
+    head, value = get("attention.key_length"), get("attention.value_length")
+    for key, want in (("attention.key_length_swa", head), ("attention.value_length_swa", value)):
+        if get(key) is not None and get(key) != want:
+            raise ConfigError(f"{key} {get(key)!r}: MiMo-V2-Flash's sliding layers have the full layers' head "
+                              f"sizes (head_dim, v_head_dim: {want!r})")  # fmt: skip
+    d.update(head_dim=head, v_head_dim=value)
+    rope = d["rope_parameters"]
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope.scaling.type {rope['rope_type']!r}: MiMo-V2-Flash's RoPE is unscaled")
+    rotary = get("rope.dimension_count", head)  # llama.cpp rotates layer 0's count in every layer
+    if sliding and sliding[0]:
+        rotary = get("rope.dimension_count_swa", rotary)
+    factor = _rotary_factor(rotary, head) if _is_int(rotary) and _is_int(head) and head else rotary
+    thetas = {"full_attention": rope["rope_theta"], "sliding_attention": get("rope.freq_base_swa", 10000.0)}
+    d["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor}
+                            for kind, theta in thetas.items()}  # fmt: skip
+    d["attention_value_scale"] = get("attention.value_scale")
+
+
+def _refused(c: MiMoV2FlashConfig) -> list[str]:
+    """The config fields llama.cpp's mimo2 graph would compute otherwise (module docstring)."""
+    kinds = c.rope_kinds()
+    rotary = {int(c.head_dim * r["partial_rotary_factor"]) for r in kinds.values()}
+    checks = {
+        "tie_word_embeddings (llama.cpp's mimo2 needs an output tensor)": c.tie_word_embeddings,
+        "norm_topk_prob false (llama.cpp renormalises the top k)": not c.norm_topk_prob,
+        "routed_scaling_factor (llama.cpp's mimo2 scales no expert weights)": c.routed_scaling_factor != 1.0,
+        "attention_bias (llama.cpp's mimo2 reads no biases)": c.attention_bias,
+        "hidden_act (llama.cpp's mimo2 runs SiLU)": c.hidden_act != "silu",
+        "rope_parameters' rope_type (llama.cpp's mimo2 scales no RoPE)": any(
+            r.get("rope_type", "default") != "default" for r in kinds.values()
+        ),
+        "rope_parameters' partial_rotary_factor (llama.cpp rotates layer 0's dimensions in every layer)": (
+            len(rotary) > 1
+        ),
+        "sliding_window null (llama.cpp's mimo2 needs a window)": c.sliding_window is None,
+    }
+    return [field for field, bad in checks.items() if bad]
+
+
+def _gguf_write_config(m: dict[str, Any], c: MiMoV2FlashConfig) -> None:
+    """_gguf_derive's inverse, as the converter writes it (without next-token-prediction blocks, which autolm holds
+    none of: its --no-mtp file): KV heads per block, the window and sliding flags, the head sizes, the rotary
+    dimensions, the value scale where set, the sigmoid gating (the Hub's scoring_func). Configs llama.cpp's
+    graph computes otherwise are a ConfigError naming the fields."""
+    refused = _refused(c)
+    if refused:
+        raise ConfigError(
+            f"llama.cpp's 'mimo2' format cannot hold this 'mimo_v2_flash' model: {'; '.join(refused)}"
+        )
+    sliding = [t == "sliding_attention" for t in c.layer_types]
+    m["attention.head_count_kv"] = [c.num_key_value_heads * (2 if s else 1) for s in sliding]
+    m["attention.sliding_window"] = c.sliding_window
+    m["attention.sliding_window_pattern"] = [int(s) for s in sliding]  # the converter's hybrid_layer_pattern
+    m["attention.key_length"], m["attention.value_length"] = c.head_dim, c.v_head_dim
+    rope = c.rope_kinds()[c.layer_types[0]]
+    m["rope.dimension_count"] = int(c.head_dim * rope["partial_rotary_factor"])
+    if c.attention_value_scale is not None:
+        m["attention.value_scale"] = float(c.attention_value_scale)
+    m["expert_gating_func"] = SIGMOID_GATING  # the Hub's scoring_func (llama.cpp's graph takes it anyway)
+
+
 class MiMoV2FlashAttention(Attention):
     """GQA with v_head_dim-wide values (scaled by attention_value_scale, zero-padded to the cache's width), partial
     RoPE from the layer type's table; sliding layers: twice the KV heads, a window and attention sinks."""
@@ -241,10 +349,25 @@ class MiMoV2FlashForCausalLM(CausalLM):
                 r"\.self_attn\.sinks$",
                 ".self_attn.attention_sink_bias",
             ),
-            *QWEN_MOE_RULES.rules,
+            Rename(r"\.self_attn\.sinks\.weight$", ".self_attn.sinks", r"(?!)", ""),  # GGUF's name
+            *GROUPED_MOE_RULES.rules,
             Ignored(r"model\.mtp\..+"),  # the Hub's next-token-prediction block, not run
         ]
     )
+    # llama.cpp's MimoV2Model converter: gguf-py's names (attention_sink_bias as attn_sinks), the experts stacked,
+    # the router's correction bias as exp_probs_b.bias; no q/k permutation (NeoX RoPE)
+    gguf = GGUFLayout(
+        "mimo2",
+        config=(("expert_count", "n_routed_experts"), ("expert_used_count", "num_experts_per_tok"),
+                ("expert_feed_forward_length", "moe_intermediate_size"), ("expert_group_count", "n_group"),
+                ("expert_group_used_count", "topk_group")),
+        layer=(*GGUF_EXPERTS, ("exp_probs_b", "mlp.gate.e_score_correction"), ("attn_sinks", "self_attn.sinks")),
+        fixed=(("norm_topk_prob", True), ("routed_scaling_factor", 1.0), ("attention_bias", False),
+               ("hidden_act", "silu")),
+        present=(("blk.{}.ffn_gate_inp.weight", "gguf_routers"),),
+        derive=_gguf_derive,
+        write_config=_gguf_write_config,
+    )  # fmt: skip
     # no tensor-parallel plan: the sliding layers' KV heads and sinks would need their own split
     tp_patterns: ClassVar[dict[str, str]] = {}
     _no_split_modules: ClassVar[list[str]] = ["MiMoV2FlashDecoderLayer"]
@@ -252,3 +375,9 @@ class MiMoV2FlashForCausalLM(CausalLM):
 
     def __init__(self, config: MiMoV2FlashConfig):
         super().__init__(config, MixtralModel(config, MiMoV2FlashDecoderLayer))
+        # blocks past the trunk (a GGUF's next-token-prediction blocks, counted in block_count) are not loaded
+        trunk = "|".join(str(i) for i in range(config.num_hidden_layers))
+        rules = type(self).checkpoint_rules.rules
+        self.checkpoint_rules = CheckpointRules(
+            [*rules, Ignored(rf"model\.layers\.(?!(?:{trunk})\.)\d+\..+")]
+        )

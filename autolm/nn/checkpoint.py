@@ -192,8 +192,14 @@ class GGUFLayout:
     # without the prefix, the model's config) changes the keys to what the family's converter writes
     write_config: Callable[[dict[str, Any], Any], None] | None = None
     # config fields llama.cpp reads off a tensor's presence (optional biases): (tensor, field) set true where the
-    # file has the tensor, e.g. ("blk.0.attn_q.bias", "attention_bias")
+    # file has the tensor, e.g. ("blk.0.attn_q.bias", "attention_bias"); a name with "{}" gives the field the
+    # numbers of the blocks that have it (MiMo-V2-Flash's routers: ("blk.{}.ffn_gate_inp.weight", ...)), for
+    # `derive` to read and replace
     present: tuple[tuple[str, str], ...] = ()
+    # config fields llama.cpp reads off a tensor's shape (Laguna's attention gate, per head or per element):
+    # (tensor, field) set to the tensor's shape (GGUF's order, ne0 first) where the file has it, for `derive` to
+    # read and replace
+    shaped: tuple[tuple[str, str], ...] = ()
     # tensors that hold RoPE parameters, not weights (Phi-3's LongRoPE factors): (tensor, key of rope_parameters)
     rope_tensors: tuple[tuple[str, str], ...] = ()
     # rows the converter regroups (GPT-NeoX's fused q/k/v): row_order(blk.N.<name>'s name, config) gives, for each of

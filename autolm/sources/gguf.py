@@ -193,7 +193,12 @@ def config_from_gguf(g: GGUFFile, **overrides):
     names = {t.name for t in g.tensors}
     d["tie_word_embeddings"] = "output.weight" not in names
     d.update(g.layout.fixed)
-    d.update((name, True) for tensor, name in g.layout.present if tensor in names)
+    for tensor, name in g.layout.present:  # True where the file has it; "blk.{}.x": the blocks that have it
+        pattern = re.escape(tensor).replace(r"\{\}", r"(\d+)")
+        found = sorted(int(m.group(1)) if m.groups() else 0 for n in names if (m := re.fullmatch(pattern, n)))
+        if found:
+            d[name] = found if "{}" in tensor else True
+    d.update((name, list(t.shape)) for tensor, name in g.layout.shaped for t in g.tensors if t.name == tensor)
     for t in g.tensors:
         if t.name in dict(g.layout.rope_tensors):
             rope[dict(g.layout.rope_tensors)[t.name]] = g.values(t)
