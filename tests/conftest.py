@@ -583,6 +583,30 @@ SPECS = {
         ),
         {},
     ),
+    "mistral4": (
+        "Mistral4Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
     "deepseek_v32": (
         "DeepseekV32Config",
         dict(
@@ -1498,9 +1522,20 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(noise * (0.15 if p.dim() > 1 else 0.1))
 
 
+def register_causal_lm_gaps() -> None:
+    """transformers 5.23 maps mistral4 to no AutoModelForCausalLM (its pretraining and image-text classes only):
+    registered, so the tests make and read its checkpoints as every family's."""
+    import transformers
+
+    transformers.AutoModelForCausalLM.register(
+        transformers.Mistral4Config, transformers.Mistral4ForCausalLM, exist_ok=True
+    )
+
+
 def make_hf_model(name: str):
     import transformers
 
+    register_causal_lm_gaps()
     cls_name, kwargs, _ = SPECS[name]
     cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -1569,6 +1604,7 @@ def hf_reference(directory, **kwargs):
     as accurate against a float64 run as transformers' SDPA but rounded differently."""
     import transformers
 
+    register_causal_lm_gaps()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if model.dtype == torch.bfloat16:
         model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -129,6 +129,7 @@ _TP_FAMILIES = [
     "falcon_40b",
     "deepseek_v3",
     "deepseek_v32",
+    "mistral4",
     "axk1",
     "solar_open",
     "youtu",

@@ -314,6 +314,7 @@ def _families():
     import test_family_minimax as minimax
     import test_family_minimax_m2 as minimax_m2
     import test_family_ministral3 as ministral3
+    import test_family_mistral4 as mistral4
     import test_family_moe as moe
     import test_family_mpt as mpt
     import test_family_nemotron as nemotron
@@ -385,6 +386,7 @@ def _families():
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
+        "mistral4": (mistral4.LATE, mistral4.write_mistral4_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
         "minimax": (minimax.GGUF_FAMILY, minimax.write_minimax_gguf),
         "minicpm3": (tuple(minicpm3.GGUF_FAMILIES.values()), minicpm3.write_minicpm3_gguf),

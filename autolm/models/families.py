@@ -72,6 +72,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "ministral": ("ministral", "MinistralConfig", "MinistralForCausalLM", None),
     "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
     "mistral3": ("ministral3", "Mistral3Config", "Ministral3ForCausalLM", "mistral3"),  # image-text: its LM
+    "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM", "mistral4"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
