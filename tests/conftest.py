@@ -1209,6 +1209,32 @@ SPECS = {
         ),
         {},
     ),
+    "kimi_linear": (
+        "KimiLinearConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=12,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            linear_head_dim=8,
+            linear_num_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=0,  # Kimi Linear's default lies beyond the tiny vocabulary
+        ),
+        {},
+    ),
     "qwen4_exp_text": (
         "Qwen4ExpTextConfig",
         dict(

@@ -169,10 +169,12 @@ _CONV = ".linear_attn.conv1d.weight"
 
 class ConvPieces:
     """Checkpoint rule: the linear layers' conv weight from its q_conv1d / k_conv1d / v_conv1d pieces, concatenated
-    in that order (transformers' WeightConverter)."""
+    in that order (transformers' WeightConverter). `pattern`: the pieces' names (the mixer's module name)."""
+
+    pattern: ClassVar[re.Pattern] = _CONV_PIECE
 
     def piece(self, name: str) -> tuple[str, str] | None:
-        m = _CONV_PIECE.fullmatch(name)
+        m = self.pattern.fullmatch(name)
         return (f"{m.group(1)}conv1d.weight", m.group(2)) if m else None
 
     def pieces(self, name: str) -> int:
@@ -187,11 +189,14 @@ class ConvPieces:
 
 
 class OlmoHybridRules(CheckpointRules):
-    """The renames and ConvPieces; saving splits the conv weight at the q/k/v projections' widths."""
+    """The renames and ConvPieces; saving splits the conv weight (names ending in `conv`) at the q/k/v
+    projections' widths."""
+
+    conv: ClassVar[str] = _CONV
 
     def to_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = super().to_checkpoint(state_dict)
-        for name in [n for n in out if n.endswith(_CONV)]:
+        for name in [n for n in out if n.endswith(self.conv)]:
             prefix, t = name[: -len("conv1d.weight")], out.pop(name)
             sizes = [state_dict[f"{prefix}{p}_proj.weight"].shape[0] for p in "qkv"]
             out.update(

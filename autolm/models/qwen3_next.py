@@ -219,6 +219,10 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         """The delta rule's write strengths from the b projection (OLMo Hybrid doubles them)."""
         return b.sigmoid()
 
+    def decay(self, a: torch.Tensor) -> torch.Tensor:
+        """The rule's log decay (<= 0) from the a projection: one per value head."""
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         B, T, _ = x.shape
         real = ctx.real_tokens()
@@ -231,8 +235,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, -1, self.head_k_dim), k.reshape(B, T, -1, self.head_k_dim)
         v = v.reshape(B, T, -1, self.head_v_dim)
-        beta = self.beta(b)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay, <= 0
+        beta, g = self.beta(b), self.decay(a)
         rule = recurrent_gated_delta_rule if state is not None and T == 1 else chunk_gated_delta_rule
         y, state = rule(q, k, v, g, beta, state)  # (B, T, Hv, dv)
         ctx.keep_state(self.layer_idx, (conv_state, state))

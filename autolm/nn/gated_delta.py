@@ -6,10 +6,11 @@ A gated delta rule layer keeps, per value head, a state S (k_head_dim, v_head_di
     S <- S + beta_t * k_t (v_t - S^T k_t)^T             (the delta rule: write the part of v_t S does not predict)
     o_t = S^T q_t
 
-with q_t and k_t L2-normalised and q_t scaled by k_head_dim ** -0.5. `recurrent_gated_delta_rule` runs this
-token by token (decoding); `chunk_gated_delta_rule` computes the same over chunks of 64 tokens with a few matmuls
-each (the WY / UT transform), starting from a given state, so a prompt may come in pieces. Both compute in fp32
-and return the state in fp32, as transformers keeps it.
+with q_t and k_t L2-normalised and q_t scaled by k_head_dim ** -0.5. The decay g_t is one number per head (Gated
+DeltaNet) or one per key channel (Kimi Delta Attention: g (B, T, H, d_k), exp(g_t) scaling the state's rows).
+`recurrent_gated_delta_rule` runs this token by token (decoding); `chunk_gated_delta_rule` computes the same over
+chunks of 64 tokens with a few matmuls each (the WY / UT transform), starting from a given state, so a prompt may
+come in pieces. Both compute in fp32 and return the state in fp32, as transformers keeps it.
 
 Before the rule, q/k/v pass a causal depthwise convolution (kernel K, nn.causal_conv) and SiLU, continuing from the
 last K - 1 inputs of the previous piece (its state). After it, `GatedRMSNorm` norms each head's output and gates
@@ -30,14 +31,25 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def _prepare(q, k, v, g, beta):
     """(B, T, heads, d) inputs -> fp32 (B, Hv, T, d) with the key heads repeated for grouped value heads, q and k
-    L2-normalised, q scaled by d_k ** -0.5; g and beta (B, T, Hv) -> (B, Hv, T)."""
+    L2-normalised, q scaled by d_k ** -0.5; beta (B, T, Hv) -> (B, Hv, T); g (B, T, Hv) or per key channel
+    (B, T, Hv, d_k) -> (B, Hv, T, 1) or (B, Hv, T, d_k)."""
     hk, hv = k.shape[2], v.shape[2]
     if hk != hv:  # each query/key head serves hv // hk consecutive value heads
         q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+    if g.dim() == 3:
+        g = g[..., None]  # one decay per head: a single channel that broadcasts
     q, k, v, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
                         for x in (q, k, v, beta, g))  # fmt: skip
     q, k = l2norm(q), l2norm(k)
     return q * q.shape[-1] ** -0.5, k, v, g, beta
+
+
+def _decayed_dots(a: torch.Tensor, b: torch.Tensor, pairwise: torch.Tensor) -> torch.Tensor:
+    """a, b (..., C, d) and the pairwise decays (..., C, C, 1 or d) -> (..., C, C): sum over the channels of
+    a_i * b_j * decay_ij (one matmul where the decay is one per head)."""
+    if pairwise.shape[-1] == 1:
+        return (a @ b.transpose(-1, -2)) * pairwise[..., 0]
+    return (a[..., :, None, :] * b[..., None, :, :] * pairwise).sum(dim=-1)
 
 
 def recurrent_gated_delta_rule(
@@ -48,15 +60,16 @@ def recurrent_gated_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule token by token. q, k (B, T, Hk, dk), v (B, T, Hv, dv), g and beta (B, T, Hv), state (B, Hv, dk,
-    dv) fp32 or None (zeros) -> (output (B, T, Hv, dv) in q's dtype, the state after the last token, fp32)."""
+    """The rule token by token. q, k (B, T, Hk, dk), v (B, T, Hv, dv), g (B, T, Hv) or (B, T, Hv, dk) and beta
+    (B, T, Hv), state (B, Hv, dk, dv) fp32 or None (zeros) -> (output (B, T, Hv, dv) in q's dtype, the state after
+    the last token, fp32)."""
     dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     B, H, T, dk = k.shape
     S = v.new_zeros(B, H, dk, v.shape[-1]) if state is None else state.to(v)
     out = torch.zeros_like(v)
     for t in range(T):
-        S = S * g[:, :, t].exp()[..., None, None]
+        S = S * g[:, :, t].exp()[..., None]
         predicted = (S * k[:, :, t, :, None]).sum(dim=-2)  # S^T k (B, H, dv)
         delta = (v[:, :, t] - predicted) * beta[:, :, t, None]
         S = S + k[:, :, t, :, None] * delta[:, :, None, :]
@@ -81,28 +94,28 @@ def chunk_gated_delta_rule(
     B, H, _, dk = k.shape
     dv = v.shape[-1]
     pad = (chunk_size - T % chunk_size) % chunk_size  # padded tokens: k = v = 0, beta = 0, no decay
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+    q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    beta = F.pad(beta, (0, pad))
     v_beta, k_beta = v * beta[..., None], k * beta[..., None]
     # (B, H, chunks, C, d): the chunk's tokens along dim 3
-    q, k, k_beta, v_beta = (x.reshape(B, H, -1, chunk_size, x.shape[-1]) for x in (q, k, k_beta, v_beta))
-    decay = g.reshape(B, H, -1, chunk_size).cumsum(dim=-1)  # log of the decay from the chunk's start to t
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    q, k, k_beta, v_beta, g = (
+        x.reshape(B, H, -1, chunk_size, x.shape[-1]) for x in (q, k, k_beta, v_beta, g)
+    )
+    decay = g.cumsum(dim=-2)  # log of the decay from the chunk's start to t (.., C, 1 or dk)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)[..., None]
     pairwise = (
-        (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
-    )  # (.., C, C)
-    ut = (k_beta @ k.transpose(-1, -2)) * pairwise
-    intra = (q @ k.transpose(-1, -2)) * pairwise  # each token's attention within its chunk
+        (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(upper, float("-inf")).exp()
+    )  # (.., C, C, 1 or dk)
+    ut = _decayed_dots(k_beta, k, pairwise)
+    intra = _decayed_dots(q, k, pairwise)  # each token's attention within its chunk
     # the UT transform (unit lower-triangular): the values to write, and the keys that read the old state
     values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
-    read_keys = torch.linalg.solve_triangular(
-        ut, k_beta * decay.exp()[..., None], upper=False, unitriangular=True
-    )
+    read_keys = torch.linalg.solve_triangular(ut, k_beta * decay.exp(), upper=False, unitriangular=True)
     S = values.new_zeros(B, H, dk, dv) if state is None else state.to(values)
     out = torch.zeros_like(values)
-    q = q * decay.exp()[..., None]
-    k = k * (decay[..., -1:] - decay).exp()[..., None]  # decayed to the chunk's end
-    chunk_decay = decay[..., -1].exp()[..., None, None]
+    q = q * decay.exp()
+    k = k * (decay[..., -1:, :] - decay).exp()  # decayed to the chunk's end
+    chunk_decay = decay[..., -1, :].exp()[..., None]  # (B, H, chunks, 1 or dk, 1): the state's rows
     for i in range(q.shape[2]):
         new = values[:, :, i] - read_keys[:, :, i] @ S  # what the old state does not already predict
         out[:, :, i] = q[:, :, i] @ S + intra[:, :, i] @ new
