@@ -168,6 +168,32 @@ def test_unknown_model_type_names_supported_ones(tmp_path):
         autolm.AutoConfig.from_pretrained(tmp_path)
 
 
+def test_a_remote_code_model_type_is_read_by_its_architecture(checkpoint, tmp_path):
+    """Kimi K2's config.json says model_type "kimi_k2" (remote code) and architectures DeepseekV3ForCausalLM: read
+    as DeepSeek-V3's, as vLLM picks the model by its architecture, with transformers' logits for the same weights;
+    saved, it is a DeepSeek-V3 checkpoint without the remote code's auto_map. A model_type no family has whose
+    architecture autolm has no class for is still refused by name."""
+    import shutil
+
+    directory, ref = checkpoint("deepseek_v3")
+    shutil.copytree(directory, tmp_path / "kimi")
+    config = json.loads((tmp_path / "kimi" / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps(config))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "kimi")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["model_type"] == "deepseek_v3" and "auto_map" not in saved
+    config.update(model_type="deepseek", architectures=["DeepseekForCausalLM"])  # DeepSeek V1: no class
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'deepseek' is not supported"):
+        autolm.AutoConfig.from_pretrained(tmp_path / "kimi")
+
+
 def test_config_round_trip_keeps_unknown_keys(checkpoint, tmp_path):
     directory, _ = checkpoint("mistral_sliding")
     with open(os.path.join(directory, "config.json")) as f:

@@ -120,12 +120,29 @@ def model_class(model_type: str) -> type:
     return _MODELS[model_type]
 
 
+def by_architecture(d: dict[str, Any]) -> str | None:
+    """For a config.json whose model_type autolm does not know (a remote-code model's, such as Kimi K2's
+    "kimi_k2"): the model_type of the family whose model class its `architectures` names (DeepseekV3ForCausalLM),
+    as vLLM picks a model by its architecture; None where it names none of them."""
+    names = d.get("architectures")
+    for name in names if isinstance(names, list) else ():
+        found = next((t for t, f in FAMILIES.items() if f[2] == name), None)
+        if found is not None:
+            return found
+    return None
+
+
 def config_from_file(path: str, **overrides: Any) -> PretrainedConfig:
-    """Read config.json and build the config class its model_type names."""
+    """Read config.json and build the config class its model_type names (or, for a model_type no family has, the
+    class of the family its architectures name: by_architecture)."""
     d = read_json(path)
     model_type = d.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: no 'model_type' key (expected one of {', '.join(model_types())})")
+    if not _family(model_type) and by_architecture(d) is not None:
+        # read as that family's config; the remote code it names (auto_map) is neither run nor written back
+        d = {k: v for k, v in d.items() if k != "auto_map"}
+        model_type = by_architecture(d)
     config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
     config.name_or_path = os.path.dirname(path)
     return config
