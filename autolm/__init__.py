@@ -30,6 +30,7 @@ _EXPORTS = {
     "SmolVLMConfig": "autolm.models",
     "LlavaOnevisionConfig": "autolm.models",
     "InternVLConfig": "autolm.models",
+    "Kimi_K25Config": "autolm.models",
     "Lfm2VlConfig": "autolm.models",
     "AyaVisionConfig": "autolm.models",
     "Cohere2VisionConfig": "autolm.models",

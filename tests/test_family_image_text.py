@@ -1,6 +1,6 @@
 """Image-text checkpoints whose language model autolm runs (autolm.models.image_text), against transformers: Qwen2-VL,
 Qwen2.5-VL (also in the Hub's older flat config), Qwen3-VL, Qwen3-VL-MoE (its experts also in the Hub's (E, in, out)
-layout) and Mistral 3 with a Mistral or a Ministral 3 language model, each a transformers ForConditionalGeneration
+layout), Mistral 3 with a Mistral or a Ministral 3 language model and Kimi K2.5 over DeepSeek-V3, each a transformers ForConditionalGeneration
 with a tiny vision tower. On text, autolm's model of the checkpoint is the text family's, with the image-text
 model's logits over a left-padded batch and its greedy tokens; saved, it is the text model transformers'
 AutoModelForCausalLM loads, with the same logits. llama.cpp's "qwen2vl", "qwen3vl" and "qwen3vlmoe" files (the text
@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, padded_batch, positions, randomize
+from conftest import SPECS, VOCAB, padded_batch, positions, randomize
 from test_gguf_out import byte_tokenizer  # noqa: F401
 
 import autolm
@@ -47,6 +47,11 @@ TINY_VISION = dict(
 )
 PIXTRAL = dict(model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                num_attention_heads=2, image_size=16, patch_size=4, head_dim=16)  # fmt: skip
+# (its query low-rank, as Kimi K2's: transformers would save a plain q_proj fused as the vision tower's "wqkv")
+KIMI_TEXT = dict(SPECS["deepseek_v3"][1], q_lora_rank=16, model_type="kimi_k2", vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0)  # fmt: skip
+KIMI_VISION = dict(patch_size=4, pos_emb_height=4, pos_emb_width=4, num_attention_heads=2, num_hidden_layers=1,
+                   hidden_size=32, intermediate_size=32)  # fmt: skip
 # name -> (transformers' config and model class names, config kwargs, autolm's text model, transformers' text model)
 CASES = {
     "qwen2_vl": (
@@ -185,6 +190,26 @@ CASES = {
         ),
         "MistralForCausalLM",
     ),
+    # Kimi K2.5 over DeepSeek-V3 named as the Hub names it ("kimi_k2"), its head tied by the outer default, then untied
+    "kimi_k25": (
+        "Kimi_K25",
+        dict(
+            text_config=dict(KIMI_TEXT, tie_word_embeddings=False),
+            vision_config=KIMI_VISION,
+            projection_hidden_size=32,
+        ),
+        "DeepseekV3ForCausalLM",
+    ),
+    "kimi_k25_untied": (
+        "Kimi_K25",
+        dict(
+            text_config=KIMI_TEXT,
+            vision_config=KIMI_VISION,
+            projection_hidden_size=32,
+            tie_word_embeddings=False,
+        ),
+        "DeepseekV3ForCausalLM",
+    ),
     "mistral3_ministral3": (
         "Mistral3",
         dict(
@@ -209,6 +234,13 @@ def _checkpoint(tmp_path_factory, name: str):
     randomize(model)
     model.tie_weights()
     model.save_pretrained(directory)
+    if prefix == "Kimi_K25":  # transformers saves the language model's layers as the vision tower's "blocks"
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(directory, "model.safetensors")
+        tensors = load_file(path)
+        save_file({k.replace(".model.blocks.", ".model.layers."): v for k, v in tensors.items()}, path,
+                  metadata={"format": "pt"})  # fmt: skip
     return str(directory), model.eval()
 
 

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError
 from ..nn import Attention, CheckpointRules, GGUFLayout, Ignored, Linear, RMSNorm, apply_rotary
 from .base import CausalLM
 from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_RULES, grouped_moe_mlp
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .mixtral import MixtralDecoderLayer, MixtralModel, validate_experts
 
 LORA_NORM_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's epsilon (transformers' RMSNorm default)
@@ -156,6 +157,16 @@ class DeepseekV3Config(PretrainedConfig):
         if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
             raise ConfigError(f"{src}: quantization_config: FP8 block-quantized weights (DeepSeek's original "
                               "release) are not supported; load a bf16 conversion")  # fmt: skip
+
+
+class Kimi_K25Config(ImageTextConfig):
+    """transformers' Kimi_K25Config (Kimi K2.5 / K2.6, image-text): its language model's, DeepSeek-V3's (text_config's
+    model_type deepseek_v3 or the Hub's "kimi_k2"); the head tied unless the outer config says otherwise."""
+
+    model_type: ClassVar[str] = "kimi_k25"
+    text_class: ClassVar[type] = DeepseekV3Config
+    text_classes: ClassVar[dict[str, type]] = {"kimi_k2": DeepseekV3Config}
+    tie_default: ClassVar[bool | None] = True
 
 
 class DeepseekV3Attention(Attention):
@@ -345,10 +356,10 @@ class DeepseekV3ForCausalLM(CausalLM):
     """transformers' DeepseekV3ForCausalLM."""
 
     config_class = DeepseekV3Config
-    # per-expert tensors on disk (GLM-4.5's rules); DeepSeek-V3's own files carry its multi-token prediction layer
-    # as layer 61, which transformers skips on load, as here
+    # per-expert tensors on disk (GLM-4.5's rules), also in Kimi K2.5's image-text files; DeepSeek-V3's own files
+    # carry its multi-token prediction layer as layer 61, which transformers skips on load, as here
     checkpoint_rules = CheckpointRules(
-        [*GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.61\..*"), GGUFMla()]
+        [*IMAGE_TEXT_RULES, *GROUPED_MOE_RULES.rules, Ignored(r"model\.layers\.61\..*"), GGUFMla()]
     )
     # llama.cpp's DeepseekV2Model converter: the names below, kv_b_proj split (GGUFMla), experts stacked; its
     # deepseek2 turns interleaved pairs and has no attention biases

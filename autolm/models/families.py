@@ -55,6 +55,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "glm4v_moe": ("glm4_moe", "Glm4vMoeConfig", "Glm4MoeForCausalLM", "glm4moe"),  # image-text: its LM
     "dots1": ("dots1", "Dots1Config", "Dots1ForCausalLM", "dots1"),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek2"),
+    "kimi_k25": ("deepseek_v3", "Kimi_K25Config", "DeepseekV3ForCausalLM", "deepseek2"),  # image-text: its LM
     "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", "ernie4_5-moe"),
     "seed_oss": ("seed_oss", "SeedOssConfig", "SeedOssForCausalLM", "seed_oss"),
     "hunyuan_v1_dense": (

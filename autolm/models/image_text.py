@@ -1,6 +1,6 @@
 """Image-text checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Qwen 2 VL / 2.5 VL / 3 VL /
 3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision, InternVL, SmolVLM / Idefics 3, LFM2-VL,
-Aya Vision, Command A Vision): their config is a wrapper holding the language model's settings as
+Aya Vision, Command A Vision, Kimi K2.5): their config is a wrapper holding the language model's settings as
 `text_config`, and their files hold the language model's tensors beside a vision tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
@@ -29,7 +29,7 @@ from ..nn import Ignored, Rename
 IMAGE_TEXT_RULES = (
     Rename(r"^(language_model\.model|model\.language_model|model\.text_model)\.", "model.", r"(?!)", ""),
     Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
-    Ignored(r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|connector)\..+"),
+    Ignored(r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|mm_projector|connector)\..+"),
     Ignored(r"(model\.)?image_newline"),
     Ignored(r"mtp\..+"),
 )
