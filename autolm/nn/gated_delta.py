@@ -44,12 +44,30 @@ def _prepare(q, k, v, g, beta):
     return q * q.shape[-1] ** -0.5, k, v, g, beta
 
 
-def _decayed_dots(a: torch.Tensor, b: torch.Tensor, pairwise: torch.Tensor) -> torch.Tensor:
-    """a, b (..., C, d) and the pairwise decays (..., C, C, 1 or d) -> (..., C, C): sum over the channels of
-    a_i * b_j * decay_ij (one matmul where the decay is one per head)."""
-    if pairwise.shape[-1] == 1:
-        return (a @ b.transpose(-1, -2)) * pairwise[..., 0]
-    return (a[..., :, None, :] * b[..., None, :, :] * pairwise).sum(dim=-1)
+_TABLE_ELEMENTS = 1 << 25  # the per-channel decays' table: at most this many at once (128 MB in fp32)
+
+
+def _decayed_dots(pairs, decay: torch.Tensor, upper: torch.Tensor) -> list[torch.Tensor]:
+    """For each (a, b) of `pairs` ((B, H, chunks, C, d) each) and the log decays from each chunk's start (.., C, 1
+    or d_k): sum over the channels of a_i * b_j * exp(decay_i - decay_j) for j <= i, else 0 -> (.., C, C). One
+    matmul each where the decay is one per head; one per key channel a few chunks at a time (their C x C x d_k
+    tables: every chunk's at once would take gigabytes for a long prompt)."""
+
+    def table(d: torch.Tensor) -> torch.Tensor:
+        return (d[..., :, None, :] - d[..., None, :, :]).masked_fill(upper, float("-inf")).exp()
+
+    if decay.shape[-1] == 1:
+        weights = table(decay)[..., 0]
+        return [(a @ b.transpose(-1, -2)) * weights for a, b in pairs]
+    outs = [a.new_empty(*a.shape[:-1], a.shape[-2]) for a, _ in pairs]
+    B, H, n, C, d = decay.shape
+    step = max(1, _TABLE_ELEMENTS // (B * H * C * C * d))  # chunks at a time
+    for i in range(0, n, step):
+        part = slice(i, i + step)
+        weights = table(decay[:, :, part])
+        for out, (a, b) in zip(outs, pairs, strict=True):
+            out[:, :, part] = (a[:, :, part, :, None, :] * b[:, :, part, None, :, :] * weights).sum(dim=-1)
+    return outs
 
 
 def recurrent_gated_delta_rule(
@@ -103,11 +121,8 @@ def chunk_gated_delta_rule(
     )
     decay = g.cumsum(dim=-2)  # log of the decay from the chunk's start to t (.., C, 1 or dk)
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)[..., None]
-    pairwise = (
-        (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(upper, float("-inf")).exp()
-    )  # (.., C, C, 1 or dk)
-    ut = _decayed_dots(k_beta, k, pairwise)
-    intra = _decayed_dots(q, k, pairwise)  # each token's attention within its chunk
+    # the UT transform's matrix, and each token's attention within its chunk
+    ut, intra = _decayed_dots([(k_beta, k), (q, k)], decay, upper)
     # the UT transform (unit lower-triangular): the values to write, and the keys that read the old state
     values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
     read_keys = torch.linalg.solve_triangular(ut, k_beta * decay.exp(), upper=False, unitriangular=True)
