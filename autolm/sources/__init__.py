@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..generation import GenerationConfig
 from ..hub import inside
 from ..models import config_from_file
+from .gguf_eog import KEEP, end_of_generation
 from .safetensors import SafetensorsFile, read_safetensors_header
 
 _LAYOUTS = (
@@ -151,10 +152,16 @@ class GGUFSource:
         from .gguf import GGUFFile
 
         self.directory, self.format, self.files = os.path.dirname(path), "gguf", [path]
-        self.file = GGUFFile(path, strings=False)  # the model's load reads no vocabulary
+        # the model's load reads no vocabulary, only where its end-of-generation markers stand
+        self.file = GGUFFile(path, strings=False, keep=KEEP)
 
     def generation_config(self, config) -> GenerationConfig:
-        return GenerationConfig.from_model_config(config)
+        """The config's, ending a generation at every token llama.cpp ends one at (sources.gguf_eog)."""
+        out = GenerationConfig.from_model_config(config)
+        ends = end_of_generation(self.file.metadata)
+        if len(ends) > 1:
+            out.eos_token_id = ends
+        return out
 
     def config(self, **overrides: Any) -> PretrainedConfig:
         from .gguf import config_from_gguf

@@ -67,11 +67,13 @@ class GGUFFile:
     """A GGUF file: metadata as plain Python values and tensor descriptions, read by read_header over a
     memory map (gguf.GGUFReader takes seconds over a 49k-token vocabulary); errors as GGUFError. A model's load
     passes `strings=False`: the tokenizer's arrays of strings (0.1 s of decoding for 49k tokens and their
-    merges) are stepped over, only their lengths kept (SkippedStrings). The tensors' bytes are views of a memory
-    map of the file, or, with AUTOLM_NO_MMAP=1, of the file read into memory of its own (`memory`; not for a
-    reader that takes no weights: `weights=False`)."""
+    merges) are stepped over, only their lengths kept (SkippedStrings; and where the strings in `keep` stand).
+    The tensors' bytes are views of a memory map of the file, or, with AUTOLM_NO_MMAP=1, of the file read into
+    memory of its own (`memory`; not for a reader that takes no weights: `weights=False`)."""
 
-    def __init__(self, path: str, strings: bool = True, weights: bool = True):
+    def __init__(
+        self, path: str, strings: bool = True, weights: bool = True, keep: frozenset[str] = frozenset()
+    ):
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: file not found")
@@ -84,7 +86,7 @@ class GGUFFile:
             self.memory = _read_whole(f, size, path) if no_mmap() and weights else None
             self._map = self.memory if self.memory is not None else np.memmap(f, dtype=np.uint8, mode="r")
         try:
-            self.metadata, infos, start = read_header(path, header, size, strings)
+            self.metadata, infos, start = read_header(path, header, size, strings, keep)
         finally:
             header.close()
         self.tensors: list[TensorInfo] = []

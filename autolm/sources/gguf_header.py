@@ -32,12 +32,13 @@ _NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?",
 
 
 class SkippedStrings:
-    """A metadata array of strings that GGUFFile(strings=False) stepped over: its length, not its strings."""
+    """A metadata array of strings that GGUFFile(strings=False) stepped over: its length, not its strings, but
+    `found`: {index: string} of those among the strings the reader was asked to keep (`keep`)."""
 
-    __slots__ = ("n",)
+    __slots__ = ("found", "n")
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, found: dict[int, str] | None = None):
+        self.n, self.found = n, found or {}
 
     def __len__(self) -> int:
         return self.n
@@ -50,9 +51,12 @@ class _Header:
     """A cursor over a GGUF header in a memory map: every read and every count bounded by the file's size.
     `strings=False` steps over arrays of strings (a vocabulary and its merges) instead of decoding them."""
 
-    def __init__(self, path: str, buf, size: int, strings: bool = True):
+    def __init__(self, path: str, buf, size: int, strings: bool = True, keep: frozenset[str] = frozenset()):
         self.path, self.buf, self.size, self.pos, self.items = path, buf, size, 8, 0
         self.strings = strings
+        self.keep = {
+            t.encode(): t for t in keep
+        }  # strings a skipped array still reports (SkippedStrings.found)
         self.order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
         self.length = struct.Struct(self.order + "Q").unpack_from
 
@@ -84,15 +88,19 @@ class _Header:
         return str(self.buf[pos : pos + n], "utf-8", "replace")
 
     def skip_strings(self, n: int, what: str) -> SkippedStrings:
-        pos, size, length, buf = self.pos, self.size, self.length, self.buf
-        for _ in range(n):  # each string's length, no decoding: ~8x faster than string()
+        pos, size, length, buf, keep, found = self.pos, self.size, self.length, self.buf, self.keep, {}
+        first = {raw[0] for raw in keep}  # the kept strings' first bytes: the rest are stepped over unread
+        for i in range(n):  # each string's length, no decoding: ~8x faster than string()
             if pos + 8 > size:
                 self.fail(what)
-            pos += 8 + length(buf, pos)[0]
+            m = length(buf, pos)[0]
+            if m and buf[pos + 8] in first and (text := keep.get(buf[pos + 8 : pos + 8 + m])) is not None:
+                found[i] = text
+            pos += 8 + m
         if pos > size:
             self.fail(what, "{} runs past the end of the file (truncated or corrupt)")
         self.pos = pos
-        return SkippedStrings(n)
+        return SkippedStrings(n, found)
 
     def array(self, what: str, depth: int) -> list | SkippedStrings:
         inner = self.read("I", what)
@@ -130,14 +138,15 @@ class _Header:
 
 
 def read_header(
-    path: str, buf, size: int, strings: bool = True
+    path: str, buf, size: int, strings: bool = True, keep: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
     """(metadata as plain Python values, tensors as (name, shape, ggml type, offset from the data start),
     where the data starts): read with struct from the memory map, every count bounded by the file's size.
-    `strings=False`: arrays of strings become SkippedStrings (their length only)."""
+    `strings=False`: arrays of strings become SkippedStrings (their length only, and where the strings in `keep`
+    stand)."""
     if bytes(buf[:4]) != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (no GGUF magic)")
-    h = _Header(path, buf, size, strings)
+    h = _Header(path, buf, size, strings, keep)
     n_tensors = h.count(h.read("Q", "the tensor count"), 24, "the tensor count")
     n_kv = h.count(h.read("Q", "the metadata count"), 12, "the metadata count")
     metadata: dict[str, Any] = {}
