@@ -54,8 +54,10 @@ _NOT_COMPARED = {
     "no_rope_layer_interval", "input_jitter_noise",
 }  # fmt: skip
 # llama.cpp tensors the converter keeps in F32 whatever the type asked for (besides 1-D ones and biases), by the
-# name's last part: routers, learned positions, the recurrent layers' convolutions (ssm_conv1d, shortconv.conv)
-F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "ssm_conv1d", "conv")
+# name's last part: routers, learned positions, the recurrent layers' convolutions (ssm_conv1d, shortconv.conv,
+# Kimi Linear's ssm_conv1d_q/k/v)
+F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "ssm_conv1d", "conv", "ssm_conv1d_q",
+               "ssm_conv1d_k", "ssm_conv1d_v")  # fmt: skip
 
 
 def metadata(model) -> dict[str, Any]:

@@ -4,16 +4,21 @@ low-rank query with attention biases in the other), dense and mixture feed-forwa
 (grouped sigmoid routing, renormalised or not, shared experts); the recurrent battery (pieces through the cache,
 the serving engine), the chunked per-channel rule against the one-token recurrence, generation past a chunk,
 the checkpoint's own names (block_sparse_moe, w1/w2/w3, q/k/v_conv1d, the forget gate on self_attn) and
-config.json's attribute_map names, the Hub's linear_attn_config, config errors."""
+config.json's attribute_map names, the Hub's linear_attn_config, config errors; GGUF as llama.cpp's "kimi-linear"
+(its converter's file read, autolm's file read back, both run by llama.cpp where llama_cpp is installed, the
+refusals of what its graph cannot run)."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions
 from family_checks import Family, check_config_defaults
+from test_gguf_out import byte_tokenizer, merged_tokenizer  # noqa: F401  (merges: llama.cpp's "gpt2" vocabulary)
 
 import autolm
 from autolm.errors import ConfigError
@@ -217,3 +222,179 @@ def test_config_errors_name_the_field(change, field):
 
     with pytest.raises(ConfigError, match=field):
         KimiLinearConfig.from_dict({**HUB, **change})
+
+
+# ---- GGUF: llama.cpp's "kimi-linear" ------------------------------------------------------------------------------
+
+# what llama.cpp's graph runs: KDA heads as the attention heads, a plain q_proj, the top k renormalised, no expert
+# groups, leading dense layers; with a 3-tap conv, two shared experts and a scale of 1.5
+GGUF_FAMILY = Family(
+    "KimiLinearConfig",
+    dict(SIZES, n_group=1, n_shared_experts=2, linear_conv_kernel_dim=3, routed_scaling_factor=1.5),
+    lora_targets=LORA,
+)
+_EXPERTS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+
+
+def hub_hparams(hf) -> dict:
+    """The converter's hparams (AutoConfig's to_dict) for `hf` as Moonshot's config.json gives them: transformers'
+    config with the Hub keys the converter reads that transformers does not write (linear_attn_config with 1-based
+    layer lists, first_k_dense_replace, the router's sigmoid)."""
+    hp = hf.config.to_dict()
+    types, kinds = hp["layer_types"], hp["mlp_layer_types"]
+    lead = kinds.index("sparse") if "sparse" in kinds else len(kinds)
+    assert kinds == ["dense"] * lead + ["sparse"] * (len(kinds) - lead)
+    hp["linear_attn_config"] = {
+        "head_dim": hp["linear_head_dim"], "num_heads": hp["linear_num_heads"],
+        "short_conv_kernel_size": hp["linear_conv_kernel_dim"],
+        "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+    }  # fmt: skip
+    return {**hp, "first_k_dense_replace": lead, "moe_router_activation_func": "sigmoid"}
+
+
+def _metadata(w, hp) -> None:
+    """TextModel.set_gguf_parameters, then KimiLinearModel's (num_key_value_heads 1, then per layer)."""
+    import gguf
+
+    n, rope, lora = hp["num_hidden_layers"], hp["qk_rope_head_dim"], hp["kv_lora_rank"]
+    for key, field in (("block_count", "num_hidden_layers"), ("context_length", "model_max_length"),
+                       ("embedding_length", "hidden_size"), ("feed_forward_length", "intermediate_size"),
+                       ("head_count", "num_attention_heads"), ("layer_norm_rms_eps", "rms_norm_eps"),
+                       ("expert_count", "num_experts"), ("expert_used_count", "num_experts_per_token"),
+                       ("expert_group_used_count", "topk_group")):  # fmt: skip
+        getattr(w, f"add_{key}")(hp[field])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_value_length(hp["head_dim"])  # transformers' head_dim: qk_rope_head_dim
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(hp["vocab_size"])
+    full = hp["linear_attn_config"]["full_attn_layers"]
+    w.add_head_count_kv([1 if i + 1 in full else 0 for i in range(n)])
+    w.add_ssm_conv_kernel(hp["linear_attn_config"]["short_conv_kernel_size"])
+    w.add_kda_head_dim(hp["linear_attn_config"]["head_dim"])
+    w.add_kv_lora_rank(lora)
+    w.add_rope_dimension_count(rope)
+    w.add_key_length(lora + rope)
+    w.add_key_length_mla(hp["qk_nope_head_dim"] + rope)
+    w.add_value_length_mla(hp["v_head_dim"])
+    w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
+    w.add_expert_shared_count(hp["num_shared_experts"])
+    w.add_leading_dense_block_count(hp["first_k_dense_replace"])
+    w.add_expert_weights_scale(hp["routed_scaling_factor"])
+
+
+def _tensor(name: str, t: torch.Tensor, hp) -> list[tuple[str, torch.Tensor]]:
+    """KimiLinearModel.modify_tensors for one checkpoint tensor (experts already stacked): (name for gguf-py's
+    map, tensor)."""
+    from gguf_moe import mla_pieces
+
+    name = re.sub(r"\.block_sparse_moe\.(\w+_proj)\.", r".mlp.\1.", name)  # Moonshot's dense layers' names
+    name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+    if name.endswith(("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")):
+        t = t.reshape(1, t.shape[0], 1, t.shape[-1])
+    if name.endswith(".A_log"):
+        t = -torch.exp(t)
+    name = name.replace(".dt_bias", ".dt_proj.bias")
+    return mla_pieces(name, t, hp["num_key_value_heads"], hp["qk_nope_head_dim"])
+
+
+def write_kimi_linear_gguf(hf, path: str) -> None:
+    """The GGUF llama.cpp's KimiLinearModel converter (--outtype f32) makes of `hf` with Moonshot's config.json
+    (hub_hparams): its keys (_metadata), the q/k/v convs as (1, d_inner, 1, K), A_log as -exp(A_log), dt_bias as
+    ssm_dt.bias, kv_b_proj split per head, the experts stacked, the rest by gguf-py's map; a plain vocabulary."""
+    import gguf
+    from gguf_mimic import add_toy_vocab, stacked_experts
+    from safetensors.torch import load_file
+
+    hp = hub_hparams(hf)
+    w = gguf.GGUFWriter(path, "kimi-linear")
+    _metadata(w, hp)
+    add_toy_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.KIMI_LINEAR, hp["num_hidden_layers"])
+    tensors = load_file(f"{hf.name_or_path}/model.safetensors")
+    for name, t in stacked_experts(tensors, ".block_sparse_moe.experts.", hp["num_experts"]):
+        m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w\d)\.weight", name)
+        pieces = [(f"blk.{m.group(1)}.{_EXPERTS[m.group(2)]}.weight", t)] if m else None
+        for piece, value in pieces or _tensor(name, t, hp):
+            if not m:
+                piece = names.get_name(piece, try_suffixes=(".weight", ".bias"))
+            w.add_tensor(piece, np.ascontiguousarray(value.float().numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf(tmp_path_factory, tmp_path):
+    """The converter's file loads as KimiLinearForCausalLM (the layer kinds from the per-layer KV heads, the KDA
+    sizes, the leading dense layer, the shared experts' width) with transformers' logits, and llama.cpp's."""
+    from test_gguf_remote_archs import _close_to_llama_cpp, _row, llama_cpp_logits
+
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    path = str(tmp_path / "model.gguf")
+    write_kimi_linear_gguf(hf, path)
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert type(model).__name__ == "KimiLinearForCausalLM"
+    c = model.config
+    assert c.layer_types == hf.config.layer_types and c.mlp_layer_types == ["dense", "sparse", "sparse"]
+    assert (c.linear_head_dim, c.linear_num_heads, c.linear_conv_kernel_dim) == (8, 4, 3)
+    assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.q_lora_rank) == (
+        16,
+        8,
+        12,
+        16,
+        None,
+    )
+    assert (c.n_shared_experts, c.routed_scaling_factor, c.norm_topk_prob) == (2, 1.5, True)
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    _close_to_llama_cpp(_row(model), llama_cpp_logits(path))
+
+
+def test_gguf_out(tmp_path_factory, tmp_path, merged_tokenizer):  # noqa: F811
+    """save_gguf's file (the converter's keys, the KDA layers with no KV heads) loads back with the model's logits,
+    and llama.cpp runs it with close logits."""
+    from test_gguf_remote_archs import _close_to_llama_cpp, _row, llama_cpp_logits
+
+    from autolm.gguf_writer import save_gguf
+    from autolm.sources.gguf import GGUFFile
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(GGUF_FAMILY.checkpoint(tmp_path_factory)[0])
+    path = str(tmp_path / "m.gguf")
+    save_gguf(model, merged_tokenizer, path, "f32")
+    g = GGUFFile(path)
+    assert g.get("attention.head_count_kv") == [0, 1, 0] and g.get("expert_gating_func") == 2
+    assert {"blk.0.ssm_a", "blk.0.ssm_dt.bias", "blk.1.attn_k_b.weight"} <= {t.name for t in g.tensors}
+    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        got = back(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _close_to_llama_cpp(_row(model), llama_cpp_logits(path))
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [({"q_lora_rank": 24}, "q_lora_rank"), ({"norm_topk_prob": False}, "norm_topk_prob"),
+     ({"n_group": 2}, "n_group"), ({"linear_num_heads": 2}, "linear_num_heads"),
+     ({"mlp_layer_types": ["sparse", "dense", "sparse"]}, "mlp_layer_types"),
+     ({"n_shared_experts": 0}, "n_shared_experts"), ({"attention_bias": True}, "attention_bias"),
+     ({"tie_word_embeddings": True}, "tie_word_embeddings")],
+)  # fmt: skip
+def test_gguf_out_refused(tmp_path_factory, tmp_path, byte_tokenizer, change, refused):  # noqa: F811
+    """What llama.cpp's kimi-linear graph cannot run is refused, naming the field, and no file is left: a low-rank
+    query, top k not renormalised, expert groups, KDA heads other than the attention heads, dense layers after a
+    mixture, no shared experts, attention biases, no output matrix."""
+    from autolm.gguf_writer import save_gguf
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(GGUF_FAMILY.checkpoint(tmp_path_factory)[0])
+    for key, value in change.items():
+        setattr(model.config, key, value)
+    with pytest.raises(ConfigError, match=refused):
+        save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()

@@ -303,6 +303,7 @@ def _families():
     import test_family_jais2 as jais2
     import test_family_jamba as jamba
     import test_family_laguna as laguna
+    import test_family_kimi_linear as kimi_linear
     import test_family_lfm2 as lfm2
     import test_family_lfm2_moe as lfm2_moe
     import test_family_llama4 as llama4
@@ -405,6 +406,7 @@ def _families():
         "gemma4_text": (tuple(gemma4.GGUF_FAMILIES.values()), gemma4.write_gemma4_gguf),
         "cohere2_moe": ((cohere2_moe.NORTH, cohere2_moe.SOFTMAX), cohere2_moe.write_cohere2_moe_gguf),
         "cohere2": (cohere2.R7B, cohere2.write_cohere2_gguf),
+        "kimi_linear": (kimi_linear.GGUF_FAMILY, kimi_linear.write_kimi_linear_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
         "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
         "granitemoeshared": (granitemoeshared.SHARED, granitemoeshared.write_granitemoeshared_gguf),

@@ -157,5 +157,5 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
     "zamba": ("zamba", "ZambaConfig", "ZambaForCausalLM", None),  # llama.cpp has none
-    "kimi_linear": ("kimi_linear", "KimiLinearConfig", "KimiLinearForCausalLM", None),  # GGUF: not yet
+    "kimi_linear": ("kimi_linear", "KimiLinearConfig", "KimiLinearForCausalLM", "kimi-linear"),
 }

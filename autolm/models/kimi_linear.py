@@ -19,7 +19,8 @@ transformers keeps the checkpoint's own names (as Moonshot's files): `block_spar
 block, the experts' w1 / w2 / w3, the forget gate's tensors on `self_attn`, the conv as q_conv1d / k_conv1d /
 v_conv1d; config.json in its attribute_map's names (num_experts, num_expert_group, moe_renormalize, ...). The
 Hub's `linear_attn_config` (head size, heads, kernel, 1-based kda_layers / full_attn_layers) is read as transformers
-reads it. The compiled one-token step is not used (recurrent layers), as for the other hybrids.
+reads it. The compiled one-token step is not used (recurrent layers), as for the other hybrids. GGUF: llama.cpp's
+"kimi-linear" (autolm.models.kimi_linear_gguf).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from torch import nn
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import GatedMLP, Linear, Rename, Stacked
+from ..nn import GatedMLP, GGUFLayout, Linear, Rename, Stacked
+from ..nn.expert_formats import GGUFExperts
 from ..nn.linear import packed
+from . import kimi_linear_gguf
 from .base import CausalLM
-from .deepseek_v3 import DeepseekV3Attention, DeepseekV3Config, DeepseekV3DecoderLayer
-from .glm4_moe import grouped_moe_mlp
+from .deepseek_v3 import DeepseekV3Attention, DeepseekV3Config, DeepseekV3DecoderLayer, GGUFMla
+from .glm4_moe import GGUF_GROUPED_LAYER, ExpProbsBias, grouped_moe_mlp
 from .mixtral import MixtralModel
 from .olmo_hybrid import ConvPieces, OlmoHybridRules
 from .qwen3_next import Qwen3NextGatedDeltaNet
@@ -258,8 +261,26 @@ class KimiLinearForCausalLM(CausalLM):
                 ".self_attn.",
             ),
             KimiConvPieces(),
+            # llama.cpp's files: stacked experts, exp_probs_b, attn_k_b / attn_v_b, the KDA tensors' transforms
+            GGUFExperts(),
+            Rename(r"\.gate\.e_score_correction\.bias$", ".gate.e_score_correction_bias", r"(?!)", ""),
+            ExpProbsBias(),
+            GGUFMla(),
+            kimi_linear_gguf.KimiLinearGGUF(),
         ]
     )
+    gguf = GGUFLayout(
+        "kimi-linear",
+        config=kimi_linear_gguf.GGUF_KDA_KEYS,
+        layer=(*kimi_linear_gguf.GGUF_KDA, ("attn_q_a", "self_attn.q_a_proj"),
+               ("attn_q_a_norm", "self_attn.q_a_layernorm"), ("attn_q_b", "self_attn.q_b_proj"),
+               ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"), ("attn_kv_a_norm", "self_attn.kv_a_layernorm"),
+               ("attn_k_b", "self_attn.k_b_proj"), ("attn_v_b", "self_attn.v_b_proj"), *GGUF_GROUPED_LAYER),
+        fixed=(("attention_bias", False),),
+        derive=kimi_linear_gguf.derive,
+        write_config=kimi_linear_gguf.write_config,
+        bare=("ssm_a",),
+    )  # fmt: skip
     # none yet: DeepSeek-V3's plan would split the KDA layers' q/k/v projections too (tp_plan is refused by name)
     tp_patterns: ClassVar[dict[str, str]] = {}
     _no_split_modules: ClassVar[list[str]] = ["KimiLinearDecoderLayer"]
@@ -267,3 +288,6 @@ class KimiLinearForCausalLM(CausalLM):
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__(config, MixtralModel(config, KimiLinearDecoderLayer))
+        mla = GGUFMla(config.num_attention_heads, config.qk_nope_head_dim)  # this model's heads, for GGUF out
+        rules = type(self).checkpoint_rules
+        self.checkpoint_rules = KimiLinearRules([mla if isinstance(r, GGUFMla) else r for r in rules.rules])
