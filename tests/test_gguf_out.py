@@ -297,13 +297,14 @@ def _families():
     import test_family_granitemoeshared as granitemoeshared
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
+    import test_family_hunyuan_vl as hunyuan_vl
     import test_family_hy_v3 as hy_v3
     import test_family_internlm3 as internlm3
     import test_family_iquestcoder as iquestcoder
     import test_family_jais2 as jais2
     import test_family_jamba as jamba
-    import test_family_laguna as laguna
     import test_family_kimi_linear as kimi_linear
+    import test_family_laguna as laguna
     import test_family_lfm2 as lfm2
     import test_family_lfm2_moe as lfm2_moe
     import test_family_llama4 as llama4
@@ -336,6 +337,7 @@ def _families():
     import test_family_solar_open as solar_open
     import test_family_stablelm as stablelm
     import test_family_starcoder2 as starcoder2
+    import test_family_step3p5 as step3p5
     import test_family_youtu as youtu
     from conftest import SPECS
     from family_checks import Family
@@ -385,6 +387,7 @@ def _families():
         "ernie4_5_moe": (ernie_moe.ERNIE_MOE, ernie_moe.write_ernie4_5_moe_gguf),
         "seed_oss": ((seed_oss.GGUF_FAMILY, seed_oss.TIED), seed_oss.write_seed_oss_gguf),
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),
+        "hunyuan_vl_text": (hunyuan_vl.GGUF_FAMILY, hunyuan_vl.write_hunyuan_vl_gguf),
         "gpt_bigcode": (bigcode.MQA, bigcode.write_starcoder_gguf),
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "mistral4": (mistral4.LATE, mistral4.write_mistral4_gguf),
@@ -403,10 +406,10 @@ def _families():
         "glm4_moe_lite": (glm4_moe_lite.GGUF_FAMILY, glm4_moe_lite.write_glm4_moe_lite_gguf),
         "falcon_mamba": (falcon_mamba.GGUF_FAMILIES, mamba.write_mamba_gguf),
         "jamba": (jamba.GGUF_FAMILIES, jamba.write_jamba_gguf),
+        "kimi_linear": (kimi_linear.GGUF_FAMILY, kimi_linear.write_kimi_linear_gguf),
         "gemma4_text": (tuple(gemma4.GGUF_FAMILIES.values()), gemma4.write_gemma4_gguf),
         "cohere2_moe": ((cohere2_moe.NORTH, cohere2_moe.SOFTMAX), cohere2_moe.write_cohere2_moe_gguf),
         "cohere2": (cohere2.R7B, cohere2.write_cohere2_gguf),
-        "kimi_linear": (kimi_linear.GGUF_FAMILY, kimi_linear.write_kimi_linear_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
         "granitemoehybrid": (granitemoehybrid.GGUF_FAMILIES, granitemoehybrid.write_granitemoehybrid_gguf),
         "granitemoeshared": (granitemoeshared.SHARED, granitemoeshared.write_granitemoeshared_gguf),
@@ -427,6 +430,8 @@ def _families():
         "afmoe": (afmoe.TRINITY, afmoe.write_afmoe_gguf),
         "mellum": (mellum.GGUF, mellum.write_mellum_gguf),
         "laguna": (laguna.GGUF_XS, laguna.write_laguna_gguf),
+        # the converter reads the release's config.json spelling only (test_family_step3p5 writes its file so)
+        "step3p5": (step3p5.G, None),
         "mimo_v2_flash": (
             mimo_v2_flash.MIMO,
             lambda hf, path: mimo_v2_flash.write_mimo_gguf(hf, path, nextn=0),

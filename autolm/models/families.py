@@ -64,6 +64,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "HunYuanDenseV1ForCausalLM",
         "hunyuan-dense",
     ),
+    "hunyuan_vl_text": ("hunyuan_vl", "HunYuanVLTextConfig", "HunYuanVLForCausalLM", "hunyuan_vl"),
+    "hunyuan_vl": ("hunyuan_vl", "HunYuanVLConfig", "HunYuanVLForCausalLM", "hunyuan_vl"),  # image-text
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
@@ -90,6 +92,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
     "laguna": ("laguna", "LagunaConfig", "LagunaForCausalLM", "laguna"),
+    "step3p5": ("step3p5", "Step3p5Config", "Step3p5ForCausalLM", "step35"),
+    "step3p7": ("step3p5", "Step3p7Config", "Step3p5ForCausalLM", "step35"),  # image-text: its LM
     "mellum": ("mellum", "MellumConfig", "MellumForCausalLM", "mellum"),
     "phimoe": ("phimoe", "PhimoeConfig", "PhimoeForCausalLM", "phimoe"),
     "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM", "dbrx"),

@@ -1,7 +1,7 @@
 """Image-text checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Qwen 2 VL / 2.5 VL / 3 VL /
 3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision, InternVL, SmolVLM / Idefics 3, LFM2-VL,
-Aya Vision, Command A Vision, Kimi K2.5): their config is a wrapper holding the language model's settings as
-`text_config`, and their files hold the language model's tensors beside a vision tower's.
+Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7): their config is a wrapper holding the language
+model's settings as `text_config`, and their files hold the language model's tensors beside a vision tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
 config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with

@@ -90,7 +90,8 @@ class Experts(nn.Module):
     (gpt-oss) (E, h, 2I) and (E, I, h); optional biases gate_up_proj_bias (E, 2I), down_proj_bias (E, h).
     The gate and up halves are concatenated ([gate; up]) or, with `interleaved`, alternate (gate0, up0, ...).
     `limit` and `alpha` give gpt-oss's clamped activation: (clamp(up) + 1) * g * sigmoid(alpha * g), g = gate
-    clamped from above; otherwise act(gate) * up."""
+    clamped from above; `limit` alone Step 3.5's: act(gate) clamped from above times up clamped to +-limit;
+    otherwise act(gate) * up."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu", *, bias: bool = False,
                  transposed: bool = False, interleaved: bool = False, limit: float | None = None,
@@ -126,8 +127,10 @@ class Experts(nn.Module):
         """The activation of the gate and up projections (rows, I) each."""
         if self.limit is None:
             return self.act_fn(gate) * up
-        gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
+        if self.alpha is None:
+            return self.act_fn(gate).clamp(max=self.limit) * up
+        gate = gate.clamp(max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
     def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
