@@ -54,6 +54,19 @@ def _default_rope(max_position_embeddings: int | None) -> dict[str, Any]:
     }
 
 
+def rope_as_given(d: dict[str, Any], length: int, default, read) -> tuple[dict[str, Any], str]:
+    """rope_parameters (or v4's rope_scaling) as `read` (the config class's base reading) reads them, the "type"
+    spelling kept where the file has it (as transformers keeps it); `default(max_position_embeddings)` (transformers'
+    YaRN default) where the config gives neither (a top-level rope_theta too: transformers keeps its default)."""
+    given = d.get("rope_parameters") if d.get("rope_parameters") is not None else d.get("rope_scaling")
+    if given is None:
+        return default(d.get("max_position_embeddings", length)), "v5"
+    rope, spelling = read()
+    if isinstance(given, dict) and "type" in given:
+        rope["type"] = given["type"]
+    return rope, spelling
+
+
 @dataclass(repr=False)
 class Ministral3Config(MistralConfig):
     """transformers' Ministral3Config."""
@@ -80,15 +93,8 @@ class Ministral3Config(MistralConfig):
 
     @classmethod
     def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
-        """rope_parameters (or v4's rope_scaling) as given, the "type" spelling kept where the file has it (as
-        transformers keeps it); transformers' YaRN default where the config gives neither."""
-        given = d.get("rope_parameters") if d.get("rope_parameters") is not None else d.get("rope_scaling")
-        if given is None:  # a top-level rope_theta too: transformers' Ministral3Config keeps its default
-            return _default_rope(d.get("max_position_embeddings", cls.max_position_embeddings)), "v5"
-        rope, spelling = super().read_rope(d, source)
-        if isinstance(given, dict) and "type" in given:
-            rope["type"] = given["type"]
-        return rope, spelling
+        base = super().read_rope
+        return rope_as_given(d, cls.max_position_embeddings, _default_rope, lambda: base(d, source))
 
     def __post_init__(self) -> None:
         if (

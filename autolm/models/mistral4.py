@@ -44,7 +44,7 @@ from .deepseek_v3 import SIGMOID_GATING, DeepseekV3Attention, DeepseekV3Config, 
 from .deepseek_v3 import _gguf_config as _v3_gguf_config
 from .deepseek_v3 import _gguf_write_config as _v3_gguf_write_config
 from .image_text import IMAGE_TEXT_RULES
-from .ministral3 import _BETA, _ORIGINAL, SCALE, Llama4ScaledRotary
+from .ministral3 import _BETA, _ORIGINAL, SCALE, Llama4ScaledRotary, rope_as_given
 from .mixtral import MixtralDecoderLayer, MixtralModel
 
 _PARTIAL = "partial_rotary_factor"
@@ -91,15 +91,8 @@ class Mistral4Config(DeepseekV3Config):
 
     @classmethod
     def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
-        """rope_parameters (or v4's rope_scaling) as given, the "type" spelling kept where the file has it;
-        transformers' YaRN default where the config gives neither."""
-        given = d.get("rope_parameters") if d.get("rope_parameters") is not None else d.get("rope_scaling")
-        if given is None:
-            return _default_rope(d.get("max_position_embeddings", cls.max_position_embeddings)), "v5"
-        rope, spelling = super().read_rope(d, source)
-        if isinstance(given, dict) and "type" in given:
-            rope["type"] = given["type"]
-        return rope, spelling
+        base = super().read_rope
+        return rope_as_given(d, cls.max_position_embeddings, _default_rope, lambda: base(d, source))
 
     def __post_init__(self) -> None:
         super().__post_init__()
