@@ -37,6 +37,7 @@ from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import GatedMLP, GGUFLayout, Linear, Rename, Stacked
 from ..nn.expert_formats import GGUFExperts
+from ..nn.gated_delta import GatedRMSNorm
 from ..nn.linear import packed
 from . import kimi_linear_gguf
 from .base import CausalLM
@@ -45,7 +46,6 @@ from .glm4_moe import GGUF_GROUPED_LAYER, ExpProbsBias, grouped_moe_mlp
 from .mixtral import MixtralModel
 from .olmo_hybrid import ConvPieces, OlmoHybridRules
 from .qwen3_next import Qwen3NextGatedDeltaNet
-from .qwen4_exp import OutputGatedRMSNorm
 
 _LINEAR_KEYS = ("linear_head_dim", "linear_num_heads", "linear_conv_kernel_dim")
 _NOT_KIMI = ("rope_parameters", "rope_theta", "rope_scaling")  # Kimi Linear has no RoPE settings
@@ -201,7 +201,7 @@ class KimiDeltaAttention(Qwen3NextGatedDeltaNet):
         self.b_proj = Linear(h, heads, bias=False)
         self.g_a_proj = Linear(h, d, bias=False)
         self.g_b_proj = Linear(d, self.value_dim, bias=False)
-        self.o_norm = OutputGatedRMSNorm(d, config.rms_norm_eps, "sigmoid")
+        self.o_norm = GatedRMSNorm(d, config.rms_norm_eps, "sigmoid", fp32_weight=True)
         self.o_proj = Linear(self.value_dim, h, bias=False)
 
     norm = property(lambda self: self.o_norm)  # Qwen3NextGatedDeltaNet.forward's names for them

@@ -177,26 +177,11 @@ class Qwen4ExpConfig(ImageTextConfig):
     text_class: ClassVar[type] = Qwen4ExpTextConfig
 
 
-class OutputGatedRMSNorm(GatedRMSNorm):
-    """The DeltaNet's gated norm with transformers' Qwen4ExpTextRMSNormGated's activation (SiLU or sigmoid)."""
-
-    def __init__(self, dim: int, eps: float, activation: str):
-        super().__init__(dim, eps)
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if self.activation == "silu":
-            return super().forward(x, gate)
-        dtype, h = x.dtype, x.float()
-        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return (h * torch.sigmoid(gate.float())).to(dtype)
-
-
 class Qwen4ExpGatedDeltaNet(Qwen3_5GatedDeltaNet):
     def __init__(self, config: Any, layer_idx: int):
         super().__init__(config, layer_idx)
         act = config.output_gate_type or config.hidden_act
-        self.norm = OutputGatedRMSNorm(self.head_v_dim, config.rms_norm_eps, act)
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps, act)
 
 
 class Qwen4ExpTextDecoderLayer(nn.Module):

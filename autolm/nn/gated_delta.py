@@ -140,20 +140,22 @@ def chunk_gated_delta_rule(
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of x gated by SiLU(gate) (transformers' Qwen3NextRMSNormGated): normed in fp32, cast back, times the
-    weight (starting at one), times SiLU(gate) in fp32, cast back."""
+    """RMSNorm of x gated by act(gate) (transformers' Qwen3NextRMSNormGated; `activation` "sigmoid" for Qwen4-Exp's
+    and Kimi Linear's): normed in fp32, cast back, times the weight (starting at one), times act(gate) in fp32,
+    cast back; with `fp32_weight` (Kimi Linear's) the weight multiplies in fp32, one cast at the end."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu", fp32_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.activation, self.fp32_weight = eps, activation, fp32_weight
+        self.act = F.silu if activation == "silu" else torch.sigmoid
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = self.weight * h.to(dtype)
-        return (h * F.silu(gate.float())).to(dtype)
+        h = self.weight.float() * h if self.fp32_weight else self.weight * h.to(dtype)
+        return (h * self.act(gate.float())).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
