@@ -227,8 +227,9 @@ class DeepseekV3Attention(Attention):
             q, k = F.pad(q, (0, hd - self.qk_dim)), F.pad(k, (0, hd - self.qk_dim))
         if hd > self.v_dim:
             v = F.pad(v, (0, hd - self.v_dim))
-        y = ctx.attend(self.layer_idx, q, k, v, None, self.scaling)  # (B, T, nh, hd)
-        return self.o_proj(y[..., : self.v_dim].reshape(B, T, nh * self.v_dim))
+        sinks = getattr(self, "sinks", None)  # Hy v4's (models.hy_v4)
+        y = ctx.attend(self.layer_idx, q, k, v, None, self.scaling, None, sinks)  # (B, T, nh, hd)
+        return self.o_proj(self.gate(x, y[..., : self.v_dim].reshape(B, T, nh * self.v_dim)))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_head_dim={self.qk_dim}, v_head_dim={self.v_dim}"

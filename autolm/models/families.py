@@ -92,6 +92,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
     "laguna": ("laguna", "LagunaConfig", "LagunaForCausalLM", "laguna"),
+    "hy_v4": ("hy_v4", "HYV4Config", "HYV4ForCausalLM", None),  # llama.cpp's hy_v4 GGUF not done yet
     "step3p5": ("step3p5", "Step3p5Config", "Step3p5ForCausalLM", "step35"),
     "step3p7": ("step3p5", "Step3p7Config", "Step3p5ForCausalLM", "step35"),  # image-text: its LM
     "mellum": ("mellum", "MellumConfig", "MellumForCausalLM", "mellum"),

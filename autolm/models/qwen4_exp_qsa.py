@@ -130,7 +130,8 @@ class MaskedContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ctx, name)
 
-    def attend(self, layer_idx: int, q, k, v, window=None, scale=None, *args, **kwargs) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, window=None, scale=None, softcap=None, sinks=None, *args,
+               **kwargs) -> torch.Tensor:  # fmt: skip
         ctx = self.ctx
         if isinstance(ctx, OneToken):
             keys, values = ctx.keys[layer_idx], ctx.values[layer_idx]
@@ -140,7 +141,7 @@ class MaskedContext:
         elif ctx.cache is not None:
             k, v = ctx.cache.update(layer_idx, k, v, ctx.cache_position, ctx.kv_length)
         k, v = k.to(q.dtype), v.to(q.dtype)
-        return kernels.attention(q, k, v, self.mask, scale, None, None, getattr(ctx, "attentions", None))
+        return kernels.attention(q, k, v, self.mask, scale, None, sinks, getattr(ctx, "attentions", None))
 
 
 class IndexedAttention(GatedAttention):
