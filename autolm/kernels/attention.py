@@ -33,9 +33,10 @@ def attention(
     scale = hd**-0.5 if scale is None else scale
     if weights is not None or softcap is not None or sinks is not None or alibi is not None:
         return eager_attention(q, k, v, mask, scale, softcap, sinks, weights, alibi)
-    if T == 1 and mask is not None:
+    shared = mask is None or mask.shape[1] == 1  # one mask for every head (else per-head: SDPA below)
+    if T == 1 and mask is not None and shared:
         return grouped_attention(q, k, v, mask, scale)
-    if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
+    if T > 1 and shared and q.dtype is torch.bfloat16 and q.device.type == "cpu" and not needs_grad(q, k, v):
         return blocked_attention(q, k, v, mask, scale)
     # grouped heads as transformers' SDPA path: SDPA's own GQA without a mask, K and V repeated with one (the same
     # values either way; under autocast the two round the K/V gradients apart, so each follows transformers)

@@ -36,6 +36,7 @@ cohere2 jamba falcon_mamba mamba falcon_h1 qwen3_5_moe_text qwen3_5_text qwen3_n
 lfm2 dbrx phimoe afmoe gemma4_text llama4_text jais2 cwm solar_open youtu hyperclovax bamba flex_olmo hy_v3 mimo_v2_flash
 lfm3 laguna step3p5 mellum olmo_hybrid iquestcoder kolibri1 flint axk1 qwen4_exp_text hunyuan_vl_text
 diffllama jetmoe zamba2 minimax zamba deepseek_v32 glm_moe_dsa longcat_flash mistral4 kimi_linear hy_v4
+minimax_m3_vl_text
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"

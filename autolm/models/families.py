@@ -83,8 +83,11 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
     "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
+    "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", None),
+    "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", None),  # image-text
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),
     "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM", "hy_v3"),
+    "hy_v4": ("hy_v4", "HYV4Config", "HYV4ForCausalLM", None),  # llama.cpp's hy_v4 GGUF not done yet
     "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", "mimo2"),
     "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
     "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
@@ -92,7 +95,6 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
     "laguna": ("laguna", "LagunaConfig", "LagunaForCausalLM", "laguna"),
-    "hy_v4": ("hy_v4", "HYV4Config", "HYV4ForCausalLM", None),  # llama.cpp's hy_v4 GGUF not done yet
     "step3p5": ("step3p5", "Step3p5Config", "Step3p5ForCausalLM", "step35"),
     "step3p7": ("step3p5", "Step3p7Config", "Step3p5ForCausalLM", "step35"),  # image-text: its LM
     "mellum": ("mellum", "MellumConfig", "MellumForCausalLM", "mellum"),
