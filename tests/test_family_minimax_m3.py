@@ -12,18 +12,26 @@ against transformers on that row alone, and the battery (bf16, LoRA vs peft, qua
 on unpadded prompts. No compiled-step test: the compiled graphs do not serve the sparse layers (they read the
 indexer's cache layer too). Also: the released layout (block_sparse_moe with per-expert w1/w3/w2, index_* tensor
 names, sparse_attention_config / moe_layer_freq) inside the image-text wrapper (minimax_m3_vl, vision tensors
-skipped), config defaults and errors. No GGUF here."""
+skipped), config defaults and errors. GGUF (llama.cpp's "minimax-m3"): the converter's file of a checkpoint
+llama.cpp can run (its layer pattern, SwiGLU constants, one indexer head per key/value head) loads with
+transformers' logits, autolm's GGUF out reads back, llama.cpp (flash attention on: its sparse selection needs it)
+runs both on one unpadded row close to autolm, and what llama.cpp would compute differently is refused by field."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import family_checks
+import numpy as np
 import pytest
 import torch
 from conftest import padded_batch, positions
 from safetensors.torch import load_file, save_file
 from test_family_minimax_m2 import RoutedFamily
+from test_gguf_out import merged_tokenizer  # noqa: F401
 
 import autolm
 from autolm import step
@@ -245,3 +253,134 @@ def test_config_errors_name_the_key(key, bad):
     MiniMaxM3VLTextConfig(**small)
     with pytest.raises(autolm.ConfigError, match=key):
         MiniMaxM3VLTextConfig.from_dict({**small, key: bad})
+
+
+# ---- GGUF: llama.cpp's "minimax-m3" ----------------------------------------------------------------------------
+
+# what llama.cpp's graph runs: the sparse layers exactly the mixture ones past the leading dense one, gpt-oss's SwiGLU
+# constants, one indexer head per key/value head turned over the whole (rotary) head, the dense MLP as wide as an
+# expert (the converter writes feed_forward_length from intermediate_size), a shared MLP of two experts' width
+GGUF_FAMILY = RoutedFamily(
+    "MiniMaxM3VLTextConfig",
+    dict(SIZES, layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"], swiglu_limit=7.0,
+         dense_intermediate_size=32, shared_intermediate_size=64, rotary_dim=16, routed_scaling_factor=1.5),
+)  # fmt: skip
+_GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.down_proj": "ffn_down",
+    "self_attn.indexer.q_proj": "indexer.q_proj", "self_attn.indexer.k_proj": "indexer.k_proj",
+    "self_attn.indexer.q_norm": "indexer.q_norm", "self_attn.indexer.k_norm": "indexer.k_norm",
+    "mlp.gate": "ffn_gate_inp", "mlp.gate.e_score_correction": "exp_probs_b", "mlp.experts.down_proj": "ffn_down_exps",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+}  # fmt: skip
+_HALVES = {"mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+           "mlp.shared_experts.gate_up_proj": ("ffn_gate_shexp", "ffn_up_shexp")}  # fmt: skip
+
+
+def write_minimax_m3_gguf(hf, path: str) -> None:
+    """The GGUF llama.cpp's MiniMaxM3Model converter makes of `hf` (--outtype f32): MiniMax-M2's keys (TextModel's,
+    the head size, the experts' counts and length, the sigmoid gating, rope.dimension_count as rotary_dim), the
+    shared experts' count, the routed scale and renormalisation, the indexer's five keys, the leading dense layers;
+    1 added to every norm weight; the experts' w1/w3/w2 stacked (here split off transformers' stacked gate_up), the
+    dense and shared MLPs' gate / up apart, the correction bias as exp_probs_b.bias; the installed gguf package
+    predates the arch: names by gguf-py's map written here. A plain vocabulary."""
+    import gguf
+    from gguf_mimic import add_text_model, add_toy_vocab
+
+    c, hp = hf.config, json.load(open(f"{hf.name_or_path}/config.json"))
+    w = gguf.GGUFWriter(path, "minimax-m3")
+    add_text_model(w, c)
+    w.add_expert_count(hp["num_local_experts"])
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_key_length(hp["head_dim"])
+    w.add_value_length(hp["head_dim"])
+    w.add_expert_feed_forward_length(hp["intermediate_size"])
+    w.add_rope_dimension_count(hp["rotary_dim"])
+    w.add_expert_shared_count(hp["shared_intermediate_size"] // hp["intermediate_size"])  # n_shared_experts
+    w.add_expert_weights_scale(hp["routed_scaling_factor"])
+    w.add_expert_weights_norm(True)
+    for key, field in (("head_count", "index_n_heads"), ("key_length", "index_head_dim"),
+                       ("top_k", "index_topk_blocks"), ("block_size", "index_block_size"),
+                       ("local_blocks", "index_local_blocks")):  # fmt: skip
+        w.add_uint32(f"minimax-m3.attention.indexer.{key}", hp[field])
+    w.add_leading_dense_block_count(hp["mlp_layer_types"].index("sparse"))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_toy_vocab(w)
+    for name, t in load_file(f"{hf.name_or_path}/model.safetensors").items():
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias").removesuffix(".weight")
+        t = t + 1 if name.endswith("norm") else t
+        base, _, kind = name.rpartition(".") if name.endswith(".bias") else (name, "", "weight")
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
+        stem, part = (f"blk.{m.group(1)}.", m.group(2)) if m else ("", base)
+        pieces = (
+            zip(_HALVES[part], t.chunk(2, -2), strict=True) if part in _HALVES else [(_GGUF_NAMES[part], t)]
+        )
+        for out, p in pieces:
+            w.add_tensor(f"{stem}{out}.{kind}", np.ascontiguousarray(p.float().numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_cpp_logits_fa(path: str) -> torch.Tensor:
+    """test_gguf_remote_archs' llama_cpp_logits with flash attention on (llama.cpp's sparse selection runs only
+    then; without it llama.cpp attends densely)."""
+    from test_gguf_remote_archs import _CHILD, ROW
+
+    pytest.importorskip("llama_cpp")
+    child = _CHILD.replace("verbose=False", "flash_attn=True, verbose=False")
+    assert child != _CHILD
+    ids = ",".join(str(t) for t in ROW[0].tolist())
+    run = subprocess.run([sys.executable, "-c", child, path, ids, path + ".npy"], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.from_numpy(np.load(path + ".npy"))
+
+
+def test_gguf_in_and_out_with_llama_cpp(tmp_path_factory, tmp_path, merged_tokenizer):  # noqa: F811
+    """The converter's file loads as the family with transformers' logits and config; autolm's GGUF out reads back
+    the same model; llama.cpp runs both files on one unpadded row (13 tokens: the indexers drop blocks) close to
+    autolm's logits (its rows of a padded batch are each row alone, as llama.cpp's sequences)."""
+    from test_gguf_remote_archs import ROW, _close_to_llama_cpp
+
+    from autolm.gguf_writer import save_gguf
+
+    _, hf = GGUF_FAMILY.checkpoint(tmp_path_factory)
+    write_minimax_m3_gguf(hf, str(tmp_path / "conv.gguf"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="conv.gguf")
+    assert type(model).__name__ == "MiniMaxM3VLForCausalLM"
+    c, theirs = model.config, hf.config
+    for key in ("layer_types", "mlp_layer_types", "shared_intermediate_size", "dense_intermediate_size", "head_dim",
+                "index_n_heads", "index_head_dim", "index_block_size", "index_topk_blocks", "index_local_blocks"):  # fmt: skip
+        assert getattr(c, key) == getattr(theirs, key), key
+    assert c.routed_scaling_factor == pytest.approx(1.5)
+    with torch.no_grad():
+        ours = model(ROW).logits[0]
+        torch.testing.assert_close(ours, hf(ROW).logits[0], atol=1e-4, rtol=1e-4)
+    out = save_gguf(model, merged_tokenizer, str(tmp_path / "out.gguf"), "f32")
+    back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="out.gguf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ROW).logits[0], ours, atol=1e-5, rtol=1e-5)
+    _close_to_llama_cpp(ours, llama_cpp_logits_fa(str(tmp_path / "conv.gguf")))
+    _close_to_llama_cpp(ours, llama_cpp_logits_fa(out))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("swiglu_limit", 3.0), ("layer_types", ["full_attention", "full_attention", "minimax_m3_sparse"]),
+     ("mlp_layer_types", ["sparse", "dense", "sparse"]), ("index_n_heads", 4), ("index_head_dim", 8),
+     ("shared_intermediate_size", 24), ("tie_word_embeddings", True)],
+)  # fmt: skip
+def test_gguf_out_refuses_what_llama_cpp_computes_otherwise(tmp_path, merged_tokenizer, field, value):  # noqa: F811
+    """A config llama.cpp's minimax-m3 graph would run differently is a ConfigError naming the field; no file."""
+    from autolm.gguf_writer import save_gguf
+    from autolm.models.minimax_m3 import MiniMaxM3VLForCausalLM
+
+    config = MiniMaxM3VLTextConfig(**{**GGUF_FAMILY.kwargs, field: value, "vocab_size": 160})
+    with pytest.raises(autolm.ConfigError, match=field):
+        save_gguf(MiniMaxM3VLForCausalLM(config), merged_tokenizer, str(tmp_path / "no.gguf"), "f32")
+    assert not (tmp_path / "no.gguf").exists()

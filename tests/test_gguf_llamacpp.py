@@ -168,12 +168,15 @@ def test_llama3_rope_scaling_means_the_same_in_llama_cpp(smol_dir, tmp_path):
 _CHILD = """
 import sys, numpy as np, llama_cpp
 path, ids = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
-llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
+llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=2,
+                      flash_attn=sys.argv[4] == "1", verbose=False)
 llm.eval(ids)
 np.save(sys.argv[3], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
 """
 # llama.cpp's phimoe routes with a softmax over the top two experts, not Phi-3.5-MoE's sparsemixer
 _OTHER_ROUTING = {"phimoe"}
+# llama.cpp runs MiniMax-M3's block-sparse selection only with flash attention (else it attends densely)
+_FLASH_ONLY = {"minimax_m3_vl_text"}
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,8 @@ def test_every_familys_gguf_runs_in_llama_cpp(model_type, tmp_path_factory, tmp_
         model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         path = save_gguf(model, oracle_tokenizer, str(tmp_path / f"m{i}.gguf"), "f32")
         ids = ",".join(str(t) for t in IDS[0].tolist())
-        run = subprocess.run([sys.executable, "-c", _CHILD, path, ids, path + ".npy"], capture_output=True,
+        flash = "1" if model_type in _FLASH_ONLY else "0"
+        run = subprocess.run([sys.executable, "-c", _CHILD, path, ids, path + ".npy", flash], capture_output=True,
                              text=True, timeout=600)  # fmt: skip
         assert run.returncode == 0, (model_type, i, run.stderr[-2000:])
         with torch.no_grad():

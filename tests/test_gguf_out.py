@@ -315,6 +315,7 @@ def _families():
     import test_family_minicpm3 as minicpm3
     import test_family_minimax as minimax
     import test_family_minimax_m2 as minimax_m2
+    import test_family_minimax_m3 as minimax_m3
     import test_family_ministral3 as ministral3
     import test_family_mistral4 as mistral4
     import test_family_moe as moe
@@ -392,6 +393,7 @@ def _families():
         "ministral3": (ministral3.MINISTRAL3, ministral3.write_ministral3_gguf),
         "mistral4": (mistral4.LATE, mistral4.write_mistral4_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
+        "minimax_m3_vl_text": (minimax_m3.GGUF_FAMILY, minimax_m3.write_minimax_m3_gguf),
         "minimax": (minimax.GGUF_FAMILY, minimax.write_minimax_gguf),
         "minicpm3": (tuple(minicpm3.GGUF_FAMILIES.values()), minicpm3.write_minicpm3_gguf),
         "granitemoe_swa": (tuple(granitemoe_swa.GGUF_FAMILIES.values()), granite_swa.write_granite_swa_gguf),

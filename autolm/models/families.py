@@ -83,8 +83,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
     "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
-    "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", None),
-    "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", None),  # image-text
+    "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
+    "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),
     "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM", "hy_v3"),
     "hy_v4": ("hy_v4", "HYV4Config", "HYV4ForCausalLM", None),  # llama.cpp's hy_v4 GGUF not done yet

@@ -51,13 +51,14 @@ from ..nn import (
     Stacked,
     apply_rotary,
 )
+from ..nn.expert_formats import GGUFExperts
 from .deepseek_v32 import IndexedCausalLM
 from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .minimax_m2 import MiniMaxM2Config, MiniMaxM2TopKRouter
+from .minimax_m3_gguf import GGUF, SPARSE, GateUpGGUF
 from .mixtral import MixtralDecoderLayer, MixtralModel
 from .qwen4_exp_qsa import MaskedContext, indexer_history
 
-SPARSE = "minimax_m3_sparse"
 _LEGACY_INDEX = {"index_n_heads": "sparse_num_index_heads", "index_head_dim": "sparse_index_dim",
                  "index_block_size": "sparse_block_size", "index_topk_blocks": "sparse_topk_blocks",
                  "index_local_blocks": "sparse_local_block"}  # fmt: skip
@@ -72,6 +73,7 @@ class MiniMaxM3VLTextConfig(MiniMaxM2Config):
 
     model_type: ClassVar[str] = "minimax_m3_vl_text"
     layer_kinds: ClassVar[tuple[str, ...]] = ("full_attention", SPARSE)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = ("rotary_dim",)  # read nowhere (GGUF out compares)
 
     hidden_size: int = 6144
     intermediate_size: int = 3072
@@ -279,8 +281,14 @@ class MiniMaxM3VLForCausalLM(IndexedCausalLM):
             Rename(r"\.self_attn\.index_(q|k)_(proj|norm)\.", r".self_attn.indexer.\1_\2.", r"(?!)", ""),
             Stacked("gate_up_proj", ("w1.weight", "w3.weight")),
             Stacked("down_proj", ("w2.weight",)),
+            Rename(
+                r"\.mlp\.gate\.e_score_correction\.bias$", ".mlp.gate.e_score_correction_bias", r"(?!)", ""
+            ),
+            GGUFExperts(),
+            GateUpGGUF(),
         ]
     )
+    gguf = GGUF  # llama.cpp's "minimax-m3" (models.minimax_m3_gguf)
     tp_patterns: ClassVar[dict[str, str]] = {}  # no tensor parallelism: the indexers select over whole heads
     _no_split_modules: ClassVar[list[str]] = ["MiniMaxM3DecoderLayer"]
 
