@@ -16,34 +16,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, padded_batch, positions
+from conftest import SPECS, VOCAB, padded_batch, positions
 from family_checks import Family, check_config_defaults
 from test_gguf_out import byte_tokenizer, merged_tokenizer  # noqa: F401  (merges: llama.cpp's "gpt2" vocabulary)
 
 import autolm
 from autolm.errors import ConfigError
 
-SIZES = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    layer_types=["linear_attention", "full_attention", "linear_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    kv_lora_rank=16,
-    q_lora_rank=None,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=16,
-    v_head_dim=12,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    linear_head_dim=8,
-    linear_num_heads=4,
-    max_position_embeddings=128,
-)
+# conftest's tiny Kimi Linear, without its pad id (the battery's checkpoints keep transformers' default)
+SIZES = {k: v for k, v in SPECS["kimi_linear"][1].items() if k != "pad_token_id"}
 LORA = ["q_proj", "v_proj", "kv_a_proj_with_mqa", "o_proj", "g_a_proj"]  # peft has no default for kimi_linear
 KIMI = Family("KimiLinearConfig", SIZES, lora_targets=LORA)
 # the low-rank query with biases, a mixture first and last (not renormalised, two shared experts), a 3-tap conv
