@@ -139,10 +139,10 @@ def config_from_file(path: str, **overrides: Any) -> PretrainedConfig:
     model_type = d.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: no 'model_type' key (expected one of {', '.join(model_types())})")
-    if not _family(model_type) and by_architecture(d) is not None:
-        # read as that family's config; the remote code it names (auto_map) is neither run nor written back
+    family = None if _family(model_type) else by_architecture(d)
+    if family is not None:  # read as that family's; its remote code (auto_map) neither run nor written back
         d = {k: v for k, v in d.items() if k != "auto_map"}
-        model_type = by_architecture(d)
+        model_type = family
     config = config_class(model_type, source=path).from_dict(d, source=path, **overrides)
     config.name_or_path = os.path.dirname(path)
     return config
