@@ -1,5 +1,5 @@
 """The transformers- and peft-named entry points over the one load path: `AutoModelForCausalLM`, `AutoModel`,
-`AutoModelFor{Sequence,Token}Classification`, `AutoPeftModelFor...` and `AutoConfig`, each a head (build.HEADS) on
+`AutoModelFor{Sequence,Token}Classification`, `AutoModelForQuestionAnswering`, `AutoPeftModelFor...` and `AutoConfig`, each a head (build.HEADS) on
 `from_pretrained`."""
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ class AutoModelForTokenClassification(AutoModelForCausalLM):
     head = "token_classification"
 
 
+class AutoModelForQuestionAnswering(AutoModelForCausalLM):
+    """transformers' `AutoModelForQuestionAnswering.from_pretrained(path)`: the family's body with `qa_outputs`, a
+    start and an end logit per token (models.question_answering); a causal LM's checkpoint gets a fresh head."""
+
+    head = "question_answering"
+
+
 class AutoPeftModelForCausalLM:
     """peft's `AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=False, **base_model_kwargs)`: the
     base model that adapter_config.json names, with the adapter on it (a PeftModel, in eval mode unless trainable).
@@ -101,6 +108,13 @@ class AutoPeftModelForTokenClassification(AutoPeftModelForCausalLM):
     head = "token_classification"
 
 
+class AutoPeftModelForQuestionAnswering(AutoPeftModelForCausalLM):
+    """peft's `AutoPeftModelForQuestionAnswering`: a QUESTION_ANS adapter on its base model loaded as an
+    extractive QA model (the adapter's trained `qa_outputs` copy on it)."""
+
+    head = "question_answering"
+
+
 class AutoConfig:
     """`AutoConfig.from_pretrained(dir | repo id | path/to/config.json, gguf_file=None, **overrides)`, `AutoConfig.for_model`."""
 
@@ -130,9 +144,11 @@ __all__ = [
     "AutoConfig",
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
     "AutoPeftModelForCausalLM",
+    "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
 ]

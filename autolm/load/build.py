@@ -10,18 +10,20 @@ from ..errors import ConfigError
 from ..models import FAMILIES
 from ..models import model_class as family_class
 from ..models.heads import base_model, sequence_classification, token_classification
+from ..models.question_answering import question_answering
 from .stream import layer_index
 
 HEADS = {
     "causal_lm": None,
     "sequence_classification": sequence_classification,
     "token_classification": token_classification,
+    "question_answering": question_answering,
     "base": base_model,
 }
 
 
 def model_class(model_type: str, head: str = "causal_lm") -> type:
-    """The class a load builds: the family's causal LM, its sequence or token classifier or its body alone (models.heads)."""
+    """The class a load builds: the family's causal LM, its sequence or token classifier, its QA head or its body alone (models.heads)."""
     cls = family_class(model_type)
     if HEADS[head] is None:
         return cls

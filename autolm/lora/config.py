@@ -23,8 +23,12 @@ from ..quant import Int4Linear, Int8Linear
 # weights stay as they are while training (QLoRA: gradients reach the input through the dequantized weight);
 # merging quantizes an int8 / int4 layer's merged weight again (GGUF blocks: refused)
 LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
-# the heads peft trains with a SEQ_CLS / TOKEN_CLS adapter (modules_to_save)
-CLASSIFIER_NAMES = ("classifier", "score")
+# the heads peft trains with a SEQ_CLS / TOKEN_CLS / QUESTION_ANS adapter (its modules_to_save), by task type
+HEAD_NAMES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 # the model types peft has no default LoRA targets for (it then refuses a LoraConfig without target_modules)
 NO_PEFT_DEFAULT = """

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .config import CLASSIFIER_NAMES, LINEAR, LoraConfig, default_targets
+from .config import HEAD_NAMES, LINEAR, LoraConfig, default_targets
 from .layers import AdapterLayer, LoraEmbedding, LoraLinear, rows_of
 from .tokens import TrainableTokensWrapper, targets
 
@@ -120,7 +120,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                     _set_module(model, mod_name, wrapper)
                 wrapper.add_adapter(adapter_name)
                 found = True
-        if not found and not (config.task_type in ("SEQ_CLS", "TOKEN_CLS") and name in CLASSIFIER_NAMES):
+        if not found and name not in HEAD_NAMES.get(config.task_type, ()):
             raise AdapterError(f"modules_to_save entry {name!r} matches no module of the model")
     if config.extra.get("trainable_token_indices"):
         wrap_tokens(model, config, adapter_name)

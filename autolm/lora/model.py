@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from . import adapters, combine, status
-from .config import CLASSIFIER_NAMES, LoraConfig, as_lora_config
+from .config import HEAD_NAMES, LoraConfig, as_lora_config
 from .files import PREFIX, adapter_dir, read_adapter_weights, write_adapters
 from .inject import ModulesToSave, _set_module, inject_adapter
 from .layers import AdapterLayer
@@ -99,11 +99,10 @@ class PeftModel(_Forwarding):
         config = as_lora_config(config, f"adapter {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} is already loaded")
-        if config.task_type in (
-            "SEQ_CLS",
-            "TOKEN_CLS",
-        ):  # peft trains (and saves) a classifier's head with the adapter
-            extra = [n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])]
+        if (
+            config.task_type in HEAD_NAMES
+        ):  # peft trains (and saves) a classifier's or QA head with the adapter
+            extra = [n for n in HEAD_NAMES[config.task_type] if n not in (config.modules_to_save or [])]
             config.modules_to_save = [*(config.modules_to_save or []), *extra]
         inject_adapter(self._model, config, adapter_name)
         self.peft_config[adapter_name] = config
