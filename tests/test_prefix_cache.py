@@ -184,3 +184,33 @@ def whole_prompt_logprobs(engine: Engine, prompt: list[int], top: int) -> list:
     while not isinstance(ev := events.get(timeout=300), PromptLogprobs):
         assert not isinstance(ev, Failed), ev.message
     return ev.entries
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_text", "lfm2"])
+def test_a_recurrent_model_continues_an_earlier_prompt_from_its_snapshot(checkpoint, tmp_path, name):
+    """Hybrids (Qwen3.5: linear attention beside full attention; LFM2: short convolutions beside it): the
+    next turn of a conversation starts from the earlier prompt's snapshot (its states after its last token, its
+    keys and values), with the same tokens and logprobs as without the cache; a prompt that shares only some
+    blocks with an earlier one, or repeats it exactly, reuses nothing (no state exists where the reuse would end)."""
+    directory, _ = checkpoint(name)
+    d = tmp_path / "model"
+    shutil.copytree(directory, d)
+    write_char_tokenizer(str(d))
+    model = autolm.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tok = autolm.AutoTokenizer.from_pretrained(d)
+    assert model.recurrent
+    turn1 = tok.encode(SYSTEM + "What is red?")
+    turns = [turn1 + tok.encode(" Red is a colour. And blue?"), tok.encode(SYSTEM + "Name a fish."), turn1]
+    plain = Engine(model, tok, max_batch=4)
+    cached = Engine(model, tok, max_batch=4, prefix_cache=1 << 24)
+    try:
+        run(cached, [turn1])
+        again = run(cached, turns)
+        for a, b in zip(again, run(plain, turns)):
+            same(a, b)
+        assert [e.cached_tokens for e in again] == [len(turn1), 0, 0]
+        third = turns[0] + tok.encode(" Blue is a colour too. Green?")
+        assert run(cached, [third])[0].cached_tokens == len(turns[0])  # the second turn left its own snapshot
+    finally:
+        plain.stop()
+        cached.stop()
