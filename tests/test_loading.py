@@ -266,8 +266,8 @@ def test_a_load_imports_its_own_family_alone(checkpoint):
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
     )
-    # families: the table; heads: the other heads on any family's body; image_text: the image-text checkpoints'
-    # rules Mistral reads by; none a family
+    # families: the table; heads, question_answering: the other heads on any family's body; image_text: the
+    # image-text checkpoints' rules Mistral reads by; none a family
     imported = [
         "autolm.models.base",
         "autolm.models.families",
@@ -280,6 +280,7 @@ def test_a_load_imports_its_own_family_alone(checkpoint):
         "autolm.models.mistral",
         "autolm.models.mixtral",
         "autolm.models.output",
+        "autolm.models.question_answering",
     ]
     assert out.stdout.split("\n")[-2] == str(imported)
 
