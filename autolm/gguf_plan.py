@@ -179,7 +179,7 @@ def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:
     if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
         t = permute(t, c.num_attention_heads if ".attn_q." in out else c.num_key_value_heads)
     # the converter's grouping of the rows (GPT-NeoX's q/k/v): the reader's index inverted
-    order = None if layout.row_order is None else layout.row_order(out.split(".")[-2], c)
+    order = layout.rows(out, c)
     if order is not None:
         t = t[torch.argsort(order)]
     if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:

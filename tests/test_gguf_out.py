@@ -299,6 +299,7 @@ def _families():
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_hunyuan_vl as hunyuan_vl
     import test_family_hy_v3 as hy_v3
+    import test_family_hy_v4 as hy_v4
     import test_family_internlm3 as internlm3
     import test_family_iquestcoder as iquestcoder
     import test_family_jais2 as jais2
@@ -441,6 +442,8 @@ def _families():
         "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
         "hy_v3": (hy_v3.HY, hy_v3.write_hy_v3_gguf),
+        # the converter's file of the checkpoint with its rotated rows as llama.cpp's pairs (models.hy_v4_gguf)
+        "hy_v4": (hy_v4.GGUF_FAMILY, hy_v4.write_hy_v4_gguf_paired),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
         "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),

@@ -18,7 +18,7 @@ sigmoid-routed experts with shared experts) with these changes:
 
 The defaults: one dense layer then sparse ones, layer 0 and every fourth from layer 1 "full", the rest "shared".
 The indexers' keys are kept in the cache as DeepSeek-V3.2's (models.deepseek_v32): the one-token step runs eagerly.
-llama.cpp's hy_v4 GGUF is not read or written here.
+GGUF as llama.cpp's "hy_v4" (models.hy_v4_gguf).
 """
 
 from __future__ import annotations
@@ -32,9 +32,22 @@ from torch import nn
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Ignored, Linear, Rename, apply_rotary
+from ..nn import (
+    Attention,
+    CheckpointRules,
+    Experts,
+    GatedMLP,
+    GGUFLayout,
+    Ignored,
+    Linear,
+    Rename,
+    apply_rotary,
+)
+from ..nn.expert_formats import GGUFExperts
+from . import hy_v4_gguf
+from .deepseek_v3 import DeepseekV3ForCausalLM, GGUFMla
 from .deepseek_v32 import DSAIndexer, IndexedCausalLM
-from .glm4_moe import grouped_moe_mlp
+from .glm4_moe import GROUPED_MOE_RULES, ExpProbsBias, grouped_moe_mlp
 from .glm_moe_dsa import GlmMoeDsaAttention, GlmMoeDsaConfig, GlmMoeDsaDecoderLayer
 from .mixtral import MixtralModel
 
@@ -255,8 +268,23 @@ class HYV4ForCausalLM(IndexedCausalLM):
 
     config_class = HYV4Config
     # the checkpoint's names (transformers' conversion mapping for hy_v4), experts stacked as transformers writes
-    # them; the multi-token prediction layers skipped, as transformers
-    checkpoint_rules = CheckpointRules([*RENAMES, Ignored(r"model\.mtp_layers\..*")])
+    # them; the multi-token prediction layers skipped, as transformers; llama.cpp's tensors: the whole parameters
+    # under ".weight", the experts, exp_probs_b and attn_k_b / attn_v_b assembled (GGUFExperts, GGUFMla)
+    checkpoint_rules = CheckpointRules(
+        [*RENAMES, Ignored(r"model\.mtp_layers\..*"), *hy_v4_gguf.GGUF_WHOLE, GGUFExperts(),
+         *(r for r in GROUPED_MOE_RULES.rules if isinstance(r, (Rename, ExpProbsBias))), GGUFMla()]
+    )  # fmt: skip
+    # llama.cpp's HYV4Model converter: DeepSeek-V3.2's layout with the gate, sinks and hyper-connections (hy_v4_gguf)
+    gguf = GGUFLayout(
+        "hy_v4",
+        config=DeepseekV3ForCausalLM.gguf.config + hy_v4_gguf.GGUF_CONFIG,
+        layer=DeepseekV3ForCausalLM.gguf.layer + hy_v4_gguf.GGUF_LAYER,
+        top=hy_v4_gguf.GGUF_TOP,
+        fixed=(("attention_bias", False),),
+        row_order=hy_v4_gguf.row_order,  # RoPE's rows as llama.cpp's pairs
+        derive=hy_v4_gguf.derive,
+        write_config=hy_v4_gguf.write_config,
+    )
     _no_split_modules: ClassVar[list[str]] = ["HYV4DecoderLayer"]
     # as transformers keeps them (the hyper-connections, sinks, correction biases; not the indexer's projections)
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias", "attn_hc", "ffn_hc", "hc_head",
@@ -264,6 +292,9 @@ class HYV4ForCausalLM(IndexedCausalLM):
 
     def __init__(self, config: HYV4Config):
         super().__init__(config, HYV4Model(config))
+        mla = GGUFMla(config.num_attention_heads, config.qk_nope_head_dim)  # this model's heads, for GGUF out
+        rules = type(self).checkpoint_rules.rules
+        self.checkpoint_rules = CheckpointRules([mla if isinstance(r, GGUFMla) else r for r in rules])
         full = None
         for layer in self.model.layers:
             attn = layer.self_attn

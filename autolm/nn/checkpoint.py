@@ -226,3 +226,11 @@ class GGUFLayout:
     # llama.cpp's "llama" model: write_vocab(GGUFWriter, tokenizer.json's spec, tokens, token types) (Gemma 4's
     # "gemma4", with its merges)
     write_vocab: Callable[[Any, dict[str, Any], list[str], list[int]], None] | None = None
+
+    def rows(self, tensor: str, config: Any) -> Any:
+        """row_order for a file's tensor name: blk.N.<name>.weight gives <name>, which may hold a dot
+        (indexer.attn_k); a top-level tensor its last name before the suffix."""
+        if self.row_order is None:
+            return None
+        parts = tensor.split(".")
+        return self.row_order(".".join(parts[2:-1]) if tensor.startswith("blk.") else parts[-2], config)

@@ -111,9 +111,7 @@ def permuted_heads(g, t, config) -> int:
 def row_order(g, t, config) -> torch.Tensor | None:
     """For each of the model's rows of tensor `t`, its row in GGUF file `g`, where the family's converter regrouped
     them (GGUFLayout.row_order: GPT-NeoX's fused q/k/v), else None."""
-    if g.layout.row_order is None:
-        return None
-    return g.layout.row_order(t.name.split(".")[-2], config)
+    return g.layout.rows(t.name, config)
 
 
 def blocks(g, t, config) -> GGMLBlocks:
