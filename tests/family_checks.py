@@ -164,7 +164,8 @@ class Family:
     def check_recurrent(self, tmp_path_factory, tmp_path) -> None:
         """A family with recurrent layers (their state in the cache): a left-padded batch run in two pieces
         through the cache gives the whole batch's logits; the serving engine (a prefill of 4 tokens per forward,
-        rows joining a running batch) gives each prompt's greedy tokens; speculation is refused by name."""
+        rows joining a running batch) gives each prompt's greedy tokens; speculation is refused by name; and
+        where the compiled one-token graphs serve the family, they carry the states (check_compiled_step)."""
         import shutil
 
         from conftest import write_char_tokenizer
@@ -191,6 +192,10 @@ class Family:
         want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p) :].tolist()
                 for p in prompts]  # fmt: skip
         assert _engine_tokens(model, autolm.AutoTokenizer.from_pretrained(served), prompts, 12) == want
+        from autolm import step
+
+        if step.compilable(model):
+            self.check_compiled_step(tmp_path_factory)
 
     def check_pieces(self, tmp_path_factory):
         """70 tokens in pieces of 5, 13, 1, 1, 30 and 20 through the cache (pieces starting and ending inside the

@@ -131,7 +131,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     # forward decodes every token)
     one_token_step: ClassVar[bool] = True
     # whether some layers keep a recurrent state in the cache (which cannot go back a token: no speculative
-    # decoding, no prefix reuse; the eager one-token step decodes, not the compiled graphs)
+    # decoding; prefix reuse only from a whole earlier prompt's snapshot)
     recurrent: ClassVar[bool] = False
     # quantized by autolm (int4 / int8: set on the loaded model), where transformers' users look for bitsandbytes
     is_quantized: ClassVar[bool] = False

@@ -290,13 +290,15 @@ class Qwen4ExpRules(CheckpointRules):
 
 class Qwen4ExpForCausalLM(CausalLM):
     """transformers' Qwen4ExpForCausalLM (the text model; model_type qwen4_exp_text, or qwen4_exp's language model).
-    The one-token step runs eagerly (recurrent layers); the indexed layers keep their indexer's keys in the cache."""
+    The one-token step runs eagerly (per-layer embeddings, and the indexed layers keep their indexer's keys in the
+    cache)."""
 
     config_class = Qwen4ExpTextConfig
     checkpoint_rules = CheckpointRules([*IMAGE_TEXT_RULES, *QWEN_MOE_RULES.rules])
     tp_patterns: ClassVar[dict[str, str]] = QWEN_MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["Qwen4ExpTextDecoderLayer"]
     recurrent: ClassVar[bool] = True
+    compiled_graphs: ClassVar[bool] = False  # per-layer inputs and indexer keys: not one layer's own buffers
 
     def __init__(self, config: Any):
         if config.indexer_budget is None and any(t != "linear_attention" for t in config.layer_types):

@@ -74,14 +74,9 @@ def one_token_model(model) -> bool:
 
 
 def compilable(model) -> bool:
-    """Whether the compiled one-token graphs can serve the model: its layers each run on their own buffers (not a
-    model with recurrent layers, whose states the graphs do not carry, nor one whose layers take per-layer inputs
-    or read another layer's cache)."""
-    return (
-        one_token_model(model)
-        and getattr(model, "compiled_graphs", True)
-        and not getattr(model, "recurrent", False)
-    )
+    """Whether the compiled one-token graphs can serve the model: its layers each run on their own buffers and
+    recurrent state (not one whose layers take per-layer inputs or read another layer's cache)."""
+    return one_token_model(model) and getattr(model, "compiled_graphs", True)
 
 
 def _one_token_ok(model, cache, attention_mask) -> bool:

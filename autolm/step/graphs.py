@@ -37,15 +37,31 @@ _SKIP = ("training", "layer_idx", "config", "name_or_path", "decode_mode", "deco
          "generation_config", "hf_device_map", "gradient_checkpointing", "kv_cache_dtype")  # fmt: skip
 
 
-class _LayerGraph(nn.Module):
-    """forward([x, keys, values, seen, span, (starts,) cos/sin per RoPE kind..., the layer's tensors...]) ->
-    [x after the layer, the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots.
-    A batched graph takes a dynamic number of rows and each row's first real slot (`starts`)."""
+class _State(dict):
+    """A layer graph's recurrent state, whatever layer index the layer asks under (one graph serves every layer
+    of the same structure): OneToken's `states` with one entry."""
 
-    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool):
+    def __init__(self, state: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.value = state
+
+    def get(self, key, default=None):
+        return self.value
+
+    def __setitem__(self, key, value) -> None:
+        self.value = tuple(value)
+
+
+class _LayerGraph(nn.Module):
+    """forward([x, keys, values, seen, span, (starts,) cos/sin per RoPE kind..., its recurrent state's tensors...,
+    the layer's tensors...]) -> [x after the layer, the state after the token..., the matmul inputs...]; `seen`
+    and `span` are tensors whose lengths are the slots. A batched graph takes a dynamic number of rows and each
+    row's first real slot (`starts`)."""
+
+    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool, states: int = 0):
         super().__init__()
         self._layer = [layer]  # not a submodule: its tensors are inputs, never constants of the graph
-        self.names, self.kinds, self.batched = names, kinds, batched
+        self.names, self.kinds, self.batched, self.states = names, kinds, batched, states
 
     def forward(self, inputs: list):
         x, keys, values, seen, span = inputs[:5]
@@ -56,11 +72,13 @@ class _LayerGraph(nn.Module):
         rope = {k: (tables[2 * j], tables[2 * j + 1]) for j, k in enumerate(self.kinds)}
         torch._check(span.shape[0] <= seen.shape[0])
         torch._check(seen.shape[0] <= keys.shape[2])
-        ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0], starts)
-        params = dict(zip(self.names, inputs[i + 2 * n :]))
+        i += 2 * n
+        state = _State(tuple(inputs[i : i + self.states])) if self.states else None
+        ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0], starts, states=state)
+        params = dict(zip(self.names, inputs[i + self.states :]))
         with kernels.realized_inputs(self.batched) as realized:
             out = torch.func.functional_call(self._layer[0], params, (x, ctx))
-        return [out, *realized]
+        return [out, *(state.value if state is not None else ()), *realized]
 
 
 class _Head(nn.Module):
@@ -88,8 +106,8 @@ class _HeadGraph(nn.Module):
 
 
 class Plan:
-    """Loaded graphs and the tensors each is called with: per layer (graph, tensors, (window, chunk)), then the
-    head."""
+    """Loaded graphs and the tensors each is called with: per layer (graph, tensors, (window, chunk), the number
+    of its recurrent state's tensors), then the head."""
 
     def __init__(self, layers: list, head: tuple, kinds: list[str]):
         self.layers, self.head, self.kinds = layers, head, kinds
@@ -173,28 +191,26 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     example_tables = [t.clone() for k in kinds for t in tables[k]]  # distinct tensors: export dedups aliases
     starts = [torch.zeros(rows, dtype=torch.long)] if batched else []
     b = {0: "batch"} if batched else None
+    states = _example_states(model, x, tables, starts)
     jobs = []
-    for layer in body.layers:
+    for i, (layer, (n_kv, hd)) in enumerate(zip(body.layers, model.attention_shapes())):
         names, tensors = tensors_of(layer)
-        attn = next(m for m in layer.modules() if hasattr(m, "num_kv_heads"))  # this layer's cache shape
-        cache = torch.zeros(rows, attn.num_kv_heads, 6, attn.head_dim, dtype=model.cache_dtype())
-        example = [
-            x,
-            cache,
-            cache.clone(),
-            _ONE.expand(5),
-            _ONE.expand(3),
-            *starts,
-            *example_tables,
-            *tensors,
-        ]
+        attn = next((m for m in layer.modules() if hasattr(m, "num_kv_heads")), None)
+        cache = torch.zeros(rows, n_kv, 6, hd, dtype=model.cache_dtype())
+        state = [t.clone() for t in states.get(i, ())]
+        example = [x, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *starts, *example_tables, *state]
         dynamic = [b, {2: "capacity", **(b or {})}, {2: "capacity", **(b or {})}, {0: "seen"}, {0: "span"}]
-        dynamic += [b] * (len(starts) + len(example_tables))
-        dynamic += [None] * (len(example) - len(dynamic))
-        graph = _LayerGraph(layer, names, kinds, batched)
+        dynamic += [b] * (len(starts) + len(example_tables) + len(state))
+        example += tensors
+        dynamic += [None] * len(tensors)
+        graph = _LayerGraph(layer, names, kinds, batched, len(state))
         key = _describe("layer", layer, example, (kinds, batched))
-        local = (getattr(attn, "sliding_window", None), getattr(attn, "chunk", None))
-        jobs.append((graph, example, dynamic, tensors, key, local))
+        local = (
+            (getattr(attn, "sliding_window", None), getattr(attn, "chunk", None))
+            if not state
+            else (None,) * 2
+        )
+        jobs.append((graph, example, dynamic, tensors, key, (*local, len(state))))
     named = [(n, t) for n, t in zip(*tensors_of(model)) if not n.startswith(model.layers_prefix + ".")]
     tensors = [t for _, t in named]
     graph = _HeadGraph(model, [n for n, _ in named], batched)
@@ -204,6 +220,20 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
         (graph, example, dynamic, tensors, _describe("head", model, example, (batched,)), (None, None))
     )
     return jobs, kinds
+
+
+def _example_states(
+    model, x: torch.Tensor, tables: dict, starts: list
+) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Each recurrent layer's state after a first token, by layer: what its graph takes and gives (one eager
+    one-token step of the model's own layers, on zeros)."""
+    if not getattr(model, "recurrent", False):
+        return {}
+    cache, states = model.make_cache(x.shape[0], 6), {}
+    ctx = OneToken(tables, cache.keys, cache.values, 1, starts=starts[0] if starts else None, states=states)
+    with torch.no_grad():
+        model.model.run(x, ctx)
+    return states
 
 
 def build(model, compile_missing: bool, progress: bool = False, batched: bool = False) -> Plan | None:
@@ -262,10 +292,14 @@ def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None
     flat = [t for k in plan.kinds for t in tables[k]]
     if x.shape[0] > 1:  # a batched plan: each row's first real slot
         flat = [starts if starts is not None else torch.zeros(x.shape[0], dtype=torch.long), *flat]
-    for i, (graph, tensors, (window, chunk)) in enumerate(plan.layers):
+    for i, (graph, tensors, (window, chunk, states)) in enumerate(plan.layers):
         span = seen if window is None or window > slot else _ONE.expand(window)
         if chunk is not None and x.shape[0] == 1:  # a batched graph masks each row's chunk by its start
             span = _ONE.expand(slot % chunk + 1)
-        x = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *tensors])[0]
+        state = cache.states[i] if states else ()
+        out = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *state, *tensors])
+        x = out[0]
+        if states:
+            cache.states[i] = tuple(out[1 : 1 + states])
     graph, tensors = plan.head
     return graph([x, *tensors])[0]
