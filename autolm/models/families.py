@@ -114,6 +114,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
     "qwen4_exp_text": ("qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", None),
     "qwen4_exp": ("qwen4_exp", "Qwen4ExpConfig", "Qwen4ExpForCausalLM", None),  # image-text: its LM
+    # GLM-5.3-Flash: llama.cpp's "glm5-next" GGUF not read or written yet
+    "glm5_next_text": ("glm5_next", "Glm5NextTextConfig", "Glm5NextForCausalLM", None),
+    "glm5_next": ("glm5_next", "Glm5NextConfig", "Glm5NextForCausalLM", None),  # image-text: its LM
     "granitemoehybrid": (
         "granitemoehybrid",
         "GraniteMoeHybridConfig",
@@ -160,6 +163,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
     "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
     "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
+    # llama.cpp's "dots3note" is not wired yet (see models.dots3_note's docstring)
+    "dots3_note_text": ("dots3_note", "Dots3NoteTextConfig", "Dots3NoteForCausalLM", None),
+    "dots3_note": ("dots3_note", "Dots3NoteConfig", "Dots3NoteForCausalLM", None),  # image-text-audio: its LM
     "iquestcoder": ("iquestcoder", "IQuestCoderConfig", "IQuestCoderForCausalLM", "llama"),
     "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
