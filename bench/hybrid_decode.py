@@ -1,6 +1,7 @@
 """Greedy decode speed of hybrid (recurrent-layer) families, autolm against transformers in one process: a random
 checkpoint of 16 layers, hidden 1024, fp32, written by transformers; a 64-token prompt, then 64 new tokens timed
-(a generate of 72 minus one of 8). `python bench/hybrid_decode.py [qwen3_5|lfm2|granite]`."""
+(a generate of 72 minus one of 8), with the eager one-token step, the general forward, and the compiled step (compiled
+first, once). `python bench/hybrid_decode.py [qwen3_5|lfm2|granite]`."""
 
 import sys
 import tempfile
@@ -55,8 +56,12 @@ def main(name: str) -> None:
     rate, out = decode_rate(ours, ids)
     ours.decode_mode = "forward"
     forward_rate, _ = decode_rate(ours, ids)
-    print(f"{name}: transformers {hf_rate:.1f} tok/s, autolm {rate:.1f} tok/s ({rate / hf_rate:.2f}x; the general "
-          f"forward each token {forward_rate:.1f}), same tokens: {torch.equal(out, hf_out)}")  # fmt: skip
+    ours.decode_mode = "auto"
+    assert ours.precompile_decode(), "the compiled step failed (see the warning)"
+    compiled_rate, compiled_out = decode_rate(ours, ids)
+    print(f"{name}: transformers {hf_rate:.1f} tok/s, autolm eager {rate:.1f} tok/s ({rate / hf_rate:.2f}x), "
+          f"compiled {compiled_rate:.1f} tok/s ({compiled_rate / hf_rate:.2f}x; the general forward each token "
+          f"{forward_rate:.1f}), same tokens: {torch.equal(out, hf_out)} / {torch.equal(compiled_out, hf_out)}")  # fmt: skip
 
 
 if __name__ == "__main__":

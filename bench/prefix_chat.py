@@ -1,13 +1,19 @@
-"""Time to the first token at each turn of a 10-turn chat, autolm serve with and without prefix caching."""
+"""Time to the first token at each turn of a 10-turn chat, autolm serve with and without prefix caching.
+`python bench/prefix_chat.py [MODEL_DIR]` (default: the CLI's int4 SmolLM2)."""
 
 import os
+import sys
 import time
 
 import openai
 
 from autolm.bench.serving import running_server
 
-model = os.path.expanduser("~/.cache/autolm/models/SmolLM2-135M-Instruct-int4")
+model = (
+    sys.argv[1]
+    if len(sys.argv) > 1
+    else os.path.expanduser("~/.cache/autolm/models/SmolLM2-135M-Instruct-int4")
+)
 
 
 def chat(mb):
@@ -23,12 +29,13 @@ def chat(mb):
             first = None
             text = ""
             for ch in c.chat.completions.create(
-                model="SmolLM2-135M-Instruct-int4",
+                model=os.path.basename(model.rstrip("/")),
                 messages=msgs,
                 max_tokens=48,
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},  # 48 tokens each turn, whatever the model
             ):
                 if ch.choices and ch.choices[0].delta.content and first is None:
                     first = time.perf_counter() - t
