@@ -285,6 +285,7 @@ def _families():
     import test_family_glm4 as glm4
     import test_family_glm4_moe as glm4_moe
     import test_family_glm4_moe_lite as glm4_moe_lite
+    import test_family_glm5_next as glm5_next
     import test_family_glm_moe_dsa as glm_moe_dsa
     import test_family_gpt2 as gpt2
     import test_family_gpt_bigcode as bigcode
@@ -386,6 +387,7 @@ def _families():
         "deepseek_v3": (tuple(deepseek_v3.GGUF_FAMILIES.values()), deepseek_v3.write_deepseek_v3_gguf),
         "deepseek_v32": (deepseek_v32.GGUF_FAMILY, deepseek_v32.write_deepseek_v32_gguf),
         "glm_moe_dsa": (glm_moe_dsa.GGUF_FAMILY, glm_moe_dsa.write_glm_moe_dsa_gguf),
+        "glm5_next_text": (glm5_next.GGUF_FAMILY, glm5_next.write_glm5_next_gguf),
         "ernie4_5_moe": (ernie_moe.ERNIE_MOE, ernie_moe.write_ernie4_5_moe_gguf),
         "seed_oss": ((seed_oss.GGUF_FAMILY, seed_oss.TIED), seed_oss.write_seed_oss_gguf),
         "hunyuan_v1_dense": (hunyuan.GGUF_FAMILY, hunyuan.write_hunyuan_gguf),

@@ -115,9 +115,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
     "qwen4_exp_text": ("qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", None),
     "qwen4_exp": ("qwen4_exp", "Qwen4ExpConfig", "Qwen4ExpForCausalLM", None),  # image-text: its LM
-    # GLM-5.3-Flash: llama.cpp's "glm5-next" GGUF not read or written yet
-    "glm5_next_text": ("glm5_next", "Glm5NextTextConfig", "Glm5NextForCausalLM", None),
-    "glm5_next": ("glm5_next", "Glm5NextConfig", "Glm5NextForCausalLM", None),  # image-text: its LM
+    "glm5_next_text": ("glm5_next", "Glm5NextTextConfig", "Glm5NextForCausalLM", "glm5-next"),
+    "glm5_next": ("glm5_next", "Glm5NextConfig", "Glm5NextForCausalLM", "glm5-next"),  # image-text: its LM
     "granitemoehybrid": (
         "granitemoehybrid",
         "GraniteMoeHybridConfig",

@@ -16,7 +16,8 @@ The feed-forward blocks clamp their SwiGLU: act(min(gate, swiglu_limit)) * clamp
 MLP, the shared experts and the routed ones (DeepSeek-V3's grouped sigmoid routing). Details of the pieces:
 models.glm5_next_layers. The one-token step runs eagerly (recurrent layers and the indexers' cache layers). The
 released files' names (the forget gate's tensors on self_attn, hc_attn_fn / hc_ffn_base ..., per-expert tensors,
-q/k/v_conv1d) load as transformers' conversion mapping reads them; saved, the model's own names. No GGUF yet.
+q/k/v_conv1d) load as transformers' conversion mapping reads them; saved, the model's own names. GGUF as llama.cpp's
+"glm5-next" (models.glm5_next_gguf).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import CheckpointRules, GroupedRouter, Rename, RMSNorm, SparseMoeBlock
+from ..nn import CheckpointRules, GGUFLayout, GroupedRouter, Rename, RMSNorm, SparseMoeBlock
+from ..nn.expert_formats import GGUFExperts
+from . import glm5_next_gguf
 from .base import DecoderModel
+from .deepseek_v3 import DeepseekV3ForCausalLM, GGUFMla
 from .deepseek_v32 import IndexedCausalLM
-from .glm4_moe import GROUPED_MOE_RULES
+from .glm4_moe import GROUPED_MOE_RULES, skip_nextn
 from .glm5_next_layers import (
     ClampedExperts,
     ClampedMLP,
@@ -44,6 +48,7 @@ from .glm5_next_layers import (
 from .glm_moe_dsa import INDEXER_TYPES, _indexer_types
 from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .kimi_linear import KimiConvPieces
+from .kimi_linear_gguf import KimiLinearGGUF
 from .mixtral import validate_experts
 
 _POSITIVE = ("moe_intermediate_size", "n_shared_experts", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
@@ -281,8 +286,20 @@ class Glm5NextForCausalLM(IndexedCausalLM):
 
     config_class = Glm5NextTextConfig
     recurrent: ClassVar[bool] = True
+    # llama.cpp's files: the whole parameters under ".weight", the stacked experts, attn_k_b / attn_v_b and the KDA
+    # tensors' transforms (models.glm5_next_gguf)
     checkpoint_rules = CheckpointRules(
-        [*IMAGE_TEXT_RULES, *RENAMES, KimiConvPieces(), *GROUPED_MOE_RULES.rules]
+        [*IMAGE_TEXT_RULES, *RENAMES, KimiConvPieces(), *GROUPED_MOE_RULES.rules, *glm5_next_gguf.GGUF_WHOLE,
+         GGUFExperts(), GGUFMla(), KimiLinearGGUF()]
+    )  # fmt: skip
+    gguf = GGUFLayout(
+        "glm5-next",
+        config=glm5_next_gguf.GGUF_CONFIG,
+        layer=(*DeepseekV3ForCausalLM.gguf.layer, *glm5_next_gguf.GGUF_LAYER),
+        fixed=(("attention_bias", False),),
+        derive=glm5_next_gguf.derive,
+        write_config=glm5_next_gguf.write_config,
+        bare=("ssm_a",),
     )
     tp_patterns: ClassVar[dict[str, str]] = {}  # none: the KDA layers and indexers stay whole
     _no_split_modules: ClassVar[list[str]] = ["Glm5NextDecoderLayer"]
@@ -293,6 +310,10 @@ class Glm5NextForCausalLM(IndexedCausalLM):
 
     def __init__(self, config: Glm5NextTextConfig):
         super().__init__(config, Glm5NextTextModel(config))
+        mla = GGUFMla(config.num_attention_heads, config.qk_nope_head_dim)  # this model's heads, for GGUF out
+        rules = [mla if isinstance(r, GGUFMla) else r for r in type(self).checkpoint_rules.rules]
+        # a GGUF's next-token-prediction block (num_nextn_predict_layers) skipped
+        self.checkpoint_rules = skip_nextn(CheckpointRules(rules), config)
         layers = self.model.layers
         for i, layer in enumerate(layers):
             attn = layer.self_attn
