@@ -171,9 +171,11 @@ def _tensor(w: torch.Tensor, ggml_type: int, name: str, tied: bool) -> tuple[np.
     """(array, raw ggml type or None) for the tensor llama.cpp calls `name` in the requested type (F32 for 1-D
     ones, biases, norms (StableLM's stacked per-head ones are 2-D) and the converter's F32_TENSORS; a smaller
     block type, then F16, where the rows are not whole blocks; the head, or the embeddings it is tied to, as
-    _HEAD says)."""
+    _HEAD says); integer tables (DeepSeek-V4's tid2eid) as I32, as the converters write them."""
     import gguf
 
+    if w.dtype in (torch.int32, torch.int64):
+        return np.ascontiguousarray(w.detach().cpu().numpy().astype(np.int32)), None
     a = np.ascontiguousarray(w.detach().float().cpu().numpy())
     stem, kind = name.split(".")[-2:]
     if a.ndim < 2 or ggml_type == 0 or kind != "weight" or stem in F32_TENSORS or stem.endswith("_norm"):

@@ -268,6 +268,7 @@ def _families():
     import test_family_dbrx as dbrx
     import test_family_deepseek_v2 as deepseek_v2
     import test_family_deepseek_v3 as deepseek_v3
+    import test_family_deepseek_v4 as deepseek_v4
     import test_family_deepseek_v32 as deepseek_v32
     import test_family_dots1 as dots1
     import test_family_ernie4_5 as ernie
@@ -446,6 +447,8 @@ def _families():
         "hy_v3": (hy_v3.HY, hy_v3.write_hy_v3_gguf),
         # the converter's file of the checkpoint with its rotated rows as llama.cpp's pairs (models.hy_v4_gguf)
         "hy_v4": (hy_v4.GGUF_FAMILY, hy_v4.write_hy_v4_gguf_paired),
+        # the converter's file with the experts as floats (it repacks the released FP4 experts in MXFP4)
+        "deepseek_v4": (deepseek_v4.GGUF_FAMILY, deepseek_v4.write_deepseek4_gguf_f32),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
         "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),

@@ -16,7 +16,7 @@ the low-rank query, sliding-window attention with sinks on every layer, plus the
 RoPE: "main" (rope_theta, default) on sliding layers, "compress" (compress_rope_theta, YaRN where rope_parameters
 says so, attention factor 1) on the compressed ones and their entries; config.json's rope_parameters nests the two.
 The checkpoint keeps DeepSeek's names (transformers saves them so: `attn.wq_a`, `ffn.experts.N.w1`, `hc_attn_fn`,
-...); the multi-token prediction layers are skipped. llama.cpp's deepseek4 GGUF is not read or written yet.
+...); the multi-token prediction layers are skipped. GGUF as llama.cpp's "deepseek4" (models.deepseek_v4_gguf).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int
 from ..config_fields import _is_number, validate_rope
 from ..errors import ConfigError
-from ..nn import CheckpointRules, Ignored, Rename, RMSNorm, Rotary, Stacked
+from ..nn import CheckpointRules, GGUFLayout, Ignored, Rename, RMSNorm, Rotary, Stacked
+from ..nn.expert_formats import GGUFExperts
+from . import deepseek_v4_gguf
 from .base import CausalLM, DecoderModel
 from .deepseek_v4_layers import DeepseekV4Attention, DeepseekV4HyperConnection, DeepseekV4MoE
 from .hy_v4 import HYV4HyperHead
@@ -331,7 +333,18 @@ class DeepseekV4ForCausalLM(CausalLM):
         Stacked("gate_up_proj", ("w1.weight", "w3.weight")),
         Stacked("down_proj", ("w2.weight",)),
         Ignored(r"(^|.*\.)mtp\..*"),
+        *deepseek_v4_gguf.GGUF_RULES,
+        GGUFExperts(),
     ])  # fmt: skip
+    # llama.cpp's DeepseekV4Model converter: the released names and keys as llama.cpp's (deepseek_v4_gguf)
+    gguf = GGUFLayout(
+        "deepseek4",
+        config=deepseek_v4_gguf.GGUF_CONFIG,
+        layer=deepseek_v4_gguf.GGUF_LAYER,
+        top=deepseek_v4_gguf.GGUF_TOP,
+        derive=deepseek_v4_gguf.derive,
+        write_config=deepseek_v4_gguf.write_config,
+    )
     compiled_graphs: ClassVar[bool] = False  # a layer reads its compressor's cache layer too
     tp_patterns: ClassVar[dict[str, str]] = {}  # transformers shards only the experts; autolm runs it whole
     _no_split_modules: ClassVar[list[str]] = ["DeepseekV4DecoderLayer"]

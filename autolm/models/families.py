@@ -88,7 +88,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),
     "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM", "hy_v3"),
     "hy_v4": ("hy_v4", "HYV4Config", "HYV4ForCausalLM", "hy_v4"),
-    "deepseek_v4": ("deepseek_v4", "DeepseekV4Config", "DeepseekV4ForCausalLM", None),  # GGUF not done yet
+    "deepseek_v4": ("deepseek_v4", "DeepseekV4Config", "DeepseekV4ForCausalLM", "deepseek4"),
     "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", "mimo2"),
     "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
     "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model

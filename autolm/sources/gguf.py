@@ -152,6 +152,8 @@ def _dequantized(g: GGUFFile, t: TensorInfo) -> np.ndarray:
     data = _read(g, t)
     if t.tensor_type in (0, 1):
         return data.view(np.float32 if t.tensor_type == 0 else np.float16)
+    if t.tensor_type == 26:  # I32: an integer table (DeepSeek-V4's tid2eid), exact as float32 below 2 ** 24
+        return data.view(np.int32)
     if t.tensor_type in BLOCKS:
         return _torch_dequantized(data, t.tensor_type)
     import gguf
