@@ -306,7 +306,7 @@ class Zamba2ForCausalLM(CausalLM):
 
     config_class = Zamba2Config
     recurrent: ClassVar[bool] = True  # the Mamba-2 layers' states
-    compiled_graphs: ClassVar[bool] = False  # the hybrid layers take the embeddings too: the eager step decodes
+    compiled_graphs: ClassVar[bool] = False  # hybrid layers take the embeddings too: the eager step
     tp_patterns: ClassVar[dict[str, str]] = {}  # none in transformers
     _no_split_modules: ClassVar[list[str]] = ["Zamba2HybridLayer", "Zamba2MambaDecoderLayer"]
     shared_name: ClassVar[str] = "shared_transformer"  # the hybrid layers' module holding the shared block
