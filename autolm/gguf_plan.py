@@ -278,7 +278,12 @@ def _computed(c) -> dict[str, Any]:
     out["rope_parameters"] = c.rope_parameters  # shown; compared through the frequencies below
     out["layer windows"] = [c.layer_window(i) for i in range(n)]
     out["layer RoPE"] = [c.layer_rope(i) for i in range(n)] if hasattr(c, "layer_rope") else None
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    # the width RoPE turns: a family's own (dots3 Note's qk_rope_head_dim, its head_dim in no file) or the head's
+    head_dim = (
+        getattr(c, "rope_head_dim", None)
+        or getattr(c, "head_dim", None)
+        or c.hidden_size // c.num_attention_heads
+    )
     partial = getattr(c, "partial_rotary_default", False)
     for kind, rope in c.rope_kinds().items():
         for length in (None, 1 << 20):  # LongRoPE's short and long factors, dynamic RoPE's growth

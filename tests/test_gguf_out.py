@@ -271,6 +271,7 @@ def _families():
     import test_family_deepseek_v4 as deepseek_v4
     import test_family_deepseek_v32 as deepseek_v32
     import test_family_dots1 as dots1
+    import test_family_dots3_note as dots3_note
     import test_family_ernie4_5 as ernie
     import test_family_ernie4_5_moe as ernie_moe
     import test_family_exaone4 as exaone4
@@ -449,6 +450,8 @@ def _families():
         "hy_v4": (hy_v4.GGUF_FAMILY, hy_v4.write_hy_v4_gguf_paired),
         # the converter's file with the experts as floats (it repacks the released FP4 experts in MXFP4)
         "deepseek_v4": (deepseek_v4.GGUF_FAMILY, deepseek_v4.write_deepseek4_gguf_f32),
+        # the converter's file of the checkpoint with its indexer's rotated rows as llama.cpp's halves (models.dots3_note_gguf)
+        "dots3_note_text": (dots3_note.GGUF_FAMILY, dots3_note.write_dots3_gguf_halves),
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
         "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),

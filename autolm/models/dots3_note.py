@@ -18,9 +18,7 @@ first_k_dense_replace / moe_layer_freq, moe_shared_expert_intermediate_size, rop
 transformers reads it: layer_types (layers 0, 1 and every fourth from 1 full / indexed, the rest sliding),
 per_layer_config for the sliding layers, rope_parameters by type. The image-text wrapper ("dots3_note") holds the
 language model's settings at its top level (or as text_config); its files' vision and audio towers and multi-token
-prediction layer are skipped. GGUF: none yet (llama.cpp's "dots3note" exists; its converter folds the latent scales
-into the two latent norms, turns the indexer's RoPE rotate-half where transformers turns interleaved pairs, and
-needs one q_lora_rank and qk_rope_head_dim for both kinds of layer: not wired here).
+prediction layer are skipped. GGUF as llama.cpp's "dots3note" (models.dots3_note_gguf).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import CheckpointRules, Experts, GatedMLP, GroupedRouter, Ignored, Linear, RMSNorm, SparseMoeBlock
+from . import dots3_note_gguf
 from .deepseek_v3 import DeepseekV3Attention, DeepseekV3Config, DeepseekV3ForCausalLM
 from .deepseek_v32 import IndexedCausalLM
 from .gemma4 import Gemma4Rotary
@@ -107,14 +106,14 @@ def _rope_by_type(d: dict[str, Any], types: list) -> None:
 
 
 @dataclass(repr=False)
-class Dots3NoteTextConfig(DeepseekV3Config):
+class Dots3NoteTextConfig(DeepseekV3Config, dots3_note_gguf.GGUFCompared):
     """transformers' Dots3NoteTextConfig: its fields and defaults (dots3 Note's sizes); `layer_config(i)` is layer
     i's MLA sizes (per_layer_config over the top-level ones)."""
 
     model_type: ClassVar[str] = "dots3_note_text"
     absent_keys: ClassVar[tuple[str, ...]] = ("first_k_dense_replace", "rope_interleave")
     layer_kinds: ClassVar[tuple[str, ...]] = KINDS
-    gguf_not_compared: ClassVar[tuple[str, ...]] = ("first_k_dense_replace",)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = ("first_k_dense_replace", "head_dim", "per_layer_config")
 
     vocab_size: int = 152064
     hidden_size: int = 5120
@@ -394,6 +393,8 @@ class Dots3NoteForCausalLM(IndexedCausalLM):
     tp_patterns: ClassVar[dict[str, str]] = {**DeepseekV3ForCausalLM.tp_patterns, "layers.*.self_attn.g_proj": "colwise"}  # fmt: skip
     _no_split_modules: ClassVar[list[str]] = ["Dots3NoteDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias"]  # as transformers
+    gguf = dots3_note_gguf.LAYOUT  # llama.cpp's; its per-layer rules below
 
     def __init__(self, config: Dots3NoteTextConfig):
         super().__init__(config, Dots3NoteModel(config))
+        self.checkpoint_rules = CheckpointRules([*self.checkpoint_rules.rules, *dots3_note_gguf.rules(config)])  # fmt: skip
