@@ -35,17 +35,17 @@ from ..nn.expert_formats import GGUFExperts
 from . import glm5_next_gguf
 from .base import DecoderModel
 from .deepseek_v3 import DeepseekV3ForCausalLM, GGUFMla
+from .deepseek_v4_layers import ClampedMLP
 from .deepseek_v32 import IndexedCausalLM
 from .glm4_moe import GROUPED_MOE_RULES, skip_nextn
 from .glm5_next_layers import (
-    ClampedExperts,
-    ClampedMLP,
     Glm5NextAttention,
     Glm5NextHyperConnection,
     Glm5NextLinearAttention,
     KPoolIndexer,
 )
 from .glm_moe_dsa import INDEXER_TYPES, _indexer_types
+from .hy_v4 import HYV4Experts
 from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .kimi_linear import KimiConvPieces
 from .kimi_linear_gguf import KimiLinearGGUF
@@ -230,7 +230,7 @@ def _moe(config: Glm5NextTextConfig) -> nn.Module:
     router = GroupedRouter(h, config.n_routed_experts, config.num_experts_per_tok, n_group=config.n_group,
                            topk_group=config.topk_group, normalize=config.norm_topk_prob,
                            scaling=float(config.routed_scaling_factor))  # fmt: skip
-    experts = ClampedExperts(config.n_routed_experts, h, config.moe_intermediate_size, act, limit=limit)
+    experts = HYV4Experts(config.n_routed_experts, h, config.moe_intermediate_size, act, limit=limit)
     shared = ClampedMLP(h, config.moe_intermediate_size * config.n_shared_experts, act, limit)
     return SparseMoeBlock(router, experts, shared_experts=shared)
 

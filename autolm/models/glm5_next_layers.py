@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import Experts, GatedMLP, Linear, RMSNorm
-from ..nn.linear import packed
+from ..nn import Linear, RMSNorm
 from .deepseek_v3 import DeepseekV3Attention
 from .deepseek_v32 import DSAIndexer
 from .kimi_linear import KimiDeltaAttention
@@ -69,27 +68,6 @@ class Glm5NextHyperConnection(nn.Module):
         dtype = x.dtype
         out = post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
         return out.reshape(B, T, -1)
-
-
-class ClampedMLP(GatedMLP):
-    """The dense MLP and shared experts: down(act(min(gate, limit)) * clamp(up, +-limit))."""
-
-    def __init__(self, hidden: int, intermediate: int, act: str, limit: float):
-        super().__init__(hidden, intermediate, act)
-        self.limit = limit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = packed(x, (self.gate_proj, self.up_proj))
-        lim = self.limit
-        return self.down_proj(self.act_fn(gate.clamp(max=lim)) * up.clamp(min=-lim, max=lim))
-
-
-class ClampedExperts(Experts):
-    """Routed experts with the same clamp: act(min(gate, limit)) * clamp(up, +-limit)."""
-
-    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        lim = self.limit
-        return self.act_fn(gate.clamp(max=lim)) * up.clamp(min=-lim, max=lim)
 
 
 class Glm5NextForgetGate(nn.Module):
