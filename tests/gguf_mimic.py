@@ -57,3 +57,13 @@ def add_q8_0(w, name: str, a: np.ndarray) -> None:
                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
     else:
         w.add_tensor(name, a.astype(np.float16))
+
+
+def add_mla_lengths(w, c) -> None:
+    """The latent attention's sizes as llama.cpp's DeepSeek-V2 converter (and those derived from it) writes them:
+    the cached key is the latent and the RoPE key, the value the latent; the *_mla lengths are the heads' own."""
+    w.add_kv_lora_rank(c["kv_lora_rank"])
+    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    w.add_value_length(c["kv_lora_rank"])
+    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+    w.add_value_length_mla(c["v_head_dim"])

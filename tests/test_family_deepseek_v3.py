@@ -19,7 +19,7 @@ import torch
 from chat_checks import check_cli
 from conftest import padded_batch, positions
 from family_checks import Family
-from gguf_mimic import add_toy_vocab, stacked_experts
+from gguf_mimic import add_mla_lengths, add_toy_vocab, stacked_experts
 from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
@@ -210,11 +210,7 @@ def write_deepseek_v3_gguf(
     w.add_vocab_size(c["vocab_size"])
     if c["q_lora_rank"] is not None:
         w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
-    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
-    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
+    add_mla_lengths(w, c)
     w.add_expert_feed_forward_length(c["moe_intermediate_size"])
     w.add_expert_shared_count(c["n_shared_experts"])
     w.add_expert_weights_scale(c["routed_scaling_factor"])

@@ -18,6 +18,7 @@ import torch
 from chat_checks import check_cli
 from conftest import padded_batch, positions, randomize
 from family_checks import Family
+from gguf_mimic import add_mla_lengths
 from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -242,11 +243,7 @@ def write_glm4_moe_lite_gguf(hf, path: str, kind: str = "F32") -> None:
     w.add_leading_dense_block_count(c.get("first_k_dense_replace", 0))
     w.add_vocab_size(c["vocab_size"])
     w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
-    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
-    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
+    add_mla_lengths(w, c)
     w.add_expert_feed_forward_length(c["moe_intermediate_size"])
     w.add_expert_shared_count(c["n_shared_experts"])
     w.add_expert_weights_scale(c["routed_scaling_factor"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import padded_batch
 from family_checks import check_config_defaults
+from gguf_mimic import add_mla_lengths
 from test_family_deepseek_v32 import check_padded_step
 from test_family_minimax_m2 import RoutedFamily
 from test_gguf_out import merged_tokenizer  # noqa: F401
@@ -249,11 +250,7 @@ def write_hy_v4_gguf(hf, path: str, paired: bool = False) -> None:
     w.add_leading_dense_block_count(types.index("sparse") if "sparse" in types else len(types))
     w.add_vocab_size(c["vocab_size"])
     w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
-    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
-    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
+    add_mla_lengths(w, c)
     w.add_expert_feed_forward_length(c["moe_intermediate_size"])
     w.add_expert_shared_count(c["n_shared_experts"])
     w.add_expert_weights_scale(c["routed_scaling_factor"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import padded_batch, positions, register_causal_lm_gaps
 from family_checks import Family
-from gguf_mimic import add_toy_vocab
+from gguf_mimic import add_mla_lengths, add_toy_vocab
 from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_mimo_v2_flash import merged_tokenizer  # noqa: F401  (llama.cpp reads a vocabulary with merges)
@@ -199,11 +199,7 @@ def write_mistral4_gguf(hf, path: str) -> None:
     w.add_leading_dense_block_count(c["first_k_dense_replace"])
     w.add_vocab_size(c["vocab_size"])
     w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
-    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
-    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
+    add_mla_lengths(w, c)
     w.add_expert_feed_forward_length(c["moe_intermediate_size"])
     w.add_expert_shared_count(c["n_shared_experts"])
     w.add_expert_weights_scale(c["routed_scaling_factor"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import padded_batch, positions, randomize
 from family_checks import Family
+from gguf_mimic import add_mla_lengths
 from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_glm4_moe import byte_tokenizer  # noqa: F401
@@ -175,11 +176,7 @@ def write_youtu_gguf(hf, path: str) -> None:
     w.add_vocab_size(c["vocab_size"])
     if c["q_lora_rank"] is not None:
         w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
-    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
-    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
+    add_mla_lengths(w, c)
     w.add_expert_feed_forward_length(c["intermediate_size"])
     w.add_expert_shared_count(0)
     w.add_rope_dimension_count(c["qk_rope_head_dim"])
