@@ -161,6 +161,20 @@ class Family:
             torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4
         )
 
+    def check_gguf_refused(self, tmp_path_factory, tmp_path, field: str, change) -> None:
+        """GGUF out of a config llama.cpp would compute otherwise (or not load): a ConfigError naming `field`, and
+        no file left. change(config) alters the loaded model's config."""
+        from test_family_phi import _byte_tokenizer
+
+        from autolm.gguf_writer import save_gguf
+
+        model = autolm.AutoModelForCausalLM.from_pretrained(self.checkpoint(tmp_path_factory)[0])
+        change(model.config)
+        path = tmp_path / "m.gguf"
+        with pytest.raises(autolm.ConfigError, match=field):
+            save_gguf(model, _byte_tokenizer(tmp_path / "tokenizer"), str(path), "f32")
+        assert not path.exists()
+
     def check_recurrent(self, tmp_path_factory, tmp_path) -> None:
         """A family with recurrent layers (their state in the cache): a left-padded batch run in two pieces
         through the cache gives the whole batch's logits; the serving engine (a prefill of 4 tokens per forward,

@@ -489,21 +489,14 @@ def test_gguf_out(tmp_path_factory, tmp_path, merged_tokenizer):  # noqa: F811
 def test_gguf_out_refuses_what_llama_cpp_computes_otherwise(tmp_path_factory, tmp_path, field, value):
     """A config llama.cpp's dots3note would run otherwise (or not load) is a ConfigError naming the field; no file.
     (The sliding layers' own q_lora_rank or qk_rope_head_dim is set through per_layer_config.)"""
-    import os
 
-    from test_family_phi import _byte_tokenizer
+    def change(c):
+        if field in ("q_lora_rank", "qk_rope_head_dim"):
+            c.per_layer_config = {**c.per_layer_config, **value}
+        else:
+            setattr(c, field, value)
 
-    from autolm.gguf_writer import save_gguf
-
-    model = autolm.AutoModelForCausalLM.from_pretrained(GGUF_FAMILY.checkpoint(tmp_path_factory)[0])
-    c = model.config
-    if field in ("q_lora_rank", "qk_rope_head_dim"):
-        c.per_layer_config = {**c.per_layer_config, **value}
-    else:
-        setattr(c, field, value)
-    with pytest.raises(autolm.ConfigError, match=field):
-        save_gguf(model, _byte_tokenizer(tmp_path / "tokenizer"), str(tmp_path / "m.gguf"), "f32")
-    assert not os.path.exists(tmp_path / "m.gguf")
+    GGUF_FAMILY.check_gguf_refused(tmp_path_factory, tmp_path, field, change)
 
 
 @pytest.mark.parametrize(

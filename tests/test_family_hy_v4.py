@@ -385,17 +385,7 @@ def test_gguf_out(tmp_path_factory, tmp_path, merged_tokenizer):  # noqa: F811
 )  # fmt: skip
 def test_gguf_out_refuses_what_llama_cpp_computes_otherwise(tmp_path_factory, tmp_path, field, value):
     """A config llama.cpp's hy_v4 would run otherwise (or not load) is a ConfigError naming the field; no file."""
-    import os
-
-    from test_family_phi import _byte_tokenizer
-
-    from autolm.gguf_writer import save_gguf
-
-    model = autolm.AutoModelForCausalLM.from_pretrained(GGUF_FAMILY.checkpoint(tmp_path_factory)[0])
-    setattr(model.config, field, value)
-    with pytest.raises(autolm.ConfigError, match=field):
-        save_gguf(model, _byte_tokenizer(tmp_path / "tokenizer"), str(tmp_path / "m.gguf"), "f32")
-    assert not os.path.exists(tmp_path / "m.gguf")
+    GGUF_FAMILY.check_gguf_refused(tmp_path_factory, tmp_path, field, lambda c: setattr(c, field, value))
 
 
 @pytest.mark.parametrize(
