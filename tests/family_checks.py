@@ -161,6 +161,21 @@ class Family:
             torch.stack(outs[1].logits), torch.stack(outs[0].logits), atol=1e-4, rtol=1e-4
         )
 
+    def check_hidden_states(self, tmp_path_factory) -> None:
+        """output_hidden_states: each layer's input, then the final norm's output, in transformers' shapes (a
+        hyper-connection family's streams as (B, T, hc_mult, h)) and values."""
+        directory, hf = self.checkpoint(tmp_path_factory)
+        model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+        ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            theirs = hf(ids, output_hidden_states=True).hidden_states
+            ours = model(ids, output_hidden_states=True).hidden_states
+        assert len(ours) == len(theirs)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(
+                a, b, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"hidden state {i}: {m}"
+            )
+
     def check_gguf_refused(self, tmp_path_factory, tmp_path, field: str, change) -> None:
         """GGUF out of a config llama.cpp would compute otherwise (or not load): a ConfigError naming `field`, and
         no file left. change(config) alters the loaded model's config."""

@@ -574,3 +574,7 @@ def test_gguf_files_refused(given, message):
         derive({"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": [0, 1]}, get)
     with pytest.raises(autolm.ConfigError, match="layer_types"):
         derive({"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1}, get)
+
+
+def test_hidden_states_are_transformers_streams(tmp_path_factory):
+    GLM.check_hidden_states(tmp_path_factory)

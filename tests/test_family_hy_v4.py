@@ -407,3 +407,7 @@ def test_gguf_files_refused(given, message):
     }
     with pytest.raises(autolm.ConfigError, match=message):
         derive(d, lambda key, default=None: keys.get(key, default))
+
+
+def test_hidden_states_are_transformers_streams(tmp_path_factory):
+    HY.check_hidden_states(tmp_path_factory)

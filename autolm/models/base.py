@@ -75,6 +75,10 @@ class DecoderModel(nn.Module):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
+    def shown(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer's input as hidden_states gives it (transformers' shape for it): as it is here."""
+        return x
+
     def run(
         self, x: torch.Tensor, ctx: Forward | OneToken, hidden_states: list | None = None
     ) -> torch.Tensor:
@@ -82,7 +86,7 @@ class DecoderModel(nn.Module):
         layer's input (and the output) are appended to `hidden_states` when given."""
         for layer in self.layers:
             if hidden_states is not None:
-                hidden_states.append(x)
+                hidden_states.append(self.shown(x))
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
             else:

@@ -35,7 +35,7 @@ from ..nn.expert_formats import GGUFExperts
 from . import deepseek_v4_gguf
 from .base import CausalLM, DecoderModel
 from .deepseek_v4_layers import DeepseekV4Attention, DeepseekV4HyperConnection, DeepseekV4MoE
-from .hy_v4 import HYV4HyperHead
+from .hy_v4 import HyperStreams, HYV4HyperHead
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 MLP_TYPES = ("hash_moe", "moe")
@@ -258,7 +258,7 @@ class PositionedRotary(Rotary):
         return out
 
 
-class DeepseekV4Model(DecoderModel):
+class DeepseekV4Model(HyperStreams, DecoderModel):
     """The embeddings repeated into hc_mult streams, the layers, `hc_head`, the final norm; the token ids reach the
     hash-routed layers through the context."""
 
@@ -282,7 +282,7 @@ class DeepseekV4Model(DecoderModel):
         ids, self._input_ids = self._input_ids, None  # the ids embedded for this forward, if it embedded them
         if ids is not None and tuple(ids.shape) == tuple(x.shape[:2]):
             ctx.rope = {**ctx.rope, "input_ids": (ids, ids)}
-        return super().run(x.repeat(1, 1, self.config.hc_mult), ctx, hidden_states)
+        return super().run(x, ctx, hidden_states)
 
 
 # transformers' conversion mapping for deepseek_v4 (the names its save_pretrained writes), in an order that maps

@@ -45,7 +45,7 @@ from .glm5_next_layers import (
     KPoolIndexer,
 )
 from .glm_moe_dsa import INDEXER_TYPES, _indexer_types
-from .hy_v4 import HYV4Experts
+from .hy_v4 import HyperStreams, HYV4Experts
 from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .kimi_linear import KimiConvPieces
 from .kimi_linear_gguf import KimiLinearGGUF
@@ -260,7 +260,7 @@ class Glm5NextDecoderLayer(nn.Module):
         return self.ffn_hc(x, lambda y: self.mlp(self.post_attention_layernorm(y)))
 
 
-class Glm5NextTextModel(DecoderModel):
+class Glm5NextTextModel(HyperStreams, DecoderModel):
     """The embeddings repeated into hc_mult streams, the layers, the streams' mean, the final norm."""
 
     def __init__(self, config: Glm5NextTextConfig):
@@ -269,9 +269,6 @@ class Glm5NextTextModel(DecoderModel):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return self.norm(x.view(B, T, self.config.hc_mult, -1).mean(2))
-
-    def run(self, x: torch.Tensor, ctx, hidden_states: list | None = None) -> torch.Tensor:
-        return super().run(x.repeat(1, 1, self.config.hc_mult), ctx, hidden_states)
 
 
 # transformers' conversion mapping for glm5_next: the released names read; saved, the model's own

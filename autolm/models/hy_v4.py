@@ -234,7 +234,18 @@ class HYV4DecoderLayer(GlmMoeDsaDecoderLayer):
         return self.ffn_hc(x, lambda y: self.mlp(self.post_attention_layernorm(y)))
 
 
-class HYV4Model(MixtralModel):
+class HyperStreams:
+    """A body whose residual is `hc_mult` streams, carried as one (B, T, hc_mult * h) tensor: the embeddings
+    repeated into them; each layer's input shown in hidden_states as transformers' (B, T, hc_mult, h)."""
+
+    def run(self, x: torch.Tensor, ctx, hidden_states: list | None = None) -> torch.Tensor:
+        return super().run(x.repeat(1, 1, self.config.hc_mult), ctx, hidden_states)
+
+    def shown(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.config.hc_mult, -1))
+
+
+class HYV4Model(HyperStreams, MixtralModel):
     """The embeddings repeated into hc_mult streams, the layers, `hc_head`, the final norm."""
 
     def __init__(self, config: Any):
@@ -243,9 +254,6 @@ class HYV4Model(MixtralModel):
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(x))
-
-    def run(self, x: torch.Tensor, ctx, hidden_states: list | None = None) -> torch.Tensor:
-        return super().run(x.repeat(1, 1, self.config.hc_mult), ctx, hidden_states)
 
 
 # transformers' conversion mapping for hy_v4, in its order: the "hc_pre" level dropped wherever it sits (the released
