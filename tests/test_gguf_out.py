@@ -151,7 +151,7 @@ def test_k_quants_are_llama_cpp_blocks(checkpoint, tmp_path, smol_tokenizer, kin
     """Q4_K / Q5_K / Q6_K written here dequantize (gguf's reference code) to within their step of the weights;
     rows that are not whole 256-blocks fall back as llama.cpp does; the file loads kept and dequantized alike."""
     exact_kernels(monkeypatch)
-    from autolm.gguf_writer import quantize_k, quantize_q6_k
+    from autolm.kernels.ggml_quantize import quantize_k, quantize_q6_k
 
     w = np.random.default_rng(0).normal(0, 0.05, (64, 512)).astype(np.float32)
     qtype = gguf.GGMLQuantizationType[kind.upper()]

@@ -628,8 +628,8 @@ def test_errors_are_value_errors_as_in_peft(checkpoint):
 def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpoint, tmp_path, quantization):
     """QLoRA: LoRA (and DoRA) on int8, int4 and GGUF-block layers gives the logits and the gradients of LoRA on
     float layers holding the weights they stand for (within the kernels' rounding of the first layer's input);
-    the quantized weights stay as they are while training; merging quantizes the merged int8 / int4 weight again
-    (as peft) and is refused with a clear error for GGUF blocks."""
+    the quantized weights stay as they are while training; merging quantizes the merged weight again (as peft),
+    a GGUF layer's to its own type."""
     if quantization == "gguf":
         from test_gguf_blocks import K, write_gguf
 
@@ -654,9 +654,9 @@ def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpo
         vocab = VOCAB
     frozen = [(b, b.clone()) for b in quant.buffers() if not b.is_floating_point()]
     assert frozen  # the quantized weights
-    config = dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
+    # on the GGUF file: Q4_K, Q5_K, Q8_0 in layer 0 and Q5_0, Q5_1, BF16 in layer 1 (test_gguf_blocks.TYPES)
+    targets = ["q_proj", "k_proj" if quantization == "gguf" else "v_proj", "down_proj"]
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     config["use_dora"] = quantization == "gguf"  # DoRA's norms from the dequantized weight too
     made = [get_peft_model(m, LoraConfig(**config)) for m in (quant, plain)]
     _sync_lora(made[0], made[1])
@@ -674,25 +674,39 @@ def test_lora_trains_on_quantized_layers_as_on_their_dequantized_weights(checkpo
         cos = torch.nn.functional.cosine_similarity(grads[0][n].flatten(), g.flatten(), 0)
         assert cos > 0.98, (n, cos)
     assert all(torch.equal(b, before) for b, before in frozen)
-    if quantization == "gguf":
-        with pytest.raises(AdapterError, match="cannot merge adapter 'default' into a GGMLLinear"):
-            made[0].merge_and_unload()
-        return
-    # as peft merges into 4- and 8-bit layers: the merged weight quantized again, so the quantized model merged
-    # holds the float model merged within a step of each layer's grid (half for rounding to it, the rest the
-    # scales' and offsets' own rounding to the model's dtype)
+    # as peft merges into 4- and 8-bit layers: the merged weight quantized again (a GGUF layer's to its own type),
+    # so the quantized model merged holds the float model merged within a step of each layer's grid (half for
+    # rounding to it, the rest the scales' and offsets' own rounding)
     before = {id(m): m.dequantize() for m in quant.modules() if hasattr(m, "requantize")}
     merged, merged_plain = (pm.merge_and_unload() for pm in made)
     changed = 0
     for name, m in merged.named_modules():
         if name.startswith("model.layers.") and hasattr(m, "requantize"):
-            step = m.scales if quantization == "int8" else m.scales_and_zeros[..., 0]
             want = merged_plain.get_submodule(name).weight.float()
+            # GGUF: a step of each block of 32's range on the type's grid (the layers left untouched: any)
+            if quantization == "gguf":
+                levels = {K.Q4_K: 15, K.Q5_K: 31, K.Q8_0: 254, K.Q5_0: 31, K.Q5_1: 31, K.BF16: 256}
+                levels = levels.get(m.ggml_type, 1)
+                step = 2 * want.unflatten(-1, (-1, 32)).abs().amax(-1).max() / levels
+            else:
+                step = m.scales if quantization == "int8" else m.scales_and_zeros[..., 0]
             torch.testing.assert_close(m.dequantize(), want, rtol=0, atol=step.float().abs().max().item())
-            targeted = name.endswith(("q_proj", "v_proj", "down_proj"))
+            targeted = name.endswith(tuple(targets))
             assert torch.equal(m.dequantize(), before[id(m)]) != targeted, name
             changed += targeted
     assert changed == 3 * merged.config.num_hidden_layers
+    if (
+        quantization == "gguf"
+    ):  # a type autolm does not quantize to: the merge refused by it, before any layer merges
+        lora = get_peft_model(merged, LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+        kept = [b.clone() for b in lora.buffers() if not b.is_floating_point()]
+        with pytest.raises(
+            AdapterError, match="ggml type 20"
+        ):  # layer 1's IQ4_NL (layer 0's Q6_K would merge)
+            lora.merge_and_unload()
+        assert all(
+            torch.equal(a, b) for a, b in zip(kept, (b for b in lora.buffers() if not b.is_floating_point()))
+        )
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -21,7 +21,7 @@ from ..quant import Int4Linear, Int8Linear
 
 # the layers LoRA adapts: nn.Linear (autolm's Linear, transformers' Conv1D) and the quantized linear layers, whose
 # weights stay as they are while training (QLoRA: gradients reach the input through the dequantized weight);
-# merging quantizes an int8 / int4 layer's merged weight again (GGUF blocks: refused)
+# merging quantizes an int8 / int4 / GGUF-block layer's merged weight again (to its own type)
 LINEAR = (nn.Linear, Int8Linear, Int4Linear, GGMLLinear)
 # the heads peft trains with a SEQ_CLS / TOKEN_CLS / QUESTION_ANS adapter (its modules_to_save), by task type
 HEAD_NAMES = {

@@ -123,18 +123,23 @@ class AdapterLayer(nn.Module):
             )
         self.base_layer.bias.data += sign * extra.detach().to(self.base_layer.bias.dtype) * self.scaling[name]
 
+    def check_mergeable(self, adapter: str) -> None:
+        """Refuse `adapter`'s merge into a layer kept in a form autolm does not quantize to (a GGUF file's Q2_K,
+        Q3_K or IQ4 blocks)."""
+        base = self.base_layer
+        if base.weight.is_floating_point() or getattr(base, "requantizable", hasattr(base, "requantize")):
+            return
+        raise AdapterError(
+            f"cannot merge adapter {adapter!r} into a {type(base).__name__} of ggml type "
+            f"{getattr(base, 'ggml_type', '?')} (autolm does not quantize to it): load the model in floating point "
+            "(quantization=None) to merge it"
+        )
+
     def float_weight(self, adapter: str) -> torch.Tensor:
-        """The base layer's weight in float32 as stored (dequantized where quantized); a layer kept in a form autolm
-        does not quantize again (a GGUF file's blocks) refuses `adapter`'s merge."""
+        """The base layer's weight in float32 as stored (dequantized where quantized); see check_mergeable."""
+        self.check_mergeable(adapter)
         w = self.base_layer.weight
-        if w.is_floating_point():
-            return w.data.float()
-        if not hasattr(self.base_layer, "requantize"):
-            raise AdapterError(
-                f"cannot merge adapter {adapter!r} into a {type(self.base_layer).__name__} (its weight kept in a "
-                "file's blocks): load the model in floating point (quantization=None) to merge it"
-            )
-        return self.base_layer.dequantize()
+        return w.data.float() if w.is_floating_point() else self.base_layer.dequantize()
 
     def _put_weight(self, w: torch.Tensor) -> None:
         if self.base_layer.weight.is_floating_point():

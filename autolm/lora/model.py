@@ -188,6 +188,9 @@ class PeftModel(_Forwarding):
         # a model whose modules share weights yet take adapters of their own (Zamba2's shared blocks) unties them
         # first, so that each adapter merges into its own module's weight
         getattr(self._model, "before_merge", lambda: None)()
+        for layer in adapters.lora_layers(self._model):  # every layer's refusal before any layer merges
+            for name in (n for n in names if n in layer.lora_A):
+                layer.check_mergeable(name)
         for layer in adapters.lora_layers(self._model):
             if safe_merge:
                 for name in names:

@@ -11,6 +11,8 @@ from torch import nn
 from .. import kernels
 from ..errors import ConfigError
 from ..kernels.ggml import BLOCKS, LOW, PLANAR
+from ..kernels.ggml_quantize import quantizable, quantize_blocks
+from ..kernels.ggml_repack import planar
 from .moe import Experts
 
 
@@ -57,6 +59,24 @@ class GGMLLinear(nn.Module):
             return kernels.group_weight(self.weight, self.scales, self.low)
         w = kernels.ggml_dequantize(self.weight, self.ggml_type)
         return kernels.llama_qk_order(w, self.heads) if self.heads else w
+
+    @property
+    def requantizable(self) -> bool:
+        """Whether autolm quantizes to this layer's type (a LoRA merge keeps the merged weight in it)."""
+        return quantizable(self.ggml_type)
+
+    def requantize(self, w: torch.Tensor) -> None:
+        """Hold float weight w (out_features, in_features; the model's row order) in this layer's type: w quantized
+        to its blocks (kernels.ggml_quantize) and kept as the load keeps them (repacked to planes, or the blocks,
+        now in memory rather than over the file's map), as peft quantizes a merged 4- or 8-bit weight again."""
+        raw = torch.from_numpy(quantize_blocks(w.detach().float().cpu().numpy(), self.ggml_type))
+        raw = raw.to(self.weight.device)
+        if self.scales is None:
+            self.weight, self.heads = raw, 0  # the rows now in the model's order
+            return
+        self.weight, self.scales, low = planar(raw, self.ggml_type)
+        if low is not None:
+            self.low = low
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.needs_grad(x):  # a gradient for x (LoRA above this layer): through the dequantized weight
