@@ -276,10 +276,6 @@ def test_default_config_is_transformers():
         (dict(rotary_dim=300), "rotary_dim"),
         (dict(rotary_dim=3), "partial_rotary_factor"),
         (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
-        (
-            dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-            "quantization_config",
-        ),
     ],
 )
 def test_config_errors_name_the_key(bad, match):

@@ -153,10 +153,6 @@ class DeepseekV3Config(PretrainedConfig):
         r = self.routed_scaling_factor
         if not _is_number(r) or r <= 0:
             raise ConfigError(f"{src}: routed_scaling_factor must be a positive number, found {r!r}")
-        quant = self.extra.get("quantization_config")
-        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
-            raise ConfigError(f"{src}: quantization_config: FP8 block-quantized weights (DeepSeek's original "
-                              "release) are not supported; load a bf16 conversion")  # fmt: skip
 
 
 class Kimi_K25Config(ImageTextConfig):

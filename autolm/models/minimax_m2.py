@@ -16,7 +16,7 @@ always computes as above); so does autolm, keeping them as read.
 Checkpoints on the Hub (and transformers' save_pretrained) name the block `block_sparse_moe` and keep one w1/w3/w2
 (gate/up/down) tensor per expert, as Mixtral's do; the model holds transformers 5's stacked
 `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`. The released weights are FP8 block-quantized
-(`quantization_config`), which autolm does not read: a bf16 conversion loads.
+(`quantization_config`), dequantized while loading (sources.fp8).
 """
 
 from __future__ import annotations
@@ -126,10 +126,6 @@ class MiniMaxM2Config(PretrainedConfig):
         if rotary < 2 or rotary % 2:
             raise ConfigError(f"{src}: partial_rotary_factor {factor} (rotary_dim) gives {rotary} rotary dimensions "
                               f"of head_dim {self.head_dim}: they must be a positive even number")  # fmt: skip
-        quant = self.extra.get("quantization_config")
-        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
-            raise ConfigError(f"{src}: quantization_config: FP8 block-quantized weights (MiniMax's original "
-                              "release) are not supported; load a bf16 conversion")  # fmt: skip
 
 
 class MiniMaxM2TopKRouter(Router):

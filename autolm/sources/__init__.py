@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..generation import GenerationConfig
 from ..hub import inside
 from ..models import config_from_file
+from .fp8 import FP8Scales
 from .gguf_eog import KEEP, end_of_generation
 from .safetensors import SafetensorsFile, read_safetensors_header
 
@@ -122,6 +123,7 @@ class CheckpointSource:
     def tensors(self, keep_blocks=None) -> Iterator[tuple[str, str, torch.Tensor]]:
         """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
         seen: dict[str, str] = {}
+        scales = self._fp8_scales()
         for path in self.files:
             if self.format == "safetensors":
                 st = SafetensorsFile(path)
@@ -133,13 +135,28 @@ class CheckpointSource:
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
                 seen[name] = path
-                yield path, name, get()
+                if scales is None:
+                    yield path, name, get()
+                elif not scales.skips(name):
+                    yield path, name, scales.dequantized(name, get())
+
+    def _fp8_scales(self) -> FP8Scales | None:
+        """The scales of an FP8 block-quantized checkpoint's weights (sources.fp8), None for any other."""
+        if self.format != "safetensors":
+            return None
+        names = {f: list(read_safetensors_header(f)[0]) for f in self.files}
+        config = os.path.join(self.directory, "config.json")
+        return FP8Scales.of(
+            names, lambda: read_json(config, CheckpointError) if os.path.isfile(config) else {}
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Every tensor's shape, read from the safetensors headers alone (None for .bin)."""
         if self.format != "safetensors":
             return None
-        return {n: i.shape for f in self.files for n, i in read_safetensors_header(f)[0].items()}
+        shapes = {n: i.shape for f in self.files for n, i in read_safetensors_header(f)[0].items()}
+        scales = FP8Scales.of({"": list(shapes)}, dict)
+        return shapes if scales is None else {n: s for n, s in shapes.items() if not scales.skips(n)}
 
 
 class GGUFSource:
