@@ -247,9 +247,9 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     if device_map is None and max_memory is not None:
         device_map = "auto"
     saved = model.config.extra.get("quantization_config")
-    if isinstance(saved, dict) and saved.get("quant_method") in ("mxfp4", "fp8"):
-        # MXFP4 experts (gpt-oss, nn.expert_formats) and FP8 blocks (sources.fp8) are dequantized while loading:
-        # the model holds, and saves, floats
+    if isinstance(saved, dict) and saved.get("quant_method") in ("mxfp4", "fp8", "compressed-tensors"):
+        # MXFP4 experts (gpt-oss, nn.expert_formats), FP8 blocks (sources.fp8) and compressed-tensors' formats
+        # (sources.compressed) are dequantized while loading: the model holds, and saves, floats
         del model.config.extra["quantization_config"]
         saved = None
     if tp_plan or fsdp:

@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..generation import GenerationConfig
 from ..hub import inside
 from ..models import config_from_file
+from .compressed import CompressedTensors
 from .fp8 import FP8Scales
 from .gguf_eog import KEEP, end_of_generation
 from .safetensors import SafetensorsFile, read_safetensors_header
@@ -123,7 +124,7 @@ class CheckpointSource:
     def tensors(self, keep_blocks=None) -> Iterator[tuple[str, str, torch.Tensor]]:
         """Yield (file, tensor name, tensor) for every tensor, file by file; a name in two files is an error."""
         seen: dict[str, str] = {}
-        scales = self._fp8_scales()
+        unpack = self._prequantized()
         for path in self.files:
             if self.format == "safetensors":
                 st = SafetensorsFile(path)
@@ -135,28 +136,37 @@ class CheckpointSource:
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
                 seen[name] = path
-                if scales is None:
-                    yield path, name, get()
-                elif not scales.skips(name):
-                    yield path, name, scales.dequantized(name, get())
+                took = (name, get()) if unpack is None else unpack.take(name, get)
+                if took is not None:
+                    yield path, *took
 
-    def _fp8_scales(self) -> FP8Scales | None:
-        """The scales of an FP8 block-quantized checkpoint's weights (sources.fp8), None for any other."""
+    def _prequantized(self) -> FP8Scales | CompressedTensors | None:
+        """How the weights of a checkpoint stored quantized by its makers read as floats: FP8 blocks with their
+        scales (sources.fp8), compressed-tensors' formats (sources.compressed); None for any other."""
         if self.format != "safetensors":
             return None
         names = {f: list(read_safetensors_header(f)[0]) for f in self.files}
         config = os.path.join(self.directory, "config.json")
-        return FP8Scales.of(
-            names, lambda: read_json(config, CheckpointError) if os.path.isfile(config) else {}
+        quant = (read_json(config, CheckpointError) if os.path.isfile(config) else {}).get(
+            "quantization_config"
         )
+        if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+            return CompressedTensors.of(names, quant)
+        return FP8Scales.of(names, quant)
 
     def shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Every tensor's shape, read from the safetensors headers alone (None for .bin)."""
         if self.format != "safetensors":
             return None
         shapes = {n: i.shape for f in self.files for n, i in read_safetensors_header(f)[0].items()}
-        scales = FP8Scales.of({"": list(shapes)}, dict)
-        return shapes if scales is None else {n: s for n, s in shapes.items() if not scales.skips(n)}
+        companions = (
+            ".weight_scale",
+            ".weight_scale_inv",
+            ".weight_zero_point",
+            ".weight_shape",
+            ".weight_g_idx",
+        )
+        return {n.removesuffix("_packed"): s for n, s in shapes.items() if not n.endswith(companions)}
 
 
 class GGUFSource:

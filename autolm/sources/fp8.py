@@ -65,13 +65,12 @@ class FP8Scales:
         self._files: dict[str, SafetensorsFile] = {}
 
     @classmethod
-    def of(cls, names_by_file: dict[str, list[str]], config: Callable[[], dict]) -> FP8Scales | None:
-        """The checkpoint's scales (its tensor names, file by file; `config` reads its config.json), or None when
-        it holds none."""
+    def of(cls, names_by_file: dict[str, list[str]], quant: dict | None) -> FP8Scales | None:
+        """The checkpoint's scales (its tensor names, file by file; its quantization_config), or None when it
+        holds none."""
         where = {n: f for f, names in names_by_file.items() for n in names if n.endswith(SCALE)}
         if not where:
             return None
-        quant = config().get("quantization_config")
         block = quant.get("weight_block_size") if isinstance(quant, dict) else None
         ok = (
             isinstance(block, (list, tuple))
@@ -86,11 +85,19 @@ class FP8Scales:
         """Whether `name` is a scale (consumed with its weight) or an activation scale (dropped)."""
         return name.endswith(SCALE) or name.endswith(DROPPED)
 
-    def dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """`t` as float32 values when the checkpoint holds its scale, else `t` itself."""
+    def take(self, name: str, get: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+        """A checkpoint tensor as the model takes it: a weight as float32 values when the checkpoint holds its
+        scale; None for a scale (taken with its weight) or an activation scale."""
+        if self.skips(name):
+            return None
         path = self.where.get(name + SCALE)
         if path is None:
-            return t
-        if path not in self._files:
-            self._files[path] = SafetensorsFile(path)
-        return dequantize_fp8(t, self._files[path].get(name + SCALE), self.block, name)
+            return name, get()
+        return name, dequantize_fp8(get(), companion(self._files, path, name + SCALE), self.block, name)
+
+
+def companion(files: dict[str, SafetensorsFile], path: str, name: str) -> torch.Tensor:
+    """Tensor `name` of file `path` (opened once, kept in `files`)."""
+    if path not in files:
+        files[path] = SafetensorsFile(path)
+    return files[path].get(name)
