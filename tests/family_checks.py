@@ -193,13 +193,12 @@ class Family:
     def check_recurrent(self, tmp_path_factory, tmp_path) -> None:
         """A family with recurrent layers (their state in the cache): a left-padded batch run in two pieces
         through the cache gives the whole batch's logits; the serving engine (a prefill of 4 tokens per forward,
-        rows joining a running batch) gives each prompt's greedy tokens; speculation is refused by name; and
+        rows joining a running batch) gives each prompt's greedy tokens; speculation gives greedy decoding's
+        tokens (the rejected candidates dropped from the states: _check_speculation); and
         where the compiled one-token graphs serve the family, they carry the states (check_compiled_step)."""
         import shutil
 
         from conftest import write_char_tokenizer
-
-        from autolm.errors import GenerationError
 
         directory, _ = self.checkpoint(tmp_path_factory)
         model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -212,8 +211,7 @@ class Family:
             second = model(ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values)
         pieces = torch.cat([first.logits, second.logits], 1)
         torch.testing.assert_close(pieces[mask.bool()], whole[mask.bool()], atol=1e-4, rtol=1e-4)
-        with pytest.raises(GenerationError, match="recurrent"):
-            model.generate(ids[:1], max_new_tokens=4, prompt_lookup_num_tokens=3)
+        _check_speculation(model, directory, ids, mask)
         served = tmp_path / "served"
         shutil.copytree(directory, served)
         write_char_tokenizer(str(served))
@@ -400,6 +398,29 @@ class Family:
             d.get("rope_parameters", {}).pop("type", None)  # transformers keeps v4's "type" beside rope_type
         assert written == original
         return model, saved
+
+
+def _check_speculation(model, directory, ids, mask) -> None:
+    """Greedy speculation on a recurrent model (a left-padded batch) gives plain greedy decoding's tokens, with
+    candidates from n-grams of the sequence and from a draft (the same checkpoint, perturbed) that keeps recurrent
+    states too: rejected candidates went back through the caches' marks (KVCache.restore ran)."""
+    from unittest import mock
+
+    from autolm.nn.cache import KVCache
+
+    prompt = torch.cat([ids, ids[:, -6:], ids[:, -6:]], 1)  # repeated n-grams for prompt lookup to find
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 12)], 1)
+    greedy = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    plain = model.generate(prompt, **greedy)
+    draft = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    with mock.patch.object(KVCache, "restore", autospec=True, side_effect=KVCache.restore) as restore:
+        assert torch.equal(model.generate(prompt, prompt_lookup_num_tokens=3, **greedy), plain)
+        assert torch.equal(model.generate(prompt, assistant_model=draft, **greedy), plain)
+    assert restore.call_count, "no candidate was rejected: the check proved nothing"
 
 
 def _engine_tokens(model, tok, prompts: list[list[int]], new: int) -> list[list[int]]:

@@ -232,3 +232,32 @@ def test_a_request_crossing_the_longrope_switch_gets_generates_tokens(checkpoint
         engine.stop()
     assert len(prompt) < model.config.rope_parameters["original_max_position_embeddings"] < len(prompt) + 20
     assert got.all_token_ids == want[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("source", ["prompt_lookup", "draft"])
+def test_a_model_with_recurrent_layers_speculates_with_plain_greedy_tokens(
+    checkpoint, tmp_path, source, rounds
+):
+    """Qwen3-Next's linear-attention layers keep states: a rejected candidate sends the cache back to its mark
+    before the round and the accepted tokens run through again, so tokens and log-probabilities stay greedy's."""
+    directory, _ = checkpoint("qwen3_next")
+    shutil.copytree(directory, tmp_path / "model")
+    write_char_tokenizer(str(tmp_path / "model"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.recurrent
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    spec = Speculation(prompt_lookup=6) if source == "prompt_lookup" else Speculation(draft_model=draft)
+    plain, fast = Engine(model, tok), Engine(model, tok, speculation=spec)
+    try:
+        expected = run(plain, [tok.encode(REPEAT)], [24])
+        got = run(fast, [tok.encode(REPEAT)], [24])
+    finally:
+        plain.stop()
+        fast.stop()
+    same(got[0], expected[0])
+    assert rounds and any(n < k for n, k in rounds)  # candidates were verified, some rejected

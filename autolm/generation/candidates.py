@@ -124,6 +124,7 @@ class Draft:
         self.fed = 0  # leading columns of run.ids the draft's cache holds
         self.drafted = 0  # candidates proposed in the current round
         self.step = None
+        self.mark = None  # a recurrent draft's cache before its candidates (nn.cache.KVCache.mark)
         self.probs: list[float] = []
         self.matches: list[int] = []
 
@@ -152,8 +153,12 @@ class Draft:
         mask = torch.cat([run.mask[:, run.mask.shape[1] - L + 1 :], run.mask.new_ones(B, 1)], 1).to(
             self.device
         )
+        if self.mark is not None and self.fed < self.cache.length:  # recurrent layers: back before the round
+            self.cache.restore(self.mark)
+            self.fed = min(self.fed, self.cache.length)
         self.cache.length = self.fed
         logits = self._feed(ids, mask)
+        self.mark = self.cache.mark() if self.cache.states else None
         live = run.live().to(self.device)
         tokens, scores, ended = [], [], torch.zeros(B, dtype=torch.bool, device=self.device)
         for i in range(limit):

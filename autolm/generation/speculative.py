@@ -18,7 +18,11 @@ one-token step read only slots below the length.
 
 Batches: each row accepts its own number of candidates and the batch keeps the smallest (over the rows whose
 tokens still count), so the cache keeps one length; a row that accepted more keeps, at the cut, its own
-accepted candidate, itself a draw from p. Stopping criteria are checked after every token, so generation
+accepted candidate, itself a draw from p.
+
+Recurrent layers (linear attention, state-space layers) hold a state that cannot drop a token: before the
+verifying forward the cache is marked (its states copied), and where a candidate was rejected it goes back to the
+mark and the accepted tokens run through again; a draft model with such layers does the same with its own cache. Stopping criteria are checked after every token, so generation
 stops exactly where plain decoding does (transformers checks once per forward and can run past a stop string).
 """
 
@@ -46,12 +50,6 @@ def check_speculation(model, cfg, assistant_model) -> None:
         raise GenerationError(
             f"{what} works with greedy decoding and sampling, not beam search (num_beams > 1)"
         )
-    for m, role in ((model, "model"), (assistant_model, "assistant_model")):
-        if getattr(m, "recurrent", False):
-            raise GenerationError(
-                f"{what}: the {role} ({m.config.model_type}) keeps a recurrent state in its layers, which cannot go "
-                "back to the last accepted token when a candidate is rejected"
-            )
     if assistant_model is None:
         return
     draft = (
@@ -103,8 +101,13 @@ def speculative_round(run, source, limit: int) -> tuple[torch.Tensor, torch.Tens
     k = found.tokens.shape[1]
     if not k:
         return None
+    mark = (
+        run.cache.mark() if run.cache.states else None
+    )  # recurrent layers: their states before the candidates
     raw, scores = _verify(run, found.tokens)
     tokens, n = _accept(run, found, scores)
+    if mark is not None and n < k:
+        _replay(run, mark, found.tokens[:, :n])
     _keep(run, n, k)
     source.accepted(n, k)
     return tokens, raw[:, : n + 1], scores[:, : n + 1]
@@ -124,6 +127,17 @@ def _verify(run, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         [run.processors(torch.cat([run.ids, candidates[:, :i]], 1), raw[:, i]) for i in range(k + 1)], 1
     )
     return raw, scores
+
+
+def _replay(run, mark, accepted: torch.Tensor) -> None:
+    """A recurrent layer's state cannot drop the rejected candidates: the cache goes back to its `mark` from
+    before the verifying forward, and the newest token and the `accepted` candidates (B, n) run through again."""
+    n = accepted.shape[1]
+    run.cache.restore(mark)
+    feed = torch.cat([run.ids[:, -1:], accepted], 1)
+    positions = run.pos + torch.arange(n + 1, device=run.pos.device)
+    run.model(feed, attention_mask=run.mask[:, : mark[0] + n + 1], position_ids=positions,
+              past_key_values=run.cache, logits_to_keep=1)  # fmt: skip
 
 
 def _keep(run, n: int, k: int) -> None:

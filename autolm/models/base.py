@@ -134,8 +134,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     # whether the layers form a plain stack that autolm.step's one-token steps may run (False: the general
     # forward decodes every token)
     one_token_step: ClassVar[bool] = True
-    # whether some layers keep a recurrent state in the cache (which cannot go back a token: no speculative
-    # decoding; prefix reuse only from a whole earlier prompt's snapshot)
+    # whether some layers keep a recurrent state in the cache (which cannot go back a token: speculative decoding
+    # goes back to a mark of the cache; prefix reuse only from a whole earlier prompt's snapshot)
     recurrent: ClassVar[bool] = False
     # quantized by autolm (int4 / int8: set on the loaded model), where transformers' users look for bitsandbytes
     is_quantized: ClassVar[bool] = False

@@ -22,7 +22,8 @@ class KVCache:
 
     A recurrent layer (no keys or values: its buffers are zero wide) keeps its state after the first `length`
     tokens in `states[layer]`, a tuple of tensors whose first dimension is the batch. A state cannot go back to
-    an earlier token: `length` may be set back to 0 (every state dropped), never to another shorter length.
+    an earlier token: `length` may be set back to 0 (every state dropped), never to another shorter length; a
+    `mark` of the cache (its states copied) can be gone back to with `restore`.
     """
 
     def __init__(self, *, capacity: int = 256, static: bool = False, config: Any = None):
@@ -52,10 +53,19 @@ class KVCache:
             if n:
                 raise GenerationError(
                     f"the cache holds recurrent layers' states after {self._length} tokens, which cannot be set back "
-                    f"to {n} tokens (speculative and prompt-lookup decoding, cropping and prefix reuse need that)"
+                    f"to {n} tokens (cropping and prefix reuse need that)"
                 )
             self.states = {}
         self._length = n
+
+    def mark(self) -> tuple[int, dict[int, tuple[torch.Tensor, ...]]]:
+        """Where the cache stands (its length and copies of its recurrent states), for `restore` to go back to:
+        how speculative decoding drops a rejected candidate from a recurrent layer."""
+        return self._length, {layer: tuple(t.clone() for t in state) for layer, state in self.states.items()}
+
+    def restore(self, mark: tuple[int, dict[int, tuple[torch.Tensor, ...]]]) -> None:
+        """Back to a `mark` of this cache (keys and values past its length are overwritten by the next forward)."""
+        self._length, self.states = mark[0], dict(mark[1])
 
     def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """A recurrent layer's state after the `length` tokens cached, or None before its first token."""

@@ -12,7 +12,6 @@ any of those, as OpenAI and vLLM define them. Each request hears from the engine
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 
@@ -47,13 +46,10 @@ class Engine:
     ):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
-        # speculative decoding while one request runs alone (not with recurrent layers: their states cannot go
-        # back a token); prompt keys and values reused across requests (recurrent states from prompts' snapshots)
+        # speculative decoding while one request runs alone; prompt keys and values reused across requests
+        # (recurrent states from prompts' snapshots)
         recurrent = getattr(model, "recurrent", False)
-        if recurrent and speculation is not None:
-            logging.getLogger("autolm.serve").warning(
-                "%s keeps a recurrent state: requests decode without speculation", model.config.model_type)  # fmt: skip
-        self.speculation = None if recurrent else speculation
+        self.speculation = speculation
         self.prefix = PrefixCache(prefix_cache, recurrent=recurrent) if prefix_cache > 0 else None
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
