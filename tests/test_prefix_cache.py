@@ -214,3 +214,31 @@ def test_a_recurrent_model_continues_an_earlier_prompt_from_its_snapshot(checkpo
     finally:
         plain.stop()
         cached.stop()
+
+
+def test_a_recurrent_model_reuses_a_shared_system_prompt_from_its_chunk_boundaries(checkpoint, tmp_path):
+    """Qwen3.5 prefilled 32 tokens per forward: each prompt leaves its states at every chunk's end (a block
+    boundary), so a prompt sharing only the system prompt with an earlier one starts from the last boundary
+    within it, and a prompt repeated exactly from its last boundary; tokens and logprobs as without the cache."""
+    directory, _ = checkpoint("qwen3_5_text")
+    shutil.copytree(directory, tmp_path / "model")
+    write_char_tokenizer(str(tmp_path / "model"))
+    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    tok = autolm.AutoTokenizer.from_pretrained(tmp_path / "model")
+    first = tok.encode(SYSTEM + "What is red?")
+    prompts = [tok.encode(SYSTEM + "Name a fish."), first]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)
+    plain = Engine(model, tok, prefill_chunk=32)
+    cached = Engine(model, tok, prefill_chunk=32, prefix_cache=1 << 24)
+    try:
+        run(cached, [first])
+        again = [run(cached, [p])[0] for p in prompts]
+        for a, b in zip(again, [run(plain, [p])[0] for p in prompts]):
+            same(a, b)
+        assert shared >= 64 and [e.cached_tokens for e in again] == [
+            shared - shared % 32,
+            len(first) - 1 - (len(first) - 1) % 32,
+        ]
+    finally:
+        plain.stop()
+        cached.stop()

@@ -209,10 +209,13 @@ class Engine:
         step of the running batch between two (its streams keep flowing while a long prompt is read): the
         logits of every position with `every`, else of the last (B, 1, V). mask covers the cache and ids."""
         start, T, out = cache.length, ids.shape[1], []
-        for a in range(0, T, self.prefill_chunk):
+        ends = [
+            *range(self.prefill_chunk - start % self.prefill_chunk, T, self.prefill_chunk),
+            T,
+        ]  # cache-aligned
+        for a, b in zip([0, *ends], ends):
             if a and self.active:
                 self._interleave()
-            b = min(a + self.prefill_chunk, T)
             with adapters_of(self.model, seqs):
                 logits = self.model(
                     ids[:, a:b],
@@ -222,6 +225,10 @@ class Engine:
                     logits_to_keep=0 if every else 1,
                 ).logits
             out.append(logits)
+            for j, s in enumerate(
+                seqs if self.prefix is not None and b < T else ()
+            ):  # states at a block boundary
+                self.prefix.boundary(s.prompt, cache, j, len(s.prompt) - (T - b), s.adapter)
         return torch.cat(out, 1) if every else out[-1]
 
     def _interleave(self) -> None:

@@ -9,9 +9,10 @@ Outputs are unchanged: a token's keys and values depend only on the tokens befor
 
 A model with recurrent layers (linear attention, state-space layers) needs their state where the reuse ends, and
 a state holds only the tokens before it: each prompt also leaves a snapshot, its recurrent states after its last
-token and its keys and values after its last whole block. A later prompt that continues the whole of an earlier
-one (the next turn of a conversation) starts from that snapshot; a prompt that shares only some blocks with
-another reuses nothing.
+token and its keys and values after its last whole block, and one at the end of each of its prefill chunks (the
+engine ends them on block boundaries: `boundary`), as vLLM keeps hybrids' states at block boundaries. A later
+prompt starts from the snapshot furthest into it: the whole of an earlier prompt it continues (the next turn of a
+conversation), or the last chunk boundary within the blocks it shares with one (a long system prompt).
 """
 
 from __future__ import annotations
@@ -137,6 +138,23 @@ class PrefixCache:
         while self.bytes > self.budget and self.blocks:
             _, old = self.blocks.popitem(last=False)
             self.bytes -= old.nbytes
+
+    def boundary(self, tokens: list[int], cache, row: int, n: int, salt: str | None = None) -> None:
+        """With `recurrent`: a snapshot of a cache row's states after the first n tokens of a prompt being
+        prefilled, where n ends a whole block before its last token (a chunk's end); its blocks are kept by
+        `store` once the prompt is whole."""
+        if not (
+            self.recurrent
+            and cache.states
+            and self.budget > 0
+            and 0 < n < len(tokens)
+            and n % self.block == 0
+        ):
+            return
+        *_, (last, _, _) = self._chain(tokens, n, salt)
+        states = {layer: tuple(t[row].clone() for t in s) for layer, s in cache.states.items()}
+        snap = _Snapshot((), last, *_slots(cache, row, 0, 0), states=states)
+        self._add(_key(snap), snap)
 
     def _add(self, key: int, b: _Block) -> None:
         old = self.blocks.pop(key, None)
