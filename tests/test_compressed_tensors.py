@@ -142,3 +142,34 @@ def test_mixed_weight_schemes_are_refused_by_field(tmp_path):
         json.dump(config, f)
     with pytest.raises(autolm.CheckpointError, match="config_groups"):
         autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["w4a16", "w4a16-asym-32"])
+def test_int4_keeps_the_checkpoints_codes(tmp_path, case):
+    """quantization="int4" on a W4A16 checkpoint: autolm's int4 layers in the checkpoint's groups, holding its
+    codes as stored (not quantized again) and its scales and zero points within bf16's rounding."""
+    from autolm.kernels.quant import unpack_nibbles
+    from autolm.sources.compressed import unpack_int32
+
+    weights = {**CASES["w4a16-asym" if "asym" in case else "w4a16"][0], "group_size": 32}
+    write_compressed(tmp_path, weights, "pack-quantized")
+    stored = load_file(tmp_path / "model.safetensors")
+    floats = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    from unittest import mock
+
+    from autolm import quant
+
+    with mock.patch.object(quant, "quantize_weight", wraps=quant.quantize_weight) as quantized:
+        model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="int4")
+    assert {c.args[1] for c in quantized.call_args_list} == {"lm_head"}  # the projections came as codes
+    assert model.config.quantization_config["group_size"] == 32
+    ours, want = model.state_dict(), floats.state_dict()
+    name = "model.layers.1.mlp.down_proj"
+    _, cols = stored[f"{name}.weight_shape"].tolist()
+    codes = unpack_int32(stored[f"{name}.weight_packed"], 4, cols) + 8
+    assert torch.equal(unpack_nibbles(ours[f"{name}.weight"]).long(), codes)
+    layer = model.get_submodule(name)
+    torch.testing.assert_close(layer.dequantize().float(), want[f"{name}.weight"], rtol=1e-2, atol=1e-3)
+    ids = torch.randint(3, 100, (1, 9))
+    with torch.no_grad():  # the int4 model computes in bf16, its head in int8
+        torch.testing.assert_close(model(ids).logits.float(), floats(ids).logits, rtol=0.05, atol=0.15)

@@ -135,6 +135,7 @@ def _load(
     report.directory = directory
     report.lap("resolve")
     source = open_source(directory, gguf_file, use_safetensors, variant)
+    quantization = _int4_groups(quantization, source)
     if verify:  # content hashes, where the HF cache names its blobs by them
         report.notes.append(verify_files(directory, source.files))
     report.files, report.format = [os.path.basename(f) for f in source.files], source.format
@@ -194,6 +195,13 @@ def _arguments(kwargs: dict, attn_implementation) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
 
 
+def _int4_groups(quantization, source):
+    """quantization "int4" on a checkpoint stored in 4-bit groups (compressed-tensors' W4A16, GPTQ, AWQ): autolm's
+    int4 in the checkpoint's group size, so that its codes are kept as stored (sources.compressed.Int4Codes)."""
+    group = source.int4_group() if quantization == "int4" and hasattr(source, "int4_group") else None
+    return QuantConfig(bits=4, group_size=group) if group in (32, 64, 128, 256) else quantization
+
+
 def _bitsandbytes(kwargs: dict, quantization):
     """transformers' quantization_config= (a BitsAndBytesConfig, or its dict) and load_in_4bit / load_in_8bit as
     autolm's int4 / int8 (quant.QuantConfig.parse says how)."""
@@ -247,9 +255,11 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
     if device_map is None and max_memory is not None:
         device_map = "auto"
     saved = model.config.extra.get("quantization_config")
-    if isinstance(saved, dict) and saved.get("quant_method") in ("mxfp4", "fp8", "compressed-tensors"):
-        # MXFP4 experts (gpt-oss, nn.expert_formats), FP8 blocks (sources.fp8) and compressed-tensors' formats
-        # (sources.compressed) are dequantized while loading: the model holds, and saves, floats
+    # MXFP4 experts (gpt-oss, nn.expert_formats), FP8 blocks (sources.fp8), compressed-tensors' formats
+    # (sources.compressed) and GPTQ / AWQ (sources.gptq) are dequantized while loading: the model holds, and saves,
+    # floats
+    dequantized = ("mxfp4", "fp8", "compressed-tensors", "gptq", "awq")
+    if isinstance(saved, dict) and saved.get("quant_method") in dequantized:
         del model.config.extra["quantization_config"]
         saved = None
     if tp_plan or fsdp:

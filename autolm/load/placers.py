@@ -171,8 +171,9 @@ class Quantize:
         self.inner.plan(model, dtype)
 
     def keeps_blocks(self, name: str) -> bool:
-        """Whether the weight `name` may come in its GGUF blocks (Q4_0 / Q4_1 / Q4_K load as they are, groups
-        of 32; other types are dequantized here, in torch, then quantized)."""
+        """Whether the weight `name` may come as 4-bit codes: GGUF blocks (Q4_0 / Q4_1 / Q4_K load as they are
+        with groups of 32; other types are dequantized here, in torch, then quantized) or a checkpoint's int4
+        groups (sources.compressed.Int4Codes: kept where their group is the layer's)."""
         module = name.removesuffix(".weight")
         return (
             module != name
@@ -180,7 +181,6 @@ class Quantize:
             and module not in self.transposed  # GGUF holds these (out, in): dequantized and transposed
             and not self.saved
             and self.cfg.bits_for(module) == 4
-            and self.cfg.group_size == 32
         )
 
     def split(self, name: str, t, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
@@ -189,6 +189,7 @@ class Quantize:
         trip."""
         from .. import kernels
         from ..quant import quantize_weight
+        from ..sources.compressed import Int4Codes
         from ..sources.ggml import INT4_TYPES, to_int4
 
         module = name.removesuffix(".weight")
@@ -198,10 +199,15 @@ class Quantize:
                 raise CheckpointError(
                     f"tensor {name!r}: checkpoint {tuple(t.shape)} vs model {self.shapes[module]}"
                 )
-            if t.kind not in INT4_TYPES:
+            if t.kind not in INT4_TYPES or self.cfg.group_size != 32:
                 return self.split(name, kernels.ggml_dequantize(t.raw, t.kind), dtype)
             nibbles, sz = to_int4(t)
             t.release()
+            return {f"{module}.weight": nibbles, f"{module}.scales_and_zeros": sz}
+        if isinstance(t, Int4Codes):
+            if t.group != self.cfg.group_size or tuple(t.shape) != self.shapes[module]:
+                return self.split(name, t.values(), dtype)  # quantized again in the layer's groups
+            nibbles, sz = t.int4()
             return {f"{module}.weight": nibbles, f"{module}.scales_and_zeros": sz}
         if name in self.experts and t.is_floating_point():
             from ..quant_experts import quantize_stacked

@@ -24,6 +24,7 @@ from ..models import config_from_file
 from .compressed import CompressedTensors
 from .fp8 import FP8Scales
 from .gguf_eog import KEEP, end_of_generation
+from .gptq import METHODS, PackedLinears
 from .safetensors import SafetensorsFile, read_safetensors_header
 
 _LAYOUTS = (
@@ -136,23 +137,36 @@ class CheckpointSource:
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} appears in two files: {seen[name]} and {path}")
                 seen[name] = path
-                took = (name, get()) if unpack is None else unpack.take(name, get)
+                took = (name, get()) if unpack is None else unpack.take(name, get, keep_blocks)
                 if took is not None:
                     yield path, *took
 
-    def _prequantized(self) -> FP8Scales | CompressedTensors | None:
+    def int4_group(self) -> int | None:
+        """The group size of a checkpoint stored as 4-bit integers in groups (compressed-tensors, GPTQ, AWQ), else
+        None."""
+        unpack = self._prequantized()
+        return unpack.int4_group() if isinstance(unpack, (CompressedTensors, PackedLinears)) else None
+
+    def _prequantized(self) -> FP8Scales | CompressedTensors | PackedLinears | None:
         """How the weights of a checkpoint stored quantized by its makers read as floats: FP8 blocks with their
-        scales (sources.fp8), compressed-tensors' formats (sources.compressed); None for any other."""
+        scales (sources.fp8), compressed-tensors' formats (sources.compressed), GPTQ's and AWQ's packed int32
+        words (sources.gptq); None for any other."""
         if self.format != "safetensors":
             return None
         names = {f: list(read_safetensors_header(f)[0]) for f in self.files}
-        config = os.path.join(self.directory, "config.json")
-        quant = (read_json(config, CheckpointError) if os.path.isfile(config) else {}).get(
-            "quantization_config"
-        )
+        quant = self._quantization()
         if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
             return CompressedTensors.of(names, quant)
+        if isinstance(quant, dict) and quant.get("quant_method") in METHODS:
+            return PackedLinears.of(names, quant)
         return FP8Scales.of(names, quant)
+
+    def _quantization(self) -> Any:
+        """config.json's quantization_config (None without one)."""
+        config = os.path.join(self.directory, "config.json")
+        return (read_json(config, CheckpointError) if os.path.isfile(config) else {}).get(
+            "quantization_config"
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Every tensor's shape, read from the safetensors headers alone (None for .bin)."""
@@ -166,6 +180,9 @@ class CheckpointSource:
             ".weight_shape",
             ".weight_g_idx",
         )
+        quant = self._quantization()
+        if isinstance(quant, dict) and quant.get("quant_method") in METHODS:
+            return PackedLinears.shapes(shapes, quant)
         return {n.removesuffix("_packed"): s for n, s in shapes.items() if not n.endswith(companions)}
 
 

@@ -17,10 +17,12 @@ The value is (q - zero_point) * scale. Activation and KV-cache scales (`input_sc
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import CheckpointError
+from ..kernels.quant import pack_nibbles
 from .fp8 import companion, dequantize_fp8
 from .safetensors import SafetensorsFile
 
@@ -52,6 +54,31 @@ def _expand(s: torch.Tensor, rows: int, cols: int, g_idx: torch.Tensor | None, n
     return s.expand(rows, -1).repeat_interleave(cols // s.shape[-1], dim=-1)
 
 
+@dataclass
+class Int4Codes:
+    """A 4-bit weight as its checkpoint stores it: codes q (out, in) in 0..15 and per group of `group` input
+    columns value = (q - 8) * scale + zero, autolm's int4 layout (quant.Int4Linear), so that quantization "int4"
+    with the same group size keeps the codes exactly (load.placers) instead of quantizing the values again."""
+
+    q: torch.Tensor
+    scale: torch.Tensor  # (out, in / group)
+    zero: torch.Tensor
+    group: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def values(self) -> torch.Tensor:
+        """The float32 values (out, in)."""
+        expand = lambda t: t.repeat_interleave(self.group, dim=-1)  # noqa: E731
+        return (self.q.to(torch.float32) - 8) * expand(self.scale) + expand(self.zero)
+
+    def int4(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nibbles (out, in / 2), scales_and_zeros (in / group, out, 2)) as Int4Linear holds them."""
+        return pack_nibbles(self.q), torch.stack([self.scale.T, self.zero.T], -1).contiguous()
+
+
 class CompressedTensors:
     """A compressed-tensors checkpoint's quantized weights and their parts, wherever their shard is."""
 
@@ -81,9 +108,10 @@ class CompressedTensors:
         path = self.where.get(name)
         return None if path is None else companion(self._files, path, name)
 
-    def take(self, name: str, get: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
-        """A checkpoint tensor as the model takes it: a quantized weight as float32 values under `<m>.weight`;
-        None for a weight's parts (taken with it) and activation scales."""
+    def take(self, name: str, get: Callable[[], torch.Tensor], keep=None) -> tuple[str, torch.Tensor] | None:
+        """A checkpoint tensor as the model takes it: a quantized weight as float32 values under `<m>.weight`
+        (4-bit codes in groups as Int4Codes where `keep(name)` asks for them); None for a weight's parts (taken
+        with it) and activation scales."""
         if name.endswith(PARTS + DROPPED):
             return None
         if name.endswith(".weight_packed"):
@@ -93,11 +121,34 @@ class CompressedTensors:
                 raise CheckpointError(f"tensor {name}_packed has no {name}_shape (the weight's (out, in))")
             rows, cols = (int(x) for x in shape.tolist())
             q = unpack_int32(get(), int(self.args.get("num_bits", 4)), cols).reshape(rows, cols)
+            codes = self._codes(name, q) if keep is not None and keep(name) else None
+            if codes is not None:
+                return name, codes
         elif name + "_scale" in self.where:
             q = get()
         else:
             return name, get()
         return name, self._dequantize(name, q.to(torch.float32))
+
+    def int4_group(self) -> int | None:
+        """The group size of 4-bit integer weights in groups (what quantization "int4" keeps exactly), else None."""
+        a = self.args
+        plain = a.get("num_bits") == 4 and a.get("type") == "int" and a.get("strategy") == "group"
+        return a.get("group_size") if plain and not a.get("actorder") else None
+
+    def _codes(self, name: str, q: torch.Tensor) -> Int4Codes | None:
+        """q (signed, -8..7) with its scale and zero point as Int4Codes, where they are 4-bit groups in order."""
+        group = self.int4_group()
+        if group is None or name + "_g_idx" in self.where or q.shape[-1] % group:
+            return None
+        scale = self._part(name + "_scale").to(torch.float32)
+        zero = self._part(name + "_zero_point")
+        if zero is not None:  # value = (q - zp) * scale = ((q + 8) - 8) * scale - zp * scale
+            zero = unpack_int32(zero.T.contiguous(), 4, q.shape[0]).T if zero.dtype == torch.int32 else zero
+            zero = -zero.to(torch.float32) * scale
+        return Int4Codes(
+            (q + 8).to(torch.uint8), scale, torch.zeros_like(scale) if zero is None else zero, group
+        )
 
     def _dequantize(self, name: str, q: torch.Tensor) -> torch.Tensor:
         scale, zero = self._part(name + "_scale"), self._part(name + "_zero_point")

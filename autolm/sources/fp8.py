@@ -85,7 +85,7 @@ class FP8Scales:
         """Whether `name` is a scale (consumed with its weight) or an activation scale (dropped)."""
         return name.endswith(SCALE) or name.endswith(DROPPED)
 
-    def take(self, name: str, get: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    def take(self, name: str, get: Callable[[], torch.Tensor], keep=None) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as the model takes it: a weight as float32 values when the checkpoint holds its
         scale; None for a scale (taken with its weight) or an activation scale."""
         if self.skips(name):
