@@ -23,8 +23,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..kernels.quant import pack_nibbles
-from .fp8 import companion, dequantize_fp8
-from .safetensors import SafetensorsFile
+from .fp8 import dequantize_fp8
+from .safetensors import Shards
 
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "dense")
 PARTS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
@@ -79,12 +79,12 @@ class Int4Codes:
         return pack_nibbles(self.q), torch.stack([self.scale.T, self.zero.T], -1).contiguous()
 
 
-class CompressedTensors:
+class CompressedTensors(Shards):
     """A compressed-tensors checkpoint's quantized weights and their parts, wherever their shard is."""
 
     def __init__(self, where: dict[str, str], weights: dict):
-        self.where, self.args = where, weights  # part name -> its file; the config groups' weight arguments
-        self._files: dict[str, SafetensorsFile] = {}
+        super().__init__(where)  # part name -> its file
+        self.args = weights  # the config groups' weight arguments
 
     @classmethod
     def of(cls, names_by_file: dict[str, list[str]], quant: dict) -> CompressedTensors:
@@ -103,10 +103,6 @@ class CompressedTensors:
                                   "differently; autolm reads checkpoints with one weight scheme")  # fmt: skip
         where = {n: f for f, names in names_by_file.items() for n in names if n.endswith(PARTS)}
         return cls(where, weights[0] if weights else {})
-
-    def _part(self, name: str) -> torch.Tensor | None:
-        path = self.where.get(name)
-        return None if path is None else companion(self._files, path, name)
 
     def take(self, name: str, get: Callable[[], torch.Tensor], keep=None) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as the model takes it: a quantized weight as float32 values under `<m>.weight`

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import CheckpointError
-from .safetensors import SafetensorsFile
+from .safetensors import Shards
 
 SCALE = "_scale_inv"
 DROPPED = (".activation_scale", ".input_scale")
@@ -57,12 +57,12 @@ def dequantize_fp8(
     return w * s
 
 
-class FP8Scales:
+class FP8Scales(Shards):
     """The scales of a checkpoint's quantized weights, looked up wherever their shard is."""
 
     def __init__(self, where: dict[str, str], block: tuple[int, int] | None):
-        self.where, self.block = where, block  # scale name -> its file
-        self._files: dict[str, SafetensorsFile] = {}
+        super().__init__(where)  # scale name -> its file
+        self.block = block
 
     @classmethod
     def of(cls, names_by_file: dict[str, list[str]], quant: dict | None) -> FP8Scales | None:
@@ -90,14 +90,5 @@ class FP8Scales:
         scale; None for a scale (taken with its weight) or an activation scale."""
         if self.skips(name):
             return None
-        path = self.where.get(name + SCALE)
-        if path is None:
-            return name, get()
-        return name, dequantize_fp8(get(), companion(self._files, path, name + SCALE), self.block, name)
-
-
-def companion(files: dict[str, SafetensorsFile], path: str, name: str) -> torch.Tensor:
-    """Tensor `name` of file `path` (opened once, kept in `files`)."""
-    if path not in files:
-        files[path] = SafetensorsFile(path)
-    return files[path].get(name)
+        scale = self._part(name + SCALE)
+        return (name, get()) if scale is None else (name, dequantize_fp8(get(), scale, self.block, name))

@@ -24,8 +24,7 @@ import torch
 
 from ..errors import CheckpointError
 from .compressed import Int4Codes
-from .fp8 import companion
-from .safetensors import SafetensorsFile
+from .safetensors import Shards
 
 METHODS = ("gptq", "awq")
 PARTS = (".qzeros", ".scales", ".g_idx")
@@ -111,12 +110,12 @@ def _field(quant: dict, *keys: str, default=None):
     return next((quant[k] for k in keys if quant.get(k) is not None), default)
 
 
-class PackedLinears:
+class PackedLinears(Shards):
     """A GPTQ or AWQ checkpoint's packed linears and their parts, wherever their shard is."""
 
     def __init__(self, where: dict[str, str], method: str, bits: int, group_size: int, v1: bool):
-        self.where, self.method, self.bits, self.group_size, self.v1 = where, method, bits, group_size, v1
-        self._files: dict[str, SafetensorsFile] = {}
+        super().__init__(where)
+        self.method, self.bits, self.group_size, self.v1 = method, bits, group_size, v1
 
     @classmethod
     def of(cls, names_by_file: dict[str, list[str]], quant: dict) -> PackedLinears:
@@ -157,10 +156,6 @@ class PackedLinears:
             n: f for f, names in names_by_file.items() for n in names if n.endswith((".qweight", *PARTS))
         }
         return cls(where, method, bits, group_size, v1)
-
-    def _part(self, name: str) -> torch.Tensor | None:
-        path = self.where.get(name)
-        return None if path is None else companion(self._files, path, name)
 
     def take(self, name: str, get: Callable[[], torch.Tensor], keep=None) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as the model takes it: a packed linear as its float32 weight under `<m>.weight`;

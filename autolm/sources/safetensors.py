@@ -214,3 +214,21 @@ class SafetensorsFile:
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable view of a new contiguous tensor's bytes."""
     return memoryview(t.view(torch.uint8).numpy())
+
+
+class Shards:
+    """Tensors by name from whichever file of a sharded checkpoint holds them (each file opened once): the parts
+    that a quantized weight is read with (sources.fp8, compressed, gptq)."""
+
+    def __init__(self, where: dict[str, str]):
+        self.where = where  # tensor name -> its file
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def _part(self, name: str) -> torch.Tensor | None:
+        """Tensor `name`, or None where no file holds it."""
+        path = self.where.get(name)
+        if path is None:
+            return None
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path].get(name)
