@@ -208,11 +208,8 @@ class Engine:
         """The model over ids (B, T) after what `cache` holds, prefill_chunk tokens per forward with a decode
         step of the running batch between two (its streams keep flowing while a long prompt is read): the
         logits of every position with `every`, else of the last (B, 1, V). mask covers the cache and ids."""
-        start, T, out = cache.length, ids.shape[1], []
-        ends = [
-            *range(self.prefill_chunk - start % self.prefill_chunk, T, self.prefill_chunk),
-            T,
-        ]  # cache-aligned
+        start, T, out, chunk = cache.length, ids.shape[1], [], self.prefill_chunk
+        ends = [*range(chunk - start % chunk, T, chunk), T]  # where the cache holds whole chunks
         for a, b in zip([0, *ends], ends):
             if a and self.active:
                 self._interleave()
@@ -225,9 +222,7 @@ class Engine:
                     logits_to_keep=0 if every else 1,
                 ).logits
             out.append(logits)
-            for j, s in enumerate(
-                seqs if self.prefix is not None and b < T else ()
-            ):  # states at a block boundary
+            for j, s in enumerate(seqs if self.prefix is not None and b < T else ()):  # states at a boundary
                 self.prefix.boundary(s.prompt, cache, j, len(s.prompt) - (T - b), s.adapter)
         return torch.cat(out, 1) if every else out[-1]
 
