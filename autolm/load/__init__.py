@@ -256,9 +256,9 @@ def _placer(model, device, device_map, max_memory, offload_folder, quantization,
         device_map = "auto"
     saved = model.config.extra.get("quantization_config")
     # MXFP4 experts (gpt-oss, nn.expert_formats), FP8 blocks (sources.fp8), compressed-tensors' formats
-    # (sources.compressed) and GPTQ / AWQ (sources.gptq) are dequantized while loading: the model holds, and saves,
-    # floats
-    dequantized = ("mxfp4", "fp8", "compressed-tensors", "gptq", "awq")
+    # (sources.compressed), GPTQ / AWQ (sources.gptq) and bitsandbytes (sources.bnb) are dequantized while loading:
+    # the model holds, and saves, floats
+    dequantized = ("mxfp4", "fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes")
     if isinstance(saved, dict) and saved.get("quant_method") in dequantized:
         del model.config.extra["quantization_config"]
         saved = None

@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..generation import GenerationConfig
 from ..hub import inside
 from ..models import config_from_file
+from .bnb import Bitsandbytes
 from .compressed import CompressedTensors
 from .fp8 import FP8Scales
 from .gguf_eog import KEEP, end_of_generation
@@ -147,10 +148,10 @@ class CheckpointSource:
         unpack = self._prequantized()
         return unpack.int4_group() if isinstance(unpack, (CompressedTensors, PackedLinears)) else None
 
-    def _prequantized(self) -> FP8Scales | CompressedTensors | PackedLinears | None:
+    def _prequantized(self) -> FP8Scales | CompressedTensors | PackedLinears | Bitsandbytes | None:
         """How the weights of a checkpoint stored quantized by its makers read as floats: FP8 blocks with their
         scales (sources.fp8), compressed-tensors' formats (sources.compressed), GPTQ's and AWQ's packed int32
-        words (sources.gptq); None for any other."""
+        words (sources.gptq), bitsandbytes' 4- and 8-bit weights (sources.bnb); None for any other."""
         if self.format != "safetensors":
             return None
         names = {f: list(read_safetensors_header(f)[0]) for f in self.files}
@@ -159,6 +160,8 @@ class CheckpointSource:
             return CompressedTensors.of(names, quant)
         if isinstance(quant, dict) and quant.get("quant_method") in METHODS:
             return PackedLinears.of(names, quant)
+        if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes":
+            return Bitsandbytes.of(names)
         return FP8Scales.of(names, quant)
 
     def _quantization(self) -> Any:
