@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import autolm
 
 ROOT = os.path.dirname(autolm.__file__)
@@ -73,6 +75,13 @@ def test_imports_have_no_cycle():
     # the building blocks and the fast paths derived from them know no family
     for low in ("autolm.nn", "autolm.step", "autolm.kernels"):
         assert not any(m.startswith("autolm.models") for m in graph[low]), (low, graph[low])
+
+
+@pytest.mark.parametrize("module", ["autolm.nn", "autolm.kernels", "autolm.gguf_writer", "autolm.sources"])
+def test_a_low_module_imports_first_in_a_fresh_process(module):
+    """Importing a building block first (before autolm.models) works: autolm's lazy names never import the families
+    for a submodule's name (a cycle through `from .. import kernels`)."""
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=300)
 
 
 def test_no_module_over_400_lines_and_no_oracle_imports():
