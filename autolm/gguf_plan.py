@@ -98,19 +98,38 @@ def _names(model) -> dict[str, dict[str, str]]:
     layout = model.gguf
     layer = {v: k for k, v in _LAYER_NAMES.items()} | {v: k for k, v in layout.layer}
     top = {v: k for k, v in _TOP_NAMES.items()} | {v: k for k, v in layout.top}
-    return {"layer": layer, "top": top}
+    blocks = None  # the layers' paths -> their block numbers, where the layout numbers them its own way
+    if layout.block_prefix is not None:
+        meta = metadata(model)
+        paths = (layout.block_prefix(i, meta.get) for i in range(model.config.num_hidden_layers))
+        blocks = {path: i for i, path in enumerate(paths) if path is not None}
+    return {"layer": layer, "top": top, "blocks": blocks}
+
+
+def _in_block(name: str, model, names: dict) -> tuple[int | str, str] | None:
+    """(block number, the name inside its layer) for a decoder layer's parameter, else None."""
+    if names.get("blocks") is not None:  # GGUFLayout.block_prefix
+        inside = ((i, name[len(p) + 1 :]) for p, i in names["blocks"].items() if name.startswith(p + "."))
+        return next(inside, None)
+    prefix = model.layers_prefix + "."
+    if name.startswith(prefix):
+        index, _, rest = name[len(prefix) :].partition(".")
+        return index, rest
+    return None
 
 
 def gguf_name(name: str, model, names: dict) -> str | None:
     """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'; a parameter the layout names whole
-    ('self_attn.sinks') gets '.weight' (None: not a tensor llama.cpp reads)."""
-    prefix = model.layers_prefix + "."
-    if name.startswith(prefix):
-        index, _, rest = name[len(prefix) :].partition(".")
+    ('self_attn.sinks', HRM-Text's 'model.z_L_init') gets '.weight' (None: not a tensor llama.cpp reads)."""
+    block = _in_block(name, model, names)
+    if block is not None:
+        index, rest = block
         module, _, kind = rest.rpartition(".")
         if module in names["layer"]:
             return f"blk.{index}.{names['layer'][module]}.{kind}"
         return f"blk.{index}.{names['layer'][rest]}.weight" if rest in names["layer"] else None
+    if name in names["top"]:
+        return f"{names['top'][name]}.weight"
     module, _, kind = name.rpartition(".")
     stem = names["top"].get(module)
     return None if stem is None else f"{stem}.{kind}"

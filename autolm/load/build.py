@@ -46,8 +46,11 @@ def check_size(config, shapes: dict | None, cls) -> None:
     if not shapes:
         return
     names = [cls.checkpoint_rules.to_model(n)[0] for n in shapes]
-    layers = {layer_index(n, cls.layers_prefix) for n in names} - {-1}
-    if config.num_hidden_layers > len(layers):
+    # a family whose stacks of layers run several times (HRM-Text) holds fewer layers: one stack's, numbered under
+    # its first stack's name
+    prefix = getattr(cls, "checkpoint_stack", cls.layers_prefix)
+    layers = {layer_index(n, prefix) for n in names} - {-1}
+    if getattr(config, "checkpoint_layers", config.num_hidden_layers) > len(layers):
         raise ConfigError(
             f"{config.source}: num_hidden_layers is {config.num_hidden_layers} but the checkpoint "
             f"holds {len(layers)} decoder layers"

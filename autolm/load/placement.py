@@ -217,6 +217,9 @@ def dispatch(model: nn.Module, device_map: dict[str, str], store: OffloadStore) 
         module.register_forward_pre_hook(_mover(target), with_kwargs=True)
         if device == "disk":
             names = [(n, f"{block}.{n}") for n in _stored(module)]
+            # not the tensors of blocks placed on their own inside this one (HRM-Text's body, for its z_L_init)
+            inner = tuple(b + "." for b in device_map if b.startswith(block + "."))
+            names = [(n, full) for n, full in names if not full.startswith(inner)]
             if block == "lm_head" and model.config.tie_word_embeddings:
                 names = [("weight", f"{model.embeddings_name}.weight")]
             # a tensor tied to an earlier one (Zamba2's shared blocks): read under that one's name where it is on

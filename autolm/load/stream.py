@@ -87,20 +87,11 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
     state = _State(target)
     rules = model.checkpoint_rules
     assembler = Assembler(expected)  # stacked experts, and tensors a rule assembles (DeepSeek's kv_b_proj)
-    for path, name, t in source.tensors(placer.keeps_blocks):
+    for path, stored, whole in source.tensors(placer.keeps_blocks):
         bar.update(1)
-        stored = name
-        # blocks the placer keeps are held under the reader's names (llama.cpp's stacked experts as they are)
-        name, piece = (name, None) if placer.keeps_blocks(name) else rules.to_model(name)
-        if rules.ignores(name):  # a tensor the model does not hold, or takes rows of (models.heads: adopt)
-            getattr(model, "adopt", lambda *_: None)(name, t)
-            continue
-        if piece is not None:
-            t = assembler.add(name, piece, t, path)
-            if t is None:
-                continue
-        # a renamed or assembled tensor is no view of the file under its name: placers must copy it
-        _take(model, placer, expected, state, report, path, name, t, check_finite, in_file=name == stored)
+        # a fused tensor the model holds in pieces (nn.checkpoint.Split), else the tensor itself
+        for name, t in rules.split(stored, whole) or [(stored, whole)]:
+            _one(model, placer, expected, state, report, path, name, t, check_finite, assembler, stored)
     bar.close()
     _check(model, expected, state, report, strict, assembler)
     report.tensors = len(state.loaded)
@@ -110,6 +101,22 @@ def stream(model, source: Source, placer: Placer, target, report: LoadReport, st
         report.notes.append(note or f"newly initialized: {', '.join(state.new)}")
     report.notes += placer.notes()
     return model
+
+
+def _one(model, placer, expected, state, report, path, name, t, check_finite, assembler, stored) -> None:
+    """One checkpoint tensor (or a piece of one) handed to the placer, under the model's name."""
+    rules = model.checkpoint_rules
+    # blocks the placer keeps are held under the reader's names (llama.cpp's stacked experts as they are)
+    name, piece = (name, None) if placer.keeps_blocks(name) else rules.to_model(name)
+    if rules.ignores(name):  # a tensor the model does not hold, or takes rows of (models.heads: adopt)
+        getattr(model, "adopt", lambda *_: None)(name, t)
+        return
+    if piece is not None:
+        t = assembler.add(name, piece, t, path)
+        if t is None:
+            return
+    # a renamed, split or assembled tensor is no view of the file under its name: placers must copy it
+    _take(model, placer, expected, state, report, path, name, t, check_finite, in_file=name == stored)
 
 
 def _take(model, placer, expected, state: _State, report, path, name, t, check_finite, in_file=True) -> None:

@@ -76,7 +76,11 @@ def gguf_family(metadata: dict) -> type | None:
     for model_type, family in FAMILIES.items():
         if arch in _archs(family[3]):
             _family(model_type)
-    found = [(cls, _gguf_claim(g)) for cls in _MODELS.values() for g in gguf_layouts(cls) if g.arch == arch]
+    # in FAMILIES' order, however the process imported them (registered families after): where nothing else
+    # decides, Gemma 4's text model reads a "gemma4" file, not Gemma 4 unified's (whose files are the same)
+    order = {t: i for i, t in enumerate(FAMILIES)}
+    models = [cls for _, cls in sorted(_MODELS.items(), key=lambda item: order.get(item[0], len(order)))]
+    found = [(cls, _gguf_claim(g)) for cls in models for g in gguf_layouts(cls) if g.arch == arch]
     claimed = [cls for cls, key in found if key is not None and _holds(metadata, arch, key)]
     # a layout's own claim before expert_count's (Granite MoE Shared's shared-expert key in "granitemoe" files,
     # which Granite MoE's expert count claims too)

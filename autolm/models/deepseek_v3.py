@@ -202,13 +202,17 @@ class DeepseekV3Attention(Attention):
         return apply_rotary(x, cos, sin)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        return self.o_proj(self.gate(x, self.heads(x, self.query(x), ctx)))
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The queries (B, T, heads * qk_head_dim): q_proj(x), or through the low rank."""
+        low = self.q_lora_rank is not None
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if low else self.q_proj(x)
+
+    def heads(self, x: torch.Tensor, q: torch.Tensor, ctx) -> torch.Tensor:
+        """The heads' output (B, T, heads * v_head_dim) for queries q, the keys and values from x."""
         B, T, _ = x.shape
         nh, hd = self.num_heads, self.head_dim
-        q = (
-            self.q_proj(x)
-            if self.q_lora_rank is None
-            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        )
         q_nope, q_pe = q.view(B, T, nh, self.qk_dim).transpose(1, 2).split((self.nope, self.rope_dim), dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
         kv = (
@@ -225,7 +229,7 @@ class DeepseekV3Attention(Attention):
             v = F.pad(v, (0, hd - self.v_dim))
         sinks = getattr(self, "sinks", None)  # Hy v4's (models.hy_v4)
         y = ctx.attend(self.layer_idx, q, k, v, None, self.scaling, None, sinks)  # (B, T, nh, hd)
-        return self.o_proj(self.gate(x, y[..., : self.v_dim].reshape(B, T, nh * self.v_dim)))
+        return y[..., : self.v_dim].reshape(B, T, nh * self.v_dim)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_head_dim={self.qk_dim}, v_head_dim={self.v_dim}"

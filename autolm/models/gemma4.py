@@ -356,8 +356,10 @@ class Gemma4TextDecoderLayer(nn.Module):
 class Gemma4TextModel(small.PerLayerInputs, Gemma2Model):
     """Gemma 2's scaled embeddings; Gemma 4's layers, final norm, RoPE tables and per-layer inputs."""
 
+    layer_class: ClassVar[type] = Gemma4TextDecoderLayer  # a variant's own layer class (gemma4_unified.py)
+
     def __init__(self, config: Any):
-        DecoderModel.__init__(self, config, Gemma4TextDecoderLayer, _norm(config)(config.hidden_size))
+        DecoderModel.__init__(self, config, self.layer_class, _norm(config)(config.hidden_size))
         self.add_per_layer_modules(config, _norm(config))  # per-layer inputs, where the config has them
         self.embed_scale = config.hidden_size**0.5
         kinds = config.own_rope_kinds()
@@ -375,7 +377,8 @@ class Gemma4ForCausalLM(small.SmallCausalLM, Gemma2ForCausalLM):
                                         Ignored(r"(model\.)?(vision_tower|audio_tower|embed_vision|embed_audio)\..+")])  # fmt: skip
     gguf = gguf_io.LAYOUT  # llama.cpp's Gemma4Model converter's file (models.gemma4_gguf)
     _no_split_modules: ClassVar[list[str]] = ["Gemma4TextDecoderLayer"]
+    body_class: ClassVar[type] = Gemma4TextModel  # a variant's own body (gemma4_unified.py)
 
     def __init__(self, config: Any):
-        Gemma2ForCausalLM.__init__(self, config, Gemma4TextModel(config))
+        Gemma2ForCausalLM.__init__(self, config, self.body_class(config))
         self.checkpoint_rules = gguf_io.with_rules(self.rules_for(config), config)  # GGUF's rules first

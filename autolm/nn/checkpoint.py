@@ -7,6 +7,8 @@ saving): Mixtral's `block_sparse_moe.experts.3.w1.weight` files become the model
 - `Rename(checkpoint, model)`: regular expressions over names, one per direction;
 - `Stacked(target, parts)`: per-expert tensors `<prefix>.experts.<e>.<part>` that the model holds as one
   parameter `<prefix>.experts.<target>` of shape (experts, sum of the parts' rows, ...);
+- `Split(checkpoint, parts)`: one checkpoint tensor `<prefix><checkpoint>` the model holds as several,
+  `<prefix><part>` for each part, its rows cut evenly in order (HRM-Text's fused `attn.gqkv_proj`);
 - `Ignored(model)`: tensors some checkpoints carry that the model computes itself (old GPT-2 files' attention
   mask buffers), by a regular expression over the model's name for them: skipped while loading.
 
@@ -46,6 +48,14 @@ class Stacked:
 
 
 @dataclass(frozen=True)
+class Split:
+    """One checkpoint tensor held by the model as several (see the module docstring): name suffixes."""
+
+    checkpoint: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Ignored:
     """Checkpoint tensors the model does not hold (see the module docstring): a full match of the model name."""
 
@@ -55,9 +65,10 @@ class Ignored:
 class CheckpointRules:
     """A family's rules; an empty list means the checkpoint's names are the model's."""
 
-    def __init__(self, rules: list[Rename | Stacked | Ignored] | tuple = ()):
+    def __init__(self, rules: list[Rename | Stacked | Split | Ignored] | tuple = ()):
         self.rules = tuple(rules)
         self.renames = [r for r in rules if isinstance(r, Rename)]
+        self.splits = [r for r in rules if isinstance(r, Split)]
         self.stacked = [r for r in rules if isinstance(r, Stacked)]
         self._ignored = [re.compile(r.model) for r in rules if isinstance(r, Ignored)]
         self._piece = {
@@ -68,7 +79,15 @@ class CheckpointRules:
         self.assembled = [r for r in rules if hasattr(r, "piece")]
 
     def __bool__(self) -> bool:
-        return bool(self.renames or self.stacked or self._ignored)
+        return bool(self.renames or self.stacked or self.splits or self._ignored)
+
+    def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        """The checkpoint's tensor as the model's pieces (Split rules, names still the checkpoint's), or None."""
+        for r in self.splits:
+            if name.endswith(r.checkpoint):
+                prefix = name[: -len(r.checkpoint)]
+                return [(prefix + part, c) for part, c in zip(r.parts, t.chunk(len(r.parts), 0), strict=True)]
+        return None
 
     def ignores(self, name: str) -> bool:
         """Whether the tensor the model calls `name` (after to_model) is one the model does not hold."""
@@ -101,6 +120,7 @@ class CheckpointRules:
         """The state dict under the checkpoint's names, stacked parameters split back into their pieces (views)."""
         out: dict[str, torch.Tensor] = {}
         targets = {f".experts.{r.target}": r for r in self.stacked}
+        state_dict = self._fused(state_dict)
         for name, t in state_dict.items():
             rule = next((r for suffix, r in targets.items() if name.endswith(suffix)), None)
             if rule is None:
@@ -111,6 +131,19 @@ class CheckpointRules:
             for e in range(t.shape[0]):
                 for i, part in enumerate(rule.parts):
                     out[self._back(f"{prefix}.experts.{e}.{part}")] = t[e, i * rows : (i + 1) * rows]
+        return out
+
+    def _fused(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Split rules' pieces concatenated back into the checkpoint's tensor."""
+        if not self.splits:
+            return state_dict
+        out = dict(state_dict)
+        for name in state_dict:
+            for r in self.splits:
+                if name.endswith(r.parts[0]):
+                    prefix = name[: -len(r.parts[0])]
+                    pieces = [out.pop(prefix + part) for part in r.parts]
+                    out[prefix + r.checkpoint] = torch.cat(pieces)
         return out
 
     def _back(self, name: str) -> str:
@@ -226,6 +259,10 @@ class GGUFLayout:
     # llama.cpp's "llama" model: write_vocab(GGUFWriter, tokenizer.json's spec, tokens, token types) (Gemma 4's
     # "gemma4", with its merges)
     write_vocab: Callable[[Any, dict[str, Any], list[str], list[int]], None] | None = None
+    # where blk.N is not the layer `<layers_prefix>.N` (HRM-Text's two stacks, the H stack's blocks after the L
+    # stack's): block_prefix(N, get) gives the model's path of blk.N's layer, or None past the file's blocks; get(key)
+    # reads the file's (or the planned file's) "<arch>.<key>"
+    block_prefix: Callable[[int, Callable[[str], Any]], str | None] | None = None
 
     def rows(self, tensor: str, config: Any) -> Any:
         """row_order for a file's tensor name: blk.N.<name>.weight gives <name>, which may hold a dot

@@ -254,13 +254,17 @@ def hf_name(gguf_name: str, g: GGUFFile) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (file g's layout: its extra names, and
     its family's layers' prefix); None for unknown tensors."""
     family, layout = g.family, g.layout
-    if re.fullmatch(r"blk\.\d+\.(\w+)", gguf_name) and gguf_name.rpartition(".")[2] in layout.bare:
+    if re.fullmatch(r"(blk\.\d+\.)?\w+(\.\w+)?", gguf_name) and gguf_name.rpartition(".")[2] in layout.bare:
         gguf_name += ".weight"  # a tensor llama.cpp names without the suffix (GGUFLayout.bare)
     m = re.fullmatch(r"blk\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias|scale)", gguf_name)  # LFM2: shortconv.conv
     if m:
         part = dict(layout.layer).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
-        return None if part is None else f"{family.layers_prefix}.{m.group(1)}.{part}.{m.group(3)}"
-    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+        if layout.block_prefix is None:
+            prefix = f"{family.layers_prefix}.{m.group(1)}"
+        else:  # the family's own numbering of its layers (GGUFLayout.block_prefix)
+            prefix = layout.block_prefix(int(m.group(1)), g.get)
+        return None if part is None or prefix is None else f"{prefix}.{part}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+(?:\.\w+)?)\.(weight|bias)", gguf_name)  # HRM-Text: hrm.z_l_init
     top = {**_TOP_NAMES, **dict(layout.top)}
     if m and m.group(1) in top:
         return f"{top[m.group(1)]}.{m.group(2)}"
