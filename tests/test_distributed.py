@@ -160,6 +160,7 @@ _TP_FAMILIES = [
     "phimoe",
     "afmoe",
     "gemma4_text",
+    "gemma4_unified_text",
     "llama4_text",
     "nemotron_h",
     "falcon_h1",

@@ -20,7 +20,12 @@ from autolm.sources.gguf import GGUFFile
 
 IDS = torch.tensor([[5, 17, 33, 2, 98, 140, 7, 61, 120, 9, 44]])
 # families llama.cpp's converter writes as another's architecture: their files read back as that family
-READ_AS = {"mistral": "llama", "internlm3": "llama", "iquestcoder": "llama"}
+READ_AS = {
+    "mistral": "llama",
+    "internlm3": "llama",
+    "iquestcoder": "llama",
+    "gemma4_unified_text": "gemma4_text",
+}
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +265,7 @@ def _families():
     import test_family_afmoe as afmoe
     import test_family_apertus as apertus
     import test_family_arcee as arcee
+    import test_family_bailing_hybrid as bailing_hybrid
     import test_family_bamba as bamba
     import test_family_bloom as bloom
     import test_family_cohere as cohere
@@ -283,6 +289,7 @@ def _families():
     import test_family_gemma1 as gemma1
     import test_family_gemma3n as gemma3n
     import test_family_gemma4_gguf as gemma4
+    import test_family_gemma4_unified as gemma4_unified
     import test_family_glm as glm
     import test_family_glm4 as glm4
     import test_family_glm4_moe as glm4_moe
@@ -298,6 +305,7 @@ def _families():
     import test_family_granitemoe_swa as granitemoe_swa
     import test_family_granitemoehybrid as granitemoehybrid
     import test_family_granitemoeshared as granitemoeshared
+    import test_family_hrm_text as hrm_text
     import test_family_hunyuan_v1_dense as hunyuan
     import test_family_hunyuan_v1_moe as hunyuan_moe
     import test_family_hunyuan_vl as hunyuan_vl
@@ -415,6 +423,7 @@ def _families():
         "jamba": (jamba.GGUF_FAMILIES, jamba.write_jamba_gguf),
         "kimi_linear": (kimi_linear.GGUF_FAMILY, kimi_linear.write_kimi_linear_gguf),
         "gemma4_text": (tuple(gemma4.GGUF_FAMILIES.values()), gemma4.write_gemma4_gguf),
+        "gemma4_unified_text": (tuple(gemma4_unified.GGUF_FAMILIES.values()), gemma4.write_gemma4_gguf),
         "cohere2_moe": ((cohere2_moe.NORTH, cohere2_moe.SOFTMAX), cohere2_moe.write_cohere2_moe_gguf),
         "cohere2": (cohere2.R7B, cohere2.write_cohere2_gguf),
         "lfm2": ((lfm2.PLAIN, lfm2.IDXS), lfm2.write_lfm2_gguf),
@@ -444,7 +453,9 @@ def _families():
             lambda hf, path: mimo_v2_flash.write_mimo_gguf(hf, path, nextn=0),
         ),
         "bamba": (bamba.GGUF_FAMILIES, bamba.write_bamba_gguf),
+        "bailing_hybrid": (bailing_hybrid.GGUF_FAMILY, bailing_hybrid.write_bailingmoe3_gguf),
         "hunyuan_v1_moe": (hunyuan_moe.GGUF_FAMILY, hunyuan_moe.write_hunyuan_moe_gguf),
+        "hrm_text": (hrm_text.STACKED, hrm_text.write_hrm_gguf),
         "hy_v3": (hy_v3.HY, hy_v3.write_hy_v3_gguf),
         # the converter's file of the checkpoint with its rotated rows as llama.cpp's pairs (models.hy_v4_gguf)
         "hy_v4": (hy_v4.GGUF_FAMILY, hy_v4.write_hy_v4_gguf_paired),

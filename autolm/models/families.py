@@ -77,11 +77,26 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mistral3": ("ministral3", "Mistral3Config", "Ministral3ForCausalLM", "mistral3"),  # image-text: its LM
     "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM", "mistral4"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
+    "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
+    "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
+    "biogpt": ("biogpt", "BioGptConfig", "BioGptForCausalLM", None),
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
     "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
     "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
+    "gemma4_unified_text": (
+        "gemma4_unified",
+        "Gemma4UnifiedTextConfig",
+        "Gemma4UnifiedForCausalLM",
+        "gemma4",
+    ),
+    "gemma4_unified": (
+        "gemma4_unified",
+        "Gemma4UnifiedConfig",
+        "Gemma4UnifiedForCausalLM",
+        "gemma4",
+    ),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
     "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
@@ -156,11 +171,27 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
     "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
     "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none
+    "hrm_text": ("hrm_text", "HrmTextConfig", "HrmTextForCausalLM", "hrm_text"),
+    "zaya": ("zaya", "ZayaConfig", "ZayaForCausalLM", None),  # llama.cpp has none
     "longcat_flash": ("longcat_flash", "LongcatFlashConfig", "LongcatFlashForCausalLM", None),  # no llama.cpp
     "diffllama": ("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", None),  # llama.cpp has none
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
+    "beam": ("beam", "BeamConfig", "BeamForCausalLM", None),  # llama.cpp has none
+    "cohere_compass_text": (
+        "cohere_compass",
+        "CohereCompassTextConfig",
+        "CohereCompassForCausalLM",
+        None,
+    ),  # llama.cpp has none
+    "cohere_compass": (
+        "cohere_compass",
+        "CohereCompassConfig",
+        "CohereCompassForCausalLM",
+        None,
+    ),  # image-text: LM
+    "axk2": ("axk2", "AXK2Config", "AXK2ForCausalLM", None),  # llama.cpp has none
     "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
     "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
     "dots3_note_text": ("dots3_note", "Dots3NoteTextConfig", "Dots3NoteForCausalLM", "dots3note"),
@@ -175,4 +206,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
     "zamba": ("zamba", "ZambaConfig", "ZambaForCausalLM", None),  # llama.cpp has none
     "kimi_linear": ("kimi_linear", "KimiLinearConfig", "KimiLinearForCausalLM", "kimi-linear"),
+    "inkling_text": ("inkling", "InklingTextConfig", "InklingForCausalLM", None),  # llama.cpp has none
+    "inkling_mm_model": ("inkling", "InklingConfig", "InklingForCausalLM", None),  # image-text: its LM
+    "bailing_hybrid": ("bailing_hybrid", "BailingHybridConfig", "BailingHybridForCausalLM", "bailingmoe3"),
+    "recurrent_gemma": (
+        "recurrent_gemma",
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        None,
+    ),  # llama.cpp has none
 }
