@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import pytest
@@ -373,6 +374,39 @@ class Family:
         if tp_plan:
             assert type(model).tp_patterns == dict(hf.config.base_model_tp_plan)
         return model, hf
+
+    def check_top_level_rope(self, tmp_path_factory, tmp_path, top: dict):
+        """A config.json as the Hub ships older checkpoints (transformers 4's spelling): no rope_parameters, `top`'s
+        keys (rope_theta, partial_rotary_factor, rope_scaling ...) at the top level instead. autolm reads it with
+        transformers' logits and saves it back in that spelling, `top`'s values as given, which transformers loads
+        with equal logits. Gives the loaded config."""
+        import transformers
+
+        directory, hf = self.checkpoint(tmp_path_factory)
+        shutil.copytree(directory, tmp_path / "v4")
+        path = tmp_path / "v4" / "config.json"
+        d = json.loads(path.read_text())
+        d.pop("rope_parameters")
+        path.write_text(json.dumps({**d, **top}))
+        model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "v4")
+        ids, mask = padded_batch()
+        real = mask.bool()
+        with torch.no_grad():
+            want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            torch.testing.assert_close(
+                model(ids, attention_mask=mask).logits[real], want, atol=1e-4, rtol=1e-4
+            )
+        model.save_pretrained(tmp_path / "saved")
+        saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+        assert "rope_parameters" not in saved and {k: saved.get(k) for k in top} == top
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "saved", attn_implementation="eager"
+        )
+        assert type(back) is type(hf)
+        with torch.no_grad():
+            got = back(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return model.config
 
     def check_saved_files(self, tmp_path_factory, tmp_path):
         """check_save, then: transformers' names and shapes in the state dict, the checkpoint's tensor names in the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -114,26 +113,10 @@ def test_default_config_is_transformers():
 def test_glm_4_9b_chat_hf_config_spelling(tmp_path_factory, tmp_path):
     """glm-4-9b-chat-hf's config.json as shipped: rope_theta and partial_rotary_factor at the top level, no RoPE
     parameters: the same model, saved back in that spelling, which transformers loads with equal logits."""
-    import transformers
-
-    src, hf = GLM.checkpoint(tmp_path_factory)
-    shutil.copytree(src, tmp_path / "v4")
-    path = tmp_path / "v4" / "config.json"
-    d = json.loads(path.read_text())
-    rope = d.pop("rope_parameters")
-    path.write_text(json.dumps({**d, "rope_theta": rope["rope_theta"], "partial_rotary_factor": 0.5}))
-    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "v4")
-    assert model.config.rope_parameters == rope
-    ids, mask = padded_batch()
-    want = _logits(hf, ids, mask)
-    torch.testing.assert_close(_logits(model, ids, mask), want, atol=1e-4, rtol=1e-4)
-    model.save_pretrained(tmp_path / "saved")
-    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert "rope_parameters" not in saved and saved["rope_scaling"] is None
-    assert (saved["model_type"], saved["rope_theta"], saved["partial_rotary_factor"]) == ("glm", 10000.0, 0.5)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager")
-    assert type(back).__name__ == "GlmForCausalLM"
-    torch.testing.assert_close(_logits(back, ids, mask), want, atol=1e-4, rtol=1e-4)
+    config = GLM.check_top_level_rope(
+        tmp_path_factory, tmp_path, {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    )
+    assert config.rope_parameters == GLM.checkpoint(tmp_path_factory)[1].config.rope_parameters
 
 
 @pytest.mark.parametrize(

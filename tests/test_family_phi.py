@@ -6,12 +6,11 @@ spellings, GGUF as llama.cpp's converter writes phi2 (in and out), and the CLI (
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from chat_checks import check_cli_without_template
-from conftest import VOCAB, padded_batch, positions
+from conftest import VOCAB
 from family_checks import Family
 from gguf_llamacpp import check_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -105,36 +104,11 @@ def test_phi2_config_spelling(tmp_path_factory, tmp_path):
     """phi-2's config.json as shipped (transformers 4's spelling): partial_rotary_factor and rope_theta at the top
     level, rope_scaling null. The same model as the v5 spelling, saved back in the spelling it was read in, which
     transformers loads with equal logits."""
-    import transformers
-
-    src, hf = PHI.checkpoint(tmp_path_factory)
-    shutil.copytree(src, tmp_path / "v4")
-    path = tmp_path / "v4" / "config.json"
-    d = json.loads(path.read_text())
-    rope = d.pop("rope_parameters")
-    d.update(
-        partial_rotary_factor=rope["partial_rotary_factor"], rope_theta=rope["rope_theta"], rope_scaling=None
+    top = {"partial_rotary_factor": 0.4, "rope_theta": 10000.0, "rope_scaling": None}
+    assert (
+        PHI.check_top_level_rope(tmp_path_factory, tmp_path, top).rope_parameters["partial_rotary_factor"]
+        == 0.4
     )
-    path.write_text(json.dumps(d))
-    model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "v4")
-    assert model.config.rope_parameters["partial_rotary_factor"] == 0.4
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], want, atol=1e-4, rtol=1e-4)
-    model.save_pretrained(tmp_path / "saved")
-    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert "rope_parameters" not in saved
-    assert (saved["partial_rotary_factor"], saved["rope_theta"], saved["rope_scaling"]) == (
-        0.4,
-        10000.0,
-        None,
-    )
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager")
-    with torch.no_grad():
-        got = back(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
