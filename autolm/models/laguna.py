@@ -50,6 +50,22 @@ from .mixtral import MixtralDecoderLayer, MixtralModel, validate_experts
 _KINDS = ("full_attention", "sliding_attention")
 
 
+def rope_by_kind(given: Any, d: dict[str, Any], source: str, kinds: tuple[str, ...], one) -> dict[str, Any]:
+    """rope_parameters by layer type (`kinds`), each read as one RoPE setting by `one` (PretrainedConfig.read_rope
+    of {"rope_parameters": ..., "max_position_embeddings": ...})."""
+    if not isinstance(given, dict) or not given or set(given) - set(kinds):
+        raise ConfigError(f"{source}: rope_parameters must be an object by layer type ({', '.join(kinds)}), "
+                          f"found {str(given)[:100]}")  # fmt: skip
+    out = {}
+    for kind, params in given.items():
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_parameters[{kind!r}] must be an object, found {params!r}")
+        out[kind], _ = one(
+            {"rope_parameters": params, "max_position_embeddings": d.get("max_position_embeddings")}
+        )
+    return out
+
+
 @dataclass(repr=False)
 class LayerTypedRopeConfig(PretrainedConfig):
     """What Laguna and Mellum share: rope_parameters by layer type (each read as one RoPE setting; a kind's
@@ -64,20 +80,9 @@ class LayerTypedRopeConfig(PretrainedConfig):
     @classmethod
     def read_rope(cls, d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
         given = d.get("rope_parameters")
-        if given is None:
-            given = cls.default_rope
-        if not isinstance(given, dict) or not given or set(given) - set(_KINDS):
-            raise ConfigError(
-                f"{source}: rope_parameters must be an object by layer type ({', '.join(_KINDS)}), "
-                f"found {str(given)[:100]}"
-            )
-        kinds = {}
-        for kind, params in given.items():
-            if not isinstance(params, dict):
-                raise ConfigError(f"{source}: rope_parameters[{kind!r}] must be an object, found {params!r}")
-            inner = {"rope_parameters": params, "max_position_embeddings": d.get("max_position_embeddings")}
-            kinds[kind], _ = super().read_rope(inner, source)
-        return kinds, "v5"
+        parent = super().read_rope
+        one = lambda inner: parent(inner, source)  # noqa: E731
+        return rope_by_kind(cls.default_rope if given is None else given, d, source, _KINDS, one), "v5"
 
     @staticmethod
     def default_mlp_types(n: int) -> list[str]:

@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..nn import Attention, Experts, Linear, RMSNorm, SparseMoeBlock
 from ..nn.rope import apply_rotary
 from .base import CausalLM, DecoderModel
+from .laguna import rope_by_kind
 
 _KINDS = ("hybrid", "hybrid_sliding")
 _DEFAULT_ROPE = {
@@ -92,18 +93,9 @@ class ZayaConfig(PretrainedConfig):
         given = {k: dict(v) for k, v in _DEFAULT_ROPE.items()} if given is None else given
         if isinstance(given, dict):
             given = {k: v for k, v in given.items() if k != "rope_type"}
-        if not isinstance(given, dict) or not given or set(given) - set(_KINDS):
-            raise ConfigError(
-                f"{source}: rope_parameters must be an object by layer type ({', '.join(_KINDS)}), "
-                f"found {str(given)[:100]}"
-            )
-        kinds = {}
-        for kind, params in given.items():
-            if not isinstance(params, dict):
-                raise ConfigError(f"{source}: rope_parameters[{kind!r}] must be an object, found {params!r}")
-            inner = {"rope_parameters": params, "max_position_embeddings": d.get("max_position_embeddings")}
-            kinds[kind], _ = super().read_rope(inner, source)
-        return kinds, "v5"
+        parent = super().read_rope
+        one = lambda inner: parent(inner, source)  # noqa: E731
+        return rope_by_kind(given, d, source, _KINDS, one), "v5"
 
     def __post_init__(self) -> None:
         if self.layer_types is None and _is_int(self.num_hidden_layers) and self.num_hidden_layers > 0:
