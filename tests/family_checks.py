@@ -496,6 +496,16 @@ def _randomize_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def same_logits(model, hf) -> None:
+    """autolm's `model` gives transformers' `hf` logits on a left-padded batch (1e-4), over the real tokens."""
+    ids, mask = padded_batch()
+    real, pos = mask.bool(), positions(mask)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=pos).logits[real]
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def check_config_defaults(config_cls: type) -> None:
     """Every field autolm's config class writes by default holds transformers' default for it."""
     import transformers

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import padded_batch, positions
-from family_checks import Family
+from family_checks import Family, same_logits
 from gguf_mimic import add_mla_lengths, add_toy_vocab, stacked_experts
 from gguf_moe import mla_pieces
 from test_compiled_step import compiled_home, home  # noqa: F401
@@ -211,15 +210,6 @@ def byte_tokenizer(tmp_path_factory):
     return _byte_tokenizer(tmp_path_factory.mktemp("dsv2") / "tokenizer")
 
 
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("name", GGUF_FAMILIES)
 def test_gguf(tmp_path_factory, tmp_path, name):
     """The converter's file loads as DeepseekV2ForCausalLM (not DeepSeek-V3, which shares llama.cpp's deepseek2)
@@ -229,7 +219,7 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
     assert type(model).__name__ == "DeepseekV2ForCausalLM"
     assert model.config.topk_method == "greedy"
-    _same_logits(model, hf)
+    same_logits(model, hf)
     from test_family_deepseek_v3 import GGUF_FAMILIES as V3
     from test_family_deepseek_v3 import write_deepseek_v3_gguf
 
@@ -250,7 +240,7 @@ def test_gguf_out(tmp_path_factory, tmp_path, byte_tokenizer):
         save_gguf(model, byte_tokenizer, str(tmp_path / f"m{i}.gguf"), "f32")
         back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"m{i}.gguf")
         assert type(back).__name__ == "DeepseekV2ForCausalLM"
-        _same_logits(back, hf)
+        same_logits(back, hf)
 
 
 @pytest.mark.parametrize(

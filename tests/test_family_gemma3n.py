@@ -15,7 +15,7 @@ import pytest
 import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions
-from family_checks import Family
+from family_checks import Family, same_logits
 from safetensors.torch import load_file
 from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
@@ -210,20 +210,11 @@ def test_image_audio_text_checkpoint(tmp_path_factory, tmp_path):
     (tmp_path / "it" / "config.json").write_text(json.dumps(outer))
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "it")
     assert type(model).__name__ == "Gemma3nForCausalLM" and model.config.final_logit_softcapping == 10.0
-    _same_logits(model, hf)
+    same_logits(model, hf)
     model.save_pretrained(tmp_path / "text")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
     assert type(again).__name__ == "Gemma3nForCausalLM"
-    _same_logits(model, again.eval())
-
-
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    same_logits(model, again.eval())
 
 
 def test_config_defaults_are_transformers():

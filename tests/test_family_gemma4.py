@@ -17,7 +17,7 @@ import pytest
 import torch
 from chat_checks import check_cli
 from conftest import VOCAB, padded_batch, positions, randomize
-from family_checks import Family
+from family_checks import Family, same_logits
 from safetensors.torch import load_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -318,22 +318,13 @@ def _transformers_checkpoint(tmp_path, kwargs, image_text=False):
     return model.eval()
 
 
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("family", [DENSE, MOE, SMALL], ids=["dense", "moe", "small"])
 def test_layer_scalar(family, tmp_path):
     """Each layer's output times its layer_scalar (a buffer the checkpoint holds, one in a fresh model)."""
     hf = _transformers_checkpoint(tmp_path, family.kwargs)
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert float(model.model.layers[0].layer_scalar) != 1.0
-    _same_logits(model, hf)
+    same_logits(model, hf)
 
 
 @pytest.mark.parametrize("family", [DENSE, SMALL], ids=["dense", "small"])
@@ -345,11 +336,11 @@ def test_image_text_checkpoint(family, tmp_path):
     hf = _transformers_checkpoint(tmp_path / "it", family.kwargs, image_text=True)
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "it")
     assert type(model).__name__ == "Gemma4ForCausalLM" and model.config.final_logit_softcapping == 10.0
-    _same_logits(model, hf)
+    same_logits(model, hf)
     model.save_pretrained(tmp_path / "text")
     text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
     assert type(text).__name__ == "Gemma4ForCausalLM"
-    _same_logits(model, text.eval())
+    same_logits(model, text.eval())
 
 
 def test_config_defaults_are_transformers():

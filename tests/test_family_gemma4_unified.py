@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, padded_batch, positions, randomize
-from family_checks import Family
+from conftest import VOCAB, randomize
+from family_checks import Family, same_logits
 from safetensors.torch import load_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_gemma4_gguf import write_gemma4_gguf
@@ -123,15 +123,6 @@ def _transformers_checkpoint(tmp_path, kwargs, image_text=False, extra=None):
     return model.eval()
 
 
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 _GEMMA4_ONLY = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, enable_moe_block=True,
                     num_experts=4, top_k_experts=2, moe_intermediate_size=32)  # fmt: skip
 
@@ -148,7 +139,7 @@ def test_layer_scalar_and_gemma4_keys_left_unused(tmp_path):
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert float(model.model.layers[0].layer_scalar) != 1.0
     assert not model.model.per_layer_dim and not model.config.enable_moe_block
-    _same_logits(model, hf)
+    same_logits(model, hf)
     model.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert {k: saved[k] for k in _GEMMA4_ONLY} == _GEMMA4_ONLY
@@ -165,11 +156,11 @@ def test_image_text_checkpoint(tmp_path):
     )
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "it")
     assert type(model).__name__ == "Gemma4UnifiedForCausalLM" and model.config.final_logit_softcapping == 10.0
-    _same_logits(model, hf)
+    same_logits(model, hf)
     model.save_pretrained(tmp_path / "text")
     text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
     assert type(text).__name__ == "Gemma4UnifiedForCausalLM"
-    _same_logits(model, text.eval())
+    same_logits(model, text.eval())
 
 
 def test_config_defaults_are_transformers():
@@ -222,4 +213,4 @@ def test_gguf_out_is_the_converters_file(family, tmp_path_factory, tmp_path, byt
     _same_file(GGUFFile(path), GGUFFile(str(tmp_path / "ref.gguf")))
     back = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ref.gguf")
     assert type(back).__name__ == "Gemma4ForCausalLM" and back.config.model_type == "gemma4_text"
-    _same_logits(back, hf)
+    same_logits(back, hf)

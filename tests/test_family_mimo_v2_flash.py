@@ -16,8 +16,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import padded_batch, positions
-from family_checks import check_config_defaults
+from conftest import padded_batch
+from family_checks import check_config_defaults, same_logits
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_minimax_m2 import RoutedFamily
 from test_gguf_out import byte_tokenizer, merged_tokenizer  # noqa: F401
@@ -108,15 +108,6 @@ def test_state_dict_and_config_are_transformers(tmp_path_factory, tmp_path, name
         assert layer.self_attn.sliding_window == (5 if swa else None)
 
 
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real, pos = mask.bool(), positions(mask)
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=pos).logits[real]
-        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 def test_hub_config_spelling_and_mtp_tensors(tmp_path_factory, tmp_path):
     """The Hub's config.json spelling (sliding_window_size one less than the window, routed_scaling_factor null)
     and its next-token-prediction tensors (model.mtp.*, skipped): the same logits; saved back as read."""
@@ -134,7 +125,7 @@ def test_hub_config_spelling_and_mtp_tensors(tmp_path_factory, tmp_path):
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert (model.config.sliding_window, model.config.routed_scaling_factor) == (5, 1.0)
-    _same_logits(model, hf)
+    same_logits(model, hf)
 
 
 def test_default_config_is_transformers():
@@ -269,7 +260,7 @@ def test_gguf_converters_file(tmp_path_factory, tmp_path):
     with torch.no_grad():
         ours, theirs = model(ROW).logits[0], hf(ROW).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    _same_logits(model, hf)
+    same_logits(model, hf)
     path = str(tmp_path / "model.gguf")
     write_mimo_gguf(hf, path)
     _close_to_llama_cpp(ours, llama_cpp_logits(path))

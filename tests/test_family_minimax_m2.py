@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from chat_checks import check_chat_template, check_cli
-from conftest import padded_batch, positions, randomize
-from family_checks import Family
+from conftest import padded_batch, randomize
+from family_checks import Family, same_logits
 from gguf_mimic import add_text_model, add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
@@ -140,15 +140,6 @@ def test_save(tmp_path_factory, tmp_path):
     assert keys[1]["rotary_dim"] == 16 and keys[1]["scoring_func"] == "sigmoid"
 
 
-def _same_logits(model, hf) -> None:
-    ids, mask = padded_batch()
-    real = mask.bool()
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-        theirs = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 def test_stacked_checkpoint_loads(tmp_path_factory, tmp_path):
     """A file under transformers' in-memory names (mlp.experts.gate_up_proj stacked, mlp.e_score_correction_bias)
     loads with the same logits."""
@@ -161,7 +152,7 @@ def test_stacked_checkpoint_loads(tmp_path_factory, tmp_path):
     shutil.copy(f"{directory}/config.json", tmp_path / "m" / "config.json")
     tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
-    _same_logits(autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "m"), hf)
+    same_logits(autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "m"), hf)
 
 
 def test_released_config_spelling(tmp_path_factory, tmp_path):
@@ -180,13 +171,13 @@ def test_released_config_spelling(tmp_path_factory, tmp_path):
     path.write_text(json.dumps(v4))
     model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path / "v4")
     assert model.config.rope_parameters == rope
-    _same_logits(model, hf)
+    same_logits(model, hf)
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert set(saved) - {"transformers_version"} == set(v4) - {"transformers_version"}
     assert (saved["rope_theta"], saved["rotary_dim"]) == (rope["rope_theta"], 16)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager")
-    _same_logits(model, back)
+    same_logits(model, back)
 
 
 # ---- GGUF: llama.cpp's MiniMaxM2Model converter, emulated --------------------------------------------------------
@@ -235,7 +226,7 @@ def test_gguf(tmp_path_factory, tmp_path):
     assert type(model).__name__ == "MiniMaxM2ForCausalLM"
     c = model.config
     assert (c.head_dim, c.num_local_experts, c.rope_parameters["partial_rotary_factor"]) == (32, 8, 0.5)
-    _same_logits(model, hf)
+    same_logits(model, hf)
     quant = autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", quantization="int8")
     assert type(quant.model.layers[1].mlp.experts).__name__ == "Int8Experts"
 
