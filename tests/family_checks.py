@@ -36,6 +36,9 @@ class Family:
     atol: float = 1e-4
     # LoRA targets for families peft has no default for (None: peft's default for the type)
     lora_targets: list[str] | None = None
+    # transformers' attention implementation for the reference model (Falcon-RW: its SDPA path, the default, as
+    # its eager one adds ALiBi's bias twice)
+    hf_attention: str = "eager"
 
     # ---- the checkpoint --------------------------------------------------------------------------
 
@@ -43,7 +46,7 @@ class Family:
         """(directory, transformers' model loaded back from it), made once per session."""
         import transformers
 
-        key = (self.config_cls, repr(sorted(self.kwargs.items())), str(dtype))
+        key = (self.config_cls, repr(sorted(self.kwargs.items())), str(dtype), self.hf_attention)
         if key not in _CACHE:
             cfg = getattr(transformers, self.config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                                          **self.kwargs)  # fmt: skip
@@ -55,7 +58,7 @@ class Family:
             d = str(tmp_path_factory.mktemp(self.config_cls.lower()))
             model.save_pretrained(d, **self.save_kwargs)
             ref = transformers.AutoModelForCausalLM.from_pretrained(
-                d, dtype="auto", attn_implementation="eager"
+                d, dtype="auto", attn_implementation=self.hf_attention
             )
             _CACHE[key] = (d, ref.eval())
         return _CACHE[key]
@@ -96,7 +99,7 @@ class Family:
         import transformers
 
         half = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
-                                                                 attn_implementation="eager")  # fmt: skip
+                                                                 attn_implementation=self.hf_attention)  # fmt: skip
         with torch.no_grad():
             truth = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
             theirs = half(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
@@ -328,7 +331,7 @@ class Family:
         model = autolm.AutoModelForCausalLM.from_pretrained(directory)
         model.save_pretrained(tmp_path / "saved")
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "saved", attn_implementation="eager"
+            tmp_path / "saved", attn_implementation=self.hf_attention
         )
         ids, mask = padded_batch()
         real = mask.bool()
@@ -400,7 +403,7 @@ class Family:
         saved = json.loads((tmp_path / "saved" / "config.json").read_text())
         assert "rope_parameters" not in saved and {k: saved.get(k) for k in top} == top
         back = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "saved", attn_implementation="eager"
+            tmp_path / "saved", attn_implementation=self.hf_attention
         )
         assert type(back) is type(hf)
         with torch.no_grad():

@@ -127,6 +127,7 @@ _TP_FAMILIES = [
     "seed_oss",
     "hunyuan_v1_dense",
     "falcon_40b",
+    "falcon_rw",
     "deepseek_v3",
     "deepseek_v32",
     "mistral4",

@@ -3,7 +3,8 @@ with one LayerNorm, no biases, a tied head), Falcon-40B's (new_decoder_architect
 the fused query_key_value, ln_attn and ln_mlp) and the sequential layer with biases (every head its own k/v, an
 untied head, another activation, epsilon, RoPE base and ffn_hidden_size); Falcon2-11B's (the new architecture with
 one LayerNorm) for logits, the one-token step and GGUF; the standard battery; config.json's
-names and the configurations transformers' Falcon cannot run (and ALiBi) refused naming the key; GGUF as llama.cpp's
+names and the configurations transformers' Falcon cannot run refused naming the key; Falcon-RW (ALiBi, its
+biases rounded as transformers rounds them) over long generations, and out of GGUF; GGUF as llama.cpp's
 FalconModel converter writes it (q/k/v rows regrouped), in and out; the CLI."""
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ SEQUENTIAL = Family(
     dict(SMALL, parallel_attn=False, multi_query=False, bias=True, tie_word_embeddings=False, ffn_hidden_size=96,
          activation="gelu_new", layer_norm_epsilon=1e-3, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 )  # fmt: skip
-FAMILIES = {"7b": FALCON_7B, "40b": FALCON_40B, "sequential": SEQUENTIAL}
+# Falcon-RW's shape: ALiBi (16 heads: slopes powers of 2^-1/2, which bfloat16 rounds), sequential, biases
+RW = Family(
+    "FalconConfig",
+    dict(SMALL, num_attention_heads=16, alibi=True, parallel_attn=False, multi_query=False, bias=True),
+    hf_attention="sdpa",  # transformers' default; its eager path adds ALiBi's bias twice (to the scores and mask)
+)
+FAMILIES = {"7b": FALCON_7B, "40b": FALCON_40B, "sequential": SEQUENTIAL, "rw": RW}
 # Falcon2-11B's shape: the new decoder architecture with one LayerNorm (num_ln_in_parallel_attn 1)
 FALCON_11B = Family(
     "FalconConfig", dict(SMALL, new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)
@@ -57,7 +64,7 @@ def test_one_token_step(tmp_path_factory, name):
     LAYOUTS[name].check_one_token_step(tmp_path_factory)
 
 
-@pytest.mark.parametrize("name", ["7b", "40b"])
+@pytest.mark.parametrize("name", ["7b", "40b", "rw"])
 def test_compiled_step(tmp_path_factory, home, name):  # noqa: F811
     FAMILIES[name].check_compiled_step(tmp_path_factory, home)
 
@@ -127,7 +134,7 @@ def test_config_as_transformers_and_errors_name_the_key(tmp_path):
     base = dict(
         model_type="falcon", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB
     )
-    for change, key in ((dict(alibi=True), "alibi"), (dict(num_ln_in_parallel_attn=3), "num_ln_in_parallel_attn"),
+    for change, key in ((dict(num_ln_in_parallel_attn=3), "num_ln_in_parallel_attn"),
                         (dict(num_ln_in_parallel_attn=2), "num_ln_in_parallel_attn"),
                         (dict(new_decoder_architecture=True, parallel_attn=False), "parallel_attn"),
                         (dict(multi_query=False, num_kv_heads=2), "num_kv_heads"),
@@ -233,15 +240,41 @@ def test_gguf(tmp_path_factory, tmp_path, name):
     assert (got - want).abs().mean() <= 0.03 * want.abs().mean()
 
 
-def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer):
-    """llama.cpp's falcon graph is parallel and has no biases: the sequential model with biases is refused,
-    naming both."""
+@pytest.mark.parametrize("name", ["sequential", "rw"])
+def test_gguf_out_refuses_what_llama_cpp_cannot_run(tmp_path_factory, tmp_path, byte_tokenizer, name):
+    """llama.cpp's falcon graph is parallel, has no biases and no ALiBi: the sequential model with biases (and
+    Falcon-RW) is refused, naming each."""
     from autolm.gguf_writer import save_gguf
 
-    model = autolm.AutoModelForCausalLM.from_pretrained(SEQUENTIAL.checkpoint(tmp_path_factory)[0])
-    with pytest.raises(ConfigError, match="(?s)(?=.*bias)(?=.*parallel_attn)"):
+    model = autolm.AutoModelForCausalLM.from_pretrained(FAMILIES[name].checkpoint(tmp_path_factory)[0])
+    keys = "(?s)(?=.*bias)(?=.*parallel_attn)" + ("(?=.*alibi)" if name == "rw" else "")
+    with pytest.raises(ConfigError, match=keys):
         save_gguf(model, byte_tokenizer, str(tmp_path / "no.gguf"), "f32")
     assert not (tmp_path / "no.gguf").exists()
+
+
+def test_falcon_rw_long_generation_and_steps(tmp_path_factory):
+    """Falcon-RW: 40 greedy tokens of a left-padded batch (rows 14 and 5 tokens long: ALiBi's products reach
+    positions where bfloat16 rounds them, and the rows' padding shifts their slots) give transformers' tokens from
+    the general forward and from the one-token step; each generated sequence, fed whole, gives transformers'
+    logits at every real position. A kernel that skipped the rounding or counted positions from the slot would
+    differ (checked: up to 1e-2 in these logits)."""
+    directory, hf = RW.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert model.transformer.h[0].self_attention.rope is None
+    ids, mask = padded_batch(seed=3, lengths=(14, 5))
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False)
+    theirs = hf.generate(ids, **kw)
+    for mode in ("forward", "eager"):
+        model.decode_mode = mode
+        assert torch.equal(model.generate(ids, **kw), theirs), mode
+    full = torch.cat([mask, torch.ones(2, 40, dtype=mask.dtype)], 1)
+    real = full.bool()
+    with torch.no_grad():
+        want = hf(theirs, attention_mask=full).logits[real]
+        torch.testing.assert_close(
+            model(theirs, attention_mask=full).logits[real], want, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_cli(tmp_path_factory, tmp_path):

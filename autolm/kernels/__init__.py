@@ -31,7 +31,7 @@ Checked on torch 2.13.0.
 
 from __future__ import annotations
 
-from .attention import attention, decode_attention
+from .attention import RowALiBi, attention, decode_attention
 from .core import PrivateOp, linear, matvec, needs_grad, realize, realized_inputs, rms_norm, rotary
 from .experts import expert_linear, ggml_expert_linear, mixture
 from .ggml import dequantize as ggml_dequantize
@@ -40,6 +40,7 @@ from .quant import int4_linear, int4_pack, int4_unpack, int8_linear
 
 __all__ = [
     "PrivateOp",
+    "RowALiBi",
     "attention",
     "decode_attention",
     "expert_linear",

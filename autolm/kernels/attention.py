@@ -4,6 +4,8 @@ sinks some families use; PyTorch's SDPA where it is fast and exact, autolm's own
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -26,8 +28,7 @@ def attention(
     (B, 1, T, S) or None for plain causal attention; scale defaults to hd^-0.5; softcap: scores become
     softcap * tanh(scores / softcap); sinks (nh,): a learned logit per head that joins the softmax and takes
     its share of the probability; alibi (nh,): ALiBi's slopes, each head's scores biased by its slope times the
-    key's slot counted back from the last one (softmax does not see a row's constant: the same as a position
-    counted from the row's first real token), in float32. Returns (B, T, nh, hd), the layout o_proj reads. With a `weights` list the eager path runs and
+    key's slot counted back from the last one (see `_alibi`), in float32, or a RowALiBi. Returns (B, T, nh, hd), the layout o_proj reads. With a `weights` list the eager path runs and
     appends its probabilities (B, nh, T, S)."""
     _, nh, T, hd = q.shape
     scale = hd**-0.5 if scale is None else scale
@@ -59,8 +60,10 @@ def eager_attention(
     scores = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if alibi is not None:  # in float32, keys counted back from the last one: bf16 would round large biases
-        scores = scores.float() + alibi_bias(alibi, torch.arange(1 - S, 1, device=q.device))
+    if alibi is not None:  # in float32: bf16 would round large biases
+        # each row's first real slot: the first key its last query sees
+        starts = None if mask is None else mask[:, 0, -1].int().argmax(-1)
+        scores = scores.float() + _alibi(alibi, torch.arange(S, device=q.device), S - 1, starts)
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -79,6 +82,33 @@ def eager_attention(
 def alibi_bias(slopes: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """ALiBi's bias (nh, 1, W) in float32: each head's slope times each key's slot."""
     return slopes.float()[:, None, None] * slots.float()
+
+
+class RowALiBi(NamedTuple):
+    """ALiBi as transformers' Falcon (Falcon-RW) computes it, passed as `alibi` in place of the slopes: a key at
+    position p of its row (counted from the row's first real token) adds bf16(bf16(slope) * p) / divisor to each
+    head's scaled scores, the product rounded to bfloat16 whatever the model's dtype."""
+
+    slopes: torch.Tensor  # (nh,) float32
+    divisor: float  # sqrt(head_dim)
+
+    def bias(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (B, W) int64 -> the bias (B, nh, 1, W) in float32."""
+        rounded = (
+            self.slopes.bfloat16()[None, :, None] * positions[:, None, :]
+        )  # a bf16 product, as transformers'
+        return (rounded.float() / self.divisor)[:, :, None, :]
+
+
+def _alibi(alibi, slots: torch.Tensor, last: int, starts: torch.Tensor | None) -> torch.Tensor:
+    """ALiBi's bias over the key slots `slots` (W,) for queries whose newest key is slot `last`: slopes times the
+    slots counted back from `last` (nh, 1, W) (softmax does not see a row's constant: the same as positions
+    counted from the row's first real token); a RowALiBi's from each row's own positions (B, nh, 1, W), row b's
+    real slots starting at starts[b] (None: at 0)."""
+    if isinstance(alibi, RowALiBi):
+        positions = slots[None, :] - (0 if starts is None else starts[:, None])
+        return alibi.bias(positions.clamp(min=0))
+    return alibi_bias(alibi, slots - last)
 
 
 def grouped_attention(
@@ -172,10 +202,8 @@ def decode_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if alibi is not None:
-        slots = torch.arange(span, device=scores.device) + (
-            first - seen + 1
-        )  # back from the new token's slot
-        scores = scores + alibi_bias(alibi, slots).view(1, n_kv, nh // n_kv, span)
+        slots = torch.arange(span, device=scores.device) + first
+        scores = scores + _alibi(alibi, slots, seen - 1, starts).view(-1, n_kv, nh // n_kv, span)
     if starts is not None:  # each row's padding slots, as a -inf bias (W slots from `first`)
         slots = torch.arange(span, device=scores.device) + first
         scores = scores.masked_fill((slots[None, :] < starts[:, None])[:, None, None, :], float("-inf"))

@@ -79,6 +79,9 @@ def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int | None, int, int]
     }
     parallelize_module(model, mesh, plan)
     model.shard_heads(world)
+    for m in model.modules():  # ALiBi's slopes: this rank's heads (a contiguous slice, as the colwise rows)
+        if getattr(m, "alibi", None) is not None:
+            m.alibi = m.alibi[rank * m.num_heads : (rank + 1) * m.num_heads]
     shards = {}
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):

@@ -14,14 +14,16 @@ or, with parallel_attn false (and the old architecture), sequential: x += attn(i
 x += mlp(post_attention_layernorm(x)).
 
 transformers' names: the body is `transformer` (word_embeddings, h, ln_f); autolm's code reaches it as `model`
-and its parts as `embed_tokens`, `layers` and `norm`. ALiBi (`alibi`, Falcon-RW) is refused: transformers
-computes Falcon's ALiBi biases in bfloat16 from each row's token count, which autolm's shared ALiBi (float32 slopes
-times the key's slot, BLOOM's and MPT's arithmetic) does not reproduce. transformers' dropouts (hidden_dropout,
-attention_dropout) are kept in the config and not applied, as in every autolm family.
+and its parts as `embed_tokens`, `layers` and `norm`. With `alibi` (Falcon-RW) the heads have no RoPE but ALiBi's
+slopes (BLOOM's), as transformers computes Falcon's: from each key's position in its row, the product rounded to
+bfloat16, divided by sqrt(head_dim) and added to the scaled scores (kernels.RowALiBi; its SDPA path, which the
+eager one differs from by adding the bias twice). transformers' dropouts (hidden_dropout, attention_dropout) are
+kept in the config and not applied, as in every autolm family.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,10 +31,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, CheckpointRules, GGUFLayout, Linear, Rename
 from .base import CausalLM, DecoderModel
+from .bloom import alibi_slopes
 from .gpt_neox import GPTNeoXAttention, GPTNeoXMLP
 
 
@@ -105,11 +109,6 @@ class FalconConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        if self.alibi:
-            raise ConfigError(
-                f"{src}: alibi is not supported (ALiBi attention biases, Falcon-RW): only rotary Falcon models "
-                "(alibi false) load"
-            )
         n, kv, ln = self.num_attention_heads, self.num_kv_heads, self.num_ln_in_parallel_attn
         if not (_is_int(kv) and 0 < kv <= n):
             raise ConfigError(f"{src}: num_kv_heads must be a positive integer or null, found {kv!r}")
@@ -162,10 +161,16 @@ class FalconAttention(GPTNeoXAttention):
     output projection); grouped KV heads, a group per KV head."""
 
     def __init__(self, config: FalconConfig, layer_idx: int):
-        h, n = config.hidden_size, config.num_attention_heads
+        h, n, alibi = config.hidden_size, config.num_attention_heads, config.alibi
         super(GPTNeoXAttention, self).__init__(
-            h, n, config.num_key_value_heads, config.head_dim, layer_idx, bias=config.bias
-        )
+            h, n, config.num_key_value_heads, config.head_dim, layer_idx, bias=config.bias,
+            rope=None if alibi else "default", alibi=alibi_slopes(n) if alibi else None,
+        )  # fmt: skip
+
+    def alibi_bias(self, device: torch.device):
+        """Falcon-RW's ALiBi: from each row's positions, rounded to bfloat16, over sqrt(head_dim)."""
+        slopes = super().alibi_bias(device)
+        return None if slopes is None else kernels.RowALiBi(slopes, math.sqrt(self.head_dim))
 
     def make_projections(self, hidden: int, bias: bool, o_bias: bool) -> None:
         rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim

@@ -268,11 +268,15 @@ class Attention(nn.Module):
             q = apply_rotary(q, cos, sin, self.rope_interleaved)
             k = apply_rotary(k, cos, sin, self.rope_interleaved)
         sinks = getattr(self, "sinks", None)
-        alibi = None if self.alibi is None else torch.tensor(self.alibi, dtype=torch.float32, device=q.device)
+        alibi = self.alibi_bias(q.device)
         y = ctx.attend(
             self.layer_idx, q, k, v, self.sliding_window, self.scaling, self.softcap, sinks, self.chunk, alibi
         )
         return self.o_proj(self.gate(x, y.reshape(B, T, nh * hd)))
+
+    def alibi_bias(self, device: torch.device):
+        """The kernels' `alibi`: the slopes in float32 (None without ALiBi); Falcon-RW's is a kernels.RowALiBi."""
+        return None if self.alibi is None else torch.tensor(self.alibi, dtype=torch.float32, device=device)
 
     def gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The heads' output y (B, T, heads * head_dim) before o_proj, given the layer's input x: as it is here;
