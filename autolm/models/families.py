@@ -216,3 +216,4 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         None,
     ),  # llama.cpp has none
 }
+    "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
