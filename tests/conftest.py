@@ -854,6 +854,22 @@ SPECS = {
         ),
         {},
     ),
+    "modernbert-decoder": (  # Ettin: global and sliding layers (window 4) with their own RoPE bases
+        "ModernBertDecoderConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            local_attention=8,
+            global_attn_every_n_layers=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            pad_token_id=0,
+        ),
+        {},
+    ),
     "nanochat": (
         "NanoChatConfig",
         dict(

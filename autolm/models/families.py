@@ -217,3 +217,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     ),  # llama.cpp has none
 }
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
+    "modernbert-decoder": (
+        "modernbert_decoder",
+        "ModernBertDecoderConfig",
+        "ModernBertDecoderForCausalLM",
+        None,
+    ),  # llama.cpp has none (its modern-bert is the encoder)
