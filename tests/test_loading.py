@@ -161,9 +161,9 @@ def test_missing_unexpected_and_misshaped_tensors_are_clear_errors(checkpoint, t
 
 
 def test_unknown_model_type_names_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "reformer"}))
     with pytest.raises(
-        ConfigError, match="'rwkv' is not supported; supported model types: .*gemma2, .*, llama, "
+        ConfigError, match="'reformer' is not supported; supported model types: .*gemma2, .*, llama, "
     ):
         autolm.AutoConfig.from_pretrained(tmp_path)
 

@@ -87,6 +87,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "opt": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
     "codegen": ["qkv_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
     **dict.fromkeys(NO_PEFT_DEFAULT, None),
 }
 

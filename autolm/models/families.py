@@ -165,6 +165,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "minicpm3": ("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", "minicpm3"),
     "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
     "gpt_neo": ("gpt_neo", "GPTNeoConfig", "GPTNeoForCausalLM", None),
+    "rwkv": ("rwkv", "RwkvConfig", "RwkvForCausalLM", None),  # llama.cpp has RWKV-6/7, not RWKV-4
     "bitnet": ("bitnet", "BitNetConfig", "BitNetForCausalLM", None),
     "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
     "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
