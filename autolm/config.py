@@ -250,6 +250,11 @@ class PretrainedConfig:
         return self.hidden_size
 
     @property
+    def embedding_rows(self) -> int:
+        """The token embeddings' rows (vocab_size; Mllama's vocab_size + 8, its head vocab_size)."""
+        return self.vocab_size
+
+    @property
     def num_labels(self) -> int:
         """transformers' number of classification labels (a sequence classifier's outputs): len(id2label), 2
         where config.json names none."""

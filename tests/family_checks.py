@@ -39,6 +39,9 @@ class Family:
     # transformers' attention implementation for the reference model (Falcon-RW: its SDPA path, the default, as
     # its eager one adds ALiBi's bias twice)
     hf_attention: str = "eager"
+    # transformers' model class where AutoModelForCausalLM takes no checkpoint of the config (Mllama's and Emu3's
+    # text configs: its table has their image-text types only); None: AutoModelForCausalLM
+    hf_class: str | None = None
 
     # ---- the checkpoint --------------------------------------------------------------------------
 
@@ -51,17 +54,21 @@ class Family:
             cfg = getattr(transformers, self.config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                                          **self.kwargs)  # fmt: skip
             torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+            model = self.hf_auto()._from_config(cfg) if self.hf_class else self.hf_auto().from_config(cfg)
             randomize(model)
             if dtype is not None:
                 model = model.to(dtype)
             d = str(tmp_path_factory.mktemp(self.config_cls.lower()))
             model.save_pretrained(d, **self.save_kwargs)
-            ref = transformers.AutoModelForCausalLM.from_pretrained(
-                d, dtype="auto", attn_implementation=self.hf_attention
-            )
+            ref = self.hf_auto().from_pretrained(d, dtype="auto", attn_implementation=self.hf_attention)
             _CACHE[key] = (d, ref.eval())
         return _CACHE[key]
+
+    def hf_auto(self) -> type:
+        """transformers' class that builds and loads the checkpoint: AutoModelForCausalLM, or `hf_class`."""
+        import transformers
+
+        return getattr(transformers, self.hf_class or "AutoModelForCausalLM")
 
     # ---- logits and generation ---------------------------------------------------------------------
 
@@ -96,10 +103,8 @@ class Family:
         directory, hf = self.checkpoint(tmp_path_factory)
         ids, mask = padded_batch()
         real = mask.bool()
-        import transformers
-
-        half = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
-                                                                 attn_implementation=self.hf_attention)  # fmt: skip
+        half = self.hf_auto().from_pretrained(directory, dtype=torch.bfloat16,
+                                              attn_implementation=self.hf_attention)  # fmt: skip
         with torch.no_grad():
             truth = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
             theirs = half(ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
@@ -325,14 +330,10 @@ class Family:
 
     def check_save(self, tmp_path_factory, tmp_path) -> None:
         """autolm's save_pretrained loads in transformers with equal logits, and back in autolm bit-identical."""
-        import transformers
-
         directory, _ = self.checkpoint(tmp_path_factory)
         model = autolm.AutoModelForCausalLM.from_pretrained(directory)
         model.save_pretrained(tmp_path / "saved")
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "saved", attn_implementation=self.hf_attention
-        )
+        theirs = self.hf_auto().from_pretrained(tmp_path / "saved", attn_implementation=self.hf_attention)
         ids, mask = padded_batch()
         real = mask.bool()
         with torch.no_grad():

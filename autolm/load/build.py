@@ -56,10 +56,10 @@ def check_size(config, shapes: dict | None, cls) -> None:
             f"holds {len(layers)} decoder layers"
         )
     emb = shapes.get(f"{cls.embeddings_name}.weight")
-    if emb is not None and tuple(emb) != (config.vocab_size, config.embedding_width):
+    if emb is not None and tuple(emb) != (config.embedding_rows, config.embedding_width):
         raise ConfigError(
-            f"{config.source}: vocab_size x hidden_size is {config.vocab_size} x {config.embedding_width} "
-            f"but the checkpoint's embeddings are {tuple(emb)}"
+            f"{config.source}: vocab_size {config.vocab_size} and hidden_size give embeddings of "
+            f"{(config.embedding_rows, config.embedding_width)} but the checkpoint's are {tuple(emb)}"
         )
 
 

@@ -126,6 +126,10 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "lfm3": ("lfm3", "Lfm3Config", "Lfm3ForCausalLM", None),
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", None),
     "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
+    "mllama_text_model": ("mllama", "MllamaTextConfig", "MllamaForCausalLM", None),  # llama.cpp has none
+    "mllama": ("mllama", "MllamaConfig", "MllamaForCausalLM", None),  # image-text: its language model
+    "emu3_text_model": ("emu3", "Emu3TextConfig", "Emu3ForCausalLM", None),  # llama.cpp has none
+    "emu3": ("emu3", "Emu3Config", "Emu3ForCausalLM", None),  # image-text: its language model
     "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
     "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
