@@ -100,6 +100,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
     ),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
+    "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none
     "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),
