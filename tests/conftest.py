@@ -839,6 +839,33 @@ SPECS = {
         ),
         {},
     ),
+    "aria_text": (
+        "AriaTextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=2,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "gpt_neox_japanese": (
+        "GPTNeoXJapaneseConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_multiple_size=2,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        {},
+    ),
     "helium": (
         "HeliumConfig",
         dict(

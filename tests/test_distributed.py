@@ -136,6 +136,7 @@ _TP_FAMILIES = [
     "youtu",
     "apertus",
     "helium",
+    "aria_text",
     "jais2",
     "cwm",
     "hyperclovax",

@@ -200,6 +200,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         None,
     ),  # image-text: LM
     "axk2": ("axk2", "AXK2Config", "AXK2ForCausalLM", None),  # llama.cpp has none
+    "aria_text": ("aria_text", "AriaTextConfig", "AriaTextForCausalLM", None),  # llama.cpp has none
+    "gpt_neox_japanese": (
+        "gpt_neox_japanese",
+        "GPTNeoXJapaneseConfig",
+        "GPTNeoXJapaneseForCausalLM",
+        None,
+    ),  # llama.cpp has none
     "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
     "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
     "dots3_note_text": ("dots3_note", "Dots3NoteTextConfig", "Dots3NoteForCausalLM", "dots3note"),

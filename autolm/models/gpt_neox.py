@@ -118,23 +118,25 @@ class GPTNeoXConfig(PretrainedConfig):
         return out
 
 
-_dataclass_init = GPTNeoXConfig.__init__
+def neox_init(dataclass_init):
+    """A GPT-NeoX config's __init__ from its dataclass's: Config(layer_norm_eps=..., rotary_pct=...,
+    rotary_emb_base=...) as in transformers."""
+
+    def _init(self, *, layer_norm_eps=None, rotary_pct=None, rotary_emb_base=None, **kwargs: Any) -> None:
+        if layer_norm_eps is not None:
+            kwargs["rms_norm_eps"] = layer_norm_eps
+        if rotary_pct is not None or rotary_emb_base is not None:
+            rope = dict(kwargs.get("rope_parameters") or {"rope_type": "default"})
+            rope.setdefault("rope_theta", 10000.0 if rotary_emb_base is None else rotary_emb_base)
+            if rotary_pct is not None:
+                rope.setdefault("partial_rotary_factor", rotary_pct)
+            kwargs["rope_parameters"] = rope
+        dataclass_init(self, **kwargs)
+
+    return _init
 
 
-def _init(self, *, layer_norm_eps=None, rotary_pct=None, rotary_emb_base=None, **kwargs: Any) -> None:
-    """GPTNeoXConfig(layer_norm_eps=..., rotary_pct=..., rotary_emb_base=...) as in transformers."""
-    if layer_norm_eps is not None:
-        kwargs["rms_norm_eps"] = layer_norm_eps
-    if rotary_pct is not None or rotary_emb_base is not None:
-        rope = dict(kwargs.get("rope_parameters") or {"rope_type": "default"})
-        rope.setdefault("rope_theta", 10000.0 if rotary_emb_base is None else rotary_emb_base)
-        if rotary_pct is not None:
-            rope.setdefault("partial_rotary_factor", rotary_pct)
-        kwargs["rope_parameters"] = rope
-    _dataclass_init(self, **kwargs)
-
-
-GPTNeoXConfig.__init__ = _init
+GPTNeoXConfig.__init__ = neox_init(GPTNeoXConfig.__init__)
 
 
 class GPTNeoXAttention(Attention):
@@ -162,10 +164,10 @@ class GPTNeoXAttention(Attention):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = True):
         super().__init__()
-        self.dense_h_to_4h = Linear(hidden, intermediate)
-        self.dense_4h_to_h = Linear(intermediate, hidden)
+        self.dense_h_to_4h = Linear(hidden, intermediate, bias=bias)
+        self.dense_4h_to_h = Linear(intermediate, hidden, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
