@@ -562,10 +562,17 @@ SPECS = {
     # Falcon-RW: ALiBi (16 heads, slopes bfloat16 rounds), the sequential layer with biases
     "falcon_rw": (
         "FalconConfig",
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=16, alibi=True, parallel_attn=False,
-             multi_query=False, bias=True),
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            alibi=True,
+            parallel_attn=False,
+            multi_query=False,
+            bias=True,
+        ),
         {},
-    ),  # fmt: skip
+    ),
     "deepseek_v3": (
         "DeepseekV3Config",
         dict(
