@@ -238,3 +238,5 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "ModernBertDecoderForCausalLM",
         None,
     ),  # llama.cpp has none (its modern-bert is the encoder)
+    "inkling2_text": ("inkling2", "Inkling2TextConfig", "Inkling2ForCausalLM", None),  # llama.cpp has none
+    "inkling2": ("inkling2", "Inkling2Config", "Inkling2ForCausalLM", None),  # image-text: its LM

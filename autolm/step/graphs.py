@@ -185,7 +185,8 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     dtype = body.embed_tokens.weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     rows = 2 if batched else 1
-    x = torch.zeros(rows, 1, model.config.hidden_size, dtype=dtype)  # the layers' width
+    width = getattr(body, "carried_width", model.config.hidden_size)  # what the layers carry (Inkling 2)
+    x = torch.zeros(rows, 1, width, dtype=dtype)  # the layers' width
     kinds = sorted(body.rotary.kinds)
     tables = body.rotary.tables(torch.zeros(rows, 1, dtype=torch.long), dtype)
     example_tables = [t.clone() for k in kinds for t in tables[k]]  # distinct tensors: export dedups aliases
