@@ -17,6 +17,7 @@ from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
+from .image_text import ImageTextConfig
 
 DEFAULT_PATTERN = 4  # transformers' sliding_window_pattern: every 4th layer global
 
@@ -142,6 +143,15 @@ def _gguf_write_config(meta: dict[str, Any], c: Exaone4Config) -> None:
     if c.sliding_window is not None:
         meta["attention.sliding_window"] = c.sliding_window
         meta["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in c.layer_types]
+
+
+class Exaone4_5_Config(ImageTextConfig):
+    """transformers' Exaone4_5_Config (EXAONE 4.5, image-text): its language model's, an EXAONE 4; the head untied by
+    default."""
+
+    model_type: ClassVar[str] = "exaone4_5"
+    text_class: ClassVar[type] = Exaone4Config
+    tie_default: ClassVar[bool | None] = False
 
 
 class Exaone4ForCausalLM(CausalLM):

@@ -14,20 +14,33 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "llava_next": ("llama", "LlavaNextConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "idefics3": ("llama", "Idefics3Config", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "smolvlm": ("llama", "SmolVLMConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "vipllava": ("llama", "VipLlavaConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "video_llava": ("llama", "VideoLlavaConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its LM
+    "llava_next_video": ("llama", "LlavaNextVideoConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its LM
+    "deepseek_vl": ("llama", "DeepseekVLConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its LM
+    "deepseek_vl_hybrid": ("llama", "DeepseekVLHybridConfig", "LlamaForCausalLM", _LLAMA),  # image-text
+    "janus": ("llama", "JanusConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "voxtral": ("llama", "VoxtralConfig", "LlamaForCausalLM", _LLAMA),  # audio-text: its language model
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
+    "idefics2": ("mistral", "Idefics2Config", "MistralForCausalLM", "llama"),  # image-text: its LM
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _QWEN2),
     "qwen2_vl": ("qwen2", "Qwen2VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
     "qwen2_5_vl": ("qwen2", "Qwen2_5_VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
     "llava_onevision": ("qwen2", "LlavaOnevisionConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
     "internvl": ("qwen2", "InternVLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
+    "got_ocr2": ("qwen2", "GotOcr2Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
+    "ovis2": ("qwen2", "Ovis2Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
+    "qwen2_audio": ("qwen2", "Qwen2AudioConfig", "Qwen2ForCausalLM", _QWEN2),  # audio-text: its LM
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),
     "qwen3_vl": ("qwen3", "Qwen3VLConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text: its LM
+    "lighton_ocr": ("qwen3", "LightOnOcrConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
     "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", ("granite", "minicpm")),  # + MiniCPM 1/2
+    "granite_speech": ("granite", "GraniteSpeechConfig", "GraniteForCausalLM", ("granite", "minicpm")),
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
     "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),
@@ -36,6 +49,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
     "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", "gemma"),
+    "paligemma": ("gemma", "PaliGemmaConfig", "GemmaForCausalLM", "gemma"),  # image-text: its language model
     "starcoder2": ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", "starcoder2"),
     "phi": ("phi", "PhiConfig", "PhiForCausalLM", "phi2"),
     "gpt_neox": ("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", "gptneox"),
@@ -48,6 +62,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "glm4v": ("glm4", "Glm4vConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
     "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
     "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
+    "exaone4_5": ("exaone4", "Exaone4_5_Config", "Exaone4ForCausalLM", "exaone4"),  # image-text: its LM
     "ernie4_5": ("ernie4_5", "Ernie4_5Config", "Ernie4_5ForCausalLM", "ernie4_5"),
     "nemotron": ("nemotron", "NemotronConfig", "NemotronForCausalLM", "nemotron"),
     "arcee": ("arcee", "ArceeConfig", "ArceeForCausalLM", "arcee"),
@@ -78,10 +93,14 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM", "mistral4"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
     "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
+    "fuyu": ("persimmon", "FuyuConfig", "PersimmonForCausalLM", None),  # image-text: its language model
     "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
     "biogpt": ("biogpt", "BioGptConfig", "BioGptForCausalLM", None),
+    "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
+    "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
+    "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none
     "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),
     "gemma4": ("gemma4", "Gemma4Config", "Gemma4ForCausalLM", "gemma4"),  # image-text: its language model
@@ -96,11 +115,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "Gemma4UnifiedConfig",
         "Gemma4UnifiedForCausalLM",
         "gemma4",
-    "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
-    "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
     ),  # image-text: its language model
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
-    "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none
     "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),
@@ -110,6 +126,10 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", "mimo2"),
     "llama4_text": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM", "llama4"),
     "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
+    "mllama_text_model": ("mllama", "MllamaTextConfig", "MllamaForCausalLM", None),  # llama.cpp has none
+    "mllama": ("mllama", "MllamaConfig", "MllamaForCausalLM", None),  # image-text: its language model
+    "emu3_text_model": ("emu3", "Emu3TextConfig", "Emu3ForCausalLM", None),  # llama.cpp has none
+    "emu3": ("emu3", "Emu3Config", "Emu3ForCausalLM", None),  # image-text: its language model
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "hunyuan-moe"),
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
@@ -127,10 +147,6 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "lfm3": ("lfm3", "Lfm3Config", "Lfm3ForCausalLM", None),
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", None),
     "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
-    "mllama_text_model": ("mllama", "MllamaTextConfig", "MllamaForCausalLM", None),  # llama.cpp has none
-    "mllama": ("mllama", "MllamaConfig", "MllamaForCausalLM", None),  # image-text: its language model
-    "emu3_text_model": ("emu3", "Emu3TextConfig", "Emu3ForCausalLM", None),  # llama.cpp has none
-    "emu3": ("emu3", "Emu3Config", "Emu3ForCausalLM", None),  # image-text: its language model
     "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
     "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
@@ -149,6 +165,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
     "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
     "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),
+    "rwkv": ("rwkv", "RwkvConfig", "RwkvForCausalLM", None),  # llama.cpp has RWKV-6/7, not RWKV-4
     "jamba": ("jamba", "JambaConfig", "JambaForCausalLM", "jamba"),
     "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM", "cohere2"),
     "aya_vision": ("cohere2", "AyaVisionConfig", "Cohere2ForCausalLM", "cohere2"),  # image-text: its LM
@@ -170,7 +187,6 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "minicpm3": ("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", "minicpm3"),
     "internlm3": ("internlm3", "InternLM3Config", "InternLM3ForCausalLM", "llama"),
     "gpt_neo": ("gpt_neo", "GPTNeoConfig", "GPTNeoForCausalLM", None),
-    "rwkv": ("rwkv", "RwkvConfig", "RwkvForCausalLM", None),  # llama.cpp has RWKV-6/7, not RWKV-4
     "bitnet": ("bitnet", "BitNetConfig", "BitNetForCausalLM", None),
     "gptj": ("gptj", "GPTJConfig", "GPTJForCausalLM", None),  # llama.cpp names "gptj" but runs none
     "codegen": ("codegen", "CodeGenConfig", "CodeGenForCausalLM", None),
@@ -184,6 +200,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "longcat_flash": ("longcat_flash", "LongcatFlashConfig", "LongcatFlashForCausalLM", None),  # no llama.cpp
     "diffllama": ("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", None),  # llama.cpp has none
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
+    "aria_text": ("aria_text", "AriaTextConfig", "AriaTextForCausalLM", None),  # llama.cpp has none
+    "gpt_neox_japanese": (
+        "gpt_neox_japanese",
+        "GPTNeoXJapaneseConfig",
+        "GPTNeoXJapaneseForCausalLM",
+        None,
+    ),  # llama.cpp has none
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
     "beam": ("beam", "BeamConfig", "BeamForCausalLM", None),  # llama.cpp has none
@@ -200,13 +223,6 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         None,
     ),  # image-text: LM
     "axk2": ("axk2", "AXK2Config", "AXK2ForCausalLM", None),  # llama.cpp has none
-    "aria_text": ("aria_text", "AriaTextConfig", "AriaTextForCausalLM", None),  # llama.cpp has none
-    "gpt_neox_japanese": (
-        "gpt_neox_japanese",
-        "GPTNeoXJapaneseConfig",
-        "GPTNeoXJapaneseForCausalLM",
-        None,
-    ),  # llama.cpp has none
     "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
     "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
     "dots3_note_text": ("dots3_note", "Dots3NoteTextConfig", "Dots3NoteForCausalLM", "dots3note"),
@@ -221,8 +237,16 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
     "zamba": ("zamba", "ZambaConfig", "ZambaForCausalLM", None),  # llama.cpp has none
     "kimi_linear": ("kimi_linear", "KimiLinearConfig", "KimiLinearForCausalLM", "kimi-linear"),
+    "modernbert-decoder": (
+        "modernbert_decoder",
+        "ModernBertDecoderConfig",
+        "ModernBertDecoderForCausalLM",
+        None,
+    ),  # llama.cpp has none (its modern-bert is the encoder)
     "inkling_text": ("inkling", "InklingTextConfig", "InklingForCausalLM", None),  # llama.cpp has none
     "inkling_mm_model": ("inkling", "InklingConfig", "InklingForCausalLM", None),  # image-text: its LM
+    "inkling2_text": ("inkling2", "Inkling2TextConfig", "Inkling2ForCausalLM", None),  # llama.cpp has none
+    "inkling2": ("inkling2", "Inkling2Config", "Inkling2ForCausalLM", None),  # image-text: its LM
     "bailing_hybrid": ("bailing_hybrid", "BailingHybridConfig", "BailingHybridForCausalLM", "bailingmoe3"),
     "recurrent_gemma": (
         "recurrent_gemma",
@@ -230,13 +254,5 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "RecurrentGemmaForCausalLM",
         None,
     ),  # llama.cpp has none
-}
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
-    "modernbert-decoder": (
-        "modernbert_decoder",
-        "ModernBertDecoderConfig",
-        "ModernBertDecoderForCausalLM",
-        None,
-    ),  # llama.cpp has none (its modern-bert is the encoder)
-    "inkling2_text": ("inkling2", "Inkling2TextConfig", "Inkling2ForCausalLM", None),  # llama.cpp has none
-    "inkling2": ("inkling2", "Inkling2Config", "Inkling2ForCausalLM", None),  # image-text: its LM
+}

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM
 from .gemma2 import Gemma2Model
+from .image_text import ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -101,6 +102,28 @@ def _gguf_derive(d: dict[str, Any], get) -> None:
     hidden, heads = d.get("hidden_size"), d.get("num_attention_heads")
     if _is_int(hidden) and _is_int(heads) and heads > 0:
         d.setdefault("head_dim", hidden // heads)
+
+
+class PaliGemmaConfig(ImageTextConfig):
+    """transformers' PaliGemmaConfig (PaliGemma, PaliGemma 2): its language model's, a Gemma unless text_config names
+    another family (PaliGemma 2's Gemma 2); the head tied by default. On input_ids alone (no token_type_ids, as
+    generate runs) transformers' PaliGemma 2 attends causally, its positions (1-based) rotating as autolm's; the
+    prefix's bidirectional block that token_type_ids ask for is not run (autolm's model, the text family's, does not
+    read them). transformers sets a Gemma's use_bidirectional_attention where text_config leaves it out, and then
+    attends over an unpadded prompt both ways (causally with padding or eager attention): refused unless false."""
+
+    model_type: ClassVar[str] = "paligemma"
+    text_class: ClassVar[type] = GemmaConfig
+    tie_default: ClassVar[bool | None] = True
+
+    @classmethod
+    def adapt(cls, text: dict[str, Any]) -> None:
+        gemma = text.get("model_type", "gemma") == "gemma"
+        if gemma and text.get("use_bidirectional_attention") is not False:
+            raise ConfigError("paligemma: text_config.use_bidirectional_attention is unset or true: transformers' "
+                              "PaliGemma then attends over an unpadded prompt both ways, causally with padding; "
+                              "autolm runs the causal model only (set it false)")  # fmt: skip
+        text["use_bidirectional_attention"] = False
 
 
 class GemmaForCausalLM(CausalLM):

@@ -16,6 +16,7 @@ from ..config import _is_number
 from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
+from .image_text import ImageTextConfig
 from .llama import LlamaConfig
 
 _MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
@@ -101,6 +102,17 @@ def _minicpm(d: dict[str, Any], get) -> None:
     d.setdefault("embedding_multiplier", 12.0)
     d.setdefault("residual_multiplier", 1.4 / math.sqrt(d["num_hidden_layers"]))
     d.setdefault("logits_scaling", hidden / 256)
+
+
+class GraniteSpeechConfig(ImageTextConfig):
+    """transformers' GraniteSpeechConfig (Granite Speech, audio-text): its language model's, a Granite; the head tied
+    by default. The audio-text model's head does not divide its logits (logits_scaling 1 whatever text_config says):
+    autolm gives its logits."""
+
+    model_type: ClassVar[str] = "granite_speech"
+    text_class: ClassVar[type] = GraniteConfig
+    tie_default: ClassVar[bool | None] = True
+    fixed: ClassVar[dict[str, Any]] = {"logits_scaling": 1.0}
 
 
 class GraniteForCausalLM(CausalLM):

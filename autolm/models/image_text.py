@@ -1,7 +1,9 @@
-"""Image-text checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Qwen 2 VL / 2.5 VL / 3 VL /
-3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision, InternVL, SmolVLM / Idefics 3, LFM2-VL,
-Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7): their config is a wrapper holding the language
-model's settings as `text_config`, and their files hold the language model's tensors beside a vision tower's.
+"""Image-text (and audio-text) checkpoints whose language model autolm runs (Gemma 3 / 3n / 4, Llama 4, Llama 3.2
+Vision, Emu3, Qwen 2 VL / 2.5 VL / 3 VL / 3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision /
+VipLLaVA / Video-LLaVA / LLaVA-NeXT-Video, InternVL, SmolVLM / Idefics 2 / 3, PaliGemma, GOT-OCR 2, Ovis 2, Fuyu,
+DeepSeek-VL, Janus, LightOnOCR, EXAONE 4.5, LFM2-VL, Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7,
+Inkling, Qwen2-Audio, Voxtral, Granite Speech): their config is a wrapper holding the language model's settings as
+`text_config`, and their files hold the language model's tensors beside a vision (or audio) tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
 config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with
@@ -30,7 +32,15 @@ IMAGE_TEXT_RULES = (
     Rename(r"^(language_model\.model|model\.language_model|model\.text_model)\.", "model.", r"(?!)", ""),
     Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
     Ignored(r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|mm_projector|connector)\..+"),
-    Ignored(r"(model\.)?image_newline"),
+    Ignored(r"(model\.)?(image_newline|visual_embeddings_table\.weight)"),
+    # other towers and projectors: video / audio (Video-LLaVA, Qwen2-Audio, Voxtral, Granite Speech), DeepSeek-VL's
+    # and Janus's aligners, DeepSeek-VL-Hybrid's high-resolution tower, Janus's image generation, LightOnOCR's
+    # vision encoder, Fuyu's patch embedding
+    Ignored(
+        r"(model\.)?(image_tower|video_tower|audio_tower|encoder|projector|aligner|vision_encoder|vision_projection"
+        r"|vision_embed_tokens|high_res_vision_\w+|vqmodel|generation_\w+)\..+"
+    ),
+    Ignored(r"(model\.)?high_res_vision_alpha"),
     Ignored(r"mtp\..+"),
 )
 _TIE = "tie_word_embeddings"

@@ -16,7 +16,7 @@ from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
-from .image_text import ImageTextConfig
+from .image_text import EitherTiesConfig, ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -117,6 +117,59 @@ class SmolVLMConfig(LlavaConfig):
     """transformers' SmolVLMConfig (SmolVLM, SmolVLM2), read as Idefics3Config."""
 
     model_type: ClassVar[str] = "smolvlm"
+
+
+class VipLlavaConfig(LlavaConfig):
+    """transformers' VipLlavaConfig (ViP-LLaVA), read as LlavaConfig."""
+
+    model_type: ClassVar[str] = "vipllava"
+
+
+class VideoLlavaConfig(LlavaConfig):
+    """transformers' VideoLlavaConfig (Video-LLaVA), read as LlavaConfig (its image and video towers skipped)."""
+
+    model_type: ClassVar[str] = "video_llava"
+
+
+class LlavaNextVideoConfig(EitherTiesConfig):
+    """transformers' LlavaNextVideoConfig (LLaVA-NeXT-Video): a Llama unless text_config names another family; the
+    head tied by the outer config or, as older files hold it, by text_config."""
+
+    model_type: ClassVar[str] = "llava_next_video"
+    text_class: ClassVar[type] = LlamaConfig
+
+
+class DeepseekVLConfig(LlavaConfig):
+    """transformers' DeepseekVLConfig (DeepSeek-VL): its language model's, a Llama; the head tied by default."""
+
+    model_type: ClassVar[str] = "deepseek_vl"
+    tie_default: ClassVar[bool | None] = True
+
+
+class DeepseekVLHybridConfig(DeepseekVLConfig):
+    """transformers' DeepseekVLHybridConfig (DeepSeek-VL with its high-resolution tower), read as DeepseekVLConfig."""
+
+    model_type: ClassVar[str] = "deepseek_vl_hybrid"
+
+
+class JanusConfig(DeepseekVLConfig):
+    """transformers' JanusConfig (Janus, Janus-Pro): its language model's, a Llama, the head tied by default (the
+    outer config's, whatever text_config says); the image generation head and VQ model skipped."""
+
+    model_type: ClassVar[str] = "janus"
+
+
+class VoxtralConfig(ImageTextConfig):
+    """transformers' VoxtralConfig (Voxtral, audio-text): its language model's, a Llama with Voxtral's defaults
+    where text_config leaves them out; the head never tied (the model ties none)."""
+
+    model_type: ClassVar[str] = "voxtral"
+    text_class: ClassVar[type] = LlamaConfig
+    fixed: ClassVar[dict[str, Any]] = {"tie_word_embeddings": False}
+    defaults: ClassVar[dict[str, Any]] = dict(vocab_size=131072, hidden_size=3072, intermediate_size=8192,
+                                              num_hidden_layers=30, num_key_value_heads=8,
+                                              max_position_embeddings=131072, rms_norm_eps=1e-5, use_cache=True,
+                                              rope_theta=1e8, head_dim=128)  # fmt: skip
 
 
 class LlamaForCausalLM(CausalLM):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..nn import GGUFLayout
+from .image_text import ImageTextConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -34,6 +35,15 @@ class MistralConfig(LlamaConfig):
 def _gguf_write_config(m: dict[str, Any], c: MistralConfig) -> None:
     """llama.cpp's LlamaModel converter writes no sliding window."""
     m.pop("attention.sliding_window", None)
+
+
+class Idefics2Config(ImageTextConfig):
+    """transformers' Idefics2Config (Idefics 2): its language model's (model.text_model.*), a Mistral unless
+    text_config names another family; the head untied by default."""
+
+    model_type: ClassVar[str] = "idefics2"
+    text_class: ClassVar[type] = MistralConfig
+    tie_default: ClassVar[bool | None] = False
 
 
 class MistralForCausalLM(LlamaForCausalLM):

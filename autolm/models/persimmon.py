@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..nn import ACTIVATIONS
 from .base import CausalLM, DecoderModel
 from .gpt_neox import GPTNeoXAttention, GPTNeoXMLP
+from .image_text import ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -116,6 +117,16 @@ class PersimmonModel(DecoderModel):
         super().__init__(
             config, PersimmonDecoderLayer, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         )
+
+
+class FuyuConfig(ImageTextConfig):
+    """transformers' FuyuConfig (Fuyu): its language model's, a Persimmon (Fuyu's files keep its settings at the top
+    level); the head untied by default. Text goes through the language model as it is (the patch embedding skipped)."""
+
+    model_type: ClassVar[str] = "fuyu"
+    text_class: ClassVar[type] = PersimmonConfig
+    tie_default: ClassVar[bool | None] = False
+    flat: ClassVar[bool] = True
 
 
 class PersimmonForCausalLM(CausalLM):

@@ -6,7 +6,7 @@ multimodal RoPE sections) read as "qwen2" ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..nn import GGUFLayout
 from .image_text import EitherTiesConfig, ImageTextConfig
@@ -72,6 +72,29 @@ class InternVLConfig(ImageTextConfig):
     model_type: ClassVar[str] = "internvl"
     text_class: ClassVar[type] = Qwen2Config
     tie_default: ClassVar[bool | None] = True
+
+
+class GotOcr2Config(ImageTextConfig):
+    """transformers' GotOcr2Config (GOT-OCR 2.0): its language model's, a Qwen 2; the head tied by default."""
+
+    model_type: ClassVar[str] = "got_ocr2"
+    text_class: ClassVar[type] = Qwen2Config
+    tie_default: ClassVar[bool | None] = True
+
+
+class Ovis2Config(GotOcr2Config):
+    """transformers' Ovis2Config (Ovis 2): its language model's, a Qwen 2; the head tied by default."""
+
+    model_type: ClassVar[str] = "ovis2"
+
+
+class Qwen2AudioConfig(ImageTextConfig):
+    """transformers' Qwen2AudioConfig (Qwen2-Audio, audio-text): its language model's, a Qwen 2; the head never
+    tied (the model ties none)."""
+
+    model_type: ClassVar[str] = "qwen2_audio"
+    text_class: ClassVar[type] = Qwen2Config
+    fixed: ClassVar[dict[str, Any]] = {"tie_word_embeddings": False}
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

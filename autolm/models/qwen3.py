@@ -35,6 +35,14 @@ class Qwen3VLConfig(ImageTextConfig):
     mrope: ClassVar[bool] = True
 
 
+class LightOnOcrConfig(ImageTextConfig):
+    """transformers' LightOnOcrConfig (LightOnOCR): its language model's, a Qwen 3; the head tied by default."""
+
+    model_type: ClassVar[str] = "lighton_ocr"
+    text_class: ClassVar[type] = Qwen3Config
+    tie_default: ClassVar[bool | None] = True
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
     gguf = GGUFLayout("qwen3")
