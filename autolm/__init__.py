@@ -123,7 +123,8 @@ def __getattr__(name: str) -> Any:
         return _names()
     target = _ALIASES.get(name, name)
     module = _EXPORTS.get(target)
-    if module is None and not name[:2].islower():  # a family's class, by autolm.models' table (never a submodule)
+    # a family's class, by autolm.models' table (never a submodule: their names are lower case)
+    if module is None and not name[:2].islower():
         module = "autolm.models" if target in importlib.import_module("autolm.models")._MODULES else None
     if module is None:
         raise AttributeError(f"module 'autolm' has no attribute {name!r}")
