@@ -165,3 +165,20 @@ def test_hub_configs_and_refusals(tmp_path_factory, tmp_path):
     with pytest.raises(ConfigError, match="use_bidirectional_attention"):
         PaliGemmaConfig.from_dict(json.loads(json.dumps(config)))
     assert os.path.isdir(directory)
+
+
+def test_image_and_audio_inputs_are_refused_by_name(tmp_path_factory):
+    """An image-text (or audio-text) checkpoint's language model refuses the media inputs transformers' wrapper
+    would read, naming them, in forward and in generate; text alone runs."""
+    from autolm.errors import GenerationError
+
+    model = autolm.AutoModelForCausalLM.from_pretrained(_checkpoint(tmp_path_factory, "idefics2")[0])
+    ids = torch.tensor([[5, 6, 7]])
+    pixels = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(GenerationError, match="pixel_values"):
+        model(ids, pixel_values=pixels)
+    with pytest.raises(GenerationError, match="(?s)input_features.*image_sizes|image_sizes.*input_features"):
+        model(ids, input_features=torch.zeros(1, 16, 8), image_sizes=torch.tensor([[16, 16]]))
+    with pytest.raises(GenerationError, match="pixel_values"):
+        model.generate(ids, pixel_values=pixels, max_new_tokens=2)
+    assert model(ids, pixel_values=None).logits.shape[:2] == (1, 3)

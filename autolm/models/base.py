@@ -22,7 +22,7 @@ from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, 
 from ..nn.checkpoint import CheckpointRules, GGUFLayout
 from ..saving import save_model, unique_state_dict
 from ..step import compiled_step, precompile
-from .image_text import IMAGE_TEXT_RULES
+from .image_text import IMAGE_TEXT_RULES, refuse_media
 from .interop import TransformersSurface, device_map_of
 from .output import CausalLMOutput, causal_lm_loss
 
@@ -318,6 +318,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         The loss is the mean over the labelled tokens, or their sum / num_items_in_batch when given (as in
         transformers: the count over a whole batch that is split into micro-batches or across ranks).
         """
+        refuse_media(self, unused)
         h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
                                                            inputs_embeds, use_cache, cache_position,
                                                            output_hidden_states, output_attentions)  # fmt: skip

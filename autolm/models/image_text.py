@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 from ..nn import Ignored, Rename
 
 IMAGE_TEXT_RULES = (
@@ -44,6 +44,19 @@ IMAGE_TEXT_RULES = (
     Ignored(r"mtp\..+"),
 )
 _TIE = "tie_word_embeddings"
+# transformers' forward inputs that carry an image, a video or audio: autolm runs the language model alone
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
+                "pixel_attention_mask", "input_features", "input_features_mask", "audio_values")  # fmt: skip
+
+
+def refuse_media(model: Any, inputs: dict[str, Any]) -> None:
+    """GenerationError naming the image / video / audio inputs given to a model that runs text alone."""
+    given = [k for k in MEDIA_INPUTS if inputs.get(k) is not None]
+    if given:
+        raise GenerationError(
+            f"{type(model).__name__}.forward: {', '.join(given)} given, but autolm runs the language model of an "
+            "image-text (or audio-text) checkpoint alone: pass input_ids (or inputs_embeds) only"
+        )
 
 
 class ImageTextConfig:
