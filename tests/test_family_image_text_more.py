@@ -33,6 +33,11 @@ GRANITE_SPEECH = dict(
                           encoder_hidden_size=32),
     window_size=4, downsample_rate=2,
 )  # fmt: skip
+PHI4_VISION = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14, crop_size=28)  # fmt: skip
+PHI4_AUDIO = dict(hidden_size=32, intermediate_size=32, num_blocks=1, num_attention_heads=2, input_size=16,
+                  nemo_conv_channels=16, depthwise_separable_out_channel=16, ext_pw_out_channel=16,
+                  depthwise_multiplier=1, kernel_size=3, nemo_final_size=4)  # fmt: skip
 # name -> (transformers' config / model class prefix, config kwargs, autolm's and transformers' text model class)
 CASES = {
     "idefics2": ("Idefics2", dict(text_config=dict(TEXT, model_type="mistral", sliding_window=None),
@@ -82,6 +87,9 @@ CASES = {
     "exaone4_5": ("Exaone4_5_", dict(text_config=dict(TEXT, model_type="exaone4", head_dim=16, sliding_window=4,
                                                      layer_types=["sliding_attention", "full_attention"]),
                                      vision_config=dict(QWEN_VISION, num_heads=2)), "Exaone4ForCausalLM"),
+    # the language model's settings at the top level (flat), Phi-3's partial rotary; the media embeddings skipped
+    "phi4_multimodal": ("Phi4Multimodal", dict(TEXT, partial_rotary_factor=0.5, vision_config=PHI4_VISION,
+                                               audio_config=PHI4_AUDIO), "Phi3ForCausalLM"),
     "lighton_ocr": ("LightOnOcr", dict(text_config=dict(TEXT, model_type="qwen3", head_dim=16), vision_config=PIXTRAL),
                     "Qwen3ForCausalLM"),
 }  # fmt: skip
@@ -95,7 +103,7 @@ def _checkpoint(tmp_path_factory, name: str):
     directory = tmp_path_factory.mktemp(name)
     config = getattr(transformers, f"{prefix}Config")(**kwargs)
     torch.manual_seed(0)
-    kind = "ForCausalLM" if prefix == "Fuyu" else "ForConditionalGeneration"
+    kind = "ForCausalLM" if prefix in ("Fuyu", "Phi4Multimodal") else "ForConditionalGeneration"
     model = getattr(transformers, f"{prefix}{kind}")(config)
     randomize(model)
     model.tie_weights()

@@ -38,6 +38,12 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
     "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
+    "phi4_multimodal": (
+        "phi3",
+        "Phi4MultimodalConfig",
+        "Phi3ForCausalLM",
+        "phi3",
+    ),  # image/audio-text: its LM
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", ("granite", "minicpm")),  # + MiniCPM 1/2
     "granite_speech": ("granite", "GraniteSpeechConfig", "GraniteForCausalLM", ("granite", "minicpm")),

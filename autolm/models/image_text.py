@@ -2,7 +2,7 @@
 Vision, Emu3, Qwen 2 VL / 2.5 VL / 3 VL / 3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision /
 VipLLaVA / Video-LLaVA / LLaVA-NeXT-Video, InternVL, SmolVLM / Idefics 2 / 3, PaliGemma, GOT-OCR 2, Ovis 2, Fuyu,
 DeepSeek-VL, Janus, LightOnOCR, EXAONE 4.5, LFM2-VL, Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7,
-Inkling, Qwen2-Audio, Voxtral, Granite Speech): their config is a wrapper holding the language model's settings as
+Inkling, Qwen2-Audio, Voxtral, Granite Speech, Phi-4-multimodal): their config is a wrapper holding the language model's settings as
 `text_config`, and their files hold the language model's tensors beside a vision (or audio) tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
@@ -41,12 +41,14 @@ IMAGE_TEXT_RULES = (
         r"|vision_embed_tokens|high_res_vision_\w+|vqmodel|generation_\w+)\..+"
     ),
     Ignored(r"(model\.)?high_res_vision_alpha"),
+    Ignored(r"model\.embed_tokens_extend\..+"),  # Phi-4-multimodal's image and audio embeddings
     Ignored(r"mtp\..+"),
 )
 _TIE = "tie_word_embeddings"
 # transformers' forward inputs that carry an image, a video or audio: autolm runs the language model alone
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
-                "pixel_attention_mask", "input_features", "input_features_mask", "audio_values")  # fmt: skip
+                "pixel_attention_mask", "input_features", "input_features_mask", "audio_values",
+                "image_pixel_values", "audio_input_features")  # fmt: skip
 
 
 def refuse_media(model: Any, inputs: dict[str, Any]) -> None:
@@ -79,7 +81,9 @@ class ImageTextConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Any:
         text = d.get("text_config") if isinstance(d, dict) else None
         if text is None and cls.flat and isinstance(d, dict):
-            text = {k: v for k, v in d.items() if not any(w in k for w in ("vision", "image", "video"))}
+            text = {
+                k: v for k, v in d.items() if not any(w in k for w in ("vision", "image", "video", "audio"))
+            }
             for key in ("model_type", "architectures"):  # the image-text model's
                 text.pop(key, None)
         if not isinstance(text, dict):

@@ -16,6 +16,7 @@ from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear, RMSNorm
 from .base import CausalLM, DecoderModel
+from .image_text import ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -159,6 +160,20 @@ def gguf_write_config(m: dict[str, Any], c: Phi3Config) -> None:
         m["rope.scaling.attn_factor"] = (
             math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
         )
+
+
+class Phi4MultimodalConfig(ImageTextConfig):
+    """transformers' Phi4MultimodalConfig (Phi-4-multimodal): the language model's settings at the top level beside
+    vision_config and audio_config, read as Phi-3's (transformers' text path is Phi-3's layer; its image and audio
+    embeddings, `model.embed_tokens_extend`, are skipped), with Phi-4-multimodal's text defaults."""
+
+    model_type: ClassVar[str] = "phi4_multimodal"
+    text_class: ClassVar[type] = Phi3Config
+    flat: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = dict(
+        vocab_size=200064, num_key_value_heads=8, max_position_embeddings=131072, bos_token_id=199999,
+        pad_token_id=199999, eos_token_id=[199999, 200020], tie_word_embeddings=False,
+    )  # fmt: skip
 
 
 class Phi3ForCausalLM(CausalLM):
