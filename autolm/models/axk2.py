@@ -28,7 +28,13 @@ from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import CheckpointRules, Experts, GatedMLP, GroupedRouter, Linear, Rename, RMSNorm, SparseMoeBlock
 from .axk1 import AXK1Config
-from .deepseek_v32 import DeepseekV32Attention, DeepseekV32Config, DeepseekV32DecoderLayer, IndexedCausalLM
+from .deepseek_v32 import (
+    DeepseekV32Attention,
+    DeepseekV32Config,
+    DeepseekV32DecoderLayer,
+    DeepseekV32ForCausalLM,
+    IndexedCausalLM,
+)
 from .mixtral import MixtralModel
 from .qwen2_moe import QWEN_MOE_RULES
 from .qwen4_exp_qsa import MaskedContext
@@ -199,7 +205,16 @@ class AXK2ForCausalLM(IndexedCausalLM):
             Rename(r"_layernorm\.W_up\.", "_layernorm.mlp.fc2.", r"_layernorm\.mlp\.fc2\.", "_layernorm.W_up."),
         ]
     )  # fmt: skip
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared (the fused query and gate): tp_plan is refused
+    # DeepSeek-V3's plan, the fused query and gate column-parallel (its rows are per head: [query | gate] of each);
+    # the low ranks, the indexer, the gated norms and the router whole
+    tp_patterns: ClassVar[dict[str, str]] = {
+        **{
+            k: v
+            for k, v in DeepseekV32ForCausalLM.tp_patterns.items()
+            if not k.endswith((".q_proj", ".q_b_proj"))
+        },
+        "layers.*.self_attn.q_gate_proj": "colwise",
+    }
     _no_split_modules: ClassVar[list[str]] = ["AXK2DecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias"]  # as transformers
 

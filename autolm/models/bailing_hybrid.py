@@ -38,7 +38,7 @@ from ..nn.linear import packed
 from . import bailing_hybrid_gguf as gguf_layout
 from .base import CausalLM
 from .deepseek_v3 import DeepseekV3Attention, DeepseekV3Config, GGUFMla
-from .glm4_moe import GROUPED_MOE_RULES, grouped_moe_mlp, skip_nextn
+from .glm4_moe import GROUPED_MOE_RULES, GROUPED_MOE_TP, grouped_moe_mlp, skip_nextn
 from .glm5_next_layers import Glm5NextForgetGate
 from .kimi_linear import KimiConvPieces, KimiDeltaAttention, KimiLinearConfig, KimiLinearDecoderLayer
 from .mixtral import MixtralModel
@@ -260,7 +260,9 @@ class BailingHybridForCausalLM(CausalLM):
         write_config=gguf_layout.write_config,
         bare=("ssm_a",),
     )
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none: the KDA layers stay whole
+    # transformers' plan: the dense MLPs, shared experts and experts split; both kinds of attention (MLA and KDA, both
+    # `self_attn`) and the router stay whole on every rank
+    tp_patterns: ClassVar[dict[str, str]] = {k: v for k, v in GROUPED_MOE_TP.items() if ".mlp." in k}
     _no_split_modules: ClassVar[list[str]] = ["BailingHybridDecoderLayer"]
     # as transformers keeps them
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = [
@@ -269,6 +271,9 @@ class BailingHybridForCausalLM(CausalLM):
         "dt_bias",
         "A_log",
     ]
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head of both kinds of attention (kept whole): nothing to shard."""
 
     def __init__(self, config: BailingHybridConfig):
         super().__init__(config, MixtralModel(config, BailingHybridDecoderLayer))

@@ -27,9 +27,19 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Experts, GatedMLP, GroupedRouter, RMSNorm, Rotary, SparseMoeBlock, apply_rotary, packed
+from ..nn import (
+    Experts,
+    GatedMLP,
+    GroupedRouter,
+    RMSNorm,
+    Rotary,
+    SelfSharded,
+    SparseMoeBlock,
+    apply_rotary,
+    packed,
+)
 from .afmoe import AfmoeAttention
-from .base import CausalLM, DecoderModel
+from .base import LLAMA_TP, CausalLM, DecoderModel
 from .gemma2 import softcap
 from .laguna import LayerTypedRopeConfig
 from .qwen2_moe import QWEN_MOE_RULES
@@ -171,9 +181,11 @@ class BeamRotary(Rotary):
         return out
 
 
-class BeamAttention(AfmoeAttention):
+class BeamAttention(SelfSharded, AfmoeAttention):
     """AFMoE's attention (per-head q/k norms, RoPE by layer type, the output gated by sigmoid(x @ gate_proj)) with a
-    gate bias per head, and the NoPE layers' queries scaled by position."""
+    gate bias per head (cut by head under tensor parallelism), and the NoPE layers' queries scaled by position."""
+
+    tp_dims: ClassVar[dict[str, int]] = {"gate_bias": 0}  # a row per head
 
     def __init__(self, config: BeamConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -264,7 +276,9 @@ class BeamForCausalLM(CausalLM):
 
     config_class = BeamConfig
     checkpoint_rules = QWEN_MOE_RULES
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared (the gate's per-head bias): tp_plan is refused
+    # transformers' plan: q/k/v, the output gate (and its per-head bias: SelfSharded) and the dense MLP's gate/up
+    # column-parallel, o/down row-parallel, each expert's intermediate rows cut (Experts.shard); the router whole
+    tp_patterns: ClassVar[dict[str, str]] = {**LLAMA_TP, "layers.*.self_attn.gate_proj": "colwise"}
     _no_split_modules: ClassVar[list[str]] = ["BeamDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias", "mlp.gate.weight"]
 

@@ -31,11 +31,12 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, Experts, GatedMLP, Linear, OneToken, RMSNorm, Router
+from ..nn import Attention, Experts, GatedMLP, Linear, OneToken, RMSNorm, Router
 from ..nn.causal_conv import causal_conv1d
 from ..nn.moe import SparseMoeBlock
-from .base import CausalLM, DecoderModel
+from .base import LLAMA_TP, CausalLM, DecoderModel
 from .image_text import ImageTextConfig
+from .inkling_layers import InklingNormedEmbedding, InklingSharedExperts
 from .inkling_layout import OriginalLayoutRules
 
 LAYER_KINDS = ("hybrid", "hybrid_sliding")
@@ -290,24 +291,6 @@ class InklingRouter(Router):
         return ids, weights[:, : self.top_k], weights[:, self.top_k :]
 
 
-class InklingSharedExperts(nn.Module):
-    """The shared experts stacked: gate_proj, up_proj (S, I, h), down_proj (S, h, I); each weighted by its share
-    (gammas (N, S)) before down_proj, summed in fp32."""
-
-    def __init__(self, n: int, hidden: int, intermediate: int, act: str):
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n, intermediate, hidden))
-        self.up_proj = nn.Parameter(torch.empty(n, intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(n, hidden, intermediate))
-        self.act = act
-
-    def forward(self, x: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-        xs = x[None].expand(self.gate_proj.shape[0], -1, -1)
-        gate, up = (torch.bmm(xs, w.transpose(1, 2)) for w in (self.gate_proj, self.up_proj))
-        h = ACTIVATIONS[self.act](gate) * up * gammas.t()[:, :, None]
-        return torch.bmm(h, self.down_proj.transpose(1, 2)).float().sum(0).to(x.dtype)
-
-
 class InklingMoE(SparseMoeBlock):
     """The router, the routed experts (gate_up_proj (E, 2I, h), down_proj (E, h, I)) and the shared experts."""
 
@@ -349,18 +332,6 @@ class InklingDecoderLayer(nn.Module):
         return x + y
 
 
-class InklingNormedEmbedding(nn.Embedding):
-    """The token embeddings, RMS-normed (`embed_norm`)."""
-
-    def __init__(self, num: int, dim: int, eps: float):
-        meta = torch.get_default_device().type == "meta"
-        super().__init__(num, dim, _weight=torch.empty(num, dim) if meta else None)
-        self.embed_norm = RMSNorm(dim, eps)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_norm(super().forward(input_ids))
-
-
 class InklingModel(DecoderModel):
     def __init__(self, config: Any):
         super().__init__(config, InklingDecoderLayer, RMSNorm(config.hidden_size, config.rms_norm_eps))
@@ -381,14 +352,23 @@ class InklingForCausalLM(CausalLM):
     config_class = InklingTextConfig
     recurrent: ClassVar[bool] = True
     checkpoint_rules = OriginalLayoutRules()  # and the image-text model's original layout
-    # no tensor parallelism declared (the convolutions, the relative logits): refused
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: the dense MLP split (gate/up column-, down row-parallel), the routed and shared experts'
+    # intermediate rows cut (Experts, InklingSharedExperts); attention (its short convolutions, relative logits),
+    # the layer's convolutions and the router whole on every rank
+    tp_patterns: ClassVar[dict[str, str]] = {k: v for k, v in LLAMA_TP.items() if ".mlp." in k}
     _no_split_modules: ClassVar[list[str]] = ["InklingDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["attn_sconv", "mlp_sconv", "k_sconv", "v_sconv",
                                                          "e_score_correction_bias", "gate.global_scale"]  # fmt: skip
 
     def __init__(self, config: Any):
         super().__init__(config, InklingModel(config))
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (attention kept whole): nothing to shard."""
+
+    def tp_plan(self) -> dict[str, str]:
+        """The plan without the embeddings: they cut their own rows (InklingNormedEmbedding.shard)."""
+        return {m: s for m, s in super().tp_plan().items() if m != self.embeddings_name}
 
     def tie_weights(self) -> None:
         """Never tied, as transformers' Inkling (separate `embed` and `unembed` tensors)."""

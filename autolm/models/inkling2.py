@@ -273,9 +273,10 @@ class Inkling2ForCausalLM(CausalLM):
     config_class = Inkling2TextConfig
     recurrent: ClassVar[bool] = True
     checkpoint_rules = Inkling2LayoutRules()
-    tp_patterns: ClassVar[
-        dict[str, str]
-    ] = {}  # the convolutions, the relative logits, the block stack: refused
+    # transformers' plan cuts the experts only (Experts.shard: each expert's intermediate rows); here also o_proj,
+    # row-parallel over the whole attention output (rowwise_split). Attention itself (its per-head clips and sinks,
+    # the dynamic convolutions), the block stack, the layer's convolutions and the router stay whole on every rank
+    tp_patterns: ClassVar[dict[str, str]] = {"layers.*.self_attn.o_proj": "rowwise_split"}
     _no_split_modules: ClassVar[list[str]] = ["Inkling2DecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = [
         "e_score_correction_bias", "mlp.gate.weight", "post_attention_convolution", "post_mlp_convolution",
@@ -283,6 +284,13 @@ class Inkling2ForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, Inkling2Model(config))
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (attention kept whole): nothing to shard."""
+
+    def tp_plan(self) -> dict[str, str]:
+        """The plan without the embeddings: they cut their own rows (InklingNormedEmbedding.shard)."""
+        return {m: s for m, s in super().tp_plan().items() if m != self.embeddings_name}
 
     def tie_weights(self) -> None:
         """Never tied (separate `embed` and `unembed` tensors)."""

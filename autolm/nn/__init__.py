@@ -11,6 +11,7 @@ from .mlp import ACTIVATIONS, MLP, GatedMLP
 from .moe import Experts, GroupedRouter, Router, SparseMoeBlock
 from .norms import RMSNorm
 from .rope import Rotary, apply_rotary
+from .sharded import SelfSharded
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,6 +33,7 @@ __all__ = [
     "Rename",
     "Rotary",
     "Router",
+    "SelfSharded",
     "SparseMoeBlock",
     "Stacked",
     "apply_rotary",
