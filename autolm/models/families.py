@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "deepseek_vl_hybrid": ("llama", "DeepseekVLHybridConfig", "LlamaForCausalLM", _LLAMA),  # image-text
     "janus": ("llama", "JanusConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "voxtral": ("llama", "VoxtralConfig", "LlamaForCausalLM", _LLAMA),  # audio-text: its language model
+    "glmasr": ("llama", "GlmAsrConfig", "LlamaForCausalLM", _LLAMA),  # audio-text: its language model
     "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
     "idefics2": ("mistral", "Idefics2Config", "MistralForCausalLM", "llama"),  # image-text: its LM
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _QWEN2),
@@ -31,9 +32,23 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "got_ocr2": ("qwen2", "GotOcr2Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
     "ovis2": ("qwen2", "Ovis2Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
     "qwen2_audio": ("qwen2", "Qwen2AudioConfig", "Qwen2ForCausalLM", _QWEN2),  # audio-text: its LM
+    "audioflamingo3": ("qwen2", "AudioFlamingo3Config", "Qwen2ForCausalLM", _QWEN2),  # audio-text: its LM
+    "musicflamingo": ("qwen2", "MusicFlamingoConfig", "Qwen2ForCausalLM", _QWEN2),  # audio-text: its LM
+    "vibevoice_asr": ("qwen2", "VibeVoiceAsrConfig", "Qwen2ForCausalLM", _QWEN2),  # audio-text: its LM
+    "video_llama_3": ("qwen2", "VideoLlama3Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
+    "pp_chart2table": ("qwen2", "PPChart2TableConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),
     "qwen3_vl": ("qwen3", "Qwen3VLConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text: its LM
     "lighton_ocr": ("qwen3", "LightOnOcrConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
+    "qianfan_ocr": ("qwen3", "QianfanOCRConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
+    "qwen3_asr": ("qwen3", "Qwen3ASRConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # audio-text
+    "fun_asr_nano": ("qwen3", "FunAsrNanoConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # audio-text
+    "moss_transcribe_diarize": (
+        "qwen3",
+        "MossTranscribeDiarizeConfig",
+        "Qwen3ForCausalLM",
+        ("qwen3", "qwen3vl"),
+    ),  # audio-text: its language model
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
@@ -98,6 +113,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mistral3": ("ministral3", "Mistral3Config", "Ministral3ForCausalLM", "mistral3"),  # image-text: its LM
     "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM", "mistral4"),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
+    "blip-2": ("opt", "Blip2Config", "OPTForCausalLM", None),  # image-text: its language model
+    "instructblip": ("opt", "InstructBlipConfig", "OPTForCausalLM", None),  # image-text: its language model
     "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
     "fuyu": ("persimmon", "FuyuConfig", "PersimmonForCausalLM", None),  # image-text: its language model
     "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
@@ -151,10 +168,14 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "lfm2_vl": ("lfm2", "Lfm2VlConfig", "Lfm2ForCausalLM", "lfm2"),  # image-text: its language model
     "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM", "lfm2moe"),
     "lfm3": ("lfm3", "Lfm3Config", "Lfm3ForCausalLM", None),
+    "lfm3_vl": ("lfm3", "Lfm3VlConfig", "Lfm3ForCausalLM", None),  # image-text: its language model
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", None),
     "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3next"),
     "qwen3_5_text": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen35"),
     "qwen3_5": ("qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its language model
+    "minicpm_ocr": ("qwen3_5", "MiniCPMOcrConfig", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its LM
+    "minicpmv4_6": ("qwen3_5", "MiniCPMV4_6Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its LM
+    "minicpmv4_7": ("qwen3_5", "MiniCPMV4_7Config", "Qwen3_5ForCausalLM", "qwen35"),  # image-text: its LM
     "qwen3_5_moe_text": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),
     "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeConfig", "Qwen3_5MoeForCausalLM", "qwen35moe"),  # image-text
     "qwen4_exp_text": ("qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", None),
@@ -201,6 +222,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "jais2": ("jais2", "Jais2Config", "Jais2ForCausalLM", "jais2"),
     "cwm": ("cwm", "CwmConfig", "CwmForCausalLM", None),  # llama.cpp has none
     "hyperclovax": ("hyperclovax", "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", None),  # llama.cpp has none
+    "hyperclovax_vision_v2": ("hyperclovax", "HyperCLOVAXVisionV2Config", "HyperCLOVAXForCausalLM", None),
     "hrm_text": ("hrm_text", "HrmTextConfig", "HrmTextForCausalLM", "hrm_text"),
     "zaya": ("zaya", "ZayaConfig", "ZayaForCausalLM", None),  # llama.cpp has none
     "longcat_flash": ("longcat_flash", "LongcatFlashConfig", "LongcatFlashForCausalLM", None),  # no llama.cpp

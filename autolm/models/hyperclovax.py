@@ -19,6 +19,7 @@ from ..config import _is_int
 from ..nn import RMSNorm
 from .base import CausalLM, DecoderModel
 from .granite import GraniteConfig, GraniteDecoderLayer, GraniteModel
+from .image_text import ImageTextConfig
 
 
 @dataclass(repr=False)
@@ -68,6 +69,15 @@ class HyperCLOVAXModel(DecoderModel):
         self.embedding_multiplier = float(config.embedding_multiplier)
 
     scale_inputs = GraniteModel.scale_inputs  # the embeddings times embedding_multiplier
+
+
+class HyperCLOVAXVisionV2Config(ImageTextConfig):
+    """transformers' HyperCLOVAXVisionV2Config (HyperCLOVA X SEED Vision 2): its language model's, a HyperCLOVA X
+    (the head's logits_scaling applied as the text model applies it); the head tied by default."""
+
+    model_type: ClassVar[str] = "hyperclovax_vision_v2"
+    text_class: ClassVar[type] = HyperCLOVAXConfig
+    tie_default: ClassVar[bool | None] = True
 
 
 class HyperCLOVAXForCausalLM(CausalLM):

@@ -2,8 +2,11 @@
 Vision, Emu3, Qwen 2 VL / 2.5 VL / 3 VL / 3 VL MoE / 3.5, GLM-4V, Mistral 3, LLaVA / LLaVA-NeXT / LLaVA-OneVision /
 VipLLaVA / Video-LLaVA / LLaVA-NeXT-Video, InternVL, SmolVLM / Idefics 2 / 3, PaliGemma, GOT-OCR 2, Ovis 2, Fuyu,
 DeepSeek-VL, Janus, LightOnOCR, EXAONE 4.5, LFM2-VL, Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7,
-Inkling, Qwen2-Audio, Voxtral, Granite Speech, Phi-4-multimodal): their config is a wrapper holding the language model's settings as
-`text_config`, and their files hold the language model's tensors beside a vision (or audio) tower's.
+Inkling, Qwen2-Audio, Voxtral, Granite Speech, Phi-4-multimodal, Audio Flamingo 3, Music Flamingo, VibeVoice-ASR,
+VideoLLaMA 3, PP-Chart2Table, Qwen3-ASR, Fun-ASR-Nano, MOSS Transcribe-Diarize, Qianfan-OCR, GLM-ASR, HyperCLOVA X
+Vision 2, LFM3-VL, MiniCPM-OCR, MiniCPM-V 4.6 / 4.7, BLIP-2, InstructBLIP): their config is a wrapper holding the
+language model's settings as `text_config`, and their files hold the language model's tensors beside a vision (or
+audio) tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
 config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with
@@ -29,18 +32,23 @@ from ..errors import ConfigError, GenerationError
 from ..nn import Ignored, Rename
 
 IMAGE_TEXT_RULES = (
+    # transformers writes Qianfan-OCR's language model's layers as its vision encoder's (encoder.layers.N)
+    Rename(r"^language_model\.model\.encoder\.layers\.", "language_model.model.layers.", r"(?!)", ""),
     Rename(r"^(language_model\.model|model\.language_model|model\.text_model)\.", "model.", r"(?!)", ""),
     Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
     Ignored(r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|mm_projector|connector)\..+"),
     Ignored(r"(model\.)?(image_newline|visual_embeddings_table\.weight)"),
     # other towers and projectors: video / audio (Video-LLaVA, Qwen2-Audio, Voxtral, Granite Speech), DeepSeek-VL's
     # and Janus's aligners, DeepSeek-VL-Hybrid's high-resolution tower, Janus's image generation, LightOnOCR's
-    # vision encoder, Fuyu's patch embedding
+    # vision encoder, Fuyu's patch embedding, VibeVoice-ASR's tokenizers' encoders, Qianfan-OCR's, HyperCLOVA X
+    # Vision 2's and MiniCPM-V's projectors
     Ignored(
         r"(model\.)?(image_tower|video_tower|audio_tower|encoder|projector|aligner|vision_encoder|vision_projection"
-        r"|vision_embed_tokens|high_res_vision_\w+|vqmodel|generation_\w+)\..+"
+        r"|vision_embed_tokens|high_res_vision_\w+|vqmodel|generation_\w+|(acoustic|semantic)_tokenizer_encoder"
+        r"|mlp1|vision_projector|merger)\..+"
     ),
     Ignored(r"(model\.)?high_res_vision_alpha"),
+    Ignored(r"query_tokens|(qformer|language_projection)\..+"),  # BLIP-2's and InstructBLIP's Q-Former
     Ignored(r"model\.embed_tokens_extend\..+"),  # Phi-4-multimodal's image and audio embeddings
     Ignored(r"mtp\..+"),
 )

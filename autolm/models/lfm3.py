@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Linear, Rename, RMSNorm
 from .base import CausalLM
 from .gemma4 import Gemma4Rotary, _validate_proportional
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .lfm2 import LFM2_TP, Lfm2Config, Lfm2DecoderLayer, Lfm2Model
 
 _KINDS = ("full_attention", "sliding_attention")  # the attention layer types, each with its RoPE table
@@ -206,6 +207,14 @@ class Lfm3Model(Lfm2Model):
         )
 
 
+class Lfm3VlConfig(ImageTextConfig):
+    """transformers' Lfm3VlConfig (LFM3-VL): its language model's, an LFM3; the head tied by default."""
+
+    model_type: ClassVar[str] = "lfm3_vl"
+    text_class: ClassVar[type] = Lfm3Config
+    tie_default: ClassVar[bool | None] = True
+
+
 class Lfm3ForCausalLM(CausalLM):
     """transformers' Lfm3ForCausalLM."""
 
@@ -219,7 +228,8 @@ class Lfm3ForCausalLM(CausalLM):
                 ".self_attn.g_proj.",
                 r"\.self_attn\.g_proj\.",
                 ".self_attn.gate_proj.",
-            )
+            ),
+            *IMAGE_TEXT_RULES,
         ]
     )
     tp_patterns: ClassVar[dict[str, str]] = {

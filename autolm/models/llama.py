@@ -172,6 +172,19 @@ class VoxtralConfig(ImageTextConfig):
                                               rope_theta=1e8, head_dim=128)  # fmt: skip
 
 
+class GlmAsrConfig(ImageTextConfig):
+    """transformers' GlmAsrConfig (GLM-ASR, audio-text): its language model's, a Llama with GLM-ASR's defaults
+    where text_config leaves them out; the head tied by default."""
+
+    model_type: ClassVar[str] = "glmasr"
+    text_class: ClassVar[type] = LlamaConfig
+    tie_default: ClassVar[bool | None] = True
+    defaults: ClassVar[dict[str, Any]] = dict(vocab_size=59264, hidden_size=2048, intermediate_size=6144,
+                                              num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=4,
+                                              max_position_embeddings=8192, rms_norm_eps=1e-5, use_cache=True,
+                                              eos_token_id=[59246, 59253, 59255])  # fmt: skip
+
+
 class LlamaForCausalLM(CausalLM):
     """transformers' LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."""
 

@@ -25,6 +25,7 @@ from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, Linear, embedding
 from .base import CausalLM, DecoderModel
+from .image_text import ImageTextConfig
 
 _OFFSET = 2  # OPT's position embeddings start at row 2 (rows 0 and 1 were fairseq's padding)
 # config fields OPT's config.json does not have (OPT has no grouped KV heads, no RoPE, no epsilon of its own)
@@ -238,6 +239,34 @@ class OPTModel(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.decoder(*args, **kwargs)
+
+
+class Blip2Config(ImageTextConfig):
+    """transformers' Blip2Config (BLIP-2): its language model's, an OPT (or another family autolm ships), its head
+    tied by text_config's own setting (transformers builds the language model from text_config alone); the
+    Q-Former, its query tokens and projection skipped. A T5 (encoder-decoder) language model is refused."""
+
+    model_type: ClassVar[str] = "blip-2"
+    text_class: ClassVar[type] = OPTConfig
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool | None:
+        return text.get("tie_word_embeddings")
+
+    @classmethod
+    def text_class_of(cls, kind: Any, source: str) -> type:
+        from . import model_types
+
+        if kind is not None and kind not in model_types():
+            raise ConfigError(f"{source}: text_config.model_type is {kind!r}: autolm runs {cls.model_type}'s "
+                              "decoder-only language models (OPT and the families it ships), not this one")  # fmt: skip
+        return super().text_class_of(kind, source)
+
+
+class InstructBlipConfig(Blip2Config):
+    """transformers' InstructBlipConfig (InstructBLIP), read as Blip2Config."""
+
+    model_type: ClassVar[str] = "instructblip"
 
 
 class OPTForCausalLM(CausalLM):

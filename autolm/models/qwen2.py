@@ -97,6 +97,39 @@ class Qwen2AudioConfig(ImageTextConfig):
     fixed: ClassVar[dict[str, Any]] = {"tie_word_embeddings": False}
 
 
+class AudioFlamingo3Config(Qwen2AudioConfig):
+    """transformers' AudioFlamingo3Config (Audio Flamingo 3, audio-text), read as Qwen2AudioConfig."""
+
+    model_type: ClassVar[str] = "audioflamingo3"
+
+
+class MusicFlamingoConfig(Qwen2AudioConfig):
+    """transformers' MusicFlamingoConfig (Music Flamingo, audio-text), read as Qwen2AudioConfig."""
+
+    model_type: ClassVar[str] = "musicflamingo"
+
+
+class VibeVoiceAsrConfig(Qwen2AudioConfig):
+    """transformers' VibeVoiceAsrConfig (VibeVoice-ASR, audio-text), read as Qwen2AudioConfig; its acoustic and
+    semantic tokenizers' encoders skipped."""
+
+    model_type: ClassVar[str] = "vibevoice_asr"
+
+
+class VideoLlama3Config(EitherTiesConfig):
+    """transformers' VideoLlama3Config (VideoLLaMA 3): its language model's, a Qwen 2; the head tied by the outer
+    config or, as older files hold it, by text_config (untied by default)."""
+
+    model_type: ClassVar[str] = "video_llama_3"
+    text_class: ClassVar[type] = Qwen2Config
+
+
+class PPChart2TableConfig(GotOcr2Config):
+    """transformers' PPChart2TableConfig (PP-Chart2Table, a GOT-OCR 2.0 model), read as GotOcr2Config."""
+
+    model_type: ClassVar[str] = "pp_chart2table"
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
     config_class = Qwen2Config
     gguf = GGUFLayout("qwen2", fixed=(("use_sliding_window", False),))

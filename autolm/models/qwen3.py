@@ -43,6 +43,33 @@ class LightOnOcrConfig(ImageTextConfig):
     tie_default: ClassVar[bool | None] = True
 
 
+class Qwen3ASRConfig(LightOnOcrConfig):
+    """transformers' Qwen3ASRConfig (Qwen3-ASR, audio-text): its language model's, a Qwen 3; the head tied by
+    default."""
+
+    model_type: ClassVar[str] = "qwen3_asr"
+
+
+class FunAsrNanoConfig(Qwen3ASRConfig):
+    """transformers' FunAsrNanoConfig (Fun-ASR-Nano, audio-text), read as Qwen3ASRConfig."""
+
+    model_type: ClassVar[str] = "fun_asr_nano"
+
+
+class MossTranscribeDiarizeConfig(Qwen3ASRConfig):
+    """transformers' MossTranscribeDiarizeConfig (MOSS Transcribe-Diarize, audio-text), read as Qwen3ASRConfig."""
+
+    model_type: ClassVar[str] = "moss_transcribe_diarize"
+
+
+class QianfanOCRConfig(ImageTextConfig):
+    """transformers' QianfanOCRConfig (Qianfan-OCR): its language model's, a Qwen 3; the head untied by default."""
+
+    model_type: ClassVar[str] = "qianfan_ocr"
+    text_class: ClassVar[type] = Qwen3Config
+    tie_default: ClassVar[bool | None] = False
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
     gguf = GGUFLayout("qwen3")

@@ -71,6 +71,26 @@ class Qwen3_5Config(ImageTextConfig):
     text_class: ClassVar[type] = Qwen3_5TextConfig
 
 
+class MiniCPMOcrConfig(Qwen3_5Config):
+    """transformers' MiniCPMOcrConfig (MiniCPM-OCR): its language model's, a Qwen 3.5; the head tied by default."""
+
+    model_type: ClassVar[str] = "minicpm_ocr"
+    tie_default: ClassVar[bool | None] = True
+
+
+class MiniCPMV4_6Config(Qwen3_5Config):
+    """transformers' MiniCPMV4_6Config (MiniCPM-V 4.6): its language model's, a Qwen 3.5; untied by default."""
+
+    model_type: ClassVar[str] = "minicpmv4_6"
+    tie_default: ClassVar[bool | None] = False
+
+
+class MiniCPMV4_7Config(MiniCPMV4_6Config):
+    """transformers' MiniCPMV4_7Config (MiniCPM-V 4.7), read as MiniCPMV4_6Config."""
+
+    model_type: ClassVar[str] = "minicpmv4_7"
+
+
 class Qwen3_5GatedDeltaNet(Qwen3NextGatedDeltaNet):
     """Qwen3-Next's mixer with Qwen 3.5's four separate projections."""
 
