@@ -24,6 +24,7 @@ from ..config import PretrainedConfig
 from ..errors import ConfigError, GenerationError
 from ..nn import Attention, CheckpointRules, Linear, Rename
 from .base import CausalLM, DecoderModel
+from .gpt2 import TokenTypeEmbeddings
 from .xglm import NOT_WRITTEN, accept_json_names, check_fractions
 
 _LAYER_EPS = 1e-6  # transformers' EncoderLayer norms: not config.layer_norm_epsilon
@@ -159,7 +160,7 @@ class CTRLModel(DecoderModel):
         return x * self.embed_scale + positional_encoding(position_ids, x.shape[-1]).to(x.dtype)
 
 
-class CTRLLMHeadModel(CausalLM):
+class CTRLLMHeadModel(TokenTypeEmbeddings, CausalLM):
     """transformers' CTRLLMHeadModel: the head's weight tied to `w` unless the config unties it; its bias is its
     own."""
 
@@ -182,15 +183,6 @@ class CTRLLMHeadModel(CausalLM):
     def model(self) -> CTRLModel:
         """The body (`transformer`), by the name autolm's code uses in every family."""
         return self.transformer
-
-    def forward(self, input_ids=None, *args, token_type_ids=None, inputs_embeds=None, **kwargs):
-        """transformers' forward; token_type_ids (looked up in `w`, scaled as the tokens are) are added to the
-        input vectors."""
-        if token_type_ids is not None:
-            if inputs_embeds is None:
-                inputs_embeds, input_ids = self.model.embed(input_ids), None
-            inputs_embeds = inputs_embeds + self.model.embed_tokens(token_type_ids)
-        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
 
     def resize_token_embeddings(
         self,

@@ -185,7 +185,19 @@ class GPT2Model(DecoderModel):
         return x + self.wpe(position_ids)
 
 
-class GPT2LMHeadModel(CausalLM):
+class TokenTypeEmbeddings:
+    """transformers' forward of the classic decoders whose token_type_ids are looked up in the token embeddings
+    and added to the input vectors (GPT-2, GPT-1, CTRL: scaled after, as the tokens are)."""
+
+    def forward(self, input_ids=None, *args, token_type_ids=None, inputs_embeds=None, **kwargs):
+        if token_type_ids is not None:
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.model.embed(input_ids), None
+            inputs_embeds = inputs_embeds + self.model.embed_tokens(token_type_ids)
+        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class GPT2LMHeadModel(TokenTypeEmbeddings, CausalLM):
     """transformers' GPT2LMHeadModel (the LM head tied to wte unless the config unties it)."""
 
     config_class = GPT2Config
@@ -227,11 +239,3 @@ class GPT2LMHeadModel(CausalLM):
     def model(self) -> GPT2Model:
         """The body (`transformer`), by the name autolm's code uses in every family."""
         return self.transformer
-
-    def forward(self, input_ids=None, *args, token_type_ids=None, inputs_embeds=None, **kwargs):
-        """transformers' forward; GPT-2's token_type_ids (looked up in wte) are added to the input vectors."""
-        if token_type_ids is not None:
-            if inputs_embeds is None:
-                inputs_embeds, input_ids = self.model.embed(input_ids), None
-            inputs_embeds = inputs_embeds + self.transformer.wte(token_type_ids)
-        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)

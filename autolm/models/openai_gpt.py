@@ -24,7 +24,7 @@ from ..config import PretrainedConfig
 from ..errors import ConfigError, GenerationError
 from ..nn import Attention, CheckpointRules, Ignored, Rename, embedding
 from .base import CausalLM, DecoderModel
-from .gpt2 import _NOT_GPT2, GPT2MLP, GPT2Attention
+from .gpt2 import _NOT_GPT2, GPT2MLP, GPT2Attention, TokenTypeEmbeddings
 from .xglm import accept_json_names, check_fractions
 
 # transformers' ACT_FNS for GPT-1: afn -> autolm's activation ("gelu" is the tanh approximation)
@@ -161,7 +161,7 @@ class OpenAIGPTModel(DecoderModel):
         return x  # post-norm blocks: the last block's output is normed already
 
 
-class OpenAIGPTLMHeadModel(CausalLM):
+class OpenAIGPTLMHeadModel(TokenTypeEmbeddings, CausalLM):
     """transformers' OpenAIGPTLMHeadModel: the head tied to tokens_embed unless the config unties it."""
 
     config_class = OpenAIGPTConfig
@@ -186,11 +186,3 @@ class OpenAIGPTLMHeadModel(CausalLM):
     def model(self) -> OpenAIGPTModel:
         """The body (`transformer`), by the name autolm's code uses in every family."""
         return self.transformer
-
-    def forward(self, input_ids=None, *args, token_type_ids=None, inputs_embeds=None, **kwargs):
-        """transformers' forward; token_type_ids (looked up in tokens_embed) are added to the input vectors."""
-        if token_type_ids is not None:
-            if inputs_embeds is None:
-                inputs_embeds, input_ids = self.model.embed(input_ids), None
-            inputs_embeds = inputs_embeds + self.model.embed_tokens(token_type_ids)
-        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
