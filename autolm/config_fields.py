@@ -42,6 +42,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def positive_ints(config: Any, names: tuple[str, ...], limit: int | None = None) -> None:
+    """ConfigError naming the first of the config's fields `names` that is not a positive integer (at most
+    `limit`)."""
+    for name in names:
+        v = getattr(config, name)
+        if not _is_int(v) or v < 1 or (limit is not None and v > limit):
+            raise ConfigError(f"{config.source}: {name} must be a positive integer, found {v!r}")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import CheckpointError, ConfigError
 from ..nn import Attention, CheckpointRules, GGUFLayout, Ignored, Linear, RMSNorm, apply_rotary
 from .base import CausalLM
@@ -122,11 +123,8 @@ class DeepseekV3Config(PretrainedConfig):
 
     def validate(self) -> None:
         src = self.source
-        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "moe_intermediate_size",
-                     "n_shared_experts", "n_group", "topk_group"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 17:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank",
+                             "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group"), 1 << 17)  # fmt: skip
         if self.qk_rope_head_dim % 2:
             raise ConfigError(
                 f"{src}: qk_rope_head_dim must be even (RoPE turns pairs), found {self.qk_rope_head_dim}"

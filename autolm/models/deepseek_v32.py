@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Ignored, Linear, apply_rotary
 from .base import CausalLM
@@ -105,10 +106,7 @@ class DeepseekV32Config(Glm4MoeLiteConfig):
         if self.q_lora_rank is None:
             raise ConfigError(f"{src}: q_lora_rank must be a positive integer (the indexer reads the low-rank "
                               "query), found null")  # fmt: skip
-        for name in ("index_topk", "index_head_dim", "index_n_heads"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("index_topk", "index_head_dim", "index_n_heads"), 1 << 20)
         super().validate()
         if self.index_head_dim < self.qk_rope_head_dim:
             raise ConfigError(f"{src}: index_head_dim ({self.index_head_dim}) must be at least qk_rope_head_dim "

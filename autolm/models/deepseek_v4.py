@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
-from ..config_fields import _is_number, validate_rope
+from ..config_fields import _is_number, positive_ints, validate_rope
 from ..errors import ConfigError
 from ..nn import CheckpointRules, GGUFLayout, Ignored, Rename, RMSNorm, Rotary, Stacked
 from ..nn.expert_formats import GGUFExperts
@@ -193,12 +193,9 @@ class DeepseekV4Config(PretrainedConfig):
                                      ("mlp_layer_types", self.mlp_layer_types, MLP_TYPES)):  # fmt: skip
             if not isinstance(types, list) or len(types) != n or set(types) - set(allowed):
                 raise ConfigError(f"{src}: {name} must list {n} of {allowed}, found {str(types)[:200]}")
-        for name in ("moe_intermediate_size", "q_lora_rank", "num_experts_per_tok", "n_routed_experts", "hc_mult",
-                     "hc_sinkhorn_iters", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim",
-                     "index_topk", "sliding_window"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "q_lora_rank", "num_experts_per_tok", "n_routed_experts",
+                             "hc_mult", "hc_sinkhorn_iters", "o_groups", "o_lora_rank", "index_n_heads",
+                             "index_head_dim", "index_topk", "sliding_window"), 1 << 20)  # fmt: skip
         self._validate_numbers()
 
     def _validate_numbers(self) -> None:

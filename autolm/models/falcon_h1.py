@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, GatedMLP, GGUFLayout, Linear, RMSNorm
 from ..nn.mamba2 import GatedRMSNorm, Mamba2Mixer
@@ -121,11 +122,8 @@ class FalconH1Config(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        for name in ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size",
-                     "mamba_d_head", "mamba_expand"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size",
+                             "mamba_d_head", "mamba_expand"), 1 << 16)  # fmt: skip
         width = self.mamba_ssm_width
         if not _is_int(width) or width < 1 or self.mamba_d_head * self.mamba_n_heads != width:
             raise ConfigError(f"{src}: mamba_d_head ({self.mamba_d_head}) times mamba_n_heads ({self.mamba_n_heads}) "

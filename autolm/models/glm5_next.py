@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import CheckpointRules, GGUFLayout, GroupedRouter, Rename, RMSNorm, SparseMoeBlock
 from ..nn.expert_formats import GGUFExperts
@@ -165,10 +166,7 @@ class Glm5NextTextConfig(PretrainedConfig):
 
     def validate(self) -> None:
         src = self.source
-        for name in _POSITIVE:
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 17:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, _POSITIVE, 1 << 17)
         for name in _NUMBERS:
             if not _is_number(getattr(self, name)):
                 raise ConfigError(f"{src}: {name} must be a number, found {getattr(self, name)!r}")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import (
     ACTIVATIONS,
@@ -164,11 +165,8 @@ class GraniteMoeHybridConfig(GraniteConfig):
 
     def validate_mamba(self) -> None:
         src = self.source
-        for name in ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
-                     "mamba_chunk_size", "mamba_d_head"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+                             "mamba_chunk_size", "mamba_d_head"), 1 << 16)  # fmt: skip
         heads, groups, width = self.mamba_n_heads, self.mamba_n_groups, self.mamba_expand * self.hidden_size
         if self.mamba_d_head * heads != width:
             raise ConfigError(f"{src}: mamba_d_head ({self.mamba_d_head}) times mamba_n_heads ({heads}) must be "

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..config import _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError, GenerationError
 from ..nn import Attention, GatedMLP, Linear, Rotary, embedding
 from ..nn.checkpoint import CheckpointRules, GGUFLayout, Rename, Split
@@ -73,10 +74,7 @@ class HrmTextConfig(LlamaConfig):
     num_layers_per_stack: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("H_cycles", "L_cycles"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("H_cycles", "L_cycles"))
         if self.L_bp_cycles is None:
             self.L_bp_cycles = [2]
         if self.embedding_scale is None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, GGUFLayout, Ignored, Rename
 from .base import CausalLM
@@ -93,10 +94,7 @@ class HYV3Config(PretrainedConfig):
         super().validate()
         src = self.source
         validate_experts(self, self.num_experts, self.num_experts_per_tok)
-        for name in ("moe_intermediate_size", "num_shared_experts"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "num_shared_experts"))
         s = self.router_scaling_factor
         if not _is_number(s) or not s > 0:
             raise ConfigError(f"{src}: router_scaling_factor must be a positive number, found {s!r}")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import (
     Attention,
@@ -109,10 +110,7 @@ class HYV4Config(GlmMoeDsaConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("hc_mult",):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("hc_mult",))
         for name in ("hc_magnitude", "hc_eps", "swiglu_limit", "learnable_sink_init"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):

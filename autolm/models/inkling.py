@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, Experts, GatedMLP, Linear, OneToken, RMSNorm, Router
 from ..nn.causal_conv import causal_conv1d
@@ -137,12 +138,9 @@ class InklingTextConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        for name in ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
-                     "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
-                     "num_experts_per_tok", "n_shared_experts", "sliding_window"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
+                             "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
+                             "num_experts_per_tok", "n_shared_experts", "sliding_window"), 1 << 20)  # fmt: skip
         if self.swa_num_attention_heads % self.swa_num_key_value_heads:
             raise ConfigError(f"{src}: swa_num_key_value_heads ({self.swa_num_key_value_heads}) must divide "
                               f"swa_num_attention_heads ({self.swa_num_attention_heads})")  # fmt: skip

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import RMSNorm, Rotary
 from ..nn.moe import SparseMoeBlock
@@ -130,12 +131,9 @@ class Inkling2TextConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        for name in ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
-                     "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
-                     "num_experts_per_tok", "sliding_window", "n_layers_per_attn_res_block"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
+                             "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
+                             "num_experts_per_tok", "sliding_window", "n_layers_per_attn_res_block"), 1 << 20)  # fmt: skip
         if self.swa_num_attention_heads % self.swa_num_key_value_heads:
             raise ConfigError(f"{src}: swa_num_key_value_heads ({self.swa_num_key_value_heads}) must divide "
                               f"swa_num_attention_heads ({self.swa_num_attention_heads})")  # fmt: skip

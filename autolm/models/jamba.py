@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, CheckpointRules, Experts, GatedMLP, RMSNorm, Router, SparseMoeBlock
 from ..nn.mamba1 import MambaMixer
@@ -97,11 +98,8 @@ class JambaConfig(PretrainedConfig):
 
     def validate(self) -> None:
         src = self.source
-        for name in ("attn_layer_period", "expert_layer_period", "mamba_d_state", "mamba_d_conv", "mamba_expand",
-                     "mamba_dt_rank"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("attn_layer_period", "expert_layer_period", "mamba_d_state", "mamba_d_conv",
+                             "mamba_expand", "mamba_dt_rank"), 1 << 16)  # fmt: skip
         for name, period in (
             ("attn_layer_offset", "attn_layer_period"),
             ("expert_layer_offset", "expert_layer_period"),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, GroupedRouter, Rename, RMSNorm, SparseMoeBlock
 from .base import CausalLM, DecoderModel
@@ -85,10 +86,7 @@ class Kolibri1Config(PretrainedConfig):
             raise ConfigError(f"{src}: sliding_window must be a positive integer where layer_types has "
                               "sliding_attention layers, found null")  # fmt: skip
         validate_experts(self, self.num_experts, self.num_experts_per_tok)
-        for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 19:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "shared_expert_intermediate_size"), 1 << 19)
 
 
 class Kolibri1TopKRouter(GroupedRouter):

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
-from ..errors import CheckpointError, ConfigError
+from ..config_fields import positive_ints
+from ..errors import CheckpointError
 from ..nn import ACTIVATIONS, CheckpointRules, GGUFLayout, Rename, RMSNorm
 from ..nn.mamba1 import MambaMixer
 from .base import CausalLM, DecoderModel
@@ -97,10 +98,7 @@ class MambaConfig(PretrainedConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("expand", "state_size", "conv_kernel", "time_step_rank"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("expand", "state_size", "conv_kernel", "time_step_rank"), 1 << 16)
 
     def mixer(self, layer_idx: int, **kwargs: Any) -> MambaMixer:
         """The Mamba-1 mixer of layer layer_idx as this config sizes it."""

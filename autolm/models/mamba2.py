@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..config import PretrainedConfig, _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import CheckpointRules, GGUFLayout, Rename
 from ..nn.mamba2 import Mamba2Mixer
@@ -91,10 +92,7 @@ class Mamba2Config(MambaConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_heads", "n_groups", "chunk_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("num_heads", "n_groups", "chunk_size"), 1 << 16)
         heads, width = self.num_heads, self.expand * self.hidden_size
         if self.head_dim * heads != width:
             raise ConfigError(f"{self.source}: head_dim ({self.head_dim}) times num_heads ({heads}) must be "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import GatedMLP, GGUFLayout, RMSNorm
 from .base import CausalLM, DecoderModel
@@ -96,10 +97,8 @@ class MiniCPM3Config(PretrainedConfig):
 
     def validate(self) -> None:
         src = self.source
-        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "dim_model_base"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 17:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "dim_model_base"), 1
+                             << 17)  # fmt: skip
         if self.qk_rope_head_dim % 2:
             raise ConfigError(
                 f"{src}: qk_rope_head_dim must be even (RoPE turns pairs), found {self.qk_rope_head_dim}"

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import (
     ACTIVATIONS,
@@ -193,17 +194,8 @@ class NemotronHConfig(PretrainedConfig):
 
     def validate_mamba(self) -> None:
         src = self.source
-        for name in (
-            "mamba_num_heads",
-            "mamba_head_dim",
-            "ssm_state_size",
-            "n_groups",
-            "conv_kernel",
-            "chunk_size",
-        ):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ( "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                             "chunk_size", ), 1 << 16)  # fmt: skip
         if self.mamba_num_heads % self.n_groups:
             raise ConfigError(f"{src}: n_groups ({self.n_groups}) must divide mamba_num_heads "
                               f"({self.mamba_num_heads})")  # fmt: skip
@@ -218,10 +210,8 @@ class NemotronHConfig(PretrainedConfig):
     def validate_moe(self) -> None:
         src = self.source
         validate_experts(self, self.n_routed_experts, self.num_experts_per_tok)
-        for name in ("moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group", "topk_group"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 19:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group", "topk_group"), 1
+                             << 19)  # fmt: skip
         latent = self.moe_latent_size
         if latent is not None and (not _is_int(latent) or not 0 < latent <= 1 << 17):
             raise ConfigError(f"{src}: moe_latent_size must be a positive integer or null, found {latent!r}")

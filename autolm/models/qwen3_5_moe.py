@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..config import _is_int
-from ..errors import ConfigError
+from ..config_fields import positive_ints
 from ..nn import CheckpointRules, GGUFLayout
 from . import qwen3_next_gguf
 from .base import CausalLM
@@ -72,10 +71,7 @@ class Qwen3_5MoeTextConfig(HybridConfig, LlamaConfig):
     def validate(self) -> None:
         super().validate()
         validate_experts(self, self.num_experts, self.num_experts_per_tok)
-        for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{self.source}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "shared_expert_intermediate_size"))
 
 
 class Qwen3_5MoeConfig(ImageTextConfig):

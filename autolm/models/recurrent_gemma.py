@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PartialRotaryConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, Linear, RMSNorm
 from ..nn.causal_conv import causal_conv1d
@@ -139,10 +140,7 @@ class RecurrentGemmaConfig(PartialRotaryConfig):
             )
         if self.sliding_window is None:
             raise ConfigError(f"{src}: attention_window_size must be a positive integer, found None")
-        for name in ("lru_width", "conv1d_width"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("lru_width", "conv1d_width"), 1 << 20)
         if self.lru_width % self.num_attention_heads:
             raise ConfigError(
                 f"{src}: lru_width ({self.lru_width}) must be a multiple of num_attention_heads "

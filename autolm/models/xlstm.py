@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Linear
 from .base import CausalLM, DecoderModel
@@ -129,10 +130,8 @@ class xLSTMConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        for name in ("num_heads", "chunk_size", "ffn_round_up_to_multiple_of", "max_inference_chunksize"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 24:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("num_heads", "chunk_size", "ffn_round_up_to_multiple_of", "max_inference_chunksize"), 1 <<
+                             24)  # fmt: skip
         for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "eps"):
             v = getattr(self, name)
             if not _is_number(v) or not 0 < v <= 1 << 10:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, Linear, RMSNorm
 from ..nn.causal_conv import causal_conv1d
@@ -120,11 +121,8 @@ class ZambaConfig(PretrainedConfig):
     def validate(self) -> None:
         src, kinds = self.source, self.layers_block_type
         super().validate()
-        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "n_mamba_heads",
-                     "attn_layer_period", "num_logits_to_keep", "head_dim"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "n_mamba_heads",
+                             "attn_layer_period", "num_logits_to_keep", "head_dim"), 1 << 16)  # fmt: skip
         if not (isinstance(kinds, list) and len(kinds) == self.num_hidden_layers
                 and all(k in (*MAMBA, HYBRID) for k in kinds)):  # fmt: skip
             raise ConfigError(f"{src}: layers_block_type must list {self.num_hidden_layers} entries, each 'mamba', "

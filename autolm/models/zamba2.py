@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, Linear, RMSNorm
 from ..nn.mamba2 import Mamba2Mixer
@@ -138,11 +139,8 @@ class Zamba2Config(PretrainedConfig):
                 and all(k in (*MAMBA, HYBRID) for k in kinds)):  # fmt: skip
             raise ConfigError(f"{src}: layers_block_type must list {self.num_hidden_layers} entries, each 'mamba', "
                               f"'linear_attention' or 'hybrid', found {str(kinds)[:200]}")  # fmt: skip
-        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_ngroups", "n_mamba_heads",
-                     "chunk_size", "num_mem_blocks", "adapter_rank", "num_logits_to_keep"):  # fmt: skip
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 16:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_ngroups", "n_mamba_heads",
+                             "chunk_size", "num_mem_blocks", "adapter_rank", "num_logits_to_keep"), 1 << 16)  # fmt: skip
         width, heads = self.mamba_expand * self.hidden_size, self.n_mamba_heads
         if width % heads or heads % self.mamba_ngroups:
             raise ConfigError(f"{src}: n_mamba_heads ({heads}) must divide mamba_expand * hidden_size ({width}) "

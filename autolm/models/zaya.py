@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import Attention, Experts, Linear, RMSNorm, SparseMoeBlock
 from ..nn.rope import apply_rotary
@@ -121,10 +122,8 @@ class ZayaConfig(PretrainedConfig):
                     f"{src}: rope_parameters has no entry for layer type {sorted(missing)[0]!r}"
                 )
         super().validate()
-        for name in ("moe_intermediate_size", "router_hidden_size", "cca_time0", "cca_time1", "num_experts"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 20:
-                raise ConfigError(f"{src}: {name} must be a positive integer, found {v!r}")
+        positive_ints(self, ("moe_intermediate_size", "router_hidden_size", "cca_time0", "cca_time1", "num_experts"), 1
+                             << 20)  # fmt: skip
         if self.num_experts_per_tok != 1:
             raise ConfigError(
                 f"{src}: num_experts_per_tok must be 1 (ZAYA routes each token to one expert), "
