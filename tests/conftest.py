@@ -832,8 +832,8 @@ SPECS = {
             hidden_size=64,
             num_layers=2,
             num_attention_heads=4,
-            ffn_hidden_size=48,
-            expert_ffn_hidden_size=16,
+            ffn_hidden_size=96,  # wide enough that the replicated low ranks leave each TP rank about half
+            expert_ffn_hidden_size=32,
             n_routed_experts=4,
             zero_expert_num=2,
             moe_topk=2,
@@ -1217,6 +1217,166 @@ SPECS = {
             num_experts_per_tok=2,
             final_logit_softcapping=3.0,
             max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "mimo_v2_flash": (
+        "MiMoV2FlashConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            # the sliding layers: twice the KV heads, sinks
+            layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,  # the default partial rotary factor: 8 of 24
+            v_head_dim=12,
+            sliding_window=5,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "laguna": (
+        "LagunaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_attention_heads_per_layer=[4, 8, 4],  # query heads by layer
+            num_key_value_heads=2,
+            head_dim=16,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            sliding_window=5,
+            gating=True,  # one softplus gate per head
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_router_logit_softcapping=3.0,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "mellum": (
+        "MellumConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            sliding_window=5,
+            attention_bias=True,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "granite_swa": (
+        "GraniteSWAConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.6,
+            attention_multiplier=0.09,
+            logits_scaling=2.5,
+            attention_bias=True,
+            sliding_window=4,
+            layer_rope_theta=[10000.0, 0, 50000.0],  # a NoPE layer; sinks on every layer
+            tie_word_embeddings=False,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "granitemoe_swa": (
+        "GraniteMoeSWAConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            shared_intermediate_size=16,  # the shared MLP stays whole on every rank
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.6,
+            attention_multiplier=0.09,
+            logits_scaling=2.5,
+            sliding_window=4,
+            tie_word_embeddings=False,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "flint": (
+        "FlintConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=4,  # sliding and full (NoPE) layers, a dense first layer, sinks on every layer
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=5,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "step3p7": (  # Step 3.5's language model in the image-text checkpoint transformers writes
+        "Step3p7Config",
+        dict(
+            text_config=dict(
+                hidden_size=64,
+                intermediate_size=48,
+                moe_intermediate_size=16,
+                share_expert_dim=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_sliding_attention_heads=8,  # the sliding layers' own query heads
+                layer_types=["full_attention", "sliding_attention", "full_attention"],
+                mlp_layer_types=["dense", "sparse", "sparse"],
+                swiglu_limits=[None, 0.5, None],  # SwiGLU clamps on the experts and the shared / dense MLPs
+                swiglu_limits_shared=[0.375, None, 0.5],
+                sliding_window=5,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                max_position_embeddings=64,
+                vocab_size=VOCAB,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
         ),
         {},
     ),
@@ -1751,12 +1911,16 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def register_causal_lm_gaps() -> None:
-    """transformers 5.23 maps mistral4 to no AutoModelForCausalLM (its pretraining and image-text classes only):
-    registered, so the tests make and read its checkpoints as every family's."""
+    """transformers 5.23 maps mistral4 and step3p7 to no AutoModelForCausalLM (their pretraining and image-text
+    classes only): registered, so the tests make and read their checkpoints as every family's."""
     import transformers
 
     transformers.AutoModelForCausalLM.register(
         transformers.Mistral4Config, transformers.Mistral4ForCausalLM, exist_ok=True
+    )
+    # Step 3.5 exists only inside the image-text Step3p7ForConditionalGeneration, which runs text alone
+    transformers.AutoModelForCausalLM.register(
+        transformers.Step3p7Config, transformers.Step3p7ForConditionalGeneration, exist_ok=True
     )
 
 

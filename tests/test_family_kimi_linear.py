@@ -137,11 +137,15 @@ def test_disk_offload(tmp_path_factory, tmp_path):
     KIMI.check_disk_offload(tmp_path_factory, tmp_path)
 
 
-def test_tensor_parallel_refused(tmp_path_factory):
-    """No tensor-parallel plan (DeepSeek-V3's would split the KDA layers' projections): refused by name."""
-    directory, _ = KIMI.checkpoint(tmp_path_factory)
-    with pytest.raises(ConfigError, match="no tensor-parallel plan"):
-        autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
+def test_tensor_parallel_plan():
+    """transformers' plan: the dense MLPs and shared experts split (the routed experts cut their own rows), both
+    kinds of attention whole on every rank; test_distributed runs it over 2 ranks."""
+    import transformers
+
+    from autolm.models.kimi_linear import KimiLinearForCausalLM
+
+    theirs = transformers.KimiLinearConfig.base_model_tp_plan
+    assert KimiLinearForCausalLM.tp_patterns == {k: v for k, v in theirs.items() if ".experts" not in k}
 
 
 def test_config_defaults_are_transformers():

@@ -27,8 +27,9 @@ from torch import nn
 from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, Experts, GatedMLP, Rename, Router, SparseMoeBlock
-from .base import CausalLM
+from .base import LLAMA_TP, CausalLM
 from .gpt_oss import GptOssDecoderLayer
+from .granite_swa import SinkShardedAttention
 from .mixtral import MixtralModel
 from .qwen2_moe import QWEN_MOE_RULES, QwenMoeConfig
 from .qwen3_moe import Qwen3MoeDecoderLayer
@@ -114,7 +115,7 @@ class FlintDecoderLayer(Qwen3MoeDecoderLayer):
 
     def make_attention(self, config: Any, layer_idx: int) -> Attention:
         window = config.layer_window(layer_idx)
-        return Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        return SinkShardedAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                          layer_idx, bias=config.attention_bias, window=window,
                          rope=None if window is None else "default", qk_norm="head",
                          norm=lambda dim: self.norm(config, dim), sinks=True)  # fmt: skip
@@ -145,9 +146,15 @@ class FlintForCausalLM(CausalLM):
             ),
         ]
     )
-    # no tensor-parallel plan: transformers' keeps the attention whole on every rank (its per-head sinks cannot be
-    # split yet), which autolm's tensor parallelism, splitting every layer's heads, does not do
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan splits the MLPs only: the dense MLP's and the shared expert's gate/up column-parallel, down
+    # row-parallel, each expert's intermediate rows cut (Experts.shard). Here the heads are split too (q/k/v
+    # column-, o row-parallel, the sinks cut by head: SinkShardedAttention; the per-head q/k norms and the router whole)
+    tp_patterns: ClassVar[dict[str, str]] = {
+        **LLAMA_TP,
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    }
     _no_split_modules: ClassVar[list[str]] = ["FlintDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["gate.weight", "sinks"]  # as transformers
 

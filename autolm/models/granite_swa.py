@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, CheckpointRules, GGUFLayout, Rename, RMSNorm
-from .base import CausalLM, DecoderModel
+from ..nn import Attention, CheckpointRules, GGUFLayout, Rename, RMSNorm, SelfSharded
+from .base import LLAMA_TP, CausalLM, DecoderModel
 from .granite import GraniteConfig, GraniteDecoderLayer, GraniteForCausalLM, GraniteModel
 
 
@@ -88,9 +88,15 @@ class GraniteSWAConfig(SlidingGranite, GraniteConfig):
         self._validate_swa()
 
 
+class SinkShardedAttention(SelfSharded, Attention):
+    """Attention with sinks (one per query head) that tensor parallelism cuts with the heads (Flint's too)."""
+
+    tp_dims: ClassVar[dict[str, int]] = {"sinks": 0}
+
+
 def swa_attention(config: Any, layer_idx: int) -> Attention:
     """Granite's attention (scaled by attention_multiplier) with the layer's window, RoPE table and sinks."""
-    return Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+    return SinkShardedAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                      layer_idx, bias=config.attention_bias, scale=config.attention_multiplier,
                      window=config.layer_window(layer_idx), rope=config.layer_rope(layer_idx),
                      sinks=True)  # fmt: skip
@@ -163,8 +169,9 @@ class GraniteSWAForCausalLM(CausalLM):
         derive=gguf_derive,
         write_config=gguf_write_config,
     )
-    # no tensor-parallel plan: the per-head sinks would need one (as for gpt-oss)
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: q/k/v and the MLP's gate/up column-parallel, o/down row-parallel, the sinks cut by head
+    # (SinkShardedAttention)
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = ["GraniteSWADecoderLayer"]
 
     def __init__(self, config: Any):

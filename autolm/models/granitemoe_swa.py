@@ -26,6 +26,7 @@ from .granite import GraniteForCausalLM, GraniteModel
 from .granite_swa import SINKS, GraniteSWAForCausalLM, SlidingGranite, swa_attention
 from .granitemoe import GraniteMoeConfig, GraniteMoeForCausalLM
 from .granitemoehybrid import GraniteMoeHybridMLP
+from .mixtral import MOE_TP
 
 
 @dataclass(repr=False)
@@ -124,8 +125,9 @@ class GraniteMoeSWAForCausalLM(CausalLM):
         derive=GraniteSWAForCausalLM.gguf.derive,
         write_config=GraniteSWAForCausalLM.gguf.write_config,
     )
-    # no tensor-parallel plan: the per-head sinks would need one (as for gpt-oss)
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: q/k/v column-parallel, o row-parallel, the sinks cut by head (SinkShardedAttention), each
+    # expert's intermediate rows cut (Experts.shard); the router and the shared MLP whole
+    tp_patterns: ClassVar[dict[str, str]] = MOE_TP
     _no_split_modules: ClassVar[list[str]] = ["GraniteMoeSWADecoderLayer"]
 
     def __init__(self, config: Any):

@@ -42,7 +42,7 @@ from ..nn.linear import packed
 from . import kimi_linear_gguf
 from .base import CausalLM
 from .deepseek_v3 import DeepseekV3Attention, DeepseekV3Config, DeepseekV3DecoderLayer, GGUFMla
-from .glm4_moe import GGUF_GROUPED_LAYER, ExpProbsBias, grouped_moe_mlp
+from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_TP, ExpProbsBias, grouped_moe_mlp
 from .mixtral import MixtralModel
 from .olmo_hybrid import ConvPieces, OlmoHybridRules
 from .qwen3_next import Qwen3NextGatedDeltaNet
@@ -281,10 +281,14 @@ class KimiLinearForCausalLM(CausalLM):
         write_config=kimi_linear_gguf.write_config,
         bare=("ssm_a",),
     )  # fmt: skip
-    # none yet: DeepSeek-V3's plan would split the KDA layers' q/k/v projections too (tp_plan is refused by name)
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: the dense MLPs, shared experts and experts split; both kinds of attention (MLA and KDA, both
+    # `self_attn`: the KDA's gated norm and state run over all its heads) and the router stay whole on every rank
+    tp_patterns: ClassVar[dict[str, str]] = {k: v for k, v in GROUPED_MOE_TP.items() if ".mlp." in k}
     _no_split_modules: ClassVar[list[str]] = ["KimiLinearDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias"]  # as transformers
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head of both kinds of attention (kept whole): nothing to shard."""
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__(config, MixtralModel(config, KimiLinearDecoderLayer))

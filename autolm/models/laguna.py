@@ -42,7 +42,7 @@ from ..nn import (
 from ..nn.moe import GroupedRouter
 from .afmoe import AfmoeAttention
 from .base import CausalLM
-from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_RULES
+from .glm4_moe import GGUF_GROUPED_LAYER, GROUPED_MOE_RULES, GROUPED_MOE_TP
 from .glm4_moe_lite import MLP_TYPES
 from .laguna_gguf import GGUF_KEYS, derive, write_config
 from .mixtral import MixtralDecoderLayer, MixtralModel, validate_experts
@@ -323,8 +323,21 @@ class LagunaForCausalLM(CausalLM):
         derive=derive,
         write_config=write_config,
     )
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
+    # transformers' plan: q/k/v, the gate (a row per head, or per head's element) and the MLPs' gate/up (the shared
+    # experts' too) column-parallel, o/down row-parallel, each expert's intermediate rows cut (Experts.shard); the
+    # per-head q/k norms and the router whole
+    tp_patterns: ClassVar[dict[str, str]] = {**GROUPED_MOE_TP, "layers.*.self_attn.g_proj": "colwise"}
     _no_split_modules: ClassVar[list[str]] = ["LagunaDecoderLayer"]
+
+    def shard_heads(self, world: int) -> None:
+        """Each rank computes num_heads / world of each layer's heads (every layer's count divisible)."""
+        heads = [layer.self_attn.num_heads for layer in self.model.layers]
+        if any(h % world for h in heads):
+            raise ConfigError(
+                f"tensor parallel over {world} ranks needs every layer's query heads "
+                f"(num_attention_heads_per_layer) divisible by {world}, found {heads}"
+            )
+        CausalLM.shard_heads(self, world)  # (Step 3.5 borrows this method)
 
     def __init__(self, config: LagunaConfig):
         super().__init__(config, MixtralModel(config, LagunaDecoderLayer))

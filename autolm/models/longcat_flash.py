@@ -225,11 +225,15 @@ class ZeroComputeExperts(Experts):
         self.num_routed = n
         self.down_proj = nn.Parameter(torch.empty(n, h, i))
 
+    def identity(self, x: torch.Tensor) -> torch.Tensor:
+        """A zero expert's output: its input (under tensor parallelism on rank 0 only, as the ranks' sum)."""
+        return x if self.tp is None or self.tp[0] == 0 else torch.zeros_like(x)
+
     def expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
         if isinstance(e, int):
-            return x if e >= self.num_routed else super().expert(x, e)
+            return self.identity(x) if e >= self.num_routed else super().expert(x, e)
         y = super().expert(x, e.clamp(max=self.num_routed - 1))  # each row's own expert (a compiled graph)
-        return torch.where((e >= self.num_routed).unsqueeze(-1), x, y)
+        return torch.where((e >= self.num_routed).unsqueeze(-1), self.identity(x), y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.num_experts - self.num_routed} of them zero-computation"
@@ -265,7 +269,15 @@ class LongcatFlashForCausalLM(CausalLM):
     # one tensor per expert on disk (the zero experts' gate/up rows too); the multi-token prediction module some
     # checkpoints carry (model.mtp.*) is skipped, as transformers skips it
     checkpoint_rules = CheckpointRules([*QWEN_MOE_RULES.rules, Ignored(r"model\.mtp\..*")])
-    tp_patterns: ClassVar[dict[str, str]] = {}  # no tensor parallelism (yet)
+    # transformers' plan: each MLA's query (q_b_proj, or q_proj without a low rank) and kv_b_proj column-parallel,
+    # o_proj row-parallel (the low-rank projections and their norms whole), the two dense MLPs' gate/up column-, down
+    # row-parallel, each routed expert's intermediate rows cut (Experts.shard; the zero experts' identity added once)
+    tp_patterns: ClassVar[dict[str, str]] = {
+        **{f"layers.*.self_attn.*.{p}": "colwise" for p in ("q_proj", "q_b_proj", "kv_b_proj")},
+        "layers.*.self_attn.*.o_proj": "rowwise",
+        **{f"layers.*.mlps.*.{p}": s for p, s in (("gate_proj", "colwise"), ("up_proj", "colwise"),
+                                                   ("down_proj", "rowwise"))},
+    }  # fmt: skip
     # one compiled graph per decoder layer reads one cache layer; LongCat's layers write two
     compiled_graphs: ClassVar[bool] = False
     _no_split_modules: ClassVar[list[str]] = ["LongcatFlashDecoderLayer"]

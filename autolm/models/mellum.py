@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, GGUFLayout, Ignored
-from .base import CausalLM
+from .base import LLAMA_TP, CausalLM
 from .cohere2 import gguf_layer_types
 from .laguna import LayerTypedRopeConfig
 from .mixtral import GGUF_EXPERTS, MixtralModel
@@ -155,7 +155,9 @@ class MellumForCausalLM(CausalLM):
 
     config_class = MellumConfig
     checkpoint_rules = MELLUM_RULES
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
+    # transformers' plan: q/k/v and the dense MLP's gate/up column-parallel, o/down row-parallel, each expert's
+    # intermediate rows cut (Experts.shard); the per-head q/k norms and the router whole
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     # llama.cpp's MellumModel converter: tensors by gguf-py's map (no q/k permutation: NeoX RoPE), experts stacked
     gguf = GGUFLayout(
         "mellum",

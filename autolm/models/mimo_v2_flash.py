@@ -45,10 +45,11 @@ from ..nn import (
     Ignored,
     Linear,
     Rename,
+    SelfSharded,
     SparseMoeBlock,
 )
 from ..nn.rope import apply_rotary
-from .base import CausalLM
+from .base import LLAMA_TP, CausalLM
 from .glm4_moe import GROUPED_MOE_RULES, SIGMOID_GATING, validate_grouped_moe
 from .mixtral import GGUF_EXPERTS, MixtralDecoderLayer, MixtralModel
 
@@ -278,9 +279,12 @@ def _gguf_write_config(m: dict[str, Any], c: MiMoV2FlashConfig) -> None:
     m["expert_gating_func"] = SIGMOID_GATING  # the Hub's scoring_func (llama.cpp's graph takes it anyway)
 
 
-class MiMoV2FlashAttention(Attention):
+class MiMoV2FlashAttention(SelfSharded, Attention):
     """GQA with v_head_dim-wide values (scaled by attention_value_scale, zero-padded to the cache's width), partial
-    RoPE from the layer type's table; sliding layers: twice the KV heads, a window and attention sinks."""
+    RoPE from the layer type's table; sliding layers: twice the KV heads, a window and attention sinks (one per
+    query head: cut with the heads under tensor parallelism)."""
+
+    tp_dims: ClassVar[dict[str, int]] = {"sinks": 0}
 
     def __init__(self, config: MiMoV2FlashConfig, layer_idx: int):
         swa = config.layer_types[layer_idx] == "sliding_attention"
@@ -292,6 +296,8 @@ class MiMoV2FlashAttention(Attention):
         self.head_dim = max(self.qk_dim, self.v_dim)  # the KV cache's width (the scaling stays qk's)
         scale = config.attention_value_scale
         self.v_scale = 1.0 if scale is None else float(scale)
+        if not swa:
+            self.tp_dims = {}  # full layers have no sinks
 
     def make_projections(self, hidden: int, bias: bool, o_bias: bool) -> None:
         nh, nkv, hd, vd = self.num_heads, self.num_kv_heads, self.qk_dim, self.v_dim
@@ -368,8 +374,10 @@ class MiMoV2FlashForCausalLM(CausalLM):
         derive=_gguf_derive,
         write_config=_gguf_write_config,
     )  # fmt: skip
-    # no tensor-parallel plan: the sliding layers' KV heads and sinks would need their own split
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: q/k/v (the sliding layers' doubled KV heads alike) and the dense MLP's gate/up
+    # column-parallel, o/down row-parallel, the sinks cut by head (SelfSharded), each expert's intermediate rows
+    # cut (Experts.shard); the router whole
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = ["MiMoV2FlashDecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias"]  # as transformers
 

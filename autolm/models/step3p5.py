@@ -47,7 +47,13 @@ from ..nn import (
 from .base import CausalLM
 from .glm4_moe import GROUPED_MOE_RULES
 from .image_text import IMAGE_TEXT_RULES, TextFirstConfig
-from .laguna import LagunaAttention, LagunaDecoderLayer, LagunaRouter, LayerTypedRopeConfig
+from .laguna import (
+    LagunaAttention,
+    LagunaDecoderLayer,
+    LagunaForCausalLM,
+    LagunaRouter,
+    LayerTypedRopeConfig,
+)
 from .mixtral import MixtralModel
 from .step3p5_gguf import GGUF_KEYS, GGUF_LAYER, derive, write_config
 
@@ -349,8 +355,13 @@ class Step3p5ForCausalLM(CausalLM):
         derive=derive,
         write_config=write_config,
     )
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none declared yet (untested): tp_plan is refused by name
+    # transformers' plan (Step3p7TextConfig) gathers q/k/v/g and splits o_proj's input, every rank running every
+    # head; here the heads are split instead (exact: the q/k norms and the gate are per head): q/k/v, the gate and
+    # the dense and shared MLPs' gate/up column-parallel, o/down row-parallel, each expert's intermediate rows cut
+    # (Experts.shard; the SwiGLU clamps are elementwise); the router whole
+    tp_patterns: ClassVar[dict[str, str]] = LagunaForCausalLM.tp_patterns
     _no_split_modules: ClassVar[list[str]] = ["Step3p5DecoderLayer"]
+    shard_heads = LagunaForCausalLM.shard_heads  # every layer's heads (the sliding ones' own count)
 
     def __init__(self, config: Step3p5Config):
         super().__init__(config, MixtralModel(config, Step3p5DecoderLayer))
