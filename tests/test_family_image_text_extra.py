@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import SPECS, VOCAB, padded_batch, randomize
 from test_family_image_text import QWEN_VISION, TEXT, TINY_VISION, _logits
-from test_family_image_text_more import _tied
+from test_family_image_text_more import _tied, check_language_model
 
 import autolm
 
@@ -95,22 +95,7 @@ def _checkpoint(tmp_path_factory, name: str):
 def test_language_model_is_the_wrappers(name, tmp_path_factory, tmp_path):
     """The checkpoint loads as its text family with the wrapper's logits (a left-padded batch), head tying and
     greedy tokens; saved, transformers' AutoModelForCausalLM loads the text model with the same logits."""
-    import transformers
-
-    directory, hf = _checkpoint(tmp_path_factory, name)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    assert type(model).__name__ == CASES[name][2]
-    assert model.config.tie_word_embeddings == _tied(hf) == _tied(model)
-    ids, mask = padded_batch()
-    ours = _logits(model, ids, mask)
-    torch.testing.assert_close(ours, _logits(hf, ids, mask), atol=1e-4, rtol=1e-4)
-    prompt = ids[:1, -9:]
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), theirs)
-    model.save_pretrained(tmp_path / "text")
-    text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text")
-    assert type(text).__name__ == CASES[name][2]
-    torch.testing.assert_close(ours, _logits(text, ids, mask), atol=1e-4, rtol=1e-4)
+    check_language_model(*_checkpoint(tmp_path_factory, name), CASES[name][2], tmp_path)
 
 
 def test_text_defaults_and_tying():

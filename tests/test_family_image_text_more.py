@@ -119,11 +119,16 @@ def _tied(model) -> bool:
 def test_language_model_is_the_wrappers(name, tmp_path_factory, tmp_path):
     """The checkpoint loads as its text family with the wrapper's logits (a left-padded batch), head tying and
     greedy tokens; saved, transformers' AutoModelForCausalLM loads the text model with the same logits."""
+    check_language_model(*_checkpoint(tmp_path_factory, name), CASES[name][2], tmp_path)
+
+
+def check_language_model(directory: str, hf, text_class: str, tmp_path) -> None:
+    """autolm's model of a wrapper's checkpoint is `text_class` with the wrapper's (`hf`'s) logits over a left-padded
+    batch, head tying and greedy tokens; saved, transformers loads it as that class with the same logits."""
     import transformers
 
-    directory, hf = _checkpoint(tmp_path_factory, name)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    assert type(model).__name__ == CASES[name][2]
+    assert type(model).__name__ == text_class
     assert model.config.tie_word_embeddings == _tied(hf) == _tied(model)
     ids, mask = padded_batch()
     ours = _logits(model, ids, mask)
@@ -133,7 +138,7 @@ def test_language_model_is_the_wrappers(name, tmp_path_factory, tmp_path):
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), theirs)
     model.save_pretrained(tmp_path / "text")
     text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text")
-    assert type(text).__name__ == CASES[name][2]
+    assert type(text).__name__ == text_class
     torch.testing.assert_close(ours, _logits(text, ids, mask), atol=1e-4, rtol=1e-4)
 
 
