@@ -500,6 +500,21 @@ def _randomize_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def check_lora_needs_targets(directory: str, hf) -> None:
+    """A type peft has no default target modules for: a LoraConfig naming none is an error in peft and in autolm,
+    which names the model type."""
+    import peft
+
+    from autolm.errors import AdapterError
+
+    with pytest.raises(ValueError, match="target_modules"):
+        peft.get_peft_model(hf, peft.LoraConfig(r=4))
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
+    kind = model.config.model_type
+    with pytest.raises(AdapterError, match=f"no default target_modules for model_type '{kind}'"):
+        autolm.get_peft_model(model, autolm.LoraConfig(r=4))
+
+
 def same_logits(model, hf) -> None:
     """autolm's `model` gives transformers' `hf` logits on a left-padded batch (1e-4), over the real tokens."""
     ids, mask = padded_batch()

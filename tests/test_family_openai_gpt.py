@@ -13,12 +13,12 @@ import os
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions
-from family_checks import Family, check_config_defaults
+from family_checks import Family, check_config_defaults, check_lora_needs_targets
 from safetensors.torch import load_file, save_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
-from autolm.errors import AdapterError, ConfigError, GenerationError
+from autolm.errors import ConfigError, GenerationError
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # peft has no default targets for openai-gpt
 DROPS = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -72,14 +72,7 @@ def test_lora_on_conv1d_both_ways(tmp_path_factory, tmp_path, name):
 
 def test_lora_without_targets_is_refused_as_peft_does(tmp_path_factory):
     """peft has no default target_modules for openai-gpt: both refuse a LoraConfig that names none."""
-    import peft
-
-    directory, hf = GPT.checkpoint(tmp_path_factory)
-    with pytest.raises(ValueError, match="target_modules"):
-        peft.get_peft_model(hf, peft.LoraConfig(r=4))
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    with pytest.raises(AdapterError, match="'openai-gpt'"):
-        autolm.get_peft_model(model, autolm.LoraConfig(r=4))
+    check_lora_needs_targets(*GPT.checkpoint(tmp_path_factory))
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])

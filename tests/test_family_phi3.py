@@ -9,12 +9,11 @@ import pytest
 import torch
 from chat_checks import CONVERSATIONS, check_chat_template, check_cli
 from conftest import VOCAB
-from family_checks import Family
+from family_checks import Family, check_lora_needs_targets
 from gguf_llamacpp import check_gguf
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
-from autolm.errors import AdapterError
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64)  # fmt: skip
@@ -128,16 +127,7 @@ def test_cli(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize("spec", ["phi3_longrope", "olmo2", "granite", "smollm3_nope"])
 def test_lora_without_targets_is_refused_as_peft_refuses_it(checkpoint, spec):
     """peft has no default target modules for these types: a LoraConfig naming none is an error in both."""
-    import peft
-
-    directory, hf = checkpoint(spec)
-    with pytest.raises(ValueError, match="target_modules"):
-        peft.get_peft_model(hf, peft.LoraConfig(r=4))
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    with pytest.raises(
-        AdapterError, match=f"no default target_modules for model_type '{model.config.model_type}'"
-    ):
-        autolm.get_peft_model(model, autolm.LoraConfig(r=4))
+    check_lora_needs_targets(*checkpoint(spec))
 
 
 def test_phi35_config_spelling(tmp_path_factory, tmp_path):
