@@ -412,6 +412,37 @@ class Family:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         return model.config
 
+    def check_learned_positions(self, tmp_path_factory) -> None:
+        """Learned positions (n_positions of them) follow the padding: a left-padded row gives the unpadded row's
+        logits; a position past n_positions is a clear error."""
+        from autolm.errors import GenerationError
+
+        model = autolm.AutoModelForCausalLM.from_pretrained(self.checkpoint(tmp_path_factory)[0])
+        ids, mask = padded_batch(lengths=(9, 5))
+        with torch.no_grad():
+            batch = model(ids, attention_mask=mask).logits[1, -5:]
+            alone = model(ids[1:, -5:]).logits[0]
+        torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+        n = model.config.n_positions
+        with pytest.raises(GenerationError, match="n_positions"):
+            model.generate(ids[:1], max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+    def check_correction_bias(self, tmp_path_factory, tmp_path) -> None:
+        """Random router correction biases (which change the experts chosen), saved by transformers: its logits."""
+        import copy
+
+        hf = copy.deepcopy(self.checkpoint(tmp_path_factory)[1])
+        g = torch.Generator().manual_seed(1)
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g))
+        hf.save_pretrained(tmp_path)
+        model = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
+        named = [*model.named_buffers(), *model.named_parameters()]
+        biases = [b for n, b in named if n.endswith("e_score_correction_bias")]
+        assert biases and all(b.abs().sum() > 0 for b in biases)
+        same_logits(model, hf)
+
     def check_saved_files(self, tmp_path_factory, tmp_path):
         """check_save, then: transformers' names and shapes in the state dict, the checkpoint's tensor names in the
         file autolm saved, and config.json's keys and values (v4's "type" beside rope_type aside). Gives (autolm's

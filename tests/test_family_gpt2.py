@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
-from autolm.errors import ConfigError, GenerationError, TokenizerError
+from autolm.errors import ConfigError, TokenizerError
 
 # tied head, gelu_new, the default scale: the battery's main checkpoint (widths divide int4's groups of 32)
 GPT2 = Family("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64))
@@ -186,16 +186,7 @@ def test_token_type_ids_as_transformers(tmp_path_factory):
 def test_positions_follow_the_padding_and_stop_at_n_positions(tmp_path_factory):
     """Left padding shifts the learned positions (a padded row gives the unpadded row's logits); a position past
     n_positions is a clear error."""
-    directory, _ = UNSCALED.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids, mask = padded_batch(lengths=(9, 5))
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask).logits[1, -5:]
-        alone = model(ids[1:, -5:]).logits[0]
-    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
-    n = model.config.n_positions
-    with pytest.raises(GenerationError, match="n_positions"):
-        model.generate(ids[:1], max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    UNSCALED.check_learned_positions(tmp_path_factory)
 
 
 def test_config_errors_name_gpt2_keys(tmp_path):

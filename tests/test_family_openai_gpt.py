@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
-from autolm.errors import ConfigError, GenerationError
+from autolm.errors import ConfigError
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # peft has no default targets for openai-gpt
 DROPS = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -181,16 +181,7 @@ def test_token_type_ids_as_transformers(tmp_path_factory):
 def test_positions_follow_the_padding_and_stop_at_n_positions(tmp_path_factory):
     """Left padding shifts the learned positions (a padded row gives the unpadded row's logits, as transformers'
     generate counts positions over the mask); a position past n_positions is a clear error."""
-    directory, _ = SWISH.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids, mask = padded_batch(lengths=(9, 5))
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask).logits[1, -5:]
-        alone = model(ids[1:, -5:]).logits[0]
-    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
-    n = model.config.n_positions
-    with pytest.raises(GenerationError, match="n_positions"):
-        model.generate(ids[:1], max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    SWISH.check_learned_positions(tmp_path_factory)
 
 
 def test_tensor_parallel_is_refused(tmp_path_factory):

@@ -44,6 +44,21 @@ LAYER_KINDS = ("hybrid", "hybrid_sliding")
 _NOT_SAVED = ("rope_parameters", "rope_theta", "rope_scaling")
 
 
+def check_sizes(config: Any, extra: tuple[str, ...]) -> None:
+    """Inkling's (and Inkling 2's) sizes: positive integers (with `extra`), the sliding heads grouped evenly, the
+    routed experts at least num_experts_per_tok."""
+    src = config.source
+    positive_ints(config, ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
+                           "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
+                           "num_experts_per_tok", "sliding_window", *extra), 1 << 20)  # fmt: skip
+    if config.swa_num_attention_heads % config.swa_num_key_value_heads:
+        raise ConfigError(f"{src}: swa_num_key_value_heads ({config.swa_num_key_value_heads}) must divide "
+                          f"swa_num_attention_heads ({config.swa_num_attention_heads})")  # fmt: skip
+    if config.num_experts_per_tok > config.n_routed_experts:
+        raise ConfigError(f"{src}: num_experts_per_tok ({config.num_experts_per_tok}) exceeds n_routed_experts "
+                          f"({config.n_routed_experts})")  # fmt: skip
+
+
 @dataclass(repr=False)
 class InklingTextConfig(PretrainedConfig):
     """transformers' InklingTextConfig: `sliding_window_size` is autolm's sliding_window (an attribute under both
@@ -138,15 +153,7 @@ class InklingTextConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        positive_ints(self, ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
-                             "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
-                             "num_experts_per_tok", "n_shared_experts", "sliding_window"), 1 << 20)  # fmt: skip
-        if self.swa_num_attention_heads % self.swa_num_key_value_heads:
-            raise ConfigError(f"{src}: swa_num_key_value_heads ({self.swa_num_key_value_heads}) must divide "
-                              f"swa_num_attention_heads ({self.swa_num_attention_heads})")  # fmt: skip
-        if self.num_experts_per_tok > self.n_routed_experts:
-            raise ConfigError(f"{src}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts "
-                              f"({self.n_routed_experts})")  # fmt: skip
+        check_sizes(self, ("n_shared_experts",))
         kinds, n = self.mlp_layer_types, self.num_hidden_layers
         if not (isinstance(kinds, list) and len(kinds) == n and set(kinds) <= {"dense", "sparse"}):
             raise ConfigError(f"{src}: mlp_layer_types must list {self.num_hidden_layers} entries of 'dense' or "

@@ -31,13 +31,12 @@ import torch
 from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
-from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import RMSNorm, Rotary
 from ..nn.moe import SparseMoeBlock
 from .base import CausalLM, DecoderModel
 from .image_text import ImageTextConfig
-from .inkling import LAYER_KINDS, InklingNormedEmbedding
+from .inkling import LAYER_KINDS, InklingNormedEmbedding, check_sizes
 from .inkling2_layers import (
     BlockAttentionResidual,
     Inkling2Attention,
@@ -131,15 +130,7 @@ class Inkling2TextConfig(PretrainedConfig):
     def validate(self) -> None:
         super().validate()
         src = self.source
-        positive_ints(self, ("swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "head_dim", "d_rel",
-                             "rel_extent", "conv_kernel_size", "moe_intermediate_size", "n_routed_experts",
-                             "num_experts_per_tok", "sliding_window", "n_layers_per_attn_res_block"), 1 << 20)  # fmt: skip
-        if self.swa_num_attention_heads % self.swa_num_key_value_heads:
-            raise ConfigError(f"{src}: swa_num_key_value_heads ({self.swa_num_key_value_heads}) must divide "
-                              f"swa_num_attention_heads ({self.swa_num_attention_heads})")  # fmt: skip
-        if self.num_experts_per_tok > self.n_routed_experts:
-            raise ConfigError(f"{src}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts "
-                              f"({self.n_routed_experts})")  # fmt: skip
+        check_sizes(self, ("n_layers_per_attn_res_block",))
         if self.scoring_func not in ("sigmoid", "sqrtsoftplus"):
             raise ConfigError(
                 f"{src}: scoring_func must be 'sigmoid' or 'sqrtsoftplus', found {self.scoring_func!r}"
