@@ -42,6 +42,9 @@ class Family:
     # transformers' model class where AutoModelForCausalLM takes no checkpoint of the config (Mllama's and Emu3's
     # text configs: its table has their image-text types only); None: AutoModelForCausalLM
     hf_class: str | None = None
+    # buffers (by name suffix) the checkpoint randomizes too (conftest's randomize leaves buffers): e.g. routers'
+    # e_score_correction_bias, large enough to change which experts the sigmoid scores pick
+    random_buffers: tuple[str, ...] = ()
 
     # ---- the checkpoint --------------------------------------------------------------------------
 
@@ -49,13 +52,15 @@ class Family:
         """(directory, transformers' model loaded back from it), made once per session."""
         import transformers
 
-        key = (self.config_cls, repr(sorted(self.kwargs.items())), str(dtype), self.hf_attention)
+        kwargs = repr(sorted(self.kwargs.items()))
+        key = (self.config_cls, kwargs, str(dtype), self.hf_attention, self.random_buffers)
         if key not in _CACHE:
             cfg = getattr(transformers, self.config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                                          **self.kwargs)  # fmt: skip
             torch.manual_seed(0)
             model = self.hf_auto()._from_config(cfg) if self.hf_class else self.hf_auto().from_config(cfg)
             randomize(model)
+            _randomize_buffers(model, self.random_buffers)
             if dtype is not None:
                 model = model.to(dtype)
             d = str(tmp_path_factory.mktemp(self.config_cls.lower()))
@@ -521,6 +526,21 @@ def _engine_tokens(model, tok, prompts: list[list[int]], new: int) -> list[list[
     finally:
         engine.stop()
     return [done[k] for k in range(len(prompts))]
+
+
+@dataclass
+class RoutedFamily(Family):
+    """A Family whose checkpoint's routers' e_score_correction_bias buffers are random too."""
+
+    random_buffers: tuple[str, ...] = ("e_score_correction_bias",)
+
+
+def _randomize_buffers(model, suffixes: tuple[str, ...], seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if suffixes and name.endswith(suffixes):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
 
 
 def _randomize_lora(model, seed=0):

@@ -15,7 +15,7 @@ from chat_checks import check_cli
 from gguf_mimic import add_text_model
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_glm4_moe import (
-    GroupedFamily,
+    RoutedFamily,
     byte_tokenizer,  # noqa: F401
     check_gguf_in,
     check_gguf_out_refuses,
@@ -42,12 +42,12 @@ SIZES = dict(
     norm_topk_prob=True,
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for dots1
-DOTS = GroupedFamily("Dots1Config", dict(SIZES, n_group=2, topk_group=1, attention_bias=True, sliding_window=4,
+DOTS = RoutedFamily("Dots1Config", dict(SIZES, n_group=2, topk_group=1, attention_bias=True, sliding_window=4,
                                          max_window_layers=1), lora_targets=TARGETS)  # fmt: skip
 # what llama.cpp's dots1 runs (dots.llm1's shape): no groups, no biases, no windows, no GQA (its k and v are as wide
 # as q); config.json's scoring_func "sigmoid" (not a field of transformers' config) gives the converter the gating
 # function, which llama.cpp's graph needs
-PLAIN = GroupedFamily("Dots1Config", dict(SIZES, sliding_window=None, num_key_value_heads=4, scoring_func="sigmoid"),
+PLAIN = RoutedFamily("Dots1Config", dict(SIZES, sliding_window=None, num_key_value_heads=4, scoring_func="sigmoid"),
                       lora_targets=TARGETS)  # fmt: skip
 
 
@@ -137,9 +137,9 @@ def test_gguf(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize(
     ("family", "match"),
     [
-        (GroupedFamily("Dots1Config", dict(DOTS.kwargs, num_key_value_heads=4)), "attention_bias.*n_group"),
-        (GroupedFamily("Dots1Config", dict(SIZES, sliding_window=None)), "num_key_value_heads"),
-        (GroupedFamily("Dots1Config", dict(PLAIN.kwargs, tie_word_embeddings=True)), "tie_word_embeddings"),
+        (RoutedFamily("Dots1Config", dict(DOTS.kwargs, num_key_value_heads=4)), "attention_bias.*n_group"),
+        (RoutedFamily("Dots1Config", dict(SIZES, sliding_window=None)), "num_key_value_heads"),
+        (RoutedFamily("Dots1Config", dict(PLAIN.kwargs, tie_word_embeddings=True)), "tie_word_embeddings"),
     ],
     ids=["bias-groups", "gqa", "tied"],
 )  # fmt: skip
@@ -161,7 +161,7 @@ def test_gguf_out_refuses(family, match, tmp_path_factory, tmp_path, byte_tokeni
 def test_gguf_in_refuses_what_llama_cpp_cannot_run(kwargs, match, tmp_path_factory, tmp_path):
     """The converter's file of a GQA checkpoint (llama.cpp's dots1 does not load it) or of a config.json without
     scoring_func (no expert_gating_func: llama.cpp's graph aborts): a ConfigError naming the key."""
-    _, hf = GroupedFamily("Dots1Config", kwargs).checkpoint(tmp_path_factory)
+    _, hf = RoutedFamily("Dots1Config", kwargs).checkpoint(tmp_path_factory)
     write_dots1_gguf(hf, str(tmp_path / "model.gguf"))
     with pytest.raises(autolm.ConfigError, match=match):
         autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
@@ -171,7 +171,7 @@ def test_gguf_in_refuses_what_llama_cpp_cannot_run(kwargs, match, tmp_path_facto
 
 
 def test_cli(tmp_path_factory, tmp_path):
-    long = GroupedFamily(
+    long = RoutedFamily(
         DOTS.config_cls, dict(DOTS.kwargs, max_position_embeddings=2048), lora_targets=["q_proj"]
     )
     check_cli(long, "qwen2-moe-chatml.jinja", tmp_path_factory, tmp_path, "Dots1ForCausalLM (dots1)")

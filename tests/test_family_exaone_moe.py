@@ -20,7 +20,7 @@ from chat_checks import check_cli
 from conftest import padded_batch, positions
 from gguf_mimic import add_text_model, add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
-from test_family_glm4_moe import GroupedFamily, check_gguf_in, check_layers_and_routing
+from test_family_glm4_moe import RoutedFamily, check_gguf_in, check_layers_and_routing
 from test_family_phi import _byte_tokenizer
 
 import autolm
@@ -43,13 +43,13 @@ SIZES = dict(
     routed_scaling_factor=2.5,
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for exaone_moe
-EXAONE = GroupedFamily("ExaoneMoeConfig", dict(SIZES, n_group=2, topk_group=1), lora_targets=TARGETS)
+EXAONE = RoutedFamily("ExaoneMoeConfig", dict(SIZES, n_group=2, topk_group=1), lora_targets=TARGETS)
 # what llama.cpp's exaone-moe runs: no groups; config.json's scoring_func "sigmoid" (K-EXAONE's, not a field of
 # transformers' config) gives the converter the gating function, which llama.cpp requires
-PLAIN = GroupedFamily("ExaoneMoeConfig", dict(SIZES, scoring_func="sigmoid"), lora_targets=TARGETS)
-TIED = GroupedFamily("ExaoneMoeConfig", dict(PLAIN.kwargs, tie_word_embeddings=True))
+PLAIN = RoutedFamily("ExaoneMoeConfig", dict(SIZES, scoring_func="sigmoid"), lora_targets=TARGETS)
+TIED = RoutedFamily("ExaoneMoeConfig", dict(PLAIN.kwargs, tie_word_embeddings=True))
 # the dense layer in the middle (mlp_layer_types over first_k_dense_replace)
-MIXED = GroupedFamily("ExaoneMoeConfig", dict(SIZES, mlp_layer_types=["sparse", "dense", "sparse"]))
+MIXED = RoutedFamily("ExaoneMoeConfig", dict(SIZES, mlp_layer_types=["sparse", "dense", "sparse"]))
 # YaRN, which llama.cpp's exaone-moe does not apply
 YARN_ROPE = {
     "rope_type": "yarn",
@@ -57,9 +57,9 @@ YARN_ROPE = {
     "factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-YARN = GroupedFamily("ExaoneMoeConfig", dict(SIZES, rope_parameters=YARN_ROPE))
+YARN = RoutedFamily("ExaoneMoeConfig", dict(SIZES, rope_parameters=YARN_ROPE))
 # every layer global: none rotates
-GLOBAL = GroupedFamily("ExaoneMoeConfig", dict(SIZES, layer_types=["full_attention"] * 3))
+GLOBAL = RoutedFamily("ExaoneMoeConfig", dict(SIZES, layer_types=["full_attention"] * 3))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_gguf_out_refuses_what_llama_cpp_cannot_run(
 def test_gguf_without_a_gating_function_is_refused(tmp_path_factory, tmp_path):
     """The converter's file of a config.json without scoring_func holds no expert_gating_func, which llama.cpp's
     exaone-moe requires: refused, naming the key."""
-    _, hf = GroupedFamily("ExaoneMoeConfig", SIZES).checkpoint(tmp_path_factory)
+    _, hf = RoutedFamily("ExaoneMoeConfig", SIZES).checkpoint(tmp_path_factory)
     write_exaone_moe_gguf(hf, str(tmp_path / "model.gguf"))
     with pytest.raises(autolm.ConfigError, match="expert_gating_func"):
         autolm.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
@@ -290,7 +290,7 @@ def test_mtp_weights_are_not_loaded(tmp_path_factory, tmp_path):
 
 
 def test_cli(tmp_path_factory, tmp_path):
-    long = GroupedFamily(
+    long = RoutedFamily(
         EXAONE.config_cls, dict(EXAONE.kwargs, max_position_embeddings=2048), lora_targets=["q_proj"]
     )
     check_cli(long, "qwen2-moe-chatml.jinja", tmp_path_factory, tmp_path, "ExaoneMoeForCausalLM (exaone_moe)")

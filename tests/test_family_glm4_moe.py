@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 
-import family_checks
 import numpy as np
 import pytest
 import torch
 from chat_checks import check_cli
-from conftest import padded_batch, positions, randomize
-from family_checks import Family
+from conftest import padded_batch, positions
+from family_checks import RoutedFamily
 from gguf_mimic import add_text_model, add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_phi import _byte_tokenizer
@@ -24,30 +23,10 @@ from test_family_phi import _byte_tokenizer
 import autolm
 
 
-def randomize_routing(model: torch.nn.Module, seed: int = 0) -> None:
-    """conftest's randomize (parameters only), then the routers' e_score_correction_bias buffers too: large enough
-    to change which experts the sigmoid scores pick."""
-    randomize(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-
-
 @pytest.fixture(scope="module")
 def byte_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer without merges (what GGUF out writes fast)."""
     return _byte_tokenizer(tmp_path_factory.mktemp("byte_tokenizer") / "tokenizer")
-
-
-class GroupedFamily(Family):
-    """A Family whose checkpoint's correction biases are random too (conftest's randomize leaves buffers)."""
-
-    def checkpoint(self, tmp_path_factory, dtype=None):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(family_checks, "randomize", randomize_routing)
-            return super().checkpoint(tmp_path_factory, dtype)
 
 
 SIZES = dict(
@@ -68,9 +47,9 @@ SIZES = dict(
     use_qk_norm=True,
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for glm4_moe
-GLM = GroupedFamily("Glm4MoeConfig", dict(SIZES, n_group=2, topk_group=1), lora_targets=TARGETS)
+GLM = RoutedFamily("Glm4MoeConfig", dict(SIZES, n_group=2, topk_group=1), lora_targets=TARGETS)
 # what llama.cpp's glm4moe routes: no groups (and the top k not renormalised, which it honours)
-PLAIN = GroupedFamily("Glm4MoeConfig", dict(SIZES, norm_topk_prob=False), lora_targets=TARGETS)
+PLAIN = RoutedFamily("Glm4MoeConfig", dict(SIZES, norm_topk_prob=False), lora_targets=TARGETS)
 
 
 def test_logits(tmp_path_factory):
@@ -326,7 +305,7 @@ def test_gguf_out_refuses_groups(tmp_path_factory, tmp_path, byte_tokenizer):
 
 
 def test_cli(tmp_path_factory, tmp_path):
-    long = GroupedFamily(
+    long = RoutedFamily(
         GLM.config_cls, dict(GLM.kwargs, max_position_embeddings=2048), lora_targets=["q_proj"]
     )
     check_cli(long, "qwen2-moe-chatml.jinja", tmp_path_factory, tmp_path, "Glm4MoeForCausalLM (glm4_moe)")

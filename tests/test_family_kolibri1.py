@@ -17,7 +17,7 @@ import torch
 from conftest import padded_batch
 from family_checks import check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
-from test_family_glm4_moe import GroupedFamily
+from test_family_glm4_moe import RoutedFamily
 
 import autolm
 
@@ -35,7 +35,7 @@ SIZES = dict(
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # peft has no default
 # Kolibri-1's shape: sliding layers around a global one (NoPE), the top k renormalised
-KOLIBRI = GroupedFamily(
+KOLIBRI = RoutedFamily(
     "Kolibri1Config",
     dict(SIZES, sliding_window=5, norm_topk_prob=True,
          layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
@@ -44,7 +44,7 @@ KOLIBRI = GroupedFamily(
 # transformers' default layer types (3 layers: all sliding, the 5th would be global) over its default window (513,
 # longer than the prompts); plain sigmoid weights; tied embeddings. (transformers' model cannot run without a window:
 # its sliding mask needs one whatever the layer types)
-PLAIN = GroupedFamily("Kolibri1Config", dict(SIZES, tie_word_embeddings=True), lora_targets=TARGETS)
+PLAIN = RoutedFamily("Kolibri1Config", dict(SIZES, tie_word_embeddings=True), lora_targets=TARGETS)
 BOTH = pytest.mark.parametrize("family", [KOLIBRI, PLAIN], ids=["windowed", "plain"])
 
 

@@ -10,39 +10,17 @@ from __future__ import annotations
 
 import json
 
-import family_checks
 import numpy as np
 import pytest
 import torch
 from chat_checks import check_chat_template, check_cli
-from conftest import padded_batch, randomize
-from family_checks import Family, same_logits
+from conftest import padded_batch
+from family_checks import RoutedFamily, same_logits
 from gguf_mimic import add_text_model, add_toy_vocab, stacked_experts
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_gguf_out import _same_file, byte_tokenizer  # noqa: F401
 
 import autolm
-
-
-def randomize_routing(model: torch.nn.Module, seed: int = 0) -> None:
-    """conftest's randomize (parameters only), then the blocks' e_score_correction_bias buffers too: large enough
-    to change which experts the sigmoid scores pick."""
-    randomize(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-
-
-class RoutedFamily(Family):
-    """A Family whose checkpoint's correction biases are random too (conftest's randomize leaves buffers)."""
-
-    def checkpoint(self, tmp_path_factory, dtype=None):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(family_checks, "randomize", randomize_routing)
-            return super().checkpoint(tmp_path_factory, dtype)
-
 
 SIZES = dict(
     hidden_size=64,

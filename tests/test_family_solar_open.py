@@ -17,7 +17,7 @@ import torch
 from conftest import padded_batch, positions
 from test_compiled_step import compiled_home, home  # noqa: F401
 from test_family_glm4_moe import (
-    GroupedFamily,
+    RoutedFamily,
     byte_tokenizer,  # noqa: F401
     check_gguf_in,
     check_gguf_out_refuses,
@@ -39,11 +39,11 @@ SIZES = dict(
     n_shared_experts=2,
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # peft has no default for solar_open
-SOLAR = GroupedFamily("SolarOpenConfig", dict(SIZES, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+SOLAR = RoutedFamily("SolarOpenConfig", dict(SIZES, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                               attention_bias=True), lora_targets=TARGETS)  # fmt: skip
 # as Solar-Open-100B's config.json spells it (GLM-4.5's keys it does not use, the factor 1.0, YaRN), and what
 # llama.cpp's glm4moe runs: no groups, no biases (the top k not renormalised, which it honours)
-HUB = GroupedFamily("SolarOpenConfig", dict(SIZES, head_dim=16, intermediate_size=96, first_k_dense_replace=0,
+HUB = RoutedFamily("SolarOpenConfig", dict(SIZES, head_dim=16, intermediate_size=96, first_k_dense_replace=0,
                                             use_qk_norm=False, norm_topk_prob=False,
                                             rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=2.0,
                                                                  original_max_position_embeddings=32,
