@@ -1895,6 +1895,149 @@ SPECS = {
     ),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=4), {}),
     "codegen": ("CodeGenConfig", dict(n_embd=64, n_layer=2, n_head=8, n_positions=64, rotary_dim=2), {}),
+    "stablelm_qk_norm": (  # per-head q/k LayerNorms, the parallel residual, GQA, half of each head rotated
+        "StableLmConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            qk_layernorm=True,
+            use_parallel_residual=True,
+            use_qkv_bias=True,
+            partial_rotary_factor=0.5,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "doge_moe": (  # the dynamic mask (dt_proj over every KV head, 5 keys kept of a window of 6), GQA, biases, and
+        # the product-key mixture: 16 experts (4 x 4), 3 per token
+        "DogeConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            keep_window_size=5,
+            sliding_window=6,
+            is_moe=True,
+            num_experts=16,
+            num_experts_per_tok=3,
+            attention_bias=True,
+            mlp_bias=True,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "deepseek_v4": (  # every layer type (compressed entries, the lightning indexer, the window), hash and scored
+        # routing, clamped SwiGLU, hyper-connections; experts enough to outweigh the attention (as in the released
+        # model: tensor parallelism cuts the experts only)
+        "DeepseekV4Config",
+        dict(
+            hidden_size=64,
+            moe_intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            head_dim=16,
+            q_lora_rank=32,
+            partial_rotary_factor=0.25,
+            o_groups=2,
+            o_lora_rank=16,
+            n_routed_experts=32,
+            num_experts_per_tok=2,
+            mlp_layer_types=["hash_moe", "moe", "moe", "hash_moe"],
+            swiglu_limit=0.5,
+            layer_types=[
+                "heavily_compressed_attention",
+                "compressed_sparse_attention",
+                "sliding_attention",
+                "compressed_sparse_attention",
+            ],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+            sliding_window=6,
+            index_n_heads=4,
+            index_head_dim=16,
+            index_topk=2,
+            hc_mult=2,
+            hc_sinkhorn_iters=5,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "minimax_m3_vl_text": (  # block-sparse layers (the lightning indexer) and a dense one, the clamped SwiGLU in
+        # dense, shared and routed MLPs, per-head Gemma q/k norms, partial RoPE
+        "MiniMaxM3VLTextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            dense_intermediate_size=48,
+            shared_intermediate_size=24,
+            index_n_heads=2,
+            index_head_dim=8,
+            index_block_size=2,
+            index_topk_blocks=2,
+            index_local_blocks=1,
+            max_position_embeddings=64,
+            swiglu_limit=1.0,
+            swiglu_alpha=1.2,
+            routed_scaling_factor=1.5,
+            layer_types=["minimax_m3_sparse", "full_attention", "minimax_m3_sparse"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+        {},
+    ),
+    "glm5_next": (  # KDA and indexed latent attention (a full k-pool indexer, and a layer sharing it), dense and
+        # mixture MLPs with the SwiGLU clamp, hyper-connections, in the image-text checkpoint transformers writes
+        "Glm5NextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            v_head_dim=12,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            index_topk=4,
+            index_head_dim=16,
+            index_n_heads=8,
+            index_kpool=2,
+            linear_head_dim=8,
+            linear_num_heads=2,
+            hc_mult=2,
+            hc_sinkhorn_iters=3,
+            swiglu_limit=0.5,
+            layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse", "dense"],
+            indexer_types=["full", "full", "shared", "full"],
+            pad_token_id=0,
+            vision_config=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=32,
+                num_heads=2,
+                patch_size=4,
+                out_hidden_size=64,
+                projection_intermediate_size=32,
+                image_size=16,
+            ),
+        ),
+        {},
+    ),
 }
 
 
@@ -1911,7 +2054,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def register_causal_lm_gaps() -> None:
-    """transformers 5.23 maps mistral4 and step3p7 to no AutoModelForCausalLM (their pretraining and image-text
+    """transformers 5.23 maps mistral4, step3p7 and glm5_next to no AutoModelForCausalLM (their pretraining and image-text
     classes only): registered, so the tests make and read their checkpoints as every family's."""
     import transformers
 
@@ -1921,6 +2064,10 @@ def register_causal_lm_gaps() -> None:
     # Step 3.5 exists only inside the image-text Step3p7ForConditionalGeneration, which runs text alone
     transformers.AutoModelForCausalLM.register(
         transformers.Step3p7Config, transformers.Step3p7ForConditionalGeneration, exist_ok=True
+    )
+    # GLM-5.3-Flash's language model exists only inside the image-text Glm5NextForConditionalGeneration too
+    transformers.AutoModelForCausalLM.register(
+        transformers.Glm5NextConfig, transformers.Glm5NextForConditionalGeneration, exist_ok=True
     )
 
 

@@ -186,6 +186,11 @@ _TP_FAMILIES = [
     "flex_olmo",
     "gptj",
     "codegen",
+    "stablelm_qk_norm",
+    "doge_moe",
+    "deepseek_v4",
+    "minimax_m3_vl_text",
+    "glm5_next",
 ]
 
 

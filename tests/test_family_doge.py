@@ -118,10 +118,9 @@ def test_disk_offload(tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_state_dict_and_config_are_transformers(tmp_path_factory, tmp_path, name):
-    """transformers' parameter names and shapes; config.json round-trips with transformers' keys only; no
-    tensor-parallel plan (dt_proj reads every KV head)."""
-    model, _ = FAMILIES[name].check_names_and_config(tmp_path_factory, tmp_path)
-    assert type(model).tp_patterns == {}
+    """transformers' parameter names and shapes; config.json round-trips with transformers' keys only (tensor
+    parallelism: test_distributed's `doge_moe`)."""
+    FAMILIES[name].check_names_and_config(tmp_path_factory, tmp_path)
 
 
 def test_quirks_matter(tmp_path_factory):
@@ -160,3 +159,32 @@ def test_default_config_and_errors():
                         (dict(hidden_act="nope"), "hidden_act")):  # fmt: skip
         with pytest.raises(ConfigError, match=key):
             DogeConfig(**{**small, **change})
+
+
+def test_tensor_parallel_save_gathers_what_it_cut(tmp_path_factory, tmp_path):
+    """Under tensor parallelism (2 ranks) the mixture checkpoint's cut parts (A per KV head, the expert embeddings'
+    rows, dt_proj and the Linear layers) are saved whole: save_pretrained writes the checkpoint's own tensors."""
+    import textwrap
+
+    from safetensors.torch import load_file
+    from test_distributed import torchrun
+
+    directory, _ = MOE.checkpoint(tmp_path_factory)
+    script = tmp_path / "tp_save.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys, torch
+        import autolm
+        from autolm.distributed import exit_all
+        torch.set_num_threads(1)
+        model = autolm.AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto")
+        assert model.model.layers[0].mlp.up_embed.weight.shape[0] == 10  # cut: half the 20 experts
+        model.save_pretrained(sys.argv[2])
+        exit_all()
+    """)
+    )
+    torchrun(str(script), directory, str(tmp_path / "saved"))
+    want = load_file(f"{directory}/model.safetensors")
+    got = load_file(tmp_path / "saved" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

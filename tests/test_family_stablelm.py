@@ -3,8 +3,9 @@ peft: LayerNorm with bias, partial rotary embeddings (a quarter of each head by 
 (use_qkv_bias, StableLM 2), a LayerNorm of its own for each query and key head (qk_layernorm:
 `q_layernorm.norms.<head>`), the parallel residual without post_attention_layernorm, a SiLU-gated MLP, an untied
 head; the standard battery, config.json in both RoPE spellings, GGUF as llama.cpp's converter writes "stablelm"
-(the per-head norms stacked into one tensor per layer) in and out, the refused tensor-parallel plan, and the CLI
-(the checkpoints here ship no chat template; stablelm-2-zephyr's is not pinned)."""
+(the per-head norms stacked into one tensor per layer) in and out, and the CLI
+(the checkpoints here ship no chat template; stablelm-2-zephyr's is not pinned). Tensor parallelism:
+test_distributed's `stablelm_qk_norm`."""
 
 from __future__ import annotations
 
@@ -166,14 +167,6 @@ def test_config_errors_name_the_key(tmp_path, bad, match):
     (tmp_path / "config.json").write_text(json.dumps({**base, **bad}))
     with pytest.raises(ConfigError, match=match):
         autolm.AutoConfig.from_pretrained(tmp_path)
-
-
-def test_tensor_parallel_is_refused(tmp_path_factory):
-    """transformers declares no tensor-parallel plan for StableLM (and its per-head norms would need whole heads
-    per rank): tp_plan='auto' is a ConfigError naming the model type."""
-    directory, _ = STABLELM2.checkpoint(tmp_path_factory)
-    with pytest.raises(ConfigError, match="'stablelm' has no tensor-parallel plan"):
-        autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
 
 
 # ---- GGUF, as llama.cpp's convert_hf_to_gguf.py writes stablelm ----------------------------------------------

@@ -46,17 +46,15 @@ def init_from_env():
 
 def parallelize(model: nn.Module, mesh) -> dict[str, tuple[int | None, int, int]]:
     """Apply the model's tensor-parallel plan to the meta model; returns {parameter: (dim, rank, world)} for the
-    sharded ones (dim None: a DTensor every rank holds whole, as a row-parallel layer's bias). Heads, KV heads and the MLP width must divide by the number of ranks."""
+    sharded ones (dim None: a DTensor every rank holds whole, as a row-parallel layer's bias). The config's counts
+    the model's `tp_divides` names (heads, KV heads, the MLP width) must divide by the number of ranks."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     world, rank = mesh.size(), mesh.get_local_rank()
     config = model.config
-    for name, n in (
-        ("num_attention_heads", config.num_attention_heads),
-        ("num_key_value_heads", config.num_key_value_heads),
-        ("intermediate_size", config.intermediate_size),
-    ):
+    for name in model.tp_divides:
+        n = getattr(config, name)
         if n % world:
             raise ConfigError(f"tensor parallel over {world} ranks needs {name} ({n}) divisible by {world}")
     styles = {

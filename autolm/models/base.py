@@ -127,6 +127,9 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     gguf_more: ClassVar[tuple[GGUFLayout, ...]] = ()
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = []
+    # the config's counts tensor parallelism must divide by the number of ranks (a family that runs its attention
+    # whole on every rank names its MLP's alone)
+    tp_divides: ClassVar[tuple[str, ...]] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     base_model_prefix: ClassVar[str] = "model"  # the body's attribute (GPT-2: "transformer", with a `model`
     # property returning it: autolm's code reaches the body as `self.model` in every family)
     layers_prefix: ClassVar[str] = "model.layers"  # the decoder layers' module name (GPT-2: transformer.h)

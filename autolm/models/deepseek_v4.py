@@ -343,7 +343,15 @@ class DeepseekV4ForCausalLM(CausalLM):
         write_config=deepseek_v4_gguf.write_config,
     )
     compiled_graphs: ClassVar[bool] = False  # a layer reads its compressor's cache layer too
-    tp_patterns: ClassVar[dict[str, str]] = {}  # transformers shards only the experts; autolm runs it whole
+    # transformers' base_model_tp_plan shards only the experts: here too each expert's intermediate rows are cut
+    # (Experts.shard), and the shared expert as Llama's MLP; the attention (its one shared KV head, compressors and
+    # indexers), the routers and the hyper-connections run whole on every rank
+    tp_patterns: ClassVar[dict[str, str]] = {
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+    }
+    tp_divides: ClassVar[tuple[str, ...]] = ("moe_intermediate_size",)
     _no_split_modules: ClassVar[list[str]] = ["DeepseekV4DecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = [
         "attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "q_a_norm", "kv_norm",
@@ -352,6 +360,9 @@ class DeepseekV4ForCausalLM(CausalLM):
 
     def __init__(self, config: DeepseekV4Config):
         super().__init__(config, DeepseekV4Model(config))
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (attention kept whole): nothing to shard."""
 
     def attention_shapes(self) -> list[tuple[int, int]]:
         """The layers' one shared head, then one head per layer for its compressor's projections (zero wide on

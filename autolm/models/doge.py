@@ -18,7 +18,10 @@ scaled by learned vectors, attention under a dynamic mask, and a gated MLP or a 
   The checkpoints were trained that way and transformers keeps it so that they give the same outputs; autolm
   computes the same, so a mixture model's logits depend on the whole batch (and its padding) exactly as there.
 
-No tensor parallelism (dt_proj mixes every KV head's values; tp_plan is refused). llama.cpp has no Doge
+Tensor parallelism as transformers' plan: q/k/v and gate/up column-parallel, o_proj and down_proj row-parallel;
+dt_proj row-parallel too (each rank's slice of the KV heads' values, the partial sums added across ranks: every rank
+has every head's dt and keeps its own heads', with its slice of A); the mixture's router whole and its expert
+embeddings cut by rows (each rank looks up its experts, the rows summed across ranks). llama.cpp has no Doge
 architecture: no GGUF.
 """
 
@@ -35,8 +38,8 @@ from torch import nn
 from ..config import PretrainedConfig
 from ..config_fields import _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, GatedMLP, Linear, OneToken, RMSNorm, embedding
-from .base import CausalLM, DecoderModel
+from ..nn import ACTIVATIONS, Attention, GatedMLP, Linear, OneToken, RMSNorm, SelfSharded
+from .base import LLAMA_TP, CausalLM, DecoderModel
 
 
 @dataclass(repr=False)
@@ -162,7 +165,9 @@ class DynamicMaskContext:
         k, v, allowed = self.history(layer_idx, k, v, window)
         k, v = k.to(q.dtype), v.to(q.dtype)
         B, n_kv, S, hd = v.shape
-        dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, n_kv * hd))
+        dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, n_kv * hd))  # every KV head's (summed across ranks)
+        if attn.tp is not None:  # this rank's heads
+            dt = dt.chunk(attn.tp[1], dim=-1)[attn.tp[0]]
         dt = torch.exp(attn.A * F.softplus(dt)).transpose(1, 2)[:, :, None, :]  # (B, n_kv, 1, S)
         allowed = allowed.expand(B, n_kv, q.shape[2], S)
         kept = keep_top(allowed, dt, attn.keep_window_size)  # (B, n_kv, T, S)
@@ -177,8 +182,11 @@ class DynamicMaskContext:
         return (probs @ v).transpose(1, 2)
 
 
-class DogeAttention(Attention):
-    """transformers' DogeAttention: Attention with per-head q/k RMSNorm, A and dt_proj for the dynamic mask."""
+class DogeAttention(SelfSharded, Attention):
+    """transformers' DogeAttention: Attention with per-head q/k RMSNorm, A and dt_proj for the dynamic mask. Under
+    tensor parallelism A keeps this rank's KV heads (SelfSharded)."""
+
+    tp_dims: ClassVar[dict[str, int]] = {"A": 0}
 
     def __init__(self, config: DogeConfig, layer_idx: int):
         nkv, hd, eps = config.num_key_value_heads, config.head_dim, config.rms_norm_eps
@@ -193,6 +201,31 @@ class DogeAttention(Attention):
         return super().forward(x, DynamicMaskContext(ctx, self))
 
 
+class ExpertEmbedding(SelfSharded, nn.Embedding):
+    """The mixture's per-expert vectors (down_embed, up_embed). Under tensor parallelism, where the experts divide
+    evenly, each rank keeps a slice of the rows and looks up its own experts (zeros for the others), the rows summed
+    across ranks: every rank gets every chosen expert's row, exactly."""
+
+    tp_dims: ClassVar[dict[str, int]] = {"weight": 0}
+
+    def __init__(self, num: int, dim: int):
+        meta = torch.get_default_device().type == "meta"  # weights from the checkpoint: no init on meta
+        super().__init__(num, dim, _weight=torch.empty(num, dim) if meta else None)
+
+    def shard(self, rank: int, world: int) -> dict[str, tuple[int, int]]:
+        return super().shard(rank, world) if self.num_embeddings % world == 0 else {}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return super().forward(ids)
+        rows = self.weight.shape[0]
+        local = ids - self.tp[0] * rows
+        inside = (local >= 0) & (local < rows)
+        x = F.embedding(local.clamp(0, rows - 1), self.weight) * inside[..., None].to(self.weight.dtype)
+        torch.distributed.all_reduce(x)
+        return x
+
+
 class DogeCDMoE(GatedMLP):
     """transformers' DogeCDMoE: the gated MLP plus product-key experts (see the module docstring)."""
 
@@ -205,8 +238,8 @@ class DogeCDMoE(GatedMLP):
             config.norm_topk_prob,
         )
         self.router_gate = Linear(h, 2 * self.num_keys, bias=False)
-        self.down_embed = embedding(config.num_experts, h)
-        self.up_embed = embedding(config.num_experts, h)
+        self.down_embed = ExpertEmbedding(config.num_experts, h)
+        self.up_embed = ExpertEmbedding(config.num_experts, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, h = x.shape
@@ -258,9 +291,9 @@ class DogeForCausalLM(CausalLM):
     """transformers' DogeForCausalLM."""
 
     config_class = DogeConfig
-    tp_patterns: ClassVar[
-        dict[str, str]
-    ] = {}  # none: dt_proj reads every KV head's values (tp_plan is refused)
+    # transformers' base_model_tp_plan: Llama's, and dt_proj row-parallel (it reads every KV head's values); the
+    # router whole, the expert embeddings cut by rows (ExpertEmbedding)
+    tp_patterns: ClassVar[dict[str, str]] = {**LLAMA_TP, "layers.*.self_attn.dt_proj": "rowwise"}
     compiled_graphs: ClassVar[bool] = False  # the top-k over the cache's length: the eager step (keep_top)
     _no_split_modules: ClassVar[list[str]] = ["DogeDecoderLayer"]
 

@@ -296,7 +296,11 @@ class Glm5NextForCausalLM(IndexedCausalLM):
         write_config=glm5_next_gguf.write_config,
         bare=("ssm_a",),
     )
-    tp_patterns: ClassVar[dict[str, str]] = {}  # none: the KDA layers and indexers stay whole
+    # transformers' base_model_tp_plan: the latent attention's heads split as DeepSeek-V3's (q_b_proj / kv_b_proj
+    # column-parallel, o_proj row-parallel; the low-rank projections, their norms and the k-pool indexers, which read
+    # only those, whole on every rank), the dense MLPs and shared experts as Llama's MLP, each expert's intermediate
+    # rows cut (Experts.shard; the SwiGLU clamps are elementwise). The KDA layers run whole on every rank (tp_plan).
+    tp_patterns: ClassVar[dict[str, str]] = DeepseekV3ForCausalLM.tp_patterns
     _no_split_modules: ClassVar[list[str]] = ["Glm5NextDecoderLayer"]
     # as transformers keeps them
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["e_score_correction_bias", "conv1d", "dt_bias", "A_log",
@@ -314,6 +318,12 @@ class Glm5NextForCausalLM(IndexedCausalLM):
             attn = layer.self_attn
             if isinstance(attn, Glm5NextAttention) and attn.indexer is None:
                 attn.source.append(layers[i - 1].self_attn)
+
+    def tp_plan(self) -> dict[str, str]:
+        """The patterns' plan less the KDA layers' projections (they share the latent attention's names)."""
+        kda = tuple(f"{self.layers_prefix}.{i}.self_attn." for i, t in enumerate(self.config.layer_types)
+                    if t == "linear_attention")  # fmt: skip
+        return {m: s for m, s in super().tp_plan().items() if not m.startswith(kda)}
 
     def attention_shapes(self) -> list[tuple[int, int]]:
         """The layers' own, then per layer its indexer's keys and gate scores (zero wide where it has none)."""

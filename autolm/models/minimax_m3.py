@@ -289,7 +289,16 @@ class MiniMaxM3VLForCausalLM(IndexedCausalLM):
         ]
     )
     gguf = GGUF  # llama.cpp's "minimax-m3" (models.minimax_m3_gguf)
-    tp_patterns: ClassVar[dict[str, str]] = {}  # no tensor parallelism: the indexers select over whole heads
+    # transformers' base_model_tp_plan: q/k/v gathered whole on every rank (every rank runs every head, so the
+    # indexers select over whole heads), o_proj split again; the experts cut their own intermediate rows
+    # (Experts.shard). Here also the dense and shared MLPs as GLM's: the packed gate_up output gathered, down_proj
+    # split again. The indexers, the per-head norms and the routers whole.
+    tp_patterns: ClassVar[dict[str, str]] = {
+        **{f"layers.*.self_attn.{p}_proj": "colwise_gather" for p in "qkv"},
+        "layers.*.self_attn.o_proj": "rowwise_split",
+        **{f"layers.*.mlp.{m}gate_up_proj": "colwise_gather" for m in ("", "shared_experts.")},
+        **{f"layers.*.mlp.{m}down_proj": "rowwise_split" for m in ("", "shared_experts.")},
+    }
     _no_split_modules: ClassVar[list[str]] = ["MiniMaxM3DecoderLayer"]
 
     def __init__(self, config: MiniMaxM3VLTextConfig):
@@ -297,6 +306,9 @@ class MiniMaxM3VLForCausalLM(IndexedCausalLM):
 
     def indexers(self) -> list[nn.Module]:
         return [ix for ix in self.modules() if isinstance(ix, M3Indexer)]
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (q/k/v are gathered): nothing to shard."""
 
 
 class MiniMaxM3VLConfig(ImageTextConfig):

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import PartialRotaryConfig, PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, GGUFLayout
-from .base import CausalLM, DecoderModel
+from .base import LLAMA_TP, CausalLM, DecoderModel
 
 
 @dataclass(repr=False)
@@ -98,16 +98,26 @@ StableLmConfig.__init__ = _init
 class StableLmLayerNormPerHead(nn.Module):
     """transformers' per-head LayerNorms: `norms.<i>` (a LayerNorm without bias) normalises head i. Computed as
     one normalisation of every head in fp32, times each head's weight, cast back once (what each head's own
-    LayerNorm computes, in one call instead of one per head)."""
+    LayerNorm computes, in one call instead of one per head). Under tensor parallelism every rank keeps every
+    head's norm (a few numbers each) and applies its own heads' rows (`shard`), as the column-parallel q/k give it
+    those heads."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(num_heads))
         self.dim, self.eps = dim, eps
+        self.tp: tuple[int, int] | None = None
+
+    def shard(self, rank: int, world: int) -> dict[str, tuple[int, int]]:
+        """Tensor parallelism (on the meta model): the norms stay whole; this rank's heads are chosen in forward."""
+        self.tp = (rank, world)
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, heads, hd) -> the same shape, head i normalised by norms[i]."""
         weight = torch.stack([norm.weight for norm in self.norms]).float()  # (heads, hd)
+        if self.tp is not None:  # this rank's heads: a contiguous slice, as the colwise q/k rows
+            weight = weight.chunk(self.tp[1])[self.tp[0]]
         return (F.layer_norm(x.float(), (self.dim,), eps=self.eps) * weight).to(x.dtype)
 
 
@@ -207,8 +217,9 @@ class StableLmForCausalLM(CausalLM):
         derive=gguf_config,
         write_config=gguf_write_config,
     )
-    # none, as in transformers (StableLmConfig declares no base_model_tp_plan): tp_plan="auto" is refused
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' StableLmConfig declares no base_model_tp_plan; here Llama's (heads split, the per-head q/k
+    # LayerNorms whole on every rank, each rank applying its heads' rows; partial RoPE is per head)
+    tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
     _no_split_modules: ClassVar[list[str]] = ["StableLmDecoderLayer"]
 
     def __init__(self, config: StableLmConfig):
