@@ -347,16 +347,13 @@ def test_generation_config_defaults_serialisation_and_update_equal_transformers(
 def test_a_generation_config_fills_its_unset_fields_from_the_model(checkpoint, tmp_path):
     """transformers: generate(generation_config=...) takes what that config leaves unset from the model's
     own generation config (here an EOS token and a repetition penalty), not from bare defaults."""
-    import transformers
-
     directory, _ = checkpoint(NAME)
     results = []
     for lib in _libs():
         model = lib.AutoModelForCausalLM.from_pretrained(directory)
         model.generation_config.repetition_penalty = 1.4
         model.generation_config.eos_token_id = 9
-        cfg = transformers.GenerationConfig(max_new_tokens=12) if lib is transformers else None
-        cfg = cfg or autolm.GenerationConfig(max_new_tokens=12)
+        cfg = lib.GenerationConfig(max_new_tokens=12)  # each library's own
         results.append(model.generate(IDS, attention_mask=MASK, generation_config=cfg, pad_token_id=0))
     assert torch.equal(results[0], results[1])
 
