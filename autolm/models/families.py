@@ -284,3 +284,4 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     ),  # llama.cpp has none
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
 }
+    "blt": ("blt", "BltConfig", "BltForCausalLM", None),  # llama.cpp has none
