@@ -83,6 +83,8 @@ class PretrainedConfig:
     output_hidden_states: ClassVar[bool] = False
     output_attentions: ClassVar[bool] = False
     return_dict: ClassVar[bool] = True
+    # transformers' default for a decoder-only model (TRL's CPO, ORPO and Online DPO trainers read it)
+    is_encoder_decoder: ClassVar[bool] = False
     # the attention implementation asked for at load (from_pretrained's attn_implementation), as transformers
     # keeps it; autolm's attention is the same either way (PyTorch's sdpa and its own kernels)
     _attn_implementation: ClassVar[str] = "sdpa"
