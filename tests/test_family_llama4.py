@@ -6,9 +6,9 @@ battery; sequences longer than several chunks with the temperature well under wa
 decode path); the image-text checkpoint (model_type llama4) running its language model; the CLI with Llama 4's
 chat template; config errors.
 
-The temperature counts positions from each row's first real token; transformers counts cache slots, so its left-padded
-rows differ once a slot reaches floor_scale - 1. LLAMA4's floor_scale (22) lies past every padded batch's slots
-in the battery and below the one-row sequences', which compare with transformers at any length."""
+The temperature counts cache slots as transformers does (a left-padded row's padding included), the chunks each row's
+positions: LONG's floor_scale (4) puts the temperature under way in padded batches too (prompt and every decode
+path)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ SIZES = dict(
 )
 # peft's default targets are for "llama4" only, not "llama4_text"
 LLAMA4 = Family("Llama4TextConfig", dict(SIZES, floor_scale=22), lora_targets=["q_proj", "v_proj"])
-# the temperature from position 3 on: one-row sequences only (see the module docstring)
+# the temperature from cache slot 3 on
 LONG = Family(
     "Llama4TextConfig", dict(SIZES, floor_scale=4, attn_scale=0.5), lora_targets=["q_proj", "v_proj"]
 )
@@ -131,15 +131,37 @@ def test_long_sequence_compiled_step(tmp_path_factory, home):  # noqa: F811
     LONG.check_compiled_step(tmp_path_factory, home)
 
 
-def test_padded_rows_are_their_own_sequences(tmp_path_factory):
-    """A left-padded row's logits are the row's alone: chunks and temperature count from its first real token."""
-    directory, _ = LONG.checkpoint(tmp_path_factory)
+def test_padded_batch_temperature_counts_cache_slots(tmp_path_factory, monkeypatch):
+    """A left-padded batch (a row padded by 8 slots, chunks of 8, the temperature under way from slot 3):
+    transformers' logits at every real position, and its greedy tokens and per-step logits through the general
+    forward, the eager one-token step, the exported one-token graphs and compile_decode's static-cache step
+    (uncompiled). transformers counts the temperature in cache slots (padding included): a padded row is not its
+    own sequence alone, which per-row positions would make it."""
+    from autolm import step
+    from autolm.step import graphs
+
+    monkeypatch.delenv("AUTOLM_EAGER", raising=False)  # the exported graphs run where installed
+    directory, hf = LONG.checkpoint(tmp_path_factory)
     model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ids, mask = padded_batch(lengths=(21, 13))
+    ids, mask = padded_batch(lengths=(17, 9))
+    real = mask.bool()
     with torch.no_grad():
-        batch = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        want = hf(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        got = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
         alone = model(ids[1:, 8:]).logits
-    torch.testing.assert_close(batch[1, 8:], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert (got[1, 8:] - alone[0]).abs().max() > 1e-2  # the padding counts in the temperature
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)  # fmt: skip
+    theirs = hf.generate(ids, **kw)
+    step.install_plan(model, graphs.exported(model, batched=True), batched=True)
+    for mode in ("forward", "eager", "auto", "static"):
+        model.decode_mode = "auto" if mode == "static" else mode
+        model.decode_step = model.step if mode == "static" else None
+        ours = model.generate(ids, **kw)
+        assert torch.equal(ours.sequences, theirs.sequences), mode
+        torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), atol=1e-4, rtol=1e-4)
+    assert step._BATCHED[model][1] is not None  # the graphs ran ("auto")
 
 
 # ---- GGUF: llama.cpp's Llama4Model converter, emulated ----------------------------------------------------------

@@ -110,7 +110,7 @@ class DecoderModel(nn.Module):
         """x: input vectors (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
         attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states."""
         x = self.scale_inputs(x, position_ids)
-        rope = self.rotary.tables(position_ids, x.dtype)
+        rope = self.rotary.slot_tables(position_ids, cache_position, x.dtype)
         ctx = Forward(rope, cache, cache_position, kv_length, attention_mask, x.shape[0], attentions)
         return self.run(x, ctx, hidden_states)
 
@@ -129,7 +129,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     _no_split_modules: ClassVar[list[str]] = []
     # the config's counts tensor parallelism must divide by the number of ranks (a family that runs its attention
     # whole on every rank names its MLP's alone)
-    tp_divides: ClassVar[tuple[str, ...]] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    tp_divides: ClassVar[tuple] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     base_model_prefix: ClassVar[str] = "model"  # the body's attribute (GPT-2: "transformer", with a `model`
     # property returning it: autolm's code reaches the body as `self.model` in every family)
     layers_prefix: ClassVar[str] = "model.layers"  # the decoder layers' module name (GPT-2: transformer.h)

@@ -6,7 +6,7 @@ Pre-norm layers of grouped-query attention and a feed-forward block (`feed_forwa
 - RoPE on the layers `no_rope_layers` marks 1 (by default all but every `no_rope_layer_interval`-th), over
   interleaved pairs (x0, x1), (x2, x3), ... (transformers' complex multiply); after it, with `use_qk_norm`, queries
   and keys are L2-normalised per head (an RMS norm without weight, `qk_norm`). The other layers (NoPE) use no
-  position encoding and, with `attn_temperature_tuning`, scale their queries by position p:
+  position encoding and, with `attn_temperature_tuning`, scale their queries by cache slot p:
   1 + attn_scale * log(1 + floor((p + 1) / floor_scale)); autolm carries that scale with the RoPE tables.
 - Chunked attention on the layers whose `layer_types` entry is "chunked_attention" (by default the RoPE layers):
   a query at position p sees only the keys at positions k <= p with k // attention_chunk_size == p //
@@ -26,9 +26,9 @@ chunks of 8192 on three layers of four, the fourth NoPE with the temperature (fl
 mixtures on every interleave_moe_layer_step-th layer, no biases, and the q/k norm on exactly the files without
 128 experts (Maverick's). A file reads back as that; GGUF out refuses a model that differs, naming the field.
 
-Positions are each row's own (counted from its first real token), in the temperature as in the chunks.
-transformers' Llama4TextAttention counts the temperature's positions in cache slots instead, so a left-padded row of
-a batch differs from it from position floor_scale - 1 - padding on (8191 by default); chunks match.
+Chunks count each row's positions from its first real token; the temperature counts cache slots, as transformers'
+Llama4TextAttention does (the cache's length plus the token's index): a left-padded row's padding counts in it, so
+the row's temperature is not that of the same row alone (Llama4Rotary.slot_tables).
 """
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ class Llama4Config(TextFirstConfig):
 
 
 class Llama4Rotary(Rotary):
-    """The RoPE tables, plus TEMPERATURE where a NoPE layer tunes it: each position's query scale (B, 1, T, 1) in
-    fp32 (transformers multiplies in fp32, then casts)."""
+    """The RoPE tables, plus TEMPERATURE where a NoPE layer tunes it: each token's query scale (B, 1, T, 1) in fp32
+    (transformers multiplies in fp32, then casts), from its cache slot `slots` (B, T) (as transformers counts),
+    else its position."""
 
     def __init__(self, config: Llama4TextConfig):
         super().__init__(config.rope_kinds(), config.head_dim, config.max_position_embeddings)
@@ -189,17 +190,23 @@ class Llama4Rotary(Rotary):
             self.kinds = {**self.kinds, TEMPERATURE: {}}
 
     def tables(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
+        self, position_ids: torch.Tensor, dtype: torch.dtype, slots: torch.Tensor | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = self.rotary.tables(position_ids, dtype)
         if TEMPERATURE in self.kinds:
-            scale = (
-                torch.log1p(torch.floor((position_ids.float() + 1.0) / self.floor_scale)) * self.attn_scale
-                + 1.0
-            )
+            p = (position_ids if slots is None else slots).float()
+            scale = torch.log1p(torch.floor((p + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             scale = scale[:, None, :, None]
             out[TEMPERATURE] = (scale, scale)
         return out
+
+    def slot_tables(
+        self, position_ids: torch.Tensor, cache_position: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The temperature counts cache slots, as transformers' Llama4TextAttention (past_key_values' length + the
+        token's index): a left-padded row's padding counts."""
+        slots = cache_position.to(position_ids.device).unsqueeze(0).expand_as(position_ids)
+        return self.tables(position_ids, dtype, slots)
 
     def switch_length(self) -> int | None:
         return self.rotary.switch_length()

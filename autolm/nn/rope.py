@@ -202,6 +202,13 @@ class Rotary:
         ]
         return min(lengths, default=None)
 
+    def slot_tables(
+        self, position_ids: torch.Tensor, cache_position: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The tables for new tokens at positions (B, T) in cache slots (T,), as the forward and the one-token step
+        ask: tables(position_ids) here; a family whose tables count slots (Llama 4's temperature) overrides it."""
+        return self.tables(position_ids, dtype)
+
     def tables(
         self, position_ids: torch.Tensor, dtype: torch.dtype
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -151,7 +151,7 @@ class OneTokenStep:
         slot = cache.length
         cache.reserve(slot + 1)
         x = body.scale_inputs(body.embed(tokens), position_ids)
-        tables = body.rotary.tables(position_ids, x.dtype)
+        tables = body.rotary.slot_tables(position_ids, torch.full((1,), slot, device=x.device), x.dtype)
         if self.plan is not None:
             logits = graphs.run(self.plan, x, tables, cache, slot, self.starts)
         else:
