@@ -15,7 +15,7 @@ from family_checks import Family, check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
 
 import autolm
-from autolm.errors import ConfigError, GenerationError
+from autolm.errors import ConfigError
 from autolm.models.hrm_text import HrmTextConfig
 
 LORA = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # peft has no default for hrm_text
@@ -136,9 +136,6 @@ def test_cache_slots_and_quirks(tmp_path_factory):
         base = model(ids, attention_mask=mask).logits
         model.model.z_L_init.zero_()
         assert not torch.allclose(base, model(ids, attention_mask=mask).logits, atol=1e-3)
-    with pytest.raises(GenerationError, match="token_type_ids"):
-        HRM_model = autolm.AutoModelForCausalLM.from_pretrained(HRM.checkpoint(tmp_path_factory)[0])
-        HRM_model(ids, token_type_ids=torch.ones_like(ids))
 
 
 def test_training_gradients(tmp_path_factory):

@@ -5,8 +5,8 @@ LLaVA-NeXT-Video and Voxtral (Llama), Granite Speech (Granite), EXAONE 4.5 (EXAO
 the model class transformers' AutoModelForImageTextToText (or AutoModelForCausalLM, Fuyu's) gives, with tiny
 towers. On text, autolm's model of the checkpoint is the text family's, with the wrapper's logits over a left-padded
 batch, its head tying and greedy tokens; saved, it is the text model transformers' AutoModelForCausalLM loads, with
-the same logits. Fuyu's flat Hub config, Voxtral's text defaults and the refusal of a PaliGemma whose Gemma attends
-both ways are checked apart."""
+the same logits. Fuyu's flat Hub config, Voxtral's text defaults and the prefix settings of a PaliGemma whose Gemma
+attends both ways are checked apart (its attention: test_paligemma_prefix)."""
 
 from __future__ import annotations
 
@@ -145,12 +145,11 @@ def check_language_model(directory: str, hf, text_class: str, tmp_path) -> None:
 def test_hub_configs_and_refusals(tmp_path_factory, tmp_path):
     """Fuyu's config as the Hub's files hold it (the language model's settings at the top level) gives the same
     logits; Voxtral's defaults where text_config leaves them out are transformers'; a PaliGemma over a Gemma that
-    leaves use_bidirectional_attention unset (transformers then attends over an unpadded prompt both ways) is
-    refused by name."""
+    leaves use_bidirectional_attention unset (transformers then attends over an unpadded prompt both ways), or as
+    transformers writes it (true), reads as the causal text model with bidirectional_prompt set."""
     import transformers
     from test_family_image_text import _rewrite
 
-    from autolm.errors import ConfigError
     from autolm.models import PaliGemmaConfig, VoxtralConfig
 
     def flat(d):
@@ -172,11 +171,14 @@ def test_hub_configs_and_refusals(tmp_path_factory, tmp_path):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"] == 1e8
     assert not ours.tie_word_embeddings
-    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
-        PaliGemmaConfig(text_config=dict(text, model_type="gemma"))
-    config = transformers.PaliGemmaConfig(text_config=dict(text, model_type="gemma")).to_dict()
-    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
-        PaliGemmaConfig.from_dict(json.loads(json.dumps(config)))
+    gemma = dict(text, model_type="gemma", num_key_value_heads=1)
+    written = transformers.PaliGemmaConfig(text_config=gemma).to_dict()
+    read = PaliGemmaConfig.from_dict(json.loads(json.dumps(written)))
+    for config in (PaliGemmaConfig(text_config=gemma), read):
+        assert config.bidirectional_prompt and config.prefix_token_type == 0
+        assert config.use_bidirectional_attention is False and "bidirectional_prompt" not in config.to_dict()
+    causal = PaliGemmaConfig(text_config=dict(gemma, use_bidirectional_attention=False))
+    assert not causal.bidirectional_prompt
     assert os.path.isdir(directory)
 
 

@@ -131,7 +131,7 @@ def test_rounds_stop_short_of_the_longrope_switch_and_tokens_stay_plain_greedy(c
     monkeypatch.setattr(
         speculative,
         "_verify",
-        lambda run, c: verified.append((run.cache.length, c.shape[1])) or verify(run, c),
+        lambda run, c, hidden: verified.append((run.cache.length, c.shape[1])) or verify(run, c, hidden),
     )
     ids = torch.tensor([[5, 9, 5, 9, 5]])
     plain = model.generate(ids, max_new_tokens=30, **GREEDY)

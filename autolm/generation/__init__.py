@@ -55,6 +55,13 @@ from .warpers import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+from .watermark import (
+    SynthIDTextWatermarkingConfig,
+    SynthIDTextWatermarkLogitsProcessor,
+    WatermarkingConfig,
+    WatermarkLogitsProcessor,
+)
+from .watermark_detector import WatermarkDetector, WatermarkDetectorOutput
 
 __all__ = [
     "Detokenizer",
@@ -90,6 +97,8 @@ __all__ = [
     "StoppingCriteriaList",
     "SuppressTokensAtBeginLogitsProcessor",
     "SuppressTokensLogitsProcessor",
+    "SynthIDTextWatermarkLogitsProcessor",
+    "SynthIDTextWatermarkingConfig",
     "TemperatureLogitsWarper",
     "TextIteratorStreamer",
     "TextStreamer",
@@ -98,6 +107,10 @@ __all__ = [
     "TopPLogitsWarper",
     "TypicalLogitsWarper",
     "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "WatermarkDetector",
+    "WatermarkDetectorOutput",
+    "WatermarkLogitsProcessor",
+    "WatermarkingConfig",
     "choose",
     "compile_decode",
     "generate_text",

@@ -36,6 +36,9 @@ class BeamOutput:
     scores: tuple[torch.Tensor, ...] | None
     logits: tuple[torch.Tensor, ...] | None
     past_key_values: Any
+    # per step, the forward's per-layer outputs over the running beams (B * num_beams rows), where asked
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 class Beams:
@@ -137,31 +140,38 @@ def beam_search(
     inputs_embeds: torch.Tensor | None = None,
     *,
     guidance: Callable | None = None,
+    prompt_inputs: dict | None = None,
 ) -> BeamOutput:
     """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers.
     inputs_embeds (B, P', hidden): the first forward's input, input_ids then what the sequences start from (see
-    decode.embeds_prompt)."""
+    decode.embeds_prompt); prompt_inputs: the first forward's further arguments (decode.generate_tokens)."""
     cfg = cfg.with_defaults()
     nb, (B, P) = cfg.num_beams, input_ids.shape
     budget = new_token_budget(cfg, P, model.config.max_position_embeddings)
     max_len = P + budget
     mask = attention_mask.repeat_interleave(nb, 0)
     procs = logits_processors(
-        cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device, guidance
-    )
+        cfg, P, processors, prefix_allowed_tokens_fn, mask, max_len, input_ids.device, guidance,
+        vocab_size=model.config.get_text_config().vocab_size,
+    )  # fmt: skip
     criteria = build_criteria(cfg, tokenizer, stopping_criteria, max_length=max_len)
     beams = Beams(cfg, input_ids, max_len)
     keep_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
     keep_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
-    scores, raw_logits = [], []
+    layers = cfg.returned_layers()  # each step's forward outputs per layer, where generate() returns them
+    scores, raw_logits, states = [], [], []
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.make_cache(B * nb, mask.shape[1] + budget)
     first = {"input_ids": input_ids.repeat_interleave(nb, 0)}
     if inputs_embeds is not None:
         first = {"inputs_embeds": inputs_embeds.to(model.device).repeat_interleave(nb, 0)}
-    out = model(**first, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    first.update({k: v.repeat_interleave(nb, 0) for k, v in (prompt_inputs or {}).items()})
+    out = model(**first, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1,
+                **layers)  # fmt: skip
     logits, pos, cur = out.logits[:, -1], positions[:, -1:] + 1, P
     while True:
+        if layers:
+            states.append((out.hidden_states, out.attentions))
         flat = beams.running[:, :, :cur].reshape(B * nb, cur)
         logp = procs(flat, F.log_softmax(logits.float(), dim=-1))
         if keep_scores:
@@ -177,11 +187,13 @@ def beam_search(
         pos = pos.index_select(0, beams.parent)
         tokens = beams.running[:, :, cur - 1].reshape(B * nb, 1)
         if is_stale(model, cache, mask.shape[1]):  # LongRoPE's switch: the whole sequence again
-            if inputs_embeds is not None:
-                raise GenerationError("beam search from inputs_embeds cannot cross LongRoPE's switch length")
+            if inputs_embeds is not None or layers:
+                raise GenerationError("beam search from inputs_embeds or with output_hidden_states / "
+                                      "output_attentions cannot cross LongRoPE's switch length")  # fmt: skip
             logits = recompute(model, beams.running[:, :, :cur].reshape(B * nb, cur), mask, cache)
         else:
-            logits = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+            out = model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, **layers)
+            logits = out.logits[:, -1]
         pos = pos + 1
     sequences, sequences_scores, beam_indices = beams.result()
     return BeamOutput(
@@ -191,4 +203,13 @@ def beam_search(
         tuple(scores) if keep_scores else None,
         tuple(raw_logits) if keep_logits else None,
         cache,
+        *_per_step(states, layers),
+    )
+
+
+def _per_step(states: list, asked: dict[str, bool]) -> tuple[tuple | None, tuple | None]:
+    """(hidden_states, attentions) per step, each as asked, from the steps' (hidden states, attentions)."""
+    return (
+        tuple(h for h, _ in states) if asked.get("output_hidden_states") else None,
+        tuple(a for _, a in states) if asked.get("output_attentions") else None,
     )

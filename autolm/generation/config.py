@@ -12,6 +12,7 @@ from typing import Any
 
 from .._util import atomic_write_text, read_json
 from ..errors import ConfigError, GenerationError
+from .watermark import as_watermarking_config
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -81,7 +82,8 @@ class GenerationConfig:
     output_attentions: bool | None = None
     output_hidden_states: bool | None = None
     # transformers' cache kinds whose results equal its dynamic cache's; autolm's cache is one static kind that
-    # grows where needed, so each changes nothing here (offloaded and quantized caches are refused)
+    # grows where needed, so each changes nothing here; "quantized" (nn/quantized_cache.py, set by cache_config)
+    # quantizes keys and values as transformers does (offloaded caches are refused)
     cache_implementation: str | None = None
     return_dict_in_generate: bool | None = None
     pad_token_id: int | None = None
@@ -96,7 +98,12 @@ class GenerationConfig:
     assistant_confidence_threshold: float | None = None
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
+    # a WatermarkingConfig or SynthIDTextWatermarkingConfig (watermark.py); a dict is made one, as transformers
+    watermarking_config: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.watermarking_config = as_watermarking_config(self.watermarking_config)
 
     # ---- construction ------------------------------------------------------------------------------------
 
@@ -170,6 +177,13 @@ class GenerationConfig:
 
     # ---- changing --------------------------------------------------------------------------------------
 
+    def returned_layers(self) -> dict[str, bool]:
+        """The forwards' output_hidden_states / output_attentions where generate() returns them (beam search's and
+        speculation's forwards ask only then), else none."""
+        asked = {"output_hidden_states": bool(self.output_hidden_states),
+                 "output_attentions": bool(self.output_attentions)}  # fmt: skip
+        return asked if self.return_dict_in_generate and any(asked.values()) else {}
+
     def update(self, defaults_only: bool = False, allow_custom_entries: bool = False, **kwargs: Any) -> dict:
         """Set the fields named in kwargs (only unset ones with defaults_only; unknown names go to `extra`
         with allow_custom_entries), validate, and return the kwargs that were not used (as transformers)."""
@@ -223,6 +237,8 @@ class GenerationConfig:
             d["sequence_bias"] = [[list(ids), bias] for ids, bias in d["sequence_bias"].items()]
         if isinstance(d.get("logit_bias"), dict):
             d["logit_bias"] = {str(k): v for k, v in d["logit_bias"].items()}
+        if d.get("watermarking_config") is not None:
+            d["watermarking_config"] = d["watermarking_config"].to_dict()
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
@@ -263,6 +279,9 @@ class GenerationConfig:
             )
         if beams > 1 and n > beams:
             raise GenerationError(f"num_return_sequences ({n}) must be <= num_beams ({beams})")
+        self.watermarking_config = as_watermarking_config(self.watermarking_config)
+        if self.watermarking_config is not None:
+            self.watermarking_config.validate()
 
     @property
     def eos_ids(self) -> list[int]:
@@ -306,9 +325,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "num_beams": (_int(1), ">= 1"),
     "use_cache": (_bool, "true or false"),
     "cache_implementation": (
-        lambda v: v in ("static", "dynamic", "sliding_window", "hybrid", "hybrid_chunked"),
-        "'static', 'dynamic', 'sliding_window', 'hybrid' or 'hybrid_chunked' (autolm keeps no offloaded or "
-        "quantized cache)",
+        lambda v: v in ("static", "dynamic", "sliding_window", "hybrid", "hybrid_chunked", "quantized"),
+        "'static', 'dynamic', 'sliding_window', 'hybrid', 'hybrid_chunked' or 'quantized' (autolm keeps no "
+        "offloaded cache)",
     ),
     "temperature": (_num(0, lo_open=True), "> 0 (use do_sample=False for greedy)"),
     "top_k": (_int(), "an integer >= 0"),

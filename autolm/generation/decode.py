@@ -17,6 +17,7 @@ from .restart import is_stale, recompute
 from .sampling import choose, logits_processors
 from .speculative import check_speculation, speculate
 from .stopping import build_criteria
+from .target_draft import reads_target
 
 
 @dataclass
@@ -100,10 +101,12 @@ class Run:
         return logits
 
 
-def layer_outputs(cfg: GenerationConfig) -> dict[str, bool]:
-    """The forward's output_hidden_states / output_attentions, as generate() was asked for them."""
+def layer_outputs(cfg: GenerationConfig, assistant_model=None) -> dict[str, bool]:
+    """The forward's output_hidden_states / output_attentions, as generate() was asked for them (hidden states
+    also for an assistant_model that drafts from them: speculative.TargetDraft)."""
     return {
-        "output_hidden_states": bool(cfg.output_hidden_states),
+        "output_hidden_states": bool(cfg.output_hidden_states)
+        or (assistant_model is not None and reads_target(assistant_model)),
         "output_attentions": bool(cfg.output_attentions),
     }
 
@@ -217,12 +220,14 @@ def generate_tokens(
     inputs_embeds: torch.Tensor | None = None,
     *,
     guidance: Callable | None = None,
+    prompt_inputs: dict | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per new token. Rows that reach EOS get the pad token afterwards (as in transformers,
     only when EOS is one of the stopping criteria). With an assistant_model or prompt_lookup_num_tokens,
     the tokens come from speculative decoding (speculative.py): the same tokens greedily, the same
     distribution when sampling. inputs_embeds (see embeds_prompt) replace input_ids in the first forward.
-    `guidance` (generate's classifier-free guidance processor) runs before the other processors."""
+    `guidance` (generate's classifier-free guidance processor) runs before the other processors. prompt_inputs:
+    further arguments of the prompt's forward only (token_type_ids, for a model whose prompt they mark)."""
     cfg = (config or GenerationConfig()).with_defaults()
     ids, mask = prepare_inputs(model, input_ids, attention_mask)
     P = ids.shape[1]
@@ -233,19 +238,20 @@ def generate_tokens(
     if speculative:
         check_speculation(model, cfg, assistant_model)
     processors = logits_processors(cfg, P, logits_processor, prefix_allowed_tokens_fn, mask[:, mask.shape[1] - P :],
-                                   P + steps, device=ids.device, first=guidance)  # fmt: skip
+                                   P + steps, device=ids.device, first=guidance,
+                                   vocab_size=model.config.get_text_config().vocab_size)  # fmt: skip
     criteria = build_criteria(cfg, tokenizer, stopping_criteria)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     if inputs_embeds is not None:  # a new cache: the embeddings are the whole prompt
         cache = model.make_cache(ids.shape[0], mask.shape[1] + steps)
         out = model(inputs_embeds=inputs_embeds.to(model.device), attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, logits_to_keep=1, **layer_outputs(cfg))  # fmt: skip
+                    past_key_values=cache, logits_to_keep=1, **layer_outputs(cfg, assistant_model), **(prompt_inputs or {}))  # fmt: skip
         pos = positions
     else:
         cache, fed = start_cache(model, past_key_values, ids, mask, P + steps)
         new, pos = (ids[:, fed:], positions[:, fed:]) if fed else (ids, positions[:, -ids.shape[1] :])
         out = model(new, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1,
-                    **layer_outputs(cfg))  # fmt: skip
+                    **layer_outputs(cfg, assistant_model), **(prompt_inputs or {}))  # fmt: skip
     run = Run(model, cfg, ids, mask, cache, processors, criteria, generator)
     run.states = (out.hidden_states, out.attentions)
     run.pos = pos[:, -1:] + 1

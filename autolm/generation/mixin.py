@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
+from ..nn.quantized_cache import QuantizedCache
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import embeds_prompt, generate_tokens, prepare_inputs
 from .guidance import UnbatchedClassifierFreeGuidanceLogitsProcessor
 from .speculative import check_speculation
+from .watermark import SynthIDTextWatermarkingConfig
 
 # transformers settings autolm does not run: set to anything but their "off" value, generate() refuses.
 _UNSUPPORTED = {
@@ -24,7 +26,6 @@ _UNSUPPORTED = {
     "force_words_ids": (None,),
     "num_beam_groups": (None, 1),
     "diversity_penalty": (None, 0, 0.0),
-    "watermarking_config": (None,),
     "token_healing": (None, False),
     "encoder_repetition_penalty": (None, 1, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
@@ -77,9 +78,33 @@ def _refuse_unsupported(cfg: GenerationConfig, speculative: bool) -> None:
     for key, off in _UNSUPPORTED.items():
         if key in cfg.extra and cfg.extra[key] not in off:
             raise GenerationError(f"{key}={cfg.extra[key]!r} is not supported by autolm's generate()")
-    if (cfg.output_hidden_states or cfg.output_attentions) and (cfg.num_beams > 1 or speculative):
-        raise GenerationError("output_hidden_states / output_attentions in generate() are not supported with "
-                              "beam search or speculative decoding in autolm")  # fmt: skip
+    if speculative and isinstance(cfg.watermarking_config, SynthIDTextWatermarkingConfig):
+        raise GenerationError("a SynthIDTextWatermarkingConfig cannot be used with speculative decoding in autolm "
+                              "(its processor keeps state for one call per new token)")  # fmt: skip
+
+
+def _quantized_cache(cfg: GenerationConfig, speculative: bool, cache, embeds) -> QuantizedCache | None:
+    """The cache cache_implementation="quantized" asks for (from cache_config), None for any other; GenerationError
+    where autolm does not combine it (a cache given, as transformers, beam search, speculation, inputs_embeds)."""
+    if cfg.cache_implementation != "quantized" or cfg.use_cache is False:
+        return None
+    what = ("past_key_values" if cache is not None else "beam search (num_beams > 1)" if cfg.num_beams > 1
+            else "speculative decoding" if speculative else "inputs_embeds" if embeds is not None else None)  # fmt: skip
+    if what is not None:
+        raise GenerationError(f"cache_implementation='quantized' cannot be used with {what} in autolm")
+    return QuantizedCache.from_cache_config(cfg.extra.get("cache_config"))
+
+
+def _prompt_inputs(model, kwargs: dict) -> dict:
+    """generate()'s token_type_ids, for a model whose prompt they mark (a prefix attended both ways: PaliGemma,
+    HRM-Text; models.image_text): the prompt's forward's, as transformers reads them there only. Other models take
+    none (an unknown argument)."""
+    if getattr(model.config, "prefix_token_type", None) is None or "token_type_ids" not in kwargs:
+        return {}
+    types = kwargs.pop("token_type_ids")
+    if types is not None and not isinstance(types, torch.Tensor):
+        raise GenerationError(f"token_type_ids: a (batch, prompt length) tensor expected, got {type(types)}")
+    return {} if types is None else {"token_type_ids": types}
 
 
 def _kept(cfg: GenerationConfig, cache):
@@ -151,10 +176,12 @@ class GenerationMixin:
             kwargs.pop("negative_prompt_ids", None),
             kwargs.pop("negative_prompt_attention_mask", None),
         )
+        prompt = _prompt_inputs(self, kwargs)
         cfg = self._generation_config(generation_config, kwargs)
         speculative = assistant_model is not None or cfg.prompt_lookup_num_tokens is not None
         _refuse_unsupported(cfg, speculative)
         guidance = self._guidance(cfg, speculative, *negative)
+        quantized = _quantized_cache(cfg, speculative, past_key_values, embeds)
         if embeds is not None:
             _refuse_with_embeds(cfg, speculative, past_key_values)
             input_ids, attention_mask, cfg = embeds_prompt(self, input_ids, embeds, attention_mask, cfg)
@@ -170,7 +197,7 @@ class GenerationMixin:
                 what = "streamer" if streamer is not None else "past_key_values"
                 raise GenerationError(f"{what} cannot be used with beam search (num_beams > 1)")
             out = beam_search(self, input_ids, attention_mask, cfg, *custom, tokenizer, generator,
-                              prefix_allowed_tokens_fn, embeds, guidance=guidance)  # fmt: skip
+                              prefix_allowed_tokens_fn, embeds, guidance=guidance, prompt_inputs=prompt)  # fmt: skip
             if not cfg.return_dict_in_generate:
                 return out.sequences
             best = out.sequences_scores if cfg.output_scores else None
@@ -180,8 +207,8 @@ class GenerationMixin:
                 out.logits,
                 best,
                 out.beam_indices,
-                None,
-                None,
+                out.attentions,
+                out.hidden_states,
                 _kept(cfg, out.past_key_values),
             )
         return self._sample(
@@ -197,6 +224,8 @@ class GenerationMixin:
             assistant_model,
             embeds,
             guidance,
+            quantized,
+            prompt=prompt,
         )
 
     def _guidance(self, cfg, speculative: bool, negative_ids, negative_mask):
@@ -211,10 +240,10 @@ class GenerationMixin:
 
     def _sample(
         self, cfg, input_ids, attention_mask, custom, cache, prefix_fn, streamer, tokenizer, generator, draft, embeds,
-        guidance=None,
+        guidance=None, new_cache=None, prompt=None,
     ):  # fmt: skip
         """Greedy or sampled decoding through the token iterator (speculative with a draft model or prompt
-        lookup), collected as generate() returns it."""
+        lookup), collected as generate() returns it; on `new_cache` where given (a quantized one)."""
         n = cfg.num_return_sequences
         if n > 1:
             if cache is not None:
@@ -222,6 +251,8 @@ class GenerationMixin:
             input_ids = input_ids.repeat_interleave(n, 0)
             attention_mask = attention_mask.repeat_interleave(n, 0)
             embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
+            prompt = {k: v.repeat_interleave(n, 0) for k, v in (prompt or {}).items()}
+        cache = new_cache if new_cache is not None else cache
         if streamer is not None:
             streamer.put(input_ids.cpu())
         new, scores, logits, states, attentions = [], [], [], [], []
@@ -238,6 +269,7 @@ class GenerationMixin:
             draft,
             embeds,
             guidance=guidance,
+            prompt_inputs=prompt,
         )
         for step in steps:
             new.append(step.token)

@@ -133,11 +133,13 @@ def logits_processors(
     max_length: int | None = None,
     device: torch.device | str = "cpu",
     first: Callable | None = None,
+    vocab_size: int | None = None,
 ) -> LogitsProcessorList:
     """The processors cfg asks for, in transformers' order (_get_logits_processor): `first` (generate's
     classifier-free guidance, which runs the model), biases and penalties, length and token rules, the caller's
-    `custom` ones (each replacing a built-in one of its type), then when sampling the warpers, and log-softmax
-    last with renormalize_logits. Unset (None) fields are off."""
+    `custom` ones (each replacing a built-in one of its type), then when sampling the warpers, the watermark
+    (on `vocab_size` tokens, the model config's; None: the scores' width), and log-softmax last with
+    renormalize_logits. Unset (None) fields are off."""
     built = LogitsProcessorList(
         ([] if first is None else [first])
         + _penalties(cfg, prompt_length, attention_mask)
@@ -145,6 +147,8 @@ def logits_processors(
     )
     out = merge(built, custom)
     out.extend(_warpers(cfg, device))
+    if cfg.watermarking_config is not None:
+        out.append(cfg.watermarking_config.construct_processor(vocab_size, device))
     if cfg.renormalize_logits:
         out.append(LogitNormalization())
     return out

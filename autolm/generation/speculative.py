@@ -36,6 +36,7 @@ from ..errors import GenerationError
 from .candidates import Candidates, Draft, PromptLookup
 from .restart import room_before_switch
 from .sampling import choose
+from .target_draft import TargetDraft, reads_target
 
 
 def check_speculation(model, cfg, assistant_model) -> None:
@@ -70,11 +71,14 @@ def check_speculation(model, cfg, assistant_model) -> None:
 def speculate(run, logits: torch.Tensor, steps: int, assistant_model=None) -> Iterator:
     """Yield one Step per token, as generate_tokens does, from the prefill's last logits (B, V) on."""
     cfg = run.cfg
-    if assistant_model is not None:
+    if assistant_model is not None and reads_target(assistant_model):  # drafts from the prefill's state on
+        source = TargetDraft(assistant_model, run, run.states[0][-1])
+    elif assistant_model is not None:
         source = Draft(assistant_model, run, run.ids.shape[1] + steps)
     else:
         source = PromptLookup(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size or 2, cfg.eos_ids,
                               run.processors)  # fmt: skip
+    per_token = bool(cfg.returned_layers())  # the verifying forwards' states, split per token, where asked
     while True:
         raw = run.checked(logits)
         scores = run.processors(run.ids, raw)
@@ -85,6 +89,8 @@ def speculate(run, logits: torch.Tensor, steps: int, assistant_model=None) -> It
         while (verified := speculative_round(run, source, steps - run.emitted - 1)) is not None:
             tokens, raw, scores = verified
             for i in range(tokens.shape[1]):
+                if per_token:  # the verifying forward's row behind this token
+                    run.states = run.round_states[i]
                 yield run.emit(tokens[:, i], raw[:, i], scores[:, i])
                 if run.emitted >= steps or run.done:
                     return
@@ -104,29 +110,48 @@ def speculative_round(run, source, limit: int) -> tuple[torch.Tensor, torch.Tens
     mark = (
         run.cache.mark() if run.cache.states else None
     )  # recurrent layers: their states before the candidates
-    raw, scores = _verify(run, found.tokens)
+    reads = getattr(source, "reads_target", False)  # a draft that reads the target's last hidden states
+    raw, scores, hidden = _verify(run, found.tokens, reads)
     tokens, n = _accept(run, found, scores)
     if mark is not None and n < k:
         _replay(run, mark, found.tokens[:, :n])
     _keep(run, n, k)
     source.accepted(n, k)
+    if reads:
+        source.follow(hidden, n, run)
     return tokens, raw[:, : n + 1], scores[:, : n + 1]
 
 
-def _verify(run, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _verify(run, candidates: torch.Tensor, hidden: bool):
     """One forward of the model over the newest token and the candidates (B, k): raw logits and processed
-    scores (B, k + 1, V), position i scored with the prefix that ends at candidate i."""
+    scores (B, k + 1, V), position i scored with the prefix that ends at candidate i; with `hidden`, the last
+    hidden states (B, k + 1, h) too (else None)."""
     B, k = candidates.shape
     feed = torch.cat([run.ids[:, -1:], candidates], 1)
     run.mask = torch.cat([run.mask, run.mask.new_ones(B, k + 1)], 1)
     positions = run.pos + torch.arange(k + 1, device=run.pos.device)
+    asked = run.cfg.returned_layers()
     out = run.model(feed, attention_mask=run.mask, position_ids=positions, past_key_values=run.cache,
-                    logits_to_keep=k + 1)  # fmt: skip
+                    logits_to_keep=k + 1, **(dict(asked, output_hidden_states=True) if hidden else asked))  # fmt: skip
+    if asked:
+        run.round_states = _per_token(out, run.mask.shape[1] - k)
     raw = run.checked(out.logits)
     scores = torch.stack(
         [run.processors(torch.cat([run.ids, candidates[:, :i]], 1), raw[:, i]) for i in range(k + 1)], 1
     )
-    return raw, scores
+    return raw, scores, out.hidden_states[-1] if hidden else None
+
+
+def _per_token(out, keys: int) -> list[tuple[tuple | None, tuple | None]]:
+    """A verifying forward's hidden states (B, k + 1, h) and attentions (B, heads, k + 1, slots) per layer,
+    split per fed token as plain decoding gives them (transformers' _split_model_outputs): token i's row
+    (B, 1, h), and its attention over the `keys` + i slots up to its own."""
+    n = out.logits.shape[1]
+    hidden = [None if out.hidden_states is None else tuple(h[:, i : i + 1] for h in out.hidden_states)
+              for i in range(n)]  # fmt: skip
+    attentions = [None if out.attentions is None else tuple(a[:, :, i : i + 1, : keys + i] for a in out.attentions)
+                  for i in range(n)]  # fmt: skip
+    return list(zip(hidden, attentions))
 
 
 def _replay(run, mark, accepted: torch.Tensor) -> None:

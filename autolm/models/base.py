@@ -22,7 +22,7 @@ from ..nn import Forward, KVCache, Linear, OneToken, Rotary, default_positions, 
 from ..nn.checkpoint import CheckpointRules, GGUFLayout
 from ..saving import save_model, unique_state_dict
 from ..step import compiled_step, precompile
-from .image_text import IMAGE_TEXT_RULES, refuse_media
+from .image_text import IMAGE_TEXT_RULES, prompt_blocks, refuse_media
 from .interop import TransformersSurface, device_map_of
 from .output import CausalLMOutput, causal_lm_loss
 
@@ -106,12 +106,13 @@ class DecoderModel(nn.Module):
         kv_length: int,
         hidden_states: list | None = None,
         attentions: list | None = None,
+        block_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: input vectors (B, T, h). The new tokens sit at cache_position (T,) among kv_length key slots;
-        attention_mask (B, >= kv_length) marks real tokens, or is None. Returns normed hidden states."""
+        attention_mask (B, >= kv_length) marks real tokens, or is None (block_ids: Forward's). Normed states out."""
         x = self.scale_inputs(x, position_ids)
         rope = self.rotary.slot_tables(position_ids, cache_position, x.dtype)
-        ctx = Forward(rope, cache, cache_position, kv_length, attention_mask, x.shape[0], attentions)
+        ctx = Forward(rope, cache, cache_position, kv_length, attention_mask, len(x), attentions, block_ids)
         return self.run(x, ctx, hidden_states)
 
 
@@ -126,10 +127,10 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
     # read by their architecture; written where an instance's `gguf` is one (a model of that layout)
     gguf_more: ClassVar[tuple[GGUFLayout, ...]] = ()
     tp_patterns: ClassVar[dict[str, str]] = LLAMA_TP
-    _no_split_modules: ClassVar[list[str]] = []
     # the config's counts tensor parallelism must divide by the number of ranks (a family that runs its attention
     # whole on every rank names its MLP's alone)
     tp_divides: ClassVar[tuple] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    _no_split_modules: ClassVar[list[str]] = []
     base_model_prefix: ClassVar[str] = "model"  # the body's attribute (GPT-2: "transformer", with a `model`
     # property returning it: autolm's code reaches the body as `self.model` in every family)
     layers_prefix: ClassVar[str] = "model.layers"  # the decoder layers' module name (GPT-2: transformer.h)
@@ -324,7 +325,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         refuse_media(self, unused)
         h, cache, hidden, attentions = self.decoder_states(input_ids, attention_mask, position_ids, past_key_values,
                                                            inputs_embeds, use_cache, cache_position,
-                                                           output_hidden_states, output_attentions)  # fmt: skip
+                                                           output_hidden_states, output_attentions, unused.get("token_type_ids"))  # fmt: skip
         logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = (
             causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
@@ -335,7 +336,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
     def decoder_states(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                       cache_position, output_hidden_states, output_attentions):  # fmt: skip
+                       cache_position, output_hidden_states, output_attentions, token_type_ids=None):  # fmt: skip
         """The body's part of forward: (normed hidden states (B, T, h), the cache when kept, every layer's input
         and attention weights when asked, by argument or by config.output_hidden_states / output_attentions)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -364,7 +365,8 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         attentions = (
             [] if (cfg.output_attentions if output_attentions is None else output_attentions) else None
         )
-        h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions)
+        ids = prompt_blocks(cfg, token_type_ids, attention_mask, past, (B, T), end)  # a prefix: block_ids
+        h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions, **ids)
         if cache is not None:
             cache.length = max(cache.length, end)
         kept = cache if use_cache or past_key_values is not None else None

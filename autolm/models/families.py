@@ -139,6 +139,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "Gemma4UnifiedForCausalLM",
         "gemma4",
     ),  # image-text: its language model
+    # Gemma 4's drafter for speculative decoding (reads the target's state); llama.cpp has none
+    "gemma4_assistant": ("gemma4_assistant", "Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", None),
     "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
     "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
@@ -283,5 +285,5 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         None,
     ),  # llama.cpp has none
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
-}
     "blt": ("blt", "BltConfig", "BltForCausalLM", None),  # llama.cpp has none
+}

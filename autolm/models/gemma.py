@@ -106,24 +106,34 @@ def _gguf_derive(d: dict[str, Any], get) -> None:
 
 class PaliGemmaConfig(ImageTextConfig):
     """transformers' PaliGemmaConfig (PaliGemma, PaliGemma 2): its language model's, a Gemma unless text_config names
-    another family (PaliGemma 2's Gemma 2); the head tied by default. On input_ids alone (no token_type_ids, as
-    generate runs) transformers' PaliGemma 2 attends causally, its positions (1-based) rotating as autolm's; the
-    prefix's bidirectional block that token_type_ids ask for is not run (autolm's model, the text family's, does not
-    read them). transformers sets a Gemma's use_bidirectional_attention where text_config leaves it out, and then
-    attends over an unpadded prompt both ways (causally with padding or eager attention): refused unless false."""
+    another family (PaliGemma 2's Gemma 2); the head tied by default; positions (1-based in transformers) rotate as
+    autolm's. Its attention, as transformers' PaliGemma runs it (see image_text's prefix, not saved with the model):
+
+    - token_type_ids, in forward and generate: the tokens of type 0 form a prefix attended both ways (in the
+      prompt's forward; later tokens attend causally), `prefix_token_type`;
+    - without them: causal, except a Gemma whose use_bidirectional_attention is unset or true (PaliGemma 1's
+      files; transformers sets it true where unset): an unpadded batch's prompt then attends both ways (SDPA's
+      non-causal attention where transformers leaves its mask out), a padded one causally, `bidirectional_prompt`.
+      A Gemma 2 (PaliGemma 2) runs transformers' eager attention, whose mask is always causal.
+
+    The text model's config says use_bidirectional_attention false: saved, it is the causal text model."""
 
     model_type: ClassVar[str] = "paligemma"
     text_class: ClassVar[type] = GemmaConfig
     tie_default: ClassVar[bool | None] = True
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Any:
+        text = d.get("text_config") if isinstance(d, dict) else None
+        both = isinstance(text, dict) and text.get("use_bidirectional_attention") is not False
+        config = super().from_dict(d, source, **overrides)
+        config.prefix_token_type = 0
+        config.bidirectional_prompt = both and config.model_type == "gemma"
+        return config
+
+    @classmethod
     def adapt(cls, text: dict[str, Any]) -> None:
-        gemma = text.get("model_type", "gemma") == "gemma"
-        if gemma and text.get("use_bidirectional_attention") is not False:
-            raise ConfigError("paligemma: text_config.use_bidirectional_attention is unset or true: transformers' "
-                              "PaliGemma then attends over an unpadded prompt both ways, causally with padding; "
-                              "autolm runs the causal model only (set it false)")  # fmt: skip
-        text["use_bidirectional_attention"] = False
+        text["use_bidirectional_attention"] = False  # the text model's own (GemmaConfig refuses an encoder)
 
 
 class GemmaForCausalLM(CausalLM):

@@ -13,8 +13,8 @@ low-level (L) and a high-level (H) one, run over the same tokens in nested cycle
   (h * (L_cycles + 1) + l) * num_layers_per_stack + i, the H stack's at l = L_cycles;
 - L_bp_cycles: in training only the last L_bp_cycles[h] low-level passes of cycle h carry gradients (the list
   left-padded with 1s to H_cycles); no effect on what is computed;
-- prefix_lm: transformers' bidirectional prefix for tokens with token_type_ids == 1; without token_type_ids (what
-  generate and llama.cpp use) the mask is causal. autolm runs the causal mask only and refuses token_type_ids.
+- prefix_lm: transformers' bidirectional prefix for tokens with token_type_ids == 1 (in the prompt's forward, and in
+  generate; image_text's prefix); without token_type_ids (what llama.cpp runs) the mask is causal.
 
 The recurrence is the body's `run`: the one-token step and the torch.compile'd step run it as they are (each stack's
 layers under a context that shifts their cache slots); the per-layer compiled graphs (autolm.step.graphs) assume
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import _is_int, _is_number
 from ..config_fields import positive_ints
-from ..errors import ConfigError, GenerationError
+from ..errors import ConfigError
 from ..nn import Attention, GatedMLP, Linear, Rotary, embedding
 from ..nn.checkpoint import CheckpointRules, GGUFLayout, Rename, Split
 from .base import CausalLM, DecoderModel
@@ -115,6 +115,11 @@ class HrmTextConfig(LlamaConfig):
 
     def layer_window(self, i: int) -> int | None:
         return None  # transformers' HRM-Text builds a causal mask whatever the config says
+
+    @property
+    def prefix_token_type(self) -> int | None:
+        """The token type of the prefix attended both ways (image_text.prompt_blocks): 1 under prefix_lm."""
+        return 1 if self.prefix_lm else None
 
 
 class HrmTextAttention(Attention):
@@ -311,10 +316,3 @@ class HrmTextForCausalLM(CausalLM):
         return [
             torch.device("cpu" if d == "disk" else d) for d in (device_map[s] for s in self._slot_stacks())
         ]
-
-    def forward(self, *args, token_type_ids: torch.Tensor | None = None, **kwargs):
-        """transformers' forward; token_type_ids (the prefix-LM's bidirectional block) are refused."""
-        if token_type_ids is not None and self.config.prefix_lm and bool((token_type_ids == 1).any()):
-            raise GenerationError("token_type_ids: HRM-Text's bidirectional prefix (prefix_lm) is not supported by "
-                                  "autolm; its causal mask runs without token_type_ids")  # fmt: skip
-        return super().forward(*args, **kwargs)

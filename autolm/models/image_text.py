@@ -22,11 +22,23 @@ IMAGE_TEXT_RULES (every family's by default, models.base.CausalLM): the checkpoi
 (model.language_model.* in transformers 5, language_model.model.* / language_model.lm_head.* in older files,
 model.text_model.* in SmolVLM's, model.* in Qwen 2 VL's) mapped to the text model's, the vision tower's and
 projector's tensors skipped. Saved, the model is the text model.
+
+A prefix attended both ways (`prompt_blocks`, the block ids of autolm.nn's Forward, as transformers' block_sequence_ids):
+a config's `prefix_token_type` is the token type whose tokens form it (PaliGemma's 0, HRM-Text's 1 under prefix_lm):
+with token_type_ids those tokens of a row attend each other both ways, the rest causally; its
+`bidirectional_prompt`: without token_type_ids, a prompt of a batch without padding attends both ways (PaliGemma
+over a Gemma whose use_bidirectional_attention is unset: transformers' SDPA attention runs non-causal where it
+leaves its mask out, and with padding the causal mask it builds). Either applies to the first forward over an empty
+cache (the prompt's prefill, or a forward without a cache), as in transformers: later tokens attend causally, so the
+one-token decode steps run as they are.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError, GenerationError
 from ..nn import Ignored, Rename
@@ -67,6 +79,30 @@ def refuse_media(model: Any, inputs: dict[str, Any]) -> None:
             f"{type(model).__name__}.forward: {', '.join(given)} given, but autolm runs the language model of an "
             "image-text (or audio-text) checkpoint alone: pass input_ids (or inputs_embeds) only"
         )
+
+
+def prompt_blocks(
+    config: Any, token_type_ids: Any, attention_mask: torch.Tensor | None, past: int, shape: tuple, S: int
+) -> dict[str, torch.Tensor]:
+    """The body's block_ids ({} for the causal mask) for new tokens of `shape` (B, T) after `past` cached ones over
+    S key slots, by the config's prefix settings (see the module docstring); token_type_ids (B, T) where given."""
+    if past:
+        return {}
+    kind, types, T = getattr(config, "prefix_token_type", None), token_type_ids, shape[1]
+    if types is not None and kind is not None:
+        if not isinstance(types, torch.Tensor) or tuple(types.shape) != tuple(shape):
+            got = tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
+            raise GenerationError(
+                f"token_type_ids: a {tuple(shape)} tensor (a type per token) expected, got {got}"
+            )
+        blocks = torch.where(types == kind, 0, -1)
+    elif types is None and getattr(config, "bidirectional_prompt", False) and T == S:
+        if attention_mask is not None and not bool(attention_mask[:, :S].all()):
+            return {}
+        blocks = torch.zeros(1, T, dtype=torch.long)  # one block: each row's tokens attend each other
+    else:
+        return {}
+    return {"block_ids": F.pad(blocks, (0, S - T), value=-1)}
 
 
 class ImageTextConfig:

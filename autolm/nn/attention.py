@@ -46,6 +46,9 @@ class Forward:
     attention_mask: torch.Tensor | None  # (B, >= kv_length), 1 for real tokens
     batch: int
     attentions: list | None = None
+    # (B, >= kv_length) each key slot's block (transformers' block_sequence_ids): the slots of a block >= 0 attend
+    # each other both ways on top of the causal mask (a bidirectional prefix: models.image_text.prompt_blocks)
+    block_ids: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)  # layer -> (keys, values) it attended over, where it kept them
 
@@ -53,9 +56,8 @@ class Forward:
         """The boolean (B, 1, T, S) mask for a window size (None: full attention) or a chunk size, made once per
         forward."""
         if (window, chunk) not in self._masks:
-            self._masks[window, chunk] = build_mask(
-                window, self.attention_mask, self.cache_position, self.batch, self.kv_length, chunk
-            )
+            rest = (self.batch, self.kv_length, chunk, self.block_ids)
+            self._masks[window, chunk] = build_mask(window, self.attention_mask, self.cache_position, *rest)
         return self._masks[window, chunk]
 
     def attend(
@@ -301,13 +303,15 @@ def build_mask(
     B: int,
     S: int,
     chunk: int | None = None,
+    block_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (B, 1, T, S) for queries at cache_position over S key slots, causal and within the
     window (None: full attention) or the query's chunk (positions counted from each row's first real slot, after
-    its left padding); None where plain causal attention does (eager only)."""
+    its left padding), or in the query's block (block_ids (B, >= S), see Forward); None where plain causal
+    attention does (eager only)."""
     T = cache_position.shape[0]
     device = cache_position.device
-    if not torch.compiler.is_compiling():
+    if block_ids is None and not torch.compiler.is_compiling():
         has_padding = attention_mask is not None and not bool(attention_mask[:, :S].all())
         starts_at_zero = T == S  # a prompt with no past: the causal kernel applies as is
         local = (window is None or window >= S) and (chunk is None or chunk >= S)
@@ -327,6 +331,10 @@ def build_mask(
         )
         same = (q[None] - pads) // chunk == (kv[None] - pads) // chunk  # (B, T, S)
         allowed = allowed & same[:, None]
+    if block_ids is not None:  # transformers' blockwise overlay: or'ed with the causal (window, chunk) mask
+        keys = block_ids[:, :S].to(device)
+        queries = keys.index_select(1, cache_position)[:, :, None]  # (B, T, 1)
+        allowed = allowed | ((queries == keys[:, None, :]) & (queries >= 0))[:, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :S].bool()
         # A padding query would see nothing and give NaN: let it see itself (its output is never used).

@@ -46,10 +46,14 @@ class Engine:
     ):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
-        # speculative decoding while one request runs alone; prompt keys and values reused across requests
-        # (recurrent states from prompts' snapshots)
-        recurrent = getattr(model, "recurrent", False)
+        # an unpadded prompt attends both ways (PaliGemma 1, models.image_text): each read alone, whole, afresh
+        self.whole_prompts = bool(getattr(model.config, "bidirectional_prompt", False))
+        if self.whole_prompts:
+            self.prefill_chunk, prefix_cache = 1 << 62, 0
+        # speculative decoding while one request runs alone; prompt keys and values (recurrent states from prompts'
+        # snapshots) reused across requests
         self.speculation = speculation
+        recurrent = getattr(model, "recurrent", False)
         self.prefix = PrefixCache(prefix_cache, recurrent=recurrent) if prefix_cache > 0 else None
         self.pending: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
@@ -143,9 +147,9 @@ class Engine:
         try:
             rows = self._prefill_cached(joined)
             fresh = [s for s in joined if not any(s is r[0] for r in rows)]
-            if fresh:
-                cache = self._prefill(fresh)
-                rows += [(seq, cache, j) for j, seq in enumerate(fresh)]
+            for group in [[s] for s in fresh] if self.whole_prompts else [fresh] if fresh else []:
+                cache = self._prefill(group)
+                rows += [(seq, cache, j) for j, seq in enumerate(group)]
         except Exception as e:  # these requests fail; the running batch goes on
             for seq in joined:
                 seq.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
@@ -179,10 +183,8 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> KVCache:
         """Run the new prompts as one left-padded batch and sample each one's first token."""
-        dev = self.model.device
-        ids = pad_sequence([torch.tensor(s.prompt) for s in seqs], batch_first=True, padding_side="left").to(
-            dev
-        )
+        dev, prompts = self.model.device, [torch.tensor(s.prompt) for s in seqs]
+        ids = pad_sequence(prompts, batch_first=True, padding_side="left").to(dev)
         mask = pad_sequence(
             [torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True, padding_side="left"
         ).to(dev)

@@ -80,8 +80,11 @@ def compilable(model) -> bool:
 
 
 def _one_token_ok(model, cache, attention_mask) -> bool:
-    """Whether the one-token step gives this generation the general forward's results."""
+    """Whether the one-token step gives this generation the general forward's results (not on a cache that only
+    the forward's update() may write: a quantized one)."""
     if getattr(model, "decode_mode", "auto") == "forward" or not one_token_model(model):
+        return False
+    if getattr(cache, "appends_only", False):
         return False
     if (
         getattr(model, "hf_device_map", None)
@@ -167,7 +170,7 @@ def decoder(model, cache, attention_mask: torch.Tensor | None = None) -> Callabl
     """The step for this generation: step(tokens (B, 1), attention_mask (B, L), position_ids (B, 1), cache)
     -> logits (B, V). `model` may be a wrapper (a PeftModel); its base model's modules run."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.decode_step is not None:
+    if base.decode_step is not None and not getattr(cache, "appends_only", False):
         return lambda tokens, mask, positions, c: _static_step(base, tokens, mask, positions, c)
     if _one_token_ok(base, cache, attention_mask):
         eager = getattr(base, "decode_mode", "auto") == "eager" or os.environ.get("AUTOLM_EAGER", "0") != "0"
