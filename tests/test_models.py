@@ -15,6 +15,11 @@ def assert_real_tokens_close(out, ref, mask, atol):
         torch.testing.assert_close(out[b][real].float(), ref[b][real].float(), atol=atol, rtol=atol)
 
 
+# a left-padded row equals its unpadded run in autolm and not in transformers (MiniMax-M3's block-sparse layers:
+# README): compared with transformers' unpadded runs
+UNPADDED_REFERENCE = {"minimax_m3_vl_text"}
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_logits_match_transformers_left_padded(checkpoint, name):
     directory, ref_model = checkpoint(name)
@@ -24,6 +29,8 @@ def test_logits_match_transformers_left_padded(checkpoint, name):
     ids, mask = padded_batch(lengths=(14, 9, 4))
     with torch.no_grad():
         ref = ref_model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        for b in range(len(ids)) if name in UNPADDED_REFERENCE else ():
+            ref[b, mask[b].bool()] = ref_model(ids[b : b + 1, mask[b].bool()]).logits[0]
         out = model(ids, attention_mask=mask).logits
     assert out.dtype == ref.dtype
     # a recurrent family's chunked scans sum in another order than transformers' (within 1e-4, as its own tests)
