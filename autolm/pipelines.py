@@ -12,10 +12,18 @@ import torch
 
 from .errors import GenerationError
 from .load import from_pretrained
+from .pipelines_qa import QuestionAnsweringPipeline
+from .pipelines_spans import TokenClassificationPipeline
+from .pipelines_zero_shot import ZeroShotClassificationPipeline
 from .tokenizer import AutoTokenizer
 
-TASKS = ("text-generation", "text-classification", "sentiment-analysis", "feature-extraction")
-HEADS = {"text-generation": "causal_lm", "feature-extraction": "base"}  # the rest: sequence classification
+SPANS = {"token-classification": TokenClassificationPipeline, "ner": TokenClassificationPipeline,
+         "question-answering": QuestionAnsweringPipeline,
+         "zero-shot-classification": ZeroShotClassificationPipeline}  # fmt: skip
+TASKS = ("text-generation", "text-classification", "sentiment-analysis", "feature-extraction", *SPANS)
+HEADS = {"text-generation": "causal_lm", "feature-extraction": "base", "ner": "token_classification",
+         "token-classification": "token_classification", "question-answering": "question_answering"}  # fmt: skip
+# (the rest: sequence classification)
 
 
 def _is_chat(x: Any) -> bool:
@@ -200,13 +208,14 @@ def pipeline(
     model_kwargs: dict | None = None,
     batch_size: int = 1,
     **kwargs: Any,
-) -> TextGenerationPipeline | TextClassificationPipeline | FeatureExtractionPipeline:
-    """transformers' `pipeline` for "text-generation", "text-classification" (or "sentiment-analysis") and
-    "feature-extraction": a
-    model (or a folder / repo id to load one and its tokenizer from) and a tokenizer."""
+) -> Any:  # the task's pipeline: TextGenerationPipeline, TextClassificationPipeline, ... (SPANS)
+    """transformers' `pipeline` for "text-generation", "text-classification" (or "sentiment-analysis"),
+    "feature-extraction", "token-classification" (or "ner"), "question-answering" and "zero-shot-classification":
+    a model (or a folder / repo id to load one and its tokenizer from) and a tokenizer; the last three take their
+    call arguments here too."""
     if task not in TASKS:
         raise GenerationError(f"pipeline: task {task!r} is not supported (autolm runs {', '.join(TASKS)})")
-    if kwargs:
+    if kwargs and task not in SPANS:  # the span pipelines take their call arguments as defaults
         raise GenerationError(f"pipeline got unsupported arguments: {', '.join(sorted(kwargs))}")
     if isinstance(device, int):
         device = "cpu" if device < 0 else f"cuda:{device}"
@@ -228,5 +237,7 @@ def pipeline(
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    if task in SPANS:
+        return SPANS[task](model, tokenizer, batch_size, **kwargs)
     kinds = {"text-generation": TextGenerationPipeline, "feature-extraction": FeatureExtractionPipeline}
     return kinds.get(task, TextClassificationPipeline)(model, tokenizer, batch_size)
