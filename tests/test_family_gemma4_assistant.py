@@ -40,8 +40,7 @@ PROMPT = torch.tensor([[3, 17, 99, 5, 42, 7, 150, 11]])  # longer than the windo
 
 
 @contextlib.contextmanager
-def _buildable():
-    cls = configuration_gemma4.Gemma4TextConfig
+def _buildable(cls=configuration_gemma4.Gemma4TextConfig):  # gemma4_unified's text config class too
     released = cls.kv_sharing_modes
 
     def modes(self):

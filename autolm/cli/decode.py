@@ -28,6 +28,14 @@ def load_draft(args: argparse.Namespace, model, tok, background: bool = False) -
             f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} tokens and the "
             f"model's {model.config.vocab_size}; the draft must use the model's tokenizer"
         )
+    from ..errors import GenerationError
+    from ..generation.target_draft import reads_target
+
+    if reads_target(draft):  # it drafts from the model's state: a model it can read (Gemma 4 with KV sharing)
+        try:
+            draft.shared_kv_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        except GenerationError as e:
+            raise UsageError(f"--draft-model {args.draft_model}: {e}") from None
     source = load_source(args.draft_model, args) if background else None
     return {"assistant_model": draft}, prepare_decode(
         draft, tok, args, source=source, label="the draft model's"

@@ -53,6 +53,7 @@ class Gemma4AssistantConfig(Gemma4TextConfig):
     model_type: ClassVar[str] = "gemma4_assistant"
     text_model_type: ClassVar[str] = "gemma4_text"
     bool_fields: ClassVar[tuple[str, ...]] = (*Gemma4TextConfig.bool_fields, "use_ordered_embeddings")
+    must_be: ClassVar[tuple[tuple[str, Any], ...]] = _MUST_BE  # what its text_config must say
 
     tie_word_embeddings: bool = True
     backbone_hidden_size: int = 1536
@@ -101,7 +102,7 @@ class Gemma4AssistantConfig(Gemma4TextConfig):
 
     def _validate_gemma4(self) -> None:
         src = self.source
-        for name, value in _MUST_BE:
+        for name, value in self.must_be:
             if getattr(self, name) != value:
                 raise ConfigError(f"{src}: text_config.{name} must be {value!r} in a Gemma 4 assistant, found "
                                   f"{getattr(self, name)!r}")  # fmt: skip
@@ -211,9 +212,10 @@ class Gemma4AssistantForCausalLM(CausalLM):
     reads_target: ClassVar[bool] = True
     one_token_step: ClassVar[bool] = False
     _no_split_modules: ClassVar[list[str]] = ["Gemma4TextDecoderLayer"]
+    body_class: ClassVar[type] = Gemma4TextModel  # a variant's own body (gemma4_unified_assistant.py)
 
     def __init__(self, config: Any):
-        super().__init__(config, Gemma4TextModel(config))
+        super().__init__(config, self.body_class(config))
         for kind, layer in zip(config.layer_types, self.model.layers):
             layer.self_attn.kv_source = kind  # SharedKV gives it the target's keys and values of its type
         h, b = config.hidden_size, config.backbone_hidden_size

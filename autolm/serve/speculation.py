@@ -3,7 +3,13 @@ request runs alone, each engine step drafts candidates (from a draft model, or n
 tokens) and the model verifies them in one forward, as generate() does (autolm.generation.speculative): greedy
 requests get plain greedy decoding's tokens, sampled ones the same distribution. With two rows or more the
 batch takes the one-token step (a batch already reads each weight once for several tokens), and so do requests
-with a grammar (its state moves one token at a time)."""
+with a grammar (its state moves one token at a time).
+
+A draft model that reads the served model's state (Gemma 4's assistant: `reads_target`, generation.target_draft)
+drafts from the served model's last hidden state and shared keys and values: the lone row's first step (and its
+first after one-token steps, a batch's or a round's without candidates) is a one-token step whose forward also
+returns the last hidden state, from which the next rounds draft (`TargetDraft`); each verifying forward returns
+the next one."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 
 from ..generation.candidates import Draft, PromptLookup
 from ..generation.speculative import speculative_round
+from ..generation.target_draft import TargetDraft, reads_target
 
 
 @dataclass
@@ -71,7 +78,11 @@ def speculative_step(engine, seq, speculation: Speculation) -> bool:
     """One round of drafting and verifying for the engine's only row, its tokens taken as decode steps take
     theirs; False where no candidates were found (nothing ran: the engine takes its one-token step)."""
     run = RowRun(engine, seq)
-    if seq.speculation is None:
+    if reads_target(speculation.draft_model):
+        if getattr(seq.speculation, "at", None) != run.ids.shape[1]:  # no hidden state at the newest token
+            _prime(engine, seq, run, speculation.draft_model)
+            return True
+    elif seq.speculation is None:
         seq.speculation = speculation.source(run)
     verified = speculative_round(run, seq.speculation, seq.config.max_new_tokens - len(seq.tokens) - 1)
     if verified is None:
@@ -84,3 +95,18 @@ def speculative_step(engine, seq, speculation: Speculation) -> bool:
         if seq.cancelled:  # finished (a stop, EOS or length) or failed: the rest is not its text
             break
     return True
+
+
+def _prime(engine, seq, run: RowRun, draft) -> None:
+    """The one-token step for the engine's only row, its forward also returning the served model's last hidden
+    state: the TargetDraft the next rounds draft from, as generate()'s prefill over the row's tokens leaves it
+    (the keys and values it reads those of every slot cached, a sliding layer's cut by its mask)."""
+    run.mask = torch.cat([run.mask, run.mask.new_ones(1, 1)], 1)
+    out = run.model(run.ids[:, -1:], attention_mask=run.mask, position_ids=run.pos, past_key_values=run.cache,
+                    logits_to_keep=1, output_hidden_states=True)  # fmt: skip
+    seq.speculation = TargetDraft(draft, run, out.hidden_states[-1])
+    seq.speculation.span = (0, run.cache.length)  # the slots "the last forward" wrote: all, as a prefill's
+    engine.mask = run.mask
+    engine.steps += 1
+    seq.cached += 1
+    engine.take(seq, out.logits[0, -1])
