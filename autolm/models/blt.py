@@ -281,6 +281,7 @@ class BltForCausalLM(CausalLM):
     checkpoint_stack: ClassVar[str] = "model.local_decoder.layers"  # autolm.load's size check: the decoder's
     one_token_step: ClassVar[bool] = False  # every forward runs the whole sequence (see the module docstring)
     recurrent: ClassVar[bool] = True  # the cache's state (the bytes so far) cannot go back a token
+    rows_apart: ClassVar[bool] = True  # padding moves a row's patches: served rows run alone (serve.rows)
     compiled_graphs: ClassVar[bool] = False
     tp_patterns: ClassVar[dict[str, str]] = {}  # transformers has no tensor-parallel plan for BLT
     _no_split_modules: ClassVar[list[str]] = ["BltTransformerLayer", "BltCrossAttention"]

@@ -21,10 +21,10 @@ from torch.nn.utils.rnn import pad_sequence
 from ..generation import Detokenizer, choose
 from ..generation.restart import recompute, switch_length
 from ..models import KVCache
-from ..step import decoder
 from .events import Delta, Entry, Failed, Finished
 from .prefix import PrefixCache
-from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry, gather
+from .rows import decoder, gather, prefill_groups
+from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry
 from .speculation import Speculation, eligible, speculative_step
 
 
@@ -147,7 +147,7 @@ class Engine:
         try:
             rows = self._prefill_cached(joined)
             fresh = [s for s in joined if not any(s is r[0] for r in rows)]
-            for group in [[s] for s in fresh] if self.whole_prompts else [fresh] if fresh else []:
+            for group in prefill_groups(self.model, fresh, self.whole_prompts):  # (rows.py)
                 cache = self._prefill(group)
                 rows += [(seq, cache, j) for j, seq in enumerate(group)]
         except Exception as e:  # these requests fail; the running batch goes on
@@ -259,7 +259,7 @@ class Engine:
         # the decode step for this batch (autolm.step: right-aligned rows take the one-token step, compiled
         # where the model's graphs are cached), until rows join or leave
         with adapters_of(self.model, self.active):  # the step's kind is chosen under the rows' adapters
-            self.decode = decoder(self.model, self.cache, self.mask)
+            self.decode = decoder(self.model, self.cache, self.mask, self.active)
 
     @torch.inference_mode()
     def _step(self) -> None:

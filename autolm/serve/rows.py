@@ -1,0 +1,76 @@
+"""How the engine's rows share a forward. Usually as one batch: new prompts left-padded together, the running
+rows' caches right-aligned under a padding mask, which keeps each row's results its own.
+
+A model whose padding reaches the real tokens' results says `rows_apart` (BLT: its patcher and global transformer
+see no padding mask, so a padded row's bytes fall into other patches). Its rows run apart: each prompt is prefilled
+alone, and the batch cache is `Rows`, each row's own cache (unpadded), which a decode step runs one row at a time
+under that row's adapter; a row running alone has its plain cache (speculation takes it as it is). Each request's
+tokens are then those of generate() on its prompt alone, continuous batching, chunked prefill and prefix caching
+unchanged around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..step import decoder as step_decoder
+from . import sequence
+from .sequence import adapters_of
+
+
+def apart(model) -> bool:
+    """Whether the model's rows run apart (padding in a batch would change the other tokens' results)."""
+    return bool(getattr(model, "rows_apart", False))
+
+
+class Rows:
+    """The batch cache of a model whose rows run apart: each row's own cache of one row."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+
+def prefill_groups(model, seqs: list, whole: bool) -> list[list]:
+    """The new requests' prefill batches: one left-padded batch, or each request alone (`whole`: its prompt attends
+    both ways unpadded; or the model's rows run apart)."""
+    return [[s] for s in seqs] if whole or apart(model) else [seqs] if seqs else []
+
+
+def gather(model, rows: list[tuple], longest: int):
+    """The batch cache of rows (cache, row, tokens): sequence.gather's right-aligned batch, or with rows apart each
+    row's own cache (Rows; a lone row's plain cache)."""
+    if not apart(model):
+        return sequence.gather(model, rows, longest)
+    caches = [_own(model, c, r, n) for c, r, n in rows]
+    return caches[0] if len(caches) == 1 else Rows(caches)
+
+
+def _own(model, cache, row: int, n: int):
+    """Row `row` of a cache as a cache of its own (the cache itself where it holds that row alone)."""
+    if isinstance(cache, Rows):
+        return cache.caches[row]
+    if cache.batch_size == 1 and cache.length == n:
+        return cache
+    return sequence.gather(model, [(cache, row, n)], n)
+
+
+def decoder(model, cache, mask: torch.Tensor | None, seqs: list) -> Callable:
+    """The decode step for the batch (autolm.step's), or over Rows each row's own step, one row at a time
+    (tokens and positions (B, 1) -> logits (B, V); the engine's padding mask is not needed there)."""
+    if not isinstance(cache, Rows):
+        return step_decoder(model, cache, mask)
+    steps = []
+    for c, s in zip(cache.caches, seqs):
+        with adapters_of(model, [s]):
+            steps.append(step_decoder(model, c, None))
+
+    def run(tokens: torch.Tensor, _mask, positions: torch.Tensor, _cache) -> torch.Tensor:
+        out = []
+        for i, (c, s, step) in enumerate(zip(cache.caches, seqs, steps)):
+            with adapters_of(model, [s]):
+                out.append(step(tokens[i : i + 1], None, positions[i : i + 1], c))
+        return torch.cat(out)
+
+    return run
