@@ -77,6 +77,53 @@ def test_generate_matches_transformers(models, backend, nbits, axis, group, batc
             torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_fp8_matches_transformers(models, rows):
+    """backend "fp8" (pure torch, no oracle to install): greedy tokens and scores as transformers', and the final
+    cache's float8 codes (1 byte a value) bit for bit and per-tensor scales. Two rows without padding (the scale
+    spans the batch, and a padded row's keys after the first layer are each library's own)."""
+    ref, got = models
+    ids = torch.tensor([[1, 17, 33, 5, 99, 42, 7, 8], [1, 40, 41, 12, 3, 9, 60, 2]][:rows])
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+              cache_implementation="quantized", cache_config={"backend": "fp8"})  # fmt: skip
+    want, out = ref.generate(ids, **kw), got.generate(ids, **kw)
+    assert torch.equal(out.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
+    plain = got(out.sequences).logits
+    assert not torch.allclose(out.scores[-1], plain[:, -2], atol=1e-3)  # the quantization shows
+    cache = out.past_key_values
+    assert not cache.residual and cache.get_seq_length() == want.past_key_values.get_seq_length()
+    for i, layer in enumerate(want.past_key_values.layers):
+        for mine, (codes, scale) in zip(cache.quantized[i], (layer._quantized_keys, layer._quantized_values)):
+            assert mine.codes.dtype == torch.float8_e4m3fn and mine.codes.element_size() == 1
+            assert torch.equal(mine.codes.view(torch.uint8), codes.view(torch.uint8))
+            # the scale: the keys' largest magnitude, to the forward's float rounding
+            torch.testing.assert_close(mine.scale, scale, atol=0, rtol=1e-6)
+            torch.testing.assert_close(dequantize(mine), layer._dequantize((codes, scale)), atol=0, rtol=1e-6)
+    assert cache.nbytes == sum(q.codes.numel() + 4 for pair in cache.quantized.values() for q in pair)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_updates_equal_transformers_layer(dtype):
+    """Update by update, the keys and values returned equal transformers' Fp8QuantizedLayer's bit for bit: the prompt
+    unquantized, then every token dequantized in the prompt's dtype at the prompt's scale (values past its range
+    saturate), an all-zero prompt's scale float32's tiny. (transformers' bfloat16 forward rounds otherwise than
+    autolm's, so whole generations are compared in float32 above.)"""
+    from transformers.cache_utils import Fp8QuantizedLayer
+
+    g = torch.Generator().manual_seed(0)
+    for first in (torch.randn(2, 2, 5, 8, generator=g), torch.zeros(2, 2, 5, 8)):
+        theirs, ours = Fp8QuantizedLayer(), QuantizedCache("fp8")
+        steps = [first, torch.randn(2, 2, 1, 8, generator=g) * 10, torch.randn(2, 2, 2, 8, generator=g)]
+        for t in steps:
+            k, v = t.to(dtype), (t * 0.5 - 0.1).to(dtype)
+            want = theirs.update(k, v)
+            got = ours.update(0, k, v, torch.arange(1), 0)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+        assert all(q.nbytes == q.codes.numel() + 4 for q in ours.quantized[0])
+
+
 def test_memory_is_packed(models):
     """The cache holds packed codes (2 bits: 4 to a byte) plus a float32 scale and shift per group of 48, and the
     residual's 3 tokens in full precision: under a quarter of the float32 keys and values here."""
@@ -153,6 +200,7 @@ def test_quantize_equals_backend(backend, dtype):
     "config,field",
     [
         ({"backend": "fp4"}, "backend"),
+        ({"backend": "fp8", "residual_length": 4}, "residual_length"),  # fp8 takes no group-wise setting
         ({"backend": "quanto", "nbits": 3}, "nbits"),
         ({"backend": "hqq", "axis_key": -1}, "axis_key"),
         ({"axis_value": 2}, "axis_value"),

@@ -1,5 +1,5 @@
-"""Group-wise affine quantization of key/value tensors, as transformers' quantized cache runs it with its two
-integer backends, reimplemented here (autolm imports neither):
+"""Quantization of key/value tensors as transformers' quantized cache runs it with its three backends (group-wise
+affine integers, per-tensor float8), reimplemented here (autolm imports neither integer library):
 
 - "quanto" (optimum-quanto's MaxOptimizer + quantize_weight, as QuantoQuantizedLayer calls them): groups of
   `group_size` values, each with scale (max - min) / (2**bits - 1) and shift -min in the tensor's dtype; a code is
@@ -14,6 +14,10 @@ integer backends, reimplemented here (autolm imports neither):
 
 The codes are stored packed, 8 // bits to a byte (`Packed`: 3-bit codes two to a byte), with the per-group scale
 and shift or zero.
+
+- "fp8" (transformers' Fp8QuantizedLayer, pure torch): the whole tensor in float8_e4m3fn (`Fp8`: 1 byte a value)
+  as float32 x / scale, one float32 scale max|x| / 448 (at least float32's tiny) taken from the first tensor and
+  kept for the values appended later; back as float32 code * scale in the first tensor's dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +47,39 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.shift))
 
 
+@dataclass
+class Fp8:
+    """A tensor in 8-bit floating point (float8_e4m3fn codes, 1 byte a value) with one float32 scale for all of it,
+    dequantized to `dtype`."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor  # 0-dim float32
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale))
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_codes(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t's float8_e4m3fn codes at `scale` (float32 t / scale, cast)."""
+    return (t.float() / scale).to(FP8)
+
+
+def fp8(t: torch.Tensor) -> Fp8:
+    """t quantized with its scale calibrated on its largest magnitude (transformers' first update)."""
+    scale = (t.abs().amax().float() / torch.finfo(FP8).max).clamp(min=torch.finfo(torch.float32).tiny)
+    return Fp8(fp8_codes(t, scale), scale, t.dtype)
+
+
+def fp8_append(q: Fp8, t: torch.Tensor, dim: int = -2) -> Fp8:
+    """q with t appended along `dim`, quantized at q's scale."""
+    return Fp8(torch.cat([q.codes, fp8_codes(t, q.scale)], dim=dim), q.scale, q.dtype)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (any shape, values < 2**bits) as bytes, 8 // bits codes to a byte (the first in the low bits)."""
     per = 8 // bits
@@ -68,8 +105,10 @@ def quantize(t: torch.Tensor, backend: str, bits: int, axis: int, group_size: in
     return _hqq(t, bits, axis, group_size, field)
 
 
-def dequantize(q: Packed) -> torch.Tensor:
-    """The tensor a Packed stands for, in its scale's dtype, as the backend computes it."""
+def dequantize(q: Packed | Fp8) -> torch.Tensor:
+    """The tensor a Packed (or Fp8) stands for, in its scale's dtype (Fp8's own), as the backend computes it."""
+    if isinstance(q, Fp8):
+        return (q.codes.float() * q.scale).to(q.dtype)
     codes = unpack(q.codes, q.bits, q.grouped)
     if q.backend == "hqq":
         return ((codes.to(q.scale.dtype) - q.shift) * q.scale).reshape(q.shape)

@@ -1,11 +1,14 @@
 """transformers' QuantizedCache (generate(cache_implementation="quantized", cache_config={...})): keys and values
-kept quantized (kv_quant.py: the "quanto" and "hqq" backends' arithmetic), the newest tokens in full precision.
+kept quantized (kv_quant.py: the "quanto", "hqq" and "fp8" backends' arithmetic), the newest tokens in full precision
+with the integer backends.
 
 As transformers' QuantizedLayer, per layer: the first forward (the prompt) quantizes all its keys and values and
 attends over them unquantized; every later forward attends over the dequantized tokens, the full-precision
 residual and its new tokens, and then, where the residual and the new tokens reach `residual_length`, quantizes
 all of those again (the dequantized ones once more, with groups over the whole sequence) and empties the residual;
-else the new tokens join the residual. Only models whose every layer attends over all earlier tokens with its own
+else the new tokens join the residual. As Fp8QuantizedLayer, "fp8" keeps no residual: the first forward quantizes
+each layer's keys and values per tensor (its scale kept), every later one appends its new tokens quantized at that
+scale and attends over all the tokens dequantized (its new ones too). Only models whose every layer attends over all earlier tokens with its own
 keys take one (transformers' condition), and decoding runs the general forward (no one-token or compiled step).
 """
 
@@ -18,7 +21,7 @@ import torch
 
 from ..errors import GenerationError
 from .cache import KVCache
-from .kv_quant import Packed, dequantize, quantize
+from .kv_quant import Fp8, Packed, dequantize, fp8, fp8_append, quantize
 
 # per backend: the nbits and axes it takes (transformers' checks)
 _BACKENDS = {"quanto": ((2, 4), (0, -1)), "hqq": ((1, 2, 3, 4, 8), (0, 1))}
@@ -27,16 +30,19 @@ DEFAULTS = {"nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64, "res
 
 def check_settings(backend: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings with transformers' defaults for those unset (None); GenerationError naming a bad one."""
-    if backend not in _BACKENDS:
-        raise GenerationError(
-            f"cache_config['backend'] must be 'quanto' or 'hqq' (autolm keeps no 'fp8' quantized cache), "
-            f"got {backend!r}"
-        )
+    if backend not in (*_BACKENDS, "fp8"):
+        raise GenerationError(f"cache_config['backend'] must be 'quanto', 'hqq' or 'fp8', got {backend!r}")
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise GenerationError(
             f"cache_config has unknown keys {unknown} (expected backend, {', '.join(DEFAULTS)})"
         )
+    if backend == "fp8":  # per tensor, no residual: none of the group-wise settings (as transformers)
+        given = [k for k in DEFAULTS if settings.get(k) is not None]
+        if given:
+            raise GenerationError(f"cache_config {given} must be unset for the fp8 backend (it quantizes per tensor "
+                                  f"with no residual); the quanto and hqq backends take them")  # fmt: skip
+        return dict.fromkeys(DEFAULTS)
     out = {k: DEFAULTS[k] if settings.get(k) is None else settings[k] for k in DEFAULTS}
     bits, axes = _BACKENDS[backend]
     for name, allowed in (("nbits", bits), ("axis_key", axes), ("axis_value", axes)):
@@ -92,7 +98,7 @@ class QuantizedCache(KVCache):
             s["axis_value"],
             s["residual_length"],
         )
-        self.quantized: dict[int, tuple[Packed, Packed]] = {}  # layer -> quantized (keys, values)
+        self.quantized: dict[int, tuple[Packed | Fp8, Packed | Fp8]] = {}  # layer -> quantized (keys, values)
         self.residual: dict[
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # layer -> full-precision (keys, values)
@@ -152,6 +158,9 @@ class QuantizedCache(KVCache):
         if layer not in self.quantized:
             self.quantized[layer] = self._quantize(k, v)
             return k, v
+        if self.backend == "fp8":  # appended at the first forward's scale; every token back dequantized
+            self.quantized[layer] = tuple(fp8_append(q, t) for q, t in zip(self.quantized[layer], (k, v)))
+            return tuple(dequantize(q) for q in self.quantized[layer])
         old = self.residual.get(layer)
         held = [dequantize(q) for q in self.quantized[layer]]
         keys = torch.cat([held[0]] + ([old[0]] if old else []) + [k], dim=-2)
@@ -165,7 +174,9 @@ class QuantizedCache(KVCache):
             )
         return keys, values
 
-    def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[Packed, Packed]:
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[Packed | Fp8, Packed | Fp8]:
+        if self.backend == "fp8":
+            return fp8(k), fp8(v)
         q = (self.backend, self.nbits)
         return (
             quantize(k.contiguous(), *q, self.axis_key, self.q_group_size, "keys"),
@@ -185,7 +196,7 @@ class QuantizedCache(KVCache):
 
     @property
     def nbytes(self) -> int:
-        """The bytes the cache holds: packed codes, scales and shifts, and the full-precision residual."""
+        """The bytes the cache holds: packed codes (float8 ones), scales and shifts, and the full-precision residual."""
         held = sum(q.nbytes for pair in self.quantized.values() for q in pair)
         return held + sum(t.numel() * t.element_size() for pair in self.residual.values() for t in pair)
 
