@@ -51,6 +51,11 @@ def check_speculation(model, cfg, assistant_model) -> None:
         raise GenerationError(
             f"{what} works with greedy decoding and sampling, not beam search (num_beams > 1)"
         )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "bidirectional_forward", False):
+        raise GenerationError(f"{what} cannot be used with {base.config.model_type}: its forward's tokens attend "
+                              "each other both ways, so candidates verified together differ from tokens decoded "
+                              "one at a time")  # fmt: skip
     if assistant_model is None:
         return
     draft = (

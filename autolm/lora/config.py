@@ -41,7 +41,7 @@ lfm2 dbrx phimoe afmoe gemma4_text llama4_text jais2 cwm solar_open youtu hyperc
 lfm3 laguna step3p5 mellum olmo_hybrid iquestcoder kolibri1 flint axk1 axk2 beam cohere_compass_text qwen4_exp_text hunyuan_vl_text
 diffllama jetmoe zamba2 minimax zamba deepseek_v32 glm_moe_dsa dots3_note_text dots3_note longcat_flash mistral4 kimi_linear hy_v4 deepseek_v4 bailing_hybrid
 minimax_m3_vl_text glm5_next_text glm5_next hrm_text gemma4_unified_text zaya recurrent_gemma persimmon xglm biogpt openai-gpt ctrl doge
-inkling_text inkling2_text xlstm modernbert-decoder mllama_text_model emu3_text_model aria_text gpt_neox_japanese blt
+inkling_text inkling2_text xlstm modernbert-decoder mllama_text_model emu3_text_model aria_text gpt_neox_japanese blt cpmant
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"

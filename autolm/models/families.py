@@ -121,6 +121,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "biogpt": ("biogpt", "BioGptConfig", "BioGptForCausalLM", None),
     "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
     "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
+    "cpmant": ("cpmant", "CpmAntConfig", "CpmAntForCausalLM", None),  # llama.cpp has none
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
     "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none

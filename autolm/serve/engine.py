@@ -46,8 +46,9 @@ class Engine:
     ):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
-        # an unpadded prompt attends both ways (PaliGemma 1, models.image_text): each read alone, whole, afresh
-        self.whole_prompts = bool(getattr(model.config, "bidirectional_prompt", False))
+        # prompts attending both ways (PaliGemma 1's unpadded ones, CPM-Ant's): each read alone, whole, afresh
+        both = getattr(model, "bidirectional_forward", False)
+        self.whole_prompts = both or getattr(model.config, "bidirectional_prompt", False)
         if self.whole_prompts:
             self.prefill_chunk, prefix_cache = 1 << 62, 0
         # speculative decoding while one request runs alone; prompt keys and values (recurrent states from prompts'
@@ -185,9 +186,8 @@ class Engine:
         """Run the new prompts as one left-padded batch and sample each one's first token."""
         dev, prompts = self.model.device, [torch.tensor(s.prompt) for s in seqs]
         ids = pad_sequence(prompts, batch_first=True, padding_side="left").to(dev)
-        mask = pad_sequence(
-            [torch.ones(len(s.prompt), dtype=torch.long) for s in seqs], batch_first=True, padding_side="left"
-        ).to(dev)
+        ones = [torch.ones(len(s.prompt), dtype=torch.long) for s in seqs]
+        mask = pad_sequence(ones, batch_first=True, padding_side="left").to(dev)
         cache = self.model.make_cache(len(seqs), ids.shape[1])
         every = any(s.prompt_logprobs is not None for s in seqs)
         logits = self._prefill_logits(seqs, ids, mask, cache, every)

@@ -66,7 +66,8 @@ class RowRun:
 
 def eligible(engine, speculation: Speculation | None) -> Any:
     """The row to speculate for at this step, or None: one row alone, no request waiting, no grammar."""
-    if speculation is None or len(engine.active) != 1 or not engine.pending.empty():
+    both = getattr(engine.model, "bidirectional_forward", False)  # verifying would not be decoding (CPM-Ant)
+    if speculation is None or both or len(engine.active) != 1 or not engine.pending.empty():
         return None
     seq = engine.active[0]
     left = seq.config.max_new_tokens - len(seq.tokens)
