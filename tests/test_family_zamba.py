@@ -80,6 +80,12 @@ def test_one_token_step(tmp_path_factory):
 
 
 def test_recurrent(tmp_path_factory, tmp_path):
+    """The recurrent battery, the compiled step's graphs (check_compiled_step) included: the hybrid layers take
+    the embeddings as one more graph input (compilable, so the check runs the graphs, not the eager step)."""
+    from autolm import step
+
+    directory, _ = ZAMBA.checkpoint(tmp_path_factory)
+    assert step.compilable(autolm.AutoModelForCausalLM.from_pretrained(directory))
     ZAMBA.check_recurrent(tmp_path_factory, tmp_path)
 
 

@@ -142,13 +142,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     ),  # image-text: its language model
     # Gemma 4's drafter for speculative decoding (reads the target's state); llama.cpp has none
     "gemma4_assistant": ("gemma4_assistant", "Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", None),
-    "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
     "gemma4_unified_assistant": (
         "gemma4_unified_assistant",
         "Gemma4UnifiedAssistantConfig",
         "Gemma4UnifiedAssistantForCausalLM",
         None,
     ),
+    "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", "minimax-m2"),
     "minimax_m3_vl_text": ("minimax_m3", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax_m3_vl": ("minimax_m3", "MiniMaxM3VLConfig", "MiniMaxM3VLForCausalLM", "minimax-m3"),
     "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", "minimax-01"),

@@ -287,8 +287,14 @@ class Zamba2Model(DecoderModel):
     def __init__(self, config: Zamba2Config):
         super().__init__(config, make_layer, RMSNorm(config.hidden_size, config.rms_norm_eps))
 
+    def layer_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What every shared block reads from the context beside its layer's input: the input embeddings (the
+        compiled step's graphs take them as one more input)."""
+        return {"embeddings": x}
+
     def run(self, x: torch.Tensor, ctx, hidden_states: list | None = None) -> torch.Tensor:
-        ctx.embeddings = x  # what every shared block reads beside its layer's input
+        for name, t in self.layer_inputs(x).items():
+            setattr(ctx, name, t)
         return super().run(x, ctx, hidden_states)
 
 
@@ -304,7 +310,6 @@ class Zamba2ForCausalLM(CausalLM):
 
     config_class = Zamba2Config
     recurrent: ClassVar[bool] = True  # the Mamba-2 layers' states
-    compiled_graphs: ClassVar[bool] = False  # hybrid layers take the embeddings too: the eager step
     tp_patterns: ClassVar[dict[str, str]] = {}  # none in transformers
     _no_split_modules: ClassVar[list[str]] = ["Zamba2HybridLayer", "Zamba2MambaDecoderLayer"]
     shared_name: ClassVar[str] = "shared_transformer"  # the hybrid layers' module holding the shared block

@@ -53,15 +53,19 @@ class _State(dict):
 
 
 class _LayerGraph(nn.Module):
-    """forward([x, keys, values, seen, span, (starts,) cos/sin per RoPE kind..., its recurrent state's tensors...,
-    the layer's tensors...]) -> [x after the layer, the state after the token..., the matmul inputs...]; `seen`
-    and `span` are tensors whose lengths are the slots. A batched graph takes a dynamic number of rows and each
-    row's first real slot (`starts`)."""
+    """forward([x, keys, values, seen, span, (starts,) cos/sin per RoPE kind..., the body's layer inputs..., its
+    recurrent state's tensors..., the layer's tensors...]) -> [x after the layer, the state after the token...,
+    the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots. A batched graph takes a
+    dynamic number of rows and each row's first real slot (`starts`). The layer inputs (`inputs`, their names:
+    layer_inputs) are set on the context as the body's run sets them."""
 
-    def __init__(self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool, states: int = 0):
+    def __init__(
+        self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool, states: int = 0, inputs=()
+    ):
         super().__init__()
         self._layer = [layer]  # not a submodule: its tensors are inputs, never constants of the graph
         self.names, self.kinds, self.batched, self.states = names, kinds, batched, states
+        self.inputs = tuple(inputs)
 
     def forward(self, inputs: list):
         x, keys, values, seen, span = inputs[:5]
@@ -73,8 +77,12 @@ class _LayerGraph(nn.Module):
         torch._check(span.shape[0] <= seen.shape[0])
         torch._check(seen.shape[0] <= keys.shape[2])
         i += 2 * n
+        shared = dict(zip(self.inputs, inputs[i : i + len(self.inputs)]))
+        i += len(self.inputs)
         state = _State(tuple(inputs[i : i + self.states])) if self.states else None
         ctx = OneToken(rope, keys, values, seen.shape[0], span.shape[0], starts, states=state)
+        for name, t in shared.items():
+            setattr(ctx, name, t)
         params = dict(zip(self.names, inputs[i + self.states :]))
         with kernels.realized_inputs(self.batched) as realized:
             out = torch.func.functional_call(self._layer[0], params, (x, ctx))
@@ -111,6 +119,13 @@ class Plan:
 
     def __init__(self, layers: list, head: tuple, kinds: list[str]):
         self.layers, self.head, self.kinds = layers, head, kinds
+
+
+def layer_inputs(body: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every layer reads from its context beside its input, by name, from the first layer's input x: the body's
+    `layer_inputs(x)` (Zamba's embeddings), none for most models. The graphs take them as inputs."""
+    inputs = getattr(body, "layer_inputs", None)
+    return dict(sorted(inputs(x).items())) if inputs is not None else {}
 
 
 def tensors_of(module: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
@@ -193,19 +208,21 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     starts = [torch.zeros(rows, dtype=torch.long)] if batched else []
     b = {0: "batch"} if batched else None
     states = _example_states(model, x, tables, starts)
+    shared = {k: t.clone() for k, t in layer_inputs(body, x).items()}  # not x itself: export dedups aliases
     jobs = []
     for i, (layer, (n_kv, hd)) in enumerate(zip(body.layers, model.attention_shapes())):
         names, tensors = tensors_of(layer)
         attn = next((m for m in layer.modules() if hasattr(m, "num_kv_heads")), None)
         cache = torch.zeros(rows, n_kv, 6, hd, dtype=model.cache_dtype())
         state = [t.clone() for t in states.get(i, ())]
-        example = [x, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *starts, *example_tables, *state]
+        example = [x, cache, cache.clone(), _ONE.expand(5), _ONE.expand(3), *starts, *example_tables]
+        example += [*shared.values(), *state]
         dynamic = [b, {2: "capacity", **(b or {})}, {2: "capacity", **(b or {})}, {0: "seen"}, {0: "span"}]
-        dynamic += [b] * (len(starts) + len(example_tables) + len(state))
+        dynamic += [b] * (len(starts) + len(example_tables) + len(shared) + len(state))
         example += tensors
         dynamic += [None] * len(tensors)
-        graph = _LayerGraph(layer, names, kinds, batched, len(state))
-        key = _describe("layer", layer, example, (kinds, batched))
+        graph = _LayerGraph(layer, names, kinds, batched, len(state), shared)
+        key = _describe("layer", layer, example, (kinds, batched, *shared))
         local = (
             (getattr(attn, "sliding_window", None), getattr(attn, "chunk", None))
             if not state
@@ -287,17 +304,22 @@ def exported(model, batched: bool = False) -> Plan:
     return Plan(layers, (done[jobs[-1][4]], jobs[-1][3]), kinds)
 
 
-def run(plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None) -> torch.Tensor:
-    """One token x (1, 1, h) written at cache `slot` through the compiled layers and head -> logits (1, 1, V)."""
+def run(
+    plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None, inputs=None
+) -> torch.Tensor:
+    """One token x (1, 1, h) written at cache `slot` through the compiled layers and head -> logits (1, 1, V);
+    `inputs`: the body's layer inputs for this token (layer_inputs)."""
     seen = _ONE.expand(slot + 1)
     flat = [t for k in plan.kinds for t in tables[k]]
     if x.shape[0] > 1:  # a batched plan: each row's first real slot
         flat = [starts if starts is not None else torch.zeros(x.shape[0], dtype=torch.long), *flat]
+    flat += list((inputs or {}).values())
     for i, (graph, tensors, (window, chunk, states)) in enumerate(plan.layers):
         span = seen if window is None or window > slot else _ONE.expand(window)
         if chunk is not None and x.shape[0] == 1:  # a batched graph masks each row's chunk by its start
             span = _ONE.expand(slot % chunk + 1)
-        state = cache.states[i] if states else ()
+        # contiguous: compiled code reads its inputs with the example's strides (a scan's last state is a view)
+        state = tuple(t.contiguous() for t in cache.states[i]) if states else ()
         out = graph([x, cache.keys[i], cache.values[i], seen, span, *flat, *state, *tensors])
         x = out[0]
         if states:
