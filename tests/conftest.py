@@ -2166,6 +2166,22 @@ def to_v4_spelling(directory: str) -> None:
         json.dump(d, f)
 
 
+@pytest.fixture
+def rounds(monkeypatch):
+    """(accepted, proposed) for each speculative verifying forward of the generations the test runs."""
+    from autolm.generation import speculative
+
+    seen = []
+    keep = speculative._keep
+
+    def spy(run, n, k):
+        seen.append((n, k))
+        return keep(run, n, k)
+
+    monkeypatch.setattr(speculative, "_keep", spy)
+    return seen
+
+
 def write_char_tokenizer(directory: str) -> None:
     """A character-level tokenizer.json whose ids fit the tiny checkpoints (pad 0, <s> 1, </s> 2)."""
     from tokenizers import Tokenizer, decoders, models

@@ -543,6 +543,24 @@ def _randomize_buffers(model, suffixes: tuple[str, ...], seed: int = 1) -> None:
                 b.copy_(torch.randn(b.shape, generator=g) * 0.3)
 
 
+def check_loss_and_gradients(directory: str, hf, ids: torch.Tensor) -> None:
+    """labels=ids in training mode: transformers' loss, and every gradient transformers' model computes."""
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory).train()
+    hf.train()
+    try:
+        ours, theirs = model(ids, labels=ids), hf(input_ids=ids, labels=ids)
+        ours.loss.backward()
+        theirs.loss.backward()
+    finally:
+        hf.eval()
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
+    mine = dict(model.named_parameters())
+    for name, p in hf.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(mine[name].grad, p.grad, atol=1e-4, rtol=1e-3)
+        p.grad = None
+
+
 def _randomize_lora(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 from conftest import padded_batch
-from family_checks import Family, check_lora_needs_targets
+from family_checks import Family, check_lora_needs_targets, check_loss_and_gradients
 
 import autolm
 from autolm.errors import ConfigError, GenerationError
@@ -160,19 +160,8 @@ def test_state_dict_and_config_are_transformers(tmp_path_factory, tmp_path, name
 def test_training_loss_and_gradients(tmp_path_factory):
     """labels: transformers' loss and gradients (the patcher frozen in both)."""
     directory, hf = SPLIT.checkpoint(tmp_path_factory)
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory).train()
-    hf.train()
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(2))
-    ours, theirs = model(ids, labels=ids), hf(input_ids=ids, labels=ids)
-    ours.loss.backward()
-    theirs.loss.backward()
-    hf.eval()
-    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
-    mine = dict(model.named_parameters())
-    for name, p in hf.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(mine[name].grad, p.grad, atol=1e-4, rtol=1e-3)
-        p.grad = None
+    check_loss_and_gradients(directory, hf, ids)
 
 
 def test_default_config_and_errors():

@@ -108,14 +108,14 @@ def _shared_kv(gen, S_full: int, S_sliding: int):
     }
 
 
-@pytest.mark.parametrize("head", ["plain", "ordered"])
-def test_drafting_step_matches_transformers(checkpoints, head):
-    hf, ours, _ = checkpoints
-    assert type(ours[head]).__name__ == "Gemma4AssistantForCausalLM"
+def check_drafting_step(hf, ours, head, sizes=((9, 9), (9, 6), (3, 3))):
+    """The assistant's one drafting forward (logits, projected hidden state) equals transformers' over shared
+    keys and values of (full, sliding) lengths `sizes` (the window 4 keeps 5 of 9 or 6 sliding keys), with a
+    padded mask and none."""
     gen = torch.Generator().manual_seed(1)
     padded = torch.ones(1, 10, dtype=torch.long)
     padded[0, :2] = 0
-    for S_full, S_sliding in ((9, 9), (9, 6), (3, 3)):  # the window (4) keeps 5 of 9 or 6 sliding keys
+    for S_full, S_sliding in sizes:
         kv = _shared_kv(gen, S_full, S_sliding)
         x = torch.randn(1, 1, 128, generator=gen)
         for mask in (None, padded):
@@ -127,8 +127,9 @@ def test_drafting_step_matches_transformers(checkpoints, head):
             torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
-def test_assisted_generation_matches_transformers_and_greedy(checkpoints, monkeypatch):
-    hf, ours, _ = checkpoints
+def check_assisted_generation(hf, ours, monkeypatch) -> None:
+    """target.generate(assistant_model=...) gives plain greedy tokens, in transformers and here, with the same
+    drafts round for round; the rounds kept every candidate, some, and none."""
     theirs_drafts, our_drafts = [], []
     hf_get = candidate_generator.SinglePositionMultiTokenCandidateGenerator.get_candidates
     our_propose = target_draft.TargetDraft.propose
@@ -160,13 +161,24 @@ def test_assisted_generation_matches_transformers_and_greedy(checkpoints, monkey
     assert assisted.tolist() == greedy.tolist()
     assert ours_out.tolist() == greedy.tolist()
     assert our_drafts == theirs_drafts
-    # the rounds kept every candidate, some, and none (each round's drafts against the tokens they preceded)
     tokens, at, kept = greedy[0].tolist(), PROMPT.shape[1] + 1, set()
-    for drafts in our_drafts:
+    for drafts in our_drafts:  # each round's drafts against the tokens they preceded
         n = next((i for i, t in enumerate(drafts) if t != tokens[at + i]), len(drafts))
         kept.add("all" if n == len(drafts) else "some" if n else "none")
         at += n + 1
     assert kept == {"all", "some", "none"}
+
+
+@pytest.mark.parametrize("head", ["plain", "ordered"])
+def test_drafting_step_matches_transformers(checkpoints, head):
+    hf, ours, _ = checkpoints
+    assert type(ours[head]).__name__ == "Gemma4AssistantForCausalLM"
+    check_drafting_step(hf, ours, head)
+
+
+def test_assisted_generation_matches_transformers_and_greedy(checkpoints, monkeypatch):
+    hf, ours, _ = checkpoints
+    check_assisted_generation(hf, ours, monkeypatch)
 
 
 def test_drafts_match_transformers_with_the_centroid_head(checkpoints):

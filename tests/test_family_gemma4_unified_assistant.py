@@ -13,13 +13,18 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, randomize
-from test_family_gemma4_assistant import _COMMON, PROMPT, _buildable, _shared_kv, _steer
+from test_family_gemma4_assistant import (
+    _COMMON,
+    _buildable,
+    _shared_kv,
+    _steer,
+    check_assisted_generation,
+    check_drafting_step,
+)
 
 import autolm
-from autolm.generation import target_draft
 
 transformers = pytest.importorskip("transformers")
-from transformers.generation import candidate_generator  # noqa: E402
 from transformers.models.gemma4_unified import configuration_gemma4_unified  # noqa: E402
 
 _UNIFIED = configuration_gemma4_unified.Gemma4UnifiedTextConfig
@@ -67,60 +72,12 @@ def test_drafting_step_matches_transformers(checkpoints, head):
     hf, ours, _ = checkpoints
     assert type(ours[head]).__name__ == "Gemma4UnifiedAssistantForCausalLM"
     assert type(ours["target"]).__name__ == "Gemma4UnifiedForCausalLM"
-    gen = torch.Generator().manual_seed(1)
-    padded = torch.ones(1, 10, dtype=torch.long)
-    padded[0, :2] = 0
-    for S_full, S_sliding in ((9, 9), (9, 6)):
-        kv = _shared_kv(gen, S_full, S_sliding)
-        x = torch.randn(1, 1, 128, generator=gen)
-        for mask in (None, padded):
-            args = dict(inputs_embeds=x, shared_kv_states=kv, position_ids=torch.tensor([[S_full]]),
-                        attention_mask=mask)  # fmt: skip
-            with torch.no_grad():
-                want, got = hf[head](**args), ours[head](**args)
-            torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=1e-4)
+    check_drafting_step(hf, ours, head, sizes=((9, 9), (9, 6)))
 
 
 def test_assisted_generation_matches_transformers_and_greedy(checkpoints, monkeypatch):
     hf, ours, _ = checkpoints
-    theirs_drafts, our_drafts = [], []
-    hf_get = candidate_generator.SinglePositionMultiTokenCandidateGenerator.get_candidates
-    our_propose = target_draft.TargetDraft.propose
-
-    def hf_recorded(self, input_ids, *args, **kwargs):
-        ids, logits = hf_get(self, input_ids, *args, **kwargs)
-        if logits is not None:
-            theirs_drafts.append(ids[0, input_ids.shape[1] :].tolist())
-        return ids, logits
-
-    def our_recorded(self, run, limit):
-        found = our_propose(self, run, limit)
-        if found.tokens.shape[1]:
-            our_drafts.append(found.tokens[0].tolist())
-        return found
-
-    monkeypatch.setattr(
-        candidate_generator.SinglePositionMultiTokenCandidateGenerator, "get_candidates", hf_recorded
-    )
-    monkeypatch.setattr(target_draft.TargetDraft, "propose", our_recorded)
-    with torch.no_grad():
-        greedy = hf["target"].generate(PROMPT, max_new_tokens=20, do_sample=False)
-        assisted = hf["target"].generate(
-            PROMPT, max_new_tokens=20, do_sample=False, assistant_model=hf["plain"]
-        )
-    ours_out = ours["target"].generate(
-        PROMPT, max_new_tokens=20, do_sample=False, assistant_model=ours["plain"]
-    )
-    assert assisted.tolist() == greedy.tolist()
-    assert ours_out.tolist() == greedy.tolist()
-    assert our_drafts == theirs_drafts
-    tokens, at, kept = greedy[0].tolist(), PROMPT.shape[1] + 1, set()
-    for drafts in our_drafts:  # rounds that kept every candidate, some, and none
-        n = next((i for i, t in enumerate(drafts) if t != tokens[at + i]), len(drafts))
-        kept.add("all" if n == len(drafts) else "some" if n else "none")
-        at += n + 1
-    assert kept == {"all", "some", "none"}
+    check_assisted_generation(hf, ours, monkeypatch)
 
 
 def test_save_round_trip(checkpoints, tmp_path):

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import autolm
-import autolm.generation.speculative as speculative
 
 NAME = "llama_gqa_llama3_sharded"
 ASK = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_hidden_states=True,
@@ -75,20 +74,6 @@ def test_beam_search_outputs_equal_transformers(models, settings):
     with torch.no_grad():  # what the last step's states are: the running beams' newest tokens, one row each
         assert ours.hidden_states[-1][0].shape == (6, 1, 64) and ours.attentions[-1][0].shape[2] == 1
     assert model.generate(ids, **dict(kw, return_dict_in_generate=False)).shape == ours.sequences.shape
-
-
-@pytest.fixture
-def rounds(monkeypatch):
-    """(accepted, proposed) for each verifying forward."""
-    seen = []
-    keep = speculative._keep
-
-    def spy(run, n, k):
-        seen.append((n, k))
-        return keep(run, n, k)
-
-    monkeypatch.setattr(speculative, "_keep", spy)
-    return seen
 
 
 def test_prompt_lookup_outputs_equal_transformers(models, rounds):

@@ -17,7 +17,6 @@ import torch
 from conftest import write_char_tokenizer
 
 import autolm
-import autolm.generation.speculative as speculative
 from autolm.generation import GenerationConfig
 from autolm.serve.engine import Engine, Sequence
 from autolm.serve.events import Failed, Finished
@@ -48,20 +47,6 @@ def draft(tiny):
         for p in out.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1 * p.abs().mean())
     return out
-
-
-@pytest.fixture
-def rounds(monkeypatch):
-    """(accepted, proposed) for each verifying forward."""
-    seen = []
-    keep = speculative._keep
-
-    def spy(run, n, k):
-        seen.append((n, k))
-        return keep(run, n, k)
-
-    monkeypatch.setattr(speculative, "_keep", spy)
-    return seen
 
 
 def run(engine: Engine, prompts: list[list[int]], news: list[int], **kw) -> list[Finished]:

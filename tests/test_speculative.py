@@ -53,20 +53,6 @@ def draft(target):
     return noisy(target, 0.1)
 
 
-@pytest.fixture
-def rounds(monkeypatch):
-    """(accepted, proposed) for each verifying forward of the generations run in the test."""
-    seen = []
-    keep = speculative._keep
-
-    def spy(run, n, k):
-        seen.append((n, k))
-        return keep(run, n, k)
-
-    monkeypatch.setattr(speculative, "_keep", spy)
-    return seen
-
-
 def prompt(seed: int = 0, length: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 

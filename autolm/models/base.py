@@ -341,13 +341,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         and attention weights when asked, by argument or by config.output_hidden_states / output_attentions)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.make_cache(B, T)
-        elif cache is not None:
-            cache.ensure_for(self, B, T)
+        cache = self.forward_cache(past_key_values, use_cache, B, T)
         past = cache.length if cache is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + T, device=x.device)
@@ -357,21 +351,29 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
         if cache is not None:
             cache.reserve(end)
         cfg = self.config
-        hidden = (
-            []
-            if (cfg.output_hidden_states if output_hidden_states is None else output_hidden_states)
-            else None
-        )
-        attentions = (
-            [] if (cfg.output_attentions if output_attentions is None else output_attentions) else None
-        )
+        hidden, attentions = self.layer_lists(output_hidden_states, output_attentions)
         ids = prompt_blocks(cfg, token_type_ids, attention_mask, past, (B, T), end)  # a prefix: block_ids
         h = self.model(x, attention_mask, position_ids, cache, cache_position, end, hidden, attentions, **ids)
         if cache is not None:
             cache.length = max(cache.length, end)
-        kept = cache if use_cache or past_key_values is not None else None
         hidden, attentions = (tuple(a) if a is not None else None for a in (hidden, attentions))
-        return h, kept, hidden, attentions
+        return h, cache, hidden, attentions
+
+    def forward_cache(self, past_key_values, use_cache, B: int, T: int):
+        """The cache a forward over B rows of T new tokens writes and returns: the one given (grown where needed),
+        else a new one where use_cache asks (None: config.use_cache outside training), else None."""
+        if past_key_values is not None:
+            past_key_values.ensure_for(self, B, T)
+            return past_key_values
+        keep = self.config.use_cache and not self.training if use_cache is None else use_cache
+        return self.make_cache(B, T) if keep else None
+
+    def layer_lists(self, output_hidden_states, output_attentions) -> tuple[list | None, list | None]:
+        """Lists for every layer's input and attention weights where asked (by argument, else by config)."""
+        cfg = self.config
+        hidden = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return ([] if hidden else None), ([] if attentions else None)
 
     def precompile_decode(self, progress: bool = False, batched: bool = False) -> bool:
         """Compile the CPU one-token step (batch 1, see autolm.step) ahead of time with AOTInductor: a few graphs

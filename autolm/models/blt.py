@@ -317,13 +317,7 @@ class BltForCausalLM(CausalLM):
                 "BLT takes input_ids only (its patcher reads the bytes): inputs_embeds is not supported"
             )
         B, T = input_ids.shape
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.make_cache(B, T)
-        elif cache is not None:
-            cache.ensure_for(self, B, T)
+        cache = self.forward_cache(past_key_values, use_cache, B, T)
         past = cache.length if cache is not None else 0
         if position_ids is None:  # transformers': counted from the cache's length, padding or not
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, -1)
@@ -336,4 +330,4 @@ class BltForCausalLM(CausalLM):
         if cache is not None:
             cache.set_state(0, (ids, pos))
             cache.length = past + T
-        return h, (cache if use_cache or past_key_values is not None else None), None, None
+        return h, cache, None, None

@@ -280,24 +280,8 @@ class CpmAntForCausalLM(CausalLM):
         cache's slots)."""
         if inputs_embeds is not None or input_ids is None:
             raise GenerationError("CPM-Ant takes input_ids only (its segments read them): not inputs_embeds")
-        B, T = input_ids.shape
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.make_cache(B, T)
-        elif cache is not None:
-            cache.ensure_for(self, B, T)
-        cfg = self.config
-        hidden = (
-            []
-            if (cfg.output_hidden_states if output_hidden_states is None else output_hidden_states)
-            else None
-        )
-        attentions = (
-            [] if (cfg.output_attentions if output_attentions is None else output_attentions) else None
-        )
+        cache = self.forward_cache(past_key_values, use_cache, *input_ids.shape)
+        hidden, attentions = self.layer_lists(output_hidden_states, output_attentions)
         h = self.model(input_ids, attention_mask, cache, hidden, attentions)
-        kept = cache if use_cache or past_key_values is not None else None
         hidden, attentions = (tuple(a) if a is not None else None for a in (hidden, attentions))
-        return h, kept, hidden, attentions
+        return h, cache, hidden, attentions
