@@ -287,13 +287,13 @@ class Zamba2Model(DecoderModel):
     def __init__(self, config: Zamba2Config):
         super().__init__(config, make_layer, RMSNorm(config.hidden_size, config.rms_norm_eps))
 
-    def layer_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def context_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """What every shared block reads from the context beside its layer's input: the input embeddings (the
         compiled step's graphs take them as one more input)."""
         return {"embeddings": x}
 
     def run(self, x: torch.Tensor, ctx, hidden_states: list | None = None) -> torch.Tensor:
-        for name, t in self.layer_inputs(x).items():
+        for name, t in self.context_inputs(x).items():
             setattr(ctx, name, t)
         return super().run(x, ctx, hidden_states)
 

@@ -75,7 +75,7 @@ def one_token_model(model) -> bool:
 
 def compilable(model) -> bool:
     """Whether the compiled one-token graphs can serve the model: its layers each run on their own buffers and
-    recurrent state, and whatever else they read from the context the same for every layer (graphs.layer_inputs;
+    recurrent state, and whatever else they read from the context the same for every layer (graphs.context_inputs;
     not one whose layers take per-layer inputs or read another layer's cache)."""
     return one_token_model(model) and getattr(model, "compiled_graphs", True)
 
@@ -157,7 +157,7 @@ class OneTokenStep:
         x = body.scale_inputs(body.embed(tokens), position_ids)
         tables = body.rotary.slot_tables(position_ids, torch.full((1,), slot, device=x.device), x.dtype)
         if self.plan is not None:
-            inputs = graphs.layer_inputs(body, x)
+            inputs = graphs.context_inputs(body, x)
             logits = graphs.run(self.plan, x, tables, cache, slot, self.starts, inputs)
         else:
             ctx = OneToken(

@@ -57,7 +57,7 @@ class _LayerGraph(nn.Module):
     recurrent state's tensors..., the layer's tensors...]) -> [x after the layer, the state after the token...,
     the matmul inputs...]; `seen` and `span` are tensors whose lengths are the slots. A batched graph takes a
     dynamic number of rows and each row's first real slot (`starts`). The layer inputs (`inputs`, their names:
-    layer_inputs) are set on the context as the body's run sets them."""
+    context_inputs) are set on the context as the body's run sets them."""
 
     def __init__(
         self, layer: nn.Module, names: list[str], kinds: list[str], batched: bool, states: int = 0, inputs=()
@@ -121,10 +121,10 @@ class Plan:
         self.layers, self.head, self.kinds = layers, head, kinds
 
 
-def layer_inputs(body: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def context_inputs(body: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """What every layer reads from its context beside its input, by name, from the first layer's input x: the body's
-    `layer_inputs(x)` (Zamba's embeddings), none for most models. The graphs take them as inputs."""
-    inputs = getattr(body, "layer_inputs", None)
+    `context_inputs(x)` (Zamba's embeddings), none for most models. The graphs take them as inputs."""
+    inputs = getattr(body, "context_inputs", None)
     return dict(sorted(inputs(x).items())) if inputs is not None else {}
 
 
@@ -208,7 +208,7 @@ def _jobs(model, batched: bool) -> tuple[list, list[str]]:
     starts = [torch.zeros(rows, dtype=torch.long)] if batched else []
     b = {0: "batch"} if batched else None
     states = _example_states(model, x, tables, starts)
-    shared = {k: t.clone() for k, t in layer_inputs(body, x).items()}  # not x itself: export dedups aliases
+    shared = {k: t.clone() for k, t in context_inputs(body, x).items()}  # not x itself: export dedups aliases
     jobs = []
     for i, (layer, (n_kv, hd)) in enumerate(zip(body.layers, model.attention_shapes())):
         names, tensors = tensors_of(layer)
@@ -308,7 +308,7 @@ def run(
     plan: Plan, x: torch.Tensor, tables: dict, cache, slot: int, starts=None, inputs=None
 ) -> torch.Tensor:
     """One token x (1, 1, h) written at cache `slot` through the compiled layers and head -> logits (1, 1, V);
-    `inputs`: the body's layer inputs for this token (layer_inputs)."""
+    `inputs`: the body's layer inputs for this token (context_inputs)."""
     seen = _ONE.expand(slot + 1)
     flat = [t for k in plan.kinds for t in tables[k]]
     if x.shape[0] > 1:  # a batched plan: each row's first real slot
