@@ -191,12 +191,16 @@ def test_drafts_match_transformers_with_the_centroid_head(checkpoints):
     assert got.tolist() == want.tolist()
 
 
-def test_save_round_trip(checkpoints, tmp_path):
+def check_save_round_trip(
+    checkpoints, tmp_path, kinds, patched=configuration_gemma4.Gemma4TextConfig, text_keys=()
+):
+    """The saved assistant: model_type and its text_config's `kinds`, the assistant's fields (and `text_keys`)
+    as the original file's, reloaded by transformers (its config patched buildable) and autolm with the logits."""
     hf, ours, root = checkpoints
     ours["ordered"].save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     original = json.loads((root / "ordered" / "config.json").read_text())
-    assert saved["model_type"] == "gemma4_assistant" and saved["text_config"]["model_type"] == "gemma4_text"
+    assert (saved["model_type"], saved["text_config"]["model_type"]) == kinds
     for key in (
         "backbone_hidden_size",
         "use_ordered_embeddings",
@@ -204,8 +208,11 @@ def test_save_round_trip(checkpoints, tmp_path):
         "centroid_intermediate_top_k",
     ):
         assert saved[key] == original[key], key
-    with _buildable():
+    for key in text_keys:
+        assert saved["text_config"][key] == original["text_config"][key], key
+    with _buildable(patched):
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back).__name__ == type(ours["ordered"]).__name__
     again = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
     kv = _shared_kv(torch.Generator().manual_seed(5), 7, 7)
     args = dict(inputs_embeds=torch.randn(1, 1, 128), shared_kv_states=kv, position_ids=torch.tensor([[7]]))
@@ -213,6 +220,10 @@ def test_save_round_trip(checkpoints, tmp_path):
         want = hf["ordered"](**args).logits
         torch.testing.assert_close(back(**args).logits, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again(**args).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_round_trip(checkpoints, tmp_path):
+    check_save_round_trip(checkpoints, tmp_path, ("gemma4_assistant", "gemma4_text"))
 
 
 def test_config_defaults_and_text_config():

@@ -8,7 +8,6 @@ as released (see test_family_gemma4_assistant._buildable, here over Gemma4Unifie
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -16,10 +15,10 @@ from conftest import VOCAB, randomize
 from test_family_gemma4_assistant import (
     _COMMON,
     _buildable,
-    _shared_kv,
     _steer,
     check_assisted_generation,
     check_drafting_step,
+    check_save_round_trip,
 )
 
 import autolm
@@ -81,31 +80,9 @@ def test_assisted_generation_matches_transformers_and_greedy(checkpoints, monkey
 
 
 def test_save_round_trip(checkpoints, tmp_path):
-    hf, ours, root = checkpoints
-    ours["ordered"].save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    original = json.loads((root / "ordered" / "config.json").read_text())
-    assert saved["model_type"] == "gemma4_unified_assistant"
-    assert saved["text_config"]["model_type"] == "gemma4_unified_text"
-    for key in (
-        "backbone_hidden_size",
-        "use_ordered_embeddings",
-        "num_centroids",
-        "centroid_intermediate_top_k",
-    ):
-        assert saved[key] == original[key], key
-    for key in ("sliding_window", "num_kv_shared_layers", "layer_types", "max_position_embeddings"):
-        assert saved["text_config"][key] == original["text_config"][key], key
-    with _buildable(_UNIFIED):
-        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(back).__name__ == "Gemma4UnifiedAssistantForCausalLM"
-    again = autolm.AutoModelForCausalLM.from_pretrained(tmp_path)
-    kv = _shared_kv(torch.Generator().manual_seed(5), 7, 7)
-    args = dict(inputs_embeds=torch.randn(1, 1, 128), shared_kv_states=kv, position_ids=torch.tensor([[7]]))
-    with torch.no_grad():
-        want = hf["ordered"](**args).logits
-        torch.testing.assert_close(back(**args).logits, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(again(**args).logits, want, atol=1e-5, rtol=1e-5)
+    text_keys = ("sliding_window", "num_kv_shared_layers", "layer_types", "max_position_embeddings")
+    kinds = ("gemma4_unified_assistant", "gemma4_unified_text")
+    check_save_round_trip(checkpoints, tmp_path, kinds, _UNIFIED, text_keys)
 
 
 def test_config_defaults_equal_transformers():

@@ -351,7 +351,22 @@ class InklingConfig(ImageTextConfig):
     text_class: ClassVar[type] = InklingTextConfig
 
 
-class InklingForCausalLM(CausalLM):
+class WholeAttentionTP:
+    """Both Inklings' tensor parallelism and tying: every rank runs every head, the normed embeddings cut their own
+    rows (InklingNormedEmbedding.shard), the head never tied to them (separate `embed` and `unembed` tensors)."""
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (attention kept whole): nothing to shard."""
+
+    def tp_plan(self) -> dict[str, str]:
+        """The plan without the embeddings: they cut their own rows."""
+        return {m: s for m, s in super().tp_plan().items() if m != self.embeddings_name}
+
+    def tie_weights(self) -> None:
+        """Never tied, as transformers' Inklings."""
+
+
+class InklingForCausalLM(WholeAttentionTP, CausalLM):
     """transformers' InklingForCausalLM."""
 
     config_class = InklingTextConfig
@@ -367,16 +382,6 @@ class InklingForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, InklingModel(config))
-
-    def shard_heads(self, world: int) -> None:
-        """Every rank runs every head (attention kept whole): nothing to shard."""
-
-    def tp_plan(self) -> dict[str, str]:
-        """The plan without the embeddings: they cut their own rows (InklingNormedEmbedding.shard)."""
-        return {m: s for m, s in super().tp_plan().items() if m != self.embeddings_name}
-
-    def tie_weights(self) -> None:
-        """Never tied, as transformers' Inkling (separate `embed` and `unembed` tensors)."""
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h / self.config.logits_mup_width_multiplier)

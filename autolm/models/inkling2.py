@@ -36,7 +36,7 @@ from ..nn import RMSNorm, Rotary
 from ..nn.moe import SparseMoeBlock
 from .base import CausalLM, DecoderModel
 from .image_text import ImageTextConfig
-from .inkling import LAYER_KINDS, InklingNormedEmbedding, check_sizes
+from .inkling import LAYER_KINDS, InklingNormedEmbedding, WholeAttentionTP, check_sizes
 from .inkling2_layers import (
     BlockAttentionResidual,
     Inkling2Attention,
@@ -256,7 +256,7 @@ class Inkling2Config(ImageTextConfig):
     text_class: ClassVar[type] = Inkling2TextConfig
 
 
-class Inkling2ForCausalLM(CausalLM):
+class Inkling2ForCausalLM(WholeAttentionTP, CausalLM):
     """transformers' Inkling2ForCausalLM."""
 
     config_class = Inkling2TextConfig
@@ -273,16 +273,6 @@ class Inkling2ForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, Inkling2Model(config))
-
-    def shard_heads(self, world: int) -> None:
-        """Every rank runs every head (attention kept whole): nothing to shard."""
-
-    def tp_plan(self) -> dict[str, str]:
-        """The plan without the embeddings: they cut their own rows (InklingNormedEmbedding.shard)."""
-        return {m: s for m, s in super().tp_plan().items() if m != self.embeddings_name}
-
-    def tie_weights(self) -> None:
-        """Never tied (separate `embed` and `unembed` tensors)."""
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         logits = softcap(logits.float(), self.config.final_logit_softcapping)

@@ -13,46 +13,27 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import CheckpointRules, Rename
+from ..nn import CheckpointRules
 from .image_text import IMAGE_TEXT_RULES
-
-
-def _renamed(checkpoint: str, model) -> Rename:
-    return Rename(checkpoint, model, r"(?!)", "")  # loading only: saved under the text model's names
-
+from .inkling_layout import llm_renames, loaded_as
 
 _LAYER = r"^model\.llm\.attn_res\.attn_queries\.(\d+)$"
 ORIGINAL_RENAMES = (
-    _renamed(_LAYER, lambda m: f"model.llm.layers.{int(m.group(1)) + 1}.attention_input.query"),
-    _renamed(r"^model\.llm\.attn_res\.mlp_queries\.(\d+)$", r"model.llm.layers.\1.mlp_input.query"),
-    _renamed(r"^model\.llm\.attn_res\.output_query$", "model.llm.final_input.query"),
-    _renamed(r"^model\.llm\.unembed\.", "lm_head."),
-    _renamed(r"^model\.llm\.embed\.", "model.embed_tokens."),
-    _renamed(r"^model\.llm\.embed_norm\.", "model.embed_tokens.embed_norm."),
-    _renamed(r"^model\.llm\.", "model."),
-    *(
-        _renamed(rf"\.attn\.{ours}\.", f".self_attn.{theirs}.")
-        for ours, theirs in (
-            ("wq_du", "q_proj"),
-            ("wk_dv", "k_proj"),
-            ("wv_dv", "v_proj"),
-            ("wr_du", "r_proj"),
-            ("wo_ud", "o_proj"),
-            ("gate_attn", "gate_proj"),
-            ("attn_sink_proj", "sink_proj"),
-        )
-    ),
-    _renamed(r"\.attn\.(q_l2_clip|rel_l2_clip|rel_logits_proj|k_sconv|v_sconv)\.", r".self_attn.\1."),
-    _renamed(r"\.attn_sconv\.", ".post_attention_convolution."),
-    _renamed(r"\.mlp_sconv\.", ".post_mlp_convolution."),
-    _renamed(r"(convolution|sconv)\.weight$", r"\1.conv1d.weight"),
-    _renamed(r"sconv\.static_w$", "sconv.static_weight"),
-    _renamed(r"sconv\.weight_proj$", "sconv.weight_proj.weight"),
-    _renamed(r"\.attn_norm\.", ".input_layernorm."),
-    _renamed(r"\.mlp_norm\.", ".post_attention_layernorm."),
-    _renamed(r"\.(q|k|v)_input_norm\.", r".\1_input_layernorm."),
-    _renamed(r"\.mlp\.gate\.bias$", ".mlp.gate.e_score_correction_bias"),
-    _renamed(r"\.mlp\.experts\.w2_weight$", ".mlp.experts.down_proj"),
+    loaded_as(_LAYER, lambda m: f"model.llm.layers.{int(m.group(1)) + 1}.attention_input.query"),
+    loaded_as(r"^model\.llm\.attn_res\.mlp_queries\.(\d+)$", r"model.llm.layers.\1.mlp_input.query"),
+    loaded_as(r"^model\.llm\.attn_res\.output_query$", "model.llm.final_input.query"),
+    *llm_renames(("gate_attn", "gate_proj"), ("attn_sink_proj", "sink_proj")),
+    loaded_as(r"\.attn\.(q_l2_clip|rel_l2_clip|rel_logits_proj|k_sconv|v_sconv)\.", r".self_attn.\1."),
+    loaded_as(r"\.attn_sconv\.", ".post_attention_convolution."),
+    loaded_as(r"\.mlp_sconv\.", ".post_mlp_convolution."),
+    loaded_as(r"(convolution|sconv)\.weight$", r"\1.conv1d.weight"),
+    loaded_as(r"sconv\.static_w$", "sconv.static_weight"),
+    loaded_as(r"sconv\.weight_proj$", "sconv.weight_proj.weight"),
+    loaded_as(r"\.attn_norm\.", ".input_layernorm."),
+    loaded_as(r"\.mlp_norm\.", ".post_attention_layernorm."),
+    loaded_as(r"\.(q|k|v)_input_norm\.", r".\1_input_layernorm."),
+    loaded_as(r"\.mlp\.gate\.bias$", ".mlp.gate.e_score_correction_bias"),
+    loaded_as(r"\.mlp\.experts\.w2_weight$", ".mlp.experts.down_proj"),
 )
 
 
@@ -61,7 +42,7 @@ class Inkling2LayoutRules(CheckpointRules):
     model's [gate; up]."""
 
     def __init__(self):
-        super().__init__([_renamed(r"^model\.language_model\.", "model.llm."), *ORIGINAL_RENAMES,
+        super().__init__([loaded_as(r"^model\.language_model\.", "model.llm."), *ORIGINAL_RENAMES,
                           *IMAGE_TEXT_RULES])  # fmt: skip
 
     def split(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:

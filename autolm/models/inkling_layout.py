@@ -14,34 +14,43 @@ from ..nn import CheckpointRules, Ignored, Rename
 from .image_text import IMAGE_TEXT_RULES
 
 
-def _renamed(checkpoint: str, model: str) -> Rename:
+def loaded_as(checkpoint: str, model) -> Rename:
     return Rename(checkpoint, model, r"(?!)", "")  # loading only: saved under the text model's names
 
 
+def llm_renames(*projections: tuple[str, str]) -> tuple[Rename, ...]:
+    """The names the Inklings' original layouts share: the language model (`model.llm.*`), its embeddings and
+    head, and the attention's projections (these five and `projections`, (original, transformers') pairs)."""
+    pairs = (
+        ("wq_du", "q_proj"),
+        ("wk_dv", "k_proj"),
+        ("wv_dv", "v_proj"),
+        ("wr_du", "r_proj"),
+        ("wo_ud", "o_proj"),
+    )
+    return (
+        loaded_as(r"^model\.llm\.unembed\.", "lm_head."),
+        loaded_as(r"^model\.llm\.embed\.", "model.embed_tokens."),
+        loaded_as(r"^model\.llm\.embed_norm\.", "model.embed_tokens.embed_norm."),
+        loaded_as(r"^model\.llm\.", "model."),
+        *(
+            loaded_as(rf"\.attn\.{ours}\.", f".self_attn.{theirs}.")
+            for ours, theirs in (*pairs, *projections)
+        ),
+    )
+
+
 ORIGINAL_RENAMES = (
-    _renamed(r"^model\.llm\.unembed\.", "lm_head."),
-    _renamed(r"^model\.llm\.embed\.", "model.embed_tokens."),
-    _renamed(r"^model\.llm\.embed_norm\.", "model.embed_tokens.embed_norm."),
-    _renamed(r"^model\.llm\.", "model."),
-    *(
-        _renamed(rf"\.attn\.{ours}\.", f".self_attn.{theirs}.")
-        for ours, theirs in (
-            ("wq_du", "q_proj"),
-            ("wk_dv", "k_proj"),
-            ("wv_dv", "v_proj"),
-            ("wr_du", "r_proj"),
-            ("wo_ud", "o_proj"),
-        )
-    ),
-    _renamed(r"\.attn\.(q_norm|k_norm|rel_logits_proj)\.", r".self_attn.\1."),
-    _renamed(r"\.attn\.(k_sconv|v_sconv)\.weight$", r".self_attn.\1.conv1d.weight"),
-    _renamed(r"\.(attn_sconv|mlp_sconv)\.weight$", r".\1.conv1d.weight"),
-    _renamed(r"\.attn_norm\.", ".input_layernorm."),
-    _renamed(r"\.mlp_norm\.", ".post_attention_layernorm."),
-    _renamed(r"\.mlp\.gate\.bias$", ".mlp.gate.e_score_correction_bias"),
-    _renamed(r"\.mlp\.experts\.w2_weight$", ".mlp.experts.down_proj"),
-    _renamed(r"\.shared_experts\.shared_w2_weight$", ".shared_experts.down_proj"),
-    _renamed(r"\.mlp\.w2_md\.weight$", ".mlp.down_proj.weight"),
+    *llm_renames(),
+    loaded_as(r"\.attn\.(q_norm|k_norm|rel_logits_proj)\.", r".self_attn.\1."),
+    loaded_as(r"\.attn\.(k_sconv|v_sconv)\.weight$", r".self_attn.\1.conv1d.weight"),
+    loaded_as(r"\.(attn_sconv|mlp_sconv)\.weight$", r".\1.conv1d.weight"),
+    loaded_as(r"\.attn_norm\.", ".input_layernorm."),
+    loaded_as(r"\.mlp_norm\.", ".post_attention_layernorm."),
+    loaded_as(r"\.mlp\.gate\.bias$", ".mlp.gate.e_score_correction_bias"),
+    loaded_as(r"\.mlp\.experts\.w2_weight$", ".mlp.experts.down_proj"),
+    loaded_as(r"\.shared_experts\.shared_w2_weight$", ".shared_experts.down_proj"),
+    loaded_as(r"\.mlp\.w2_md\.weight$", ".mlp.down_proj.weight"),
 )
 # the interleaved gate/up tensors: checkpoint suffix -> (dimension of the rows, the model's tensors)
 INTERLEAVED = {
