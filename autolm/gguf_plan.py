@@ -197,6 +197,8 @@ def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:
     layout, c = model.gguf, model.config
     if layout.permute_qk and (".attn_q." in out or ".attn_k." in out):
         t = permute(t, c.num_attention_heads if ".attn_q." in out else c.num_key_value_heads)
+    if layout.permute_qk_norm and (".attn_q_norm." in out or ".attn_k_norm." in out) and t.dim() == 2:
+        t = permute(t.reshape(-1), t.shape[0]).reshape(t.shape)  # each head's columns, as its q/k rows
     # the converter's grouping of the rows (GPT-NeoX's q/k/v): the reader's index inverted
     order = layout.rows(out, c)
     if order is not None:

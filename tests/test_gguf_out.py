@@ -268,6 +268,7 @@ def _families():
     import test_family_bailing_hybrid as bailing_hybrid
     import test_family_bamba as bamba
     import test_family_bloom as bloom
+    import test_family_chameleon as chameleon
     import test_family_cohere as cohere
     import test_family_cohere2 as cohere2
     import test_family_cohere2_moe as cohere2_moe
@@ -384,6 +385,7 @@ def _families():
         "stablelm": (tuple(stablelm.FAMILIES.values()), stablelm.write_stablelm_gguf),
         "granitemoe": (granitemoe.GRANITEMOE, granitemoe.write_granitemoe_gguf),
         "cohere": ((cohere.COHERE, cohere.QK64), cohere.write_cohere_gguf),
+        "chameleon": (chameleon.GGUF_FAMILIES[0], chameleon.write_chameleon_gguf),  # no swin_norm: refused
         "olmoe": (olmoe.PLAIN, olmoe.write_olmoe_gguf),  # llama.cpp's olmoe clamps and renormalises nothing
         "glm4": (tuple(glm4.FAMILIES.values()), glm4.write_glm4_gguf),
         "olmo3": ((olmo3.OLMO3_GGUF, olmo3.OLMO3_YARN_GGUF), olmo3.write_olmo3_gguf),

@@ -39,9 +39,13 @@ granitemoe_swa granitemoeshared vaultgemma granite_swa internlm3 bitnet gemma3n_
 cohere2 jamba falcon_mamba mamba falcon_h1 qwen3_5_moe_text qwen3_5_text qwen3_next granitemoehybrid lfm2_moe
 lfm2 dbrx phimoe afmoe gemma4_text llama4_text jais2 cwm solar_open youtu hyperclovax bamba flex_olmo hy_v3 mimo_v2_flash
 lfm3 laguna step3p5 mellum olmo_hybrid iquestcoder kolibri1 flint axk1 axk2 beam cohere_compass_text qwen4_exp_text hunyuan_vl_text
+ernie4_5_vl_moe_text
 diffllama jetmoe zamba2 minimax zamba deepseek_v32 glm_moe_dsa dots3_note_text dots3_note longcat_flash mistral4 kimi_linear hy_v4 deepseek_v4 bailing_hybrid
 minimax_m3_vl_text glm5_next_text glm5_next hrm_text gemma4_unified_text zaya recurrent_gemma persimmon xglm biogpt openai-gpt ctrl doge
-inkling_text inkling2_text xlstm modernbert-decoder mllama_text_model emu3_text_model aria_text gpt_neox_japanese blt cpmant
+inkling_text inkling2_text xlstm modernbert-decoder mllama_text_model emu3_text_model chameleon aria_text gpt_neox_japanese blt cpmant muse_glimmer_text
+molmo2_text mistral_large4_text mistral_large4
+muse_glimmer muse_spark_text muse_spark
+paddleocr_vl_text cosmos3_edge_text
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"

@@ -7,7 +7,8 @@ are added to the experts' output.
 transformers 5 holds the experts stacked and stored (in, out): `mlp.experts.gate_up_proj` (E, h, 2I; [gate | up]
 along the last axis) and `mlp.experts.down_proj` (E, I, h), the model's names; checkpoints on the Hub and
 transformers' save_pretrained name them `mlp.experts.fc1.weight` and `mlp.experts.fc2.weight`, in the same layout.
-llama.cpp has no Aria architecture.
+llama.cpp has no Aria architecture. The image-text `aria` checkpoint (AriaForConditionalGeneration) loads as its
+language model (autolm.models.image_text): the head tied by the outer config (untied by default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..config import _is_int
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, CheckpointRules, Experts, GatedMLP, Rename, Router, SparseMoeBlock
 from .base import CausalLM
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaConfig
 from .mixtral import MOE_TP, MixtralDecoderLayer, MixtralModel, validate_experts
 
@@ -61,6 +63,14 @@ class AriaTextConfig(LlamaConfig):
                               f"{self.moe_num_shared_experts!r}")  # fmt: skip
 
 
+class AriaConfig(ImageTextConfig):
+    """transformers' AriaConfig (Aria, image-text): its language model's, an AriaText; tied by the outer config."""
+
+    model_type: ClassVar[str] = "aria"
+    text_class: ClassVar[type] = AriaTextConfig
+    tie_default: ClassVar[bool | None] = False
+
+
 class AriaTextDecoderLayer(MixtralDecoderLayer):
     """Llama's attention, then the mixture (`mlp`: router, experts, shared_experts)."""
 
@@ -88,7 +98,7 @@ class AriaTextForCausalLM(CausalLM):
 
     config_class = AriaTextConfig
     checkpoint_rules = CheckpointRules(
-        [_renamed("fc1.weight", "gate_up_proj"), _renamed("fc2.weight", "down_proj")]
+        [*IMAGE_TEXT_RULES, _renamed("fc1.weight", "gate_up_proj"), _renamed("fc2.weight", "down_proj")]
     )
     # transformers' plan: attention and the shared experts split as Llama's; the experts cut their own
     # intermediate rows (nn.Experts.shard)

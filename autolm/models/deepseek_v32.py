@@ -125,7 +125,7 @@ class DSAIndexer(nn.Module):
         self.layer_idx, self.slot = layer_idx, slot
         self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.rope_dim, self.index_topk = config.qk_rope_head_dim, config.index_topk
-        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wq_b = Linear(self.query_width(config), self.n_heads * self.head_dim, bias=False)
         self.wk = Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=INDEXER_NORM_EPS)
         self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)
@@ -138,11 +138,21 @@ class DSAIndexer(nn.Module):
             rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
         return torch.cat((apply_rotary(rot, cos, sin), rest), dim=-1)
 
+    @staticmethod
+    def query_width(config: Any) -> int:
+        """wq_b's input width: the attention's low-rank query's (q_lora_rank)."""
+        return config.q_lora_rank
+
+    def queries(self, q_resid: torch.Tensor, ctx) -> torch.Tensor:
+        """The heads' queries (B, nh, T, d), turned, from q_resid (B, T, query_width)."""
+        B, T, _ = q_resid.shape
+        cos, sin = ctx.rope["default"]
+        return self.turn(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, q_resid: torch.Tensor, ctx) -> torch.Tensor:
-        B, T, _ = x.shape
+        q = self.queries(q_resid, ctx)
         cos, sin = ctx.rope["default"]
-        q = self.turn(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = self.turn(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin)  # (B, 1, T, d)
         keys, real, slots = indexer_history(ctx, self.slot, k)
         scores = (q.float() @ keys.float().transpose(-1, -2) * self.head_dim**-0.5).relu()  # (B, nh, T, S)

@@ -11,6 +11,7 @@ _QWEN2 = ("qwen2", "qwen2vl")
 FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", _LLAMA),
     "llava": ("llama", "LlavaConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
+    "perception_lm": ("llama", "PerceptionLMConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its LM
     "llava_next": ("llama", "LlavaNextConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "idefics3": ("llama", "Idefics3Config", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
     "smolvlm": ("llama", "SmolVLMConfig", "LlamaForCausalLM", _LLAMA),  # image-text: its language model
@@ -26,7 +27,10 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "idefics2": ("mistral", "Idefics2Config", "MistralForCausalLM", "llama"),  # image-text: its LM
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _QWEN2),
     "qwen2_vl": ("qwen2", "Qwen2VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
+    "fast_vlm": ("qwen2", "FastVlmConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
     "qwen2_5_vl": ("qwen2", "Qwen2_5_VLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
+    "qwen2_5_omni_thinker": ("qwen2", "Qwen2_5OmniThinkerConfig", "Qwen2ForCausalLM", _QWEN2),  # omni: its LM
+    "qwen2_5_omni": ("qwen2", "Qwen2_5OmniConfig", "Qwen2ForCausalLM", _QWEN2),  # omni: its thinker's LM
     "llava_onevision": ("qwen2", "LlavaOnevisionConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text
     "internvl": ("qwen2", "InternVLConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
     "got_ocr2": ("qwen2", "GotOcr2Config", "Qwen2ForCausalLM", _QWEN2),  # image-text: its language model
@@ -39,6 +43,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "pp_chart2table": ("qwen2", "PPChart2TableConfig", "Qwen2ForCausalLM", _QWEN2),  # image-text: its LM
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),
     "qwen3_vl": ("qwen3", "Qwen3VLConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text: its LM
+    "cosmos3_omni": ("qwen3", "Cosmos3OmniConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
     "lighton_ocr": ("qwen3", "LightOnOcrConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
     "qianfan_ocr": ("qwen3", "QianfanOCRConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # image-text
     "qwen3_asr": ("qwen3", "Qwen3ASRConfig", "Qwen3ForCausalLM", ("qwen3", "qwen3vl")),  # audio-text
@@ -52,21 +57,28 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": ("gemma3", "Gemma3Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its language model
+    "shieldgemma2": ("gemma3", "ShieldGemma2Config", "Gemma3ForCausalLM", "gemma3"),  # image-text: its LM
     "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM", "phi3"),
-    "phi4_multimodal": (
-        "phi3",
-        "Phi4MultimodalConfig",
-        "Phi3ForCausalLM",
-        "phi3",
-    ),  # image/audio-text: its LM
+    # image/audio-text: its LM
+    "phi4_multimodal": ("phi3", "Phi4MultimodalConfig", "Phi3ForCausalLM", "phi3"),
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", "olmo2"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM", ("granite", "minicpm")),  # + MiniCPM 1/2
     "granite_speech": ("granite", "GraniteSpeechConfig", "GraniteForCausalLM", ("granite", "minicpm")),
+    "granite_docling": ("granite", "GraniteDoclingConfig", "GraniteForCausalLM", ("granite", "minicpm")),
+    "granite4_vision": ("granite", "Granite4VisionConfig", "GraniteForCausalLM", ("granite", "minicpm")),
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", "smollm3"),
     "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM", "llama"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2moe"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
     "qwen3_vl_moe": ("qwen3_moe", "Qwen3VLMoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
+    "qwen3_omni_moe_thinker": (
+        "qwen3_moe",
+        "Qwen3OmniMoeThinkerConfig",
+        "Qwen3MoeForCausalLM",
+        ("qwen3moe", "qwen3vlmoe"),
+    ),  # omni: its language model
+    # omni: its thinker's language model
+    "qwen3_omni_moe": ("qwen3_moe", "Qwen3OmniMoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
     "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
     "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", "gemma"),
@@ -81,10 +93,20 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "olmoe"),
     "glm4": ("glm4", "Glm4Config", "Glm4ForCausalLM", "glm4"),
     "glm4v": ("glm4", "Glm4vConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
+    "glm46v": ("glm4", "Glm46VConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
+    "glmga": ("glm4", "GlmgaConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
+    "glm_ocr": ("glm4", "GlmOcrConfig", "Glm4ForCausalLM", "glm4"),  # image-text: its language model
     "olmo3": ("olmo3", "Olmo3Config", "Olmo3ForCausalLM", "olmo2"),  # llama.cpp writes OLMo 3 as olmo2
     "exaone4": ("exaone4", "Exaone4Config", "Exaone4ForCausalLM", "exaone4"),
     "exaone4_5": ("exaone4", "Exaone4_5_Config", "Exaone4ForCausalLM", "exaone4"),  # image-text: its LM
     "ernie4_5": ("ernie4_5", "Ernie4_5Config", "Ernie4_5ForCausalLM", "ernie4_5"),
+    "paddleocr_vl_text": ("paddleocr_vl", "PaddleOCRTextConfig", "PaddleOCRVLForCausalLM", "paddleocr"),
+    # image-text
+    "paddleocr_vl": ("paddleocr_vl", "PaddleOCRVLConfig", "PaddleOCRVLForCausalLM", "paddleocr"),
+    # no llama.cpp
+    "cosmos3_edge_text": ("cosmos3_edge", "Cosmos3EdgeTextConfig", "Cosmos3EdgeForCausalLM", None),
+    # image-text: its LM
+    "cosmos3_edge": ("cosmos3_edge", "Cosmos3EdgeConfig", "Cosmos3EdgeForCausalLM", None),
     "nemotron": ("nemotron", "NemotronConfig", "NemotronForCausalLM", "nemotron"),
     "arcee": ("arcee", "ArceeConfig", "ArceeForCausalLM", "arcee"),
     "glm4_moe": ("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM", "glm4moe"),
@@ -93,6 +115,14 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek2"),
     "kimi_k25": ("deepseek_v3", "Kimi_K25Config", "DeepseekV3ForCausalLM", "deepseek2"),  # image-text: its LM
     "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", "ernie4_5-moe"),
+    "ernie4_5_vl_moe_text": (
+        "ernie4_5_vl_moe",
+        "Ernie4_5_VLMoeTextConfig",
+        "Ernie4_5_VLMoeForCausalLM",
+        None,
+    ),  # llama.cpp has none
+    # image-text: its language model
+    "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeConfig", "Ernie4_5_VLMoeForCausalLM", None),
     "seed_oss": ("seed_oss", "SeedOssConfig", "SeedOssForCausalLM", "seed_oss"),
     "hunyuan_v1_dense": (
         "hunyuan_v1_dense",
@@ -105,6 +135,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
+    "molmo2_text": ("molmo2", "Molmo2TextConfig", "Molmo2TextForCausalLM", None),  # llama.cpp has none
+    "molmo2": ("molmo2", "Molmo2Config", "Molmo2TextForCausalLM", None),  # image-text: its language model
     "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", "deepseek2"),
     "solar_open": ("solar_open", "SolarOpenConfig", "SolarOpenForCausalLM", "glm4moe"),
     "youtu": ("youtu", "YoutuConfig", "YoutuForCausalLM", "deepseek2"),
@@ -112,9 +144,13 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "ministral3": ("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "mistral3"),
     "mistral3": ("ministral3", "Mistral3Config", "Ministral3ForCausalLM", "mistral3"),  # image-text: its LM
     "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM", "mistral4"),
+    "mistral_large4_text": ("mistral_large4", "MistralLarge4TextConfig", "MistralLarge4ForCausalLM", None),
+    # image-text
+    "mistral_large4": ("mistral_large4", "MistralLarge4Config", "MistralLarge4ForCausalLM", None),
     "opt": ("opt", "OPTConfig", "OPTForCausalLM", None),
     "blip-2": ("opt", "Blip2Config", "OPTForCausalLM", None),  # image-text: its language model
     "instructblip": ("opt", "InstructBlipConfig", "OPTForCausalLM", None),  # image-text: its language model
+    "instructblipvideo": ("opt", "InstructBlipVideoConfig", "OPTForCausalLM", None),  # image-text: its LM
     "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
     "fuyu": ("persimmon", "FuyuConfig", "PersimmonForCausalLM", None),  # image-text: its language model
     "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
@@ -134,12 +170,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "Gemma4UnifiedForCausalLM",
         "gemma4",
     ),
-    "gemma4_unified": (
-        "gemma4_unified",
-        "Gemma4UnifiedConfig",
-        "Gemma4UnifiedForCausalLM",
-        "gemma4",
-    ),  # image-text: its language model
+    # image-text: its language model
+    "gemma4_unified": ("gemma4_unified", "Gemma4UnifiedConfig", "Gemma4UnifiedForCausalLM", "gemma4"),
     # Gemma 4's drafter for speculative decoding (reads the target's state); llama.cpp has none
     "gemma4_assistant": ("gemma4_assistant", "Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", None),
     "gemma4_unified_assistant": (
@@ -162,6 +194,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mllama": ("mllama", "MllamaConfig", "MllamaForCausalLM", None),  # image-text: its language model
     "emu3_text_model": ("emu3", "Emu3TextConfig", "Emu3ForCausalLM", None),  # llama.cpp has none
     "emu3": ("emu3", "Emu3Config", "Emu3ForCausalLM", None),  # image-text: its language model
+    "chameleon": ("chameleon", "ChameleonConfig", "ChameleonForConditionalGeneration", "chameleon"),  # its LM
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "hunyuan-moe"),
     "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM", "exaone-moe"),
     "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM", "afmoe"),
@@ -198,6 +231,12 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "granitehybrid",
     ),
     "nemotron_h": ("nemotron_h", "NemotronHConfig", "NemotronHForCausalLM", ("nemotron_h", "nemotron_h_moe")),
+    "nemotron_h_omni": (
+        "nemotron_h_omni",
+        "NemotronH_Omni_Reasoning_V3_Config",
+        "NemotronHForCausalLM",
+        ("nemotron_h", "nemotron_h_moe"),
+    ),  # image-audio-text: its language model
     "falcon_h1": ("falcon_h1", "FalconH1Config", "FalconH1ForCausalLM", "falcon-h1"),
     "mamba": ("mamba", "MambaConfig", "MambaForCausalLM", "mamba"),
     "falcon_mamba": ("falcon_mamba", "FalconMambaConfig", "FalconMambaForCausalLM", "mamba"),
@@ -238,37 +277,22 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "diffllama": ("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", None),  # llama.cpp has none
     "jetmoe": ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM", None),  # llama.cpp has none
     "aria_text": ("aria_text", "AriaTextConfig", "AriaTextForCausalLM", None),  # llama.cpp has none
-    "gpt_neox_japanese": (
-        "gpt_neox_japanese",
-        "GPTNeoXJapaneseConfig",
-        "GPTNeoXJapaneseForCausalLM",
-        None,
-    ),  # llama.cpp has none
+    "aria": ("aria_text", "AriaConfig", "AriaTextForCausalLM", None),  # image-text: its language model
+    # llama.cpp has none
+    "gpt_neox_japanese": ("gpt_neox_japanese", "GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", None),
     "flint": ("flint", "FlintConfig", "FlintForCausalLM", None),  # llama.cpp has none
     "axk1": ("axk1", "AXK1Config", "AXK1ForCausalLM", None),  # llama.cpp has none
     "beam": ("beam", "BeamConfig", "BeamForCausalLM", None),  # llama.cpp has none
-    "cohere_compass_text": (
-        "cohere_compass",
-        "CohereCompassTextConfig",
-        "CohereCompassForCausalLM",
-        None,
-    ),  # llama.cpp has none
-    "cohere_compass": (
-        "cohere_compass",
-        "CohereCompassConfig",
-        "CohereCompassForCausalLM",
-        None,
-    ),  # image-text: LM
+    # llama.cpp has none
+    "cohere_compass_text": ("cohere_compass", "CohereCompassTextConfig", "CohereCompassForCausalLM", None),
+    # image-text: LM
+    "cohere_compass": ("cohere_compass", "CohereCompassConfig", "CohereCompassForCausalLM", None),
     "axk2": ("axk2", "AXK2Config", "AXK2ForCausalLM", None),  # llama.cpp has none
     "deepseek_v32": ("deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM", "deepseek32"),
     "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "glm-dsa"),
     "dots3_note_text": ("dots3_note", "Dots3NoteTextConfig", "Dots3NoteForCausalLM", "dots3note"),
-    "dots3_note": (
-        "dots3_note",
-        "Dots3NoteConfig",
-        "Dots3NoteForCausalLM",
-        "dots3note",
-    ),  # image-text-audio: its LM
+    # image-text-audio: its LM
+    "dots3_note": ("dots3_note", "Dots3NoteConfig", "Dots3NoteForCausalLM", "dots3note"),
     "iquestcoder": ("iquestcoder", "IQuestCoderConfig", "IQuestCoderForCausalLM", "llama"),
     "kolibri1": ("kolibri1", "Kolibri1Config", "Kolibri1ForCausalLM", None),  # llama.cpp has none
     "zamba2": ("zamba2", "Zamba2Config", "Zamba2ForCausalLM", None),  # llama.cpp has none
@@ -285,12 +309,15 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "inkling2_text": ("inkling2", "Inkling2TextConfig", "Inkling2ForCausalLM", None),  # llama.cpp has none
     "inkling2": ("inkling2", "Inkling2Config", "Inkling2ForCausalLM", None),  # image-text: its LM
     "bailing_hybrid": ("bailing_hybrid", "BailingHybridConfig", "BailingHybridForCausalLM", "bailingmoe3"),
-    "recurrent_gemma": (
-        "recurrent_gemma",
-        "RecurrentGemmaConfig",
-        "RecurrentGemmaForCausalLM",
-        None,
-    ),  # llama.cpp has none
+    # llama.cpp has none
+    "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", None),
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
     "blt": ("blt", "BltConfig", "BltForCausalLM", None),  # llama.cpp has none
+    # llama.cpp's "muse-glimmer" files are not mapped yet (see models/muse_glimmer.py)
+    "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerTextConfig", "MuseGlimmerForCausalLM", None),
+    # image-text: its LM
+    "muse_glimmer": ("muse_glimmer", "MuseGlimmerConfig", "MuseGlimmerForCausalLM", None),
+    # llama.cpp has none
+    "muse_spark_text": ("muse_spark", "MuseSparkTextConfig", "MuseSparkForCausalLM", None),
+    "muse_spark": ("muse_spark", "MuseSparkConfig", "MuseSparkForCausalLM", None),  # image-audio-text: its LM
 }

@@ -118,6 +118,18 @@ class Gemma3Config(TextFirstConfig):
     fixed: ClassVar[dict[str, Any]] = {"final_logit_softcapping": None}
 
 
+class ShieldGemma2Config(Gemma3Config):
+    """transformers' ShieldGemma2Config (ShieldGemma 2): Gemma 3's image-text model inside an image classifier, whose
+    forward gives the last token's logits of two tokens (yes / no); autolm runs its language model, read as
+    Gemma3Config (all the logits), the head tied where either config ties it (text_config's default: tied)."""
+
+    model_type: ClassVar[str] = "shieldgemma2"
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool:
+        return bool(outer.get("tie_word_embeddings") or text.get("tie_word_embeddings", True))
+
+
 class Gemma3DecoderLayer(Gemma2DecoderLayer):
     """Gemma 2's layer as Gemma3TextConfig sets it up (q/k norms, no score soft-capping, RoPE by layer type)."""
 
@@ -147,9 +159,13 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     config_class = Gemma3TextConfig
     checkpoint_rules = CheckpointRules(
         [  # the image-text checkpoints (Gemma3Config): their language model's tensors, saved as the text model's
+            # ShieldGemma 2's as transformers writes them (the classifier's `model.` before Gemma 3's older names)
+            # and reads them (without it)
+            Rename(r"^(model\.)?model\.language_model\.model\.", "model.", r"(?!)", ""),
+            Rename(r"^model\.lm_head\.", "lm_head.", r"(?!)", ""),
             Rename(r"^(language_model\.model|model\.language_model)\.", "model.", r"(?!)", ""),
             Rename(r"^language_model\.lm_head\.", "lm_head.", r"(?!)", ""),
-            Ignored(r"(model\.)?(vision_tower|multi_modal_projector)\..+"),
+            Ignored(r"(model\.){0,2}(vision_tower|multi_modal_projector)\..+"),
         ]
     )
     gguf = GGUFLayout(

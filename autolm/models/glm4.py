@@ -9,7 +9,11 @@ q/k/v biases always, head_dim hidden_size / heads, multimodal RoPE over the same
 RoPE) rotating the whole head unless rope_parameters gives partial_rotary_factor. llama.cpp's converter writes it
 as "glm4" with the RoPE sections and, its multimodal kernel rotating halves (NeoX), the rotary rows of q and k
 regrouped per head as [even; odd] pairs: such a file reads back with the rows in the model's order (`gguf_rows`),
-keeping mrope_section, and is written back so."""
+keeping mrope_section, and is written back so.
+
+GLM-OCR's language model (model_type glm_ocr) is GLM-4V's without q/k/v biases, with a head_dim of its own where
+text_config gives one, and a next-token-prediction layer past the last (not run; llama.cpp's converter counts it in
+block_count, its nextn_predict_layers subtracted on reading)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import Attention, GGUFLayout, RMSNorm
+from ..nn import Attention, CheckpointRules, GGUFLayout, Ignored, RMSNorm
 from .base import CausalLM, DecoderModel
 from .image_text import EitherTiesConfig
 from .phi3 import Phi3MLP
@@ -118,6 +122,59 @@ class Glm4vConfig(EitherTiesConfig):
             text.setdefault("partial_rotary_factor", 1.0)
 
 
+class GlmOcrConfig(EitherTiesConfig):
+    """transformers' GlmOcrConfig (GLM-OCR): its language model's (glm_ocr_text), a GLM-4V's without q/k/v biases,
+    head_dim as text_config gives it (else hidden_size / heads), GLM-OCR's defaults where text_config leaves them
+    out; its next-token-prediction layer (model.layers.<num_hidden_layers>) skipped as transformers does."""
+
+    model_type: ClassVar[str] = "glm_ocr"
+    text_class: ClassVar[type] = Glm4Config
+    mrope: ClassVar[bool] = True
+    fixed: ClassVar[dict[str, Any]] = {"attention_bias": False}
+    defaults: ClassVar[dict[str, Any]] = dict(vocab_size=59392, hidden_size=1024, intermediate_size=4096,
+                                              num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                                              max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                              pad_token_id=None)  # fmt: skip
+
+    @classmethod
+    def adapt(cls, text: dict[str, Any]) -> None:
+        super().adapt(text)
+        if text.get("head_dim") is None:
+            whole_heads(text)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if "partial_rotary_factor" not in rope:
+            text.setdefault("partial_rotary_factor", 1.0)
+
+
+class Glm46VConfig(Glm4vConfig):
+    """transformers' Glm46VConfig (GLM-4.6V): GLM-4V's language model (a GLM-4, read as Glm4vConfig; a GLM-4.5 MoE
+    where text_config's model_type is "glm4v_moe_text", read as Glm4vMoeConfig), the head tied by the outer config
+    alone (untied by default)."""
+
+    model_type: ClassVar[str] = "glm46v"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Any:
+        text = d.get("text_config") if isinstance(d, dict) else None
+        if isinstance(text, dict) and text.get("model_type") == "glm4v_moe_text":
+            from . import config_class
+
+            tied = {"tie_word_embeddings": cls.tie(d, text)}  # the outer's: Glm4vMoeConfig ties by either
+            d = {**d, **tied, "text_config": {**text, **tied}}
+            return config_class("glm4v_moe", source).from_dict(d, source, **overrides)
+        return super().from_dict(d, source, **overrides)
+
+    @classmethod
+    def tie(cls, outer: dict[str, Any], text: dict[str, Any]) -> bool:
+        return bool(outer.get("tie_word_embeddings", False))
+
+
+class GlmgaConfig(Glm46VConfig):
+    """transformers' GlmgaConfig: GLM-4.6V's (its model class is Glm46VForConditionalGeneration)."""
+
+    model_type: ClassVar[str] = "glmga"
+
+
 def whole_heads(text: dict[str, Any]) -> None:
     """GLM-4V's language models split hidden_size into the heads (no head_dim of their own)."""
     hidden, heads = text.get("hidden_size", 4096), text.get("num_attention_heads", 32)
@@ -161,6 +218,10 @@ def gguf_config(d: dict[str, Any], get) -> None:
     rotary = get("rope.dimension_count")
     if _is_int(rotary) and _is_int(head_dim) and head_dim > 0:
         d["rope_parameters"]["partial_rotary_factor"] = rotary / head_dim
+    nextn = get("nextn_predict_layers") or 0  # GLM-OCR's, counted in block_count
+    if _is_int(nextn) and nextn > 0 and _is_int(d.get("num_hidden_layers")):
+        d["num_nextn_predict_layers"] = nextn
+        d["num_hidden_layers"] -= nextn
     sections = get("rope.dimension_sections")
     if sections is not None:  # GLM-4V's: q/k rows regrouped (gguf_rows)
         d["rope_parameters"]["mrope_section"] = [int(x) for x in sections[:3]]
@@ -220,3 +281,8 @@ class Glm4ForCausalLM(CausalLM):
 
     def __init__(self, config: Glm4Config):
         super().__init__(config, Glm4Model(config))
+        n, extra = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0)
+        if _is_int(extra) and extra > 0:  # GLM-OCR's next-token-prediction layers: not run, not loaded
+            layers = "|".join(str(i) for i in range(n, n + extra))
+            rules = [*type(self).checkpoint_rules.rules, Ignored(rf"model\.layers\.({layers})\..+")]
+            self.checkpoint_rules = CheckpointRules(rules)

@@ -115,6 +115,33 @@ class GraniteSpeechConfig(ImageTextConfig):
     fixed: ClassVar[dict[str, Any]] = {"logits_scaling": 1.0}
 
 
+class GraniteDoclingConfig(ImageTextConfig):
+    """transformers' GraniteDoclingConfig (Granite Docling): its language model's (`granite_docling_text`, Granite's
+    model exactly, with Granite Docling's defaults), the head dividing by logits_scaling as Granite's and tied by the
+    outer config (tied by default); the vision tower, its connector and the density router skipped."""
+
+    model_type: ClassVar[str] = "granite_docling"
+    text_class: ClassVar[type] = GraniteConfig
+    tie_default: ClassVar[bool | None] = True
+    defaults: ClassVar[dict[str, Any]] = dict(
+        vocab_size=133800, hidden_size=1024, intermediate_size=2048, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-5, pad_token_id=100256,
+        bos_token_id=100257, eos_token_id=100257, embedding_multiplier=12.0, logits_scaling=4.0,
+        residual_multiplier=0.263, attention_multiplier=0.015625,
+    )  # fmt: skip
+
+
+class Granite4VisionConfig(ImageTextConfig):
+    """transformers' Granite4VisionConfig (Granite 4 Vision): its language model's (`granite4_vision_text`, Granite's
+    model: its rotary, attention and decoder layer are Granite's unchanged; the visual features it adds before some
+    layers come only with an image), the head dividing by logits_scaling and tied by the outer config (untied by
+    default); the vision tower and the Q-Former projectors skipped."""
+
+    model_type: ClassVar[str] = "granite4_vision"
+    text_class: ClassVar[type] = GraniteConfig
+    tie_default: ClassVar[bool | None] = False
+
+
 class GraniteForCausalLM(CausalLM):
     config_class = GraniteConfig
     # llama.cpp writes Granite as Llama (q/k rows permuted) with the multipliers under their "scale" names

@@ -4,9 +4,12 @@ VipLLaVA / Video-LLaVA / LLaVA-NeXT-Video, InternVL, SmolVLM / Idefics 2 / 3, Pa
 DeepSeek-VL, Janus, LightOnOCR, EXAONE 4.5, LFM2-VL, Aya Vision, Command A Vision, Kimi K2.5, HunyuanOCR, Step 3.7,
 Inkling, Qwen2-Audio, Voxtral, Granite Speech, Phi-4-multimodal, Audio Flamingo 3, Music Flamingo, VibeVoice-ASR,
 VideoLLaMA 3, PP-Chart2Table, Qwen3-ASR, Fun-ASR-Nano, MOSS Transcribe-Diarize, Qianfan-OCR, GLM-ASR, HyperCLOVA X
-Vision 2, LFM3-VL, MiniCPM-OCR, MiniCPM-V 4.6 / 4.7, BLIP-2, InstructBLIP): their config is a wrapper holding the
-language model's settings as `text_config`, and their files hold the language model's tensors beside a vision (or
-audio) tower's.
+Vision 2, LFM3-VL, MiniCPM-OCR, MiniCPM-V 4.6 / 4.7, BLIP-2, InstructBLIP, InstructBLIP-Video, Aria, Cosmos3 Omni /
+Edge, GLM-4.6V, GLM-GA, GLM-OCR, Nemotron H Omni, ShieldGemma 2, Granite Docling, Granite 4 Vision, FastVLM,
+PerceptionLM, PaddleOCR-VL, ERNIE 4.5 VL, Mistral Large 4, DeepSeek-OCR 2, Unlimited-OCR, Molmo 2, Muse Glimmer /
+Spark, and the Qwen2.5-Omni / Qwen3-Omni-MoE thinkers): their config is a wrapper holding the language model's
+settings as `text_config` (the Omni models' under thinker_config), and their files hold the language model's tensors
+beside a vision (or audio) tower's.
 
 `ImageTextConfig` reads such a config.json as the language model's config: text_config, read by the text family's
 config class (by text_config's model_type where a wrapper holds several: Mistral 3's Mistral or Ministral 3), with
@@ -44,6 +47,8 @@ from ..errors import ConfigError, GenerationError
 from ..nn import Ignored, Rename
 
 IMAGE_TEXT_RULES = (
+    # Qwen2.5-Omni's and Qwen3-Omni-MoE's whole models: the thinker's language model (`ThinkerConfig`)
+    Rename(r"^thinker\.", "", r"(?!)", ""),
     # transformers writes Qianfan-OCR's language model's layers as its vision encoder's (encoder.layers.N)
     Rename(r"^language_model\.model\.encoder\.layers\.", "language_model.model.layers.", r"(?!)", ""),
     Rename(r"^(language_model\.model|model\.language_model|model\.text_model)\.", "model.", r"(?!)", ""),
@@ -60,9 +65,16 @@ IMAGE_TEXT_RULES = (
         r"|mlp1|vision_projector|merger)\..+"
     ),
     Ignored(r"(model\.)?high_res_vision_alpha"),
+    # Granite Docling's density router, Granite 4 Vision's Q-Former projectors, Nemotron H Omni's vision norm and
+    # audio projection (transformers' names and the Hub's)
+    Ignored(
+        r"(model\.)?(density_router|layerwise_projectors|spatial_projectors|vision_final_layernorm|embed_audio"
+        r"|sound_encoder|sound_projection)\..+"
+    ),
     Ignored(r"query_tokens|(qformer|language_projection)\..+"),  # BLIP-2's and InstructBLIP's Q-Former
     Ignored(r"model\.embed_tokens_extend\..+"),  # Phi-4-multimodal's image and audio embeddings
     Ignored(r"mtp\..+"),
+    Ignored(r"(talker|token2wav|code2wav)\..+"),  # the Omni models' speech generation
 )
 _TIE = "tie_word_embeddings"
 # transformers' forward inputs that carry an image, a video or audio: autolm runs the language model alone
@@ -167,6 +179,35 @@ class ImageTextConfig:
         text.update(cls.fixed)
 
 
+class ThinkerConfig:
+    """A model whose language model is its thinker's (Qwen2.5-Omni, Qwen3-Omni-MoE): config.json's thinker_config,
+    read by the thinker's config class (`thinker_class`, an ImageTextConfig), with dtype from the outer config where
+    thinker_config leaves it out; the talker and the speech decoder (IMAGE_TEXT_RULES) skipped."""
+
+    model_type: ClassVar[str]
+    thinker_class: ClassVar[type]
+    text_class: ClassVar[type]  # the language model's config class: the thinker's text_class
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "thinker_class" in cls.__dict__:
+            cls.text_class = cls.thinker_class.text_class
+
+    def __new__(cls, thinker_config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return cls.from_dict({"thinker_config": thinker_config or {}, **kwargs})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> Any:
+        thinker = d.get("thinker_config") if isinstance(d, dict) else None
+        if not isinstance(thinker, dict):
+            raise ConfigError(f"{source}: model_type {cls.model_type!r} needs a thinker_config object (the "
+                              f"thinker's settings, its language model's under text_config), found "
+                              f"{str(thinker)[:100]}")  # fmt: skip
+        thinker = dict(thinker)
+        thinker.update({k: d[k] for k in ("dtype", "torch_dtype") if k in d and thinker.get(k) is None})
+        return cls.thinker_class.from_dict(thinker, source, **overrides)
+
+
 class EitherTiesConfig(ImageTextConfig):
     """A wrapper whose head is tied by the outer config or, as files before transformers 5 hold it, by text_config
     (Qwen 2 VL, GLM-4V)."""
@@ -185,13 +226,16 @@ class TextFirstConfig(ImageTextConfig):
         return text.get(_TIE, outer.get(_TIE))
 
 
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved", "interleaved")  # "interleaved": Qwen3-Omni-MoE's files
+
+
 def _plain_rope(text: dict[str, Any]) -> None:
     """Multimodal RoPE as the plain RoPE it is on text: the sections dropped, type "mrope" read as "default"."""
     for key in ("rope_parameters", "rope_scaling"):
         rope = text.get(key)
         if not isinstance(rope, dict):
             continue
-        rope = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved")}
+        rope = {k: v for k, v in rope.items() if k not in _MROPE_KEYS}
         for name in ("type", "rope_type"):
             if rope.get(name) == "mrope":
                 rope[name] = "default"

@@ -159,6 +159,14 @@ class JanusConfig(DeepseekVLConfig):
     model_type: ClassVar[str] = "janus"
 
 
+class PerceptionLMConfig(ImageTextConfig):
+    """transformers' PerceptionLMConfig (Meta Perception LM): its language model's, a Llama, tied by the outer config
+    where it says, else by text_config's."""
+
+    model_type: ClassVar[str] = "perception_lm"
+    text_class: ClassVar[type] = LlamaConfig
+
+
 class VoxtralConfig(ImageTextConfig):
     """transformers' VoxtralConfig (Voxtral, audio-text): its language model's, a Llama with Voxtral's defaults
     where text_config leaves them out; the head never tied (the model ties none)."""

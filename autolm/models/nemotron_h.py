@@ -50,6 +50,7 @@ from ..nn import (
 )
 from ..nn.mamba2 import Mamba2Mixer
 from .base import CausalLM, DecoderModel
+from .image_text import IMAGE_TEXT_RULES
 from .mixtral import validate_experts
 from .nemotron_h_gguf import LAYOUT, NOT_COMPARED, MixerGGUF, compared
 from .nemotron_h_moe_gguf import GGUF_RULES, MOE_LAYOUT
@@ -350,6 +351,8 @@ class NemotronHForCausalLM(CausalLM):
     embeddings_name = "model.embeddings"
     checkpoint_rules = CheckpointRules(
         [
+            Rename(r"^language_model\.", "", r"(?!)", ""),  # Nemotron H Omni's (image-text) language model
+            *IMAGE_TEXT_RULES,
             Rename(r"^backbone\.", "model.", r"^model\.", "backbone."),
             Stacked("up_proj", ("up_proj.weight",)),
             Stacked("down_proj", ("down_proj.weight",)),

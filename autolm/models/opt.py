@@ -269,6 +269,12 @@ class InstructBlipConfig(Blip2Config):
     model_type: ClassVar[str] = "instructblip"
 
 
+class InstructBlipVideoConfig(Blip2Config):
+    """transformers' InstructBlipVideoConfig (InstructBLIP-Video), read as Blip2Config."""
+
+    model_type: ClassVar[str] = "instructblipvideo"
+
+
 class OPTForCausalLM(CausalLM):
     """transformers' OPTForCausalLM: the head reads word_embed_proj_dim features, tied to embed_tokens unless the
     config unties it."""

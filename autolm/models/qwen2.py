@@ -1,7 +1,7 @@
 """Qwen 2: Llama with q/k/v biases; a sliding window only with use_sliding_window, on layers from
-max_window_layers on. Qwen2-VL's and Qwen2.5-VL's language model is a Qwen 2 (autolm.models.image_text): their
-checkpoints load as one, and llama.cpp's "qwen2vl" files (the converter's Qwen 2 keys and tensors, plus the
-multimodal RoPE sections) read as "qwen2" ones."""
+max_window_layers on. Qwen2-VL's and Qwen2.5-VL's language model is a Qwen 2 (autolm.models.image_text), as is
+Qwen2.5-Omni's thinker's: their checkpoints load as one, and llama.cpp's "qwen2vl" files (the converter's Qwen 2 keys
+and tensors, plus the multimodal RoPE sections) read as "qwen2" ones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..nn import GGUFLayout
-from .image_text import EitherTiesConfig, ImageTextConfig
+from .image_text import EitherTiesConfig, ImageTextConfig, ThinkerConfig
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -54,6 +54,38 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     """transformers' Qwen2_5_VLConfig (Qwen2.5-VL), read as Qwen2VLConfig."""
 
     model_type: ClassVar[str] = "qwen2_5_vl"
+
+
+class Qwen2_5OmniThinkerConfig(ImageTextConfig):
+    """transformers' Qwen2_5OmniThinkerConfig (Qwen2.5-Omni's thinker): its language model's, Qwen2.5-VL's text model
+    (a Qwen 2 with multimodal RoPE); the head tied by the thinker's config (untied by default; text_config's own
+    setting, true by default, is not what transformers ties by); transformers' text defaults where text_config
+    leaves them out."""
+
+    model_type: ClassVar[str] = "qwen2_5_omni_thinker"
+    text_class: ClassVar[type] = Qwen2Config
+    tie_default: ClassVar[bool | None] = False
+    mrope: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "sliding_window": 32768, "rope_theta": 1e6,
+    }  # fmt: skip
+
+
+class Qwen2_5OmniConfig(ThinkerConfig):
+    """transformers' Qwen2_5OmniConfig (Qwen2.5-Omni: thinker, talker and token2wav): its thinker's language model
+    (thinker_config read as Qwen2_5OmniThinkerConfig; the checkpoint's thinker.model.* and thinker.lm_head.*)."""
+
+    model_type: ClassVar[str] = "qwen2_5_omni"
+    thinker_class: ClassVar[type] = Qwen2_5OmniThinkerConfig
+
+
+class FastVlmConfig(EitherTiesConfig):
+    """transformers' FastVlmConfig (Apple FastVLM): its language model's, a Qwen 2, tied where either config ties
+    it (the outer config takes text_config's setting)."""
+
+    model_type: ClassVar[str] = "fast_vlm"
+    text_class: ClassVar[type] = Qwen2Config
 
 
 class LlavaOnevisionConfig(ImageTextConfig):

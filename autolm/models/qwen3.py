@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..nn import GGUFLayout
-from .image_text import ImageTextConfig
+from ..nn import CheckpointRules, GGUFLayout, Ignored, Rename
+from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2Config
 
@@ -33,6 +33,13 @@ class Qwen3VLConfig(ImageTextConfig):
     text_class: ClassVar[type] = Qwen3Config
     tie_default: ClassVar[bool | None] = False
     mrope: ClassVar[bool] = True
+
+
+class Cosmos3OmniConfig(Qwen3VLConfig):
+    """transformers' Cosmos3OmniConfig (NVIDIA Cosmos3 Omni): Qwen3-VL's, read as Qwen3VLConfig; its files hold the
+    language model at the top level (`layers.*`, `embed_tokens.*`, `norm.*`: Qwen3ForCausalLM's COSMOS_RULES)."""
+
+    model_type: ClassVar[str] = "cosmos3_omni"
 
 
 class LightOnOcrConfig(ImageTextConfig):
@@ -70,7 +77,19 @@ class QianfanOCRConfig(ImageTextConfig):
     tie_default: ClassVar[bool | None] = False
 
 
+# Cosmos3 Omni's files (as transformers writes and reads them): the language model's tensors at the top level, some
+# under Diffusers' attention names, the vision tower's flat beside them
+COSMOS_RULES = (
+    Rename(r"^(layers|embed_tokens|norm)\.", r"model.\1.", r"(?!)", ""),
+    *(Rename(rf"\.self_attn\.{a}\.", f".self_attn.{b}.", r"(?!)", "") for a, b in (
+        ("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "o_proj"), ("norm_q", "q_norm"),
+        ("norm_k", "k_norm"))),
+    Ignored(r"(blocks|patch_embed|pos_embed|deepstack_merger_list)\..+"),
+)  # fmt: skip
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     config_class = Qwen3Config
+    checkpoint_rules = CheckpointRules([*IMAGE_TEXT_RULES, *COSMOS_RULES])
     gguf = GGUFLayout("qwen3")
     gguf_more = (GGUFLayout("qwen3vl"),)

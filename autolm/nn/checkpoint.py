@@ -212,6 +212,9 @@ class GGUFLayout:
     layer: tuple[tuple[str, str], ...] = ()  # (blk.N.<name>, module path inside layer N)
     top: tuple[tuple[str, str], ...] = ()  # (<name>, module path)
     permute_qk: bool = False
+    # per-head q/k norms (blk.N.attn_q_norm / attn_k_norm, (heads, head_dim)) whose columns the converter permutes
+    # within each head as the q/k rows (Chameleon's)
+    permute_qk_norm: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()  # config fields the converter does not write, set to these
     # blk.N.<name> weights the converter transposes (GPT-2's Conv1D, stored (in, out) by the checkpoint and the
     # model): transposed back on reading

@@ -219,15 +219,18 @@ class SparseMoeBlock(nn.Module):
 
 def experts_summary(model: nn.Module, parameters: int) -> tuple[int, int, int, int] | None:
     """(mixture-of-experts layers, experts per layer, experts each token uses, parameters one token uses: the
-    model's `parameters` less the share of every expert it does not use), or None for a model without experts."""
-    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    model's `parameters` less the share of every expert it does not use), or None for a model without experts. A block
+    marked `held` (loaded and saved, never run: ERNIE 4.5 VL's vision experts on text) counts wholly unused."""
+    every = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    blocks = [m for m in every if not getattr(m, "held", False)]
     if not blocks:
         return None
     unused = 0
-    for block in blocks:
+    for block in every:
         e = block.experts
         per_expert = 3 * e.hidden_size * e.intermediate_size
         per_expert += 2 * e.intermediate_size + e.hidden_size if hasattr(e, "down_proj_bias") else 0
-        unused += (e.num_experts - getattr(block, block.router_name).top_k) * per_expert
+        used = 0 if getattr(block, "held", False) else getattr(block, block.router_name).top_k
+        unused += (e.num_experts - used) * per_expert
     router = getattr(blocks[0], blocks[0].router_name)
     return len(blocks), blocks[0].experts.num_experts, router.top_k, parameters - unused

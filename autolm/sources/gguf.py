@@ -310,6 +310,8 @@ def gguf_tensors(
         heads = ggml.permuted_heads(g, t, config)
         if heads:  # llama's q/k rows back in the model's order
             w = w[llama_qk_order(torch.arange(w.shape[0]), heads).numpy()]
+        if g.layout.permute_qk_norm and re.search(r"\.attn_[qk]_norm\.", t.name) and w.ndim == 2:
+            w = w[:, llama_qk_order(torch.arange(w.shape[1]), 1).numpy()]  # each head's columns (Chameleon)
         order = ggml.row_order(g, t, config)
         if order is not None:  # rows the converter regrouped (GPT-NeoX's q/k/v) back in the model's order
             w = w[order.numpy()]
