@@ -205,7 +205,7 @@ def _converted(t: torch.Tensor, out: str, name: str, model) -> torch.Tensor:
         t = t[torch.argsort(order)]
     if out.endswith(".weight") and out.split(".")[-2] in layout.transposed:
         t = t.t().contiguous()  # GPT-2's Conv1D weights: llama.cpp's converter writes them (out, in)
-    if layout.norm_shift and name.endswith("norm.weight"):
+    if layout.norm_shift and name.endswith(layout.norm_shift_suffix):
         t = t.float() + layout.norm_shift  # Gemma's (1 + w) norms, stored as 1 + w
     return t
 

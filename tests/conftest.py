@@ -2038,6 +2038,265 @@ SPECS = {
         ),
         {},
     ),
+    "molmo2_olmo": (  # q/k normed over all heads (OLMo 2's plan: q/k/v gathered), norms after, biases, extra rows
+        "Molmo2TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            additional_vocab_size=8,
+            qk_norm_type="olmo",
+            norm_after=True,
+            attention_bias=True,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "molmo2_qwen3": (  # per-head q/k norms: the heads split
+        "Molmo2TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            additional_vocab_size=8,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "muse_glimmer": (  # sliding and full layers, the attention's sigmoid gate, the head's multiplier and soft-cap
+        "MuseGlimmerConfig",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                bos_token_id=1,
+                eos_token_id=2,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+                output_multiplier=0.5,
+                final_logit_softcapping=3.0,
+                max_position_embeddings=64,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                pos_emb_height=4,
+                pos_emb_width=4,
+                patch_size=4,
+            ),
+            out_hidden_size=128,
+            projector_hidden_size=32,
+        ),
+        {},
+    ),
+    "muse_spark": (  # dense and sparse layers: the normed experts run whole on every rank
+        "MuseSparkConfig",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                bos_token_id=1,
+                eos_token_id=2,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                moe_intermediate_size=16,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                moe_hidden_size=32,
+                mlp_layer_types=["dense", "sparse"],
+                max_position_embeddings=64,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                pos_emb_height=4,
+                pos_emb_width=4,
+                patch_size=4,
+            ),
+            audio_config=dict(
+                patch_sizes=[2, 2],
+                hidden_sizes=[8, 16],
+                depths=[1, 1],
+                num_hidden_layers=2,
+                out_hidden_size=64,
+            ),
+            out_hidden_size=128,
+            projector_hidden_size=32,
+        ),
+        {},
+    ),
+    "ernie4_5_vl_moe_text": (  # text experts of two sizes, a shared expert, biases, a dense layer, the head untied
+        "Ernie4_5_VLMoeConfig",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                moe_num_experts=4,
+                moe_k=2,
+                use_bias=True,
+                moe_intermediate_size=[32, 16],
+                moe_num_shared_experts=1,
+                mlp_layer_types=["sparse", "dense", "sparse"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+            ),
+            vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, patch_size=4),
+            tie_word_embeddings=False,
+        ),
+        {},
+    ),
+    "deepseek_ocr2_text": (  # Llama's attention, DeepSeek-V2's experts (group-limited) and shared experts, biases
+        "DeepseekOcr2TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=2,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            attention_bias=True,
+            mlp_bias=True,
+            mlp_layer_types=["sparse", "dense"],
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "unlimited_ocr_text": (
+        "UnlimitedOcrTextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse"],
+            sliding_window=4,
+            max_position_embeddings=64,
+        ),
+        {},
+    ),
+    "cosmos3_edge_text": (  # fc1 / fc2 MLP with biases, multimodal RoPE sections
+        "Cosmos3EdgeConfig",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                attention_bias=True,
+                mlp_bias=True,
+                max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]},
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                patch_size=4,
+                num_patches=16,
+            ),
+            projector_hidden_size=32,
+        ),
+        {},
+    ),
+    "paddleocr_vl_text": (  # ERNIE 4.5's layer with biases, multimodal RoPE sections, the head untied
+        "PaddleOCRVLConfig",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=32,
+                use_bias=True,
+                tie_word_embeddings=False,
+                max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [8, 4, 4]},
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                patch_size=4,
+                image_size=16,
+            ),
+            tie_word_embeddings=False,
+        ),
+        {},
+    ),
+    "mistral_large4_text": (  # MLA with an indexer (run whole), dense, shared and routed MLPs split
+        "MistralLarge4Config",
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                index_topk=4,
+                index_head_dim=16,
+                index_n_heads=8,
+                mlp_layer_types=["sparse", "dense", "sparse"],
+                max_position_embeddings=256,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
+        ),
+        {},
+    ),
 }
 
 
@@ -2051,6 +2310,49 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(1.0 + 0.2 * noise)
             else:
                 p.copy_(noise * (0.15 if p.dim() > 1 else 0.1))
+
+
+def register_reference(prefix: str, pretrained: str, text_model: str, tied: dict | None) -> type:
+    """transformers' `text_model` with a head, as its image-text model runs text (registered for the config
+    `<prefix>Config` with AutoModelForCausalLM, named as autolm's class: `<prefix>ForCausalLM`)."""
+    import transformers
+    from transformers import GenerationMixin
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    config_cls = getattr(transformers, f"{prefix}Config")
+    name = f"{prefix}ForCausalLM"
+    if getattr(transformers.AutoModelForCausalLM, "_autolm_refs", {}).get(name):
+        return transformers.AutoModelForCausalLM._autolm_refs[name]
+
+    def __init__(self, config):
+        getattr(transformers, pretrained).__init__(self, config)
+        self.model = getattr(transformers, text_model)(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)  # fmt: skip
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep])
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+
+    body = dict(__init__=__init__, forward=forward, config_class=config_cls, base_model_prefix="model",
+                _tied_weights_keys=tied, get_output_embeddings=lambda self: self.lm_head,
+                get_input_embeddings=lambda self: self.model.embed_tokens)  # fmt: skip
+    cls = type(name, (getattr(transformers, pretrained), GenerationMixin), body)
+    cls.config = config_cls
+    transformers.AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
+    transformers.AutoModelForCausalLM._autolm_refs = {
+        **getattr(transformers.AutoModelForCausalLM, "_autolm_refs", {}),
+        name: cls,
+    }
+    return cls
+
+
+HEAD_TIED = {"lm_head.weight": "model.embed_tokens.weight"}  # register_reference's tied head
 
 
 def register_causal_lm_gaps() -> None:
@@ -2068,6 +2370,24 @@ def register_causal_lm_gaps() -> None:
     # GLM-5.3-Flash's language model exists only inside the image-text Glm5NextForConditionalGeneration too
     transformers.AutoModelForCausalLM.register(
         transformers.Glm5NextConfig, transformers.Glm5NextForConditionalGeneration, exist_ok=True
+    )
+    # image-text models transformers maps to no causal-LM class (their language models' tensor-parallel specs)
+    for prefix in ("MuseGlimmer", "MuseSpark", "Ernie4_5_VLMoe", "Cosmos3Edge", "PaddleOCRVL"):
+        transformers.AutoModelForCausalLM.register(
+            getattr(transformers, f"{prefix}Config"),
+            getattr(transformers, f"{prefix}ForConditionalGeneration"),
+            exist_ok=True,
+        )
+    transformers.AutoModelForCausalLM.register(
+        transformers.MistralLarge4Config, transformers.MistralLarge4ForConditionalGeneration, exist_ok=True
+    )
+    # text models with no head in transformers: register_reference puts one on them
+    register_reference("Molmo2Text", "Molmo2PreTrainedModel", "Molmo2TextModel", None)
+    register_reference(
+        "DeepseekOcr2Text", "DeepseekOcr2TextPreTrainedModel", "DeepseekOcr2TextModel", HEAD_TIED
+    )
+    register_reference(
+        "UnlimitedOcrText", "UnlimitedOcrTextPreTrainedModel", "UnlimitedOcrTextModel", HEAD_TIED
     )
 
 

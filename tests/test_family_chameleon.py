@@ -128,6 +128,16 @@ def test_image_tokens_are_suppressed_as_transformers_does(tmp_path_factory):
     assert torch.all(theirs[:, IMAGE_IDS] == torch.finfo(torch.float32).min)
 
 
+def test_tensor_parallel_is_refused(tmp_path_factory):
+    """transformers has no tensor-parallel plan for Chameleon: tp_plan='auto' says so before anything is launched."""
+    import transformers
+
+    directory, _ = CHAMELEON.checkpoint(tmp_path_factory)
+    assert not transformers.ChameleonConfig.base_model_tp_plan
+    with pytest.raises(ConfigError, match="'chameleon' has no tensor-parallel plan"):
+        autolm.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto")
+
+
 def test_config_defaults():
     """ChameleonConfig() holds transformers' defaults; errors name the field."""
     check_config_defaults(ChameleonConfig)

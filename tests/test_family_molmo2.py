@@ -3,7 +3,7 @@ the whole projection ("olmo"), norm_after (the norms on the sublayers' outputs),
 additional_vocab_size rows beyond the head's, and a scaled RoPE on rope_scaling_layers only.
 
 transformers has no causal-LM class for molmo2_text: the Family battery's reference is transformers' Molmo2TextModel
-with a head (test_family_deepseek_ocr2.register_reference), which writes the original layout (att_proj, ff_proj,
+with a head (conftest.register_reference), which writes the original layout (att_proj, ff_proj,
 attn_norm, wte.embedding / wte.new_embedding, ...); the image-text cases check autolm against
 Molmo2ForConditionalGeneration on text (logits over a left-padded batch, the head never tied, greedy tokens, the
 saved text model). llama.cpp has no Molmo 2 architecture (no GGUF)."""

@@ -8,8 +8,7 @@ soft-cap that matter, post_norm_eps apart from rms_norm_eps, a window shorter th
 the outer config). The battery (a padded batch's logits, generate with beams, bf16, the eager one-token step and the
 compiled step, LoRA vs peft, int8 / int4, disk offload), the wrapper's head tying (the outer config's alone: the text
 config's is ignored), the text model saved (transformers' MuseGlimmerTextModel loads it; autolm reads it back), config
-defaults and errors naming the field. llama.cpp 0.3.36 has a "muse-glimmer" architecture but autolm writes no GGUF for
-it (see the family's docstring)."""
+defaults and errors naming the field. GGUF in and out (llama.cpp's "muse-glimmer"): tests/test_muse_glimmer_gguf.py."""
 
 from __future__ import annotations
 

@@ -262,6 +262,7 @@ def _families():
     """model_type -> (a tiny checkpoint llama.cpp's format can hold, or a tuple of them (its variants), the
     test-side converter mimic writing the file convert_hf_to_gguf.py makes of it (hf model, path), or None where
     there is none)."""
+    import test_deepseek_ocr2_gguf as deepseek_ocr2
     import test_family_afmoe as afmoe
     import test_family_apertus as apertus
     import test_family_arcee as arcee
@@ -340,6 +341,7 @@ def _families():
     import test_family_olmo2 as olmo2
     import test_family_olmo3 as olmo3
     import test_family_olmoe as olmoe
+    import test_family_paddleocr_vl as paddleocr_vl
     import test_family_phi as phi
     import test_family_phi3 as phi3
     import test_family_phimoe as phimoe
@@ -353,6 +355,7 @@ def _families():
     import test_family_starcoder2 as starcoder2
     import test_family_step3p5 as step3p5
     import test_family_youtu as youtu
+    import test_muse_glimmer_gguf as muse_glimmer
     from conftest import SPECS
     from family_checks import Family
     from gguf_llamacpp import write_gguf
@@ -409,6 +412,7 @@ def _families():
         "mistral4": (mistral4.LATE, mistral4.write_mistral4_gguf),
         "minimax_m2": (minimax_m2.M2, minimax_m2.write_minimax_m2_gguf),
         "minimax_m3_vl_text": (minimax_m3.GGUF_FAMILY, minimax_m3.write_minimax_m3_gguf),
+        "muse_glimmer_text": (muse_glimmer.GGUF_FAMILY, muse_glimmer.write_muse_glimmer_gguf),
         "minimax": (minimax.GGUF_FAMILY, minimax.write_minimax_gguf),
         "minicpm3": (tuple(minicpm3.GGUF_FAMILIES.values()), minicpm3.write_minicpm3_gguf),
         "granitemoe_swa": (tuple(granitemoe_swa.GGUF_FAMILIES.values()), granite_swa.write_granite_swa_gguf),
@@ -468,6 +472,8 @@ def _families():
         "exaone_moe": (exaone_moe.PLAIN, exaone_moe.write_exaone_moe_gguf),
         "solar_open": (solar_open.HUB, solar_open.write_solar_open_gguf),
         "youtu": (youtu.YOUTU, youtu.write_youtu_gguf),
+        "deepseek_ocr2_text": (deepseek_ocr2.OCR, deepseek_ocr2.write_deepseek_ocr2_gguf),
+        "paddleocr_vl_text": (paddleocr_vl.PADDLE, paddleocr_vl.write_paddleocr_gguf),
         "jais2": (jais2.JAIS2, jais2.write_jais2_gguf),
         "falcon": (
             (falcon.FALCON_7B, falcon.FALCON_40B, falcon.FALCON_11B),

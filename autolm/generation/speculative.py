@@ -56,6 +56,9 @@ def check_speculation(model, cfg, assistant_model) -> None:
         raise GenerationError(f"{what} cannot be used with {base.config.model_type}: its forward's tokens attend "
                               "each other both ways, so candidates verified together differ from tokens decoded "
                               "one at a time")  # fmt: skip
+    if getattr(base, "reference_prompt", False):
+        raise GenerationError(f"{what} cannot be used with {base.config.model_type}: autolm does not run its "
+                              "reference sliding window with candidates verified together")  # fmt: skip
     if assistant_model is None:
         return
     draft = (

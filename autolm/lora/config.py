@@ -43,9 +43,10 @@ ernie4_5_vl_moe_text
 diffllama jetmoe zamba2 minimax zamba deepseek_v32 glm_moe_dsa dots3_note_text dots3_note longcat_flash mistral4 kimi_linear hy_v4 deepseek_v4 bailing_hybrid
 minimax_m3_vl_text glm5_next_text glm5_next hrm_text gemma4_unified_text zaya recurrent_gemma persimmon xglm biogpt openai-gpt ctrl doge
 inkling_text inkling2_text xlstm modernbert-decoder mllama_text_model emu3_text_model chameleon aria_text gpt_neox_japanese blt cpmant muse_glimmer_text
-molmo2_text mistral_large4_text mistral_large4
+deepseek_ocr2_text unlimited_ocr_text molmo2_text mistral_large4_text mistral_large4
 muse_glimmer muse_spark_text muse_spark
-paddleocr_vl_text cosmos3_edge_text
+paddleocr_vl_text cosmos3_edge_text idefics
+kosmos_2_text_model kosmos_2_5_text_model
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"

@@ -350,6 +350,7 @@ class CausalLM(TransformersSurface, nn.Module, GenerationMixin):
             position_ids = default_positions(attention_mask, cache_position, B)
         if cache is not None:
             cache.reserve(end)
+            cache.prefill = past + T if cache.prefill is None else cache.prefill  # reference windows' prompt
         cfg = self.config
         hidden, attentions = self.layer_lists(output_hidden_states, output_attentions)
         ids = prompt_blocks(cfg, token_type_ids, attention_mask, past, (B, T), end)  # a prefix: block_ids

@@ -135,6 +135,17 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "starcoder"),
     "falcon": ("falcon", "FalconConfig", "FalconForCausalLM", "falcon"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek2"),
+    "deepseek_ocr2_text": (
+        "deepseek_ocr2",
+        "DeepseekOcr2TextConfig",
+        "DeepseekOcr2TextForCausalLM",
+        "deepseek2-ocr",
+    ),
+    # image-text
+    "deepseek_ocr2": ("deepseek_ocr2", "DeepseekOcr2Config", "DeepseekOcr2TextForCausalLM", "deepseek2-ocr"),
+    "unlimited_ocr_text": ("deepseek_ocr2", "UnlimitedOcrTextConfig", "UnlimitedOcrTextForCausalLM", None),
+    # image-text
+    "unlimited_ocr": ("deepseek_ocr2", "UnlimitedOcrConfig", "UnlimitedOcrTextForCausalLM", None),
     "molmo2_text": ("molmo2", "Molmo2TextConfig", "Molmo2TextForCausalLM", None),  # llama.cpp has none
     "molmo2": ("molmo2", "Molmo2Config", "Molmo2TextForCausalLM", None),  # image-text: its language model
     "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", "deepseek2"),
@@ -154,6 +165,12 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
     "fuyu": ("persimmon", "FuyuConfig", "PersimmonForCausalLM", None),  # image-text: its language model
     "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
+    # llama.cpp has none
+    "kosmos_2_text_model": ("kosmos2", "Kosmos2TextConfig", "Kosmos2TextForCausalLM", None),
+    "kosmos-2": ("kosmos2", "Kosmos2Config", "Kosmos2TextForCausalLM", None),  # image-text: its LM
+    # llama.cpp has none
+    "kosmos_2_5_text_model": ("kosmos2_5", "Kosmos2_5TextConfig", "Kosmos2_5TextForCausalLM", None),
+    "kosmos-2.5": ("kosmos2_5", "Kosmos2_5Config", "Kosmos2_5TextForCausalLM", None),  # image-text: its LM
     "biogpt": ("biogpt", "BioGptConfig", "BioGptForCausalLM", None),
     "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
     "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
@@ -192,6 +209,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "llama4": ("llama4", "Llama4Config", "Llama4ForCausalLM", "llama4"),  # image-text: its language model
     "mllama_text_model": ("mllama", "MllamaTextConfig", "MllamaForCausalLM", None),  # llama.cpp has none
     "mllama": ("mllama", "MllamaConfig", "MllamaForCausalLM", None),  # image-text: its language model
+    "idefics": ("idefics", "IdeficsConfig", "IdeficsForCausalLM", None),  # image-text: its LM; no llama.cpp
     "emu3_text_model": ("emu3", "Emu3TextConfig", "Emu3ForCausalLM", None),  # llama.cpp has none
     "emu3": ("emu3", "Emu3Config", "Emu3ForCausalLM", None),  # image-text: its language model
     "chameleon": ("chameleon", "ChameleonConfig", "ChameleonForConditionalGeneration", "chameleon"),  # its LM
@@ -313,10 +331,9 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", None),
     "xlstm": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", None),  # llama.cpp has none
     "blt": ("blt", "BltConfig", "BltForCausalLM", None),  # llama.cpp has none
-    # llama.cpp's "muse-glimmer" files are not mapped yet (see models/muse_glimmer.py)
-    "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerTextConfig", "MuseGlimmerForCausalLM", None),
+    "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerTextConfig", "MuseGlimmerForCausalLM", "muse-glimmer"),
     # image-text: its LM
-    "muse_glimmer": ("muse_glimmer", "MuseGlimmerConfig", "MuseGlimmerForCausalLM", None),
+    "muse_glimmer": ("muse_glimmer", "MuseGlimmerConfig", "MuseGlimmerForCausalLM", "muse-glimmer"),
     # llama.cpp has none
     "muse_spark_text": ("muse_spark", "MuseSparkTextConfig", "MuseSparkForCausalLM", None),
     "muse_spark": ("muse_spark", "MuseSparkConfig", "MuseSparkForCausalLM", None),  # image-audio-text: its LM

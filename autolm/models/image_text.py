@@ -80,7 +80,8 @@ _TIE = "tie_word_embeddings"
 # transformers' forward inputs that carry an image, a video or audio: autolm runs the language model alone
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
                 "pixel_attention_mask", "input_features", "input_features_mask", "audio_values",
-                "image_pixel_values", "audio_input_features")  # fmt: skip
+                "image_pixel_values", "audio_input_features", "image_embeds",
+                "image_embeds_position_mask", "flattened_patches")  # fmt: skip
 
 
 def refuse_media(model: Any, inputs: dict[str, Any]) -> None:

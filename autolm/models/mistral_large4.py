@@ -50,6 +50,7 @@ from ..nn import (
 from ..nn.rope import cos_sin, inv_freq_and_scale
 from .deepseek_v32 import DSAIndexer, IndexedCausalLM
 from .gemma2 import softcap
+from .glm4_moe import GROUPED_MOE_TP
 from .glm_moe_dsa import GlmMoeDsaAttention, GlmMoeDsaConfig, GlmMoeDsaDecoderLayer
 from .image_text import IMAGE_TEXT_RULES, ImageTextConfig
 from .ministral3 import rope_as_given
@@ -371,8 +372,10 @@ class MistralLarge4ForCausalLM(IndexedCausalLM):
     # the image-text checkpoints' language model under transformers' names or Mistral's (ORIGINAL_RULES: as
     # transformers writes it, and as autolm saves it); the multi-token prediction draft head skipped, as transformers
     checkpoint_rules = CheckpointRules([*IMAGE_TEXT_RULES, *ORIGINAL_RULES, Ignored(r"mtp_dspark\..*")])
-    # no tensor-parallel plan: the per-head softmax scaling and the shared latents are not split across ranks
-    tp_patterns: ClassVar[dict[str, str]] = {}
+    # transformers' plan: the dense and shared MLPs split as Llama's (nn.Experts cuts the routed experts' rows itself);
+    # the attention runs whole on every rank (its per-head softmax scaling and the shared latents are not split)
+    tp_patterns: ClassVar[dict[str, str]] = {k: s for k, s in GROUPED_MOE_TP.items() if ".mlp." in k}
+    tp_divides: ClassVar[tuple[str, ...]] = ("intermediate_size", "moe_intermediate_size")
     _no_split_modules: ClassVar[list[str]] = ["MistralLarge4DecoderLayer"]
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["rotary_emb", "mlp.gate.weight"]  # as transformers
 
@@ -392,3 +395,6 @@ class MistralLarge4ForCausalLM(IndexedCausalLM):
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return softcap(logits, self.config.final_logit_softcapping)
+
+    def shard_heads(self, world: int) -> None:
+        """Every rank runs every head (the attention is kept whole): nothing to shard."""

@@ -14,10 +14,9 @@ MuseGlimmerForConditionalGeneration. A Gemma 2 layer with AFMoE's attention:
 - a gated MLP (`hidden_activation`, SiLU by default); logits times `output_multiplier`, then soft-capped (tanh) at
   `final_logit_softcapping`. The image-text model ties its head by the outer config's tie_word_embeddings alone.
 
-GGUF: not mapped yet. llama.cpp (0.3.36) has a "muse-glimmer" architecture (conversion/muse_glimmer.py), whose
-files differ from what autolm's GGUF layouts express: the converter adds 1 to the four layer norms but not the final
-one, writes qk_scale_factor as synthesized q_norm weights (k_norm: ones), un-permutes q/k for interleaved RoPE; the
-graph fixes post_norm_eps at 1e-8, SiLU, no attention biases, RoPE on exactly the sliding layers and an untied head.
+GGUF in and out as llama.cpp's "muse-glimmer" (converter conversion/muse_glimmer.py, graph
+src/models/muse-glimmer.cpp): muse_glimmer_gguf.py (qk_scale_factor as the q norms' weights; what the graph fixes
+refused on the way out, by field).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from torch import nn
 from ..config import _is_int, _is_number
 from ..errors import ConfigError
 from ..nn import Attention, CheckpointRules, GatedMLP, Ignored, Linear, RMSNorm
+from . import muse_glimmer_gguf as gguf_io
 from .afmoe import AfmoeAttention
 from .base import LLAMA_TP, CausalLM, DecoderModel
 from .gemma2 import Gemma2Config, Gemma2DecoderLayer, softcap, takes_hidden_activation
@@ -74,6 +74,8 @@ class MuseGlimmerTextConfig(Gemma2Config):
     output_multiplier: float = 0.19611613513818404
     post_norm_eps: float = 1e-8
     layer_rope_theta: list[float] | None = None
+    # GGUF out: compared through each layer's RoPE (transformers rotates with rope_parameters' theta)
+    gguf_not_compared: ClassVar[tuple[str, ...]] = ("layer_rope_theta",)
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -169,10 +171,13 @@ class MuseGlimmerForCausalLM(CausalLM):
     config_class = MuseGlimmerTextConfig
     checkpoint_rules = MUSE_RULES
     tp_patterns: ClassVar[dict[str, str]] = {**LLAMA_TP, "layers.*.self_attn.gate_proj": "colwise"}
+    gguf = gguf_io.LAYOUT  # llama.cpp's MuseGlimmerModel converter's file (models.muse_glimmer_gguf)
     _no_split_modules: ClassVar[list[str]] = ["MuseGlimmerTextDecoderLayer"]
 
     def __init__(self, config: Any, model: DecoderModel | None = None):
         super().__init__(config, model or MuseGlimmerTextModel(config))
+        if self.gguf is gguf_io.LAYOUT:  # GGUF's q/k norms (not a subclass's: Muse Spark has no GGUF)
+            self.checkpoint_rules = gguf_io.with_rules(type(self).checkpoint_rules, config)
         # settings of the compiled head's graph
         self.output_multiplier = float(config.output_multiplier)
         self.final_logit_softcapping = float(config.final_logit_softcapping)

@@ -19,7 +19,8 @@ gated attention with weightless q/k norms and scaled queries, NoPE layers by `la
 
 The head is never tied (transformers' image-text model has no tied weights). int8 / int4 quantization leaves the
 experts in float (their per-expert norm is not the stacked experts' arithmetic); tensor parallelism splits the
-attention and the dense MLPs, the mixtures run whole on every rank. llama.cpp has no Muse Spark architecture.
+attention, the dense MLPs and the experts' projections (pre / post_expert_proj by rows), as transformers' plan; the
+experts run whole on every rank. llama.cpp has no Muse Spark architecture.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ class MuseSparkForCausalLM(MuseGlimmerForCausalLM):
     """The language model of transformers' MuseSparkForConditionalGeneration."""
 
     config_class = MuseSparkTextConfig
+    gguf = None  # llama.cpp has no Muse Spark (Muse Glimmer's "muse-glimmer" layout not inherited)
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = [  # as transformers
         "post_attention_residual_gate",
         "post_feedforward_residual_gate",
@@ -263,6 +265,13 @@ class MuseSparkForCausalLM(MuseGlimmerForCausalLM):
         "e_score_correction_bias",
     ]
     _no_split_modules: ClassVar[list[str]] = ["MuseSparkTextDecoderLayer"]
+    # transformers' plan (Muse Glimmer's, and the experts' projections cut by rows, their outputs summed whole): the
+    # experts themselves run whole on every rank (MuseSparkExperts.shard), as each one's output norm needs all of it
+    tp_patterns: ClassVar[dict[str, str]] = {
+        **MuseGlimmerForCausalLM.tp_patterns,
+        "layers.*.mlp.pre_expert_proj": "rowwise_split",
+        "layers.*.mlp.post_expert_proj": "rowwise_split",
+    }
 
     def __init__(self, config: MuseSparkTextConfig, model: DecoderModel | None = None):
         super().__init__(config, model or MuseGlimmerTextModel(config, MuseSparkTextDecoderLayer))

@@ -2,7 +2,15 @@
 layers behind autolm's kernels, norms, rotary embeddings, attention and its forward contexts, MLPs, the KV
 cache, and checkpoint naming rules. Nothing here knows a family."""
 
-from .attention import Attention, Forward, OneToken, build_mask, default_positions, pad_mask_to
+from .attention import (
+    Attention,
+    Forward,
+    OneToken,
+    ReferenceWindow,
+    build_mask,
+    default_positions,
+    pad_mask_to,
+)
 from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
 from .conv1d import Conv1D, out_in
@@ -30,6 +38,7 @@ __all__ = [
     "Linear",
     "OneToken",
     "RMSNorm",
+    "ReferenceWindow",
     "Rename",
     "Rotary",
     "Router",

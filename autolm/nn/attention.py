@@ -12,6 +12,9 @@ to is the context's business:
   left-padded / right-aligned batch): no masks beyond each row's first real slot, the cache written and read
   in place. The fast decode steps (autolm.step) run the same layers under it, eager or compiled ahead of time.
 
+A layer's window may be a `ReferenceWindow` (transformers' reference sliding window, Unlimited-OCR): the general
+forward then also lets it see the keys of its cache's prefill (KVCache.prefill); the one-token step refuses it.
+
 A layer that shares another layer's keys and values (KV sharing: it computes neither) calls `attend_shared` with
 that layer's index; the layer that computes them passes `keep=True` to `attend`, so that, in a forward without a
 cache too, the keys and values it attended over stay in the context for the layers that read them.
@@ -32,6 +35,12 @@ from .linear import Linear, packed
 from .rope import apply_rotary
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # RoPE kind -> (cos, sin) (B, 1, T, rotary_dim)
+
+
+class ReferenceWindow(int):
+    """A sliding window of this many slots (the query's own and the window - 1 before it) that also sees every
+    key of the cache's prefill, the tokens its first forward wrote (transformers' "reference_sliding_attention";
+    without a cache, every key is the prompt's: causal attention)."""
 
 
 @dataclass
@@ -55,10 +64,18 @@ class Forward:
     def mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
         """The boolean (B, 1, T, S) mask for a window size (None: full attention) or a chunk size, made once per
         forward."""
-        if (window, chunk) not in self._masks:
-            rest = (self.batch, self.kv_length, chunk, self.block_ids)
-            self._masks[window, chunk] = build_mask(window, self.attention_mask, self.cache_position, *rest)
-        return self._masks[window, chunk]
+        key = (window, chunk, type(window))
+        if key not in self._masks:
+            rest = (self.batch, self.kv_length, chunk, self.block_ids, self.reference(window))
+            self._masks[key] = build_mask(window, self.attention_mask, self.cache_position, *rest)
+        return self._masks[key]
+
+    def reference(self, window: int | None) -> int | None:
+        """The key slots a ReferenceWindow layer always sees: the cache's prefill (every key without a cache)."""
+        if not isinstance(window, ReferenceWindow):
+            return None
+        prefill = None if self.cache is None else self.cache.prefill
+        return self.kv_length if prefill is None else prefill
 
     def attend(
         self,
@@ -179,6 +196,8 @@ class OneToken:
 
     def _span(self, window, chunk) -> tuple[int, torch.Tensor | None]:
         """The slots a layer with this window or chunk attends over, and each row's first real slot."""
+        if isinstance(window, ReferenceWindow):
+            raise NotImplementedError("the one-token step has no reference sliding window (the forward has)")
         span, starts = self.span, self.starts
         if chunk is not None:
             if starts is not None:  # rows of their own lengths: each row's chunk start masks what precedes it
@@ -304,11 +323,12 @@ def build_mask(
     S: int,
     chunk: int | None = None,
     block_ids: torch.Tensor | None = None,
+    reference: int | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (B, 1, T, S) for queries at cache_position over S key slots, causal and within the
     window (None: full attention) or the query's chunk (positions counted from each row's first real slot, after
-    its left padding), or in the query's block (block_ids (B, >= S), see Forward); None where plain causal
-    attention does (eager only)."""
+    its left padding), or in the query's block (block_ids (B, >= S), see Forward); the first `reference` slots
+    (ReferenceWindow's prefill) seen whatever the window; None where plain causal attention does (eager only)."""
     T = cache_position.shape[0]
     device = cache_position.device
     if block_ids is None and not torch.compiler.is_compiling():
@@ -321,7 +341,7 @@ def build_mask(
     kv = torch.arange(S, device=device)[None, :]
     allowed = kv <= q
     if window is not None:
-        allowed = allowed & (kv > q - window)
+        allowed = allowed & ((kv > q - window) | (kv < (0 if reference is None else reference)))
     allowed = allowed[None, None].expand(B, 1, T, S)
     if chunk is not None:
         pads = (

@@ -24,6 +24,9 @@ class KVCache:
     tokens in `states[layer]`, a tuple of tensors whose first dimension is the batch. A state cannot go back to
     an earlier token: `length` may be set back to 0 (every state dropped), never to another shorter length; a
     `mark` of the cache (its states copied) can be gone back to with `restore`.
+
+    `prefill` is the number of tokens its first forward wrote (None before it; set back to None with `length`
+    0): the prompt that reference sliding-window layers (nn.attention.ReferenceWindow) always attend.
     """
 
     def __init__(self, *, capacity: int = 256, static: bool = False, config: Any = None):
@@ -33,6 +36,7 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.states: dict[int, tuple[torch.Tensor, ...]] = {}
         self._length = 0
+        self.prefill: int | None = None
         self._capacity = capacity  # an empty cache's capacity once it gets buffers (at least what is needed)
         self.static = static
 
@@ -56,6 +60,8 @@ class KVCache:
                     f"to {n} tokens (cropping and prefix reuse need that)"
                 )
             self.states = {}
+        if n == 0:
+            self.prefill = None  # the next forward's tokens are a new prompt
         self._length = n
 
     def mark(self) -> tuple[int, dict[int, tuple[torch.Tensor, ...]]]:

@@ -221,6 +221,8 @@ class GGUFLayout:
     transposed: tuple[str, ...] = ()
     # added by the converter to every `*norm.weight` (Gemma stores its (1 + w) norms as 1 + w); subtracted on reading
     norm_shift: float = 0.0
+    # the HF names' ending norm_shift applies to (Muse Glimmer's converter shifts "layernorm.weight": not the final norm)
+    norm_shift_suffix: str = "norm.weight"
     # config fields llama.cpp derives rather than reads (Gemma's attention scale, layer pattern, local RoPE):
     # derive(the config dict read so far, get) fills them in, get(key) reading the file's "<arch>.<key>"
     derive: Callable[[dict[str, Any], Callable[[str], Any]], None] | None = None

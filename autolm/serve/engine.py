@@ -23,7 +23,7 @@ from ..generation.restart import recompute, switch_length
 from ..models import KVCache
 from .events import Delta, Entry, Failed, Finished
 from .prefix import PrefixCache
-from .rows import decoder, gather, prefill_groups
+from .rows import decoder, gather, prefill_groups, servable
 from .sequence import Sequence, Work, adapters_of, emit_prompt_logprobs, entry
 from .speculation import Speculation, eligible, speculative_step
 
@@ -44,7 +44,7 @@ class Engine:
         speculation: Speculation | None = None,
         prefill_chunk: int = 512,
     ):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.model, self.tokenizer, self.max_batch = servable(model), tokenizer, max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward between two decode steps
         # prompts attending both ways (PaliGemma 1's unpadded ones, CPM-Ant's): each read alone, whole, afresh
         both = getattr(model, "bidirectional_forward", False)

@@ -15,9 +15,20 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import GenerationError
 from ..step import decoder as step_decoder
 from . import sequence
 from .sequence import adapters_of
+
+
+def servable(model):
+    """The model, which the engine can serve: GenerationError for one whose reference sliding window
+    (nn.attention.ReferenceWindow) needs each row's whole first prompt as its cache's prefill."""
+    if getattr(model, "reference_prompt", False):
+        raise GenerationError(f"{model.config.model_type} cannot be served: its reference sliding window always "
+                              "attends each row's whole first prompt, which the engine's shared cache, chunked "
+                              "prefill and prefix reuse do not keep")  # fmt: skip
+    return model
 
 
 def apart(model) -> bool:

@@ -315,7 +315,7 @@ def gguf_tensors(
         order = ggml.row_order(g, t, config)
         if order is not None:  # rows the converter regrouped (GPT-NeoX's q/k/v) back in the model's order
             w = w[order.numpy()]
-        if g.layout.norm_shift and name.endswith("norm.weight"):
+        if g.layout.norm_shift and name.endswith(g.layout.norm_shift_suffix):
             w = w - np.float32(g.layout.norm_shift)
         if transposed:
             w = w.T
