@@ -47,6 +47,7 @@ deepseek_ocr2_text unlimited_ocr_text molmo2_text mistral_large4_text mistral_la
 muse_glimmer muse_spark_text muse_spark
 paddleocr_vl_text cosmos3_edge_text idefics
 kosmos_2_text_model kosmos_2_5_text_model
+mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"
@@ -90,6 +91,7 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "bloom": ["query_key_value"],
     "mpt": ["Wqkv"],
     "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
     "codegen": ["qkv_proj"],
     "rwkv": ["key", "value", "receptance", "output"],

@@ -165,6 +165,16 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "persimmon": ("persimmon", "PersimmonConfig", "PersimmonForCausalLM", None),  # llama.cpp dropped it
     "fuyu": ("persimmon", "FuyuConfig", "PersimmonForCausalLM", None),  # image-text: its language model
     "xglm": ("xglm", "XGLMConfig", "XGLMForCausalLM", None),
+    # BART-style encoder-decoders' decoders (transformers' *ForCausalLM); llama.cpp has none (T5's only)
+    "bart": ("bart", "BartConfig", "BartForCausalLM", None),
+    "mbart": ("bart", "MBartConfig", "MBartForCausalLM", None),
+    "marian": ("bart", "MarianConfig", "MarianForCausalLM", None),
+    "pegasus": ("bart", "PegasusConfig", "PegasusForCausalLM", None),
+    "blenderbot": ("bart", "BlenderbotConfig", "BlenderbotForCausalLM", None),
+    "blenderbot-small": ("bart", "BlenderbotSmallConfig", "BlenderbotSmallForCausalLM", None),
+    "plbart": ("bart", "PLBartConfig", "PLBartForCausalLM", None),
+    "mvp": ("bart", "MvpConfig", "MvpForCausalLM", None),
+    "trocr": ("bart", "TrOCRConfig", "TrOCRForCausalLM", None),
     # llama.cpp has none
     "kosmos_2_text_model": ("kosmos2", "Kosmos2TextConfig", "Kosmos2TextForCausalLM", None),
     "kosmos-2": ("kosmos2", "Kosmos2Config", "Kosmos2TextForCausalLM", None),  # image-text: its LM

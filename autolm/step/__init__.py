@@ -154,6 +154,8 @@ class OneTokenStep:
         model, body = self.model, self.model.model
         slot = cache.length
         cache.reserve(slot + 1)
+        if getattr(body, "slot_positions", False):  # positions are the cache's slots (BART's decoders)
+            position_ids = torch.full_like(position_ids, slot)
         x = body.scale_inputs(body.embed(tokens), position_ids)
         tables = body.rotary.slot_tables(position_ids, torch.full((1,), slot, device=x.device), x.dtype)
         if self.plan is not None:
