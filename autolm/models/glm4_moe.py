@@ -197,13 +197,10 @@ def write_grouped_keys(m: dict[str, Any], c: Any) -> None:
 
 
 def _gguf_config(d: dict[str, Any], get) -> None:
-    """GLM-4's RoPE keys (rotary dimensions, head size); the converter counts the next-token-prediction layers in
-    block_count, llama.cpp runs block_count - nextn_predict_layers."""
+    """GLM-4's keys (RoPE, head size; the next-token-prediction layers the converter counts in block_count taken
+    off, as llama.cpp runs block_count - nextn_predict_layers), num_nextn_predict_layers 0 where the file has none."""
     gguf_config(d, get)
-    nextn = get("nextn_predict_layers") or 0
-    d["num_nextn_predict_layers"] = nextn
-    if _is_int(d.get("num_hidden_layers")):
-        d["num_hidden_layers"] -= nextn
+    d.setdefault("num_nextn_predict_layers", 0)
 
 
 def _gguf_write_config(m: dict[str, Any], c: Glm4MoeConfig) -> None:
