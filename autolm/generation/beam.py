@@ -141,10 +141,11 @@ def beam_search(
     *,
     guidance: Callable | None = None,
     prompt_inputs: dict | None = None,
+    cache=None,
 ) -> BeamOutput:
     """Vectorised beam search: the logits processors run on each beam's log-probabilities, as in transformers.
     inputs_embeds (B, P', hidden): the first forward's input, input_ids then what the sequences start from (see
-    decode.embeds_prompt); prompt_inputs: the first forward's further arguments (decode.generate_tokens)."""
+    decode.embeds_prompt); prompt_inputs: the first forward's other arguments; cache: an empty (quantized) one."""
     cfg = cfg.with_defaults()
     nb, (B, P) = cfg.num_beams, input_ids.shape
     budget = new_token_budget(cfg, P, model.config.max_position_embeddings)
@@ -161,7 +162,8 @@ def beam_search(
     layers = cfg.returned_layers()  # each step's forward outputs per layer, where generate() returns them
     scores, raw_logits, states = [], [], []
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = model.make_cache(B * nb, mask.shape[1] + budget)
+    capacity = mask.shape[1] + budget
+    cache = model.make_cache(B * nb, capacity) if cache is None else cache.ensure_for(model, B * nb, capacity)
     first = {"input_ids": input_ids.repeat_interleave(nb, 0)}
     if inputs_embeds is not None:
         first = {"inputs_embeds": inputs_embeds.to(model.device).repeat_interleave(nb, 0)}

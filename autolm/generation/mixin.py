@@ -85,11 +85,11 @@ def _refuse_unsupported(cfg: GenerationConfig, speculative: bool) -> None:
 
 def _quantized_cache(cfg: GenerationConfig, speculative: bool, cache, embeds) -> QuantizedCache | None:
     """The cache cache_implementation="quantized" asks for (from cache_config), None for any other; GenerationError
-    where autolm does not combine it (a cache given, as transformers, beam search, speculation, inputs_embeds)."""
+    where autolm does not combine it (a cache given, as transformers, speculation, inputs_embeds)."""
     if cfg.cache_implementation != "quantized" or cfg.use_cache is False:
         return None
-    what = ("past_key_values" if cache is not None else "beam search (num_beams > 1)" if cfg.num_beams > 1
-            else "speculative decoding" if speculative else "inputs_embeds" if embeds is not None else None)  # fmt: skip
+    what = ("past_key_values" if cache is not None else "speculative decoding" if speculative
+            else "inputs_embeds" if embeds is not None else None)  # fmt: skip
     if what is not None:
         raise GenerationError(f"cache_implementation='quantized' cannot be used with {what} in autolm")
     return QuantizedCache.from_cache_config(cfg.extra.get("cache_config"))
@@ -197,15 +197,15 @@ class GenerationMixin:
                 what = "streamer" if streamer is not None else "past_key_values"
                 raise GenerationError(f"{what} cannot be used with beam search (num_beams > 1)")
             out = beam_search(self, input_ids, attention_mask, cfg, *custom, tokenizer, generator,
-                              prefix_allowed_tokens_fn, embeds, guidance=guidance, prompt_inputs=prompt)  # fmt: skip
+                              prefix_allowed_tokens_fn, embeds, guidance=guidance, prompt_inputs=prompt,
+                              cache=quantized)  # fmt: skip
             if not cfg.return_dict_in_generate:
                 return out.sequences
-            best = out.sequences_scores if cfg.output_scores else None
             return GenerateOutput(
                 out.sequences,
                 out.scores,
                 out.logits,
-                best,
+                out.sequences_scores if cfg.output_scores else None,
                 out.beam_indices,
                 out.attentions,
                 out.hidden_states,

@@ -8,12 +8,16 @@ residual and its new tokens, and then, where the residual and the new tokens rea
 all of those again (the dequantized ones once more, with groups over the whole sequence) and empties the residual;
 else the new tokens join the residual. As Fp8QuantizedLayer, "fp8" keeps no residual: the first forward quantizes
 each layer's keys and values per tensor (its scale kept), every later one appends its new tokens quantized at that
-scale and attends over all the tokens dequantized (its new ones too). Only models whose every layer attends over all earlier tokens with its own
-keys take one (transformers' condition), and decoding runs the general forward (no one-token or compiled step).
+scale and attends over all the tokens dequantized (its new ones too). Beam search reorders as transformers: the
+residual at once, the integer backends' quantized tokens only when next dequantized (the beams' choices kept,
+composed, in `pending` until then; requantizing bakes them in), the fp8 codes at once (one scale for the whole
+tensor). Only models whose every layer attends over all earlier tokens with its own keys take one (transformers'
+condition), and decoding runs the general forward (no one-token or compiled step).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -102,6 +106,7 @@ class QuantizedCache(KVCache):
         self.residual: dict[
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # layer -> full-precision (keys, values)
+        self.pending: dict[int, torch.Tensor] = {}  # layer -> beam rows its quantized tokens still take
         self._rows: int | None = None
         self._checked = False
 
@@ -132,7 +137,7 @@ class QuantizedCache(KVCache):
     @length.setter
     def length(self, n: int) -> None:
         if n == 0:
-            self.quantized, self.residual = {}, {}
+            self.quantized, self.residual, self.pending = {}, {}, {}
         elif n < self._length:
             raise GenerationError(
                 f"a quantized cache holds {self._length} tokens and cannot go back to {n} (its tokens are "
@@ -162,17 +167,24 @@ class QuantizedCache(KVCache):
             self.quantized[layer] = tuple(fp8_append(q, t) for q, t in zip(self.quantized[layer], (k, v)))
             return tuple(dequantize(q) for q in self.quantized[layer])
         old = self.residual.get(layer)
-        held = [dequantize(q) for q in self.quantized[layer]]
+        held = self._held(layer)
         keys = torch.cat([held[0]] + ([old[0]] if old else []) + [k], dim=-2)
         values = torch.cat([held[1]] + ([old[1]] if old else []) + [v], dim=-2)
         if (old[0].shape[-2] if old else 0) + k.shape[-2] >= self.residual_length:
             self.quantized[layer] = self._quantize(keys, values)
             self.residual.pop(layer, None)
+            self.pending.pop(layer, None)  # the beams' order is now in the quantized tokens
         else:
             self.residual[layer] = (
                 (k, v) if not old else (torch.cat([old[0], k], -2), torch.cat([old[1], v], -2))
             )
         return keys, values
+
+    def _held(self, layer: int) -> list[torch.Tensor]:
+        """The layer's quantized keys and values dequantized, in the beams' order (`pending` applied)."""
+        held = [dequantize(q) for q in self.quantized[layer]]
+        rows = self.pending.get(layer)
+        return held if rows is None else [t.index_select(0, rows.to(t.device)) for t in held]
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[Packed | Fp8, Packed | Fp8]:
         if self.backend == "fp8":
@@ -188,7 +200,7 @@ class QuantizedCache(KVCache):
         """Per layer, every cached token's keys and values (B, n_kv, tokens, hd), the quantized ones dequantized."""
         out = []
         for layer in sorted(self.quantized):
-            kv = [dequantize(q) for q in self.quantized[layer]]
+            kv = self._held(layer)
             if layer in self.residual:
                 kv = [torch.cat([t, r], dim=-2) for t, r in zip(kv, self.residual[layer])]
             out.append(SimpleNamespace(keys=kv[0], values=kv[1]))
@@ -201,7 +213,18 @@ class QuantizedCache(KVCache):
         return held + sum(t.numel() * t.element_size() for pair in self.residual.values() for t in pair)
 
     def reorder(self, index: torch.Tensor) -> None:
-        raise GenerationError("a quantized cache cannot be used with beam search in autolm")
+        """Select batch rows (beam search): row i becomes old row index[i]. As transformers: the residual and fp8's
+        codes at once; the integer backends' quantized tokens when next dequantized (so they are not quantized
+        twice), the index composed with any still pending."""
+        for layer, pair in self.quantized.items():
+            if self.backend == "fp8":
+                self.quantized[layer] = tuple(replace(q, codes=q.codes.index_select(0, index.to(q.codes.device)))
+                                              for q in pair)  # fmt: skip
+                continue
+            rows, old = index.to(pair[0].scale.device), self.pending.get(layer)
+            self.pending[layer] = rows.clone() if old is None else old.index_select(0, rows)
+            if layer in self.residual:
+                self.residual[layer] = tuple(t.index_select(0, rows) for t in self.residual[layer])
 
     def mark(self):
         raise GenerationError("a quantized cache cannot be used with speculative decoding in autolm")
