@@ -48,6 +48,7 @@ muse_glimmer muse_spark_text muse_spark
 paddleocr_vl_text cosmos3_edge_text idefics
 kosmos_2_text_model kosmos_2_5_text_model
 mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr
+camembert data2vec-text ernie
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"
@@ -95,6 +96,10 @@ MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gptj": ["q_proj", "v_proj"],
     "codegen": ["qkv_proj"],
     "rwkv": ["key", "value", "receptance", "output"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
     **dict.fromkeys(NO_PEFT_DEFAULT, None),
 }
 

@@ -182,6 +182,14 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "kosmos_2_5_text_model": ("kosmos2_5", "Kosmos2_5TextConfig", "Kosmos2_5TextForCausalLM", None),
     "kosmos-2.5": ("kosmos2_5", "Kosmos2_5Config", "Kosmos2_5TextForCausalLM", None),  # image-text: its LM
     "biogpt": ("biogpt", "BioGptConfig", "BioGptForCausalLM", None),
+    # BERT-style encoders run as decoders (is_decoder); llama.cpp's BERT is an encoder embedding model: no GGUF
+    "bert": ("bert", "BertConfig", "BertLMHeadModel", None),
+    "roberta": ("bert", "RobertaConfig", "RobertaForCausalLM", None),
+    "xlm-roberta": ("bert", "XLMRobertaConfig", "XLMRobertaForCausalLM", None),
+    "camembert": ("bert", "CamembertConfig", "CamembertForCausalLM", None),
+    "data2vec-text": ("bert", "Data2VecTextConfig", "Data2VecTextForCausalLM", None),
+    "electra": ("bert", "ElectraConfig", "ElectraForCausalLM", None),
+    "ernie": ("bert", "ErnieConfig", "ErnieForCausalLM", None),
     "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
     "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
     "cpmant": ("cpmant", "CpmAntConfig", "CpmAntForCausalLM", None),  # llama.cpp has none
