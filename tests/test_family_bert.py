@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batch, positions
+import transformers
+from conftest import VOCAB, padded_batch, positions
 from family_checks import Family, check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -186,3 +187,23 @@ def test_not_a_decoder_runs_as_transformers(tmp_path_factory, caplog, config_cls
     )
     with pytest.raises(GenerationError, match="is_decoder"):
         model(ids, attention_mask=mask, past_key_values=cache)
+
+
+@pytest.mark.parametrize("name", ["bert", "bert_x"])
+def test_resize_token_embeddings_as_transformers(tmp_path_factory, name):
+    """Resized by 5 rows (mean_resizing off): the decoder's bias as transformers resizes it (a tied head's padded with
+    zeros, an untied one's likewise without mean_resizing), and the logits over the old vocabulary unchanged."""
+    family = FAMILIES[name]
+    directory, hf = family.checkpoint(tmp_path_factory)
+    model = autolm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf.resize_token_embeddings(VOCAB + 5, mean_resizing=False)
+    model.resize_token_embeddings(VOCAB + 5, mean_resizing=False)
+    torch.testing.assert_close(model.lm_head.bias, hf.get_output_embeddings().bias)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert after.shape[-1] == VOCAB + 5
+    torch.testing.assert_close(after[..., :VOCAB], before)

@@ -31,7 +31,17 @@ import torch
 from torch import nn
 
 from ..errors import GenerationError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Ignored, Linear, Rename, Rotary, embedding
+from ..nn import (
+    ACTIVATIONS,
+    Attention,
+    CheckpointRules,
+    Ignored,
+    Linear,
+    Rename,
+    Rotary,
+    embedding,
+    resize_bias,
+)
 from .base import CausalLM, DecoderModel
 from .bert_config import (
     BertConfig,
@@ -257,6 +267,17 @@ class BertLMHeadModel(CausalLM):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.finish_logits(self.lm_head(self.head(h)))
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """CausalLM's resizing, the decoder's bias (and an untied model's unused head bias) cut or grown as
+        transformers does: a tied one padded with zeros, an untied one with its mean (zeros without mean_resizing)."""
+        bias, unused = self.lm_head.bias, getattr(self.head, "bias", None)
+        emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        mean, n = mean_resizing and not self.config.tie_word_embeddings, emb.weight.shape[0]
+        resize_bias(self.lm_head, bias, n, mean)
+        if unused is not None:
+            resize_bias(self.head, unused, n, False)
+        return emb
 
     def blocks(self) -> list[str]:
         layers = [f"model.layers.{i}" for i in range(len(self.model.layers))]

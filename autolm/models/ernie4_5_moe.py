@@ -36,6 +36,7 @@ from ..nn import (
     RMSNorm,
     Router,
     SparseMoeBlock,
+    resize_bias,
 )
 from .base import LLAMA_TP, CausalLM, DecoderModel
 from .ernie4_5 import Ernie4_5Config, Ernie4_5DecoderLayer
@@ -252,14 +253,5 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
         are the old entries' mean (zeros without mean_resizing)."""
         bias = self.lm_head.bias
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        n = emb.weight.shape[0]
-        if bias is not None and (self.lm_head.bias is None or self.lm_head.bias.shape[0] != n):
-            keep = min(n, bias.shape[0])
-            with torch.no_grad():
-                new = bias.new_zeros(n)
-                new[:keep] = bias[:keep]
-                if mean_resizing and n > keep:
-                    new[keep:] = bias.float().mean().to(bias.dtype)
-            self.lm_head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
-            self.lm_head.out_features = n
+        resize_bias(self.lm_head, bias, emb.weight.shape[0], mean_resizing)
         return emb

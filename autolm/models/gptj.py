@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Ignored, Linear, Rotary
+from ..nn import ACTIVATIONS, Attention, CheckpointRules, Ignored, Linear, Rotary, resize_bias
 from .base import CausalLM, DecoderModel
 
 # config fields autolm derives (or GPT-J has no such feature): not in GPT-J's config.json
@@ -238,14 +238,7 @@ class GPTJForCausalLM(CausalLM):
         entries' mean (zeros without mean_resizing, or where the head is tied: transformers pads it then)."""
         bias = self.lm_head.bias
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        n = emb.weight.shape[0]
-        if bias is not None and (self.lm_head.bias is None or self.lm_head.bias.shape[0] != n):
-            keep = min(n, bias.shape[0])
-            with torch.no_grad():
-                new = bias.new_zeros(n)
-                new[:keep] = bias[:keep]
-                if mean_resizing and n > keep and not self.config.tie_word_embeddings:
-                    new[keep:] = bias.float().mean().to(bias.dtype)
-            self.lm_head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
-            self.lm_head.out_features = n
+        resize_bias(
+            self.lm_head, bias, emb.weight.shape[0], mean_resizing and not self.config.tie_word_embeddings
+        )
         return emb

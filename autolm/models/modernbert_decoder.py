@@ -29,7 +29,7 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int
 from ..config_fields import read_rope
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Linear, Rename
+from ..nn import ACTIVATIONS, Attention, CheckpointRules, Linear, Rename, resize_bias
 from .base import CausalLM, DecoderModel
 
 # layer type -> (the older config.json key of its RoPE base, transformers' default base)
@@ -325,13 +325,8 @@ class ModernBertDecoderForCausalLM(CausalLM):
         """As CausalLM's, the decoder's bias (where it has one) cut or grown with zeros, as transformers does."""
         bias = self.lm_head.bias
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        n = self.config.vocab_size
-        if bias is not None and (self.lm_head.bias is None or self.lm_head.bias.shape[0] != n):
-            with torch.no_grad():
-                new = bias.new_zeros(n)
-                new[: min(n, bias.shape[0])] = bias[:n]
-            self.lm_head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
-        self.lm_head.out_features = n
+        resize_bias(self.lm_head, bias, self.config.vocab_size, False)
+        self.lm_head.out_features = self.config.vocab_size
         return emb
 
     def adapter_key(self, key: str) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import PartialRotaryConfig, PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear
+from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear, resize_bias
 from .base import CausalLM, DecoderModel
 
 
@@ -191,12 +191,5 @@ class PhiForCausalLM(CausalLM):
         entries' mean (zeros without mean_resizing)."""
         bias = self.lm_head.bias
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        if bias is not None and self.lm_head.bias is None:  # CausalLM's new head has no bias
-            n, keep = self.lm_head.out_features, min(self.lm_head.out_features, bias.shape[0])
-            with torch.no_grad():
-                new = bias.new_zeros(n)
-                new[:keep] = bias[:keep]
-                if mean_resizing and n > keep:
-                    new[keep:] = bias.float().mean().to(bias.dtype)
-            self.lm_head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
+        resize_bias(self.lm_head, bias, emb.weight.shape[0], mean_resizing)
         return emb

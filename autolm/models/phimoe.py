@@ -40,6 +40,7 @@ from ..nn import (
     Router,
     SparseMoeBlock,
     Stacked,
+    resize_bias,
 )
 from ..nn.expert_formats import GGUFExperts
 from ..nn.rope import Rotary, cos_sin, inv_freq_and_scale
@@ -369,12 +370,5 @@ class PhimoeForCausalLM(CausalLM):
         entries' mean (zeros without mean_resizing)."""
         bias = self.lm_head.bias
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        if bias is not None and self.lm_head.bias is None:  # CausalLM's new head has no bias
-            n, keep = self.lm_head.out_features, min(self.lm_head.out_features, bias.shape[0])
-            with torch.no_grad():
-                new = bias.new_zeros(n)
-                new[:keep] = bias[:keep]
-                if mean_resizing and n > keep:
-                    new[keep:] = bias.float().mean().to(bias.dtype)
-            self.lm_head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
+        resize_bias(self.lm_head, bias, emb.weight.shape[0], mean_resizing)
         return emb

@@ -14,7 +14,7 @@ from .attention import (
 from .cache import KVCache
 from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
 from .conv1d import Conv1D, out_in
-from .linear import Linear, embedding, fuse, packed, resized_rows
+from .linear import Linear, embedding, fuse, packed, resize_bias, resized_rows
 from .mlp import ACTIVATIONS, MLP, GatedMLP
 from .moe import Experts, GroupedRouter, Router, SparseMoeBlock
 from .norms import RMSNorm
@@ -53,5 +53,6 @@ __all__ = [
     "out_in",
     "packed",
     "pad_mask_to",
+    "resize_bias",
     "resized_rows",
 ]

@@ -178,3 +178,18 @@ def resized_rows(old: torch.Tensor, n: int, mean_resizing: bool = True, std: flo
             rows = torch.randn(added, old.shape[1], device=old.device) * std
         new[keep:] = rows.to(old.dtype)
     return new
+
+
+def resize_bias(head: nn.Module, bias: torch.Tensor | None, n: int, mean: bool) -> None:
+    """Give `head` (whose vocabulary was resized to n) its bias from before the resizing, `bias`, cut or grown to n
+    entries as transformers resizes a head's bias: added entries the old entries' mean where `mean`, else zeros."""
+    if bias is None or (head.bias is not None and head.bias.shape[0] == n):
+        return
+    keep = min(n, bias.shape[0])
+    with torch.no_grad():
+        new = bias.new_zeros(n)
+        new[:keep] = bias[:keep]
+        if mean and n > keep:
+            new[keep:] = bias.float().mean().to(bias.dtype)
+    head.bias = nn.Parameter(new, requires_grad=bias.requires_grad)
+    head.out_features = n
