@@ -133,8 +133,22 @@ def test_the_body_is_named_as_each_family_s_transformers_qa_class_names_it():
         theirs = getattr(transformers, family + "ForQuestionAnswering", None)
         if theirs is None:
             continue
+        if getattr(model_class(model_type), "causal_only", None):  # BART's, BERT's: refused (test below)
+            continue
         ours = question_answering(model_class(model_type), family)
         assert ours.__name__ == theirs.__name__
         assert ours.qa_prefix == theirs.base_model_prefix, model_type
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("model_type", ["bert", "bart"])
+def test_heads_of_encoder_models_are_refused(model_type):
+    """BERT's and BART's QA, classification and base models are transformers' encoder (-decoder) models, which autolm
+    does not run: asking for them names the type and what they are, rather than a causal model under their name."""
+    from autolm.errors import ConfigError
+    from autolm.load.build import model_class
+
+    for head in ("question_answering", "sequence_classification", "token_classification", "base"):
+        with pytest.raises(ConfigError, match=f"{model_type}: autolm loads it as a causal LM only"):
+            model_class(model_type, head)

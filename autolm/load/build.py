@@ -27,6 +27,10 @@ def model_class(model_type: str, head: str = "causal_lm") -> type:
     cls = family_class(model_type)
     if HEADS[head] is None:
         return cls
+    # BART's and BERT's decoders: transformers' other heads for them run what autolm does not
+    if getattr(cls, "causal_only", None):
+        raise ConfigError(f"{model_type}: autolm loads it as a causal LM only; transformers' {head} model for it is "
+                          f"{cls.causal_only}, which autolm does not run")  # fmt: skip
     family = FAMILIES.get(model_type)  # transformers names the classes by the config's family (Gemma3Text...)
     return HEADS[head](cls, family[1].removesuffix("Config") if family else None)
 

@@ -174,6 +174,8 @@ class BartForCausalLM(CausalLM):
     embed_tokens unless the config unties it."""
 
     config_class = BartConfig
+    # transformers' other heads for these types (QA, classification, the base model) are encoder-decoders
+    causal_only: ClassVar[str] = "an encoder-decoder"
     layers_prefix = "model.decoder.layers"
     embeddings_name = "model.decoder.embed_tokens"
     tp_patterns: ClassVar[

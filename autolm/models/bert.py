@@ -16,9 +16,8 @@
 token sees every real token of its row) and keeps no cache; generate() is refused (GenerationError naming
 is_decoder: every token would recompute the whole sequence, which autolm's decoding does not do). `add_cross_attention`
 configs load (the cross-attention weights kept, never run); encoder_hidden_states / encoder_attention_mask are
-refused by name. autolm's modules are `model` (embed_tokens, embeddings, layers), `head` and `lm_head`;
-state_dict(), checkpoints and adapters use transformers' names (checkpoint_rules). llama.cpp's BERT is an encoder
-embedding model (no LM head, bidirectional): no GGUF.
+refused by name. autolm's modules are `model`, `head` and `lm_head`; state_dict(), checkpoints and adapters use
+transformers' names (checkpoint_rules). llama.cpp's BERT is an encoder without an LM head: no GGUF.
 """
 
 from __future__ import annotations
@@ -160,8 +159,7 @@ class BertModel(DecoderModel):
         self.rotary = Rotary({}, config.head_dim, config.max_position_embeddings, False)
 
     def scale_inputs(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(input vectors + token type 0 + the positions' rows (B, T)); token_type_ids given add theirs
-        in forward (BertForCausalLM.forward)."""
+        """LayerNorm(input vectors + token type 0 + the positions' rows (B, T)); given token_type_ids: forward."""
         emb = self.embeddings
         n = emb.position_embeddings.num_embeddings
         if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= n:
@@ -234,10 +232,10 @@ def _rules(prefix: str, head: str, tied: bool = True) -> CheckpointRules:
 
 
 class BertLMHeadModel(CausalLM):
-    """transformers' BertLMHeadModel: the prediction head's transform, then the decoder (with a bias), tied to the
-    word embeddings unless the config unties them."""
+    """transformers' BertLMHeadModel: the head's transform, then the decoder (biased; tied unless untied)."""
 
     config_class = BertConfig
+    causal_only: ClassVar[str] = "an encoder"  # transformers' other heads for these types are the encoder's
     hf_prefix: ClassVar[str] = "bert"
     hf_head: ClassVar[str] = "cls.predictions"
     checkpoint_rules = _rules("bert", "cls.predictions")
@@ -269,14 +267,12 @@ class BertLMHeadModel(CausalLM):
         return self.finish_logits(self.lm_head(self.head(h)))
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        """CausalLM's resizing, the decoder's bias (and an untied model's unused head bias) cut or grown as
-        transformers does: a tied one padded with zeros, an untied one with its mean (zeros without mean_resizing)."""
+        """CausalLM's; the decoder's bias (an untied model's unused head bias too) resized as transformers does."""
         bias, unused = self.lm_head.bias, getattr(self.head, "bias", None)
         emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        mean, n = mean_resizing and not self.config.tie_word_embeddings, emb.weight.shape[0]
-        resize_bias(self.lm_head, bias, n, mean)
-        if unused is not None:
-            resize_bias(self.head, unused, n, False)
+        n, tied = emb.weight.shape[0], self.config.tie_word_embeddings
+        resize_bias(self.lm_head, bias, n, mean_resizing and not tied)  # tied: padded with zeros
+        resize_bias(self.head, unused, n, False)
         return emb
 
     def blocks(self) -> list[str]:
