@@ -602,3 +602,37 @@ def check_config_defaults(config_cls: type) -> None:
     for key, value in ours.to_dict().items():
         if key not in ("model_type", "transformers_version"):
             assert getattr(theirs, key) == value, key
+
+
+def check_wrapper_lora(
+    family: Family, tmp_path_factory, tmp_path, text=lambda key: ".language_model." in key
+) -> None:
+    """An adapter peft made on transformers' image-text model gives peft's logits in autolm (the towers' adapters
+    skipped); autolm saves it under the text model's names, the language model's tensors peft saved (peft cannot
+    load text names onto the image-text model; `text` picks them from peft's file); merging changes nothing."""
+    import peft
+    from safetensors.torch import load_file
+
+    directory, hf = family.checkpoint(tmp_path_factory)
+    ids, mask = padded_batch(seed=5)
+    real = mask.bool()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=family.lora_targets))
+    _randomize_lora(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = pm(input_ids=ids, attention_mask=mask).logits[real]
+    pm.unload()
+    ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
+                                            str(tmp_path / "peft"))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(ids, attention_mask=mask).logits[real], expected, atol=1e-4, rtol=1e-4
+        )
+        ours.save_pretrained(tmp_path / "ours")
+        theirs = {k.replace("model.language_model.", "model."): v
+                  for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()
+                  if text(k)}  # fmt: skip
+        saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+        assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
+        merged = ours.merge_and_unload()(ids, attention_mask=mask).logits[real]
+        torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)

@@ -20,9 +20,9 @@ import pytest
 import torch
 import transformers
 from conftest import padded_batch, positions
-from family_checks import RoutedFamily, check_config_defaults
+from family_checks import RoutedFamily, check_config_defaults, check_wrapper_lora
 from test_compiled_step import compiled_home, home  # noqa: F401
-from test_family_muse_glimmer import SIZES, VISION, check_wrapper_lora
+from test_family_muse_glimmer import SIZES, VISION
 
 import autolm
 from autolm.errors import ConfigError
