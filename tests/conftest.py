@@ -2306,7 +2306,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if name.lower().endswith(("norm.weight", ".ln.weight")):  # BERT's LayerNorm, Megatron-BERT's ln
                 p.copy_(1.0 + 0.2 * noise)
             else:
                 p.copy_(noise * (0.15 if p.dim() > 1 else 0.1))

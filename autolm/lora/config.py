@@ -47,8 +47,12 @@ deepseek_ocr2_text unlimited_ocr_text molmo2_text mistral_large4_text mistral_la
 muse_glimmer muse_spark_text muse_spark
 paddleocr_vl_text cosmos3_edge_text idefics
 kosmos_2_text_model kosmos_2_5_text_model
-mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr
+mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr whisper prophetnet reformer
 camembert data2vec-text ernie
+roformer rembert xmod big_bird roc_bert
+roberta-prelayernorm xlm-roberta-xl megatron-bert bert-generation
+xlm xlnet
+moshi musicgen_decoder musicgen_melody_decoder
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,6 +89,7 @@ DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, mistral, qwe
 # where peft has none for the type (it then refuses a LoraConfig without target_modules)
 MODEL_TYPE_TARGETS: dict[str, list[str] | None] = {
     "gpt2": ["c_attn"],
+    "gpt-sw3": ["c_attn"],  # transformers reads it as GPT2Config: peft sees model_type "gpt2"
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value"],
     "gpt_bigcode": ["c_attn"],

@@ -1,22 +1,26 @@
 """The decoders of the BART-style encoder-decoders as causal LMs (transformers' *ForCausalLM): BART, mBART, Marian,
-Pegasus, Blenderbot, Blenderbot-Small, PLBart, MVP and TrOCR's text decoder. One decoder covers them all:
+Pegasus, Blenderbot, Blenderbot-Small, PLBart, MVP, TrOCR's text decoder and Whisper's decoder (WhisperForCausalLM,
+the assistant model of Whisper's speculative decoding). One decoder covers them all:
 
 - token embeddings times sqrt(d_model) where `scale_embedding`;
-- positions: learned, read two rows on (BART, mBART, PLBart, MVP, TrOCR) or not (Blenderbot, Blenderbot-Small);
+- positions: learned, read two rows on (BART, mBART, PLBart, MVP, TrOCR) or not (Blenderbot, Blenderbot-Small,
+  Whisper);
   a fixed sinusoidal table in the weights (Marian, Pegasus: sines of the even features then cosines of the odd,
   computed where a seq2seq file leaves it out); or, for TrOCR without learned positions, fairseq's sinusoids
   counted over the ids that are not pad_token_id (XGLM's table, the row at pad_token_id zero);
 - `layernorm_embedding` after the positions are added (BART, mBART, PLBart, MVP, TrOCR where set), on the token
-  embeddings alone before (Blenderbot-Small), or none (Marian, Pegasus, Blenderbot);
-- OPT's layer with biases: post-norm (BART, Marian, Blenderbot-Small, PLBart, MVP, TrOCR) or pre-norm with a final
-  `layer_norm` (mBART, Pegasus, Blenderbot);
+  embeddings alone before (Blenderbot-Small), or none (Marian, Pegasus, Blenderbot, Whisper);
+- OPT's layer with biases (Whisper's k_proj has none): post-norm (BART, Marian, Blenderbot-Small, PLBart, MVP,
+  TrOCR) or pre-norm with a final `layer_norm` (mBART, Pegasus, Blenderbot, Whisper);
 - every layer's cross-attention (`encoder_attn`, `encoder_attn_layer_norm`) loads and saves but never runs: autolm
-  runs no encoder and refuses encoder_hidden_states;
-- the head tied to embed_tokens unless the config unties it (TrOCR's is `output_projection` on disk).
+  runs no encoder and refuses encoder_hidden_states (and Whisper's encoder_outputs);
+- the head tied to embed_tokens unless the config unties it (TrOCR's is `output_projection` on disk, Whisper's
+  `proj_out`).
 
 As transformers: positions count the cache's slots, padding included (position_ids are not read; TrOCR's
-sinusoids count the non-pad ids of each forward plus the cached length); the loss compares each position's
-logits with its label as given (no shift). MVP's CausalLM has no prompts (use_prompt is not read by it).
+sinusoids count the non-pad ids of each forward plus the cached length). transformers' Whisper decoder reads
+position_ids where a caller passes them to forward (its generate never does): autolm counts slots there too. The
+loss compares each position's logits with its label as given (no shift). MVP's CausalLM has no prompts (use_prompt is not read by it).
 A seq2seq file (…ForConditionalGeneration, MarianMTModel) loads as transformers' *ForCausalLM reads it, the encoder,
 the prompts and final_logits_bias skipped, with `model.shared` as the decoder's embeddings where the file does not
 hold them apart. llama.cpp has no BART-style decoder LM (its encoder-decoders are T5's): no GGUF.
@@ -43,6 +47,7 @@ from .bart_config import (
     PegasusConfig,
     PLBartConfig,
     TrOCRConfig,
+    WhisperConfig,
 )
 from .base import CausalLM, DecoderModel
 from .opt import OPTDecoderLayer, OPTForCausalLM, OPTModel
@@ -64,9 +69,9 @@ class CrossAttention(nn.Module):
     """A layer's encoder attention (transformers' `encoder_attn`: k/v read the encoder's features). Its weights load
     and save with the layer; autolm runs no encoder, so it never runs."""
 
-    def __init__(self, hidden: int, encoder_hidden: int):
+    def __init__(self, hidden: int, encoder_hidden: int, key_bias: bool = True):
         super().__init__()
-        self.k_proj = Linear(encoder_hidden, hidden, bias=True)
+        self.k_proj = Linear(encoder_hidden, hidden, bias=key_bias)
         self.v_proj = Linear(encoder_hidden, hidden, bias=True)
         self.q_proj = Linear(hidden, hidden, bias=True)
         self.out_proj = Linear(hidden, hidden, bias=True)
@@ -79,7 +84,9 @@ class BartDecoderLayer(OPTDecoderLayer):
     def __init__(self, config: BartConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         h = config.hidden_size
-        cross = CrossAttention(h, getattr(config, "cross_attention_hidden_size", None) or h)
+        cross = CrossAttention(h, getattr(config, "cross_attention_hidden_size", None) or h, config.key_bias)
+        if not config.key_bias:  # Whisper: k_proj without bias (it stays in its place among q/k/v)
+            self.self_attn.k_proj = Linear(h, h, bias=False)
         norm = nn.LayerNorm(h, eps=config.rms_norm_eps)
         order = ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
         rest = {k: v for k, v in self._modules.items() if k not in order}
@@ -126,9 +133,9 @@ class BartDecoder(DecoderModel):
         else:
             n = self.embed_positions.num_embeddings - cfg.position_offset
             if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= n:
+                key = cfg.attribute_map.get("max_position_embeddings", "max_position_embeddings")
                 raise GenerationError(f"position {int(position_ids.max())} is past the {n} positions of "
-                                      f"{cfg.model_type}'s table (max_position_embeddings): shorten the prompt "
-                                      "or max_new_tokens")  # fmt: skip
+                                      f"{cfg.model_type}'s table ({key}): shorten the prompt or max_new_tokens")  # fmt: skip
             pos = self.embed_positions(position_ids + cfg.position_offset)
         if cfg.embedding_norm == "before":
             return self.layernorm_embedding(x) + pos
@@ -206,7 +213,7 @@ class BartForCausalLM(CausalLM):
                 inputs_embeds=None, labels=None, *args, return_dict=None, **kwargs):  # fmt: skip
         """CausalLM's forward (encoder_hidden_states refused: no encoder runs); the loss as transformers': each
         position's logits against its label as given (no shift), -100 ignored."""
-        for key in ("encoder_hidden_states", "encoder_attention_mask"):
+        for key in ("encoder_outputs", "encoder_hidden_states", "encoder_attention_mask"):
             if kwargs.pop(key, None) is not None:
                 raise GenerationError(f"{type(self).__name__}.forward: {key} given, but autolm runs the decoder "
                                       "alone, without cross-attention: pass input_ids (or inputs_embeds) only")  # fmt: skip
@@ -258,4 +265,15 @@ class TrOCRForCausalLM(BartForCausalLM):
     _no_split_modules: ClassVar[list[str]] = ["TrOCRDecoderLayer"]
     checkpoint_rules = CheckpointRules(
         [*SEQ2SEQ_RULES, Rename(r"^output_projection\.", "lm_head.", r"^lm_head\.", "output_projection.")]
+    )
+
+
+class WhisperForCausalLM(BartForCausalLM):
+    """transformers' WhisperForCausalLM (Whisper's decoder alone): the head is `proj_out` in transformers and on
+    disk, `lm_head` in autolm's model. A WhisperForConditionalGeneration file loads too, its encoder skipped."""
+
+    config_class = WhisperConfig
+    _no_split_modules: ClassVar[list[str]] = ["WhisperDecoderLayer"]
+    checkpoint_rules = CheckpointRules(
+        [*SEQ2SEQ_RULES, Rename(r"^proj_out\.", "lm_head.", r"^lm_head\.", "proj_out.")]
     )

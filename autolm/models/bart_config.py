@@ -35,6 +35,7 @@ class BartConfig(PretrainedConfig):
     # where scale_embedding's sqrt(d_model) applies: "ids" (the embedded ids), "inputs" (inputs_embeds given too:
     # Marian, Pegasus) or "none" (transformers 5's Blenderbot-Small decoder does not read it)
     embed_scaling: ClassVar[str] = "ids"
+    key_bias: ClassVar[bool] = True  # the attentions' k_proj biased (Whisper's is not)
 
     vocab_size: int = 50265
     max_position_embeddings: int = 1024
@@ -67,7 +68,8 @@ class BartConfig(PretrainedConfig):
         try:
             super().__post_init__()
         except ConfigError as e:  # the message in config.json's names
-            raise ConfigError(re.sub(rf"\b({'|'.join(_NAMES)})\b", lambda m: _NAMES[m[1]], str(e))) from None
+            names = self.attribute_map
+            raise ConfigError(re.sub(rf"\b({'|'.join(names)})\b", lambda m: names[m[1]], str(e))) from None
 
     def validate(self) -> None:
         super().validate()
@@ -265,7 +267,41 @@ class TrOCRConfig(BartConfig):
                               "pad_token_id and d_model of at least 4")  # fmt: skip
 
 
+@dataclass(repr=False)
+class WhisperConfig(BartConfig):
+    """transformers' WhisperConfig, its decoder's fields (the encoder's and the audio's kept as given): pre-norm
+    layers and a final layer_norm, learned positions without offset (max_target_positions of them), no
+    layernorm_embedding, k_proj without bias; the decoder leaves scale_embedding unread. num_hidden_layers and
+    num_attention_heads are the decoder's here (transformers' attributes of those names read the encoder's)."""
+
+    model_type: ClassVar[str] = "whisper"
+    attribute_map: ClassVar[dict[str, str]] = {**_NAMES, "max_position_embeddings": "max_target_positions"}
+    absent_keys: ClassVar[tuple[str, ...]] = (*_NO_CLASSIFIER, "forced_eos_token_id")
+    do_layer_norm_before: ClassVar[bool] = True
+    embed_scaling: ClassVar[str] = "none"
+    position_offset: ClassVar[int] = 0
+    embedding_norm: ClassVar[str | None] = None
+    key_bias: ClassVar[bool] = False
+    vocab_size: int = 51865
+    max_position_embeddings: int = 448
+    encoder_layers: int = 4
+    encoder_ffn_dim: int = 1536
+    encoder_attention_heads: int = 6
+    num_hidden_layers: int = 4
+    intermediate_size: int = 1536
+    num_attention_heads: int = 6
+    hidden_size: int = 384
+    dropout: float = 0.0
+    classifier_dropout: float | None = None
+    pad_token_id: int | None = 50256
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    decoder_start_token_id: int | None = 50257
+    forced_eos_token_id: int | list[int] | None = None
+    max_source_positions: int = 1500
+
+
 CONFIGS = (BartConfig, MBartConfig, PLBartConfig, MvpConfig, MarianConfig, PegasusConfig, BlenderbotSmallConfig,
-           BlenderbotConfig, TrOCRConfig)  # fmt: skip
+           BlenderbotConfig, TrOCRConfig, WhisperConfig)  # fmt: skip
 for _cls in CONFIGS:
     accept_json_names(_cls)

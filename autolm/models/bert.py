@@ -17,13 +17,14 @@ token sees every real token of its row) and keeps no cache; generate() is refuse
 is_decoder: every token would recompute the whole sequence, which autolm's decoding does not do). `add_cross_attention`
 configs load (the cross-attention weights kept, never run); encoder_hidden_states / encoder_attention_mask are
 refused by name. autolm's modules are `model`, `head` and `lm_head`; state_dict(), checkpoints and adapters use
-transformers' names (checkpoint_rules). llama.cpp's BERT is an encoder without an LM head: no GGUF.
+transformers' names (checkpoint_rules, models/bert_names.py). llama.cpp's BERT is an encoder without an LM head:
+no GGUF. The pre-LN relatives (RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, Megatron-BERT) and BertGeneration build on
+these classes in models/bert_prenorm.py.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import ClassVar
 
 import torch
@@ -51,6 +52,7 @@ from .bert_config import (
     RobertaConfig,
     XLMRobertaConfig,
 )
+from .bert_names import _autolm_names, _rules, _transformers_names
 
 logger = logging.getLogger("autolm")
 
@@ -129,20 +131,26 @@ class BertLayer(nn.Module):
 
 
 class BertEmbeddings(nn.Module):
-    """position_embeddings, token_type_embeddings and the LayerNorm (word_embeddings are the body's embed_tokens)."""
+    """position_embeddings, token_type_embeddings and the LayerNorm (word_embeddings are the body's embed_tokens;
+    configs without token types or without the LayerNorm, e.g. BertGeneration's, Megatron-BERT's, have none)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         h = getattr(config, "embedding_size", config.hidden_size)  # ELECTRA's embeddings are narrower
         self.position_embeddings = embedding(config.max_position_embeddings, h)
-        self.token_type_embeddings = embedding(config.type_vocab_size, h)
-        self.LayerNorm = nn.LayerNorm(h, eps=config.rms_norm_eps)
+        if getattr(config, "token_types", True):
+            self.token_type_embeddings = embedding(config.type_vocab_size, h)
+        if getattr(config, "embeddings_norm", True):
+            self.LayerNorm = nn.LayerNorm(h, eps=config.rms_norm_eps)
         if getattr(config, "use_task_id", False):  # ERNIE's task types
             self.task_type_embeddings = embedding(config.task_type_vocab_size, h)
 
 
 class BertModel(DecoderModel):
-    """embed_tokens, embeddings (positions, token types, LayerNorm), layers; no final norm (post-LN layers)."""
+    """embed_tokens, embeddings (positions, token types, LayerNorm), layers (`layer_cls`); no final norm (post-LN
+    layers; pre-LN relatives set `norm`)."""
+
+    layer_cls: ClassVar[type[nn.Module]] = BertLayer
 
     def __init__(self, config: BertConfig):
         nn.Module.__init__(self)
@@ -153,7 +161,7 @@ class BertModel(DecoderModel):
         # ELECTRA: the embeddings projected to hidden_size where they are narrower
         h = config.hidden_size
         self.embeddings_project = Linear(width, h, bias=True) if width != h else None
-        self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_cls(config, i) for i in range(config.num_hidden_layers))
         self.norm = None
         self.gradient_checkpointing = False
         self.rotary = Rotary({}, config.head_dim, config.max_position_embeddings, False)
@@ -165,14 +173,16 @@ class BertModel(DecoderModel):
         if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= n:
             raise GenerationError(f"position {int(position_ids.max())} is past the {n} learned positions "
                                   "(max_position_embeddings): shorten the prompt or max_new_tokens")  # fmt: skip
-        x = x + emb.token_type_embeddings.weight[0] + emb.position_embeddings(position_ids)
+        # token type 0 (given token_type_ids: forward adds theirs)
+        types = getattr(emb, "token_type_embeddings", None)
+        x = (x if types is None else x + types.weight[0]) + emb.position_embeddings(position_ids)
         if hasattr(emb, "task_type_embeddings"):  # ERNIE's task 0 (task_type_ids given: forward adds theirs)
             x = x + emb.task_type_embeddings.weight[0]
-        x = emb.LayerNorm(x)
+        x = emb.LayerNorm(x) if hasattr(emb, "LayerNorm") else x
         return x if self.embeddings_project is None else self.embeddings_project(x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.norm is None else self.norm(x)
 
     def forward(self, x, attention_mask, position_ids, cache, cache_position, kv_length, *rest, **kwargs):
         """DecoderModel's forward; without is_decoder (an encoder, as transformers runs it) every real slot is one
@@ -204,33 +214,6 @@ class BertPredictionHead(nn.Module):
         return getattr(self, self.norm_name)(self.act(self.dense(x)))
 
 
-def _rules(prefix: str, head: str, tied: bool = True) -> CheckpointRules:
-    """transformers' names <-> autolm's for a body under `prefix` and a head module `head` (BERT:
-    cls.predictions, whose transform is the head's dense and norm; RoBERTa: lm_head). The decoder's bias is, in a
-    tied model's files, the head's `bias` (transformers ties the two and writes that one); an untied model's
-    decoder has its own, and the head's `bias` (unused, as in transformers) is kept as head.bias. Names are marked
-    "~" while renamed, so that no rule renames another's result (RoBERTa's head is called lm_head too)."""
-    p, h = re.escape(prefix), re.escape(head)
-    t = f"{head}.transform." if head == "cls.predictions" else f"{head}."
-    keep = r"(?!bias$)" if tied else ""
-    return CheckpointRules([
-        Rename(rf"^{p}\.embeddings\.word_embeddings\.", "model.embed_tokens.", r"^model\.embed_tokens\.",
-               f"{prefix}.embeddings.word_embeddings."),
-        Rename(rf"^{p}\.embeddings\.", "model.embeddings.", r"^model\.embeddings\.", f"{prefix}.embeddings."),
-        Rename(rf"^{p}\.encoder\.layer\.", "model.layers.", r"^model\.layers\.", f"{prefix}.encoder.layer."),
-        Rename(rf"^{h}\.decoder\.{keep}", "~lm_head.", rf"^lm_head\.{keep}", "~decoder."),
-        Rename(rf"^{h}\.bias$", "~lm_head.bias" if tied else "~head.bias",
-               r"^lm_head\.bias$" if tied else r"^head\.bias$", "~bias"),
-        Rename(rf"^{re.escape(t)}(?=(dense|LayerNorm|layer_norm)\.)", "~head.", r"^head\.", "~transform."),
-        Rename(r"^~", "", r"^~decoder\.", f"{head}.decoder."),
-        Rename(r"(?!)", "", r"^~bias$", f"{head}.bias"),
-        Rename(r"(?!)", "", r"^~transform\.", t),
-        Ignored(rf"{h}\.decoder\.bias"),  # a tied model's bias again (older files)
-        Ignored(rf"{p}\.embeddings\.(position_ids|token_type_ids)"),  # old files' buffers
-        Ignored(rf"{p}\.pooler\..*"),  # an encoder file's pooler, which the CausalLM has not
-    ])  # fmt: skip
-
-
 class BertLMHeadModel(CausalLM):
     """transformers' BertLMHeadModel: the head's transform, then the decoder (biased; tied unless untied)."""
 
@@ -241,13 +224,11 @@ class BertLMHeadModel(CausalLM):
     checkpoint_rules = _rules("bert", "cls.predictions")
     tp_patterns: ClassVar[dict[str, str]] = {}  # none: transformers declares no tensor-parallel plan
     _no_split_modules: ClassVar[list[str]] = ["BertLayer"]
+    body_cls: ClassVar[type[BertModel]] = BertModel
 
     def __init__(self, config: BertConfig):
-        super().__init__(config, BertModel(config))
-        fairseq = config.fairseq_positions
-        gelu = fairseq or self.hf_head == "generator_lm_head"  # RoBERTa's and ELECTRA's heads: GELU always
-        self.head = BertPredictionHead(config, "layer_norm" if fairseq else "LayerNorm",
-                                       "gelu" if gelu else config.hidden_act)  # fmt: skip
+        super().__init__(config, self.body_cls(config))
+        self.head = self.make_head(config)
         width = getattr(config, "embedding_size", config.hidden_size)
         self.lm_head = Linear(width, config.vocab_size, bias=True)
         self._modules = {k: self._modules[k] for k in ("model", "head", "lm_head")}  # forward's order
@@ -262,6 +243,13 @@ class BertLMHeadModel(CausalLM):
             self.one_token_step = False
         self.register_state_dict_post_hook(_transformers_names)
         self.register_load_state_dict_pre_hook(_autolm_names)
+
+    def make_head(self, config: BertConfig) -> nn.Module:
+        """The transform before the decoder: RoBERTa's and ELECTRA's with GELU whatever hidden_act."""
+        fairseq = config.fairseq_positions
+        gelu = fairseq or self.hf_head == "generator_lm_head"
+        return BertPredictionHead(config, "layer_norm" if fairseq else "LayerNorm",
+                                  "gelu" if gelu else config.hidden_act)  # fmt: skip
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.finish_logits(self.lm_head(self.head(h)))
@@ -278,7 +266,9 @@ class BertLMHeadModel(CausalLM):
     def blocks(self) -> list[str]:
         layers = [f"model.layers.{i}" for i in range(len(self.model.layers))]
         project = ["model.embeddings_project"] if self.model.embeddings_project is not None else []
-        return ["model.embed_tokens", "model.embeddings", *project, *layers, "head", "lm_head"]
+        norm = ["model.norm"] if self.model.norm is not None else []  # pre-LN relatives' final norm
+        head = ["head"] if any(True for _ in self.head.parameters()) else []  # BertGeneration's: none
+        return ["model.embed_tokens", "model.embeddings", *project, *layers, *norm, *head, "lm_head"]
 
     def adapter_key(self, key: str) -> str:
         """An adapter tensor's name in peft's file: transformers' module names."""
@@ -298,7 +288,10 @@ class BertLMHeadModel(CausalLM):
         task_ids = kwargs.pop("task_type_ids", None) if hasattr(embeddings, "task_type_embeddings") else None
         for ids, types in ((token_type_ids, "token_type_embeddings"), (task_ids, "task_type_embeddings")):
             if ids is not None:
-                table = getattr(embeddings, types)
+                table = getattr(embeddings, types, None)
+                if table is None:
+                    raise GenerationError(f"{type(self).__name__}.forward: token_type_ids given, but the model has "
+                                          "no token type embeddings (transformers' takes none): leave them out")  # fmt: skip
                 if inputs_embeds is None:
                     inputs_embeds, input_ids = self.model.embed(input_ids), None
                 inputs_embeds = inputs_embeds + table(ids) - table.weight[0]
@@ -335,22 +328,6 @@ class BertLMHeadModel(CausalLM):
             return torch.arange(pad + 1, pad + 1 + T, device=x.device).unsqueeze(0).expand(B, -1)
         real = input_ids.ne(pad).long()
         return (real.cumsum(-1) + past) * real + pad
-
-
-def _transformers_names(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict's post-hook: autolm's names -> transformers' (see _util.own_names)."""
-    if module.__dict__.get("_own_names"):
-        return
-    rules = module.checkpoint_rules
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + rules._back(key[len(prefix) :])] = state_dict.pop(key)
-
-
-def _autolm_names(module: nn.Module, state_dict, prefix: str, *args) -> None:
-    """load_state_dict's pre-hook: transformers' names -> autolm's (autolm's own names stay as they are)."""
-    rules = module.checkpoint_rules
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + rules.renamed(key[len(prefix) :])] = state_dict.pop(key)
 
 
 def _causal_lm(config_cls: type, name: str, prefix: str) -> type:

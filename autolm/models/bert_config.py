@@ -1,6 +1,7 @@
 """The configs of the BERT-style encoders run as decoders (models/bert.py): transformers' BertConfig and the RoBERTa
-family's (RobertaConfig, XLMRobertaConfig, CamembertConfig, Data2VecTextConfig), in transformers' field names and
-defaults."""
+family's (RobertaConfig, XLMRobertaConfig, CamembertConfig, Data2VecTextConfig), ELECTRA's, ERNIE's, and the pre-LN
+relatives' (RobertaPreLayerNormConfig, XLMRobertaXLConfig, MegatronBertConfig) and BertGenerationConfig, in
+transformers' field names and defaults."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class BertConfig(PretrainedConfig):
         "add_cross_attention",
     )
     fairseq_positions: ClassVar[bool] = False  # RoBERTa's: positions counted over the non-pad ids
+    token_types: ClassVar[bool] = True  # token type embeddings (BertGeneration has none)
+    embeddings_norm: ClassVar[bool] = True  # a LayerNorm over the embeddings (XLM-R-XL, Megatron: none)
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -57,7 +60,7 @@ class BertConfig(PretrainedConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not (_is_int(self.type_vocab_size) and self.type_vocab_size > 0):
+        if self.token_types and not (_is_int(self.type_vocab_size) and self.type_vocab_size > 0):
             raise ConfigError(f"{self.source}: type_vocab_size must be a positive integer, "
                               f"found {self.type_vocab_size!r}")  # fmt: skip
         pad = self.pad_token_id
@@ -95,7 +98,7 @@ _named_init(BertConfig)
 def _roberta_config(name: str, model_type: str) -> type:
     """A RoBERTa-family config: BertConfig's fields with RoBERTa's vocabulary and special ids, positions counted
     over the non-pad ids."""
-    vocab = 50265 if model_type == "roberta" else 30522
+    vocab = 50265 if model_type in ("roberta", "roberta-prelayernorm") else 30522
     cls = dataclass(repr=False)(type(name, (BertConfig,), {
         "__annotations__": {"vocab_size": int, "pad_token_id": "int | None", "bos_token_id": "int | None",
                             "eos_token_id": "int | list[int] | None"},
@@ -110,6 +113,73 @@ RobertaConfig = _roberta_config("RobertaConfig", "roberta")
 XLMRobertaConfig = _roberta_config("XLMRobertaConfig", "xlm-roberta")
 CamembertConfig = _roberta_config("CamembertConfig", "camembert")
 Data2VecTextConfig = _roberta_config("Data2VecTextConfig", "data2vec-text")
+RobertaPreLayerNormConfig = _roberta_config("RobertaPreLayerNormConfig", "roberta-prelayernorm")
+
+
+@dataclass(repr=False)
+class XLMRobertaXLConfig(XLMRobertaConfig):
+    """transformers' XLMRobertaXLConfig: RoBERTa's positions and special ids, pre-LN layers, no LayerNorm over the
+    embeddings."""
+
+    model_type: ClassVar[str] = "xlm-roberta-xl"
+    embeddings_norm: ClassVar[bool] = False
+
+    vocab_size: int = 250880
+    hidden_size: int = 2560
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    intermediate_size: int = 10240
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    rms_norm_eps: float = 1e-5
+
+
+_named_init(XLMRobertaXLConfig)
+
+
+@dataclass(repr=False)
+class MegatronBertConfig(BertConfig):
+    """transformers' MegatronBertConfig: BERT's fields and positions, pre-LN layers, no LayerNorm over the
+    embeddings."""
+
+    model_type: ClassVar[str] = "megatron-bert"
+    embeddings_norm: ClassVar[bool] = False
+
+    vocab_size: int = 29056
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+
+
+_named_init(MegatronBertConfig)
+
+
+@dataclass(repr=False)
+class BertGenerationConfig(BertConfig):
+    """transformers' BertGenerationConfig: BERT's without token types (type_vocab_size, not a field of
+    transformers' config, is written only where config.json gives it)."""
+
+    model_type: ClassVar[str] = "bert-generation"
+    token_types: ClassVar[bool] = False
+
+    vocab_size: int = 50358
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    type_vocab_size: int | None = None
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out.get("type_vocab_size") is None:
+            out.pop("type_vocab_size", None)
+        return out
+
+
+_named_init(BertGenerationConfig)
 
 
 @dataclass(repr=False)

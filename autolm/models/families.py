@@ -81,6 +81,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "qwen3_omni_moe": ("qwen3_moe", "Qwen3OmniMoeConfig", "Qwen3MoeForCausalLM", ("qwen3moe", "qwen3vlmoe")),
     "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM", "gpt-oss"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", "gpt2"),
+    "gpt-sw3": ("gpt2", "GPTSw3Config", "GPT2LMHeadModel", "gpt2"),  # GPT-2 (transformers' GPT2Config)
     "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", "gemma"),
     "paligemma": ("gemma", "PaliGemmaConfig", "GemmaForCausalLM", "gemma"),  # image-text: its language model
     "starcoder2": ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", "starcoder2"),
@@ -175,6 +176,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "plbart": ("bart", "PLBartConfig", "PLBartForCausalLM", None),
     "mvp": ("bart", "MvpConfig", "MvpForCausalLM", None),
     "trocr": ("bart", "TrOCRConfig", "TrOCRForCausalLM", None),
+    "whisper": ("bart", "WhisperConfig", "WhisperForCausalLM", None),  # its decoder; llama.cpp has no Whisper
     # llama.cpp has none
     "kosmos_2_text_model": ("kosmos2", "Kosmos2TextConfig", "Kosmos2TextForCausalLM", None),
     "kosmos-2": ("kosmos2", "Kosmos2Config", "Kosmos2TextForCausalLM", None),  # image-text: its LM
@@ -190,11 +192,39 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "data2vec-text": ("bert", "Data2VecTextConfig", "Data2VecTextForCausalLM", None),
     "electra": ("bert", "ElectraConfig", "ElectraForCausalLM", None),
     "ernie": ("bert", "ErnieConfig", "ErnieForCausalLM", None),
+    "xlm": ("xlm", "XLMConfig", "XLMWithLMHeadModel", None),  # llama.cpp has none
+    "xlnet": ("xlnet", "XLNetConfig", "XLNetLMHeadModel", None),  # llama.cpp has none
+    "roberta-prelayernorm": (
+        "bert_prenorm",
+        "RobertaPreLayerNormConfig",
+        "RobertaPreLayerNormForCausalLM",
+        None,
+    ),
+    "xlm-roberta-xl": ("bert_prenorm", "XLMRobertaXLConfig", "XLMRobertaXLForCausalLM", None),
+    "megatron-bert": ("bert_prenorm", "MegatronBertConfig", "MegatronBertForCausalLM", None),
+    "bert-generation": ("bert_prenorm", "BertGenerationConfig", "BertGenerationDecoder", None),
+    "git": ("git", "GitConfig", "GitForCausalLM", None),  # image-text: its text decoder; llama.cpp: none
+    "roformer": ("roformer", "RoFormerConfig", "RoFormerForCausalLM", None),  # llama.cpp has none
+    "rembert": ("rembert", "RemBertConfig", "RemBertForCausalLM", None),  # llama.cpp has none
+    "xmod": ("xmod", "XmodConfig", "XmodForCausalLM", None),  # llama.cpp has none
+    "big_bird": ("big_bird", "BigBirdConfig", "BigBirdForCausalLM", None),  # llama.cpp has none
+    "roc_bert": ("roc_bert", "RoCBertConfig", "RoCBertForCausalLM", None),  # llama.cpp has none
     "openai-gpt": ("openai_gpt", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel", None),  # llama.cpp has none
     "ctrl": ("ctrl", "CTRLConfig", "CTRLLMHeadModel", None),  # llama.cpp has none
     "cpmant": ("cpmant", "CpmAntConfig", "CpmAntForCausalLM", None),  # llama.cpp has none
+    "prophetnet": ("prophetnet", "ProphetNetConfig", "ProphetNetForCausalLM", None),  # llama.cpp has none
+    "reformer": ("reformer", "ReformerConfig", "ReformerModelWithLMHead", None),  # llama.cpp has none
     "apertus": ("apertus", "ApertusConfig", "ApertusForCausalLM", "apertus"),
     "helium": ("helium", "HeliumConfig", "HeliumForCausalLM", None),
+    "moshi": ("moshi", "MoshiConfig", "MoshiForCausalLM", None),  # its text decoder; no llama.cpp
+    # MusicGen's audio-token decoder (the file MusicgenForCausalLM writes); no llama.cpp
+    "musicgen_decoder": ("musicgen", "MusicgenDecoderConfig", "MusicgenForCausalLM", None),
+    "musicgen_melody_decoder": (
+        "musicgen",
+        "MusicgenMelodyDecoderConfig",
+        "MusicgenMelodyForCausalLM",
+        None,
+    ),  # MusicGen Melody's decoder (the file MusicgenMelodyForCausalLM writes); no llama.cpp
     "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none
     "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),

@@ -115,6 +115,14 @@ def _init(self, **kwargs: Any) -> None:
 GPT2Config.__init__ = _init
 
 
+class GPTSw3Config(GPT2Config):
+    """model_type "gpt-sw3" (AI Sweden's GPT-SW3): transformers reads it as GPT2Config (and writes it back as
+    "gpt2"); autolm keeps "gpt-sw3". The model is GPT2LMHeadModel; its tokenizer, GPTSw3Tokenizer, is a
+    sentencepiece model (spiece.model) that autolm does not read: it needs a tokenizer.json."""
+
+    model_type: ClassVar[str] = "gpt-sw3"
+
+
 class GPT2Attention(Attention):
     """Attention with q/k/v as one Conv1D `c_attn` (q, k, v in that order along its outputs) and `c_proj`."""
 

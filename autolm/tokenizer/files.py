@@ -18,6 +18,8 @@ TEMPLATE_FILES = ("chat_template.jinja", "additional_chat_templates")
 SAVED_FILES = TOKENIZER_FILES + TEMPLATE_FILES  # what a save replaces in its folder
 # transformers' loading switches that mean nothing here: autolm always runs the fast `tokenizers` backend
 IGNORED_KWARGS = ("use_fast", "trust_remote_code", "legacy", "add_prefix_space")
+# sentencepiece models a slow tokenizer reads (GPT-SW3's and T5's spiece.model, Llama's tokenizer.model, ...)
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "sentencepiece.model")
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -30,8 +32,10 @@ def _read_backend(directory: str):
 
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
+        spm = [f for f in SENTENCEPIECE_FILES if os.path.isfile(os.path.join(directory, f))]
+        only = f", only the sentencepiece model {spm[0]}, which autolm does not read" if spm else ""
         raise TokenizerError(
-            f"{directory}: no tokenizer.json (autolm reads tokenizers in the tokenizer.json format)"
+            f"{directory}: no tokenizer.json{only} (autolm reads tokenizers in the tokenizer.json format)"
         )
     try:
         return Backend.from_file(path)
