@@ -183,6 +183,8 @@ class BartForCausalLM(CausalLM):
     config_class = BartConfig
     # transformers' other heads for these types (QA, classification, the base model) are encoder-decoders
     causal_only: ClassVar[str] = "an encoder-decoder"
+    # learned positions at the cache's slots: served rows run alone (serve.rows)
+    rows_apart: ClassVar[bool] = True
     layers_prefix = "model.decoder.layers"
     embeddings_name = "model.decoder.embed_tokens"
     tp_patterns: ClassVar[

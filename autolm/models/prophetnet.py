@@ -269,6 +269,8 @@ class ProphetNetForCausalLM(CausalLM):
 
     config_class = ProphetNetConfig
     causal_only: ClassVar[str] = "an encoder-decoder"  # transformers' other ProphetNet heads
+    # learned positions at the cache's slots: served rows run alone (serve.rows)
+    rows_apart: ClassVar[bool] = True
     base_model_prefix = "prophetnet"
     layers_prefix = "prophetnet.decoder.layers"
     embeddings_name = "prophetnet.decoder.word_embeddings"

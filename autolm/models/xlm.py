@@ -295,6 +295,9 @@ class XLMWithLMHeadModel(CausalLM):
     embeddings_name = "transformer.embeddings"
     checkpoint_rules = _RULES
     one_token_step: ClassVar[bool] = False  # generation recomputes the sequence (see the module's doc)
+    unservable: ClassVar[str] = (
+        "its generation recomputes the whole sequence at each token (no KV cache to batch)"
+    )
     tp_patterns: ClassVar[dict[str, str]] = {}  # none: transformers declares no tensor-parallel plan
     _no_split_modules: ClassVar[list[str]] = []
 

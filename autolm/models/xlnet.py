@@ -266,6 +266,9 @@ class XLNetLMHeadModel(CausalLM):
     embeddings_name = "transformer.word_embedding"
     checkpoint_rules = _RULES
     one_token_step: ClassVar[bool] = False
+    unservable: ClassVar[str] = (
+        "its generation reruns the last tokens over its mems at each token (no KV cache)"
+    )
     tp_patterns: ClassVar[dict[str, str]] = {}  # none: transformers declares no tensor-parallel plan
 
     def __init__(self, config: XLNetConfig):

@@ -2,7 +2,8 @@
 rows' caches right-aligned under a padding mask, which keeps each row's results its own.
 
 A model whose padding reaches the real tokens' results says `rows_apart` (BLT: its patcher and global transformer
-see no padding mask, so a padded row's bytes fall into other patches). Its rows run apart: each prompt is prefilled
+see no padding mask, so a padded row's bytes fall into other patches; the BART-style decoders and ProphetNet: their
+learned positions are the cache's slots, so padding moves a row's positions). Its rows run apart: each prompt is prefilled
 alone, and the batch cache is `Rows`, each row's own cache (unpadded), which a decode step runs one row at a time
 under that row's adapter; a row running alone has its plain cache (speculation takes it as it is). Each request's
 tokens are then those of generate() on its prompt alone, continuous batching, chunked prefill and prefix caching
@@ -23,7 +24,10 @@ from .sequence import adapters_of
 
 def servable(model):
     """The model, which the engine can serve: GenerationError for one whose reference sliding window
-    (nn.attention.ReferenceWindow) needs each row's whole first prompt as its cache's prefill."""
+    (nn.attention.ReferenceWindow) needs each row's whole first prompt as its cache's prefill, or one that says
+    why not (`unservable`: XLM's and XLNet's generation keeps no KV cache)."""
+    if getattr(model, "unservable", None):
+        raise GenerationError(f"{model.config.model_type} cannot be served: {model.unservable}")
     if getattr(model, "reference_prompt", False):
         raise GenerationError(f"{model.config.model_type} cannot be served: its reference sliding window always "
                               "attends each row's whole first prompt, which the engine's shared cache, chunked "
