@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
 from ..errors import ConfigError
 from ..nn import Attention, GGUFLayout, Linear
 from .base import CausalLM, DecoderModel
@@ -114,28 +114,8 @@ class BloomConfig(PretrainedConfig):
         return out
 
 
-# config.n_layer is config.num_hidden_layers (and so on), as in transformers
-for _ours, _theirs in BloomConfig.attribute_map.items():
-    setattr(BloomConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                           lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = BloomConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """BloomConfig(n_layer=2, n_head=4, layer_norm_epsilon=..., n_embed=...) as in transformers; its other keywords
-    (pretraining_tp, hidden_dropout, ...) are kept as unknown keys."""
-    theirs = {v: k for k, v in BloomConfig.attribute_map.items()}
-    if "n_embed" in kwargs:
-        kwargs["hidden_size"] = kwargs.pop("n_embed")
-    names = set(BloomConfig.__dataclass_fields__)
-    kwargs = {theirs.get(k, k): v for k, v in kwargs.items()}
-    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
-    if extra:
-        kwargs["extra"] = {**kwargs.get("extra", {}), **extra}
-    _dataclass_init(self, **kwargs)
-
-
-BloomConfig.__init__ = _init
+# its other keywords (pretraining_tp, hidden_dropout, ...) kept as unknown keys
+config_json_names(BloomConfig, {"n_embed": "hidden_size"}, keep_unknown=True)
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

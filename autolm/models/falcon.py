@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import PretrainedConfig, _is_int
+from ..config import PretrainedConfig, _is_int, config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, CheckpointRules, GGUFLayout, Linear, Rename
 from .base import CausalLM, DecoderModel
@@ -137,23 +137,7 @@ class FalconConfig(PretrainedConfig):
         return out
 
 
-# config.layer_norm_epsilon is config.rms_norm_eps (and so on), as in transformers
-for _ours, _theirs in FalconConfig.attribute_map.items():
-    setattr(FalconConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                            lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = FalconConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """FalconConfig(layer_norm_epsilon=..., activation=..., ffn_hidden_size=..., n_embed=...) as in
-    transformers."""
-    theirs = {v: k for k, v in FalconConfig.attribute_map.items()}
-    if "n_embed" in kwargs:
-        kwargs["hidden_size"] = kwargs.pop("n_embed")
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-FalconConfig.__init__ = _init
+config_json_names(FalconConfig, {"n_embed": "hidden_size"})
 
 
 class FalconAttention(GPTNeoXAttention):

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int
+from ..config import PretrainedConfig, _is_int, config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, CheckpointRules, Conv1D, GGUFLayout, Ignored, Rename, embedding
 from .base import CausalLM, DecoderModel
@@ -99,20 +99,7 @@ class GPT2Config(PretrainedConfig):
         return out
 
 
-# config.n_embd is config.hidden_size, as in transformers
-for _ours, _theirs in GPT2Config.attribute_map.items():
-    setattr(GPT2Config, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                          lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = GPT2Config.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """GPT2Config(n_embd=64, n_layer=2, ...) as in transformers: config.json's names as arguments too."""
-    theirs = {v: k for k, v in GPT2Config.attribute_map.items()}
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-GPT2Config.__init__ = _init
+config_json_names(GPT2Config)  # config.n_embd is config.hidden_size, as in transformers
 
 
 class GPTSw3Config(GPT2Config):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, CheckpointRules, Ignored, embedding
 from .base import CausalLM, DecoderModel
@@ -148,20 +148,7 @@ def _attention_types_ok(types: Any) -> bool:
     return True
 
 
-# config.num_layers is config.num_hidden_layers, as in transformers
-for _ours, _theirs in GPTNeoConfig.attribute_map.items():
-    setattr(GPTNeoConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                            lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = GPTNeoConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """GPTNeoConfig(num_layers=2, num_heads=4, ...) as in transformers: config.json's names as arguments too."""
-    theirs = {v: k for k, v in GPTNeoConfig.attribute_map.items()}
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-GPTNeoConfig.__init__ = _init
+config_json_names(GPTNeoConfig)
 
 
 class GPTNeoSelfAttention(OPTAttention):

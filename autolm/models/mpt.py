@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_number
+from ..config import PretrainedConfig, _is_number, config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear
 from .base import CausalLM, DecoderModel
@@ -180,24 +180,8 @@ class MptConfig(PretrainedConfig):
         return {**out, "attn_config": attn}
 
 
-# config.d_model is config.hidden_size (and so on), as in transformers
-for _ours, _theirs in MptConfig.attribute_map.items():
-    setattr(MptConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                         lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = MptConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """MptConfig(d_model=..., n_heads=..., attn_config={...}, ...) as in transformers: keys that are no field
-    (attn_config, the dropouts) kept as config.json's unknown keys are."""
-    theirs = {v: k for k, v in MptConfig.attribute_map.items()}
-    kwargs = {theirs.get(k, k): v for k, v in kwargs.items()}
-    names = set(MptConfig.__dataclass_fields__)
-    extra = {**kwargs.pop("extra", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in names}}
-    _dataclass_init(self, **kwargs, extra=extra)
-
-
-MptConfig.__init__ = _init
+# keys that are no field (attn_config, the dropouts) kept as unknown keys
+config_json_names(MptConfig, keep_unknown=True)
 
 
 class MptAttention(Attention):

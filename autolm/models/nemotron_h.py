@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
 from ..config_fields import positive_ints
 from ..errors import ConfigError
 from ..nn import (
@@ -243,9 +243,7 @@ class NemotronHConfig(PretrainedConfig):
 
 
 # config.layers_block_type is config.layer_types (and so on), as in transformers
-for _ours, _theirs in NemotronHConfig.attribute_map.items():
-    setattr(NemotronHConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                               lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
+config_json_names(NemotronHConfig)
 
 
 class NemotronHExperts(Experts):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
+from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, Linear, embedding
 from .base import CausalLM, DecoderModel
@@ -107,20 +107,7 @@ class OPTConfig(PretrainedConfig):
         return out
 
 
-# config.ffn_dim is config.intermediate_size, as in transformers
-for _ours, _theirs in OPTConfig.attribute_map.items():
-    setattr(OPTConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                         lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = OPTConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """OPTConfig(ffn_dim=..., activation_function=...) as in transformers: config.json's names as arguments too."""
-    theirs = {v: k for k, v in OPTConfig.attribute_map.items()}
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-OPTConfig.__init__ = _init
+config_json_names(OPTConfig)
 
 
 class OPTAttention(Attention):

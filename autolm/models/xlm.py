@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int
+from ..config import PretrainedConfig, _is_int, config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, CheckpointRules, Forward, Linear, Rename, Rotary, embedding
 from .base import CausalLM, DecoderModel
@@ -119,19 +119,7 @@ class XLMConfig(PretrainedConfig):
         return out
 
 
-for _ours, _theirs in XLMConfig.attribute_map.items():
-    setattr(XLMConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                         lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = XLMConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """XLMConfig(emb_dim=64, n_layers=2, ...) as in transformers: config.json's names as arguments too."""
-    theirs = {v: k for k, v in XLMConfig.attribute_map.items()}
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-XLMConfig.__init__ = _init
+config_json_names(XLMConfig)
 
 
 class XLMAttention(Attention):

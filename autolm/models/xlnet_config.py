@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import PretrainedConfig
+from ..config import PretrainedConfig, config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS
 
@@ -88,18 +88,4 @@ class XLNetConfig(PretrainedConfig):
         return out
 
 
-for _ours, _theirs in XLNetConfig.attribute_map.items():
-    setattr(XLNetConfig, _theirs, property(lambda self, k=_ours: getattr(self, k),
-                                           lambda self, v, k=_ours: setattr(self, k, v)))  # fmt: skip
-_dataclass_init = XLNetConfig.__init__
-
-
-def _init(self, **kwargs: Any) -> None:
-    """XLNetConfig(d_model=64, n_layer=2, ...) as in transformers: config.json's names as arguments too."""
-    theirs = {v: k for k, v in XLNetConfig.attribute_map.items()}
-    if "n_token" in kwargs:  # transformers' old name of vocab_size
-        kwargs.setdefault("vocab_size", kwargs.pop("n_token"))
-    _dataclass_init(self, **{theirs.get(k, k): v for k, v in kwargs.items()})
-
-
-XLNetConfig.__init__ = _init
+config_json_names(XLNetConfig, {"n_token": "vocab_size"})  # n_token: transformers' old name
