@@ -1,8 +1,9 @@
 """How config.json's compound fields are read and checked: RoPE in either spelling, the classification label
-maps, and the value checks every family's config shares."""
+maps, the value checks every family's config shares, and transformers' attribute_map on a config class."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -110,3 +111,25 @@ def read_rope(d: dict[str, Any], cls: type, source: str) -> tuple[dict[str, Any]
             "original_max_position_embeddings", d.get("max_position_embeddings", cls.max_position_embeddings)
         )
     return rope, spelling
+
+
+def config_json_names(cls: type, aliases: dict[str, str] | None = None, keep_unknown: bool = False) -> None:
+    """transformers' attribute_map on a config class (GPT-2's n_embd for hidden_size): each config.json name a
+    property of autolm's field, and a keyword of cls(...) as in transformers. `aliases`: older names read as a field
+    (Falcon's and BLOOM's n_embed); `keep_unknown`: keywords that are no field kept as config.json's unknown keys
+    are (in `extra`), where transformers' class takes any."""
+    for ours, theirs in cls.attribute_map.items():
+        setattr(cls, theirs, property(lambda self, k=ours: getattr(self, k),
+                                      lambda self, v, k=ours: setattr(self, k, v)))  # fmt: skip
+    dataclass_init = cls.__init__
+    names = {**{theirs: ours for ours, theirs in cls.attribute_map.items()}, **(aliases or {})}
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = {names.get(k, k): v for k, v in kwargs.items()}
+        if keep_unknown:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = {k: kwargs.pop(k) for k in list(kwargs) if k not in fields}
+            kwargs["extra"] = {**kwargs.get("extra", {}), **unknown}
+        dataclass_init(self, **kwargs)
+
+    cls.__init__ = __init__

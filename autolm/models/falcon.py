@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import PretrainedConfig, _is_int, config_json_names
+from ..config import PretrainedConfig, _is_int
+from ..config_fields import config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, CheckpointRules, GGUFLayout, Linear, Rename
 from .base import CausalLM, DecoderModel

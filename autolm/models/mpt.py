@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_number, config_json_names
+from ..config import PretrainedConfig, _is_number
+from ..config_fields import config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GGUFLayout, Linear
 from .base import CausalLM, DecoderModel

@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
-from ..config_fields import positive_ints
+from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import config_json_names, positive_ints
 from ..errors import ConfigError
 from ..nn import (
     ACTIVATIONS,

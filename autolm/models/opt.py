@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number, config_json_names
+from ..config import PretrainedConfig, _is_int, _is_number
+from ..config_fields import config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, Linear, embedding
 from .base import CausalLM, DecoderModel

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, config_json_names
+from ..config import PretrainedConfig, _is_int
+from ..config_fields import config_json_names
 from ..errors import ConfigError, GenerationError
 from ..nn import ACTIVATIONS, Attention, CheckpointRules, Forward, Linear, Rename, Rotary, embedding
 from .base import CausalLM, DecoderModel

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import PretrainedConfig, config_json_names
+from ..config import PretrainedConfig
+from ..config_fields import config_json_names
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS
 
