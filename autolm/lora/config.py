@@ -47,12 +47,12 @@ deepseek_ocr2_text unlimited_ocr_text molmo2_text mistral_large4_text mistral_la
 muse_glimmer muse_spark_text muse_spark
 paddleocr_vl_text cosmos3_edge_text idefics
 kosmos_2_text_model kosmos_2_5_text_model
-mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr whisper prophetnet reformer
+mbart marian pegasus blenderbot blenderbot-small plbart mvp trocr whisper bigbird_pegasus prophetnet reformer
 camembert data2vec-text ernie
 roformer rembert xmod big_bird roc_bert
 roberta-prelayernorm xlm-roberta-xl megatron-bert bert-generation
 xlm xlnet
-moshi musicgen_decoder musicgen_melody_decoder
+moshi musicgen_decoder musicgen_melody_decoder musicgen musicgen_melody
 """.split()  # noqa: SIM905 - names, kept compact
 
 CONFIG_NAME = "adapter_config.json"

@@ -1,21 +1,23 @@
 """The decoders of the BART-style encoder-decoders as causal LMs (transformers' *ForCausalLM): BART, mBART, Marian,
-Pegasus, Blenderbot, Blenderbot-Small, PLBart, MVP, TrOCR's text decoder and Whisper's decoder (WhisperForCausalLM,
-the assistant model of Whisper's speculative decoding). One decoder covers them all:
+Pegasus, Blenderbot, Blenderbot-Small, PLBart, MVP, TrOCR's text decoder, Whisper's decoder (WhisperForCausalLM,
+the assistant model of Whisper's speculative decoding) and BigBird-Pegasus' decoder (full attention: BigBird's
+block-sparse attention is its encoder's). One decoder covers them all:
 
 - token embeddings times sqrt(d_model) where `scale_embedding`;
 - positions: learned, read two rows on (BART, mBART, PLBart, MVP, TrOCR) or not (Blenderbot, Blenderbot-Small,
-  Whisper);
+  Whisper, BigBird-Pegasus);
   a fixed sinusoidal table in the weights (Marian, Pegasus: sines of the even features then cosines of the odd,
   computed where a seq2seq file leaves it out); or, for TrOCR without learned positions, fairseq's sinusoids
   counted over the ids that are not pad_token_id (XGLM's table, the row at pad_token_id zero);
 - `layernorm_embedding` after the positions are added (BART, mBART, PLBart, MVP, TrOCR where set), on the token
   embeddings alone before (Blenderbot-Small), or none (Marian, Pegasus, Blenderbot, Whisper);
-- OPT's layer with biases (Whisper's k_proj has none): post-norm (BART, Marian, Blenderbot-Small, PLBart, MVP,
-  TrOCR) or pre-norm with a final `layer_norm` (mBART, Pegasus, Blenderbot, Whisper);
+- OPT's layer with biases (Whisper's k_proj has none; BigBird-Pegasus' attentions have them where use_bias):
+  post-norm (BART, Marian, Blenderbot-Small, PLBart, MVP, TrOCR) or pre-norm with a final `layer_norm` (mBART,
+  Pegasus, Blenderbot, Whisper; BigBird-Pegasus names its final norm `layernorm_embedding`, none on the embeddings);
 - every layer's cross-attention (`encoder_attn`, `encoder_attn_layer_norm`) loads and saves but never runs: autolm
   runs no encoder and refuses encoder_hidden_states (and Whisper's encoder_outputs);
 - the head tied to embed_tokens unless the config unties it (TrOCR's is `output_projection` on disk, Whisper's
-  `proj_out`).
+  `proj_out`); BigBird-Pegasus' head is never tied (transformers' BigBirdPegasusForCausalLM ties none).
 
 As transformers: positions count the cache's slots, padding included (position_ids are not read; TrOCR's
 sinusoids count the non-pad ids of each forward plus the cached length). transformers' Whisper decoder reads
@@ -39,6 +41,7 @@ from ..errors import GenerationError
 from ..nn import CheckpointRules, Ignored, Linear, Rename, embedding
 from .bart_config import (
     BartConfig,
+    BigBirdPegasusConfig,
     BlenderbotConfig,
     BlenderbotSmallConfig,
     MarianConfig,
@@ -69,12 +72,12 @@ class CrossAttention(nn.Module):
     """A layer's encoder attention (transformers' `encoder_attn`: k/v read the encoder's features). Its weights load
     and save with the layer; autolm runs no encoder, so it never runs."""
 
-    def __init__(self, hidden: int, encoder_hidden: int, key_bias: bool = True):
+    def __init__(self, hidden: int, encoder_hidden: int, key_bias: bool = True, bias: bool = True):
         super().__init__()
-        self.k_proj = Linear(encoder_hidden, hidden, bias=key_bias)
-        self.v_proj = Linear(encoder_hidden, hidden, bias=True)
-        self.q_proj = Linear(hidden, hidden, bias=True)
-        self.out_proj = Linear(hidden, hidden, bias=True)
+        self.k_proj = Linear(encoder_hidden, hidden, bias=key_bias and bias)
+        self.v_proj = Linear(encoder_hidden, hidden, bias=bias)
+        self.q_proj = Linear(hidden, hidden, bias=bias)
+        self.out_proj = Linear(hidden, hidden, bias=bias)
 
 
 class BartDecoderLayer(OPTDecoderLayer):
@@ -84,9 +87,14 @@ class BartDecoderLayer(OPTDecoderLayer):
     def __init__(self, config: BartConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         h = config.hidden_size
-        cross = CrossAttention(h, getattr(config, "cross_attention_hidden_size", None) or h, config.key_bias)
-        if not config.key_bias:  # Whisper: k_proj without bias (it stays in its place among q/k/v)
-            self.self_attn.k_proj = Linear(h, h, bias=False)
+        width, bias = getattr(config, "cross_attention_hidden_size", None) or h, config.attention_bias
+        cross = CrossAttention(h, width, config.key_bias, bias)
+        # Whisper: k_proj without bias; BigBird-Pegasus with use_bias false: none biased (each stays in its place)
+        unbiased = (
+            ("q_proj", "k_proj", "v_proj", "out_proj") if not bias else () if config.key_bias else ("k_proj",)
+        )
+        for name in unbiased:
+            setattr(self.self_attn, name, Linear(h, h, bias=False))
         norm = nn.LayerNorm(h, eps=config.rms_norm_eps)
         order = ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
         rest = {k: v for k, v in self._modules.items() if k not in order}
@@ -113,8 +121,11 @@ class BartDecoder(DecoderModel):
             if self.embed_positions.weight.device.type != "meta":
                 with torch.no_grad():
                     self.embed_positions.weight.copy_(sinusoid_table(rows, h))
-        self.layernorm_embedding = nn.LayerNorm(h, eps=eps) if config.embedding_norm else None
+        if config.final_norm_name != "layernorm_embedding":  # BigBird-Pegasus' final norm is named so
+            self.layernorm_embedding = nn.LayerNorm(h, eps=eps) if config.embedding_norm else None
         order = ("embed_tokens", "embed_positions", "layernorm_embedding", "layers", "layer_norm")
+        if config.final_norm_name == "layernorm_embedding":
+            order = ("embed_tokens", "embed_positions", "layers", "layernorm_embedding")
         self._modules = {k: self._modules[k] for k in order if k in self._modules}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,10 +151,10 @@ class BartDecoder(DecoderModel):
         if cfg.embedding_norm == "before":
             return self.layernorm_embedding(x) + pos
         x = x + pos
-        return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
+        return x if cfg.embedding_norm is None else self.layernorm_embedding(x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.layer_norm is None else self.layer_norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def forward(self, x, attention_mask, position_ids, cache, cache_position, kv_length, *rest, **kwargs):
         """DecoderModel's forward; positions are the cache's slots, padding included, as transformers counts them
@@ -161,9 +172,9 @@ class BartDecoderWrapper(OPTModel):
     _DELEGATED: ClassVar[tuple[str, ...]] = ("embed_tokens", "embed_positions", "layernorm_embedding", "layers",
                                              "norm", "layer_norm", "gradient_checkpointing")  # fmt: skip
 
-    def __init__(self, config: BartConfig):
+    def __init__(self, config: BartConfig, decoder_class: type = BartDecoder):
         nn.Module.__init__(self)
-        self.decoder = BartDecoder(config)
+        self.decoder = decoder_class(config)
 
 
 # a seq2seq file read as transformers' *ForCausalLM reads it: its decoder; model.shared as the decoder's embeddings
@@ -193,9 +204,10 @@ class BartForCausalLM(CausalLM):
     _no_split_modules: ClassVar[list[str]] = ["BartDecoderLayer"]
     checkpoint_rules = CheckpointRules(SEQ2SEQ_RULES)
     blocks = OPTForCausalLM.blocks
+    decoder_class: ClassVar[type] = BartDecoder
 
     def __init__(self, config: BartConfig):
-        super().__init__(config, BartDecoderWrapper(config))
+        super().__init__(config, BartDecoderWrapper(config, self.decoder_class))
         if config.position_kind == "fairseq":
             self.one_token_step = False  # the positions count the ids: every token takes the general forward
 
@@ -279,3 +291,18 @@ class WhisperForCausalLM(BartForCausalLM):
     checkpoint_rules = CheckpointRules(
         [*SEQ2SEQ_RULES, Rename(r"^proj_out\.", "lm_head.", r"^lm_head\.", "proj_out.")]
     )
+
+
+class BigBirdPegasusDecoder(BartDecoder):
+    """BigBird-Pegasus' decoder: its final norm (after the pre-norm layers) is named `layernorm_embedding`."""
+
+    _ALIASES: ClassVar[dict[str, str]] = {"norm": "layernorm_embedding"}
+
+
+class BigBirdPegasusForCausalLM(BartForCausalLM):
+    """transformers' BigBirdPegasusForCausalLM (BigBird-Pegasus' decoder alone: full attention, the encoder's
+    block-sparse attention not part of it): the head its own, never tied (transformers ties none)."""
+
+    config_class = BigBirdPegasusConfig
+    _no_split_modules: ClassVar[list[str]] = ["BigBirdPegasusDecoderLayer"]
+    decoder_class: ClassVar[type] = BigBirdPegasusDecoder

@@ -36,6 +36,8 @@ class BartConfig(PretrainedConfig):
     # Marian, Pegasus) or "none" (transformers 5's Blenderbot-Small decoder does not read it)
     embed_scaling: ClassVar[str] = "ids"
     key_bias: ClassVar[bool] = True  # the attentions' k_proj biased (Whisper's is not)
+    attention_bias: ClassVar[bool] = True  # the attentions' projections biased (BigBird-Pegasus: use_bias)
+    final_norm_name: ClassVar[str] = "layer_norm"  # the pre-norm types' final norm (BigBird-Pegasus' differs)
 
     vocab_size: int = 50265
     max_position_embeddings: int = 1024
@@ -301,7 +303,56 @@ class WhisperConfig(BartConfig):
     max_source_positions: int = 1500
 
 
+@dataclass(repr=False)
+class BigBirdPegasusConfig(BartConfig):
+    """transformers' BigBirdPegasusConfig, its decoder's fields (the encoder's block-sparse attention settings,
+    attention_type, block_size, num_random_blocks, kept as given: the decoder's attention is full): pre-norm layers
+    whose final norm is named `layernorm_embedding` (no norm on the embeddings), learned positions without offset,
+    the attentions' projections biased by use_bias (fc1/fc2 always). transformers' BigBirdPegasusForCausalLM ties
+    no weights whatever tie_word_embeddings says: the attribute reads False, config.json keeps the value given.
+    num_hidden_layers and num_attention_heads are the decoder's here (transformers' read the encoder's)."""
+
+    model_type: ClassVar[str] = "bigbird_pegasus"
+    absent_keys: ClassVar[tuple[str, ...]] = ("forced_eos_token_id",)
+    bool_fields: ClassVar[tuple[str, ...]] = (*BartConfig.bool_fields, "use_bias")
+    do_layer_norm_before: ClassVar[bool] = True
+    final_norm_name: ClassVar[str] = "layernorm_embedding"
+    position_offset: ClassVar[int] = 0
+    embedding_norm: ClassVar[str | None] = None
+    vocab_size: int = 96103
+    max_position_embeddings: int = 4096
+    encoder_layers: int = 16
+    num_hidden_layers: int = 16
+    hidden_act: str = "gelu_new"
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    forced_eos_token_id: int | list[int] | None = None
+    scale_embedding: bool = True
+    attention_type: str = "block_sparse"
+    block_size: int = 64
+    num_random_blocks: int = 3
+    use_bias: bool = False
+
+    def __post_init__(self) -> None:
+        self.declared_tie, self.tie_word_embeddings = self.tie_word_embeddings, False
+        super().__post_init__()
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.use_bias
+
+    def validate(self) -> None:
+        super().validate()
+        if self.attention_type not in ("original_full", "block_sparse"):
+            raise ConfigError(f"{self.source}: attention_type must be 'original_full' or 'block_sparse', found "
+                              f"{self.attention_type!r}")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "tie_word_embeddings": getattr(self, "declared_tie", False)}
+
+
 CONFIGS = (BartConfig, MBartConfig, PLBartConfig, MvpConfig, MarianConfig, PegasusConfig, BlenderbotSmallConfig,
-           BlenderbotConfig, TrOCRConfig, WhisperConfig)  # fmt: skip
+           BlenderbotConfig, TrOCRConfig, WhisperConfig, BigBirdPegasusConfig)  # fmt: skip
 for _cls in CONFIGS:
     accept_json_names(_cls)

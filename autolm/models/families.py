@@ -177,6 +177,7 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
     "mvp": ("bart", "MvpConfig", "MvpForCausalLM", None),
     "trocr": ("bart", "TrOCRConfig", "TrOCRForCausalLM", None),
     "whisper": ("bart", "WhisperConfig", "WhisperForCausalLM", None),  # its decoder; llama.cpp has no Whisper
+    "bigbird_pegasus": ("bart", "BigBirdPegasusConfig", "BigBirdPegasusForCausalLM", None),  # its decoder
     # llama.cpp has none
     "kosmos_2_text_model": ("kosmos2", "Kosmos2TextConfig", "Kosmos2TextForCausalLM", None),
     "kosmos-2": ("kosmos2", "Kosmos2Config", "Kosmos2TextForCausalLM", None),  # image-text: its LM
@@ -225,6 +226,8 @@ FAMILIES: dict[str, tuple[str, str, str, str | tuple[str, ...] | None]] = {
         "MusicgenMelodyForCausalLM",
         None,
     ),  # MusicGen Melody's decoder (the file MusicgenMelodyForCausalLM writes); no llama.cpp
+    "musicgen": ("musicgen", "MusicgenConfig", "MusicgenForCausalLM", None),  # composite: its decoder
+    "musicgen_melody": ("musicgen", "MusicgenMelodyConfig", "MusicgenMelodyForCausalLM", None),  # its decoder
     "doge": ("doge", "DogeConfig", "DogeForCausalLM", None),  # llama.cpp has none
     "nanochat": ("nanochat", "NanoChatConfig", "NanoChatForCausalLM", None),
     "gemma4_text": ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4"),

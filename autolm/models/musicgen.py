@@ -16,109 +16,38 @@ writes: model_type "musicgen_decoder"):
 - generate: transformers' delay pattern (see `delay_pattern`), greedy or sampling, one batch row per prompt of
   num_codebooks rows; the output (batch, num_codebooks, length) with the pattern's pad tokens taken out.
 
-transformers' AutoModelForCausalLM maps "musicgen" (the composite MusicgenConfig: text encoder, audio encoder and this
-decoder) to MusicgenForCausalLM, but cannot build it from that config; the composite files are not read here (load
-their decoder's files). No tensor-parallel plan (transformers has none); llama.cpp has no MusicGen: no GGUF.
+The composite files ("musicgen" / "musicgen_melody": text encoder, audio codec and this decoder, what
+facebook/musicgen-* hold), which transformers' AutoModelForCausalLM maps to these classes but cannot build, load as
+their decoder (musicgen_config: the `decoder` sub-config, decoder.* tensors, the encoders and enc_to_dec_proj
+skipped; generation_config.json's decoder_start_token_id and pad_token_id read; its guidance_scale 3.0 is refused
+at generate, which needs the text encoder: pass guidance_scale=1); saved, they are the decoder-only files. No
+tensor-parallel plan (transformers has none); llama.cpp has no MusicGen: no GGUF.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PretrainedConfig, _is_int, _is_number
 from ..errors import ConfigError, GenerationError
-from ..nn import Linear, embedding
-from ..nn.mlp import ACTIVATIONS
+from ..nn import CheckpointRules, Linear, embedding
 from .base import CausalLM, DecoderModel
+from .musicgen_config import (
+    COMPOSITE_RULES,
+    MusicgenConfig,
+    MusicgenDecoderConfig,
+    MusicgenMelodyConfig,
+    MusicgenMelodyDecoderConfig,
+)
 from .musicgen_generate import delay_pattern_generate
 from .opt import OPTDecoderLayer, OPTModel
 
-# fields autolm's layers read that transformers' MusicgenDecoderConfig has not
-_NOT_THEIRS = ("intermediate_size", "hidden_act", "num_key_value_heads", "head_dim", "rms_norm_eps",
-               "sliding_window", "rope_parameters", "rope_theta", "rope_scaling")  # fmt: skip
-
-
-@dataclass(repr=False)
-class MusicgenDecoderConfig(PretrainedConfig):
-    """transformers' MusicgenDecoderConfig: its fields and defaults (musicgen-small's decoder sizes)."""
-
-    model_type: ClassVar[str] = "musicgen_decoder"
-    activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
-    bool_fields: ClassVar[tuple[str, ...]] = (
-        *PretrainedConfig.bool_fields,
-        "scale_embedding",
-        "is_decoder",
-        "add_cross_attention",
-    )
-    # what OPT's layer reads: no biases in the attention and the MLP, pre-norm, affine LayerNorms
-    enable_bias: ClassVar[bool] = False
-    do_layer_norm_before: ClassVar[bool] = True
-    layer_norm_elementwise_affine: ClassVar[bool] = True
-
-    vocab_size: int = 2048
-    max_position_embeddings: int = 2048
-    num_hidden_layers: int = 24
-    ffn_dim: int = 4096
-    num_attention_heads: int = 16
-    layerdrop: float = 0.0
-    activation_function: str = "gelu"
-    hidden_size: int = 1024
-    dropout: float = 0.1
-    activation_dropout: float = 0.0
-    initializer_factor: float = 0.02
-    scale_embedding: bool = False
-    num_codebooks: int = 4
-    audio_channels: int = 1
-    pad_token_id: int | None = 2048
-    bos_token_id: int | None = 2048
-    eos_token_id: int | list[int] | None = None
-    is_decoder: bool = False
-    add_cross_attention: bool = False
-    cross_attention_hidden_size: int | None = None
-    rms_norm_eps: float = 1e-5  # nn.LayerNorm's default
-
-    def __post_init__(self) -> None:
-        self.intermediate_size, self.hidden_act = self.ffn_dim, self.activation_function
-        super().__post_init__()
-
-    def rope_kinds(self) -> dict[str, dict[str, Any]]:
-        return {}  # sinusoidal positions, no RoPE
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for key in _NOT_THEIRS:
-            out.pop(key, None)
-        return out
-
-    def validate(self) -> None:
-        super().validate()
-        src = self.source
-        if not _is_int(self.num_codebooks) or self.num_codebooks <= 0:
-            raise ConfigError(
-                f"{src}: num_codebooks must be a positive integer, found {self.num_codebooks!r}"
-            )
-        if self.audio_channels not in (1, 2) or isinstance(self.audio_channels, bool):
-            raise ConfigError(
-                f"{src}: audio_channels must be 1 (mono) or 2 (stereo), found {self.audio_channels!r}"
-            )
-        if self.audio_channels == 2 and self.num_codebooks % 2:
-            raise ConfigError(
-                f"{src}: num_codebooks ({self.num_codebooks}) must be even with audio_channels 2"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"{src}: hidden_size ({self.hidden_size}) must be divisible by num_attention_heads"
-            )
-        for name in ("dropout", "activation_dropout", "layerdrop"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0 <= v <= 1:
-                raise ConfigError(f"{src}: {name} must be a number in [0, 1], found {v!r}")
+__all__ = ["MusicgenConfig", "MusicgenDecoderConfig", "MusicgenForCausalLM", "MusicgenMelodyConfig",
+           "MusicgenMelodyDecoderConfig", "MusicgenMelodyForCausalLM"]  # fmt: skip
 
 
 class CodebookEmbeddings(nn.ModuleList):
@@ -222,6 +151,9 @@ class MusicgenForCausalLM(CausalLM):
     layers_prefix = "model.decoder.layers"
     embeddings_name = "model.decoder.embed_tokens"
     tp_patterns: ClassVar[dict[str, str]] = {}  # none: transformers declares no tensor-parallel plan
+    checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules(
+        COMPOSITE_RULES
+    )  # the composite files' names
     _no_split_modules: ClassVar[list[str]] = ["MusicgenDecoderLayer"]
     # transformers' MusicgenForCausalLM.generate feeds each step's last slot alone, the first step too
     whole_prompt: ClassVar[bool] = False
@@ -297,18 +229,6 @@ class MusicgenForCausalLM(CausalLM):
 
 
 # ---- MusicGen Melody's decoder ----------------------------------------------------------------------------------
-
-
-@dataclass(repr=False)
-class MusicgenMelodyDecoderConfig(MusicgenDecoderConfig):
-    """transformers' MusicgenMelodyDecoderConfig: MusicGen's, with no cross-attention."""
-
-    model_type: ClassVar[str] = "musicgen_melody_decoder"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("cross_attention_hidden_size", None)  # not a field of transformers' melody decoder config
-        return out
 
 
 class MusicgenMelodyDecoderLayer(OPTDecoderLayer):
