@@ -231,6 +231,13 @@ def test_register_a_new_family(checkpoint, tmp_path, private_registry):
     assert type(model) is MyModel
 
 
+def test_every_type_transformers_causal_lm_maps_loads():
+    """Every model type transformers' AutoModelForCausalLM maps (the pinned version's) is in autolm's registry."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(autolm.models.model_types())) == []
+
+
 def test_the_family_table_names_each_familys_classes_and_gguf_layout():
     """models.FAMILIES, read before a family's file is imported, says what the file declares."""
     import importlib
