@@ -343,6 +343,9 @@ class DeepseekV4ForCausalLM(CausalLM):
         write_config=deepseek_v4_gguf.write_config,
     )
     compiled_graphs: ClassVar[bool] = False  # a layer reads its compressor's cache layer too
+    # the compressors pool windows of cache slots, padding included (as transformers): padding moves a row's windows,
+    # so served rows run alone (serve.rows)
+    rows_apart: ClassVar[bool] = True
     # transformers' base_model_tp_plan shards only the experts: here too each expert's intermediate rows are cut
     # (Experts.shard), and the shared expert as Llama's MLP; the attention (its one shared KV head, compressors and
     # indexers), the routers and the hyper-connections run whole on every rank

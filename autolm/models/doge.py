@@ -238,6 +238,8 @@ class DogeCDMoE(GatedMLP):
             config.norm_topk_prob,
         )
         self.router_gate = Linear(h, 2 * self.num_keys, bias=False)
+        # a token's routing reads other tokens of the batch (the module docstring): served rows run alone (serve.rows)
+        self.rows_apart = True
         self.down_embed = ExpertEmbedding(config.num_experts, h)
         self.up_embed = ExpertEmbedding(config.num_experts, h)
 

@@ -210,6 +210,10 @@ class Gemma4AssistantForCausalLM(CausalLM):
 
     config_class = Gemma4AssistantConfig
     reads_target: ClassVar[bool] = True
+    unservable: ClassVar[str] = (
+        "it drafts from its target's state and is no language model on its own (serve its target with it as "
+        "--draft-model)"
+    )
     one_token_step: ClassVar[bool] = False
     _no_split_modules: ClassVar[list[str]] = ["Gemma4TextDecoderLayer"]
     body_class: ClassVar[type] = Gemma4TextModel  # a variant's own body (gemma4_unified_assistant.py)

@@ -154,6 +154,9 @@ class MusicgenForCausalLM(CausalLM):
     checkpoint_rules: ClassVar[CheckpointRules] = CheckpointRules(
         COMPOSITE_RULES
     )  # the composite files' names
+    unservable: ClassVar[str] = (
+        "its input is num_codebooks rows of audio codes per sequence, not a text prompt"
+    )
     _no_split_modules: ClassVar[list[str]] = ["MusicgenDecoderLayer"]
     # transformers' MusicgenForCausalLM.generate feeds each step's last slot alone, the first step too
     whole_prompt: ClassVar[bool] = False

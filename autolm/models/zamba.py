@@ -158,6 +158,8 @@ class ZambaMambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(width, width, c.mamba_d_conv, groups=width, padding=c.mamba_d_conv - 1,
                                 bias=c.mamba_conv_bias)  # fmt: skip
         self.in_proj = Linear(c.hidden_size, 2 * width, bias=c.mamba_proj_bias)
+        # in_proj's bias reaches the conv at padding positions: a padded row's state is not its own (serve.rows)
+        self.rows_apart = c.mamba_proj_bias
         self.x_proj_weight = nn.Parameter(torch.zeros(H, R + 2 * N, P))
         self.dt_proj_weight = nn.Parameter(torch.full((H, P, R), -1.0 / R**0.5))
         self.dt_proj_bias = nn.Parameter(torch.zeros(H, P))

@@ -84,6 +84,8 @@ class MambaMixer(nn.Module):
         self.act = ACTIVATIONS[act]
         self.bcdt_norm, self.norm_eps = bcdt_norm, norm_eps
         self.in_proj = Linear(hidden, 2 * intermediate, bias=proj_bias)
+        # in_proj's bias reaches the conv at padding positions: a padded row's state is not its own (serve.rows)
+        self.rows_apart = proj_bias
         self.conv1d = nn.Conv1d(intermediate, intermediate, d_conv, groups=intermediate, padding=d_conv - 1,
                                 bias=conv_bias)  # fmt: skip
         self.x_proj = Linear(intermediate, dt_rank + 2 * d_state, bias=False)

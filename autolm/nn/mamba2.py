@@ -131,6 +131,8 @@ class Mamba2Mixer(nn.Module):
         self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
         self.act = ACTIVATIONS[act]
         self.in_proj = Linear(hidden, self.intermediate_size + self.conv_dim + n_heads, bias=proj_bias)
+        # in_proj's bias reaches the conv at padding positions: a padded row's state is not its own (serve.rows)
+        self.rows_apart = proj_bias
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
                                 padding=d_conv - 1, bias=conv_bias)  # fmt: skip
         self.dt_bias = nn.Parameter(torch.ones(n_heads))

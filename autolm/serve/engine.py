@@ -288,7 +288,7 @@ class Engine:
     def _restart_crossing(self) -> bool:
         """LongRoPE's switch (autolm.generation.restart): a row whose next step reaches the switch length with
         keys cached before it runs its whole sequence again and takes its token, as generate() does (the other
-        rows wait this step). In a batch the RoPE tables follow the longest row, as in transformers' batches."""
+        rows wait this step). Such a model's rows run apart (serve.rows): each row's tables follow its own length."""
         switch = switch_length(self.model)
         crossing = [
             i for i, s in enumerate(self.active) if switch is not None and s.cached < switch <= s.cached + 1
