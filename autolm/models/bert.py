@@ -41,6 +41,7 @@ from ..nn import (
     Rotary,
     embedding,
     resize_bias,
+    transformers_state_dict,
 )
 from .base import CausalLM, DecoderModel
 from .bert_config import (
@@ -52,7 +53,7 @@ from .bert_config import (
     RobertaConfig,
     XLMRobertaConfig,
 )
-from .bert_names import _autolm_names, _rules, _transformers_names
+from .bert_names import _rules
 
 logger = logging.getLogger("autolm")
 
@@ -241,8 +242,7 @@ class BertLMHeadModel(CausalLM):
                 "If you want to use `%s` as a standalone, add `is_decoder=True.`", type(self).__name__
             )
             self.one_token_step = False
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     def make_head(self, config: BertConfig) -> nn.Module:
         """The transform before the decoder: RoBERTa's and ELECTRA's with GELU whatever hidden_act."""

@@ -1,11 +1,9 @@
 """transformers' names for the BERT-style CausalLMs (models/bert.py and its relatives): the checkpoint rules
-between them and autolm's, and the state_dict hooks that apply them."""
+between them and autolm's (applied to state_dict() by nn.transformers_state_dict)."""
 
 from __future__ import annotations
 
 import re
-
-from torch import nn
 
 from ..nn import CheckpointRules, Ignored, Rename
 
@@ -35,22 +33,3 @@ def _rules(prefix: str, head: str, tied: bool = True) -> CheckpointRules:
         Ignored(rf"{p}\.embeddings\.(position_ids|token_type_ids)"),  # old files' buffers
         Ignored(rf"{p}\.pooler\..*"),  # an encoder file's pooler, which the CausalLM has not
     ])  # fmt: skip
-
-
-def _renamed(state_dict, prefix: str, rename) -> None:
-    """Every key under `prefix` renamed at once (RoBERTa's untied heads swap names: the model's lm_head.bias is
-    the file's lm_head.decoder.bias, the model's head.bias the file's lm_head.bias)."""
-    tensors = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
-    for key, t in tensors.items():
-        state_dict[prefix + rename(key[len(prefix) :])] = t
-
-
-def _transformers_names(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict's post-hook: autolm's names -> transformers' (see _util.own_names)."""
-    if not module.__dict__.get("_own_names"):
-        _renamed(state_dict, prefix, module.checkpoint_rules._back)
-
-
-def _autolm_names(module: nn.Module, state_dict, prefix: str, *args) -> None:
-    """load_state_dict's pre-hook: transformers' names -> autolm's (autolm's own names stay as they are)."""
-    _renamed(state_dict, prefix, module.checkpoint_rules.renamed)

@@ -36,11 +36,20 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError, GenerationError
-from ..nn import ACTIVATIONS, CheckpointRules, Ignored, Linear, Rename, Rotary, embedding, resize_bias
+from ..nn import (
+    ACTIVATIONS,
+    CheckpointRules,
+    Ignored,
+    Linear,
+    Rename,
+    Rotary,
+    embedding,
+    resize_bias,
+    transformers_state_dict,
+)
 from .base import CausalLM
 from .bert import BertLayer, BertLMHeadModel, BertModel
 from .bert_config import _NOT_BERT, _named_init
-from .bert_names import _autolm_names, _transformers_names
 
 
 @dataclass(repr=False)
@@ -160,8 +169,7 @@ class GitForCausalLM(BertLMHeadModel):
     def __init__(self, config: GitConfig):
         CausalLM.__init__(self, config, GitModel(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.finish_logits(self.lm_head(h))

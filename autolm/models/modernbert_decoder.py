@@ -29,7 +29,7 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int
 from ..config_fields import read_rope
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Linear, Rename, resize_bias
+from ..nn import ACTIVATIONS, Attention, CheckpointRules, Linear, Rename, resize_bias, transformers_state_dict
 from .base import CausalLM, DecoderModel
 
 # layer type -> (the older config.json key of its RoPE base, transformers' default base)
@@ -284,20 +284,6 @@ _RULES = CheckpointRules(
 )
 
 
-def _transformers_names(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict's post-hook: autolm's names -> transformers' (see _util.own_names)."""
-    if module.__dict__.get("_own_names"):
-        return
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES._back(key[len(prefix) :])] = state_dict.pop(key)
-
-
-def _autolm_names(module: nn.Module, state_dict, prefix: str, *args) -> None:
-    """load_state_dict's pre-hook: transformers' names -> autolm's (autolm's own names stay as they are)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES.renamed(key[len(prefix) :])] = state_dict.pop(key)
-
-
 class ModernBertDecoderForCausalLM(CausalLM):
     """transformers' ModernBertDecoderForCausalLM: the prediction head, then the vocabulary projection (with a
     bias where decoder_bias), tied to the embeddings unless the config unties them."""
@@ -312,8 +298,7 @@ class ModernBertDecoderForCausalLM(CausalLM):
         self.head = ModernBertDecoderPredictionHead(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self._modules = {k: self._modules[k] for k in ("model", "head", "lm_head")}  # forward's order
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.finish_logits(self.lm_head(self.head(h)))

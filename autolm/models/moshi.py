@@ -34,11 +34,10 @@ from torch import nn
 
 from ..config import PretrainedConfig, _is_int
 from ..errors import ConfigError
-from ..nn import Attention, Linear, RMSNorm, embedding
+from ..nn import Attention, Linear, RMSNorm, embedding, transformers_state_dict
 from ..nn.checkpoint import CheckpointRules, Rename
 from ..nn.mlp import ACTIVATIONS
 from .base import CausalLM, DecoderModel
-from .bert_names import _autolm_names, _transformers_names
 from .image_text import refuse_media
 from .output import ModelOutput, causal_lm_loss
 
@@ -167,8 +166,7 @@ class MoshiForCausalLM(CausalLM):
 
     def __init__(self, config: Any):
         super().__init__(config, MoshiModel(config))
-        self.register_state_dict_post_hook(_transformers_names)  # state_dict() in transformers' names
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     def adapter_key(self, key: str) -> str:
         """An adapter tensor's name in peft's file: transformers' module names."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PartialRotaryConfig, _is_int, _is_number
-from ..config_fields import positive_ints
+from ..config_fields import config_json_names, positive_ints
 from ..errors import ConfigError
 from ..nn import ACTIVATIONS, Attention, GatedMLP, Linear, RMSNorm
 from ..nn.causal_conv import causal_conv1d
@@ -46,22 +46,6 @@ from .gemma2 import softcap
 BLOCK_KINDS = ("recurrent", "attention")
 
 
-def takes_transformers_names(cls):
-    """cls(hidden_activation=..., attention_window_size=...) as transformers' config takes them (config.json's
-    names, `attribute_map`'s values)."""
-    init = cls.__init__
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        for ours, theirs in cls.attribute_map.items():
-            if theirs in kwargs:
-                kwargs[ours] = kwargs.pop(theirs)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
-
-
-@takes_transformers_names
 @dataclass(repr=False)
 class RecurrentGemmaConfig(PartialRotaryConfig):
     """transformers' RecurrentGemmaConfig: `hidden_activation` and `attention_window_size` are autolm's hidden_act
@@ -160,6 +144,11 @@ class RecurrentGemmaConfig(PartialRotaryConfig):
                 f"{src}: rope_parameters: RecurrentGemma's RoPE is the default one (as transformers requires), "
                 f"found rope_type {self.rope_parameters.get('rope_type')!r}"
             )
+
+
+config_json_names(
+    RecurrentGemmaConfig
+)  # cls(hidden_activation=..., attention_window_size=...) as transformers'
 
 
 class RecurrentGemmaRglru(nn.Module):

@@ -23,9 +23,9 @@ from torch import nn
 
 from ..config import _is_int
 from ..errors import ConfigError
-from ..nn import ACTIVATIONS, CheckpointRules, Ignored, Linear, Rename
+from ..nn import ACTIVATIONS, CheckpointRules, Ignored, Linear, Rename, transformers_state_dict
 from .base import CausalLM
-from .bert import BertLMHeadModel, BertModel, _autolm_names, _rules, _transformers_names
+from .bert import BertLMHeadModel, BertModel, _rules
 from .bert_config import BertConfig, _named_init
 
 logger = logging.getLogger("autolm")
@@ -128,8 +128,7 @@ class RemBertForCausalLM(BertLMHeadModel):
                 "If you want to use `%s` as a standalone, add `is_decoder=True.`", type(self).__name__
             )
             self.one_token_step = False
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     def tie_weights(self) -> None:
         """Nothing tied (transformers' RemBertForCausalLM ties no weights)."""

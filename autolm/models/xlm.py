@@ -32,7 +32,17 @@ from torch import nn
 from ..config import PretrainedConfig, _is_int
 from ..config_fields import config_json_names
 from ..errors import ConfigError, GenerationError
-from ..nn import ACTIVATIONS, Attention, CheckpointRules, Forward, Linear, Rename, Rotary, embedding
+from ..nn import (
+    ACTIVATIONS,
+    Attention,
+    CheckpointRules,
+    Forward,
+    Linear,
+    Rename,
+    Rotary,
+    embedding,
+    transformers_state_dict,
+)
 from .base import CausalLM, DecoderModel
 from .output import CausalLMOutput
 
@@ -250,20 +260,6 @@ class XLMSequence:
         return self
 
 
-def _transformers_names(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict's post-hook: autolm's names -> transformers' (see _util.own_names)."""
-    if module.__dict__.get("_own_names"):
-        return
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES._back(key[len(prefix) :])] = state_dict.pop(key)
-
-
-def _autolm_names(module: nn.Module, state_dict, prefix: str, *args) -> None:
-    """load_state_dict's pre-hook: transformers' names -> autolm's (autolm's own names stay as they are)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES.renamed(key[len(prefix) :])] = state_dict.pop(key)
-
-
 _RULES = CheckpointRules([
     Rename(r"^transformer\.attentions\.(\d+)\.", r"transformer.layers.\1.attention.",
            r"^transformer\.layers\.(\d+)\.attention\.", r"transformer.attentions.\1."),
@@ -293,8 +289,7 @@ class XLMWithLMHeadModel(CausalLM):
     def __init__(self, config: XLMConfig):
         super().__init__(config, XLMModel(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     @property
     def model(self) -> XLMModel:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import GenerationError
-from ..nn import ACTIVATIONS, CheckpointRules, Linear, Rename, embedding
+from ..nn import ACTIVATIONS, CheckpointRules, Linear, Rename, embedding, transformers_state_dict
 from .base import CausalLM, DecoderModel
 from .output import CausalLMOutput
 from .xlnet_config import XLNetConfig
@@ -241,19 +241,6 @@ class XLNetState:
         return self
 
 
-def _transformers_names(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict's post-hook: autolm's lm_head is transformers' lm_loss (see _util.own_names)."""
-    if module.__dict__.get("_own_names"):
-        return
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES._back(key[len(prefix) :])] = state_dict.pop(key)
-
-
-def _autolm_names(module: nn.Module, state_dict, prefix: str, *args) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + _RULES.renamed(key[len(prefix) :])] = state_dict.pop(key)
-
-
 _RULES = CheckpointRules([Rename(r"^lm_loss\.", "lm_head.", r"^lm_head\.", "lm_loss.")])
 
 
@@ -274,8 +261,7 @@ class XLNetLMHeadModel(CausalLM):
     def __init__(self, config: XLNetConfig):
         super().__init__(config, XLNetModel(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.register_state_dict_post_hook(_transformers_names)
-        self.register_load_state_dict_pre_hook(_autolm_names)
+        transformers_state_dict(self)  # state_dict() in transformers' names
 
     @property
     def model(self) -> XLNetModel:

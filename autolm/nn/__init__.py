@@ -12,7 +12,15 @@ from .attention import (
     pad_mask_to,
 )
 from .cache import KVCache
-from .checkpoint import Assembler, CheckpointRules, GGUFLayout, Ignored, Rename, Stacked
+from .checkpoint import (
+    Assembler,
+    CheckpointRules,
+    GGUFLayout,
+    Ignored,
+    Rename,
+    Stacked,
+    transformers_state_dict,
+)
 from .conv1d import Conv1D, out_in
 from .linear import Linear, embedding, fuse, packed, resize_bias, resized_rows
 from .mlp import ACTIVATIONS, MLP, GatedMLP
@@ -55,4 +63,5 @@ __all__ = [
     "pad_mask_to",
     "resize_bias",
     "resized_rows",
+    "transformers_state_dict",
 ]

@@ -276,3 +276,27 @@ class GGUFLayout:
             return None
         parts = tensor.split(".")
         return self.row_order(".".join(parts[2:-1]) if tensor.startswith("blk.") else parts[-2], config)
+
+
+def transformers_state_dict(module: torch.nn.Module) -> None:
+    """Hooks for a model whose modules are named otherwise than transformers' (BERT's, XLM's, ...): state_dict()
+    gives transformers' names (its `checkpoint_rules` back; autolm's own inside _util.own_names), and
+    load_state_dict() takes them (autolm's own names stay as they are). Every key is renamed at once: RoBERTa's
+    untied head swaps two names."""
+    module.register_state_dict_post_hook(_checkpoint_names)
+    module.register_load_state_dict_pre_hook(_model_names)
+
+
+def _renamed(state_dict, prefix: str, rename: Callable[[str], str]) -> None:
+    tensors = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    for key, t in tensors.items():
+        state_dict[prefix + rename(key[len(prefix) :])] = t
+
+
+def _checkpoint_names(module: torch.nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    if not module.__dict__.get("_own_names"):
+        _renamed(state_dict, prefix, module.checkpoint_rules._back)
+
+
+def _model_names(module: torch.nn.Module, state_dict, prefix: str, *args) -> None:
+    _renamed(state_dict, prefix, module.checkpoint_rules.renamed)
