@@ -231,8 +231,8 @@ class XLMModel(DecoderModel):
 
 
 class XLMSequence:
-    """generate()'s state for XLM in place of a KV cache: the sequence so far, recomputed whole every step as
-    transformers' generate does (see the module's doc)."""
+    """generate()'s state in place of a KV cache: the sequence so far, which XLM recomputes whole every step as
+    transformers' generate does (see the module's doc; XLNet's state adds its mems)."""
 
     appends_only = True
 
@@ -255,7 +255,7 @@ class XLMSequence:
     def ensure_for(self, model, batch_size: int, new_tokens: int) -> XLMSequence:
         if batch_size != self.batch_size:
             raise GenerationError(
-                f"the XLM sequence holds {self.batch_size} rows, but input_ids has {batch_size}"
+                f"the {model.config.model_type} sequence holds {self.batch_size} rows, but input_ids has {batch_size}"
             )
         return self
 

@@ -26,7 +26,6 @@ rows as transformers computes each row alone. llama.cpp has no XLNet: no GGUF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -36,6 +35,7 @@ from ..errors import GenerationError
 from ..nn import ACTIVATIONS, CheckpointRules, Linear, Rename, embedding, transformers_state_dict
 from .base import CausalLM, DecoderModel
 from .output import CausalLMOutput
+from .xlm import XLMSequence
 from .xlnet_config import XLNetConfig
 
 
@@ -213,32 +213,12 @@ class XLNetModel(DecoderModel):
         return out, (new_mems if use_mems else None)
 
 
-@dataclass
-class XLNetState:
+class XLNetState(XLMSequence):
     """generate()'s state in place of a KV cache: the sequence so far and the mems of the last step."""
 
-    batch_size: int
-    ids: torch.Tensor | None = None
-    mems: tuple | None = None
-    prefill = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.ids is None else self.ids.shape[1]
-
-    @length.setter
-    def length(self, value: int) -> None:  # the sequence's length is its ids'
-        pass
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def ensure_for(self, model, batch_size: int, new_tokens: int) -> XLNetState:
-        if batch_size != self.batch_size:
-            raise GenerationError(
-                f"the XLNet state holds {self.batch_size} rows, but input_ids has {batch_size}"
-            )
-        return self
+    def __init__(self, batch_size: int):
+        super().__init__(batch_size)
+        self.mems: tuple | None = None
 
 
 _RULES = CheckpointRules([Rename(r"^lm_loss\.", "lm_head.", r"^lm_head\.", "lm_loss.")])
