@@ -278,34 +278,48 @@ class Family:
 
     # ---- adapters, quantization, saving, placement ------------------------------------------------
 
-    def check_lora(self, tmp_path_factory, tmp_path, dora: bool = False) -> None:
-        """peft's default target modules for the type: an adapter peft made gives peft's logits in autolm; an
-        adapter autolm made gives the same logits in peft; merging changes nothing (`dora`: DoRA adapters)."""
+    def check_lora(
+        self,
+        tmp_path_factory,
+        tmp_path,
+        dora: bool = False,
+        targets: list[str] | None = None,
+        slots: bool = False,
+        adapted: tuple[str, ...] = (),
+    ) -> None:
+        """peft's default target modules for the type (`targets`: these; else the Family's lora_targets): an
+        adapter peft made gives peft's logits in autolm; an adapter autolm made gives the same logits in peft;
+        merging changes nothing (`dora`: DoRA adapters). The modules autolm's adapter holds are exactly `adapted`
+        (default: `targets`) where given. `slots`: a type whose default positions are the cache's slots, as
+        transformers' (BERT's, GIT's, ...): the padding mask's positions are given to autolm too."""
         import peft
 
         directory, hf = self.checkpoint(tmp_path_factory)
         ids, mask = padded_batch(seed=5)
-        real = mask.bool()
-        targets = self.lora_targets  # None: the type's default targets
+        real, pos = mask.bool(), positions(mask)
+        given = {"position_ids": pos} if slots else {}
         pm = peft.get_peft_model(
-            hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+            hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets or self.lora_targets, use_dora=dora)
         )
         _randomize_lora(pm)
         pm.save_pretrained(tmp_path / "peft")
         with torch.no_grad():
-            expected = pm(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
         pm.unload()
         ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
                                                 str(tmp_path / "peft"))  # fmt: skip
+        if adapted or targets:
+            held = {n.split(".")[-4] for n, _ in ours.named_parameters() if ".lora_A." in n}
+            assert held == set(adapted or targets)
         with torch.no_grad():
-            got = ours(ids, attention_mask=mask).logits[real]
+            got = ours(ids, attention_mask=mask, **given).logits[real]
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
             ours.save_pretrained(tmp_path / "ours")
             back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-            again = back(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[real]
+            again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
             torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
             back.unload()
-            merged = ours.merge_and_unload()(ids, attention_mask=mask).logits[real]
+            merged = ours.merge_and_unload()(ids, attention_mask=mask, **given).logits[real]
             torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
 
     def check_quantized(self, tmp_path_factory, bits: str) -> None:

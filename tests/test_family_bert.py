@@ -92,30 +92,7 @@ def test_compiled_step(tmp_path_factory, home):  # noqa: F811
 def test_lora_default_targets_both_ways(tmp_path_factory, tmp_path, name):
     """peft's defaults for the types (query, value): an adapter peft made gives peft's logits here (the padding
     mask's positions given to both), and autolm's loads in peft with the same logits, in transformers' names."""
-    import peft
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(0))
-    pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-    pm.unload()
-    ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                            str(tmp_path / "peft"))  # fmt: skip
-    assert {n.split(".")[-4] for n, _ in ours.named_parameters() if ".lora_A." in n} == {"query", "value"}
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids, attention_mask=mask, position_ids=pos).logits[real], expected,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
+    FAMILIES[name].check_lora(tmp_path_factory, tmp_path, slots=True, adapted=("query", "value"))
 
 
 def test_int8(tmp_path_factory):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batch, positions
+from conftest import padded_batch
 from family_checks import Family, check_config_defaults, check_lora_needs_targets
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -101,31 +101,8 @@ def test_lora_query_value_both_ways(tmp_path_factory, tmp_path, name):
     """peft has no default targets for these types (a LoraConfig naming none is refused by both, naming the
     type); with query/value named, peft's adapter gives peft's logits here (the padding mask's positions given to
     both: the defaults differ from them under padding, as in transformers) and autolm's loads in peft alike."""
-    import peft
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    check_lora_needs_targets(directory, hf)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=_QV))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(0))
-    pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-    pm.unload()
-    ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                            str(tmp_path / "peft"))  # fmt: skip
-    assert {n.split(".")[-4] for n, _ in ours.named_parameters() if ".lora_A." in n} == set(_QV)
-    with torch.no_grad():
-        got = ours(ids, attention_mask=mask, position_ids=pos).logits[real]
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
+    check_lora_needs_targets(*FAMILIES[name].checkpoint(tmp_path_factory))
+    FAMILIES[name].check_lora(tmp_path_factory, tmp_path, targets=_QV, slots=True)
 
 
 @pytest.mark.parametrize("name", ["megatron-bert_x", "bert-generation"])

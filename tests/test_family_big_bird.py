@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import VOCAB, padded_batch
 from family_checks import Family, check_config_defaults
-from test_family_rembert import check_lora_with_positions
 
 import autolm
 from autolm.errors import GenerationError
@@ -86,7 +85,7 @@ def test_one_token_step(tmp_path_factory):
 
 
 def test_lora_both_ways(tmp_path_factory, tmp_path):
-    check_lora_with_positions(BIG_BIRD_X, tmp_path_factory, tmp_path)
+    BIG_BIRD_X.check_lora(tmp_path_factory, tmp_path, targets=["query", "value"], slots=True)
 
 
 def test_int8_and_disk_offload(tmp_path_factory, tmp_path):

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, padded_batch, positions
+from conftest import VOCAB, padded_batch
 from family_checks import Family, check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
 
@@ -106,32 +106,7 @@ def test_lora_both_ways(tmp_path_factory, tmp_path, name):
     """query/value adapters (peft has no default for the type) peft made give peft's logits here (the padding
     mask's positions given to both: GIT's own default is the slots), autolm's load in peft with the same logits
     in transformers' names, and merging changes nothing."""
-    import peft
-
-    directory, hf = FAMILIES[name].checkpoint(tmp_path_factory)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(0))
-    pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-    pm.unload()
-    model = autolm.AutoModelForCausalLM.from_pretrained(directory)
-    ours = autolm.PeftModel.from_pretrained(model, str(tmp_path / "peft"))
-    assert {n.split(".")[-4] for n, _ in ours.named_parameters() if ".lora_A." in n} == {"query", "value"}
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids, attention_mask=mask, position_ids=pos).logits[real], expected,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
-        merged = ours.merge_and_unload()(ids, attention_mask=mask, position_ids=pos).logits[real]
-        torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+    FAMILIES[name].check_lora(tmp_path_factory, tmp_path, targets=["query", "value"], slots=True)
 
 
 def test_int8_bf16_and_disk_offload(tmp_path_factory, tmp_path):

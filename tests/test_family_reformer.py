@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, padded_batch, positions
-from family_checks import Family, check_lora_needs_targets
+from family_checks import Family
 
 import autolm
 from autolm.errors import ConfigError, GenerationError
@@ -113,32 +113,7 @@ def test_lora(tmp_path_factory, tmp_path):
     """An adapter peft made gives peft's logits in autolm, one autolm made gives them in peft, merging changes
     nothing (the battery's check_lora, with position_ids given to both: transformers' default positions are slots,
     not the battery's counts over the real tokens)."""
-    import peft
-
-    directory, hf = MIXED.checkpoint(tmp_path_factory)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=MIXED.lora_targets))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        pm.save_pretrained(tmp_path / "peft")
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        pm.unload()
-        ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                                str(tmp_path / "peft"))  # fmt: skip
-        torch.testing.assert_close(ours(ids, attention_mask=mask, position_ids=pos).logits[real], expected,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
-        merged = ours.merge_and_unload()(ids, attention_mask=mask, position_ids=pos).logits[real]
-        torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
-    check_lora_needs_targets(directory, hf)
+    MIXED.check_lora(tmp_path_factory, tmp_path, slots=True)
 
 
 def test_quantized(tmp_path_factory):

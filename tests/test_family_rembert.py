@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batch, positions
+from conftest import padded_batch
 from family_checks import Family, check_config_defaults
 
 import autolm
@@ -61,39 +61,10 @@ def test_one_token_step(tmp_path_factory):
     REMBERT.check_one_token_step(tmp_path_factory)
 
 
-def check_lora_with_positions(family: Family, tmp_path_factory, tmp_path) -> None:
-    """peft has no default targets for these types: query and value named. An adapter peft made gives peft's
-    logits here (the padding mask's positions given to both, as BERT's test), and autolm's loads in peft with the
-    same logits, in transformers' names; merging changes nothing."""
-    import peft
-
-    directory, hf = family.checkpoint(tmp_path_factory)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(0))
-    pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-    pm.unload()
-    ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                            str(tmp_path / "peft"))  # fmt: skip
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids, attention_mask=mask, position_ids=pos).logits[real], expected,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-4)
-        merged = ours.merge_and_unload()(ids, attention_mask=mask, position_ids=pos).logits[real]
-        torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
-
-
 def test_lora_both_ways(tmp_path_factory, tmp_path):
-    check_lora_with_positions(REMBERT, tmp_path_factory, tmp_path)
+    """peft has no default targets for the type: query and value named; the padding mask's positions given to
+    both (the type's own default positions are the cache's slots)."""
+    REMBERT.check_lora(tmp_path_factory, tmp_path, targets=["query", "value"], slots=True)
 
 
 def test_int8(tmp_path_factory):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batch, positions
+from conftest import padded_batch
 from family_checks import Family, check_config_defaults, check_lora_needs_targets
 
 import autolm
@@ -104,29 +104,8 @@ def test_generate_refusals(tmp_path_factory):
 def test_lora_both_ways(tmp_path_factory, tmp_path):
     """peft has no default targets for xlm (refused by name in both); with q_lin/v_lin an adapter peft made
     gives peft's logits here and autolm's loads in peft with the same logits (transformers' names)."""
-    import peft
-
-    directory, hf = CAUSAL.checkpoint(tmp_path_factory)
-    check_lora_needs_targets(directory, hf)
-    ids, mask = padded_batch(seed=5)
-    real, pos = mask.bool(), positions(mask)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"]))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(0))
-    pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        expected = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-    pm.unload()
-    ours = autolm.PeftModel.from_pretrained(autolm.AutoModelForCausalLM.from_pretrained(directory),
-                                            str(tmp_path / "peft"))  # fmt: skip
-    with torch.no_grad():
-        _close(ours(ids, attention_mask=mask, position_ids=pos).logits[real], expected)
-        ours.save_pretrained(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
-        again = back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        back.unload()
-        _close(again, expected)
+    check_lora_needs_targets(*CAUSAL.checkpoint(tmp_path_factory))
+    CAUSAL.check_lora(tmp_path_factory, tmp_path, slots=True)
 
 
 def test_int8(tmp_path_factory):

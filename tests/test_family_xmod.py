@@ -12,7 +12,6 @@ import torch
 from conftest import padded_batch, positions
 from family_checks import Family, check_config_defaults
 from test_compiled_step import compiled_home, home  # noqa: F401
-from test_family_rembert import check_lora_with_positions
 
 import autolm
 from autolm.errors import ConfigError, GenerationError
@@ -82,7 +81,7 @@ def test_one_token_and_compiled_step(tmp_path_factory, home):  # noqa: F811
 
 
 def test_lora_both_ways(tmp_path_factory, tmp_path):
-    check_lora_with_positions(XMOD_PRE, tmp_path_factory, tmp_path)
+    XMOD_PRE.check_lora(tmp_path_factory, tmp_path, targets=["query", "value"], slots=True)
 
 
 def test_int8(tmp_path_factory):
